@@ -1,0 +1,1 @@
+//! In-memory test harness for vhu back-ends and front-ends.

@@ -1,0 +1,131 @@
+use core::fmt;
+
+/// Everything that can be wrong with a message on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[non_exhaustive]
+pub enum WireError {
+    /// Fewer bytes than the header or payload needs.
+    Truncated {
+        /// Bytes needed.
+        needed: u32,
+        /// Bytes present.
+        got: u32,
+    },
+    /// Version bits other than 1.
+    BadVersion(u32),
+    /// Reserved header flag bits set (the whole flags word).
+    ReservedFlags(u32),
+    /// A request carried the REPLY bit.
+    ReplyBitOnRequest,
+    /// A reply's flags were not exactly `VERSION | REPLY`.
+    BadReplyFlags(u32),
+    /// A reply carried another request id than the one it answers.
+    ReplyMismatch {
+        /// The id of the request that was sent.
+        expected: u32,
+        /// The id in the reply.
+        got: u32,
+    },
+    /// Request id 0 or an id this channel does not define.
+    UnknownRequest(u32),
+    /// Payload size above [`MAX_PAYLOAD`](super::MAX_PAYLOAD).
+    PayloadTooLarge(u32),
+    /// Payload size not allowed for this request id.
+    BadSize {
+        /// Request id.
+        request: u32,
+        /// Payload size received.
+        size: u32,
+    },
+    /// More file descriptors than the message allows.
+    TooManyFds {
+        /// Most allowed.
+        allowed: u8,
+        /// Received.
+        got: u8,
+    },
+    /// Fewer file descriptors than the message needs.
+    MissingFds {
+        /// Needed.
+        needed: u8,
+        /// Received.
+        got: u8,
+    },
+    /// SET_MEM_TABLE with 0 or more than 8 regions.
+    BadRegionCount(u32),
+    /// A region of size 0.
+    EmptyRegion,
+    /// A region, log, IOTLB or shared-memory range whose end overflows u64.
+    RangeOverflow,
+    /// A ring index at or above the limit.
+    QueueIndex(u64),
+    /// Reserved bits set in a payload field (the field's value).
+    ReservedBits(u64),
+    /// A field outside its defined values (the value).
+    BadValue(u64),
+    /// A config access outside the 256-byte config space.
+    ConfigRange {
+        /// Offset.
+        offset: u32,
+        /// Size.
+        size: u32,
+    },
+    /// The output buffer is too small; this many bytes are needed.
+    BufferTooSmall {
+        /// Bytes needed.
+        needed: u32,
+    },
+}
+
+impl WireError {
+    /// The value a REPLY_ACK carries for this error (non-zero = failure).
+    pub fn ack_value(&self) -> u64 {
+        1
+    }
+}
+
+impl fmt::Display for WireError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            WireError::Truncated { needed, got } => {
+                write!(f, "truncated message: {got} of {needed} bytes")
+            }
+            WireError::BadVersion(v) => write!(f, "unsupported protocol version {v}"),
+            WireError::ReservedFlags(v) => write!(f, "reserved header flags set: {v:#x}"),
+            WireError::ReplyBitOnRequest => write!(f, "REPLY flag set on a request"),
+            WireError::BadReplyFlags(v) => write!(f, "reply flags {v:#x}, expected 0x5"),
+            WireError::ReplyMismatch { expected, got } => {
+                write!(f, "reply to request {got}, expected {expected}")
+            }
+            WireError::UnknownRequest(id) => write!(f, "unknown request id {id}"),
+            WireError::PayloadTooLarge(s) => write!(f, "payload of {s} bytes exceeds the cap"),
+            WireError::BadSize { request, size } => {
+                write!(f, "payload size {size} not valid for request {request}")
+            }
+            WireError::TooManyFds { allowed, got } => {
+                write!(f, "{got} file descriptors, at most {allowed} allowed")
+            }
+            WireError::MissingFds { needed, got } => {
+                write!(f, "{got} file descriptors, {needed} needed")
+            }
+            WireError::BadRegionCount(n) => write!(f, "invalid memory region count {n}"),
+            WireError::EmptyRegion => write!(f, "memory region of size 0"),
+            WireError::RangeOverflow => write!(f, "address range overflows"),
+            WireError::QueueIndex(i) => write!(f, "ring index {i} out of range"),
+            WireError::ReservedBits(v) => write!(f, "reserved bits set in {v:#x}"),
+            WireError::BadValue(v) => write!(f, "invalid field value {v}"),
+            WireError::ConfigRange { offset, size } => {
+                write!(
+                    f,
+                    "config access at {offset}+{size} outside the config space"
+                )
+            }
+            WireError::BufferTooSmall { needed } => {
+                write!(f, "output buffer too small, {needed} bytes needed")
+            }
+        }
+    }
+}
+
+impl core::error::Error for WireError {}

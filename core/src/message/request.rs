@@ -1,0 +1,1113 @@
+//! Front-end → back-end requests on the main socket.
+
+use heapless::Vec;
+use zerocopy::IntoBytes;
+
+use super::raw;
+use super::{
+    empty, exact, FdRule, Header, ParseOptions, WireError, MAX_CONFIG_SIZE, MAX_MEM_REGIONS,
+    MAX_PAYLOAD,
+};
+
+request_codes! {
+    /// Request codes of the main socket (front-end → back-end).
+    FrontendReq {
+        /// Ask for the virtio features the back-end offers.
+        GetFeatures = 1 => "GET_FEATURES",
+        /// Ack the virtio features.
+        SetFeatures = 2 => "SET_FEATURES",
+        /// Start a session.
+        SetOwner = 3 => "SET_OWNER",
+        /// Deprecated: disable all rings.
+        ResetOwner = 4 => "RESET_OWNER",
+        /// Replace the memory table.
+        SetMemTable = 5 => "SET_MEM_TABLE",
+        /// Set the dirty-log area.
+        SetLogBase = 6 => "SET_LOG_BASE",
+        /// Set the dirty-log eventfd.
+        SetLogFd = 7 => "SET_LOG_FD",
+        /// Set a ring's size.
+        SetVringNum = 8 => "SET_VRING_NUM",
+        /// Set a ring's addresses.
+        SetVringAddr = 9 => "SET_VRING_ADDR",
+        /// Set a ring's next avail index.
+        SetVringBase = 10 => "SET_VRING_BASE",
+        /// Stop a ring and get its indices.
+        GetVringBase = 11 => "GET_VRING_BASE",
+        /// Set a ring's kick eventfd and start it.
+        SetVringKick = 12 => "SET_VRING_KICK",
+        /// Set a ring's call eventfd.
+        SetVringCall = 13 => "SET_VRING_CALL",
+        /// Set a ring's error eventfd.
+        SetVringErr = 14 => "SET_VRING_ERR",
+        /// Ask for the protocol features the back-end offers.
+        GetProtocolFeatures = 15 => "GET_PROTOCOL_FEATURES",
+        /// Ack the protocol features.
+        SetProtocolFeatures = 16 => "SET_PROTOCOL_FEATURES",
+        /// Ask for the number of queues.
+        GetQueueNum = 17 => "GET_QUEUE_NUM",
+        /// Enable or disable a ring.
+        SetVringEnable = 18 => "SET_VRING_ENABLE",
+        /// Broadcast a RARP for the guest's MAC.
+        SendRarp = 19 => "SEND_RARP",
+        /// Set the network MTU.
+        NetSetMtu = 20 => "NET_SET_MTU",
+        /// Hand over the back-end channel socket.
+        SetBackendReqFd = 21 => "SET_BACKEND_REQ_FD",
+        /// IOTLB update or invalidation.
+        IotlbMsg = 22 => "IOTLB_MSG",
+        /// Set a legacy ring's endianness.
+        SetVringEndian = 23 => "SET_VRING_ENDIAN",
+        /// Read device config space.
+        GetConfig = 24 => "GET_CONFIG",
+        /// Write device config space.
+        SetConfig = 25 => "SET_CONFIG",
+        /// Create a crypto session.
+        CreateCryptoSession = 26 => "CREATE_CRYPTO_SESSION",
+        /// Close a crypto session.
+        CloseCryptoSession = 27 => "CLOSE_CRYPTO_SESSION",
+        /// Open a userfaultfd for postcopy.
+        PostcopyAdvise = 28 => "POSTCOPY_ADVISE",
+        /// Enter postcopy listening mode.
+        PostcopyListen = 29 => "POSTCOPY_LISTEN",
+        /// Leave postcopy.
+        PostcopyEnd = 30 => "POSTCOPY_END",
+        /// Ask for the inflight tracking area.
+        GetInflightFd = 31 => "GET_INFLIGHT_FD",
+        /// Hand over the inflight tracking area.
+        SetInflightFd = 32 => "SET_INFLIGHT_FD",
+        /// Hand over the vhost-user-gpu socket.
+        GpuSetSocket = 33 => "GPU_SET_SOCKET",
+        /// Reset the device.
+        ResetDevice = 34 => "RESET_DEVICE",
+        /// In-band kick.
+        VringKick = 35 => "VRING_KICK",
+        /// Ask for the memory slot limit.
+        GetMaxMemSlots = 36 => "GET_MAX_MEM_SLOTS",
+        /// Add a memory region.
+        AddMemReg = 37 => "ADD_MEM_REG",
+        /// Remove a memory region.
+        RemMemReg = 38 => "REM_MEM_REG",
+        /// Set the virtio device status.
+        SetStatus = 39 => "SET_STATUS",
+        /// Get the virtio device status.
+        GetStatus = 40 => "GET_STATUS",
+        /// Look up a shared object.
+        GetSharedObject = 41 => "GET_SHARED_OBJECT",
+        /// Start a device state transfer.
+        SetDeviceStateFd = 42 => "SET_DEVICE_STATE_FD",
+        /// Check a finished device state transfer.
+        CheckDeviceState = 43 => "CHECK_DEVICE_STATE",
+        /// Ask for the shared memory regions.
+        GetShmemConfig = 44 => "GET_SHMEM_CONFIG",
+        /// Stop a ring without draining in-flight requests.
+        GetVringBaseSkipDrain = 45 => "GET_VRING_BASE_SKIP_DRAIN",
+    }
+}
+
+impl FrontendReq {
+    /// Whether the back-end always answers this request with a reply of its
+    /// own (otherwise it answers only with a REPLY_ACK, when asked).
+    pub const fn has_reply(self) -> bool {
+        use FrontendReq::*;
+        matches!(
+            self,
+            GetFeatures
+                | SetLogBase
+                | GetVringBase
+                | GetProtocolFeatures
+                | GetQueueNum
+                | IotlbMsg
+                | GetConfig
+                | CreateCryptoSession
+                | PostcopyAdvise
+                | PostcopyEnd
+                | GetInflightFd
+                | GetMaxMemSlots
+                | GetStatus
+                | GetSharedObject
+                | SetDeviceStateFd
+                | CheckDeviceState
+                | GetShmemConfig
+                | GetVringBaseSkipDrain
+        )
+    }
+}
+
+/// `struct vhost_vring_state` with a validated index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct VringStateMsg {
+    /// Ring index, below the session's queue limit.
+    pub index: u32,
+    /// The value.
+    pub num: u32,
+}
+
+impl VringStateMsg {
+    fn parse(request: u32, payload: &[u8], opts: &ParseOptions) -> Result<Self, WireError> {
+        let raw: &raw::VringState = exact(request, payload)?;
+        Ok(VringStateMsg {
+            index: opts.check_queue(raw.index.get().into())?,
+            num: raw.num.get(),
+        })
+    }
+
+    pub(crate) fn raw(&self) -> raw::VringState {
+        raw::VringState {
+            index: self.index.into(),
+            num: self.num.into(),
+        }
+    }
+}
+
+/// The u64 of SET_VRING_KICK/CALL/ERR: a ring index (bits 0-7) and the
+/// no-fd flag (bit 8: polling, or in-band notifications).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct VringFdMsg {
+    /// Ring index.
+    pub index: u32,
+    /// No fd accompanies the message.
+    pub no_fd: bool,
+}
+
+const VRING_INDEX_MASK: u64 = 0xff;
+const VRING_NOFD: u64 = 0x100;
+
+impl VringFdMsg {
+    fn parse(request: u32, payload: &[u8], opts: &ParseOptions) -> Result<Self, WireError> {
+        let v = exact::<raw::Word>(request, payload)?.value.get();
+        if v & !(VRING_INDEX_MASK | VRING_NOFD) != 0 {
+            return Err(WireError::ReservedBits(v));
+        }
+        Ok(VringFdMsg {
+            index: opts.check_queue(v & VRING_INDEX_MASK)?,
+            no_fd: v & VRING_NOFD != 0,
+        })
+    }
+
+    fn value(&self) -> u64 {
+        u64::from(self.index) & VRING_INDEX_MASK | if self.no_fd { VRING_NOFD } else { 0 }
+    }
+
+    fn fd_rule(&self) -> FdRule {
+        if self.no_fd {
+            FdRule::NONE
+        } else {
+            FdRule::ONE
+        }
+    }
+}
+
+/// SET_VRING_ADDR.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct VringAddrMsg {
+    /// Ring index.
+    pub index: u32,
+    /// Log used-ring writes at `log`.
+    pub log: bool,
+    /// Descriptor table address.
+    pub desc: u64,
+    /// Used ring address.
+    pub used: u64,
+    /// Available ring (driver area) address.
+    pub avail: u64,
+    /// Guest address for used-ring logging.
+    pub log_addr: u64,
+}
+
+const VRING_F_LOG: u32 = 1;
+
+/// A memory region (SET_MEM_TABLE, ADD_MEM_REG, REM_MEM_REG), with its
+/// ranges checked for overflow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct MemRegionMsg {
+    /// Guest physical address.
+    pub guest_addr: u64,
+    /// Size in bytes, never 0.
+    pub size: u64,
+    /// Front-end virtual address (GPA with GPA_ADDRESSES).
+    pub user_addr: u64,
+    /// Offset of the region in its fd.
+    pub mmap_offset: u64,
+    /// XEN_MMAP flags and domain id.
+    pub xen: Option<(u32, u32)>,
+}
+
+impl MemRegionMsg {
+    fn from_raw(r: &raw::MemRegion, xen: Option<(u32, u32)>) -> Result<Self, WireError> {
+        let m = MemRegionMsg {
+            guest_addr: r.guest_addr.get(),
+            size: r.size.get(),
+            user_addr: r.user_addr.get(),
+            mmap_offset: r.mmap_offset.get(),
+            xen,
+        };
+        if m.size == 0 {
+            return Err(WireError::EmptyRegion);
+        }
+        for base in [m.guest_addr, m.user_addr, m.mmap_offset] {
+            base.checked_add(m.size - 1)
+                .ok_or(WireError::RangeOverflow)?;
+        }
+        Ok(m)
+    }
+
+    pub(crate) fn parse_one(bytes: &[u8], xen: bool) -> Result<Self, WireError> {
+        if xen {
+            let r = zerocopy::FromBytes::ref_from_bytes(bytes)
+                .map(|r: &raw::XenMemRegion| r)
+                .map_err(|_| WireError::BadSize {
+                    request: 0,
+                    size: bytes.len() as u32,
+                })?;
+            Self::from_raw(&r.region, Some((r.xen_flags.get(), r.domid.get())))
+        } else {
+            let r = zerocopy::FromBytes::ref_from_bytes(bytes)
+                .map(|r: &raw::MemRegion| r)
+                .map_err(|_| WireError::BadSize {
+                    request: 0,
+                    size: bytes.len() as u32,
+                })?;
+            Self::from_raw(r, None)
+        }
+    }
+
+    /// The raw region (without the Xen fields).
+    pub fn raw(&self) -> raw::MemRegion {
+        raw::MemRegion {
+            guest_addr: self.guest_addr.into(),
+            size: self.size.into(),
+            user_addr: self.user_addr.into(),
+            mmap_offset: self.mmap_offset.into(),
+        }
+    }
+
+    fn write(&self, w: &mut Writer<'_>) -> Result<(), WireError> {
+        w.raw(&self.raw())?;
+        if let Some((flags, domid)) = self.xen {
+            w.bytes(&flags.to_ne_bytes())?;
+            w.bytes(&domid.to_ne_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// Bytes this region takes on the wire.
+    fn wire_size(xen: bool) -> usize {
+        if xen {
+            raw::XenMemRegion::SIZE
+        } else {
+            raw::MemRegion::SIZE
+        }
+    }
+}
+
+/// SET_MEM_TABLE: 1 to 8 regions, one fd each, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemTable {
+    /// The regions, in the order of their fds.
+    pub regions: Vec<MemRegionMsg, MAX_MEM_REGIONS>,
+}
+
+impl MemTable {
+    pub(crate) fn parse(request: u32, payload: &[u8], xen: bool) -> Result<Self, WireError> {
+        let bad = || WireError::BadSize {
+            request,
+            size: payload.len() as u32,
+        };
+        let (head, rest) = payload
+            .split_at_checked(raw::MemTableHead::SIZE)
+            .ok_or_else(bad)?;
+        let n = u32::from_ne_bytes([head[0], head[1], head[2], head[3]]);
+        if n == 0 || n as usize > MAX_MEM_REGIONS {
+            return Err(WireError::BadRegionCount(n));
+        }
+        let each = MemRegionMsg::wire_size(xen);
+        if rest.len() != each * n as usize {
+            return Err(bad());
+        }
+        let mut regions = Vec::new();
+        for chunk in rest.chunks_exact(each) {
+            let r = MemRegionMsg::parse_one(chunk, xen)?;
+            // Cannot fail: at most MAX_MEM_REGIONS chunks.
+            let _ = regions.push(r);
+        }
+        Ok(MemTable { regions })
+    }
+
+    pub(crate) fn write(&self, w: &mut Writer<'_>) -> Result<(), WireError> {
+        w.raw(&raw::MemTableHead {
+            nregions: (self.regions.len() as u32).into(),
+            padding: 0.into(),
+        })?;
+        for r in &self.regions {
+            r.write(w)?;
+        }
+        Ok(())
+    }
+}
+
+/// SET_LOG_BASE: the size and offset of the dirty log in its fd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct LogMsg {
+    /// Size of the log.
+    pub size: u64,
+    /// Offset of the log in the fd.
+    pub offset: u64,
+}
+
+/// IOTLB access permission.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[repr(u8)]
+pub enum IotlbPerm {
+    /// No access.
+    None = 0,
+    /// Read only.
+    Read = 1,
+    /// Write only.
+    Write = 2,
+    /// Read and write.
+    ReadWrite = 3,
+}
+
+/// IOTLB message type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+#[repr(u8)]
+pub enum IotlbKind {
+    /// Back-end → front-end: translation miss.
+    Miss = 1,
+    /// Front-end → back-end: new translation.
+    Update = 2,
+    /// Front-end → back-end: drop translations.
+    Invalidate = 3,
+    /// Back-end → front-end: access failed.
+    AccessFail = 4,
+}
+
+/// `struct vhost_iotlb_msg`, validated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct IotlbMsg {
+    /// I/O virtual address.
+    pub iova: u64,
+    /// Size of the range.
+    pub size: u64,
+    /// Front-end virtual address.
+    pub uaddr: u64,
+    /// Permission.
+    pub perm: IotlbPerm,
+    /// Type.
+    pub kind: IotlbKind,
+}
+
+impl IotlbMsg {
+    pub(crate) fn parse(request: u32, payload: &[u8]) -> Result<Self, WireError> {
+        let r: &raw::Iotlb = exact(request, payload)?;
+        let perm = match r.perm {
+            0 => IotlbPerm::None,
+            1 => IotlbPerm::Read,
+            2 => IotlbPerm::Write,
+            3 => IotlbPerm::ReadWrite,
+            v => return Err(WireError::BadValue(v.into())),
+        };
+        let kind = match r.kind {
+            1 => IotlbKind::Miss,
+            2 => IotlbKind::Update,
+            3 => IotlbKind::Invalidate,
+            4 => IotlbKind::AccessFail,
+            v => return Err(WireError::BadValue(v.into())),
+        };
+        let m = IotlbMsg {
+            iova: r.iova.get(),
+            size: r.size.get(),
+            uaddr: r.uaddr.get(),
+            perm,
+            kind,
+        };
+        if m.kind == IotlbKind::Update {
+            if m.size == 0 {
+                return Err(WireError::EmptyRegion);
+            }
+            m.iova
+                .checked_add(m.size - 1)
+                .ok_or(WireError::RangeOverflow)?;
+            m.uaddr
+                .checked_add(m.size - 1)
+                .ok_or(WireError::RangeOverflow)?;
+        }
+        Ok(m)
+    }
+
+    pub(crate) fn raw(&self) -> raw::Iotlb {
+        raw::Iotlb {
+            iova: self.iova.into(),
+            size: self.size.into(),
+            uaddr: self.uaddr.into(),
+            perm: self.perm as u8,
+            kind: self.kind as u8,
+            padding: [0; 6],
+        }
+    }
+}
+
+/// Who writes the config space (the `flags` of SET_CONFIG).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum ConfigWriteKind {
+    /// A front-end write: only writable fields may change.
+    Frontend,
+    /// A live-migration write: read-only fields may change too.
+    Migration,
+}
+
+/// GET_CONFIG / SET_CONFIG payload (and GET_CONFIG reply): a range of the
+/// config space and its bytes. `offset + data.len()` is within 256 bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConfigMsg<'a> {
+    /// Offset in the config space.
+    pub offset: u32,
+    /// Flags.
+    pub kind: ConfigWriteKind,
+    /// The config bytes (for GET_CONFIG requests, ignored placeholder bytes).
+    pub data: &'a [u8],
+}
+
+impl<'a> ConfigMsg<'a> {
+    pub(crate) fn parse(request: u32, payload: &'a [u8]) -> Result<Self, WireError> {
+        let bad = || WireError::BadSize {
+            request,
+            size: payload.len() as u32,
+        };
+        let (head, data) = payload
+            .split_at_checked(raw::ConfigHead::SIZE)
+            .ok_or_else(bad)?;
+        let head: &raw::ConfigHead = exact(request, head)?;
+        let (offset, size) = (head.offset.get(), head.size.get());
+        match offset.checked_add(size) {
+            Some(end) if end <= MAX_CONFIG_SIZE => {}
+            _ => return Err(WireError::ConfigRange { offset, size }),
+        }
+        if data.len() != size as usize {
+            return Err(bad());
+        }
+        let kind = match head.flags.get() {
+            0 => ConfigWriteKind::Frontend,
+            1 => ConfigWriteKind::Migration,
+            v => return Err(WireError::BadValue(v.into())),
+        };
+        Ok(ConfigMsg { offset, kind, data })
+    }
+
+    pub(crate) fn write(&self, w: &mut Writer<'_>) -> Result<(), WireError> {
+        w.raw(&raw::ConfigHead {
+            offset: self.offset.into(),
+            size: (self.data.len() as u32).into(),
+            flags: match self.kind {
+                ConfigWriteKind::Frontend => 0u32,
+                ConfigWriteKind::Migration => 1,
+            }
+            .into(),
+        })?;
+        w.bytes(self.data)
+    }
+}
+
+/// Inflight description (GET_INFLIGHT_FD request and reply, SET_INFLIGHT_FD).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct InflightMsg {
+    /// Size of the area (0 in a GET request; 0 in a reply means "no area").
+    pub mmap_size: u64,
+    /// Offset of the area in the fd.
+    pub mmap_offset: u64,
+    /// Number of queues, never 0.
+    pub num_queues: u16,
+    /// Queue size, never 0.
+    pub queue_size: u16,
+}
+
+impl InflightMsg {
+    pub(crate) fn parse(request: u32, payload: &[u8]) -> Result<Self, WireError> {
+        let r: &raw::Inflight = exact(request, payload)?;
+        let m = InflightMsg {
+            mmap_size: r.mmap_size.get(),
+            mmap_offset: r.mmap_offset.get(),
+            num_queues: r.num_queues.get(),
+            queue_size: r.queue_size.get(),
+        };
+        if m.num_queues == 0 || m.queue_size == 0 {
+            return Err(WireError::BadValue(0));
+        }
+        m.mmap_offset
+            .checked_add(m.mmap_size)
+            .ok_or(WireError::RangeOverflow)?;
+        Ok(m)
+    }
+
+    pub(crate) fn raw(&self) -> raw::Inflight {
+        raw::Inflight {
+            mmap_size: self.mmap_size.into(),
+            mmap_offset: self.mmap_offset.into(),
+            num_queues: self.num_queues.into(),
+            queue_size: self.queue_size.into(),
+            padding: [0; 4],
+        }
+    }
+}
+
+/// Shared-memory map / unmap request (back-end channel).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct ShmemMapMsg {
+    /// Shared memory region id.
+    pub shmid: u8,
+    /// Offset into the fd.
+    pub fd_offset: u64,
+    /// Offset into the region.
+    pub shm_offset: u64,
+    /// Length, never 0.
+    pub len: u64,
+    /// Map read-write (else read-only).
+    pub writable: bool,
+}
+
+/// Endianness of a legacy ring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Endian {
+    /// Little endian.
+    Little,
+    /// Big endian.
+    Big,
+}
+
+/// Direction of a device state transfer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum DeviceStateDirection {
+    /// The back-end writes its state.
+    Save,
+    /// The back-end reads its state.
+    Load,
+}
+
+/// A validated front-end request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request<'a> {
+    /// GET_FEATURES.
+    GetFeatures,
+    /// SET_FEATURES.
+    SetFeatures(u64),
+    /// SET_OWNER.
+    SetOwner,
+    /// RESET_OWNER.
+    ResetOwner,
+    /// SET_MEM_TABLE; one fd per region.
+    SetMemTable(MemTable),
+    /// SET_LOG_BASE; one fd.
+    SetLogBase(LogMsg),
+    /// SET_LOG_FD; one fd.
+    SetLogFd,
+    /// SET_VRING_NUM: ring size (1 to 32768).
+    SetVringNum(VringStateMsg),
+    /// SET_VRING_ADDR.
+    SetVringAddr(VringAddrMsg),
+    /// SET_VRING_BASE.
+    SetVringBase(VringStateMsg),
+    /// GET_VRING_BASE for a ring (the reserved num is not kept).
+    GetVringBase(u32),
+    /// SET_VRING_KICK.
+    SetVringKick(VringFdMsg),
+    /// SET_VRING_CALL.
+    SetVringCall(VringFdMsg),
+    /// SET_VRING_ERR.
+    SetVringErr(VringFdMsg),
+    /// GET_PROTOCOL_FEATURES.
+    GetProtocolFeatures,
+    /// SET_PROTOCOL_FEATURES.
+    SetProtocolFeatures(u64),
+    /// GET_QUEUE_NUM.
+    GetQueueNum,
+    /// SET_VRING_ENABLE.
+    SetVringEnable {
+        /// Ring index.
+        index: u32,
+        /// Enable (1) or disable (0).
+        enable: bool,
+    },
+    /// SEND_RARP with the guest's MAC.
+    SendRarp([u8; 6]),
+    /// NET_SET_MTU.
+    NetSetMtu(u64),
+    /// SET_BACKEND_REQ_FD; one fd.
+    SetBackendReqFd,
+    /// IOTLB_MSG.
+    IotlbMsg(IotlbMsg),
+    /// SET_VRING_ENDIAN.
+    SetVringEndian {
+        /// Ring index.
+        index: u32,
+        /// Endianness.
+        endian: Endian,
+    },
+    /// GET_CONFIG.
+    GetConfig(ConfigMsg<'a>),
+    /// SET_CONFIG.
+    SetConfig(ConfigMsg<'a>),
+    /// CREATE_CRYPTO_SESSION: host-ABI dependent bytes, kept opaque.
+    CreateCryptoSession(&'a [u8]),
+    /// CLOSE_CRYPTO_SESSION.
+    CloseCryptoSession(u64),
+    /// POSTCOPY_ADVISE.
+    PostcopyAdvise,
+    /// POSTCOPY_LISTEN.
+    PostcopyListen,
+    /// POSTCOPY_END.
+    PostcopyEnd,
+    /// GET_INFLIGHT_FD.
+    GetInflightFd(InflightMsg),
+    /// SET_INFLIGHT_FD; one fd.
+    SetInflightFd(InflightMsg),
+    /// GPU_SET_SOCKET; one fd.
+    GpuSetSocket,
+    /// RESET_DEVICE.
+    ResetDevice,
+    /// VRING_KICK (in-band) for a ring.
+    VringKick(u32),
+    /// GET_MAX_MEM_SLOTS.
+    GetMaxMemSlots,
+    /// ADD_MEM_REG; one fd.
+    AddMemReg(MemRegionMsg),
+    /// REM_MEM_REG; no fd (one tolerated, to be closed).
+    RemMemReg(MemRegionMsg),
+    /// SET_STATUS.
+    SetStatus(u8),
+    /// GET_STATUS.
+    GetStatus,
+    /// GET_SHARED_OBJECT.
+    GetSharedObject([u8; 16]),
+    /// SET_DEVICE_STATE_FD; one fd.
+    SetDeviceStateFd(DeviceStateDirection),
+    /// CHECK_DEVICE_STATE.
+    CheckDeviceState,
+    /// GET_SHMEM_CONFIG.
+    GetShmemConfig,
+    /// GET_VRING_BASE_SKIP_DRAIN for a ring.
+    GetVringBaseSkipDrain(u32),
+}
+
+/// Largest ring size a SET_VRING_NUM may ask for.
+pub const MAX_RING_SIZE: u32 = 32768;
+
+fn word(request: u32, payload: &[u8]) -> Result<u64, WireError> {
+    Ok(exact::<raw::Word>(request, payload)?.value.get())
+}
+
+fn single_region(request: u32, payload: &[u8], xen: bool) -> Result<MemRegionMsg, WireError> {
+    let need = 8 + MemRegionMsg::wire_size(xen);
+    if payload.len() != need {
+        return Err(WireError::BadSize {
+            request,
+            size: payload.len() as u32,
+        });
+    }
+    MemRegionMsg::parse_one(&payload[8..], xen)
+}
+
+impl<'a> Request<'a> {
+    /// Parses a request whose header was validated by [`Header::parse`].
+    ///
+    /// `payload` must be the `header.size` bytes that followed the header and
+    /// `nfds` the number of file descriptors that arrived with the message.
+    /// On error the caller drops the message and closes every fd.
+    pub fn parse(
+        header: &Header,
+        payload: &'a [u8],
+        nfds: usize,
+        opts: &ParseOptions,
+    ) -> Result<Self, WireError> {
+        header.check_request()?;
+        if payload.len() != header.size as usize {
+            return Err(WireError::Truncated {
+                needed: header.size,
+                got: payload.len() as u32,
+            });
+        }
+        let code = FrontendReq::try_from(header.request)?;
+        let req = Self::parse_payload(code, payload, opts)?;
+        req.fd_rule().check(nfds)?;
+        Ok(req)
+    }
+
+    /// Parses the payload of a request with a known code.
+    pub fn parse_payload(
+        code: FrontendReq,
+        payload: &'a [u8],
+        opts: &ParseOptions,
+    ) -> Result<Self, WireError> {
+        use FrontendReq as C;
+        let id = code.id();
+        let state = |p| VringStateMsg::parse(id, p, opts);
+        Ok(match code {
+            C::GetFeatures => empty(id, payload).map(|_| Request::GetFeatures)?,
+            C::SetFeatures => Request::SetFeatures(word(id, payload)?),
+            C::SetOwner => empty(id, payload).map(|_| Request::SetOwner)?,
+            C::ResetOwner => empty(id, payload).map(|_| Request::ResetOwner)?,
+            C::SetMemTable => Request::SetMemTable(MemTable::parse(id, payload, opts.xen_mmap)?),
+            C::SetLogBase => {
+                let r: &raw::Log = exact(id, payload)?;
+                let (size, offset) = (r.mmap_size.get(), r.mmap_offset.get());
+                if size == 0 {
+                    return Err(WireError::EmptyRegion);
+                }
+                offset.checked_add(size).ok_or(WireError::RangeOverflow)?;
+                Request::SetLogBase(LogMsg { size, offset })
+            }
+            C::SetLogFd => empty(id, payload).map(|_| Request::SetLogFd)?,
+            C::SetVringNum => {
+                let s = state(payload)?;
+                if s.num == 0 || s.num > MAX_RING_SIZE {
+                    return Err(WireError::BadValue(s.num.into()));
+                }
+                Request::SetVringNum(s)
+            }
+            C::SetVringAddr => {
+                let r: &raw::VringAddr = exact(id, payload)?;
+                let flags = r.flags.get();
+                if flags & !VRING_F_LOG != 0 {
+                    return Err(WireError::ReservedBits(flags.into()));
+                }
+                Request::SetVringAddr(VringAddrMsg {
+                    index: opts.check_queue(r.index.get().into())?,
+                    log: flags & VRING_F_LOG != 0,
+                    desc: r.desc.get(),
+                    used: r.used.get(),
+                    avail: r.avail.get(),
+                    log_addr: r.log.get(),
+                })
+            }
+            C::SetVringBase => Request::SetVringBase(state(payload)?),
+            C::GetVringBase => Request::GetVringBase(state(payload)?.index),
+            C::SetVringKick => Request::SetVringKick(VringFdMsg::parse(id, payload, opts)?),
+            C::SetVringCall => Request::SetVringCall(VringFdMsg::parse(id, payload, opts)?),
+            C::SetVringErr => Request::SetVringErr(VringFdMsg::parse(id, payload, opts)?),
+            C::GetProtocolFeatures => empty(id, payload).map(|_| Request::GetProtocolFeatures)?,
+            C::SetProtocolFeatures => Request::SetProtocolFeatures(word(id, payload)?),
+            C::GetQueueNum => empty(id, payload).map(|_| Request::GetQueueNum)?,
+            C::SetVringEnable => {
+                let s = state(payload)?;
+                let enable = match s.num {
+                    0 => false,
+                    1 => true,
+                    v => return Err(WireError::BadValue(v.into())),
+                };
+                Request::SetVringEnable {
+                    index: s.index,
+                    enable,
+                }
+            }
+            C::SendRarp => {
+                let v = word(id, payload)?.to_ne_bytes();
+                Request::SendRarp([v[0], v[1], v[2], v[3], v[4], v[5]])
+            }
+            C::NetSetMtu => Request::NetSetMtu(word(id, payload)?),
+            C::SetBackendReqFd => empty(id, payload).map(|_| Request::SetBackendReqFd)?,
+            C::IotlbMsg => {
+                let m = IotlbMsg::parse(id, payload)?;
+                if !matches!(m.kind, IotlbKind::Update | IotlbKind::Invalidate) {
+                    return Err(WireError::BadValue(m.kind as u64));
+                }
+                Request::IotlbMsg(m)
+            }
+            C::SetVringEndian => {
+                let s = state(payload)?;
+                let endian = match s.num {
+                    0 => Endian::Little,
+                    1 => Endian::Big,
+                    v => return Err(WireError::BadValue(v.into())),
+                };
+                Request::SetVringEndian {
+                    index: s.index,
+                    endian,
+                }
+            }
+            C::GetConfig => Request::GetConfig(ConfigMsg::parse(id, payload)?),
+            C::SetConfig => Request::SetConfig(ConfigMsg::parse(id, payload)?),
+            C::CreateCryptoSession => {
+                if payload.len() < 16 {
+                    return Err(WireError::BadSize {
+                        request: id,
+                        size: payload.len() as u32,
+                    });
+                }
+                Request::CreateCryptoSession(payload)
+            }
+            C::CloseCryptoSession => Request::CloseCryptoSession(word(id, payload)?),
+            C::PostcopyAdvise => empty(id, payload).map(|_| Request::PostcopyAdvise)?,
+            C::PostcopyListen => empty(id, payload).map(|_| Request::PostcopyListen)?,
+            C::PostcopyEnd => empty(id, payload).map(|_| Request::PostcopyEnd)?,
+            C::GetInflightFd => Request::GetInflightFd(InflightMsg::parse(id, payload)?),
+            C::SetInflightFd => {
+                let m = InflightMsg::parse(id, payload)?;
+                if m.mmap_size == 0 {
+                    return Err(WireError::EmptyRegion);
+                }
+                Request::SetInflightFd(m)
+            }
+            C::GpuSetSocket => empty(id, payload).map(|_| Request::GpuSetSocket)?,
+            C::ResetDevice => empty(id, payload).map(|_| Request::ResetDevice)?,
+            C::VringKick => Request::VringKick(state(payload)?.index),
+            C::GetMaxMemSlots => empty(id, payload).map(|_| Request::GetMaxMemSlots)?,
+            C::AddMemReg => Request::AddMemReg(single_region(id, payload, opts.xen_mmap)?),
+            C::RemMemReg => Request::RemMemReg(single_region(id, payload, opts.xen_mmap)?),
+            C::SetStatus => {
+                let v = word(id, payload)?;
+                let status = u8::try_from(v).map_err(|_| WireError::BadValue(v))?;
+                Request::SetStatus(status)
+            }
+            C::GetStatus => empty(id, payload).map(|_| Request::GetStatus)?,
+            C::GetSharedObject => {
+                let r: &raw::SharedObject = exact(id, payload)?;
+                Request::GetSharedObject(r.uuid)
+            }
+            C::SetDeviceStateFd => {
+                let r: &raw::DeviceStateTransfer = exact(id, payload)?;
+                let direction = match r.direction.get() {
+                    0 => DeviceStateDirection::Save,
+                    1 => DeviceStateDirection::Load,
+                    v => return Err(WireError::BadValue(v.into())),
+                };
+                if r.phase.get() != 0 {
+                    return Err(WireError::BadValue(r.phase.get().into()));
+                }
+                Request::SetDeviceStateFd(direction)
+            }
+            C::CheckDeviceState => empty(id, payload).map(|_| Request::CheckDeviceState)?,
+            C::GetShmemConfig => empty(id, payload).map(|_| Request::GetShmemConfig)?,
+            C::GetVringBaseSkipDrain => Request::GetVringBaseSkipDrain(state(payload)?.index),
+        })
+    }
+
+    /// The request code.
+    pub fn code(&self) -> FrontendReq {
+        use FrontendReq as C;
+        match self {
+            Request::GetFeatures => C::GetFeatures,
+            Request::SetFeatures(_) => C::SetFeatures,
+            Request::SetOwner => C::SetOwner,
+            Request::ResetOwner => C::ResetOwner,
+            Request::SetMemTable(_) => C::SetMemTable,
+            Request::SetLogBase(_) => C::SetLogBase,
+            Request::SetLogFd => C::SetLogFd,
+            Request::SetVringNum(_) => C::SetVringNum,
+            Request::SetVringAddr(_) => C::SetVringAddr,
+            Request::SetVringBase(_) => C::SetVringBase,
+            Request::GetVringBase(_) => C::GetVringBase,
+            Request::SetVringKick(_) => C::SetVringKick,
+            Request::SetVringCall(_) => C::SetVringCall,
+            Request::SetVringErr(_) => C::SetVringErr,
+            Request::GetProtocolFeatures => C::GetProtocolFeatures,
+            Request::SetProtocolFeatures(_) => C::SetProtocolFeatures,
+            Request::GetQueueNum => C::GetQueueNum,
+            Request::SetVringEnable { .. } => C::SetVringEnable,
+            Request::SendRarp(_) => C::SendRarp,
+            Request::NetSetMtu(_) => C::NetSetMtu,
+            Request::SetBackendReqFd => C::SetBackendReqFd,
+            Request::IotlbMsg(_) => C::IotlbMsg,
+            Request::SetVringEndian { .. } => C::SetVringEndian,
+            Request::GetConfig(_) => C::GetConfig,
+            Request::SetConfig(_) => C::SetConfig,
+            Request::CreateCryptoSession(_) => C::CreateCryptoSession,
+            Request::CloseCryptoSession(_) => C::CloseCryptoSession,
+            Request::PostcopyAdvise => C::PostcopyAdvise,
+            Request::PostcopyListen => C::PostcopyListen,
+            Request::PostcopyEnd => C::PostcopyEnd,
+            Request::GetInflightFd(_) => C::GetInflightFd,
+            Request::SetInflightFd(_) => C::SetInflightFd,
+            Request::GpuSetSocket => C::GpuSetSocket,
+            Request::ResetDevice => C::ResetDevice,
+            Request::VringKick(_) => C::VringKick,
+            Request::GetMaxMemSlots => C::GetMaxMemSlots,
+            Request::AddMemReg(_) => C::AddMemReg,
+            Request::RemMemReg(_) => C::RemMemReg,
+            Request::SetStatus(_) => C::SetStatus,
+            Request::GetStatus => C::GetStatus,
+            Request::GetSharedObject(_) => C::GetSharedObject,
+            Request::SetDeviceStateFd(_) => C::SetDeviceStateFd,
+            Request::CheckDeviceState => C::CheckDeviceState,
+            Request::GetShmemConfig => C::GetShmemConfig,
+            Request::GetVringBaseSkipDrain(_) => C::GetVringBaseSkipDrain,
+        }
+    }
+
+    /// How many fds this request must carry.
+    pub fn fd_rule(&self) -> FdRule {
+        match self {
+            Request::SetMemTable(t) => FdRule::exactly(t.regions.len() as u8),
+            Request::SetVringKick(v) | Request::SetVringCall(v) | Request::SetVringErr(v) => {
+                v.fd_rule()
+            }
+            Request::SetLogBase(_)
+            | Request::SetLogFd
+            | Request::SetBackendReqFd
+            | Request::SetInflightFd(_)
+            | Request::GpuSetSocket
+            | Request::AddMemReg(_)
+            | Request::SetDeviceStateFd(_) => FdRule::ONE,
+            Request::RemMemReg(_) => FdRule::OPTIONAL,
+            _ => FdRule::NONE,
+        }
+    }
+
+    /// The ring this request addresses, if any.
+    pub fn queue(&self) -> Option<u32> {
+        match self {
+            Request::SetVringNum(s) | Request::SetVringBase(s) => Some(s.index),
+            Request::SetVringAddr(a) => Some(a.index),
+            Request::GetVringBase(i)
+            | Request::VringKick(i)
+            | Request::GetVringBaseSkipDrain(i) => Some(*i),
+            Request::SetVringKick(v) | Request::SetVringCall(v) | Request::SetVringErr(v) => {
+                Some(v.index)
+            }
+            Request::SetVringEnable { index, .. } | Request::SetVringEndian { index, .. } => {
+                Some(*index)
+            }
+            _ => None,
+        }
+    }
+
+    /// Encodes the request (header and payload) into `out`, asking for a
+    /// REPLY_ACK if `need_reply`. Returns the message length.
+    pub fn encode(&self, need_reply: bool, out: &mut [u8]) -> Result<usize, WireError> {
+        let mut w = Writer::new(out);
+        let state = |index: u32, num: u32| raw::VringState {
+            index: index.into(),
+            num: num.into(),
+        };
+        match self {
+            Request::GetFeatures
+            | Request::SetOwner
+            | Request::ResetOwner
+            | Request::SetLogFd
+            | Request::GetProtocolFeatures
+            | Request::GetQueueNum
+            | Request::SetBackendReqFd
+            | Request::PostcopyAdvise
+            | Request::PostcopyListen
+            | Request::PostcopyEnd
+            | Request::GpuSetSocket
+            | Request::ResetDevice
+            | Request::GetMaxMemSlots
+            | Request::GetStatus
+            | Request::CheckDeviceState
+            | Request::GetShmemConfig => {}
+            Request::SetFeatures(v)
+            | Request::SetProtocolFeatures(v)
+            | Request::NetSetMtu(v)
+            | Request::CloseCryptoSession(v) => w.word(*v)?,
+            Request::SetStatus(v) => w.word(u64::from(*v))?,
+            Request::SetMemTable(t) => t.write(&mut w)?,
+            Request::SetLogBase(l) => w.raw(&raw::Log {
+                mmap_size: l.size.into(),
+                mmap_offset: l.offset.into(),
+            })?,
+            Request::SetVringNum(s) | Request::SetVringBase(s) => w.raw(&s.raw())?,
+            Request::SetVringAddr(a) => w.raw(&raw::VringAddr {
+                index: a.index.into(),
+                flags: if a.log { VRING_F_LOG } else { 0 }.into(),
+                desc: a.desc.into(),
+                used: a.used.into(),
+                avail: a.avail.into(),
+                log: a.log_addr.into(),
+            })?,
+            Request::GetVringBase(i)
+            | Request::VringKick(i)
+            | Request::GetVringBaseSkipDrain(i) => w.raw(&state(*i, 0))?,
+            Request::SetVringKick(v) | Request::SetVringCall(v) | Request::SetVringErr(v) => {
+                w.word(v.value())?
+            }
+            Request::SetVringEnable { index, enable } => {
+                w.raw(&state(*index, u32::from(*enable)))?
+            }
+            Request::SendRarp(mac) => {
+                let mut b = [0u8; 8];
+                b[..6].copy_from_slice(mac);
+                w.bytes(&b)?
+            }
+            Request::IotlbMsg(m) => w.raw(&m.raw())?,
+            Request::SetVringEndian { index, endian } => {
+                w.raw(&state(*index, (*endian == Endian::Big).into()))?
+            }
+            Request::GetConfig(c) | Request::SetConfig(c) => c.write(&mut w)?,
+            Request::CreateCryptoSession(b) => w.bytes(b)?,
+            Request::GetInflightFd(m) | Request::SetInflightFd(m) => w.raw(&m.raw())?,
+            Request::AddMemReg(r) | Request::RemMemReg(r) => {
+                w.word(0)?;
+                r.write(&mut w)?
+            }
+            Request::GetSharedObject(u) => w.bytes(u)?,
+            Request::SetDeviceStateFd(d) => w.raw(&raw::DeviceStateTransfer {
+                direction: match d {
+                    DeviceStateDirection::Save => 0u32,
+                    DeviceStateDirection::Load => 1,
+                }
+                .into(),
+                phase: 0.into(),
+            })?,
+        }
+        w.finish(Header::request(self.code().id(), 0, need_reply))
+    }
+}
+
+/// Writes a payload after the header's room, then the header.
+pub(crate) struct Writer<'b> {
+    out: &'b mut [u8],
+    at: usize,
+}
+
+impl<'b> Writer<'b> {
+    pub(crate) fn new(out: &'b mut [u8]) -> Self {
+        Writer {
+            out,
+            at: super::HEADER_SIZE,
+        }
+    }
+
+    pub(crate) fn bytes(&mut self, b: &[u8]) -> Result<(), WireError> {
+        if self.at - super::HEADER_SIZE + b.len() > MAX_PAYLOAD {
+            return Err(WireError::PayloadTooLarge(
+                (self.at - super::HEADER_SIZE + b.len()) as u32,
+            ));
+        }
+        super::put(self.out, self.at, b)?;
+        self.at += b.len();
+        Ok(())
+    }
+
+    pub(crate) fn raw<T: IntoBytes + zerocopy::Immutable>(
+        &mut self,
+        v: &T,
+    ) -> Result<(), WireError> {
+        self.bytes(v.as_bytes())
+    }
+
+    pub(crate) fn word(&mut self, v: u64) -> Result<(), WireError> {
+        self.bytes(&v.to_ne_bytes())
+    }
+
+    pub(crate) fn finish(self, header: Header) -> Result<usize, WireError> {
+        Header {
+            size: (self.at - super::HEADER_SIZE) as u32,
+            ..header
+        }
+        .encode(self.out)?;
+        Ok(self.at)
+    }
+}
