@@ -2,7 +2,7 @@
 //! over with SET_BACKEND_REQ_FD).
 
 use super::raw;
-use super::request::{IotlbKind, IotlbMsg, ShmemMapMsg, Writer};
+use super::request::{uuid, IotlbKind, IotlbMsg, ShmemMapMsg, Writer};
 use super::{empty, exact, FdRule, Header, ParseOptions, WireError};
 
 request_codes! {
@@ -75,15 +75,6 @@ pub enum BackendRequest {
 }
 
 const SHMEM_WRITABLE: u64 = 1;
-
-fn uuid(id: u32, payload: &[u8]) -> Result<[u8; 16], WireError> {
-    let u = exact::<raw::SharedObject>(id, payload)?.uuid;
-    // The nil and max UUIDs name no object.
-    if u == [0; 16] || u == [0xff; 16] {
-        return Err(WireError::BadValue(0));
-    }
-    Ok(u)
-}
 
 fn shmem(id: u32, payload: &[u8]) -> Result<ShmemMapMsg, WireError> {
     let r: &raw::ShmemMap = exact(id, payload)?;

@@ -705,6 +705,15 @@ pub enum Request<'a> {
 /// Largest ring size a SET_VRING_NUM may ask for.
 pub const MAX_RING_SIZE: u32 = 32768;
 
+/// A shared-object UUID; the nil and max UUIDs name no object.
+pub(crate) fn uuid(request: u32, payload: &[u8]) -> Result<[u8; 16], WireError> {
+    let u = exact::<raw::SharedObject>(request, payload)?.uuid;
+    if u == [0; 16] || u == [0xff; 16] {
+        return Err(WireError::BadValue(0));
+    }
+    Ok(u)
+}
+
 fn word(request: u32, payload: &[u8]) -> Result<u64, WireError> {
     Ok(exact::<raw::Word>(request, payload)?.value.get())
 }
@@ -872,10 +881,7 @@ impl<'a> Request<'a> {
                 Request::SetStatus(status)
             }
             C::GetStatus => empty(id, payload).map(|_| Request::GetStatus)?,
-            C::GetSharedObject => {
-                let r: &raw::SharedObject = exact(id, payload)?;
-                Request::GetSharedObject(r.uuid)
-            }
+            C::GetSharedObject => Request::GetSharedObject(uuid(id, payload)?),
             C::SetDeviceStateFd => {
                 let r: &raw::DeviceStateTransfer = exact(id, payload)?;
                 let direction = match r.direction.get() {
