@@ -31,7 +31,7 @@ pub enum Reply<'a> {
     LogBaseDone,
     /// SET_MEM_TABLE in postcopy: each region's user address replaced by the
     /// back-end's mapping base.
-    MemTable(MemTable),
+    MemTable(MemTable<'a>),
     /// ADD_MEM_REG in postcopy: the region with the back-end's mapping base.
     MemRegion(MemRegionMsg),
     /// CREATE_CRYPTO_SESSION: opaque, host-ABI dependent bytes.

@@ -1,6 +1,5 @@
 //! Front-end → back-end requests on the main socket.
 
-use heapless::Vec;
 use zerocopy::IntoBytes;
 
 use super::raw;
@@ -305,22 +304,37 @@ impl MemRegionMsg {
     }
 }
 
-/// SET_MEM_TABLE: 1 to 8 regions, one fd each, in order.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MemTable {
-    /// The regions, in the order of their fds.
-    pub regions: Vec<MemRegionMsg, MAX_MEM_REGIONS>,
+/// SET_MEM_TABLE: 1 to 8 regions, one fd each, in order. A view over the
+/// validated payload bytes (or over regions the caller built), copied out one
+/// region at a time.
+#[derive(Clone, Copy, Debug)]
+pub struct MemTable<'a> {
+    repr: TableRepr<'a>,
 }
 
-impl MemTable {
-    pub(crate) fn parse(request: u32, payload: &[u8], xen: bool) -> Result<Self, WireError> {
+#[derive(Clone, Copy, Debug)]
+enum TableRepr<'a> {
+    Wire { regions: &'a [u8], xen: bool },
+    Built(&'a [MemRegionMsg]),
+}
+
+impl<'a> MemTable<'a> {
+    /// A table of caller-built regions (1 to 8), for encoding.
+    pub fn new(regions: &'a [MemRegionMsg]) -> Result<Self, WireError> {
+        if regions.is_empty() || regions.len() > MAX_MEM_REGIONS {
+            return Err(WireError::BadRegionCount(regions.len() as u32));
+        }
+        Ok(MemTable {
+            repr: TableRepr::Built(regions),
+        })
+    }
+
+    pub(crate) fn parse(request: u32, payload: &'a [u8], xen: bool) -> Result<Self, WireError> {
         let bad = || WireError::BadSize {
             request,
             size: payload.len() as u32,
         };
-        let (head, rest) = payload
-            .split_at_checked(raw::MemTableHead::SIZE)
-            .ok_or_else(bad)?;
+        let (head, rest) = payload.split_at_checked(raw::MemTableHead::SIZE).ok_or_else(bad)?;
         let n = u32::from_ne_bytes([head[0], head[1], head[2], head[3]]);
         if n == 0 || n as usize > MAX_MEM_REGIONS {
             return Err(WireError::BadRegionCount(n));
@@ -329,26 +343,64 @@ impl MemTable {
         if rest.len() != each * n as usize {
             return Err(bad());
         }
-        let mut regions = Vec::new();
         for chunk in rest.chunks_exact(each) {
-            let r = MemRegionMsg::parse_one(chunk, xen)?;
-            // Cannot fail: at most MAX_MEM_REGIONS chunks.
-            let _ = regions.push(r);
+            MemRegionMsg::parse_one(chunk, xen)?;
         }
-        Ok(MemTable { regions })
+        Ok(MemTable {
+            repr: TableRepr::Wire { regions: rest, xen },
+        })
+    }
+
+    /// Number of regions (1 to 8).
+    pub fn len(&self) -> usize {
+        match self.repr {
+            TableRepr::Wire { regions, xen } => regions.len() / MemRegionMsg::wire_size(xen),
+            TableRepr::Built(r) => r.len(),
+        }
+    }
+
+    /// Always false: a table has at least one region.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Region `i`, in the order of the message's fds.
+    pub fn get(&self, i: usize) -> Option<MemRegionMsg> {
+        match self.repr {
+            TableRepr::Wire { regions, xen } => {
+                let each = MemRegionMsg::wire_size(xen);
+                let chunk = regions.get(i * each..(i + 1) * each)?;
+                MemRegionMsg::parse_one(chunk, xen).ok()
+            }
+            TableRepr::Built(r) => r.get(i).copied(),
+        }
+    }
+
+    /// The regions, in the order of the message's fds.
+    pub fn iter(&self) -> impl Iterator<Item = MemRegionMsg> + 'a {
+        let t = *self;
+        (0..t.len()).filter_map(move |i| t.get(i))
     }
 
     pub(crate) fn write(&self, w: &mut Writer<'_>) -> Result<(), WireError> {
         w.raw(&raw::MemTableHead {
-            nregions: (self.regions.len() as u32).into(),
+            nregions: (self.len() as u32).into(),
             padding: 0.into(),
         })?;
-        for r in &self.regions {
+        for r in self.iter() {
             r.write(w)?;
         }
         Ok(())
     }
 }
+
+impl PartialEq for MemTable<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for MemTable<'_> {}
 
 /// SET_LOG_BASE: the size and offset of the dirty log in its fd.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -609,7 +661,7 @@ pub enum Request<'a> {
     /// RESET_OWNER.
     ResetOwner,
     /// SET_MEM_TABLE; one fd per region.
-    SetMemTable(MemTable),
+    SetMemTable(MemTable<'a>),
     /// SET_LOG_BASE; one fd.
     SetLogBase(LogMsg),
     /// SET_LOG_FD; one fd.
@@ -955,7 +1007,7 @@ impl<'a> Request<'a> {
     /// How many fds this request must carry.
     pub fn fd_rule(&self) -> FdRule {
         match self {
-            Request::SetMemTable(t) => FdRule::exactly(t.regions.len() as u8),
+            Request::SetMemTable(t) => FdRule::exactly(t.len() as u8),
             Request::SetVringKick(v) | Request::SetVringCall(v) | Request::SetVringErr(v) => {
                 v.fd_rule()
             }

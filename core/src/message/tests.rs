@@ -88,19 +88,11 @@ fn vectors_every_frontend_request() {
         le64(0x4000_0000),
         le64(0x7f00_8000_0000),
     ) + &le64(0x8000_0000);
-    let mut regions = heapless::Vec::new();
-    regions
-        .push(region(0, 0x8000_0000, 0x7f00_0000_0000, 0))
-        .unwrap();
-    regions
-        .push(region(
-            0x1_0000_0000,
-            0x4000_0000,
-            0x7f00_8000_0000,
-            0x8000_0000,
-        ))
-        .unwrap();
-    vector(&t, 2, R::SetMemTable(MemTable { regions }));
+    let regions = [
+        region(0, 0x8000_0000, 0x7f00_0000_0000, 0),
+        region(0x1_0000_0000, 0x4000_0000, 0x7f00_8000_0000, 0x8000_0000),
+    ];
+    vector(&t, 2, R::SetMemTable(MemTable::new(&regions).unwrap()));
     // 6 SET_LOG_BASE
     vector(
         &format!("{} {} {}", head(6, 1, 16), le64(0x2000), le64(0)),
@@ -553,10 +545,7 @@ fn vectors_every_frontend_reply() {
         );
     }
     // SET_MEM_TABLE / ADD_MEM_REG postcopy replies
-    let mut regions = heapless::Vec::new();
-    regions
-        .push(region(0, 0x1000, 0x7f12_0000_0000, 0))
-        .unwrap();
+    let regions = [region(0, 0x1000, 0x7f12_0000_0000, 0)];
     reply_vector(
         C::SetMemTable,
         &format!(
@@ -570,7 +559,7 @@ fn vectors_every_frontend_reply() {
             le64(0)
         ),
         0,
-        Reply::MemTable(MemTable { regions }),
+        Reply::MemTable(MemTable::new(&regions).unwrap()),
     );
     reply_vector(
         C::AddMemReg,
@@ -879,7 +868,7 @@ fn malformed_payload_size_wrong_for_id() {
         for size in [0usize, 4, 7, 9, 16, 24, 39, 41] {
             let msg: Vec<u8> = hex(&head(code.id(), 1, size as u32))
                 .into_iter()
-                .chain(core::iter::repeat(0).take(size))
+                .chain(core::iter::repeat_n(0, size))
                 .collect();
             let ok = parse_req(&msg, 0).is_ok() || parse_req(&msg, 1).is_ok();
             let allowed = match code {

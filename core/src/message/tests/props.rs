@@ -71,6 +71,7 @@ enum Spec {
         data: Vec<u8>,
     },
     Crypto(Vec<u8>),
+    Table(Vec<MemRegionMsg>),
 }
 
 fn request() -> impl Strategy<Value = Spec> {
@@ -81,9 +82,6 @@ fn request() -> impl Strategy<Value = Spec> {
         any::<u64>().prop_map(R::SetFeatures),
         Just(R::SetOwner),
         Just(R::ResetOwner),
-        proptest::collection::vec(region(), 1..=8).prop_map(|v| R::SetMemTable(MemTable {
-            regions: v.into_iter().collect()
-        })),
         (1u64..1 << 40, 0u64..1 << 40)
             .prop_map(|(size, offset)| R::SetLogBase(LogMsg { size, offset })),
         Just(R::SetLogFd),
@@ -165,6 +163,7 @@ fn request() -> impl Strategy<Value = Spec> {
                     })
                 }),
             proptest::collection::vec(any::<u8>(), 16..1024).prop_map(Spec::Crypto),
+            proptest::collection::vec(region(), 1..=8).prop_map(Spec::Table),
         ]
         .boxed(),
     )
@@ -194,6 +193,7 @@ proptest! {
                 roundtrip(&if set { Request::SetConfig(c) } else { Request::GetConfig(c) }, need_reply);
             }
             Spec::Crypto(b) => roundtrip(&Request::CreateCryptoSession(&b), need_reply),
+            Spec::Table(r) => roundtrip(&Request::SetMemTable(MemTable::new(&r).unwrap()), need_reply),
         }
     }
 
