@@ -334,7 +334,9 @@ impl<'a> MemTable<'a> {
             request,
             size: payload.len() as u32,
         };
-        let (head, rest) = payload.split_at_checked(raw::MemTableHead::SIZE).ok_or_else(bad)?;
+        let (head, rest) = payload
+            .split_at_checked(raw::MemTableHead::SIZE)
+            .ok_or_else(bad)?;
         let n = u32::from_ne_bytes([head[0], head[1], head[2], head[3]]);
         if n == 0 || n as usize > MAX_MEM_REGIONS {
             return Err(WireError::BadRegionCount(n));
