@@ -756,6 +756,20 @@ pub enum Request<'a> {
     GetVringBaseSkipDrain(u32),
 }
 
+/// The fd rule of each id whose rule does not depend on the payload.
+const FIXED_FD_RULES: [FdRule; 46] = {
+    let mut t = [FdRule::NONE; 46];
+    t[FrontendReq::SetLogBase as usize] = FdRule::ONE;
+    t[FrontendReq::SetLogFd as usize] = FdRule::ONE;
+    t[FrontendReq::SetBackendReqFd as usize] = FdRule::ONE;
+    t[FrontendReq::SetInflightFd as usize] = FdRule::ONE;
+    t[FrontendReq::GpuSetSocket as usize] = FdRule::ONE;
+    t[FrontendReq::AddMemReg as usize] = FdRule::ONE;
+    t[FrontendReq::SetDeviceStateFd as usize] = FdRule::ONE;
+    t[FrontendReq::RemMemReg as usize] = FdRule::OPTIONAL;
+    t
+};
+
 /// Largest ring size a SET_VRING_NUM may ask for.
 pub const MAX_RING_SIZE: u32 = 32768;
 
@@ -804,11 +818,21 @@ impl<'a> Request<'a> {
         }
         let code = FrontendReq::try_from(header.request)?;
         let req = Self::parse_payload(code, payload, opts)?;
-        req.fd_rule().check(nfds)?;
+        // Most ids have a fixed fd rule, read from a table; only the three
+        // eventfd messages and SET_MEM_TABLE depend on the payload.
+        let rule = match &req {
+            Request::SetMemTable(t) => FdRule::exactly(t.len() as u8),
+            Request::SetVringKick(v) | Request::SetVringCall(v) | Request::SetVringErr(v) => {
+                v.fd_rule()
+            }
+            _ => FIXED_FD_RULES[code as usize],
+        };
+        rule.check(nfds)?;
         Ok(req)
     }
 
     /// Parses the payload of a request with a known code.
+    #[inline(always)]
     pub fn parse_payload(
         code: FrontendReq,
         payload: &'a [u8],
@@ -1007,6 +1031,7 @@ impl<'a> Request<'a> {
     }
 
     /// How many fds this request must carry.
+    #[inline]
     pub fn fd_rule(&self) -> FdRule {
         match self {
             Request::SetMemTable(t) => FdRule::exactly(t.len() as u8),

@@ -1312,3 +1312,49 @@ fn replies_are_version_and_reply_only() {
 }
 
 mod props;
+
+#[test]
+fn fixed_fd_table_agrees_with_fd_rule() {
+    // The table used on the parse fast path must say what `fd_rule` says.
+    let cases: [(&str, usize); 8] = [
+        (
+            &format!("{} {} {}", head(6, 1, 16), le64(0x1000), le64(0)),
+            1,
+        ),
+        (&head(7, 1, 0), 1),
+        (&head(21, 1, 0), 1),
+        (
+            &format!(
+                "{} {} {} 0100 0100 00000000",
+                head(32, 1, 24),
+                le64(64),
+                le64(0)
+            ),
+            1,
+        ),
+        (&head(33, 1, 0), 1),
+        (
+            &format!(
+                "{} {} {} {} {} {}",
+                head(37, 1, 40),
+                le64(0),
+                le64(0),
+                le64(4096),
+                le64(0),
+                le64(0)
+            ),
+            1,
+        ),
+        (&format!("{} {} {}", head(42, 1, 8), le32(0), le32(0)), 1),
+        (&head(3, 1, 0), 0),
+    ];
+    for (msg, nfds) in cases {
+        let b = hex(msg);
+        let r = parse_req(&b, nfds).unwrap();
+        assert_eq!(r.fd_rule().min as usize, nfds, "{r:?}");
+        assert!(parse_req(&b, nfds + 1).is_err(), "{r:?} with an extra fd");
+        if nfds > 0 {
+            assert!(parse_req(&b, nfds - 1).is_err(), "{r:?} missing its fd");
+        }
+    }
+}
