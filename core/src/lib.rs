@@ -22,6 +22,9 @@ extern crate std;
 #[macro_use]
 mod fmt;
 
+pub mod backend;
 pub mod feature;
+pub mod memory;
 pub mod message;
 pub mod transport;
+pub mod vring;

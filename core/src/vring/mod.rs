@@ -1,0 +1,525 @@
+//! The vring engine: the per-ring state machine ([`state`]), split rings
+//! ([`split`]) and packed rings ([`packed`]), descriptor-chain walking and
+//! used-ring updates with notification suppression.
+//!
+//! A queue is a plain value; every method that touches the ring takes the
+//! guest memory (`&impl GuestMemory`) per call. The engine copies each
+//! descriptor out of guest memory exactly once, validates the copy, and
+//! only then uses it: a guest that rewrites descriptors concurrently can
+//! make its own requests fail but cannot make the engine read or write
+//! outside guest memory, panic or loop.
+//!
+//! # Popping and completing
+//!
+//! ```text
+//! let mut chain = Chain::new();
+//! while queue.pop_into(&mem, &mut chain)? {
+//!     // read chain.readable(), write chain.writable() through `mem` ...
+//!     queue.add_used(&mem, chain.head(), written)?;
+//! }
+//! if queue.flush_used(&mem)? { /* signal the call fd */ }
+//! ```
+//!
+//! `add_used` writes used entries but does not publish them;
+//! `flush_used` publishes the whole batch with one release store and says
+//! whether the guest asked to be notified.
+//!
+//! # Malformed chains
+//!
+//! A chain that breaks a rule (see [`VringError`]) is refused: `pop_into`
+//! returns the error and does not advance, so the queue reports the same
+//! error until it is reconfigured. This is what QEMU (`virtio_error`) and
+//! Linux vhost (`vq_err`) do: a driver that posts such a chain is broken,
+//! and the device should report DEVICE_NEEDS_RESET.
+
+use core::fmt;
+
+use heapless::Vec;
+
+use crate::feature::VirtioFeatures;
+use crate::memory::{GuestMemory, MemoryError};
+
+pub mod packed;
+pub mod split;
+pub mod state;
+
+pub use packed::PackedQueue;
+pub use split::SplitQueue;
+pub use state::{Processing, RingEvent, RingState};
+
+/// Largest ring size (split and packed).
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+
+/// Largest indirect descriptor table accepted, in descriptors.
+pub const MAX_INDIRECT_DESCS: u32 = 32768;
+
+/// Default capacity of a [`Chain`], in segments.
+pub const DEFAULT_CHAIN_CAPACITY: usize = 64;
+
+/// Descriptor flag: the chain continues (split: at `next`; packed: in the
+/// following slot).
+pub const DESC_F_NEXT: u16 = 1;
+/// Descriptor flag: the buffer is device-writable.
+pub const DESC_F_WRITE: u16 = 2;
+/// Descriptor flag: the buffer is a table of indirect descriptors.
+pub const DESC_F_INDIRECT: u16 = 4;
+
+/// Why the engine refused a ring operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum VringError {
+    /// A ring structure (descriptor table, avail/used ring, event area) is
+    /// not accessible in guest memory.
+    Memory(MemoryError),
+    /// Ring size 0, above 32768, or not a power of two for a split ring.
+    BadSize(u32),
+    /// A ring area address is not aligned as the layout requires.
+    Misaligned(u64),
+    /// A ring area's end overflows 64 bits.
+    AreaOverflow,
+    /// The driver's avail index is more than the ring size ahead of the
+    /// device's.
+    AvailIndexJump {
+        /// The avail index the driver published.
+        avail: u16,
+        /// The next index the device expected to process.
+        next: u16,
+    },
+    /// A head descriptor index is not below the ring size.
+    HeadOutOfRange(u16),
+    /// A `next` index is not below the size of its table.
+    NextOutOfRange(u16),
+    /// The chain has more descriptors than its table (a loop, or a chain
+    /// longer than the ring).
+    ChainLoop,
+    /// The chain has more buffers than the [`Chain`] capacity.
+    ChainTooLong,
+    /// The chain's buffers add up to more than `u32::MAX` bytes.
+    ChainTooBig,
+    /// An indirect descriptor although VIRTIO_RING_F_INDIRECT_DESC was not
+    /// negotiated.
+    IndirectNotNegotiated,
+    /// An indirect descriptor with the NEXT flag.
+    IndirectWithNext,
+    /// An indirect descriptor inside an indirect table.
+    IndirectNested,
+    /// An indirect table whose length is 0, not a multiple of 16, or above
+    /// [`MAX_INDIRECT_DESCS`] descriptors.
+    IndirectBadLength(u32),
+    /// A device-readable descriptor after a device-writable one.
+    ReadableAfterWritable,
+    /// A buffer (or indirect table) that is not inside guest memory, or a
+    /// zero-length descriptor whose address is not.
+    BadBuffer {
+        /// Buffer address.
+        addr: u64,
+        /// Buffer length.
+        len: u32,
+    },
+    /// `add_used` with a head that is not below the ring size.
+    BadUsedHead(u16),
+    /// SET_VRING_BASE with an index not below the ring size.
+    BadBase(u32),
+}
+
+impl From<MemoryError> for VringError {
+    fn from(e: MemoryError) -> Self {
+        VringError::Memory(e)
+    }
+}
+
+impl fmt::Display for VringError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            VringError::Memory(e) => write!(f, "ring memory: {e}"),
+            VringError::BadSize(n) => write!(f, "bad ring size {n}"),
+            VringError::Misaligned(a) => write!(f, "misaligned ring area {a:#x}"),
+            VringError::AreaOverflow => f.write_str("ring area overflows"),
+            VringError::AvailIndexJump { avail, next } => {
+                write!(f, "avail index {avail} too far ahead of {next}")
+            }
+            VringError::HeadOutOfRange(h) => write!(f, "head {h} out of range"),
+            VringError::NextOutOfRange(n) => write!(f, "next {n} out of range"),
+            VringError::ChainLoop => f.write_str("descriptor chain loops or exceeds its table"),
+            VringError::ChainTooLong => f.write_str("descriptor chain exceeds chain capacity"),
+            VringError::ChainTooBig => f.write_str("descriptor chain longer than 4 GiB"),
+            VringError::IndirectNotNegotiated => f.write_str("indirect descriptor not negotiated"),
+            VringError::IndirectWithNext => f.write_str("indirect descriptor with NEXT"),
+            VringError::IndirectNested => f.write_str("nested indirect descriptor"),
+            VringError::IndirectBadLength(l) => write!(f, "bad indirect table length {l}"),
+            VringError::ReadableAfterWritable => {
+                f.write_str("device-readable descriptor after a writable one")
+            }
+            VringError::BadBuffer { addr, len } => {
+                write!(f, "buffer {addr:#x}+{len:#x} outside guest memory")
+            }
+            VringError::BadUsedHead(h) => write!(f, "used head {h} out of range"),
+            VringError::BadBase(b) => write!(f, "bad vring base {b:#x}"),
+        }
+    }
+}
+
+impl core::error::Error for VringError {}
+
+/// Where a ring lives, as guest physical addresses (translate the
+/// front-end addresses of SET_VRING_ADDR first).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct RingAddrs {
+    /// Descriptor table (split) or descriptor ring (packed).
+    pub desc: u64,
+    /// Driver area: avail ring (split) or driver event suppression (packed).
+    pub driver: u64,
+    /// Device area: used ring (split) or device event suppression (packed).
+    pub device: u64,
+}
+
+/// Ring features that change the engine's behaviour, taken from the
+/// negotiated virtio features.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct RingFeatures {
+    /// VIRTIO_RING_F_EVENT_IDX.
+    pub event_idx: bool,
+    /// VIRTIO_RING_F_INDIRECT_DESC.
+    pub indirect: bool,
+}
+
+impl RingFeatures {
+    /// The ring features of a negotiated feature set.
+    pub fn from_virtio(f: VirtioFeatures) -> Self {
+        RingFeatures {
+            event_idx: f.contains(VirtioFeatures::EVENT_IDX),
+            indirect: f.contains(VirtioFeatures::INDIRECT_DESC),
+        }
+    }
+}
+
+/// What identifies a popped chain when it is completed: its id (split:
+/// head descriptor index; packed: buffer id) and, for packed rings, how
+/// many ring slots it occupied.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Head {
+    /// Head index (split) or buffer id (packed).
+    pub id: u16,
+    /// Descriptors the chain took in the ring (1 for an indirect chain).
+    pub descs: u16,
+}
+
+/// One validated buffer of a chain, in guest physical memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Segment {
+    /// Guest physical address.
+    pub addr: u64,
+    /// Length in bytes, never 0 (zero-length descriptors are checked and
+    /// skipped).
+    pub len: u32,
+    /// Device-writable.
+    pub writable: bool,
+}
+
+/// A popped, validated descriptor chain: its [`Head`] and up to `S`
+/// segments, device-readable ones first.
+///
+/// Every segment lies inside guest memory as checked at pop time; the
+/// device still accesses it through [`GuestMemory`], which checks again
+/// (the memory table may change while requests are in flight).
+#[derive(Clone, Debug, Default)]
+pub struct Chain<const S: usize = DEFAULT_CHAIN_CAPACITY> {
+    head: Head,
+    readable: u16,
+    writable_seen: bool,
+    readable_len: u32,
+    writable_len: u32,
+    segments: Vec<Segment, S>,
+}
+
+impl<const S: usize> Chain<S> {
+    /// An empty chain, to be filled by `pop_into`.
+    pub const fn new() -> Self {
+        Chain {
+            head: Head { id: 0, descs: 0 },
+            readable: 0,
+            writable_seen: false,
+            readable_len: 0,
+            writable_len: 0,
+            segments: Vec::new(),
+        }
+    }
+
+    /// The id to pass to `add_used` when the request completes.
+    #[inline]
+    pub fn head(&self) -> Head {
+        self.head
+    }
+
+    /// All segments, device-readable first.
+    #[inline]
+    pub fn segments(&self) -> &[Segment] {
+        &self.segments
+    }
+
+    /// The device-readable segments.
+    #[inline]
+    pub fn readable(&self) -> &[Segment] {
+        self.segments
+            .get(..usize::from(self.readable))
+            .unwrap_or(&[])
+    }
+
+    /// The device-writable segments.
+    #[inline]
+    pub fn writable(&self) -> &[Segment] {
+        self.segments
+            .get(usize::from(self.readable)..)
+            .unwrap_or(&[])
+    }
+
+    /// Total bytes of the readable segments.
+    #[inline]
+    pub fn readable_len(&self) -> u32 {
+        self.readable_len
+    }
+
+    /// Total bytes of the writable segments.
+    #[inline]
+    pub fn writable_len(&self) -> u32 {
+        self.writable_len
+    }
+
+    #[inline]
+    pub(crate) fn reset(&mut self) {
+        self.readable = 0;
+        self.writable_seen = false;
+        self.readable_len = 0;
+        self.writable_len = 0;
+        self.segments.clear();
+    }
+
+    #[inline]
+    pub(crate) fn set_head(&mut self, head: Head) {
+        self.head = head;
+    }
+
+    /// Validate one copied descriptor and append it.
+    #[inline]
+    pub(crate) fn push<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        addr: u64,
+        len: u32,
+        writable: bool,
+    ) -> Result<(), VringError> {
+        if writable {
+            self.writable_seen = true;
+        } else if self.writable_seen {
+            return Err(VringError::ReadableAfterWritable);
+        }
+        let total = self
+            .readable_len
+            .checked_add(self.writable_len)
+            .and_then(|t| t.checked_add(len));
+        if total.is_none() {
+            return Err(VringError::ChainTooBig);
+        }
+        mem.check(addr, u64::from(len))
+            .map_err(|_| VringError::BadBuffer { addr, len })?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.segments
+            .push(Segment {
+                addr,
+                len,
+                writable,
+            })
+            .map_err(|_| VringError::ChainTooLong)?;
+        if writable {
+            self.writable_len += len;
+        } else {
+            self.readable += 1;
+            self.readable_len += len;
+        }
+        Ok(())
+    }
+}
+
+/// Decode a 16-byte descriptor copy: (addr, len, u16 at 12, u16 at 14).
+#[inline]
+pub(crate) fn decode(d: &[u8; 16]) -> (u64, u32, u16, u16) {
+    let [a0, a1, a2, a3, a4, a5, a6, a7, l0, l1, l2, l3, x0, x1, y0, y1] = *d;
+    (
+        u64::from_le_bytes([a0, a1, a2, a3, a4, a5, a6, a7]),
+        u32::from_le_bytes([l0, l1, l2, l3]),
+        u16::from_le_bytes([x0, x1]),
+        u16::from_le_bytes([y0, y1]),
+    )
+}
+
+/// Check an indirect descriptor and return its table length in
+/// descriptors.
+#[inline]
+pub(crate) fn indirect_table<M: GuestMemory + ?Sized>(
+    mem: &M,
+    negotiated: bool,
+    in_indirect: bool,
+    flags: u16,
+    addr: u64,
+    len: u32,
+) -> Result<u32, VringError> {
+    if in_indirect {
+        return Err(VringError::IndirectNested);
+    }
+    if !negotiated {
+        return Err(VringError::IndirectNotNegotiated);
+    }
+    if flags & DESC_F_NEXT != 0 {
+        return Err(VringError::IndirectWithNext);
+    }
+    if len == 0 || len % 16 != 0 || len / 16 > MAX_INDIRECT_DESCS {
+        return Err(VringError::IndirectBadLength(len));
+    }
+    mem.check(addr, u64::from(len))
+        .map_err(|_| VringError::BadBuffer { addr, len })?;
+    Ok(len / 16)
+}
+
+/// `vring_need_event`: whether moving the used index from `old` to `new`
+/// crossed the guest's `event` index.
+#[inline]
+pub(crate) fn need_event(event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+}
+
+/// Check that `[addr, addr + len)` does not overflow and that `addr` is
+/// aligned to `align`.
+pub(crate) fn check_area(addr: u64, len: u64, align: u64) -> Result<(), VringError> {
+    if addr % align != 0 {
+        return Err(VringError::Misaligned(addr));
+    }
+    addr.checked_add(len).ok_or(VringError::AreaOverflow)?;
+    Ok(())
+}
+
+/// A queue of either layout, for code that serves both.
+#[derive(Clone, Debug)]
+pub enum Queue {
+    /// Split virtqueue.
+    Split(SplitQueue),
+    /// Packed virtqueue (VIRTIO_F_RING_PACKED).
+    Packed(PackedQueue),
+}
+
+impl Queue {
+    /// A queue of `size` entries at `addrs`, in the layout the negotiated
+    /// `features` select (packed if VIRTIO_F_RING_PACKED).
+    pub fn new(size: u16, addrs: RingAddrs, features: VirtioFeatures) -> Result<Self, VringError> {
+        let rf = RingFeatures::from_virtio(features);
+        if features.contains(VirtioFeatures::RING_PACKED) {
+            PackedQueue::new(size, addrs, rf).map(Queue::Packed)
+        } else {
+            SplitQueue::new(size, addrs, rf).map(Queue::Split)
+        }
+    }
+
+    /// Ring size.
+    pub fn size(&self) -> u16 {
+        match self {
+            Queue::Split(q) => q.size(),
+            Queue::Packed(q) => q.size(),
+        }
+    }
+
+    /// Check that every ring area is inside guest memory.
+    pub fn check_areas<M: GuestMemory + ?Sized>(&self, mem: &M) -> Result<(), VringError> {
+        match self {
+            Queue::Split(q) => q.check_areas(mem),
+            Queue::Packed(q) => q.check_areas(mem),
+        }
+    }
+
+    /// Pop the next available chain into `chain`. `Ok(false)`: none
+    /// available.
+    #[inline]
+    pub fn pop_into<M: GuestMemory + ?Sized, const S: usize>(
+        &mut self,
+        mem: &M,
+        chain: &mut Chain<S>,
+    ) -> Result<bool, VringError> {
+        match self {
+            Queue::Split(q) => q.pop_into(mem, chain),
+            Queue::Packed(q) => q.pop_into(mem, chain),
+        }
+    }
+
+    /// Write a used entry for `head` (not yet visible to the guest).
+    #[inline]
+    pub fn add_used<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        head: Head,
+        len: u32,
+    ) -> Result<(), VringError> {
+        match self {
+            Queue::Split(q) => q.add_used(mem, head, len),
+            Queue::Packed(q) => q.add_used(mem, head, len),
+        }
+    }
+
+    /// Publish the used entries added since the last flush; `Ok(true)` if
+    /// the guest must be notified.
+    #[inline]
+    pub fn flush_used<M: GuestMemory + ?Sized>(&mut self, mem: &M) -> Result<bool, VringError> {
+        match self {
+            Queue::Split(q) => q.flush_used(mem),
+            Queue::Packed(q) => q.flush_used(mem),
+        }
+    }
+
+    /// Ask the driver for kicks again; `Ok(true)` if buffers arrived
+    /// meanwhile (process them before sleeping).
+    pub fn enable_notification<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+    ) -> Result<bool, VringError> {
+        match self {
+            Queue::Split(q) => q.enable_notification(mem),
+            Queue::Packed(q) => q.enable_notification(mem),
+        }
+    }
+
+    /// Ask the driver not to kick (the device is polling).
+    pub fn disable_notification<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+    ) -> Result<(), VringError> {
+        match self {
+            Queue::Split(q) => q.disable_notification(mem),
+            Queue::Packed(q) => q.disable_notification(mem),
+        }
+    }
+
+    /// The GET_VRING_BASE value: the next avail index (split), or the
+    /// packed encoding (see [`PackedQueue::base`]).
+    pub fn base(&self) -> u32 {
+        match self {
+            Queue::Split(q) => u32::from(q.next_avail()),
+            Queue::Packed(q) => q.base(),
+        }
+    }
+
+    /// Apply a SET_VRING_BASE value. A split ring takes the low 16 bits as
+    /// its next avail index (and refuses higher bits).
+    pub fn set_base(&mut self, num: u32) -> Result<(), VringError> {
+        match self {
+            Queue::Split(q) => {
+                let v = u16::try_from(num).map_err(|_| VringError::BadBase(num))?;
+                q.set_next_avail(v);
+                Ok(())
+            }
+            Queue::Packed(q) => q.set_base(num),
+        }
+    }
+}

@@ -1,0 +1,420 @@
+//! Split virtqueue: descriptor table, avail ring, used ring.
+//!
+//! Layout (little-endian, guest physical addresses):
+//!
+//! | area | content | size | alignment |
+//! |---|---|---|---|
+//! | descriptor table | `{ addr: u64, len: u32, flags: u16, next: u16 }` × n | 16 n | 16 |
+//! | avail ring | `flags: u16, idx: u16, ring: [u16; n], used_event: u16` | 6 + 2 n | 2 |
+//! | used ring | `flags: u16, idx: u16, ring: [{id: u32, len: u32}; n], avail_event: u16` | 6 + 8 n | 4 |
+//!
+//! Indices are free-running `u16` values; arithmetic wraps at 16 bits and
+//! positions in the rings are `idx & (n - 1)` (n is a power of two).
+
+use crate::memory::GuestMemory;
+
+use super::{
+    check_area, decode, indirect_table, need_event, Chain, Head, RingAddrs, RingFeatures,
+    VringError, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, MAX_QUEUE_SIZE,
+};
+
+/// avail.flags: the driver does not want interrupts (without EVENT_IDX).
+pub const AVAIL_F_NO_INTERRUPT: u16 = 1;
+/// used.flags: the device does not want kicks (without EVENT_IDX).
+pub const USED_F_NO_NOTIFY: u16 = 1;
+
+/// A split virtqueue's device-side state.
+#[derive(Clone, Debug)]
+pub struct SplitQueue {
+    size: u16,
+    mask: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    features: RingFeatures,
+    /// Next avail index to process.
+    next_avail: u16,
+    /// Last avail.idx read from the guest (entries up to it are ordered
+    /// after that acquire load).
+    avail_shadow: u16,
+    /// Next used index to write.
+    next_used: u16,
+    /// used.idx as last published.
+    published_used: u16,
+    /// `published_used` is meaningful for EVENT_IDX (false after a base
+    /// change: the first flush notifies).
+    signalled_valid: bool,
+    /// Last avail_event value written, if any.
+    avail_event: Option<u16>,
+}
+
+impl SplitQueue {
+    /// A split queue of `size` entries (a power of two, at most 32768) at
+    /// `addrs`. Checks sizes and alignment; use
+    /// [`check_areas`](Self::check_areas) to check the areas are mapped.
+    /// Indices start at 0; see [`set_next_avail`](Self::set_next_avail)
+    /// and [`sync_used`](Self::sync_used).
+    pub fn new(size: u16, addrs: RingAddrs, features: RingFeatures) -> Result<Self, VringError> {
+        if size == 0 || size > MAX_QUEUE_SIZE || !size.is_power_of_two() {
+            return Err(VringError::BadSize(u32::from(size)));
+        }
+        let n = u64::from(size);
+        check_area(addrs.desc, 16 * n, 16)?;
+        check_area(addrs.driver, 6 + 2 * n, 2)?;
+        check_area(addrs.device, 6 + 8 * n, 4)?;
+        Ok(SplitQueue {
+            size,
+            mask: size - 1,
+            desc: addrs.desc,
+            avail: addrs.driver,
+            used: addrs.device,
+            features,
+            next_avail: 0,
+            avail_shadow: 0,
+            next_used: 0,
+            published_used: 0,
+            signalled_valid: false,
+            avail_event: None,
+        })
+    }
+
+    /// Check that the descriptor table, avail ring and used ring are
+    /// inside guest memory.
+    pub fn check_areas<M: GuestMemory + ?Sized>(&self, mem: &M) -> Result<(), VringError> {
+        let n = u64::from(self.size);
+        mem.check(self.desc, 16 * n)?;
+        mem.check(self.avail, 6 + 2 * n)?;
+        mem.check(self.used, 6 + 8 * n)?;
+        Ok(())
+    }
+
+    /// Ring size.
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+
+    /// Ring addresses.
+    pub fn addrs(&self) -> RingAddrs {
+        RingAddrs {
+            desc: self.desc,
+            driver: self.avail,
+            device: self.used,
+        }
+    }
+
+    /// Ring features in effect.
+    pub fn features(&self) -> RingFeatures {
+        self.features
+    }
+
+    /// Change the ring features (SET_FEATURES after the ring was set up).
+    pub fn set_features(&mut self, features: RingFeatures) {
+        self.features = features;
+    }
+
+    /// The next avail index the device will process (GET_VRING_BASE).
+    pub fn next_avail(&self) -> u16 {
+        self.next_avail
+    }
+
+    /// Set the next avail index (SET_VRING_BASE).
+    pub fn set_next_avail(&mut self, idx: u16) {
+        self.next_avail = idx;
+        self.avail_shadow = idx;
+        self.avail_event = None;
+    }
+
+    /// The next used index the device will write.
+    pub fn next_used(&self) -> u16 {
+        self.next_used
+    }
+
+    /// Set the next used index (and consider it published).
+    pub fn set_next_used(&mut self, idx: u16) {
+        self.next_used = idx;
+        self.published_used = idx;
+        self.signalled_valid = false;
+    }
+
+    /// Read used.idx from the guest and continue from there: call when the
+    /// ring is (re)configured, so a guest that reset its ring and a device
+    /// that restarts agree on the used index.
+    pub fn sync_used<M: GuestMemory + ?Sized>(&mut self, mem: &M) -> Result<u16, VringError> {
+        let idx = mem.load_u16_acquire(self.used + 2)?;
+        self.set_next_used(idx);
+        Ok(idx)
+    }
+
+    /// Reload avail.idx. `Ok(true)` if chains are available.
+    #[inline]
+    fn refresh_avail<M: GuestMemory + ?Sized>(&mut self, mem: &M) -> Result<bool, VringError> {
+        let idx = self.load_avail_idx(mem)?;
+        if idx != self.next_avail {
+            return Ok(true);
+        }
+        if !self.features.event_idx || self.avail_event == Some(self.next_avail) {
+            return Ok(false);
+        }
+        // Empty with EVENT_IDX: ask for a kick at the next entry, then look
+        // again (the driver may have added one before seeing avail_event).
+        self.write_avail_event(mem)?;
+        mem.fence();
+        Ok(self.load_avail_idx(mem)? != self.next_avail)
+    }
+
+    #[inline]
+    fn load_avail_idx<M: GuestMemory + ?Sized>(&mut self, mem: &M) -> Result<u16, VringError> {
+        let idx = mem.load_u16_acquire(self.avail + 2)?;
+        if idx.wrapping_sub(self.next_avail) > self.size {
+            return Err(VringError::AvailIndexJump {
+                avail: idx,
+                next: self.next_avail,
+            });
+        }
+        self.avail_shadow = idx;
+        Ok(idx)
+    }
+
+    fn write_avail_event<M: GuestMemory + ?Sized>(&mut self, mem: &M) -> Result<(), VringError> {
+        let at = self.used + 4 + 8 * u64::from(self.size);
+        mem.store_u16_release(at, self.next_avail)?;
+        self.avail_event = Some(self.next_avail);
+        Ok(())
+    }
+
+    /// Pop the next available chain into `chain` (its previous content is
+    /// replaced). `Ok(false)` if the ring is empty. On error nothing is
+    /// consumed (see the module documentation of [`super`]).
+    ///
+    /// With EVENT_IDX, finding the ring empty re-arms avail_event, so a
+    /// device that pops until `Ok(false)` and then sleeps gets the next
+    /// kick.
+    #[inline]
+    pub fn pop_into<M: GuestMemory + ?Sized, const S: usize>(
+        &mut self,
+        mem: &M,
+        chain: &mut Chain<S>,
+    ) -> Result<bool, VringError> {
+        if self.next_avail == self.avail_shadow && !self.refresh_avail(mem)? {
+            return Ok(false);
+        }
+        let slot = u64::from(self.next_avail & self.mask);
+        let head = mem.read_u16(self.avail + 4 + 2 * slot)?;
+        self.walk(mem, head, chain)?;
+        self.next_avail = self.next_avail.wrapping_add(1);
+        Ok(true)
+    }
+
+    /// Pop the next available chain (see [`pop_into`](Self::pop_into)).
+    pub fn pop<M: GuestMemory + ?Sized, const S: usize>(
+        &mut self,
+        mem: &M,
+    ) -> Result<Option<Chain<S>>, VringError> {
+        let mut c = Chain::new();
+        Ok(self.pop_into(mem, &mut c)?.then_some(c))
+    }
+
+    /// Walk the chain at `head`: copy each descriptor once, validate, push.
+    /// Bounded by the ring size plus one indirect table.
+    #[inline]
+    fn walk<M: GuestMemory + ?Sized, const S: usize>(
+        &self,
+        mem: &M,
+        head: u16,
+        chain: &mut Chain<S>,
+    ) -> Result<(), VringError> {
+        if head >= self.size {
+            return Err(VringError::HeadOutOfRange(head));
+        }
+        chain.reset();
+        chain.set_head(Head { id: head, descs: 1 });
+        let mut table = self.desc;
+        let mut table_len = u32::from(self.size);
+        let mut budget = table_len;
+        let mut indirect = false;
+        let mut idx = head;
+        loop {
+            if budget == 0 {
+                return Err(VringError::ChainLoop);
+            }
+            budget -= 1;
+            let raw = mem.read_16(table + 16 * u64::from(idx))?;
+            let (addr, len, flags, next) = decode(&raw);
+            if flags & DESC_F_INDIRECT != 0 {
+                let n = indirect_table(mem, self.features.indirect, indirect, flags, addr, len)?;
+                indirect = true;
+                table = addr;
+                table_len = n;
+                budget = n;
+                idx = 0;
+                continue;
+            }
+            chain.push(mem, addr, len, flags & DESC_F_WRITE != 0)?;
+            if flags & DESC_F_NEXT == 0 {
+                return Ok(());
+            }
+            if u32::from(next) >= table_len {
+                return Err(VringError::NextOutOfRange(next));
+            }
+            idx = next;
+        }
+    }
+
+    /// Write a used entry `{head.id, len}` at the next used position. The
+    /// entry becomes visible to the guest at the next
+    /// [`flush_used`](Self::flush_used).
+    #[inline]
+    pub fn add_used<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        head: Head,
+        len: u32,
+    ) -> Result<(), VringError> {
+        if head.id >= self.size {
+            return Err(VringError::BadUsedHead(head.id));
+        }
+        let slot = u64::from(self.next_used & self.mask);
+        let e = u64::from(head.id) | u64::from(len) << 32;
+        mem.write_u64(self.used + 4 + 8 * slot, e)?;
+        self.next_used = self.next_used.wrapping_add(1);
+        Ok(())
+    }
+
+    /// Publish the used entries written since the last flush with one
+    /// release store of used.idx. Returns whether the guest wants a
+    /// notification: with EVENT_IDX, if the new used index crossed
+    /// used_event; without, unless avail.flags has NO_INTERRUPT. Returns
+    /// `Ok(false)` without touching memory when nothing was added.
+    #[inline]
+    pub fn flush_used<M: GuestMemory + ?Sized>(&mut self, mem: &M) -> Result<bool, VringError> {
+        let new = self.next_used;
+        let old = self.published_used;
+        if new == old {
+            return Ok(false);
+        }
+        mem.store_u16_release(self.used + 2, new)?;
+        self.published_used = new;
+        // Order the used.idx store before reading the guest's suppression
+        // state (pairs with the driver's barrier when it re-enables).
+        mem.fence();
+        if self.features.event_idx {
+            let valid = self.signalled_valid;
+            self.signalled_valid = true;
+            let event = mem.read_u16(self.avail + 4 + 2 * u64::from(self.size))?;
+            Ok(!valid || need_event(event, new, old))
+        } else {
+            let flags = mem.read_u16(self.avail)?;
+            Ok(flags & AVAIL_F_NO_INTERRUPT == 0)
+        }
+    }
+
+    /// Ask the driver for kicks: with EVENT_IDX write avail_event = next
+    /// avail index, else clear NO_NOTIFY. Then re-check the ring:
+    /// `Ok(true)` if chains are available.
+    pub fn enable_notification<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+    ) -> Result<bool, VringError> {
+        if self.features.event_idx {
+            self.write_avail_event(mem)?;
+        } else {
+            self.write_used_flags(mem, 0)?;
+        }
+        mem.fence();
+        Ok(self.load_avail_idx(mem)? != self.next_avail)
+    }
+
+    /// Ask the driver not to kick (without EVENT_IDX: set NO_NOTIFY; with
+    /// EVENT_IDX the driver kicks only when it passes avail_event, which
+    /// is left as it is).
+    pub fn disable_notification<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+    ) -> Result<(), VringError> {
+        if !self.features.event_idx {
+            self.write_used_flags(mem, USED_F_NO_NOTIFY)?;
+        }
+        Ok(())
+    }
+
+    fn write_used_flags<M: GuestMemory + ?Sized>(&self, mem: &M, v: u16) -> Result<(), VringError> {
+        mem.store_u16_release(self.used, v)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_alignment() {
+        let a = RingAddrs {
+            desc: 0x1000,
+            driver: 0x2000,
+            device: 0x3000,
+        };
+        let f = RingFeatures::default();
+        for bad in [0u16, 3, 6, 1000] {
+            assert_eq!(
+                SplitQueue::new(bad, a, f).err(),
+                Some(VringError::BadSize(u32::from(bad)))
+            );
+        }
+        assert!(SplitQueue::new(1, a, f).is_ok());
+        assert!(SplitQueue::new(32768, a, f).is_ok());
+        assert_eq!(
+            SplitQueue::new(8, RingAddrs { desc: 0x1008, ..a }, f).err(),
+            Some(VringError::Misaligned(0x1008))
+        );
+        assert_eq!(
+            SplitQueue::new(
+                8,
+                RingAddrs {
+                    driver: 0x2001,
+                    ..a
+                },
+                f
+            )
+            .err(),
+            Some(VringError::Misaligned(0x2001))
+        );
+        assert_eq!(
+            SplitQueue::new(
+                8,
+                RingAddrs {
+                    device: 0x3002,
+                    ..a
+                },
+                f
+            )
+            .err(),
+            Some(VringError::Misaligned(0x3002))
+        );
+        assert_eq!(
+            SplitQueue::new(
+                8,
+                RingAddrs {
+                    device: u64::MAX - 3,
+                    ..a
+                },
+                f
+            )
+            .err(),
+            Some(VringError::AreaOverflow)
+        );
+    }
+
+    #[test]
+    fn need_event_wraps() {
+        // Crossed: old < event < new.
+        assert!(need_event(5, 6, 5));
+        assert!(need_event(5, 10, 0));
+        assert!(!need_event(10, 10, 0));
+        assert!(!need_event(5, 5, 0));
+        // Wrapping at 16 bits.
+        assert!(need_event(0xffff, 2, 0xfffe));
+        assert!(need_event(0, 2, 0xfffe));
+        assert!(!need_event(2, 2, 0xfffe));
+    }
+}
