@@ -1,6 +1,8 @@
 //! Parsing and encoding allocate nothing: a counting global allocator sees
 //! zero allocations while every recorded QEMU message is parsed and encoded.
 
+#![allow(clippy::unwrap_used)]
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 

@@ -3,6 +3,8 @@
 //! through our parser and encoder: every request and every reply must parse,
 //! and encoding the parsed value must give back QEMU's or qsd's exact bytes.
 
+#![allow(clippy::unwrap_used)]
+
 use std::collections::VecDeque;
 
 use vhost_user_core::message::{

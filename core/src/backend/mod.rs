@@ -1,0 +1,965 @@
+//! The back-end session engine: one [`Session::handle`] call per front-end
+//! message.
+//!
+//! The engine is sans-I/O. The adapter reads a message and its fds, calls
+//! `handle` with the bytes, the number of fds, read access to guest memory
+//! and the device's control interface, and gets back an [`Outcome`]: the
+//! reply bytes (written into the caller's buffer), or a pending reply, and a
+//! bounded list of [`Action`]s to carry out with the message's fds (map a
+//! region, install a kick eventfd, start or stop a ring's worker, …).
+//!
+//! Every front-end message id 1-45 is either implemented or refused with
+//! [`BackendError::NotNegotiated`] because the feature that gates it was not
+//! negotiated (and a back-end never offers a feature it does not implement).
+//!
+//! GET_VRING_BASE stops a ring: when the ring is running the engine returns
+//! [`Reply::Pending`] together with [`Action::StopRing`]; the adapter lets
+//! the ring's in-flight requests complete, then calls
+//! [`Session::finish_stop`] with the ring's final state for the reply.
+//!
+//! Errors: a malformed message ([`BackendError::Wire`]) ends the connection.
+//! A well-formed request that cannot be honoured is answered with a failed
+//! REPLY_ACK when the front-end asked for one, and otherwise also ends the
+//! connection, as libvhost-user and QEMU's own back-ends do.
+
+use core::fmt;
+
+use heapless::Vec;
+
+use crate::feature::{
+    accept_protocol, accept_virtio, FeatureError, ProtocolFeatures, VirtioFeatures,
+};
+use crate::memory::{GuestMemory, MemoryError, MemoryTable};
+use crate::message::{
+    ConfigMsg, ConfigWriteKind, FrontendReq, Header, MemRegionMsg, ParseOptions,
+    Reply as WireReply, Request, VringAddrMsg, VringFdMsg, WireError,
+};
+use crate::vring::state::{Processing, RingEvent, RingState};
+use crate::vring::{Queue, RingAddrs, VringError};
+
+/// Most actions one message produces (SET_MEM_TABLE: unmap all, map up to
+/// eight regions, remap rings).
+pub const MAX_ACTIONS: usize = 12;
+
+/// What the back-end offers and how big it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// Virtio features offered (device bits, ring bits, VERSION_1, and
+    /// VHOST_USER_F_PROTOCOL_FEATURES if protocol features are offered).
+    pub features: VirtioFeatures,
+    /// Protocol features offered; each must be implemented by the engine
+    /// and the adapter (see [`Session::new`]).
+    pub protocol_features: ProtocolFeatures,
+    /// Number of queues of the device.
+    pub num_queues: u16,
+    /// Largest ring size a front-end may set.
+    pub max_queue_size: u16,
+}
+
+/// The protocol features this engine implements; [`Session::new`] refuses a
+/// configuration that offers anything else.
+pub const SUPPORTED_PROTOCOL_FEATURES: ProtocolFeatures = ProtocolFeatures::MQ
+    .union(ProtocolFeatures::REPLY_ACK)
+    .union(ProtocolFeatures::CONFIG)
+    .union(ProtocolFeatures::CONFIGURE_MEM_SLOTS)
+    .union(ProtocolFeatures::STATUS)
+    .union(ProtocolFeatures::RESET_DEVICE);
+
+/// The virtio features this engine implements (device-specific bits 0-23
+/// are the device's business and pass through).
+pub const SUPPORTED_VIRTIO_FEATURES: VirtioFeatures = VirtioFeatures::from_bits_retain(
+    ((1 << 24) - 1)
+        | VirtioFeatures::INDIRECT_DESC.bits()
+        | VirtioFeatures::EVENT_IDX.bits()
+        | VirtioFeatures::PROTOCOL_FEATURES.bits()
+        | VirtioFeatures::VERSION_1.bits()
+        | VirtioFeatures::RING_PACKED.bits(),
+);
+
+/// The control side of a device, as the session needs it.
+pub trait BackendDevice {
+    /// Reads `dst.len()` bytes of config space at `offset`; `false` if the
+    /// range is outside the device's config space.
+    fn read_config(&self, offset: u32, dst: &mut [u8]) -> bool;
+    /// Writes config space; `false` if refused (a read-only field written by
+    /// a front-end write, or a range outside the config space).
+    fn write_config(&mut self, offset: u32, src: &[u8], kind: ConfigWriteKind) -> bool;
+    /// The device was reset (RESET_DEVICE): drop device state.
+    fn reset(&mut self) {}
+}
+
+/// An fd of the current message, by its position.
+pub type FdIndex = u8;
+
+/// What the adapter must do after a message.
+#[derive(Clone, Debug)]
+pub enum Action {
+    /// Drop every memory mapping (SET_MEM_TABLE replaces the table; the
+    /// [`Action::MapRegion`]s that follow map the new one).
+    UnmapAll,
+    /// Map `region` from fd `fd` into table slot `slot`.
+    MapRegion {
+        /// Slot in the session's [`MemoryTable`].
+        slot: u16,
+        /// The message fd holding the region.
+        fd: FdIndex,
+        /// The region.
+        region: MemRegionMsg,
+    },
+    /// Unmap table slot `slot` (REM_MEM_REG).
+    UnmapRegion {
+        /// Slot that was removed.
+        slot: u16,
+    },
+    /// The memory table changed while rings run: give each running ring its
+    /// re-translated addresses ([`Session::ring_addrs`]).
+    RemapRings,
+    /// Install a kick notifier: an eventfd, or none (polling mode).
+    SetKick {
+        /// Ring index.
+        queue: u16,
+        /// The eventfd, or `None` to poll.
+        fd: Option<FdIndex>,
+    },
+    /// Install a call notifier: an eventfd, or none (the front-end polls).
+    SetCall {
+        /// Ring index.
+        queue: u16,
+        /// The eventfd, or `None`.
+        fd: Option<FdIndex>,
+    },
+    /// Install an error notifier.
+    SetErr {
+        /// Ring index.
+        queue: u16,
+        /// The eventfd, or `None`.
+        fd: Option<FdIndex>,
+    },
+    /// Start processing a ring now (without waiting for a kick): the queue
+    /// value carries its layout, addresses and indices.
+    StartRing {
+        /// Ring index.
+        queue: u16,
+        /// The ring, ready to pop from.
+        ring: Queue,
+        /// Whether the ring is enabled (else: process without side effects).
+        enabled: bool,
+    },
+    /// Stop a running ring: complete its in-flight requests, then call
+    /// [`Session::finish_stop`] with its final [`Queue`] state.
+    StopRing {
+        /// Ring index.
+        queue: u16,
+    },
+    /// A running ring was enabled or disabled.
+    SetEnabled {
+        /// Ring index.
+        queue: u16,
+        /// The new flag.
+        enabled: bool,
+    },
+    /// RESET_DEVICE: stop every ring (completing what is in flight) and
+    /// drop their notifiers; no reply waits for it.
+    ResetRings,
+}
+
+/// The reply to a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// No reply is sent.
+    None,
+    /// This many bytes of the caller's buffer are the reply.
+    Ready(usize),
+    /// GET_VRING_BASE on a running ring: reply with
+    /// [`Session::finish_stop`] once the ring has stopped.
+    Pending {
+        /// Ring index.
+        queue: u16,
+    },
+}
+
+/// What a message produced.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    /// The reply.
+    pub reply: Reply,
+    /// Actions to carry out, in order.
+    pub actions: Vec<Action, MAX_ACTIONS>,
+    /// A request that was refused with a failed REPLY_ACK (for the log);
+    /// the connection goes on.
+    pub refused: Option<BackendError>,
+}
+
+/// Why a message was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum BackendError {
+    /// Malformed message.
+    Wire(WireError),
+    /// Refused feature negotiation.
+    Feature(FeatureError),
+    /// The message's feature was not negotiated.
+    NotNegotiated(FrontendReq),
+    /// Memory table error.
+    Memory(MemoryError),
+    /// Ring configuration error.
+    Vring(VringError),
+    /// A ring index at or above the device's queue count.
+    NoSuchQueue(u32),
+    /// Ring size above the device maximum.
+    QueueSize(u32),
+    /// The ring is running and this message would change its layout.
+    RingRunning(u16),
+    /// The ring cannot start: its size or addresses were never set.
+    RingNotConfigured(u16),
+    /// A ring address is not inside the memory table.
+    RingAddress(u16),
+    /// VHOST_VRING_F_LOG without dirty logging (not offered).
+    LoggingNotSupported,
+    /// SET_FEATURES changing features while rings run.
+    FeaturesWhileRunning,
+    /// Config space access refused by the device.
+    Config,
+    /// `finish_stop` for a ring that is not being stopped.
+    NotStopping(u16),
+    /// A configuration that offers what the engine does not implement.
+    Unsupported,
+}
+
+impl BackendError {
+    /// The value a REPLY_ACK carries for this error.
+    pub fn ack_value(&self) -> u64 {
+        1
+    }
+}
+
+impl From<WireError> for BackendError {
+    fn from(e: WireError) -> Self {
+        BackendError::Wire(e)
+    }
+}
+impl From<FeatureError> for BackendError {
+    fn from(e: FeatureError) -> Self {
+        BackendError::Feature(e)
+    }
+}
+impl From<MemoryError> for BackendError {
+    fn from(e: MemoryError) -> Self {
+        BackendError::Memory(e)
+    }
+}
+impl From<VringError> for BackendError {
+    fn from(e: VringError) -> Self {
+        BackendError::Vring(e)
+    }
+}
+
+impl fmt::Display for BackendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BackendError::Wire(e) => write!(f, "malformed message: {e}"),
+            BackendError::Feature(e) => write!(f, "feature negotiation: {e}"),
+            BackendError::NotNegotiated(c) => write!(f, "{c} used without its feature"),
+            BackendError::Memory(e) => write!(f, "memory table: {e}"),
+            BackendError::Vring(e) => write!(f, "ring: {e}"),
+            BackendError::NoSuchQueue(q) => write!(f, "no ring {q}"),
+            BackendError::QueueSize(n) => write!(f, "ring size {n} above the maximum"),
+            BackendError::RingRunning(q) => write!(f, "ring {q} is running"),
+            BackendError::RingNotConfigured(q) => write!(f, "ring {q} has no size or addresses"),
+            BackendError::RingAddress(q) => write!(f, "ring {q} address outside guest memory"),
+            BackendError::LoggingNotSupported => f.write_str("dirty logging not negotiated"),
+            BackendError::FeaturesWhileRunning => f.write_str("features changed while rings run"),
+            BackendError::Config => f.write_str("config space access refused"),
+            BackendError::NotStopping(q) => write!(f, "ring {q} is not being stopped"),
+            BackendError::Unsupported => f.write_str("offered feature not implemented"),
+        }
+    }
+}
+
+impl core::error::Error for BackendError {}
+
+/// How a ring is notified.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Notifier {
+    /// Never set.
+    #[default]
+    Unset,
+    /// An eventfd.
+    Fd,
+    /// No fd: polling (kick) or none (call, err).
+    Polling,
+}
+
+/// One ring as the session sees it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RingSlot {
+    /// Ring size (0 = not set).
+    pub num: u16,
+    /// Addresses from SET_VRING_ADDR (front-end virtual addresses).
+    pub addr: Option<VringAddrMsg>,
+    /// The base from SET_VRING_BASE, or the state at the last stop.
+    pub base: u32,
+    /// Started/stopped × enabled/disabled.
+    pub state: RingState,
+    /// A worker runs the ring (between StartRing and finish_stop).
+    pub running: bool,
+    /// A stop is waiting for the worker.
+    pub stopping: bool,
+    /// Kick notifier.
+    pub kick: Notifier,
+    /// Call notifier.
+    pub call: Notifier,
+    /// Error notifier.
+    pub err: Notifier,
+}
+
+/// The back-end side of one front-end connection.
+///
+/// `Q` bounds the number of queues, `R` the number of memory regions
+/// (GET_MAX_MEM_SLOTS answers `R`).
+#[derive(Debug)]
+pub struct Session<const Q: usize = 16, const R: usize = 32> {
+    config: BackendConfig,
+    acked_features: Option<VirtioFeatures>,
+    acked_protocol: ProtocolFeatures,
+    protocol_negotiated: bool,
+    owner: bool,
+    status: u8,
+    memory: MemoryTable<R>,
+    rings: Vec<RingSlot, Q>,
+}
+
+fn push(actions: &mut Vec<Action, MAX_ACTIONS>, a: Action) {
+    // MAX_ACTIONS bounds what any single message produces; see the const.
+    let pushed = actions.push(a);
+    debug_assert!(pushed.is_ok(), "MAX_ACTIONS too small");
+}
+
+impl<const Q: usize, const R: usize> Session<Q, R> {
+    /// A session for a device with `config`. Refuses a configuration that
+    /// offers protocol or virtio features the engine does not implement, or
+    /// more queues than `Q`.
+    pub fn new(config: BackendConfig) -> Result<Self, BackendError> {
+        let extra_p = config
+            .protocol_features
+            .difference(SUPPORTED_PROTOCOL_FEATURES);
+        let extra_v = config.features.bits() & !SUPPORTED_VIRTIO_FEATURES.bits();
+        if !extra_p.is_empty()
+            || extra_v != 0
+            || config.num_queues == 0
+            || usize::from(config.num_queues) > Q
+            || config.max_queue_size == 0
+            || u32::from(config.max_queue_size) > 32768
+            || (!config.protocol_features.is_empty()
+                && !config.features.contains(VirtioFeatures::PROTOCOL_FEATURES))
+        {
+            return Err(BackendError::Unsupported);
+        }
+        config.protocol_features.check_dependencies()?;
+        let mut rings = Vec::new();
+        for _ in 0..config.num_queues {
+            let _ = rings.push(RingSlot::default());
+        }
+        Ok(Session {
+            config,
+            acked_features: None,
+            acked_protocol: ProtocolFeatures::empty(),
+            protocol_negotiated: false,
+            owner: false,
+            status: 0,
+            memory: MemoryTable::default(),
+            rings,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &BackendConfig {
+        &self.config
+    }
+
+    /// The acked virtio features (empty before SET_FEATURES).
+    pub fn features(&self) -> VirtioFeatures {
+        self.acked_features.unwrap_or_default()
+    }
+
+    /// The acked protocol features.
+    pub fn protocol_features(&self) -> ProtocolFeatures {
+        self.acked_protocol
+    }
+
+    /// The memory table.
+    pub fn memory(&self) -> &MemoryTable<R> {
+        &self.memory
+    }
+
+    /// A ring's record.
+    pub fn ring(&self, queue: u16) -> Option<&RingSlot> {
+        self.rings.get(usize::from(queue))
+    }
+
+    /// The virtio device status last set with SET_STATUS.
+    pub fn status(&self) -> u8 {
+        self.status
+    }
+
+    /// Whether SET_OWNER was received.
+    pub fn has_owner(&self) -> bool {
+        self.owner
+    }
+
+    /// Parse options for this session's messages.
+    pub fn parse_options(&self) -> ParseOptions {
+        ParseOptions {
+            max_queues: u32::from(self.config.num_queues),
+            xen_mmap: false,
+        }
+    }
+
+    /// A running ring's addresses as guest physical addresses, translated
+    /// through the current memory table.
+    pub fn ring_addrs(&self, queue: u16) -> Result<RingAddrs, BackendError> {
+        self.ring_addrs_in(&self.memory, queue)
+    }
+
+    fn ring_addrs_in(&self, table: &MemoryTable<R>, queue: u16) -> Result<RingAddrs, BackendError> {
+        let slot = self
+            .rings
+            .get(usize::from(queue))
+            .ok_or(BackendError::NoSuchQueue(queue.into()))?;
+        let addr = slot.addr.ok_or(BackendError::RingNotConfigured(queue))?;
+        let n = u64::from(slot.num);
+        if n == 0 {
+            return Err(BackendError::RingNotConfigured(queue));
+        }
+        let packed = self.features().contains(VirtioFeatures::RING_PACKED);
+        let (desc_len, driver_len, device_len) = if packed {
+            (16 * n, 4, 4)
+        } else {
+            (16 * n, 6 + 2 * n, 6 + 8 * n)
+        };
+        let t = |va: u64, len: u64| {
+            table
+                .translate_user_range(va, len)
+                .map_err(|_| BackendError::RingAddress(queue))
+        };
+        Ok(RingAddrs {
+            desc: t(addr.desc, desc_len)?,
+            driver: t(addr.avail, driver_len)?,
+            device: t(addr.used, device_len)?,
+        })
+    }
+
+    fn gate(&self, code: FrontendReq) -> Result<(), BackendError> {
+        use FrontendReq as C;
+        use ProtocolFeatures as P;
+        let needs = match code {
+            C::GetProtocolFeatures | C::SetProtocolFeatures => {
+                return if self
+                    .config
+                    .features
+                    .contains(VirtioFeatures::PROTOCOL_FEATURES)
+                {
+                    Ok(())
+                } else {
+                    Err(BackendError::NotNegotiated(code))
+                };
+            }
+            C::SetVringEnable => {
+                let ok = self.protocol_negotiated
+                    || self.features().contains(VirtioFeatures::PROTOCOL_FEATURES);
+                return if ok {
+                    Ok(())
+                } else {
+                    Err(BackendError::NotNegotiated(code))
+                };
+            }
+            C::GetFeatures
+            | C::SetFeatures
+            | C::SetOwner
+            | C::ResetOwner
+            | C::SetMemTable
+            | C::SetVringNum
+            | C::SetVringAddr
+            | C::SetVringBase
+            | C::GetVringBase
+            | C::SetVringKick
+            | C::SetVringCall
+            | C::SetVringErr => return Ok(()),
+            C::GetQueueNum => P::MQ,
+            C::GetConfig | C::SetConfig => P::CONFIG,
+            C::GetMaxMemSlots | C::AddMemReg | C::RemMemReg => P::CONFIGURE_MEM_SLOTS,
+            C::SetStatus | C::GetStatus => P::STATUS,
+            C::ResetDevice => P::RESET_DEVICE,
+            C::SetLogBase | C::SetLogFd => P::LOG_SHMFD,
+            C::SendRarp => P::RARP,
+            C::NetSetMtu => P::MTU,
+            C::SetBackendReqFd => P::BACKEND_REQ,
+            C::SetVringEndian => P::CROSS_ENDIAN,
+            C::CreateCryptoSession | C::CloseCryptoSession => P::CRYPTO_SESSION,
+            C::PostcopyAdvise | C::PostcopyListen | C::PostcopyEnd => P::PAGEFAULT,
+            C::GetInflightFd | C::SetInflightFd => P::INFLIGHT_SHMFD,
+            C::VringKick => P::INBAND_NOTIFICATIONS,
+            C::GetSharedObject => P::SHARED_OBJECT,
+            C::SetDeviceStateFd | C::CheckDeviceState => P::DEVICE_STATE,
+            C::GetShmemConfig => P::SHMEM,
+            C::GetVringBaseSkipDrain => P::GET_VRING_BASE_SKIP_DRAIN,
+            // The vhost-user-gpu side protocol is not implemented by any
+            // device of this engine and has no feature bit: always refused.
+            C::GpuSetSocket => return Err(BackendError::NotNegotiated(code)),
+            C::IotlbMsg => {
+                return if self.features().contains(VirtioFeatures::ACCESS_PLATFORM) {
+                    Ok(())
+                } else {
+                    Err(BackendError::NotNegotiated(code))
+                };
+            }
+        };
+        if self.acked_protocol.contains(needs) {
+            Ok(())
+        } else {
+            Err(BackendError::NotNegotiated(code))
+        }
+    }
+
+    fn slot_mut(&mut self, index: u32) -> Result<&mut RingSlot, BackendError> {
+        self.rings
+            .get_mut(index as usize)
+            .ok_or(BackendError::NoSuchQueue(index))
+    }
+
+    /// Handles one message.
+    ///
+    /// `header` was validated by [`Header::parse`]; `payload` is the
+    /// `header.size` bytes after it; `nfds` fds came with it (the adapter
+    /// closes every fd no action took). `mem` is the adapter's view of guest
+    /// memory as mapped so far; `out` receives the reply.
+    pub fn handle<M: GuestMemory + ?Sized, D: BackendDevice + ?Sized>(
+        &mut self,
+        header: &Header,
+        payload: &[u8],
+        nfds: usize,
+        mem: &M,
+        device: &mut D,
+        out: &mut [u8],
+    ) -> Result<Outcome, BackendError> {
+        let opts = self.parse_options();
+        let req = Request::parse(header, payload, nfds, &opts)?;
+        let code = req.code();
+        let mut outcome = Outcome {
+            reply: Reply::None,
+            actions: Vec::new(),
+            refused: None,
+        };
+        let result = self
+            .gate(code)
+            .and_then(|()| self.dispatch(&req, mem, device, out, &mut outcome));
+        let ack_asked = header.need_reply()
+            && self.acked_protocol.contains(ProtocolFeatures::REPLY_ACK)
+            && !code.has_reply();
+        match result {
+            Ok(()) => {
+                if ack_asked {
+                    outcome.reply = Reply::Ready(WireReply::ack(true).encode(code, out)?);
+                }
+                Ok(outcome)
+            }
+            Err(e) if ack_asked && !matches!(e, BackendError::Wire(_)) => {
+                warn!("refusing {}: ack failure", code.id());
+                Ok(Outcome {
+                    reply: Reply::Ready(WireReply::U64(e.ack_value()).encode(code, out)?),
+                    actions: Vec::new(),
+                    refused: Some(e),
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn dispatch<M: GuestMemory + ?Sized, D: BackendDevice + ?Sized>(
+        &mut self,
+        req: &Request<'_>,
+        mem: &M,
+        device: &mut D,
+        out: &mut [u8],
+        outcome: &mut Outcome,
+    ) -> Result<(), BackendError> {
+        let code = req.code();
+        let mut reply = |r: WireReply<'_>| -> Result<Reply, BackendError> {
+            Ok(Reply::Ready(r.encode(code, out)?))
+        };
+        let actions = &mut outcome.actions;
+        match *req {
+            Request::GetFeatures => {
+                outcome.reply = reply(WireReply::U64(self.config.features.bits()))?
+            }
+            Request::SetFeatures(v) => {
+                let acked = accept_virtio(self.config.features, v)?;
+                let running = self.rings.iter().any(|r| r.running);
+                if running && Some(acked) != self.acked_features {
+                    return Err(BackendError::FeaturesWhileRunning);
+                }
+                self.acked_features = Some(acked);
+                let bit30 = acked.contains(VirtioFeatures::PROTOCOL_FEATURES);
+                if !bit30 {
+                    // Without protocol features there are none, and every
+                    // ring is enabled.
+                    self.acked_protocol = ProtocolFeatures::empty();
+                }
+                self.apply_all(
+                    RingEvent::SetFeatures {
+                        protocol_features: bit30,
+                    },
+                    actions,
+                );
+                debug!("features acked: {:#x}", acked.bits());
+            }
+            Request::SetOwner => self.owner = true,
+            Request::ResetOwner => self.apply_all(RingEvent::ResetOwner, actions),
+            Request::GetProtocolFeatures => {
+                outcome.reply = reply(WireReply::U64(self.config.protocol_features.bits()))?
+            }
+            Request::SetProtocolFeatures(v) => {
+                self.acked_protocol = accept_protocol(self.config.protocol_features, v)?;
+                self.protocol_negotiated = true;
+            }
+            Request::GetQueueNum => {
+                outcome.reply = reply(WireReply::U64(self.config.num_queues.into()))?
+            }
+            Request::GetMaxMemSlots => outcome.reply = reply(WireReply::U64(R as u64))?,
+            Request::SetMemTable(ref table) => {
+                let mut regions: Vec<MemRegionMsg, { crate::message::MAX_MEM_REGIONS }> =
+                    Vec::new();
+                for r in table.iter() {
+                    let _ = regions.push(r);
+                }
+                let mut next = MemoryTable::<R>::default();
+                next.set(&regions)?;
+                let remap = self.commit_memory(next)?;
+                push(actions, Action::UnmapAll);
+                for (i, r) in regions.iter().enumerate() {
+                    push(
+                        actions,
+                        Action::MapRegion {
+                            slot: i as u16,
+                            fd: i as FdIndex,
+                            region: *r,
+                        },
+                    );
+                }
+                if remap {
+                    push(actions, Action::RemapRings);
+                }
+            }
+            Request::AddMemReg(region) => {
+                let mut next = self.memory.clone();
+                let slot = next.add(region)?;
+                let remap = self.commit_memory(next)?;
+                push(
+                    actions,
+                    Action::MapRegion {
+                        slot: slot as u16,
+                        fd: 0,
+                        region,
+                    },
+                );
+                if remap {
+                    push(actions, Action::RemapRings);
+                }
+            }
+            Request::RemMemReg(region) => {
+                let mut next = self.memory.clone();
+                let slot = next.remove(&region)?;
+                let remap = self.commit_memory(next)?;
+                push(actions, Action::UnmapRegion { slot: slot as u16 });
+                if remap {
+                    push(actions, Action::RemapRings);
+                }
+            }
+            Request::SetVringNum(s) => {
+                if s.num > u32::from(self.config.max_queue_size) {
+                    return Err(BackendError::QueueSize(s.num));
+                }
+                let slot = self.slot_mut(s.index)?;
+                if slot.running {
+                    return Err(BackendError::RingRunning(s.index as u16));
+                }
+                slot.num = s.num as u16;
+            }
+            Request::SetVringAddr(a) => {
+                if a.log {
+                    return Err(BackendError::LoggingNotSupported);
+                }
+                let slot = self.slot_mut(a.index)?;
+                if slot.running && slot.addr != Some(a) {
+                    return Err(BackendError::RingRunning(a.index as u16));
+                }
+                slot.addr = Some(a);
+            }
+            Request::SetVringBase(s) => {
+                let slot = self.slot_mut(s.index)?;
+                if slot.running {
+                    return Err(BackendError::RingRunning(s.index as u16));
+                }
+                slot.base = s.num;
+            }
+            Request::GetVringBase(index) => {
+                let q = index as u16;
+                let slot = self.slot_mut(index)?;
+                slot.state = slot.state.apply(RingEvent::GetVringBase);
+                if slot.running {
+                    slot.stopping = true;
+                    push(actions, Action::StopRing { queue: q });
+                    outcome.reply = Reply::Pending { queue: q };
+                } else {
+                    slot.kick = Notifier::Unset;
+                    slot.call = Notifier::Unset;
+                    let base = slot.base;
+                    outcome.reply = reply(WireReply::VringState { index, num: base })?;
+                }
+            }
+            Request::SetVringKick(v) => {
+                let q = v.index as u16;
+                push(
+                    actions,
+                    Action::SetKick {
+                        queue: q,
+                        fd: fd_of(v),
+                    },
+                );
+                let slot = self.slot_mut(v.index)?;
+                slot.kick = notifier(v);
+                if slot.running {
+                    // A new kick fd for a running ring: just swap it.
+                    return Ok(());
+                }
+                let ring = self.build_ring(q, mem)?;
+                let slot = self.slot_mut(v.index)?;
+                slot.state = slot.state.apply(RingEvent::SetVringKick);
+                slot.running = true;
+                let enabled = slot.state.is_enabled();
+                info!("ring {} started", q);
+                push(
+                    actions,
+                    Action::StartRing {
+                        queue: q,
+                        ring,
+                        enabled,
+                    },
+                );
+            }
+            Request::SetVringCall(v) => {
+                self.slot_mut(v.index)?.call = notifier(v);
+                push(
+                    actions,
+                    Action::SetCall {
+                        queue: v.index as u16,
+                        fd: fd_of(v),
+                    },
+                );
+            }
+            Request::SetVringErr(v) => {
+                self.slot_mut(v.index)?.err = notifier(v);
+                push(
+                    actions,
+                    Action::SetErr {
+                        queue: v.index as u16,
+                        fd: fd_of(v),
+                    },
+                );
+            }
+            Request::SetVringEnable { index, enable } => {
+                let slot = self.slot_mut(index)?;
+                slot.state = slot.state.apply(RingEvent::SetVringEnable(enable));
+                if slot.running {
+                    push(
+                        actions,
+                        Action::SetEnabled {
+                            queue: index as u16,
+                            enabled: enable,
+                        },
+                    );
+                }
+            }
+            Request::GetConfig(c) => {
+                outcome.reply = self.get_config(c, device, out)?;
+            }
+            Request::SetConfig(c) => {
+                if !device.write_config(c.offset, c.data, c.kind) {
+                    return Err(BackendError::Config);
+                }
+            }
+            Request::SetStatus(s) => self.status = s,
+            Request::GetStatus => outcome.reply = reply(WireReply::U64(self.status.into()))?,
+            Request::ResetDevice => {
+                for slot in self.rings.iter_mut() {
+                    *slot = RingSlot {
+                        // Rings that run are stopped by the adapter.
+                        running: false,
+                        ..RingSlot::default()
+                    };
+                }
+                self.acked_features = None;
+                self.status = 0;
+                device.reset();
+                push(actions, Action::ResetRings);
+            }
+            // Gated by features this engine never offers (gate() refused
+            // them before dispatch).
+            Request::SetLogBase(_)
+            | Request::SetLogFd
+            | Request::SendRarp(_)
+            | Request::NetSetMtu(_)
+            | Request::SetBackendReqFd
+            | Request::IotlbMsg(_)
+            | Request::SetVringEndian { .. }
+            | Request::CreateCryptoSession(_)
+            | Request::CloseCryptoSession(_)
+            | Request::PostcopyAdvise
+            | Request::PostcopyListen
+            | Request::PostcopyEnd
+            | Request::GetInflightFd(_)
+            | Request::SetInflightFd(_)
+            | Request::GpuSetSocket
+            | Request::VringKick(_)
+            | Request::GetSharedObject(_)
+            | Request::SetDeviceStateFd(_)
+            | Request::CheckDeviceState
+            | Request::GetShmemConfig
+            | Request::GetVringBaseSkipDrain(_) => return Err(BackendError::NotNegotiated(code)),
+        }
+        Ok(())
+    }
+
+    fn get_config<D: BackendDevice + ?Sized>(
+        &self,
+        c: ConfigMsg<'_>,
+        device: &D,
+        out: &mut [u8],
+    ) -> Result<Reply, BackendError> {
+        let mut buf = [0u8; crate::message::MAX_CONFIG_SIZE as usize];
+        let len = c.data.len();
+        let data = &mut buf[..len];
+        let reply = if device.read_config(c.offset, data) {
+            WireReply::Config(ConfigMsg {
+                offset: c.offset,
+                kind: c.kind,
+                data,
+            })
+        } else {
+            WireReply::ConfigFailed
+        };
+        Ok(Reply::Ready(reply.encode(FrontendReq::GetConfig, out)?))
+    }
+
+    fn build_ring<M: GuestMemory + ?Sized>(&self, q: u16, mem: &M) -> Result<Queue, BackendError> {
+        let slot = self
+            .rings
+            .get(usize::from(q))
+            .ok_or(BackendError::NoSuchQueue(q.into()))?;
+        if slot.num == 0 || slot.addr.is_none() {
+            return Err(BackendError::RingNotConfigured(q));
+        }
+        let addrs = self.ring_addrs(q)?;
+        let mut ring = Queue::new(slot.num, addrs, self.features())?;
+        ring.set_base(slot.base)?;
+        ring.check_areas(mem)?;
+        if let Queue::Split(s) = &mut ring {
+            // The used index lives in guest memory (a restarted ring, or a
+            // guest that reset its ring, must agree with it).
+            s.sync_used(mem)?;
+        }
+        Ok(ring)
+    }
+
+    /// Installs a new memory table, unless a running ring would no longer
+    /// translate in it (then nothing changes). Returns whether rings run
+    /// and need [`Action::RemapRings`] after the mapping actions.
+    fn commit_memory(&mut self, next: MemoryTable<R>) -> Result<bool, BackendError> {
+        let mut any = false;
+        for (q, slot) in self.rings.iter().enumerate() {
+            if slot.running {
+                self.ring_addrs_in(&next, q as u16)?;
+                any = true;
+            }
+        }
+        self.memory = next;
+        Ok(any)
+    }
+
+    fn apply_all(&mut self, event: RingEvent, actions: &mut Vec<Action, MAX_ACTIONS>) {
+        for (q, slot) in self.rings.iter_mut().enumerate() {
+            let before = slot.state.is_enabled();
+            slot.state = slot.state.apply(event);
+            let after = slot.state.is_enabled();
+            if slot.running && before != after {
+                push(
+                    actions,
+                    Action::SetEnabled {
+                        queue: q as u16,
+                        enabled: after,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Completes a pending GET_VRING_BASE: the ring's worker has stopped and
+    /// `ring` is its final state. Writes the reply into `out` and returns its
+    /// length.
+    pub fn finish_stop(
+        &mut self,
+        queue: u16,
+        ring: &Queue,
+        out: &mut [u8],
+    ) -> Result<usize, BackendError> {
+        let slot = self.slot_mut(queue.into())?;
+        if !slot.stopping {
+            return Err(BackendError::NotStopping(queue));
+        }
+        slot.stopping = false;
+        slot.running = false;
+        slot.base = ring.base();
+        slot.kick = Notifier::Unset;
+        slot.call = Notifier::Unset;
+        let num = slot.base;
+        debug!("ring {} stopped at {:#x}", queue, num);
+        Ok(WireReply::VringState {
+            index: queue.into(),
+            num,
+        }
+        .encode(FrontendReq::GetVringBase, out)?)
+    }
+
+    /// After RESET_DEVICE's [`Action::ResetRings`], or when the connection
+    /// ends: forget that workers run.
+    pub fn rings_reset(&mut self) {
+        for slot in self.rings.iter_mut() {
+            slot.running = false;
+            slot.stopping = false;
+        }
+    }
+
+    /// Whether a ring may be processed, and how (started × enabled).
+    pub fn processing(&self, queue: u16) -> Processing {
+        self.rings
+            .get(usize::from(queue))
+            .map_or(Processing::Stopped, |s| s.state.processing())
+    }
+}
+
+fn fd_of(v: VringFdMsg) -> Option<FdIndex> {
+    if v.no_fd {
+        None
+    } else {
+        Some(0)
+    }
+}
+
+fn notifier(v: VringFdMsg) -> Notifier {
+    if v.no_fd {
+        Notifier::Polling
+    } else {
+        Notifier::Fd
+    }
+}

@@ -1,0 +1,834 @@
+//! The back-end session engine driven in memory: `adapter-test`'s guest
+//! memory and driver play the guest, this file plays the front-end and the
+//! adapter (carrying out the engine's actions).
+
+#![allow(clippy::unwrap_used)]
+
+use vhost_user_core::backend::{
+    Action, BackendConfig, BackendDevice, BackendError, Notifier, Outcome, Reply, Session,
+    SUPPORTED_PROTOCOL_FEATURES,
+};
+use vhost_user_core::feature::{ProtocolFeatures as P, VirtioFeatures as V};
+use vhost_user_core::message::{
+    ConfigMsg, ConfigWriteKind, FrontendReq, Header, MemRegionMsg, MemTable, ParseOptions,
+    Reply as WireReply, Request, VringAddrMsg, VringFdMsg, VringStateMsg, WireError, HEADER_SIZE,
+    MAX_MESSAGE,
+};
+use vhost_user_core::vring::state::Processing;
+use vhost_user_core::vring::{Chain, Queue};
+use vhost_user_test::{region, Buf, PackedDriver, SplitDriver, TestMemory};
+
+/// A config space of 16 bytes; byte 8 is writable by the front-end.
+#[derive(Default)]
+struct Dev {
+    config: [u8; 16],
+    resets: u32,
+}
+
+impl BackendDevice for Dev {
+    fn read_config(&self, offset: u32, dst: &mut [u8]) -> bool {
+        match self
+            .config
+            .get(offset as usize..offset as usize + dst.len())
+        {
+            Some(s) => {
+                dst.copy_from_slice(s);
+                true
+            }
+            None => false,
+        }
+    }
+    fn write_config(&mut self, offset: u32, src: &[u8], kind: ConfigWriteKind) -> bool {
+        let writable = kind == ConfigWriteKind::Migration || (offset == 8 && src.len() == 1);
+        match self
+            .config
+            .get_mut(offset as usize..offset as usize + src.len())
+        {
+            Some(d) if writable => {
+                d.copy_from_slice(src);
+                true
+            }
+            _ => false,
+        }
+    }
+    fn reset(&mut self) {
+        self.resets += 1;
+    }
+}
+
+const RAM: u64 = 1 << 20;
+
+fn config(protocol: P) -> BackendConfig {
+    BackendConfig {
+        features: V::VERSION_1
+            | V::PROTOCOL_FEATURES
+            | V::EVENT_IDX
+            | V::INDIRECT_DESC
+            | V::RING_PACKED
+            | V::from_bits_retain(1 << 9),
+        protocol_features: protocol,
+        num_queues: 2,
+        max_queue_size: 256,
+    }
+}
+
+struct Fe {
+    s: Session<4, 8>,
+    mem: TestMemory,
+    dev: Dev,
+    rings: Vec<Option<Queue>>,
+}
+
+impl Fe {
+    fn new(protocol: P) -> Fe {
+        Fe::with(config(protocol))
+    }
+
+    fn with(c: BackendConfig) -> Fe {
+        Fe {
+            s: Session::new(c).unwrap(),
+            mem: TestMemory::new(&[(0, RAM)]).unwrap(),
+            dev: Dev::default(),
+            rings: vec![None, None],
+        }
+    }
+
+    /// Sends `req` and returns the outcome and the reply bytes.
+    fn send(
+        &mut self,
+        req: &Request<'_>,
+        need_reply: bool,
+    ) -> Result<(Outcome, Vec<u8>), BackendError> {
+        let mut msg = [0u8; MAX_MESSAGE];
+        let n = req.encode(need_reply, &mut msg).unwrap();
+        let nfds = req.fd_rule().min as usize;
+        self.send_raw(&msg[..n], nfds)
+    }
+
+    fn send_raw(&mut self, msg: &[u8], nfds: usize) -> Result<(Outcome, Vec<u8>), BackendError> {
+        let h = Header::parse(msg)?;
+        let mut out = [0u8; MAX_MESSAGE];
+        let o = self.s.handle(
+            &h,
+            &msg[HEADER_SIZE..],
+            nfds,
+            &self.mem,
+            &mut self.dev,
+            &mut out,
+        )?;
+        let reply = match o.reply {
+            Reply::Ready(n) => out[..n].to_vec(),
+            _ => Vec::new(),
+        };
+        // Carry out what a Linux adapter would, for the rings.
+        for a in &o.actions {
+            match a {
+                Action::StartRing { queue, ring, .. } => {
+                    self.rings[*queue as usize] = Some(ring.clone())
+                }
+                Action::ResetRings => self.rings.iter_mut().for_each(|r| *r = None),
+                _ => {}
+            }
+        }
+        Ok((o, reply))
+    }
+
+    fn u64_reply(&mut self, req: Request<'_>) -> u64 {
+        let code = req.code();
+        let (_, r) = self.send(&req, false).unwrap();
+        let h = Header::parse(&r).unwrap();
+        match WireReply::parse(code, &h, &r[HEADER_SIZE..], 0, &ParseOptions::default()).unwrap() {
+            WireReply::U64(v) => v,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn ack(&mut self, req: Request<'_>) -> (Outcome, u64) {
+        let code = req.code();
+        let (o, r) = self.send(&req, true).unwrap();
+        let h = Header::parse(&r).unwrap();
+        match WireReply::parse(code, &h, &r[HEADER_SIZE..], 0, &ParseOptions::default()).unwrap() {
+            WireReply::U64(v) => (o, v),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// QEMU's init and start for ring 0 of a split ring at `base`.
+    fn handshake(&mut self, features: V) {
+        assert_eq!(
+            self.u64_reply(Request::GetFeatures),
+            config(P::empty()).features.bits()
+        );
+        let offered = self.u64_reply(Request::GetProtocolFeatures);
+        self.send(&Request::SetProtocolFeatures(offered), false)
+            .unwrap();
+        self.send(&Request::SetOwner, false).unwrap();
+        self.send(&Request::SetFeatures(features.bits()), false)
+            .unwrap();
+        let t = [region(0, RAM)];
+        let (o, _) = self
+            .send(&Request::SetMemTable(MemTable::new(&t).unwrap()), false)
+            .unwrap();
+        assert!(matches!(o.actions[0], Action::UnmapAll));
+        assert!(matches!(
+            o.actions[1],
+            Action::MapRegion { slot: 0, fd: 0, .. }
+        ));
+    }
+
+    fn configure(&mut self, q: u32, size: u16, user: vhost_user_core::vring::RingAddrs, base: u32) {
+        self.send(
+            &Request::SetVringNum(VringStateMsg {
+                index: q,
+                num: size.into(),
+            }),
+            false,
+        )
+        .unwrap();
+        self.send(
+            &Request::SetVringBase(VringStateMsg {
+                index: q,
+                num: base,
+            }),
+            false,
+        )
+        .unwrap();
+        let a = VringAddrMsg {
+            index: q,
+            log: false,
+            desc: user.desc,
+            used: user.device,
+            avail: user.driver,
+            log_addr: 0,
+        };
+        self.send(&Request::SetVringAddr(a), false).unwrap();
+    }
+
+    fn kick(&mut self, q: u32) -> Outcome {
+        self.send(
+            &Request::SetVringKick(VringFdMsg {
+                index: q,
+                no_fd: false,
+            }),
+            false,
+        )
+        .unwrap()
+        .0
+    }
+
+    /// Pops and completes everything available on ring `q`, writing `fill`
+    /// into each writable buffer.
+    fn serve(&mut self, q: usize, fill: u8) -> usize {
+        let ring = self.rings[q].as_mut().expect("ring running");
+        let mut chain: Chain = Chain::new();
+        let mut n = 0;
+        while ring.pop_into(&self.mem, &mut chain).unwrap() {
+            let mut written = 0;
+            for s in chain.writable() {
+                self.mem.write(s.addr, &vec![fill; s.len as usize]).unwrap();
+                written += s.len;
+            }
+            ring.add_used(&self.mem, chain.head(), written).unwrap();
+            n += 1;
+        }
+        ring.flush_used(&self.mem).unwrap();
+        n
+    }
+}
+
+use vhost_user_core::memory::GuestMemory;
+
+fn all_protocol() -> P {
+    SUPPORTED_PROTOCOL_FEATURES
+}
+
+#[test]
+fn split_ring_start_process_stop_restart() {
+    let mut fe = Fe::new(all_protocol());
+    fe.handshake(V::VERSION_1 | V::PROTOCOL_FEATURES);
+    let mut drv = SplitDriver::new(&fe.mem, 16, 0x1000, false).unwrap();
+    fe.configure(0, 16, drv.user_addrs(), 0);
+    assert_eq!(fe.s.processing(0), Processing::Stopped);
+    // Requests posted before the ring starts are processed without a kick.
+    drv.post(
+        &fe.mem,
+        &[Buf::readable(0x8000, 16), Buf::writable(0x9000, 32)],
+    )
+    .unwrap();
+    let o = fe.kick(0);
+    assert!(matches!(
+        o.actions[0],
+        Action::SetKick {
+            queue: 0,
+            fd: Some(0)
+        }
+    ));
+    assert!(matches!(
+        o.actions[1],
+        Action::StartRing {
+            queue: 0,
+            enabled: false,
+            ..
+        }
+    ));
+    assert_eq!(fe.s.processing(0), Processing::WithoutSideEffects);
+    let (o, ack) = fe.ack(Request::SetVringEnable {
+        index: 0,
+        enable: true,
+    });
+    assert_eq!(ack, 0);
+    assert!(matches!(
+        o.actions[0],
+        Action::SetEnabled {
+            queue: 0,
+            enabled: true
+        }
+    ));
+    assert_eq!(fe.s.processing(0), Processing::Normal);
+    assert_eq!(fe.serve(0, 0xab), 1);
+    let used = drv.harvest(&fe.mem).unwrap().unwrap();
+    assert_eq!(used.len, 32);
+    assert_eq!(fe.mem.read_vec(0x9000, 32).unwrap(), vec![0xab; 32]);
+
+    // Stop: GET_VRING_BASE is pending until the worker hands its ring back.
+    drv.post(&fe.mem, &[Buf::writable(0x9000, 8)]).unwrap();
+    let (o, r) = fe.send(&Request::GetVringBase(0), false).unwrap();
+    assert!(r.is_empty());
+    assert_eq!(o.reply, Reply::Pending { queue: 0 });
+    assert!(matches!(o.actions[0], Action::StopRing { queue: 0 }));
+    assert_eq!(fe.s.processing(0), Processing::Stopped);
+    // The worker drains (completes what it had) and stops.
+    assert_eq!(fe.serve(0, 0xcd), 1);
+    let ring = fe.rings[0].take().unwrap();
+    let mut out = [0u8; 64];
+    let n = fe.s.finish_stop(0, &ring, &mut out).unwrap();
+    let h = Header::parse(&out[..n]).unwrap();
+    assert_eq!(
+        WireReply::parse(
+            FrontendReq::GetVringBase,
+            &h,
+            &out[HEADER_SIZE..n],
+            0,
+            &ParseOptions::default()
+        ),
+        Ok(WireReply::VringState { index: 0, num: 2 })
+    );
+    // A second finish_stop has nothing to finish.
+    assert_eq!(
+        fe.s.finish_stop(0, &ring, &mut out),
+        Err(BackendError::NotStopping(0))
+    );
+
+    // Restart with the base the front-end got: requests posted while
+    // stopped are resumed.
+    drv.post(&fe.mem, &[Buf::writable(0xa000, 8)]).unwrap();
+    fe.configure(0, 16, drv.user_addrs(), 2);
+    let o = fe.kick(0);
+    assert!(o.actions.iter().any(|a| matches!(
+        a,
+        Action::StartRing {
+            queue: 0,
+            enabled: true,
+            ..
+        }
+    )));
+    assert_eq!(fe.serve(0, 0xef), 1);
+    assert_eq!(drv.harvest_all(&fe.mem).unwrap().len(), 2);
+    assert_eq!(fe.mem.read_vec(0xa000, 8).unwrap(), vec![0xef; 8]);
+}
+
+#[test]
+fn packed_ring_start_and_base_encoding() {
+    let mut fe = Fe::new(all_protocol());
+    fe.handshake(V::VERSION_1 | V::PROTOCOL_FEATURES | V::RING_PACKED);
+    let mut drv = PackedDriver::new(&fe.mem, 8, 0x2000).unwrap();
+    let a = drv.addrs();
+    let off = vhost_user_test::USER_ADDR_OFFSET;
+    let user = vhost_user_core::vring::RingAddrs {
+        desc: a.desc + off,
+        driver: a.driver + off,
+        device: a.device + off,
+    };
+    // Base: avail index 0 with wrap counter 1, used index 0 with wrap 1.
+    fe.configure(0, 8, user, 1 << 15 | 1 << 31);
+    fe.ack(Request::SetVringEnable {
+        index: 0,
+        enable: true,
+    });
+    fe.kick(0);
+    assert!(matches!(fe.rings[0], Some(Queue::Packed(_))));
+    for i in 0..3 {
+        drv.post(&fe.mem, &[Buf::writable(0x8000 + 0x100 * i, 16)])
+            .unwrap();
+    }
+    assert_eq!(fe.serve(0, 1), 3);
+    assert_eq!(drv.harvest_all(&fe.mem).unwrap().len(), 3);
+    fe.send(&Request::GetVringBase(0), false).unwrap();
+    let ring = fe.rings[0].take().unwrap();
+    let mut out = [0u8; 64];
+    let n = fe.s.finish_stop(0, &ring, &mut out).unwrap();
+    let num = u32::from_ne_bytes(out[HEADER_SIZE + 4..HEADER_SIZE + 8].try_into().unwrap());
+    assert_eq!(n, HEADER_SIZE + 8);
+    // 3 avail and 3 used, both wrap counters still 1.
+    assert_eq!(num, 3 | 1 << 15 | 3 << 16 | 1 << 31);
+}
+
+#[test]
+fn reply_ack_success_and_failure() {
+    let mut fe = Fe::new(all_protocol());
+    fe.handshake(V::VERSION_1 | V::PROTOCOL_FEATURES);
+    let (o, v) = fe.ack(Request::SetVringNum(VringStateMsg { index: 1, num: 64 }));
+    assert_eq!((v, o.refused), (0, None));
+    // Above max_queue_size: refused with a failed ack, the session goes on.
+    let (o, v) = fe.ack(Request::SetVringNum(VringStateMsg { index: 1, num: 512 }));
+    assert_eq!((v, o.refused), (1, Some(BackendError::QueueSize(512))));
+    // The same without NEED_REPLY ends the connection (an error).
+    assert_eq!(
+        fe.send(
+            &Request::SetVringNum(VringStateMsg { index: 1, num: 512 }),
+            false
+        )
+        .err(),
+        Some(BackendError::QueueSize(512))
+    );
+    // Replies carry flags exactly VERSION | REPLY.
+    let (_, r) = fe.send(&Request::SetOwner, true).unwrap();
+    assert_eq!(u32::from_ne_bytes(r[4..8].try_into().unwrap()), 0x5);
+}
+
+#[test]
+fn no_ack_without_reply_ack_negotiated() {
+    let mut fe = Fe::new(all_protocol().difference(P::REPLY_ACK));
+    fe.handshake(V::VERSION_1 | V::PROTOCOL_FEATURES);
+    let (o, r) = fe.send(&Request::SetOwner, true).unwrap();
+    assert!(r.is_empty());
+    assert_eq!(o.reply, Reply::None);
+}
+
+#[test]
+fn protocol_features_never_offered_are_refused() {
+    let mut fe = Fe::new(P::MQ | P::REPLY_ACK);
+    fe.send(&Request::GetProtocolFeatures, false).unwrap();
+    let e = fe
+        .send(
+            &Request::SetProtocolFeatures((P::MQ | P::INFLIGHT_SHMFD).bits()),
+            false,
+        )
+        .unwrap_err();
+    assert!(matches!(e, BackendError::Feature(_)), "{e:?}");
+    // And a message gated by a feature that was never negotiated.
+    fe.send(&Request::SetProtocolFeatures(P::MQ.bits()), false)
+        .unwrap();
+    assert_eq!(
+        fe.send(&Request::GetStatus, false).err(),
+        Some(BackendError::NotNegotiated(FrontendReq::GetStatus))
+    );
+    // SET_FEATURES with a bit never offered.
+    assert!(matches!(
+        fe.send(&Request::SetFeatures(V::ACCESS_PLATFORM.bits()), false),
+        Err(BackendError::Feature(_))
+    ));
+}
+
+#[test]
+fn every_message_is_handled_or_refused() {
+    // Each id 1-45 with a valid payload: either it succeeds or it is refused
+    // as not negotiated; nothing else, and nothing panics.
+    let mut fe = Fe::new(all_protocol());
+    fe.handshake(V::VERSION_1 | V::PROTOCOL_FEATURES);
+    let drv = SplitDriver::new(&fe.mem, 16, 0x1000, false).unwrap();
+    let ua = drv.user_addrs();
+    let t = [region(0, RAM)];
+    let cfg = [0u8; 4];
+    let uuid = [7u8; 16];
+    let crypto = [0u8; 32];
+    let r0 = region(RAM, 0x1000);
+    let inflight = vhost_user_core::message::InflightMsg {
+        mmap_size: 4096,
+        mmap_offset: 0,
+        num_queues: 2,
+        queue_size: 64,
+    };
+    use Request as R;
+    let requests: Vec<Request<'_>> = vec![
+        R::GetFeatures,
+        R::SetFeatures((V::VERSION_1 | V::PROTOCOL_FEATURES).bits()),
+        R::SetOwner,
+        R::ResetOwner,
+        R::SetMemTable(MemTable::new(&t).unwrap()),
+        R::SetLogBase(vhost_user_core::message::LogMsg {
+            size: 4096,
+            offset: 0,
+        }),
+        R::SetLogFd,
+        R::SetVringNum(VringStateMsg { index: 0, num: 16 }),
+        R::SetVringAddr(VringAddrMsg {
+            index: 0,
+            log: false,
+            desc: ua.desc,
+            used: ua.device,
+            avail: ua.driver,
+            log_addr: 0,
+        }),
+        R::SetVringBase(VringStateMsg { index: 0, num: 0 }),
+        R::GetVringBase(0),
+        R::SetVringKick(VringFdMsg {
+            index: 0,
+            no_fd: true,
+        }),
+        R::SetVringCall(VringFdMsg {
+            index: 0,
+            no_fd: false,
+        }),
+        R::SetVringErr(VringFdMsg {
+            index: 0,
+            no_fd: true,
+        }),
+        R::GetProtocolFeatures,
+        R::SetProtocolFeatures(all_protocol().bits()),
+        R::GetQueueNum,
+        R::SetVringEnable {
+            index: 0,
+            enable: true,
+        },
+        R::SendRarp([0; 6]),
+        R::NetSetMtu(1500),
+        R::SetBackendReqFd,
+        R::IotlbMsg(vhost_user_core::message::IotlbMsg {
+            iova: 0,
+            size: 4096,
+            uaddr: 0,
+            perm: vhost_user_core::message::IotlbPerm::ReadWrite,
+            kind: vhost_user_core::message::IotlbKind::Update,
+        }),
+        R::SetVringEndian {
+            index: 0,
+            endian: vhost_user_core::message::Endian::Little,
+        },
+        R::GetConfig(ConfigMsg {
+            offset: 0,
+            kind: ConfigWriteKind::Frontend,
+            data: &cfg,
+        }),
+        R::SetConfig(ConfigMsg {
+            offset: 8,
+            kind: ConfigWriteKind::Frontend,
+            data: &cfg[..1],
+        }),
+        R::CreateCryptoSession(&crypto),
+        R::CloseCryptoSession(1),
+        R::PostcopyAdvise,
+        R::PostcopyListen,
+        R::PostcopyEnd,
+        R::GetInflightFd(vhost_user_core::message::InflightMsg {
+            mmap_size: 0,
+            ..inflight
+        }),
+        R::SetInflightFd(inflight),
+        R::GpuSetSocket,
+        R::ResetDevice,
+        R::VringKick(0),
+        R::GetMaxMemSlots,
+        R::AddMemReg(r0),
+        R::RemMemReg(r0),
+        R::SetStatus(0xf),
+        R::GetStatus,
+        R::GetSharedObject(uuid),
+        R::SetDeviceStateFd(vhost_user_core::message::DeviceStateDirection::Save),
+        R::CheckDeviceState,
+        R::GetShmemConfig,
+        R::GetVringBaseSkipDrain(0),
+    ];
+    assert_eq!(requests.len(), 45);
+    let refused = [
+        FrontendReq::SetLogBase,
+        FrontendReq::SetLogFd,
+        FrontendReq::SendRarp,
+        FrontendReq::NetSetMtu,
+        FrontendReq::SetBackendReqFd,
+        FrontendReq::IotlbMsg,
+        FrontendReq::SetVringEndian,
+        FrontendReq::CreateCryptoSession,
+        FrontendReq::CloseCryptoSession,
+        FrontendReq::PostcopyAdvise,
+        FrontendReq::PostcopyListen,
+        FrontendReq::PostcopyEnd,
+        FrontendReq::GetInflightFd,
+        FrontendReq::SetInflightFd,
+        FrontendReq::GpuSetSocket,
+        FrontendReq::VringKick,
+        FrontendReq::GetSharedObject,
+        FrontendReq::SetDeviceStateFd,
+        FrontendReq::CheckDeviceState,
+        FrontendReq::GetShmemConfig,
+        FrontendReq::GetVringBaseSkipDrain,
+    ];
+    for (i, r) in requests.iter().enumerate() {
+        assert_eq!(r.code().id(), i as u32 + 1);
+        let res = fe.send(r, false);
+        if refused.contains(&r.code()) {
+            assert_eq!(
+                res.err(),
+                Some(BackendError::NotNegotiated(r.code())),
+                "{r:?}"
+            );
+            // With NEED_REPLY: a failed ack for messages without a reply of
+            // their own.
+            if !r.code().has_reply() {
+                let (o, v) = fe.ack(r.clone());
+                assert_eq!(v, 1, "{r:?}");
+                assert!(o.refused.is_some());
+            }
+        } else {
+            assert!(res.is_ok(), "{r:?}: {res:?}");
+        }
+    }
+    assert_eq!(fe.dev.resets, 1);
+}
+
+#[test]
+fn get_and_set_config() {
+    let mut fe = Fe::new(all_protocol());
+    fe.handshake(V::VERSION_1 | V::PROTOCOL_FEATURES);
+    fe.dev.config = core::array::from_fn(|i| i as u8);
+    let placeholder = [0u8; 4];
+    let (_, r) = fe
+        .send(
+            &Request::GetConfig(ConfigMsg {
+                offset: 4,
+                kind: ConfigWriteKind::Frontend,
+                data: &placeholder,
+            }),
+            false,
+        )
+        .unwrap();
+    assert_eq!(&r[HEADER_SIZE + 12..], &[4, 5, 6, 7]);
+    // Beyond the device's config space: an empty (error) reply.
+    let big = [0u8; 32];
+    let (_, r) = fe
+        .send(
+            &Request::GetConfig(ConfigMsg {
+                offset: 0,
+                kind: ConfigWriteKind::Frontend,
+                data: &big,
+            }),
+            false,
+        )
+        .unwrap();
+    assert_eq!(r.len(), HEADER_SIZE);
+    // A front-end write of a read-only field is refused; a migration write
+    // is not; the writable byte is.
+    let (o, v) = fe.ack(Request::SetConfig(ConfigMsg {
+        offset: 0,
+        kind: ConfigWriteKind::Frontend,
+        data: &[9],
+    }));
+    assert_eq!((v, o.refused), (1, Some(BackendError::Config)));
+    assert_eq!(fe.dev.config[0], 0);
+    let (_, v) = fe.ack(Request::SetConfig(ConfigMsg {
+        offset: 0,
+        kind: ConfigWriteKind::Migration,
+        data: &[9],
+    }));
+    assert_eq!((v, fe.dev.config[0]), (0, 9));
+    let (_, v) = fe.ack(Request::SetConfig(ConfigMsg {
+        offset: 8,
+        kind: ConfigWriteKind::Frontend,
+        data: &[1],
+    }));
+    assert_eq!((v, fe.dev.config[8]), (0, 1));
+}
+
+#[test]
+fn memory_slots_and_ring_remap() {
+    let mut fe = Fe::new(all_protocol());
+    fe.handshake(V::VERSION_1 | V::PROTOCOL_FEATURES);
+    assert_eq!(fe.u64_reply(Request::GetMaxMemSlots), 8);
+    let mut drv = SplitDriver::new(&fe.mem, 16, 0x1000, false).unwrap();
+    fe.configure(0, 16, drv.user_addrs(), 0);
+    fe.kick(0);
+    // Another region while the ring runs: mapped, rings re-translated.
+    let r = region(RAM, 0x10000);
+    fe.mem.add_region(r).unwrap();
+    let (o, v) = fe.ack(Request::AddMemReg(r));
+    assert_eq!(v, 0, "{:?}", o.refused);
+    assert!(matches!(
+        o.actions[0],
+        Action::MapRegion { slot: 1, fd: 0, .. }
+    ));
+    assert!(matches!(o.actions[1], Action::RemapRings));
+    assert_eq!(fe.s.ring_addrs(0).unwrap(), drv.addrs());
+    // Overlapping region refused.
+    let (o, v) = fe.ack(Request::AddMemReg(region(RAM + 0x8000, 0x10000)));
+    assert_eq!(v, 1);
+    assert!(matches!(o.refused, Some(BackendError::Memory(_))));
+    // Removing the region that holds the running ring is refused: its
+    // addresses would no longer translate.
+    let (o, v) = fe.ack(Request::RemMemReg(region(0, RAM)));
+    assert_eq!(v, 1, "{o:?}");
+    assert_eq!(o.refused, Some(BackendError::RingAddress(0)));
+    // Removing the other one works; unknown regions are refused.
+    let (o, v) = fe.ack(Request::RemMemReg(r));
+    assert_eq!(v, 0);
+    assert!(matches!(o.actions[0], Action::UnmapRegion { slot: 1 }));
+    let (_, v) = fe.ack(Request::RemMemReg(r));
+    assert_eq!(v, 1);
+    drv.post(&fe.mem, &[Buf::writable(0x9000, 4)]).unwrap();
+    assert_eq!(fe.serve(0, 3), 1);
+}
+
+#[test]
+fn ring_messages_refused_while_running_and_bad_indices() {
+    let mut fe = Fe::new(all_protocol());
+    fe.handshake(V::VERSION_1 | V::PROTOCOL_FEATURES);
+    let drv = SplitDriver::new(&fe.mem, 16, 0x1000, false).unwrap();
+    // Kick before the ring is configured: refused.
+    assert_eq!(
+        fe.send(
+            &Request::SetVringKick(VringFdMsg {
+                index: 0,
+                no_fd: false
+            }),
+            false
+        )
+        .err(),
+        Some(BackendError::RingNotConfigured(0))
+    );
+    fe.configure(0, 16, drv.user_addrs(), 0);
+    fe.kick(0);
+    for r in [
+        Request::SetVringNum(VringStateMsg { index: 0, num: 32 }),
+        Request::SetVringBase(VringStateMsg { index: 0, num: 5 }),
+    ] {
+        assert_eq!(fe.send(&r, false).err(), Some(BackendError::RingRunning(0)));
+    }
+    assert_eq!(
+        fe.send(
+            &Request::SetFeatures((V::VERSION_1 | V::PROTOCOL_FEATURES | V::EVENT_IDX).bits()),
+            false
+        )
+        .err(),
+        Some(BackendError::FeaturesWhileRunning)
+    );
+    // A second kick fd for a running ring only swaps the fd.
+    let o = fe.kick(0);
+    assert_eq!(o.actions.len(), 1);
+    // Ring index 2 of a 2-queue device: refused by the wire layer.
+    let mut msg = [0u8; 64];
+    let n = Request::SetVringNum(VringStateMsg { index: 1, num: 16 })
+        .encode(false, &mut msg)
+        .unwrap();
+    msg[HEADER_SIZE] = 2;
+    assert_eq!(
+        fe.send_raw(&msg[..n], 0).err(),
+        Some(BackendError::Wire(WireError::QueueIndex(2)))
+    );
+    // Ring addresses outside guest memory.
+    fe.configure(
+        1,
+        16,
+        vhost_user_core::vring::RingAddrs {
+            desc: 0x10,
+            driver: 0x20,
+            device: 0x40,
+        },
+        0,
+    );
+    assert_eq!(
+        fe.send(
+            &Request::SetVringKick(VringFdMsg {
+                index: 1,
+                no_fd: false
+            }),
+            false
+        )
+        .err(),
+        Some(BackendError::RingAddress(1))
+    );
+}
+
+#[test]
+fn features_without_bit_30_enable_every_ring_and_reset_device() {
+    let mut c = config(P::empty());
+    c.features.remove(V::PROTOCOL_FEATURES);
+    let mut fe = Fe::with(c);
+    assert_eq!(
+        fe.send(&Request::GetProtocolFeatures, false).err(),
+        Some(BackendError::NotNegotiated(
+            FrontendReq::GetProtocolFeatures
+        ))
+    );
+    fe.send(&Request::SetFeatures(V::VERSION_1.bits()), false)
+        .unwrap();
+    let t = [region(0, RAM)];
+    fe.send(&Request::SetMemTable(MemTable::new(&t).unwrap()), false)
+        .unwrap();
+    let drv = SplitDriver::new(&fe.mem, 16, 0x1000, false).unwrap();
+    fe.configure(0, 16, drv.user_addrs(), 0);
+    let o = fe.kick(0);
+    assert!(o
+        .actions
+        .iter()
+        .any(|a| matches!(a, Action::StartRing { enabled: true, .. })));
+    assert_eq!(fe.s.processing(0), Processing::Normal);
+    // SET_VRING_ENABLE needs bit 30.
+    assert_eq!(
+        fe.send(
+            &Request::SetVringEnable {
+                index: 0,
+                enable: false
+            },
+            false
+        )
+        .err(),
+        Some(BackendError::NotNegotiated(FrontendReq::SetVringEnable))
+    );
+    // RESET_DEVICE is gated by its protocol feature.
+    let mut fe = Fe::new(all_protocol());
+    fe.handshake(V::VERSION_1 | V::PROTOCOL_FEATURES);
+    let drv = SplitDriver::new(&fe.mem, 16, 0x1000, false).unwrap();
+    fe.configure(0, 16, drv.user_addrs(), 0);
+    fe.kick(0);
+    fe.send(&Request::SetStatus(0xf), false).unwrap();
+    let (o, v) = fe.ack(Request::ResetDevice);
+    assert_eq!(v, 0);
+    assert!(matches!(o.actions[0], Action::ResetRings));
+    assert_eq!(fe.s.processing(0), Processing::Stopped);
+    assert_eq!(fe.u64_reply(Request::GetStatus), 0);
+    assert_eq!(fe.s.ring(0).unwrap().kick, Notifier::Unset);
+    assert_eq!(fe.s.features(), V::empty());
+    assert_eq!(fe.dev.resets, 1);
+}
+
+#[test]
+fn status_round_trip() {
+    let mut fe = Fe::new(all_protocol());
+    fe.handshake(V::VERSION_1 | V::PROTOCOL_FEATURES);
+    fe.send(&Request::SetStatus(0x0b), false).unwrap();
+    assert_eq!(fe.u64_reply(Request::GetStatus), 0x0b);
+    assert_eq!(fe.u64_reply(Request::GetQueueNum), 2);
+}
+
+#[test]
+fn offer_must_be_implemented() {
+    let mut c = config(P::MQ | P::INFLIGHT_SHMFD);
+    assert_eq!(
+        Session::<4, 8>::new(c).err(),
+        Some(BackendError::Unsupported)
+    );
+    c.protocol_features = P::MQ;
+    c.num_queues = 5;
+    assert_eq!(
+        Session::<4, 8>::new(c).err(),
+        Some(BackendError::Unsupported)
+    );
+    c.num_queues = 1;
+    c.features |= V::ACCESS_PLATFORM;
+    assert_eq!(
+        Session::<4, 8>::new(c).err(),
+        Some(BackendError::Unsupported)
+    );
+}
+
+#[allow(dead_code)]
+fn unused(_: MemRegionMsg) {}
