@@ -1,1 +1,5 @@
 //! Shared code of the vhu example daemons and tools.
+
+pub mod blk;
+pub mod cli;
+pub mod logger;

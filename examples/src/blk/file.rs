@@ -1,0 +1,388 @@
+//! [`FileBackend`]: a raw image file or block device.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::{check_range, read_only_error, BlockBackend};
+
+/// Largest buffer of zeroes written when fallocate cannot zero a range.
+const ZERO_CHUNK: u64 = 1 << 20;
+
+/// A raw image file (or block device) served as a disk.
+///
+/// Reads and writes are positional (`pread`/`pwrite`), so one backend is
+/// shared by every queue thread without locking. Flush is `fdatasync`.
+/// Discard punches a hole (`FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE`) and
+/// does nothing where that is not supported; write zeroes punches a hole
+/// when unmapping is allowed, else uses `FALLOC_FL_ZERO_RANGE`, and falls
+/// back to writing zeroes.
+#[derive(Debug)]
+pub struct FileBackend {
+    file: File,
+    capacity: u64,
+    read_only: bool,
+    // Declared last: the file is closed before the image is removed.
+    temp: Option<TempImage>,
+}
+
+impl FileBackend {
+    /// Opens the image at `path`, read-only or read-write. The capacity is
+    /// the file's (or block device's) size at open time.
+    pub fn open(path: impl AsRef<Path>, read_only: bool) -> io::Result<Self> {
+        let path = path.as_ref();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        Self::from_file(file, read_only)
+    }
+
+    /// Serves an already open file; `read_only` must be true unless it was
+    /// opened for writing.
+    pub fn from_file(mut file: File, read_only: bool) -> io::Result<Self> {
+        // Seeking to the end sizes regular files and block devices alike;
+        // all I/O is positional, so the file position does not matter.
+        let capacity = file.seek(SeekFrom::End(0))?;
+        Ok(FileBackend {
+            file,
+            capacity,
+            read_only,
+            temp: None,
+        })
+    }
+
+    /// A read-write backend over a new sparse temporary image of `size`
+    /// bytes, deleted when the backend is dropped.
+    pub fn temp(size: u64) -> io::Result<Self> {
+        let image = TempImage::new(size)?;
+        let mut backend = image.open(false)?;
+        backend.temp = Some(image);
+        Ok(backend)
+    }
+
+    /// The temporary image's path, for a backend made by
+    /// [`FileBackend::temp`].
+    pub fn temp_path(&self) -> Option<&Path> {
+        self.temp.as_ref().map(TempImage::path)
+    }
+
+    /// The underlying file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    fn check_write(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.read_only {
+            return Err(read_only_error());
+        }
+        check_range(self.capacity, offset, len)
+    }
+
+    /// Writes zeroes over the range, in chunks of at most 1 MiB.
+    fn fill_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        let zeroes = vec![0u8; len.min(ZERO_CHUNK) as usize];
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(zeroes.len() as u64) as usize;
+            self.file.write_all_at(&zeroes[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+}
+
+impl BlockBackend for FileBackend {
+    fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        check_range(self.capacity, offset, buf.len() as u64)?;
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.check_write(offset, buf.len() as u64)?;
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.file.sync_data()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_write(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        match fallocate(&self.file, PUNCH_HOLE, offset, len) {
+            Err(e) if unsupported(&e) => Ok(()),
+            r => r,
+        }
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
+        self.check_write(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        if may_unmap {
+            match fallocate(&self.file, PUNCH_HOLE, offset, len) {
+                Err(e) if unsupported(&e) => {}
+                r => return r,
+            }
+        }
+        match fallocate(&self.file, ZERO_RANGE, offset, len) {
+            Err(e) if unsupported(&e) => self.fill_zeroes(offset, len),
+            r => r,
+        }
+    }
+}
+
+const PUNCH_HOLE: libc::c_int = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+const ZERO_RANGE: libc::c_int = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+
+/// The file system or device cannot do this fallocate mode (or the range
+/// does not fit `off_t`): use the next method.
+fn unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL | libc::ENODEV)
+    )
+}
+
+/// `fallocate(2)` on `file`, retried on EINTR.
+fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    let einval = || io::Error::from_raw_os_error(libc::EINVAL);
+    let offset = libc::off_t::try_from(offset).map_err(|_| einval())?;
+    let len = libc::off_t::try_from(len).map_err(|_| einval())?;
+    loop {
+        // SAFETY: fallocate takes no pointers; the descriptor is owned by
+        // `file`, which the borrow keeps open for the whole call.
+        let r = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, len) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// A sparse temporary image file, removed when dropped.
+#[derive(Debug)]
+pub struct TempImage {
+    path: PathBuf,
+}
+
+impl TempImage {
+    /// Creates a new sparse image of `size` bytes in the temporary
+    /// directory.
+    pub fn new(size: u64) -> io::Result<Self> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir();
+        loop {
+            let nanos = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0);
+            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+            let path = dir.join(format!("vhu-blk-{}-{n}-{nanos}.img", std::process::id()));
+            match OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(file) => {
+                    let image = TempImage { path };
+                    file.set_len(size)?;
+                    return Ok(image);
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The image's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Opens the image as a backend (which does not own the image).
+    pub fn open(&self, read_only: bool) -> io::Result<FileBackend> {
+        FileBackend::open(&self.path, read_only)
+    }
+}
+
+impl Drop for TempImage {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn read(b: &FileBackend, offset: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0xAA; len];
+        b.read_at(&mut buf, offset).unwrap();
+        buf
+    }
+
+    #[test]
+    fn temp_image_is_sparse_and_removed_on_drop() {
+        let b = FileBackend::temp(64 * MIB).unwrap();
+        let path = b.temp_path().unwrap().to_path_buf();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.len(), 64 * MIB);
+        assert!(meta.blocks() * 512 < MIB, "{} blocks", meta.blocks());
+        assert_eq!(b.capacity(), 64 * MIB);
+        assert_eq!(b.capacity_sectors(), 128 * 1024);
+        assert!(!b.read_only());
+        assert_eq!(read(&b, 0, 4096), vec![0; 4096]);
+        drop(b);
+        assert!(!path.exists());
+
+        let image = TempImage::new(4096).unwrap();
+        let other = TempImage::new(4096).unwrap();
+        assert_ne!(image.path(), other.path());
+        let path = image.path().to_path_buf();
+        let b = image.open(false).unwrap();
+        drop(image);
+        assert!(!path.exists());
+        // The open file outlives the name.
+        b.write_at(&[1; 512], 0).unwrap();
+        assert_eq!(read(&b, 0, 512), vec![1; 512]);
+    }
+
+    #[test]
+    fn read_write_round_trip_and_bounds() {
+        let b = FileBackend::temp(MIB).unwrap();
+        let data: Vec<u8> = (0..8192u32).map(|i| (i * 7) as u8).collect();
+        b.write_at(&data, 4096).unwrap();
+        b.flush().unwrap();
+        assert_eq!(read(&b, 4096, 8192), data);
+        // Through a second, independent open of the same file.
+        let again = FileBackend::open(b.temp_path().unwrap(), true).unwrap();
+        assert_eq!(read(&again, 4096 + 512, 512), data[512..1024]);
+        // The last byte is reachable, one more is not; the file never grows.
+        b.write_at(&[9], MIB - 1).unwrap();
+        let e = b.write_at(&[9; 2], MIB - 1).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        let e = b.read_at(&mut [0; 512], MIB).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        assert!(b.write_at(&[0], u64::MAX).is_err());
+        assert_eq!(b.file().metadata().unwrap().len(), MIB);
+    }
+
+    #[test]
+    fn read_only_open_refuses_modifications() {
+        let image = TempImage::new(MIB).unwrap();
+        {
+            let rw = image.open(false).unwrap();
+            rw.write_at(&[5; 512], 0).unwrap();
+        }
+        let ro = image.open(true).unwrap();
+        assert!(ro.read_only());
+        assert_eq!(read(&ro, 0, 512), vec![5; 512]);
+        for e in [
+            ro.write_at(&[0; 512], 0).unwrap_err(),
+            ro.discard(0, 512).unwrap_err(),
+            ro.write_zeroes(0, 512, true).unwrap_err(),
+        ] {
+            assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+        }
+        ro.flush().unwrap();
+        assert_eq!(read(&ro, 0, 512), vec![5; 512]);
+    }
+
+    #[test]
+    fn open_missing_file_names_it() {
+        let e = FileBackend::open("/nonexistent/vhu-blk.img", true).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        assert!(e.to_string().contains("/nonexistent/vhu-blk.img"));
+    }
+
+    #[test]
+    fn write_zeroes_zeroes_with_and_without_unmap() {
+        let b = FileBackend::temp(4 * MIB).unwrap();
+        b.write_at(&vec![0xff; 3 * MIB as usize], 0).unwrap();
+        b.write_zeroes(4096, 8192, false).unwrap();
+        b.write_zeroes(MIB, MIB, true).unwrap();
+        assert_eq!(read(&b, 0, 4096), vec![0xff; 4096]);
+        assert_eq!(read(&b, 4096, 8192), vec![0; 8192]);
+        assert_eq!(read(&b, 12288, 512), vec![0xff; 512]);
+        assert_eq!(read(&b, MIB, MIB as usize), vec![0; MIB as usize]);
+        assert_eq!(read(&b, 2 * MIB, 512), vec![0xff; 512]);
+        assert_eq!(b.file().metadata().unwrap().len(), 4 * MIB, "size kept");
+        b.write_zeroes(0, 0, true).unwrap();
+        let e = b.write_zeroes(4 * MIB - 512, 1024, false).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+    }
+
+    #[test]
+    fn discard_keeps_size_and_deallocates_where_supported() {
+        let b = FileBackend::temp(4 * MIB).unwrap();
+        b.write_at(&vec![0xff; 4 * MIB as usize], 0).unwrap();
+        b.flush().unwrap();
+        let before = b.file().metadata().unwrap().blocks();
+        b.discard(MIB, 2 * MIB).unwrap();
+        b.discard(0, 0).unwrap();
+        assert_eq!(b.file().metadata().unwrap().len(), 4 * MIB);
+        assert_eq!(read(&b, 0, 512), vec![0xff; 512]);
+        assert_eq!(read(&b, 3 * MIB, 512), vec![0xff; 512]);
+        let after = b.file().metadata().unwrap().blocks();
+        // Punching holes is advisory; where it worked the range reads as
+        // zeroes and the image shrank.
+        if after < before {
+            assert_eq!(read(&b, MIB, 4096), vec![0; 4096]);
+        }
+        assert!(b.discard(4 * MIB, 512).is_err());
+    }
+
+    #[test]
+    fn zero_fill_fallback_writes_zeroes() {
+        let b = FileBackend::temp(4 * MIB).unwrap();
+        b.write_at(&vec![0xff; 4 * MIB as usize], 0).unwrap();
+        // Larger than one chunk, unaligned end.
+        b.fill_zeroes(512, 2 * MIB + 1024).unwrap();
+        assert_eq!(read(&b, 0, 512), vec![0xff; 512]);
+        assert_eq!(
+            read(&b, 512, (2 * MIB + 1024) as usize),
+            vec![0; (2 * MIB + 1024) as usize]
+        );
+        assert_eq!(read(&b, 2 * MIB + 1536, 512), vec![0xff; 512]);
+    }
+
+    #[test]
+    fn fallocate_errors_are_classified() {
+        let b = FileBackend::temp(MIB).unwrap();
+        // An offset beyond off_t is refused before the syscall, as EINVAL,
+        // which the callers treat as "unsupported".
+        let e = fallocate(b.file(), ZERO_RANGE, u64::MAX, 1).unwrap_err();
+        assert!(unsupported(&e));
+        assert!(!unsupported(&io::Error::from_raw_os_error(libc::EIO)));
+        assert!(unsupported(&io::Error::from_raw_os_error(libc::EOPNOTSUPP)));
+    }
+}

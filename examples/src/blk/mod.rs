@@ -1,0 +1,72 @@
+//! Host-side block I/O for the vhost-user-blk daemon.
+//!
+//! - [`BlockBackend`]: what the daemon reads from and writes to, shared by
+//!   every queue thread (`&self` methods, `Send + Sync`).
+//! - [`FileBackend`]: a raw image file or block device (pread/pwrite,
+//!   fdatasync, fallocate for discard and write zeroes), plus
+//!   [`TempImage`], a sparse temporary image deleted on drop.
+//! - [`NullBackend`]: reads return zeroes, writes are dropped (`--null`
+//!   benchmark mode).
+//! - [`execute`]: carries out a request planned by the core's
+//!   [`BlkDevice`](vhost_user_core::device::blk::BlkDevice) against a
+//!   backend and guest memory, and writes the status byte.
+
+mod exec;
+mod file;
+mod null;
+
+use std::io;
+
+pub use exec::{execute, Completion, MAX_CHUNK};
+pub use file::{FileBackend, TempImage};
+pub use null::NullBackend;
+
+/// Block storage behind a virtio-blk device. Offsets and lengths are in
+/// bytes; the request planner has already checked them against the
+/// capacity, and implementations check again (an access beyond the
+/// capacity is an `InvalidInput` error, never a file extension).
+pub trait BlockBackend: Send + Sync + std::fmt::Debug {
+    /// Size in bytes. The device exposes `capacity() / 512` sectors.
+    fn capacity(&self) -> u64;
+
+    /// Writes, discards and write zeroes are refused.
+    fn read_only(&self) -> bool;
+
+    /// Fills `buf` from byte `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+
+    /// Writes `buf` at byte `offset`.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+
+    /// Makes every completed write stable.
+    fn flush(&self) -> io::Result<()>;
+
+    /// Hints that `[offset, offset + len)` is unused (may deallocate; doing
+    /// nothing is correct).
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
+
+    /// Makes `[offset, offset + len)` read as zeroes; `may_unmap` allows
+    /// deallocating it.
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()>;
+
+    /// Capacity in 512-byte sectors (a partial last sector is not exposed).
+    fn capacity_sectors(&self) -> u64 {
+        self.capacity() >> 9
+    }
+}
+
+/// `[offset, offset + len)` lies within `capacity`.
+pub(crate) fn check_range(capacity: u64, offset: u64, len: u64) -> io::Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= capacity => Ok(()),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("range {offset}+{len} beyond the capacity {capacity}"),
+        )),
+    }
+}
+
+/// The error for a modification of a read-only backend.
+pub(crate) fn read_only_error() -> io::Error {
+    io::Error::new(io::ErrorKind::PermissionDenied, "read-only block device")
+}
