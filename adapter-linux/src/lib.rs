@@ -1,5 +1,12 @@
-//! Linux adapter for vhu: socket I/O with fd passing, guest memory mapping,
-//! eventfds and the event loop that drive the core's engines. Every `unsafe`
-//! line lives in [`sys`].
+//! `vhost-user-linux`: the Linux adapter of vhu.
+//!
+//! - [`sys`]: the only place with `unsafe` (sockets with SCM_RIGHTS,
+//!   eventfd, epoll, memfd, mmap);
+//! - [`memory`]: guest memory mapped from the front-end's fds, implementing
+//!   the core's `GuestMemory`;
+//! - [`backend`]: the back-end runtime serving front-ends on a socket.
+#![warn(missing_docs)]
 
+pub mod backend;
+pub mod memory;
 pub mod sys;

@@ -3,3 +3,4 @@
 pub mod blk;
 pub mod cli;
 pub mod logger;
+pub mod signals;

@@ -84,6 +84,10 @@ pub trait BackendDevice {
     /// Writes config space; `false` if refused (a read-only field written by
     /// a front-end write, or a range outside the config space).
     fn write_config(&mut self, offset: u32, src: &[u8], kind: ConfigWriteKind) -> bool;
+    /// SET_FEATURES was accepted: these are the negotiated features.
+    fn features_acked(&mut self, features: VirtioFeatures) {
+        let _ = features;
+    }
     /// The device was reset (RESET_DEVICE): drop device state.
     fn reset(&mut self) {}
 }
@@ -600,6 +604,7 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
                     return Err(BackendError::FeaturesWhileRunning);
                 }
                 self.acked_features = Some(acked);
+                device.features_acked(acked);
                 let bit30 = acked.contains(VirtioFeatures::PROTOCOL_FEATURES);
                 if !bit30 {
                     // Without protocol features there are none, and every

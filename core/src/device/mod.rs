@@ -113,3 +113,14 @@ where
         self(gpa, src)
     }
 }
+
+impl From<crate::vring::Segment> for Segment {
+    #[inline]
+    fn from(s: crate::vring::Segment) -> Self {
+        Segment {
+            addr: s.addr,
+            len: s.len,
+            writable: s.writable,
+        }
+    }
+}

@@ -432,6 +432,22 @@ impl Queue {
         }
     }
 
+    /// Move the ring to new guest physical addresses; indices are kept.
+    pub fn set_addrs(&mut self, addrs: RingAddrs) -> Result<(), VringError> {
+        match self {
+            Queue::Split(q) => q.set_addrs(addrs),
+            Queue::Packed(q) => q.set_addrs(addrs),
+        }
+    }
+
+    /// The ring's guest physical addresses.
+    pub fn addrs(&self) -> RingAddrs {
+        match self {
+            Queue::Split(q) => q.addrs(),
+            Queue::Packed(q) => q.addrs(),
+        }
+    }
+
     /// Check that every ring area is inside guest memory.
     pub fn check_areas<M: GuestMemory + ?Sized>(&self, mem: &M) -> Result<(), VringError> {
         match self {

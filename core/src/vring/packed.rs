@@ -93,6 +93,18 @@ impl PackedQueue {
         })
     }
 
+    /// Move the ring to new guest physical addresses (the memory table
+    /// changed while the ring runs); indices and wrap counters are kept.
+    pub fn set_addrs(&mut self, addrs: RingAddrs) -> Result<(), VringError> {
+        check_area(addrs.desc, 16 * u64::from(self.size), 16)?;
+        check_area(addrs.driver, 4, 4)?;
+        check_area(addrs.device, 4, 4)?;
+        self.desc = addrs.desc;
+        self.driver = addrs.driver;
+        self.device = addrs.device;
+        Ok(())
+    }
+
     /// Check that the descriptor ring and both event suppression areas are
     /// inside guest memory.
     pub fn check_areas<M: GuestMemory + ?Sized>(&self, mem: &M) -> Result<(), VringError> {

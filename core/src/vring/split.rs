@@ -78,6 +78,19 @@ impl SplitQueue {
         })
     }
 
+    /// Move the ring to new guest physical addresses (the memory table
+    /// changed while the ring runs); indices are kept. Checks alignment.
+    pub fn set_addrs(&mut self, addrs: RingAddrs) -> Result<(), VringError> {
+        let n = u64::from(self.size);
+        check_area(addrs.desc, 16 * n, 16)?;
+        check_area(addrs.driver, 6 + 2 * n, 2)?;
+        check_area(addrs.device, 6 + 8 * n, 4)?;
+        self.desc = addrs.desc;
+        self.avail = addrs.driver;
+        self.used = addrs.device;
+        Ok(())
+    }
+
     /// Check that the descriptor table, avail ring and used ring are
     /// inside guest memory.
     pub fn check_areas<M: GuestMemory + ?Sized>(&self, mem: &M) -> Result<(), VringError> {

@@ -14,12 +14,14 @@
 mod exec;
 mod file;
 mod null;
+mod service;
 
 use std::io;
 
 pub use exec::{execute, Completion, MAX_CHUNK};
 pub use file::{FileBackend, TempImage};
 pub use null::NullBackend;
+pub use service::{BlkService, QueueCounters, Scratch};
 
 /// Block storage behind a virtio-blk device. Offsets and lengths are in
 /// bytes; the request planner has already checked them against the
@@ -52,6 +54,31 @@ pub trait BlockBackend: Send + Sync + std::fmt::Debug {
     /// Capacity in 512-byte sectors (a partial last sector is not exposed).
     fn capacity_sectors(&self) -> u64 {
         self.capacity() >> 9
+    }
+}
+
+/// A boxed backend is a backend (the daemon picks one at run time).
+impl<T: BlockBackend + ?Sized> BlockBackend for Box<T> {
+    fn capacity(&self) -> u64 {
+        (**self).capacity()
+    }
+    fn read_only(&self) -> bool {
+        (**self).read_only()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        (**self).flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        (**self).discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
+        (**self).write_zeroes(offset, len, may_unmap)
     }
 }
 

@@ -1,0 +1,556 @@
+//! The back-end runtime: serves front-ends on a Unix socket, one at a time,
+//! driving the core's [`Session`] and one worker thread per running ring.
+//!
+//! The control thread reads a message and its fds, lets the session decide,
+//! and carries out the [`Action`]s: it maps and unmaps guest memory, hands
+//! eventfds to workers, starts and stops them. A GET_VRING_BASE on a running
+//! ring stops its worker, which completes the requests it had taken (the
+//! device processes each request to the end before taking the next), hands
+//! its ring back, and only then is the reply sent.
+//!
+//! When a front-end leaves, or sends a message the session refuses, every
+//! worker is stopped, every mapping and fd of that connection is released,
+//! and the next front-end is accepted.
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use log::{debug, error, info, warn};
+use vhost_user_core::backend::{
+    Action, BackendConfig, BackendDevice, BackendError, Reply, Session,
+};
+use vhost_user_core::message::{HEADER_SIZE, MAX_MESSAGE};
+use vhost_user_core::vring::{Chain, Queue, RingAddrs};
+
+use crate::memory::LinuxGuestMemory;
+use crate::sys::eventfd::EventFd;
+use crate::sys::socket::{Listener, Stream};
+
+/// The data path of a device: what a ring's worker does with each chain.
+pub trait QueueDevice: Send + Sync + 'static {
+    /// Per-worker scratch space.
+    type Scratch: Default + Send;
+
+    /// Processes one chain of `queue` and returns the bytes written into it.
+    /// With `side_effects` false (started but disabled ring) the chain is
+    /// consumed without side effects.
+    fn process(
+        &self,
+        queue: u16,
+        chain: &Chain,
+        mem: &LinuxGuestMemory,
+        side_effects: bool,
+        scratch: &mut Self::Scratch,
+    ) -> u32;
+
+    /// Called when a front-end disconnects (log counters, drop state).
+    fn disconnected(&self) {}
+}
+
+/// Counters of one ring's worker.
+#[derive(Debug, Default)]
+pub struct RingCounters {
+    /// Chains completed.
+    pub completed: AtomicU64,
+    /// Calls (interrupts) sent.
+    pub calls: AtomicU64,
+    /// Batches whose call was suppressed (EVENT_IDX / NO_INTERRUPT).
+    pub suppressed: AtomicU64,
+    /// Kicks received.
+    pub kicks: AtomicU64,
+}
+
+/// How the runtime treats guest-caused ring errors and idle polling.
+#[derive(Clone, Copy, Debug)]
+pub struct RuntimeOptions {
+    /// Completions published per batch at most (one used-index store and at
+    /// most one call per batch).
+    pub batch: usize,
+    /// Sleep between polls of a ring in polling mode (no kick fd).
+    pub poll_interval: Duration,
+}
+
+impl Default for RuntimeOptions {
+    fn default() -> Self {
+        RuntimeOptions {
+            batch: 64,
+            poll_interval: Duration::from_micros(50),
+        }
+    }
+}
+
+struct Shared {
+    stop: AtomicBool,
+    enabled: AtomicBool,
+    kick: Mutex<Option<Arc<EventFd>>>,
+    call: Mutex<Option<Arc<EventFd>>>,
+    remap: Mutex<Option<RingAddrs>>,
+    remap_pending: AtomicBool,
+    counters: RingCounters,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Shared {
+    fn wake(&self) {
+        if let Some(k) = lock(&self.kick).as_ref() {
+            // Writing our own kick wakes the worker; a spurious kick is
+            // harmless. Failure (counter overflow) cannot happen for 1.
+            let _ = k.write(1);
+        }
+    }
+}
+
+struct Worker {
+    shared: Arc<Shared>,
+    handle: JoinHandle<Queue>,
+}
+
+/// Per-ring state the control thread keeps.
+#[derive(Default)]
+struct RingFds {
+    kick: Option<Arc<EventFd>>,
+    call: Option<Arc<EventFd>>,
+    err: Option<Arc<EventFd>>,
+}
+
+/// One front-end connection's state.
+struct Connection<D: QueueDevice, const Q: usize, const R: usize> {
+    session: Session<Q, R>,
+    device: Arc<D>,
+    memory: Arc<RwLock<LinuxGuestMemory>>,
+    rings: Vec<RingFds>,
+    workers: Vec<Option<Worker>>,
+    options: RuntimeOptions,
+}
+
+/// Why a connection ended.
+#[derive(Debug)]
+pub enum ConnectionEnd {
+    /// The front-end closed the socket.
+    Closed,
+    /// The front-end sent something the session refused.
+    Refused(BackendError),
+    /// Socket I/O failed.
+    Io(io::Error),
+}
+
+impl<D, const Q: usize, const R: usize> Connection<D, Q, R>
+where
+    D: QueueDevice,
+    for<'a> &'a D: BackendDevice,
+{
+    fn new(
+        config: BackendConfig,
+        device: Arc<D>,
+        options: RuntimeOptions,
+    ) -> Result<Self, BackendError> {
+        let session = Session::new(config)?;
+        let n = usize::from(config.num_queues);
+        Ok(Connection {
+            session,
+            device,
+            memory: Arc::new(RwLock::new(LinuxGuestMemory::new())),
+            rings: (0..n).map(|_| RingFds::default()).collect(),
+            workers: (0..n).map(|_| None).collect(),
+            options,
+        })
+    }
+
+    fn serve(&mut self, stream: &Stream) -> ConnectionEnd {
+        let mut buf = Box::new([0u8; MAX_MESSAGE]);
+        let mut out = Box::new([0u8; MAX_MESSAGE]);
+        loop {
+            let rx = match stream.recv_message(&mut buf) {
+                Ok(Some(rx)) => rx,
+                Ok(None) => return ConnectionEnd::Closed,
+                Err(e) => return ConnectionEnd::Io(e),
+            };
+            let payload = &buf[HEADER_SIZE..HEADER_SIZE + rx.header.size as usize];
+            let mut fds: Vec<Option<OwnedFd>> = rx.fds.into_iter().map(Some).collect();
+            let result = {
+                let mem = self.memory.read().unwrap_or_else(PoisonError::into_inner);
+                let mut ctl = &*self.device;
+                self.session.handle(
+                    &rx.header,
+                    payload,
+                    fds.len(),
+                    &*mem,
+                    &mut ctl,
+                    &mut out[..],
+                )
+            };
+            let outcome = match result {
+                Ok(o) => o,
+                Err(e) => return ConnectionEnd::Refused(e),
+            };
+            if let Some(e) = outcome.refused {
+                warn!("request {} refused: {e}", rx.header.request);
+            }
+            for action in outcome.actions {
+                if let Err(e) = self.apply(action, &mut fds) {
+                    return ConnectionEnd::Refused(e);
+                }
+            }
+            let reply = match outcome.reply {
+                Reply::None => None,
+                Reply::Ready(n) => Some(n),
+                Reply::Pending { queue } => match self.stop_worker(queue) {
+                    Some(ring) => match self.session.finish_stop(queue, &ring, &mut out[..]) {
+                        Ok(n) => Some(n),
+                        Err(e) => return ConnectionEnd::Refused(e),
+                    },
+                    None => return ConnectionEnd::Refused(BackendError::NotStopping(queue)),
+                },
+            };
+            if let Some(n) = reply {
+                if let Err(e) = stream.send_message(&out[..n], &[]) {
+                    return ConnectionEnd::Io(e);
+                }
+            }
+            // fds no action took are closed here.
+            drop(fds);
+        }
+    }
+
+    fn take_fd(fds: &mut [Option<OwnedFd>], i: u8) -> Result<OwnedFd, BackendError> {
+        fds.get_mut(usize::from(i))
+            .and_then(Option::take)
+            .ok_or(BackendError::Wire(
+                vhost_user_core::message::WireError::MissingFds {
+                    needed: i + 1,
+                    got: 0,
+                },
+            ))
+    }
+
+    fn eventfd(
+        fds: &mut [Option<OwnedFd>],
+        i: Option<u8>,
+    ) -> Result<Option<Arc<EventFd>>, BackendError> {
+        i.map(|i| Self::take_fd(fds, i).map(|fd| Arc::new(EventFd::from(fd))))
+            .transpose()
+    }
+
+    fn apply(&mut self, action: Action, fds: &mut [Option<OwnedFd>]) -> Result<(), BackendError> {
+        match action {
+            Action::UnmapAll => self.memory_mut().clear(),
+            Action::MapRegion { slot, fd, region } => {
+                let fd = Self::take_fd(fds, fd)?;
+                self.memory_mut()
+                    .map(usize::from(slot), region, fd)
+                    .map_err(|e| {
+                        error!("cannot map guest memory region {slot}: {e}");
+                        BackendError::Memory(vhost_user_core::memory::MemoryError::BadRegion)
+                    })?;
+            }
+            Action::UnmapRegion { slot } => self.memory_mut().unmap(usize::from(slot)),
+            Action::RemapRings => {
+                for (q, w) in self.workers.iter().enumerate() {
+                    if let Some(w) = w {
+                        let addrs = self.session.ring_addrs(q as u16)?;
+                        *lock(&w.shared.remap) = Some(addrs);
+                        w.shared.remap_pending.store(true, Ordering::Release);
+                        w.shared.wake();
+                    }
+                }
+            }
+            Action::SetKick { queue, fd } => {
+                let kick = Self::eventfd(fds, fd)?;
+                let q = usize::from(queue);
+                if let Some(w) = &self.workers[q] {
+                    let old = std::mem::replace(&mut *lock(&w.shared.kick), kick.clone());
+                    if let Some(old) = old {
+                        let _ = old.write(1);
+                    }
+                }
+                self.rings[q].kick = kick;
+            }
+            Action::SetCall { queue, fd } => {
+                let call = Self::eventfd(fds, fd)?;
+                let q = usize::from(queue);
+                if let Some(w) = &self.workers[q] {
+                    *lock(&w.shared.call) = call.clone();
+                }
+                self.rings[q].call = call;
+            }
+            Action::SetErr { queue, fd } => {
+                self.rings[usize::from(queue)].err = Self::eventfd(fds, fd)?;
+            }
+            Action::StartRing {
+                queue,
+                ring,
+                enabled,
+            } => self.start_worker(queue, ring, enabled),
+            Action::StopRing { queue } => {
+                // The reply is pending; the worker is stopped when it is
+                // sent (see `serve`).
+                debug!("ring {queue} stopping");
+            }
+            Action::SetEnabled { queue, enabled } => {
+                if let Some(w) = &self.workers[usize::from(queue)] {
+                    w.shared.enabled.store(enabled, Ordering::Release);
+                    w.shared.wake();
+                }
+            }
+            Action::ResetRings => {
+                for q in 0..self.workers.len() {
+                    let _ = self.stop_worker(q as u16);
+                    self.rings[q] = RingFds::default();
+                }
+                self.session.rings_reset();
+            }
+        }
+        Ok(())
+    }
+
+    fn memory_mut(&self) -> std::sync::RwLockWriteGuard<'_, LinuxGuestMemory> {
+        self.memory.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn start_worker(&mut self, queue: u16, ring: Queue, enabled: bool) {
+        let q = usize::from(queue);
+        let shared = Arc::new(Shared {
+            stop: AtomicBool::new(false),
+            enabled: AtomicBool::new(enabled),
+            kick: Mutex::new(self.rings[q].kick.clone()),
+            call: Mutex::new(self.rings[q].call.clone()),
+            remap: Mutex::new(None),
+            remap_pending: AtomicBool::new(false),
+            counters: RingCounters::default(),
+        });
+        let device = Arc::clone(&self.device);
+        let memory = Arc::clone(&self.memory);
+        let s = Arc::clone(&shared);
+        let options = self.options;
+        let spawned = std::thread::Builder::new()
+            .name(format!("vhu-ring-{queue}"))
+            .spawn(move || run_ring(queue, ring, &*device, &memory, &s, options));
+        match spawned {
+            Ok(handle) => self.workers[q] = Some(Worker { shared, handle }),
+            Err(e) => error!("cannot start a thread for ring {queue}: {e}"),
+        }
+    }
+
+    /// Stops a ring's worker and returns its ring.
+    fn stop_worker(&mut self, queue: u16) -> Option<Queue> {
+        let w = self.workers.get_mut(usize::from(queue))?.take()?;
+        w.shared.stop.store(true, Ordering::Release);
+        w.shared.wake();
+        let c = &w.shared.counters;
+        let ring = match w.handle.join() {
+            Ok(ring) => ring,
+            Err(_) => {
+                error!("ring {queue} worker panicked");
+                return None;
+            }
+        };
+        info!(
+            "ring {queue} stopped: {} requests, {} kicks, {} calls, {} calls suppressed",
+            c.completed.load(Ordering::Relaxed),
+            c.kicks.load(Ordering::Relaxed),
+            c.calls.load(Ordering::Relaxed),
+            c.suppressed.load(Ordering::Relaxed),
+        );
+        Some(ring)
+    }
+
+    fn teardown(&mut self) {
+        for q in 0..self.workers.len() {
+            let _ = self.stop_worker(q as u16);
+        }
+        self.rings.clear();
+        self.memory_mut().clear();
+        self.session.rings_reset();
+        self.device.disconnected();
+    }
+}
+
+/// A ring's worker: processes the ring until told to stop, then returns it.
+fn run_ring<D: QueueDevice>(
+    queue: u16,
+    mut ring: Queue,
+    device: &D,
+    memory: &RwLock<LinuxGuestMemory>,
+    shared: &Shared,
+    options: RuntimeOptions,
+) -> Queue {
+    let mut chain: Chain = Chain::new();
+    let mut scratch = D::Scratch::default();
+    let mut broken = false;
+    loop {
+        if shared.stop.load(Ordering::Acquire) {
+            return ring;
+        }
+        if shared.remap_pending.swap(false, Ordering::AcqRel) {
+            if let Some(addrs) = lock(&shared.remap).take() {
+                if let Err(e) = ring.set_addrs(addrs) {
+                    error!("ring {queue}: cannot move to new addresses: {e}");
+                    broken = true;
+                }
+            }
+        }
+        let mut idle = broken;
+        if !broken {
+            let mem = memory.read().unwrap_or_else(PoisonError::into_inner);
+            match drain(
+                queue,
+                &mut ring,
+                device,
+                &mem,
+                shared,
+                &mut chain,
+                &mut scratch,
+                options,
+            ) {
+                Ok(more) => {
+                    if !more {
+                        // Re-arm notifications, then look once more so a
+                        // request published meanwhile is not slept on.
+                        idle = !matches!(ring.enable_notification(&*mem), Ok(true));
+                    }
+                }
+                Err(e) => {
+                    error!("ring {queue}: {e}; the ring is stopped until restarted");
+                    broken = true;
+                    idle = true;
+                }
+            }
+        }
+        if idle {
+            wait_kick(shared, options);
+        }
+    }
+}
+
+/// Processes up to a batch; `Ok(true)` if more may be available.
+#[allow(clippy::too_many_arguments)]
+fn drain<D: QueueDevice>(
+    queue: u16,
+    ring: &mut Queue,
+    device: &D,
+    mem: &LinuxGuestMemory,
+    shared: &Shared,
+    chain: &mut Chain,
+    scratch: &mut D::Scratch,
+    options: RuntimeOptions,
+) -> Result<bool, vhost_user_core::vring::VringError> {
+    let side_effects = shared.enabled.load(Ordering::Acquire);
+    let mut n = 0;
+    let mut more = true;
+    while n < options.batch {
+        if !ring.pop_into(mem, chain)? {
+            more = false;
+            break;
+        }
+        let len = device.process(queue, chain, mem, side_effects, scratch);
+        ring.add_used(mem, chain.head(), len)?;
+        n += 1;
+    }
+    if n > 0 {
+        let c = &shared.counters;
+        c.completed.fetch_add(n as u64, Ordering::Relaxed);
+        if ring.flush_used(mem)? {
+            if let Some(call) = lock(&shared.call).as_ref() {
+                let _ = call.write(1);
+                c.calls.fetch_add(1, Ordering::Relaxed);
+            }
+        } else {
+            c.suppressed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    Ok(more)
+}
+
+fn wait_kick(shared: &Shared, options: RuntimeOptions) {
+    let kick = lock(&shared.kick).clone();
+    match kick {
+        Some(k) => {
+            // QEMU's eventfds are non-blocking (the flag is shared with the
+            // front-end), so poll before reading.
+            match k.wait(None) {
+                Ok(Some(_)) => {
+                    shared.counters.kicks.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    warn!("kick fd wait failed: {e}");
+                    std::thread::sleep(options.poll_interval);
+                }
+            }
+        }
+        None => std::thread::sleep(options.poll_interval),
+    }
+}
+
+/// Serves front-ends on `listener`, one at a time, until `stop` is set (the
+/// caller then wakes the accept, e.g. by connecting once).
+pub fn serve<D, const Q: usize, const R: usize>(
+    listener: &Listener,
+    config: BackendConfig,
+    device: Arc<D>,
+    options: RuntimeOptions,
+    stop: &AtomicBool,
+) -> Result<(), BackendError>
+where
+    D: QueueDevice,
+    for<'a> &'a D: BackendDevice,
+{
+    // Refuse a bad configuration before accepting anyone.
+    Session::<Q, R>::new(config)?;
+    while !stop.load(Ordering::Acquire) {
+        let stream = match listener.accept() {
+            Ok(s) => s,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                error!("accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        if stop.load(Ordering::Acquire) {
+            break;
+        }
+        info!("front-end connected");
+        serve_one::<D, Q, R>(&stream, config, Arc::clone(&device), options);
+    }
+    Ok(())
+}
+
+/// Serves one front-end connection to its end.
+pub fn serve_one<D, const Q: usize, const R: usize>(
+    stream: &Stream,
+    config: BackendConfig,
+    device: Arc<D>,
+    options: RuntimeOptions,
+) -> ConnectionEnd
+where
+    D: QueueDevice,
+    for<'a> &'a D: BackendDevice,
+{
+    let mut conn = match Connection::<D, Q, R>::new(config, device, options) {
+        Ok(c) => c,
+        Err(e) => return ConnectionEnd::Refused(e),
+    };
+    let end = conn.serve(stream);
+    let f = conn.session.features();
+    let p = conn.session.protocol_features();
+    match &end {
+        ConnectionEnd::Closed => info!(
+            "front-end disconnected (features {:#x}, protocol features {:#x})",
+            f.bits(),
+            p.bits()
+        ),
+        ConnectionEnd::Refused(e) => error!("front-end error, disconnecting: {e}"),
+        ConnectionEnd::Io(e) => error!("front-end socket error, disconnecting: {e}"),
+    }
+    conn.teardown();
+    let _ = stream.as_fd();
+    end
+}

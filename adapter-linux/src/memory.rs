@@ -1,0 +1,274 @@
+//! Guest memory mapped from the fds of SET_MEM_TABLE / ADD_MEM_REG,
+//! implementing the core's [`GuestMemory`] trait.
+//!
+//! The session's [`MemoryTable`](vhost_user_core::memory::MemoryTable)
+//! decides which regions exist and in which slot; this type only holds the
+//! mappings, keyed by the same slots, and translates guest physical
+//! addresses to them. Accesses that span two adjacent regions are split.
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{fence, Ordering};
+
+use vhost_user_core::memory::{GuestMemory, MemoryError};
+use vhost_user_core::message::MemRegionMsg;
+
+use crate::sys::mmap::{Access, AccessError, MmapRegion};
+
+#[derive(Debug)]
+struct Mapped {
+    slot: usize,
+    gpa: u64,
+    size: u64,
+    map: MmapRegion,
+}
+
+impl Mapped {
+    fn end(&self) -> u64 {
+        // Cannot overflow: checked when mapped.
+        self.gpa + self.size
+    }
+}
+
+/// The mapped guest memory of one front-end connection.
+#[derive(Debug, Default)]
+pub struct LinuxGuestMemory {
+    /// Sorted by guest address, never overlapping.
+    regions: Vec<Mapped>,
+}
+
+fn access_err(e: AccessError, addr: u64, len: u64) -> MemoryError {
+    match e {
+        AccessError::Misaligned => MemoryError::Misaligned(addr),
+        AccessError::OutOfBounds | AccessError::ReadOnly => MemoryError::Unmapped { addr, len },
+    }
+}
+
+impl LinuxGuestMemory {
+    /// No memory.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Maps `region` from `fd` into `slot` (replacing what was there). The
+    /// fd is closed once mapped, as the mapping keeps the memory alive.
+    pub fn map(&mut self, slot: usize, region: MemRegionMsg, fd: OwnedFd) -> io::Result<()> {
+        let invalid = |m: &str| io::Error::new(io::ErrorKind::InvalidInput, m.to_string());
+        let end = region
+            .guest_addr
+            .checked_add(region.size)
+            .ok_or_else(|| invalid("region end overflows"))?;
+        self.unmap(slot);
+        if self
+            .regions
+            .iter()
+            .any(|r| region.guest_addr < r.end() && r.gpa < end)
+        {
+            return Err(invalid("region overlaps a mapped region"));
+        }
+        let map = MmapRegion::map(
+            fd.as_fd(),
+            region.mmap_offset,
+            region.size,
+            Access::ReadWrite,
+        )?;
+        drop(fd);
+        let pos = self.regions.partition_point(|r| r.gpa < region.guest_addr);
+        self.regions.insert(
+            pos,
+            Mapped {
+                slot,
+                gpa: region.guest_addr,
+                size: region.size,
+                map,
+            },
+        );
+        Ok(())
+    }
+
+    /// Unmaps `slot` if it is mapped.
+    pub fn unmap(&mut self, slot: usize) {
+        self.regions.retain(|r| r.slot != slot);
+    }
+
+    /// Unmaps everything.
+    pub fn clear(&mut self) {
+        self.regions.clear();
+    }
+
+    /// Number of mapped regions.
+    pub fn len(&self) -> usize {
+        self.regions.len()
+    }
+
+    /// True if nothing is mapped.
+    pub fn is_empty(&self) -> bool {
+        self.regions.is_empty()
+    }
+
+    /// The region holding `gpa`.
+    fn find(&self, gpa: u64) -> Option<&Mapped> {
+        let i = self.regions.partition_point(|r| r.gpa <= gpa);
+        let r = self.regions.get(i.checked_sub(1)?)?;
+        (gpa < r.end()).then_some(r)
+    }
+
+    /// Runs `f(region, offset in region, range start, range length)` over
+    /// the pieces of `[gpa, gpa + len)`, which must be fully mapped.
+    fn pieces(
+        &self,
+        gpa: u64,
+        len: u64,
+        mut f: impl FnMut(&Mapped, u64, usize, usize) -> Result<(), MemoryError>,
+    ) -> Result<(), MemoryError> {
+        let unmapped = MemoryError::Unmapped { addr: gpa, len };
+        gpa.checked_add(len).ok_or(MemoryError::Overflow)?;
+        let mut done = 0u64;
+        loop {
+            let at = gpa + done;
+            let r = self.find(at).ok_or(unmapped)?;
+            let n = (len - done).min(r.end() - at);
+            f(r, at - r.gpa, done as usize, n as usize)?;
+            done += n;
+            if done == len {
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl GuestMemory for LinuxGuestMemory {
+    fn read(&self, gpa: u64, dst: &mut [u8]) -> Result<(), MemoryError> {
+        let len = dst.len() as u64;
+        if len == 0 {
+            return self.check(gpa, 0);
+        }
+        self.pieces(gpa, len, |r, off, start, n| {
+            r.map
+                .read(off, &mut dst[start..start + n])
+                .map_err(|e| access_err(e, gpa, len))
+        })
+    }
+
+    fn write(&self, gpa: u64, src: &[u8]) -> Result<(), MemoryError> {
+        let len = src.len() as u64;
+        if len == 0 {
+            return self.check(gpa, 0);
+        }
+        self.pieces(gpa, len, |r, off, start, n| {
+            r.map
+                .write(off, &src[start..start + n])
+                .map_err(|e| access_err(e, gpa, len))
+        })
+    }
+
+    fn load_u16_acquire(&self, gpa: u64) -> Result<u16, MemoryError> {
+        if gpa % 2 != 0 {
+            return Err(MemoryError::Misaligned(gpa));
+        }
+        let r = self
+            .find(gpa)
+            .ok_or(MemoryError::Unmapped { addr: gpa, len: 2 })?;
+        r.map
+            .load_u16_acquire(gpa - r.gpa)
+            .map_err(|e| access_err(e, gpa, 2))
+    }
+
+    fn store_u16_release(&self, gpa: u64, v: u16) -> Result<(), MemoryError> {
+        if gpa % 2 != 0 {
+            return Err(MemoryError::Misaligned(gpa));
+        }
+        let r = self
+            .find(gpa)
+            .ok_or(MemoryError::Unmapped { addr: gpa, len: 2 })?;
+        r.map
+            .store_u16_release(gpa - r.gpa, v)
+            .map_err(|e| access_err(e, gpa, 2))
+    }
+
+    fn fence(&self) {
+        fence(Ordering::SeqCst);
+    }
+
+    fn check(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
+        if len == 0 {
+            return self
+                .find(gpa)
+                .map(|_| ())
+                .ok_or(MemoryError::Unmapped { addr: gpa, len: 0 });
+        }
+        self.pieces(gpa, len, |_, _, _, _| Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::memfd;
+
+    fn region(gpa: u64, size: u64, off: u64) -> MemRegionMsg {
+        MemRegionMsg {
+            guest_addr: gpa,
+            size,
+            user_addr: 0x7000_0000 + gpa,
+            mmap_offset: off,
+            xen: None,
+        }
+    }
+
+    #[test]
+    fn split_copies_across_adjacent_regions_and_refuses_holes() {
+        let fd = memfd::create("guest", 0x4000).unwrap();
+        let mut m = LinuxGuestMemory::new();
+        m.map(0, region(0x1000, 0x1000, 0x2000), fd.try_clone().unwrap())
+            .unwrap();
+        m.map(1, region(0x2000, 0x1000, 0x100), fd.try_clone().unwrap())
+            .unwrap();
+        m.map(2, region(0x8000, 0x1000, 0), fd).unwrap();
+        m.write(0x1ffe, b"abcd").unwrap();
+        let mut b = [0u8; 4];
+        m.read(0x1ffe, &mut b).unwrap();
+        assert_eq!(&b, b"abcd");
+        // The second half landed at fd offset 0x100 (slot 1).
+        let mut c = [0u8; 2];
+        m.read(0x2000, &mut c).unwrap();
+        assert_eq!(&c, b"cd");
+        assert_eq!(
+            m.read(0x2ffe, &mut b),
+            Err(MemoryError::Unmapped {
+                addr: 0x2ffe,
+                len: 4
+            })
+        );
+        assert!(m.check(0x1000, 0x2000).is_ok());
+        assert!(m.check(0x1000, 0x2001).is_err());
+        assert_eq!(m.check(u64::MAX, 2), Err(MemoryError::Overflow));
+        assert_eq!(
+            m.load_u16_acquire(0x1001),
+            Err(MemoryError::Misaligned(0x1001))
+        );
+        m.store_u16_release(0x8002, 7).unwrap();
+        assert_eq!(m.load_u16_acquire(0x8002).unwrap(), 7);
+        m.unmap(1);
+        assert!(m.read(0x1ffe, &mut b).is_err());
+        assert_eq!(m.len(), 2);
+        m.clear();
+        assert!(m.is_empty());
+    }
+
+    #[test]
+    fn refuses_overlap_and_short_files() {
+        let fd = memfd::create("guest", 0x2000).unwrap();
+        let mut m = LinuxGuestMemory::new();
+        m.map(0, region(0x1000, 0x1000, 0), fd.try_clone().unwrap())
+            .unwrap();
+        assert!(m
+            .map(1, region(0x1800, 0x1000, 0), fd.try_clone().unwrap())
+            .is_err());
+        assert!(m
+            .map(1, region(0x4000, 0x3000, 0), fd.try_clone().unwrap())
+            .is_err());
+        assert!(m.map(1, region(u64::MAX - 10, 0x1000, 0), fd).is_err());
+        assert_eq!(m.len(), 1);
+    }
+}

@@ -1,0 +1,277 @@
+//! Shared memory mappings with bounds-checked access that never forms a
+//! Rust reference into the mapped bytes.
+//!
+//! Guest memory is shared with a guest that writes it concurrently, so a
+//! `&[u8]` into it would be a data race by Rust's rules. [`MmapRegion`]
+//! hands out copies only: [`MmapRegion::read`] and [`MmapRegion::write`]
+//! copy through raw pointers, and the 16-bit ring indices are accessed as
+//! single aligned atomic operations.
+
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::mem::ManuallyDrop;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd};
+use std::ptr::{self, NonNull};
+use std::sync::atomic::{AtomicU16, Ordering};
+
+use super::{cvt, page_size};
+
+/// What a mapping allows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// `PROT_READ`.
+    Read,
+    /// `PROT_READ | PROT_WRITE`.
+    ReadWrite,
+}
+
+/// A refused access to a mapping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AccessError {
+    /// The range is not inside the mapping.
+    OutOfBounds,
+    /// An atomic access at an address not aligned to its size.
+    Misaligned,
+    /// A write to a read-only mapping.
+    ReadOnly,
+}
+
+impl fmt::Display for AccessError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AccessError::OutOfBounds => "access outside the mapping",
+            AccessError::Misaligned => "misaligned atomic access",
+            AccessError::ReadOnly => "write to a read-only mapping",
+        })
+    }
+}
+
+impl std::error::Error for AccessError {}
+
+/// A `MAP_SHARED` mapping of `len` bytes of a file from `offset` on.
+///
+/// The mapping itself starts at the page boundary below `offset`; offsets
+/// passed to the accessors are relative to `offset`.
+pub struct MmapRegion {
+    /// Start of the kernel mapping (page aligned).
+    base: NonNull<u8>,
+    /// Length of the kernel mapping.
+    map_len: usize,
+    /// Bytes between `base` and the first byte of the region.
+    skip: usize,
+    /// Length of the region.
+    len: usize,
+    access: Access,
+}
+
+// SAFETY: the mapping is plain shared memory owned by this value; every
+// access goes through raw-pointer copies or atomics, which are sound from
+// any thread (the memory is shared with other processes anyway).
+unsafe impl Send for MmapRegion {}
+// SAFETY: as for Send; `&MmapRegion` gives no reference into the mapping.
+unsafe impl Sync for MmapRegion {}
+
+impl fmt::Debug for MmapRegion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MmapRegion")
+            .field("base", &self.base)
+            .field("len", &self.len)
+            .field("access", &self.access)
+            .finish()
+    }
+}
+
+/// The size of the file behind `fd` if it is a regular file (memfd,
+/// tmpfs, hugetlbfs), `None` for other kinds.
+pub fn file_size(fd: BorrowedFd<'_>) -> io::Result<Option<u64>> {
+    // SAFETY: the File is never dropped (ManuallyDrop), so `fd` stays owned
+    // by the caller; it is only used for fstat during this call.
+    let file = ManuallyDrop::new(unsafe { File::from_raw_fd(fd.as_raw_fd()) });
+    let meta = file.metadata()?;
+    Ok(meta.file_type().is_file().then_some(meta.len()))
+}
+
+impl MmapRegion {
+    /// Maps `len` bytes of `fd` from byte `offset`, shared. A regular file
+    /// must be at least `offset + len` bytes long (a shorter one would
+    /// raise SIGBUS on access); `len` must not be 0.
+    pub fn map(
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        len: u64,
+        access: Access,
+    ) -> io::Result<MmapRegion> {
+        let invalid = |m: &str| io::Error::new(io::ErrorKind::InvalidInput, m.to_string());
+        if len == 0 {
+            return Err(invalid("empty mapping"));
+        }
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| invalid("offset + size overflows"))?;
+        if let Some(size) = file_size(fd)? {
+            if size < end {
+                return Err(invalid("the file is shorter than offset + size"));
+            }
+        }
+        let page = page_size() as u64;
+        let skip = offset % page;
+        let map_len = usize::try_from(
+            len.checked_add(skip)
+                .ok_or_else(|| invalid("size overflows"))?,
+        )
+        .map_err(|_| invalid("size exceeds the address space"))?;
+        let file_off =
+            libc::off_t::try_from(offset - skip).map_err(|_| invalid("offset too large"))?;
+        let prot = match access {
+            Access::Read => libc::PROT_READ,
+            Access::ReadWrite => libc::PROT_READ | libc::PROT_WRITE,
+        };
+        // SAFETY: a fresh mapping at an address of the kernel's choice
+        // (NULL hint, no MAP_FIXED) cannot alias existing Rust objects;
+        // `fd` is a valid open fd for the call.
+        let p = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                map_len,
+                prot,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                fd.as_raw_fd(),
+                file_off,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let base =
+            NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+        Ok(MmapRegion {
+            base,
+            map_len,
+            skip: skip as usize,
+            len: map_len - skip as usize,
+            access,
+        })
+    }
+
+    /// Length of the region in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: empty mappings are refused.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The region's access mode.
+    pub fn access(&self) -> Access {
+        self.access
+    }
+
+    /// Pointer to byte `off` of the region if `[off, off + n)` is inside.
+    fn at(&self, off: u64, n: usize) -> Result<*mut u8, AccessError> {
+        let off = usize::try_from(off).map_err(|_| AccessError::OutOfBounds)?;
+        let end = off.checked_add(n).ok_or(AccessError::OutOfBounds)?;
+        if end > self.len {
+            return Err(AccessError::OutOfBounds);
+        }
+        // SAFETY: skip + off + n <= map_len, so the result stays inside
+        // (or one past the end of) the mapping.
+        Ok(unsafe { self.base.as_ptr().add(self.skip + off) })
+    }
+
+    /// Copies `dst.len()` bytes at `off` into `dst`.
+    pub fn read(&self, off: u64, dst: &mut [u8]) -> Result<(), AccessError> {
+        let src = self.at(off, dst.len())?;
+        // SAFETY: `src..src+len` is inside the live mapping (checked by
+        // `at`), `dst` is a distinct Rust buffer; the guest may write the
+        // source concurrently, which yields arbitrary bytes, never UB in
+        // our code because no reference to the source exists.
+        unsafe { ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+
+    /// Copies `src` to `off`.
+    pub fn write(&self, off: u64, src: &[u8]) -> Result<(), AccessError> {
+        if self.access != Access::ReadWrite {
+            return Err(AccessError::ReadOnly);
+        }
+        let dst = self.at(off, src.len())?;
+        // SAFETY: `dst..dst+len` is inside the live, writable mapping;
+        // `src` is a Rust buffer that cannot overlap it (we never hand out
+        // references into the mapping).
+        unsafe { ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len()) };
+        Ok(())
+    }
+
+    fn atomic_u16(&self, off: u64) -> Result<&AtomicU16, AccessError> {
+        if off % 2 != 0 {
+            return Err(AccessError::Misaligned);
+        }
+        let p = self.at(off, 2)?;
+        if (p as usize) % 2 != 0 {
+            return Err(AccessError::Misaligned);
+        }
+        // SAFETY: `p` is 2-aligned, inside the mapping for 2 bytes, and the
+        // mapping lives as long as `&self`; all our accesses to ring
+        // indices are atomic, and an AtomicU16 may alias memory other
+        // processes write.
+        Ok(unsafe { AtomicU16::from_ptr(p.cast::<u16>()) })
+    }
+
+    /// Acquire load of the little-endian u16 at `off` (2-aligned).
+    pub fn load_u16_acquire(&self, off: u64) -> Result<u16, AccessError> {
+        Ok(u16::from_le(self.atomic_u16(off)?.load(Ordering::Acquire)))
+    }
+
+    /// Release store of the little-endian u16 `v` at `off` (2-aligned).
+    pub fn store_u16_release(&self, off: u64, v: u16) -> Result<(), AccessError> {
+        if self.access != Access::ReadWrite {
+            return Err(AccessError::ReadOnly);
+        }
+        self.atomic_u16(off)?.store(v.to_le(), Ordering::Release);
+        Ok(())
+    }
+}
+
+impl Drop for MmapRegion {
+    fn drop(&mut self) {
+        // SAFETY: `base`/`map_len` are exactly what mmap returned, and no
+        // reference into the mapping outlives `self` (atomics borrow self).
+        let r = unsafe { libc::munmap(self.base.as_ptr().cast(), self.map_len) };
+        let _ = cvt(r);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn honours_an_unaligned_offset_and_bounds() {
+        let fd = super::super::memfd::create("t", 3 * 4096).unwrap();
+        let a = MmapRegion::map(fd.as_fd(), 0, 3 * 4096, Access::ReadWrite).unwrap();
+        a.write(4096 + 100, b"hello").unwrap();
+        let b = MmapRegion::map(fd.as_fd(), 4096 + 96, 200, Access::Read).unwrap();
+        let mut buf = [0u8; 5];
+        b.read(4, &mut buf).unwrap();
+        assert_eq!(&buf, b"hello");
+        assert_eq!(b.read(196, &mut buf), Err(AccessError::OutOfBounds));
+        assert_eq!(b.read(u64::MAX, &mut buf), Err(AccessError::OutOfBounds));
+        assert_eq!(b.write(0, b"x"), Err(AccessError::ReadOnly));
+        assert_eq!(a.load_u16_acquire(1), Err(AccessError::Misaligned));
+        a.store_u16_release(4096 + 104, 0xbeef).unwrap();
+        assert_eq!(b.load_u16_acquire(8).unwrap(), 0xbeef);
+    }
+
+    #[test]
+    fn refuses_a_file_shorter_than_the_region() {
+        let fd = super::super::memfd::create("t", 4096).unwrap();
+        let e = MmapRegion::map(fd.as_fd(), 4096, 4096, Access::Read).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        assert!(MmapRegion::map(fd.as_fd(), u64::MAX, 2, Access::Read).is_err());
+        assert!(MmapRegion::map(fd.as_fd(), 0, 0, Access::Read).is_err());
+    }
+}

@@ -1,0 +1,567 @@
+//! Unix stream sockets for vhost-user, with file descriptors passed as
+//! SCM_RIGHTS ancillary data.
+//!
+//! A vhost-user message is a 12-byte header followed by exactly `size`
+//! payload bytes; its fds travel as ancillary data on the first bytes.
+//! [`Stream::recv_message`] reads the header with `recvmsg`
+//! (`MSG_CMSG_CLOEXEC`, a control buffer with room for one fd more than
+//! [`MAX_FDS`] so surplus fds are seen), validates it with
+//! [`Header::parse`], then reads exactly the payload. Every fd the kernel
+//! installs is wrapped in an [`OwnedFd`] before anything else happens, so
+//! every error path closes it: a peer cannot exhaust our fd table by
+//! attaching fds (DPDK CVE-2019-14818, CVE-2022-0669).
+//!
+//! Sockets are blocking. A message is read or written whole, retrying on
+//! `EINTR` and short reads or writes; an event loop that learns readability
+//! through epoll then calls [`Stream::recv_message`], which blocks only for
+//! the rest of a message the peer is sending.
+
+use std::ffi::c_void;
+use std::fmt;
+use std::io;
+use std::mem::{self, size_of};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::ptr;
+
+use vhost_user_core::message::{Header, HEADER_SIZE, MAX_FDS, MAX_MESSAGE, MAX_PAYLOAD};
+
+use super::{cvt, retry};
+
+/// Room for one fd more than any message may carry: the kernel installs at
+/// most this many, and a message with more is detected (and all closed).
+const FD_ROOM: usize = MAX_FDS + 1;
+
+/// Bytes of control buffer for [`FD_ROOM`] fds.
+// SAFETY: CMSG_SPACE is pure arithmetic on its argument.
+const CMSG_BUF_LEN: usize =
+    unsafe { libc::CMSG_SPACE((FD_ROOM * size_of::<RawFd>()) as u32) } as usize;
+
+/// A control-message buffer aligned for `cmsghdr`.
+#[repr(C, align(8))]
+struct CmsgBuf([u8; CMSG_BUF_LEN]);
+
+const _: () = assert!(mem::align_of::<libc::cmsghdr>() <= 8);
+
+fn invalid_data(msg: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+/// Reads an `int` socket option.
+fn sockopt_int(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+) -> io::Result<libc::c_int> {
+    let mut v: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `v` and `len` are valid for writes; the kernel writes at most
+    // `len` bytes into `v` and updates `len`.
+    cvt(unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            ptr::addr_of_mut!(v).cast::<c_void>(),
+            &mut len,
+        )
+    })?;
+    Ok(v)
+}
+
+/// Checks that `fd` is a Unix stream socket, listening or not as asked.
+fn check_unix_stream(fd: BorrowedFd<'_>, listening: bool) -> io::Result<()> {
+    let not = |what: &'static str| io::Error::new(io::ErrorKind::InvalidInput, what);
+    let domain = sockopt_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN).map_err(|e| {
+        if e.raw_os_error() == Some(libc::ENOTSOCK) {
+            not("fd is not a socket")
+        } else {
+            e
+        }
+    })?;
+    if domain != libc::AF_UNIX {
+        return Err(not("socket is not a Unix domain socket"));
+    }
+    if sockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE)? != libc::SOCK_STREAM {
+        return Err(not("socket is not a stream socket"));
+    }
+    let acc = sockopt_int(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN)? != 0;
+    match (listening, acc) {
+        (true, false) => Err(not("socket is not listening")),
+        (false, true) => Err(not("socket is a listening socket")),
+        _ => Ok(()),
+    }
+}
+
+/// Removes a stale socket file at `path`: one nobody listens on. A live
+/// socket or a file that is not a socket is left alone and reported.
+fn remove_stale(path: &Path) -> io::Result<()> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a socket", path.display()),
+        ));
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("something is listening on {}", path.display()),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            match std::fs::remove_file(path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// A listening Unix stream socket.
+#[derive(Debug)]
+pub struct Listener {
+    inner: UnixListener,
+    path: Option<PathBuf>,
+}
+
+impl Listener {
+    /// Listens on `path` (`--socket-path`). A stale socket file there (one
+    /// nobody listens on) is removed first; if something listens there the
+    /// result is an [`io::ErrorKind::AddrInUse`] error, and a file that is
+    /// not a socket is never removed ([`io::ErrorKind::AlreadyExists`]).
+    /// The socket file is not removed when the listener is dropped.
+    pub fn bind(path: impl AsRef<Path>) -> io::Result<Listener> {
+        let path = path.as_ref();
+        remove_stale(path)?;
+        let inner = UnixListener::bind(path)?;
+        Ok(Listener {
+            inner,
+            path: Some(path.to_path_buf()),
+        })
+    }
+
+    /// Adopts an inherited listening socket (`--fd N`).
+    ///
+    /// The fd is duplicated (close-on-exec) and the duplicate checked to be
+    /// a listening Unix stream socket; `fd` itself is neither taken nor
+    /// closed, since this function cannot know that nothing else owns it
+    /// (close it yourself if you do own it). Fails with
+    /// [`io::ErrorKind::InvalidInput`] if it is the wrong kind of fd and
+    /// with `EBADF` if it is not open.
+    pub fn from_inherited_fd(fd: RawFd) -> io::Result<Listener> {
+        if fd < 0 {
+            return Err(io::Error::from_raw_os_error(libc::EBADF));
+        }
+        // SAFETY: F_DUPFD_CLOEXEC reads no memory of ours. Whatever `fd` is,
+        // the call only creates a new descriptor; no existing descriptor is
+        // changed or closed.
+        let dup = cvt(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) })?;
+        // SAFETY: `dup` was just returned by the kernel and nothing else
+        // refers to it.
+        let owned = unsafe { OwnedFd::from_raw_fd(dup) };
+        Listener::try_from(owned)
+    }
+
+    /// Waits for and accepts a connection (close-on-exec). Returns
+    /// [`io::ErrorKind::Interrupted`] if a signal interrupted the wait, so a
+    /// caller can check a stop flag.
+    pub fn accept(&self) -> io::Result<Stream> {
+        let (s, _) = self.inner.accept()?;
+        Ok(Stream { inner: s })
+    }
+
+    /// The path given to [`Listener::bind`], if any.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// Makes [`Listener::accept`] return [`io::ErrorKind::WouldBlock`]
+    /// instead of waiting (for an epoll-driven accept).
+    pub fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
+        self.inner.set_nonblocking(nonblocking)
+    }
+}
+
+impl TryFrom<OwnedFd> for Listener {
+    type Error = io::Error;
+
+    /// Checks that `fd` is a listening Unix stream socket; on error the fd
+    /// is closed.
+    fn try_from(fd: OwnedFd) -> io::Result<Listener> {
+        check_unix_stream(fd.as_fd(), true)?;
+        Ok(Listener {
+            inner: UnixListener::from(fd),
+            path: None,
+        })
+    }
+}
+
+impl AsFd for Listener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.inner.as_fd()
+    }
+}
+
+impl AsRawFd for Listener {
+    fn as_raw_fd(&self) -> RawFd {
+        self.inner.as_raw_fd()
+    }
+}
+
+impl From<Listener> for OwnedFd {
+    fn from(l: Listener) -> OwnedFd {
+        l.inner.into()
+    }
+}
+
+/// One received message: its validated header, the payload length and the
+/// fds that came with it.
+///
+/// The header and payload bytes are in the buffer given to
+/// [`Stream::recv_message`]: the header at `[0, HEADER_SIZE)`, the payload
+/// at `[HEADER_SIZE, HEADER_SIZE + payload_len)` ([`Received::payload`]).
+/// Dropping it closes every fd that was not taken out.
+#[derive(Debug)]
+pub struct Received {
+    /// The validated header.
+    pub header: Header,
+    /// Payload bytes (equal to `header.size`, at most [`MAX_PAYLOAD`]).
+    pub payload_len: usize,
+    /// The fds that came with the message, in order (at most [`MAX_FDS`]).
+    pub fds: Vec<OwnedFd>,
+}
+
+impl Received {
+    /// The payload, given the buffer the message was received into.
+    pub fn payload<'b>(&self, buf: &'b [u8; MAX_MESSAGE]) -> &'b [u8] {
+        let len = self.payload_len.min(MAX_PAYLOAD);
+        &buf[HEADER_SIZE..HEADER_SIZE + len]
+    }
+}
+
+/// A connected Unix stream socket carrying vhost-user messages.
+pub struct Stream {
+    inner: UnixStream,
+}
+
+impl fmt::Debug for Stream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Stream")
+            .field("fd", &self.inner.as_raw_fd())
+            .finish()
+    }
+}
+
+impl Stream {
+    /// Connects to a vhost-user socket at `path` (close-on-exec).
+    pub fn connect(path: impl AsRef<Path>) -> io::Result<Stream> {
+        Ok(Stream {
+            inner: UnixStream::connect(path)?,
+        })
+    }
+
+    /// A connected pair (close-on-exec), for a back-end channel
+    /// (SET_BACKEND_REQ_FD sends one end) and for tests.
+    pub fn pair() -> io::Result<(Stream, Stream)> {
+        let (a, b) = UnixStream::pair()?;
+        Ok((Stream { inner: a }, Stream { inner: b }))
+    }
+
+    /// Sends `bytes` (one or more whole messages) with `fds` attached as
+    /// SCM_RIGHTS to the first bytes. Retries on `EINTR` and continues
+    /// after short writes; the fds go with the first `sendmsg` only. Never
+    /// raises SIGPIPE: a vanished peer is an [`io::ErrorKind::BrokenPipe`]
+    /// error.
+    ///
+    /// Fails with [`io::ErrorKind::InvalidInput`] for more than [`MAX_FDS`]
+    /// fds, or fds without bytes to carry them.
+    pub fn send_message(&self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        if fds.len() > MAX_FDS {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "too many fds for one message",
+            ));
+        }
+        self.send_with_fds(bytes, fds)
+    }
+
+    /// Like [`Stream::send_message`] but allows one fd more than a message
+    /// may carry (`MAX_FDS + 1`): for test peers that check how the other
+    /// side handles a message with too many fds.
+    pub fn send_message_with_excess_fd(
+        &self,
+        bytes: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> io::Result<()> {
+        if fds.len() > FD_ROOM {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "too many fds for one message",
+            ));
+        }
+        self.send_with_fds(bytes, fds)
+    }
+
+    fn send_with_fds(&self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        if bytes.is_empty() {
+            if fds.is_empty() {
+                return Ok(());
+            }
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "fds need at least one byte",
+            ));
+        }
+        let mut cmsg = CmsgBuf([0; CMSG_BUF_LEN]);
+        let control_len = if fds.is_empty() {
+            0
+        } else {
+            let data_len = (fds.len() * size_of::<RawFd>()) as u32;
+            // SAFETY: pure arithmetic.
+            let space = unsafe { libc::CMSG_SPACE(data_len) } as usize;
+            // SAFETY: pure arithmetic.
+            let cmsg_len = unsafe { libc::CMSG_LEN(data_len) } as usize;
+            // `space` <= CMSG_BUF_LEN since fds.len() <= FD_ROOM.
+            let hdr = libc::cmsghdr {
+                cmsg_len: cmsg_len as _,
+                cmsg_level: libc::SOL_SOCKET,
+                cmsg_type: libc::SCM_RIGHTS,
+            };
+            let base = cmsg.0.as_mut_ptr();
+            // SAFETY: the buffer is aligned for cmsghdr (align(8), checked by
+            // a const assert) and holds CMSG_SPACE(MAX_FDS + 1 ints) bytes,
+            // more than the header plus `fds.len()` ints written here.
+            // CMSG_DATA is computed from the header pointer inside the
+            // buffer; the ints are written unaligned-safe.
+            unsafe {
+                ptr::write(base.cast::<libc::cmsghdr>(), hdr);
+                let data = libc::CMSG_DATA(base.cast::<libc::cmsghdr>());
+                for (i, fd) in fds.iter().enumerate() {
+                    ptr::write_unaligned(data.cast::<RawFd>().add(i), fd.as_raw_fd());
+                }
+            }
+            space
+        };
+        let mut sent = 0usize;
+        while sent < bytes.len() {
+            let rest = &bytes[sent..];
+            let mut iov = libc::iovec {
+                iov_base: rest.as_ptr() as *mut c_void,
+                iov_len: rest.len(),
+            };
+            // SAFETY: msghdr is a plain C struct for which all-zero is a valid
+            // value (null pointers, zero lengths).
+            let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            if sent == 0 && control_len > 0 {
+                msg.msg_control = cmsg.0.as_mut_ptr().cast::<c_void>();
+                msg.msg_controllen = control_len as _;
+            }
+            // SAFETY: `msg` points to one iovec over `rest` (readable for its
+            // length) and, if set, to the control buffer of `control_len`
+            // initialised bytes; all outlive the call. The fds in it are
+            // borrowed and open for the duration of the call.
+            let r = unsafe { libc::sendmsg(self.inner.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+            match cvt(r) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => sent += n as usize,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Receives one message into `buf`: exactly the 12-byte header,
+    /// validated with [`Header::parse`], then exactly `size` payload bytes.
+    ///
+    /// Returns `Ok(None)` when the peer closed the connection between
+    /// messages. Errors (the connection is then out of step and should be
+    /// dropped; every fd received so far is closed):
+    /// - [`io::ErrorKind::UnexpectedEof`]: the peer closed mid-message;
+    /// - [`io::ErrorKind::InvalidData`]: a malformed header (the
+    ///   [`WireError`](vhost_user_core::message::WireError) is the inner
+    ///   error, see [`io::Error::get_ref`]), more than [`MAX_FDS`] fds,
+    ///   truncated control data (`MSG_CTRUNC`), or fds arriving with
+    ///   payload bytes;
+    /// - any socket error.
+    pub fn recv_message(&self, buf: &mut [u8; MAX_MESSAGE]) -> io::Result<Option<Received>> {
+        let mut fds: Vec<OwnedFd> = Vec::with_capacity(FD_ROOM);
+        let mut got = 0;
+        while got < HEADER_SIZE {
+            let n = self.recv_some(&mut buf[got..HEADER_SIZE], &mut fds)?;
+            if fds.len() > MAX_FDS {
+                return Err(invalid_data("more fds than a message may carry"));
+            }
+            if n == 0 {
+                if got == 0 && fds.is_empty() {
+                    return Ok(None);
+                }
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed inside a message header",
+                ));
+            }
+            got += n;
+        }
+        let header = Header::parse(&buf[..HEADER_SIZE])
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let size = header.size as usize;
+        if size > MAX_PAYLOAD {
+            // Header::parse refuses this; kept so the slice below cannot fail.
+            return Err(invalid_data("payload too large"));
+        }
+        let payload = &mut buf[HEADER_SIZE..HEADER_SIZE + size];
+        let mut got = 0;
+        let mut stray: Vec<OwnedFd> = Vec::new();
+        while got < size {
+            let n = self.recv_some(&mut payload[got..], &mut stray)?;
+            if !stray.is_empty() {
+                return Err(invalid_data("fds arrived with payload bytes"));
+            }
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed inside a message payload",
+                ));
+            }
+            got += n;
+        }
+        Ok(Some(Received {
+            header,
+            payload_len: size,
+            fds,
+        }))
+    }
+
+    /// One `recvmsg` into `dst` (retrying on `EINTR`); fds that come with the
+    /// bytes are appended to `fds` before any check, so they are owned
+    /// (and closed on error). Returns the number of bytes read (0 at EOF).
+    fn recv_some(&self, dst: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
+        let mut cmsg = CmsgBuf([0; CMSG_BUF_LEN]);
+        let (n, flags) = retry(|| {
+            let mut iov = libc::iovec {
+                iov_base: dst.as_mut_ptr().cast::<c_void>(),
+                iov_len: dst.len(),
+            };
+            // SAFETY: all-zero is a valid msghdr.
+            let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = cmsg.0.as_mut_ptr().cast::<c_void>();
+            msg.msg_controllen = CMSG_BUF_LEN as _;
+            // SAFETY: `msg` points to one iovec over `dst` (writable for its
+            // length) and to the aligned control buffer of CMSG_BUF_LEN
+            // bytes; both outlive the call.
+            let r = cvt(unsafe {
+                libc::recvmsg(self.inner.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC)
+            })?;
+            take_fds(&msg, fds);
+            Ok((r as usize, msg.msg_flags))
+        })?;
+        if flags & libc::MSG_CTRUNC != 0 {
+            return Err(invalid_data(
+                "control data truncated: too many fds attached",
+            ));
+        }
+        Ok(n)
+    }
+
+    /// Shuts both directions down: a thread blocked in
+    /// [`Stream::recv_message`] on this socket returns, and the peer sees
+    /// end of file.
+    pub fn shutdown(&self) -> io::Result<()> {
+        self.inner.shutdown(std::net::Shutdown::Both)
+    }
+
+    /// Shuts the sending direction down: the peer sees end of file once it
+    /// has read what was sent, while this side can still receive.
+    pub fn shutdown_write(&self) -> io::Result<()> {
+        self.inner.shutdown(std::net::Shutdown::Write)
+    }
+
+    /// Bounds how long [`Stream::recv_message`] waits for bytes (`None`:
+    /// forever). A timeout is a [`io::ErrorKind::WouldBlock`] error; one in
+    /// the middle of a message leaves the connection out of step.
+    pub fn set_read_timeout(&self, timeout: Option<std::time::Duration>) -> io::Result<()> {
+        self.inner.set_read_timeout(timeout)
+    }
+}
+
+/// Wraps every fd of the SCM_RIGHTS messages in `msg` (just filled by
+/// `recvmsg`) into an [`OwnedFd`] appended to `fds`.
+fn take_fds(msg: &libc::msghdr, fds: &mut Vec<OwnedFd>) {
+    // SAFETY: `msg` was filled by recvmsg: msg_control points to our control
+    // buffer and msg_controllen is the length the kernel wrote, so
+    // CMSG_FIRSTHDR/CMSG_NXTHDR only return headers lying inside it (or
+    // null).
+    let mut c = unsafe { libc::CMSG_FIRSTHDR(msg) };
+    while !c.is_null() {
+        // SAFETY: `c` points to a complete cmsghdr inside the buffer (see
+        // above); the buffer is aligned for it.
+        let hdr = unsafe { ptr::read(c) };
+        if hdr.cmsg_level == libc::SOL_SOCKET && hdr.cmsg_type == libc::SCM_RIGHTS {
+            // SAFETY: pure arithmetic.
+            let head = unsafe { libc::CMSG_LEN(0) } as usize;
+            let n = (hdr.cmsg_len as usize).saturating_sub(head) / size_of::<RawFd>();
+            // SAFETY: CMSG_DATA of a header inside the buffer points at its
+            // data, which the kernel filled with `n` ints within
+            // msg_controllen.
+            let data = unsafe { libc::CMSG_DATA(c) }.cast::<RawFd>();
+            for i in 0..n {
+                // SAFETY: `i < n` ints were written by the kernel at `data`
+                // (read unaligned: CMSG_DATA need not be int-aligned in
+                // general).
+                let fd = unsafe { ptr::read_unaligned(data.add(i)) };
+                // SAFETY: the kernel just installed `fd` in our table for this
+                // message; nothing else refers to it.
+                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+        // SAFETY: as for CMSG_FIRSTHDR; `c` is a header of `msg`.
+        c = unsafe { libc::CMSG_NXTHDR(msg, c) };
+    }
+}
+
+impl TryFrom<OwnedFd> for Stream {
+    type Error = io::Error;
+
+    /// Checks that `fd` is a connected-kind Unix stream socket (for
+    /// instance the back-end channel a front-end sends with
+    /// SET_BACKEND_REQ_FD) and puts it in blocking mode (its file
+    /// description is ours alone once the sender closed its copy). On error
+    /// the fd is closed.
+    fn try_from(fd: OwnedFd) -> io::Result<Stream> {
+        check_unix_stream(fd.as_fd(), false)?;
+        let inner = UnixStream::from(fd);
+        inner.set_nonblocking(false)?;
+        Ok(Stream { inner })
+    }
+}
+
+impl AsFd for Stream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.inner.as_fd()
+    }
+}
+
+impl AsRawFd for Stream {
+    fn as_raw_fd(&self) -> RawFd {
+        self.inner.as_raw_fd()
+    }
+}
+
+impl From<Stream> for OwnedFd {
+    fn from(s: Stream) -> OwnedFd {
+        s.inner.into()
+    }
+}

@@ -1,0 +1,210 @@
+//! vhost-user-blk: a vhost-user block device back-end serving a raw image.
+//!
+//! Follows QEMU's "Backend program conventions": `--socket-path PATH` or
+//! `--fd N`, `--print-capabilities`, no daemonizing, a clear non-zero exit
+//! when it cannot start, a clean exit on SIGTERM. Without `--blk-file` it
+//! serves a sparse temporary image of `--size` bytes, deleted at exit.
+
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use log::{error, info};
+use vhost_user_core::backend::BackendConfig;
+use vhost_user_core::device::blk::{BlkConfig, BlkDevice, DiscardLimits, WriteZeroesLimits};
+use vhost_user_core::feature::{ProtocolFeatures as P, VirtioFeatures as V};
+use vhost_user_linux::backend::{serve, RuntimeOptions};
+use vhost_user_linux::sys::socket::Listener;
+use vhu_examples::blk::{BlkService, BlockBackend, FileBackend, NullBackend, TempImage};
+use vhu_examples::cli::{parse_size, Args};
+use vhu_examples::{logger, signals};
+
+const USAGE: &str = "\
+usage: vhost-user-blk (--socket-path PATH | --fd N) [options]
+       vhost-user-blk --print-capabilities
+
+  --socket-path PATH   listen on a Unix socket at PATH
+  --fd N               serve on an inherited listening socket fd
+  --blk-file PATH      raw image to serve (default: a sparse temporary image)
+  --size SIZE          size of the temporary image (default 1G)
+  --null               no data: reads return zeroes, writes are dropped
+  --read-only          refuse writes (offers VIRTIO_BLK_F_RO)
+  --num-queues N       number of request queues (default 1)
+  --queue-size N       largest ring size a front-end may use (default 1024)
+  --serial ID          device serial for GET_ID (default vhu-blk)
+  --log-level LEVEL    off, error, warn, info, debug, trace (default info)
+  --print-capabilities print the back-end's capabilities as JSON and exit
+";
+
+const FLAGS: &[&str] = &["read-only", "null", "print-capabilities", "help"];
+const OPTIONS: &[&str] = &[
+    "socket-path",
+    "fd",
+    "blk-file",
+    "size",
+    "num-queues",
+    "queue-size",
+    "serial",
+    "log-level",
+    "read-only",
+    "null",
+    "print-capabilities",
+    "help",
+];
+
+/// Most queues the daemon serves.
+const MAX_QUEUES: usize = 64;
+/// Memory slots (GET_MAX_MEM_SLOTS).
+const MEM_SLOTS: usize = 32;
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vhost-user-blk: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), String> {
+    let args = Args::parse(std::env::args().skip(1), FLAGS)?;
+    args.check_known(OPTIONS)?;
+    if args.flag("help") {
+        print!("{USAGE}");
+        return Ok(());
+    }
+    if args.flag("print-capabilities") {
+        println!("{{\n  \"type\": \"block\",\n  \"features\": [\n    \"read-only\",\n    \"blk-file\"\n  ]\n}}");
+        return Ok(());
+    }
+    logger::init(logger::parse_level(
+        args.get("log-level").unwrap_or("info"),
+    )?);
+    let num_queues: u16 = args.get_or("num-queues", 1)?;
+    let queue_size: u16 = args.get_or("queue-size", 1024)?;
+    if num_queues == 0 || usize::from(num_queues) > MAX_QUEUES {
+        return Err(format!("--num-queues must be 1 to {MAX_QUEUES}"));
+    }
+    if queue_size < 4 || queue_size > 32768 {
+        return Err("--queue-size must be 4 to 32768".into());
+    }
+    let read_only = args.flag("read-only");
+
+    // Where to listen, before anything is created.
+    let listener = match (args.get("socket-path"), args.get("fd")) {
+        (Some(path), None) => {
+            Listener::bind(path).map_err(|e| format!("cannot listen on {path}: {e}"))?
+        }
+        (None, Some(fd)) => {
+            let fd: RawFd = fd.parse().map_err(|_| format!("invalid --fd {fd:?}"))?;
+            if fd < 0 {
+                return Err(format!("invalid --fd {fd}"));
+            }
+            Listener::from_inherited_fd(fd)
+                .map_err(|e| format!("--fd {fd} is not a listening socket: {e}"))?
+        }
+        _ => {
+            return Err(format!(
+                "exactly one of --socket-path or --fd is required\n{USAGE}"
+            ))
+        }
+    };
+    let socket_path: Option<PathBuf> = args.get("socket-path").map(PathBuf::from);
+
+    // The image.
+    let mut temp: Option<PathBuf> = None;
+    let backend: Box<dyn BlockBackend> = if args.flag("null") {
+        let size = parse_size(args.get("size").unwrap_or("1G"))?;
+        Box::new(NullBackend::new(size).with_read_only(read_only))
+    } else if let Some(path) = args.get("blk-file") {
+        Box::new(
+            FileBackend::open(path, read_only).map_err(|e| format!("cannot open {path}: {e}"))?,
+        )
+    } else {
+        let size = parse_size(args.get("size").unwrap_or("1G"))?;
+        let image =
+            TempImage::new(size).map_err(|e| format!("cannot create a temporary image: {e}"))?;
+        temp = Some(image.path().to_path_buf());
+        let file = image
+            .open(read_only)
+            .map_err(|e| format!("cannot open the temporary image: {e}"))?;
+        // The image is removed at exit by the cleanup below (and by the
+        // TempImage's drop on a normal return).
+        std::mem::forget(image);
+        Box::new(file)
+    };
+    let capacity = backend.capacity();
+    if capacity < 512 {
+        return Err("the image must be at least 512 bytes".into());
+    }
+
+    let cleanup_socket = socket_path.clone();
+    let cleanup_temp = temp.clone();
+    signals::exit_cleanly_on_term(move || {
+        if let Some(p) = cleanup_socket {
+            let _ = std::fs::remove_file(p);
+        }
+        if let Some(p) = cleanup_temp {
+            let _ = std::fs::remove_file(p);
+        }
+    })
+    .map_err(|e| format!("cannot set up signal handling: {e}"))?;
+
+    let mut blk = BlkConfig::new(capacity / 512);
+    blk.num_queues = num_queues;
+    blk.read_only = read_only;
+    // Data segments per request: leave room for the header and the status
+    // descriptors within the ring and the chain capacity.
+    blk.seg_max = u32::from(queue_size.min(64)) - 2;
+    blk.discard = Some(DiscardLimits {
+        max_sectors: u32::MAX >> 9,
+        max_seg: 1,
+        sector_alignment: 8,
+    });
+    blk.write_zeroes = Some(WriteZeroesLimits {
+        max_sectors: u32::MAX >> 9,
+        max_seg: 1,
+        may_unmap: true,
+    });
+    blk.set_serial(args.get("serial").unwrap_or("vhu-blk").as_bytes());
+    let device = BlkDevice::new(&blk).map_err(|e| format!("invalid device configuration: {e}"))?;
+    let features = device.offered_features()
+        | V::VERSION_1
+        | V::PROTOCOL_FEATURES
+        | V::EVENT_IDX
+        | V::INDIRECT_DESC
+        | V::RING_PACKED;
+    let config = BackendConfig {
+        features,
+        protocol_features: P::MQ
+            | P::REPLY_ACK
+            | P::CONFIG
+            | P::CONFIGURE_MEM_SLOTS
+            | P::STATUS
+            | P::RESET_DEVICE,
+        num_queues,
+        max_queue_size: queue_size,
+    };
+    info!(
+        "serving {} bytes ({}), {} queue(s), features {:#x}, protocol features {:#x}",
+        capacity,
+        if read_only { "read-only" } else { "read-write" },
+        num_queues,
+        config.features.bits(),
+        config.protocol_features.bits()
+    );
+    let service = Arc::new(BlkService::new(device, backend, num_queues));
+    let stop = AtomicBool::new(false);
+    serve::<_, MAX_QUEUES, MEM_SLOTS>(&listener, config, service, RuntimeOptions::default(), &stop)
+        .map_err(|e| {
+            error!("{e}");
+            format!("cannot serve: {e}")
+        })?;
+    if let Some(p) = temp {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(())
+}

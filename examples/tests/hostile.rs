@@ -1,0 +1,668 @@
+//! A hostile front-end against the `vhost-user-blk` daemon over a real
+//! socket: every malformed-input class of the notes (§7.2) that reaches a
+//! back-end. For each, the daemon drops that connection (or answers with a
+//! failed REPLY_ACK when one was asked for), logs an error, leaks no fd, does
+//! not grow on repeated allocating messages, and serves the next front-end.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Read;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vhost_user_core::feature::{ProtocolFeatures as P, VirtioFeatures as V};
+use vhost_user_core::message::{
+    FrontendReq, Header, MemRegionMsg, MemTable, ParseOptions, Reply, Request, VringAddrMsg,
+    VringFdMsg, VringStateMsg, HEADER_SIZE, MAX_MESSAGE,
+};
+use vhost_user_linux::sys::eventfd::EventFd;
+use vhost_user_linux::sys::memfd;
+use vhost_user_linux::sys::socket::Stream;
+
+struct Daemon {
+    child: Child,
+    sock: PathBuf,
+    dir: PathBuf,
+}
+
+impl Daemon {
+    fn start() -> Daemon {
+        let dir = std::env::temp_dir().join(format!(
+            "vhu-hostile-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("blk.sock");
+        let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_vhost-user-blk"))
+            .arg("--socket-path")
+            .arg(&sock)
+            .args(["--size", "16M", "--num-queues", "2", "--queue-size", "256"])
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap();
+        let t0 = Instant::now();
+        while !sock.exists() {
+            assert!(child.try_wait().unwrap().is_none(), "daemon exited");
+            assert!(t0.elapsed() < Duration::from_secs(10));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Daemon { child, sock, dir }
+    }
+
+    fn connect(&self) -> Stream {
+        Stream::connect(&self.sock).unwrap()
+    }
+
+    fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .unwrap()
+            .count()
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        s.lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
+    fn log(&self) -> String {
+        let mut s = String::new();
+        std::fs::File::open(self.dir.join("daemon.log"))
+            .unwrap()
+            .read_to_string(&mut s)
+            .unwrap();
+        s
+    }
+
+    /// Waits until the daemon's fd count is back to `n` (it closes a
+    /// connection's fds right after the connection ends).
+    /// The fd count once it has not changed for 300 ms (at most 5 s).
+    fn stable_fds(&self) -> usize {
+        let t0 = Instant::now();
+        let (mut last, mut since) = (self.fds(), Instant::now());
+        while t0.elapsed() < Duration::from_secs(5) && since.elapsed() < Duration::from_millis(300)
+        {
+            std::thread::sleep(Duration::from_millis(10));
+            let now = self.fds();
+            if now != last {
+                (last, since) = (now, Instant::now());
+            }
+        }
+        last
+    }
+
+    fn settle_fds(&self, n: usize) -> usize {
+        let t0 = Instant::now();
+        loop {
+            let now = self.fds();
+            if now == n || t0.elapsed() > Duration::from_secs(5) {
+                return now;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn send(s: &Stream, req: &Request<'_>, need_reply: bool, fds: &[BorrowedFd<'_>]) {
+    let mut buf = [0u8; MAX_MESSAGE];
+    let n = req.encode(need_reply, &mut buf).unwrap();
+    s.send_message(&buf[..n], fds).unwrap();
+}
+
+fn send_raw(s: &Stream, bytes: &[u8], fds: &[BorrowedFd<'_>]) {
+    // The daemon may already have closed the connection.
+    let _ = s.send_message(bytes, fds);
+}
+
+fn recv_reply(s: &Stream, code: FrontendReq) -> Option<Vec<u8>> {
+    let mut buf = Box::new([0u8; MAX_MESSAGE]);
+    let rx = s.recv_message(&mut buf).ok()??;
+    let n = rx.header.size as usize;
+    assert_eq!(rx.header.request, code.id());
+    Some(buf[..HEADER_SIZE + n].to_vec())
+}
+
+fn u64_of(code: FrontendReq, msg: &[u8]) -> u64 {
+    let h = Header::parse(msg).unwrap();
+    match Reply::parse(code, &h, &msg[HEADER_SIZE..], 0, &ParseOptions::default()).unwrap() {
+        Reply::U64(v) => v,
+        r => panic!("{r:?}"),
+    }
+}
+
+/// The connection was closed by the daemon.
+fn assert_dropped(s: &Stream) {
+    let mut buf = Box::new([0u8; MAX_MESSAGE]);
+    let t0 = Instant::now();
+    loop {
+        match s.recv_message(&mut buf) {
+            Ok(None) | Err(_) => return,
+            Ok(Some(rx)) => {
+                // A reply to something sent before the bad message is fine.
+                assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", rx.header);
+            }
+        }
+    }
+}
+
+/// A well-behaved handshake; returns the negotiated protocol features.
+fn handshake(s: &Stream) -> u64 {
+    send(s, &Request::GetFeatures, false, &[]);
+    let f = u64_of(
+        FrontendReq::GetFeatures,
+        &recv_reply(s, FrontendReq::GetFeatures).unwrap(),
+    );
+    assert!(f & V::PROTOCOL_FEATURES.bits() != 0);
+    send(s, &Request::GetProtocolFeatures, false, &[]);
+    let p = u64_of(
+        FrontendReq::GetProtocolFeatures,
+        &recv_reply(s, FrontendReq::GetProtocolFeatures).unwrap(),
+    );
+    send(s, &Request::SetProtocolFeatures(p), false, &[]);
+    send(s, &Request::SetOwner, false, &[]);
+    send(
+        s,
+        &Request::SetFeatures((V::VERSION_1 | V::PROTOCOL_FEATURES).bits()),
+        false,
+        &[],
+    );
+    p
+}
+
+/// The daemon still serves: a fresh connection gets GET_FEATURES answered.
+fn assert_serves(d: &Daemon) {
+    let s = d.connect();
+    send(&s, &Request::GetFeatures, false, &[]);
+    let r = recv_reply(&s, FrontendReq::GetFeatures).expect("daemon answers the next front-end");
+    assert!(u64_of(FrontendReq::GetFeatures, &r) & V::VERSION_1.bits() != 0);
+}
+
+fn head(id: u32, flags: u32, size: u32) -> Vec<u8> {
+    let mut v = Vec::new();
+    for x in [id, flags, size] {
+        v.extend_from_slice(&x.to_ne_bytes());
+    }
+    v
+}
+
+fn memory(size: u64) -> (OwnedFd, MemRegionMsg) {
+    let m = memfd::create("guest", size).unwrap();
+    let r = MemRegionMsg {
+        guest_addr: 0,
+        size,
+        user_addr: 0x7f00_0000_0000,
+        mmap_offset: 0,
+        xen: None,
+    };
+    (m, r)
+}
+
+/// One malformed case: what to send after an optional handshake.
+struct Case {
+    name: &'static str,
+    handshake: bool,
+    send: Box<dyn Fn(&Stream)>,
+}
+
+fn cases() -> Vec<Case> {
+    let raw = |name: &'static str, bytes: Vec<u8>| Case {
+        name,
+        handshake: false,
+        send: Box::new(move |s| send_raw(s, &bytes, &[])),
+    };
+    let mut v = vec![
+        raw("version bits 0", head(1, 0, 0)),
+        raw("version bits 2", head(1, 2, 0)),
+        raw("reserved flag bits", head(1, 0x101, 0)),
+        raw("REPLY bit on a request", head(1, 5, 0)),
+        raw("request id 0", head(0, 1, 0)),
+        raw("unknown request id", head(46, 1, 0)),
+        raw("crosvm-private id", head(1002, 1, 0)),
+        raw("size above the cap", head(5, 1, 0x10_0000)),
+        raw("size wrong for the id", {
+            let mut m = head(2, 1, 4);
+            m.extend_from_slice(&[0; 4]);
+            m
+        }),
+        Case {
+            // Half a payload, then the front-end stops sending: the
+            // daemon sees end of file in the middle of a message.
+            name: "truncated payload",
+            handshake: false,
+            send: Box::new(|s| {
+                let mut m = head(2, 1, 8);
+                m.extend_from_slice(&[0; 4]);
+                send_raw(s, &m, &[]);
+                s.shutdown_write().unwrap();
+            }),
+        },
+        raw("ring index above the queues (u32)", {
+            let mut m = head(8, 1, 8);
+            m.extend_from_slice(&2u32.to_ne_bytes());
+            m.extend_from_slice(&64u32.to_ne_bytes());
+            m
+        }),
+        raw("ring index 0x10000+n (u16 truncation)", {
+            let mut m = head(10, 1, 8);
+            m.extend_from_slice(&0x1_0000u32.to_ne_bytes());
+            m.extend_from_slice(&0u32.to_ne_bytes());
+            m
+        }),
+        raw("kick index above the queues (u8 in u64)", {
+            let mut m = head(12, 1, 8);
+            m.extend_from_slice(&0x105u64.to_ne_bytes());
+            m
+        }),
+        raw("kick reserved bits (index 256+)", {
+            let mut m = head(12, 1, 8);
+            m.extend_from_slice(&0x200u64.to_ne_bytes());
+            m
+        }),
+        raw("config offset+size overflow", {
+            let mut m = head(24, 1, 12);
+            m.extend_from_slice(&u32::MAX.to_ne_bytes());
+            m.extend_from_slice(&2u32.to_ne_bytes());
+            m.extend_from_slice(&0u32.to_ne_bytes());
+            m
+        }),
+        raw("nregions 0", {
+            let mut m = head(5, 1, 8);
+            m.extend_from_slice(&[0; 8]);
+            m
+        }),
+        raw("nregions 9", {
+            let mut m = head(5, 1, 8 + 9 * 32);
+            m.extend_from_slice(&9u32.to_ne_bytes());
+            m.extend_from_slice(&[0; 4 + 9 * 32]);
+            m
+        }),
+    ];
+    v.push(Case {
+        name: "SET_PROTOCOL_FEATURES with bits never offered",
+        handshake: false,
+        send: Box::new(|s| {
+            send(
+                s,
+                &Request::SetProtocolFeatures(P::INFLIGHT_SHMFD.bits() | P::MQ.bits()),
+                false,
+                &[],
+            )
+        }),
+    });
+    v.push(Case {
+        name: "SET_FEATURES with bits never offered",
+        handshake: false,
+        send: Box::new(|s| {
+            send(
+                s,
+                &Request::SetFeatures(V::ACCESS_PLATFORM.bits()),
+                false,
+                &[],
+            )
+        }),
+    });
+    v.push(Case {
+        name: "message gated by a feature never negotiated (GET_INFLIGHT_FD)",
+        handshake: true,
+        send: Box::new(|s| {
+            send(
+                s,
+                &Request::GetInflightFd(vhost_user_core::message::InflightMsg {
+                    mmap_size: 0,
+                    mmap_offset: 0,
+                    num_queues: 2,
+                    queue_size: 256,
+                }),
+                false,
+                &[],
+            )
+        }),
+    });
+    v.push(Case {
+        name: "an fd on a message that takes none",
+        handshake: false,
+        send: Box::new(|s| {
+            let e = EventFd::new(false).unwrap();
+            send_raw(s, &head(1, 1, 0), &[e.as_fd()]);
+        }),
+    });
+    v.push(Case {
+        name: "too many fds (9)",
+        handshake: false,
+        send: Box::new(|s| {
+            let es: Vec<EventFd> = (0..9).map(|_| EventFd::new(false).unwrap()).collect();
+            let fds: Vec<BorrowedFd<'_>> = es.iter().map(|e| e.as_fd()).collect();
+            let _ = s.send_message_with_excess_fd(&head(21, 1, 0), &fds);
+        }),
+    });
+    v.push(Case {
+        name: "nregions different from the fd count",
+        handshake: true,
+        send: Box::new(|s| {
+            let (m, r) = memory(1 << 20);
+            let r2 = MemRegionMsg {
+                guest_addr: 1 << 20,
+                user_addr: 0x7f00_1000_0000,
+                ..r
+            };
+            let t = [r, r2];
+            send(
+                s,
+                &Request::SetMemTable(MemTable::new(&t).unwrap()),
+                false,
+                &[m.as_fd()],
+            );
+        }),
+    });
+    v.push(Case {
+        name: "region address + size overflow",
+        handshake: true,
+        send: Box::new(|s| {
+            let (m, mut r) = memory(1 << 20);
+            r.guest_addr = u64::MAX - 0xfff;
+            let mut buf = [0u8; MAX_MESSAGE];
+            let t = [MemRegionMsg { guest_addr: 0, ..r }];
+            let n = Request::SetMemTable(MemTable::new(&t).unwrap())
+                .encode(false, &mut buf)
+                .unwrap();
+            buf[HEADER_SIZE + 8..HEADER_SIZE + 16].copy_from_slice(&r.guest_addr.to_ne_bytes());
+            send_raw(s, &buf[..n], &[m.as_fd()]);
+        }),
+    });
+    v.push(Case {
+        name: "overlapping regions",
+        handshake: true,
+        send: Box::new(|s| {
+            let (m1, r) = memory(1 << 20);
+            let (m2, _) = memory(1 << 20);
+            let r2 = MemRegionMsg {
+                guest_addr: 1 << 19,
+                user_addr: 0x7f00_1000_0000,
+                ..r
+            };
+            let t = [r, r2];
+            send(
+                s,
+                &Request::SetMemTable(MemTable::new(&t).unwrap()),
+                false,
+                &[m1.as_fd(), m2.as_fd()],
+            );
+        }),
+    });
+    v.push(Case {
+        name: "region larger than its fd (mmap beyond the file)",
+        handshake: true,
+        send: Box::new(|s| {
+            let (m, mut r) = memory(1 << 20);
+            r.mmap_offset = 1 << 40;
+            let t = [r];
+            send(
+                s,
+                &Request::SetMemTable(MemTable::new(&t).unwrap()),
+                false,
+                &[m.as_fd()],
+            );
+        }),
+    });
+    v.push(Case {
+        name: "REM_MEM_REG of an unknown region",
+        handshake: true,
+        send: Box::new(|s| {
+            let (_, r) = memory(1 << 20);
+            send(s, &Request::RemMemReg(r), false, &[]);
+        }),
+    });
+    v.push(Case {
+        name: "ring size not a power of two, then started",
+        handshake: true,
+        send: Box::new(|s| ring_case(s, 100, 0)),
+    });
+    v.push(Case {
+        name: "ring size above the maximum",
+        handshake: true,
+        send: Box::new(|s| {
+            send(
+                s,
+                &Request::SetVringNum(VringStateMsg {
+                    index: 0,
+                    num: 4096,
+                }),
+                false,
+                &[],
+            )
+        }),
+    });
+    v.push(Case {
+        name: "misaligned ring addresses",
+        handshake: true,
+        send: Box::new(|s| ring_case(s, 64, 0x7f00_0000_0001)),
+    });
+    v.push(Case {
+        name: "ring addresses outside guest memory",
+        handshake: true,
+        send: Box::new(|s| ring_case(s, 64, 0x7f00_1000_0000)),
+    });
+    v
+}
+
+/// Maps 1 MiB at user address 0x7f00_0000_0000, configures ring 0 with
+/// `size` entries at user address `at` (0: a valid place), and kicks it.
+fn ring_case(s: &Stream, size: u32, at: u64) {
+    let (m, r) = memory(1 << 20);
+    let t = [r];
+    send(
+        s,
+        &Request::SetMemTable(MemTable::new(&t).unwrap()),
+        false,
+        &[m.as_fd()],
+    );
+    send(
+        s,
+        &Request::SetVringNum(VringStateMsg {
+            index: 0,
+            num: size,
+        }),
+        false,
+        &[],
+    );
+    let base = if at == 0 { 0x7f00_0000_1000 } else { at };
+    send(
+        s,
+        &Request::SetVringAddr(VringAddrMsg {
+            index: 0,
+            log: false,
+            desc: base,
+            used: base + 0x8000,
+            avail: base + 0x4000,
+            log_addr: 0,
+        }),
+        false,
+        &[],
+    );
+    let k = EventFd::new(false).unwrap();
+    send(
+        s,
+        &Request::SetVringKick(VringFdMsg {
+            index: 0,
+            no_fd: false,
+        }),
+        false,
+        &[k.as_fd()],
+    );
+}
+
+#[test]
+fn hostile_front_end_every_class() {
+    let d = Daemon::start();
+    // Warm up: one good connection, then measure the idle fd count.
+    assert_serves(&d);
+    let idle = d.stable_fds();
+    for case in cases() {
+        eprintln!("case {}", case.name);
+        let s = d.connect();
+        if case.handshake {
+            handshake(&s);
+        }
+        (case.send)(&s);
+        assert_dropped(&s);
+        drop(s);
+        let now = d.settle_fds(idle);
+        assert_eq!(now, idle, "{}: fd leak ({idle} → {now})", case.name);
+        assert_serves(&d);
+    }
+    let log = d.log();
+    let errors = log.lines().filter(|l| l.starts_with("ERROR")).count();
+    assert!(
+        errors >= cases().len(),
+        "every refusal is logged as an error:\n{log}"
+    );
+}
+
+#[test]
+fn failed_ack_keeps_the_connection() {
+    let d = Daemon::start();
+    let s = d.connect();
+    let p = handshake(&s);
+    assert!(p & P::REPLY_ACK.bits() != 0);
+    // Ring size above the maximum, with NEED_REPLY: a failed ack, and the
+    // connection goes on.
+    send(
+        &s,
+        &Request::SetVringNum(VringStateMsg {
+            index: 0,
+            num: 4096,
+        }),
+        true,
+        &[],
+    );
+    let r = recv_reply(&s, FrontendReq::SetVringNum).unwrap();
+    assert_ne!(u64_of(FrontendReq::SetVringNum, &r), 0);
+    send(&s, &Request::GetQueueNum, false, &[]);
+    let r = recv_reply(&s, FrontendReq::GetQueueNum).unwrap();
+    assert_eq!(u64_of(FrontendReq::GetQueueNum, &r), 2);
+}
+
+#[test]
+fn repeated_allocating_messages_do_not_grow() {
+    let d = Daemon::start();
+    let s = d.connect();
+    handshake(&s);
+    let (m, r) = memory(1 << 20);
+    let t = [r];
+    let round = |n: usize| {
+        for _ in 0..n {
+            send(
+                &s,
+                &Request::SetMemTable(MemTable::new(&t).unwrap()),
+                true,
+                &[m.as_fd()],
+            );
+            let a = recv_reply(&s, FrontendReq::SetMemTable).unwrap();
+            assert_eq!(u64_of(FrontendReq::SetMemTable, &a), 0);
+            send(
+                &s,
+                &Request::SetVringNum(VringStateMsg { index: 1, num: 256 }),
+                true,
+                &[],
+            );
+            recv_reply(&s, FrontendReq::SetVringNum).unwrap();
+            let k = EventFd::new(false).unwrap();
+            send(
+                &s,
+                &Request::SetVringCall(VringFdMsg {
+                    index: 1,
+                    no_fd: false,
+                }),
+                true,
+                &[k.as_fd()],
+            );
+            recv_reply(&s, FrontendReq::SetVringCall).unwrap();
+        }
+    };
+    round(50);
+    let (fds, rss) = (d.fds(), d.rss_kib());
+    round(500);
+    let (fds2, rss2) = (d.fds(), d.rss_kib());
+    assert_eq!(fds2, fds, "fds grew over 500 rounds");
+    assert!(
+        rss2 < rss + 2048,
+        "RSS grew from {rss} KiB to {rss2} KiB over 500 rounds"
+    );
+}
+
+#[test]
+fn unix_socket_path_is_required_and_capabilities_print() {
+    let out = Command::new(env!("CARGO_BIN_EXE_vhost-user-blk"))
+        .arg("--print-capabilities")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("\"type\": \"block\""), "{text}");
+    let out = Command::new(env!("CARGO_BIN_EXE_vhost-user-blk"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--socket-path"));
+    let out = Command::new(env!("CARGO_BIN_EXE_vhost-user-blk"))
+        .args(["--socket-path", "/nonexistent-dir/x.sock"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot listen"));
+    let out = Command::new(env!("CARGO_BIN_EXE_vhost-user-blk"))
+        .args([
+            "--socket-path",
+            "/tmp/x.sock",
+            "--blk-file",
+            "/nonexistent/img",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
+
+#[test]
+fn sigterm_exits_cleanly_and_removes_the_socket() {
+    let mut d = Daemon::start();
+    assert_serves(&d);
+    // SAFETY-free: kill(1) from the shell.
+    let st = Command::new("kill")
+        .args(["-TERM", &d.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = d.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "daemon ignored SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(status.success(), "{status}");
+    assert!(!Path::new(&d.sock).exists());
+}
+
+#[allow(dead_code)]
+fn unused(_: OwnedFd) {}
