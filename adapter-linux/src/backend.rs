@@ -27,6 +27,7 @@ use vhost_user_core::message::{HEADER_SIZE, MAX_MESSAGE};
 use vhost_user_core::vring::{Chain, Queue, RingAddrs};
 
 use crate::memory::LinuxGuestMemory;
+use crate::sys::epoll::{Epoll, EpollEvent, Interest};
 use crate::sys::eventfd::EventFd;
 use crate::sys::socket::{Listener, Stream};
 
@@ -84,6 +85,9 @@ impl Default for RuntimeOptions {
 }
 
 struct Shared {
+    /// Our own notifier to wake the worker (stop, enable, new kick fd,
+    /// remap); the front-end's kick fd is never written by us.
+    wake: EventFd,
     stop: AtomicBool,
     enabled: AtomicBool,
     kick: Mutex<Option<Arc<EventFd>>>,
@@ -99,11 +103,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Shared {
     fn wake(&self) {
-        if let Some(k) = lock(&self.kick).as_ref() {
-            // Writing our own kick wakes the worker; a spurious kick is
-            // harmless. Failure (counter overflow) cannot happen for 1.
-            let _ = k.write(1);
-        }
+        // Cannot fail for 1 unless the counter is near overflow, which
+        // only our own writes could cause, and the worker resets it.
+        let _ = self.wake.write(1);
     }
 }
 
@@ -265,10 +267,8 @@ where
                 let kick = Self::eventfd(fds, fd)?;
                 let q = usize::from(queue);
                 if let Some(w) = &self.workers[q] {
-                    let old = std::mem::replace(&mut *lock(&w.shared.kick), kick.clone());
-                    if let Some(old) = old {
-                        let _ = old.write(1);
-                    }
+                    *lock(&w.shared.kick) = kick.clone();
+                    w.shared.wake();
                 }
                 self.rings[q].kick = kick;
             }
@@ -316,7 +316,15 @@ where
 
     fn start_worker(&mut self, queue: u16, ring: Queue, enabled: bool) {
         let q = usize::from(queue);
+        let (wake, waiter) = match EventFd::new(true).and_then(|w| Ok((w, Waiter::new()?))) {
+            Ok(x) => x,
+            Err(e) => {
+                error!("cannot set up ring {queue}'s notifiers: {e}");
+                return;
+            }
+        };
         let shared = Arc::new(Shared {
+            wake,
             stop: AtomicBool::new(false),
             enabled: AtomicBool::new(enabled),
             kick: Mutex::new(self.rings[q].kick.clone()),
@@ -331,7 +339,7 @@ where
         let options = self.options;
         let spawned = std::thread::Builder::new()
             .name(format!("vhu-ring-{queue}"))
-            .spawn(move || run_ring(queue, ring, &*device, &memory, &s, options));
+            .spawn(move || run_ring(queue, ring, &*device, &memory, &s, waiter, options));
         match spawned {
             Ok(handle) => self.workers[q] = Some(Worker { shared, handle }),
             Err(e) => error!("cannot start a thread for ring {queue}: {e}"),
@@ -379,8 +387,12 @@ fn run_ring<D: QueueDevice>(
     device: &D,
     memory: &RwLock<LinuxGuestMemory>,
     shared: &Shared,
+    mut waiter: Waiter,
     options: RuntimeOptions,
 ) -> Queue {
+    if let Err(e) = waiter.epoll.add(&shared.wake, Interest::READABLE, WAKE) {
+        error!("ring {queue}: cannot watch the wake fd: {e}");
+    }
     let mut chain: Chain = Chain::new();
     let mut scratch = D::Scratch::default();
     let mut broken = false;
@@ -424,7 +436,7 @@ fn run_ring<D: QueueDevice>(
             }
         }
         if idle {
-            wait_kick(shared, options);
+            waiter.wait(queue, shared, options);
         }
     }
 }
@@ -468,24 +480,64 @@ fn drain<D: QueueDevice>(
     Ok(more)
 }
 
-fn wait_kick(shared: &Shared, options: RuntimeOptions) {
-    let kick = lock(&shared.kick).clone();
-    match kick {
-        Some(k) => {
-            // QEMU's eventfds are non-blocking (the flag is shared with the
-            // front-end), so poll before reading.
-            match k.wait(None) {
-                Ok(Some(_)) => {
-                    shared.counters.kicks.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    warn!("kick fd wait failed: {e}");
-                    std::thread::sleep(options.poll_interval);
+const WAKE: u64 = 0;
+const KICK: u64 = 1;
+
+/// A worker's epoll set: its wake fd and the ring's current kick fd.
+struct Waiter {
+    epoll: Epoll,
+    kick: Option<Arc<EventFd>>,
+}
+
+impl Waiter {
+    fn new() -> io::Result<Waiter> {
+        Ok(Waiter {
+            epoll: Epoll::new()?,
+            kick: None,
+        })
+    }
+
+    /// Sleeps until the front-end kicks or the control thread wakes us (in
+    /// polling mode, at most one poll interval). Both counters are reset.
+    fn wait(&mut self, queue: u16, shared: &Shared, options: RuntimeOptions) {
+        let current = lock(&shared.kick).clone();
+        let same = match (&self.kick, &current) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if !same {
+            if let Some(old) = self.kick.take() {
+                let _ = self.epoll.delete(&*old);
+            }
+            if let Some(k) = &current {
+                match self.epoll.add(&**k, Interest::READABLE, KICK) {
+                    Ok(()) => self.kick = current.clone(),
+                    Err(e) => error!("ring {queue}: cannot watch the kick fd: {e}"),
                 }
             }
         }
-        None => std::thread::sleep(options.poll_interval),
+        // Without a kick fd the ring is polled.
+        let timeout = if self.kick.is_some() {
+            -1
+        } else {
+            i32::try_from(options.poll_interval.as_millis()).unwrap_or(i32::MAX)
+        };
+        let mut events = [EpollEvent::default(); 2];
+        if timeout == 0 {
+            std::thread::sleep(options.poll_interval);
+        } else if let Err(e) = self.epoll.wait(&mut events, timeout) {
+            warn!("ring {queue}: epoll_wait failed: {e}");
+            std::thread::sleep(options.poll_interval);
+        }
+        // Reset both counters; the fds may be non-blocking (QEMU's are) or
+        // blocking, so only read those that are signalled.
+        if let Some(k) = &self.kick {
+            if matches!(k.is_signalled(), Ok(true)) && k.read().is_ok() {
+                shared.counters.kicks.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let _ = shared.wake.read();
     }
 }
 

@@ -210,7 +210,7 @@ mod tests {
         MemRegionMsg {
             guest_addr: gpa,
             size,
-            user_addr: 0x7000_0000 + gpa,
+            user_addr: gpa.wrapping_add(0x7000_0000),
             mmap_offset: off,
             xen: None,
         }

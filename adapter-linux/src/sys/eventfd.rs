@@ -31,9 +31,8 @@ impl EventFd {
         // SAFETY: eventfd takes no pointers.
         let fd = cvt(unsafe { libc::eventfd(0, flags) })?;
         // SAFETY: `fd` was just returned by the kernel; nothing else owns it.
-        Ok(EventFd {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(EventFd { fd })
     }
 
     /// Adds `n` to the counter (signals the fd). `n` must not be

@@ -135,6 +135,10 @@ impl<B: BlockBackend> BackendDevice for &BlkService<B> {
     }
 
     fn features_acked(&mut self, features: VirtioFeatures) {
+        log::info!(
+            "front-end acked virtio features {:#x} ({features:?})",
+            features.bits()
+        );
         self.device().set_features(features);
     }
 
