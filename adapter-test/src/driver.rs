@@ -94,8 +94,8 @@ pub fn encode_desc(addr: u64, len: u32, a: u16, b: u16) -> [u8; 16] {
     d
 }
 
-/// Write an indirect table for `bufs` at `table` (split format: NEXT links
-/// i → i + 1; the packed format ignores them).
+/// Write a split-ring indirect table for `bufs` at `table` (NEXT links
+/// i → i + 1).
 pub fn write_indirect_table<M: GuestMemory + ?Sized>(
     mem: &M,
     table: u64,
@@ -110,6 +110,21 @@ pub fn write_indirect_table<M: GuestMemory + ?Sized>(
             table + 16 * i as u64,
             &encode_desc(b.addr, b.len, flags, (i + 1) as u16),
         )?;
+    }
+    Ok(())
+}
+
+/// Write a packed-ring indirect table for `bufs` at `table`: packed
+/// descriptors (addr, len, id 0, flags), WRITE the only flag; the table's
+/// length gives the number of entries.
+pub fn write_packed_indirect_table<M: GuestMemory + ?Sized>(
+    mem: &M,
+    table: u64,
+    bufs: &[Buf],
+) -> Result<(), MemoryError> {
+    for (i, b) in bufs.iter().enumerate() {
+        let flags = if b.writable { DESC_F_WRITE } else { 0 };
+        mem.write(table + 16 * i as u64, &encode_desc(b.addr, b.len, 0, flags))?;
     }
     Ok(())
 }
@@ -566,7 +581,7 @@ impl PackedDriver {
             return Err(DriverError::Empty);
         }
         let id = self.free_ids.pop().ok_or(DriverError::RingFull)?;
-        write_indirect_table(mem, table, bufs)?;
+        write_packed_indirect_table(mem, table, bufs)?;
         let d = PackedDesc {
             addr: table,
             len: 16 * bufs.len() as u32,

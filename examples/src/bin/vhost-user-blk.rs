@@ -88,7 +88,7 @@ fn run() -> Result<(), String> {
     if num_queues == 0 || usize::from(num_queues) > MAX_QUEUES {
         return Err(format!("--num-queues must be 1 to {MAX_QUEUES}"));
     }
-    if queue_size < 4 || queue_size > 32768 {
+    if !(4..=32768).contains(&queue_size) {
         return Err("--queue-size must be 4 to 32768".into());
     }
     let read_only = args.flag("read-only");
