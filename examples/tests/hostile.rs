@@ -74,6 +74,12 @@ impl Daemon {
             .unwrap()
     }
 
+    /// Mappings of the test's guest memfds in the daemon.
+    fn guest_mappings(&self) -> usize {
+        let s = std::fs::read_to_string(format!("/proc/{}/maps", self.child.id())).unwrap();
+        s.lines().filter(|l| l.contains("memfd:guest")).count()
+    }
+
     fn log(&self) -> String {
         let mut s = String::new();
         std::fs::File::open(self.dir.join("daemon.log"))
@@ -605,6 +611,55 @@ fn repeated_allocating_messages_do_not_grow() {
         rss2 < rss + 2048,
         "RSS grew from {rss} KiB to {rss2} KiB over 500 rounds"
     );
+}
+
+#[test]
+fn disconnect_unmaps_guest_memory_and_closes_its_fds() {
+    let d = Daemon::start();
+    assert_serves(&d);
+    let idle = d.stable_fds();
+    let s = d.connect();
+    handshake(&s);
+    let (m, r) = memory(1 << 20);
+    let t = [r];
+    send(
+        &s,
+        &Request::SetMemTable(MemTable::new(&t).unwrap()),
+        true,
+        &[m.as_fd()],
+    );
+    assert_eq!(
+        u64_of(
+            FrontendReq::SetMemTable,
+            &recv_reply(&s, FrontendReq::SetMemTable).unwrap()
+        ),
+        0
+    );
+    let k = EventFd::new(false).unwrap();
+    send(
+        &s,
+        &Request::SetVringCall(VringFdMsg {
+            index: 0,
+            no_fd: false,
+        }),
+        true,
+        &[k.as_fd()],
+    );
+    recv_reply(&s, FrontendReq::SetVringCall).unwrap();
+    assert_eq!(d.guest_mappings(), 1, "the region is mapped");
+    assert_eq!(
+        d.fds(),
+        idle + 2,
+        "the connection and the call fd (the memfd is closed once mapped)"
+    );
+    drop(s);
+    assert_eq!(d.settle_fds(idle), idle);
+    assert_eq!(
+        d.guest_mappings(),
+        0,
+        "the mapping is gone after the front-end left"
+    );
+    assert_serves(&d);
 }
 
 #[test]
