@@ -35,6 +35,9 @@ cargo build -p vhost-user-core --target thumbv7em-none-eabihf --features defmt -
     cargo build --release --target thumbv7em-none-eabihf --quiet &&
     cargo build --release --target thumbv7em-none-eabihf --features defmt --quiet)
 
+step "guest kit: a Debian cloud kernel and a busybox initramfs (cached under \${VHU_CACHE:-~/.cache/vhu}), and QEMU"
+bash examples/tests/guest/build-guest.sh
+
 step "tests"
 cargo test --workspace --no-fail-fast 2>&1 | tee target/test.log
 # A summary line the CI reader understands.

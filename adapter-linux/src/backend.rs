@@ -20,13 +20,19 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use log::{debug, error, info, warn};
+use std::collections::VecDeque;
 use vhost_user_core::backend::{
     Action, BackendConfig, BackendDevice, BackendError, Reply, Session,
 };
 use vhost_user_core::message::{HEADER_SIZE, MAX_MESSAGE};
-use vhost_user_core::vring::{Chain, Queue, RingAddrs};
 
-use crate::memory::LinuxGuestMemory;
+use vhost_user_core::inflight::{
+    packed_chain, InflightError, PackedDescCopy, PackedInflight, Resubmit, SplitInflight,
+};
+use vhost_user_core::memory::GuestMemory;
+use vhost_user_core::vring::{Chain, Queue, RingAddrs, VringError};
+
+use crate::memory::{InflightArea, LinuxGuestMemory};
 use crate::sys::epoll::{Epoll, EpollEvent, Interest};
 use crate::sys::eventfd::EventFd;
 use crate::sys::socket::{Listener, Stream};
@@ -89,6 +95,9 @@ struct Shared {
     /// remap); the front-end's kick fd is never written by us.
     wake: EventFd,
     stop: AtomicBool,
+    /// With `stop`: leave fetched requests recorded in the inflight area
+    /// instead of completing them (GET_VRING_BASE_INFLIGHT).
+    suspend: AtomicBool,
     enabled: AtomicBool,
     kick: Mutex<Option<Arc<EventFd>>>,
     call: Mutex<Option<Arc<EventFd>>>,
@@ -130,6 +139,12 @@ struct Connection<D: QueueDevice, const Q: usize, const R: usize> {
     rings: Vec<RingFds>,
     workers: Vec<Option<Worker>>,
     options: RuntimeOptions,
+    /// The area of SET_INFLIGHT_FD.
+    inflight: Option<Arc<InflightArea>>,
+    /// The fd created for GET_INFLIGHT_FD, sent with its reply.
+    inflight_reply_fd: Option<OwnedFd>,
+    /// Per ring: whether the pending stop suspends.
+    suspend: Vec<bool>,
 }
 
 /// Why a connection ended.
@@ -162,6 +177,9 @@ where
             rings: (0..n).map(|_| RingFds::default()).collect(),
             workers: (0..n).map(|_| None).collect(),
             options,
+            inflight: None,
+            inflight_reply_fd: None,
+            suspend: vec![false; n],
         })
     }
 
@@ -203,7 +221,7 @@ where
             let reply = match outcome.reply {
                 Reply::None => None,
                 Reply::Ready(n) => Some(n),
-                Reply::Pending { queue } => match self.stop_worker(queue) {
+                Reply::Pending { queue } => match self.stop_worker(queue, self.suspend_of(queue)) {
                     Some(ring) => match self.session.finish_stop(queue, &ring, &mut out[..]) {
                         Ok(n) => Some(n),
                         Err(e) => return ConnectionEnd::Refused(e),
@@ -212,7 +230,11 @@ where
                 },
             };
             if let Some(n) = reply {
-                if let Err(e) = stream.send_message(&out[..n], &[]) {
+                // GET_INFLIGHT_FD's reply carries the new area's fd; ours is
+                // closed once sent.
+                let fd = self.inflight_reply_fd.take();
+                let fds: Vec<std::os::fd::BorrowedFd<'_>> = fd.iter().map(|f| f.as_fd()).collect();
+                if let Err(e) = stream.send_message(&out[..n], &fds) {
                     return ConnectionEnd::Io(e);
                 }
             }
@@ -287,12 +309,51 @@ where
                 queue,
                 ring,
                 enabled,
-            } => self.start_worker(queue, ring, enabled),
-            Action::StopRing { queue } => {
+                inflight,
+            } => {
+                let area = match (inflight, &self.inflight) {
+                    (Some(off), Some(a)) => Some((Arc::clone(a), off)),
+                    (Some(_), None) => {
+                        // The session only names an area it was given.
+                        return Err(BackendError::Inflight(
+                            vhost_user_core::inflight::InflightError::TooSmall { need: 1, have: 0 },
+                        ));
+                    }
+                    _ => None,
+                };
+                self.start_worker(queue, ring, enabled, area)
+            }
+            Action::StopRing { queue, suspend } => {
                 // The reply is pending; the worker is stopped when it is
                 // sent (see `serve`).
-                debug!("ring {queue} stopping");
+                debug!("ring {queue} stopping (suspend: {suspend})");
+                if let Some(s) = self.suspend.get_mut(usize::from(queue)) {
+                    *s = suspend;
+                }
             }
+            Action::CreateInflight { size } => {
+                let fd = crate::sys::memfd::create_sealed("vhu-inflight", size).map_err(|e| {
+                    error!("cannot create the inflight area: {e}");
+                    BackendError::Inflight(vhost_user_core::inflight::InflightError::TooSmall {
+                        need: size,
+                        have: 0,
+                    })
+                })?;
+                self.inflight_reply_fd = Some(fd);
+            }
+            Action::MapInflight { fd, offset, size } => {
+                let fd = Self::take_fd(fds, fd)?;
+                let area = InflightArea::map(fd, offset, size).map_err(|e| {
+                    error!("cannot map the inflight area: {e}");
+                    BackendError::Inflight(vhost_user_core::inflight::InflightError::TooSmall {
+                        need: size,
+                        have: 0,
+                    })
+                })?;
+                info!("inflight area of {size} bytes mapped");
+                self.inflight = Some(Arc::new(area));
+            }
+            Action::UnmapInflight => self.inflight = None,
             Action::SetEnabled { queue, enabled } => {
                 if let Some(w) = &self.workers[usize::from(queue)] {
                     w.shared.enabled.store(enabled, Ordering::Release);
@@ -301,7 +362,7 @@ where
             }
             Action::ResetRings => {
                 for q in 0..self.workers.len() {
-                    let _ = self.stop_worker(q as u16);
+                    let _ = self.stop_worker(q as u16, false);
                     self.rings[q] = RingFds::default();
                 }
                 self.session.rings_reset();
@@ -314,7 +375,20 @@ where
         self.memory.write().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn start_worker(&mut self, queue: u16, ring: Queue, enabled: bool) {
+    fn suspend_of(&self, queue: u16) -> bool {
+        self.suspend
+            .get(usize::from(queue))
+            .copied()
+            .unwrap_or(false)
+    }
+
+    fn start_worker(
+        &mut self,
+        queue: u16,
+        ring: Queue,
+        enabled: bool,
+        inflight: Option<(Arc<InflightArea>, u64)>,
+    ) {
         let q = usize::from(queue);
         let (wake, waiter) = match EventFd::new(true).and_then(|w| Ok((w, Waiter::new()?))) {
             Ok(x) => x,
@@ -325,6 +399,7 @@ where
         };
         let shared = Arc::new(Shared {
             wake,
+            suspend: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             enabled: AtomicBool::new(enabled),
             kick: Mutex::new(self.rings[q].kick.clone()),
@@ -339,7 +414,11 @@ where
         let options = self.options;
         let spawned = std::thread::Builder::new()
             .name(format!("vhu-ring-{queue}"))
-            .spawn(move || run_ring(queue, ring, &*device, &memory, &s, waiter, options));
+            .spawn(move || {
+                run_ring(
+                    queue, ring, &*device, &memory, &s, waiter, inflight, options,
+                )
+            });
         match spawned {
             Ok(handle) => self.workers[q] = Some(Worker { shared, handle }),
             Err(e) => error!("cannot start a thread for ring {queue}: {e}"),
@@ -347,8 +426,9 @@ where
     }
 
     /// Stops a ring's worker and returns its ring.
-    fn stop_worker(&mut self, queue: u16) -> Option<Queue> {
+    fn stop_worker(&mut self, queue: u16, suspend: bool) -> Option<Queue> {
         let w = self.workers.get_mut(usize::from(queue))?.take()?;
+        w.shared.suspend.store(suspend, Ordering::Release);
         w.shared.stop.store(true, Ordering::Release);
         w.shared.wake();
         let c = &w.shared.counters;
@@ -370,17 +450,105 @@ where
     }
 
     fn teardown(&mut self) {
+        // A front-end that leaves does not stop its rings: with an
+        // inflight area, what is in flight stays recorded for the next
+        // back-end; without one, it is completed.
+        let keep = self.inflight.is_some();
         for q in 0..self.workers.len() {
-            let _ = self.stop_worker(q as u16);
+            let _ = self.stop_worker(q as u16, keep);
         }
         self.rings.clear();
+        self.inflight = None;
         self.memory_mut().clear();
         self.session.rings_reset();
         self.device.disconnected();
     }
 }
 
+/// Most recorded requests a ring resubmits after a restart (rings with
+/// inflight tracking are at most this large).
+pub const MAX_RESUBMIT: usize = 1024;
+
+/// Where a ring records its requests.
+enum Tracker {
+    None,
+    Split(SplitInflight),
+    Packed(PackedInflight),
+}
+
+/// A request taken from the ring and not yet completed: its chain and its
+/// inflight record (split: the head index; packed: the area entry).
+struct Taken {
+    chain: Chain,
+    entry: u16,
+}
+
+/// Opens the ring's inflight region, repairs it and returns the requests to
+/// resubmit, positioning the ring after them.
+fn recover(
+    ring: &mut Queue,
+    mem: &LinuxGuestMemory,
+    area: &InflightArea,
+    off: u64,
+) -> Result<(Tracker, VecDeque<Taken>), InflightError> {
+    let mut list: Box<heapless::Vec<Resubmit, MAX_RESUBMIT>> = Box::default();
+    let mut out = VecDeque::new();
+    match ring {
+        Queue::Split(s) => {
+            let (mut t, fresh) = SplitInflight::open(area, off, s.size())?;
+            if !fresh {
+                let used = s.next_used();
+                t.recover(area, used, &mut list)?;
+                s.set_next_avail(used.wrapping_add(list.len() as u16));
+                for r in list.iter() {
+                    let mut chain = Chain::new();
+                    s.chain_at(mem, r.head, &mut chain)?;
+                    out.push_back(Taken {
+                        chain,
+                        entry: r.head,
+                    });
+                }
+            }
+            Ok((Tracker::Split(t), out))
+        }
+        Queue::Packed(p) => {
+            let (mut t, fresh) = PackedInflight::open(area, off, p.size(), p.next_used())?;
+            if !fresh {
+                let desc = p.addrs().desc;
+                let pos = t.recover(
+                    area,
+                    |slot, wrap| {
+                        let f = mem.load_u16_acquire(desc + 16 * u64::from(slot) + 14)?;
+                        let avail = f & (1 << 7) != 0;
+                        let used = f & (1 << 15) != 0;
+                        Ok(avail == wrap && used == wrap)
+                    },
+                    &mut list,
+                )?;
+                let base = u32::from(pos.avail.0)
+                    | u32::from(pos.avail.1) << 15
+                    | u32::from(pos.used.0) << 16
+                    | u32::from(pos.used.1) << 31;
+                p.set_base(base)?;
+                let indirect = p.features().indirect;
+                let mut descs: heapless::Vec<PackedDescCopy, MAX_RESUBMIT> = heapless::Vec::new();
+                for r in list.iter() {
+                    t.descriptors(area, r.head, &mut descs)?;
+                    let mut chain = Chain::new();
+                    packed_chain(mem, indirect, &descs, &mut chain)?;
+                    out.push_back(Taken {
+                        chain,
+                        entry: r.head,
+                    });
+                }
+            }
+            Ok((Tracker::Packed(t), out))
+        }
+    }
+}
+
 /// A ring's worker: processes the ring until told to stop, then returns it.
+#[allow(clippy::too_many_arguments)]
 fn run_ring<D: QueueDevice>(
     queue: u16,
     mut ring: Queue,
@@ -388,16 +556,56 @@ fn run_ring<D: QueueDevice>(
     memory: &RwLock<LinuxGuestMemory>,
     shared: &Shared,
     mut waiter: Waiter,
+    inflight: Option<(Arc<InflightArea>, u64)>,
     options: RuntimeOptions,
 ) -> Queue {
     if let Err(e) = waiter.epoll.add(&shared.wake, Interest::READABLE, WAKE) {
         error!("ring {queue}: cannot watch the wake fd: {e}");
     }
-    let mut chain: Chain = Chain::new();
-    let mut scratch = D::Scratch::default();
+    let mut w = WorkerState {
+        queue,
+        tracker: Tracker::None,
+        area: None,
+        taken: VecDeque::new(),
+        done: Vec::with_capacity(options.batch),
+        scratch: D::Scratch::default(),
+    };
     let mut broken = false;
+    if let Some((area, off)) = inflight {
+        let mem = memory.read().unwrap_or_else(PoisonError::into_inner);
+        match recover(&mut ring, &mem, &area, off) {
+            Ok((tracker, taken)) => {
+                if !taken.is_empty() {
+                    info!(
+                        "ring {queue}: resubmitting {} requests from the inflight area",
+                        taken.len()
+                    );
+                }
+                w.tracker = tracker;
+                w.taken = taken;
+                w.area = Some(area);
+            }
+            Err(e) => {
+                error!(
+                    "ring {queue}: inflight area refused: {e}; the ring is stopped until restarted"
+                );
+                broken = true;
+            }
+        }
+    }
     loop {
         if shared.stop.load(Ordering::Acquire) {
+            // Without an area nothing can be suspended: complete it all.
+            let suspend = shared.suspend.load(Ordering::Acquire) && w.area.is_some();
+            if !suspend && !broken && !w.taken.is_empty() {
+                let mem = memory.read().unwrap_or_else(PoisonError::into_inner);
+                while !w.taken.is_empty() {
+                    if let Err(e) = w.complete(&mut ring, device, &mem, shared, options, false) {
+                        error!("ring {queue}: {e}");
+                        break;
+                    }
+                }
+            }
             return ring;
         }
         if shared.remap_pending.swap(false, Ordering::AcqRel) {
@@ -411,16 +619,7 @@ fn run_ring<D: QueueDevice>(
         let mut idle = broken;
         if !broken {
             let mem = memory.read().unwrap_or_else(PoisonError::into_inner);
-            match drain(
-                queue,
-                &mut ring,
-                device,
-                &mem,
-                shared,
-                &mut chain,
-                &mut scratch,
-                options,
-            ) {
+            match w.drain(&mut ring, device, &mem, shared, options) {
                 Ok(more) => {
                     if !more {
                         // Re-arm notifications, then look once more so a
@@ -441,34 +640,169 @@ fn run_ring<D: QueueDevice>(
     }
 }
 
-/// Processes up to a batch; `Ok(true)` if more may be available.
-#[allow(clippy::too_many_arguments)]
-fn drain<D: QueueDevice>(
-    queue: u16,
-    ring: &mut Queue,
-    device: &D,
-    mem: &LinuxGuestMemory,
-    shared: &Shared,
-    chain: &mut Chain,
-    scratch: &mut D::Scratch,
-    options: RuntimeOptions,
-) -> Result<bool, vhost_user_core::vring::VringError> {
-    let side_effects = shared.enabled.load(Ordering::Acquire);
-    let mut n = 0;
-    let mut more = true;
-    while n < options.batch {
-        if !ring.pop_into(mem, chain)? {
-            more = false;
-            break;
+/// Why a worker stopped processing its ring.
+#[derive(Debug)]
+enum WorkerError {
+    Vring(VringError),
+    Inflight(InflightError),
+}
+
+impl std::fmt::Display for WorkerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WorkerError::Vring(e) => write!(f, "{e}"),
+            WorkerError::Inflight(e) => write!(f, "inflight area: {e}"),
         }
-        let len = device.process(queue, chain, mem, side_effects, scratch);
-        ring.add_used(mem, chain.head(), len)?;
-        n += 1;
     }
-    if n > 0 {
+}
+
+impl From<VringError> for WorkerError {
+    fn from(e: VringError) -> Self {
+        WorkerError::Vring(e)
+    }
+}
+
+impl From<InflightError> for WorkerError {
+    fn from(e: InflightError) -> Self {
+        WorkerError::Inflight(e)
+    }
+}
+
+struct WorkerState<S> {
+    queue: u16,
+    tracker: Tracker,
+    area: Option<Arc<InflightArea>>,
+    /// Fetched (and recorded) but not completed, in order.
+    taken: VecDeque<Taken>,
+    /// Entries of the batch being completed.
+    done: Vec<u16>,
+    scratch: S,
+}
+
+impl<S> WorkerState<S> {
+    /// Takes up to a batch from the ring, recording each fetch, then
+    /// completes them; `Ok(true)` if more may be available.
+    fn drain<D: QueueDevice<Scratch = S>>(
+        &mut self,
+        ring: &mut Queue,
+        device: &D,
+        mem: &LinuxGuestMemory,
+        shared: &Shared,
+        options: RuntimeOptions,
+    ) -> Result<bool, WorkerError> {
+        let mut more = true;
+        while self.taken.len() < options.batch {
+            let before = match ring {
+                Queue::Packed(p) => p.next_avail(),
+                Queue::Split(_) => (0, false),
+            };
+            let mut chain = Chain::new();
+            if !ring.pop_into(mem, &mut chain)? {
+                more = false;
+                break;
+            }
+            let entry = self.record_fetch(ring, mem, &chain, before)?;
+            self.taken.push_back(Taken { chain, entry });
+        }
+        if !self.taken.is_empty() {
+            self.complete(ring, device, mem, shared, options, true)?;
+        }
+        Ok(more || !self.taken.is_empty())
+    }
+
+    fn record_fetch(
+        &mut self,
+        ring: &Queue,
+        mem: &LinuxGuestMemory,
+        chain: &Chain,
+        before: (u16, bool),
+    ) -> Result<u16, WorkerError> {
+        let head = chain.head();
+        let Some(area) = self.area.as_deref() else {
+            return Ok(head.id);
+        };
+        match &mut self.tracker {
+            Tracker::None => Ok(head.id),
+            Tracker::Split(t) => {
+                t.fetched(area, head.id)?;
+                Ok(head.id)
+            }
+            Tracker::Packed(t) => {
+                // The ring descriptors the chain took, copied again (the
+                // driver does not touch them until they are used).
+                let desc = ring.addrs().desc;
+                let size = ring.size();
+                let mut copies: heapless::Vec<PackedDescCopy, 64> = heapless::Vec::new();
+                for k in 0..head.descs {
+                    let slot = ((u32::from(before.0) + u32::from(k)) % u32::from(size)) as u16;
+                    let raw = mem
+                        .read_16(desc + 16 * u64::from(slot))
+                        .map_err(VringError::Memory)?;
+                    let c = PackedDescCopy {
+                        addr: u64::from_le_bytes([
+                            raw[0], raw[1], raw[2], raw[3], raw[4], raw[5], raw[6], raw[7],
+                        ]),
+                        len: u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]),
+                        id: u16::from_le_bytes([raw[12], raw[13]]),
+                        flags: u16::from_le_bytes([raw[14], raw[15]]),
+                    };
+                    copies.push(c).map_err(|_| VringError::ChainTooLong)?;
+                }
+                Ok(t.fetched(area, &copies)?)
+            }
+        }
+    }
+
+    /// Processes the taken requests in order and publishes them as one
+    /// batch. With `may_suspend`, stops early when a suspending stop is
+    /// requested: the rest stay taken (and recorded).
+    fn complete<D: QueueDevice<Scratch = S>>(
+        &mut self,
+        ring: &mut Queue,
+        device: &D,
+        mem: &LinuxGuestMemory,
+        shared: &Shared,
+        options: RuntimeOptions,
+        may_suspend: bool,
+    ) -> Result<(), WorkerError> {
+        let side_effects = shared.enabled.load(Ordering::Acquire);
+        self.done.clear();
+        while self.done.len() < options.batch {
+            if may_suspend
+                && self.area.is_some()
+                && shared.stop.load(Ordering::Acquire)
+                && shared.suspend.load(Ordering::Acquire)
+            {
+                break;
+            }
+            let Some(t) = self.taken.pop_front() else {
+                break;
+            };
+            let len = device.process(self.queue, &t.chain, mem, side_effects, &mut self.scratch);
+            ring.add_used(mem, t.chain.head(), len)?;
+            self.done.push(t.entry);
+        }
+        if self.done.is_empty() {
+            return Ok(());
+        }
+        let area = self.area.as_deref();
+        match (&self.tracker, area) {
+            (Tracker::Split(t), Some(a)) => t.batch_begin(a, &self.done)?,
+            (Tracker::Packed(t), Some(a)) => t.batch_begin(a, &self.done)?,
+            _ => {}
+        }
         let c = &shared.counters;
-        c.completed.fetch_add(n as u64, Ordering::Relaxed);
-        if ring.flush_used(mem)? {
+        c.completed
+            .fetch_add(self.done.len() as u64, Ordering::Relaxed);
+        let notify = ring.flush_used(mem)?;
+        match (&self.tracker, area, &*ring) {
+            (Tracker::Split(t), Some(a), Queue::Split(s)) => {
+                t.batch_end(a, &self.done, s.next_used())?
+            }
+            (Tracker::Packed(t), Some(a), _) => t.batch_end(a, &self.done)?,
+            _ => {}
+        }
+        if notify {
             if let Some(call) = lock(&shared.call).as_ref() {
                 let _ = call.write(1);
                 c.calls.fetch_add(1, Ordering::Relaxed);
@@ -476,8 +810,8 @@ fn drain<D: QueueDevice>(
         } else {
             c.suppressed.fetch_add(1, Ordering::Relaxed);
         }
+        Ok(())
     }
-    Ok(more)
 }
 
 const WAKE: u64 = 0;

@@ -295,7 +295,13 @@ fn split_ring_start_process_stop_restart() {
     let (o, r) = fe.send(&Request::GetVringBase(0), false).unwrap();
     assert!(r.is_empty());
     assert_eq!(o.reply, Reply::Pending { queue: 0 });
-    assert!(matches!(o.actions[0], Action::StopRing { queue: 0 }));
+    assert!(matches!(
+        o.actions[0],
+        Action::StopRing {
+            queue: 0,
+            suspend: false
+        }
+    ));
     assert_eq!(fe.s.processing(0), Processing::Stopped);
     // The worker drains (completes what it had) and stops.
     assert_eq!(fe.serve(0, 0xcd), 1);
@@ -444,7 +450,7 @@ fn every_message_is_handled_or_refused() {
     let crypto = [0u8; 32];
     let r0 = region(RAM, 0x1000);
     let inflight = vhost_user_core::message::InflightMsg {
-        mmap_size: 4096,
+        mmap_size: 4224,
         mmap_offset: 0,
         num_queues: 2,
         queue_size: 64,
@@ -553,15 +559,12 @@ fn every_message_is_handled_or_refused() {
         FrontendReq::PostcopyAdvise,
         FrontendReq::PostcopyListen,
         FrontendReq::PostcopyEnd,
-        FrontendReq::GetInflightFd,
-        FrontendReq::SetInflightFd,
         FrontendReq::GpuSetSocket,
         FrontendReq::VringKick,
         FrontendReq::GetSharedObject,
         FrontendReq::SetDeviceStateFd,
         FrontendReq::CheckDeviceState,
         FrontendReq::GetShmemConfig,
-        FrontendReq::GetVringBaseSkipDrain,
     ];
     for (i, r) in requests.iter().enumerate() {
         assert_eq!(r.code().id(), i as u32 + 1);
@@ -811,7 +814,7 @@ fn status_round_trip() {
 
 #[test]
 fn offer_must_be_implemented() {
-    let mut c = config(P::MQ | P::INFLIGHT_SHMFD);
+    let mut c = config(P::MQ | P::LOG_SHMFD);
     assert_eq!(
         Session::<4, 8>::new(c).err(),
         Some(BackendError::Unsupported)
@@ -832,3 +835,153 @@ fn offer_must_be_implemented() {
 
 #[allow(dead_code)]
 fn unused(_: MemRegionMsg) {}
+
+/// Starts ring 0 (split, 16 entries) with an inflight area set.
+fn start_with_area(protocol: P) -> (Fe, SplitDriver) {
+    let mut fe = Fe::new(protocol);
+    fe.handshake(V::VERSION_1 | V::PROTOCOL_FEATURES);
+    let desc = vhost_user_core::message::InflightMsg {
+        mmap_size: 0,
+        mmap_offset: 0,
+        num_queues: 2,
+        queue_size: 16,
+    };
+    // GET_INFLIGHT_FD: the size of our layout, and an fd to create.
+    let (o, r) = fe.send(&Request::GetInflightFd(desc), false).unwrap();
+    let size = vhost_user_core::inflight::area_size(2, 16).unwrap();
+    assert!(matches!(o.actions[0], Action::UnmapInflight));
+    assert!(matches!(o.actions[1], Action::CreateInflight { size: s } if s == size));
+    let h = Header::parse(&r).unwrap();
+    let got = WireReply::parse(
+        FrontendReq::GetInflightFd,
+        &h,
+        &r[HEADER_SIZE..],
+        1,
+        &ParseOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        got,
+        WireReply::Inflight(vhost_user_core::message::InflightMsg {
+            mmap_size: size,
+            ..desc
+        })
+    );
+    // SET_INFLIGHT_FD: too small is refused, the right size mapped.
+    let small = vhost_user_core::message::InflightMsg {
+        mmap_size: size - 1,
+        ..desc
+    };
+    assert!(matches!(
+        fe.send(&Request::SetInflightFd(small), false),
+        Err(BackendError::Inflight(_))
+    ));
+    let full = vhost_user_core::message::InflightMsg {
+        mmap_size: size,
+        ..desc
+    };
+    let (o, _) = fe.send(&Request::SetInflightFd(full), false).unwrap();
+    assert!(matches!(
+        o.actions[0],
+        Action::MapInflight { fd: 0, offset: 0, size: s } if s == size
+    ));
+    let drv = SplitDriver::new(&fe.mem, 16, 0x1000, false).unwrap();
+    fe.configure(0, 16, drv.user_addrs(), 0);
+    let o = fe.kick(0);
+    assert!(o.actions.iter().any(|a| matches!(
+        a,
+        Action::StartRing {
+            queue: 0,
+            inflight: Some(0),
+            ..
+        }
+    )));
+    (fe, drv)
+}
+
+fn stop_suspends(fe: &mut Fe, req: Request<'_>) -> bool {
+    let (o, _) = fe.send(&req, false).unwrap();
+    let suspend = match o.actions[0] {
+        Action::StopRing { queue: 0, suspend } => suspend,
+        ref a => panic!("{a:?}"),
+    };
+    // The reply answers the message that asked.
+    let ring = fe.rings[0].take().unwrap();
+    let mut out = [0u8; 64];
+    let n = fe.s.finish_stop(0, &ring, &mut out).unwrap();
+    assert_eq!(Header::parse(&out[..n]).unwrap().request, req.code().id());
+    suspend
+}
+
+#[test]
+fn inflight_area_and_suspending_stops() {
+    let base = P::MQ | P::REPLY_ACK | P::RESET_DEVICE;
+    // Bit 20 alone: GET_VRING_BASE suspends.
+    let (mut fe, drv) = start_with_area(base | P::INFLIGHT_SHMFD | P::GET_VRING_BASE_INFLIGHT);
+    assert!(stop_suspends(&mut fe, Request::GetVringBase(0)));
+    // ... and message 45 is not negotiated.
+    assert_eq!(
+        fe.send(&Request::GetVringBaseSkipDrain(0), false).err(),
+        Some(BackendError::NotNegotiated(
+            FrontendReq::GetVringBaseSkipDrain
+        ))
+    );
+    // Restart: the area is still there.
+    fe.configure(0, 16, drv.user_addrs(), 0);
+    let o = fe.kick(0);
+    assert!(o.actions.iter().any(|a| matches!(
+        a,
+        Action::StartRing {
+            inflight: Some(0),
+            ..
+        }
+    )));
+    // RESET_DEVICE drops it: the next start has none.
+    let (o, _) = fe.send(&Request::ResetDevice, false).unwrap();
+    assert!(o.actions.iter().any(|a| matches!(a, Action::UnmapInflight)));
+
+    // Bits 20 and 23: plain GET_VRING_BASE drains, message 45 suspends.
+    let all = base | P::INFLIGHT_SHMFD | P::GET_VRING_BASE_INFLIGHT | P::GET_VRING_BASE_SKIP_DRAIN;
+    let (mut fe, drv) = start_with_area(all);
+    assert!(!stop_suspends(&mut fe, Request::GetVringBase(0)));
+    fe.configure(0, 16, drv.user_addrs(), 0);
+    fe.kick(0);
+    assert!(stop_suspends(&mut fe, Request::GetVringBaseSkipDrain(0)));
+
+    // INFLIGHT_SHMFD without bit 20: always drains.
+    let (mut fe, _) = start_with_area(base | P::INFLIGHT_SHMFD);
+    assert!(!stop_suspends(&mut fe, Request::GetVringBase(0)));
+}
+
+#[test]
+fn inflight_area_must_match_the_ring_and_the_device() {
+    let mut fe = Fe::new(all_protocol());
+    fe.handshake(V::VERSION_1 | V::PROTOCOL_FEATURES);
+    let m = |nq, qs| vhost_user_core::message::InflightMsg {
+        mmap_size: 1 << 20,
+        mmap_offset: 0,
+        num_queues: nq,
+        queue_size: qs,
+    };
+    // More queues than the device, or rings larger than allowed.
+    assert!(matches!(
+        fe.send(&Request::GetInflightFd(m(3, 16)), false),
+        Err(BackendError::Inflight(_))
+    ));
+    assert!(matches!(
+        fe.send(&Request::SetInflightFd(m(2, 512)), false),
+        Err(BackendError::Inflight(_))
+    ));
+    // An area for 32-entry rings, a ring of 16: the start is refused.
+    fe.send(&Request::SetInflightFd(m(2, 32)), false).unwrap();
+    let drv = SplitDriver::new(&fe.mem, 16, 0x1000, false).unwrap();
+    fe.configure(0, 16, drv.user_addrs(), 0);
+    let r = fe.send(
+        &Request::SetVringKick(VringFdMsg {
+            index: 0,
+            no_fd: false,
+        }),
+        false,
+    );
+    assert!(matches!(r, Err(BackendError::Inflight(_))), "{r:?}");
+}

@@ -157,8 +157,14 @@ fn u64_of(code: FrontendReq, msg: &[u8]) -> u64 {
 fn assert_dropped(s: &Stream) {
     let mut buf = Box::new([0u8; MAX_MESSAGE]);
     let t0 = Instant::now();
+    // A daemon that keeps the connection fails the test instead of hanging
+    // it.
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     loop {
         match s.recv_message(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                panic!("the daemon kept the connection")
+            }
             Ok(None) | Err(_) => return,
             Ok(Some(rx)) => {
                 // A reply to something sent before the bad message is fine.
@@ -306,7 +312,7 @@ fn cases() -> Vec<Case> {
         send: Box::new(|s| {
             send(
                 s,
-                &Request::SetProtocolFeatures(P::INFLIGHT_SHMFD.bits() | P::MQ.bits()),
+                &Request::SetProtocolFeatures(P::LOG_SHMFD.bits() | P::MQ.bits()),
                 false,
                 &[],
             )
@@ -325,20 +331,57 @@ fn cases() -> Vec<Case> {
         }),
     });
     v.push(Case {
-        name: "message gated by a feature never negotiated (GET_INFLIGHT_FD)",
+        name: "message gated by a feature never negotiated (GET_SHMEM_CONFIG)",
         handshake: true,
-        send: Box::new(|s| {
+        send: Box::new(|s| send(s, &Request::GetShmemConfig, false, &[])),
+    });
+    let inflight = |size: u64, num_queues: u16| vhost_user_core::message::InflightMsg {
+        mmap_size: size,
+        mmap_offset: 0,
+        num_queues,
+        queue_size: 256,
+    };
+    v.push(Case {
+        name: "inflight area smaller than its layout",
+        handshake: true,
+        send: Box::new(move |s| {
+            let (m, _) = memory(1 << 20);
             send(
                 s,
-                &Request::GetInflightFd(vhost_user_core::message::InflightMsg {
-                    mmap_size: 0,
-                    mmap_offset: 0,
-                    num_queues: 2,
-                    queue_size: 256,
-                }),
+                &Request::SetInflightFd(inflight(4096, 2)),
                 false,
-                &[],
-            )
+                &[m.as_fd()],
+            );
+        }),
+    });
+    v.push(Case {
+        name: "inflight area larger than its fd (mmap beyond the file)",
+        handshake: true,
+        send: Box::new(move |s| {
+            let (m, _) = memory(4096);
+            send(
+                s,
+                &Request::SetInflightFd(inflight(1 << 20, 2)),
+                false,
+                &[m.as_fd()],
+            );
+        }),
+    });
+    v.push(Case {
+        name: "inflight area for more queues than the device",
+        handshake: true,
+        send: Box::new(move |s| send(s, &Request::GetInflightFd(inflight(0, 3)), false, &[])),
+    });
+    v.push(Case {
+        name: "inflight num_queues 0",
+        handshake: true,
+        send: Box::new(|s| {
+            let mut m = head(31, 1, 24);
+            m.extend_from_slice(&[0; 16]);
+            m.extend_from_slice(&0u16.to_ne_bytes());
+            m.extend_from_slice(&256u16.to_ne_bytes());
+            m.extend_from_slice(&[0; 4]);
+            send_raw(s, &m, &[]);
         }),
     });
     v.push(Case {

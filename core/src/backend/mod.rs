@@ -29,9 +29,10 @@ use heapless::Vec;
 use crate::feature::{
     accept_protocol, accept_virtio, FeatureError, ProtocolFeatures, VirtioFeatures,
 };
+use crate::inflight::{self, InflightError};
 use crate::memory::{GuestMemory, MemoryError, MemoryTable};
 use crate::message::{
-    ConfigMsg, ConfigWriteKind, FrontendReq, Header, MemRegionMsg, ParseOptions,
+    ConfigMsg, ConfigWriteKind, FrontendReq, Header, InflightMsg, MemRegionMsg, ParseOptions,
     Reply as WireReply, Request, VringAddrMsg, VringFdMsg, WireError,
 };
 use crate::vring::state::{Processing, RingEvent, RingState};
@@ -63,7 +64,10 @@ pub const SUPPORTED_PROTOCOL_FEATURES: ProtocolFeatures = ProtocolFeatures::MQ
     .union(ProtocolFeatures::CONFIG)
     .union(ProtocolFeatures::CONFIGURE_MEM_SLOTS)
     .union(ProtocolFeatures::STATUS)
-    .union(ProtocolFeatures::RESET_DEVICE);
+    .union(ProtocolFeatures::RESET_DEVICE)
+    .union(ProtocolFeatures::INFLIGHT_SHMFD)
+    .union(ProtocolFeatures::GET_VRING_BASE_INFLIGHT)
+    .union(ProtocolFeatures::GET_VRING_BASE_SKIP_DRAIN);
 
 /// The virtio features this engine implements (device-specific bits 0-23
 /// are the device's business and pass through).
@@ -148,13 +152,41 @@ pub enum Action {
         ring: Queue,
         /// Whether the ring is enabled (else: process without side effects).
         enabled: bool,
+        /// With an inflight area (SET_INFLIGHT_FD): the offset of this
+        /// ring's region in it. The adapter opens the region
+        /// ([`crate::inflight`]), resubmits the requests recorded there
+        /// before popping new ones, and records every fetch and
+        /// completion.
+        inflight: Option<u64>,
     },
-    /// Stop a running ring: complete its in-flight requests, then call
-    /// [`Session::finish_stop`] with its final [`Queue`] state.
+    /// Stop a running ring: complete its in-flight requests (or, with
+    /// `suspend`, leave them recorded in the inflight area, unfinished and
+    /// invisible to the guest), then call [`Session::finish_stop`] with
+    /// its final [`Queue`] state.
     StopRing {
         /// Ring index.
         queue: u16,
+        /// GET_VRING_BASE_INFLIGHT: suspend instead of draining.
+        suspend: bool,
     },
+    /// GET_INFLIGHT_FD: create a zeroed, sealed shared-memory fd of `size`
+    /// bytes and send it with the reply. Any previous area is dropped.
+    CreateInflight {
+        /// Bytes.
+        size: u64,
+    },
+    /// SET_INFLIGHT_FD: map `size` bytes at `offset` of the message's fd
+    /// `fd` as the inflight area (replacing any previous one).
+    MapInflight {
+        /// The message fd.
+        fd: FdIndex,
+        /// Offset in the fd.
+        offset: u64,
+        /// Bytes.
+        size: u64,
+    },
+    /// Drop the inflight area (RESET_DEVICE).
+    UnmapInflight,
     /// A running ring was enabled or disabled.
     SetEnabled {
         /// Ring index.
@@ -228,6 +260,8 @@ pub enum BackendError {
     NotStopping(u16),
     /// A configuration that offers what the engine does not implement.
     Unsupported,
+    /// An inflight area description or use refused.
+    Inflight(InflightError),
 }
 
 impl BackendError {
@@ -252,6 +286,11 @@ impl From<MemoryError> for BackendError {
         BackendError::Memory(e)
     }
 }
+impl From<InflightError> for BackendError {
+    fn from(e: InflightError) -> Self {
+        BackendError::Inflight(e)
+    }
+}
 impl From<VringError> for BackendError {
     fn from(e: VringError) -> Self {
         BackendError::Vring(e)
@@ -266,6 +305,7 @@ impl fmt::Display for BackendError {
             BackendError::NotNegotiated(c) => write!(f, "{c} used without its feature"),
             BackendError::Memory(e) => write!(f, "memory table: {e}"),
             BackendError::Vring(e) => write!(f, "ring: {e}"),
+            BackendError::Inflight(e) => write!(f, "inflight area: {e}"),
             BackendError::NoSuchQueue(q) => write!(f, "no ring {q}"),
             BackendError::QueueSize(n) => write!(f, "ring size {n} above the maximum"),
             BackendError::RingRunning(q) => write!(f, "ring {q} is running"),
@@ -310,6 +350,9 @@ pub struct RingSlot {
     pub running: bool,
     /// A stop is waiting for the worker.
     pub stopping: bool,
+    /// The message the pending stop answers (GET_VRING_BASE or
+    /// GET_VRING_BASE_SKIP_DRAIN).
+    pub stop_code: Option<FrontendReq>,
     /// Kick notifier.
     pub kick: Notifier,
     /// Call notifier.
@@ -332,6 +375,9 @@ pub struct Session<const Q: usize = 16, const R: usize = 32> {
     status: u8,
     memory: MemoryTable<R>,
     rings: Vec<RingSlot, Q>,
+    /// The area of the last SET_INFLIGHT_FD: (num_queues, queue_size,
+    /// per-queue stride).
+    inflight: Option<(u16, u16, u64)>,
 }
 
 fn push(actions: &mut Vec<Action, MAX_ACTIONS>, a: Action) {
@@ -374,6 +420,7 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
             status: 0,
             memory: MemoryTable::default(),
             rings,
+            inflight: None,
         })
     }
 
@@ -708,13 +755,23 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
                 }
                 slot.base = s.num;
             }
-            Request::GetVringBase(index) => {
+            Request::GetVringBase(index) | Request::GetVringBaseSkipDrain(index) => {
                 let q = index as u16;
+                // Suspending needs an area to record the requests in. With
+                // SKIP_DRAIN negotiated only message 45 suspends.
+                let p = self.acked_protocol;
+                let suspend = self.inflight.is_some()
+                    && if p.contains(ProtocolFeatures::GET_VRING_BASE_SKIP_DRAIN) {
+                        code == FrontendReq::GetVringBaseSkipDrain
+                    } else {
+                        p.contains(ProtocolFeatures::GET_VRING_BASE_INFLIGHT)
+                    };
                 let slot = self.slot_mut(index)?;
                 slot.state = slot.state.apply(RingEvent::GetVringBase);
                 if slot.running {
                     slot.stopping = true;
-                    push(actions, Action::StopRing { queue: q });
+                    slot.stop_code = Some(code);
+                    push(actions, Action::StopRing { queue: q, suspend });
                     outcome.reply = Reply::Pending { queue: q };
                 } else {
                     slot.kick = Notifier::Unset;
@@ -739,6 +796,18 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
                     return Ok(());
                 }
                 let ring = self.build_ring(q, mem)?;
+                let inflight = match self.inflight {
+                    Some((nq, qs, stride)) if q < nq => {
+                        if qs != ring.size() {
+                            return Err(BackendError::Inflight(InflightError::SizeMismatch {
+                                area: qs,
+                                ring: ring.size(),
+                            }));
+                        }
+                        Some(u64::from(q) * stride)
+                    }
+                    _ => None,
+                };
                 let slot = self.slot_mut(v.index)?;
                 slot.state = slot.state.apply(RingEvent::SetVringKick);
                 slot.running = true;
@@ -750,6 +819,7 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
                         queue: q,
                         ring,
                         enabled,
+                        inflight,
                     },
                 );
             }
@@ -796,6 +866,34 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
             }
             Request::SetStatus(s) => self.status = s,
             Request::GetStatus => outcome.reply = reply(WireReply::U64(self.status.into()))?,
+            Request::GetInflightFd(m) => {
+                self.check_inflight(m.num_queues, m.queue_size)?;
+                let size = inflight::area_size(m.num_queues, m.queue_size)?;
+                // A new area: the old one (and what it recorded) is gone.
+                self.inflight = None;
+                push(actions, Action::UnmapInflight);
+                push(actions, Action::CreateInflight { size });
+                outcome.reply = reply(WireReply::Inflight(InflightMsg {
+                    mmap_size: size,
+                    mmap_offset: 0,
+                    ..m
+                }))?;
+            }
+            Request::SetInflightFd(m) => {
+                self.check_inflight(m.num_queues, m.queue_size)?;
+                let stride = inflight::check_area(m.num_queues, m.queue_size, m.mmap_size)?;
+                // Running rings keep the area they started with; this one
+                // is used from their next start.
+                self.inflight = Some((m.num_queues, m.queue_size, stride));
+                push(
+                    actions,
+                    Action::MapInflight {
+                        fd: 0,
+                        offset: m.mmap_offset,
+                        size: m.mmap_size,
+                    },
+                );
+            }
             Request::ResetDevice => {
                 for slot in self.rings.iter_mut() {
                     *slot = RingSlot {
@@ -808,6 +906,9 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
                 self.status = 0;
                 device.reset();
                 push(actions, Action::ResetRings);
+                if self.inflight.take().is_some() {
+                    push(actions, Action::UnmapInflight);
+                }
             }
             // Gated by features this engine never offers (gate() refused
             // them before dispatch).
@@ -823,15 +924,12 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
             | Request::PostcopyAdvise
             | Request::PostcopyListen
             | Request::PostcopyEnd
-            | Request::GetInflightFd(_)
-            | Request::SetInflightFd(_)
             | Request::GpuSetSocket
             | Request::VringKick(_)
             | Request::GetSharedObject(_)
             | Request::SetDeviceStateFd(_)
             | Request::CheckDeviceState
-            | Request::GetShmemConfig
-            | Request::GetVringBaseSkipDrain(_) => return Err(BackendError::NotNegotiated(code)),
+            | Request::GetShmemConfig => return Err(BackendError::NotNegotiated(code)),
         }
         Ok(())
     }
@@ -855,6 +953,16 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
             WireReply::ConfigFailed
         };
         Ok(Reply::Ready(reply.encode(FrontendReq::GetConfig, out)?))
+    }
+
+    fn check_inflight(&self, num_queues: u16, queue_size: u16) -> Result<(), BackendError> {
+        if num_queues == 0 || num_queues > self.config.num_queues {
+            return Err(BackendError::Inflight(InflightError::NumQueues(num_queues)));
+        }
+        if queue_size == 0 || queue_size > self.config.max_queue_size {
+            return Err(BackendError::Inflight(InflightError::QueueSize(queue_size)));
+        }
+        Ok(())
     }
 
     fn build_ring<M: GuestMemory + ?Sized>(&self, q: u16, mem: &M) -> Result<Queue, BackendError> {
@@ -924,6 +1032,7 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
         }
         slot.stopping = false;
         slot.running = false;
+        let code = slot.stop_code.take().unwrap_or(FrontendReq::GetVringBase);
         slot.base = ring.base();
         slot.kick = Notifier::Unset;
         slot.call = Notifier::Unset;
@@ -933,7 +1042,7 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
             index: queue.into(),
             num,
         }
-        .encode(FrontendReq::GetVringBase, out)?)
+        .encode(code, out)?)
     }
 
     /// After RESET_DEVICE's [`Action::ResetRings`], or when the connection

@@ -218,6 +218,18 @@ impl SplitQueue {
         Ok(true)
     }
 
+    /// Read the chain whose head descriptor is `head` into `chain`, without
+    /// touching the avail ring or the indices: for resubmitting a request
+    /// recorded in the inflight area.
+    pub fn chain_at<M: GuestMemory + ?Sized, const S: usize>(
+        &self,
+        mem: &M,
+        head: u16,
+        chain: &mut Chain<S>,
+    ) -> Result<(), VringError> {
+        self.walk(mem, head, chain)
+    }
+
     /// Pop the next available chain (see [`pop_into`](Self::pop_into)).
     pub fn pop<M: GuestMemory + ?Sized, const S: usize>(
         &mut self,

@@ -34,6 +34,7 @@ usage: vhost-user-blk (--socket-path PATH | --fd N) [options]
   --num-queues N       number of request queues (default 1)
   --queue-size N       largest ring size a front-end may use (default 1024)
   --serial ID          device serial for GET_ID (default vhu-blk)
+  --io-delay-us N      delay every request by N microseconds (testing)
   --log-level LEVEL    off, error, warn, info, debug, trace (default info)
   --print-capabilities print the back-end's capabilities as JSON and exit
 ";
@@ -47,6 +48,7 @@ const OPTIONS: &[&str] = &[
     "num-queues",
     "queue-size",
     "serial",
+    "io-delay-us",
     "log-level",
     "read-only",
     "null",
@@ -177,6 +179,13 @@ fn run() -> Result<(), String> {
         | V::EVENT_IDX
         | V::INDIRECT_DESC
         | V::RING_PACKED;
+    // Inflight tracking, and stopping rings without draining them, for
+    // rings up to the size whose requests a restart can resubmit.
+    let inflight = if usize::from(queue_size) <= vhost_user_linux::backend::MAX_RESUBMIT {
+        P::INFLIGHT_SHMFD | P::GET_VRING_BASE_INFLIGHT | P::GET_VRING_BASE_SKIP_DRAIN
+    } else {
+        P::empty()
+    };
     let config = BackendConfig {
         features,
         protocol_features: P::MQ
@@ -184,7 +193,8 @@ fn run() -> Result<(), String> {
             | P::CONFIG
             | P::CONFIGURE_MEM_SLOTS
             | P::STATUS
-            | P::RESET_DEVICE,
+            | P::RESET_DEVICE
+            | inflight,
         num_queues,
         max_queue_size: queue_size,
     };
@@ -196,7 +206,8 @@ fn run() -> Result<(), String> {
         config.features.bits(),
         config.protocol_features.bits()
     );
-    let service = Arc::new(BlkService::new(device, backend, num_queues));
+    let delay = std::time::Duration::from_micros(args.get_or("io-delay-us", 0)?);
+    let service = Arc::new(BlkService::new(device, backend, num_queues).with_delay(delay));
     let stop = AtomicBool::new(false);
     serve::<_, MAX_QUEUES, MEM_SLOTS>(&listener, config, service, RuntimeOptions::default(), &stop)
         .map_err(|e| {

@@ -34,6 +34,7 @@ pub struct BlkService<B: BlockBackend> {
     device: Mutex<BlkDevice>,
     backend: B,
     counters: Vec<QueueCounters>,
+    delay: std::time::Duration,
 }
 
 /// Per-thread scratch space for request processing.
@@ -50,7 +51,15 @@ impl<B: BlockBackend> BlkService<B> {
             device: Mutex::new(device),
             backend,
             counters: (0..num_queues).map(|_| QueueCounters::default()).collect(),
+            delay: std::time::Duration::ZERO,
         }
+    }
+
+    /// Delays every request by `delay` before carrying it out (for tests
+    /// that need requests in flight when a ring stops or the daemon dies).
+    pub fn with_delay(mut self, delay: std::time::Duration) -> Self {
+        self.delay = delay;
+        self
     }
 
     fn device(&self) -> std::sync::MutexGuard<'_, BlkDevice> {
@@ -87,6 +96,9 @@ impl<B: BlockBackend> BlkService<B> {
     ) -> u32 {
         if !side_effects {
             return 0;
+        }
+        if !self.delay.is_zero() {
+            std::thread::sleep(self.delay);
         }
         let read = |gpa: u64, dst: &mut [u8]| mem.read(gpa, dst);
         let write = |gpa: u64, src: &[u8]| mem.write(gpa, src);
