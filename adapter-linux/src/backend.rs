@@ -54,6 +54,15 @@ pub trait QueueDevice: Send + Sync + 'static {
         scratch: &mut Self::Scratch,
     ) -> u32;
 
+    /// Whether a started but disabled ring is consumed (each chain
+    /// processed with `side_effects` false, e.g. a network device dropping
+    /// TX packets) rather than left in the ring until it is enabled again.
+    /// The default, false, suits storage: a disabled ring is paused, and
+    /// requests taken while it was enabled still complete normally.
+    fn consume_while_disabled(&self) -> bool {
+        false
+    }
+
     /// Called when a front-end disconnects (log counters, drop state).
     fn disconnected(&self) {}
 }
@@ -481,6 +490,8 @@ enum Tracker {
 struct Taken {
     chain: Chain,
     entry: u16,
+    /// Taken while the ring was enabled: carried out in full.
+    side_effects: bool,
 }
 
 /// Opens the ring's inflight region, repairs it and returns the requests to
@@ -506,6 +517,7 @@ fn recover(
                     out.push_back(Taken {
                         chain,
                         entry: r.head,
+                        side_effects: true,
                     });
                 }
             }
@@ -539,6 +551,7 @@ fn recover(
                     out.push_back(Taken {
                         chain,
                         entry: r.head,
+                        side_effects: true,
                     });
                 }
             }
@@ -619,7 +632,12 @@ fn run_ring<D: QueueDevice>(
         let mut idle = broken;
         if !broken {
             let mem = memory.read().unwrap_or_else(PoisonError::into_inner);
+            // A disabled ring is paused (unless the device consumes it):
+            // sleep until SET_VRING_ENABLE wakes us.
+            let paused =
+                !shared.enabled.load(Ordering::Acquire) && !device.consume_while_disabled();
             match w.drain(&mut ring, device, &mem, shared, options) {
+                Ok(_) if paused => idle = true,
                 Ok(more) => {
                     if !more {
                         // Re-arm notifications, then look once more so a
@@ -691,7 +709,9 @@ impl<S> WorkerState<S> {
         options: RuntimeOptions,
     ) -> Result<bool, WorkerError> {
         let mut more = true;
-        while self.taken.len() < options.batch {
+        let enabled = shared.enabled.load(Ordering::Acquire);
+        let take = enabled || device.consume_while_disabled();
+        while take && self.taken.len() < options.batch {
             let before = match ring {
                 Queue::Packed(p) => p.next_avail(),
                 Queue::Split(_) => (0, false),
@@ -702,7 +722,11 @@ impl<S> WorkerState<S> {
                 break;
             }
             let entry = self.record_fetch(ring, mem, &chain, before)?;
-            self.taken.push_back(Taken { chain, entry });
+            self.taken.push_back(Taken {
+                chain,
+                entry,
+                side_effects: enabled,
+            });
         }
         if !self.taken.is_empty() {
             self.complete(ring, device, mem, shared, options, true)?;
@@ -765,7 +789,6 @@ impl<S> WorkerState<S> {
         options: RuntimeOptions,
         may_suspend: bool,
     ) -> Result<(), WorkerError> {
-        let side_effects = shared.enabled.load(Ordering::Acquire);
         self.done.clear();
         while self.done.len() < options.batch {
             if may_suspend
@@ -778,7 +801,7 @@ impl<S> WorkerState<S> {
             let Some(t) = self.taken.pop_front() else {
                 break;
             };
-            let len = device.process(self.queue, &t.chain, mem, side_effects, &mut self.scratch);
+            let len = device.process(self.queue, &t.chain, mem, t.side_effects, &mut self.scratch);
             ring.add_used(mem, t.chain.head(), len)?;
             self.done.push(t.entry);
         }

@@ -1,0 +1,177 @@
+//! Shared by the socket-level tests: our daemon started on a socket in a
+//! temporary directory, and a raw front-end's message helpers.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Read;
+use std::os::fd::BorrowedFd;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vhost_user_core::feature::VirtioFeatures as V;
+use vhost_user_core::message::{
+    FrontendReq, Header, ParseOptions, Reply, Request, HEADER_SIZE, MAX_MESSAGE,
+};
+use vhost_user_linux::sys::socket::Stream;
+
+pub struct Daemon {
+    pub child: Child,
+    pub sock: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl Daemon {
+    pub fn start() -> Daemon {
+        Daemon::start_with(&["--size", "16M", "--num-queues", "2", "--queue-size", "256"])
+    }
+
+    /// The daemon with `args` after `--socket-path`.
+    pub fn start_with(args: &[&str]) -> Daemon {
+        let dir = std::env::temp_dir().join(format!(
+            "vhu-hostile-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("blk.sock");
+        let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_vhost-user-blk"))
+            .arg("--socket-path")
+            .arg(&sock)
+            .args(args)
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap();
+        let t0 = Instant::now();
+        while !sock.exists() {
+            assert!(child.try_wait().unwrap().is_none(), "daemon exited");
+            assert!(t0.elapsed() < Duration::from_secs(10));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Daemon { child, sock, dir }
+    }
+
+    pub fn connect(&self) -> Stream {
+        Stream::connect(&self.sock).unwrap()
+    }
+
+    pub fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .unwrap()
+            .count()
+    }
+
+    pub fn rss_kib(&self) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        s.lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
+    /// Mappings of the test's guest memfds in the daemon.
+    pub fn guest_mappings(&self) -> usize {
+        let s = std::fs::read_to_string(format!("/proc/{}/maps", self.child.id())).unwrap();
+        s.lines().filter(|l| l.contains("memfd:guest")).count()
+    }
+
+    pub fn log(&self) -> String {
+        let mut s = String::new();
+        std::fs::File::open(self.dir.join("daemon.log"))
+            .unwrap()
+            .read_to_string(&mut s)
+            .unwrap();
+        s
+    }
+
+    /// Waits until the daemon's fd count is back to `n` (it closes a
+    /// connection's fds right after the connection ends).
+    /// The fd count once it has not changed for 300 ms (at most 5 s).
+    pub fn stable_fds(&self) -> usize {
+        let t0 = Instant::now();
+        let (mut last, mut since) = (self.fds(), Instant::now());
+        while t0.elapsed() < Duration::from_secs(5) && since.elapsed() < Duration::from_millis(300)
+        {
+            std::thread::sleep(Duration::from_millis(10));
+            let now = self.fds();
+            if now != last {
+                (last, since) = (now, Instant::now());
+            }
+        }
+        last
+    }
+
+    pub fn settle_fds(&self, n: usize) -> usize {
+        let t0 = Instant::now();
+        loop {
+            let now = self.fds();
+            if now == n || t0.elapsed() > Duration::from_secs(5) {
+                return now;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn send(s: &Stream, req: &Request<'_>, need_reply: bool, fds: &[BorrowedFd<'_>]) {
+    let mut buf = [0u8; MAX_MESSAGE];
+    let n = req.encode(need_reply, &mut buf).unwrap();
+    s.send_message(&buf[..n], fds).unwrap();
+}
+
+pub fn send_raw(s: &Stream, bytes: &[u8], fds: &[BorrowedFd<'_>]) {
+    // The daemon may already have closed the connection.
+    let _ = s.send_message(bytes, fds);
+}
+
+pub fn recv_reply(s: &Stream, code: FrontendReq) -> Option<Vec<u8>> {
+    let mut buf = Box::new([0u8; MAX_MESSAGE]);
+    let rx = s.recv_message(&mut buf).ok()??;
+    let n = rx.header.size as usize;
+    assert_eq!(rx.header.request, code.id());
+    Some(buf[..HEADER_SIZE + n].to_vec())
+}
+
+pub fn u64_of(code: FrontendReq, msg: &[u8]) -> u64 {
+    let h = Header::parse(msg).unwrap();
+    match Reply::parse(code, &h, &msg[HEADER_SIZE..], 0, &ParseOptions::default()).unwrap() {
+        Reply::U64(v) => v,
+        r => panic!("{r:?}"),
+    }
+}
+
+/// A well-behaved handshake; returns the negotiated protocol features.
+pub fn handshake(s: &Stream) -> u64 {
+    send(s, &Request::GetFeatures, false, &[]);
+    let f = u64_of(
+        FrontendReq::GetFeatures,
+        &recv_reply(s, FrontendReq::GetFeatures).unwrap(),
+    );
+    assert!(f & V::PROTOCOL_FEATURES.bits() != 0);
+    send(s, &Request::GetProtocolFeatures, false, &[]);
+    let p = u64_of(
+        FrontendReq::GetProtocolFeatures,
+        &recv_reply(s, FrontendReq::GetProtocolFeatures).unwrap(),
+    );
+    send(s, &Request::SetProtocolFeatures(p), false, &[]);
+    send(s, &Request::SetOwner, false, &[]);
+    send(
+        s,
+        &Request::SetFeatures((V::VERSION_1 | V::PROTOCOL_FEATURES).bits()),
+        false,
+        &[],
+    );
+    p
+}
