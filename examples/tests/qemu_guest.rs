@@ -105,41 +105,64 @@ fn wait_for_socket(path: &Path, daemon: &mut Child) {
 struct Run {
     console: String,
     daemon_log: String,
+    /// Times the daemon was killed and restarted.
+    kills: usize,
 }
 
-/// Boots the guest on our daemon with `queues` queues; the guest runs
-/// `script`.
-fn boot(queues: u16, packed: bool, image: &Path, script: &str) -> Run {
+/// How to run the guest.
+struct Opts<'a> {
+    queues: u16,
+    packed: bool,
+    /// Extra daemon arguments.
+    daemon_args: &'a [&'a str],
+    /// Kill the daemon with SIGKILL this long after the guest's test
+    /// starts (each), and start a new one on the same socket and image;
+    /// QEMU reconnects (`reconnect-ms`).
+    kills: &'a [Duration],
+}
+
+fn spawn_daemon(sock: &Path, image: &Path, o: &Opts<'_>, log: &Path) -> Child {
+    let log = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_vhost-user-blk"))
+        .arg("--socket-path")
+        .arg(sock)
+        .arg("--blk-file")
+        .arg(image)
+        .args(["--num-queues", &o.queues.to_string(), "--log-level", "info"])
+        .args(o.daemon_args)
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("start vhost-user-blk");
+    wait_for_socket(sock, &mut daemon);
+    daemon
+}
+
+/// Boots the guest on our daemon; the guest runs `script`.
+fn boot(o: &Opts<'_>, image: &Path, script: &str) -> Run {
     let g = guest();
     let dir = tempdir();
     let sock = dir.join("blk.sock");
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_vhost-user-blk"))
-        .arg("--socket-path")
-        .arg(&sock)
-        .arg("--blk-file")
-        .arg(image)
-        .args(["--num-queues", &queues.to_string(), "--log-level", "info"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start vhost-user-blk");
-    wait_for_socket(&sock, &mut daemon);
-    let daemon_err = daemon.stderr.take().unwrap();
-    let daemon = Kill(daemon);
-    let (log_tx, log_rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = BufReader::new(daemon_err).read_to_string(&mut s);
-        let _ = log_tx.send(s);
-    });
+    let log = dir.join("daemon.log");
+    let mut daemon = Kill(spawn_daemon(&sock, image, o, &log));
 
     let device = format!(
-        "vhost-user-blk-pci,chardev=c0,num-queues={queues}{}",
-        if packed { ",packed=on" } else { "" }
+        "vhost-user-blk-pci,chardev=c0,num-queues={}{}",
+        o.queues,
+        if o.packed { ",packed=on" } else { "" }
     );
     let append = format!(
-        "console=ttyS0 panic=-1 quiet vhu.timeout=100 vhu.test={}",
+        "console=ttyS0 panic=-1 quiet vhu.timeout=200 vhu.test={}",
         base64(script.as_bytes())
     );
+    let reconnect = if o.kills.is_empty() {
+        ""
+    } else {
+        ",reconnect-ms=200"
+    };
     let mut qemu = Command::new("qemu-system-x86_64")
         .args([
             "-accel",
@@ -151,7 +174,7 @@ fn boot(queues: u16, packed: bool, image: &Path, script: &str) -> Run {
             "-nic",
             "none",
         ])
-        .args(["-smp", &queues.to_string()])
+        .args(["-smp", &o.queues.to_string()])
         .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
         .args(["-numa", "node,memdev=mem"])
         .arg("-kernel")
@@ -160,7 +183,7 @@ fn boot(queues: u16, packed: bool, image: &Path, script: &str) -> Run {
         .arg(&g.initrd)
         .args(["-append", &append])
         .arg("-chardev")
-        .arg(format!("socket,id=c0,path={}", sock.display()))
+        .arg(format!("socket,id=c0,path={}{reconnect}", sock.display()))
         .args(["-device", &device])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -178,17 +201,34 @@ fn boot(queues: u16, packed: bool, image: &Path, script: &str) -> Run {
             }
         }
     });
-    let deadline = Instant::now() + Duration::from_secs(240);
+    let deadline = Instant::now() + Duration::from_secs(300);
     let mut console = String::new();
+    let mut started: Option<Instant> = None;
+    let mut kills = 0;
     loop {
+        if let Some(t) = started {
+            if let Some(due) = o.kills.get(kills) {
+                if t.elapsed() >= *due {
+                    let _ = daemon.0.kill();
+                    let _ = daemon.0.wait();
+                    kills += 1;
+                    daemon = Kill(spawn_daemon(&sock, image, o, &log));
+                }
+            }
+        }
         let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
+        match rx.recv_timeout(left.min(Duration::from_millis(20))) {
             Ok(line) => {
+                if line.contains("VHU-GUEST: TEST-START") {
+                    started = Some(Instant::now());
+                }
                 console.push_str(&line);
                 console.push('\n');
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(mpsc::RecvTimeoutError::Timeout) => panic!("guest timed out:\n{console}"),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                assert!(!left.is_zero(), "guest timed out:\n{console}");
+            }
         }
     }
     let status = qemu.0.wait().unwrap();
@@ -196,14 +236,17 @@ fn boot(queues: u16, packed: bool, image: &Path, script: &str) -> Run {
     if let Some(mut e) = qemu.0.stderr.take() {
         let _ = e.read_to_string(&mut err);
     }
-    assert!(status.success(), "qemu failed ({status}): {err}\n{console}");
     drop(daemon);
-    let daemon_log = log_rx
-        .recv_timeout(Duration::from_secs(10))
-        .unwrap_or_default();
+    let daemon_log = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        status.success(),
+        "qemu failed ({status}): {err}\n{console}\n{daemon_log}"
+    );
     Run {
         console,
         daemon_log,
+        kills,
     }
 }
 
@@ -245,7 +288,13 @@ fn script(queues: u16, seed: u64) -> String {
 
 fn check(queues: u16, packed: bool, seed: u64) {
     let img = image(64 << 20);
-    let run = boot(queues, packed, &img, &script(queues, seed));
+    let o = Opts {
+        queues,
+        packed,
+        daemon_args: &[],
+        kills: &[],
+    };
+    let run = boot(&o, &img, &script(queues, seed));
     println!("--- guest console ---\n{}", run.console);
     println!("--- daemon log ---\n{}", run.daemon_log);
     assert!(
@@ -286,6 +335,76 @@ fn guest_boots_and_checks_data_two_queues() {
 #[test]
 fn guest_boots_and_checks_data_packed_ring() {
     check(1, true, 13);
+}
+
+/// The guest writes and verifies several areas while the daemon (slowed
+/// down, so requests are in flight) is killed with SIGKILL three times and
+/// restarted; QEMU reconnects and the inflight area carries the requests
+/// across. The guest's checks pass and the host sees every byte.
+fn reconnect(packed: bool, seed: u64) {
+    const ROUNDS: u64 = 10;
+    let img = image(64 << 20);
+    let mut script = String::from("set -e\n");
+    for r in 0..ROUNDS {
+        let off = OFF + r * LEN as u64;
+        script.push_str(&format!(
+            "vhu-dio write /dev/vda {off} {LEN} {}\n\
+             echo 3 > /proc/sys/vm/drop_caches\n\
+             vhu-dio verify /dev/vda {off} {LEN} {}\n",
+            seed + r,
+            seed + r
+        ));
+    }
+    let kills = [
+        Duration::from_millis(500),
+        Duration::from_millis(1500),
+        Duration::from_millis(2500),
+    ];
+    let o = Opts {
+        queues: 1,
+        packed,
+        daemon_args: &["--io-delay-us", "100000"],
+        kills: &kills,
+    };
+    let run = boot(&o, &img, &script);
+    println!("--- guest console ---\n{}", run.console);
+    println!("--- daemon log ---\n{}", run.daemon_log);
+    assert_eq!(
+        run.kills,
+        kills.len(),
+        "the guest finished before every kill"
+    );
+    assert!(
+        run.console.contains("VHU-GUEST: RESULT PASS"),
+        "guest test failed:\n{}\n--- daemon ---\n{}",
+        run.console,
+        run.daemon_log
+    );
+    assert!(
+        run.daemon_log.contains("resubmitting"),
+        "no restart found requests in flight:\n{}",
+        run.daemon_log
+    );
+    let bytes = std::fs::read(&img).unwrap();
+    for r in 0..ROUNDS {
+        let off = OFF + r * LEN as u64;
+        let got = &bytes[off as usize..off as usize + LEN];
+        assert!(
+            got == pattern(seed + r, off, LEN).as_slice(),
+            "round {r} differs on the image"
+        );
+    }
+    let _ = std::fs::remove_dir_all(img.parent().unwrap());
+}
+
+#[test]
+fn guest_survives_backend_kills_split_ring() {
+    reconnect(false, 100);
+}
+
+#[test]
+fn guest_survives_backend_kills_packed_ring() {
+    reconnect(true, 200);
 }
 
 #[test]
