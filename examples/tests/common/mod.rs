@@ -19,6 +19,7 @@ pub struct Daemon {
     pub child: Child,
     pub sock: PathBuf,
     pub dir: PathBuf,
+    args: Vec<String>,
 }
 
 impl Daemon {
@@ -38,21 +39,61 @@ impl Daemon {
         ));
         std::fs::create_dir_all(&dir).unwrap();
         let sock = dir.join("blk.sock");
-        let log = std::fs::File::create(dir.join("daemon.log")).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_vhost-user-blk"))
-            .arg("--socket-path")
-            .arg(&sock)
-            .args(args)
-            .stderr(Stdio::from(log))
-            .spawn()
-            .unwrap();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let mut child = Self::spawn(&dir, &sock, &args);
         let t0 = Instant::now();
         while !sock.exists() {
             assert!(child.try_wait().unwrap().is_none(), "daemon exited");
             assert!(t0.elapsed() < Duration::from_secs(10));
             std::thread::sleep(Duration::from_millis(10));
         }
-        Daemon { child, sock, dir }
+        Daemon {
+            child,
+            sock,
+            dir,
+            args,
+        }
+    }
+
+    fn spawn(dir: &std::path::Path, sock: &std::path::Path, args: &[String]) -> Child {
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(dir.join("daemon.log"))
+            .unwrap();
+        Command::new(env!("CARGO_BIN_EXE_vhost-user-blk"))
+            .arg("--socket-path")
+            .arg(sock)
+            .args(args)
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap()
+    }
+
+    /// Kills the daemon with SIGKILL and starts a new one with the same
+    /// arguments on the same socket (its stale file is still there).
+    pub fn kill_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Self::spawn(&self.dir, &self.sock, &self.args);
+    }
+
+    /// Connects, retrying while a restarted daemon is not listening yet.
+    pub fn connect_retry(&mut self) -> Stream {
+        let t0 = Instant::now();
+        loop {
+            match Stream::connect(&self.sock) {
+                Ok(s) => return s,
+                Err(e) => {
+                    assert!(self.child.try_wait().unwrap().is_none(), "daemon exited");
+                    assert!(
+                        t0.elapsed() < Duration::from_secs(10),
+                        "cannot connect: {e}"
+                    );
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
     }
 
     pub fn connect(&self) -> Stream {
