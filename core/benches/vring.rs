@@ -20,6 +20,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use vhost_user_core::memory::GuestMemory;
 use vhost_user_core::vring::{Chain, PackedQueue, RingFeatures, SplitQueue};
+use vhost_user_linux::memory::LinuxGuestMemory;
 use vhost_user_test::{Buf, PackedDriver, SplitDriver, TestMemory};
 
 const SIZE: u16 = 256;
@@ -31,7 +32,21 @@ const DATA: u64 = 0x8_0000;
 /// descriptors (heads reused round-robin), avail.idx still 0.
 fn split_image(n: usize) -> (TestMemory<1>, SplitDriver) {
     let m = TestMemory::<1>::new(&[(0, MEM)]).unwrap();
-    let mut d = SplitDriver::new(&m, SIZE, RING, true).unwrap();
+    let d = split_ring(&m, n);
+    (m, d)
+}
+
+/// The same image in mmap'd memory, as the daemon's rings see it.
+fn split_image_mmap(n: usize) -> (LinuxGuestMemory, SplitDriver) {
+    let fd = vhost_user_linux::sys::memfd::create("bench", MEM).unwrap();
+    let mut m = LinuxGuestMemory::new();
+    m.map(0, vhost_user_test::region(0, MEM), fd).unwrap();
+    let d = split_ring(&m, n);
+    (m, d)
+}
+
+fn split_ring<M: GuestMemory>(m: &M, n: usize) -> SplitDriver {
+    let mut d = SplitDriver::new(m, SIZE, RING, true).unwrap();
     let chains = usize::from(SIZE) / n;
     let bufs: Vec<Buf> = match n {
         1 => vec![Buf::writable(DATA, 64)],
@@ -50,13 +65,43 @@ fn split_image(n: usize) -> (TestMemory<1>, SplitDriver) {
                 ..*b
             })
             .collect();
-        heads.push(d.add(&m, &b).unwrap());
+        heads.push(d.add(m, &b).unwrap());
     }
-    // Fill the rest of the avail ring with the same heads.
     for i in chains..usize::from(SIZE) {
-        d.push_head(&m, heads[i % chains]).unwrap();
+        d.push_head(m, heads[i % chains]).unwrap();
     }
-    (m, d)
+    d
+}
+
+fn bench_vhu<M: GuestMemory>(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    m: &M,
+    d: &SplitDriver,
+) {
+    let a = d.addrs();
+    let mut q = SplitQueue::new(
+        SIZE,
+        a,
+        RingFeatures {
+            event_idx: true,
+            indirect: true,
+        },
+    )
+    .unwrap();
+    let mut chain: Chain = Chain::new();
+    let mut avail: u16 = 0;
+    g.bench_function(name, |b| {
+        b.iter(|| {
+            avail = avail.wrapping_add(SIZE);
+            m.store_u16_release(a.driver + 2, avail).unwrap();
+            while q.pop_into(m, &mut chain).unwrap() {
+                let len = black_box(&chain).writable_len();
+                q.add_used(m, chain.head(), len).unwrap();
+            }
+            black_box(q.flush_used(m).unwrap());
+        })
+    });
 }
 
 fn bench_split(c: &mut Criterion) {
@@ -66,31 +111,10 @@ fn bench_split(c: &mut Criterion) {
 
         // Ours.
         let (m, d) = split_image(n);
-        let a = d.addrs();
-        let mut q = SplitQueue::new(
-            SIZE,
-            a,
-            RingFeatures {
-                event_idx: true,
-                indirect: true,
-            },
-        )
-        .unwrap();
-        let mut chain: Chain = Chain::new();
-        let mut avail: u16 = 0;
-        g.bench_function("vhu", |b| {
-            b.iter(|| {
-                avail = avail.wrapping_add(SIZE);
-                m.store_u16_release(a.driver + 2, avail).unwrap();
-                while q.pop_into(&m, &mut chain).unwrap() {
-                    let len = black_box(&chain).writable_len();
-                    q.add_used(&m, chain.head(), len).unwrap();
-                }
-                black_box(q.flush_used(&m).unwrap());
-            })
-        });
+        bench_vhu(&mut g, "vhu", &m, &d);
+        let (m, d) = split_image_mmap(n);
+        bench_vhu(&mut g, "vhu-mmap", &m, &d);
 
-        // virtio-queue on the same image.
         let (m, d) = split_image(n);
         let image = m.read_vec(0, MEM as usize).unwrap();
         let gm = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();

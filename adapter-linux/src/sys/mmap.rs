@@ -170,6 +170,7 @@ impl MmapRegion {
     }
 
     /// Pointer to byte `off` of the region if `[off, off + n)` is inside.
+    #[inline]
     fn at(&self, off: u64, n: usize) -> Result<*mut u8, AccessError> {
         let off = usize::try_from(off).map_err(|_| AccessError::OutOfBounds)?;
         let end = off.checked_add(n).ok_or(AccessError::OutOfBounds)?;
@@ -182,6 +183,7 @@ impl MmapRegion {
     }
 
     /// Copies `dst.len()` bytes at `off` into `dst`.
+    #[inline]
     pub fn read(&self, off: u64, dst: &mut [u8]) -> Result<(), AccessError> {
         let src = self.at(off, dst.len())?;
         // SAFETY: `src..src+len` is inside the live mapping (checked by
@@ -193,6 +195,7 @@ impl MmapRegion {
     }
 
     /// Copies `src` to `off`.
+    #[inline]
     pub fn write(&self, off: u64, src: &[u8]) -> Result<(), AccessError> {
         if self.access != Access::ReadWrite {
             return Err(AccessError::ReadOnly);
@@ -205,6 +208,31 @@ impl MmapRegion {
         Ok(())
     }
 
+    /// Reads `N` bytes at `off` as one unaligned load (small fixed-size
+    /// reads such as descriptors, without a `memcpy` call).
+    #[inline]
+    pub fn read_array<const N: usize>(&self, off: u64) -> Result<[u8; N], AccessError> {
+        let src = self.at(off, N)?;
+        // SAFETY: `src..src+N` is inside the live mapping (checked by
+        // `at`); an unaligned read of a byte array is always valid, and no
+        // reference into the mapping is formed.
+        Ok(unsafe { ptr::read_unaligned(src.cast::<[u8; N]>()) })
+    }
+
+    /// Writes `N` bytes at `off` as one unaligned store.
+    #[inline]
+    pub fn write_array<const N: usize>(&self, off: u64, v: [u8; N]) -> Result<(), AccessError> {
+        if self.access != Access::ReadWrite {
+            return Err(AccessError::ReadOnly);
+        }
+        let dst = self.at(off, N)?;
+        // SAFETY: `dst..dst+N` is inside the live, writable mapping;
+        // unaligned stores of byte arrays are valid.
+        unsafe { ptr::write_unaligned(dst.cast::<[u8; N]>(), v) };
+        Ok(())
+    }
+
+    #[inline]
     fn atomic_u16(&self, off: u64) -> Result<&AtomicU16, AccessError> {
         if off % 2 != 0 {
             return Err(AccessError::Misaligned);
@@ -221,11 +249,13 @@ impl MmapRegion {
     }
 
     /// Acquire load of the little-endian u16 at `off` (2-aligned).
+    #[inline]
     pub fn load_u16_acquire(&self, off: u64) -> Result<u16, AccessError> {
         Ok(u16::from_le(self.atomic_u16(off)?.load(Ordering::Acquire)))
     }
 
     /// Release store of the little-endian u16 `v` at `off` (2-aligned).
+    #[inline]
     pub fn store_u16_release(&self, off: u64, v: u16) -> Result<(), AccessError> {
         if self.access != Access::ReadWrite {
             return Err(AccessError::ReadOnly);
@@ -262,6 +292,11 @@ mod tests {
         assert_eq!(b.read(u64::MAX, &mut buf), Err(AccessError::OutOfBounds));
         assert_eq!(b.write(0, b"x"), Err(AccessError::ReadOnly));
         assert_eq!(a.load_u16_acquire(1), Err(AccessError::Misaligned));
+        assert_eq!(b.read_array::<5>(4).unwrap(), *b"hello");
+        assert_eq!(b.read_array::<8>(196), Err(AccessError::OutOfBounds));
+        assert_eq!(b.write_array(0, [1u8; 2]), Err(AccessError::ReadOnly));
+        a.write_array(4096 + 110, *b"xy").unwrap();
+        assert_eq!(b.read_array::<2>(14).unwrap(), *b"xy");
         a.store_u16_release(4096 + 104, 0xbeef).unwrap();
         assert_eq!(b.load_u16_acquire(8).unwrap(), 0xbeef);
     }
