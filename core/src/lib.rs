@@ -25,6 +25,7 @@ mod fmt;
 pub mod backend;
 pub mod device;
 pub mod feature;
+pub mod frontend;
 pub mod inflight;
 pub mod memory;
 pub mod message;

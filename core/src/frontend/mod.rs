@@ -1,0 +1,1146 @@
+//! The front-end session engine: builds the vhost-user handshake in QEMU's
+//! order and validates every reply.
+//!
+//! The engine is a value ([`Frontend`]) in the quinn-proto mould. It never
+//! sees a socket or a file descriptor:
+//!
+//! 1. [`Frontend::poll_transmit`] writes the next message into the caller's
+//!    buffer and returns a [`Transmit`]: its length, the fds to attach (by
+//!    [`FdRef`]; the adapter owns them) and whether a reply is awaited.
+//! 2. The adapter sends it; if a reply is awaited it reads one message and
+//!    hands it to [`Frontend::handle_reply`], which validates it.
+//! 3. [`Frontend::poll_event`] reports progress ([`Event`]): negotiation
+//!    done, kicks to inject, rings started and stopped (with their bases),
+//!    config bytes.
+//! 4. Commands ([`Frontend::start`], [`Frontend::stop`],
+//!    [`Frontend::read_config`], [`Frontend::set_memory`]) queue a new flow;
+//!    the init flow starts by itself in [`Frontend::new`].
+//!
+//! Loop until `poll_transmit` returns `Ok(None)` and no reply is awaited,
+//! draining `poll_event` after each call.
+//!
+//! # Message order (notes §3.2, QEMU's `vhost-user.c` / `vhost.c`)
+//!
+//! Init: GET_FEATURES, GET_PROTOCOL_FEATURES and SET_PROTOCOL_FEATURES (if
+//! VHOST_USER_F_PROTOCOL_FEATURES is offered and wanted), GET_QUEUE_NUM (MQ),
+//! GET_MAX_MEM_SLOTS (CONFIGURE_MEM_SLOTS), SET_BACKEND_REQ_FD (BACKEND_REQ),
+//! SET_OWNER, GET_FEATURES (checked against the first answer).
+//!
+//! Start: SET_FEATURES, SET_STATUS(FEATURES_OK) (STATUS), the memory
+//! (SET_MEM_TABLE, or with CONFIGURE_MEM_SLOTS one REM_MEM_REG per stale
+//! region and one ADD_MEM_REG per new region; nothing if the back-end
+//! already has the table), per ring SET_VRING_NUM, SET_VRING_BASE,
+//! SET_VRING_ADDR, SET_VRING_KICK (then [`Event::InjectKick`]),
+//! SET_VRING_CALL; then SET_VRING_ENABLE(1) per ring (bit 30 negotiated);
+//! SET_STATUS(DRIVER_OK) (STATUS).
+//!
+//! Stop: SET_VRING_ENABLE(0) per ring (bit 30), GET_VRING_BASE per ring,
+//! SET_STATUS(0) (STATUS). A later [`Frontend::start`] resumes every ring
+//! from the base the back-end returned.
+//!
+//! With REPLY_ACK negotiated the engine sets NEED_REPLY on SET_MEM_TABLE,
+//! ADD/REM_MEM_REG, SET_BACKEND_REQ_FD, SET_VRING_KICK, SET_VRING_CALL,
+//! SET_VRING_ENABLE and SET_STATUS (as QEMU does) and waits for the ack
+//! before the next message; a non-zero ack is [`FrontendError::Nack`].
+
+mod error;
+
+pub use error::FrontendError;
+
+use heapless::{Deque, Vec};
+
+use crate::feature::{select_protocol, select_virtio, ProtocolFeatures, VirtioFeatures};
+use crate::memory::MemoryTable;
+use crate::message::{
+    ConfigMsg, ConfigWriteKind, FrontendReq, Header, MemRegionMsg, MemTable, ParseOptions, Reply,
+    Request, VringAddrMsg, VringFdMsg, VringStateMsg, WireError, HEADER_SIZE, MAX_CONFIG_SIZE,
+    MAX_FDS, MAX_MEM_REGIONS, MAX_QUEUES,
+};
+use crate::vring::{RingAddrs, MAX_QUEUE_SIZE};
+
+/// Default capacity for queues.
+pub const DEFAULT_QUEUES: usize = 8;
+/// Default capacity for memory regions.
+pub const DEFAULT_REGIONS: usize = 8;
+/// Largest message the engine produces (GET_CONFIG of 256 bytes); a
+/// `poll_transmit` buffer of this size always suffices.
+pub const MAX_TRANSMIT: usize = HEADER_SIZE + 12 + MAX_CONFIG_SIZE as usize;
+
+/// Protocol features this engine implements. BACKEND_REQ means the engine
+/// sends SET_BACKEND_REQ_FD with [`FdRef::BackendChannel`]; the adapter
+/// serves that channel.
+pub const SUPPORTED_PROTOCOL_FEATURES: ProtocolFeatures = ProtocolFeatures::MQ
+    .union(ProtocolFeatures::REPLY_ACK)
+    .union(ProtocolFeatures::BACKEND_REQ)
+    .union(ProtocolFeatures::CONFIG)
+    .union(ProtocolFeatures::CONFIGURE_MEM_SLOTS)
+    .union(ProtocolFeatures::STATUS);
+
+/// Virtio device status bits sent with SET_STATUS.
+pub mod status {
+    /// The guest noticed the device.
+    pub const ACKNOWLEDGE: u8 = 1;
+    /// The guest has a driver.
+    pub const DRIVER: u8 = 2;
+    /// The driver is ready.
+    pub const DRIVER_OK: u8 = 4;
+    /// Feature negotiation is complete.
+    pub const FEATURES_OK: u8 = 8;
+}
+
+/// Events the engine keeps before the caller drains them; the engine stops
+/// producing messages while fewer than [`EVENT_HEADROOM`] slots are free.
+const EVENT_CAPACITY: usize = 8;
+/// Most events one completed message produces.
+const EVENT_HEADROOM: usize = 2;
+
+/// How a ring's kick or call is signalled.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum NotifyMode {
+    /// An eventfd the adapter owns ([`FdRef::Kick`] / [`FdRef::Call`]).
+    #[default]
+    Eventfd,
+    /// No fd (the no-fd bit): the back-end polls the ring (kick), or the
+    /// front-end polls the used ring (call).
+    Polling,
+}
+
+/// One queue as the front-end sets it up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct QueueConfig {
+    /// Ring size (1 to 32768).
+    pub size: u16,
+    /// Ring addresses as the front-end sends them in SET_VRING_ADDR:
+    /// front-end virtual addresses (`desc`, `driver` = avail, `device` =
+    /// used).
+    pub addrs: RingAddrs,
+    /// The first SET_VRING_BASE (split: next avail index; packed: the
+    /// encoding of notes §1.3). Later starts use the base of the last stop.
+    pub base: u32,
+    /// Kick notification.
+    pub kick: NotifyMode,
+    /// Call notification.
+    pub call: NotifyMode,
+}
+
+/// What the front-end wants and has.
+///
+/// `Q` bounds the queues, `R` the memory regions (more than 8 only work
+/// with CONFIGURE_MEM_SLOTS).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendConfig<const Q: usize = DEFAULT_QUEUES, const R: usize = DEFAULT_REGIONS> {
+    /// Virtio features wanted; the engine acks those the back-end offers.
+    /// Include [`VirtioFeatures::PROTOCOL_FEATURES`] to use protocol
+    /// features at all.
+    pub features: VirtioFeatures,
+    /// Protocol features the front-end supports (a subset of
+    /// [`SUPPORTED_PROTOCOL_FEATURES`]); the engine acks those the
+    /// back-end offers, minus any whose dependencies are unmet.
+    pub protocol_features: ProtocolFeatures,
+    /// The queues, in ring index order.
+    pub queues: Vec<QueueConfig, Q>,
+    /// Guest memory regions; [`FdRef::Region`] names an index of this list.
+    pub regions: Vec<MemRegionMsg, R>,
+}
+
+impl<const Q: usize, const R: usize> FrontendConfig<Q, R> {
+    /// A configuration without queues or memory (push them onto
+    /// [`queues`](Self::queues) and [`regions`](Self::regions)).
+    pub fn new(features: VirtioFeatures, protocol_features: ProtocolFeatures) -> Self {
+        FrontendConfig {
+            features,
+            protocol_features,
+            queues: Vec::new(),
+            regions: Vec::new(),
+        }
+    }
+
+    /// The configuration of a probe (`vhu probe`): every virtio feature
+    /// wanted, every implemented protocol feature but BACKEND_REQ (a probe
+    /// has no back-end channel), no queues, no memory. After
+    /// [`Event::Negotiated`], [`Frontend::backend_info`] holds the offer,
+    /// the queue count and the memory slots; [`Frontend::read_config`] reads
+    /// the config space.
+    pub fn probe() -> Self {
+        Self::new(
+            VirtioFeatures::all(),
+            SUPPORTED_PROTOCOL_FEATURES.difference(ProtocolFeatures::BACKEND_REQ),
+        )
+    }
+}
+
+/// A file descriptor the adapter attaches to a message. The engine names
+/// fds; the adapter owns them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum FdRef {
+    /// The fd of memory region `i` of the current region list
+    /// ([`Frontend::regions`]).
+    Region(u16),
+    /// The kick eventfd of a ring.
+    Kick(u16),
+    /// The call eventfd of a ring.
+    Call(u16),
+    /// The front-end's end of the back-end channel (SET_BACKEND_REQ_FD).
+    BackendChannel,
+}
+
+/// A message to send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transmit {
+    /// The request.
+    pub request: FrontendReq,
+    /// Bytes of the caller's buffer that form the message.
+    pub len: usize,
+    /// The fds to attach, in order.
+    pub fds: Vec<FdRef, MAX_FDS>,
+    /// A reply must be read and passed to [`Frontend::handle_reply`] before
+    /// anything else is sent.
+    pub awaits_reply: bool,
+}
+
+/// What the front-end learnt about the back-end (for `vhu probe`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendInfo {
+    /// Virtio features offered (GET_FEATURES).
+    pub features: VirtioFeatures,
+    /// Protocol features offered (GET_PROTOCOL_FEATURES; `None` if not
+    /// asked because bit 30 was not offered or not wanted).
+    pub protocol_features: Option<ProtocolFeatures>,
+    /// GET_QUEUE_NUM (with MQ).
+    pub queue_num: Option<u64>,
+    /// GET_MAX_MEM_SLOTS (with CONFIGURE_MEM_SLOTS).
+    pub max_mem_slots: Option<u64>,
+}
+
+/// Something that happened, from [`Frontend::poll_event`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+// The config bytes ride inline (no allocator in the core); events are
+// taken one at a time, so the size costs a copy, not memory.
+#[allow(clippy::large_enum_variant)]
+pub enum Event {
+    /// The init is done: what SET_FEATURES will ack at start, and the acked
+    /// protocol features. Commands may follow.
+    Negotiated {
+        /// Virtio features: offered ∩ wanted.
+        features: VirtioFeatures,
+        /// Protocol features acked with SET_PROTOCOL_FEATURES.
+        protocol_features: ProtocolFeatures,
+    },
+    /// SET_VRING_KICK went out (and was acked): write 1 to the ring's kick
+    /// eventfd, for back-ends that only start on a kick.
+    InjectKick(u16),
+    /// The ring's notifiers are installed: the back-end processes it (until
+    /// SET_VRING_ENABLE(1), without side effects).
+    RingStarted(u16),
+    /// The start is complete: every ring runs.
+    Started,
+    /// GET_VRING_BASE answered: the ring is stopped at `base`.
+    RingStopped {
+        /// Ring index.
+        queue: u16,
+        /// The base, used by the next start.
+        base: u32,
+    },
+    /// Every ring is stopped.
+    Stopped,
+    /// A memory change ([`Frontend::set_memory`]) reached the back-end.
+    MemoryUpdated,
+    /// GET_CONFIG answered.
+    Config {
+        /// Offset in the config space.
+        offset: u32,
+        /// The bytes.
+        data: Vec<u8, { MAX_CONFIG_SIZE as usize }>,
+    },
+    /// GET_CONFIG failed (the back-end answered with an empty payload).
+    ConfigFailed {
+        /// Offset asked.
+        offset: u32,
+        /// Length asked.
+        len: u32,
+    },
+}
+
+/// Where the session is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum State {
+    /// The init flow runs.
+    Initializing,
+    /// Negotiated; never started.
+    Ready,
+    /// The start flow runs.
+    Starting,
+    /// Every ring runs.
+    Started,
+    /// The stop flow runs.
+    Stopping,
+    /// Every ring is stopped; `start` resumes them.
+    Stopped,
+    /// A reply was refused; the connection must be closed.
+    Failed,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Flow {
+    Init,
+    Start,
+    Stop,
+    Memory,
+    Config,
+}
+
+/// One message of a flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    GetFeatures,
+    GetProtocolFeatures,
+    SetProtocolFeatures,
+    GetQueueNum,
+    GetMaxMemSlots,
+    SetBackendReqFd,
+    SetOwner,
+    CheckFeatures,
+    SetFeatures,
+    FeaturesOk,
+    MemTable,
+    RemRegion(MemRegionMsg),
+    AddRegion(u16),
+    VringNum(u16),
+    VringBase(u16),
+    VringAddr(u16),
+    VringKick(u16),
+    VringCall(u16),
+    Enable(u16),
+    DriverOk,
+    Disable(u16),
+    GetBase(u16),
+    ResetStatus,
+    GetConfig { offset: u32, len: u32 },
+}
+
+const INIT_ORDER: [Step; 8] = [
+    Step::GetFeatures,
+    Step::GetProtocolFeatures,
+    Step::SetProtocolFeatures,
+    Step::GetQueueNum,
+    Step::GetMaxMemSlots,
+    Step::SetBackendReqFd,
+    Step::SetOwner,
+    Step::CheckFeatures,
+];
+
+impl Step {
+    fn code(self) -> FrontendReq {
+        use FrontendReq as C;
+        match self {
+            Step::GetFeatures | Step::CheckFeatures => C::GetFeatures,
+            Step::GetProtocolFeatures => C::GetProtocolFeatures,
+            Step::SetProtocolFeatures => C::SetProtocolFeatures,
+            Step::GetQueueNum => C::GetQueueNum,
+            Step::GetMaxMemSlots => C::GetMaxMemSlots,
+            Step::SetBackendReqFd => C::SetBackendReqFd,
+            Step::SetOwner => C::SetOwner,
+            Step::SetFeatures => C::SetFeatures,
+            Step::FeaturesOk | Step::DriverOk | Step::ResetStatus => C::SetStatus,
+            Step::MemTable => C::SetMemTable,
+            Step::RemRegion(_) => C::RemMemReg,
+            Step::AddRegion(_) => C::AddMemReg,
+            Step::VringNum(_) => C::SetVringNum,
+            Step::VringBase(_) => C::SetVringBase,
+            Step::VringAddr(_) => C::SetVringAddr,
+            Step::VringKick(_) => C::SetVringKick,
+            Step::VringCall(_) => C::SetVringCall,
+            Step::Enable(_) | Step::Disable(_) => C::SetVringEnable,
+            Step::GetBase(_) => C::GetVringBase,
+            Step::GetConfig { .. } => C::GetConfig,
+        }
+    }
+}
+
+/// Whether the engine asks for a REPLY_ACK on `code` (when REPLY_ACK is
+/// negotiated): the messages QEMU synchronises on.
+fn wants_ack(code: FrontendReq) -> bool {
+    use FrontendReq as C;
+    matches!(
+        code,
+        C::SetMemTable
+            | C::AddMemReg
+            | C::RemMemReg
+            | C::SetBackendReqFd
+            | C::SetVringKick
+            | C::SetVringCall
+            | C::SetVringEnable
+            | C::SetStatus
+    )
+}
+
+static ZEROS: [u8; MAX_CONFIG_SIZE as usize] = [0; MAX_CONFIG_SIZE as usize];
+
+/// The front-end side of one back-end connection.
+///
+/// `Q` bounds the queues and `R` the memory regions, as in
+/// [`FrontendConfig`].
+#[derive(Debug)]
+pub struct Frontend<const Q: usize = DEFAULT_QUEUES, const R: usize = DEFAULT_REGIONS> {
+    config: FrontendConfig<Q, R>,
+    state: State,
+    flow: Option<Flow>,
+    /// The next message of the flow (sent by the next `poll_transmit`).
+    next: Option<Step>,
+    /// The message whose reply is awaited.
+    awaiting: Option<Step>,
+    info: BackendInfo,
+    features: VirtioFeatures,
+    protocol: ProtocolFeatures,
+    /// Regions the back-end has (as sent).
+    installed: Vec<MemRegionMsg, R>,
+    /// Per ring: the base the next start sends.
+    bases: Vec<u32, Q>,
+    events: Deque<Event, EVENT_CAPACITY>,
+}
+
+impl<const Q: usize, const R: usize> Frontend<Q, R> {
+    /// A session with `config`; the init flow is queued, so the first
+    /// [`poll_transmit`](Self::poll_transmit) returns GET_FEATURES.
+    ///
+    /// Refuses protocol features the engine does not implement
+    /// ([`FrontendError::Unsupported`]), more than 256 queues or an invalid
+    /// ring size ([`FrontendError::BadQueue`]) and invalid or overlapping
+    /// regions ([`FrontendError::BadRegion`]).
+    pub fn new(config: FrontendConfig<Q, R>) -> Result<Self, FrontendError> {
+        let extra = config
+            .protocol_features
+            .difference(SUPPORTED_PROTOCOL_FEATURES);
+        if !extra.is_empty() {
+            return Err(FrontendError::Unsupported(extra.bits()));
+        }
+        for (i, q) in config.queues.iter().enumerate() {
+            if i >= MAX_QUEUES as usize || q.size == 0 || q.size > MAX_QUEUE_SIZE {
+                return Err(FrontendError::BadQueue(i));
+            }
+        }
+        check_regions::<R>(&config.regions)?;
+        let mut bases = Vec::new();
+        for q in &config.queues {
+            // Same capacity as `config.queues`.
+            let _ = bases.push(q.base);
+        }
+        Ok(Frontend {
+            config,
+            state: State::Initializing,
+            flow: Some(Flow::Init),
+            next: Some(Step::GetFeatures),
+            awaiting: None,
+            info: BackendInfo::default(),
+            features: VirtioFeatures::empty(),
+            protocol: ProtocolFeatures::empty(),
+            installed: Vec::new(),
+            bases,
+            events: Deque::new(),
+        })
+    }
+
+    /// The current state.
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    /// The configuration (regions as last set by
+    /// [`set_memory`](Self::set_memory)).
+    pub fn config(&self) -> &FrontendConfig<Q, R> {
+        &self.config
+    }
+
+    /// The current memory regions; [`FdRef::Region`] indexes this list.
+    pub fn regions(&self) -> &[MemRegionMsg] {
+        &self.config.regions
+    }
+
+    /// What the back-end offered and answered so far.
+    pub fn backend_info(&self) -> &BackendInfo {
+        &self.info
+    }
+
+    /// The virtio features acked (or to be acked at start): offered ∩
+    /// wanted. Empty before GET_FEATURES is answered.
+    pub fn features(&self) -> VirtioFeatures {
+        self.features
+    }
+
+    /// The acked protocol features.
+    pub fn protocol_features(&self) -> ProtocolFeatures {
+        self.protocol
+    }
+
+    /// The base ring `queue` starts from at the next start: the configured
+    /// base, or the one the last stop returned.
+    pub fn ring_base(&self, queue: u16) -> Option<u32> {
+        self.bases.get(usize::from(queue)).copied()
+    }
+
+    /// Whether a reply is awaited (the adapter must read one message and
+    /// call [`handle_reply`](Self::handle_reply)).
+    pub fn awaits_reply(&self) -> bool {
+        self.awaiting.is_some()
+    }
+
+    /// Whether nothing is left to do: no flow runs, no reply is awaited.
+    pub fn is_idle(&self) -> bool {
+        self.flow.is_none() && self.awaiting.is_none()
+    }
+
+    /// Writes the next message into `out` and says how to send it.
+    ///
+    /// Call it whenever the engine may have something to send: after
+    /// [`new`](Self::new), after each [`handle_reply`](Self::handle_reply),
+    /// after each command, until it returns `Ok(None)`. It returns
+    /// `Ok(None)` while a reply is awaited, when no flow runs, and while
+    /// undrained events fill the event queue (call
+    /// [`poll_event`](Self::poll_event)).
+    ///
+    /// Errors: [`FrontendError::Failed`] after a fatal error;
+    /// [`WireError::BufferTooSmall`]
+    /// if `out` is shorter than the message (nothing changes; a buffer of
+    /// [`MAX_TRANSMIT`] bytes always suffices).
+    pub fn poll_transmit(&mut self, out: &mut [u8]) -> Result<Option<Transmit>, FrontendError> {
+        if self.state == State::Failed {
+            return Err(FrontendError::Failed);
+        }
+        if self.awaiting.is_some() || self.events.capacity() - self.events.len() < EVENT_HEADROOM {
+            return Ok(None);
+        }
+        let Some(step) = self.next else {
+            return Ok(None);
+        };
+        let code = step.code();
+        let need_reply = !code.has_reply()
+            && wants_ack(code)
+            && self.protocol.contains(ProtocolFeatures::REPLY_ACK);
+        let len = self.request(step)?.encode(need_reply, out)?;
+        let fds = self.fds(step);
+        let awaits_reply = code.has_reply() || need_reply;
+        trace!("-> {} ({} bytes, {} fds)", code.id(), len, fds.len());
+        if awaits_reply {
+            self.awaiting = Some(step);
+        } else {
+            self.complete(step);
+        }
+        Ok(Some(Transmit {
+            request: code,
+            len,
+            fds,
+            awaits_reply,
+        }))
+    }
+
+    /// Takes the reply to the message in flight.
+    ///
+    /// Call it with each message read while
+    /// [`awaits_reply`](Self::awaits_reply): `header` validated by
+    /// [`Header::parse`], `payload` the `header.size` bytes after it, `nfds`
+    /// the number of fds that came with it (the adapter closes them; the
+    /// engine accepts none). Returns `Ok(())` when the reply is valid and
+    /// applied (then call [`poll_transmit`](Self::poll_transmit) and
+    /// [`poll_event`](Self::poll_event)).
+    ///
+    /// Every error is fatal (the engine enters [`State::Failed`]): no reply
+    /// awaited, another request id, flags other than exactly
+    /// `VERSION | REPLY`, a size the request does not allow, a failed ack,
+    /// or a value that is not sane for the request.
+    pub fn handle_reply(
+        &mut self,
+        header: &Header,
+        payload: &[u8],
+        nfds: usize,
+    ) -> Result<(), FrontendError> {
+        if self.state == State::Failed {
+            return Err(FrontendError::Failed);
+        }
+        let Some(step) = self.awaiting else {
+            return self.fail(FrontendError::UnexpectedReply {
+                request: header.request,
+            });
+        };
+        let code = step.code();
+        let reply = match Reply::parse(code, header, payload, nfds, &ParseOptions::default()) {
+            Ok(r) => r,
+            Err(e) => return self.fail(e.into()),
+        };
+        if let Err(e) = self.take_reply(step, reply) {
+            return self.fail(e);
+        }
+        self.awaiting = None;
+        self.complete(step);
+        Ok(())
+    }
+
+    /// The next event, if any. Drain it after every `poll_transmit` and
+    /// `handle_reply`.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Starts (or, after [`stop`](Self::stop), restarts) the device: sends
+    /// the start sequence; [`Event::Started`] ends it.
+    ///
+    /// Allowed in [`State::Ready`] and [`State::Stopped`] when no other flow
+    /// runs. Refused (nothing changes) without queues or memory regions, or
+    /// with more regions than the back-end accepts.
+    pub fn start(&mut self) -> Result<(), FrontendError> {
+        self.check_command(&[State::Ready, State::Stopped])?;
+        if self.config.queues.is_empty() {
+            return Err(FrontendError::NoQueues);
+        }
+        self.check_region_limit(self.config.regions.len())?;
+        debug!("start: {} rings", self.config.queues.len());
+        self.state = State::Starting;
+        self.begin(Flow::Start, Some(Step::SetFeatures));
+        Ok(())
+    }
+
+    /// Stops every ring: SET_VRING_ENABLE(0) per ring, then GET_VRING_BASE
+    /// per ring ([`Event::RingStopped`] each), then [`Event::Stopped`].
+    ///
+    /// Allowed in [`State::Started`] when no other flow runs.
+    pub fn stop(&mut self) -> Result<(), FrontendError> {
+        self.check_command(&[State::Started])?;
+        self.state = State::Stopping;
+        let first = if self.bit30() {
+            Step::Disable(0)
+        } else {
+            Step::GetBase(0)
+        };
+        self.begin(Flow::Stop, Some(first));
+        Ok(())
+    }
+
+    /// Reads `len` bytes of config space at `offset` (GET_CONFIG);
+    /// [`Event::Config`] or [`Event::ConfigFailed`] answers.
+    ///
+    /// Needs CONFIG negotiated and `0 < len`, `offset + len <= 256`; allowed
+    /// in [`State::Ready`], [`State::Started`] and [`State::Stopped`] when
+    /// no other flow runs.
+    pub fn read_config(&mut self, offset: u32, len: u32) -> Result<(), FrontendError> {
+        self.check_command(&[State::Ready, State::Started, State::Stopped])?;
+        if !self.protocol.contains(ProtocolFeatures::CONFIG) {
+            return Err(FrontendError::NotNegotiated(FrontendReq::GetConfig));
+        }
+        match offset.checked_add(len) {
+            Some(end) if len > 0 && end <= MAX_CONFIG_SIZE => {}
+            _ => {
+                return Err(FrontendError::Wire(WireError::ConfigRange {
+                    offset,
+                    size: len,
+                }))
+            }
+        }
+        self.begin(Flow::Config, Some(Step::GetConfig { offset, len }));
+        Ok(())
+    }
+
+    /// Replaces the memory regions. While the device runs the change is
+    /// sent at once (SET_MEM_TABLE, or REM_MEM_REG for each region that
+    /// went away then ADD_MEM_REG for each new one) and
+    /// [`Event::MemoryUpdated`] follows; otherwise the next start sends it.
+    /// [`FdRef::Region`] indexes the new list from now on.
+    ///
+    /// Allowed when no flow runs. Refused (nothing changes) for invalid or
+    /// overlapping regions, or more than the back-end accepts.
+    pub fn set_memory(&mut self, regions: &[MemRegionMsg]) -> Result<(), FrontendError> {
+        self.check_command(&[State::Ready, State::Started, State::Stopped])?;
+        let list = Vec::<MemRegionMsg, R>::from_slice(regions).map_err(|_| {
+            FrontendError::TooManyRegions {
+                regions: regions.len(),
+                limit: R as u64,
+            }
+        })?;
+        check_regions::<R>(&list)?;
+        if self.state == State::Started {
+            self.check_region_limit(list.len())?;
+        }
+        self.config.regions = list;
+        if self.state == State::Started {
+            let first = self.memory_step();
+            if first.is_some() {
+                self.begin(Flow::Memory, first);
+            }
+        }
+        Ok(())
+    }
+
+    // --- internals ---
+
+    fn check_command(&self, allowed: &[State]) -> Result<(), FrontendError> {
+        if self.state == State::Failed {
+            return Err(FrontendError::Failed);
+        }
+        if self.flow.is_some() {
+            return Err(FrontendError::Busy);
+        }
+        if !allowed.contains(&self.state) {
+            return Err(FrontendError::WrongState(self.state));
+        }
+        Ok(())
+    }
+
+    fn check_region_limit(&self, n: usize) -> Result<(), FrontendError> {
+        if n == 0 {
+            return Err(FrontendError::NoRegions);
+        }
+        let limit = if self.slots_mode() {
+            self.info.max_mem_slots.unwrap_or(0)
+        } else {
+            MAX_MEM_REGIONS as u64
+        };
+        if n as u64 > limit {
+            return Err(FrontendError::TooManyRegions { regions: n, limit });
+        }
+        Ok(())
+    }
+
+    fn begin(&mut self, flow: Flow, first: Option<Step>) {
+        self.flow = Some(flow);
+        self.next = first;
+        if first.is_none() {
+            self.finish_flow();
+        }
+    }
+
+    fn fail(&mut self, e: FrontendError) -> Result<(), FrontendError> {
+        warn!("front-end session failed: {}", e);
+        self.state = State::Failed;
+        self.flow = None;
+        self.next = None;
+        self.awaiting = None;
+        Err(e)
+    }
+
+    fn push_event(&mut self, e: Event) {
+        // poll_transmit keeps EVENT_HEADROOM slots free before each message
+        // and one message produces at most that many events.
+        if self.events.push_back(e).is_err() {
+            error!("front-end event queue full; event dropped");
+        }
+    }
+
+    fn bit30(&self) -> bool {
+        self.features.contains(VirtioFeatures::PROTOCOL_FEATURES)
+    }
+
+    fn slots_mode(&self) -> bool {
+        self.protocol
+            .contains(ProtocolFeatures::CONFIGURE_MEM_SLOTS)
+    }
+
+    fn num_queues(&self) -> u16 {
+        // At most MAX_QUEUES (checked in new).
+        self.config.queues.len() as u16
+    }
+
+    fn queue(&self, q: u16) -> QueueConfig {
+        // Steps only name configured queues.
+        self.config
+            .queues
+            .get(usize::from(q))
+            .copied()
+            .unwrap_or(QueueConfig {
+                size: 0,
+                addrs: RingAddrs::default(),
+                base: 0,
+                kick: NotifyMode::Polling,
+                call: NotifyMode::Polling,
+            })
+    }
+
+    /// Builds the request of `step` (it may borrow the configuration).
+    fn request(&self, step: Step) -> Result<Request<'_>, WireError> {
+        let state = |q: u16, num: u32| VringStateMsg {
+            index: u32::from(q),
+            num,
+        };
+        let notify = |q: u16, mode: NotifyMode| VringFdMsg {
+            index: u32::from(q),
+            no_fd: mode == NotifyMode::Polling,
+        };
+        let req = match step {
+            Step::GetFeatures | Step::CheckFeatures => Request::GetFeatures,
+            Step::GetProtocolFeatures => Request::GetProtocolFeatures,
+            Step::SetProtocolFeatures => Request::SetProtocolFeatures(self.protocol.bits()),
+            Step::GetQueueNum => Request::GetQueueNum,
+            Step::GetMaxMemSlots => Request::GetMaxMemSlots,
+            Step::SetBackendReqFd => Request::SetBackendReqFd,
+            Step::SetOwner => Request::SetOwner,
+            Step::SetFeatures => Request::SetFeatures(self.features.bits()),
+            Step::FeaturesOk => {
+                Request::SetStatus(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK)
+            }
+            Step::DriverOk => Request::SetStatus(
+                status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+            ),
+            Step::ResetStatus => Request::SetStatus(0),
+            // start and set_memory checked 1 to 8 regions in this mode.
+            Step::MemTable => Request::SetMemTable(MemTable::new(&self.config.regions)?),
+            Step::RemRegion(r) => Request::RemMemReg(r),
+            Step::AddRegion(i) => Request::AddMemReg(
+                *self
+                    .config
+                    .regions
+                    .get(usize::from(i))
+                    .ok_or(WireError::BadRegionCount(i.into()))?,
+            ),
+            Step::VringNum(q) => Request::SetVringNum(state(q, self.queue(q).size.into())),
+            Step::VringBase(q) => {
+                Request::SetVringBase(state(q, self.ring_base(q).unwrap_or_default()))
+            }
+            Step::VringAddr(q) => {
+                let a = self.queue(q).addrs;
+                // Like QEMU, name the used ring's guest physical address as
+                // the log address (only used if VHOST_VRING_F_LOG is set).
+                let log_addr = self
+                    .config
+                    .regions
+                    .iter()
+                    .find(|r| a.device.wrapping_sub(r.user_addr) < r.size)
+                    .map_or(0, |r| r.guest_addr + (a.device - r.user_addr));
+                Request::SetVringAddr(VringAddrMsg {
+                    index: q.into(),
+                    log: false,
+                    desc: a.desc,
+                    used: a.device,
+                    avail: a.driver,
+                    log_addr,
+                })
+            }
+            Step::VringKick(q) => Request::SetVringKick(notify(q, self.queue(q).kick)),
+            Step::VringCall(q) => Request::SetVringCall(notify(q, self.queue(q).call)),
+            Step::Enable(q) => Request::SetVringEnable {
+                index: q.into(),
+                enable: true,
+            },
+            Step::Disable(q) => Request::SetVringEnable {
+                index: q.into(),
+                enable: false,
+            },
+            Step::GetBase(q) => Request::GetVringBase(q.into()),
+            Step::GetConfig { offset, len } => Request::GetConfig(ConfigMsg {
+                offset,
+                kind: ConfigWriteKind::Frontend,
+                data: ZEROS.get(..len as usize).unwrap_or(&[]),
+            }),
+        };
+        Ok(req)
+    }
+
+    fn fds(&self, step: Step) -> Vec<FdRef, MAX_FDS> {
+        let mut v = Vec::new();
+        let mut add = |f: FdRef| {
+            // At most MAX_MEM_REGIONS (= MAX_FDS) fds per message.
+            let _ = v.push(f);
+        };
+        match step {
+            Step::MemTable => {
+                for i in 0..self.config.regions.len().min(MAX_MEM_REGIONS) {
+                    add(FdRef::Region(i as u16));
+                }
+            }
+            Step::AddRegion(i) => add(FdRef::Region(i)),
+            Step::SetBackendReqFd => add(FdRef::BackendChannel),
+            Step::VringKick(q) if self.queue(q).kick == NotifyMode::Eventfd => add(FdRef::Kick(q)),
+            Step::VringCall(q) if self.queue(q).call == NotifyMode::Eventfd => add(FdRef::Call(q)),
+            _ => {}
+        }
+        v
+    }
+
+    /// Validates and applies the reply to `step`.
+    fn take_reply(&mut self, step: Step, reply: Reply<'_>) -> Result<(), FrontendError> {
+        let code = step.code();
+        let value = match reply {
+            Reply::U64(v) => Some(v),
+            Reply::VringState { index, num } => {
+                let Step::GetBase(q) = step else {
+                    return Err(FrontendError::UnexpectedPayload(code));
+                };
+                if index != u32::from(q) {
+                    return Err(FrontendError::WrongRing {
+                        expected: q,
+                        got: index,
+                    });
+                }
+                self.check_base(q, num)?;
+                if let Some(b) = self.bases.get_mut(usize::from(q)) {
+                    *b = num;
+                }
+                debug!("ring {} stopped at {:#x}", q, num);
+                self.push_event(Event::RingStopped {
+                    queue: q,
+                    base: num,
+                });
+                None
+            }
+            Reply::Config(c) => {
+                let Step::GetConfig { offset, len } = step else {
+                    return Err(FrontendError::UnexpectedPayload(code));
+                };
+                if c.offset != offset || c.data.len() != len as usize {
+                    return Err(FrontendError::ConfigMismatch {
+                        offset: c.offset,
+                        len: c.data.len() as u32,
+                    });
+                }
+                let data = Vec::from_slice(c.data).map_err(|_| FrontendError::ConfigMismatch {
+                    offset: c.offset,
+                    len: c.data.len() as u32,
+                })?;
+                self.push_event(Event::Config { offset, data });
+                None
+            }
+            Reply::ConfigFailed => {
+                let Step::GetConfig { offset, len } = step else {
+                    return Err(FrontendError::UnexpectedPayload(code));
+                };
+                warn!("GET_CONFIG {}+{} failed", offset, len);
+                self.push_event(Event::ConfigFailed { offset, len });
+                None
+            }
+            _ => return Err(FrontendError::UnexpectedPayload(code)),
+        };
+        let Some(v) = value else {
+            return Ok(());
+        };
+        match step {
+            Step::GetFeatures => {
+                self.info.features = VirtioFeatures::from_bits_retain(v);
+                self.features = select_virtio(v, self.config.features);
+                debug!(
+                    "features offered {:#x}, acking {:#x}",
+                    v,
+                    self.features.bits()
+                );
+            }
+            Step::CheckFeatures => {
+                if v != self.info.features.bits() {
+                    return Err(FrontendError::FeaturesChanged {
+                        before: self.info.features.bits(),
+                        after: v,
+                    });
+                }
+            }
+            Step::GetProtocolFeatures => {
+                self.info.protocol_features = Some(ProtocolFeatures::from_bits_retain(v));
+                self.protocol = select_protocol(v, self.config.protocol_features);
+                debug!(
+                    "protocol features offered {:#x}, acking {:#x}",
+                    v,
+                    self.protocol.bits()
+                );
+            }
+            Step::GetQueueNum => {
+                self.info.queue_num = Some(v);
+                let needed = self.num_queues();
+                if v < u64::from(needed) || v == 0 {
+                    return Err(FrontendError::TooFewQueues { needed, offered: v });
+                }
+            }
+            Step::GetMaxMemSlots => self.info.max_mem_slots = Some(v),
+            Step::GetBase(_) | Step::GetConfig { .. } => {
+                return Err(FrontendError::UnexpectedPayload(code))
+            }
+            // Everything else we only send without a reply of its own: this
+            // is the REPLY_ACK.
+            _ => {
+                if v != 0 {
+                    return Err(FrontendError::Nack {
+                        request: code,
+                        value: v,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_base(&self, q: u16, num: u32) -> Result<(), FrontendError> {
+        let size = u32::from(self.queue(q).size);
+        let ok = if self.features.contains(VirtioFeatures::RING_PACKED) {
+            num & 0x7fff < size && (num >> 16) & 0x7fff < size
+        } else {
+            num <= 0xffff
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(FrontendError::BadBase {
+                queue: q,
+                base: num,
+            })
+        }
+    }
+
+    /// `step` went out (and was answered, if a reply was awaited): record
+    /// its effect, report it, and pick the next message.
+    fn complete(&mut self, step: Step) {
+        match step {
+            Step::MemTable => self.installed = self.config.regions.clone(),
+            Step::RemRegion(r) => self.installed.retain(|x| *x != r),
+            Step::AddRegion(i) => {
+                if let Some(r) = self.config.regions.get(usize::from(i)) {
+                    // installed ⊆ regions (after the REMs), same capacity.
+                    let _ = self.installed.push(*r);
+                }
+            }
+            Step::VringKick(q) if self.queue(q).kick == NotifyMode::Eventfd => {
+                self.push_event(Event::InjectKick(q))
+            }
+            Step::VringCall(q) => {
+                debug!("ring {} started", q);
+                self.push_event(Event::RingStarted(q))
+            }
+            _ => {}
+        }
+        self.next = self.next_step(step);
+        if self.next.is_none() {
+            self.finish_flow();
+        }
+    }
+
+    fn finish_flow(&mut self) {
+        let Some(flow) = self.flow.take() else {
+            return;
+        };
+        match flow {
+            Flow::Init => {
+                self.state = State::Ready;
+                info!(
+                    "negotiated features {:#x}, protocol features {:#x}",
+                    self.features.bits(),
+                    self.protocol.bits()
+                );
+                self.push_event(Event::Negotiated {
+                    features: self.features,
+                    protocol_features: self.protocol,
+                });
+            }
+            Flow::Start => {
+                self.state = State::Started;
+                self.push_event(Event::Started);
+            }
+            Flow::Stop => {
+                self.state = State::Stopped;
+                self.push_event(Event::Stopped);
+            }
+            Flow::Memory => self.push_event(Event::MemoryUpdated),
+            Flow::Config => {}
+        }
+    }
+
+    fn applies(&self, step: Step) -> bool {
+        use ProtocolFeatures as P;
+        match step {
+            Step::GetProtocolFeatures | Step::SetProtocolFeatures => self.bit30(),
+            Step::GetQueueNum => self.protocol.contains(P::MQ),
+            Step::GetMaxMemSlots => self.protocol.contains(P::CONFIGURE_MEM_SLOTS),
+            Step::SetBackendReqFd => self.protocol.contains(P::BACKEND_REQ),
+            Step::FeaturesOk | Step::DriverOk | Step::ResetStatus => {
+                self.protocol.contains(P::STATUS)
+            }
+            _ => true,
+        }
+    }
+
+    /// The memory message the back-end still needs, if any.
+    fn memory_step(&self) -> Option<Step> {
+        let wanted = &self.config.regions;
+        if self.slots_mode() {
+            if let Some(r) = self.installed.iter().find(|r| !wanted.contains(r)) {
+                return Some(Step::RemRegion(*r));
+            }
+            wanted
+                .iter()
+                .position(|r| !self.installed.contains(r))
+                .map(|i| Step::AddRegion(i as u16))
+        } else if self.installed != *wanted {
+            Some(Step::MemTable)
+        } else {
+            None
+        }
+    }
+
+    fn next_step(&self, done: Step) -> Option<Step> {
+        let n = self.num_queues();
+        let first_enable = || {
+            if self.bit30() {
+                Some(Step::Enable(0))
+            } else {
+                Some(Step::DriverOk).filter(|s| self.applies(*s))
+            }
+        };
+        match self.flow? {
+            Flow::Init => {
+                let at = INIT_ORDER.iter().position(|s| *s == done)?;
+                INIT_ORDER
+                    .get(at + 1..)?
+                    .iter()
+                    .copied()
+                    .find(|s| self.applies(*s))
+            }
+            Flow::Start => match done {
+                Step::SetFeatures if self.applies(Step::FeaturesOk) => Some(Step::FeaturesOk),
+                Step::SetFeatures
+                | Step::FeaturesOk
+                | Step::MemTable
+                | Step::RemRegion(_)
+                | Step::AddRegion(_) => self.memory_step().or(Some(Step::VringNum(0))),
+                Step::VringNum(q) => Some(Step::VringBase(q)),
+                Step::VringBase(q) => Some(Step::VringAddr(q)),
+                Step::VringAddr(q) => Some(Step::VringKick(q)),
+                Step::VringKick(q) => Some(Step::VringCall(q)),
+                Step::VringCall(q) if q + 1 < n => Some(Step::VringNum(q + 1)),
+                Step::VringCall(_) => first_enable(),
+                Step::Enable(q) if q + 1 < n => Some(Step::Enable(q + 1)),
+                Step::Enable(_) => Some(Step::DriverOk).filter(|s| self.applies(*s)),
+                _ => None,
+            },
+            Flow::Stop => match done {
+                Step::Disable(q) if q + 1 < n => Some(Step::Disable(q + 1)),
+                Step::Disable(_) => Some(Step::GetBase(0)),
+                Step::GetBase(q) if q + 1 < n => Some(Step::GetBase(q + 1)),
+                Step::GetBase(_) => Some(Step::ResetStatus).filter(|s| self.applies(*s)),
+                _ => None,
+            },
+            Flow::Memory => self.memory_step(),
+            Flow::Config => None,
+        }
+    }
+}
+
+/// Checks a region list: each region non-empty, no range overflowing, no
+/// overlap (in guest or front-end addresses), no Xen fields, at most `R`.
+fn check_regions<const R: usize>(regions: &[MemRegionMsg]) -> Result<(), FrontendError> {
+    for (i, r) in regions.iter().enumerate() {
+        let ok = r.size != 0
+            && r.xen.is_none()
+            && [r.guest_addr, r.user_addr, r.mmap_offset]
+                .iter()
+                .all(|b| b.checked_add(r.size - 1).is_some());
+        if !ok {
+            return Err(FrontendError::BadRegion(i));
+        }
+    }
+    if let Err(e) = MemoryTable::<R>::from_regions(regions) {
+        warn!("memory regions refused: {:?}", e);
+        // Find the first region that does not fit with those before it.
+        let mut t = MemoryTable::<R>::new();
+        for (i, r) in regions.iter().enumerate() {
+            if t.add(*r).is_err() {
+                return Err(FrontendError::BadRegion(i));
+            }
+        }
+        return Err(FrontendError::BadRegion(0));
+    }
+    Ok(())
+}
