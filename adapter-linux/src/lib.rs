@@ -4,9 +4,11 @@
 //!   eventfd, epoll, memfd, mmap);
 //! - [`memory`]: guest memory mapped from the front-end's fds, implementing
 //!   the core's `GuestMemory`;
-//! - [`backend`]: the back-end runtime serving front-ends on a socket.
+//! - [`backend`]: the back-end runtime serving front-ends on a socket;
+//! - [`frontend`]: the front-end side, driving the core's engine.
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod frontend;
 pub mod memory;
 pub mod sys;

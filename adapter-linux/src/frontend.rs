@@ -1,0 +1,213 @@
+//! The front-end side over a Unix socket: drives the core's
+//! [`Frontend`] engine, attaching the
+//! fds it names (memory regions, kick and call eventfds) and handing it the
+//! replies.
+//!
+//! [`FrontendLink::probe`] is what `vhu probe` runs: the init sequence and
+//! an optional config read against any back-end.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::time::Duration;
+
+use vhost_user_core::frontend::{
+    BackendInfo, Event, FdRef, Frontend, FrontendConfig, FrontendError, State, DEFAULT_QUEUES,
+    DEFAULT_REGIONS,
+};
+use vhost_user_core::message::{HEADER_SIZE, MAX_MESSAGE};
+
+use crate::sys::eventfd::EventFd;
+use crate::sys::socket::Stream;
+
+/// Why the front-end link failed.
+#[derive(Debug)]
+pub enum LinkError {
+    /// Socket I/O failed.
+    Io(io::Error),
+    /// The back-end closed the connection.
+    Closed,
+    /// The engine refused a reply (or was used wrongly).
+    Engine(FrontendError),
+    /// The engine named an fd the link does not have.
+    MissingFd(FdRef),
+}
+
+impl fmt::Display for LinkError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LinkError::Io(e) => write!(f, "socket: {e}"),
+            LinkError::Closed => f.write_str("the back-end closed the connection"),
+            LinkError::Engine(e) => write!(f, "{e}"),
+            LinkError::MissingFd(r) => write!(f, "no fd for {r:?}"),
+        }
+    }
+}
+
+impl std::error::Error for LinkError {}
+
+impl From<io::Error> for LinkError {
+    fn from(e: io::Error) -> Self {
+        LinkError::Io(e)
+    }
+}
+
+impl From<FrontendError> for LinkError {
+    fn from(e: FrontendError) -> Self {
+        LinkError::Engine(e)
+    }
+}
+
+/// What a probe found.
+#[derive(Clone, Debug)]
+pub struct Probe {
+    /// The back-end's offer, queue count and memory slots.
+    pub info: BackendInfo,
+    /// The config space bytes read (empty if CONFIG is not offered or the
+    /// read was refused).
+    pub config: Vec<u8>,
+}
+
+/// A front-end connection: the socket, the engine and the fds it names.
+#[derive(Debug)]
+pub struct FrontendLink<const Q: usize = DEFAULT_QUEUES, const R: usize = DEFAULT_REGIONS> {
+    stream: Stream,
+    fe: Frontend<Q, R>,
+    regions: Vec<OwnedFd>,
+    kicks: Vec<Option<EventFd>>,
+    calls: Vec<Option<EventFd>>,
+    events: VecDeque<Event>,
+}
+
+impl<const Q: usize, const R: usize> FrontendLink<Q, R> {
+    /// Connects to `path` with `config`. `regions[i]` backs
+    /// `config.regions[i]`; `kicks[q]`/`calls[q]` are ring `q`'s notifiers
+    /// (`None` in polling mode).
+    pub fn connect(
+        path: impl AsRef<Path>,
+        config: FrontendConfig<Q, R>,
+        regions: Vec<OwnedFd>,
+        kicks: Vec<Option<EventFd>>,
+        calls: Vec<Option<EventFd>>,
+    ) -> Result<Self, LinkError> {
+        let stream = Stream::connect(path)?;
+        // A back-end that never answers is an error, not a hang.
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        Ok(FrontendLink {
+            stream,
+            fe: Frontend::new(config)?,
+            regions,
+            kicks,
+            calls,
+            events: VecDeque::new(),
+        })
+    }
+
+    /// The engine (for commands: start, stop, read_config, set_memory).
+    pub fn engine(&mut self) -> &mut Frontend<Q, R> {
+        &mut self.fe
+    }
+
+    fn fd(&self, r: FdRef) -> Option<BorrowedFd<'_>> {
+        match r {
+            FdRef::Region(i) => self.regions.get(usize::from(i)).map(|f| f.as_fd()),
+            FdRef::Kick(q) => self.kicks.get(usize::from(q))?.as_ref().map(|e| e.as_fd()),
+            FdRef::Call(q) => self.calls.get(usize::from(q))?.as_ref().map(|e| e.as_fd()),
+            FdRef::BackendChannel => None,
+        }
+    }
+
+    /// Sends what the engine has queued and feeds it the replies until it
+    /// is idle; injects the kicks it asks for. Events are kept for
+    /// [`take_events`](Self::take_events).
+    pub fn drive(&mut self) -> Result<(), LinkError> {
+        let mut out = Box::new([0u8; MAX_MESSAGE]);
+        let mut buf = Box::new([0u8; MAX_MESSAGE]);
+        loop {
+            let Some(t) = self.fe.poll_transmit(&mut out[..])? else {
+                self.collect_events();
+                return Ok(());
+            };
+            let mut fds: Vec<BorrowedFd<'_>> = Vec::with_capacity(t.fds.len());
+            for r in &t.fds {
+                fds.push(self.fd(*r).ok_or(LinkError::MissingFd(*r))?);
+            }
+            self.stream.send_message(&out[..t.len], &fds)?;
+            drop(fds);
+            if t.awaits_reply {
+                let rx = self
+                    .stream
+                    .recv_message(&mut buf)?
+                    .ok_or(LinkError::Closed)?;
+                let n = rx.header.size as usize;
+                self.fe.handle_reply(
+                    &rx.header,
+                    &buf[HEADER_SIZE..HEADER_SIZE + n],
+                    rx.fds.len(),
+                )?;
+                // Fds a reply carries (none we use yet) are closed here.
+                drop(rx.fds);
+            }
+            self.collect_events();
+        }
+    }
+
+    fn collect_events(&mut self) {
+        while let Some(e) = self.fe.poll_event() {
+            if let Event::InjectKick(q) = e {
+                // Seed 1: front-ends SHOULD kick after SET_VRING_KICK.
+                if let Some(Some(k)) = self.kicks.get(usize::from(q)) {
+                    let _ = k.write(1);
+                }
+            }
+            self.events.push_back(e);
+        }
+    }
+
+    /// The events seen so far, oldest first.
+    pub fn take_events(&mut self) -> Vec<Event> {
+        self.events.drain(..).collect()
+    }
+}
+
+impl FrontendLink<1, 1> {
+    /// Probes the back-end at `path`: its features, protocol features,
+    /// queue count, memory slots and (with CONFIG) `config_len` bytes of
+    /// config space.
+    pub fn probe(path: impl AsRef<Path>, config_len: u32) -> Result<Probe, LinkError> {
+        let mut link = FrontendLink::<1, 1>::connect(
+            path,
+            FrontendConfig::probe(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        )?;
+        link.drive()?;
+        if link.fe.state() != State::Ready {
+            return Err(LinkError::Engine(FrontendError::Failed));
+        }
+        let info = *link.fe.backend_info();
+        let mut config = Vec::new();
+        let offered_config = info
+            .protocol_features
+            .is_some_and(|p| p.contains(vhost_user_core::feature::ProtocolFeatures::CONFIG));
+        if offered_config && config_len > 0 {
+            link.fe.read_config(0, config_len)?;
+            match link.drive() {
+                Ok(()) => {
+                    for e in link.take_events() {
+                        if let Event::Config { data, .. } = e {
+                            config = data.to_vec();
+                        }
+                    }
+                }
+                // A refused read leaves the probe's other answers valid.
+                Err(LinkError::Engine(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Probe { info, config })
+    }
+}

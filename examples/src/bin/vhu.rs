@@ -1,0 +1,210 @@
+//! `vhu`: a vhost-user front-end tool.
+//!
+//! `vhu probe --socket-path S [--json]` connects to any vhost-user back-end
+//! and prints what it offers: virtio and protocol features by name, queue
+//! count, memory slots and, where CONFIG is offered, the config space
+//! (decoded as virtio-blk when it has a virtio-blk config's size).
+
+use std::fmt::Write as _;
+use std::process::ExitCode;
+
+use vhost_user_core::feature::{ProtocolFeatures, VirtioFeatures};
+use vhost_user_linux::frontend::{FrontendLink, Probe};
+use vhu_examples::cli::Args;
+
+const USAGE: &str = "\
+usage: vhu probe --socket-path PATH [--json]
+
+  probe    connect to a vhost-user back-end and print its features,
+           protocol features, queue count, memory slots and config space
+";
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vhu: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), String> {
+    let args = Args::parse(std::env::args().skip(1), &["json", "help"])?;
+    if args.flag("help") {
+        print!("{USAGE}");
+        return Ok(());
+    }
+    match args.positional().first().map(String::as_str) {
+        Some("probe") => {
+            args.check_known(&["socket-path", "json", "help"])?;
+            let path = args
+                .get("socket-path")
+                .ok_or_else(|| format!("--socket-path is required\n{USAGE}"))?;
+            // The virtio-blk config space is 60 bytes; some back-ends expose
+            // a shorter one (up to write_zeroes_may_unmap, 57 bytes).
+            let mut probe = FrontendLink::probe(path, 60).map_err(|e| format!("{path}: {e}"))?;
+            if probe.config.is_empty() {
+                probe = FrontendLink::probe(path, 57).map_err(|e| format!("{path}: {e}"))?;
+            }
+            if args.flag("json") {
+                print!("{}", json(&probe));
+            } else {
+                print!("{}", text(&probe));
+            }
+            Ok(())
+        }
+        _ => Err(USAGE.to_string()),
+    }
+}
+
+/// Names of the device-specific bits of virtio-blk (0-23).
+const BLK_BITS: &[(u32, &str)] = &[
+    (1, "blk.SIZE_MAX"),
+    (2, "blk.SEG_MAX"),
+    (4, "blk.GEOMETRY"),
+    (5, "blk.RO"),
+    (6, "blk.BLK_SIZE"),
+    (9, "blk.FLUSH"),
+    (10, "blk.TOPOLOGY"),
+    (11, "blk.CONFIG_WCE"),
+    (12, "blk.MQ"),
+    (13, "blk.DISCARD"),
+    (14, "blk.WRITE_ZEROES"),
+    (15, "blk.LIFETIME"),
+    (16, "blk.SECURE_ERASE"),
+    (17, "blk.ZONED"),
+];
+
+/// Feature names; device bits are named as virtio-blk's when `blk`.
+fn virtio_names(f: VirtioFeatures, blk: bool) -> Vec<String> {
+    let mut v: Vec<String> = f.iter_names().map(|(n, _)| n.to_string()).collect();
+    let named = f.iter_names().fold(0u64, |a, (_, b)| a | b.bits());
+    let rest = f.bits() & !named;
+    for bit in 0..64 {
+        if rest & (1 << bit) != 0 {
+            match BLK_BITS.iter().find(|(b, _)| *b == bit).filter(|_| blk) {
+                Some((_, n)) => v.push((*n).to_string()),
+                None => v.push(format!("bit{bit}")),
+            }
+        }
+    }
+    v
+}
+
+fn protocol_names(p: ProtocolFeatures) -> Vec<String> {
+    let mut v: Vec<String> = p.iter_names().map(|(n, _)| n.to_string()).collect();
+    let named = p.iter_names().fold(0u64, |a, (_, b)| a | b.bits());
+    let rest = p.bits() & !named;
+    for bit in 0..64 {
+        if rest & (1 << bit) != 0 {
+            v.push(format!("bit{bit}"));
+        }
+    }
+    v
+}
+
+fn le(c: &[u8], at: usize, n: usize) -> u64 {
+    c.get(at..at + n)
+        .map(|b| b.iter().rev().fold(0u64, |a, x| a << 8 | u64::from(*x)))
+        .unwrap_or(0)
+}
+
+/// The virtio-blk config fields, if the config is at least 57 bytes.
+fn blk_fields(c: &[u8]) -> Vec<(&'static str, u64)> {
+    if c.len() < 57 {
+        return Vec::new();
+    }
+    vec![
+        ("capacity", le(c, 0, 8)),
+        ("size_max", le(c, 8, 4)),
+        ("seg_max", le(c, 12, 4)),
+        ("blk_size", le(c, 20, 4)),
+        ("physical_block_exp", le(c, 24, 1)),
+        ("min_io_size", le(c, 26, 2)),
+        ("opt_io_size", le(c, 28, 4)),
+        ("writeback", le(c, 32, 1)),
+        ("num_queues", le(c, 34, 2)),
+        ("max_discard_sectors", le(c, 36, 4)),
+        ("max_discard_seg", le(c, 40, 4)),
+        ("discard_sector_alignment", le(c, 44, 4)),
+        ("max_write_zeroes_sectors", le(c, 48, 4)),
+        ("max_write_zeroes_seg", le(c, 52, 4)),
+        ("write_zeroes_may_unmap", le(c, 56, 1)),
+    ]
+}
+
+fn hex(c: &[u8]) -> String {
+    c.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn text(p: &Probe) -> String {
+    let mut s = String::new();
+    let i = &p.info;
+    let _ = writeln!(
+        s,
+        "virtio features:  {:#018x} {}",
+        i.features.bits(),
+        virtio_names(i.features, !blk_fields(&p.config).is_empty()).join(" ")
+    );
+    match i.protocol_features {
+        Some(pf) => {
+            let _ = writeln!(
+                s,
+                "protocol features: {:#018x} {}",
+                pf.bits(),
+                protocol_names(pf).join(" ")
+            );
+        }
+        None => {
+            let _ = writeln!(
+                s,
+                "protocol features: none (VHOST_USER_F_PROTOCOL_FEATURES not offered)"
+            );
+        }
+    }
+    let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+    let _ = writeln!(s, "queues:            {}", opt(i.queue_num));
+    let _ = writeln!(s, "max memory slots:  {}", opt(i.max_mem_slots));
+    if !p.config.is_empty() {
+        let _ = writeln!(s, "config ({} bytes): {}", p.config.len(), hex(&p.config));
+        for (k, v) in blk_fields(&p.config) {
+            let _ = writeln!(s, "  blk.{k}: {v}");
+        }
+    }
+    s
+}
+
+fn json_list(v: &[String]) -> String {
+    let items: Vec<String> = v.iter().map(|n| format!("\"{n}\"")).collect();
+    format!("[{}]", items.join(", "))
+}
+
+fn json(p: &Probe) -> String {
+    let i = &p.info;
+    let opt = |v: Option<u64>| v.map_or("null".to_string(), |v| v.to_string());
+    let mut s = String::from("{\n");
+    let _ = writeln!(s, "  \"virtio_features\": {},", i.features.bits());
+    let _ = writeln!(
+        s,
+        "  \"virtio_feature_names\": {},",
+        json_list(&virtio_names(i.features, !blk_fields(&p.config).is_empty()))
+    );
+    let _ = writeln!(
+        s,
+        "  \"protocol_features\": {},",
+        opt(i.protocol_features.map(|p| p.bits()))
+    );
+    let names = i.protocol_features.map(protocol_names).unwrap_or_default();
+    let _ = writeln!(s, "  \"protocol_feature_names\": {},", json_list(&names));
+    let _ = writeln!(s, "  \"queues\": {},", opt(i.queue_num));
+    let _ = writeln!(s, "  \"max_mem_slots\": {},", opt(i.max_mem_slots));
+    let _ = write!(s, "  \"config\": \"{}\"", hex(&p.config));
+    let blk = blk_fields(&p.config);
+    if !blk.is_empty() {
+        let fields: Vec<String> = blk.iter().map(|(k, v)| format!("\"{k}\": {v}")).collect();
+        let _ = write!(s, ",\n  \"blk\": {{{}}}", fields.join(", "));
+    }
+    s.push_str("\n}\n");
+    s
+}
