@@ -166,6 +166,14 @@ impl<const Q: usize, const R: usize> FrontendLink<Q, R> {
         }
     }
 
+    /// Kicks ring `q` (writes its kick eventfd); false if it has none.
+    pub fn kick(&self, q: u16) -> bool {
+        match self.kicks.get(usize::from(q)) {
+            Some(Some(k)) => k.write(1).is_ok(),
+            _ => false,
+        }
+    }
+
     /// The events seen so far, oldest first.
     pub fn take_events(&mut self) -> Vec<Event> {
         self.events.drain(..).collect()
