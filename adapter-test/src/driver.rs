@@ -393,6 +393,11 @@ impl SplitDriver {
         mem.store_u16_release(self.addrs.driver, flags)
     }
 
+    /// The next used index the driver will harvest.
+    pub fn last_used(&self) -> u16 {
+        self.last_used
+    }
+
     /// Set used_event (EVENT_IDX).
     pub fn set_used_event<M: GuestMemory + ?Sized>(
         &self,

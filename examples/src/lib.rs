@@ -1,5 +1,6 @@
 //! Shared code of the vhu example daemons and tools.
 
+pub mod bench;
 pub mod blk;
 pub mod cli;
 pub mod logger;

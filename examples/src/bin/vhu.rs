@@ -6,6 +6,7 @@
 //! (decoded as virtio-blk when it has a virtio-blk config's size).
 
 use std::fmt::Write as _;
+use std::path::Path;
 use std::process::ExitCode;
 
 use vhost_user_core::feature::{ProtocolFeatures, VirtioFeatures};
@@ -14,9 +15,14 @@ use vhu_examples::cli::Args;
 
 const USAGE: &str = "\
 usage: vhu probe --socket-path PATH [--json]
+       vhu bench --socket-path PATH [--rw read|write|randread|randwrite|randrw]
+                 [--bs 4096] [--iodepth 1] [--queues 1]
+                 [--runtime SECONDS | --requests N] [--poll] [--verify] [--json]
 
   probe    connect to a vhost-user back-end and print its features,
            protocol features, queue count, memory slots and config space
+  bench    load a vhost-user-blk back-end and report IOPS, MB/s, latency
+           percentiles and notifications per request
 ";
 
 fn main() -> ExitCode {
@@ -30,7 +36,10 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Result<(), String> {
-    let args = Args::parse(std::env::args().skip(1), &["json", "help"])?;
+    let args = Args::parse(
+        std::env::args().skip(1),
+        &["json", "help", "poll", "verify"],
+    )?;
     if args.flag("help") {
         print!("{USAGE}");
         return Ok(());
@@ -51,6 +60,56 @@ fn run() -> Result<(), String> {
                 print!("{}", json(&probe));
             } else {
                 print!("{}", text(&probe));
+            }
+            Ok(())
+        }
+        Some("bench") => {
+            args.check_known(&[
+                "socket-path",
+                "rw",
+                "bs",
+                "iodepth",
+                "queues",
+                "runtime",
+                "requests",
+                "poll",
+                "verify",
+                "json",
+                "help",
+            ])?;
+            let path = args
+                .get("socket-path")
+                .ok_or_else(|| format!("--socket-path is required\n{USAGE}"))?;
+            let requests: Option<u64> = args
+                .get("requests")
+                .map(str::parse)
+                .transpose()
+                .map_err(|_| "invalid --requests")?;
+            let runtime: Option<f64> = args
+                .get("runtime")
+                .map(str::parse)
+                .transpose()
+                .map_err(|_| "invalid --runtime")?;
+            let o = vhu_examples::bench::Options {
+                rw: args.get_or("rw", vhu_examples::bench::Rw::RandRead)?,
+                bs: args.get_or("bs", 4096)?,
+                iodepth: args.get_or("iodepth", 1)?,
+                queues: args.get_or("queues", 1)?,
+                runtime: match (runtime, requests) {
+                    (Some(t), _) => Some(std::time::Duration::from_secs_f64(t)),
+                    (None, None) => Some(std::time::Duration::from_secs(5)),
+                    (None, Some(_)) => None,
+                },
+                requests,
+                poll: args.flag("poll"),
+                verify: args.flag("verify"),
+                progress: !args.flag("json"),
+            };
+            let r = vhu_examples::bench::run(Path::new(path), &o)?;
+            if args.flag("json") {
+                print!("{}", r.json());
+            } else {
+                print!("{}", r.text());
             }
             Ok(())
         }

@@ -1,0 +1,521 @@
+//! `vhu bench`: a load generator for any vhost-user-blk back-end.
+//!
+//! One thread drives every queue: it keeps `iodepth` requests in flight per
+//! queue on split rings in memfd guest memory (two regions), kicks as the
+//! back-end asks (EVENT_IDX), and sleeps in epoll on the call eventfds, or
+//! with `poll` spins on the used rings. Any completion for a request that
+//! is not outstanding, any status other than OK and any verify mismatch is
+//! an error.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use vhost_user_core::feature::{ProtocolFeatures as P, VirtioFeatures as V};
+use vhost_user_core::frontend::{Event, FrontendConfig, NotifyMode, QueueConfig, State};
+use vhost_user_core::memory::GuestMemory;
+use vhost_user_core::message::MemRegionMsg;
+use vhost_user_core::vring::RingAddrs;
+use vhost_user_linux::frontend::FrontendLink;
+use vhost_user_linux::memory::LinuxGuestMemory;
+use vhost_user_linux::sys::epoll::{Epoll, EpollEvent, Interest};
+use vhost_user_linux::sys::eventfd::EventFd;
+use vhost_user_linux::sys::memfd;
+use vhost_user_test::{Buf, SplitDriver};
+
+/// The access pattern.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rw {
+    /// Sequential reads.
+    Read,
+    /// Sequential writes.
+    Write,
+    /// Random reads.
+    RandRead,
+    /// Random writes.
+    RandWrite,
+    /// Random reads and writes, half each.
+    RandRw,
+}
+
+impl std::str::FromStr for Rw {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "read" => Rw::Read,
+            "write" => Rw::Write,
+            "randread" => Rw::RandRead,
+            "randwrite" => Rw::RandWrite,
+            "randrw" => Rw::RandRw,
+            _ => return Err(format!("unknown --rw {s:?}")),
+        })
+    }
+}
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Access pattern.
+    pub rw: Rw,
+    /// Block size in bytes (a multiple of 512).
+    pub bs: u32,
+    /// Requests in flight per queue.
+    pub iodepth: u16,
+    /// Queues used.
+    pub queues: u16,
+    /// Stop after this long ...
+    pub runtime: Option<Duration>,
+    /// ... or after this many requests.
+    pub requests: Option<u64>,
+    /// Spin on the used rings instead of sleeping on call eventfds.
+    pub poll: bool,
+    /// Writes carry a per-request pattern that reads of the same block
+    /// check.
+    pub verify: bool,
+    /// Print a progress line each second (to stderr).
+    pub progress: bool,
+}
+
+/// What a run measured.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    /// Requests completed.
+    pub requests: u64,
+    /// Bytes moved.
+    pub bytes: u64,
+    /// Wall time.
+    pub elapsed: Duration,
+    /// Latency percentiles in nanoseconds: p50, p99, p99.9.
+    pub latency_ns: [u64; 3],
+    /// Kicks sent.
+    pub kicks: u64,
+    /// Calls received (eventfd wake-ups).
+    pub calls: u64,
+}
+
+impl Report {
+    /// Requests per second.
+    pub fn iops(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// Megabytes (10^6) per second.
+    pub fn mbps(&self) -> f64 {
+        self.bytes as f64 / 1e6 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// Notifications (kicks and calls) per request.
+    pub fn notifications_per_request(&self) -> f64 {
+        (self.kicks + self.calls) as f64 / (self.requests.max(1)) as f64
+    }
+
+    /// The report as text.
+    pub fn text(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "requests {} in {:.2} s: {:.0} IOPS, {:.1} MB/s",
+            self.requests,
+            self.elapsed.as_secs_f64(),
+            self.iops(),
+            self.mbps()
+        );
+        let _ = writeln!(
+            s,
+            "latency p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us",
+            self.latency_ns[0] as f64 / 1e3,
+            self.latency_ns[1] as f64 / 1e3,
+            self.latency_ns[2] as f64 / 1e3
+        );
+        let _ = writeln!(
+            s,
+            "notifications per request {:.3} ({} kicks, {} calls)",
+            self.notifications_per_request(),
+            self.kicks,
+            self.calls
+        );
+        s
+    }
+
+    /// The report as JSON.
+    pub fn json(&self) -> String {
+        format!(
+            "{{\"requests\": {}, \"seconds\": {:.6}, \"iops\": {:.1}, \"mbps\": {:.3}, \"p50_ns\": {}, \"p99_ns\": {}, \"p999_ns\": {}, \"kicks\": {}, \"calls\": {}, \"notifications_per_request\": {:.4}}}\n",
+            self.requests,
+            self.elapsed.as_secs_f64(),
+            self.iops(),
+            self.mbps(),
+            self.latency_ns[0],
+            self.latency_ns[1],
+            self.latency_ns[2],
+            self.kicks,
+            self.calls,
+            self.notifications_per_request()
+        )
+    }
+}
+
+const MIB: u64 = 1 << 20;
+/// Front-end virtual address of guest physical address 0.
+const VA: u64 = 0x7f00_0000_0000;
+/// The second region starts here (guest physical).
+const HIGH: u64 = 0x1_0000_0000;
+const RING_SIZE: u16 = 512;
+
+struct Slot {
+    req: u64,
+    block: u64,
+    write: bool,
+    seed: u64,
+    at: Instant,
+    buf: u64,
+}
+
+fn pattern(seed: u64, block: u64, len: usize) -> Vec<u8> {
+    let mut x = seed ^ block.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Runs the load against the vhost-user-blk back-end at `path`.
+pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
+    if o.bs == 0 || o.bs % 512 != 0 || o.iodepth == 0 || o.queues == 0 {
+        return Err("--bs must be a multiple of 512, --iodepth and --queues at least 1".into());
+    }
+    if usize::from(o.iodepth) * 3 > usize::from(RING_SIZE) {
+        return Err(format!("--iodepth at most {}", RING_SIZE / 3));
+    }
+    if o.queues > 8 {
+        return Err("--queues at most 8".into());
+    }
+    let q = u64::from(o.queues);
+    let depth = u64::from(o.iodepth);
+    // Region 0: rings and request headers; region 1: data buffers.
+    let ring_bytes = 0x10000 * q;
+    let data_bytes = (q * depth * u64::from(o.bs)).next_multiple_of(MIB).max(MIB);
+    let low = (ring_bytes + 0x1000 * q * depth).next_multiple_of(MIB);
+    let fd =
+        memfd::create("vhu-bench", MIB + low + data_bytes).map_err(|e| format!("memfd: {e}"))?;
+    let regions = [
+        MemRegionMsg {
+            guest_addr: 0,
+            size: low,
+            user_addr: VA,
+            mmap_offset: MIB,
+            xen: None,
+        },
+        MemRegionMsg {
+            guest_addr: HIGH,
+            size: data_bytes,
+            user_addr: VA + HIGH,
+            mmap_offset: MIB + low,
+            xen: None,
+        },
+    ];
+    let mut mem = LinuxGuestMemory::new();
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    for (i, r) in regions.iter().enumerate() {
+        let dup = fd.try_clone().map_err(|e| e.to_string())?;
+        mem.map(i, *r, dup).map_err(|e| format!("mmap: {e}"))?;
+        fds.push(fd.try_clone().map_err(|e| e.to_string())?);
+    }
+    let event_idx = !o.poll;
+    let mut features = V::VERSION_1 | V::PROTOCOL_FEATURES | V::INDIRECT_DESC;
+    if event_idx {
+        features |= V::EVENT_IDX;
+    }
+    let mut cfg: FrontendConfig<8, 2> =
+        FrontendConfig::new(features, P::MQ | P::REPLY_ACK | P::CONFIG | P::STATUS);
+    for r in &regions {
+        let _ = cfg.regions.push(*r);
+    }
+    let mut drivers = Vec::new();
+    for i in 0..q {
+        let d =
+            SplitDriver::new(&mem, RING_SIZE, 0x10000 * i, event_idx).map_err(|e| e.to_string())?;
+        let a = d.addrs();
+        let _ = cfg.queues.push(QueueConfig {
+            size: RING_SIZE,
+            addrs: RingAddrs {
+                desc: a.desc + VA,
+                driver: a.driver + VA,
+                device: a.device + VA,
+            },
+            base: 0,
+            kick: NotifyMode::Eventfd,
+            call: NotifyMode::Eventfd,
+        });
+        drivers.push(d);
+    }
+    let kicks: Vec<Option<EventFd>> = (0..q)
+        .map(|_| EventFd::new(true).map(Some))
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
+    let calls: Vec<EventFd> = (0..q)
+        .map(|_| EventFd::new(true))
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
+    let call_dups: Vec<Option<EventFd>> = calls
+        .iter()
+        .map(|c| {
+            c.as_fd()
+                .try_clone_to_owned()
+                .map(|f| Some(EventFd::from(f)))
+        })
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
+    let mut link =
+        FrontendLink::connect(path, cfg, fds, kicks, call_dups).map_err(|e| e.to_string())?;
+    link.drive().map_err(|e| e.to_string())?;
+    if link.engine().state() != State::Ready {
+        return Err("the handshake failed".into());
+    }
+    if (link.engine().features() & features) != features {
+        return Err(format!(
+            "the back-end does not offer {:?}",
+            features.difference(link.engine().features())
+        ));
+    }
+    if usize::from(o.queues)
+        > link
+            .engine()
+            .backend_info()
+            .queue_num
+            .map_or(1, |n| n as usize)
+    {
+        return Err("the back-end has fewer queues than --queues".into());
+    }
+    // Capacity from the config space.
+    link.engine().read_config(0, 8).map_err(|e| e.to_string())?;
+    link.drive().map_err(|e| e.to_string())?;
+    let mut sectors = 0u64;
+    for e in link.take_events() {
+        if let Event::Config { data, .. } = e {
+            sectors = data.iter().rev().fold(0u64, |a, b| a << 8 | u64::from(*b));
+        }
+    }
+    let blocks = sectors * 512 / u64::from(o.bs);
+    if blocks < q * depth * 2 {
+        return Err(format!(
+            "the device ({sectors} sectors) is too small for this load"
+        ));
+    }
+    link.engine().start().map_err(|e| e.to_string())?;
+    link.drive().map_err(|e| e.to_string())?;
+    if link.engine().state() != State::Started {
+        return Err("the rings did not start".into());
+    }
+
+    let epoll = Epoll::new().map_err(|e| e.to_string())?;
+    for (i, c) in calls.iter().enumerate() {
+        epoll
+            .add(c, Interest::READABLE, i as u64)
+            .map_err(|e| e.to_string())?;
+    }
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut rand = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut outstanding: Vec<HashMap<u16, Slot>> = (0..q).map(|_| HashMap::new()).collect();
+    let mut free_bufs: Vec<Vec<u64>> = (0..q)
+        .map(|i| (0..depth).map(|d| i * depth + d).collect())
+        .collect();
+    // Verify: the seed of the last completed write of each block, and the
+    // blocks with a request in flight (never two at once on one block).
+    let mut written: HashMap<u64, u64> = HashMap::new();
+    let mut busy: std::collections::HashSet<u64> = Default::default();
+    let mut lat: Vec<u64> = Vec::new();
+    let mut rep = Report::default();
+    let (mut next_req, mut seq) = (0u64, 0u64);
+    let t0 = Instant::now();
+    let mut last_progress = (t0, 0u64);
+    let bs = o.bs as usize;
+    let done = |rep: &Report, issued: u64| {
+        o.requests.is_some_and(|n| issued >= n)
+            || o.runtime
+                .is_some_and(|t| t0.elapsed() >= t && rep.requests > 0)
+    };
+    loop {
+        let stop_issuing = done(&rep, next_req);
+        // Fill every queue.
+        for (qi, drv) in drivers.iter_mut().enumerate() {
+            let mut posted = false;
+            while !stop_issuing
+                && outstanding[qi].len() < usize::from(o.iodepth)
+                && !done(&rep, next_req)
+            {
+                let write = match o.rw {
+                    Rw::Read | Rw::RandRead => false,
+                    Rw::Write | Rw::RandWrite => true,
+                    Rw::RandRw => rand() & 1 == 0,
+                };
+                let mut block = match o.rw {
+                    Rw::Read | Rw::Write => {
+                        seq += 1;
+                        (seq - 1) % blocks
+                    }
+                    _ => rand() % blocks,
+                };
+                if o.verify {
+                    let mut tries = 0;
+                    while busy.contains(&block)
+                        || (!write && !written.contains_key(&block) && tries < 8)
+                    {
+                        block = rand() % blocks;
+                        tries += 1;
+                    }
+                    if busy.contains(&block) {
+                        break;
+                    }
+                }
+                let Some(bufn) = free_bufs[qi].pop() else {
+                    break;
+                };
+                let hdr = 0x10000 * q + 0x1000 * bufn;
+                let data = HIGH + u64::from(o.bs) * bufn;
+                let seed = rand();
+                let mut h = [0u8; 16];
+                h[0..4].copy_from_slice(&u32::from(write).to_le_bytes());
+                h[8..16].copy_from_slice(&(block * u64::from(o.bs) / 512).to_le_bytes());
+                mem.write(hdr, &h).map_err(|e| e.to_string())?;
+                mem.write(hdr + 16, &[0xff]).map_err(|e| e.to_string())?;
+                if write && o.verify {
+                    mem.write(data, &pattern(seed, block, bs))
+                        .map_err(|e| e.to_string())?;
+                }
+                let bufs = [
+                    Buf::readable(hdr, 16),
+                    if write {
+                        Buf::readable(data, o.bs)
+                    } else {
+                        Buf::writable(data, o.bs)
+                    },
+                    Buf::writable(hdr + 16, 1),
+                ];
+                let head = drv.post(&mem, &bufs).map_err(|e| format!("{e:?}"))?;
+                if o.verify {
+                    busy.insert(block);
+                }
+                outstanding[qi].insert(
+                    head,
+                    Slot {
+                        req: next_req,
+                        block,
+                        write,
+                        seed,
+                        at: Instant::now(),
+                        buf: bufn,
+                    },
+                );
+                next_req += 1;
+                posted = true;
+            }
+            if posted && drv.kick_needed(&mem).map_err(|e| e.to_string())? {
+                link.kick(qi as u16);
+                rep.kicks += 1;
+            }
+        }
+        // Harvest.
+        let mut got = 0;
+        for (qi, drv) in drivers.iter_mut().enumerate() {
+            while let Some(u) = drv.harvest(&mem).map_err(|e| e.to_string())? {
+                let s = outstanding[qi].remove(&u.id).ok_or_else(|| {
+                    format!(
+                        "queue {qi}: completion for head {} which is not outstanding",
+                        u.id
+                    )
+                })?;
+                let hdr = 0x10000 * q + 0x1000 * s.buf;
+                let mut st = [0u8; 1];
+                mem.read(hdr + 16, &mut st).map_err(|e| e.to_string())?;
+                if st[0] != 0 {
+                    return Err(format!(
+                        "request {} (block {}): status {}",
+                        s.req, s.block, st[0]
+                    ));
+                }
+                if o.verify {
+                    busy.remove(&s.block);
+                    if s.write {
+                        written.insert(s.block, s.seed);
+                    } else if let Some(seed) = written.get(&s.block) {
+                        let mut b = vec![0u8; bs];
+                        mem.read(HIGH + u64::from(o.bs) * s.buf, &mut b)
+                            .map_err(|e| e.to_string())?;
+                        if b != pattern(*seed, s.block, bs) {
+                            return Err(format!(
+                                "request {}: block {} does not read back what was written",
+                                s.req, s.block
+                            ));
+                        }
+                    }
+                }
+                lat.push(s.at.elapsed().as_nanos() as u64);
+                free_bufs[qi].push(s.buf);
+                rep.requests += 1;
+                rep.bytes += u64::from(o.bs);
+                got += 1;
+            }
+        }
+        let in_flight: usize = outstanding.iter().map(|m| m.len()).sum();
+        if done(&rep, next_req) && in_flight == 0 {
+            break;
+        }
+        if o.progress && last_progress.0.elapsed() >= Duration::from_secs(1) {
+            let n = rep.requests - last_progress.1;
+            eprintln!(
+                "{:>5.1} s: {:.0} IOPS, {} requests",
+                t0.elapsed().as_secs_f64(),
+                n as f64 / last_progress.0.elapsed().as_secs_f64(),
+                rep.requests
+            );
+            last_progress = (Instant::now(), rep.requests);
+        }
+        if got == 0 && !o.poll && in_flight > 0 {
+            // Ask for a call at the next completion, then look once more
+            // before sleeping.
+            for d in drivers.iter() {
+                d.set_used_event(&mem, d.last_used())
+                    .map_err(|e| e.to_string())?;
+            }
+            mem.fence();
+            let ready = drivers.iter().any(|d| {
+                d.used_idx(&mem)
+                    .map(|i| i != d.last_used())
+                    .unwrap_or(false)
+            });
+            if !ready {
+                let mut ev = [EpollEvent::default(); 8];
+                let n = epoll.wait(&mut ev, 1000).map_err(|e| e.to_string())?;
+                for e in &ev[..n] {
+                    if let Some(c) = calls.get(e.token() as usize) {
+                        let _ = c.read();
+                        rep.calls += 1;
+                    }
+                }
+            }
+        }
+    }
+    rep.elapsed = t0.elapsed();
+    lat.sort_unstable();
+    let pick = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
+    rep.latency_ns = [pick(0.5), pick(0.99), pick(0.999)];
+    link.engine().stop().map_err(|e| e.to_string())?;
+    link.drive().map_err(|e| e.to_string())?;
+    Ok(rep)
+}
