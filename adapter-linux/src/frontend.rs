@@ -17,7 +17,7 @@ use vhost_user_core::frontend::{
     BackendInfo, Event, FdRef, Frontend, FrontendConfig, FrontendError, State, DEFAULT_QUEUES,
     DEFAULT_REGIONS,
 };
-use vhost_user_core::message::{HEADER_SIZE, MAX_MESSAGE};
+use vhost_user_core::message::{FrontendReq, HEADER_SIZE, MAX_MESSAGE};
 
 use crate::sys::eventfd::EventFd;
 use crate::sys::socket::Stream;
@@ -78,6 +78,7 @@ pub struct FrontendLink<const Q: usize = DEFAULT_QUEUES, const R: usize = DEFAUL
     regions: Vec<OwnedFd>,
     kicks: Vec<Option<EventFd>>,
     calls: Vec<Option<EventFd>>,
+    inflight: Option<OwnedFd>,
     events: VecDeque<Event>,
 }
 
@@ -101,6 +102,7 @@ impl<const Q: usize, const R: usize> FrontendLink<Q, R> {
             regions,
             kicks,
             calls,
+            inflight: None,
             events: VecDeque::new(),
         })
     }
@@ -115,6 +117,7 @@ impl<const Q: usize, const R: usize> FrontendLink<Q, R> {
             FdRef::Region(i) => self.regions.get(usize::from(i)).map(|f| f.as_fd()),
             FdRef::Kick(q) => self.kicks.get(usize::from(q))?.as_ref().map(|e| e.as_fd()),
             FdRef::Call(q) => self.calls.get(usize::from(q))?.as_ref().map(|e| e.as_fd()),
+            FdRef::Inflight => self.inflight.as_ref().map(|f| f.as_fd()),
             FdRef::BackendChannel => None,
         }
     }
@@ -147,8 +150,11 @@ impl<const Q: usize, const R: usize> FrontendLink<Q, R> {
                     &buf[HEADER_SIZE..HEADER_SIZE + n],
                     rx.fds.len(),
                 )?;
-                // Fds a reply carries (none we use yet) are closed here.
-                drop(rx.fds);
+                // GET_INFLIGHT_FD's area: kept (for every start and the next
+                // connection); any other fd a reply carries is closed.
+                if t.request == FrontendReq::GetInflightFd {
+                    self.inflight = rx.fds.into_iter().next();
+                }
             }
             self.collect_events();
         }
@@ -164,6 +170,24 @@ impl<const Q: usize, const R: usize> FrontendLink<Q, R> {
             }
             self.events.push_back(e);
         }
+    }
+
+    /// Gives the link the inflight area's fd of an earlier connection (with
+    /// [`FrontendConfig::inflight`] naming the area).
+    pub fn set_inflight_fd(&mut self, fd: OwnedFd) {
+        self.inflight = Some(fd);
+    }
+
+    /// A duplicate of the inflight area's fd, to hand to the next
+    /// connection after a reconnect.
+    pub fn inflight_fd(&self) -> Option<OwnedFd> {
+        self.inflight.as_ref().and_then(|f| f.try_clone().ok())
+    }
+
+    /// The socket, to watch for the back-end going away (it becomes
+    /// readable at end of file).
+    pub fn socket(&self) -> BorrowedFd<'_> {
+        self.stream.as_fd()
     }
 
     /// Kicks ring `q` (writes its kick eventfd); false if it has none.

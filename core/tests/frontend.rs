@@ -180,7 +180,14 @@ impl Pair {
                         self.held = Some(out[..n].to_vec());
                         continue;
                     }
-                    self.deliver(&out[..n]);
+                    // The adapter attaches the area it created for
+                    // GET_INFLIGHT_FD to the reply.
+                    let nfds = usize::from(
+                        o.actions
+                            .iter()
+                            .any(|a| matches!(a, Action::CreateInflight { .. })),
+                    );
+                    self.deliver_with(&out[..n], nfds);
                 }
                 BeReply::Pending { queue } => {
                     assert!(t.awaits_reply);
@@ -191,9 +198,13 @@ impl Pair {
     }
 
     fn deliver(&mut self, reply: &[u8]) {
+        self.deliver_with(reply, 0)
+    }
+
+    fn deliver_with(&mut self, reply: &[u8], nfds: usize) {
         let h = Header::parse(reply).unwrap();
         self.fe
-            .handle_reply(&h, &reply[HEADER_SIZE..], 0)
+            .handle_reply(&h, &reply[HEADER_SIZE..], nfds)
             .unwrap_or_else(|e| panic!("front-end refused reply to {}: {e}", h.request));
     }
 
@@ -1081,4 +1092,58 @@ fn second_get_features_must_agree() {
         feed(&mut p, &r, 0),
         Err(FrontendError::FeaturesChanged { .. })
     ));
+}
+
+#[test]
+fn inflight_area_is_asked_once_and_handed_over_at_every_start() {
+    let layout = TestMemory::<8>::new(&[(0, MIB)]).unwrap();
+    let u0 = SplitDriver::new(&layout, 16, 0x1000, false)
+        .unwrap()
+        .user_addrs();
+    let protocol = P::MQ | P::REPLY_ACK | P::INFLIGHT_SHMFD;
+    let cfg = fe_config(
+        protocol,
+        V::VERSION_1 | V::PROTOCOL_FEATURES,
+        &[queue(16, u0, 0)],
+        &[region(0, MIB)],
+    );
+    let mut p = Pair::new(protocol, cfg.clone(), &[(0, MIB)]);
+    p.drive();
+    assert!(p.fe.protocol_features().contains(P::INFLIGHT_SHMFD));
+    p.fe.start().unwrap();
+    p.drive();
+    let codes: Vec<C> = p.sent.iter().map(|s| s.code).collect();
+    let get = codes.iter().position(|c| *c == C::GetInflightFd).unwrap();
+    let set = codes.iter().position(|c| *c == C::SetInflightFd).unwrap();
+    let num = codes.iter().position(|c| *c == C::SetVringNum).unwrap();
+    assert!(get < set && set < num, "{codes:?}");
+    // SET_INFLIGHT_FD carries the area the back-end described, and its fd.
+    let area = p.fe.inflight().expect("an area");
+    assert_eq!(
+        area.mmap_size,
+        vhost_user_core::inflight::area_size(1, 16).unwrap()
+    );
+    assert_eq!((area.num_queues, area.queue_size), (1, 16));
+    assert_eq!(p.sent[set].fds, [FdRef::Inflight]);
+    assert_eq!(p.sent[set].request(), Request::SetInflightFd(area));
+
+    // A restart hands the same area over again, without asking anew.
+    p.stop(0);
+    p.sent.clear();
+    p.fe.start().unwrap();
+    p.drive();
+    let codes: Vec<C> = p.sent.iter().map(|s| s.code).collect();
+    assert!(!codes.contains(&C::GetInflightFd), "{codes:?}");
+    assert!(codes.contains(&C::SetInflightFd), "{codes:?}");
+
+    // A new connection given the area (a reconnect) never asks for one.
+    let mut again = cfg;
+    again.inflight = Some(area);
+    let mut p = Pair::new(protocol, again, &[(0, MIB)]);
+    p.drive();
+    p.fe.start().unwrap();
+    p.drive();
+    let codes: Vec<C> = p.sent.iter().map(|s| s.code).collect();
+    assert!(!codes.contains(&C::GetInflightFd), "{codes:?}");
+    assert!(codes.contains(&C::SetInflightFd), "{codes:?}");
 }

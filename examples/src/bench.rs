@@ -76,6 +76,11 @@ pub struct Options {
     pub verify: bool,
     /// Print a progress line each second (to stderr).
     pub progress: bool,
+    /// Negotiate inflight tracking; when the back-end goes away, reconnect
+    /// (retrying for up to 30 s), replay the handshake, hand the inflight
+    /// area back and restart the rings from their used index, so the
+    /// requests in flight complete.
+    pub reconnect: bool,
 }
 
 /// What a run measured.
@@ -93,6 +98,8 @@ pub struct Report {
     pub kicks: u64,
     /// Calls received (eventfd wake-ups).
     pub calls: u64,
+    /// Reconnections after the back-end went away.
+    pub reconnects: u64,
 }
 
 impl Report {
@@ -142,7 +149,7 @@ impl Report {
     /// The report as JSON.
     pub fn json(&self) -> String {
         format!(
-            "{{\"requests\": {}, \"seconds\": {:.6}, \"iops\": {:.1}, \"mbps\": {:.3}, \"p50_ns\": {}, \"p99_ns\": {}, \"p999_ns\": {}, \"kicks\": {}, \"calls\": {}, \"notifications_per_request\": {:.4}}}\n",
+            "{{\"requests\": {}, \"seconds\": {:.6}, \"iops\": {:.1}, \"mbps\": {:.3}, \"p50_ns\": {}, \"p99_ns\": {}, \"p999_ns\": {}, \"kicks\": {}, \"calls\": {}, \"reconnects\": {}, \"notifications_per_request\": {:.4}}}\n",
             self.requests,
             self.elapsed.as_secs_f64(),
             self.iops(),
@@ -152,6 +159,7 @@ impl Report {
             self.latency_ns[2],
             self.kicks,
             self.calls,
+            self.reconnects,
             self.notifications_per_request()
         )
     }
@@ -183,6 +191,55 @@ fn pattern(seed: u64, block: u64, len: usize) -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+const SOCKET: u64 = 1 << 32;
+
+type Link = FrontendLink<8, 2>;
+
+fn dup(e: &EventFd) -> Result<Option<EventFd>, String> {
+    e.as_fd()
+        .try_clone_to_owned()
+        .map(|f| Some(EventFd::from(f)))
+        .map_err(|e| e.to_string())
+}
+
+/// Connects and runs the init sequence.
+fn open(
+    path: &Path,
+    cfg: FrontendConfig<8, 2>,
+    fds: &[OwnedFd],
+    kicks: &[EventFd],
+    calls: &[EventFd],
+    inflight: Option<OwnedFd>,
+) -> Result<Link, String> {
+    let fds: Vec<OwnedFd> = fds
+        .iter()
+        .map(|f| f.try_clone())
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
+    let kicks = kicks.iter().map(dup).collect::<Result<_, _>>()?;
+    let calls = calls.iter().map(dup).collect::<Result<_, _>>()?;
+    let mut link =
+        FrontendLink::connect(path, cfg, fds, kicks, calls).map_err(|e| e.to_string())?;
+    if let Some(fd) = inflight {
+        link.set_inflight_fd(fd);
+    }
+    link.drive().map_err(|e| e.to_string())?;
+    if link.engine().state() != State::Ready {
+        return Err("the handshake failed".into());
+    }
+    Ok(link)
+}
+
+/// Starts every ring.
+fn start(link: &mut Link) -> Result<(), String> {
+    link.engine().start().map_err(|e| e.to_string())?;
+    link.drive().map_err(|e| e.to_string())?;
+    if link.engine().state() != State::Started {
+        return Err("the rings did not start".into());
+    }
+    Ok(())
 }
 
 /// Runs the load against the vhost-user-blk back-end at `path`.
@@ -232,8 +289,11 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
     if event_idx {
         features |= V::EVENT_IDX;
     }
-    let mut cfg: FrontendConfig<8, 2> =
-        FrontendConfig::new(features, P::MQ | P::REPLY_ACK | P::CONFIG | P::STATUS);
+    let mut protocol = P::MQ | P::REPLY_ACK | P::CONFIG | P::STATUS;
+    if o.reconnect {
+        protocol |= P::INFLIGHT_SHMFD;
+    }
+    let mut cfg: FrontendConfig<8, 2> = FrontendConfig::new(features, protocol);
     for r in &regions {
         let _ = cfg.regions.push(*r);
     }
@@ -255,28 +315,23 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
         });
         drivers.push(d);
     }
-    let kicks: Vec<Option<EventFd>> = (0..q)
-        .map(|_| EventFd::new(true).map(Some))
+    let kick_fds: Vec<EventFd> = (0..q)
+        .map(|_| EventFd::new(true))
         .collect::<Result<_, _>>()
         .map_err(|e| e.to_string())?;
     let calls: Vec<EventFd> = (0..q)
         .map(|_| EventFd::new(true))
         .collect::<Result<_, _>>()
         .map_err(|e| e.to_string())?;
-    let call_dups: Vec<Option<EventFd>> = calls
-        .iter()
-        .map(|c| {
-            c.as_fd()
-                .try_clone_to_owned()
-                .map(|f| Some(EventFd::from(f)))
-        })
-        .collect::<Result<_, _>>()
-        .map_err(|e| e.to_string())?;
-    let mut link =
-        FrontendLink::connect(path, cfg, fds, kicks, call_dups).map_err(|e| e.to_string())?;
-    link.drive().map_err(|e| e.to_string())?;
-    if link.engine().state() != State::Ready {
-        return Err("the handshake failed".into());
+    let base_cfg = cfg.clone();
+    let mut link = open(path, cfg, &fds, &kick_fds, &calls, None)?;
+    if o.reconnect
+        && !link
+            .engine()
+            .protocol_features()
+            .contains(P::INFLIGHT_SHMFD)
+    {
+        return Err("--reconnect needs a back-end that offers INFLIGHT_SHMFD".into());
     }
     if (link.engine().features() & features) != features {
         return Err(format!(
@@ -308,11 +363,7 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
             "the device ({sectors} sectors) is too small for this load"
         ));
     }
-    link.engine().start().map_err(|e| e.to_string())?;
-    link.drive().map_err(|e| e.to_string())?;
-    if link.engine().state() != State::Started {
-        return Err("the rings did not start".into());
-    }
+    start(&mut link)?;
 
     let epoll = Epoll::new().map_err(|e| e.to_string())?;
     for (i, c) in calls.iter().enumerate() {
@@ -320,6 +371,11 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
             .add(c, Interest::READABLE, i as u64)
             .map_err(|e| e.to_string())?;
     }
+    // The socket turns readable (end of file) when the back-end goes away.
+    epoll
+        .add(link.socket(), Interest::READABLE, SOCKET)
+        .map_err(|e| e.to_string())?;
+    let mut gone = false;
     let mut rng = 0x2545_f491_4f6c_dd1du64;
     let mut rand = move || {
         rng ^= rng << 13;
@@ -482,6 +538,48 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
             );
             last_progress = (Instant::now(), rep.requests);
         }
+        if o.poll && o.reconnect && rep.requests % 1024 == 0 {
+            let mut ev = [EpollEvent::default(); 8];
+            let n = epoll.wait(&mut ev, 0).map_err(|e| e.to_string())?;
+            gone |= ev[..n].iter().any(|e| e.token() == SOCKET);
+        }
+        if gone {
+            if !o.reconnect {
+                return Err("the back-end went away".into());
+            }
+            let _ = epoll.delete(link.socket());
+            let area = link.engine().inflight();
+            let area_fd = link.inflight_fd();
+            drop(link);
+            let t = Instant::now();
+            link = loop {
+                let mut cfg = base_cfg.clone();
+                cfg.inflight = area;
+                for (qc, d) in cfg.queues.iter_mut().zip(&drivers) {
+                    // A back-end that died cannot be asked for its base:
+                    // restart from the used index, as QEMU does.
+                    qc.base = u32::from(d.used_idx(&mem).map_err(|e| e.to_string())?);
+                }
+                let fd = area_fd.as_ref().and_then(|f| f.try_clone().ok());
+                match open(path, cfg, &fds, &kick_fds, &calls, fd).and_then(|mut l| {
+                    start(&mut l)?;
+                    Ok(l)
+                }) {
+                    Ok(l) => break l,
+                    Err(e) if t.elapsed() < Duration::from_secs(30) => {
+                        log::debug!("reconnect: {e}");
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(e) => return Err(format!("cannot reconnect: {e}")),
+                }
+            };
+            epoll
+                .add(link.socket(), Interest::READABLE, SOCKET)
+                .map_err(|e| e.to_string())?;
+            rep.reconnects += 1;
+            gone = false;
+            continue;
+        }
         if got == 0 && !o.poll && in_flight > 0 {
             // Ask for a call at the next completion, then look once more
             // before sleeping.
@@ -499,7 +597,9 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
                 let mut ev = [EpollEvent::default(); 8];
                 let n = epoll.wait(&mut ev, 1000).map_err(|e| e.to_string())?;
                 for e in &ev[..n] {
-                    if let Some(c) = calls.get(e.token() as usize) {
+                    if e.token() == SOCKET {
+                        gone = true;
+                    } else if let Some(c) = calls.get(e.token() as usize) {
                         let _ = c.read();
                         rep.calls += 1;
                     }

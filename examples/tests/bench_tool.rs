@@ -150,3 +150,75 @@ fn a_failed_request_fails_the_bench() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("status 1"), "{err}");
 }
+
+/// issue: `vhu bench --verify --reconnect` against our daemon while the
+/// test kills the daemon with SIGKILL twenty times at random moments and
+/// restarts it on the same image. The bench fails on any completion of a
+/// request that is not outstanding (a duplicate), any bad status or verify
+/// mismatch, and never finishes if a request is lost.
+#[test]
+fn kill_9_twenty_times_under_vhu_bench_reconnect() {
+    const REQUESTS: u64 = 4000;
+    const KILLS: usize = 20;
+    // The same image for every daemon (a temporary one would be new each
+    // time).
+    let img = std::env::temp_dir().join(format!("vhu-kill9-{}.img", std::process::id()));
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    let img_arg = img.to_str().unwrap().to_string();
+    let mut d = common::Daemon::start_with(&["--blk-file", &img_arg, "--io-delay-us", "500"]);
+    let mut bench = Command::new(env!("CARGO_BIN_EXE_vhu"))
+        .args(["bench", "--socket-path"])
+        .arg(&d.sock)
+        .args([
+            "--rw",
+            "randrw",
+            "--verify",
+            "--reconnect",
+            "--iodepth",
+            "8",
+            "--json",
+        ])
+        .args(["--requests", &REQUESTS.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    let mut kills = 0;
+    while kills < KILLS {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        std::thread::sleep(Duration::from_millis(20 + seed % 120));
+        if bench.try_wait().unwrap().is_some() {
+            break;
+        }
+        d.kill_and_restart();
+        kills += 1;
+    }
+    let t0 = Instant::now();
+    while bench.try_wait().unwrap().is_none() {
+        if t0.elapsed() > Duration::from_secs(120) {
+            let _ = bench.kill();
+            panic!("vhu bench never finished: a request was lost");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = bench.wait_with_output().unwrap();
+    let s = ok(out, REQUESTS);
+    println!("kills {kills}: {s}");
+    assert_eq!(kills, KILLS, "the bench finished before every kill: {s}");
+    assert!(!s.contains("\"reconnects\": 0,"), "{s}");
+    let log = std::fs::read_to_string(d.dir.join("daemon.log")).unwrap();
+    assert!(
+        log.contains("resubmitting"),
+        "no restart found requests in flight"
+    );
+}

@@ -52,9 +52,9 @@ use heapless::{Deque, Vec};
 use crate::feature::{select_protocol, select_virtio, ProtocolFeatures, VirtioFeatures};
 use crate::memory::MemoryTable;
 use crate::message::{
-    ConfigMsg, ConfigWriteKind, FrontendReq, Header, MemRegionMsg, MemTable, ParseOptions, Reply,
-    Request, VringAddrMsg, VringFdMsg, VringStateMsg, WireError, HEADER_SIZE, MAX_CONFIG_SIZE,
-    MAX_FDS, MAX_MEM_REGIONS, MAX_QUEUES,
+    ConfigMsg, ConfigWriteKind, FrontendReq, Header, InflightMsg, MemRegionMsg, MemTable,
+    ParseOptions, Reply, Request, VringAddrMsg, VringFdMsg, VringStateMsg, WireError, HEADER_SIZE,
+    MAX_CONFIG_SIZE, MAX_FDS, MAX_MEM_REGIONS, MAX_QUEUES,
 };
 use crate::vring::{RingAddrs, MAX_QUEUE_SIZE};
 
@@ -74,7 +74,8 @@ pub const SUPPORTED_PROTOCOL_FEATURES: ProtocolFeatures = ProtocolFeatures::MQ
     .union(ProtocolFeatures::BACKEND_REQ)
     .union(ProtocolFeatures::CONFIG)
     .union(ProtocolFeatures::CONFIGURE_MEM_SLOTS)
-    .union(ProtocolFeatures::STATUS);
+    .union(ProtocolFeatures::STATUS)
+    .union(ProtocolFeatures::INFLIGHT_SHMFD);
 
 /// Virtio device status bits sent with SET_STATUS.
 pub mod status {
@@ -143,6 +144,11 @@ pub struct FrontendConfig<const Q: usize = DEFAULT_QUEUES, const R: usize = DEFA
     pub queues: Vec<QueueConfig, Q>,
     /// Guest memory regions; [`FdRef::Region`] names an index of this list.
     pub regions: Vec<MemRegionMsg, R>,
+    /// With INFLIGHT_SHMFD negotiated: the inflight area of an earlier
+    /// connection to hand back (after a reconnect), or `None` to ask the
+    /// back-end for one with GET_INFLIGHT_FD at the first start. Either way
+    /// every start sends SET_INFLIGHT_FD with [`FdRef::Inflight`].
+    pub inflight: Option<InflightMsg>,
 }
 
 impl<const Q: usize, const R: usize> FrontendConfig<Q, R> {
@@ -154,6 +160,7 @@ impl<const Q: usize, const R: usize> FrontendConfig<Q, R> {
             protocol_features,
             queues: Vec::new(),
             regions: Vec::new(),
+            inflight: None,
         }
     }
 
@@ -185,6 +192,9 @@ pub enum FdRef {
     Call(u16),
     /// The front-end's end of the back-end channel (SET_BACKEND_REQ_FD).
     BackendChannel,
+    /// The inflight area's fd (from GET_INFLIGHT_FD's reply, kept by the
+    /// adapter across reconnects).
+    Inflight,
 }
 
 /// A message to send.
@@ -320,6 +330,8 @@ enum Step {
     GetBase(u16),
     ResetStatus,
     GetConfig { offset: u32, len: u32 },
+    GetInflight,
+    SetInflight,
 }
 
 const INIT_ORDER: [Step; 8] = [
@@ -357,6 +369,8 @@ impl Step {
             Step::Enable(_) | Step::Disable(_) => C::SetVringEnable,
             Step::GetBase(_) => C::GetVringBase,
             Step::GetConfig { .. } => C::GetConfig,
+            Step::GetInflight => C::GetInflightFd,
+            Step::SetInflight => C::SetInflightFd,
         }
     }
 }
@@ -400,6 +414,8 @@ pub struct Frontend<const Q: usize = DEFAULT_QUEUES, const R: usize = DEFAULT_RE
     installed: Vec<MemRegionMsg, R>,
     /// Per ring: the base the next start sends.
     bases: Vec<u32, Q>,
+    /// The inflight area (from the config, or GET_INFLIGHT_FD).
+    inflight: Option<InflightMsg>,
     events: Deque<Event, EVENT_CAPACITY>,
 }
 
@@ -429,6 +445,7 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
             // Same capacity as `config.queues`.
             let _ = bases.push(q.base);
         }
+        let inflight = config.inflight;
         Ok(Frontend {
             config,
             state: State::Initializing,
@@ -440,6 +457,7 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
             protocol: ProtocolFeatures::empty(),
             installed: Vec::new(),
             bases,
+            inflight,
             events: Deque::new(),
         })
     }
@@ -826,6 +844,17 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
                 enable: false,
             },
             Step::GetBase(q) => Request::GetVringBase(q.into()),
+            Step::GetInflight => Request::GetInflightFd(InflightMsg {
+                mmap_size: 0,
+                mmap_offset: 0,
+                num_queues: self.num_queues(),
+                queue_size: self.queue(0).size,
+            }),
+            Step::SetInflight => match self.inflight {
+                Some(m) => Request::SetInflightFd(m),
+                // inflight_step only picks SetInflight with an area.
+                None => return Err(WireError::BadValue(0)),
+            },
             Step::GetConfig { offset, len } => Request::GetConfig(ConfigMsg {
                 offset,
                 kind: ConfigWriteKind::Frontend,
@@ -849,6 +878,7 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
             }
             Step::AddRegion(i) => add(FdRef::Region(i)),
             Step::SetBackendReqFd => add(FdRef::BackendChannel),
+            Step::SetInflight => add(FdRef::Inflight),
             Step::VringKick(q) if self.queue(q).kick == NotifyMode::Eventfd => add(FdRef::Kick(q)),
             Step::VringCall(q) if self.queue(q).call == NotifyMode::Eventfd => add(FdRef::Call(q)),
             _ => {}
@@ -897,6 +927,18 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
                     len: c.data.len() as u32,
                 })?;
                 self.push_event(Event::Config { offset, data });
+                None
+            }
+            Reply::Inflight(m) => {
+                if step != Step::GetInflight {
+                    return Err(FrontendError::UnexpectedPayload(code));
+                }
+                // mmap_size 0: the back-end has no area for us.
+                self.inflight = (m.mmap_size != 0).then_some(InflightMsg {
+                    num_queues: self.num_queues(),
+                    queue_size: self.queue(0).size,
+                    ..m
+                });
                 None
             }
             Reply::ConfigFailed => {
@@ -1052,6 +1094,24 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
         }
     }
 
+    /// The inflight message a start sends after the memory, if any.
+    fn inflight_step(&self) -> Option<Step> {
+        if !self.protocol.contains(ProtocolFeatures::INFLIGHT_SHMFD) {
+            return None;
+        }
+        Some(if self.inflight.is_some() {
+            Step::SetInflight
+        } else {
+            Step::GetInflight
+        })
+    }
+
+    /// The inflight area in use (to hand to the next connection after a
+    /// reconnect, with its fd).
+    pub fn inflight(&self) -> Option<InflightMsg> {
+        self.inflight
+    }
+
     /// The memory message the back-end still needs, if any.
     fn memory_step(&self) -> Option<Step> {
         let wanted = &self.config.regions;
@@ -1094,7 +1154,12 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
                 | Step::FeaturesOk
                 | Step::MemTable
                 | Step::RemRegion(_)
-                | Step::AddRegion(_) => self.memory_step().or(Some(Step::VringNum(0))),
+                | Step::AddRegion(_) => self
+                    .memory_step()
+                    .or_else(|| self.inflight_step())
+                    .or(Some(Step::VringNum(0))),
+                Step::GetInflight if self.inflight.is_some() => Some(Step::SetInflight),
+                Step::GetInflight | Step::SetInflight => Some(Step::VringNum(0)),
                 Step::VringNum(q) => Some(Step::VringBase(q)),
                 Step::VringBase(q) => Some(Step::VringAddr(q)),
                 Step::VringAddr(q) => Some(Step::VringKick(q)),

@@ -17,12 +17,14 @@ const USAGE: &str = "\
 usage: vhu probe --socket-path PATH [--json]
        vhu bench --socket-path PATH [--rw read|write|randread|randwrite|randrw]
                  [--bs 4096] [--iodepth 1] [--queues 1]
-                 [--runtime SECONDS | --requests N] [--poll] [--verify] [--json]
+                 [--runtime SECONDS | --requests N] [--poll] [--verify]
+                 [--reconnect] [--json]
 
   probe    connect to a vhost-user back-end and print its features,
            protocol features, queue count, memory slots and config space
   bench    load a vhost-user-blk back-end and report IOPS, MB/s, latency
-           percentiles and notifications per request
+           percentiles and notifications per request; --reconnect survives
+           the back-end's restarts through its inflight area
 ";
 
 fn main() -> ExitCode {
@@ -38,7 +40,7 @@ fn main() -> ExitCode {
 fn run() -> Result<(), String> {
     let args = Args::parse(
         std::env::args().skip(1),
-        &["json", "help", "poll", "verify"],
+        &["json", "help", "poll", "verify", "reconnect"],
     )?;
     if args.flag("help") {
         print!("{USAGE}");
@@ -76,6 +78,7 @@ fn run() -> Result<(), String> {
                 "verify",
                 "json",
                 "help",
+                "reconnect",
             ])?;
             let path = args
                 .get("socket-path")
@@ -104,6 +107,7 @@ fn run() -> Result<(), String> {
                 poll: args.flag("poll"),
                 verify: args.flag("verify"),
                 progress: !args.flag("json"),
+                reconnect: args.flag("reconnect"),
             };
             let r = vhu_examples::bench::run(Path::new(path), &o)?;
             if args.flag("json") {
