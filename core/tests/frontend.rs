@@ -1147,3 +1147,44 @@ fn inflight_area_is_asked_once_and_handed_over_at_every_start() {
     assert!(!codes.contains(&C::GetInflightFd), "{codes:?}");
     assert!(codes.contains(&C::SetInflightFd), "{codes:?}");
 }
+
+#[test]
+fn suspending_stop_uses_bit_20_or_message_45() {
+    let layout = TestMemory::<8>::new(&[(0, MIB)]).unwrap();
+    let u0 = SplitDriver::new(&layout, 16, 0x1000, false)
+        .unwrap()
+        .user_addrs();
+    let run = |protocol: P| -> Result<Vec<C>, FrontendError> {
+        let cfg = fe_config(
+            protocol,
+            V::VERSION_1 | V::PROTOCOL_FEATURES,
+            &[queue(16, u0, 0)],
+            &[region(0, MIB)],
+        );
+        let mut p = Pair::new(protocol, cfg, &[(0, MIB)]);
+        p.drive();
+        p.fe.start().unwrap();
+        p.drive();
+        p.sent.clear();
+        p.fe.stop_suspending()?;
+        loop {
+            p.drive();
+            if p.pending.is_none() {
+                break;
+            }
+            p.finish_stop(0);
+        }
+        assert_eq!(p.fe.state(), State::Stopped);
+        Ok(p.sent.iter().map(|s| s.code).collect())
+    };
+    let base = P::MQ | P::REPLY_ACK | P::INFLIGHT_SHMFD;
+    // Bit 20: GET_VRING_BASE suspends.
+    let codes = run(base | P::GET_VRING_BASE_INFLIGHT).unwrap();
+    assert!(codes.contains(&C::GetVringBase), "{codes:?}");
+    // Bits 20 and 23: message 45.
+    let codes = run(base | P::GET_VRING_BASE_INFLIGHT | P::GET_VRING_BASE_SKIP_DRAIN).unwrap();
+    assert!(codes.contains(&C::GetVringBaseSkipDrain), "{codes:?}");
+    assert!(!codes.contains(&C::GetVringBase), "{codes:?}");
+    // Without bit 20 there is no suspending stop.
+    assert!(matches!(run(base), Err(FrontendError::Unsupported(_))));
+}

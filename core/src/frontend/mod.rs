@@ -75,7 +75,9 @@ pub const SUPPORTED_PROTOCOL_FEATURES: ProtocolFeatures = ProtocolFeatures::MQ
     .union(ProtocolFeatures::CONFIG)
     .union(ProtocolFeatures::CONFIGURE_MEM_SLOTS)
     .union(ProtocolFeatures::STATUS)
-    .union(ProtocolFeatures::INFLIGHT_SHMFD);
+    .union(ProtocolFeatures::INFLIGHT_SHMFD)
+    .union(ProtocolFeatures::GET_VRING_BASE_INFLIGHT)
+    .union(ProtocolFeatures::GET_VRING_BASE_SKIP_DRAIN);
 
 /// Virtio device status bits sent with SET_STATUS.
 pub mod status {
@@ -329,9 +331,14 @@ enum Step {
     Disable(u16),
     GetBase(u16),
     ResetStatus,
-    GetConfig { offset: u32, len: u32 },
+    GetConfig {
+        offset: u32,
+        len: u32,
+    },
     GetInflight,
     SetInflight,
+    /// GET_VRING_BASE_SKIP_DRAIN (message 45).
+    GetBaseNoDrain(u16),
 }
 
 const INIT_ORDER: [Step; 8] = [
@@ -368,6 +375,7 @@ impl Step {
             Step::VringCall(_) => C::SetVringCall,
             Step::Enable(_) | Step::Disable(_) => C::SetVringEnable,
             Step::GetBase(_) => C::GetVringBase,
+            Step::GetBaseNoDrain(_) => C::GetVringBaseSkipDrain,
             Step::GetConfig { .. } => C::GetConfig,
             Step::GetInflight => C::GetInflightFd,
             Step::SetInflight => C::SetInflightFd,
@@ -416,6 +424,8 @@ pub struct Frontend<const Q: usize = DEFAULT_QUEUES, const R: usize = DEFAULT_RE
     bases: Vec<u32, Q>,
     /// The inflight area (from the config, or GET_INFLIGHT_FD).
     inflight: Option<InflightMsg>,
+    /// The stop in progress uses message 45.
+    no_drain: bool,
     events: Deque<Event, EVENT_CAPACITY>,
 }
 
@@ -458,6 +468,7 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
             installed: Vec::new(),
             bases,
             inflight,
+            no_drain: false,
             events: Deque::new(),
         })
     }
@@ -625,15 +636,44 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
     ///
     /// Allowed in [`State::Started`] when no other flow runs.
     pub fn stop(&mut self) -> Result<(), FrontendError> {
+        self.stop_with(false)
+    }
+
+    /// Stops every ring without waiting for the requests in flight: they
+    /// stay recorded in the inflight area and the back-end resubmits them at
+    /// the next start. Needs GET_VRING_BASE_INFLIGHT negotiated (then
+    /// GET_VRING_BASE suspends; with GET_VRING_BASE_SKIP_DRAIN also
+    /// negotiated, message 45 is sent instead) and an inflight area.
+    pub fn stop_suspending(&mut self) -> Result<(), FrontendError> {
+        let p = ProtocolFeatures::GET_VRING_BASE_INFLIGHT;
+        if !self.protocol.contains(p) || self.inflight.is_none() {
+            return Err(FrontendError::Unsupported(p.bits()));
+        }
+        self.stop_with(true)
+    }
+
+    fn stop_with(&mut self, suspend: bool) -> Result<(), FrontendError> {
         self.check_command(&[State::Started])?;
         self.state = State::Stopping;
+        self.no_drain = suspend
+            && self
+                .protocol
+                .contains(ProtocolFeatures::GET_VRING_BASE_SKIP_DRAIN);
         let first = if self.bit30() {
             Step::Disable(0)
         } else {
-            Step::GetBase(0)
+            self.get_base(0)
         };
         self.begin(Flow::Stop, Some(first));
         Ok(())
+    }
+
+    fn get_base(&self, q: u16) -> Step {
+        if self.no_drain {
+            Step::GetBaseNoDrain(q)
+        } else {
+            Step::GetBase(q)
+        }
     }
 
     /// Reads `len` bytes of config space at `offset` (GET_CONFIG);
@@ -844,6 +884,7 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
                 enable: false,
             },
             Step::GetBase(q) => Request::GetVringBase(q.into()),
+            Step::GetBaseNoDrain(q) => Request::GetVringBaseSkipDrain(q.into()),
             Step::GetInflight => Request::GetInflightFd(InflightMsg {
                 mmap_size: 0,
                 mmap_offset: 0,
@@ -892,7 +933,7 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
         let value = match reply {
             Reply::U64(v) => Some(v),
             Reply::VringState { index, num } => {
-                let Step::GetBase(q) = step else {
+                let (Step::GetBase(q) | Step::GetBaseNoDrain(q)) = step else {
                     return Err(FrontendError::UnexpectedPayload(code));
                 };
                 if index != u32::from(q) {
@@ -989,7 +1030,7 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
                 }
             }
             Step::GetMaxMemSlots => self.info.max_mem_slots = Some(v),
-            Step::GetBase(_) | Step::GetConfig { .. } => {
+            Step::GetBase(_) | Step::GetBaseNoDrain(_) | Step::GetConfig { .. } => {
                 return Err(FrontendError::UnexpectedPayload(code))
             }
             // Everything else we only send without a reply of its own: this
@@ -1172,9 +1213,13 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
             },
             Flow::Stop => match done {
                 Step::Disable(q) if q + 1 < n => Some(Step::Disable(q + 1)),
-                Step::Disable(_) => Some(Step::GetBase(0)),
-                Step::GetBase(q) if q + 1 < n => Some(Step::GetBase(q + 1)),
-                Step::GetBase(_) => Some(Step::ResetStatus).filter(|s| self.applies(*s)),
+                Step::Disable(_) => Some(self.get_base(0)),
+                Step::GetBase(q) | Step::GetBaseNoDrain(q) if q + 1 < n => {
+                    Some(self.get_base(q + 1))
+                }
+                Step::GetBase(_) | Step::GetBaseNoDrain(_) => {
+                    Some(Step::ResetStatus).filter(|s| self.applies(*s))
+                }
                 _ => None,
             },
             Flow::Memory => self.memory_step(),
