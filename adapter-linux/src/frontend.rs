@@ -172,6 +172,54 @@ impl<const Q: usize, const R: usize> FrontendLink<Q, R> {
         }
     }
 
+    /// After the back-end went away: connects to `path` again (retrying
+    /// until `timeout`), replays the init with the same configuration,
+    /// hands the inflight area back (SET_INFLIGHT_FD with the fd kept from
+    /// GET_INFLIGHT_FD) and restarts every ring from `bases` (for split
+    /// rings the used index: a dead back-end cannot be asked for its base).
+    /// The back-end resubmits what the area records as in flight.
+    pub fn reconnect(
+        &mut self,
+        path: impl AsRef<Path>,
+        bases: &[u32],
+        timeout: Duration,
+    ) -> Result<(), LinkError> {
+        let mut cfg = self.fe.config().clone();
+        cfg.inflight = self.fe.inflight();
+        for (q, b) in cfg.queues.iter_mut().zip(bases) {
+            q.base = *b;
+        }
+        let t0 = std::time::Instant::now();
+        loop {
+            match self.try_reconnect(path.as_ref(), cfg.clone()) {
+                Ok(()) => return Ok(()),
+                Err(e) if t0.elapsed() >= timeout => return Err(e),
+                Err(e) => {
+                    log::debug!("reconnect: {e}");
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+    }
+
+    fn try_reconnect(&mut self, path: &Path, cfg: FrontendConfig<Q, R>) -> Result<(), LinkError> {
+        let stream = Stream::connect(path)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        self.stream = stream;
+        self.fe = Frontend::new(cfg)?;
+        self.events.clear();
+        self.drive()?;
+        if self.fe.state() != State::Ready {
+            return Err(LinkError::Engine(FrontendError::Failed));
+        }
+        self.fe.start()?;
+        self.drive()?;
+        if self.fe.state() != State::Started {
+            return Err(LinkError::Engine(FrontendError::Failed));
+        }
+        Ok(())
+    }
+
     /// Gives the link the inflight area's fd of an earlier connection (with
     /// [`FrontendConfig::inflight`] naming the area).
     pub fn set_inflight_fd(&mut self, fd: OwnedFd) {

@@ -211,7 +211,6 @@ fn open(
     fds: &[OwnedFd],
     kicks: &[EventFd],
     calls: &[EventFd],
-    inflight: Option<OwnedFd>,
 ) -> Result<Link, String> {
     let fds: Vec<OwnedFd> = fds
         .iter()
@@ -222,9 +221,6 @@ fn open(
     let calls = calls.iter().map(dup).collect::<Result<_, _>>()?;
     let mut link =
         FrontendLink::connect(path, cfg, fds, kicks, calls).map_err(|e| e.to_string())?;
-    if let Some(fd) = inflight {
-        link.set_inflight_fd(fd);
-    }
     link.drive().map_err(|e| e.to_string())?;
     if link.engine().state() != State::Ready {
         return Err("the handshake failed".into());
@@ -323,8 +319,7 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
         .map(|_| EventFd::new(true))
         .collect::<Result<_, _>>()
         .map_err(|e| e.to_string())?;
-    let base_cfg = cfg.clone();
-    let mut link = open(path, cfg, &fds, &kick_fds, &calls, None)?;
+    let mut link = open(path, cfg, &fds, &kick_fds, &calls)?;
     if o.reconnect
         && !link
             .engine()
@@ -548,31 +543,15 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
                 return Err("the back-end went away".into());
             }
             let _ = epoll.delete(link.socket());
-            let area = link.engine().inflight();
-            let area_fd = link.inflight_fd();
-            drop(link);
-            let t = Instant::now();
-            link = loop {
-                let mut cfg = base_cfg.clone();
-                cfg.inflight = area;
-                for (qc, d) in cfg.queues.iter_mut().zip(&drivers) {
-                    // A back-end that died cannot be asked for its base:
-                    // restart from the used index, as QEMU does.
-                    qc.base = u32::from(d.used_idx(&mem).map_err(|e| e.to_string())?);
-                }
-                let fd = area_fd.as_ref().and_then(|f| f.try_clone().ok());
-                match open(path, cfg, &fds, &kick_fds, &calls, fd).and_then(|mut l| {
-                    start(&mut l)?;
-                    Ok(l)
-                }) {
-                    Ok(l) => break l,
-                    Err(e) if t.elapsed() < Duration::from_secs(30) => {
-                        log::debug!("reconnect: {e}");
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    Err(e) => return Err(format!("cannot reconnect: {e}")),
-                }
-            };
+            // A back-end that died cannot be asked for its base: restart
+            // from the used index, as QEMU does.
+            let bases = drivers
+                .iter()
+                .map(|d| d.used_idx(&mem).map(u32::from))
+                .collect::<Result<Vec<u32>, _>>()
+                .map_err(|e| e.to_string())?;
+            link.reconnect(path, &bases, Duration::from_secs(30))
+                .map_err(|e| format!("cannot reconnect: {e}"))?;
             epoll
                 .add(link.socket(), Interest::READABLE, SOCKET)
                 .map_err(|e| e.to_string())?;
