@@ -254,9 +254,10 @@ impl<const Q: usize, const R: usize> FrontendLink<Q, R> {
 
 impl FrontendLink<1, 1> {
     /// Probes the back-end at `path`: its features, protocol features,
-    /// queue count, memory slots and (with CONFIG) `config_len` bytes of
-    /// config space.
-    pub fn probe(path: impl AsRef<Path>, config_len: u32) -> Result<Probe, LinkError> {
+    /// queue count, memory slots and (with CONFIG) its config space: the
+    /// first of `config_lens` the back-end answers (one connection: some
+    /// back-ends serve a single front-end and exit).
+    pub fn probe(path: impl AsRef<Path>, config_lens: &[u32]) -> Result<Probe, LinkError> {
         let mut link = FrontendLink::<1, 1>::connect(
             path,
             FrontendConfig::probe(),
@@ -273,8 +274,11 @@ impl FrontendLink<1, 1> {
         let offered_config = info
             .protocol_features
             .is_some_and(|p| p.contains(vhost_user_core::feature::ProtocolFeatures::CONFIG));
-        if offered_config && config_len > 0 {
-            link.fe.read_config(0, config_len)?;
+        for &len in config_lens.iter().filter(|_| offered_config) {
+            if len == 0 || !config.is_empty() {
+                continue;
+            }
+            link.fe.read_config(0, len)?;
             match link.drive() {
                 Ok(()) => {
                     for e in link.take_events() {
@@ -284,7 +288,7 @@ impl FrontendLink<1, 1> {
                     }
                 }
                 // A refused read leaves the probe's other answers valid.
-                Err(LinkError::Engine(_)) => {}
+                Err(LinkError::Engine(_)) => break,
                 Err(e) => return Err(e),
             }
         }

@@ -54,10 +54,7 @@ fn run() -> Result<(), String> {
                 .ok_or_else(|| format!("--socket-path is required\n{USAGE}"))?;
             // The virtio-blk config space is 60 bytes; some back-ends expose
             // a shorter one (up to write_zeroes_may_unmap, 57 bytes).
-            let mut probe = FrontendLink::probe(path, 60).map_err(|e| format!("{path}: {e}"))?;
-            if probe.config.is_empty() {
-                probe = FrontendLink::probe(path, 57).map_err(|e| format!("{path}: {e}"))?;
-            }
+            let probe = FrontendLink::probe(path, &[60, 57]).map_err(|e| format!("{path}: {e}"))?;
             if args.flag("json") {
                 print!("{}", json(&probe));
             } else {
