@@ -17,7 +17,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
 use std::collections::VecDeque;
@@ -88,6 +88,10 @@ pub struct RuntimeOptions {
     pub batch: usize,
     /// Sleep between polls of a ring in polling mode (no kick fd).
     pub poll_interval: Duration,
+    /// How long a worker that ran out of requests keeps polling its ring
+    /// before it sleeps on the kick fd (QEMU's event loop does the same):
+    /// a wake-up costs more than a short spin on a busy ring.
+    pub spin: Duration,
 }
 
 impl Default for RuntimeOptions {
@@ -95,6 +99,7 @@ impl Default for RuntimeOptions {
         RuntimeOptions {
             batch: 64,
             poll_interval: Duration::from_micros(50),
+            spin: Duration::from_micros(50),
         }
     }
 }
@@ -630,12 +635,12 @@ fn run_ring<D: QueueDevice>(
             }
         }
         let mut idle = broken;
+        let mut paused = false;
         if !broken {
             let mem = memory.read().unwrap_or_else(PoisonError::into_inner);
             // A disabled ring is paused (unless the device consumes it):
             // sleep until SET_VRING_ENABLE wakes us.
-            let paused =
-                !shared.enabled.load(Ordering::Acquire) && !device.consume_while_disabled();
+            paused = !shared.enabled.load(Ordering::Acquire) && !device.consume_while_disabled();
             match w.drain(&mut ring, device, &mem, shared, options) {
                 Ok(_) if paused => idle = true,
                 Ok(more) => {
@@ -650,6 +655,29 @@ fn run_ring<D: QueueDevice>(
                     broken = true;
                     idle = true;
                 }
+            }
+        }
+        if idle && !broken && !paused && !options.spin.is_zero() {
+            // Poll a little before sleeping (notifications stay armed, so
+            // a kick meanwhile is only a spurious wake-up later).
+            let deadline = Instant::now() + options.spin;
+            let done = shared.counters.completed.load(Ordering::Relaxed);
+            while idle && Instant::now() < deadline {
+                if shared.stop.load(Ordering::Acquire)
+                    || shared.remap_pending.load(Ordering::Acquire)
+                {
+                    idle = false;
+                    break;
+                }
+                let mem = memory.read().unwrap_or_else(PoisonError::into_inner);
+                if w.drain(&mut ring, device, &mem, shared, options).is_err() {
+                    // Reported by the next round of the main loop.
+                    idle = false;
+                }
+                if shared.counters.completed.load(Ordering::Relaxed) != done {
+                    idle = false;
+                }
+                std::hint::spin_loop();
             }
         }
         if idle {
