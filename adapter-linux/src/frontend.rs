@@ -13,6 +13,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::time::Duration;
 
+use vhost_user_core::feature::ProtocolFeatures;
 use vhost_user_core::frontend::{
     BackendInfo, Event, FdRef, Frontend, FrontendConfig, FrontendError, State, DEFAULT_QUEUES,
     DEFAULT_REGIONS,
@@ -29,6 +30,9 @@ pub enum LinkError {
     Io(io::Error),
     /// The back-end closed the connection.
     Closed,
+    /// The back-end did not answer `request` within the reply timeout
+    /// ([`FrontendLink::set_reply_timeout`], default [`REPLY_TIMEOUT`]).
+    Timeout(FrontendReq),
     /// The engine refused a reply (or was used wrongly).
     Engine(FrontendError),
     /// The engine named an fd the link does not have.
@@ -40,6 +44,7 @@ impl fmt::Display for LinkError {
         match self {
             LinkError::Io(e) => write!(f, "socket: {e}"),
             LinkError::Closed => f.write_str("the back-end closed the connection"),
+            LinkError::Timeout(r) => write!(f, "the back-end did not answer {r:?} in time"),
             LinkError::Engine(e) => write!(f, "{e}"),
             LinkError::MissingFd(r) => write!(f, "no fd for {r:?}"),
         }
@@ -59,6 +64,11 @@ impl From<FrontendError> for LinkError {
         LinkError::Engine(e)
     }
 }
+
+/// How long the link waits for a reply before failing with
+/// [`LinkError::Timeout`] (a back-end that never answers is an error, not a
+/// hang).
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a probe found.
 #[derive(Clone, Debug)]
@@ -80,12 +90,17 @@ pub struct FrontendLink<const Q: usize = DEFAULT_QUEUES, const R: usize = DEFAUL
     calls: Vec<Option<EventFd>>,
     inflight: Option<OwnedFd>,
     events: VecDeque<Event>,
+    reply_timeout: Duration,
 }
 
 impl<const Q: usize, const R: usize> FrontendLink<Q, R> {
     /// Connects to `path` with `config`. `regions[i]` backs
     /// `config.regions[i]`; `kicks[q]`/`calls[q]` are ring `q`'s notifiers
     /// (`None` in polling mode).
+    ///
+    /// The link serves no back-end channel: a config that wants
+    /// BACKEND_REQ is refused ([`FrontendError::Unsupported`]) before
+    /// connecting.
     pub fn connect(
         path: impl AsRef<Path>,
         config: FrontendConfig<Q, R>,
@@ -93,9 +108,14 @@ impl<const Q: usize, const R: usize> FrontendLink<Q, R> {
         kicks: Vec<Option<EventFd>>,
         calls: Vec<Option<EventFd>>,
     ) -> Result<Self, LinkError> {
+        let backend_req = ProtocolFeatures::BACKEND_REQ;
+        if config.protocol_features.contains(backend_req) {
+            return Err(LinkError::Engine(FrontendError::Unsupported(
+                backend_req.bits(),
+            )));
+        }
         let stream = Stream::connect(path)?;
-        // A back-end that never answers is an error, not a hang.
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.set_read_timeout(Some(REPLY_TIMEOUT))?;
         Ok(FrontendLink {
             stream,
             fe: Frontend::new(config)?,
@@ -104,7 +124,16 @@ impl<const Q: usize, const R: usize> FrontendLink<Q, R> {
             calls,
             inflight: None,
             events: VecDeque::new(),
+            reply_timeout: REPLY_TIMEOUT,
         })
+    }
+
+    /// Sets how long [`drive`](Self::drive) waits for each reply (default
+    /// [`REPLY_TIMEOUT`]); kept across [`reconnect`](Self::reconnect).
+    pub fn set_reply_timeout(&mut self, timeout: Duration) -> Result<(), LinkError> {
+        self.stream.set_read_timeout(Some(timeout))?;
+        self.reply_timeout = timeout;
+        Ok(())
     }
 
     /// The engine (for commands: start, stop, read_config, set_memory).
@@ -140,10 +169,19 @@ impl<const Q: usize, const R: usize> FrontendLink<Q, R> {
             self.stream.send_message(&out[..t.len], &fds)?;
             drop(fds);
             if t.awaits_reply {
-                let rx = self
-                    .stream
-                    .recv_message(&mut buf)?
-                    .ok_or(LinkError::Closed)?;
+                let rx = match self.stream.recv_message(&mut buf) {
+                    Ok(Some(rx)) => rx,
+                    Ok(None) => return Err(LinkError::Closed),
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        return Err(LinkError::Timeout(t.request))
+                    }
+                    Err(e) => return Err(e.into()),
+                };
                 let n = rx.header.size as usize;
                 self.fe.handle_reply(
                     &rx.header,
@@ -204,7 +242,7 @@ impl<const Q: usize, const R: usize> FrontendLink<Q, R> {
 
     fn try_reconnect(&mut self, path: &Path, cfg: FrontendConfig<Q, R>) -> Result<(), LinkError> {
         let stream = Stream::connect(path)?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.set_read_timeout(Some(self.reply_timeout))?;
         self.stream = stream;
         self.fe = Frontend::new(cfg)?;
         self.events.clear();
@@ -273,7 +311,7 @@ impl FrontendLink<1, 1> {
         let mut config = Vec::new();
         let offered_config = info
             .protocol_features
-            .is_some_and(|p| p.contains(vhost_user_core::feature::ProtocolFeatures::CONFIG));
+            .is_some_and(|p| p.contains(ProtocolFeatures::CONFIG));
         for &len in config_lens.iter().filter(|_| offered_config) {
             if len == 0 || !config.is_empty() {
                 continue;
@@ -293,5 +331,155 @@ impl FrontendLink<1, 1> {
             }
         }
         Ok(Probe { info, config })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixListener;
+    use std::path::PathBuf;
+
+    use super::*;
+
+    /// A fake back-end on a fresh socket: `serve` gets the accepted
+    /// connection.
+    fn backend(
+        tag: &str,
+        serve: impl FnOnce(std::os::unix::net::UnixStream) + Send + 'static,
+    ) -> (PathBuf, std::thread::JoinHandle<()>) {
+        let dir = std::env::temp_dir().join(format!(
+            "vhu-link-{tag}-{}-{:?}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let l = UnixListener::bind(&path).unwrap();
+        let h = std::thread::spawn(move || {
+            let (c, _) = l.accept().unwrap();
+            serve(c);
+            let _ = std::fs::remove_dir_all(dir);
+        });
+        (path, h)
+    }
+
+    fn link(path: &Path) -> FrontendLink<1, 1> {
+        FrontendLink::connect(
+            path,
+            FrontendConfig::probe(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        )
+        .unwrap()
+    }
+
+    /// Reads one request header and its payload; returns the request id.
+    fn read_request(c: &mut std::os::unix::net::UnixStream) -> u32 {
+        let mut h = [0u8; HEADER_SIZE];
+        c.read_exact(&mut h).unwrap();
+        let size = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
+        let mut p = vec![0u8; size as usize];
+        c.read_exact(&mut p).unwrap();
+        u32::from_le_bytes([h[0], h[1], h[2], h[3]])
+    }
+
+    fn reply(request: u32, flags: u32, payload: &[u8]) -> Vec<u8> {
+        let mut m = Vec::new();
+        m.extend_from_slice(&request.to_le_bytes());
+        m.extend_from_slice(&flags.to_le_bytes());
+        m.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        m.extend_from_slice(payload);
+        m
+    }
+
+    #[test]
+    fn a_silent_back_end_is_a_timeout() {
+        let (path, h) = backend("silent", |mut c| {
+            read_request(&mut c);
+            // Hold the connection open without answering.
+            let mut b = [0u8; 1];
+            let _ = c.read(&mut b);
+        });
+        let mut l = link(&path);
+        l.set_reply_timeout(Duration::from_millis(100)).unwrap();
+        let t0 = std::time::Instant::now();
+        let e = l.drive().unwrap_err();
+        assert!(
+            matches!(e, LinkError::Timeout(FrontendReq::GetFeatures)),
+            "{e}"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        drop(l);
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn a_back_end_channel_is_refused_before_connecting() {
+        let mut cfg: FrontendConfig<1, 1> = FrontendConfig::probe();
+        cfg.protocol_features |= ProtocolFeatures::BACKEND_REQ;
+        let e = FrontendLink::connect(
+            "/nonexistent/vhu.sock",
+            cfg,
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, LinkError::Engine(FrontendError::Unsupported(b)) if b == ProtocolFeatures::BACKEND_REQ.bits()),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_back_end_that_hangs_up_is_closed() {
+        let (path, h) = backend("closed", |mut c| {
+            read_request(&mut c);
+        });
+        let mut l = link(&path);
+        assert!(matches!(l.drive().unwrap_err(), LinkError::Closed));
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn a_reply_without_the_reply_flag_is_an_engine_error() {
+        let (path, h) = backend("flags", |mut c| {
+            let id = read_request(&mut c);
+            // VERSION only, no REPLY bit.
+            c.write_all(&reply(id, 0x1, &0u64.to_le_bytes())).unwrap();
+            let mut b = [0u8; 1];
+            let _ = c.read(&mut b);
+        });
+        let mut l = link(&path);
+        let e = l.drive().unwrap_err();
+        assert!(matches!(e, LinkError::Engine(_)), "{e}");
+        assert_eq!(l.engine().state(), State::Failed);
+        drop(l);
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn probe_of_a_back_end_without_protocol_features() {
+        let (path, h) = backend("plain", |mut c| {
+            // GET_FEATURES, SET_OWNER, GET_FEATURES: VERSION_1 only.
+            for _ in 0..3 {
+                let id = read_request(&mut c);
+                if id == 1 {
+                    c.write_all(&reply(1, 0x5, &(1u64 << 32).to_le_bytes()))
+                        .unwrap();
+                }
+            }
+        });
+        let p = FrontendLink::probe(&path, &[60]).unwrap();
+        assert_eq!(p.info.features.bits(), 1 << 32);
+        assert_eq!(p.info.protocol_features, None);
+        assert!(p.config.is_empty());
+        h.join().unwrap();
     }
 }

@@ -276,3 +276,204 @@ fn replays_qemu_start_and_stop_against_qsd() {
     assert_eq!(fe.regions().len(), 2);
     let _ = FdRef::BackendChannel;
 }
+
+/// The two-queue recording (`qemu-start-qsd-mq-packed.txt`: qsd with two
+/// queues; it offers no RING_PACKED, so the rings are split). QEMU's
+/// second start sets up both rings: our engine, configured with its ring
+/// addresses, must send the same ring messages in the same order (per
+/// ring NUM, BASE, ADDR, KICK; then ENABLE per ring), stop the same way
+/// (DISABLE per ring, then GET_VRING_BASE per ring) and take qsd's bases.
+#[test]
+fn replays_qemu_two_queue_start_and_stop_against_qsd() {
+    let lines = load("qemu-start-qsd-mq-packed.txt");
+    let requests: Vec<&Line> = lines.iter().filter(|l| l.to_backend).collect();
+    let ring_of = |l: &Line| u32::from_ne_bytes(l.payload()[..4].try_into().unwrap());
+    // QEMU's second start: the SET_VRING_NUM of ring 0 before the first
+    // SET_VRING_NUM of ring 1.
+    let num1 = requests
+        .iter()
+        .position(|l| l.id == C::SetVringNum.id() && ring_of(l) == 1)
+        .unwrap();
+    let from = requests[..num1]
+        .iter()
+        .rposition(|l| l.id == C::SetVringNum.id() && ring_of(l) == 0)
+        .unwrap();
+    let upto = from
+        + requests[from..]
+            .iter()
+            .position(|l| l.id == C::GetVringBase.id() && ring_of(l) == 1)
+            .unwrap();
+    // The ring and notifier messages QEMU's vhost code sends (without the
+    // call/err notifier setup of its device model and the memory, which
+    // it already sent).
+    let qemu: Vec<&Line> = requests[from..=upto]
+        .iter()
+        .copied()
+        .filter(|l| {
+            ![
+                C::SetFeatures.id(),
+                C::SetVringCall.id(),
+                C::SetVringErr.id(),
+                C::AddMemReg.id(),
+            ]
+            .contains(&l.id)
+        })
+        .collect();
+    assert_eq!(
+        qemu.iter().map(|l| l.id).collect::<Vec<_>>(),
+        [8, 10, 9, 12, 8, 10, 9, 12, 18, 18, 18, 18, 11, 11]
+    );
+
+    let last_features = requests[..from]
+        .iter()
+        .rev()
+        .find(|l| l.id == C::SetFeatures.id())
+        .unwrap();
+    let Request::SetFeatures(features) = last_features.request() else {
+        unreachable!()
+    };
+    let offered_protocol = u64::from_ne_bytes(
+        lines
+            .iter()
+            .find(|l| !l.to_backend && l.id == C::GetProtocolFeatures.id())
+            .unwrap()
+            .payload()[..8]
+            .try_into()
+            .unwrap(),
+    );
+    let mut cfg: FrontendConfig = FrontendConfig::new(
+        V::from_bits_retain(features),
+        SUPPORTED_PROTOCOL_FEATURES.intersection(P::from_bits_retain(offered_protocol)),
+    );
+    for l in qemu.iter().filter(|l| l.id == C::SetVringAddr.id()) {
+        let Request::SetVringAddr(a) = l.request() else {
+            unreachable!()
+        };
+        cfg.queues
+            .push(QueueConfig {
+                size: 128,
+                addrs: RingAddrs {
+                    desc: a.desc,
+                    driver: a.avail,
+                    device: a.used,
+                },
+                base: 0,
+                kick: NotifyMode::Eventfd,
+                call: NotifyMode::Eventfd,
+            })
+            .unwrap();
+    }
+    for l in requests
+        .iter()
+        .filter(|l| l.id == C::AddMemReg.id())
+        .take(2)
+    {
+        let Request::AddMemReg(r) = l.request() else {
+            unreachable!()
+        };
+        cfg.regions.push(r).unwrap();
+    }
+    let mut fe: Frontend = Frontend::new(cfg).unwrap();
+
+    // qsd's replies by request id, in order; GET_VRING_BASE's from the
+    // stop replayed here.
+    let from_line = lines
+        .iter()
+        .position(|l| std::ptr::eq(l, requests[from]))
+        .unwrap();
+    let mut replies: HashMap<u32, VecDeque<&Line>> = HashMap::new();
+    for (i, l) in lines.iter().enumerate().filter(|(_, l)| !l.to_backend) {
+        if l.id != C::GetVringBase.id() || i > from_line {
+            replies.entry(l.id).or_default().push_back(l);
+        }
+    }
+    let mut sent: Vec<Sent> = Vec::new();
+    let mut events = Vec::new();
+    let mut buf = [0u8; MAX_TRANSMIT];
+    let mut run = |fe: &mut Frontend, sent: &mut Vec<Sent>| loop {
+        while let Some(e) = fe.poll_event() {
+            events.push(e);
+        }
+        let Some(t) = fe.poll_transmit(&mut buf).unwrap() else {
+            return;
+        };
+        let h = Header::parse(&buf[..t.len]).unwrap();
+        sent.push(Sent {
+            id: h.request,
+            flags: h.flags.bits(),
+            nfds: t.fds.len(),
+            bytes: buf[..t.len].to_vec(),
+        });
+        if !t.awaits_reply {
+            continue;
+        }
+        match replies.get_mut(&h.request).and_then(|q| q.pop_front()) {
+            Some(r) => {
+                let rh = Header::parse(&r.bytes).unwrap();
+                fe.handle_reply(&rh, r.payload(), r.nfds).unwrap();
+            }
+            None => {
+                assert!(
+                    [C::SetVringKick, C::SetVringCall].contains(&t.request),
+                    "no recorded reply for {:?}",
+                    t.request
+                );
+                let mut out = [0u8; 32];
+                let n = Reply::ack(true).encode(t.request, &mut out).unwrap();
+                let rh = Header::parse(&out[..n]).unwrap();
+                fe.handle_reply(&rh, &out[HEADER_SIZE..n], 0).unwrap();
+            }
+        }
+    };
+    run(&mut fe, &mut sent);
+    assert_eq!(fe.state(), State::Ready);
+    let init = sent.len();
+    fe.start().unwrap();
+    run(&mut fe, &mut sent);
+    assert_eq!(fe.state(), State::Started);
+    fe.stop().unwrap();
+    run(&mut fe, &mut sent);
+    assert_eq!(fe.state(), State::Stopped);
+
+    let ours: Vec<&Sent> = sent[init..]
+        .iter()
+        .filter(|s| ![C::SetFeatures.id(), C::SetVringCall.id(), C::AddMemReg.id()].contains(&s.id))
+        .collect();
+    assert_eq!(
+        ours.iter().map(|s| s.id).collect::<Vec<_>>(),
+        qemu.iter().map(|l| l.id).collect::<Vec<_>>(),
+        "request order"
+    );
+    for (o, q) in ours.iter().zip(&qemu) {
+        assert_eq!(o.nfds, q.nfds, "fds of {}", q.id);
+        if q.id == C::SetVringKick.id() {
+            // We also ask for an ack.
+            assert_eq!((q.flags, o.flags), (0x1, 0x9));
+            assert_eq!(o.bytes[8..], q.bytes[8..]);
+        } else {
+            assert_eq!(o.bytes, q.bytes, "request {}", q.id);
+        }
+    }
+    // Each SET_VRING_KICK is followed by that ring's SET_VRING_CALL.
+    for (i, s) in sent
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.id == C::SetVringKick.id())
+    {
+        assert_eq!(sent[i + 1].id, C::SetVringCall.id());
+        assert_eq!(sent[i + 1].bytes[HEADER_SIZE..], s.bytes[HEADER_SIZE..]);
+    }
+    assert_eq!(fe.ring_base(0), Some(2));
+    assert_eq!(fe.ring_base(1), Some(9));
+    let stopped: Vec<&Event> = events
+        .iter()
+        .filter(|e| matches!(e, Event::RingStopped { .. }))
+        .collect();
+    assert_eq!(
+        stopped,
+        [
+            &Event::RingStopped { queue: 0, base: 2 },
+            &Event::RingStopped { queue: 1, base: 9 },
+        ]
+    );
+}

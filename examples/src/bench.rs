@@ -3,9 +3,11 @@
 //! One thread drives every queue: it keeps `iodepth` requests in flight per
 //! queue on split rings in memfd guest memory (two regions), kicks as the
 //! back-end asks (EVENT_IDX), and sleeps in epoll on the call eventfds, or
-//! with `poll` spins on the used rings. Any completion for a request that
-//! is not outstanding, any status other than OK and any verify mismatch is
-//! an error.
+//! with `poll` spins on the used rings (and asks the back-end for no
+//! calls: VRING_AVAIL_F_NO_INTERRUPT). Any completion for a request that
+//! is not outstanding, any status other than OK, any verify mismatch, a
+//! back-end that goes away (without `reconnect`) and a back-end that
+//! completes nothing for `timeout` while requests are in flight is an error.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -23,7 +25,7 @@ use vhost_user_linux::memory::LinuxGuestMemory;
 use vhost_user_linux::sys::epoll::{Epoll, EpollEvent, Interest};
 use vhost_user_linux::sys::eventfd::EventFd;
 use vhost_user_linux::sys::memfd;
-use vhost_user_test::{Buf, SplitDriver};
+use vhost_user_test::{Buf, DriverError, PackedDriver, SplitDriver, Used};
 
 /// The access pattern.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,6 +83,11 @@ pub struct Options {
     /// area back and restart the rings from their used index, so the
     /// requests in flight complete.
     pub reconnect: bool,
+    /// Fail when no request completes for this long while some are in
+    /// flight (a back-end that hangs).
+    pub timeout: Duration,
+    /// Packed rings instead of split ones (not with `reconnect`).
+    pub packed: bool,
 }
 
 /// What a run measured.
@@ -194,6 +201,162 @@ fn pattern(seed: u64, block: u64, len: usize) -> Vec<u8> {
 }
 
 const SOCKET: u64 = 1 << 32;
+/// Descriptors of each request: header, data, status.
+const CHAIN: u16 = 3;
+/// Packed driver event flags: notify on every completion, or never.
+const RING_EVENT_FLAGS_ENABLE: u16 = 0;
+const RING_EVENT_FLAGS_DISABLE: u16 = 1;
+
+/// The driver side of one ring.
+enum Ring {
+    Split(SplitDriver),
+    /// A packed ring and where its next used descriptor is (position and
+    /// used wrap counter), followed here to look for completions without
+    /// taking them. Every chain is [`CHAIN`] descriptors.
+    Packed(PackedDriver, u16, bool),
+}
+
+impl Ring {
+    fn post(&mut self, mem: &LinuxGuestMemory, bufs: &[Buf]) -> Result<u16, DriverError> {
+        match self {
+            Ring::Split(d) => d.post(mem, bufs),
+            Ring::Packed(d, ..) => d.post(mem, bufs),
+        }
+    }
+
+    fn kick_needed(&mut self, mem: &LinuxGuestMemory) -> Result<bool, String> {
+        match self {
+            Ring::Split(d) => d.kick_needed(mem),
+            Ring::Packed(d, ..) => d.kick_needed(mem),
+        }
+        .map_err(|e| e.to_string())
+    }
+
+    fn harvest(&mut self, mem: &LinuxGuestMemory) -> Result<Option<Used>, String> {
+        match self {
+            Ring::Split(d) => d.harvest(mem).map_err(|e| e.to_string()),
+            Ring::Packed(d, pos, wrap) => {
+                let u = d.harvest(mem).map_err(|e| e.to_string())?;
+                if u.is_some() {
+                    *pos += CHAIN;
+                    if *pos >= d.size() {
+                        *pos -= d.size();
+                        *wrap = !*wrap;
+                    }
+                }
+                Ok(u)
+            }
+        }
+    }
+
+    /// Asks for a call at the next completion (split with EVENT_IDX:
+    /// used_event; packed: notifications enabled, which they stay).
+    fn arm(&self, mem: &LinuxGuestMemory) -> Result<(), String> {
+        match self {
+            Ring::Split(d) => d.set_used_event(mem, d.last_used()),
+            Ring::Packed(..) => Ok(()),
+        }
+        .map_err(|e| e.to_string())
+    }
+
+    /// Whether a completion is waiting (after [`arm`](Self::arm) and a
+    /// fence: the look that makes sleeping safe).
+    fn ready(&self, mem: &LinuxGuestMemory) -> Result<bool, String> {
+        match self {
+            Ring::Split(d) => d.used_idx(mem).map(|i| i != d.last_used()),
+            Ring::Packed(d, pos, wrap) => mem
+                .load_u16_acquire(d.addrs().desc + 16 * u64::from(*pos) + 14)
+                .map(|f| {
+                    // AVAIL (bit 7) and USED (bit 15) both equal the wrap.
+                    (f >> 7 & 1 != 0) == *wrap && (f >> 15 != 0) == *wrap
+                }),
+        }
+        .map_err(|e| e.to_string())
+    }
+}
+/// In poll mode, the loop iterations between looks at the socket (for a
+/// back-end that went away) and at the stall timer.
+const POLL_CHECK_EVERY: u32 = 1024;
+
+/// A latency histogram with bounded memory: values below 64 ns exactly,
+/// larger ones in buckets of 1/64 of their power of two (under 1.6 %
+/// error), so a run of any length costs a few kilobytes.
+#[derive(Clone, Debug)]
+pub struct Histogram {
+    counts: Vec<u64>,
+    total: u64,
+}
+
+/// Sub-buckets per power of two (as a shift).
+const SUB_BITS: u32 = 6;
+const SUB: usize = 1 << SUB_BITS;
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Histogram {
+    /// An empty histogram.
+    pub fn new() -> Self {
+        Histogram {
+            counts: vec![0; SUB + (64 - SUB_BITS as usize) * SUB],
+            total: 0,
+        }
+    }
+
+    fn index(v: u64) -> usize {
+        if v < SUB as u64 {
+            return v as usize;
+        }
+        let e = 63 - v.leading_zeros(); // >= SUB_BITS
+        let sub = (v >> (e - SUB_BITS)) as usize & (SUB - 1);
+        SUB + (e - SUB_BITS) as usize * SUB + sub
+    }
+
+    /// The smallest value of bucket `i`.
+    fn lower(i: usize) -> u64 {
+        if i < SUB {
+            return i as u64;
+        }
+        let e = (i - SUB) / SUB + SUB_BITS as usize;
+        let sub = ((i - SUB) % SUB) as u64;
+        (1u64 << e) | sub << (e - SUB_BITS as usize)
+    }
+
+    /// Counts one value.
+    pub fn record(&mut self, v: u64) {
+        if let Some(c) = self.counts.get_mut(Self::index(v)) {
+            *c += 1;
+            self.total += 1;
+        }
+    }
+
+    /// Values recorded.
+    pub fn len(&self) -> u64 {
+        self.total
+    }
+
+    /// Whether nothing was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    /// The value at quantile `q` (0 to 1): the lower bound of the bucket
+    /// holding the `ceil(q * n)`-th smallest value; 0 when empty.
+    pub fn quantile(&self, q: f64) -> u64 {
+        let rank = ((q.clamp(0.0, 1.0) * self.total as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (i, c) in self.counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return Self::lower(i);
+            }
+        }
+        0
+    }
+}
 
 type Link = FrontendLink<8, 2>;
 
@@ -280,10 +443,24 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
         mem.map(i, *r, dup).map_err(|e| format!("mmap: {e}"))?;
         fds.push(fd.try_clone().map_err(|e| e.to_string())?);
     }
+    if o.verify && matches!(o.rw, Rw::Read | Rw::RandRead) {
+        // Reads are checked against the pattern of an earlier write of the
+        // run: a read-only load would check nothing.
+        return Err("--verify needs a load that writes (write, randwrite, randrw)".into());
+    }
+    if o.packed && o.reconnect {
+        return Err("--reconnect works with split rings only".into());
+    }
+    if o.timeout.is_zero() {
+        return Err("--timeout must be positive".into());
+    }
     let event_idx = !o.poll;
     let mut features = V::VERSION_1 | V::PROTOCOL_FEATURES | V::INDIRECT_DESC;
     if event_idx {
         features |= V::EVENT_IDX;
+    }
+    if o.packed {
+        features |= V::RING_PACKED;
     }
     let mut protocol = P::MQ | P::REPLY_ACK | P::CONFIG | P::STATUS;
     if o.reconnect {
@@ -295,9 +472,28 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
     }
     let mut drivers = Vec::new();
     for i in 0..q {
-        let d =
-            SplitDriver::new(&mem, RING_SIZE, 0x10000 * i, event_idx).map_err(|e| e.to_string())?;
-        let a = d.addrs();
+        let at = 0x10000 * i;
+        let (ring, a, base) = if o.packed {
+            let d = PackedDriver::new(&mem, RING_SIZE, at).map_err(|e| e.to_string())?;
+            let flags = if o.poll {
+                RING_EVENT_FLAGS_DISABLE
+            } else {
+                RING_EVENT_FLAGS_ENABLE
+            };
+            d.set_driver_event(&mem, 0, flags)
+                .map_err(|e| e.to_string())?;
+            let a = d.addrs();
+            // Avail and used at 0, both wrap counters 1.
+            (Ring::Packed(d, 0, true), a, 1 << 15 | 1 << 31)
+        } else {
+            let d = SplitDriver::new(&mem, RING_SIZE, at, event_idx).map_err(|e| e.to_string())?;
+            if o.poll {
+                // We never sleep: the back-end need not signal completions.
+                d.set_avail_flags(&mem, 1).map_err(|e| e.to_string())?;
+            }
+            let a = d.addrs();
+            (Ring::Split(d), a, 0)
+        };
         let _ = cfg.queues.push(QueueConfig {
             size: RING_SIZE,
             addrs: RingAddrs {
@@ -305,11 +501,11 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
                 driver: a.driver + VA,
                 device: a.device + VA,
             },
-            base: 0,
+            base,
             kick: NotifyMode::Eventfd,
             call: NotifyMode::Eventfd,
         });
-        drivers.push(d);
+        drivers.push(ring);
     }
     let kick_fds: Vec<EventFd> = (0..q)
         .map(|_| EventFd::new(true))
@@ -386,11 +582,13 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
     // blocks with a request in flight (never two at once on one block).
     let mut written: HashMap<u64, u64> = HashMap::new();
     let mut busy: std::collections::HashSet<u64> = Default::default();
-    let mut lat: Vec<u64> = Vec::new();
+    let mut lat = Histogram::new();
     let mut rep = Report::default();
     let (mut next_req, mut seq) = (0u64, 0u64);
     let t0 = Instant::now();
     let mut last_progress = (t0, 0u64);
+    let mut last_completion = t0;
+    let mut spins = 0u32;
     let bs = o.bs as usize;
     let done = |rep: &Report, issued: u64| {
         o.requests.is_some_and(|n| issued >= n)
@@ -472,7 +670,7 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
                 next_req += 1;
                 posted = true;
             }
-            if posted && drv.kick_needed(&mem).map_err(|e| e.to_string())? {
+            if posted && drv.kick_needed(&mem)? {
                 link.kick(qi as u16);
                 rep.kicks += 1;
             }
@@ -480,7 +678,7 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
         // Harvest.
         let mut got = 0;
         for (qi, drv) in drivers.iter_mut().enumerate() {
-            while let Some(u) = drv.harvest(&mem).map_err(|e| e.to_string())? {
+            while let Some(u) = drv.harvest(&mem)? {
                 let s = outstanding[qi].remove(&u.id).ok_or_else(|| {
                     format!(
                         "queue {qi}: completion for head {} which is not outstanding",
@@ -512,7 +710,7 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
                         }
                     }
                 }
-                lat.push(s.at.elapsed().as_nanos() as u64);
+                lat.record(s.at.elapsed().as_nanos() as u64);
                 free_bufs[qi].push(s.buf);
                 rep.requests += 1;
                 rep.bytes += u64::from(o.bs);
@@ -533,10 +731,27 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
             );
             last_progress = (Instant::now(), rep.requests);
         }
-        if o.poll && o.reconnect && rep.requests % 1024 == 0 {
-            let mut ev = [EpollEvent::default(); 8];
-            let n = epoll.wait(&mut ev, 0).map_err(|e| e.to_string())?;
-            gone |= ev[..n].iter().any(|e| e.token() == SOCKET);
+        if got > 0 {
+            last_completion = Instant::now();
+        }
+        let mut look = false;
+        if o.poll {
+            spins = spins.wrapping_add(1);
+            look = spins % POLL_CHECK_EVERY == 0;
+            if look {
+                let mut ev = [EpollEvent::default(); 8];
+                let n = epoll.wait(&mut ev, 0).map_err(|e| e.to_string())?;
+                gone |= ev[..n].iter().any(|e| e.token() == SOCKET);
+            }
+        }
+        if (look || (!o.poll && got == 0)) && in_flight > 0 && !gone {
+            let idle = last_completion.elapsed();
+            if idle >= o.timeout {
+                return Err(format!(
+                    "no completion for {:.1} s with {in_flight} requests in flight",
+                    idle.as_secs_f64()
+                ));
+            }
         }
         if gone {
             if !o.reconnect {
@@ -547,9 +762,11 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
             // from the used index, as QEMU does.
             let bases = drivers
                 .iter()
-                .map(|d| d.used_idx(&mem).map(u32::from))
-                .collect::<Result<Vec<u32>, _>>()
-                .map_err(|e| e.to_string())?;
+                .map(|d| match d {
+                    Ring::Split(d) => d.used_idx(&mem).map(u32::from).map_err(|e| e.to_string()),
+                    Ring::Packed(..) => Err("--reconnect works with split rings only".into()),
+                })
+                .collect::<Result<Vec<u32>, String>>()?;
             link.reconnect(path, &bases, Duration::from_secs(30))
                 .map_err(|e| format!("cannot reconnect: {e}"))?;
             epoll
@@ -557,24 +774,24 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
                 .map_err(|e| e.to_string())?;
             rep.reconnects += 1;
             gone = false;
+            last_completion = Instant::now();
             continue;
         }
         if got == 0 && !o.poll && in_flight > 0 {
             // Ask for a call at the next completion, then look once more
             // before sleeping.
             for d in drivers.iter() {
-                d.set_used_event(&mem, d.last_used())
-                    .map_err(|e| e.to_string())?;
+                d.arm(&mem)?;
             }
             mem.fence();
-            let ready = drivers.iter().any(|d| {
-                d.used_idx(&mem)
-                    .map(|i| i != d.last_used())
-                    .unwrap_or(false)
-            });
+            let mut ready = false;
+            for d in drivers.iter() {
+                ready |= d.ready(&mem)?;
+            }
             if !ready {
                 let mut ev = [EpollEvent::default(); 8];
-                let n = epoll.wait(&mut ev, 1000).map_err(|e| e.to_string())?;
+                let ms = o.timeout.as_millis().clamp(1, 1000) as i32;
+                let n = epoll.wait(&mut ev, ms).map_err(|e| e.to_string())?;
                 for e in &ev[..n] {
                     if e.token() == SOCKET {
                         gone = true;
@@ -587,14 +804,51 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
         }
     }
     rep.elapsed = t0.elapsed();
-    lat.sort_unstable();
-    let pick = |p: f64| {
-        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0)
-    };
-    rep.latency_ns = [pick(0.5), pick(0.99), pick(0.999)];
+    rep.latency_ns = [lat.quantile(0.5), lat.quantile(0.99), lat.quantile(0.999)];
     link.engine().stop().map_err(|e| e.to_string())?;
     link.drive().map_err(|e| e.to_string())?;
     Ok(rep)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Histogram;
+
+    #[test]
+    fn histogram_quantiles_within_two_percent() {
+        let mut h = Histogram::new();
+        assert_eq!(h.quantile(0.5), 0);
+        // 1..=100_000 ns, each once.
+        for v in 1..=100_000u64 {
+            h.record(v);
+        }
+        assert_eq!(h.len(), 100_000);
+        for (q, exact) in [(0.5, 50_000f64), (0.99, 99_000.0), (0.999, 99_900.0)] {
+            let got = h.quantile(q) as f64;
+            assert!(
+                got <= exact && got >= exact * 0.98,
+                "quantile {q}: {got} vs {exact}"
+            );
+        }
+        // Small values are exact, huge ones do not overflow.
+        let mut h = Histogram::new();
+        for v in [3, 3, 3, 40, u64::MAX] {
+            h.record(v);
+        }
+        assert_eq!(h.quantile(0.5), 3);
+        assert_eq!(h.quantile(0.8), 40);
+        assert!(h.quantile(1.0) >= 1 << 63);
+    }
+
+    #[test]
+    fn histogram_bucket_bounds_are_monotonic() {
+        let mut last = 0;
+        for i in 1..Histogram::new().counts.len() {
+            let lo = Histogram::lower(i);
+            assert!(lo > last, "bucket {i}");
+            assert_eq!(Histogram::index(lo), i);
+            assert_eq!(Histogram::index(lo - 1), i - 1);
+            last = lo;
+        }
+    }
 }

@@ -57,6 +57,14 @@ fn qsd(queues: u16) -> (Kill, PathBuf) {
     (Kill(c, dir), sock)
 }
 
+/// Our daemon with `args`, once it accepts connections (its socket file
+/// appears at bind, a moment before it listens).
+fn daemon(args: &[&str]) -> common::Daemon {
+    let mut d = common::Daemon::start_with(args);
+    drop(d.connect_retry());
+    d
+}
+
 fn bench(sock: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_vhu"))
         .args(["bench", "--socket-path"])
@@ -101,8 +109,7 @@ fn bench_verifies_against_qsd() {
 
 #[test]
 fn bench_verifies_against_our_daemon() {
-    let d =
-        common::Daemon::start_with(&["--size", "32M", "--num-queues", "2", "--log-level", "warn"]);
+    let d = daemon(&["--size", "32M", "--num-queues", "2", "--log-level", "warn"]);
     ok(bench(&d.sock, VERIFIED), 3000);
     let mut two = VERIFIED.to_vec();
     two.extend(["--queues", "2", "--poll"]);
@@ -142,9 +149,24 @@ fn bench_verifies_against_our_daemon() {
     );
 }
 
+/// Packed rings against our daemon (qsd offers none): verified random
+/// reads and writes, two queues, interrupt and poll mode; the rings wrap
+/// many times.
+#[test]
+fn bench_verifies_packed_rings_against_our_daemon() {
+    let d = daemon(&["--size", "32M", "--num-queues", "2", "--log-level", "warn"]);
+    let mut packed = VERIFIED.to_vec();
+    packed.push("--packed");
+    ok(bench(&d.sock, &packed), 3000);
+    packed.extend(["--queues", "2", "--poll"]);
+    ok(bench(&d.sock, &packed), 3000);
+    let out = bench(&d.sock, &["--packed", "--reconnect", "--requests", "10"]);
+    assert!(!out.status.success());
+}
+
 #[test]
 fn a_failed_request_fails_the_bench() {
-    let d = common::Daemon::start_with(&["--size", "32M", "--read-only", "--log-level", "warn"]);
+    let d = daemon(&["--size", "32M", "--read-only", "--log-level", "warn"]);
     let out = bench(&d.sock, &["--rw", "randwrite", "--requests", "10"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -168,7 +190,7 @@ fn kill_9_twenty_times_under_vhu_bench_reconnect() {
         .set_len(32 << 20)
         .unwrap();
     let img_arg = img.to_str().unwrap().to_string();
-    let mut d = common::Daemon::start_with(&["--blk-file", &img_arg, "--io-delay-us", "500"]);
+    let mut d = daemon(&["--blk-file", &img_arg, "--io-delay-us", "500"]);
     let mut bench = Command::new(env!("CARGO_BIN_EXE_vhu"))
         .args(["bench", "--socket-path"])
         .arg(&d.sock)
@@ -221,4 +243,98 @@ fn kill_9_twenty_times_under_vhu_bench_reconnect() {
         log.contains("resubmitting"),
         "no restart found requests in flight"
     );
+}
+
+/// Runs `vhu bench` for up to 30 s in the background, does `to_daemon`
+/// half a second in, and returns its output once it exits (it must within
+/// 10 s).
+fn bench_while(
+    d: &mut common::Daemon,
+    args: &[&str],
+    to_daemon: impl FnOnce(&mut Child),
+) -> Output {
+    let bench = Command::new(env!("CARGO_BIN_EXE_vhu"))
+        .args(["bench", "--socket-path"])
+        .arg(&d.sock)
+        .args(["--runtime", "30", "--json"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut bench = Kill(bench, PathBuf::new());
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        bench.0.try_wait().unwrap().is_none(),
+        "the bench ended early"
+    );
+    to_daemon(&mut d.child);
+    let t0 = Instant::now();
+    while bench.0.try_wait().unwrap().is_none() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "vhu bench did not notice"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let child = std::mem::replace(&mut bench.0, Command::new("true").spawn().unwrap());
+    child.wait_with_output().unwrap()
+}
+
+/// A back-end that dies under a busy-polling bench ends the run with an
+/// error (the bench watches the socket while it spins).
+#[test]
+fn a_vanished_back_end_fails_a_polling_bench() {
+    let mut d = daemon(&["--null", "--size", "32M", "--log-level", "warn"]);
+    let out = bench_while(&mut d, &["--poll", "--iodepth", "4"], |c| {
+        c.kill().unwrap();
+    });
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("went away"), "{err}");
+}
+
+/// A back-end that stops completing requests (SIGSTOP) fails the bench
+/// after --timeout, in interrupt mode and in poll mode.
+#[test]
+fn a_hung_back_end_fails_the_bench_after_the_timeout() {
+    for poll in [false, true] {
+        let mut d = daemon(&["--null", "--size", "32M", "--log-level", "warn"]);
+        let mut args = vec!["--timeout", "1", "--iodepth", "4"];
+        if poll {
+            args.push("--poll");
+        }
+        let pid = d.child.id().to_string();
+        let signal = |sig: &str| {
+            let st = Command::new("kill").args([sig, &pid]).status().unwrap();
+            assert!(st.success(), "kill {sig}");
+        };
+        let out = bench_while(&mut d, &args, |_| signal("-STOP"));
+        signal("-CONT");
+        assert!(!out.status.success(), "poll {poll}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("no completion for"), "poll {poll}: {err}");
+    }
+}
+
+#[test]
+fn bad_options_are_refused() {
+    let d = daemon(&["--null", "--size", "32M", "--log-level", "warn"]);
+    let out = bench(
+        &d.sock,
+        &["--rw", "randread", "--verify", "--requests", "10"],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--verify needs a load that writes"), "{err}");
+    for bad in [
+        ["--runtime", "-1"],
+        ["--runtime", "nan"],
+        ["--timeout", "0"],
+    ] {
+        let out = bench(Path::new("/nonexistent.sock"), &bad);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("invalid"), "{bad:?}: {err}");
+    }
 }

@@ -18,13 +18,15 @@ usage: vhu probe --socket-path PATH [--json]
        vhu bench --socket-path PATH [--rw read|write|randread|randwrite|randrw]
                  [--bs 4096] [--iodepth 1] [--queues 1]
                  [--runtime SECONDS | --requests N] [--poll] [--verify]
-                 [--reconnect] [--json]
+                 [--packed] [--reconnect] [--timeout SECONDS] [--json]
 
   probe    connect to a vhost-user back-end and print its features,
            protocol features, queue count, memory slots and config space
   bench    load a vhost-user-blk back-end and report IOPS, MB/s, latency
-           percentiles and notifications per request; --reconnect survives
-           the back-end's restarts through its inflight area
+           percentiles and notifications per request; --packed uses packed
+           rings (split by default); --reconnect survives
+           the back-end's restarts through its inflight area; --timeout
+           (default 30) fails a run in which nothing completes that long
 ";
 
 fn main() -> ExitCode {
@@ -40,7 +42,7 @@ fn main() -> ExitCode {
 fn run() -> Result<(), String> {
     let args = Args::parse(
         std::env::args().skip(1),
-        &["json", "help", "poll", "verify", "reconnect"],
+        &["json", "help", "poll", "verify", "reconnect", "packed"],
     )?;
     if args.flag("help") {
         print!("{USAGE}");
@@ -76,6 +78,8 @@ fn run() -> Result<(), String> {
                 "json",
                 "help",
                 "reconnect",
+                "timeout",
+                "packed",
             ])?;
             let path = args
                 .get("socket-path")
@@ -90,13 +94,20 @@ fn run() -> Result<(), String> {
                 .map(str::parse)
                 .transpose()
                 .map_err(|_| "invalid --runtime")?;
+            let seconds = |name: &str, v: f64| {
+                std::time::Duration::try_from_secs_f64(v)
+                    .ok()
+                    .filter(|d| !d.is_zero())
+                    .ok_or_else(|| format!("invalid --{name} {v}"))
+            };
+            let timeout = seconds("timeout", args.get_or("timeout", 30.0)?)?;
             let o = vhu_examples::bench::Options {
                 rw: args.get_or("rw", vhu_examples::bench::Rw::RandRead)?,
                 bs: args.get_or("bs", 4096)?,
                 iodepth: args.get_or("iodepth", 1)?,
                 queues: args.get_or("queues", 1)?,
                 runtime: match (runtime, requests) {
-                    (Some(t), _) => Some(std::time::Duration::from_secs_f64(t)),
+                    (Some(t), _) => Some(seconds("runtime", t)?),
                     (None, None) => Some(std::time::Duration::from_secs(5)),
                     (None, Some(_)) => None,
                 },
@@ -105,6 +116,8 @@ fn run() -> Result<(), String> {
                 verify: args.flag("verify"),
                 progress: !args.flag("json"),
                 reconnect: args.flag("reconnect"),
+                timeout,
+                packed: args.flag("packed"),
             };
             let r = vhu_examples::bench::run(Path::new(path), &o)?;
             if args.flag("json") {

@@ -96,8 +96,22 @@ impl Daemon {
         }
     }
 
+    /// Connects; the socket file appears at bind, a moment before the
+    /// daemon listens, so a refused connection is retried briefly.
     pub fn connect(&self) -> Stream {
-        Stream::connect(&self.sock).unwrap()
+        let t0 = Instant::now();
+        loop {
+            match Stream::connect(&self.sock) {
+                Ok(s) => return s,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::ConnectionRefused
+                        && t0.elapsed() < Duration::from_secs(5) =>
+                {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(e) => panic!("cannot connect to the daemon: {e}"),
+            }
+        }
     }
 
     pub fn fds(&self) -> usize {
