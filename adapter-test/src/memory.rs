@@ -12,9 +12,7 @@ use std::sync::atomic::{fence, AtomicU32, Ordering};
 use vhost_user_core::memory::{GuestMemory, MemoryError, MemoryTable};
 use vhost_user_core::message::MemRegionMsg;
 
-/// Front-end virtual address of a region = its guest address plus this
-/// offset (so ring address translation is exercised).
-pub const USER_ADDR_OFFSET: u64 = 0x7f00_0000_0000;
+pub use vhost_user_linux::driver::USER_ADDR_OFFSET;
 
 /// One region's backing: `[start, start + size)`, in 32-bit words.
 #[derive(Debug)]

@@ -12,7 +12,10 @@ use vhost_user_core::memory::{GuestMemory, MemoryError};
 use vhost_user_core::vring::packed::{DESC_F_AVAIL, DESC_F_USED};
 use vhost_user_core::vring::{RingAddrs, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
 
-use crate::memory::USER_ADDR_OFFSET;
+/// The front-end virtual address convention of the in-memory test harness
+/// and of `vhu`: a region's front-end address is its guest physical
+/// address plus this.
+pub const USER_ADDR_OFFSET: u64 = 0x7f00_0000_0000;
 
 /// A buffer the driver posts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -198,7 +201,7 @@ impl SplitDriver {
     }
 
     /// Ring addresses as a front-end sends them in SET_VRING_ADDR (user
-    /// addresses of [`TestMemory`](crate::TestMemory)).
+    /// addresses: guest physical + [`USER_ADDR_OFFSET`]).
     pub fn user_addrs(&self) -> RingAddrs {
         RingAddrs {
             desc: self.addrs.desc + USER_ADDR_OFFSET,
