@@ -27,12 +27,13 @@ use vhost_user_core::backend::{
 use vhost_user_core::message::{HEADER_SIZE, MAX_MESSAGE};
 
 use vhost_user_core::inflight::{
-    packed_chain, InflightError, PackedDescCopy, PackedInflight, Resubmit, SplitInflight,
+    packed_chain, packed_used_at, InflightError, PackedDescCopy, PackedInflight, Resubmit,
+    SplitInflight,
 };
-use vhost_user_core::memory::GuestMemory;
+use vhost_user_core::vring::packed::PackedQueue;
 use vhost_user_core::vring::{Chain, Queue, RingAddrs, VringError};
 
-use crate::memory::{InflightArea, LinuxGuestMemory};
+use crate::memory::LinuxGuestMemory;
 use crate::sys::epoll::{Epoll, EpollEvent, Interest};
 use crate::sys::eventfd::EventFd;
 use crate::sys::socket::{Listener, Stream};
@@ -154,7 +155,7 @@ struct Connection<D: QueueDevice, const Q: usize, const R: usize> {
     workers: Vec<Option<Worker>>,
     options: RuntimeOptions,
     /// The area of SET_INFLIGHT_FD.
-    inflight: Option<Arc<InflightArea>>,
+    inflight: Option<Arc<LinuxGuestMemory>>,
     /// The fd created for GET_INFLIGHT_FD, sent with its reply.
     inflight_reply_fd: Option<OwnedFd>,
     /// Per ring: whether the pending stop suspends.
@@ -357,7 +358,7 @@ where
             }
             Action::MapInflight { fd, offset, size } => {
                 let fd = Self::take_fd(fds, fd)?;
-                let area = InflightArea::map(fd, offset, size).map_err(|e| {
+                let area = LinuxGuestMemory::single(fd, offset, size).map_err(|e| {
                     error!("cannot map the inflight area: {e}");
                     BackendError::Inflight(vhost_user_core::inflight::InflightError::TooSmall {
                         need: size,
@@ -401,7 +402,7 @@ where
         queue: u16,
         ring: Queue,
         enabled: bool,
-        inflight: Option<(Arc<InflightArea>, u64)>,
+        inflight: Option<(Arc<LinuxGuestMemory>, u64)>,
     ) {
         let q = usize::from(queue);
         let (wake, waiter) = match EventFd::new(true).and_then(|w| Ok((w, Waiter::new()?))) {
@@ -504,7 +505,7 @@ struct Taken {
 fn recover(
     ring: &mut Queue,
     mem: &LinuxGuestMemory,
-    area: &InflightArea,
+    area: &LinuxGuestMemory,
     off: u64,
 ) -> Result<(Tracker, VecDeque<Taken>), InflightError> {
     let mut list: Box<heapless::Vec<Resubmit, MAX_RESUBMIT>> = Box::default();
@@ -531,22 +532,13 @@ fn recover(
         Queue::Packed(p) => {
             let (mut t, fresh) = PackedInflight::open(area, off, p.size(), p.next_used())?;
             if !fresh {
-                let desc = p.addrs().desc;
+                let ring_now: &PackedQueue = p;
                 let pos = t.recover(
                     area,
-                    |slot, wrap| {
-                        let f = mem.load_u16_acquire(desc + 16 * u64::from(slot) + 14)?;
-                        let avail = f & (1 << 7) != 0;
-                        let used = f & (1 << 15) != 0;
-                        Ok(avail == wrap && used == wrap)
-                    },
+                    |slot, wrap| packed_used_at(mem, ring_now, slot, wrap),
                     &mut list,
                 )?;
-                let base = u32::from(pos.avail.0)
-                    | u32::from(pos.avail.1) << 15
-                    | u32::from(pos.used.0) << 16
-                    | u32::from(pos.used.1) << 31;
-                p.set_base(base)?;
+                p.set_base(pos.base())?;
                 let indirect = p.features().indirect;
                 let mut descs: heapless::Vec<PackedDescCopy, MAX_RESUBMIT> = heapless::Vec::new();
                 for r in list.iter() {
@@ -574,7 +566,7 @@ fn run_ring<D: QueueDevice>(
     memory: &RwLock<LinuxGuestMemory>,
     shared: &Shared,
     mut waiter: Waiter,
-    inflight: Option<(Arc<InflightArea>, u64)>,
+    inflight: Option<(Arc<LinuxGuestMemory>, u64)>,
     options: RuntimeOptions,
 ) -> Queue {
     if let Err(e) = waiter.epoll.add(&shared.wake, Interest::READABLE, WAKE) {
@@ -717,7 +709,7 @@ impl From<InflightError> for WorkerError {
 struct WorkerState<S> {
     queue: u16,
     tracker: Tracker,
-    area: Option<Arc<InflightArea>>,
+    area: Option<Arc<LinuxGuestMemory>>,
     /// Fetched (and recorded) but not completed, in order.
     taken: VecDeque<Taken>,
     /// Entries of the batch being completed.
@@ -779,29 +771,10 @@ impl<S> WorkerState<S> {
                 t.fetched(area, head.id)?;
                 Ok(head.id)
             }
-            Tracker::Packed(t) => {
-                // The ring descriptors the chain took, copied again (the
-                // driver does not touch them until they are used).
-                let desc = ring.addrs().desc;
-                let size = ring.size();
-                let mut copies: heapless::Vec<PackedDescCopy, 64> = heapless::Vec::new();
-                for k in 0..head.descs {
-                    let slot = ((u32::from(before.0) + u32::from(k)) % u32::from(size)) as u16;
-                    let raw = mem
-                        .read_16(desc + 16 * u64::from(slot))
-                        .map_err(VringError::Memory)?;
-                    let c = PackedDescCopy {
-                        addr: u64::from_le_bytes([
-                            raw[0], raw[1], raw[2], raw[3], raw[4], raw[5], raw[6], raw[7],
-                        ]),
-                        len: u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]),
-                        id: u16::from_le_bytes([raw[12], raw[13]]),
-                        flags: u16::from_le_bytes([raw[14], raw[15]]),
-                    };
-                    copies.push(c).map_err(|_| VringError::ChainTooLong)?;
-                }
-                Ok(t.fetched(area, &copies)?)
-            }
+            Tracker::Packed(t) => match ring {
+                Queue::Packed(p) => Ok(t.fetched_from_ring(area, mem, p, before.0, head.descs)?),
+                Queue::Split(_) => Ok(head.id),
+            },
         }
     }
 

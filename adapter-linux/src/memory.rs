@@ -50,6 +50,21 @@ impl LinuxGuestMemory {
         Self::default()
     }
 
+    /// `size` bytes of `fd` from `offset` as one region at address 0: the
+    /// inflight area (SET_INFLIGHT_FD), addressed by byte offset.
+    pub fn single(fd: OwnedFd, offset: u64, size: u64) -> io::Result<Self> {
+        let mut m = Self::new();
+        let region = MemRegionMsg {
+            guest_addr: 0,
+            size,
+            user_addr: 0,
+            mmap_offset: offset,
+            xen: None,
+        };
+        m.map(0, region, fd)?;
+        Ok(m)
+    }
+
     /// Maps `region` from `fd` into `slot` (replacing what was there). The
     /// fd is closed once mapped, as the mapping keeps the memory alive.
     pub fn map(&mut self, slot: usize, region: MemRegionMsg, fd: OwnedFd) -> io::Result<()> {
@@ -274,69 +289,6 @@ impl GuestMemory for LinuxGuestMemory {
                 .ok_or(MemoryError::Unmapped { addr: gpa, len: 0 });
         }
         self.pieces(gpa, len, |_, _, _, _| Ok(()))
-    }
-}
-
-/// The inflight tracking area (SET_INFLIGHT_FD), addressed by byte offset
-/// through the core's [`GuestMemory`] trait.
-#[derive(Debug)]
-pub struct InflightArea {
-    map: MmapRegion,
-}
-
-impl InflightArea {
-    /// Maps `size` bytes of `fd` from `offset`.
-    pub fn map(fd: OwnedFd, offset: u64, size: u64) -> io::Result<InflightArea> {
-        let map = MmapRegion::map(fd.as_fd(), offset, size, Access::ReadWrite)?;
-        Ok(InflightArea { map })
-    }
-
-    /// Size in bytes.
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-
-    /// Never true (empty mappings are refused).
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
-    }
-}
-
-impl GuestMemory for InflightArea {
-    fn read(&self, off: u64, dst: &mut [u8]) -> Result<(), MemoryError> {
-        let len = dst.len() as u64;
-        self.map.read(off, dst).map_err(|e| access_err(e, off, len))
-    }
-
-    fn write(&self, off: u64, src: &[u8]) -> Result<(), MemoryError> {
-        let len = src.len() as u64;
-        self.map
-            .write(off, src)
-            .map_err(|e| access_err(e, off, len))
-    }
-
-    fn load_u16_acquire(&self, off: u64) -> Result<u16, MemoryError> {
-        self.map
-            .load_u16_acquire(off)
-            .map_err(|e| access_err(e, off, 2))
-    }
-
-    fn store_u16_release(&self, off: u64, v: u16) -> Result<(), MemoryError> {
-        self.map
-            .store_u16_release(off, v)
-            .map_err(|e| access_err(e, off, 2))
-    }
-
-    fn fence(&self) {
-        fence(Ordering::SeqCst);
-    }
-
-    fn check(&self, off: u64, len: u64) -> Result<(), MemoryError> {
-        let end = off.checked_add(len).ok_or(MemoryError::Overflow)?;
-        if end > self.map.len() as u64 || (len == 0 && off >= self.map.len() as u64) {
-            return Err(MemoryError::Unmapped { addr: off, len });
-        }
-        Ok(())
     }
 }
 

@@ -35,7 +35,10 @@ use core::fmt;
 use heapless::Vec;
 
 use crate::memory::{GuestMemory, MemoryError};
-use crate::vring::{Chain, VringError, DESC_F_INDIRECT, DESC_F_WRITE, MAX_QUEUE_SIZE};
+use crate::vring::packed::{PackedQueue, DESC_F_AVAIL, DESC_F_USED};
+use crate::vring::{
+    Chain, VringError, DEFAULT_CHAIN_CAPACITY, DESC_F_INDIRECT, DESC_F_WRITE, MAX_QUEUE_SIZE,
+};
 
 /// Alignment of each queue's region.
 pub const QUEUE_ALIGN: u64 = 64;
@@ -185,8 +188,36 @@ pub struct Resubmit {
     pub counter: u64,
 }
 
-fn sort_by_counter<const N: usize>(list: &mut Vec<Resubmit, N>) {
-    list.sort_unstable_by_key(|r| (r.counter, r.head));
+/// Lists into `out`, in fetch order, the entries of a region flagged in
+/// flight (byte 0 is 1; the fetch counter is at byte 8, as in both
+/// layouts); `check` sees each listed entry's first 16 bytes. Returns the
+/// counter to continue from.
+fn collect_in_flight<M: GuestMemory + ?Sized, const N: usize>(
+    mem: &M,
+    size: u16,
+    entry: impl Fn(u16) -> u64,
+    out: &mut Vec<Resubmit, N>,
+    mut check: impl FnMut(u16, &[u8; 16]) -> Result<(), InflightError>,
+) -> Result<u64, InflightError> {
+    let mut max = None;
+    for i in 0..size {
+        let e = mem.read_16(entry(i))?;
+        match e[0] {
+            0 => {}
+            1 => {
+                check(i, &e)?;
+                let mut c = [0u8; 8];
+                c.copy_from_slice(&e[8..16]);
+                let counter = u64::from_le_bytes(c);
+                out.push(Resubmit { head: i, counter })
+                    .map_err(|_| InflightError::ListFull)?;
+                max = max.max(Some(counter));
+            }
+            _ => return Err(InflightError::BadFlag(i)),
+        }
+    }
+    out.sort_unstable_by_key(|r| (r.counter, r.head));
+    Ok(max.map_or(0, |m| m.wrapping_add(1)))
 }
 
 // ---------------------------------------------------------------- split --
@@ -286,27 +317,7 @@ impl SplitInflight {
             }
             mem.write_u16(self.base + S_USED_IDX, ring_used_idx)?;
         }
-        let mut max = None;
-        for i in 0..self.size {
-            let mut e = [0u8; 16];
-            mem.read(self.entry(i), &mut e)?;
-            match e[0] {
-                0 => {}
-                1 => {
-                    let counter =
-                        u64::from_le_bytes([e[8], e[9], e[10], e[11], e[12], e[13], e[14], e[15]]);
-                    out.push(Resubmit { head: i, counter })
-                        .map_err(|_| InflightError::ListFull)?;
-                    max = max.max(Some(counter));
-                }
-                _ => return Err(InflightError::BadFlag(i)),
-            }
-        }
-        if out.len() > usize::from(self.size) {
-            return Err(InflightError::ListFull);
-        }
-        sort_by_counter(out);
-        self.counter = max.map_or(0, |m| m.wrapping_add(1));
+        self.counter = collect_in_flight(mem, self.size, |i| self.entry(i), out, |_, _| Ok(()))?;
         Ok(())
     }
 
@@ -412,6 +423,28 @@ pub struct PackedPosition {
     /// Next avail slot and its wrap counter (after the resubmitted
     /// requests' descriptors).
     pub avail: (u16, bool),
+}
+
+impl PackedPosition {
+    /// The position in the GET/SET_VRING_BASE encoding of packed rings.
+    pub fn base(&self) -> u32 {
+        u32::from(self.avail.0)
+            | u32::from(self.avail.1) << 15
+            | u32::from(self.used.0) << 16
+            | u32::from(self.used.1) << 31
+    }
+}
+
+/// Whether the device made the descriptor at `slot` of `ring` used in the
+/// round of wrap counter `wrap` (for [`PackedInflight::recover`]).
+pub fn packed_used_at<M: GuestMemory + ?Sized>(
+    guest: &M,
+    ring: &PackedQueue,
+    slot: u16,
+    wrap: bool,
+) -> Result<bool, InflightError> {
+    let f = guest.load_u16_acquire(ring.addrs().desc + 16 * u64::from(slot) + 14)?;
+    Ok((f & DESC_F_AVAIL != 0) == wrap && (f & DESC_F_USED != 0) == wrap)
 }
 
 /// One packed ring's region of the area.
@@ -539,6 +572,34 @@ impl PackedInflight {
         mem.fence();
         mem.write_u16(self.base + P_OLD_FREE_HEAD, free)?;
         Ok(head)
+    }
+
+    /// Records the chain `ring` just popped: the `descs` ring descriptors
+    /// from slot `start`, copied again from guest memory (the driver does
+    /// not touch them until they are used). Returns the area entry.
+    pub fn fetched_from_ring<A: GuestMemory + ?Sized, M: GuestMemory + ?Sized>(
+        &mut self,
+        area: &A,
+        guest: &M,
+        ring: &PackedQueue,
+        start: u16,
+        descs: u16,
+    ) -> Result<u16, InflightError> {
+        let mut copies: Vec<PackedDescCopy, DEFAULT_CHAIN_CAPACITY> = Vec::new();
+        for k in 0..descs {
+            let slot = ((u32::from(start) + u32::from(k)) % u32::from(ring.size())) as u16;
+            let raw = guest.read_16(ring.addrs().desc + 16 * u64::from(slot))?;
+            let (addr, len, id, flags) = crate::vring::decode(&raw);
+            copies
+                .push(PackedDescCopy {
+                    addr,
+                    len,
+                    id,
+                    flags,
+                })
+                .map_err(|_| InflightError::BadCount(descs))?;
+        }
+        self.fetched(area, &copies)
     }
 
     /// The area entry of the request whose head descriptor has buffer id
@@ -674,35 +735,27 @@ impl PackedInflight {
             mem.write(self.entry(i), &[0])?;
             i = self.link(mem, self.entry(i) + E_NEXT)?;
         }
-        let mut max = None;
         let mut slots: u32 = 0;
-        for i in 0..self.size {
-            let mut e = [0u8; 16];
-            mem.read(self.entry(i), &mut e)?;
-            match e[0] {
-                0 => {}
-                1 => {
-                    let num = u16::from_le_bytes([e[6], e[7]]);
-                    if num == 0 || num > self.size {
-                        return Err(InflightError::BadCount(num));
-                    }
-                    slots += u32::from(num);
-                    let counter =
-                        u64::from_le_bytes([e[8], e[9], e[10], e[11], e[12], e[13], e[14], e[15]]);
-                    out.push(Resubmit { head: i, counter })
-                        .map_err(|_| InflightError::ListFull)?;
-                    max = max.max(Some(counter));
+        let size = self.size;
+        self.counter = collect_in_flight(
+            mem,
+            size,
+            |i| self.entry(i),
+            out,
+            |_, e| {
+                let num = u16::from_le_bytes([e[6], e[7]]);
+                if num == 0 || num > size {
+                    return Err(InflightError::BadCount(num));
                 }
-                _ => return Err(InflightError::BadFlag(i)),
-            }
-        }
+                slots += u32::from(num);
+                Ok(())
+            },
+        )?;
         if slots > u32::from(self.size) {
             return Err(InflightError::BadCount(
                 slots.min(u32::from(u16::MAX)) as u16
             ));
         }
-        sort_by_counter(out);
-        self.counter = max.map_or(0, |m| m.wrapping_add(1));
         Ok(PackedPosition {
             used: used_pos,
             avail: advance(used_pos, slots as u16, self.size),

@@ -21,15 +21,7 @@ impl Drop for Kill {
 }
 
 fn qsd(queues: u16) -> (Kill, PathBuf) {
-    let dir = std::env::temp_dir().join(format!(
-        "vhu-bench-qsd-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::temp_path("bench-qsd");
     let img = dir.join("disk.img");
     std::fs::File::create(&img)
         .unwrap()

@@ -48,31 +48,7 @@ struct Fe {
     kick: EventFd,
     call: EventFd,
     image: std::fs::File,
-    _dir: tempdir::Dir,
-}
-
-/// A tiny self-removing temporary directory.
-mod tempdir {
-    pub struct Dir(pub std::path::PathBuf);
-    impl Dir {
-        pub fn new(tag: &str) -> Dir {
-            let p = std::env::temp_dir().join(format!(
-                "vhu-{tag}-{}-{}",
-                std::process::id(),
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos()
-            ));
-            std::fs::create_dir_all(&p).unwrap();
-            Dir(p)
-        }
-    }
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    _dir: common::TempDir,
 }
 
 fn ack(s: &Stream, req: Request<'_>, fds: &[std::os::fd::BorrowedFd<'_>]) {
@@ -91,7 +67,7 @@ impl Fe {
     }
 
     fn with(protocol: P, extra: &[&str]) -> Fe {
-        let dir = tempdir::Dir::new("inflight-stop");
+        let dir = common::TempDir::new("inflight-stop");
         let img = dir.0.join("disk.img");
         let image = std::fs::OpenOptions::new()
             .read(true)

@@ -11,9 +11,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -42,27 +44,6 @@ impl Drop for Kill {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-struct Dir(PathBuf);
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn dir(tag: &str) -> Dir {
-    let p = std::env::temp_dir().join(format!(
-        "vhu-interop-{tag}-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    ));
-    std::fs::create_dir_all(&p).unwrap();
-    Dir(p)
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -230,7 +211,7 @@ const ROUNDS: u64 = 40;
 /// in guest memory and (for a file) on the image; stops and checks the
 /// bases GET_VRING_BASE returns; with `restart`, does it all once more.
 fn exchange(run: Run) {
-    let d = dir("x");
+    let d = common::TempDir::new("interop");
     let image = d.0.join("disk.img");
     std::fs::File::create(&image)
         .unwrap()

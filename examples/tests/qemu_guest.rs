@@ -8,6 +8,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -144,7 +146,7 @@ fn spawn_daemon(sock: &Path, image: &Path, o: &Opts<'_>, log: &Path) -> Child {
 /// Boots the guest on our daemon; the guest runs `script`.
 fn boot(o: &Opts<'_>, image: &Path, script: &str) -> Run {
     let g = guest();
-    let dir = tempdir();
+    let dir = common::temp_path("guest");
     let sock = dir.join("blk.sock");
     let log = dir.join("daemon.log");
     let mut daemon = Kill(spawn_daemon(&sock, image, o, &log));
@@ -250,21 +252,8 @@ fn boot(o: &Opts<'_>, image: &Path, script: &str) -> Run {
     }
 }
 
-fn tempdir() -> PathBuf {
-    let base = std::env::temp_dir().join(format!(
-        "vhu-guest-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    ));
-    std::fs::create_dir_all(&base).unwrap();
-    base
-}
-
 fn image(size: u64) -> PathBuf {
-    let p = tempdir().join("disk.img");
+    let p = common::temp_path("guest").join("disk.img");
     let f = std::fs::File::create(&p).unwrap();
     f.set_len(size).unwrap();
     p

@@ -149,32 +149,33 @@ const BLK_BITS: &[(u32, &str)] = &[
     (17, "blk.ZONED"),
 ];
 
-/// Feature names; device bits are named as virtio-blk's when `blk`.
-fn virtio_names(f: VirtioFeatures, blk: bool) -> Vec<String> {
-    let mut v: Vec<String> = f.iter_names().map(|(n, _)| n.to_string()).collect();
-    let named = f.iter_names().fold(0u64, |a, (_, b)| a | b.bits());
-    let rest = f.bits() & !named;
-    for bit in 0..64 {
-        if rest & (1 << bit) != 0 {
-            match BLK_BITS.iter().find(|(b, _)| *b == bit).filter(|_| blk) {
-                Some((_, n)) => v.push((*n).to_string()),
-                None => v.push(format!("bit{bit}")),
-            }
-        }
+/// The names of the set bits of `flags`; bits without a flag name are
+/// named by `other` (or `bitN`).
+fn names<F: bitflags::Flags<Bits = u64>>(
+    flags: F,
+    other: impl Fn(u32) -> Option<&'static str>,
+) -> Vec<String> {
+    let mut v: Vec<String> = flags.iter_names().map(|(n, _)| n.to_string()).collect();
+    let named = flags.iter_names().fold(0u64, |a, (_, b)| a | b.bits());
+    let rest = flags.bits() & !named;
+    for bit in (0..64).filter(|b| rest & (1 << b) != 0) {
+        v.push(other(bit).map_or_else(|| format!("bit{bit}"), str::to_string));
     }
     v
 }
 
+/// Feature names; device bits are named as virtio-blk's when `blk`.
+fn virtio_names(f: VirtioFeatures, blk: bool) -> Vec<String> {
+    names(f, |bit| {
+        BLK_BITS
+            .iter()
+            .find(|(b, _)| blk && *b == bit)
+            .map(|(_, n)| *n)
+    })
+}
+
 fn protocol_names(p: ProtocolFeatures) -> Vec<String> {
-    let mut v: Vec<String> = p.iter_names().map(|(n, _)| n.to_string()).collect();
-    let named = p.iter_names().fold(0u64, |a, (_, b)| a | b.bits());
-    let rest = p.bits() & !named;
-    for bit in 0..64 {
-        if rest & (1 << bit) != 0 {
-            v.push(format!("bit{bit}"));
-        }
-    }
-    v
+    names(p, |_| None)
 }
 
 fn le(c: &[u8], at: usize, n: usize) -> u64 {

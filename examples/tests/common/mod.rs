@@ -15,6 +15,35 @@ use vhost_user_core::message::{
 };
 use vhost_user_linux::sys::socket::Stream;
 
+/// A fresh, empty directory under the temporary directory.
+pub fn temp_path(tag: &str) -> PathBuf {
+    let p = std::env::temp_dir().join(format!(
+        "vhu-{tag}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}
+
+/// A temporary directory removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        TempDir(temp_path(tag))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 pub struct Daemon {
     pub child: Child,
     pub sock: PathBuf,
@@ -29,15 +58,7 @@ impl Daemon {
 
     /// The daemon with `args` after `--socket-path`.
     pub fn start_with(args: &[&str]) -> Daemon {
-        let dir = std::env::temp_dir().join(format!(
-            "vhu-hostile-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = temp_path("daemon");
         let sock = dir.join("blk.sock");
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         let mut child = Self::spawn(&dir, &sock, &args);
