@@ -1,11 +1,11 @@
 //! Front-end → back-end requests on the main socket.
 
-use zerocopy::IntoBytes;
+use zerocopy::{FromBytes, IntoBytes};
 
 use super::raw;
 use super::{
-    empty, exact, FdRule, Header, ParseOptions, WireError, MAX_CONFIG_SIZE, MAX_MEM_REGIONS,
-    MAX_PAYLOAD,
+    empty, exact, FdRule, Header, HeaderFlags, ParseOptions, WireError, MAX_CONFIG_SIZE,
+    MAX_MEM_REGIONS, MAX_PAYLOAD,
 };
 
 request_codes! {
@@ -191,11 +191,16 @@ impl VringFdMsg {
     }
 
     fn fd_rule(&self) -> FdRule {
-        if self.no_fd {
-            FdRule::NONE
-        } else {
-            FdRule::ONE
-        }
+        vring_fd_rule(self.value())
+    }
+}
+
+/// The fds a SET_VRING_KICK/CALL/ERR with this u64 carries.
+fn vring_fd_rule(value: u64) -> FdRule {
+    if value & VRING_NOFD != 0 {
+        FdRule::NONE
+    } else {
+        FdRule::ONE
     }
 }
 
@@ -756,9 +761,17 @@ pub enum Request<'a> {
     GetVringBaseSkipDrain(u32),
 }
 
-/// The fd rule of each id whose rule does not depend on the payload.
-const FIXED_FD_RULES: [FdRule; 46] = {
+/// The fd rule of each id; for the ids whose rule depends on the payload,
+/// the bounds every payload allows.
+const FD_RULES: [FdRule; 46] = {
     let mut t = [FdRule::NONE; 46];
+    t[FrontendReq::SetMemTable as usize] = FdRule {
+        min: 0,
+        max: u8::MAX,
+    };
+    t[FrontendReq::SetVringKick as usize] = FdRule::OPTIONAL;
+    t[FrontendReq::SetVringCall as usize] = FdRule::OPTIONAL;
+    t[FrontendReq::SetVringErr as usize] = FdRule::OPTIONAL;
     t[FrontendReq::SetLogBase as usize] = FdRule::ONE;
     t[FrontendReq::SetLogFd as usize] = FdRule::ONE;
     t[FrontendReq::SetBackendReqFd as usize] = FdRule::ONE;
@@ -767,6 +780,102 @@ const FIXED_FD_RULES: [FdRule; 46] = {
     t[FrontendReq::AddMemReg as usize] = FdRule::ONE;
     t[FrontendReq::SetDeviceStateFd as usize] = FdRule::ONE;
     t[FrontendReq::RemMemReg as usize] = FdRule::OPTIONAL;
+    t
+};
+
+/// Payload layouts that requests share, each with its own parser.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Group {
+    /// No payload.
+    Empty,
+    /// SET_FEATURES, SET_PROTOCOL_FEATURES.
+    Features,
+    /// A `vhost_vring_state`.
+    State,
+    /// The u64 of SET_VRING_KICK/CALL/ERR.
+    VringFd,
+    /// SET_VRING_ADDR.
+    VringAddr,
+    /// ADD_MEM_REG, REM_MEM_REG.
+    Region,
+    /// GET_CONFIG, SET_CONFIG.
+    Config,
+    /// Everything else: parsed with every check in order.
+    Slow,
+}
+
+/// What [`Request::parse`] needs to know of an id before reading its
+/// payload.
+#[derive(Clone, Copy, Debug)]
+struct Rule {
+    code: FrontendReq,
+    group: Group,
+    /// The exact payload size, or [`ANY_SIZE`].
+    size: u16,
+    fd_min: u8,
+    fd_max: u8,
+}
+
+const ANY_SIZE: u16 = u16::MAX;
+
+impl Rule {
+    /// Ids 0 and above 45.
+    const SLOW: Rule = Rule {
+        code: FrontendReq::GetFeatures,
+        group: Group::Slow,
+        size: ANY_SIZE,
+        fd_min: 0,
+        fd_max: u8::MAX,
+    };
+}
+
+/// The rule of every id, indexed by id.
+const RULES: [Rule; 46] = {
+    use FrontendReq as C;
+    let mut t = [Rule::SLOW; 46];
+    let mut i = 0;
+    while i < FrontendReq::ALL.len() {
+        let code = FrontendReq::ALL[i];
+        let fds = FD_RULES[code as usize];
+        let (group, size) = match code {
+            C::GetFeatures
+            | C::SetOwner
+            | C::ResetOwner
+            | C::SetLogFd
+            | C::GetProtocolFeatures
+            | C::GetQueueNum
+            | C::SetBackendReqFd
+            | C::PostcopyAdvise
+            | C::PostcopyListen
+            | C::PostcopyEnd
+            | C::GpuSetSocket
+            | C::ResetDevice
+            | C::GetMaxMemSlots
+            | C::GetStatus
+            | C::CheckDeviceState
+            | C::GetShmemConfig => (Group::Empty, 0),
+            C::SetFeatures | C::SetProtocolFeatures => (Group::Features, raw::Word::SIZE),
+            C::SetVringNum
+            | C::SetVringBase
+            | C::GetVringBase
+            | C::SetVringEnable
+            | C::VringKick
+            | C::GetVringBaseSkipDrain => (Group::State, raw::VringState::SIZE),
+            C::SetVringKick | C::SetVringCall | C::SetVringErr => (Group::VringFd, raw::Word::SIZE),
+            C::SetVringAddr => (Group::VringAddr, raw::VringAddr::SIZE),
+            C::AddMemReg | C::RemMemReg => (Group::Region, 8 + raw::MemRegion::SIZE),
+            C::GetConfig | C::SetConfig => (Group::Config, ANY_SIZE as usize),
+            _ => (Group::Slow, ANY_SIZE as usize),
+        };
+        t[code as usize] = Rule {
+            code,
+            group,
+            size: size as u16,
+            fd_min: fds.min,
+            fd_max: fds.max,
+        };
+        i += 1;
+    }
     t
 };
 
@@ -803,7 +912,47 @@ impl<'a> Request<'a> {
     /// `payload` must be the `header.size` bytes that followed the header and
     /// `nfds` the number of file descriptors that arrived with the message.
     /// On error the caller drops the message and closes every fd.
+    #[inline]
     pub fn parse(
+        header: &Header,
+        payload: &'a [u8],
+        nfds: usize,
+        opts: &ParseOptions,
+    ) -> Result<Self, WireError> {
+        // The common case first: one table entry says whether the header, the
+        // payload size and the fd count fit the id; then the id's group
+        // parser checks the fields. Anything else, and the rare ids, take
+        // the long way, which finds the exact error.
+        let rule = RULES
+            .get(header.request as usize)
+            .copied()
+            .unwrap_or(Rule::SLOW);
+        let fits = (header.flags.bits() & HeaderFlags::REPLY.bits() == 0)
+            & (payload.len() == header.size as usize)
+            & ((rule.size == ANY_SIZE) | (payload.len() == usize::from(rule.size)))
+            & (nfds.wrapping_sub(usize::from(rule.fd_min))
+                <= usize::from(rule.fd_max - rule.fd_min));
+        if !fits {
+            return Self::parse_slow(header, payload, nfds, opts);
+        }
+        let code = rule.code;
+        match rule.group {
+            Group::Empty => Self::parse_empty(code, payload),
+            Group::Features => Self::parse_features(code, payload),
+            Group::State => Self::parse_state(code, payload, opts),
+            Group::VringFd => Self::parse_vring_fd(code, payload, opts, Some(nfds)),
+            Group::VringAddr => Self::parse_vring_addr(payload, opts),
+            Group::Region => Self::parse_region(code, payload, opts),
+            Group::Config => Self::parse_config(code, payload),
+            Group::Slow => Self::parse_slow(header, payload, nfds, opts),
+        }
+    }
+
+    /// [`Request::parse`] with every check in order, for the rare ids and for
+    /// messages that are wrong somewhere.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn parse_slow(
         header: &Header,
         payload: &'a [u8],
         nfds: usize,
@@ -817,78 +966,127 @@ impl<'a> Request<'a> {
             });
         }
         let code = FrontendReq::try_from(header.request)?;
-        let req = Self::parse_payload(code, payload, opts)?;
-        // Most ids have a fixed fd rule, read from a table; only the three
-        // eventfd messages and SET_MEM_TABLE depend on the payload.
-        let rule = match &req {
-            Request::SetMemTable(t) => FdRule::exactly(t.len() as u8),
-            Request::SetVringKick(v) | Request::SetVringCall(v) | Request::SetVringErr(v) => {
-                v.fd_rule()
+        // Most ids have a fixed fd rule, read from a table; the three eventfd
+        // messages and SET_MEM_TABLE have a looser bound there, and their
+        // exact rule, which depends on the payload, is checked here once the
+        // payload has the right size.
+        FD_RULES[code as usize].check(nfds)?;
+        match code {
+            FrontendReq::SetVringKick | FrontendReq::SetVringCall | FrontendReq::SetVringErr => {
+                if let Ok(w) = raw::Word::ref_from_bytes(payload) {
+                    vring_fd_rule(w.value.get()).check(nfds)?;
+                }
             }
-            _ => FIXED_FD_RULES[code as usize],
-        };
-        rule.check(nfds)?;
-        Ok(req)
+            FrontendReq::SetMemTable => {
+                if let Ok((head, _)) = raw::MemTableHead::ref_from_prefix(payload) {
+                    let n = head.nregions.get();
+                    if n != nfds as u32 && (1..=MAX_MEM_REGIONS as u32).contains(&n) {
+                        FdRule::exactly(n as u8).check(nfds)?;
+                    }
+                }
+            }
+            _ => {}
+        }
+        Self::parse_payload(code, payload, opts)
     }
 
     /// Parses the payload of a request with a known code.
-    #[inline(always)]
+    ///
+    /// The ids are sorted into groups whose requests share a payload layout;
+    /// each group has its own parser, which builds its variant directly in
+    /// the result, so a parse does not pay for the layouts of the others.
+    #[inline]
     pub fn parse_payload(
         code: FrontendReq,
         payload: &'a [u8],
         opts: &ParseOptions,
     ) -> Result<Self, WireError> {
         use FrontendReq as C;
-        let id = code.id();
-        let state = |p| VringStateMsg::parse(id, p, opts);
-        Ok(match code {
-            C::GetFeatures => empty(id, payload).map(|_| Request::GetFeatures)?,
-            C::SetFeatures => Request::SetFeatures(word(id, payload)?),
-            C::SetOwner => empty(id, payload).map(|_| Request::SetOwner)?,
-            C::ResetOwner => empty(id, payload).map(|_| Request::ResetOwner)?,
-            C::SetMemTable => Request::SetMemTable(MemTable::parse(id, payload, opts.xen_mmap)?),
-            C::SetLogBase => {
-                let r: &raw::Log = exact(id, payload)?;
-                let (size, offset) = (r.mmap_size.get(), r.mmap_offset.get());
-                if size == 0 {
-                    return Err(WireError::EmptyRegion);
-                }
-                offset.checked_add(size).ok_or(WireError::RangeOverflow)?;
-                Request::SetLogBase(LogMsg { size, offset })
+        match code {
+            C::GetFeatures
+            | C::SetOwner
+            | C::ResetOwner
+            | C::SetLogFd
+            | C::GetProtocolFeatures
+            | C::GetQueueNum
+            | C::SetBackendReqFd
+            | C::PostcopyAdvise
+            | C::PostcopyListen
+            | C::PostcopyEnd
+            | C::GpuSetSocket
+            | C::ResetDevice
+            | C::GetMaxMemSlots
+            | C::GetStatus
+            | C::CheckDeviceState
+            | C::GetShmemConfig => Self::parse_empty(code, payload),
+            C::SetFeatures | C::SetProtocolFeatures => Self::parse_features(code, payload),
+            C::SetVringNum
+            | C::SetVringBase
+            | C::GetVringBase
+            | C::SetVringEnable
+            | C::VringKick
+            | C::GetVringBaseSkipDrain => Self::parse_state(code, payload, opts),
+            C::SetVringKick | C::SetVringCall | C::SetVringErr => {
+                Self::parse_vring_fd(code, payload, opts, None)
             }
-            C::SetLogFd => empty(id, payload).map(|_| Request::SetLogFd)?,
+            C::SetVringAddr => Self::parse_vring_addr(payload, opts),
+            C::AddMemReg | C::RemMemReg => Self::parse_region(code, payload, opts),
+            C::GetConfig | C::SetConfig => Self::parse_config(code, payload),
+            _ => Self::parse_other(code, payload, opts),
+        }
+    }
+
+    #[inline(never)]
+    fn parse_empty(code: FrontendReq, payload: &'a [u8]) -> Result<Self, WireError> {
+        use FrontendReq as C;
+        empty(code.id(), payload)?;
+        Ok(match code {
+            C::GetFeatures => Request::GetFeatures,
+            C::SetOwner => Request::SetOwner,
+            C::ResetOwner => Request::ResetOwner,
+            C::SetLogFd => Request::SetLogFd,
+            C::GetProtocolFeatures => Request::GetProtocolFeatures,
+            C::GetQueueNum => Request::GetQueueNum,
+            C::SetBackendReqFd => Request::SetBackendReqFd,
+            C::PostcopyAdvise => Request::PostcopyAdvise,
+            C::PostcopyListen => Request::PostcopyListen,
+            C::PostcopyEnd => Request::PostcopyEnd,
+            C::GpuSetSocket => Request::GpuSetSocket,
+            C::ResetDevice => Request::ResetDevice,
+            C::GetMaxMemSlots => Request::GetMaxMemSlots,
+            C::GetStatus => Request::GetStatus,
+            C::CheckDeviceState => Request::CheckDeviceState,
+            _ => Request::GetShmemConfig,
+        })
+    }
+
+    #[inline(never)]
+    fn parse_features(code: FrontendReq, payload: &'a [u8]) -> Result<Self, WireError> {
+        let v = word(code.id(), payload)?;
+        Ok(match code {
+            FrontendReq::SetFeatures => Request::SetFeatures(v),
+            _ => Request::SetProtocolFeatures(v),
+        })
+    }
+
+    #[inline(never)]
+    fn parse_state(
+        code: FrontendReq,
+        payload: &'a [u8],
+        opts: &ParseOptions,
+    ) -> Result<Self, WireError> {
+        use FrontendReq as C;
+        let s = VringStateMsg::parse(code.id(), payload, opts)?;
+        Ok(match code {
             C::SetVringNum => {
-                let s = state(payload)?;
                 if s.num == 0 || s.num > MAX_RING_SIZE {
                     return Err(WireError::BadValue(s.num.into()));
                 }
                 Request::SetVringNum(s)
             }
-            C::SetVringAddr => {
-                let r: &raw::VringAddr = exact(id, payload)?;
-                let flags = r.flags.get();
-                if flags & !VRING_F_LOG != 0 {
-                    return Err(WireError::ReservedBits(flags.into()));
-                }
-                Request::SetVringAddr(VringAddrMsg {
-                    index: opts.check_queue(r.index.get().into())?,
-                    log: flags & VRING_F_LOG != 0,
-                    desc: r.desc.get(),
-                    used: r.used.get(),
-                    avail: r.avail.get(),
-                    log_addr: r.log.get(),
-                })
-            }
-            C::SetVringBase => Request::SetVringBase(state(payload)?),
-            C::GetVringBase => Request::GetVringBase(state(payload)?.index),
-            C::SetVringKick => Request::SetVringKick(VringFdMsg::parse(id, payload, opts)?),
-            C::SetVringCall => Request::SetVringCall(VringFdMsg::parse(id, payload, opts)?),
-            C::SetVringErr => Request::SetVringErr(VringFdMsg::parse(id, payload, opts)?),
-            C::GetProtocolFeatures => empty(id, payload).map(|_| Request::GetProtocolFeatures)?,
-            C::SetProtocolFeatures => Request::SetProtocolFeatures(word(id, payload)?),
-            C::GetQueueNum => empty(id, payload).map(|_| Request::GetQueueNum)?,
+            C::SetVringBase => Request::SetVringBase(s),
+            C::GetVringBase => Request::GetVringBase(s.index),
             C::SetVringEnable => {
-                let s = state(payload)?;
                 let enable = match s.num {
                     0 => false,
                     1 => true,
@@ -899,12 +1097,96 @@ impl<'a> Request<'a> {
                     enable,
                 }
             }
+            C::VringKick => Request::VringKick(s.index),
+            _ => Request::GetVringBaseSkipDrain(s.index),
+        })
+    }
+
+    /// SET_VRING_KICK/CALL/ERR; with `nfds`, also checks the fd count
+    /// against the no-fd bit, before the other fields (as [`Request::parse`]
+    /// does).
+    #[inline(never)]
+    fn parse_vring_fd(
+        code: FrontendReq,
+        payload: &'a [u8],
+        opts: &ParseOptions,
+        nfds: Option<usize>,
+    ) -> Result<Self, WireError> {
+        if let (Some(n), Ok(w)) = (nfds, raw::Word::ref_from_bytes(payload)) {
+            vring_fd_rule(w.value.get()).check(n)?;
+        }
+        let v = VringFdMsg::parse(code.id(), payload, opts)?;
+        Ok(match code {
+            FrontendReq::SetVringKick => Request::SetVringKick(v),
+            FrontendReq::SetVringCall => Request::SetVringCall(v),
+            _ => Request::SetVringErr(v),
+        })
+    }
+
+    #[inline(never)]
+    fn parse_vring_addr(payload: &'a [u8], opts: &ParseOptions) -> Result<Self, WireError> {
+        let r: &raw::VringAddr = exact(FrontendReq::SetVringAddr.id(), payload)?;
+        let flags = r.flags.get();
+        if flags & !VRING_F_LOG != 0 {
+            return Err(WireError::ReservedBits(flags.into()));
+        }
+        Ok(Request::SetVringAddr(VringAddrMsg {
+            index: opts.check_queue(r.index.get().into())?,
+            log: flags & VRING_F_LOG != 0,
+            desc: r.desc.get(),
+            used: r.used.get(),
+            avail: r.avail.get(),
+            log_addr: r.log.get(),
+        }))
+    }
+
+    #[inline(never)]
+    fn parse_region(
+        code: FrontendReq,
+        payload: &'a [u8],
+        opts: &ParseOptions,
+    ) -> Result<Self, WireError> {
+        let r = single_region(code.id(), payload, opts.xen_mmap)?;
+        Ok(match code {
+            FrontendReq::AddMemReg => Request::AddMemReg(r),
+            _ => Request::RemMemReg(r),
+        })
+    }
+
+    #[inline(never)]
+    fn parse_config(code: FrontendReq, payload: &'a [u8]) -> Result<Self, WireError> {
+        let c = ConfigMsg::parse(code.id(), payload)?;
+        Ok(match code {
+            FrontendReq::GetConfig => Request::GetConfig(c),
+            _ => Request::SetConfig(c),
+        })
+    }
+
+    /// The requests outside the groups above (rare in a session's life).
+    #[inline(never)]
+    fn parse_other(
+        code: FrontendReq,
+        payload: &'a [u8],
+        opts: &ParseOptions,
+    ) -> Result<Self, WireError> {
+        use FrontendReq as C;
+        let id = code.id();
+        Ok(match code {
+            C::SetMemTable => Request::SetMemTable(MemTable::parse(id, payload, opts.xen_mmap)?),
+            C::SetLogBase => {
+                let r: &raw::Log = exact(id, payload)?;
+                let (size, offset) = (r.mmap_size.get(), r.mmap_offset.get());
+                if size == 0 {
+                    return Err(WireError::EmptyRegion);
+                }
+                offset.checked_add(size).ok_or(WireError::RangeOverflow)?;
+                Request::SetLogBase(LogMsg { size, offset })
+            }
             C::SendRarp => {
                 let v = word(id, payload)?.to_ne_bytes();
                 Request::SendRarp([v[0], v[1], v[2], v[3], v[4], v[5]])
             }
             C::NetSetMtu => Request::NetSetMtu(word(id, payload)?),
-            C::SetBackendReqFd => empty(id, payload).map(|_| Request::SetBackendReqFd)?,
             C::IotlbMsg => {
                 let m = IotlbMsg::parse(id, payload)?;
                 if !matches!(m.kind, IotlbKind::Update | IotlbKind::Invalidate) {
@@ -913,7 +1195,7 @@ impl<'a> Request<'a> {
                 Request::IotlbMsg(m)
             }
             C::SetVringEndian => {
-                let s = state(payload)?;
+                let s = VringStateMsg::parse(id, payload, opts)?;
                 let endian = match s.num {
                     0 => Endian::Little,
                     1 => Endian::Big,
@@ -924,8 +1206,6 @@ impl<'a> Request<'a> {
                     endian,
                 }
             }
-            C::GetConfig => Request::GetConfig(ConfigMsg::parse(id, payload)?),
-            C::SetConfig => Request::SetConfig(ConfigMsg::parse(id, payload)?),
             C::CreateCryptoSession => {
                 if payload.len() < 16 {
                     return Err(WireError::BadSize {
@@ -936,9 +1216,6 @@ impl<'a> Request<'a> {
                 Request::CreateCryptoSession(payload)
             }
             C::CloseCryptoSession => Request::CloseCryptoSession(word(id, payload)?),
-            C::PostcopyAdvise => empty(id, payload).map(|_| Request::PostcopyAdvise)?,
-            C::PostcopyListen => empty(id, payload).map(|_| Request::PostcopyListen)?,
-            C::PostcopyEnd => empty(id, payload).map(|_| Request::PostcopyEnd)?,
             C::GetInflightFd => Request::GetInflightFd(InflightMsg::parse(id, payload)?),
             C::SetInflightFd => {
                 let m = InflightMsg::parse(id, payload)?;
@@ -947,18 +1224,11 @@ impl<'a> Request<'a> {
                 }
                 Request::SetInflightFd(m)
             }
-            C::GpuSetSocket => empty(id, payload).map(|_| Request::GpuSetSocket)?,
-            C::ResetDevice => empty(id, payload).map(|_| Request::ResetDevice)?,
-            C::VringKick => Request::VringKick(state(payload)?.index),
-            C::GetMaxMemSlots => empty(id, payload).map(|_| Request::GetMaxMemSlots)?,
-            C::AddMemReg => Request::AddMemReg(single_region(id, payload, opts.xen_mmap)?),
-            C::RemMemReg => Request::RemMemReg(single_region(id, payload, opts.xen_mmap)?),
             C::SetStatus => {
                 let v = word(id, payload)?;
                 let status = u8::try_from(v).map_err(|_| WireError::BadValue(v))?;
                 Request::SetStatus(status)
             }
-            C::GetStatus => empty(id, payload).map(|_| Request::GetStatus)?,
             C::GetSharedObject => Request::GetSharedObject(uuid(id, payload)?),
             C::SetDeviceStateFd => {
                 let r: &raw::DeviceStateTransfer = exact(id, payload)?;
@@ -972,9 +1242,7 @@ impl<'a> Request<'a> {
                 }
                 Request::SetDeviceStateFd(direction)
             }
-            C::CheckDeviceState => empty(id, payload).map(|_| Request::CheckDeviceState)?,
-            C::GetShmemConfig => empty(id, payload).map(|_| Request::GetShmemConfig)?,
-            C::GetVringBaseSkipDrain => Request::GetVringBaseSkipDrain(state(payload)?.index),
+            _ => return Err(WireError::UnknownRequest(id)),
         })
     }
 

@@ -258,4 +258,27 @@ proptest! {
             let _ = BackendRequest::parse(&h, &msg[12..], nfds, &OPTS);
         }
     }
+
+    /// The table-driven path of `Request::parse` gives exactly what the path
+    /// that checks everything in order gives: the same request or the same
+    /// error. Payloads have the sizes the ids use, and first bytes that make
+    /// valid ring indices and flags likely.
+    #[test]
+    fn fast_path_agrees_with_the_checked_path(
+        id in 0u32..48,
+        flags in prop_oneof![Just(1u32), Just(9), Just(5), Just(13), any::<u32>()],
+        len in prop_oneof![Just(0usize), Just(8), Just(40), Just(48), Just(52), 0usize..80],
+        size_off in prop_oneof![Just(0u32), Just(0), Just(0), Just(1)],
+        head in proptest::collection::vec(0u8..4, 16),
+        rest in proptest::collection::vec(any::<u8>(), 80),
+        nfds in 0usize..4,
+    ) {
+        let mut payload: Vec<u8> = head.iter().chain(rest.iter()).copied().take(len).collect();
+        payload.resize(len, 0);
+        let h = Header { request: id, flags: HeaderFlags::from_bits_retain(flags), size: len as u32 + size_off };
+        prop_assert_eq!(
+            Request::parse(&h, &payload, nfds, &OPTS),
+            Request::parse_slow(&h, &payload, nfds, &OPTS)
+        );
+    }
 }
