@@ -228,6 +228,12 @@ impl GuestMemory for LinuxGuestMemory {
     }
 
     #[inline]
+    fn read_desc(&self, gpa: u64) -> Result<[u64; 2], MemoryError> {
+        let b = self.read_array::<16>(gpa)?;
+        Ok(vhost_user_core::memory::desc_words(&b))
+    }
+
+    #[inline]
     fn read_u16(&self, gpa: u64) -> Result<u16, MemoryError> {
         self.read_array(gpa).map(u16::from_le_bytes)
     }

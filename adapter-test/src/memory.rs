@@ -297,6 +297,23 @@ impl<const N: usize> GuestMemory for TestMemory<N> {
     }
 
     #[inline]
+    fn read_desc(&self, gpa: u64) -> Result<[u64; 2], MemoryError> {
+        if gpa % 4 == 0 {
+            if let Some((b, off)) = self.find(gpa) {
+                if b.size - off >= 16 {
+                    let i = off as usize / 4;
+                    if let Some(c) = b.words.get(i..i + 4) {
+                        let w = |k: usize| u64::from(c[k].load(Ordering::Relaxed));
+                        return Ok([w(0) | w(1) << 32, w(2) | w(3) << 32]);
+                    }
+                }
+            }
+        }
+        let b = self.read_16(gpa)?;
+        Ok(vhost_user_core::memory::desc_words(&b))
+    }
+
+    #[inline]
     fn write_u64(&self, gpa: u64, v: u64) -> Result<(), MemoryError> {
         if gpa % 4 == 0 {
             if let Some((b, off)) = self.find(gpa) {

@@ -117,6 +117,14 @@ pub trait GuestMemory {
         Ok(b)
     }
 
+    /// Read one 16-byte descriptor as two little-endian `u64` words
+    /// (bytes 0-7 and 8-15), with one copy.
+    #[inline]
+    fn read_desc(&self, gpa: u64) -> Result<[u64; 2], MemoryError> {
+        let b = self.read_16(gpa)?;
+        Ok(desc_words(&b))
+    }
+
     /// Write a little-endian `u16` (no ordering guarantee).
     #[inline]
     fn write_u16(&self, gpa: u64, v: u16) -> Result<(), MemoryError> {
@@ -135,6 +143,17 @@ pub trait GuestMemory {
     fn write_u64(&self, gpa: u64, v: u64) -> Result<(), MemoryError> {
         self.write(gpa, &v.to_le_bytes())
     }
+}
+
+/// The two little-endian `u64` words of a 16-byte descriptor copy.
+#[inline]
+pub fn desc_words(b: &[u8; 16]) -> [u64; 2] {
+    let (lo, hi) = b.split_at(8);
+    let mut a = [0u8; 8];
+    a.copy_from_slice(lo);
+    let mut c = [0u8; 8];
+    c.copy_from_slice(hi);
+    [u64::from_le_bytes(a), u64::from_le_bytes(c)]
 }
 
 impl<M: GuestMemory + ?Sized> GuestMemory for &M {
@@ -169,6 +188,10 @@ impl<M: GuestMemory + ?Sized> GuestMemory for &M {
     #[inline]
     fn read_16(&self, gpa: u64) -> Result<[u8; 16], MemoryError> {
         (**self).read_16(gpa)
+    }
+    #[inline]
+    fn read_desc(&self, gpa: u64) -> Result<[u64; 2], MemoryError> {
+        (**self).read_desc(gpa)
     }
     #[inline]
     fn write_u16(&self, gpa: u64, v: u16) -> Result<(), MemoryError> {

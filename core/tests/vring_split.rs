@@ -248,6 +248,24 @@ fn stop_and_restart_resume_requests_already_in_the_ring() {
 }
 
 #[test]
+fn a_new_base_rereads_the_avail_ring() {
+    // Heads are read ahead in runs; SET_VRING_BASE must not serve stale ones.
+    let (m, mut d, mut q) = setup(8, feats(false, false));
+    let h: Vec<u16> = (0..3)
+        .map(|i| d.post(&m, &[Buf::readable(DATA + i, 1)]).unwrap())
+        .collect();
+    assert_eq!(pop(&mut q, &m).unwrap().unwrap().head().id, h[0]);
+    // The front-end rewrites the entries not yet taken, then rewinds.
+    let avail = d.addrs().driver;
+    m.write_u16(avail + 4 + 2, h[2]).unwrap();
+    m.write_u16(avail + 4 + 4, h[1]).unwrap();
+    q.set_next_avail(1);
+    let rest: Vec<u16> =
+        std::iter::from_fn(|| pop(&mut q, &m).unwrap().map(|c| c.head().id)).collect();
+    assert_eq!(rest, [h[2], h[1]]);
+}
+
+#[test]
 fn zero_length_descriptor_with_valid_address_is_skipped() {
     let (m, mut d, mut q) = setup(4, feats(false, false));
     d.post(&m, &[Buf::readable(DATA, 0), Buf::writable(DATA, 4)])

@@ -312,16 +312,14 @@ impl<const S: usize> Chain<S> {
         len: u32,
         writable: bool,
     ) -> Result<(), VringError> {
-        if writable {
-            self.writable_seen = true;
-        } else if self.writable_seen {
+        if self.writable_seen & !writable {
             return Err(VringError::ReadableAfterWritable);
         }
-        let total = self
-            .readable_len
-            .checked_add(self.writable_len)
-            .and_then(|t| t.checked_add(len));
-        if total.is_none() {
+        self.writable_seen |= writable;
+        // In 64 bits the sum cannot overflow; the chain's total must fit in
+        // 32 (the used element's length).
+        let total = u64::from(self.readable_len) + u64::from(self.writable_len) + u64::from(len);
+        if total > u64::from(u32::MAX) {
             return Err(VringError::ChainTooBig);
         }
         mem.check(addr, u64::from(len))
@@ -329,13 +327,14 @@ impl<const S: usize> Chain<S> {
         if len == 0 {
             return Ok(());
         }
-        self.segments
-            .push(Segment {
-                addr,
-                len,
-                writable,
-            })
-            .map_err(|_| VringError::ChainTooLong)?;
+        if self.segments.is_full() {
+            return Err(VringError::ChainTooLong);
+        }
+        let _ = self.segments.push(Segment {
+            addr,
+            len,
+            writable,
+        });
         if writable {
             self.writable_len += len;
         } else {
@@ -349,13 +348,14 @@ impl<const S: usize> Chain<S> {
 /// Decode a 16-byte descriptor copy: (addr, len, u16 at 12, u16 at 14).
 #[inline]
 pub(crate) fn decode(d: &[u8; 16]) -> (u64, u32, u16, u16) {
-    let [a0, a1, a2, a3, a4, a5, a6, a7, l0, l1, l2, l3, x0, x1, y0, y1] = *d;
-    (
-        u64::from_le_bytes([a0, a1, a2, a3, a4, a5, a6, a7]),
-        u32::from_le_bytes([l0, l1, l2, l3]),
-        u16::from_le_bytes([x0, x1]),
-        u16::from_le_bytes([y0, y1]),
-    )
+    decode_words(crate::memory::desc_words(d))
+}
+
+/// [`decode`] of a descriptor read as two words
+/// ([`GuestMemory::read_desc`]).
+#[inline]
+pub(crate) fn decode_words([a, b]: [u64; 2]) -> (u64, u32, u16, u16) {
+    (a, b as u32, (b >> 32) as u16, (b >> 48) as u16)
 }
 
 /// Check an indirect descriptor and return its table length in

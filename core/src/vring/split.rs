@@ -14,7 +14,7 @@
 use crate::memory::GuestMemory;
 
 use super::{
-    check_area, decode, indirect_table, need_event, Chain, Head, RingAddrs, RingFeatures,
+    check_area, decode_words, indirect_table, need_event, Chain, Head, RingAddrs, RingFeatures,
     VringError, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, MAX_QUEUE_SIZE,
 };
 
@@ -23,7 +23,13 @@ pub const AVAIL_F_NO_INTERRUPT: u16 = 1;
 /// used.flags: the device does not want kicks (without EVENT_IDX).
 pub const USED_F_NO_NOTIFY: u16 = 1;
 
+/// Avail ring entries read with one copy, at most.
+const HEAD_BATCH: usize = 16;
+
 /// A split virtqueue's device-side state.
+///
+/// Avail entries are read in runs of up to [`HEAD_BATCH`]: only entries
+/// below the avail.idx already loaded with acquire, each read once.
 #[derive(Clone, Debug)]
 pub struct SplitQueue {
     size: u16,
@@ -46,6 +52,11 @@ pub struct SplitQueue {
     signalled_valid: bool,
     /// Last avail_event value written, if any.
     avail_event: Option<u16>,
+    /// Heads read ahead: `heads[i]` is the entry of avail index
+    /// `heads_at + i`, for `i < heads_len`.
+    heads: [u16; HEAD_BATCH],
+    heads_at: u16,
+    heads_len: u16,
 }
 
 impl SplitQueue {
@@ -75,6 +86,9 @@ impl SplitQueue {
             published_used: 0,
             signalled_valid: false,
             avail_event: None,
+            heads: [0; HEAD_BATCH],
+            heads_at: 0,
+            heads_len: 0,
         })
     }
 
@@ -88,6 +102,7 @@ impl SplitQueue {
         self.desc = addrs.desc;
         self.avail = addrs.driver;
         self.used = addrs.device;
+        self.heads_len = 0;
         Ok(())
     }
 
@@ -135,6 +150,7 @@ impl SplitQueue {
         self.next_avail = idx;
         self.avail_shadow = idx;
         self.avail_event = None;
+        self.heads_len = 0;
     }
 
     /// The next used index the device will write.
@@ -211,11 +227,36 @@ impl SplitQueue {
         if self.next_avail == self.avail_shadow && !self.refresh_avail(mem)? {
             return Ok(false);
         }
-        let slot = u64::from(self.next_avail & self.mask);
-        let head = mem.read_u16(self.avail + 4 + 2 * slot)?;
+        let head = self.next_head(mem)?;
         self.walk(mem, head, chain)?;
         self.next_avail = self.next_avail.wrapping_add(1);
         Ok(true)
+    }
+
+    /// The avail entry at `next_avail`, which is below `avail_shadow`: from
+    /// the entries read ahead, or read with the ones after it (up to
+    /// `avail_shadow`, the ring's end and [`HEAD_BATCH`]).
+    #[inline]
+    fn next_head<M: GuestMemory + ?Sized>(&mut self, mem: &M) -> Result<u16, VringError> {
+        let k = self.next_avail.wrapping_sub(self.heads_at);
+        if k < self.heads_len {
+            return Ok(self.heads[usize::from(k)]);
+        }
+        let slot = self.next_avail & self.mask;
+        let n = usize::from(
+            self.avail_shadow
+                .wrapping_sub(self.next_avail)
+                .min(self.size - slot),
+        )
+        .clamp(1, HEAD_BATCH);
+        let mut b = [0u8; 2 * HEAD_BATCH];
+        mem.read(self.avail + 4 + 2 * u64::from(slot), &mut b[..2 * n])?;
+        for (h, w) in self.heads.iter_mut().zip(b[..2 * n].chunks_exact(2)) {
+            *h = u16::from_le_bytes([w[0], w[1]]);
+        }
+        self.heads_at = self.next_avail;
+        self.heads_len = n as u16;
+        Ok(self.heads[0])
     }
 
     /// Read the chain whose head descriptor is `head` into `chain`, without
@@ -253,35 +294,52 @@ impl SplitQueue {
         }
         chain.reset();
         chain.set_head(Head { id: head, descs: 1 });
+        let d = decode_words(mem.read_desc(self.desc + 16 * u64::from(head))?);
+        // The common case: one direct descriptor.
+        if d.2 & (DESC_F_INDIRECT | DESC_F_NEXT) == 0 {
+            return chain.push(mem, d.0, d.1, d.2 & DESC_F_WRITE != 0);
+        }
+        self.walk_on(mem, d, chain)
+    }
+
+    /// The rest of [`walk`](Self::walk), from the head descriptor `d`
+    /// (already copied) on.
+    #[inline]
+    fn walk_on<M: GuestMemory + ?Sized, const S: usize>(
+        &self,
+        mem: &M,
+        mut d: (u64, u32, u16, u16),
+        chain: &mut Chain<S>,
+    ) -> Result<(), VringError> {
         let mut table = self.desc;
         let mut table_len = u32::from(self.size);
-        let mut budget = table_len;
+        // Descriptors that may still be read from `table`.
+        let mut budget = table_len - 1;
         let mut indirect = false;
-        let mut idx = head;
         loop {
-            if budget == 0 {
-                return Err(VringError::ChainLoop);
-            }
-            budget -= 1;
-            let raw = mem.read_16(table + 16 * u64::from(idx))?;
-            let (addr, len, flags, next) = decode(&raw);
-            if flags & DESC_F_INDIRECT != 0 {
+            let (addr, len, flags, next) = d;
+            let idx = if flags & DESC_F_INDIRECT != 0 {
                 let n = indirect_table(mem, self.features.indirect, indirect, flags, addr, len)?;
                 indirect = true;
                 table = addr;
                 table_len = n;
                 budget = n;
-                idx = 0;
-                continue;
+                0
+            } else {
+                chain.push(mem, addr, len, flags & DESC_F_WRITE != 0)?;
+                if flags & DESC_F_NEXT == 0 {
+                    return Ok(());
+                }
+                if u32::from(next) >= table_len {
+                    return Err(VringError::NextOutOfRange(next));
+                }
+                next
+            };
+            if budget == 0 {
+                return Err(VringError::ChainLoop);
             }
-            chain.push(mem, addr, len, flags & DESC_F_WRITE != 0)?;
-            if flags & DESC_F_NEXT == 0 {
-                return Ok(());
-            }
-            if u32::from(next) >= table_len {
-                return Err(VringError::NextOutOfRange(next));
-            }
-            idx = next;
+            budget -= 1;
+            d = decode_words(mem.read_desc(table + 16 * u64::from(idx))?);
         }
     }
 
