@@ -28,7 +28,7 @@ const HEAD_BATCH: usize = 16;
 
 /// A split virtqueue's device-side state.
 ///
-/// Avail entries are read in runs of up to [`HEAD_BATCH`]: only entries
+/// Avail entries are read in runs of up to 16: only entries
 /// below the avail.idx already loaded with acquire, each read once.
 #[derive(Clone, Debug)]
 pub struct SplitQueue {
