@@ -122,7 +122,7 @@ impl LinuxGuestMemory {
     }
 
     /// The region holding `gpa`.
-    #[inline]
+    #[inline(always)]
     fn find(&self, gpa: u64) -> Option<&Mapped> {
         // Few regions (QEMU uses one to a handful): a linear scan beats a
         // binary search.
@@ -132,14 +132,14 @@ impl LinuxGuestMemory {
     }
 
     /// The region holding all of `[gpa, gpa + len)` and the offset in it.
-    #[inline]
+    #[inline(always)]
     fn within(&self, gpa: u64, len: u64) -> Option<(&Mapped, u64)> {
         let r = self.find(gpa)?;
         let off = gpa - r.gpa;
         (r.size - off >= len).then_some((r, off))
     }
 
-    #[inline]
+    #[inline(always)]
     fn read_array<const N: usize>(&self, gpa: u64) -> Result<[u8; N], MemoryError> {
         match self.within(gpa, N as u64) {
             Some((r, off)) => r
@@ -154,7 +154,7 @@ impl LinuxGuestMemory {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn write_array<const N: usize>(&self, gpa: u64, v: [u8; N]) -> Result<(), MemoryError> {
         match self.within(gpa, N as u64) {
             Some((r, off)) => r
@@ -227,7 +227,7 @@ impl GuestMemory for LinuxGuestMemory {
         self.read_array(gpa)
     }
 
-    #[inline]
+    #[inline(always)]
     fn read_desc(&self, gpa: u64) -> Result<[u64; 2], MemoryError> {
         let b = self.read_array::<16>(gpa)?;
         Ok(vhost_user_core::memory::desc_words(&b))
@@ -248,7 +248,7 @@ impl GuestMemory for LinuxGuestMemory {
         self.write_array(gpa, v.to_le_bytes())
     }
 
-    #[inline]
+    #[inline(always)]
     fn write_u64(&self, gpa: u64, v: u64) -> Result<(), MemoryError> {
         self.write_array(gpa, v.to_le_bytes())
     }
@@ -283,7 +283,7 @@ impl GuestMemory for LinuxGuestMemory {
         fence(Ordering::SeqCst);
     }
 
-    #[inline]
+    #[inline(always)]
     fn check(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
         if self.within(gpa, len.max(1)).is_some() {
             return Ok(());

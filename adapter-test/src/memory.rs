@@ -109,7 +109,7 @@ impl<const N: usize> TestMemory<N> {
     }
 
     /// The backing holding `gpa` and the offset in it.
-    #[inline]
+    #[inline(always)]
     fn find(&self, gpa: u64) -> Option<(&Backing, u64)> {
         for b in &self.backings {
             let off = gpa.wrapping_sub(b.start);
@@ -252,7 +252,7 @@ impl<const N: usize> GuestMemory for TestMemory<N> {
         fence(Ordering::SeqCst);
     }
 
-    #[inline]
+    #[inline(always)]
     fn check(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
         let unmapped = MemoryError::Unmapped { addr: gpa, len };
         let (b, off) = self.find(gpa).ok_or(unmapped)?;
@@ -296,7 +296,7 @@ impl<const N: usize> GuestMemory for TestMemory<N> {
         Ok(b)
     }
 
-    #[inline]
+    #[inline(always)]
     fn read_desc(&self, gpa: u64) -> Result<[u64; 2], MemoryError> {
         if gpa % 4 == 0 {
             if let Some((b, off)) = self.find(gpa) {
@@ -313,7 +313,7 @@ impl<const N: usize> GuestMemory for TestMemory<N> {
         Ok(vhost_user_core::memory::desc_words(&b))
     }
 
-    #[inline]
+    #[inline(always)]
     fn write_u64(&self, gpa: u64, v: u64) -> Result<(), MemoryError> {
         if gpa % 4 == 0 {
             if let Some((b, off)) = self.find(gpa) {

@@ -146,7 +146,7 @@ pub trait GuestMemory {
 }
 
 /// The two little-endian `u64` words of a 16-byte descriptor copy.
-#[inline]
+#[inline(always)]
 pub fn desc_words(b: &[u8; 16]) -> [u64; 2] {
     let (lo, hi) = b.split_at(8);
     let mut a = [0u8; 8];

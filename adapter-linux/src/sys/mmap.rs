@@ -170,7 +170,7 @@ impl MmapRegion {
     }
 
     /// Pointer to byte `off` of the region if `[off, off + n)` is inside.
-    #[inline]
+    #[inline(always)]
     fn at(&self, off: u64, n: usize) -> Result<*mut u8, AccessError> {
         let off = usize::try_from(off).map_err(|_| AccessError::OutOfBounds)?;
         let end = off.checked_add(n).ok_or(AccessError::OutOfBounds)?;
@@ -210,7 +210,7 @@ impl MmapRegion {
 
     /// Reads `N` bytes at `off` as one unaligned load (small fixed-size
     /// reads such as descriptors, without a `memcpy` call).
-    #[inline]
+    #[inline(always)]
     pub fn read_array<const N: usize>(&self, off: u64) -> Result<[u8; N], AccessError> {
         let src = self.at(off, N)?;
         // SAFETY: `src..src+N` is inside the live mapping (checked by
@@ -220,7 +220,7 @@ impl MmapRegion {
     }
 
     /// Writes `N` bytes at `off` as one unaligned store.
-    #[inline]
+    #[inline(always)]
     pub fn write_array<const N: usize>(&self, off: u64, v: [u8; N]) -> Result<(), AccessError> {
         if self.access != Access::ReadWrite {
             return Err(AccessError::ReadOnly);

@@ -289,7 +289,7 @@ impl<const S: usize> Chain<S> {
         self.writable_len
     }
 
-    #[inline]
+    #[inline(always)]
     pub(crate) fn reset(&mut self) {
         self.readable = 0;
         self.writable_seen = false;
@@ -298,13 +298,13 @@ impl<const S: usize> Chain<S> {
         self.segments.clear();
     }
 
-    #[inline]
+    #[inline(always)]
     pub(crate) fn set_head(&mut self, head: Head) {
         self.head = head;
     }
 
     /// Validate one copied descriptor and append it.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn push<M: GuestMemory + ?Sized>(
         &mut self,
         mem: &M,
@@ -353,7 +353,7 @@ pub(crate) fn decode(d: &[u8; 16]) -> (u64, u32, u16, u16) {
 
 /// [`decode`] of a descriptor read as two words
 /// ([`GuestMemory::read_desc`]).
-#[inline]
+#[inline(always)]
 pub(crate) fn decode_words([a, b]: [u64; 2]) -> (u64, u32, u16, u16) {
     (a, b as u32, (b >> 32) as u16, (b >> 48) as u16)
 }

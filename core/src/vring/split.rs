@@ -236,7 +236,7 @@ impl SplitQueue {
     /// The avail entry at `next_avail`, which is below `avail_shadow`: from
     /// the entries read ahead, or read with the ones after it (up to
     /// `avail_shadow`, the ring's end and [`HEAD_BATCH`]).
-    #[inline]
+    #[inline(always)]
     fn next_head<M: GuestMemory + ?Sized>(&mut self, mem: &M) -> Result<u16, VringError> {
         let k = self.next_avail.wrapping_sub(self.heads_at);
         if k < self.heads_len {
@@ -282,7 +282,7 @@ impl SplitQueue {
 
     /// Walk the chain at `head`: copy each descriptor once, validate, push.
     /// Bounded by the ring size plus one indirect table.
-    #[inline]
+    #[inline(always)]
     fn walk<M: GuestMemory + ?Sized, const S: usize>(
         &self,
         mem: &M,
