@@ -20,7 +20,7 @@
 use crate::memory::GuestMemory;
 
 use super::{
-    check_area, decode, indirect_table, need_event, Chain, Head, RingAddrs, RingFeatures,
+    check_area, decode_words, indirect_table, need_event, Chain, Head, RingAddrs, RingFeatures,
     VringError, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, MAX_QUEUE_SIZE,
 };
 
@@ -219,8 +219,7 @@ impl PackedQueue {
                 return Err(VringError::ChainLoop);
             }
             // Copied once; only the copy is used (including its flags).
-            let raw = mem.read_16(self.desc_addr(pos))?;
-            let (addr, len, id, flags) = decode(&raw);
+            let (addr, len, id, flags) = decode_words(mem.read_desc(self.desc_addr(pos))?);
             count += 1;
             pos += 1;
             if pos == self.size {
@@ -230,8 +229,7 @@ impl PackedQueue {
             if flags & DESC_F_INDIRECT != 0 {
                 let n = indirect_table(mem, self.features.indirect, false, flags, addr, len)?;
                 for i in 0..u64::from(n) {
-                    let raw = mem.read_16(addr + 16 * i)?;
-                    let (a, l, _, f) = decode(&raw);
+                    let (a, l, _, f) = decode_words(mem.read_desc(addr + 16 * i)?);
                     if f & DESC_F_INDIRECT != 0 {
                         return Err(VringError::IndirectNested);
                     }
@@ -276,16 +274,15 @@ impl PackedQueue {
         let slot = self.next_used;
         let at = self.desc_addr(slot);
         let flags = wrap_flags(self.used_wrap);
-        let mut e = [0u8; 8];
-        e[..4].copy_from_slice(&len.to_le_bytes());
-        e[4..6].copy_from_slice(&head.id.to_le_bytes());
-        e[6..].copy_from_slice(&flags.to_le_bytes());
         if self.pending_first.is_none() {
             // The first of the batch: flags are stored at flush time.
-            mem.write(at + 8, &e[..6])?;
+            mem.write_u32(at + 8, len)?;
+            mem.write_u16(at + 12, head.id)?;
             self.pending_first = Some((slot, flags));
         } else {
-            mem.write(at + 8, &e)?;
+            // len, id, flags: one little-endian word.
+            let e = u64::from(len) | u64::from(head.id) << 32 | u64::from(flags) << 48;
+            mem.write_u64(at + 8, e)?;
         }
         let next = u32::from(slot) + u32::from(head.descs);
         if next >= u32::from(self.size) {
