@@ -175,7 +175,7 @@ impl SplitQueue {
     }
 
     /// Reload avail.idx. `Ok(true)` if chains are available.
-    #[inline]
+    #[inline(never)]
     fn refresh_avail<M: GuestMemory + ?Sized>(&mut self, mem: &M) -> Result<bool, VringError> {
         let idx = self.load_avail_idx(mem)?;
         if idx != self.next_avail {
@@ -218,7 +218,7 @@ impl SplitQueue {
     /// With EVENT_IDX, finding the ring empty re-arms avail_event, so a
     /// device that pops until `Ok(false)` and then sleeps gets the next
     /// kick.
-    #[inline]
+    #[inline(always)]
     pub fn pop_into<M: GuestMemory + ?Sized, const S: usize>(
         &mut self,
         mem: &M,
