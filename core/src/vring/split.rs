@@ -303,43 +303,68 @@ impl SplitQueue {
     }
 
     /// The rest of [`walk`](Self::walk), from the head descriptor `d`
-    /// (already copied) on.
-    #[inline]
+    /// (already copied) on, through the ring's table.
+    #[inline(always)]
     fn walk_on<M: GuestMemory + ?Sized, const S: usize>(
         &self,
         mem: &M,
         mut d: (u64, u32, u16, u16),
         chain: &mut Chain<S>,
     ) -> Result<(), VringError> {
-        let mut table = self.desc;
-        let mut table_len = u32::from(self.size);
-        // Descriptors that may still be read from `table`.
-        let mut budget = table_len - 1;
-        let mut indirect = false;
+        let size = u32::from(self.size);
+        // Descriptors that may still be read (the head was).
+        let mut budget = size - 1;
         loop {
             let (addr, len, flags, next) = d;
-            let idx = if flags & DESC_F_INDIRECT != 0 {
-                let n = indirect_table(mem, self.features.indirect, indirect, flags, addr, len)?;
-                indirect = true;
-                table = addr;
-                table_len = n;
-                budget = n;
-                0
-            } else {
-                chain.push(mem, addr, len, flags & DESC_F_WRITE != 0)?;
-                if flags & DESC_F_NEXT == 0 {
-                    return Ok(());
-                }
-                if u32::from(next) >= table_len {
-                    return Err(VringError::NextOutOfRange(next));
-                }
-                next
-            };
+            if flags & DESC_F_INDIRECT != 0 {
+                return self.walk_indirect(mem, addr, len, flags, chain);
+            }
+            chain.push(mem, addr, len, flags & DESC_F_WRITE != 0)?;
+            if flags & DESC_F_NEXT == 0 {
+                return Ok(());
+            }
+            if u32::from(next) >= size {
+                return Err(VringError::NextOutOfRange(next));
+            }
             if budget == 0 {
                 return Err(VringError::ChainLoop);
             }
             budget -= 1;
-            d = decode_words(mem.read_desc(table + 16 * u64::from(idx))?);
+            d = decode_words(mem.read_desc(self.desc + 16 * u64::from(next))?);
+        }
+    }
+
+    /// The end of a chain: the indirect table at `addr` (the descriptor
+    /// pointing to it had `flags`), walked from its entry 0.
+    #[inline(never)]
+    fn walk_indirect<M: GuestMemory + ?Sized, const S: usize>(
+        &self,
+        mem: &M,
+        addr: u64,
+        len: u32,
+        flags: u16,
+        chain: &mut Chain<S>,
+    ) -> Result<(), VringError> {
+        let n = indirect_table(mem, self.features.indirect, false, flags, addr, len)?;
+        let mut budget = n;
+        let mut idx = 0u16;
+        loop {
+            if budget == 0 {
+                return Err(VringError::ChainLoop);
+            }
+            budget -= 1;
+            let (a, l, f, next) = decode_words(mem.read_desc(addr + 16 * u64::from(idx))?);
+            if f & DESC_F_INDIRECT != 0 {
+                return Err(VringError::IndirectNested);
+            }
+            chain.push(mem, a, l, f & DESC_F_WRITE != 0)?;
+            if f & DESC_F_NEXT == 0 {
+                return Ok(());
+            }
+            if u32::from(next) >= n {
+                return Err(VringError::NextOutOfRange(next));
+            }
+            idx = next;
         }
     }
 
