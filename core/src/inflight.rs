@@ -588,8 +588,9 @@ impl PackedInflight {
         let mut copies: Vec<PackedDescCopy, DEFAULT_CHAIN_CAPACITY> = Vec::new();
         for k in 0..descs {
             let slot = ((u32::from(start) + u32::from(k)) % u32::from(ring.size())) as u16;
-            let raw = guest.read_16(ring.addrs().desc + 16 * u64::from(slot))?;
-            let (addr, len, id, flags) = crate::vring::decode(&raw);
+            let (addr, len, id, flags) = crate::vring::decode_words(
+                guest.read_desc(ring.addrs().desc + 16 * u64::from(slot))?,
+            );
             copies
                 .push(PackedDescCopy {
                     addr,
@@ -814,8 +815,7 @@ pub fn packed_chain<M: GuestMemory + ?Sized, const S: usize>(
         if d.flags & DESC_F_INDIRECT != 0 {
             let n = crate::vring::indirect_table(mem, indirect_ok, false, d.flags, d.addr, d.len)?;
             for i in 0..u64::from(n) {
-                let raw = mem.read_16(d.addr + 16 * i)?;
-                let (a, l, _, f) = crate::vring::decode(&raw);
+                let (a, l, _, f) = crate::vring::decode_words(mem.read_desc(d.addr + 16 * i)?);
                 if f & DESC_F_INDIRECT != 0 {
                     return Err(VringError::IndirectNested.into());
                 }

@@ -50,6 +50,11 @@ fn pop(q: &mut SplitQueue, m: &impl GuestMemory) -> Result<Option<Chain>, VringE
     q.pop(m)
 }
 
+/// The heads of every chain left in the ring, popped in order.
+fn pop_heads(q: &mut SplitQueue, m: &impl GuestMemory) -> Vec<u16> {
+    std::iter::from_fn(|| pop(q, m).unwrap().map(|c| c.head().id)).collect()
+}
+
 #[test]
 fn direct_chain_pops_validated_and_completes() {
     let (m, mut d, mut q) = setup(8, feats(false, false));
@@ -242,9 +247,7 @@ fn stop_and_restart_resume_requests_already_in_the_ring() {
     let mut q2 = SplitQueue::new(8, d.addrs(), feats(false, false)).unwrap();
     q2.set_next_avail(base);
     assert_eq!(q2.sync_used(&m).unwrap(), 1);
-    let rest: Vec<u16> =
-        std::iter::from_fn(|| pop(&mut q2, &m).unwrap().map(|c| c.head().id)).collect();
-    assert_eq!(rest, h[1..]);
+    assert_eq!(pop_heads(&mut q2, &m), h[1..]);
 }
 
 #[test]
@@ -260,9 +263,7 @@ fn a_new_base_rereads_the_avail_ring() {
     m.write_u16(avail + 4 + 2, h[2]).unwrap();
     m.write_u16(avail + 4 + 4, h[1]).unwrap();
     q.set_next_avail(1);
-    let rest: Vec<u16> =
-        std::iter::from_fn(|| pop(&mut q, &m).unwrap().map(|c| c.head().id)).collect();
-    assert_eq!(rest, [h[2], h[1]]);
+    assert_eq!(pop_heads(&mut q, &m), [h[2], h[1]]);
 }
 
 #[test]

@@ -345,14 +345,8 @@ impl<const S: usize> Chain<S> {
     }
 }
 
-/// Decode a 16-byte descriptor copy: (addr, len, u16 at 12, u16 at 14).
-#[inline]
-pub(crate) fn decode(d: &[u8; 16]) -> (u64, u32, u16, u16) {
-    decode_words(crate::memory::desc_words(d))
-}
-
-/// [`decode`] of a descriptor read as two words
-/// ([`GuestMemory::read_desc`]).
+/// Decode a descriptor read as two words ([`GuestMemory::read_desc`]):
+/// (addr, len, u16 at byte 12, u16 at byte 14).
 #[inline(always)]
 pub(crate) fn decode_words([a, b]: [u64; 2]) -> (u64, u32, u16, u16) {
     (a, b as u32, (b >> 32) as u16, (b >> 48) as u16)

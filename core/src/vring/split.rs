@@ -295,7 +295,8 @@ impl SplitQueue {
         chain.reset();
         chain.set_head(Head { id: head, descs: 1 });
         let d = decode_words(mem.read_desc(self.desc + 16 * u64::from(head))?);
-        // The common case: one direct descriptor.
+        // One direct descriptor, the common case, before the loop: the
+        // loop's state costs a 1-descriptor chain about 40 instructions.
         if d.2 & (DESC_F_INDIRECT | DESC_F_NEXT) == 0 {
             return chain.push(mem, d.0, d.1, d.2 & DESC_F_WRITE != 0);
         }
