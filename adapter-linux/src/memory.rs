@@ -139,30 +139,50 @@ impl LinuxGuestMemory {
         (r.size - off >= len).then_some((r, off))
     }
 
+    /// `N` bytes at `gpa`: the mapping checks the bounds once; a range that
+    /// leaves its region takes the general path.
     #[inline(always)]
     fn read_array<const N: usize>(&self, gpa: u64) -> Result<[u8; N], MemoryError> {
-        match self.within(gpa, N as u64) {
-            Some((r, off)) => r
-                .map
-                .read_array(off)
-                .map_err(|e| access_err(e, gpa, N as u64)),
-            None => {
-                let mut b = [0u8; N];
-                self.read(gpa, &mut b)?;
-                Ok(b)
+        if let Some(r) = self.find(gpa) {
+            if let Ok(v) = r.map.read_array(gpa - r.gpa) {
+                return Ok(v);
             }
         }
+        self.read_array_slow(gpa)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn read_array_slow<const N: usize>(&self, gpa: u64) -> Result<[u8; N], MemoryError> {
+        let mut b = [0u8; N];
+        self.read(gpa, &mut b)?;
+        Ok(b)
     }
 
     #[inline(always)]
     fn write_array<const N: usize>(&self, gpa: u64, v: [u8; N]) -> Result<(), MemoryError> {
-        match self.within(gpa, N as u64) {
-            Some((r, off)) => r
-                .map
-                .write_array(off, v)
-                .map_err(|e| access_err(e, gpa, N as u64)),
-            None => self.write(gpa, &v),
+        if let Some(r) = self.find(gpa) {
+            if r.map.write_array(gpa - r.gpa, v).is_ok() {
+                return Ok(());
+            }
         }
+        self.write_array_slow(gpa, v)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn write_array_slow<const N: usize>(&self, gpa: u64, v: [u8; N]) -> Result<(), MemoryError> {
+        self.write(gpa, &v)
+    }
+
+    /// [`GuestMemory::check`] of a range that is not inside one region.
+    #[cold]
+    #[inline(never)]
+    fn check_slow(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
+        if len == 0 {
+            return Err(MemoryError::Unmapped { addr: gpa, len: 0 });
+        }
+        self.pieces(gpa, len, |_, _, _, _| Ok(()))
     }
 
     /// Runs `f(region, offset in region, range start, range length)` over
@@ -229,8 +249,13 @@ impl GuestMemory for LinuxGuestMemory {
 
     #[inline(always)]
     fn read_desc(&self, gpa: u64) -> Result<[u64; 2], MemoryError> {
-        let b = self.read_array::<16>(gpa)?;
-        Ok(vhost_user_core::memory::desc_words(&b))
+        if let Some(r) = self.find(gpa) {
+            if let Ok(b) = r.map.read_array::<16>(gpa - r.gpa) {
+                return Ok(vhost_user_core::memory::desc_words(&b));
+            }
+        }
+        self.read_array_slow::<16>(gpa)
+            .map(|b| vhost_user_core::memory::desc_words(&b))
     }
 
     #[inline]
@@ -285,16 +310,12 @@ impl GuestMemory for LinuxGuestMemory {
 
     #[inline(always)]
     fn check(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
-        if self.within(gpa, len.max(1)).is_some() {
+        // `within` finds the region holding `gpa`, so with `len == 0` it
+        // checks that `gpa` is mapped.
+        if self.within(gpa, len).is_some() {
             return Ok(());
         }
-        if len == 0 {
-            return self
-                .find(gpa)
-                .map(|_| ())
-                .ok_or(MemoryError::Unmapped { addr: gpa, len: 0 });
-        }
-        self.pieces(gpa, len, |_, _, _, _| Ok(()))
+        self.check_slow(gpa, len)
     }
 }
 
@@ -341,6 +362,28 @@ mod tests {
         m.write_u64(0x1ffc, 0x0807_0605_0403_0201).unwrap();
         assert_eq!(m.read_16(0x1ff8).unwrap()[4..12], [1, 2, 3, 4, 5, 6, 7, 8]);
         assert_eq!(m.read_u16(0x1ffe).unwrap(), 0x0403);
+        let d = m.read_desc(0x1ff8).unwrap();
+        assert_eq!(
+            d,
+            vhost_user_core::memory::desc_words(&m.read_16(0x1ff8).unwrap())
+        );
+        assert_eq!(d[0] >> 32, 0x0403_0201);
+        assert_eq!(
+            m.read_desc(0x2ff8),
+            Err(MemoryError::Unmapped {
+                addr: 0x2ff8,
+                len: 16
+            })
+        );
+        // A zero-length check asks whether the address itself is mapped.
+        assert!(m.check(0x2fff, 0).is_ok());
+        assert_eq!(
+            m.check(0x3000, 0),
+            Err(MemoryError::Unmapped {
+                addr: 0x3000,
+                len: 0
+            })
+        );
         assert!(m.check(0x1000, 0x2000).is_ok());
         assert!(m.check(0x1000, 0x2001).is_err());
         assert_eq!(m.check(u64::MAX, 2), Err(MemoryError::Overflow));

@@ -58,8 +58,9 @@ pub struct MmapRegion {
     base: NonNull<u8>,
     /// Length of the kernel mapping.
     map_len: usize,
-    /// Bytes between `base` and the first byte of the region.
-    skip: usize,
+    /// The first byte of the region (the mapping starts at the page
+    /// boundary below it).
+    data: NonNull<u8>,
     /// Length of the region.
     len: usize,
     access: Access,
@@ -145,10 +146,13 @@ impl MmapRegion {
         }
         let base =
             NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+        // SAFETY: skip < page <= map_len, so `base + skip` is inside the
+        // mapping just made.
+        let data = unsafe { base.add(skip as usize) };
         Ok(MmapRegion {
             base,
             map_len,
-            skip: skip as usize,
+            data,
             len: map_len - skip as usize,
             access,
         })
@@ -177,9 +181,10 @@ impl MmapRegion {
         if end > self.len {
             return Err(AccessError::OutOfBounds);
         }
-        // SAFETY: skip + off + n <= map_len, so the result stays inside
-        // (or one past the end of) the mapping.
-        Ok(unsafe { self.base.as_ptr().add(self.skip + off) })
+        // SAFETY: `data` is `map_len - len` bytes into the mapping and
+        // off + n <= len, so the result stays inside (or one past the end
+        // of) the mapping.
+        Ok(unsafe { self.data.as_ptr().add(off) })
     }
 
     /// Copies `dst.len()` bytes at `off` into `dst`.

@@ -303,6 +303,43 @@ impl<const S: usize> Chain<S> {
         self.head = head;
     }
 
+    /// [`push`](Self::push) for the first descriptor after
+    /// [`reset`](Self::reset): nothing can come before it, and one
+    /// descriptor's length always fits the chain's total.
+    #[inline(always)]
+    pub(crate) fn push_first<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        addr: u64,
+        len: u32,
+        writable: bool,
+    ) -> Result<(), VringError> {
+        self.writable_seen = writable;
+        mem.check(addr, u64::from(len))
+            .map_err(|_| VringError::BadBuffer { addr, len })?;
+        if len == 0 {
+            return Ok(());
+        }
+        if self
+            .segments
+            .push(Segment {
+                addr,
+                len,
+                writable,
+            })
+            .is_err()
+        {
+            return Err(VringError::ChainTooLong);
+        }
+        if writable {
+            self.writable_len = len;
+        } else {
+            self.readable = 1;
+            self.readable_len = len;
+        }
+        Ok(())
+    }
+
     /// Validate one copied descriptor and append it.
     #[inline(always)]
     pub(crate) fn push<M: GuestMemory + ?Sized>(

@@ -294,36 +294,31 @@ impl SplitQueue {
         }
         chain.reset();
         chain.set_head(Head { id: head, descs: 1 });
-        let d = decode_words(mem.read_desc(self.desc + 16 * u64::from(head))?);
-        // One direct descriptor, the common case, before the loop: the
-        // loop's state costs a 1-descriptor chain about 40 instructions.
-        if d.2 & (DESC_F_INDIRECT | DESC_F_NEXT) == 0 {
-            return chain.push(mem, d.0, d.1, d.2 & DESC_F_WRITE != 0);
+        let (addr, len, flags, next) =
+            decode_words(mem.read_desc(self.desc + 16 * u64::from(head))?);
+        if flags & DESC_F_INDIRECT != 0 {
+            return self.walk_indirect(mem, addr, len, flags, chain);
         }
-        self.walk_on(mem, d, chain)
+        chain.push_first(mem, addr, len, flags & DESC_F_WRITE != 0)?;
+        if flags & DESC_F_NEXT == 0 {
+            return Ok(());
+        }
+        self.walk_on(mem, next, chain)
     }
 
-    /// The rest of [`walk`](Self::walk), from the head descriptor `d`
-    /// (already copied) on, through the ring's table.
+    /// The rest of [`walk`](Self::walk) through the ring's table, from
+    /// the head's `next` on.
     #[inline(always)]
     fn walk_on<M: GuestMemory + ?Sized, const S: usize>(
         &self,
         mem: &M,
-        mut d: (u64, u32, u16, u16),
+        mut next: u16,
         chain: &mut Chain<S>,
     ) -> Result<(), VringError> {
         let size = u32::from(self.size);
         // Descriptors that may still be read (the head was).
         let mut budget = size - 1;
         loop {
-            let (addr, len, flags, next) = d;
-            if flags & DESC_F_INDIRECT != 0 {
-                return self.walk_indirect(mem, addr, len, flags, chain);
-            }
-            chain.push(mem, addr, len, flags & DESC_F_WRITE != 0)?;
-            if flags & DESC_F_NEXT == 0 {
-                return Ok(());
-            }
             if u32::from(next) >= size {
                 return Err(VringError::NextOutOfRange(next));
             }
@@ -331,7 +326,16 @@ impl SplitQueue {
                 return Err(VringError::ChainLoop);
             }
             budget -= 1;
-            d = decode_words(mem.read_desc(self.desc + 16 * u64::from(next))?);
+            let (addr, len, flags, n) =
+                decode_words(mem.read_desc(self.desc + 16 * u64::from(next))?);
+            if flags & DESC_F_INDIRECT != 0 {
+                return self.walk_indirect(mem, addr, len, flags, chain);
+            }
+            chain.push(mem, addr, len, flags & DESC_F_WRITE != 0)?;
+            if flags & DESC_F_NEXT == 0 {
+                return Ok(());
+            }
+            next = n;
         }
     }
 
