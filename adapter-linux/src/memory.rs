@@ -33,7 +33,7 @@ impl Mapped {
 /// The mapped guest memory of one front-end connection.
 #[derive(Debug, Default)]
 pub struct LinuxGuestMemory {
-    /// Sorted by guest address, never overlapping.
+    /// Never overlapping; the largest first.
     regions: Vec<Mapped>,
 }
 
@@ -88,7 +88,8 @@ impl LinuxGuestMemory {
             Access::ReadWrite,
         )?;
         drop(fd);
-        let pos = self.regions.partition_point(|r| r.gpa < region.guest_addr);
+        // Largest first: `find` tries the first region before the others.
+        let pos = self.regions.partition_point(|r| r.size >= region.size);
         self.regions.insert(
             pos,
             Mapped {
@@ -125,10 +126,13 @@ impl LinuxGuestMemory {
     #[inline(always)]
     fn find(&self, gpa: u64) -> Option<&Mapped> {
         // Few regions (QEMU uses one to a handful): a linear scan beats a
-        // binary search.
-        self.regions
-            .iter()
-            .find(|r| gpa.wrapping_sub(r.gpa) < r.size)
+        // binary search. The first region, the largest (most of guest RAM,
+        // where most buffers are), is tried before the loop.
+        let (first, rest) = self.regions.split_first()?;
+        if gpa.wrapping_sub(first.gpa) < first.size {
+            return Some(first);
+        }
+        rest.iter().find(|r| gpa.wrapping_sub(r.gpa) < r.size)
     }
 
     /// The region holding all of `[gpa, gpa + len)` and the offset in it.
