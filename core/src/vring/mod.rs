@@ -353,10 +353,15 @@ impl<const S: usize> Chain<S> {
             return Err(VringError::ReadableAfterWritable);
         }
         self.writable_seen |= writable;
-        // In 64 bits the sum cannot overflow; the chain's total must fit in
-        // 32 (the used element's length).
-        let total = u64::from(self.readable_len) + u64::from(self.writable_len) + u64::from(len);
-        if total > u64::from(u32::MAX) {
+        // The chain's total must fit in 32 bits (the used element's
+        // length); the two sums already do, together (every push checks),
+        // so adding them cannot wrap.
+        if self
+            .readable_len
+            .wrapping_add(self.writable_len)
+            .checked_add(len)
+            .is_none()
+        {
             return Err(VringError::ChainTooBig);
         }
         mem.check(addr, u64::from(len))
@@ -364,14 +369,17 @@ impl<const S: usize> Chain<S> {
         if len == 0 {
             return Ok(());
         }
-        if self.segments.is_full() {
+        if self
+            .segments
+            .push(Segment {
+                addr,
+                len,
+                writable,
+            })
+            .is_err()
+        {
             return Err(VringError::ChainTooLong);
         }
-        let _ = self.segments.push(Segment {
-            addr,
-            len,
-            writable,
-        });
         if writable {
             self.writable_len += len;
         } else {
