@@ -349,10 +349,11 @@ impl<const S: usize> Chain<S> {
         len: u32,
         writable: bool,
     ) -> Result<(), VringError> {
-        if self.writable_seen & !writable {
+        if writable {
+            self.writable_seen = true;
+        } else if self.writable_seen {
             return Err(VringError::ReadableAfterWritable);
         }
-        self.writable_seen |= writable;
         // The chain's total must fit in 32 bits (the used element's
         // length); the two sums already do, together (every push checks),
         // so adding them cannot wrap.
