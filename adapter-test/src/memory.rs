@@ -26,12 +26,24 @@ struct Backing {
 /// Guest memory made of owned buffers, up to `N` regions.
 ///
 /// The [`MemoryTable`] decides which regions exist and their slots; the
-/// access path looks regions up in a small sorted list of backings.
+/// access path looks regions up in a small sorted list of backings. The
+/// memory is kept in 32-bit words, so regions start and end on 4-byte
+/// boundaries (others are refused with [`MemoryError::BadRegion`]); guest
+/// RAM regions are page-aligned anyway.
 #[derive(Debug)]
 pub struct TestMemory<const N: usize = 8> {
     table: MemoryTable<N>,
     /// Sorted by `start`.
     backings: Vec<Backing>,
+}
+
+/// A region's bytes are whole words: then a word slice's bounds are the
+/// region's, and the fast paths check one bound.
+fn word_aligned(r: &MemRegionMsg) -> Result<(), MemoryError> {
+    if r.guest_addr % 4 != 0 || r.size % 4 != 0 {
+        return Err(MemoryError::BadRegion);
+    }
+    Ok(())
 }
 
 fn words(size: u64) -> Box<[AtomicU32]> {
@@ -60,6 +72,7 @@ impl<const N: usize> TestMemory<N> {
 
     /// Memory with the given regions (SET_MEM_TABLE), zero-filled.
     pub fn from_regions(regions: &[MemRegionMsg]) -> Result<Self, MemoryError> {
+        regions.iter().try_for_each(word_aligned)?;
         let table = MemoryTable::from_regions(regions)?;
         let mut m = TestMemory {
             table,
@@ -89,6 +102,7 @@ impl<const N: usize> TestMemory<N> {
 
     /// Add a zero-filled region (ADD_MEM_REG); returns its slot.
     pub fn add_region(&mut self, r: MemRegionMsg) -> Result<usize, MemoryError> {
+        word_aligned(&r)?;
         let slot = self.table.add(r)?;
         self.insert_backing(slot, &r);
         Ok(slot)
@@ -295,13 +309,13 @@ impl<const N: usize> GuestMemory for TestMemory<N> {
     fn read_desc(&self, gpa: u64) -> Result<[u64; 2], MemoryError> {
         // Fast path: four aligned words in one backing.
         if gpa % 4 == 0 {
+            // The words end where the region does: the slice bound is the
+            // range check.
             if let Some((b, off)) = self.find(gpa) {
-                if b.size - off >= 16 {
-                    let i = off as usize / 4;
-                    if let Some(c) = b.words.get(i..i + 4) {
-                        let w = |k: usize| u64::from(c[k].load(Ordering::Relaxed));
-                        return Ok([w(0) | w(1) << 32, w(2) | w(3) << 32]);
-                    }
+                let i = off as usize / 4;
+                if let Some(c) = b.words.get(i..i + 4) {
+                    let w = |k: usize| u64::from(c[k].load(Ordering::Relaxed));
+                    return Ok([w(0) | w(1) << 32, w(2) | w(3) << 32]);
                 }
             }
         }
@@ -312,13 +326,11 @@ impl<const N: usize> GuestMemory for TestMemory<N> {
     fn write_u64(&self, gpa: u64, v: u64) -> Result<(), MemoryError> {
         if gpa % 4 == 0 {
             if let Some((b, off)) = self.find(gpa) {
-                if b.size - off >= 8 {
-                    let i = off as usize / 4;
-                    if let Some(c) = b.words.get(i..i + 2) {
-                        c[0].store(v as u32, Ordering::Relaxed);
-                        c[1].store((v >> 32) as u32, Ordering::Relaxed);
-                        return Ok(());
-                    }
+                let i = off as usize / 4;
+                if let Some(c) = b.words.get(i..i + 2) {
+                    c[0].store(v as u32, Ordering::Relaxed);
+                    c[1].store((v >> 32) as u32, Ordering::Relaxed);
+                    return Ok(());
                 }
             }
         }
@@ -362,5 +374,30 @@ mod tests {
         m.write(0x4000, &[7]).unwrap();
         assert_eq!(m.remove_region(&r).unwrap(), 1);
         assert!(m.read_vec(0x4000, 1).is_err());
+    }
+
+    #[test]
+    fn regions_are_whole_words_and_fast_paths_stop_at_their_end() {
+        assert_eq!(
+            TestMemory::<4>::new(&[(0, 0x1002)]).err(),
+            Some(MemoryError::BadRegion)
+        );
+        assert_eq!(
+            TestMemory::<4>::new(&[(2, 0x1000)]).err(),
+            Some(MemoryError::BadRegion)
+        );
+        let mut m = TestMemory::<4>::new(&[(0, 0x1000), (0x2000, 0x1000)]).unwrap();
+        assert_eq!(
+            m.add_region(region(0x4001, 0x100)).err(),
+            Some(MemoryError::BadRegion)
+        );
+        m.write(0xff0, &[0xaa; 16]).unwrap();
+        assert_eq!(m.read_desc(0xff0).unwrap(), [u64::MAX / 255 * 0xaa; 2]);
+        let unmapped = |addr, len| MemoryError::Unmapped { addr, len };
+        assert_eq!(m.read_desc(0xff4), Err(unmapped(0xff4, 16)));
+        assert_eq!(m.write_u64(0xffc, 1), Err(unmapped(0xffc, 8)));
+        assert_eq!(m.read_vec(0xff8, 8).unwrap(), [0xaa; 8]);
+        m.write_u64(0xff8, 0x0102_0304_0506_0708).unwrap();
+        assert_eq!(m.read_vec(0xff8, 8).unwrap(), [8, 7, 6, 5, 4, 3, 2, 1]);
     }
 }
