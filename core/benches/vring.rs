@@ -1,8 +1,11 @@
 //! Split ring device-side cost: a 256-entry ring, one thread, pop a chain
 //! (walking every descriptor) and complete it, for 1-descriptor and
-//! 3-descriptor chains; ours over the test adapter's guest memory next to
-//! rust-vmm's virtio-queue 0.18 over vm-memory 0.18 (`GuestMemoryMmap`) on
-//! the same ring image. Then the packed ring on its own.
+//! 3-descriptor chains, next to rust-vmm's virtio-queue 0.18 over vm-memory
+//! 0.18 (`GuestMemoryMmap`) on the same ring image. Ours runs twice:
+//! `vhu-mmap` over the Linux adapter's mmap'd memory, as the daemon runs
+//! and as virtio-queue's memory is (the like-for-like row), and `vhu` over
+//! the test adapter's memory, whose 32-bit atomic words make each
+//! descriptor four loads. Then the packed ring on its own.
 //!
 //! One iteration is a batch of 256 chains: the guest publishes 256 more
 //! avail entries (one u16 store; the avail ring already holds valid heads),
