@@ -519,6 +519,26 @@ fn hostile_readable_after_writable() {
         ),
         VringError::ReadableAfterWritable
     );
+    // A zero-length writable head is skipped but still orders the chain;
+    // and the rule holds past the second descriptor.
+    for descs in [
+        &[(DATA, 0, WR | NX, 1), (DATA, 4, RD, 0)][..],
+        &[
+            (DATA, 4, RD | NX, 1),
+            (DATA, 4, WR | NX, 2),
+            (DATA, 4, RD, 0),
+        ],
+        &[
+            (DATA, 4, RD | NX, 1),
+            (DATA, 0, WR | NX, 2),
+            (DATA, 4, RD, 0),
+        ],
+    ] {
+        assert_eq!(
+            refused(feats(false, false), descs),
+            VringError::ReadableAfterWritable
+        );
+    }
 }
 
 #[test]
