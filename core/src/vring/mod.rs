@@ -315,29 +315,7 @@ impl<const S: usize> Chain<S> {
         writable: bool,
     ) -> Result<(), VringError> {
         self.writable_seen = writable;
-        mem.check(addr, u64::from(len))
-            .map_err(|_| VringError::BadBuffer { addr, len })?;
-        if len == 0 {
-            return Ok(());
-        }
-        if self
-            .segments
-            .push(Segment {
-                addr,
-                len,
-                writable,
-            })
-            .is_err()
-        {
-            return Err(VringError::ChainTooLong);
-        }
-        if writable {
-            self.writable_len = len;
-        } else {
-            self.readable = 1;
-            self.readable_len = len;
-        }
-        Ok(())
+        self.append(mem, addr, len, writable)
     }
 
     /// Validate one copied descriptor and append it.
@@ -365,6 +343,19 @@ impl<const S: usize> Chain<S> {
         {
             return Err(VringError::ChainTooBig);
         }
+        self.append(mem, addr, len, writable)
+    }
+
+    /// Check a buffer against guest memory and append it, unless it is
+    /// empty. The chain's total was checked (the sums cannot wrap).
+    #[inline(always)]
+    fn append<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        addr: u64,
+        len: u32,
+        writable: bool,
+    ) -> Result<(), VringError> {
         mem.check(addr, u64::from(len))
             .map_err(|_| VringError::BadBuffer { addr, len })?;
         if len == 0 {
@@ -382,10 +373,10 @@ impl<const S: usize> Chain<S> {
             return Err(VringError::ChainTooLong);
         }
         if writable {
-            self.writable_len += len;
+            self.writable_len = self.writable_len.wrapping_add(len);
         } else {
             self.readable += 1;
-            self.readable_len += len;
+            self.readable_len = self.readable_len.wrapping_add(len);
         }
         Ok(())
     }
