@@ -143,16 +143,22 @@ impl LinuxGuestMemory {
         (r.size - off >= len).then_some((r, off))
     }
 
-    /// `N` bytes at `gpa`: the mapping checks the bounds once; a range that
-    /// leaves its region takes the general path.
+    /// `f` of the `N` bytes at `gpa`: the mapping checks the bounds once; a
+    /// range that leaves its region takes the general path. (`f` applied
+    /// here, not by the caller, keeps the bytes out of a `Result` in
+    /// memory.)
     #[inline(always)]
-    fn read_array<const N: usize>(&self, gpa: u64) -> Result<[u8; N], MemoryError> {
+    fn read_array_as<const N: usize, T>(
+        &self,
+        gpa: u64,
+        f: impl Fn(&[u8; N]) -> T,
+    ) -> Result<T, MemoryError> {
         if let Some(r) = self.find(gpa) {
             if let Ok(v) = r.map.read_array(gpa - r.gpa) {
-                return Ok(v);
+                return Ok(f(&v));
             }
         }
-        self.read_array_slow(gpa)
+        self.read_array_slow(gpa).map(|v| f(&v))
     }
 
     #[cold]
@@ -248,23 +254,17 @@ impl GuestMemory for LinuxGuestMemory {
 
     #[inline]
     fn read_16(&self, gpa: u64) -> Result<[u8; 16], MemoryError> {
-        self.read_array(gpa)
+        self.read_array_as(gpa, |b| *b)
     }
 
     #[inline(always)]
     fn read_desc(&self, gpa: u64) -> Result<[u64; 2], MemoryError> {
-        if let Some(r) = self.find(gpa) {
-            if let Ok(b) = r.map.read_array::<16>(gpa - r.gpa) {
-                return Ok(vhost_user_core::memory::desc_words(&b));
-            }
-        }
-        self.read_array_slow::<16>(gpa)
-            .map(|b| vhost_user_core::memory::desc_words(&b))
+        self.read_array_as(gpa, vhost_user_core::memory::desc_words)
     }
 
     #[inline]
     fn read_u16(&self, gpa: u64) -> Result<u16, MemoryError> {
-        self.read_array(gpa).map(u16::from_le_bytes)
+        self.read_array_as(gpa, |b| u16::from_le_bytes(*b))
     }
 
     #[inline]

@@ -813,7 +813,7 @@ pub fn packed_chain<M: GuestMemory + ?Sized, const S: usize>(
     chain.reset();
     for d in descs {
         if d.flags & DESC_F_INDIRECT != 0 {
-            let n = crate::vring::indirect_table(mem, indirect_ok, false, d.flags, d.addr, d.len)?;
+            let n = crate::vring::indirect_table(mem, indirect_ok, d.flags, d.addr, d.len)?;
             for i in 0..u64::from(n) {
                 let (a, l, _, f) = crate::vring::decode_words(mem.read_desc(d.addr + 16 * i)?);
                 if f & DESC_F_INDIRECT != 0 {

@@ -389,20 +389,17 @@ pub(crate) fn decode_words([a, b]: [u64; 2]) -> (u64, u32, u16, u16) {
     (a, b as u32, (b >> 32) as u16, (b >> 48) as u16)
 }
 
-/// Check an indirect descriptor and return its table length in
-/// descriptors.
+/// Check an indirect descriptor of a ring's table and return its table
+/// length in descriptors. (Walkers refuse an indirect descriptor found
+/// inside a table as [`VringError::IndirectNested`] before calling this.)
 #[inline]
 pub(crate) fn indirect_table<M: GuestMemory + ?Sized>(
     mem: &M,
     negotiated: bool,
-    in_indirect: bool,
     flags: u16,
     addr: u64,
     len: u32,
 ) -> Result<u32, VringError> {
-    if in_indirect {
-        return Err(VringError::IndirectNested);
-    }
     if !negotiated {
         return Err(VringError::IndirectNotNegotiated);
     }

@@ -227,7 +227,7 @@ impl PackedQueue {
                 wrap = !wrap;
             }
             if flags & DESC_F_INDIRECT != 0 {
-                let n = indirect_table(mem, self.features.indirect, false, flags, addr, len)?;
+                let n = indirect_table(mem, self.features.indirect, flags, addr, len)?;
                 for i in 0..u64::from(n) {
                     let (a, l, _, f) = decode_words(mem.read_desc(addr + 16 * i)?);
                     if f & DESC_F_INDIRECT != 0 {

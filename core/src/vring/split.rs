@@ -350,7 +350,7 @@ impl SplitQueue {
         flags: u16,
         chain: &mut Chain<S>,
     ) -> Result<(), VringError> {
-        let n = indirect_table(mem, self.features.indirect, false, flags, addr, len)?;
+        let n = indirect_table(mem, self.features.indirect, flags, addr, len)?;
         let mut budget = n;
         let mut idx = 0u16;
         loop {
