@@ -231,12 +231,18 @@ fn notification_enable_disable_without_event_idx() {
     );
 }
 
-#[test]
-fn stop_and_restart_resume_requests_already_in_the_ring() {
-    let (m, mut d, mut q) = setup(8, feats(false, false));
-    let h: Vec<u16> = (0..3)
+/// An 8-entry ring with three one-buffer chains posted, and their heads.
+fn three_posted() -> (TestMemory, SplitDriver, SplitQueue, Vec<u16>) {
+    let (m, mut d, q) = setup(8, feats(false, false));
+    let h = (0..3)
         .map(|i| d.post(&m, &[Buf::readable(DATA + i, 1)]).unwrap())
         .collect();
+    (m, d, q, h)
+}
+
+#[test]
+fn stop_and_restart_resume_requests_already_in_the_ring() {
+    let (m, d, mut q, h) = three_posted();
     let c = pop(&mut q, &m).unwrap().unwrap();
     q.add_used(&m, c.head(), 0).unwrap();
     q.flush_used(&m).unwrap();
@@ -253,10 +259,7 @@ fn stop_and_restart_resume_requests_already_in_the_ring() {
 #[test]
 fn a_new_base_rereads_the_avail_ring() {
     // Heads are read ahead in runs; SET_VRING_BASE must not serve stale ones.
-    let (m, mut d, mut q) = setup(8, feats(false, false));
-    let h: Vec<u16> = (0..3)
-        .map(|i| d.post(&m, &[Buf::readable(DATA + i, 1)]).unwrap())
-        .collect();
+    let (m, d, mut q, h) = three_posted();
     assert_eq!(pop(&mut q, &m).unwrap().unwrap().head().id, h[0]);
     // The front-end rewrites the entries not yet taken, then rewinds.
     let avail = d.addrs().driver;
