@@ -3,10 +3,12 @@
 //!
 //! The control thread reads a message and its fds, lets the session decide,
 //! and carries out the [`Action`]s: it maps and unmaps guest memory, hands
-//! eventfds to workers, starts and stops them. A GET_VRING_BASE on a running
-//! ring stops its worker, which completes the requests it had taken (the
-//! device processes each request to the end before taking the next), hands
-//! its ring back, and only then is the reply sent.
+//! eventfds to workers, starts and stops them. A worker is threads and
+//! syscalls only: it waits on epoll for kicks, and calls the ring's
+//! [`DataPlane`] (pop, complete, publish, stop) and the [`Device`] (process,
+//! poll); every virtio rule is in the core. A GET_VRING_BASE on a running
+//! ring stops its worker, which drains or suspends as the data plane says,
+//! and only then is the reply sent.
 //!
 //! When a front-end leaves, or sends a message the session refuses, every
 //! worker is stopped, every mapping and fd of that connection is released,
@@ -20,53 +22,16 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
-use std::collections::VecDeque;
-use vhost_user_core::backend::{
-    Action, BackendConfig, BackendDevice, BackendError, Reply, Session,
-};
+use vhost_user_core::backend::{Action, BackendConfig, BackendError, Reply, Session};
+use vhost_user_core::dataplane::{DataPlane, DataPlaneError, Published, Stop};
+use vhost_user_core::device::{Completion, Device};
 use vhost_user_core::message::{HEADER_SIZE, MAX_MESSAGE};
-
-use vhost_user_core::inflight::{
-    packed_chain, packed_used_at, InflightError, PackedDescCopy, PackedInflight, Resubmit,
-    SplitInflight,
-};
-use vhost_user_core::vring::packed::PackedQueue;
-use vhost_user_core::vring::{Chain, Queue, RingAddrs, VringError};
+use vhost_user_core::vring::{Chain, RingAddrs};
 
 use crate::memory::LinuxGuestMemory;
 use crate::sys::epoll::{Epoll, EpollEvent, Interest};
 use crate::sys::eventfd::EventFd;
 use crate::sys::socket::{Listener, Stream};
-
-/// The data path of a device: what a ring's worker does with each chain.
-pub trait QueueDevice: Send + Sync + 'static {
-    /// Per-worker scratch space.
-    type Scratch: Default + Send;
-
-    /// Processes one chain of `queue` and returns the bytes written into it.
-    /// With `side_effects` false (started but disabled ring) the chain is
-    /// consumed without side effects.
-    fn process(
-        &self,
-        queue: u16,
-        chain: &Chain,
-        mem: &LinuxGuestMemory,
-        side_effects: bool,
-        scratch: &mut Self::Scratch,
-    ) -> u32;
-
-    /// Whether a started but disabled ring is consumed (each chain
-    /// processed with `side_effects` false, e.g. a network device dropping
-    /// TX packets) rather than left in the ring until it is enabled again.
-    /// The default, false, suits storage: a disabled ring is paused, and
-    /// requests taken while it was enabled still complete normally.
-    fn consume_while_disabled(&self) -> bool {
-        false
-    }
-
-    /// Called when a front-end disconnects (log counters, drop state).
-    fn disconnected(&self) {}
-}
 
 /// Counters of one ring's worker.
 #[derive(Debug, Default)]
@@ -79,6 +44,22 @@ pub struct RingCounters {
     pub suppressed: AtomicU64,
     /// Kicks received.
     pub kicks: AtomicU64,
+}
+
+/// A device the Linux runtime serves: the connection keeps one handle for
+/// the control path, and each ring's worker thread gets a clone for the
+/// data path.
+pub trait SharedDevice: Device + Clone + Send + Sync + 'static
+where
+    Self::Scratch: Send,
+{
+}
+
+impl<D> SharedDevice for D
+where
+    D: Device + Clone + Send + Sync + 'static,
+    D::Scratch: Send,
+{
 }
 
 /// How the runtime treats guest-caused ring errors and idle polling.
@@ -135,7 +116,8 @@ impl Shared {
 
 struct Worker {
     shared: Arc<Shared>,
-    handle: JoinHandle<Queue>,
+    /// Returns the ring's GET_VRING_BASE value once stopped.
+    handle: JoinHandle<u32>,
 }
 
 /// Per-ring state the control thread keeps.
@@ -147,9 +129,12 @@ struct RingFds {
 }
 
 /// One front-end connection's state.
-struct Connection<D: QueueDevice, const Q: usize, const R: usize> {
+struct Connection<D: SharedDevice, const Q: usize, const R: usize>
+where
+    D::Scratch: Send,
+{
     session: Session<Q, R>,
-    device: Arc<D>,
+    device: D,
     memory: Arc<RwLock<LinuxGuestMemory>>,
     rings: Vec<RingFds>,
     workers: Vec<Option<Worker>>,
@@ -175,12 +160,12 @@ pub enum ConnectionEnd {
 
 impl<D, const Q: usize, const R: usize> Connection<D, Q, R>
 where
-    D: QueueDevice,
-    for<'a> &'a D: BackendDevice,
+    D: SharedDevice,
+    D::Scratch: Send,
 {
     fn new(
         config: BackendConfig,
-        device: Arc<D>,
+        device: D,
         options: RuntimeOptions,
     ) -> Result<Self, BackendError> {
         let session = Session::new(config)?;
@@ -211,13 +196,12 @@ where
             let mut fds: Vec<Option<OwnedFd>> = rx.fds.into_iter().map(Some).collect();
             let result = {
                 let mem = self.memory.read().unwrap_or_else(PoisonError::into_inner);
-                let mut ctl = &*self.device;
                 self.session.handle(
                     &rx.header,
                     payload,
                     fds.len(),
                     &*mem,
-                    &mut ctl,
+                    &mut self.device,
                     &mut out[..],
                 )
             };
@@ -237,7 +221,7 @@ where
                 Reply::None => None,
                 Reply::Ready(n) => Some(n),
                 Reply::Pending { queue } => match self.stop_worker(queue, self.suspend_of(queue)) {
-                    Some(ring) => match self.session.finish_stop(queue, &ring, &mut out[..]) {
+                    Some(base) => match self.session.finish_stop(queue, base, &mut out[..]) {
                         Ok(n) => Some(n),
                         Err(e) => return ConnectionEnd::Refused(e),
                     },
@@ -320,23 +304,18 @@ where
             Action::SetErr { queue, fd } => {
                 self.rings[usize::from(queue)].err = Self::eventfd(fds, fd)?;
             }
-            Action::StartRing {
-                queue,
-                ring,
-                enabled,
-                inflight,
-            } => {
-                let area = match (inflight, &self.inflight) {
-                    (Some(off), Some(a)) => Some((Arc::clone(a), off)),
-                    (Some(_), None) => {
-                        // The session only names an area it was given.
-                        return Err(BackendError::Inflight(
-                            vhost_user_core::inflight::InflightError::TooSmall { need: 1, have: 0 },
-                        ));
-                    }
-                    _ => None,
+            Action::StartRing { queue } => {
+                let area = self.inflight.clone();
+                let dp = {
+                    let mem = self.memory.read().unwrap_or_else(PoisonError::into_inner);
+                    self.session.start_ring(
+                        queue,
+                        &*mem,
+                        area.as_deref(),
+                        self.device.consume_while_disabled(),
+                    )?
                 };
-                self.start_worker(queue, ring, enabled, area)
+                self.start_worker(queue, dp, area)
             }
             Action::StopRing { queue, suspend } => {
                 // The reply is pending; the worker is stopped when it is
@@ -397,13 +376,7 @@ where
             .unwrap_or(false)
     }
 
-    fn start_worker(
-        &mut self,
-        queue: u16,
-        ring: Queue,
-        enabled: bool,
-        inflight: Option<(Arc<LinuxGuestMemory>, u64)>,
-    ) {
+    fn start_worker(&mut self, queue: u16, dp: DataPlane, area: Option<Arc<LinuxGuestMemory>>) {
         let q = usize::from(queue);
         let (wake, waiter) = match EventFd::new(true).and_then(|w| Ok((w, Waiter::new()?))) {
             Ok(x) => x,
@@ -416,39 +389,39 @@ where
             wake,
             suspend: AtomicBool::new(false),
             stop: AtomicBool::new(false),
-            enabled: AtomicBool::new(enabled),
+            enabled: AtomicBool::new(dp.enabled()),
             kick: Mutex::new(self.rings[q].kick.clone()),
             call: Mutex::new(self.rings[q].call.clone()),
             remap: Mutex::new(None),
             remap_pending: AtomicBool::new(false),
             counters: RingCounters::default(),
         });
-        let device = Arc::clone(&self.device);
-        let memory = Arc::clone(&self.memory);
-        let s = Arc::clone(&shared);
-        let options = self.options;
+        let worker = RingWorker {
+            queue,
+            device: self.device.clone(),
+            memory: Arc::clone(&self.memory),
+            shared: Arc::clone(&shared),
+            area,
+            options: self.options,
+        };
         let spawned = std::thread::Builder::new()
             .name(format!("vhu-ring-{queue}"))
-            .spawn(move || {
-                run_ring(
-                    queue, ring, &*device, &memory, &s, waiter, inflight, options,
-                )
-            });
+            .spawn(move || worker.run(dp, waiter));
         match spawned {
             Ok(handle) => self.workers[q] = Some(Worker { shared, handle }),
             Err(e) => error!("cannot start a thread for ring {queue}: {e}"),
         }
     }
 
-    /// Stops a ring's worker and returns its ring.
-    fn stop_worker(&mut self, queue: u16, suspend: bool) -> Option<Queue> {
+    /// Stops a ring's worker and returns the ring's GET_VRING_BASE value.
+    fn stop_worker(&mut self, queue: u16, suspend: bool) -> Option<u32> {
         let w = self.workers.get_mut(usize::from(queue))?.take()?;
         w.shared.suspend.store(suspend, Ordering::Release);
         w.shared.stop.store(true, Ordering::Release);
         w.shared.wake();
         let c = &w.shared.counters;
-        let ring = match w.handle.join() {
-            Ok(ring) => ring,
+        let base = match w.handle.join() {
+            Ok(base) => base,
             Err(_) => {
                 error!("ring {queue} worker panicked");
                 return None;
@@ -461,7 +434,7 @@ where
             c.calls.load(Ordering::Relaxed),
             c.suppressed.load(Ordering::Relaxed),
         );
-        Some(ring)
+        Some(base)
     }
 
     fn teardown(&mut self) {
@@ -480,362 +453,254 @@ where
     }
 }
 
-/// Most recorded requests a ring resubmits after a restart (rings with
-/// inflight tracking are at most this large).
-pub const MAX_RESUBMIT: usize = 1024;
-
-/// Where a ring records its requests.
-enum Tracker {
-    None,
-    Split(SplitInflight),
-    Packed(PackedInflight),
-}
-
-/// A request taken from the ring and not yet completed: its chain and its
-/// inflight record (split: the head index; packed: the area entry).
-struct Taken {
-    chain: Chain,
-    entry: u16,
-    /// Taken while the ring was enabled: carried out in full.
-    side_effects: bool,
-}
-
-/// Opens the ring's inflight region, repairs it and returns the requests to
-/// resubmit, positioning the ring after them.
-fn recover(
-    ring: &mut Queue,
-    mem: &LinuxGuestMemory,
-    area: &LinuxGuestMemory,
-    off: u64,
-) -> Result<(Tracker, VecDeque<Taken>), InflightError> {
-    let mut list: Box<heapless::Vec<Resubmit, MAX_RESUBMIT>> = Box::default();
-    let mut out = VecDeque::new();
-    match ring {
-        Queue::Split(s) => {
-            let (mut t, fresh) = SplitInflight::open(area, off, s.size())?;
-            if !fresh {
-                let used = s.next_used();
-                t.recover(area, used, &mut list)?;
-                s.set_next_avail(used.wrapping_add(list.len() as u16));
-                for r in list.iter() {
-                    let mut chain = Chain::new();
-                    s.chain_at(mem, r.head, &mut chain)?;
-                    out.push_back(Taken {
-                        chain,
-                        entry: r.head,
-                        side_effects: true,
-                    });
-                }
-            }
-            Ok((Tracker::Split(t), out))
-        }
-        Queue::Packed(p) => {
-            let (mut t, fresh) = PackedInflight::open(area, off, p.size(), p.next_used())?;
-            if !fresh {
-                let ring_now: &PackedQueue = p;
-                let pos = t.recover(
-                    area,
-                    |slot, wrap| packed_used_at(mem, ring_now, slot, wrap),
-                    &mut list,
-                )?;
-                p.set_base(pos.base())?;
-                let indirect = p.features().indirect;
-                let mut descs: heapless::Vec<PackedDescCopy, MAX_RESUBMIT> = heapless::Vec::new();
-                for r in list.iter() {
-                    t.descriptors(area, r.head, &mut descs)?;
-                    let mut chain = Chain::new();
-                    packed_chain(mem, indirect, &descs, &mut chain)?;
-                    out.push_back(Taken {
-                        chain,
-                        entry: r.head,
-                        side_effects: true,
-                    });
-                }
-            }
-            Ok((Tracker::Packed(t), out))
-        }
-    }
-}
-
-/// A ring's worker: processes the ring until told to stop, then returns it.
-#[allow(clippy::too_many_arguments)]
-fn run_ring<D: QueueDevice>(
+/// What a ring's worker thread owns besides its data plane.
+struct RingWorker<D: Device> {
     queue: u16,
-    mut ring: Queue,
-    device: &D,
-    memory: &RwLock<LinuxGuestMemory>,
-    shared: &Shared,
-    mut waiter: Waiter,
-    inflight: Option<(Arc<LinuxGuestMemory>, u64)>,
+    device: D,
+    memory: Arc<RwLock<LinuxGuestMemory>>,
+    shared: Arc<Shared>,
+    /// The inflight area, when requests are tracked.
+    area: Option<Arc<LinuxGuestMemory>>,
     options: RuntimeOptions,
-) -> Queue {
-    if let Err(e) = waiter.epoll.add(&shared.wake, Interest::READABLE, WAKE) {
-        error!("ring {queue}: cannot watch the wake fd: {e}");
-    }
-    let mut w = WorkerState {
-        queue,
-        tracker: Tracker::None,
-        area: None,
-        taken: VecDeque::new(),
-        done: Vec::with_capacity(options.batch),
-        scratch: D::Scratch::default(),
-    };
-    let mut broken = false;
-    if let Some((area, off)) = inflight {
-        let mem = memory.read().unwrap_or_else(PoisonError::into_inner);
-        match recover(&mut ring, &mem, &area, off) {
-            Ok((tracker, taken)) => {
-                if !taken.is_empty() {
-                    info!(
-                        "ring {queue}: resubmitting {} requests from the inflight area",
-                        taken.len()
-                    );
-                }
-                w.tracker = tracker;
-                w.taken = taken;
-                w.area = Some(area);
+}
+
+/// The per-thread state of one round of [`RingWorker::serve`].
+struct Round<S> {
+    scratch: S,
+    chain: Box<Chain>,
+    /// The data plane's error was logged.
+    reported: bool,
+}
+
+impl<D: Device> RingWorker<D> {
+    /// Serves the ring until told to stop; returns the GET_VRING_BASE value.
+    fn run(self, mut dp: DataPlane, mut waiter: Waiter) -> u32 {
+        let queue = self.queue;
+        if let Err(e) = waiter
+            .epoll
+            .add(&self.shared.wake, Interest::READABLE, WAKE)
+        {
+            error!("ring {queue}: cannot watch the wake fd: {e}");
+        }
+        let mut round = Round {
+            scratch: D::Scratch::default(),
+            chain: Box::default(),
+            reported: false,
+        };
+        if dp.resubmits_left() > 0 {
+            info!(
+                "ring {queue}: resubmitting {} requests from the inflight area",
+                dp.resubmits_left()
+            );
+        }
+        self.report(&dp, &mut round);
+        loop {
+            if self.shared.stop.load(Ordering::Acquire) {
+                return self.stop(&mut dp, &mut round);
             }
-            Err(e) => {
-                error!(
-                    "ring {queue}: inflight area refused: {e}; the ring is stopped until restarted"
-                );
-                broken = true;
+            if self.shared.remap_pending.swap(false, Ordering::AcqRel) {
+                if let Some(addrs) = lock(&self.shared.remap).take() {
+                    let _ = dp.set_addrs(addrs);
+                }
+            }
+            dp.set_enabled(self.shared.enabled.load(Ordering::Acquire));
+            let mut idle = {
+                let mem = self.memory.read().unwrap_or_else(PoisonError::into_inner);
+                let more = self.serve(&mut dp, &mem, &mut round);
+                // Re-arm notifications, then look once more so a request
+                // published meanwhile is not slept on.
+                !more && !matches!(dp.enable_notification(&*mem), Ok(true))
+            };
+            self.report(&dp, &mut round);
+            if idle && dp.error().is_none() && !dp.paused() && !self.options.spin.is_zero() {
+                idle = self.spin(&mut dp, &mut round);
+            }
+            if idle {
+                // Requests the device completes later need polling.
+                let poll = dp.outstanding() > 0;
+                waiter.wait(queue, &self.shared, self.options, poll);
             }
         }
     }
-    loop {
-        if shared.stop.load(Ordering::Acquire) {
-            // Without an area nothing can be suspended: complete it all.
-            let suspend = shared.suspend.load(Ordering::Acquire) && w.area.is_some();
-            if !suspend && !broken && !w.taken.is_empty() {
-                let mem = memory.read().unwrap_or_else(PoisonError::into_inner);
-                while !w.taken.is_empty() {
-                    if let Err(e) = w.complete(&mut ring, device, &mem, shared, options, false) {
-                        error!("ring {queue}: {e}");
-                        break;
-                    }
-                }
-            }
-            return ring;
+
+    /// Logs the error that broke the ring, once.
+    fn report(&self, dp: &DataPlane, round: &mut Round<D::Scratch>) {
+        if let (Some(e), false) = (dp.error(), round.reported) {
+            error!(
+                "ring {}: {e}; the ring is stopped until restarted",
+                self.queue
+            );
+            round.reported = true;
         }
-        if shared.remap_pending.swap(false, Ordering::AcqRel) {
-            if let Some(addrs) = lock(&shared.remap).take() {
-                if let Err(e) = ring.set_addrs(addrs) {
-                    error!("ring {queue}: cannot move to new addresses: {e}");
-                    broken = true;
-                }
+    }
+
+    /// Polls a little before sleeping (notifications stay armed, so a kick
+    /// meanwhile is only a spurious wake-up later). Returns whether the
+    /// ring is still idle.
+    fn spin(&self, dp: &mut DataPlane, round: &mut Round<D::Scratch>) -> bool {
+        let deadline = Instant::now() + self.options.spin;
+        let done = self.shared.counters.completed.load(Ordering::Relaxed);
+        while Instant::now() < deadline {
+            if self.shared.stop.load(Ordering::Acquire)
+                || self.shared.remap_pending.load(Ordering::Acquire)
+            {
+                return false;
             }
-        }
-        let mut idle = broken;
-        let mut paused = false;
-        if !broken {
-            let mem = memory.read().unwrap_or_else(PoisonError::into_inner);
-            // A disabled ring is paused (unless the device consumes it):
-            // sleep until SET_VRING_ENABLE wakes us.
-            paused = !shared.enabled.load(Ordering::Acquire) && !device.consume_while_disabled();
-            match w.drain(&mut ring, device, &mem, shared, options) {
-                Ok(_) if paused => idle = true,
-                Ok(more) => {
-                    if !more {
-                        // Re-arm notifications, then look once more so a
-                        // request published meanwhile is not slept on.
-                        idle = !matches!(ring.enable_notification(&*mem), Ok(true));
-                    }
-                }
-                Err(e) => {
-                    error!("ring {queue}: {e}; the ring is stopped until restarted");
-                    broken = true;
-                    idle = true;
-                }
+            let mem = self.memory.read().unwrap_or_else(PoisonError::into_inner);
+            self.serve(dp, &mem, round);
+            if dp.error().is_some()
+                || self.shared.counters.completed.load(Ordering::Relaxed) != done
+            {
+                return false;
             }
+            std::hint::spin_loop();
         }
-        if idle && !broken && !paused && !options.spin.is_zero() {
-            // Poll a little before sleeping (notifications stay armed, so
-            // a kick meanwhile is only a spurious wake-up later).
-            let deadline = Instant::now() + options.spin;
-            let done = shared.counters.completed.load(Ordering::Relaxed);
-            while idle && Instant::now() < deadline {
-                if shared.stop.load(Ordering::Acquire)
-                    || shared.remap_pending.load(Ordering::Acquire)
-                {
-                    idle = false;
+        true
+    }
+
+    /// One round: up to a batch of requests popped and processed, the
+    /// device's later completions collected, one publish, one call if the
+    /// guest wants it. Returns whether more may be available.
+    fn serve(
+        &self,
+        dp: &mut DataPlane,
+        mem: &LinuxGuestMemory,
+        round: &mut Round<D::Scratch>,
+    ) -> bool {
+        let area = self.area.as_deref();
+        let mut published = Published::Nothing;
+        let mut completed = 0u64;
+        let mut more = true;
+        let mut taken = 0;
+        while taken < self.options.batch {
+            // A stop is served between requests, not after the batch.
+            if self.shared.stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let token = match dp.pop(mem, area, &mut *round.chain) {
+                Ok(Some(t)) => t,
+                Ok(None) | Err(_) => {
+                    more = false;
                     break;
                 }
-                let mem = memory.read().unwrap_or_else(PoisonError::into_inner);
-                if w.drain(&mut ring, device, &mem, shared, options).is_err() {
-                    // Reported by the next round of the main loop.
-                    idle = false;
-                }
-                if shared.counters.completed.load(Ordering::Relaxed) != done {
-                    idle = false;
-                }
-                std::hint::spin_loop();
-            }
-        }
-        if idle {
-            waiter.wait(queue, shared, options);
-        }
-    }
-}
-
-/// Why a worker stopped processing its ring.
-#[derive(Debug)]
-enum WorkerError {
-    Vring(VringError),
-    Inflight(InflightError),
-}
-
-impl std::fmt::Display for WorkerError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            WorkerError::Vring(e) => write!(f, "{e}"),
-            WorkerError::Inflight(e) => write!(f, "inflight area: {e}"),
-        }
-    }
-}
-
-impl From<VringError> for WorkerError {
-    fn from(e: VringError) -> Self {
-        WorkerError::Vring(e)
-    }
-}
-
-impl From<InflightError> for WorkerError {
-    fn from(e: InflightError) -> Self {
-        WorkerError::Inflight(e)
-    }
-}
-
-struct WorkerState<S> {
-    queue: u16,
-    tracker: Tracker,
-    area: Option<Arc<LinuxGuestMemory>>,
-    /// Fetched (and recorded) but not completed, in order.
-    taken: VecDeque<Taken>,
-    /// Entries of the batch being completed.
-    done: Vec<u16>,
-    scratch: S,
-}
-
-impl<S> WorkerState<S> {
-    /// Takes up to a batch from the ring, recording each fetch, then
-    /// completes them; `Ok(true)` if more may be available.
-    fn drain<D: QueueDevice<Scratch = S>>(
-        &mut self,
-        ring: &mut Queue,
-        device: &D,
-        mem: &LinuxGuestMemory,
-        shared: &Shared,
-        options: RuntimeOptions,
-    ) -> Result<bool, WorkerError> {
-        let mut more = true;
-        let enabled = shared.enabled.load(Ordering::Acquire);
-        let take = enabled || device.consume_while_disabled();
-        while take && self.taken.len() < options.batch {
-            let before = match ring {
-                Queue::Packed(p) => p.next_avail(),
-                Queue::Split(_) => (0, false),
             };
-            let mut chain = Chain::new();
-            if !ring.pop_into(mem, &mut chain)? {
-                more = false;
-                break;
+            taken += 1;
+            let c = self
+                .device
+                .process(self.queue, &*round.chain, token, mem, &mut round.scratch);
+            if let Completion::Done(len) = c {
+                match dp.complete(mem, area, token, len) {
+                    Ok(p) => {
+                        published = published | p;
+                        completed += 1;
+                    }
+                    Err(e) => complete_failed(self.queue, e),
+                }
             }
-            let entry = self.record_fetch(ring, mem, &chain, before)?;
-            self.taken.push_back(Taken {
-                chain,
-                entry,
-                side_effects: enabled,
-            });
         }
-        if !self.taken.is_empty() {
-            self.complete(ring, device, mem, shared, options, true)?;
-        }
-        Ok(more || !self.taken.is_empty())
-    }
-
-    fn record_fetch(
-        &mut self,
-        ring: &Queue,
-        mem: &LinuxGuestMemory,
-        chain: &Chain,
-        before: (u16, bool),
-    ) -> Result<u16, WorkerError> {
-        let head = chain.head();
-        let Some(area) = self.area.as_deref() else {
-            return Ok(head.id);
-        };
-        match &mut self.tracker {
-            Tracker::None => Ok(head.id),
-            Tracker::Split(t) => {
-                t.fetched(area, head.id)?;
-                Ok(head.id)
-            }
-            Tracker::Packed(t) => match ring {
-                Queue::Packed(p) => Ok(t.fetched_from_ring(area, mem, p, before.0, head.descs)?),
-                Queue::Split(_) => Ok(head.id),
+        self.device.poll(
+            self.queue,
+            mem,
+            &mut round.scratch,
+            &mut |token, len| match dp.complete(mem, area, token, len) {
+                Ok(p) => {
+                    published = published | p;
+                    completed += 1;
+                }
+                Err(e) => complete_failed(self.queue, e),
             },
+        );
+        let last = dp.publish(mem, area).unwrap_or(Published::Nothing);
+        self.signal(published | last, completed);
+        more
+    }
+
+    fn signal(&self, published: Published, completed: u64) {
+        let c = &self.shared.counters;
+        c.completed.fetch_add(completed, Ordering::Relaxed);
+        match published {
+            Published::Notify => {
+                if let Some(call) = lock(&self.shared.call).as_ref() {
+                    let _ = call.write(1);
+                    c.calls.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Published::Suppressed => {
+                c.suppressed.fetch_add(1, Ordering::Relaxed);
+            }
+            Published::Nothing => {}
         }
     }
 
-    /// Processes the taken requests in order and publishes them as one
-    /// batch. With `may_suspend`, stops early when a suspending stop is
-    /// requested: the rest stay taken (and recorded).
-    fn complete<D: QueueDevice<Scratch = S>>(
-        &mut self,
-        ring: &mut Queue,
-        device: &D,
-        mem: &LinuxGuestMemory,
-        shared: &Shared,
-        options: RuntimeOptions,
-        may_suspend: bool,
-    ) -> Result<(), WorkerError> {
-        self.done.clear();
-        while self.done.len() < options.batch {
-            if may_suspend
-                && self.area.is_some()
-                && shared.stop.load(Ordering::Acquire)
-                && shared.suspend.load(Ordering::Acquire)
-            {
-                break;
-            }
-            let Some(t) = self.taken.pop_front() else {
-                break;
-            };
-            let len = device.process(self.queue, &t.chain, mem, t.side_effects, &mut self.scratch);
-            ring.add_used(mem, t.chain.head(), len)?;
-            self.done.push(t.entry);
-        }
-        if self.done.is_empty() {
-            return Ok(());
-        }
+    /// GET_VRING_BASE (or the front-end left): drain or suspend as the
+    /// data plane decides, serving what it still hands out.
+    fn stop(&self, dp: &mut DataPlane, round: &mut Round<D::Scratch>) -> u32 {
+        let suspend = self.shared.suspend.load(Ordering::Acquire);
         let area = self.area.as_deref();
-        match (&self.tracker, area) {
-            (Tracker::Split(t), Some(a)) => t.batch_begin(a, &self.done)?,
-            (Tracker::Packed(t), Some(a)) => t.batch_begin(a, &self.done)?,
-            _ => {}
-        }
-        let c = &shared.counters;
-        c.completed
-            .fetch_add(self.done.len() as u64, Ordering::Relaxed);
-        let notify = ring.flush_used(mem)?;
-        match (&self.tracker, area, &*ring) {
-            (Tracker::Split(t), Some(a), Queue::Split(s)) => {
-                t.batch_end(a, &self.done, s.next_used())?
+        loop {
+            let mem = self.memory.read().unwrap_or_else(PoisonError::into_inner);
+            let (stop, published) = dp.stop(&*mem, area, suspend);
+            self.signal(published.unwrap_or(Published::Nothing), 0);
+            match stop {
+                Stop::Stopped { base } => return base,
+                Stop::Draining => {
+                    let before = dp.outstanding() + dp.resubmits_left();
+                    self.serve_draining(dp, &mem, round);
+                    self.report(dp, round);
+                    if dp.outstanding() + dp.resubmits_left() == before {
+                        // The device still holds requests: let them finish.
+                        drop(mem);
+                        std::thread::sleep(self.options.poll_interval);
+                    }
+                }
             }
-            (Tracker::Packed(t), Some(a), _) => t.batch_end(a, &self.done)?,
-            _ => {}
         }
-        if notify {
-            if let Some(call) = lock(&shared.call).as_ref() {
-                let _ = call.write(1);
-                c.calls.fetch_add(1, Ordering::Relaxed);
-            }
-        } else {
-            c.suppressed.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(())
     }
+
+    fn serve_draining(
+        &self,
+        dp: &mut DataPlane,
+        mem: &LinuxGuestMemory,
+        round: &mut Round<D::Scratch>,
+    ) {
+        // `serve` stops at a pending stop; while draining, the stop is the
+        // reason to go on. Recorded requests are all that pop hands out.
+        let area = self.area.as_deref();
+        let mut published = Published::Nothing;
+        let mut completed = 0u64;
+        while let Ok(Some(token)) = dp.pop(mem, area, &mut *round.chain) {
+            let c = self
+                .device
+                .process(self.queue, &*round.chain, token, mem, &mut round.scratch);
+            if let Completion::Done(len) = c {
+                match dp.complete(mem, area, token, len) {
+                    Ok(p) => {
+                        published = published | p;
+                        completed += 1;
+                    }
+                    Err(e) => complete_failed(self.queue, e),
+                }
+            }
+        }
+        self.device.poll(
+            self.queue,
+            mem,
+            &mut round.scratch,
+            &mut |token, len| match dp.complete(mem, area, token, len) {
+                Ok(p) => {
+                    published = published | p;
+                    completed += 1;
+                }
+                Err(e) => complete_failed(self.queue, e),
+            },
+        );
+        let last = dp.publish(mem, area).unwrap_or(Published::Nothing);
+        self.signal(published | last, completed);
+    }
+}
+
+fn complete_failed(queue: u16, e: DataPlaneError) {
+    error!("ring {queue}: cannot complete a request: {e}");
 }
 
 const WAKE: u64 = 0;
@@ -856,8 +721,9 @@ impl Waiter {
     }
 
     /// Sleeps until the front-end kicks or the control thread wakes us (in
-    /// polling mode, at most one poll interval). Both counters are reset.
-    fn wait(&mut self, queue: u16, shared: &Shared, options: RuntimeOptions) {
+    /// polling mode, or with `poll`, at most one poll interval). Both
+    /// counters are reset.
+    fn wait(&mut self, queue: u16, shared: &Shared, options: RuntimeOptions, poll: bool) {
         let current = lock(&shared.kick).clone();
         let same = match (&self.kick, &current) {
             (Some(a), Some(b)) => Arc::ptr_eq(a, b),
@@ -876,7 +742,7 @@ impl Waiter {
             }
         }
         // Without a kick fd the ring is polled.
-        let timeout = if self.kick.is_some() {
+        let timeout = if self.kick.is_some() && !poll {
             -1
         } else {
             i32::try_from(options.poll_interval.as_millis()).unwrap_or(i32::MAX)
@@ -904,13 +770,13 @@ impl Waiter {
 pub fn serve<D, const Q: usize, const R: usize>(
     listener: &Listener,
     config: BackendConfig,
-    device: Arc<D>,
+    device: D,
     options: RuntimeOptions,
     stop: &AtomicBool,
 ) -> Result<(), BackendError>
 where
-    D: QueueDevice,
-    for<'a> &'a D: BackendDevice,
+    D: SharedDevice,
+    D::Scratch: Send,
 {
     // Refuse a bad configuration before accepting anyone.
     Session::<Q, R>::new(config)?;
@@ -928,7 +794,7 @@ where
             break;
         }
         info!("front-end connected");
-        serve_one::<D, Q, R>(&stream, config, Arc::clone(&device), options);
+        serve_one::<D, Q, R>(&stream, config, device.clone(), options);
     }
     Ok(())
 }
@@ -937,12 +803,12 @@ where
 pub fn serve_one<D, const Q: usize, const R: usize>(
     stream: &Stream,
     config: BackendConfig,
-    device: Arc<D>,
+    device: D,
     options: RuntimeOptions,
 ) -> ConnectionEnd
 where
-    D: QueueDevice,
-    for<'a> &'a D: BackendDevice,
+    D: SharedDevice,
+    D::Scratch: Send,
 {
     let mut conn = match Connection::<D, Q, R>::new(config, device, options) {
         Ok(c) => c,

@@ -36,9 +36,7 @@ use heapless::Vec;
 
 use crate::memory::{GuestMemory, MemoryError};
 use crate::vring::packed::{PackedQueue, DESC_F_AVAIL, DESC_F_USED};
-use crate::vring::{
-    Chain, VringError, DEFAULT_CHAIN_CAPACITY, DESC_F_INDIRECT, DESC_F_WRITE, MAX_QUEUE_SIZE,
-};
+use crate::vring::{Chain, VringError, DESC_F_INDIRECT, DESC_F_WRITE, MAX_QUEUE_SIZE};
 
 /// Alignment of each queue's region.
 pub const QUEUE_ALIGN: u64 = 64;
@@ -188,16 +186,15 @@ pub struct Resubmit {
     pub counter: u64,
 }
 
-/// Lists into `out`, in fetch order, the entries of a region flagged in
-/// flight (byte 0 is 1; the fetch counter is at byte 8, as in both
-/// layouts); `check` sees each listed entry's first 16 bytes. Returns the
-/// counter to continue from.
-fn collect_in_flight<M: GuestMemory + ?Sized, const N: usize>(
+/// Visits the entries of a region flagged in flight (byte 0 is 1; the fetch
+/// counter is at byte 8, as in both layouts): `f` sees each one's index,
+/// first 16 bytes and counter. Any other flag value is refused. Returns the
+/// counter to continue from (one past the largest seen).
+fn visit_in_flight<M: GuestMemory + ?Sized>(
     mem: &M,
     size: u16,
     entry: impl Fn(u16) -> u64,
-    out: &mut Vec<Resubmit, N>,
-    mut check: impl FnMut(u16, &[u8; 16]) -> Result<(), InflightError>,
+    mut f: impl FnMut(u16, &[u8; 16], u64) -> Result<(), InflightError>,
 ) -> Result<u64, InflightError> {
     let mut max = None;
     for i in 0..size {
@@ -205,19 +202,69 @@ fn collect_in_flight<M: GuestMemory + ?Sized, const N: usize>(
         match e[0] {
             0 => {}
             1 => {
-                check(i, &e)?;
-                let mut c = [0u8; 8];
-                c.copy_from_slice(&e[8..16]);
-                let counter = u64::from_le_bytes(c);
-                out.push(Resubmit { head: i, counter })
-                    .map_err(|_| InflightError::ListFull)?;
+                let counter = entry_counter(&e);
+                f(i, &e, counter)?;
                 max = max.max(Some(counter));
             }
             _ => return Err(InflightError::BadFlag(i)),
         }
     }
-    out.sort_unstable_by_key(|r| (r.counter, r.head));
     Ok(max.map_or(0, |m| m.wrapping_add(1)))
+}
+
+fn entry_counter(e: &[u8; 16]) -> u64 {
+    let mut c = [0u8; 8];
+    c.copy_from_slice(&e[8..16]);
+    u64::from_le_bytes(c)
+}
+
+/// Lists into `out`, in fetch order, the entries of a region in flight;
+/// `check` sees each one first. Returns the counter to continue from.
+fn collect_in_flight<M: GuestMemory + ?Sized, const N: usize>(
+    mem: &M,
+    size: u16,
+    entry: impl Fn(u16) -> u64,
+    out: &mut Vec<Resubmit, N>,
+    mut check: impl FnMut(u16, &[u8; 16]) -> Result<(), InflightError>,
+) -> Result<u64, InflightError> {
+    let next = visit_in_flight(mem, size, entry, |head, e, counter| {
+        check(head, e)?;
+        out.push(Resubmit { head, counter })
+            .map_err(|_| InflightError::ListFull)
+    })?;
+    out.sort_unstable_by_key(|r| (r.counter, r.head));
+    Ok(next)
+}
+
+/// The entry in flight that comes next in fetch order after `after`
+/// (ordered by counter, then index), without a list: one pass over the
+/// region. This is how a data plane resubmits recorded requests one at a
+/// time in the spec's order while holding no more than the last one.
+fn next_in_flight<M: GuestMemory + ?Sized>(
+    mem: &M,
+    size: u16,
+    entry: impl Fn(u16) -> u64,
+    after: Option<Resubmit>,
+) -> Result<Option<Resubmit>, InflightError> {
+    let floor = after.map(|r| (r.counter, r.head));
+    let mut best: Option<Resubmit> = None;
+    for i in 0..size {
+        let e = mem.read_16(entry(i))?;
+        if e[0] != 1 {
+            continue;
+        }
+        let key = (entry_counter(&e), i);
+        if floor.is_some_and(|f| key <= f) {
+            continue;
+        }
+        if best.is_none_or(|b| key < (b.counter, b.head)) {
+            best = Some(Resubmit {
+                head: i,
+                counter: key.0,
+            });
+        }
+    }
+    Ok(best)
 }
 
 // ---------------------------------------------------------------- split --
@@ -297,6 +344,48 @@ impl SplitInflight {
         out: &mut Vec<Resubmit, N>,
     ) -> Result<(), InflightError> {
         out.clear();
+        self.repair(mem, ring_used_idx)?;
+        self.counter = collect_in_flight(mem, self.size, |i| self.entry(i), out, |_, _| Ok(()))?;
+        Ok(())
+    }
+
+    /// [`recover`](Self::recover) without a list: repairs the last batch
+    /// and returns how many requests are in flight; hand them out with
+    /// [`next_resubmit`](Self::next_resubmit).
+    pub fn recover_count<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        ring_used_idx: u16,
+    ) -> Result<u16, InflightError> {
+        self.repair(mem, ring_used_idx)?;
+        let mut n = 0u16;
+        self.counter = visit_in_flight(
+            mem,
+            self.size,
+            |i| self.entry(i),
+            |_, _, _| {
+                n += 1;
+                Ok(())
+            },
+        )?;
+        Ok(n)
+    }
+
+    /// The request in flight that follows `after` in fetch order (the
+    /// first one for `None`).
+    pub fn next_resubmit<M: GuestMemory + ?Sized>(
+        &self,
+        mem: &M,
+        after: Option<Resubmit>,
+    ) -> Result<Option<Resubmit>, InflightError> {
+        next_in_flight(mem, self.size, |i| self.entry(i), after)
+    }
+
+    fn repair<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        ring_used_idx: u16,
+    ) -> Result<(), InflightError> {
         let used = mem.read_u16(self.base + S_USED_IDX)?;
         let batch = ring_used_idx.wrapping_sub(used);
         if batch > self.size {
@@ -317,7 +406,6 @@ impl SplitInflight {
             }
             mem.write_u16(self.base + S_USED_IDX, ring_used_idx)?;
         }
-        self.counter = collect_in_flight(mem, self.size, |i| self.entry(i), out, |_, _| Ok(()))?;
         Ok(())
     }
 
@@ -535,8 +623,25 @@ impl PackedInflight {
         mem: &M,
         descs: &[PackedDescCopy],
     ) -> Result<u16, InflightError> {
-        if descs.is_empty() || descs.len() > usize::from(self.size) {
-            return Err(InflightError::BadCount(descs.len() as u16));
+        let n = u16::try_from(descs.len()).map_err(|_| InflightError::BadCount(u16::MAX))?;
+        self.fetched_with(mem, n, |k| {
+            descs
+                .get(usize::from(k))
+                .copied()
+                .ok_or(InflightError::BadCount(n))
+        })
+    }
+
+    /// [`fetched`](Self::fetched) for `n` descriptors produced one at a
+    /// time by `desc(k)`, `k` in `0..n`: nothing is staged.
+    pub fn fetched_with<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        n: u16,
+        mut desc: impl FnMut(u16) -> Result<PackedDescCopy, InflightError>,
+    ) -> Result<u16, InflightError> {
+        if n == 0 || n > self.size {
+            return Err(InflightError::BadCount(n));
         }
         let head = self.link(mem, self.base + P_OLD_FREE_HEAD)?;
         let mut free = self.link(mem, self.base + P_FREE_HEAD)?;
@@ -549,16 +654,15 @@ impl PackedInflight {
         self.counter = self.counter.wrapping_add(1);
         mem.fence();
         mem.write(h, &[1])?;
-        let mut num = 0u16;
-        for (k, d) in descs.iter().enumerate() {
+        for k in 0..n {
+            let d = desc(k)?;
             if free >= self.size {
                 return Err(InflightError::OutOfRange(free));
             }
-            if k + 1 == descs.len() {
+            if k + 1 == n {
                 mem.write_u16(h + E_LAST, free)?;
             }
-            num += 1;
-            mem.write_u16(h + E_NUM, num)?;
+            mem.write_u16(h + E_NUM, k + 1)?;
             let e = self.entry(free);
             let mut copy = [0u8; 16];
             copy[0..2].copy_from_slice(&d.id.to_le_bytes());
@@ -585,22 +689,19 @@ impl PackedInflight {
         start: u16,
         descs: u16,
     ) -> Result<u16, InflightError> {
-        let mut copies: Vec<PackedDescCopy, DEFAULT_CHAIN_CAPACITY> = Vec::new();
-        for k in 0..descs {
-            let slot = ((u32::from(start) + u32::from(k)) % u32::from(ring.size())) as u16;
-            let (addr, len, id, flags) = crate::vring::decode_words(
-                guest.read_desc(ring.addrs().desc + 16 * u64::from(slot))?,
-            );
-            copies
-                .push(PackedDescCopy {
-                    addr,
-                    len,
-                    id,
-                    flags,
-                })
-                .map_err(|_| InflightError::BadCount(descs))?;
-        }
-        self.fetched(area, &copies)
+        let size = u32::from(ring.size());
+        let table = ring.addrs().desc;
+        self.fetched_with(area, descs, |k| {
+            let slot = (u32::from(start) + u32::from(k)) % size;
+            let (addr, len, id, flags) =
+                crate::vring::decode_words(guest.read_desc(table + 16 * u64::from(slot))?);
+            Ok(PackedDescCopy {
+                addr,
+                len,
+                id,
+                flags,
+            })
+        })
     }
 
     /// The area entry of the request whose head descriptor has buffer id
@@ -692,7 +793,7 @@ impl PackedInflight {
 
     /// After a restart: if the last batch reached the ring (the ring's
     /// descriptor at the old used position is marked used, read through
-    /// `ring_flags_at`) it is committed, otherwise rolled back; entries on
+    /// `ring_used_at`) it is committed, otherwise rolled back; entries on
     /// the free list are not in flight; the rest are listed in fetch order
     /// in `out`. Returns the ring position to continue from.
     pub fn recover<M: GuestMemory + ?Sized, const N: usize>(
@@ -702,6 +803,72 @@ impl PackedInflight {
         out: &mut Vec<Resubmit, N>,
     ) -> Result<PackedPosition, InflightError> {
         out.clear();
+        let used = self.rollback(mem, ring_used_at)?;
+        let mut slots: u32 = 0;
+        let size = self.size;
+        self.counter = collect_in_flight(
+            mem,
+            size,
+            |i| self.entry(i),
+            out,
+            |_, e| count_slots(e, size, &mut slots),
+        )?;
+        self.position(used, slots)
+    }
+
+    /// [`recover`](Self::recover) without a list: returns the ring position
+    /// and how many requests are in flight; hand them out with
+    /// [`next_resubmit`](Self::next_resubmit).
+    pub fn recover_count<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        ring_used_at: impl Fn(u16, bool) -> Result<bool, InflightError>,
+    ) -> Result<(PackedPosition, u16), InflightError> {
+        let used = self.rollback(mem, ring_used_at)?;
+        let mut slots: u32 = 0;
+        let mut n = 0u16;
+        let size = self.size;
+        self.counter = visit_in_flight(
+            mem,
+            size,
+            |i| self.entry(i),
+            |_, e, _| {
+                n += 1;
+                count_slots(e, size, &mut slots)
+            },
+        )?;
+        Ok((self.position(used, slots)?, n))
+    }
+
+    /// The request in flight that follows `after` in fetch order (the
+    /// first one for `None`); its `head` is its area entry.
+    pub fn next_resubmit<M: GuestMemory + ?Sized>(
+        &self,
+        mem: &M,
+        after: Option<Resubmit>,
+    ) -> Result<Option<Resubmit>, InflightError> {
+        next_in_flight(mem, self.size, |i| self.entry(i), after)
+    }
+
+    fn position(&self, used: (u16, bool), slots: u32) -> Result<PackedPosition, InflightError> {
+        if slots > u32::from(self.size) {
+            return Err(InflightError::BadCount(
+                slots.min(u32::from(u16::MAX)) as u16
+            ));
+        }
+        Ok(PackedPosition {
+            used,
+            avail: advance(used, slots as u16, self.size),
+        })
+    }
+
+    /// Commits or rolls back the last batch, clears the in-flight flag of
+    /// every entry on the free list and returns the used position.
+    fn rollback<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        ring_used_at: impl Fn(u16, bool) -> Result<bool, InflightError>,
+    ) -> Result<(u16, bool), InflightError> {
         let used = mem.read_u16(self.base + P_USED_IDX)?;
         let old_used = mem.read_u16(self.base + P_OLD_USED_IDX)?;
         let mut w = [0u8; 2];
@@ -723,7 +890,6 @@ impl PackedInflight {
         mem.write_u16(self.base + P_FREE_HEAD, free)?;
         mem.write_u16(self.base + P_USED_IDX, used)?;
         mem.write(self.base + P_USED_WRAP, &ow)?;
-        let used_pos = (used, ow[0] != 0);
         // Whatever is on the free list is not in flight (a fetch that was
         // cut short leaves its head there).
         let mut i = free;
@@ -736,30 +902,58 @@ impl PackedInflight {
             mem.write(self.entry(i), &[0])?;
             i = self.link(mem, self.entry(i) + E_NEXT)?;
         }
-        let mut slots: u32 = 0;
-        let size = self.size;
-        self.counter = collect_in_flight(
-            mem,
-            size,
-            |i| self.entry(i),
-            out,
-            |_, e| {
-                let num = u16::from_le_bytes([e[6], e[7]]);
-                if num == 0 || num > size {
-                    return Err(InflightError::BadCount(num));
-                }
-                slots += u32::from(num);
-                Ok(())
-            },
-        )?;
-        if slots > u32::from(self.size) {
-            return Err(InflightError::BadCount(
-                slots.min(u32::from(u16::MAX)) as u16
-            ));
+        Ok((used, ow[0] != 0))
+    }
+
+    /// Rebuilds the chain of the request at area entry `head` from its
+    /// recorded descriptors, one at a time (an indirect descriptor's table
+    /// is read again from `guest`). The chain's head is its buffer id (the
+    /// last descriptor's) and its descriptor count.
+    pub fn chain_of<A: GuestMemory + ?Sized, M: GuestMemory + ?Sized, const S: usize>(
+        &self,
+        area: &A,
+        guest: &M,
+        indirect_ok: bool,
+        head: u16,
+        chain: &mut Chain<S>,
+    ) -> Result<(), InflightError> {
+        if head >= self.size {
+            return Err(InflightError::OutOfRange(head));
         }
-        Ok(PackedPosition {
-            used: used_pos,
-            avail: advance(used_pos, slots as u16, self.size),
+        let num = area.read_u16(self.entry(head) + E_NUM)?;
+        if num == 0 || num > self.size {
+            return Err(InflightError::BadCount(num));
+        }
+        chain.reset();
+        let mut i = head;
+        let mut id = 0;
+        for k in 0..num {
+            if i >= self.size {
+                return Err(InflightError::OutOfRange(i));
+            }
+            let d = self.desc_copy(area, i)?;
+            push_packed_desc(guest, indirect_ok, &d, chain)?;
+            id = d.id;
+            if k + 1 < num {
+                i = self.link(area, self.entry(i) + E_NEXT)?;
+            }
+        }
+        chain.set_head(crate::vring::Head { id, descs: num });
+        Ok(())
+    }
+
+    fn desc_copy<M: GuestMemory + ?Sized>(
+        &self,
+        mem: &M,
+        i: u16,
+    ) -> Result<PackedDescCopy, InflightError> {
+        let mut c = [0u8; 16];
+        mem.read(self.entry(i) + E_ID, &mut c)?;
+        Ok(PackedDescCopy {
+            id: u16::from_le_bytes([c[0], c[1]]),
+            flags: u16::from_le_bytes([c[2], c[3]]),
+            len: u32::from_le_bytes([c[4], c[5], c[6], c[7]]),
+            addr: u64::from_le_bytes([c[8], c[9], c[10], c[11], c[12], c[13], c[14], c[15]]),
         })
     }
 
@@ -784,21 +978,48 @@ impl PackedInflight {
             if i >= self.size {
                 return Err(InflightError::OutOfRange(i));
             }
-            let mut c = [0u8; 16];
-            mem.read(self.entry(i) + E_ID, &mut c)?;
-            out.push(PackedDescCopy {
-                id: u16::from_le_bytes([c[0], c[1]]),
-                flags: u16::from_le_bytes([c[2], c[3]]),
-                len: u32::from_le_bytes([c[4], c[5], c[6], c[7]]),
-                addr: u64::from_le_bytes([c[8], c[9], c[10], c[11], c[12], c[13], c[14], c[15]]),
-            })
-            .map_err(|_| InflightError::ListFull)?;
+            out.push(self.desc_copy(mem, i)?)
+                .map_err(|_| InflightError::ListFull)?;
             if k + 1 < num {
                 i = self.link(mem, self.entry(i) + E_NEXT)?;
             }
         }
         Ok(())
     }
+}
+
+/// Checks one packed request's descriptor count as recorded in an entry
+/// (bytes 6-7) and adds it to `slots`.
+fn count_slots(e: &[u8; 16], size: u16, slots: &mut u32) -> Result<(), InflightError> {
+    let num = u16::from_le_bytes([e[6], e[7]]);
+    if num == 0 || num > size {
+        return Err(InflightError::BadCount(num));
+    }
+    *slots += u32::from(num);
+    Ok(())
+}
+
+/// Appends one recorded packed descriptor (or the indirect table it points
+/// to) to `chain`.
+fn push_packed_desc<M: GuestMemory + ?Sized, const S: usize>(
+    mem: &M,
+    indirect_ok: bool,
+    d: &PackedDescCopy,
+    chain: &mut Chain<S>,
+) -> Result<(), InflightError> {
+    if d.flags & DESC_F_INDIRECT != 0 {
+        let n = crate::vring::indirect_table(mem, indirect_ok, d.flags, d.addr, d.len)?;
+        for i in 0..u64::from(n) {
+            let (a, l, _, f) = crate::vring::decode_words(mem.read_desc(d.addr + 16 * i)?);
+            if f & DESC_F_INDIRECT != 0 {
+                return Err(VringError::IndirectNested.into());
+            }
+            chain.push(mem, a, l, f & DESC_F_WRITE != 0)?;
+        }
+    } else {
+        chain.push(mem, d.addr, d.len, d.flags & DESC_F_WRITE != 0)?;
+    }
+    Ok(())
 }
 
 /// Rebuilds a packed request's chain from its recorded descriptors (an
@@ -812,18 +1033,7 @@ pub fn packed_chain<M: GuestMemory + ?Sized, const S: usize>(
     let last = descs.last().ok_or(InflightError::BadCount(0))?;
     chain.reset();
     for d in descs {
-        if d.flags & DESC_F_INDIRECT != 0 {
-            let n = crate::vring::indirect_table(mem, indirect_ok, d.flags, d.addr, d.len)?;
-            for i in 0..u64::from(n) {
-                let (a, l, _, f) = crate::vring::decode_words(mem.read_desc(d.addr + 16 * i)?);
-                if f & DESC_F_INDIRECT != 0 {
-                    return Err(VringError::IndirectNested.into());
-                }
-                chain.push(mem, a, l, f & DESC_F_WRITE != 0)?;
-            }
-        } else {
-            chain.push(mem, d.addr, d.len, d.flags & DESC_F_WRITE != 0)?;
-        }
+        push_packed_desc(mem, indirect_ok, d, chain)?;
     }
     chain.set_head(crate::vring::Head {
         id: last.id,

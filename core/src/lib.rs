@@ -23,6 +23,7 @@ extern crate std;
 mod fmt;
 
 pub mod backend;
+pub mod dataplane;
 pub mod device;
 pub mod feature;
 pub mod frontend;

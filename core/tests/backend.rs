@@ -5,9 +5,11 @@
 #![allow(clippy::unwrap_used)]
 
 use vhost_user_core::backend::{
-    Action, BackendConfig, BackendDevice, BackendError, Notifier, Outcome, Reply, Session,
+    Action, BackendConfig, BackendError, Notifier, Outcome, Reply, Session,
     SUPPORTED_PROTOCOL_FEATURES,
 };
+use vhost_user_core::dataplane::{DataPlane, Stop, Token};
+use vhost_user_core::device::{Completion, Device};
 use vhost_user_core::feature::{ProtocolFeatures as P, VirtioFeatures as V};
 use vhost_user_core::message::{
     ConfigMsg, ConfigWriteKind, FrontendReq, Header, MemRegionMsg, MemTable, ParseOptions,
@@ -15,7 +17,7 @@ use vhost_user_core::message::{
     MAX_MESSAGE,
 };
 use vhost_user_core::vring::state::Processing;
-use vhost_user_core::vring::{Chain, Queue};
+use vhost_user_core::vring::Chain;
 use vhost_user_test::{region, Buf, PackedDriver, SplitDriver, TestMemory};
 
 /// A config space of 16 bytes; byte 8 is writable by the front-end.
@@ -25,7 +27,8 @@ struct Dev {
     resets: u32,
 }
 
-impl BackendDevice for Dev {
+impl Device for Dev {
+    type Scratch = ();
     fn read_config(&self, offset: u32, dst: &mut [u8]) -> bool {
         match self
             .config
@@ -54,6 +57,17 @@ impl BackendDevice for Dev {
     fn reset(&mut self) {
         self.resets += 1;
     }
+    // The session tests serve rings themselves (`Fe::serve`).
+    fn process<M: GuestMemory + ?Sized, const S: usize>(
+        &self,
+        _: u16,
+        _: &Chain<S>,
+        _: Token,
+        _: &M,
+        _: &mut (),
+    ) -> Completion {
+        Completion::Done(0)
+    }
 }
 
 const RAM: u64 = 1 << 20;
@@ -76,7 +90,9 @@ struct Fe {
     s: Session<4, 8>,
     mem: TestMemory,
     dev: Dev,
-    rings: Vec<Option<Queue>>,
+    rings: Vec<Option<DataPlane>>,
+    /// The inflight area, as an adapter maps it.
+    area: Option<TestMemory>,
 }
 
 impl Fe {
@@ -90,6 +106,7 @@ impl Fe {
             mem: TestMemory::new(&[(0, RAM)]).unwrap(),
             dev: Dev::default(),
             rings: vec![None, None],
+            area: None,
         }
     }
 
@@ -123,8 +140,29 @@ impl Fe {
         // Carry out what a Linux adapter would, for the rings.
         for a in &o.actions {
             match a {
-                Action::StartRing { queue, ring, .. } => {
-                    self.rings[*queue as usize] = Some(ring.clone())
+                Action::StartRing { queue } => {
+                    let dp = self
+                        .s
+                        .start_ring(*queue, &self.mem, self.area.as_ref(), false)
+                        .unwrap();
+                    assert_eq!(dp.error(), None);
+                    self.rings[*queue as usize] = Some(dp);
+                }
+                Action::MapInflight { size, .. } => {
+                    self.area = Some(TestMemory::new(&[(0, *size)]).unwrap())
+                }
+                Action::UnmapInflight => self.area = None,
+                Action::SetEnabled { queue, enabled } => {
+                    if let Some(r) = self.rings[usize::from(*queue)].as_mut() {
+                        r.set_enabled(*enabled);
+                    }
+                }
+                Action::RemapRings => {
+                    for (q, r) in self.rings.iter_mut().enumerate() {
+                        if let Some(r) = r {
+                            r.set_addrs(self.s.ring_addrs(q as u16).unwrap()).unwrap();
+                        }
+                    }
                 }
                 Action::ResetRings => self.rings.iter_mut().for_each(|r| *r = None),
                 _ => {}
@@ -220,19 +258,29 @@ impl Fe {
     /// into each writable buffer.
     fn serve(&mut self, q: usize, fill: u8) -> usize {
         let ring = self.rings[q].as_mut().expect("ring running");
+        let area = self.area.as_ref();
         let mut chain: Chain = Chain::new();
         let mut n = 0;
-        while ring.pop_into(&self.mem, &mut chain).unwrap() {
+        while let Some(t) = ring.pop(&self.mem, area, &mut chain).unwrap() {
             let mut written = 0;
             for s in chain.writable() {
                 self.mem.write(s.addr, &vec![fill; s.len as usize]).unwrap();
                 written += s.len;
             }
-            ring.add_used(&self.mem, chain.head(), written).unwrap();
+            ring.complete(&self.mem, area, t, written).unwrap();
             n += 1;
         }
-        ring.flush_used(&self.mem).unwrap();
+        ring.publish(&self.mem, area).unwrap();
         n
+    }
+
+    /// The worker's stop: the ring's GET_VRING_BASE value.
+    fn stop_ring(&mut self, q: usize, suspend: bool) -> u32 {
+        let mut ring = self.rings[q].take().expect("ring running");
+        match ring.stop(&self.mem, self.area.as_ref(), suspend).0 {
+            Stop::Stopped { base } => base,
+            Stop::Draining => panic!("nothing is outstanding"),
+        }
     }
 }
 
@@ -263,14 +311,8 @@ fn split_ring_start_process_stop_restart() {
             fd: Some(0)
         }
     ));
-    assert!(matches!(
-        o.actions[1],
-        Action::StartRing {
-            queue: 0,
-            enabled: false,
-            ..
-        }
-    ));
+    assert!(matches!(o.actions[1], Action::StartRing { queue: 0 }));
+    assert!(!fe.rings[0].as_ref().unwrap().enabled());
     assert_eq!(fe.s.processing(0), Processing::WithoutSideEffects);
     let (o, ack) = fe.ack(Request::SetVringEnable {
         index: 0,
@@ -305,9 +347,9 @@ fn split_ring_start_process_stop_restart() {
     assert_eq!(fe.s.processing(0), Processing::Stopped);
     // The worker drains (completes what it had) and stops.
     assert_eq!(fe.serve(0, 0xcd), 1);
-    let ring = fe.rings[0].take().unwrap();
+    let base = fe.stop_ring(0, false);
     let mut out = [0u8; 64];
-    let n = fe.s.finish_stop(0, &ring, &mut out).unwrap();
+    let n = fe.s.finish_stop(0, base, &mut out).unwrap();
     let h = Header::parse(&out[..n]).unwrap();
     assert_eq!(
         WireReply::parse(
@@ -321,7 +363,7 @@ fn split_ring_start_process_stop_restart() {
     );
     // A second finish_stop has nothing to finish.
     assert_eq!(
-        fe.s.finish_stop(0, &ring, &mut out),
+        fe.s.finish_stop(0, base, &mut out),
         Err(BackendError::NotStopping(0))
     );
 
@@ -330,14 +372,11 @@ fn split_ring_start_process_stop_restart() {
     drv.post(&fe.mem, &[Buf::writable(0xa000, 8)]).unwrap();
     fe.configure(0, 16, drv.user_addrs(), 2);
     let o = fe.kick(0);
-    assert!(o.actions.iter().any(|a| matches!(
-        a,
-        Action::StartRing {
-            queue: 0,
-            enabled: true,
-            ..
-        }
-    )));
+    assert!(o
+        .actions
+        .iter()
+        .any(|a| matches!(a, Action::StartRing { queue: 0 })));
+    assert!(fe.rings[0].as_ref().unwrap().enabled());
     assert_eq!(fe.serve(0, 0xef), 1);
     assert_eq!(drv.harvest_all(&fe.mem).unwrap().len(), 2);
     assert_eq!(fe.mem.read_vec(0xa000, 8).unwrap(), vec![0xef; 8]);
@@ -362,7 +401,7 @@ fn packed_ring_start_and_base_encoding() {
         enable: true,
     });
     fe.kick(0);
-    assert!(matches!(fe.rings[0], Some(Queue::Packed(_))));
+    assert!(fe.rings[0].is_some());
     for i in 0..3 {
         drv.post(&fe.mem, &[Buf::writable(0x8000 + 0x100 * i, 16)])
             .unwrap();
@@ -370,9 +409,9 @@ fn packed_ring_start_and_base_encoding() {
     assert_eq!(fe.serve(0, 1), 3);
     assert_eq!(drv.harvest_all(&fe.mem).unwrap().len(), 3);
     fe.send(&Request::GetVringBase(0), false).unwrap();
-    let ring = fe.rings[0].take().unwrap();
+    let base = fe.stop_ring(0, false);
     let mut out = [0u8; 64];
-    let n = fe.s.finish_stop(0, &ring, &mut out).unwrap();
+    let n = fe.s.finish_stop(0, base, &mut out).unwrap();
     let num = u32::from_ne_bytes(out[HEADER_SIZE + 4..HEADER_SIZE + 8].try_into().unwrap());
     assert_eq!(n, HEADER_SIZE + 8);
     // 3 avail and 3 used, both wrap counters still 1.
@@ -650,6 +689,10 @@ fn memory_slots_and_ring_remap() {
     let mut drv = SplitDriver::new(&fe.mem, 16, 0x1000, false).unwrap();
     fe.configure(0, 16, drv.user_addrs(), 0);
     fe.kick(0);
+    fe.ack(Request::SetVringEnable {
+        index: 0,
+        enable: true,
+    });
     // Another region while the ring runs: mapped, rings re-translated.
     let r = region(RAM, 0x10000);
     fe.mem.add_region(r).unwrap();
@@ -772,7 +815,8 @@ fn features_without_bit_30_enable_every_ring_and_reset_device() {
     assert!(o
         .actions
         .iter()
-        .any(|a| matches!(a, Action::StartRing { enabled: true, .. })));
+        .any(|a| matches!(a, Action::StartRing { .. })));
+    assert!(fe.rings[0].as_ref().unwrap().enabled());
     assert_eq!(fe.s.processing(0), Processing::Normal);
     // SET_VRING_ENABLE needs bit 30.
     assert_eq!(
@@ -888,14 +932,11 @@ fn start_with_area(protocol: P) -> (Fe, SplitDriver) {
     let drv = SplitDriver::new(&fe.mem, 16, 0x1000, false).unwrap();
     fe.configure(0, 16, drv.user_addrs(), 0);
     let o = fe.kick(0);
-    assert!(o.actions.iter().any(|a| matches!(
-        a,
-        Action::StartRing {
-            queue: 0,
-            inflight: Some(0),
-            ..
-        }
-    )));
+    assert!(o
+        .actions
+        .iter()
+        .any(|a| matches!(a, Action::StartRing { queue: 0 })));
+    assert!(fe.rings[0].as_ref().unwrap().tracked());
     (fe, drv)
 }
 
@@ -906,9 +947,9 @@ fn stop_suspends(fe: &mut Fe, req: Request<'_>) -> bool {
         ref a => panic!("{a:?}"),
     };
     // The reply answers the message that asked.
-    let ring = fe.rings[0].take().unwrap();
+    let base = fe.stop_ring(0, suspend);
     let mut out = [0u8; 64];
-    let n = fe.s.finish_stop(0, &ring, &mut out).unwrap();
+    let n = fe.s.finish_stop(0, base, &mut out).unwrap();
     assert_eq!(Header::parse(&out[..n]).unwrap().request, req.code().id());
     suspend
 }
@@ -929,13 +970,11 @@ fn inflight_area_and_suspending_stops() {
     // Restart: the area is still there.
     fe.configure(0, 16, drv.user_addrs(), 0);
     let o = fe.kick(0);
-    assert!(o.actions.iter().any(|a| matches!(
-        a,
-        Action::StartRing {
-            inflight: Some(0),
-            ..
-        }
-    )));
+    assert!(o
+        .actions
+        .iter()
+        .any(|a| matches!(a, Action::StartRing { .. })));
+    assert!(fe.rings[0].as_ref().unwrap().tracked());
     // RESET_DEVICE drops it: the next start has none.
     let (o, _) = fe.send(&Request::ResetDevice, false).unwrap();
     assert!(o.actions.iter().any(|a| matches!(a, Action::UnmapInflight)));

@@ -7,8 +7,10 @@
 #![allow(clippy::unwrap_used)]
 
 use vhost_user_core::backend::{
-    Action, BackendConfig, BackendDevice, Reply as BeReply, Session, SUPPORTED_PROTOCOL_FEATURES,
+    Action, BackendConfig, Reply as BeReply, Session, SUPPORTED_PROTOCOL_FEATURES,
 };
+use vhost_user_core::dataplane::{DataPlane, Stop, Token};
+use vhost_user_core::device::{Completion, Device};
 use vhost_user_core::feature::{ProtocolFeatures as P, VirtioFeatures as V};
 use vhost_user_core::frontend::{
     Event, FdRef, Frontend, FrontendConfig, FrontendError, NotifyMode, QueueConfig, State,
@@ -20,7 +22,7 @@ use vhost_user_core::message::{
     Request, WireError, HEADER_SIZE, MAX_MESSAGE,
 };
 use vhost_user_core::vring::state::Processing;
-use vhost_user_core::vring::{Chain, Queue, RingAddrs};
+use vhost_user_core::vring::{Chain, RingAddrs};
 use vhost_user_test::{region, Buf, PackedDriver, SplitDriver, TestMemory, USER_ADDR_OFFSET};
 
 /// A 16-byte config space: 0, 1, 2, …
@@ -28,7 +30,8 @@ struct Dev {
     config: [u8; 16],
 }
 
-impl BackendDevice for Dev {
+impl Device for Dev {
+    type Scratch = ();
     fn read_config(&self, offset: u32, dst: &mut [u8]) -> bool {
         match self
             .config
@@ -43,6 +46,17 @@ impl BackendDevice for Dev {
     }
     fn write_config(&mut self, _: u32, _: &[u8], _: ConfigWriteKind) -> bool {
         false
+    }
+    // The pair serves rings itself (`Pair::serve`).
+    fn process<M: GuestMemory + ?Sized, const S: usize>(
+        &self,
+        _: u16,
+        _: &Chain<S>,
+        _: Token,
+        _: &M,
+        _: &mut (),
+    ) -> Completion {
+        Completion::Done(0)
     }
 }
 
@@ -84,13 +98,24 @@ impl Sent {
     }
 }
 
+/// A request a worker holds: its token and writable buffers.
+type Taken = (Token, Vec<(u64, u32)>);
+
 struct Pair {
     fe: Frontend<4, 8>,
     be: Session<4, 8>,
     mem: TestMemory,
     dev: Dev,
     /// The rings the back-end's worker runs (from `Action::StartRing`).
-    workers: Vec<Option<Queue>>,
+    workers: Vec<Option<DataPlane>>,
+    /// The inflight area the back-end created (shared with the front-end
+    /// through its fd, so the same bytes come back with SET_INFLIGHT_FD).
+    area: Option<TestMemory>,
+    /// Per ring: requests taken and not completed, with their writable
+    /// buffers.
+    taken: Vec<Vec<Taken>>,
+    /// Per ring: the pending stop suspends (`Action::StopRing`).
+    suspend: [bool; 4],
     sent: Vec<Sent>,
     events: Vec<Event>,
     /// A GET_VRING_BASE the back-end answered with `Reply::Pending`.
@@ -115,6 +140,9 @@ impl Pair {
                 config: core::array::from_fn(|i| i as u8),
             },
             workers: vec![None; 4],
+            area: None,
+            suspend: [false; 4],
+            taken: (0..4).map(|_| Vec::new()).collect(),
             sent: Vec::new(),
             events: Vec::new(),
             pending: None,
@@ -231,8 +259,37 @@ impl Pair {
                         fd.map(|_| FdRef::Call(*queue))
                     )
                 }
-                Action::StartRing { queue, ring, .. } => {
-                    self.workers[usize::from(*queue)] = Some(ring.clone())
+                Action::StopRing { queue, suspend } => {
+                    self.suspend[usize::from(*queue)] = *suspend;
+                }
+                Action::CreateInflight { size } => {
+                    self.area = Some(TestMemory::new(&[(0, *size)]).unwrap())
+                }
+                Action::MapInflight { size, .. } => match &self.area {
+                    // The area the back-end created comes back.
+                    Some(a) => assert!(a.check(0, *size).is_ok() && a.check(*size, 1).is_err()),
+                    // A back-end that did not create it maps the
+                    // front-end's (fresh in this pair).
+                    None => self.area = Some(TestMemory::new(&[(0, *size)]).unwrap()),
+                },
+                Action::StartRing { queue } => {
+                    let dp = self
+                        .be
+                        .start_ring(*queue, &self.mem, self.area.as_ref(), false)
+                        .unwrap();
+                    self.workers[usize::from(*queue)] = Some(dp)
+                }
+                Action::SetEnabled { queue, enabled } => {
+                    if let Some(r) = self.workers[usize::from(*queue)].as_mut() {
+                        r.set_enabled(*enabled);
+                    }
+                }
+                Action::RemapRings => {
+                    for (q, r) in self.workers.iter_mut().enumerate() {
+                        if let Some(r) = r {
+                            r.set_addrs(self.be.ring_addrs(q as u16).unwrap()).unwrap();
+                        }
+                    }
                 }
                 _ => {}
             }
@@ -244,18 +301,32 @@ impl Pair {
     fn serve(&mut self, q: usize, fill: u8) -> usize {
         let ring = self.workers[q].as_mut().expect("ring running");
         let mut chain: Chain = Chain::new();
+        let area = self.area.as_ref();
         let mut n = 0;
-        while ring.pop_into(&self.mem, &mut chain).unwrap() {
+        while let Some(t) = ring.pop(&self.mem, area, &mut chain).unwrap() {
             let mut written = 0;
             for s in chain.writable() {
                 self.mem.write(s.addr, &vec![fill; s.len as usize]).unwrap();
                 written += s.len;
             }
-            ring.add_used(&self.mem, chain.head(), written).unwrap();
+            ring.complete(&self.mem, area, t, written).unwrap();
             n += 1;
         }
-        ring.flush_used(&self.mem).unwrap();
+        ring.publish(&self.mem, area).unwrap();
         n
+    }
+
+    /// The worker takes every available request of ring `q` and holds it
+    /// (a device with requests in flight).
+    fn take(&mut self, q: usize) {
+        let Some(ring) = self.workers[q].as_mut() else {
+            return;
+        };
+        let mut chain: Chain = Chain::new();
+        while let Some(t) = ring.pop(&self.mem, self.area.as_ref(), &mut chain).unwrap() {
+            let bufs = chain.writable().iter().map(|s| (s.addr, s.len)).collect();
+            self.taken[q].push((t, bufs));
+        }
     }
 
     /// The worker of the ring being stopped drains it (completes what is
@@ -263,10 +334,29 @@ impl Pair {
     /// front-end. Returns how many requests the drain completed.
     fn finish_stop(&mut self, fill: u8) -> usize {
         let q = self.pending.take().expect("a stop is pending");
-        let drained = self.serve(usize::from(q), fill);
-        let ring = self.workers[usize::from(q)].take().unwrap();
+        let suspend = self.suspend[usize::from(q)];
+        let mut ring = self.workers[usize::from(q)].take().unwrap();
+        let area = self.area.as_ref();
+        let mut drained = 0;
+        let base = loop {
+            match ring.stop(&self.mem, area, suspend).0 {
+                Stop::Stopped { base } => break base,
+                Stop::Draining => {
+                    for (t, bufs) in self.taken[usize::from(q)].drain(..) {
+                        let mut written = 0;
+                        for (a, l) in bufs {
+                            self.mem.write(a, &vec![fill; l as usize]).unwrap();
+                            written += l;
+                        }
+                        ring.complete(&self.mem, area, t, written).unwrap();
+                        drained += 1;
+                    }
+                }
+            }
+        };
+        self.taken[usize::from(q)].clear();
         let mut out = [0u8; 64];
-        let n = self.be.finish_stop(q, &ring, &mut out).unwrap();
+        let n = self.be.finish_stop(q, base, &mut out).unwrap();
         self.deliver(&out[..n]);
         drained
     }
@@ -274,6 +364,9 @@ impl Pair {
     /// `stop()`, draining every pending ring with `fill`; returns the
     /// requests drained per ring.
     fn stop(&mut self, fill: u8) -> Vec<usize> {
+        for q in 0..self.workers.len() {
+            self.take(q);
+        }
         self.fe.stop().unwrap();
         let mut drained = Vec::new();
         loop {
@@ -690,7 +783,7 @@ fn packed_ring_start_stop_restart_across_the_wrap() {
     assert!(p.fe.features().contains(V::RING_PACKED));
     p.fe.start().unwrap();
     p.drive();
-    assert!(matches!(p.workers[0], Some(Queue::Packed(_))));
+    assert!(p.workers[0].is_some());
     assert_eq!(p.serve(0, 1), 3);
     assert_eq!(d.harvest_all(&p.mem).unwrap().len(), 3);
     d.post(&p.mem, &[Buf::writable(0x9000, 16)]).unwrap();

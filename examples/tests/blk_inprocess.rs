@@ -10,18 +10,20 @@
 use std::os::unix::fs::FileExt;
 
 use vhost_user_core::backend::{Action, BackendConfig, Reply, Session};
+use vhost_user_core::dataplane::DataPlane;
 use vhost_user_core::device::blk::{
     BlkConfig, BlkDevice, DiscardLimits, WriteZeroesLimits, VIRTIO_BLK_T_DISCARD,
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
     VIRTIO_BLK_T_WRITE_ZEROES,
 };
+use vhost_user_core::device::{Completion, Device};
 use vhost_user_core::feature::{ProtocolFeatures as P, VirtioFeatures as V};
 use vhost_user_core::memory::GuestMemory;
 use vhost_user_core::message::{
     Header, MemTable, ParseOptions, Reply as WireReply, Request, VringAddrMsg, VringFdMsg,
     VringStateMsg, HEADER_SIZE, MAX_MESSAGE,
 };
-use vhost_user_core::vring::{Chain, Queue, RingAddrs};
+use vhost_user_core::vring::{Chain, RingAddrs};
 use vhost_user_test::{region, Buf, PackedDriver, SplitDriver, TestMemory, USER_ADDR_OFFSET};
 use vhu_examples::blk::{BlkService, FileBackend, Scratch, TempImage};
 
@@ -42,7 +44,7 @@ struct Rig {
     service: BlkService<FileBackend>,
     _image: TempImage,
     file: std::fs::File,
-    ring: Option<Queue>,
+    ring: Option<DataPlane>,
     driver: Driver,
     indirect: bool,
     scratch: Scratch,
@@ -159,7 +161,6 @@ impl Rig {
         let n = req.encode(false, &mut msg).unwrap();
         let h = Header::parse(&msg[..n]).unwrap();
         let mut out = [0u8; MAX_MESSAGE];
-        let mut ctl = &self.service;
         let o = self
             .session
             .handle(
@@ -167,7 +168,7 @@ impl Rig {
                 &msg[HEADER_SIZE..n],
                 req.fd_rule().min as usize,
                 &self.mem,
-                &mut ctl,
+                &mut self.service,
                 &mut out,
             )
             .unwrap();
@@ -178,8 +179,15 @@ impl Rig {
             o.refused
         );
         for a in &o.actions {
-            if let Action::StartRing { ring, .. } = a {
-                self.ring = Some(ring.clone());
+            if let Action::StartRing { queue } = a {
+                let dp = self
+                    .session
+                    .start_ring(*queue, &self.mem, None, false)
+                    .unwrap();
+                self.ring = Some(dp);
+            }
+            if let (Action::SetEnabled { enabled, .. }, Some(dp)) = (a, self.ring.as_mut()) {
+                dp.set_enabled(*enabled);
             }
         }
         match o.reply {
@@ -221,15 +229,18 @@ impl Rig {
         let ring = self.ring.as_mut().unwrap();
         let mut chain: Chain = Chain::new();
         let mut n = 0;
-        while ring.pop_into(&self.mem, &mut chain).unwrap() {
-            let len = self
+        while let Some(token) = ring.pop(&self.mem, None, &mut chain).unwrap() {
+            let c = self
                 .service
-                .process(0, &chain, &self.mem, true, &mut self.scratch);
-            ring.add_used(&self.mem, chain.head(), len).unwrap();
+                .process(0, &chain, token, &self.mem, &mut self.scratch);
+            let Completion::Done(len) = c else {
+                panic!("the service completes at once")
+            };
+            ring.complete(&self.mem, None, token, len).unwrap();
             n += 1;
         }
         assert_eq!(n, 1, "one chain per request");
-        ring.flush_used(&self.mem).unwrap();
+        ring.publish(&self.mem, None).unwrap();
         let used = match &mut self.driver {
             Driver::Split(d) => d.harvest(&self.mem).unwrap(),
             Driver::Packed(d) => d.harvest(&self.mem).unwrap(),

@@ -26,14 +26,16 @@ use core::fmt;
 
 use heapless::Vec;
 
+use crate::dataplane::DataPlane;
+use crate::device::Device;
 use crate::feature::{
     accept_protocol, accept_virtio, FeatureError, ProtocolFeatures, VirtioFeatures,
 };
 use crate::inflight::{self, InflightError};
 use crate::memory::{GuestMemory, MemoryError, MemoryTable};
 use crate::message::{
-    ConfigMsg, ConfigWriteKind, FrontendReq, Header, InflightMsg, MemRegionMsg, ParseOptions,
-    Reply as WireReply, Request, VringAddrMsg, VringFdMsg, WireError,
+    ConfigMsg, FrontendReq, Header, InflightMsg, MemRegionMsg, ParseOptions, Reply as WireReply,
+    Request, VringAddrMsg, VringFdMsg, WireError,
 };
 use crate::vring::state::{Processing, RingEvent, RingState};
 use crate::vring::{Queue, RingAddrs, VringError};
@@ -79,22 +81,6 @@ pub const SUPPORTED_VIRTIO_FEATURES: VirtioFeatures = VirtioFeatures::from_bits_
         | VirtioFeatures::VERSION_1.bits()
         | VirtioFeatures::RING_PACKED.bits(),
 );
-
-/// The control side of a device, as the session needs it.
-pub trait BackendDevice {
-    /// Reads `dst.len()` bytes of config space at `offset`; `false` if the
-    /// range is outside the device's config space.
-    fn read_config(&self, offset: u32, dst: &mut [u8]) -> bool;
-    /// Writes config space; `false` if refused (a read-only field written by
-    /// a front-end write, or a range outside the config space).
-    fn write_config(&mut self, offset: u32, src: &[u8], kind: ConfigWriteKind) -> bool;
-    /// SET_FEATURES was accepted: these are the negotiated features.
-    fn features_acked(&mut self, features: VirtioFeatures) {
-        let _ = features;
-    }
-    /// The device was reset (RESET_DEVICE): drop device state.
-    fn reset(&mut self) {}
-}
 
 /// An fd of the current message, by its position.
 pub type FdIndex = u8;
@@ -143,26 +129,15 @@ pub enum Action {
         /// The eventfd, or `None`.
         fd: Option<FdIndex>,
     },
-    /// Start processing a ring now (without waiting for a kick): the queue
-    /// value carries its layout, addresses and indices.
+    /// Start processing a ring now (without waiting for a kick): build its
+    /// data plane with [`Session::start_ring`] and serve it.
     StartRing {
         /// Ring index.
         queue: u16,
-        /// The ring, ready to pop from.
-        ring: Queue,
-        /// Whether the ring is enabled (else: process without side effects).
-        enabled: bool,
-        /// With an inflight area (SET_INFLIGHT_FD): the offset of this
-        /// ring's region in it. The adapter opens the region
-        /// ([`crate::inflight`]), resubmits the requests recorded there
-        /// before popping new ones, and records every fetch and
-        /// completion.
-        inflight: Option<u64>,
     },
-    /// Stop a running ring: complete its in-flight requests (or, with
-    /// `suspend`, leave them recorded in the inflight area, unfinished and
-    /// invisible to the guest), then call [`Session::finish_stop`] with
-    /// its final [`Queue`] state.
+    /// Stop a running ring: [`DataPlane::stop`] with `suspend` (drain its
+    /// requests, or leave them recorded in the inflight area), then call
+    /// [`Session::finish_stop`] with the base it returns.
     StopRing {
         /// Ring index.
         queue: u16,
@@ -585,7 +560,7 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
     /// `header.size` bytes after it; `nfds` fds came with it (the adapter
     /// closes every fd no action took). `mem` is the adapter's view of guest
     /// memory as mapped so far; `out` receives the reply.
-    pub fn handle<M: GuestMemory + ?Sized, D: BackendDevice + ?Sized>(
+    pub fn handle<M: GuestMemory + ?Sized, D: Device + ?Sized>(
         &mut self,
         header: &Header,
         payload: &[u8],
@@ -627,7 +602,7 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
         }
     }
 
-    fn dispatch<M: GuestMemory + ?Sized, D: BackendDevice + ?Sized>(
+    fn dispatch<M: GuestMemory + ?Sized, D: Device + ?Sized>(
         &mut self,
         req: &Request<'_>,
         mem: &M,
@@ -795,33 +770,14 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
                     // A new kick fd for a running ring: just swap it.
                     return Ok(());
                 }
+                // Refused here, on this message, if the ring cannot start.
                 let ring = self.build_ring(q, mem)?;
-                let inflight = match self.inflight {
-                    Some((nq, qs, stride)) if q < nq => {
-                        if qs != ring.size() {
-                            return Err(BackendError::Inflight(InflightError::SizeMismatch {
-                                area: qs,
-                                ring: ring.size(),
-                            }));
-                        }
-                        Some(u64::from(q) * stride)
-                    }
-                    _ => None,
-                };
+                self.inflight_offset(q, ring.size())?;
                 let slot = self.slot_mut(v.index)?;
                 slot.state = slot.state.apply(RingEvent::SetVringKick);
                 slot.running = true;
-                let enabled = slot.state.is_enabled();
                 info!("ring {} started", q);
-                push(
-                    actions,
-                    Action::StartRing {
-                        queue: q,
-                        ring,
-                        enabled,
-                        inflight,
-                    },
-                );
+                push(actions, Action::StartRing { queue: q });
             }
             Request::SetVringCall(v) => {
                 self.slot_mut(v.index)?.call = notifier(v);
@@ -934,7 +890,7 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
         Ok(())
     }
 
-    fn get_config<D: BackendDevice + ?Sized>(
+    fn get_config<D: Device + ?Sized>(
         &self,
         c: ConfigMsg<'_>,
         device: &D,
@@ -1017,13 +973,66 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
         }
     }
 
-    /// Completes a pending GET_VRING_BASE: the ring's worker has stopped and
-    /// `ring` is its final state. Writes the reply into `out` and returns its
-    /// length.
+    /// The ring's region of the inflight area (its offset), if requests
+    /// are tracked; refused if the area was made for another ring size.
+    fn inflight_offset(&self, q: u16, size: u16) -> Result<Option<u64>, BackendError> {
+        match self.inflight {
+            Some((nq, qs, stride)) if q < nq => {
+                if qs != size {
+                    return Err(BackendError::Inflight(InflightError::SizeMismatch {
+                        area: qs,
+                        ring: size,
+                    }));
+                }
+                Ok(Some(u64::from(q) * stride))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// After [`Action::StartRing`]: the ring's [`DataPlane`], built from
+    /// its size, addresses, base and the negotiated features, with its
+    /// region of the inflight area when one was set (`area` is that area
+    /// as the adapter mapped it). `consume_disabled` is
+    /// [`Device::consume_while_disabled`].
+    pub fn start_ring<M: GuestMemory + ?Sized>(
+        &self,
+        queue: u16,
+        mem: &M,
+        area: Option<&M>,
+        consume_disabled: bool,
+    ) -> Result<DataPlane, BackendError> {
+        let ring = self.build_ring(queue, mem)?;
+        let inflight = match (self.inflight_offset(queue, ring.size())?, area) {
+            (Some(off), Some(a)) => Some((a, off)),
+            (Some(_), None) => {
+                return Err(BackendError::Inflight(InflightError::TooSmall {
+                    need: 1,
+                    have: 0,
+                }))
+            }
+            (None, _) => None,
+        };
+        let enabled = self
+            .rings
+            .get(usize::from(queue))
+            .is_some_and(|s| s.state.is_enabled());
+        Ok(DataPlane::start(
+            ring,
+            enabled,
+            consume_disabled,
+            mem,
+            inflight,
+        ))
+    }
+
+    /// Completes a pending GET_VRING_BASE: the ring's data plane has
+    /// stopped ([`DataPlane::stop`]) at `base`. Writes the reply into `out`
+    /// and returns its length.
     pub fn finish_stop(
         &mut self,
         queue: u16,
-        ring: &Queue,
+        base: u32,
         out: &mut [u8],
     ) -> Result<usize, BackendError> {
         let slot = self.slot_mut(queue.into())?;
@@ -1033,7 +1042,7 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
         slot.stopping = false;
         slot.running = false;
         let code = slot.stop_code.take().unwrap_or(FrontendReq::GetVringBase);
-        slot.base = ring.base();
+        slot.base = base;
         slot.kick = Notifier::Unset;
         slot.call = Notifier::Unset;
         let num = slot.base;

@@ -26,8 +26,101 @@
 //! ```
 //!
 //! - [`blk`]: virtio-blk (feature bits, config space, request planner).
+//!
+//! A back-end device implements [`Device`]: the control path the session
+//! calls (config space, features, reset) and the data path the host's ring
+//! loop calls with each request the [`DataPlane`](crate::dataplane::DataPlane)
+//! hands out.
 
 pub mod blk;
+
+use crate::dataplane::Token;
+use crate::feature::VirtioFeatures;
+use crate::memory::GuestMemory;
+use crate::message::ConfigWriteKind;
+use crate::vring::Chain;
+
+/// How a request ended when [`Device::process`] returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Completion {
+    /// Done: this many bytes were written into the chain. The caller
+    /// completes the token.
+    Done(u32),
+    /// Still in progress: the device kept the token and reports the
+    /// completion later through [`Device::poll`], in any order.
+    Later,
+}
+
+/// A virtio device served by a vhost-user back-end.
+///
+/// The control methods take `&mut self` (the session calls them, one
+/// message at a time); the data path takes `&self` and per-ring scratch
+/// state, so a host may run rings on several threads over one shared
+/// device (the Linux adapter shares `Clone` handles) or on one loop (a
+/// bare-metal host). Nothing here needs `std` or an allocator.
+pub trait Device {
+    /// Per-ring state of the data path (request planning buffers, requests
+    /// in progress); created when a ring starts.
+    type Scratch: Default;
+
+    /// Reads `dst.len()` bytes of config space at `offset`; `false` if the
+    /// range is outside the device's config space.
+    fn read_config(&self, offset: u32, dst: &mut [u8]) -> bool;
+
+    /// Writes config space; `false` if refused (a read-only field, or a
+    /// range outside the config space).
+    fn write_config(&mut self, offset: u32, src: &[u8], kind: ConfigWriteKind) -> bool;
+
+    /// SET_FEATURES was accepted: these are the negotiated features.
+    fn features_acked(&mut self, features: VirtioFeatures) {
+        let _ = features;
+    }
+
+    /// The device was reset (RESET_DEVICE): drop device state.
+    fn reset(&mut self) {}
+
+    /// Whether a started but disabled ring is consumed (each request
+    /// handed out with [`Token::side_effects`] false, e.g. a network
+    /// device dropping TX) rather than paused until it is enabled. The
+    /// default, false, suits storage.
+    fn consume_while_disabled(&self) -> bool {
+        false
+    }
+
+    /// Processes one request of ring `queue`: `chain` is its validated
+    /// descriptor chain (guest memory is accessed through `mem`, which
+    /// checks every access), `token` identifies it. Returns
+    /// [`Completion::Done`] with the bytes written, or
+    /// [`Completion::Later`] if the device keeps the token and completes
+    /// it through [`poll`](Self::poll). A request whose token has no side
+    /// effects must not touch guest memory or storage.
+    fn process<M: GuestMemory + ?Sized, const S: usize>(
+        &self,
+        queue: u16,
+        chain: &Chain<S>,
+        token: Token,
+        mem: &M,
+        scratch: &mut Self::Scratch,
+    ) -> Completion;
+
+    /// Reports requests of ring `queue` that completed since the last
+    /// call, as `(token, bytes written)`, in any order. Called by the
+    /// host's ring loop after each round and while a stop drains. The
+    /// default reports nothing (every request completes in `process`).
+    fn poll<M: GuestMemory + ?Sized>(
+        &self,
+        queue: u16,
+        mem: &M,
+        scratch: &mut Self::Scratch,
+        done: &mut dyn FnMut(Token, u32),
+    ) {
+        let _ = (queue, mem, scratch, done);
+    }
+
+    /// The front-end left (log counters, drop per-connection state).
+    fn disconnected(&self) {}
+}
 
 /// One buffer of a descriptor chain, in guest physical memory.
 ///

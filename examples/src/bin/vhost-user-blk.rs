@@ -9,7 +9,6 @@ use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 
 use log::{error, info};
 use vhost_user_core::backend::BackendConfig;
@@ -179,13 +178,9 @@ fn run() -> Result<(), String> {
         | V::EVENT_IDX
         | V::INDIRECT_DESC
         | V::RING_PACKED;
-    // Inflight tracking, and stopping rings without draining them, for
-    // rings up to the size whose requests a restart can resubmit.
-    let inflight = if usize::from(queue_size) <= vhost_user_linux::backend::MAX_RESUBMIT {
-        P::INFLIGHT_SHMFD | P::GET_VRING_BASE_INFLIGHT | P::GET_VRING_BASE_SKIP_DRAIN
-    } else {
-        P::empty()
-    };
+    // Inflight tracking, and stopping rings without draining them (the
+    // data plane resubmits recorded requests of rings of any size).
+    let inflight = P::INFLIGHT_SHMFD | P::GET_VRING_BASE_INFLIGHT | P::GET_VRING_BASE_SKIP_DRAIN;
     let config = BackendConfig {
         features,
         protocol_features: P::MQ
@@ -207,7 +202,7 @@ fn run() -> Result<(), String> {
         config.protocol_features.bits()
     );
     let delay = std::time::Duration::from_micros(args.get_or("io-delay-us", 0)?);
-    let service = Arc::new(BlkService::new(device, backend, num_queues).with_delay(delay));
+    let service = BlkService::new(device, backend, num_queues).with_delay(delay);
     let stop = AtomicBool::new(false);
     serve::<_, MAX_QUEUES, MEM_SLOTS>(&listener, config, service, RuntimeOptions::default(), &stop)
         .map_err(|e| {

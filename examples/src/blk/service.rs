@@ -1,13 +1,18 @@
 //! The vhost-user-blk device as the daemon runs it: the core's
 //! [`BlkDevice`] (config space, negotiated features, request planning)
 //! behind a lock for the control path, a [`BlockBackend`] shared by every
-//! queue thread, and per-queue counters.
+//! queue thread, and per-queue counters. [`BlkService`] is a cheap handle
+//! (`Clone`) implementing the core's [`Device`]: the Linux runtime keeps
+//! one for the control path and gives each ring's worker another.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
-use vhost_user_core::backend::BackendDevice;
+use vhost_user_core::dataplane::Token;
 use vhost_user_core::device::blk::{BlkDevice, BlkOp, BlkRequest, BlkStatus, BLK_ID_BYTES};
+use vhost_user_core::device::{Completion, Device, Segment};
 use vhost_user_core::feature::VirtioFeatures;
 use vhost_user_core::memory::GuestMemory;
 use vhost_user_core::message::ConfigWriteKind;
@@ -28,44 +33,81 @@ pub struct QueueCounters {
     pub errors: AtomicU64,
 }
 
-/// A virtio-blk device over a block backend.
 #[derive(Debug)]
-pub struct BlkService<B: BlockBackend> {
+struct Inner<B> {
     device: Mutex<BlkDevice>,
     backend: B,
     counters: Vec<QueueCounters>,
-    delay: std::time::Duration,
+    delay: Duration,
 }
 
-/// Per-thread scratch space for request processing.
+/// A virtio-blk device over a block backend (a shared handle).
+#[derive(Debug)]
+pub struct BlkService<B: BlockBackend> {
+    inner: Arc<Inner<B>>,
+}
+
+impl<B: BlockBackend> Clone for BlkService<B> {
+    fn clone(&self) -> Self {
+        BlkService {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+/// A request the device holds back (see [`BlkService::with_delay`]).
+#[derive(Debug)]
+struct Delayed {
+    due: Instant,
+    token: Token,
+    segments: Vec<Segment>,
+}
+
+/// Per-ring scratch space for request processing.
 #[derive(Debug, Default)]
 pub struct Scratch {
     plan: BlkRequest,
     bounce: Vec<u8>,
+    delayed: VecDeque<Delayed>,
 }
 
 impl<B: BlockBackend> BlkService<B> {
     /// A service for `device` over `backend`, with `num_queues` counters.
     pub fn new(device: BlkDevice, backend: B, num_queues: u16) -> Self {
         BlkService {
-            device: Mutex::new(device),
-            backend,
-            counters: (0..num_queues).map(|_| QueueCounters::default()).collect(),
-            delay: std::time::Duration::ZERO,
+            inner: Arc::new(Inner {
+                device: Mutex::new(device),
+                backend,
+                counters: (0..num_queues).map(|_| QueueCounters::default()).collect(),
+                delay: Duration::ZERO,
+            }),
         }
     }
 
-    /// Delays every request by `delay` before carrying it out (for tests
-    /// that need requests in flight when a ring stops or the daemon dies).
-    pub fn with_delay(mut self, delay: std::time::Duration) -> Self {
-        self.delay = delay;
-        self
+    /// Carries out the requests of a ring one after the other, each
+    /// `delay` after the previous one finished, like a slow disk with
+    /// requests queued in flight (for tests that need requests outstanding
+    /// when a ring stops or the daemon dies). Call before cloning the
+    /// handle.
+    pub fn with_delay(self, delay: Duration) -> Self {
+        match Arc::try_unwrap(self.inner) {
+            Ok(mut inner) => {
+                inner.delay = delay;
+                BlkService {
+                    inner: Arc::new(inner),
+                }
+            }
+            Err(inner) => BlkService { inner },
+        }
     }
 
     fn device(&self) -> std::sync::MutexGuard<'_, BlkDevice> {
         // A panic while holding the lock leaves the device's plain data
         // consistent; keep serving.
-        self.device.lock().unwrap_or_else(PoisonError::into_inner)
+        self.inner
+            .device
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The features the device offers (device bits only).
@@ -75,43 +117,35 @@ impl<B: BlockBackend> BlkService<B> {
 
     /// The backend.
     pub fn backend(&self) -> &B {
-        &self.backend
+        &self.inner.backend
     }
 
     /// The counters of queue `q`.
     pub fn counters(&self, q: u16) -> Option<&QueueCounters> {
-        self.counters.get(usize::from(q))
+        self.inner.counters.get(usize::from(q))
     }
 
-    /// Processes one chain and returns the bytes written into it (the used
-    /// length). With `side_effects` false (a started but disabled ring) the
-    /// request is consumed without touching the disk or guest memory.
-    pub fn process<M: GuestMemory + ?Sized>(
+    /// Carries out the request in `segments` now and returns the bytes
+    /// written into it (the used length).
+    pub fn execute<M: GuestMemory + ?Sized, T: Copy + Into<Segment>>(
         &self,
         queue: u16,
-        chain: &Chain,
+        segments: &[T],
         mem: &M,
-        side_effects: bool,
         scratch: &mut Scratch,
     ) -> u32 {
-        if !side_effects {
-            return 0;
-        }
-        if !self.delay.is_zero() {
-            std::thread::sleep(self.delay);
-        }
         let read = |gpa: u64, dst: &mut [u8]| mem.read(gpa, dst);
         let write = |gpa: u64, src: &[u8]| mem.write(gpa, src);
         let serial: [u8; BLK_ID_BYTES];
         {
             let dev = self.device();
-            dev.plan_into(chain.segments(), &read, &mut scratch.plan);
+            dev.plan_into(segments, &read, &mut scratch.plan);
             serial = *dev.serial();
         }
         let c = execute(
             &scratch.plan,
             &serial,
-            &self.backend,
+            &self.inner.backend,
             &read,
             &write,
             &mut scratch.bounce,
@@ -136,8 +170,10 @@ impl<B: BlockBackend> BlkService<B> {
     }
 }
 
-/// The control path: config space, features, reset.
-impl<B: BlockBackend> BackendDevice for &BlkService<B> {
+/// The control path (config space, features, reset) and the data path.
+impl<B: BlockBackend> Device for BlkService<B> {
+    type Scratch = Scratch;
+
     fn read_config(&self, offset: u32, dst: &mut [u8]) -> bool {
         self.device().read_config(offset, dst).is_ok()
     }
@@ -157,25 +193,60 @@ impl<B: BlockBackend> BackendDevice for &BlkService<B> {
     fn reset(&mut self) {
         self.device().reset();
     }
-}
 
-/// The data path, as the Linux runtime's ring workers call it.
-impl<B: BlockBackend + 'static> vhost_user_linux::backend::QueueDevice for BlkService<B> {
-    type Scratch = Scratch;
-
-    fn process(
+    /// A request of a disabled ring (no side effects) completes with
+    /// length 0 and touches nothing.
+    fn process<M: GuestMemory + ?Sized, const S: usize>(
         &self,
         queue: u16,
-        chain: &Chain,
-        mem: &vhost_user_linux::memory::LinuxGuestMemory,
-        side_effects: bool,
+        chain: &Chain<S>,
+        token: Token,
+        mem: &M,
         scratch: &mut Scratch,
-    ) -> u32 {
-        BlkService::process(self, queue, chain, mem, side_effects, scratch)
+    ) -> Completion {
+        if !token.side_effects() {
+            return Completion::Done(0);
+        }
+        if !self.inner.delay.is_zero() {
+            // One request at a time, like a disk with one head: each is
+            // due `delay` after the one before it.
+            let start = scratch
+                .delayed
+                .back()
+                .map_or_else(Instant::now, |d| d.due.max(Instant::now()));
+            scratch.delayed.push_back(Delayed {
+                due: start + self.inner.delay,
+                token,
+                segments: chain.segments().iter().map(|&s| s.into()).collect(),
+            });
+            return Completion::Later;
+        }
+        Completion::Done(self.execute(queue, chain.segments(), mem, scratch))
+    }
+
+    /// Carries out the held-back requests that are due, oldest first.
+    fn poll<M: GuestMemory + ?Sized>(
+        &self,
+        queue: u16,
+        mem: &M,
+        scratch: &mut Scratch,
+        done: &mut dyn FnMut(Token, u32),
+    ) {
+        while scratch
+            .delayed
+            .front()
+            .is_some_and(|d| d.due <= Instant::now())
+        {
+            let Some(d) = scratch.delayed.pop_front() else {
+                break;
+            };
+            let len = self.execute(queue, &d.segments, mem, scratch);
+            done(d.token, len);
+        }
     }
 
     fn disconnected(&self) {
-        for (q, k) in self.counters.iter().enumerate() {
+        for (q, k) in self.inner.counters.iter().enumerate() {
             log::info!(
                 "queue {q}: {} requests, {} bytes read, {} bytes written, {} errors",
                 k.requests.load(Ordering::Relaxed),

@@ -1,0 +1,606 @@
+//! The data plane of one ring: the request path of a back-end as a plain
+//! value, for any host.
+//!
+//! A [`DataPlane`] owns a started ring (split or packed, its private
+//! business) and, with INFLIGHT_SHMFD, the ring's region of the inflight
+//! area. It carries out the crash-safe sequence every back-end needs:
+//!
+//! ```text
+//! start ─► recover (requests recorded in the area are handed out first,
+//!          in fetch order)
+//! pop ───► the chain is recorded in the area before it is handed out;
+//!          the caller gets a Token
+//! complete(token, len) ─► in any order, at any time: the used entry is
+//!          written at once, the inflight record waits for the publish
+//! publish ─► one used-index store, the inflight batch committed around
+//!          it, and the notification decision (EVENT_IDX, NO_INTERRUPT,
+//!          packed event suppression) returned as a value
+//! stop ──► drain (the caller completes what it holds, then asks again)
+//!          or suspend (GET_VRING_BASE_INFLIGHT: what is outstanding stays
+//!          recorded in the area; the base is where the ring resumes)
+//! ```
+//!
+//! Every method takes guest memory, and the inflight area, per call; the
+//! data plane holds no reference. It never blocks and never allocates: the
+//! state is a few words plus the inflight entries of completions not yet
+//! published (at most [`PUBLISH_BATCH`]; completing more publishes).
+//!
+//! Ring states follow the amended specification: a stopped ring is not
+//! touched; a started but disabled ring is paused, or consumed without side
+//! effects when the device asks for it (each token says whether its
+//! request may have side effects); a started and enabled ring is served.
+//!
+//! A guest that breaks a ring rule, or an inflight area that cannot be
+//! trusted, breaks the ring: [`pop`](DataPlane::pop) returns the error from
+//! then on, nothing more is taken, and [`stop`](DataPlane::stop) answers at
+//! once with the ring's position.
+
+use core::fmt;
+
+use heapless::Vec;
+
+use crate::inflight::{packed_used_at, InflightError, PackedInflight, Resubmit, SplitInflight};
+use crate::memory::GuestMemory;
+use crate::vring::{Chain, Head, Queue, RingAddrs, VringError};
+
+/// Completions whose inflight records wait for one publish, at most;
+/// completing one more publishes first. Without an inflight area there is
+/// no bound: the used ring holds the batch.
+pub const PUBLISH_BATCH: usize = 16;
+
+/// A request handed out by [`DataPlane::pop`]: give it back to
+/// [`DataPlane::complete`] with the number of bytes written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct Token {
+    head: Head,
+    entry: u16,
+    side_effects: bool,
+}
+
+impl Token {
+    /// The chain's id (split: head descriptor index; packed: buffer id).
+    pub fn id(&self) -> u16 {
+        self.head.id
+    }
+
+    /// Whether the request may have side effects: false for a request
+    /// consumed from a started but disabled ring (complete it with length
+    /// 0 and touch nothing).
+    pub fn side_effects(&self) -> bool {
+        self.side_effects
+    }
+}
+
+/// Why the data plane refused an operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum DataPlaneError {
+    /// The guest broke a ring rule, or the ring is not accessible.
+    Vring(VringError),
+    /// The inflight area was refused or could not be written.
+    Inflight(InflightError),
+    /// The ring tracks requests in an inflight area and none was passed.
+    NoInflightArea,
+    /// `complete` without a request outstanding.
+    NotOutstanding,
+    /// The ring was stopped; its tokens are void.
+    Stopped,
+}
+
+impl From<VringError> for DataPlaneError {
+    fn from(e: VringError) -> Self {
+        DataPlaneError::Vring(e)
+    }
+}
+
+impl From<InflightError> for DataPlaneError {
+    fn from(e: InflightError) -> Self {
+        DataPlaneError::Inflight(e)
+    }
+}
+
+impl fmt::Display for DataPlaneError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DataPlaneError::Vring(e) => write!(f, "{e}"),
+            DataPlaneError::Inflight(e) => write!(f, "inflight area: {e}"),
+            DataPlaneError::NoInflightArea => f.write_str("inflight area missing"),
+            DataPlaneError::NotOutstanding => f.write_str("no request outstanding"),
+            DataPlaneError::Stopped => f.write_str("ring stopped"),
+        }
+    }
+}
+
+impl core::error::Error for DataPlaneError {}
+
+/// What a publish did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Published {
+    /// Nothing was waiting to be published.
+    Nothing,
+    /// Used entries were published and the guest wants a notification:
+    /// signal the ring's call notifier.
+    Notify,
+    /// Used entries were published; the guest suppressed the notification.
+    Suppressed,
+}
+
+impl Published {
+    /// Whether the guest must be notified.
+    pub fn notify(self) -> bool {
+        self == Published::Notify
+    }
+
+    fn or(self, other: Published) -> Published {
+        match (self, other) {
+            (Published::Notify, _) | (_, Published::Notify) => Published::Notify,
+            (Published::Suppressed, _) | (_, Published::Suppressed) => Published::Suppressed,
+            _ => Published::Nothing,
+        }
+    }
+}
+
+/// The answer to [`DataPlane::stop`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum Stop {
+    /// Requests are outstanding (or recorded ones not yet resubmitted):
+    /// keep popping and completing, then call `stop` again.
+    Draining,
+    /// The ring is stopped; `base` is the GET_VRING_BASE value.
+    Stopped {
+        /// Where the ring resumes.
+        base: u32,
+    },
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Tracker {
+    None,
+    Split(SplitInflight),
+    Packed(PackedInflight),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Running,
+    /// Stop asked for: hand out only recorded requests (drain).
+    Draining,
+    Stopped,
+}
+
+/// One started ring's request path. See the [module documentation](self).
+#[derive(Clone, Debug)]
+pub struct DataPlane {
+    queue: Queue,
+    tracker: Tracker,
+    phase: Phase,
+    enabled: bool,
+    consume_disabled: bool,
+    broken: Option<DataPlaneError>,
+    /// Popped and not completed.
+    outstanding: u16,
+    /// Recorded requests still to hand out, and the last one handed out.
+    resubmit_left: u16,
+    resubmit_after: Option<Resubmit>,
+    /// Inflight entries of completions not yet published.
+    pending: Vec<u16, PUBLISH_BATCH>,
+    /// Used entries were written since the last publish.
+    unpublished: bool,
+}
+
+impl DataPlane {
+    /// Starts serving `queue` (built by the session from the ring's size,
+    /// addresses, base and features). `enabled` is the ring's
+    /// enabled flag; `consume_disabled` is the device's choice for a
+    /// started but disabled ring (consume without side effects, instead of
+    /// pausing).
+    ///
+    /// With `inflight` (the area and this ring's offset in it), the ring's
+    /// region is opened (a fresh one is initialised), a batch cut short
+    /// by a crash is repaired, and the requests recorded there are handed
+    /// out by [`pop`](Self::pop) before any new one, in fetch order, with
+    /// the ring positioned after them. A region that cannot be trusted
+    /// leaves the data plane broken (see [`error`](Self::error)), never
+    /// half-started.
+    pub fn start<M: GuestMemory + ?Sized>(
+        queue: Queue,
+        enabled: bool,
+        consume_disabled: bool,
+        mem: &M,
+        inflight: Option<(&M, u64)>,
+    ) -> Self {
+        let mut dp = DataPlane {
+            queue,
+            tracker: Tracker::None,
+            phase: Phase::Running,
+            enabled,
+            consume_disabled,
+            broken: None,
+            outstanding: 0,
+            resubmit_left: 0,
+            resubmit_after: None,
+            pending: Vec::new(),
+            unpublished: false,
+        };
+        if let Some((area, offset)) = inflight {
+            if let Err(e) = dp.recover(mem, area, offset) {
+                dp.broken = Some(e);
+            }
+        }
+        dp
+    }
+
+    fn recover<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        area: &M,
+        offset: u64,
+    ) -> Result<(), DataPlaneError> {
+        match &mut self.queue {
+            Queue::Split(s) => {
+                let (mut t, fresh) = SplitInflight::open(area, offset, s.size())?;
+                if !fresh {
+                    let used = s.next_used();
+                    let n = t.recover_count(area, used)?;
+                    s.set_next_avail(used.wrapping_add(n));
+                    self.resubmit_left = n;
+                }
+                self.tracker = Tracker::Split(t);
+            }
+            Queue::Packed(p) => {
+                let (mut t, fresh) = PackedInflight::open(area, offset, p.size(), p.next_used())?;
+                if !fresh {
+                    let ring: &crate::vring::PackedQueue = p;
+                    let (pos, n) =
+                        t.recover_count(area, |slot, wrap| packed_used_at(mem, ring, slot, wrap))?;
+                    p.set_base(pos.base())?;
+                    self.resubmit_left = n;
+                }
+                self.tracker = Tracker::Packed(t);
+            }
+        }
+        Ok(())
+    }
+
+    /// The error that broke the ring, if one did.
+    pub fn error(&self) -> Option<DataPlaneError> {
+        self.broken
+    }
+
+    /// Recorded requests not yet handed out again.
+    pub fn resubmits_left(&self) -> u16 {
+        self.resubmit_left
+    }
+
+    /// Requests handed out and not completed.
+    pub fn outstanding(&self) -> u16 {
+        self.outstanding
+    }
+
+    /// Whether requests are recorded in an inflight area.
+    pub fn tracked(&self) -> bool {
+        !matches!(self.tracker, Tracker::None)
+    }
+
+    /// Whether the ring is enabled.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// SET_VRING_ENABLE (or SET_FEATURES without bit 30) on the running
+    /// ring.
+    pub fn set_enabled(&mut self, enabled: bool) {
+        self.enabled = enabled;
+    }
+
+    /// Whether [`pop`](Self::pop) takes nothing new from the ring now:
+    /// stopping, stopped, broken, or disabled and not consumed. Recorded
+    /// requests are still handed out.
+    pub fn paused(&self) -> bool {
+        self.phase != Phase::Running
+            || self.broken.is_some()
+            || (!self.enabled && !self.consume_disabled)
+    }
+
+    /// The ring moved (the memory table changed while it runs).
+    pub fn set_addrs(&mut self, addrs: RingAddrs) -> Result<(), DataPlaneError> {
+        self.queue.set_addrs(addrs).map_err(|e| self.fail(e.into()))
+    }
+
+    /// The ring's size.
+    pub fn size(&self) -> u16 {
+        self.queue.size()
+    }
+
+    /// The GET_VRING_BASE value of the ring as it is now.
+    pub fn base(&self) -> u32 {
+        self.queue.base()
+    }
+
+    fn fail(&mut self, e: DataPlaneError) -> DataPlaneError {
+        if matches!(e, DataPlaneError::Vring(_) | DataPlaneError::Inflight(_)) {
+            self.broken = Some(e);
+        }
+        e
+    }
+
+    fn area<'m, M: GuestMemory + ?Sized>(
+        &self,
+        area: Option<&'m M>,
+    ) -> Result<Option<&'m M>, DataPlaneError> {
+        match (&self.tracker, area) {
+            (Tracker::None, _) => Ok(None),
+            (_, Some(a)) => Ok(Some(a)),
+            (_, None) => Err(DataPlaneError::NoInflightArea),
+        }
+    }
+
+    /// Hands out the next request: a recorded one first (after a restart),
+    /// else the next available chain, recorded in the inflight area before
+    /// it is returned. `Ok(None)`: nothing to do now (the ring is empty,
+    /// paused, stopping or stopped). The chain is written into `chain`.
+    #[inline]
+    pub fn pop<M: GuestMemory + ?Sized, const S: usize>(
+        &mut self,
+        mem: &M,
+        area: Option<&M>,
+        chain: &mut Chain<S>,
+    ) -> Result<Option<Token>, DataPlaneError> {
+        if let Some(e) = self.broken {
+            return Err(e);
+        }
+        if self.phase == Phase::Stopped {
+            return Ok(None);
+        }
+        if self.resubmit_left > 0 {
+            return self.resubmit(mem, area, chain).map_err(|e| self.fail(e));
+        }
+        if self.paused() {
+            return Ok(None);
+        }
+        self.pop_ring(mem, area, chain).map_err(|e| self.fail(e))
+    }
+
+    #[inline(always)]
+    fn pop_ring<M: GuestMemory + ?Sized, const S: usize>(
+        &mut self,
+        mem: &M,
+        area: Option<&M>,
+        chain: &mut Chain<S>,
+    ) -> Result<Option<Token>, DataPlaneError> {
+        let area = self.area(area)?;
+        let before = match &self.queue {
+            Queue::Packed(p) => p.next_avail().0,
+            Queue::Split(_) => 0,
+        };
+        if !self.queue.pop_into(mem, chain)? {
+            return Ok(None);
+        }
+        let head = chain.head();
+        let entry = match (&mut self.tracker, area, &self.queue) {
+            (Tracker::Split(t), Some(a), _) => {
+                t.fetched(a, head.id)?;
+                head.id
+            }
+            (Tracker::Packed(t), Some(a), Queue::Packed(p)) => {
+                t.fetched_from_ring(a, mem, p, before, head.descs)?
+            }
+            _ => head.id,
+        };
+        self.outstanding += 1;
+        Ok(Some(Token {
+            head,
+            entry,
+            side_effects: self.enabled,
+        }))
+    }
+
+    #[inline(never)]
+    fn resubmit<M: GuestMemory + ?Sized, const S: usize>(
+        &mut self,
+        mem: &M,
+        area: Option<&M>,
+        chain: &mut Chain<S>,
+    ) -> Result<Option<Token>, DataPlaneError> {
+        let Some(a) = self.area(area)? else {
+            self.resubmit_left = 0;
+            return Ok(None);
+        };
+        let next = match &self.tracker {
+            Tracker::Split(t) => t.next_resubmit(a, self.resubmit_after)?,
+            Tracker::Packed(t) => t.next_resubmit(a, self.resubmit_after)?,
+            Tracker::None => None,
+        };
+        let Some(r) = next else {
+            // The area changed under us (only a hostile front-end does
+            // that): nothing more to resubmit.
+            self.resubmit_left = 0;
+            return Ok(None);
+        };
+        match (&self.tracker, &self.queue) {
+            (Tracker::Split(_), Queue::Split(s)) => s.chain_at(mem, r.head, chain)?,
+            (Tracker::Packed(t), Queue::Packed(p)) => {
+                t.chain_of(a, mem, p.features().indirect, r.head, chain)?
+            }
+            _ => return Err(DataPlaneError::NoInflightArea),
+        }
+        self.resubmit_left -= 1;
+        self.resubmit_after = Some(r);
+        self.outstanding += 1;
+        Ok(Some(Token {
+            head: chain.head(),
+            entry: r.head,
+            side_effects: true,
+        }))
+    }
+
+    /// Completes a request with `len` bytes written into its chain, in any
+    /// order relative to the others. The used entry is written now and
+    /// reaches the guest at the next [`publish`](Self::publish) (which this
+    /// call does itself when [`PUBLISH_BATCH`] tracked completions are
+    /// waiting; then its result says whether to notify).
+    #[inline]
+    pub fn complete<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        area: Option<&M>,
+        token: Token,
+        len: u32,
+    ) -> Result<Published, DataPlaneError> {
+        if self.phase == Phase::Stopped {
+            return Err(DataPlaneError::Stopped);
+        }
+        if self.outstanding == 0 {
+            return Err(DataPlaneError::NotOutstanding);
+        }
+        let mut published = Published::Nothing;
+        if self.tracked() && self.pending.is_full() {
+            published = self.publish(mem, area)?;
+        }
+        self.area(area)?;
+        self.queue
+            .add_used(mem, token.head, len)
+            .map_err(|e| self.fail(e.into()))?;
+        self.outstanding -= 1;
+        self.unpublished = true;
+        if self.tracked() {
+            // Not full: published above if it was.
+            let _ = self.pending.push(token.entry);
+        }
+        Ok(published)
+    }
+
+    /// Publishes the completions since the last publish: the inflight
+    /// batch is linked, the used index stored (one release store), the
+    /// batch's records cleared. Returns whether to notify the guest.
+    #[inline]
+    pub fn publish<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        area: Option<&M>,
+    ) -> Result<Published, DataPlaneError> {
+        self.publish_inner(mem, area).map_err(|e| self.fail(e))
+    }
+
+    #[inline(always)]
+    fn publish_inner<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        area: Option<&M>,
+    ) -> Result<Published, DataPlaneError> {
+        if !self.unpublished {
+            return Ok(Published::Nothing);
+        }
+        let area = self.area(area)?;
+        let notify = match (&self.tracker, area) {
+            (Tracker::Split(t), Some(a)) => {
+                t.batch_begin(a, &self.pending)?;
+                let notify = self.queue.flush_used(mem)?;
+                let used = match &self.queue {
+                    Queue::Split(s) => s.next_used(),
+                    Queue::Packed(_) => 0,
+                };
+                t.batch_end(a, &self.pending, used)?;
+                notify
+            }
+            (Tracker::Packed(t), Some(a)) => {
+                t.batch_begin(a, &self.pending)?;
+                let notify = self.queue.flush_used(mem)?;
+                t.batch_end(a, &self.pending)?;
+                notify
+            }
+            _ => self.queue.flush_used(mem)?,
+        };
+        self.pending.clear();
+        self.unpublished = false;
+        Ok(if notify {
+            Published::Notify
+        } else {
+            Published::Suppressed
+        })
+    }
+
+    /// Ask the driver for kicks again before sleeping; `Ok(true)` if work
+    /// arrived meanwhile (serve it instead of sleeping).
+    pub fn enable_notification<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+    ) -> Result<bool, DataPlaneError> {
+        if self.resubmit_left > 0 {
+            return Ok(true);
+        }
+        if self.paused() {
+            return Ok(false);
+        }
+        self.queue
+            .enable_notification(mem)
+            .map_err(|e| self.fail(e.into()))
+    }
+
+    /// Ask the driver not to kick (the device is polling).
+    pub fn disable_notification<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+    ) -> Result<(), DataPlaneError> {
+        self.queue
+            .disable_notification(mem)
+            .map_err(|e| self.fail(e.into()))
+    }
+
+    /// GET_VRING_BASE: stop the ring. Publishes what was completed (the
+    /// caller notifies if [`Published::notify`]), then:
+    ///
+    /// - with `suspend` and an inflight area (GET_VRING_BASE_INFLIGHT or
+    ///   message 45), stops at once: the requests outstanding and those not
+    ///   yet resubmitted stay recorded, unfinished and unseen by the guest,
+    ///   for the next start (here or at a migration destination) to
+    ///   resubmit; their tokens are void;
+    /// - otherwise drains: [`Stop::Draining`] while requests are
+    ///   outstanding or recorded ones wait (pop hands out only those; the
+    ///   caller completes everything and calls `stop` again);
+    /// - a broken ring stops at once.
+    ///
+    /// [`Stop::Stopped`] carries the GET_VRING_BASE value; the data plane
+    /// touches the ring no more.
+    pub fn stop<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        area: Option<&M>,
+        suspend: bool,
+    ) -> (Stop, Result<Published, DataPlaneError>) {
+        if self.phase == Phase::Stopped {
+            return (Stop::Stopped { base: self.base() }, Ok(Published::Nothing));
+        }
+        let published = if self.broken.is_some() {
+            Ok(Published::Nothing)
+        } else {
+            self.publish(mem, area)
+        };
+        let suspend = suspend && self.tracked();
+        let drained = self.outstanding == 0 && self.resubmit_left == 0;
+        if suspend || drained || self.broken.is_some() {
+            self.phase = Phase::Stopped;
+            (Stop::Stopped { base: self.base() }, published)
+        } else {
+            self.phase = Phase::Draining;
+            (Stop::Draining, published)
+        }
+    }
+
+    /// Whether [`stop`](Self::stop) answered [`Stop::Stopped`].
+    pub fn is_stopped(&self) -> bool {
+        self.phase == Phase::Stopped
+    }
+}
+
+/// Both publish results of one call together (the auto-publish inside
+/// `complete` and an explicit one).
+impl core::ops::BitOr for Published {
+    type Output = Published;
+    fn bitor(self, rhs: Published) -> Published {
+        self.or(rhs)
+    }
+}
