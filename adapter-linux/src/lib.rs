@@ -5,13 +5,10 @@
 //! - [`memory`]: guest memory mapped from the front-end's fds, implementing
 //!   the core's `GuestMemory`;
 //! - [`backend`]: the back-end runtime serving front-ends on a socket;
-//! - [`frontend`]: the front-end side, driving the core's engine;
-//! - [`driver`]: the driver side of split and packed rings, over any
-//!   `GuestMemory` (post chains, kick decisions, re-arm, harvest).
+//! - [`frontend`]: the front-end side, driving the core's engine.
 #![warn(missing_docs)]
 
 pub mod backend;
-pub mod driver;
 pub mod frontend;
 pub mod memory;
 pub mod sys;

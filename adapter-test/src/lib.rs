@@ -11,8 +11,7 @@
 //! [`addrs`](SplitDriver::addrs) to the device's queue, post, run the
 //! device, harvest.
 
-/// The ring driver, from the Linux adapter (it only needs `GuestMemory`).
-pub use vhost_user_linux::driver;
+pub mod driver;
 pub mod memory;
 
 pub use driver::{Buf, DriverError, PackedDesc, PackedDriver, SplitDriver, Used};
