@@ -10,6 +10,7 @@
 //! Device tests build on these: lay a ring out with a driver, hand its
 //! [`addrs`](SplitDriver::addrs) to the device's queue, post, run the
 //! device, harvest.
+#![forbid(unsafe_code)]
 
 pub mod driver;
 pub mod memory;
