@@ -10,9 +10,9 @@
 //! Device tests build on these: lay a ring out with a driver, hand its
 //! [`addrs`](SplitDriver::addrs) to the device's queue, post, run the
 //! device, harvest.
+#![forbid(unsafe_code)]
 
-/// The ring driver, from the Linux adapter (it only needs `GuestMemory`).
-pub use vhost_user_linux::driver;
+pub mod driver;
 pub mod memory;
 
 pub use driver::{Buf, DriverError, PackedDesc, PackedDriver, SplitDriver, Used};

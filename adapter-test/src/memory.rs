@@ -12,7 +12,7 @@ use std::sync::atomic::{fence, AtomicU32, Ordering};
 use vhost_user_core::memory::{GuestMemory, MemoryError, MemoryTable};
 use vhost_user_core::message::MemRegionMsg;
 
-pub use vhost_user_linux::driver::USER_ADDR_OFFSET;
+pub use crate::driver::USER_ADDR_OFFSET;
 
 /// One region's backing: `[start, start + size)`, in 32-bit words.
 #[derive(Debug)]

@@ -20,12 +20,12 @@ use vhost_user_core::frontend::{Event, FrontendConfig, NotifyMode, QueueConfig, 
 use vhost_user_core::memory::GuestMemory;
 use vhost_user_core::message::MemRegionMsg;
 use vhost_user_core::vring::RingAddrs;
-use vhost_user_linux::driver::{Buf, DriverError, PackedDriver, SplitDriver, Used};
 use vhost_user_linux::frontend::FrontendLink;
 use vhost_user_linux::memory::LinuxGuestMemory;
 use vhost_user_linux::sys::epoll::{Epoll, EpollEvent, Interest};
 use vhost_user_linux::sys::eventfd::EventFd;
 use vhost_user_linux::sys::memfd;
+use vhost_user_test::driver::{Buf, DriverError, PackedDriver, SplitDriver, Used};
 
 /// The access pattern.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

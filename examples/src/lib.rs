@@ -1,4 +1,5 @@
 //! Shared code of the vhu example daemons and tools.
+#![forbid(unsafe_code)]
 
 pub mod bench;
 pub mod blk;

@@ -2,6 +2,7 @@
 //! file and started by the test: verified random reads and writes in
 //! interrupt and poll mode, and a wrong status turned into a failure.
 
+#![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;

@@ -5,6 +5,7 @@
 //! request type, on split and packed rings, direct and indirect, against a
 //! real image file that the test reads back from the host side.
 
+#![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::os::unix::fs::FileExt;

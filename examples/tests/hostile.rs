@@ -4,6 +4,7 @@
 //! failed REPLY_ACK when one was asked for), logs an error, leaks no fd, does
 //! not grow on repeated allocating messages, and serves the next front-end.
 
+#![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};

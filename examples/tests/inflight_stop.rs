@@ -10,6 +10,7 @@
 //!
 //! Every request completes exactly once, with its data on the image.
 
+#![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;

@@ -9,6 +9,7 @@
 //! rings at 65530 so the 16-bit indices wrap, stop and restart from the
 //! bases GET_VRING_BASE returned, and (our daemon only) use packed rings.
 
+#![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;

@@ -1,6 +1,7 @@
 //! `vhu probe` against qemu-storage-daemon and against our daemon, each
 //! started by the test on a socket in a temporary directory.
 
+#![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;

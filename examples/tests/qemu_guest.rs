@@ -6,6 +6,7 @@
 //! The guest (a Debian cloud kernel and a busybox initramfs) is built and
 //! cached by `tests/guest/build-guest.sh`, which also installs QEMU.
 
+#![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;

@@ -11,7 +11,10 @@
 //! - [`memfd`]: anonymous shareable memory ([`memfd::create`],
 //!   [`memfd::create_sealed`]);
 //! - [`mmap`]: shared mappings with bounds-checked, reference-free
-//!   access ([`MmapRegion`]).
+//!   access ([`MmapRegion`]);
+//! - [`file`](mod@file): space management of image files ([`file::fallocate`]);
+//! - [`signal`]: blocking signals and waiting for them synchronously
+//!   ([`SignalSet`], [`signal::block`], [`signal::wait`]).
 //!
 //! File descriptors are [`OwnedFd`](std::os::fd::OwnedFd) from the moment
 //! they leave the kernel, so every error path closes them.
@@ -20,13 +23,16 @@ use std::io;
 
 pub mod epoll;
 pub mod eventfd;
+pub mod file;
 pub mod memfd;
 pub mod mmap;
+pub mod signal;
 pub mod socket;
 
 pub use epoll::{Epoll, EpollEvent, Interest};
 pub use eventfd::EventFd;
 pub use mmap::{Access, AccessError, MmapRegion};
+pub use signal::SignalSet;
 pub use socket::{Listener, Received, Stream};
 
 /// Turns a libc return value of `-1` into the thread's `errno` error.

@@ -4,6 +4,7 @@
 //! `--fd N`, `--print-capabilities`, no daemonizing, a clear non-zero exit
 //! when it cannot start, a clean exit on SIGTERM. Without `--blk-file` it
 //! serves a sparse temporary image of `--size` bytes, deleted at exit.
+#![forbid(unsafe_code)]
 
 use std::os::fd::RawFd;
 use std::path::PathBuf;

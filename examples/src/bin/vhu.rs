@@ -4,6 +4,7 @@
 //! and prints what it offers: virtio and protocol features by name, queue
 //! count, memory slots and, where CONFIG is offered, the config space
 //! (decoded as virtio-blk when it has a virtio-blk config's size).
+#![forbid(unsafe_code)]
 
 use std::fmt::Write as _;
 use std::path::Path;

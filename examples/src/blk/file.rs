@@ -2,11 +2,13 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use vhost_user_linux::sys::file::fallocate;
 
 use super::{check_range, read_only_error, BlockBackend};
 
@@ -128,7 +130,7 @@ impl BlockBackend for FileBackend {
         if len == 0 {
             return Ok(());
         }
-        match fallocate(&self.file, PUNCH_HOLE, offset, len) {
+        match fallocate(self.file.as_fd(), PUNCH_HOLE, offset, len) {
             Err(e) if unsupported(&e) => Ok(()),
             r => r,
         }
@@ -140,12 +142,12 @@ impl BlockBackend for FileBackend {
             return Ok(());
         }
         if may_unmap {
-            match fallocate(&self.file, PUNCH_HOLE, offset, len) {
+            match fallocate(self.file.as_fd(), PUNCH_HOLE, offset, len) {
                 Err(e) if unsupported(&e) => {}
                 r => return r,
             }
         }
-        match fallocate(&self.file, ZERO_RANGE, offset, len) {
+        match fallocate(self.file.as_fd(), ZERO_RANGE, offset, len) {
             Err(e) if unsupported(&e) => self.fill_zeroes(offset, len),
             r => r,
         }
@@ -162,25 +164,6 @@ fn unsupported(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL | libc::ENODEV)
     )
-}
-
-/// `fallocate(2)` on `file`, retried on EINTR.
-fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
-    let einval = || io::Error::from_raw_os_error(libc::EINVAL);
-    let offset = libc::off_t::try_from(offset).map_err(|_| einval())?;
-    let len = libc::off_t::try_from(len).map_err(|_| einval())?;
-    loop {
-        // SAFETY: fallocate takes no pointers; the descriptor is owned by
-        // `file`, which the borrow keeps open for the whole call.
-        let r = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, len) };
-        if r == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
 }
 
 /// A sparse temporary image file, removed when dropped.
@@ -380,7 +363,7 @@ mod tests {
         let b = FileBackend::temp(MIB).unwrap();
         // An offset beyond off_t is refused before the syscall, as EINVAL,
         // which the callers treat as "unsupported".
-        let e = fallocate(b.file(), ZERO_RANGE, u64::MAX, 1).unwrap_err();
+        let e = fallocate(b.file().as_fd(), ZERO_RANGE, u64::MAX, 1).unwrap_err();
         assert!(unsupported(&e));
         assert!(!unsupported(&io::Error::from_raw_os_error(libc::EIO)));
         assert!(unsupported(&io::Error::from_raw_os_error(libc::EOPNOTSUPP)));

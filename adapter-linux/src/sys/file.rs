@@ -1,0 +1,28 @@
+//! Regular files and block devices: space management beyond what
+//! [`std::fs::File`] offers.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use super::{cvt, retry};
+
+/// `fallocate(2)` on `fd`: allocates, deallocates or zeroes
+/// `[offset, offset + len)` as `mode` says (`0` or `libc::FALLOC_FL_*`
+/// bits, e.g. `FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE`). Retries on
+/// `EINTR`.
+///
+/// An `offset` or `len` that does not fit `off_t` is refused with `EINVAL`
+/// before the call, as the kernel refuses such ranges. File systems and
+/// devices that cannot do `mode` fail with `EOPNOTSUPP` (or `ENOSYS`,
+/// `ENODEV`, `EINVAL`, depending on the kernel and file type).
+pub fn fallocate(fd: BorrowedFd<'_>, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    let einval = || io::Error::from_raw_os_error(libc::EINVAL);
+    let offset = libc::off_t::try_from(offset).map_err(|_| einval())?;
+    let len = libc::off_t::try_from(len).map_err(|_| einval())?;
+    retry(|| {
+        // SAFETY: fallocate takes no pointers; `fd` is borrowed, so it
+        // stays open for the whole call.
+        cvt(unsafe { libc::fallocate(fd.as_raw_fd(), mode, offset, len) })
+    })?;
+    Ok(())
+}
