@@ -448,6 +448,23 @@ mod tests {
     }
 
     #[test]
+    fn a_back_end_that_hangs_up_inside_a_reply_is_an_unexpected_eof() {
+        let (path, h) = backend("truncated", |mut c| {
+            let id = read_request(&mut c);
+            // The header and 3 of the 8 payload bytes, then close.
+            let r = reply(id, 0x5, &0u64.to_le_bytes());
+            c.write_all(&r[..HEADER_SIZE + 3]).unwrap();
+        });
+        let mut l = link(&path);
+        let e = l.drive().unwrap_err();
+        assert!(
+            matches!(&e, LinkError::Io(io) if io.kind() == io::ErrorKind::UnexpectedEof),
+            "{e}"
+        );
+        h.join().unwrap();
+    }
+
+    #[test]
     fn a_reply_without_the_reply_flag_is_an_engine_error() {
         let (path, h) = backend("flags", |mut c| {
             let id = read_request(&mut c);

@@ -3,8 +3,9 @@
 //!
 //! One file per concern:
 //!
-//! - [`socket`]: Unix stream sockets with SCM_RIGHTS framing of vhost-user
-//!   messages ([`Listener`], [`Stream`], [`Received`]);
+//! - [`socket`]: Unix stream sockets moving bytes and SCM_RIGHTS fds, read
+//!   and written as vhost-user messages by the core's framer
+//!   ([`Listener`], [`Stream`], [`StreamIo`], [`Received`]);
 //! - [`eventfd`]: kick, call and err notifiers ([`EventFd`]);
 //! - [`epoll`]: readiness multiplexing ([`Epoll`], [`Interest`],
 //!   [`EpollEvent`]);
@@ -33,7 +34,7 @@ pub use epoll::{Epoll, EpollEvent, Interest};
 pub use eventfd::EventFd;
 pub use mmap::{Access, AccessError, MmapRegion};
 pub use signal::SignalSet;
-pub use socket::{Listener, Received, Stream};
+pub use socket::{Listener, Received, Stream, StreamIo};
 
 /// Turns a libc return value of `-1` into the thread's `errno` error.
 fn cvt<T: Copy + PartialEq + From<i8>>(ret: T) -> io::Result<T> {

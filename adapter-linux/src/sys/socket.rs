@@ -1,15 +1,20 @@
 //! Unix stream sockets for vhost-user, with file descriptors passed as
 //! SCM_RIGHTS ancillary data.
 //!
-//! A vhost-user message is a 12-byte header followed by exactly `size`
-//! payload bytes; its fds travel as ancillary data on the first bytes.
-//! [`Stream::recv_message`] reads the header with `recvmsg`
-//! (`MSG_CMSG_CLOEXEC`, a control buffer with room for one fd more than
-//! [`MAX_FDS`] so surplus fds are seen), validates it with
-//! [`Header::parse`], then reads exactly the payload. Every fd the kernel
-//! installs is wrapped in an [`OwnedFd`] before anything else happens, so
-//! every error path closes it: a peer cannot exhaust our fd table by
-//! attaching fds (DPDK CVE-2019-14818, CVE-2022-0669).
+//! This module only moves bytes and fds: [`StreamIo`] is a [`Stream`] seen
+//! as an `embedded_io` byte stream ([`Read`], [`Write`]) with fd slots
+//! ([`FdSlots`]), and the core's framer
+//! ([`vhost_user_core::transport`]) makes messages of it: a 12-byte header
+//! validated with [`Header::parse`], then exactly `size` payload bytes,
+//! the fds counted against [`MAX_FDS`]. [`Stream::recv_message`] and
+//! [`Stream::send_message`] are that framer over this socket.
+//!
+//! Reads use `recvmsg` (`MSG_CMSG_CLOEXEC`, a control buffer with room for
+//! one fd more than [`MAX_FDS`] so surplus fds are seen, `MSG_CTRUNC`
+//! refused). Every fd the kernel installs is wrapped in an [`OwnedFd`]
+//! before anything else happens, so every error path closes it: a peer
+//! cannot exhaust our fd table by attaching fds (DPDK CVE-2019-14818,
+//! CVE-2022-0669).
 //!
 //! Sockets are blocking. A message is read or written whole, retrying on
 //! `EINTR` and short reads or writes; an event loop that learns readability
@@ -26,7 +31,9 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::ptr;
 
+use embedded_io::{ErrorType, Read, Write};
 use vhost_user_core::message::{Header, HEADER_SIZE, MAX_FDS, MAX_MESSAGE, MAX_PAYLOAD};
+use vhost_user_core::transport::{self, FdSlots, Frame, TransportError};
 
 use super::{cvt, retry};
 
@@ -311,169 +318,57 @@ impl Stream {
     }
 
     fn send_with_fds(&self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-        if bytes.is_empty() {
-            if fds.is_empty() {
-                return Ok(());
-            }
+        if bytes.is_empty() && !fds.is_empty() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "fds need at least one byte",
             ));
         }
-        let mut cmsg = CmsgBuf([0; CMSG_BUF_LEN]);
-        let control_len = if fds.is_empty() {
-            0
-        } else {
-            let data_len = (fds.len() * size_of::<RawFd>()) as u32;
-            // SAFETY: pure arithmetic.
-            let space = unsafe { libc::CMSG_SPACE(data_len) } as usize;
-            // SAFETY: pure arithmetic.
-            let cmsg_len = unsafe { libc::CMSG_LEN(data_len) } as usize;
-            // `space` <= CMSG_BUF_LEN since fds.len() <= FD_ROOM.
-            let hdr = libc::cmsghdr {
-                cmsg_len: cmsg_len as _,
-                cmsg_level: libc::SOL_SOCKET,
-                cmsg_type: libc::SCM_RIGHTS,
-            };
-            let base = cmsg.0.as_mut_ptr();
-            // SAFETY: the buffer is aligned for cmsghdr (align(8), checked by
-            // a const assert) and holds CMSG_SPACE(MAX_FDS + 1 ints) bytes,
-            // more than the header plus `fds.len()` ints written here.
-            // CMSG_DATA is computed from the header pointer inside the
-            // buffer; the ints are written unaligned-safe.
-            unsafe {
-                ptr::write(base.cast::<libc::cmsghdr>(), hdr);
-                let data = libc::CMSG_DATA(base.cast::<libc::cmsghdr>());
-                for (i, fd) in fds.iter().enumerate() {
-                    ptr::write_unaligned(data.cast::<RawFd>().add(i), fd.as_raw_fd());
-                }
-            }
-            space
-        };
-        let mut sent = 0usize;
-        while sent < bytes.len() {
-            let rest = &bytes[sent..];
-            let mut iov = libc::iovec {
-                iov_base: rest.as_ptr() as *mut c_void,
-                iov_len: rest.len(),
-            };
-            // SAFETY: msghdr is a plain C struct for which all-zero is a valid
-            // value (null pointers, zero lengths).
-            let mut msg: libc::msghdr = unsafe { mem::zeroed() };
-            msg.msg_iov = &mut iov;
-            msg.msg_iovlen = 1;
-            if sent == 0 && control_len > 0 {
-                msg.msg_control = cmsg.0.as_mut_ptr().cast::<c_void>();
-                msg.msg_controllen = control_len as _;
-            }
-            // SAFETY: `msg` points to one iovec over `rest` (readable for its
-            // length) and, if set, to the control buffer of `control_len`
-            // initialised bytes; all outlive the call. The fds in it are
-            // borrowed and open for the duration of the call.
-            let r = unsafe { libc::sendmsg(self.inner.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
-            match cvt(r) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => sent += n as usize,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+        let mut io = self.io();
+        io.attach(fds)?;
+        transport::write_message(&mut io, bytes).map_err(framing_error)
     }
 
-    /// Receives one message into `buf`: exactly the 12-byte header,
-    /// validated with [`Header::parse`], then exactly `size` payload bytes.
+    /// Receives one message into `buf` with the core's framer
+    /// ([`transport::read_message`]): exactly the 12-byte header, validated
+    /// with [`Header::parse`], then exactly `size` payload bytes; the fds
+    /// must come with the header bytes.
     ///
     /// Returns `Ok(None)` when the peer closed the connection between
     /// messages. Errors (the connection is then out of step and should be
     /// dropped; every fd received so far is closed):
-    /// - [`io::ErrorKind::UnexpectedEof`]: the peer closed mid-message;
+    /// - [`io::ErrorKind::UnexpectedEof`]: the peer closed inside a message
+    ///   (after part of its header or payload, or after sending fds without
+    ///   bytes); the inner error is the framer's
+    ///   [`TransportError::Truncated`];
     /// - [`io::ErrorKind::InvalidData`]: a malformed header (the
     ///   [`WireError`](vhost_user_core::message::WireError) is the inner
-    ///   error, see [`io::Error::get_ref`]), more than [`MAX_FDS`] fds,
-    ///   truncated control data (`MSG_CTRUNC`), or fds arriving with
-    ///   payload bytes;
-    /// - any socket error.
+    ///   error, see [`io::Error::get_ref`]), more than [`MAX_FDS`] fds or
+    ///   fds arriving with payload bytes (a [`TransportError`] inner
+    ///   error), or truncated control data (`MSG_CTRUNC`);
+    /// - any socket error, with its own kind ([`io::ErrorKind::WouldBlock`]
+    ///   after a [read timeout](Stream::set_read_timeout)).
     pub fn recv_message(&self, buf: &mut [u8; MAX_MESSAGE]) -> io::Result<Option<Received>> {
-        let mut fds: Vec<OwnedFd> = Vec::with_capacity(FD_ROOM);
-        let mut got = 0;
-        while got < HEADER_SIZE {
-            let n = self.recv_some(&mut buf[got..HEADER_SIZE], &mut fds)?;
-            if fds.len() > MAX_FDS {
-                return Err(invalid_data("more fds than a message may carry"));
-            }
-            if n == 0 {
-                if got == 0 && fds.is_empty() {
-                    return Ok(None);
-                }
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "connection closed inside a message header",
-                ));
-            }
-            got += n;
+        let mut io = self.io();
+        match transport::read_message(&mut io, buf).map_err(framing_error)? {
+            None => Ok(None),
+            Some(Frame {
+                header, payload, ..
+            }) => Ok(Some(Received {
+                header,
+                payload_len: payload.len(),
+                fds: io.take_fds(),
+            })),
         }
-        let header = Header::parse(&buf[..HEADER_SIZE])
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        let size = header.size as usize;
-        if size > MAX_PAYLOAD {
-            // Header::parse refuses this; kept so the slice below cannot fail.
-            return Err(invalid_data("payload too large"));
-        }
-        let payload = &mut buf[HEADER_SIZE..HEADER_SIZE + size];
-        let mut got = 0;
-        let mut stray: Vec<OwnedFd> = Vec::new();
-        while got < size {
-            let n = self.recv_some(&mut payload[got..], &mut stray)?;
-            if !stray.is_empty() {
-                return Err(invalid_data("fds arrived with payload bytes"));
-            }
-            if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "connection closed inside a message payload",
-                ));
-            }
-            got += n;
-        }
-        Ok(Some(Received {
-            header,
-            payload_len: size,
-            fds,
-        }))
     }
 
-    /// One `recvmsg` into `dst` (retrying on `EINTR`); fds that come with the
-    /// bytes are appended to `fds` before any check, so they are owned
-    /// (and closed on error). Returns the number of bytes read (0 at EOF).
-    fn recv_some(&self, dst: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
-        let mut cmsg = CmsgBuf([0; CMSG_BUF_LEN]);
-        let (n, flags) = retry(|| {
-            let mut iov = libc::iovec {
-                iov_base: dst.as_mut_ptr().cast::<c_void>(),
-                iov_len: dst.len(),
-            };
-            // SAFETY: all-zero is a valid msghdr.
-            let mut msg: libc::msghdr = unsafe { mem::zeroed() };
-            msg.msg_iov = &mut iov;
-            msg.msg_iovlen = 1;
-            msg.msg_control = cmsg.0.as_mut_ptr().cast::<c_void>();
-            msg.msg_controllen = CMSG_BUF_LEN as _;
-            // SAFETY: `msg` points to one iovec over `dst` (writable for its
-            // length) and to the aligned control buffer of CMSG_BUF_LEN
-            // bytes; both outlive the call.
-            let r = cvt(unsafe {
-                libc::recvmsg(self.inner.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC)
-            })?;
-            take_fds(&msg, fds);
-            Ok((r as usize, msg.msg_flags))
-        })?;
-        if flags & libc::MSG_CTRUNC != 0 {
-            return Err(invalid_data(
-                "control data truncated: too many fds attached",
-            ));
+    /// This socket as a byte stream with fd slots, for the core's framer.
+    pub fn io(&self) -> StreamIo<'_> {
+        StreamIo {
+            stream: &self.inner,
+            fds: Vec::new(),
+            attach: &[],
         }
-        Ok(n)
     }
 
     /// Shuts both directions down: a thread blocked in
@@ -494,6 +389,199 @@ impl Stream {
     /// the middle of a message leaves the connection out of step.
     pub fn set_read_timeout(&self, timeout: Option<std::time::Duration>) -> io::Result<()> {
         self.inner.set_read_timeout(timeout)
+    }
+}
+
+/// The framer's error as an [`io::Error`]: a socket error as it is, a
+/// truncated message as [`io::ErrorKind::UnexpectedEof`], a malformed header
+/// (the [`WireError`](vhost_user_core::message::WireError) inside) or an fd
+/// rule broken as [`io::ErrorKind::InvalidData`].
+fn framing_error(e: TransportError<io::Error>) -> io::Error {
+    match e {
+        TransportError::Io(e) => e,
+        TransportError::Wire(w) => io::Error::new(io::ErrorKind::InvalidData, w),
+        e @ TransportError::Truncated { .. } => io::Error::new(io::ErrorKind::UnexpectedEof, e),
+        e @ (TransportError::TooManyFds(_) | TransportError::LateFds) => {
+            io::Error::new(io::ErrorKind::InvalidData, e)
+        }
+    }
+}
+
+/// A [`Stream`] as an `embedded_io` byte stream with fd slots: what the
+/// core's framer ([`vhost_user_core::transport`]) reads and writes.
+///
+/// Each [`Read::read`] is one `recvmsg`; the fds that come with the bytes
+/// are kept, as [`OwnedFd`]s, for the current message
+/// ([`FdSlots::received`] counts them, [`StreamIo::take_fds`] hands them
+/// out, [`FdSlots::start_message`] and dropping close them). Each
+/// [`Write::write`] is one `sendmsg`; fds [attached](StreamIo::attach) go
+/// with the first bytes written. Both retry on `EINTR`.
+pub struct StreamIo<'a> {
+    stream: &'a UnixStream,
+    /// Fds received since the current message started.
+    fds: Vec<OwnedFd>,
+    /// Fds to send with the next bytes written.
+    attach: &'a [BorrowedFd<'a>],
+}
+
+impl fmt::Debug for StreamIo<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StreamIo")
+            .field("fd", &self.stream.as_raw_fd())
+            .field("fds", &self.fds)
+            .field("attach", &self.attach)
+            .finish()
+    }
+}
+
+impl<'a> StreamIo<'a> {
+    /// Attaches `fds` (as SCM_RIGHTS) to the next bytes written. Fails with
+    /// [`io::ErrorKind::InvalidInput`] for more than `MAX_FDS + 1` (the
+    /// room of the control buffer; [`Stream::send_message`] allows only
+    /// [`MAX_FDS`]).
+    pub fn attach(&mut self, fds: &'a [BorrowedFd<'a>]) -> io::Result<()> {
+        if fds.len() > FD_ROOM {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "too many fds for one message",
+            ));
+        }
+        self.attach = fds;
+        Ok(())
+    }
+
+    /// Takes the fds received for the current message, in order.
+    pub fn take_fds(&mut self) -> Vec<OwnedFd> {
+        mem::take(&mut self.fds)
+    }
+}
+
+impl ErrorType for StreamIo<'_> {
+    type Error = io::Error;
+}
+
+impl FdSlots for StreamIo<'_> {
+    fn start_message(&mut self) {
+        self.fds.clear();
+    }
+
+    fn received(&self) -> usize {
+        self.fds.len()
+    }
+}
+
+impl Read for StreamIo<'_> {
+    /// One `recvmsg` into `buf` (retrying on `EINTR`); fds that come with
+    /// the bytes are kept before any check, so they are owned (and closed on
+    /// error). Returns the number of bytes read (0 at end of stream).
+    /// Truncated control data (`MSG_CTRUNC`) is an
+    /// [`io::ErrorKind::InvalidData`] error.
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let mut cmsg = CmsgBuf([0; CMSG_BUF_LEN]);
+        let fds = &mut self.fds;
+        let (n, flags) = retry(|| {
+            let mut iov = libc::iovec {
+                iov_base: buf.as_mut_ptr().cast::<c_void>(),
+                iov_len: buf.len(),
+            };
+            // SAFETY: all-zero is a valid msghdr.
+            let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = cmsg.0.as_mut_ptr().cast::<c_void>();
+            msg.msg_controllen = CMSG_BUF_LEN as _;
+            // SAFETY: `msg` points to one iovec over `buf` (writable for its
+            // length) and to the aligned control buffer of CMSG_BUF_LEN
+            // bytes; both outlive the call.
+            let r = cvt(unsafe {
+                libc::recvmsg(self.stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC)
+            })?;
+            take_fds(&msg, fds);
+            Ok((r as usize, msg.msg_flags))
+        })?;
+        if flags & libc::MSG_CTRUNC != 0 {
+            return Err(invalid_data(
+                "control data truncated: too many fds attached",
+            ));
+        }
+        Ok(n)
+    }
+}
+
+impl Write for StreamIo<'_> {
+    /// One `sendmsg` of `buf` (retrying on `EINTR`), with the attached fds
+    /// if none were sent yet. Never raises SIGPIPE: a vanished peer is an
+    /// [`io::ErrorKind::BrokenPipe`] error. An empty `buf` sends nothing
+    /// (not even attached fds).
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let mut cmsg = CmsgBuf([0; CMSG_BUF_LEN]);
+        let control_len = if self.attach.is_empty() {
+            0
+        } else {
+            let fds = self.attach;
+            let data_len = (fds.len() * size_of::<RawFd>()) as u32;
+            // SAFETY: pure arithmetic.
+            let space = unsafe { libc::CMSG_SPACE(data_len) } as usize;
+            // SAFETY: pure arithmetic.
+            let cmsg_len = unsafe { libc::CMSG_LEN(data_len) } as usize;
+            // `space` <= CMSG_BUF_LEN since fds.len() <= FD_ROOM (attach).
+            let hdr = libc::cmsghdr {
+                cmsg_len: cmsg_len as _,
+                cmsg_level: libc::SOL_SOCKET,
+                cmsg_type: libc::SCM_RIGHTS,
+            };
+            let base = cmsg.0.as_mut_ptr();
+            // SAFETY: the buffer is aligned for cmsghdr (align(8), checked by
+            // a const assert) and holds CMSG_SPACE(MAX_FDS + 1 ints) bytes,
+            // more than the header plus `fds.len()` ints written here
+            // (`attach` refuses more). CMSG_DATA is computed from the header
+            // pointer inside the buffer; the ints are written unaligned-safe.
+            unsafe {
+                ptr::write(base.cast::<libc::cmsghdr>(), hdr);
+                let data = libc::CMSG_DATA(base.cast::<libc::cmsghdr>());
+                for (i, fd) in fds.iter().enumerate() {
+                    ptr::write_unaligned(data.cast::<RawFd>().add(i), fd.as_raw_fd());
+                }
+            }
+            space
+        };
+        let n = retry(|| {
+            let mut iov = libc::iovec {
+                iov_base: buf.as_ptr() as *mut c_void,
+                iov_len: buf.len(),
+            };
+            // SAFETY: msghdr is a plain C struct for which all-zero is a valid
+            // value (null pointers, zero lengths).
+            let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            if control_len > 0 {
+                msg.msg_control = cmsg.0.as_mut_ptr().cast::<c_void>();
+                msg.msg_controllen = control_len as _;
+            }
+            // SAFETY: `msg` points to one iovec over `buf` (readable for its
+            // length) and, if set, to the control buffer of `control_len`
+            // initialised bytes; all outlive the call. The fds in it are
+            // borrowed and open for the duration of the call.
+            cvt(unsafe { libc::sendmsg(self.stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) })
+        })?;
+        if n == 0 {
+            // `write_all` may not see Ok(0) for a non-empty buffer.
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        // The fds went with these bytes.
+        self.attach = &[];
+        Ok(n as usize)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -565,3 +653,6 @@ impl From<Stream> for OwnedFd {
         s.inner.into()
     }
 }
+
+#[cfg(test)]
+mod tests;
