@@ -353,7 +353,10 @@ fn reconnect(packed: bool, seed: u64) {
     let o = Opts {
         queues: 1,
         packed,
-        daemon_args: &["--io-delay-us", "100000"],
+        // Slow enough that the guest spends most of its test waiting on a
+        // request, so each kill finds one in flight even when TCG runs
+        // slowly on a loaded machine.
+        daemon_args: &["--io-delay-us", "250000"],
         kills: &kills,
     };
     let run = boot(&o, &img, &script);
