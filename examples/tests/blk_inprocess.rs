@@ -3,7 +3,8 @@
 //! runtime (a back-end host handing each popped chain to `BlkService`),
 //! while its memory and drivers play the guest. Every virtio-blk request
 //! type, on split and packed rings, direct and indirect, against a real
-//! image file that the test reads back from the host side.
+//! image file that the test reads back from the host side; and requests
+//! completed out of order, with the inflight area on.
 
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -11,18 +12,20 @@
 use std::os::unix::fs::FileExt;
 
 use vhost_user_core::backend::BackendConfig;
+use vhost_user_core::dataplane::Token;
 use vhost_user_core::device::blk::{
     BlkConfig, BlkDevice, DiscardLimits, WriteZeroesLimits, VIRTIO_BLK_T_DISCARD,
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
     VIRTIO_BLK_T_WRITE_ZEROES,
 };
-use vhost_user_core::device::Device;
+use vhost_user_core::device::{Completion, Device, Segment};
 use vhost_user_core::feature::{ProtocolFeatures as P, VirtioFeatures as V};
 use vhost_user_core::frontend::FrontendConfig;
 use vhost_user_core::memory::GuestMemory;
-use vhost_user_core::message::Request;
+use vhost_user_core::message::{ConfigWriteKind, Request};
+use vhost_user_core::vring::Chain;
 use vhost_user_test::{region, Backend, Buf, GuestRing, Pair, RingSpec, TestMemory};
-use vhu_examples::blk::{BlkService, FileBackend, TempImage};
+use vhu_examples::blk::{BlkService, FileBackend, Scratch, TempImage};
 
 const MIB: u64 = 1 << 20;
 const IMAGE: u64 = 4 * MIB;
@@ -168,11 +171,16 @@ const STATUS: u64 = 0x8100;
 const RANGES: u64 = 0x8200;
 
 fn hdr(mem: &TestMemory, ty: u32, sector: u64) {
+    hdr_at(mem, (HDR, STATUS), ty, sector)
+}
+
+/// A request header at `at.0` and its status byte (0xff) at `at.1`.
+fn hdr_at(mem: &TestMemory, at: (u64, u64), ty: u32, sector: u64) {
     let mut h = [0u8; 16];
     h[0..4].copy_from_slice(&ty.to_le_bytes());
     h[8..16].copy_from_slice(&sector.to_le_bytes());
-    mem.write(HDR, &h).unwrap();
-    mem.write(STATUS, &[0xff]).unwrap();
+    mem.write(at.0, &h).unwrap();
+    mem.write(at.1, &[0xff]).unwrap();
 }
 
 fn range(mem: &TestMemory, sector: u64, num: u32, flags: u32) {
@@ -321,4 +329,125 @@ fn read_only_device_refuses_writes_and_offers_ro() {
         Buf::writable(STATUS, 1),
     ]);
     assert_eq!((r.status(), len), (S_OK, 513));
+}
+
+/// `BlkService` completing out of order: `process` keeps every request,
+/// and `poll` carries them out newest first.
+struct Reversed(Service);
+
+#[derive(Default)]
+struct ReversedScratch {
+    blk: Scratch,
+    kept: Vec<(Token, Vec<Segment>)>,
+}
+
+impl Device for Reversed {
+    type Scratch = ReversedScratch;
+
+    fn read_config(&self, offset: u32, dst: &mut [u8]) -> bool {
+        self.0.read_config(offset, dst)
+    }
+
+    fn write_config(&mut self, offset: u32, src: &[u8], kind: ConfigWriteKind) -> bool {
+        self.0.write_config(offset, src, kind)
+    }
+
+    fn features_acked(&mut self, features: V) {
+        self.0.features_acked(features)
+    }
+
+    fn reset(&mut self) {
+        self.0.reset()
+    }
+
+    fn process<M: GuestMemory + ?Sized, const S: usize>(
+        &self,
+        _: u16,
+        chain: &Chain<S>,
+        token: Token,
+        _: &M,
+        scratch: &mut ReversedScratch,
+    ) -> Completion {
+        if !token.side_effects() {
+            return Completion::Done(0);
+        }
+        let segments = chain.segments().iter().map(|&s| s.into()).collect();
+        scratch.kept.push((token, segments));
+        Completion::Later
+    }
+
+    fn poll<M: GuestMemory + ?Sized>(
+        &self,
+        queue: u16,
+        mem: &M,
+        scratch: &mut ReversedScratch,
+        done: &mut dyn FnMut(Token, u32),
+    ) {
+        while let Some((token, segments)) = scratch.kept.pop() {
+            done(
+                token,
+                self.0.execute(queue, &segments, mem, &mut scratch.blk),
+            );
+        }
+    }
+}
+
+#[test]
+fn requests_completed_in_reverse_order_with_the_inflight_area() {
+    const N: u64 = 8;
+    // Request i: header, status byte and 4 KiB of data of its own.
+    let at = |i: u64| (0x8000 + 0x20 * i, 0x8400 + i, 0x10000 + 0x1000 * i);
+    for packed in [false, true] {
+        let mut r = Rig::with(packed, false, false, P::INFLIGHT_SHMFD, Reversed);
+        assert!(r.p.be.ring(0).unwrap().tracked(), "requests are recorded");
+        let post = |r: &mut Rig<Reversed>, ty: u32, i: u64| {
+            let (h, s, data) = at(i);
+            hdr_at(r.mem(), (h, s), ty, 8 * i);
+            let buf = if ty == VIRTIO_BLK_T_OUT {
+                Buf::readable(data, 4096)
+            } else {
+                Buf::writable(data, 4096)
+            };
+            r.post(&[Buf::readable(h, 16), buf, Buf::writable(s, 1)])
+        };
+        let check = |r: &mut Rig<Reversed>, ids: &[u16], len: u32| {
+            let used = r.driver.harvest_all(&r.p.be.mem).unwrap();
+            let got: Vec<(u16, u32)> = used.iter().map(|u| (u.id, u.len)).collect();
+            let want: Vec<(u16, u32)> = ids.iter().rev().map(|&id| (id, len)).collect();
+            assert_eq!(got, want, "used entries newest first (packed: {packed})");
+            for i in 0..N {
+                assert_eq!(r.mem().read_vec(at(i).1, 1).unwrap(), [S_OK], "request {i}");
+            }
+        };
+
+        // Writes, served in one round: all kept, then done newest first.
+        let mut ids = Vec::new();
+        for i in 0..N {
+            r.mem().write(at(i).2, &pattern(i as u8, 4096)).unwrap();
+            ids.push(post(&mut r, VIRTIO_BLK_T_OUT, i));
+        }
+        assert_eq!(r.p.be.serve(0).unwrap(), N as usize);
+        check(&mut r, &ids, 1);
+        for i in 0..N {
+            assert_eq!(r.host_read(8 * i * 512, 4096), pattern(i as u8, 4096));
+        }
+
+        // Reads in flight when the ring stops: the stop's drain hands them
+        // to the device and polls it; they complete newest first too.
+        let mut ids = Vec::new();
+        for i in 0..N {
+            r.mem().write(at(i).2, &[0; 4096]).unwrap();
+            ids.push(post(&mut r, VIRTIO_BLK_T_IN, i));
+        }
+        assert_eq!(r.p.be.take(0).unwrap(), N as usize);
+        assert_eq!(r.p.stop().unwrap(), [N as usize]);
+        check(&mut r, &ids, 4097);
+        for i in 0..N {
+            let data = r.mem().read_vec(at(i).2, 4096).unwrap();
+            assert_eq!(data, pattern(i as u8, 4096), "request {i}");
+        }
+        let c = r.p.be.device.0.counters(0).unwrap();
+        assert_eq!(c.requests.load(std::sync::atomic::Ordering::Relaxed), 2 * N);
+        assert_eq!(c.errors.load(std::sync::atomic::Ordering::Relaxed), 0);
+    }
 }
