@@ -71,8 +71,8 @@ use vhost_user_core::vring::{Chain, RingAddrs};
 use crate::driver::{self, Buf, DriverError, PackedDriver, SplitDriver, Used};
 use crate::memory::TestMemory;
 
-/// The largest inflight area the back-end creates for a front-end that did
-/// not get one from it (a hostile size is refused, not allocated).
+/// The largest inflight area the back-end allocates: a larger size (a
+/// hostile front-end's) is refused, as a failed mmap would be.
 pub const MAX_AREA: u64 = 64 << 20;
 
 /// A request taken from a ring and not yet handed to the device
@@ -1037,7 +1037,7 @@ impl Default for TestDevice {
 
 impl TestDevice {
     /// Writes `fill` into the writable buffers; returns the bytes written.
-    fn fill<M: GuestMemory + ?Sized>(&self, mem: &M, writable: &[(u64, u32)]) -> u32 {
+    fn fill_buffers<M: GuestMemory + ?Sized>(&self, mem: &M, writable: &[(u64, u32)]) -> u32 {
         let mut written = 0;
         for &(addr, len) in writable {
             if mem.write(addr, &vec![self.fill; len as usize]).is_ok() {
@@ -1095,7 +1095,7 @@ impl Device for TestDevice {
             scratch.push((token, writable));
             return Completion::Later;
         }
-        Completion::Done(self.fill(mem, &writable))
+        Completion::Done(self.fill_buffers(mem, &writable))
     }
 
     fn poll<M: GuestMemory + ?Sized>(
@@ -1106,7 +1106,7 @@ impl Device for TestDevice {
         done: &mut dyn FnMut(Token, u32),
     ) {
         while let Some((token, writable)) = scratch.pop() {
-            done(token, self.fill(mem, &writable));
+            done(token, self.fill_buffers(mem, &writable));
         }
     }
 }
