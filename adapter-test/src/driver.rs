@@ -132,6 +132,16 @@ pub fn write_packed_indirect_table<M: GuestMemory + ?Sized>(
     Ok(())
 }
 
+/// Ring addresses as a front-end sends them in SET_VRING_ADDR: the guest
+/// physical addresses `addrs` plus [`USER_ADDR_OFFSET`].
+pub fn user_addrs(addrs: RingAddrs) -> RingAddrs {
+    RingAddrs {
+        desc: addrs.desc + USER_ADDR_OFFSET,
+        driver: addrs.driver + USER_ADDR_OFFSET,
+        device: addrs.device + USER_ADDR_OFFSET,
+    }
+}
+
 fn vring_need_event(event: u16, new: u16, old: u16) -> bool {
     new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
 }
@@ -160,6 +170,18 @@ impl SplitDriver {
         (16 * n + 6 + 2 * n).next_multiple_of(4) + 6 + 8 * n
     }
 
+    /// Where [`new`](Self::new) puts a ring of `size` entries at `base`
+    /// (guest physical addresses), without touching memory.
+    pub fn layout(size: u16, base: u64) -> RingAddrs {
+        let n = u64::from(size);
+        let avail = base + 16 * n;
+        RingAddrs {
+            desc: base,
+            driver: avail,
+            device: (avail + 6 + 2 * n).next_multiple_of(4),
+        }
+    }
+
     /// Lay out a split ring of `size` entries at `base` (16-aligned):
     /// descriptor table, avail ring, used ring (4-aligned), all zeroed.
     pub fn new<M: GuestMemory + ?Sized>(
@@ -168,18 +190,11 @@ impl SplitDriver {
         base: u64,
         event_idx: bool,
     ) -> Result<Self, MemoryError> {
-        let n = u64::from(size);
-        let avail = base + 16 * n;
-        let used = (avail + 6 + 2 * n).next_multiple_of(4);
         let zero = vec![0u8; Self::footprint(size) as usize];
         mem.write(base, &zero)?;
         Ok(SplitDriver {
             size,
-            addrs: RingAddrs {
-                desc: base,
-                driver: avail,
-                device: used,
-            },
+            addrs: Self::layout(size, base),
             avail_idx: 0,
             published: 0,
             kicked: 0,
@@ -203,11 +218,7 @@ impl SplitDriver {
     /// Ring addresses as a front-end sends them in SET_VRING_ADDR (user
     /// addresses: guest physical + [`USER_ADDR_OFFSET`]).
     pub fn user_addrs(&self) -> RingAddrs {
-        RingAddrs {
-            desc: self.addrs.desc + USER_ADDR_OFFSET,
-            driver: self.addrs.driver + USER_ADDR_OFFSET,
-            device: self.addrs.device + USER_ADDR_OFFSET,
-        }
+        user_addrs(self.addrs)
     }
 
     /// Free descriptors.
@@ -474,6 +485,17 @@ impl PackedDriver {
         16 * u64::from(size) + 8
     }
 
+    /// Where [`new`](Self::new) puts a ring of `size` entries at `base`
+    /// (guest physical addresses), without touching memory.
+    pub fn layout(size: u16, base: u64) -> RingAddrs {
+        let ring = 16 * u64::from(size);
+        RingAddrs {
+            desc: base,
+            driver: base + ring,
+            device: base + ring + 4,
+        }
+    }
+
     /// Lay out a packed ring of `size` entries at `base` (16-aligned):
     /// descriptor ring, then driver and device event areas, zeroed.
     pub fn new<M: GuestMemory + ?Sized>(
@@ -481,15 +503,10 @@ impl PackedDriver {
         size: u16,
         base: u64,
     ) -> Result<Self, MemoryError> {
-        let ring = 16 * u64::from(size);
         mem.write(base, &vec![0u8; Self::footprint(size) as usize])?;
         Ok(PackedDriver {
             size,
-            addrs: RingAddrs {
-                desc: base,
-                driver: base + ring,
-                device: base + ring + 4,
-            },
+            addrs: Self::layout(size, base),
             next_avail: 0,
             avail_wrap: true,
             next_used: 0,
@@ -504,6 +521,12 @@ impl PackedDriver {
     /// Ring addresses (guest physical).
     pub fn addrs(&self) -> RingAddrs {
         self.addrs
+    }
+
+    /// Ring addresses as a front-end sends them in SET_VRING_ADDR (user
+    /// addresses: guest physical + [`USER_ADDR_OFFSET`]).
+    pub fn user_addrs(&self) -> RingAddrs {
+        user_addrs(self.addrs)
     }
 
     /// Ring size.

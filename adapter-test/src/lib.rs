@@ -7,6 +7,10 @@
 //!   post direct and indirect chains, publish, decide kicks, harvest used
 //!   entries, and hooks that write hostile descriptors and indices.
 //!
+//! - [`pair`]: the front-end engine and a back-end host connected in
+//!   memory ([`Pair`], [`Backend`]), deterministic, generic over the
+//!   device: the test kit of every host.
+//!
 //! Device tests build on these: lay a ring out with a driver, hand its
 //! [`addrs`](SplitDriver::addrs) to the device's queue, post, run the
 //! device, harvest.
@@ -14,6 +18,8 @@
 
 pub mod driver;
 pub mod memory;
+pub mod pair;
 
 pub use driver::{Buf, DriverError, PackedDesc, PackedDriver, SplitDriver, Used};
 pub use memory::{region, TestMemory, USER_ADDR_OFFSET};
+pub use pair::{Backend, GuestRing, Pair, RingSpec, TestDevice};

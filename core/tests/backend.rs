@@ -1,6 +1,7 @@
-//! The back-end session engine driven in memory: `adapter-test`'s guest
-//! memory and driver play the guest, this file plays the front-end and the
-//! adapter (carrying out the engine's actions).
+//! The back-end session engine driven in memory: `adapter-test`'s
+//! [`Backend`] carries out the engine's actions and serves the rings (its
+//! [`TestDevice`] fills writable buffers), its guest memory and drivers
+//! play the guest, and this file plays the front-end, message by message.
 
 #![allow(clippy::unwrap_used)]
 
@@ -8,69 +9,17 @@ use vhost_user_core::backend::{
     Action, BackendConfig, BackendError, Notifier, Outcome, Reply, Session,
     SUPPORTED_PROTOCOL_FEATURES,
 };
-use vhost_user_core::dataplane::{DataPlane, Stop, Token};
-use vhost_user_core::device::{Completion, Device};
 use vhost_user_core::feature::{ProtocolFeatures as P, VirtioFeatures as V};
 use vhost_user_core::message::{
-    ConfigMsg, ConfigWriteKind, FrontendReq, Header, MemRegionMsg, MemTable, ParseOptions,
-    Reply as WireReply, Request, VringAddrMsg, VringFdMsg, VringStateMsg, WireError, HEADER_SIZE,
-    MAX_MESSAGE,
+    ConfigMsg, ConfigWriteKind, FrontendReq, Header, MemTable, ParseOptions, Reply as WireReply,
+    Request, VringAddrMsg, VringFdMsg, VringStateMsg, WireError, HEADER_SIZE,
 };
 use vhost_user_core::vring::state::Processing;
-use vhost_user_core::vring::Chain;
-use vhost_user_test::{region, Buf, PackedDriver, SplitDriver, TestMemory};
-
-/// A config space of 16 bytes; byte 8 is writable by the front-end.
-#[derive(Default)]
-struct Dev {
-    config: [u8; 16],
-    resets: u32,
-}
-
-impl Device for Dev {
-    type Scratch = ();
-    fn read_config(&self, offset: u32, dst: &mut [u8]) -> bool {
-        match self
-            .config
-            .get(offset as usize..offset as usize + dst.len())
-        {
-            Some(s) => {
-                dst.copy_from_slice(s);
-                true
-            }
-            None => false,
-        }
-    }
-    fn write_config(&mut self, offset: u32, src: &[u8], kind: ConfigWriteKind) -> bool {
-        let writable = kind == ConfigWriteKind::Migration || (offset == 8 && src.len() == 1);
-        match self
-            .config
-            .get_mut(offset as usize..offset as usize + src.len())
-        {
-            Some(d) if writable => {
-                d.copy_from_slice(src);
-                true
-            }
-            _ => false,
-        }
-    }
-    fn reset(&mut self) {
-        self.resets += 1;
-    }
-    // The session tests serve rings themselves (`Fe::serve`).
-    fn process<M: GuestMemory + ?Sized, const S: usize>(
-        &self,
-        _: u16,
-        _: &Chain<S>,
-        _: Token,
-        _: &M,
-        _: &mut (),
-    ) -> Completion {
-        Completion::Done(0)
-    }
-}
+use vhost_user_test::{region, Buf, PackedDriver, SplitDriver, TestDevice};
 
 const RAM: u64 = 1 << 20;
+
+type Fe = vhost_user_test::Backend<TestDevice, 4, 8>;
 
 fn config(protocol: P) -> BackendConfig {
     BackendConfig {
@@ -86,111 +35,28 @@ fn config(protocol: P) -> BackendConfig {
     }
 }
 
-struct Fe {
-    s: Session<4, 8>,
-    mem: TestMemory,
-    dev: Dev,
-    rings: Vec<Option<DataPlane>>,
-    /// The inflight area, as an adapter maps it.
-    area: Option<TestMemory>,
+fn new_fe(protocol: P) -> Fe {
+    fe_with(config(protocol))
 }
 
-impl Fe {
-    fn new(protocol: P) -> Fe {
-        Fe::with(config(protocol))
-    }
+fn fe_with(c: BackendConfig) -> Fe {
+    Fe::new(c, TestDevice::default(), &[(0, RAM)]).unwrap()
+}
 
-    fn with(c: BackendConfig) -> Fe {
-        Fe {
-            s: Session::new(c).unwrap(),
-            mem: TestMemory::new(&[(0, RAM)]).unwrap(),
-            dev: Dev::default(),
-            rings: vec![None, None],
-            area: None,
-        }
-    }
+/// The worker serves ring `q`, writing `fill` into each writable buffer.
+fn serve(fe: &mut Fe, q: u16, fill: u8) -> usize {
+    fe.device.fill = fill;
+    fe.serve(q).unwrap()
+}
 
-    /// Sends `req` and returns the outcome and the reply bytes.
-    fn send(
-        &mut self,
-        req: &Request<'_>,
-        need_reply: bool,
-    ) -> Result<(Outcome, Vec<u8>), BackendError> {
-        let mut msg = [0u8; MAX_MESSAGE];
-        let n = req.encode(need_reply, &mut msg).unwrap();
-        let nfds = req.fd_rule().min as usize;
-        self.send_raw(&msg[..n], nfds)
-    }
+/// The front-end's side of the scripts.
+trait Script {
+    fn handshake(&mut self, features: V);
+    fn configure(&mut self, q: u32, size: u16, user: vhost_user_core::vring::RingAddrs, base: u32);
+    fn kick(&mut self, q: u32) -> Outcome;
+}
 
-    fn send_raw(&mut self, msg: &[u8], nfds: usize) -> Result<(Outcome, Vec<u8>), BackendError> {
-        let h = Header::parse(msg)?;
-        let mut out = [0u8; MAX_MESSAGE];
-        let o = self.s.handle(
-            &h,
-            &msg[HEADER_SIZE..],
-            nfds,
-            &self.mem,
-            &mut self.dev,
-            &mut out,
-        )?;
-        let reply = match o.reply {
-            Reply::Ready(n) => out[..n].to_vec(),
-            _ => Vec::new(),
-        };
-        // Carry out what a Linux adapter would, for the rings.
-        for a in &o.actions {
-            match a {
-                Action::StartRing { queue } => {
-                    let dp = self
-                        .s
-                        .start_ring(*queue, &self.mem, self.area.as_ref(), false)
-                        .unwrap();
-                    assert_eq!(dp.error(), None);
-                    self.rings[*queue as usize] = Some(dp);
-                }
-                Action::MapInflight { size, .. } => {
-                    self.area = Some(TestMemory::new(&[(0, *size)]).unwrap())
-                }
-                Action::UnmapInflight => self.area = None,
-                Action::SetEnabled { queue, enabled } => {
-                    if let Some(r) = self.rings[usize::from(*queue)].as_mut() {
-                        r.set_enabled(*enabled);
-                    }
-                }
-                Action::RemapRings => {
-                    for (q, r) in self.rings.iter_mut().enumerate() {
-                        if let Some(r) = r {
-                            r.set_addrs(self.s.ring_addrs(q as u16).unwrap()).unwrap();
-                        }
-                    }
-                }
-                Action::ResetRings => self.rings.iter_mut().for_each(|r| *r = None),
-                _ => {}
-            }
-        }
-        Ok((o, reply))
-    }
-
-    fn u64_reply(&mut self, req: Request<'_>) -> u64 {
-        let code = req.code();
-        let (_, r) = self.send(&req, false).unwrap();
-        let h = Header::parse(&r).unwrap();
-        match WireReply::parse(code, &h, &r[HEADER_SIZE..], 0, &ParseOptions::default()).unwrap() {
-            WireReply::U64(v) => v,
-            other => panic!("{other:?}"),
-        }
-    }
-
-    fn ack(&mut self, req: Request<'_>) -> (Outcome, u64) {
-        let code = req.code();
-        let (o, r) = self.send(&req, true).unwrap();
-        let h = Header::parse(&r).unwrap();
-        match WireReply::parse(code, &h, &r[HEADER_SIZE..], 0, &ParseOptions::default()).unwrap() {
-            WireReply::U64(v) => (o, v),
-            other => panic!("{other:?}"),
-        }
-    }
-
+impl Script for Fe {
     /// QEMU's init and start for ring 0 of a split ring at `base`.
     fn handshake(&mut self, features: V) {
         assert_eq!(
@@ -243,48 +109,21 @@ impl Fe {
     }
 
     fn kick(&mut self, q: u32) -> Outcome {
-        self.send(
-            &Request::SetVringKick(VringFdMsg {
-                index: q,
-                no_fd: false,
-            }),
-            false,
-        )
-        .unwrap()
-        .0
-    }
-
-    /// Pops and completes everything available on ring `q`, writing `fill`
-    /// into each writable buffer.
-    fn serve(&mut self, q: usize, fill: u8) -> usize {
-        let ring = self.rings[q].as_mut().expect("ring running");
-        let area = self.area.as_ref();
-        let mut chain: Chain = Chain::new();
-        let mut n = 0;
-        while let Some(t) = ring.pop(&self.mem, area, &mut chain).unwrap() {
-            let mut written = 0;
-            for s in chain.writable() {
-                self.mem.write(s.addr, &vec![fill; s.len as usize]).unwrap();
-                written += s.len;
-            }
-            ring.complete(&self.mem, area, t, written).unwrap();
-            n += 1;
-        }
-        ring.publish(&self.mem, area).unwrap();
-        n
-    }
-
-    /// The worker's stop: the ring's GET_VRING_BASE value.
-    fn stop_ring(&mut self, q: usize, suspend: bool) -> u32 {
-        let mut ring = self.rings[q].take().expect("ring running");
-        match ring.stop(&self.mem, self.area.as_ref(), suspend).0 {
-            Stop::Stopped { base } => base,
-            Stop::Draining => panic!("nothing is outstanding"),
-        }
+        let o = self
+            .send(
+                &Request::SetVringKick(VringFdMsg {
+                    index: q,
+                    no_fd: false,
+                }),
+                false,
+            )
+            .unwrap()
+            .0;
+        // A ring that starts starts sound.
+        assert_eq!(self.ring(q as u16).and_then(|r| r.error()), None);
+        o
     }
 }
-
-use vhost_user_core::memory::GuestMemory;
 
 fn all_protocol() -> P {
     SUPPORTED_PROTOCOL_FEATURES
@@ -292,11 +131,11 @@ fn all_protocol() -> P {
 
 #[test]
 fn split_ring_start_process_stop_restart() {
-    let mut fe = Fe::new(all_protocol());
+    let mut fe = new_fe(all_protocol());
     fe.handshake(V::VERSION_1 | V::PROTOCOL_FEATURES);
     let mut drv = SplitDriver::new(&fe.mem, 16, 0x1000, false).unwrap();
     fe.configure(0, 16, drv.user_addrs(), 0);
-    assert_eq!(fe.s.processing(0), Processing::Stopped);
+    assert_eq!(fe.session.processing(0), Processing::Stopped);
     // Requests posted before the ring starts are processed without a kick.
     drv.post(
         &fe.mem,
@@ -312,8 +151,8 @@ fn split_ring_start_process_stop_restart() {
         }
     ));
     assert!(matches!(o.actions[1], Action::StartRing { queue: 0 }));
-    assert!(!fe.rings[0].as_ref().unwrap().enabled());
-    assert_eq!(fe.s.processing(0), Processing::WithoutSideEffects);
+    assert!(!fe.ring(0).unwrap().enabled());
+    assert_eq!(fe.session.processing(0), Processing::WithoutSideEffects);
     let (o, ack) = fe.ack(Request::SetVringEnable {
         index: 0,
         enable: true,
@@ -326,8 +165,8 @@ fn split_ring_start_process_stop_restart() {
             enabled: true
         }
     ));
-    assert_eq!(fe.s.processing(0), Processing::Normal);
-    assert_eq!(fe.serve(0, 0xab), 1);
+    assert_eq!(fe.session.processing(0), Processing::Normal);
+    assert_eq!(serve(&mut fe, 0, 0xab), 1);
     let used = drv.harvest(&fe.mem).unwrap().unwrap();
     assert_eq!(used.len, 32);
     assert_eq!(fe.mem.read_vec(0x9000, 32).unwrap(), vec![0xab; 32]);
@@ -344,28 +183,29 @@ fn split_ring_start_process_stop_restart() {
             suspend: false
         }
     ));
-    assert_eq!(fe.s.processing(0), Processing::Stopped);
+    assert_eq!(fe.session.processing(0), Processing::Stopped);
     // The worker drains (completes what it had) and stops.
-    assert_eq!(fe.serve(0, 0xcd), 1);
-    let base = fe.stop_ring(0, false);
-    let mut out = [0u8; 64];
-    let n = fe.s.finish_stop(0, base, &mut out).unwrap();
-    let h = Header::parse(&out[..n]).unwrap();
+    assert_eq!(serve(&mut fe, 0, 0xcd), 1);
+    assert_eq!(fe.pending_stop(), Some(0));
+    let out = fe.finish_stop(0).unwrap();
+    assert_eq!(
+        fe.stops.last().unwrap().drained,
+        0,
+        "nothing is outstanding"
+    );
+    let h = Header::parse(&out).unwrap();
     assert_eq!(
         WireReply::parse(
             FrontendReq::GetVringBase,
             &h,
-            &out[HEADER_SIZE..n],
+            &out[HEADER_SIZE..],
             0,
             &ParseOptions::default()
         ),
         Ok(WireReply::VringState { index: 0, num: 2 })
     );
     // A second finish_stop has nothing to finish.
-    assert_eq!(
-        fe.s.finish_stop(0, base, &mut out),
-        Err(BackendError::NotStopping(0))
-    );
+    assert_eq!(fe.finish_stop(0), Err(BackendError::NotStopping(0)));
 
     // Restart with the base the front-end got: requests posted while
     // stopped are resumed.
@@ -376,51 +216,47 @@ fn split_ring_start_process_stop_restart() {
         .actions
         .iter()
         .any(|a| matches!(a, Action::StartRing { queue: 0 })));
-    assert!(fe.rings[0].as_ref().unwrap().enabled());
-    assert_eq!(fe.serve(0, 0xef), 1);
+    assert!(fe.ring(0).unwrap().enabled());
+    assert_eq!(serve(&mut fe, 0, 0xef), 1);
     assert_eq!(drv.harvest_all(&fe.mem).unwrap().len(), 2);
     assert_eq!(fe.mem.read_vec(0xa000, 8).unwrap(), vec![0xef; 8]);
 }
 
 #[test]
 fn packed_ring_start_and_base_encoding() {
-    let mut fe = Fe::new(all_protocol());
+    let mut fe = new_fe(all_protocol());
     fe.handshake(V::VERSION_1 | V::PROTOCOL_FEATURES | V::RING_PACKED);
     let mut drv = PackedDriver::new(&fe.mem, 8, 0x2000).unwrap();
-    let a = drv.addrs();
-    let off = vhost_user_test::USER_ADDR_OFFSET;
-    let user = vhost_user_core::vring::RingAddrs {
-        desc: a.desc + off,
-        driver: a.driver + off,
-        device: a.device + off,
-    };
     // Base: avail index 0 with wrap counter 1, used index 0 with wrap 1.
-    fe.configure(0, 8, user, 1 << 15 | 1 << 31);
+    fe.configure(0, 8, drv.user_addrs(), 1 << 15 | 1 << 31);
     fe.ack(Request::SetVringEnable {
         index: 0,
         enable: true,
     });
     fe.kick(0);
-    assert!(fe.rings[0].is_some());
+    assert!(fe.ring(0).is_some());
     for i in 0..3 {
         drv.post(&fe.mem, &[Buf::writable(0x8000 + 0x100 * i, 16)])
             .unwrap();
     }
-    assert_eq!(fe.serve(0, 1), 3);
+    assert_eq!(serve(&mut fe, 0, 1), 3);
     assert_eq!(drv.harvest_all(&fe.mem).unwrap().len(), 3);
     fe.send(&Request::GetVringBase(0), false).unwrap();
-    let base = fe.stop_ring(0, false);
-    let mut out = [0u8; 64];
-    let n = fe.s.finish_stop(0, base, &mut out).unwrap();
+    let out = fe.finish_stop(0).unwrap();
+    assert_eq!(
+        fe.stops.last().unwrap().drained,
+        0,
+        "nothing is outstanding"
+    );
     let num = u32::from_ne_bytes(out[HEADER_SIZE + 4..HEADER_SIZE + 8].try_into().unwrap());
-    assert_eq!(n, HEADER_SIZE + 8);
+    assert_eq!(out.len(), HEADER_SIZE + 8);
     // 3 avail and 3 used, both wrap counters still 1.
     assert_eq!(num, 3 | 1 << 15 | 3 << 16 | 1 << 31);
 }
 
 #[test]
 fn reply_ack_success_and_failure() {
-    let mut fe = Fe::new(all_protocol());
+    let mut fe = new_fe(all_protocol());
     fe.handshake(V::VERSION_1 | V::PROTOCOL_FEATURES);
     let (o, v) = fe.ack(Request::SetVringNum(VringStateMsg { index: 1, num: 64 }));
     assert_eq!((v, o.refused), (0, None));
@@ -443,7 +279,7 @@ fn reply_ack_success_and_failure() {
 
 #[test]
 fn no_ack_without_reply_ack_negotiated() {
-    let mut fe = Fe::new(all_protocol().difference(P::REPLY_ACK));
+    let mut fe = new_fe(all_protocol().difference(P::REPLY_ACK));
     fe.handshake(V::VERSION_1 | V::PROTOCOL_FEATURES);
     let (o, r) = fe.send(&Request::SetOwner, true).unwrap();
     assert!(r.is_empty());
@@ -452,7 +288,7 @@ fn no_ack_without_reply_ack_negotiated() {
 
 #[test]
 fn protocol_features_never_offered_are_refused() {
-    let mut fe = Fe::new(P::MQ | P::REPLY_ACK);
+    let mut fe = new_fe(P::MQ | P::REPLY_ACK);
     fe.send(&Request::GetProtocolFeatures, false).unwrap();
     let e = fe
         .send(
@@ -479,7 +315,7 @@ fn protocol_features_never_offered_are_refused() {
 fn every_message_is_handled_or_refused() {
     // Each id 1-45 with a valid payload: either it succeeds or it is refused
     // as not negotiated; nothing else, and nothing panics.
-    let mut fe = Fe::new(all_protocol());
+    let mut fe = new_fe(all_protocol());
     fe.handshake(V::VERSION_1 | V::PROTOCOL_FEATURES);
     let drv = SplitDriver::new(&fe.mem, 16, 0x1000, false).unwrap();
     let ua = drv.user_addrs();
@@ -624,15 +460,17 @@ fn every_message_is_handled_or_refused() {
         } else {
             assert!(res.is_ok(), "{r:?}: {res:?}");
         }
+        // A ring that starts starts sound.
+        assert_eq!(fe.ring(0).and_then(|r| r.error()), None);
     }
-    assert_eq!(fe.dev.resets, 1);
+    assert_eq!(fe.device.resets, 1);
 }
 
 #[test]
 fn get_and_set_config() {
-    let mut fe = Fe::new(all_protocol());
+    let mut fe = new_fe(all_protocol());
     fe.handshake(V::VERSION_1 | V::PROTOCOL_FEATURES);
-    fe.dev.config = core::array::from_fn(|i| i as u8);
+    fe.device.config = core::array::from_fn(|i| i as u8);
     let placeholder = [0u8; 4];
     let (_, r) = fe
         .send(
@@ -666,24 +504,24 @@ fn get_and_set_config() {
         data: &[9],
     }));
     assert_eq!((v, o.refused), (1, Some(BackendError::Config)));
-    assert_eq!(fe.dev.config[0], 0);
+    assert_eq!(fe.device.config[0], 0);
     let (_, v) = fe.ack(Request::SetConfig(ConfigMsg {
         offset: 0,
         kind: ConfigWriteKind::Migration,
         data: &[9],
     }));
-    assert_eq!((v, fe.dev.config[0]), (0, 9));
+    assert_eq!((v, fe.device.config[0]), (0, 9));
     let (_, v) = fe.ack(Request::SetConfig(ConfigMsg {
         offset: 8,
         kind: ConfigWriteKind::Frontend,
         data: &[1],
     }));
-    assert_eq!((v, fe.dev.config[8]), (0, 1));
+    assert_eq!((v, fe.device.config[8]), (0, 1));
 }
 
 #[test]
 fn memory_slots_and_ring_remap() {
-    let mut fe = Fe::new(all_protocol());
+    let mut fe = new_fe(all_protocol());
     fe.handshake(V::VERSION_1 | V::PROTOCOL_FEATURES);
     assert_eq!(fe.u64_reply(Request::GetMaxMemSlots), 8);
     let mut drv = SplitDriver::new(&fe.mem, 16, 0x1000, false).unwrap();
@@ -703,7 +541,7 @@ fn memory_slots_and_ring_remap() {
         Action::MapRegion { slot: 1, fd: 0, .. }
     ));
     assert!(matches!(o.actions[1], Action::RemapRings));
-    assert_eq!(fe.s.ring_addrs(0).unwrap(), drv.addrs());
+    assert_eq!(fe.session.ring_addrs(0).unwrap(), drv.addrs());
     // Overlapping region refused.
     let (o, v) = fe.ack(Request::AddMemReg(region(RAM + 0x8000, 0x10000)));
     assert_eq!(v, 1);
@@ -720,12 +558,12 @@ fn memory_slots_and_ring_remap() {
     let (_, v) = fe.ack(Request::RemMemReg(r));
     assert_eq!(v, 1);
     drv.post(&fe.mem, &[Buf::writable(0x9000, 4)]).unwrap();
-    assert_eq!(fe.serve(0, 3), 1);
+    assert_eq!(serve(&mut fe, 0, 3), 1);
 }
 
 #[test]
 fn ring_messages_refused_while_running_and_bad_indices() {
-    let mut fe = Fe::new(all_protocol());
+    let mut fe = new_fe(all_protocol());
     fe.handshake(V::VERSION_1 | V::PROTOCOL_FEATURES);
     let drv = SplitDriver::new(&fe.mem, 16, 0x1000, false).unwrap();
     // Kick before the ring is configured: refused.
@@ -797,7 +635,7 @@ fn ring_messages_refused_while_running_and_bad_indices() {
 fn features_without_bit_30_enable_every_ring_and_reset_device() {
     let mut c = config(P::empty());
     c.features.remove(V::PROTOCOL_FEATURES);
-    let mut fe = Fe::with(c);
+    let mut fe = fe_with(c);
     assert_eq!(
         fe.send(&Request::GetProtocolFeatures, false).err(),
         Some(BackendError::NotNegotiated(
@@ -816,8 +654,8 @@ fn features_without_bit_30_enable_every_ring_and_reset_device() {
         .actions
         .iter()
         .any(|a| matches!(a, Action::StartRing { .. })));
-    assert!(fe.rings[0].as_ref().unwrap().enabled());
-    assert_eq!(fe.s.processing(0), Processing::Normal);
+    assert!(fe.ring(0).unwrap().enabled());
+    assert_eq!(fe.session.processing(0), Processing::Normal);
     // SET_VRING_ENABLE needs bit 30.
     assert_eq!(
         fe.send(
@@ -831,7 +669,7 @@ fn features_without_bit_30_enable_every_ring_and_reset_device() {
         Some(BackendError::NotNegotiated(FrontendReq::SetVringEnable))
     );
     // RESET_DEVICE is gated by its protocol feature.
-    let mut fe = Fe::new(all_protocol());
+    let mut fe = new_fe(all_protocol());
     fe.handshake(V::VERSION_1 | V::PROTOCOL_FEATURES);
     let drv = SplitDriver::new(&fe.mem, 16, 0x1000, false).unwrap();
     fe.configure(0, 16, drv.user_addrs(), 0);
@@ -840,16 +678,16 @@ fn features_without_bit_30_enable_every_ring_and_reset_device() {
     let (o, v) = fe.ack(Request::ResetDevice);
     assert_eq!(v, 0);
     assert!(matches!(o.actions[0], Action::ResetRings));
-    assert_eq!(fe.s.processing(0), Processing::Stopped);
+    assert_eq!(fe.session.processing(0), Processing::Stopped);
     assert_eq!(fe.u64_reply(Request::GetStatus), 0);
-    assert_eq!(fe.s.ring(0).unwrap().kick, Notifier::Unset);
-    assert_eq!(fe.s.features(), V::empty());
-    assert_eq!(fe.dev.resets, 1);
+    assert_eq!(fe.session.ring(0).unwrap().kick, Notifier::Unset);
+    assert_eq!(fe.session.features(), V::empty());
+    assert_eq!(fe.device.resets, 1);
 }
 
 #[test]
 fn status_round_trip() {
-    let mut fe = Fe::new(all_protocol());
+    let mut fe = new_fe(all_protocol());
     fe.handshake(V::VERSION_1 | V::PROTOCOL_FEATURES);
     fe.send(&Request::SetStatus(0x0b), false).unwrap();
     assert_eq!(fe.u64_reply(Request::GetStatus), 0x0b);
@@ -877,12 +715,9 @@ fn offer_must_be_implemented() {
     );
 }
 
-#[allow(dead_code)]
-fn unused(_: MemRegionMsg) {}
-
 /// Starts ring 0 (split, 16 entries) with an inflight area set.
 fn start_with_area(protocol: P) -> (Fe, SplitDriver) {
-    let mut fe = Fe::new(protocol);
+    let mut fe = new_fe(protocol);
     fe.handshake(V::VERSION_1 | V::PROTOCOL_FEATURES);
     let desc = vhost_user_core::message::InflightMsg {
         mmap_size: 0,
@@ -936,7 +771,7 @@ fn start_with_area(protocol: P) -> (Fe, SplitDriver) {
         .actions
         .iter()
         .any(|a| matches!(a, Action::StartRing { queue: 0 })));
-    assert!(fe.rings[0].as_ref().unwrap().tracked());
+    assert!(fe.ring(0).unwrap().tracked());
     (fe, drv)
 }
 
@@ -947,10 +782,14 @@ fn stop_suspends(fe: &mut Fe, req: Request<'_>) -> bool {
         ref a => panic!("{a:?}"),
     };
     // The reply answers the message that asked.
-    let base = fe.stop_ring(0, suspend);
-    let mut out = [0u8; 64];
-    let n = fe.s.finish_stop(0, base, &mut out).unwrap();
-    assert_eq!(Header::parse(&out[..n]).unwrap().request, req.code().id());
+    let out = fe.finish_stop(0).unwrap();
+    assert_eq!(
+        fe.stops.last().unwrap().drained,
+        0,
+        "nothing is outstanding"
+    );
+    assert_eq!(fe.stops.last().unwrap().suspend, suspend);
+    assert_eq!(Header::parse(&out).unwrap().request, req.code().id());
     suspend
 }
 
@@ -974,7 +813,7 @@ fn inflight_area_and_suspending_stops() {
         .actions
         .iter()
         .any(|a| matches!(a, Action::StartRing { .. })));
-    assert!(fe.rings[0].as_ref().unwrap().tracked());
+    assert!(fe.ring(0).unwrap().tracked());
     // RESET_DEVICE drops it: the next start has none.
     let (o, _) = fe.send(&Request::ResetDevice, false).unwrap();
     assert!(o.actions.iter().any(|a| matches!(a, Action::UnmapInflight)));
@@ -994,7 +833,7 @@ fn inflight_area_and_suspending_stops() {
 
 #[test]
 fn inflight_area_must_match_the_ring_and_the_device() {
-    let mut fe = Fe::new(all_protocol());
+    let mut fe = new_fe(all_protocol());
     fe.handshake(V::VERSION_1 | V::PROTOCOL_FEATURES);
     let m = |nq, qs| vhost_user_core::message::InflightMsg {
         mmap_size: 1 << 20,

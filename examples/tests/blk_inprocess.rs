@@ -1,31 +1,30 @@
-//! The vhost-user-blk device end to end in one process: this file plays the
-//! front-end (messages into the core's back-end session) and the Linux
-//! runtime (popping chains and handing them to `BlkService`), while
-//! `adapter-test`'s memory and drivers play the guest. Every virtio-blk
-//! request type, on split and packed rings, direct and indirect, against a
-//! real image file that the test reads back from the host side.
+//! The vhost-user-blk device end to end in one process: `adapter-test`'s
+//! [`Pair`] plays the front-end (the core's front-end engine) and the Linux
+//! runtime (a back-end host handing each popped chain to `BlkService`),
+//! while its memory and drivers play the guest. Every virtio-blk request
+//! type, on split and packed rings, direct and indirect, against a real
+//! image file that the test reads back from the host side; and requests
+//! completed out of order, with the inflight area on.
 
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::os::unix::fs::FileExt;
 
-use vhost_user_core::backend::{Action, BackendConfig, Reply, Session};
-use vhost_user_core::dataplane::DataPlane;
+use vhost_user_core::backend::BackendConfig;
+use vhost_user_core::dataplane::Token;
 use vhost_user_core::device::blk::{
     BlkConfig, BlkDevice, DiscardLimits, WriteZeroesLimits, VIRTIO_BLK_T_DISCARD,
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
     VIRTIO_BLK_T_WRITE_ZEROES,
 };
-use vhost_user_core::device::{Completion, Device};
+use vhost_user_core::device::{Completion, Device, Segment};
 use vhost_user_core::feature::{ProtocolFeatures as P, VirtioFeatures as V};
+use vhost_user_core::frontend::FrontendConfig;
 use vhost_user_core::memory::GuestMemory;
-use vhost_user_core::message::{
-    Header, MemTable, ParseOptions, Reply as WireReply, Request, VringAddrMsg, VringFdMsg,
-    VringStateMsg, HEADER_SIZE, MAX_MESSAGE,
-};
-use vhost_user_core::vring::{Chain, RingAddrs};
-use vhost_user_test::{region, Buf, PackedDriver, SplitDriver, TestMemory, USER_ADDR_OFFSET};
+use vhost_user_core::message::{ConfigWriteKind, Request};
+use vhost_user_core::vring::Chain;
+use vhost_user_test::{region, Backend, Buf, GuestRing, Pair, RingSpec, TestMemory};
 use vhu_examples::blk::{BlkService, FileBackend, Scratch, TempImage};
 
 const MIB: u64 = 1 << 20;
@@ -34,21 +33,14 @@ const S_OK: u8 = 0;
 const S_IOERR: u8 = 1;
 const S_UNSUPP: u8 = 2;
 
-enum Driver {
-    Split(SplitDriver),
-    Packed(PackedDriver),
-}
+type Service = BlkService<FileBackend>;
 
-struct Rig {
-    session: Session<2, 8>,
-    mem: TestMemory,
-    service: BlkService<FileBackend>,
+struct Rig<D: Device = Service> {
+    p: Pair<D, 2, 8>,
     _image: TempImage,
     file: std::fs::File,
-    ring: Option<DataPlane>,
-    driver: Driver,
+    driver: GuestRing,
     indirect: bool,
-    scratch: Scratch,
     serial: &'static [u8],
 }
 
@@ -72,6 +64,21 @@ fn device(read_only: bool, serial: &[u8]) -> BlkDevice {
 
 impl Rig {
     fn new(packed: bool, indirect: bool, read_only: bool) -> Rig {
+        Rig::with(packed, indirect, read_only, P::empty(), |s| s)
+    }
+}
+
+impl<D: Device> Rig<D> {
+    /// The service (wrapped by `wrap`) started by the front-end engine on
+    /// one ring of 64, with the protocol features `extra` on top of MQ,
+    /// REPLY_ACK, CONFIG and STATUS.
+    fn with(
+        packed: bool,
+        indirect: bool,
+        read_only: bool,
+        extra: P,
+        wrap: impl FnOnce(Service) -> D,
+    ) -> Self {
         let image = TempImage::new(IMAGE).unwrap();
         let backend = image.open(read_only).unwrap();
         let file = std::fs::File::open(image.path()).unwrap();
@@ -84,173 +91,72 @@ impl Rig {
             | V::RING_PACKED
             | V::EVENT_IDX;
         let service = BlkService::new(dev, backend, 1);
+        let protocol = P::MQ | P::REPLY_ACK | P::CONFIG | P::STATUS | extra;
         let config = BackendConfig {
             features: offered,
-            protocol_features: P::MQ | P::REPLY_ACK | P::CONFIG | P::STATUS,
+            protocol_features: protocol,
             num_queues: 1,
             max_queue_size: 256,
         };
         // Two regions, so requests can straddle the boundary at 1 MiB.
-        let mem = TestMemory::new(&[(0, MIB), (MIB, MIB)]).unwrap();
-        let (driver, user) = if packed {
-            let d = PackedDriver::new(&mem, 64, 0x1000).unwrap();
-            let a = d.addrs();
-            let user = RingAddrs {
-                desc: a.desc + USER_ADDR_OFFSET,
-                driver: a.driver + USER_ADDR_OFFSET,
-                device: a.device + USER_ADDR_OFFSET,
-            };
-            (Driver::Packed(d), user)
+        let be = Backend::new(config, wrap(service), &[(0, MIB), (MIB, MIB)]).unwrap();
+        let (ring, base) = if packed {
+            (RingSpec::packed(64, 0x1000), 1 << 15 | 1 << 31)
         } else {
-            let d = SplitDriver::new(&mem, 64, 0x1000, false).unwrap();
-            let user = d.user_addrs();
-            (Driver::Split(d), user)
+            (RingSpec::split(64, 0x1000), 0)
         };
-        let mut rig = Rig {
-            session: Session::new(config).unwrap(),
-            mem,
-            service,
-            _image: image,
-            file,
-            ring: None,
-            driver,
-            indirect,
-            scratch: Scratch::default(),
-            serial,
-        };
-        // QEMU's start, acked feature by feature.
-        let features = rig.u64_reply(Request::GetFeatures);
-        assert_eq!(features, offered.bits());
-        let proto = rig.u64_reply(Request::GetProtocolFeatures);
-        rig.send(Request::SetProtocolFeatures(proto));
-        rig.send(Request::SetOwner);
         let mut want = offered & !V::EVENT_IDX;
         if !packed {
             want &= !V::RING_PACKED;
         }
-        rig.send(Request::SetFeatures(want.bits()));
-        let t = [region(0, MIB), region(MIB, MIB)];
-        rig.send(Request::SetMemTable(MemTable::new(&t).unwrap()));
-        rig.send(Request::SetVringNum(VringStateMsg { index: 0, num: 64 }));
-        let base = if packed { 1 << 15 | 1 << 31 } else { 0 };
-        rig.send(Request::SetVringBase(VringStateMsg {
-            index: 0,
-            num: base,
-        }));
-        rig.send(Request::SetVringAddr(VringAddrMsg {
-            index: 0,
-            log: false,
-            desc: user.desc,
-            used: user.device,
-            avail: user.driver,
-            log_addr: 0,
-        }));
-        rig.send(Request::SetVringKick(VringFdMsg {
-            index: 0,
-            no_fd: false,
-        }));
-        rig.send(Request::SetVringEnable {
-            index: 0,
-            enable: true,
-        });
-        assert!(rig.ring.is_some(), "SET_VRING_KICK started the ring");
-        rig
-    }
-
-    fn send(&mut self, req: Request<'_>) -> Vec<u8> {
-        let mut msg = [0u8; MAX_MESSAGE];
-        let n = req.encode(false, &mut msg).unwrap();
-        let h = Header::parse(&msg[..n]).unwrap();
-        let mut out = [0u8; MAX_MESSAGE];
-        let o = self
-            .session
-            .handle(
-                &h,
-                &msg[HEADER_SIZE..n],
-                req.fd_rule().min as usize,
-                &self.mem,
-                &mut self.service,
-                &mut out,
-            )
-            .unwrap();
-        assert!(
-            o.refused.is_none(),
-            "{:?} refused: {:?}",
-            req.code(),
-            o.refused
-        );
-        for a in &o.actions {
-            if let Action::StartRing { queue } = a {
-                let dp = self
-                    .session
-                    .start_ring(*queue, &self.mem, None, false)
-                    .unwrap();
-                self.ring = Some(dp);
-            }
-            if let (Action::SetEnabled { enabled, .. }, Some(dp)) = (a, self.ring.as_mut()) {
-                dp.set_enabled(*enabled);
-            }
+        let mut fc = FrontendConfig::new(want, protocol);
+        fc.queues.push(ring.queue(base)).unwrap();
+        for r in [region(0, MIB), region(MIB, MIB)] {
+            fc.regions.push(r).unwrap();
         }
-        match o.reply {
-            Reply::Ready(n) => out[..n].to_vec(),
-            _ => Vec::new(),
+        let mut p = Pair::new(be, fc).unwrap();
+        let driver = ring.lay_out(&p.be.mem).unwrap();
+        // QEMU's init and start, every message acked.
+        p.drive();
+        assert_eq!(p.fe.backend_info().features, offered);
+        p.start().unwrap();
+        assert!(p.be.ring(0).is_some(), "SET_VRING_KICK started the ring");
+        Rig {
+            p,
+            _image: image,
+            file,
+            driver,
+            indirect,
+            serial,
         }
     }
 
-    fn u64_reply(&mut self, req: Request<'_>) -> u64 {
-        let code = req.code();
-        let r = self.send(req);
-        let h = Header::parse(&r).unwrap();
-        match WireReply::parse(code, &h, &r[HEADER_SIZE..], 0, &ParseOptions::default()).unwrap() {
-            WireReply::U64(v) => v,
-            other => panic!("{other:?}"),
+    fn mem(&self) -> &TestMemory {
+        &self.p.be.mem
+    }
+
+    /// Makes one request available (through an indirect table at 0x3000
+    /// on an indirect rig); returns its id.
+    fn post(&mut self, bufs: &[Buf]) -> u16 {
+        let mem = &self.p.be.mem;
+        if self.indirect {
+            self.driver.post_indirect(mem, 0x3000, bufs).unwrap()
+        } else {
+            self.driver.post(mem, bufs).unwrap()
         }
     }
 
     /// Posts one request, lets the device process everything available,
     /// and returns the used length.
     fn request(&mut self, bufs: &[Buf]) -> u32 {
-        let table = 0x3000;
-        match (&mut self.driver, self.indirect) {
-            (Driver::Split(d), false) => {
-                d.post(&self.mem, bufs).unwrap();
-            }
-            (Driver::Split(d), true) => {
-                d.add_indirect(&self.mem, table, bufs).unwrap();
-                d.publish(&self.mem).unwrap();
-            }
-            (Driver::Packed(d), false) => {
-                d.post(&self.mem, bufs).unwrap();
-            }
-            (Driver::Packed(d), true) => {
-                d.post_indirect(&self.mem, table, bufs).unwrap();
-            }
-        }
-        // The runtime's worker: pop, process, complete, publish.
-        let ring = self.ring.as_mut().unwrap();
-        let mut chain: Chain = Chain::new();
-        let mut n = 0;
-        while let Some(token) = ring.pop(&self.mem, None, &mut chain).unwrap() {
-            let c = self
-                .service
-                .process(0, &chain, token, &self.mem, &mut self.scratch);
-            let Completion::Done(len) = c else {
-                panic!("the service completes at once")
-            };
-            ring.complete(&self.mem, None, token, len).unwrap();
-            n += 1;
-        }
-        assert_eq!(n, 1, "one chain per request");
-        ring.publish(&self.mem, None).unwrap();
-        let used = match &mut self.driver {
-            Driver::Split(d) => d.harvest(&self.mem).unwrap(),
-            Driver::Packed(d) => d.harvest(&self.mem).unwrap(),
-        };
+        self.post(bufs);
+        assert_eq!(self.p.be.serve(0).unwrap(), 1, "one chain per request");
+        let used = self.driver.harvest(&self.p.be.mem).unwrap();
         used.expect("the request completed").len
     }
 
     fn status(&self) -> u8 {
-        self.mem.read_vec(STATUS, 1).unwrap()[0]
+        self.mem().read_vec(STATUS, 1).unwrap()[0]
     }
 
     fn host_read(&self, offset: u64, len: usize) -> Vec<u8> {
@@ -265,11 +171,16 @@ const STATUS: u64 = 0x8100;
 const RANGES: u64 = 0x8200;
 
 fn hdr(mem: &TestMemory, ty: u32, sector: u64) {
+    hdr_at(mem, (HDR, STATUS), ty, sector)
+}
+
+/// A request header at `at.0` and its status byte (0xff) at `at.1`.
+fn hdr_at(mem: &TestMemory, at: (u64, u64), ty: u32, sector: u64) {
     let mut h = [0u8; 16];
     h[0..4].copy_from_slice(&ty.to_le_bytes());
     h[8..16].copy_from_slice(&sector.to_le_bytes());
-    mem.write(HDR, &h).unwrap();
-    mem.write(STATUS, &[0xff]).unwrap();
+    mem.write(at.0, &h).unwrap();
+    mem.write(at.1, &[0xff]).unwrap();
 }
 
 fn range(mem: &TestMemory, sector: u64, num: u32, flags: u32) {
@@ -296,8 +207,8 @@ fn every_request_type(packed: bool, indirect: bool) {
 
     // OUT: 8 KiB at sector 8, split over two descriptors.
     let p = pattern(7, 8192);
-    r.mem.write(data, &p).unwrap();
-    hdr(&r.mem, VIRTIO_BLK_T_OUT, 8);
+    r.mem().write(data, &p).unwrap();
+    hdr(r.mem(), VIRTIO_BLK_T_OUT, 8);
     let len = r.request(&[
         head,
         Buf::readable(data, 4096),
@@ -308,30 +219,30 @@ fn every_request_type(packed: bool, indirect: bool) {
     assert_eq!(r.host_read(8 * 512, 8192), p, "the image holds the write");
 
     // IN: read it back into a cleared buffer.
-    r.mem.write(data, &[0u8; 8192]).unwrap();
-    hdr(&r.mem, VIRTIO_BLK_T_IN, 8);
+    r.mem().write(data, &[0u8; 8192]).unwrap();
+    hdr(r.mem(), VIRTIO_BLK_T_IN, 8);
     let len = r.request(&[head, Buf::writable(data, 8192), status]);
     assert_eq!((r.status(), len), (S_OK, 8193));
-    assert_eq!(r.mem.read_vec(data, 8192).unwrap(), p);
+    assert_eq!(r.mem().read_vec(data, 8192).unwrap(), p);
 
     // FLUSH.
-    hdr(&r.mem, VIRTIO_BLK_T_FLUSH, 0);
+    hdr(r.mem(), VIRTIO_BLK_T_FLUSH, 0);
     let len = r.request(&[head, status]);
     assert_eq!((r.status(), len), (S_OK, 1));
 
     // GET_ID: the serial, zero-padded to 20 bytes.
-    r.mem.write(0x9000, &[0xaa; 20]).unwrap();
-    hdr(&r.mem, VIRTIO_BLK_T_GET_ID, 0);
+    r.mem().write(0x9000, &[0xaa; 20]).unwrap();
+    hdr(r.mem(), VIRTIO_BLK_T_GET_ID, 0);
     let len = r.request(&[head, Buf::writable(0x9000, 20), status]);
     assert_eq!(r.status(), S_OK);
     assert_eq!(len, 21);
     let mut want = r.serial.to_vec();
     want.resize(20, 0);
-    assert_eq!(r.mem.read_vec(0x9000, 20).unwrap(), want);
+    assert_eq!(r.mem().read_vec(0x9000, 20).unwrap(), want);
 
     // WRITE_ZEROES over the first half of what was written.
-    range(&r.mem, 8, 8, 0);
-    hdr(&r.mem, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+    range(r.mem(), 8, 8, 0);
+    hdr(r.mem(), VIRTIO_BLK_T_WRITE_ZEROES, 0);
     let len = r.request(&[head, Buf::readable(RANGES, 16), status]);
     assert_eq!((r.status(), len), (S_OK, 1));
     assert_eq!(r.host_read(8 * 512, 4096), vec![0u8; 4096]);
@@ -342,36 +253,36 @@ fn every_request_type(packed: bool, indirect: bool) {
     );
 
     // DISCARD of the second half: succeeds; the data may or may not stay.
-    range(&r.mem, 16, 8, 0);
-    hdr(&r.mem, VIRTIO_BLK_T_DISCARD, 0);
+    range(r.mem(), 16, 8, 0);
+    hdr(r.mem(), VIRTIO_BLK_T_DISCARD, 0);
     let len = r.request(&[head, Buf::readable(RANGES, 16), status]);
     assert_eq!((r.status(), len), (S_OK, 1));
 
     // A read beyond the capacity: IOERR, and no data written.
-    r.mem.write(data, &[0x5a; 1024]).unwrap();
-    hdr(&r.mem, VIRTIO_BLK_T_IN, IMAGE / 512 - 1);
+    r.mem().write(data, &[0x5a; 1024]).unwrap();
+    hdr(r.mem(), VIRTIO_BLK_T_IN, IMAGE / 512 - 1);
     let len = r.request(&[head, Buf::writable(data, 1024), status]);
     assert_eq!(r.status(), S_IOERR);
     assert_eq!(len, 1);
-    assert_eq!(r.mem.read_vec(data, 1024).unwrap(), vec![0x5a; 1024]);
+    assert_eq!(r.mem().read_vec(data, 1024).unwrap(), vec![0x5a; 1024]);
 
     // A write whose sector overflows: IOERR, the image unchanged.
-    hdr(&r.mem, VIRTIO_BLK_T_OUT, u64::MAX);
+    hdr(r.mem(), VIRTIO_BLK_T_OUT, u64::MAX);
     let len = r.request(&[head, Buf::readable(data, 512), status]);
     assert_eq!((r.status(), len), (S_IOERR, 1));
 
     // An unknown type: UNSUPP.
-    hdr(&r.mem, 0x7777, 0);
+    hdr(r.mem(), 0x7777, 0);
     let len = r.request(&[head, status]);
     assert_eq!((r.status(), len), (S_UNSUPP, 1));
 
     // Malformed: a header shorter than 16 bytes. IOERR.
-    hdr(&r.mem, VIRTIO_BLK_T_IN, 0);
+    hdr(r.mem(), VIRTIO_BLK_T_IN, 0);
     let len = r.request(&[Buf::readable(HDR, 8), Buf::writable(data, 512), status]);
     assert_eq!(r.status(), S_IOERR);
     assert_eq!(len, 1);
 
-    let c = r.service.counters(0).unwrap();
+    let c = r.p.be.device.counters(0).unwrap();
     assert_eq!(c.requests.load(std::sync::atomic::Ordering::Relaxed), 10);
 }
 
@@ -398,11 +309,11 @@ fn packed_ring_indirect_every_request_type() {
 #[test]
 fn read_only_device_refuses_writes_and_offers_ro() {
     let mut r = Rig::new(false, false, true);
-    let features = r.u64_reply(Request::GetFeatures);
+    let features = r.p.be.u64_reply(Request::GetFeatures);
     assert!(features & (1 << 5) != 0, "VIRTIO_BLK_F_RO offered");
     let before = r.host_read(0, 512);
-    r.mem.write(0x20000, &[0x11; 512]).unwrap();
-    hdr(&r.mem, VIRTIO_BLK_T_OUT, 0);
+    r.mem().write(0x20000, &[0x11; 512]).unwrap();
+    hdr(r.mem(), VIRTIO_BLK_T_OUT, 0);
     let len = r.request(&[
         Buf::readable(HDR, 16),
         Buf::readable(0x20000, 512),
@@ -411,11 +322,132 @@ fn read_only_device_refuses_writes_and_offers_ro() {
     assert_eq!((r.status(), len), (S_IOERR, 1));
     assert_eq!(r.host_read(0, 512), before);
     // Reads still work.
-    hdr(&r.mem, VIRTIO_BLK_T_IN, 0);
+    hdr(r.mem(), VIRTIO_BLK_T_IN, 0);
     let len = r.request(&[
         Buf::readable(HDR, 16),
         Buf::writable(0x20000, 512),
         Buf::writable(STATUS, 1),
     ]);
     assert_eq!((r.status(), len), (S_OK, 513));
+}
+
+/// `BlkService` completing out of order: `process` keeps every request,
+/// and `poll` carries them out newest first.
+struct Reversed(Service);
+
+#[derive(Default)]
+struct ReversedScratch {
+    blk: Scratch,
+    kept: Vec<(Token, Vec<Segment>)>,
+}
+
+impl Device for Reversed {
+    type Scratch = ReversedScratch;
+
+    fn read_config(&self, offset: u32, dst: &mut [u8]) -> bool {
+        self.0.read_config(offset, dst)
+    }
+
+    fn write_config(&mut self, offset: u32, src: &[u8], kind: ConfigWriteKind) -> bool {
+        self.0.write_config(offset, src, kind)
+    }
+
+    fn features_acked(&mut self, features: V) {
+        self.0.features_acked(features)
+    }
+
+    fn reset(&mut self) {
+        self.0.reset()
+    }
+
+    fn process<M: GuestMemory + ?Sized, const S: usize>(
+        &self,
+        _: u16,
+        chain: &Chain<S>,
+        token: Token,
+        _: &M,
+        scratch: &mut ReversedScratch,
+    ) -> Completion {
+        if !token.side_effects() {
+            return Completion::Done(0);
+        }
+        let segments = chain.segments().iter().map(|&s| s.into()).collect();
+        scratch.kept.push((token, segments));
+        Completion::Later
+    }
+
+    fn poll<M: GuestMemory + ?Sized>(
+        &self,
+        queue: u16,
+        mem: &M,
+        scratch: &mut ReversedScratch,
+        done: &mut dyn FnMut(Token, u32),
+    ) {
+        while let Some((token, segments)) = scratch.kept.pop() {
+            done(
+                token,
+                self.0.execute(queue, &segments, mem, &mut scratch.blk),
+            );
+        }
+    }
+}
+
+#[test]
+fn requests_completed_in_reverse_order_with_the_inflight_area() {
+    const N: u64 = 8;
+    // Request i: header, status byte and 4 KiB of data of its own.
+    let at = |i: u64| (0x8000 + 0x20 * i, 0x8400 + i, 0x10000 + 0x1000 * i);
+    for packed in [false, true] {
+        let mut r = Rig::with(packed, false, false, P::INFLIGHT_SHMFD, Reversed);
+        assert!(r.p.be.ring(0).unwrap().tracked(), "requests are recorded");
+        let post = |r: &mut Rig<Reversed>, ty: u32, i: u64| {
+            let (h, s, data) = at(i);
+            hdr_at(r.mem(), (h, s), ty, 8 * i);
+            let buf = if ty == VIRTIO_BLK_T_OUT {
+                Buf::readable(data, 4096)
+            } else {
+                Buf::writable(data, 4096)
+            };
+            r.post(&[Buf::readable(h, 16), buf, Buf::writable(s, 1)])
+        };
+        let check = |r: &mut Rig<Reversed>, ids: &[u16], len: u32| {
+            let used = r.driver.harvest_all(&r.p.be.mem).unwrap();
+            let got: Vec<(u16, u32)> = used.iter().map(|u| (u.id, u.len)).collect();
+            let want: Vec<(u16, u32)> = ids.iter().rev().map(|&id| (id, len)).collect();
+            assert_eq!(got, want, "used entries newest first (packed: {packed})");
+            for i in 0..N {
+                assert_eq!(r.mem().read_vec(at(i).1, 1).unwrap(), [S_OK], "request {i}");
+            }
+        };
+
+        // Writes, served in one round: all kept, then done newest first.
+        let mut ids = Vec::new();
+        for i in 0..N {
+            r.mem().write(at(i).2, &pattern(i as u8, 4096)).unwrap();
+            ids.push(post(&mut r, VIRTIO_BLK_T_OUT, i));
+        }
+        assert_eq!(r.p.be.serve(0).unwrap(), N as usize);
+        check(&mut r, &ids, 1);
+        for i in 0..N {
+            assert_eq!(r.host_read(8 * i * 512, 4096), pattern(i as u8, 4096));
+        }
+
+        // Reads in flight when the ring stops: the stop's drain hands them
+        // to the device and polls it; they complete newest first too.
+        let mut ids = Vec::new();
+        for i in 0..N {
+            r.mem().write(at(i).2, &[0; 4096]).unwrap();
+            ids.push(post(&mut r, VIRTIO_BLK_T_IN, i));
+        }
+        assert_eq!(r.p.be.take(0).unwrap(), N as usize);
+        assert_eq!(r.p.stop().unwrap(), [N as usize]);
+        check(&mut r, &ids, 4097);
+        for i in 0..N {
+            let data = r.mem().read_vec(at(i).2, 4096).unwrap();
+            assert_eq!(data, pattern(i as u8, 4096), "request {i}");
+        }
+        let c = r.p.be.device.0.counters(0).unwrap();
+        assert_eq!(c.requests.load(std::sync::atomic::Ordering::Relaxed), 2 * N);
+        assert_eq!(c.errors.load(std::sync::atomic::Ordering::Relaxed), 0);
+    }
 }
