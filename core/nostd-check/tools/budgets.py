@@ -311,39 +311,53 @@ def demangle(name):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--text-budget", type=int, required=True)
-    ap.add_argument("--stack-budget", type=int, required=True)
-    ap.add_argument("--entry", action="append", default=[])
+    ap.add_argument("--text-budget", type=int, help="fail if .text is larger")
+    ap.add_argument("--text-target", type=int, help="print how far .text is from this")
+    ap.add_argument("--stack-budget", type=int, help="fail if a stack is deeper")
+    ap.add_argument("--entry", action="append", default=[],
+                    help="measure the stack from the function whose symbol contains this")
+    ap.add_argument("--no-sections", action="store_true", help="print the stacks only")
     ap.add_argument("elf", nargs="+")
     args = ap.parse_args()
     ok = True
     for path in args.elf:
         elf = Elf(path)
-        arch = {EM_ARM: "thumbv7em", EM_AARCH64: "aarch64"}[elf.machine]
-        print(f"\n{arch}: {path}")
-        for s in elf.sections:
-            if s["flags"] & SHF_ALLOC or s["name"] == ".stack_sizes":
-                print(f"  {s['name']:<16} {s['size']:>8} B")
-        text = elf.section(".text")["size"]
-        verdict = "ok" if text <= args.text_budget else "OVER BUDGET"
-        print(f"  .text {text} B of {args.text_budget} B budget: {verdict}")
-        if text > args.text_budget:
-            ok = False
+        arch = {EM_ARM: "thumbv7em", EM_AARCH64: "aarch64"}.get(elf.machine, "?")
+        print(f"{arch}: {path}")
+        if not args.no_sections:
+            for s in elf.sections:
+                if s["flags"] & SHF_ALLOC:
+                    print(f"  {s['name']:<16} {s['size']:>8} B")
+            text = elf.section(".text")["size"]
+            if args.text_target is not None:
+                delta = text - args.text_target
+                word = "over" if delta > 0 else "under"
+                print(f"  .text is {abs(delta)} B {word} the {args.text_target} B target")
+            if args.text_budget is not None:
+                verdict = "ok" if text <= args.text_budget else "OVER BUDGET"
+                print(f"  .text {text} B, budget {args.text_budget} B: {verdict}")
+                ok &= text <= args.text_budget
+        if not args.entry:
+            continue
         code = Code(elf)
         if not code.has_stack_sizes:
+            print("  no .stack_sizes section: build with -Z emit-stack-sizes")
+            ok = False
             continue
         for pattern in args.entry:
             total, path, problems, estimated = code.deepest(code.find(pattern))
-            verdict = "ok" if total <= args.stack_budget and not problems else "FAILED"
-            print(f"  stack from {pattern}: {total} B of {args.stack_budget} B budget: {verdict}")
+            within = args.stack_budget is None or total <= args.stack_budget
+            verdict = "ok" if within and not problems else "FAILED"
+            budget = "" if args.stack_budget is None else f", budget {args.stack_budget} B"
+            print(f"  deepest stack from {demangle(code.name(code.find(pattern)))}: {total} B{budget}: {verdict}")
+            on_path = {name for name, _ in path}
             for name, frame in path:
-                print(f"    {frame:>6} B  {demangle(name)}")
-            for e in estimated:
-                print(f"    (frame read from the prologue: {demangle(e)})")
+                note = "" if name not in estimated else "  (frame read from its prologue)"
+                print(f"    {frame:>6} B  {demangle(name)}{note}")
             for p in sorted(set(problems)):
                 print(f"    problem: {demangle(p)}")
-            if total > args.stack_budget or problems:
-                ok = False
+            ok &= within and not problems
+            del on_path
     return 0 if ok else 1
 
 
