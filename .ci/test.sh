@@ -14,7 +14,7 @@ step() { printf '\n==> %s\n' "$*"; }
 
 step "toolchain pieces"
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
-rustup target add thumbv7em-none-eabihf >/dev/null
+rustup target add thumbv7em-none-eabihf aarch64-unknown-none >/dev/null
 if [ "$fuzz_seconds" != 0 ] && ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked --quiet
 fi
@@ -28,12 +28,14 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 step "docs (-D warnings)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 
-step "no_std gate: the core for thumbv7em-none-eabihf, plain and with defmt, and a bare-metal binary linking it"
+step "no_std gate: the core for thumbv7em-none-eabihf (plain and with defmt), and a whole bare-metal vhost-user-blk back-end for thumbv7em and aarch64 within its budgets"
 cargo build -p vhost-user-core --target thumbv7em-none-eabihf --quiet
 cargo build -p vhost-user-core --target thumbv7em-none-eabihf --features defmt --quiet
 (cd core/nostd-check &&
-    cargo build --release --target thumbv7em-none-eabihf --quiet &&
     cargo build --release --target thumbv7em-none-eabihf --features defmt --quiet)
+# Builds both targets, prints their sections, fails on a budget exceeded
+# (.text, the stack of one message and of one request).
+bash core/nostd-check/check-budgets.sh
 
 step "guest kit: a Debian cloud kernel and a busybox initramfs (cached under \${VHU_CACHE:-~/.cache/vhu}), and QEMU"
 bash examples/tests/guest/build-guest.sh

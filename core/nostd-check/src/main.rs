@@ -1,13 +1,42 @@
-//! A bare-metal binary that links the core and calls its parse and
-//! negotiation functions. It has no allocator and no std: if the core needed
-//! either, this would not link.
+//! A bare-metal vhost-user-blk back-end: the whole of
+//! `vhost-user-nostd-blk` (session, two rings with inflight tracking, split
+//! and packed, the virtio-blk planner over a RAM disk) over static shared
+//! memory and a mailbox channel, in a binary without allocator and std.
+//! If the core needed either, this would not link.
+//!
+//! The front-end is on the other side of the statics (another core or VM
+//! sharing them): it writes messages into `TO_BACKEND`, reads replies from
+//! `TO_FRONTEND`, and lays out its rings and buffers in `RAM`. Nothing is
+//! known at build time, so nothing can be optimised away: features
+//! negotiated at run time choose split or packed rings.
+//!
+//! No `unsafe` but for naming the entry symbol and the defmt logger stub:
+//! the shared statics are atomics.
 #![no_std]
 #![no_main]
+#![deny(unsafe_code)]
 
 use core::panic::PanicInfo;
+use core::sync::atomic::AtomicU32;
 
-use vhost_user_core::feature::{accept_protocol, accept_virtio, ProtocolFeatures, VirtioFeatures};
-use vhost_user_core::message::{Header, ParseOptions, Reply, Request, HEADER_SIZE, MAX_MESSAGE};
+use vhost_user_core::transport::NoFds;
+use vhost_user_nostd_blk::mailbox::{Mailbox, Port};
+use vhost_user_nostd_blk::{inflight_words, Backend, MAX_QUEUE_SIZE, QUEUES};
+
+/// Guest RAM shared with the front-end: rings and buffers.
+const RAM_BYTES: usize = 8 * 1024;
+/// The RAM disk: 8 sectors.
+const DISK_BYTES: usize = 4 * 1024;
+/// Each direction of the channel: two largest messages.
+const MAILBOX_BYTES: usize = 8 * 1024;
+
+static RAM: [AtomicU32; RAM_BYTES / 4] = [const { AtomicU32::new(0) }; RAM_BYTES / 4];
+static DISK: [AtomicU32; DISK_BYTES / 4] = [const { AtomicU32::new(0) }; DISK_BYTES / 4];
+/// The inflight area's window: exactly an area for our rings.
+static INFLIGHT: [AtomicU32; inflight_words(QUEUES, MAX_QUEUE_SIZE)] =
+    [const { AtomicU32::new(0) }; inflight_words(QUEUES, MAX_QUEUE_SIZE)];
+static TO_BACKEND: Mailbox<MAILBOX_BYTES> = Mailbox::new();
+static TO_FRONTEND: Mailbox<MAILBOX_BYTES> = Mailbox::new();
 
 #[panic_handler]
 fn panic(_: &PanicInfo<'_>) -> ! {
@@ -17,6 +46,7 @@ fn panic(_: &PanicInfo<'_>) -> ! {
 // defmt needs a global logger and timestamp when its feature is on; these
 // discard everything.
 #[cfg(feature = "defmt")]
+#[allow(unsafe_code)]
 mod log {
     #[defmt::global_logger]
     struct Discard;
@@ -30,43 +60,23 @@ mod log {
     defmt::timestamp!("{=u32}", 0);
 }
 
-/// The entry point a reset vector would jump to: parse a message from a
-/// fixed buffer, negotiate, answer.
-#[no_mangle]
-pub extern "C" fn vhu_nostd_entry(input: *const u8, len: usize, out: *mut u8) -> usize {
-    if input.is_null() || out.is_null() || len > MAX_MESSAGE {
-        return 0;
-    }
-    // SAFETY: the caller passes `len` readable bytes at `input` and
-    // MAX_MESSAGE writable bytes at `out`; both were checked for null.
-    let (msg, out) = unsafe {
-        (
-            core::slice::from_raw_parts(input, len),
-            core::slice::from_raw_parts_mut(out, MAX_MESSAGE),
-        )
-    };
-    let Ok(h) = Header::parse(msg) else { return 0 };
-    let Ok(req) = Request::parse(&h, &msg[HEADER_SIZE..], 0, &ParseOptions::default()) else {
-        return 0;
-    };
-    let offered = ProtocolFeatures::MQ | ProtocolFeatures::REPLY_ACK;
-    let reply = match req {
-        Request::GetFeatures => Reply::U64(VirtioFeatures::VERSION_1.bits()),
-        Request::SetFeatures(v) => Reply::ack(accept_virtio(VirtioFeatures::VERSION_1, v).is_ok()),
-        Request::SetProtocolFeatures(v) => Reply::ack(accept_protocol(offered, v).is_ok()),
-        _ => Reply::ack(false),
-    };
-    reply.encode(req.code(), out).unwrap_or(0)
-}
-
+/// The entry point a reset vector would jump to: serve front-ends for
+/// ever.
+// SAFETY: `_start` is the one symbol of that name: the entry point.
+#[allow(unsafe_code)]
 #[no_mangle]
 pub extern "C" fn _start() -> ! {
-    let mut out = [0u8; MAX_MESSAGE];
-    let msg = [1u8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0];
-    let n = vhu_nostd_entry(msg.as_ptr(), msg.len(), out.as_mut_ptr());
-    // Keep the result observable so nothing is optimised away.
-    // SAFETY: `out` is a live local array; a volatile read of its first byte
-    // is in bounds.
-    let _ = unsafe { core::ptr::read_volatile(&out[n.min(MAX_MESSAGE - 1)]) };
-    loop {}
+    let mut chan = NoFds(Port::new(&TO_BACKEND, &TO_FRONTEND));
+    let Ok(mut backend) = Backend::new(&RAM, &DISK, &INFLIGHT) else {
+        loop {
+            core::hint::spin_loop();
+        }
+    };
+    loop {
+        if backend.poll(&mut chan).is_err() {
+            // The conversation broke: what is left of it is dropped, and
+            // the back-end waits for a new one.
+            chan.0.discard();
+        }
+    }
 }

@@ -201,6 +201,17 @@ pub struct Outcome {
     pub refused: Option<BackendError>,
 }
 
+/// No reply, no action.
+impl Default for Outcome {
+    fn default() -> Self {
+        Outcome {
+            reply: Reply::None,
+            actions: Vec::new(),
+            refused: None,
+        }
+    }
+}
+
 /// Why a message was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -569,17 +580,52 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
         device: &mut D,
         out: &mut [u8],
     ) -> Result<Outcome, BackendError> {
+        let mut outcome = Outcome::default();
+        self.handle_into(header, payload, nfds, mem, device, out, &mut outcome)?;
+        Ok(outcome)
+    }
+
+    /// [`handle`](Self::handle), with the outcome written into `outcome`
+    /// (whatever it held is replaced; on `Err` it is empty) instead of
+    /// returned: an [`Outcome`] is a few hundred bytes (up to
+    /// [`MAX_ACTIONS`] actions), which a caller with a small stack keeps
+    /// elsewhere.
+    #[allow(clippy::too_many_arguments)]
+    pub fn handle_into<M: GuestMemory + ?Sized, D: Device + ?Sized>(
+        &mut self,
+        header: &Header,
+        payload: &[u8],
+        nfds: usize,
+        mem: &M,
+        device: &mut D,
+        out: &mut [u8],
+        outcome: &mut Outcome,
+    ) -> Result<(), BackendError> {
+        *outcome = Outcome::default();
+        let result = self.handle_inner(header, payload, nfds, mem, device, out, outcome);
+        if result.is_err() {
+            *outcome = Outcome::default();
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn handle_inner<M: GuestMemory + ?Sized, D: Device + ?Sized>(
+        &mut self,
+        header: &Header,
+        payload: &[u8],
+        nfds: usize,
+        mem: &M,
+        device: &mut D,
+        out: &mut [u8],
+        outcome: &mut Outcome,
+    ) -> Result<(), BackendError> {
         let opts = self.parse_options();
         let req = Request::parse(header, payload, nfds, &opts)?;
         let code = req.code();
-        let mut outcome = Outcome {
-            reply: Reply::None,
-            actions: Vec::new(),
-            refused: None,
-        };
         let result = self
             .gate(code)
-            .and_then(|()| self.dispatch(&req, mem, device, out, &mut outcome));
+            .and_then(|()| self.dispatch(&req, mem, device, out, outcome));
         let ack_asked = header.need_reply()
             && self.acked_protocol.contains(ProtocolFeatures::REPLY_ACK)
             && !code.has_reply();
@@ -588,15 +634,16 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
                 if ack_asked {
                     outcome.reply = Reply::Ready(WireReply::ack(true).encode(code, out)?);
                 }
-                Ok(outcome)
+                Ok(())
             }
             Err(e) if ack_asked && !matches!(e, BackendError::Wire(_)) => {
                 warn!("refusing {}: ack failure", code.id());
-                Ok(Outcome {
+                *outcome = Outcome {
                     reply: Reply::Ready(WireReply::U64(e.ack_value()).encode(code, out)?),
                     actions: Vec::new(),
                     refused: Some(e),
-                })
+                };
+                Ok(())
             }
             Err(e) => Err(e),
         }
@@ -655,22 +702,21 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
             }
             Request::GetMaxMemSlots => outcome.reply = reply(WireReply::U64(R as u64))?,
             Request::SetMemTable(ref table) => {
-                let mut regions: Vec<MemRegionMsg, { crate::message::MAX_MEM_REGIONS }> =
-                    Vec::new();
-                for r in table.iter() {
-                    let _ = regions.push(r);
-                }
+                // Region i in slot i, as `MemoryTable::set` places them,
+                // without a copy of the regions on the stack.
                 let mut next = MemoryTable::<R>::default();
-                next.set(&regions)?;
+                for r in table.iter() {
+                    next.add(r)?;
+                }
                 let remap = self.commit_memory(next)?;
                 push(actions, Action::UnmapAll);
-                for (i, r) in regions.iter().enumerate() {
+                for (i, r) in table.iter().enumerate() {
                     push(
                         actions,
                         Action::MapRegion {
                             slot: i as u16,
                             fd: i as FdIndex,
-                            region: *r,
+                            region: r,
                         },
                     );
                 }
