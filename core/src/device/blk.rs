@@ -676,6 +676,13 @@ impl BlkConfig {
 // ---------------------------------------------------------------------------
 // The device.
 
+/// `x` is not a multiple of `bs`, a power of two (a mask, not a 64-bit
+/// division: bare-metal targets have no divide instruction for it).
+#[inline]
+fn misaligned(x: u64, bs: u64) -> bool {
+    x & (bs - 1) != 0
+}
+
 /// A virtio-blk device model: config space, offered and acked features, the
 /// id string, and the request planner.
 ///
@@ -980,6 +987,7 @@ impl BlkDevice {
 
     /// The logical block size the driver was told about (512 unless
     /// BLK_SIZE was negotiated with a sane value).
+    /// The logical block size: a power of two (see [`misaligned`]).
     fn block_size(&self) -> u64 {
         let bs = self.space.blk_size.get();
         if self.acked.contains(BlkFeatures::BLK_SIZE) && bs.is_power_of_two() && bs >= 512 {
@@ -996,7 +1004,7 @@ impl BlkDevice {
         }
         let offset = self.check_range(sector, len >> SECTOR_SHIFT)?;
         let bs = self.block_size();
-        if offset % bs != 0 || len % bs != 0 {
+        if misaligned(offset, bs) || misaligned(len, bs) {
             return Err(BlkError::Misaligned);
         }
         Ok(offset)
@@ -1107,7 +1115,7 @@ impl BlkDevice {
             }
             let offset = self.check_range(raw.sector.get(), u64::from(sectors))?;
             let len = u64::from(sectors) << SECTOR_SHIFT;
-            if offset % bs != 0 || len % bs != 0 {
+            if misaligned(offset, bs) || misaligned(len, bs) {
                 return Err(BlkError::Misaligned);
             }
             if sectors != 0 {
