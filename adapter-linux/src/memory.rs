@@ -40,7 +40,7 @@ pub struct LinuxGuestMemory {
 fn access_err(e: AccessError, addr: u64, len: u64) -> MemoryError {
     match e {
         AccessError::Misaligned => MemoryError::Misaligned(addr),
-        AccessError::OutOfBounds | AccessError::ReadOnly => MemoryError::Unmapped { addr, len },
+        AccessError::OutOfBounds | AccessError::ReadOnly => MemoryError::unmapped(addr, len),
     }
 }
 
@@ -190,7 +190,7 @@ impl LinuxGuestMemory {
     #[inline(never)]
     fn check_slow(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
         if len == 0 {
-            return Err(MemoryError::Unmapped { addr: gpa, len: 0 });
+            return Err(MemoryError::unmapped(gpa, 0));
         }
         self.pieces(gpa, len, |_, _, _, _| Ok(()))
     }
@@ -203,7 +203,7 @@ impl LinuxGuestMemory {
         len: u64,
         mut f: impl FnMut(&Mapped, u64, usize, usize) -> Result<(), MemoryError>,
     ) -> Result<(), MemoryError> {
-        let unmapped = MemoryError::Unmapped { addr: gpa, len };
+        let unmapped = MemoryError::unmapped(gpa, len);
         gpa.checked_add(len).ok_or(MemoryError::Overflow)?;
         let mut done = 0u64;
         loop {
@@ -287,9 +287,7 @@ impl GuestMemory for LinuxGuestMemory {
         if gpa % 2 != 0 {
             return Err(MemoryError::Misaligned(gpa));
         }
-        let r = self
-            .find(gpa)
-            .ok_or(MemoryError::Unmapped { addr: gpa, len: 2 })?;
+        let r = self.find(gpa).ok_or(MemoryError::unmapped(gpa, 2))?;
         r.map
             .load_u16_acquire(gpa - r.gpa)
             .map_err(|e| access_err(e, gpa, 2))
@@ -300,9 +298,7 @@ impl GuestMemory for LinuxGuestMemory {
         if gpa % 2 != 0 {
             return Err(MemoryError::Misaligned(gpa));
         }
-        let r = self
-            .find(gpa)
-            .ok_or(MemoryError::Unmapped { addr: gpa, len: 2 })?;
+        let r = self.find(gpa).ok_or(MemoryError::unmapped(gpa, 2))?;
         r.map
             .store_u16_release(gpa - r.gpa, v)
             .map_err(|e| access_err(e, gpa, 2))

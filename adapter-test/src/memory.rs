@@ -152,10 +152,7 @@ impl<const N: usize> TestMemory<N> {
         len: usize,
         mut f: impl FnMut(&[AtomicU32], usize, usize, usize),
     ) -> Result<(), MemoryError> {
-        let unmapped = MemoryError::Unmapped {
-            addr: gpa,
-            len: len as u64,
-        };
+        let unmapped = MemoryError::unmapped(gpa, len as u64);
         // Fast path: the whole range in one region.
         let (b, off) = self.find(gpa).ok_or(unmapped)?;
         if b.size - off >= len as u64 {
@@ -183,7 +180,7 @@ impl<const N: usize> TestMemory<N> {
             Some((b, off)) if b.size - off >= 2 => {
                 Ok((&b.words[off as usize / 4], 8 * (off as u32 % 4)))
             }
-            _ => Err(MemoryError::Unmapped { addr: gpa, len: 2 }),
+            _ => Err(MemoryError::unmapped(gpa, 2)),
         }
     }
 }
@@ -277,7 +274,7 @@ impl<const N: usize> GuestMemory for TestMemory<N> {
 
     #[inline(always)]
     fn check(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
-        let unmapped = MemoryError::Unmapped { addr: gpa, len };
+        let unmapped = MemoryError::unmapped(gpa, len);
         let (b, off) = self.find(gpa).ok_or(unmapped)?;
         if b.size - off >= len {
             return Ok(());
@@ -394,7 +391,7 @@ mod tests {
         );
         m.write(0xff0, &[0xaa; 16]).unwrap();
         assert_eq!(m.read_desc(0xff0).unwrap(), [u64::MAX / 255 * 0xaa; 2]);
-        let unmapped = |addr, len| MemoryError::Unmapped { addr, len };
+        let unmapped = |addr, len| MemoryError::unmapped(addr, len);
         assert_eq!(m.read_desc(0xff4), Err(unmapped(0xff4, 16)));
         assert_eq!(m.write_u64(0xffc, 1), Err(unmapped(0xffc, 8)));
         assert_eq!(m.read_vec(0xff8, 8).unwrap(), [0xaa; 8]);

@@ -25,7 +25,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 TEXT_TARGET=32768
-TEXT_BUDGET=${TEXT_BUDGET:-40960}
+TEXT_BUDGET=${TEXT_BUDGET:-38400}
 STACK_BUDGET=${STACK_BUDGET:-2048}
 dir=${CARGO_TARGET_DIR:-target}
 bin=vhost-user-core-nostd-check

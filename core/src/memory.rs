@@ -29,8 +29,8 @@ pub enum MemoryError {
     Unmapped {
         /// First address of the refused range.
         addr: u64,
-        /// Length of the refused range.
-        len: u64,
+        /// Length of the refused range (saturated at `u32::MAX`).
+        len: u32,
     },
     /// `addr + len` does not fit in 64 bits.
     Overflow,
@@ -45,6 +45,16 @@ pub enum MemoryError {
     NoSuchRegion,
     /// A region of size 0, or whose end overflows.
     BadRegion,
+}
+
+impl MemoryError {
+    /// [`MemoryError::Unmapped`] for the range `[addr, addr + len)`.
+    pub fn unmapped(addr: u64, len: u64) -> Self {
+        MemoryError::Unmapped {
+            addr,
+            len: u32::try_from(len).unwrap_or(u32::MAX),
+        }
+    }
 }
 
 impl fmt::Display for MemoryError {
@@ -410,9 +420,7 @@ impl<const N: usize> MemoryTable<N> {
     /// Where guest physical address `gpa` lives.
     #[inline]
     pub fn translate(&self, gpa: u64) -> Result<Translation, MemoryError> {
-        let e = self
-            .find_gpa(gpa)
-            .ok_or(MemoryError::Unmapped { addr: gpa, len: 1 })?;
+        let e = self.find_gpa(gpa).ok_or(MemoryError::unmapped(gpa, 1))?;
         let offset = gpa - e.region.guest_addr;
         Ok(Translation {
             slot: usize::from(e.slot),
@@ -425,7 +433,7 @@ impl<const N: usize> MemoryTable<N> {
     /// span adjacent regions (one ends where the next begins). With
     /// `len == 0`, checks that `gpa` itself is mapped.
     pub fn check(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
-        let unmapped = MemoryError::Unmapped { addr: gpa, len };
+        let unmapped = MemoryError::unmapped(gpa, len);
         if len == 0 {
             return self.find_gpa(gpa).map(|_| ()).ok_or(unmapped);
         }
@@ -451,7 +459,7 @@ impl<const N: usize> MemoryTable<N> {
             .iter()
             .find(|e| va >= e.region.user_addr && va - e.region.user_addr < e.region.size)
             .map(|e| e.region.guest_addr + (va - e.region.user_addr))
-            .ok_or(MemoryError::Unmapped { addr: va, len: 1 })
+            .ok_or(MemoryError::unmapped(va, 1))
     }
 
     /// Translate the front-end virtual range `[va, va + len)`, which must lie
@@ -464,9 +472,9 @@ impl<const N: usize> MemoryTable<N> {
             .entries
             .iter()
             .find(|e| va >= e.region.user_addr && va - e.region.user_addr < e.region.size)
-            .ok_or(MemoryError::Unmapped { addr: va, len })?;
+            .ok_or(MemoryError::unmapped(va, len))?;
         if last - e.region.user_addr >= e.region.size {
-            return Err(MemoryError::Unmapped { addr: va, len });
+            return Err(MemoryError::unmapped(va, len));
         }
         Ok(e.region.guest_addr + (va - e.region.user_addr))
     }

@@ -610,7 +610,7 @@ impl GuestMemory for Sparse {
     fn check(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
         match gpa.checked_add(len) {
             Some(end) if end <= 1 << 40 => Ok(()),
-            _ => Err(MemoryError::Unmapped { addr: gpa, len }),
+            _ => Err(MemoryError::unmapped(gpa, len)),
         }
     }
 }

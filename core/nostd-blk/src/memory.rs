@@ -108,7 +108,7 @@ impl<'a, const N: usize> SharedMemory<'a, N> {
                 break;
             }
         }
-        Err(MemoryError::Unmapped { addr: gpa, len })
+        Err(MemoryError::unmapped(gpa, len))
     }
 
     /// The word holding the aligned `u16` at `gpa`, and its shift.
