@@ -186,19 +186,33 @@ pub struct Resubmit {
     pub counter: u64,
 }
 
+/// Where a region's entries are: entry `i` at `first + i * stride`, for
+/// `i < size` (one type for both layouts, so the scans are compiled once).
+#[derive(Clone, Copy, Debug)]
+struct Entries {
+    first: u64,
+    stride: u64,
+    size: u16,
+}
+
+impl Entries {
+    fn at(&self, i: u16) -> u64 {
+        self.first + self.stride * u64::from(i)
+    }
+}
+
 /// Visits the entries of a region flagged in flight (byte 0 is 1; the fetch
 /// counter is at byte 8, as in both layouts): `f` sees each one's index,
 /// first 16 bytes and counter. Any other flag value is refused. Returns the
 /// counter to continue from (one past the largest seen).
 fn visit_in_flight<M: GuestMemory + ?Sized>(
     mem: &M,
-    size: u16,
-    entry: impl Fn(u16) -> u64,
+    entries: Entries,
     mut f: impl FnMut(u16, &[u8; 16], u64) -> Result<(), InflightError>,
 ) -> Result<u64, InflightError> {
     let mut max = None;
-    for i in 0..size {
-        let e = mem.read_16(entry(i))?;
+    for i in 0..entries.size {
+        let e = mem.read_16(entries.at(i))?;
         match e[0] {
             0 => {}
             1 => {
@@ -222,12 +236,11 @@ fn entry_counter(e: &[u8; 16]) -> u64 {
 /// `check` sees each one first. Returns the counter to continue from.
 fn collect_in_flight<M: GuestMemory + ?Sized, const N: usize>(
     mem: &M,
-    size: u16,
-    entry: impl Fn(u16) -> u64,
+    entries: Entries,
     out: &mut Vec<Resubmit, N>,
     mut check: impl FnMut(u16, &[u8; 16]) -> Result<(), InflightError>,
 ) -> Result<u64, InflightError> {
-    let next = visit_in_flight(mem, size, entry, |head, e, counter| {
+    let next = visit_in_flight(mem, entries, |head, e, counter| {
         check(head, e)?;
         out.push(Resubmit { head, counter })
             .map_err(|_| InflightError::ListFull)
@@ -242,14 +255,13 @@ fn collect_in_flight<M: GuestMemory + ?Sized, const N: usize>(
 /// time in the spec's order while holding no more than the last one.
 fn next_in_flight<M: GuestMemory + ?Sized>(
     mem: &M,
-    size: u16,
-    entry: impl Fn(u16) -> u64,
+    entries: Entries,
     after: Option<Resubmit>,
 ) -> Result<Option<Resubmit>, InflightError> {
     let floor = after.map(|r| (r.counter, r.head));
     let mut best: Option<Resubmit> = None;
-    for i in 0..size {
-        let e = mem.read_16(entry(i))?;
+    for i in 0..entries.size {
+        let e = mem.read_16(entries.at(i))?;
         if e[0] != 1 {
             continue;
         }
@@ -286,7 +298,15 @@ pub struct SplitInflight {
 
 impl SplitInflight {
     fn entry(&self, i: u16) -> u64 {
-        self.base + S_DESC + S_ENTRY * u64::from(i)
+        self.entries().at(i)
+    }
+
+    fn entries(&self) -> Entries {
+        Entries {
+            first: self.base + S_DESC,
+            stride: S_ENTRY,
+            size: self.size,
+        }
     }
 
     /// Opens the region at `base` for a ring of `size`. A fresh region
@@ -345,7 +365,7 @@ impl SplitInflight {
     ) -> Result<(), InflightError> {
         out.clear();
         self.repair(mem, ring_used_idx)?;
-        self.counter = collect_in_flight(mem, self.size, |i| self.entry(i), out, |_, _| Ok(()))?;
+        self.counter = collect_in_flight(mem, self.entries(), out, |_, _| Ok(()))?;
         Ok(())
     }
 
@@ -359,15 +379,10 @@ impl SplitInflight {
     ) -> Result<u16, InflightError> {
         self.repair(mem, ring_used_idx)?;
         let mut n = 0u16;
-        self.counter = visit_in_flight(
-            mem,
-            self.size,
-            |i| self.entry(i),
-            |_, _, _| {
-                n += 1;
-                Ok(())
-            },
-        )?;
+        self.counter = visit_in_flight(mem, self.entries(), |_, _, _| {
+            n += 1;
+            Ok(())
+        })?;
         Ok(n)
     }
 
@@ -378,7 +393,7 @@ impl SplitInflight {
         mem: &M,
         after: Option<Resubmit>,
     ) -> Result<Option<Resubmit>, InflightError> {
-        next_in_flight(mem, self.size, |i| self.entry(i), after)
+        next_in_flight(mem, self.entries(), after)
     }
 
     fn repair<M: GuestMemory + ?Sized>(
@@ -554,7 +569,15 @@ fn advance(pos: (u16, bool), n: u16, size: u16) -> (u16, bool) {
 
 impl PackedInflight {
     fn entry(&self, i: u16) -> u64 {
-        self.base + P_DESC + P_ENTRY * u64::from(i)
+        self.entries().at(i)
+    }
+
+    fn entries(&self) -> Entries {
+        Entries {
+            first: self.base + P_DESC,
+            stride: P_ENTRY,
+            size: self.size,
+        }
     }
 
     fn link(&self, mem: &(impl GuestMemory + ?Sized), at: u64) -> Result<u16, InflightError> {
@@ -806,13 +829,9 @@ impl PackedInflight {
         let used = self.rollback(mem, ring_used_at)?;
         let mut slots: u32 = 0;
         let size = self.size;
-        self.counter = collect_in_flight(
-            mem,
-            size,
-            |i| self.entry(i),
-            out,
-            |_, e| count_slots(e, size, &mut slots),
-        )?;
+        self.counter = collect_in_flight(mem, self.entries(), out, |_, e| {
+            count_slots(e, size, &mut slots)
+        })?;
         self.position(used, slots)
     }
 
@@ -828,15 +847,10 @@ impl PackedInflight {
         let mut slots: u32 = 0;
         let mut n = 0u16;
         let size = self.size;
-        self.counter = visit_in_flight(
-            mem,
-            size,
-            |i| self.entry(i),
-            |_, e, _| {
-                n += 1;
-                count_slots(e, size, &mut slots)
-            },
-        )?;
+        self.counter = visit_in_flight(mem, self.entries(), |_, e, _| {
+            n += 1;
+            count_slots(e, size, &mut slots)
+        })?;
         Ok((self.position(used, slots)?, n))
     }
 
@@ -847,7 +861,7 @@ impl PackedInflight {
         mem: &M,
         after: Option<Resubmit>,
     ) -> Result<Option<Resubmit>, InflightError> {
-        next_in_flight(mem, self.size, |i| self.entry(i), after)
+        next_in_flight(mem, self.entries(), after)
     }
 
     fn position(&self, used: (u16, bool), slots: u32) -> Result<PackedPosition, InflightError> {
