@@ -599,13 +599,19 @@ fn probe_reads_offer_and_config() {
         p.take_events(),
         [Event::ConfigFailed { offset: 8, len: 16 }]
     );
+    // A range past the config space is refused before anything is sent,
+    // and the session goes on (the same error in a reply would end it).
+    let e = p.fe.read_config(250, 16).unwrap_err();
     assert_eq!(
-        p.fe.read_config(250, 16),
-        Err(FrontendError::Wire(WireError::ConfigRange {
+        e,
+        FrontendError::BadConfigRange {
             offset: 250,
-            size: 16
-        }))
+            len: 16
+        }
     );
+    assert!(!e.is_fatal());
+    assert_eq!(p.fe.state(), State::Ready);
+    assert!(p.fe.is_idle());
     // A probe has nothing to start.
     assert_eq!(p.fe.start(), Err(FrontendError::NoQueues));
     assert_eq!(p.fe.stop(), Err(FrontendError::WrongState(State::Ready)));

@@ -102,6 +102,14 @@ pub enum FrontendError {
     /// Protocol features this engine does not implement were configured
     /// (the bits).
     Unsupported(u64),
+    /// `read_config` of an empty range or one past the 256-byte config
+    /// space (nothing is sent; the session goes on).
+    BadConfigRange {
+        /// Offset asked for.
+        offset: u32,
+        /// Length asked for.
+        len: u32,
+    },
     /// The session failed earlier; only a new connection helps.
     Failed,
 }
@@ -121,6 +129,7 @@ impl FrontendError {
                 | FrontendError::BadQueue(_)
                 | FrontendError::BadRegion(_)
                 | FrontendError::Unsupported(_)
+                | FrontendError::BadConfigRange { .. }
         )
     }
 }
@@ -175,6 +184,9 @@ impl fmt::Display for FrontendError {
             FrontendError::BadRegion(i) => write!(f, "invalid memory region {i}"),
             FrontendError::Unsupported(bits) => {
                 write!(f, "protocol features {bits:#x} not implemented")
+            }
+            FrontendError::BadConfigRange { offset, len } => {
+                write!(f, "config range {offset}+{len} outside the config space")
             }
             FrontendError::Failed => f.write_str("the session failed earlier"),
         }

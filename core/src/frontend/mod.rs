@@ -689,12 +689,7 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
         }
         match offset.checked_add(len) {
             Some(end) if len > 0 && end <= MAX_CONFIG_SIZE => {}
-            _ => {
-                return Err(FrontendError::Wire(WireError::ConfigRange {
-                    offset,
-                    size: len,
-                }))
-            }
+            _ => return Err(FrontendError::BadConfigRange { offset, len }),
         }
         self.begin(Flow::Config, Some(Step::GetConfig { offset, len }));
         Ok(())
