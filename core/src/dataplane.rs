@@ -189,6 +189,9 @@ pub struct DataPlane {
     pending: Vec<u16, PUBLISH_BATCH>,
     /// Used entries were written since the last publish.
     unpublished: bool,
+    /// `pop` may go straight to the ring: running, not broken, nothing to
+    /// resubmit, and not paused (kept by [`refresh`](Self::refresh)).
+    fast: bool,
 }
 
 impl DataPlane {
@@ -224,13 +227,23 @@ impl DataPlane {
             resubmit_after: None,
             pending: Vec::new(),
             unpublished: false,
+            fast: false,
         };
         if let Some((area, offset)) = inflight {
             if let Err(e) = dp.recover(mem, area, offset) {
                 dp.broken = Some(e);
             }
         }
+        dp.refresh();
         dp
+    }
+
+    /// Recomputes the fast-path flag after a state change.
+    fn refresh(&mut self) {
+        self.fast = self.phase == Phase::Running
+            && self.broken.is_none()
+            && self.resubmit_left == 0
+            && (self.enabled || self.consume_disabled);
     }
 
     fn recover<M: GuestMemory + ?Sized>(
@@ -294,6 +307,7 @@ impl DataPlane {
     /// ring.
     pub fn set_enabled(&mut self, enabled: bool) {
         self.enabled = enabled;
+        self.refresh();
     }
 
     /// Whether [`pop`](Self::pop) takes nothing new from the ring now:
@@ -323,6 +337,7 @@ impl DataPlane {
     fn fail(&mut self, e: DataPlaneError) -> DataPlaneError {
         if matches!(e, DataPlaneError::Vring(_) | DataPlaneError::Inflight(_)) {
             self.broken = Some(e);
+            self.fast = false;
         }
         e
     }
@@ -349,6 +364,21 @@ impl DataPlane {
         area: Option<&M>,
         chain: &mut Chain<S>,
     ) -> Result<Option<Token>, DataPlaneError> {
+        if self.fast {
+            return self.pop_ring(mem, area, chain).map_err(|e| self.fail(e));
+        }
+        self.pop_slow(mem, area, chain)
+    }
+
+    /// `pop` when the fast path is closed: the error that broke the ring,
+    /// a recorded request, or nothing.
+    #[inline(never)]
+    fn pop_slow<M: GuestMemory + ?Sized, const S: usize>(
+        &mut self,
+        mem: &M,
+        area: Option<&M>,
+        chain: &mut Chain<S>,
+    ) -> Result<Option<Token>, DataPlaneError> {
         if let Some(e) = self.broken {
             return Err(e);
         }
@@ -358,10 +388,10 @@ impl DataPlane {
         if self.resubmit_left > 0 {
             return self.resubmit(mem, area, chain).map_err(|e| self.fail(e));
         }
-        if self.paused() {
-            return Ok(None);
-        }
-        self.pop_ring(mem, area, chain).map_err(|e| self.fail(e))
+        // Paused (disabled, or stopping): the ring itself is popped only on
+        // the fast path, which `refresh` opens whenever it may be.
+        debug_assert!(self.paused());
+        Ok(None)
     }
 
     #[inline(always)]
@@ -371,28 +401,36 @@ impl DataPlane {
         area: Option<&M>,
         chain: &mut Chain<S>,
     ) -> Result<Option<Token>, DataPlaneError> {
-        let area = self.area(area)?;
-        let before = match &self.queue {
-            Queue::Packed(p) => p.next_avail().0,
-            Queue::Split(_) => 0,
-        };
-        if !self.queue.pop_into(mem, chain)? {
-            return Ok(None);
-        }
-        let head = chain.head();
-        let entry = match (&mut self.tracker, area, &self.queue) {
-            (Tracker::Split(t), Some(a), _) => {
-                t.fetched(a, head.id)?;
-                head.id
+        let entry = match (&mut self.tracker, &mut self.queue) {
+            (Tracker::None, q) => {
+                if !q.pop_into(mem, chain)? {
+                    return Ok(None);
+                }
+                chain.head().id
             }
-            (Tracker::Packed(t), Some(a), Queue::Packed(p)) => {
-                t.fetched_from_ring(a, mem, p, before, head.descs)?
+            (Tracker::Split(t), q) => {
+                let a = area.ok_or(DataPlaneError::NoInflightArea)?;
+                if !q.pop_into(mem, chain)? {
+                    return Ok(None);
+                }
+                let id = chain.head().id;
+                t.fetched(a, id)?;
+                id
             }
-            _ => head.id,
+            (Tracker::Packed(t), Queue::Packed(p)) => {
+                let a = area.ok_or(DataPlaneError::NoInflightArea)?;
+                let before = p.next_avail().0;
+                if !p.pop_into(mem, chain)? {
+                    return Ok(None);
+                }
+                t.fetched_from_ring(a, mem, p, before, chain.head().descs)?
+            }
+            // A packed tracker is only made for a packed ring.
+            (Tracker::Packed(_), Queue::Split(_)) => return Err(DataPlaneError::NoInflightArea),
         };
         self.outstanding += 1;
         Ok(Some(Token {
-            head,
+            head: chain.head(),
             entry,
             side_effects: self.enabled,
         }))
@@ -407,6 +445,7 @@ impl DataPlane {
     ) -> Result<Option<Token>, DataPlaneError> {
         let Some(a) = self.area(area)? else {
             self.resubmit_left = 0;
+            self.refresh();
             return Ok(None);
         };
         let next = match &self.tracker {
@@ -418,6 +457,7 @@ impl DataPlane {
             // The area changed under us (only a hostile front-end does
             // that): nothing more to resubmit.
             self.resubmit_left = 0;
+            self.refresh();
             return Ok(None);
         };
         match (&self.tracker, &self.queue) {
@@ -429,6 +469,7 @@ impl DataPlane {
         }
         self.resubmit_left -= 1;
         self.resubmit_after = Some(r);
+        self.refresh();
         self.outstanding += 1;
         Ok(Some(Token {
             head: chain.head(),
@@ -457,19 +498,24 @@ impl DataPlane {
             return Err(DataPlaneError::NotOutstanding);
         }
         let mut published = Published::Nothing;
-        if self.tracked() && self.pending.is_full() {
-            published = self.publish(mem, area)?;
-        }
-        self.area(area)?;
-        self.queue
-            .add_used(mem, token.head, len)
-            .map_err(|e| self.fail(e.into()))?;
-        self.outstanding -= 1;
-        self.unpublished = true;
-        if self.tracked() {
+        if !matches!(self.tracker, Tracker::None) {
+            if area.is_none() {
+                return Err(DataPlaneError::NoInflightArea);
+            }
+            if self.pending.is_full() {
+                published = self.publish(mem, area)?;
+            }
             // Not full: published above if it was.
             let _ = self.pending.push(token.entry);
         }
+        if let Err(e) = self.queue.add_used(mem, token.head, len) {
+            if !matches!(self.tracker, Tracker::None) {
+                self.pending.pop();
+            }
+            return Err(self.fail(e.into()));
+        }
+        self.outstanding -= 1;
+        self.unpublished = true;
         Ok(published)
     }
 
@@ -583,9 +629,11 @@ impl DataPlane {
         let drained = self.outstanding == 0 && self.resubmit_left == 0;
         if suspend || drained || self.broken.is_some() {
             self.phase = Phase::Stopped;
+            self.fast = false;
             (Stop::Stopped { base: self.base() }, published)
         } else {
             self.phase = Phase::Draining;
+            self.fast = false;
             (Stop::Draining, published)
         }
     }
