@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
 use vhost_user_core::backend::{Action, BackendConfig, BackendError, Reply, Session};
-use vhost_user_core::dataplane::{DataPlane, DataPlaneError, Published, Stop};
+use vhost_user_core::dataplane::{DataPlane, Published, Stop};
 use vhost_user_core::device::{Completion, Device};
 use vhost_user_core::message::{HEADER_SIZE, MAX_MESSAGE};
 use vhost_user_core::vring::{Chain, RingAddrs};
@@ -567,49 +567,53 @@ impl<D: Device> RingWorker<D> {
         mem: &LinuxGuestMemory,
         round: &mut Round<D::Scratch>,
     ) -> bool {
+        // A stop is served between requests, not after the batch.
+        self.round(dp, mem, round, self.options.batch, true)
+    }
+
+    /// Pops and processes up to `batch` requests (between requests, gives
+    /// way to a pending stop if `yield_to_stop`), collects the device's
+    /// later completions, publishes once and signals. Returns whether
+    /// more may be available.
+    fn round(
+        &self,
+        dp: &mut DataPlane,
+        mem: &LinuxGuestMemory,
+        round: &mut Round<D::Scratch>,
+        batch: usize,
+        yield_to_stop: bool,
+    ) -> bool {
         let area = self.area.as_deref();
+        let queue = self.queue;
         let mut published = Published::Nothing;
         let mut completed = 0u64;
+        let mut done = |dp: &mut DataPlane, token, len| match dp.complete(mem, area, token, len) {
+            Ok(p) => {
+                published = published | p;
+                completed += 1;
+            }
+            Err(e) => error!("ring {queue}: cannot complete a request: {e}"),
+        };
         let mut more = true;
-        let mut taken = 0;
-        while taken < self.options.batch {
-            // A stop is served between requests, not after the batch.
-            if self.shared.stop.load(Ordering::Relaxed) {
+        for _ in 0..batch {
+            if yield_to_stop && self.shared.stop.load(Ordering::Relaxed) {
                 break;
             }
-            let token = match dp.pop(mem, area, &mut *round.chain) {
-                Ok(Some(t)) => t,
-                Ok(None) | Err(_) => {
-                    more = false;
-                    break;
-                }
+            let Ok(Some(token)) = dp.pop(mem, area, &mut *round.chain) else {
+                more = false;
+                break;
             };
-            taken += 1;
             let c = self
                 .device
-                .process(self.queue, &*round.chain, token, mem, &mut round.scratch);
+                .process(queue, &*round.chain, token, mem, &mut round.scratch);
             if let Completion::Done(len) = c {
-                match dp.complete(mem, area, token, len) {
-                    Ok(p) => {
-                        published = published | p;
-                        completed += 1;
-                    }
-                    Err(e) => complete_failed(self.queue, e),
-                }
+                done(dp, token, len);
             }
         }
-        self.device.poll(
-            self.queue,
-            mem,
-            &mut round.scratch,
-            &mut |token, len| match dp.complete(mem, area, token, len) {
-                Ok(p) => {
-                    published = published | p;
-                    completed += 1;
-                }
-                Err(e) => complete_failed(self.queue, e),
-            },
-        );
+        self.device
+            .poll(queue, mem, &mut round.scratch, &mut |token, len| {
+                done(dp, token, len)
+            });
         let last = dp.publish(mem, area).unwrap_or(Published::Nothing);
         self.signal(published | last, completed);
         more
@@ -645,7 +649,9 @@ impl<D: Device> RingWorker<D> {
                 Stop::Stopped { base } => return base,
                 Stop::Draining => {
                     let before = dp.outstanding() + dp.resubmits_left();
-                    self.serve_draining(dp, &mem, round);
+                    // While draining, the stop is the reason to go on;
+                    // recorded requests are all that pop hands out.
+                    self.round(dp, &mem, round, usize::MAX, false);
                     self.report(dp, round);
                     if dp.outstanding() + dp.resubmits_left() == before {
                         // The device still holds requests: let them finish.
@@ -656,51 +662,6 @@ impl<D: Device> RingWorker<D> {
             }
         }
     }
-
-    fn serve_draining(
-        &self,
-        dp: &mut DataPlane,
-        mem: &LinuxGuestMemory,
-        round: &mut Round<D::Scratch>,
-    ) {
-        // `serve` stops at a pending stop; while draining, the stop is the
-        // reason to go on. Recorded requests are all that pop hands out.
-        let area = self.area.as_deref();
-        let mut published = Published::Nothing;
-        let mut completed = 0u64;
-        while let Ok(Some(token)) = dp.pop(mem, area, &mut *round.chain) {
-            let c = self
-                .device
-                .process(self.queue, &*round.chain, token, mem, &mut round.scratch);
-            if let Completion::Done(len) = c {
-                match dp.complete(mem, area, token, len) {
-                    Ok(p) => {
-                        published = published | p;
-                        completed += 1;
-                    }
-                    Err(e) => complete_failed(self.queue, e),
-                }
-            }
-        }
-        self.device.poll(
-            self.queue,
-            mem,
-            &mut round.scratch,
-            &mut |token, len| match dp.complete(mem, area, token, len) {
-                Ok(p) => {
-                    published = published | p;
-                    completed += 1;
-                }
-                Err(e) => complete_failed(self.queue, e),
-            },
-        );
-        let last = dp.publish(mem, area).unwrap_or(Published::Nothing);
-        self.signal(published | last, completed);
-    }
-}
-
-fn complete_failed(queue: u16, e: DataPlaneError) {
-    error!("ring {queue}: cannot complete a request: {e}");
 }
 
 const WAKE: u64 = 0;
