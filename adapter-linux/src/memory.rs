@@ -4,7 +4,9 @@
 //! The session's [`MemoryTable`](vhost_user_core::memory::MemoryTable)
 //! decides which regions exist and in which slot; this type only holds the
 //! mappings, keyed by the same slots, and translates guest physical
-//! addresses to them. Accesses that span two adjacent regions are split.
+//! addresses to them. Accesses that span two adjacent regions are split,
+//! so a buffer, an indirect table or a single descriptor may straddle two
+//! regions from different fds (memory hotplug).
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -323,6 +325,7 @@ impl GuestMemory for LinuxGuestMemory {
 mod tests {
     use super::*;
     use crate::sys::memfd;
+    use std::os::unix::fs::FileExt;
 
     fn region(gpa: u64, size: u64, off: u64) -> MemRegionMsg {
         MemRegionMsg {
@@ -398,6 +401,45 @@ mod tests {
         assert_eq!(m.len(), 2);
         m.clear();
         assert!(m.is_empty());
+    }
+
+    #[test]
+    fn two_memfds_at_adjacent_addresses_read_as_one_range() {
+        // Memory hotplug: GPA-contiguous regions from different fds.
+        let a = memfd::create("guest-a", 0x2000).unwrap();
+        let b = memfd::create("guest-b", 0x3000).unwrap();
+        let mut m = LinuxGuestMemory::new();
+        m.map(0, region(0x10_0000, 0x2000, 0), a).unwrap();
+        m.map(1, region(0x10_2000, 0x2000, 0x1000), b.try_clone().unwrap())
+            .unwrap();
+        // A 64-byte indirect table whose second descriptor is split 8/8.
+        let mut table = [0u8; 64];
+        for (i, d) in table.chunks_exact_mut(16).enumerate() {
+            d[..8].copy_from_slice(&(0xa000 + i as u64).to_le_bytes());
+            d[8..12].copy_from_slice(&(0x10 * i as u32 + 1).to_le_bytes());
+            d[12..14].copy_from_slice(&1u16.to_le_bytes());
+            d[14..16].copy_from_slice(&(i as u16 + 1).to_le_bytes());
+        }
+        let at = 0x10_2000 - 16 - 8;
+        m.write(at, &table).unwrap();
+        assert!(m.check(at, 64).is_ok());
+        for i in 0..4u64 {
+            let [w0, w1] = m.read_desc(at + 16 * i).unwrap();
+            assert_eq!(w0, 0xa000 + i, "address word of descriptor {i}");
+            assert_eq!(w1 as u32, 0x10 * i as u32 + 1, "length of descriptor {i}");
+            assert_eq!((w1 >> 48) as u16, i as u16 + 1, "next of descriptor {i}");
+            let mut d = [0u8; 16];
+            d.copy_from_slice(&table[16 * i as usize..16 * i as usize + 16]);
+            assert_eq!(m.read_16(at + 16 * i).unwrap(), d);
+        }
+        // The bytes past the boundary are in the second fd, from its
+        // mmap offset.
+        let mut tail = [0u8; 40];
+        FileExt::read_exact_at(&std::fs::File::from(b), &mut tail, 0x1000).unwrap();
+        assert_eq!(tail[..], table[24..]);
+        // Past the second region: refused whole.
+        assert!(m.check(0x10_4000 - 8, 16).is_err());
+        assert!(m.read_desc(0x10_4000 - 8).is_err());
     }
 
     #[test]

@@ -366,3 +366,35 @@ fn hostile_packed_used_head_with_bad_slot_count() {
         Err(VringError::BadUsedHead(1))
     );
 }
+
+#[test]
+fn indirect_table_spanning_adjacent_regions_is_read_by_split_copy() {
+    // Two adjacent regions (as two fds would be, with memory hotplug):
+    // [0, END) and [END, END + 64 KiB).
+    let m: TestMemory = TestMemory::new(&[(0, END), (END, 0x1_0000)]).unwrap();
+    let mut d = PackedDriver::new(&m, 8, RING).unwrap();
+    let mut q = PackedQueue::new(
+        8,
+        d.addrs(),
+        RingFeatures {
+            event_idx: false,
+            indirect: true,
+        },
+    )
+    .unwrap();
+    // Eight descriptors; the fourth is split 8/8 across the boundary (its
+    // address word in region 0, its length, id and flags in region 1), and
+    // its buffer spans the boundary too.
+    let table = END - 3 * 16 - 8;
+    let mut bufs: Vec<Buf> = (0..8).map(|i| Buf::readable(DATA + 16 * i, 16)).collect();
+    bufs[3] = Buf::readable(END - 4, 8);
+    bufs[7] = Buf::writable(END + 0x100, 32);
+    let id = d.post_indirect(&m, table, &bufs).unwrap();
+    let c = pop(&mut q, &m).unwrap().unwrap();
+    assert_eq!(c.head(), Head { id, descs: 1 });
+    let want: Vec<Segment> = bufs
+        .iter()
+        .map(|b| seg(b.addr, b.len, b.writable))
+        .collect();
+    assert_eq!(c.segments(), want);
+}

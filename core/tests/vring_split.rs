@@ -302,6 +302,53 @@ fn indirect_table_spanning_adjacent_regions_is_read_by_split_copy() {
     assert_eq!(c.segments()[600], seg(DATA + 600, 1, false));
 }
 
+#[test]
+fn indirect_descriptor_split_8_8_across_regions_is_read_whole() {
+    let (m, mut d, mut q) = setup(4, feats(false, true));
+    // Descriptor 2 of the table has its address word in region 0 and its
+    // length, flags and next in region 1; its buffer spans the boundary.
+    let table = REGION1 - 2 * 16 - 8;
+    let bufs = [
+        Buf::readable(DATA, 16),
+        Buf::readable(DATA + 0x100, 0x200),
+        Buf::readable(REGION1 - 4, 8),
+        Buf::writable(REGION1 + 0x100, 1),
+    ];
+    let head = d.add_indirect(&m, table, &bufs).unwrap();
+    d.publish(&m).unwrap();
+    let c = pop(&mut q, &m).unwrap().unwrap();
+    assert_eq!(c.head(), Head { id: head, descs: 1 });
+    assert_eq!(
+        c.segments(),
+        [
+            seg(DATA, 16, false),
+            seg(DATA + 0x100, 0x200, false),
+            seg(REGION1 - 4, 8, false),
+            seg(REGION1 + 0x100, 1, true),
+        ]
+    );
+    // The same table ending 8 bytes past the last region is refused whole.
+    let (m, mut d, mut q) = setup(4, feats(false, true));
+    let table = END - 4 * 16 + 8;
+    write_raw_table(&m, table, &bufs[..3]);
+    d.write_desc(&m, 0, table, 16 * 4, DESC_F_INDIRECT, 0)
+        .unwrap();
+    d.push_head(&m, 0).unwrap();
+    d.publish(&m).unwrap();
+    assert_eq!(
+        pop(&mut q, &m).err(),
+        Some(VringError::BadBuffer {
+            addr: table,
+            len: 64
+        })
+    );
+}
+
+/// Writes split descriptors for `bufs` at `table` (chained by NEXT).
+fn write_raw_table(m: &TestMemory, table: u64, bufs: &[Buf]) {
+    vhost_user_test::driver::write_indirect_table(m, table, bufs).unwrap();
+}
+
 // ---- hostile cases -------------------------------------------------------
 
 /// Post a chain written with raw descriptors (head 0).
