@@ -7,6 +7,28 @@
 //! addresses to them. Accesses that span two adjacent regions are split,
 //! so a buffer, an indirect table or a single descriptor may straddle two
 //! regions from different fds (memory hotplug).
+//!
+//! # Files that shrink
+//!
+//! A mapped file that shrinks under its mapping raises SIGBUS on the next
+//! access to the lost pages, which would kill the daemon; catching SIGBUS
+//! and jumping out of a copy cannot be done soundly in Rust. So
+//! [`LinuxGuestMemory::map`] first makes sure the file can no longer
+//! shrink, then checks its size covers the region:
+//!
+//! - a file already sealed with `F_SEAL_SHRINK` (QEMU's
+//!   `memory-backend-memfd`, whose `seal` property is on by default) is
+//!   mapped;
+//! - a memfd that allows sealing gets `F_SEAL_SHRINK` from us, then is
+//!   mapped: the front-end can no longer shrink it (it can still write
+//!   it, grow it or punch holes in it, none of which faults);
+//! - a memfd that cannot be sealed (created without `MFD_ALLOW_SEALING`,
+//!   as `memory-backend-memfd,seal=off` does) is refused;
+//! - any other file (`memory-backend-file` on tmpfs or hugetlbfs, a file
+//!   on another file system) cannot be sealed and is mapped anyway, so
+//!   QEMU's file backends keep working: its owner (the front-end, or
+//!   whoever else may write the file) can still truncate it and crash the
+//!   daemon with SIGBUS. Trusting that owner not to is what remains.
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -15,6 +37,7 @@ use std::sync::atomic::{fence, Ordering};
 use vhost_user_core::memory::{GuestMemory, MemoryError};
 use vhost_user_core::message::MemRegionMsg;
 
+use crate::sys::memfd::{self, ShrinkSeal};
 use crate::sys::mmap::{Access, AccessError, MmapRegion};
 
 #[derive(Debug)]
@@ -69,6 +92,10 @@ impl LinuxGuestMemory {
 
     /// Maps `region` from `fd` into `slot` (replacing what was there). The
     /// fd is closed once mapped, as the mapping keeps the memory alive.
+    ///
+    /// The file is sealed against shrinking first if it allows it; a memfd
+    /// that can shrink and cannot be sealed is refused (see the module
+    /// documentation on files that shrink).
     pub fn map(&mut self, slot: usize, region: MemRegionMsg, fd: OwnedFd) -> io::Result<()> {
         let invalid = |m: &str| io::Error::new(io::ErrorKind::InvalidInput, m.to_string());
         let end = region
@@ -82,6 +109,15 @@ impl LinuxGuestMemory {
             .any(|r| region.guest_addr < r.end() && r.gpa < end)
         {
             return Err(invalid("region overlaps a mapped region"));
+        }
+        // Seal before the size check in `MmapRegion::map`, so the size it
+        // checks is the size for good.
+        if memfd::seal_shrink(fd.as_fd())? == ShrinkSeal::Unsealable && memfd::is_memfd(fd.as_fd())
+        {
+            return Err(invalid(
+                "a memfd that can shrink and cannot be sealed with F_SEAL_SHRINK \
+                 (created without MFD_ALLOW_SEALING); a shrink would raise SIGBUS",
+            ));
         }
         let map = MmapRegion::map(
             fd.as_fd(),
@@ -324,7 +360,6 @@ impl GuestMemory for LinuxGuestMemory {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sys::memfd;
     use std::os::unix::fs::FileExt;
 
     fn region(gpa: u64, size: u64, off: u64) -> MemRegionMsg {
@@ -440,6 +475,37 @@ mod tests {
         // Past the second region: refused whole.
         assert!(m.check(0x10_4000 - 8, 16).is_err());
         assert!(m.read_desc(0x10_4000 - 8).is_err());
+    }
+
+    #[test]
+    fn seals_a_memfd_against_shrinking_and_refuses_an_unsealable_one() {
+        let fd = memfd::create("guest", 0x2000).unwrap();
+        let mut m = LinuxGuestMemory::new();
+        m.map(0, region(0, 0x2000, 0), fd.try_clone().unwrap())
+            .unwrap();
+        let e = std::fs::File::from(fd).set_len(0).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM), "shrink refused");
+        m.write(0x1ff0, &[1; 16]).unwrap();
+        // Cannot be sealed and could shrink: refused, nothing mapped.
+        let bad = memfd::create_unsealable("guest", 0x1000).unwrap();
+        let e = m.map(1, region(0x4000, 0x1000, 0), bad).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        assert_eq!(m.len(), 1);
+        // A plain file cannot be sealed either but is mapped (QEMU's
+        // memory-backend-file): documented as the remaining risk.
+        let path = std::env::temp_dir().join(format!("vhu-mem-{}", std::process::id()));
+        let f = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        f.set_len(0x1000).unwrap();
+        m.map(2, region(0x8000, 0x1000, 0), f.into()).unwrap();
+        m.write(0x8000, b"file").unwrap();
+        assert_eq!(m.len(), 2);
     }
 
     #[test]

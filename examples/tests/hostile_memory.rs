@@ -4,7 +4,12 @@
 //! - guest RAM as regions from several memfds at adjacent guest addresses
 //!   (as with memory hotplug), with an indirect table, one of its
 //!   descriptors and the data buffers straddling the boundary: the
-//!   requests complete with the right data.
+//!   requests complete with the right data;
+//! - a front-end that shrinks a memfd the daemon has mapped: the daemon
+//!   sealed it against shrinking when it mapped it, so the shrink fails
+//!   with EPERM and the daemon goes on serving;
+//! - a memfd that cannot be sealed is refused, so shrinking it afterwards
+//!   harms nothing: the daemon survives and serves the next front-end.
 
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -288,5 +293,93 @@ fn indirect_table_across_two_memfd_regions_completes_with_the_right_data() {
         .unwrap();
     assert_eq!(tail[..], data[0x300..0x400]);
     let Fe { mut d, s, .. } = fe;
+    assert_alive_and_serving(&mut d, s);
+}
+
+#[test]
+fn shrinking_a_mapped_memfd_fails_and_the_daemon_keeps_serving() {
+    let (r, fd) = memfd_region("guest", 0, MIB, 0, 0x7f00_0000_0000);
+    let ram = std::fs::File::from(fd.try_clone().unwrap());
+    let mut fe = Fe::new(&[(r, fd)]);
+    // The daemon sealed the memfd against shrinking when it mapped it.
+    let e = ram.set_len(0).expect_err("the daemon sealed F_SEAL_SHRINK");
+    assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+    assert_eq!(ram.metadata().unwrap().len(), MIB);
+    // Requests still work on the whole region, up to its last byte.
+    fe.mem.write(MIB - 512, &[0x5a; 512]).unwrap();
+    let st = fe.request(
+        0x8000,
+        0x9000,
+        T_OUT,
+        5,
+        Buf::readable(MIB - 512, 512),
+        MIB - 513,
+    );
+    assert_eq!(st, 0);
+    let mut disk = [0u8; 512];
+    fe.image.read_exact_at(&mut disk, 5 * 512).unwrap();
+    assert_eq!(disk, [0x5a; 512]);
+    let Fe { mut d, s, .. } = fe;
+    assert_alive_and_serving(&mut d, s);
+}
+
+#[test]
+fn an_unsealable_memfd_is_refused_so_shrinking_it_harms_nothing() {
+    let (mut d, s, _image, _dir) = Fe::connect();
+    // As QEMU's memory-backend-memfd,seal=off makes it: F_SEAL_SEAL only.
+    let fd = memfd::create_unsealable("guest", MIB).unwrap();
+    let r = MemRegionMsg {
+        guest_addr: 0,
+        size: MIB,
+        user_addr: 0x7f00_0000_0000,
+        mmap_offset: 0,
+        xen: None,
+    };
+    let reply = ack_code(
+        &s,
+        Request::SetMemTable(MemTable::new(&[r]).unwrap()),
+        &[fd.as_fd()],
+    );
+    assert_ne!(reply, Some(0), "the region is refused (nack or close)");
+    assert_eq!(d.guest_mappings(), 0, "nothing of it is mapped");
+    // Now the front-end can shrink it: nothing of the daemon maps it.
+    let ram = std::fs::File::from(fd);
+    ram.set_len(0).unwrap();
+    if reply.is_some() {
+        // The connection survived the nack: ring messages pointing into
+        // the refused region, then a kick, fail without touching it.
+        let mut mem = LinuxGuestMemory::new();
+        let scratch = memfd_region("scratch", 0, MIB, 0, 0);
+        mem.map(0, scratch.0, scratch.1).unwrap();
+        let drv = SplitDriver::new(&mem, QS, 0x1000, false).unwrap();
+        let a = drv.addrs();
+        let num = VringStateMsg {
+            index: 0,
+            num: QS.into(),
+        };
+        send(&s, &Request::SetVringNum(num), false, &[]);
+        let addr = VringAddrMsg {
+            index: 0,
+            log: false,
+            desc: a.desc + r.user_addr,
+            used: a.device + r.user_addr,
+            avail: a.driver + r.user_addr,
+            log_addr: 0,
+        };
+        let _ = ack_code(&s, Request::SetVringAddr(addr), &[]);
+        let kick = EventFd::new(false).unwrap();
+        let fdm = VringFdMsg {
+            index: 0,
+            no_fd: false,
+        };
+        let _ = ack_code(&s, Request::SetVringKick(fdm), &[kick.as_fd()]);
+        let enable = Request::SetVringEnable {
+            index: 0,
+            enable: true,
+        };
+        let _ = ack_code(&s, enable, &[]);
+        let _ = kick.write(1);
+        std::thread::sleep(Duration::from_millis(200));
+    }
     assert_alive_and_serving(&mut d, s);
 }

@@ -10,7 +10,8 @@
 //! - [`epoll`]: readiness multiplexing ([`Epoll`], [`Interest`],
 //!   [`EpollEvent`]);
 //! - [`memfd`]: anonymous shareable memory ([`memfd::create`],
-//!   [`memfd::create_sealed`]);
+//!   [`memfd::create_sealed`], sealing a front-end's file against
+//!   shrinking with [`memfd::seal_shrink`]);
 //! - [`mmap`]: shared mappings with bounds-checked, reference-free
 //!   access ([`MmapRegion`]);
 //! - [`file`](mod@file): space management of image files ([`file::fallocate`]);
