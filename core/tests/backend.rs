@@ -607,26 +607,15 @@ fn ring_messages_refused_while_running_and_bad_indices() {
         fe.send_raw(&msg[..n], 0).err(),
         Some(BackendError::Wire(WireError::QueueIndex(2)))
     );
-    // Ring addresses outside guest memory.
-    fe.configure(
-        1,
-        16,
-        vhost_user_core::vring::RingAddrs {
-            desc: 0x10,
-            driver: 0x20,
-            device: 0x40,
-        },
-        0,
-    );
+    // Ring addresses outside guest memory: refused on SET_VRING_ADDR.
+    fe.send(
+        &Request::SetVringNum(VringStateMsg { index: 1, num: 16 }),
+        false,
+    )
+    .unwrap();
     assert_eq!(
-        fe.send(
-            &Request::SetVringKick(VringFdMsg {
-                index: 1,
-                no_fd: false
-            }),
-            false
-        )
-        .err(),
+        fe.send(&Request::SetVringAddr(addr_msg(1, 0x10, 0x20, 0x40)), false)
+            .err(),
         Some(BackendError::RingAddress(1))
     );
 }
@@ -862,4 +851,271 @@ fn inflight_area_must_match_the_ring_and_the_device() {
         false,
     );
     assert!(matches!(r, Err(BackendError::Inflight(_))), "{r:?}");
+}
+
+fn addr_msg(index: u32, desc: u64, avail: u64, used: u64) -> VringAddrMsg {
+    VringAddrMsg {
+        index,
+        log: false,
+        desc,
+        used,
+        avail,
+        log_addr: 0,
+    }
+}
+
+fn num(index: u32, num: u32) -> Request<'static> {
+    Request::SetVringNum(VringStateMsg { index, num })
+}
+
+fn kick_req(index: u32) -> Request<'static> {
+    Request::SetVringKick(VringFdMsg {
+        index,
+        no_fd: false,
+    })
+}
+
+/// A refusal with a failed ack (the session goes on), then the same
+/// without NEED_REPLY: an error, which ends the connection.
+fn refused(fe: &mut Fe, req: Request<'_>, e: BackendError) {
+    let (o, v) = fe.ack(req.clone());
+    assert_eq!((v, o.refused), (1, Some(e)), "{req:?}");
+    assert_eq!(fe.send(&req, false).err(), Some(e), "{req:?}");
+}
+
+#[test]
+fn ring_sizes_refused_on_set_vring_num() {
+    let mut fe = new_fe(all_protocol());
+    fe.handshake(V::VERSION_1 | V::PROTOCOL_FEATURES);
+    use vhost_user_core::vring::VringError as VE;
+    // 0 and above 32768 are malformed: the connection ends, ack or not.
+    for n in [0, 32769, 1 << 20] {
+        for ack in [false, true] {
+            assert_eq!(
+                fe.send(&num(0, n), ack).err(),
+                Some(BackendError::Wire(WireError::BadValue(n.into())))
+            );
+        }
+    }
+    refused(&mut fe, num(0, 100), BackendError::Vring(VE::BadSize(100)));
+    refused(&mut fe, num(0, 512), BackendError::QueueSize(512));
+    refused(&mut fe, num(0, 32768), BackendError::QueueSize(32768));
+    assert_eq!(fe.session.ring(0).unwrap().num, 0, "nothing was stored");
+    assert_eq!(fe.ack(num(0, 256)).1, 0);
+    // Packed rings take any size from 1 to the maximum.
+    let mut fe = new_fe(all_protocol());
+    fe.handshake(V::VERSION_1 | V::PROTOCOL_FEATURES | V::RING_PACKED);
+    assert_eq!(fe.ack(num(0, 100)).1, 0);
+    assert_eq!(fe.ack(num(1, 1)).1, 0);
+    refused(&mut fe, num(0, 257), BackendError::QueueSize(257));
+}
+
+#[test]
+fn ring_addresses_refused_on_set_vring_addr() {
+    use vhost_user_core::vring::VringError as VE;
+    // Two regions adjacent in guest physical and in user addresses.
+    let half = RAM / 2;
+    let mut fe = Fe::new(
+        config(all_protocol()),
+        TestDevice::default(),
+        &[(0, half), (half, half)],
+    )
+    .unwrap();
+    fe.handshake(V::VERSION_1 | V::PROTOCOL_FEATURES);
+    let t = [region(0, half), region(half, half)];
+    fe.send(&Request::SetMemTable(MemTable::new(&t).unwrap()), false)
+        .unwrap();
+    let u = region(0, 1).user_addr;
+    assert_eq!(fe.ack(num(0, 16)).1, 0);
+    let good = (u + 0x1000, u + 0x2000, u + 0x3000);
+    let at = |d: u64, a: u64, us: u64| Request::SetVringAddr(addr_msg(0, d, a, us));
+    // Outside guest memory (each area in turn).
+    for (d, a, us) in [
+        (u + RAM, good.1, good.2),
+        (good.0, u - 0x1000, good.2),
+        (good.0, good.1, 0x10),
+    ] {
+        refused(&mut fe, at(d, a, us), BackendError::RingAddress(0));
+    }
+    // An area whose end is past the end of guest memory (16 entries of the
+    // used ring are 134 bytes).
+    refused(
+        &mut fe,
+        at(good.0, good.1, u + RAM - 64),
+        BackendError::RingAddress(0),
+    );
+    // Straddling the boundary of two regions, although both are mapped.
+    refused(
+        &mut fe,
+        at(u + half - 0x80, good.1, good.2),
+        BackendError::RingAddress(0),
+    );
+    // Misaligned for a split ring: desc 16, avail 2, used 4.
+    refused(
+        &mut fe,
+        at(good.0 + 8, good.1, good.2),
+        BackendError::Vring(VE::Misaligned(0x1008)),
+    );
+    refused(
+        &mut fe,
+        at(good.0, good.1 + 1, good.2),
+        BackendError::Vring(VE::Misaligned(0x2001)),
+    );
+    refused(
+        &mut fe,
+        at(good.0, good.1, good.2 + 2),
+        BackendError::Vring(VE::Misaligned(0x3002)),
+    );
+    assert!(fe.session.ring(0).unwrap().addr.is_none(), "nothing stored");
+    // Each area inside a region (not the same one) is fine.
+    assert_eq!(fe.ack(at(good.0, u + half + 0x100, good.2)).1, 0);
+    // Packed: the driver event area must be 4-aligned.
+    let mut fe = new_fe(all_protocol());
+    fe.handshake(V::VERSION_1 | V::PROTOCOL_FEATURES | V::RING_PACKED);
+    assert_eq!(fe.ack(num(0, 100)).1, 0);
+    refused(
+        &mut fe,
+        at(good.0, good.1 + 2, good.2),
+        BackendError::Vring(VE::Misaligned(0x2002)),
+    );
+    assert_eq!(fe.ack(at(good.0, good.1 + 4, good.2 + 4)).1, 0);
+}
+
+#[test]
+fn ring_set_before_set_features_is_checked_there_and_at_kick() {
+    use vhost_user_core::vring::VringError as VE;
+    let mut fe = new_fe(all_protocol());
+    fe.send(&Request::SetProtocolFeatures(all_protocol().bits()), false)
+        .unwrap();
+    let t = [region(0, RAM)];
+    fe.send(&Request::SetMemTable(MemTable::new(&t).unwrap()), false)
+        .unwrap();
+    let u = region(0, 1).user_addr;
+    // The layout is not known yet: a packed size and a 2-aligned driver
+    // area are accepted (both are fine for one of the layouts) ...
+    assert_eq!(fe.ack(num(0, 100)).1, 0);
+    assert_eq!(fe.ack(num(1, 64)).1, 0);
+    let a1 = addr_msg(1, u + 0x1000, u + 0x2002, u + 0x3000);
+    assert_eq!(fe.ack(Request::SetVringAddr(a1)).1, 0);
+    // ... but what holds for neither is refused at once.
+    refused(&mut fe, num(0, 300), BackendError::QueueSize(300));
+    refused(
+        &mut fe,
+        Request::SetVringAddr(addr_msg(1, u + 0x1000, u + 0x2001, u + 0x3000)),
+        BackendError::Vring(VE::Misaligned(0x2001)),
+    );
+    // SET_FEATURES for split rings: ring 0's size does not fit.
+    let split = V::VERSION_1 | V::PROTOCOL_FEATURES;
+    refused(
+        &mut fe,
+        Request::SetFeatures(split.bits()),
+        BackendError::Vring(VE::BadSize(100)),
+    );
+    assert_eq!(fe.session.features(), V::empty(), "nothing changed");
+    // For packed rings: ring 1's driver area is misaligned.
+    let packed = split | V::RING_PACKED;
+    refused(
+        &mut fe,
+        Request::SetFeatures(packed.bits()),
+        BackendError::Vring(VE::Misaligned(0x2002)),
+    );
+    // Fix ring 1; packed is accepted now.
+    let a1 = addr_msg(1, u + 0x1000, u + 0x2004, u + 0x3000);
+    assert_eq!(fe.ack(Request::SetVringAddr(a1)).1, 0);
+    assert_eq!(fe.ack(Request::SetFeatures(packed.bits())).1, 0);
+    // SET_VRING_KICK checks again: features back to split (no ring runs),
+    // and ring 0, size 100, cannot start.
+    assert_eq!(fe.ack(Request::SetFeatures(split.bits())).1, 0);
+    let a0 = addr_msg(0, u + 0x8000, u + 0x9000, u + 0xa000);
+    assert_eq!(fe.ack(Request::SetVringAddr(a0)).1, 0);
+    refused(&mut fe, kick_req(0), BackendError::Vring(VE::BadSize(100)));
+}
+
+#[test]
+fn qemu_order_and_resent_memory_tables_still_work() {
+    let mut fe = new_fe(all_protocol());
+    // QEMU: SET_FEATURES, SET_MEM_TABLE, then per ring NUM, BASE, ADDR,
+    // KICK; all acked.
+    fe.handshake(V::VERSION_1 | V::PROTOCOL_FEATURES);
+    let mut drv = SplitDriver::new(&fe.mem, 16, 0x1000, false).unwrap();
+    let ua = drv.user_addrs();
+    assert_eq!(fe.ack(num(0, 16)).1, 0);
+    let base = Request::SetVringBase(VringStateMsg { index: 0, num: 0 });
+    assert_eq!(fe.ack(base.clone()).1, 0);
+    let a = addr_msg(0, ua.desc, ua.driver, ua.device);
+    assert_eq!(fe.ack(Request::SetVringAddr(a)).1, 0);
+    assert_eq!(fe.ack(kick_req(0)).1, 0);
+    fe.ack(Request::SetVringEnable {
+        index: 0,
+        enable: true,
+    });
+    // The same table again while the ring runs, and the same addresses.
+    let t = [region(0, RAM)];
+    let mt = Request::SetMemTable(MemTable::new(&t).unwrap());
+    assert_eq!(fe.ack(mt.clone()).1, 0);
+    assert_eq!(fe.ack(Request::SetVringAddr(a)).1, 0);
+    drv.post(&fe.mem, &[Buf::writable(0x9000, 4)]).unwrap();
+    assert_eq!(serve(&mut fe, 0, 1), 1);
+    // Stop the ring; its addresses stay recorded.
+    let (o, _) = fe.send(&Request::GetVringBase(0), false).unwrap();
+    assert_eq!(o.reply, Reply::Pending { queue: 0 });
+    fe.serve(0).unwrap();
+    fe.finish_stop(0).unwrap();
+    // A table that no longer holds the stopped ring is a legal update, and
+    // so is removing and adding regions under it.
+    let r = region(RAM, 0x10000);
+    let t2 = [r];
+    assert_eq!(
+        fe.ack(Request::SetMemTable(MemTable::new(&t2).unwrap())).1,
+        0
+    );
+    assert_eq!(fe.ack(Request::RemMemReg(r)).1, 0);
+    assert_eq!(fe.ack(Request::AddMemReg(region(0, RAM))).1, 0);
+    assert_eq!(fe.ack(Request::RemMemReg(region(0, RAM))).1, 0);
+    assert_eq!(fe.ack(Request::AddMemReg(r)).1, 0);
+    // Starting it there is refused ...
+    refused(&mut fe, kick_req(0), BackendError::RingAddress(0));
+    // ... and QEMU's restart (memory, then NUM, BASE, ADDR, KICK) works.
+    assert_eq!(fe.ack(mt).1, 0);
+    assert_eq!(fe.ack(num(0, 16)).1, 0);
+    let base = Request::SetVringBase(VringStateMsg {
+        index: 0,
+        num: fe.session.ring(0).unwrap().base,
+    });
+    assert_eq!(fe.ack(base).1, 0);
+    assert_eq!(fe.ack(Request::SetVringAddr(a)).1, 0);
+    assert_eq!(fe.ack(kick_req(0)).1, 0);
+    drv.post(&fe.mem, &[Buf::writable(0x9000, 4)]).unwrap();
+    assert_eq!(serve(&mut fe, 0, 2), 1);
+}
+
+#[test]
+fn set_features_dropping_bit_30_after_protocol_features_is_refused() {
+    let mut fe = new_fe(all_protocol());
+    fe.handshake(V::VERSION_1 | V::PROTOCOL_FEATURES);
+    refused(
+        &mut fe,
+        Request::SetFeatures(V::VERSION_1.bits()),
+        BackendError::ProtocolFeaturesDropped,
+    );
+    // Nothing changed: protocol features (REPLY_ACK) still hold.
+    assert_eq!(fe.session.protocol_features(), all_protocol());
+    assert_eq!(fe.session.features(), V::VERSION_1 | V::PROTOCOL_FEATURES);
+    assert_eq!(fe.ack(Request::SetOwner).1, 0);
+    // Also before any SET_FEATURES.
+    let mut fe = new_fe(all_protocol());
+    fe.send(&Request::SetProtocolFeatures(P::REPLY_ACK.bits()), false)
+        .unwrap();
+    refused(
+        &mut fe,
+        Request::SetFeatures(V::VERSION_1.bits()),
+        BackendError::ProtocolFeaturesDropped,
+    );
+    // A front-end that never set protocol features may leave bit 30 out:
+    // the rings start enabled.
+    let mut fe = new_fe(all_protocol());
+    fe.send(&Request::SetFeatures(V::VERSION_1.bits()), false)
+        .unwrap();
+    assert_eq!(fe.session.protocol_features(), P::empty());
+    assert_eq!(fe.session.features(), V::VERSION_1);
 }

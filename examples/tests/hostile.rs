@@ -326,83 +326,121 @@ fn cases() -> Vec<Case> {
             send(s, &Request::RemMemReg(r), false, &[]);
         }),
     });
+    // Ring sizes and addresses are refused on the message that sets them:
+    // no SET_VRING_KICK is ever sent in these cases.
+    for (name, bad) in ring_refusals() {
+        v.push(Case {
+            name,
+            handshake: true,
+            send: Box::new(move |s| bad.send(s, false)),
+        });
+    }
     v.push(Case {
-        name: "ring size not a power of two, then started",
+        name: "SET_FEATURES without bit 30 after SET_PROTOCOL_FEATURES",
         handshake: true,
-        send: Box::new(|s| ring_case(s, 100, 0)),
-    });
-    v.push(Case {
-        name: "ring size above the maximum",
-        handshake: true,
-        send: Box::new(|s| {
-            send(
-                s,
-                &Request::SetVringNum(VringStateMsg {
-                    index: 0,
-                    num: 4096,
-                }),
-                false,
-                &[],
-            )
-        }),
-    });
-    v.push(Case {
-        name: "misaligned ring addresses",
-        handshake: true,
-        send: Box::new(|s| ring_case(s, 64, 0x7f00_0000_0001)),
-    });
-    v.push(Case {
-        name: "ring addresses outside guest memory",
-        handshake: true,
-        send: Box::new(|s| ring_case(s, 64, 0x7f00_1000_0000)),
+        send: Box::new(|s| send(s, &Request::SetFeatures(V::VERSION_1.bits()), false, &[])),
     });
     v
 }
 
-/// Maps 1 MiB at user address 0x7f00_0000_0000, configures ring 0 with
-/// `size` entries at user address `at` (0: a valid place), and kicks it.
-fn ring_case(s: &Stream, size: u32, at: u64) {
-    let (m, r) = memory(1 << 20);
-    let t = [r];
-    send(
-        s,
-        &Request::SetMemTable(MemTable::new(&t).unwrap()),
-        false,
-        &[m.as_fd()],
-    );
-    send(
-        s,
-        &Request::SetVringNum(VringStateMsg {
+/// A bad ring message after a valid memory table (1 MiB at user address
+/// 0x7f00_0000_0000, and with `two_regions` another adjacent MiB).
+struct BadRing {
+    two_regions: bool,
+    /// Ring 0's size, sent first (and checked) unless it is the bad one.
+    size: u32,
+    /// The addresses of ring 0, or `None` when the size is the bad one.
+    addr: Option<(u64, u64, u64)>,
+}
+
+impl BadRing {
+    /// Sends the memory table and the ring messages; the last one is the
+    /// bad one, sent with `need_reply`. The good ones are acked (0).
+    fn send(&self, s: &Stream, need_reply: bool) {
+        let (m, r) = memory(1 << 20);
+        let (m2, _) = memory(1 << 20);
+        let r2 = MemRegionMsg {
+            guest_addr: 1 << 20,
+            user_addr: r.user_addr + (1 << 20),
+            ..r
+        };
+        let (t, fds) = if self.two_regions {
+            (vec![r, r2], vec![m.as_fd(), m2.as_fd()])
+        } else {
+            (vec![r], vec![m.as_fd()])
+        };
+        send(
+            s,
+            &Request::SetMemTable(MemTable::new(&t).unwrap()),
+            true,
+            &fds,
+        );
+        let a = recv_reply(s, FrontendReq::SetMemTable).unwrap();
+        assert_eq!(u64_of(FrontendReq::SetMemTable, &a), 0);
+        let num = Request::SetVringNum(VringStateMsg {
             index: 0,
-            num: size,
-        }),
-        false,
-        &[],
-    );
-    let base = if at == 0 { 0x7f00_0000_1000 } else { at };
-    send(
-        s,
-        &Request::SetVringAddr(VringAddrMsg {
+            num: self.size,
+        });
+        let Some((desc, avail, used)) = self.addr else {
+            return send_lax(s, &num, need_reply);
+        };
+        send(s, &num, true, &[]);
+        let a = recv_reply(s, FrontendReq::SetVringNum).unwrap();
+        assert_eq!(u64_of(FrontendReq::SetVringNum, &a), 0);
+        let addr = Request::SetVringAddr(VringAddrMsg {
             index: 0,
             log: false,
-            desc: base,
-            used: base + 0x8000,
-            avail: base + 0x4000,
+            desc,
+            used,
+            avail,
             log_addr: 0,
-        }),
-        false,
-        &[],
-    );
-    let k = EventFd::new(false).unwrap();
-    send(
-        s,
-        &Request::SetVringKick(VringFdMsg {
-            index: 0,
-            no_fd: false,
-        }),
-        false,
-        &[k.as_fd()],
-    );
+        });
+        send_lax(s, &addr, need_reply);
+    }
+}
+
+/// The ring size and address refusals, each on its own message.
+fn ring_refusals() -> Vec<(&'static str, BadRing)> {
+    const U: u64 = 0x7f00_0000_0000;
+    let addr = |d, a, u| BadRing {
+        two_regions: false,
+        size: 64,
+        addr: Some((U + d, U + a, U + u)),
+    };
+    let size = |n| BadRing {
+        two_regions: false,
+        size: n,
+        addr: None,
+    };
+    vec![
+        ("ring size not a power of two (split)", size(100)),
+        ("ring size above the maximum", size(4096)),
+        (
+            "ring addresses outside guest memory",
+            addr(0x1000_0000, 0x4000, 0x8000),
+        ),
+        (
+            "used ring past the end of guest memory",
+            addr(0x1000, 0x4000, 0xf_ff00),
+        ),
+        (
+            "descriptor table straddling two regions",
+            BadRing {
+                two_regions: true,
+                ..addr(0xf_ff00, 0x4000, 0x8000)
+            },
+        ),
+        ("misaligned descriptor table", addr(0x1008, 0x4000, 0x8000)),
+        ("misaligned avail ring", addr(0x1000, 0x4001, 0x8000)),
+        ("misaligned used ring", addr(0x1000, 0x4000, 0x8002)),
+    ]
+}
+
+/// Sends a message that the daemon may refuse by closing the connection.
+fn send_lax(s: &Stream, req: &Request<'_>, need_reply: bool) {
+    let mut buf = [0u8; MAX_MESSAGE];
+    let n = req.encode(need_reply, &mut buf).unwrap();
+    send_raw(s, &buf[..n], &[]);
 }
 
 #[test]
@@ -454,6 +492,102 @@ fn failed_ack_keeps_the_connection() {
     send(&s, &Request::GetQueueNum, false, &[]);
     let r = recv_reply(&s, FrontendReq::GetQueueNum).unwrap();
     assert_eq!(u64_of(FrontendReq::GetQueueNum, &r), 2);
+}
+
+#[test]
+fn ring_refusals_are_failed_acks_on_their_message() {
+    let d = Daemon::start();
+    for (name, bad) in ring_refusals() {
+        eprintln!("case {name}");
+        let s = d.connect();
+        handshake(&s);
+        bad.send(&s, true);
+        let code = if bad.addr.is_some() {
+            FrontendReq::SetVringAddr
+        } else {
+            FrontendReq::SetVringNum
+        };
+        let r = recv_reply(&s, code).expect(name);
+        assert_ne!(u64_of(code, &r), 0, "{name}");
+        // The connection goes on.
+        send(&s, &Request::GetQueueNum, false, &[]);
+        let r = recv_reply(&s, FrontendReq::GetQueueNum).expect(name);
+        assert_eq!(u64_of(FrontendReq::GetQueueNum, &r), 2);
+    }
+}
+
+#[test]
+fn ring_set_before_set_features_is_checked_there() {
+    // Packed rings are offered, so before SET_FEATURES a size of 100 may
+    // be a packed ring's; SET_FEATURES choosing split rings is refused.
+    let d = Daemon::start();
+    let s = d.connect();
+    send(&s, &Request::GetFeatures, false, &[]);
+    let f = u64_of(
+        FrontendReq::GetFeatures,
+        &recv_reply(&s, FrontendReq::GetFeatures).unwrap(),
+    );
+    assert!(f & V::RING_PACKED.bits() != 0);
+    send(
+        &s,
+        &Request::SetProtocolFeatures(P::REPLY_ACK.bits()),
+        false,
+        &[],
+    );
+    send(&s, &Request::SetOwner, false, &[]);
+    BadRing {
+        two_regions: false,
+        size: 100,
+        addr: None,
+    }
+    .send(&s, true);
+    let r = recv_reply(&s, FrontendReq::SetVringNum).unwrap();
+    assert_eq!(u64_of(FrontendReq::SetVringNum, &r), 0);
+    let split = V::VERSION_1 | V::PROTOCOL_FEATURES;
+    send(&s, &Request::SetFeatures(split.bits()), true, &[]);
+    let r = recv_reply(&s, FrontendReq::SetFeatures).unwrap();
+    assert_ne!(u64_of(FrontendReq::SetFeatures, &r), 0);
+    send(
+        &s,
+        &Request::SetFeatures((split | V::RING_PACKED).bits()),
+        true,
+        &[],
+    );
+    let r = recv_reply(&s, FrontendReq::SetFeatures).unwrap();
+    assert_eq!(u64_of(FrontendReq::SetFeatures, &r), 0);
+    // Without NEED_REPLY the refusal ends the connection.
+    drop(s);
+    let s = d.connect();
+    send(
+        &s,
+        &Request::SetProtocolFeatures(P::REPLY_ACK.bits()),
+        false,
+        &[],
+    );
+    BadRing {
+        two_regions: false,
+        size: 100,
+        addr: None,
+    }
+    .send(&s, false);
+    send_lax(&s, &Request::SetFeatures(split.bits()), false);
+    assert_dropped(&s);
+    assert_serves(&d);
+}
+
+#[test]
+fn set_features_without_bit_30_is_a_failed_ack() {
+    let d = Daemon::start();
+    let s = d.connect();
+    let p = handshake(&s);
+    assert!(p & P::REPLY_ACK.bits() != 0);
+    send(&s, &Request::SetFeatures(V::VERSION_1.bits()), true, &[]);
+    let r = recv_reply(&s, FrontendReq::SetFeatures).unwrap();
+    assert_ne!(u64_of(FrontendReq::SetFeatures, &r), 0);
+    // Protocol features still hold: REPLY_ACK acks the next message.
+    send(&s, &Request::SetOwner, true, &[]);
+    let r = recv_reply(&s, FrontendReq::SetOwner).unwrap();
+    assert_eq!(u64_of(FrontendReq::SetOwner, &r), 0);
 }
 
 #[test]

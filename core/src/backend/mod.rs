@@ -21,6 +21,55 @@
 //! A well-formed request that cannot be honoured is answered with a failed
 //! REPLY_ACK when the front-end asked for one, and otherwise also ends the
 //! connection, as libvhost-user and QEMU's own back-ends do.
+//!
+//! # Ring sizes and addresses
+//!
+//! A ring's size and addresses are refused on the message that sets them,
+//! not later when the ring starts:
+//!
+//! * SET_VRING_NUM: above the device's `max_queue_size`, or, for a split
+//!   ring, not a power of two (0 and sizes above 32768 are malformed and end
+//!   the connection, [`WireError::BadValue`]).
+//! * SET_VRING_ADDR: an area that is not inside guest memory for the ring
+//!   size in place (descriptor table 16 bytes an entry; split avail
+//!   `6 + 2 * size`, used `6 + 8 * size`; packed event areas 4 bytes), or
+//!   whose guest physical address is misaligned for the layout (descriptors
+//!   16, split avail 2, split used 4, packed event areas 4). Each area must
+//!   lie inside **one** memory region: the Linux adapter maps every region
+//!   on its own, so two regions adjacent in guest physical addresses are not
+//!   adjacent in the back-end's address space and an area straddling them
+//!   could not be served as one range.
+//!
+//! The layout (split or packed) is only known once SET_FEATURES says
+//! whether VIRTIO_F_RING_PACKED was negotiated. Before it (and only when
+//! packed rings are offered) SET_VRING_NUM and SET_VRING_ADDR check what
+//! holds for both layouts, and SET_FEATURES checks those rings again for the
+//! layout it chooses: it is refused if one of them does not fit.
+//! SET_VRING_KICK checks everything once more before the ring starts.
+//!
+//! SET_VRING_NUM checks the size alone, since the addresses in place may be
+//! stale ones that the next SET_VRING_ADDR replaces (QEMU sends NUM, BASE,
+//! then ADDR). A memory update (SET_MEM_TABLE, ADD/REM_MEM_REG) is refused
+//! when a *running* ring would no longer translate, but never because of a
+//! stopped ring: QEMU re-sends memory tables while rings are stopped with the
+//! addresses of their previous start (a guest reboot, memory hot-unplug) and
+//! sends SET_VRING_ADDR again before restarting them. A stopped ring whose
+//! addresses no longer translate is refused when it is started
+//! (SET_VRING_KICK).
+//!
+//! # SET_FEATURES without VHOST_USER_F_PROTOCOL_FEATURES
+//!
+//! Once SET_PROTOCOL_FEATURES was received, a SET_FEATURES without bit 30
+//! is refused with [`BackendError::ProtocolFeaturesDropped`] (a failed ack
+//! when REPLY_ACK was negotiated and asked for, else the connection ends);
+//! nothing changes. The specification gives no way to withdraw protocol
+//! features once set, and QEMU never does: `vhost_user_set_features` always
+//! adds the back-end-only bits (`dev->backend_features`, bit 30) to what it
+//! sends. Accepting it would silently drop REPLY_ACK and the other protocol
+//! features mid-session, so a front-end that asked for an ack would never
+//! get one. Without SET_PROTOCOL_FEATURES (a front-end that does not use
+//! protocol features) SET_FEATURES without bit 30 is accepted and enables
+//! every ring, as the specification requires.
 
 use core::fmt;
 
@@ -234,8 +283,11 @@ pub enum BackendError {
     RingRunning(u16),
     /// The ring cannot start: its size or addresses were never set.
     RingNotConfigured(u16),
-    /// A ring address is not inside the memory table.
+    /// A ring area is not inside one region of the memory table.
     RingAddress(u16),
+    /// SET_FEATURES without VHOST_USER_F_PROTOCOL_FEATURES after protocol
+    /// features were negotiated.
+    ProtocolFeaturesDropped,
     /// VHOST_VRING_F_LOG without dirty logging (not offered).
     LoggingNotSupported,
     /// SET_FEATURES changing features while rings run.
@@ -297,6 +349,9 @@ impl fmt::Display for BackendError {
             BackendError::RingRunning(q) => write!(f, "ring {q} is running"),
             BackendError::RingNotConfigured(q) => write!(f, "ring {q} has no size or addresses"),
             BackendError::RingAddress(q) => write!(f, "ring {q} address outside guest memory"),
+            BackendError::ProtocolFeaturesDropped => {
+                f.write_str("SET_FEATURES without bit 30 after protocol features were negotiated")
+            }
             BackendError::LoggingNotSupported => f.write_str("dirty logging not negotiated"),
             BackendError::FeaturesWhileRunning => f.write_str("features changed while rings run"),
             BackendError::Config => f.write_str("config space access refused"),
@@ -345,6 +400,26 @@ pub struct RingSlot {
     pub call: Notifier,
     /// Error notifier.
     pub err: Notifier,
+    /// Size or addresses were accepted before the ring layout was known;
+    /// SET_FEATURES checks them for the layout it chooses.
+    deferred: bool,
+}
+
+/// A ring layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Layout {
+    Split,
+    Packed,
+}
+
+impl Layout {
+    fn of(features: VirtioFeatures) -> Layout {
+        if features.contains(VirtioFeatures::RING_PACKED) {
+            Layout::Packed
+        } else {
+            Layout::Split
+        }
+    }
 }
 
 /// The back-end side of one front-end connection.
@@ -465,25 +540,69 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
             .get(usize::from(queue))
             .ok_or(BackendError::NoSuchQueue(queue.into()))?;
         let addr = slot.addr.ok_or(BackendError::RingNotConfigured(queue))?;
-        let n = u64::from(slot.num);
-        if n == 0 {
+        if slot.num == 0 {
             return Err(BackendError::RingNotConfigured(queue));
         }
-        let packed = self.features().contains(VirtioFeatures::RING_PACKED);
-        let (desc_len, driver_len, device_len) = if packed {
-            (16 * n, 4, 4)
-        } else {
-            (16 * n, 6 + 2 * n, 6 + 8 * n)
+        let layout = Layout::of(self.features());
+        Self::areas_in(table, queue, addr, slot.num, Some(layout))
+    }
+
+    /// The ring layout: known from SET_FEATURES, or before it when packed
+    /// rings are not offered.
+    fn layout(&self) -> Option<Layout> {
+        match self.acked_features {
+            Some(f) => Some(Layout::of(f)),
+            None if !self.config.features.contains(VirtioFeatures::RING_PACKED) => {
+                Some(Layout::Split)
+            }
+            None => None,
+        }
+    }
+
+    /// Checks a ring size for `layout` (`None`: what holds for both).
+    fn check_size(&self, num: u32, layout: Option<Layout>) -> Result<(), BackendError> {
+        if num == 0 {
+            return Err(BackendError::Vring(VringError::BadSize(0)));
+        }
+        if num > u32::from(self.config.max_queue_size) {
+            return Err(BackendError::QueueSize(num));
+        }
+        if layout == Some(Layout::Split) && !num.is_power_of_two() {
+            return Err(BackendError::Vring(VringError::BadSize(num)));
+        }
+        Ok(())
+    }
+
+    /// Translates a ring's areas through `table` for `num` entries and
+    /// checks that each lies inside one region and is aligned for `layout`
+    /// (`None`: the lengths and alignments both layouts need).
+    fn areas_in(
+        table: &MemoryTable<R>,
+        queue: u16,
+        addr: VringAddrMsg,
+        num: u16,
+        layout: Option<Layout>,
+    ) -> Result<RingAddrs, BackendError> {
+        let n = u64::from(num);
+        // (length, alignment) of desc, driver and device areas.
+        let (desc, driver, device) = match layout {
+            Some(Layout::Split) => ((16 * n, 16), (6 + 2 * n, 2), (6 + 8 * n, 4)),
+            Some(Layout::Packed) => ((16 * n, 16), (4, 4), (4, 4)),
+            None => ((16 * n, 16), (4, 2), (4, 4)),
         };
-        let t = |va: u64, len: u64| {
-            table
+        let area = |va: u64, (len, align): (u64, u64)| {
+            let gpa = table
                 .translate_user_range(va, len)
-                .map_err(|_| BackendError::RingAddress(queue))
+                .map_err(|_| BackendError::RingAddress(queue))?;
+            if gpa % align != 0 {
+                return Err(BackendError::Vring(VringError::Misaligned(gpa)));
+            }
+            Ok(gpa)
         };
         Ok(RingAddrs {
-            desc: t(addr.desc, desc_len)?,
-            driver: t(addr.avail, driver_len)?,
-            device: t(addr.used, device_len)?,
+            desc: area(addr.desc, desc)?,
+            driver: area(addr.avail, driver)?,
+            device: area(addr.used, device)?,
         })
     }
 
@@ -672,14 +791,31 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
                 if running && Some(acked) != self.acked_features {
                     return Err(BackendError::FeaturesWhileRunning);
                 }
+                let bit30 = acked.contains(VirtioFeatures::PROTOCOL_FEATURES);
+                if !bit30 && self.protocol_negotiated {
+                    // See the module docs: protocol features cannot be
+                    // withdrawn.
+                    return Err(BackendError::ProtocolFeaturesDropped);
+                }
+                // Rings set up before the layout was known: check them for
+                // this one.
+                let layout = Some(Layout::of(acked));
+                for (q, slot) in self.rings.iter().enumerate() {
+                    if slot.running || !slot.deferred {
+                        continue;
+                    }
+                    if slot.num != 0 {
+                        self.check_size(slot.num.into(), layout)?;
+                    }
+                    if let Some(a) = slot.addr {
+                        Self::areas_in(&self.memory, q as u16, a, slot.num, layout)?;
+                    }
+                }
+                for slot in self.rings.iter_mut() {
+                    slot.deferred = false;
+                }
                 self.acked_features = Some(acked);
                 device.features_acked(acked);
-                let bit30 = acked.contains(VirtioFeatures::PROTOCOL_FEATURES);
-                if !bit30 {
-                    // Without protocol features there are none, and every
-                    // ring is enabled.
-                    self.acked_protocol = ProtocolFeatures::empty();
-                }
                 self.apply_all(
                     RingEvent::SetFeatures {
                         protocol_features: bit30,
@@ -750,24 +886,36 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
                 }
             }
             Request::SetVringNum(s) => {
-                if s.num > u32::from(self.config.max_queue_size) {
-                    return Err(BackendError::QueueSize(s.num));
-                }
+                let layout = self.layout();
+                self.check_size(s.num, layout)?;
                 let slot = self.slot_mut(s.index)?;
                 if slot.running {
                     return Err(BackendError::RingRunning(s.index as u16));
                 }
+                // At most max_queue_size (a u16): checked above.
                 slot.num = s.num as u16;
+                slot.deferred |= layout.is_none();
             }
             Request::SetVringAddr(a) => {
                 if a.log {
                     return Err(BackendError::LoggingNotSupported);
                 }
+                let layout = self.layout();
+                let q = a.index as u16;
                 let slot = self.slot_mut(a.index)?;
-                if slot.running && slot.addr != Some(a) {
-                    return Err(BackendError::RingRunning(a.index as u16));
+                if slot.running {
+                    // The same addresses again: nothing changes.
+                    return if slot.addr == Some(a) {
+                        Ok(())
+                    } else {
+                        Err(BackendError::RingRunning(q))
+                    };
                 }
+                let num = slot.num;
+                Self::areas_in(&self.memory, q, a, num, layout)?;
+                let slot = self.slot_mut(a.index)?;
                 slot.addr = Some(a);
+                slot.deferred |= layout.is_none();
             }
             Request::SetVringBase(s) => {
                 let slot = self.slot_mut(s.index)?;
