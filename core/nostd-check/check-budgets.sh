@@ -17,7 +17,9 @@
 # The .text target is 32 KiB; the back-end is not there yet (see
 # core/nostd-blk's documentation), so the enforced budget is a ratchet just
 # above what it takes today: lower it as the core shrinks, never raise it
-# without a reason.
+# without a reason. Raised once, 38400 -> 38912: refusing ring sizes and
+# addresses on the message that sets them (SET_VRING_NUM/ADDR, and again
+# at SET_FEATURES) added 1.1 KiB of checks a hostile front-end needs.
 #
 # Stack depths need `-Z emit-stack-sizes` (RUSTC_BOOTSTRAP on stable): that
 # build has its own target directory, so the plain builds stay cached.
@@ -25,7 +27,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 TEXT_TARGET=32768
-TEXT_BUDGET=${TEXT_BUDGET:-38400}
+TEXT_BUDGET=${TEXT_BUDGET:-38912}
 STACK_BUDGET=${STACK_BUDGET:-2048}
 dir=${CARGO_TARGET_DIR:-target}
 bin=vhost-user-core-nostd-check

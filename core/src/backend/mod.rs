@@ -594,7 +594,8 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
             let gpa = table
                 .translate_user_range(va, len)
                 .map_err(|_| BackendError::RingAddress(queue))?;
-            if gpa % align != 0 {
+            // Alignments are powers of two: a mask, not a 64-bit division.
+            if gpa & (align - 1) != 0 {
                 return Err(BackendError::Vring(VringError::Misaligned(gpa)));
             }
             Ok(gpa)
