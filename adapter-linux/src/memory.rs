@@ -346,6 +346,11 @@ impl GuestMemory for LinuxGuestMemory {
         fence(Ordering::SeqCst);
     }
 
+    #[inline]
+    fn store_fence(&self) {
+        fence(Ordering::Release);
+    }
+
     #[inline(always)]
     fn check(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
         // `within` finds the region holding `gpa`, so with `len == 0` it

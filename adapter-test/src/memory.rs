@@ -272,6 +272,11 @@ impl<const N: usize> GuestMemory for TestMemory<N> {
         fence(Ordering::SeqCst);
     }
 
+    #[inline]
+    fn store_fence(&self) {
+        fence(Ordering::Release);
+    }
+
     #[inline(always)]
     fn check(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
         let unmapped = MemoryError::unmapped(gpa, len);

@@ -436,7 +436,7 @@ impl SplitInflight {
         let e = self.entry(head);
         mem.write_u64(e + 8, self.counter)?;
         self.counter = self.counter.wrapping_add(1);
-        mem.fence();
+        mem.store_fence();
         mem.write(e, &[1])?;
         Ok(())
     }
@@ -457,7 +457,7 @@ impl SplitInflight {
             last = h;
         }
         mem.write_u16(self.base + S_LAST_BATCH_HEAD, last)?;
-        mem.fence();
+        mem.store_fence();
         Ok(())
     }
 
@@ -469,14 +469,14 @@ impl SplitInflight {
         heads: &[u16],
         used_idx: u16,
     ) -> Result<(), InflightError> {
-        mem.fence();
+        mem.store_fence();
         for &h in heads {
             if h >= self.size {
                 return Err(InflightError::OutOfRange(h));
             }
             mem.write(self.entry(h), &[0])?;
         }
-        mem.fence();
+        mem.store_fence();
         mem.write_u16(self.base + S_USED_IDX, used_idx)?;
         Ok(())
     }
@@ -675,7 +675,7 @@ impl PackedInflight {
         mem.write_u16(h + E_NUM, 0)?;
         mem.write_u64(h + E_COUNTER, self.counter)?;
         self.counter = self.counter.wrapping_add(1);
-        mem.fence();
+        mem.store_fence();
         mem.write(h, &[1])?;
         for k in 0..n {
             let d = desc(k)?;
@@ -696,7 +696,7 @@ impl PackedInflight {
             free = self.link(mem, e + E_NEXT)?;
             mem.write_u16(self.base + P_FREE_HEAD, free)?;
         }
-        mem.fence();
+        mem.store_fence();
         mem.write_u16(self.base + P_OLD_FREE_HEAD, free)?;
         Ok(head)
     }
@@ -781,7 +781,7 @@ impl PackedInflight {
         mem.write_u16(self.base + P_FREE_HEAD, free)?;
         mem.write_u16(self.base + P_USED_IDX, pos.0)?;
         mem.write(self.base + P_USED_WRAP, &[u8::from(pos.1)])?;
-        mem.fence();
+        mem.store_fence();
         Ok(())
     }
 
@@ -792,14 +792,14 @@ impl PackedInflight {
         mem: &M,
         entries: &[u16],
     ) -> Result<(), InflightError> {
-        mem.fence();
+        mem.store_fence();
         for &h in entries {
             if h >= self.size {
                 return Err(InflightError::OutOfRange(h));
             }
             mem.write(self.entry(h), &[0])?;
         }
-        mem.fence();
+        mem.store_fence();
         self.commit(mem)
     }
 

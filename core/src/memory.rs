@@ -106,6 +106,15 @@ pub trait GuestMemory {
     /// between re-arming notifications and re-checking the ring.
     fn fence(&self);
 
+    /// Orders the stores before it before the stores after it, as another
+    /// process sees them (the inflight area's crash-safe records: a
+    /// request is recorded before it is flagged, a batch linked before
+    /// the used index is published). A release fence is enough; the
+    /// default is the full [`fence`](Self::fence).
+    fn store_fence(&self) {
+        self.fence();
+    }
+
     /// Check that every byte of `[gpa, gpa + len)` is backed by guest
     /// memory, without touching it. With `len == 0`, checks that `gpa`
     /// itself is a mapped address.
@@ -186,6 +195,10 @@ impl<M: GuestMemory + ?Sized> GuestMemory for &M {
     #[inline]
     fn fence(&self) {
         (**self).fence()
+    }
+    #[inline]
+    fn store_fence(&self) {
+        (**self).store_fence()
     }
     #[inline]
     fn check(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {

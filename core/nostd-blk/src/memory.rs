@@ -204,6 +204,11 @@ impl<const N: usize> GuestMemory for SharedMemory<'_, N> {
         fence(Ordering::SeqCst);
     }
 
+    #[inline]
+    fn store_fence(&self) {
+        fence(Ordering::Release);
+    }
+
     #[inline(never)]
     fn check(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
         self.locate(gpa, len).map(|_| ())
