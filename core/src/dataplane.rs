@@ -132,14 +132,6 @@ impl Published {
     pub fn notify(self) -> bool {
         self == Published::Notify
     }
-
-    fn or(self, other: Published) -> Published {
-        match (self, other) {
-            (Published::Notify, _) | (_, Published::Notify) => Published::Notify,
-            (Published::Suppressed, _) | (_, Published::Suppressed) => Published::Suppressed,
-            _ => Published::Nothing,
-        }
-    }
 }
 
 /// The answer to [`DataPlane::stop`].
@@ -187,8 +179,6 @@ pub struct DataPlane {
     resubmit_after: Option<Resubmit>,
     /// Inflight entries of completions not yet published.
     pending: Vec<u16, PUBLISH_BATCH>,
-    /// Used entries were written since the last publish.
-    unpublished: bool,
     /// `pop` may go straight to the ring: running, not broken, nothing to
     /// resubmit, and not paused (kept by [`refresh`](Self::refresh)).
     fast: bool,
@@ -226,7 +216,6 @@ impl DataPlane {
             resubmit_left: 0,
             resubmit_after: None,
             pending: Vec::new(),
-            unpublished: false,
             fast: false,
         };
         if let Some((area, offset)) = inflight {
@@ -240,10 +229,7 @@ impl DataPlane {
 
     /// Recomputes the fast-path flag after a state change.
     fn refresh(&mut self) {
-        self.fast = self.phase == Phase::Running
-            && self.broken.is_none()
-            && self.resubmit_left == 0
-            && (self.enabled || self.consume_disabled);
+        self.fast = !self.paused() && self.resubmit_left == 0;
     }
 
     fn recover<M: GuestMemory + ?Sized>(
@@ -515,7 +501,6 @@ impl DataPlane {
             return Err(self.fail(e.into()));
         }
         self.outstanding -= 1;
-        self.unpublished = true;
         Ok(published)
     }
 
@@ -537,7 +522,7 @@ impl DataPlane {
         mem: &M,
         area: Option<&M>,
     ) -> Result<Published, DataPlaneError> {
-        if !self.unpublished {
+        if !self.queue.has_unpublished() {
             return Ok(Published::Nothing);
         }
         let area = self.area(area)?;
@@ -561,7 +546,6 @@ impl DataPlane {
             _ => self.queue.flush_used(mem)?,
         };
         self.pending.clear();
-        self.unpublished = false;
         Ok(if notify {
             Published::Notify
         } else {
@@ -645,10 +629,14 @@ impl DataPlane {
 }
 
 /// Both publish results of one call together (the auto-publish inside
-/// `complete` and an explicit one).
+/// `complete` and an explicit one): notify if either asks.
 impl core::ops::BitOr for Published {
     type Output = Published;
     fn bitor(self, rhs: Published) -> Published {
-        self.or(rhs)
+        match (self, rhs) {
+            (Published::Notify, _) | (_, Published::Notify) => Published::Notify,
+            (Published::Suppressed, _) | (_, Published::Suppressed) => Published::Suppressed,
+            _ => Published::Nothing,
+        }
     }
 }

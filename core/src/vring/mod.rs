@@ -512,6 +512,15 @@ impl Queue {
         }
     }
 
+    /// Whether used entries were added since the last flush.
+    #[inline]
+    pub fn has_unpublished(&self) -> bool {
+        match self {
+            Queue::Split(q) => q.has_unpublished(),
+            Queue::Packed(q) => q.has_unpublished(),
+        }
+    }
+
     /// Publish the used entries added since the last flush; `Ok(true)` if
     /// the guest must be notified.
     #[inline]

@@ -294,6 +294,12 @@ impl PackedQueue {
         Ok(())
     }
 
+    /// Whether used descriptors were written since the last flush.
+    #[inline]
+    pub fn has_unpublished(&self) -> bool {
+        self.pending_first.is_some()
+    }
+
     /// Publish the used descriptors written since the last flush (one
     /// release store of the first one's flags) and say whether the driver
     /// wants a notification, per its event suppression area: ENABLE yes,

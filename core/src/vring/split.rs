@@ -393,6 +393,12 @@ impl SplitQueue {
         Ok(())
     }
 
+    /// Whether used entries were written since the last flush.
+    #[inline]
+    pub fn has_unpublished(&self) -> bool {
+        self.next_used != self.published_used
+    }
+
     /// Publish the used entries written since the last flush with one
     /// release store of used.idx. Returns whether the guest wants a
     /// notification: with EVENT_IDX, if the new used index crossed
