@@ -85,15 +85,7 @@ impl Fe {
     /// (INDIRECT_DESC, REPLY_ACK); no memory yet.
     fn connect() -> (Daemon, Stream, std::fs::File, TempDir) {
         let dir = TempDir::new("hostile-memory");
-        let img = dir.0.join("disk.img");
-        let image = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&img)
-            .unwrap();
-        image.set_len(4 * MIB).unwrap();
+        let (img, image) = dir.image(4 * MIB);
         let d = Daemon::start_with(&["--blk-file", img.to_str().unwrap(), "--num-queues", "1"]);
         let s = d.connect();
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();

@@ -69,15 +69,7 @@ impl Fe {
 
     fn with(protocol: P, extra: &[&str]) -> Fe {
         let dir = common::TempDir::new("inflight-stop");
-        let img = dir.0.join("disk.img");
-        let image = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&img)
-            .unwrap();
-        image.set_len(16 << 20).unwrap();
+        let (img, image) = dir.image(16 << 20);
         let mut args = vec!["--blk-file", img.to_str().unwrap(), "--num-queues", "1"];
         args.extend_from_slice(extra);
         let d = Daemon::start_with(&args);

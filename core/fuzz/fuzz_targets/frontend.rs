@@ -31,45 +31,14 @@ use vhost_user_core::message::{
 };
 use vhost_user_core::vring::RingAddrs;
 
+#[path = "common/input.rs"]
+mod input;
+use input::In;
+
 const NQ: usize = 2;
 const NR: usize = 4;
 const OPS: usize = 300;
 const USER: u64 = 0x7f00_0000_0000;
-
-/// Fuzz bytes read front to back; zeros once exhausted.
-struct In<'a>(&'a [u8]);
-
-impl In<'_> {
-    fn u8(&mut self) -> u8 {
-        match self.0.split_first() {
-            Some((&b, rest)) => {
-                self.0 = rest;
-                b
-            }
-            None => 0,
-        }
-    }
-    fn bool(&mut self) -> bool {
-        self.u8() & 1 != 0
-    }
-    fn u16(&mut self) -> u16 {
-        u16::from_le_bytes([self.u8(), self.u8()])
-    }
-    fn u32(&mut self) -> u32 {
-        u32::from(self.u16()) | u32::from(self.u16()) << 16
-    }
-    fn u64(&mut self) -> u64 {
-        u64::from(self.u32()) | u64::from(self.u32()) << 32
-    }
-    fn bytes(&mut self, n: usize) -> &[u8] {
-        let (a, b) = self.0.split_at(n.min(self.0.len()));
-        self.0 = b;
-        a
-    }
-    fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
 
 /// What the message in flight asked.
 #[derive(Clone, Copy, Debug)]

@@ -47,6 +47,10 @@ use vhost_user_test::{region, TestMemory, USER_ADDR_OFFSET};
 /// Guest memory and inflight areas.
 type Mem = TestMemory<2>;
 
+#[path = "common/input.rs"]
+mod input;
+use input::In;
+
 /// Guest RAM: `[0, RAM)`.
 const RAM: u64 = 0x10000;
 /// Rings of the device (the session may hold more).
@@ -63,41 +67,6 @@ const DATA: u64 = 0x4000;
 /// adapter failure: the connection ends).
 const AREA_CAP: u64 = 1 << 20;
 const OPS: usize = 200;
-
-/// Fuzz bytes read front to back; zeros once exhausted.
-struct In<'a>(&'a [u8]);
-
-impl In<'_> {
-    fn u8(&mut self) -> u8 {
-        match self.0.split_first() {
-            Some((&b, rest)) => {
-                self.0 = rest;
-                b
-            }
-            None => 0,
-        }
-    }
-    fn bool(&mut self) -> bool {
-        self.u8() & 1 != 0
-    }
-    fn u16(&mut self) -> u16 {
-        u16::from_le_bytes([self.u8(), self.u8()])
-    }
-    fn u32(&mut self) -> u32 {
-        u32::from(self.u16()) | u32::from(self.u16()) << 16
-    }
-    fn u64(&mut self) -> u64 {
-        u64::from(self.u32()) | u64::from(self.u32()) << 32
-    }
-    fn bytes(&mut self, n: usize) -> &[u8] {
-        let (a, b) = self.0.split_at(n.min(self.0.len()));
-        self.0 = b;
-        a
-    }
-    fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
 
 /// A device with a 64-byte config space whose second half is writable; it
 /// fills writable segments with a pattern (or writes nothing).

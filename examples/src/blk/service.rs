@@ -38,19 +38,21 @@ struct Inner<B> {
     device: Mutex<BlkDevice>,
     backend: B,
     counters: Vec<QueueCounters>,
-    delay: Duration,
 }
 
 /// A virtio-blk device over a block backend (a shared handle).
 #[derive(Debug)]
 pub struct BlkService<B: BlockBackend> {
     inner: Arc<Inner<B>>,
+    /// See [`with_delay`](Self::with_delay).
+    delay: Duration,
 }
 
 impl<B: BlockBackend> Clone for BlkService<B> {
     fn clone(&self) -> Self {
         BlkService {
             inner: Arc::clone(&self.inner),
+            delay: self.delay,
         }
     }
 }
@@ -79,26 +81,19 @@ impl<B: BlockBackend> BlkService<B> {
                 device: Mutex::new(device),
                 backend,
                 counters: (0..num_queues).map(|_| QueueCounters::default()).collect(),
-                delay: Duration::ZERO,
             }),
+            delay: Duration::ZERO,
         }
     }
 
     /// Carries out the requests of a ring one after the other, each
     /// `delay` after the previous one finished, like a slow disk with
     /// requests queued in flight (for tests that need requests outstanding
-    /// when a ring stops or the daemon dies). Call before cloning the
-    /// handle.
-    pub fn with_delay(self, delay: Duration) -> Self {
-        match Arc::try_unwrap(self.inner) {
-            Ok(mut inner) => {
-                inner.delay = delay;
-                BlkService {
-                    inner: Arc::new(inner),
-                }
-            }
-            Err(inner) => BlkService { inner },
-        }
+    /// when a ring stops or the daemon dies). Clones made afterwards share
+    /// it.
+    pub fn with_delay(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
     }
 
     fn device(&self) -> std::sync::MutexGuard<'_, BlkDevice> {
@@ -207,7 +202,7 @@ impl<B: BlockBackend> Device for BlkService<B> {
         if !token.side_effects() {
             return Completion::Done(0);
         }
-        if !self.inner.delay.is_zero() {
+        if !self.delay.is_zero() {
             // One request at a time, like a disk with one head: each is
             // due `delay` after the one before it.
             let start = scratch
@@ -215,7 +210,7 @@ impl<B: BlockBackend> Device for BlkService<B> {
                 .back()
                 .map_or_else(Instant::now, |d| d.due.max(Instant::now()));
             scratch.delayed.push_back(Delayed {
-                due: start + self.inner.delay,
+                due: start + self.delay,
                 token,
                 segments: chain.segments().iter().map(|&s| s.into()).collect(),
             });

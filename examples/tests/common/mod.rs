@@ -36,6 +36,21 @@ impl TempDir {
     pub fn new(tag: &str) -> TempDir {
         TempDir(temp_path(tag))
     }
+
+    /// A zeroed image file of `len` bytes in this directory, open for
+    /// reading and writing, and its path.
+    pub fn image(&self, len: u64) -> (PathBuf, std::fs::File) {
+        let path = self.0.join("disk.img");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        file.set_len(len).unwrap();
+        (path, file)
+    }
 }
 
 impl Drop for TempDir {
