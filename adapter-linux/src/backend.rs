@@ -28,6 +28,7 @@ use vhost_user_core::device::{Completion, Device};
 use vhost_user_core::message::{HEADER_SIZE, MAX_MESSAGE};
 use vhost_user_core::vring::{Chain, RingAddrs};
 
+use crate::channel::{BackChannel, Control};
 use crate::memory::LinuxGuestMemory;
 use crate::sys::epoll::{Epoll, EpollEvent, Interest};
 use crate::sys::eventfd::EventFd;
@@ -42,8 +43,10 @@ pub struct RingCounters {
     pub calls: AtomicU64,
     /// Batches whose call was suppressed (EVENT_IDX / NO_INTERRUPT).
     pub suppressed: AtomicU64,
-    /// Kicks received.
+    /// Kicks received (on the kick eventfd, or in-band VRING_KICK).
     pub kicks: AtomicU64,
+    /// Errors signalled (err eventfd, or in-band VRING_ERR).
+    pub errors: AtomicU64,
 }
 
 /// A device the Linux runtime serves: the connection keeps one handle for
@@ -74,6 +77,9 @@ pub struct RuntimeOptions {
     /// before it sleeps on the kick fd (QEMU's event loop does the same):
     /// a wake-up costs more than a short spin on a busy ring.
     pub spin: Duration,
+    /// How long a back-end channel request waits for the front-end's ack
+    /// before the connection is ended.
+    pub channel_timeout: Duration,
 }
 
 impl Default for RuntimeOptions {
@@ -82,6 +88,7 @@ impl Default for RuntimeOptions {
             batch: 64,
             poll_interval: Duration::from_micros(50),
             spin: Duration::from_micros(50),
+            channel_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -96,7 +103,8 @@ struct Shared {
     suspend: AtomicBool,
     enabled: AtomicBool,
     kick: Mutex<Option<Arc<EventFd>>>,
-    call: Mutex<Option<Arc<EventFd>>>,
+    call: Mutex<Signal>,
+    err: Mutex<Signal>,
     remap: Mutex<Option<RingAddrs>>,
     remap_pending: AtomicBool,
     counters: RingCounters,
@@ -111,6 +119,37 @@ impl Shared {
         // Cannot fail for 1 unless the counter is near overflow, which
         // only our own writes could cause, and the worker resets it.
         let _ = self.wake.write(1);
+    }
+}
+
+/// How a ring's calls or errors reach the front-end.
+#[derive(Clone, Default)]
+enum Signal {
+    /// Not at all (no eventfd, no in-band notifications).
+    #[default]
+    None,
+    /// A write to the eventfd the front-end gave.
+    Fd(Arc<EventFd>),
+    /// BACKEND_VRING_CALL / BACKEND_VRING_ERR on the back-end channel.
+    InBand(Arc<BackChannel>),
+}
+
+impl Signal {
+    /// Signals ring `queue` (its error if `err`); whether anything was sent.
+    fn raise(&self, queue: u16, err: bool) -> bool {
+        match self {
+            Signal::None => false,
+            Signal::Fd(fd) => fd.write(1).is_ok(),
+            Signal::InBand(ch) => ch
+                .send(|c, out| {
+                    if err {
+                        c.vring_err(queue, out)
+                    } else {
+                        c.vring_call(queue, out)
+                    }
+                })
+                .is_ok(),
+        }
     }
 }
 
@@ -145,6 +184,10 @@ where
     inflight_reply_fd: Option<OwnedFd>,
     /// Per ring: whether the pending stop suspends.
     suspend: Vec<bool>,
+    /// The back-end channel (SET_BACKEND_REQ_FD).
+    channel: Option<Arc<BackChannel>>,
+    /// Shares the back-end channel with the daemon.
+    control: Control,
 }
 
 /// Why a connection ended.
@@ -167,6 +210,7 @@ where
         config: BackendConfig,
         device: D,
         options: RuntimeOptions,
+        control: Control,
     ) -> Result<Self, BackendError> {
         let session = Session::new(config)?;
         let n = usize::from(config.num_queues);
@@ -180,6 +224,8 @@ where
             inflight: None,
             inflight_reply_fd: None,
             suspend: vec![false; n],
+            channel: None,
+            control,
         })
     }
 
@@ -213,7 +259,7 @@ where
                 warn!("request {} refused: {e}", rx.header.request);
             }
             for action in outcome.actions {
-                if let Err(e) = self.apply(action, &mut fds) {
+                if let Err(e) = self.apply(action, &mut fds, stream) {
                     return ConnectionEnd::Refused(e);
                 }
             }
@@ -261,7 +307,12 @@ where
             .transpose()
     }
 
-    fn apply(&mut self, action: Action, fds: &mut [Option<OwnedFd>]) -> Result<(), BackendError> {
+    fn apply(
+        &mut self,
+        action: Action,
+        fds: &mut [Option<OwnedFd>],
+        stream: &Stream,
+    ) -> Result<(), BackendError> {
         match action {
             Action::UnmapAll => self.memory_mut().clear(),
             Action::MapRegion { slot, fd, region } => {
@@ -294,15 +345,46 @@ where
                 self.rings[q].kick = kick;
             }
             Action::SetCall { queue, fd } => {
-                let call = Self::eventfd(fds, fd)?;
-                let q = usize::from(queue);
-                if let Some(w) = &self.workers[q] {
-                    *lock(&w.shared.call) = call.clone();
-                }
-                self.rings[q].call = call;
+                self.rings[usize::from(queue)].call = Self::eventfd(fds, fd)?;
+                self.resignal(queue);
             }
             Action::SetErr { queue, fd } => {
                 self.rings[usize::from(queue)].err = Self::eventfd(fds, fd)?;
+                self.resignal(queue);
+            }
+            Action::SetBackendChannel { fd } => {
+                let socket = Stream::try_from(Self::take_fd(fds, fd)?);
+                // The channel keeps a handle on the main socket to end the
+                // connection with when the front-end does not answer.
+                let made = match (socket, self.session.channel()) {
+                    (Ok(socket), Some(c)) => stream.try_clone().and_then(|main| {
+                        BackChannel::new(socket, main, c, self.options.channel_timeout)
+                    }),
+                    (Err(e), _) => Err(e),
+                    (_, None) => Err(io::Error::other("no session channel")),
+                };
+                let channel = match made {
+                    Ok(c) => Arc::new(c),
+                    Err(e) => {
+                        error!("cannot keep the back-end channel: {e}");
+                        return Err(BackendError::Unsupported);
+                    }
+                };
+                info!(
+                    "back-end channel set (in-band notifications: {})",
+                    channel.in_band()
+                );
+                self.channel = Some(Arc::clone(&channel));
+                self.control.set(Some(channel));
+                for q in 0..self.rings.len() {
+                    self.resignal(q as u16);
+                }
+            }
+            Action::Kick { queue } => {
+                if let Some(w) = &self.workers[usize::from(queue)] {
+                    w.shared.counters.kicks.fetch_add(1, Ordering::Relaxed);
+                    w.shared.wake();
+                }
             }
             Action::StartRing { queue } => {
                 let area = self.inflight.clone();
@@ -365,6 +447,30 @@ where
         Ok(())
     }
 
+    /// How ring `queue` signals calls and errors: its eventfds, else
+    /// in-band when the session says so, else not at all.
+    fn signals(&self, queue: u16) -> (Signal, Signal) {
+        let fds = &self.rings[usize::from(queue)];
+        let pick = |fd: &Option<Arc<EventFd>>, in_band: bool| match (fd, &self.channel) {
+            (Some(fd), _) => Signal::Fd(Arc::clone(fd)),
+            (None, Some(ch)) if in_band => Signal::InBand(Arc::clone(ch)),
+            _ => Signal::None,
+        };
+        (
+            pick(&fds.call, self.session.call_in_band(queue)),
+            pick(&fds.err, self.session.err_in_band(queue)),
+        )
+    }
+
+    /// Gives a running ring's worker its current signals.
+    fn resignal(&self, queue: u16) {
+        if let Some(w) = &self.workers[usize::from(queue)] {
+            let (call, err) = self.signals(queue);
+            *lock(&w.shared.call) = call;
+            *lock(&w.shared.err) = err;
+        }
+    }
+
     fn memory_mut(&self) -> std::sync::RwLockWriteGuard<'_, LinuxGuestMemory> {
         self.memory.write().unwrap_or_else(PoisonError::into_inner)
     }
@@ -385,13 +491,15 @@ where
                 return;
             }
         };
+        let (call, err) = self.signals(queue);
         let shared = Arc::new(Shared {
             wake,
             suspend: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             enabled: AtomicBool::new(dp.enabled()),
             kick: Mutex::new(self.rings[q].kick.clone()),
-            call: Mutex::new(self.rings[q].call.clone()),
+            call: Mutex::new(call),
+            err: Mutex::new(err),
             remap: Mutex::new(None),
             remap_pending: AtomicBool::new(false),
             counters: RingCounters::default(),
@@ -428,11 +536,12 @@ where
             }
         };
         info!(
-            "ring {queue} stopped: {} requests, {} kicks, {} calls, {} calls suppressed",
+            "ring {queue} stopped: {} requests, {} kicks, {} calls, {} calls suppressed, {} errors",
             c.completed.load(Ordering::Relaxed),
             c.kicks.load(Ordering::Relaxed),
             c.calls.load(Ordering::Relaxed),
             c.suppressed.load(Ordering::Relaxed),
+            c.errors.load(Ordering::Relaxed),
         );
         Some(base)
     }
@@ -446,6 +555,8 @@ where
             let _ = self.stop_worker(q as u16, keep);
         }
         self.rings.clear();
+        self.control.set(None);
+        self.channel = None;
         self.inflight = None;
         self.memory_mut().clear();
         self.session.rings_reset();
@@ -523,7 +634,8 @@ impl<D: Device> RingWorker<D> {
         }
     }
 
-    /// Logs the error that broke the ring, once.
+    /// Logs the error that broke the ring and signals it to the front-end
+    /// (err eventfd or in-band VRING_ERR), once.
     fn report(&self, dp: &DataPlane, round: &mut Round<D::Scratch>) {
         if let (Some(e), false) = (dp.error(), round.reported) {
             error!(
@@ -531,6 +643,10 @@ impl<D: Device> RingWorker<D> {
                 self.queue
             );
             round.reported = true;
+            let err = lock(&self.shared.err).clone();
+            if err.raise(self.queue, true) {
+                self.shared.counters.errors.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -624,8 +740,8 @@ impl<D: Device> RingWorker<D> {
         c.completed.fetch_add(completed, Ordering::Relaxed);
         match published {
             Published::Notify => {
-                if let Some(call) = lock(&self.shared.call).as_ref() {
-                    let _ = call.write(1);
+                let call = lock(&self.shared.call).clone();
+                if call.raise(self.queue, false) {
                     c.calls.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -734,6 +850,7 @@ pub fn serve<D, const Q: usize, const R: usize>(
     device: D,
     options: RuntimeOptions,
     stop: &AtomicBool,
+    control: &Control,
 ) -> Result<(), BackendError>
 where
     D: SharedDevice,
@@ -755,7 +872,7 @@ where
             break;
         }
         info!("front-end connected");
-        serve_one::<D, Q, R>(&stream, config, device.clone(), options);
+        serve_one::<D, Q, R>(&stream, config, device.clone(), options, control);
     }
     Ok(())
 }
@@ -766,12 +883,13 @@ pub fn serve_one<D, const Q: usize, const R: usize>(
     config: BackendConfig,
     device: D,
     options: RuntimeOptions,
+    control: &Control,
 ) -> ConnectionEnd
 where
     D: SharedDevice,
     D::Scratch: Send,
 {
-    let mut conn = match Connection::<D, Q, R>::new(config, device, options) {
+    let mut conn = match Connection::<D, Q, R>::new(config, device, options, control.clone()) {
         Ok(c) => c,
         Err(e) => return ConnectionEnd::Refused(e),
     };

@@ -11,6 +11,7 @@
 #![deny(unsafe_code)]
 
 pub mod backend;
+pub mod channel;
 pub mod frontend;
 pub mod memory;
 #[allow(unsafe_code)]

@@ -107,6 +107,12 @@ pub struct Report {
     pub calls: u64,
     /// Reconnections after the back-end went away.
     pub reconnects: u64,
+    /// Back-end channel: BACKEND_CONFIG_CHANGE_MSGs received.
+    pub config_changes: u64,
+    /// Back-end channel: in-band BACKEND_VRING_CALLs received.
+    pub backend_calls: u64,
+    /// Back-end channel: BACKEND_VRING_ERRs received.
+    pub ring_errors: u64,
 }
 
 impl Report {
@@ -150,13 +156,18 @@ impl Report {
             self.kicks,
             self.calls
         );
+        let _ = writeln!(
+            s,
+            "back-end channel: {} config changes, {} in-band calls, {} ring errors",
+            self.config_changes, self.backend_calls, self.ring_errors
+        );
         s
     }
 
     /// The report as JSON.
     pub fn json(&self) -> String {
         format!(
-            "{{\"requests\": {}, \"seconds\": {:.6}, \"iops\": {:.1}, \"mbps\": {:.3}, \"p50_ns\": {}, \"p99_ns\": {}, \"p999_ns\": {}, \"kicks\": {}, \"calls\": {}, \"reconnects\": {}, \"notifications_per_request\": {:.4}}}\n",
+            "{{\"requests\": {}, \"seconds\": {:.6}, \"iops\": {:.1}, \"mbps\": {:.3}, \"p50_ns\": {}, \"p99_ns\": {}, \"p999_ns\": {}, \"kicks\": {}, \"calls\": {}, \"reconnects\": {}, \"config_changes\": {}, \"backend_calls\": {}, \"ring_errors\": {}, \"notifications_per_request\": {:.4}}}\n",
             self.requests,
             self.elapsed.as_secs_f64(),
             self.iops(),
@@ -167,6 +178,9 @@ impl Report {
             self.kicks,
             self.calls,
             self.reconnects,
+            self.config_changes,
+            self.backend_calls,
+            self.ring_errors,
             self.notifications_per_request()
         )
     }
@@ -462,7 +476,11 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
     if o.packed {
         features |= V::RING_PACKED;
     }
-    let mut protocol = P::MQ | P::REPLY_ACK | P::CONFIG | P::STATUS;
+    // The back-end channel is served (config changes, in-band calls and
+    // ring errors are counted); calls still use eventfds, and with no err
+    // eventfd a broken ring is reported in-band.
+    let mut protocol =
+        P::MQ | P::REPLY_ACK | P::CONFIG | P::STATUS | P::BACKEND_REQ | P::INBAND_NOTIFICATIONS;
     if o.reconnect {
         protocol |= P::INFLIGHT_SHMFD;
     }
@@ -807,6 +825,12 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
     rep.latency_ns = [lat.quantile(0.5), lat.quantile(0.99), lat.quantile(0.999)];
     link.engine().stop().map_err(|e| e.to_string())?;
     link.drive().map_err(|e| e.to_string())?;
+    if let Some(c) = link.channel_counters() {
+        use std::sync::atomic::Ordering::Relaxed;
+        rep.config_changes = c.config_changes.load(Relaxed);
+        rep.backend_calls = c.calls.load(Relaxed);
+        rep.ring_errors = c.ring_errors.load(Relaxed);
+    }
     Ok(rep)
 }
 

@@ -1,7 +1,9 @@
 //! A Linux guest under QEMU (TCG) uses our `vhost-user-blk` daemon: the
 //! guest writes a pattern with O_DIRECT, reads it back and compares, and
 //! after poweroff the host checks the image bytes. With 1 and 2 queues, and
-//! with packed rings.
+//! with packed rings. And a disk that grows while the guest runs: the
+//! daemon (`--watch`) tells QEMU with BACKEND_CONFIG_CHANGE_MSG and the
+//! guest sees the new size in `/sys/block/vda/size`.
 //!
 //! The guest (a Debian cloud kernel and a busybox initramfs) is built and
 //! cached by `tests/guest/build-guest.sh`, which also installs QEMU.
@@ -122,6 +124,8 @@ struct Opts<'a> {
     /// starts (each), and start a new one on the same socket and image;
     /// QEMU reconnects (`reconnect-ms`).
     kills: &'a [Duration],
+    /// Grow the image to this size when the guest's test starts.
+    grow_to: Option<u64>,
 }
 
 fn spawn_daemon(sock: &Path, image: &Path, o: &Opts<'_>, log: &Path) -> Child {
@@ -224,6 +228,10 @@ fn boot(o: &Opts<'_>, image: &Path, script: &str) -> Run {
             Ok(line) => {
                 if line.contains("VHU-GUEST: TEST-START") {
                     started = Some(Instant::now());
+                    if let Some(size) = o.grow_to {
+                        let f = std::fs::File::options().write(true).open(image).unwrap();
+                        f.set_len(size).unwrap();
+                    }
                 }
                 console.push_str(&line);
                 console.push('\n');
@@ -283,6 +291,7 @@ fn check(queues: u16, packed: bool, seed: u64) {
         packed,
         daemon_args: &[],
         kills: &[],
+        grow_to: None,
     };
     let run = boot(&o, &img, &script(queues, seed));
     println!("--- guest console ---\n{}", run.console);
@@ -358,6 +367,7 @@ fn reconnect(packed: bool, seed: u64) {
         // slowly on a loaded machine.
         daemon_args: &["--io-delay-us", "250000"],
         kills: &kills,
+        grow_to: None,
     };
     let run = boot(&o, &img, &script);
     println!("--- guest console ---\n{}", run.console);
@@ -387,6 +397,67 @@ fn reconnect(packed: bool, seed: u64) {
             "round {r} differs on the image"
         );
     }
+    let _ = std::fs::remove_dir_all(img.parent().unwrap());
+}
+
+#[test]
+fn guest_sees_the_disk_grow() {
+    const GROWN: u64 = 96 << 20;
+    let img = image(64 << 20);
+    // The guest waits (up to a minute) for the new size, then writes and
+    // verifies a pattern past the old end.
+    let past = 80u64 << 20;
+    let script = format!(
+        "set -e\n\
+         echo \"vda before: $(cat /sys/block/vda/size) sectors\"\n\
+         i=0\n\
+         while [ \"$(cat /sys/block/vda/size)\" = 131072 ]; do\n\
+           i=$((i+1)); [ $i -lt 600 ]; sleep 0.1\n\
+         done\n\
+         echo \"vda after: $(cat /sys/block/vda/size) sectors\"\n\
+         vhu-dio write /dev/vda {past} 65536 7\n\
+         echo 3 > /proc/sys/vm/drop_caches\n\
+         vhu-dio verify /dev/vda {past} 65536 7\n"
+    );
+    let o = Opts {
+        queues: 1,
+        packed: false,
+        daemon_args: &["--watch"],
+        kills: &[],
+        grow_to: Some(GROWN),
+    };
+    let run = boot(&o, &img, &script);
+    println!("--- guest console ---\n{}", run.console);
+    println!("--- daemon log ---\n{}", run.daemon_log);
+    assert!(
+        run.console.contains("VHU-GUEST: RESULT PASS"),
+        "guest test failed:\n{}\n--- daemon ---\n{}",
+        run.console,
+        run.daemon_log
+    );
+    assert!(
+        run.console.contains("vda before: 131072 sectors"),
+        "{}",
+        run.console
+    );
+    assert!(
+        run.console.contains("vda after: 196608 sectors"),
+        "{}",
+        run.console
+    );
+    assert!(
+        run.daemon_log
+            .contains("front-end told of the new capacity"),
+        "{}",
+        run.daemon_log
+    );
+    let bytes = std::fs::read(&img).unwrap();
+    assert_eq!(bytes.len() as u64, GROWN);
+    let got = &bytes[past as usize..past as usize + 65536];
+    assert!(
+        got == pattern(7, past, 65536).as_slice(),
+        "pattern past the old end"
+    );
     let _ = std::fs::remove_dir_all(img.parent().unwrap());
 }
 

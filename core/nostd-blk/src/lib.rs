@@ -377,8 +377,14 @@ impl<'a> Backend<'a> {
                     }
                 }
             }
-            // No eventfds on this channel: rings are polled.
-            Action::SetKick { .. } | Action::SetCall { .. } | Action::SetErr { .. } => {}
+            // No eventfds on this channel: rings are polled, so an in-band
+            // kick has nothing to wake. BACKEND_REQ is not offered, so no
+            // back-end channel is ever set.
+            Action::SetKick { .. }
+            | Action::SetCall { .. }
+            | Action::SetErr { .. }
+            | Action::Kick { .. }
+            | Action::SetBackendChannel { .. } => {}
             Action::StartRing { queue } => {
                 let q = usize::from(queue);
                 let area = self.area.is_mapped().then_some(&self.area);

@@ -71,6 +71,10 @@
 //! protocol features) SET_FEATURES without bit 30 is accepted and enables
 //! every ring, as the specification requires.
 
+mod channel;
+
+pub use channel::{Channel, ChannelError, Sent};
+
 use core::fmt;
 
 use heapless::Vec;
@@ -118,7 +122,9 @@ pub const SUPPORTED_PROTOCOL_FEATURES: ProtocolFeatures = ProtocolFeatures::MQ
     .union(ProtocolFeatures::RESET_DEVICE)
     .union(ProtocolFeatures::INFLIGHT_SHMFD)
     .union(ProtocolFeatures::GET_VRING_BASE_INFLIGHT)
-    .union(ProtocolFeatures::GET_VRING_BASE_SKIP_DRAIN);
+    .union(ProtocolFeatures::GET_VRING_BASE_SKIP_DRAIN)
+    .union(ProtocolFeatures::BACKEND_REQ)
+    .union(ProtocolFeatures::INBAND_NOTIFICATIONS);
 
 /// The virtio features this engine implements (device-specific bits 0-23
 /// are the device's business and pass through).
@@ -221,6 +227,19 @@ pub enum Action {
     /// RESET_DEVICE: stop every ring (completing what is in flight) and
     /// drop their notifiers; no reply waits for it.
     ResetRings,
+    /// SET_BACKEND_REQ_FD: keep the message's fd `fd` as the back-end
+    /// channel (replacing any previous one) and send back-end requests on
+    /// it with the [`Channel`] of [`Session::channel`].
+    SetBackendChannel {
+        /// The message fd.
+        fd: FdIndex,
+    },
+    /// In-band VRING_KICK for a running ring: the driver made buffers
+    /// available; serve the ring now.
+    Kick {
+        /// Ring index.
+        queue: u16,
+    },
 }
 
 /// The reply to a message.
@@ -439,6 +458,8 @@ pub struct Session<const Q: usize = 16, const R: usize = 32> {
     /// The area of the last SET_INFLIGHT_FD: (num_queues, queue_size,
     /// per-queue stride).
     inflight: Option<(u16, u16, u64)>,
+    /// SET_BACKEND_REQ_FD was received.
+    channel: bool,
 }
 
 fn push(actions: &mut Vec<Action, MAX_ACTIONS>, a: Action) {
@@ -482,6 +503,7 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
             memory: MemoryTable::default(),
             rings,
             inflight: None,
+            channel: false,
         })
     }
 
@@ -518,6 +540,36 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
     /// Whether SET_OWNER was received.
     pub fn has_owner(&self) -> bool {
         self.owner
+    }
+
+    /// The back-end channel's request encoder, once SET_BACKEND_REQ_FD gave
+    /// one (the adapter keeps the socket).
+    pub fn channel(&self) -> Option<Channel> {
+        self.channel.then(|| Channel::new(self.acked_protocol))
+    }
+
+    /// Whether ring `queue`'s calls go in-band (BACKEND_VRING_CALL on the
+    /// back-end channel): INBAND_NOTIFICATIONS was negotiated, the channel
+    /// is there, and the front-end gave no call eventfd.
+    pub fn call_in_band(&self, queue: u16) -> bool {
+        self.in_band(queue, |s| s.call)
+    }
+
+    /// Whether ring `queue`'s errors go in-band (BACKEND_VRING_ERR), as
+    /// [`call_in_band`](Self::call_in_band) for the err eventfd.
+    pub fn err_in_band(&self, queue: u16) -> bool {
+        self.in_band(queue, |s| s.err)
+    }
+
+    fn in_band(&self, queue: u16, which: impl Fn(&RingSlot) -> Notifier) -> bool {
+        self.channel
+            && self
+                .acked_protocol
+                .contains(ProtocolFeatures::INBAND_NOTIFICATIONS)
+            && self
+                .rings
+                .get(usize::from(queue))
+                .is_some_and(|s| which(s) != Notifier::Fd)
     }
 
     /// Parse options for this session's messages.
@@ -961,18 +1013,24 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
                 );
                 let slot = self.slot_mut(v.index)?;
                 slot.kick = notifier(v);
-                if slot.running {
-                    // A new kick fd for a running ring: just swap it.
-                    return Ok(());
+                if !slot.running {
+                    // A new kick fd for a running ring is just swapped.
+                    self.start(q, mem, actions)?;
                 }
-                // Refused here, on this message, if the ring cannot start.
-                let ring = self.build_ring(q, mem)?;
-                self.inflight_offset(q, ring.size())?;
-                let slot = self.slot_mut(v.index)?;
-                slot.state = slot.state.apply(RingEvent::SetVringKick);
-                slot.running = true;
-                info!("ring {} started", q);
-                push(actions, Action::StartRing { queue: q });
+            }
+            Request::VringKick(index) => {
+                // In-band kick: starts a stopped ring like SET_VRING_KICK
+                // (amended spec), else says buffers are available.
+                let q = index as u16;
+                if self.slot_mut(index)?.running {
+                    push(actions, Action::Kick { queue: q });
+                } else {
+                    self.start(q, mem, actions)?;
+                }
+            }
+            Request::SetBackendReqFd => {
+                self.channel = true;
+                push(actions, Action::SetBackendChannel { fd: 0 });
             }
             Request::SetVringCall(v) => {
                 self.slot_mut(v.index)?.call = notifier(v);
@@ -1067,7 +1125,6 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
             | Request::SetLogFd
             | Request::SendRarp(_)
             | Request::NetSetMtu(_)
-            | Request::SetBackendReqFd
             | Request::IotlbMsg(_)
             | Request::SetVringEndian { .. }
             | Request::CreateCryptoSession(_)
@@ -1076,12 +1133,29 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
             | Request::PostcopyListen
             | Request::PostcopyEnd
             | Request::GpuSetSocket
-            | Request::VringKick(_)
             | Request::GetSharedObject(_)
             | Request::SetDeviceStateFd(_)
             | Request::CheckDeviceState
             | Request::GetShmemConfig => return Err(BackendError::NotNegotiated(code)),
         }
+        Ok(())
+    }
+
+    /// Starts a stopped ring (SET_VRING_KICK, in-band VRING_KICK); refused
+    /// here, on that message, if the ring cannot start.
+    fn start<M: GuestMemory + ?Sized>(
+        &mut self,
+        q: u16,
+        mem: &M,
+        actions: &mut Vec<Action, MAX_ACTIONS>,
+    ) -> Result<(), BackendError> {
+        let ring = self.build_ring(q, mem)?;
+        self.inflight_offset(q, ring.size())?;
+        let slot = self.slot_mut(q.into())?;
+        slot.state = slot.state.apply(RingEvent::SetVringKick);
+        slot.running = true;
+        info!("ring {} started", q);
+        push(actions, Action::StartRing { queue: q });
         Ok(())
     }
 

@@ -11,11 +11,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 
-use log::{error, info};
+use log::{error, info, warn};
 use vhost_user_core::backend::BackendConfig;
 use vhost_user_core::device::blk::{BlkConfig, BlkDevice, DiscardLimits, WriteZeroesLimits};
 use vhost_user_core::feature::{ProtocolFeatures as P, VirtioFeatures as V};
 use vhost_user_linux::backend::{serve, RuntimeOptions};
+use vhost_user_linux::channel::Control;
 use vhost_user_linux::sys::socket::Listener;
 use vhu_examples::blk::{BlkService, BlockBackend, FileBackend, NullBackend, TempImage};
 use vhu_examples::cli::{parse_size, Args};
@@ -35,11 +36,14 @@ usage: vhost-user-blk (--socket-path PATH | --fd N) [options]
   --queue-size N       largest ring size a front-end may use (default 1024)
   --serial ID          device serial for GET_ID (default vhu-blk)
   --io-delay-us N      delay every request by N microseconds (testing)
+  --watch              check the image's size every 500 ms (as SIGHUP does)
+  --channel-timeout-ms N  wait this long for the front-end's ack of a
+                       back-end message before disconnecting (default 5000)
   --log-level LEVEL    off, error, warn, info, debug, trace (default info)
   --print-capabilities print the back-end's capabilities as JSON and exit
 ";
 
-const FLAGS: &[&str] = &["read-only", "null", "print-capabilities", "help"];
+const FLAGS: &[&str] = &["read-only", "null", "print-capabilities", "help", "watch"];
 const OPTIONS: &[&str] = &[
     "socket-path",
     "fd",
@@ -49,6 +53,8 @@ const OPTIONS: &[&str] = &[
     "queue-size",
     "serial",
     "io-delay-us",
+    "watch",
+    "channel-timeout-ms",
     "log-level",
     "read-only",
     "null",
@@ -190,6 +196,8 @@ fn run() -> Result<(), String> {
             | P::CONFIGURE_MEM_SLOTS
             | P::STATUS
             | P::RESET_DEVICE
+            | P::BACKEND_REQ
+            | P::INBAND_NOTIFICATIONS
             | inflight,
         num_queues,
         max_queue_size: queue_size,
@@ -204,8 +212,29 @@ fn run() -> Result<(), String> {
     );
     let delay = std::time::Duration::from_micros(args.get_or("io-delay-us", 0)?);
     let service = BlkService::new(device, backend, num_queues).with_delay(delay);
+    // A resized image (SIGHUP, or --watch): new capacity, and the
+    // front-end is told (BACKEND_CONFIG_CHANGE_MSG).
+    let control = Control::new();
+    let resize = {
+        let (service, control) = (service.clone(), control.clone());
+        move || resized(&service, &control)
+    };
+    signals::on_hangup(resize.clone()).map_err(|e| format!("cannot watch SIGHUP: {e}"))?;
+    if args.flag("watch") {
+        std::thread::Builder::new()
+            .name("vhu-watch".into())
+            .spawn(move || loop {
+                std::thread::sleep(std::time::Duration::from_millis(500));
+                resize();
+            })
+            .map_err(|e| format!("cannot start the watch thread: {e}"))?;
+    }
+    let options = RuntimeOptions {
+        channel_timeout: std::time::Duration::from_millis(args.get_or("channel-timeout-ms", 5000)?),
+        ..RuntimeOptions::default()
+    };
     let stop = AtomicBool::new(false);
-    serve::<_, MAX_QUEUES, MEM_SLOTS>(&listener, config, service, RuntimeOptions::default(), &stop)
+    serve::<_, MAX_QUEUES, MEM_SLOTS>(&listener, config, service, options, &stop, &control)
         .map_err(|e| {
             error!("{e}");
             format!("cannot serve: {e}")
@@ -214,4 +243,19 @@ fn run() -> Result<(), String> {
         let _ = std::fs::remove_file(p);
     }
     Ok(())
+}
+
+/// Reads the image's size again; when it changed, tells the front-end.
+fn resized<B: vhu_examples::blk::BlockBackend>(service: &BlkService<B>, control: &Control) {
+    match service.refresh_capacity() {
+        Ok(Some(sectors)) => {
+            info!("image resized: {} bytes ({sectors} sectors)", sectors << 9);
+            match control.config_changed() {
+                Ok(()) => info!("front-end told of the new capacity"),
+                Err(e) => warn!("cannot tell the front-end of the new capacity: {e}"),
+            }
+        }
+        Ok(None) => {}
+        Err(e) => warn!("cannot read the image's size: {e}"),
+    }
 }

@@ -26,7 +26,8 @@ const ZERO_CHUNK: u64 = 1 << 20;
 #[derive(Debug)]
 pub struct FileBackend {
     file: File,
-    capacity: u64,
+    /// Bytes; [`BlockBackend::refresh_capacity`] reads it again.
+    capacity: AtomicU64,
     read_only: bool,
     // Declared last: the file is closed before the image is removed.
     temp: Option<TempImage>,
@@ -34,7 +35,8 @@ pub struct FileBackend {
 
 impl FileBackend {
     /// Opens the image at `path`, read-only or read-write. The capacity is
-    /// the file's (or block device's) size at open time.
+    /// the file's (or block device's) size at open time, until
+    /// [`BlockBackend::refresh_capacity`] reads it again.
     pub fn open(path: impl AsRef<Path>, read_only: bool) -> io::Result<Self> {
         let path = path.as_ref();
         let file = OpenOptions::new()
@@ -53,7 +55,7 @@ impl FileBackend {
         let capacity = file.seek(SeekFrom::End(0))?;
         Ok(FileBackend {
             file,
-            capacity,
+            capacity: AtomicU64::new(capacity),
             read_only,
             temp: None,
         })
@@ -83,7 +85,7 @@ impl FileBackend {
         if self.read_only {
             return Err(read_only_error());
         }
-        check_range(self.capacity, offset, len)
+        check_range(self.capacity(), offset, len)
     }
 
     /// Writes zeroes over the range, in chunks of at most 1 MiB.
@@ -101,7 +103,15 @@ impl FileBackend {
 
 impl BlockBackend for FileBackend {
     fn capacity(&self) -> u64 {
-        self.capacity
+        self.capacity.load(Ordering::Acquire)
+    }
+
+    /// The file's (or block device's) size now: an image that grew (or
+    /// shrank) is served at its new size from the next request on.
+    fn refresh_capacity(&self) -> io::Result<u64> {
+        let size = (&self.file).seek(SeekFrom::End(0))?;
+        self.capacity.store(size, Ordering::Release);
+        Ok(size)
     }
 
     fn read_only(&self) -> bool {
@@ -109,7 +119,7 @@ impl BlockBackend for FileBackend {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        check_range(self.capacity, offset, buf.len() as u64)?;
+        check_range(self.capacity(), offset, buf.len() as u64)?;
         self.file.read_exact_at(buf, offset)
     }
 

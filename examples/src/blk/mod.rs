@@ -31,6 +31,12 @@ pub trait BlockBackend: Send + Sync + std::fmt::Debug {
     /// Size in bytes. The device exposes `capacity() / 512` sectors.
     fn capacity(&self) -> u64;
 
+    /// Reads the size again (an image that was resized) and returns it;
+    /// backends of a fixed size return [`capacity`](Self::capacity).
+    fn refresh_capacity(&self) -> io::Result<u64> {
+        Ok(self.capacity())
+    }
+
     /// Writes, discards and write zeroes are refused.
     fn read_only(&self) -> bool;
 
@@ -61,6 +67,9 @@ pub trait BlockBackend: Send + Sync + std::fmt::Debug {
 impl<T: BlockBackend + ?Sized> BlockBackend for Box<T> {
     fn capacity(&self) -> u64 {
         (**self).capacity()
+    }
+    fn refresh_capacity(&self) -> io::Result<u64> {
+        (**self).refresh_capacity()
     }
     fn read_only(&self) -> bool {
         (**self).read_only()

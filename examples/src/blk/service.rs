@@ -110,6 +110,19 @@ impl<B: BlockBackend> BlkService<B> {
         self.device().offered_features()
     }
 
+    /// Reads the backend's size again and, if it changed, updates the
+    /// device's capacity (whole 512-byte sectors). Returns the new capacity
+    /// in sectors when it changed: tell the front-end
+    /// ([`Control::config_changed`](vhost_user_linux::channel::Control::config_changed)).
+    pub fn refresh_capacity(&self) -> std::io::Result<Option<u64>> {
+        let sectors = self.inner.backend.refresh_capacity()? >> 9;
+        match self.device().set_capacity(sectors) {
+            Ok(true) => Ok(Some(sectors)),
+            Ok(false) => Ok(None),
+            Err(e) => Err(std::io::Error::other(e)),
+        }
+    }
+
     /// The backend.
     pub fn backend(&self) -> &B {
         &self.inner.backend
