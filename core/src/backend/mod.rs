@@ -590,13 +590,14 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
             Some(Layout::Packed) => ((16 * n, 16), (4, 4), (4, 4)),
             None => ((16 * n, 16), (4, 2), (4, 4)),
         };
-        let area = |va: u64, (len, align): (u64, u64)| {
+        let area = |va: u64, (len, align): (u64, u32)| {
             let gpa = table
                 .translate_user_range(va, len)
                 .map_err(|_| BackendError::RingAddress(queue))?;
             // Alignments are powers of two: a mask, not a 64-bit division.
-            if gpa & (align - 1) != 0 {
-                return Err(BackendError::Vring(VringError::Misaligned(gpa)));
+            if gpa & (u64::from(align) - 1) != 0 {
+                debug!("ring {} area {:#x} not {}-byte aligned", queue, gpa, align);
+                return Err(BackendError::Vring(VringError::Misaligned(align)));
             }
             Ok(gpa)
         };
@@ -1200,12 +1201,7 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
         let ring = self.build_ring(queue, mem)?;
         let inflight = match (self.inflight_offset(queue, ring.size())?, area) {
             (Some(off), Some(a)) => Some((a, off)),
-            (Some(_), None) => {
-                return Err(BackendError::Inflight(InflightError::TooSmall {
-                    need: 1,
-                    have: 0,
-                }))
-            }
+            (Some(_), None) => return Err(BackendError::Inflight(InflightError::TooSmall)),
             (None, _) => None,
         };
         let enabled = self
