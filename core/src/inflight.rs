@@ -1024,10 +1024,10 @@ fn push_packed_desc<M: GuestMemory + ?Sized, const S: usize>(
             if f & DESC_F_INDIRECT != 0 {
                 return Err(VringError::IndirectNested.into());
             }
-            chain.push(mem, a, l, f & DESC_F_WRITE != 0)?;
+            chain.push_outlined(mem, a, l, f & DESC_F_WRITE != 0)?;
         }
     } else {
-        chain.push(mem, d.addr, d.len, d.flags & DESC_F_WRITE != 0)?;
+        chain.push_outlined(mem, d.addr, d.len, d.flags & DESC_F_WRITE != 0)?;
     }
     Ok(())
 }

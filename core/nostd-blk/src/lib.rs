@@ -269,7 +269,7 @@ impl<'a> Backend<'a> {
             self.counters.refused = self.counters.refused.wrapping_add(1);
         }
         let mut i = 0;
-        while let Some(a) = self.outcome.actions.get(i).cloned() {
+        while let Some(&a) = self.outcome.actions.get(i) {
             self.apply(&a)?;
             i += 1;
         }

@@ -135,7 +135,7 @@ pub const SUPPORTED_VIRTIO_FEATURES: VirtioFeatures = VirtioFeatures::from_bits_
 pub type FdIndex = u8;
 
 /// What the adapter must do after a message.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub enum Action {
     /// Drop every memory mapping (SET_MEM_TABLE replaces the table; the
     /// [`Action::MapRegion`]s that follow map the new one).
@@ -445,6 +445,7 @@ pub struct Session<const Q: usize = 16, const R: usize = 32> {
     inflight: Option<(u16, u16, u64)>,
 }
 
+#[inline(never)]
 fn push(actions: &mut Vec<Action, MAX_ACTIONS>, a: Action) {
     // MAX_ACTIONS bounds what any single message produces; see the const.
     let pushed = actions.push(a);

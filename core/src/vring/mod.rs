@@ -343,6 +343,20 @@ impl<const S: usize> Chain<S> {
         self.append(mem, addr, len, writable)
     }
 
+    /// [`push`](Self::push) out of line, for the paths that are not
+    /// the request path (rebuilding recorded chains): one copy of the
+    /// checks rather than one per call site.
+    #[inline(never)]
+    pub(crate) fn push_outlined<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        addr: u64,
+        len: u32,
+        writable: bool,
+    ) -> Result<(), VringError> {
+        self.push(mem, addr, len, writable)
+    }
+
     /// Check a buffer against guest memory and append it, unless it is
     /// empty. The chain's total was checked (the sums cannot wrap).
     #[inline(always)]
