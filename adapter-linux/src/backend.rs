@@ -410,10 +410,7 @@ where
             Action::CreateInflight { size } => {
                 let fd = crate::sys::memfd::create_sealed("vhu-inflight", size).map_err(|e| {
                     error!("cannot create the inflight area: {e}");
-                    BackendError::Inflight(vhost_user_core::inflight::InflightError::TooSmall {
-                        need: size,
-                        have: 0,
-                    })
+                    BackendError::Inflight(vhost_user_core::inflight::InflightError::TooSmall)
                 })?;
                 self.inflight_reply_fd = Some(fd);
             }
@@ -421,10 +418,7 @@ where
                 let fd = Self::take_fd(fds, fd)?;
                 let area = LinuxGuestMemory::single(fd, offset, size).map_err(|e| {
                     error!("cannot map the inflight area: {e}");
-                    BackendError::Inflight(vhost_user_core::inflight::InflightError::TooSmall {
-                        need: size,
-                        have: 0,
-                    })
+                    BackendError::Inflight(vhost_user_core::inflight::InflightError::TooSmall)
                 })?;
                 info!("inflight area of {size} bytes mapped");
                 self.inflight = Some(Arc::new(area));

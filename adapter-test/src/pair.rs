@@ -403,7 +403,7 @@ impl<D: Device, const Q: usize, const R: usize> Backend<D, Q, R> {
                 // The fd the back-end created (or the front-end kept across
                 // a restart): the same bytes.
                 Some(a) if a.check(0, size).is_ok() => {}
-                Some(_) => return Err(area_error(size)),
+                Some(_) => return Err(area_error()),
                 None => self.area = Some(new_area(size)?),
             },
             Action::UnmapInflight => self.area = None,
@@ -666,19 +666,16 @@ fn u64_of(code: FrontendReq, reply: &[u8]) -> u64 {
     }
 }
 
-fn area_error(size: u64) -> BackendError {
-    BackendError::Inflight(InflightError::TooSmall {
-        need: size,
-        have: 0,
-    })
+fn area_error() -> BackendError {
+    BackendError::Inflight(InflightError::TooSmall)
 }
 
 /// A zeroed inflight area of `size` bytes (whole words).
 fn new_area(size: u64) -> Result<TestMemory, BackendError> {
     if size == 0 || size > MAX_AREA {
-        return Err(area_error(size));
+        return Err(area_error());
     }
-    TestMemory::new(&[(0, size.next_multiple_of(4))]).map_err(|_| area_error(size))
+    TestMemory::new(&[(0, size.next_multiple_of(4))]).map_err(|_| area_error())
 }
 
 /// One message the front-end sent.

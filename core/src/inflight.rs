@@ -55,13 +55,8 @@ pub enum InflightError {
     NumQueues(u16),
     /// queue_size 0 or above [`MAX_QUEUE_SIZE`].
     QueueSize(u16),
-    /// The area is smaller than the layout needs.
-    TooSmall {
-        /// Bytes the layout needs.
-        need: u64,
-        /// Bytes the area has.
-        have: u64,
-    },
+    /// The area is smaller than the layout needs (both sizes are logged).
+    TooSmall,
     /// The region's desc_num differs from the ring size.
     SizeMismatch {
         /// desc_num recorded in the area.
@@ -95,14 +90,14 @@ pub enum InflightError {
     Vring(VringError),
 }
 
+const _: () = assert!(core::mem::size_of::<InflightError>() <= 8);
+
 impl fmt::Display for InflightError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             InflightError::NumQueues(n) => write!(f, "inflight area for {n} queues"),
             InflightError::QueueSize(n) => write!(f, "inflight area for queue size {n}"),
-            InflightError::TooSmall { need, have } => {
-                write!(f, "inflight area of {have} bytes, the layout needs {need}")
-            }
+            InflightError::TooSmall => f.write_str("inflight area smaller than its layout"),
             InflightError::SizeMismatch { area, ring } => {
                 write!(
                     f,
@@ -167,10 +162,11 @@ pub fn area_size(num_queues: u16, queue_size: u16) -> Result<u64, InflightError>
 pub fn check_area(num_queues: u16, queue_size: u16, mmap_size: u64) -> Result<u64, InflightError> {
     let need = area_size(num_queues, queue_size)?;
     if mmap_size < need {
-        return Err(InflightError::TooSmall {
-            need,
-            have: mmap_size,
-        });
+        debug!(
+            "inflight area of {} bytes, the layout needs {}",
+            mmap_size, need
+        );
+        return Err(InflightError::TooSmall);
     }
     Ok(queue_stride(queue_size))
 }
@@ -1028,10 +1024,10 @@ fn push_packed_desc<M: GuestMemory + ?Sized, const S: usize>(
             if f & DESC_F_INDIRECT != 0 {
                 return Err(VringError::IndirectNested.into());
             }
-            chain.push(mem, a, l, f & DESC_F_WRITE != 0)?;
+            chain.push_outlined(mem, a, l, f & DESC_F_WRITE != 0)?;
         }
     } else {
-        chain.push(mem, d.addr, d.len, d.flags & DESC_F_WRITE != 0)?;
+        chain.push_outlined(mem, d.addr, d.len, d.flags & DESC_F_WRITE != 0)?;
     }
     Ok(())
 }

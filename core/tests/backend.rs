@@ -957,17 +957,17 @@ fn ring_addresses_refused_on_set_vring_addr() {
     refused(
         &mut fe,
         at(good.0 + 8, good.1, good.2),
-        BackendError::Vring(VE::Misaligned(0x1008)),
+        BackendError::Vring(VE::Misaligned(16)),
     );
     refused(
         &mut fe,
         at(good.0, good.1 + 1, good.2),
-        BackendError::Vring(VE::Misaligned(0x2001)),
+        BackendError::Vring(VE::Misaligned(2)),
     );
     refused(
         &mut fe,
         at(good.0, good.1, good.2 + 2),
-        BackendError::Vring(VE::Misaligned(0x3002)),
+        BackendError::Vring(VE::Misaligned(4)),
     );
     assert!(fe.session.ring(0).unwrap().addr.is_none(), "nothing stored");
     // Each area inside a region (not the same one) is fine.
@@ -979,7 +979,7 @@ fn ring_addresses_refused_on_set_vring_addr() {
     refused(
         &mut fe,
         at(good.0, good.1 + 2, good.2),
-        BackendError::Vring(VE::Misaligned(0x2002)),
+        BackendError::Vring(VE::Misaligned(4)),
     );
     assert_eq!(fe.ack(at(good.0, good.1 + 4, good.2 + 4)).1, 0);
 }
@@ -1005,7 +1005,7 @@ fn ring_set_before_set_features_is_checked_there_and_at_kick() {
     refused(
         &mut fe,
         Request::SetVringAddr(addr_msg(1, u + 0x1000, u + 0x2001, u + 0x3000)),
-        BackendError::Vring(VE::Misaligned(0x2001)),
+        BackendError::Vring(VE::Misaligned(2)),
     );
     // SET_FEATURES for split rings: ring 0's size does not fit.
     let split = V::VERSION_1 | V::PROTOCOL_FEATURES;
@@ -1020,7 +1020,7 @@ fn ring_set_before_set_features_is_checked_there_and_at_kick() {
     refused(
         &mut fe,
         Request::SetFeatures(packed.bits()),
-        BackendError::Vring(VE::Misaligned(0x2002)),
+        BackendError::Vring(VE::Misaligned(4)),
     );
     // Fix ring 1; packed is accepted now.
     let a1 = addr_msg(1, u + 0x1000, u + 0x2004, u + 0x3000);

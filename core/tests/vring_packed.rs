@@ -336,21 +336,12 @@ fn hostile_packed_readable_after_writable() {
 fn hostile_packed_buffers_outside_memory() {
     assert_eq!(
         refused(false, &[raw(END - 1, 2, WR)]),
-        VringError::BadBuffer {
-            addr: END - 1,
-            len: 2
-        }
+        VringError::BadBuffer
     );
-    assert_eq!(
-        refused(false, &[raw(END, 0, 0)]),
-        VringError::BadBuffer { addr: END, len: 0 }
-    );
+    assert_eq!(refused(false, &[raw(END, 0, 0)]), VringError::BadBuffer);
     assert_eq!(
         refused(true, &[raw(END - 16, 32, IND)]),
-        VringError::BadBuffer {
-            addr: END - 16,
-            len: 32
-        }
+        VringError::BadBuffer
     );
 }
 

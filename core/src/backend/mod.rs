@@ -141,7 +141,7 @@ pub const SUPPORTED_VIRTIO_FEATURES: VirtioFeatures = VirtioFeatures::from_bits_
 pub type FdIndex = u8;
 
 /// What the adapter must do after a message.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub enum Action {
     /// Drop every memory mapping (SET_MEM_TABLE replaces the table; the
     /// [`Action::MapRegion`]s that follow map the new one).
@@ -321,6 +321,10 @@ pub enum BackendError {
     Inflight(InflightError),
 }
 
+// Every nested error is at most 8 bytes and carries no 64-bit value but
+// WireError's; a Result of the session stays small to move.
+const _: () = assert!(core::mem::size_of::<BackendError>() <= 16);
+
 impl BackendError {
     /// The value a REPLY_ACK carries for this error.
     pub fn ack_value(&self) -> u64 {
@@ -462,6 +466,7 @@ pub struct Session<const Q: usize = 16, const R: usize = 32> {
     channel: bool,
 }
 
+#[inline(never)]
 fn push(actions: &mut Vec<Action, MAX_ACTIONS>, a: Action) {
     // MAX_ACTIONS bounds what any single message produces; see the const.
     let pushed = actions.push(a);
@@ -642,13 +647,14 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
             Some(Layout::Packed) => ((16 * n, 16), (4, 4), (4, 4)),
             None => ((16 * n, 16), (4, 2), (4, 4)),
         };
-        let area = |va: u64, (len, align): (u64, u64)| {
+        let area = |va: u64, (len, align): (u64, u32)| {
             let gpa = table
                 .translate_user_range(va, len)
                 .map_err(|_| BackendError::RingAddress(queue))?;
             // Alignments are powers of two: a mask, not a 64-bit division.
-            if gpa & (align - 1) != 0 {
-                return Err(BackendError::Vring(VringError::Misaligned(gpa)));
+            if gpa & (u64::from(align) - 1) != 0 {
+                debug!("ring {} area {:#x} not {}-byte aligned", queue, gpa, align);
+                return Err(BackendError::Vring(VringError::Misaligned(align)));
             }
             Ok(gpa)
         };
@@ -1274,12 +1280,7 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
         let ring = self.build_ring(queue, mem)?;
         let inflight = match (self.inflight_offset(queue, ring.size())?, area) {
             (Some(off), Some(a)) => Some((a, off)),
-            (Some(_), None) => {
-                return Err(BackendError::Inflight(InflightError::TooSmall {
-                    need: 1,
-                    have: 0,
-                }))
-            }
+            (Some(_), None) => return Err(BackendError::Inflight(InflightError::TooSmall)),
             (None, _) => None,
         };
         let enabled = self

@@ -405,7 +405,7 @@ mod tests {
         };
         assert_eq!(
             PackedQueue::new(4, bad, RingFeatures::default()).err(),
-            Some(VringError::Misaligned(2))
+            Some(VringError::Misaligned(4))
         );
     }
 

@@ -484,7 +484,7 @@ mod tests {
         assert!(SplitQueue::new(32768, a, f).is_ok());
         assert_eq!(
             SplitQueue::new(8, RingAddrs { desc: 0x1008, ..a }, f).err(),
-            Some(VringError::Misaligned(0x1008))
+            Some(VringError::Misaligned(16))
         );
         assert_eq!(
             SplitQueue::new(
@@ -496,7 +496,7 @@ mod tests {
                 f
             )
             .err(),
-            Some(VringError::Misaligned(0x2001))
+            Some(VringError::Misaligned(2))
         );
         assert_eq!(
             SplitQueue::new(
@@ -508,7 +508,7 @@ mod tests {
                 f
             )
             .err(),
-            Some(VringError::Misaligned(0x3002))
+            Some(VringError::Misaligned(4))
         );
         assert_eq!(
             SplitQueue::new(
