@@ -824,9 +824,10 @@ impl PackedInflight {
         out.clear();
         let used = self.rollback(mem, ring_used_at)?;
         let mut slots: u32 = 0;
-        let size = self.size;
-        self.counter = collect_in_flight(mem, self.entries(), out, |_, e| {
-            count_slots(e, size, &mut slots)
+        let me = *self;
+        self.counter = collect_in_flight(mem, self.entries(), out, |head, e| {
+            count_slots(e, me.size, &mut slots)?;
+            me.check_chain(mem, head, e)
         })?;
         self.position(used, slots)
     }
@@ -842,10 +843,11 @@ impl PackedInflight {
         let used = self.rollback(mem, ring_used_at)?;
         let mut slots: u32 = 0;
         let mut n = 0u16;
-        let size = self.size;
-        self.counter = visit_in_flight(mem, self.entries(), |_, e, _| {
+        let me = *self;
+        self.counter = visit_in_flight(mem, self.entries(), |head, e, _| {
             n += 1;
-            count_slots(e, size, &mut slots)
+            count_slots(e, me.size, &mut slots)?;
+            me.check_chain(mem, head, e)
         })?;
         Ok((self.position(used, slots)?, n))
     }
@@ -858,6 +860,32 @@ impl PackedInflight {
         after: Option<Resubmit>,
     ) -> Result<Option<Resubmit>, InflightError> {
         next_in_flight(mem, self.entries(), after)
+    }
+
+    /// Checks a request in flight at entry `head` (first bytes `e`) before
+    /// it is resubmitted: its `num` descriptors are linked through entries
+    /// of the area and the last of them is the one the request records.
+    /// Recovery refuses the area otherwise, so a ring never starts with a
+    /// request it could not hand out.
+    fn check_chain<M: GuestMemory + ?Sized>(
+        &self,
+        mem: &M,
+        head: u16,
+        e: &[u8; 16],
+    ) -> Result<(), InflightError> {
+        let num = u16::from_le_bytes([e[6], e[7]]);
+        let last = u16::from_le_bytes([e[4], e[5]]);
+        let mut i = head;
+        for _ in 1..num {
+            i = self.link(mem, self.entry(i) + E_NEXT)?;
+            if i >= self.size {
+                return Err(InflightError::OutOfRange(i));
+            }
+        }
+        if i != last {
+            return Err(InflightError::OutOfRange(last));
+        }
+        Ok(())
     }
 
     fn position(&self, used: (u16, bool), slots: u32) -> Result<PackedPosition, InflightError> {

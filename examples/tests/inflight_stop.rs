@@ -172,6 +172,27 @@ impl Fe {
 
     /// The start sequence for ring 0 from `base`.
     fn start(&mut self, base: u32) {
+        self.configure(base);
+        ack(
+            &self.s,
+            Request::SetVringKick(VringFdMsg {
+                index: 0,
+                no_fd: false,
+            }),
+            &[self.kick.as_fd()],
+        );
+        ack(
+            &self.s,
+            Request::SetVringEnable {
+                index: 0,
+                enable: true,
+            },
+            &[],
+        );
+    }
+
+    /// The start sequence up to SET_VRING_KICK (not sent).
+    fn configure(&mut self, base: u32) {
         if let Some((fd, m)) = &self.inflight {
             ack(&self.s, Request::SetInflightFd(*m), &[fd.as_fd()]);
         }
@@ -214,22 +235,6 @@ impl Fe {
                 no_fd: false,
             }),
             &[self.call.as_fd()],
-        );
-        ack(
-            &self.s,
-            Request::SetVringKick(VringFdMsg {
-                index: 0,
-                no_fd: false,
-            }),
-            &[self.kick.as_fd()],
-        );
-        ack(
-            &self.s,
-            Request::SetVringEnable {
-                index: 0,
-                enable: true,
-            },
-            &[],
         );
     }
 
@@ -575,4 +580,51 @@ fn kill_9_twenty_times_loses_and_duplicates_nothing() {
         log.contains("resubmitting"),
         "no restart found requests in flight"
     );
+}
+
+/// An inflight area the front-end hands over whose recorded state cannot be
+/// recovered is refused before the ring starts: SET_VRING_KICK ends the
+/// connection (no ack), the daemon logs why and serves the next front-end.
+#[test]
+fn a_hostile_inflight_area_is_refused_before_the_ring_starts() {
+    // (what, version, desc_num, used_idx, entry 3's flag, the log's words)
+    let cases: [(&str, u16, u16, u16, u8, &str); 4] = [
+        ("unknown version", 7, 16, 0, 0, "version"),
+        ("desc_num of another ring size", 1, 8, 0, 0, "16"),
+        ("used index a ring away", 1, 16, 0x8000, 0, "used index"),
+        ("entry flag neither 0 nor 1", 1, 16, 0, 2, "flag"),
+    ];
+    for (what, version, desc_num, used, flag, words) in cases {
+        let mut fe = Fe::with(base_protocol() | P::INFLIGHT_SHMFD, &[]);
+        let (fd, m) = fe.inflight.as_ref().unwrap();
+        let area = LinuxGuestMemory::single(fd.try_clone().unwrap(), 0, m.mmap_size).unwrap();
+        area.write_u16(8, version).unwrap();
+        area.write_u16(10, desc_num).unwrap();
+        area.write_u16(14, used).unwrap();
+        area.write(16 + 3 * 16, &[flag]).unwrap();
+        fe.configure(0);
+        send(
+            &fe.s,
+            &Request::SetVringKick(VringFdMsg {
+                index: 0,
+                no_fd: false,
+            }),
+            true,
+            &[fe.kick.as_fd()],
+        );
+        let mut buf = Box::new([0u8; MAX_MESSAGE]);
+        assert!(
+            matches!(fe.s.recv_message(&mut buf), Ok(None) | Err(_)),
+            "{what}: the ring started"
+        );
+        let log = fe.d.log();
+        assert!(
+            log.contains("inflight area") && log.contains(words),
+            "{what}: {log}"
+        );
+        // The next front-end is served.
+        let s = fe.d.connect();
+        send(&s, &Request::GetFeatures, false, &[]);
+        assert!(recv_reply(&s, FrontendReq::GetFeatures).is_some(), "{what}");
+    }
 }

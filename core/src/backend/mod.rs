@@ -79,7 +79,7 @@ use core::fmt;
 
 use heapless::Vec;
 
-use crate::dataplane::DataPlane;
+use crate::dataplane::{DataPlane, DataPlaneError};
 use crate::device::Device;
 use crate::feature::{
     accept_protocol, accept_virtio, FeatureError, ProtocolFeatures, VirtioFeatures,
@@ -1270,6 +1270,11 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
     /// region of the inflight area when one was set (`area` is that area
     /// as the adapter mapped it). `consume_disabled` is
     /// [`Device::consume_while_disabled`].
+    ///
+    /// Refused when the area's recorded state cannot be recovered: every
+    /// field recovery reads (version, desc_num, used index, last batch,
+    /// entry flags, counts and links of the requests to resubmit) is
+    /// checked before the ring starts; the adapter ends the connection.
     pub fn start_ring<M: GuestMemory + ?Sized>(
         &self,
         queue: u16,
@@ -1287,13 +1292,15 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
             .rings
             .get(usize::from(queue))
             .is_some_and(|s| s.state.is_enabled());
-        Ok(DataPlane::start(
-            ring,
-            enabled,
-            consume_disabled,
-            mem,
-            inflight,
-        ))
+        let dp = DataPlane::start(ring, enabled, consume_disabled, mem, inflight);
+        // Only recovery can break a ring at its start: an area it refused
+        // (a header field, a link, a count, a flag out of range) is refused
+        // here, before the ring runs.
+        match dp.error() {
+            Some(DataPlaneError::Inflight(e)) => Err(BackendError::Inflight(e)),
+            Some(DataPlaneError::Vring(e)) => Err(BackendError::Vring(e)),
+            _ => Ok(dp),
+        }
     }
 
     /// Completes a pending GET_VRING_BASE: the ring's data plane has
