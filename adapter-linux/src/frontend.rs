@@ -112,6 +112,8 @@ struct BackendChannel {
     /// A handle on our end, to stop the thread.
     shutdown: Stream,
     counters: Arc<ChannelCounters>,
+    /// Written at each in-band call, for a caller that sleeps on it.
+    calls: Arc<EventFd>,
 }
 
 impl BackendChannel {
@@ -122,6 +124,7 @@ impl BackendChannel {
             shutdown: ours.try_clone()?,
             ours: Some(ours),
             counters: Arc::default(),
+            calls: Arc::new(EventFd::new(true)?),
         })
     }
 
@@ -131,9 +134,10 @@ impl BackendChannel {
             return;
         };
         let counters = Arc::clone(&self.counters);
+        let calls = Arc::clone(&self.calls);
         let spawned = std::thread::Builder::new()
             .name("vhu-backend-channel".into())
-            .spawn(move || serve_channel(&ours, server, &counters));
+            .spawn(move || serve_channel(&ours, server, &counters, &calls));
         if let Err(e) = spawned {
             log::error!("cannot serve the back-end channel: {e}");
         }
@@ -146,7 +150,12 @@ impl Drop for BackendChannel {
     }
 }
 
-fn serve_channel(ours: &Stream, server: BackendServer, counters: &ChannelCounters) {
+fn serve_channel(
+    ours: &Stream,
+    server: BackendServer,
+    counters: &ChannelCounters,
+    calls: &EventFd,
+) {
     let mut buf = Box::new([0u8; MAX_MESSAGE]);
     let mut out = [0u8; 64];
     loop {
@@ -169,7 +178,10 @@ fn serve_channel(ours: &Stream, server: BackendServer, counters: &ChannelCounter
         };
         let counter = match served.notice {
             BackendNotice::ConfigChanged => &counters.config_changes,
-            BackendNotice::Call(_) => &counters.calls,
+            BackendNotice::Call(_) => {
+                let _ = calls.write(1);
+                &counters.calls
+            }
             BackendNotice::RingError(q) => {
                 log::warn!("the back-end reports ring {q} broken");
                 &counters.ring_errors
@@ -248,6 +260,20 @@ impl<const Q: usize, const R: usize> FrontendLink<Q, R> {
     /// without BACKEND_REQ wanted); shared with the channel's thread.
     pub fn channel_counters(&self) -> Option<Arc<ChannelCounters>> {
         self.channel.as_ref().map(|c| Arc::clone(&c.counters))
+    }
+
+    /// An eventfd written at each in-band call (BACKEND_VRING_CALL), to
+    /// sleep on as on a call eventfd (`None` without BACKEND_REQ wanted).
+    pub fn channel_calls(&self) -> Option<Arc<EventFd>> {
+        self.channel.as_ref().map(|c| Arc::clone(&c.calls))
+    }
+
+    /// Kicks ring `q` in-band (VRING_KICK, acked): for rings configured
+    /// with [`NotifyMode::InBand`](vhost_user_core::frontend::NotifyMode)
+    /// kicks.
+    pub fn kick_in_band(&mut self, q: u16) -> Result<(), LinkError> {
+        self.fe.kick(q)?;
+        self.drive()
     }
 
     /// Sets how long [`drive`](Self::drive) waits for each reply (default
@@ -375,11 +401,16 @@ impl<const Q: usize, const R: usize> FrontendLink<Q, R> {
         let stream = Stream::connect(path)?;
         stream.set_read_timeout(Some(self.reply_timeout))?;
         self.stream = stream;
-        // A new channel for the new connection; the counters go on.
-        let counters = self.channel_counters();
+        // A new channel for the new connection; the counters and the calls
+        // eventfd go on.
+        let old = self
+            .channel
+            .as_ref()
+            .map(|c| (Arc::clone(&c.counters), Arc::clone(&c.calls)));
         self.channel = Self::channel_for(&cfg)?;
-        if let (Some(c), Some(old)) = (&mut self.channel, counters) {
-            c.counters = old;
+        if let (Some(c), Some((counters, calls))) = (&mut self.channel, old) {
+            c.counters = counters;
+            c.calls = calls;
         }
         self.fe = Frontend::new(cfg)?;
         self.events.clear();

@@ -88,6 +88,11 @@ pub struct Options {
     pub timeout: Duration,
     /// Packed rings instead of split ones (not with `reconnect`).
     pub packed: bool,
+    /// In-band notifications (INBAND_NOTIFICATIONS): rings are started and
+    /// kicked with VRING_KICK messages, and the back-end calls with
+    /// BACKEND_VRING_CALL on the back-end channel; no kick or call
+    /// eventfds.
+    pub inband: bool,
 }
 
 /// What a run measured.
@@ -215,6 +220,8 @@ fn pattern(seed: u64, block: u64, len: usize) -> Vec<u8> {
 }
 
 const SOCKET: u64 = 1 << 32;
+/// The epoll token of the in-band calls' eventfd.
+const INBAND_CALLS: u64 = 1 << 33;
 /// Descriptors of each request: header, data, status.
 const CHAIN: u16 = 3;
 /// Packed driver event flags: notify on every completion, or never.
@@ -488,6 +495,11 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
     for r in &regions {
         let _ = cfg.regions.push(*r);
     }
+    let notify = if o.inband {
+        NotifyMode::InBand
+    } else {
+        NotifyMode::Eventfd
+    };
     let mut drivers = Vec::new();
     for i in 0..q {
         let at = 0x10000 * i;
@@ -520,8 +532,8 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
                 device: a.device + VA,
             },
             base,
-            kick: NotifyMode::Eventfd,
-            call: NotifyMode::Eventfd,
+            kick: notify,
+            call: notify,
         });
         drivers.push(ring);
     }
@@ -534,6 +546,15 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
         .collect::<Result<_, _>>()
         .map_err(|e| e.to_string())?;
     let mut link = open(path, cfg, &fds, &kick_fds, &calls)?;
+    if o.inband
+        && !link
+            .engine()
+            .protocol_features()
+            .contains(P::INBAND_NOTIFICATIONS)
+    {
+        return Err("--inband needs a back-end that offers INBAND_NOTIFICATIONS".into());
+    }
+    let inband_calls = if o.inband { link.channel_calls() } else { None };
     if o.reconnect
         && !link
             .engine()
@@ -575,10 +596,16 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
     start(&mut link)?;
 
     let epoll = Epoll::new().map_err(|e| e.to_string())?;
-    for (i, c) in calls.iter().enumerate() {
+    if let Some(c) = &inband_calls {
         epoll
-            .add(c, Interest::READABLE, i as u64)
+            .add(&**c, Interest::READABLE, INBAND_CALLS)
             .map_err(|e| e.to_string())?;
+    } else {
+        for (i, c) in calls.iter().enumerate() {
+            epoll
+                .add(c, Interest::READABLE, i as u64)
+                .map_err(|e| e.to_string())?;
+        }
     }
     // The socket turns readable (end of file) when the back-end goes away.
     epoll
@@ -689,7 +716,12 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
                 posted = true;
             }
             if posted && drv.kick_needed(&mem)? {
-                link.kick(qi as u16);
+                if o.inband {
+                    link.kick_in_band(qi as u16)
+                        .map_err(|e| format!("in-band kick: {e}"))?;
+                } else {
+                    link.kick(qi as u16);
+                }
                 rep.kicks += 1;
             }
         }
@@ -813,6 +845,10 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
                 for e in &ev[..n] {
                     if e.token() == SOCKET {
                         gone = true;
+                    } else if e.token() == INBAND_CALLS {
+                        if let Some(c) = &inband_calls {
+                            let _ = c.read();
+                        }
                     } else if let Some(c) = calls.get(e.token() as usize) {
                         let _ = c.read();
                         rep.calls += 1;

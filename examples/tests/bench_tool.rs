@@ -157,6 +157,46 @@ fn bench_verifies_packed_rings_against_our_daemon() {
     assert!(!out.status.success());
 }
 
+/// The JSON report's counter `key`.
+fn counter(json: &str, key: &str) -> u64 {
+    let at = json
+        .find(&format!("\"{key}\": "))
+        .unwrap_or_else(|| panic!("no {key} in {json}"));
+    let rest = &json[at + key.len() + 4..];
+    let end = rest.find(|c: char| !c.is_ascii_digit()).unwrap();
+    rest[..end].parse().unwrap()
+}
+
+/// In-band notifications against our daemon: rings started and kicked
+/// with VRING_KICK, completions announced with BACKEND_VRING_CALL on the
+/// back-end channel, no eventfd at all; verified, split and packed, one
+/// and two queues, interrupt and poll mode.
+#[test]
+fn bench_verifies_with_in_band_notifications() {
+    let d = daemon(&["--size", "32M", "--num-queues", "2", "--log-level", "warn"]);
+    for extra in [
+        &[][..],
+        &["--packed"][..],
+        &["--queues", "2"][..],
+        &["--packed", "--queues", "2", "--poll"][..],
+    ] {
+        let mut args = VERIFIED.to_vec();
+        args.push("--inband");
+        args.extend(extra);
+        let s = ok(bench(&d.sock, &args), 3000);
+        assert_eq!(counter(&s, "calls"), 0, "no call eventfd: {s}");
+        assert!(counter(&s, "kicks") > 0, "{s}");
+        if !extra.contains(&"--poll") {
+            assert!(counter(&s, "backend_calls") > 0, "{s}");
+        }
+        assert_eq!(counter(&s, "ring_errors"), 0, "{s}");
+    }
+    // Without in-band notifications the same load uses eventfds only.
+    let s = ok(bench(&d.sock, VERIFIED), 3000);
+    assert!(counter(&s, "calls") > 0, "{s}");
+    assert_eq!(counter(&s, "backend_calls"), 0, "{s}");
+}
+
 #[test]
 fn a_failed_request_fails_the_bench() {
     let d = daemon(&["--size", "32M", "--read-only", "--log-level", "warn"]);

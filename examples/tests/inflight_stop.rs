@@ -9,6 +9,10 @@
 //! - without bit 20, GET_VRING_BASE replies only once they completed.
 //!
 //! Every request completes exactly once, with its data on the image.
+//!
+//! And the refusals around a ring's life: a corrupt inflight area is
+//! refused before the ring starts, and a ring the guest breaks signals the
+//! err eventfd (SET_VRING_ERR) and stops serving.
 
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -48,6 +52,7 @@ struct Fe {
     drv: SplitDriver,
     kick: EventFd,
     call: EventFd,
+    err: EventFd,
     image: std::fs::File,
     _dir: common::TempDir,
 }
@@ -96,6 +101,7 @@ impl Fe {
             drv,
             kick: EventFd::new(false).unwrap(),
             call: EventFd::new(false).unwrap(),
+            err: EventFd::new(false).unwrap(),
             image,
             _dir: dir,
         };
@@ -235,6 +241,14 @@ impl Fe {
                 no_fd: false,
             }),
             &[self.call.as_fd()],
+        );
+        ack(
+            &self.s,
+            Request::SetVringErr(VringFdMsg {
+                index: 0,
+                no_fd: false,
+            }),
+            &[self.err.as_fd()],
         );
     }
 
@@ -627,4 +641,39 @@ fn a_hostile_inflight_area_is_refused_before_the_ring_starts() {
         send(&s, &Request::GetFeatures, false, &[]);
         assert!(recv_reply(&s, FrontendReq::GetFeatures).is_some(), "{what}");
     }
+}
+
+/// A guest that breaks its ring (a head index beyond the ring) gets the err
+/// eventfd written once; the ring serves nothing more until it is
+/// restarted, and the connection goes on.
+#[test]
+fn a_ring_broken_by_the_guest_signals_its_err_eventfd() {
+    let mut fe = Fe::with(base_protocol(), &[]);
+    fe.start(0);
+    // One good request is served.
+    fe.post_writes(0);
+    fe.kick.write(1).unwrap();
+    fe.wait_used(N as u16);
+    assert_eq!(fe.drv.harvest_all(&fe.mem).unwrap().len() as u64, N);
+    assert!(!fe.err.is_signalled().unwrap());
+    // Then a head the ring does not have.
+    fe.drv.push_head(&fe.mem, 99).unwrap();
+    fe.drv.publish(&fe.mem).unwrap();
+    fe.kick.write(1).unwrap();
+    let t0 = Instant::now();
+    while !fe.err.is_signalled().unwrap() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "no err signal");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(fe.err.read().unwrap(), 1, "signalled once");
+    // Nothing more is served, and nothing more is signalled.
+    fe.post_writes(N);
+    fe.kick.write(1).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(fe.drv.used_idx(&fe.mem).unwrap(), N as u16);
+    assert!(!fe.err.is_signalled().unwrap());
+    // The connection goes on.
+    send(&fe.s, &Request::GetFeatures, false, &[]);
+    assert!(recv_reply(&fe.s, FrontendReq::GetFeatures).is_some());
+    assert!(fe.d.log().contains("the ring is stopped until restarted"));
 }
