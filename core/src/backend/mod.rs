@@ -512,6 +512,25 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
         })
     }
 
+    /// Back to the state [`new`](Self::new) returned, in place: nothing
+    /// negotiated, no owner, no memory, every ring as never configured,
+    /// no inflight area and no back-end channel (the front-end left; the
+    /// next one starts afresh). Unlike building a new session this moves
+    /// no second copy of it.
+    pub fn reset(&mut self) {
+        self.acked_features = None;
+        self.acked_protocol = ProtocolFeatures::empty();
+        self.protocol_negotiated = false;
+        self.owner = false;
+        self.status = 0;
+        self.memory.clear();
+        for r in self.rings.iter_mut() {
+            *r = RingSlot::default();
+        }
+        self.inflight = None;
+        self.channel = false;
+    }
+
     /// The configuration.
     pub fn config(&self) -> &BackendConfig {
         &self.config
