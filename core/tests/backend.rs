@@ -917,7 +917,7 @@ fn ring_sizes_refused_on_set_vring_num() {
         for ack in [false, true] {
             assert_eq!(
                 fe.send(&num(0, n), ack).err(),
-                Some(BackendError::Wire(WireError::BadValue(n.into())))
+                Some(BackendError::Wire(WireError::BadValue(n)))
             );
         }
     }

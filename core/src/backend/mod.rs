@@ -321,9 +321,9 @@ pub enum BackendError {
     Inflight(InflightError),
 }
 
-// Every nested error is at most 8 bytes and carries no 64-bit value but
-// WireError's; a Result of the session stays small to move.
-const _: () = assert!(core::mem::size_of::<BackendError>() <= 16);
+// Every nested error is at most 8 bytes and carries no 64-bit value; a
+// Result of the session stays small to move.
+const _: () = assert!(core::mem::size_of::<BackendError>() <= 12);
 
 impl BackendError {
     /// The value a REPLY_ACK carries for this error.
