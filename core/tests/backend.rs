@@ -678,6 +678,27 @@ fn features_without_bit_30_enable_every_ring_and_reset_device() {
 }
 
 #[test]
+fn reset_returns_a_session_to_its_state_when_new() {
+    let fresh = format!(
+        "{:?}",
+        Session::<4, 8>::new(config(all_protocol())).unwrap()
+    );
+    let mut fe = new_fe(all_protocol());
+    assert_eq!(format!("{:?}", fe.session), fresh);
+    fe.handshake(V::VERSION_1 | V::PROTOCOL_FEATURES);
+    let drv = SplitDriver::new(&fe.mem, 16, 0x1000, false).unwrap();
+    fe.configure(0, 16, drv.user_addrs(), 0);
+    fe.kick(0);
+    fe.send(&Request::SetStatus(0xf), false).unwrap();
+    assert_ne!(format!("{:?}", fe.session), fresh);
+    fe.session.reset();
+    assert_eq!(format!("{:?}", fe.session), fresh);
+    // And it serves a new front-end from the start.
+    fe.handshake(V::VERSION_1 | V::PROTOCOL_FEATURES);
+    assert_eq!(fe.session.features(), V::VERSION_1 | V::PROTOCOL_FEATURES);
+}
+
+#[test]
 fn status_round_trip() {
     let mut fe = new_fe(all_protocol());
     fe.handshake(V::VERSION_1 | V::PROTOCOL_FEATURES);
@@ -896,7 +917,7 @@ fn ring_sizes_refused_on_set_vring_num() {
         for ack in [false, true] {
             assert_eq!(
                 fe.send(&num(0, n), ack).err(),
-                Some(BackendError::Wire(WireError::BadValue(n.into())))
+                Some(BackendError::Wire(WireError::BadValue(n)))
             );
         }
     }

@@ -321,9 +321,9 @@ pub enum BackendError {
     Inflight(InflightError),
 }
 
-// Every nested error is at most 8 bytes and carries no 64-bit value but
-// WireError's; a Result of the session stays small to move.
-const _: () = assert!(core::mem::size_of::<BackendError>() <= 16);
+// Every nested error is at most 8 bytes and carries no 64-bit value; a
+// Result of the session stays small to move.
+const _: () = assert!(core::mem::size_of::<BackendError>() <= 12);
 
 impl BackendError {
     /// The value a REPLY_ACK carries for this error.
@@ -510,6 +510,25 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
             inflight: None,
             channel: false,
         })
+    }
+
+    /// Back to the state [`new`](Self::new) returned, in place: nothing
+    /// negotiated, no owner, no memory, every ring as never configured,
+    /// no inflight area and no back-end channel (the front-end left; the
+    /// next one starts afresh). Unlike building a new session this moves
+    /// no second copy of it.
+    pub fn reset(&mut self) {
+        self.acked_features = None;
+        self.acked_protocol = ProtocolFeatures::empty();
+        self.protocol_negotiated = false;
+        self.owner = false;
+        self.status = 0;
+        self.memory.clear();
+        for r in self.rings.iter_mut() {
+            *r = RingSlot::default();
+        }
+        self.inflight = None;
+        self.channel = false;
     }
 
     /// The configuration.

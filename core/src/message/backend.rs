@@ -3,7 +3,7 @@
 
 use super::raw;
 use super::request::{uuid, IotlbKind, IotlbMsg, ShmemMapMsg, Writer};
-use super::{empty, exact, FdRule, Header, ParseOptions, WireError};
+use super::{empty, exact, sat16, FdRule, Header, ParseOptions, WireError};
 
 request_codes! {
     /// Request codes of the back-end channel (back-end → front-end).
@@ -80,7 +80,7 @@ fn shmem(id: u32, payload: &[u8]) -> Result<ShmemMapMsg, WireError> {
     let r: &raw::ShmemMap = exact(id, payload)?;
     let flags = r.flags.get();
     if flags & !SHMEM_WRITABLE != 0 {
-        return Err(WireError::ReservedBits(flags));
+        return Err(WireError::reserved_bits(flags));
     }
     let m = ShmemMapMsg {
         shmid: r.shmid,
@@ -113,8 +113,8 @@ impl BackendRequest {
         header.check_request()?;
         if payload.len() != header.size as usize {
             return Err(WireError::Truncated {
-                needed: header.size,
-                got: payload.len() as u32,
+                needed: sat16(header.size),
+                got: sat16(payload.len()),
             });
         }
         let code = BackendReq::try_from(header.request)?;
@@ -127,7 +127,7 @@ impl BackendRequest {
             BackendReq::IotlbMsg => {
                 let m = IotlbMsg::parse(id, payload)?;
                 if !matches!(m.kind, IotlbKind::Miss | IotlbKind::AccessFail) {
-                    return Err(WireError::BadValue(m.kind as u64));
+                    return Err(WireError::BadValue(m.kind as u32));
                 }
                 BackendRequest::IotlbMsg(m)
             }
@@ -139,7 +139,7 @@ impl BackendRequest {
                 let r: &raw::VringArea = exact(id, payload)?;
                 let v = r.index_flags.get();
                 if v & !(AREA_INDEX_MASK | AREA_NOFD) != 0 {
-                    return Err(WireError::ReservedBits(v));
+                    return Err(WireError::reserved_bits(v));
                 }
                 let m = VringAreaMsg {
                     index: opts.check_queue(v & AREA_INDEX_MASK)?,

@@ -2,7 +2,7 @@
 
 use super::raw;
 use super::request::{ConfigMsg, InflightMsg, MemRegionMsg, MemTable, Writer};
-use super::{exact, FdRule, FrontendReq, Header, ParseOptions, WireError};
+use super::{exact, sat16, FdRule, FrontendReq, Header, ParseOptions, WireError};
 
 /// A validated reply on the main socket. Which variant a reply parses into is
 /// decided by the request it answers.
@@ -72,13 +72,13 @@ impl<'a> Reply<'a> {
         header.check_reply_to(id)?;
         if payload.len() != header.size as usize {
             return Err(WireError::Truncated {
-                needed: header.size,
-                got: payload.len() as u32,
+                needed: sat16(header.size),
+                got: sat16(payload.len()),
             });
         }
         let bad = || WireError::BadSize {
-            request: id,
-            size: payload.len() as u32,
+            request: sat16(id),
+            size: sat16(payload.len()),
         };
         use FrontendReq as C;
         let reply = match request {
@@ -137,7 +137,7 @@ impl<'a> Reply<'a> {
             C::SetDeviceStateFd => {
                 let v = exact::<raw::Word>(id, payload)?.value.get();
                 if v & !(0xff | DEVICE_STATE_NOFD) != 0 {
-                    return Err(WireError::ReservedBits(v));
+                    return Err(WireError::reserved_bits(v));
                 }
                 Reply::DeviceStateFd {
                     error: (v & 0xff) as u8,
