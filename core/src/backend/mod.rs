@@ -644,7 +644,9 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
             return Err(BackendError::QueueSize(num));
         }
         if layout == Some(Layout::Split) && !num.is_power_of_two() {
-            return Err(BackendError::Vring(VringError::BadSize(num)));
+            return Err(BackendError::Vring(VringError::BadSize(
+                crate::vring::saturate(num),
+            )));
         }
         Ok(())
     }
@@ -666,7 +668,7 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
             Some(Layout::Packed) => ((16 * n, 16), (4, 4), (4, 4)),
             None => ((16 * n, 16), (4, 2), (4, 4)),
         };
-        let area = |va: u64, (len, align): (u64, u32)| {
+        let area = |va: u64, (len, align): (u64, u16)| {
             let gpa = table
                 .translate_user_range(va, len)
                 .map_err(|_| BackendError::RingAddress(queue))?;
@@ -829,14 +831,14 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
         match result {
             Ok(()) => {
                 if ack_asked {
-                    outcome.reply = Reply::Ready(WireReply::ack(true).encode(code, out)?);
+                    outcome.reply = Reply::Ready(WireReply::encode_u64(code, 0, out)?);
                 }
                 Ok(())
             }
             Err(e) if ack_asked && !matches!(e, BackendError::Wire(_)) => {
                 warn!("refusing {}: ack failure", code.id());
                 *outcome = Outcome {
-                    reply: Reply::Ready(WireReply::U64(e.ack_value()).encode(code, out)?),
+                    reply: Reply::Ready(WireReply::encode_u64(code, e.ack_value(), out)?),
                     actions: Vec::new(),
                     refused: Some(e),
                 };
@@ -855,14 +857,14 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
         outcome: &mut Outcome,
     ) -> Result<(), BackendError> {
         let code = req.code();
-        let mut reply = |r: WireReply<'_>| -> Result<Reply, BackendError> {
-            Ok(Reply::Ready(r.encode(code, out)?))
+        // Each reply is encoded on its own (WireReply::encode_*): a
+        // back-end links no other reply's encoding.
+        let mut reply = |v: u64| -> Result<Reply, BackendError> {
+            Ok(Reply::Ready(WireReply::encode_u64(code, v, out)?))
         };
         let actions = &mut outcome.actions;
         match *req {
-            Request::GetFeatures => {
-                outcome.reply = reply(WireReply::U64(self.config.features.bits()))?
-            }
+            Request::GetFeatures => outcome.reply = reply(self.config.features.bits())?,
             Request::SetFeatures(v) => {
                 let acked = accept_virtio(self.config.features, v)?;
                 let running = self.rings.iter().any(|r| r.running);
@@ -905,16 +907,14 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
             Request::SetOwner => self.owner = true,
             Request::ResetOwner => self.apply_all(RingEvent::ResetOwner, actions),
             Request::GetProtocolFeatures => {
-                outcome.reply = reply(WireReply::U64(self.config.protocol_features.bits()))?
+                outcome.reply = reply(self.config.protocol_features.bits())?
             }
             Request::SetProtocolFeatures(v) => {
                 self.acked_protocol = accept_protocol(self.config.protocol_features, v)?;
                 self.protocol_negotiated = true;
             }
-            Request::GetQueueNum => {
-                outcome.reply = reply(WireReply::U64(self.config.num_queues.into()))?
-            }
-            Request::GetMaxMemSlots => outcome.reply = reply(WireReply::U64(R as u64))?,
+            Request::GetQueueNum => outcome.reply = reply(self.config.num_queues.into())?,
+            Request::GetMaxMemSlots => outcome.reply = reply(R as u64)?,
             Request::SetMemTable(ref table) => {
                 // Region i in slot i, as `MemoryTable::set` places them,
                 // without a copy of the regions on the stack.
@@ -1024,7 +1024,8 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
                     slot.kick = Notifier::Unset;
                     slot.call = Notifier::Unset;
                     let base = slot.base;
-                    outcome.reply = reply(WireReply::VringState { index, num: base })?;
+                    let n = WireReply::encode_vring_state(code, index, base, out)?;
+                    outcome.reply = Reply::Ready(n);
                 }
             }
             Request::SetVringKick(v) => {
@@ -1099,7 +1100,7 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
                 }
             }
             Request::SetStatus(s) => self.status = s,
-            Request::GetStatus => outcome.reply = reply(WireReply::U64(self.status.into()))?,
+            Request::GetStatus => outcome.reply = reply(self.status.into())?,
             Request::GetInflightFd(m) => {
                 self.check_inflight(m.num_queues, m.queue_size)?;
                 let size = inflight::area_size(m.num_queues, m.queue_size)?;
@@ -1107,11 +1108,12 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
                 self.inflight = None;
                 push(actions, Action::UnmapInflight);
                 push(actions, Action::CreateInflight { size });
-                outcome.reply = reply(WireReply::Inflight(InflightMsg {
+                let m = InflightMsg {
                     mmap_size: size,
                     mmap_offset: 0,
                     ..m
-                }))?;
+                };
+                outcome.reply = Reply::Ready(WireReply::encode_inflight(code, &m, out)?);
             }
             Request::SetInflightFd(m) => {
                 self.check_inflight(m.num_queues, m.queue_size)?;
@@ -1193,16 +1195,14 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
         let mut buf = [0u8; crate::message::MAX_CONFIG_SIZE as usize];
         let len = c.data.len();
         let data = &mut buf[..len];
-        let reply = if device.read_config(c.offset, data) {
-            WireReply::Config(ConfigMsg {
-                offset: c.offset,
-                kind: c.kind,
-                data,
-            })
-        } else {
-            WireReply::ConfigFailed
+        let ok = device.read_config(c.offset, data);
+        let msg = ConfigMsg {
+            offset: c.offset,
+            kind: c.kind,
+            data,
         };
-        Ok(Reply::Ready(reply.encode(FrontendReq::GetConfig, out)?))
+        let n = WireReply::encode_config(FrontendReq::GetConfig, ok.then_some(&msg), out)?;
+        Ok(Reply::Ready(n))
     }
 
     fn check_inflight(&self, num_queues: u16, queue_size: u16) -> Result<(), BackendError> {
@@ -1343,11 +1343,7 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
         slot.call = Notifier::Unset;
         let num = slot.base;
         debug!("ring {} stopped at {:#x}", queue, num);
-        Ok(WireReply::VringState {
-            index: queue.into(),
-            num,
-        }
-        .encode(code, out)?)
+        Ok(WireReply::encode_vring_state(code, queue.into(), num, out)?)
     }
 
     /// After RESET_DEVICE's [`Action::ResetRings`], or when the connection

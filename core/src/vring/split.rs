@@ -67,7 +67,7 @@ impl SplitQueue {
     /// and [`sync_used`](Self::sync_used).
     pub fn new(size: u16, addrs: RingAddrs, features: RingFeatures) -> Result<Self, VringError> {
         if size == 0 || size > MAX_QUEUE_SIZE || !size.is_power_of_two() {
-            return Err(VringError::BadSize(u32::from(size)));
+            return Err(VringError::BadSize(size));
         }
         let n = u64::from(size);
         check_area(addrs.desc, 16 * n, 16)?;
@@ -488,7 +488,7 @@ mod tests {
         for bad in [0u16, 3, 6, 1000] {
             assert_eq!(
                 SplitQueue::new(bad, a, f).err(),
-                Some(VringError::BadSize(u32::from(bad)))
+                Some(VringError::BadSize(bad))
             );
         }
         assert!(SplitQueue::new(1, a, f).is_ok());
