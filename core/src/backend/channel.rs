@@ -93,14 +93,41 @@ impl Channel {
         self.awaiting
     }
 
-    /// Encodes `req` into `out`.
+    /// Encodes `req` into `out` (CONFIG_CHANGE_MSG, BACKEND_VRING_CALL and
+    /// BACKEND_VRING_ERR; this engine sends no other).
     pub fn request(&mut self, req: &BackendRequest, out: &mut [u8]) -> Result<Sent, ChannelError> {
-        let code = req.code();
-        let needs = match code {
-            BackendReq::ConfigChangeMsg => ProtocolFeatures::CONFIG,
-            BackendReq::VringCall | BackendReq::VringErr => ProtocolFeatures::INBAND_NOTIFICATIONS,
-            // Not offered by this engine: nothing may send them.
-            _ => return Err(ChannelError::NotNegotiated(code)),
+        match *req {
+            BackendRequest::ConfigChange => self.send(BackendReq::ConfigChangeMsg, None, out),
+            BackendRequest::VringCall(q) => self.send(BackendReq::VringCall, Some(q), out),
+            BackendRequest::VringErr(q) => self.send(BackendReq::VringErr, Some(q), out),
+            _ => Err(ChannelError::NotNegotiated(req.code())),
+        }
+    }
+
+    /// CONFIG_CHANGE_MSG: the device's config space changed.
+    pub fn config_change(&mut self, out: &mut [u8]) -> Result<Sent, ChannelError> {
+        self.send(BackendReq::ConfigChangeMsg, None, out)
+    }
+
+    /// In-band BACKEND_VRING_CALL for ring `queue`.
+    pub fn vring_call(&mut self, queue: u16, out: &mut [u8]) -> Result<Sent, ChannelError> {
+        self.send(BackendReq::VringCall, Some(queue.into()), out)
+    }
+
+    /// In-band BACKEND_VRING_ERR for ring `queue`.
+    pub fn vring_err(&mut self, queue: u16, out: &mut [u8]) -> Result<Sent, ChannelError> {
+        self.send(BackendReq::VringErr, Some(queue.into()), out)
+    }
+
+    fn send(
+        &mut self,
+        code: BackendReq,
+        ring: Option<u32>,
+        out: &mut [u8],
+    ) -> Result<Sent, ChannelError> {
+        let needs = match ring {
+            None => ProtocolFeatures::CONFIG,
+            Some(_) => ProtocolFeatures::INBAND_NOTIFICATIONS,
         };
         if !self.protocol.contains(needs) {
             return Err(ChannelError::NotNegotiated(code));
@@ -109,26 +136,14 @@ impl Channel {
             return Err(ChannelError::Busy);
         }
         let awaits_reply = self.protocol.contains(ProtocolFeatures::REPLY_ACK);
-        let len = req.encode(awaits_reply, out)?;
+        let len = match ring {
+            None => BackendRequest::encode_empty(code, awaits_reply, out)?,
+            Some(q) => BackendRequest::encode_ring(code, q, awaits_reply, out)?,
+        };
         if awaits_reply {
             self.awaiting = Some(code);
         }
         Ok(Sent { len, awaits_reply })
-    }
-
-    /// CONFIG_CHANGE_MSG: the device's config space changed.
-    pub fn config_change(&mut self, out: &mut [u8]) -> Result<Sent, ChannelError> {
-        self.request(&BackendRequest::ConfigChange, out)
-    }
-
-    /// In-band BACKEND_VRING_CALL for ring `queue`.
-    pub fn vring_call(&mut self, queue: u16, out: &mut [u8]) -> Result<Sent, ChannelError> {
-        self.request(&BackendRequest::VringCall(queue.into()), out)
-    }
-
-    /// In-band BACKEND_VRING_ERR for ring `queue`.
-    pub fn vring_err(&mut self, queue: u16, out: &mut [u8]) -> Result<Sent, ChannelError> {
-        self.request(&BackendRequest::VringErr(queue.into()), out)
     }
 
     /// Checks the front-end's reply (header, payload, number of fds) to the

@@ -196,10 +196,6 @@ impl BackendRequest {
     /// Encodes the request into `out`, asking for an ack if `need_reply`.
     pub fn encode(&self, need_reply: bool, out: &mut [u8]) -> Result<usize, WireError> {
         let mut w = Writer::new(out);
-        let ring = |i: u32| raw::VringState {
-            index: i.into(),
-            num: 0.into(),
-        };
         let shmem = |m: &ShmemMapMsg| raw::ShmemMap {
             shmid: m.shmid,
             padding: [0; 7],
@@ -210,7 +206,9 @@ impl BackendRequest {
         };
         match self {
             BackendRequest::IotlbMsg(m) => w.raw(&m.raw())?,
-            BackendRequest::ConfigChange => {}
+            BackendRequest::ConfigChange => {
+                return Self::encode_empty(BackendReq::ConfigChangeMsg, need_reply, out)
+            }
             BackendRequest::VringHostNotifier(m) => w.raw(&raw::VringArea {
                 index_flags: (u64::from(m.index) & AREA_INDEX_MASK
                     | if m.no_fd { AREA_NOFD } else { 0 })
@@ -218,13 +216,42 @@ impl BackendRequest {
                 size: m.size.into(),
                 offset: m.offset.into(),
             })?,
-            BackendRequest::VringCall(i) | BackendRequest::VringErr(i) => w.raw(&ring(*i))?,
+            BackendRequest::VringCall(i) | BackendRequest::VringErr(i) => {
+                return Self::encode_ring(self.code(), *i, need_reply, out)
+            }
             BackendRequest::SharedObjectAdd(u)
             | BackendRequest::SharedObjectRemove(u)
             | BackendRequest::SharedObjectLookup(u) => w.bytes(u)?,
             BackendRequest::ShmemMap(m) | BackendRequest::ShmemUnmap(m) => w.raw(&shmem(m))?,
         }
         w.finish(Header::request(self.code().id(), 0, need_reply))
+    }
+
+    // The requests a back-end session sends, each on its own, so that a
+    // back-end links none of the others' encoding.
+
+    /// A request without payload (CONFIG_CHANGE_MSG).
+    pub fn encode_empty(
+        request: BackendReq,
+        need_reply: bool,
+        out: &mut [u8],
+    ) -> Result<usize, WireError> {
+        Writer::new(out).finish(Header::request(request.id(), 0, need_reply))
+    }
+
+    /// A request naming ring `index` (in-band VRING_CALL, VRING_ERR).
+    pub fn encode_ring(
+        request: BackendReq,
+        index: u32,
+        need_reply: bool,
+        out: &mut [u8],
+    ) -> Result<usize, WireError> {
+        let mut w = Writer::new(out);
+        w.raw(&raw::VringState {
+            index: index.into(),
+            num: 0.into(),
+        })?;
+        w.finish(Header::request(request.id(), 0, need_reply))
     }
 
     /// Parses the front-end's reply to a back-end request with code
