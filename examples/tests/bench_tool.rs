@@ -331,3 +331,73 @@ fn bad_options_are_refused() {
         assert!(err.contains("invalid"), "{bad:?}: {err}");
     }
 }
+
+/// Deep queues through each I/O engine and cache mode: 128 requests in
+/// flight per queue, verified reads and writes on two queues, the
+/// completions reaped as they arrive (the thread pool finishes them out
+/// of order). The daemon's log names the engine and counts no error.
+#[test]
+fn deep_queues_verify_through_io_uring_and_threads() {
+    for (aio, cache) in [
+        ("io_uring", "writeback"),
+        ("io_uring", "none"),
+        ("threads", "writeback"),
+        ("threads", "none"),
+    ] {
+        let d = daemon(&[
+            "--size",
+            "32M",
+            "--num-queues",
+            "2",
+            "--aio",
+            aio,
+            "--cache",
+            cache,
+        ]);
+        let args = [
+            "--rw",
+            "randrw",
+            "--verify",
+            "--requests",
+            "6000",
+            "--iodepth",
+            "128",
+            "--bs",
+            "4096",
+            "--queues",
+            "2",
+        ];
+        ok(bench(&d.sock, &args), 6000);
+        // The counters are logged when the front-end has left.
+        let t0 = Instant::now();
+        let log = loop {
+            let log = std::fs::read_to_string(d.dir.join("daemon.log")).unwrap();
+            // The first connection (the start-up probe's) logged zeroes.
+            if log.matches("bytes written").count() >= 4 {
+                break log;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "{log}");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(
+            log.contains(&format!("queue 0: {aio} I/O")),
+            "{aio}/{cache}: {log}"
+        );
+        assert!(
+            log.contains(&format!("queue 1: {aio} I/O")),
+            "{aio}/{cache}: {log}"
+        );
+        assert!(!log.contains("ERROR"), "{aio}/{cache}: {log}");
+        let served: u64 = log
+            .lines()
+            .filter(|l| l.contains("bytes written"))
+            .skip(2)
+            .filter_map(|l| {
+                assert!(l.ends_with(" 0 errors"), "{aio}/{cache}: {l}");
+                let (head, _) = l.split_once(" requests,")?;
+                head.rsplit(' ').next()?.parse::<u64>().ok()
+            })
+            .sum();
+        assert_eq!(served, 6000, "{aio}/{cache}: {log}");
+    }
+}
