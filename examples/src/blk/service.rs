@@ -60,6 +60,9 @@ pub struct QueueCounters {
     pub write_bytes: AtomicU64,
     /// Requests completed with an error status.
     pub errors: AtomicU64,
+    /// `fdatasync`s the ring's I/O engine completed (FLUSH requests, and
+    /// writes in writethrough mode).
+    pub syncs: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -517,6 +520,11 @@ impl<B: BlockBackend + 'static> SharedDevice for BlkService<B> {
                 Ok(n) => p.syncing || *n == p.len,
                 Err(_) => false,
             };
+            if ok && (p.syncing || matches!(p.op, BlkOp::Flush)) {
+                if let Some(k) = self.counters(queue) {
+                    k.syncs.fetch_add(1, Ordering::Relaxed);
+                }
+            }
             if !ok {
                 match &result {
                     Ok(n) => log::debug!("virtio-blk: short transfer: {n} of {} bytes", p.len),
@@ -654,10 +662,11 @@ impl<B: BlockBackend> Device for BlkService<B> {
     fn disconnected(&self) {
         for (q, k) in self.inner.counters.iter().enumerate() {
             log::info!(
-                "queue {q}: {} requests, {} bytes read, {} bytes written, {} errors",
+                "queue {q}: {} requests, {} bytes read, {} bytes written, {} syncs, {} errors",
                 k.requests.load(Ordering::Relaxed),
                 k.read_bytes.load(Ordering::Relaxed),
                 k.write_bytes.load(Ordering::Relaxed),
+                k.syncs.load(Ordering::Relaxed),
                 k.errors.load(Ordering::Relaxed),
             );
         }
