@@ -662,7 +662,16 @@ where
                 !more && !matches!(dp.enable_notification(&*mem), Ok(true))
             };
             self.report(&dp, &mut round);
-            if idle && dp.error().is_none() && !dp.paused() && !self.options.spin.is_zero() {
+            // Requests the device holds that complete on its completion fd
+            // are waited for there: spinning would take a core from the
+            // I/O (and the guest) while the disk works.
+            let held = dp.outstanding() > 0
+                && self
+                    .device
+                    .completion_fd(self.queue, &round.scratch)
+                    .is_some();
+            if idle && !held && dp.error().is_none() && !dp.paused() && !self.options.spin.is_zero()
+            {
                 idle = self.spin(&mut dp, &mut round);
             }
             if idle {
