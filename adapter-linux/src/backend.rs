@@ -15,7 +15,7 @@
 //! and the next front-end is accepted.
 
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
 use vhost_user_core::backend::{Action, BackendConfig, BackendError, Reply, Session};
-use vhost_user_core::dataplane::{DataPlane, Published, Stop};
+use vhost_user_core::dataplane::{DataPlane, Published, Stop, Token};
 use vhost_user_core::device::{Completion, Device};
 use vhost_user_core::message::{HEADER_SIZE, MAX_MESSAGE};
 use vhost_user_core::vring::{Chain, RingAddrs};
@@ -52,17 +52,56 @@ pub struct RingCounters {
 /// A device the Linux runtime serves: the connection keeps one handle for
 /// the control path, and each ring's worker thread gets a clone for the
 /// data path.
+///
+/// The provided methods are the Linux side of the data path; their
+/// defaults forward to [`Device`], so a device implements this with an
+/// empty `impl SharedDevice for MyDevice {}`. A device that does its I/O
+/// straight into guest memory (io_uring, see [`aio`](crate::aio))
+/// overrides [`process_mapped`](Self::process_mapped) and
+/// [`poll_mapped`](Self::poll_mapped), which see the mapped memory
+/// ([`LinuxGuestMemory::io_bufs`]), and
+/// [`completion_fd`](Self::completion_fd), so the worker sleeps until a
+/// completion arrives instead of polling for it.
 pub trait SharedDevice: Device + Clone + Send + Sync + 'static
 where
     Self::Scratch: Send,
 {
-}
+    /// [`Device::process`] with the mapped guest memory.
+    fn process_mapped<const S: usize>(
+        &self,
+        queue: u16,
+        chain: &Chain<S>,
+        token: Token,
+        mem: &LinuxGuestMemory,
+        scratch: &mut Self::Scratch,
+    ) -> Completion {
+        self.process(queue, chain, token, mem, scratch)
+    }
 
-impl<D> SharedDevice for D
-where
-    D: Device + Clone + Send + Sync + 'static,
-    D::Scratch: Send,
-{
+    /// [`Device::poll`] with the mapped guest memory.
+    fn poll_mapped(
+        &self,
+        queue: u16,
+        mem: &LinuxGuestMemory,
+        scratch: &mut Self::Scratch,
+        done: &mut dyn FnMut(Token, u32),
+    ) {
+        self.poll(queue, mem, scratch, done)
+    }
+
+    /// An fd that becomes readable when requests the device holds
+    /// (returned [`Completion::Later`]) have completed: a non-blocking
+    /// eventfd, which the worker resets before calling
+    /// [`poll_mapped`](Self::poll_mapped). With one, a worker with
+    /// requests outstanding sleeps until it is signalled; without (the
+    /// default), it polls the device every
+    /// [`RuntimeOptions::poll_interval`]. Asked before each sleep, so it
+    /// may appear once the scratch has set up its I/O; once given, it
+    /// stays the same fd, open, for the scratch's life.
+    fn completion_fd<'a>(&self, queue: u16, scratch: &'a Self::Scratch) -> Option<BorrowedFd<'a>> {
+        let _ = (queue, scratch);
+        None
+    }
 }
 
 /// How the runtime treats guest-caused ring errors and idle polling.
@@ -559,7 +598,10 @@ where
 }
 
 /// What a ring's worker thread owns besides its data plane.
-struct RingWorker<D: Device> {
+struct RingWorker<D: SharedDevice>
+where
+    D::Scratch: Send,
+{
     queue: u16,
     device: D,
     memory: Arc<RwLock<LinuxGuestMemory>>,
@@ -577,7 +619,10 @@ struct Round<S> {
     reported: bool,
 }
 
-impl<D: Device> RingWorker<D> {
+impl<D: SharedDevice> RingWorker<D>
+where
+    D::Scratch: Send,
+{
     /// Serves the ring until told to stop; returns the GET_VRING_BASE value.
     fn run(self, mut dp: DataPlane, mut waiter: Waiter) -> u32 {
         let queue = self.queue;
@@ -617,13 +662,23 @@ impl<D: Device> RingWorker<D> {
                 !more && !matches!(dp.enable_notification(&*mem), Ok(true))
             };
             self.report(&dp, &mut round);
-            if idle && dp.error().is_none() && !dp.paused() && !self.options.spin.is_zero() {
+            // Requests the device holds that complete on its completion fd
+            // are waited for there: spinning would take a core from the
+            // I/O (and the guest) while the disk works.
+            let held = dp.outstanding() > 0
+                && self
+                    .device
+                    .completion_fd(self.queue, &round.scratch)
+                    .is_some();
+            if idle && !held && dp.error().is_none() && !dp.paused() && !self.options.spin.is_zero()
+            {
                 idle = self.spin(&mut dp, &mut round);
             }
             if idle {
                 // Requests the device completes later need polling.
                 let poll = dp.outstanding() > 0;
-                waiter.wait(queue, &self.shared, self.options, poll);
+                let completion = self.device.completion_fd(queue, &round.scratch);
+                waiter.wait(queue, &self.shared, self.options, poll, completion);
             }
         }
     }
@@ -713,15 +768,15 @@ impl<D: Device> RingWorker<D> {
                 more = false;
                 break;
             };
-            let c = self
-                .device
-                .process(queue, &*round.chain, token, mem, &mut round.scratch);
+            let c =
+                self.device
+                    .process_mapped(queue, &*round.chain, token, mem, &mut round.scratch);
             if let Completion::Done(len) = c {
                 done(dp, token, len);
             }
         }
         self.device
-            .poll(queue, mem, &mut round.scratch, &mut |token, len| {
+            .poll_mapped(queue, mem, &mut round.scratch, &mut |token, len| {
                 done(dp, token, len)
             });
         let last = dp.publish(mem, area).unwrap_or(Published::Nothing);
@@ -776,11 +831,15 @@ impl<D: Device> RingWorker<D> {
 
 const WAKE: u64 = 0;
 const KICK: u64 = 1;
+const COMPLETION: u64 = 2;
 
-/// A worker's epoll set: its wake fd and the ring's current kick fd.
+/// A worker's epoll set: its wake fd, the ring's current kick fd and the
+/// device's completion fd.
 struct Waiter {
     epoll: Epoll,
     kick: Option<Arc<EventFd>>,
+    /// The completion fd in the set (the device's scratch owns it).
+    completion: Option<RawFd>,
 }
 
 impl Waiter {
@@ -788,13 +847,44 @@ impl Waiter {
         Ok(Waiter {
             epoll: Epoll::new()?,
             kick: None,
+            completion: None,
         })
     }
 
-    /// Sleeps until the front-end kicks or the control thread wakes us (in
-    /// polling mode, or with `poll`, at most one poll interval). Both
+    /// Puts the device's completion fd in the set (in place of the one
+    /// before, if it changed).
+    fn watch_completion(&mut self, queue: u16, fd: Option<BorrowedFd<'_>>) {
+        let raw = fd.map(|f| f.as_raw_fd());
+        if raw == self.completion {
+            return;
+        }
+        // A device keeps its completion fd for the scratch's life (see
+        // `SharedDevice::completion_fd`), so there is no old fd to take
+        // out of the set: closing it would have done that.
+        self.completion = None;
+        if let Some(fd) = fd {
+            match self.epoll.add(fd, Interest::READABLE, COMPLETION) {
+                Ok(()) => self.completion = raw,
+                Err(e) => error!("ring {queue}: cannot watch the completion fd: {e}"),
+            }
+        }
+    }
+
+    /// Sleeps until the front-end kicks, the control thread wakes us or
+    /// the device's `completion` fd is signalled (in polling mode, or with
+    /// `poll` and no completion fd, at most one poll interval). The
     /// counters are reset.
-    fn wait(&mut self, queue: u16, shared: &Shared, options: RuntimeOptions, poll: bool) {
+    fn wait(
+        &mut self,
+        queue: u16,
+        shared: &Shared,
+        options: RuntimeOptions,
+        poll: bool,
+        completion: Option<BorrowedFd<'_>>,
+    ) {
+        self.watch_completion(queue, completion);
+        // Requests the device holds complete on their own fd.
+        let poll = poll && self.completion.is_none();
         let current = lock(&shared.kick).clone();
         let same = match (&self.kick, &current) {
             (Some(a), Some(b)) => Arc::ptr_eq(a, b),
@@ -818,7 +908,7 @@ impl Waiter {
         } else {
             i32::try_from(options.poll_interval.as_millis()).unwrap_or(i32::MAX)
         };
-        let mut events = [EpollEvent::default(); 2];
+        let mut events = [EpollEvent::default(); 3];
         if timeout == 0 {
             std::thread::sleep(options.poll_interval);
         } else if let Err(e) = self.epoll.wait(&mut events, timeout) {
@@ -833,6 +923,9 @@ impl Waiter {
             }
         }
         let _ = shared.wake.read();
+        if let Some(fd) = completion {
+            let _ = EventFd::read_fd(fd);
+        }
     }
 }
 

@@ -29,23 +29,37 @@
 //!   QEMU's file backends keep working: its owner (the front-end, or
 //!   whoever else may write the file) can still truncate it and crash the
 //!   daemon with SIGBUS. Trusting that owner not to is what remains.
+//!
+//! # I/O straight into guest memory
+//!
+//! [`LinuxGuestMemory::io_bufs`] hands out the host ranges of a guest
+//! buffer as [`IoBuf`]s for the kernel to read into or write from
+//! (io_uring, a thread pool) after the worker's round, and so after the
+//! memory lock, is over. Each holds a reference to its mapping: a region
+//! the front-end removes (SET_MEM_TABLE, REM_MEM_REG) while I/O on it is
+//! in flight leaves the table at once, but stays mapped until the last
+//! such I/O completes, so the kernel never writes into an address that a
+//! new mapping reused. The I/O then lands in memory the guest no longer
+//! sees, which is what a guest that changes its memory under a request
+//! in flight gets anyway.
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{fence, Ordering};
+use std::sync::Arc;
 
 use vhost_user_core::memory::{GuestMemory, MemoryError};
 use vhost_user_core::message::MemRegionMsg;
 
 use crate::sys::memfd::{self, ShrinkSeal};
-use crate::sys::mmap::{Access, AccessError, MmapRegion};
+use crate::sys::mmap::{Access, AccessError, IoBuf, MmapRegion};
 
 #[derive(Debug)]
 struct Mapped {
     slot: usize,
     gpa: u64,
     size: u64,
-    map: MmapRegion,
+    map: Arc<MmapRegion>,
 }
 
 impl Mapped {
@@ -134,7 +148,7 @@ impl LinuxGuestMemory {
                 slot,
                 gpa: region.guest_addr,
                 size: region.size,
-                map,
+                map: Arc::new(map),
             },
         );
         Ok(())
@@ -221,6 +235,29 @@ impl LinuxGuestMemory {
     #[inline(never)]
     fn write_array_slow<const N: usize>(&self, gpa: u64, v: [u8; N]) -> Result<(), MemoryError> {
         self.write(gpa, &v)
+    }
+
+    /// Appends to `out` the host ranges of `[gpa, gpa + len)`, one per
+    /// region it crosses, each keeping its mapping alive (see the module
+    /// documentation); `writable` if the I/O stores into them. Fails,
+    /// appending nothing, if any byte is not mapped.
+    pub fn io_bufs(
+        &self,
+        gpa: u64,
+        len: u64,
+        writable: bool,
+        out: &mut Vec<IoBuf>,
+    ) -> Result<(), MemoryError> {
+        let start = out.len();
+        let r = self.pieces(gpa, len, |r, off, _, n| {
+            let b = IoBuf::new(&r.map, off, n, writable).map_err(|e| access_err(e, gpa, len))?;
+            out.push(b);
+            Ok(())
+        });
+        if r.is_err() {
+            out.truncate(start);
+        }
+        r
     }
 
     /// [`GuestMemory::check`] of a range that is not inside one region.
@@ -494,6 +531,33 @@ mod tests {
         m.map(2, region(0x8000, 0x1000, 0), f.into()).unwrap();
         m.write(0x8000, b"file").unwrap();
         assert_eq!(m.len(), 2);
+    }
+
+    #[test]
+    fn io_bufs_split_at_regions_and_keep_an_unmapped_region_alive() {
+        let fd = memfd::create("guest", 0x4000).unwrap();
+        let mut m = LinuxGuestMemory::new();
+        m.map(0, region(0x1000, 0x1000, 0), fd.try_clone().unwrap())
+            .unwrap();
+        m.map(1, region(0x2000, 0x1000, 0x3000), fd).unwrap();
+        let mut bufs = Vec::new();
+        m.io_bufs(0x1f00, 0x200, true, &mut bufs).unwrap();
+        assert_eq!(bufs.len(), 2);
+        assert_eq!((bufs[0].len(), bufs[1].len()), (0x100, 0x100));
+        assert!(bufs.iter().all(|b| b.writable()));
+        assert!(!bufs[0].same_mapping(&bufs[1]));
+        // Not mapped in part: nothing appended.
+        assert!(m.io_bufs(0x2f00, 0x200, false, &mut bufs).is_err());
+        assert_eq!(bufs.len(), 2);
+        assert!(m.io_bufs(u64::MAX, 2, false, &mut bufs).is_err());
+        // The table lets go of slot 1; the buffer still holds its mapping,
+        // which stays readable and writable through the address.
+        assert_eq!(bufs[1].mapping_refs(), 2);
+        m.unmap(1);
+        assert_eq!(bufs[1].mapping_refs(), 1);
+        let addr = bufs[1].addr();
+        assert_ne!(addr, 0);
+        drop(bufs);
     }
 
     #[test]

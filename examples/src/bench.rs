@@ -15,6 +15,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use vhost_user_core::device::blk::{BlkFeatures, VIRTIO_BLK_T_FLUSH};
 use vhost_user_core::feature::{ProtocolFeatures as P, VirtioFeatures as V};
 use vhost_user_core::frontend::{Event, FrontendConfig, NotifyMode, QueueConfig, State};
 use vhost_user_core::memory::GuestMemory;
@@ -93,6 +94,16 @@ pub struct Options {
     /// BACKEND_VRING_CALL on the back-end channel; no kick or call
     /// eventfds.
     pub inband: bool,
+    /// Also negotiate, where offered, what a Linux guest's driver does
+    /// (FLUSH, CONFIG_WCE, SEG_MAX, BLK_SIZE, MQ), so writes see the cache
+    /// mode guests get: a device without FLUSH is writethrough.
+    pub guest_features: bool,
+    /// A FLUSH request after every this many writes (all queues together),
+    /// counted as requests; needs FLUSH.
+    pub flush_every: Option<u64>,
+    /// Data buffers start this many bytes past their natural alignment
+    /// (to check how a back-end treats unaligned guest buffers).
+    pub buffer_offset: u32,
 }
 
 /// What a run measured.
@@ -202,6 +213,8 @@ struct Slot {
     req: u64,
     block: u64,
     write: bool,
+    /// A FLUSH (no block, no data).
+    flush: bool,
     seed: u64,
     at: Instant,
     buf: u64,
@@ -437,7 +450,9 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
     let depth = u64::from(o.iodepth);
     // Region 0: rings and request headers; region 1: data buffers.
     let ring_bytes = 0x10000 * q;
-    let data_bytes = (q * depth * u64::from(o.bs)).next_multiple_of(MIB).max(MIB);
+    let data_bytes = (q * depth * u64::from(o.bs) + u64::from(o.buffer_offset))
+        .next_multiple_of(MIB)
+        .max(MIB);
     let low = (ring_bytes + 0x1000 * q * depth).next_multiple_of(MIB);
     let fd =
         memfd::create("vhu-bench", MIB + low + data_bytes).map_err(|e| format!("memfd: {e}"))?;
@@ -491,7 +506,17 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
     if o.reconnect {
         protocol |= P::INFLIGHT_SHMFD;
     }
-    let mut cfg: FrontendConfig<8, 2> = FrontendConfig::new(features, protocol);
+    let guest = if o.guest_features {
+        (BlkFeatures::FLUSH
+            | BlkFeatures::CONFIG_WCE
+            | BlkFeatures::SEG_MAX
+            | BlkFeatures::BLK_SIZE
+            | BlkFeatures::MQ)
+            .to_virtio()
+    } else {
+        V::empty()
+    };
+    let mut cfg: FrontendConfig<8, 2> = FrontendConfig::new(features | guest, protocol);
     for r in &regions {
         let _ = cfg.regions.push(*r);
     }
@@ -569,6 +594,10 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
             features.difference(link.engine().features())
         ));
     }
+    let flush = BlkFeatures::FLUSH.to_virtio();
+    if o.flush_every.is_some() && !link.engine().features().contains(flush) {
+        return Err("--flush-every needs FLUSH (not offered, or --no-guest-features)".into());
+    }
     if usize::from(o.queues)
         > link
             .engine()
@@ -619,6 +648,7 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
         rng ^= rng << 17;
         rng
     };
+    let mut writes_since_flush = 0u64;
     let mut outstanding: Vec<HashMap<u16, Slot>> = (0..q).map(|_| HashMap::new()).collect();
     let mut free_bufs: Vec<Vec<u64>> = (0..q)
         .map(|i| (0..depth).map(|d| i * depth + d).collect())
@@ -649,11 +679,18 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
                 && outstanding[qi].len() < usize::from(o.iodepth)
                 && !done(&rep, next_req)
             {
-                let write = match o.rw {
+                let mut write = match o.rw {
                     Rw::Read | Rw::RandRead => false,
                     Rw::Write | Rw::RandWrite => true,
                     Rw::RandRw => rand() & 1 == 0,
                 };
+                let flush = write && o.flush_every.is_some_and(|n| writes_since_flush >= n);
+                if flush {
+                    writes_since_flush = 0;
+                    write = false;
+                } else if write {
+                    writes_since_flush += 1;
+                }
                 let mut block = match o.rw {
                     Rw::Read | Rw::Write => {
                         seq += 1;
@@ -661,7 +698,7 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
                     }
                     _ => rand() % blocks,
                 };
-                if o.verify {
+                if o.verify && !flush {
                     let mut tries = 0;
                     while busy.contains(&block)
                         || (!write && !written.contains_key(&block) && tries < 8)
@@ -677,10 +714,15 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
                     break;
                 };
                 let hdr = 0x10000 * q + 0x1000 * bufn;
-                let data = HIGH + u64::from(o.bs) * bufn;
+                let data = HIGH + u64::from(o.bs) * bufn + u64::from(o.buffer_offset);
                 let seed = rand();
                 let mut h = [0u8; 16];
-                h[0..4].copy_from_slice(&u32::from(write).to_le_bytes());
+                let ty = if flush {
+                    VIRTIO_BLK_T_FLUSH
+                } else {
+                    u32::from(write)
+                };
+                h[0..4].copy_from_slice(&ty.to_le_bytes());
                 h[8..16].copy_from_slice(&(block * u64::from(o.bs) / 512).to_le_bytes());
                 mem.write(hdr, &h).map_err(|e| e.to_string())?;
                 mem.write(hdr + 16, &[0xff]).map_err(|e| e.to_string())?;
@@ -697,8 +739,10 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
                     },
                     Buf::writable(hdr + 16, 1),
                 ];
-                let head = drv.post(&mem, &bufs).map_err(|e| format!("{e:?}"))?;
-                if o.verify {
+                let flush_bufs = [bufs[0], bufs[2]];
+                let bufs: &[Buf] = if flush { &flush_bufs } else { &bufs };
+                let head = drv.post(&mem, bufs).map_err(|e| format!("{e:?}"))?;
+                if o.verify && !flush {
                     busy.insert(block);
                 }
                 outstanding[qi].insert(
@@ -707,6 +751,7 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
                         req: next_req,
                         block,
                         write,
+                        flush,
                         seed,
                         at: Instant::now(),
                         buf: bufn,
@@ -744,14 +789,14 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
                         s.req, s.block, st[0]
                     ));
                 }
-                if o.verify {
+                if o.verify && !s.flush {
                     busy.remove(&s.block);
                     if s.write {
                         written.insert(s.block, s.seed);
                     } else if let Some(seed) = written.get(&s.block) {
                         let mut b = vec![0u8; bs];
-                        mem.read(HIGH + u64::from(o.bs) * s.buf, &mut b)
-                            .map_err(|e| e.to_string())?;
+                        let data = HIGH + u64::from(o.bs) * s.buf + u64::from(o.buffer_offset);
+                        mem.read(data, &mut b).map_err(|e| e.to_string())?;
                         if b != pattern(*seed, s.block, bs) {
                             return Err(format!(
                                 "request {}: block {} does not read back what was written",
@@ -763,7 +808,9 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
                 lat.record(s.at.elapsed().as_nanos() as u64);
                 free_bufs[qi].push(s.buf);
                 rep.requests += 1;
-                rep.bytes += u64::from(o.bs);
+                if !s.flush {
+                    rep.bytes += u64::from(o.bs);
+                }
                 got += 1;
             }
         }

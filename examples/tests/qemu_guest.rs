@@ -388,6 +388,11 @@ fn reconnect(packed: bool, seed: u64) {
         "no restart found requests in flight:\n{}",
         run.daemon_log
     );
+    assert!(
+        run.daemon_log.contains("queue 0: io_uring I/O"),
+        "the requests did not go through io_uring:\n{}",
+        run.daemon_log
+    );
     let bytes = std::fs::read(&img).unwrap();
     for r in 0..ROUNDS {
         let off = OFF + r * LEN as u64;

@@ -20,7 +20,8 @@ usage: vhu probe --socket-path PATH [--json]
                  [--bs 4096] [--iodepth 1] [--queues 1]
                  [--runtime SECONDS | --requests N] [--poll] [--verify]
                  [--packed] [--reconnect] [--inband] [--timeout SECONDS]
-                 [--json]
+                 [--json] [--flush-every N] [--no-guest-features]
+                 [--buffer-offset N]
 
   probe    connect to a vhost-user back-end and print its features,
            protocol features, queue count, memory slots and config space
@@ -30,7 +31,11 @@ usage: vhu probe --socket-path PATH [--json]
            the back-end's restarts through its inflight area; --timeout
            (default 30) fails a run in which nothing completes that long;
            --inband kicks with VRING_KICK messages and takes calls as
-           BACKEND_VRING_CALL messages (INBAND_NOTIFICATIONS), no eventfds
+           BACKEND_VRING_CALL messages (INBAND_NOTIFICATIONS), no eventfds;
+           it negotiates what a Linux guest does (FLUSH, CONFIG_WCE,
+           SEG_MAX, BLK_SIZE, MQ) unless --no-guest-features (then the
+           device is writethrough); --flush-every N sends a FLUSH after
+           every N writes; --buffer-offset N misaligns the data buffers
 ";
 
 fn main() -> ExitCode {
@@ -54,6 +59,7 @@ fn run() -> Result<(), String> {
             "reconnect",
             "packed",
             "inband",
+            "no-guest-features",
         ],
     )?;
     if args.flag("help") {
@@ -93,6 +99,9 @@ fn run() -> Result<(), String> {
                 "timeout",
                 "packed",
                 "inband",
+                "no-guest-features",
+                "flush-every",
+                "buffer-offset",
             ])?;
             let path = args
                 .get("socket-path")
@@ -132,6 +141,12 @@ fn run() -> Result<(), String> {
                 timeout,
                 packed: args.flag("packed"),
                 inband: args.flag("inband"),
+                guest_features: !args.flag("no-guest-features"),
+                flush_every: match args.get_or("flush-every", 0u64)? {
+                    0 => None,
+                    n => Some(n),
+                },
+                buffer_offset: args.get_or("buffer-offset", 0)?,
             };
             let r = vhu_examples::bench::run(Path::new(path), &o)?;
             if args.flag("json") {
