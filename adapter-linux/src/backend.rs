@@ -1,5 +1,7 @@
 //! The back-end runtime: serves front-ends on a Unix socket, one at a time,
-//! driving the core's [`Session`] and one worker thread per running ring.
+//! driving the core's [`Session`] and worker threads serving the running
+//! rings: one per ring, or [`RuntimeOptions::threads`] threads each serving
+//! the rings mapped to it (ring `q` on thread `q % threads`).
 //!
 //! The control thread reads a message and its fds, lets the session decide,
 //! and carries out the [`Action`]s: it maps and unmaps guest memory, hands
@@ -17,7 +19,7 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{mpsc, Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -119,6 +121,42 @@ pub struct RuntimeOptions {
     /// How long a back-end channel request waits for the front-end's ack
     /// before the connection is ended.
     pub channel_timeout: Duration,
+    /// Worker threads serving the rings: ring `q` runs on thread
+    /// `q % threads` ([`RuntimeOptions::thread_of`]); 0 (the default) is
+    /// one thread per ring.
+    pub threads: usize,
+}
+
+impl RuntimeOptions {
+    /// The worker thread that serves ring `queue`.
+    pub fn thread_of(&self, queue: u16) -> usize {
+        match self.threads {
+            0 => usize::from(queue),
+            t => usize::from(queue) % t,
+        }
+    }
+
+    /// The queue-to-thread mapping of `num_queues` rings, for logs: one
+    /// `"queue 0,2 -> thread 0"` line per thread.
+    pub fn thread_map(&self, num_queues: u16) -> Vec<String> {
+        let mut threads: Vec<Vec<u16>> = Vec::new();
+        for q in 0..num_queues {
+            let t = self.thread_of(q);
+            if threads.len() <= t {
+                threads.resize(t + 1, Vec::new());
+            }
+            threads[t].push(q);
+        }
+        threads
+            .iter()
+            .enumerate()
+            .filter(|(_, qs)| !qs.is_empty())
+            .map(|(t, qs)| {
+                let qs: Vec<String> = qs.iter().map(u16::to_string).collect();
+                format!("queue {} -> thread {t}", qs.join(","))
+            })
+            .collect()
+    }
 }
 
 impl Default for RuntimeOptions {
@@ -128,6 +166,7 @@ impl Default for RuntimeOptions {
             poll_interval: Duration::from_micros(50),
             spin: Duration::from_micros(50),
             channel_timeout: Duration::from_secs(5),
+            threads: 0,
         }
     }
 }
@@ -192,10 +231,34 @@ impl Signal {
     }
 }
 
+/// The control thread's handle on a running ring.
 struct Worker {
     shared: Arc<Shared>,
-    /// Returns the ring's GET_VRING_BASE value once stopped.
-    handle: JoinHandle<u32>,
+    /// The ring's GET_VRING_BASE value, sent once it stopped.
+    stopped: mpsc::Receiver<u32>,
+    /// The worker thread serving it.
+    thread: usize,
+}
+
+/// A worker thread serving one or more rings.
+struct IoThread<D: SharedDevice>
+where
+    D::Scratch: Send,
+{
+    inbox: Arc<Inbox<D>>,
+    handle: JoinHandle<()>,
+    /// Rings given to it and not stopped; it exits when the last one
+    /// stops.
+    rings: usize,
+}
+
+/// Rings handed to a worker thread, which adopts them when woken.
+struct Inbox<D: SharedDevice>
+where
+    D::Scratch: Send,
+{
+    rings: Mutex<Vec<Ring<D>>>,
+    wake: EventFd,
 }
 
 /// Per-ring state the control thread keeps.
@@ -216,6 +279,7 @@ where
     memory: Arc<RwLock<LinuxGuestMemory>>,
     rings: Vec<RingFds>,
     workers: Vec<Option<Worker>>,
+    threads: Vec<Option<IoThread<D>>>,
     options: RuntimeOptions,
     /// The area of SET_INFLIGHT_FD.
     inflight: Option<Arc<LinuxGuestMemory>>,
@@ -259,6 +323,7 @@ where
             memory: Arc::new(RwLock::new(LinuxGuestMemory::new())),
             rings: (0..n).map(|_| RingFds::default()).collect(),
             workers: (0..n).map(|_| None).collect(),
+            threads: (0..n).map(|_| None).collect(),
             options,
             inflight: None,
             inflight_reply_fd: None,
@@ -517,8 +582,8 @@ where
 
     fn start_worker(&mut self, queue: u16, dp: DataPlane, area: Option<Arc<LinuxGuestMemory>>) {
         let q = usize::from(queue);
-        let (wake, waiter) = match EventFd::new(true).and_then(|w| Ok((w, Waiter::new()?))) {
-            Ok(x) => x,
+        let wake = match EventFd::new(true) {
+            Ok(w) => w,
             Err(e) => {
                 error!("cannot set up ring {queue}'s notifiers: {e}");
                 return;
@@ -537,21 +602,72 @@ where
             remap_pending: AtomicBool::new(false),
             counters: RingCounters::default(),
         });
-        let worker = RingWorker {
-            queue,
-            device: self.device.clone(),
-            memory: Arc::clone(&self.memory),
-            shared: Arc::clone(&shared),
-            area,
-            options: self.options,
+        let (reply, stopped) = mpsc::channel();
+        let ring = Ring {
+            worker: RingWorker {
+                queue,
+                device: self.device.clone(),
+                memory: Arc::clone(&self.memory),
+                shared: Arc::clone(&shared),
+                area,
+                options: self.options,
+            },
+            dp,
+            round: Round {
+                scratch: D::Scratch::default(),
+                chain: Box::default(),
+                reported: false,
+            },
+            kick: None,
+            kick_watched: false,
+            completion: None,
+            reply,
         };
-        let spawned = std::thread::Builder::new()
-            .name(format!("vhu-ring-{queue}"))
-            .spawn(move || worker.run(dp, waiter));
-        match spawned {
-            Ok(handle) => self.workers[q] = Some(Worker { shared, handle }),
-            Err(e) => error!("cannot start a thread for ring {queue}: {e}"),
+        let t = self.options.thread_of(queue);
+        if t >= self.threads.len() {
+            self.threads.resize_with(t + 1, || None);
         }
+        if let Some(thread) = &mut self.threads[t] {
+            lock(&thread.inbox.rings).push(ring);
+            let _ = thread.inbox.wake.write(1);
+            thread.rings += 1;
+        } else {
+            let made = EventFd::new(true).and_then(|wake| Ok((wake, Epoll::new()?)));
+            let (wake, epoll) = match made {
+                Ok(x) => x,
+                Err(e) => {
+                    error!("cannot set up worker thread {t}'s notifiers: {e}");
+                    return;
+                }
+            };
+            let inbox = Arc::new(Inbox {
+                rings: Mutex::new(vec![ring]),
+                wake,
+            });
+            let theirs = Arc::clone(&inbox);
+            let options = self.options;
+            let spawned = std::thread::Builder::new()
+                .name(format!("vhu-worker-{t}"))
+                .spawn(move || run_thread(t, &theirs, epoll, options));
+            match spawned {
+                Ok(handle) => {
+                    self.threads[t] = Some(IoThread {
+                        inbox,
+                        handle,
+                        rings: 1,
+                    })
+                }
+                Err(e) => {
+                    error!("cannot start worker thread {t} for ring {queue}: {e}");
+                    return;
+                }
+            }
+        }
+        self.workers[q] = Some(Worker {
+            shared,
+            stopped,
+            thread: t,
+        });
     }
 
     /// Stops a ring's worker and returns the ring's GET_VRING_BASE value.
@@ -561,12 +677,41 @@ where
         w.shared.stop.store(true, Ordering::Release);
         w.shared.wake();
         let c = &w.shared.counters;
-        let base = match w.handle.join() {
-            Ok(base) => base,
-            Err(_) => {
-                error!("ring {queue} worker panicked");
-                return None;
+        let base = loop {
+            match w.stopped.recv_timeout(Duration::from_millis(100)) {
+                Ok(b) => break Ok(b),
+                Err(mpsc::RecvTimeoutError::Disconnected) => break Err(()),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let gone = self
+                        .threads
+                        .get(w.thread)
+                        .is_none_or(|t| t.as_ref().is_none_or(|t| t.handle.is_finished()));
+                    if gone {
+                        break Err(());
+                    }
+                }
             }
+        };
+        // The thread exits when its last ring stopped (or it panicked).
+        if let Some(slot) = self.threads.get_mut(w.thread) {
+            let last = match slot {
+                Some(t) => {
+                    t.rings = t.rings.saturating_sub(1);
+                    t.rings == 0 || base.is_err()
+                }
+                None => false,
+            };
+            if last {
+                if let Some(t) = slot.take() {
+                    if t.handle.join().is_err() {
+                        error!("worker thread {} panicked", w.thread);
+                    }
+                }
+            }
+        }
+        let Ok(base) = base else {
+            error!("ring {queue} worker panicked");
+            return None;
         };
         info!(
             "ring {queue} stopped: {} requests, {} kicks, {} calls, {} calls suppressed, {} errors",
@@ -619,70 +764,323 @@ struct Round<S> {
     reported: bool,
 }
 
+/// A ring on a worker thread: its worker, data plane and scratch, and
+/// the fds of it that the thread's epoll set watches.
+struct Ring<D: SharedDevice>
+where
+    D::Scratch: Send,
+{
+    worker: RingWorker<D>,
+    dp: DataPlane,
+    round: Round<D::Scratch>,
+    /// The kick fd in the set.
+    kick: Option<Arc<EventFd>>,
+    /// `kick` could be added to the set (else the ring is polled).
+    kick_watched: bool,
+    /// The device's completion fd in the set (the scratch owns it).
+    completion: Option<RawFd>,
+    /// Where the GET_VRING_BASE value goes once stopped.
+    reply: mpsc::Sender<u32>,
+}
+
+/// What one step of a ring left to do.
+#[derive(Clone, Copy, Default)]
+struct Step {
+    /// Nothing more to pop now (notifications re-armed).
+    idle: bool,
+    /// A short spin may find more (not waiting for the device's I/O, not
+    /// broken or paused).
+    spin: bool,
+}
+
+const THREAD_WAKE: u64 = u64::MAX;
+const WAKE: u64 = 0;
+const KICK: u64 = 1;
+const COMPLETION: u64 = 2;
+
+/// The epoll token of a ring's fd.
+fn token(queue: u16, kind: u64) -> u64 {
+    (u64::from(queue) << 2) | kind
+}
+
+impl<D: SharedDevice> Ring<D>
+where
+    D::Scratch: Send,
+{
+    fn queue(&self) -> u16 {
+        self.worker.queue
+    }
+
+    /// Joins the thread's epoll set and logs what it resumes.
+    fn adopt(&mut self, epoll: &Epoll) {
+        let queue = self.queue();
+        if let Err(e) = epoll.add(
+            &self.worker.shared.wake,
+            Interest::READABLE,
+            token(queue, WAKE),
+        ) {
+            error!("ring {queue}: cannot watch the wake fd: {e}");
+        }
+        if self.dp.resubmits_left() > 0 {
+            info!(
+                "ring {queue}: resubmitting {} requests from the inflight area",
+                self.dp.resubmits_left()
+            );
+        }
+        self.worker.report(&self.dp, &mut self.round);
+    }
+
+    /// Leaves the thread's epoll set (before its fds go).
+    fn leave(&mut self, epoll: &Epoll) {
+        let _ = epoll.delete(&self.worker.shared.wake);
+        if let (Some(k), true) = (self.kick.take(), self.kick_watched) {
+            let _ = epoll.delete(&*k);
+        }
+        if let Some(fd) = self
+            .worker
+            .device
+            .completion_fd(self.queue(), &self.round.scratch)
+        {
+            if self.completion == Some(fd.as_raw_fd()) {
+                let _ = epoll.delete(fd);
+            }
+        }
+        self.completion = None;
+    }
+
+    /// Serves what the ring has now: takes the control thread's news,
+    /// pops and processes a batch, collects completions, publishes.
+    fn step(&mut self) -> Step {
+        let w = &self.worker;
+        let dp = &mut self.dp;
+        if w.shared.remap_pending.swap(false, Ordering::AcqRel) {
+            if let Some(addrs) = lock(&w.shared.remap).take() {
+                let _ = dp.set_addrs(addrs);
+            }
+        }
+        dp.set_enabled(w.shared.enabled.load(Ordering::Acquire));
+        let idle = {
+            let mem = w.memory.read().unwrap_or_else(PoisonError::into_inner);
+            let more = w.serve(dp, &mem, &mut self.round);
+            // Re-arm notifications, then look once more so a request
+            // published meanwhile is not slept on.
+            !more && !matches!(dp.enable_notification(&*mem), Ok(true))
+        };
+        w.report(dp, &mut self.round);
+        // Requests the device holds that complete on its completion fd
+        // are waited for there: spinning would take a core from the I/O
+        // (and the guest) while the disk works.
+        let held = dp.outstanding() > 0
+            && w.device
+                .completion_fd(w.queue, &self.round.scratch)
+                .is_some();
+        Step {
+            idle,
+            spin: idle && !held && dp.error().is_none() && !dp.paused(),
+        }
+    }
+
+    /// Brings the ring's kick and completion fds in the set up to date;
+    /// returns whether the ring must be polled (no kick fd to sleep on,
+    /// or requests the device completes without a completion fd).
+    fn watch(&mut self, epoll: &Epoll) -> bool {
+        let queue = self.queue();
+        let shared = &self.worker.shared;
+        let current = lock(&shared.kick).clone();
+        let same = match (&self.kick, &current) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if !same {
+            if let (Some(old), true) = (self.kick.take(), self.kick_watched) {
+                let _ = epoll.delete(&*old);
+            }
+            self.kick_watched = false;
+            if let Some(k) = &current {
+                match epoll.add(&**k, Interest::READABLE, token(queue, KICK)) {
+                    Ok(()) => self.kick_watched = true,
+                    Err(e) => error!("ring {queue}: cannot watch the kick fd: {e}"),
+                }
+            }
+            self.kick = current;
+        }
+        // A device keeps its completion fd for the scratch's life (see
+        // `SharedDevice::completion_fd`), so there is no old fd to take
+        // out of the set: closing it would have done that.
+        let completion = self.worker.device.completion_fd(queue, &self.round.scratch);
+        let raw = completion.map(|f| f.as_raw_fd());
+        if raw != self.completion {
+            self.completion = None;
+            if let Some(fd) = completion {
+                match epoll.add(fd, Interest::READABLE, token(queue, COMPLETION)) {
+                    Ok(()) => self.completion = raw,
+                    Err(e) => error!("ring {queue}: cannot watch the completion fd: {e}"),
+                }
+            }
+        }
+        let poll = self.dp.outstanding() > 0 && self.completion.is_none();
+        !self.kick_watched || poll
+    }
+
+    /// Resets the fd of this ring that epoll reported (`kind`).
+    fn reset(&self, kind: u64) {
+        let shared = &self.worker.shared;
+        match kind {
+            KICK => {
+                // The fd may be non-blocking (QEMU's are) or blocking, so
+                // only read it when it is signalled.
+                if let Some(k) = &self.kick {
+                    if matches!(k.is_signalled(), Ok(true)) && k.read().is_ok() {
+                        shared.counters.kicks.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            COMPLETION => {
+                if let Some(fd) = self
+                    .worker
+                    .device
+                    .completion_fd(self.queue(), &self.round.scratch)
+                {
+                    let _ = EventFd::read_fd(fd);
+                }
+            }
+            _ => {
+                let _ = shared.wake.read();
+            }
+        }
+    }
+}
+
+/// A worker thread: serves the rings the control thread hands it
+/// (through `inbox`) until the last one is stopped. Each round serves
+/// every ring; when all are idle it spins a little (as long as a ring may
+/// find more without waiting for I/O), then sleeps on epoll until a kick,
+/// a completion or the control thread wakes it.
+fn run_thread<D: SharedDevice>(id: usize, inbox: &Inbox<D>, epoll: Epoll, options: RuntimeOptions)
+where
+    D::Scratch: Send,
+{
+    if let Err(e) = epoll.add(&inbox.wake, Interest::READABLE, THREAD_WAKE) {
+        error!("worker thread {id}: cannot watch its wake fd: {e}");
+    }
+    let mut rings: Vec<Ring<D>> = Vec::new();
+    let mut steps: Vec<Step> = Vec::new();
+    let mut events = [EpollEvent::default(); 16];
+    loop {
+        {
+            let mut new = lock(&inbox.rings);
+            if new.is_empty() && rings.is_empty() {
+                return;
+            }
+            for mut r in new.drain(..) {
+                r.adopt(&epoll);
+                rings.push(r);
+            }
+        }
+        steps.clear();
+        let mut i = 0;
+        while i < rings.len() {
+            let r = &mut rings[i];
+            if r.worker.shared.stop.load(Ordering::Acquire) {
+                let base = r.worker.stop(&mut r.dp, &mut r.round);
+                let mut r = rings.swap_remove(i);
+                r.leave(&epoll);
+                let reply = r.reply.clone();
+                // The ring (its scratch and I/O) goes before the reply.
+                drop(r);
+                let _ = reply.send(base);
+                continue;
+            }
+            steps.push(r.step());
+            i += 1;
+        }
+        if rings.is_empty() || !steps.iter().all(|s| s.idle) {
+            continue;
+        }
+        if !options.spin.is_zero() && steps.iter().any(|s| s.spin) && !spin(&mut rings, options) {
+            continue;
+        }
+        let mut poll = false;
+        for r in &mut rings {
+            poll |= r.watch(&epoll);
+        }
+        let timeout = if poll {
+            i32::try_from(options.poll_interval.as_millis()).unwrap_or(i32::MAX)
+        } else {
+            -1
+        };
+        let n = if timeout == 0 {
+            std::thread::sleep(options.poll_interval);
+            0
+        } else {
+            match epoll.wait(&mut events, timeout) {
+                Ok(n) => n,
+                Err(e) => {
+                    warn!("worker thread {id}: epoll_wait failed: {e}");
+                    std::thread::sleep(options.poll_interval);
+                    0
+                }
+            }
+        };
+        for ev in &events[..n] {
+            let t = ev.token();
+            if t == THREAD_WAKE {
+                let _ = inbox.wake.read();
+                continue;
+            }
+            let queue = (t >> 2) as u16;
+            if let Some(r) = rings.iter().find(|r| r.queue() == queue) {
+                r.reset(t & 3);
+            }
+        }
+    }
+}
+
+/// Polls the thread's rings a little before sleeping (notifications stay
+/// armed, so a kick meanwhile is only a spurious wake-up later). Returns
+/// whether they are all still idle.
+fn spin<D: SharedDevice>(rings: &mut [Ring<D>], options: RuntimeOptions) -> bool
+where
+    D::Scratch: Send,
+{
+    let deadline = Instant::now() + options.spin;
+    let done: u64 = rings
+        .iter()
+        .map(|r| r.worker.shared.counters.completed.load(Ordering::Relaxed))
+        .sum();
+    while Instant::now() < deadline {
+        for r in rings.iter_mut() {
+            let shared = &r.worker.shared;
+            if shared.stop.load(Ordering::Acquire) || shared.remap_pending.load(Ordering::Acquire) {
+                return false;
+            }
+            let mem = r
+                .worker
+                .memory
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            r.worker.serve(&mut r.dp, &mem, &mut r.round);
+            if r.dp.error().is_some() {
+                return false;
+            }
+        }
+        let now: u64 = rings
+            .iter()
+            .map(|r| r.worker.shared.counters.completed.load(Ordering::Relaxed))
+            .sum();
+        if now != done {
+            return false;
+        }
+        std::hint::spin_loop();
+    }
+    true
+}
+
 impl<D: SharedDevice> RingWorker<D>
 where
     D::Scratch: Send,
 {
-    /// Serves the ring until told to stop; returns the GET_VRING_BASE value.
-    fn run(self, mut dp: DataPlane, mut waiter: Waiter) -> u32 {
-        let queue = self.queue;
-        if let Err(e) = waiter
-            .epoll
-            .add(&self.shared.wake, Interest::READABLE, WAKE)
-        {
-            error!("ring {queue}: cannot watch the wake fd: {e}");
-        }
-        let mut round = Round {
-            scratch: D::Scratch::default(),
-            chain: Box::default(),
-            reported: false,
-        };
-        if dp.resubmits_left() > 0 {
-            info!(
-                "ring {queue}: resubmitting {} requests from the inflight area",
-                dp.resubmits_left()
-            );
-        }
-        self.report(&dp, &mut round);
-        loop {
-            if self.shared.stop.load(Ordering::Acquire) {
-                return self.stop(&mut dp, &mut round);
-            }
-            if self.shared.remap_pending.swap(false, Ordering::AcqRel) {
-                if let Some(addrs) = lock(&self.shared.remap).take() {
-                    let _ = dp.set_addrs(addrs);
-                }
-            }
-            dp.set_enabled(self.shared.enabled.load(Ordering::Acquire));
-            let mut idle = {
-                let mem = self.memory.read().unwrap_or_else(PoisonError::into_inner);
-                let more = self.serve(&mut dp, &mem, &mut round);
-                // Re-arm notifications, then look once more so a request
-                // published meanwhile is not slept on.
-                !more && !matches!(dp.enable_notification(&*mem), Ok(true))
-            };
-            self.report(&dp, &mut round);
-            // Requests the device holds that complete on its completion fd
-            // are waited for there: spinning would take a core from the
-            // I/O (and the guest) while the disk works.
-            let held = dp.outstanding() > 0
-                && self
-                    .device
-                    .completion_fd(self.queue, &round.scratch)
-                    .is_some();
-            if idle && !held && dp.error().is_none() && !dp.paused() && !self.options.spin.is_zero()
-            {
-                idle = self.spin(&mut dp, &mut round);
-            }
-            if idle {
-                // Requests the device completes later need polling.
-                let poll = dp.outstanding() > 0;
-                let completion = self.device.completion_fd(queue, &round.scratch);
-                waiter.wait(queue, &self.shared, self.options, poll, completion);
-            }
-        }
-    }
-
     /// Logs the error that broke the ring and signals it to the front-end
     /// (err eventfd or in-band VRING_ERR), once.
     fn report(&self, dp: &DataPlane, round: &mut Round<D::Scratch>) {
@@ -697,30 +1095,6 @@ where
                 self.shared.counters.errors.fetch_add(1, Ordering::Relaxed);
             }
         }
-    }
-
-    /// Polls a little before sleeping (notifications stay armed, so a kick
-    /// meanwhile is only a spurious wake-up later). Returns whether the
-    /// ring is still idle.
-    fn spin(&self, dp: &mut DataPlane, round: &mut Round<D::Scratch>) -> bool {
-        let deadline = Instant::now() + self.options.spin;
-        let done = self.shared.counters.completed.load(Ordering::Relaxed);
-        while Instant::now() < deadline {
-            if self.shared.stop.load(Ordering::Acquire)
-                || self.shared.remap_pending.load(Ordering::Acquire)
-            {
-                return false;
-            }
-            let mem = self.memory.read().unwrap_or_else(PoisonError::into_inner);
-            self.serve(dp, &mem, round);
-            if dp.error().is_some()
-                || self.shared.counters.completed.load(Ordering::Relaxed) != done
-            {
-                return false;
-            }
-            std::hint::spin_loop();
-        }
-        true
     }
 
     /// One round: up to a batch of requests popped and processed, the
@@ -825,106 +1199,6 @@ where
                     }
                 }
             }
-        }
-    }
-}
-
-const WAKE: u64 = 0;
-const KICK: u64 = 1;
-const COMPLETION: u64 = 2;
-
-/// A worker's epoll set: its wake fd, the ring's current kick fd and the
-/// device's completion fd.
-struct Waiter {
-    epoll: Epoll,
-    kick: Option<Arc<EventFd>>,
-    /// The completion fd in the set (the device's scratch owns it).
-    completion: Option<RawFd>,
-}
-
-impl Waiter {
-    fn new() -> io::Result<Waiter> {
-        Ok(Waiter {
-            epoll: Epoll::new()?,
-            kick: None,
-            completion: None,
-        })
-    }
-
-    /// Puts the device's completion fd in the set (in place of the one
-    /// before, if it changed).
-    fn watch_completion(&mut self, queue: u16, fd: Option<BorrowedFd<'_>>) {
-        let raw = fd.map(|f| f.as_raw_fd());
-        if raw == self.completion {
-            return;
-        }
-        // A device keeps its completion fd for the scratch's life (see
-        // `SharedDevice::completion_fd`), so there is no old fd to take
-        // out of the set: closing it would have done that.
-        self.completion = None;
-        if let Some(fd) = fd {
-            match self.epoll.add(fd, Interest::READABLE, COMPLETION) {
-                Ok(()) => self.completion = raw,
-                Err(e) => error!("ring {queue}: cannot watch the completion fd: {e}"),
-            }
-        }
-    }
-
-    /// Sleeps until the front-end kicks, the control thread wakes us or
-    /// the device's `completion` fd is signalled (in polling mode, or with
-    /// `poll` and no completion fd, at most one poll interval). The
-    /// counters are reset.
-    fn wait(
-        &mut self,
-        queue: u16,
-        shared: &Shared,
-        options: RuntimeOptions,
-        poll: bool,
-        completion: Option<BorrowedFd<'_>>,
-    ) {
-        self.watch_completion(queue, completion);
-        // Requests the device holds complete on their own fd.
-        let poll = poll && self.completion.is_none();
-        let current = lock(&shared.kick).clone();
-        let same = match (&self.kick, &current) {
-            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-            (None, None) => true,
-            _ => false,
-        };
-        if !same {
-            if let Some(old) = self.kick.take() {
-                let _ = self.epoll.delete(&*old);
-            }
-            if let Some(k) = &current {
-                match self.epoll.add(&**k, Interest::READABLE, KICK) {
-                    Ok(()) => self.kick = current.clone(),
-                    Err(e) => error!("ring {queue}: cannot watch the kick fd: {e}"),
-                }
-            }
-        }
-        // Without a kick fd the ring is polled.
-        let timeout = if self.kick.is_some() && !poll {
-            -1
-        } else {
-            i32::try_from(options.poll_interval.as_millis()).unwrap_or(i32::MAX)
-        };
-        let mut events = [EpollEvent::default(); 3];
-        if timeout == 0 {
-            std::thread::sleep(options.poll_interval);
-        } else if let Err(e) = self.epoll.wait(&mut events, timeout) {
-            warn!("ring {queue}: epoll_wait failed: {e}");
-            std::thread::sleep(options.poll_interval);
-        }
-        // Reset both counters; the fds may be non-blocking (QEMU's are) or
-        // blocking, so only read those that are signalled.
-        if let Some(k) = &self.kick {
-            if matches!(k.is_signalled(), Ok(true)) && k.read().is_ok() {
-                shared.counters.kicks.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        let _ = shared.wake.read();
-        if let Some(fd) = completion {
-            let _ = EventFd::read_fd(fd);
         }
     }
 }

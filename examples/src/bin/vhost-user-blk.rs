@@ -40,6 +40,8 @@ usage: vhost-user-blk (--socket-path PATH | --fd N) [options]
                        sync (one request at a time per queue)
   --io-threads N       threads per queue with --aio threads (default 4)
   --num-queues N       number of request queues (default 1)
+  --threads T          worker threads serving the queues, 1 to N: queue q
+                       runs on thread q % T (default: one per queue)
   --queue-size N       largest ring size a front-end may use (default 1024)
   --serial ID          device serial for GET_ID (default vhu-blk)
   --io-delay-us N      delay every request by N microseconds (testing)
@@ -57,6 +59,7 @@ const OPTIONS: &[&str] = &[
     "blk-file",
     "size",
     "num-queues",
+    "threads",
     "queue-size",
     "serial",
     "io-delay-us",
@@ -108,6 +111,10 @@ fn run() -> Result<(), String> {
     }
     if !(4..=32768).contains(&queue_size) {
         return Err("--queue-size must be 4 to 32768".into());
+    }
+    let threads: u16 = args.get_or("threads", num_queues)?;
+    if threads == 0 || threads > num_queues {
+        return Err("--threads must be 1 to --num-queues".into());
     }
     let read_only = args.flag("read-only");
     let cache: CacheMode = args.get("cache").unwrap_or("writeback").parse()?;
@@ -256,8 +263,12 @@ fn run() -> Result<(), String> {
     }
     let options = RuntimeOptions {
         channel_timeout: std::time::Duration::from_millis(args.get_or("channel-timeout-ms", 5000)?),
+        threads: usize::from(threads),
         ..RuntimeOptions::default()
     };
+    for line in options.thread_map(num_queues) {
+        info!("{line}");
+    }
     let stop = AtomicBool::new(false);
     serve::<_, MAX_QUEUES, MEM_SLOTS>(&listener, config, service, options, &stop, &control)
         .map_err(|e| {
