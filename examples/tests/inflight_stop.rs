@@ -10,6 +10,9 @@
 //!
 //! Every request completes exactly once, with its data on the image.
 //!
+//! Discard and write zeroes go through the daemon's I/O engine
+//! (fallocate), io_uring or threads.
+//!
 //! And the refusals around a ring's life: a corrupt inflight area is
 //! refused before the ring starts, and a ring the guest breaks signals the
 //! err eventfd (SET_VRING_ERR) and stops serving.
@@ -55,6 +58,8 @@ struct Fe {
     err: EventFd,
     image: std::fs::File,
     _dir: common::TempDir,
+    /// Device features acked besides VERSION_1 and PROTOCOL_FEATURES.
+    features: V,
 }
 
 fn ack(s: &Stream, req: Request<'_>, fds: &[std::os::fd::BorrowedFd<'_>]) {
@@ -73,6 +78,10 @@ impl Fe {
     }
 
     fn with(protocol: P, extra: &[&str]) -> Fe {
+        Fe::with_features(protocol, extra, V::empty())
+    }
+
+    fn with_features(protocol: P, extra: &[&str], features: V) -> Fe {
         let dir = common::TempDir::new("inflight-stop");
         let (img, image) = dir.image(16 << 20);
         let mut args = vec!["--blk-file", img.to_str().unwrap(), "--num-queues", "1"];
@@ -104,6 +113,7 @@ impl Fe {
             err: EventFd::new(false).unwrap(),
             image,
             _dir: dir,
+            features,
         };
         fe.handshake();
         if protocol.contains(P::INFLIGHT_SHMFD) {
@@ -138,7 +148,7 @@ impl Fe {
             &[],
         );
         send(s, &Request::SetOwner, false, &[]);
-        let want = V::VERSION_1 | V::PROTOCOL_FEATURES;
+        let want = V::VERSION_1 | V::PROTOCOL_FEATURES | self.features;
         assert_eq!(f & want.bits(), want.bits());
         send(s, &Request::SetFeatures(want.bits()), false, &[]);
         ack(
@@ -676,4 +686,97 @@ fn a_ring_broken_by_the_guest_signals_its_err_eventfd() {
     send(&fe.s, &Request::GetFeatures, false, &[]);
     assert!(recv_reply(&fe.s, FrontendReq::GetFeatures).is_some());
     assert!(fe.d.log().contains("the ring is stopped until restarted"));
+}
+
+/// Discard and write zeroes are carried out by the ring's I/O engine
+/// (`fallocate` on the io_uring, or in the thread pool): the ranges read
+/// as zeroes, what is around them is untouched, holes are punched where
+/// unmapping is allowed, and the daemon counts one fallocate per request.
+#[test]
+fn discard_and_write_zeroes_go_through_the_io_engine() {
+    const DISCARD: u32 = 11;
+    const WRITE_ZEROES: u32 = 13;
+    const UNMAP: u32 = 1;
+    for aio in ["io_uring", "threads"] {
+        let mut fe = Fe::with_features(
+            base_protocol(),
+            &["--aio", aio],
+            V::from_bits_retain((1 << 13) | (1 << 14)), // DISCARD, WRITE_ZEROES
+        );
+        fe.image.write_all_at(&[0xa5; 1 << 20], 0).unwrap();
+        fe.image.sync_all().unwrap();
+        let blocks = |f: &std::fs::File| {
+            use std::os::unix::fs::MetadataExt;
+            f.metadata().unwrap().blocks()
+        };
+        let before = blocks(&fe.image);
+        // (type, sector, sectors, flags)
+        let reqs = [
+            (WRITE_ZEROES, 8u64, 16u32, 0u32),
+            (WRITE_ZEROES, 256, 256, UNMAP),
+            (DISCARD, 1024, 512, 0),
+        ];
+        for (i, &(ty, sector, num, flags)) in reqs.iter().enumerate() {
+            let at = 0x10000 + 0x1000 * i as u64;
+            let mut h = [0u8; 16];
+            h[0..4].copy_from_slice(&ty.to_le_bytes());
+            fe.mem.write(at, &h).unwrap();
+            let mut seg = [0u8; 16];
+            seg[0..8].copy_from_slice(&sector.to_le_bytes());
+            seg[8..12].copy_from_slice(&num.to_le_bytes());
+            seg[12..16].copy_from_slice(&flags.to_le_bytes());
+            fe.mem.write(at + 0x100, &seg).unwrap();
+            fe.mem.write(at + 0x800, &[0xff]).unwrap();
+            fe.drv
+                .post(
+                    &fe.mem,
+                    &[
+                        Buf::readable(at, 16),
+                        Buf::readable(at + 0x100, 16),
+                        Buf::writable(at + 0x800, 1),
+                    ],
+                )
+                .unwrap();
+        }
+        fe.start(0);
+        fe.kick.write(1).unwrap();
+        fe.wait_used(3);
+        for i in 0..3u64 {
+            let status = fe.mem.read_vec_status(0x10000 + 0x1000 * i + 0x800);
+            assert_eq!(status, 0, "{aio}: request {i}");
+        }
+        let mut disk = vec![0u8; 1 << 20];
+        fe.image.read_exact_at(&mut disk, 0).unwrap();
+        let zero =
+            |from: u64, sectors: u64| (from * 512) as usize..((from + sectors) * 512) as usize;
+        for (_, sector, num, _) in reqs {
+            assert!(
+                disk[zero(sector, u64::from(num))].iter().all(|&b| b == 0),
+                "{aio}: sectors {sector}+{num}"
+            );
+        }
+        // Around the ranges, the data is as written.
+        for r in [zero(0, 8), zero(24, 232), zero(512, 512), zero(1536, 512)] {
+            assert!(disk[r.clone()].iter().all(|&b| b == 0xa5), "{aio}: {r:?}");
+        }
+        // 384 KiB (768 blocks of 512 bytes) of holes punched (the
+        // unmapped write zeroes and the discard), less what splitting the
+        // file's extents may take.
+        let after = blocks(&fe.image);
+        assert!(before - after >= 700, "{aio}: {before} -> {after}");
+        // The front-end leaves: the daemon logs its counters.
+        let old = std::mem::replace(&mut fe.s, fe.d.connect());
+        drop(old);
+        let t0 = Instant::now();
+        let line = loop {
+            let log = fe.d.log();
+            if let Some(l) = log.lines().find(|l| l.contains("queue 0: 3 requests")) {
+                break l.to_string();
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "{log}");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(line.contains(" 3 fallocates, 0 errors"), "{aio}: {line}");
+        assert!(fe.d.log().contains(&format!("queue 0: {aio} I/O")), "{aio}");
+    }
 }

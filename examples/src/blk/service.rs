@@ -20,8 +20,12 @@
 //! before the request completes. With O_DIRECT, a request whose offset,
 //! length or buffers are not aligned as the backend needs
 //! ([`BlockBackend::direct_alignment`]) is refused with IOERR (and logged
-//! once per ring). Discard, write zeroes and GET_ID are carried out at
-//! once, synchronously.
+//! once per ring). Discard and write zeroes go to the engine as
+//! `fallocate`s, one range after the other, with the synchronous path's
+//! fallbacks (a hole where the file system cannot punch one is no error
+//! for a discard; write zeroes falls back from punching a hole to
+//! `FALLOC_FL_ZERO_RANGE` to writing zeroes, the last one synchronously).
+//! GET_ID is carried out at once.
 
 use std::collections::VecDeque;
 use std::io;
@@ -31,7 +35,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use vhost_user_core::dataplane::Token;
-use vhost_user_core::device::blk::{BlkDevice, BlkOp, BlkRequest, BlkStatus, BLK_ID_BYTES};
+use vhost_user_core::device::blk::{
+    BlkDevice, BlkOp, BlkRange, BlkRequest, BlkStatus, BLK_ID_BYTES,
+};
 use vhost_user_core::device::{Completion, Device, Segment};
 use vhost_user_core::feature::VirtioFeatures;
 use vhost_user_core::memory::GuestMemory;
@@ -43,7 +49,8 @@ use vhost_user_linux::memory::LinuxGuestMemory;
 use vhost_user_linux::sys::mmap::IoBuf;
 use vhost_user_linux::sys::uring::IoRequest;
 
-use super::{execute, BlockBackend, DirectAlignment};
+use super::file::{unsupported, PUNCH_HOLE, ZERO_RANGE};
+use super::{check_range, execute, BlockBackend, DirectAlignment};
 
 /// Submission slots of a ring's io_uring (more requests than this may be
 /// in flight: each submission empties it).
@@ -63,6 +70,9 @@ pub struct QueueCounters {
     /// `fdatasync`s the ring's I/O engine completed (FLUSH requests, and
     /// writes in writethrough mode).
     pub syncs: AtomicU64,
+    /// `fallocate`s the ring's I/O engine completed (discard and write
+    /// zeroes).
+    pub fallocates: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -121,6 +131,41 @@ struct Pending {
     syncing: bool,
     /// With [`BlkService::with_delay`]: not completed before then.
     due: Option<Instant>,
+    /// Discard and write zeroes: the ranges and the fallocate under way.
+    zeroing: Option<Zeroing>,
+}
+
+/// A discard or write zeroes in the engine: its ranges, carried out one
+/// after the other.
+#[derive(Debug)]
+struct Zeroing {
+    discard: bool,
+    ranges: Vec<BlkRange>,
+    /// The range under way.
+    next: usize,
+    /// Its fallocate mode.
+    mode: i32,
+}
+
+impl Zeroing {
+    /// The first fallocate mode for `r`: punch a hole for a discard, or
+    /// for write zeroes that may unmap; else zero the range.
+    fn first_mode(&self, r: &BlkRange) -> i32 {
+        if self.discard || r.unmap {
+            PUNCH_HOLE
+        } else {
+            ZERO_RANGE
+        }
+    }
+
+    fn request(&self) -> IoRequest {
+        let r = &self.ranges[self.next];
+        IoRequest::Fallocate {
+            mode: self.mode,
+            offset: r.offset,
+            len: r.len,
+        }
+    }
 }
 
 /// Per-ring scratch space for request processing.
@@ -352,8 +397,34 @@ impl<B: BlockBackend> BlkService<B> {
         let op = plan.op();
         let (offset, len) = match op {
             BlkOp::Read { offset, len } | BlkOp::Write { offset, len } => (offset, len),
-            BlkOp::Flush => (0, 0),
+            BlkOp::Flush | BlkOp::Discard | BlkOp::WriteZeroes => (0, 0),
             _ => return None,
+        };
+        let zeroing = match op {
+            BlkOp::Discard | BlkOp::WriteZeroes => {
+                // What the backend refuses (read-only, beyond its size)
+                // and nothing to do are left to the synchronous path.
+                let backend = &self.inner.backend;
+                let capacity = backend.capacity();
+                let ranges = plan.ranges();
+                if backend.read_only()
+                    || ranges.is_empty()
+                    || ranges
+                        .iter()
+                        .any(|r| check_range(capacity, r.offset, r.len).is_err())
+                {
+                    return None;
+                }
+                let mut z = Zeroing {
+                    discard: matches!(op, BlkOp::Discard),
+                    ranges: ranges.to_vec(),
+                    next: 0,
+                    mode: 0,
+                };
+                z.mode = z.first_mode(&z.ranges[0]);
+                Some(z)
+            }
+            _ => None,
         };
         let p = Pending {
             token,
@@ -365,12 +436,13 @@ impl<B: BlockBackend> BlkService<B> {
             sync_after: plan.sync_after(),
             syncing: false,
             due: None,
+            zeroing: None,
         };
         let direct = self.inner.backend.direct_alignment();
         let read = matches!(op, BlkOp::Read { .. });
         let mut bufs = Vec::new();
         let mut bad = None;
-        if !matches!(op, BlkOp::Flush) {
+        if matches!(op, BlkOp::Read { .. } | BlkOp::Write { .. }) {
             let mut left = len;
             for s in plan.data() {
                 if left == 0 {
@@ -415,9 +487,10 @@ impl<B: BlockBackend> BlkService<B> {
                 BlkStatus::IoErr,
             )));
         }
-        let request = match op {
-            BlkOp::Read { .. } => IoRequest::Read { offset, bufs },
-            BlkOp::Write { .. } => IoRequest::Write { offset, bufs },
+        let request = match (op, &zeroing) {
+            (BlkOp::Read { .. }, _) => IoRequest::Read { offset, bufs },
+            (BlkOp::Write { .. }, _) => IoRequest::Write { offset, bufs },
+            (_, Some(z)) => z.request(),
             _ => IoRequest::Sync,
         };
         let slot = match scratch.free.pop() {
@@ -431,6 +504,7 @@ impl<B: BlockBackend> BlkService<B> {
         match engine.push(slot as u64, request) {
             Ok(()) => {
                 let mut p = p;
+                p.zeroing = zeroing;
                 if !self.delay.is_zero() {
                     // One after the other, as in the synchronous path.
                     let start = scratch
@@ -452,6 +526,53 @@ impl<B: BlockBackend> BlkService<B> {
                     BlkStatus::IoErr,
                 )))
             }
+        }
+    }
+}
+
+impl<B: BlockBackend> BlkService<B> {
+    /// Moves a discard or write zeroes on once its fallocate finished with
+    /// `result`: the next fallback for an unsupported mode, else the next
+    /// range. `None` once the next fallocate is pushed (under `tag`),
+    /// else how the request ends.
+    fn zeroing_step(
+        &self,
+        z: &mut Zeroing,
+        result: io::Result<usize>,
+        io: &mut Aio,
+        tag: u64,
+    ) -> Option<io::Result<()>> {
+        let mut result = result.map(|_| ());
+        loop {
+            match result {
+                Ok(()) => {
+                    z.next += 1;
+                    let Some(r) = z.ranges.get(z.next) else {
+                        return Some(Ok(()));
+                    };
+                    z.mode = z.first_mode(r);
+                }
+                Err(e) if unsupported(&e) => {
+                    if z.discard {
+                        // A hint the file system cannot take: done.
+                        result = Ok(());
+                        continue;
+                    }
+                    if z.mode == PUNCH_HOLE {
+                        z.mode = ZERO_RANGE;
+                    } else {
+                        // Neither: write zeroes (rare; synchronously).
+                        let r = z.ranges[z.next];
+                        result = self.inner.backend.write_zeroes(r.offset, r.len, false);
+                        continue;
+                    }
+                }
+                Err(e) => return Some(Err(e)),
+            }
+            return match io.push(tag, z.request()) {
+                Ok(()) => None,
+                Err((_, e)) => Some(Err(e)),
+            };
         }
     }
 }
@@ -515,6 +636,25 @@ impl<B: BlockBackend + 'static> SharedDevice for BlkService<B> {
             };
             let Some(mut p) = scratch.pending[slot].take() else {
                 continue;
+            };
+            let result = match p.zeroing.as_mut() {
+                Some(z) if !p.syncing => {
+                    if result.is_ok() {
+                        if let Some(k) = self.counters(queue) {
+                            k.fallocates.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    match self.zeroing_step(z, result, io, tag) {
+                        Some(r) => r.map(|()| 0),
+                        None => {
+                            // The next fallocate is in the engine.
+                            scratch.pending[slot] = Some(p);
+                            resubmit = true;
+                            continue;
+                        }
+                    }
+                }
+                _ => result,
             };
             let ok = match &result {
                 Ok(n) => p.syncing || *n == p.len,
@@ -662,11 +802,12 @@ impl<B: BlockBackend> Device for BlkService<B> {
     fn disconnected(&self) {
         for (q, k) in self.inner.counters.iter().enumerate() {
             log::info!(
-                "queue {q}: {} requests, {} bytes read, {} bytes written, {} syncs, {} errors",
+                "queue {q}: {} requests, {} bytes read, {} bytes written, {} syncs, {} fallocates, {} errors",
                 k.requests.load(Ordering::Relaxed),
                 k.read_bytes.load(Ordering::Relaxed),
                 k.write_bytes.load(Ordering::Relaxed),
                 k.syncs.load(Ordering::Relaxed),
+                k.fallocates.load(Ordering::Relaxed),
                 k.errors.load(Ordering::Relaxed),
             );
         }
