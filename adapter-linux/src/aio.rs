@@ -383,6 +383,53 @@ mod tests {
         round_trip(AioMode::Threads);
     }
 
+    /// A read that crosses the end of the file comes back short; the
+    /// rest ([`IoRequest::advance`], which splits a buffer in the
+    /// middle) reads what the file has once it grew, into the right
+    /// place, through both engines.
+    #[test]
+    fn short_read_and_the_rest_resubmitted() {
+        for mode in [AioMode::IoUring, AioMode::Threads] {
+            let mem = guest(1 << 20);
+            let file = image(6144);
+            let pattern: Vec<u8> = (0..8192u32).map(|i| (i * 7 + i / 251) as u8).collect();
+            file.write_all_at(&pattern[..6144], 0).unwrap();
+            let mut aio = Aio::new(mode, file.as_fd(), 4, 2).unwrap();
+            let mut bufs = Vec::new();
+            for (at, len) in [(0x1000, 3000), (0x3000, 3000), (0x5000, 2192)] {
+                mem.io_bufs(at, len, true, &mut bufs).unwrap();
+            }
+            aio.push(1, IoRequest::Read { offset: 0, bufs }).unwrap();
+            aio.submit().unwrap();
+            let mut got = None;
+            while got.is_none() {
+                aio.reap(|tag, r, req| got = Some((tag, r.unwrap(), req)));
+            }
+            let (tag, n, mut rest) = got.unwrap();
+            assert_eq!((tag, n), (1, 6144), "{mode:?}");
+            assert!(rest.advance(n));
+            assert_eq!(rest.len(), 2048);
+            let IoRequest::Read { offset, bufs } = &rest else {
+                panic!("{rest:?}")
+            };
+            assert_eq!((*offset, bufs.len()), (6144, 1));
+            file.write_all_at(&pattern[6144..], 6144).unwrap();
+            aio.push(2, rest).unwrap();
+            assert_eq!(wait_all(&mut aio, 1), [(2, 2048)], "{mode:?}");
+            let mut back = vec![0; 8192];
+            mem.read(0x1000, &mut back[..3000]).unwrap();
+            mem.read(0x3000, &mut back[3000..6000]).unwrap();
+            mem.read(0x5000, &mut back[6000..]).unwrap();
+            assert_eq!(back, pattern, "{mode:?}");
+            // Everything moved: nothing left.
+            let mut bufs = Vec::new();
+            mem.io_bufs(0, 100, false, &mut bufs).unwrap();
+            let mut w = IoRequest::Write { offset: 0, bufs };
+            assert!(!w.advance(100));
+            assert!(!IoRequest::Sync.advance(0));
+        }
+    }
+
     #[test]
     fn drop_waits_for_requests_in_flight() {
         for mode in [AioMode::IoUring, AioMode::Threads] {

@@ -345,6 +345,20 @@ impl IoBuf {
         self.len -= n;
     }
 
+    /// Stores zeroes over the whole range (what a read past the end of a
+    /// file leaves); refused for a buffer that is not writable.
+    pub fn fill_zero(&self) -> Result<(), AccessError> {
+        if !self.writable {
+            return Err(AccessError::ReadOnly);
+        }
+        // SAFETY: `addr..addr+len` is inside the mapping `map` keeps
+        // alive (checked by `new`, only shrunk by `advance`), which is
+        // writable (`new` refuses a writable buffer of a read-only
+        // mapping); no Rust reference into it exists.
+        unsafe { ptr::write_bytes(self.addr as *mut u8, 0, self.len) };
+        Ok(())
+    }
+
     /// Whether two buffers keep the same mapping alive (tests).
     pub fn same_mapping(&self, other: &IoBuf) -> bool {
         Arc::ptr_eq(&self.map, &other.map)

@@ -68,6 +68,31 @@ impl IoRequest {
         self.len() == 0
     }
 
+    /// After a short transfer of `n` bytes: the read or write of what is
+    /// left (the offset moved on by `n`, the first `n` bytes of the
+    /// buffers dropped). Returns whether bytes are left (false for the
+    /// other requests).
+    pub fn advance(&mut self, n: usize) -> bool {
+        match self {
+            IoRequest::Read { offset, bufs } | IoRequest::Write { offset, bufs } => {
+                *offset = offset.saturating_add(n as u64);
+                let mut left = n;
+                let mut whole = 0;
+                for b in bufs.iter_mut() {
+                    if left < b.len() {
+                        b.advance(left);
+                        break;
+                    }
+                    left -= b.len();
+                    whole += 1;
+                }
+                bufs.drain(..whole);
+                !bufs.is_empty()
+            }
+            _ => false,
+        }
+    }
+
     /// Refuses a request the kernel must not be given: a read into a
     /// buffer that is not writable, or more than [`MAX_IOVECS`] buffers.
     fn check(&self) -> io::Result<()> {

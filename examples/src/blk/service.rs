@@ -124,6 +124,8 @@ struct Pending {
     used_err: u32,
     /// Bytes the read or write moves (0 for a flush).
     len: usize,
+    /// Bytes moved so far (a short transfer resubmits the rest).
+    moved: usize,
     op: BlkOp,
     /// Writethrough: an fdatasync follows the write.
     sync_after: bool,
@@ -182,7 +184,7 @@ pub struct Scratch {
     pending: Vec<Option<Pending>>,
     free: Vec<usize>,
     /// Completions of one reap.
-    reaped: Vec<(u64, io::Result<usize>)>,
+    reaped: Vec<(u64, io::Result<usize>, IoRequest)>,
     /// An unaligned O_DIRECT request was logged.
     warned_alignment: bool,
     /// With a delay: requests whose I/O is done, held until they are due
@@ -432,6 +434,7 @@ impl<B: BlockBackend> BlkService<B> {
             used_ok: plan.used_len(BlkStatus::Ok),
             used_err: plan.used_len(BlkStatus::IoErr),
             len: usize::try_from(len).ok()?,
+            moved: 0,
             op,
             sync_after: plan.sync_after(),
             syncing: false,
@@ -625,9 +628,9 @@ impl<B: BlockBackend + 'static> SharedDevice for BlkService<B> {
         }
         let reaped = &mut scratch.reaped;
         reaped.clear();
-        io.reap(|tag, result, _| reaped.push((tag, result)));
+        io.reap(|tag, result, request| reaped.push((tag, result, request)));
         let mut resubmit = false;
-        for (tag, result) in scratch.reaped.drain(..) {
+        for (tag, result, mut request) in scratch.reaped.drain(..) {
             let Some(slot) = usize::try_from(tag)
                 .ok()
                 .filter(|&t| t < scratch.pending.len())
@@ -656,8 +659,42 @@ impl<B: BlockBackend + 'static> SharedDevice for BlkService<B> {
                 }
                 _ => result,
             };
+            if let (Ok(n), false, BlkOp::Read { .. } | BlkOp::Write { .. }) =
+                (&result, p.syncing, p.op)
+            {
+                p.moved = p.moved.saturating_add(*n);
+                if p.moved < p.len {
+                    if *n > 0 && request.advance(*n) {
+                        // A short transfer (a signal, an odd file system):
+                        // the rest goes in again.
+                        match io.push(tag, request) {
+                            Ok(()) => {
+                                scratch.pending[slot] = Some(p);
+                                resubmit = true;
+                                continue;
+                            }
+                            Err((_, e)) => {
+                                log::debug!("virtio-blk: cannot resubmit the rest: {e}")
+                            }
+                        }
+                    } else if *n == 0 && matches!(p.op, BlkOp::Read { .. }) {
+                        // The end of the file (an image that shrank under
+                        // its capacity): the rest reads as zeroes, as in
+                        // QEMU.
+                        if let IoRequest::Read { bufs, .. } = &request {
+                            if bufs.iter().all(|b| b.fill_zero().is_ok()) {
+                                p.moved = p.len;
+                            }
+                        }
+                    }
+                }
+            }
             let ok = match &result {
-                Ok(n) => p.syncing || *n == p.len,
+                Ok(_) if p.syncing => true,
+                Ok(_) if matches!(p.op, BlkOp::Read { .. } | BlkOp::Write { .. }) => {
+                    p.moved == p.len
+                }
+                Ok(n) => *n == p.len,
                 Err(_) => false,
             };
             if ok && (p.syncing || matches!(p.op, BlkOp::Flush)) {
@@ -667,7 +704,9 @@ impl<B: BlockBackend + 'static> SharedDevice for BlkService<B> {
             }
             if !ok {
                 match &result {
-                    Ok(n) => log::debug!("virtio-blk: short transfer: {n} of {} bytes", p.len),
+                    Ok(_) => {
+                        log::debug!("virtio-blk: short transfer: {} of {} bytes", p.moved, p.len)
+                    }
                     Err(e) => log::debug!("virtio-blk: I/O failed: {e}"),
                 }
             }
