@@ -60,6 +60,9 @@ pub struct FileBackend {
     read_only: bool,
     /// O_DIRECT alignment, when opened with [`CacheMode::None`].
     direct: Option<DirectAlignment>,
+    /// Opened in [`CacheMode::Writeback`]: writes only copy into the page
+    /// cache.
+    buffered: bool,
     // Declared last: the file is closed before the image is removed.
     temp: Option<TempImage>,
 }
@@ -107,6 +110,7 @@ impl FileBackend {
                 }
             })?;
         let mut backend = Self::from_file(file, read_only)?;
+        backend.buffered = cache == CacheMode::Writeback;
         if cache == CacheMode::None {
             let lbs = logical_block_size(&backend.file).map_err(named)?;
             backend.direct = Some(DirectAlignment {
@@ -137,6 +141,7 @@ impl FileBackend {
             capacity: AtomicU64::new(capacity),
             read_only,
             direct: None,
+            buffered: true,
             temp: None,
         })
     }
@@ -221,6 +226,10 @@ impl BlockBackend for FileBackend {
 
     fn direct_alignment(&self) -> Option<DirectAlignment> {
         self.direct
+    }
+
+    fn buffered_writes(&self) -> bool {
+        self.buffered
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {

@@ -79,6 +79,15 @@ pub trait BlockBackend: Send + Sync + std::fmt::Debug {
     fn direct_alignment(&self) -> Option<DirectAlignment> {
         None
     }
+
+    /// Writes to [`io_fd`](Self::io_fd) only copy into the page cache
+    /// (neither O_DIRECT nor O_DSYNC): the ring's worker carries them out
+    /// at once with `pwritev`, which costs less than handing them to an
+    /// io_uring (that passes buffered writes on most file systems to its
+    /// worker threads) or to a thread pool. The default is false.
+    fn buffered_writes(&self) -> bool {
+        false
+    }
 }
 
 /// The alignment O_DIRECT I/O needs.
@@ -121,6 +130,9 @@ impl<T: BlockBackend + ?Sized> BlockBackend for Box<T> {
     }
     fn direct_alignment(&self) -> Option<DirectAlignment> {
         (**self).direct_alignment()
+    }
+    fn buffered_writes(&self) -> bool {
+        (**self).buffered_writes()
     }
 }
 

@@ -47,7 +47,7 @@ use vhost_user_linux::aio::{Aio, AioMode};
 use vhost_user_linux::backend::SharedDevice;
 use vhost_user_linux::memory::LinuxGuestMemory;
 use vhost_user_linux::sys::mmap::IoBuf;
-use vhost_user_linux::sys::uring::IoRequest;
+use vhost_user_linux::sys::uring::{perform, IoRequest};
 
 use super::file::{unsupported, PUNCH_HOLE, ZERO_RANGE};
 use super::{check_range, execute, BlockBackend, DirectAlignment};
@@ -490,6 +490,18 @@ impl<B: BlockBackend> BlkService<B> {
                 BlkStatus::IoErr,
             )));
         }
+        if matches!(op, BlkOp::Write { .. })
+            && !p.sync_after
+            && self.delay.is_zero()
+            && self.inner.backend.buffered_writes()
+        {
+            // Into the page cache: at once, in the worker.
+            let status = match self.inner.backend.io_fd() {
+                Some(fd) => write_now(fd, IoRequest::Write { offset, bufs }),
+                None => BlkStatus::IoErr,
+            };
+            return Some(Completion::Done(self.finish(queue, mem, &p, status)));
+        }
         let request = match (op, &zeroing) {
             (BlkOp::Read { .. }, _) => IoRequest::Read { offset, bufs },
             (BlkOp::Write { .. }, _) => IoRequest::Write { offset, bufs },
@@ -576,6 +588,28 @@ impl<B: BlockBackend> BlkService<B> {
                 Ok(()) => None,
                 Err((_, e)) => Some(Err(e)),
             };
+        }
+    }
+}
+
+/// Carries out a buffered write now (`pwritev`, the rest again after a
+/// short one).
+fn write_now(fd: BorrowedFd<'_>, mut request: IoRequest) -> BlkStatus {
+    loop {
+        match perform(fd, &request) {
+            Ok(n) if n > 0 => {
+                if !request.advance(n) {
+                    return BlkStatus::Ok;
+                }
+            }
+            Ok(_) => {
+                log::debug!("virtio-blk: a write moved nothing");
+                return BlkStatus::IoErr;
+            }
+            Err(e) => {
+                log::debug!("virtio-blk: write failed: {e}");
+                return BlkStatus::IoErr;
+            }
         }
     }
 }
