@@ -25,7 +25,11 @@
 //! fallbacks (a hole where the file system cannot punch one is no error
 //! for a discard; write zeroes falls back from punching a hole to
 //! `FALLOC_FL_ZERO_RANGE` to writing zeroes, the last one synchronously).
-//! GET_ID is carried out at once.
+//! A write that only copies into the page cache
+//! ([`BlockBackend::buffered_writes`], and no fdatasync after it) is done
+//! at once in the worker with `pwritev`. A short read or write is
+//! resubmitted for the rest; a read that reaches the end of the file
+//! zero-fills what is left. GET_ID is carried out at once.
 
 use std::collections::VecDeque;
 use std::io;
