@@ -30,6 +30,8 @@ fn sighup(d: &Daemon) {
 
 /// A probe-like link that also serves the back-end channel.
 fn link(d: &Daemon) -> FrontendLink<1, 1> {
+    // The socket file appears at bind, a moment before the daemon listens.
+    drop(d.connect());
     let mut cfg: FrontendConfig<1, 1> = FrontendConfig::probe();
     cfg.protocol_features |= P::BACKEND_REQ;
     let mut l = FrontendLink::connect(&d.sock, cfg, Vec::new(), Vec::new(), Vec::new()).unwrap();
