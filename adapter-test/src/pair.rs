@@ -56,9 +56,11 @@ use std::fmt;
 
 use vhost_user_core::backend::{
     Action, BackendConfig, BackendError, Channel, Outcome, Reply, Session,
+    SUPPORTED_PROTOCOL_FEATURES,
 };
 use vhost_user_core::dataplane::{DataPlane, DataPlaneError, Published, Stop, Token};
 use vhost_user_core::device::{Completion, Device};
+use vhost_user_core::feature::{ProtocolFeatures, VirtioFeatures};
 use vhost_user_core::frontend::{
     BackendNotice, Event, FdRef, Frontend, FrontendConfig, FrontendError, NotifyMode, QueueConfig,
     MAX_TRANSMIT,
@@ -777,6 +779,49 @@ impl<D: Device, const Q: usize, const R: usize> fmt::Debug for Pair<D, Q, R> {
             .field("hold_at", &self.hold_at)
             .finish_non_exhaustive()
     }
+}
+
+/// The test kit's usual pair: one ring of 16 at 0x1000, split or packed,
+/// in 1 MiB of RAM; the back-end offers every protocol feature the engine
+/// implements (ring sizes up to 64, both layouts), the front-end wants
+/// `protocol` and kicks and calls by `notify`. Driven through the init;
+/// not started.
+///
+/// # Panics
+///
+/// If the init does not go through.
+pub fn one_ring(
+    packed: bool,
+    protocol: ProtocolFeatures,
+    notify: NotifyMode,
+) -> (Pair<TestDevice, 1, 8>, GuestRing) {
+    const MIB: u64 = 1 << 20;
+    let config = BackendConfig {
+        features: VirtioFeatures::VERSION_1
+            | VirtioFeatures::PROTOCOL_FEATURES
+            | VirtioFeatures::RING_PACKED,
+        protocol_features: SUPPORTED_PROTOCOL_FEATURES,
+        num_queues: 1,
+        max_queue_size: 64,
+    };
+    let be = Backend::new(config, TestDevice::default(), &[(0, MIB)]).expect("back-end");
+    let mut features = VirtioFeatures::VERSION_1 | VirtioFeatures::PROTOCOL_FEATURES;
+    let (ring, base) = if packed {
+        features |= VirtioFeatures::RING_PACKED;
+        (RingSpec::packed(16, 0x1000), 1 << 15 | 1 << 31)
+    } else {
+        (RingSpec::split(16, 0x1000), 0)
+    };
+    let mut fc = FrontendConfig::new(features, protocol);
+    let mut q = ring.queue(base);
+    q.kick = notify;
+    q.call = notify;
+    let _ = fc.queues.push(q);
+    let _ = fc.regions.push(crate::region(0, MIB));
+    let mut p = Pair::new(be, fc).expect("front-end");
+    let guest = ring.lay_out(&p.be.mem).expect("ring layout");
+    p.drive();
+    (p, guest)
 }
 
 impl<D: Device, const Q: usize, const R: usize> Pair<D, Q, R> {

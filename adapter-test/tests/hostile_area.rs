@@ -6,39 +6,19 @@
 
 #![allow(clippy::unwrap_used)]
 
-use vhost_user_core::backend::{BackendConfig, BackendError, SUPPORTED_PROTOCOL_FEATURES};
-use vhost_user_core::feature::{ProtocolFeatures as P, VirtioFeatures as V};
-use vhost_user_core::frontend::FrontendConfig;
+use vhost_user_core::backend::BackendError;
+use vhost_user_core::feature::ProtocolFeatures as P;
+use vhost_user_core::frontend::NotifyMode;
 use vhost_user_core::inflight::InflightError;
 use vhost_user_core::memory::GuestMemory;
-use vhost_user_test::pair::DriveError;
-use vhost_user_test::{region, Backend, Buf, Pair, RingSpec, TestDevice};
-
-const MIB: u64 = 1 << 20;
+use vhost_user_test::pair::{one_ring, DriveError};
+use vhost_user_test::{Buf, Pair, TestDevice};
 
 /// A pair whose back-end died with two requests in flight, reconnected and
 /// negotiated again, not started.
 fn crashed(packed: bool) -> Pair<TestDevice, 1, 8> {
-    let config = BackendConfig {
-        features: V::VERSION_1 | V::PROTOCOL_FEATURES | V::RING_PACKED,
-        protocol_features: SUPPORTED_PROTOCOL_FEATURES,
-        num_queues: 1,
-        max_queue_size: 64,
-    };
-    let be = Backend::new(config, TestDevice::default(), &[(0, MIB)]).unwrap();
-    let (ring, features, base) = if packed {
-        let f = V::VERSION_1 | V::PROTOCOL_FEATURES | V::RING_PACKED;
-        (RingSpec::packed(16, 0x1000), f, 1 << 15 | 1 << 31)
-    } else {
-        let f = V::VERSION_1 | V::PROTOCOL_FEATURES;
-        (RingSpec::split(16, 0x1000), f, 0)
-    };
-    let mut fc = FrontendConfig::new(features, P::MQ | P::REPLY_ACK | P::INFLIGHT_SHMFD);
-    fc.queues.push(ring.queue(base)).unwrap();
-    fc.regions.push(region(0, MIB)).unwrap();
-    let mut p = Pair::new(be, fc).unwrap();
-    let mut guest = ring.lay_out(&p.be.mem).unwrap();
-    p.drive();
+    let protocol = P::MQ | P::REPLY_ACK | P::INFLIGHT_SHMFD;
+    let (mut p, mut guest) = one_ring(packed, protocol, NotifyMode::Eventfd);
     p.start().unwrap();
     for a in [0x8000, 0x8010] {
         guest.post(&p.be.mem, &[Buf::writable(a, 4)]).unwrap();

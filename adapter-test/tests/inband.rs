@@ -5,52 +5,22 @@
 
 #![allow(clippy::unwrap_used)]
 
-use vhost_user_core::backend::{
-    BackendConfig, BackendError, Channel, ChannelError, SUPPORTED_PROTOCOL_FEATURES,
-};
-use vhost_user_core::feature::{ProtocolFeatures as P, VirtioFeatures as V};
-use vhost_user_core::frontend::{BackendNotice, Event, FdRef, FrontendConfig, NotifyMode};
+use vhost_user_core::backend::{BackendError, Channel, ChannelError};
+use vhost_user_core::feature::ProtocolFeatures as P;
+use vhost_user_core::frontend::{BackendNotice, Event, FdRef, NotifyMode};
 use vhost_user_core::message::{BackendReq, FrontendReq as C, Request};
-use vhost_user_test::pair::DriveError;
-use vhost_user_test::{region, Backend, Buf, GuestRing, Pair, RingSpec, TestDevice};
+use vhost_user_test::pair::{one_ring, DriveError};
+use vhost_user_test::{Buf, GuestRing};
 
-const MIB: u64 = 1 << 20;
 const INBAND: P = P::REPLY_ACK
     .union(P::BACKEND_REQ)
     .union(P::INBAND_NOTIFICATIONS)
     .union(P::CONFIG);
 
-fn pair(packed: bool, protocol: P, mode: NotifyMode) -> (Pair<TestDevice, 1, 8>, GuestRing) {
-    let config = BackendConfig {
-        features: V::VERSION_1 | V::PROTOCOL_FEATURES | V::RING_PACKED,
-        protocol_features: SUPPORTED_PROTOCOL_FEATURES,
-        num_queues: 1,
-        max_queue_size: 64,
-    };
-    let be = Backend::new(config, TestDevice::default(), &[(0, MIB)]).unwrap();
-    let (ring, features, base) = if packed {
-        let f = V::VERSION_1 | V::PROTOCOL_FEATURES | V::RING_PACKED;
-        (RingSpec::packed(16, 0x1000), f, 1 << 15 | 1 << 31)
-    } else {
-        let f = V::VERSION_1 | V::PROTOCOL_FEATURES;
-        (RingSpec::split(16, 0x1000), f, 0)
-    };
-    let mut fc = FrontendConfig::new(features, protocol);
-    let mut q = ring.queue(base);
-    q.kick = mode;
-    q.call = mode;
-    fc.queues.push(q).unwrap();
-    fc.regions.push(region(0, MIB)).unwrap();
-    let mut p = Pair::new(be, fc).unwrap();
-    let guest = ring.lay_out(&p.be.mem).unwrap();
-    p.drive();
-    (p, guest)
-}
-
 #[test]
 fn a_whole_session_runs_on_in_band_notifications_without_eventfds() {
     for packed in [false, true] {
-        let (mut p, mut guest) = pair(packed, INBAND, NotifyMode::InBand);
+        let (mut p, mut guest) = one_ring(packed, INBAND, NotifyMode::InBand);
         assert!(p.be.channel.is_some(), "SET_BACKEND_REQ_FD kept");
         p.start().unwrap();
         assert_eq!(p.take_events().last(), Some(&Event::Started));
@@ -104,7 +74,7 @@ fn a_whole_session_runs_on_in_band_notifications_without_eventfds() {
 
 #[test]
 fn a_ring_broken_by_the_guest_is_reported_in_band_once() {
-    let (mut p, guest) = pair(false, INBAND, NotifyMode::InBand);
+    let (mut p, guest) = one_ring(false, INBAND, NotifyMode::InBand);
     p.start().unwrap();
     let GuestRing::Split(mut d) = guest else {
         unreachable!()
@@ -121,7 +91,7 @@ fn a_ring_broken_by_the_guest_is_reported_in_band_once() {
 
 #[test]
 fn eventfds_take_precedence_over_in_band_notifications() {
-    let (mut p, mut guest) = pair(false, INBAND, NotifyMode::Eventfd);
+    let (mut p, mut guest) = one_ring(false, INBAND, NotifyMode::Eventfd);
     p.start().unwrap();
     assert!(!p.be.session.call_in_band(0));
     // No SET_VRING_ERR was sent (no err eventfd): errors go in-band.
@@ -137,7 +107,7 @@ fn eventfds_take_precedence_over_in_band_notifications() {
 #[test]
 fn in_band_notifications_need_their_feature() {
     // The front-end refuses in-band rings without the feature.
-    let (mut p, _) = pair(false, P::REPLY_ACK | P::BACKEND_REQ, NotifyMode::InBand);
+    let (mut p, _) = one_ring(false, P::REPLY_ACK | P::BACKEND_REQ, NotifyMode::InBand);
     assert!(matches!(
         p.start(),
         Err(DriveError::Frontend(vhost_user_core::frontend::FrontendError::Unsupported(b)))
@@ -163,7 +133,7 @@ fn in_band_notifications_need_their_feature() {
         Err(ChannelError::NotNegotiated(BackendReq::ConfigChangeMsg))
     );
     // And without SET_BACKEND_REQ_FD there is no channel at all.
-    let (p2, _) = pair(false, P::REPLY_ACK, NotifyMode::Eventfd);
+    let (p2, _) = one_ring(false, P::REPLY_ACK, NotifyMode::Eventfd);
     assert!(p2.be.session.channel().is_none());
 }
 

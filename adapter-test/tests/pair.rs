@@ -8,10 +8,10 @@
 use vhost_user_core::backend::{BackendConfig, BackendError, SUPPORTED_PROTOCOL_FEATURES};
 use vhost_user_core::dataplane::DataPlaneError;
 use vhost_user_core::feature::{ProtocolFeatures as P, VirtioFeatures as V};
-use vhost_user_core::frontend::{Event, FrontendConfig};
+use vhost_user_core::frontend::{Event, FrontendConfig, NotifyMode};
 use vhost_user_core::inflight::InflightError;
 use vhost_user_core::message::{FrontendReq as C, InflightMsg, Request, VringFdMsg, WireError};
-use vhost_user_test::pair::{DriveError, RingStop};
+use vhost_user_test::pair::{one_ring, DriveError, RingStop};
 use vhost_user_test::{region, Backend, Buf, GuestRing, Pair, RingSpec, TestDevice};
 
 const MIB: u64 = 1 << 20;
@@ -25,33 +25,9 @@ fn backend_config(protocol: P) -> BackendConfig {
     }
 }
 
-/// One ring of 16 at 0x1000, split or packed, in 1 MiB of RAM; the
-/// front-end wants `protocol`, the back-end offers everything. Driven
-/// through the init; not started.
+/// [`one_ring`] with eventfd notifications.
 fn pair(packed: bool, protocol: P) -> (Pair<TestDevice, 1, 8>, GuestRing) {
-    let be = Backend::new(
-        backend_config(SUPPORTED_PROTOCOL_FEATURES),
-        TestDevice::default(),
-        &[(0, MIB)],
-    )
-    .unwrap();
-    let (ring, features) = if packed {
-        let f = V::VERSION_1 | V::PROTOCOL_FEATURES | V::RING_PACKED;
-        (RingSpec::packed(16, 0x1000), f)
-    } else {
-        (
-            RingSpec::split(16, 0x1000),
-            V::VERSION_1 | V::PROTOCOL_FEATURES,
-        )
-    };
-    let base = if packed { 1 << 15 | 1 << 31 } else { 0 };
-    let mut fc = FrontendConfig::new(features, protocol);
-    fc.queues.push(ring.queue(base)).unwrap();
-    fc.regions.push(region(0, MIB)).unwrap();
-    let mut p = Pair::new(be, fc).unwrap();
-    let guest = ring.lay_out(&p.be.mem).unwrap();
-    p.drive();
-    (p, guest)
+    one_ring(packed, protocol, NotifyMode::Eventfd)
 }
 
 /// Posts one 4-byte writable buffer per address.
