@@ -1,7 +1,7 @@
 //! A Linux guest under QEMU (TCG) uses our `vhost-user-blk` daemon: the
 //! guest writes a pattern with O_DIRECT, reads it back and compares, and
 //! after poweroff the host checks the image bytes. With 1 and 2 queues, and
-//! with packed rings.
+//! with packed rings; and the same on the C back-end (`examples/c/blk.c`).
 //!
 //! The guest (a Debian cloud kernel and a busybox initramfs) is built and
 //! cached by `tests/guest/build-guest.sh`, which also installs QEMU.
@@ -122,6 +122,9 @@ struct Opts<'a> {
     /// starts (each), and start a new one on the same socket and image;
     /// QEMU reconnects (`reconnect-ms`).
     kills: &'a [Duration],
+    /// The back-end program (it takes the same arguments); `None`: our
+    /// `vhost-user-blk` daemon.
+    program: Option<&'a Path>,
 }
 
 fn spawn_daemon(sock: &Path, image: &Path, o: &Opts<'_>, log: &Path) -> Child {
@@ -130,7 +133,10 @@ fn spawn_daemon(sock: &Path, image: &Path, o: &Opts<'_>, log: &Path) -> Child {
         .append(true)
         .open(log)
         .unwrap();
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_vhost-user-blk"))
+    let program = o
+        .program
+        .unwrap_or(Path::new(env!("CARGO_BIN_EXE_vhost-user-blk")));
+    let mut daemon = Command::new(program)
         .arg("--socket-path")
         .arg(sock)
         .arg("--blk-file")
@@ -139,7 +145,7 @@ fn spawn_daemon(sock: &Path, image: &Path, o: &Opts<'_>, log: &Path) -> Child {
         .args(o.daemon_args)
         .stderr(Stdio::from(log))
         .spawn()
-        .expect("start vhost-user-blk");
+        .expect("start the back-end");
     wait_for_socket(sock, &mut daemon);
     daemon
 }
@@ -277,12 +283,17 @@ fn script(queues: u16, seed: u64) -> String {
 }
 
 fn check(queues: u16, packed: bool, seed: u64) {
+    check_on(None, queues, packed, seed);
+}
+
+fn check_on(program: Option<&Path>, queues: u16, packed: bool, seed: u64) {
     let img = image(64 << 20);
     let o = Opts {
         queues,
         packed,
         daemon_args: &[],
         kills: &[],
+        program,
     };
     let run = boot(&o, &img, &script(queues, seed));
     println!("--- guest console ---\n{}", run.console);
@@ -327,6 +338,22 @@ fn guest_boots_and_checks_data_packed_ring() {
     check(1, true, 13);
 }
 
+/// The same guest on the C back-end (`examples/c/blk.c` over the C ABI),
+/// with two queues, split and packed rings.
+#[test]
+fn guest_boots_on_the_c_backend_two_queues() {
+    let dir = common::TempDir::new("c-blk-guest");
+    let bin = common::build_c_blk(&dir.0);
+    check_on(Some(&bin), 2, false, 17);
+}
+
+#[test]
+fn guest_boots_on_the_c_backend_packed_ring() {
+    let dir = common::TempDir::new("c-blk-guest");
+    let bin = common::build_c_blk(&dir.0);
+    check_on(Some(&bin), 2, true, 19);
+}
+
 /// The guest writes and verifies several areas while the daemon (slowed
 /// down, so requests are in flight) is killed with SIGKILL three times and
 /// restarted; QEMU reconnects and the inflight area carries the requests
@@ -358,6 +385,7 @@ fn reconnect(packed: bool, seed: u64) {
         // slowly on a loaded machine.
         daemon_args: &["--io-delay-us", "250000"],
         kills: &kills,
+        program: None,
     };
     let run = boot(&o, &img, &script);
     println!("--- guest console ---\n{}", run.console);
