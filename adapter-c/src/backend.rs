@@ -727,7 +727,14 @@ pub unsafe extern "C" fn vhu_backend_start_ring(
         let mem = unsafe { Mem::from_raw(mem) }?;
         // SAFETY: the caller's contract.
         let area = unsafe { Mem::optional(area) }?;
-        state::storage::<dataplane::Ring, _>(storage, size, dataplane::fixed_size())?;
+        // The storage must hold the ring's token table before the session
+        // starts the ring (an unknown queue is the session's error).
+        let num = b.session.ring(queue).map_or(0, |r| r.num);
+        state::storage::<dataplane::Ring, _>(
+            storage,
+            size,
+            dataplane::vhu_dataplane_size(num).max(dataplane::fixed_size()),
+        )?;
         let dp = b
             .session
             .start_ring(queue, &mem, area.as_ref(), consume_disabled)
