@@ -367,6 +367,7 @@ static int apply(const vhu_action *a, int *fds, size_t nfds)
             return -1;
         S.area_region = (vhu_region){0, a->size, host};
         S.area.count = 1;
+        LOG("inflight area of %llu bytes mapped", (unsigned long long)a->size);
         return 0;
     }
     case VHU_ACTION_UNMAP_INFLIGHT:

@@ -309,6 +309,15 @@ fn check_on(program: Option<&Path>, queues: u16, packed: bool, seed: u64) {
         "{}",
         run.console
     );
+    if program.is_some() {
+        // QEMU takes the inflight area the C back-end offers: requests
+        // are recorded in it.
+        assert!(
+            run.daemon_log.contains("inflight area of"),
+            "{}",
+            run.daemon_log
+        );
+    }
     // The host sees exactly what the guest wrote.
     let bytes = std::fs::read(&img).unwrap();
     let got = &bytes[OFF as usize..OFF as usize + LEN];
