@@ -6,7 +6,11 @@
  * I/O: the socket, the memory mappings, the notifiers and the disk file.
  *
  *   vhu-c-blk --socket-path PATH --blk-file FILE [--num-queues N]
- *             [--queue-size N] [--log-level LEVEL (ignored)]
+ *             [--queue-size N] [--io-delay-us N] [--log-level LEVEL (ignored)]
+ *
+ * --io-delay-us holds each request that long before it completes (so a
+ * test can kill the back-end with requests in flight: they are recorded
+ * in the inflight area, and the next back-end resubmits them).
  *
  * One front-end at a time, served on one thread: a poll loop over the
  * socket and the rings' kick eventfds. Every request completes before the
@@ -52,6 +56,7 @@ static struct {
     int disk;
     uint64_t disk_size;
     uint16_t queues, queue_size;
+    unsigned long io_delay_us;
     vhu_backend *be;
     vhu_blk *blk;
     vhu_device dev;
@@ -171,6 +176,8 @@ static int process(struct ring *r, const vhu_token *tok, const vhu_segment *segs
             status = VHU_BLK_S_UNSUPP;
             break;
         }
+        if (S.io_delay_us)
+            usleep((useconds_t)S.io_delay_us);
         if (op.sync_after && status == VHU_BLK_S_OK && fdatasync(S.disk))
             status = VHU_BLK_S_IOERR;
         if (check(vhu_blk_request_finish(r->req, &S.mem, status, &used), "finish"))
@@ -336,6 +343,10 @@ static int apply(const vhu_action *a, int *fds, size_t nfds)
             return -1;
         r->running = true;
         r->broken = false;
+        vhu_dataplane_info info;
+        if (!vhu_dataplane_get_info(r->dp, &info) && info.resubmits_left)
+            LOG("ring %u: resubmitting %u requests recorded in the inflight area",
+                (unsigned)a->queue, (unsigned)info.resubmits_left);
         serve_ring(r);
         return 0;
     case VHU_ACTION_STOP_RING:
@@ -604,7 +615,7 @@ static void serve(int conn)
 static void usage(void)
 {
     fprintf(stderr, "usage: vhu-c-blk --socket-path PATH --blk-file FILE "
-                    "[--num-queues N] [--queue-size N]\n");
+                    "[--num-queues N] [--queue-size N] [--io-delay-us N]\n");
     exit(2);
 }
 
@@ -624,6 +635,8 @@ int main(int argc, char **argv)
             queues = strtoul(v, NULL, 10);
         else if (!strcmp(argv[i], "--queue-size"))
             queue_size = strtoul(v, NULL, 10);
+        else if (!strcmp(argv[i], "--io-delay-us"))
+            S.io_delay_us = strtoul(v, NULL, 10);
         else if (strcmp(argv[i], "--log-level"))
             usage();
         i++;
