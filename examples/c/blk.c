@@ -386,8 +386,14 @@ static int apply(const vhu_action *a, int *fds, size_t nfds)
         S.area.count = 0;
         return 0;
     case VHU_ACTION_SET_ENABLED:
-        if (r && r->running)
-            return check(vhu_dataplane_set_enabled(r->dp, a->flag), "enable");
+        if (!r || !r->running)
+            return 0;
+        if (check(vhu_dataplane_set_enabled(r->dp, a->flag), "enable"))
+            return -1;
+        /* What the guest made available while the ring was disabled (before
+         * a restart, say) was kicked for already: serve it now. */
+        if (a->flag)
+            serve_ring(r);
         return 0;
     case VHU_ACTION_RESET_RINGS:
         for (uint16_t q = 0; q < S.queues; q++) {
