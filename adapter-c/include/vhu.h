@@ -1479,7 +1479,8 @@ size_t vhu_dataplane_align(void);
 /**
  * Starts a ring without a session: the ring of `config` over `mem`,
  * with its region of the inflight area `area` (NULL: none) at
- * `config->inflight_offset`. Storage as for `vhu_backend_start_ring()`.
+ * `config->inflight_offset`. `VHU_ERR_MEMORY` if a ring area is not in
+ * `mem`; a split ring continues from the used index in guest memory. Storage as for `vhu_backend_start_ring()`.
  * A ring whose recorded requests cannot be trusted starts broken
  * (`vhu_dataplane_get_info()` says why), never half-started.
  *

@@ -243,7 +243,8 @@ unsafe fn ring<'a>(p: *mut vhu_dataplane) -> Result<(&'a mut Ring, &'a mut [Slot
 
 /// Starts a ring without a session: the ring of `config` over `mem`,
 /// with its region of the inflight area `area` (NULL: none) at
-/// `config->inflight_offset`. Storage as for `vhu_backend_start_ring()`.
+/// `config->inflight_offset`. `VHU_ERR_MEMORY` if a ring area is not in
+/// `mem`; a split ring continues from the used index in guest memory. Storage as for `vhu_backend_start_ring()`.
 /// A ring whose recorded requests cannot be trusted starts broken
 /// (`vhu_dataplane_get_info()` says why), never half-started.
 ///
@@ -276,6 +277,12 @@ pub unsafe extern "C" fn vhu_dataplane_init(
         let features = VirtioFeatures::from_bits_retain(c.features);
         let mut q = Queue::new(c.size, c.addrs.into(), features).map_err(result::vring)?;
         q.set_base(c.base).map_err(result::vring)?;
+        q.check_areas(&mem).map_err(result::vring)?;
+        if let Queue::Split(s) = &mut q {
+            // A split ring's used index lives in guest memory: a restarted
+            // ring continues from it, as the session's rings do.
+            s.sync_used(&mem).map_err(result::vring)?;
+        }
         let dp = DataPlane::start(
             q,
             c.enabled != 0,
