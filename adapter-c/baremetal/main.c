@@ -30,7 +30,7 @@ static _Alignas(8) uint8_t ram[RAM_BYTES];
 static uint8_t disk[DISK_BYTES];
 static uint8_t reply[VHU_MAX_MESSAGE];
 static vhu_region ram_table[VHU_MAX_REGIONS];
-static vhu_mem mem = {ram_table, VHU_MAX_REGIONS};
+static vhu_mem mem = {ram_table, VHU_MAX_REGIONS, NULL};
 static bool running[QUEUES];
 static vhu_device device;
 

@@ -713,7 +713,44 @@ typedef struct {
 } vhu_region;
 
 /**
- * A guest memory table: `count` entries at `regions`.
+ * Guest memory as callbacks, each given `ctx`. Every one is required.
+ * Each returns false, touching nothing, when any byte of the range is not
+ * guest memory. The 16-bit ring index accesses must be single aligned
+ * atomic accesses of the little-endian value, with acquire (load) and
+ * release (store) ordering; the library orders everything else with its
+ * own fences.
+ */
+typedef struct {
+  /**
+   * Passed to every callback.
+   */
+  void *ctx;
+  /**
+   * Copies `len` bytes at guest address `gpa` into `dst`.
+   */
+  bool (*read)(void *ctx, uint64_t gpa, uint8_t *dst, size_t len);
+  /**
+   * Copies `len` bytes from `src` to guest address `gpa`.
+   */
+  bool (*write)(void *ctx, uint64_t gpa, const uint8_t *src, size_t len);
+  /**
+   * Loads the ring index at `gpa` (2-aligned) into `*out`.
+   */
+  bool (*load_u16_acquire)(void *ctx, uint64_t gpa, uint16_t *out);
+  /**
+   * Stores the ring index `value` at `gpa` (2-aligned).
+   */
+  bool (*store_u16_release)(void *ctx, uint64_t gpa, uint16_t value);
+  /**
+   * Whether every byte of `[gpa, gpa + len)` is guest memory (with
+   * `len` 0: whether `gpa` is).
+   */
+  bool (*check)(void *ctx, uint64_t gpa, uint64_t len);
+} vhu_mem_ops;
+
+/**
+ * Guest memory: a table of `count` entries at `regions`, or, when `ops`
+ * is not NULL, the callbacks of `*ops` (the table is then ignored).
  */
 typedef struct {
   /**
@@ -724,6 +761,10 @@ typedef struct {
    * Number of entries.
    */
   size_t count;
+  /**
+   * NULL, or the callbacks that access guest memory.
+   */
+  const vhu_mem_ops *ops;
 } vhu_mem;
 
 /**

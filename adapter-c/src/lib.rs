@@ -13,8 +13,8 @@
 //!   draining or suspending, inflight recovery at start;
 //! - the front-end engine ([`frontend`]): the handshake, start and stop,
 //!   every reply validated;
-//! - guest memory as a table of host pointers the caller fills
-//!   ([`memory`]);
+//! - guest memory as a table of host pointers the caller fills, or as
+//!   callbacks ([`memory`]);
 //! - the virtio-blk planner ([`blk`]).
 //!
 //! # Caller-owned state

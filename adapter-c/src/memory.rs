@@ -1,7 +1,9 @@
 //! Guest memory as a table of host pointers the caller fills: a
 //! [`vhu_mem`] names an array of [`vhu_region`]s (guest physical address,
 //! size, where the region is mapped here), and implements the core's
-//! [`GuestMemory`] for the duration of each call that takes it.
+//! [`GuestMemory`] for the duration of each call that takes it. A host
+//! whose guest memory is not mapped as plain ranges (an IOMMU, a window
+//! that moves, a simulator) gives callbacks instead ([`vhu_mem_ops`]).
 //!
 //! A caller that maps regions from SET_MEM_TABLE/ADD_MEM_REG indexes the
 //! array by the slot of `VHU_ACTION_MAP_REGION` and leaves unused entries
@@ -15,6 +17,7 @@
 //! single aligned atomic accesses with acquire/release ordering; the
 //! inflight area's records are ordered by a release fence.
 
+use core::ffi::c_void;
 use core::ptr;
 use core::sync::atomic::{fence, AtomicU16, Ordering};
 
@@ -36,7 +39,8 @@ pub struct vhu_region {
     pub host: *mut u8,
 }
 
-/// A guest memory table: `count` entries at `regions`.
+/// Guest memory: a table of `count` entries at `regions`, or, when `ops`
+/// is not NULL, the callbacks of `*ops` (the table is then ignored).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct vhu_mem {
@@ -44,6 +48,61 @@ pub struct vhu_mem {
     pub regions: *const vhu_region,
     /// Number of entries.
     pub count: usize,
+    /// NULL, or the callbacks that access guest memory.
+    pub ops: *const vhu_mem_ops,
+}
+
+/// Guest memory as callbacks, each given `ctx`. Every one is required.
+/// Each returns false, touching nothing, when any byte of the range is not
+/// guest memory. The 16-bit ring index accesses must be single aligned
+/// atomic accesses of the little-endian value, with acquire (load) and
+/// release (store) ordering; the library orders everything else with its
+/// own fences.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct vhu_mem_ops {
+    /// Passed to every callback.
+    pub ctx: *mut c_void,
+    /// Copies `len` bytes at guest address `gpa` into `dst`.
+    pub read:
+        Option<unsafe extern "C" fn(ctx: *mut c_void, gpa: u64, dst: *mut u8, len: usize) -> bool>,
+    /// Copies `len` bytes from `src` to guest address `gpa`.
+    pub write: Option<
+        unsafe extern "C" fn(ctx: *mut c_void, gpa: u64, src: *const u8, len: usize) -> bool,
+    >,
+    /// Loads the ring index at `gpa` (2-aligned) into `*out`.
+    pub load_u16_acquire:
+        Option<unsafe extern "C" fn(ctx: *mut c_void, gpa: u64, out: *mut u16) -> bool>,
+    /// Stores the ring index `value` at `gpa` (2-aligned).
+    pub store_u16_release:
+        Option<unsafe extern "C" fn(ctx: *mut c_void, gpa: u64, value: u16) -> bool>,
+    /// Whether every byte of `[gpa, gpa + len)` is guest memory (with
+    /// `len` 0: whether `gpa` is).
+    pub check: Option<unsafe extern "C" fn(ctx: *mut c_void, gpa: u64, len: u64) -> bool>,
+}
+
+type ReadFn = unsafe extern "C" fn(*mut c_void, u64, *mut u8, usize) -> bool;
+type WriteFn = unsafe extern "C" fn(*mut c_void, u64, *const u8, usize) -> bool;
+type LoadFn = unsafe extern "C" fn(*mut c_void, u64, *mut u16) -> bool;
+type StoreFn = unsafe extern "C" fn(*mut c_void, u64, u16) -> bool;
+type CheckFn = unsafe extern "C" fn(*mut c_void, u64, u64) -> bool;
+
+/// A [`vhu_mem_ops`] with every callback present.
+#[derive(Clone, Copy, Debug)]
+struct Ops {
+    ctx: *mut c_void,
+    read: ReadFn,
+    write: WriteFn,
+    load: LoadFn,
+    store: StoreFn,
+    check: CheckFn,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Backing {
+    /// The regions of the table.
+    Table,
+    Ops(Ops),
 }
 
 /// A region as the description of a memory message (SET_MEM_TABLE,
@@ -61,10 +120,12 @@ pub struct vhu_mem_region {
     pub mmap_offset: u64,
 }
 
-/// A validated guest memory table, for one call.
+/// Validated guest memory, for one call.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Mem<'a> {
+    /// The table (empty with callbacks).
     regions: &'a [vhu_region],
+    backing: Backing,
 }
 
 impl<'a> Mem<'a> {
@@ -78,13 +139,40 @@ impl<'a> Mem<'a> {
     /// writable bytes at `host` for `'a`.
     pub(crate) unsafe fn from_raw(p: *const vhu_mem) -> Result<Mem<'a>, vhu_result> {
         if p.is_null() {
-            return Ok(Mem { regions: &[] });
+            return Ok(Mem::table(&[]));
         }
         if (p as usize) % core::mem::align_of::<vhu_mem>() != 0 {
             return Err(VHU_ERR_ALIGN);
         }
         // SAFETY: non-null, aligned, readable by the caller's contract.
         let m = unsafe { p.read() };
+        if !m.ops.is_null() {
+            if (m.ops as usize) % core::mem::align_of::<vhu_mem_ops>() != 0 {
+                return Err(VHU_ERR_ALIGN);
+            }
+            // SAFETY: non-null, aligned, readable by the caller's contract.
+            let o = unsafe { m.ops.read() };
+            let (Some(read), Some(write), Some(load), Some(store), Some(check)) = (
+                o.read,
+                o.write,
+                o.load_u16_acquire,
+                o.store_u16_release,
+                o.check,
+            ) else {
+                return Err(VHU_ERR_NULL);
+            };
+            return Ok(Mem {
+                regions: &[],
+                backing: Backing::Ops(Ops {
+                    ctx: o.ctx,
+                    read,
+                    write,
+                    load,
+                    store,
+                    check,
+                }),
+            });
+        }
         // SAFETY: the caller's contract on the entries.
         let regions = unsafe { state::slice(m.regions, m.count) }?;
         for r in regions.iter().filter(|r| used(r)) {
@@ -96,7 +184,14 @@ impl<'a> Mem<'a> {
                 return Err(VHU_ERR_INVALID);
             }
         }
-        Ok(Mem { regions })
+        Ok(Mem::table(regions))
+    }
+
+    fn table(regions: &'a [vhu_region]) -> Mem<'a> {
+        Mem {
+            regions,
+            backing: Backing::Table,
+        }
     }
 
     /// [`from_raw`](Self::from_raw), or `None` for NULL (an optional
@@ -190,6 +285,14 @@ fn used(r: &vhu_region) -> bool {
 
 impl GuestMemory for Mem<'_> {
     fn read(&self, gpa: u64, dst: &mut [u8]) -> Result<(), MemoryError> {
+        if let Backing::Ops(o) = self.backing {
+            // SAFETY: the caller gave this callback for this `ctx`; `dst`
+            // is a live buffer of `dst.len()` bytes.
+            let ok = unsafe { (o.read)(o.ctx, gpa, dst.as_mut_ptr(), dst.len()) };
+            return ok
+                .then_some(())
+                .ok_or(MemoryError::unmapped(gpa, dst.len() as u64));
+        }
         if dst.is_empty() {
             return self.check(gpa, 0);
         }
@@ -204,6 +307,13 @@ impl GuestMemory for Mem<'_> {
     }
 
     fn write(&self, gpa: u64, src: &[u8]) -> Result<(), MemoryError> {
+        if let Backing::Ops(o) = self.backing {
+            // SAFETY: as in `read`; `src` is live for the call.
+            let ok = unsafe { (o.write)(o.ctx, gpa, src.as_ptr(), src.len()) };
+            return ok
+                .then_some(())
+                .ok_or(MemoryError::unmapped(gpa, src.len() as u64));
+        }
         if src.is_empty() {
             return self.check(gpa, 0);
         }
@@ -217,10 +327,27 @@ impl GuestMemory for Mem<'_> {
     }
 
     fn load_u16_acquire(&self, gpa: u64) -> Result<u16, MemoryError> {
+        if let Backing::Ops(o) = self.backing {
+            if gpa % 2 != 0 {
+                return Err(MemoryError::Misaligned(gpa));
+            }
+            let mut v = 0u16;
+            // SAFETY: as in `read`; `v` is a live u16.
+            let ok = unsafe { (o.load)(o.ctx, gpa, &mut v) };
+            return ok.then_some(v).ok_or(MemoryError::unmapped(gpa, 2));
+        }
         Ok(u16::from_le(self.atomic_u16(gpa)?.load(Ordering::Acquire)))
     }
 
     fn store_u16_release(&self, gpa: u64, v: u16) -> Result<(), MemoryError> {
+        if let Backing::Ops(o) = self.backing {
+            if gpa % 2 != 0 {
+                return Err(MemoryError::Misaligned(gpa));
+            }
+            // SAFETY: as in `read`.
+            let ok = unsafe { (o.store)(o.ctx, gpa, v) };
+            return ok.then_some(()).ok_or(MemoryError::unmapped(gpa, 2));
+        }
         self.atomic_u16(gpa)?.store(v.to_le(), Ordering::Release);
         Ok(())
     }
@@ -234,6 +361,11 @@ impl GuestMemory for Mem<'_> {
     }
 
     fn check(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
+        if let Backing::Ops(o) = self.backing {
+            // SAFETY: as in `read`.
+            let ok = unsafe { (o.check)(o.ctx, gpa, len) };
+            return ok.then_some(()).ok_or(MemoryError::unmapped(gpa, len));
+        }
         if self.within(gpa, len).is_some() {
             return Ok(());
         }
@@ -273,9 +405,10 @@ mod tests {
         let raw = vhu_mem {
             regions: regions.as_ptr(),
             count: regions.len(),
+            ops: ptr::null(),
         };
         // SAFETY: the entries map `a` and `b`, alive for the test.
-        let m = unsafe { Mem::from_raw(&raw) }.unwrap_or(Mem { regions: &[] });
+        let m = unsafe { Mem::from_raw(&raw) }.unwrap_or(Mem::table(&[]));
         m.write(0x100e, b"abcd").unwrap_or_else(|e| panic!("{e}"));
         let mut got = [0u8; 4];
         m.read(0x100e, &mut got).unwrap_or_else(|e| panic!("{e}"));
@@ -303,6 +436,7 @@ mod tests {
         let raw = vhu_mem {
             regions: regions.as_ptr(),
             count: 1,
+            ops: ptr::null(),
         };
         // SAFETY: the table is refused before any entry is dereferenced.
         let r = unsafe { Mem::from_raw(&raw) };

@@ -28,7 +28,7 @@ class Region(C.Structure):
 
 
 class Mem(C.Structure):
-    _fields_ = [("regions", C.POINTER(Region)), ("count", sz)]
+    _fields_ = [("regions", C.POINTER(Region)), ("count", sz), ("ops", C.c_void_p)]
 
 
 class MemRegion(C.Structure):

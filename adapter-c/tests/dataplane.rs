@@ -2,15 +2,17 @@
 //! (`vhu_dataplane_init`): a split ring in a guest memory table, requests
 //! completed in another order than popped, a suspend that leaves one
 //! request recorded in the inflight area, and the next data plane over the
-//! same area handing it out again before anything new.
+//! same area handing it out again before anything new; and guest memory
+//! given as callbacks instead of a table.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use core::ffi::c_void;
 use core::ptr;
 
 use vhost_user_c::backend::{vhu_ring_addrs, VHU_VIRTIO_F_VERSION_1};
 use vhost_user_c::dataplane::*;
-use vhost_user_c::memory::{vhu_mem, vhu_region};
+use vhost_user_c::memory::{vhu_mem, vhu_mem_ops, vhu_region};
 use vhost_user_c::vhu_result::*;
 
 const SIZE: u16 = 8;
@@ -112,7 +114,113 @@ fn completions_in_any_order_reach_the_used_ring_in_that_order() {
     let mem = vhu_mem {
         regions: regions.as_ptr(),
         count: 1,
+        ops: ptr::null(),
     };
+    any_order(&mut g, &mem);
+}
+
+const GUEST_LEN: u64 = 0x4000;
+
+fn inside(gpa: u64, len: u64) -> bool {
+    gpa.checked_add(len).is_some_and(|end| end <= GUEST_LEN)
+}
+
+unsafe extern "C" fn cb_read(ctx: *mut c_void, gpa: u64, dst: *mut u8, len: usize) -> bool {
+    if !inside(gpa, len as u64) {
+        return false;
+    }
+    // SAFETY: `ctx` is the guest's GUEST_LEN bytes and the range is inside;
+    // `dst` holds `len` bytes.
+    unsafe { ptr::copy_nonoverlapping(ctx.cast::<u8>().add(gpa as usize), dst, len) };
+    true
+}
+
+unsafe extern "C" fn cb_write(ctx: *mut c_void, gpa: u64, src: *const u8, len: usize) -> bool {
+    if !inside(gpa, len as u64) {
+        return false;
+    }
+    // SAFETY: as in `cb_read`.
+    unsafe { ptr::copy_nonoverlapping(src, ctx.cast::<u8>().add(gpa as usize), len) };
+    true
+}
+
+unsafe extern "C" fn cb_load(ctx: *mut c_void, gpa: u64, out: *mut u16) -> bool {
+    if !inside(gpa, 2) {
+        return false;
+    }
+    // SAFETY: in bounds, 2-aligned (the library checks `gpa`, the buffer
+    // is 8-aligned); one thread, so a volatile access is atomic enough.
+    unsafe {
+        *out = u16::from_le(
+            ctx.cast::<u8>()
+                .add(gpa as usize)
+                .cast::<u16>()
+                .read_volatile(),
+        )
+    };
+    true
+}
+
+unsafe extern "C" fn cb_store(ctx: *mut c_void, gpa: u64, v: u16) -> bool {
+    if !inside(gpa, 2) {
+        return false;
+    }
+    // SAFETY: as in `cb_load`.
+    unsafe {
+        ctx.cast::<u8>()
+            .add(gpa as usize)
+            .cast::<u16>()
+            .write_volatile(v.to_le())
+    };
+    true
+}
+
+unsafe extern "C" fn cb_check(_: *mut c_void, gpa: u64, len: u64) -> bool {
+    inside(gpa, len.max(1))
+}
+
+#[test]
+fn guest_memory_as_callbacks_serves_the_same_ring() {
+    let mut g = Guest::new(3);
+    let ops = vhu_mem_ops {
+        ctx: g.0.as_mut_ptr().cast(),
+        read: Some(cb_read),
+        write: Some(cb_write),
+        load_u16_acquire: Some(cb_load),
+        store_u16_release: Some(cb_store),
+        check: Some(cb_check),
+    };
+    // No table: every access goes through the callbacks.
+    let mem = vhu_mem {
+        regions: ptr::null(),
+        count: 0,
+        ops: &ops,
+    };
+    any_order(&mut g, &mem);
+    // A callback missing is refused.
+    let partial = vhu_mem_ops { check: None, ..ops };
+    let bad = vhu_mem {
+        ops: &partial,
+        ..mem
+    };
+    let mut s = storage();
+    // SAFETY: storage of the data plane's size; `bad` is refused before
+    // any callback is called.
+    let r = unsafe {
+        vhu_dataplane_init(
+            s.as_mut_ptr().cast(),
+            vhu_dataplane_size(SIZE),
+            &config(0),
+            &bad,
+            ptr::null(),
+        )
+    };
+    assert_eq!(r, VHU_ERR_NULL);
+}
+
+/// Pops the guest's three chains, completes them out of order, publishes,
+/// stops: the used ring holds them in completion order.
+fn any_order(g: &mut Guest, mem: &vhu_mem) {
     let mut s = storage();
     let dp: *mut vhu_dataplane = s.as_mut_ptr().cast();
     // SAFETY: storage of vhu_dataplane_size(SIZE) bytes, aligned to 8 (at
@@ -124,7 +232,7 @@ fn completions_in_any_order_reach_the_used_ring_in_that_order() {
                 dp,
                 vhu_dataplane_size(SIZE) - 1,
                 &config(0),
-                &mem,
+                mem,
                 ptr::null()
             ),
             VHU_ERR_SIZE
@@ -132,43 +240,35 @@ fn completions_in_any_order_reach_the_used_ring_in_that_order() {
         let mut outside = config(0);
         outside.addrs.desc = 0x10_0000;
         assert_eq!(
-            vhu_dataplane_init(dp, vhu_dataplane_size(SIZE), &outside, &mem, ptr::null()),
+            vhu_dataplane_init(dp, vhu_dataplane_size(SIZE), &outside, mem, ptr::null()),
             VHU_ERR_MEMORY
         );
         assert_eq!(
-            vhu_dataplane_init(dp, vhu_dataplane_size(SIZE), &config(0), &mem, ptr::null()),
+            vhu_dataplane_init(dp, vhu_dataplane_size(SIZE), &config(0), mem, ptr::null()),
             VHU_OK
         );
-        let t: Vec<vhu_token> = (0..3).map(|_| pop(dp, &mem, ptr::null())).collect();
+        let t: Vec<vhu_token> = (0..3).map(|_| pop(dp, mem, ptr::null())).collect();
         assert_eq!(t.iter().map(|t| t.id).collect::<Vec<_>>(), [0, 1, 2]);
-        assert_eq!(pop(dp, &mem, ptr::null()).handle, VHU_NO_TOKEN);
+        assert_eq!(pop(dp, mem, ptr::null()).handle, VHU_NO_TOKEN);
         let mut p = vhu_published::VHU_PUBLISHED_NOTHING;
         for (i, len) in [(2, 12), (0, 10), (1, 11)] {
-            let r = vhu_dataplane_complete(dp, &mem, ptr::null(), t[i].handle, len, &mut p);
+            let r = vhu_dataplane_complete(dp, mem, ptr::null(), t[i].handle, len, &mut p);
             assert_eq!(r, VHU_OK);
         }
-        let again = vhu_dataplane_complete(dp, &mem, ptr::null(), t[0].handle, 1, ptr::null_mut());
+        let again = vhu_dataplane_complete(dp, mem, ptr::null(), t[0].handle, 1, ptr::null_mut());
         assert_eq!(again, VHU_ERR_NOT_OUTSTANDING);
         // Nothing reaches the guest before the publish.
         assert_eq!(g.used().0, 0);
-        assert_eq!(vhu_dataplane_publish(dp, &mem, ptr::null(), &mut p), VHU_OK);
+        assert_eq!(vhu_dataplane_publish(dp, mem, ptr::null(), &mut p), VHU_OK);
         assert_eq!(p, vhu_published::VHU_PUBLISHED_NOTIFY);
         assert_eq!(g.used(), (3, vec![(2, 12), (0, 10), (1, 11)]));
         let (mut stopped, mut base) = (false, 0u32);
-        let r = vhu_dataplane_stop(
-            dp,
-            &mem,
-            ptr::null(),
-            false,
-            &mut stopped,
-            &mut base,
-            &mut p,
-        );
+        let r = vhu_dataplane_stop(dp, mem, ptr::null(), false, &mut stopped, &mut base, &mut p);
         assert_eq!(r, VHU_OK);
         assert!(stopped);
         assert_eq!(base, 3);
         // A stopped ring's tokens are void.
-        let late = vhu_dataplane_complete(dp, &mem, ptr::null(), t[1].handle, 1, ptr::null_mut());
+        let late = vhu_dataplane_complete(dp, mem, ptr::null(), t[1].handle, 1, ptr::null_mut());
         assert_eq!(late, VHU_ERR_NOT_OUTSTANDING);
     }
 }
@@ -180,6 +280,7 @@ fn a_suspended_request_is_handed_out_again_by_the_next_data_plane() {
     let mem = vhu_mem {
         regions: regions.as_ptr(),
         count: 1,
+        ops: ptr::null(),
     };
     // The ring's region of the inflight area (64-byte aligned records of
     // 32 bytes per descriptor and a header), zeroed: a fresh area.
@@ -192,6 +293,7 @@ fn a_suspended_request_is_handed_out_again_by_the_next_data_plane() {
     let area = vhu_mem {
         regions: area_regions.as_ptr(),
         count: 1,
+        ops: ptr::null(),
     };
     let mut s1 = storage();
     let dp: *mut vhu_dataplane = s1.as_mut_ptr().cast();

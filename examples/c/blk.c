@@ -541,8 +541,8 @@ out:
 
 static int start_session(void)
 {
-    S.mem = (vhu_mem){S.regions, VHU_MAX_REGIONS};
-    S.area = (vhu_mem){&S.area_region, 0};
+    S.mem = (vhu_mem){S.regions, VHU_MAX_REGIONS, NULL};
+    S.area = (vhu_mem){&S.area_region, 0, NULL};
     S.reply_fd = -1;
     if (check(vhu_blk_init(S.blk, vhu_blk_size(), &S.blk_config), "blk init") ||
         check(vhu_blk_device(S.blk, &S.dev), "blk device") ||
