@@ -401,6 +401,16 @@ enum vhu_action_kind
    */
   VHU_ACTION_RESET_RINGS = 13,
   /**
+   * SET_BACKEND_REQ_FD: keep message fd `fd` as the back-end channel
+   * (back-end requests are not part of this ABI yet: offer
+   * BACKEND_REQ only to keep the fd).
+   */
+  VHU_ACTION_SET_BACKEND_CHANNEL = 14,
+  /**
+   * In-band VRING_KICK for running ring `queue`: serve it now.
+   */
+  VHU_ACTION_KICK = 15,
+  /**
    * An action this version of the ABI does not name (ignore it).
    */
   VHU_ACTION_OTHER = 255,

@@ -328,6 +328,12 @@ pub enum vhu_action_kind {
     /// RESET_DEVICE: stop every ring (completing what is in flight), drop
     /// their notifiers, then `vhu_backend_rings_reset()`.
     VHU_ACTION_RESET_RINGS = 13,
+    /// SET_BACKEND_REQ_FD: keep message fd `fd` as the back-end channel
+    /// (back-end requests are not part of this ABI yet: offer
+    /// BACKEND_REQ only to keep the fd).
+    VHU_ACTION_SET_BACKEND_CHANNEL = 14,
+    /// In-band VRING_KICK for running ring `queue`: serve it now.
+    VHU_ACTION_KICK = 15,
     /// An action this version of the ABI does not name (ignore it).
     VHU_ACTION_OTHER = 255,
 }
@@ -637,6 +643,14 @@ fn action(a: &Action) -> vhu_action {
             v.flag = enabled;
         }
         Action::ResetRings => v.kind = VHU_ACTION_RESET_RINGS,
+        Action::SetBackendChannel { fd } => {
+            v.kind = VHU_ACTION_SET_BACKEND_CHANNEL;
+            v.fd = i32::from(fd);
+        }
+        Action::Kick { queue } => {
+            v.kind = VHU_ACTION_KICK;
+            v.queue = queue;
+        }
         _ => {}
     }
     v

@@ -265,11 +265,11 @@ impl<'a> Mem<'a> {
     /// The ring index at `gpa` as an atomic.
     fn atomic_u16(&self, gpa: u64) -> Result<&AtomicU16, MemoryError> {
         if gpa % 2 != 0 {
-            return Err(MemoryError::Misaligned(gpa));
+            return Err(MemoryError::misaligned(gpa));
         }
         let p = self.within(gpa, 2).ok_or(MemoryError::unmapped(gpa, 2))?;
         if (p as usize) % 2 != 0 {
-            return Err(MemoryError::Misaligned(gpa));
+            return Err(MemoryError::misaligned(gpa));
         }
         // SAFETY: `p` is 2-aligned and inside a mapped entry for 2 bytes
         // that lives for the call ('a); ring indices are only ever
@@ -329,7 +329,7 @@ impl GuestMemory for Mem<'_> {
     fn load_u16_acquire(&self, gpa: u64) -> Result<u16, MemoryError> {
         if let Backing::Ops(o) = self.backing {
             if gpa % 2 != 0 {
-                return Err(MemoryError::Misaligned(gpa));
+                return Err(MemoryError::misaligned(gpa));
             }
             let mut v = 0u16;
             // SAFETY: as in `read`; `v` is a live u16.
@@ -342,7 +342,7 @@ impl GuestMemory for Mem<'_> {
     fn store_u16_release(&self, gpa: u64, v: u16) -> Result<(), MemoryError> {
         if let Backing::Ops(o) = self.backing {
             if gpa % 2 != 0 {
-                return Err(MemoryError::Misaligned(gpa));
+                return Err(MemoryError::misaligned(gpa));
             }
             // SAFETY: as in `read`.
             let ok = unsafe { (o.store)(o.ctx, gpa, v) };

@@ -15,7 +15,7 @@
 //! and the next front-end is accepted.
 
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
@@ -23,11 +23,12 @@ use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
 use vhost_user_core::backend::{Action, BackendConfig, BackendError, Reply, Session};
-use vhost_user_core::dataplane::{DataPlane, Published, Stop};
+use vhost_user_core::dataplane::{DataPlane, Published, Stop, Token};
 use vhost_user_core::device::{Completion, Device};
 use vhost_user_core::message::{HEADER_SIZE, MAX_MESSAGE};
 use vhost_user_core::vring::{Chain, RingAddrs};
 
+use crate::channel::{BackChannel, Control};
 use crate::memory::LinuxGuestMemory;
 use crate::sys::epoll::{Epoll, EpollEvent, Interest};
 use crate::sys::eventfd::EventFd;
@@ -42,24 +43,65 @@ pub struct RingCounters {
     pub calls: AtomicU64,
     /// Batches whose call was suppressed (EVENT_IDX / NO_INTERRUPT).
     pub suppressed: AtomicU64,
-    /// Kicks received.
+    /// Kicks received (on the kick eventfd, or in-band VRING_KICK).
     pub kicks: AtomicU64,
+    /// Errors signalled (err eventfd, or in-band VRING_ERR).
+    pub errors: AtomicU64,
 }
 
 /// A device the Linux runtime serves: the connection keeps one handle for
 /// the control path, and each ring's worker thread gets a clone for the
 /// data path.
+///
+/// The provided methods are the Linux side of the data path; their
+/// defaults forward to [`Device`], so a device implements this with an
+/// empty `impl SharedDevice for MyDevice {}`. A device that does its I/O
+/// straight into guest memory (io_uring, see [`aio`](crate::aio))
+/// overrides [`process_mapped`](Self::process_mapped) and
+/// [`poll_mapped`](Self::poll_mapped), which see the mapped memory
+/// ([`LinuxGuestMemory::io_bufs`]), and
+/// [`completion_fd`](Self::completion_fd), so the worker sleeps until a
+/// completion arrives instead of polling for it.
 pub trait SharedDevice: Device + Clone + Send + Sync + 'static
 where
     Self::Scratch: Send,
 {
-}
+    /// [`Device::process`] with the mapped guest memory.
+    fn process_mapped<const S: usize>(
+        &self,
+        queue: u16,
+        chain: &Chain<S>,
+        token: Token,
+        mem: &LinuxGuestMemory,
+        scratch: &mut Self::Scratch,
+    ) -> Completion {
+        self.process(queue, chain, token, mem, scratch)
+    }
 
-impl<D> SharedDevice for D
-where
-    D: Device + Clone + Send + Sync + 'static,
-    D::Scratch: Send,
-{
+    /// [`Device::poll`] with the mapped guest memory.
+    fn poll_mapped(
+        &self,
+        queue: u16,
+        mem: &LinuxGuestMemory,
+        scratch: &mut Self::Scratch,
+        done: &mut dyn FnMut(Token, u32),
+    ) {
+        self.poll(queue, mem, scratch, done)
+    }
+
+    /// An fd that becomes readable when requests the device holds
+    /// (returned [`Completion::Later`]) have completed: a non-blocking
+    /// eventfd, which the worker resets before calling
+    /// [`poll_mapped`](Self::poll_mapped). With one, a worker with
+    /// requests outstanding sleeps until it is signalled; without (the
+    /// default), it polls the device every
+    /// [`RuntimeOptions::poll_interval`]. Asked before each sleep, so it
+    /// may appear once the scratch has set up its I/O; once given, it
+    /// stays the same fd, open, for the scratch's life.
+    fn completion_fd<'a>(&self, queue: u16, scratch: &'a Self::Scratch) -> Option<BorrowedFd<'a>> {
+        let _ = (queue, scratch);
+        None
+    }
 }
 
 /// How the runtime treats guest-caused ring errors and idle polling.
@@ -74,6 +116,9 @@ pub struct RuntimeOptions {
     /// before it sleeps on the kick fd (QEMU's event loop does the same):
     /// a wake-up costs more than a short spin on a busy ring.
     pub spin: Duration,
+    /// How long a back-end channel request waits for the front-end's ack
+    /// before the connection is ended.
+    pub channel_timeout: Duration,
 }
 
 impl Default for RuntimeOptions {
@@ -82,6 +127,7 @@ impl Default for RuntimeOptions {
             batch: 64,
             poll_interval: Duration::from_micros(50),
             spin: Duration::from_micros(50),
+            channel_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -96,7 +142,8 @@ struct Shared {
     suspend: AtomicBool,
     enabled: AtomicBool,
     kick: Mutex<Option<Arc<EventFd>>>,
-    call: Mutex<Option<Arc<EventFd>>>,
+    call: Mutex<Signal>,
+    err: Mutex<Signal>,
     remap: Mutex<Option<RingAddrs>>,
     remap_pending: AtomicBool,
     counters: RingCounters,
@@ -111,6 +158,37 @@ impl Shared {
         // Cannot fail for 1 unless the counter is near overflow, which
         // only our own writes could cause, and the worker resets it.
         let _ = self.wake.write(1);
+    }
+}
+
+/// How a ring's calls or errors reach the front-end.
+#[derive(Clone, Default)]
+enum Signal {
+    /// Not at all (no eventfd, no in-band notifications).
+    #[default]
+    None,
+    /// A write to the eventfd the front-end gave.
+    Fd(Arc<EventFd>),
+    /// BACKEND_VRING_CALL / BACKEND_VRING_ERR on the back-end channel.
+    InBand(Arc<BackChannel>),
+}
+
+impl Signal {
+    /// Signals ring `queue` (its error if `err`); whether anything was sent.
+    fn raise(&self, queue: u16, err: bool) -> bool {
+        match self {
+            Signal::None => false,
+            Signal::Fd(fd) => fd.write(1).is_ok(),
+            Signal::InBand(ch) => ch
+                .send(|c, out| {
+                    if err {
+                        c.vring_err(queue, out)
+                    } else {
+                        c.vring_call(queue, out)
+                    }
+                })
+                .is_ok(),
+        }
     }
 }
 
@@ -145,6 +223,10 @@ where
     inflight_reply_fd: Option<OwnedFd>,
     /// Per ring: whether the pending stop suspends.
     suspend: Vec<bool>,
+    /// The back-end channel (SET_BACKEND_REQ_FD).
+    channel: Option<Arc<BackChannel>>,
+    /// Shares the back-end channel with the daemon.
+    control: Control,
 }
 
 /// Why a connection ended.
@@ -167,6 +249,7 @@ where
         config: BackendConfig,
         device: D,
         options: RuntimeOptions,
+        control: Control,
     ) -> Result<Self, BackendError> {
         let session = Session::new(config)?;
         let n = usize::from(config.num_queues);
@@ -180,6 +263,8 @@ where
             inflight: None,
             inflight_reply_fd: None,
             suspend: vec![false; n],
+            channel: None,
+            control,
         })
     }
 
@@ -213,7 +298,7 @@ where
                 warn!("request {} refused: {e}", rx.header.request);
             }
             for action in outcome.actions {
-                if let Err(e) = self.apply(action, &mut fds) {
+                if let Err(e) = self.apply(action, &mut fds, stream) {
                     return ConnectionEnd::Refused(e);
                 }
             }
@@ -261,7 +346,12 @@ where
             .transpose()
     }
 
-    fn apply(&mut self, action: Action, fds: &mut [Option<OwnedFd>]) -> Result<(), BackendError> {
+    fn apply(
+        &mut self,
+        action: Action,
+        fds: &mut [Option<OwnedFd>],
+        stream: &Stream,
+    ) -> Result<(), BackendError> {
         match action {
             Action::UnmapAll => self.memory_mut().clear(),
             Action::MapRegion { slot, fd, region } => {
@@ -294,15 +384,46 @@ where
                 self.rings[q].kick = kick;
             }
             Action::SetCall { queue, fd } => {
-                let call = Self::eventfd(fds, fd)?;
-                let q = usize::from(queue);
-                if let Some(w) = &self.workers[q] {
-                    *lock(&w.shared.call) = call.clone();
-                }
-                self.rings[q].call = call;
+                self.rings[usize::from(queue)].call = Self::eventfd(fds, fd)?;
+                self.resignal(queue);
             }
             Action::SetErr { queue, fd } => {
                 self.rings[usize::from(queue)].err = Self::eventfd(fds, fd)?;
+                self.resignal(queue);
+            }
+            Action::SetBackendChannel { fd } => {
+                let socket = Stream::try_from(Self::take_fd(fds, fd)?);
+                // The channel keeps a handle on the main socket to end the
+                // connection with when the front-end does not answer.
+                let made = match (socket, self.session.channel()) {
+                    (Ok(socket), Some(c)) => stream.try_clone().and_then(|main| {
+                        BackChannel::new(socket, main, c, self.options.channel_timeout)
+                    }),
+                    (Err(e), _) => Err(e),
+                    (_, None) => Err(io::Error::other("no session channel")),
+                };
+                let channel = match made {
+                    Ok(c) => Arc::new(c),
+                    Err(e) => {
+                        error!("cannot keep the back-end channel: {e}");
+                        return Err(BackendError::Unsupported);
+                    }
+                };
+                info!(
+                    "back-end channel set (in-band notifications: {})",
+                    channel.in_band()
+                );
+                self.channel = Some(Arc::clone(&channel));
+                self.control.set(Some(channel));
+                for q in 0..self.rings.len() {
+                    self.resignal(q as u16);
+                }
+            }
+            Action::Kick { queue } => {
+                if let Some(w) = &self.workers[usize::from(queue)] {
+                    w.shared.counters.kicks.fetch_add(1, Ordering::Relaxed);
+                    w.shared.wake();
+                }
             }
             Action::StartRing { queue } => {
                 let area = self.inflight.clone();
@@ -328,10 +449,7 @@ where
             Action::CreateInflight { size } => {
                 let fd = crate::sys::memfd::create_sealed("vhu-inflight", size).map_err(|e| {
                     error!("cannot create the inflight area: {e}");
-                    BackendError::Inflight(vhost_user_core::inflight::InflightError::TooSmall {
-                        need: size,
-                        have: 0,
-                    })
+                    BackendError::Inflight(vhost_user_core::inflight::InflightError::TooSmall)
                 })?;
                 self.inflight_reply_fd = Some(fd);
             }
@@ -339,10 +457,7 @@ where
                 let fd = Self::take_fd(fds, fd)?;
                 let area = LinuxGuestMemory::single(fd, offset, size).map_err(|e| {
                     error!("cannot map the inflight area: {e}");
-                    BackendError::Inflight(vhost_user_core::inflight::InflightError::TooSmall {
-                        need: size,
-                        have: 0,
-                    })
+                    BackendError::Inflight(vhost_user_core::inflight::InflightError::TooSmall)
                 })?;
                 info!("inflight area of {size} bytes mapped");
                 self.inflight = Some(Arc::new(area));
@@ -365,6 +480,30 @@ where
         Ok(())
     }
 
+    /// How ring `queue` signals calls and errors: its eventfds, else
+    /// in-band when the session says so, else not at all.
+    fn signals(&self, queue: u16) -> (Signal, Signal) {
+        let fds = &self.rings[usize::from(queue)];
+        let pick = |fd: &Option<Arc<EventFd>>, in_band: bool| match (fd, &self.channel) {
+            (Some(fd), _) => Signal::Fd(Arc::clone(fd)),
+            (None, Some(ch)) if in_band => Signal::InBand(Arc::clone(ch)),
+            _ => Signal::None,
+        };
+        (
+            pick(&fds.call, self.session.call_in_band(queue)),
+            pick(&fds.err, self.session.err_in_band(queue)),
+        )
+    }
+
+    /// Gives a running ring's worker its current signals.
+    fn resignal(&self, queue: u16) {
+        if let Some(w) = &self.workers[usize::from(queue)] {
+            let (call, err) = self.signals(queue);
+            *lock(&w.shared.call) = call;
+            *lock(&w.shared.err) = err;
+        }
+    }
+
     fn memory_mut(&self) -> std::sync::RwLockWriteGuard<'_, LinuxGuestMemory> {
         self.memory.write().unwrap_or_else(PoisonError::into_inner)
     }
@@ -385,13 +524,15 @@ where
                 return;
             }
         };
+        let (call, err) = self.signals(queue);
         let shared = Arc::new(Shared {
             wake,
             suspend: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             enabled: AtomicBool::new(dp.enabled()),
             kick: Mutex::new(self.rings[q].kick.clone()),
-            call: Mutex::new(self.rings[q].call.clone()),
+            call: Mutex::new(call),
+            err: Mutex::new(err),
             remap: Mutex::new(None),
             remap_pending: AtomicBool::new(false),
             counters: RingCounters::default(),
@@ -428,11 +569,12 @@ where
             }
         };
         info!(
-            "ring {queue} stopped: {} requests, {} kicks, {} calls, {} calls suppressed",
+            "ring {queue} stopped: {} requests, {} kicks, {} calls, {} calls suppressed, {} errors",
             c.completed.load(Ordering::Relaxed),
             c.kicks.load(Ordering::Relaxed),
             c.calls.load(Ordering::Relaxed),
             c.suppressed.load(Ordering::Relaxed),
+            c.errors.load(Ordering::Relaxed),
         );
         Some(base)
     }
@@ -446,6 +588,8 @@ where
             let _ = self.stop_worker(q as u16, keep);
         }
         self.rings.clear();
+        self.control.set(None);
+        self.channel = None;
         self.inflight = None;
         self.memory_mut().clear();
         self.session.rings_reset();
@@ -454,7 +598,10 @@ where
 }
 
 /// What a ring's worker thread owns besides its data plane.
-struct RingWorker<D: Device> {
+struct RingWorker<D: SharedDevice>
+where
+    D::Scratch: Send,
+{
     queue: u16,
     device: D,
     memory: Arc<RwLock<LinuxGuestMemory>>,
@@ -472,7 +619,10 @@ struct Round<S> {
     reported: bool,
 }
 
-impl<D: Device> RingWorker<D> {
+impl<D: SharedDevice> RingWorker<D>
+where
+    D::Scratch: Send,
+{
     /// Serves the ring until told to stop; returns the GET_VRING_BASE value.
     fn run(self, mut dp: DataPlane, mut waiter: Waiter) -> u32 {
         let queue = self.queue;
@@ -512,18 +662,29 @@ impl<D: Device> RingWorker<D> {
                 !more && !matches!(dp.enable_notification(&*mem), Ok(true))
             };
             self.report(&dp, &mut round);
-            if idle && dp.error().is_none() && !dp.paused() && !self.options.spin.is_zero() {
+            // Requests the device holds that complete on its completion fd
+            // are waited for there: spinning would take a core from the
+            // I/O (and the guest) while the disk works.
+            let held = dp.outstanding() > 0
+                && self
+                    .device
+                    .completion_fd(self.queue, &round.scratch)
+                    .is_some();
+            if idle && !held && dp.error().is_none() && !dp.paused() && !self.options.spin.is_zero()
+            {
                 idle = self.spin(&mut dp, &mut round);
             }
             if idle {
                 // Requests the device completes later need polling.
                 let poll = dp.outstanding() > 0;
-                waiter.wait(queue, &self.shared, self.options, poll);
+                let completion = self.device.completion_fd(queue, &round.scratch);
+                waiter.wait(queue, &self.shared, self.options, poll, completion);
             }
         }
     }
 
-    /// Logs the error that broke the ring, once.
+    /// Logs the error that broke the ring and signals it to the front-end
+    /// (err eventfd or in-band VRING_ERR), once.
     fn report(&self, dp: &DataPlane, round: &mut Round<D::Scratch>) {
         if let (Some(e), false) = (dp.error(), round.reported) {
             error!(
@@ -531,6 +692,10 @@ impl<D: Device> RingWorker<D> {
                 self.queue
             );
             round.reported = true;
+            let err = lock(&self.shared.err).clone();
+            if err.raise(self.queue, true) {
+                self.shared.counters.errors.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -603,15 +768,15 @@ impl<D: Device> RingWorker<D> {
                 more = false;
                 break;
             };
-            let c = self
-                .device
-                .process(queue, &*round.chain, token, mem, &mut round.scratch);
+            let c =
+                self.device
+                    .process_mapped(queue, &*round.chain, token, mem, &mut round.scratch);
             if let Completion::Done(len) = c {
                 done(dp, token, len);
             }
         }
         self.device
-            .poll(queue, mem, &mut round.scratch, &mut |token, len| {
+            .poll_mapped(queue, mem, &mut round.scratch, &mut |token, len| {
                 done(dp, token, len)
             });
         let last = dp.publish(mem, area).unwrap_or(Published::Nothing);
@@ -624,8 +789,8 @@ impl<D: Device> RingWorker<D> {
         c.completed.fetch_add(completed, Ordering::Relaxed);
         match published {
             Published::Notify => {
-                if let Some(call) = lock(&self.shared.call).as_ref() {
-                    let _ = call.write(1);
+                let call = lock(&self.shared.call).clone();
+                if call.raise(self.queue, false) {
                     c.calls.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -666,11 +831,15 @@ impl<D: Device> RingWorker<D> {
 
 const WAKE: u64 = 0;
 const KICK: u64 = 1;
+const COMPLETION: u64 = 2;
 
-/// A worker's epoll set: its wake fd and the ring's current kick fd.
+/// A worker's epoll set: its wake fd, the ring's current kick fd and the
+/// device's completion fd.
 struct Waiter {
     epoll: Epoll,
     kick: Option<Arc<EventFd>>,
+    /// The completion fd in the set (the device's scratch owns it).
+    completion: Option<RawFd>,
 }
 
 impl Waiter {
@@ -678,13 +847,44 @@ impl Waiter {
         Ok(Waiter {
             epoll: Epoll::new()?,
             kick: None,
+            completion: None,
         })
     }
 
-    /// Sleeps until the front-end kicks or the control thread wakes us (in
-    /// polling mode, or with `poll`, at most one poll interval). Both
+    /// Puts the device's completion fd in the set (in place of the one
+    /// before, if it changed).
+    fn watch_completion(&mut self, queue: u16, fd: Option<BorrowedFd<'_>>) {
+        let raw = fd.map(|f| f.as_raw_fd());
+        if raw == self.completion {
+            return;
+        }
+        // A device keeps its completion fd for the scratch's life (see
+        // `SharedDevice::completion_fd`), so there is no old fd to take
+        // out of the set: closing it would have done that.
+        self.completion = None;
+        if let Some(fd) = fd {
+            match self.epoll.add(fd, Interest::READABLE, COMPLETION) {
+                Ok(()) => self.completion = raw,
+                Err(e) => error!("ring {queue}: cannot watch the completion fd: {e}"),
+            }
+        }
+    }
+
+    /// Sleeps until the front-end kicks, the control thread wakes us or
+    /// the device's `completion` fd is signalled (in polling mode, or with
+    /// `poll` and no completion fd, at most one poll interval). The
     /// counters are reset.
-    fn wait(&mut self, queue: u16, shared: &Shared, options: RuntimeOptions, poll: bool) {
+    fn wait(
+        &mut self,
+        queue: u16,
+        shared: &Shared,
+        options: RuntimeOptions,
+        poll: bool,
+        completion: Option<BorrowedFd<'_>>,
+    ) {
+        self.watch_completion(queue, completion);
+        // Requests the device holds complete on their own fd.
+        let poll = poll && self.completion.is_none();
         let current = lock(&shared.kick).clone();
         let same = match (&self.kick, &current) {
             (Some(a), Some(b)) => Arc::ptr_eq(a, b),
@@ -708,7 +908,7 @@ impl Waiter {
         } else {
             i32::try_from(options.poll_interval.as_millis()).unwrap_or(i32::MAX)
         };
-        let mut events = [EpollEvent::default(); 2];
+        let mut events = [EpollEvent::default(); 3];
         if timeout == 0 {
             std::thread::sleep(options.poll_interval);
         } else if let Err(e) = self.epoll.wait(&mut events, timeout) {
@@ -723,6 +923,9 @@ impl Waiter {
             }
         }
         let _ = shared.wake.read();
+        if let Some(fd) = completion {
+            let _ = EventFd::read_fd(fd);
+        }
     }
 }
 
@@ -734,6 +937,7 @@ pub fn serve<D, const Q: usize, const R: usize>(
     device: D,
     options: RuntimeOptions,
     stop: &AtomicBool,
+    control: &Control,
 ) -> Result<(), BackendError>
 where
     D: SharedDevice,
@@ -755,7 +959,7 @@ where
             break;
         }
         info!("front-end connected");
-        serve_one::<D, Q, R>(&stream, config, device.clone(), options);
+        serve_one::<D, Q, R>(&stream, config, device.clone(), options, control);
     }
     Ok(())
 }
@@ -766,12 +970,13 @@ pub fn serve_one<D, const Q: usize, const R: usize>(
     config: BackendConfig,
     device: D,
     options: RuntimeOptions,
+    control: &Control,
 ) -> ConnectionEnd
 where
     D: SharedDevice,
     D::Scratch: Send,
 {
-    let mut conn = match Connection::<D, Q, R>::new(config, device, options) {
+    let mut conn = match Connection::<D, Q, R>::new(config, device, options, control.clone()) {
         Ok(c) => c,
         Err(e) => return ConnectionEnd::Refused(e),
     };

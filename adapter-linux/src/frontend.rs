@@ -5,18 +5,26 @@
 //!
 //! [`FrontendLink::probe`] is what `vhu probe` runs: the init sequence and
 //! an optional config read against any back-end.
+//!
+//! With BACKEND_REQ wanted, the link makes a socket pair, hands one end to
+//! the back-end with SET_BACKEND_REQ_FD and serves the other on a thread
+//! of its own (so a back-end request is answered even while the link waits
+//! for a main-channel reply): config changes, in-band calls and ring
+//! errors are counted in [`ChannelCounters`] and acked.
 
 use std::collections::VecDeque;
 use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use vhost_user_core::feature::ProtocolFeatures;
 use vhost_user_core::frontend::{
-    BackendInfo, Event, FdRef, Frontend, FrontendConfig, FrontendError, State, DEFAULT_QUEUES,
-    DEFAULT_REGIONS,
+    BackendInfo, BackendNotice, BackendServer, Event, FdRef, Frontend, FrontendConfig,
+    FrontendError, State, DEFAULT_QUEUES, DEFAULT_REGIONS,
 };
 use vhost_user_core::message::{FrontendReq, HEADER_SIZE, MAX_MESSAGE};
 
@@ -80,10 +88,124 @@ pub struct Probe {
     pub config: Vec<u8>,
 }
 
+/// What the back-end said on the back-end channel, counted by the
+/// link's channel thread.
+#[derive(Debug, Default)]
+pub struct ChannelCounters {
+    /// BACKEND_CONFIG_CHANGE_MSG received.
+    pub config_changes: AtomicU64,
+    /// In-band BACKEND_VRING_CALLs received.
+    pub calls: AtomicU64,
+    /// BACKEND_VRING_ERRs received (a ring broke on guest input).
+    pub ring_errors: AtomicU64,
+    /// Requests refused (not negotiated or not implemented).
+    pub refused: AtomicU64,
+}
+
+/// The back-end channel of one connection.
+#[derive(Debug)]
+struct BackendChannel {
+    /// The end SET_BACKEND_REQ_FD sends (dropped once sent).
+    theirs: Option<Stream>,
+    /// Our end, until its thread starts (at negotiation).
+    ours: Option<Stream>,
+    /// A handle on our end, to stop the thread.
+    shutdown: Stream,
+    counters: Arc<ChannelCounters>,
+    /// Written at each in-band call, for a caller that sleeps on it.
+    calls: Arc<EventFd>,
+}
+
+impl BackendChannel {
+    fn new() -> io::Result<Self> {
+        let (ours, theirs) = Stream::pair()?;
+        Ok(BackendChannel {
+            theirs: Some(theirs),
+            shutdown: ours.try_clone()?,
+            ours: Some(ours),
+            counters: Arc::default(),
+            calls: Arc::new(EventFd::new(true)?),
+        })
+    }
+
+    /// Serves our end until the back-end closes it (or sends garbage).
+    fn spawn(&mut self, server: BackendServer) {
+        let Some(ours) = self.ours.take() else {
+            return;
+        };
+        let counters = Arc::clone(&self.counters);
+        let calls = Arc::clone(&self.calls);
+        let spawned = std::thread::Builder::new()
+            .name("vhu-backend-channel".into())
+            .spawn(move || serve_channel(&ours, server, &counters, &calls));
+        if let Err(e) = spawned {
+            log::error!("cannot serve the back-end channel: {e}");
+        }
+    }
+}
+
+impl Drop for BackendChannel {
+    fn drop(&mut self) {
+        let _ = self.shutdown.shutdown();
+    }
+}
+
+fn serve_channel(
+    ours: &Stream,
+    server: BackendServer,
+    counters: &ChannelCounters,
+    calls: &EventFd,
+) {
+    let mut buf = Box::new([0u8; MAX_MESSAGE]);
+    let mut out = [0u8; 64];
+    loop {
+        let rx = match ours.recv_message(&mut buf) {
+            Ok(Some(rx)) => rx,
+            Ok(None) => return,
+            Err(e) => {
+                log::debug!("back-end channel: {e}");
+                return;
+            }
+        };
+        let payload = &buf[HEADER_SIZE..HEADER_SIZE + rx.payload_len];
+        let served = match server.serve(&rx.header, payload, rx.fds.len(), &mut out) {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("back-end channel: malformed request: {e}; closing it");
+                let _ = ours.shutdown();
+                return;
+            }
+        };
+        let counter = match served.notice {
+            BackendNotice::ConfigChanged => &counters.config_changes,
+            BackendNotice::Call(_) => {
+                let _ = calls.write(1);
+                &counters.calls
+            }
+            BackendNotice::RingError(q) => {
+                log::warn!("the back-end reports ring {q} broken");
+                &counters.ring_errors
+            }
+            BackendNotice::Refused(c) => {
+                log::debug!("back-end request {c:?} refused");
+                &counters.refused
+            }
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        if let Some(n) = served.reply {
+            if ours.send_message(&out[..n], &[]).is_err() {
+                return;
+            }
+        }
+    }
+}
+
 /// A front-end connection: the socket, the engine and the fds it names.
 #[derive(Debug)]
 pub struct FrontendLink<const Q: usize = DEFAULT_QUEUES, const R: usize = DEFAULT_REGIONS> {
     stream: Stream,
+    /// With BACKEND_REQ wanted: the back-end channel.
+    channel: Option<BackendChannel>,
     fe: Frontend<Q, R>,
     regions: Vec<OwnedFd>,
     kicks: Vec<Option<EventFd>>,
@@ -98,9 +220,8 @@ impl<const Q: usize, const R: usize> FrontendLink<Q, R> {
     /// `config.regions[i]`; `kicks[q]`/`calls[q]` are ring `q`'s notifiers
     /// (`None` in polling mode).
     ///
-    /// The link serves no back-end channel: a config that wants
-    /// BACKEND_REQ is refused ([`FrontendError::Unsupported`]) before
-    /// connecting.
+    /// With BACKEND_REQ in the config the link serves a back-end channel
+    /// ([`channel_counters`](Self::channel_counters)).
     pub fn connect(
         path: impl AsRef<Path>,
         config: FrontendConfig<Q, R>,
@@ -108,16 +229,12 @@ impl<const Q: usize, const R: usize> FrontendLink<Q, R> {
         kicks: Vec<Option<EventFd>>,
         calls: Vec<Option<EventFd>>,
     ) -> Result<Self, LinkError> {
-        let backend_req = ProtocolFeatures::BACKEND_REQ;
-        if config.protocol_features.contains(backend_req) {
-            return Err(LinkError::Engine(FrontendError::Unsupported(
-                backend_req.bits(),
-            )));
-        }
+        let channel = Self::channel_for(&config)?;
         let stream = Stream::connect(path)?;
         stream.set_read_timeout(Some(REPLY_TIMEOUT))?;
         Ok(FrontendLink {
             stream,
+            channel,
             fe: Frontend::new(config)?,
             regions,
             kicks,
@@ -126,6 +243,37 @@ impl<const Q: usize, const R: usize> FrontendLink<Q, R> {
             events: VecDeque::new(),
             reply_timeout: REPLY_TIMEOUT,
         })
+    }
+
+    fn channel_for(config: &FrontendConfig<Q, R>) -> io::Result<Option<BackendChannel>> {
+        if config
+            .protocol_features
+            .contains(ProtocolFeatures::BACKEND_REQ)
+        {
+            BackendChannel::new().map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// What the back-end said on the back-end channel so far (`None`
+    /// without BACKEND_REQ wanted); shared with the channel's thread.
+    pub fn channel_counters(&self) -> Option<Arc<ChannelCounters>> {
+        self.channel.as_ref().map(|c| Arc::clone(&c.counters))
+    }
+
+    /// An eventfd written at each in-band call (BACKEND_VRING_CALL), to
+    /// sleep on as on a call eventfd (`None` without BACKEND_REQ wanted).
+    pub fn channel_calls(&self) -> Option<Arc<EventFd>> {
+        self.channel.as_ref().map(|c| Arc::clone(&c.calls))
+    }
+
+    /// Kicks ring `q` in-band (VRING_KICK, acked): for rings configured
+    /// with [`NotifyMode::InBand`](vhost_user_core::frontend::NotifyMode)
+    /// kicks.
+    pub fn kick_in_band(&mut self, q: u16) -> Result<(), LinkError> {
+        self.fe.kick(q)?;
+        self.drive()
     }
 
     /// Sets how long [`drive`](Self::drive) waits for each reply (default
@@ -147,7 +295,7 @@ impl<const Q: usize, const R: usize> FrontendLink<Q, R> {
             FdRef::Kick(q) => self.kicks.get(usize::from(q))?.as_ref().map(|e| e.as_fd()),
             FdRef::Call(q) => self.calls.get(usize::from(q))?.as_ref().map(|e| e.as_fd()),
             FdRef::Inflight => self.inflight.as_ref().map(|f| f.as_fd()),
-            FdRef::BackendChannel => None,
+            FdRef::BackendChannel => self.channel.as_ref()?.theirs.as_ref().map(|s| s.as_fd()),
         }
     }
 
@@ -168,6 +316,12 @@ impl<const Q: usize, const R: usize> FrontendLink<Q, R> {
             }
             self.stream.send_message(&out[..t.len], &fds)?;
             drop(fds);
+            if t.request == FrontendReq::SetBackendReqFd {
+                // The back-end has its copy; ours would hide its close.
+                if let Some(c) = &mut self.channel {
+                    c.theirs = None;
+                }
+            }
             if t.awaits_reply {
                 let rx = match self.stream.recv_message(&mut buf) {
                     Ok(Some(rx)) => rx,
@@ -200,6 +354,9 @@ impl<const Q: usize, const R: usize> FrontendLink<Q, R> {
 
     fn collect_events(&mut self) {
         while let Some(e) = self.fe.poll_event() {
+            if let (Event::Negotiated { .. }, Some(c)) = (&e, &mut self.channel) {
+                c.spawn(self.fe.backend_server());
+            }
             if let Event::InjectKick(q) = e {
                 // Seed 1: front-ends SHOULD kick after SET_VRING_KICK.
                 if let Some(Some(k)) = self.kicks.get(usize::from(q)) {
@@ -244,6 +401,17 @@ impl<const Q: usize, const R: usize> FrontendLink<Q, R> {
         let stream = Stream::connect(path)?;
         stream.set_read_timeout(Some(self.reply_timeout))?;
         self.stream = stream;
+        // A new channel for the new connection; the counters and the calls
+        // eventfd go on.
+        let old = self
+            .channel
+            .as_ref()
+            .map(|c| (Arc::clone(&c.counters), Arc::clone(&c.calls)));
+        self.channel = Self::channel_for(&cfg)?;
+        if let (Some(c), Some((counters, calls))) = (&mut self.channel, old) {
+            c.counters = counters;
+            c.calls = calls;
+        }
         self.fe = Frontend::new(cfg)?;
         self.events.clear();
         self.drive()?;
@@ -417,24 +585,6 @@ mod tests {
         assert!(t0.elapsed() < Duration::from_secs(5));
         drop(l);
         h.join().unwrap();
-    }
-
-    #[test]
-    fn a_back_end_channel_is_refused_before_connecting() {
-        let mut cfg: FrontendConfig<1, 1> = FrontendConfig::probe();
-        cfg.protocol_features |= ProtocolFeatures::BACKEND_REQ;
-        let e = FrontendLink::connect(
-            "/nonexistent/vhu.sock",
-            cfg,
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-        )
-        .unwrap_err();
-        assert!(
-            matches!(e, LinkError::Engine(FrontendError::Unsupported(b)) if b == ProtocolFeatures::BACKEND_REQ.bits()),
-            "{e}"
-        );
     }
 
     #[test]

@@ -29,23 +29,37 @@
 //!   QEMU's file backends keep working: its owner (the front-end, or
 //!   whoever else may write the file) can still truncate it and crash the
 //!   daemon with SIGBUS. Trusting that owner not to is what remains.
+//!
+//! # I/O straight into guest memory
+//!
+//! [`LinuxGuestMemory::io_bufs`] hands out the host ranges of a guest
+//! buffer as [`IoBuf`]s for the kernel to read into or write from
+//! (io_uring, a thread pool) after the worker's round, and so after the
+//! memory lock, is over. Each holds a reference to its mapping: a region
+//! the front-end removes (SET_MEM_TABLE, REM_MEM_REG) while I/O on it is
+//! in flight leaves the table at once, but stays mapped until the last
+//! such I/O completes, so the kernel never writes into an address that a
+//! new mapping reused. The I/O then lands in memory the guest no longer
+//! sees, which is what a guest that changes its memory under a request
+//! in flight gets anyway.
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{fence, Ordering};
+use std::sync::Arc;
 
 use vhost_user_core::memory::{GuestMemory, MemoryError};
 use vhost_user_core::message::MemRegionMsg;
 
 use crate::sys::memfd::{self, ShrinkSeal};
-use crate::sys::mmap::{Access, AccessError, MmapRegion};
+use crate::sys::mmap::{Access, AccessError, IoBuf, MmapRegion};
 
 #[derive(Debug)]
 struct Mapped {
     slot: usize,
     gpa: u64,
     size: u64,
-    map: MmapRegion,
+    map: Arc<MmapRegion>,
 }
 
 impl Mapped {
@@ -64,7 +78,7 @@ pub struct LinuxGuestMemory {
 
 fn access_err(e: AccessError, addr: u64, len: u64) -> MemoryError {
     match e {
-        AccessError::Misaligned => MemoryError::Misaligned(addr),
+        AccessError::Misaligned => MemoryError::misaligned(addr),
         AccessError::OutOfBounds | AccessError::ReadOnly => MemoryError::unmapped(addr, len),
     }
 }
@@ -134,7 +148,7 @@ impl LinuxGuestMemory {
                 slot,
                 gpa: region.guest_addr,
                 size: region.size,
-                map,
+                map: Arc::new(map),
             },
         );
         Ok(())
@@ -223,6 +237,29 @@ impl LinuxGuestMemory {
         self.write(gpa, &v)
     }
 
+    /// Appends to `out` the host ranges of `[gpa, gpa + len)`, one per
+    /// region it crosses, each keeping its mapping alive (see the module
+    /// documentation); `writable` if the I/O stores into them. Fails,
+    /// appending nothing, if any byte is not mapped.
+    pub fn io_bufs(
+        &self,
+        gpa: u64,
+        len: u64,
+        writable: bool,
+        out: &mut Vec<IoBuf>,
+    ) -> Result<(), MemoryError> {
+        let start = out.len();
+        let r = self.pieces(gpa, len, |r, off, _, n| {
+            let b = IoBuf::new(&r.map, off, n, writable).map_err(|e| access_err(e, gpa, len))?;
+            out.push(b);
+            Ok(())
+        });
+        if r.is_err() {
+            out.truncate(start);
+        }
+        r
+    }
+
     /// [`GuestMemory::check`] of a range that is not inside one region.
     #[cold]
     #[inline(never)]
@@ -241,12 +278,12 @@ impl LinuxGuestMemory {
         len: u64,
         mut f: impl FnMut(&Mapped, u64, usize, usize) -> Result<(), MemoryError>,
     ) -> Result<(), MemoryError> {
-        let unmapped = MemoryError::unmapped(gpa, len);
+        let unmapped = || MemoryError::unmapped(gpa, len);
         gpa.checked_add(len).ok_or(MemoryError::Overflow)?;
         let mut done = 0u64;
         loop {
             let at = gpa + done;
-            let r = self.find(at).ok_or(unmapped)?;
+            let r = self.find(at).ok_or_else(unmapped)?;
             let n = (len - done).min(r.end() - at);
             f(r, at - r.gpa, done as usize, n as usize)?;
             done += n;
@@ -323,9 +360,11 @@ impl GuestMemory for LinuxGuestMemory {
     #[inline]
     fn load_u16_acquire(&self, gpa: u64) -> Result<u16, MemoryError> {
         if gpa % 2 != 0 {
-            return Err(MemoryError::Misaligned(gpa));
+            return Err(MemoryError::misaligned(gpa));
         }
-        let r = self.find(gpa).ok_or(MemoryError::unmapped(gpa, 2))?;
+        let r = self
+            .find(gpa)
+            .ok_or_else(|| MemoryError::unmapped(gpa, 2))?;
         r.map
             .load_u16_acquire(gpa - r.gpa)
             .map_err(|e| access_err(e, gpa, 2))
@@ -334,9 +373,11 @@ impl GuestMemory for LinuxGuestMemory {
     #[inline]
     fn store_u16_release(&self, gpa: u64, v: u16) -> Result<(), MemoryError> {
         if gpa % 2 != 0 {
-            return Err(MemoryError::Misaligned(gpa));
+            return Err(MemoryError::misaligned(gpa));
         }
-        let r = self.find(gpa).ok_or(MemoryError::unmapped(gpa, 2))?;
+        let r = self
+            .find(gpa)
+            .ok_or_else(|| MemoryError::unmapped(gpa, 2))?;
         r.map
             .store_u16_release(gpa - r.gpa, v)
             .map_err(|e| access_err(e, gpa, 2))
@@ -394,13 +435,7 @@ mod tests {
         let mut c = [0u8; 2];
         m.read(0x2000, &mut c).unwrap();
         assert_eq!(&c, b"cd");
-        assert_eq!(
-            m.read(0x2ffe, &mut b),
-            Err(MemoryError::Unmapped {
-                addr: 0x2ffe,
-                len: 4
-            })
-        );
+        assert_eq!(m.read(0x2ffe, &mut b), Err(MemoryError::Unmapped));
         // Fixed-size accessors take the split path across the boundary too.
         m.write_u64(0x1ffc, 0x0807_0605_0403_0201).unwrap();
         assert_eq!(m.read_16(0x1ff8).unwrap()[4..12], [1, 2, 3, 4, 5, 6, 7, 8]);
@@ -411,29 +446,14 @@ mod tests {
             vhost_user_core::memory::desc_words(&m.read_16(0x1ff8).unwrap())
         );
         assert_eq!(d[0] >> 32, 0x0403_0201);
-        assert_eq!(
-            m.read_desc(0x2ff8),
-            Err(MemoryError::Unmapped {
-                addr: 0x2ff8,
-                len: 16
-            })
-        );
+        assert_eq!(m.read_desc(0x2ff8), Err(MemoryError::Unmapped));
         // A zero-length check asks whether the address itself is mapped.
         assert!(m.check(0x2fff, 0).is_ok());
-        assert_eq!(
-            m.check(0x3000, 0),
-            Err(MemoryError::Unmapped {
-                addr: 0x3000,
-                len: 0
-            })
-        );
+        assert_eq!(m.check(0x3000, 0), Err(MemoryError::Unmapped));
         assert!(m.check(0x1000, 0x2000).is_ok());
         assert!(m.check(0x1000, 0x2001).is_err());
         assert_eq!(m.check(u64::MAX, 2), Err(MemoryError::Overflow));
-        assert_eq!(
-            m.load_u16_acquire(0x1001),
-            Err(MemoryError::Misaligned(0x1001))
-        );
+        assert_eq!(m.load_u16_acquire(0x1001), Err(MemoryError::Misaligned));
         m.store_u16_release(0x8002, 7).unwrap();
         assert_eq!(m.load_u16_acquire(0x8002).unwrap(), 7);
         m.unmap(1);
@@ -511,6 +531,33 @@ mod tests {
         m.map(2, region(0x8000, 0x1000, 0), f.into()).unwrap();
         m.write(0x8000, b"file").unwrap();
         assert_eq!(m.len(), 2);
+    }
+
+    #[test]
+    fn io_bufs_split_at_regions_and_keep_an_unmapped_region_alive() {
+        let fd = memfd::create("guest", 0x4000).unwrap();
+        let mut m = LinuxGuestMemory::new();
+        m.map(0, region(0x1000, 0x1000, 0), fd.try_clone().unwrap())
+            .unwrap();
+        m.map(1, region(0x2000, 0x1000, 0x3000), fd).unwrap();
+        let mut bufs = Vec::new();
+        m.io_bufs(0x1f00, 0x200, true, &mut bufs).unwrap();
+        assert_eq!(bufs.len(), 2);
+        assert_eq!((bufs[0].len(), bufs[1].len()), (0x100, 0x100));
+        assert!(bufs.iter().all(|b| b.writable()));
+        assert!(!bufs[0].same_mapping(&bufs[1]));
+        // Not mapped in part: nothing appended.
+        assert!(m.io_bufs(0x2f00, 0x200, false, &mut bufs).is_err());
+        assert_eq!(bufs.len(), 2);
+        assert!(m.io_bufs(u64::MAX, 2, false, &mut bufs).is_err());
+        // The table lets go of slot 1; the buffer still holds its mapping,
+        // which stays readable and writable through the address.
+        assert_eq!(bufs[1].mapping_refs(), 2);
+        m.unmap(1);
+        assert_eq!(bufs[1].mapping_refs(), 1);
+        let addr = bufs[1].addr();
+        assert_ne!(addr, 0);
+        drop(bufs);
     }
 
     #[test]

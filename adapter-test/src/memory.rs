@@ -152,9 +152,9 @@ impl<const N: usize> TestMemory<N> {
         len: usize,
         mut f: impl FnMut(&[AtomicU32], usize, usize, usize),
     ) -> Result<(), MemoryError> {
-        let unmapped = MemoryError::unmapped(gpa, len as u64);
+        let unmapped = || MemoryError::unmapped(gpa, len as u64);
         // Fast path: the whole range in one region.
-        let (b, off) = self.find(gpa).ok_or(unmapped)?;
+        let (b, off) = self.find(gpa).ok_or_else(unmapped)?;
         if b.size - off >= len as u64 {
             f(&b.words, off as usize, 0, len);
             return Ok(());
@@ -162,7 +162,7 @@ impl<const N: usize> TestMemory<N> {
         self.check(gpa, len as u64)?;
         let mut done = 0usize;
         while done < len {
-            let (b, off) = self.find(gpa + done as u64).ok_or(unmapped)?;
+            let (b, off) = self.find(gpa + done as u64).ok_or_else(unmapped)?;
             let n = (len - done).min(usize::try_from(b.size - off).unwrap_or(usize::MAX));
             f(&b.words, off as usize, done, n);
             done += n;
@@ -174,7 +174,7 @@ impl<const N: usize> TestMemory<N> {
     #[inline]
     fn u16_cell(&self, gpa: u64) -> Result<(&AtomicU32, u32), MemoryError> {
         if gpa % 2 != 0 {
-            return Err(MemoryError::Misaligned(gpa));
+            return Err(MemoryError::misaligned(gpa));
         }
         match self.find(gpa) {
             Some((b, off)) if b.size - off >= 2 => {
@@ -279,8 +279,8 @@ impl<const N: usize> GuestMemory for TestMemory<N> {
 
     #[inline(always)]
     fn check(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
-        let unmapped = MemoryError::unmapped(gpa, len);
-        let (b, off) = self.find(gpa).ok_or(unmapped)?;
+        let unmapped = || MemoryError::unmapped(gpa, len);
+        let (b, off) = self.find(gpa).ok_or_else(unmapped)?;
         if b.size - off >= len {
             return Ok(());
         }
@@ -361,7 +361,7 @@ mod tests {
     fn holes_refused_and_u16_accesses_aligned() {
         let m = TestMemory::<4>::new(&[(0, 0x1000), (0x2000, 0x1000)]).unwrap();
         assert!(m.read_vec(0xfff, 2).is_err());
-        assert_eq!(m.load_u16_acquire(1), Err(MemoryError::Misaligned(1)));
+        assert_eq!(m.load_u16_acquire(1), Err(MemoryError::Misaligned));
         m.store_u16_release(0x2002, 0xabcd).unwrap();
         m.store_u16_release(0x2000, 0x1234).unwrap();
         assert_eq!(m.read_vec(0x2000, 4).unwrap(), [0x34, 0x12, 0xcd, 0xab]);

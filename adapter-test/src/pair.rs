@@ -54,11 +54,14 @@
 
 use std::fmt;
 
-use vhost_user_core::backend::{Action, BackendConfig, BackendError, Outcome, Reply, Session};
+use vhost_user_core::backend::{
+    Action, BackendConfig, BackendError, Channel, Outcome, Reply, Session,
+};
 use vhost_user_core::dataplane::{DataPlane, DataPlaneError, Published, Stop, Token};
 use vhost_user_core::device::{Completion, Device};
 use vhost_user_core::frontend::{
-    Event, FdRef, Frontend, FrontendConfig, FrontendError, NotifyMode, QueueConfig, MAX_TRANSMIT,
+    BackendNotice, Event, FdRef, Frontend, FrontendConfig, FrontendError, NotifyMode, QueueConfig,
+    MAX_TRANSMIT,
 };
 use vhost_user_core::inflight::InflightError;
 use vhost_user_core::memory::{GuestMemory, MemoryError};
@@ -235,6 +238,16 @@ pub struct Backend<D: Device, const Q: usize = 4, const R: usize = 8> {
     calls: Vec<u32>,
     /// A GET_VRING_BASE answered with [`Reply::Pending`].
     pending: Option<u16>,
+    /// The back-end channel's encoder, once SET_BACKEND_REQ_FD came.
+    pub channel: Option<Channel>,
+    /// Back-end requests sent on the channel and not yet delivered to the
+    /// front-end (in-band calls and errors; [`Pair::drive`] delivers them).
+    pub outbox: Vec<Vec<u8>>,
+    /// Per ring: in-band VRING_KICKs received for a running ring.
+    pub kicks: Vec<u32>,
+    /// Per ring: ring errors reported (the data plane broke on guest
+    /// input), in-band or not.
+    pub errors: Vec<u32>,
 }
 
 impl<D: Device, const Q: usize, const R: usize> fmt::Debug for Backend<D, Q, R> {
@@ -268,6 +281,10 @@ impl<D: Device, const Q: usize, const R: usize> Backend<D, Q, R> {
             suspend: vec![false; n],
             calls: vec![0; n],
             pending: None,
+            channel: None,
+            outbox: Vec::new(),
+            kicks: vec![0; n],
+            errors: vec![0; n],
         })
     }
 
@@ -386,7 +403,7 @@ impl<D: Device, const Q: usize, const R: usize> Backend<D, Q, R> {
                 // The fd the back-end created (or the front-end kept across
                 // a restart): the same bytes.
                 Some(a) if a.check(0, size).is_ok() => {}
-                Some(_) => return Err(area_error(size)),
+                Some(_) => return Err(area_error()),
                 None => self.area = Some(new_area(size)?),
             },
             Action::UnmapInflight => self.area = None,
@@ -401,8 +418,42 @@ impl<D: Device, const Q: usize, const R: usize> Backend<D, Q, R> {
                 }
                 self.session.rings_reset();
             }
+            Action::SetBackendChannel { .. } => self.channel = self.session.channel(),
+            Action::Kick { queue } => {
+                if let Some(k) = self.kicks.get_mut(usize::from(queue)) {
+                    *k += 1;
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Encodes a back-end request on the channel into the outbox; a
+    /// request the channel refuses (not negotiated, the previous ack not
+    /// yet delivered) is not sent.
+    fn send_backend(
+        &mut self,
+        make: impl FnOnce(
+            &mut Channel,
+            &mut [u8],
+        ) -> Result<
+            vhost_user_core::backend::Sent,
+            vhost_user_core::backend::ChannelError,
+        >,
+    ) {
+        if let Some(ch) = &mut self.channel {
+            let mut buf = vec![0u8; MAX_MESSAGE];
+            if let Ok(sent) = make(ch, &mut buf) {
+                buf.truncate(sent.len);
+                self.outbox.push(buf);
+            }
+        }
+    }
+
+    /// Tells the front-end the config space changed (CONFIG_CHANGE_MSG
+    /// into the outbox).
+    pub fn config_changed(&mut self) {
+        self.send_backend(|c, out| c.config_change(out));
     }
 
     fn ring_mut(&mut self, q: u16) -> Option<&mut Ring<D::Scratch>> {
@@ -436,6 +487,20 @@ impl<D: Device, const Q: usize, const R: usize> Backend<D, Q, R> {
             if let Some(c) = self.calls.get_mut(usize::from(q)) {
                 *c += 1;
             }
+            if self.session.call_in_band(q) {
+                self.send_backend(|c, out| c.vring_call(q, out));
+            }
+        }
+    }
+
+    /// Reports a ring broken on guest input: in-band VRING_ERR when the
+    /// session says so (an err eventfd would be written otherwise).
+    fn broken(&mut self, q: u16) {
+        if let Some(e) = self.errors.get_mut(usize::from(q)) {
+            *e += 1;
+        }
+        if self.session.err_in_band(q) {
+            self.send_backend(|c, out| c.vring_err(q, out));
         }
     }
 
@@ -446,7 +511,14 @@ impl<D: Device, const Q: usize, const R: usize> Backend<D, Q, R> {
     /// running answers [`DataPlaneError::Stopped`].
     pub fn serve(&mut self, q: u16) -> Result<usize, DataPlaneError> {
         let (ring, host) = self.worker(q)?;
-        let t = ring.round(&host, Vec::new(), true)?;
+        let healthy = ring.dp.error().is_none();
+        let round = ring.round(&host, Vec::new(), true);
+        // Reported once, when the round broke the ring.
+        let broke = healthy && ring.dp.error().is_some();
+        if broke {
+            self.broken(q);
+        }
+        let t = round?;
         self.notified(q, t.published);
         Ok(t.completed)
     }
@@ -594,19 +666,16 @@ fn u64_of(code: FrontendReq, reply: &[u8]) -> u64 {
     }
 }
 
-fn area_error(size: u64) -> BackendError {
-    BackendError::Inflight(InflightError::TooSmall {
-        need: size,
-        have: 0,
-    })
+fn area_error() -> BackendError {
+    BackendError::Inflight(InflightError::TooSmall)
 }
 
 /// A zeroed inflight area of `size` bytes (whole words).
 fn new_area(size: u64) -> Result<TestMemory, BackendError> {
     if size == 0 || size > MAX_AREA {
-        return Err(area_error(size));
+        return Err(area_error());
     }
-    TestMemory::new(&[(0, size.next_multiple_of(4))]).map_err(|_| area_error(size))
+    TestMemory::new(&[(0, size.next_multiple_of(4))]).map_err(|_| area_error())
 }
 
 /// One message the front-end sent.
@@ -693,6 +762,9 @@ pub struct Pair<D: Device, const Q: usize = 4, const R: usize = 8> {
     pub hold_at: Option<FrontendReq>,
     /// The reply held by [`hold_at`](Self::hold_at).
     pub held_reply: Option<Vec<u8>>,
+    /// What the back-end's channel requests said, in order
+    /// ([`deliver_backend`](Self::deliver_backend)).
+    pub notices: Vec<BackendNotice>,
 }
 
 impl<D: Device, const Q: usize, const R: usize> fmt::Debug for Pair<D, Q, R> {
@@ -718,6 +790,7 @@ impl<D: Device, const Q: usize, const R: usize> Pair<D, Q, R> {
             events: Vec::new(),
             hold_at: None,
             held_reply: None,
+            notices: Vec::new(),
         })
     }
 
@@ -738,6 +811,26 @@ impl<D: Device, const Q: usize, const R: usize> Pair<D, Q, R> {
         }
     }
 
+    /// Delivers the back-end's channel requests ([`Backend::outbox`]) to
+    /// the front-end engine ([`Frontend::serve_backend`]), records what
+    /// they said in [`notices`](Self::notices), and hands each ack back to
+    /// the back-end's channel. A refused ack is a back-end error.
+    pub fn deliver_backend(&mut self) -> Result<(), DriveError> {
+        for msg in std::mem::take(&mut self.be.outbox) {
+            let h = Header::parse(&msg).map_err(FrontendError::from)?;
+            let payload = msg.get(HEADER_SIZE..).unwrap_or_default();
+            let mut out = [0u8; MAX_TRANSMIT];
+            let served = self.fe.serve_backend(&h, payload, 0, &mut out)?;
+            self.notices.push(served.notice);
+            if let (Some(n), Some(ch)) = (served.reply, self.be.channel.as_mut()) {
+                let rh = Header::parse(&out[..n]).map_err(FrontendError::from)?;
+                ch.reply(&rh, &out[HEADER_SIZE..n], 0)
+                    .map_err(|_| DriveError::Backend(BackendError::Unsupported))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Moves messages both ways until the front-end has nothing to send or
     /// a reply is held ([`hold_at`](Self::hold_at)). A pending
     /// GET_VRING_BASE is finished by the back-end at once
@@ -745,6 +838,7 @@ impl<D: Device, const Q: usize, const R: usize> Pair<D, Q, R> {
     pub fn try_drive(&mut self) -> Result<(), DriveError> {
         let mut buf = [0u8; MAX_TRANSMIT];
         loop {
+            self.deliver_backend()?;
             self.drain_events();
             if self.held_reply.is_some() {
                 return Ok(());
@@ -816,6 +910,7 @@ impl<D: Device, const Q: usize, const R: usize> Pair<D, Q, R> {
                     assert_eq!(i.map(fd), i.map(|_| FdRef::Call(queue)));
                 }
                 Action::MapInflight { fd: i, .. } => assert_eq!(fd(i), FdRef::Inflight),
+                Action::SetBackendChannel { fd: i } => assert_eq!(fd(i), FdRef::BackendChannel),
                 _ => {}
             }
         }

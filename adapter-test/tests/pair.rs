@@ -254,10 +254,7 @@ fn hand_written_messages_reach_the_session() {
     };
     assert_eq!(
         be.send(&Request::SetInflightFd(huge), false).err(),
-        Some(BackendError::Inflight(InflightError::TooSmall {
-            need: 1 << 40,
-            have: 0
-        }))
+        Some(BackendError::Inflight(InflightError::TooSmall))
     );
     let (o, v) = be.ack(Request::SetVringNum(
         vhost_user_core::message::VringStateMsg { index: 0, num: 128 },

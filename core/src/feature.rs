@@ -153,8 +153,8 @@ impl ProtocolFeatures {
         for d in PROTOCOL_DEPENDENCIES {
             if self.contains(d.feature) && !self.contains(d.requires) {
                 return Err(FeatureError::MissingDependency {
-                    feature: d.feature.bits(),
-                    requires: d.requires.difference(self).bits(),
+                    feature: bit_number(d.feature.bits()),
+                    requires: bit_number(d.requires.bits()),
                 });
             }
         }
@@ -184,23 +184,37 @@ impl ProtocolFeatures {
     }
 }
 
+/// The number of the lowest bit set in `bits` (64 for none).
+const fn bit_number(bits: u64) -> u8 {
+    bits.trailing_zeros() as u8
+}
+
+/// [`FeatureError::NotOffered`] for the bits `extra`, which are logged.
+fn not_offered(extra: u64) -> FeatureError {
+    debug!("feature bits {:#x} requested but never offered", extra);
+    FeatureError::NotOffered(bit_number(extra))
+}
+
 /// A negotiation that was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum FeatureError {
-    /// The peer asked for bits that were never offered (the bits).
-    NotOffered(u64),
+    /// The peer asked for bits that were never offered (the number of the
+    /// lowest such bit; all of them are logged).
+    NotOffered(u8),
     /// A feature came without what it requires.
     MissingDependency {
-        /// The feature bit.
-        feature: u64,
-        /// The missing bits.
-        requires: u64,
+        /// The number of the feature's bit.
+        feature: u8,
+        /// The number of the bit it requires.
+        requires: u8,
     },
     /// Protocol features were used although VHOST_USER_F_PROTOCOL_FEATURES
     /// was not offered.
     ProtocolFeaturesNotOffered,
 }
+
+const _: () = assert!(core::mem::size_of::<FeatureError>() <= 4);
 
 impl FeatureError {
     /// The value a REPLY_ACK carries for this error (non-zero = failure).
@@ -212,12 +226,12 @@ impl FeatureError {
 impl fmt::Display for FeatureError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
-            FeatureError::NotOffered(bits) => {
-                write!(f, "feature bits {bits:#x} requested but never offered")
+            FeatureError::NotOffered(bit) => {
+                write!(f, "feature bit {bit} requested but never offered")
             }
             FeatureError::MissingDependency { feature, requires } => write!(
                 f,
-                "protocol feature {feature:#x} requires {requires:#x}, not negotiated"
+                "protocol feature bit {feature} requires bit {requires}, not negotiated"
             ),
             FeatureError::ProtocolFeaturesNotOffered => {
                 write!(
@@ -239,7 +253,7 @@ pub fn accept_virtio(
 ) -> Result<VirtioFeatures, FeatureError> {
     let extra = requested & !offered.bits();
     if extra != 0 {
-        return Err(FeatureError::NotOffered(extra));
+        return Err(not_offered(extra));
     }
     Ok(VirtioFeatures::from_bits_retain(requested))
 }
@@ -252,7 +266,7 @@ pub fn accept_protocol(
 ) -> Result<ProtocolFeatures, FeatureError> {
     let extra = requested & !offered.bits();
     if extra != 0 {
-        return Err(FeatureError::NotOffered(extra));
+        return Err(not_offered(extra));
     }
     let acked = ProtocolFeatures::from_bits_retain(requested);
     acked.check_dependencies()?;
@@ -286,7 +300,7 @@ mod tests {
                 offered,
                 (VirtioFeatures::VERSION_1 | VirtioFeatures::RING_PACKED).bits()
             ),
-            Err(FeatureError::NotOffered(VirtioFeatures::RING_PACKED.bits()))
+            Err(FeatureError::NotOffered(34))
         );
     }
 
@@ -296,7 +310,7 @@ mod tests {
         assert_eq!(accept_virtio(offered, 1 << 6).unwrap().bits(), 1 << 6);
         assert_eq!(
             accept_virtio(offered, 1 << 7),
-            Err(FeatureError::NotOffered(1 << 7))
+            Err(FeatureError::NotOffered(7))
         );
     }
 
@@ -308,14 +322,14 @@ mod tests {
                 offered,
                 (ProtocolFeatures::MQ | ProtocolFeatures::INFLIGHT_SHMFD).bits()
             ),
-            Err(FeatureError::NotOffered(
+            Err(FeatureError::NotOffered(bit_number(
                 ProtocolFeatures::INFLIGHT_SHMFD.bits()
-            ))
+            )))
         );
         // Unknown bits above 23 too.
         assert_eq!(
             accept_protocol(offered, 1 << 40),
-            Err(FeatureError::NotOffered(1 << 40))
+            Err(FeatureError::NotOffered(40))
         );
         assert_eq!(accept_protocol(offered, 0), Ok(ProtocolFeatures::empty()));
     }
@@ -347,8 +361,8 @@ mod tests {
         assert_eq!(
             accept_protocol(all, inflight.bits()),
             Err(FeatureError::MissingDependency {
-                feature: inflight.bits(),
-                requires: ProtocolFeatures::INFLIGHT_SHMFD.bits()
+                feature: 20,
+                requires: 12
             })
         );
         assert!(accept_protocol(all, (inflight | ProtocolFeatures::INFLIGHT_SHMFD).bits()).is_ok());

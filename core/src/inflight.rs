@@ -55,13 +55,8 @@ pub enum InflightError {
     NumQueues(u16),
     /// queue_size 0 or above [`MAX_QUEUE_SIZE`].
     QueueSize(u16),
-    /// The area is smaller than the layout needs.
-    TooSmall {
-        /// Bytes the layout needs.
-        need: u64,
-        /// Bytes the area has.
-        have: u64,
-    },
+    /// The area is smaller than the layout needs (both sizes are logged).
+    TooSmall,
     /// The region's desc_num differs from the ring size.
     SizeMismatch {
         /// desc_num recorded in the area.
@@ -95,14 +90,14 @@ pub enum InflightError {
     Vring(VringError),
 }
 
+const _: () = assert!(core::mem::size_of::<InflightError>() <= 8);
+
 impl fmt::Display for InflightError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             InflightError::NumQueues(n) => write!(f, "inflight area for {n} queues"),
             InflightError::QueueSize(n) => write!(f, "inflight area for queue size {n}"),
-            InflightError::TooSmall { need, have } => {
-                write!(f, "inflight area of {have} bytes, the layout needs {need}")
-            }
+            InflightError::TooSmall => f.write_str("inflight area smaller than its layout"),
             InflightError::SizeMismatch { area, ring } => {
                 write!(
                     f,
@@ -167,10 +162,11 @@ pub fn area_size(num_queues: u16, queue_size: u16) -> Result<u64, InflightError>
 pub fn check_area(num_queues: u16, queue_size: u16, mmap_size: u64) -> Result<u64, InflightError> {
     let need = area_size(num_queues, queue_size)?;
     if mmap_size < need {
-        return Err(InflightError::TooSmall {
-            need,
-            have: mmap_size,
-        });
+        debug!(
+            "inflight area of {} bytes, the layout needs {}",
+            mmap_size, need
+        );
+        return Err(InflightError::TooSmall);
     }
     Ok(queue_stride(queue_size))
 }
@@ -828,9 +824,10 @@ impl PackedInflight {
         out.clear();
         let used = self.rollback(mem, ring_used_at)?;
         let mut slots: u32 = 0;
-        let size = self.size;
-        self.counter = collect_in_flight(mem, self.entries(), out, |_, e| {
-            count_slots(e, size, &mut slots)
+        let me = *self;
+        self.counter = collect_in_flight(mem, self.entries(), out, |head, e| {
+            count_slots(e, me.size, &mut slots)?;
+            me.check_chain(mem, head, e)
         })?;
         self.position(used, slots)
     }
@@ -846,10 +843,11 @@ impl PackedInflight {
         let used = self.rollback(mem, ring_used_at)?;
         let mut slots: u32 = 0;
         let mut n = 0u16;
-        let size = self.size;
-        self.counter = visit_in_flight(mem, self.entries(), |_, e, _| {
+        let me = *self;
+        self.counter = visit_in_flight(mem, self.entries(), |head, e, _| {
             n += 1;
-            count_slots(e, size, &mut slots)
+            count_slots(e, me.size, &mut slots)?;
+            me.check_chain(mem, head, e)
         })?;
         Ok((self.position(used, slots)?, n))
     }
@@ -862,6 +860,32 @@ impl PackedInflight {
         after: Option<Resubmit>,
     ) -> Result<Option<Resubmit>, InflightError> {
         next_in_flight(mem, self.entries(), after)
+    }
+
+    /// Checks a request in flight at entry `head` (first bytes `e`) before
+    /// it is resubmitted: its `num` descriptors are linked through entries
+    /// of the area and the last of them is the one the request records.
+    /// Recovery refuses the area otherwise, so a ring never starts with a
+    /// request it could not hand out.
+    fn check_chain<M: GuestMemory + ?Sized>(
+        &self,
+        mem: &M,
+        head: u16,
+        e: &[u8; 16],
+    ) -> Result<(), InflightError> {
+        let num = u16::from_le_bytes([e[6], e[7]]);
+        let last = u16::from_le_bytes([e[4], e[5]]);
+        let mut i = head;
+        for _ in 1..num {
+            i = self.link(mem, self.entry(i) + E_NEXT)?;
+            if i >= self.size {
+                return Err(InflightError::OutOfRange(i));
+            }
+        }
+        if i != last {
+            return Err(InflightError::OutOfRange(last));
+        }
+        Ok(())
     }
 
     fn position(&self, used: (u16, bool), slots: u32) -> Result<PackedPosition, InflightError> {
@@ -1028,10 +1052,10 @@ fn push_packed_desc<M: GuestMemory + ?Sized, const S: usize>(
             if f & DESC_F_INDIRECT != 0 {
                 return Err(VringError::IndirectNested.into());
             }
-            chain.push(mem, a, l, f & DESC_F_WRITE != 0)?;
+            chain.push_outlined(mem, a, l, f & DESC_F_WRITE != 0)?;
         }
     } else {
-        chain.push(mem, d.addr, d.len, d.flags & DESC_F_WRITE != 0)?;
+        chain.push_outlined(mem, d.addr, d.len, d.flags & DESC_F_WRITE != 0)?;
     }
     Ok(())
 }

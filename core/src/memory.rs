@@ -21,21 +21,20 @@ use heapless::Vec;
 use crate::message::MemRegionMsg;
 
 /// Why a guest memory access or a region table change was refused.
+///
+/// One byte, so that every `Result` of a guest memory access is returned
+/// in registers (the size is asserted below): the refused address is not
+/// part of the value. [`MemoryError::unmapped`] logs it (at debug level)
+/// where the access fails.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum MemoryError {
-    /// Some byte of the range `[addr, addr + len)` is not backed by any
-    /// region.
-    Unmapped {
-        /// First address of the refused range.
-        addr: u64,
-        /// Length of the refused range (saturated at `u32::MAX`).
-        len: u32,
-    },
+    /// Some byte of the accessed range is not backed by any region.
+    Unmapped,
     /// `addr + len` does not fit in 64 bits.
     Overflow,
     /// A ring index access was not 2-byte aligned.
-    Misaligned(u64),
+    Misaligned,
     /// A new region overlaps (or duplicates) an existing one, in guest
     /// physical or in front-end virtual addresses.
     Overlap,
@@ -47,24 +46,32 @@ pub enum MemoryError {
     BadRegion,
 }
 
+const _: () = assert!(core::mem::size_of::<MemoryError>() == 1);
+
 impl MemoryError {
-    /// [`MemoryError::Unmapped`] for the range `[addr, addr + len)`.
+    /// [`MemoryError::Unmapped`] for the range `[addr, addr + len)`, which
+    /// is logged (at debug level) for the operator.
+    #[inline]
     pub fn unmapped(addr: u64, len: u64) -> Self {
-        MemoryError::Unmapped {
-            addr,
-            len: u32::try_from(len).unwrap_or(u32::MAX),
-        }
+        debug!("guest range {:#x}+{:#x} is not mapped", addr, len);
+        MemoryError::Unmapped
+    }
+
+    /// [`MemoryError::Misaligned`] for the ring index at `addr`, which is
+    /// logged (at debug level) for the operator.
+    #[inline]
+    pub fn misaligned(addr: u64) -> Self {
+        debug!("ring index address {:#x} is misaligned", addr);
+        MemoryError::Misaligned
     }
 }
 
 impl fmt::Display for MemoryError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            MemoryError::Unmapped { addr, len } => {
-                write!(f, "guest range {addr:#x}+{len:#x} is not mapped")
-            }
+            MemoryError::Unmapped => f.write_str("guest range is not mapped"),
             MemoryError::Overflow => f.write_str("guest address range overflows"),
-            MemoryError::Misaligned(a) => write!(f, "ring index address {a:#x} is misaligned"),
+            MemoryError::Misaligned => f.write_str("ring index address is misaligned"),
             MemoryError::Overlap => f.write_str("memory region overlaps an existing region"),
             MemoryError::TableFull => f.write_str("memory region table is full"),
             MemoryError::NoSuchRegion => f.write_str("no such memory region"),
@@ -433,7 +440,9 @@ impl<const N: usize> MemoryTable<N> {
     /// Where guest physical address `gpa` lives.
     #[inline]
     pub fn translate(&self, gpa: u64) -> Result<Translation, MemoryError> {
-        let e = self.find_gpa(gpa).ok_or(MemoryError::unmapped(gpa, 1))?;
+        let e = self
+            .find_gpa(gpa)
+            .ok_or_else(|| MemoryError::unmapped(gpa, 1))?;
         let offset = gpa - e.region.guest_addr;
         Ok(Translation {
             slot: usize::from(e.slot),
@@ -446,22 +455,22 @@ impl<const N: usize> MemoryTable<N> {
     /// span adjacent regions (one ends where the next begins). With
     /// `len == 0`, checks that `gpa` itself is mapped.
     pub fn check(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
-        let unmapped = MemoryError::unmapped(gpa, len);
+        let unmapped = || MemoryError::unmapped(gpa, len);
         if len == 0 {
-            return self.find_gpa(gpa).map(|_| ()).ok_or(unmapped);
+            return self.find_gpa(gpa).map(|_| ()).ok_or_else(unmapped);
         }
         let last = gpa.checked_add(len - 1).ok_or(MemoryError::Overflow)?;
         let mut at = gpa;
         // Each step moves to the next region: at most N steps.
         for _ in 0..self.entries.len() {
-            let e = self.find_gpa(at).ok_or(unmapped)?;
+            let e = self.find_gpa(at).ok_or_else(unmapped)?;
             let end = e.gpa_last();
             if end >= last {
                 return Ok(());
             }
             at = end + 1;
         }
-        Err(unmapped)
+        Err(unmapped())
     }
 
     /// Translate a front-end virtual address (SET_VRING_ADDR, or a GPA when
@@ -472,7 +481,7 @@ impl<const N: usize> MemoryTable<N> {
             .iter()
             .find(|e| va >= e.region.user_addr && va - e.region.user_addr < e.region.size)
             .map(|e| e.region.guest_addr + (va - e.region.user_addr))
-            .ok_or(MemoryError::unmapped(va, 1))
+            .ok_or_else(|| MemoryError::unmapped(va, 1))
     }
 
     /// Translate the front-end virtual range `[va, va + len)`, which must lie
@@ -485,7 +494,7 @@ impl<const N: usize> MemoryTable<N> {
             .entries
             .iter()
             .find(|e| va >= e.region.user_addr && va - e.region.user_addr < e.region.size)
-            .ok_or(MemoryError::unmapped(va, len))?;
+            .ok_or_else(|| MemoryError::unmapped(va, len))?;
         if last - e.region.user_addr >= e.region.size {
             return Err(MemoryError::unmapped(va, len));
         }
@@ -530,13 +539,7 @@ mod tests {
                 remaining: 1
             }
         );
-        assert_eq!(
-            t.translate(0x1000),
-            Err(MemoryError::Unmapped {
-                addr: 0x1000,
-                len: 1
-            })
-        );
+        assert_eq!(t.translate(0x1000), Err(MemoryError::Unmapped));
         assert!(t.translate(0x10_1000).is_err());
         assert_eq!(t.translate_user(0x6000_0004).unwrap(), 4);
         assert_eq!(t.translate_user(0x7000_0fff).unwrap(), 0x10_0fff);

@@ -287,16 +287,16 @@ fn hostile_chain_longer_than_the_ring() {
 
 #[test]
 fn hostile_packed_indirect_bad_lengths() {
-    for len in [0u32, 8, 24] {
+    for len in [0u16, 8, 24] {
         assert_eq!(
-            refused(true, &[raw(TABLE, len, IND)]),
+            refused(true, &[raw(TABLE, len.into(), IND)]),
             VringError::IndirectBadLength(len)
         );
     }
     let len = 16 * (vhost_user_core::vring::MAX_INDIRECT_DESCS + 1);
     assert_eq!(
         refused(true, &[raw(0, len, IND)]),
-        VringError::IndirectBadLength(len)
+        VringError::IndirectBadLength(u16::MAX)
     );
 }
 
@@ -336,21 +336,12 @@ fn hostile_packed_readable_after_writable() {
 fn hostile_packed_buffers_outside_memory() {
     assert_eq!(
         refused(false, &[raw(END - 1, 2, WR)]),
-        VringError::BadBuffer {
-            addr: END - 1,
-            len: 2
-        }
+        VringError::BadBuffer
     );
-    assert_eq!(
-        refused(false, &[raw(END, 0, 0)]),
-        VringError::BadBuffer { addr: END, len: 0 }
-    );
+    assert_eq!(refused(false, &[raw(END, 0, 0)]), VringError::BadBuffer);
     assert_eq!(
         refused(true, &[raw(END - 16, 32, IND)]),
-        VringError::BadBuffer {
-            addr: END - 16,
-            len: 32
-        }
+        VringError::BadBuffer
     );
 }
 

@@ -335,13 +335,7 @@ fn indirect_descriptor_split_8_8_across_regions_is_read_whole() {
         .unwrap();
     d.push_head(&m, 0).unwrap();
     d.publish(&m).unwrap();
-    assert_eq!(
-        pop(&mut q, &m).err(),
-        Some(VringError::BadBuffer {
-            addr: table,
-            len: 64
-        })
-    );
+    assert_eq!(pop(&mut q, &m).err(), Some(VringError::BadBuffer));
 }
 
 /// Writes split descriptors for `bufs` at `table` (chained by NEXT).
@@ -471,7 +465,7 @@ fn hostile_indirect_length_above_maximum() {
     let len = 16 * (MAX_INDIRECT_DESCS + 1);
     assert_eq!(
         refused(feats(false, true), &[(0, len, IND, 0)]),
-        VringError::IndirectBadLength(len)
+        VringError::IndirectBadLength(u16::MAX)
     );
 }
 
@@ -479,10 +473,7 @@ fn hostile_indirect_length_above_maximum() {
 fn hostile_indirect_table_outside_memory() {
     assert_eq!(
         refused(feats(false, true), &[(END - 16, 32, IND, 0)]),
-        VringError::BadBuffer {
-            addr: END - 16,
-            len: 32
-        }
+        VringError::BadBuffer
     );
 }
 
@@ -523,10 +514,7 @@ fn hostile_indirect_not_negotiated() {
 fn hostile_zero_length_descriptor_with_bad_address() {
     assert_eq!(
         refused(feats(false, false), &[(END + 0x1000, 0, RD, 0)]),
-        VringError::BadBuffer {
-            addr: END + 0x1000,
-            len: 0
-        }
+        VringError::BadBuffer
     );
 }
 
@@ -534,7 +522,7 @@ fn hostile_zero_length_descriptor_with_bad_address() {
 fn hostile_buffer_outside_guest_memory() {
     assert_eq!(
         refused(feats(false, false), &[(END, 1, WR, 0)]),
-        VringError::BadBuffer { addr: END, len: 1 }
+        VringError::BadBuffer
     );
 }
 
@@ -542,10 +530,7 @@ fn hostile_buffer_outside_guest_memory() {
 fn hostile_buffer_crossing_the_last_region_end() {
     assert_eq!(
         refused(feats(false, false), &[(END - 8, 9, RD, 0)]),
-        VringError::BadBuffer {
-            addr: END - 8,
-            len: 9
-        }
+        VringError::BadBuffer
     );
 }
 
@@ -553,10 +538,7 @@ fn hostile_buffer_crossing_the_last_region_end() {
 fn hostile_buffer_address_overflow() {
     assert_eq!(
         refused(feats(false, false), &[(u64::MAX - 2, 8, RD, 0)]),
-        VringError::BadBuffer {
-            addr: u64::MAX - 2,
-            len: 8
-        }
+        VringError::BadBuffer
     );
 }
 

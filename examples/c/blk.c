@@ -405,6 +405,10 @@ static int apply(const vhu_action *a, int *fds, size_t nfds)
             set_fd(&S.rings[q].err, -1);
         }
         return check(vhu_backend_rings_reset(S.be), "reset");
+    case VHU_ACTION_KICK: /* in-band kick (not offered here) */
+        if (r)
+            serve_ring(r);
+        return 0;
     default:
         return 0;
     }

@@ -15,6 +15,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use vhost_user_core::device::blk::{BlkFeatures, VIRTIO_BLK_T_FLUSH};
 use vhost_user_core::feature::{ProtocolFeatures as P, VirtioFeatures as V};
 use vhost_user_core::frontend::{Event, FrontendConfig, NotifyMode, QueueConfig, State};
 use vhost_user_core::memory::GuestMemory;
@@ -88,6 +89,21 @@ pub struct Options {
     pub timeout: Duration,
     /// Packed rings instead of split ones (not with `reconnect`).
     pub packed: bool,
+    /// In-band notifications (INBAND_NOTIFICATIONS): rings are started and
+    /// kicked with VRING_KICK messages, and the back-end calls with
+    /// BACKEND_VRING_CALL on the back-end channel; no kick or call
+    /// eventfds.
+    pub inband: bool,
+    /// Also negotiate, where offered, what a Linux guest's driver does
+    /// (FLUSH, CONFIG_WCE, SEG_MAX, BLK_SIZE, MQ), so writes see the cache
+    /// mode guests get: a device without FLUSH is writethrough.
+    pub guest_features: bool,
+    /// A FLUSH request after every this many writes (all queues together),
+    /// counted as requests; needs FLUSH.
+    pub flush_every: Option<u64>,
+    /// Data buffers start this many bytes past their natural alignment
+    /// (to check how a back-end treats unaligned guest buffers).
+    pub buffer_offset: u32,
 }
 
 /// What a run measured.
@@ -107,6 +123,12 @@ pub struct Report {
     pub calls: u64,
     /// Reconnections after the back-end went away.
     pub reconnects: u64,
+    /// Back-end channel: BACKEND_CONFIG_CHANGE_MSGs received.
+    pub config_changes: u64,
+    /// Back-end channel: in-band BACKEND_VRING_CALLs received.
+    pub backend_calls: u64,
+    /// Back-end channel: BACKEND_VRING_ERRs received.
+    pub ring_errors: u64,
 }
 
 impl Report {
@@ -150,13 +172,18 @@ impl Report {
             self.kicks,
             self.calls
         );
+        let _ = writeln!(
+            s,
+            "back-end channel: {} config changes, {} in-band calls, {} ring errors",
+            self.config_changes, self.backend_calls, self.ring_errors
+        );
         s
     }
 
     /// The report as JSON.
     pub fn json(&self) -> String {
         format!(
-            "{{\"requests\": {}, \"seconds\": {:.6}, \"iops\": {:.1}, \"mbps\": {:.3}, \"p50_ns\": {}, \"p99_ns\": {}, \"p999_ns\": {}, \"kicks\": {}, \"calls\": {}, \"reconnects\": {}, \"notifications_per_request\": {:.4}}}\n",
+            "{{\"requests\": {}, \"seconds\": {:.6}, \"iops\": {:.1}, \"mbps\": {:.3}, \"p50_ns\": {}, \"p99_ns\": {}, \"p999_ns\": {}, \"kicks\": {}, \"calls\": {}, \"reconnects\": {}, \"config_changes\": {}, \"backend_calls\": {}, \"ring_errors\": {}, \"notifications_per_request\": {:.4}}}\n",
             self.requests,
             self.elapsed.as_secs_f64(),
             self.iops(),
@@ -167,6 +194,9 @@ impl Report {
             self.kicks,
             self.calls,
             self.reconnects,
+            self.config_changes,
+            self.backend_calls,
+            self.ring_errors,
             self.notifications_per_request()
         )
     }
@@ -183,6 +213,8 @@ struct Slot {
     req: u64,
     block: u64,
     write: bool,
+    /// A FLUSH (no block, no data).
+    flush: bool,
     seed: u64,
     at: Instant,
     buf: u64,
@@ -201,6 +233,8 @@ fn pattern(seed: u64, block: u64, len: usize) -> Vec<u8> {
 }
 
 const SOCKET: u64 = 1 << 32;
+/// The epoll token of the in-band calls' eventfd.
+const INBAND_CALLS: u64 = 1 << 33;
 /// Descriptors of each request: header, data, status.
 const CHAIN: u16 = 3;
 /// Packed driver event flags: notify on every completion, or never.
@@ -416,7 +450,9 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
     let depth = u64::from(o.iodepth);
     // Region 0: rings and request headers; region 1: data buffers.
     let ring_bytes = 0x10000 * q;
-    let data_bytes = (q * depth * u64::from(o.bs)).next_multiple_of(MIB).max(MIB);
+    let data_bytes = (q * depth * u64::from(o.bs) + u64::from(o.buffer_offset))
+        .next_multiple_of(MIB)
+        .max(MIB);
     let low = (ring_bytes + 0x1000 * q * depth).next_multiple_of(MIB);
     let fd =
         memfd::create("vhu-bench", MIB + low + data_bytes).map_err(|e| format!("memfd: {e}"))?;
@@ -462,14 +498,33 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
     if o.packed {
         features |= V::RING_PACKED;
     }
-    let mut protocol = P::MQ | P::REPLY_ACK | P::CONFIG | P::STATUS;
+    // The back-end channel is served (config changes, in-band calls and
+    // ring errors are counted); calls still use eventfds, and with no err
+    // eventfd a broken ring is reported in-band.
+    let mut protocol =
+        P::MQ | P::REPLY_ACK | P::CONFIG | P::STATUS | P::BACKEND_REQ | P::INBAND_NOTIFICATIONS;
     if o.reconnect {
         protocol |= P::INFLIGHT_SHMFD;
     }
-    let mut cfg: FrontendConfig<8, 2> = FrontendConfig::new(features, protocol);
+    let guest = if o.guest_features {
+        (BlkFeatures::FLUSH
+            | BlkFeatures::CONFIG_WCE
+            | BlkFeatures::SEG_MAX
+            | BlkFeatures::BLK_SIZE
+            | BlkFeatures::MQ)
+            .to_virtio()
+    } else {
+        V::empty()
+    };
+    let mut cfg: FrontendConfig<8, 2> = FrontendConfig::new(features | guest, protocol);
     for r in &regions {
         let _ = cfg.regions.push(*r);
     }
+    let notify = if o.inband {
+        NotifyMode::InBand
+    } else {
+        NotifyMode::Eventfd
+    };
     let mut drivers = Vec::new();
     for i in 0..q {
         let at = 0x10000 * i;
@@ -502,8 +557,8 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
                 device: a.device + VA,
             },
             base,
-            kick: NotifyMode::Eventfd,
-            call: NotifyMode::Eventfd,
+            kick: notify,
+            call: notify,
         });
         drivers.push(ring);
     }
@@ -516,6 +571,15 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
         .collect::<Result<_, _>>()
         .map_err(|e| e.to_string())?;
     let mut link = open(path, cfg, &fds, &kick_fds, &calls)?;
+    if o.inband
+        && !link
+            .engine()
+            .protocol_features()
+            .contains(P::INBAND_NOTIFICATIONS)
+    {
+        return Err("--inband needs a back-end that offers INBAND_NOTIFICATIONS".into());
+    }
+    let inband_calls = if o.inband { link.channel_calls() } else { None };
     if o.reconnect
         && !link
             .engine()
@@ -529,6 +593,10 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
             "the back-end does not offer {:?}",
             features.difference(link.engine().features())
         ));
+    }
+    let flush = BlkFeatures::FLUSH.to_virtio();
+    if o.flush_every.is_some() && !link.engine().features().contains(flush) {
+        return Err("--flush-every needs FLUSH (not offered, or --no-guest-features)".into());
     }
     if usize::from(o.queues)
         > link
@@ -557,10 +625,16 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
     start(&mut link)?;
 
     let epoll = Epoll::new().map_err(|e| e.to_string())?;
-    for (i, c) in calls.iter().enumerate() {
+    if let Some(c) = &inband_calls {
         epoll
-            .add(c, Interest::READABLE, i as u64)
+            .add(&**c, Interest::READABLE, INBAND_CALLS)
             .map_err(|e| e.to_string())?;
+    } else {
+        for (i, c) in calls.iter().enumerate() {
+            epoll
+                .add(c, Interest::READABLE, i as u64)
+                .map_err(|e| e.to_string())?;
+        }
     }
     // The socket turns readable (end of file) when the back-end goes away.
     epoll
@@ -574,6 +648,7 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
         rng ^= rng << 17;
         rng
     };
+    let mut writes_since_flush = 0u64;
     let mut outstanding: Vec<HashMap<u16, Slot>> = (0..q).map(|_| HashMap::new()).collect();
     let mut free_bufs: Vec<Vec<u64>> = (0..q)
         .map(|i| (0..depth).map(|d| i * depth + d).collect())
@@ -604,11 +679,18 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
                 && outstanding[qi].len() < usize::from(o.iodepth)
                 && !done(&rep, next_req)
             {
-                let write = match o.rw {
+                let mut write = match o.rw {
                     Rw::Read | Rw::RandRead => false,
                     Rw::Write | Rw::RandWrite => true,
                     Rw::RandRw => rand() & 1 == 0,
                 };
+                let flush = write && o.flush_every.is_some_and(|n| writes_since_flush >= n);
+                if flush {
+                    writes_since_flush = 0;
+                    write = false;
+                } else if write {
+                    writes_since_flush += 1;
+                }
                 let mut block = match o.rw {
                     Rw::Read | Rw::Write => {
                         seq += 1;
@@ -616,7 +698,7 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
                     }
                     _ => rand() % blocks,
                 };
-                if o.verify {
+                if o.verify && !flush {
                     let mut tries = 0;
                     while busy.contains(&block)
                         || (!write && !written.contains_key(&block) && tries < 8)
@@ -632,10 +714,15 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
                     break;
                 };
                 let hdr = 0x10000 * q + 0x1000 * bufn;
-                let data = HIGH + u64::from(o.bs) * bufn;
+                let data = HIGH + u64::from(o.bs) * bufn + u64::from(o.buffer_offset);
                 let seed = rand();
                 let mut h = [0u8; 16];
-                h[0..4].copy_from_slice(&u32::from(write).to_le_bytes());
+                let ty = if flush {
+                    VIRTIO_BLK_T_FLUSH
+                } else {
+                    u32::from(write)
+                };
+                h[0..4].copy_from_slice(&ty.to_le_bytes());
                 h[8..16].copy_from_slice(&(block * u64::from(o.bs) / 512).to_le_bytes());
                 mem.write(hdr, &h).map_err(|e| e.to_string())?;
                 mem.write(hdr + 16, &[0xff]).map_err(|e| e.to_string())?;
@@ -652,8 +739,10 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
                     },
                     Buf::writable(hdr + 16, 1),
                 ];
-                let head = drv.post(&mem, &bufs).map_err(|e| format!("{e:?}"))?;
-                if o.verify {
+                let flush_bufs = [bufs[0], bufs[2]];
+                let bufs: &[Buf] = if flush { &flush_bufs } else { &bufs };
+                let head = drv.post(&mem, bufs).map_err(|e| format!("{e:?}"))?;
+                if o.verify && !flush {
                     busy.insert(block);
                 }
                 outstanding[qi].insert(
@@ -662,6 +751,7 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
                         req: next_req,
                         block,
                         write,
+                        flush,
                         seed,
                         at: Instant::now(),
                         buf: bufn,
@@ -671,7 +761,12 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
                 posted = true;
             }
             if posted && drv.kick_needed(&mem)? {
-                link.kick(qi as u16);
+                if o.inband {
+                    link.kick_in_band(qi as u16)
+                        .map_err(|e| format!("in-band kick: {e}"))?;
+                } else {
+                    link.kick(qi as u16);
+                }
                 rep.kicks += 1;
             }
         }
@@ -694,14 +789,14 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
                         s.req, s.block, st[0]
                     ));
                 }
-                if o.verify {
+                if o.verify && !s.flush {
                     busy.remove(&s.block);
                     if s.write {
                         written.insert(s.block, s.seed);
                     } else if let Some(seed) = written.get(&s.block) {
                         let mut b = vec![0u8; bs];
-                        mem.read(HIGH + u64::from(o.bs) * s.buf, &mut b)
-                            .map_err(|e| e.to_string())?;
+                        let data = HIGH + u64::from(o.bs) * s.buf + u64::from(o.buffer_offset);
+                        mem.read(data, &mut b).map_err(|e| e.to_string())?;
                         if b != pattern(*seed, s.block, bs) {
                             return Err(format!(
                                 "request {}: block {} does not read back what was written",
@@ -713,7 +808,9 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
                 lat.record(s.at.elapsed().as_nanos() as u64);
                 free_bufs[qi].push(s.buf);
                 rep.requests += 1;
-                rep.bytes += u64::from(o.bs);
+                if !s.flush {
+                    rep.bytes += u64::from(o.bs);
+                }
                 got += 1;
             }
         }
@@ -795,6 +892,10 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
                 for e in &ev[..n] {
                     if e.token() == SOCKET {
                         gone = true;
+                    } else if e.token() == INBAND_CALLS {
+                        if let Some(c) = &inband_calls {
+                            let _ = c.read();
+                        }
                     } else if let Some(c) = calls.get(e.token() as usize) {
                         let _ = c.read();
                         rep.calls += 1;
@@ -807,6 +908,12 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
     rep.latency_ns = [lat.quantile(0.5), lat.quantile(0.99), lat.quantile(0.999)];
     link.engine().stop().map_err(|e| e.to_string())?;
     link.drive().map_err(|e| e.to_string())?;
+    if let Some(c) = link.channel_counters() {
+        use std::sync::atomic::Ordering::Relaxed;
+        rep.config_changes = c.config_changes.load(Relaxed);
+        rep.backend_calls = c.calls.load(Relaxed);
+        rep.ring_errors = c.ring_errors.load(Relaxed);
+    }
     Ok(rep)
 }
 

@@ -157,6 +157,46 @@ fn bench_verifies_packed_rings_against_our_daemon() {
     assert!(!out.status.success());
 }
 
+/// The JSON report's counter `key`.
+fn counter(json: &str, key: &str) -> u64 {
+    let at = json
+        .find(&format!("\"{key}\": "))
+        .unwrap_or_else(|| panic!("no {key} in {json}"));
+    let rest = &json[at + key.len() + 4..];
+    let end = rest.find(|c: char| !c.is_ascii_digit()).unwrap();
+    rest[..end].parse().unwrap()
+}
+
+/// In-band notifications against our daemon: rings started and kicked
+/// with VRING_KICK, completions announced with BACKEND_VRING_CALL on the
+/// back-end channel, no eventfd at all; verified, split and packed, one
+/// and two queues, interrupt and poll mode.
+#[test]
+fn bench_verifies_with_in_band_notifications() {
+    let d = daemon(&["--size", "32M", "--num-queues", "2", "--log-level", "warn"]);
+    for extra in [
+        &[][..],
+        &["--packed"][..],
+        &["--queues", "2"][..],
+        &["--packed", "--queues", "2", "--poll"][..],
+    ] {
+        let mut args = VERIFIED.to_vec();
+        args.push("--inband");
+        args.extend(extra);
+        let s = ok(bench(&d.sock, &args), 3000);
+        assert_eq!(counter(&s, "calls"), 0, "no call eventfd: {s}");
+        assert!(counter(&s, "kicks") > 0, "{s}");
+        if !extra.contains(&"--poll") {
+            assert!(counter(&s, "backend_calls") > 0, "{s}");
+        }
+        assert_eq!(counter(&s, "ring_errors"), 0, "{s}");
+    }
+    // Without in-band notifications the same load uses eventfds only.
+    let s = ok(bench(&d.sock, VERIFIED), 3000);
+    assert!(counter(&s, "calls") > 0, "{s}");
+    assert_eq!(counter(&s, "backend_calls"), 0, "{s}");
+}
+
 #[test]
 fn a_failed_request_fails_the_bench() {
     let d = daemon(&["--size", "32M", "--read-only", "--log-level", "warn"]);
@@ -330,4 +370,193 @@ fn bad_options_are_refused() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("invalid"), "{bad:?}: {err}");
     }
+}
+
+/// Deep queues through each I/O engine and cache mode: 128 requests in
+/// flight per queue, verified reads and writes on two queues, the
+/// completions reaped as they arrive (the thread pool finishes them out
+/// of order). The daemon's log names the engine and counts no error.
+#[test]
+fn deep_queues_verify_through_io_uring_and_threads() {
+    for (aio, cache) in [
+        ("io_uring", "writeback"),
+        ("io_uring", "none"),
+        ("threads", "writeback"),
+        ("threads", "none"),
+    ] {
+        let d = daemon(&[
+            "--size",
+            "32M",
+            "--num-queues",
+            "2",
+            "--aio",
+            aio,
+            "--cache",
+            cache,
+        ]);
+        let args = [
+            "--rw",
+            "randrw",
+            "--verify",
+            "--requests",
+            "6000",
+            "--iodepth",
+            "128",
+            "--bs",
+            "4096",
+            "--queues",
+            "2",
+        ];
+        ok(bench(&d.sock, &args), 6000);
+        // The counters are logged when the front-end has left.
+        let t0 = Instant::now();
+        let log = loop {
+            let log = std::fs::read_to_string(d.dir.join("daemon.log")).unwrap();
+            // The first connection (the start-up probe's) logged zeroes.
+            if log.matches("bytes written").count() >= 4 {
+                break log;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "{log}");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(
+            log.contains(&format!("queue 0: {aio} I/O")),
+            "{aio}/{cache}: {log}"
+        );
+        assert!(
+            log.contains(&format!("queue 1: {aio} I/O")),
+            "{aio}/{cache}: {log}"
+        );
+        assert!(!log.contains("ERROR"), "{aio}/{cache}: {log}");
+        let served: u64 = log
+            .lines()
+            .filter(|l| l.contains("bytes written"))
+            .skip(2)
+            .filter_map(|l| {
+                assert!(l.ends_with(" 0 errors"), "{aio}/{cache}: {l}");
+                let (head, _) = l.split_once(" requests,")?;
+                head.rsplit(' ').next()?.parse::<u64>().ok()
+            })
+            .sum();
+        assert_eq!(served, 6000, "{aio}/{cache}: {log}");
+    }
+}
+
+/// The daemon's log once the bench's connection has left: the last
+/// counter line of each of `queues` queues (the start-up probe logged
+/// the first ones).
+fn counters_after(d: &common::Daemon, queues: usize, connections: usize) -> Vec<String> {
+    let t0 = Instant::now();
+    loop {
+        let log = std::fs::read_to_string(d.dir.join("daemon.log")).unwrap();
+        let lines: Vec<String> = log
+            .lines()
+            .filter(|l| l.contains("bytes written"))
+            .map(String::from)
+            .collect();
+        if lines.len() >= queues * connections {
+            return lines[lines.len() - queues..].to_vec();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "{log}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The number before `what` in a counter line ("... 12 syncs, ...").
+fn count(line: &str, what: &str) -> u64 {
+    let (head, _) = line.split_once(&format!(" {what}")).unwrap();
+    head.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+/// With O_DIRECT, data buffers that are not aligned to 512 bytes are
+/// refused with IOERR (and the refusal is logged); through the page cache
+/// the same requests are served.
+#[test]
+fn o_direct_refuses_unaligned_buffers() {
+    let args = [
+        "--rw",
+        "randread",
+        "--requests",
+        "20",
+        "--iodepth",
+        "4",
+        "--buffer-offset",
+        "256",
+    ];
+    let d = daemon(&["--size", "8M", "--cache", "none"]);
+    let out = bench(&d.sock, &args);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("status 1"), "{err}");
+    let line = &counters_after(&d, 1, 2)[0];
+    assert!(count(line, "errors") >= 1, "{line}");
+    let log = std::fs::read_to_string(d.dir.join("daemon.log")).unwrap();
+    assert!(log.contains("not aligned for O_DIRECT"), "{log}");
+    // Aligned buffers are served.
+    ok(
+        bench(
+            &d.sock,
+            &["--rw", "randrw", "--verify", "--requests", "200"],
+        ),
+        200,
+    );
+
+    let d = daemon(&["--size", "8M", "--cache", "writeback"]);
+    ok(bench(&d.sock, &args), 20);
+}
+
+/// FLUSH reaches the disk: with FLUSH negotiated, `--flush-every 4` makes
+/// one fdatasync per four writes and plain writes none; a driver that
+/// does not negotiate FLUSH gets writethrough, an fdatasync after every
+/// write.
+#[test]
+fn flushes_and_writethrough_reach_the_disk() {
+    let d = daemon(&["--size", "8M"]);
+    // 100 requests: 80 writes and 20 flushes.
+    let out = ok(
+        bench(
+            &d.sock,
+            &["--rw", "write", "--requests", "100", "--flush-every", "4"],
+        ),
+        100,
+    );
+    assert!(out.contains("\"requests\": 100,"), "{out}");
+    let line = &counters_after(&d, 1, 2)[0];
+    assert_eq!(count(line, "syncs"), 20, "{line}");
+    assert_eq!(count(line, "bytes written"), 80 * 4096, "{line}");
+    // Writeback, no flushes asked: none made.
+    ok(
+        bench(&d.sock, &["--rw", "randwrite", "--requests", "50"]),
+        50,
+    );
+    let line = &counters_after(&d, 1, 3)[0];
+    assert_eq!(count(line, "syncs"), 20, "{line}");
+    // Without FLUSH: writethrough.
+    ok(
+        bench(
+            &d.sock,
+            &[
+                "--rw",
+                "randwrite",
+                "--requests",
+                "30",
+                "--no-guest-features",
+            ],
+        ),
+        30,
+    );
+    let line = &counters_after(&d, 1, 4)[0];
+    assert_eq!(count(line, "syncs"), 50, "{line}");
+    // --flush-every without FLUSH is refused by the bench.
+    let out = bench(
+        &d.sock,
+        &[
+            "--requests",
+            "3",
+            "--no-guest-features",
+            "--flush-every",
+            "2",
+        ],
+    );
+    assert!(!out.status.success());
 }

@@ -9,6 +9,10 @@
 //! - without bit 20, GET_VRING_BASE replies only once they completed.
 //!
 //! Every request completes exactly once, with its data on the image.
+//!
+//! And the refusals around a ring's life: a corrupt inflight area is
+//! refused before the ring starts, and a ring the guest breaks signals the
+//! err eventfd (SET_VRING_ERR) and stops serving.
 
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -48,6 +52,7 @@ struct Fe {
     drv: SplitDriver,
     kick: EventFd,
     call: EventFd,
+    err: EventFd,
     image: std::fs::File,
     _dir: common::TempDir,
 }
@@ -96,6 +101,7 @@ impl Fe {
             drv,
             kick: EventFd::new(false).unwrap(),
             call: EventFd::new(false).unwrap(),
+            err: EventFd::new(false).unwrap(),
             image,
             _dir: dir,
         };
@@ -172,6 +178,27 @@ impl Fe {
 
     /// The start sequence for ring 0 from `base`.
     fn start(&mut self, base: u32) {
+        self.configure(base);
+        ack(
+            &self.s,
+            Request::SetVringKick(VringFdMsg {
+                index: 0,
+                no_fd: false,
+            }),
+            &[self.kick.as_fd()],
+        );
+        ack(
+            &self.s,
+            Request::SetVringEnable {
+                index: 0,
+                enable: true,
+            },
+            &[],
+        );
+    }
+
+    /// The start sequence up to SET_VRING_KICK (not sent).
+    fn configure(&mut self, base: u32) {
         if let Some((fd, m)) = &self.inflight {
             ack(&self.s, Request::SetInflightFd(*m), &[fd.as_fd()]);
         }
@@ -217,19 +244,11 @@ impl Fe {
         );
         ack(
             &self.s,
-            Request::SetVringKick(VringFdMsg {
+            Request::SetVringErr(VringFdMsg {
                 index: 0,
                 no_fd: false,
             }),
-            &[self.kick.as_fd()],
-        );
-        ack(
-            &self.s,
-            Request::SetVringEnable {
-                index: 0,
-                enable: true,
-            },
-            &[],
+            &[self.err.as_fd()],
         );
     }
 
@@ -575,4 +594,86 @@ fn kill_9_twenty_times_loses_and_duplicates_nothing() {
         log.contains("resubmitting"),
         "no restart found requests in flight"
     );
+}
+
+/// An inflight area the front-end hands over whose recorded state cannot be
+/// recovered is refused before the ring starts: SET_VRING_KICK ends the
+/// connection (no ack), the daemon logs why and serves the next front-end.
+#[test]
+fn a_hostile_inflight_area_is_refused_before_the_ring_starts() {
+    // (what, version, desc_num, used_idx, entry 3's flag, the log's words)
+    let cases: [(&str, u16, u16, u16, u8, &str); 4] = [
+        ("unknown version", 7, 16, 0, 0, "version"),
+        ("desc_num of another ring size", 1, 8, 0, 0, "16"),
+        ("used index a ring away", 1, 16, 0x8000, 0, "used index"),
+        ("entry flag neither 0 nor 1", 1, 16, 0, 2, "flag"),
+    ];
+    for (what, version, desc_num, used, flag, words) in cases {
+        let mut fe = Fe::with(base_protocol() | P::INFLIGHT_SHMFD, &[]);
+        let (fd, m) = fe.inflight.as_ref().unwrap();
+        let area = LinuxGuestMemory::single(fd.try_clone().unwrap(), 0, m.mmap_size).unwrap();
+        area.write_u16(8, version).unwrap();
+        area.write_u16(10, desc_num).unwrap();
+        area.write_u16(14, used).unwrap();
+        area.write(16 + 3 * 16, &[flag]).unwrap();
+        fe.configure(0);
+        send(
+            &fe.s,
+            &Request::SetVringKick(VringFdMsg {
+                index: 0,
+                no_fd: false,
+            }),
+            true,
+            &[fe.kick.as_fd()],
+        );
+        let mut buf = Box::new([0u8; MAX_MESSAGE]);
+        assert!(
+            matches!(fe.s.recv_message(&mut buf), Ok(None) | Err(_)),
+            "{what}: the ring started"
+        );
+        let log = fe.d.log();
+        assert!(
+            log.contains("inflight area") && log.contains(words),
+            "{what}: {log}"
+        );
+        // The next front-end is served.
+        let s = fe.d.connect();
+        send(&s, &Request::GetFeatures, false, &[]);
+        assert!(recv_reply(&s, FrontendReq::GetFeatures).is_some(), "{what}");
+    }
+}
+
+/// A guest that breaks its ring (a head index beyond the ring) gets the err
+/// eventfd written once; the ring serves nothing more until it is
+/// restarted, and the connection goes on.
+#[test]
+fn a_ring_broken_by_the_guest_signals_its_err_eventfd() {
+    let mut fe = Fe::with(base_protocol(), &[]);
+    fe.start(0);
+    // One good request is served.
+    fe.post_writes(0);
+    fe.kick.write(1).unwrap();
+    fe.wait_used(N as u16);
+    assert_eq!(fe.drv.harvest_all(&fe.mem).unwrap().len() as u64, N);
+    assert!(!fe.err.is_signalled().unwrap());
+    // Then a head the ring does not have.
+    fe.drv.push_head(&fe.mem, 99).unwrap();
+    fe.drv.publish(&fe.mem).unwrap();
+    fe.kick.write(1).unwrap();
+    let t0 = Instant::now();
+    while !fe.err.is_signalled().unwrap() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "no err signal");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(fe.err.read().unwrap(), 1, "signalled once");
+    // Nothing more is served, and nothing more is signalled.
+    fe.post_writes(N);
+    fe.kick.write(1).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(fe.drv.used_idx(&fe.mem).unwrap(), N as u16);
+    assert!(!fe.err.is_signalled().unwrap());
+    // The connection goes on.
+    send(&fe.s, &Request::GetFeatures, false, &[]);
+    assert!(recv_reply(&fe.s, FrontendReq::GetFeatures).is_some());
+    assert!(fe.d.log().contains("the ring is stopped until restarted"));
 }

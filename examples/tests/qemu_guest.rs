@@ -2,6 +2,9 @@
 //! guest writes a pattern with O_DIRECT, reads it back and compares, and
 //! after poweroff the host checks the image bytes. With 1 and 2 queues, and
 //! with packed rings; and the same on the C back-end (`examples/c/blk.c`).
+//! And a disk that grows while the guest runs: the daemon (`--watch`)
+//! tells QEMU with BACKEND_CONFIG_CHANGE_MSG and the guest sees the new
+//! size in `/sys/block/vda/size`.
 //!
 //! The guest (a Debian cloud kernel and a busybox initramfs) is built and
 //! cached by `tests/guest/build-guest.sh`, which also installs QEMU.
@@ -122,6 +125,8 @@ struct Opts<'a> {
     /// starts (each), and start a new one on the same socket and image;
     /// QEMU reconnects (`reconnect-ms`).
     kills: &'a [Duration],
+    /// Grow the image to this size when the guest's test starts.
+    grow_to: Option<u64>,
     /// The back-end program (it takes the same arguments); `None`: our
     /// `vhost-user-blk` daemon.
     program: Option<&'a Path>,
@@ -230,6 +235,10 @@ fn boot(o: &Opts<'_>, image: &Path, script: &str) -> Run {
             Ok(line) => {
                 if line.contains("VHU-GUEST: TEST-START") {
                     started = Some(Instant::now());
+                    if let Some(size) = o.grow_to {
+                        let f = std::fs::File::options().write(true).open(image).unwrap();
+                        f.set_len(size).unwrap();
+                    }
                 }
                 console.push_str(&line);
                 console.push('\n');
@@ -293,6 +302,7 @@ fn check_on(program: Option<&Path>, queues: u16, packed: bool, seed: u64) {
         packed,
         daemon_args: &[],
         kills: &[],
+        grow_to: None,
         program,
     };
     let run = boot(&o, &img, &script(queues, seed));
@@ -398,6 +408,7 @@ fn reconnect_on(program: Option<&Path>, packed: bool, seed: u64) {
         // slowly on a loaded machine.
         daemon_args: &["--io-delay-us", "250000"],
         kills: &kills,
+        grow_to: None,
         program,
     };
     let run = boot(&o, &img, &script);
@@ -419,6 +430,12 @@ fn reconnect_on(program: Option<&Path>, packed: bool, seed: u64) {
         "no restart found requests in flight:\n{}",
         run.daemon_log
     );
+    // Our daemon's I/O engine (the C back-end does pread/pwrite).
+    assert!(
+        program.is_some() || run.daemon_log.contains("queue 0: io_uring I/O"),
+        "the requests did not go through io_uring:\n{}",
+        run.daemon_log
+    );
     let bytes = std::fs::read(&img).unwrap();
     for r in 0..ROUNDS {
         let off = OFF + r * LEN as u64;
@@ -428,6 +445,68 @@ fn reconnect_on(program: Option<&Path>, packed: bool, seed: u64) {
             "round {r} differs on the image"
         );
     }
+    let _ = std::fs::remove_dir_all(img.parent().unwrap());
+}
+
+#[test]
+fn guest_sees_the_disk_grow() {
+    const GROWN: u64 = 96 << 20;
+    let img = image(64 << 20);
+    // The guest waits (up to a minute) for the new size, then writes and
+    // verifies a pattern past the old end.
+    let past = 80u64 << 20;
+    let script = format!(
+        "set -e\n\
+         echo \"vda before: $(cat /sys/block/vda/size) sectors\"\n\
+         i=0\n\
+         while [ \"$(cat /sys/block/vda/size)\" = 131072 ]; do\n\
+           i=$((i+1)); [ $i -lt 600 ]; sleep 0.1\n\
+         done\n\
+         echo \"vda after: $(cat /sys/block/vda/size) sectors\"\n\
+         vhu-dio write /dev/vda {past} 65536 7\n\
+         echo 3 > /proc/sys/vm/drop_caches\n\
+         vhu-dio verify /dev/vda {past} 65536 7\n"
+    );
+    let o = Opts {
+        queues: 1,
+        packed: false,
+        daemon_args: &["--watch"],
+        kills: &[],
+        grow_to: Some(GROWN),
+        program: None,
+    };
+    let run = boot(&o, &img, &script);
+    println!("--- guest console ---\n{}", run.console);
+    println!("--- daemon log ---\n{}", run.daemon_log);
+    assert!(
+        run.console.contains("VHU-GUEST: RESULT PASS"),
+        "guest test failed:\n{}\n--- daemon ---\n{}",
+        run.console,
+        run.daemon_log
+    );
+    assert!(
+        run.console.contains("vda before: 131072 sectors"),
+        "{}",
+        run.console
+    );
+    assert!(
+        run.console.contains("vda after: 196608 sectors"),
+        "{}",
+        run.console
+    );
+    assert!(
+        run.daemon_log
+            .contains("front-end told of the new capacity"),
+        "{}",
+        run.daemon_log
+    );
+    let bytes = std::fs::read(&img).unwrap();
+    assert_eq!(bytes.len() as u64, GROWN);
+    let got = &bytes[past as usize..past as usize + 65536];
+    assert!(
+        got == pattern(7, past, 65536).as_slice(),
+        "pattern past the old end"
+    );
     let _ = std::fs::remove_dir_all(img.parent().unwrap());
 }
 

@@ -60,12 +60,18 @@ impl EventFd {
     /// blocking; on a non-blocking fd returns [`io::ErrorKind::WouldBlock`]
     /// then. Retries on `EINTR`.
     pub fn read(&self) -> io::Result<u64> {
+        Self::read_fd(self.fd.as_fd())
+    }
+
+    /// [`EventFd::read`] of an eventfd owned elsewhere (a device's
+    /// completion notifier).
+    pub fn read_fd(fd: BorrowedFd<'_>) -> io::Result<u64> {
         let mut bytes = [0u8; 8];
         retry(|| {
-            // SAFETY: `bytes` is writable for 8 bytes during the call.
-            let r = cvt(unsafe {
-                libc::read(self.fd.as_raw_fd(), bytes.as_mut_ptr().cast(), bytes.len())
-            })?;
+            // SAFETY: `bytes` is writable for 8 bytes during the call; `fd`
+            // is borrowed, so it stays open.
+            let r =
+                cvt(unsafe { libc::read(fd.as_raw_fd(), bytes.as_mut_ptr().cast(), bytes.len()) })?;
             if r as usize == bytes.len() {
                 Ok(())
             } else {

@@ -14,6 +14,7 @@ use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd};
 use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::Arc;
 
 use super::{cvt, page_size};
 
@@ -267,6 +268,92 @@ impl MmapRegion {
         }
         self.atomic_u16(off)?.store(v.to_le(), Ordering::Release);
         Ok(())
+    }
+}
+
+/// A byte range of a shared mapping handed to the kernel for I/O
+/// (`readv`/`writev` through io_uring or a thread pool): the address and
+/// length, checked against the mapping when made, and a reference that
+/// keeps the mapping alive until the I/O is over, even if the guest
+/// memory table drops the region meanwhile (no unmap, so no reuse of the
+/// address by a new mapping, under an operation in flight).
+#[derive(Clone)]
+pub struct IoBuf {
+    map: Arc<MmapRegion>,
+    addr: usize,
+    len: usize,
+    writable: bool,
+}
+
+impl fmt::Debug for IoBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IoBuf")
+            .field("addr", &(self.addr as *const u8))
+            .field("len", &self.len)
+            .field("writable", &self.writable)
+            .finish()
+    }
+}
+
+impl IoBuf {
+    /// `len` bytes of `map` from byte `off`; `writable` if the I/O may
+    /// store into them (a read from a file), which a read-only mapping
+    /// refuses.
+    pub fn new(
+        map: &Arc<MmapRegion>,
+        off: u64,
+        len: usize,
+        writable: bool,
+    ) -> Result<IoBuf, AccessError> {
+        if writable && map.access != Access::ReadWrite {
+            return Err(AccessError::ReadOnly);
+        }
+        let p = map.at(off, len)?;
+        Ok(IoBuf {
+            map: Arc::clone(map),
+            addr: p as usize,
+            len,
+            writable,
+        })
+    }
+
+    /// The host address of the first byte.
+    pub fn addr(&self) -> usize {
+        self.addr
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True for an empty range.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The I/O may store into the range.
+    pub fn writable(&self) -> bool {
+        self.writable
+    }
+
+    /// The same range without its first `n` bytes (all of them if `n`
+    /// is larger).
+    pub fn advance(&mut self, n: usize) {
+        let n = n.min(self.len);
+        self.addr += n;
+        self.len -= n;
+    }
+
+    /// Whether two buffers keep the same mapping alive (tests).
+    pub fn same_mapping(&self, other: &IoBuf) -> bool {
+        Arc::ptr_eq(&self.map, &other.map)
+    }
+
+    /// Number of holders of the mapping (the memory table's and the
+    /// buffers'), for tests of the mapping's lifetime.
+    pub fn mapping_refs(&self) -> usize {
+        Arc::strong_count(&self.map)
     }
 }
 

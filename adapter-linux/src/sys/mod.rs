@@ -15,6 +15,8 @@
 //! - [`mmap`]: shared mappings with bounds-checked, reference-free
 //!   access ([`MmapRegion`]);
 //! - [`file`](mod@file): space management of image files ([`file::fallocate`]);
+//! - [`uring`]: file I/O straight into guest memory, through an io_uring
+//!   ([`uring::Uring`]) or synchronously ([`uring::perform`]);
 //! - [`signal`]: blocking signals and waiting for them synchronously
 //!   ([`SignalSet`], [`signal::block`], [`signal::wait`]).
 //!
@@ -30,10 +32,11 @@ pub mod memfd;
 pub mod mmap;
 pub mod signal;
 pub mod socket;
+pub mod uring;
 
 pub use epoll::{Epoll, EpollEvent, Interest};
 pub use eventfd::EventFd;
-pub use mmap::{Access, AccessError, MmapRegion};
+pub use mmap::{Access, AccessError, IoBuf, MmapRegion};
 pub use signal::SignalSet;
 pub use socket::{Listener, Received, Stream, StreamIo};
 

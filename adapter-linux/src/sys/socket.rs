@@ -282,6 +282,13 @@ impl Stream {
         Ok((Stream { inner: a }, Stream { inner: b }))
     }
 
+    /// A second handle on the same socket (close-on-exec).
+    pub fn try_clone(&self) -> io::Result<Stream> {
+        Ok(Stream {
+            inner: self.inner.try_clone()?,
+        })
+    }
+
     /// Sends `bytes` (one or more whole messages) with `fds` attached as
     /// SCM_RIGHTS to the first bytes. Retries on `EINTR` and continues
     /// after short writes; the fds go with the first `sendmsg` only. Never

@@ -645,6 +645,18 @@ impl World {
             | Action::SetKick { .. }
             | Action::SetCall { .. }
             | Action::SetErr { .. } => {}
+            Action::SetBackendChannel { .. } => {
+                // The channel exists and encodes within a small buffer.
+                let mut ch = host.session.channel().expect("a channel after SET_BACKEND_REQ_FD");
+                let mut b = [0u8; 64];
+                let _ = ch.config_change(&mut b);
+            }
+            Action::Kick { queue } => {
+                assert!(
+                    host.rings[usize::from(queue)].is_some(),
+                    "an in-band kick for ring {queue}, which is not running"
+                );
+            }
             Action::RemapRings => {
                 for (q, r) in host.rings.iter_mut().enumerate() {
                     if let Some(r) = r {

@@ -26,12 +26,12 @@ struct Image {
 impl Image {
     fn range(&self, gpa: u64, len: usize) -> Result<std::ops::Range<usize>, MemoryError> {
         self.accesses.set(self.accesses.get() + 1);
-        let bad = MemoryError::unmapped(gpa, len as u64);
-        let off = gpa.checked_sub(BASE).ok_or(bad)?;
-        let off = usize::try_from(off).map_err(|_| bad)?;
-        let end = off.checked_add(len).ok_or(bad)?;
+        let bad = || MemoryError::unmapped(gpa, len as u64);
+        let off = gpa.checked_sub(BASE).ok_or_else(bad)?;
+        let off = usize::try_from(off).map_err(|_| bad())?;
+        let end = off.checked_add(len).ok_or_else(bad)?;
         if end > self.bytes.borrow().len() {
-            return Err(bad);
+            return Err(bad());
         }
         Ok(off..end)
     }
@@ -61,11 +61,11 @@ impl GuestMemory for Image {
     fn fence(&self) {}
     fn check(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
         let n = self.bytes.borrow().len() as u64;
-        let bad = MemoryError::unmapped(gpa, len);
-        let off = gpa.checked_sub(BASE).ok_or(bad)?;
+        let bad = || MemoryError::unmapped(gpa, len);
+        let off = gpa.checked_sub(BASE).ok_or_else(bad)?;
         let end = off.checked_add(len).ok_or(MemoryError::Overflow)?;
         if end > n || (len == 0 && off >= n) {
-            return Err(bad);
+            return Err(bad());
         }
         Ok(())
     }

@@ -22,6 +22,19 @@
 //! are polled (SET_VRING_KICK/CALL with the no-fd flag), the back-end loop
 //! polls the rings and the front-end polls the used rings.
 //!
+//! # In-band notifications
+//!
+//! With the `inband` feature (on by default; about 0.9 KiB of `.text`,
+//! so the firmware held to the budgets is built without it) the back-end
+//! offers BACKEND_REQ and INBAND_NOTIFICATIONS. With them (and REPLY_ACK)
+//! negotiated the front-end may do without polling: it starts and kicks rings with
+//! VRING_KICK, and SET_BACKEND_REQ_FD names a second mailbox pair agreed
+//! beforehand as the back-end channel. A completion the guest wants to hear
+//! of, or a ring the guest broke, is then owed to the front-end as
+//! BACKEND_VRING_CALL or BACKEND_VRING_ERR: [`Backend::poll_backend`] sends
+//! what is owed, one message at a time, each acked before the next (calls
+//! owed meanwhile are merged, as eventfd writes are).
+//!
 //! # Why these sizes
 //!
 //! - [`QUEUES`] = 2 rings.
@@ -41,9 +54,10 @@
 //! thumbv7em firmware to its budgets: the deepest stack of one message
 //! ([`Backend::on_message`]) and of one request
 //! ([`Backend::serve_request`]) at most 2 KiB, and `.text` under a ratchet.
-//! The `.text` target is 32 KiB; the firmware takes about 37.7 KiB today,
-//! most of it the core's control path and inflight recovery, and about a
-//! quarter of it the code that moves typed errors up through `?`.
+//! The `.text` target is 32 KiB and the firmware meets it (32,178 bytes),
+//! most of it the core's control path and inflight recovery.
+//! The core's error types are kept small (size assertions next to each)
+//! so that moving them up through `?` stays cheap.
 //! [`STATE_BYTES`] (session plus data planes) is held to 1 KiB here.
 #![no_std]
 #![forbid(unsafe_code)]
@@ -56,7 +70,11 @@ pub mod memory;
 use core::sync::atomic::AtomicU32;
 
 use embedded_io::{Read, Write};
-use vhost_user_core::backend::{Action, BackendConfig, BackendError, Outcome, Reply, Session};
+#[cfg(feature = "inband")]
+use vhost_user_core::backend::ChannelError;
+use vhost_user_core::backend::{
+    Action, BackendConfig, BackendError, Channel, Outcome, Reply, Session,
+};
 use vhost_user_core::dataplane::{DataPlane, Published, Stop};
 use vhost_user_core::device::{Completion, Device};
 use vhost_user_core::feature::{ProtocolFeatures, VirtioFeatures};
@@ -109,7 +127,16 @@ pub const PROTOCOL_FEATURES: ProtocolFeatures = ProtocolFeatures::MQ
     .union(ProtocolFeatures::STATUS)
     .union(ProtocolFeatures::RESET_DEVICE)
     .union(ProtocolFeatures::INFLIGHT_SHMFD)
-    .union(ProtocolFeatures::GET_VRING_BASE_INFLIGHT);
+    .union(ProtocolFeatures::GET_VRING_BASE_INFLIGHT)
+    .union(IN_BAND_FEATURES);
+
+/// The protocol features of in-band notifications (none without the
+/// `inband` feature).
+pub const IN_BAND_FEATURES: ProtocolFeatures = if cfg!(feature = "inband") {
+    ProtocolFeatures::BACKEND_REQ.union(ProtocolFeatures::INBAND_NOTIFICATIONS)
+} else {
+    ProtocolFeatures::empty()
+};
 
 /// The transport features offered besides the device's: both ring
 /// layouts, so the front-end's SET_FEATURES picks split or packed.
@@ -149,13 +176,14 @@ pub struct Counters {
     pub notifications: u32,
     /// Conversations dropped.
     pub faults: u32,
+    /// In-band calls and errors sent on the back-end channel.
+    pub in_band: u32,
 }
 
 /// The back-end: everything a firmware keeps (a few KiB, mostly the
 /// message buffer).
 #[derive(Debug)]
 pub struct Backend<'a> {
-    config: BackendConfig,
     session: BlkSession,
     device: RamDisk<'a>,
     mem: Memory<'a>,
@@ -169,6 +197,11 @@ pub struct Backend<'a> {
     /// The last message's outcome (kept here, not on the stack).
     outcome: Outcome,
     counters: Counters,
+    /// The back-end channel, once SET_BACKEND_REQ_FD named it.
+    channel: Option<Channel>,
+    /// Per ring (bit `q`): an in-band call, and an in-band error, owed.
+    owed_calls: u8,
+    owed_errors: u8,
 }
 
 /// How many fds a message would carry on a socket, which on this channel
@@ -180,7 +213,7 @@ pub fn implicit_fds(header: &Header, payload: &[u8]) -> usize {
             .and_then(|b| <[u8; 4]>::try_from(b).ok())
             .map_or(0, |b| u32::from_ne_bytes(b) as usize)
             .min(MAX_MEM_REGIONS),
-        Ok(FrontendReq::AddMemReg | FrontendReq::SetInflightFd) => 1,
+        Ok(FrontendReq::AddMemReg | FrontendReq::SetInflightFd | FrontendReq::SetBackendReqFd) => 1,
         _ => 0,
     }
 }
@@ -188,6 +221,10 @@ pub fn implicit_fds(header: &Header, payload: &[u8]) -> usize {
 impl<'a> Backend<'a> {
     /// A back-end over the RAM window `ram`, the disk `disk` and the
     /// inflight window `inflight`.
+    // Out of line, and the arrays from `from_fn` rather than whole
+    // constants: the firmware then builds the back-end in one place
+    // instead of assembling and copying it in its entry point (.text).
+    #[inline(never)]
     pub fn new(
         ram: &'a [AtomicU32],
         disk: &'a [AtomicU32],
@@ -201,19 +238,21 @@ impl<'a> Backend<'a> {
             max_queue_size: MAX_QUEUE_SIZE,
         };
         Ok(Backend {
-            config,
             session: Session::new(config)?,
             device,
             mem: SharedMemory::new(ram),
             area: SharedMemory::new(inflight),
-            rings: [const { None }; QUEUES],
-            plans: [const { Plan::new() }; QUEUES],
+            rings: core::array::from_fn(|_| None),
+            plans: core::array::from_fn(|_| Plan::new()),
             suspend: [false; QUEUES],
             chain: Chain::default(),
             rx: [0; MAX_MESSAGE],
             tx: [0; REPLY_CAPACITY],
             outcome: Outcome::default(),
             counters: Counters::default(),
+            channel: None,
+            owed_calls: 0,
+            owed_errors: 0,
         })
     }
 
@@ -269,7 +308,7 @@ impl<'a> Backend<'a> {
             self.counters.refused = self.counters.refused.wrapping_add(1);
         }
         let mut i = 0;
-        while let Some(a) = self.outcome.actions.get(i).cloned() {
+        while let Some(&a) = self.outcome.actions.get(i) {
             self.apply(&a)?;
             i += 1;
         }
@@ -324,12 +363,26 @@ impl<'a> Backend<'a> {
         };
         let area = self.area.is_mapped().then_some(&self.area);
         let mem = &self.mem;
-        let Some(p) = serve_one(dp, mem, area, &mut self.chain, &self.device, queue, plan) else {
+        let healthy = dp.error().is_none();
+        let served = serve_one(dp, mem, area, &mut self.chain, &self.device, queue, plan);
+        // A ring the guest just broke owes the front-end an error (in-band
+        // when the session says so).
+        if cfg!(feature = "inband")
+            && healthy
+            && dp.error().is_some()
+            && self.session.err_in_band(queue as u16)
+        {
+            self.owed_errors |= 1 << queue;
+        }
+        let Some(p) = served else {
             return false;
         };
         let p = p | dp.publish(mem, area).unwrap_or(Published::Nothing);
         if p.notify() {
             self.counters.notifications = self.counters.notifications.wrapping_add(1);
+            if cfg!(feature = "inband") && self.session.call_in_band(queue as u16) {
+                self.owed_calls |= 1 << queue;
+            }
         }
         self.counters.requests = self.counters.requests.wrapping_add(1);
         true
@@ -341,12 +394,71 @@ impl<'a> Backend<'a> {
     /// fresh session waits for the next front-end.
     pub fn disconnect(&mut self) {
         self.rings = [const { None }; QUEUES];
+        self.channel = None;
+        self.owed_calls = 0;
+        self.owed_errors = 0;
         self.mem.clear();
         self.area.clear();
-        if let Ok(s) = Session::new(self.config) {
-            self.session = s;
-        }
+        self.session.reset();
         self.device.reset();
+    }
+
+    /// The back-end channel's turn (call it in the main loop after
+    /// [`poll`](Self::poll), with the second mailbox pair's end): takes the
+    /// front-end's ack if one is awaited and waiting, then sends the next
+    /// in-band error or call owed, if the channel is free. Returns whether
+    /// anything was done. A malformed ack drops the conversation.
+    #[cfg(feature = "inband")]
+    #[inline(never)]
+    pub fn poll_backend<C: Read + Write>(&mut self, back: &mut NoFds<C>) -> Result<bool, Fault> {
+        let Some(ch) = &mut self.channel else {
+            return Ok(false);
+        };
+        let mut busy = false;
+        if ch.awaiting().is_some() {
+            let frame = match read_message(back, &mut self.rx) {
+                Ok(Some(f)) => f,
+                Ok(None) => return Ok(false),
+                Err(_) => return Err(self.fault(Fault::Transport)),
+            };
+            // A failed ack is the front-end's answer; a malformed one ends
+            // the conversation.
+            if let Err(ChannelError::Wire(_) | ChannelError::Unexpected) =
+                ch.reply(&frame.header, frame.payload, 0)
+            {
+                return Err(self.fault(Fault::Transport));
+            }
+            busy = true;
+        }
+        let (errors, calls) = (self.owed_errors, self.owed_calls);
+        let (bits, err) = if errors != 0 {
+            (errors, true)
+        } else {
+            (calls, false)
+        };
+        if bits == 0 {
+            return Ok(busy);
+        }
+        let q = bits.trailing_zeros() as u16;
+        let sent = if err {
+            self.owed_errors &= !(1 << q);
+            ch.vring_err(q, &mut self.tx)
+        } else {
+            self.owed_calls &= !(1 << q);
+            ch.vring_call(q, &mut self.tx)
+        };
+        let n = sent.map_err(|_| Fault::Transport)?.len;
+        let msg = self.tx.get(..n).ok_or(Fault::Transport)?;
+        write_message(back, msg).map_err(|_| Fault::Transport)?;
+        self.counters.in_band = self.counters.in_band.wrapping_add(1);
+        Ok(true)
+    }
+
+    #[cfg(feature = "inband")]
+    fn fault(&mut self, e: Fault) -> Fault {
+        self.counters.faults = self.counters.faults.wrapping_add(1);
+        self.disconnect();
+        e
     }
 
     fn running(&self) -> bool {
@@ -377,8 +489,19 @@ impl<'a> Backend<'a> {
                     }
                 }
             }
-            // No eventfds on this channel: rings are polled.
-            Action::SetKick { .. } | Action::SetCall { .. } | Action::SetErr { .. } => {}
+            // No eventfds on this channel: rings are polled, so an in-band
+            // kick has nothing to wake.
+            Action::SetKick { .. }
+            | Action::SetCall { .. }
+            | Action::SetErr { .. }
+            | Action::Kick { .. } => {}
+            // The back-end channel is the second mailbox pair (never set
+            // without the `inband` feature: BACKEND_REQ is not offered).
+            Action::SetBackendChannel { .. } => {
+                if cfg!(feature = "inband") {
+                    self.channel = self.session.channel();
+                }
+            }
             Action::StartRing { queue } => {
                 let q = usize::from(queue);
                 let area = self.area.is_mapped().then_some(&self.area);

@@ -115,13 +115,13 @@ impl<'a, const N: usize> SharedMemory<'a, N> {
     #[inline]
     fn half(&self, gpa: u64) -> Result<(&AtomicU32, u32), MemoryError> {
         if gpa % 2 != 0 {
-            return Err(MemoryError::Misaligned(gpa));
+            return Err(MemoryError::misaligned(gpa));
         }
         let at = self.locate(gpa, 2)?;
         let w = self
             .words
             .get(at / 4)
-            .ok_or(MemoryError::Unmapped { addr: gpa, len: 2 })?;
+            .ok_or_else(|| MemoryError::unmapped(gpa, 2))?;
         Ok((w, 8 * (at % 4) as u32))
     }
 }

@@ -424,3 +424,140 @@ fn protocol_state_fits_its_budget() {
     assert_eq!(STATE_BYTES, session + QUEUES * dp);
     assert!(session + QUEUES * dp <= STATE_BUDGET);
 }
+
+/// In-band notifications (the `inband` feature, on by default): no fd and
+/// no polling flag at all. The back-end channel is a second mailbox pair
+/// (SET_BACKEND_REQ_FD names it), rings are started and kicked with
+/// VRING_KICK, each completion the guest wants to hear of comes back as
+/// BACKEND_VRING_CALL, acked before the next, and a ring the guest breaks
+/// as BACKEND_VRING_ERR. Split and packed.
+#[test]
+fn in_band_notifications_end_to_end() {
+    use vhost_user_core::message::{BackendReq, BackendRequest};
+    use vhost_user_nostd_blk::IN_BAND_FEATURES;
+
+    for packed in [false, true] {
+        let mut rig = Rig::new();
+        let to_be: &'static Mailbox<MB> = Box::leak(Box::default());
+        let to_fe: &'static Mailbox<MB> = Box::leak(Box::default());
+        let mut be_back = NoFds(Port::new(to_be, to_fe));
+        let mut fe_back = NoFds(Port::new(to_fe, to_be));
+
+        let offered = V::from_bits_retain(rig.u64(Request::GetFeatures));
+        let mut acked = offered & !(V::RING_PACKED | V::INDIRECT_DESC | V::EVENT_IDX);
+        if packed {
+            acked |= V::RING_PACKED;
+        }
+        assert_eq!(rig.call(Request::SetFeatures(acked.bits()), false), None);
+        let protocol = P::from_bits_retain(rig.u64(Request::GetProtocolFeatures));
+        assert!(protocol.contains(IN_BAND_FEATURES));
+        let want = P::MQ | P::REPLY_ACK | IN_BAND_FEATURES;
+        assert_eq!(
+            rig.call(Request::SetProtocolFeatures(want.bits()), false),
+            None
+        );
+        rig.ack(Request::SetOwner);
+        rig.ack(Request::SetBackendReqFd);
+        let regions = [MemRegionMsg {
+            guest_addr: GPA,
+            size: RAM_BYTES,
+            user_addr: GPA + USER_ADDR_OFFSET,
+            mmap_offset: 0,
+            xen: None,
+        }];
+        rig.ack(Request::SetMemTable(MemTable::new(&regions).unwrap()));
+
+        // Ring 0, started by VRING_KICK alone (no SET_VRING_KICK, no
+        // SET_VRING_CALL).
+        let d = if packed {
+            Driver::Packed(PackedDriver::new(&rig.guest, RING, GPA).unwrap())
+        } else {
+            Driver::Split(SplitDriver::new(&rig.guest, RING, GPA, false).unwrap())
+        };
+        let mut d = d;
+        let a = d.addrs();
+        rig.ack(Request::SetVringNum(VringStateMsg {
+            index: 0,
+            num: u32::from(RING),
+        }));
+        let start = if packed { 1 << 15 | 1 << 31 } else { 0 };
+        rig.ack(Request::SetVringBase(VringStateMsg {
+            index: 0,
+            num: start,
+        }));
+        rig.ack(Request::SetVringAddr(VringAddrMsg {
+            index: 0,
+            log: false,
+            desc: a.desc + USER_ADDR_OFFSET,
+            used: a.device + USER_ADDR_OFFSET,
+            avail: a.driver + USER_ADDR_OFFSET,
+            log_addr: 0,
+        }));
+        assert!(rig.be.ring(0).is_none());
+        rig.ack(Request::VringKick(0));
+        assert!(rig.be.ring(0).is_some(), "VRING_KICK started the ring");
+        rig.ack(Request::SetVringEnable {
+            index: 0,
+            enable: true,
+        });
+
+        let bufs = GPA + 0x1000;
+        let (hdr, data, status) = (bufs, bufs + 0x100, bufs + 0x400);
+        let mut buf = Box::new([0u8; MAX_MESSAGE]);
+        for round in 1..=3u32 {
+            header(&rig.guest, hdr, VIRTIO_BLK_T_GET_ID, 0);
+            let id = d.post(
+                &rig.guest,
+                &[
+                    Buf::readable(hdr, 16),
+                    Buf::writable(data, 20),
+                    Buf::writable(status, 1),
+                ],
+            );
+            // Kicked in-band: acked, and served in the same round.
+            rig.ack(Request::VringKick(0));
+            assert_eq!(d.harvest(&rig.guest), vec![(id, 21)]);
+            // The call owed goes out on the back-end channel ...
+            assert!(rig.be.poll_backend(&mut be_back).unwrap());
+            let f = read_message(&mut fe_back, &mut buf).unwrap().unwrap();
+            let req = BackendRequest::parse(
+                &f.header,
+                f.payload,
+                0,
+                &ParseOptions {
+                    max_queues: QUEUES as u32,
+                    xen_mmap: false,
+                },
+            )
+            .unwrap();
+            assert_eq!(req, BackendRequest::VringCall(0));
+            assert!(f.header.need_reply());
+            // ... and nothing more until it is acked.
+            assert!(!rig.be.poll_backend(&mut be_back).unwrap());
+            let mut ack = [0u8; 64];
+            let n = BackendRequest::encode_reply(BackendReq::VringCall, 0, &mut ack).unwrap();
+            write_message(&mut fe_back, &ack[..n]).unwrap();
+            assert!(rig.be.poll_backend(&mut be_back).unwrap());
+            assert_eq!(rig.be.counters().in_band, round);
+        }
+
+        // The guest breaks its ring: a head beyond it (split), or a
+        // descriptor out of guest memory (packed).
+        match &mut d {
+            Driver::Split(s) => {
+                s.push_head(&rig.guest, 99).unwrap();
+                s.publish(&rig.guest).unwrap();
+            }
+            Driver::Packed(p) => {
+                p.post(&rig.guest, &[Buf::writable(0x7fff_0000, 4)])
+                    .unwrap();
+            }
+        }
+        rig.ack(Request::VringKick(0));
+        assert!(rig.be.ring(0).unwrap().error().is_some());
+        assert!(rig.be.poll_backend(&mut be_back).unwrap());
+        let f = read_message(&mut fe_back, &mut buf).unwrap().unwrap();
+        assert_eq!(f.header.request, BackendReq::VringErr.id());
+        assert_eq!(rig.be.counters().faults, 0);
+    }
+}

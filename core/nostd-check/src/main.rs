@@ -37,6 +37,12 @@ static INFLIGHT: [AtomicU32; inflight_words(QUEUES, MAX_QUEUE_SIZE)] =
     [const { AtomicU32::new(0) }; inflight_words(QUEUES, MAX_QUEUE_SIZE)];
 static TO_BACKEND: Mailbox<MAILBOX_BYTES> = Mailbox::new();
 static TO_FRONTEND: Mailbox<MAILBOX_BYTES> = Mailbox::new();
+/// The back-end channel (SET_BACKEND_REQ_FD): in-band calls and errors
+/// (with the `inband` feature).
+#[cfg(feature = "inband")]
+static BACK_TO_FRONTEND: Mailbox<MAILBOX_BYTES> = Mailbox::new();
+#[cfg(feature = "inband")]
+static BACK_TO_BACKEND: Mailbox<MAILBOX_BYTES> = Mailbox::new();
 
 #[panic_handler]
 fn panic(_: &PanicInfo<'_>) -> ! {
@@ -67,16 +73,23 @@ mod log {
 #[no_mangle]
 pub extern "C" fn _start() -> ! {
     let mut chan = NoFds(Port::new(&TO_BACKEND, &TO_FRONTEND));
+    #[cfg(feature = "inband")]
+    let mut back = NoFds(Port::new(&BACK_TO_BACKEND, &BACK_TO_FRONTEND));
     let Ok(mut backend) = Backend::new(&RAM, &DISK, &INFLIGHT) else {
         loop {
             core::hint::spin_loop();
         }
     };
     loop {
-        if backend.poll(&mut chan).is_err() {
+        let ok = backend.poll(&mut chan).is_ok();
+        #[cfg(feature = "inband")]
+        let ok = ok && backend.poll_backend(&mut back).is_ok();
+        if !ok {
             // The conversation broke: what is left of it is dropped, and
             // the back-end waits for a new one.
             chan.0.discard();
+            #[cfg(feature = "inband")]
+            back.0.discard();
         }
     }
 }

@@ -71,11 +71,15 @@
 //! protocol features) SET_FEATURES without bit 30 is accepted and enables
 //! every ring, as the specification requires.
 
+mod channel;
+
+pub use channel::{Channel, ChannelError, Sent};
+
 use core::fmt;
 
 use heapless::Vec;
 
-use crate::dataplane::DataPlane;
+use crate::dataplane::{DataPlane, DataPlaneError};
 use crate::device::Device;
 use crate::feature::{
     accept_protocol, accept_virtio, FeatureError, ProtocolFeatures, VirtioFeatures,
@@ -118,7 +122,9 @@ pub const SUPPORTED_PROTOCOL_FEATURES: ProtocolFeatures = ProtocolFeatures::MQ
     .union(ProtocolFeatures::RESET_DEVICE)
     .union(ProtocolFeatures::INFLIGHT_SHMFD)
     .union(ProtocolFeatures::GET_VRING_BASE_INFLIGHT)
-    .union(ProtocolFeatures::GET_VRING_BASE_SKIP_DRAIN);
+    .union(ProtocolFeatures::GET_VRING_BASE_SKIP_DRAIN)
+    .union(ProtocolFeatures::BACKEND_REQ)
+    .union(ProtocolFeatures::INBAND_NOTIFICATIONS);
 
 /// The virtio features this engine implements (device-specific bits 0-23
 /// are the device's business and pass through).
@@ -135,7 +141,7 @@ pub const SUPPORTED_VIRTIO_FEATURES: VirtioFeatures = VirtioFeatures::from_bits_
 pub type FdIndex = u8;
 
 /// What the adapter must do after a message.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub enum Action {
     /// Drop every memory mapping (SET_MEM_TABLE replaces the table; the
     /// [`Action::MapRegion`]s that follow map the new one).
@@ -221,6 +227,19 @@ pub enum Action {
     /// RESET_DEVICE: stop every ring (completing what is in flight) and
     /// drop their notifiers; no reply waits for it.
     ResetRings,
+    /// SET_BACKEND_REQ_FD: keep the message's fd `fd` as the back-end
+    /// channel (replacing any previous one) and send back-end requests on
+    /// it with the [`Channel`] of [`Session::channel`].
+    SetBackendChannel {
+        /// The message fd.
+        fd: FdIndex,
+    },
+    /// In-band VRING_KICK for a running ring: the driver made buffers
+    /// available; serve the ring now.
+    Kick {
+        /// Ring index.
+        queue: u16,
+    },
 }
 
 /// The reply to a message.
@@ -301,6 +320,10 @@ pub enum BackendError {
     /// An inflight area description or use refused.
     Inflight(InflightError),
 }
+
+// Every nested error is at most 8 bytes and carries no 64-bit value; a
+// Result of the session stays small to move.
+const _: () = assert!(core::mem::size_of::<BackendError>() <= 12);
 
 impl BackendError {
     /// The value a REPLY_ACK carries for this error.
@@ -439,8 +462,11 @@ pub struct Session<const Q: usize = 16, const R: usize = 32> {
     /// The area of the last SET_INFLIGHT_FD: (num_queues, queue_size,
     /// per-queue stride).
     inflight: Option<(u16, u16, u64)>,
+    /// SET_BACKEND_REQ_FD was received.
+    channel: bool,
 }
 
+#[inline(never)]
 fn push(actions: &mut Vec<Action, MAX_ACTIONS>, a: Action) {
     // MAX_ACTIONS bounds what any single message produces; see the const.
     let pushed = actions.push(a);
@@ -482,7 +508,27 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
             memory: MemoryTable::default(),
             rings,
             inflight: None,
+            channel: false,
         })
+    }
+
+    /// Back to the state [`new`](Self::new) returned, in place: nothing
+    /// negotiated, no owner, no memory, every ring as never configured,
+    /// no inflight area and no back-end channel (the front-end left; the
+    /// next one starts afresh). Unlike building a new session this moves
+    /// no second copy of it.
+    pub fn reset(&mut self) {
+        self.acked_features = None;
+        self.acked_protocol = ProtocolFeatures::empty();
+        self.protocol_negotiated = false;
+        self.owner = false;
+        self.status = 0;
+        self.memory.clear();
+        for r in self.rings.iter_mut() {
+            *r = RingSlot::default();
+        }
+        self.inflight = None;
+        self.channel = false;
     }
 
     /// The configuration.
@@ -518,6 +564,36 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
     /// Whether SET_OWNER was received.
     pub fn has_owner(&self) -> bool {
         self.owner
+    }
+
+    /// The back-end channel's request encoder, once SET_BACKEND_REQ_FD gave
+    /// one (the adapter keeps the socket).
+    pub fn channel(&self) -> Option<Channel> {
+        self.channel.then(|| Channel::new(self.acked_protocol))
+    }
+
+    /// Whether ring `queue`'s calls go in-band (BACKEND_VRING_CALL on the
+    /// back-end channel): INBAND_NOTIFICATIONS was negotiated, the channel
+    /// is there, and the front-end gave no call eventfd.
+    pub fn call_in_band(&self, queue: u16) -> bool {
+        self.in_band(queue, |s| s.call)
+    }
+
+    /// Whether ring `queue`'s errors go in-band (BACKEND_VRING_ERR), as
+    /// [`call_in_band`](Self::call_in_band) for the err eventfd.
+    pub fn err_in_band(&self, queue: u16) -> bool {
+        self.in_band(queue, |s| s.err)
+    }
+
+    fn in_band(&self, queue: u16, which: impl Fn(&RingSlot) -> Notifier) -> bool {
+        self.channel
+            && self
+                .acked_protocol
+                .contains(ProtocolFeatures::INBAND_NOTIFICATIONS)
+            && self
+                .rings
+                .get(usize::from(queue))
+                .is_some_and(|s| which(s) != Notifier::Fd)
     }
 
     /// Parse options for this session's messages.
@@ -568,7 +644,9 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
             return Err(BackendError::QueueSize(num));
         }
         if layout == Some(Layout::Split) && !num.is_power_of_two() {
-            return Err(BackendError::Vring(VringError::BadSize(num)));
+            return Err(BackendError::Vring(VringError::BadSize(
+                crate::vring::saturate(num),
+            )));
         }
         Ok(())
     }
@@ -590,13 +668,14 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
             Some(Layout::Packed) => ((16 * n, 16), (4, 4), (4, 4)),
             None => ((16 * n, 16), (4, 2), (4, 4)),
         };
-        let area = |va: u64, (len, align): (u64, u64)| {
+        let area = |va: u64, (len, align): (u64, u16)| {
             let gpa = table
                 .translate_user_range(va, len)
                 .map_err(|_| BackendError::RingAddress(queue))?;
             // Alignments are powers of two: a mask, not a 64-bit division.
-            if gpa & (align - 1) != 0 {
-                return Err(BackendError::Vring(VringError::Misaligned(gpa)));
+            if gpa & (u64::from(align) - 1) != 0 {
+                debug!("ring {} area {:#x} not {}-byte aligned", queue, gpa, align);
+                return Err(BackendError::Vring(VringError::Misaligned(align)));
             }
             Ok(gpa)
         };
@@ -752,14 +831,14 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
         match result {
             Ok(()) => {
                 if ack_asked {
-                    outcome.reply = Reply::Ready(WireReply::ack(true).encode(code, out)?);
+                    outcome.reply = Reply::Ready(WireReply::encode_u64(code, 0, out)?);
                 }
                 Ok(())
             }
             Err(e) if ack_asked && !matches!(e, BackendError::Wire(_)) => {
                 warn!("refusing {}: ack failure", code.id());
                 *outcome = Outcome {
-                    reply: Reply::Ready(WireReply::U64(e.ack_value()).encode(code, out)?),
+                    reply: Reply::Ready(WireReply::encode_u64(code, e.ack_value(), out)?),
                     actions: Vec::new(),
                     refused: Some(e),
                 };
@@ -778,14 +857,14 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
         outcome: &mut Outcome,
     ) -> Result<(), BackendError> {
         let code = req.code();
-        let mut reply = |r: WireReply<'_>| -> Result<Reply, BackendError> {
-            Ok(Reply::Ready(r.encode(code, out)?))
+        // Each reply is encoded on its own (WireReply::encode_*): a
+        // back-end links no other reply's encoding.
+        let mut reply = |v: u64| -> Result<Reply, BackendError> {
+            Ok(Reply::Ready(WireReply::encode_u64(code, v, out)?))
         };
         let actions = &mut outcome.actions;
         match *req {
-            Request::GetFeatures => {
-                outcome.reply = reply(WireReply::U64(self.config.features.bits()))?
-            }
+            Request::GetFeatures => outcome.reply = reply(self.config.features.bits())?,
             Request::SetFeatures(v) => {
                 let acked = accept_virtio(self.config.features, v)?;
                 let running = self.rings.iter().any(|r| r.running);
@@ -828,16 +907,14 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
             Request::SetOwner => self.owner = true,
             Request::ResetOwner => self.apply_all(RingEvent::ResetOwner, actions),
             Request::GetProtocolFeatures => {
-                outcome.reply = reply(WireReply::U64(self.config.protocol_features.bits()))?
+                outcome.reply = reply(self.config.protocol_features.bits())?
             }
             Request::SetProtocolFeatures(v) => {
                 self.acked_protocol = accept_protocol(self.config.protocol_features, v)?;
                 self.protocol_negotiated = true;
             }
-            Request::GetQueueNum => {
-                outcome.reply = reply(WireReply::U64(self.config.num_queues.into()))?
-            }
-            Request::GetMaxMemSlots => outcome.reply = reply(WireReply::U64(R as u64))?,
+            Request::GetQueueNum => outcome.reply = reply(self.config.num_queues.into())?,
+            Request::GetMaxMemSlots => outcome.reply = reply(R as u64)?,
             Request::SetMemTable(ref table) => {
                 // Region i in slot i, as `MemoryTable::set` places them,
                 // without a copy of the regions on the stack.
@@ -947,7 +1024,8 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
                     slot.kick = Notifier::Unset;
                     slot.call = Notifier::Unset;
                     let base = slot.base;
-                    outcome.reply = reply(WireReply::VringState { index, num: base })?;
+                    let n = WireReply::encode_vring_state(code, index, base, out)?;
+                    outcome.reply = Reply::Ready(n);
                 }
             }
             Request::SetVringKick(v) => {
@@ -961,18 +1039,24 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
                 );
                 let slot = self.slot_mut(v.index)?;
                 slot.kick = notifier(v);
-                if slot.running {
-                    // A new kick fd for a running ring: just swap it.
-                    return Ok(());
+                if !slot.running {
+                    // A new kick fd for a running ring is just swapped.
+                    self.start(q, mem, actions)?;
                 }
-                // Refused here, on this message, if the ring cannot start.
-                let ring = self.build_ring(q, mem)?;
-                self.inflight_offset(q, ring.size())?;
-                let slot = self.slot_mut(v.index)?;
-                slot.state = slot.state.apply(RingEvent::SetVringKick);
-                slot.running = true;
-                info!("ring {} started", q);
-                push(actions, Action::StartRing { queue: q });
+            }
+            Request::VringKick(index) => {
+                // In-band kick: starts a stopped ring like SET_VRING_KICK
+                // (amended spec), else says buffers are available.
+                let q = index as u16;
+                if self.slot_mut(index)?.running {
+                    push(actions, Action::Kick { queue: q });
+                } else {
+                    self.start(q, mem, actions)?;
+                }
+            }
+            Request::SetBackendReqFd => {
+                self.channel = true;
+                push(actions, Action::SetBackendChannel { fd: 0 });
             }
             Request::SetVringCall(v) => {
                 self.slot_mut(v.index)?.call = notifier(v);
@@ -1016,7 +1100,7 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
                 }
             }
             Request::SetStatus(s) => self.status = s,
-            Request::GetStatus => outcome.reply = reply(WireReply::U64(self.status.into()))?,
+            Request::GetStatus => outcome.reply = reply(self.status.into())?,
             Request::GetInflightFd(m) => {
                 self.check_inflight(m.num_queues, m.queue_size)?;
                 let size = inflight::area_size(m.num_queues, m.queue_size)?;
@@ -1024,11 +1108,12 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
                 self.inflight = None;
                 push(actions, Action::UnmapInflight);
                 push(actions, Action::CreateInflight { size });
-                outcome.reply = reply(WireReply::Inflight(InflightMsg {
+                let m = InflightMsg {
                     mmap_size: size,
                     mmap_offset: 0,
                     ..m
-                }))?;
+                };
+                outcome.reply = Reply::Ready(WireReply::encode_inflight(code, &m, out)?);
             }
             Request::SetInflightFd(m) => {
                 self.check_inflight(m.num_queues, m.queue_size)?;
@@ -1067,7 +1152,6 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
             | Request::SetLogFd
             | Request::SendRarp(_)
             | Request::NetSetMtu(_)
-            | Request::SetBackendReqFd
             | Request::IotlbMsg(_)
             | Request::SetVringEndian { .. }
             | Request::CreateCryptoSession(_)
@@ -1076,12 +1160,29 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
             | Request::PostcopyListen
             | Request::PostcopyEnd
             | Request::GpuSetSocket
-            | Request::VringKick(_)
             | Request::GetSharedObject(_)
             | Request::SetDeviceStateFd(_)
             | Request::CheckDeviceState
             | Request::GetShmemConfig => return Err(BackendError::NotNegotiated(code)),
         }
+        Ok(())
+    }
+
+    /// Starts a stopped ring (SET_VRING_KICK, in-band VRING_KICK); refused
+    /// here, on that message, if the ring cannot start.
+    fn start<M: GuestMemory + ?Sized>(
+        &mut self,
+        q: u16,
+        mem: &M,
+        actions: &mut Vec<Action, MAX_ACTIONS>,
+    ) -> Result<(), BackendError> {
+        let ring = self.build_ring(q, mem)?;
+        self.inflight_offset(q, ring.size())?;
+        let slot = self.slot_mut(q.into())?;
+        slot.state = slot.state.apply(RingEvent::SetVringKick);
+        slot.running = true;
+        info!("ring {} started", q);
+        push(actions, Action::StartRing { queue: q });
         Ok(())
     }
 
@@ -1094,16 +1195,14 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
         let mut buf = [0u8; crate::message::MAX_CONFIG_SIZE as usize];
         let len = c.data.len();
         let data = &mut buf[..len];
-        let reply = if device.read_config(c.offset, data) {
-            WireReply::Config(ConfigMsg {
-                offset: c.offset,
-                kind: c.kind,
-                data,
-            })
-        } else {
-            WireReply::ConfigFailed
+        let ok = device.read_config(c.offset, data);
+        let msg = ConfigMsg {
+            offset: c.offset,
+            kind: c.kind,
+            data,
         };
-        Ok(Reply::Ready(reply.encode(FrontendReq::GetConfig, out)?))
+        let n = WireReply::encode_config(FrontendReq::GetConfig, ok.then_some(&msg), out)?;
+        Ok(Reply::Ready(n))
     }
 
     fn check_inflight(&self, num_queues: u16, queue_size: u16) -> Result<(), BackendError> {
@@ -1190,6 +1289,11 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
     /// region of the inflight area when one was set (`area` is that area
     /// as the adapter mapped it). `consume_disabled` is
     /// [`Device::consume_while_disabled`].
+    ///
+    /// Refused when the area's recorded state cannot be recovered: every
+    /// field recovery reads (version, desc_num, used index, last batch,
+    /// entry flags, counts and links of the requests to resubmit) is
+    /// checked before the ring starts; the adapter ends the connection.
     pub fn start_ring<M: GuestMemory + ?Sized>(
         &self,
         queue: u16,
@@ -1200,25 +1304,22 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
         let ring = self.build_ring(queue, mem)?;
         let inflight = match (self.inflight_offset(queue, ring.size())?, area) {
             (Some(off), Some(a)) => Some((a, off)),
-            (Some(_), None) => {
-                return Err(BackendError::Inflight(InflightError::TooSmall {
-                    need: 1,
-                    have: 0,
-                }))
-            }
+            (Some(_), None) => return Err(BackendError::Inflight(InflightError::TooSmall)),
             (None, _) => None,
         };
         let enabled = self
             .rings
             .get(usize::from(queue))
             .is_some_and(|s| s.state.is_enabled());
-        Ok(DataPlane::start(
-            ring,
-            enabled,
-            consume_disabled,
-            mem,
-            inflight,
-        ))
+        let dp = DataPlane::start(ring, enabled, consume_disabled, mem, inflight);
+        // Only recovery can break a ring at its start: an area it refused
+        // (a header field, a link, a count, a flag out of range) is refused
+        // here, before the ring runs.
+        match dp.error() {
+            Some(DataPlaneError::Inflight(e)) => Err(BackendError::Inflight(e)),
+            Some(DataPlaneError::Vring(e)) => Err(BackendError::Vring(e)),
+            _ => Ok(dp),
+        }
     }
 
     /// Completes a pending GET_VRING_BASE: the ring's data plane has
@@ -1242,11 +1343,7 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
         slot.call = Notifier::Unset;
         let num = slot.base;
         debug!("ring {} stopped at {:#x}", queue, num);
-        Ok(WireReply::VringState {
-            index: queue.into(),
-            num,
-        }
-        .encode(code, out)?)
+        Ok(WireReply::encode_vring_state(code, queue.into(), num, out)?)
     }
 
     /// After RESET_DEVICE's [`Action::ResetRings`], or when the connection

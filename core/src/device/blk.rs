@@ -750,6 +750,20 @@ impl BlkDevice {
         self.space.capacity.get()
     }
 
+    /// The disk is now `sectors` long (it was resized): the config space,
+    /// and the one a reset returns to, say so; requests are checked against
+    /// it from now on. Returns whether the capacity changed (then tell the
+    /// front-end: BACKEND_CONFIG_CHANGE_MSG).
+    pub fn set_capacity(&mut self, sectors: u64) -> Result<bool, BlkConfigError> {
+        if sectors > u64::MAX >> SECTOR_SHIFT {
+            return Err(BlkConfigError::CapacityTooLarge);
+        }
+        let changed = self.capacity() != sectors;
+        self.space.capacity = sectors.into();
+        self.initial.capacity = sectors.into();
+        Ok(changed)
+    }
+
     /// The device is read-only (RO offered).
     pub fn read_only(&self) -> bool {
         self.offered.contains(BlkFeatures::RO)

@@ -52,9 +52,9 @@ use heapless::{Deque, Vec};
 use crate::feature::{select_protocol, select_virtio, ProtocolFeatures, VirtioFeatures};
 use crate::memory::MemoryTable;
 use crate::message::{
-    ConfigMsg, ConfigWriteKind, FrontendReq, Header, InflightMsg, MemRegionMsg, MemTable,
-    ParseOptions, Reply, Request, VringAddrMsg, VringFdMsg, VringStateMsg, WireError, HEADER_SIZE,
-    MAX_CONFIG_SIZE, MAX_FDS, MAX_MEM_REGIONS, MAX_QUEUES,
+    BackendReq, BackendRequest, ConfigMsg, ConfigWriteKind, FrontendReq, Header, InflightMsg,
+    MemRegionMsg, MemTable, ParseOptions, Reply, Request, VringAddrMsg, VringFdMsg, VringStateMsg,
+    WireError, HEADER_SIZE, MAX_CONFIG_SIZE, MAX_FDS, MAX_MEM_REGIONS, MAX_QUEUES,
 };
 use crate::vring::{RingAddrs, MAX_QUEUE_SIZE};
 
@@ -68,7 +68,7 @@ pub const MAX_TRANSMIT: usize = HEADER_SIZE + 12 + MAX_CONFIG_SIZE as usize;
 
 /// Protocol features this engine implements. BACKEND_REQ means the engine
 /// sends SET_BACKEND_REQ_FD with [`FdRef::BackendChannel`]; the adapter
-/// serves that channel.
+/// serves that channel with [`Frontend::serve_backend`].
 pub const SUPPORTED_PROTOCOL_FEATURES: ProtocolFeatures = ProtocolFeatures::MQ
     .union(ProtocolFeatures::REPLY_ACK)
     .union(ProtocolFeatures::BACKEND_REQ)
@@ -77,7 +77,8 @@ pub const SUPPORTED_PROTOCOL_FEATURES: ProtocolFeatures = ProtocolFeatures::MQ
     .union(ProtocolFeatures::STATUS)
     .union(ProtocolFeatures::INFLIGHT_SHMFD)
     .union(ProtocolFeatures::GET_VRING_BASE_INFLIGHT)
-    .union(ProtocolFeatures::GET_VRING_BASE_SKIP_DRAIN);
+    .union(ProtocolFeatures::GET_VRING_BASE_SKIP_DRAIN)
+    .union(ProtocolFeatures::INBAND_NOTIFICATIONS);
 
 /// Virtio device status bits sent with SET_STATUS.
 pub mod status {
@@ -107,6 +108,12 @@ pub enum NotifyMode {
     /// No fd (the no-fd bit): the back-end polls the ring (kick), or the
     /// front-end polls the used ring (call).
     Polling,
+    /// In-band notifications (INBAND_NOTIFICATIONS negotiated, else
+    /// [`Frontend::start`] refuses): the ring is started with VRING_KICK
+    /// instead of SET_VRING_KICK and kicked with [`Frontend::kick`] (kick),
+    /// or SET_VRING_CALL has the no-fd bit and the back-end sends
+    /// BACKEND_VRING_CALL on the back-end channel (call).
+    InBand,
 }
 
 /// One queue as the front-end sets it up.
@@ -167,15 +174,17 @@ impl<const Q: usize, const R: usize> FrontendConfig<Q, R> {
     }
 
     /// The configuration of a probe (`vhu probe`): every virtio feature
-    /// wanted, every implemented protocol feature but BACKEND_REQ (a probe
-    /// has no back-end channel), no queues, no memory. After
+    /// wanted, every implemented protocol feature but BACKEND_REQ and
+    /// INBAND_NOTIFICATIONS (a probe has no back-end channel), no queues, no memory. After
     /// [`Event::Negotiated`], [`Frontend::backend_info`] holds the offer,
     /// the queue count and the memory slots; [`Frontend::read_config`] reads
     /// the config space.
     pub fn probe() -> Self {
         Self::new(
             VirtioFeatures::all(),
-            SUPPORTED_PROTOCOL_FEATURES.difference(ProtocolFeatures::BACKEND_REQ),
+            SUPPORTED_PROTOCOL_FEATURES
+                .difference(ProtocolFeatures::BACKEND_REQ)
+                .difference(ProtocolFeatures::INBAND_NOTIFICATIONS),
         )
     }
 }
@@ -276,6 +285,87 @@ pub enum Event {
     },
 }
 
+/// What a back-end channel request told the front-end
+/// ([`Frontend::serve_backend`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum BackendNotice {
+    /// CONFIG_CHANGE_MSG: the device's config space changed; read it again
+    /// ([`Frontend::read_config`]) and tell the driver.
+    ConfigChanged,
+    /// In-band BACKEND_VRING_CALL: the ring's used buffers are there, as a
+    /// write to its call eventfd would say.
+    Call(u16),
+    /// In-band BACKEND_VRING_ERR: the ring broke on guest input and stopped.
+    RingError(u16),
+    /// A request this front-end does not serve (not negotiated, or not
+    /// implemented: IOTLB, host notifiers, shared objects, shared memory);
+    /// it was answered with a failure when an ack was asked.
+    Refused(BackendReq),
+}
+
+/// A back-end channel request served by [`Frontend::serve_backend`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Served {
+    /// What the request said.
+    pub notice: BackendNotice,
+    /// Bytes of the caller's buffer to send back on the channel (the ack
+    /// the back-end asked for with NEED_REPLY, REPLY_ACK negotiated).
+    pub reply: Option<usize>,
+}
+
+/// Serves the back-end channel of a session ([`Frontend::backend_server`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendServer {
+    protocol: ProtocolFeatures,
+    queues: u32,
+}
+
+impl BackendServer {
+    /// Serves one request the back-end sent on the back-end channel
+    /// (header, payload, number of fds that came with it): what it says,
+    /// and the ack to send back (written into `out`) if one was asked.
+    ///
+    /// CONFIG_CHANGE_MSG needs CONFIG negotiated, BACKEND_VRING_CALL and
+    /// BACKEND_VRING_ERR need INBAND_NOTIFICATIONS and a configured ring;
+    /// any other well-formed request is [`BackendNotice::Refused`] (a
+    /// failed ack). A malformed request (bad flags, size, fds or ring
+    /// index) is an error: the back-end misbehaves and the adapter closes
+    /// the connection. Nothing of the session changes, so the channel may
+    /// be served at any time, between any two main-channel messages.
+    pub fn serve(
+        &self,
+        header: &Header,
+        payload: &[u8],
+        nfds: usize,
+        out: &mut [u8],
+    ) -> Result<Served, FrontendError> {
+        let opts = ParseOptions {
+            max_queues: self.queues,
+            xen_mmap: false,
+        };
+        let req = BackendRequest::parse(header, payload, nfds, &opts)?;
+        let p = self.protocol;
+        let inband = p.contains(ProtocolFeatures::INBAND_NOTIFICATIONS);
+        // Ring indices were checked against the configured queues.
+        let notice = match req {
+            BackendRequest::ConfigChange if p.contains(ProtocolFeatures::CONFIG) => {
+                BackendNotice::ConfigChanged
+            }
+            BackendRequest::VringCall(q) if inband => BackendNotice::Call(q as u16),
+            BackendRequest::VringErr(q) if inband => BackendNotice::RingError(q as u16),
+            _ => BackendNotice::Refused(req.code()),
+        };
+        let reply = if header.need_reply() && p.contains(ProtocolFeatures::REPLY_ACK) {
+            let value = u64::from(matches!(notice, BackendNotice::Refused(_)));
+            Some(BackendRequest::encode_reply(req.code(), value, out)?)
+        } else {
+            None
+        };
+        Ok(Served { notice, reply })
+    }
+}
+
 /// Where the session is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -303,6 +393,8 @@ enum Flow {
     Stop,
     Memory,
     Config,
+    /// One in-band VRING_KICK ([`Frontend::kick`]).
+    Kick,
 }
 
 /// One message of a flow.
@@ -325,6 +417,8 @@ enum Step {
     VringBase(u16),
     VringAddr(u16),
     VringKick(u16),
+    /// VRING_KICK: starts the ring (in-band kick mode), or kicks it.
+    InBandKick(u16),
     VringCall(u16),
     Enable(u16),
     DriverOk,
@@ -372,6 +466,7 @@ impl Step {
             Step::VringBase(_) => C::SetVringBase,
             Step::VringAddr(_) => C::SetVringAddr,
             Step::VringKick(_) => C::SetVringKick,
+            Step::InBandKick(_) => C::VringKick,
             Step::VringCall(_) => C::SetVringCall,
             Step::Enable(_) | Step::Disable(_) => C::SetVringEnable,
             Step::GetBase(_) => C::GetVringBase,
@@ -397,6 +492,7 @@ fn wants_ack(code: FrontendReq) -> bool {
             | C::SetVringCall
             | C::SetVringEnable
             | C::SetStatus
+            | C::VringKick
     )
 }
 
@@ -607,6 +703,28 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
         Ok(())
     }
 
+    /// Serves one request the back-end sent on the back-end channel; see
+    /// [`BackendServer::serve`].
+    pub fn serve_backend(
+        &self,
+        header: &Header,
+        payload: &[u8],
+        nfds: usize,
+        out: &mut [u8],
+    ) -> Result<Served, FrontendError> {
+        self.backend_server().serve(header, payload, nfds, out)
+    }
+
+    /// What serving the back-end channel needs of this session (the
+    /// negotiated protocol features, the queue count), as a value a thread
+    /// that reads the channel can keep.
+    pub fn backend_server(&self) -> BackendServer {
+        BackendServer {
+            protocol: self.protocol,
+            queues: self.config.queues.len() as u32,
+        }
+    }
+
     /// The next event, if any. Drain it after every `poll_transmit` and
     /// `handle_reply`.
     pub fn poll_event(&mut self) -> Option<Event> {
@@ -625,6 +743,15 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
             return Err(FrontendError::NoQueues);
         }
         self.check_region_limit(self.config.regions.len())?;
+        let inband = ProtocolFeatures::INBAND_NOTIFICATIONS;
+        let wants_inband = self
+            .config
+            .queues
+            .iter()
+            .any(|q| q.kick == NotifyMode::InBand || q.call == NotifyMode::InBand);
+        if wants_inband && !self.protocol.contains(inband) {
+            return Err(FrontendError::Unsupported(inband.bits()));
+        }
         debug!("start: {} rings", self.config.queues.len());
         self.state = State::Starting;
         self.begin(Flow::Start, Some(Step::SetFeatures));
@@ -674,6 +801,26 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
         } else {
             Step::GetBase(q)
         }
+    }
+
+    /// Kicks ring `queue` in-band: sends VRING_KICK (acked, as REPLY_ACK
+    /// comes with INBAND_NOTIFICATIONS) to say buffers are available.
+    ///
+    /// Needs the ring configured with [`NotifyMode::InBand`] kicks (so
+    /// INBAND_NOTIFICATIONS negotiated); allowed in [`State::Started`] when
+    /// no other flow runs.
+    pub fn kick(&mut self, queue: u16) -> Result<(), FrontendError> {
+        self.check_command(&[State::Started])?;
+        let q = self
+            .config
+            .queues
+            .get(usize::from(queue))
+            .ok_or(FrontendError::BadQueue(usize::from(queue)))?;
+        if q.kick != NotifyMode::InBand {
+            return Err(FrontendError::NotNegotiated(FrontendReq::VringKick));
+        }
+        self.begin(Flow::Kick, Some(Step::InBandKick(queue)));
+        Ok(())
     }
 
     /// Reads `len` bytes of config space at `offset` (GET_CONFIG);
@@ -817,7 +964,7 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
         };
         let notify = |q: u16, mode: NotifyMode| VringFdMsg {
             index: u32::from(q),
-            no_fd: mode == NotifyMode::Polling,
+            no_fd: mode != NotifyMode::Eventfd,
         };
         let req = match step {
             Step::GetFeatures | Step::CheckFeatures => Request::GetFeatures,
@@ -869,6 +1016,7 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
                 })
             }
             Step::VringKick(q) => Request::SetVringKick(notify(q, self.queue(q).kick)),
+            Step::InBandKick(q) => Request::VringKick(q.into()),
             Step::VringCall(q) => Request::SetVringCall(notify(q, self.queue(q).call)),
             Step::Enable(q) => Request::SetVringEnable {
                 index: q.into(),
@@ -1112,7 +1260,7 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
                 self.push_event(Event::Stopped);
             }
             Flow::Memory => self.push_event(Event::MemoryUpdated),
-            Flow::Config => {}
+            Flow::Config | Flow::Kick => {}
         }
     }
 
@@ -1198,8 +1346,11 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
                 Step::GetInflight | Step::SetInflight => Some(Step::VringNum(0)),
                 Step::VringNum(q) => Some(Step::VringBase(q)),
                 Step::VringBase(q) => Some(Step::VringAddr(q)),
+                Step::VringAddr(q) if self.queue(q).kick == NotifyMode::InBand => {
+                    Some(Step::InBandKick(q))
+                }
                 Step::VringAddr(q) => Some(Step::VringKick(q)),
-                Step::VringKick(q) => Some(Step::VringCall(q)),
+                Step::VringKick(q) | Step::InBandKick(q) => Some(Step::VringCall(q)),
                 Step::VringCall(q) if q + 1 < n => Some(Step::VringNum(q + 1)),
                 Step::VringCall(_) => first_enable(),
                 Step::Enable(q) if q + 1 < n => Some(Step::Enable(q + 1)),
@@ -1218,7 +1369,7 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
                 _ => None,
             },
             Flow::Memory => self.memory_step(),
-            Flow::Config => None,
+            Flow::Config | Flow::Kick => None,
         }
     }
 }

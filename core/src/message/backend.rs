@@ -3,7 +3,7 @@
 
 use super::raw;
 use super::request::{uuid, IotlbKind, IotlbMsg, ShmemMapMsg, Writer};
-use super::{empty, exact, FdRule, Header, ParseOptions, WireError};
+use super::{empty, exact, sat16, FdRule, Header, ParseOptions, WireError};
 
 request_codes! {
     /// Request codes of the back-end channel (back-end → front-end).
@@ -80,7 +80,7 @@ fn shmem(id: u32, payload: &[u8]) -> Result<ShmemMapMsg, WireError> {
     let r: &raw::ShmemMap = exact(id, payload)?;
     let flags = r.flags.get();
     if flags & !SHMEM_WRITABLE != 0 {
-        return Err(WireError::ReservedBits(flags));
+        return Err(WireError::reserved_bits(flags));
     }
     let m = ShmemMapMsg {
         shmid: r.shmid,
@@ -113,8 +113,8 @@ impl BackendRequest {
         header.check_request()?;
         if payload.len() != header.size as usize {
             return Err(WireError::Truncated {
-                needed: header.size,
-                got: payload.len() as u32,
+                needed: sat16(header.size),
+                got: sat16(payload.len()),
             });
         }
         let code = BackendReq::try_from(header.request)?;
@@ -127,7 +127,7 @@ impl BackendRequest {
             BackendReq::IotlbMsg => {
                 let m = IotlbMsg::parse(id, payload)?;
                 if !matches!(m.kind, IotlbKind::Miss | IotlbKind::AccessFail) {
-                    return Err(WireError::BadValue(m.kind as u64));
+                    return Err(WireError::BadValue(m.kind as u32));
                 }
                 BackendRequest::IotlbMsg(m)
             }
@@ -139,7 +139,7 @@ impl BackendRequest {
                 let r: &raw::VringArea = exact(id, payload)?;
                 let v = r.index_flags.get();
                 if v & !(AREA_INDEX_MASK | AREA_NOFD) != 0 {
-                    return Err(WireError::ReservedBits(v));
+                    return Err(WireError::reserved_bits(v));
                 }
                 let m = VringAreaMsg {
                     index: opts.check_queue(v & AREA_INDEX_MASK)?,
@@ -196,10 +196,6 @@ impl BackendRequest {
     /// Encodes the request into `out`, asking for an ack if `need_reply`.
     pub fn encode(&self, need_reply: bool, out: &mut [u8]) -> Result<usize, WireError> {
         let mut w = Writer::new(out);
-        let ring = |i: u32| raw::VringState {
-            index: i.into(),
-            num: 0.into(),
-        };
         let shmem = |m: &ShmemMapMsg| raw::ShmemMap {
             shmid: m.shmid,
             padding: [0; 7],
@@ -210,7 +206,9 @@ impl BackendRequest {
         };
         match self {
             BackendRequest::IotlbMsg(m) => w.raw(&m.raw())?,
-            BackendRequest::ConfigChange => {}
+            BackendRequest::ConfigChange => {
+                return Self::encode_empty(BackendReq::ConfigChangeMsg, need_reply, out)
+            }
             BackendRequest::VringHostNotifier(m) => w.raw(&raw::VringArea {
                 index_flags: (u64::from(m.index) & AREA_INDEX_MASK
                     | if m.no_fd { AREA_NOFD } else { 0 })
@@ -218,13 +216,42 @@ impl BackendRequest {
                 size: m.size.into(),
                 offset: m.offset.into(),
             })?,
-            BackendRequest::VringCall(i) | BackendRequest::VringErr(i) => w.raw(&ring(*i))?,
+            BackendRequest::VringCall(i) | BackendRequest::VringErr(i) => {
+                return Self::encode_ring(self.code(), *i, need_reply, out)
+            }
             BackendRequest::SharedObjectAdd(u)
             | BackendRequest::SharedObjectRemove(u)
             | BackendRequest::SharedObjectLookup(u) => w.bytes(u)?,
             BackendRequest::ShmemMap(m) | BackendRequest::ShmemUnmap(m) => w.raw(&shmem(m))?,
         }
         w.finish(Header::request(self.code().id(), 0, need_reply))
+    }
+
+    // The requests a back-end session sends, each on its own, so that a
+    // back-end links none of the others' encoding.
+
+    /// A request without payload (CONFIG_CHANGE_MSG).
+    pub fn encode_empty(
+        request: BackendReq,
+        need_reply: bool,
+        out: &mut [u8],
+    ) -> Result<usize, WireError> {
+        Writer::new(out).finish(Header::request(request.id(), 0, need_reply))
+    }
+
+    /// A request naming ring `index` (in-band VRING_CALL, VRING_ERR).
+    pub fn encode_ring(
+        request: BackendReq,
+        index: u32,
+        need_reply: bool,
+        out: &mut [u8],
+    ) -> Result<usize, WireError> {
+        let mut w = Writer::new(out);
+        w.raw(&raw::VringState {
+            index: index.into(),
+            num: 0.into(),
+        })?;
+        w.finish(Header::request(request.id(), 0, need_reply))
     }
 
     /// Parses the front-end's reply to a back-end request with code

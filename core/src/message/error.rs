@@ -8,12 +8,12 @@ pub enum WireError {
     /// Fewer bytes than the header or payload needs.
     Truncated {
         /// Bytes needed.
-        needed: u32,
-        /// Bytes present.
-        got: u32,
+        needed: u16,
+        /// Bytes present (at most `u16::MAX`).
+        got: u16,
     },
     /// Version bits other than 1.
-    BadVersion(u32),
+    BadVersion(u8),
     /// Reserved header flag bits set (the whole flags word).
     ReservedFlags(u32),
     /// A request carried the REPLY bit.
@@ -22,10 +22,10 @@ pub enum WireError {
     BadReplyFlags(u32),
     /// A reply carried another request id than the one it answers.
     ReplyMismatch {
-        /// The id of the request that was sent.
-        expected: u32,
-        /// The id in the reply.
-        got: u32,
+        /// The id of the request that was sent (at most `u16::MAX`).
+        expected: u16,
+        /// The id in the reply (at most `u16::MAX`).
+        got: u16,
     },
     /// Request id 0 or an id this channel does not define.
     UnknownRequest(u32),
@@ -33,10 +33,10 @@ pub enum WireError {
     PayloadTooLarge(u32),
     /// Payload size not allowed for this request id.
     BadSize {
-        /// Request id.
-        request: u32,
-        /// Payload size received.
-        size: u32,
+        /// Request id (at most `u16::MAX`).
+        request: u16,
+        /// Payload size received (at most `u16::MAX`).
+        size: u16,
     },
     /// More file descriptors than the message allows.
     TooManyFds {
@@ -58,18 +58,21 @@ pub enum WireError {
     EmptyRegion,
     /// A region, log, IOTLB or shared-memory range whose end overflows u64.
     RangeOverflow,
-    /// A ring index at or above the limit.
-    QueueIndex(u64),
-    /// Reserved bits set in a payload field (the field's value).
-    ReservedBits(u64),
-    /// A field outside its defined values (the value).
-    BadValue(u64),
+    /// A ring index at or above the limit (at most `u32::MAX`; a larger
+    /// one is logged in full).
+    QueueIndex(u32),
+    /// Reserved bits set in a payload field (the field's value, at most
+    /// `u32::MAX`; a larger one is logged in full).
+    ReservedBits(u32),
+    /// A field outside its defined values (the value, at most `u32::MAX`;
+    /// a larger one is logged in full).
+    BadValue(u32),
     /// A config access outside the 256-byte config space.
     ConfigRange {
-        /// Offset.
-        offset: u32,
-        /// Size.
-        size: u32,
+        /// Offset (at most `u16::MAX`).
+        offset: u16,
+        /// Size (at most `u16::MAX`).
+        size: u16,
     },
     /// The output buffer is too small; this many bytes are needed.
     BufferTooSmall {
@@ -78,11 +81,43 @@ pub enum WireError {
     },
 }
 
+// No payload wider than 32 bits: a Result of a parser stays small to move,
+// and so does every error that wraps this one.
+const _: () = assert!(core::mem::size_of::<WireError>() <= 8);
+
 impl WireError {
     /// The value a REPLY_ACK carries for this error (non-zero = failure).
     pub fn ack_value(&self) -> u64 {
         1
     }
+
+    /// [`QueueIndex`](Self::QueueIndex) of a 64-bit field.
+    pub(crate) fn queue_index(index: u64) -> WireError {
+        debug!("ring index {} out of range", index);
+        WireError::QueueIndex(sat32(index))
+    }
+
+    /// [`ReservedBits`](Self::ReservedBits) of a 64-bit field.
+    pub(crate) fn reserved_bits(value: u64) -> WireError {
+        debug!("reserved bits set in {:#x}", value);
+        WireError::ReservedBits(sat32(value))
+    }
+
+    /// [`BadValue`](Self::BadValue) of a 64-bit field.
+    pub(crate) fn bad_value(value: u64) -> WireError {
+        debug!("invalid field value {}", value);
+        WireError::BadValue(sat32(value))
+    }
+}
+
+/// `v`, or `u32::MAX` if it does not fit.
+fn sat32(v: u64) -> u32 {
+    u32::try_from(v).unwrap_or(u32::MAX)
+}
+
+/// `v`, or `u16::MAX` if it does not fit (sizes and ids in errors).
+pub(crate) fn sat16(v: impl TryInto<u16>) -> u16 {
+    v.try_into().unwrap_or(u16::MAX)
 }
 
 impl fmt::Display for WireError {

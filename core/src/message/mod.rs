@@ -71,6 +71,7 @@ mod reply;
 mod request;
 
 pub use backend::{BackendReq, BackendRequest, VringAreaMsg};
+use error::sat16;
 pub use error::WireError;
 pub use reply::Reply;
 pub use request::{
@@ -138,12 +139,12 @@ impl Header {
     /// shorter than [`HEADER_SIZE`].
     pub fn parse(bytes: &[u8]) -> Result<Header, WireError> {
         let (raw, _) = raw::Header::read_from_prefix(bytes).map_err(|_| WireError::Truncated {
-            needed: HEADER_SIZE as u32,
-            got: bytes.len() as u32,
+            needed: HEADER_SIZE as u16,
+            got: sat16(bytes.len()),
         })?;
         let flags = raw.flags.get();
         if flags & VERSION_MASK != VERSION {
-            return Err(WireError::BadVersion(flags & VERSION_MASK));
+            return Err(WireError::BadVersion((flags & VERSION_MASK) as u8));
         }
         if flags & RESERVED_FLAGS != 0 {
             return Err(WireError::ReservedFlags(flags));
@@ -205,8 +206,8 @@ impl Header {
         }
         if self.request != request {
             return Err(WireError::ReplyMismatch {
-                expected: request,
-                got: self.request,
+                expected: sat16(request),
+                got: sat16(self.request),
             });
         }
         Ok(())
@@ -284,7 +285,7 @@ impl Default for ParseOptions {
 impl ParseOptions {
     pub(crate) fn check_queue(&self, index: u64) -> Result<u32, WireError> {
         if index >= u64::from(self.max_queues.min(MAX_QUEUES)) {
-            return Err(WireError::QueueIndex(index));
+            return Err(WireError::queue_index(index));
         }
         Ok(index as u32)
     }
@@ -309,8 +310,8 @@ pub(crate) fn exact<T: FromBytes + zerocopy::KnownLayout + zerocopy::Immutable>(
     payload: &[u8],
 ) -> Result<&T, WireError> {
     T::ref_from_bytes(payload).map_err(|_| WireError::BadSize {
-        request,
-        size: payload.len() as u32,
+        request: sat16(request),
+        size: sat16(payload.len()),
     })
 }
 
@@ -320,8 +321,8 @@ pub(crate) fn empty(request: u32, payload: &[u8]) -> Result<(), WireError> {
         Ok(())
     } else {
         Err(WireError::BadSize {
-            request,
-            size: payload.len() as u32,
+            request: sat16(request),
+            size: sat16(payload.len()),
         })
     }
 }

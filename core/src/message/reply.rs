@@ -2,7 +2,7 @@
 
 use super::raw;
 use super::request::{ConfigMsg, InflightMsg, MemRegionMsg, MemTable, Writer};
-use super::{exact, FdRule, FrontendReq, Header, ParseOptions, WireError};
+use super::{exact, sat16, FdRule, FrontendReq, Header, ParseOptions, WireError};
 
 /// A validated reply on the main socket. Which variant a reply parses into is
 /// decided by the request it answers.
@@ -72,13 +72,13 @@ impl<'a> Reply<'a> {
         header.check_reply_to(id)?;
         if payload.len() != header.size as usize {
             return Err(WireError::Truncated {
-                needed: header.size,
-                got: payload.len() as u32,
+                needed: sat16(header.size),
+                got: sat16(payload.len()),
             });
         }
         let bad = || WireError::BadSize {
-            request: id,
-            size: payload.len() as u32,
+            request: sat16(id),
+            size: sat16(payload.len()),
         };
         use FrontendReq as C;
         let reply = match request {
@@ -137,7 +137,7 @@ impl<'a> Reply<'a> {
             C::SetDeviceStateFd => {
                 let v = exact::<raw::Word>(id, payload)?.value.get();
                 if v & !(0xff | DEVICE_STATE_NOFD) != 0 {
-                    return Err(WireError::ReservedBits(v));
+                    return Err(WireError::reserved_bits(v));
                 }
                 Reply::DeviceStateFd {
                     error: (v & 0xff) as u8,
@@ -171,14 +171,13 @@ impl<'a> Reply<'a> {
     pub fn encode(&self, request: FrontendReq, out: &mut [u8]) -> Result<usize, WireError> {
         let mut w = Writer::new(out);
         match self {
-            Reply::U64(v) => w.word(*v)?,
-            Reply::VringState { index, num } => w.raw(&raw::VringState {
-                index: (*index).into(),
-                num: (*num).into(),
-            })?,
-            Reply::Config(c) => c.write(&mut w)?,
+            Reply::U64(v) => return Self::encode_u64(request, *v, out),
+            Reply::VringState { index, num } => {
+                return Self::encode_vring_state(request, *index, *num, out)
+            }
+            Reply::Config(c) => return Self::encode_config(request, Some(c), out),
+            Reply::Inflight(m) => return Self::encode_inflight(request, m, out),
             Reply::ConfigFailed | Reply::PostcopyAdvise | Reply::LogBaseDone => {}
-            Reply::Inflight(m) => w.raw(&m.raw())?,
             Reply::MemTable(t) => t.write(&mut w)?,
             Reply::MemRegion(r) => {
                 w.word(0)?;
@@ -194,6 +193,56 @@ impl<'a> Reply<'a> {
             }
             Reply::ShmemConfig(c) => w.raw(*c)?,
         }
+        w.finish(Header::reply(request.id(), 0))
+    }
+
+    // The replies a back-end session sends, each on its own, so that a
+    // back-end links none of the others' encoding.
+
+    /// [`Reply::U64`]`(v)` to `request`.
+    pub fn encode_u64(request: FrontendReq, v: u64, out: &mut [u8]) -> Result<usize, WireError> {
+        let mut w = Writer::new(out);
+        w.word(v)?;
+        w.finish(Header::reply(request.id(), 0))
+    }
+
+    /// [`Reply::VringState`] to `request` (GET_VRING_BASE or message 45).
+    pub fn encode_vring_state(
+        request: FrontendReq,
+        index: u32,
+        num: u32,
+        out: &mut [u8],
+    ) -> Result<usize, WireError> {
+        let mut w = Writer::new(out);
+        w.raw(&raw::VringState {
+            index: index.into(),
+            num: num.into(),
+        })?;
+        w.finish(Header::reply(request.id(), 0))
+    }
+
+    /// [`Reply::Config`] to `request` (GET_CONFIG), or
+    /// [`Reply::ConfigFailed`] for `None`.
+    pub fn encode_config(
+        request: FrontendReq,
+        c: Option<&ConfigMsg<'_>>,
+        out: &mut [u8],
+    ) -> Result<usize, WireError> {
+        let mut w = Writer::new(out);
+        if let Some(c) = c {
+            c.write(&mut w)?;
+        }
+        w.finish(Header::reply(request.id(), 0))
+    }
+
+    /// [`Reply::Inflight`] to `request` (GET_INFLIGHT_FD).
+    pub fn encode_inflight(
+        request: FrontendReq,
+        m: &InflightMsg,
+        out: &mut [u8],
+    ) -> Result<usize, WireError> {
+        let mut w = Writer::new(out);
+        w.raw(&m.raw())?;
         w.finish(Header::reply(request.id(), 0))
     }
 }

@@ -4,7 +4,7 @@ use zerocopy::{FromBytes, IntoBytes};
 
 use super::raw;
 use super::{
-    empty, exact, FdRule, Header, HeaderFlags, ParseOptions, WireError, MAX_CONFIG_SIZE,
+    empty, exact, sat16, FdRule, Header, HeaderFlags, ParseOptions, WireError, MAX_CONFIG_SIZE,
     MAX_MEM_REGIONS, MAX_PAYLOAD,
 };
 
@@ -178,7 +178,7 @@ impl VringFdMsg {
     fn parse(request: u32, payload: &[u8], opts: &ParseOptions) -> Result<Self, WireError> {
         let v = exact::<raw::Word>(request, payload)?.value.get();
         if v & !(VRING_INDEX_MASK | VRING_NOFD) != 0 {
-            return Err(WireError::ReservedBits(v));
+            return Err(WireError::reserved_bits(v));
         }
         Ok(VringFdMsg {
             index: opts.check_queue(v & VRING_INDEX_MASK)?,
@@ -266,7 +266,7 @@ impl MemRegionMsg {
                 .map(|r: &raw::XenMemRegion| r)
                 .map_err(|_| WireError::BadSize {
                     request: 0,
-                    size: bytes.len() as u32,
+                    size: sat16(bytes.len()),
                 })?;
             Self::from_raw(&r.region, Some((r.xen_flags.get(), r.domid.get())))
         } else {
@@ -274,7 +274,7 @@ impl MemRegionMsg {
                 .map(|r: &raw::MemRegion| r)
                 .map_err(|_| WireError::BadSize {
                     request: 0,
-                    size: bytes.len() as u32,
+                    size: sat16(bytes.len()),
                 })?;
             Self::from_raw(r, None)
         }
@@ -336,8 +336,8 @@ impl<'a> MemTable<'a> {
 
     pub(crate) fn parse(request: u32, payload: &'a [u8], xen: bool) -> Result<Self, WireError> {
         let bad = || WireError::BadSize {
-            request,
-            size: payload.len() as u32,
+            request: sat16(request),
+            size: sat16(payload.len()),
         };
         let (head, rest) = payload
             .split_at_checked(raw::MemTableHead::SIZE)
@@ -540,8 +540,8 @@ pub struct ConfigMsg<'a> {
 impl<'a> ConfigMsg<'a> {
     pub(crate) fn parse(request: u32, payload: &'a [u8]) -> Result<Self, WireError> {
         let bad = || WireError::BadSize {
-            request,
-            size: payload.len() as u32,
+            request: sat16(request),
+            size: sat16(payload.len()),
         };
         let (head, data) = payload
             .split_at_checked(raw::ConfigHead::SIZE)
@@ -550,7 +550,12 @@ impl<'a> ConfigMsg<'a> {
         let (offset, size) = (head.offset.get(), head.size.get());
         match offset.checked_add(size) {
             Some(end) if end <= MAX_CONFIG_SIZE => {}
-            _ => return Err(WireError::ConfigRange { offset, size }),
+            _ => {
+                return Err(WireError::ConfigRange {
+                    offset: sat16(offset),
+                    size: sat16(size),
+                })
+            }
         }
         if data.len() != size as usize {
             return Err(bad());
@@ -558,7 +563,7 @@ impl<'a> ConfigMsg<'a> {
         let kind = match head.flags.get() {
             0 => ConfigWriteKind::Frontend,
             1 => ConfigWriteKind::Migration,
-            v => return Err(WireError::BadValue(v.into())),
+            v => return Err(WireError::BadValue(v)),
         };
         Ok(ConfigMsg { offset, kind, data })
     }
@@ -899,8 +904,8 @@ fn single_region(request: u32, payload: &[u8], xen: bool) -> Result<MemRegionMsg
     let need = 8 + MemRegionMsg::wire_size(xen);
     if payload.len() != need {
         return Err(WireError::BadSize {
-            request,
-            size: payload.len() as u32,
+            request: sat16(request),
+            size: sat16(payload.len()),
         });
     }
     MemRegionMsg::parse_one(&payload[8..], xen)
@@ -961,8 +966,8 @@ impl<'a> Request<'a> {
         header.check_request()?;
         if payload.len() != header.size as usize {
             return Err(WireError::Truncated {
-                needed: header.size,
-                got: payload.len() as u32,
+                needed: sat16(header.size),
+                got: sat16(payload.len()),
             });
         }
         let code = FrontendReq::try_from(header.request)?;
@@ -1080,7 +1085,7 @@ impl<'a> Request<'a> {
         Ok(match code {
             C::SetVringNum => {
                 if s.num == 0 || s.num > MAX_RING_SIZE {
-                    return Err(WireError::BadValue(s.num.into()));
+                    return Err(WireError::BadValue(s.num));
                 }
                 Request::SetVringNum(s)
             }
@@ -1090,7 +1095,7 @@ impl<'a> Request<'a> {
                 let enable = match s.num {
                     0 => false,
                     1 => true,
-                    v => return Err(WireError::BadValue(v.into())),
+                    v => return Err(WireError::BadValue(v)),
                 };
                 Request::SetVringEnable {
                     index: s.index,
@@ -1128,7 +1133,7 @@ impl<'a> Request<'a> {
         let r: &raw::VringAddr = exact(FrontendReq::SetVringAddr.id(), payload)?;
         let flags = r.flags.get();
         if flags & !VRING_F_LOG != 0 {
-            return Err(WireError::ReservedBits(flags.into()));
+            return Err(WireError::ReservedBits(flags));
         }
         Ok(Request::SetVringAddr(VringAddrMsg {
             index: opts.check_queue(r.index.get().into())?,
@@ -1190,7 +1195,7 @@ impl<'a> Request<'a> {
             C::IotlbMsg => {
                 let m = IotlbMsg::parse(id, payload)?;
                 if !matches!(m.kind, IotlbKind::Update | IotlbKind::Invalidate) {
-                    return Err(WireError::BadValue(m.kind as u64));
+                    return Err(WireError::BadValue(m.kind as u32));
                 }
                 Request::IotlbMsg(m)
             }
@@ -1199,7 +1204,7 @@ impl<'a> Request<'a> {
                 let endian = match s.num {
                     0 => Endian::Little,
                     1 => Endian::Big,
-                    v => return Err(WireError::BadValue(v.into())),
+                    v => return Err(WireError::BadValue(v)),
                 };
                 Request::SetVringEndian {
                     index: s.index,
@@ -1209,8 +1214,8 @@ impl<'a> Request<'a> {
             C::CreateCryptoSession => {
                 if payload.len() < 16 {
                     return Err(WireError::BadSize {
-                        request: id,
-                        size: payload.len() as u32,
+                        request: sat16(id),
+                        size: sat16(payload.len()),
                     });
                 }
                 Request::CreateCryptoSession(payload)
@@ -1226,7 +1231,7 @@ impl<'a> Request<'a> {
             }
             C::SetStatus => {
                 let v = word(id, payload)?;
-                let status = u8::try_from(v).map_err(|_| WireError::BadValue(v))?;
+                let status = u8::try_from(v).map_err(|_| WireError::bad_value(v))?;
                 Request::SetStatus(status)
             }
             C::GetSharedObject => Request::GetSharedObject(uuid(id, payload)?),
@@ -1235,10 +1240,10 @@ impl<'a> Request<'a> {
                 let direction = match r.direction.get() {
                     0 => DeviceStateDirection::Save,
                     1 => DeviceStateDirection::Load,
-                    v => return Err(WireError::BadValue(v.into())),
+                    v => return Err(WireError::BadValue(v)),
                 };
                 if r.phase.get() != 0 {
-                    return Err(WireError::BadValue(r.phase.get().into()));
+                    return Err(WireError::BadValue(r.phase.get()));
                 }
                 Request::SetDeviceStateFd(direction)
             }

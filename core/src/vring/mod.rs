@@ -71,10 +71,12 @@ pub enum VringError {
     /// A ring structure (descriptor table, avail/used ring, event area) is
     /// not accessible in guest memory.
     Memory(MemoryError),
-    /// Ring size 0, above 32768, or not a power of two for a split ring.
-    BadSize(u32),
-    /// A ring area address is not aligned as the layout requires.
-    Misaligned(u64),
+    /// Ring size 0, above 32768, or not a power of two for a split ring
+    /// (saturated at `u16::MAX`).
+    BadSize(u16),
+    /// A ring area address is not aligned as the layout requires (the
+    /// alignment the area needs; the address is logged).
+    Misaligned(u16),
     /// A ring area's end overflows 64 bits.
     AreaOverflow,
     /// The driver's avail index is more than the ring size ahead of the
@@ -104,23 +106,22 @@ pub enum VringError {
     /// An indirect descriptor inside an indirect table.
     IndirectNested,
     /// An indirect table whose length is 0, not a multiple of 16, or above
-    /// [`MAX_INDIRECT_DESCS`] descriptors.
-    IndirectBadLength(u32),
+    /// [`MAX_INDIRECT_DESCS`] descriptors (saturated at `u16::MAX`).
+    IndirectBadLength(u16),
     /// A device-readable descriptor after a device-writable one.
     ReadableAfterWritable,
     /// A buffer (or indirect table) that is not inside guest memory, or a
-    /// zero-length descriptor whose address is not.
-    BadBuffer {
-        /// Buffer address.
-        addr: u64,
-        /// Buffer length.
-        len: u32,
-    },
+    /// zero-length descriptor whose address is not (its address and length
+    /// are logged).
+    BadBuffer,
     /// `add_used` with a head that is not below the ring size.
     BadUsedHead(u16),
-    /// SET_VRING_BASE with an index not below the ring size.
-    BadBase(u32),
+    /// SET_VRING_BASE with an index not below the ring size: that index
+    /// (a split base above 16 bits: `u16::MAX`; the whole value is logged).
+    BadBase(u16),
 }
+
+const _: () = assert!(core::mem::size_of::<VringError>() <= 6);
 
 impl From<MemoryError> for VringError {
     fn from(e: MemoryError) -> Self {
@@ -133,7 +134,7 @@ impl fmt::Display for VringError {
         match self {
             VringError::Memory(e) => write!(f, "ring memory: {e}"),
             VringError::BadSize(n) => write!(f, "bad ring size {n}"),
-            VringError::Misaligned(a) => write!(f, "misaligned ring area {a:#x}"),
+            VringError::Misaligned(a) => write!(f, "ring area not {a}-byte aligned"),
             VringError::AreaOverflow => f.write_str("ring area overflows"),
             VringError::AvailIndexJump { avail, next } => {
                 write!(f, "avail index {avail} too far ahead of {next}")
@@ -150,9 +151,7 @@ impl fmt::Display for VringError {
             VringError::ReadableAfterWritable => {
                 f.write_str("device-readable descriptor after a writable one")
             }
-            VringError::BadBuffer { addr, len } => {
-                write!(f, "buffer {addr:#x}+{len:#x} outside guest memory")
-            }
+            VringError::BadBuffer => f.write_str("buffer outside guest memory"),
             VringError::BadUsedHead(h) => write!(f, "used head {h} out of range"),
             VringError::BadBase(b) => write!(f, "bad vring base {b:#x}"),
         }
@@ -346,6 +345,20 @@ impl<const S: usize> Chain<S> {
         self.append(mem, addr, len, writable)
     }
 
+    /// [`push`](Self::push) out of line, for the paths that are not
+    /// the request path (rebuilding recorded chains): one copy of the
+    /// checks rather than one per call site.
+    #[inline(never)]
+    pub(crate) fn push_outlined<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        addr: u64,
+        len: u32,
+        writable: bool,
+    ) -> Result<(), VringError> {
+        self.push(mem, addr, len, writable)
+    }
+
     /// Check a buffer against guest memory and append it, unless it is
     /// empty. The chain's total was checked (the sums cannot wrap).
     #[inline(always)]
@@ -357,7 +370,7 @@ impl<const S: usize> Chain<S> {
         writable: bool,
     ) -> Result<(), VringError> {
         mem.check(addr, u64::from(len))
-            .map_err(|_| VringError::BadBuffer { addr, len })?;
+            .map_err(|_| bad_buffer(addr, len))?;
         if len == 0 {
             return Ok(());
         }
@@ -407,25 +420,40 @@ pub(crate) fn indirect_table<M: GuestMemory + ?Sized>(
         return Err(VringError::IndirectWithNext);
     }
     if len == 0 || len % 16 != 0 || len / 16 > MAX_INDIRECT_DESCS {
-        return Err(VringError::IndirectBadLength(len));
+        return Err(VringError::IndirectBadLength(saturate(len)));
     }
     mem.check(addr, u64::from(len))
-        .map_err(|_| VringError::BadBuffer { addr, len })?;
+        .map_err(|_| bad_buffer(addr, len))?;
     Ok(len / 16)
+}
+
+/// [`VringError::BadBuffer`], logging the buffer (out of line: a cold
+/// path).
+#[cold]
+#[inline(never)]
+fn bad_buffer(addr: u64, len: u32) -> VringError {
+    debug!("buffer {:#x}+{:#x} outside guest memory", addr, len);
+    VringError::BadBuffer
 }
 
 /// `vring_need_event`: whether moving the used index from `old` to `new`
 /// crossed the guest's `event` index.
 #[inline]
+/// `v` as a u16 error payload, saturated.
+pub(crate) fn saturate(v: u32) -> u16 {
+    u16::try_from(v).unwrap_or(u16::MAX)
+}
+
 pub(crate) fn need_event(event: u16, new: u16, old: u16) -> bool {
     new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
 }
 
 /// Check that `[addr, addr + len)` does not overflow and that `addr` is
-/// aligned to `align`.
-pub(crate) fn check_area(addr: u64, len: u64, align: u64) -> Result<(), VringError> {
-    if addr % align != 0 {
-        return Err(VringError::Misaligned(addr));
+/// aligned to `align` (a power of two).
+pub(crate) fn check_area(addr: u64, len: u64, align: u16) -> Result<(), VringError> {
+    if addr & (u64::from(align) - 1) != 0 {
+        debug!("ring area {:#x} not {}-byte aligned", addr, align);
+        return Err(VringError::Misaligned(align));
     }
     addr.checked_add(len).ok_or(VringError::AreaOverflow)?;
     Ok(())
@@ -568,7 +596,10 @@ impl Queue {
     pub fn set_base(&mut self, num: u32) -> Result<(), VringError> {
         match self {
             Queue::Split(q) => {
-                let v = u16::try_from(num).map_err(|_| VringError::BadBase(num))?;
+                let v = u16::try_from(num).map_err(|_| {
+                    debug!("split ring base {:#x} above 16 bits", num);
+                    VringError::BadBase(u16::MAX)
+                })?;
                 q.set_next_avail(v);
                 Ok(())
             }

@@ -72,7 +72,7 @@ impl PackedQueue {
     /// the areas are mapped. Indices start at 0 with wrap counters 1.
     pub fn new(size: u16, addrs: RingAddrs, features: RingFeatures) -> Result<Self, VringError> {
         if size == 0 || size > MAX_QUEUE_SIZE {
-            return Err(VringError::BadSize(u32::from(size)));
+            return Err(VringError::BadSize(size));
         }
         check_area(addrs.desc, 16 * u64::from(size), 16)?;
         check_area(addrs.driver, 4, 4)?;
@@ -163,7 +163,12 @@ impl PackedQueue {
         let avail = (num & 0x7fff) as u16;
         let used = ((num >> 16) & 0x7fff) as u16;
         if avail >= self.size || used >= self.size {
-            return Err(VringError::BadBase(num));
+            debug!("packed ring base {:#x} out of range", num);
+            return Err(VringError::BadBase(if avail >= self.size {
+                avail
+            } else {
+                used
+            }));
         }
         self.next_avail = avail;
         self.avail_wrap = num & (1 << 15) != 0;
@@ -405,7 +410,7 @@ mod tests {
         };
         assert_eq!(
             PackedQueue::new(4, bad, RingFeatures::default()).err(),
-            Some(VringError::Misaligned(2))
+            Some(VringError::Misaligned(4))
         );
     }
 
@@ -420,7 +425,7 @@ mod tests {
         assert_eq!(p.base(), num);
         // Indices must be below the ring size.
         assert_eq!(p.set_base(300), Err(VringError::BadBase(300)));
-        assert_eq!(p.set_base(300 << 16), Err(VringError::BadBase(300 << 16)));
+        assert_eq!(p.set_base(300 << 16), Err(VringError::BadBase(300)));
         assert_eq!(p.base(), num, "refused base leaves state unchanged");
         p.set_base_avail_only(5 | 1 << 15).unwrap();
         assert_eq!(p.base(), 5 | 1 << 15 | 5 << 16 | 1 << 31);

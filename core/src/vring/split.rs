@@ -67,7 +67,7 @@ impl SplitQueue {
     /// and [`sync_used`](Self::sync_used).
     pub fn new(size: u16, addrs: RingAddrs, features: RingFeatures) -> Result<Self, VringError> {
         if size == 0 || size > MAX_QUEUE_SIZE || !size.is_power_of_two() {
-            return Err(VringError::BadSize(u32::from(size)));
+            return Err(VringError::BadSize(size));
         }
         let n = u64::from(size);
         check_area(addrs.desc, 16 * n, 16)?;
@@ -228,7 +228,7 @@ impl SplitQueue {
             return Ok(false);
         }
         let head = self.next_head(mem)?;
-        self.walk(mem, head, chain)?;
+        self.walk::<M, S, true>(mem, head, chain)?;
         self.next_avail = self.next_avail.wrapping_add(1);
         Ok(true)
     }
@@ -268,7 +268,9 @@ impl SplitQueue {
         head: u16,
         chain: &mut Chain<S>,
     ) -> Result<(), VringError> {
-        self.walk(mem, head, chain)
+        // Not the request path: the descriptor checks out of line, one
+        // copy of them rather than two more.
+        self.walk::<M, S, false>(mem, head, chain)
     }
 
     /// Pop the next available chain (see [`pop_into`](Self::pop_into)).
@@ -281,9 +283,10 @@ impl SplitQueue {
     }
 
     /// Walk the chain at `head`: copy each descriptor once, validate, push.
-    /// Bounded by the ring size plus one indirect table.
+    /// Bounded by the ring size plus one indirect table. `HOT`: the
+    /// descriptor checks inline (the request path), or out of line.
     #[inline(always)]
-    fn walk<M: GuestMemory + ?Sized, const S: usize>(
+    fn walk<M: GuestMemory + ?Sized, const S: usize, const HOT: bool>(
         &self,
         mem: &M,
         head: u16,
@@ -299,17 +302,21 @@ impl SplitQueue {
         if flags & DESC_F_INDIRECT != 0 {
             return self.walk_indirect(mem, addr, len, flags, chain);
         }
-        chain.push_first(mem, addr, len, flags & DESC_F_WRITE != 0)?;
+        if HOT {
+            chain.push_first(mem, addr, len, flags & DESC_F_WRITE != 0)?;
+        } else {
+            chain.push_outlined(mem, addr, len, flags & DESC_F_WRITE != 0)?;
+        }
         if flags & DESC_F_NEXT == 0 {
             return Ok(());
         }
-        self.walk_on(mem, next, chain)
+        self.walk_on::<M, S, HOT>(mem, next, chain)
     }
 
     /// The rest of [`walk`](Self::walk) through the ring's table, from
     /// the head's `next` on.
     #[inline(always)]
-    fn walk_on<M: GuestMemory + ?Sized, const S: usize>(
+    fn walk_on<M: GuestMemory + ?Sized, const S: usize, const HOT: bool>(
         &self,
         mem: &M,
         mut next: u16,
@@ -331,7 +338,11 @@ impl SplitQueue {
             if flags & DESC_F_INDIRECT != 0 {
                 return self.walk_indirect(mem, addr, len, flags, chain);
             }
-            chain.push(mem, addr, len, flags & DESC_F_WRITE != 0)?;
+            if HOT {
+                chain.push(mem, addr, len, flags & DESC_F_WRITE != 0)?;
+            } else {
+                chain.push_outlined(mem, addr, len, flags & DESC_F_WRITE != 0)?;
+            }
             if flags & DESC_F_NEXT == 0 {
                 return Ok(());
             }
@@ -477,14 +488,14 @@ mod tests {
         for bad in [0u16, 3, 6, 1000] {
             assert_eq!(
                 SplitQueue::new(bad, a, f).err(),
-                Some(VringError::BadSize(u32::from(bad)))
+                Some(VringError::BadSize(bad))
             );
         }
         assert!(SplitQueue::new(1, a, f).is_ok());
         assert!(SplitQueue::new(32768, a, f).is_ok());
         assert_eq!(
             SplitQueue::new(8, RingAddrs { desc: 0x1008, ..a }, f).err(),
-            Some(VringError::Misaligned(0x1008))
+            Some(VringError::Misaligned(16))
         );
         assert_eq!(
             SplitQueue::new(
@@ -496,7 +507,7 @@ mod tests {
                 f
             )
             .err(),
-            Some(VringError::Misaligned(0x2001))
+            Some(VringError::Misaligned(2))
         );
         assert_eq!(
             SplitQueue::new(
@@ -508,7 +519,7 @@ mod tests {
                 f
             )
             .err(),
-            Some(VringError::Misaligned(0x3002))
+            Some(VringError::Misaligned(4))
         );
         assert_eq!(
             SplitQueue::new(

@@ -11,13 +11,15 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 
-use log::{error, info};
+use log::{error, info, warn};
 use vhost_user_core::backend::BackendConfig;
 use vhost_user_core::device::blk::{BlkConfig, BlkDevice, DiscardLimits, WriteZeroesLimits};
 use vhost_user_core::feature::{ProtocolFeatures as P, VirtioFeatures as V};
+use vhost_user_linux::aio::AioMode;
 use vhost_user_linux::backend::{serve, RuntimeOptions};
+use vhost_user_linux::channel::Control;
 use vhost_user_linux::sys::socket::Listener;
-use vhu_examples::blk::{BlkService, BlockBackend, FileBackend, NullBackend, TempImage};
+use vhu_examples::blk::{BlkService, BlockBackend, CacheMode, FileBackend, NullBackend, TempImage};
 use vhu_examples::cli::{parse_size, Args};
 use vhu_examples::{logger, signals};
 
@@ -31,15 +33,24 @@ usage: vhost-user-blk (--socket-path PATH | --fd N) [options]
   --size SIZE          size of the temporary image (default 1G)
   --null               no data: reads return zeroes, writes are dropped
   --read-only          refuse writes (offers VIRTIO_BLK_F_RO)
+  --cache MODE         none (O_DIRECT), writeback (page cache, the default)
+                       or writethrough (page cache, O_DSYNC)
+  --aio MODE           io_uring (default; falls back to threads where it
+                       cannot be set up), threads (a pool per queue) or
+                       sync (one request at a time per queue)
+  --io-threads N       threads per queue with --aio threads (default 4)
   --num-queues N       number of request queues (default 1)
   --queue-size N       largest ring size a front-end may use (default 1024)
   --serial ID          device serial for GET_ID (default vhu-blk)
   --io-delay-us N      delay every request by N microseconds (testing)
+  --watch              check the image's size every 500 ms (as SIGHUP does)
+  --channel-timeout-ms N  wait this long for the front-end's ack of a
+                       back-end message before disconnecting (default 5000)
   --log-level LEVEL    off, error, warn, info, debug, trace (default info)
   --print-capabilities print the back-end's capabilities as JSON and exit
 ";
 
-const FLAGS: &[&str] = &["read-only", "null", "print-capabilities", "help"];
+const FLAGS: &[&str] = &["read-only", "null", "print-capabilities", "help", "watch"];
 const OPTIONS: &[&str] = &[
     "socket-path",
     "fd",
@@ -49,6 +60,11 @@ const OPTIONS: &[&str] = &[
     "queue-size",
     "serial",
     "io-delay-us",
+    "watch",
+    "channel-timeout-ms",
+    "cache",
+    "aio",
+    "io-threads",
     "log-level",
     "read-only",
     "null",
@@ -94,6 +110,15 @@ fn run() -> Result<(), String> {
         return Err("--queue-size must be 4 to 32768".into());
     }
     let read_only = args.flag("read-only");
+    let cache: CacheMode = args.get("cache").unwrap_or("writeback").parse()?;
+    let aio: Option<AioMode> = match args.get("aio").unwrap_or("io_uring") {
+        "sync" => None,
+        m => Some(m.parse()?),
+    };
+    let io_threads: usize = args.get_or("io-threads", 4)?;
+    if !(1..=256).contains(&io_threads) {
+        return Err("--io-threads must be 1 to 256".into());
+    }
 
     // Where to listen, before anything is created.
     let listener = match (args.get("socket-path"), args.get("fd")) {
@@ -118,21 +143,23 @@ fn run() -> Result<(), String> {
 
     // The image.
     let mut temp: Option<PathBuf> = None;
+    let mut blk_size = 512;
     let backend: Box<dyn BlockBackend> = if args.flag("null") {
         let size = parse_size(args.get("size").unwrap_or("1G"))?;
         Box::new(NullBackend::new(size).with_read_only(read_only))
     } else if let Some(path) = args.get("blk-file") {
-        Box::new(
-            FileBackend::open(path, read_only).map_err(|e| format!("cannot open {path}: {e}"))?,
-        )
+        let file = FileBackend::open_with(path, read_only, cache)
+            .map_err(|e| format!("cannot open {path}: {e}"))?;
+        blk_size = file.logical_block_size();
+        Box::new(file)
     } else {
         let size = parse_size(args.get("size").unwrap_or("1G"))?;
         let image =
             TempImage::new(size).map_err(|e| format!("cannot create a temporary image: {e}"))?;
         temp = Some(image.path().to_path_buf());
-        let file = image
-            .open(read_only)
+        let file = FileBackend::open_with(image.path(), read_only, cache)
             .map_err(|e| format!("cannot open the temporary image: {e}"))?;
+        blk_size = file.logical_block_size();
         // The image is removed at exit by the cleanup below (and by the
         // TempImage's drop on a normal return).
         std::mem::forget(image);
@@ -156,6 +183,7 @@ fn run() -> Result<(), String> {
     .map_err(|e| format!("cannot set up signal handling: {e}"))?;
 
     let mut blk = BlkConfig::new(capacity / 512);
+    blk.blk_size = blk_size;
     blk.num_queues = num_queues;
     blk.read_only = read_only;
     // Data segments per request: leave room for the header and the status
@@ -190,22 +218,48 @@ fn run() -> Result<(), String> {
             | P::CONFIGURE_MEM_SLOTS
             | P::STATUS
             | P::RESET_DEVICE
+            | P::BACKEND_REQ
+            | P::INBAND_NOTIFICATIONS
             | inflight,
         num_queues,
         max_queue_size: queue_size,
     };
     info!(
-        "serving {} bytes ({}), {} queue(s), features {:#x}, protocol features {:#x}",
+        "serving {} bytes ({}, cache={cache:?}, aio={}, {blk_size}-byte blocks), {} queue(s), features {:#x}, protocol features {:#x}",
         capacity,
         if read_only { "read-only" } else { "read-write" },
+        aio.map_or("sync", |m| if m == AioMode::Threads { "threads" } else { "io_uring" }),
         num_queues,
         config.features.bits(),
         config.protocol_features.bits()
     );
     let delay = std::time::Duration::from_micros(args.get_or("io-delay-us", 0)?);
-    let service = BlkService::new(device, backend, num_queues).with_delay(delay);
+    let service = BlkService::new(device, backend, num_queues)
+        .with_delay(delay)
+        .with_aio(aio, io_threads);
+    // A resized image (SIGHUP, or --watch): new capacity, and the
+    // front-end is told (BACKEND_CONFIG_CHANGE_MSG).
+    let control = Control::new();
+    let resize = {
+        let (service, control) = (service.clone(), control.clone());
+        move || resized(&service, &control)
+    };
+    signals::on_hangup(resize.clone()).map_err(|e| format!("cannot watch SIGHUP: {e}"))?;
+    if args.flag("watch") {
+        std::thread::Builder::new()
+            .name("vhu-watch".into())
+            .spawn(move || loop {
+                std::thread::sleep(std::time::Duration::from_millis(500));
+                resize();
+            })
+            .map_err(|e| format!("cannot start the watch thread: {e}"))?;
+    }
+    let options = RuntimeOptions {
+        channel_timeout: std::time::Duration::from_millis(args.get_or("channel-timeout-ms", 5000)?),
+        ..RuntimeOptions::default()
+    };
     let stop = AtomicBool::new(false);
-    serve::<_, MAX_QUEUES, MEM_SLOTS>(&listener, config, service, RuntimeOptions::default(), &stop)
+    serve::<_, MAX_QUEUES, MEM_SLOTS>(&listener, config, service, options, &stop, &control)
         .map_err(|e| {
             error!("{e}");
             format!("cannot serve: {e}")
@@ -214,4 +268,19 @@ fn run() -> Result<(), String> {
         let _ = std::fs::remove_file(p);
     }
     Ok(())
+}
+
+/// Reads the image's size again; when it changed, tells the front-end.
+fn resized<B: vhu_examples::blk::BlockBackend>(service: &BlkService<B>, control: &Control) {
+    match service.refresh_capacity() {
+        Ok(Some(sectors)) => {
+            info!("image resized: {} bytes ({sectors} sectors)", sectors << 9);
+            match control.config_changed() {
+                Ok(()) => info!("front-end told of the new capacity"),
+                Err(e) => warn!("cannot tell the front-end of the new capacity: {e}"),
+            }
+        }
+        Ok(None) => {}
+        Err(e) => warn!("cannot read the image's size: {e}"),
+    }
 }

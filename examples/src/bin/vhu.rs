@@ -19,7 +19,9 @@ usage: vhu probe --socket-path PATH [--json]
        vhu bench --socket-path PATH [--rw read|write|randread|randwrite|randrw]
                  [--bs 4096] [--iodepth 1] [--queues 1]
                  [--runtime SECONDS | --requests N] [--poll] [--verify]
-                 [--packed] [--reconnect] [--timeout SECONDS] [--json]
+                 [--packed] [--reconnect] [--inband] [--timeout SECONDS]
+                 [--json] [--flush-every N] [--no-guest-features]
+                 [--buffer-offset N]
 
   probe    connect to a vhost-user back-end and print its features,
            protocol features, queue count, memory slots and config space
@@ -27,7 +29,13 @@ usage: vhu probe --socket-path PATH [--json]
            percentiles and notifications per request; --packed uses packed
            rings (split by default); --reconnect survives
            the back-end's restarts through its inflight area; --timeout
-           (default 30) fails a run in which nothing completes that long
+           (default 30) fails a run in which nothing completes that long;
+           --inband kicks with VRING_KICK messages and takes calls as
+           BACKEND_VRING_CALL messages (INBAND_NOTIFICATIONS), no eventfds;
+           it negotiates what a Linux guest does (FLUSH, CONFIG_WCE,
+           SEG_MAX, BLK_SIZE, MQ) unless --no-guest-features (then the
+           device is writethrough); --flush-every N sends a FLUSH after
+           every N writes; --buffer-offset N misaligns the data buffers
 ";
 
 fn main() -> ExitCode {
@@ -43,7 +51,16 @@ fn main() -> ExitCode {
 fn run() -> Result<(), String> {
     let args = Args::parse(
         std::env::args().skip(1),
-        &["json", "help", "poll", "verify", "reconnect", "packed"],
+        &[
+            "json",
+            "help",
+            "poll",
+            "verify",
+            "reconnect",
+            "packed",
+            "inband",
+            "no-guest-features",
+        ],
     )?;
     if args.flag("help") {
         print!("{USAGE}");
@@ -81,6 +98,10 @@ fn run() -> Result<(), String> {
                 "reconnect",
                 "timeout",
                 "packed",
+                "inband",
+                "no-guest-features",
+                "flush-every",
+                "buffer-offset",
             ])?;
             let path = args
                 .get("socket-path")
@@ -119,6 +140,13 @@ fn run() -> Result<(), String> {
                 reconnect: args.flag("reconnect"),
                 timeout,
                 packed: args.flag("packed"),
+                inband: args.flag("inband"),
+                guest_features: !args.flag("no-guest-features"),
+                flush_every: match args.get_or("flush-every", 0u64)? {
+                    0 => None,
+                    n => Some(n),
+                },
+                buffer_offset: args.get_or("buffer-offset", 0)?,
             };
             let r = vhu_examples::bench::run(Path::new(path), &o)?;
             if args.flag("json") {

@@ -2,18 +2,47 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
-use std::os::fd::AsFd;
-use std::os::unix::fs::FileExt;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use vhost_user_linux::sys::file::fallocate;
 
-use super::{check_range, read_only_error, BlockBackend};
+use super::{check_range, read_only_error, BlockBackend, DirectAlignment};
 
 /// Largest buffer of zeroes written when fallocate cannot zero a range.
 const ZERO_CHUNK: u64 = 1 << 20;
+
+/// How the image is opened, as QEMU's `cache=` says.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CacheMode {
+    /// Through the page cache; FLUSH makes writes stable (`fdatasync`).
+    #[default]
+    Writeback,
+    /// Through the page cache, and each write is stable when it completes
+    /// (`O_DSYNC`).
+    Writethrough,
+    /// Around the page cache (`O_DIRECT`): offsets, lengths and buffers
+    /// must be aligned to the device's logical block size; FLUSH still
+    /// flushes the disk's own cache.
+    None,
+}
+
+impl std::str::FromStr for CacheMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "writeback" => Ok(CacheMode::Writeback),
+            "writethrough" => Ok(CacheMode::Writethrough),
+            "none" | "direct" => Ok(CacheMode::None),
+            _ => Err(format!(
+                "unknown cache mode {s:?} (none, writeback or writethrough)"
+            )),
+        }
+    }
+}
 
 /// A raw image file (or block device) served as a disk.
 ///
@@ -26,23 +55,75 @@ const ZERO_CHUNK: u64 = 1 << 20;
 #[derive(Debug)]
 pub struct FileBackend {
     file: File,
-    capacity: u64,
+    /// Bytes; [`BlockBackend::refresh_capacity`] reads it again.
+    capacity: AtomicU64,
     read_only: bool,
+    /// O_DIRECT alignment, when opened with [`CacheMode::None`].
+    direct: Option<DirectAlignment>,
     // Declared last: the file is closed before the image is removed.
     temp: Option<TempImage>,
 }
 
 impl FileBackend {
     /// Opens the image at `path`, read-only or read-write. The capacity is
-    /// the file's (or block device's) size at open time.
+    /// the file's (or block device's) size at open time, until
+    /// [`BlockBackend::refresh_capacity`] reads it again.
     pub fn open(path: impl AsRef<Path>, read_only: bool) -> io::Result<Self> {
+        Self::open_with(path, read_only, CacheMode::Writeback)
+    }
+
+    /// Opens the image at `path` in cache mode `cache`. With
+    /// [`CacheMode::None`] the logical block size of the device (the
+    /// block device itself, or the one holding the file) is the alignment
+    /// I/O needs; a file system that cannot do O_DIRECT is an error here.
+    pub fn open_with(
+        path: impl AsRef<Path>,
+        read_only: bool,
+        cache: CacheMode,
+    ) -> io::Result<Self> {
         let path = path.as_ref();
+        let flags = match cache {
+            CacheMode::Writeback => 0,
+            CacheMode::Writethrough => libc::O_DSYNC,
+            CacheMode::None => libc::O_DIRECT,
+        };
+        let named = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
         let file = OpenOptions::new()
             .read(true)
             .write(!read_only)
+            .custom_flags(flags)
             .open(path)
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-        Self::from_file(file, read_only)
+            .map_err(|e| {
+                if cache == CacheMode::None && e.raw_os_error() == Some(libc::EINVAL) {
+                    io::Error::new(
+                        e.kind(),
+                        format!(
+                            "{}: the file system cannot do O_DIRECT (cache=none): {e}",
+                            path.display()
+                        ),
+                    )
+                } else {
+                    named(e)
+                }
+            })?;
+        let mut backend = Self::from_file(file, read_only)?;
+        if cache == CacheMode::None {
+            let lbs = logical_block_size(&backend.file).map_err(named)?;
+            backend.direct = Some(DirectAlignment {
+                offset: lbs,
+                memory: lbs.min(512),
+            });
+        }
+        Ok(backend)
+    }
+
+    /// The logical block size of the device behind the image: what guests
+    /// should use (BLK_SIZE) and O_DIRECT I/O needs.
+    pub fn logical_block_size(&self) -> u32 {
+        match self.direct {
+            Some(d) => d.offset,
+            None => logical_block_size(&self.file).unwrap_or(512),
+        }
     }
 
     /// Serves an already open file; `read_only` must be true unless it was
@@ -53,8 +134,9 @@ impl FileBackend {
         let capacity = file.seek(SeekFrom::End(0))?;
         Ok(FileBackend {
             file,
-            capacity,
+            capacity: AtomicU64::new(capacity),
             read_only,
+            direct: None,
             temp: None,
         })
     }
@@ -83,7 +165,7 @@ impl FileBackend {
         if self.read_only {
             return Err(read_only_error());
         }
-        check_range(self.capacity, offset, len)
+        check_range(self.capacity(), offset, len)
     }
 
     /// Writes zeroes over the range, in chunks of at most 1 MiB.
@@ -101,7 +183,15 @@ impl FileBackend {
 
 impl BlockBackend for FileBackend {
     fn capacity(&self) -> u64 {
-        self.capacity
+        self.capacity.load(Ordering::Acquire)
+    }
+
+    /// The file's (or block device's) size now: an image that grew (or
+    /// shrank) is served at its new size from the next request on.
+    fn refresh_capacity(&self) -> io::Result<u64> {
+        let size = (&self.file).seek(SeekFrom::End(0))?;
+        self.capacity.store(size, Ordering::Release);
+        Ok(size)
     }
 
     fn read_only(&self) -> bool {
@@ -109,7 +199,7 @@ impl BlockBackend for FileBackend {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        check_range(self.capacity, offset, buf.len() as u64)?;
+        check_range(self.capacity(), offset, buf.len() as u64)?;
         self.file.read_exact_at(buf, offset)
     }
 
@@ -123,6 +213,14 @@ impl BlockBackend for FileBackend {
             return Ok(());
         }
         self.file.sync_data()
+    }
+
+    fn io_fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.file.as_fd())
+    }
+
+    fn direct_alignment(&self) -> Option<DirectAlignment> {
+        self.direct
     }
 
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -152,6 +250,34 @@ impl BlockBackend for FileBackend {
             r => r,
         }
     }
+}
+
+/// The logical block size of a block device, or of the device holding a
+/// file, from sysfs (`queue/logical_block_size`; a partition's is its
+/// disk's). 512 where sysfs does not say (a file system without a block
+/// device, such as tmpfs).
+fn logical_block_size(file: &File) -> io::Result<u32> {
+    let meta = file.metadata()?;
+    let dev = if meta.file_type().is_block_device() {
+        meta.rdev()
+    } else {
+        meta.dev()
+    };
+    let base = PathBuf::from(format!(
+        "/sys/dev/block/{}:{}",
+        libc::major(dev),
+        libc::minor(dev)
+    ));
+    for q in [base.join("queue"), base.join("../queue")] {
+        if let Ok(s) = std::fs::read_to_string(q.join("logical_block_size")) {
+            if let Ok(n) = s.trim().parse::<u32>() {
+                if n.is_power_of_two() && (512..=65536).contains(&n) {
+                    return Ok(n);
+                }
+            }
+        }
+    }
+    Ok(512)
 }
 
 const PUNCH_HOLE: libc::c_int = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;

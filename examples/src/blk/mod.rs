@@ -3,8 +3,11 @@
 //! - [`BlockBackend`]: what the daemon reads from and writes to, shared by
 //!   every queue thread (`&self` methods, `Send + Sync`).
 //! - [`FileBackend`]: a raw image file or block device (pread/pwrite,
-//!   fdatasync, fallocate for discard and write zeroes), plus
-//!   [`TempImage`], a sparse temporary image deleted on drop.
+//!   fdatasync, fallocate for discard and write zeroes), opened in one of
+//!   QEMU's cache modes ([`CacheMode`]: `none` is O_DIRECT), plus
+//!   [`TempImage`], a sparse temporary image deleted on drop. Its file is
+//!   also handed to [`BlkService`]'s asynchronous I/O (io_uring or a
+//!   thread pool), which reads and writes guest memory directly.
 //! - [`NullBackend`]: reads return zeroes, writes are dropped (`--null`
 //!   benchmark mode).
 //! - [`execute`]: carries out a request planned by the core's
@@ -17,9 +20,10 @@ mod null;
 mod service;
 
 use std::io;
+use std::os::fd::BorrowedFd;
 
 pub use exec::{execute, Completion, MAX_CHUNK};
-pub use file::{FileBackend, TempImage};
+pub use file::{CacheMode, FileBackend, TempImage};
 pub use null::NullBackend;
 pub use service::{BlkService, QueueCounters, Scratch};
 
@@ -30,6 +34,12 @@ pub use service::{BlkService, QueueCounters, Scratch};
 pub trait BlockBackend: Send + Sync + std::fmt::Debug {
     /// Size in bytes. The device exposes `capacity() / 512` sectors.
     fn capacity(&self) -> u64;
+
+    /// Reads the size again (an image that was resized) and returns it;
+    /// backends of a fixed size return [`capacity`](Self::capacity).
+    fn refresh_capacity(&self) -> io::Result<u64> {
+        Ok(self.capacity())
+    }
 
     /// Writes, discards and write zeroes are refused.
     fn read_only(&self) -> bool;
@@ -55,12 +65,38 @@ pub trait BlockBackend: Send + Sync + std::fmt::Debug {
     fn capacity_sectors(&self) -> u64 {
         self.capacity() >> 9
     }
+
+    /// The file that reads and writes go to, for I/O straight between it
+    /// and guest memory (offsets as for [`read_at`](Self::read_at));
+    /// `None` (the default): requests are carried out with the methods
+    /// above.
+    fn io_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+
+    /// What I/O on [`io_fd`](Self::io_fd) must be aligned to (O_DIRECT);
+    /// `None` (the default) when any offset, length and buffer will do.
+    fn direct_alignment(&self) -> Option<DirectAlignment> {
+        None
+    }
+}
+
+/// The alignment O_DIRECT I/O needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirectAlignment {
+    /// File offsets and lengths: the logical block size.
+    pub offset: u32,
+    /// Buffer addresses and lengths in memory.
+    pub memory: u32,
 }
 
 /// A boxed backend is a backend (the daemon picks one at run time).
 impl<T: BlockBackend + ?Sized> BlockBackend for Box<T> {
     fn capacity(&self) -> u64 {
         (**self).capacity()
+    }
+    fn refresh_capacity(&self) -> io::Result<u64> {
+        (**self).refresh_capacity()
     }
     fn read_only(&self) -> bool {
         (**self).read_only()
@@ -79,6 +115,12 @@ impl<T: BlockBackend + ?Sized> BlockBackend for Box<T> {
     }
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
         (**self).write_zeroes(offset, len, may_unmap)
+    }
+    fn io_fd(&self) -> Option<BorrowedFd<'_>> {
+        (**self).io_fd()
+    }
+    fn direct_alignment(&self) -> Option<DirectAlignment> {
+        (**self).direct_alignment()
     }
 }
 

@@ -4,8 +4,28 @@
 //! queue thread, and per-queue counters. [`BlkService`] is a cheap handle
 //! (`Clone`) implementing the core's [`Device`]: the Linux runtime keeps
 //! one for the control path and gives each ring's worker another.
+//!
+//! # Asynchronous I/O
+//!
+//! Over a backend with a file ([`BlockBackend::io_fd`]), the Linux
+//! runtime's path ([`SharedDevice::process_mapped`]) submits reads,
+//! writes and flushes as they are popped to the ring's I/O engine (an
+//! io_uring, or a pool of threads: [`Aio`]), with iovecs pointing
+//! straight into guest memory, and returns [`Completion::Later`];
+//! [`SharedDevice::poll_mapped`] reaps the completions, writes each status
+//! byte and reports them in the order they finish. The engine is created
+//! with the ring's first request and lives in the ring's [`Scratch`]; its
+//! eventfd wakes the worker ([`SharedDevice::completion_fd`]). In
+//! writethrough mode a write's completion is followed by an `fdatasync`
+//! before the request completes. With O_DIRECT, a request whose offset,
+//! length or buffers are not aligned as the backend needs
+//! ([`BlockBackend::direct_alignment`]) is refused with IOERR (and logged
+//! once per ring). Discard, write zeroes and GET_ID are carried out at
+//! once, synchronously.
 
 use std::collections::VecDeque;
+use std::io;
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -17,8 +37,17 @@ use vhost_user_core::feature::VirtioFeatures;
 use vhost_user_core::memory::GuestMemory;
 use vhost_user_core::message::ConfigWriteKind;
 use vhost_user_core::vring::Chain;
+use vhost_user_linux::aio::{Aio, AioMode};
+use vhost_user_linux::backend::SharedDevice;
+use vhost_user_linux::memory::LinuxGuestMemory;
+use vhost_user_linux::sys::mmap::IoBuf;
+use vhost_user_linux::sys::uring::IoRequest;
 
-use super::{execute, BlockBackend};
+use super::{execute, BlockBackend, DirectAlignment};
+
+/// Submission slots of a ring's io_uring (more requests than this may be
+/// in flight: each submission empties it).
+const URING_DEPTH: u32 = 128;
 
 /// Counters of one queue.
 #[derive(Debug, Default)]
@@ -31,6 +60,9 @@ pub struct QueueCounters {
     pub write_bytes: AtomicU64,
     /// Requests completed with an error status.
     pub errors: AtomicU64,
+    /// `fdatasync`s the ring's I/O engine completed (FLUSH requests, and
+    /// writes in writethrough mode).
+    pub syncs: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -46,6 +78,10 @@ pub struct BlkService<B: BlockBackend> {
     inner: Arc<Inner<B>>,
     /// See [`with_delay`](Self::with_delay).
     delay: Duration,
+    /// See [`with_aio`](Self::with_aio); `None`: synchronous.
+    aio: Option<AioMode>,
+    /// Threads of a thread-pool engine, per ring.
+    io_threads: usize,
 }
 
 impl<B: BlockBackend> Clone for BlkService<B> {
@@ -53,6 +89,8 @@ impl<B: BlockBackend> Clone for BlkService<B> {
         BlkService {
             inner: Arc::clone(&self.inner),
             delay: self.delay,
+            aio: self.aio,
+            io_threads: self.io_threads,
         }
     }
 }
@@ -65,12 +103,55 @@ struct Delayed {
     segments: Vec<Segment>,
 }
 
+/// A request in the ring's I/O engine.
+#[derive(Debug)]
+struct Pending {
+    token: Token,
+    /// The status byte's address.
+    status: Option<u64>,
+    /// Used lengths on success and on error.
+    used_ok: u32,
+    used_err: u32,
+    /// Bytes the read or write moves (0 for a flush).
+    len: usize,
+    op: BlkOp,
+    /// Writethrough: an fdatasync follows the write.
+    sync_after: bool,
+    /// The fdatasync is under way.
+    syncing: bool,
+    /// With [`BlkService::with_delay`]: not completed before then.
+    due: Option<Instant>,
+}
+
 /// Per-ring scratch space for request processing.
 #[derive(Debug, Default)]
 pub struct Scratch {
     plan: BlkRequest,
     bounce: Vec<u8>,
     delayed: VecDeque<Delayed>,
+    /// The ring's I/O engine, made with its first request.
+    io: Option<Aio>,
+    /// The engine could not be made: requests are carried out at once.
+    io_failed: bool,
+    /// Requests in the engine, by tag.
+    pending: Vec<Option<Pending>>,
+    free: Vec<usize>,
+    /// Completions of one reap.
+    reaped: Vec<(u64, io::Result<usize>)>,
+    /// An unaligned O_DIRECT request was logged.
+    warned_alignment: bool,
+    /// With a delay: requests whose I/O is done, held until they are due
+    /// (due, token, used length).
+    held: Vec<(Instant, Token, u32)>,
+    /// With a delay: when the last request submitted is due.
+    last_due: Option<Instant>,
+}
+
+impl Scratch {
+    /// Requests in the ring's I/O engine.
+    pub fn in_flight(&self) -> usize {
+        self.io.as_ref().map_or(0, Aio::in_flight)
+    }
 }
 
 impl<B: BlockBackend> BlkService<B> {
@@ -83,14 +164,29 @@ impl<B: BlockBackend> BlkService<B> {
                 counters: (0..num_queues).map(|_| QueueCounters::default()).collect(),
             }),
             delay: Duration::ZERO,
+            aio: Some(AioMode::IoUring),
+            io_threads: 4,
         }
+    }
+
+    /// How the Linux runtime carries out reads, writes and flushes of a
+    /// backend with a file: `Some(mode)` asynchronously through an
+    /// io_uring or a pool of `threads` threads per ring (the default is
+    /// io_uring, falling back to 4 threads), `None` synchronously in the
+    /// ring's worker through a bounce buffer. Clones made afterwards
+    /// share it.
+    pub fn with_aio(mut self, mode: Option<AioMode>, threads: usize) -> Self {
+        self.aio = mode;
+        self.io_threads = threads.max(1);
+        self
     }
 
     /// Carries out the requests of a ring one after the other, each
     /// `delay` after the previous one finished, like a slow disk with
     /// requests queued in flight (for tests that need requests outstanding
-    /// when a ring stops or the daemon dies). Clones made afterwards share
-    /// it.
+    /// when a ring stops or the daemon dies). With asynchronous I/O the
+    /// reads and writes go to the engine at once and their completions
+    /// are held back until due. Clones made afterwards share it.
     pub fn with_delay(mut self, delay: Duration) -> Self {
         self.delay = delay;
         self
@@ -108,6 +204,19 @@ impl<B: BlockBackend> BlkService<B> {
     /// The features the device offers (device bits only).
     pub fn offered_features(&self) -> VirtioFeatures {
         self.device().offered_features()
+    }
+
+    /// Reads the backend's size again and, if it changed, updates the
+    /// device's capacity (whole 512-byte sectors). Returns the new capacity
+    /// in sectors when it changed: tell the front-end
+    /// ([`Control::config_changed`](vhost_user_linux::channel::Control::config_changed)).
+    pub fn refresh_capacity(&self) -> std::io::Result<Option<u64>> {
+        let sectors = self.inner.backend.refresh_capacity()? >> 9;
+        match self.device().set_capacity(sectors) {
+            Ok(true) => Ok(Some(sectors)),
+            Ok(false) => Ok(None),
+            Err(e) => Err(std::io::Error::other(e)),
+        }
     }
 
     /// The backend.
@@ -129,28 +238,53 @@ impl<B: BlockBackend> BlkService<B> {
         mem: &M,
         scratch: &mut Scratch,
     ) -> u32 {
+        let serial = self.plan(segments, mem, scratch);
+        self.execute_planned(queue, &serial, mem, scratch)
+    }
+
+    /// Plans the request in `segments` into `scratch.plan`; returns the
+    /// serial (for GET_ID).
+    fn plan<M: GuestMemory + ?Sized, T: Copy + Into<Segment>>(
+        &self,
+        segments: &[T],
+        mem: &M,
+        scratch: &mut Scratch,
+    ) -> [u8; BLK_ID_BYTES] {
+        let read = |gpa: u64, dst: &mut [u8]| mem.read(gpa, dst);
+        let dev = self.device();
+        dev.plan_into(segments, &read, &mut scratch.plan);
+        *dev.serial()
+    }
+
+    /// Carries out the request planned in `scratch.plan` now.
+    fn execute_planned<M: GuestMemory + ?Sized>(
+        &self,
+        queue: u16,
+        serial: &[u8; BLK_ID_BYTES],
+        mem: &M,
+        scratch: &mut Scratch,
+    ) -> u32 {
         let read = |gpa: u64, dst: &mut [u8]| mem.read(gpa, dst);
         let write = |gpa: u64, src: &[u8]| mem.write(gpa, src);
-        let serial: [u8; BLK_ID_BYTES];
-        {
-            let dev = self.device();
-            dev.plan_into(segments, &read, &mut scratch.plan);
-            serial = *dev.serial();
-        }
         let c = execute(
             &scratch.plan,
-            &serial,
+            serial,
             &self.inner.backend,
             &read,
             &write,
             &mut scratch.bounce,
         );
+        self.count(queue, scratch.plan.op(), c.status);
+        c.used_len
+    }
+
+    fn count(&self, queue: u16, op: BlkOp, status: BlkStatus) {
         if let Some(k) = self.counters(queue) {
             k.requests.fetch_add(1, Ordering::Relaxed);
-            if c.status != BlkStatus::Ok {
+            if status != BlkStatus::Ok {
                 k.errors.fetch_add(1, Ordering::Relaxed);
             } else {
-                match scratch.plan.op() {
+                match op {
                     BlkOp::Read { len, .. } => {
                         k.read_bytes.fetch_add(len, Ordering::Relaxed);
                     }
@@ -161,7 +295,292 @@ impl<B: BlockBackend> BlkService<B> {
                 }
             }
         }
-        c.used_len
+    }
+
+    /// The ring's engine, made now if it is not yet (`None` if the
+    /// backend has no file, the service is synchronous, or it cannot be
+    /// made).
+    fn engine(&self, queue: u16, scratch: &mut Scratch) -> bool {
+        let (Some(mode), Some(fd)) = (self.aio, self.inner.backend.io_fd()) else {
+            return false;
+        };
+        if scratch.io.is_none() && !scratch.io_failed {
+            match Aio::new(mode, fd, URING_DEPTH, self.io_threads) {
+                Ok(a) => {
+                    log::info!("queue {queue}: {} I/O", a.name());
+                    scratch.io = Some(a);
+                }
+                Err(e) => {
+                    log::error!("queue {queue}: no asynchronous I/O ({e}); requests are carried out one at a time");
+                    scratch.io_failed = true;
+                }
+            }
+        }
+        scratch.io.is_some()
+    }
+
+    /// Ends a request without (or after) I/O: writes its status byte and
+    /// returns the used length.
+    fn finish(&self, queue: u16, mem: &LinuxGuestMemory, p: &Pending, status: BlkStatus) -> u32 {
+        self.count(queue, p.op, status);
+        let Some(addr) = p.status else { return 0 };
+        if mem.write(addr, &[status as u8]).is_err() {
+            log::warn!("virtio-blk: cannot write the status byte");
+            return 0;
+        }
+        if status == BlkStatus::Ok {
+            p.used_ok
+        } else {
+            p.used_err
+        }
+    }
+
+    /// Submits the read, write or flush planned in `scratch.plan` to the
+    /// ring's engine; `None` if it is not one for the engine (or there is
+    /// none): carry it out now.
+    fn submit(
+        &self,
+        queue: u16,
+        token: Token,
+        mem: &LinuxGuestMemory,
+        scratch: &mut Scratch,
+    ) -> Option<Completion> {
+        if !self.engine(queue, scratch) {
+            return None;
+        }
+        let plan = &scratch.plan;
+        let op = plan.op();
+        let (offset, len) = match op {
+            BlkOp::Read { offset, len } | BlkOp::Write { offset, len } => (offset, len),
+            BlkOp::Flush => (0, 0),
+            _ => return None,
+        };
+        let p = Pending {
+            token,
+            status: plan.status_addr(),
+            used_ok: plan.used_len(BlkStatus::Ok),
+            used_err: plan.used_len(BlkStatus::IoErr),
+            len: usize::try_from(len).ok()?,
+            op,
+            sync_after: plan.sync_after(),
+            syncing: false,
+            due: None,
+        };
+        let direct = self.inner.backend.direct_alignment();
+        let read = matches!(op, BlkOp::Read { .. });
+        let mut bufs = Vec::new();
+        let mut bad = None;
+        if !matches!(op, BlkOp::Flush) {
+            let mut left = len;
+            for s in plan.data() {
+                if left == 0 {
+                    break;
+                }
+                let n = u64::from(s.len).min(left);
+                if mem.io_bufs(s.addr, n, read, &mut bufs).is_err() {
+                    bad = Some("a data buffer outside guest memory");
+                    break;
+                }
+                left -= n;
+            }
+            if bad.is_none() && left != 0 {
+                bad = Some("data buffers shorter than the request");
+            }
+            if bad.is_none() {
+                if let Some(a) = direct {
+                    if !aligned(offset, len, &bufs, a) {
+                        if !scratch.warned_alignment {
+                            scratch.warned_alignment = true;
+                            log::warn!(
+                                "queue {queue}: refusing a request not aligned for O_DIRECT \
+                                 (offset {offset}, {len} bytes, {} buffers; the image needs \
+                                 {}-byte offsets and lengths and {}-byte aligned buffers); \
+                                 such requests fail with IOERR",
+                                bufs.len(),
+                                a.offset,
+                                a.memory
+                            );
+                        }
+                        bad = Some("not aligned for O_DIRECT");
+                    }
+                }
+            }
+        }
+        if let Some(why) = bad {
+            log::debug!("virtio-blk: request refused: {why}");
+            return Some(Completion::Done(self.finish(
+                queue,
+                mem,
+                &p,
+                BlkStatus::IoErr,
+            )));
+        }
+        let request = match op {
+            BlkOp::Read { .. } => IoRequest::Read { offset, bufs },
+            BlkOp::Write { .. } => IoRequest::Write { offset, bufs },
+            _ => IoRequest::Sync,
+        };
+        let slot = match scratch.free.pop() {
+            Some(s) => s,
+            None => {
+                scratch.pending.push(None);
+                scratch.pending.len() - 1
+            }
+        };
+        let engine = scratch.io.as_mut()?;
+        match engine.push(slot as u64, request) {
+            Ok(()) => {
+                let mut p = p;
+                if !self.delay.is_zero() {
+                    // One after the other, as in the synchronous path.
+                    let start = scratch
+                        .last_due
+                        .map_or_else(Instant::now, |d| d.max(Instant::now()));
+                    p.due = Some(start + self.delay);
+                    scratch.last_due = p.due;
+                }
+                scratch.pending[slot] = Some(p);
+                Some(Completion::Later)
+            }
+            Err((_, e)) => {
+                scratch.free.push(slot);
+                log::warn!("queue {queue}: cannot submit a request: {e}");
+                Some(Completion::Done(self.finish(
+                    queue,
+                    mem,
+                    &p,
+                    BlkStatus::IoErr,
+                )))
+            }
+        }
+    }
+}
+
+/// `offset` and `len` are multiples of the logical block size, and every
+/// buffer's address and length of the memory alignment.
+fn aligned(offset: u64, len: u64, bufs: &[IoBuf], a: DirectAlignment) -> bool {
+    let off_mask = u64::from(a.offset.max(1)) - 1;
+    let mem_mask = a.memory.max(1) as usize - 1;
+    (offset | len) & off_mask == 0 && bufs.iter().all(|b| (b.addr() | b.len()) & mem_mask == 0)
+}
+
+/// The Linux runtime's data path: reads, writes and flushes go to the
+/// ring's I/O engine and complete in [`poll_mapped`](SharedDevice::poll_mapped).
+impl<B: BlockBackend + 'static> SharedDevice for BlkService<B> {
+    fn process_mapped<const S: usize>(
+        &self,
+        queue: u16,
+        chain: &Chain<S>,
+        token: Token,
+        mem: &LinuxGuestMemory,
+        scratch: &mut Scratch,
+    ) -> Completion {
+        if !token.side_effects() || self.aio.is_none() || scratch.io_failed {
+            return self.process(queue, chain, token, mem, scratch);
+        }
+        let serial = self.plan(chain.segments(), mem, scratch);
+        match self.submit(queue, token, mem, scratch) {
+            Some(c) => c,
+            None => Completion::Done(self.execute_planned(queue, &serial, mem, scratch)),
+        }
+    }
+
+    fn poll_mapped(
+        &self,
+        queue: u16,
+        mem: &LinuxGuestMemory,
+        scratch: &mut Scratch,
+        done: &mut dyn FnMut(Token, u32),
+    ) {
+        if !self.delay.is_zero() {
+            // Requests of the synchronous path (no engine).
+            self.poll(queue, mem, scratch, done);
+        }
+        let Some(io) = scratch.io.as_mut() else {
+            return;
+        };
+        if let Err(e) = io.submit() {
+            log::error!("queue {queue}: cannot submit I/O: {e}");
+        }
+        let reaped = &mut scratch.reaped;
+        reaped.clear();
+        io.reap(|tag, result, _| reaped.push((tag, result)));
+        let mut resubmit = false;
+        for (tag, result) in scratch.reaped.drain(..) {
+            let Some(slot) = usize::try_from(tag)
+                .ok()
+                .filter(|&t| t < scratch.pending.len())
+            else {
+                continue;
+            };
+            let Some(mut p) = scratch.pending[slot].take() else {
+                continue;
+            };
+            let ok = match &result {
+                Ok(n) => p.syncing || *n == p.len,
+                Err(_) => false,
+            };
+            if ok && (p.syncing || matches!(p.op, BlkOp::Flush)) {
+                if let Some(k) = self.counters(queue) {
+                    k.syncs.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            if !ok {
+                match &result {
+                    Ok(n) => log::debug!("virtio-blk: short transfer: {n} of {} bytes", p.len),
+                    Err(e) => log::debug!("virtio-blk: I/O failed: {e}"),
+                }
+            }
+            if ok && p.sync_after && !p.syncing {
+                // Writethrough: the write is stable before it completes.
+                p.syncing = true;
+                match io.push(tag, IoRequest::Sync) {
+                    Ok(()) => {
+                        scratch.pending[slot] = Some(p);
+                        resubmit = true;
+                        continue;
+                    }
+                    Err((_, e)) => {
+                        log::debug!("virtio-blk: cannot submit the flush: {e}");
+                        let len = self.finish(queue, mem, &p, BlkStatus::IoErr);
+                        scratch.free.push(slot);
+                        done(p.token, len);
+                        continue;
+                    }
+                }
+            }
+            let status = if ok { BlkStatus::Ok } else { BlkStatus::IoErr };
+            let len = self.finish(queue, mem, &p, status);
+            scratch.free.push(slot);
+            match p.due {
+                Some(due) => scratch.held.push((due, p.token, len)),
+                None => done(p.token, len),
+            }
+        }
+        if !scratch.held.is_empty() {
+            let now = Instant::now();
+            scratch.held.retain(|&(due, token, len)| {
+                let keep = due > now;
+                if !keep {
+                    done(token, len);
+                }
+                keep
+            });
+        }
+        if resubmit {
+            if let Err(e) = io.submit() {
+                log::error!("queue {queue}: cannot submit I/O: {e}");
+            }
+        }
+    }
+
+    /// None with a delay: held requests become due with time, so the
+    /// worker polls.
+    fn completion_fd<'a>(&self, _queue: u16, scratch: &'a Scratch) -> Option<BorrowedFd<'a>> {
+        if !self.delay.is_zero() {
+            return None;
+        }
+        scratch.io.as_ref().map(Aio::completion_fd)
     }
 }
 
@@ -243,10 +662,11 @@ impl<B: BlockBackend> Device for BlkService<B> {
     fn disconnected(&self) {
         for (q, k) in self.inner.counters.iter().enumerate() {
             log::info!(
-                "queue {q}: {} requests, {} bytes read, {} bytes written, {} errors",
+                "queue {q}: {} requests, {} bytes read, {} bytes written, {} syncs, {} errors",
                 k.requests.load(Ordering::Relaxed),
                 k.read_bytes.load(Ordering::Relaxed),
                 k.write_bytes.load(Ordering::Relaxed),
+                k.syncs.load(Ordering::Relaxed),
                 k.errors.load(Ordering::Relaxed),
             );
         }

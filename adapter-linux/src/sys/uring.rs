@@ -1,0 +1,345 @@
+//! File I/O straight between a file and guest memory: asynchronously
+//! through an io_uring ([`Uring`]), or synchronously ([`perform`], what a
+//! thread pool runs).
+//!
+//! A request ([`IoRequest`]) owns what the kernel touches while it runs:
+//! its [`IoBuf`]s (which keep their mappings alive) and, in the ring, the
+//! `iovec` array built from them. The ring keeps both until the request's
+//! completion has been reaped, and [`Uring`]'s drop waits for every
+//! request still in the kernel, so no buffer is freed or unmapped under
+//! an operation. The file is registered with the ring (a fixed file), so
+//! closing the caller's descriptor cannot retarget an operation either.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use io_uring::{opcode, types, IoUring};
+
+use super::eventfd::EventFd;
+use super::mmap::IoBuf;
+use super::{cvt, retry};
+
+/// Most buffers of one read or write (`IOV_MAX`).
+pub const MAX_IOVECS: usize = 1024;
+
+/// One file operation.
+#[derive(Debug)]
+pub enum IoRequest {
+    /// `preadv` at byte `offset` into `bufs` (all writable).
+    Read {
+        /// File offset in bytes.
+        offset: u64,
+        /// Where the bytes go, in order.
+        bufs: Vec<IoBuf>,
+    },
+    /// `pwritev` of `bufs` at byte `offset`.
+    Write {
+        /// File offset in bytes.
+        offset: u64,
+        /// Where the bytes come from, in order.
+        bufs: Vec<IoBuf>,
+    },
+    /// `fdatasync`.
+    Sync,
+    /// `fallocate(mode, offset, len)`.
+    Fallocate {
+        /// `FALLOC_FL_*` bits.
+        mode: i32,
+        /// File offset in bytes.
+        offset: u64,
+        /// Bytes.
+        len: u64,
+    },
+}
+
+impl IoRequest {
+    /// Bytes a read or write moves (0 for the others).
+    pub fn len(&self) -> usize {
+        match self {
+            IoRequest::Read { bufs, .. } | IoRequest::Write { bufs, .. } => {
+                bufs.iter().map(IoBuf::len).sum()
+            }
+            _ => 0,
+        }
+    }
+
+    /// True if a read or write moves no bytes, and for the others.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Refuses a request the kernel must not be given: a read into a
+    /// buffer that is not writable, or more than [`MAX_IOVECS`] buffers.
+    fn check(&self) -> io::Result<()> {
+        let invalid = |m: &str| io::Error::new(io::ErrorKind::InvalidInput, m.to_string());
+        match self {
+            IoRequest::Read { bufs, .. } if bufs.iter().any(|b| !b.writable()) => {
+                Err(invalid("read into a buffer that is not writable"))
+            }
+            IoRequest::Read { bufs, .. } | IoRequest::Write { bufs, .. }
+                if bufs.len() > MAX_IOVECS =>
+            {
+                Err(invalid("too many buffers"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `iovec`s pointing into [`IoBuf`]s that the same in-flight entry owns.
+struct IoVecs(Vec<libc::iovec>);
+
+// SAFETY: the pointers are plain addresses of shared mappings kept alive
+// by the entry's `IoBuf`s; nothing about them is tied to a thread.
+unsafe impl Send for IoVecs {}
+
+impl IoVecs {
+    fn of(bufs: &[IoBuf]) -> IoVecs {
+        IoVecs(
+            bufs.iter()
+                .map(|b| libc::iovec {
+                    iov_base: b.addr() as *mut libc::c_void,
+                    iov_len: b.len(),
+                })
+                .collect(),
+        )
+    }
+}
+
+struct InFlight {
+    tag: u64,
+    request: IoRequest,
+    /// Read by the kernel when it issues the operation; kept until the
+    /// completion.
+    _iovecs: IoVecs,
+}
+
+/// An io_uring over one file, signalling completions on an eventfd.
+pub struct Uring {
+    ring: IoUring,
+    event: EventFd,
+    /// Entries in the kernel (or queued for it), by user data.
+    slots: Vec<Option<InFlight>>,
+    free: Vec<usize>,
+    in_flight: usize,
+    cqes: Vec<(u64, i32)>,
+}
+
+impl std::fmt::Debug for Uring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Uring")
+            .field("in_flight", &self.in_flight)
+            .finish()
+    }
+}
+
+impl Uring {
+    /// A ring of `entries` submission slots (more requests than that may
+    /// be in flight) for `file`, which is registered with it, and an
+    /// eventfd signalled at each completion ([`Uring::completion_fd`]).
+    /// Fails where io_uring is not available (an old kernel, a seccomp
+    /// policy, `kernel.io_uring_disabled`).
+    pub fn new(entries: u32, file: BorrowedFd<'_>) -> io::Result<Uring> {
+        let ring = IoUring::builder()
+            .setup_cqsize(entries.saturating_mul(8).max(64))
+            .build(entries)?;
+        ring.submitter().register_files(&[file.as_raw_fd()])?;
+        let event = EventFd::new(true)?;
+        ring.submitter().register_eventfd(event.as_raw_fd())?;
+        Ok(Uring {
+            ring,
+            event,
+            slots: Vec::new(),
+            free: Vec::new(),
+            in_flight: 0,
+            cqes: Vec::new(),
+        })
+    }
+
+    /// The eventfd written at each completion (non-blocking): sleep on it
+    /// while requests are in flight, then [`Uring::reap`].
+    pub fn completion_fd(&self) -> BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.event.as_fd()
+    }
+
+    /// Requests pushed and not reaped yet.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Queues `request`, identified by `tag` in [`Uring::reap`]; the kernel
+    /// sees it at the next [`Uring::submit`] (or now, if the submission
+    /// queue was full). A request refused before reaching the kernel is
+    /// given back with the error.
+    pub fn push(&mut self, tag: u64, request: IoRequest) -> Result<(), (IoRequest, io::Error)> {
+        if let Err(e) = request.check() {
+            return Err((request, e));
+        }
+        if self.ring.submission().is_full() {
+            if let Err(e) = self.submit() {
+                return Err((request, e));
+            }
+            if self.ring.submission().is_full() {
+                return Err((request, io::Error::from(io::ErrorKind::WouldBlock)));
+            }
+        }
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                self.slots.push(None);
+                self.slots.len() - 1
+            }
+        };
+        let iovecs = match &request {
+            IoRequest::Read { bufs, .. } | IoRequest::Write { bufs, .. } => IoVecs::of(bufs),
+            _ => IoVecs(Vec::new()),
+        };
+        let file = types::Fixed(0);
+        let n = iovecs.0.len() as u32; // at most MAX_IOVECS (checked)
+        let entry = match &request {
+            IoRequest::Read { offset, .. } => opcode::Readv::new(file, iovecs.0.as_ptr(), n)
+                .offset(*offset)
+                .build(),
+            IoRequest::Write { offset, .. } => opcode::Writev::new(file, iovecs.0.as_ptr(), n)
+                .offset(*offset)
+                .build(),
+            IoRequest::Sync => opcode::Fsync::new(file)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+            IoRequest::Fallocate { mode, offset, len } => opcode::Fallocate::new(file, *len)
+                .offset(*offset)
+                .mode(*mode)
+                .build(),
+        }
+        .user_data(slot as u64);
+        // SAFETY: the entry points at `iovecs`, whose addresses are the
+        // `IoBuf`s of `request` (inside live mappings, writable for a
+        // read: `check`); both are stored in `slots` below and only
+        // released in `reap`, after the kernel posted the entry's
+        // completion, or never (drop waits for every entry, or leaks).
+        // The file is the ring's registered file 0.
+        let pushed = unsafe { self.ring.submission().push(&entry) };
+        if pushed.is_err() {
+            self.free.push(slot);
+            return Err((request, io::Error::from(io::ErrorKind::WouldBlock)));
+        }
+        self.slots[slot] = Some(InFlight {
+            tag,
+            request,
+            _iovecs: iovecs,
+        });
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    /// Hands the queued requests to the kernel (one system call). A busy
+    /// kernel (completion queue overflowing) leaves them queued for the
+    /// next call.
+    pub fn submit(&mut self) -> io::Result<()> {
+        if self.ring.submission().is_empty() {
+            return Ok(());
+        }
+        match self.ring.submit() {
+            Ok(_) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Calls `done(tag, result, request)` for each completed request: the
+    /// bytes moved, or the error. The eventfd is the caller's to reset
+    /// (read) before calling, so that a completion posted meanwhile
+    /// signals it again.
+    pub fn reap(&mut self, mut done: impl FnMut(u64, io::Result<usize>, IoRequest)) {
+        if self.in_flight == 0 {
+            return;
+        }
+        self.cqes.clear();
+        self.cqes
+            .extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+        for i in 0..self.cqes.len() {
+            let (user, res) = self.cqes[i];
+            let Some(entry) = usize::try_from(user)
+                .ok()
+                .and_then(|s| self.slots.get_mut(s))
+                .and_then(Option::take)
+            else {
+                continue;
+            };
+            self.free.push(user as usize);
+            self.in_flight -= 1;
+            let result = if res < 0 {
+                Err(io::Error::from_raw_os_error(-res))
+            } else {
+                Ok(res as usize)
+            };
+            done(entry.tag, result, entry.request);
+        }
+    }
+}
+
+impl Drop for Uring {
+    fn drop(&mut self) {
+        // The kernel may still read or write the buffers of requests in
+        // flight: wait for them before the buffers go.
+        while self.in_flight > 0 {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(_) => {
+                    // Cannot wait: keep the buffers (and their mappings)
+                    // for good rather than free them under the kernel.
+                    std::mem::forget(std::mem::take(&mut self.slots));
+                    return;
+                }
+            }
+            self.reap(|_, _, _| {});
+        }
+    }
+}
+
+/// Carries out `request` on `fd` now, in the calling thread, and returns
+/// the bytes moved (what a thread pool runs where io_uring is not
+/// available). Retries on `EINTR`; a short transfer is returned as such.
+pub fn perform(fd: BorrowedFd<'_>, request: &IoRequest) -> io::Result<usize> {
+    request.check()?;
+    let einval = || io::Error::from_raw_os_error(libc::EINVAL);
+    match request {
+        IoRequest::Read { offset, bufs } | IoRequest::Write { offset, bufs } => {
+            let iovecs = IoVecs::of(bufs);
+            let off = libc::off_t::try_from(*offset).map_err(|_| einval())?;
+            let n = iovecs.0.len() as libc::c_int; // at most MAX_IOVECS
+            let read = matches!(request, IoRequest::Read { .. });
+            let moved = retry(|| {
+                // SAFETY: the iovecs point into mappings kept alive by
+                // `bufs` (borrowed for the whole call), writable for a
+                // read (`check`); the kernel touches only those ranges.
+                cvt(unsafe {
+                    if read {
+                        libc::preadv(fd.as_raw_fd(), iovecs.0.as_ptr(), n, off)
+                    } else {
+                        libc::pwritev(fd.as_raw_fd(), iovecs.0.as_ptr(), n, off)
+                    }
+                })
+            })?;
+            Ok(moved as usize)
+        }
+        IoRequest::Sync => {
+            // SAFETY: fdatasync takes no pointers; `fd` is borrowed.
+            retry(|| cvt(unsafe { libc::fdatasync(fd.as_raw_fd()) }))?;
+            Ok(0)
+        }
+        IoRequest::Fallocate { mode, offset, len } => {
+            super::file::fallocate(fd, *mode, *offset, *len)?;
+            Ok(0)
+        }
+    }
+}

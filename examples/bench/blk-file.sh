@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# vhu bench against qemu-storage-daemon (driver=file) and vhost-user-blk
+# (--blk-file) on the same preallocated image, in matching modes,
+# alternately in one run: for each I/O engine (qsd aio=io_uring / ours
+# --aio io_uring; qsd aio=threads / ours --aio threads) and cache mode
+# (qsd cache.direct=on / ours --cache none; cache.direct=off / --cache
+# writeback), 4 KiB randread and randwrite at each iodepth and queue
+# count, REPS repetitions. Prints per setting the median IOPS of each, the
+# ratio ours/qsd, the back-end's CPU time per request (utime + stime of
+# all its threads, io_uring workers included, from /proc), the ratio of
+# IOPS per back-end core (qsd's CPU per request / ours) and the median
+# p50 latency. vhu bench negotiates what a Linux guest does (FLUSH, so
+# writes are not writethrough). Each measurement holds
+# /tmp/vhu-bench.lock.
+#
+#   REPS=5 RUNTIME=2 bash examples/bench/blk-file.sh
+#   AIO="io_uring" CACHE="none" RW="randread" DEPTHS="1 32" QUEUES="1" ...
+#
+# IMG_DIR (default: the temporary directory) must be on a file system
+# that does O_DIRECT (not tmpfs). Builds into $CARGO_TARGET_DIR.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+REPS=${REPS:-5}
+RUNTIME=${RUNTIME:-2}
+SIZE_MB=${SIZE_MB:-256}
+AIO=${AIO:-"io_uring threads"}
+CACHE=${CACHE:-"none writeback"}
+RW=${RW:-"randread randwrite"}
+DEPTHS=${DEPTHS:-"1 32 128"}
+QUEUES=${QUEUES:-"1 2"}
+cargo build --release -q -p vhu-examples --bins
+tdir=${CARGO_TARGET_DIR:-target}
+VHU=$tdir/release/vhu
+OURS=$tdir/release/vhost-user-blk
+dir=$(mktemp -d "${IMG_DIR:-${TMPDIR:-/tmp}}/vhu-blk-file.XXXXXX")
+pids=()
+stop() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; pids=(); }
+trap 'stop; rm -rf "$dir"' EXIT
+
+# Preallocated with written blocks (not fallocate's unwritten extents,
+# which O_DIRECT reads as zeroes without touching the disk).
+img=$dir/disk.img
+dd if=/dev/zero of="$img" bs=1M count="$SIZE_MB" oflag=direct conv=fsync status=none
+
+wait_sock() { for _ in $(seq 500); do [ -S "$1" ] && return; sleep 0.01; done; echo "no socket $1" >&2; exit 1; }
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+hz=$(getconf CLK_TCK)
+
+# One run: prints "iops cpu_us_per_request p50_us".
+one() { # pid sock rw depth queues
+    local t0 t1 out
+    t0=$(ticks "$1")
+    out=$("$VHU" bench --socket-path "$2" --rw "$3" --bs 4096 --iodepth "$4" --queues "$5" --runtime "$RUNTIME" --json)
+    t1=$(ticks "$1")
+    python3 -c "import json,sys; r=json.loads(sys.argv[1]); print(r['iops'], (int(sys.argv[2])-int(sys.argv[3]))*1e6/int(sys.argv[4])/max(r['requests'],1), r['p50_ns']/1e3)" "$out" "$t1" "$t0" "$hz"
+}
+
+printf '%-9s %-10s %-9s %2s %5s %10s %10s %6s %10s %11s %8s %9s %9s\n' aio cache rw q depth "qsd IOPS" "ours IOPS" ratio "qsd us/req" "ours us/req" per-core "qsd p50" "ours p50"
+for aio in $AIO; do
+    for cache in $CACHE; do
+        direct=off; [ "$cache" = none ] && direct=on
+        for queues in $QUEUES; do
+            rm -f "$dir/qsd.sock" "$dir/ours.sock"
+            qemu-storage-daemon \
+                --blockdev driver=file,node-name=n0,filename="$img",aio="$aio",cache.direct="$direct" \
+                --export type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path="$dir/qsd.sock",writable=on,num-queues="$queues" &
+            qsd=$!; pids+=("$qsd")
+            "$OURS" --socket-path "$dir/ours.sock" --blk-file "$img" --cache "$cache" --aio "$aio" \
+                --num-queues "$queues" --log-level warn &
+            ours=$!; pids+=("$ours")
+            wait_sock "$dir/qsd.sock"; wait_sock "$dir/ours.sock"
+            sleep 0.2
+            for rw in $RW; do
+                for depth in $DEPTHS; do
+                    q=(); o=(); qc=(); oc=(); ql=(); ol=()
+                    for _ in $(seq "$REPS"); do
+                        read -r a b c < <(flock /tmp/vhu-bench.lock bash -c "$(declare -f one ticks); VHU=$VHU RUNTIME=$RUNTIME hz=$hz one $qsd $dir/qsd.sock $rw $depth $queues")
+                        q+=("$a"); qc+=("$b"); ql+=("$c")
+                        read -r a b c < <(flock /tmp/vhu-bench.lock bash -c "$(declare -f one ticks); VHU=$VHU RUNTIME=$RUNTIME hz=$hz one $ours $dir/ours.sock $rw $depth $queues")
+                        o+=("$a"); oc+=("$b"); ol+=("$c")
+                    done
+                    python3 - "$aio" "$cache" "$rw" "$queues" "$depth" "${q[*]}" "${o[*]}" "${qc[*]}" "${oc[*]}" "${ql[*]}" "${ol[*]}" <<'PY'
+import statistics as s, sys
+aio, cache, rw, queues, depth = sys.argv[1:6]
+q, o, qc, oc, ql, ol = ([float(x) for x in a.split()] for a in sys.argv[6:12])
+mq, mo, mqc, moc = s.median(q), s.median(o), s.median(qc), s.median(oc)
+per_core = (mqc / moc) if moc > 0 else float("inf")
+print(f"{aio:<9} {cache:<10} {rw:<9} {queues:>2} {depth:>5} {mq:10.0f} {mo:10.0f} {mo/mq:6.2f} {mqc:10.2f} {moc:11.2f} {per_core:8.2f} {s.median(ql):7.1f}us {s.median(ol):7.1f}us")
+PY
+                done
+            done
+            stop
+        done
+    done
+done
