@@ -266,3 +266,55 @@ pub fn handshake(s: &Stream) -> u64 {
     );
     p
 }
+
+/// The C back-end `examples/c/blk.c`, built by gcc against the header
+/// and the staticlib of the C ABI (built first with `cargo build -p
+/// vhost-user-c`, so the library is the current one), into `dir`.
+pub fn build_c_blk(dir: &std::path::Path) -> PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .args(["build", "--quiet", "-p", "vhost-user-c"])
+        .output()
+        .expect("run cargo build");
+    assert!(
+        out.status.success(),
+        "cargo build -p vhost-user-c failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // This test binary is target/<profile>/deps/<name>-<hash>.
+    let exe = std::env::current_exe().unwrap();
+    let lib = exe.parent().and_then(|d| d.parent()).unwrap();
+    let lib = lib.join("libvhost_user_c.a");
+    assert!(lib.exists(), "{} missing", lib.display());
+    let bin = dir.join("vhu-c-blk");
+    let out = Command::new("gcc")
+        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-O2", "-I"])
+        .arg(root.join("adapter-c/include"))
+        .arg(root.join("examples/c/blk.c"))
+        .arg(&lib)
+        // What the hosted staticlib needs from the C library (vhu.pc's
+        // Libs.private).
+        .args([
+            "-lgcc_s",
+            "-lutil",
+            "-lrt",
+            "-lpthread",
+            "-lm",
+            "-ldl",
+            "-lc",
+        ])
+        .arg("-o")
+        .arg(&bin)
+        .output()
+        .expect("run gcc");
+    assert!(
+        out.status.success(),
+        "gcc failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    bin
+}

@@ -1,0 +1,824 @@
+//! The back-end session: one front-end message per
+//! [`vhu_backend_handle`] call, its reply written into the caller's
+//! buffer, and the actions the caller carries out read one by one with
+//! [`vhu_backend_action`].
+//!
+//! The caller reads a message and its fds from its channel, hands the
+//! bytes and the fd count to `vhu_backend_handle`, carries out each action
+//! in order with the message's fds (map a region, install an eventfd,
+//! start a ring with [`vhu_backend_start_ring`], ...), closes the fds no
+//! action took, and sends the reply. A `VHU_REPLY_PENDING` reply
+//! (GET_VRING_BASE on a running ring) is sent once the ring has stopped:
+//! [`vhu_dataplane_stop`](crate::dataplane::vhu_dataplane_stop) until it
+//! answers stopped, then [`vhu_backend_finish_stop`] for the reply bytes.
+
+use core::ffi::c_void;
+
+use vhost_user_core::backend::{
+    Action, BackendConfig, Outcome, Reply, Session, MAX_ACTIONS, SUPPORTED_PROTOCOL_FEATURES,
+};
+use vhost_user_core::dataplane::Token;
+use vhost_user_core::device::{Completion, Device};
+use vhost_user_core::feature::{ProtocolFeatures, VirtioFeatures};
+use vhost_user_core::memory::GuestMemory;
+use vhost_user_core::message::{ConfigWriteKind, Header, HEADER_SIZE, MAX_FDS, MAX_MESSAGE};
+use vhost_user_core::vring::{Chain, RingAddrs};
+
+use crate::dataplane::{self, vhu_dataplane};
+use crate::memory::{vhu_mem, vhu_mem_region, Mem};
+use crate::result::vhu_result::{self, *};
+use crate::result::{self, guard};
+use crate::state::{self, Kind};
+
+/// Most queues a back-end session has.
+pub const VHU_MAX_QUEUES: u16 = 16;
+/// Memory slots of a back-end session (GET_MAX_MEM_SLOTS answers this):
+/// the slot of `VHU_ACTION_MAP_REGION` is below it.
+pub const VHU_MAX_REGIONS: u16 = 32;
+/// Most actions one message produces.
+pub const VHU_MAX_ACTIONS: u32 = 12;
+/// Most fds one message carries.
+pub const VHU_MAX_FDS: u32 = 8;
+/// Bytes of the largest message (header and payload): a receive buffer
+/// of this size holds any message, and a reply buffer of this size any
+/// reply.
+pub const VHU_MAX_MESSAGE: u32 = 4108;
+/// Bytes of a message header.
+pub const VHU_HEADER_SIZE: u32 = 12;
+
+/// VIRTIO_RING_F_INDIRECT_DESC.
+pub const VHU_VIRTIO_F_INDIRECT_DESC: u64 = 1 << 28;
+/// VIRTIO_RING_F_EVENT_IDX.
+pub const VHU_VIRTIO_F_EVENT_IDX: u64 = 1 << 29;
+/// VHOST_USER_F_PROTOCOL_FEATURES.
+pub const VHU_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+/// VIRTIO_F_VERSION_1.
+pub const VHU_VIRTIO_F_VERSION_1: u64 = 0x0001_0000_0000;
+/// VIRTIO_F_RING_PACKED.
+pub const VHU_VIRTIO_F_RING_PACKED: u64 = 0x0004_0000_0000;
+
+/// VHOST_USER_PROTOCOL_F_MQ.
+pub const VHU_PROTOCOL_F_MQ: u64 = 1 << 0;
+/// VHOST_USER_PROTOCOL_F_REPLY_ACK.
+pub const VHU_PROTOCOL_F_REPLY_ACK: u64 = 1 << 3;
+/// VHOST_USER_PROTOCOL_F_CONFIG.
+pub const VHU_PROTOCOL_F_CONFIG: u64 = 1 << 9;
+/// VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD.
+pub const VHU_PROTOCOL_F_INFLIGHT_SHMFD: u64 = 1 << 12;
+/// VHOST_USER_PROTOCOL_F_RESET_DEVICE.
+pub const VHU_PROTOCOL_F_RESET_DEVICE: u64 = 1 << 13;
+/// VHOST_USER_PROTOCOL_F_CONFIGURE_MEM_SLOTS.
+pub const VHU_PROTOCOL_F_CONFIGURE_MEM_SLOTS: u64 = 1 << 15;
+/// VHOST_USER_PROTOCOL_F_STATUS.
+pub const VHU_PROTOCOL_F_STATUS: u64 = 1 << 16;
+/// VHOST_USER_PROTOCOL_F_GET_VRING_BASE_INFLIGHT.
+pub const VHU_PROTOCOL_F_GET_VRING_BASE_INFLIGHT: u64 = 1 << 20;
+
+// The header's literals (cbindgen writes literals only) are the core's.
+const _: () = {
+    assert!(VHU_MAX_ACTIONS as usize == MAX_ACTIONS);
+    assert!(VHU_MAX_FDS as usize == MAX_FDS);
+    assert!(VHU_MAX_MESSAGE as usize == MAX_MESSAGE);
+    assert!(VHU_HEADER_SIZE as usize == HEADER_SIZE);
+    assert!(VHU_VIRTIO_F_INDIRECT_DESC == VirtioFeatures::INDIRECT_DESC.bits());
+    assert!(VHU_VIRTIO_F_EVENT_IDX == VirtioFeatures::EVENT_IDX.bits());
+    assert!(VHU_F_PROTOCOL_FEATURES == VirtioFeatures::PROTOCOL_FEATURES.bits());
+    assert!(VHU_VIRTIO_F_VERSION_1 == VirtioFeatures::VERSION_1.bits());
+    assert!(VHU_VIRTIO_F_RING_PACKED == VirtioFeatures::RING_PACKED.bits());
+    assert!(VHU_PROTOCOL_F_MQ == ProtocolFeatures::MQ.bits());
+    assert!(VHU_PROTOCOL_F_REPLY_ACK == ProtocolFeatures::REPLY_ACK.bits());
+    assert!(VHU_PROTOCOL_F_CONFIG == ProtocolFeatures::CONFIG.bits());
+    assert!(VHU_PROTOCOL_F_INFLIGHT_SHMFD == ProtocolFeatures::INFLIGHT_SHMFD.bits());
+    assert!(VHU_PROTOCOL_F_RESET_DEVICE == ProtocolFeatures::RESET_DEVICE.bits());
+    assert!(VHU_PROTOCOL_F_CONFIGURE_MEM_SLOTS == ProtocolFeatures::CONFIGURE_MEM_SLOTS.bits());
+    assert!(VHU_PROTOCOL_F_STATUS == ProtocolFeatures::STATUS.bits());
+    assert!(
+        VHU_PROTOCOL_F_GET_VRING_BASE_INFLIGHT == ProtocolFeatures::GET_VRING_BASE_INFLIGHT.bits()
+    );
+};
+
+/// The session of the C ABI.
+type CSession = Session<{ VHU_MAX_QUEUES as usize }, { VHU_MAX_REGIONS as usize }>;
+
+/// A back-end session (opaque; `vhu_backend_size()` bytes aligned to
+/// `vhu_backend_align()`, initialised by `vhu_backend_init()`).
+#[derive(Debug)]
+pub struct vhu_backend {
+    _opaque: [u8; 0],
+}
+
+#[derive(Debug)]
+struct Backend {
+    session: CSession,
+    outcome: Outcome,
+}
+
+impl Kind for Backend {
+    const TAG: u32 = 0x7668_7542;
+}
+
+/// What a back-end offers and how big it is.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct vhu_backend_config {
+    /// Virtio features offered: device bits, ring bits
+    /// (`VHU_VIRTIO_F_*`), and `VHU_F_PROTOCOL_FEATURES` when protocol
+    /// features are offered.
+    pub features: u64,
+    /// Protocol features offered (`VHU_PROTOCOL_F_*`), a subset of
+    /// `vhu_backend_supported_protocol_features()`.
+    pub protocol_features: u64,
+    /// Queues of the device (1 to `VHU_MAX_QUEUES`).
+    pub num_queues: u16,
+    /// Largest ring size a front-end may set (1 to 32768).
+    pub max_queue_size: u16,
+}
+
+/// A device's control path, as callbacks (every one may be NULL: no
+/// config space, features and resets ignored).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct vhu_device {
+    /// Passed to every callback.
+    pub ctx: *mut c_void,
+    /// Reads `len` bytes of config space at `offset` into `dst`; false if
+    /// the range is outside the config space.
+    pub read_config: Option<
+        unsafe extern "C" fn(ctx: *mut c_void, offset: u32, dst: *mut u8, len: usize) -> bool,
+    >,
+    /// Writes `len` bytes of config space at `offset`; `migration` is true
+    /// for a live-migration write (read-only fields may change). False if
+    /// refused.
+    pub write_config: Option<
+        unsafe extern "C" fn(
+            ctx: *mut c_void,
+            offset: u32,
+            src: *const u8,
+            len: usize,
+            migration: bool,
+        ) -> bool,
+    >,
+    /// SET_FEATURES was accepted with these features.
+    pub features_acked: Option<unsafe extern "C" fn(ctx: *mut c_void, features: u64)>,
+    /// RESET_DEVICE: drop device state.
+    pub reset: Option<unsafe extern "C" fn(ctx: *mut c_void)>,
+}
+
+/// A [`vhu_device`] as the core's [`Device`] (the control path only: the
+/// caller drives the data path through the data plane).
+struct CDevice(Option<vhu_device>);
+
+impl CDevice {
+    /// # Safety
+    ///
+    /// A non-null `p` points at a readable `vhu_device` whose callbacks
+    /// may be called with its `ctx` during the call.
+    unsafe fn from_raw(p: *const vhu_device) -> Result<Self, vhu_result> {
+        if p.is_null() {
+            return Ok(CDevice(None));
+        }
+        if (p as usize) % core::mem::align_of::<vhu_device>() != 0 {
+            return Err(VHU_ERR_ALIGN);
+        }
+        // SAFETY: non-null, aligned, readable by the caller's contract.
+        Ok(CDevice(Some(unsafe { p.read() })))
+    }
+}
+
+impl Device for CDevice {
+    type Scratch = ();
+
+    fn read_config(&self, offset: u32, dst: &mut [u8]) -> bool {
+        match self.0 {
+            Some(vhu_device {
+                ctx,
+                read_config: Some(f),
+                ..
+            }) => {
+                // SAFETY: the caller gave this callback for this `ctx`;
+                // `dst` is a live buffer of `dst.len()` bytes.
+                // SAFETY: the caller's contract.
+                unsafe { f(ctx, offset, dst.as_mut_ptr(), dst.len()) }
+            }
+            _ => false,
+        }
+    }
+
+    fn write_config(&mut self, offset: u32, src: &[u8], kind: ConfigWriteKind) -> bool {
+        match self.0 {
+            Some(vhu_device {
+                ctx,
+                write_config: Some(f),
+                ..
+            }) => {
+                let migration = matches!(kind, ConfigWriteKind::Migration);
+                // SAFETY: as in `read_config`; `src` is live for the call.
+                unsafe { f(ctx, offset, src.as_ptr(), src.len(), migration) }
+            }
+            _ => false,
+        }
+    }
+
+    fn features_acked(&mut self, features: VirtioFeatures) {
+        if let Some(vhu_device {
+            ctx,
+            features_acked: Some(f),
+            ..
+        }) = self.0
+        {
+            // SAFETY: the caller gave this callback for this `ctx`.
+            unsafe { f(ctx, features.bits()) }
+        }
+    }
+
+    fn reset(&mut self) {
+        if let Some(vhu_device {
+            ctx,
+            reset: Some(f),
+            ..
+        }) = self.0
+        {
+            // SAFETY: the caller gave this callback for this `ctx`.
+            unsafe { f(ctx) }
+        }
+    }
+
+    fn process<M: GuestMemory + ?Sized, const S: usize>(
+        &self,
+        _queue: u16,
+        _chain: &Chain<S>,
+        _token: Token,
+        _mem: &M,
+        _scratch: &mut (),
+    ) -> Completion {
+        // The session never processes requests; the C caller does.
+        Completion::Done(0)
+    }
+}
+
+/// What a reply is.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum vhu_reply_kind {
+    /// No reply is sent.
+    VHU_REPLY_NONE = 0,
+    /// `reply_len` bytes of the reply buffer are the reply: send them.
+    VHU_REPLY_READY = 1,
+    /// GET_VRING_BASE on a running ring: stop ring `queue`, then
+    /// `vhu_backend_finish_stop()` gives the reply.
+    VHU_REPLY_PENDING = 2,
+}
+
+/// What a message produced.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct vhu_outcome {
+    /// The reply.
+    pub reply: vhu_reply_kind,
+    /// Bytes of the reply (`VHU_REPLY_READY`).
+    pub reply_len: usize,
+    /// The ring to stop (`VHU_REPLY_PENDING`).
+    pub queue: u16,
+    /// Actions to carry out, in order (`vhu_backend_action()` 0 to
+    /// `actions - 1`).
+    pub actions: u32,
+    /// `VHU_OK`, or why a request was refused with a failed REPLY_ACK (the
+    /// connection goes on; for the log).
+    pub refused: vhu_result,
+}
+
+/// What an action asks.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum vhu_action_kind {
+    /// Drop every guest memory mapping (the MAP_REGIONs that follow map
+    /// the new table).
+    VHU_ACTION_UNMAP_ALL = 0,
+    /// Map `region` from message fd `fd` into slot `slot` of the guest
+    /// memory table.
+    VHU_ACTION_MAP_REGION = 1,
+    /// Unmap slot `slot`.
+    VHU_ACTION_UNMAP_REGION = 2,
+    /// The memory table changed while rings run: give each running ring
+    /// `vhu_backend_ring_addrs()` with `vhu_dataplane_set_addrs()`.
+    VHU_ACTION_REMAP_RINGS = 3,
+    /// Install ring `queue`'s kick eventfd: message fd `fd`, or none
+    /// (`fd` -1: poll the ring).
+    VHU_ACTION_SET_KICK = 4,
+    /// Install ring `queue`'s call eventfd: message fd `fd`, or none (-1).
+    VHU_ACTION_SET_CALL = 5,
+    /// Install ring `queue`'s error eventfd: message fd `fd`, or none (-1).
+    VHU_ACTION_SET_ERR = 6,
+    /// Start serving ring `queue` now: `vhu_backend_start_ring()`.
+    VHU_ACTION_START_RING = 7,
+    /// Ring `queue` is to stop (the pending reply follows); `flag`: suspend
+    /// instead of draining.
+    VHU_ACTION_STOP_RING = 8,
+    /// GET_INFLIGHT_FD: create a zeroed shared-memory fd of `size` bytes
+    /// and send it with the reply.
+    VHU_ACTION_CREATE_INFLIGHT = 9,
+    /// SET_INFLIGHT_FD: map `size` bytes at `offset` of message fd `fd` as
+    /// the inflight area (replacing any previous one).
+    VHU_ACTION_MAP_INFLIGHT = 10,
+    /// Drop the inflight area.
+    VHU_ACTION_UNMAP_INFLIGHT = 11,
+    /// Running ring `queue` was enabled (`flag` true) or disabled:
+    /// `vhu_dataplane_set_enabled()`.
+    VHU_ACTION_SET_ENABLED = 12,
+    /// RESET_DEVICE: stop every ring (completing what is in flight), drop
+    /// their notifiers, then `vhu_backend_rings_reset()`.
+    VHU_ACTION_RESET_RINGS = 13,
+    /// SET_BACKEND_REQ_FD: keep message fd `fd` as the back-end channel
+    /// (back-end requests are not part of this ABI yet: offer
+    /// BACKEND_REQ only to keep the fd).
+    VHU_ACTION_SET_BACKEND_CHANNEL = 14,
+    /// In-band VRING_KICK for running ring `queue`: serve it now.
+    VHU_ACTION_KICK = 15,
+    /// An action this version of the ABI does not name (ignore it).
+    VHU_ACTION_OTHER = 255,
+}
+
+/// One action (the fields its kind does not name are 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct vhu_action {
+    /// What to do.
+    pub kind: vhu_action_kind,
+    /// Ring index.
+    pub queue: u16,
+    /// Memory table slot.
+    pub slot: u16,
+    /// Index of the message fd the action takes, or -1.
+    pub fd: i32,
+    /// SET_ENABLED: enabled; STOP_RING: suspend.
+    pub flag: bool,
+    /// MAP_REGION: the region.
+    pub region: vhu_mem_region,
+    /// MAP_INFLIGHT: offset in the fd.
+    pub offset: u64,
+    /// CREATE_INFLIGHT, MAP_INFLIGHT: bytes.
+    pub size: u64,
+}
+
+/// A ring's addresses as guest physical addresses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct vhu_ring_addrs {
+    /// Descriptor table (split) or descriptor ring (packed).
+    pub desc: u64,
+    /// Avail ring (split) or driver event suppression area (packed).
+    pub driver: u64,
+    /// Used ring (split) or device event suppression area (packed).
+    pub device: u64,
+}
+
+impl From<RingAddrs> for vhu_ring_addrs {
+    fn from(a: RingAddrs) -> Self {
+        vhu_ring_addrs {
+            desc: a.desc,
+            driver: a.driver,
+            device: a.device,
+        }
+    }
+}
+
+impl From<vhu_ring_addrs> for RingAddrs {
+    fn from(a: vhu_ring_addrs) -> Self {
+        RingAddrs {
+            desc: a.desc,
+            driver: a.driver,
+            device: a.device,
+        }
+    }
+}
+
+/// Bytes of a back-end session's storage.
+#[no_mangle]
+pub extern "C" fn vhu_backend_size() -> usize {
+    state::size::<Backend>()
+}
+
+/// Alignment of a back-end session's storage.
+#[no_mangle]
+pub extern "C" fn vhu_backend_align() -> usize {
+    state::align::<Backend>()
+}
+
+/// The protocol features the session implements (what a configuration
+/// may offer).
+#[no_mangle]
+pub extern "C" fn vhu_backend_supported_protocol_features() -> u64 {
+    SUPPORTED_PROTOCOL_FEATURES.bits()
+}
+
+/// Initialises a back-end session in `storage` (`size` bytes) for a
+/// device with `config`, waiting for a front-end's first message.
+/// `VHU_ERR_UNSUPPORTED` if the configuration offers what the engine does
+/// not implement, or more than `VHU_MAX_QUEUES` queues.
+///
+/// # Safety
+///
+/// `storage` points at `size` writable bytes; `config` at a
+/// `vhu_backend_config`.
+#[no_mangle]
+pub unsafe extern "C" fn vhu_backend_init(
+    storage: *mut vhu_backend,
+    size: usize,
+    config: *const vhu_backend_config,
+) -> vhu_result {
+    guard(|| {
+        state::storage::<Backend, _>(storage, size, vhu_backend_size())?;
+        if config.is_null() {
+            return Err(VHU_ERR_NULL);
+        }
+        if (config as usize) % core::mem::align_of::<vhu_backend_config>() != 0 {
+            return Err(VHU_ERR_ALIGN);
+        }
+        // SAFETY: non-null, aligned, readable by the caller's contract.
+        let c = unsafe { config.read() };
+        let session = CSession::new(BackendConfig {
+            features: VirtioFeatures::from_bits_retain(c.features),
+            protocol_features: ProtocolFeatures::from_bits_retain(c.protocol_features),
+            num_queues: c.num_queues,
+            max_queue_size: c.max_queue_size,
+        })
+        .map_err(result::backend)?;
+        let value = Backend {
+            session,
+            outcome: Outcome::default(),
+        };
+        // SAFETY: `storage` was checked for the size; the caller's contract
+        // makes it writable.
+        // SAFETY: the caller's contract.
+        unsafe { state::init(storage, size, vhu_backend_size(), value) }
+    })
+}
+
+/// The total size (header and payload) of the message whose header is the
+/// first `len` bytes at `header` (at least `VHU_HEADER_SIZE`), validated:
+/// `VHU_ERR_WIRE` for a header that is not a version-1 vhost-user header
+/// or announces a payload above the maximum. For reading a message off a
+/// stream: the header, then the rest.
+///
+/// # Safety
+///
+/// `header` points at `len` readable bytes; `total` at a writable `size_t`.
+#[no_mangle]
+pub unsafe extern "C" fn vhu_message_size(
+    header: *const u8,
+    len: usize,
+    total: *mut usize,
+) -> vhu_result {
+    guard(|| {
+        // SAFETY: the caller's contract.
+        let bytes = unsafe { state::slice(header, len) }?;
+        if bytes.len() < HEADER_SIZE {
+            return Err(VHU_ERR_SHORT_BUFFER);
+        }
+        let h = Header::parse(bytes).map_err(result::wire)?;
+        // SAFETY: the caller's contract.
+        unsafe { state::put(total, HEADER_SIZE + h.size as usize) }
+    })
+}
+
+/// Handles one message: `len` bytes at `msg` (header and payload) that
+/// came with `nfds` fds. `mem` is guest memory as mapped so far (NULL: none
+/// yet), `device` the device's control path (NULL: none). The reply is
+/// written into `reply` (`reply_cap` bytes; `VHU_MAX_MESSAGE` always
+/// suffice) and `out` says what to do.
+///
+/// An error means the message was refused and the connection must end
+/// (`VHU_ERR_WIRE` for a malformed message); a request refused with a
+/// failed REPLY_ACK is not an error (`out->refused` says why). On error
+/// `out` holds no reply and no action.
+///
+/// # Safety
+///
+/// `be` points at an initialised back-end; `msg` at `len` readable bytes;
+/// `mem` is NULL or a valid table (see `vhu_mem`); `device` is NULL or
+/// points at callbacks that may be called during the call; `reply` points
+/// at `reply_cap` writable bytes; `out` at a writable `vhu_outcome`.
+#[no_mangle]
+pub unsafe extern "C" fn vhu_backend_handle(
+    be: *mut vhu_backend,
+    msg: *const u8,
+    len: usize,
+    nfds: usize,
+    mem: *const vhu_mem,
+    device: *const vhu_device,
+    reply: *mut u8,
+    reply_cap: usize,
+    out: *mut vhu_outcome,
+) -> vhu_result {
+    guard(|| {
+        let mut outcome = vhu_outcome {
+            reply: vhu_reply_kind::VHU_REPLY_NONE,
+            reply_len: 0,
+            queue: 0,
+            actions: 0,
+            refused: VHU_OK,
+        };
+        // Every pointer is checked before the session changes.
+        // SAFETY: the caller's contract.
+        unsafe { state::put(out, outcome) }?;
+        // SAFETY: the caller's contract.
+        let b = unsafe { state::get::<Backend, _>(be) }?;
+        // SAFETY: the caller's contract.
+        let msg = unsafe { state::slice(msg, len) }?;
+        // SAFETY: the caller's contract.
+        let mem = unsafe { Mem::from_raw(mem) }?;
+        // SAFETY: the caller's contract.
+        let mut device = unsafe { CDevice::from_raw(device) }?;
+        // SAFETY: the caller's contract.
+        let reply = unsafe { state::bytes_mut(reply, reply_cap) }?;
+        if msg.len() < HEADER_SIZE {
+            return Err(VHU_ERR_SHORT_BUFFER);
+        }
+        let header = Header::parse(msg).map_err(result::wire)?;
+        let payload = msg
+            .get(HEADER_SIZE..HEADER_SIZE + header.size as usize)
+            .ok_or(VHU_ERR_SHORT_BUFFER)?;
+        b.session
+            .handle_into(
+                &header,
+                payload,
+                nfds,
+                &mem,
+                &mut device,
+                reply,
+                &mut b.outcome,
+            )
+            .map_err(result::backend)?;
+        match b.outcome.reply {
+            Reply::None => {}
+            Reply::Ready(n) => {
+                outcome.reply = vhu_reply_kind::VHU_REPLY_READY;
+                outcome.reply_len = n;
+            }
+            Reply::Pending { queue } => {
+                outcome.reply = vhu_reply_kind::VHU_REPLY_PENDING;
+                outcome.queue = queue;
+            }
+        }
+        outcome.actions = b.outcome.actions.len() as u32;
+        outcome.refused = b.outcome.refused.map_or(VHU_OK, result::backend);
+        // SAFETY: checked above.
+        unsafe { state::put(out, outcome) }
+    })
+}
+
+fn fd_index(fd: Option<u8>) -> i32 {
+    fd.map_or(-1, i32::from)
+}
+
+fn action(a: &Action) -> vhu_action {
+    use vhu_action_kind::*;
+    let mut v = vhu_action {
+        kind: VHU_ACTION_OTHER,
+        queue: 0,
+        slot: 0,
+        fd: -1,
+        flag: false,
+        region: vhu_mem_region::default(),
+        offset: 0,
+        size: 0,
+    };
+    #[allow(unreachable_patterns)]
+    match *a {
+        Action::UnmapAll => v.kind = VHU_ACTION_UNMAP_ALL,
+        Action::MapRegion { slot, fd, region } => {
+            v.kind = VHU_ACTION_MAP_REGION;
+            v.slot = slot;
+            v.fd = i32::from(fd);
+            v.region = vhu_mem_region {
+                guest_addr: region.guest_addr,
+                size: region.size,
+                user_addr: region.user_addr,
+                mmap_offset: region.mmap_offset,
+            };
+        }
+        Action::UnmapRegion { slot } => {
+            v.kind = VHU_ACTION_UNMAP_REGION;
+            v.slot = slot;
+        }
+        Action::RemapRings => v.kind = VHU_ACTION_REMAP_RINGS,
+        Action::SetKick { queue, fd } => {
+            v.kind = VHU_ACTION_SET_KICK;
+            v.queue = queue;
+            v.fd = fd_index(fd);
+        }
+        Action::SetCall { queue, fd } => {
+            v.kind = VHU_ACTION_SET_CALL;
+            v.queue = queue;
+            v.fd = fd_index(fd);
+        }
+        Action::SetErr { queue, fd } => {
+            v.kind = VHU_ACTION_SET_ERR;
+            v.queue = queue;
+            v.fd = fd_index(fd);
+        }
+        Action::StartRing { queue } => {
+            v.kind = VHU_ACTION_START_RING;
+            v.queue = queue;
+        }
+        Action::StopRing { queue, suspend } => {
+            v.kind = VHU_ACTION_STOP_RING;
+            v.queue = queue;
+            v.flag = suspend;
+        }
+        Action::CreateInflight { size } => {
+            v.kind = VHU_ACTION_CREATE_INFLIGHT;
+            v.size = size;
+        }
+        Action::MapInflight { fd, offset, size } => {
+            v.kind = VHU_ACTION_MAP_INFLIGHT;
+            v.fd = i32::from(fd);
+            v.offset = offset;
+            v.size = size;
+        }
+        Action::UnmapInflight => v.kind = VHU_ACTION_UNMAP_INFLIGHT,
+        Action::SetEnabled { queue, enabled } => {
+            v.kind = VHU_ACTION_SET_ENABLED;
+            v.queue = queue;
+            v.flag = enabled;
+        }
+        Action::ResetRings => v.kind = VHU_ACTION_RESET_RINGS,
+        Action::SetBackendChannel { fd } => {
+            v.kind = VHU_ACTION_SET_BACKEND_CHANNEL;
+            v.fd = i32::from(fd);
+        }
+        Action::Kick { queue } => {
+            v.kind = VHU_ACTION_KICK;
+            v.queue = queue;
+        }
+        _ => {}
+    }
+    v
+}
+
+/// Action `index` of the last message (0 to `out->actions - 1` of its
+/// `vhu_backend_handle()`); `VHU_ERR_INVALID` past the last one.
+///
+/// # Safety
+///
+/// `be` points at an initialised back-end; `out` at a writable
+/// `vhu_action`.
+#[no_mangle]
+pub unsafe extern "C" fn vhu_backend_action(
+    be: *mut vhu_backend,
+    index: usize,
+    out: *mut vhu_action,
+) -> vhu_result {
+    guard(|| {
+        // SAFETY: the caller's contract.
+        let b = unsafe { state::get::<Backend, _>(be) }?;
+        let a = b.outcome.actions.get(index).ok_or(VHU_ERR_INVALID)?;
+        // SAFETY: the caller's contract.
+        unsafe { state::put(out, action(a)) }
+    })
+}
+
+/// Completes a pending GET_VRING_BASE: ring `queue` stopped at `base`
+/// (what `vhu_dataplane_stop()` answered). Writes the reply into `reply`
+/// (`reply_cap` bytes) and its length into `*reply_len`.
+/// `VHU_ERR_STATE` if the ring is not being stopped.
+///
+/// # Safety
+///
+/// `be` points at an initialised back-end; `reply` at `reply_cap`
+/// writable bytes; `reply_len` at a writable `size_t`.
+#[no_mangle]
+pub unsafe extern "C" fn vhu_backend_finish_stop(
+    be: *mut vhu_backend,
+    queue: u16,
+    base: u32,
+    reply: *mut u8,
+    reply_cap: usize,
+    reply_len: *mut usize,
+) -> vhu_result {
+    guard(|| {
+        // SAFETY: the caller's contract.
+        unsafe { state::put(reply_len, 0) }?;
+        // SAFETY: the caller's contract.
+        let b = unsafe { state::get::<Backend, _>(be) }?;
+        // SAFETY: the caller's contract.
+        let buf = unsafe { state::bytes_mut(reply, reply_cap) }?;
+        let n = b
+            .session
+            .finish_stop(queue, base, buf)
+            .map_err(result::backend)?;
+        // SAFETY: the caller's contract.
+        unsafe { state::put(reply_len, n) }
+    })
+}
+
+/// After `VHU_ACTION_START_RING`: builds ring `queue`'s data plane in
+/// `storage` (`size` bytes, at least `vhu_dataplane_size()` of the ring's
+/// size, aligned to `vhu_dataplane_align()`), from the ring's size,
+/// addresses, base and the negotiated features. With an inflight area
+/// (`area`, NULL if none was set) the requests recorded there are handed
+/// out first by `vhu_dataplane_pop()`. `consume_disabled`: a started but
+/// disabled ring is consumed without side effects instead of paused.
+///
+/// # Safety
+///
+/// `be` points at an initialised back-end; `mem` and `area` are NULL or
+/// valid tables; `storage` points at `size` writable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn vhu_backend_start_ring(
+    be: *mut vhu_backend,
+    queue: u16,
+    mem: *const vhu_mem,
+    area: *const vhu_mem,
+    consume_disabled: bool,
+    storage: *mut vhu_dataplane,
+    size: usize,
+) -> vhu_result {
+    guard(|| {
+        // SAFETY: the caller's contract.
+        let b = unsafe { state::get::<Backend, _>(be) }?;
+        // SAFETY: the caller's contract.
+        let mem = unsafe { Mem::from_raw(mem) }?;
+        // SAFETY: the caller's contract.
+        let area = unsafe { Mem::optional(area) }?;
+        // The storage must hold the ring's token table before the session
+        // starts the ring (an unknown queue is the session's error).
+        let num = b.session.ring(queue).map_or(0, |r| r.num);
+        state::storage::<dataplane::Ring, _>(
+            storage,
+            size,
+            dataplane::vhu_dataplane_size(num).max(dataplane::fixed_size()),
+        )?;
+        let dp = b
+            .session
+            .start_ring(queue, &mem, area.as_ref(), consume_disabled)
+            .map_err(result::backend)?;
+        // SAFETY: the caller's contract on `storage`.
+        unsafe { dataplane::place(storage, size, dp) }
+    })
+}
+
+/// Ring `queue`'s addresses translated through the current memory table
+/// (for `VHU_ACTION_REMAP_RINGS`).
+///
+/// # Safety
+///
+/// `be` points at an initialised back-end; `out` at a writable
+/// `vhu_ring_addrs`.
+#[no_mangle]
+pub unsafe extern "C" fn vhu_backend_ring_addrs(
+    be: *mut vhu_backend,
+    queue: u16,
+    out: *mut vhu_ring_addrs,
+) -> vhu_result {
+    guard(|| {
+        // SAFETY: the caller's contract.
+        let b = unsafe { state::get::<Backend, _>(be) }?;
+        let a = b.session.ring_addrs(queue).map_err(result::backend)?;
+        // SAFETY: the caller's contract.
+        unsafe { state::put(out, a.into()) }
+    })
+}
+
+/// After `VHU_ACTION_RESET_RINGS` (or when the connection ends): forget
+/// that rings run.
+///
+/// # Safety
+///
+/// `be` points at an initialised back-end.
+#[no_mangle]
+pub unsafe extern "C" fn vhu_backend_rings_reset(be: *mut vhu_backend) -> vhu_result {
+    guard(|| {
+        // SAFETY: the caller's contract.
+        let b = unsafe { state::get::<Backend, _>(be) }?;
+        b.session.rings_reset();
+        Ok(())
+    })
+}
+
+/// The negotiated virtio and protocol features (0 before they are set).
+///
+/// # Safety
+///
+/// `be` points at an initialised back-end; `features` and `protocol` are
+/// NULL or point at writable `uint64_t`s.
+#[no_mangle]
+pub unsafe extern "C" fn vhu_backend_features(
+    be: *mut vhu_backend,
+    features: *mut u64,
+    protocol: *mut u64,
+) -> vhu_result {
+    guard(|| {
+        // SAFETY: the caller's contract.
+        let b = unsafe { state::get::<Backend, _>(be) }?;
+        if !features.is_null() {
+            // SAFETY: the caller's contract.
+            unsafe { state::put(features, b.session.features().bits()) }?;
+        }
+        if !protocol.is_null() {
+            // SAFETY: the caller's contract.
+            unsafe { state::put(protocol, b.session.protocol_features().bits()) }?;
+        }
+        Ok(())
+    })
+}

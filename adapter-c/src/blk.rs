@@ -1,0 +1,529 @@
+//! The virtio-blk device model: config space and feature bits from a
+//! description ([`vhu_blk_config`]), the device's control path as a
+//! [`vhu_device`] for the session, and the request planner: a popped
+//! chain in, what to do (read, write, flush, get id, or fail with a
+//! status) out, with checked copies between the request's data buffers
+//! and the caller's.
+
+use core::ffi::c_void;
+use core::mem::align_of;
+
+use vhost_user_core::device::blk::{
+    BlkConfig, BlkDevice, BlkOp, BlkRequest, BlkStatus, BLK_ID_BYTES,
+};
+use vhost_user_core::device::Segment;
+use vhost_user_core::feature::VirtioFeatures;
+use vhost_user_core::memory::{GuestMemory, MemoryError};
+use vhost_user_core::message::ConfigWriteKind;
+
+use crate::backend::vhu_device;
+use crate::dataplane::{vhu_segment, VHU_MAX_CHAIN};
+use crate::memory::{vhu_mem, Mem};
+use crate::result::guard;
+use crate::result::vhu_result::{self, *};
+use crate::state::{self, Kind};
+
+/// A virtio-blk device model (opaque; `vhu_blk_size()` bytes aligned to
+/// `vhu_blk_align()`).
+#[derive(Debug)]
+pub struct vhu_blk {
+    _opaque: [u8; 0],
+}
+
+/// A planned request (opaque; `vhu_blk_request_size()` bytes aligned to
+/// `vhu_blk_request_align()`); one per request in progress.
+#[derive(Debug)]
+pub struct vhu_blk_request {
+    _opaque: [u8; 0],
+}
+
+impl Kind for BlkDevice {
+    const TAG: u32 = 0x7668_754b;
+}
+
+type Plan = BlkRequest<{ VHU_MAX_CHAIN as usize }, 16>;
+
+impl Kind for Plan {
+    const TAG: u32 = 0x7668_7552;
+}
+
+/// What a virtio-blk back-end serves.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct vhu_blk_config {
+    /// Capacity in 512-byte sectors.
+    pub capacity: u64,
+    /// Logical block size (a power of two, 512 to 65536).
+    pub blk_size: u32,
+    /// Request queues (at least 1).
+    pub num_queues: u16,
+    /// Most data segments of a request (SEG_MAX when non-zero): at most
+    /// `VHU_MAX_CHAIN - 2` and the ring size - 2.
+    pub seg_max: u32,
+    /// Most bytes of one segment (SIZE_MAX when non-zero).
+    pub size_max: u32,
+    /// Non-zero: offer RO (writes fail).
+    pub read_only: u8,
+    /// Non-zero: offer FLUSH.
+    pub flush: u8,
+    /// Non-zero: offer CONFIG_WCE (needs `flush`).
+    pub config_wce: u8,
+    /// Non-zero: start in writeback mode (else writethrough).
+    pub writeback: u8,
+    /// The GET_ID string (NUL padded).
+    pub serial: [u8; 20],
+}
+
+/// What a planned request asks.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum vhu_blk_op_kind {
+    /// Read `len` bytes at disk byte `offset` into the request's data.
+    VHU_BLK_READ = 0,
+    /// Write the request's `len` data bytes at disk byte `offset`.
+    VHU_BLK_WRITE = 1,
+    /// Make every completed write stable.
+    VHU_BLK_FLUSH = 2,
+    /// Write the first `len` bytes of the id string into the data
+    /// (`vhu_blk_get_id()` does it).
+    VHU_BLK_GET_ID = 3,
+    /// Discard (not offered by this ABI's configuration; complete with
+    /// `VHU_BLK_S_UNSUPP`).
+    VHU_BLK_DISCARD = 4,
+    /// Write zeroes (not offered; complete with `VHU_BLK_S_UNSUPP`).
+    VHU_BLK_WRITE_ZEROES = 5,
+    /// Malformed or unsupported: do nothing but complete with `status`.
+    VHU_BLK_FAIL = 6,
+}
+
+/// A planned request.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct vhu_blk_op {
+    /// What to do.
+    pub kind: vhu_blk_op_kind,
+    /// READ, WRITE: disk byte offset (checked against the capacity).
+    pub offset: u64,
+    /// READ, WRITE, GET_ID: bytes.
+    pub len: u64,
+    /// FAIL: the status to complete with.
+    pub status: u32,
+    /// The request changes the disk and the device is in writethrough
+    /// mode: make the change stable before completing it.
+    pub sync_after: bool,
+}
+
+/// VIRTIO_BLK_S_OK.
+pub const VHU_BLK_S_OK: u32 = 0;
+/// VIRTIO_BLK_S_IOERR.
+pub const VHU_BLK_S_IOERR: u32 = 1;
+/// VIRTIO_BLK_S_UNSUPP.
+pub const VHU_BLK_S_UNSUPP: u32 = 2;
+
+fn status(v: u32) -> Result<BlkStatus, vhu_result> {
+    match v {
+        VHU_BLK_S_OK => Ok(BlkStatus::Ok),
+        VHU_BLK_S_IOERR => Ok(BlkStatus::IoErr),
+        VHU_BLK_S_UNSUPP => Ok(BlkStatus::Unsupp),
+        _ => Err(VHU_ERR_INVALID),
+    }
+}
+
+/// Bytes of a blk device's storage.
+#[no_mangle]
+pub extern "C" fn vhu_blk_size() -> usize {
+    state::size::<BlkDevice>()
+}
+
+/// Alignment of a blk device's storage.
+#[no_mangle]
+pub extern "C" fn vhu_blk_align() -> usize {
+    state::align::<BlkDevice>()
+}
+
+/// Bytes of a request plan's storage.
+#[no_mangle]
+pub extern "C" fn vhu_blk_request_size() -> usize {
+    state::size::<Plan>()
+}
+
+/// Alignment of a request plan's storage.
+#[no_mangle]
+pub extern "C" fn vhu_blk_request_align() -> usize {
+    state::align::<Plan>()
+}
+
+/// Initialises a blk device in `storage` (`size` bytes) from `config`.
+/// `VHU_ERR_CONFIG` for a configuration that does not hold together.
+///
+/// # Safety
+///
+/// `storage` points at `size` writable bytes; `config` at a readable
+/// `vhu_blk_config`.
+#[no_mangle]
+pub unsafe extern "C" fn vhu_blk_init(
+    storage: *mut vhu_blk,
+    size: usize,
+    config: *const vhu_blk_config,
+) -> vhu_result {
+    guard(|| {
+        state::storage::<BlkDevice, _>(storage, size, vhu_blk_size())?;
+        if config.is_null() {
+            return Err(VHU_ERR_NULL);
+        }
+        if (config as usize) % align_of::<vhu_blk_config>() != 0 {
+            return Err(VHU_ERR_ALIGN);
+        }
+        // SAFETY: non-null, aligned, readable by the caller's contract.
+        let c = unsafe { config.read() };
+        let mut b = BlkConfig::new(c.capacity);
+        b.blk_size = c.blk_size;
+        b.num_queues = c.num_queues;
+        b.seg_max = c.seg_max;
+        b.size_max = c.size_max;
+        b.read_only = c.read_only != 0;
+        b.flush = c.flush != 0;
+        b.config_wce = c.config_wce != 0;
+        b.writeback = c.writeback != 0;
+        b.set_serial(&c.serial);
+        let dev = BlkDevice::new(&b).map_err(|_| VHU_ERR_CONFIG)?;
+        // SAFETY: checked storage; the caller's contract makes it writable.
+        unsafe { state::init(storage, size, vhu_blk_size(), dev) }
+    })
+}
+
+/// Initialises an empty request plan in `storage` (`size` bytes).
+///
+/// # Safety
+///
+/// `storage` points at `size` writable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn vhu_blk_request_init(
+    storage: *mut vhu_blk_request,
+    size: usize,
+) -> vhu_result {
+    // SAFETY: the caller's contract; `init` checks size and alignment.
+    guard(|| unsafe { state::init(storage, size, vhu_blk_request_size(), Plan::new()) })
+}
+
+/// The virtio feature bits the device offers (add the ring and transport
+/// bits to offer them in a `vhu_backend_config`).
+///
+/// # Safety
+///
+/// `blk` points at an initialised blk device; `out` at a writable
+/// `uint64_t`.
+#[no_mangle]
+pub unsafe extern "C" fn vhu_blk_offered_features(blk: *mut vhu_blk, out: *mut u64) -> vhu_result {
+    guard(|| {
+        // SAFETY: the caller's contract.
+        let d = unsafe { state::get::<BlkDevice, _>(blk) }?;
+        // SAFETY: the caller's contract.
+        unsafe { state::put(out, d.offered_features().bits()) }
+    })
+}
+
+unsafe extern "C" fn dev_read_config(
+    ctx: *mut c_void,
+    offset: u32,
+    dst: *mut u8,
+    len: usize,
+) -> bool {
+    // SAFETY: `ctx` is the `vhu_blk` of `vhu_blk_device`, initialised and
+    // used by this call only (the caller's contract); `dst` holds `len`
+    // writable bytes (the session passes a live buffer).
+    let (d, dst) = match unsafe { (state::get::<BlkDevice, _>(ctx), state::bytes_mut(dst, len)) } {
+        (Ok(d), Ok(dst)) => (d, dst),
+        _ => return false,
+    };
+    d.read_config(offset, dst).is_ok()
+}
+
+unsafe extern "C" fn dev_write_config(
+    ctx: *mut c_void,
+    offset: u32,
+    src: *const u8,
+    len: usize,
+    migration: bool,
+) -> bool {
+    // SAFETY: as in `dev_read_config`; `src` holds `len` readable bytes.
+    let (d, src) = match unsafe { (state::get::<BlkDevice, _>(ctx), state::slice(src, len)) } {
+        (Ok(d), Ok(src)) => (d, src),
+        _ => return false,
+    };
+    let kind = if migration {
+        ConfigWriteKind::Migration
+    } else {
+        ConfigWriteKind::Frontend
+    };
+    d.write_config(offset, src, kind).is_ok()
+}
+
+unsafe extern "C" fn dev_features_acked(ctx: *mut c_void, features: u64) {
+    // SAFETY: as in `dev_read_config`.
+    if let Ok(d) = unsafe { state::get::<BlkDevice, _>(ctx) } {
+        d.set_features(VirtioFeatures::from_bits_retain(features));
+    }
+}
+
+unsafe extern "C" fn dev_reset(ctx: *mut c_void) {
+    // SAFETY: as in `dev_read_config`.
+    if let Ok(d) = unsafe { state::get::<BlkDevice, _>(ctx) } {
+        d.reset();
+    }
+}
+
+/// The blk device's control path as a `vhu_device` for
+/// `vhu_backend_handle()` (config space reads and writes, features,
+/// reset). The device must stay where it is while `*out` is used.
+///
+/// # Safety
+///
+/// `blk` points at an initialised blk device; `out` at a writable
+/// `vhu_device`.
+#[no_mangle]
+pub unsafe extern "C" fn vhu_blk_device(blk: *mut vhu_blk, out: *mut vhu_device) -> vhu_result {
+    guard(|| {
+        // SAFETY: the caller's contract.
+        unsafe { state::get::<BlkDevice, _>(blk) }?;
+        let d = vhu_device {
+            ctx: blk.cast(),
+            read_config: Some(dev_read_config),
+            write_config: Some(dev_write_config),
+            features_acked: Some(dev_features_acked),
+            reset: Some(dev_reset),
+        };
+        // SAFETY: the caller's contract.
+        unsafe { state::put(out, d) }
+    })
+}
+
+/// Plans the request of a popped chain (`nsegs` buffers at `segs`, as
+/// `vhu_dataplane_pop()` gave them) into `req`, reading its header from
+/// guest memory. Never fails for a malformed request: that plans
+/// `VHU_BLK_FAIL` with the status the guest gets.
+///
+/// # Safety
+///
+/// `blk` points at an initialised blk device; `segs` at `nsegs` readable
+/// `vhu_segment`s; `mem` is NULL or a valid table; `req` points at an
+/// initialised request plan.
+#[no_mangle]
+pub unsafe extern "C" fn vhu_blk_plan(
+    blk: *mut vhu_blk,
+    segs: *const vhu_segment,
+    nsegs: usize,
+    mem: *const vhu_mem,
+    req: *mut vhu_blk_request,
+) -> vhu_result {
+    guard(|| {
+        // SAFETY: the caller's contract.
+        let d = unsafe { state::get::<BlkDevice, _>(blk) }?;
+        // SAFETY: the caller's contract.
+        let segs = unsafe { state::slice(segs, nsegs) }?;
+        // SAFETY: the caller's contract.
+        let mem = unsafe { Mem::from_raw(mem) }?;
+        // SAFETY: the caller's contract.
+        let plan = unsafe { state::get::<Plan, _>(req) }?;
+        let read = |gpa: u64, dst: &mut [u8]| -> Result<(), MemoryError> { mem.read(gpa, dst) };
+        d.plan_into(segs, &read, plan);
+        Ok(())
+    })
+}
+
+impl From<vhu_segment> for Segment {
+    fn from(s: vhu_segment) -> Self {
+        Segment {
+            addr: s.addr,
+            len: s.len,
+            writable: s.writable,
+        }
+    }
+}
+
+/// What the planned request asks.
+///
+/// # Safety
+///
+/// `req` points at an initialised request plan; `out` at a writable
+/// `vhu_blk_op`.
+#[no_mangle]
+pub unsafe extern "C" fn vhu_blk_request_op(
+    req: *mut vhu_blk_request,
+    out: *mut vhu_blk_op,
+) -> vhu_result {
+    guard(|| {
+        // SAFETY: the caller's contract.
+        let plan = unsafe { state::get::<Plan, _>(req) }?;
+        let mut op = vhu_blk_op {
+            kind: vhu_blk_op_kind::VHU_BLK_FAIL,
+            offset: 0,
+            len: 0,
+            status: VHU_BLK_S_IOERR,
+            sync_after: plan.sync_after(),
+        };
+        match plan.op() {
+            BlkOp::Read { offset, len } => {
+                op.kind = vhu_blk_op_kind::VHU_BLK_READ;
+                op.offset = offset;
+                op.len = len;
+            }
+            BlkOp::Write { offset, len } => {
+                op.kind = vhu_blk_op_kind::VHU_BLK_WRITE;
+                op.offset = offset;
+                op.len = len;
+            }
+            BlkOp::Flush => op.kind = vhu_blk_op_kind::VHU_BLK_FLUSH,
+            BlkOp::GetId { len } => {
+                op.kind = vhu_blk_op_kind::VHU_BLK_GET_ID;
+                op.len = u64::from(len);
+            }
+            BlkOp::Discard => op.kind = vhu_blk_op_kind::VHU_BLK_DISCARD,
+            BlkOp::WriteZeroes => op.kind = vhu_blk_op_kind::VHU_BLK_WRITE_ZEROES,
+            BlkOp::Fail { status, .. } => op.status = status as u32,
+        }
+        if op.kind != vhu_blk_op_kind::VHU_BLK_FAIL {
+            op.status = VHU_BLK_S_OK;
+        }
+        // SAFETY: the caller's contract.
+        unsafe { state::put(out, op) }
+    })
+}
+
+/// Copies `len` data bytes of a WRITE, from byte `at` of its data, out of
+/// guest memory into `dst`. `VHU_ERR_INVALID` past the data's end (nothing
+/// is copied), `VHU_ERR_MEMORY` if guest memory refuses.
+///
+/// # Safety
+///
+/// `req` points at an initialised request plan; `mem` is NULL or a valid
+/// table; `dst` at `len` writable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn vhu_blk_request_read_data(
+    req: *mut vhu_blk_request,
+    mem: *const vhu_mem,
+    at: u64,
+    dst: *mut u8,
+    len: usize,
+) -> vhu_result {
+    guard(|| {
+        // SAFETY: the caller's contract.
+        let plan = unsafe { state::get::<Plan, _>(req) }?;
+        // SAFETY: the caller's contract.
+        let mem = unsafe { Mem::from_raw(mem) }?;
+        // SAFETY: the caller's contract.
+        let dst = unsafe { state::bytes_mut(dst, len) }?;
+        within_data(plan, at, dst.len())?;
+        let read = |gpa: u64, d: &mut [u8]| -> Result<(), MemoryError> { mem.read(gpa, d) };
+        plan.read_data(&read, at, dst).map_err(data_error)
+    })
+}
+
+/// Copies `len` bytes from `src` into the data of a READ (or GET_ID) at
+/// byte `at` of its data. Errors as `vhu_blk_request_read_data()`.
+///
+/// # Safety
+///
+/// `req` points at an initialised request plan; `mem` is NULL or a valid
+/// table; `src` at `len` readable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn vhu_blk_request_write_data(
+    req: *mut vhu_blk_request,
+    mem: *const vhu_mem,
+    at: u64,
+    src: *const u8,
+    len: usize,
+) -> vhu_result {
+    guard(|| {
+        // SAFETY: the caller's contract.
+        let plan = unsafe { state::get::<Plan, _>(req) }?;
+        // SAFETY: the caller's contract.
+        let mem = unsafe { Mem::from_raw(mem) }?;
+        // SAFETY: the caller's contract.
+        let src = unsafe { state::slice(src, len) }?;
+        within_data(plan, at, src.len())?;
+        let write = |gpa: u64, s: &[u8]| -> Result<(), MemoryError> { mem.write(gpa, s) };
+        plan.write_data(&write, at, src).map_err(data_error)
+    })
+}
+
+/// Refuses a copy past the end of the request's data before any byte
+/// moves.
+fn within_data(plan: &Plan, at: u64, len: usize) -> Result<(), vhu_result> {
+    match at.checked_add(len as u64) {
+        Some(end) if end <= plan.data_len() => Ok(()),
+        _ => Err(VHU_ERR_INVALID),
+    }
+}
+
+fn data_error<E>(e: vhost_user_core::device::blk::DataError<E>) -> vhu_result {
+    match e {
+        vhost_user_core::device::blk::DataError::Short => VHU_ERR_INVALID,
+        _ => VHU_ERR_MEMORY,
+    }
+}
+
+/// GET_ID: writes the device's id string (as much as the request asks)
+/// into the request's data.
+///
+/// # Safety
+///
+/// `blk` points at an initialised blk device; `req` at an initialised
+/// request plan; `mem` is NULL or a valid table.
+#[no_mangle]
+pub unsafe extern "C" fn vhu_blk_get_id(
+    blk: *mut vhu_blk,
+    req: *mut vhu_blk_request,
+    mem: *const vhu_mem,
+) -> vhu_result {
+    guard(|| {
+        // SAFETY: the caller's contract.
+        let d = unsafe { state::get::<BlkDevice, _>(blk) }?;
+        // SAFETY: the caller's contract.
+        let plan = unsafe { state::get::<Plan, _>(req) }?;
+        // SAFETY: the caller's contract.
+        let mem = unsafe { Mem::from_raw(mem) }?;
+        let BlkOp::GetId { len } = plan.op() else {
+            return Err(VHU_ERR_INVALID);
+        };
+        let id = d.serial();
+        let id = id.get(..(len as usize).min(BLK_ID_BYTES)).unwrap_or(id);
+        let write = |gpa: u64, s: &[u8]| -> Result<(), MemoryError> { mem.write(gpa, s) };
+        plan.write_data(&write, 0, id).map_err(data_error)
+    })
+}
+
+/// Writes the status byte (`VHU_BLK_S_*`; nothing when the chain has no
+/// writable byte) and the length to complete the request with into
+/// `*used_len` (data read plus the status byte; 0 without a status byte).
+///
+/// # Safety
+///
+/// `req` points at an initialised request plan; `mem` is NULL or a valid
+/// table; `used_len` at a writable `uint32_t`.
+#[no_mangle]
+pub unsafe extern "C" fn vhu_blk_request_finish(
+    req: *mut vhu_blk_request,
+    mem: *const vhu_mem,
+    status_value: u32,
+    used_len: *mut u32,
+) -> vhu_result {
+    guard(|| {
+        // SAFETY: the caller's contract.
+        unsafe { state::put(used_len, 0) }?;
+        // SAFETY: the caller's contract.
+        let plan = unsafe { state::get::<Plan, _>(req) }?;
+        // SAFETY: the caller's contract.
+        let mem = unsafe { Mem::from_raw(mem) }?;
+        let st = status(status_value)?;
+        let write = |gpa: u64, s: &[u8]| -> Result<(), MemoryError> { mem.write(gpa, s) };
+        // A status the guest cannot be told about completes with length
+        // 0 (the used entry still returns the buffers).
+        let n = match plan.write_status(&write, st) {
+            Ok(()) => plan.used_len(st),
+            Err(_) => 0,
+        };
+        // SAFETY: the caller's contract.
+        unsafe { state::put(used_len, n) }
+    })
+}

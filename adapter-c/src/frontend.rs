@@ -1,0 +1,556 @@
+//! The front-end engine: the handshake, start, stop and config reads,
+//! every reply validated.
+//!
+//! The caller loops: `vhu_frontend_poll_transmit()` gives the next message
+//! (and which fds to attach); when it awaits a reply, the caller reads one
+//! message and hands it to `vhu_frontend_handle_reply()`; events
+//! (`vhu_frontend_poll_event()`) say what happened. Commands
+//! (`vhu_frontend_start()`, `vhu_frontend_stop()`, ...) queue a flow.
+
+use core::mem::align_of;
+
+use vhost_user_core::feature::{ProtocolFeatures, VirtioFeatures};
+use vhost_user_core::frontend::{
+    Event, FdRef, Frontend, FrontendConfig, NotifyMode, QueueConfig, State,
+};
+use vhost_user_core::message::{Header, MemRegionMsg, HEADER_SIZE};
+use vhost_user_core::vring::RingAddrs;
+
+use crate::backend::vhu_ring_addrs;
+use crate::memory::vhu_mem_region;
+use crate::result::vhu_result::{self, *};
+use crate::result::{self, guard};
+use crate::state::{self, Kind};
+
+/// Most queues a front-end configures.
+pub const VHU_FRONTEND_MAX_QUEUES: u32 = 16;
+/// Most memory regions a front-end configures.
+pub const VHU_FRONTEND_MAX_REGIONS: u32 = 8;
+/// Bytes of a transmit buffer that holds any message the front-end sends.
+pub const VHU_FRONTEND_MAX_TRANSMIT: u32 = 280;
+
+const _: () =
+    assert!(VHU_FRONTEND_MAX_TRANSMIT as usize == vhost_user_core::frontend::MAX_TRANSMIT);
+
+type CFrontend =
+    Frontend<{ VHU_FRONTEND_MAX_QUEUES as usize }, { VHU_FRONTEND_MAX_REGIONS as usize }>;
+type CConfig =
+    FrontendConfig<{ VHU_FRONTEND_MAX_QUEUES as usize }, { VHU_FRONTEND_MAX_REGIONS as usize }>;
+
+/// A front-end engine (opaque; `vhu_frontend_size()` bytes aligned to
+/// `vhu_frontend_align()`).
+#[derive(Debug)]
+pub struct vhu_frontend {
+    _opaque: [u8; 0],
+}
+
+impl Kind for CFrontend {
+    const TAG: u32 = 0x7668_7546;
+}
+
+/// One queue as the front-end sets it up.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct vhu_queue_config {
+    /// Ring size (1 to 32768).
+    pub size: u16,
+    /// Ring addresses as SET_VRING_ADDR sends them: front-end virtual
+    /// addresses.
+    pub addrs: vhu_ring_addrs,
+    /// The first SET_VRING_BASE.
+    pub base: u32,
+    /// Non-zero: no kick eventfd (the back-end polls the ring).
+    pub kick_polling: u8,
+    /// Non-zero: no call eventfd (the front-end polls the used ring).
+    pub call_polling: u8,
+}
+
+/// What the front-end wants and has.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct vhu_frontend_config {
+    /// Virtio features wanted (include `VHU_F_PROTOCOL_FEATURES` to use
+    /// protocol features at all).
+    pub features: u64,
+    /// Protocol features the front-end supports.
+    pub protocol_features: u64,
+    /// The queues, in ring index order (at most
+    /// `VHU_FRONTEND_MAX_QUEUES`).
+    pub queues: *const vhu_queue_config,
+    /// Number of queues.
+    pub num_queues: usize,
+    /// Guest memory regions (at most `VHU_FRONTEND_MAX_REGIONS`);
+    /// `VHU_FD_REGION` names an index of this list.
+    pub regions: *const vhu_mem_region,
+    /// Number of regions.
+    pub num_regions: usize,
+}
+
+/// Which fd to attach.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum vhu_fd_kind {
+    /// The fd of memory region `index`.
+    VHU_FD_REGION = 0,
+    /// The kick eventfd of ring `index`.
+    VHU_FD_KICK = 1,
+    /// The call eventfd of ring `index`.
+    VHU_FD_CALL = 2,
+    /// The front-end's end of the back-end channel.
+    VHU_FD_BACKEND_CHANNEL = 3,
+    /// The inflight area's fd.
+    VHU_FD_INFLIGHT = 4,
+    /// An fd this version of the ABI does not name.
+    VHU_FD_OTHER = 255,
+}
+
+/// An fd to attach to a message.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct vhu_fd_ref {
+    /// Which fd.
+    pub kind: vhu_fd_kind,
+    /// Region or ring index.
+    pub index: u16,
+}
+
+/// A message to send.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct vhu_transmit {
+    /// The request id.
+    pub request: u32,
+    /// Bytes of the buffer that form the message; 0: nothing to send now.
+    pub len: usize,
+    /// A reply must be read and handed to `vhu_frontend_handle_reply()`
+    /// before anything else is sent.
+    pub awaits_reply: bool,
+    /// Number of fds to attach.
+    pub nfds: u32,
+    /// The fds, in order.
+    pub fds: [vhu_fd_ref; 8],
+}
+
+/// What happened.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum vhu_event_kind {
+    /// No event.
+    VHU_EVENT_NONE = 0,
+    /// The handshake is done: `features` and `protocol_features` are what
+    /// was negotiated.
+    VHU_EVENT_NEGOTIATED = 1,
+    /// SET_VRING_KICK went out: write 1 to ring `queue`'s kick eventfd.
+    VHU_EVENT_INJECT_KICK = 2,
+    /// Ring `queue` is processed by the back-end.
+    VHU_EVENT_RING_STARTED = 3,
+    /// The start is complete.
+    VHU_EVENT_STARTED = 4,
+    /// Ring `queue` stopped at `base`.
+    VHU_EVENT_RING_STOPPED = 5,
+    /// Every ring is stopped.
+    VHU_EVENT_STOPPED = 6,
+    /// A memory change reached the back-end.
+    VHU_EVENT_MEMORY_UPDATED = 7,
+    /// GET_CONFIG answered `len` bytes at `offset` into `data`.
+    VHU_EVENT_CONFIG = 8,
+    /// GET_CONFIG of `len` bytes at `offset` failed.
+    VHU_EVENT_CONFIG_FAILED = 9,
+    /// An event this version of the ABI does not name.
+    VHU_EVENT_OTHER = 255,
+}
+
+/// An event (the fields its kind does not name are 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct vhu_event {
+    /// What happened.
+    pub kind: vhu_event_kind,
+    /// Ring index.
+    pub queue: u16,
+    /// RING_STOPPED: the base.
+    pub base: u32,
+    /// NEGOTIATED: virtio features.
+    pub features: u64,
+    /// NEGOTIATED: protocol features.
+    pub protocol_features: u64,
+    /// CONFIG, CONFIG_FAILED: offset.
+    pub offset: u32,
+    /// CONFIG, CONFIG_FAILED: length.
+    pub len: u32,
+    /// CONFIG: the bytes.
+    pub data: [u8; 256],
+}
+
+/// Where the front-end is.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum vhu_frontend_state {
+    /// The handshake runs.
+    VHU_FRONTEND_INITIALIZING = 0,
+    /// Negotiated; never started.
+    VHU_FRONTEND_READY = 1,
+    /// The start runs.
+    VHU_FRONTEND_STARTING = 2,
+    /// Every ring runs.
+    VHU_FRONTEND_STARTED = 3,
+    /// The stop runs.
+    VHU_FRONTEND_STOPPING = 4,
+    /// Every ring is stopped.
+    VHU_FRONTEND_STOPPED = 5,
+    /// A reply was refused: close the connection.
+    VHU_FRONTEND_FAILED = 6,
+}
+
+/// Bytes of a front-end's storage.
+#[no_mangle]
+pub extern "C" fn vhu_frontend_size() -> usize {
+    state::size::<CFrontend>()
+}
+
+/// Alignment of a front-end's storage.
+#[no_mangle]
+pub extern "C" fn vhu_frontend_align() -> usize {
+    state::align::<CFrontend>()
+}
+
+/// Initialises a front-end in `storage` (`size` bytes) with `config`;
+/// the handshake is queued (the first `vhu_frontend_poll_transmit()`
+/// gives GET_FEATURES). `VHU_ERR_INVALID` for more queues or regions than
+/// fit, an invalid ring size or overlapping regions;
+/// `VHU_ERR_UNSUPPORTED` for protocol features the engine does not
+/// implement.
+///
+/// # Safety
+///
+/// `storage` points at `size` writable bytes; `config` at a readable
+/// `vhu_frontend_config` whose arrays hold their counts of entries.
+#[no_mangle]
+pub unsafe extern "C" fn vhu_frontend_init(
+    storage: *mut vhu_frontend,
+    size: usize,
+    config: *const vhu_frontend_config,
+) -> vhu_result {
+    guard(|| {
+        state::storage::<CFrontend, _>(storage, size, vhu_frontend_size())?;
+        if config.is_null() {
+            return Err(VHU_ERR_NULL);
+        }
+        if (config as usize) % align_of::<vhu_frontend_config>() != 0 {
+            return Err(VHU_ERR_ALIGN);
+        }
+        // SAFETY: non-null, aligned, readable by the caller's contract.
+        let c = unsafe { config.read() };
+        // SAFETY: the caller's contract.
+        let queues = unsafe { state::slice(c.queues, c.num_queues) }?;
+        // SAFETY: the caller's contract.
+        let regions = unsafe { state::slice(c.regions, c.num_regions) }?;
+        let mut cfg = CConfig::new(
+            VirtioFeatures::from_bits_retain(c.features),
+            ProtocolFeatures::from_bits_retain(c.protocol_features),
+        );
+        let mode = |polling: u8| {
+            if polling != 0 {
+                NotifyMode::Polling
+            } else {
+                NotifyMode::Eventfd
+            }
+        };
+        for q in queues {
+            cfg.queues
+                .push(QueueConfig {
+                    size: q.size,
+                    addrs: RingAddrs::from(q.addrs),
+                    base: q.base,
+                    kick: mode(q.kick_polling),
+                    call: mode(q.call_polling),
+                })
+                .map_err(|_| VHU_ERR_INVALID)?;
+        }
+        for r in regions {
+            cfg.regions
+                .push(MemRegionMsg {
+                    guest_addr: r.guest_addr,
+                    size: r.size,
+                    user_addr: r.user_addr,
+                    mmap_offset: r.mmap_offset,
+                    xen: None,
+                })
+                .map_err(|_| VHU_ERR_INVALID)?;
+        }
+        let fe = CFrontend::new(cfg).map_err(result::frontend)?;
+        // SAFETY: `storage` was checked; the caller's contract makes it
+        // writable.
+        unsafe { state::init(storage, size, vhu_frontend_size(), fe) }
+    })
+}
+
+fn fd_ref(f: FdRef) -> vhu_fd_ref {
+    let (kind, index) = match f {
+        FdRef::Region(i) => (vhu_fd_kind::VHU_FD_REGION, i),
+        FdRef::Kick(i) => (vhu_fd_kind::VHU_FD_KICK, i),
+        FdRef::Call(i) => (vhu_fd_kind::VHU_FD_CALL, i),
+        FdRef::BackendChannel => (vhu_fd_kind::VHU_FD_BACKEND_CHANNEL, 0),
+        FdRef::Inflight => (vhu_fd_kind::VHU_FD_INFLIGHT, 0),
+        #[allow(unreachable_patterns)]
+        _ => (vhu_fd_kind::VHU_FD_OTHER, 0),
+    };
+    vhu_fd_ref { kind, index }
+}
+
+/// Writes the next message into `buf` (`cap` bytes;
+/// `VHU_FRONTEND_MAX_TRANSMIT` always suffice) and says how to send it in
+/// `*tx`; `tx->len` 0: nothing to send now (a reply is awaited, no flow
+/// runs, or events wait to be polled).
+///
+/// # Safety
+///
+/// `fe` points at an initialised front-end; `buf` at `cap` writable bytes;
+/// `tx` at a writable `vhu_transmit`.
+#[no_mangle]
+pub unsafe extern "C" fn vhu_frontend_poll_transmit(
+    fe: *mut vhu_frontend,
+    buf: *mut u8,
+    cap: usize,
+    tx: *mut vhu_transmit,
+) -> vhu_result {
+    guard(|| {
+        let mut t = vhu_transmit {
+            request: 0,
+            len: 0,
+            awaits_reply: false,
+            nfds: 0,
+            fds: [vhu_fd_ref {
+                kind: vhu_fd_kind::VHU_FD_OTHER,
+                index: 0,
+            }; 8],
+        };
+        // SAFETY: the caller's contract.
+        unsafe { state::put(tx, t) }?;
+        // SAFETY: the caller's contract.
+        let f = unsafe { state::get::<CFrontend, _>(fe) }?;
+        // SAFETY: the caller's contract.
+        let out = unsafe { state::bytes_mut(buf, cap) }?;
+        if let Some(m) = f.poll_transmit(out).map_err(result::frontend)? {
+            t.request = m.request.id();
+            t.len = m.len;
+            t.awaits_reply = m.awaits_reply;
+            for (slot, r) in t.fds.iter_mut().zip(m.fds.iter()) {
+                *slot = fd_ref(*r);
+                t.nfds += 1;
+            }
+        }
+        // SAFETY: checked above.
+        unsafe { state::put(tx, t) }
+    })
+}
+
+/// Takes the reply to the message in flight: `len` bytes at `msg` (header
+/// and payload) that came with `nfds` fds (the caller closes them). Every
+/// error is fatal: the engine fails and the connection must end.
+///
+/// # Safety
+///
+/// `fe` points at an initialised front-end; `msg` at `len` readable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn vhu_frontend_handle_reply(
+    fe: *mut vhu_frontend,
+    msg: *const u8,
+    len: usize,
+    nfds: usize,
+) -> vhu_result {
+    guard(|| {
+        // SAFETY: the caller's contract.
+        let f = unsafe { state::get::<CFrontend, _>(fe) }?;
+        // SAFETY: the caller's contract.
+        let msg = unsafe { state::slice(msg, len) }?;
+        if msg.len() < HEADER_SIZE {
+            return Err(VHU_ERR_SHORT_BUFFER);
+        }
+        let header = Header::parse(msg).map_err(result::wire)?;
+        let payload = msg
+            .get(HEADER_SIZE..HEADER_SIZE + header.size as usize)
+            .ok_or(VHU_ERR_SHORT_BUFFER)?;
+        f.handle_reply(&header, payload, nfds)
+            .map_err(result::frontend)
+    })
+}
+
+/// The next event into `*ev` (`ev->kind` `VHU_EVENT_NONE`: none). Drain
+/// events after every transmit and reply.
+///
+/// # Safety
+///
+/// `fe` points at an initialised front-end; `ev` at a writable
+/// `vhu_event`.
+#[no_mangle]
+pub unsafe extern "C" fn vhu_frontend_poll_event(
+    fe: *mut vhu_frontend,
+    ev: *mut vhu_event,
+) -> vhu_result {
+    guard(|| {
+        let mut e = vhu_event {
+            kind: vhu_event_kind::VHU_EVENT_NONE,
+            queue: 0,
+            base: 0,
+            features: 0,
+            protocol_features: 0,
+            offset: 0,
+            len: 0,
+            data: [0; 256],
+        };
+        // SAFETY: the caller's contract.
+        unsafe { state::put(ev, e) }?;
+        // SAFETY: the caller's contract.
+        let f = unsafe { state::get::<CFrontend, _>(fe) }?;
+        #[allow(unreachable_patterns)]
+        match f.poll_event() {
+            None => {}
+            Some(Event::Negotiated {
+                features,
+                protocol_features,
+            }) => {
+                e.kind = vhu_event_kind::VHU_EVENT_NEGOTIATED;
+                e.features = features.bits();
+                e.protocol_features = protocol_features.bits();
+            }
+            Some(Event::InjectKick(q)) => {
+                e.kind = vhu_event_kind::VHU_EVENT_INJECT_KICK;
+                e.queue = q;
+            }
+            Some(Event::RingStarted(q)) => {
+                e.kind = vhu_event_kind::VHU_EVENT_RING_STARTED;
+                e.queue = q;
+            }
+            Some(Event::Started) => e.kind = vhu_event_kind::VHU_EVENT_STARTED,
+            Some(Event::RingStopped { queue, base }) => {
+                e.kind = vhu_event_kind::VHU_EVENT_RING_STOPPED;
+                e.queue = queue;
+                e.base = base;
+            }
+            Some(Event::Stopped) => e.kind = vhu_event_kind::VHU_EVENT_STOPPED,
+            Some(Event::MemoryUpdated) => e.kind = vhu_event_kind::VHU_EVENT_MEMORY_UPDATED,
+            Some(Event::Config { offset, data }) => {
+                e.kind = vhu_event_kind::VHU_EVENT_CONFIG;
+                e.offset = offset;
+                e.len = data.len() as u32;
+                for (d, s) in e.data.iter_mut().zip(data.iter()) {
+                    *d = *s;
+                }
+            }
+            Some(Event::ConfigFailed { offset, len }) => {
+                e.kind = vhu_event_kind::VHU_EVENT_CONFIG_FAILED;
+                e.offset = offset;
+                e.len = len;
+            }
+            Some(_) => e.kind = vhu_event_kind::VHU_EVENT_OTHER,
+        }
+        // SAFETY: checked above.
+        unsafe { state::put(ev, e) }
+    })
+}
+
+/// Runs `f` on the front-end at `fe`.
+///
+/// # Safety
+///
+/// `fe` is NULL or points at an initialised front-end.
+unsafe fn command(
+    fe: *mut vhu_frontend,
+    f: impl FnOnce(&mut CFrontend) -> Result<(), vhost_user_core::frontend::FrontendError>,
+) -> vhu_result {
+    guard(|| {
+        // SAFETY: the caller's contract.
+        let fe = unsafe { state::get::<CFrontend, _>(fe) }?;
+        f(fe).map_err(result::frontend)
+    })
+}
+
+/// Starts (or restarts after a stop) the device; `VHU_EVENT_STARTED` ends
+/// it. `VHU_ERR_BUSY` unless ready or stopped with no flow running.
+///
+/// # Safety
+///
+/// `fe` points at an initialised front-end.
+#[no_mangle]
+pub unsafe extern "C" fn vhu_frontend_start(fe: *mut vhu_frontend) -> vhu_result {
+    // SAFETY: the caller's contract.
+    unsafe { command(fe, |f| f.start()) }
+}
+
+/// Stops every ring, draining their requests; `VHU_EVENT_STOPPED` ends
+/// it.
+///
+/// # Safety
+///
+/// `fe` points at an initialised front-end.
+#[no_mangle]
+pub unsafe extern "C" fn vhu_frontend_stop(fe: *mut vhu_frontend) -> vhu_result {
+    // SAFETY: the caller's contract.
+    unsafe { command(fe, |f| f.stop()) }
+}
+
+/// Stops every ring without waiting for the requests in flight (they
+/// stay recorded in the inflight area). Needs GET_VRING_BASE_INFLIGHT and
+/// an inflight area.
+///
+/// # Safety
+///
+/// `fe` points at an initialised front-end.
+#[no_mangle]
+pub unsafe extern "C" fn vhu_frontend_stop_suspending(fe: *mut vhu_frontend) -> vhu_result {
+    // SAFETY: the caller's contract.
+    unsafe { command(fe, |f| f.stop_suspending()) }
+}
+
+/// Reads `len` bytes of config space at `offset`; `VHU_EVENT_CONFIG`
+/// answers.
+///
+/// # Safety
+///
+/// `fe` points at an initialised front-end.
+#[no_mangle]
+pub unsafe extern "C" fn vhu_frontend_read_config(
+    fe: *mut vhu_frontend,
+    offset: u32,
+    len: u32,
+) -> vhu_result {
+    // SAFETY: the caller's contract.
+    unsafe { command(fe, |f| f.read_config(offset, len)) }
+}
+
+/// The front-end's state, and whether a reply is awaited.
+///
+/// # Safety
+///
+/// `fe` points at an initialised front-end; `state_out` at a writable
+/// `vhu_frontend_state`; `awaits_reply` is NULL or points at a writable
+/// `bool`.
+#[no_mangle]
+pub unsafe extern "C" fn vhu_frontend_get_state(
+    fe: *mut vhu_frontend,
+    state_out: *mut vhu_frontend_state,
+    awaits_reply: *mut bool,
+) -> vhu_result {
+    guard(|| {
+        // SAFETY: the caller's contract.
+        let f = unsafe { state::get::<CFrontend, _>(fe) }?;
+        use vhu_frontend_state::*;
+        let s = match f.state() {
+            State::Initializing => VHU_FRONTEND_INITIALIZING,
+            State::Ready => VHU_FRONTEND_READY,
+            State::Starting => VHU_FRONTEND_STARTING,
+            State::Started => VHU_FRONTEND_STARTED,
+            State::Stopping => VHU_FRONTEND_STOPPING,
+            State::Stopped => VHU_FRONTEND_STOPPED,
+            State::Failed => VHU_FRONTEND_FAILED,
+        };
+        // SAFETY: the caller's contract.
+        unsafe { state::put(state_out, s) }?;
+        if !awaits_reply.is_null() {
+            // SAFETY: the caller's contract.
+            unsafe { state::put(awaits_reply, f.awaits_reply()) }?;
+        }
+        Ok(())
+    })
+}

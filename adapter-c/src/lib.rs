@@ -1,0 +1,76 @@
+//! # vhost-user-c
+//!
+//! A C ABI over vhu's sans-I/O core, for C and every language that can
+//! call C (Python's `ctypes`, Go's cgo, C++). The header is
+//! `include/vhu.h`, generated from this crate by cbindgen and checked in.
+//!
+//! What the core gives Rust, this gives C:
+//!
+//! - the back-end session ([`backend`]): one message in, a reply and a list
+//!   of actions out;
+//! - the data plane of one started ring ([`dataplane`]): pop, complete by
+//!   token in any order, publish with the notification decision, stop by
+//!   draining or suspending, inflight recovery at start;
+//! - the front-end engine ([`frontend`]): the handshake, start and stop,
+//!   every reply validated;
+//! - guest memory as a table of host pointers the caller fills, or as
+//!   callbacks ([`memory`]);
+//! - the virtio-blk planner ([`blk`]).
+//!
+//! # Caller-owned state
+//!
+//! Nothing allocates. Every state object is opaque: the caller asks its
+//! size and alignment (`vhu_backend_size()`, `vhu_backend_align()`, ...),
+//! provides that much storage (stack, `static`, arena) and initialises it
+//! with the matching `*_init`. A state holds no pointer to anything
+//! outside itself and owns no resource, so it is dropped by forgetting
+//! its storage, moved by copying its bytes, and reset by initialising it
+//! again. One state object is used by one thread at a time.
+//!
+//! # Errors, never panics
+//!
+//! Every call that can fail returns a [`vhu_result`]; `vhu_result_str()`
+//! names it. A NULL or misaligned pointer, storage smaller than the state,
+//! storage that was not initialised as the state the call expects (each
+//! state begins with a tag word), an output buffer that is too short:
+//! each is an error code, never undefined behaviour of ours and never a
+//! crash. The code is written not to panic (no unchecked indexing, no
+//! unwrap); with the `std` feature (on by default, for hosted builds) each
+//! call additionally catches a panic at the boundary and returns
+//! `VHU_ERR_INTERNAL`, after which the state object involved must be
+//! initialised again. Without `std` (bare metal) a panic would reach the
+//! panic handler: the firmware's, or with the `panic-handler` feature one
+//! that parks the core.
+//!
+//! What no check can catch stays the caller's contract, written in each
+//! function's `# Safety`: pointers point at memory of the stated size
+//! that lives for the call, the host pointers of a guest memory table map
+//! what they claim, and a state's bytes are changed by these functions
+//! only.
+#![no_std]
+#![warn(missing_docs)]
+// The exported names are C's: `vhu_backend`, `VHU_OK`.
+#![allow(non_camel_case_types)]
+
+#[cfg(feature = "std")]
+extern crate std;
+
+pub mod backend;
+pub mod blk;
+pub mod dataplane;
+pub mod frontend;
+pub mod memory;
+mod result;
+mod state;
+
+pub use result::{vhu_result, vhu_result_str};
+
+#[cfg(all(feature = "panic-handler", not(feature = "std"), not(test)))]
+#[panic_handler]
+fn panic(_: &core::panic::PanicInfo<'_>) -> ! {
+    // Unreachable by construction (see the crate documentation); parking
+    // the core is all a firmware without an opinion can do.
+    loop {
+        core::hint::spin_loop();
+    }
+}

@@ -1,0 +1,161 @@
+//! Caller-owned state: a tag word followed by the Rust value, in storage
+//! the caller allocated and sized with `vhu_*_size()`/`vhu_*_align()`.
+
+use core::mem::{align_of, size_of};
+use core::ptr;
+
+use crate::result::vhu_result::{self, *};
+
+/// A state kind: its tag, checked by every call that takes the state.
+pub(crate) trait Kind: Sized {
+    const TAG: u32;
+}
+
+/// The layout in the caller's storage.
+#[repr(C)]
+pub(crate) struct Tagged<T> {
+    tag: u32,
+    value: T,
+}
+
+/// Bytes of a state of kind `T`.
+pub(crate) const fn size<T>() -> usize {
+    size_of::<Tagged<T>>()
+}
+
+/// Alignment of a state of kind `T`.
+pub(crate) const fn align<T>() -> usize {
+    align_of::<Tagged<T>>()
+}
+
+/// `p` checked as storage of at least `size` bytes for a `T`.
+pub(crate) fn storage<T, P>(
+    p: *mut P,
+    size: usize,
+    need: usize,
+) -> Result<*mut Tagged<T>, vhu_result> {
+    if p.is_null() {
+        return Err(VHU_ERR_NULL);
+    }
+    if (p as usize) % align::<T>() != 0 {
+        return Err(VHU_ERR_ALIGN);
+    }
+    if size < need {
+        return Err(VHU_ERR_SIZE);
+    }
+    Ok(p.cast())
+}
+
+/// Writes `value` as a fresh state into the storage at `p`.
+///
+/// # Safety
+///
+/// `p` (checked by [`storage`]) points at `need` writable bytes.
+pub(crate) unsafe fn init<T: Kind, P>(
+    p: *mut P,
+    size: usize,
+    need: usize,
+    value: T,
+) -> Result<(), vhu_result> {
+    let t = storage::<T, P>(p, size, need)?;
+    // SAFETY: `t` is non-null, aligned for Tagged<T> and (the caller's
+    // contract) points at `need >= size_of::<Tagged<T>>()` writable bytes;
+    // the old bytes are overwritten without being read or dropped (states
+    // own no resource).
+    unsafe { t.write(Tagged { tag: T::TAG, value }) };
+    Ok(())
+}
+
+/// The state of kind `T` at `p`.
+///
+/// # Safety
+///
+/// `p` is NULL, or points at storage that a `vhu_*_init` of some kind
+/// initialised (or at least `size_of::<u32>()` readable bytes whose tag
+/// is not `T`'s), used by no one else for the lifetime `'a`.
+pub(crate) unsafe fn get<'a, T: Kind, P>(p: *mut P) -> Result<&'a mut T, vhu_result> {
+    if p.is_null() {
+        return Err(VHU_ERR_NULL);
+    }
+    if (p as usize) % align::<T>() != 0 {
+        return Err(VHU_ERR_ALIGN);
+    }
+    let t: *mut Tagged<T> = p.cast();
+    // SAFETY: `t` is non-null and aligned; the tag is the first field of a
+    // repr(C) struct, so it is read as a plain u32 without forming a
+    // reference to a value that may not be there.
+    let tag = unsafe { ptr::addr_of!((*t).tag).read() };
+    if tag != T::TAG {
+        return Err(VHU_ERR_STATE);
+    }
+    // SAFETY: the tag says an init of this kind wrote a valid `T` here,
+    // and the caller's contract gives us exclusive use of it.
+    Ok(unsafe { &mut (*t).value })
+}
+
+/// A slice from a C pointer and length: empty when `len` is 0 (the
+/// pointer may then be NULL), else `p` must be non-null and aligned.
+///
+/// # Safety
+///
+/// A non-null `p` points at `len` readable `T`s that live, unchanged by
+/// anyone else, for `'a`.
+pub(crate) unsafe fn slice<'a, T>(p: *const T, len: usize) -> Result<&'a [T], vhu_result> {
+    if len == 0 {
+        return Ok(&[]);
+    }
+    if p.is_null() {
+        return Err(VHU_ERR_NULL);
+    }
+    if (p as usize) % align_of::<T>() != 0 {
+        return Err(VHU_ERR_ALIGN);
+    }
+    if len
+        .checked_mul(size_of::<T>())
+        .is_none_or(|n| n > isize::MAX as usize)
+    {
+        return Err(VHU_ERR_INVALID);
+    }
+    // SAFETY: non-null, aligned, the size fits isize, and the caller's
+    // contract covers the rest.
+    Ok(unsafe { core::slice::from_raw_parts(p, len) })
+}
+
+/// A mutable byte slice from a C pointer and length (see [`slice`]).
+///
+/// # Safety
+///
+/// A non-null `p` points at `len` writable bytes used by no one else for
+/// `'a`.
+pub(crate) unsafe fn bytes_mut<'a>(p: *mut u8, len: usize) -> Result<&'a mut [u8], vhu_result> {
+    if len == 0 {
+        return Ok(&mut []);
+    }
+    if p.is_null() {
+        return Err(VHU_ERR_NULL);
+    }
+    if len > isize::MAX as usize {
+        return Err(VHU_ERR_INVALID);
+    }
+    // SAFETY: non-null, bytes need no alignment, the size fits isize, and
+    // the caller's contract covers the rest.
+    Ok(unsafe { core::slice::from_raw_parts_mut(p, len) })
+}
+
+/// Writes `v` through the output pointer `p`.
+///
+/// # Safety
+///
+/// A non-null `p` points at writable storage for a `T`.
+pub(crate) unsafe fn put<T>(p: *mut T, v: T) -> Result<(), vhu_result> {
+    if p.is_null() {
+        return Err(VHU_ERR_NULL);
+    }
+    if (p as usize) % align_of::<T>() != 0 {
+        return Err(VHU_ERR_ALIGN);
+    }
+    // SAFETY: non-null and aligned; the caller's contract makes it
+    // writable. `write` does not read or drop the old bytes.
+    unsafe { p.write(v) };
+    Ok(())
+}

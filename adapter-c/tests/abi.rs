@@ -1,0 +1,150 @@
+//! The C ABI's checks on what C hands it, called through the exported
+//! functions as C calls them: NULL, misaligned and short storage, storage
+//! initialised as another kind of state, malformed message headers.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use core::ptr;
+
+use vhost_user_c::backend::*;
+use vhost_user_c::blk::*;
+use vhost_user_c::dataplane::*;
+use vhost_user_c::frontend::*;
+use vhost_user_c::vhu_result::*;
+
+/// Zeroed storage of `size` bytes aligned to 64 (more than any state
+/// needs), and a pointer `skew` bytes into it.
+struct Storage(Vec<u64>);
+
+impl Storage {
+    fn new(size: usize) -> Storage {
+        Storage(vec![0u64; size / 8 + 16])
+    }
+    fn at<T>(&mut self, skew: usize) -> *mut T {
+        let base = self.0.as_mut_ptr().cast::<u8>();
+        let aligned = base.wrapping_add(base.align_offset(64));
+        aligned.wrapping_add(skew).cast()
+    }
+}
+
+fn blk_config() -> vhu_blk_config {
+    vhu_blk_config {
+        capacity: 2048,
+        blk_size: 512,
+        num_queues: 1,
+        seg_max: 14,
+        size_max: 0,
+        read_only: 0,
+        flush: 1,
+        config_wce: 0,
+        writeback: 1,
+        serial: [0; 20],
+    }
+}
+
+#[test]
+fn init_checks_null_alignment_and_size() {
+    let cfg = vhu_backend_config {
+        features: VHU_VIRTIO_F_VERSION_1 | VHU_F_PROTOCOL_FEATURES,
+        protocol_features: VHU_PROTOCOL_F_MQ,
+        num_queues: 1,
+        max_queue_size: 64,
+    };
+    let size = vhu_backend_size();
+    let mut s = Storage::new(size);
+    // SAFETY: each call: the storage holds `size` bytes past any skew
+    // used; the config is a live value.
+    unsafe {
+        assert_eq!(vhu_backend_init(ptr::null_mut(), size, &cfg), VHU_ERR_NULL);
+        assert_eq!(vhu_backend_init(s.at(1), size, &cfg), VHU_ERR_ALIGN);
+        assert_eq!(vhu_backend_init(s.at(0), size - 1, &cfg), VHU_ERR_SIZE);
+        assert_eq!(vhu_backend_init(s.at(0), size, ptr::null()), VHU_ERR_NULL);
+        // More queues than the ABI's session has: refused.
+        let many = vhu_backend_config {
+            num_queues: VHU_MAX_QUEUES + 1,
+            ..cfg
+        };
+        assert_eq!(vhu_backend_init(s.at(0), size, &many), VHU_ERR_UNSUPPORTED);
+        assert_eq!(vhu_backend_init(s.at(0), size, &cfg), VHU_OK);
+    }
+    let bc = blk_config();
+    let mut b = Storage::new(vhu_blk_size());
+    // SAFETY: as above.
+    unsafe {
+        assert_eq!(vhu_blk_init(b.at(0), vhu_blk_size() - 1, &bc), VHU_ERR_SIZE);
+        let bad = vhu_blk_config {
+            blk_size: 1000,
+            ..bc
+        };
+        assert_eq!(vhu_blk_init(b.at(0), vhu_blk_size(), &bad), VHU_ERR_CONFIG);
+        assert_eq!(vhu_blk_init(b.at(0), vhu_blk_size(), &bc), VHU_OK);
+    }
+}
+
+#[test]
+fn a_state_of_another_kind_or_none_is_refused() {
+    let mut s = Storage::new(vhu_blk_size().max(vhu_dataplane_size(64)));
+    let bc = blk_config();
+    let blk: *mut vhu_blk = s.at(0);
+    let mut tok = vhu_token {
+        handle: 0,
+        id: 0,
+        side_effects: false,
+    };
+    let mut segs = [vhu_segment::default(); VHU_MAX_CHAIN as usize];
+    let mut n = 0usize;
+    let mut op = core::mem::MaybeUninit::<vhu_blk_op>::uninit();
+    // SAFETY: the storage is large enough for every state used here and
+    // zeroed (not a state) until the blk init.
+    unsafe {
+        // Zeroed storage holds no state.
+        assert_eq!(vhu_blk_offered_features(blk, &mut 0u64), VHU_ERR_STATE);
+        assert_eq!(vhu_blk_init(blk, vhu_blk_size(), &bc), VHU_OK);
+        // A blk device is not a data plane, nor a request plan.
+        let dp: *mut vhu_dataplane = s.at(0);
+        let r = vhu_dataplane_pop(
+            dp,
+            ptr::null(),
+            ptr::null(),
+            &mut tok,
+            segs.as_mut_ptr(),
+            segs.len(),
+            &mut n,
+        );
+        assert_eq!(r, VHU_ERR_STATE);
+        assert_eq!(tok.handle, VHU_NO_TOKEN);
+        let req: *mut vhu_blk_request = s.at(0);
+        assert_eq!(vhu_blk_request_op(req, op.as_mut_ptr()), VHU_ERR_STATE);
+        let fe: *mut vhu_frontend = s.at(0);
+        assert_eq!(vhu_frontend_start(fe), VHU_ERR_STATE);
+        // And it is still a blk device.
+        let mut f = 0u64;
+        assert_eq!(vhu_blk_offered_features(blk, &mut f), VHU_OK);
+        assert_ne!(f, 0);
+    }
+}
+
+#[test]
+fn message_headers_are_validated() {
+    let mut total = 0usize;
+    let get_features = [1u8, 0, 0, 0, 1, 0, 0, 0, 8, 0, 0, 0];
+    // SAFETY: each call: the buffers are live for their lengths.
+    unsafe {
+        assert_eq!(
+            vhu_message_size(get_features.as_ptr(), 12, &mut total),
+            VHU_OK
+        );
+        assert_eq!(total, 20);
+        assert_eq!(
+            vhu_message_size(get_features.as_ptr(), 11, &mut total),
+            VHU_ERR_SHORT_BUFFER
+        );
+        let mut big = get_features;
+        big[9] = 0x10; // a payload of 4 KiB + 8: above the maximum
+        assert_eq!(vhu_message_size(big.as_ptr(), 12, &mut total), VHU_ERR_WIRE);
+        let mut v2 = get_features;
+        v2[4] = 2;
+        assert_eq!(vhu_message_size(v2.as_ptr(), 12, &mut total), VHU_ERR_WIRE);
+        assert_eq!(vhu_message_size(ptr::null(), 12, &mut total), VHU_ERR_NULL);
+    }
+}

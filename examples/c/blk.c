@@ -1,0 +1,737 @@
+/*
+ * vhu-c-blk: a vhost-user-blk back-end written in C against vhu.h and libc
+ * only (socket, recvmsg with SCM_RIGHTS, mmap, eventfd reads and writes,
+ * poll). The vhost-user protocol, the rings and the virtio-blk request
+ * format are the core's business, through the C ABI; this file does the
+ * I/O: the socket, the memory mappings, the notifiers and the disk file.
+ *
+ *   vhu-c-blk --socket-path PATH --blk-file FILE [--num-queues N]
+ *             [--queue-size N] [--io-delay-us N] [--log-level LEVEL (ignored)]
+ *
+ * --io-delay-us holds each request that long before it completes (so a
+ * test can kill the back-end with requests in flight: they are recorded
+ * in the inflight area, and the next back-end resubmits them).
+ *
+ * One front-end at a time, served on one thread: a poll loop over the
+ * socket and the rings' kick eventfds. Every request completes before the
+ * next is popped (pread/pwrite on the file), so a stop never has to wait.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "vhu.h"
+
+#define LOG(...) (fprintf(stderr, "vhu-c-blk: " __VA_ARGS__), fputc('\n', stderr))
+
+/* Bytes moved between the file and guest memory at a time. */
+#define BOUNCE (128u << 10)
+
+struct ring {
+    vhu_dataplane *dp;      /* storage: vhu_dataplane_size(max queue size) */
+    vhu_blk_request *req;   /* the plan of the request in progress */
+    bool running;
+    bool broken;
+    bool suspend;           /* STOP_RING: suspend instead of draining */
+    int kick, call, err;
+};
+
+struct mapping {
+    void *base;             /* what mmap returned (NULL: unused) */
+    size_t len;
+};
+
+static struct {
+    int disk;
+    uint64_t disk_size;
+    uint16_t queues, queue_size;
+    unsigned long io_delay_us;
+    vhu_backend *be;
+    vhu_blk *blk;
+    vhu_device dev;
+    vhu_backend_config config;
+    vhu_blk_config blk_config;
+    vhu_region regions[VHU_MAX_REGIONS];
+    struct mapping maps[VHU_MAX_REGIONS];
+    vhu_mem mem;
+    vhu_region area_region;
+    struct mapping area_map;
+    vhu_mem area;           /* count 0 while no inflight area is mapped */
+    struct ring rings[VHU_MAX_QUEUES];
+    int reply_fd;           /* sent with the next reply (GET_INFLIGHT_FD) */
+    unsigned long requests;
+    unsigned char bounce[BOUNCE];
+} S;
+
+static void *alloc_state(size_t size, size_t align)
+{
+    size_t n = (size + align - 1) / align * align;
+    void *p = aligned_alloc(align, n);
+    if (!p) {
+        LOG("out of memory");
+        exit(1);
+    }
+    memset(p, 0, n);
+    return p;
+}
+
+static int check(vhu_result r, const char *what)
+{
+    if (r != VHU_OK) {
+        LOG("%s: %s", what, vhu_result_str(r));
+        return -1;
+    }
+    return 0;
+}
+
+static const vhu_mem *area(void)
+{
+    return S.area.count ? &S.area : NULL;
+}
+
+static void unmap(struct mapping *m)
+{
+    if (m->base)
+        munmap(m->base, m->len);
+    m->base = NULL;
+    m->len = 0;
+}
+
+/* Maps `size` bytes at `offset` of `fd` (offset need not be page-aligned). */
+static uint8_t *map_fd(int fd, uint64_t offset, uint64_t size, struct mapping *m)
+{
+    uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
+    uint64_t skip = offset % page;
+    if (size == 0 || size > SIZE_MAX - skip)
+        return NULL;
+    void *p = mmap(NULL, size + skip, PROT_READ | PROT_WRITE, MAP_SHARED, fd,
+                   (off_t)(offset - skip));
+    if (p == MAP_FAILED) {
+        LOG("mmap: %s", strerror(errno));
+        return NULL;
+    }
+    m->base = p;
+    m->len = size + skip;
+    return (uint8_t *)p + skip;
+}
+
+static void notify(int fd)
+{
+    uint64_t one = 1;
+    if (fd >= 0 && write(fd, &one, sizeof one) < 0 && errno != EAGAIN)
+        LOG("call eventfd: %s", strerror(errno));
+}
+
+/* Serves one popped request; returns 0 or -1 (the ring is broken). */
+static int process(struct ring *r, const vhu_token *tok, const vhu_segment *segs, size_t n)
+{
+    uint32_t used = 0;
+    if (tok->side_effects) {
+        vhu_blk_op op;
+        uint32_t status = VHU_BLK_S_OK;
+        if (check(vhu_blk_plan(S.blk, segs, n, &S.mem, r->req), "plan") ||
+            check(vhu_blk_request_op(r->req, &op), "op"))
+            return -1;
+        switch (op.kind) {
+        case VHU_BLK_READ:
+        case VHU_BLK_WRITE:
+            for (uint64_t at = 0; at < op.len && status == VHU_BLK_S_OK;) {
+                size_t chunk = op.len - at < BOUNCE ? (size_t)(op.len - at) : BOUNCE;
+                off_t pos = (off_t)(op.offset + at);
+                if (op.kind == VHU_BLK_READ) {
+                    if (pread(S.disk, S.bounce, chunk, pos) != (ssize_t)chunk ||
+                        vhu_blk_request_write_data(r->req, &S.mem, at, S.bounce, chunk))
+                        status = VHU_BLK_S_IOERR;
+                } else {
+                    if (vhu_blk_request_read_data(r->req, &S.mem, at, S.bounce, chunk) ||
+                        pwrite(S.disk, S.bounce, chunk, pos) != (ssize_t)chunk)
+                        status = VHU_BLK_S_IOERR;
+                }
+                at += chunk;
+            }
+            break;
+        case VHU_BLK_FLUSH:
+            if (fdatasync(S.disk))
+                status = VHU_BLK_S_IOERR;
+            break;
+        case VHU_BLK_GET_ID:
+            if (vhu_blk_get_id(S.blk, r->req, &S.mem))
+                status = VHU_BLK_S_IOERR;
+            break;
+        case VHU_BLK_FAIL:
+            status = op.status;
+            break;
+        default: /* discard and write zeroes are not offered */
+            status = VHU_BLK_S_UNSUPP;
+            break;
+        }
+        if (S.io_delay_us)
+            usleep((useconds_t)S.io_delay_us);
+        if (op.sync_after && status == VHU_BLK_S_OK && fdatasync(S.disk))
+            status = VHU_BLK_S_IOERR;
+        if (check(vhu_blk_request_finish(r->req, &S.mem, status, &used), "finish"))
+            return -1;
+    }
+    vhu_published pub;
+    if (check(vhu_dataplane_complete(r->dp, &S.mem, area(), tok->handle, used, &pub),
+              "complete"))
+        return -1;
+    if (pub == VHU_PUBLISHED_NOTIFY)
+        notify(r->call);
+    S.requests++;
+    return 0;
+}
+
+/* Pops and serves every request there is; returns how many, or -1. */
+static int drain(struct ring *r)
+{
+    static vhu_segment segs[VHU_MAX_CHAIN];
+    int served = 0;
+    for (;;) {
+        vhu_token tok;
+        size_t n;
+        vhu_result res = vhu_dataplane_pop(r->dp, &S.mem, area(), &tok, segs, VHU_MAX_CHAIN, &n);
+        if (check(res, "pop"))
+            return -1;
+        if (tok.handle == VHU_NO_TOKEN)
+            return served;
+        if (process(r, &tok, segs, n))
+            return -1;
+        served++;
+    }
+}
+
+/* Serves ring `r` until it is empty with notifications enabled. */
+static void serve_ring(struct ring *r)
+{
+    if (!r->running || r->broken)
+        return;
+    for (;;) {
+        vhu_published pub;
+        bool work = false;
+        if (drain(r) < 0 ||
+            check(vhu_dataplane_publish(r->dp, &S.mem, area(), &pub), "publish")) {
+            r->broken = true;
+            return;
+        }
+        if (pub == VHU_PUBLISHED_NOTIFY)
+            notify(r->call);
+        if (check(vhu_dataplane_enable_notification(r->dp, &S.mem, &work), "notification")) {
+            r->broken = true;
+            return;
+        }
+        if (!work)
+            return;
+    }
+}
+
+/* Stops ring `q` (GET_VRING_BASE); returns 0 with its base in *base. */
+static int halt(uint16_t q, bool suspend, uint32_t *base)
+{
+    struct ring *r = &S.rings[q];
+    if (!r->running)
+        return -1;
+    /* Every request completes when it is served: a ring's worth of rounds
+     * serves what a drain still hands out (recorded requests). */
+    for (unsigned round = 0; round <= S.queue_size; round++) {
+        bool stopped;
+        vhu_published pub;
+        vhu_result res = vhu_dataplane_stop(r->dp, &S.mem, area(), suspend, &stopped, base, &pub);
+        if (pub == VHU_PUBLISHED_NOTIFY)
+            notify(r->call);
+        if (stopped) {
+            r->running = false;
+            return check(res, "stop");
+        }
+        if (check(res, "stop") || drain(r) < 0)
+            break;
+    }
+    r->running = false;
+    return -1;
+}
+
+static int take_fd(int *fds, size_t nfds, int index)
+{
+    if (index < 0 || (size_t)index >= nfds)
+        return -1;
+    int fd = fds[index];
+    fds[index] = -1;
+    return fd;
+}
+
+static void set_fd(int *slot, int fd)
+{
+    if (*slot >= 0)
+        close(*slot);
+    *slot = fd;
+}
+
+static int apply(const vhu_action *a, int *fds, size_t nfds)
+{
+    struct ring *r = a->queue < VHU_MAX_QUEUES ? &S.rings[a->queue] : NULL;
+    switch (a->kind) {
+    case VHU_ACTION_UNMAP_ALL:
+        for (unsigned i = 0; i < VHU_MAX_REGIONS; i++) {
+            unmap(&S.maps[i]);
+            memset(&S.regions[i], 0, sizeof S.regions[i]);
+        }
+        return 0;
+    case VHU_ACTION_MAP_REGION: {
+        if (a->slot >= VHU_MAX_REGIONS)
+            return -1;
+        int fd = take_fd(fds, nfds, a->fd);
+        if (fd < 0)
+            return -1;
+        unmap(&S.maps[a->slot]);
+        uint8_t *host = map_fd(fd, a->region.mmap_offset, a->region.size, &S.maps[a->slot]);
+        close(fd);
+        if (!host)
+            return -1;
+        S.regions[a->slot] = (vhu_region){a->region.guest_addr, a->region.size, host};
+        return 0;
+    }
+    case VHU_ACTION_UNMAP_REGION:
+        if (a->slot >= VHU_MAX_REGIONS)
+            return -1;
+        unmap(&S.maps[a->slot]);
+        memset(&S.regions[a->slot], 0, sizeof S.regions[a->slot]);
+        return 0;
+    case VHU_ACTION_REMAP_RINGS:
+        for (uint16_t q = 0; q < S.queues; q++) {
+            vhu_ring_addrs addrs;
+            if (!S.rings[q].running)
+                continue;
+            if (check(vhu_backend_ring_addrs(S.be, q, &addrs), "ring addresses"))
+                return -1;
+            if (vhu_dataplane_set_addrs(S.rings[q].dp, &addrs))
+                S.rings[q].broken = true;
+        }
+        return 0;
+    case VHU_ACTION_SET_KICK:
+    case VHU_ACTION_SET_CALL:
+    case VHU_ACTION_SET_ERR: {
+        if (!r)
+            return -1;
+        int fd = a->fd < 0 ? -1 : take_fd(fds, nfds, a->fd);
+        if (a->fd >= 0 && fd < 0)
+            return -1;
+        if (a->kind == VHU_ACTION_SET_KICK && fd >= 0)
+            fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+        set_fd(a->kind == VHU_ACTION_SET_KICK   ? &r->kick
+               : a->kind == VHU_ACTION_SET_CALL ? &r->call
+                                                : &r->err,
+               fd);
+        return 0;
+    }
+    case VHU_ACTION_START_RING:
+        if (!r)
+            return -1;
+        if (check(vhu_backend_start_ring(S.be, a->queue, &S.mem, area(), false, r->dp,
+                                         vhu_dataplane_size(S.queue_size)),
+                  "start ring"))
+            return -1;
+        r->running = true;
+        r->broken = false;
+        vhu_dataplane_info info;
+        if (!vhu_dataplane_get_info(r->dp, &info) && info.resubmits_left)
+            LOG("ring %u: resubmitting %u requests recorded in the inflight area",
+                (unsigned)a->queue, (unsigned)info.resubmits_left);
+        serve_ring(r);
+        return 0;
+    case VHU_ACTION_STOP_RING:
+        if (!r)
+            return -1;
+        r->suspend = a->flag;
+        return 0;
+    case VHU_ACTION_CREATE_INFLIGHT: {
+        int fd = memfd_create("vhu-c-inflight", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+        if (fd < 0 || ftruncate(fd, (off_t)a->size)) {
+            LOG("inflight area: %s", strerror(errno));
+            if (fd >= 0)
+                close(fd);
+            return -1;
+        }
+        fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW);
+        set_fd(&S.reply_fd, fd);
+        return 0;
+    }
+    case VHU_ACTION_MAP_INFLIGHT: {
+        int fd = take_fd(fds, nfds, a->fd);
+        if (fd < 0)
+            return -1;
+        unmap(&S.area_map);
+        S.area.count = 0;
+        uint8_t *host = map_fd(fd, a->offset, a->size, &S.area_map);
+        close(fd);
+        if (!host)
+            return -1;
+        S.area_region = (vhu_region){0, a->size, host};
+        S.area.count = 1;
+        LOG("inflight area of %llu bytes mapped", (unsigned long long)a->size);
+        return 0;
+    }
+    case VHU_ACTION_UNMAP_INFLIGHT:
+        unmap(&S.area_map);
+        S.area.count = 0;
+        return 0;
+    case VHU_ACTION_SET_ENABLED:
+        if (!r || !r->running)
+            return 0;
+        if (check(vhu_dataplane_set_enabled(r->dp, a->flag), "enable"))
+            return -1;
+        /* What the guest made available while the ring was disabled (before
+         * a restart, say) was kicked for already: serve it now. */
+        if (a->flag)
+            serve_ring(r);
+        return 0;
+    case VHU_ACTION_RESET_RINGS:
+        for (uint16_t q = 0; q < S.queues; q++) {
+            uint32_t base;
+            if (S.rings[q].running)
+                halt(q, false, &base);
+            set_fd(&S.rings[q].kick, -1);
+            set_fd(&S.rings[q].call, -1);
+            set_fd(&S.rings[q].err, -1);
+        }
+        return check(vhu_backend_rings_reset(S.be), "reset");
+    case VHU_ACTION_KICK: /* in-band kick (not offered here) */
+        if (r)
+            serve_ring(r);
+        return 0;
+    default:
+        return 0;
+    }
+}
+
+static int read_full(int fd, uint8_t *buf, size_t len)
+{
+    while (len) {
+        ssize_t n = read(fd, buf, len);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return -1;
+        buf += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+/* Reads one message and its fds; returns its length, 0 at EOF, -1. */
+static ssize_t recv_message(int conn, uint8_t *buf, int *fds, size_t *nfds)
+{
+    union {
+        char buf[CMSG_SPACE(sizeof(int) * VHU_MAX_FDS)];
+        struct cmsghdr align;
+    } control;
+    struct iovec iov = {buf, VHU_HEADER_SIZE};
+    struct msghdr mh = {0};
+    mh.msg_iov = &iov;
+    mh.msg_iovlen = 1;
+    mh.msg_control = control.buf;
+    mh.msg_controllen = sizeof control.buf;
+    *nfds = 0;
+    ssize_t n;
+    do
+        n = recvmsg(conn, &mh, MSG_CMSG_CLOEXEC);
+    while (n < 0 && errno == EINTR);
+    if (n <= 0)
+        return n;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+            continue;
+        size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (size_t i = 0; i < k; i++) {
+            int fd;
+            memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
+            if (*nfds < VHU_MAX_FDS)
+                fds[(*nfds)++] = fd;
+            else
+                close(fd);
+        }
+    }
+    size_t total;
+    if ((mh.msg_flags & MSG_CTRUNC) ||
+        read_full(conn, buf + n, VHU_HEADER_SIZE - (size_t)n) ||
+        check(vhu_message_size(buf, VHU_HEADER_SIZE, &total), "message header") ||
+        read_full(conn, buf + VHU_HEADER_SIZE, total - VHU_HEADER_SIZE))
+        return -1;
+    return (ssize_t)total;
+}
+
+static int send_reply(int conn, const uint8_t *buf, size_t len)
+{
+    union {
+        char buf[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } control;
+    struct iovec iov = {(void *)buf, len};
+    struct msghdr mh = {0};
+    mh.msg_iov = &iov;
+    mh.msg_iovlen = 1;
+    if (S.reply_fd >= 0) {
+        memset(&control, 0, sizeof control);
+        mh.msg_control = control.buf;
+        mh.msg_controllen = sizeof control.buf;
+        struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(c), &S.reply_fd, sizeof(int));
+    }
+    ssize_t n;
+    do
+        n = sendmsg(conn, &mh, MSG_NOSIGNAL);
+    while (n < 0 && errno == EINTR);
+    set_fd(&S.reply_fd, -1);
+    return n == (ssize_t)len ? 0 : -1;
+}
+
+/* Handles one message; -1 ends the connection. */
+static int on_message(int conn)
+{
+    static uint8_t msg[VHU_MAX_MESSAGE], reply[VHU_MAX_MESSAGE];
+    int fds[VHU_MAX_FDS];
+    size_t nfds;
+    ssize_t len = recv_message(conn, msg, fds, &nfds);
+    int rc = -1;
+    if (len <= 0)
+        goto out;
+    vhu_outcome out;
+    vhu_result res = vhu_backend_handle(S.be, msg, (size_t)len, nfds, &S.mem, &S.dev, reply,
+                                        sizeof reply, &out);
+    if (res != VHU_OK) {
+        uint32_t request;
+        memcpy(&request, msg, sizeof request);
+        LOG("request %u refused: %s", request, vhu_result_str(res));
+        goto out;
+    }
+    if (out.refused != VHU_OK)
+        LOG("request refused with a failed ack: %s", vhu_result_str(out.refused));
+    for (uint32_t i = 0; i < out.actions; i++) {
+        vhu_action a = {0};
+        if (check(vhu_backend_action(S.be, i, &a), "action") || apply(&a, fds, nfds)) {
+            LOG("action %u of request failed", (unsigned)a.kind);
+            goto out;
+        }
+    }
+    size_t n = out.reply_len;
+    if (out.reply == VHU_REPLY_PENDING) {
+        uint32_t base;
+        if (out.queue >= S.queues || halt(out.queue, S.rings[out.queue].suspend, &base) ||
+            check(vhu_backend_finish_stop(S.be, out.queue, base, reply, sizeof reply, &n),
+                  "finish stop"))
+            goto out;
+    }
+    rc = out.reply == VHU_REPLY_NONE ? 0 : send_reply(conn, reply, n);
+out:
+    if (len > 0)
+        for (size_t i = 0; i < nfds; i++)
+            if (fds[i] >= 0)
+                close(fds[i]);
+    return rc;
+}
+
+static int start_session(void)
+{
+    S.mem = (vhu_mem){S.regions, VHU_MAX_REGIONS, NULL};
+    S.area = (vhu_mem){&S.area_region, 0, NULL};
+    S.reply_fd = -1;
+    if (check(vhu_blk_init(S.blk, vhu_blk_size(), &S.blk_config), "blk init") ||
+        check(vhu_blk_device(S.blk, &S.dev), "blk device") ||
+        check(vhu_backend_init(S.be, vhu_backend_size(), &S.config), "backend init"))
+        return -1;
+    return 0;
+}
+
+static void end_session(void)
+{
+    for (uint16_t q = 0; q < VHU_MAX_QUEUES; q++) {
+        struct ring *r = &S.rings[q];
+        r->running = r->broken = r->suspend = false;
+        set_fd(&r->kick, -1);
+        set_fd(&r->call, -1);
+        set_fd(&r->err, -1);
+    }
+    for (unsigned i = 0; i < VHU_MAX_REGIONS; i++) {
+        unmap(&S.maps[i]);
+        memset(&S.regions[i], 0, sizeof S.regions[i]);
+    }
+    unmap(&S.area_map);
+    S.area.count = 0;
+    set_fd(&S.reply_fd, -1);
+}
+
+static void serve(int conn)
+{
+    if (start_session())
+        return;
+    unsigned long before = S.requests;
+    for (;;) {
+        struct pollfd p[1 + VHU_MAX_QUEUES];
+        uint16_t which[1 + VHU_MAX_QUEUES];
+        nfds_t n = 0;
+        int timeout = -1;
+        p[n++] = (struct pollfd){conn, POLLIN, 0};
+        for (uint16_t q = 0; q < S.queues; q++) {
+            struct ring *r = &S.rings[q];
+            if (!r->running || r->broken)
+                continue;
+            if (r->kick < 0) {
+                timeout = 0; /* no kick eventfd: poll the ring */
+                continue;
+            }
+            which[n] = q;
+            p[n++] = (struct pollfd){r->kick, POLLIN, 0};
+        }
+        if (poll(p, n, timeout) < 0) {
+            if (errno == EINTR)
+                continue;
+            LOG("poll: %s", strerror(errno));
+            break;
+        }
+        if (p[0].revents) {
+            if (on_message(conn))
+                break;
+            continue; /* the rings' notifiers may have changed */
+        }
+        for (nfds_t i = 1; i < n; i++) {
+            uint64_t v;
+            if (!p[i].revents)
+                continue;
+            if (read(p[i].fd, &v, sizeof v) < 0 && errno != EAGAIN)
+                LOG("kick eventfd: %s", strerror(errno));
+            serve_ring(&S.rings[which[i]]);
+        }
+        for (uint16_t q = 0; q < S.queues; q++)
+            if (S.rings[q].running && S.rings[q].kick < 0)
+                serve_ring(&S.rings[q]);
+    }
+    LOG("connection closed after %lu requests", S.requests - before);
+    end_session();
+}
+
+static void usage(void)
+{
+    fprintf(stderr, "usage: vhu-c-blk --socket-path PATH --blk-file FILE "
+                    "[--num-queues N] [--queue-size N] [--io-delay-us N]\n");
+    exit(2);
+}
+
+int main(int argc, char **argv)
+{
+    const char *sock_path = NULL, *file = NULL;
+    unsigned long queues = 1, queue_size = 1024;
+    for (int i = 1; i < argc; i++) {
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!v)
+            usage();
+        if (!strcmp(argv[i], "--socket-path"))
+            sock_path = v;
+        else if (!strcmp(argv[i], "--blk-file"))
+            file = v;
+        else if (!strcmp(argv[i], "--num-queues"))
+            queues = strtoul(v, NULL, 10);
+        else if (!strcmp(argv[i], "--queue-size"))
+            queue_size = strtoul(v, NULL, 10);
+        else if (!strcmp(argv[i], "--io-delay-us"))
+            S.io_delay_us = strtoul(v, NULL, 10);
+        else if (strcmp(argv[i], "--log-level"))
+            usage();
+        i++;
+    }
+    if (!sock_path || !file || queues < 1 || queues > VHU_MAX_QUEUES || queue_size < 2 ||
+        queue_size > 32768)
+        usage();
+    S.queues = (uint16_t)queues;
+    S.queue_size = (uint16_t)queue_size;
+
+    S.disk = open(file, O_RDWR | O_CLOEXEC);
+    struct stat st;
+    if (S.disk < 0 || fstat(S.disk, &st)) {
+        LOG("%s: %s", file, strerror(errno));
+        return 1;
+    }
+    S.disk_size = (uint64_t)st.st_size;
+
+    /* Caller-owned state: sizes and alignments from the library. */
+    S.be = alloc_state(vhu_backend_size(), vhu_backend_align());
+    S.blk = alloc_state(vhu_blk_size(), vhu_blk_align());
+    for (uint16_t q = 0; q < VHU_MAX_QUEUES; q++) {
+        struct ring *r = &S.rings[q];
+        r->kick = r->call = r->err = -1;
+        if (q >= S.queues)
+            continue;
+        r->dp = alloc_state(vhu_dataplane_size(S.queue_size), vhu_dataplane_align());
+        r->req = alloc_state(vhu_blk_request_size(), vhu_blk_request_align());
+        if (check(vhu_blk_request_init(r->req, vhu_blk_request_size()), "request init"))
+            return 1;
+    }
+
+    S.blk_config = (vhu_blk_config){
+        .capacity = S.disk_size / 512,
+        .blk_size = 512,
+        .num_queues = S.queues,
+        .seg_max = (S.queue_size < VHU_MAX_CHAIN ? S.queue_size : VHU_MAX_CHAIN) - 2,
+        .flush = 1,
+        .config_wce = 1,
+        .writeback = 1,
+    };
+    memcpy(S.blk_config.serial, "vhu-c-blk", 9);
+    uint64_t dev_features;
+    if (check(vhu_blk_init(S.blk, vhu_blk_size(), &S.blk_config), "blk init") ||
+        check(vhu_blk_offered_features(S.blk, &dev_features), "blk features"))
+        return 1;
+    S.config = (vhu_backend_config){
+        .features = dev_features | VHU_VIRTIO_F_VERSION_1 | VHU_F_PROTOCOL_FEATURES |
+                    VHU_VIRTIO_F_RING_PACKED | VHU_VIRTIO_F_EVENT_IDX |
+                    VHU_VIRTIO_F_INDIRECT_DESC,
+        .protocol_features = VHU_PROTOCOL_F_MQ | VHU_PROTOCOL_F_REPLY_ACK |
+                             VHU_PROTOCOL_F_CONFIG | VHU_PROTOCOL_F_CONFIGURE_MEM_SLOTS |
+                             VHU_PROTOCOL_F_STATUS | VHU_PROTOCOL_F_RESET_DEVICE |
+                             VHU_PROTOCOL_F_INFLIGHT_SHMFD,
+        .num_queues = S.queues,
+        .max_queue_size = S.queue_size,
+    };
+
+    int ls = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    if (ls < 0 || strlen(sock_path) >= sizeof addr.sun_path) {
+        LOG("socket: %s", ls < 0 ? strerror(errno) : "path too long");
+        return 1;
+    }
+    strcpy(addr.sun_path, sock_path);
+    unlink(sock_path);
+    if (bind(ls, (struct sockaddr *)&addr, sizeof addr) || listen(ls, 1)) {
+        LOG("%s: %s", sock_path, strerror(errno));
+        return 1;
+    }
+    LOG("serving %s (%llu bytes, %u queues) on %s; state: backend %zu, dataplane %zu, "
+        "blk %zu, request %zu bytes",
+        file, (unsigned long long)S.disk_size, (unsigned)S.queues, sock_path,
+        vhu_backend_size(), vhu_dataplane_size(S.queue_size), vhu_blk_size(),
+        vhu_blk_request_size());
+    signal(SIGPIPE, SIG_IGN);
+    for (;;) {
+        int conn = accept4(ls, NULL, NULL, SOCK_CLOEXEC);
+        if (conn < 0) {
+            if (errno == EINTR)
+                continue;
+            LOG("accept: %s", strerror(errno));
+            return 1;
+        }
+        serve(conn);
+        close(conn);
+    }
+}
