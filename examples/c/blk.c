@@ -108,12 +108,47 @@ static void unmap(struct mapping *m)
     m->len = 0;
 }
 
+/*
+ * Whether `fd` can back `[offset, offset + size)` for as long as it is
+ * mapped: the range lies inside the file, and a memfd is sealed against
+ * shrinking (sealed here if the front-end allowed sealing; a memfd that
+ * can neither be sealed nor is sealed already is refused, since shrinking
+ * it under the mapping would kill this process with SIGBUS on the next
+ * guest access). Files that take no seals (a hugetlbfs or disk file) are
+ * the front-end's shared memory as it gave it.
+ */
+static int fd_can_back(int fd, uint64_t offset, uint64_t size)
+{
+    struct stat st;
+    if (fstat(fd, &st)) {
+        LOG("region fd: %s", strerror(errno));
+        return 0;
+    }
+    if (S_ISREG(st.st_mode) &&
+        (offset > (uint64_t)st.st_size || size > (uint64_t)st.st_size - offset)) {
+        LOG("region %llu+%llu past the end of its %lld-byte file",
+            (unsigned long long)offset, (unsigned long long)size, (long long)st.st_size);
+        return 0;
+    }
+    if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK) == 0)
+        return 1;
+    if (errno == EINVAL)
+        return 1; /* not a memfd: takes no seals */
+    int seals = fcntl(fd, F_GET_SEALS);
+    if (seals >= 0 && (seals & F_SEAL_SHRINK))
+        return 1;
+    LOG("region memfd can shrink under the mapping (not sealable): refused");
+    return 0;
+}
+
 /* Maps `size` bytes at `offset` of `fd` (offset need not be page-aligned). */
 static uint8_t *map_fd(int fd, uint64_t offset, uint64_t size, struct mapping *m)
 {
     uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
     uint64_t skip = offset % page;
     if (size == 0 || size > SIZE_MAX - skip)
+        return NULL;
+    if (!fd_can_back(fd, offset, size))
         return NULL;
     void *p = mmap(NULL, size + skip, PROT_READ | PROT_WRITE, MAP_SHARED, fd,
                    (off_t)(offset - skip));

@@ -188,3 +188,67 @@ fn c_backend_serves_one_queue_and_survives_a_malformed_message() {
         "{log}"
     );
 }
+
+/// Guest memory the front-end could shrink under the mapping is refused,
+/// and memory it can seal is sealed: a hostile front-end cannot kill the C
+/// back-end with SIGBUS. Also a region that lies past the end of its file.
+#[test]
+fn c_backend_seals_guest_memory_and_refuses_what_could_shrink() {
+    use std::os::fd::AsFd;
+    use vhost_user_core::message::{FrontendReq, MemRegionMsg, MemTable, Request};
+    use vhost_user_linux::sys::memfd;
+    use vhost_user_linux::sys::socket::Stream;
+
+    const MIB: u64 = 1 << 20;
+    let b = start(2);
+    let region = |size: u64| MemRegionMsg {
+        guest_addr: 0,
+        size,
+        user_addr: 0x7f00_0000_0000,
+        mmap_offset: 0,
+        xen: None,
+    };
+    let set_mem = |s: &Stream, fd: std::os::fd::BorrowedFd<'_>, size: u64| {
+        let regions = [region(size)];
+        let req = Request::SetMemTable(MemTable::new(&regions).unwrap());
+        common::send(s, &req, true, &[fd]);
+        common::recv_reply(s, FrontendReq::SetMemTable)
+            .map(|r| common::u64_of(FrontendReq::SetMemTable, &r))
+    };
+    let connect = || {
+        let s = Stream::connect(&b.sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let p = common::handshake(&s);
+        assert!(p & vhost_user_core::feature::ProtocolFeatures::REPLY_ACK.bits() != 0);
+        s
+    };
+
+    // A sealable memfd is mapped and sealed against shrinking.
+    let s = connect();
+    let fd = memfd::create("guest", MIB).unwrap();
+    assert_eq!(set_mem(&s, fd.as_fd(), MIB), Some(0));
+    let ram = std::fs::File::from(fd);
+    let e = ram.set_len(0).expect_err("sealed F_SEAL_SHRINK");
+    assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+    drop(s);
+
+    // One that can be neither sealed nor is sealed is refused.
+    let s = connect();
+    let fd = memfd::create_unsealable("guest", MIB).unwrap();
+    assert_ne!(set_mem(&s, fd.as_fd(), MIB), Some(0), "refused");
+    // Shrinking it now harms nothing.
+    std::fs::File::from(fd).set_len(0).unwrap();
+    drop(s);
+
+    // A region past the end of its file is refused.
+    let s = connect();
+    let fd = memfd::create("guest", MIB).unwrap();
+    assert_ne!(set_mem(&s, fd.as_fd(), 2 * MIB), Some(0), "refused");
+    drop(s);
+
+    // The back-end is alive and serves the next front-end.
+    assert!(verified(&b, &[]).contains("requests"));
+    let log = b.log();
+    assert!(log.contains("not sealable"), "{log}");
+    assert!(log.contains("past the end of its"), "{log}");
+}
