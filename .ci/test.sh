@@ -59,9 +59,10 @@ fi
 step "C ABI on bare metal: the staticlib for thumbv7em-none-eabihf linked into a C program by arm-none-eabi-gcc"
 bash adapter-c/baremetal/link.sh
 
-step "no_std gate: the core for thumbv7em-none-eabihf (plain and with defmt), and a whole bare-metal vhost-user-blk back-end for thumbv7em and aarch64 within its budgets"
+step "no_std gate: the core for thumbv7em-none-eabihf (plain, with defmt and with migration), and a whole bare-metal vhost-user-blk back-end for thumbv7em and aarch64 within its budgets"
 cargo build -p vhost-user-core --target thumbv7em-none-eabihf --quiet
 cargo build -p vhost-user-core --target thumbv7em-none-eabihf --features defmt --quiet
+cargo build -p vhost-user-core --target thumbv7em-none-eabihf --features migration --quiet
 (cd core/nostd-check &&
     cargo build --release --target thumbv7em-none-eabihf --features defmt --quiet)
 # Builds both targets, prints their sections, fails on a budget exceeded

@@ -27,11 +27,12 @@ use log::{debug, error, info, warn};
 use vhost_user_core::backend::{Action, BackendConfig, BackendError, Reply, Session};
 use vhost_user_core::dataplane::{DataPlane, Published, Stop, Token};
 use vhost_user_core::device::{Completion, Device};
+use vhost_user_core::log::{DirtyLog, LoggedMemory};
 use vhost_user_core::message::{HEADER_SIZE, MAX_MESSAGE};
 use vhost_user_core::vring::{Chain, RingAddrs};
 
 use crate::channel::{BackChannel, Control};
-use crate::memory::LinuxGuestMemory;
+use crate::memory::{LinuxGuestMemory, Mapped};
 use crate::sys::epoll::{Epoll, EpollEvent, Interest};
 use crate::sys::eventfd::EventFd;
 use crate::sys::socket::{Listener, Stream};
@@ -68,23 +69,26 @@ pub trait SharedDevice: Device + Clone + Send + Sync + 'static
 where
     Self::Scratch: Send,
 {
-    /// [`Device::process`] with the mapped guest memory.
+    /// [`Device::process`] with the mapped guest memory (whose writes are
+    /// marked in the dirty log while the front-end logs them; I/O done
+    /// into it by other means is reported with [`Mapped::mark`]).
     fn process_mapped<const S: usize>(
         &self,
         queue: u16,
         chain: &Chain<S>,
         token: Token,
-        mem: &LinuxGuestMemory,
+        mem: &Mapped<'_>,
         scratch: &mut Self::Scratch,
     ) -> Completion {
         self.process(queue, chain, token, mem, scratch)
     }
 
-    /// [`Device::poll`] with the mapped guest memory.
+    /// [`Device::poll`] with the mapped guest memory, as
+    /// [`process_mapped`](Self::process_mapped).
     fn poll_mapped(
         &self,
         queue: u16,
-        mem: &LinuxGuestMemory,
+        mem: &Mapped<'_>,
         scratch: &mut Self::Scratch,
         done: &mut dyn FnMut(Token, u32),
     ) {
@@ -185,7 +189,50 @@ struct Shared {
     err: Mutex<Signal>,
     remap: Mutex<Option<RingAddrs>>,
     remap_pending: AtomicBool,
+    /// The ring's used-ring log address (VHOST_VRING_F_LOG).
+    ring_log: Mutex<Option<u64>>,
     counters: RingCounters,
+}
+
+/// A connection's dirty log (SET_LOG_BASE), shared with its ring workers.
+#[derive(Default)]
+struct DirtyShared {
+    /// The log's mapping and size. Replaced under the write lock: a
+    /// worker marks it under the read lock, for a whole round, so it
+    /// never marks a log being replaced or unmapped.
+    area: RwLock<Option<(LinuxGuestMemory, u64)>>,
+    /// A log is mapped (read before taking the lock, so a connection
+    /// that never logs takes no lock).
+    mapped: AtomicBool,
+    /// VHOST_F_LOG_ALL: device writes are logged.
+    all: AtomicBool,
+    /// SET_LOG_FD's eventfd, signalled after a round set bits.
+    fd: Mutex<Option<Arc<EventFd>>>,
+    /// Pages marked, and marks refused (beyond the log), for the log.
+    pages: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl DirtyShared {
+    /// The log, read-locked, if one is mapped.
+    fn read(&self) -> Option<std::sync::RwLockReadGuard<'_, Option<(LinuxGuestMemory, u64)>>> {
+        self.mapped
+            .load(Ordering::Acquire)
+            .then(|| self.area.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Counts a round's marks and tells the front-end (SET_LOG_FD).
+    fn marked(&self, pages: u64, failed: u64) {
+        if failed != 0 && self.failed.fetch_add(failed, Ordering::Relaxed) == 0 {
+            warn!("dirty log: a write could not be marked (beyond the log)");
+        }
+        if pages != 0 {
+            self.pages.fetch_add(pages, Ordering::Relaxed);
+            if let Some(fd) = lock(&self.fd).as_ref() {
+                let _ = fd.write(1);
+            }
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -291,6 +338,8 @@ where
     channel: Option<Arc<BackChannel>>,
     /// Shares the back-end channel with the daemon.
     control: Control,
+    /// The dirty log.
+    log: Arc<DirtyShared>,
 }
 
 /// Why a connection ended.
@@ -330,6 +379,7 @@ where
             suspend: vec![false; n],
             channel: None,
             control,
+            log: Arc::default(),
         })
     }
 
@@ -541,6 +591,37 @@ where
                 }
                 self.session.rings_reset();
             }
+            Action::MapLog { fd, offset, size } => {
+                let fd = Self::take_fd(fds, fd)?;
+                let area = LinuxGuestMemory::single(fd, offset, size).map_err(|e| {
+                    error!("cannot map the dirty log ({size} bytes at offset {offset}): {e}");
+                    BackendError::LogTooSmall
+                })?;
+                let mut log = self
+                    .log
+                    .area
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner);
+                *log = Some((area, size));
+                self.log.mapped.store(true, Ordering::Release);
+                info!("dirty log of {size} bytes mapped");
+            }
+            Action::SetLogFd { fd } => *lock(&self.log.fd) = Self::eventfd(fds, Some(fd))?,
+            Action::SetLogging { all } => {
+                let was = self.log.all.swap(all, Ordering::AcqRel);
+                if was != all {
+                    info!(
+                        "dirty logging {} ({} pages marked so far)",
+                        if all { "on" } else { "off" },
+                        self.log.pages.load(Ordering::Relaxed)
+                    );
+                }
+            }
+            Action::SetRingLog { queue, log } => {
+                if let Some(w) = &self.workers[usize::from(queue)] {
+                    *lock(&w.shared.ring_log) = log;
+                }
+            }
         }
         Ok(())
     }
@@ -600,6 +681,7 @@ where
             err: Mutex::new(err),
             remap: Mutex::new(None),
             remap_pending: AtomicBool::new(false),
+            ring_log: Mutex::new(self.session.ring_log(queue)),
             counters: RingCounters::default(),
         });
         let (reply, stopped) = mpsc::channel();
@@ -610,6 +692,7 @@ where
                 memory: Arc::clone(&self.memory),
                 shared: Arc::clone(&shared),
                 area,
+                log: Arc::clone(&self.log),
                 options: self.options,
             },
             dp,
@@ -738,6 +821,14 @@ where
         self.inflight = None;
         self.memory_mut().clear();
         self.session.rings_reset();
+        let pages = self.log.pages.load(Ordering::Relaxed);
+        if self.log.mapped.load(Ordering::Relaxed) {
+            info!(
+                "dirty log: {pages} pages marked, {} marks refused",
+                self.log.failed.load(Ordering::Relaxed)
+            );
+        }
+        self.log = Arc::default();
         self.device.disconnected();
     }
 }
@@ -753,6 +844,8 @@ where
     shared: Arc<Shared>,
     /// The inflight area, when requests are tracked.
     area: Option<Arc<LinuxGuestMemory>>,
+    /// The connection's dirty log.
+    log: Arc<DirtyShared>,
     options: RuntimeOptions,
 }
 
@@ -866,6 +959,10 @@ where
             // published meanwhile is not slept on.
             !more && !matches!(dp.enable_notification(&*mem), Ok(true))
         };
+        if idle {
+            // Re-arming wrote the used ring (the avail event).
+            w.log_ring(dp);
+        }
         w.report(dp, &mut self.round);
         // Requests the device holds that complete on its completion fd
         // are waited for there: spinning would take a core from the I/O
@@ -1124,6 +1221,15 @@ where
     ) -> bool {
         let area = self.area.as_deref();
         let queue = self.queue;
+        // The dirty log, held for the round: device writes are marked
+        // while VHOST_F_LOG_ALL is on, the used ring after the publish.
+        let log = self.log.read();
+        let dirty = log
+            .as_deref()
+            .and_then(Option::as_ref)
+            .map(|(m, size)| DirtyLog::new(m, *size));
+        let all = dirty.filter(|_| self.log.all.load(Ordering::Acquire));
+        let dev_mem = LoggedMemory::new(mem, all);
         let mut published = Published::Nothing;
         let mut completed = 0u64;
         let mut done = |dp: &mut DataPlane, token, len| match dp.complete(mem, area, token, len) {
@@ -1142,20 +1248,61 @@ where
                 more = false;
                 break;
             };
-            let c =
-                self.device
-                    .process_mapped(queue, &*round.chain, token, mem, &mut round.scratch);
+            let c = self.device.process_mapped(
+                queue,
+                &*round.chain,
+                token,
+                &dev_mem,
+                &mut round.scratch,
+            );
             if let Completion::Done(len) = c {
                 done(dp, token, len);
             }
         }
         self.device
-            .poll_mapped(queue, mem, &mut round.scratch, &mut |token, len| {
+            .poll_mapped(queue, &dev_mem, &mut round.scratch, &mut |token, len| {
                 done(dp, token, len)
             });
         let last = dp.publish(mem, area).unwrap_or(Published::Nothing);
+        let (mut pages, mut failed) = (dev_mem.pages(), dev_mem.failed());
+        if let Some(d) = &dirty {
+            self.log_used(dp, d, &mut pages, &mut failed);
+        }
+        if dirty.is_some() {
+            self.log.marked(pages, failed);
+        }
         self.signal(published | last, completed);
         more
+    }
+
+    /// Marks the ring's used ring in the log, if it logs it (F_LOG).
+    fn log_used(
+        &self,
+        dp: &DataPlane,
+        log: &DirtyLog<'_, LinuxGuestMemory>,
+        pages: &mut u64,
+        failed: &mut u64,
+    ) {
+        if let Some(at) = *lock(&self.shared.ring_log) {
+            match dp.log_used(log, at) {
+                Ok(n) => *pages += n,
+                Err(e) => {
+                    debug!("ring {}: used ring not logged: {e}", self.queue);
+                    *failed += 1;
+                }
+            }
+        }
+    }
+
+    /// Marks the ring's used ring after a write outside a round (the
+    /// notification re-armed, the ring stopped).
+    fn log_ring(&self, dp: &DataPlane) {
+        let Some(log) = self.log.read() else { return };
+        if let Some((m, size)) = log.as_ref() {
+            let (mut pages, mut failed) = (0, 0);
+            self.log_used(dp, &DirtyLog::new(m, *size), &mut pages, &mut failed);
+            self.log.marked(pages, failed);
+        }
     }
 
     fn signal(&self, published: Published, completed: u64) {
@@ -1185,7 +1332,10 @@ where
             let (stop, published) = dp.stop(&*mem, area, suspend);
             self.signal(published.unwrap_or(Published::Nothing), 0);
             match stop {
-                Stop::Stopped { base } => return base,
+                Stop::Stopped { base } => {
+                    self.log_ring(dp);
+                    return base;
+                }
                 Stop::Draining => {
                     let before = dp.outstanding() + dp.resubmits_left();
                     // While draining, the stop is the reason to go on;

@@ -48,6 +48,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 
+use vhost_user_core::log::LoggedMemory;
 use vhost_user_core::memory::{GuestMemory, MemoryError};
 use vhost_user_core::message::MemRegionMsg;
 
@@ -55,25 +56,33 @@ use crate::sys::memfd::{self, ShrinkSeal};
 use crate::sys::mmap::{Access, AccessError, IoBuf, MmapRegion};
 
 #[derive(Debug)]
-struct Mapped {
+struct Region {
     slot: usize,
     gpa: u64,
     size: u64,
     map: Arc<MmapRegion>,
 }
 
-impl Mapped {
+impl Region {
     fn end(&self) -> u64 {
         // Cannot overflow: checked when mapped.
         self.gpa + self.size
     }
 }
 
+/// The guest memory a device's requests write through: the mapped memory,
+/// with the writes marked in the dirty log while VHOST_F_LOG_ALL is on
+/// (see [`vhost_user_core::log`]). I/O the kernel does straight into
+/// guest memory ([`LinuxGuestMemory::io_bufs`] of
+/// [`inner`](LoggedMemory::inner)) is reported with
+/// [`mark`](LoggedMemory::mark) once it is done.
+pub type Mapped<'a> = LoggedMemory<'a, LinuxGuestMemory, LinuxGuestMemory>;
+
 /// The mapped guest memory of one front-end connection.
 #[derive(Debug, Default)]
 pub struct LinuxGuestMemory {
     /// Never overlapping; the largest first.
-    regions: Vec<Mapped>,
+    regions: Vec<Region>,
 }
 
 fn access_err(e: AccessError, addr: u64, len: u64) -> MemoryError {
@@ -144,7 +153,7 @@ impl LinuxGuestMemory {
         let pos = self.regions.partition_point(|r| r.size >= region.size);
         self.regions.insert(
             pos,
-            Mapped {
+            Region {
                 slot,
                 gpa: region.guest_addr,
                 size: region.size,
@@ -176,7 +185,7 @@ impl LinuxGuestMemory {
 
     /// The region holding `gpa`.
     #[inline(always)]
-    fn find(&self, gpa: u64) -> Option<&Mapped> {
+    fn find(&self, gpa: u64) -> Option<&Region> {
         // Few regions (QEMU uses one to a handful): a linear scan beats a
         // binary search. The first region, the largest (most of guest RAM,
         // where most buffers are), is tried before the loop.
@@ -189,7 +198,7 @@ impl LinuxGuestMemory {
 
     /// The region holding all of `[gpa, gpa + len)` and the offset in it.
     #[inline(always)]
-    fn within(&self, gpa: u64, len: u64) -> Option<(&Mapped, u64)> {
+    fn within(&self, gpa: u64, len: u64) -> Option<(&Region, u64)> {
         let r = self.find(gpa)?;
         let off = gpa - r.gpa;
         (r.size - off >= len).then_some((r, off))
@@ -276,7 +285,7 @@ impl LinuxGuestMemory {
         &self,
         gpa: u64,
         len: u64,
-        mut f: impl FnMut(&Mapped, u64, usize, usize) -> Result<(), MemoryError>,
+        mut f: impl FnMut(&Region, u64, usize, usize) -> Result<(), MemoryError>,
     ) -> Result<(), MemoryError> {
         let unmapped = || MemoryError::unmapped(gpa, len);
         gpa.checked_add(len).ok_or(MemoryError::Overflow)?;
@@ -381,6 +390,16 @@ impl GuestMemory for LinuxGuestMemory {
         r.map
             .store_u16_release(gpa - r.gpa, v)
             .map_err(|e| access_err(e, gpa, 2))
+    }
+
+    #[inline]
+    fn fetch_or_u8(&self, gpa: u64, bits: u8) -> Result<(), MemoryError> {
+        let r = self
+            .find(gpa)
+            .ok_or_else(|| MemoryError::unmapped(gpa, 1))?;
+        r.map
+            .fetch_or_u8(gpa - r.gpa, bits)
+            .map_err(|e| access_err(e, gpa, 1))
     }
 
     fn fence(&self) {

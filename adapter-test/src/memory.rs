@@ -267,6 +267,17 @@ impl<const N: usize> GuestMemory for TestMemory<N> {
         Ok(())
     }
 
+    /// An atomic OR on the byte's word (the dirty log's bitmap).
+    #[inline]
+    fn fetch_or_u8(&self, gpa: u64, bits: u8) -> Result<(), MemoryError> {
+        let (b, off) = self
+            .find(gpa)
+            .ok_or_else(|| MemoryError::unmapped(gpa, 1))?;
+        let word = &b.words[off as usize / 4];
+        word.fetch_or(u32::from(bits) << (8 * (off % 4)), Ordering::Relaxed);
+        Ok(())
+    }
+
     #[inline]
     fn fence(&self) {
         fence(Ordering::SeqCst);

@@ -66,6 +66,7 @@ use vhost_user_core::frontend::{
     MAX_TRANSMIT,
 };
 use vhost_user_core::inflight::InflightError;
+use vhost_user_core::log::{DirtyLog, LoggedMemory};
 use vhost_user_core::memory::{GuestMemory, MemoryError};
 use vhost_user_core::message::{
     ConfigWriteKind, FrontendReq, Header, ParseOptions, Reply as WireReply, Request, HEADER_SIZE,
@@ -117,12 +118,33 @@ struct Host<'a, D> {
     mem: &'a TestMemory,
     area: Option<&'a TestMemory>,
     device: &'a D,
+    /// The dirty log, when one is mapped.
+    log: Option<DirtyLog<'a, TestMemory>>,
+    /// VHOST_F_LOG_ALL: device writes are logged.
+    all: bool,
+    /// The ring's used-ring log address (VHOST_VRING_F_LOG).
+    ring_log: Option<u64>,
+}
+
+impl<D> Host<'_, D> {
+    /// Marks the ring's used ring, if it logs it.
+    fn log_used(&self, dp: &DataPlane, t: &mut Tally) {
+        if let (Some(log), Some(at)) = (&self.log, self.ring_log) {
+            match dp.log_used(log, at) {
+                Ok(n) => t.pages += n,
+                Err(_) => t.log_failed += 1,
+            }
+        }
+    }
 }
 
 /// The completions of one worker step.
 struct Tally {
     completed: usize,
     published: Published,
+    /// Pages marked in the dirty log, and marks refused.
+    pages: u64,
+    log_failed: u64,
 }
 
 impl Tally {
@@ -139,15 +161,17 @@ impl Tally {
     }
 }
 
-/// Hands one request to the device; completes it if it is done at once.
+/// Hands one request to the device (writing through `dev`); completes it
+/// if it is done at once.
 fn process<D: Device>(
     h: &Host<'_, D>,
+    dev: &LoggedMemory<'_, TestMemory, TestMemory>,
     dp: &mut DataPlane,
     scratch: &mut D::Scratch,
     (token, chain): (Token, &Chain),
     t: &mut Tally,
 ) -> Result<(), DataPlaneError> {
-    match h.device.process(h.q, chain, token, h.mem, scratch) {
+    match h.device.process(h.q, chain, token, dev, scratch) {
         Completion::Done(len) => t.complete(h, dp, token, len),
         Completion::Later => Ok(()),
     }
@@ -166,24 +190,31 @@ impl<S> Ring<S> {
         let mut t = Tally {
             completed: 0,
             published: Published::Nothing,
+            pages: 0,
+            log_failed: 0,
         };
+        // Device writes are marked while VHOST_F_LOG_ALL is on.
+        let dev = LoggedMemory::new(h.mem, h.log.filter(|_| h.all));
         let (dp, scratch) = (&mut self.dp, &mut self.scratch);
         for x in held {
-            process(h, dp, scratch, (x.token, &x.chain), &mut t)?;
+            process(h, &dev, dp, scratch, (x.token, &x.chain), &mut t)?;
         }
         if pop {
             while let Some(token) = dp.pop(h.mem, h.area, &mut *self.chain)? {
-                process(h, dp, scratch, (token, &self.chain), &mut t)?;
+                process(h, &dev, dp, scratch, (token, &self.chain), &mut t)?;
             }
         }
         let mut later = Vec::new();
-        h.device.poll(h.q, h.mem, scratch, &mut |token, len| {
+        h.device.poll(h.q, &dev, scratch, &mut |token, len| {
             later.push((token, len))
         });
         for (token, len) in later {
             t.complete(h, dp, token, len)?;
         }
         t.published = t.published | dp.publish(h.mem, h.area)?;
+        t.pages += dev.pages();
+        t.log_failed += dev.failed();
+        h.log_used(dp, &mut t);
         Ok(t)
     }
 
@@ -250,6 +281,36 @@ pub struct Backend<D: Device, const Q: usize = 4, const R: usize = 8> {
     /// Per ring: ring errors reported (the data plane broke on guest
     /// input), in-band or not.
     pub errors: Vec<u32>,
+    /// The fd the front-end's next SET_LOG_BASE carries, as mapping it
+    /// would find it.
+    pub log_fd: LogFd,
+    /// The dirty log (SET_LOG_BASE), as mapped: the front-end's shared
+    /// memory, where a test reads the bits.
+    pub log: Option<TestMemory>,
+    /// The log's size in bytes.
+    pub log_size: u64,
+    /// VHOST_F_LOG_ALL is on (from [`Action::SetLogging`]).
+    pub log_all: bool,
+    /// Per ring: the used-ring log address (VHOST_VRING_F_LOG).
+    pub ring_log: Vec<Option<u64>>,
+    /// SET_LOG_FD gave an eventfd; how many times it was signalled (after
+    /// a step that set bits).
+    pub log_signals: Option<u32>,
+    /// Pages marked in the log, and marks refused (beyond the log).
+    pub dirty_pages: u64,
+    /// Marks refused.
+    pub log_failed: u64,
+}
+
+/// The fd of a SET_LOG_BASE, as the Linux adapter would find it when
+/// mapping it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFd {
+    /// Shared memory (a memfd) of this many bytes.
+    Shared(u64),
+    /// Not shared memory (a pipe, a socket, a file opened read-only): the
+    /// mapping fails.
+    NotShared,
 }
 
 impl<D: Device, const Q: usize, const R: usize> fmt::Debug for Backend<D, Q, R> {
@@ -287,6 +348,14 @@ impl<D: Device, const Q: usize, const R: usize> Backend<D, Q, R> {
             outbox: Vec::new(),
             kicks: vec![0; n],
             errors: vec![0; n],
+            log_fd: LogFd::Shared(MAX_AREA),
+            log: None,
+            log_size: 0,
+            log_all: false,
+            ring_log: vec![None; n],
+            log_signals: None,
+            dirty_pages: 0,
+            log_failed: 0,
         })
     }
 
@@ -380,6 +449,9 @@ impl<D: Device, const Q: usize, const R: usize> Backend<D, Q, R> {
                 }
             }
             Action::StartRing { queue } => {
+                if let Some(l) = self.ring_log.get_mut(usize::from(queue)) {
+                    *l = self.session.ring_log(queue);
+                }
                 let dp = self.session.start_ring(
                     queue,
                     &self.mem,
@@ -426,6 +498,27 @@ impl<D: Device, const Q: usize, const R: usize> Backend<D, Q, R> {
                     *k += 1;
                 }
             }
+            Action::MapLog { offset, size, .. } => {
+                // What mmap of the fd would say: past its end, or not
+                // shared memory, is refused (the connection ends).
+                let fits = match self.log_fd {
+                    LogFd::Shared(len) => offset.checked_add(size).is_some_and(|end| end <= len),
+                    LogFd::NotShared => false,
+                };
+                if !fits {
+                    return Err(BackendError::LogTooSmall);
+                }
+                // A fresh area: the front-end's new log.
+                self.log = Some(new_area(size)?);
+                self.log_size = size;
+            }
+            Action::SetLogFd { .. } => self.log_signals = Some(0),
+            Action::SetLogging { all } => self.log_all = all,
+            Action::SetRingLog { queue, log } => {
+                if let Some(l) = self.ring_log.get_mut(usize::from(queue)) {
+                    *l = log;
+                }
+            }
         }
         Ok(())
     }
@@ -469,6 +562,10 @@ impl<D: Device, const Q: usize, const R: usize> Backend<D, Q, R> {
             mem,
             area,
             device,
+            log,
+            log_size,
+            log_all,
+            ring_log,
             ..
         } = self;
         let ring = rings
@@ -480,8 +577,22 @@ impl<D: Device, const Q: usize, const R: usize> Backend<D, Q, R> {
             mem,
             area: area.as_ref(),
             device,
+            log: log.as_ref().map(|l| DirtyLog::new(l, *log_size)),
+            all: *log_all,
+            ring_log: ring_log.get(usize::from(q)).copied().flatten(),
         };
         Ok((ring, host))
+    }
+
+    /// Counts a step's marks; signals the log eventfd if bits were set.
+    fn logged(&mut self, pages: u64, failed: u64) {
+        self.dirty_pages += pages;
+        self.log_failed += failed;
+        if pages > 0 {
+            if let Some(n) = &mut self.log_signals {
+                *n += 1;
+            }
+        }
     }
 
     fn notified(&mut self, q: u16, published: Published) {
@@ -521,6 +632,7 @@ impl<D: Device, const Q: usize, const R: usize> Backend<D, Q, R> {
             self.broken(q);
         }
         let t = round?;
+        self.logged(t.pages, t.log_failed);
         self.notified(q, t.published);
         Ok(t.completed)
     }
@@ -552,6 +664,7 @@ impl<D: Device, const Q: usize, const R: usize> Backend<D, Q, R> {
         let (ring, host) = self.worker(q)?;
         let picked = ring.pick(order);
         let t = ring.round(&host, picked, false)?;
+        self.logged(t.pages, t.log_failed);
         self.notified(q, t.published);
         Ok(t.completed)
     }
@@ -602,23 +715,37 @@ impl<D: Device, const Q: usize, const R: usize> Backend<D, Q, R> {
     fn stop_ring(&mut self, q: u16, suspend: bool) -> Option<u32> {
         let mut ring = self.rings.get_mut(usize::from(q))?.take()?;
         let mut drained = 0;
+        let mut marks = Tally {
+            completed: 0,
+            published: Published::Nothing,
+            pages: 0,
+            log_failed: 0,
+        };
         let base = loop {
             let host = Host {
                 q,
                 mem: &self.mem,
                 area: self.area.as_ref(),
                 device: &self.device,
+                log: self.log.as_ref().map(|l| DirtyLog::new(l, self.log_size)),
+                all: self.log_all,
+                ring_log: self.ring_log.get(usize::from(q)).copied().flatten(),
             };
             let (stop, published) = ring.dp.stop(host.mem, host.area, suspend);
             let mut published = published.unwrap_or(Published::Nothing);
             let base = match stop {
-                Stop::Stopped { base } => Some(base),
+                Stop::Stopped { base } => {
+                    host.log_used(&ring.dp, &mut marks);
+                    Some(base)
+                }
                 Stop::Draining => {
                     let waiting = ring.dp.resubmits_left();
                     let held = std::mem::take(&mut ring.held);
                     let done = match ring.round(&host, held, true) {
                         Ok(t) => {
                             published = published | t.published;
+                            marks.pages += t.pages;
+                            marks.log_failed += t.log_failed;
                             t.completed
                         }
                         Err(_) => 0,
@@ -637,6 +764,7 @@ impl<D: Device, const Q: usize, const R: usize> Backend<D, Q, R> {
                 break base;
             }
         };
+        self.logged(marks.pages, marks.log_failed);
         self.stops.push(RingStop {
             queue: q,
             base,
@@ -655,6 +783,13 @@ impl<D: Device, const Q: usize, const R: usize> Backend<D, Q, R> {
         self.rings.iter_mut().for_each(|r| *r = None);
         self.suspend.fill(false);
         self.pending = None;
+        // The log's mapping dies with the back-end; the next front-end
+        // sends SET_LOG_BASE again.
+        self.log = None;
+        self.log_size = 0;
+        self.log_all = false;
+        self.ring_log.fill(None);
+        self.log_signals = None;
         self.session =
             Session::new(*self.session.config()).expect("the configuration was accepted before");
     }

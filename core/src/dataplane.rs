@@ -40,6 +40,7 @@ use core::fmt;
 use heapless::Vec;
 
 use crate::inflight::{packed_used_at, InflightError, PackedInflight, Resubmit, SplitInflight};
+use crate::log::{DirtyLog, LogError};
 use crate::memory::GuestMemory;
 use crate::vring::{Chain, Head, Queue, RingAddrs, VringError};
 
@@ -625,6 +626,38 @@ impl DataPlane {
     /// Whether [`stop`](Self::stop) answered [`Stop::Stopped`].
     pub fn is_stopped(&self) -> bool {
         self.phase == Phase::Stopped
+    }
+
+    /// Marks in `log` the ring areas the device writes, for a ring whose
+    /// SET_VRING_ADDR carried VHOST_VRING_F_LOG with the log address
+    /// `log_addr` ([`Session::ring_log`](crate::backend::Session::ring_log)):
+    ///
+    /// - split: the whole used ring (flags, index, elements, avail event:
+    ///   `6 + 8 * size` bytes) at `log_addr`, where the front-end said its
+    ///   used ring is;
+    /// - packed: the descriptor ring, which the device writes used
+    ///   descriptors back into, at its own guest address, and the device
+    ///   event area at `log_addr`.
+    ///
+    /// Returns the pages marked. A host calls it after the writes it
+    /// reports (after a round that published, or changed notifications,
+    /// and after [`stop`](Self::stop)), while logging is on; the data
+    /// plane itself never looks at a log, so it costs nothing otherwise.
+    /// The areas are a few pages at most: marking them whole is cheaper
+    /// than tracking which entries changed.
+    pub fn log_used<L: GuestMemory + ?Sized>(
+        &self,
+        log: &DirtyLog<'_, L>,
+        log_addr: u64,
+    ) -> Result<u64, LogError> {
+        let n = u64::from(self.size());
+        match &self.queue {
+            Queue::Split(_) => log.mark(log_addr, 6 + 8 * n),
+            Queue::Packed(_) => {
+                let desc = log.mark(self.queue.addrs().desc, 16 * n)?;
+                Ok(desc + log.mark(log_addr, 4)?)
+            }
+        }
     }
 }
 

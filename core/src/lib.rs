@@ -28,6 +28,7 @@ pub mod device;
 pub mod feature;
 pub mod frontend;
 pub mod inflight;
+pub mod log;
 pub mod memory;
 pub mod message;
 pub mod transport;

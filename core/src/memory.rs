@@ -44,6 +44,9 @@ pub enum MemoryError {
     NoSuchRegion,
     /// A region of size 0, or whose end overflows.
     BadRegion,
+    /// The memory cannot carry out this access (an atomic OR, see
+    /// [`GuestMemory::fetch_or_u8`]).
+    Unsupported,
 }
 
 const _: () = assert!(core::mem::size_of::<MemoryError>() == 1);
@@ -76,6 +79,7 @@ impl fmt::Display for MemoryError {
             MemoryError::TableFull => f.write_str("memory region table is full"),
             MemoryError::NoSuchRegion => f.write_str("no such memory region"),
             MemoryError::BadRegion => f.write_str("memory region is empty or overflows"),
+            MemoryError::Unsupported => f.write_str("access not supported by this memory"),
         }
     }
 }
@@ -126,6 +130,18 @@ pub trait GuestMemory {
     /// memory, without touching it. With `len == 0`, checks that `gpa`
     /// itself is a mapped address.
     fn check(&self, gpa: u64, len: u64) -> Result<(), MemoryError>;
+
+    /// Atomically ORs `bits` into the byte at `gpa`: the dirty log's
+    /// bitmap ([`crate::log`]), which the front-end reads and clears while
+    /// several rings set bits in it. The default refuses with
+    /// [`MemoryError::Unsupported`]: a read-modify-write made of
+    /// [`read`](Self::read) and [`write`](Self::write) would lose bits
+    /// set concurrently, so a memory that cannot OR atomically cannot hold
+    /// a dirty log.
+    fn fetch_or_u8(&self, gpa: u64, bits: u8) -> Result<(), MemoryError> {
+        let _ = (gpa, bits);
+        Err(MemoryError::Unsupported)
+    }
 
     /// Read a little-endian `u16` (no ordering guarantee).
     #[inline]
@@ -210,6 +226,10 @@ impl<M: GuestMemory + ?Sized> GuestMemory for &M {
     #[inline]
     fn check(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
         (**self).check(gpa, len)
+    }
+    #[inline]
+    fn fetch_or_u8(&self, gpa: u64, bits: u8) -> Result<(), MemoryError> {
+        (**self).fetch_or_u8(gpa, bits)
     }
     #[inline]
     fn read_u16(&self, gpa: u64) -> Result<u16, MemoryError> {
@@ -386,6 +406,16 @@ impl<const N: usize> MemoryTable<N> {
         self.entries
             .iter()
             .map(|e| (usize::from(e.slot), &e.region))
+    }
+
+    /// One past the last guest physical address of the highest region (0
+    /// when the table is empty): what a dirty log must cover.
+    pub fn end(&self) -> u64 {
+        // Sorted by guest address and never overlapping: the last region
+        // ends highest.
+        self.entries
+            .last()
+            .map_or(0, |e| e.region.guest_addr.saturating_add(e.region.size))
     }
 
     fn insert(&mut self, region: MemRegionMsg, slot: u16) -> Result<(), MemoryError> {

@@ -423,8 +423,6 @@ fn every_message_is_handled_or_refused() {
     ];
     assert_eq!(requests.len(), 45);
     let refused = [
-        FrontendReq::SetLogBase,
-        FrontendReq::SetLogFd,
         FrontendReq::SendRarp,
         FrontendReq::NetSetMtu,
         FrontendReq::IotlbMsg,
@@ -709,11 +707,21 @@ fn status_round_trip() {
 
 #[test]
 fn offer_must_be_implemented() {
-    let mut c = config(P::MQ | P::LOG_SHMFD);
+    let mut c = config(P::MQ | P::RARP);
     assert_eq!(
         Session::<4, 8>::new(c).err(),
         Some(BackendError::Unsupported)
     );
+    // VHOST_F_LOG_ALL needs a log, which only LOG_SHMFD gives.
+    c.protocol_features = P::MQ;
+    c.features |= V::LOG_ALL;
+    assert_eq!(
+        Session::<4, 8>::new(c).err(),
+        Some(BackendError::Unsupported)
+    );
+    c.protocol_features = P::MQ | P::LOG_SHMFD;
+    assert!(Session::<4, 8>::new(c).is_ok());
+    c.features.remove(V::LOG_ALL);
     c.protocol_features = P::MQ;
     c.num_queues = 5;
     assert_eq!(

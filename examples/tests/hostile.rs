@@ -160,7 +160,7 @@ fn cases() -> Vec<Case> {
         send: Box::new(|s| {
             send(
                 s,
-                &Request::SetProtocolFeatures(P::LOG_SHMFD.bits() | P::MQ.bits()),
+                &Request::SetProtocolFeatures(P::RARP.bits() | P::MQ.bits()),
                 false,
                 &[],
             )
@@ -213,6 +213,62 @@ fn cases() -> Vec<Case> {
                 false,
                 &[m.as_fd()],
             );
+        }),
+    });
+    // Dirty logs (SET_LOG_BASE) over 1 MiB of guest memory, which needs
+    // 32 bytes of bitmap.
+    let log_base = |s: &Stream, size: u64, offset: u64, fd: Option<BorrowedFd<'_>>| {
+        let (m, r) = memory(1 << 20);
+        let t = [r];
+        send(
+            s,
+            &Request::SetMemTable(MemTable::new(&t).unwrap()),
+            false,
+            &[m.as_fd()],
+        );
+        let log = vhost_user_core::message::LogMsg { size, offset };
+        let mut buf = [0u8; MAX_MESSAGE];
+        let n = Request::SetLogBase(log).encode(false, &mut buf).unwrap();
+        send_raw(s, &buf[..n], fd.as_slice());
+    };
+    v.push(Case {
+        name: "dirty log too small for guest memory",
+        handshake: true,
+        send: Box::new(move |s| {
+            let log = memfd::create("log", 4096).unwrap();
+            log_base(s, 31, 0, Some(log.as_fd()));
+        }),
+    });
+    v.push(Case {
+        name: "dirty log at an offset past the end of its fd",
+        handshake: true,
+        send: Box::new(move |s| {
+            let log = memfd::create("log", 4096).unwrap();
+            log_base(s, 32, 4096, Some(log.as_fd()));
+        }),
+    });
+    v.push(Case {
+        name: "dirty log whose fd is not shared memory (a socket)",
+        handshake: true,
+        send: Box::new(move |s| {
+            let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+            log_base(s, 32, 0, Some(a.as_fd()));
+        }),
+    });
+    v.push(Case {
+        name: "dirty log without its fd",
+        handshake: true,
+        send: Box::new(move |s| log_base(s, 32, 0, None)),
+    });
+    v.push(Case {
+        name: "dirty log whose offset plus size overflows",
+        handshake: true,
+        send: Box::new(move |s| {
+            let log = memfd::create("log", 4096).unwrap();
+            let mut m = head(6, 1, 16);
+            m.extend_from_slice(&32u64.to_ne_bytes());
+            m.extend_from_slice(&(u64::MAX - 16).to_ne_bytes());
+            send_raw(s, &m, &[log.as_fd()]);
         }),
     });
     v.push(Case {
@@ -746,3 +802,57 @@ fn sigterm_exits_cleanly_and_removes_the_socket() {
 
 #[allow(dead_code)]
 fn unused(_: OwnedFd) {}
+
+/// A good dirty log: SET_LOG_BASE is answered with a u64 0 (flags 0x5,
+/// the request's id), the log is mapped, and VHOST_F_LOG_ALL can be
+/// switched on and off with acks while the connection goes on.
+#[test]
+fn dirty_log_base_is_answered_and_logging_switches() {
+    let d = Daemon::start();
+    let s = d.connect();
+    let p = handshake(&s);
+    assert!(p & P::LOG_SHMFD.bits() != 0, "LOG_SHMFD offered");
+    send(&s, &Request::GetFeatures, false, &[]);
+    let f = u64_of(
+        FrontendReq::GetFeatures,
+        &recv_reply(&s, FrontendReq::GetFeatures).unwrap(),
+    );
+    assert!(f & V::LOG_ALL.bits() != 0, "VHOST_F_LOG_ALL offered");
+    let (m, r) = memory(1 << 20);
+    let t = [r];
+    send(
+        &s,
+        &Request::SetMemTable(MemTable::new(&t).unwrap()),
+        true,
+        &[m.as_fd()],
+    );
+    let ack = recv_reply(&s, FrontendReq::SetMemTable).unwrap();
+    assert_eq!(u64_of(FrontendReq::SetMemTable, &ack), 0);
+    let log = memfd::create("log", 4096).unwrap();
+    let msg = vhost_user_core::message::LogMsg {
+        size: 64,
+        offset: 0,
+    };
+    send(&s, &Request::SetLogBase(msg), false, &[log.as_fd()]);
+    let reply = recv_reply(&s, FrontendReq::SetLogBase).expect("SET_LOG_BASE has a reply");
+    assert_eq!(
+        &reply[4..8],
+        &5u32.to_ne_bytes(),
+        "flags: version 1 | REPLY"
+    );
+    assert_eq!(reply.len(), HEADER_SIZE + 8, "a u64 reply");
+    assert_eq!(&reply[HEADER_SIZE..], &0u64.to_ne_bytes());
+    for on in [true, false] {
+        let mut f = V::VERSION_1 | V::PROTOCOL_FEATURES;
+        f.set(V::LOG_ALL, on);
+        send(&s, &Request::SetFeatures(f.bits()), true, &[]);
+        let ack = recv_reply(&s, FrontendReq::SetFeatures).unwrap();
+        assert_eq!(u64_of(FrontendReq::SetFeatures, &ack), 0, "LOG_ALL {on}");
+    }
+    drop(s);
+    std::thread::sleep(Duration::from_millis(200));
+    let log = d.log();
+    assert!(log.contains("dirty log of 64 bytes mapped"), "{log}");
+    assert!(log.contains("dirty logging on"), "{log}");
+    assert!(log.contains("dirty logging off"), "{log}");
+}

@@ -13,7 +13,7 @@ use std::io;
 use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd};
 use std::ptr::{self, NonNull};
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use super::{cvt, page_size};
@@ -267,6 +267,23 @@ impl MmapRegion {
             return Err(AccessError::ReadOnly);
         }
         self.atomic_u16(off)?.store(v.to_le(), Ordering::Release);
+        Ok(())
+    }
+
+    /// Atomic OR of `bits` into the byte at `off` (the dirty log's
+    /// bitmap, which the front-end reads and clears concurrently).
+    #[inline]
+    pub fn fetch_or_u8(&self, off: u64, bits: u8) -> Result<(), AccessError> {
+        if self.access != Access::ReadWrite {
+            return Err(AccessError::ReadOnly);
+        }
+        let p = self.at(off, 1)?;
+        // SAFETY: `p` is inside the mapping for 1 byte (any address is
+        // aligned for a byte), and the mapping lives as long as `&self`;
+        // every access of ours to the log is atomic, and an AtomicU8 may
+        // alias memory other processes write.
+        let cell = unsafe { AtomicU8::from_ptr(p) };
+        cell.fetch_or(bits, Ordering::Relaxed);
         Ok(())
     }
 }

@@ -694,6 +694,17 @@ impl World {
                 });
             }
             Action::StopRing { queue, suspend } => host.suspend[usize::from(queue)] = suspend,
+            Action::MapLog { size, offset, .. } => {
+                // The session checked what it can: the log covers the
+                // memory table, and offset + size does not overflow.
+                assert!(
+                    vhost_user_core::log::bitmap_bytes(host.session.memory().end()) <= size,
+                    "a log of {size} bytes for memory up to {:#x}",
+                    host.session.memory().end()
+                );
+                assert!(offset.checked_add(size).is_some());
+            }
+            Action::SetLogFd { .. } | Action::SetLogging { .. } | Action::SetRingLog { .. } => {}
             Action::CreateInflight { size } => match new_area(size) {
                 Some(a) => *created = Some(a),
                 None => return false,

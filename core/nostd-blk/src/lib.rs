@@ -495,6 +495,13 @@ impl<'a> Backend<'a> {
             | Action::SetCall { .. }
             | Action::SetErr { .. }
             | Action::Kick { .. } => {}
+            // Dirty logging is never offered here (LOG_SHMFD is not in
+            // PROTOCOL_FEATURES, and the firmware builds the core without
+            // its `migration` feature).
+            Action::MapLog { .. }
+            | Action::SetLogFd { .. }
+            | Action::SetLogging { .. }
+            | Action::SetRingLog { .. } => return Err(Fault::Session(BackendError::Unsupported)),
             // The back-end channel is the second mailbox pair (never set
             // without the `inband` feature: BACKEND_REQ is not offered).
             Action::SetBackendChannel { .. } => {

@@ -87,8 +87,8 @@ use crate::feature::{
 use crate::inflight::{self, InflightError};
 use crate::memory::{GuestMemory, MemoryError, MemoryTable};
 use crate::message::{
-    ConfigMsg, FrontendReq, Header, InflightMsg, MemRegionMsg, ParseOptions, Reply as WireReply,
-    Request, VringAddrMsg, VringFdMsg, WireError,
+    ConfigMsg, FrontendReq, Header, InflightMsg, LogMsg, MemRegionMsg, ParseOptions,
+    Reply as WireReply, Request, VringAddrMsg, VringFdMsg, WireError,
 };
 use crate::vring::state::{Processing, RingEvent, RingState};
 use crate::vring::{Queue, RingAddrs, VringError};
@@ -124,7 +124,22 @@ pub const SUPPORTED_PROTOCOL_FEATURES: ProtocolFeatures = ProtocolFeatures::MQ
     .union(ProtocolFeatures::GET_VRING_BASE_INFLIGHT)
     .union(ProtocolFeatures::GET_VRING_BASE_SKIP_DRAIN)
     .union(ProtocolFeatures::BACKEND_REQ)
-    .union(ProtocolFeatures::INBAND_NOTIFICATIONS);
+    .union(ProtocolFeatures::INBAND_NOTIFICATIONS)
+    .union(MIGRATION_PROTOCOL_FEATURES);
+
+/// LOG_SHMFD, with the `migration` feature.
+const MIGRATION_PROTOCOL_FEATURES: ProtocolFeatures = if cfg!(feature = "migration") {
+    ProtocolFeatures::LOG_SHMFD
+} else {
+    ProtocolFeatures::empty()
+};
+
+/// VHOST_F_LOG_ALL, with the `migration` feature.
+const MIGRATION_VIRTIO_FEATURES: VirtioFeatures = if cfg!(feature = "migration") {
+    VirtioFeatures::LOG_ALL
+} else {
+    VirtioFeatures::empty()
+};
 
 /// The virtio features this engine implements (device-specific bits 0-23
 /// are the device's business and pass through).
@@ -134,7 +149,8 @@ pub const SUPPORTED_VIRTIO_FEATURES: VirtioFeatures = VirtioFeatures::from_bits_
         | VirtioFeatures::EVENT_IDX.bits()
         | VirtioFeatures::PROTOCOL_FEATURES.bits()
         | VirtioFeatures::VERSION_1.bits()
-        | VirtioFeatures::RING_PACKED.bits(),
+        | VirtioFeatures::RING_PACKED.bits()
+        | MIGRATION_VIRTIO_FEATURES.bits(),
 );
 
 /// An fd of the current message, by its position.
@@ -240,6 +256,42 @@ pub enum Action {
         /// Ring index.
         queue: u16,
     },
+    /// SET_LOG_BASE: map `size` bytes at `offset` of the message's fd `fd`
+    /// (shared memory) as the dirty log, in place of any previous one, at
+    /// once for every ring (a ring never marks a log being replaced). A
+    /// mapping that fails (an offset past the end of the fd, an fd that is
+    /// not shared memory) ends the connection: the front-end would not
+    /// hear of it otherwise, as it ignores the reply's content.
+    MapLog {
+        /// The message fd.
+        fd: FdIndex,
+        /// Offset of the log in the fd.
+        offset: u64,
+        /// Bytes of bitmap ([`crate::log`]).
+        size: u64,
+    },
+    /// SET_LOG_FD: an eventfd to signal after setting bits in the log,
+    /// in place of any previous one.
+    SetLogFd {
+        /// The message fd.
+        fd: FdIndex,
+    },
+    /// VHOST_F_LOG_ALL was negotiated (`all`) or dropped by SET_FEATURES:
+    /// from now on every device write into a descriptor buffer is marked
+    /// in the log (when one is mapped), or none is.
+    SetLogging {
+        /// Whether device writes are logged.
+        all: bool,
+    },
+    /// SET_VRING_ADDR on a running ring set or cleared VHOST_VRING_F_LOG:
+    /// log its used-ring writes at this guest address
+    /// ([`DataPlane::log_used`]), or stop.
+    SetRingLog {
+        /// Ring index.
+        queue: u16,
+        /// The ring's log address, or `None`.
+        log: Option<u64>,
+    },
 }
 
 /// The reply to a message.
@@ -307,8 +359,12 @@ pub enum BackendError {
     /// SET_FEATURES without VHOST_USER_F_PROTOCOL_FEATURES after protocol
     /// features were negotiated.
     ProtocolFeaturesDropped,
-    /// VHOST_VRING_F_LOG without dirty logging (not offered).
+    /// VHOST_VRING_F_LOG without dirty logging (LOG_SHMFD not
+    /// negotiated).
     LoggingNotSupported,
+    /// SET_LOG_BASE with a log too small for the memory table's highest
+    /// guest address.
+    LogTooSmall,
     /// SET_FEATURES changing features while rings run.
     FeaturesWhileRunning,
     /// Config space access refused by the device.
@@ -376,6 +432,7 @@ impl fmt::Display for BackendError {
                 f.write_str("SET_FEATURES without bit 30 after protocol features were negotiated")
             }
             BackendError::LoggingNotSupported => f.write_str("dirty logging not negotiated"),
+            BackendError::LogTooSmall => f.write_str("dirty log smaller than guest memory"),
             BackendError::FeaturesWhileRunning => f.write_str("features changed while rings run"),
             BackendError::Config => f.write_str("config space access refused"),
             BackendError::NotStopping(q) => write!(f, "ring {q} is not being stopped"),
@@ -464,6 +521,8 @@ pub struct Session<const Q: usize = 16, const R: usize = 32> {
     inflight: Option<(u16, u16, u64)>,
     /// SET_BACKEND_REQ_FD was received.
     channel: bool,
+    /// The dirty log of the last SET_LOG_BASE.
+    log: Option<LogMsg>,
 }
 
 #[inline(never)]
@@ -493,6 +552,15 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
         {
             return Err(BackendError::Unsupported);
         }
+        // A log for LOG_ALL comes only with LOG_SHMFD.
+        if config.features.contains(MIGRATION_VIRTIO_FEATURES)
+            && !MIGRATION_VIRTIO_FEATURES.is_empty()
+            && !config
+                .protocol_features
+                .contains(ProtocolFeatures::LOG_SHMFD)
+        {
+            return Err(BackendError::Unsupported);
+        }
         config.protocol_features.check_dependencies()?;
         let mut rings = Vec::new();
         for _ in 0..config.num_queues {
@@ -509,6 +577,7 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
             rings,
             inflight: None,
             channel: false,
+            log: None,
         })
     }
 
@@ -529,6 +598,7 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
         }
         self.inflight = None;
         self.channel = false;
+        self.log = None;
     }
 
     /// The configuration.
@@ -554,6 +624,28 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
     /// A ring's record.
     pub fn ring(&self, queue: u16) -> Option<&RingSlot> {
         self.rings.get(usize::from(queue))
+    }
+
+    /// The dirty log the front-end gave (SET_LOG_BASE), if any.
+    pub fn log(&self) -> Option<LogMsg> {
+        self.log
+    }
+
+    /// Whether device writes are logged: VHOST_F_LOG_ALL is negotiated
+    /// (they are marked once a log is mapped).
+    pub fn logging_all(&self) -> bool {
+        self.features().contains(VirtioFeatures::LOG_ALL)
+    }
+
+    /// Ring `queue`'s used-ring log address: set when its SET_VRING_ADDR
+    /// carried VHOST_VRING_F_LOG. A host gives it to
+    /// [`DataPlane::log_used`] while a log is mapped.
+    pub fn ring_log(&self, queue: u16) -> Option<u64> {
+        self.rings
+            .get(usize::from(queue))?
+            .addr
+            .filter(|a| a.log)
+            .map(|a| a.log_addr)
     }
 
     /// The virtio device status last set with SET_STATUS.
@@ -867,8 +959,14 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
             Request::GetFeatures => outcome.reply = reply(self.config.features.bits())?,
             Request::SetFeatures(v) => {
                 let acked = accept_virtio(self.config.features, v)?;
+                let before = self.acked_features;
                 let running = self.rings.iter().any(|r| r.running);
-                if running && Some(acked) != self.acked_features {
+                // VHOST_F_LOG_ALL is switched on and off while rings run
+                // (migration); nothing else may change under them.
+                let log_all = MIGRATION_VIRTIO_FEATURES;
+                if running
+                    && before.map(|b| b.difference(log_all)) != Some(acked.difference(log_all))
+                {
                     return Err(BackendError::FeaturesWhileRunning);
                 }
                 let bit30 = acked.contains(VirtioFeatures::PROTOCOL_FEATURES);
@@ -895,6 +993,13 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
                     slot.deferred = false;
                 }
                 self.acked_features = Some(acked);
+                #[cfg(feature = "migration")]
+                {
+                    let all = acked.contains(VirtioFeatures::LOG_ALL);
+                    if before.unwrap_or_default().contains(VirtioFeatures::LOG_ALL) != all {
+                        push(actions, Action::SetLogging { all });
+                    }
+                }
                 device.features_acked(acked);
                 self.apply_all(
                     RingEvent::SetFeatures {
@@ -975,19 +1080,30 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
                 slot.deferred |= layout.is_none();
             }
             Request::SetVringAddr(a) => {
-                if a.log {
+                if a.log
+                    && !(cfg!(feature = "migration")
+                        && self.acked_protocol.contains(ProtocolFeatures::LOG_SHMFD))
+                {
                     return Err(BackendError::LoggingNotSupported);
                 }
                 let layout = self.layout();
                 let q = a.index as u16;
                 let slot = self.slot_mut(a.index)?;
                 if slot.running {
-                    // The same addresses again: nothing changes.
-                    return if slot.addr == Some(a) {
-                        Ok(())
-                    } else {
-                        Err(BackendError::RingRunning(q))
-                    };
+                    // The same addresses again: nothing changes, except
+                    // used-ring logging (migration switches it on and off
+                    // while the ring runs).
+                    if slot.addr == Some(a) {
+                        return Ok(());
+                    }
+                    #[cfg(feature = "migration")]
+                    if slot.addr.is_some_and(|b| same_areas(b, a)) {
+                        slot.addr = Some(a);
+                        let log = a.log.then_some(a.log_addr);
+                        push(actions, Action::SetRingLog { queue: q, log });
+                        return Ok(());
+                    }
+                    return Err(BackendError::RingRunning(q));
                 }
                 let num = slot.num;
                 Self::areas_in(&self.memory, q, a, num, layout)?;
@@ -1142,15 +1258,42 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
                 self.status = 0;
                 device.reset();
                 push(actions, Action::ResetRings);
+                #[cfg(feature = "migration")]
+                push(actions, Action::SetLogging { all: false });
                 if self.inflight.take().is_some() {
                     push(actions, Action::UnmapInflight);
                 }
             }
+            #[cfg(feature = "migration")]
+            Request::SetLogBase(l) => {
+                // The log must have a bit for every page of guest memory.
+                let needed = crate::log::bitmap_bytes(self.memory.end());
+                if l.size < needed {
+                    debug!("log of {} bytes, {} needed", l.size, needed);
+                    return Err(BackendError::LogTooSmall);
+                }
+                self.log = Some(l);
+                push(
+                    actions,
+                    Action::MapLog {
+                        fd: 0,
+                        offset: l.offset,
+                        size: l.size,
+                    },
+                );
+                // The reply's content is not specified; QEMU only reads
+                // one. A u64 0, as for a successful ack.
+                outcome.reply = reply(0)?;
+            }
+            #[cfg(feature = "migration")]
+            Request::SetLogFd => push(actions, Action::SetLogFd { fd: 0 }),
+            #[cfg(not(feature = "migration"))]
+            Request::SetLogBase(_) | Request::SetLogFd => {
+                return Err(BackendError::NotNegotiated(code))
+            }
             // Gated by features this engine never offers (gate() refused
             // them before dispatch).
-            Request::SetLogBase(_)
-            | Request::SetLogFd
-            | Request::SendRarp(_)
+            Request::SendRarp(_)
             | Request::NetSetMtu(_)
             | Request::IotlbMsg(_)
             | Request::SetVringEndian { .. }
@@ -1361,6 +1504,13 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
             .get(usize::from(queue))
             .map_or(Processing::Stopped, |s| s.state.processing())
     }
+}
+
+/// Whether two SET_VRING_ADDRs name the same ring areas (they may differ
+/// in used-ring logging).
+#[cfg(feature = "migration")]
+fn same_areas(a: VringAddrMsg, b: VringAddrMsg) -> bool {
+    (a.index, a.desc, a.used, a.avail) == (b.index, b.desc, b.used, b.avail)
 }
 
 fn fd_of(v: VringFdMsg) -> Option<FdIndex> {

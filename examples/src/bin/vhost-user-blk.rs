@@ -213,7 +213,10 @@ fn run() -> Result<(), String> {
         | V::PROTOCOL_FEATURES
         | V::EVENT_IDX
         | V::INDIRECT_DESC
-        | V::RING_PACKED;
+        | V::RING_PACKED
+        // Live migration: every write into guest memory is logged in the
+        // front-end's dirty log (LOG_SHMFD below).
+        | V::LOG_ALL;
     // Inflight tracking, and stopping rings without draining them (the
     // data plane resubmits recorded requests of rings of any size).
     let inflight = P::INFLIGHT_SHMFD | P::GET_VRING_BASE_INFLIGHT | P::GET_VRING_BASE_SKIP_DRAIN;
@@ -227,6 +230,7 @@ fn run() -> Result<(), String> {
             | P::RESET_DEVICE
             | P::BACKEND_REQ
             | P::INBAND_NOTIFICATIONS
+            | P::LOG_SHMFD
             | inflight,
         num_queues,
         max_queue_size: queue_size,

@@ -49,7 +49,7 @@ use vhost_user_core::message::ConfigWriteKind;
 use vhost_user_core::vring::Chain;
 use vhost_user_linux::aio::{Aio, AioMode};
 use vhost_user_linux::backend::SharedDevice;
-use vhost_user_linux::memory::LinuxGuestMemory;
+use vhost_user_linux::memory::Mapped;
 use vhost_user_linux::sys::mmap::IoBuf;
 use vhost_user_linux::sys::uring::{perform, IoRequest};
 
@@ -139,6 +139,9 @@ struct Pending {
     due: Option<Instant>,
     /// Discard and write zeroes: the ranges and the fallocate under way.
     zeroing: Option<Zeroing>,
+    /// A read: the guest ranges the kernel writes into, marked in the
+    /// dirty log once it is done (when the front-end logs then).
+    written: Vec<(u64, u64)>,
 }
 
 /// A discard or write zeroes in the engine: its ranges, carried out one
@@ -196,6 +199,8 @@ pub struct Scratch {
     held: Vec<(Instant, Token, u32)>,
     /// With a delay: when the last request submitted is due.
     last_due: Option<Instant>,
+    /// Emptied `Pending::written` lists, reused (no allocation per read).
+    spare: Vec<Vec<(u64, u64)>>,
 }
 
 impl Scratch {
@@ -372,7 +377,7 @@ impl<B: BlockBackend> BlkService<B> {
 
     /// Ends a request without (or after) I/O: writes its status byte and
     /// returns the used length.
-    fn finish(&self, queue: u16, mem: &LinuxGuestMemory, p: &Pending, status: BlkStatus) -> u32 {
+    fn finish(&self, queue: u16, mem: &Mapped<'_>, p: &Pending, status: BlkStatus) -> u32 {
         self.count(queue, p.op, status);
         let Some(addr) = p.status else { return 0 };
         if mem.write(addr, &[status as u8]).is_err() {
@@ -393,7 +398,7 @@ impl<B: BlockBackend> BlkService<B> {
         &self,
         queue: u16,
         token: Token,
-        mem: &LinuxGuestMemory,
+        mem: &Mapped<'_>,
         scratch: &mut Scratch,
     ) -> Option<Completion> {
         if !self.engine(queue, scratch) {
@@ -432,7 +437,7 @@ impl<B: BlockBackend> BlkService<B> {
             }
             _ => None,
         };
-        let p = Pending {
+        let mut p = Pending {
             token,
             status: plan.status_addr(),
             used_ok: plan.used_len(BlkStatus::Ok),
@@ -444,6 +449,7 @@ impl<B: BlockBackend> BlkService<B> {
             syncing: false,
             due: None,
             zeroing: None,
+            written: scratch.spare.pop().unwrap_or_default(),
         };
         let direct = self.inner.backend.direct_alignment();
         let read = matches!(op, BlkOp::Read { .. });
@@ -456,9 +462,12 @@ impl<B: BlockBackend> BlkService<B> {
                     break;
                 }
                 let n = u64::from(s.len).min(left);
-                if mem.io_bufs(s.addr, n, read, &mut bufs).is_err() {
+                if mem.inner().io_bufs(s.addr, n, read, &mut bufs).is_err() {
                     bad = Some("a data buffer outside guest memory");
                     break;
+                }
+                if read {
+                    p.written.push((s.addr, n));
                 }
                 left -= n;
             }
@@ -634,7 +643,7 @@ impl<B: BlockBackend + 'static> SharedDevice for BlkService<B> {
         queue: u16,
         chain: &Chain<S>,
         token: Token,
-        mem: &LinuxGuestMemory,
+        mem: &Mapped<'_>,
         scratch: &mut Scratch,
     ) -> Completion {
         if !token.side_effects() || self.aio.is_none() || scratch.io_failed {
@@ -650,7 +659,7 @@ impl<B: BlockBackend + 'static> SharedDevice for BlkService<B> {
     fn poll_mapped(
         &self,
         queue: u16,
-        mem: &LinuxGuestMemory,
+        mem: &Mapped<'_>,
         scratch: &mut Scratch,
         done: &mut dyn FnMut(Token, u32),
     ) {
@@ -766,9 +775,23 @@ impl<B: BlockBackend + 'static> SharedDevice for BlkService<B> {
                     }
                 }
             }
-            let status = if ok { BlkStatus::Ok } else { BlkStatus::IoErr };
+            // The kernel wrote the read's data: in the dirty log before
+            // the request completes (a migration pass that clears the
+            // bits after this copies the new bytes).
+            let mut logged = true;
+            for &(addr, n) in &p.written {
+                logged &= mem.mark(addr, n).is_ok();
+            }
+            let status = if ok && logged {
+                BlkStatus::Ok
+            } else {
+                BlkStatus::IoErr
+            };
             let len = self.finish(queue, mem, &p, status);
             scratch.free.push(slot);
+            let mut written = std::mem::take(&mut p.written);
+            written.clear();
+            scratch.spare.push(written);
             match p.due {
                 Some(due) => scratch.held.push((due, p.token, len)),
                 None => done(p.token, len),
