@@ -9,8 +9,9 @@
 //! QEMU refuses to migrate a vhost-user device whose back-end cannot log
 //! ("Migration disabled: vhost lacks VHOST_F_LOG_ALL feature", and
 //! LOG_SHMFD for vhost-user), so a migration that completes is itself the
-//! proof that it was not blocked. QEMU's stop here is its plain
-//! GET_VRING_BASE (it drains the rings).
+//! proof that it was not blocked (the daemon offers logging with
+//! `--migration`; without it QEMU refuses, which the second test checks).
+//! QEMU's stop here is its plain GET_VRING_BASE (it drains the rings).
 //!
 //! The guest kit (kernel, initramfs, QEMU) comes from
 //! `tests/guest/build-guest.sh`, as for `qemu_guest.rs`.
@@ -115,7 +116,7 @@ fn wait_for(path: &Path, child: &mut Child, what: &str) {
     }
 }
 
-fn daemon(sock: &Path, image: &Path, log: &Path) -> Kill {
+fn daemon(sock: &Path, image: &Path, log: &Path, migration: bool) -> Kill {
     let log = std::fs::File::create(log).unwrap();
     let mut d = Command::new(env!("CARGO_BIN_EXE_vhost-user-blk"))
         .arg("--socket-path")
@@ -123,6 +124,7 @@ fn daemon(sock: &Path, image: &Path, log: &Path) -> Kill {
         .arg("--blk-file")
         .arg(image)
         .args(["--log-level", "info"])
+        .args(if migration { &["--migration"][..] } else { &[] })
         .stderr(Stdio::from(log))
         .spawn()
         .expect("start vhost-user-blk");
@@ -272,8 +274,8 @@ fn guest_migrates_between_two_daemons_under_load() {
         .unwrap();
     let (sock_a, sock_b) = (dir.join("a.sock"), dir.join("b.sock"));
     let (log_a, log_b) = (dir.join("a.log"), dir.join("b.log"));
-    let _da = daemon(&sock_a, &image, &log_a);
-    let _db = daemon(&sock_b, &image, &log_b);
+    let _da = daemon(&sock_a, &image, &log_a, true);
+    let _db = daemon(&sock_b, &image, &log_b, true);
 
     // Rounds of write, drop caches, verify, each on its own area with its
     // own seed; the migration happens somewhere in the middle. (A loop:
@@ -393,5 +395,41 @@ fn guest_migrates_between_two_daemons_under_load() {
             "round {r} differs on the image"
         );
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Without `--migration` the daemon offers no dirty logging, and QEMU
+/// refuses to migrate its guest (a migration blocker), rather than moving
+/// a guest whose device writes would be lost.
+#[test]
+fn migration_is_refused_when_the_daemon_does_not_log() {
+    let g = guest();
+    let dir = common::temp_path("nomigrate");
+    let image = dir.join("disk.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let sock = dir.join("a.sock");
+    let log = dir.join("a.log");
+    let _d = daemon(&sock, &image, &log, false);
+    let append = format!(
+        "console=ttyS0 panic=-1 quiet vhu.timeout=200 vhu.test={}",
+        base64(b"sleep 30\n")
+    );
+    let mut src = qemu(&g, &dir, "src", &sock, &append, &[]);
+    let _out = console(&mut src);
+    let mut qs = Qmp::connect(&dir.join("src.qmp"), &mut src.0);
+    // QEMU connects to the back-end at start-up; the blocker is set once
+    // the device is initialised.
+    let mig = dir.join("mig.sock");
+    let r = qs.cmd(&format!(
+        r#"{{"execute":"migrate","arguments":{{"uri":"unix:{}"}}}}"#,
+        mig.display()
+    ));
+    println!("migrate without logging: {}", r.trim());
+    assert!(r.contains("\"error\""), "migration was not refused: {r}");
+    let _ = qs.cmd(r#"{"execute":"quit"}"#);
+    let _ = src.0.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }

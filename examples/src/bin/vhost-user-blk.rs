@@ -46,13 +46,22 @@ usage: vhost-user-blk (--socket-path PATH | --fd N) [options]
   --serial ID          device serial for GET_ID (default vhu-blk)
   --io-delay-us N      delay every request by N microseconds (testing)
   --watch              check the image's size every 500 ms (as SIGHUP does)
+  --migration          offer dirty-page logging (LOG_SHMFD, VHOST_F_LOG_ALL)
+                       so QEMU can live-migrate the guest
   --channel-timeout-ms N  wait this long for the front-end's ack of a
                        back-end message before disconnecting (default 5000)
   --log-level LEVEL    off, error, warn, info, debug, trace (default info)
   --print-capabilities print the back-end's capabilities as JSON and exit
 ";
 
-const FLAGS: &[&str] = &["read-only", "null", "print-capabilities", "help", "watch"];
+const FLAGS: &[&str] = &[
+    "read-only",
+    "null",
+    "print-capabilities",
+    "help",
+    "watch",
+    "migration",
+];
 const OPTIONS: &[&str] = &[
     "socket-path",
     "fd",
@@ -64,6 +73,7 @@ const OPTIONS: &[&str] = &[
     "serial",
     "io-delay-us",
     "watch",
+    "migration",
     "channel-timeout-ms",
     "cache",
     "aio",
@@ -213,10 +223,17 @@ fn run() -> Result<(), String> {
         | V::PROTOCOL_FEATURES
         | V::EVENT_IDX
         | V::INDIRECT_DESC
-        | V::RING_PACKED
-        // Live migration: every write into guest memory is logged in the
-        // front-end's dirty log (LOG_SHMFD below).
-        | V::LOG_ALL;
+        | V::RING_PACKED;
+    // Live migration (--migration): every write into guest memory is
+    // logged in the front-end's dirty log. Off by default until device
+    // state transfer (requests suspended in flight, carried to the
+    // destination) is offered with it.
+    let migration = args.flag("migration");
+    let (features, log) = if migration {
+        (features | V::LOG_ALL, P::LOG_SHMFD)
+    } else {
+        (features, P::empty())
+    };
     // Inflight tracking, and stopping rings without draining them (the
     // data plane resubmits recorded requests of rings of any size).
     let inflight = P::INFLIGHT_SHMFD | P::GET_VRING_BASE_INFLIGHT | P::GET_VRING_BASE_SKIP_DRAIN;
@@ -230,7 +247,7 @@ fn run() -> Result<(), String> {
             | P::RESET_DEVICE
             | P::BACKEND_REQ
             | P::INBAND_NOTIFICATIONS
-            | P::LOG_SHMFD
+            | log
             | inflight,
         num_queues,
         max_queue_size: queue_size,

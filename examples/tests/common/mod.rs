@@ -67,8 +67,18 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// The daemon as most socket tests want it: a 16 MiB temporary image,
+    /// two queues of up to 256, dirty logging offered (`--migration`).
     pub fn start() -> Daemon {
-        Daemon::start_with(&["--size", "16M", "--num-queues", "2", "--queue-size", "256"])
+        Daemon::start_with(&[
+            "--size",
+            "16M",
+            "--num-queues",
+            "2",
+            "--queue-size",
+            "256",
+            "--migration",
+        ])
     }
 
     /// The daemon with `args` after `--socket-path`.
