@@ -26,6 +26,8 @@
 //! ```
 //!
 //! - [`blk`]: virtio-blk (feature bits, config space, request planner).
+//! - [`net`]: virtio-net (feature bits, config space, header, transmit
+//!   gathering and receive filling).
 //!
 //! A back-end device implements [`Device`]: the control path the session
 //! calls (config space, features, reset) and the data path the host's ring
@@ -33,6 +35,7 @@
 //! hands out.
 
 pub mod blk;
+pub mod net;
 
 use crate::dataplane::Token;
 use crate::feature::VirtioFeatures;
