@@ -158,8 +158,16 @@ impl PackedQueue {
     }
 
     /// Apply a SET_VRING_BASE value in the encoding of [`base`](Self::base).
-    /// Both indices must be below the ring size.
+    /// Both indices must be below the ring size. A value with bits 16-31
+    /// zero is read as the avail position alone, with nothing in flight
+    /// (as [`set_base_avail_only`](Self::set_base_avail_only)): DPDK's
+    /// virtio-user sends only bits 0-15, and the one full encoding this
+    /// misreads (used position 0 on an odd lap while requests are in
+    /// flight) cannot come from a front-end starting a fresh ring.
+    #[inline(never)]
     pub fn set_base(&mut self, num: u32) -> Result<(), VringError> {
+        // Bits 0-15 copied to 16-31: used = avail, wrap counter included.
+        let num = if num >> 16 == 0 { num | num << 16 } else { num };
         let avail = (num & 0x7fff) as u16;
         let used = ((num >> 16) & 0x7fff) as u16;
         if avail >= self.size || used >= self.size {
@@ -429,5 +437,20 @@ mod tests {
         assert_eq!(p.base(), num, "refused base leaves state unchanged");
         p.set_base_avail_only(5 | 1 << 15).unwrap();
         assert_eq!(p.base(), 5 | 1 << 15 | 5 << 16 | 1 << 31);
+    }
+
+    /// SET_VRING_BASE through the queue: a 16-bit value (DPDK's
+    /// virtio-user sends only the avail position) sets used = avail, so a
+    /// fresh ring's device wrap counter is 1; a full encoding is kept.
+    #[test]
+    fn queue_base_of_sixteen_bits_is_avail_only() {
+        let mut q = crate::vring::Queue::Packed(q(300));
+        q.set_base(1 << 15).unwrap();
+        assert_eq!(q.base(), 1 << 15 | 1 << 31);
+        q.set_base(7).unwrap();
+        assert_eq!(q.base(), 7 | 7 << 16);
+        let full = 17 | 299 << 16 | 1 << 31;
+        q.set_base(full).unwrap();
+        assert_eq!(q.base(), full);
     }
 }
