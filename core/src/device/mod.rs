@@ -121,6 +121,17 @@ pub trait Device {
         let _ = (queue, mem, scratch, done);
     }
 
+    /// Ring `queue` is stopping and drains (GET_VRING_BASE, the
+    /// front-end left): requests the device holds only because it waits
+    /// for input that may never come (a network device's receive buffers
+    /// with no frame for them) must complete at the next
+    /// [`poll`](Self::poll), with what there is or with length 0. Called
+    /// by the host before each poll of the drain. The default does
+    /// nothing (every held request completes on its own).
+    fn stopping(&self, queue: u16, scratch: &mut Self::Scratch) {
+        let _ = (queue, scratch);
+    }
+
     /// The front-end left (log counters, drop per-connection state).
     fn disconnected(&self) {}
 }
