@@ -72,6 +72,9 @@ bash core/nostd-check/check-budgets.sh
 step "guest kit: a Debian cloud kernel and a busybox initramfs (cached under \${VHU_CACHE:-~/.cache/vhu}), and QEMU"
 bash examples/tests/guest/build-guest.sh
 
+step "DPDK testpmd (the net interop peer), if missing"
+bash examples/tests/dpdk/install-dpdk.sh
+
 step "tests"
 cargo test --workspace --no-fail-fast 2>&1 | tee target/test.log
 # A summary line the CI reader understands.

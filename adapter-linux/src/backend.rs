@@ -129,6 +129,9 @@ pub struct RuntimeOptions {
     /// `q % threads` ([`RuntimeOptions::thread_of`]); 0 (the default) is
     /// one thread per ring.
     pub threads: usize,
+    /// Map guest memory memfds that cannot be sealed against shrinking
+    /// (see [`LinuxGuestMemory::map_trusting`]); false by default.
+    pub trust_unsealable_memfd: bool,
 }
 
 impl RuntimeOptions {
@@ -171,6 +174,7 @@ impl Default for RuntimeOptions {
             spin: Duration::from_micros(50),
             channel_timeout: Duration::from_secs(5),
             threads: 0,
+            trust_unsealable_memfd: false,
         }
     }
 }
@@ -471,8 +475,9 @@ where
             Action::UnmapAll => self.memory_mut().clear(),
             Action::MapRegion { slot, fd, region } => {
                 let fd = Self::take_fd(fds, fd)?;
+                let trust = self.options.trust_unsealable_memfd;
                 self.memory_mut()
-                    .map(usize::from(slot), region, fd)
+                    .map_trusting(usize::from(slot), region, fd, trust)
                     .map_err(|e| {
                         error!("cannot map guest memory region {slot}: {e}");
                         BackendError::Memory(vhost_user_core::memory::MemoryError::BadRegion)
@@ -1337,6 +1342,7 @@ where
                     return base;
                 }
                 Stop::Draining => {
+                    self.device.stopping(self.queue, &mut round.scratch);
                     let before = dp.outstanding() + dp.resubmits_left();
                     // While draining, the stop is the reason to go on;
                     // recorded requests are all that pop hands out.

@@ -120,6 +120,20 @@ impl LinuxGuestMemory {
     /// that can shrink and cannot be sealed is refused (see the module
     /// documentation on files that shrink).
     pub fn map(&mut self, slot: usize, region: MemRegionMsg, fd: OwnedFd) -> io::Result<()> {
+        self.map_trusting(slot, region, fd, false)
+    }
+
+    /// [`map`](Self::map), and with `trust_unsealable` a memfd that cannot
+    /// be sealed is mapped too, like a plain file: the front-end is
+    /// trusted not to shrink it (DPDK's virtio-user without hugepages
+    /// shares such memfds). A shrink would kill the daemon with SIGBUS.
+    pub fn map_trusting(
+        &mut self,
+        slot: usize,
+        region: MemRegionMsg,
+        fd: OwnedFd,
+        trust_unsealable: bool,
+    ) -> io::Result<()> {
         let invalid = |m: &str| io::Error::new(io::ErrorKind::InvalidInput, m.to_string());
         let end = region
             .guest_addr
@@ -135,7 +149,9 @@ impl LinuxGuestMemory {
         }
         // Seal before the size check in `MmapRegion::map`, so the size it
         // checks is the size for good.
-        if memfd::seal_shrink(fd.as_fd())? == ShrinkSeal::Unsealable && memfd::is_memfd(fd.as_fd())
+        if memfd::seal_shrink(fd.as_fd())? == ShrinkSeal::Unsealable
+            && !trust_unsealable
+            && memfd::is_memfd(fd.as_fd())
         {
             return Err(invalid(
                 "a memfd that can shrink and cannot be sealed with F_SEAL_SHRINK \

@@ -740,6 +740,7 @@ impl<D: Device, const Q: usize, const R: usize> Backend<D, Q, R> {
                 }
                 Stop::Draining => {
                     let waiting = ring.dp.resubmits_left();
+                    host.device.stopping(q, &mut ring.scratch);
                     let held = std::mem::take(&mut ring.held);
                     let done = match ring.round(&host, held, true) {
                         Ok(t) => {

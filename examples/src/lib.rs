@@ -5,4 +5,5 @@ pub mod bench;
 pub mod blk;
 pub mod cli;
 pub mod logger;
+pub mod net;
 pub mod signals;

@@ -26,6 +26,8 @@
 //! ```
 //!
 //! - [`blk`]: virtio-blk (feature bits, config space, request planner).
+//! - [`net`]: virtio-net (feature bits, config space, header, transmit
+//!   gathering and receive filling).
 //!
 //! A back-end device implements [`Device`]: the control path the session
 //! calls (config space, features, reset) and the data path the host's ring
@@ -33,6 +35,7 @@
 //! hands out.
 
 pub mod blk;
+pub mod net;
 
 use crate::dataplane::Token;
 use crate::feature::VirtioFeatures;
@@ -116,6 +119,17 @@ pub trait Device {
         done: &mut dyn FnMut(Token, u32),
     ) {
         let _ = (queue, mem, scratch, done);
+    }
+
+    /// Ring `queue` is stopping and drains (GET_VRING_BASE, the
+    /// front-end left): requests the device holds only because it waits
+    /// for input that may never come (a network device's receive buffers
+    /// with no frame for them) must complete at the next
+    /// [`poll`](Self::poll), with what there is or with length 0. Called
+    /// by the host before each poll of the drain. The default does
+    /// nothing (every held request completes on its own).
+    fn stopping(&self, queue: u16, scratch: &mut Self::Scratch) {
+        let _ = (queue, scratch);
     }
 
     /// The front-end left (log counters, drop per-connection state).

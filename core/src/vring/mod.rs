@@ -592,7 +592,8 @@ impl Queue {
     }
 
     /// Apply a SET_VRING_BASE value. A split ring takes the low 16 bits as
-    /// its next avail index (and refuses higher bits).
+    /// its next avail index (and refuses higher bits); a packed ring, see
+    /// [`PackedQueue::set_base`].
     pub fn set_base(&mut self, num: u32) -> Result<(), VringError> {
         match self {
             Queue::Split(q) => {

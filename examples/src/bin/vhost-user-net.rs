@@ -1,0 +1,242 @@
+//! vhost-user-net: a vhost-user network device back-end.
+//!
+//! Follows QEMU's "Backend program conventions": `--socket-path PATH` or
+//! `--fd N`, `--print-capabilities`, no daemonizing, a clear non-zero exit
+//! when it cannot start, a clean exit on SIGTERM. Per-queue counters
+//! (packets, bytes, drops, errors; the runtime adds calls and kicks per
+//! ring) are logged when a front-end leaves.
+#![forbid(unsafe_code)]
+
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+
+use log::{error, info};
+use vhost_user_core::backend::BackendConfig;
+use vhost_user_core::device::net::{NetConfig, NetDevice, MAX_QUEUE_PAIRS};
+use vhost_user_core::feature::{ProtocolFeatures as P, VirtioFeatures as V};
+use vhost_user_linux::backend::{serve, RuntimeOptions};
+use vhost_user_linux::channel::Control;
+use vhost_user_linux::sys::socket::Listener;
+use vhu_examples::cli::Args;
+use vhu_examples::net::{NetBackend, NetService};
+use vhu_examples::{logger, signals};
+
+const USAGE: &str = "\
+usage: vhost-user-net (--socket-path PATH | --fd N) [options]
+       vhost-user-net --print-capabilities
+
+  --socket-path PATH   listen on a Unix socket at PATH
+  --fd N               serve on an inherited listening socket fd
+  --backend KIND       loopback (what a pair transmits comes back on its
+                       receive queue) or null (transmitted frames are
+                       dropped, receive buffers get a template frame);
+                       default loopback
+  --frame-size N       bytes of the null backend's template frame (default 60)
+  --mac MAC            the MAC address offered to the driver (aa:bb:cc:dd:ee:ff)
+  --mtu N              the MTU offered to the driver
+  --queue-pairs N      queue pairs (default 1)
+  --threads T          worker threads serving the queues, 1 to 2N: queue q
+                       runs on thread q % T (default: one per queue)
+  --queue-size N       largest ring size a front-end may use (default 1024)
+  --no-mrg-rxbuf       do not offer mergeable receive buffers
+  --trust-unsealable-memfd  map guest memory memfds that cannot be sealed
+                       against shrinking (DPDK virtio-user without
+                       hugepages); a front-end that shrinks one kills the
+                       daemon
+  --log-level LEVEL    off, error, warn, info, debug, trace (default info)
+  --print-capabilities print the back-end's capabilities as JSON and exit
+";
+
+const FLAGS: &[&str] = &[
+    "print-capabilities",
+    "help",
+    "no-mrg-rxbuf",
+    "trust-unsealable-memfd",
+];
+const OPTIONS: &[&str] = &[
+    "socket-path",
+    "fd",
+    "backend",
+    "frame-size",
+    "mac",
+    "mtu",
+    "queue-pairs",
+    "threads",
+    "queue-size",
+    "no-mrg-rxbuf",
+    "trust-unsealable-memfd",
+    "log-level",
+    "print-capabilities",
+    "help",
+];
+
+/// Most queues the daemon serves (32 pairs).
+const MAX_QUEUES: usize = 64;
+/// Memory slots (GET_MAX_MEM_SLOTS).
+const MEM_SLOTS: usize = 32;
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vhost-user-net: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let bad = || format!("invalid --mac {s:?}: expected aa:bb:cc:dd:ee:ff");
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        let p = parts.next().ok_or_else(bad)?;
+        if p.len() != 2 {
+            return Err(bad());
+        }
+        *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    Ok(mac)
+}
+
+fn run() -> Result<(), String> {
+    let args = Args::parse(std::env::args().skip(1), FLAGS)?;
+    args.check_known(OPTIONS)?;
+    if args.flag("help") {
+        print!("{USAGE}");
+        return Ok(());
+    }
+    if args.flag("print-capabilities") {
+        println!("{{\n  \"type\": \"net\"\n}}");
+        return Ok(());
+    }
+    logger::init(logger::parse_level(
+        args.get("log-level").unwrap_or("info"),
+    )?);
+    let pairs: u16 = args.get_or("queue-pairs", 1)?;
+    if pairs == 0 || usize::from(pairs) * 2 > MAX_QUEUES || pairs > MAX_QUEUE_PAIRS {
+        return Err(format!("--queue-pairs must be 1 to {}", MAX_QUEUES / 2));
+    }
+    let num_queues = pairs * 2;
+    let queue_size: u16 = args.get_or("queue-size", 1024)?;
+    if !(4..=32768).contains(&queue_size) {
+        return Err("--queue-size must be 4 to 32768".into());
+    }
+    let threads: u16 = args.get_or("threads", num_queues)?;
+    if threads == 0 || threads > num_queues {
+        return Err("--threads must be 1 to twice --queue-pairs".into());
+    }
+    let mac = args.get("mac").map(parse_mac).transpose()?;
+    let mtu: Option<u16> = args
+        .get("mtu")
+        .map(|m| m.parse().map_err(|_| format!("invalid --mtu {m:?}")))
+        .transpose()?;
+    let frame_size: usize = args.get_or("frame-size", 60)?;
+    if !(14..=65535).contains(&frame_size) {
+        return Err("--frame-size must be 14 to 65535".into());
+    }
+    let kind = args.get("backend").unwrap_or("loopback");
+    let backend = match kind {
+        "loopback" => NetBackend::Loopback,
+        "null" => NetBackend::null(frame_size, mac.unwrap_or([0x52, 0x54, 0, 0, 0, 1])),
+        other => return Err(format!("unknown --backend {other:?} (loopback or null)")),
+    };
+
+    let listener = match (args.get("socket-path"), args.get("fd")) {
+        (Some(path), None) => {
+            Listener::bind(path).map_err(|e| format!("cannot listen on {path}: {e}"))?
+        }
+        (None, Some(fd)) => {
+            let fd: RawFd = fd.parse().map_err(|_| format!("invalid --fd {fd:?}"))?;
+            if fd < 0 {
+                return Err(format!("invalid --fd {fd}"));
+            }
+            Listener::from_inherited_fd(fd)
+                .map_err(|e| format!("--fd {fd} is not a listening socket: {e}"))?
+        }
+        _ => {
+            return Err(format!(
+                "exactly one of --socket-path or --fd is required\n{USAGE}"
+            ))
+        }
+    };
+    let socket_path: Option<PathBuf> = args.get("socket-path").map(PathBuf::from);
+    signals::exit_cleanly_on_term(move || {
+        if let Some(p) = socket_path {
+            let _ = std::fs::remove_file(p);
+        }
+    })
+    .map_err(|e| format!("cannot set up signal handling: {e}"))?;
+
+    let net = NetConfig {
+        mac,
+        queue_pairs: pairs,
+        mtu,
+        mrg_rxbuf: !args.flag("no-mrg-rxbuf"),
+        ..NetConfig::new()
+    };
+    let device = NetDevice::new(&net).map_err(|e| format!("invalid device configuration: {e}"))?;
+    let features = device.offered_features()
+        | V::VERSION_1
+        | V::PROTOCOL_FEATURES
+        | V::EVENT_IDX
+        | V::INDIRECT_DESC
+        | V::RING_PACKED;
+    let config = BackendConfig {
+        features,
+        protocol_features: P::MQ
+            | P::REPLY_ACK
+            | P::CONFIG
+            | P::CONFIGURE_MEM_SLOTS
+            | P::STATUS
+            | P::RESET_DEVICE,
+        num_queues,
+        max_queue_size: queue_size,
+    };
+    info!(
+        "serving a {kind} network device, {pairs} queue pair(s), features {:#x}, protocol features {:#x}",
+        config.features.bits(),
+        config.protocol_features.bits()
+    );
+    let service = NetService::new(device, backend)
+        .map_err(|e| format!("cannot create the loopback eventfds: {e}"))?;
+    let options = RuntimeOptions {
+        threads: usize::from(threads),
+        trust_unsealable_memfd: args.flag("trust-unsealable-memfd"),
+        ..RuntimeOptions::default()
+    };
+    for line in options.thread_map(num_queues) {
+        info!("{line}");
+    }
+    let stop = AtomicBool::new(false);
+    let control = Control::new();
+    serve::<_, MAX_QUEUES, MEM_SLOTS>(&listener, config, service, options, &stop, &control).map_err(
+        |e| {
+            error!("{e}");
+            format!("cannot serve: {e}")
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_mac;
+
+    #[test]
+    fn macs() {
+        assert_eq!(
+            parse_mac("52:54:00:ab:CD:ef"),
+            Ok([0x52, 0x54, 0, 0xab, 0xcd, 0xef])
+        );
+        assert!(parse_mac("52:54:00:ab:cd").is_err());
+        assert!(parse_mac("52:54:00:ab:cd:ef:00").is_err());
+        assert!(parse_mac("5:254:00:ab:cd:ef").is_err());
+        assert!(parse_mac("zz:54:00:ab:cd:ef").is_err());
+    }
+}

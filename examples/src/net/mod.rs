@@ -1,0 +1,466 @@
+//! The vhost-user-net device: the core's virtio-net model
+//! ([`NetDevice`], [`tx_gather`], [`rx_fill`], [`rx_fill_merged`]) over a
+//! packet backend, served by the Linux runtime.
+//!
+//! Queue `2k` receives and `2k + 1` transmits for pair `k`. A transmit
+//! chain is gathered into the ring's buffer and handed to the backend at
+//! once. A receive chain is checked and held (`Completion::Later`) until
+//! a frame is there for it: [`Device::poll`] pairs held chains with
+//! frames, across several chains with MRG_RXBUF. Receiving is driven by
+//! frames, not by kicks: the loopback's transmit side signals the pair's
+//! eventfd after each round that queued frames, and the receive ring's
+//! worker sleeps on it ([`SharedDevice::completion_fd`]). A ring that
+//! stops while it holds receive chains completes them with length 0
+//! ([`Device::stopping`]).
+//!
+//! Backends:
+//! - [`NetBackend::Loopback`]: what a pair transmits comes back on its
+//!   receive queue, in order; frames that find the queue full (the guest
+//!   does not receive) are dropped and counted.
+//! - [`NetBackend::Null`]: transmitted frames are counted and dropped;
+//!   every receive buffer gets a copy of a template frame at once.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use vhost_user_core::dataplane::Token;
+use vhost_user_core::device::net::{
+    rx_capacity, rx_fill, rx_fill_merged, tx_gather, NetDevice, NetError, QueueRole, VirtioNetHdr,
+};
+use vhost_user_core::device::{Completion, Device};
+use vhost_user_core::feature::VirtioFeatures;
+use vhost_user_core::memory::GuestMemory;
+use vhost_user_core::message::ConfigWriteKind;
+use vhost_user_core::vring::{Chain, Segment};
+use vhost_user_linux::backend::SharedDevice;
+use vhost_user_linux::sys::eventfd::EventFd;
+
+/// Frames a loopback pair queues for its receive side, at most.
+pub const LOOPBACK_FRAMES: usize = 1024;
+/// Receive chains one frame may span with MRG_RXBUF, at most.
+const MAX_MERGE: usize = 64;
+
+/// Where frames go and come from.
+#[derive(Clone, Debug)]
+pub enum NetBackend {
+    /// A pair's transmitted frames come back on its receive queue.
+    Loopback,
+    /// Transmitted frames are dropped; receive buffers get this frame.
+    Null {
+        /// The frame every receive buffer gets.
+        template: Vec<u8>,
+    },
+}
+
+impl NetBackend {
+    /// A null backend whose template is a broadcast Ethernet frame of
+    /// `len` bytes (at least 14) from `mac`, EtherType 0x88b5 (local
+    /// experimental), the payload counting up.
+    pub fn null(len: usize, mac: [u8; 6]) -> Self {
+        let mut t = vec![0u8; len.max(14)];
+        t[..6].copy_from_slice(&[0xff; 6]);
+        t[6..12].copy_from_slice(&mac);
+        t[12..14].copy_from_slice(&[0x88, 0xb5]);
+        for (i, b) in t[14..].iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        NetBackend::Null { template: t }
+    }
+}
+
+/// Counters of one queue.
+#[derive(Debug, Default)]
+pub struct QueueCounters {
+    /// Frames transmitted (TX) or delivered to the guest (RX).
+    pub packets: AtomicU64,
+    /// Their bytes, virtio header excluded.
+    pub bytes: AtomicU64,
+    /// Frames dropped: TX frames the loopback had no room for, RX frames
+    /// no buffer could take.
+    pub drops: AtomicU64,
+    /// Chains refused (hostile or malformed), completed with length 0.
+    pub errors: AtomicU64,
+}
+
+/// One queue pair's loopback: frames from its TX side, waiting for RX
+/// buffers, and the eventfd the RX side sleeps on.
+#[derive(Debug)]
+struct Pair {
+    frames: Mutex<VecDeque<Vec<u8>>>,
+    ready: Arc<EventFd>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    device: Mutex<NetDevice>,
+    hdr_len: AtomicUsize,
+    mergeable: AtomicBool,
+    max_frame: usize,
+    backend: NetBackend,
+    pairs: Vec<Pair>,
+    counters: Vec<QueueCounters>,
+}
+
+/// The net device the daemon serves; clones share everything.
+#[derive(Clone, Debug)]
+pub struct NetService {
+    inner: Arc<Inner>,
+}
+
+/// A receive chain held until a frame is there for it.
+#[derive(Debug)]
+struct Held {
+    token: Token,
+    segments: Vec<Segment>,
+}
+
+impl AsRef<[Segment]> for Held {
+    fn as_ref(&self) -> &[Segment] {
+        &self.segments
+    }
+}
+
+/// Per-ring state of the data path.
+#[derive(Debug, Default)]
+pub struct Scratch {
+    /// RX: chains waiting for frames, in the order they were popped.
+    held: VecDeque<Held>,
+    /// RX: segment vectors of completed chains, for reuse.
+    spare: Vec<Vec<Segment>>,
+    /// RX: the ring stops: complete what is held.
+    stopping: bool,
+    /// RX: the pair's eventfd, signalled when frames are queued.
+    ready: Option<Arc<EventFd>>,
+    /// TX: the gather buffer (the largest frame).
+    buf: Vec<u8>,
+    /// TX: frames were queued for the pair's RX since the last poll.
+    pushed: bool,
+    /// RX with MRG_RXBUF: used lengths of one frame's chains.
+    used: Vec<u32>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl NetService {
+    /// A service for `device` over `backend`; the eventfds of the pairs'
+    /// loopbacks are made here.
+    pub fn new(device: NetDevice, backend: NetBackend) -> std::io::Result<Self> {
+        let pairs = (0..device.queue_pairs())
+            .map(|_| {
+                Ok(Pair {
+                    frames: Mutex::new(VecDeque::new()),
+                    ready: Arc::new(EventFd::new(true)?),
+                })
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let queues = usize::from(device.queue_pairs()) * 2;
+        Ok(NetService {
+            inner: Arc::new(Inner {
+                hdr_len: AtomicUsize::new(device.hdr_len()),
+                mergeable: AtomicBool::new(false),
+                max_frame: device.max_frame(),
+                device: Mutex::new(device),
+                backend,
+                pairs,
+                counters: (0..queues).map(|_| QueueCounters::default()).collect(),
+            }),
+        })
+    }
+
+    /// The counters of queue `queue`.
+    pub fn counters(&self, queue: u16) -> Option<&QueueCounters> {
+        self.inner.counters.get(usize::from(queue))
+    }
+
+    fn count(&self, queue: u16) -> &QueueCounters {
+        // Queues beyond the device's are refused by the session; the last
+        // counter takes anything else rather than panicking.
+        let c = &self.inner.counters;
+        c.get(usize::from(queue)).unwrap_or_else(|| &c[c.len() - 1])
+    }
+
+    fn pair(&self, pair: u16) -> Option<&Pair> {
+        self.inner.pairs.get(usize::from(pair))
+    }
+
+    fn transmit<M: GuestMemory + ?Sized, const S: usize>(
+        &self,
+        queue: u16,
+        pair: u16,
+        chain: &Chain<S>,
+        mem: &M,
+        scratch: &mut Scratch,
+    ) {
+        let inner = &*self.inner;
+        let k = self.count(queue);
+        if scratch.buf.len() < inner.max_frame {
+            scratch.buf.resize(inner.max_frame, 0);
+        }
+        let read = |gpa: u64, dst: &mut [u8]| mem.read(gpa, dst);
+        let hdr_len = inner.hdr_len.load(Ordering::Relaxed);
+        let frame = match tx_gather(chain.segments(), &read, hdr_len, &mut scratch.buf) {
+            Ok(f) => f,
+            Err(e) => {
+                k.errors.fetch_add(1, Ordering::Relaxed);
+                log::debug!("queue {queue}: transmit chain refused: {e}");
+                return;
+            }
+        };
+        k.packets.fetch_add(1, Ordering::Relaxed);
+        k.bytes.fetch_add(frame.len as u64, Ordering::Relaxed);
+        match &inner.backend {
+            NetBackend::Null { .. } => {}
+            NetBackend::Loopback => {
+                let Some(p) = self.pair(pair) else { return };
+                let mut q = lock(&p.frames);
+                if q.len() >= LOOPBACK_FRAMES {
+                    k.drops.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    q.push_back(scratch.buf[..frame.len].to_vec());
+                    scratch.pushed = true;
+                }
+            }
+        }
+    }
+
+    /// Pairs held receive chains with frames, oldest first; completes
+    /// them. While stopping, completes what is left with length 0.
+    fn receive<M: GuestMemory + ?Sized>(
+        &self,
+        queue: u16,
+        pair: u16,
+        mem: &M,
+        scratch: &mut Scratch,
+        done: &mut dyn FnMut(Token, u32),
+    ) {
+        let inner = &*self.inner;
+        let k = self.count(queue);
+        let write = |gpa: u64, src: &[u8]| mem.write(gpa, src);
+        let hdr_len = inner.hdr_len.load(Ordering::Relaxed);
+        let mergeable = inner.mergeable.load(Ordering::Relaxed);
+        let hdr = VirtioNetHdr::default();
+        let mut frames = match (&inner.backend, self.pair(pair)) {
+            (NetBackend::Loopback, Some(p)) if !scratch.held.is_empty() => Some(lock(&p.frames)),
+            _ => None,
+        };
+        while !scratch.held.is_empty() {
+            let frame: &[u8] = match (&inner.backend, frames.as_deref_mut()) {
+                (NetBackend::Null { template }, _) => template,
+                (_, Some(q)) => match q.front() {
+                    Some(f) => f,
+                    None => break,
+                },
+                _ => break,
+            };
+            let mut consumed_frame = true;
+            if mergeable {
+                scratch.used.resize(MAX_MERGE, 0);
+                let chains = scratch.held.make_contiguous();
+                match rx_fill_merged(chains, &write, &hdr, frame, &mut scratch.used) {
+                    Ok(n) => {
+                        for i in 0..n {
+                            let h = scratch.held.pop_front();
+                            if let Some(h) = h {
+                                done(h.token, scratch.used[i]);
+                                scratch.spare.push(h.segments);
+                            }
+                        }
+                        k.packets.fetch_add(1, Ordering::Relaxed);
+                        k.bytes.fetch_add(frame.len() as u64, Ordering::Relaxed);
+                    }
+                    Err(e) if matches!(e.error, NetError::NoRoom { .. }) => {
+                        if chains.len() < MAX_MERGE {
+                            // More chains may come: keep the frame.
+                            break;
+                        }
+                        // Even the most chains a frame may take are too
+                        // small: drop it.
+                        k.drops.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        // A chain that went bad: complete it empty.
+                        consumed_frame = false;
+                        self.refuse(queue, scratch, e.chain, e.error, done);
+                    }
+                }
+            } else {
+                let Some(h) = scratch.held.front() else { break };
+                match rx_fill(&h.segments, &write, &hdr, hdr_len, frame) {
+                    Ok(n) => {
+                        if let Some(h) = scratch.held.pop_front() {
+                            done(h.token, n);
+                            scratch.spare.push(h.segments);
+                        }
+                        k.packets.fetch_add(1, Ordering::Relaxed);
+                        k.bytes.fetch_add(frame.len() as u64, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        // A buffer too small for the frame (the driver
+                        // should post buffers for the largest frame), or
+                        // one that went bad: drop the frame, complete the
+                        // chain empty.
+                        if matches!(e, NetError::NoRoom { .. }) {
+                            k.drops.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            consumed_frame = false;
+                        }
+                        self.refuse(queue, scratch, 0, e, done);
+                    }
+                }
+            }
+            if consumed_frame {
+                if let Some(q) = frames.as_deref_mut() {
+                    q.pop_front();
+                }
+            }
+        }
+        drop(frames);
+        if scratch.stopping {
+            while let Some(h) = scratch.held.pop_front() {
+                done(h.token, 0);
+                scratch.spare.push(h.segments);
+            }
+        }
+    }
+
+    /// Completes held chain `i` with length 0 (refused).
+    fn refuse(
+        &self,
+        queue: u16,
+        scratch: &mut Scratch,
+        i: usize,
+        error: NetError,
+        done: &mut dyn FnMut(Token, u32),
+    ) {
+        if let Some(h) = scratch.held.remove(i) {
+            log::debug!("queue {queue}: receive chain refused: {error}");
+            self.count(queue).errors.fetch_add(1, Ordering::Relaxed);
+            done(h.token, 0);
+            scratch.spare.push(h.segments);
+        }
+    }
+}
+
+impl Device for NetService {
+    type Scratch = Scratch;
+
+    fn read_config(&self, offset: u32, dst: &mut [u8]) -> bool {
+        lock(&self.inner.device).read_config(offset, dst).is_ok()
+    }
+
+    fn write_config(&mut self, offset: u32, src: &[u8], kind: ConfigWriteKind) -> bool {
+        lock(&self.inner.device)
+            .write_config(offset, src, kind)
+            .is_ok()
+    }
+
+    fn features_acked(&mut self, features: VirtioFeatures) {
+        log::info!(
+            "front-end acked virtio features {:#x} ({features:?})",
+            features.bits()
+        );
+        let mut d = lock(&self.inner.device);
+        d.set_features(features);
+        self.inner.hdr_len.store(d.hdr_len(), Ordering::Relaxed);
+        self.inner.mergeable.store(d.mergeable(), Ordering::Relaxed);
+    }
+
+    fn reset(&mut self) {
+        let mut d = lock(&self.inner.device);
+        d.reset();
+        self.inner.hdr_len.store(d.hdr_len(), Ordering::Relaxed);
+        self.inner.mergeable.store(false, Ordering::Relaxed);
+        for p in &self.inner.pairs {
+            lock(&p.frames).clear();
+        }
+    }
+
+    fn process<M: GuestMemory + ?Sized, const S: usize>(
+        &self,
+        queue: u16,
+        chain: &Chain<S>,
+        token: Token,
+        mem: &M,
+        scratch: &mut Scratch,
+    ) -> Completion {
+        if !token.side_effects() {
+            return Completion::Done(0);
+        }
+        match QueueRole::of(queue) {
+            QueueRole::Tx(pair) => {
+                self.transmit(queue, pair, chain, mem, scratch);
+                Completion::Done(0)
+            }
+            QueueRole::Rx(pair) => {
+                let hdr_len = self.inner.hdr_len.load(Ordering::Relaxed);
+                if let Err(e) = rx_capacity(chain.segments(), hdr_len) {
+                    log::debug!("queue {queue}: receive chain refused: {e}");
+                    self.count(queue).errors.fetch_add(1, Ordering::Relaxed);
+                    return Completion::Done(0);
+                }
+                if scratch.ready.is_none() {
+                    scratch.ready = self.pair(pair).map(|p| p.ready.clone());
+                }
+                let mut segments = scratch.spare.pop().unwrap_or_default();
+                segments.clear();
+                segments.extend_from_slice(chain.segments());
+                scratch.held.push_back(Held { token, segments });
+                Completion::Later
+            }
+        }
+    }
+
+    fn poll<M: GuestMemory + ?Sized>(
+        &self,
+        queue: u16,
+        mem: &M,
+        scratch: &mut Scratch,
+        done: &mut dyn FnMut(Token, u32),
+    ) {
+        match QueueRole::of(queue) {
+            QueueRole::Tx(pair) => {
+                if std::mem::take(&mut scratch.pushed) {
+                    if let Some(p) = self.pair(pair) {
+                        let _ = p.ready.write(1);
+                    }
+                }
+            }
+            QueueRole::Rx(pair) => self.receive(queue, pair, mem, scratch, done),
+        }
+    }
+
+    fn stopping(&self, _queue: u16, scratch: &mut Scratch) {
+        scratch.stopping = true;
+    }
+
+    fn disconnected(&self) {
+        for (q, k) in self.inner.counters.iter().enumerate() {
+            let dir = if q % 2 == 0 { "rx" } else { "tx" };
+            log::info!(
+                "queue {q} ({dir}): {} packets, {} bytes, {} drops, {} errors",
+                k.packets.load(Ordering::Relaxed),
+                k.bytes.load(Ordering::Relaxed),
+                k.drops.load(Ordering::Relaxed),
+                k.errors.load(Ordering::Relaxed),
+            );
+        }
+        for p in &self.inner.pairs {
+            lock(&p.frames).clear();
+        }
+    }
+}
+
+impl SharedDevice for NetService {
+    /// The receive ring of a loopback pair sleeps on the pair's eventfd
+    /// while it holds chains.
+    fn completion_fd<'a>(&self, _queue: u16, scratch: &'a Scratch) -> Option<BorrowedFd<'a>> {
+        match self.inner.backend {
+            NetBackend::Loopback => scratch.ready.as_deref().map(AsFd::as_fd),
+            NetBackend::Null { .. } => None,
+        }
+    }
+}
