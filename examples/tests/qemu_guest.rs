@@ -125,7 +125,7 @@ struct Opts<'a> {
     /// starts (each), and start a new one on the same socket and image;
     /// QEMU reconnects (`reconnect-ms`).
     kills: &'a [Duration],
-    /// Grow the image to this size when the guest's test starts.
+    /// Grow the image to this size once the guest printed `vda before:`.
     grow_to: Option<u64>,
     /// The back-end program (it takes the same arguments); `None`: our
     /// `vhost-user-blk` daemon.
@@ -235,10 +235,11 @@ fn boot(o: &Opts<'_>, image: &Path, script: &str) -> Run {
             Ok(line) => {
                 if line.contains("VHU-GUEST: TEST-START") {
                     started = Some(Instant::now());
-                    if let Some(size) = o.grow_to {
-                        let f = std::fs::File::options().write(true).open(image).unwrap();
-                        f.set_len(size).unwrap();
-                    }
+                }
+                // Grown once the guest has read the size it starts with.
+                if let (Some(size), true) = (o.grow_to, line.contains("vda before:")) {
+                    let f = std::fs::File::options().write(true).open(image).unwrap();
+                    f.set_len(size).unwrap();
                 }
                 console.push_str(&line);
                 console.push('\n');

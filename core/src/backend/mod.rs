@@ -1368,7 +1368,17 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
         }
         let addrs = self.ring_addrs(q)?;
         let mut ring = Queue::new(slot.num, addrs, self.features())?;
-        ring.set_base(slot.base)?;
+        // A packed base with bits 16-31 zero is the avail position alone
+        // (DPDK's virtio-user sends no more) when nothing can be in flight:
+        // without an inflight area the last stop drained the ring, so used
+        // = avail. With one, the full encoding says what is in flight.
+        let untracked = !matches!(self.inflight_offset(q, ring.size()), Ok(Some(_)));
+        match &mut ring {
+            Queue::Packed(p) if untracked && slot.base >> 16 == 0 => {
+                p.set_base_avail_only(slot.base as u16)?
+            }
+            _ => ring.set_base(slot.base)?,
+        }
         ring.check_areas(mem)?;
         if let Queue::Split(s) = &mut ring {
             // The used index lives in guest memory (a restarted ring, or a

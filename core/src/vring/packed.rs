@@ -158,20 +158,12 @@ impl PackedQueue {
     }
 
     /// Apply a SET_VRING_BASE value in the encoding of [`base`](Self::base).
-    /// Both indices must be below the ring size.
-    ///
-    /// DPDK's virtio-user sends only bits 0-15 (avail position and wrap
-    /// counter, used = avail). A value with bits 16-31 zero and the avail
-    /// wrap counter 1 is read that way (as
-    /// [`set_base_avail_only`](Self::set_base_avail_only)): in the full
-    /// encoding it could only mean the whole ring in flight at used
-    /// position 0. With the avail wrap counter 0 the full encoding is
-    /// kept (used position 0 on an odd lap, requests in flight): a DPDK
-    /// front-end restarting a ring on an odd lap is misread.
+    /// Both indices must be below the ring size. (A front-end that sends
+    /// only bits 0-15, as DPDK's virtio-user does, is read by the session:
+    /// [`set_base_avail_only`](Self::set_base_avail_only) when nothing can
+    /// be in flight.)
     #[inline(never)]
     pub fn set_base(&mut self, num: u32) -> Result<(), VringError> {
-        // Bits 0-15 copied to 16-31: used = avail, wrap counter included.
-        let num = if num >> 15 == 1 { num | num << 16 } else { num };
         let avail = (num & 0x7fff) as u16;
         let used = ((num >> 16) & 0x7fff) as u16;
         if avail >= self.size || used >= self.size {
@@ -443,22 +435,21 @@ mod tests {
         assert_eq!(p.base(), 5 | 1 << 15 | 5 << 16 | 1 << 31);
     }
 
-    /// SET_VRING_BASE through the queue: a 16-bit value with the avail
-    /// wrap counter 1 (DPDK's virtio-user sends only the avail position)
-    /// sets used = avail, so a fresh ring's device wrap counter is 1; a
-    /// full encoding is kept.
+    /// The queue reads every value as the full encoding (used 0 wrap 0
+    /// with the avail bits alone: the whole ring in flight at used 0);
+    /// `set_base_avail_only` reads the 16-bit form.
     #[test]
-    fn queue_base_of_sixteen_bits_is_avail_only() {
+    fn queue_base_is_the_full_encoding() {
         let mut q = crate::vring::Queue::Packed(q(300));
-        q.set_base(1 << 15).unwrap();
-        assert_eq!(q.base(), 1 << 15 | 1 << 31);
         q.set_base(7 | 1 << 15).unwrap();
-        assert_eq!(q.base(), 7 | 1 << 15 | 7 << 16 | 1 << 31);
-        // Avail wrap 0: the full encoding, used 0 wrap 0, 7 in flight.
-        q.set_base(7).unwrap();
-        assert_eq!(q.base(), 7);
+        assert_eq!(q.base(), 7 | 1 << 15);
         let full = 17 | 299 << 16 | 1 << 31;
         q.set_base(full).unwrap();
         assert_eq!(q.base(), full);
+        let crate::vring::Queue::Packed(p) = &mut q else {
+            unreachable!()
+        };
+        p.set_base_avail_only(7 | 1 << 15).unwrap();
+        assert_eq!(q.base(), 7 | 1 << 15 | 7 << 16 | 1 << 31);
     }
 }
