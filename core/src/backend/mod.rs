@@ -1447,6 +1447,10 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
     /// field recovery reads (version, desc_num, used index, last batch,
     /// entry flags, counts and links of the requests to resubmit) is
     /// checked before the ring starts; the adapter ends the connection.
+    // Out of line: the ring's build and recovery keep their stack to
+    // themselves instead of adding it to every action a caller carries
+    // out in the same function (the bare-metal back-end's budget).
+    #[inline(never)]
     pub fn start_ring<M: GuestMemory + ?Sized>(
         &self,
         queue: u16,
