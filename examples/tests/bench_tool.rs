@@ -702,6 +702,12 @@ fn a_loop_device_with_4k_blocks_under_o_direct() {
     );
     assert_eq!(std::fs::read_to_string(&sysfs).unwrap().trim(), "4096");
     let d = daemon(&["--blk-file", &dev, "--cache", "none", "--num-queues", "2"]);
+    // The socket takes connections from bind, a moment before the daemon
+    // logs what it serves.
+    let t0 = std::time::Instant::now();
+    while !d.log().contains("serving ") && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let log = d.log();
     assert!(
         log.contains(
