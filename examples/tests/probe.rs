@@ -116,3 +116,72 @@ fn probe_without_a_back_end_fails_cleanly() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/vhu.sock"));
 }
+
+/// `vhu probe --device net` against our vhost-user-net daemon: the device
+/// bits named as virtio-net's and the config space decoded (mac, status,
+/// queue pairs, mtu) as the daemon was told.
+#[test]
+fn probe_our_net_daemon() {
+    let dir = common::temp_path("probe-net");
+    let sock = dir.join("net.sock");
+    let mut d = Command::new(env!("CARGO_BIN_EXE_vhost-user-net"))
+        .arg("--socket-path")
+        .arg(&sock)
+        .args([
+            "--backend",
+            "null",
+            "--mac",
+            "52:54:00:12:34:56",
+            "--queue-pairs",
+            "2",
+            "--mtu",
+            "9000",
+        ])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(&sock, &mut d);
+    let _d = Kill(d);
+    let run = |args: &[&str]| {
+        let t0 = Instant::now();
+        loop {
+            let out = Command::new(env!("CARGO_BIN_EXE_vhu"))
+                .args(["probe", "--socket-path"])
+                .arg(&sock)
+                .args(args)
+                .output()
+                .unwrap();
+            // The socket file appears at bind, a moment before listen.
+            if out.status.success() || t0.elapsed() > Duration::from_secs(10) {
+                return out;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let out = run(&["--device", "net", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        j.contains(r#""net": {"mac": "52:54:00:12:34:56", "status": 1, "max_virtqueue_pairs": 2, "mtu": 9000"#),
+        "{j}"
+    );
+    assert!(
+        j.contains("\"net.MRG_RXBUF\"") && j.contains("\"net.MQ\""),
+        "{j}"
+    );
+    assert!(j.contains("\"queues\": 4"), "{j}");
+    let text = String::from_utf8(run(&["--device", "net"]).stdout).unwrap();
+    assert!(text.contains("net.mac: 52:54:00:12:34:56"), "{text}");
+    assert!(text.contains("net.mtu: 9000"), "{text}");
+    // As a block device the 24-byte config is not decoded.
+    let blk = String::from_utf8(run(&["--json"]).stdout).unwrap();
+    assert!(
+        !blk.contains("\"blk\":") && !blk.contains("\"net\":"),
+        "{blk}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

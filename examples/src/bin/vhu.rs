@@ -15,7 +15,7 @@ use vhost_user_linux::frontend::{FrontendLink, Probe};
 use vhu_examples::cli::Args;
 
 const USAGE: &str = "\
-usage: vhu probe --socket-path PATH [--json]
+usage: vhu probe --socket-path PATH [--device blk|net] [--json]
        vhu bench --socket-path PATH [--rw read|write|randread|randwrite|randrw]
                  [--bs 4096] [--iodepth 1] [--queues 1]
                  [--runtime SECONDS | --requests N] [--poll] [--verify]
@@ -68,17 +68,28 @@ fn run() -> Result<(), String> {
     }
     match args.positional().first().map(String::as_str) {
         Some("probe") => {
-            args.check_known(&["socket-path", "json", "help"])?;
+            args.check_known(&["socket-path", "json", "help", "device"])?;
             let path = args
                 .get("socket-path")
                 .ok_or_else(|| format!("--socket-path is required\n{USAGE}"))?;
+            let device = match args.get("device").unwrap_or("blk") {
+                "blk" => Kind::Blk,
+                "net" => Kind::Net,
+                d => return Err(format!("unknown --device {d:?} (blk or net)")),
+            };
             // The virtio-blk config space is 60 bytes; some back-ends expose
-            // a shorter one (up to write_zeroes_may_unmap, 57 bytes).
-            let probe = FrontendLink::probe(path, &[60, 57]).map_err(|e| format!("{path}: {e}"))?;
+            // a shorter one (up to write_zeroes_may_unmap, 57 bytes). The
+            // virtio-net one is 24 bytes, or 12 up to the mtu, 10 up to
+            // max_virtqueue_pairs.
+            let lens: &[u32] = match device {
+                Kind::Blk => &[60, 57],
+                Kind::Net => &[24, 12, 10],
+            };
+            let probe = FrontendLink::probe(path, lens).map_err(|e| format!("{path}: {e}"))?;
             if args.flag("json") {
-                print!("{}", json(&probe));
+                print!("{}", json(&probe, device));
             } else {
-                print!("{}", text(&probe));
+                print!("{}", text(&probe, device));
             }
             Ok(())
         }
@@ -160,6 +171,38 @@ fn run() -> Result<(), String> {
     }
 }
 
+/// The device a probe decodes the device bits and config space as.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Blk,
+    Net,
+}
+
+/// Names of the device-specific bits of virtio-net (0-23).
+const NET_BITS: &[(u32, &str)] = &[
+    (0, "net.CSUM"),
+    (1, "net.GUEST_CSUM"),
+    (2, "net.CTRL_GUEST_OFFLOADS"),
+    (3, "net.MTU"),
+    (5, "net.MAC"),
+    (7, "net.GUEST_TSO4"),
+    (8, "net.GUEST_TSO6"),
+    (9, "net.GUEST_ECN"),
+    (10, "net.GUEST_UFO"),
+    (11, "net.HOST_TSO4"),
+    (12, "net.HOST_TSO6"),
+    (13, "net.HOST_ECN"),
+    (14, "net.HOST_UFO"),
+    (15, "net.MRG_RXBUF"),
+    (16, "net.STATUS"),
+    (17, "net.CTRL_VQ"),
+    (18, "net.CTRL_RX"),
+    (19, "net.CTRL_VLAN"),
+    (21, "net.GUEST_ANNOUNCE"),
+    (22, "net.MQ"),
+    (23, "net.CTRL_MAC_ADDR"),
+];
+
 /// Names of the device-specific bits of virtio-blk (0-23).
 const BLK_BITS: &[(u32, &str)] = &[
     (1, "blk.SIZE_MAX"),
@@ -193,12 +236,17 @@ fn names<F: bitflags::Flags<Bits = u64>>(
     v
 }
 
-/// Feature names; device bits are named as virtio-blk's when `blk`.
-fn virtio_names(f: VirtioFeatures, blk: bool) -> Vec<String> {
+/// Feature names; device bits are named as the device's when its config
+/// space was read (`decoded`).
+fn virtio_names(f: VirtioFeatures, device: Kind, decoded: bool) -> Vec<String> {
+    let table = match device {
+        Kind::Blk => BLK_BITS,
+        Kind::Net => NET_BITS,
+    };
     names(f, |bit| {
-        BLK_BITS
+        table
             .iter()
-            .find(|(b, _)| blk && *b == bit)
+            .find(|(b, _)| decoded && *b == bit)
             .map(|(_, n)| *n)
     })
 }
@@ -237,18 +285,63 @@ fn blk_fields(c: &[u8]) -> Vec<(&'static str, u64)> {
     ]
 }
 
+/// The virtio-net config fields there are room for (at least the mac and
+/// the status, 8 bytes); the mac as its usual text.
+fn net_fields(c: &[u8]) -> Vec<(&'static str, String)> {
+    let mut v = Vec::new();
+    let Some(mac) = c.get(..6) else {
+        return v;
+    };
+    if c.len() < 8 {
+        return v;
+    }
+    let mac: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
+    v.push(("mac", format!("\"{}\"", mac.join(":"))));
+    v.push(("status", le(c, 6, 2).to_string()));
+    if c.len() >= 10 {
+        v.push(("max_virtqueue_pairs", le(c, 8, 2).to_string()));
+    }
+    if c.len() >= 12 {
+        v.push(("mtu", le(c, 10, 2).to_string()));
+    }
+    if c.len() >= 17 {
+        v.push(("speed", le(c, 12, 4).to_string()));
+        v.push(("duplex", le(c, 16, 1).to_string()));
+    }
+    v
+}
+
+/// The config space's fields for `device`, as text values.
+fn fields(c: &[u8], device: Kind) -> Vec<(&'static str, String)> {
+    match device {
+        Kind::Blk => blk_fields(c)
+            .into_iter()
+            .map(|(k, v)| (k, v.to_string()))
+            .collect(),
+        Kind::Net => net_fields(c),
+    }
+}
+
+fn prefix(device: Kind) -> &'static str {
+    match device {
+        Kind::Blk => "blk",
+        Kind::Net => "net",
+    }
+}
+
 fn hex(c: &[u8]) -> String {
     c.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn text(p: &Probe) -> String {
+fn text(p: &Probe, device: Kind) -> String {
     let mut s = String::new();
     let i = &p.info;
+    let f = fields(&p.config, device);
     let _ = writeln!(
         s,
         "virtio features:  {:#018x} {}",
         i.features.bits(),
-        virtio_names(i.features, !blk_fields(&p.config).is_empty()).join(" ")
+        virtio_names(i.features, device, !f.is_empty()).join(" ")
     );
     match i.protocol_features {
         Some(pf) => {
@@ -271,8 +364,8 @@ fn text(p: &Probe) -> String {
     let _ = writeln!(s, "max memory slots:  {}", opt(i.max_mem_slots));
     if !p.config.is_empty() {
         let _ = writeln!(s, "config ({} bytes): {}", p.config.len(), hex(&p.config));
-        for (k, v) in blk_fields(&p.config) {
-            let _ = writeln!(s, "  blk.{k}: {v}");
+        for (k, v) in &f {
+            let _ = writeln!(s, "  {}.{k}: {}", prefix(device), v.trim_matches('"'));
         }
     }
     s
@@ -283,15 +376,16 @@ fn json_list(v: &[String]) -> String {
     format!("[{}]", items.join(", "))
 }
 
-fn json(p: &Probe) -> String {
+fn json(p: &Probe, device: Kind) -> String {
     let i = &p.info;
+    let f = fields(&p.config, device);
     let opt = |v: Option<u64>| v.map_or("null".to_string(), |v| v.to_string());
     let mut s = String::from("{\n");
     let _ = writeln!(s, "  \"virtio_features\": {},", i.features.bits());
     let _ = writeln!(
         s,
         "  \"virtio_feature_names\": {},",
-        json_list(&virtio_names(i.features, !blk_fields(&p.config).is_empty()))
+        json_list(&virtio_names(i.features, device, !f.is_empty()))
     );
     let _ = writeln!(
         s,
@@ -303,10 +397,9 @@ fn json(p: &Probe) -> String {
     let _ = writeln!(s, "  \"queues\": {},", opt(i.queue_num));
     let _ = writeln!(s, "  \"max_mem_slots\": {},", opt(i.max_mem_slots));
     let _ = write!(s, "  \"config\": \"{}\"", hex(&p.config));
-    let blk = blk_fields(&p.config);
-    if !blk.is_empty() {
-        let fields: Vec<String> = blk.iter().map(|(k, v)| format!("\"{k}\": {v}")).collect();
-        let _ = write!(s, ",\n  \"blk\": {{{}}}", fields.join(", "));
+    if !f.is_empty() {
+        let fields: Vec<String> = f.iter().map(|(k, v)| format!("\"{k}\": {v}")).collect();
+        let _ = write!(s, ",\n  \"{}\": {{{}}}", prefix(device), fields.join(", "));
     }
     s.push_str("\n}\n");
     s
