@@ -112,12 +112,12 @@ where
 
     /// DEVICE_STATE, save: the device's state as the bytes a destination's
     /// [`load_state`](Self::load_state) takes. `inflight` is the inflight
-    /// area's content (every ring is stopped: the requests suspended by
-    /// GET_VRING_BASE_INFLIGHT are recorded there), if one is mapped.
+    /// area, if one is mapped (every ring is stopped: the requests
+    /// suspended by GET_VRING_BASE_INFLIGHT are recorded there).
     /// Called on the control thread; the runtime writes the bytes into the
     /// front-end's fd on a helper thread. The default has no state to
     /// give: the transfer fails (CHECK_DEVICE_STATE answers an error).
-    fn save_state(&self, inflight: Option<&[u8]>) -> Result<Vec<u8>, String> {
+    fn save_state(&self, inflight: Option<InflightArea<'_>>) -> Result<Vec<u8>, String> {
         let _ = inflight;
         Err("this device does not save its state".into())
     }
@@ -125,14 +125,41 @@ where
     /// DEVICE_STATE, load: takes the bytes a source's
     /// [`save_state`](Self::save_state) gave (read to the end of the
     /// front-end's fd), or refuses them, changing nothing. `inflight` is
-    /// this connection's inflight area's content, which the device may
+    /// this connection's inflight area, whose bytes the device may
     /// overwrite (the runtime writes it back into the area, so the next
     /// ring start resubmits what it records). Called on the control thread
     /// while CHECK_DEVICE_STATE waits.
-    fn load_state(&mut self, state: &[u8], inflight: Option<&mut [u8]>) -> Result<(), String> {
+    fn load_state(
+        &mut self,
+        state: &[u8],
+        inflight: Option<InflightAreaMut<'_>>,
+    ) -> Result<(), String> {
         let _ = (state, inflight);
         Err("this device does not load a state".into())
     }
+}
+
+/// The inflight area as a device's state sees it: its layout and its
+/// bytes ([`inflight::area_size`](vhost_user_core::inflight::area_size)).
+#[derive(Debug)]
+pub struct InflightArea<'a> {
+    /// Queues.
+    pub num_queues: u16,
+    /// Ring size.
+    pub queue_size: u16,
+    /// The area's bytes.
+    pub bytes: &'a [u8],
+}
+
+/// [`InflightArea`], writable.
+#[derive(Debug)]
+pub struct InflightAreaMut<'a> {
+    /// Queues.
+    pub num_queues: u16,
+    /// Ring size.
+    pub queue_size: u16,
+    /// The area's bytes.
+    pub bytes: &'a mut [u8],
 }
 
 /// Largest device state read from a front-end (its inflight area, at most
@@ -681,12 +708,17 @@ where
         Ok(())
     }
 
-    /// The inflight area's bytes, if one is mapped.
-    fn inflight_bytes(&self) -> Option<Vec<u8>> {
+    /// The inflight area's layout and bytes, if one is mapped.
+    fn inflight_bytes(&self) -> Option<(u16, u16, Vec<u8>)> {
         let area = self.inflight.as_ref()?;
-        let mut bytes = vec![0u8; usize::try_from(self.inflight_size).ok()?];
+        let (nq, qs) = self.session.inflight_layout()?;
+        let len = vhost_user_core::inflight::area_size(nq, qs).ok()?;
+        if len > self.inflight_size {
+            return None;
+        }
+        let mut bytes = vec![0u8; usize::try_from(len).ok()?];
         match area.read(0, &mut bytes) {
-            Ok(()) => Some(bytes),
+            Ok(()) => Some((nq, qs, bytes)),
             Err(e) => {
                 error!("cannot read the inflight area: {e:?}");
                 None
@@ -700,7 +732,14 @@ where
     /// end; CHECK_DEVICE_STATE waits for it ([`finish_transfer`]).
     fn start_transfer(&mut self, fd: OwnedFd, save: bool) {
         let thread = if save {
-            let state = self.device.save_state(self.inflight_bytes().as_deref());
+            let area = self.inflight_bytes();
+            let state = self
+                .device
+                .save_state(area.as_ref().map(|(nq, qs, b)| InflightArea {
+                    num_queues: *nq,
+                    queue_size: *qs,
+                    bytes: b,
+                }));
             std::thread::spawn(move || {
                 let state = state.map_err(io::Error::other)?;
                 let mut f = std::fs::File::from(fd);
@@ -750,11 +789,16 @@ where
             return true;
         }
         let mut area = self.inflight_bytes();
-        if let Err(e) = self.device.load_state(&bytes, area.as_deref_mut()) {
+        let view = area.as_mut().map(|(nq, qs, b)| InflightAreaMut {
+            num_queues: *nq,
+            queue_size: *qs,
+            bytes: b,
+        });
+        if let Err(e) = self.device.load_state(&bytes, view) {
             warn!("device state of {} bytes refused: {e}", bytes.len());
             return false;
         }
-        if let (Some(a), Some(bytes)) = (&self.inflight, &area) {
+        if let (Some(a), Some((_, _, bytes))) = (&self.inflight, &area) {
             if let Err(e) = a.write(0, bytes) {
                 error!("cannot write the inflight area: {e:?}");
                 return false;

@@ -675,6 +675,13 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
         self.rings.get(usize::from(queue))
     }
 
+    /// The inflight area's layout of the last SET_INFLIGHT_FD, if any:
+    /// (queue count, ring size); it spans
+    /// [`inflight::area_size`] bytes of the mapping.
+    pub fn inflight_layout(&self) -> Option<(u16, u16)> {
+        self.inflight.map(|(nq, qs, _)| (nq, qs))
+    }
+
     /// The dirty log the front-end gave (SET_LOG_BASE), if any.
     pub fn log(&self) -> Option<LogMsg> {
         self.log
