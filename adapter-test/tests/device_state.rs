@@ -223,3 +223,141 @@ fn a_transfer_phase_other_than_stopped_ends_the_connection() {
     )
     .unwrap();
 }
+
+/// The front-end engine's side: with DEVICE_STATE negotiated, a save
+/// after the stop and a load into a prepared (memory and no ring) device,
+/// each checked; refused by the engine itself while the rings run.
+#[test]
+fn the_front_end_engine_saves_and_loads_around_a_stop() {
+    use vhost_user_core::frontend::{Event, FrontendError, State};
+    let be = Backend::new(
+        config(SUPPORTED_PROTOCOL_FEATURES),
+        TestDevice::default(),
+        &[(0, RAM)],
+    )
+    .unwrap();
+    let ring = RingSpec::split(16, 0x1000);
+    let mut fc: FrontendConfig<1, 8> = FrontendConfig::new(
+        V::VERSION_1 | V::PROTOCOL_FEATURES,
+        P::MQ | P::REPLY_ACK | P::DEVICE_STATE,
+    );
+    fc.queues.push(ring.queue(0)).unwrap();
+    fc.regions.push(region(0, RAM)).unwrap();
+    let mut p = Pair::new(be, fc).unwrap();
+    ring.lay_out(&p.be.mem).unwrap();
+    p.drive();
+    assert!(p.fe.protocol_features().contains(P::DEVICE_STATE));
+    p.start().unwrap();
+    assert_eq!(
+        p.fe.transfer_state(Dir::Save),
+        Err(FrontendError::WrongState(State::Started))
+    );
+    p.stop().unwrap();
+    p.take_events();
+
+    p.fe.transfer_state(Dir::Save).unwrap();
+    p.drive();
+    assert_eq!(
+        p.take_events(),
+        [Event::StateTransfer {
+            direction: Dir::Save,
+            backend_fd: false
+        }]
+    );
+    let sent = p.sent.last().unwrap();
+    assert_eq!(sent.code, FrontendReq::SetDeviceStateFd);
+    p.fe.check_state().unwrap();
+    p.drive();
+    assert_eq!(p.take_events(), [Event::StateChecked]);
+
+    // A destination: the base of the source, the memory, no ring; load;
+    // then the start.
+    p.fe.set_ring_base(0, 0).unwrap();
+    p.fe.prepare().unwrap();
+    p.drive();
+    assert!(p.be.ring(0).is_none(), "prepare starts no ring");
+    assert_eq!(p.fe.state(), State::Stopped);
+    p.fe.transfer_state(Dir::Load).unwrap();
+    p.drive();
+    p.fe.check_state().unwrap();
+    p.drive();
+    assert_eq!(p.be.transfers, [Dir::Save, Dir::Load]);
+    p.start().unwrap();
+    assert!(p.be.ring(0).is_some());
+    // A base no split ring has is refused.
+    p.stop().unwrap();
+    assert!(p.fe.set_ring_base(0, 1 << 16).is_err());
+}
+
+/// A started and stopped engine with DEVICE_STATE, over the pair.
+fn stopped_engine() -> Pair<TestDevice, 1, 8> {
+    let be = Backend::new(
+        config(SUPPORTED_PROTOCOL_FEATURES),
+        TestDevice::default(),
+        &[(0, RAM)],
+    )
+    .unwrap();
+    let ring = RingSpec::split(16, 0x1000);
+    let mut fc: FrontendConfig<1, 8> = FrontendConfig::new(
+        V::VERSION_1 | V::PROTOCOL_FEATURES,
+        P::MQ | P::REPLY_ACK | P::DEVICE_STATE,
+    );
+    fc.queues.push(ring.queue(0)).unwrap();
+    fc.regions.push(region(0, RAM)).unwrap();
+    let mut p = Pair::new(be, fc).unwrap();
+    ring.lay_out(&p.be.mem).unwrap();
+    p.drive();
+    p.start().unwrap();
+    p.stop().unwrap();
+    p
+}
+
+fn reply_u64(code: FrontendReq, v: u64) -> Vec<u8> {
+    let mut out = [0u8; HEADER_SIZE + 8];
+    let n = vhost_user_core::message::Reply::encode_u64(code, v, &mut out).unwrap();
+    out[..n].to_vec()
+}
+
+/// Error bits in SET_DEVICE_STATE_FD's reply, or a failed
+/// CHECK_DEVICE_STATE: the engine fails with the value, as for a failed
+/// ack; an fd with an error is malformed.
+#[test]
+fn a_refused_or_failed_transfer_fails_the_front_end_engine() {
+    use vhost_user_core::frontend::{FrontendError, State};
+    let code = FrontendReq::SetDeviceStateFd;
+    let mut p = stopped_engine();
+    p.hold_at = Some(code);
+    p.fe.transfer_state(Dir::Save).unwrap();
+    p.drive();
+    assert_eq!(
+        p.deliver(&reply_u64(code, 0x101), 0),
+        Err(FrontendError::Nack {
+            request: code,
+            value: 1
+        })
+    );
+    assert_eq!(p.fe.state(), State::Failed);
+
+    let mut p = stopped_engine();
+    p.hold_at = Some(code);
+    p.fe.transfer_state(Dir::Load).unwrap();
+    p.drive();
+    // Error 1 without bit 8 says an fd comes with it: never both.
+    assert!(p.deliver(&reply_u64(code, 0x1), 1).is_err());
+    assert_eq!(p.fe.state(), State::Failed);
+
+    let check = FrontendReq::CheckDeviceState;
+    let mut p = stopped_engine();
+    p.fe.transfer_state(Dir::Save).unwrap();
+    p.drive();
+    p.hold_at = Some(check);
+    p.fe.check_state().unwrap();
+    p.drive();
+    assert_eq!(
+        p.deliver(&reply_u64(check, 1), 0),
+        Err(FrontendError::Nack {
+            request: check,
+            value: 1
+        })
+    );
+}
