@@ -408,8 +408,14 @@ pub extern "C" fn vhu_backend_align() -> usize {
 /// may offer).
 #[no_mangle]
 pub extern "C" fn vhu_backend_supported_protocol_features() -> u64 {
-    SUPPORTED_PROTOCOL_FEATURES.bits()
+    C_PROTOCOL_FEATURES.bits()
 }
+
+/// What a C back-end may offer: the session's features but DEVICE_STATE,
+/// whose transfer (an fd read or written beside the connection) this
+/// interface does not carry.
+const C_PROTOCOL_FEATURES: ProtocolFeatures =
+    SUPPORTED_PROTOCOL_FEATURES.difference(ProtocolFeatures::DEVICE_STATE);
 
 /// Initialises a back-end session in `storage` (`size` bytes) for a
 /// device with `config`, waiting for a front-end's first message.
@@ -436,6 +442,9 @@ pub unsafe extern "C" fn vhu_backend_init(
         }
         // SAFETY: non-null, aligned, readable by the caller's contract.
         let c = unsafe { config.read() };
+        if !C_PROTOCOL_FEATURES.contains(ProtocolFeatures::from_bits_retain(c.protocol_features)) {
+            return Err(VHU_ERR_UNSUPPORTED);
+        }
         let session = CSession::new(BackendConfig {
             features: VirtioFeatures::from_bits_retain(c.features),
             protocol_features: ProtocolFeatures::from_bits_retain(c.protocol_features),
@@ -559,6 +568,9 @@ pub unsafe extern "C" fn vhu_backend_handle(
                 outcome.reply = vhu_reply_kind::VHU_REPLY_PENDING;
                 outcome.queue = queue;
             }
+            // Only CHECK_DEVICE_STATE answers it, and DEVICE_STATE is never
+            // offered here (vhu_backend_init).
+            Reply::TransferPending => {}
         }
         outcome.actions = b.outcome.actions.len() as u32;
         outcome.refused = b.outcome.refused.map_or(VHU_OK, result::backend);

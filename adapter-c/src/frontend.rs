@@ -292,6 +292,9 @@ fn fd_ref(f: FdRef) -> vhu_fd_ref {
         FdRef::Call(i) => (vhu_fd_kind::VHU_FD_CALL, i),
         FdRef::BackendChannel => (vhu_fd_kind::VHU_FD_BACKEND_CHANNEL, 0),
         FdRef::Inflight => (vhu_fd_kind::VHU_FD_INFLIGHT, 0),
+        // Device state transfers are not in this ABI (no command sends
+        // SET_DEVICE_STATE_FD from C).
+        FdRef::DeviceState => (vhu_fd_kind::VHU_FD_OTHER, 0),
         #[allow(unreachable_patterns)]
         _ => (vhu_fd_kind::VHU_FD_OTHER, 0),
     };

@@ -28,7 +28,8 @@ use vhost_user_core::backend::{Action, BackendConfig, BackendError, Reply, Sessi
 use vhost_user_core::dataplane::{DataPlane, Published, Stop, Token};
 use vhost_user_core::device::{Completion, Device};
 use vhost_user_core::log::{DirtyLog, LoggedMemory};
-use vhost_user_core::message::{HEADER_SIZE, MAX_MESSAGE};
+use vhost_user_core::memory::GuestMemory;
+use vhost_user_core::message::{DeviceStateDirection, HEADER_SIZE, MAX_MESSAGE};
 use vhost_user_core::vring::{Chain, RingAddrs};
 
 use crate::channel::{BackChannel, Control};
@@ -108,6 +109,68 @@ where
         let _ = (queue, scratch);
         None
     }
+
+    /// DEVICE_STATE, save: the device's state as the bytes a destination's
+    /// [`load_state`](Self::load_state) takes. `inflight` is the inflight
+    /// area, if one is mapped (every ring is stopped: the requests
+    /// suspended by GET_VRING_BASE_INFLIGHT are recorded there).
+    /// Called on the control thread; the runtime writes the bytes into the
+    /// front-end's fd on a helper thread. The default has no state to
+    /// give: the transfer fails (CHECK_DEVICE_STATE answers an error).
+    fn save_state(&self, inflight: Option<InflightArea<'_>>) -> Result<Vec<u8>, String> {
+        let _ = inflight;
+        Err("this device does not save its state".into())
+    }
+
+    /// DEVICE_STATE, load: takes the bytes a source's
+    /// [`save_state`](Self::save_state) gave (read to the end of the
+    /// front-end's fd), or refuses them, changing nothing. `inflight` is
+    /// this connection's inflight area, whose bytes the device may
+    /// overwrite (the runtime writes it back into the area, so the next
+    /// ring start resubmits what it records). Called on the control thread
+    /// while CHECK_DEVICE_STATE waits.
+    fn load_state(
+        &mut self,
+        state: &[u8],
+        inflight: Option<InflightAreaMut<'_>>,
+    ) -> Result<(), String> {
+        let _ = (state, inflight);
+        Err("this device does not load a state".into())
+    }
+}
+
+/// The inflight area as a device's state sees it: its layout and its
+/// bytes ([`inflight::area_size`](vhost_user_core::inflight::area_size)).
+#[derive(Debug)]
+pub struct InflightArea<'a> {
+    /// Queues.
+    pub num_queues: u16,
+    /// Ring size.
+    pub queue_size: u16,
+    /// The area's bytes.
+    pub bytes: &'a [u8],
+}
+
+/// [`InflightArea`], writable.
+#[derive(Debug)]
+pub struct InflightAreaMut<'a> {
+    /// Queues.
+    pub num_queues: u16,
+    /// Ring size.
+    pub queue_size: u16,
+    /// The area's bytes.
+    pub bytes: &'a mut [u8],
+}
+
+/// Largest device state read from a front-end (its inflight area, at most
+/// a few MiB, and a few bytes of config): more is refused.
+pub const MAX_DEVICE_STATE: u64 = 64 << 20;
+
+/// A device state transfer running on a helper thread: what it read (load)
+/// or nothing (save).
+struct Transfer {
+    save: bool,
+    thread: JoinHandle<io::Result<Vec<u8>>>,
 }
 
 /// How the runtime treats guest-caused ring errors and idle polling.
@@ -344,6 +407,11 @@ where
     control: Control,
     /// The dirty log.
     log: Arc<DirtyShared>,
+    /// The size of the inflight area of SET_INFLIGHT_FD.
+    inflight_size: u64,
+    /// The device state transfer of SET_DEVICE_STATE_FD, until
+    /// CHECK_DEVICE_STATE.
+    transfer: Option<Transfer>,
 }
 
 /// Why a connection ended.
@@ -384,6 +452,8 @@ where
             channel: None,
             control,
             log: Arc::default(),
+            inflight_size: 0,
+            transfer: None,
         })
     }
 
@@ -431,6 +501,13 @@ where
                     },
                     None => return ConnectionEnd::Refused(BackendError::NotStopping(queue)),
                 },
+                Reply::TransferPending => {
+                    let ok = self.finish_transfer();
+                    match self.session.finish_transfer(ok, &mut out[..]) {
+                        Ok(n) => Some(n),
+                        Err(e) => return ConnectionEnd::Refused(e),
+                    }
+                }
             };
             if let Some(n) = reply {
                 // GET_INFLIGHT_FD's reply carries the new area's fd; ours is
@@ -581,6 +658,7 @@ where
                 })?;
                 info!("inflight area of {size} bytes mapped");
                 self.inflight = Some(Arc::new(area));
+                self.inflight_size = size;
             }
             Action::UnmapInflight => self.inflight = None,
             Action::SetEnabled { queue, enabled } => {
@@ -627,8 +705,112 @@ where
                     *lock(&w.shared.ring_log) = log;
                 }
             }
+            Action::TransferState { fd, direction } => {
+                let fd = Self::take_fd(fds, fd)?;
+                self.start_transfer(fd, direction == DeviceStateDirection::Save);
+            }
         }
         Ok(())
+    }
+
+    /// The inflight area's layout and bytes, if one is mapped.
+    fn inflight_bytes(&self) -> Option<(u16, u16, Vec<u8>)> {
+        let area = self.inflight.as_ref()?;
+        let (nq, qs) = self.session.inflight_layout()?;
+        let len = vhost_user_core::inflight::area_size(nq, qs).ok()?;
+        if len > self.inflight_size {
+            return None;
+        }
+        let mut bytes = vec![0u8; usize::try_from(len).ok()?];
+        match area.read(0, &mut bytes) {
+            Ok(()) => Some((nq, qs, bytes)),
+            Err(e) => {
+                error!("cannot read the inflight area: {e:?}");
+                None
+            }
+        }
+    }
+
+    /// SET_DEVICE_STATE_FD accepted: a helper thread writes the device's
+    /// state into `fd` (save) or reads `fd` to its end (load), so that the
+    /// connection goes on while the front-end reads or writes the other
+    /// end; CHECK_DEVICE_STATE waits for it ([`finish_transfer`]).
+    fn start_transfer(&mut self, fd: OwnedFd, save: bool) {
+        let thread = if save {
+            let area = self.inflight_bytes();
+            let state = self
+                .device
+                .save_state(area.as_ref().map(|(nq, qs, b)| InflightArea {
+                    num_queues: *nq,
+                    queue_size: *qs,
+                    bytes: b,
+                }));
+            std::thread::spawn(move || {
+                let state = state.map_err(io::Error::other)?;
+                let mut f = std::fs::File::from(fd);
+                io::Write::write_all(&mut f, &state)?;
+                // Dropping `f` closes our end: the front-end reads EOF.
+                Ok(Vec::new())
+            })
+        } else {
+            std::thread::spawn(move || {
+                let mut bytes = Vec::new();
+                let f = std::fs::File::from(fd);
+                io::Read::read_to_end(&mut io::Read::take(f, MAX_DEVICE_STATE + 1), &mut bytes)?;
+                if bytes.len() as u64 > MAX_DEVICE_STATE {
+                    return Err(io::Error::other("device state too long"));
+                }
+                Ok(bytes)
+            })
+        };
+        info!(
+            "device state {} started",
+            if save { "save" } else { "load" }
+        );
+        self.transfer = Some(Transfer { save, thread });
+    }
+
+    /// CHECK_DEVICE_STATE: waits for the transfer's helper thread (it ends
+    /// once the front-end closed its end of the fd, or on an error) and,
+    /// for a load, hands the bytes to the device and writes the inflight
+    /// area it returns. Whether all of it went well.
+    fn finish_transfer(&mut self) -> bool {
+        let Some(t) = self.transfer.take() else {
+            return false;
+        };
+        let result = t
+            .thread
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("transfer thread panicked")));
+        let bytes = match result {
+            Ok(b) => b,
+            Err(e) => {
+                warn!("device state transfer failed: {e}");
+                return false;
+            }
+        };
+        if t.save {
+            info!("device state saved");
+            return true;
+        }
+        let mut area = self.inflight_bytes();
+        let view = area.as_mut().map(|(nq, qs, b)| InflightAreaMut {
+            num_queues: *nq,
+            queue_size: *qs,
+            bytes: b,
+        });
+        if let Err(e) = self.device.load_state(&bytes, view) {
+            warn!("device state of {} bytes refused: {e}", bytes.len());
+            return false;
+        }
+        if let (Some(a), Some((_, _, bytes))) = (&self.inflight, &area) {
+            if let Err(e) = a.write(0, bytes) {
+                error!("cannot write the inflight area: {e:?}");
+                return false;
+            }
+        }
+        info!("device state of {} bytes loaded", bytes.len());
+        true
     }
 
     /// How ring `queue` signals calls and errors: its eventfds, else

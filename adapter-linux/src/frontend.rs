@@ -26,7 +26,7 @@ use vhost_user_core::frontend::{
     BackendInfo, BackendNotice, BackendServer, Event, FdRef, Frontend, FrontendConfig,
     FrontendError, State, DEFAULT_QUEUES, DEFAULT_REGIONS,
 };
-use vhost_user_core::message::{FrontendReq, HEADER_SIZE, MAX_MESSAGE};
+use vhost_user_core::message::{DeviceStateDirection, FrontendReq, HEADER_SIZE, MAX_MESSAGE};
 
 use crate::sys::eventfd::EventFd;
 use crate::sys::socket::Stream;
@@ -211,6 +211,12 @@ pub struct FrontendLink<const Q: usize = DEFAULT_QUEUES, const R: usize = DEFAUL
     kicks: Vec<Option<EventFd>>,
     calls: Vec<Option<EventFd>>,
     inflight: Option<OwnedFd>,
+    /// The back-end's end of the device state channel, while
+    /// SET_DEVICE_STATE_FD is sent.
+    state_fd: Option<OwnedFd>,
+    /// The fd SET_DEVICE_STATE_FD's reply carried (the back-end's own
+    /// channel), if any.
+    state_reply_fd: Option<OwnedFd>,
     events: VecDeque<Event>,
     reply_timeout: Duration,
 }
@@ -240,6 +246,8 @@ impl<const Q: usize, const R: usize> FrontendLink<Q, R> {
             kicks,
             calls,
             inflight: None,
+            state_fd: None,
+            state_reply_fd: None,
             events: VecDeque::new(),
             reply_timeout: REPLY_TIMEOUT,
         })
@@ -295,6 +303,7 @@ impl<const Q: usize, const R: usize> FrontendLink<Q, R> {
             FdRef::Kick(q) => self.kicks.get(usize::from(q))?.as_ref().map(|e| e.as_fd()),
             FdRef::Call(q) => self.calls.get(usize::from(q))?.as_ref().map(|e| e.as_fd()),
             FdRef::Inflight => self.inflight.as_ref().map(|f| f.as_fd()),
+            FdRef::DeviceState => self.state_fd.as_ref().map(|f| f.as_fd()),
             FdRef::BackendChannel => self.channel.as_ref()?.theirs.as_ref().map(|s| s.as_fd()),
         }
     }
@@ -346,6 +355,8 @@ impl<const Q: usize, const R: usize> FrontendLink<Q, R> {
                 // connection); any other fd a reply carries is closed.
                 if t.request == FrontendReq::GetInflightFd {
                     self.inflight = rx.fds.into_iter().next();
+                } else if t.request == FrontendReq::SetDeviceStateFd {
+                    self.state_reply_fd = rx.fds.into_iter().next();
                 }
             }
             self.collect_events();
@@ -424,6 +435,110 @@ impl<const Q: usize, const R: usize> FrontendLink<Q, R> {
             return Err(LinkError::Engine(FrontendError::Failed));
         }
         Ok(())
+    }
+
+    /// Takes the first kept event `pick` matches.
+    fn take_event(&mut self, pick: impl Fn(&Event) -> bool) -> Option<Event> {
+        let i = self.events.iter().position(pick)?;
+        self.events.remove(i)
+    }
+
+    /// SET_DEVICE_STATE_FD with one end of a new pipe as the channel
+    /// (`ours` is the other end), or the back-end's own fd if the reply
+    /// carried one. Returns the fd the front-end transfers on.
+    fn begin_transfer(
+        &mut self,
+        direction: DeviceStateDirection,
+        theirs: OwnedFd,
+        ours: OwnedFd,
+    ) -> Result<OwnedFd, LinkError> {
+        self.state_fd = Some(theirs);
+        self.state_reply_fd = None;
+        let sent = self
+            .fe
+            .transfer_state(direction)
+            .map_err(LinkError::from)
+            .and_then(|()| self.drive());
+        // Our copy of the back-end's end is closed: the back-end's close
+        // (save) is then the pipe's end.
+        self.state_fd = None;
+        sent?;
+        let Some(Event::StateTransfer { backend_fd, .. }) =
+            self.take_event(|e| matches!(e, Event::StateTransfer { .. }))
+        else {
+            return Err(LinkError::Engine(FrontendError::Failed));
+        };
+        if backend_fd {
+            self.state_reply_fd
+                .take()
+                .ok_or(LinkError::MissingFd(FdRef::DeviceState))
+        } else {
+            Ok(ours)
+        }
+    }
+
+    /// CHECK_DEVICE_STATE: whether the back-end saved or loaded it all.
+    fn check_transfer(&mut self) -> Result<(), LinkError> {
+        self.fe.check_state()?;
+        self.drive()?;
+        self.take_event(|e| matches!(e, Event::StateChecked))
+            .map(|_| ())
+            .ok_or(LinkError::Engine(FrontendError::Failed))
+    }
+
+    /// Runs `f` on a helper thread, waiting at most the reply timeout: a
+    /// back-end that never closes its end is a timeout, not a hang.
+    fn bounded<T: Send + 'static>(
+        &self,
+        request: FrontendReq,
+        f: impl FnOnce() -> io::Result<T> + Send + 'static,
+    ) -> Result<T, LinkError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        match rx.recv_timeout(self.reply_timeout) {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(LinkError::Timeout(request)),
+        }
+    }
+
+    /// Saves the device's state (DEVICE_STATE negotiated, every ring
+    /// stopped, e.g. by [`Frontend::stop_suspending`]): SET_DEVICE_STATE_FD
+    /// with a pipe's write end, the state read to its end (at most
+    /// `limit` bytes), CHECK_DEVICE_STATE. The bytes are the back-end's
+    /// own format, for a destination's [`load_state`](Self::load_state).
+    pub fn save_state(&mut self, limit: u64) -> Result<Vec<u8>, LinkError> {
+        let (r, w) = crate::sys::pipe::pipe()?;
+        let fd = self.begin_transfer(DeviceStateDirection::Save, w, r)?;
+        let bytes = self.bounded(FrontendReq::SetDeviceStateFd, move || {
+            let mut bytes = Vec::new();
+            io::Read::read_to_end(
+                &mut io::Read::take(std::fs::File::from(fd), limit + 1),
+                &mut bytes,
+            )?;
+            if bytes.len() as u64 > limit {
+                return Err(io::Error::other("device state too long"));
+            }
+            Ok(bytes)
+        })?;
+        self.check_transfer()?;
+        Ok(bytes)
+    }
+
+    /// Loads `state` into the back-end (DEVICE_STATE negotiated, no ring
+    /// running: before the first start, or after
+    /// [`Frontend::prepare`]): SET_DEVICE_STATE_FD with a pipe's read end,
+    /// the state written and the pipe closed, CHECK_DEVICE_STATE.
+    pub fn load_state(&mut self, state: &[u8]) -> Result<(), LinkError> {
+        let (r, w) = crate::sys::pipe::pipe()?;
+        let fd = self.begin_transfer(DeviceStateDirection::Load, r, w)?;
+        let state = state.to_vec();
+        self.bounded(FrontendReq::SetDeviceStateFd, move || {
+            let mut f = std::fs::File::from(fd);
+            io::Write::write_all(&mut f, &state)
+        })?;
+        self.check_transfer()
     }
 
     /// Gives the link the inflight area's fd of an earlier connection (with

@@ -69,8 +69,8 @@ use vhost_user_core::inflight::InflightError;
 use vhost_user_core::log::{DirtyLog, LoggedMemory};
 use vhost_user_core::memory::{GuestMemory, MemoryError};
 use vhost_user_core::message::{
-    ConfigWriteKind, FrontendReq, Header, ParseOptions, Reply as WireReply, Request, HEADER_SIZE,
-    MAX_MESSAGE,
+    ConfigWriteKind, DeviceStateDirection, FrontendReq, Header, ParseOptions, Reply as WireReply,
+    Request, HEADER_SIZE, MAX_MESSAGE,
 };
 use vhost_user_core::vring::{Chain, RingAddrs};
 
@@ -300,6 +300,12 @@ pub struct Backend<D: Device, const Q: usize = 4, const R: usize = 8> {
     pub dirty_pages: u64,
     /// Marks refused.
     pub log_failed: u64,
+    /// Device state transfers started (SET_DEVICE_STATE_FD accepted), in
+    /// order.
+    pub transfers: Vec<DeviceStateDirection>,
+    /// A CHECK_DEVICE_STATE answered with [`Reply::TransferPending`]
+    /// waits for [`finish_transfer`](Self::finish_transfer).
+    pub check_pending: bool,
 }
 
 /// The fd of a SET_LOG_BASE, as the Linux adapter would find it when
@@ -356,6 +362,8 @@ impl<D: Device, const Q: usize, const R: usize> Backend<D, Q, R> {
             log_signals: None,
             dirty_pages: 0,
             log_failed: 0,
+            transfers: Vec::new(),
+            check_pending: false,
         })
     }
 
@@ -400,6 +408,10 @@ impl<D: Device, const Q: usize, const R: usize> Backend<D, Q, R> {
             Reply::Ready(n) => out[..n].to_vec(),
             Reply::Pending { queue } => {
                 self.pending = Some(queue);
+                Vec::new()
+            }
+            Reply::TransferPending => {
+                self.check_pending = true;
                 Vec::new()
             }
             Reply::None => Vec::new(),
@@ -519,6 +531,7 @@ impl<D: Device, const Q: usize, const R: usize> Backend<D, Q, R> {
                     *l = log;
                 }
             }
+            Action::TransferState { direction, .. } => self.transfers.push(direction),
         }
         Ok(())
     }
@@ -708,6 +721,15 @@ impl<D: Device, const Q: usize, const R: usize> Backend<D, Q, R> {
         }
         let mut out = [0u8; HEADER_SIZE + 8];
         let n = self.session.finish_stop(q, base, &mut out)?;
+        Ok(out[..n].to_vec())
+    }
+
+    /// Answers a pending CHECK_DEVICE_STATE: the transfer ended, `ok` or
+    /// not. Returns the reply bytes.
+    pub fn finish_transfer(&mut self, ok: bool) -> Result<Vec<u8>, BackendError> {
+        self.check_pending = false;
+        let mut out = [0u8; HEADER_SIZE + 8];
+        let n = self.session.finish_transfer(ok, &mut out)?;
         Ok(out[..n].to_vec())
     }
 
@@ -1063,6 +1085,11 @@ impl<D: Device, const Q: usize, const R: usize> Pair<D, Q, R> {
                     assert!(t.awaits_reply);
                     reply = self.be.finish_stop(queue)?;
                 }
+                // The in-memory transfer has nothing to move: it went well.
+                Reply::TransferPending => {
+                    assert!(t.awaits_reply);
+                    reply = self.be.finish_transfer(true)?;
+                }
             }
             if self.hold_at == Some(t.request) {
                 self.held_reply = Some(reply);
@@ -1092,6 +1119,7 @@ impl<D: Device, const Q: usize, const R: usize> Pair<D, Q, R> {
                 }
                 Action::MapInflight { fd: i, .. } => assert_eq!(fd(i), FdRef::Inflight),
                 Action::SetBackendChannel { fd: i } => assert_eq!(fd(i), FdRef::BackendChannel),
+                Action::TransferState { fd: i, .. } => assert_eq!(fd(i), FdRef::DeviceState),
                 _ => {}
             }
         }

@@ -8,11 +8,21 @@
 //! is not outstanding, any status other than OK, any verify mismatch, a
 //! back-end that goes away (without `reconnect`) and a back-end that
 //! completes nothing for `timeout` while requests are in flight is an error.
+//!
+//! With `migrate`, the load moves between two back-ends every so often
+//! while it runs: the rings are stopped without waiting for the requests
+//! in flight (GET_VRING_BASE with GET_VRING_BASE_INFLIGHT, or message 45
+//! with GET_VRING_BASE_SKIP_DRAIN), the source's device state (with the
+//! inflight area recording those requests) is saved through a pipe
+//! (SET_DEVICE_STATE_FD, CHECK_DEVICE_STATE) and loaded into the other
+//! back-end, which starts from the source's bases over the same guest
+//! memory and rings and resubmits them. Each request must complete exactly
+//! once (and with `verify`, read back what was written).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use vhost_user_core::device::blk::{BlkFeatures, VIRTIO_BLK_T_FLUSH};
@@ -104,6 +114,21 @@ pub struct Options {
     /// Data buffers start this many bytes past their natural alignment
     /// (to check how a back-end treats unaligned guest buffers).
     pub buffer_offset: u32,
+    /// Migrate the running load between the back-end and another one,
+    /// back and forth (split rings, eventfd notifications).
+    pub migrate: Option<Migrate>,
+}
+
+/// Live migration between two back-ends under load.
+#[derive(Clone, Debug)]
+pub struct Migrate {
+    /// Migrate this often.
+    pub every: Duration,
+    /// The other back-end's socket.
+    pub to: PathBuf,
+    /// Negotiate GET_VRING_BASE_SKIP_DRAIN: stop with message 45 (else
+    /// GET_VRING_BASE suspends, with GET_VRING_BASE_INFLIGHT).
+    pub message_45: bool,
 }
 
 /// What a run measured.
@@ -129,6 +154,16 @@ pub struct Report {
     pub backend_calls: u64,
     /// Back-end channel: BACKEND_VRING_ERRs received.
     pub ring_errors: u64,
+    /// Migrations between the two back-ends.
+    pub migrations: u64,
+    /// Requests in flight at the migrations' stops (all of them, summed):
+    /// the destination completed them.
+    pub carried: u64,
+    /// Requests sent and never completed.
+    pub lost: u64,
+    /// Completions of requests that were not outstanding (counted, with
+    /// migrations; an error otherwise).
+    pub duplicated: u64,
 }
 
 impl Report {
@@ -177,13 +212,20 @@ impl Report {
             "back-end channel: {} config changes, {} in-band calls, {} ring errors",
             self.config_changes, self.backend_calls, self.ring_errors
         );
+        if self.migrations > 0 {
+            let _ = writeln!(
+                s,
+                "migrations {} ({} requests in flight carried): {} requests lost, {} duplicated",
+                self.migrations, self.carried, self.lost, self.duplicated
+            );
+        }
         s
     }
 
     /// The report as JSON.
     pub fn json(&self) -> String {
         format!(
-            "{{\"requests\": {}, \"seconds\": {:.6}, \"iops\": {:.1}, \"mbps\": {:.3}, \"p50_ns\": {}, \"p99_ns\": {}, \"p999_ns\": {}, \"kicks\": {}, \"calls\": {}, \"reconnects\": {}, \"config_changes\": {}, \"backend_calls\": {}, \"ring_errors\": {}, \"notifications_per_request\": {:.4}}}\n",
+            "{{\"requests\": {}, \"seconds\": {:.6}, \"iops\": {:.1}, \"mbps\": {:.3}, \"p50_ns\": {}, \"p99_ns\": {}, \"p999_ns\": {}, \"kicks\": {}, \"calls\": {}, \"reconnects\": {}, \"config_changes\": {}, \"backend_calls\": {}, \"ring_errors\": {}, \"migrations\": {}, \"carried\": {}, \"lost\": {}, \"duplicated\": {}, \"notifications_per_request\": {:.4}}}\n",
             self.requests,
             self.elapsed.as_secs_f64(),
             self.iops(),
@@ -197,6 +239,10 @@ impl Report {
             self.config_changes,
             self.backend_calls,
             self.ring_errors,
+            self.migrations,
+            self.carried,
+            self.lost,
+            self.duplicated,
             self.notifications_per_request()
         )
     }
@@ -425,6 +471,40 @@ fn open(
     Ok(link)
 }
 
+/// Largest device state taken from a source back-end.
+const MAX_STATE: u64 = 64 << 20;
+
+/// Moves the device from `from` (running) to `to` (connected, stopped or
+/// never started): stop without draining, save, load, start from the
+/// same bases.
+fn migrate(from: &mut Link, to: &mut Link, queues: u16) -> Result<(), String> {
+    from.engine()
+        .stop_suspending()
+        .map_err(|e| format!("stop: {e}"))?;
+    from.drive().map_err(|e| format!("stop: {e}"))?;
+    if from.engine().state() != State::Stopped {
+        return Err("the rings did not stop".into());
+    }
+    let _ = from.take_events();
+    let state = from
+        .save_state(MAX_STATE)
+        .map_err(|e| format!("saving the device state: {e}"))?;
+    for q in 0..queues {
+        let base = from.engine().ring_base(q).ok_or("no base for a ring")?;
+        to.engine()
+            .set_ring_base(q, base)
+            .map_err(|e| e.to_string())?;
+    }
+    to.engine().prepare().map_err(|e| e.to_string())?;
+    to.drive()
+        .map_err(|e| format!("preparing the destination: {e}"))?;
+    to.load_state(&state)
+        .map_err(|e| format!("loading the device state: {e}"))?;
+    start(to)?;
+    let _ = to.take_events();
+    Ok(())
+}
+
 /// Starts every ring.
 fn start(link: &mut Link) -> Result<(), String> {
     link.engine().start().map_err(|e| e.to_string())?;
@@ -487,6 +567,11 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
     if o.packed && o.reconnect {
         return Err("--reconnect works with split rings only".into());
     }
+    if o.migrate.is_some() && (o.packed || o.reconnect || o.inband || o.poll) {
+        return Err(
+            "--migrate-every works with split rings, eventfds and without --reconnect".into(),
+        );
+    }
     if o.timeout.is_zero() {
         return Err("--timeout must be positive".into());
     }
@@ -506,6 +591,13 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
     if o.reconnect {
         protocol |= P::INFLIGHT_SHMFD;
     }
+    let migration = P::INFLIGHT_SHMFD | P::GET_VRING_BASE_INFLIGHT | P::DEVICE_STATE;
+    let migration = match &o.migrate {
+        Some(m) if m.message_45 => migration | P::GET_VRING_BASE_SKIP_DRAIN,
+        Some(_) => migration,
+        None => P::empty(),
+    };
+    protocol |= migration;
     let guest = if o.guest_features {
         (BlkFeatures::FLUSH
             | BlkFeatures::CONFIG_WCE
@@ -570,7 +662,26 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
         .map(|_| EventFd::new(true))
         .collect::<Result<_, _>>()
         .map_err(|e| e.to_string())?;
+    // The other back-end of a migration shares the guest memory, the rings
+    // and the notifiers.
+    let mut other = match &o.migrate {
+        Some(m) => {
+            let l = open(&m.to, cfg.clone(), &fds, &kick_fds, &calls)
+                .map_err(|e| format!("{}: {e}", m.to.display()))?;
+            Some(l)
+        }
+        None => None,
+    };
     let mut link = open(path, cfg, &fds, &kick_fds, &calls)?;
+    for l in std::iter::once(&mut link).chain(other.as_mut()) {
+        let got = l.engine().protocol_features();
+        if !got.contains(migration) {
+            return Err(format!(
+                "--migrate-every needs a back-end that offers {:?} (vhost-user-blk --migration)",
+                migration.difference(got)
+            ));
+        }
+    }
     if o.inband
         && !link
             .engine()
@@ -664,6 +775,7 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
     let mut last_progress = (t0, 0u64);
     let mut last_completion = t0;
     let mut spins = 0u32;
+    let mut last_migration = t0;
     let bs = o.bs as usize;
     let done = |rep: &Report, issued: u64| {
         o.requests.is_some_and(|n| issued >= n)
@@ -774,12 +886,16 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
         let mut got = 0;
         for (qi, drv) in drivers.iter_mut().enumerate() {
             while let Some(u) = drv.harvest(&mem)? {
-                let s = outstanding[qi].remove(&u.id).ok_or_else(|| {
-                    format!(
+                let Some(s) = outstanding[qi].remove(&u.id) else {
+                    if o.migrate.is_some() {
+                        rep.duplicated += 1;
+                        continue;
+                    }
+                    return Err(format!(
                         "queue {qi}: completion for head {} which is not outstanding",
                         u.id
-                    )
-                })?;
+                    ));
+                };
                 let hdr = 0x10000 * q + 0x1000 * s.buf;
                 let mut st = [0u8; 1];
                 mem.read(hdr + 16, &mut st).map_err(|e| e.to_string())?;
@@ -817,6 +933,22 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
         let in_flight: usize = outstanding.iter().map(|m| m.len()).sum();
         if done(&rep, next_req) && in_flight == 0 {
             break;
+        }
+        if let (Some(m), Some(to)) = (&o.migrate, other.as_mut()) {
+            if last_migration.elapsed() >= m.every && !done(&rep, next_req) {
+                let _ = epoll.delete(link.socket());
+                migrate(&mut link, to, o.queues)
+                    .map_err(|e| format!("migration {}: {e}", rep.migrations + 1))?;
+                std::mem::swap(&mut link, to);
+                epoll
+                    .add(link.socket(), Interest::READABLE, SOCKET)
+                    .map_err(|e| e.to_string())?;
+                rep.migrations += 1;
+                rep.carried += in_flight as u64;
+                last_migration = Instant::now();
+                last_completion = Instant::now();
+                continue;
+            }
         }
         if o.progress && last_progress.0.elapsed() >= Duration::from_secs(1) {
             let n = rep.requests - last_progress.1;
@@ -905,6 +1037,7 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
         }
     }
     rep.elapsed = t0.elapsed();
+    rep.lost = next_req.saturating_sub(rep.requests + rep.duplicated);
     rep.latency_ns = [lat.quantile(0.5), lat.quantile(0.99), lat.quantile(0.999)];
     link.engine().stop().map_err(|e| e.to_string())?;
     link.drive().map_err(|e| e.to_string())?;

@@ -30,6 +30,7 @@ pub mod eventfd;
 pub mod file;
 pub mod memfd;
 pub mod mmap;
+pub mod pipe;
 pub mod signal;
 pub mod socket;
 pub mod uring;

@@ -290,6 +290,7 @@ impl Harness {
                     assert_eq!(Some(got), self.configs.pop_front(), "config not answered");
                 }
                 Event::ConfigFailed { .. } => {}
+                Event::StateTransfer { .. } | Event::StateChecked => {}
             }
         }
     }
@@ -338,6 +339,7 @@ impl Harness {
                 FdRef::Kick(q) | FdRef::Call(q) => assert!(usize::from(q) < self.queues),
                 FdRef::Inflight => assert_eq!(t.request, FrontendReq::SetInflightFd),
                 FdRef::BackendChannel => assert_eq!(t.request, FrontendReq::SetBackendReqFd),
+                FdRef::DeviceState => assert_eq!(t.request, FrontendReq::SetDeviceStateFd),
             }
         }
         let mut asked = Asked {

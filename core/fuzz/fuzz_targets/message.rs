@@ -23,7 +23,9 @@ fuzz_target!(|data: &[u8]| {
     let payload = &payload[..payload.len().min(h.size as usize)];
     let mut out = [0u8; MAX_MESSAGE];
     if let Ok(r) = Request::parse(&h, payload, nfds, &opts) {
-        let n = r.encode(h.need_reply(), &mut out).expect("a parsed request encodes");
+        let n = r
+            .encode(h.need_reply(), &mut out)
+            .expect("a parsed request encodes");
         let h2 = Header::parse(&out[..n]).expect("our header parses");
         let again = Request::parse(&h2, &out[HEADER_SIZE..n], nfds, &opts).expect("reparses");
         assert_eq!(again, r);
@@ -40,7 +42,8 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(r) = BackendRequest::parse(&h, payload, nfds, &opts) {
         let n = r.encode(h.need_reply(), &mut out).expect("encodes");
         let h2 = Header::parse(&out[..n]).expect("our header parses");
-        let again = BackendRequest::parse(&h2, &out[HEADER_SIZE..n], nfds, &opts).expect("reparses");
+        let again =
+            BackendRequest::parse(&h2, &out[HEADER_SIZE..n], nfds, &opts).expect("reparses");
         assert_eq!(again, r);
     }
 });

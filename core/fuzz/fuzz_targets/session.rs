@@ -588,6 +588,9 @@ impl World {
                     assert_eq!(Some(m.mmap_size), created.as_deref().map(area_len));
                 }
             }
+            BeReply::TransferPending => {
+                unreachable!("CHECK_DEVICE_STATE pending without the `migration` feature")
+            }
             BeReply::Pending { queue } => {
                 let q = usize::from(queue);
                 let ring = self.host.rings.get_mut(q).and_then(Option::take);
@@ -647,7 +650,10 @@ impl World {
             | Action::SetErr { .. } => {}
             Action::SetBackendChannel { .. } => {
                 // The channel exists and encodes within a small buffer.
-                let mut ch = host.session.channel().expect("a channel after SET_BACKEND_REQ_FD");
+                let mut ch = host
+                    .session
+                    .channel()
+                    .expect("a channel after SET_BACKEND_REQ_FD");
                 let mut b = [0u8; 64];
                 let _ = ch.config_change(&mut b);
             }
@@ -704,7 +710,10 @@ impl World {
                 );
                 assert!(offset.checked_add(size).is_some());
             }
-            Action::SetLogFd { .. } | Action::SetLogging { .. } | Action::SetRingLog { .. } => {}
+            Action::SetLogFd { .. }
+            | Action::SetLogging { .. }
+            | Action::SetRingLog { .. }
+            | Action::TransferState { .. } => {}
             Action::CreateInflight { size } => match new_area(size) {
                 Some(a) => *created = Some(a),
                 None => return false,

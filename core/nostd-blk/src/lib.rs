@@ -322,6 +322,9 @@ impl<'a> Backend<'a> {
                     .finish_stop(queue, base, &mut self.tx)
                     .map_err(Fault::Session)?
             }
+            // DEVICE_STATE is never offered here (nor built without the
+            // core's `migration` feature).
+            Reply::TransferPending => return Err(Fault::Session(BackendError::Unsupported)),
         };
         let reply = self.tx.get(..n).ok_or(Fault::Transport)?;
         write_message(chan, reply).map_err(|_| Fault::Transport)?;
@@ -501,7 +504,10 @@ impl<'a> Backend<'a> {
             Action::MapLog { .. }
             | Action::SetLogFd { .. }
             | Action::SetLogging { .. }
-            | Action::SetRingLog { .. } => return Err(Fault::Session(BackendError::Unsupported)),
+            | Action::SetRingLog { .. }
+            | Action::TransferState { .. } => {
+                return Err(Fault::Session(BackendError::Unsupported))
+            }
             // The back-end channel is the second mailbox pair (never set
             // without the `inband` feature: BACKEND_REQ is not offered).
             Action::SetBackendChannel { .. } => {

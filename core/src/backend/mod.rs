@@ -86,6 +86,7 @@ use crate::feature::{
 };
 use crate::inflight::{self, InflightError};
 use crate::memory::{GuestMemory, MemoryError, MemoryTable};
+use crate::message::DeviceStateDirection;
 use crate::message::{
     ConfigMsg, FrontendReq, Header, InflightMsg, LogMsg, MemRegionMsg, ParseOptions,
     Reply as WireReply, Request, VringAddrMsg, VringFdMsg, WireError,
@@ -127,9 +128,9 @@ pub const SUPPORTED_PROTOCOL_FEATURES: ProtocolFeatures = ProtocolFeatures::MQ
     .union(ProtocolFeatures::INBAND_NOTIFICATIONS)
     .union(MIGRATION_PROTOCOL_FEATURES);
 
-/// LOG_SHMFD, with the `migration` feature.
+/// LOG_SHMFD and DEVICE_STATE, with the `migration` feature.
 const MIGRATION_PROTOCOL_FEATURES: ProtocolFeatures = if cfg!(feature = "migration") {
-    ProtocolFeatures::LOG_SHMFD
+    ProtocolFeatures::LOG_SHMFD.union(ProtocolFeatures::DEVICE_STATE)
 } else {
     ProtocolFeatures::empty()
 };
@@ -292,6 +293,21 @@ pub enum Action {
         /// The ring's log address, or `None`.
         log: Option<u64>,
     },
+    /// SET_DEVICE_STATE_FD, accepted (every ring stopped, no transfer
+    /// pending): run the transfer on the message's fd `fd` (a pipe end)
+    /// without blocking the connection: for [`DeviceStateDirection::Save`]
+    /// write the device's state into it and close it, for
+    /// [`DeviceStateDirection::Load`] read it to the end. The reply (u64
+    /// 0x100: success, no fd of ours) is sent at once; the next
+    /// CHECK_DEVICE_STATE answers [`Reply::TransferPending`] and waits
+    /// for the transfer's end, which the adapter reports with
+    /// [`Session::finish_transfer`].
+    TransferState {
+        /// The message fd.
+        fd: FdIndex,
+        /// Save or load.
+        direction: DeviceStateDirection,
+    },
 }
 
 /// The reply to a message.
@@ -307,6 +323,10 @@ pub enum Reply {
         /// Ring index.
         queue: u16,
     },
+    /// CHECK_DEVICE_STATE while a transfer runs: reply with
+    /// [`Session::finish_transfer`] once it ended (on the adapter's word
+    /// of how it went).
+    TransferPending,
 }
 
 /// What a message produced.
@@ -375,6 +395,18 @@ pub enum BackendError {
     Unsupported,
     /// An inflight area description or use refused.
     Inflight(InflightError),
+    /// SET_DEVICE_STATE_FD while a ring runs (the device is not
+    /// suspended).
+    #[cfg(feature = "migration")]
+    NotSuspended,
+    /// SET_DEVICE_STATE_FD, or a ring start, while a device state
+    /// transfer is not yet checked (CHECK_DEVICE_STATE).
+    #[cfg(feature = "migration")]
+    TransferPending,
+    /// CHECK_DEVICE_STATE, or [`Session::finish_transfer`], without a
+    /// transfer to check.
+    #[cfg(feature = "migration")]
+    NoTransfer,
 }
 
 // Every nested error is at most 8 bytes and carries no 64-bit value; a
@@ -437,6 +469,14 @@ impl fmt::Display for BackendError {
             BackendError::Config => f.write_str("config space access refused"),
             BackendError::NotStopping(q) => write!(f, "ring {q} is not being stopped"),
             BackendError::Unsupported => f.write_str("offered feature not implemented"),
+            #[cfg(feature = "migration")]
+            BackendError::NotSuspended => f.write_str("device state transfer while a ring runs"),
+            #[cfg(feature = "migration")]
+            BackendError::TransferPending => {
+                f.write_str("a device state transfer is not yet checked")
+            }
+            #[cfg(feature = "migration")]
+            BackendError::NoTransfer => f.write_str("no device state transfer to check"),
         }
     }
 }
@@ -523,6 +563,9 @@ pub struct Session<const Q: usize = 16, const R: usize = 32> {
     channel: bool,
     /// The dirty log of the last SET_LOG_BASE.
     log: Option<LogMsg>,
+    /// The device state transfer accepted and not yet checked.
+    #[cfg(feature = "migration")]
+    transfer: Option<DeviceStateDirection>,
 }
 
 #[inline(never)]
@@ -578,6 +621,8 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
             inflight: None,
             channel: false,
             log: None,
+            #[cfg(feature = "migration")]
+            transfer: None,
         })
     }
 
@@ -599,6 +644,10 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
         self.inflight = None;
         self.channel = false;
         self.log = None;
+        #[cfg(feature = "migration")]
+        {
+            self.transfer = None;
+        }
     }
 
     /// The configuration.
@@ -624,6 +673,13 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
     /// A ring's record.
     pub fn ring(&self, queue: u16) -> Option<&RingSlot> {
         self.rings.get(usize::from(queue))
+    }
+
+    /// The inflight area's layout of the last SET_INFLIGHT_FD, if any:
+    /// (queue count, ring size); it spans
+    /// [`inflight::area_size`] bytes of the mapping.
+    pub fn inflight_layout(&self) -> Option<(u16, u16)> {
+        self.inflight.map(|(nq, qs, _)| (nq, qs))
     }
 
     /// The dirty log the front-end gave (SET_LOG_BASE), if any.
@@ -1263,6 +1319,10 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
                 if self.inflight.take().is_some() {
                     push(actions, Action::UnmapInflight);
                 }
+                #[cfg(feature = "migration")]
+                {
+                    self.transfer = None;
+                }
             }
             #[cfg(feature = "migration")]
             Request::SetLogBase(l) => {
@@ -1287,10 +1347,41 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
             }
             #[cfg(feature = "migration")]
             Request::SetLogFd => push(actions, Action::SetLogFd { fd: 0 }),
-            #[cfg(not(feature = "migration"))]
-            Request::SetLogBase(_) | Request::SetLogFd => {
-                return Err(BackendError::NotNegotiated(code))
+            #[cfg(feature = "migration")]
+            Request::SetDeviceStateFd(direction) => {
+                // Only while suspended (every ring stopped), and one
+                // transfer at a time: the next waits for its CHECK.
+                let refusal = if self.rings.iter().any(|r| r.running) {
+                    Some(BackendError::NotSuspended)
+                } else if self.transfer.is_some() {
+                    Some(BackendError::TransferPending)
+                } else {
+                    None
+                };
+                if let Some(e) = refusal {
+                    // An error and no fd: never both an error and an fd.
+                    outcome.reply = reply(DEVICE_STATE_ERROR | DEVICE_STATE_NO_FD)?;
+                    outcome.refused = Some(e);
+                    return Ok(());
+                }
+                self.transfer = Some(direction);
+                push(actions, Action::TransferState { fd: 0, direction });
+                outcome.reply = reply(DEVICE_STATE_NO_FD)?;
             }
+            #[cfg(feature = "migration")]
+            Request::CheckDeviceState => {
+                if self.transfer.is_some() {
+                    outcome.reply = Reply::TransferPending;
+                } else {
+                    outcome.reply = reply(DEVICE_STATE_ERROR)?;
+                    outcome.refused = Some(BackendError::NoTransfer);
+                }
+            }
+            #[cfg(not(feature = "migration"))]
+            Request::SetLogBase(_)
+            | Request::SetLogFd
+            | Request::SetDeviceStateFd(_)
+            | Request::CheckDeviceState => return Err(BackendError::NotNegotiated(code)),
             // Gated by features this engine never offers (gate() refused
             // them before dispatch).
             Request::SendRarp(_)
@@ -1304,8 +1395,6 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
             | Request::PostcopyEnd
             | Request::GpuSetSocket
             | Request::GetSharedObject(_)
-            | Request::SetDeviceStateFd(_)
-            | Request::CheckDeviceState
             | Request::GetShmemConfig => return Err(BackendError::NotNegotiated(code)),
         }
         Ok(())
@@ -1319,6 +1408,12 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
         mem: &M,
         actions: &mut Vec<Action, MAX_ACTIONS>,
     ) -> Result<(), BackendError> {
+        // A device whose state is being loaded (or saved) stays
+        // suspended until the transfer is checked.
+        #[cfg(feature = "migration")]
+        if self.transfer.is_some() {
+            return Err(BackendError::TransferPending);
+        }
         let ring = self.build_ring(q, mem)?;
         self.inflight_offset(q, ring.size())?;
         let slot = self.slot_mut(q.into())?;
@@ -1503,6 +1598,35 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
         Ok(WireReply::encode_vring_state(code, queue.into(), num, out)?)
     }
 
+    /// Answers a pending CHECK_DEVICE_STATE ([`Reply::TransferPending`]):
+    /// the transfer of [`Action::TransferState`] ended, `ok` if the whole
+    /// state was written (save) or read and loaded into the device (load).
+    /// Writes the reply (u64 0, or 1 on failure) into `out` and returns its
+    /// length; a new transfer may follow.
+    #[cfg(feature = "migration")]
+    pub fn finish_transfer(&mut self, ok: bool, out: &mut [u8]) -> Result<usize, BackendError> {
+        let Some(direction) = self.transfer.take() else {
+            return Err(BackendError::NoTransfer);
+        };
+        debug!(
+            "device state {:?}: {}",
+            direction,
+            if ok { "ok" } else { "failed" }
+        );
+        let v = if ok { 0 } else { DEVICE_STATE_ERROR };
+        Ok(WireReply::encode_u64(
+            FrontendReq::CheckDeviceState,
+            v,
+            out,
+        )?)
+    }
+
+    /// The device state transfer accepted and not yet checked, if any.
+    #[cfg(feature = "migration")]
+    pub fn transfer(&self) -> Option<DeviceStateDirection> {
+        self.transfer
+    }
+
     /// After RESET_DEVICE's [`Action::ResetRings`], or when the connection
     /// ends: forget that workers run.
     pub fn rings_reset(&mut self) {
@@ -1519,6 +1643,14 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
             .map_or(Processing::Stopped, |s| s.state.processing())
     }
 }
+
+/// SET_DEVICE_STATE_FD's reply: no fd of the back-end's comes with it.
+#[cfg(feature = "migration")]
+const DEVICE_STATE_NO_FD: u64 = 0x100;
+/// The error value of SET_DEVICE_STATE_FD's and CHECK_DEVICE_STATE's
+/// replies (bits 0-7).
+#[cfg(feature = "migration")]
+const DEVICE_STATE_ERROR: u64 = 1;
 
 /// Whether two SET_VRING_ADDRs name the same ring areas (they may differ
 /// in used-ring logging).

@@ -1450,5 +1450,8 @@ impl<E: fmt::Display> fmt::Display for DataError<E> {
 
 impl<E: fmt::Debug + fmt::Display> core::error::Error for DataError<E> {}
 
+#[cfg(feature = "migration")]
+pub mod state;
+
 #[cfg(test)]
 mod tests;

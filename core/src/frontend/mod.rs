@@ -52,9 +52,10 @@ use heapless::{Deque, Vec};
 use crate::feature::{select_protocol, select_virtio, ProtocolFeatures, VirtioFeatures};
 use crate::memory::MemoryTable;
 use crate::message::{
-    BackendReq, BackendRequest, ConfigMsg, ConfigWriteKind, FrontendReq, Header, InflightMsg,
-    MemRegionMsg, MemTable, ParseOptions, Reply, Request, VringAddrMsg, VringFdMsg, VringStateMsg,
-    WireError, HEADER_SIZE, MAX_CONFIG_SIZE, MAX_FDS, MAX_MEM_REGIONS, MAX_QUEUES,
+    BackendReq, BackendRequest, ConfigMsg, ConfigWriteKind, DeviceStateDirection, FrontendReq,
+    Header, InflightMsg, MemRegionMsg, MemTable, ParseOptions, Reply, Request, VringAddrMsg,
+    VringFdMsg, VringStateMsg, WireError, HEADER_SIZE, MAX_CONFIG_SIZE, MAX_FDS, MAX_MEM_REGIONS,
+    MAX_QUEUES,
 };
 use crate::vring::{RingAddrs, MAX_QUEUE_SIZE};
 
@@ -78,7 +79,8 @@ pub const SUPPORTED_PROTOCOL_FEATURES: ProtocolFeatures = ProtocolFeatures::MQ
     .union(ProtocolFeatures::INFLIGHT_SHMFD)
     .union(ProtocolFeatures::GET_VRING_BASE_INFLIGHT)
     .union(ProtocolFeatures::GET_VRING_BASE_SKIP_DRAIN)
-    .union(ProtocolFeatures::INBAND_NOTIFICATIONS);
+    .union(ProtocolFeatures::INBAND_NOTIFICATIONS)
+    .union(ProtocolFeatures::DEVICE_STATE);
 
 /// Virtio device status bits sent with SET_STATUS.
 pub mod status {
@@ -206,6 +208,9 @@ pub enum FdRef {
     /// The inflight area's fd (from GET_INFLIGHT_FD's reply, kept by the
     /// adapter across reconnects).
     Inflight,
+    /// The back-end's end of the device state channel of
+    /// [`Frontend::transfer_state`] (typically a pipe end).
+    DeviceState,
 }
 
 /// A message to send.
@@ -283,6 +288,20 @@ pub enum Event {
         /// Length asked.
         len: u32,
     },
+    /// SET_DEVICE_STATE_FD accepted: run the transfer now (save: read the
+    /// channel to its end; load: write the state and close it), then
+    /// [`Frontend::check_state`].
+    StateTransfer {
+        /// Save or load.
+        direction: DeviceStateDirection,
+        /// The back-end sent an fd of its own with the reply: the transfer
+        /// uses that one (the adapter took it from the reply) instead of
+        /// the channel the front-end gave.
+        backend_fd: bool,
+    },
+    /// CHECK_DEVICE_STATE answered 0: the whole state was saved or
+    /// loaded.
+    StateChecked,
 }
 
 /// What a back-end channel request told the front-end
@@ -395,6 +414,12 @@ enum Flow {
     Config,
     /// One in-band VRING_KICK ([`Frontend::kick`]).
     Kick,
+    /// The start's first half ([`Frontend::prepare`]).
+    Prepare,
+    /// SET_DEVICE_STATE_FD ([`Frontend::transfer_state`]).
+    Transfer,
+    /// CHECK_DEVICE_STATE ([`Frontend::check_state`]).
+    Check,
 }
 
 /// One message of a flow.
@@ -433,6 +458,8 @@ enum Step {
     SetInflight,
     /// GET_VRING_BASE_SKIP_DRAIN (message 45).
     GetBaseNoDrain(u16),
+    SetDeviceState(DeviceStateDirection),
+    CheckDeviceState,
 }
 
 const INIT_ORDER: [Step; 8] = [
@@ -474,6 +501,8 @@ impl Step {
             Step::GetConfig { .. } => C::GetConfig,
             Step::GetInflight => C::GetInflightFd,
             Step::SetInflight => C::SetInflightFd,
+            Step::SetDeviceState(_) => C::SetDeviceStateFd,
+            Step::CheckDeviceState => C::CheckDeviceState,
         }
     }
 }
@@ -803,6 +832,78 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
         }
     }
 
+    /// The first half of [`start`](Self::start), for a migration
+    /// destination: SET_FEATURES, SET_STATUS(FEATURES_OK), the memory and
+    /// the inflight area (GET_INFLIGHT_FD and SET_INFLIGHT_FD, or
+    /// SET_INFLIGHT_FD), and no ring: the device stays suspended, so a
+    /// state can be loaded into it ([`transfer_state`](Self::transfer_state))
+    /// before [`start`](Self::start) (which sends them again, changing
+    /// nothing) starts the rings. The state stays [`State::Ready`] or
+    /// [`State::Stopped`].
+    ///
+    /// Allowed in [`State::Ready`] and [`State::Stopped`] when no other
+    /// flow runs; refused as [`start`](Self::start) refuses.
+    pub fn prepare(&mut self) -> Result<(), FrontendError> {
+        self.check_command(&[State::Ready, State::Stopped])?;
+        if self.config.queues.is_empty() {
+            return Err(FrontendError::NoQueues);
+        }
+        self.check_region_limit(self.config.regions.len())?;
+        self.begin(Flow::Prepare, Some(Step::SetFeatures));
+        Ok(())
+    }
+
+    /// Sets the base ring `queue` starts from at the next start (a
+    /// migration destination starts from the source's bases).
+    ///
+    /// Allowed in [`State::Ready`] and [`State::Stopped`] when no other
+    /// flow runs.
+    pub fn set_ring_base(&mut self, queue: u16, base: u32) -> Result<(), FrontendError> {
+        self.check_command(&[State::Ready, State::Stopped])?;
+        self.check_base(queue, base)?;
+        let b = self
+            .bases
+            .get_mut(usize::from(queue))
+            .ok_or(FrontendError::BadQueue(usize::from(queue)))?;
+        *b = base;
+        Ok(())
+    }
+
+    /// SET_DEVICE_STATE_FD: the back-end saves its state into
+    /// ([`DeviceStateDirection::Save`]) or loads it from
+    /// ([`DeviceStateDirection::Load`]) the channel [`FdRef::DeviceState`]
+    /// (the adapter's pipe end). [`Event::StateTransfer`] says it was
+    /// accepted: the adapter then reads the other end to its end, or
+    /// writes the state and closes it, and calls
+    /// [`check_state`](Self::check_state). A refusal (error bits) is
+    /// [`FrontendError::Nack`].
+    ///
+    /// Needs DEVICE_STATE negotiated and the device suspended: allowed in
+    /// [`State::Ready`] and [`State::Stopped`] when no other flow runs.
+    pub fn transfer_state(&mut self, direction: DeviceStateDirection) -> Result<(), FrontendError> {
+        self.check_command(&[State::Ready, State::Stopped])?;
+        if !self.protocol.contains(ProtocolFeatures::DEVICE_STATE) {
+            return Err(FrontendError::NotNegotiated(FrontendReq::SetDeviceStateFd));
+        }
+        self.begin(Flow::Transfer, Some(Step::SetDeviceState(direction)));
+        Ok(())
+    }
+
+    /// CHECK_DEVICE_STATE, after the transfer's channel was read to its
+    /// end or written and closed: [`Event::StateChecked`] when the back-end
+    /// saved or loaded the whole state, else [`FrontendError::Nack`].
+    ///
+    /// Needs DEVICE_STATE negotiated; allowed in [`State::Ready`] and
+    /// [`State::Stopped`] when no other flow runs.
+    pub fn check_state(&mut self) -> Result<(), FrontendError> {
+        self.check_command(&[State::Ready, State::Stopped])?;
+        if !self.protocol.contains(ProtocolFeatures::DEVICE_STATE) {
+            return Err(FrontendError::NotNegotiated(FrontendReq::CheckDeviceState));
+        }
+        self.begin(Flow::Check, Some(Step::CheckDeviceState));
+        Ok(())
+    }
+
     /// Kicks ring `queue` in-band: sends VRING_KICK (acked, as REPLY_ACK
     /// comes with INBAND_NOTIFICATIONS) to say buffers are available.
     ///
@@ -1039,6 +1140,8 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
                 // inflight_step only picks SetInflight with an area.
                 None => return Err(WireError::BadValue(0)),
             },
+            Step::SetDeviceState(d) => Request::SetDeviceStateFd(d),
+            Step::CheckDeviceState => Request::CheckDeviceState,
             Step::GetConfig { offset, len } => Request::GetConfig(ConfigMsg {
                 offset,
                 kind: ConfigWriteKind::Frontend,
@@ -1063,6 +1166,7 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
             Step::AddRegion(i) => add(FdRef::Region(i)),
             Step::SetBackendReqFd => add(FdRef::BackendChannel),
             Step::SetInflight => add(FdRef::Inflight),
+            Step::SetDeviceState(_) => add(FdRef::DeviceState),
             Step::VringKick(q) if self.queue(q).kick == NotifyMode::Eventfd => add(FdRef::Kick(q)),
             Step::VringCall(q) if self.queue(q).call == NotifyMode::Eventfd => add(FdRef::Call(q)),
             _ => {}
@@ -1125,6 +1229,22 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
                 });
                 None
             }
+            Reply::DeviceStateFd { error, no_fd } => {
+                let Step::SetDeviceState(direction) = step else {
+                    return Err(FrontendError::UnexpectedPayload(code));
+                };
+                if error != 0 {
+                    return Err(FrontendError::Nack {
+                        request: code,
+                        value: u64::from(error),
+                    });
+                }
+                self.push_event(Event::StateTransfer {
+                    direction,
+                    backend_fd: !no_fd,
+                });
+                None
+            }
             Reply::ConfigFailed => {
                 let Step::GetConfig { offset, len } = step else {
                     return Err(FrontendError::UnexpectedPayload(code));
@@ -1173,6 +1293,15 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
                 }
             }
             Step::GetMaxMemSlots => self.info.max_mem_slots = Some(v),
+            Step::CheckDeviceState => {
+                if v != 0 {
+                    return Err(FrontendError::Nack {
+                        request: code,
+                        value: v,
+                    });
+                }
+                self.push_event(Event::StateChecked);
+            }
             Step::GetBase(_) | Step::GetBaseNoDrain(_) | Step::GetConfig { .. } => {
                 return Err(FrontendError::UnexpectedPayload(code))
             }
@@ -1260,7 +1389,7 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
                 self.push_event(Event::Stopped);
             }
             Flow::Memory => self.push_event(Event::MemoryUpdated),
-            Flow::Config | Flow::Kick => {}
+            Flow::Config | Flow::Kick | Flow::Prepare | Flow::Transfer | Flow::Check => {}
         }
     }
 
@@ -1368,8 +1497,18 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
                 }
                 _ => None,
             },
+            Flow::Prepare => match done {
+                Step::SetFeatures if self.applies(Step::FeaturesOk) => Some(Step::FeaturesOk),
+                Step::SetFeatures
+                | Step::FeaturesOk
+                | Step::MemTable
+                | Step::RemRegion(_)
+                | Step::AddRegion(_) => self.memory_step().or_else(|| self.inflight_step()),
+                Step::GetInflight if self.inflight.is_some() => Some(Step::SetInflight),
+                _ => None,
+            },
             Flow::Memory => self.memory_step(),
-            Flow::Config | Flow::Kick => None,
+            Flow::Config | Flow::Kick | Flow::Transfer | Flow::Check => None,
         }
     }
 }

@@ -47,7 +47,9 @@ usage: vhost-user-blk (--socket-path PATH | --fd N) [options]
   --io-delay-us N      delay every request by N microseconds (testing)
   --watch              check the image's size every 500 ms (as SIGHUP does)
   --migration          offer dirty-page logging (LOG_SHMFD, VHOST_F_LOG_ALL)
-                       so QEMU can live-migrate the guest
+                       and device state transfer (DEVICE_STATE: the cache
+                       mode and the requests suspended in flight) so a
+                       front-end can live-migrate the guest
   --channel-timeout-ms N  wait this long for the front-end's ack of a
                        back-end message before disconnecting (default 5000)
   --log-level LEVEL    off, error, warn, info, debug, trace (default info)
@@ -225,12 +227,11 @@ fn run() -> Result<(), String> {
         | V::INDIRECT_DESC
         | V::RING_PACKED;
     // Live migration (--migration): every write into guest memory is
-    // logged in the front-end's dirty log. Off by default until device
-    // state transfer (requests suspended in flight, carried to the
-    // destination) is offered with it.
+    // logged in the front-end's dirty log, and the device state (the cache
+    // mode, the requests suspended in flight) goes to the destination.
     let migration = args.flag("migration");
     let (features, log) = if migration {
-        (features | V::LOG_ALL, P::LOG_SHMFD)
+        (features | V::LOG_ALL, P::LOG_SHMFD | P::DEVICE_STATE)
     } else {
         (features, P::empty())
     };

@@ -22,6 +22,7 @@ usage: vhu probe --socket-path PATH [--device blk|net] [--json]
                  [--packed] [--reconnect] [--inband] [--timeout SECONDS]
                  [--json] [--flush-every N] [--no-guest-features]
                  [--buffer-offset N]
+                 [--migrate-every SECONDS --to PATH [--message-45]]
 
   probe    connect to a vhost-user back-end and print its features,
            protocol features, queue count, memory slots and config space
@@ -35,7 +36,13 @@ usage: vhu probe --socket-path PATH [--device blk|net] [--json]
            it negotiates what a Linux guest does (FLUSH, CONFIG_WCE,
            SEG_MAX, BLK_SIZE, MQ) unless --no-guest-features (then the
            device is writethrough); --flush-every N sends a FLUSH after
-           every N writes; --buffer-offset N misaligns the data buffers
+           every N writes; --buffer-offset N misaligns the data buffers;
+           --migrate-every moves the running load between this back-end
+           and the one at --to, back and forth: rings stopped without
+           draining (GET_VRING_BASE_INFLIGHT, or message 45 with
+           --message-45), device state saved and loaded, requests in
+           flight resubmitted by the destination (both offer
+           DEVICE_STATE: vhost-user-blk --migration)
 ";
 
 fn main() -> ExitCode {
@@ -60,6 +67,7 @@ fn run() -> Result<(), String> {
             "packed",
             "inband",
             "no-guest-features",
+            "message-45",
         ],
     )?;
     if args.flag("help") {
@@ -113,6 +121,9 @@ fn run() -> Result<(), String> {
                 "no-guest-features",
                 "flush-every",
                 "buffer-offset",
+                "migrate-every",
+                "to",
+                "message-45",
             ])?;
             let path = args
                 .get("socket-path")
@@ -158,6 +169,18 @@ fn run() -> Result<(), String> {
                     n => Some(n),
                 },
                 buffer_offset: args.get_or("buffer-offset", 0)?,
+                migrate: match (args.get("migrate-every"), args.get("to")) {
+                    (None, None) => None,
+                    (Some(every), Some(to)) => Some(vhu_examples::bench::Migrate {
+                        every: seconds(
+                            "migrate-every",
+                            every.parse().map_err(|_| "invalid --migrate-every")?,
+                        )?,
+                        to: to.into(),
+                        message_45: args.flag("message-45"),
+                    }),
+                    _ => return Err("--migrate-every and --to go together".into()),
+                },
             };
             let r = vhu_examples::bench::run(Path::new(path), &o)?;
             if args.flag("json") {

@@ -39,6 +39,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use vhost_user_core::dataplane::Token;
+use vhost_user_core::device::blk::state::{self as blk_state, AreaShape};
 use vhost_user_core::device::blk::{
     BlkDevice, BlkOp, BlkRange, BlkRequest, BlkStatus, BLK_ID_BYTES,
 };
@@ -48,7 +49,7 @@ use vhost_user_core::memory::GuestMemory;
 use vhost_user_core::message::ConfigWriteKind;
 use vhost_user_core::vring::Chain;
 use vhost_user_linux::aio::{Aio, AioMode};
-use vhost_user_linux::backend::SharedDevice;
+use vhost_user_linux::backend::{InflightArea, InflightAreaMut, SharedDevice};
 use vhost_user_linux::memory::Mapped;
 use vhost_user_linux::sys::mmap::IoBuf;
 use vhost_user_linux::sys::uring::{perform, IoRequest};
@@ -638,6 +639,72 @@ fn aligned(offset: u64, len: u64, bufs: &[IoBuf], a: DirectAlignment) -> bool {
 /// The Linux runtime's data path: reads, writes and flushes go to the
 /// ring's I/O engine and complete in [`poll_mapped`](SharedDevice::poll_mapped).
 impl<B: BlockBackend + 'static> SharedDevice for BlkService<B> {
+    /// The config-space state and the inflight area (the requests
+    /// suspended at the stop), in the core's blk state format.
+    fn save_state(&self, inflight: Option<InflightArea<'_>>) -> Result<Vec<u8>, String> {
+        let (shape, bytes) = match &inflight {
+            Some(a) => (
+                Some(AreaShape {
+                    num_queues: a.num_queues,
+                    queue_size: a.queue_size,
+                }),
+                a.bytes,
+            ),
+            None => (None, &[][..]),
+        };
+        let state = self.device().state(shape);
+        let mut out = vec![0u8; blk_state::state_len(bytes.len())];
+        let mut w = &mut out[..];
+        blk_state::save(&mut w, &state, bytes).map_err(|e| e.to_string())?;
+        log::info!(
+            "device state saved: {} sectors, writeback {}, inflight area {:?}",
+            state.capacity,
+            state.writeback,
+            shape
+        );
+        Ok(out)
+    }
+
+    /// Checks the state against this device and its inflight area (same
+    /// disk size, same area layout) and takes it: the driver's cache mode,
+    /// and the source's area bytes, which the next ring start resubmits
+    /// from.
+    fn load_state(
+        &mut self,
+        state: &[u8],
+        inflight: Option<InflightAreaMut<'_>>,
+    ) -> Result<(), String> {
+        // Loaded into a copy first: the area changes only if all is well.
+        let (mine, mut copy) = match &inflight {
+            Some(a) => (
+                Some(AreaShape {
+                    num_queues: a.num_queues,
+                    queue_size: a.queue_size,
+                }),
+                a.bytes.to_vec(),
+            ),
+            None => (None, Vec::new()),
+        };
+        let s = blk_state::load(state, &mut copy).map_err(|e| e.to_string())?;
+        if s.area.is_some() && s.area != mine {
+            return Err(format!(
+                "the state's inflight area {:?} is not this connection's {mine:?}",
+                s.area
+            ));
+        }
+        self.device().load_state(&s).map_err(|e| e.to_string())?;
+        if let (Some(a), Some(_)) = (inflight, s.area) {
+            a.bytes.copy_from_slice(&copy);
+        }
+        log::info!(
+            "device state loaded: {} sectors, writeback {}, inflight area {:?}",
+            s.capacity,
+            s.writeback,
+            s.area
+        );
+        Ok(())
+    }
+
     fn process_mapped<const S: usize>(
         &self,
         queue: u16,

@@ -1,0 +1,123 @@
+//! Device state transfer with the `vhost-user-blk` daemon over real
+//! sockets and pipes (SET_DEVICE_STATE_FD, CHECK_DEVICE_STATE), by
+//! hand-written messages: offered only with `--migration`; the state saved
+//! into a pipe is the blk state format; a malformed or foreign state is
+//! refused at CHECK_DEVICE_STATE and the connection goes on; a good one
+//! loads.
+
+#![forbid(unsafe_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+
+use common::{handshake, recv_reply, send, Daemon};
+use vhost_user_core::device::blk::state::{self as blk_state, BlkState};
+use vhost_user_core::feature::ProtocolFeatures as P;
+use vhost_user_core::message::{DeviceStateDirection as Dir, FrontendReq, Request, HEADER_SIZE};
+use vhost_user_linux::sys::socket::Stream;
+
+/// A pipe as files: (read end, write end).
+fn pipe() -> (std::fs::File, std::fs::File) {
+    let (r, w) = vhost_user_linux::sys::pipe::pipe().unwrap();
+    (r.into(), w.into())
+}
+
+fn reply_u64(s: &Stream, code: FrontendReq) -> u64 {
+    let r = recv_reply(s, code).unwrap();
+    assert_eq!(r.len(), HEADER_SIZE + 8);
+    u64::from_le_bytes(r[HEADER_SIZE..].try_into().unwrap())
+}
+
+/// SET_DEVICE_STATE_FD with `theirs`; the reply's u64.
+fn transfer(s: &Stream, dir: Dir, theirs: OwnedFd) -> u64 {
+    send(s, &Request::SetDeviceStateFd(dir), false, &[theirs.as_fd()]);
+    drop(theirs);
+    reply_u64(s, FrontendReq::SetDeviceStateFd)
+}
+
+fn check(s: &Stream) -> u64 {
+    send(s, &Request::CheckDeviceState, false, &[]);
+    reply_u64(s, FrontendReq::CheckDeviceState)
+}
+
+fn save(s: &Stream) -> Vec<u8> {
+    let (mut r, w) = pipe();
+    assert_eq!(transfer(s, Dir::Save, w.into()), 0x100, "ok, no fd");
+    let mut bytes = Vec::new();
+    r.read_to_end(&mut bytes).unwrap();
+    assert_eq!(check(s), 0);
+    bytes
+}
+
+fn load(s: &Stream, bytes: &[u8]) -> u64 {
+    let (r, mut w) = pipe();
+    assert_eq!(transfer(s, Dir::Load, r.into()), 0x100, "ok, no fd");
+    w.write_all(bytes).unwrap();
+    drop(w);
+    check(s)
+}
+
+#[test]
+fn device_state_is_offered_only_with_migration() {
+    let plain = Daemon::start_with(&["--size", "16M"]);
+    drop(plain.connect());
+    let p = handshake(&plain.connect());
+    assert_eq!(p & P::DEVICE_STATE.bits(), 0);
+    let mig = Daemon::start_with(&["--size", "16M", "--migration"]);
+    drop(mig.connect());
+    let p = handshake(&mig.connect());
+    assert_ne!(p & P::DEVICE_STATE.bits(), 0);
+}
+
+#[test]
+fn a_malformed_or_foreign_state_is_refused_and_a_good_one_taken() {
+    let d = Daemon::start_with(&["--size", "16M", "--migration"]);
+    drop(d.connect());
+    let s = d.connect();
+    handshake(&s);
+    let saved = save(&s);
+    let st = blk_state::load(&saved, &mut []).unwrap();
+    assert_eq!(st.capacity, 16 << 11, "16 MiB in sectors");
+    assert_eq!(st.area, None, "no inflight area was set");
+
+    assert_eq!(load(&s, b"not a state"), 1);
+    let mut flipped = saved.clone();
+    flipped[20] ^= 1;
+    assert_eq!(load(&s, &flipped), 1);
+    // Another disk size.
+    let foreign = BlkState { capacity: 99, ..st };
+    let mut bytes = vec![0u8; blk_state::state_len(0)];
+    blk_state::save(&mut &mut bytes[..], &foreign, &[]).unwrap();
+    assert_eq!(load(&s, &bytes), 1);
+    // An inflight area this connection does not have.
+    let with_area = BlkState {
+        area: Some(blk_state::AreaShape {
+            num_queues: 1,
+            queue_size: 16,
+        }),
+        ..st
+    };
+    let area = vec![0u8; vhost_user_core::inflight::area_size(1, 16).unwrap() as usize];
+    let mut bytes = vec![0u8; blk_state::state_len(area.len())];
+    blk_state::save(&mut &mut bytes[..], &with_area, &area).unwrap();
+    assert_eq!(load(&s, &bytes), 1);
+
+    // A second transfer before CHECK is refused (error, no fd).
+    let (mut r, w) = pipe();
+    assert_eq!(transfer(&s, Dir::Save, w.into()), 0x100);
+    let (r2, _w2) = pipe();
+    assert_eq!(transfer(&s, Dir::Load, r2.into()), 0x101);
+    let mut first = Vec::new();
+    r.read_to_end(&mut first).unwrap();
+    assert_eq!(first, saved);
+    assert_eq!(check(&s), 0);
+
+    // The connection went on through every refusal: the good state loads.
+    assert_eq!(load(&s, &saved), 0);
+    assert_eq!(save(&s), saved);
+    let log = d.log();
+    assert_eq!(log.matches("device state of").count(), 5, "{log}");
+}
