@@ -168,6 +168,70 @@ pub const MAX_DEVICE_STATE: u64 = 64 << 20;
 
 /// A device state transfer running on a helper thread: what it read (load)
 /// or nothing (save).
+/// A device-state fd read or written until a deadline: non-blocking, each
+/// call waits on epoll for at most what is left, then fails with
+/// `TimedOut` (and the fd is closed when this is dropped), so a front-end
+/// that never closes its end of the pipe cannot hold the transfer's thread,
+/// nor CHECK_DEVICE_STATE waiting for it.
+struct Deadline {
+    file: std::fs::File,
+    epoll: Epoll,
+    deadline: Instant,
+}
+
+impl Deadline {
+    fn new(fd: OwnedFd, deadline: Instant) -> io::Result<Self> {
+        crate::sys::file::set_nonblocking(fd.as_fd(), true)?;
+        let epoll = Epoll::new()?;
+        epoll.add(&fd, Interest::READABLE | Interest::WRITABLE, 0)?;
+        Ok(Deadline {
+            file: std::fs::File::from(fd),
+            epoll,
+            deadline,
+        })
+    }
+
+    /// Runs `op` until it is not `WouldBlock`, waiting for the fd between
+    /// tries, until the deadline.
+    fn wait<T>(
+        &mut self,
+        mut op: impl FnMut(&mut std::fs::File) -> io::Result<T>,
+    ) -> io::Result<T> {
+        loop {
+            match op(&mut self.file) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                other => return other,
+            }
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the front-end did not finish the device state transfer in time",
+                ));
+            }
+            let ms = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
+            let mut ev = [EpollEvent::default(); 1];
+            self.epoll.wait(&mut ev, ms)?;
+        }
+    }
+}
+
+impl io::Read for Deadline {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.wait(|f| io::Read::read(f, buf))
+    }
+}
+
+impl io::Write for Deadline {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.wait(|f| io::Write::write(f, buf))
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 struct Transfer {
     save: bool,
     thread: JoinHandle<io::Result<Vec<u8>>>,
@@ -188,6 +252,11 @@ pub struct RuntimeOptions {
     /// How long a back-end channel request waits for the front-end's ack
     /// before the connection is ended.
     pub channel_timeout: Duration,
+    /// How long a device-state transfer (SET_DEVICE_STATE_FD) may take to
+    /// reach the end of its fd: a front-end that never closes its end is
+    /// refused at CHECK_DEVICE_STATE once this has passed, and the
+    /// transfer's fd closed.
+    pub state_timeout: Duration,
     /// Worker threads serving the rings: ring `q` runs on thread
     /// `q % threads` ([`RuntimeOptions::thread_of`]); 0 (the default) is
     /// one thread per ring.
@@ -236,6 +305,7 @@ impl Default for RuntimeOptions {
             poll_interval: Duration::from_micros(50),
             spin: Duration::from_micros(50),
             channel_timeout: Duration::from_secs(5),
+            state_timeout: Duration::from_secs(30),
             threads: 0,
             trust_unsealable_memfd: false,
         }
@@ -736,6 +806,7 @@ where
     /// connection goes on while the front-end reads or writes the other
     /// end; CHECK_DEVICE_STATE waits for it ([`finish_transfer`]).
     fn start_transfer(&mut self, fd: OwnedFd, save: bool) {
+        let deadline = Instant::now() + self.options.state_timeout;
         let thread = if save {
             let area = self.inflight_bytes();
             let state = self
@@ -747,7 +818,7 @@ where
                 }));
             std::thread::spawn(move || {
                 let state = state.map_err(io::Error::other)?;
-                let mut f = std::fs::File::from(fd);
+                let mut f = Deadline::new(fd, deadline)?;
                 io::Write::write_all(&mut f, &state)?;
                 // Dropping `f` closes our end: the front-end reads EOF.
                 Ok(Vec::new())
@@ -755,7 +826,7 @@ where
         } else {
             std::thread::spawn(move || {
                 let mut bytes = Vec::new();
-                let f = std::fs::File::from(fd);
+                let f = Deadline::new(fd, deadline)?;
                 io::Read::read_to_end(&mut io::Read::take(f, MAX_DEVICE_STATE + 1), &mut bytes)?;
                 if bytes.len() as u64 > MAX_DEVICE_STATE {
                     return Err(io::Error::other("device state too long"));

@@ -121,3 +121,46 @@ fn a_malformed_or_foreign_state_is_refused_and_a_good_one_taken() {
     let log = d.log();
     assert_eq!(log.matches("device state of").count(), 5, "{log}");
 }
+
+/// A front-end that never closes its end of the pipe cannot hold the
+/// daemon: the transfer gives up at its deadline, CHECK_DEVICE_STATE
+/// fails, and the connection goes on (a save as well: nobody reads).
+#[test]
+fn a_transfer_the_front_end_never_ends_fails_at_its_deadline() {
+    let d = Daemon::start_with(&["--size", "16M", "--migration", "--state-timeout-ms", "300"]);
+    drop(d.connect());
+    let s = d.connect();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    handshake(&s);
+    // Load: the write end stays open, nothing is written.
+    let (r, w) = pipe();
+    assert_eq!(transfer(&s, Dir::Load, OwnedFd::from(r)), 0x100);
+    let t0 = std::time::Instant::now();
+    assert_eq!(check(&s), 1, "the load failed");
+    assert!(t0.elapsed() < std::time::Duration::from_secs(5));
+    // Save into a pipe nobody reads, bigger than the pipe buffer would
+    // need for a state: the daemon's end is closed at the deadline, so
+    // the front-end sees end of file after what was written.
+    let (r2, w2) = pipe();
+    assert_eq!(transfer(&s, Dir::Save, OwnedFd::from(w2)), 0x100);
+    let t0 = std::time::Instant::now();
+    let result = check(&s);
+    assert!(t0.elapsed() < std::time::Duration::from_secs(5));
+    // A state fits the pipe's buffer: the save completes without a reader.
+    assert_eq!(result, 0);
+    let mut got = Vec::new();
+    let mut r2 = r2;
+    r2.read_to_end(&mut got).unwrap();
+    assert!(blk_state::load(&got, &mut []).is_ok());
+    drop(w);
+    // The connection goes on.
+    send(&s, &Request::GetFeatures, false, &[]);
+    assert!(recv_reply(&s, FrontendReq::GetFeatures).is_some());
+    assert!(
+        d.log()
+            .contains("did not finish the device state transfer in time"),
+        "{}",
+        d.log()
+    );
+}

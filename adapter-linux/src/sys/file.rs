@@ -6,6 +6,21 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 
 use super::{cvt, retry};
 
+/// Sets or clears `O_NONBLOCK` on `fd`'s file description.
+pub fn set_nonblocking(fd: BorrowedFd<'_>, nonblocking: bool) -> io::Result<()> {
+    // SAFETY: fcntl F_GETFL / F_SETFL take no pointers; `fd` is borrowed,
+    // so it stays open for both calls.
+    let flags = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
+    let flags = if nonblocking {
+        flags | libc::O_NONBLOCK
+    } else {
+        flags & !libc::O_NONBLOCK
+    };
+    // SAFETY: as above.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags) })?;
+    Ok(())
+}
+
 /// `fallocate(2)` on `fd`: allocates, deallocates or zeroes
 /// `[offset, offset + len)` as `mode` says (`0` or `libc::FALLOC_FL_*`
 /// bits, e.g. `FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE`). Retries on

@@ -46,6 +46,8 @@ usage: vhost-user-blk (--socket-path PATH | --fd N) [options]
   --serial ID          device serial for GET_ID (default vhu-blk)
   --io-delay-us N      delay every request by N microseconds (testing)
   --watch              check the image's size every 500 ms (as SIGHUP does)
+  --state-timeout-ms N how long a device state transfer may take before
+                       CHECK_DEVICE_STATE fails it (default 30000)
   --migration          offer dirty-page logging (LOG_SHMFD, VHOST_F_LOG_ALL)
                        and device state transfer (DEVICE_STATE: the cache
                        mode and the requests suspended in flight) so a
@@ -77,6 +79,7 @@ const OPTIONS: &[&str] = &[
     "watch",
     "migration",
     "channel-timeout-ms",
+    "state-timeout-ms",
     "cache",
     "aio",
     "io-threads",
@@ -285,6 +288,7 @@ fn run() -> Result<(), String> {
     }
     let options = RuntimeOptions {
         channel_timeout: std::time::Duration::from_millis(args.get_or("channel-timeout-ms", 5000)?),
+        state_timeout: std::time::Duration::from_millis(args.get_or("state-timeout-ms", 30000)?),
         threads: usize::from(threads),
         ..RuntimeOptions::default()
     };
