@@ -14,7 +14,7 @@
 # planes, 1 KiB) is a compile-time assertion in core/nostd-blk, printed by
 # its test `protocol_state_fits_its_budget`.
 #
-# The .text target is 32 KiB and the back-end meets it (32,178 bytes);
+# The .text target is 32 KiB and the back-end meets it (31,914 bytes);
 # the enforced budget is a ratchet just above what it takes today: lower it
 # as the core shrinks, never raise it without a reason, never above the
 # target. Raised once, 38400 -> 38912: refusing ring sizes and
@@ -28,7 +28,8 @@
 # descriptors out of line. Lowered 33152 -> 32256 (33000 -> 32178 bytes):
 # ring errors carry 16-bit payloads (DataPlaneError and BackendError are 8
 # bytes), and the session encodes each of its replies with its own small
-# function instead of the encoder of every reply.
+# function instead of the encoder of every reply. Lowered 32256 -> 32000
+# (31,914 bytes): the packed base and a ring's start kept out of line.
 #
 # Stack depths need `-Z emit-stack-sizes` (RUSTC_BOOTSTRAP on stable): that
 # build has its own target directory, so the plain builds stay cached.
@@ -36,7 +37,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 TEXT_TARGET=32768
-TEXT_BUDGET=${TEXT_BUDGET:-32256}
+TEXT_BUDGET=${TEXT_BUDGET:-32000}
 STACK_BUDGET=${STACK_BUDGET:-2048}
 dir=${CARGO_TARGET_DIR:-target}
 bin=vhost-user-core-nostd-check
