@@ -3,6 +3,8 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod guest;
+
 use std::io::Read;
 use std::os::fd::BorrowedFd;
 use std::path::PathBuf;
