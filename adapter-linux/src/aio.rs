@@ -4,7 +4,7 @@
 //! [`SharedDevice::completion_fd`](crate::backend::SharedDevice::completion_fd)).
 //!
 //! Two engines behind one interface: an io_uring ([`Uring`]) when the
-//! kernel allows it, else a small pool of threads doing `preadv`/`pwritev`
+//! kernel allows it, else a pool of threads doing `preadv`/`pwritev`
 //! ([`ThreadPool`]). Both move bytes straight between the file and guest
 //! memory ([`IoBuf`](crate::sys::mmap::IoBuf)s), without a bounce copy.
 
@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
-use std::thread::JoinHandle;
+use std::time::Duration;
 
 use log::{info, warn};
 
@@ -57,13 +57,13 @@ pub enum Aio {
 impl Aio {
     /// An engine for `file` as `mode` asks: an io_uring of `depth`
     /// submission slots, or, when that fails or `mode` says so, a pool of
-    /// `threads` threads (at least one).
+    /// up to `threads` threads (at least one).
     pub fn new(mode: AioMode, file: BorrowedFd<'_>, depth: u32, threads: usize) -> io::Result<Aio> {
         if mode == AioMode::IoUring {
             match Uring::new(depth, file) {
                 Ok(u) => return Ok(Aio::Uring(Box::new(u))),
                 Err(e) => {
-                    warn!("io_uring unavailable ({e}); using a pool of {threads} I/O threads")
+                    warn!("io_uring unavailable ({e}); using a pool of up to {threads} I/O threads")
                 }
             }
         }
@@ -96,10 +96,7 @@ impl Aio {
     pub fn submit(&mut self) -> io::Result<()> {
         match self {
             Aio::Uring(u) => u.submit(),
-            Aio::Threads(p) => {
-                p.submit();
-                Ok(())
-            }
+            Aio::Threads(p) => p.submit(),
         }
     }
 
@@ -134,14 +131,22 @@ impl Aio {
 struct Queue {
     jobs: VecDeque<(u64, IoRequest)>,
     stop: bool,
+    /// Threads running, and how many of them wait for a job.
+    threads: usize,
+    idle: usize,
 }
 
 struct PoolShared {
     file: OwnedFd,
     queue: Mutex<Queue>,
+    /// Signalled when jobs are queued or the pool stops.
     more: Condvar,
+    /// Signalled when a thread exits.
+    gone: Condvar,
     done: Mutex<Vec<Done>>,
     event: EventFd,
+    max: usize,
+    idle_for: Duration,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -149,49 +154,61 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Threads doing synchronous I/O on one file: the fallback where io_uring
-/// is not available. Dropping the pool lets the threads finish what was
-/// submitted, then joins them.
+/// is not available. The pool grows on demand, a thread for each request
+/// no idle thread can take, up to its maximum (so as many requests are
+/// at the file as the guest has in flight, up to that many), and a thread
+/// that finds nothing to do for [`IDLE_EXIT`] exits. Dropping the pool
+/// lets the threads finish what was submitted, then waits for them.
 pub struct ThreadPool {
     shared: Arc<PoolShared>,
-    threads: Vec<JoinHandle<()>>,
     queued: Vec<(u64, IoRequest)>,
     in_flight: usize,
+    spawned: usize,
 }
+
+/// How long a pool thread waits for work before it exits.
+pub const IDLE_EXIT: Duration = Duration::from_secs(10);
 
 impl std::fmt::Debug for ThreadPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ThreadPool")
-            .field("threads", &self.threads.len())
+            .field("threads", &self.threads())
+            .field("max", &self.shared.max)
             .field("in_flight", &self.in_flight)
             .finish()
     }
 }
 
 impl ThreadPool {
-    /// `threads` threads (at least one) doing I/O on `file`.
-    pub fn new(file: OwnedFd, threads: usize) -> io::Result<ThreadPool> {
+    /// A pool of at most `max` threads (at least one) doing I/O on
+    /// `file`; none runs until there is work.
+    pub fn new(file: OwnedFd, max: usize) -> io::Result<ThreadPool> {
+        Self::with_idle_exit(file, max, IDLE_EXIT)
+    }
+
+    fn with_idle_exit(file: OwnedFd, max: usize, idle_for: Duration) -> io::Result<ThreadPool> {
         let shared = Arc::new(PoolShared {
             file,
             queue: Mutex::new(Queue::default()),
             more: Condvar::new(),
+            gone: Condvar::new(),
             done: Mutex::new(Vec::new()),
             event: EventFd::new(true)?,
+            max: max.max(1),
+            idle_for,
         });
-        let mut pool = ThreadPool {
+        info!("I/O thread pool of up to {} threads", shared.max);
+        Ok(ThreadPool {
             shared,
-            threads: Vec::new(),
             queued: Vec::new(),
             in_flight: 0,
-        };
-        for i in 0..threads.max(1) {
-            let shared = Arc::clone(&pool.shared);
-            let t = std::thread::Builder::new()
-                .name(format!("vhu-io-{i}"))
-                .spawn(move || run(&shared))?;
-            pool.threads.push(t);
-        }
-        info!("{} I/O threads started", pool.threads.len());
-        Ok(pool)
+            spawned: 0,
+        })
+    }
+
+    /// Threads running now.
+    pub fn threads(&self) -> usize {
+        lock(&self.shared.queue).threads
     }
 
     fn push(&mut self, tag: u64, request: IoRequest) {
@@ -199,17 +216,44 @@ impl ThreadPool {
         self.in_flight += 1;
     }
 
-    fn submit(&mut self) {
+    fn submit(&mut self) -> io::Result<()> {
         if self.queued.is_empty() {
-            return;
+            return Ok(());
         }
         let n = self.queued.len();
-        lock(&self.shared.queue).jobs.extend(self.queued.drain(..));
-        if n == 1 {
+        let spawn = {
+            let mut q = lock(&self.shared.queue);
+            q.jobs.extend(self.queued.drain(..));
+            // A thread for each job no idle thread takes, up to the
+            // maximum.
+            let want = q.jobs.len().saturating_sub(q.idle);
+            let spawn = want.min(self.shared.max - q.threads);
+            q.threads += spawn;
+            spawn
+        };
+        for _ in 0..n.min(lock(&self.shared.queue).idle) {
             self.shared.more.notify_one();
-        } else {
-            self.shared.more.notify_all();
         }
+        for i in 0..spawn {
+            let shared = Arc::clone(&self.shared);
+            let name = format!("vhu-io-{}", self.spawned);
+            if let Err(e) = std::thread::Builder::new()
+                .name(name)
+                .spawn(move || run(&shared))
+            {
+                // The threads already running take the jobs; if there
+                // are none, the engine cannot go on.
+                let mut q = lock(&self.shared.queue);
+                q.threads -= spawn - i;
+                if q.threads == 0 {
+                    return Err(e);
+                }
+                warn!("I/O thread not started ({e}); {} running", q.threads);
+                break;
+            }
+            self.spawned += 1;
+        }
+        Ok(())
     }
 
     fn reap(&mut self, mut done: impl FnMut(Done)) {
@@ -235,23 +279,59 @@ fn run(shared: &PoolShared) {
                 if q.stop {
                     break None;
                 }
-                q = shared.more.wait(q).unwrap_or_else(PoisonError::into_inner);
+                q.idle += 1;
+                let (g, timeout) = shared
+                    .more
+                    .wait_timeout(q, shared.idle_for)
+                    .unwrap_or_else(PoisonError::into_inner);
+                q = g;
+                q.idle -= 1;
+                if timeout.timed_out() && q.jobs.is_empty() {
+                    break None;
+                }
             }
         };
-        let Some((tag, request)) = job else { return };
+        let Some((tag, request)) = job else {
+            let mut q = lock(&shared.queue);
+            q.threads -= 1;
+            shared.gone.notify_all();
+            return;
+        };
         let result = perform(shared.file.as_fd(), &request);
-        lock(&shared.done).push((tag, result, request));
-        let _ = shared.event.write(1);
+        // The eventfd is written by whoever finds the list empty: the
+        // worker resets it before it takes the whole list, so a list that
+        // is not empty has a write to come or one it has not yet seen.
+        let first = {
+            let mut done = lock(&shared.done);
+            done.push((tag, result, request));
+            done.len() == 1
+        };
+        if first {
+            let _ = shared.event.write(1);
+        }
     }
 }
 
 impl Drop for ThreadPool {
     fn drop(&mut self) {
-        self.submit();
-        lock(&self.shared.queue).stop = true;
+        // Submitted requests are done before the pool goes (their buffers
+        // are guest memory the caller is about to release); with no
+        // thread to run them, they are run here.
+        if self.submit().is_err() {
+            let jobs: Vec<_> = lock(&self.shared.queue).jobs.drain(..).collect();
+            for (_, request) in jobs {
+                let _ = perform(self.shared.file.as_fd(), &request);
+            }
+        }
+        let mut q = lock(&self.shared.queue);
+        q.stop = true;
         self.shared.more.notify_all();
-        for t in self.threads.drain(..) {
-            let _ = t.join();
+        while q.threads > 0 {
+            q = self
+                .shared
+                .gone
+                .wait(q)
+                .unwrap_or_else(PoisonError::into_inner);
         }
     }
 }
@@ -427,6 +507,48 @@ mod tests {
             let mut w = IoRequest::Write { offset: 0, bufs };
             assert!(!w.advance(100));
             assert!(!IoRequest::Sync.advance(0));
+        }
+    }
+
+    /// The pool starts a thread for each request no idle thread takes, up
+    /// to its maximum, and its threads exit when idle; it grows again for
+    /// the next requests.
+    #[test]
+    fn the_thread_pool_grows_with_the_load_and_shrinks_when_idle() {
+        let mem = guest(1 << 20);
+        let file = image(1 << 20);
+        for (max, batch) in [(64, 16), (4, 16)] {
+            let idle = Duration::from_millis(200);
+            let mut pool =
+                ThreadPool::with_idle_exit(file.as_fd().try_clone_to_owned().unwrap(), max, idle)
+                    .unwrap();
+            assert_eq!(pool.threads(), 0);
+            for round in 0..2 {
+                for i in 0..batch {
+                    let mut bufs = Vec::new();
+                    mem.io_bufs(i * 4096, 4096, true, &mut bufs).unwrap();
+                    pool.push(i, IoRequest::Read { offset: i * 4096, bufs });
+                }
+                pool.submit().unwrap();
+                let started = pool.threads();
+                // Nobody idle: one thread per request, up to the cap.
+                assert_eq!(started, (batch as usize).min(max), "round {round}");
+                let mut n = 0;
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while n < batch {
+                    assert!(std::time::Instant::now() < deadline, "completions lost");
+                    pool.reap(|(_, r, _)| {
+                        assert_eq!(r.unwrap(), 4096);
+                        n += 1
+                    });
+                    std::thread::yield_now();
+                }
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while pool.threads() > 0 {
+                    assert!(std::time::Instant::now() < deadline, "idle threads stay");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
         }
     }
 

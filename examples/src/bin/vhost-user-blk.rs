@@ -38,7 +38,8 @@ usage: vhost-user-blk (--socket-path PATH | --fd N) [options]
   --aio MODE           io_uring (default; falls back to threads where it
                        cannot be set up), threads (a pool per queue) or
                        sync (one request at a time per queue)
-  --io-threads N       threads per queue with --aio threads (default 4)
+  --io-threads N       at most N I/O threads per queue with --aio threads,
+                       started as requests need them (default 64)
   --num-queues N       number of request queues (default 1)
   --threads T          worker threads serving the queues, 1 to N: queue q
                        runs on thread q % T (default: one per queue)
@@ -137,7 +138,7 @@ fn run() -> Result<(), String> {
         "sync" => None,
         m => Some(m.parse()?),
     };
-    let io_threads: usize = args.get_or("io-threads", 4)?;
+    let io_threads: usize = args.get_or("io-threads", 64)?;
     if !(1..=256).contains(&io_threads) {
         return Err("--io-threads must be 1 to 256".into());
     }

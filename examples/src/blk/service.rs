@@ -222,14 +222,14 @@ impl<B: BlockBackend> BlkService<B> {
             }),
             delay: Duration::ZERO,
             aio: Some(AioMode::IoUring),
-            io_threads: 4,
+            io_threads: 64,
         }
     }
 
     /// How the Linux runtime carries out reads, writes and flushes of a
     /// backend with a file: `Some(mode)` asynchronously through an
     /// io_uring or a pool of `threads` threads per ring (the default is
-    /// io_uring, falling back to 4 threads), `None` synchronously in the
+    /// io_uring, falling back to up to 64 threads), `None` synchronously in the
     /// ring's worker through a bounce buffer. Clones made afterwards
     /// share it.
     pub fn with_aio(mut self, mode: Option<AioMode>, threads: usize) -> Self {
