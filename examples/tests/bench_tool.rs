@@ -741,3 +741,60 @@ fn a_loop_device_with_4k_blocks_under_o_direct() {
     assert!(log.contains("not aligned for O_DIRECT"), "{log}");
     assert!(log.contains("4096-byte offsets and lengths"), "{log}");
 }
+
+/// The names of all the daemon's threads seen while `vhu bench` runs with
+/// `args` (sampled every 20 ms), the bench's output checked.
+fn threads_during(d: &common::Daemon, args: &[&str]) -> std::collections::BTreeSet<String> {
+    let mut bench = Command::new(env!("CARGO_BIN_EXE_vhu"))
+        .args(["bench", "--socket-path"])
+        .arg(&d.sock)
+        .args(args)
+        .args(["--runtime", "2", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    while bench.try_wait().unwrap().is_none() {
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", d.child.id())) {
+            for t in tasks.flatten() {
+                if let Ok(n) = std::fs::read_to_string(t.path().join("comm")) {
+                    seen.insert(n.trim().to_string());
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = bench.wait_with_output().unwrap();
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{s}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    seen
+}
+
+/// With the page cache, writes are copies the worker makes itself: a
+/// deep buffered write load never wakes io_uring's worker threads (which
+/// would cost a thread hand-off per write). Flushes, which io_uring does
+/// block on its workers, show that those threads are seen when they run.
+#[test]
+fn page_cache_writes_stay_off_io_uring_worker_threads() {
+    let d = daemon(&["--size", "32M", "--cache", "writeback"]);
+    let writes = threads_during(&d, &["--rw", "randwrite", "--iodepth", "32"]);
+    assert!(
+        writes.iter().any(|n| n.starts_with("vhu-worker-")),
+        "{writes:?}"
+    );
+    let io_wq: Vec<_> = writes.iter().filter(|n| n.starts_with("iou-wrk")).collect();
+    assert!(io_wq.is_empty(), "buffered writes went to {io_wq:?}");
+    let flushes = threads_during(
+        &d,
+        &["--rw", "randwrite", "--iodepth", "32", "--flush-every", "1"],
+    );
+    assert!(
+        flushes.iter().any(|n| n.starts_with("iou-wrk")),
+        "flushes through io_uring ran on no worker thread: {flushes:?}"
+    );
+}
