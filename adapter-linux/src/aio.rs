@@ -527,7 +527,13 @@ mod tests {
                 for i in 0..batch {
                     let mut bufs = Vec::new();
                     mem.io_bufs(i * 4096, 4096, true, &mut bufs).unwrap();
-                    pool.push(i, IoRequest::Read { offset: i * 4096, bufs });
+                    pool.push(
+                        i,
+                        IoRequest::Read {
+                            offset: i * 4096,
+                            bufs,
+                        },
+                    );
                 }
                 pool.submit().unwrap();
                 let started = pool.threads();

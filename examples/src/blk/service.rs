@@ -33,7 +33,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -51,7 +51,8 @@ use vhost_user_core::vring::Chain;
 use vhost_user_linux::aio::{Aio, AioMode};
 use vhost_user_linux::backend::{InflightArea, InflightAreaMut, SharedDevice};
 use vhost_user_linux::memory::Mapped;
-use vhost_user_linux::sys::mmap::IoBuf;
+use vhost_user_linux::sys::memfd;
+use vhost_user_linux::sys::mmap::{Access, IoBuf, MmapRegion};
 use vhost_user_linux::sys::uring::{perform, IoRequest};
 
 use super::file::{unsupported, PUNCH_HOLE, ZERO_RANGE};
@@ -143,6 +144,10 @@ struct Pending {
     /// A read: the guest ranges the kernel writes into, marked in the
     /// dirty log once it is done (when the front-end logs then).
     written: Vec<(u64, u64)>,
+    /// O_DIRECT with guest buffers not aligned for it: the aligned
+    /// buffer the I/O uses instead (a read's data is copied to the guest
+    /// ranges in `written` once it is done).
+    bounce: Option<Arc<MmapRegion>>,
 }
 
 /// A discard or write zeroes in the engine: its ranges, carried out one
@@ -195,6 +200,8 @@ pub struct Scratch {
     reaped: Vec<(u64, io::Result<usize>, IoRequest)>,
     /// An unaligned O_DIRECT request was logged.
     warned_alignment: bool,
+    /// A bounced O_DIRECT request was logged.
+    warned_bounce: bool,
     /// With a delay: requests whose I/O is done, held until they are due
     /// (due, token, used length).
     held: Vec<(Instant, Token, u32)>,
@@ -451,6 +458,7 @@ impl<B: BlockBackend> BlkService<B> {
             due: None,
             zeroing: None,
             written: scratch.spare.pop().unwrap_or_default(),
+            bounce: None,
         };
         let direct = self.inner.backend.direct_alignment();
         let read = matches!(op, BlkOp::Read { .. });
@@ -478,19 +486,45 @@ impl<B: BlockBackend> BlkService<B> {
             if bad.is_none() {
                 if let Some(a) = direct {
                     if !aligned(offset, len, &bufs, a) {
-                        if !scratch.warned_alignment {
-                            scratch.warned_alignment = true;
-                            log::warn!(
-                                "queue {queue}: refusing a request not aligned for O_DIRECT \
-                                 (offset {offset}, {len} bytes, {} buffers; the image needs \
-                                 {}-byte offsets and lengths and {}-byte aligned buffers); \
-                                 such requests fail with IOERR",
-                                bufs.len(),
-                                a.offset,
-                                a.memory
-                            );
+                        let bounced = if (offset | len) & (u64::from(a.offset.max(1)) - 1) == 0 {
+                            bounce(mem, plan.data(), p.len, read)
+                        } else {
+                            Err("offset or length not aligned")
+                        };
+                        match bounced {
+                            Ok(region) => {
+                                match IoBuf::new(&region, 0, p.len, read) {
+                                    Ok(b) => {
+                                        bufs.clear();
+                                        bufs.push(b);
+                                        p.bounce = Some(region);
+                                    }
+                                    Err(_) => bad = Some("bounce buffer"),
+                                }
+                                if !scratch.warned_bounce {
+                                    scratch.warned_bounce = true;
+                                    log::info!(
+                                        "queue {queue}: guest buffers not aligned for O_DIRECT \
+                                         (the image needs {}-byte aligned buffers); such \
+                                         requests go through an aligned bounce buffer",
+                                        a.memory
+                                    );
+                                }
+                            }
+                            Err(why) => {
+                                if !scratch.warned_alignment {
+                                    scratch.warned_alignment = true;
+                                    log::warn!(
+                                        "queue {queue}: refusing a request not aligned for \
+                                         O_DIRECT (offset {offset}, {len} bytes: {why}; the \
+                                         image needs {}-byte offsets and lengths); such \
+                                         requests fail with IOERR",
+                                        a.offset,
+                                    );
+                                }
+                                bad = Some("not aligned for O_DIRECT");
+                            }
                         }
-                        bad = Some("not aligned for O_DIRECT");
                     }
                 }
             }
@@ -626,6 +660,65 @@ fn write_now(fd: BorrowedFd<'_>, mut request: IoRequest) -> BlkStatus {
             }
         }
     }
+}
+
+/// An aligned buffer for `len` bytes of an O_DIRECT request whose guest
+/// buffers are not aligned (a page-aligned mapping of a memfd); for a
+/// write, it holds the data of the guest `segments` already.
+fn bounce<T: Copy + Into<Segment>>(
+    mem: &Mapped<'_>,
+    segments: &[T],
+    len: usize,
+    read: bool,
+) -> Result<Arc<MmapRegion>, &'static str> {
+    let fd =
+        memfd::create("vhu-bounce", len as u64).map_err(|_| "no memory for a bounce buffer")?;
+    let region = MmapRegion::map(fd.as_fd(), 0, len as u64, Access::ReadWrite)
+        .map_err(|_| "no memory for a bounce buffer")?;
+    if !read {
+        let mut at = 0usize;
+        let mut chunk = vec![0u8; len.min(1 << 16)];
+        for s in segments {
+            let s: Segment = (*s).into();
+            let n = (s.len as usize).min(len - at);
+            let mut done = 0;
+            while done < n {
+                let k = (n - done).min(chunk.len());
+                mem.inner()
+                    .read(s.addr + done as u64, &mut chunk[..k])
+                    .map_err(|_| "a data buffer outside guest memory")?;
+                region
+                    .write((at + done) as u64, &chunk[..k])
+                    .map_err(|_| "bounce buffer")?;
+                done += k;
+            }
+            at += n;
+            if at == len {
+                break;
+            }
+        }
+    }
+    Ok(Arc::new(region))
+}
+
+/// Copies a bounced read's data to the guest ranges it was for.
+fn unbounce(mem: &Mapped<'_>, region: &MmapRegion, ranges: &[(u64, u64)]) -> bool {
+    let mut chunk = vec![0u8; region.len().min(1 << 16)];
+    let mut at = 0u64;
+    for &(addr, n) in ranges {
+        let mut done = 0;
+        while done < n {
+            let k = (n - done).min(chunk.len() as u64) as usize;
+            if region.read(at + done, &mut chunk[..k]).is_err()
+                || mem.inner().write(addr + done, &chunk[..k]).is_err()
+            {
+                return false;
+            }
+            done += k as u64;
+        }
+        at += n;
+    }
+    true
 }
 
 /// `offset` and `len` are multiples of the logical block size, and every
@@ -842,6 +935,11 @@ impl<B: BlockBackend + 'static> SharedDevice for BlkService<B> {
                     }
                 }
             }
+            let ok = ok
+                && p.bounce
+                    .as_ref()
+                    .is_none_or(|b| unbounce(mem, b, &p.written));
+            p.bounce = None;
             // The kernel wrote the read's data: in the dirty log before
             // the request completes (a migration pass that clears the
             // bits after this copies the new bytes).
