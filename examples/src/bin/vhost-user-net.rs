@@ -40,6 +40,9 @@ usage: vhost-user-net (--socket-path PATH | --fd N) [options]
   --threads T          worker threads serving the queues, 1 to 2N: queue q
                        runs on thread q % T (default: one per queue)
   --queue-size N       largest ring size a front-end may use (default 1024)
+  --spin-us N          how long an idle worker polls its rings before it
+                       sleeps on their kicks (default 50; a large value
+                       keeps a busy-polling worker, as DPDK's back-end)
   --no-mrg-rxbuf       do not offer mergeable receive buffers
   --trust-unsealable-memfd  map guest memory memfds that cannot be sealed
                        against shrinking (DPDK virtio-user without
@@ -65,6 +68,7 @@ const OPTIONS: &[&str] = &[
     "queue-pairs",
     "threads",
     "queue-size",
+    "spin-us",
     "no-mrg-rxbuf",
     "trust-unsealable-memfd",
     "log-level",
@@ -137,6 +141,10 @@ fn run() -> Result<(), String> {
         .get("mtu")
         .map(|m| m.parse().map_err(|_| format!("invalid --mtu {m:?}")))
         .transpose()?;
+    let spin_us: u64 = args.get_or("spin-us", 50)?;
+    if spin_us > 10_000_000 {
+        return Err("--spin-us must be at most 10000000".into());
+    }
     let frame_size: usize = args.get_or("frame-size", 60)?;
     if !(14..=65535).contains(&frame_size) {
         return Err("--frame-size must be 14 to 65535".into());
@@ -209,6 +217,7 @@ fn run() -> Result<(), String> {
     let options = RuntimeOptions {
         threads: usize::from(threads),
         trust_unsealable_memfd: args.flag("trust-unsealable-memfd"),
+        spin: std::time::Duration::from_micros(spin_us),
         ..RuntimeOptions::default()
     };
     for line in options.thread_map(num_queues) {
