@@ -13,7 +13,7 @@ use std::io;
 use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd};
 use std::ptr::{self, NonNull};
-use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use super::{cvt, page_size};
@@ -285,6 +285,32 @@ impl MmapRegion {
         let cell = unsafe { AtomicU8::from_ptr(p) };
         cell.fetch_or(bits, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+impl MmapRegion {
+    /// Atomically replaces the u64 at `off` (8-aligned) with `v` and
+    /// returns what was there (native byte order): how a front-end reads
+    /// and clears the dirty log a word at a time while the back-end sets
+    /// bits in it, losing none.
+    #[inline]
+    pub fn swap_u64(&self, off: u64, v: u64) -> Result<u64, AccessError> {
+        if self.access != Access::ReadWrite {
+            return Err(AccessError::ReadOnly);
+        }
+        if off % 8 != 0 {
+            return Err(AccessError::Misaligned);
+        }
+        let p = self.at(off, 8)?;
+        if (p as usize) % 8 != 0 {
+            return Err(AccessError::Misaligned);
+        }
+        // SAFETY: `p` is 8-aligned, inside the mapping for 8 bytes, and the
+        // mapping lives as long as `&self`; every access of ours to the log
+        // is atomic, and an AtomicU64 may alias memory other processes
+        // write (with their own atomics).
+        let cell = unsafe { AtomicU64::from_ptr(p.cast::<u64>()) };
+        Ok(cell.swap(v, Ordering::AcqRel))
     }
 }
 
