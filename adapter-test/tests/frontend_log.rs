@@ -328,6 +328,14 @@ fn logging_commands_are_refused_where_they_do_not_apply() {
         },
     );
     assert_eq!(p.fe.regions(), [region(0, RAM)]);
+
+    // Stopped without memory: no log to size (an empty SET_LOG_BASE would
+    // be malformed).
+    let (mut p, _, _) = started(protocol);
+    p.stop().unwrap();
+    p.fe.set_memory(&[]).unwrap();
+    let r = p.fe.start_logging(0);
+    refused(&mut p, r, FrontendError::NoRegions);
 }
 
 /// The reply to SET_LOG_BASE, in the engine's hands: `payload` after a

@@ -959,8 +959,9 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
     /// ([`FrontendError::AlreadyLogging`]). Refused (nothing changes) when
     /// the back-end did not offer VHOST_F_LOG_ALL
     /// ([`FrontendError::LogAllNotOffered`]), without LOG_SHMFD negotiated
-    /// ([`FrontendError::NotNegotiated`] of SET_LOG_BASE) and for a log
-    /// that does not cover the memory ([`FrontendError::LogTooSmall`]).
+    /// ([`FrontendError::NotNegotiated`] of SET_LOG_BASE), without memory
+    /// regions ([`FrontendError::NoRegions`]) and for a log that does not
+    /// cover the memory ([`FrontendError::LogTooSmall`]).
     pub fn start_logging(&mut self, size: u64) -> Result<(), FrontendError> {
         self.check_command(&[State::Started, State::Stopped])?;
         if self.log.is_some() {
@@ -971,6 +972,9 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
         }
         if !self.protocol.contains(ProtocolFeatures::LOG_SHMFD) {
             return Err(FrontendError::NotNegotiated(FrontendReq::SetLogBase));
+        }
+        if self.config.regions.is_empty() {
+            return Err(FrontendError::NoRegions);
         }
         let needed = log_size(&self.config.regions);
         if size < needed {
