@@ -784,7 +784,7 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
         let got = l.engine().protocol_features();
         if !got.contains(migration) {
             return Err(format!(
-                "--migrate-every needs a back-end that offers {:?} (vhost-user-blk --migration)",
+                "--migrate-every needs a back-end that offers {:?} (vhost-user-blk does unless --no-migration)",
                 migration.difference(got)
             ));
         }

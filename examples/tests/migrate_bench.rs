@@ -34,12 +34,12 @@ fn link(d: &Daemon) -> FrontendLink<1, 1> {
 
 #[test]
 fn the_front_end_link_saves_and_loads_through_a_pipe() {
-    let plain = Daemon::start_with(&["--size", "16M"]);
+    let plain = Daemon::start_with(&["--size", "16M", "--no-migration"]);
     let mut l = link(&plain);
     assert!(!l.engine().protocol_features().contains(P::DEVICE_STATE));
     assert!(l.save_state(1 << 20).is_err(), "not negotiated");
 
-    let d = Daemon::start_with(&["--size", "16M", "--migration"]);
+    let d = Daemon::start_with(&["--size", "16M"]);
     let mut l = link(&d);
     let saved = l.save_state(1 << 20).unwrap();
     let s = blk_state::load(&saved, &mut []).unwrap();
@@ -71,7 +71,6 @@ fn pair(dir: &TempDir) -> (Daemon, Daemon) {
         &img,
         "--num-queues",
         "2",
-        "--migration",
         "--io-delay-us",
         "500",
     ];
@@ -166,8 +165,8 @@ fn vhu_bench_migrates_twenty_times_with_message_45() {
 
 #[test]
 fn vhu_bench_refuses_to_migrate_without_device_state() {
-    let a = Daemon::start_with(&["--size", "16M"]);
-    let b = Daemon::start_with(&["--size", "16M"]);
+    let a = Daemon::start_with(&["--size", "16M", "--no-migration"]);
+    let b = Daemon::start_with(&["--size", "16M", "--no-migration"]);
     drop(a.connect());
     drop(b.connect());
     let out = Command::new(env!("CARGO_BIN_EXE_vhu"))

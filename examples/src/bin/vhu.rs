@@ -44,7 +44,7 @@ usage: vhu probe --socket-path PATH [--device blk|net] [--json]
            flight resubmitted by the destination; the source logs dirty
            pages meanwhile (LOG_SHMFD, VHOST_F_LOG_ALL), read and checked
            at each switch (both offer DEVICE_STATE and dirty logging:
-           vhost-user-blk --migration)
+           vhost-user-blk does unless --no-migration)
 ";
 
 fn main() -> ExitCode {
