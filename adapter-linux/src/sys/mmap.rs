@@ -451,6 +451,26 @@ mod tests {
     }
 
     #[test]
+    fn swap_u64_reads_and_clears_a_word_seen_by_byte_or() {
+        let fd = super::super::memfd::create("t", 4096).unwrap();
+        let a = MmapRegion::map(fd.as_fd(), 0, 4096, Access::ReadWrite).unwrap();
+        // Bits set a byte at a time, as the back-end marks the log.
+        a.fetch_or_u8(8, 0x01).unwrap();
+        a.fetch_or_u8(15, 0x80).unwrap();
+        assert_eq!(u64::from_le(a.swap_u64(8, 0).unwrap()), 1 | 1 << 63);
+        assert_eq!(a.swap_u64(8, 0).unwrap(), 0, "cleared");
+        assert_eq!(a.swap_u64(4, 0), Err(AccessError::Misaligned));
+        assert_eq!(a.swap_u64(4096, 0), Err(AccessError::OutOfBounds));
+        assert_eq!(a.swap_u64(4092 & !7, 0), Ok(0));
+        let r = MmapRegion::map(fd.as_fd(), 0, 4096, Access::Read).unwrap();
+        assert_eq!(r.swap_u64(0, 0), Err(AccessError::ReadOnly));
+        // A mapping whose data starts off the page boundary: the word at
+        // offset 0 is not 8-aligned in memory.
+        let off = MmapRegion::map(fd.as_fd(), 4, 64, Access::ReadWrite).unwrap();
+        assert_eq!(off.swap_u64(0, 0), Err(AccessError::Misaligned));
+    }
+
+    #[test]
     fn refuses_a_file_shorter_than_the_region() {
         let fd = super::super::memfd::create("t", 4096).unwrap();
         let e = MmapRegion::map(fd.as_fd(), 4096, 4096, Access::Read).unwrap_err();
