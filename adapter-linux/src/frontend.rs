@@ -11,6 +11,12 @@
 //! of its own (so a back-end request is answered even while the link waits
 //! for a main-channel reply): config changes, in-band calls and ring
 //! errors are counted in [`ChannelCounters`] and acked.
+//!
+//! For live migration the link saves and loads the device state
+//! ([`FrontendLink::save_state`], [`FrontendLink::load_state`]) and keeps
+//! the dirty log ([`FrontendLink::start_logging`]): a sealed memfd of one
+//! bit per 4 KiB guest page, shared with the back-end by SET_LOG_BASE,
+//! read and cleared with [`FrontendLink::take_dirty_pages`].
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -23,12 +29,13 @@ use std::time::Duration;
 
 use vhost_user_core::feature::ProtocolFeatures;
 use vhost_user_core::frontend::{
-    BackendInfo, BackendNotice, BackendServer, Event, FdRef, Frontend, FrontendConfig,
+    log_size, BackendInfo, BackendNotice, BackendServer, Event, FdRef, Frontend, FrontendConfig,
     FrontendError, State, DEFAULT_QUEUES, DEFAULT_REGIONS,
 };
 use vhost_user_core::message::{DeviceStateDirection, FrontendReq, HEADER_SIZE, MAX_MESSAGE};
 
 use crate::sys::eventfd::EventFd;
+use crate::sys::mmap::{Access, MmapRegion};
 use crate::sys::socket::Stream;
 
 /// Why the front-end link failed.
@@ -200,6 +207,14 @@ fn serve_channel(
     }
 }
 
+/// The dirty log while logging is on: the memfd shared with the back-end
+/// and our mapping of it.
+#[derive(Debug)]
+struct LogArea {
+    fd: OwnedFd,
+    map: MmapRegion,
+}
+
 /// A front-end connection: the socket, the engine and the fds it names.
 #[derive(Debug)]
 pub struct FrontendLink<const Q: usize = DEFAULT_QUEUES, const R: usize = DEFAULT_REGIONS> {
@@ -217,6 +232,8 @@ pub struct FrontendLink<const Q: usize = DEFAULT_QUEUES, const R: usize = DEFAUL
     /// The fd SET_DEVICE_STATE_FD's reply carried (the back-end's own
     /// channel), if any.
     state_reply_fd: Option<OwnedFd>,
+    /// The dirty log, while logging is on.
+    log: Option<LogArea>,
     events: VecDeque<Event>,
     reply_timeout: Duration,
 }
@@ -248,6 +265,7 @@ impl<const Q: usize, const R: usize> FrontendLink<Q, R> {
             inflight: None,
             state_fd: None,
             state_reply_fd: None,
+            log: None,
             events: VecDeque::new(),
             reply_timeout: REPLY_TIMEOUT,
         })
@@ -305,6 +323,7 @@ impl<const Q: usize, const R: usize> FrontendLink<Q, R> {
             FdRef::Inflight => self.inflight.as_ref().map(|f| f.as_fd()),
             FdRef::DeviceState => self.state_fd.as_ref().map(|f| f.as_fd()),
             FdRef::BackendChannel => self.channel.as_ref()?.theirs.as_ref().map(|s| s.as_fd()),
+            FdRef::Log => self.log.as_ref().map(|l| l.fd.as_fd()),
         }
     }
 
@@ -424,6 +443,8 @@ impl<const Q: usize, const R: usize> FrontendLink<Q, R> {
             c.calls = calls;
         }
         self.fe = Frontend::new(cfg)?;
+        // A new session does not log until asked.
+        self.log = None;
         self.events.clear();
         self.drive()?;
         if self.fe.state() != State::Ready {
@@ -539,6 +560,87 @@ impl<const Q: usize, const R: usize> FrontendLink<Q, R> {
             io::Write::write_all(&mut f, &state)
         })?;
         self.check_transfer()
+    }
+
+    /// Switches dirty logging on (the rings running, or stopped after a
+    /// start): a sealed memfd of [`log_size`] bytes for the memory regions
+    /// (one bit per 4 KiB page of guest physical address, whole u64
+    /// words), mapped here and sent with SET_LOG_BASE, then VHOST_F_LOG_ALL
+    /// and, for running rings, VHOST_VRING_F_LOG
+    /// ([`Frontend::start_logging`]). Returns the log's size in bytes. The
+    /// engine's refusals (logging already on, VHOST_F_LOG_ALL not offered,
+    /// LOG_SHMFD not negotiated, wrong state) come back as
+    /// [`LinkError::Engine`] and leave nothing behind.
+    pub fn start_logging(&mut self) -> Result<u64, LinkError> {
+        // Refusals first, before a memfd is made for nothing.
+        if self.fe.logging().is_some() {
+            return Err(FrontendError::AlreadyLogging.into());
+        }
+        let size = log_size(self.fe.regions());
+        if size == 0 {
+            return Err(FrontendError::NoRegions.into());
+        }
+        let fd = crate::sys::memfd::create_sealed("vhu-dirty-log", size)?;
+        let map = MmapRegion::map(fd.as_fd(), 0, size, Access::ReadWrite)?;
+        self.fe.start_logging(size)?;
+        self.log = Some(LogArea { fd, map });
+        let sent = self.drive();
+        if let Err(e) = sent {
+            self.log = None;
+            return Err(e);
+        }
+        self.take_event(|e| matches!(e, Event::Logging(true)))
+            .ok_or(LinkError::Engine(FrontendError::Failed))?;
+        Ok(size)
+    }
+
+    /// Switches dirty logging off (SET_FEATURES without VHOST_F_LOG_ALL,
+    /// SET_VRING_ADDR without VHOST_VRING_F_LOG for running rings), then
+    /// unmaps and closes the log. Read it with
+    /// [`take_dirty_pages`](Self::take_dirty_pages) before, if the last
+    /// bits matter.
+    pub fn stop_logging(&mut self) -> Result<(), LinkError> {
+        self.fe.stop_logging()?;
+        let sent = self.drive();
+        self.log = None;
+        sent?;
+        self.take_event(|e| matches!(e, Event::Logging(false)))
+            .map(|_| ())
+            .ok_or(LinkError::Engine(FrontendError::Failed))
+    }
+
+    /// Whether dirty logging is on.
+    pub fn is_logging(&self) -> bool {
+        self.log.is_some()
+    }
+
+    /// Reads and clears the dirty log: the guest page numbers (guest
+    /// physical address / 4096) whose bits the back-end set since logging
+    /// began or the last call, in ascending order. Each u64 word is
+    /// swapped with 0 atomically, so a bit the back-end sets meanwhile is
+    /// either in this answer or in the next. Empty when logging is off.
+    pub fn take_dirty_pages(&self) -> Vec<u64> {
+        let mut pages = Vec::new();
+        let Some(log) = &self.log else {
+            return pages;
+        };
+        let words = log.map.len() as u64 / 8;
+        for w in 0..words {
+            // In bounds and 8-aligned: the mapping is page aligned and
+            // `words` whole words long.
+            let Ok(v) = log.map.swap_u64(w * 8, 0) else {
+                continue;
+            };
+            // The bitmap is bytes (page p is bit p % 8 of byte p / 8): as
+            // a little-endian word, bit j is page 64 w + j.
+            let mut bits = u64::from_le(v);
+            while bits != 0 {
+                let j = u64::from(bits.trailing_zeros());
+                pages.push(w * 64 + j);
+                bits &= bits - 1;
+            }
+        }
+        pages
     }
 
     /// Gives the link the inflight area's fd of an earlier connection (with

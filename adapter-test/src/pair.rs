@@ -1120,6 +1120,7 @@ impl<D: Device, const Q: usize, const R: usize> Pair<D, Q, R> {
                 Action::MapInflight { fd: i, .. } => assert_eq!(fd(i), FdRef::Inflight),
                 Action::SetBackendChannel { fd: i } => assert_eq!(fd(i), FdRef::BackendChannel),
                 Action::TransferState { fd: i, .. } => assert_eq!(fd(i), FdRef::DeviceState),
+                Action::MapLog { fd: i, .. } => assert_eq!(fd(i), FdRef::Log),
                 _ => {}
             }
         }

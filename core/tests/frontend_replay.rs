@@ -233,10 +233,10 @@ fn replays_qemu_start_and_stop_against_qsd() {
     for (o, q) in ours.iter().zip(&qemu) {
         assert_eq!(o.nfds, q.nfds, "fds of {}", q.id);
         if q.id == C::SetProtocolFeatures.id() {
-            // We ack only what we implement of qsd's offer.
+            // We ack only what we implement of qsd's offer (LOG_SHMFD included).
             let acked = u64::from_ne_bytes(o.bytes[HEADER_SIZE..].try_into().unwrap());
             assert_eq!(acked, offered_protocol & SUPPORTED_PROTOCOL_FEATURES.bits());
-            assert_eq!(acked, 0x8229);
+            assert_eq!(acked, 0x822b);
             continue;
         }
         if q.id == C::SetVringKick.id() {
@@ -255,7 +255,7 @@ fn replays_qemu_start_and_stop_against_qsd() {
         [
             Event::Negotiated {
                 features: V::from_bits_retain(features),
-                protocol_features: P::from_bits_retain(0x8229),
+                protocol_features: P::from_bits_retain(0x822b),
             },
             Event::Config {
                 offset: 0,

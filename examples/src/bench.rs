@@ -18,6 +18,15 @@
 //! back-end, which starts from the source's bases over the same guest
 //! memory and rings and resubmits them. Each request must complete exactly
 //! once (and with `verify`, read back what was written).
+//!
+//! The source logs dirty pages as a migration source does: logging goes on
+//! (SET_LOG_BASE, VHOST_F_LOG_ALL, VHOST_VRING_F_LOG) at the start of each
+//! interval, and at the switch, once the rings are stopped, the bitmap is
+//! read and cleared and logging goes off. The pages logged must be
+//! plausible: some when requests posted under logging completed (their
+//! status bytes and used-ring entries), and only pages the back-end may
+//! write (used rings, request headers with their status bytes, data
+//! buffers); never a descriptor table or an avail ring.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -164,6 +173,10 @@ pub struct Report {
     /// Completions of requests that were not outstanding (counted, with
     /// migrations; an error otherwise).
     pub duplicated: u64,
+    /// Dirty pages the sources logged, all migrations together.
+    pub dirty_pages: u64,
+    /// Fewest and most dirty pages one migration logged.
+    pub dirty_pages_range: (u64, u64),
 }
 
 impl Report {
@@ -218,6 +231,11 @@ impl Report {
                 "migrations {} ({} requests in flight carried): {} requests lost, {} duplicated",
                 self.migrations, self.carried, self.lost, self.duplicated
             );
+            let _ = writeln!(
+                s,
+                "dirty pages logged: {} ({} to {} per migration)",
+                self.dirty_pages, self.dirty_pages_range.0, self.dirty_pages_range.1
+            );
         }
         s
     }
@@ -225,7 +243,7 @@ impl Report {
     /// The report as JSON.
     pub fn json(&self) -> String {
         format!(
-            "{{\"requests\": {}, \"seconds\": {:.6}, \"iops\": {:.1}, \"mbps\": {:.3}, \"p50_ns\": {}, \"p99_ns\": {}, \"p999_ns\": {}, \"kicks\": {}, \"calls\": {}, \"reconnects\": {}, \"config_changes\": {}, \"backend_calls\": {}, \"ring_errors\": {}, \"migrations\": {}, \"carried\": {}, \"lost\": {}, \"duplicated\": {}, \"notifications_per_request\": {:.4}}}\n",
+            "{{\"requests\": {}, \"seconds\": {:.6}, \"iops\": {:.1}, \"mbps\": {:.3}, \"p50_ns\": {}, \"p99_ns\": {}, \"p999_ns\": {}, \"kicks\": {}, \"calls\": {}, \"reconnects\": {}, \"config_changes\": {}, \"backend_calls\": {}, \"ring_errors\": {}, \"migrations\": {}, \"carried\": {}, \"lost\": {}, \"duplicated\": {}, \"dirty_pages\": {}, \"dirty_pages_min\": {}, \"dirty_pages_max\": {}, \"notifications_per_request\": {:.4}}}\n",
             self.requests,
             self.elapsed.as_secs_f64(),
             self.iops(),
@@ -243,6 +261,9 @@ impl Report {
             self.carried,
             self.lost,
             self.duplicated,
+            self.dirty_pages,
+            self.dirty_pages_range.0,
+            self.dirty_pages_range.1,
             self.notifications_per_request()
         )
     }
@@ -474,10 +495,11 @@ fn open(
 /// Largest device state taken from a source back-end.
 const MAX_STATE: u64 = 64 << 20;
 
-/// Moves the device from `from` (running) to `to` (connected, stopped or
-/// never started): stop without draining, save, load, start from the
-/// same bases.
-fn migrate(from: &mut Link, to: &mut Link, queues: u16) -> Result<(), String> {
+/// Moves the device from `from` (running, logging) to `to` (connected,
+/// stopped or never started): stop without draining, the dirty log's last
+/// pass (read and cleared, logging off), save, load, start from the same
+/// bases. Returns the dirty pages logged.
+fn migrate(from: &mut Link, to: &mut Link, queues: u16) -> Result<Vec<u64>, String> {
     from.engine()
         .stop_suspending()
         .map_err(|e| format!("stop: {e}"))?;
@@ -486,6 +508,10 @@ fn migrate(from: &mut Link, to: &mut Link, queues: u16) -> Result<(), String> {
         return Err("the rings did not stop".into());
     }
     let _ = from.take_events();
+    // Suspended: the back-end writes nothing more, so this pass is final.
+    let dirty = from.take_dirty_pages();
+    from.stop_logging()
+        .map_err(|e| format!("switching logging off: {e}"))?;
     let state = from
         .save_state(MAX_STATE)
         .map_err(|e| format!("saving the device state: {e}"))?;
@@ -502,7 +528,86 @@ fn migrate(from: &mut Link, to: &mut Link, queues: u16) -> Result<(), String> {
         .map_err(|e| format!("loading the device state: {e}"))?;
     start(to)?;
     let _ = to.take_events();
-    Ok(())
+    Ok(dirty)
+}
+
+/// The guest pages a back-end may write, and those it must not (guest
+/// page numbers), for the dirty-log check.
+struct PageMap {
+    /// Used rings, request headers (status bytes), data buffers.
+    writable: std::collections::HashSet<u64>,
+    /// Used rings only.
+    used: std::collections::HashSet<u64>,
+    /// Request headers with their status bytes only.
+    headers: std::collections::HashSet<u64>,
+    /// Descriptor tables and avail rings (pages they do not share with a
+    /// used ring).
+    never: std::collections::HashSet<u64>,
+}
+
+const PAGE: u64 = 4096;
+
+fn pages(start: u64, len: u64) -> impl Iterator<Item = u64> {
+    (start / PAGE)..(start + len).div_ceil(PAGE)
+}
+
+impl PageMap {
+    fn new(rings: &[RingAddrs], q: u64, depth: u64, data_bytes: u64) -> PageMap {
+        let mut m = PageMap {
+            writable: Default::default(),
+            used: Default::default(),
+            headers: pages(0x10000 * q, 0x1000 * q * depth).collect(),
+            never: Default::default(),
+        };
+        let n = u64::from(RING_SIZE);
+        for a in rings {
+            m.used.extend(pages(a.device, 6 + 8 * n));
+        }
+        m.writable.extend(m.used.iter().copied());
+        m.writable.extend(m.headers.iter().copied());
+        m.writable.extend(pages(HIGH, data_bytes));
+        for a in rings {
+            for p in pages(a.desc, 16 * n).chain(pages(a.driver, 6 + 2 * n)) {
+                if !m.used.contains(&p) {
+                    m.never.insert(p);
+                }
+            }
+        }
+        m
+    }
+
+    /// Whether one migration's dirty pages are plausible; `completed`:
+    /// requests posted while logging was on that completed.
+    fn check(&self, dirty: &[u64], completed: u64) -> Result<(), String> {
+        if let Some(p) = dirty.iter().find(|p| self.never.contains(p)) {
+            return Err(format!(
+                "the back-end logged page {p:#x}, a descriptor table or avail ring"
+            ));
+        }
+        if let Some(p) = dirty.iter().find(|p| !self.writable.contains(p)) {
+            return Err(format!(
+                "the back-end logged page {p:#x}, which it never writes"
+            ));
+        }
+        if completed > 0 && !dirty.iter().any(|p| self.used.contains(p)) {
+            return Err(format!(
+                "{completed} requests completed under logging, no used ring page logged"
+            ));
+        }
+        if completed > 0 && !dirty.iter().any(|p| self.headers.contains(p)) {
+            return Err(format!(
+                "{completed} requests completed under logging, no status byte page logged"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Switches dirty logging on in the source.
+fn log_on(link: &mut Link) -> Result<(), String> {
+    link.start_logging()
+        .map(|_| ())
+        .map_err(|e| format!("switching dirty logging on: {e}"))
 }
 
 /// Starts every ring.
@@ -591,7 +696,7 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
     if o.reconnect {
         protocol |= P::INFLIGHT_SHMFD;
     }
-    let migration = P::INFLIGHT_SHMFD | P::GET_VRING_BASE_INFLIGHT | P::DEVICE_STATE;
+    let migration = P::INFLIGHT_SHMFD | P::GET_VRING_BASE_INFLIGHT | P::DEVICE_STATE | P::LOG_SHMFD;
     let migration = match &o.migrate {
         Some(m) if m.message_45 => migration | P::GET_VRING_BASE_SKIP_DRAIN,
         Some(_) => migration,
@@ -618,6 +723,7 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
         NotifyMode::Eventfd
     };
     let mut drivers = Vec::new();
+    let mut ring_addrs = Vec::new();
     for i in 0..q {
         let at = 0x10000 * i;
         let (ring, a, base) = if o.packed {
@@ -641,6 +747,7 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
             let a = d.addrs();
             (Ring::Split(d), a, 0)
         };
+        ring_addrs.push(a);
         let _ = cfg.queues.push(QueueConfig {
             size: RING_SIZE,
             addrs: RingAddrs {
@@ -677,9 +784,12 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
         let got = l.engine().protocol_features();
         if !got.contains(migration) {
             return Err(format!(
-                "--migrate-every needs a back-end that offers {:?} (vhost-user-blk --migration)",
+                "--migrate-every needs a back-end that offers {:?} (vhost-user-blk does unless --no-migration)",
                 migration.difference(got)
             ));
+        }
+        if o.migrate.is_some() && !l.engine().backend_info().features.contains(V::LOG_ALL) {
+            return Err("--migrate-every needs a back-end that offers VHOST_F_LOG_ALL".into());
         }
     }
     if o.inband
@@ -734,6 +844,14 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
         ));
     }
     start(&mut link)?;
+    // With migrations: the source logs dirty pages, requests from number
+    // `log_from` on were posted under logging, `logged_done` of them
+    // completed.
+    let page_map = PageMap::new(&ring_addrs, q, depth, data_bytes);
+    if o.migrate.is_some() {
+        log_on(&mut link)?;
+    }
+    let (mut log_from, mut logged_done) = (0u64, 0u64);
 
     let epoll = Epoll::new().map_err(|e| e.to_string())?;
     if let Some(c) = &inband_calls {
@@ -921,6 +1039,9 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
                         }
                     }
                 }
+                if s.req >= log_from {
+                    logged_done += 1;
+                }
                 lat.record(s.at.elapsed().as_nanos() as u64);
                 free_bufs[qi].push(s.buf);
                 rep.requests += 1;
@@ -937,9 +1058,26 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
         if let (Some(m), Some(to)) = (&o.migrate, other.as_mut()) {
             if last_migration.elapsed() >= m.every && !done(&rep, next_req) {
                 let _ = epoll.delete(link.socket());
-                migrate(&mut link, to, o.queues)
-                    .map_err(|e| format!("migration {}: {e}", rep.migrations + 1))?;
+                let n = rep.migrations + 1;
+                let dirty =
+                    migrate(&mut link, to, o.queues).map_err(|e| format!("migration {n}: {e}"))?;
+                page_map
+                    .check(&dirty, logged_done)
+                    .map_err(|e| format!("migration {n}: dirty log: {e}"))?;
+                let d = dirty.len() as u64;
+                rep.dirty_pages += d;
+                rep.dirty_pages_range = if rep.migrations == 0 {
+                    (d, d)
+                } else {
+                    (
+                        rep.dirty_pages_range.0.min(d),
+                        rep.dirty_pages_range.1.max(d),
+                    )
+                };
                 std::mem::swap(&mut link, to);
+                log_on(&mut link)?;
+                log_from = next_req;
+                logged_done = 0;
                 epoll
                     .add(link.socket(), Interest::READABLE, SOCKET)
                     .map_err(|e| e.to_string())?;

@@ -1,6 +1,6 @@
 //! Device state transfer with the `vhost-user-blk` daemon over real
 //! sockets and pipes (SET_DEVICE_STATE_FD, CHECK_DEVICE_STATE), by
-//! hand-written messages: offered only with `--migration`; the state saved
+//! hand-written messages: offered unless `--no-migration`; the state saved
 //! into a pipe is the blk state format; a malformed or foreign state is
 //! refused at CHECK_DEVICE_STATE and the connection goes on; a good one
 //! loads.
@@ -61,20 +61,25 @@ fn load(s: &Stream, bytes: &[u8]) -> u64 {
 }
 
 #[test]
-fn device_state_is_offered_only_with_migration() {
-    let plain = Daemon::start_with(&["--size", "16M"]);
+fn device_state_is_offered_unless_no_migration() {
+    let plain = Daemon::start_with(&["--size", "16M", "--no-migration"]);
     drop(plain.connect());
     let p = handshake(&plain.connect());
-    assert_eq!(p & P::DEVICE_STATE.bits(), 0);
-    let mig = Daemon::start_with(&["--size", "16M", "--migration"]);
+    assert_eq!(p & (P::DEVICE_STATE | P::LOG_SHMFD).bits(), 0);
+    let mig = Daemon::start_with(&["--size", "16M"]);
     drop(mig.connect());
     let p = handshake(&mig.connect());
     assert_ne!(p & P::DEVICE_STATE.bits(), 0);
+    assert_ne!(p & P::LOG_SHMFD.bits(), 0);
+    // --migration, the old way to ask, is the default.
+    let old = Daemon::start_with(&["--size", "16M", "--migration"]);
+    drop(old.connect());
+    assert_eq!(handshake(&old.connect()), p);
 }
 
 #[test]
 fn a_malformed_or_foreign_state_is_refused_and_a_good_one_taken() {
-    let d = Daemon::start_with(&["--size", "16M", "--migration"]);
+    let d = Daemon::start_with(&["--size", "16M"]);
     drop(d.connect());
     let s = d.connect();
     handshake(&s);
@@ -127,7 +132,7 @@ fn a_malformed_or_foreign_state_is_refused_and_a_good_one_taken() {
 /// fails, and the connection goes on (a save as well: nobody reads).
 #[test]
 fn a_transfer_the_front_end_never_ends_fails_at_its_deadline() {
-    let d = Daemon::start_with(&["--size", "16M", "--migration", "--state-timeout-ms", "300"]);
+    let d = Daemon::start_with(&["--size", "16M", "--state-timeout-ms", "300"]);
     drop(d.connect());
     let s = d.connect();
     s.set_read_timeout(Some(std::time::Duration::from_secs(10)))

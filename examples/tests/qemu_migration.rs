@@ -9,8 +9,8 @@
 //! QEMU refuses to migrate a vhost-user device whose back-end cannot log
 //! ("Migration disabled: vhost lacks VHOST_F_LOG_ALL feature", and
 //! LOG_SHMFD for vhost-user), so a migration that completes is itself the
-//! proof that it was not blocked (the daemon offers logging with
-//! `--migration`; without it QEMU refuses, which the second test checks).
+//! proof that it was not blocked (the daemon offers logging by default;
+//! with `--no-migration` QEMU refuses, which the second test checks).
 //! QEMU's stop here is its plain GET_VRING_BASE (it drains the rings).
 //!
 //! The guest kit (kernel, initramfs, QEMU) comes from
@@ -38,7 +38,11 @@ fn daemon(sock: &Path, image: &Path, log: &Path, migration: bool) -> Kill {
         .arg("--blk-file")
         .arg(image)
         .args(["--log-level", "info"])
-        .args(if migration { &["--migration"][..] } else { &[] })
+        .args(if migration {
+            &[][..]
+        } else {
+            &["--no-migration"]
+        })
         .stderr(Stdio::from(log))
         .spawn()
         .expect("start vhost-user-blk");
@@ -332,7 +336,7 @@ fn guest_migrates_between_two_daemons_under_load() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Without `--migration` the daemon offers no dirty logging, and QEMU
+/// With `--no-migration` the daemon offers no dirty logging, and QEMU
 /// refuses to migrate its guest (a migration blocker), rather than moving
 /// a guest whose device writes would be lost.
 #[test]

@@ -13,7 +13,7 @@ use std::io;
 use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd};
 use std::ptr::{self, NonNull};
-use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use super::{cvt, page_size};
@@ -288,6 +288,32 @@ impl MmapRegion {
     }
 }
 
+impl MmapRegion {
+    /// Atomically replaces the u64 at `off` (8-aligned) with `v` and
+    /// returns what was there (native byte order): how a front-end reads
+    /// and clears the dirty log a word at a time while the back-end sets
+    /// bits in it, losing none.
+    #[inline]
+    pub fn swap_u64(&self, off: u64, v: u64) -> Result<u64, AccessError> {
+        if self.access != Access::ReadWrite {
+            return Err(AccessError::ReadOnly);
+        }
+        if off % 8 != 0 {
+            return Err(AccessError::Misaligned);
+        }
+        let p = self.at(off, 8)?;
+        if (p as usize) % 8 != 0 {
+            return Err(AccessError::Misaligned);
+        }
+        // SAFETY: `p` is 8-aligned, inside the mapping for 8 bytes, and the
+        // mapping lives as long as `&self`; every access of ours to the log
+        // is atomic, and an AtomicU64 may alias memory other processes
+        // write (with their own atomics).
+        let cell = unsafe { AtomicU64::from_ptr(p.cast::<u64>()) };
+        Ok(cell.swap(v, Ordering::AcqRel))
+    }
+}
+
 /// A byte range of a shared mapping handed to the kernel for I/O
 /// (`readv`/`writev` through io_uring or a thread pool): the address and
 /// length, checked against the mapping when made, and a reference that
@@ -422,6 +448,26 @@ mod tests {
         assert_eq!(b.read_array::<2>(14).unwrap(), *b"xy");
         a.store_u16_release(4096 + 104, 0xbeef).unwrap();
         assert_eq!(b.load_u16_acquire(8).unwrap(), 0xbeef);
+    }
+
+    #[test]
+    fn swap_u64_reads_and_clears_a_word_seen_by_byte_or() {
+        let fd = super::super::memfd::create("t", 4096).unwrap();
+        let a = MmapRegion::map(fd.as_fd(), 0, 4096, Access::ReadWrite).unwrap();
+        // Bits set a byte at a time, as the back-end marks the log.
+        a.fetch_or_u8(8, 0x01).unwrap();
+        a.fetch_or_u8(15, 0x80).unwrap();
+        assert_eq!(u64::from_le(a.swap_u64(8, 0).unwrap()), 1 | 1 << 63);
+        assert_eq!(a.swap_u64(8, 0).unwrap(), 0, "cleared");
+        assert_eq!(a.swap_u64(4, 0), Err(AccessError::Misaligned));
+        assert_eq!(a.swap_u64(4096, 0), Err(AccessError::OutOfBounds));
+        assert_eq!(a.swap_u64(4092 & !7, 0), Ok(0));
+        let r = MmapRegion::map(fd.as_fd(), 0, 4096, Access::Read).unwrap();
+        assert_eq!(r.swap_u64(0, 0), Err(AccessError::ReadOnly));
+        // A mapping whose data starts off the page boundary: the word at
+        // offset 0 is not 8-aligned in memory.
+        let off = MmapRegion::map(fd.as_fd(), 4, 64, Access::ReadWrite).unwrap();
+        assert_eq!(off.swap_u64(0, 0), Err(AccessError::Misaligned));
     }
 
     #[test]

@@ -22,8 +22,8 @@ use std::collections::VecDeque;
 use libfuzzer_sys::fuzz_target;
 use vhost_user_core::feature::{ProtocolFeatures as P, VirtioFeatures as V};
 use vhost_user_core::frontend::{
-    Event, FdRef, Frontend, FrontendConfig, FrontendError, NotifyMode, QueueConfig, State,
-    MAX_TRANSMIT, SUPPORTED_PROTOCOL_FEATURES,
+    log_size, Event, FdRef, Frontend, FrontendConfig, FrontendError, NotifyMode, QueueConfig,
+    State, MAX_TRANSMIT, SUPPORTED_PROTOCOL_FEATURES,
 };
 use vhost_user_core::message::{
     ConfigMsg, ConfigWriteKind, FrontendReq, Header, InflightMsg, MemRegionMsg, ParseOptions,
@@ -186,7 +186,8 @@ impl Harness {
                     | V::PROTOCOL_FEATURES
                     | V::EVENT_IDX
                     | V::INDIRECT_DESC
-                    | V::RING_PACKED)
+                    | V::RING_PACKED
+                    | V::LOG_ALL)
                     .bits()
                     | u64::from(i.u8())
             }
@@ -291,6 +292,7 @@ impl Harness {
                 }
                 Event::ConfigFailed { .. } => {}
                 Event::StateTransfer { .. } | Event::StateChecked => {}
+                Event::Logging(_) => {}
             }
         }
     }
@@ -340,6 +342,7 @@ impl Harness {
                 FdRef::Inflight => assert_eq!(t.request, FrontendReq::SetInflightFd),
                 FdRef::BackendChannel => assert_eq!(t.request, FrontendReq::SetBackendReqFd),
                 FdRef::DeviceState => assert_eq!(t.request, FrontendReq::SetDeviceStateFd),
+                FdRef::Log => assert_eq!(t.request, FrontendReq::SetLogBase),
             }
         }
         let mut asked = Asked {
@@ -350,9 +353,13 @@ impl Harness {
         };
         match req {
             Request::SetFeatures(v) => {
-                assert_eq!(v, self.fe.features().bits());
+                // VHOST_F_LOG_ALL exactly while logging (offered, not
+                // necessarily wanted: start_logging asks for it).
+                let log = V::LOG_ALL.bits();
+                assert_eq!(v & !log, self.fe.features().bits());
+                assert_eq!(v & log != 0, self.fe.logging().is_some());
                 assert_eq!(v & !self.offered.expect("SET_FEATURES after an offer"), 0);
-                assert!(self.wanted.contains(V::from_bits_retain(v)));
+                assert!(self.wanted.contains(V::from_bits_retain(v & !log)));
             }
             Request::SetProtocolFeatures(v) => {
                 let p = self
@@ -371,6 +378,11 @@ impl Harness {
                 asked.ring = q;
             }
             Request::GetConfig(c) => asked.config = (c.offset, c.data.len() as u32),
+            Request::SetVringAddr(a) => assert_eq!(a.log, self.fe.logging().is_some()),
+            Request::SetLogBase(l) => {
+                assert_eq!(Some(l.size), self.fe.logging());
+                assert_eq!(l.offset, 0);
+            }
             _ => {}
         }
         if t.awaits_reply {
@@ -492,6 +504,7 @@ impl Harness {
                             assert_eq!(v, 0, "a failed ack accepted");
                         }
                     }
+                    (FrontendReq::SetLogBase, Reply::LogBaseDone) => {}
                     (c, r) => {
                         assert!(
                             matches!(r, Reply::ConfigFailed) && c == FrontendReq::GetConfig,
@@ -587,6 +600,7 @@ impl Harness {
                 let nfds = usize::from(m.mmap_size != 0);
                 return (Reply::Inflight(m), nfds);
             }
+            C::SetLogBase => Reply::LogBaseDone,
             _ if a.need_reply => ack(i),
             // A reply to a message that awaits none is never asked for.
             c => unreachable!("{c:?} awaits a reply"),
@@ -596,7 +610,7 @@ impl Harness {
 
     fn command(&mut self, i: &mut In<'_>) {
         let before = (self.fe.state(), self.fe.is_idle(), self.fe.awaits_reply());
-        let (r, range) = match i.u8() % 6 {
+        let (r, range) = match i.u8() % 8 {
             0 | 1 => (self.fe.start(), false),
             2 => (self.fe.stop(), false),
             3 => (self.fe.stop_suspending(), false),
@@ -611,10 +625,20 @@ impl Harness {
                     offset.checked_add(len).is_none_or(|e| e > MAX_CONFIG_SIZE) || len == 0;
                 (r, bad_range)
             }
-            _ => {
+            5 => {
                 let list = regions(i);
                 (self.fe.set_memory(&list), false)
             }
+            6 => {
+                let needed = log_size(self.fe.regions());
+                let size = match i.u8() % 4 {
+                    0 => i.u64(),
+                    1 => needed.saturating_sub(1),
+                    _ => needed,
+                };
+                (self.fe.start_logging(size), false)
+            }
+            _ => (self.fe.stop_logging(), false),
         };
         match r {
             Ok(()) => {

@@ -110,6 +110,20 @@ pub enum FrontendError {
         /// Length asked for.
         len: u32,
     },
+    /// `start_logging`: the back-end did not offer VHOST_F_LOG_ALL.
+    LogAllNotOffered,
+    /// `start_logging` with a log, or `set_memory` while logging with
+    /// regions, that the log does not cover.
+    LogTooSmall {
+        /// The log's size in bytes.
+        size: u64,
+        /// Bytes needed ([`log_size`](super::log_size) of the regions).
+        needed: u64,
+    },
+    /// `start_logging` while logging is on.
+    AlreadyLogging,
+    /// `stop_logging` while logging is off.
+    NotLogging,
     /// The session failed earlier; only a new connection helps.
     Failed,
 }
@@ -130,6 +144,10 @@ impl FrontendError {
                 | FrontendError::BadRegion(_)
                 | FrontendError::Unsupported(_)
                 | FrontendError::BadConfigRange { .. }
+                | FrontendError::LogAllNotOffered
+                | FrontendError::LogTooSmall { .. }
+                | FrontendError::AlreadyLogging
+                | FrontendError::NotLogging
         )
     }
 }
@@ -188,6 +206,14 @@ impl fmt::Display for FrontendError {
             FrontendError::BadConfigRange { offset, len } => {
                 write!(f, "config range {offset}+{len} outside the config space")
             }
+            FrontendError::LogAllNotOffered => {
+                f.write_str("the back-end does not offer VHOST_F_LOG_ALL")
+            }
+            FrontendError::LogTooSmall { size, needed } => {
+                write!(f, "dirty log of {size} bytes, {needed} needed")
+            }
+            FrontendError::AlreadyLogging => f.write_str("dirty logging is already on"),
+            FrontendError::NotLogging => f.write_str("dirty logging is off"),
             FrontendError::Failed => f.write_str("the session failed earlier"),
         }
     }

@@ -42,6 +42,21 @@
 //! ADD/REM_MEM_REG, SET_BACKEND_REQ_FD, SET_VRING_KICK, SET_VRING_CALL,
 //! SET_VRING_ENABLE and SET_STATUS (as QEMU does) and waits for the ack
 //! before the next message; a non-zero ack is [`FrontendError::Nack`].
+//!
+//! # Dirty logging (live migration, notes §5.2)
+//!
+//! [`Frontend::start_logging`] sends SET_LOG_BASE (the log's size and
+//! offset 0, with [`FdRef::Log`]; the back-end's reply is awaited, its
+//! content unspecified and not kept), SET_FEATURES with VHOST_F_LOG_ALL
+//! added, and, while the rings run, SET_VRING_ADDR again for every ring
+//! with VHOST_VRING_F_LOG and the used ring's guest physical address as
+//! the log address (the same ring addresses: the spec lets a running ring
+//! take it, as QEMU sends it). [`Frontend::stop_logging`] sends
+//! SET_FEATURES without the bit and SET_VRING_ADDR without the flag. With
+//! REPLY_ACK the SET_FEATURES and SET_VRING_ADDR of these flows are acked;
+//! without it a GET_FEATURES round trip ends them, so that logging is
+//! known to be on (or off) when [`Event::Logging`] arrives. While logging
+//! is on, a start sends VHOST_F_LOG_ALL and VHOST_VRING_F_LOG too.
 
 mod error;
 
@@ -53,9 +68,9 @@ use crate::feature::{select_protocol, select_virtio, ProtocolFeatures, VirtioFea
 use crate::memory::MemoryTable;
 use crate::message::{
     BackendReq, BackendRequest, ConfigMsg, ConfigWriteKind, DeviceStateDirection, FrontendReq,
-    Header, InflightMsg, MemRegionMsg, MemTable, ParseOptions, Reply, Request, VringAddrMsg,
-    VringFdMsg, VringStateMsg, WireError, HEADER_SIZE, MAX_CONFIG_SIZE, MAX_FDS, MAX_MEM_REGIONS,
-    MAX_QUEUES,
+    Header, InflightMsg, LogMsg, MemRegionMsg, MemTable, ParseOptions, Reply, Request,
+    VringAddrMsg, VringFdMsg, VringStateMsg, WireError, HEADER_SIZE, MAX_CONFIG_SIZE, MAX_FDS,
+    MAX_MEM_REGIONS, MAX_QUEUES,
 };
 use crate::vring::{RingAddrs, MAX_QUEUE_SIZE};
 
@@ -80,7 +95,8 @@ pub const SUPPORTED_PROTOCOL_FEATURES: ProtocolFeatures = ProtocolFeatures::MQ
     .union(ProtocolFeatures::GET_VRING_BASE_INFLIGHT)
     .union(ProtocolFeatures::GET_VRING_BASE_SKIP_DRAIN)
     .union(ProtocolFeatures::INBAND_NOTIFICATIONS)
-    .union(ProtocolFeatures::DEVICE_STATE);
+    .union(ProtocolFeatures::DEVICE_STATE)
+    .union(ProtocolFeatures::LOG_SHMFD);
 
 /// Virtio device status bits sent with SET_STATUS.
 pub mod status {
@@ -211,6 +227,9 @@ pub enum FdRef {
     /// The back-end's end of the device state channel of
     /// [`Frontend::transfer_state`] (typically a pipe end).
     DeviceState,
+    /// The dirty log's shared memory (SET_LOG_BASE, from
+    /// [`Frontend::start_logging`]).
+    Log,
 }
 
 /// A message to send.
@@ -302,6 +321,9 @@ pub enum Event {
     /// CHECK_DEVICE_STATE answered 0: the whole state was saved or
     /// loaded.
     StateChecked,
+    /// Dirty logging is on (`true`, [`Frontend::start_logging`]) or off
+    /// (`false`, [`Frontend::stop_logging`]) in the back-end.
+    Logging(bool),
 }
 
 /// What a back-end channel request told the front-end
@@ -420,6 +442,9 @@ enum Flow {
     Transfer,
     /// CHECK_DEVICE_STATE ([`Frontend::check_state`]).
     Check,
+    /// Dirty logging switched on or off ([`Frontend::start_logging`],
+    /// [`Frontend::stop_logging`]).
+    Log,
 }
 
 /// One message of a flow.
@@ -460,6 +485,16 @@ enum Step {
     GetBaseNoDrain(u16),
     SetDeviceState(DeviceStateDirection),
     CheckDeviceState,
+    /// SET_LOG_BASE.
+    SetLogBase,
+    /// SET_FEATURES switching VHOST_F_LOG_ALL (acked with REPLY_ACK).
+    LogFeatures,
+    /// SET_VRING_ADDR of a running ring switching VHOST_VRING_F_LOG
+    /// (acked with REPLY_ACK).
+    LogAddr(u16),
+    /// GET_FEATURES ending a logging flow without REPLY_ACK (QEMU's way
+    /// of knowing the back-end took the change).
+    LogSync,
 }
 
 const INIT_ORDER: [Step; 8] = [
@@ -477,21 +512,21 @@ impl Step {
     fn code(self) -> FrontendReq {
         use FrontendReq as C;
         match self {
-            Step::GetFeatures | Step::CheckFeatures => C::GetFeatures,
+            Step::GetFeatures | Step::CheckFeatures | Step::LogSync => C::GetFeatures,
             Step::GetProtocolFeatures => C::GetProtocolFeatures,
             Step::SetProtocolFeatures => C::SetProtocolFeatures,
             Step::GetQueueNum => C::GetQueueNum,
             Step::GetMaxMemSlots => C::GetMaxMemSlots,
             Step::SetBackendReqFd => C::SetBackendReqFd,
             Step::SetOwner => C::SetOwner,
-            Step::SetFeatures => C::SetFeatures,
+            Step::SetFeatures | Step::LogFeatures => C::SetFeatures,
             Step::FeaturesOk | Step::DriverOk | Step::ResetStatus => C::SetStatus,
             Step::MemTable => C::SetMemTable,
             Step::RemRegion(_) => C::RemMemReg,
             Step::AddRegion(_) => C::AddMemReg,
             Step::VringNum(_) => C::SetVringNum,
             Step::VringBase(_) => C::SetVringBase,
-            Step::VringAddr(_) => C::SetVringAddr,
+            Step::VringAddr(_) | Step::LogAddr(_) => C::SetVringAddr,
             Step::VringKick(_) => C::SetVringKick,
             Step::InBandKick(_) => C::VringKick,
             Step::VringCall(_) => C::SetVringCall,
@@ -503,26 +538,28 @@ impl Step {
             Step::SetInflight => C::SetInflightFd,
             Step::SetDeviceState(_) => C::SetDeviceStateFd,
             Step::CheckDeviceState => C::CheckDeviceState,
+            Step::SetLogBase => C::SetLogBase,
         }
     }
-}
 
-/// Whether the engine asks for a REPLY_ACK on `code` (when REPLY_ACK is
-/// negotiated): the messages QEMU synchronises on.
-fn wants_ack(code: FrontendReq) -> bool {
-    use FrontendReq as C;
-    matches!(
-        code,
-        C::SetMemTable
-            | C::AddMemReg
-            | C::RemMemReg
-            | C::SetBackendReqFd
-            | C::SetVringKick
-            | C::SetVringCall
-            | C::SetVringEnable
-            | C::SetStatus
-            | C::VringKick
-    )
+    /// Whether the engine asks for a REPLY_ACK on this step (when
+    /// REPLY_ACK is negotiated): the messages QEMU synchronises on.
+    fn wants_ack(self) -> bool {
+        use FrontendReq as C;
+        matches!(self, Step::LogFeatures | Step::LogAddr(_))
+            || matches!(
+                self.code(),
+                C::SetMemTable
+                    | C::AddMemReg
+                    | C::RemMemReg
+                    | C::SetBackendReqFd
+                    | C::SetVringKick
+                    | C::SetVringCall
+                    | C::SetVringEnable
+                    | C::SetStatus
+                    | C::VringKick
+            )
+    }
 }
 
 static ZEROS: [u8; MAX_CONFIG_SIZE as usize] = [0; MAX_CONFIG_SIZE as usize];
@@ -551,6 +588,8 @@ pub struct Frontend<const Q: usize = DEFAULT_QUEUES, const R: usize = DEFAULT_RE
     inflight: Option<InflightMsg>,
     /// The stop in progress uses message 45.
     no_drain: bool,
+    /// While dirty logging is on (or being switched on): the log's size.
+    log: Option<u64>,
     events: Deque<Event, EVENT_CAPACITY>,
 }
 
@@ -594,6 +633,7 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
             bases,
             inflight,
             no_drain: false,
+            log: None,
             events: Deque::new(),
         })
     }
@@ -672,7 +712,7 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
         };
         let code = step.code();
         let need_reply = !code.has_reply()
-            && wants_ack(code)
+            && step.wants_ack()
             && self.protocol.contains(ProtocolFeatures::REPLY_ACK);
         let len = self.request(step)?.encode(need_reply, out)?;
         let fds = self.fds(step);
@@ -904,6 +944,71 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
         Ok(())
     }
 
+    /// Switches dirty logging on with a log of `size` bytes (at least
+    /// [`log_size`] of the regions; the adapter shares it as
+    /// [`FdRef::Log`], mapped from offset 0): SET_LOG_BASE (its reply
+    /// awaited), SET_FEATURES with VHOST_F_LOG_ALL, and in
+    /// [`State::Started`] SET_VRING_ADDR with VHOST_VRING_F_LOG for every
+    /// ring; [`Event::Logging`]`(true)` ends it. From then on every write
+    /// the back-end does into guest memory (request data, status bytes,
+    /// used rings) sets the bit of its page in the log, and a start keeps
+    /// logging on.
+    ///
+    /// Allowed in [`State::Started`] and [`State::Stopped`] (features were
+    /// set) when no other flow runs and logging is off
+    /// ([`FrontendError::AlreadyLogging`]). Refused (nothing changes) when
+    /// the back-end did not offer VHOST_F_LOG_ALL
+    /// ([`FrontendError::LogAllNotOffered`]), without LOG_SHMFD negotiated
+    /// ([`FrontendError::NotNegotiated`] of SET_LOG_BASE), without memory
+    /// regions ([`FrontendError::NoRegions`]) and for a log that does not
+    /// cover the memory ([`FrontendError::LogTooSmall`]).
+    pub fn start_logging(&mut self, size: u64) -> Result<(), FrontendError> {
+        self.check_command(&[State::Started, State::Stopped])?;
+        if self.log.is_some() {
+            return Err(FrontendError::AlreadyLogging);
+        }
+        if !self.info.features.contains(VirtioFeatures::LOG_ALL) {
+            return Err(FrontendError::LogAllNotOffered);
+        }
+        if !self.protocol.contains(ProtocolFeatures::LOG_SHMFD) {
+            return Err(FrontendError::NotNegotiated(FrontendReq::SetLogBase));
+        }
+        if self.config.regions.is_empty() {
+            return Err(FrontendError::NoRegions);
+        }
+        let needed = log_size(&self.config.regions);
+        if size < needed {
+            return Err(FrontendError::LogTooSmall { size, needed });
+        }
+        debug!("dirty logging on: {} bytes of log", size);
+        self.log = Some(size);
+        self.begin(Flow::Log, Some(Step::SetLogBase));
+        Ok(())
+    }
+
+    /// Switches dirty logging off: SET_FEATURES without VHOST_F_LOG_ALL,
+    /// and in [`State::Started`] SET_VRING_ADDR without VHOST_VRING_F_LOG
+    /// for every ring; [`Event::Logging`]`(false)` ends it, after which the
+    /// adapter may unmap and close the log.
+    ///
+    /// Allowed in [`State::Started`] and [`State::Stopped`] when no other
+    /// flow runs and logging is on ([`FrontendError::NotLogging`]).
+    pub fn stop_logging(&mut self) -> Result<(), FrontendError> {
+        self.check_command(&[State::Started, State::Stopped])?;
+        if self.log.is_none() {
+            return Err(FrontendError::NotLogging);
+        }
+        debug!("dirty logging off");
+        self.log = None;
+        self.begin(Flow::Log, Some(Step::LogFeatures));
+        Ok(())
+    }
+
+    /// The log's size while dirty logging is on.
+    pub fn logging(&self) -> Option<u64> {
+        self.log
+    }
+
     /// Kicks ring `queue` in-band: sends VRING_KICK (acked, as REPLY_ACK
     /// comes with INBAND_NOTIFICATIONS) to say buffers are available.
     ///
@@ -962,6 +1067,13 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
         check_regions::<R>(&list)?;
         if self.state == State::Started {
             self.check_region_limit(list.len())?;
+        }
+        if let Some(size) = self.log {
+            // The back-end would log beyond the log (or refuse it).
+            let needed = log_size(&list);
+            if size < needed {
+                return Err(FrontendError::LogTooSmall { size, needed });
+            }
         }
         self.config.regions = list;
         if self.state == State::Started {
@@ -1028,6 +1140,16 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
         }
     }
 
+    /// What SET_FEATURES sends: the acked features, with VHOST_F_LOG_ALL
+    /// while logging.
+    fn wire_features(&self) -> VirtioFeatures {
+        if self.log.is_some() {
+            self.features | VirtioFeatures::LOG_ALL
+        } else {
+            self.features
+        }
+    }
+
     fn bit30(&self) -> bool {
         self.features.contains(VirtioFeatures::PROTOCOL_FEATURES)
     }
@@ -1068,14 +1190,16 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
             no_fd: mode != NotifyMode::Eventfd,
         };
         let req = match step {
-            Step::GetFeatures | Step::CheckFeatures => Request::GetFeatures,
+            Step::GetFeatures | Step::CheckFeatures | Step::LogSync => Request::GetFeatures,
             Step::GetProtocolFeatures => Request::GetProtocolFeatures,
             Step::SetProtocolFeatures => Request::SetProtocolFeatures(self.protocol.bits()),
             Step::GetQueueNum => Request::GetQueueNum,
             Step::GetMaxMemSlots => Request::GetMaxMemSlots,
             Step::SetBackendReqFd => Request::SetBackendReqFd,
             Step::SetOwner => Request::SetOwner,
-            Step::SetFeatures => Request::SetFeatures(self.features.bits()),
+            Step::SetFeatures | Step::LogFeatures => {
+                Request::SetFeatures(self.wire_features().bits())
+            }
             Step::FeaturesOk => {
                 Request::SetStatus(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK)
             }
@@ -1097,7 +1221,7 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
             Step::VringBase(q) => {
                 Request::SetVringBase(state(q, self.ring_base(q).unwrap_or_default()))
             }
-            Step::VringAddr(q) => {
+            Step::VringAddr(q) | Step::LogAddr(q) => {
                 let a = self.queue(q).addrs;
                 // Like QEMU, name the used ring's guest physical address as
                 // the log address (only used if VHOST_VRING_F_LOG is set).
@@ -1109,7 +1233,7 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
                     .map_or(0, |r| r.guest_addr + (a.device - r.user_addr));
                 Request::SetVringAddr(VringAddrMsg {
                     index: q.into(),
-                    log: false,
+                    log: self.log.is_some(),
                     desc: a.desc,
                     used: a.device,
                     avail: a.driver,
@@ -1141,6 +1265,10 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
                 None => return Err(WireError::BadValue(0)),
             },
             Step::SetDeviceState(d) => Request::SetDeviceStateFd(d),
+            Step::SetLogBase => Request::SetLogBase(LogMsg {
+                size: self.log.unwrap_or_default(),
+                offset: 0,
+            }),
             Step::CheckDeviceState => Request::CheckDeviceState,
             Step::GetConfig { offset, len } => Request::GetConfig(ConfigMsg {
                 offset,
@@ -1167,6 +1295,7 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
             Step::SetBackendReqFd => add(FdRef::BackendChannel),
             Step::SetInflight => add(FdRef::Inflight),
             Step::SetDeviceState(_) => add(FdRef::DeviceState),
+            Step::SetLogBase => add(FdRef::Log),
             Step::VringKick(q) if self.queue(q).kick == NotifyMode::Eventfd => add(FdRef::Kick(q)),
             Step::VringCall(q) if self.queue(q).call == NotifyMode::Eventfd => add(FdRef::Call(q)),
             _ => {}
@@ -1229,6 +1358,13 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
                 });
                 None
             }
+            Reply::LogBaseDone => {
+                if step != Step::SetLogBase {
+                    return Err(FrontendError::UnexpectedPayload(code));
+                }
+                // Its content is unspecified (notes §2): nothing to check.
+                None
+            }
             Reply::DeviceStateFd { error, no_fd } => {
                 let Step::SetDeviceState(direction) = step else {
                     return Err(FrontendError::UnexpectedPayload(code));
@@ -1261,14 +1397,17 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
         match step {
             Step::GetFeatures => {
                 self.info.features = VirtioFeatures::from_bits_retain(v);
-                self.features = select_virtio(v, self.config.features);
+                // VHOST_F_LOG_ALL is never acked by a start of its own:
+                // start_logging switches it on.
+                self.features =
+                    select_virtio(v, self.config.features).difference(VirtioFeatures::LOG_ALL);
                 debug!(
                     "features offered {:#x}, acking {:#x}",
                     v,
                     self.features.bits()
                 );
             }
-            Step::CheckFeatures => {
+            Step::CheckFeatures | Step::LogSync => {
                 if v != self.info.features.bits() {
                     return Err(FrontendError::FeaturesChanged {
                         before: self.info.features.bits(),
@@ -1389,6 +1528,11 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
                 self.push_event(Event::Stopped);
             }
             Flow::Memory => self.push_event(Event::MemoryUpdated),
+            Flow::Log => {
+                let on = self.log.is_some();
+                info!("dirty logging {}", if on { "on" } else { "off" });
+                self.push_event(Event::Logging(on));
+            }
             Flow::Config | Flow::Kick | Flow::Prepare | Flow::Transfer | Flow::Check => {}
         }
     }
@@ -1403,6 +1547,7 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
             Step::FeaturesOk | Step::DriverOk | Step::ResetStatus => {
                 self.protocol.contains(P::STATUS)
             }
+            Step::LogSync => !self.protocol.contains(P::REPLY_ACK),
             _ => true,
         }
     }
@@ -1508,9 +1653,33 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
                 _ => None,
             },
             Flow::Memory => self.memory_step(),
+            Flow::Log => {
+                let sync = Some(Step::LogSync).filter(|s| self.applies(*s));
+                let running = self.state == State::Started;
+                match done {
+                    Step::SetLogBase => Some(Step::LogFeatures),
+                    Step::LogFeatures if running => Some(Step::LogAddr(0)),
+                    Step::LogAddr(q) if q + 1 < n => Some(Step::LogAddr(q + 1)),
+                    Step::LogFeatures | Step::LogAddr(_) => sync,
+                    _ => None,
+                }
+            }
             Flow::Config | Flow::Kick | Flow::Transfer | Flow::Check => None,
         }
     }
+}
+
+/// The dirty log's size for guest memory `regions`: one bit per 4 KiB page
+/// of guest physical address from 0 to the end of the highest region,
+/// rounded up to whole u64 words (the front-end reads and clears it a word
+/// at a time). 0 without regions.
+pub fn log_size(regions: &[MemRegionMsg]) -> u64 {
+    let end = regions
+        .iter()
+        .map(|r| r.guest_addr.saturating_add(r.size))
+        .max()
+        .unwrap_or(0);
+    crate::log::bitmap_bytes(end).next_multiple_of(8)
 }
 
 /// Checks a region list: each region non-empty, no range overflowing, no

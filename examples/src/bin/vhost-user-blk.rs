@@ -49,10 +49,11 @@ usage: vhost-user-blk (--socket-path PATH | --fd N) [options]
   --watch              check the image's size every 500 ms (as SIGHUP does)
   --state-timeout-ms N how long a device state transfer may take before
                        CHECK_DEVICE_STATE fails it (default 30000)
-  --migration          offer dirty-page logging (LOG_SHMFD, VHOST_F_LOG_ALL)
-                       and device state transfer (DEVICE_STATE: the cache
-                       mode and the requests suspended in flight) so a
-                       front-end can live-migrate the guest
+  --no-migration       do not offer live migration: dirty-page logging
+                       (LOG_SHMFD, VHOST_F_LOG_ALL) and device state
+                       transfer (DEVICE_STATE: the cache mode and the
+                       requests suspended in flight), offered by default
+  --migration          offer them (the default; kept for scripts)
   --channel-timeout-ms N  wait this long for the front-end's ack of a
                        back-end message before disconnecting (default 5000)
   --log-level LEVEL    off, error, warn, info, debug, trace (default info)
@@ -66,6 +67,7 @@ const FLAGS: &[&str] = &[
     "help",
     "watch",
     "migration",
+    "no-migration",
 ];
 const OPTIONS: &[&str] = &[
     "socket-path",
@@ -79,6 +81,7 @@ const OPTIONS: &[&str] = &[
     "io-delay-us",
     "watch",
     "migration",
+    "no-migration",
     "channel-timeout-ms",
     "state-timeout-ms",
     "cache",
@@ -230,10 +233,14 @@ fn run() -> Result<(), String> {
         | V::EVENT_IDX
         | V::INDIRECT_DESC
         | V::RING_PACKED;
-    // Live migration (--migration): every write into guest memory is
-    // logged in the front-end's dirty log, and the device state (the cache
-    // mode, the requests suspended in flight) goes to the destination.
-    let migration = args.flag("migration");
+    // Live migration (unless --no-migration): every write into guest
+    // memory is logged in the front-end's dirty log, and the device state
+    // (the cache mode, the requests suspended in flight) goes to the
+    // destination.
+    if args.flag("migration") && args.flag("no-migration") {
+        return Err("--migration and --no-migration contradict each other".into());
+    }
+    let migration = !args.flag("no-migration");
     let (features, log) = if migration {
         (features | V::LOG_ALL, P::LOG_SHMFD | P::DEVICE_STATE)
     } else {

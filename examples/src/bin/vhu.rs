@@ -41,8 +41,10 @@ usage: vhu probe --socket-path PATH [--device blk|net] [--json]
            and the one at --to, back and forth: rings stopped without
            draining (GET_VRING_BASE_INFLIGHT, or message 45 with
            --message-45), device state saved and loaded, requests in
-           flight resubmitted by the destination (both offer
-           DEVICE_STATE: vhost-user-blk --migration)
+           flight resubmitted by the destination; the source logs dirty
+           pages meanwhile (LOG_SHMFD, VHOST_F_LOG_ALL), read and checked
+           at each switch (both offer DEVICE_STATE and dirty logging:
+           vhost-user-blk does unless --no-migration)
 ";
 
 fn main() -> ExitCode {

@@ -70,17 +70,10 @@ pub struct Daemon {
 
 impl Daemon {
     /// The daemon as most socket tests want it: a 16 MiB temporary image,
-    /// two queues of up to 256, dirty logging offered (`--migration`).
+    /// two queues of up to 256 (dirty logging and device state offered,
+    /// the default).
     pub fn start() -> Daemon {
-        Daemon::start_with(&[
-            "--size",
-            "16M",
-            "--num-queues",
-            "2",
-            "--queue-size",
-            "256",
-            "--migration",
-        ])
+        Daemon::start_with(&["--size", "16M", "--num-queues", "2", "--queue-size", "256"])
     }
 
     /// The daemon with `args` after `--socket-path`.
