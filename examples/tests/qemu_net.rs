@@ -25,6 +25,7 @@
 mod common;
 
 use common::guest::{base64, guest, wait_for, Kill};
+use common::netns::Netns;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -37,62 +38,6 @@ const MAC: &str = "52:54:00:12:34:56";
 const TAP: &str = "vhutap0";
 /// Bytes each way over TCP.
 const BULK: usize = 4 << 20;
-
-/// A network namespace, deleted on drop (with the tap in it, once the
-/// daemon holding it is gone).
-struct Netns(String);
-
-impl Netns {
-    fn new(tag: &str) -> Netns {
-        let name = format!("vhu-{tag}-{}", std::process::id());
-        let _ = Command::new("ip")
-            .args(["netns", "del", &name])
-            .stderr(Stdio::null())
-            .status();
-        run(Command::new("ip").args(["netns", "add", &name]));
-        Netns(name)
-    }
-
-    /// `ip -n NS args...`, which must succeed.
-    fn ip(&self, args: &[&str]) {
-        run(Command::new("ip").args(["-n", &self.0]).args(args));
-    }
-
-    /// A command run inside the namespace.
-    fn exec(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.0]).arg(program);
-        c
-    }
-
-    /// A counter of the tap, as the namespace's sysfs shows it.
-    fn tap_stat(&self, name: &str) -> u64 {
-        let out = self
-            .exec("cat")
-            .arg(format!("/sys/class/net/{TAP}/statistics/{name}"))
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("tap statistic {name}: {out:?}"))
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-fn run(c: &mut Command) {
-    let out = c.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{c:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// The host's TCP ends: a sink on port 5001 that prints the bytes it
 /// got, and a source on port 5002 that sends `BULK` bytes.
@@ -352,8 +297,8 @@ fn guest_pings_and_moves_tcp_through_a_tap() {
         BULK / 65536
     );
     let run = boot(&dir.0, &sock, &log, &script);
-    let tap_rx = ns.tap_stat("rx_packets");
-    let tap_tx = ns.tap_stat("tx_packets");
+    let tap_rx = ns.stat(TAP, "rx_packets");
+    let tap_tx = ns.stat(TAP, "tx_packets");
     drop(daemon);
     drop(servers);
     let mut rest = String::new();
@@ -387,7 +332,9 @@ fn guest_pings_and_moves_tcp_through_a_tap() {
     assert!(rest.contains(&format!("sink {BULK}")), "{rest}");
     assert!(rest.contains(&format!("source {BULK}")), "{rest}");
     // SEND_RARP went out on the tap.
-    let answer = run.announced.expect("the guest never asked for the announcement");
+    let answer = run
+        .announced
+        .expect("the guest never asked for the announcement");
     assert!(answer.contains("\"return\""), "{answer}");
     assert!(
         run.daemon_log
@@ -447,8 +394,9 @@ fn guest_receives_its_own_frames_through_loopback() {
     assert_eq!((rx_errors, tx_errors), (0, 0));
     // SEND_RARP is counted (there is no network to announce on).
     assert!(
-        run.daemon_log
-            .contains(&format!("SEND_RARP: {MAC} (counted: no network to announce it on)")),
+        run.daemon_log.contains(&format!(
+            "SEND_RARP: {MAC} (counted: no network to announce it on)"
+        )),
         "{}",
         run.daemon_log
     );
@@ -456,7 +404,13 @@ fn guest_receives_its_own_frames_through_loopback() {
     let rarps: u64 = run
         .daemon_log
         .lines()
-        .find_map(|l| l.split("SEND_RARP: ").nth(1)?.strip_suffix(" received")?.parse().ok())
+        .find_map(|l| {
+            l.split("SEND_RARP: ")
+                .nth(1)?
+                .strip_suffix(" received")?
+                .parse()
+                .ok()
+        })
         .unwrap_or(0);
     println!("daemon: {rarps} SEND_RARP");
     assert!(rarps >= 1, "{}", run.daemon_log);
