@@ -10,7 +10,9 @@
 //!   daemon's `--mtu 1500` is the maximum); the guest's eth0 gets that
 //!   MTU. A QMP `announce-self` makes QEMU send SEND_RARP (our daemon
 //!   does not offer GUEST_ANNOUNCE), which the daemon writes to the tap.
-//!   The host checks the daemon's per-queue counters and the tap's.
+//!   The host checks the daemon's per-queue counters (frames above the
+//!   MTU both ways: TSO passes) and the tap's. With one queue pair, and
+//!   with two on a multi-queue tap (two vCPUs).
 //! - Loopback: the guest's frames come back to it; it sends three ARP
 //!   requests and counts what it received.
 //!
@@ -115,8 +117,8 @@ impl Qmp {
 }
 
 /// A queue's line of the daemon's counters at disconnect: (packets,
-/// bytes, drops, errors).
-fn counters(log: &str, queue: u16) -> Option<(u64, u64, u64, u64)> {
+/// bytes, drops, errors, largest frame).
+fn counters(log: &str, queue: u16) -> Option<(u64, u64, u64, u64, u64)> {
     let dir = if queue % 2 == 0 { "rx" } else { "tx" };
     let prefix = format!("queue {queue} ({dir}): ");
     let line = log.lines().rev().find_map(|l| {
@@ -127,7 +129,7 @@ fn counters(log: &str, queue: u16) -> Option<(u64, u64, u64, u64)> {
         .split(", ")
         .filter_map(|f| f.split(' ').next()?.parse().ok())
         .collect();
-    (n.len() == 4).then(|| (n[0], n[1], n[2], n[3]))
+    (n.len() == 5).then(|| (n[0], n[1], n[2], n[3], n[4]))
 }
 
 struct Run {
@@ -141,7 +143,7 @@ struct Run {
 /// the guest runs `script`. When the guest prints `VHU-NET: ANNOUNCE`
 /// the host asks QEMU to announce the guest. Waits for the daemon's
 /// counters after QEMU left.
-fn boot(dir: &Path, sock: &Path, log: &Path, script: &str) -> Run {
+fn boot(dir: &Path, sock: &Path, log: &Path, pairs: u16, script: &str) -> Run {
     let g = guest();
     let qmp = dir.join("qmp.sock");
     let append = format!(
@@ -149,7 +151,7 @@ fn boot(dir: &Path, sock: &Path, log: &Path, script: &str) -> Run {
         base64(script.as_bytes())
     );
     let mut qemu = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-m", "256", "-smp", "1"])
+        .args(["-accel", "tcg", "-m", "256", "-smp", &pairs.to_string()])
         .args(["-nographic", "-no-reboot"])
         .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
         .args(["-numa", "node,memdev=mem"])
@@ -160,10 +162,20 @@ fn boot(dir: &Path, sock: &Path, log: &Path, script: &str) -> Run {
         .args(["-append", &append])
         .arg("-chardev")
         .arg(format!("socket,id=c0,path={}", sock.display()))
-        .args(["-netdev", "vhost-user,id=n0,chardev=c0"])
+        .args([
+            "-netdev",
+            &format!("vhost-user,id=n0,chardev=c0,queues={pairs}"),
+        ])
         .args([
             "-device",
-            &format!("virtio-net-pci,netdev=n0,mac={MAC},host_mtu=1400"),
+            &if pairs > 1 {
+                format!(
+                    "virtio-net-pci,netdev=n0,mac={MAC},host_mtu=1400,mq=on,vectors={}",
+                    2 * pairs + 2
+                )
+            } else {
+                format!("virtio-net-pci,netdev=n0,mac={MAC},host_mtu=1400")
+            },
         ])
         .arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", qmp.display()))
@@ -213,7 +225,7 @@ fn boot(dir: &Path, sock: &Path, log: &Path, script: &str) -> Run {
     let mut daemon_log = String::new();
     while t0.elapsed() < Duration::from_secs(20) {
         daemon_log = std::fs::read_to_string(log).unwrap_or_default();
-        if counters(&daemon_log, 1).is_some() {
+        if counters(&daemon_log, 2 * pairs - 1).is_some() {
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -255,7 +267,18 @@ fn marker<'a>(console: &'a str, prefix: &str) -> Option<&'a str> {
 
 #[test]
 fn guest_pings_and_moves_tcp_through_a_tap() {
-    let ns = Netns::new("tap");
+    tap_guest(1);
+}
+
+/// Two queue pairs: a multi-queue tap, one queue of it per pair; the
+/// guest (two vCPUs) uses both pairs.
+#[test]
+fn guest_pings_and_moves_tcp_through_a_multi_queue_tap() {
+    tap_guest(2);
+}
+
+fn tap_guest(pairs: u16) {
+    let ns = Netns::new(&format!("tap{pairs}"));
     let dir = common::TempDir::new("qemu-net-tap");
     let sock = dir.0.join("net.sock");
     let log = dir.0.join("daemon.log");
@@ -264,7 +287,14 @@ fn guest_pings_and_moves_tcp_through_a_tap() {
         ns.exec(env!("CARGO_BIN_EXE_vhost-user-net")),
         &sock,
         &log,
-        &["--backend", "tap", "--tap", TAP],
+        &[
+            "--backend",
+            "tap",
+            "--tap",
+            TAP,
+            "--queue-pairs",
+            &pairs.to_string(),
+        ],
     );
     ns.ip(&["addr", "add", "10.77.0.1/24", "dev", TAP]);
     ns.ip(&["link", "set", TAP, "up"]);
@@ -286,6 +316,7 @@ fn guest_pings_and_moves_tcp_through_a_tap() {
          ip link set eth0 up\n\
          ip addr add 10.77.0.2/24 dev eth0\n\
          echo \"VHU-NET: MTU $(cat /sys/class/net/eth0/mtu)\"\n\
+         echo \"VHU-NET: QUEUES $(ls /sys/class/net/eth0/queues | tr '\\n' ' ')\"\n\
          ping -c 5 -W 5 10.77.0.1\n\
          dd if=/dev/zero bs=64k count={} 2>/dev/null | nc -w 3 10.77.0.1 5001 || true\n\
          got=$(nc -w 10 10.77.0.1 5002 </dev/null | wc -c)\n\
@@ -296,7 +327,7 @@ fn guest_pings_and_moves_tcp_through_a_tap() {
          cat /sys/class/net/eth0/statistics/rx_packets /sys/class/net/eth0/statistics/tx_packets\n",
         BULK / 65536
     );
-    let run = boot(&dir.0, &sock, &log, &script);
+    let run = boot(&dir.0, &sock, &log, pairs, &script);
     let tap_rx = ns.stat(TAP, "rx_packets");
     let tap_tx = ns.stat(TAP, "tx_packets");
     drop(daemon);
@@ -342,14 +373,46 @@ fn guest_pings_and_moves_tcp_through_a_tap() {
         "{}",
         run.daemon_log
     );
-    // Our counters: the guest sent and received at least the pings and the
-    // bulk data, with no errors and no drops.
-    let (rx, rx_bytes, rx_drops, rx_errors) = counters(&run.daemon_log, 0).unwrap();
-    let (tx, tx_bytes, tx_drops, tx_errors) = counters(&run.daemon_log, 1).unwrap();
-    println!("daemon: rx {rx} packets {rx_bytes} bytes, tx {tx} packets {tx_bytes} bytes");
+    // The guest has a queue of each kind per pair.
+    let queues: String = (0..pairs)
+        .map(|k| format!("rx-{k} "))
+        .chain((0..pairs).map(|k| format!("tx-{k} ")))
+        .collect();
+    assert_eq!(
+        marker(&run.console, "VHU-NET: QUEUES ").map(str::trim),
+        Some(queues.trim())
+    );
+    // Our counters, summed over the pairs: the guest sent and received at
+    // least the pings and the bulk data, with no errors and no drops.
+    let (mut rx, mut rx_bytes, mut rx_drops, mut rx_errors) = (0, 0, 0, 0);
+    let (mut tx, mut tx_bytes, mut tx_drops, mut tx_errors) = (0, 0, 0, 0);
+    let (mut rx_largest, mut tx_largest) = (0, 0);
+    for k in 0..pairs {
+        let r = counters(&run.daemon_log, 2 * k).unwrap();
+        let t = counters(&run.daemon_log, 2 * k + 1).unwrap();
+        println!(
+            "daemon: pair {k}: rx {} packets {} bytes (largest {}), tx {} packets {} bytes (largest {})",
+            r.0, r.1, r.4, t.0, t.1, t.4
+        );
+        rx_largest = rx_largest.max(r.4);
+        tx_largest = tx_largest.max(t.4);
+        (rx, rx_bytes, rx_drops, rx_errors) =
+            (rx + r.0, rx_bytes + r.1, rx_drops + r.2, rx_errors + r.3);
+        (tx, tx_bytes, tx_drops, tx_errors) =
+            (tx + t.0, tx_bytes + t.1, tx_drops + t.2, tx_errors + t.3);
+    }
     assert!(rx >= 5 && rx_bytes >= BULK as u64, "rx {rx} / {rx_bytes}");
     assert!(tx >= 5 && tx_bytes >= BULK as u64, "tx {tx} / {tx_bytes}");
     assert_eq!((rx_drops, rx_errors, tx_drops, tx_errors), (0, 0, 0, 0));
+    // Segmentation offloads at work both ways: frames longer than the
+    // 1400-byte MTU allows (1414 with the Ethernet header) went from the
+    // guest to the tap (HOST_TSO) and from the tap to the guest
+    // (GUEST_TSO, TUNSETOFFLOAD).
+    assert!(
+        tx_largest > 1414,
+        "no TSO frame from the guest: {tx_largest}"
+    );
+    assert!(rx_largest > 1414, "no TSO frame to the guest: {rx_largest}");
     // The host's side of the tap saw what we wrote (the guest's frames
     // and the RARPs) and what we read.
     assert!(tap_rx >= tx, "tap rx {tap_rx} < our tx {tx}");
@@ -378,7 +441,7 @@ fn guest_receives_its_own_frames_through_loopback() {
          test $((rx - rx0)) -ge 3\n\
          echo \"VHU-NET: ANNOUNCE\"\n\
          sleep 3\n";
-    let run = boot(&dir.0, &sock, &log, script);
+    let run = boot(&dir.0, &sock, &log, 1, script);
     drop(daemon);
     show(&run);
     assert!(
@@ -387,8 +450,8 @@ fn guest_receives_its_own_frames_through_loopback() {
         run.console,
         run.daemon_log
     );
-    let (rx, _, _, rx_errors) = counters(&run.daemon_log, 0).unwrap();
-    let (tx, _, _, tx_errors) = counters(&run.daemon_log, 1).unwrap();
+    let (rx, _, _, rx_errors, _) = counters(&run.daemon_log, 0).unwrap();
+    let (tx, _, _, tx_errors, _) = counters(&run.daemon_log, 1).unwrap();
     println!("daemon: rx {rx} packets, tx {tx} packets");
     assert!(rx >= 3 && tx >= rx, "rx {rx}, tx {tx}");
     assert_eq!((rx_errors, tx_errors), (0, 0));

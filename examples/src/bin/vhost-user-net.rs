@@ -3,8 +3,8 @@
 //! Follows QEMU's "Backend program conventions": `--socket-path PATH` or
 //! `--fd N`, `--print-capabilities`, no daemonizing, a clear non-zero exit
 //! when it cannot start, a clean exit on SIGTERM. Per-queue counters
-//! (packets, bytes, drops, errors; the runtime adds calls and kicks per
-//! ring) are logged when a front-end leaves.
+//! (packets, bytes, drops, errors, the largest frame; the runtime adds
+//! calls and kicks per ring) are logged when a front-end leaves.
 #![forbid(unsafe_code)]
 
 use std::os::fd::RawFd;

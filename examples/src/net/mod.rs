@@ -111,6 +111,22 @@ pub struct QueueCounters {
     pub drops: AtomicU64,
     /// Chains refused (hostile or malformed), completed with length 0.
     pub errors: AtomicU64,
+    /// The largest frame, in bytes (above the MTU: a segmentation
+    /// offload at work).
+    pub largest: AtomicU64,
+}
+
+impl QueueCounters {
+    /// Counts a frame of `len` bytes.
+    fn frame(&self, len: usize) {
+        let len = len as u64;
+        self.packets.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(len, Ordering::Relaxed);
+        // Only this queue's worker counts its frames.
+        if len > self.largest.load(Ordering::Relaxed) {
+            self.largest.store(len, Ordering::Relaxed);
+        }
+    }
 }
 
 /// A frame waiting for receive buffers, and the header to give it.
@@ -334,8 +350,7 @@ impl NetService {
                 return;
             }
         };
-        k.packets.fetch_add(1, Ordering::Relaxed);
-        k.bytes.fetch_add(frame.len as u64, Ordering::Relaxed);
+        k.frame(frame.len);
         match &inner.backend {
             NetBackend::Null { .. } => {}
             NetBackend::Loopback => {
@@ -423,8 +438,7 @@ impl NetService {
                                 scratch.spare.push(h.segments);
                             }
                         }
-                        k.packets.fetch_add(1, Ordering::Relaxed);
-                        k.bytes.fetch_add(frame.len() as u64, Ordering::Relaxed);
+                        k.frame(frame.len());
                     }
                     Err(e) if matches!(e.error, NetError::NoRoom { .. }) => {
                         if chains.len() < MAX_MERGE {
@@ -449,8 +463,7 @@ impl NetService {
                             done(h.token, n);
                             scratch.spare.push(h.segments);
                         }
-                        k.packets.fetch_add(1, Ordering::Relaxed);
-                        k.bytes.fetch_add(frame.len() as u64, Ordering::Relaxed);
+                        k.frame(frame.len());
                     }
                     Err(e) => {
                         // A buffer too small for the frame (the driver
@@ -623,11 +636,12 @@ impl Device for NetService {
         for (q, k) in self.inner.counters.iter().enumerate() {
             let dir = if q % 2 == 0 { "rx" } else { "tx" };
             log::info!(
-                "queue {q} ({dir}): {} packets, {} bytes, {} drops, {} errors",
+                "queue {q} ({dir}): {} packets, {} bytes, {} drops, {} errors, {} bytes in the largest frame",
                 k.packets.load(Ordering::Relaxed),
                 k.bytes.load(Ordering::Relaxed),
                 k.drops.load(Ordering::Relaxed),
                 k.errors.load(Ordering::Relaxed),
+                k.largest.load(Ordering::Relaxed),
             );
         }
         let rarps = self.inner.rarps.load(Ordering::Relaxed);
