@@ -14,8 +14,8 @@
 //!
 //! With the `net` feature the session also serves virtio-net's two
 //! messages: NET_SET_MTU (a value outside 68..=65535 is refused, the rest
-//! goes to [`Device::set_mtu`], which may refuse it too) and SEND_RARP
-//! ([`Device::send_rarp`]); either refusal is a failed REPLY_ACK.
+//! goes to `Device::set_mtu`, which may refuse it too) and SEND_RARP
+//! (`Device::send_rarp`); either refusal is a failed REPLY_ACK.
 //!
 //! GET_VRING_BASE stops a ring: when the ring is running the engine returns
 //! [`Reply::Pending`] together with [`Action::StopRing`]; the adapter lets
