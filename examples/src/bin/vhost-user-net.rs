@@ -162,6 +162,11 @@ fn run() -> Result<(), String> {
         }
     };
 
+    if args.get("socket-path").is_some() == args.get("fd").is_some() {
+        return Err(format!(
+            "exactly one of --socket-path or --fd is required\n{USAGE}"
+        ));
+    }
     let net = NetConfig {
         mac,
         queue_pairs: pairs,
