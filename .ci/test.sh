@@ -72,6 +72,12 @@ bash core/nostd-check/check-budgets.sh
 step "guest kit: a Debian cloud kernel and a busybox initramfs (cached under \${VHU_CACHE:-~/.cache/vhu}), and QEMU"
 bash examples/tests/guest/build-guest.sh
 
+step "iproute2 (network namespaces and taps of the net tests), if missing"
+if ! command -v ip >/dev/null 2>&1; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null
+fi
+
 step "DPDK testpmd (the net interop peer), if missing"
 bash examples/tests/dpdk/install-dpdk.sh
 

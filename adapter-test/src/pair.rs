@@ -1327,6 +1327,15 @@ pub struct TestDevice {
     pub resets: u32,
     /// Complete through `poll`, newest first.
     pub later: bool,
+    /// NET_SET_MTU: the largest MTU taken (`None`: every value refused,
+    /// as a device without the function does).
+    pub max_mtu: Option<u16>,
+    /// NET_SET_MTU: the MTUs taken, in order.
+    pub mtus: Vec<u16>,
+    /// SEND_RARP: whether the device takes it.
+    pub announces: bool,
+    /// SEND_RARP: the MACs announced, in order.
+    pub rarps: Vec<[u8; 6]>,
 }
 
 impl Default for TestDevice {
@@ -1336,6 +1345,10 @@ impl Default for TestDevice {
             fill: 0,
             resets: 0,
             later: false,
+            max_mtu: None,
+            mtus: Vec::new(),
+            announces: false,
+            rarps: Vec::new(),
         }
     }
 }
@@ -1382,6 +1395,21 @@ impl Device for TestDevice {
 
     fn reset(&mut self) {
         self.resets += 1;
+    }
+
+    fn set_mtu(&mut self, mtu: u16) -> bool {
+        let ok = self.max_mtu.is_some_and(|m| mtu <= m);
+        if ok {
+            self.mtus.push(mtu);
+        }
+        ok
+    }
+
+    fn send_rarp(&mut self, mac: [u8; 6]) -> bool {
+        if self.announces {
+            self.rarps.push(mac);
+        }
+        self.announces
     }
 
     fn process<M: GuestMemory + ?Sized, const S: usize>(

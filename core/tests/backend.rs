@@ -459,13 +459,25 @@ fn every_message_is_handled_or_refused() {
         FrontendReq::CheckDeviceState,
         FrontendReq::GetShmemConfig,
     ];
-    // DEVICE_STATE comes with the `migration` feature.
+    // DEVICE_STATE comes with the `migration` feature, RARP and MTU with
+    // `net` (and the test device, as any device by default, refuses them).
     let device_state = [FrontendReq::SetDeviceStateFd, FrontendReq::CheckDeviceState];
     let migration = cfg!(feature = "migration");
+    let net = [FrontendReq::SendRarp, FrontendReq::NetSetMtu];
     for (i, r) in requests.iter().enumerate() {
         assert_eq!(r.code().id(), i as u32 + 1);
         let res = fe.send(r, false);
-        if refused.contains(&r.code()) && !(migration && device_state.contains(&r.code())) {
+        if cfg!(feature = "net") && net.contains(&r.code()) {
+            assert!(
+                matches!(res, Err(BackendError::DeviceRefused(c)) if c == r.code()),
+                "{r:?}: {res:?}"
+            );
+            let (o, v) = fe.ack(r.clone());
+            assert_eq!(
+                (v, o.refused),
+                (1, Some(BackendError::DeviceRefused(r.code())))
+            );
+        } else if refused.contains(&r.code()) && !(migration && device_state.contains(&r.code())) {
             assert_eq!(
                 res.err(),
                 Some(BackendError::NotNegotiated(r.code())),
@@ -731,7 +743,7 @@ fn status_round_trip() {
 
 #[test]
 fn offer_must_be_implemented() {
-    let mut c = config(P::MQ | P::RARP);
+    let mut c = config(P::MQ | P::CROSS_ENDIAN);
     assert_eq!(
         Session::<4, 8>::new(c).err(),
         Some(BackendError::Unsupported)
@@ -1174,4 +1186,77 @@ fn set_features_dropping_bit_30_after_protocol_features_is_refused() {
         .unwrap();
     assert_eq!(fe.session.protocol_features(), P::empty());
     assert_eq!(fe.session.features(), V::VERSION_1);
+}
+
+/// NET_SET_MTU and SEND_RARP (the core's `net` feature): checked by the
+/// session, handed to the device, refused with a failed ack when the
+/// value is out of range or the device says no, and refused as not
+/// negotiated without their protocol features.
+#[test]
+fn net_set_mtu_and_send_rarp() {
+    let mut fe = new_fe(P::MQ | P::REPLY_ACK | P::RARP | P::MTU);
+    fe.device.max_mtu = Some(9000);
+    fe.device.announces = true;
+    fe.handshake(V::VERSION_1 | V::PROTOCOL_FEATURES);
+    // Taken: the bounds of the range, and below the device's maximum.
+    for mtu in [68u64, 1500, 9000] {
+        let (o, v) = fe.ack(Request::NetSetMtu(mtu));
+        assert_eq!((v, o.refused), (0, None), "{mtu}");
+    }
+    // Outside 68..=65535: the session refuses, the device never hears.
+    for (mtu, e) in [
+        (0u64, BackendError::BadMtu(0)),
+        (67, BackendError::BadMtu(67)),
+        (65536, BackendError::BadMtu(65536)),
+        (1 << 40, BackendError::BadMtu(u32::MAX)),
+    ] {
+        let (o, v) = fe.ack(Request::NetSetMtu(mtu));
+        assert_eq!((v, o.refused), (1, Some(e)), "{mtu}");
+    }
+    // Above the device's maximum: the device refuses.
+    let (o, v) = fe.ack(Request::NetSetMtu(9001));
+    assert_eq!(
+        (v, o.refused),
+        (1, Some(BackendError::DeviceRefused(FrontendReq::NetSetMtu)))
+    );
+    assert_eq!(fe.device.mtus, [68, 1500, 9000]);
+    // Without NEED_REPLY a refusal ends the connection, as every refusal.
+    assert_eq!(
+        fe.send(&Request::NetSetMtu(20), false).err(),
+        Some(BackendError::BadMtu(20))
+    );
+
+    // SEND_RARP as QEMU sends it (no NEED_REPLY): no reply at all.
+    let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+    let (o, r) = fe.send(&Request::SendRarp(mac), false).unwrap();
+    assert_eq!((o.reply, r.len()), (Reply::None, 0));
+    let (o, v) = fe.ack(Request::SendRarp([2, 0, 0, 0, 0, 1]));
+    assert_eq!((v, o.refused), (0, None));
+    assert_eq!(fe.device.rarps, [mac, [2, 0, 0, 0, 0, 1]]);
+    fe.device.announces = false;
+    let (o, v) = fe.ack(Request::SendRarp(mac));
+    assert_eq!(
+        (v, o.refused),
+        (1, Some(BackendError::DeviceRefused(FrontendReq::SendRarp)))
+    );
+    assert_eq!(fe.device.rarps.len(), 2);
+
+    // Offered but not negotiated: refused before the device hears.
+    let mut fe = new_fe(P::MQ | P::REPLY_ACK | P::RARP | P::MTU);
+    fe.device.max_mtu = Some(9000);
+    fe.device.announces = true;
+    fe.send(&Request::GetProtocolFeatures, false).unwrap();
+    fe.send(
+        &Request::SetProtocolFeatures((P::MQ | P::REPLY_ACK).bits()),
+        false,
+    )
+    .unwrap();
+    for (r, c) in [
+        (Request::NetSetMtu(1500), FrontendReq::NetSetMtu),
+        (Request::SendRarp(mac), FrontendReq::SendRarp),
+    ] {
+        let (o, v) = fe.ack(r);
+        assert_eq!((v, o.refused), (1, Some(BackendError::NotNegotiated(c))));
+    }
+    assert!(fe.device.mtus.is_empty() && fe.device.rarps.is_empty());
 }

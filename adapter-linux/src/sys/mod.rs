@@ -17,6 +17,8 @@
 //! - [`file`](mod@file): space management of image files ([`file::fallocate`]);
 //! - [`uring`]: file I/O straight into guest memory, through an io_uring
 //!   ([`uring::Uring`]) or synchronously ([`uring::perform`]);
+//! - [`tap`]: TAP network interfaces with virtio-net headers
+//!   ([`tap::Tap`]);
 //! - [`signal`]: blocking signals and waiting for them synchronously
 //!   ([`SignalSet`], [`signal::block`], [`signal::wait`]).
 //!
@@ -33,6 +35,7 @@ pub mod mmap;
 pub mod pipe;
 pub mod signal;
 pub mod socket;
+pub mod tap;
 pub mod uring;
 
 pub use epoll::{Epoll, EpollEvent, Interest};

@@ -12,6 +12,11 @@
 //! [`BackendError::NotNegotiated`] because the feature that gates it was not
 //! negotiated (and a back-end never offers a feature it does not implement).
 //!
+//! With the `net` feature the session also serves virtio-net's two
+//! messages: NET_SET_MTU (a value outside 68..=65535 is refused, the rest
+//! goes to `Device::set_mtu`, which may refuse it too) and SEND_RARP
+//! (`Device::send_rarp`); either refusal is a failed REPLY_ACK.
+//!
 //! GET_VRING_BASE stops a ring: when the ring is running the engine returns
 //! [`Reply::Pending`] together with [`Action::StopRing`]; the adapter lets
 //! the ring's in-flight requests complete, then calls
@@ -126,7 +131,15 @@ pub const SUPPORTED_PROTOCOL_FEATURES: ProtocolFeatures = ProtocolFeatures::MQ
     .union(ProtocolFeatures::GET_VRING_BASE_SKIP_DRAIN)
     .union(ProtocolFeatures::BACKEND_REQ)
     .union(ProtocolFeatures::INBAND_NOTIFICATIONS)
-    .union(MIGRATION_PROTOCOL_FEATURES);
+    .union(MIGRATION_PROTOCOL_FEATURES)
+    .union(NET_PROTOCOL_FEATURES);
+
+/// RARP and MTU (SEND_RARP, NET_SET_MTU), with the `net` feature.
+const NET_PROTOCOL_FEATURES: ProtocolFeatures = if cfg!(feature = "net") {
+    ProtocolFeatures::RARP.union(ProtocolFeatures::MTU)
+} else {
+    ProtocolFeatures::empty()
+};
 
 /// LOG_SHMFD and DEVICE_STATE, with the `migration` feature.
 const MIGRATION_PROTOCOL_FEATURES: ProtocolFeatures = if cfg!(feature = "migration") {
@@ -407,6 +420,13 @@ pub enum BackendError {
     /// transfer to check.
     #[cfg(feature = "migration")]
     NoTransfer,
+    /// NET_SET_MTU with a value outside 68..=65535 (saturated to 32 bits).
+    #[cfg(feature = "net")]
+    BadMtu(u32),
+    /// The device refused the request (NET_SET_MTU above what it
+    /// carries, or a device without the function).
+    #[cfg(feature = "net")]
+    DeviceRefused(FrontendReq),
 }
 
 // Every nested error is at most 8 bytes and carries no 64-bit value; a
@@ -477,6 +497,10 @@ impl fmt::Display for BackendError {
             }
             #[cfg(feature = "migration")]
             BackendError::NoTransfer => f.write_str("no device state transfer to check"),
+            #[cfg(feature = "net")]
+            BackendError::BadMtu(m) => write!(f, "MTU {m} outside 68 to 65535"),
+            #[cfg(feature = "net")]
+            BackendError::DeviceRefused(c) => write!(f, "{c} refused by the device"),
         }
     }
 }
@@ -1382,11 +1406,35 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
             | Request::SetLogFd
             | Request::SetDeviceStateFd(_)
             | Request::CheckDeviceState => return Err(BackendError::NotNegotiated(code)),
+            // QEMU sends it once, before the SET_FEATURES of the device's
+            // start, when the driver negotiated VIRTIO_NET_F_MTU (so that
+            // bit is not required here), with NEED_REPLY under REPLY_ACK.
+            #[cfg(feature = "net")]
+            Request::NetSetMtu(v) => {
+                let mtu = u16::try_from(v)
+                    .ok()
+                    .filter(|m| *m >= crate::device::net::MIN_MTU)
+                    .ok_or(BackendError::BadMtu(u32::try_from(v).unwrap_or(u32::MAX)))?;
+                if !device.set_mtu(mtu) {
+                    return Err(BackendError::DeviceRefused(code));
+                }
+            }
+            // QEMU sends it (without NEED_REPLY) when it announces the
+            // guest (after a migration, or QMP announce-self) and the
+            // driver lacks VIRTIO_NET_F_GUEST_ANNOUNCE.
+            #[cfg(feature = "net")]
+            Request::SendRarp(mac) => {
+                if !device.send_rarp(mac) {
+                    return Err(BackendError::DeviceRefused(code));
+                }
+            }
+            #[cfg(not(feature = "net"))]
+            Request::SendRarp(_) | Request::NetSetMtu(_) => {
+                return Err(BackendError::NotNegotiated(code))
+            }
             // Gated by features this engine never offers (gate() refused
             // them before dispatch).
-            Request::SendRarp(_)
-            | Request::NetSetMtu(_)
-            | Request::IotlbMsg(_)
+            Request::IotlbMsg(_)
             | Request::SetVringEndian { .. }
             | Request::CreateCryptoSession(_)
             | Request::CloseCryptoSession(_)

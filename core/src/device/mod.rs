@@ -134,6 +134,29 @@ pub trait Device {
 
     /// The front-end left (log counters, drop per-connection state).
     fn disconnected(&self) {}
+
+    /// NET_SET_MTU (the `net` feature): the front-end tells the MTU it
+    /// advertises to the driver, already checked by the session to be
+    /// 68 to 65535. Returns whether the device takes it (a value above
+    /// what it can carry is refused: a failed ack). The default refuses:
+    /// a device that offers the MTU protocol feature implements this.
+    #[cfg(feature = "net")]
+    fn set_mtu(&mut self, mtu: u16) -> bool {
+        let _ = mtu;
+        false
+    }
+
+    /// SEND_RARP (the `net` feature): announce `mac` on the device's
+    /// network (a gratuitous RARP; the guest lacks GUEST_ANNOUNCE and has
+    /// just moved). Returns whether the device takes the request; a frame
+    /// that could not be sent is the device's to log and count, not the
+    /// front-end's concern. The default refuses: a device that offers the
+    /// RARP protocol feature implements this.
+    #[cfg(feature = "net")]
+    fn send_rarp(&mut self, mac: [u8; 6]) -> bool {
+        let _ = mac;
+        false
+    }
 }
 
 /// One buffer of a descriptor chain, in guest physical memory.

@@ -118,6 +118,13 @@ bitflags! {
     }
 }
 
+#[cfg(feature = "defmt")]
+impl defmt::Format for NetFeatures {
+    fn format(&self, f: defmt::Formatter<'_>) {
+        defmt::write!(f, "NetFeatures({=u64:#x})", self.bits());
+    }
+}
+
 impl NetFeatures {
     /// The same bits as a virtio feature word.
     pub const fn to_virtio(self) -> VirtioFeatures {
@@ -365,6 +372,10 @@ pub struct NetConfig {
     pub status: bool,
     /// The link is up.
     pub link_up: bool,
+    /// Offload bits to offer on top of the rest, for a back-end that
+    /// carries offloaded frames (a tap): any of
+    /// [`NetConfig::OFFLOADS`], others are ignored.
+    pub offloads: NetFeatures,
 }
 
 impl NetConfig {
@@ -378,8 +389,22 @@ impl NetConfig {
             mrg_rxbuf: true,
             status: true,
             link_up: true,
+            offloads: NetFeatures::empty(),
         }
     }
+
+    /// The offload bits a back-end may offer: partial checksums and
+    /// segmentation offloads, both ways.
+    pub const OFFLOADS: NetFeatures = NetFeatures::CSUM
+        .union(NetFeatures::GUEST_CSUM)
+        .union(NetFeatures::GUEST_TSO4)
+        .union(NetFeatures::GUEST_TSO6)
+        .union(NetFeatures::GUEST_ECN)
+        .union(NetFeatures::GUEST_UFO)
+        .union(NetFeatures::HOST_TSO4)
+        .union(NetFeatures::HOST_TSO6)
+        .union(NetFeatures::HOST_ECN)
+        .union(NetFeatures::HOST_UFO);
 
     /// Checks the configuration.
     pub fn validate(&self) -> Result<(), NetConfigError> {
@@ -407,7 +432,7 @@ impl NetConfig {
         f.set(NetFeatures::MQ, self.queue_pairs > 1);
         f.set(NetFeatures::MRG_RXBUF, self.mrg_rxbuf);
         f.set(NetFeatures::STATUS, self.status);
-        f
+        f | (self.offloads & NetConfig::OFFLOADS)
     }
 
     /// The config space for this configuration.

@@ -3,8 +3,8 @@
 //! Follows QEMU's "Backend program conventions": `--socket-path PATH` or
 //! `--fd N`, `--print-capabilities`, no daemonizing, a clear non-zero exit
 //! when it cannot start, a clean exit on SIGTERM. Per-queue counters
-//! (packets, bytes, drops, errors; the runtime adds calls and kicks per
-//! ring) are logged when a front-end leaves.
+//! (packets, bytes, drops, errors, the largest frame; the runtime adds
+//! calls and kicks per ring) are logged when a front-end leaves.
 #![forbid(unsafe_code)]
 
 use std::os::fd::RawFd;
@@ -30,12 +30,18 @@ usage: vhost-user-net (--socket-path PATH | --fd N) [options]
   --socket-path PATH   listen on a Unix socket at PATH
   --fd N               serve on an inherited listening socket fd
   --backend KIND       loopback (what a pair transmits comes back on its
-                       receive queue) or null (transmitted frames are
-                       dropped, receive buffers get a template frame);
-                       default loopback
+                       receive queue), null (transmitted frames are
+                       dropped, receive buffers get a template frame) or
+                       tap (frames go to and come from --tap, with
+                       checksum and segmentation offloads); default
+                       loopback
+  --tap NAME           the TAP interface of the tap backend (attached, or
+                       created if missing, which needs CAP_NET_ADMIN; a
+                       multi_queue tap with several queue pairs)
   --frame-size N       bytes of the null backend's template frame (default 60)
   --mac MAC            the MAC address offered to the driver (aa:bb:cc:dd:ee:ff)
-  --mtu N              the MTU offered to the driver
+  --mtu N              the MTU offered to the driver, and the largest a
+                       front-end may set (NET_SET_MTU)
   --queue-pairs N      queue pairs (default 1)
   --threads T          worker threads serving the queues, 1 to 2N: queue q
                        runs on thread q % T (default: one per queue)
@@ -62,6 +68,7 @@ const OPTIONS: &[&str] = &[
     "socket-path",
     "fd",
     "backend",
+    "tap",
     "frame-size",
     "mac",
     "mtu",
@@ -150,12 +157,73 @@ fn run() -> Result<(), String> {
         return Err("--frame-size must be 14 to 65535".into());
     }
     let kind = args.get("backend").unwrap_or("loopback");
-    let backend = match kind {
-        "loopback" => NetBackend::Loopback,
-        "null" => NetBackend::null(frame_size, mac.unwrap_or([0x52, 0x54, 0, 0, 0, 1])),
-        other => return Err(format!("unknown --backend {other:?} (loopback or null)")),
+    let backend = match (kind, args.get("tap")) {
+        ("loopback", None) => NetBackend::Loopback,
+        ("null", None) => NetBackend::null(frame_size, mac.unwrap_or([0x52, 0x54, 0, 0, 0, 1])),
+        ("tap", Some(name)) => NetBackend::Tap { name: name.into() },
+        ("tap", None) => return Err("--backend tap needs --tap NAME".into()),
+        ("loopback" | "null", Some(_)) => return Err("--tap is for --backend tap".into()),
+        (other, _) => {
+            return Err(format!(
+                "unknown --backend {other:?} (loopback, null or tap)"
+            ))
+        }
     };
 
+    if args.get("socket-path").is_some() == args.get("fd").is_some() {
+        return Err(format!(
+            "exactly one of --socket-path or --fd is required\n{USAGE}"
+        ));
+    }
+    let net = NetConfig {
+        mac,
+        queue_pairs: pairs,
+        mtu,
+        mrg_rxbuf: !args.flag("no-mrg-rxbuf"),
+        offloads: backend.offloads(),
+        ..NetConfig::new()
+    };
+    let device = NetDevice::new(&net).map_err(|e| format!("invalid device configuration: {e}"))?;
+    let features = device.offered_features()
+        | V::VERSION_1
+        | V::PROTOCOL_FEATURES
+        | V::EVENT_IDX
+        | V::INDIRECT_DESC
+        | V::RING_PACKED;
+    let config = BackendConfig {
+        features,
+        // NET_SET_MTU only with an MTU offered (the driver cannot
+        // negotiate VIRTIO_NET_F_MTU otherwise).
+        protocol_features: P::MQ
+            | P::REPLY_ACK
+            | P::CONFIG
+            | P::CONFIGURE_MEM_SLOTS
+            | P::STATUS
+            | P::RESET_DEVICE
+            | P::RARP
+            | if mtu.is_some() { P::MTU } else { P::empty() },
+        num_queues,
+        max_queue_size: queue_size,
+    };
+    info!(
+        "serving a {kind} network device, {pairs} queue pair(s), features {:#x}, protocol features {:#x}",
+        config.features.bits(),
+        config.protocol_features.bits()
+    );
+    // Before the backend's threads start: they inherit the signal mask,
+    // so SIGTERM reaches the thread that removes the socket.
+    let socket_path: Option<PathBuf> = args.get("socket-path").map(PathBuf::from);
+    signals::exit_cleanly_on_term(move || {
+        if let Some(p) = socket_path {
+            let _ = std::fs::remove_file(p);
+        }
+    })
+    .map_err(|e| format!("cannot set up signal handling: {e}"))?;
+    let service = NetService::new(device, backend)
+        .map_err(|e| format!("cannot set up the {kind} backend: {e}"))?;
+    if let Some(name) = service.tap_name() {
+        info!("attached to tap {name}");
+    }
     let listener = match (args.get("socket-path"), args.get("fd")) {
         (Some(path), None) => {
             Listener::bind(path).map_err(|e| format!("cannot listen on {path}: {e}"))?
@@ -174,46 +242,7 @@ fn run() -> Result<(), String> {
             ))
         }
     };
-    let socket_path: Option<PathBuf> = args.get("socket-path").map(PathBuf::from);
-    signals::exit_cleanly_on_term(move || {
-        if let Some(p) = socket_path {
-            let _ = std::fs::remove_file(p);
-        }
-    })
-    .map_err(|e| format!("cannot set up signal handling: {e}"))?;
 
-    let net = NetConfig {
-        mac,
-        queue_pairs: pairs,
-        mtu,
-        mrg_rxbuf: !args.flag("no-mrg-rxbuf"),
-        ..NetConfig::new()
-    };
-    let device = NetDevice::new(&net).map_err(|e| format!("invalid device configuration: {e}"))?;
-    let features = device.offered_features()
-        | V::VERSION_1
-        | V::PROTOCOL_FEATURES
-        | V::EVENT_IDX
-        | V::INDIRECT_DESC
-        | V::RING_PACKED;
-    let config = BackendConfig {
-        features,
-        protocol_features: P::MQ
-            | P::REPLY_ACK
-            | P::CONFIG
-            | P::CONFIGURE_MEM_SLOTS
-            | P::STATUS
-            | P::RESET_DEVICE,
-        num_queues,
-        max_queue_size: queue_size,
-    };
-    info!(
-        "serving a {kind} network device, {pairs} queue pair(s), features {:#x}, protocol features {:#x}",
-        config.features.bits(),
-        config.protocol_features.bits()
-    );
-    let service = NetService::new(device, backend)
-        .map_err(|e| format!("cannot create the loopback eventfds: {e}"))?;
     let options = RuntimeOptions {
         threads: usize::from(threads),
         trust_unsealable_memfd: args.flag("trust-unsealable-memfd"),

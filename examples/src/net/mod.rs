@@ -19,15 +19,26 @@
 //!   does not receive) are dropped and counted.
 //! - [`NetBackend::Null`]: transmitted frames are counted and dropped;
 //!   every receive buffer gets a copy of a template frame at once.
+//! - [`NetBackend::Tap`]: a TAP interface, one queue of it per pair
+//!   (multi-queue with several pairs). Transmitted frames are written to
+//!   the pair's tap queue with their virtio-net header; a reader thread
+//!   per pair moves the tap's frames (header included, so offloaded
+//!   frames pass) to the pair's receive side as the loopback's are, and
+//!   signals the same eventfd. The header length and the offloads the
+//!   tap may hand over follow the driver's features (TUNSETVNETHDRSZ,
+//!   TUNSETOFFLOAD); SEND_RARP writes a gratuitous RARP to the tap.
+//!
+//! NET_SET_MTU is taken up to the MTU the daemon offers (`--mtu`).
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use vhost_user_core::dataplane::Token;
 use vhost_user_core::device::net::{
-    rx_capacity, rx_fill, rx_fill_merged, tx_gather, NetDevice, NetError, QueueRole, VirtioNetHdr,
+    rx_capacity, rx_fill, rx_fill_merged, tx_gather, NetDevice, NetError, NetFeatures, QueueRole,
+    VirtioNetHdr, DEFAULT_MTU,
 };
 use vhost_user_core::device::{Completion, Device};
 use vhost_user_core::feature::VirtioFeatures;
@@ -36,8 +47,12 @@ use vhost_user_core::message::ConfigWriteKind;
 use vhost_user_core::vring::{Chain, Segment};
 use vhost_user_linux::backend::SharedDevice;
 use vhost_user_linux::sys::eventfd::EventFd;
+use vhost_user_linux::sys::tap::Tap;
+use zerocopy::IntoBytes;
 
-/// Frames a loopback pair queues for its receive side, at most.
+pub mod tap;
+
+/// Frames a loopback or tap pair queues for its receive side, at most.
 pub const LOOPBACK_FRAMES: usize = 1024;
 /// Receive chains one frame may span with MRG_RXBUF, at most.
 const MAX_MERGE: usize = 64;
@@ -51,6 +66,12 @@ pub enum NetBackend {
     Null {
         /// The frame every receive buffer gets.
         template: Vec<u8>,
+    },
+    /// Frames go to and come from the TAP interface of this name (created
+    /// if missing, which needs CAP_NET_ADMIN).
+    Tap {
+        /// The interface.
+        name: String,
     },
 }
 
@@ -68,6 +89,14 @@ impl NetBackend {
         }
         NetBackend::Null { template: t }
     }
+
+    /// The offload feature bits this backend can carry (a tap's).
+    pub fn offloads(&self) -> NetFeatures {
+        match self {
+            NetBackend::Tap { .. } => tap::TAP_OFFLOADS,
+            _ => NetFeatures::empty(),
+        }
+    }
 }
 
 /// Counters of one queue.
@@ -82,14 +111,41 @@ pub struct QueueCounters {
     pub drops: AtomicU64,
     /// Chains refused (hostile or malformed), completed with length 0.
     pub errors: AtomicU64,
+    /// The largest frame, in bytes (above the MTU: a segmentation
+    /// offload at work).
+    pub largest: AtomicU64,
 }
 
-/// One queue pair's loopback: frames from its TX side, waiting for RX
-/// buffers, and the eventfd the RX side sleeps on.
+impl QueueCounters {
+    /// Counts a frame of `len` bytes.
+    fn frame(&self, len: usize) {
+        let len = len as u64;
+        self.packets.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(len, Ordering::Relaxed);
+        // Only this queue's worker counts its frames.
+        if len > self.largest.load(Ordering::Relaxed) {
+            self.largest.store(len, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A frame waiting for receive buffers, and the header to give it.
+#[derive(Debug)]
+struct Frame {
+    hdr: VirtioNetHdr,
+    data: Vec<u8>,
+}
+
+/// One queue pair's frames from its loopback TX side or its tap queue,
+/// waiting for RX buffers, and the eventfd the RX side sleeps on.
 #[derive(Debug)]
 struct Pair {
-    frames: Mutex<VecDeque<Vec<u8>>>,
+    frames: Mutex<VecDeque<Frame>>,
+    /// Signalled when the RX side took frames (the tap reader waits for
+    /// room).
+    space: Condvar,
     ready: Arc<EventFd>,
+    tap: Option<Arc<Tap>>,
 }
 
 #[derive(Debug)]
@@ -97,7 +153,15 @@ struct Inner {
     device: Mutex<NetDevice>,
     hdr_len: AtomicUsize,
     mergeable: AtomicBool,
+    /// GUEST_CSUM: the driver takes the tap's checksum flags.
+    guest_csum: AtomicBool,
     max_frame: usize,
+    /// The largest MTU NET_SET_MTU may set (the one offered, or 1500).
+    max_mtu: u16,
+    /// The MTU of the last NET_SET_MTU (0: none).
+    mtu: AtomicU16,
+    /// SEND_RARP requests.
+    rarps: AtomicU64,
     backend: NetBackend,
     pairs: Vec<Pair>,
     counters: Vec<QueueCounters>,
@@ -146,29 +210,105 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl NetService {
-    /// A service for `device` over `backend`; the eventfds of the pairs'
-    /// loopbacks are made here.
+    /// A service for `device` over `backend`; the pairs' eventfds are
+    /// made here, a tap's queues attached and their reader threads
+    /// started (they end when the service is dropped).
     pub fn new(device: NetDevice, backend: NetBackend) -> std::io::Result<Self> {
+        let mut taps = match &backend {
+            NetBackend::Tap { name } => {
+                tap::open_pairs(name, device.queue_pairs(), device.hdr_len())?
+            }
+            _ => Vec::new(),
+        }
+        .into_iter();
         let pairs = (0..device.queue_pairs())
             .map(|_| {
                 Ok(Pair {
                     frames: Mutex::new(VecDeque::new()),
+                    space: Condvar::new(),
                     ready: Arc::new(EventFd::new(true)?),
+                    tap: taps.next(),
                 })
             })
             .collect::<std::io::Result<Vec<_>>>()?;
         let queues = usize::from(device.queue_pairs()) * 2;
-        Ok(NetService {
+        let max_frame = match backend {
+            NetBackend::Tap { .. } => tap::TAP_MAX_FRAME,
+            _ => device.max_frame(),
+        };
+        let max_mtu = match device.mtu() {
+            0 => DEFAULT_MTU,
+            m => m,
+        };
+        let service = NetService {
             inner: Arc::new(Inner {
                 hdr_len: AtomicUsize::new(device.hdr_len()),
                 mergeable: AtomicBool::new(false),
-                max_frame: device.max_frame(),
+                guest_csum: AtomicBool::new(false),
+                max_frame,
+                max_mtu,
+                mtu: AtomicU16::new(0),
+                rarps: AtomicU64::new(0),
                 device: Mutex::new(device),
                 backend,
                 pairs,
                 counters: (0..queues).map(|_| QueueCounters::default()).collect(),
             }),
-        })
+        };
+        for (k, p) in service.inner.pairs.iter().enumerate() {
+            if let Some(t) = &p.tap {
+                let (weak, t) = (Arc::downgrade(&service.inner), t.clone());
+                std::thread::Builder::new()
+                    .name(format!("tap-rx-{k}"))
+                    .spawn(move || tap::reader(weak, k, t))?;
+            }
+        }
+        Ok(service)
+    }
+
+    /// The name of the tap the service is attached to, if any.
+    pub fn tap_name(&self) -> Option<&str> {
+        self.inner.pairs.first()?.tap.as_deref().map(Tap::name)
+    }
+
+    /// The MTU of the last NET_SET_MTU, if any.
+    pub fn mtu(&self) -> Option<u16> {
+        Some(self.inner.mtu.load(Ordering::Relaxed)).filter(|&m| m != 0)
+    }
+
+    /// SEND_RARP requests received.
+    pub fn rarps(&self) -> u64 {
+        self.inner.rarps.load(Ordering::Relaxed)
+    }
+
+    /// The tap's header length and offloads for the negotiated features
+    /// (and after a reset: none).
+    fn configure_taps(&self, hdr_len: usize, acked: NetFeatures) {
+        let flags = tap::tun_offloads(acked);
+        for (k, p) in self.inner.pairs.iter().enumerate() {
+            let Some(t) = &p.tap else { continue };
+            if let Err(e) = t
+                .set_vnet_hdr_len(hdr_len)
+                .and_then(|()| t.set_offload(flags))
+            {
+                log::error!(
+                    "tap {} queue {k}: cannot set the header and offloads: {e}",
+                    t.name()
+                );
+            } else if k == 0 {
+                log::info!(
+                    "tap {}: virtio-net header {hdr_len} bytes, offloads {flags:#x}",
+                    t.name()
+                );
+            }
+        }
+    }
+
+    fn clear_frames(&self) {
+        for p in &self.inner.pairs {
+            lock(&p.frames).clear();
+            p.space.notify_all();
+        }
     }
 
     /// The counters of queue `queue`.
@@ -210,8 +350,7 @@ impl NetService {
                 return;
             }
         };
-        k.packets.fetch_add(1, Ordering::Relaxed);
-        k.bytes.fetch_add(frame.len as u64, Ordering::Relaxed);
+        k.frame(frame.len);
         match &inner.backend {
             NetBackend::Null { .. } => {}
             NetBackend::Loopback => {
@@ -220,8 +359,24 @@ impl NetService {
                 if q.len() >= LOOPBACK_FRAMES {
                     k.drops.fetch_add(1, Ordering::Relaxed);
                 } else {
-                    q.push_back(scratch.buf[..frame.len].to_vec());
+                    q.push_back(Frame {
+                        hdr: VirtioNetHdr::default(),
+                        data: scratch.buf[..frame.len].to_vec(),
+                    });
                     scratch.pushed = true;
+                }
+            }
+            NetBackend::Tap { .. } => {
+                let Some(t) = self.pair(pair).and_then(|p| p.tap.as_deref()) else {
+                    return;
+                };
+                let hdr = &frame.hdr.as_bytes()[..hdr_len.min(VirtioNetHdr::SIZE)];
+                if let Err(e) = t.write(hdr, &scratch.buf[..frame.len]) {
+                    // The tap refuses what the host cannot take (a bad
+                    // offload header) or has no room: the frame is lost,
+                    // as on a wire.
+                    k.drops.fetch_add(1, Ordering::Relaxed);
+                    log::debug!("queue {queue}: tap write failed: {e}");
                 }
             }
         }
@@ -242,16 +397,30 @@ impl NetService {
         let write = |gpa: u64, src: &[u8]| mem.write(gpa, src);
         let hdr_len = inner.hdr_len.load(Ordering::Relaxed);
         let mergeable = inner.mergeable.load(Ordering::Relaxed);
-        let hdr = VirtioNetHdr::default();
+        let guest_csum = inner.guest_csum.load(Ordering::Relaxed);
+        let default_hdr = VirtioNetHdr::default();
         let mut frames = match (&inner.backend, self.pair(pair)) {
-            (NetBackend::Loopback, Some(p)) if !scratch.held.is_empty() => Some(lock(&p.frames)),
+            (NetBackend::Loopback | NetBackend::Tap { .. }, Some(p))
+                if !scratch.held.is_empty() =>
+            {
+                Some(lock(&p.frames))
+            }
             _ => None,
         };
+        let mut taken = false;
         while !scratch.held.is_empty() {
-            let frame: &[u8] = match (&inner.backend, frames.as_deref_mut()) {
-                (NetBackend::Null { template }, _) => template,
-                (_, Some(q)) => match q.front() {
-                    Some(f) => f,
+            let (frame, hdr): (&[u8], &VirtioNetHdr) = match (&inner.backend, frames.as_deref_mut())
+            {
+                (NetBackend::Null { template }, _) => (template, &default_hdr),
+                (_, Some(q)) => match q.front_mut() {
+                    Some(f) => {
+                        // Without GUEST_CSUM the flags must be zero (the
+                        // tap hands over checksummed frames then).
+                        if !guest_csum {
+                            f.hdr.flags = 0;
+                        }
+                        (&f.data, &f.hdr)
+                    }
                     None => break,
                 },
                 _ => break,
@@ -260,7 +429,7 @@ impl NetService {
             if mergeable {
                 scratch.used.resize(MAX_MERGE, 0);
                 let chains = scratch.held.make_contiguous();
-                match rx_fill_merged(chains, &write, &hdr, frame, &mut scratch.used) {
+                match rx_fill_merged(chains, &write, hdr, frame, &mut scratch.used) {
                     Ok(n) => {
                         for i in 0..n {
                             let h = scratch.held.pop_front();
@@ -269,8 +438,7 @@ impl NetService {
                                 scratch.spare.push(h.segments);
                             }
                         }
-                        k.packets.fetch_add(1, Ordering::Relaxed);
-                        k.bytes.fetch_add(frame.len() as u64, Ordering::Relaxed);
+                        k.frame(frame.len());
                     }
                     Err(e) if matches!(e.error, NetError::NoRoom { .. }) => {
                         if chains.len() < MAX_MERGE {
@@ -289,14 +457,13 @@ impl NetService {
                 }
             } else {
                 let Some(h) = scratch.held.front() else { break };
-                match rx_fill(&h.segments, &write, &hdr, hdr_len, frame) {
+                match rx_fill(&h.segments, &write, hdr, hdr_len, frame) {
                     Ok(n) => {
                         if let Some(h) = scratch.held.pop_front() {
                             done(h.token, n);
                             scratch.spare.push(h.segments);
                         }
-                        k.packets.fetch_add(1, Ordering::Relaxed);
-                        k.bytes.fetch_add(frame.len() as u64, Ordering::Relaxed);
+                        k.frame(frame.len());
                     }
                     Err(e) => {
                         // A buffer too small for the frame (the driver
@@ -315,10 +482,16 @@ impl NetService {
             if consumed_frame {
                 if let Some(q) = frames.as_deref_mut() {
                     q.pop_front();
+                    taken = true;
                 }
             }
         }
         drop(frames);
+        if taken {
+            if let Some(p) = self.pair(pair) {
+                p.space.notify_all();
+            }
+        }
         if scratch.stopping {
             while let Some(h) = scratch.held.pop_front() {
                 done(h.token, 0);
@@ -363,20 +536,42 @@ impl Device for NetService {
             "front-end acked virtio features {:#x} ({features:?})",
             features.bits()
         );
-        let mut d = lock(&self.inner.device);
-        d.set_features(features);
-        self.inner.hdr_len.store(d.hdr_len(), Ordering::Relaxed);
-        self.inner.mergeable.store(d.mergeable(), Ordering::Relaxed);
+        let (hdr_len, acked, changed) = {
+            let mut d = lock(&self.inner.device);
+            let before = (d.hdr_len(), d.acked_features());
+            d.set_features(features);
+            let after = (d.hdr_len(), d.acked_features());
+            (after.0, after.1, before != after)
+        };
+        // QEMU repeats SET_FEATURES for each queue pair, possibly while
+        // the first pair runs: the same features change nothing.
+        if !changed {
+            return;
+        }
+        // The tap first, then the readers' header length; frames read
+        // before are dropped (their header may have the old length).
+        self.configure_taps(hdr_len, acked);
+        self.inner.hdr_len.store(hdr_len, Ordering::Relaxed);
+        self.inner
+            .mergeable
+            .store(acked.contains(NetFeatures::MRG_RXBUF), Ordering::Relaxed);
+        self.inner
+            .guest_csum
+            .store(acked.contains(NetFeatures::GUEST_CSUM), Ordering::Relaxed);
+        self.clear_frames();
     }
 
     fn reset(&mut self) {
-        let mut d = lock(&self.inner.device);
-        d.reset();
-        self.inner.hdr_len.store(d.hdr_len(), Ordering::Relaxed);
+        let hdr_len = {
+            let mut d = lock(&self.inner.device);
+            d.reset();
+            d.hdr_len()
+        };
+        self.configure_taps(hdr_len, NetFeatures::empty());
+        self.inner.hdr_len.store(hdr_len, Ordering::Relaxed);
         self.inner.mergeable.store(false, Ordering::Relaxed);
-        for p in &self.inner.pairs {
-            lock(&p.frames).clear();
-        }
+        self.inner.guest_csum.store(false, Ordering::Relaxed);
+        self.clear_frames();
     }
 
     fn process<M: GuestMemory + ?Sized, const S: usize>(
@@ -441,25 +636,66 @@ impl Device for NetService {
         for (q, k) in self.inner.counters.iter().enumerate() {
             let dir = if q % 2 == 0 { "rx" } else { "tx" };
             log::info!(
-                "queue {q} ({dir}): {} packets, {} bytes, {} drops, {} errors",
+                "queue {q} ({dir}): {} packets, {} bytes, {} drops, {} errors, {} bytes in the largest frame",
                 k.packets.load(Ordering::Relaxed),
                 k.bytes.load(Ordering::Relaxed),
                 k.drops.load(Ordering::Relaxed),
                 k.errors.load(Ordering::Relaxed),
+                k.largest.load(Ordering::Relaxed),
             );
         }
-        for p in &self.inner.pairs {
-            lock(&p.frames).clear();
+        let rarps = self.inner.rarps.load(Ordering::Relaxed);
+        if rarps != 0 {
+            log::info!("SEND_RARP: {rarps} received");
         }
+        self.clear_frames();
+    }
+
+    fn set_mtu(&mut self, mtu: u16) -> bool {
+        let max = self.inner.max_mtu;
+        if mtu > max {
+            log::warn!("NET_SET_MTU {mtu} refused: above the MTU offered, {max}");
+            return false;
+        }
+        log::info!("NET_SET_MTU: the front-end advertises MTU {mtu} (at most {max})");
+        self.inner.mtu.store(mtu, Ordering::Relaxed);
+        true
+    }
+
+    fn send_rarp(&mut self, mac: [u8; 6]) -> bool {
+        self.inner.rarps.fetch_add(1, Ordering::Relaxed);
+        let m = format_mac(mac);
+        match self.pair(0).and_then(|p| p.tap.as_deref()) {
+            Some(t) => {
+                let hdr_len = self.inner.hdr_len.load(Ordering::Relaxed);
+                let hdr = [0u8; VirtioNetHdr::SIZE];
+                match t.write(&hdr[..hdr_len.min(hdr.len())], &tap::rarp_frame(mac)) {
+                    Ok(()) => log::info!("SEND_RARP: announced {m} on tap {}", t.name()),
+                    Err(e) => log::warn!("SEND_RARP: cannot announce {m} on tap {}: {e}", t.name()),
+                }
+            }
+            None => log::info!("SEND_RARP: {m} (counted: no network to announce it on)"),
+        }
+        true
     }
 }
 
+/// `aa:bb:cc:dd:ee:ff`.
+fn format_mac(m: [u8; 6]) -> String {
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )
+}
+
 impl SharedDevice for NetService {
-    /// The receive ring of a loopback pair sleeps on the pair's eventfd
-    /// while it holds chains.
+    /// The receive ring of a loopback or tap pair sleeps on the pair's
+    /// eventfd while it holds chains.
     fn completion_fd<'a>(&self, _queue: u16, scratch: &'a Scratch) -> Option<BorrowedFd<'a>> {
         match self.inner.backend {
-            NetBackend::Loopback => scratch.ready.as_deref().map(AsFd::as_fd),
+            NetBackend::Loopback | NetBackend::Tap { .. } => {
+                scratch.ready.as_deref().map(AsFd::as_fd)
+            }
             NetBackend::Null { .. } => None,
         }
     }

@@ -4,6 +4,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod guest;
+pub mod netns;
 
 use std::io::Read;
 use std::os::fd::BorrowedFd;

@@ -506,3 +506,21 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn offloads_are_offered_and_acked_only_from_the_allowed_set() {
+    let c = NetConfig {
+        offloads: NetFeatures::CSUM | NetFeatures::GUEST_TSO4 | NetFeatures::CTRL_VQ,
+        ..config()
+    };
+    let mut dev = NetDevice::new(&c).unwrap();
+    let offered = NetFeatures::from_virtio(dev.offered_features());
+    assert!(offered.contains(NetFeatures::CSUM | NetFeatures::GUEST_TSO4));
+    assert!(!offered.contains(NetFeatures::CTRL_VQ));
+    dev.set_features((NetFeatures::GUEST_TSO4 | NetFeatures::HOST_TSO4).to_virtio());
+    assert_eq!(dev.acked_features(), NetFeatures::GUEST_TSO4);
+    assert!(
+        !NetFeatures::from_virtio(NetDevice::new(&config()).unwrap().offered_features())
+            .intersects(NetConfig::OFFLOADS)
+    );
+}
