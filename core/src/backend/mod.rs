@@ -142,6 +142,12 @@ const MIGRATION_VIRTIO_FEATURES: VirtioFeatures = if cfg!(feature = "migration")
     VirtioFeatures::empty()
 };
 
+const IN_ORDER_VIRTIO_FEATURES: VirtioFeatures = if cfg!(feature = "in-order") {
+    VirtioFeatures::IN_ORDER
+} else {
+    VirtioFeatures::empty()
+};
+
 /// The virtio features this engine implements (device-specific bits 0-23
 /// are the device's business and pass through).
 pub const SUPPORTED_VIRTIO_FEATURES: VirtioFeatures = VirtioFeatures::from_bits_retain(
@@ -151,7 +157,8 @@ pub const SUPPORTED_VIRTIO_FEATURES: VirtioFeatures = VirtioFeatures::from_bits_
         | VirtioFeatures::PROTOCOL_FEATURES.bits()
         | VirtioFeatures::VERSION_1.bits()
         | VirtioFeatures::RING_PACKED.bits()
-        | MIGRATION_VIRTIO_FEATURES.bits(),
+        | MIGRATION_VIRTIO_FEATURES.bits()
+        | IN_ORDER_VIRTIO_FEATURES.bits(),
 );
 
 /// An fd of the current message, by its position.
@@ -1563,7 +1570,12 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
             .rings
             .get(usize::from(queue))
             .is_some_and(|s| s.state.is_enabled());
-        let dp = DataPlane::start(ring, enabled, consume_disabled, mem, inflight);
+        #[allow(unused_mut)]
+        let mut dp = DataPlane::start(ring, enabled, consume_disabled, mem, inflight);
+        #[cfg(feature = "in-order")]
+        if self.features().contains(VirtioFeatures::IN_ORDER) {
+            dp.set_in_order();
+        }
         // Only recovery can break a ring at its start: an area it refused
         // (a header field, a link, a count, a flag out of range) is refused
         // here, before the ring runs.

@@ -119,6 +119,10 @@ pub enum VringError {
     /// SET_VRING_BASE with an index not below the ring size: that index
     /// (a split base above 16 bits: `u16::MAX`; the whole value is logged).
     BadBase(u16),
+    /// With VIRTIO_F_IN_ORDER, a split chain whose head is not where the
+    /// previous chain's descriptors ended (the driver must use the table
+    /// in ring order): that head.
+    OutOfOrder(u16),
 }
 
 const _: () = assert!(core::mem::size_of::<VringError>() <= 6);
@@ -154,6 +158,7 @@ impl fmt::Display for VringError {
             VringError::BadBuffer => f.write_str("buffer outside guest memory"),
             VringError::BadUsedHead(h) => write!(f, "used head {h} out of range"),
             VringError::BadBase(b) => write!(f, "bad vring base {b:#x}"),
+            VringError::OutOfOrder(h) => write!(f, "head {h} out of order"),
         }
     }
 }
@@ -537,6 +542,33 @@ impl Queue {
         match self {
             Queue::Split(q) => q.add_used(mem, head, len),
             Queue::Packed(q) => q.add_used(mem, head, len),
+        }
+    }
+
+    /// [`add_used`](Self::add_used) for a ring with VIRTIO_F_IN_ORDER
+    /// handling on, in pop order (see
+    /// [`SplitQueue::add_used_in_order`]).
+    #[cfg(feature = "in-order")]
+    #[inline]
+    pub fn add_used_in_order<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        head: Head,
+        len: u32,
+        elide: bool,
+    ) -> Result<(), VringError> {
+        match self {
+            Queue::Split(q) => q.add_used_in_order(mem, head, len, elide),
+            Queue::Packed(q) => q.add_used_in_order(mem, head, len, elide),
+        }
+    }
+
+    /// Turns VIRTIO_F_IN_ORDER handling on or off, before the first pop.
+    #[cfg(feature = "in-order")]
+    pub fn set_in_order(&mut self, on: bool) {
+        match self {
+            Queue::Split(q) => q.set_in_order(on),
+            Queue::Packed(q) => q.set_in_order(on),
         }
     }
 
