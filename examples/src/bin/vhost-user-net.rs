@@ -45,17 +45,20 @@ usage: vhost-user-net (--socket-path PATH | --fd N) [options]
                        against shrinking (DPDK virtio-user without
                        hugepages); a front-end that shrinks one kills the
                        daemon
+  --no-in-order        do not offer VIRTIO_F_IN_ORDER
   --log-level LEVEL    off, error, warn, info, debug, trace (default info)
   --print-capabilities print the back-end's capabilities as JSON and exit
 ";
 
 const FLAGS: &[&str] = &[
+    "no-in-order",
     "print-capabilities",
     "help",
     "no-mrg-rxbuf",
     "trust-unsealable-memfd",
 ];
 const OPTIONS: &[&str] = &[
+    "no-in-order",
     "socket-path",
     "fd",
     "backend",
@@ -188,6 +191,13 @@ fn run() -> Result<(), String> {
         | V::EVENT_IDX
         | V::INDIRECT_DESC
         | V::RING_PACKED;
+    // Completions reach the ring in the order the driver made the buffers
+    // available (the data plane holds early ones), unless --no-in-order.
+    let features = if args.flag("no-in-order") {
+        features
+    } else {
+        features | V::IN_ORDER
+    };
     let config = BackendConfig {
         features,
         protocol_features: P::MQ
