@@ -699,16 +699,17 @@ impl DataPlane {
         &mut self,
         mem: &M,
     ) -> Result<bool, DataPlaneError> {
+        // IN_ORDER window full: nothing is popped, not even a recorded
+        // request, until a completion makes room (that completion, not a
+        // kick, is what to wait for).
+        #[cfg(feature = "in-order")]
+        if self.order.full() {
+            return Ok(false);
+        }
         if self.resubmit_left > 0 {
             return Ok(true);
         }
         if self.paused() {
-            return Ok(false);
-        }
-        // IN_ORDER window full: nothing is popped until a completion makes
-        // room (that completion, not a kick, is what to wait for).
-        #[cfg(feature = "in-order")]
-        if self.order.full() {
             return Ok(false);
         }
         self.queue

@@ -198,6 +198,15 @@ fn run() -> Result<(), String> {
     } else {
         features | V::IN_ORDER
     };
+    // No INFLIGHT_SHMFD: no front-end of a net device uses it (QEMU asks
+    // for an inflight area only for blk and scsi back-ends; DPDK's
+    // virtio-user acks MQ, REPLY_ACK and STATUS alone), and the device
+    // has nothing for it to recover: it completes in the order it takes
+    // chains (transmit at once, receive chains filled oldest first), which
+    // IN_ORDER makes a promise, so a front-end that restarts a crashed
+    // back-end from the used index, as QEMU does, hands it back exactly
+    // the chains that were in flight, in order, without a record per
+    // packet.
     let config = BackendConfig {
         features,
         protocol_features: P::MQ
