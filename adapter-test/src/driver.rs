@@ -622,6 +622,11 @@ impl PackedDriver {
         (self.next_avail, self.avail_wrap)
     }
 
+    /// Next used position the driver looks at, and its wrap counter.
+    pub fn next_used(&self) -> (u16, bool) {
+        (self.next_used, self.used_wrap)
+    }
+
     /// The AVAIL/USED bits that make a descriptor available now.
     pub fn avail_bits(&self) -> u16 {
         if self.avail_wrap {
