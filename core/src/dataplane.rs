@@ -236,6 +236,10 @@ impl DataPlane {
             #[cfg(feature = "in-order")]
             order: order::Order::new(),
         };
+        #[cfg(feature = "in-order")]
+        {
+            dp.order.on = dp.queue.in_order();
+        }
         if let Some((area, offset)) = inflight {
             if let Err(e) = dp.recover(mem, area, offset) {
                 dp.broken = Some(e);
@@ -245,7 +249,10 @@ impl DataPlane {
         dp
     }
 
-    /// VIRTIO_F_IN_ORDER was negotiated: from now on completions reach the
+    /// VIRTIO_F_IN_ORDER was negotiated (a queue built by
+    /// [`Queue::new`] from features with the bit is started with this on
+    /// already; this is for a queue built otherwise): from now on
+    /// completions reach the
     /// used ring in the order the requests were handed out (an early one
     /// is held, in fixed storage, until those before it are done; at most
     /// [`IN_ORDER_WINDOW`] requests past the oldest unfinished one are
@@ -254,8 +261,7 @@ impl DataPlane {
     /// (split) or descriptor (packed), and a split chain that does not
     /// start where the previous one ended breaks the ring
     /// ([`VringError::OutOfOrder`]). Call it right after
-    /// [`start`](Self::start), before the first pop (the session's
-    /// `start_ring` does).
+    /// [`start`](Self::start), before the first pop.
     #[cfg(feature = "in-order")]
     pub fn set_in_order(&mut self) {
         self.order.on = true;

@@ -1570,12 +1570,8 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
             .rings
             .get(usize::from(queue))
             .is_some_and(|s| s.state.is_enabled());
-        #[allow(unused_mut)]
-        let mut dp = DataPlane::start(ring, enabled, consume_disabled, mem, inflight);
-        #[cfg(feature = "in-order")]
-        if self.features().contains(VirtioFeatures::IN_ORDER) {
-            dp.set_in_order();
-        }
+        // IN_ORDER, if acked, is on from the ring's build.
+        let dp = DataPlane::start(ring, enabled, consume_disabled, mem, inflight);
         // Only recovery can break a ring at its start: an area it refused
         // (a header field, a link, a count, a flag out of range) is refused
         // here, before the ring runs.

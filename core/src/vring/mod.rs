@@ -476,13 +476,21 @@ pub enum Queue {
 impl Queue {
     /// A queue of `size` entries at `addrs`, in the layout the negotiated
     /// `features` select (packed if VIRTIO_F_RING_PACKED).
+    /// With the `in-order` feature, VIRTIO_F_IN_ORDER in `features` turns
+    /// its handling on ([`set_in_order`](Self::set_in_order)).
     pub fn new(size: u16, addrs: RingAddrs, features: VirtioFeatures) -> Result<Self, VringError> {
         let rf = RingFeatures::from_virtio(features);
-        if features.contains(VirtioFeatures::RING_PACKED) {
+        let q = if features.contains(VirtioFeatures::RING_PACKED) {
             PackedQueue::new(size, addrs, rf).map(Queue::Packed)
         } else {
             SplitQueue::new(size, addrs, rf).map(Queue::Split)
-        }
+        };
+        #[cfg(feature = "in-order")]
+        let q = q.map(|mut q| {
+            q.set_in_order(features.contains(VirtioFeatures::IN_ORDER));
+            q
+        });
+        q
     }
 
     /// Ring size.
@@ -569,6 +577,15 @@ impl Queue {
         match self {
             Queue::Split(q) => q.set_in_order(on),
             Queue::Packed(q) => q.set_in_order(on),
+        }
+    }
+
+    /// Whether VIRTIO_F_IN_ORDER handling is on.
+    #[cfg(feature = "in-order")]
+    pub fn in_order(&self) -> bool {
+        match self {
+            Queue::Split(q) => q.in_order(),
+            Queue::Packed(q) => q.in_order(),
         }
     }
 
