@@ -49,6 +49,17 @@ mod order;
 #[cfg(feature = "in-order")]
 pub use order::WINDOW as IN_ORDER_WINDOW;
 
+/// Bytes of a [`DataPlane`] that hold IN_ORDER completions: 0 without the
+/// `in-order` feature. A crate that budgets the data plane's RAM for a
+/// build without the feature (the bare-metal back-end) subtracts it when
+/// a workspace build unifies the feature in.
+#[cfg(feature = "in-order")]
+pub const IN_ORDER_STATE_BYTES: usize = core::mem::size_of::<order::Order>();
+/// Bytes of a [`DataPlane`] that hold IN_ORDER completions: 0 without the
+/// `in-order` feature.
+#[cfg(not(feature = "in-order"))]
+pub const IN_ORDER_STATE_BYTES: usize = 0;
+
 /// Completions whose inflight records wait for one publish, at most;
 /// completing one more publishes first. Without an inflight area there is
 /// no bound: the used ring holds the batch.
