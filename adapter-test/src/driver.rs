@@ -6,6 +6,7 @@
 //! The driver is the guest's side: it only uses [`GuestMemory`] and the
 //! ring layouts of the virtio specification, never the core's engine.
 
+use std::collections::VecDeque;
 use std::fmt;
 
 use vhost_user_core::memory::{GuestMemory, MemoryError};
@@ -161,6 +162,34 @@ pub struct SplitDriver {
     free: Vec<u16>,
     chains: Vec<Vec<u16>>,
     event_idx: bool,
+    /// VIRTIO_F_IN_ORDER driving (see [`set_in_order`](Self::set_in_order)).
+    order: Option<DriverOrder>,
+}
+
+/// An in-order driver's bookkeeping: what it made available, in order,
+/// and the used entry that stands for the batch being harvested.
+#[derive(Debug, Default)]
+struct DriverOrder {
+    /// Split: next descriptor to use. Packed: unused.
+    next_desc: u16,
+    posted: VecDeque<u16>,
+    batch_last: Option<Used>,
+}
+
+impl DriverOrder {
+    /// One buffer of the batch: the next one made available, with the
+    /// batch entry's length if it is the batch's last, else 0 (a
+    /// skipped entry: what the driver infers for a buffer the device
+    /// wrote nothing into).
+    fn next(&mut self) -> Option<Used> {
+        let last = self.batch_last?;
+        let id = self.posted.pop_front()?;
+        if id == last.id {
+            self.batch_last = None;
+            return Some(last);
+        }
+        Some(Used { id, len: 0 })
+    }
 }
 
 impl SplitDriver {
@@ -202,7 +231,42 @@ impl SplitDriver {
             free: (0..size).rev().collect(),
             chains: vec![Vec::new(); usize::from(size)],
             event_idx,
+            order: None,
         })
+    }
+
+    /// Drive the ring as VIRTIO_F_IN_ORDER requires: descriptors are
+    /// used in table order from the next one (0 for a new ring), and a
+    /// used entry stands for every buffer made available up to the one
+    /// it names (those before it are reported with length 0).
+    pub fn set_in_order(&mut self) {
+        let next_desc = self.avail_idx % self.size;
+        self.order = Some(DriverOrder {
+            next_desc,
+            ..DriverOrder::default()
+        });
+    }
+
+    /// The descriptors a new chain of `n` takes: the next ones in table
+    /// order when in order, else any free ones.
+    fn take_descs(&mut self, n: usize) -> Result<Vec<u16>, DriverError> {
+        if n > self.free.len() {
+            return Err(DriverError::RingFull);
+        }
+        let size = self.size;
+        let Some(o) = self.order.as_mut() else {
+            return Ok((0..n).filter_map(|_| self.free.pop()).collect());
+        };
+        // In order, descriptors are freed in the order they were taken:
+        // the free ones are the `free.len()` from `next_desc` on, and the
+        // list only counts them.
+        let ids: Vec<u16> = (0..n as u16)
+            .map(|i| o.next_desc.wrapping_add(i) % size)
+            .collect();
+        self.free.truncate(self.free.len() - n);
+        o.next_desc = o.next_desc.wrapping_add(n as u16) % size;
+        o.posted.push_back(ids[0]);
+        Ok(ids)
     }
 
     /// Ring size.
@@ -236,10 +300,7 @@ impl SplitDriver {
         if bufs.is_empty() {
             return Err(DriverError::Empty);
         }
-        if bufs.len() > self.free.len() {
-            return Err(DriverError::RingFull);
-        }
-        let ids: Vec<u16> = (0..bufs.len()).filter_map(|_| self.free.pop()).collect();
+        let ids = self.take_descs(bufs.len())?;
         for (i, b) in bufs.iter().enumerate() {
             let mut flags = if b.writable { DESC_F_WRITE } else { 0 };
             let next = ids.get(i + 1).copied().unwrap_or(0);
@@ -265,7 +326,7 @@ impl SplitDriver {
         if bufs.is_empty() {
             return Err(DriverError::Empty);
         }
-        let head = self.free.pop().ok_or(DriverError::RingFull)?;
+        let head = self.take_descs(1)?[0];
         write_indirect_table(mem, table, bufs)?;
         self.write_desc(mem, head, table, 16 * bufs.len() as u32, DESC_F_INDIRECT, 0)?;
         self.chains[usize::from(head)] = vec![head];
@@ -312,15 +373,27 @@ impl SplitDriver {
         &mut self,
         mem: &M,
     ) -> Result<Option<Used>, MemoryError> {
+        let batch_open = self.order.as_ref().is_some_and(|o| o.batch_last.is_some());
         let idx = mem.load_u16_acquire(self.addrs.device + 2)?;
-        if idx == self.last_used {
+        if idx == self.last_used && !batch_open {
             return Ok(None);
         }
         let slot = u64::from(self.last_used % self.size);
         let e = mem.read_vec_8(self.addrs.device + 4 + 8 * slot)?;
         self.last_used = self.last_used.wrapping_add(1);
-        let id = u32::from_le_bytes([e[0], e[1], e[2], e[3]]) as u16;
-        let len = u32::from_le_bytes([e[4], e[5], e[6], e[7]]);
+        let mut id = u32::from_le_bytes([e[0], e[1], e[2], e[3]]) as u16;
+        let mut len = u32::from_le_bytes([e[4], e[5], e[6], e[7]]);
+        if let Some(o) = self.order.as_mut() {
+            // In order: the entry at the batch's first position names its
+            // last buffer; the ones before it are skipped.
+            if o.batch_last.is_none() {
+                o.batch_last = Some(Used { id, len });
+            }
+            match o.next() {
+                Some(u) => (id, len) = (u.id, u.len),
+                None => return Ok(None),
+            }
+        }
         if let Some(c) = self.chains.get_mut(usize::from(id)) {
             self.free.append(c);
         }
@@ -477,6 +550,8 @@ pub struct PackedDriver {
     id_descs: Vec<u16>,
     /// Position at the last kick check.
     kicked: (u16, bool),
+    /// VIRTIO_F_IN_ORDER harvesting (see [`set_in_order`](Self::set_in_order)).
+    order: Option<DriverOrder>,
 }
 
 impl PackedDriver {
@@ -515,7 +590,15 @@ impl PackedDriver {
             free_ids: (0..size).rev().collect(),
             id_descs: vec![0; usize::from(size)],
             kicked: (0, true),
+            order: None,
         })
+    }
+
+    /// Harvest as VIRTIO_F_IN_ORDER allows the device to write: a used
+    /// descriptor names the last buffer of a batch made available from
+    /// its slot on (those before it are reported with length 0).
+    pub fn set_in_order(&mut self) {
+        self.order = Some(DriverOrder::default());
     }
 
     /// Ring addresses (guest physical).
@@ -537,6 +620,11 @@ impl PackedDriver {
     /// Next avail position and wrap counter.
     pub fn next_avail(&self) -> (u16, bool) {
         (self.next_avail, self.avail_wrap)
+    }
+
+    /// Next used position the driver looks at, and its wrap counter.
+    pub fn next_used(&self) -> (u16, bool) {
+        (self.next_used, self.used_wrap)
     }
 
     /// The AVAIL/USED bits that make a descriptor available now.
@@ -585,6 +673,9 @@ impl PackedDriver {
         if let Some(last) = descs.last() {
             if let Some(n) = self.id_descs.get_mut(usize::from(last.id)) {
                 *n = descs.len() as u16;
+            }
+            if let Some(o) = self.order.as_mut() {
+                o.posted.push_back(last.id);
             }
         }
         Ok(())
@@ -650,15 +741,28 @@ impl PackedDriver {
         mem: &M,
     ) -> Result<Option<Used>, MemoryError> {
         let at = self.addrs.desc + 16 * u64::from(self.next_used);
-        let flags = mem.load_u16_acquire(at + 14)?;
-        let avail = flags & DESC_F_AVAIL != 0;
-        let used = flags & DESC_F_USED != 0;
-        if avail != self.used_wrap || used != self.used_wrap {
-            return Ok(None);
+        let batch_open = self.order.as_ref().is_some_and(|o| o.batch_last.is_some());
+        let (mut id, mut len) = (0, 0);
+        if !batch_open {
+            let flags = mem.load_u16_acquire(at + 14)?;
+            let avail = flags & DESC_F_AVAIL != 0;
+            let used = flags & DESC_F_USED != 0;
+            if avail != self.used_wrap || used != self.used_wrap {
+                return Ok(None);
+            }
+            let d = mem.read_16(at)?;
+            len = u32::from_le_bytes([d[8], d[9], d[10], d[11]]);
+            id = u16::from_le_bytes([d[12], d[13]]);
         }
-        let d = mem.read_16(at)?;
-        let len = u32::from_le_bytes([d[8], d[9], d[10], d[11]]);
-        let id = u16::from_le_bytes([d[12], d[13]]);
+        if let Some(o) = self.order.as_mut() {
+            if o.batch_last.is_none() {
+                o.batch_last = Some(Used { id, len });
+            }
+            match o.next() {
+                Some(u) => (id, len) = (u.id, u.len),
+                None => return Ok(None),
+            }
+        }
         let n = self
             .id_descs
             .get(usize::from(id))

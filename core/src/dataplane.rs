@@ -44,6 +44,22 @@ use crate::log::{DirtyLog, LogError};
 use crate::memory::GuestMemory;
 use crate::vring::{Chain, Head, Queue, RingAddrs, VringError};
 
+#[cfg(feature = "in-order")]
+mod order;
+#[cfg(feature = "in-order")]
+pub use order::WINDOW as IN_ORDER_WINDOW;
+
+/// Bytes of a [`DataPlane`] that hold IN_ORDER completions: 0 without the
+/// `in-order` feature. A crate that budgets the data plane's RAM for a
+/// build without the feature (the bare-metal back-end) subtracts it when
+/// a workspace build unifies the feature in.
+#[cfg(feature = "in-order")]
+pub const IN_ORDER_STATE_BYTES: usize = core::mem::size_of::<order::Order>();
+/// Bytes of a [`DataPlane`] that hold IN_ORDER completions: 0 without the
+/// `in-order` feature.
+#[cfg(not(feature = "in-order"))]
+pub const IN_ORDER_STATE_BYTES: usize = 0;
+
 /// Completions whose inflight records wait for one publish, at most;
 /// completing one more publishes first. Without an inflight area there is
 /// no bound: the used ring holds the batch.
@@ -57,6 +73,13 @@ pub struct Token {
     head: Head,
     entry: u16,
     side_effects: bool,
+    /// Pop order (IN_ORDER).
+    #[cfg(feature = "in-order")]
+    seq: u16,
+    /// The chain has no device-writable buffer (IN_ORDER may elide its
+    /// used entry when its length is 0).
+    #[cfg(feature = "in-order")]
+    readonly: bool,
 }
 
 impl Token {
@@ -183,6 +206,9 @@ pub struct DataPlane {
     /// `pop` may go straight to the ring: running, not broken, nothing to
     /// resubmit, and not paused (kept by [`refresh`](Self::refresh)).
     fast: bool,
+    /// VIRTIO_F_IN_ORDER: pop order and the completions held to keep it.
+    #[cfg(feature = "in-order")]
+    order: order::Order,
 }
 
 impl DataPlane {
@@ -218,7 +244,13 @@ impl DataPlane {
             resubmit_after: None,
             pending: Vec::new(),
             fast: false,
+            #[cfg(feature = "in-order")]
+            order: order::Order::new(),
         };
+        #[cfg(feature = "in-order")]
+        {
+            dp.order.on = dp.queue.in_order();
+        }
         if let Some((area, offset)) = inflight {
             if let Err(e) = dp.recover(mem, area, offset) {
                 dp.broken = Some(e);
@@ -226,6 +258,31 @@ impl DataPlane {
         }
         dp.refresh();
         dp
+    }
+
+    /// VIRTIO_F_IN_ORDER was negotiated (a queue built by
+    /// [`Queue::new`] from features with the bit is started with this on
+    /// already; this is for a queue built otherwise): from now on
+    /// completions reach the
+    /// used ring in the order the requests were handed out (an early one
+    /// is held, in fixed storage, until those before it are done; at most
+    /// [`IN_ORDER_WINDOW`] requests past the oldest unfinished one are
+    /// handed out), runs of completions that wrote nothing into chains
+    /// without a device-writable buffer are published as one used entry
+    /// (split) or descriptor (packed), and a split chain that does not
+    /// start where the previous one ended breaks the ring
+    /// ([`VringError::OutOfOrder`]). Call it right after
+    /// [`start`](Self::start), before the first pop.
+    #[cfg(feature = "in-order")]
+    pub fn set_in_order(&mut self) {
+        self.order.on = true;
+        self.queue.set_in_order(true);
+    }
+
+    /// Whether VIRTIO_F_IN_ORDER handling is on.
+    #[cfg(feature = "in-order")]
+    pub fn in_order(&self) -> bool {
+        self.order.on
     }
 
     /// Recomputes the fast-path flag after a state change.
@@ -388,6 +445,10 @@ impl DataPlane {
         area: Option<&M>,
         chain: &mut Chain<S>,
     ) -> Result<Option<Token>, DataPlaneError> {
+        #[cfg(feature = "in-order")]
+        if self.order.full() {
+            return Ok(None);
+        }
         let entry = match (&mut self.tracker, &mut self.queue) {
             (Tracker::None, q) => {
                 if !q.pop_into(mem, chain)? {
@@ -420,6 +481,10 @@ impl DataPlane {
             head: chain.head(),
             entry,
             side_effects: self.enabled,
+            #[cfg(feature = "in-order")]
+            seq: self.order.take(),
+            #[cfg(feature = "in-order")]
+            readonly: chain.writable_len() == 0,
         }))
     }
 
@@ -435,6 +500,10 @@ impl DataPlane {
             self.refresh();
             return Ok(None);
         };
+        #[cfg(feature = "in-order")]
+        if self.order.full() {
+            return Ok(None);
+        }
         let next = match &self.tracker {
             Tracker::Split(t) => t.next_resubmit(a, self.resubmit_after)?,
             Tracker::Packed(t) => t.next_resubmit(a, self.resubmit_after)?,
@@ -462,6 +531,10 @@ impl DataPlane {
             head: chain.head(),
             entry: r.head,
             side_effects: true,
+            #[cfg(feature = "in-order")]
+            seq: self.order.take(),
+            #[cfg(feature = "in-order")]
+            readonly: chain.writable_len() == 0,
         }))
     }
 
@@ -478,6 +551,10 @@ impl DataPlane {
         token: Token,
         len: u32,
     ) -> Result<Published, DataPlaneError> {
+        #[cfg(feature = "in-order")]
+        if self.order.on {
+            return self.complete_in_order(mem, area, token, len);
+        }
         if self.phase == Phase::Stopped {
             return Err(DataPlaneError::Stopped);
         }
@@ -502,6 +579,85 @@ impl DataPlane {
             return Err(self.fail(e.into()));
         }
         self.outstanding -= 1;
+        Ok(published)
+    }
+
+    /// [`complete`](Self::complete) with IN_ORDER: the completion goes to
+    /// the used ring if its request is the oldest one not there yet,
+    /// followed by the later ones held; otherwise it is held. A held
+    /// completion's request stays recorded in the inflight area (it is
+    /// resubmitted after a crash or a suspending stop, as if unfinished:
+    /// the guest has not seen it).
+    #[cfg(feature = "in-order")]
+    #[inline(never)]
+    fn complete_in_order<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        area: Option<&M>,
+        token: Token,
+        len: u32,
+    ) -> Result<Published, DataPlaneError> {
+        if self.phase == Phase::Stopped {
+            return Err(DataPlaneError::Stopped);
+        }
+        if self.tracked() && area.is_none() {
+            return Err(DataPlaneError::NoInflightArea);
+        }
+        let Some(k) = self.order.position(token.seq) else {
+            return Err(DataPlaneError::NotOutstanding);
+        };
+        if self.outstanding == 0 {
+            return Err(DataPlaneError::NotOutstanding);
+        }
+        let held = order::Held {
+            len,
+            id: token.head.id,
+            descs: token.head.descs,
+            entry: token.entry,
+            readonly: token.readonly,
+        };
+        if k != 0 {
+            self.order.hold(token.seq, held);
+            self.outstanding -= 1;
+            return Ok(Published::Nothing);
+        }
+        let mut published = self.append_in_order(mem, area, held)?;
+        self.outstanding -= 1;
+        self.order.head = self.order.head.wrapping_add(1);
+        while let Some(h) = self.order.take_head() {
+            published = published | self.append_in_order(mem, area, h)?;
+            self.order.head = self.order.head.wrapping_add(1);
+        }
+        Ok(published)
+    }
+
+    /// One completion into the used ring, in order (publishing first if
+    /// the inflight batch is full).
+    #[cfg(feature = "in-order")]
+    fn append_in_order<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        area: Option<&M>,
+        h: order::Held,
+    ) -> Result<Published, DataPlaneError> {
+        let tracked = self.tracked();
+        let mut published = Published::Nothing;
+        if tracked {
+            if self.pending.is_full() {
+                published = self.publish(mem, area)?;
+            }
+            let _ = self.pending.push(h.entry);
+        }
+        let head = Head {
+            id: h.id,
+            descs: h.descs,
+        };
+        if let Err(e) = self.queue.add_used_in_order(mem, head, h.len, h.readonly) {
+            if tracked {
+                self.pending.pop();
+            }
+            return Err(self.fail(e.into()));
+        }
         Ok(published)
     }
 
@@ -560,6 +716,13 @@ impl DataPlane {
         &mut self,
         mem: &M,
     ) -> Result<bool, DataPlaneError> {
+        // IN_ORDER window full: nothing is popped, not even a recorded
+        // request, until a completion makes room (that completion, not a
+        // kick, is what to wait for).
+        #[cfg(feature = "in-order")]
+        if self.order.full() {
+            return Ok(false);
+        }
         if self.resubmit_left > 0 {
             return Ok(true);
         }

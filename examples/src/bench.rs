@@ -126,6 +126,9 @@ pub struct Options {
     /// Migrate the running load between the back-end and another one,
     /// back and forth (split rings, eventfd notifications).
     pub migrate: Option<Migrate>,
+    /// Negotiate VIRTIO_F_IN_ORDER where offered: descriptors are used in
+    /// table order and a used entry may stand for a batch.
+    pub in_order: bool,
 }
 
 /// Live migration between two back-ends under load.
@@ -177,6 +180,8 @@ pub struct Report {
     pub dirty_pages: u64,
     /// Fewest and most dirty pages one migration logged.
     pub dirty_pages_range: (u64, u64),
+    /// VIRTIO_F_IN_ORDER was negotiated.
+    pub in_order: bool,
 }
 
 impl Report {
@@ -225,6 +230,7 @@ impl Report {
             "back-end channel: {} config changes, {} in-band calls, {} ring errors",
             self.config_changes, self.backend_calls, self.ring_errors
         );
+        let _ = writeln!(s, "in-order: {}", if self.in_order { "yes" } else { "no" });
         if self.migrations > 0 {
             let _ = writeln!(
                 s,
@@ -243,7 +249,7 @@ impl Report {
     /// The report as JSON.
     pub fn json(&self) -> String {
         format!(
-            "{{\"requests\": {}, \"seconds\": {:.6}, \"iops\": {:.1}, \"mbps\": {:.3}, \"p50_ns\": {}, \"p99_ns\": {}, \"p999_ns\": {}, \"kicks\": {}, \"calls\": {}, \"reconnects\": {}, \"config_changes\": {}, \"backend_calls\": {}, \"ring_errors\": {}, \"migrations\": {}, \"carried\": {}, \"lost\": {}, \"duplicated\": {}, \"dirty_pages\": {}, \"dirty_pages_min\": {}, \"dirty_pages_max\": {}, \"notifications_per_request\": {:.4}}}\n",
+            "{{\"requests\": {}, \"seconds\": {:.6}, \"iops\": {:.1}, \"mbps\": {:.3}, \"p50_ns\": {}, \"p99_ns\": {}, \"p999_ns\": {}, \"kicks\": {}, \"calls\": {}, \"reconnects\": {}, \"config_changes\": {}, \"backend_calls\": {}, \"ring_errors\": {}, \"migrations\": {}, \"carried\": {}, \"lost\": {}, \"duplicated\": {}, \"dirty_pages\": {}, \"dirty_pages_min\": {}, \"dirty_pages_max\": {}, \"in_order\": {}, \"notifications_per_request\": {:.4}}}\n",
             self.requests,
             self.elapsed.as_secs_f64(),
             self.iops(),
@@ -264,6 +270,7 @@ impl Report {
             self.dirty_pages,
             self.dirty_pages_range.0,
             self.dirty_pages_range.1,
+            self.in_order,
             self.notifications_per_request()
         )
     }
@@ -713,7 +720,10 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
     } else {
         V::empty()
     };
-    let mut cfg: FrontendConfig<8, 2> = FrontendConfig::new(features | guest, protocol);
+    // In order where offered (not required: a back-end without it runs as
+    // before).
+    let order = if o.in_order { V::IN_ORDER } else { V::empty() };
+    let mut cfg: FrontendConfig<8, 2> = FrontendConfig::new(features | guest | order, protocol);
     for r in &regions {
         let _ = cfg.regions.push(*r);
     }
@@ -815,6 +825,15 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
             features.difference(link.engine().features())
         ));
     }
+    let in_order = link.engine().features().contains(V::IN_ORDER);
+    if in_order {
+        for d in &mut drivers {
+            match d {
+                Ring::Split(d) => d.set_in_order(),
+                Ring::Packed(d, ..) => d.set_in_order(),
+            }
+        }
+    }
     let flush = BlkFeatures::FLUSH.to_virtio();
     if o.flush_every.is_some() && !link.engine().features().contains(flush) {
         return Err("--flush-every needs FLUSH (not offered, or --no-guest-features)".into());
@@ -887,7 +906,10 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
     let mut written: HashMap<u64, u64> = HashMap::new();
     let mut busy: std::collections::HashSet<u64> = Default::default();
     let mut lat = Histogram::new();
-    let mut rep = Report::default();
+    let mut rep = Report {
+        in_order,
+        ..Report::default()
+    };
     let (mut next_req, mut seq) = (0u64, 0u64);
     let t0 = Instant::now();
     let mut last_progress = (t0, 0u64);

@@ -103,10 +103,22 @@ fn bench_verifies_against_qsd() {
 #[test]
 fn bench_verifies_against_our_daemon() {
     let d = daemon(&["--size", "32M", "--num-queues", "2", "--log-level", "warn"]);
-    ok(bench(&d.sock, VERIFIED), 3000);
+    // IN_ORDER offered and negotiated: io_uring completes out of order,
+    // the data plane holds early completions.
+    let s = ok(bench(&d.sock, VERIFIED), 3000);
+    assert!(s.contains("\"in_order\": true,"), "{s}");
     let mut two = VERIFIED.to_vec();
     two.extend(["--queues", "2", "--poll"]);
-    ok(bench(&d.sock, &two), 3000);
+    let s = ok(bench(&d.sock, &two), 3000);
+    assert!(s.contains("\"in_order\": true,"), "{s}");
+    // Not asked for by the front-end, or not offered by the back-end.
+    let mut without = VERIFIED.to_vec();
+    without.push("--no-in-order");
+    let s = ok(bench(&d.sock, &without), 3000);
+    assert!(s.contains("\"in_order\": false,"), "{s}");
+    let plain = daemon(&["--size", "32M", "--no-in-order", "--log-level", "warn"]);
+    let s = ok(bench(&plain.sock, VERIFIED), 3000);
+    assert!(s.contains("\"in_order\": false,"), "{s}");
     // Sequential writes then reads, 1 MiB blocks.
     ok(
         bench(
@@ -150,9 +162,14 @@ fn bench_verifies_packed_rings_against_our_daemon() {
     let d = daemon(&["--size", "32M", "--num-queues", "2", "--log-level", "warn"]);
     let mut packed = VERIFIED.to_vec();
     packed.push("--packed");
-    ok(bench(&d.sock, &packed), 3000);
+    let s = ok(bench(&d.sock, &packed), 3000);
+    assert!(s.contains("\"in_order\": true,"), "{s}");
     packed.extend(["--queues", "2", "--poll"]);
     ok(bench(&d.sock, &packed), 3000);
+    let mut without = packed.clone();
+    without.push("--no-in-order");
+    let s = ok(bench(&d.sock, &without), 3000);
+    assert!(s.contains("\"in_order\": false,"), "{s}");
     let out = bench(&d.sock, &["--packed", "--reconnect", "--requests", "10"]);
     assert!(!out.status.success());
 }
@@ -269,6 +286,7 @@ fn kill_9_twenty_times_under_vhu_bench_reconnect() {
     let out = bench.wait_with_output().unwrap();
     let s = ok(out, REQUESTS);
     println!("kills {kills}: {s}");
+    assert!(s.contains("\"in_order\": true,"), "{s}");
     assert_eq!(kills, KILLS, "the bench finished before every kill: {s}");
     assert!(!s.contains("\"reconnects\": 0,"), "{s}");
     let log = std::fs::read_to_string(d.dir.join("daemon.log")).unwrap();

@@ -130,6 +130,10 @@ fuzz_target!(|data: &[u8]| {
     if let Queue::Split(s) = &mut q {
         let _ = s.sync_used(&mem);
     }
+    // VIRTIO_F_IN_ORDER: split chains must come in table order, runs of
+    // read-only completions are one used entry.
+    let in_order = flags & 16 != 0;
+    q.set_in_order(in_order);
     let _ = q.check_areas(&mem);
     let mut chain: Chain<16> = Chain::new();
     // At most two rings' worth of chains: the engine must not loop.
@@ -141,7 +145,12 @@ fuzz_target!(|data: &[u8]| {
                     mem.check(s.addr, u64::from(s.len))
                         .expect("validated segment");
                 }
-                let _ = q.add_used(&mem, chain.head(), chain.writable_len());
+                let readonly = chain.writable_len() == 0;
+                let _ = if in_order {
+                    q.add_used_in_order(&mem, chain.head(), chain.writable_len(), readonly)
+                } else {
+                    q.add_used(&mem, chain.head(), chain.writable_len())
+                };
                 if i % 3 == h[7] as u32 % 3 {
                     let _ = q.flush_used(&mem);
                 }

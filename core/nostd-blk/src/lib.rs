@@ -75,7 +75,7 @@ use vhost_user_core::backend::ChannelError;
 use vhost_user_core::backend::{
     Action, BackendConfig, BackendError, Channel, Outcome, Reply, Session,
 };
-use vhost_user_core::dataplane::{DataPlane, Published, Stop};
+use vhost_user_core::dataplane::{DataPlane, Published, Stop, IN_ORDER_STATE_BYTES};
 use vhost_user_core::device::{Completion, Device};
 use vhost_user_core::feature::{ProtocolFeatures, VirtioFeatures};
 use vhost_user_core::memory::GuestMemory;
@@ -104,9 +104,13 @@ pub type BlkSession = Session<QUEUES, REGIONS>;
 pub type Memory<'a> = SharedMemory<'a, REGIONS>;
 
 /// Session plus the rings' data-plane state: the RAM budget of the
-/// protocol state, checked for every target this crate builds for.
-pub const STATE_BYTES: usize =
-    core::mem::size_of::<BlkSession>() + QUEUES * core::mem::size_of::<DataPlane>();
+/// protocol state, checked for every target this crate builds for. The
+/// firmware builds the core without its `in-order` feature; a workspace
+/// build unifies it in (the hosted crates enable it), so what it adds to
+/// a data plane ([`IN_ORDER_STATE_BYTES`], 0 in the firmware) is not
+/// counted.
+pub const STATE_BYTES: usize = core::mem::size_of::<BlkSession>()
+    + QUEUES * (core::mem::size_of::<DataPlane>() - IN_ORDER_STATE_BYTES);
 /// The budget of [`STATE_BYTES`].
 pub const STATE_BUDGET: usize = 1024;
 const _: () = assert!(STATE_BYTES <= STATE_BUDGET);

@@ -155,6 +155,12 @@ const MIGRATION_VIRTIO_FEATURES: VirtioFeatures = if cfg!(feature = "migration")
     VirtioFeatures::empty()
 };
 
+const IN_ORDER_VIRTIO_FEATURES: VirtioFeatures = if cfg!(feature = "in-order") {
+    VirtioFeatures::IN_ORDER
+} else {
+    VirtioFeatures::empty()
+};
+
 /// The virtio features this engine implements (device-specific bits 0-23
 /// are the device's business and pass through).
 pub const SUPPORTED_VIRTIO_FEATURES: VirtioFeatures = VirtioFeatures::from_bits_retain(
@@ -164,7 +170,8 @@ pub const SUPPORTED_VIRTIO_FEATURES: VirtioFeatures = VirtioFeatures::from_bits_
         | VirtioFeatures::PROTOCOL_FEATURES.bits()
         | VirtioFeatures::VERSION_1.bits()
         | VirtioFeatures::RING_PACKED.bits()
-        | MIGRATION_VIRTIO_FEATURES.bits(),
+        | MIGRATION_VIRTIO_FEATURES.bits()
+        | IN_ORDER_VIRTIO_FEATURES.bits(),
 );
 
 /// An fd of the current message, by its position.
@@ -1611,6 +1618,7 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
             .rings
             .get(usize::from(queue))
             .is_some_and(|s| s.state.is_enabled());
+        // IN_ORDER, if acked, is on from the ring's build.
         let dp = DataPlane::start(ring, enabled, consume_disabled, mem, inflight);
         // Only recovery can break a ring at its start: an area it refused
         // (a header field, a link, a count, a flag out of range) is refused

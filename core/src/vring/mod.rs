@@ -119,6 +119,10 @@ pub enum VringError {
     /// SET_VRING_BASE with an index not below the ring size: that index
     /// (a split base above 16 bits: `u16::MAX`; the whole value is logged).
     BadBase(u16),
+    /// With VIRTIO_F_IN_ORDER, a split chain whose head is not where the
+    /// previous chain's descriptors ended (the driver must use the table
+    /// in ring order): that head.
+    OutOfOrder(u16),
 }
 
 const _: () = assert!(core::mem::size_of::<VringError>() <= 6);
@@ -154,6 +158,7 @@ impl fmt::Display for VringError {
             VringError::BadBuffer => f.write_str("buffer outside guest memory"),
             VringError::BadUsedHead(h) => write!(f, "used head {h} out of range"),
             VringError::BadBase(b) => write!(f, "bad vring base {b:#x}"),
+            VringError::OutOfOrder(h) => write!(f, "head {h} out of order"),
         }
     }
 }
@@ -471,13 +476,21 @@ pub enum Queue {
 impl Queue {
     /// A queue of `size` entries at `addrs`, in the layout the negotiated
     /// `features` select (packed if VIRTIO_F_RING_PACKED).
+    /// With the `in-order` feature, VIRTIO_F_IN_ORDER in `features` turns
+    /// its handling on ([`set_in_order`](Self::set_in_order)).
     pub fn new(size: u16, addrs: RingAddrs, features: VirtioFeatures) -> Result<Self, VringError> {
         let rf = RingFeatures::from_virtio(features);
-        if features.contains(VirtioFeatures::RING_PACKED) {
+        let q = if features.contains(VirtioFeatures::RING_PACKED) {
             PackedQueue::new(size, addrs, rf).map(Queue::Packed)
         } else {
             SplitQueue::new(size, addrs, rf).map(Queue::Split)
-        }
+        };
+        #[cfg(feature = "in-order")]
+        let q = q.map(|mut q| {
+            q.set_in_order(features.contains(VirtioFeatures::IN_ORDER));
+            q
+        });
+        q
     }
 
     /// Ring size.
@@ -537,6 +550,42 @@ impl Queue {
         match self {
             Queue::Split(q) => q.add_used(mem, head, len),
             Queue::Packed(q) => q.add_used(mem, head, len),
+        }
+    }
+
+    /// [`add_used`](Self::add_used) for a ring with VIRTIO_F_IN_ORDER
+    /// handling on, in pop order (see
+    /// [`SplitQueue::add_used_in_order`]).
+    #[cfg(feature = "in-order")]
+    #[inline]
+    pub fn add_used_in_order<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        head: Head,
+        len: u32,
+        elide: bool,
+    ) -> Result<(), VringError> {
+        match self {
+            Queue::Split(q) => q.add_used_in_order(mem, head, len, elide),
+            Queue::Packed(q) => q.add_used_in_order(mem, head, len, elide),
+        }
+    }
+
+    /// Turns VIRTIO_F_IN_ORDER handling on or off, before the first pop.
+    #[cfg(feature = "in-order")]
+    pub fn set_in_order(&mut self, on: bool) {
+        match self {
+            Queue::Split(q) => q.set_in_order(on),
+            Queue::Packed(q) => q.set_in_order(on),
+        }
+    }
+
+    /// Whether VIRTIO_F_IN_ORDER handling is on.
+    #[cfg(feature = "in-order")]
+    pub fn in_order(&self) -> bool {
+        match self {
+            Queue::Split(q) => q.in_order(),
+            Queue::Packed(q) => q.in_order(),
         }
     }
 

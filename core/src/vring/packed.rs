@@ -55,6 +55,13 @@ pub struct PackedQueue {
     /// Used position at the last flush (for event suppression).
     signalled_used: u16,
     signalled_valid: bool,
+    /// VIRTIO_F_IN_ORDER handling on.
+    #[cfg(feature = "in-order")]
+    in_order: bool,
+    /// With IN_ORDER: the slot of the used descriptor that stands for the
+    /// unpublished batch of elided completions, if one is open.
+    #[cfg(feature = "in-order")]
+    batch: Option<u16>,
 }
 
 #[inline]
@@ -90,6 +97,10 @@ impl PackedQueue {
             pending_first: None,
             signalled_used: 0,
             signalled_valid: false,
+            #[cfg(feature = "in-order")]
+            in_order: false,
+            #[cfg(feature = "in-order")]
+            batch: None,
         })
     }
 
@@ -181,6 +192,10 @@ impl PackedQueue {
         self.pending_first = None;
         self.signalled_used = used;
         self.signalled_valid = false;
+        #[cfg(feature = "in-order")]
+        {
+            self.batch = None;
+        }
         Ok(())
     }
 
@@ -303,6 +318,64 @@ impl PackedQueue {
         Ok(())
     }
 
+    /// Turns VIRTIO_F_IN_ORDER handling on or off: with it,
+    /// [`add_used_in_order`](Self::add_used_in_order) may stand one used
+    /// descriptor for a batch.
+    #[cfg(feature = "in-order")]
+    pub fn set_in_order(&mut self, on: bool) {
+        self.in_order = on;
+        self.batch = None;
+    }
+
+    /// Whether VIRTIO_F_IN_ORDER handling is on.
+    #[cfg(feature = "in-order")]
+    pub fn in_order(&self) -> bool {
+        self.in_order
+    }
+
+    /// [`add_used`](Self::add_used) for an in-order ring, in the order the
+    /// chains were popped (so each used descriptor lands on the slot its
+    /// chain was made available at). With `elide` (the completion wrote
+    /// nothing into a chain that has no device-writable buffer, so every
+    /// driver infers its length, 0), a run of such completions is one used
+    /// descriptor at the run's first slot carrying the last one's buffer
+    /// id, and the used position moves past all of their descriptors (the
+    /// spec's batched use). A run never spans a
+    /// [`flush_used`](Self::flush_used).
+    #[cfg(feature = "in-order")]
+    pub fn add_used_in_order<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        head: Head,
+        len: u32,
+        elide: bool,
+    ) -> Result<(), VringError> {
+        if head.descs == 0 || head.descs > self.size {
+            return Err(VringError::BadUsedHead(head.id));
+        }
+        let elide = elide && len == 0;
+        match self.batch {
+            Some(at) if elide => {
+                // Unpublished (a flush closes the batch): the driver has not
+                // read it; it now names this buffer, the batch's last.
+                mem.write_u16(self.desc_addr(at) + 12, head.id)?;
+                let next = u32::from(self.next_used) + u32::from(head.descs);
+                if next >= u32::from(self.size) {
+                    self.next_used = (next - u32::from(self.size)) as u16;
+                    self.used_wrap = !self.used_wrap;
+                } else {
+                    self.next_used = next as u16;
+                }
+            }
+            _ => {
+                let slot = self.next_used;
+                self.add_used(mem, head, len)?;
+                self.batch = elide.then_some(slot);
+            }
+        }
+        Ok(())
+    }
+
     /// Whether used descriptors were written since the last flush.
     #[inline]
     pub fn has_unpublished(&self) -> bool {
@@ -322,6 +395,10 @@ impl PackedQueue {
         };
         mem.store_u16_release(self.desc_addr(slot) + 14, flags)?;
         self.pending_first = None;
+        #[cfg(feature = "in-order")]
+        {
+            self.batch = None;
+        }
         mem.fence();
         let new = self.next_used;
         let mut old = self.signalled_used;

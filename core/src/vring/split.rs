@@ -57,6 +57,24 @@ pub struct SplitQueue {
     heads: [u16; HEAD_BATCH],
     heads_at: u16,
     heads_len: u16,
+    /// VIRTIO_F_IN_ORDER: the order the driver must keep, and the batch
+    /// being written.
+    #[cfg(feature = "in-order")]
+    order: SplitOrder,
+}
+
+/// A split ring's in-order state (VIRTIO_F_IN_ORDER).
+#[cfg(feature = "in-order")]
+#[derive(Clone, Copy, Debug, Default)]
+struct SplitOrder {
+    on: bool,
+    /// The head the next chain must start at: the driver uses the
+    /// descriptor table in order, so a chain starts where the previous
+    /// one ended. Unknown after a (re)start.
+    expect: Option<u16>,
+    /// Used index of the entry that stands for the unpublished batch of
+    /// elided completions, if one is open.
+    batch: Option<u16>,
 }
 
 impl SplitQueue {
@@ -89,6 +107,8 @@ impl SplitQueue {
             heads: [0; HEAD_BATCH],
             heads_at: 0,
             heads_len: 0,
+            #[cfg(feature = "in-order")]
+            order: SplitOrder::default(),
         })
     }
 
@@ -151,6 +171,10 @@ impl SplitQueue {
         self.avail_shadow = idx;
         self.avail_event = None;
         self.heads_len = 0;
+        #[cfg(feature = "in-order")]
+        {
+            self.order.expect = None;
+        }
     }
 
     /// The next used index the device will write.
@@ -163,6 +187,10 @@ impl SplitQueue {
         self.next_used = idx;
         self.published_used = idx;
         self.signalled_valid = false;
+        #[cfg(feature = "in-order")]
+        {
+            self.order.batch = None;
+        }
     }
 
     /// Read used.idx from the guest and continue from there: call when the
@@ -228,9 +256,85 @@ impl SplitQueue {
             return Ok(false);
         }
         let head = self.next_head(mem)?;
+        #[cfg(feature = "in-order")]
+        if self.order.on {
+            return self.pop_in_order(mem, head, chain);
+        }
         self.walk::<M, S, true>(mem, head, chain)?;
         self.next_avail = self.next_avail.wrapping_add(1);
         Ok(true)
+    }
+
+    /// [`pop_into`](Self::pop_into) with VIRTIO_F_IN_ORDER: the chain must
+    /// start where the previous one's descriptors ended (the driver uses
+    /// the table in ring order); one that does not is refused as
+    /// [`VringError::OutOfOrder`] and nothing is consumed.
+    #[cfg(feature = "in-order")]
+    #[inline(never)]
+    fn pop_in_order<M: GuestMemory + ?Sized, const S: usize>(
+        &mut self,
+        mem: &M,
+        head: u16,
+        chain: &mut Chain<S>,
+    ) -> Result<bool, VringError> {
+        if let Some(expected) = self.order.expect {
+            if head != expected {
+                debug!("in-order ring: head {} where {} was due", head, expected);
+                return Err(VringError::OutOfOrder(head));
+            }
+        }
+        let descs = self.walk::<M, S, true>(mem, head, chain)?;
+        self.order.expect = Some(head.wrapping_add(descs) & self.mask);
+        self.next_avail = self.next_avail.wrapping_add(1);
+        Ok(true)
+    }
+
+    /// Turns VIRTIO_F_IN_ORDER handling on or off (before the first pop):
+    /// chains must come in table order, and
+    /// [`add_used_in_order`](Self::add_used_in_order) may stand one used
+    /// entry for a batch.
+    #[cfg(feature = "in-order")]
+    pub fn set_in_order(&mut self, on: bool) {
+        self.order = SplitOrder {
+            on,
+            ..SplitOrder::default()
+        };
+    }
+
+    /// Whether VIRTIO_F_IN_ORDER handling is on.
+    #[cfg(feature = "in-order")]
+    pub fn in_order(&self) -> bool {
+        self.order.on
+    }
+
+    /// [`add_used`](Self::add_used) for an in-order ring, in the order the
+    /// chains were popped. With `elide` (the completion wrote nothing into
+    /// a chain that has no device-writable buffer, so every driver infers
+    /// its length, 0), a run of such completions is written as one used
+    /// entry at the run's first position carrying the last one's id, and
+    /// the used index moves by the run's length (the spec's batched use:
+    /// the driver walks its own in-order list up to that id). A run never
+    /// spans a [`flush_used`](Self::flush_used).
+    #[cfg(feature = "in-order")]
+    pub fn add_used_in_order<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        head: Head,
+        len: u32,
+        elide: bool,
+    ) -> Result<(), VringError> {
+        if head.id >= self.size {
+            return Err(VringError::BadUsedHead(head.id));
+        }
+        let at = match self.order.batch {
+            Some(b) if elide && len == 0 => b,
+            _ => self.next_used,
+        };
+        let e = u64::from(head.id) | u64::from(len) << 32;
+        mem.write_u64(self.used + 4 + 8 * u64::from(at & self.mask), e)?;
+        self.order.batch = (elide && len == 0).then_some(at);
+        self.next_used = self.next_used.wrapping_add(1);
+        Ok(())
     }
 
     /// The avail entry at `next_avail`, which is below `avail_shadow`: from
@@ -270,7 +374,7 @@ impl SplitQueue {
     ) -> Result<(), VringError> {
         // Not the request path: the descriptor checks out of line, one
         // copy of them rather than two more.
-        self.walk::<M, S, false>(mem, head, chain)
+        self.walk::<M, S, false>(mem, head, chain).map(|_| ())
     }
 
     /// Pop the next available chain (see [`pop_into`](Self::pop_into)).
@@ -285,13 +389,14 @@ impl SplitQueue {
     /// Walk the chain at `head`: copy each descriptor once, validate, push.
     /// Bounded by the ring size plus one indirect table. `HOT`: the
     /// descriptor checks inline (the request path), or out of line.
+    /// Returns how many descriptors of the ring's table the chain took.
     #[inline(always)]
     fn walk<M: GuestMemory + ?Sized, const S: usize, const HOT: bool>(
         &self,
         mem: &M,
         head: u16,
         chain: &mut Chain<S>,
-    ) -> Result<(), VringError> {
+    ) -> Result<u16, VringError> {
         if head >= self.size {
             return Err(VringError::HeadOutOfRange(head));
         }
@@ -300,7 +405,8 @@ impl SplitQueue {
         let (addr, len, flags, next) =
             decode_words(mem.read_desc(self.desc + 16 * u64::from(head))?);
         if flags & DESC_F_INDIRECT != 0 {
-            return self.walk_indirect(mem, addr, len, flags, chain);
+            self.walk_indirect(mem, addr, len, flags, chain)?;
+            return Ok(1);
         }
         if HOT {
             chain.push_first(mem, addr, len, flags & DESC_F_WRITE != 0)?;
@@ -308,20 +414,21 @@ impl SplitQueue {
             chain.push_outlined(mem, addr, len, flags & DESC_F_WRITE != 0)?;
         }
         if flags & DESC_F_NEXT == 0 {
-            return Ok(());
+            return Ok(1);
         }
         self.walk_on::<M, S, HOT>(mem, next, chain)
     }
 
     /// The rest of [`walk`](Self::walk) through the ring's table, from
-    /// the head's `next` on.
+    /// the head's `next` on; returns the table descriptors of the whole
+    /// chain.
     #[inline(always)]
     fn walk_on<M: GuestMemory + ?Sized, const S: usize, const HOT: bool>(
         &self,
         mem: &M,
         mut next: u16,
         chain: &mut Chain<S>,
-    ) -> Result<(), VringError> {
+    ) -> Result<u16, VringError> {
         let size = u32::from(self.size);
         // Descriptors that may still be read (the head was).
         let mut budget = size - 1;
@@ -335,8 +442,11 @@ impl SplitQueue {
             budget -= 1;
             let (addr, len, flags, n) =
                 decode_words(mem.read_desc(self.desc + 16 * u64::from(next))?);
+            // The head and the descriptors read since: size - budget.
+            let walked = (size - budget) as u16;
             if flags & DESC_F_INDIRECT != 0 {
-                return self.walk_indirect(mem, addr, len, flags, chain);
+                self.walk_indirect(mem, addr, len, flags, chain)?;
+                return Ok(walked);
             }
             if HOT {
                 chain.push(mem, addr, len, flags & DESC_F_WRITE != 0)?;
@@ -344,7 +454,7 @@ impl SplitQueue {
                 chain.push_outlined(mem, addr, len, flags & DESC_F_WRITE != 0)?;
             }
             if flags & DESC_F_NEXT == 0 {
-                return Ok(());
+                return Ok(walked);
             }
             next = n;
         }
@@ -424,6 +534,10 @@ impl SplitQueue {
         }
         mem.store_u16_release(self.used + 2, new)?;
         self.published_used = new;
+        #[cfg(feature = "in-order")]
+        {
+            self.order.batch = None;
+        }
         // Order the used.idx store before reading the guest's suppression
         // state (pairs with the driver's barrier when it re-enables).
         mem.fence();

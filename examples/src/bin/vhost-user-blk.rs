@@ -56,11 +56,13 @@ usage: vhost-user-blk (--socket-path PATH | --fd N) [options]
   --migration          offer them (the default; kept for scripts)
   --channel-timeout-ms N  wait this long for the front-end's ack of a
                        back-end message before disconnecting (default 5000)
+  --no-in-order        do not offer VIRTIO_F_IN_ORDER
   --log-level LEVEL    off, error, warn, info, debug, trace (default info)
   --print-capabilities print the back-end's capabilities as JSON and exit
 ";
 
 const FLAGS: &[&str] = &[
+    "no-in-order",
     "read-only",
     "null",
     "print-capabilities",
@@ -70,6 +72,7 @@ const FLAGS: &[&str] = &[
     "no-migration",
 ];
 const OPTIONS: &[&str] = &[
+    "no-in-order",
     "socket-path",
     "fd",
     "blk-file",
@@ -233,6 +236,13 @@ fn run() -> Result<(), String> {
         | V::EVENT_IDX
         | V::INDIRECT_DESC
         | V::RING_PACKED;
+    // Completions reach the ring in the order the driver made the buffers
+    // available (the data plane holds early ones), unless --no-in-order.
+    let features = if args.flag("no-in-order") {
+        features
+    } else {
+        features | V::IN_ORDER
+    };
     // Live migration (unless --no-migration): every write into guest
     // memory is logged in the front-end's dirty log, and the device state
     // (the cache mode, the requests suspended in flight) goes to the
