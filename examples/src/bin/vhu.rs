@@ -21,7 +21,7 @@ usage: vhu probe --socket-path PATH [--device blk|net] [--json]
                  [--runtime SECONDS | --requests N] [--poll] [--verify]
                  [--packed] [--reconnect] [--inband] [--timeout SECONDS]
                  [--json] [--flush-every N] [--no-guest-features]
-                 [--no-in-order]
+                 [--in-order]
                  [--buffer-offset N]
                  [--migrate-every SECONDS --to PATH [--message-45]]
 
@@ -36,8 +36,8 @@ usage: vhu probe --socket-path PATH [--device blk|net] [--json]
            BACKEND_VRING_CALL messages (INBAND_NOTIFICATIONS), no eventfds;
            it negotiates what a Linux guest does (FLUSH, CONFIG_WCE,
            SEG_MAX, BLK_SIZE, MQ) unless --no-guest-features (then the
-           device is writethrough); it negotiates IN_ORDER where offered
-           unless --no-in-order; --flush-every N sends a FLUSH after
+           device is writethrough); --in-order negotiates IN_ORDER
+           where offered (QEMU leaves it off unless asked); --flush-every N sends a FLUSH after
            every N writes; --buffer-offset N misaligns the data buffers;
            --migrate-every moves the running load between this back-end
            and the one at --to, back and forth: rings stopped without
@@ -71,7 +71,7 @@ fn run() -> Result<(), String> {
             "packed",
             "inband",
             "no-guest-features",
-            "no-in-order",
+            "in-order",
             "message-45",
         ],
     )?;
@@ -124,7 +124,7 @@ fn run() -> Result<(), String> {
                 "packed",
                 "inband",
                 "no-guest-features",
-                "no-in-order",
+                "in-order",
                 "flush-every",
                 "buffer-offset",
                 "migrate-every",
@@ -170,7 +170,7 @@ fn run() -> Result<(), String> {
                 packed: args.flag("packed"),
                 inband: args.flag("inband"),
                 guest_features: !args.flag("no-guest-features"),
-                in_order: !args.flag("no-in-order"),
+                in_order: args.flag("in-order"),
                 flush_every: match args.get_or("flush-every", 0u64)? {
                     0 => None,
                     n => Some(n),
