@@ -1569,16 +1569,27 @@ where
 
     fn signal(&self, published: Published, completed: u64) {
         let c = &self.shared.counters;
-        c.completed.fetch_add(completed, Ordering::Relaxed);
+        // Only the ring's worker writes these: a load and a store, not a
+        // locked add, which would wait for the round's stores into guest
+        // memory (lines the driver's core holds) to drain.
+        let bump = |counter: &AtomicU64, n: u64| {
+            counter.store(
+                counter.load(Ordering::Relaxed).wrapping_add(n),
+                Ordering::Relaxed,
+            )
+        };
+        if completed != 0 {
+            bump(&c.completed, completed);
+        }
         match published {
             Published::Notify => {
                 let call = lock(&self.shared.call).clone();
                 if call.raise(self.queue, false) {
-                    c.calls.fetch_add(1, Ordering::Relaxed);
+                    bump(&c.calls, 1);
                 }
             }
             Published::Suppressed => {
-                c.suppressed.fetch_add(1, Ordering::Relaxed);
+                bump(&c.suppressed, 1);
             }
             Published::Nothing => {}
         }
