@@ -42,7 +42,10 @@ usage: vhost-user-blk (--socket-path PATH | --fd N) [options]
                        started as requests need them (default 64)
   --num-queues N       number of request queues (default 1)
   --threads T          worker threads serving the queues, 1 to N: queue q
-                       runs on thread q % T (default: one per queue)
+                       runs on thread q % T (default: one per queue, at
+                       most half the CPUs)
+  --spin-us N          how long an idle worker polls its rings before it
+                       sleeps on their kicks (default 50)
   --queue-size N       largest ring size a front-end may use (default 1024)
   --serial ID          device serial for GET_ID (default vhu-blk)
   --io-delay-us N      delay every request by N microseconds (testing)
@@ -79,6 +82,7 @@ const OPTIONS: &[&str] = &[
     "size",
     "num-queues",
     "threads",
+    "spin-us",
     "queue-size",
     "serial",
     "io-delay-us",
@@ -134,7 +138,20 @@ fn run() -> Result<(), String> {
     if !(4..=32768).contains(&queue_size) {
         return Err("--queue-size must be 4 to 32768".into());
     }
-    let threads: u16 = args.get_or("threads", num_queues)?;
+    // One worker per queue, at most half the machine's CPUs: the rest is
+    // the guest's (and its front-end's). Workers that outnumber the cores
+    // left to them spin and wake against each other: on two CPUs, two
+    // workers for two queues at iodepth 1 cost 2.5x the CPU per request
+    // of one worker serving both, for no more IOPS.
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let default_threads = u16::try_from((cpus / 2).max(1))
+        .unwrap_or(u16::MAX)
+        .min(num_queues);
+    let threads: u16 = args.get_or("threads", default_threads)?;
+    let spin_us: u64 = args.get_or("spin-us", 50)?;
+    if spin_us > 10_000_000 {
+        return Err("--spin-us must be at most 10000000".into());
+    }
     if threads == 0 || threads > num_queues {
         return Err("--threads must be 1 to --num-queues".into());
     }
@@ -308,6 +325,7 @@ fn run() -> Result<(), String> {
         channel_timeout: std::time::Duration::from_millis(args.get_or("channel-timeout-ms", 5000)?),
         state_timeout: std::time::Duration::from_millis(args.get_or("state-timeout-ms", 30000)?),
         threads: usize::from(threads),
+        spin: std::time::Duration::from_micros(spin_us),
         ..RuntimeOptions::default()
     };
     for line in options.thread_map(num_queues) {
