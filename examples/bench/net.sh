@@ -16,8 +16,9 @@
 # `show port stats` snapshots RUNTIME seconds apart, after WARMUP seconds.
 #
 # Cores: the front-end's forwarding lcore is core 1, the back-end runs on
-# core 0 (testpmd's forwarding lcore; our daemon under taskset with its
-# worker spinning, --spin-us). Each measurement holds /tmp/vhu-bench.lock.
+# core 0 (testpmd's forwarding lcore; our daemon under taskset, both
+# queues on one worker, --threads 1, which busy-polls, --spin-us).
+# Each measurement holds /tmp/vhu-bench.lock.
 #
 #   REPS=9 RUNTIME=3 bash examples/bench/net.sh
 #   DIRS="tx" SIZES="64" RINGS="split" REPS=3 bash examples/bench/net.sh

@@ -5,8 +5,9 @@
 //! Queue `2k` receives and `2k + 1` transmits for pair `k`. A transmit
 //! chain is gathered into the ring's buffer and handed to the backend at
 //! once. A receive chain is checked and held (`Completion::Later`) until
-//! a frame is there for it: [`Device::poll`] pairs held chains with
-//! frames, across several chains with MRG_RXBUF. Receiving is driven by
+//! a frame is there for it (the null backend, which always has one, fills
+//! it at once when nothing is held before it): [`Device::poll`] pairs
+//! held chains with frames, across several chains with MRG_RXBUF. Receiving is driven by
 //! frames, not by kicks: the loopback's transmit side signals the pair's
 //! eventfd after each round that queued frames, and the receive ring's
 //! worker sleeps on it ([`SharedDevice::completion_fd`]). A ring that
@@ -611,6 +612,35 @@ impl Device for NetService {
                 }
                 if scratch.ready.is_none() {
                     scratch.ready = self.pair(pair).map(|p| p.ready.clone());
+                }
+                // The null backend has a frame for every chain: fill it now
+                // when none is waiting before it (one that needs more
+                // chains, or that the fill refuses, is held and goes the
+                // way of the others).
+                if let NetBackend::Null { template } = &self.inner.backend {
+                    if scratch.held.is_empty() && !scratch.stopping {
+                        let write = |gpa: u64, src: &[u8]| mem.write(gpa, src);
+                        let hdr = VirtioNetHdr::default();
+                        let filled = if self.inner.mergeable.load(Ordering::Relaxed) {
+                            let mut used = [0u32; 1];
+                            match rx_fill_merged(
+                                &[chain.segments()],
+                                &write,
+                                &hdr,
+                                template,
+                                &mut used,
+                            ) {
+                                Ok(1) => Some(used[0]),
+                                _ => None,
+                            }
+                        } else {
+                            rx_fill(chain.segments(), &write, &hdr, hdr_len, template).ok()
+                        };
+                        if let Some(n) = filled {
+                            self.count(queue).frame(template.len());
+                            return Completion::Done(n);
+                        }
+                    }
                 }
                 let mut segments = scratch.spare.pop().unwrap_or_default();
                 segments.clear();
