@@ -21,12 +21,11 @@
 
 mod common;
 
-use common::guest::{base64, guest, pattern, wait_for, Guest, Kill};
+use common::guest::{base64, guest, pattern, wait_for, Guest, Kill, Qmp};
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -48,73 +47,6 @@ fn daemon(sock: &Path, image: &Path, log: &Path, migration: bool) -> Kill {
         .expect("start vhost-user-blk");
     wait_for(sock, &mut d, "vhost-user-blk");
     Kill(d)
-}
-
-/// A QMP connection: capabilities negotiated, commands answered in order
-/// (events skipped).
-struct Qmp {
-    r: BufReader<UnixStream>,
-    w: UnixStream,
-}
-
-impl Qmp {
-    fn connect(path: &Path, qemu: &mut Child) -> Qmp {
-        wait_for(path, qemu, "qemu");
-        let t0 = Instant::now();
-        let s = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) => {
-                    assert!(t0.elapsed() < Duration::from_secs(20), "QMP {path:?}: {e}");
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
-        };
-        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        let mut q = Qmp {
-            r: BufReader::new(s.try_clone().unwrap()),
-            w: s,
-        };
-        let greeting = q.line();
-        assert!(greeting.contains("QMP"), "{greeting}");
-        q.cmd(r#"{"execute":"qmp_capabilities"}"#);
-        q
-    }
-
-    fn line(&mut self) -> String {
-        let mut l = String::new();
-        self.r.read_line(&mut l).expect("QMP read");
-        assert!(!l.is_empty(), "QMP closed");
-        l
-    }
-
-    /// [`cmd`](Self::cmd) for a QEMU that may have exited meanwhile (its
-    /// guest powered off): `None` then.
-    fn try_cmd(&mut self, json: &str) -> Option<String> {
-        self.w.write_all(json.as_bytes()).ok()?;
-        self.w.write_all(b"\n").ok()?;
-        loop {
-            let mut l = String::new();
-            if self.r.read_line(&mut l).ok()? == 0 {
-                return None;
-            }
-            if l.contains("\"return\"") || l.contains("\"error\"") {
-                return Some(l);
-            }
-        }
-    }
-
-    /// Sends `json`; returns its answer (`return` or `error`).
-    fn cmd(&mut self, json: &str) -> String {
-        self.w.write_all(json.as_bytes()).unwrap();
-        self.w.write_all(b"\n").unwrap();
-        loop {
-            let l = self.line();
-            if l.contains("\"return\"") || l.contains("\"error\"") {
-                return l;
-            }
-        }
-    }
 }
 
 /// A number field of a flat QMP answer (`"name": 123`).

@@ -26,11 +26,10 @@
 
 mod common;
 
-use common::guest::{base64, guest, wait_for, Kill};
+use common::guest::{base64, guest, wait_for, Kill, Qmp};
 use common::netns::Netns;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -70,51 +69,6 @@ threading.Thread(target=sink, args=(a,)).start()
 threading.Thread(target=source, args=(b, int(sys.argv[1]))).start()
 print("ready", flush=True)
 "#;
-
-/// A QMP connection with capabilities negotiated.
-struct Qmp {
-    r: BufReader<UnixStream>,
-    w: UnixStream,
-}
-
-impl Qmp {
-    fn connect(path: &Path, qemu: &mut std::process::Child) -> Qmp {
-        wait_for(path, qemu, "qemu");
-        let t0 = Instant::now();
-        let s = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) => {
-                    assert!(t0.elapsed() < Duration::from_secs(20), "QMP {path:?}: {e}");
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
-        };
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut q = Qmp {
-            r: BufReader::new(s.try_clone().unwrap()),
-            w: s,
-        };
-        let mut greeting = String::new();
-        q.r.read_line(&mut greeting).unwrap();
-        assert!(greeting.contains("QMP"), "{greeting}");
-        q.cmd(r#"{"execute":"qmp_capabilities"}"#);
-        q
-    }
-
-    /// Sends `json`; returns its answer (`return` or `error`).
-    fn cmd(&mut self, json: &str) -> String {
-        self.w.write_all(json.as_bytes()).unwrap();
-        self.w.write_all(b"\n").unwrap();
-        loop {
-            let mut l = String::new();
-            assert!(self.r.read_line(&mut l).unwrap() > 0, "QMP closed");
-            if l.contains("\"return\"") || l.contains("\"error\"") {
-                return l;
-            }
-        }
-    }
-}
 
 /// A queue's line of the daemon's counters at disconnect: (packets,
 /// bytes, drops, errors, largest frame).

@@ -1,8 +1,10 @@
 //! The guest kit and what the QEMU tests share: the kernel and initramfs
 //! `tests/guest/build-guest.sh` builds (and caches), the script encoding
 //! for the kernel command line, the pattern the guest's `vhu-dio` writes,
-//! and child processes killed on drop.
+//! child processes killed on drop, and a QMP client.
 
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -93,5 +95,72 @@ pub fn wait_for(path: &Path, child: &mut Child, what: &str) {
             "{what}: no {path:?}"
         );
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A QMP connection: capabilities negotiated, commands answered in order
+/// (events skipped).
+pub struct Qmp {
+    r: BufReader<UnixStream>,
+    w: UnixStream,
+}
+
+impl Qmp {
+    pub fn connect(path: &Path, qemu: &mut Child) -> Qmp {
+        wait_for(path, qemu, "qemu");
+        let t0 = Instant::now();
+        let s = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) => {
+                    assert!(t0.elapsed() < Duration::from_secs(20), "QMP {path:?}: {e}");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        };
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut q = Qmp {
+            r: BufReader::new(s.try_clone().unwrap()),
+            w: s,
+        };
+        let greeting = q.line();
+        assert!(greeting.contains("QMP"), "{greeting}");
+        q.cmd(r#"{"execute":"qmp_capabilities"}"#);
+        q
+    }
+
+    pub fn line(&mut self) -> String {
+        let mut l = String::new();
+        self.r.read_line(&mut l).expect("QMP read");
+        assert!(!l.is_empty(), "QMP closed");
+        l
+    }
+
+    /// [`cmd`](Self::cmd) for a QEMU that may have exited meanwhile (its
+    /// guest powered off): `None` then.
+    pub fn try_cmd(&mut self, json: &str) -> Option<String> {
+        self.w.write_all(json.as_bytes()).ok()?;
+        self.w.write_all(b"\n").ok()?;
+        loop {
+            let mut l = String::new();
+            if self.r.read_line(&mut l).ok()? == 0 {
+                return None;
+            }
+            if l.contains("\"return\"") || l.contains("\"error\"") {
+                return Some(l);
+            }
+        }
+    }
+
+    /// Sends `json`; returns its answer (`return` or `error`).
+    pub fn cmd(&mut self, json: &str) -> String {
+        self.w.write_all(json.as_bytes()).unwrap();
+        self.w.write_all(b"\n").unwrap();
+        loop {
+            let l = self.line();
+            if l.contains("\"return\"") || l.contains("\"error\"") {
+                return l;
+            }
+        }
     }
 }
