@@ -237,6 +237,18 @@ struct Transfer {
     thread: JoinHandle<io::Result<Vec<u8>>>,
 }
 
+/// Adds `n` to a counter that only one thread (a ring's worker) writes:
+/// a load and a store instead of a locked add. A locked instruction waits
+/// for every store before it to drain, and a request's stores into guest
+/// memory go to cache lines the driver's core holds: per request, that
+/// wait was most of a busy worker's time.
+pub fn bump(counter: &AtomicU64, n: u64) {
+    counter.store(
+        counter.load(Ordering::Relaxed).wrapping_add(n),
+        Ordering::Relaxed,
+    );
+}
+
 /// How the runtime treats guest-caused ring errors and idle polling.
 #[derive(Clone, Copy, Debug)]
 pub struct RuntimeOptions {
@@ -1569,15 +1581,7 @@ where
 
     fn signal(&self, published: Published, completed: u64) {
         let c = &self.shared.counters;
-        // Only the ring's worker writes these: a load and a store, not a
-        // locked add, which would wait for the round's stores into guest
-        // memory (lines the driver's core holds) to drain.
-        let bump = |counter: &AtomicU64, n: u64| {
-            counter.store(
-                counter.load(Ordering::Relaxed).wrapping_add(n),
-                Ordering::Relaxed,
-            )
-        };
+        // Only the ring's worker writes these.
         if completed != 0 {
             bump(&c.completed, completed);
         }

@@ -71,6 +71,16 @@ impl Args {
     }
 }
 
+/// `--spin-us N` (default 50 us): how long an idle worker polls its rings
+/// before it sleeps on their kicks.
+pub fn spin(args: &Args) -> Result<std::time::Duration, String> {
+    let us: u64 = args.get_or("spin-us", 50)?;
+    if us > 10_000_000 {
+        return Err("--spin-us must be at most 10000000".into());
+    }
+    Ok(std::time::Duration::from_micros(us))
+}
+
 /// Parses a size such as `4096`, `64K`, `512M`, `1G` (powers of 1024).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();

@@ -588,12 +588,19 @@ fn flushes_and_writethrough_reach_the_disk() {
     assert!(!out.status.success());
 }
 
-/// The names of the daemon's worker threads now (`/proc/PID/task/*/comm`).
-fn worker_threads(d: &common::Daemon) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", d.child.id()))
+/// The names of the daemon's threads now (`/proc/PID/task/*/comm`).
+fn thread_names(d: &common::Daemon) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{}/task", d.child.id()))
         .unwrap()
         .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
         .map(|n| n.trim().to_string())
+        .collect()
+}
+
+/// The names of the daemon's worker threads now, sorted.
+fn worker_threads(d: &common::Daemon) -> Vec<String> {
+    let mut names: Vec<String> = thread_names(d)
+        .into_iter()
         .filter(|n| n.starts_with("vhu-worker-"))
         .collect();
     names.sort();
@@ -795,13 +802,7 @@ fn threads_during(d: &common::Daemon, args: &[&str]) -> std::collections::BTreeS
         .unwrap();
     let mut seen = std::collections::BTreeSet::new();
     while bench.try_wait().unwrap().is_none() {
-        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", d.child.id())) {
-            for t in tasks.flatten() {
-                if let Ok(n) = std::fs::read_to_string(t.path().join("comm")) {
-                    seen.insert(n.trim().to_string());
-                }
-            }
-        }
+        seen.extend(thread_names(d));
         std::thread::sleep(Duration::from_millis(20));
     }
     let out = bench.wait_with_output().unwrap();

@@ -20,7 +20,7 @@ use vhost_user_linux::backend::{serve, RuntimeOptions};
 use vhost_user_linux::channel::Control;
 use vhost_user_linux::sys::socket::Listener;
 use vhu_examples::blk::{BlkService, BlockBackend, CacheMode, FileBackend, NullBackend, TempImage};
-use vhu_examples::cli::{parse_size, Args};
+use vhu_examples::cli::{self, parse_size, Args};
 use vhu_examples::{logger, signals};
 
 const USAGE: &str = "\
@@ -148,10 +148,7 @@ fn run() -> Result<(), String> {
         .unwrap_or(u16::MAX)
         .min(num_queues);
     let threads: u16 = args.get_or("threads", default_threads)?;
-    let spin_us: u64 = args.get_or("spin-us", 50)?;
-    if spin_us > 10_000_000 {
-        return Err("--spin-us must be at most 10000000".into());
-    }
+    let spin = cli::spin(&args)?;
     if threads == 0 || threads > num_queues {
         return Err("--threads must be 1 to --num-queues".into());
     }
@@ -325,7 +322,7 @@ fn run() -> Result<(), String> {
         channel_timeout: std::time::Duration::from_millis(args.get_or("channel-timeout-ms", 5000)?),
         state_timeout: std::time::Duration::from_millis(args.get_or("state-timeout-ms", 30000)?),
         threads: usize::from(threads),
-        spin: std::time::Duration::from_micros(spin_us),
+        spin,
         ..RuntimeOptions::default()
     };
     for line in options.thread_map(num_queues) {

@@ -19,7 +19,7 @@ use vhost_user_core::feature::{ProtocolFeatures as P, VirtioFeatures as V};
 use vhost_user_linux::backend::{serve, RuntimeOptions};
 use vhost_user_linux::channel::Control;
 use vhost_user_linux::sys::socket::Listener;
-use vhu_examples::cli::Args;
+use vhu_examples::cli::{self, Args};
 use vhu_examples::net::{NetBackend, NetService};
 use vhu_examples::{logger, signals};
 
@@ -151,10 +151,7 @@ fn run() -> Result<(), String> {
         .get("mtu")
         .map(|m| m.parse().map_err(|_| format!("invalid --mtu {m:?}")))
         .transpose()?;
-    let spin_us: u64 = args.get_or("spin-us", 50)?;
-    if spin_us > 10_000_000 {
-        return Err("--spin-us must be at most 10000000".into());
-    }
+    let spin = cli::spin(&args)?;
     let frame_size: usize = args.get_or("frame-size", 60)?;
     if !(14..=65535).contains(&frame_size) {
         return Err("--frame-size must be 14 to 65535".into());
@@ -265,7 +262,7 @@ fn run() -> Result<(), String> {
     let options = RuntimeOptions {
         threads: usize::from(threads),
         trust_unsealable_memfd: args.flag("trust-unsealable-memfd"),
-        spin: std::time::Duration::from_micros(spin_us),
+        spin,
         ..RuntimeOptions::default()
     };
     for line in options.thread_map(num_queues) {

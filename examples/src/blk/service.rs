@@ -49,7 +49,7 @@ use vhost_user_core::memory::GuestMemory;
 use vhost_user_core::message::ConfigWriteKind;
 use vhost_user_core::vring::Chain;
 use vhost_user_linux::aio::{Aio, AioMode};
-use vhost_user_linux::backend::{InflightArea, InflightAreaMut, SharedDevice};
+use vhost_user_linux::backend::{bump, InflightArea, InflightAreaMut, SharedDevice};
 use vhost_user_linux::memory::Mapped;
 use vhost_user_linux::sys::memfd;
 use vhost_user_linux::sys::mmap::{Access, IoBuf, MmapRegion};
@@ -61,18 +61,6 @@ use super::{check_range, execute, BlockBackend, DirectAlignment};
 /// Submission slots of a ring's io_uring (more requests than this may be
 /// in flight: each submission empties it).
 const URING_DEPTH: u32 = 128;
-
-/// Adds `n` to a counter that only its queue's worker writes: a load and a
-/// store instead of a locked add. A locked instruction waits for every
-/// store before it to drain, and the request's stores into guest memory
-/// go to cache lines the driver's core holds: per request, that wait was
-/// most of a busy worker's time.
-fn bump(counter: &AtomicU64, n: u64) {
-    counter.store(
-        counter.load(Ordering::Relaxed).wrapping_add(n),
-        Ordering::Relaxed,
-    );
-}
 
 /// Counters of one queue.
 #[derive(Debug, Default)]

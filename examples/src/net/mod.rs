@@ -46,7 +46,7 @@ use vhost_user_core::feature::VirtioFeatures;
 use vhost_user_core::memory::GuestMemory;
 use vhost_user_core::message::ConfigWriteKind;
 use vhost_user_core::vring::{Chain, Segment};
-use vhost_user_linux::backend::SharedDevice;
+use vhost_user_linux::backend::{bump, SharedDevice};
 use vhost_user_linux::sys::eventfd::EventFd;
 use vhost_user_linux::sys::tap::Tap;
 use zerocopy::IntoBytes;
@@ -98,18 +98,6 @@ impl NetBackend {
             _ => NetFeatures::empty(),
         }
     }
-}
-
-/// Adds `n` to a counter that only its queue's worker writes: a load and a
-/// store instead of a locked add. A locked instruction waits for every
-/// store before it to drain, and the request's stores into guest memory
-/// go to cache lines the driver's core holds: per request, that wait was
-/// most of a busy worker's time.
-fn bump(counter: &AtomicU64, n: u64) {
-    counter.store(
-        counter.load(Ordering::Relaxed).wrapping_add(n),
-        Ordering::Relaxed,
-    );
 }
 
 /// Counters of one queue.
