@@ -70,29 +70,71 @@ pub const PUBLISH_BATCH: usize = 16;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct Token {
-    head: Head,
-    entry: u16,
-    side_effects: bool,
-    /// Pop order (IN_ORDER).
-    #[cfg(feature = "in-order")]
-    seq: u16,
-    /// The chain has no device-writable buffer (IN_ORDER may elide its
-    /// used entry when its length is 0).
-    #[cfg(feature = "in-order")]
-    readonly: bool,
+    /// The chain's id (bits 0..16), the descriptors it took (16..32), its
+    /// inflight entry (32..48) and its pop order (48..64, IN_ORDER): one
+    /// word built in a register, so a token is stored and copied whole
+    /// (separate narrow stores read back as one word stall the CPU).
+    bits: u64,
+    /// [`Token::SIDE_EFFECTS`], [`Token::READONLY`].
+    flags: u8,
 }
 
 impl Token {
+    const SIDE_EFFECTS: u8 = 1;
+    /// The chain has no device-writable buffer (IN_ORDER may elide its
+    /// used entry when its length is 0).
+    #[cfg(feature = "in-order")]
+    const READONLY: u8 = 2;
+
+    #[inline(always)]
+    fn new(head: Head, entry: u16, seq: u16, flags: u8) -> Self {
+        Token {
+            bits: u64::from(head.id)
+                | u64::from(head.descs) << 16
+                | u64::from(entry) << 32
+                | u64::from(seq) << 48,
+            flags,
+        }
+    }
+
     /// The chain's id (split: head descriptor index; packed: buffer id).
+    #[inline]
     pub fn id(&self) -> u16 {
-        self.head.id
+        self.bits as u16
+    }
+
+    #[inline(always)]
+    fn head(&self) -> Head {
+        Head {
+            id: self.bits as u16,
+            descs: (self.bits >> 16) as u16,
+        }
+    }
+
+    #[inline(always)]
+    fn entry(&self) -> u16 {
+        (self.bits >> 32) as u16
+    }
+
+    /// Pop order (IN_ORDER).
+    #[cfg(feature = "in-order")]
+    #[inline(always)]
+    fn seq(&self) -> u16 {
+        (self.bits >> 48) as u16
+    }
+
+    #[cfg(feature = "in-order")]
+    #[inline(always)]
+    fn readonly(&self) -> bool {
+        self.flags & Self::READONLY != 0
     }
 
     /// Whether the request may have side effects: false for a request
     /// consumed from a started but disabled ring (complete it with length
     /// 0 and touch nothing).
+    #[inline]
     pub fn side_effects(&self) -> bool {
-        self.side_effects
+        self.flags & Self::SIDE_EFFECTS != 0
     }
 }
 
@@ -477,15 +519,23 @@ impl DataPlane {
             (Tracker::Packed(_), Queue::Split(_)) => return Err(DataPlaneError::NoInflightArea),
         };
         self.outstanding += 1;
-        Ok(Some(Token {
-            head: chain.head(),
-            entry,
-            side_effects: self.enabled,
-            #[cfg(feature = "in-order")]
-            seq: self.order.take(),
-            #[cfg(feature = "in-order")]
-            readonly: chain.writable_len() == 0,
-        }))
+        Ok(Some(self.token(chain, entry, self.enabled)))
+    }
+
+    #[inline(always)]
+    fn token<const S: usize>(&mut self, chain: &Chain<S>, entry: u16, side_effects: bool) -> Token {
+        let flags = if side_effects { Token::SIDE_EFFECTS } else { 0 };
+        #[cfg(feature = "in-order")]
+        let flags = if chain.writable_len() == 0 {
+            flags | Token::READONLY
+        } else {
+            flags
+        };
+        #[cfg(feature = "in-order")]
+        let seq = self.order.take();
+        #[cfg(not(feature = "in-order"))]
+        let seq = 0;
+        Token::new(chain.head(), entry, seq, flags)
     }
 
     #[inline(never)]
@@ -527,15 +577,7 @@ impl DataPlane {
         self.resubmit_after = Some(r);
         self.refresh();
         self.outstanding += 1;
-        Ok(Some(Token {
-            head: chain.head(),
-            entry: r.head,
-            side_effects: true,
-            #[cfg(feature = "in-order")]
-            seq: self.order.take(),
-            #[cfg(feature = "in-order")]
-            readonly: chain.writable_len() == 0,
-        }))
+        Ok(Some(self.token(chain, r.head, true)))
     }
 
     /// Completes a request with `len` bytes written into its chain, in any
@@ -570,9 +612,9 @@ impl DataPlane {
                 published = self.publish(mem, area)?;
             }
             // Not full: published above if it was.
-            let _ = self.pending.push(token.entry);
+            let _ = self.pending.push(token.entry());
         }
-        if let Err(e) = self.queue.add_used(mem, token.head, len) {
+        if let Err(e) = self.queue.add_used(mem, token.head(), len) {
             if !matches!(self.tracker, Tracker::None) {
                 self.pending.pop();
             }
@@ -603,7 +645,7 @@ impl DataPlane {
         if self.tracked() && area.is_none() {
             return Err(DataPlaneError::NoInflightArea);
         }
-        let Some(k) = self.order.position(token.seq) else {
+        let Some(k) = self.order.position(token.seq()) else {
             return Err(DataPlaneError::NotOutstanding);
         };
         if self.outstanding == 0 {
@@ -611,13 +653,13 @@ impl DataPlane {
         }
         let held = order::Held {
             len,
-            id: token.head.id,
-            descs: token.head.descs,
-            entry: token.entry,
-            readonly: token.readonly,
+            id: token.id(),
+            descs: token.head().descs,
+            entry: token.entry(),
+            readonly: token.readonly(),
         };
         if k != 0 {
-            self.order.hold(token.seq, held);
+            self.order.hold(token.seq(), held);
             self.outstanding -= 1;
             return Ok(Published::Nothing);
         }
