@@ -968,13 +968,14 @@ where
             dp,
             round: Round {
                 scratch: D::Scratch::default(),
-                chain: Box::default(),
+                chains: Box::new(core::array::from_fn(|_| Chain::new())),
                 reported: false,
             },
             kick: None,
             kick_watched: false,
             completion: None,
             reply,
+            notify: Notify::Unknown,
         };
         let t = self.options.thread_of(queue);
         if t >= self.threads.len() {
@@ -1120,9 +1121,13 @@ where
 }
 
 /// The per-thread state of one round of [`RingWorker::serve`].
+/// Chains a round pops before processing them.
+const LOOKAHEAD: usize = 8;
+
 struct Round<S> {
     scratch: S,
-    chain: Box<Chain>,
+    /// Chains popped ahead of their processing (see [`LOOKAHEAD`]).
+    chains: Box<[Chain; LOOKAHEAD]>,
     /// The data plane's error was logged.
     reported: bool,
 }
@@ -1144,12 +1149,27 @@ where
     completion: Option<RawFd>,
     /// Where the GET_VRING_BASE value goes once stopped.
     reply: mpsc::Sender<u32>,
+    /// What this worker last asked of the driver's notifications.
+    notify: Notify,
+}
+
+/// A ring's notification state as the worker last set it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Notify {
+    /// Not set since the ring started (the driver's initial value).
+    Unknown,
+    /// Kicks asked for: the worker may sleep.
+    Armed,
+    /// Kicks suppressed: the worker polls (a kick costs a front-end
+    /// without EVENT_IDX a system call per batch).
+    Disarmed,
 }
 
 /// What one step of a ring left to do.
 #[derive(Clone, Copy, Default)]
 struct Step {
-    /// Nothing more to pop now (notifications re-armed).
+    /// Nothing more to pop now (kicks asked for again, unless the
+    /// worker polls: then just before it sleeps).
     idle: bool,
     /// A short spin may find more (not waiting for the device's I/O, not
     /// broken or paused).
@@ -1212,8 +1232,11 @@ where
     }
 
     /// Serves what the ring has now: takes the control thread's news,
-    /// pops and processes a batch, collects completions, publishes.
-    fn step(&mut self) -> Step {
+    /// pops and processes a batch, collects completions, publishes. A
+    /// worker that `polls` (spins when idle) suppresses kicks while it
+    /// works and re-arms them only before it sleeps ([`Ring::arm`]); one
+    /// that does not re-arms them as soon as the ring is empty.
+    fn step(&mut self, polls: bool) -> Step {
         let w = &self.worker;
         let dp = &mut self.dp;
         if w.shared.remap_pending.swap(false, Ordering::AcqRel) {
@@ -1224,15 +1247,16 @@ where
         dp.set_enabled(w.shared.enabled.load(Ordering::Acquire));
         let idle = {
             let mem = w.memory.read().unwrap_or_else(PoisonError::into_inner);
+            if polls && self.notify != Notify::Disarmed {
+                if dp.disable_notification(&*mem).is_ok() {
+                    self.notify = Notify::Disarmed;
+                }
+                // The write went to the used ring (its flags).
+                w.log_ring(dp);
+            }
             let more = w.serve(dp, &mem, &mut self.round);
-            // Re-arm notifications, then look once more so a request
-            // published meanwhile is not slept on.
-            !more && !matches!(dp.enable_notification(&*mem), Ok(true))
+            !more && (polls || !Self::arm_with(w, dp, &mem, &mut self.notify))
         };
-        if idle {
-            // Re-arming wrote the used ring (the avail event).
-            w.log_ring(dp);
-        }
         w.report(dp, &mut self.round);
         // Requests the device holds that complete on its completion fd
         // are waited for there: spinning would take a core from the I/O
@@ -1245,6 +1269,34 @@ where
             idle,
             spin: idle && !held && dp.error().is_none() && !dp.paused(),
         }
+    }
+
+    /// Asks the driver for kicks (before the worker sleeps), then looks
+    /// once more so a request published meanwhile is not slept on.
+    /// Returns whether there is one.
+    fn arm(&mut self) -> bool {
+        if self.notify == Notify::Armed {
+            return false;
+        }
+        let w = &self.worker;
+        let mem = w.memory.read().unwrap_or_else(PoisonError::into_inner);
+        Self::arm_with(w, &mut self.dp, &mem, &mut self.notify)
+    }
+
+    fn arm_with(
+        w: &RingWorker<D>,
+        dp: &mut DataPlane,
+        mem: &LinuxGuestMemory,
+        notify: &mut Notify,
+    ) -> bool {
+        let more = matches!(dp.enable_notification(mem), Ok(true));
+        // A broken ring stays unarmed: it is not served any more.
+        if dp.error().is_none() {
+            *notify = Notify::Armed;
+        }
+        // Re-arming wrote the used ring (its flags or the avail event).
+        w.log_ring(dp);
+        more
     }
 
     /// Brings the ring's kick and completion fds in the set up to date;
@@ -1334,6 +1386,7 @@ where
     let mut rings: Vec<Ring<D>> = Vec::new();
     let mut steps: Vec<Step> = Vec::new();
     let mut events = [EpollEvent::default(); 16];
+    let polls = !options.spin.is_zero();
     loop {
         {
             let mut new = lock(&inbox.rings);
@@ -1359,14 +1412,24 @@ where
                 let _ = reply.send(base);
                 continue;
             }
-            steps.push(r.step());
+            steps.push(r.step(polls));
             i += 1;
         }
         if rings.is_empty() || !steps.iter().all(|s| s.idle) {
             continue;
         }
-        if !options.spin.is_zero() && steps.iter().any(|s| s.spin) && !spin(&mut rings, options) {
-            continue;
+        if polls {
+            if steps.iter().any(|s| s.spin) && !spin(&mut rings, options) {
+                continue;
+            }
+            // About to sleep: kicks wanted again (and a last look).
+            let mut more = false;
+            for r in &mut rings {
+                more |= r.arm();
+            }
+            if more {
+                continue;
+            }
         }
         let mut poll = false;
         for r in &mut rings {
@@ -1404,9 +1467,9 @@ where
     }
 }
 
-/// Polls the thread's rings a little before sleeping (notifications stay
-/// armed, so a kick meanwhile is only a spurious wake-up later). Returns
-/// whether they are all still idle.
+/// Polls the thread's rings a little before sleeping (kicks stay
+/// suppressed meanwhile: the caller asks for them again before it
+/// sleeps). Returns whether they are all still idle.
 fn spin<D: SharedDevice>(rings: &mut [Ring<D>], options: RuntimeOptions) -> bool
 where
     D::Scratch: Send,
@@ -1514,23 +1577,40 @@ where
             Err(e) => error!("ring {queue}: cannot complete a request: {e}"),
         };
         let mut more = true;
-        for _ in 0..batch {
-            if yield_to_stop && self.shared.stop.load(Ordering::Relaxed) {
-                break;
+        let mut left = batch;
+        let mut tokens = [None; LOOKAHEAD];
+        let mut yielded = false;
+        while more && !yielded && left != 0 {
+            // Pop a few chains and prefetch the start of their buffers
+            // before processing the first: the cache misses on buffers
+            // the driver just wrote (or will read) overlap instead of
+            // following one another.
+            let mut n = 0;
+            while n < LOOKAHEAD.min(left) {
+                if yield_to_stop && self.shared.stop.load(Ordering::Relaxed) {
+                    yielded = true;
+                    break;
+                }
+                let chain = &mut round.chains[n];
+                let Ok(Some(token)) = dp.pop(mem, area, chain) else {
+                    more = false;
+                    break;
+                };
+                for s in chain.segments().iter().take(2) {
+                    mem.prefetch(s.addr, s.len, s.writable);
+                }
+                tokens[n] = Some(token);
+                n += 1;
             }
-            let Ok(Some(token)) = dp.pop(mem, area, &mut *round.chain) else {
-                more = false;
-                break;
-            };
-            let c = self.device.process_mapped(
-                queue,
-                &*round.chain,
-                token,
-                &dev_mem,
-                &mut round.scratch,
-            );
-            if let Completion::Done(len) = c {
-                done(dp, token, len);
+            left -= n;
+            for (chain, token) in round.chains.iter().zip(&mut tokens).take(n) {
+                let Some(token) = token.take() else { continue };
+                let c =
+                    self.device
+                        .process_mapped(queue, chain, token, &dev_mem, &mut round.scratch);
+                if let Completion::Done(len) = c {
+                    done(dp, token, len);
+                }
             }
         }
         self.device

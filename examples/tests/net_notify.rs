@@ -1,0 +1,232 @@
+//! A worker that busy-polls (`--spin-us`) keeps the driver from kicking
+//! while it polls and asks for kicks again before it sleeps: a front-end
+//! without EVENT_IDX (DPDK's virtio_user) otherwise makes a system call
+//! per batch for kicks nobody waits for. Split (used ring flags
+//! NO_NOTIFY) and packed (device event suppression DISABLE/ENABLE); a
+//! kick after the worker slept still wakes it; a worker that does not
+//! poll never suppresses kicks.
+
+#![forbid(unsafe_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::TempDir;
+use vhost_user_core::feature::{ProtocolFeatures as P, VirtioFeatures as V};
+use vhost_user_core::frontend::{FrontendConfig, NotifyMode, QueueConfig, State};
+use vhost_user_core::memory::GuestMemory;
+use vhost_user_core::message::MemRegionMsg;
+use vhost_user_core::vring::RingAddrs;
+use vhost_user_linux::frontend::FrontendLink;
+use vhost_user_linux::memory::LinuxGuestMemory;
+use vhost_user_linux::sys::eventfd::EventFd;
+use vhost_user_linux::sys::memfd;
+use vhost_user_test::driver::{Buf, PackedDriver, SplitDriver};
+
+const MIB: u64 = 1 << 20;
+const VA: u64 = 0x7f00_0000_0000;
+const SIZE: u16 = 64;
+const TX_BUFS: u64 = 0x20_0000;
+/// VERSION_1 header and a minimal Ethernet frame.
+const LEN: u32 = 12 + 60;
+/// How long the polling daemon spins before it sleeps.
+const SPIN: Duration = Duration::from_secs(1);
+
+struct Kill(Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn daemon(dir: &Path, sock: &Path, spin_us: u128) -> Kill {
+    let log = std::fs::File::create(dir.join("net.log")).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_vhost-user-net"))
+        .arg("--socket-path")
+        .arg(sock)
+        .args(["--backend", "null", "--threads", "1"])
+        .args(["--spin-us", &spin_us.to_string()])
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("start vhost-user-net");
+    let t0 = Instant::now();
+    while !sock.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "no socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Kill(child)
+}
+
+enum Ring {
+    Split(SplitDriver),
+    Packed(PackedDriver),
+}
+
+impl Ring {
+    fn post(&mut self, mem: &LinuxGuestMemory) {
+        let b = Buf::readable(TX_BUFS, LEN);
+        match self {
+            Ring::Split(d) => d.post(mem, &[b]).map(drop).unwrap(),
+            Ring::Packed(d) => d.post(mem, &[b]).map(drop).unwrap(),
+        }
+    }
+
+    fn harvest(&mut self, mem: &LinuxGuestMemory) -> usize {
+        match self {
+            Ring::Split(d) => d.harvest_all(mem).unwrap().len(),
+            Ring::Packed(d) => d.harvest_all(mem).unwrap().len(),
+        }
+    }
+
+    /// Whether the device asks not to be kicked now.
+    fn suppressed(&self, mem: &LinuxGuestMemory) -> bool {
+        match self {
+            Ring::Split(d) => d.used_flags(mem).unwrap() & 1 != 0,
+            Ring::Packed(d) => {
+                let mut f = [0u8; 2];
+                mem.read(d.addrs().device + 2, &mut f).unwrap();
+                // 0 ENABLE, 1 DISABLE, 2 DESC (EVENT_IDX, not negotiated).
+                match u16::from_le_bytes(f) {
+                    0 => false,
+                    1 => true,
+                    v => panic!("device event flags {v}"),
+                }
+            }
+        }
+    }
+}
+
+/// Posts one transmit chain, kicks if asked, and waits for it to be used.
+fn send(ring: &mut Ring, mem: &LinuxGuestMemory, link: &FrontendLink<2, 1>, kick: bool) {
+    ring.post(mem);
+    if kick {
+        assert!(link.kick(1));
+    }
+    let t0 = Instant::now();
+    while ring.harvest(mem) == 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the chain was not used"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn connect(sock: &Path, packed: bool) -> (FrontendLink<2, 1>, LinuxGuestMemory, Ring) {
+    let fd = memfd::create("net-notify", 4 * MIB).unwrap();
+    let region = MemRegionMsg {
+        guest_addr: 0,
+        size: 4 * MIB,
+        user_addr: VA,
+        mmap_offset: 0,
+        xen: None,
+    };
+    let mut mem = LinuxGuestMemory::new();
+    mem.map(0, region, fd.try_clone().unwrap()).unwrap();
+    let fds: Vec<OwnedFd> = vec![fd];
+    let mut features = V::VERSION_1 | V::PROTOCOL_FEATURES;
+    if packed {
+        features |= V::RING_PACKED;
+    }
+    let mut cfg: FrontendConfig<2, 1> = FrontendConfig::new(features, P::MQ | P::REPLY_ACK);
+    let _ = cfg.regions.push(region);
+    let mut tx = None;
+    for q in 0..2u64 {
+        let at = 0x1000 + 0x8000 * q;
+        let (ring, a, base) = if packed {
+            let r = PackedDriver::new(&mem, SIZE, at).unwrap();
+            let a = r.addrs();
+            (Ring::Packed(r), a, 1 << 15 | 1 << 31)
+        } else {
+            let r = SplitDriver::new(&mem, SIZE, at, false).unwrap();
+            let a = r.addrs();
+            (Ring::Split(r), a, 0)
+        };
+        let _ = cfg.queues.push(QueueConfig {
+            size: SIZE,
+            addrs: RingAddrs {
+                desc: a.desc + VA,
+                driver: a.driver + VA,
+                device: a.device + VA,
+            },
+            base,
+            kick: NotifyMode::Eventfd,
+            call: NotifyMode::Eventfd,
+        });
+        if q == 1 {
+            tx = Some(ring);
+        }
+    }
+    let kicks: Vec<Option<EventFd>> = (0..2).map(|_| Some(EventFd::new(true).unwrap())).collect();
+    let calls: Vec<Option<EventFd>> = (0..2).map(|_| Some(EventFd::new(true).unwrap())).collect();
+    let mut link: FrontendLink<2, 1> = FrontendLink::connect(sock, cfg, fds, kicks, calls).unwrap();
+    link.drive().unwrap();
+    assert_eq!(link.engine().state(), State::Ready);
+    assert!(!link.engine().features().contains(V::EVENT_IDX));
+    link.engine().start().unwrap();
+    link.drive().unwrap();
+    assert_eq!(link.engine().state(), State::Started);
+    (link, mem, tx.unwrap())
+}
+
+fn polling(packed: bool) {
+    let dir = TempDir::new("net-notify");
+    let sock = dir.0.join("net.sock");
+    let _d = daemon(&dir.0, &sock, SPIN.as_micros());
+    let (link, mem, mut tx) = connect(&sock, packed);
+
+    // Kicked once, the worker works and then polls: kicks suppressed.
+    send(&mut tx, &mem, &link, true);
+    assert!(
+        tx.suppressed(&mem),
+        "kicks asked for while the worker polls"
+    );
+    // Polled, not kicked: it is still served while the worker spins.
+    send(&mut tx, &mem, &link, false);
+    assert!(tx.suppressed(&mem));
+
+    // After the spin the worker sleeps: kicks asked for again.
+    let t0 = Instant::now();
+    while tx.suppressed(&mem) {
+        assert!(
+            t0.elapsed() < SPIN * 10,
+            "kicks still suppressed {:?} after the last request",
+            t0.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // And a kick wakes it.
+    send(&mut tx, &mem, &link, true);
+    assert!(tx.suppressed(&mem));
+}
+
+#[test]
+fn a_polling_worker_suppresses_kicks_split() {
+    polling(false);
+}
+
+#[test]
+fn a_polling_worker_suppresses_kicks_packed() {
+    polling(true);
+}
+
+#[test]
+fn a_worker_that_does_not_poll_keeps_kicks_on() {
+    for packed in [false, true] {
+        let dir = TempDir::new("net-notify");
+        let sock = dir.0.join("net.sock");
+        let _d = daemon(&dir.0, &sock, 0);
+        let (link, mem, mut tx) = connect(&sock, packed);
+        for _ in 0..3 {
+            send(&mut tx, &mem, &link, true);
+            assert!(!tx.suppressed(&mem), "packed {packed}");
+        }
+    }
+}
