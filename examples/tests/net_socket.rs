@@ -1,8 +1,9 @@
 //! virtio-net's two protocol messages against the `vhost-user-net`
 //! daemon over its socket: NET_SET_MTU (acked up to `--mtu`, refused
-//! above it, outside 68..=65535, and when MTU was not offered) and
-//! SEND_RARP (counted with the loopback; with a tap, the gratuitous RARP
-//! as bytes on the host's side of the tap).
+//! above it, outside 68..=65535, and when MTU was not offered; with a
+//! tap, the tap's MTU follows or the request is refused) and SEND_RARP
+//! (counted with the loopback; with a tap, the gratuitous RARP as bytes
+//! on the host's side of the tap).
 
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -236,5 +237,48 @@ fn tap_startup_errors_are_clean() {
     assert!(
         err.contains("no permission to attach to tap \"vhutap3\""),
         "{err}"
+    );
+}
+
+/// The tap's MTU, as the namespace's sysfs shows it.
+fn tap_mtu(ns: &Netns, dev: &str) -> u32 {
+    let out = ns
+        .exec("cat")
+        .arg(format!("/sys/class/net/{dev}/mtu"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+#[test]
+fn net_set_mtu_sets_the_taps_mtu() {
+    let ns = Netns::new("mtu");
+    let dir = TempDir::new("net-socket-mtu");
+    let _d = daemon(
+        ns.exec(env!("CARGO_BIN_EXE_vhost-user-net")),
+        &dir.0,
+        &["--backend", "tap", "--tap", "vhutap6", "--mtu", "65535"],
+    );
+    let s = connect(&dir.0);
+    handshake(&s);
+    assert_eq!(tap_mtu(&ns, "vhutap6"), 1500);
+    assert_eq!(ack(&s, &Request::NetSetMtu(1400)), 0);
+    assert_eq!(tap_mtu(&ns, "vhutap6"), 1400);
+    assert_eq!(ack(&s, &Request::NetSetMtu(9000)), 0);
+    assert_eq!(tap_mtu(&ns, "vhutap6"), 9000);
+    // Within --mtu but above what a tap carries (65521): refused, the
+    // tap keeps its MTU, and the connection goes on.
+    assert_ne!(ack(&s, &Request::NetSetMtu(65530)), 0);
+    assert_eq!(tap_mtu(&ns, "vhutap6"), 9000);
+    assert_eq!(ack(&s, &Request::NetSetMtu(1400)), 0);
+    assert_eq!(tap_mtu(&ns, "vhutap6"), 1400);
+    let log = log_with(&dir.0, "NET_SET_MTU 65530 refused");
+    assert!(
+        log.contains("NET_SET_MTU 65530 refused: cannot set tap vhutap6's MTU"),
+        "{log}"
+    );
+    assert!(
+        log.contains("NET_SET_MTU: tap vhutap6 MTU set to 9000"),
+        "{log}"
     );
 }

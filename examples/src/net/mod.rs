@@ -29,7 +29,8 @@
 //!   tap may hand over follow the driver's features (TUNSETVNETHDRSZ,
 //!   TUNSETOFFLOAD); SEND_RARP writes a gratuitous RARP to the tap.
 //!
-//! NET_SET_MTU is taken up to the MTU the daemon offers (`--mtu`).
+//! NET_SET_MTU is taken up to the MTU the daemon offers (`--mtu`); with
+//! a tap it sets the tap's MTU too (SIOCSIFMTU), or is refused.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -686,6 +687,19 @@ impl Device for NetService {
         if mtu > max {
             log::warn!("NET_SET_MTU {mtu} refused: above the MTU offered, {max}");
             return false;
+        }
+        // The tap's host side takes frames of that size too (one
+        // interface for all the queues); a tap that refuses it leaves
+        // the request refused, nothing changed.
+        if let Some(t) = self.pair(0).and_then(|p| p.tap.as_deref()) {
+            if let Err(e) = t.set_mtu(mtu) {
+                log::warn!(
+                    "NET_SET_MTU {mtu} refused: cannot set tap {}'s MTU: {e}",
+                    t.name()
+                );
+                return false;
+            }
+            log::info!("NET_SET_MTU: tap {} MTU set to {mtu}", t.name());
         }
         log::info!("NET_SET_MTU: the front-end advertises MTU {mtu} (at most {max})");
         self.inner.mtu.store(mtu, Ordering::Relaxed);
