@@ -25,9 +25,12 @@
 //!   the pair's tap queue with their virtio-net header; a reader thread
 //!   per pair moves the tap's frames (header included, so offloaded
 //!   frames pass) to the pair's receive side as the loopback's are, and
-//!   signals the same eventfd. The header length and the offloads the
-//!   tap may hand over follow the driver's features (TUNSETVNETHDRSZ,
-//!   TUNSETOFFLOAD); SEND_RARP writes a gratuitous RARP to the tap.
+//!   signals the same eventfd. It reads only while the pair's receive
+//!   ring runs (from its first chain until it stops): before, the frames
+//!   wait in the tap's own bounded queue. The header length and the
+//!   offloads the tap may hand over follow the driver's features
+//!   (TUNSETVNETHDRSZ, TUNSETOFFLOAD); SEND_RARP writes a gratuitous RARP
+//!   to the tap.
 //!
 //! NET_SET_MTU is taken up to the MTU the daemon offers (`--mtu`); with
 //! a tap it sets the tap's MTU too (SIOCSIFMTU), or is refused.
@@ -148,6 +151,42 @@ struct Pair {
     space: Condvar,
     ready: Arc<EventFd>,
     tap: Option<Arc<Tap>>,
+    /// Receive rings of the pair that run (a ring's scratch holds one
+    /// [`RxRunning`]; 0 or 1 but for the moment a restarted ring's new
+    /// scratch overlaps the old): the tap reader reads only while one
+    /// does, and waits on `space` otherwise.
+    rx_running: AtomicUsize,
+}
+
+/// A running receive ring of a tap pair, held in its scratch: the pair's
+/// tap reader may read while one is there.
+#[derive(Debug)]
+struct RxRunning {
+    inner: Arc<Inner>,
+    pair: usize,
+}
+
+impl RxRunning {
+    fn new(inner: &Arc<Inner>, pair: usize) -> Option<Self> {
+        let p = inner.pairs.get(pair)?;
+        // Under the frames lock, so a reader about to wait sees it.
+        let q = lock(&p.frames);
+        p.rx_running.fetch_add(1, Ordering::Relaxed);
+        drop(q);
+        p.space.notify_all();
+        Some(RxRunning {
+            inner: Arc::clone(inner),
+            pair,
+        })
+    }
+}
+
+impl Drop for RxRunning {
+    fn drop(&mut self) {
+        if let Some(p) = self.inner.pairs.get(self.pair) {
+            p.rx_running.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -205,6 +244,9 @@ pub struct Scratch {
     pushed: bool,
     /// RX with MRG_RXBUF: used lengths of one frame's chains.
     used: Vec<u32>,
+    /// RX of a tap pair: the ring runs (from its first chain until it
+    /// stops), so the pair's reader reads the tap.
+    running: Option<RxRunning>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -230,6 +272,7 @@ impl NetService {
                     space: Condvar::new(),
                     ready: Arc::new(EventFd::new(true)?),
                     tap: taps.next(),
+                    rx_running: AtomicUsize::new(0),
                 })
             })
             .collect::<std::io::Result<Vec<_>>>()?;
@@ -602,6 +645,12 @@ impl Device for NetService {
                 if scratch.ready.is_none() {
                     scratch.ready = self.pair(pair).map(|p| p.ready.clone());
                 }
+                if scratch.running.is_none()
+                    && !scratch.stopping
+                    && matches!(self.inner.backend, NetBackend::Tap { .. })
+                {
+                    scratch.running = RxRunning::new(&self.inner, usize::from(pair));
+                }
                 // The null backend has a frame for every chain: fill it now
                 // when none is waiting before it (one that needs more
                 // chains, or that the fill refuses, is held and goes the
@@ -661,6 +710,8 @@ impl Device for NetService {
 
     fn stopping(&self, _queue: u16, scratch: &mut Scratch) {
         scratch.stopping = true;
+        // The tap's frames stay in the tap from now on.
+        scratch.running = None;
     }
 
     fn disconnected(&self) {

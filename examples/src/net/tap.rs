@@ -88,10 +88,10 @@ pub fn open_pairs(name: &str, pairs: u16, hdr_len: usize) -> io::Result<Vec<Arc<
 }
 
 /// Moves frames from tap queue `tap` to pair `pair`'s receive side: reads
-/// while the pair's queue has room (else waits for room: a guest that
-/// does not receive leaves the frames to the tap, which drops them),
-/// signals the pair's eventfd after each batch. Ends when the service is
-/// gone.
+/// while the pair's receive ring runs and its queue has room (else waits
+/// for the ring or for room: a guest that does not receive leaves the
+/// frames to the tap, which drops them), signals the pair's eventfd after
+/// each batch. Ends when the service is gone.
 pub(super) fn reader(inner: Weak<Inner>, pair: usize, tap: Arc<Tap>) {
     let mut buf = vec![0u8; TAP_MAX_FRAME + VirtioNetHdr::SIZE];
     loop {
@@ -99,9 +99,20 @@ pub(super) fn reader(inner: Weak<Inner>, pair: usize, tap: Arc<Tap>) {
         let Some(p) = inner.pairs.get(pair) else {
             return;
         };
+        if p.rx_running.load(Ordering::Relaxed) == 0 {
+            // No receive ring runs: the frames stay in the tap (whose
+            // own bounded queue drops beyond it, as a NIC that is down).
+            // Woken when one starts (or to look at whether the service
+            // is still there).
+            let q = lock(&p.frames);
+            if p.rx_running.load(Ordering::Relaxed) == 0 {
+                let _ = p.space.wait_timeout(q, Duration::from_millis(100));
+            }
+            continue;
+        }
         let mut pushed = false;
         let mut full = false;
-        loop {
+        while p.rx_running.load(Ordering::Relaxed) != 0 {
             if lock(&p.frames).len() >= LOOPBACK_FRAMES {
                 full = true;
                 break;
