@@ -5,7 +5,8 @@
 //! (counted with the loopback; with a tap, the gratuitous RARP as bytes
 //! on the host's side of the tap). Then the tap backend's data path
 //! driven by our front-end engine: frames the host sends before the
-//! receive ring runs wait in the tap.
+//! receive ring runs wait in the tap, and transmit headers that are
+//! nonsense or not negotiated are refused before they reach it.
 
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -22,6 +23,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use vhost_user_core::device::net::NetFeatures;
 use vhost_user_core::feature::{ProtocolFeatures as P, VirtioFeatures as V};
 use vhost_user_core::frontend::{FrontendConfig, NotifyMode, QueueConfig, State};
 use vhost_user_core::memory::GuestMemory;
@@ -473,5 +475,77 @@ fn tap_frames_wait_in_the_tap_until_the_receive_ring_runs() {
     assert!(
         rx.contains("5 packets, 300 bytes, 0 drops, 0 errors"),
         "{rx}"
+    );
+}
+
+#[test]
+fn hostile_transmit_headers_do_not_reach_the_tap() {
+    let (ns, dir, _d) = tap_daemon("taphdr", "vhutap8");
+    // Partial checksums and TCPv6 segmentation; not TCPv4's.
+    let offloads = NetFeatures::CSUM | NetFeatures::HOST_TSO6;
+    let mut f = Front::start(
+        &dir.0,
+        V::VERSION_1 | V::PROTOCOL_FEATURES | offloads.to_virtio(),
+    );
+    let acked = NetFeatures::from_virtio(f.link.engine().features());
+    assert!(
+        acked.contains(offloads) && !acked.contains(NetFeatures::HOST_TSO4),
+        "{acked:?}"
+    );
+    // flags, gso_type, hdr_len, gso_size, csum_start, csum_offset.
+    let hdr = |v: [u16; 6]| {
+        let mut h = vec![v[0] as u8, v[1] as u8];
+        for x in &v[2..] {
+            h.extend_from_slice(&x.to_le_bytes());
+        }
+        h.extend_from_slice(&[0, 0]);
+        h
+    };
+    // A TCP/IPv4 or v6 frame as far as the offsets go: 60 bytes.
+    let cases: &[(&str, Vec<u8>)] = &[
+        ("unknown gso_type", hdr([1, 2, 54, 1448, 34, 16])),
+        (
+            "ECN without a segmentation type",
+            hdr([0, 0x80, 0, 0, 0, 0]),
+        ),
+        ("hdr_len beyond the frame", hdr([0, 0, 61, 0, 0, 0])),
+        ("csum_start beyond the frame", hdr([1, 0, 0, 0, 70, 0])),
+        ("csum_offset past the end", hdr([1, 0, 0, 0, 34, 25])),
+        ("gso with gso_size 0", hdr([1, 4, 54, 0, 54, 16])),
+        ("gso without NEEDS_CSUM", hdr([0, 4, 54, 1428, 0, 0])),
+        ("TSO4, not negotiated", hdr([1, 1, 54, 1448, 34, 16])),
+        ("DATA_VALID from the driver", hdr([2, 0, 0, 0, 0, 0])),
+    ];
+    let good = {
+        let mut g = hdr([0; 6]);
+        g.extend_from_slice(&test_frame(0xaa));
+        g
+    };
+    let rx0 = ns.stat("vhutap8", "rx_packets");
+    for (i, (what, h)) in cases.iter().enumerate() {
+        let mut chain = h.clone();
+        chain.extend_from_slice(&test_frame(i as u8));
+        f.transmit(0x1000 * i as u64, &chain);
+        f.transmit(0x1000 * i as u64 + 0x800, &good);
+        assert_eq!(
+            ns.stat("vhutap8", "rx_packets"),
+            rx0 + i as u64 + 1,
+            "after {what}"
+        );
+    }
+    // A chain shorter than the negotiated header (8 of 12 bytes).
+    f.transmit(0x10_0000, &good[..8]);
+    f.transmit(0x10_0800, &good);
+    let n = cases.len() as u64 + 1;
+    assert_eq!(ns.stat("vhutap8", "rx_packets"), rx0 + n);
+    assert_eq!(ns.stat("vhutap8", "rx_errors"), 0);
+    drop(f);
+    let tx = counters_line(&dir.0, 1);
+    assert!(
+        tx.contains(&format!(
+            "{n} packets, {} bytes, 0 drops, {n} errors",
+            60 * n
+        )),
+        "{tx}"
     );
 }

@@ -22,7 +22,9 @@
 //!   every receive buffer gets a copy of a template frame at once.
 //! - [`NetBackend::Tap`]: a TAP interface, one queue of it per pair
 //!   (multi-queue with several pairs). Transmitted frames are written to
-//!   the pair's tap queue with their virtio-net header; a reader thread
+//!   the pair's tap queue with their virtio-net header, once it is
+//!   checked against the spec and the negotiated offloads
+//!   ([`tap::check_tx_hdr`]: refused, counted as errors); a reader thread
 //!   per pair moves the tap's frames (header included, so offloaded
 //!   frames pass) to the pair's receive side as the loopback's are, and
 //!   signals the same eventfd. It reads only while the pair's receive
@@ -201,6 +203,9 @@ struct Inner {
     max_mtu: u16,
     /// The MTU of the last NET_SET_MTU (0: none).
     mtu: AtomicU16,
+    /// The negotiated net features' bits (transmit headers are checked
+    /// against them).
+    acked: AtomicU64,
     /// SEND_RARP requests.
     rarps: AtomicU64,
     backend: NetBackend,
@@ -293,6 +298,7 @@ impl NetService {
                 max_frame,
                 max_mtu,
                 mtu: AtomicU16::new(0),
+                acked: AtomicU64::new(0),
                 rarps: AtomicU64::new(0),
                 device: Mutex::new(device),
                 backend,
@@ -395,6 +401,14 @@ impl NetService {
                 return;
             }
         };
+        if let NetBackend::Tap { .. } = inner.backend {
+            let acked = NetFeatures::from_bits_retain(inner.acked.load(Ordering::Relaxed));
+            if let Err(e) = tap::check_tx_hdr(&frame.hdr, frame.len, acked) {
+                bump(&k.errors, 1);
+                log::debug!("queue {queue}: transmit frame refused: {e}");
+                return;
+            }
+        }
         k.frame(frame.len);
         match &inner.backend {
             NetBackend::Null { .. } => {}
@@ -596,6 +610,7 @@ impl Device for NetService {
         // The tap first, then the readers' header length; frames read
         // before are dropped (their header may have the old length).
         self.configure_taps(hdr_len, acked);
+        self.inner.acked.store(acked.bits(), Ordering::Relaxed);
         self.inner.hdr_len.store(hdr_len, Ordering::Relaxed);
         self.inner
             .mergeable
@@ -613,6 +628,7 @@ impl Device for NetService {
             d.hdr_len()
         };
         self.configure_taps(hdr_len, NetFeatures::empty());
+        self.inner.acked.store(0, Ordering::Relaxed);
         self.inner.hdr_len.store(hdr_len, Ordering::Relaxed);
         self.inner.mergeable.store(false, Ordering::Relaxed);
         self.inner.guest_csum.store(false, Ordering::Relaxed);
