@@ -1,8 +1,12 @@
 //! virtio-net's two protocol messages against the `vhost-user-net`
 //! daemon over its socket: NET_SET_MTU (acked up to `--mtu`, refused
-//! above it, outside 68..=65535, and when MTU was not offered) and
-//! SEND_RARP (counted with the loopback; with a tap, the gratuitous RARP
-//! as bytes on the host's side of the tap).
+//! above it, outside 68..=65535, and when MTU was not offered; with a
+//! tap, the tap's MTU follows or the request is refused) and SEND_RARP
+//! (counted with the loopback; with a tap, the gratuitous RARP as bytes
+//! on the host's side of the tap). Then the tap backend's data path
+//! driven by our front-end engine: frames the host sends before the
+//! receive ring runs wait in the tap, and transmit headers that are
+//! nonsense or not negotiated are refused before they reach it.
 
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -14,13 +18,23 @@ use common::netns::Netns;
 use common::{handshake, recv_reply, send, u64_of, TempDir};
 
 use std::io::{BufRead, BufReader};
+use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vhost_user_core::feature::ProtocolFeatures as P;
-use vhost_user_core::message::{FrontendReq, Request};
+use vhost_user_core::device::net::NetFeatures;
+use vhost_user_core::feature::{ProtocolFeatures as P, VirtioFeatures as V};
+use vhost_user_core::frontend::{FrontendConfig, NotifyMode, QueueConfig, State};
+use vhost_user_core::memory::GuestMemory;
+use vhost_user_core::message::{FrontendReq, MemRegionMsg, Request};
+use vhost_user_core::vring::RingAddrs;
+use vhost_user_linux::frontend::FrontendLink;
+use vhost_user_linux::memory::LinuxGuestMemory;
+use vhost_user_linux::sys::eventfd::EventFd;
+use vhost_user_linux::sys::memfd;
 use vhost_user_linux::sys::socket::Stream;
+use vhost_user_test::driver::{Buf, SplitDriver, Used};
 
 const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
 
@@ -236,5 +250,302 @@ fn tap_startup_errors_are_clean() {
     assert!(
         err.contains("no permission to attach to tap \"vhutap3\""),
         "{err}"
+    );
+}
+
+/// The tap's MTU, as the namespace's sysfs shows it.
+fn tap_mtu(ns: &Netns, dev: &str) -> u32 {
+    let out = ns
+        .exec("cat")
+        .arg(format!("/sys/class/net/{dev}/mtu"))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+#[test]
+fn net_set_mtu_sets_the_taps_mtu() {
+    let ns = Netns::new("mtu");
+    let dir = TempDir::new("net-socket-mtu");
+    let _d = daemon(
+        ns.exec(env!("CARGO_BIN_EXE_vhost-user-net")),
+        &dir.0,
+        &["--backend", "tap", "--tap", "vhutap6", "--mtu", "65535"],
+    );
+    let s = connect(&dir.0);
+    handshake(&s);
+    assert_eq!(tap_mtu(&ns, "vhutap6"), 1500);
+    assert_eq!(ack(&s, &Request::NetSetMtu(1400)), 0);
+    assert_eq!(tap_mtu(&ns, "vhutap6"), 1400);
+    assert_eq!(ack(&s, &Request::NetSetMtu(9000)), 0);
+    assert_eq!(tap_mtu(&ns, "vhutap6"), 9000);
+    // Within --mtu but above what a tap carries (65521): refused, the
+    // tap keeps its MTU, and the connection goes on.
+    assert_ne!(ack(&s, &Request::NetSetMtu(65530)), 0);
+    assert_eq!(tap_mtu(&ns, "vhutap6"), 9000);
+    assert_eq!(ack(&s, &Request::NetSetMtu(1400)), 0);
+    assert_eq!(tap_mtu(&ns, "vhutap6"), 1400);
+    let log = log_with(&dir.0, "NET_SET_MTU 65530 refused");
+    assert!(
+        log.contains("NET_SET_MTU 65530 refused: cannot set tap vhutap6's MTU"),
+        "{log}"
+    );
+    assert!(
+        log.contains("NET_SET_MTU: tap vhutap6 MTU set to 9000"),
+        "{log}"
+    );
+}
+
+const MIB: u64 = 1 << 20;
+const VA: u64 = 0x7f00_0000_0000;
+const RING: u16 = 64;
+const RX_BUFS: u64 = 0x10_0000;
+const TX_BUFS: u64 = 0x20_0000;
+/// The VERSION_1 header.
+const HDR: usize = 12;
+
+/// Our front-end engine on one queue pair of the daemon at `dir`, both
+/// rings split and started, with `features` wanted.
+struct Front {
+    link: FrontendLink<2, 1>,
+    mem: LinuxGuestMemory,
+    rx: SplitDriver,
+    tx: SplitDriver,
+}
+
+impl Front {
+    fn start(dir: &Path, features: V) -> Front {
+        let fd = memfd::create("net-socket", 4 * MIB).unwrap();
+        let region = MemRegionMsg {
+            guest_addr: 0,
+            size: 4 * MIB,
+            user_addr: VA,
+            mmap_offset: 0,
+            xen: None,
+        };
+        let mut mem = LinuxGuestMemory::new();
+        mem.map(0, region, fd.try_clone().unwrap()).unwrap();
+        let fds: Vec<OwnedFd> = vec![fd];
+        let mut cfg: FrontendConfig<2, 1> = FrontendConfig::new(features, P::MQ | P::REPLY_ACK);
+        let _ = cfg.regions.push(region);
+        let mut rings = Vec::new();
+        for q in 0..2u64 {
+            let r = SplitDriver::new(&mem, RING, 0x1000 + 0x8000 * q, false).unwrap();
+            let a = r.addrs();
+            let _ = cfg.queues.push(QueueConfig {
+                size: RING,
+                addrs: RingAddrs {
+                    desc: a.desc + VA,
+                    driver: a.driver + VA,
+                    device: a.device + VA,
+                },
+                base: 0,
+                kick: NotifyMode::Eventfd,
+                call: NotifyMode::Eventfd,
+            });
+            rings.push(r);
+        }
+        let kicks = (0..2).map(|_| Some(EventFd::new(true).unwrap())).collect();
+        let calls = (0..2).map(|_| Some(EventFd::new(true).unwrap())).collect();
+        let mut link: FrontendLink<2, 1> =
+            FrontendLink::connect(dir.join("net.sock"), cfg, fds, kicks, calls).unwrap();
+        link.drive().unwrap();
+        assert_eq!(link.engine().state(), State::Ready);
+        link.engine().start().unwrap();
+        link.drive().unwrap();
+        assert_eq!(link.engine().state(), State::Started);
+        let tx = rings.pop().unwrap();
+        let rx = rings.pop().unwrap();
+        Front { link, mem, rx, tx }
+    }
+
+    /// Transmits one chain of these bytes; waits until it is used.
+    fn transmit(&mut self, at: u64, bytes: &[u8]) {
+        self.mem.write(TX_BUFS + at, bytes).unwrap();
+        self.tx
+            .post(
+                &self.mem,
+                &[Buf::readable(TX_BUFS + at, bytes.len() as u32)],
+            )
+            .unwrap();
+        assert!(self.link.kick(1));
+        let used = wait_used(&mut self.tx, &self.mem, 1);
+        assert_eq!(used[0].len, 0);
+    }
+}
+
+/// Waits until `ring` has given back `n` more used entries (at most 10 s).
+fn wait_used(ring: &mut SplitDriver, mem: &LinuxGuestMemory, n: usize) -> Vec<Used> {
+    let mut got = Vec::new();
+    let t0 = Instant::now();
+    while got.len() < n {
+        got.extend(ring.harvest_all(mem).unwrap());
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{} of {n} used entries",
+            got.len()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    got
+}
+
+/// A 60-byte broadcast frame of EtherType 0x88b5 whose payload is `i`s.
+fn test_frame(i: u8) -> Vec<u8> {
+    let mut f = vec![i; 60];
+    f[..6].copy_from_slice(&[0xff; 6]);
+    f[6..12].copy_from_slice(&[0x52, 0x54, 0, 0, 0, 2]);
+    f[12..14].copy_from_slice(&[0x88, 0xb5]);
+    f
+}
+
+/// Sends `argv[2]` frames `test_frame(0..)` into the tap `argv[1]` from
+/// the host's side.
+const INJECT: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind((sys.argv[1], 0))
+for i in range(int(sys.argv[2])):
+    s.send(b"\xff" * 6 + bytes.fromhex("525400000002") + b"\x88\xb5" + bytes([i]) * 46)
+"#;
+
+/// A namespace without IPv6 (whose link-up chatter would reach the
+/// guest), a daemon on tap `tap` in it, the tap up.
+fn tap_daemon(tag: &str, tap: &str) -> (Netns, TempDir, Kill) {
+    let ns = Netns::new(tag);
+    for k in ["all", "default"] {
+        common::netns::run(
+            ns.exec("sysctl")
+                .args(["-qw", &format!("net.ipv6.conf.{k}.disable_ipv6=1")]),
+        );
+    }
+    let dir = TempDir::new(tag);
+    let d = daemon(
+        ns.exec(env!("CARGO_BIN_EXE_vhost-user-net")),
+        &dir.0,
+        &["--backend", "tap", "--tap", tap, "--no-mrg-rxbuf"],
+    );
+    ns.ip(&["link", "set", tap, "up"]);
+    (ns, dir, d)
+}
+
+/// The counters line the daemon logs for `queue` when the front-end
+/// leaves.
+fn counters_line(dir: &Path, queue: u16) -> String {
+    let want = format!("queue {queue} (");
+    let log = log_with(dir, &want);
+    log.lines()
+        .find(|l| l.contains(&want))
+        .unwrap_or_else(|| panic!("no counters of queue {queue}: {log}"))
+        .to_owned()
+}
+
+#[test]
+fn tap_frames_wait_in_the_tap_until_the_receive_ring_runs() {
+    let (ns, dir, _d) = tap_daemon("tapwait", "vhutap7");
+    // Five frames from the host before any front-end is there: the tap
+    // queues them (its reader must not take them, to lose them when the
+    // driver's features reset the header length).
+    common::netns::run(ns.exec("python3").args(["-c", INJECT, "vhutap7", "5"]));
+    // Time for a reader that reads regardless to have done so.
+    std::thread::sleep(Duration::from_millis(300));
+
+    let mut f = Front::start(&dir.0, V::VERSION_1 | V::PROTOCOL_FEATURES);
+    let ids: Vec<u16> = (0..8u64)
+        .map(|i| {
+            f.rx.post(&f.mem, &[Buf::writable(RX_BUFS + 0x800 * i, 0x800)])
+                .unwrap()
+        })
+        .collect();
+    assert!(f.link.kick(0));
+    let got = wait_used(&mut f.rx, &f.mem, 5);
+    for (i, u) in got.iter().enumerate() {
+        assert_eq!((u.id, u.len as usize), (ids[i], HDR + 60), "frame {i}");
+        let mut b = vec![0u8; 60];
+        f.mem
+            .read(RX_BUFS + 0x800 * i as u64 + HDR as u64, &mut b)
+            .unwrap();
+        assert_eq!(b, test_frame(i as u8), "frame {i}");
+    }
+    // The tap counts a frame sent when its reader takes it.
+    assert_eq!(ns.stat("vhutap7", "tx_packets"), 5);
+    assert_eq!(ns.stat("vhutap7", "tx_dropped"), 0);
+    drop(f);
+    let rx = counters_line(&dir.0, 0);
+    assert!(
+        rx.contains("5 packets, 300 bytes, 0 drops, 0 errors"),
+        "{rx}"
+    );
+}
+
+#[test]
+fn hostile_transmit_headers_do_not_reach_the_tap() {
+    let (ns, dir, _d) = tap_daemon("taphdr", "vhutap8");
+    // Partial checksums and TCPv6 segmentation; not TCPv4's.
+    let offloads = NetFeatures::CSUM | NetFeatures::HOST_TSO6;
+    let mut f = Front::start(
+        &dir.0,
+        V::VERSION_1 | V::PROTOCOL_FEATURES | offloads.to_virtio(),
+    );
+    let acked = NetFeatures::from_virtio(f.link.engine().features());
+    assert!(
+        acked.contains(offloads) && !acked.contains(NetFeatures::HOST_TSO4),
+        "{acked:?}"
+    );
+    // flags, gso_type, hdr_len, gso_size, csum_start, csum_offset.
+    let hdr = |v: [u16; 6]| {
+        let mut h = vec![v[0] as u8, v[1] as u8];
+        for x in &v[2..] {
+            h.extend_from_slice(&x.to_le_bytes());
+        }
+        h.extend_from_slice(&[0, 0]);
+        h
+    };
+    // A TCP/IPv4 or v6 frame as far as the offsets go: 60 bytes.
+    let cases: &[(&str, Vec<u8>)] = &[
+        ("unknown gso_type", hdr([1, 2, 54, 1448, 34, 16])),
+        (
+            "ECN without a segmentation type",
+            hdr([0, 0x80, 0, 0, 0, 0]),
+        ),
+        ("hdr_len beyond the frame", hdr([0, 0, 61, 0, 0, 0])),
+        ("csum_start beyond the frame", hdr([1, 0, 0, 0, 70, 0])),
+        ("csum_offset past the end", hdr([1, 0, 0, 0, 34, 25])),
+        ("gso with gso_size 0", hdr([1, 4, 54, 0, 54, 16])),
+        ("gso without NEEDS_CSUM", hdr([0, 4, 54, 1428, 0, 0])),
+        ("TSO4, not negotiated", hdr([1, 1, 54, 1448, 34, 16])),
+        ("DATA_VALID from the driver", hdr([2, 0, 0, 0, 0, 0])),
+    ];
+    let good = {
+        let mut g = hdr([0; 6]);
+        g.extend_from_slice(&test_frame(0xaa));
+        g
+    };
+    let rx0 = ns.stat("vhutap8", "rx_packets");
+    for (i, (what, h)) in cases.iter().enumerate() {
+        let mut chain = h.clone();
+        chain.extend_from_slice(&test_frame(i as u8));
+        f.transmit(0x1000 * i as u64, &chain);
+        f.transmit(0x1000 * i as u64 + 0x800, &good);
+        assert_eq!(
+            ns.stat("vhutap8", "rx_packets"),
+            rx0 + i as u64 + 1,
+            "after {what}"
+        );
+    }
+    // A chain shorter than the negotiated header (8 of 12 bytes).
+    f.transmit(0x10_0000, &good[..8]);
+    f.transmit(0x10_0800, &good);
+    let n = cases.len() as u64 + 1;
+    assert_eq!(ns.stat("vhutap8", "rx_packets"), rx0 + n);
+    assert_eq!(ns.stat("vhutap8", "rx_errors"), 0);
+    drop(f);
+    let tx = counters_line(&dir.0, 1);
+    assert!(
+        tx.contains(&format!(
+            "{n} packets, {} bytes, 0 drops, {n} errors",
+            60 * n
+        )),
+        "{tx}"
     );
 }

@@ -11,7 +11,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::time::Duration;
 
@@ -29,6 +29,16 @@ struct IfReq {
     _pad: [u8; 22],
 }
 const _: () = assert!(std::mem::size_of::<IfReq>() == 40);
+
+/// `struct ifreq` as SIOCSIFMTU reads it: the name, then
+/// the MTU.
+#[repr(C)]
+struct IfMtu {
+    name: [u8; IFNAMSIZ],
+    mtu: libc::c_int,
+    _pad: [u8; 20],
+}
+const _: () = assert!(std::mem::size_of::<IfMtu>() == 40);
 
 /// `TUN_F_*` offload flags for [`Tap::set_offload`]: which offloaded
 /// frames the tap may hand to the reader.
@@ -163,6 +173,40 @@ impl Tap {
                 self.file.as_raw_fd(),
                 libc::TUNSETOFFLOAD,
                 libc::c_ulong::from(flags),
+            )
+        })?;
+        Ok(())
+    }
+
+    /// SIOCSIFMTU: sets the interface's MTU (the host side's; needs
+    /// CAP_NET_ADMIN). The kernel refuses one outside the tap's range
+    /// (68 to 65521).
+    pub fn set_mtu(&self, mtu: u16) -> io::Result<()> {
+        let mut req = IfMtu {
+            name: [0; IFNAMSIZ],
+            mtu: libc::c_int::from(mtu),
+            _pad: [0; 20],
+        };
+        // `Tap::open` checked the name: shorter than IFNAMSIZ, so NUL
+        // ends it. The ioctl goes through a datagram socket of the
+        // calling thread's network namespace, the tap's (the tap's own fd
+        // takes no interface ioctls).
+        let n = self.name.len().min(IFNAMSIZ - 1);
+        req.name[..n].copy_from_slice(&self.name.as_bytes()[..n]);
+        // SAFETY: socket() takes no pointers.
+        let fd =
+            cvt(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+        // SAFETY: `fd` is the new socket, owned by nobody else, so
+        // `OwnedFd` may take it (and close it).
+        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: SIOCSIFMTU reads a `struct ifreq` (the name, then an
+        // int); `req` is one, 40 bytes with the name NUL-terminated, and
+        // lives across the call.
+        cvt(unsafe {
+            libc::ioctl(
+                sock.as_raw_fd(),
+                libc::SIOCSIFMTU,
+                std::ptr::from_mut(&mut req),
             )
         })?;
         Ok(())

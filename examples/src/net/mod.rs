@@ -22,14 +22,20 @@
 //!   every receive buffer gets a copy of a template frame at once.
 //! - [`NetBackend::Tap`]: a TAP interface, one queue of it per pair
 //!   (multi-queue with several pairs). Transmitted frames are written to
-//!   the pair's tap queue with their virtio-net header; a reader thread
+//!   the pair's tap queue with their virtio-net header, once it is
+//!   checked against the spec and the negotiated offloads
+//!   ([`tap::check_tx_hdr`]: refused, counted as errors); a reader thread
 //!   per pair moves the tap's frames (header included, so offloaded
 //!   frames pass) to the pair's receive side as the loopback's are, and
-//!   signals the same eventfd. The header length and the offloads the
-//!   tap may hand over follow the driver's features (TUNSETVNETHDRSZ,
-//!   TUNSETOFFLOAD); SEND_RARP writes a gratuitous RARP to the tap.
+//!   signals the same eventfd. It reads only while the pair's receive
+//!   ring runs (from its first chain until it stops): before, the frames
+//!   wait in the tap's own bounded queue. The header length and the
+//!   offloads the tap may hand over follow the driver's features
+//!   (TUNSETVNETHDRSZ, TUNSETOFFLOAD); SEND_RARP writes a gratuitous RARP
+//!   to the tap.
 //!
-//! NET_SET_MTU is taken up to the MTU the daemon offers (`--mtu`).
+//! NET_SET_MTU is taken up to the MTU the daemon offers (`--mtu`); with
+//! a tap it sets the tap's MTU too (SIOCSIFMTU), or is refused.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -147,6 +153,42 @@ struct Pair {
     space: Condvar,
     ready: Arc<EventFd>,
     tap: Option<Arc<Tap>>,
+    /// Receive rings of the pair that run (a ring's scratch holds one
+    /// [`RxRunning`]; 0 or 1 but for the moment a restarted ring's new
+    /// scratch overlaps the old): the tap reader reads only while one
+    /// does, and waits on `space` otherwise.
+    rx_running: AtomicUsize,
+}
+
+/// A running receive ring of a tap pair, held in its scratch: the pair's
+/// tap reader may read while one is there.
+#[derive(Debug)]
+struct RxRunning {
+    inner: Arc<Inner>,
+    pair: usize,
+}
+
+impl RxRunning {
+    fn new(inner: &Arc<Inner>, pair: usize) -> Option<Self> {
+        let p = inner.pairs.get(pair)?;
+        // Under the frames lock, so a reader about to wait sees it.
+        let q = lock(&p.frames);
+        p.rx_running.fetch_add(1, Ordering::Relaxed);
+        drop(q);
+        p.space.notify_all();
+        Some(RxRunning {
+            inner: Arc::clone(inner),
+            pair,
+        })
+    }
+}
+
+impl Drop for RxRunning {
+    fn drop(&mut self) {
+        if let Some(p) = self.inner.pairs.get(self.pair) {
+            p.rx_running.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -161,6 +203,9 @@ struct Inner {
     max_mtu: u16,
     /// The MTU of the last NET_SET_MTU (0: none).
     mtu: AtomicU16,
+    /// The negotiated net features' bits (transmit headers are checked
+    /// against them).
+    acked: AtomicU64,
     /// SEND_RARP requests.
     rarps: AtomicU64,
     backend: NetBackend,
@@ -204,6 +249,9 @@ pub struct Scratch {
     pushed: bool,
     /// RX with MRG_RXBUF: used lengths of one frame's chains.
     used: Vec<u32>,
+    /// RX of a tap pair: the ring runs (from its first chain until it
+    /// stops), so the pair's reader reads the tap.
+    running: Option<RxRunning>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -229,6 +277,7 @@ impl NetService {
                     space: Condvar::new(),
                     ready: Arc::new(EventFd::new(true)?),
                     tap: taps.next(),
+                    rx_running: AtomicUsize::new(0),
                 })
             })
             .collect::<std::io::Result<Vec<_>>>()?;
@@ -249,6 +298,7 @@ impl NetService {
                 max_frame,
                 max_mtu,
                 mtu: AtomicU16::new(0),
+                acked: AtomicU64::new(0),
                 rarps: AtomicU64::new(0),
                 device: Mutex::new(device),
                 backend,
@@ -351,6 +401,14 @@ impl NetService {
                 return;
             }
         };
+        if let NetBackend::Tap { .. } = inner.backend {
+            let acked = NetFeatures::from_bits_retain(inner.acked.load(Ordering::Relaxed));
+            if let Err(e) = tap::check_tx_hdr(&frame.hdr, frame.len, acked) {
+                bump(&k.errors, 1);
+                log::debug!("queue {queue}: transmit frame refused: {e}");
+                return;
+            }
+        }
         k.frame(frame.len);
         match &inner.backend {
             NetBackend::Null { .. } => {}
@@ -552,6 +610,7 @@ impl Device for NetService {
         // The tap first, then the readers' header length; frames read
         // before are dropped (their header may have the old length).
         self.configure_taps(hdr_len, acked);
+        self.inner.acked.store(acked.bits(), Ordering::Relaxed);
         self.inner.hdr_len.store(hdr_len, Ordering::Relaxed);
         self.inner
             .mergeable
@@ -569,6 +628,7 @@ impl Device for NetService {
             d.hdr_len()
         };
         self.configure_taps(hdr_len, NetFeatures::empty());
+        self.inner.acked.store(0, Ordering::Relaxed);
         self.inner.hdr_len.store(hdr_len, Ordering::Relaxed);
         self.inner.mergeable.store(false, Ordering::Relaxed);
         self.inner.guest_csum.store(false, Ordering::Relaxed);
@@ -600,6 +660,12 @@ impl Device for NetService {
                 }
                 if scratch.ready.is_none() {
                     scratch.ready = self.pair(pair).map(|p| p.ready.clone());
+                }
+                if scratch.running.is_none()
+                    && !scratch.stopping
+                    && matches!(self.inner.backend, NetBackend::Tap { .. })
+                {
+                    scratch.running = RxRunning::new(&self.inner, usize::from(pair));
                 }
                 // The null backend has a frame for every chain: fill it now
                 // when none is waiting before it (one that needs more
@@ -660,6 +726,8 @@ impl Device for NetService {
 
     fn stopping(&self, _queue: u16, scratch: &mut Scratch) {
         scratch.stopping = true;
+        // The tap's frames stay in the tap from now on.
+        scratch.running = None;
     }
 
     fn disconnected(&self) {
@@ -686,6 +754,19 @@ impl Device for NetService {
         if mtu > max {
             log::warn!("NET_SET_MTU {mtu} refused: above the MTU offered, {max}");
             return false;
+        }
+        // The tap's host side takes frames of that size too (one
+        // interface for all the queues); a tap that refuses it leaves
+        // the request refused, nothing changed.
+        if let Some(t) = self.pair(0).and_then(|p| p.tap.as_deref()) {
+            if let Err(e) = t.set_mtu(mtu) {
+                log::warn!(
+                    "NET_SET_MTU {mtu} refused: cannot set tap {}'s MTU: {e}",
+                    t.name()
+                );
+                return false;
+            }
+            log::info!("NET_SET_MTU: tap {} MTU set to {mtu}", t.name());
         }
         log::info!("NET_SET_MTU: the front-end advertises MTU {mtu} (at most {max})");
         self.inner.mtu.store(mtu, Ordering::Relaxed);

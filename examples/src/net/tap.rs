@@ -53,6 +53,107 @@ pub fn tun_offloads(acked: NetFeatures) -> u32 {
     f
 }
 
+/// `gso_type` values of the virtio-net header (the ECN bit apart).
+mod gso {
+    pub const NONE: u8 = 0;
+    pub const TCPV4: u8 = 1;
+    pub const UDP: u8 = 3;
+    pub const TCPV6: u8 = 4;
+    pub const ECN: u8 = 0x80;
+}
+
+/// Why a transmit frame's virtio-net header is refused before it reaches
+/// the tap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HdrError {
+    /// Flags other than NEEDS_CSUM (a driver must not set DATA_VALID,
+    /// which would have the host trust an unchecked checksum).
+    Flags(u8),
+    /// NEEDS_CSUM without VIRTIO_NET_F_CSUM negotiated.
+    CsumNotNegotiated,
+    /// The checksum field (`csum_start + csum_offset`, 2 bytes) is not
+    /// inside the frame.
+    CsumOutside { start: u16, offset: u16, len: usize },
+    /// A `gso_type` the spec does not define.
+    UnknownGso(u8),
+    /// A segmentation offload the driver did not negotiate.
+    GsoNotNegotiated(u8),
+    /// Segmentation without NEEDS_CSUM, or with a zero `gso_size`.
+    GsoIncomplete,
+    /// `hdr_len` beyond the frame.
+    HdrLenOutside { hdr_len: u16, len: usize },
+}
+
+impl std::fmt::Display for HdrError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            HdrError::Flags(x) => write!(f, "header flags {x:#x} (only NEEDS_CSUM may be set)"),
+            HdrError::CsumNotNegotiated => write!(f, "NEEDS_CSUM without VIRTIO_NET_F_CSUM"),
+            HdrError::CsumOutside { start, offset, len } => write!(
+                f,
+                "checksum at {start} + {offset} outside the {len}-byte frame"
+            ),
+            HdrError::UnknownGso(t) => write!(f, "unknown gso_type {t:#x}"),
+            HdrError::GsoNotNegotiated(t) => {
+                write!(f, "gso_type {t:#x} without its offload negotiated")
+            }
+            HdrError::GsoIncomplete => {
+                write!(f, "segmentation without NEEDS_CSUM or with gso_size 0")
+            }
+            HdrError::HdrLenOutside { hdr_len, len } => {
+                write!(f, "hdr_len {hdr_len} beyond the {len}-byte frame")
+            }
+        }
+    }
+}
+
+/// Checks the header of a `len`-byte frame the driver transmits against
+/// the spec and the offloads it negotiated (`acked`), so the tap gets
+/// only what the device promised to take: the kernel accepts some
+/// headers a driver must not send (a segmentation offload that was not
+/// negotiated, DATA_VALID) and refuses others only after work.
+pub fn check_tx_hdr(hdr: &VirtioNetHdr, len: usize, acked: NetFeatures) -> Result<(), HdrError> {
+    use vhost_user_core::device::net::VIRTIO_NET_HDR_F_NEEDS_CSUM as NEEDS_CSUM;
+    if hdr.flags & !NEEDS_CSUM != 0 {
+        return Err(HdrError::Flags(hdr.flags));
+    }
+    let csum = hdr.flags & NEEDS_CSUM != 0;
+    if csum {
+        if !acked.contains(NetFeatures::CSUM) {
+            return Err(HdrError::CsumNotNegotiated);
+        }
+        let (start, offset) = (hdr.csum_start.get(), hdr.csum_offset.get());
+        if usize::from(start) + usize::from(offset) + 2 > len {
+            return Err(HdrError::CsumOutside { start, offset, len });
+        }
+    }
+    let hdr_len = hdr.hdr_len.get();
+    if usize::from(hdr_len) > len {
+        return Err(HdrError::HdrLenOutside { hdr_len, len });
+    }
+    let t = hdr.gso_type;
+    let needs = match t & !gso::ECN {
+        gso::NONE if t & gso::ECN == 0 => return Ok(()),
+        gso::NONE => return Err(HdrError::UnknownGso(t)),
+        gso::TCPV4 => NetFeatures::HOST_TSO4,
+        gso::TCPV6 => NetFeatures::HOST_TSO6,
+        gso::UDP => NetFeatures::HOST_UFO,
+        _ => return Err(HdrError::UnknownGso(t)),
+    };
+    let needs = if t & gso::ECN != 0 {
+        needs | NetFeatures::HOST_ECN
+    } else {
+        needs
+    };
+    if !acked.contains(needs) {
+        return Err(HdrError::GsoNotNegotiated(t));
+    }
+    if !csum || hdr.gso_size.get() == 0 {
+        return Err(HdrError::GsoIncomplete);
+    }
+    Ok(())
+}
+
 /// The gratuitous RARP a moved guest is announced with (RFC 903, as
 /// QEMU's self-announcement): broadcast, from `mac`, EtherType 0x8035,
 /// Ethernet/IPv4 addresses, opcode 3 (reverse request), sender and target
@@ -88,10 +189,10 @@ pub fn open_pairs(name: &str, pairs: u16, hdr_len: usize) -> io::Result<Vec<Arc<
 }
 
 /// Moves frames from tap queue `tap` to pair `pair`'s receive side: reads
-/// while the pair's queue has room (else waits for room: a guest that
-/// does not receive leaves the frames to the tap, which drops them),
-/// signals the pair's eventfd after each batch. Ends when the service is
-/// gone.
+/// while the pair's receive ring runs and its queue has room (else waits
+/// for the ring or for room: a guest that does not receive leaves the
+/// frames to the tap, which drops them), signals the pair's eventfd after
+/// each batch. Ends when the service is gone.
 pub(super) fn reader(inner: Weak<Inner>, pair: usize, tap: Arc<Tap>) {
     let mut buf = vec![0u8; TAP_MAX_FRAME + VirtioNetHdr::SIZE];
     loop {
@@ -99,9 +200,20 @@ pub(super) fn reader(inner: Weak<Inner>, pair: usize, tap: Arc<Tap>) {
         let Some(p) = inner.pairs.get(pair) else {
             return;
         };
+        if p.rx_running.load(Ordering::Relaxed) == 0 {
+            // No receive ring runs: the frames stay in the tap (whose
+            // own bounded queue drops beyond it, as a NIC that is down).
+            // Woken when one starts (or to look at whether the service
+            // is still there).
+            let q = lock(&p.frames);
+            if p.rx_running.load(Ordering::Relaxed) == 0 {
+                let _ = p.space.wait_timeout(q, Duration::from_millis(100));
+            }
+            continue;
+        }
         let mut pushed = false;
         let mut full = false;
-        loop {
+        while p.rx_running.load(Ordering::Relaxed) != 0 {
             if lock(&p.frames).len() >= LOOPBACK_FRAMES {
                 full = true;
                 break;
@@ -174,6 +286,77 @@ mod tests {
         );
         // Host-side offloads (what the guest sends) set no flag.
         assert_eq!(tun_offloads(F::CSUM | F::HOST_TSO4 | F::HOST_TSO6), 0);
+    }
+
+    #[test]
+    fn transmit_headers_follow_the_spec_and_the_offloads() {
+        use NetFeatures as F;
+        let hdr =
+            |flags, gso_type, hdr_len: u16, gso_size: u16, start: u16, off: u16| VirtioNetHdr {
+                flags,
+                gso_type,
+                hdr_len: hdr_len.into(),
+                gso_size: gso_size.into(),
+                csum_start: start.into(),
+                csum_offset: off.into(),
+                num_buffers: 0.into(),
+            };
+        let all = F::CSUM | F::HOST_TSO4 | F::HOST_TSO6 | F::HOST_ECN;
+        let ok = |h: VirtioNetHdr, acked| check_tx_hdr(&h, 100, acked);
+        assert_eq!(ok(hdr(0, 0, 0, 0, 0, 0), F::empty()), Ok(()));
+        // The checksum field's last byte is the frame's last.
+        assert_eq!(ok(hdr(1, 0, 0, 0, 34, 64), all), Ok(()));
+        assert_eq!(
+            ok(hdr(1, 0, 0, 0, 34, 65), all),
+            Err(HdrError::CsumOutside {
+                start: 34,
+                offset: 65,
+                len: 100
+            })
+        );
+        assert_eq!(
+            ok(hdr(1, 0, 0, 0, 34, 16), F::HOST_TSO4),
+            Err(HdrError::CsumNotNegotiated)
+        );
+        assert_eq!(ok(hdr(2, 0, 0, 0, 0, 0), all), Err(HdrError::Flags(2)));
+        assert_eq!(ok(hdr(1, 1, 54, 1448, 34, 16), all), Ok(()));
+        assert_eq!(ok(hdr(1, 0x84, 74, 1428, 54, 16), all), Ok(()));
+        assert_eq!(
+            ok(hdr(1, 0x81, 54, 1448, 34, 16), F::CSUM | F::HOST_TSO4),
+            Err(HdrError::GsoNotNegotiated(0x81))
+        );
+        assert_eq!(
+            ok(hdr(1, 1, 54, 1448, 34, 16), F::CSUM | F::HOST_TSO6),
+            Err(HdrError::GsoNotNegotiated(1))
+        );
+        assert_eq!(
+            ok(hdr(1, 3, 42, 1000, 34, 6), all),
+            Err(HdrError::GsoNotNegotiated(3))
+        );
+        for t in [2, 5, 6, 0x7f, 0x80, 0xff] {
+            assert_eq!(
+                ok(hdr(1, t, 54, 1448, 34, 16), all),
+                Err(HdrError::UnknownGso(t)),
+                "{t}"
+            );
+        }
+        assert_eq!(
+            ok(hdr(1, 1, 54, 0, 34, 16), all),
+            Err(HdrError::GsoIncomplete)
+        );
+        assert_eq!(
+            ok(hdr(0, 1, 54, 1448, 0, 0), all),
+            Err(HdrError::GsoIncomplete)
+        );
+        assert_eq!(
+            ok(hdr(0, 0, 101, 0, 0, 0), all),
+            Err(HdrError::HdrLenOutside {
+                hdr_len: 101,
+                len: 100
+            })
+        );
+        // Sums that would overflow 16 bits are not wrapped.
+        assert!(ok(hdr(1, 0, 0, 0, 0xffff, 0xffff), all).is_err());
     }
 
     #[test]
