@@ -218,6 +218,33 @@ fn event_idx_empty_ring_rearms_avail_event() {
 }
 
 #[test]
+fn event_idx_disabled_notifications_stay_off_when_the_ring_empties() {
+    let (m, mut d, mut q) = setup(8, feats(true, false));
+    q.disable_notification(&m).unwrap();
+    for round in 0..3u16 {
+        for _ in 0..2 {
+            d.post(&m, &[Buf::readable(DATA, 1)]).unwrap();
+        }
+        while pop(&mut q, &m).unwrap().is_some() {}
+        // A polling device left avail_event alone: the driver's posts
+        // do not kick.
+        assert_eq!(d.avail_event(&m).unwrap(), 0, "round {round}");
+    }
+    d.kick_needed(&m).unwrap();
+    d.post(&m, &[Buf::readable(DATA, 1)]).unwrap();
+    assert!(!d.kick_needed(&m).unwrap());
+    while pop(&mut q, &m).unwrap().is_some() {}
+    // Enabled again: avail_event is the next index, re-checked, and
+    // finding the ring empty re-arms it again from then on.
+    assert!(!q.enable_notification(&m).unwrap());
+    assert_eq!(d.avail_event(&m).unwrap(), 7);
+    d.post(&m, &[Buf::readable(DATA, 1)]).unwrap();
+    assert!(d.kick_needed(&m).unwrap());
+    while pop(&mut q, &m).unwrap().is_some() {}
+    assert_eq!(d.avail_event(&m).unwrap(), 8);
+}
+
+#[test]
 fn notification_enable_disable_without_event_idx() {
     let (m, mut d, mut q) = setup(4, feats(false, false));
     q.disable_notification(&m).unwrap();

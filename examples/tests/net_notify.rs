@@ -1,8 +1,9 @@
 //! A worker that busy-polls (`--spin-us`) keeps the driver from kicking
 //! while it polls and asks for kicks again before it sleeps: a front-end
 //! without EVENT_IDX (DPDK's virtio_user) otherwise makes a system call
-//! per batch for kicks nobody waits for. Split (used ring flags
-//! NO_NOTIFY) and packed (device event suppression DISABLE/ENABLE); a
+//! per batch for kicks nobody waits for (and a guest a VM exit). Split
+//! (used ring flags NO_NOTIFY; with EVENT_IDX avail_event left behind)
+//! and packed (device event suppression DISABLE/ENABLE); a
 //! kick after the worker slept still wakes it; a worker that does not
 //! poll never suppresses kicks.
 
@@ -65,7 +66,7 @@ fn daemon(dir: &Path, sock: &Path, spin_us: u128) -> Kill {
 }
 
 enum Ring {
-    Split(SplitDriver),
+    Split(SplitDriver, bool),
     Packed(PackedDriver),
 }
 
@@ -73,14 +74,14 @@ impl Ring {
     fn post(&mut self, mem: &LinuxGuestMemory) {
         let b = Buf::readable(TX_BUFS, LEN);
         match self {
-            Ring::Split(d) => d.post(mem, &[b]).map(drop).unwrap(),
+            Ring::Split(d, _) => d.post(mem, &[b]).map(drop).unwrap(),
             Ring::Packed(d) => d.post(mem, &[b]).map(drop).unwrap(),
         }
     }
 
     fn harvest(&mut self, mem: &LinuxGuestMemory) -> usize {
         match self {
-            Ring::Split(d) => d.harvest_all(mem).unwrap().len(),
+            Ring::Split(d, _) => d.harvest_all(mem).unwrap().len(),
             Ring::Packed(d) => d.harvest_all(mem).unwrap().len(),
         }
     }
@@ -88,7 +89,14 @@ impl Ring {
     /// Whether the device asks not to be kicked now.
     fn suppressed(&self, mem: &LinuxGuestMemory) -> bool {
         match self {
-            Ring::Split(d) => d.used_flags(mem).unwrap() & 1 != 0,
+            Ring::Split(d, false) => d.used_flags(mem).unwrap() & 1 != 0,
+            Ring::Split(d, true) => {
+                // The driver's next post (idx -> idx + 1) kicks only if
+                // avail_event is idx.
+                let mut idx = [0u8; 2];
+                mem.read(d.addrs().driver + 2, &mut idx).unwrap();
+                d.avail_event(mem).unwrap() != u16::from_le_bytes(idx)
+            }
             Ring::Packed(d) => {
                 let mut f = [0u8; 2];
                 mem.read(d.addrs().device + 2, &mut f).unwrap();
@@ -119,7 +127,11 @@ fn send(ring: &mut Ring, mem: &LinuxGuestMemory, link: &FrontendLink<2, 1>, kick
     }
 }
 
-fn connect(sock: &Path, packed: bool) -> (FrontendLink<2, 1>, LinuxGuestMemory, Ring) {
+fn connect(
+    sock: &Path,
+    packed: bool,
+    event_idx: bool,
+) -> (FrontendLink<2, 1>, LinuxGuestMemory, Ring) {
     let fd = memfd::create("net-notify", 4 * MIB).unwrap();
     let region = MemRegionMsg {
         guest_addr: 0,
@@ -135,6 +147,9 @@ fn connect(sock: &Path, packed: bool) -> (FrontendLink<2, 1>, LinuxGuestMemory, 
     if packed {
         features |= V::RING_PACKED;
     }
+    if event_idx {
+        features |= V::EVENT_IDX;
+    }
     let mut cfg: FrontendConfig<2, 1> = FrontendConfig::new(features, P::MQ | P::REPLY_ACK);
     let _ = cfg.regions.push(region);
     let mut tx = None;
@@ -145,9 +160,9 @@ fn connect(sock: &Path, packed: bool) -> (FrontendLink<2, 1>, LinuxGuestMemory, 
             let a = r.addrs();
             (Ring::Packed(r), a, 1 << 15 | 1 << 31)
         } else {
-            let r = SplitDriver::new(&mem, SIZE, at, false).unwrap();
+            let r = SplitDriver::new(&mem, SIZE, at, event_idx).unwrap();
             let a = r.addrs();
-            (Ring::Split(r), a, 0)
+            (Ring::Split(r, event_idx), a, 0)
         };
         let _ = cfg.queues.push(QueueConfig {
             size: SIZE,
@@ -169,18 +184,18 @@ fn connect(sock: &Path, packed: bool) -> (FrontendLink<2, 1>, LinuxGuestMemory, 
     let mut link: FrontendLink<2, 1> = FrontendLink::connect(sock, cfg, fds, kicks, calls).unwrap();
     link.drive().unwrap();
     assert_eq!(link.engine().state(), State::Ready);
-    assert!(!link.engine().features().contains(V::EVENT_IDX));
+    assert_eq!(link.engine().features().contains(V::EVENT_IDX), event_idx);
     link.engine().start().unwrap();
     link.drive().unwrap();
     assert_eq!(link.engine().state(), State::Started);
     (link, mem, tx.unwrap())
 }
 
-fn polling(packed: bool) {
+fn polling(packed: bool, event_idx: bool) {
     let dir = TempDir::new("net-notify");
     let sock = dir.0.join("net.sock");
     let _d = daemon(&dir.0, &sock, SPIN.as_micros());
-    let (link, mem, mut tx) = connect(&sock, packed);
+    let (link, mem, mut tx) = connect(&sock, packed, event_idx);
 
     // Kicked once, the worker works and then polls: kicks suppressed.
     send(&mut tx, &mem, &link, true);
@@ -209,21 +224,26 @@ fn polling(packed: bool) {
 
 #[test]
 fn a_polling_worker_suppresses_kicks_split() {
-    polling(false);
+    polling(false, false);
+}
+
+#[test]
+fn a_polling_worker_suppresses_kicks_split_event_idx() {
+    polling(false, true);
 }
 
 #[test]
 fn a_polling_worker_suppresses_kicks_packed() {
-    polling(true);
+    polling(true, false);
 }
 
 #[test]
 fn a_worker_that_does_not_poll_keeps_kicks_on() {
-    for packed in [false, true] {
+    for (packed, event_idx) in [(false, false), (false, true), (true, false)] {
         let dir = TempDir::new("net-notify");
         let sock = dir.0.join("net.sock");
         let _d = daemon(&dir.0, &sock, 0);
-        let (link, mem, mut tx) = connect(&sock, packed);
+        let (link, mem, mut tx) = connect(&sock, packed, event_idx);
         for _ in 0..3 {
             send(&mut tx, &mem, &link, true);
             assert!(!tx.suppressed(&mem), "packed {packed}");

@@ -52,6 +52,9 @@ pub struct SplitQueue {
     signalled_valid: bool,
     /// Last avail_event value written, if any.
     avail_event: Option<u16>,
+    /// EVENT_IDX kicks suppressed ([`SplitQueue::disable_notification`]):
+    /// finding the ring empty leaves avail_event where it is.
+    quiet: bool,
     /// Heads read ahead: `heads[i]` is the entry of avail index
     /// `heads_at + i`, for `i < heads_len`.
     heads: [u16; HEAD_BATCH],
@@ -104,6 +107,7 @@ impl SplitQueue {
             published_used: 0,
             signalled_valid: false,
             avail_event: None,
+            quiet: false,
             heads: [0; HEAD_BATCH],
             heads_at: 0,
             heads_len: 0,
@@ -209,7 +213,7 @@ impl SplitQueue {
         if idx != self.next_avail {
             return Ok(true);
         }
-        if !self.features.event_idx || self.avail_event == Some(self.next_avail) {
+        if !self.features.event_idx || self.quiet || self.avail_event == Some(self.next_avail) {
             return Ok(false);
         }
         // Empty with EVENT_IDX: ask for a kick at the next entry, then look
@@ -245,7 +249,8 @@ impl SplitQueue {
     ///
     /// With EVENT_IDX, finding the ring empty re-arms avail_event, so a
     /// device that pops until `Ok(false)` and then sleeps gets the next
-    /// kick.
+    /// kick (unless [`disable_notification`](Self::disable_notification)
+    /// asked for none).
     #[inline(always)]
     pub fn pop_into<M: GuestMemory + ?Sized, const S: usize>(
         &mut self,
@@ -559,6 +564,7 @@ impl SplitQueue {
         &mut self,
         mem: &M,
     ) -> Result<bool, VringError> {
+        self.quiet = false;
         if self.features.event_idx {
             self.write_avail_event(mem)?;
         } else {
@@ -570,11 +576,13 @@ impl SplitQueue {
 
     /// Ask the driver not to kick (without EVENT_IDX: set NO_NOTIFY; with
     /// EVENT_IDX the driver kicks only when it passes avail_event, which
-    /// is left as it is).
+    /// is left as it is, also when the ring is found empty, until
+    /// [`enable_notification`](Self::enable_notification)).
     pub fn disable_notification<M: GuestMemory + ?Sized>(
         &mut self,
         mem: &M,
     ) -> Result<(), VringError> {
+        self.quiet = true;
         if !self.features.event_idx {
             self.write_used_flags(mem, USED_F_NO_NOTIFY)?;
         }
