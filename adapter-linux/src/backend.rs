@@ -1597,7 +1597,7 @@ where
                     break;
                 };
                 for s in chain.segments().iter().take(2) {
-                    mem.prefetch(s.addr, s.len, s.writable);
+                    mem.prefetch_range(s.addr, s.len, s.writable);
                 }
                 tokens[n] = Some(token);
                 n += 1;

@@ -267,7 +267,7 @@ impl LinuxGuestMemory {
     /// touch soon so their cache misses overlap. Unmapped bytes are
     /// skipped; `write` fetches the lines for writing.
     #[inline]
-    pub fn prefetch(&self, gpa: u64, len: u32, write: bool) {
+    pub fn prefetch_range(&self, gpa: u64, len: u32, write: bool) {
         const LINE: u64 = 64;
         const MAX_LINES: u64 = 2;
         let Some(r) = self.find(gpa) else { return };
@@ -375,6 +375,13 @@ impl GuestMemory for LinuxGuestMemory {
     #[inline]
     fn read_16(&self, gpa: u64) -> Result<[u8; 16], MemoryError> {
         self.read_array_as(gpa, |b| *b)
+    }
+
+    #[inline(always)]
+    fn prefetch(&self, gpa: u64) {
+        if let Some(r) = self.find(gpa) {
+            r.map.prefetch(gpa - r.gpa, false);
+        }
     }
 
     #[inline(always)]

@@ -214,6 +214,10 @@ impl MmapRegion {
     #[inline]
     pub fn read(&self, off: u64, dst: &mut [u8]) -> Result<(), AccessError> {
         let src = self.at(off, dst.len())?;
+        if dst.len() <= 16 {
+            copy_small(src, dst);
+            return Ok(());
+        }
         // SAFETY: `src..src+len` is inside the live mapping (checked by
         // `at`), `dst` is a distinct Rust buffer; the guest may write the
         // source concurrently, which yields arbitrary bytes, never UB in
@@ -445,6 +449,32 @@ impl Drop for MmapRegion {
     }
 }
 
+/// Copies `dst.len()` (at most 16) bytes from `src` in 8-, 4-, 2- and
+/// 1-byte pieces that do not overlap. A small header read this way and
+/// then loaded as a word is forwarded from the stores; `memcpy`'s
+/// overlapping stores (bytes 0..8 and 4..12 for 12 bytes) make that load
+/// wait for them to retire.
+#[inline(always)]
+fn copy_small(src: *const u8, dst: &mut [u8]) {
+    let mut i = 0;
+    macro_rules! piece {
+        ($n:literal) => {
+            while dst.len() - i >= $n {
+                // SAFETY: the caller checked `src..src + dst.len()` is inside
+                // the live mapping and i + $n <= dst.len(); an unaligned read
+                // of a byte array is valid and forms no reference into it.
+                let v = unsafe { ptr::read_unaligned(src.add(i).cast::<[u8; $n]>()) };
+                dst[i..i + $n].copy_from_slice(&v);
+                i += $n;
+            }
+        };
+    }
+    piece!(8);
+    piece!(4);
+    piece!(2);
+    piece!(1);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -470,6 +500,31 @@ mod tests {
         assert_eq!(b.read_array::<2>(14).unwrap(), *b"xy");
         a.store_u16_release(4096 + 104, 0xbeef).unwrap();
         assert_eq!(b.load_u16_acquire(8).unwrap(), 0xbeef);
+    }
+
+    #[test]
+    fn small_reads_copy_every_byte_and_only_those() {
+        let fd = super::super::memfd::create("t", 4096).unwrap();
+        let a = MmapRegion::map(fd.as_fd(), 0, 4096, Access::ReadWrite).unwrap();
+        let pattern: Vec<u8> = (0..=255u8).collect();
+        a.write(0, &pattern).unwrap();
+        for len in 0..=17usize {
+            for off in [0u64, 1, 3, 7, 200] {
+                let mut buf = [0xeeu8; 20];
+                a.read(off, &mut buf[1..1 + len]).unwrap();
+                let o = off as usize;
+                assert_eq!(&buf[1..1 + len], &pattern[o..o + len], "len {len} at {off}");
+                assert_eq!(buf[0], 0xee, "len {len} at {off}");
+                assert!(
+                    buf[1 + len..].iter().all(|&b| b == 0xee),
+                    "len {len} at {off}"
+                );
+            }
+        }
+        let mut buf = [0u8; 12];
+        assert_eq!(a.read(4090, &mut buf), Err(AccessError::OutOfBounds));
+        a.prefetch(4095, true);
+        a.prefetch(4096, false);
     }
 
     #[test]

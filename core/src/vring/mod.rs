@@ -232,7 +232,10 @@ pub struct Segment {
 /// (the memory table may change while requests are in flight).
 #[derive(Clone, Debug, Default)]
 pub struct Chain<const S: usize = DEFAULT_CHAIN_CAPACITY> {
-    head: Head,
+    /// [`Head`] as one word (id, then descs in the high half): written
+    /// with one store, so the word-sized read that follows a pop is
+    /// forwarded from it instead of stalling on two half-word stores.
+    head: u32,
     readable: u16,
     writable_seen: bool,
     readable_len: u32,
@@ -244,7 +247,7 @@ impl<const S: usize> Chain<S> {
     /// An empty chain, to be filled by `pop_into`.
     pub const fn new() -> Self {
         Chain {
-            head: Head { id: 0, descs: 0 },
+            head: 0,
             readable: 0,
             writable_seen: false,
             readable_len: 0,
@@ -256,7 +259,10 @@ impl<const S: usize> Chain<S> {
     /// The id to pass to `add_used` when the request completes.
     #[inline]
     pub fn head(&self) -> Head {
-        self.head
+        Head {
+            id: self.head as u16,
+            descs: (self.head >> 16) as u16,
+        }
     }
 
     /// All segments, device-readable first.
@@ -304,7 +310,7 @@ impl<const S: usize> Chain<S> {
 
     #[inline(always)]
     pub(crate) fn set_head(&mut self, head: Head) {
-        self.head = head;
+        self.head = u32::from(head.id) | u32::from(head.descs) << 16;
     }
 
     /// [`push`](Self::push) for the first descriptor after
