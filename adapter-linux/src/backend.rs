@@ -1376,6 +1376,12 @@ where
 /// every ring; when all are idle it spins a little (as long as a ring may
 /// find more without waiting for I/O), then sleeps on epoll until a kick,
 /// a completion or the control thread wakes it.
+///
+/// A ring whose stop is asked for leaves the rounds and drains alongside
+/// them, one draining round per turn, so that a device slow to finish
+/// what it holds does not hold up the thread's other rings; once it
+/// stopped, it leaves the epoll set, is dropped, and then its base is
+/// sent to the control thread.
 fn run_thread<D: SharedDevice>(id: usize, inbox: &Inbox<D>, epoll: Epoll, options: RuntimeOptions)
 where
     D::Scratch: Send,
@@ -1384,13 +1390,16 @@ where
         error!("worker thread {id}: cannot watch its wake fd: {e}");
     }
     let mut rings: Vec<Ring<D>> = Vec::new();
+    // Rings whose stop was asked for, draining: one round each per turn
+    // of the loop, so that the thread's other rings are served meanwhile.
+    let mut stopping: Vec<Ring<D>> = Vec::new();
     let mut steps: Vec<Step> = Vec::new();
     let mut events = [EpollEvent::default(); 16];
     let polls = !options.spin.is_zero();
     loop {
         {
             let mut new = lock(&inbox.rings);
-            if new.is_empty() && rings.is_empty() {
+            if new.is_empty() && rings.is_empty() && stopping.is_empty() {
                 return;
             }
             for mut r in new.drain(..) {
@@ -1398,24 +1407,41 @@ where
                 rings.push(r);
             }
         }
-        steps.clear();
         let mut i = 0;
         while i < rings.len() {
-            let r = &mut rings[i];
-            if r.worker.shared.stop.load(Ordering::Acquire) {
-                let base = r.worker.stop(&mut r.dp, &mut r.round);
-                let mut r = rings.swap_remove(i);
-                r.leave(&epoll);
-                let reply = r.reply.clone();
-                // The ring (its scratch and I/O) goes before the reply.
-                drop(r);
-                let _ = reply.send(base);
-                continue;
+            if rings[i].worker.shared.stop.load(Ordering::Acquire) {
+                stopping.push(rings.swap_remove(i));
+            } else {
+                i += 1;
             }
-            steps.push(r.step(polls));
+        }
+        let mut draining = false;
+        let mut i = 0;
+        while i < stopping.len() {
+            let r = &mut stopping[i];
+            match r.worker.stop_round(&mut r.dp, &mut r.round) {
+                Drain::Stopped(base) => {
+                    let mut r = stopping.swap_remove(i);
+                    r.leave(&epoll);
+                    let reply = r.reply.clone();
+                    // The ring (its scratch and I/O) goes before the reply.
+                    drop(r);
+                    let _ = reply.send(base);
+                    continue;
+                }
+                Drain::Progress => draining = true,
+                Drain::Waiting => {}
+            }
             i += 1;
         }
-        if rings.is_empty() || !steps.iter().all(|s| s.idle) {
+        steps.clear();
+        for r in &mut rings {
+            steps.push(r.step(polls));
+        }
+        if draining || !steps.iter().all(|s| s.idle) {
+            continue;
+        }
+        if rings.is_empty() && stopping.is_empty() {
             continue;
         }
         if polls {
@@ -1434,6 +1460,13 @@ where
         let mut poll = false;
         for r in &mut rings {
             poll |= r.watch(&epoll);
+        }
+        // A draining ring waits for its device: on the completion fd if
+        // it has one, else by polling it every poll interval (as it does
+        // while what it still has to resubmit cannot be popped).
+        for r in &mut stopping {
+            r.watch(&epoll);
+            poll |= r.completion.is_none() || r.dp.outstanding() == 0;
         }
         let timeout = if poll {
             i32::try_from(options.poll_interval.as_millis()).unwrap_or(i32::MAX)
@@ -1460,7 +1493,7 @@ where
                 continue;
             }
             let queue = (t >> 2) as u16;
-            if let Some(r) = rings.iter().find(|r| r.queue() == queue) {
+            if let Some(r) = rings.iter().chain(&stopping).find(|r| r.queue() == queue) {
                 r.reset(t & 3);
             }
         }
@@ -1679,36 +1712,50 @@ where
         }
     }
 
-    /// GET_VRING_BASE (or the front-end left): drain or suspend as the
-    /// data plane decides, serving what it still hands out.
-    fn stop(&self, dp: &mut DataPlane, round: &mut Round<D::Scratch>) -> u32 {
+    /// GET_VRING_BASE (or the front-end left): one step towards the
+    /// stop, draining or suspending as the data plane decides and serving
+    /// what it still hands out. The worker thread calls it once per turn
+    /// of its loop until the ring stopped, serving its other rings in
+    /// between.
+    fn stop_round(&self, dp: &mut DataPlane, round: &mut Round<D::Scratch>) -> Drain {
         let suspend = self.shared.suspend.load(Ordering::Acquire);
         let area = self.area.as_deref();
-        loop {
-            let mem = self.memory.read().unwrap_or_else(PoisonError::into_inner);
-            let (stop, published) = dp.stop(&*mem, area, suspend);
-            self.signal(published.unwrap_or(Published::Nothing), 0);
-            match stop {
-                Stop::Stopped { base } => {
-                    self.log_ring(dp);
-                    return base;
-                }
-                Stop::Draining => {
-                    self.device.stopping(self.queue, &mut round.scratch);
-                    let before = dp.outstanding() + dp.resubmits_left();
-                    // While draining, the stop is the reason to go on;
-                    // recorded requests are all that pop hands out.
-                    self.round(dp, &mem, round, usize::MAX, false);
-                    self.report(dp, round);
-                    if dp.outstanding() + dp.resubmits_left() == before {
-                        // The device still holds requests: let them finish.
-                        drop(mem);
-                        std::thread::sleep(self.options.poll_interval);
-                    }
+        let mem = self.memory.read().unwrap_or_else(PoisonError::into_inner);
+        let (stop, published) = dp.stop(&*mem, area, suspend);
+        self.signal(published.unwrap_or(Published::Nothing), 0);
+        match stop {
+            Stop::Stopped { base } => {
+                self.log_ring(dp);
+                Drain::Stopped(base)
+            }
+            Stop::Draining => {
+                self.device.stopping(self.queue, &mut round.scratch);
+                let before = dp.outstanding() + dp.resubmits_left();
+                // While draining, the stop is the reason to go on;
+                // recorded requests are all that pop hands out.
+                self.round(dp, &mem, round, usize::MAX, false);
+                self.report(dp, round);
+                if dp.outstanding() + dp.resubmits_left() == before {
+                    // The device still holds requests: let them finish.
+                    Drain::Waiting
+                } else {
+                    Drain::Progress
                 }
             }
         }
     }
+}
+
+/// Where one [`RingWorker::stop_round`] left a stopping ring.
+enum Drain {
+    /// Stopped, with its GET_VRING_BASE value.
+    Stopped(u32),
+    /// Requests completed (or were resubmitted): another round may do
+    /// more at once.
+    Progress,
+    /// The device still holds requests: the thread waits for them (on
+    /// the completion fd, else for the poll interval).
+    Waiting,
 }
 
 /// Serves front-ends on `listener`, one at a time, until `stop` is set (the
