@@ -56,6 +56,8 @@ const N: u16 = 5;
 struct Holder {
     /// Signal completions on an eventfd (else the runtime polls).
     with_fd: bool,
+    /// Ring 0's request arrived (the device holds it).
+    held: Arc<AtomicBool>,
     /// Ring 0 was told it stops (its drain began).
     stopping: Arc<AtomicBool>,
     /// Ring 0's draining rounds (the runtime tells the device before
@@ -106,6 +108,7 @@ impl Device for Holder {
         let held = scratch;
         let due = Instant::now() + HOLD;
         held.due.push((token, due));
+        self.held.store(true, Ordering::Release);
         if self.with_fd {
             let fd =
                 Arc::clone(held.fd.get_or_insert_with(|| {
@@ -270,12 +273,14 @@ fn disable(s: &Stream, q: u32) {
 fn ring_1_runs_while_ring_0_drains(with_fd: bool) {
     let dir = TempDir::new("shared-thread-stop");
     let sock = dir.0.join("s.sock");
+    let held = Arc::new(AtomicBool::new(false));
     let stopping = Arc::new(AtomicBool::new(false));
     let drain_rounds = Arc::new(AtomicU64::new(0));
     let server = runtime(
         &sock,
         Holder {
             with_fd,
+            held: Arc::clone(&held),
             stopping: Arc::clone(&stopping),
             drain_rounds: Arc::clone(&drain_rounds),
         },
@@ -288,6 +293,10 @@ fn ring_1_runs_while_ring_0_drains(with_fd: bool) {
         .unwrap();
     let held_at = Instant::now();
     assert!(r.link.kick(0));
+    while !held.load(Ordering::Acquire) {
+        assert!(held_at.elapsed() < HOLD / 2, "ring 0's request not taken");
+        std::thread::sleep(Duration::from_millis(1));
+    }
 
     // Ring 0 stopped while it holds it: the reply waits for the drain.
     let s0 = r.s.try_clone().unwrap();
