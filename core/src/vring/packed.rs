@@ -62,6 +62,11 @@ pub struct PackedQueue {
     /// unpublished batch of elided completions, if one is open.
     #[cfg(feature = "in-order")]
     batch: Option<u16>,
+    /// The buffer id the batch's descriptor must name once it closes, if
+    /// it moved past the one written (written once per batch, not once
+    /// per completion).
+    #[cfg(feature = "in-order")]
+    batch_id: Option<u16>,
 }
 
 #[inline]
@@ -101,6 +106,8 @@ impl PackedQueue {
             in_order: false,
             #[cfg(feature = "in-order")]
             batch: None,
+            #[cfg(feature = "in-order")]
+            batch_id: None,
         })
     }
 
@@ -195,6 +202,7 @@ impl PackedQueue {
         #[cfg(feature = "in-order")]
         {
             self.batch = None;
+            self.batch_id = None;
         }
         Ok(())
     }
@@ -331,6 +339,7 @@ impl PackedQueue {
     pub fn set_in_order(&mut self, on: bool) {
         self.in_order = on;
         self.batch = None;
+        self.batch_id = None;
     }
 
     /// Whether VIRTIO_F_IN_ORDER handling is on.
@@ -361,10 +370,11 @@ impl PackedQueue {
         }
         let elide = elide && len == 0;
         match self.batch {
-            Some(at) if elide => {
+            Some(_) if elide => {
                 // Unpublished (a flush closes the batch): the driver has not
-                // read it; it now names this buffer, the batch's last.
-                mem.write_u16(self.desc_addr(at) + 12, head.id)?;
+                // read it; it names this buffer, the batch's last, once the
+                // batch closes.
+                self.batch_id = Some(head.id);
                 let next = u32::from(self.next_used) + u32::from(head.descs);
                 if next >= u32::from(self.size) {
                     self.next_used = (next - u32::from(self.size)) as u16;
@@ -374,11 +384,24 @@ impl PackedQueue {
                 }
             }
             _ => {
+                self.close_batch(mem)?;
                 let slot = self.next_used;
                 self.add_used(mem, head, len)?;
                 self.batch = elide.then_some(slot);
             }
         }
+        Ok(())
+    }
+
+    /// Writes the open batch's descriptor's buffer id, if it moved (before
+    /// a new used descriptor, and before a flush publishes them).
+    #[cfg(feature = "in-order")]
+    #[inline]
+    fn close_batch<M: GuestMemory + ?Sized>(&mut self, mem: &M) -> Result<(), VringError> {
+        if let (Some(at), Some(id)) = (self.batch, self.batch_id.take()) {
+            mem.write_u16(self.desc_addr(at) + 12, id)?;
+        }
+        self.batch = None;
         Ok(())
     }
 
@@ -399,12 +422,10 @@ impl PackedQueue {
         let Some((slot, flags)) = self.pending_first else {
             return Ok(false);
         };
+        #[cfg(feature = "in-order")]
+        self.close_batch(mem)?;
         mem.store_u16_release(self.desc_addr(slot) + 14, flags)?;
         self.pending_first = None;
-        #[cfg(feature = "in-order")]
-        {
-            self.batch = None;
-        }
         mem.fence();
         let new = self.next_used;
         let mut old = self.signalled_used;

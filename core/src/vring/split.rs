@@ -78,6 +78,10 @@ struct SplitOrder {
     /// Used index of the entry that stands for the unpublished batch of
     /// elided completions, if one is open.
     batch: Option<u16>,
+    /// The buffer id the batch's entry must name once it closes, if it
+    /// moved past the one written (the entry is written once per batch,
+    /// not once per completion).
+    batch_id: Option<u16>,
 }
 
 impl SplitQueue {
@@ -194,6 +198,7 @@ impl SplitQueue {
         #[cfg(feature = "in-order")]
         {
             self.order.batch = None;
+            self.order.batch_id = None;
         }
     }
 
@@ -331,14 +336,35 @@ impl SplitQueue {
         if head.id >= self.size {
             return Err(VringError::BadUsedHead(head.id));
         }
-        let at = match self.order.batch {
-            Some(b) if elide && len == 0 => b,
-            _ => self.next_used,
-        };
-        let e = u64::from(head.id) | u64::from(len) << 32;
-        mem.write_u64(self.used + 4 + 8 * u64::from(at & self.mask), e)?;
-        self.order.batch = (elide && len == 0).then_some(at);
+        let elide = elide && len == 0;
+        if elide && self.order.batch.is_some() {
+            // The batch's entry names this buffer from now on (written
+            // when the batch closes).
+            self.order.batch_id = Some(head.id);
+        } else {
+            self.close_batch(mem)?;
+            let e = u64::from(head.id) | u64::from(len) << 32;
+            mem.write_u64(self.used_entry(self.next_used), e)?;
+            self.order.batch = elide.then_some(self.next_used);
+        }
         self.next_used = self.next_used.wrapping_add(1);
+        Ok(())
+    }
+
+    #[cfg(feature = "in-order")]
+    fn used_entry(&self, idx: u16) -> u64 {
+        self.used + 4 + 8 * u64::from(idx & self.mask)
+    }
+
+    /// Writes the open batch's entry with its last buffer id, if that
+    /// moved (before a new entry, and before a flush publishes it).
+    #[cfg(feature = "in-order")]
+    #[inline]
+    fn close_batch<M: GuestMemory + ?Sized>(&mut self, mem: &M) -> Result<(), VringError> {
+        if let (Some(at), Some(id)) = (self.order.batch, self.order.batch_id.take()) {
+            mem.write_u64(self.used_entry(at), u64::from(id))?;
+        }
+        self.order.batch = None;
         Ok(())
     }
 
@@ -537,12 +563,10 @@ impl SplitQueue {
         if new == old {
             return Ok(false);
         }
+        #[cfg(feature = "in-order")]
+        self.close_batch(mem)?;
         mem.store_u16_release(self.used + 2, new)?;
         self.published_used = new;
-        #[cfg(feature = "in-order")]
-        {
-            self.order.batch = None;
-        }
         // Order the used.idx store before reading the guest's suppression
         // state (pairs with the driver's barrier when it re-enables).
         mem.fence();
