@@ -1445,7 +1445,9 @@ where
             continue;
         }
         if polls {
-            if steps.iter().any(|s| s.spin) && !spin(&mut rings, options) {
+            // No spin while a ring drains: its device's completion (or the
+            // poll interval) is what the thread waits for.
+            if stopping.is_empty() && steps.iter().any(|s| s.spin) && !spin(&mut rings, options) {
                 continue;
             }
             // About to sleep: kicks wanted again (and a last look).
