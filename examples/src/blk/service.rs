@@ -209,6 +209,18 @@ pub struct Scratch {
     last_due: Option<Instant>,
     /// Emptied `Pending::written` lists, reused (no allocation per read).
     spare: Vec<Vec<(u64, u64)>>,
+    /// Emptied buffer lists of finished reads and writes, reused (no
+    /// allocation per request).
+    spare_bufs: Vec<Vec<IoBuf>>,
+}
+
+/// Keeps the buffer list of a finished request for the next one.
+fn recycle(spare: &mut Vec<Vec<IoBuf>>, request: IoRequest) {
+    if let IoRequest::Read { mut bufs, .. } | IoRequest::Write { mut bufs, .. } = request {
+        // Dropping the buffers lets go of the mappings they hold.
+        bufs.clear();
+        spare.push(bufs);
+    }
 }
 
 impl Scratch {
@@ -462,7 +474,7 @@ impl<B: BlockBackend> BlkService<B> {
         };
         let direct = self.inner.backend.direct_alignment();
         let read = matches!(op, BlkOp::Read { .. });
-        let mut bufs = Vec::new();
+        let mut bufs = scratch.spare_bufs.pop().unwrap_or_default();
         let mut bad = None;
         if matches!(op, BlkOp::Read { .. } | BlkOp::Write { .. }) {
             let mut left = len;
@@ -544,10 +556,12 @@ impl<B: BlockBackend> BlkService<B> {
             && self.inner.backend.buffered_writes()
         {
             // Into the page cache: at once, in the worker.
+            let mut request = IoRequest::Write { offset, bufs };
             let status = match self.inner.backend.io_fd() {
-                Some(fd) => write_now(fd, IoRequest::Write { offset, bufs }),
+                Some(fd) => write_now(fd, &mut request),
                 None => BlkStatus::IoErr,
             };
+            recycle(&mut scratch.spare_bufs, request);
             return Some(Completion::Done(self.finish(queue, mem, &p, status)));
         }
         let request = match (op, &zeroing) {
@@ -642,9 +656,9 @@ impl<B: BlockBackend> BlkService<B> {
 
 /// Carries out a buffered write now (`pwritev`, the rest again after a
 /// short one).
-fn write_now(fd: BorrowedFd<'_>, mut request: IoRequest) -> BlkStatus {
+fn write_now(fd: BorrowedFd<'_>, request: &mut IoRequest) -> BlkStatus {
     loop {
-        match perform(fd, &request) {
+        match perform(fd, request) {
             Ok(n) if n > 0 => {
                 if !request.advance(n) {
                     return BlkStatus::Ok;
@@ -880,7 +894,8 @@ impl<B: BlockBackend + 'static> SharedDevice for BlkService<B> {
                                 resubmit = true;
                                 continue;
                             }
-                            Err((_, e)) => {
+                            Err((back, e)) => {
+                                request = back;
                                 log::debug!("virtio-blk: cannot resubmit the rest: {e}")
                             }
                         }
@@ -957,6 +972,7 @@ impl<B: BlockBackend + 'static> SharedDevice for BlkService<B> {
             let mut written = std::mem::take(&mut p.written);
             written.clear();
             scratch.spare.push(written);
+            recycle(&mut scratch.spare_bufs, request);
             match p.due {
                 Some(due) => scratch.held.push((due, p.token, len)),
                 None => done(p.token, len),
