@@ -1124,6 +1124,10 @@ where
 /// Chains a round pops before processing them.
 const LOOKAHEAD: usize = 8;
 
+/// The fewest requests a round takes when more wait (fewer rounds and
+/// calls for a deep ring; see `RingWorker::round`).
+const MIN_BATCH: usize = 16;
+
 struct Round<S> {
     scratch: S,
     /// Chains popped ahead of their processing (see [`LOOKAHEAD`]).
@@ -1613,6 +1617,9 @@ where
         };
         let mut more = true;
         let mut left = batch;
+        // A batch of the worker's own rounds adapts to the ring's depth;
+        // a draining stop takes everything.
+        let mut adapt = yield_to_stop && batch > MIN_BATCH;
         let mut tokens = [None; LOOKAHEAD];
         let mut yielded = false;
         while more && !yielded && left != 0 {
@@ -1631,6 +1638,19 @@ where
                     more = false;
                     break;
                 };
+                if adapt {
+                    adapt = false;
+                    // Take at most half of the driver's queue depth (at
+                    // least MIN_BATCH) before giving completions back: a
+                    // driver that sleeps until then refills while the
+                    // other half is served, instead of waiting for all of
+                    // it (a shallow queue's latency); a deep queue still
+                    // gets whole batches (fewer calls).
+                    if let Some(k) = dp.driver_in_flight() {
+                        let half = usize::from(k).div_ceil(2).max(MIN_BATCH);
+                        left = left.min(half).max(1);
+                    }
+                }
                 for s in chain.segments().iter().take(2) {
                     mem.prefetch_range(s.addr, s.len, s.writable);
                 }

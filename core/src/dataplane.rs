@@ -752,6 +752,18 @@ impl DataPlane {
         })
     }
 
+    /// How many requests the driver has outstanding (made available, as of
+    /// the ring's last read of the driver's index, and not yet used),
+    /// popped or not: its queue depth (split rings; `None` for packed
+    /// ones, whose count would take a scan). A hint for how much to take
+    /// before giving completions back.
+    pub fn driver_in_flight(&self) -> Option<u16> {
+        match &self.queue {
+            Queue::Split(s) => Some(s.driver_in_flight()),
+            Queue::Packed(_) => None,
+        }
+    }
+
     /// Ask the driver for kicks again before sleeping; `Ok(true)` if work
     /// arrived meanwhile (serve it instead of sleeping).
     pub fn enable_notification<M: GuestMemory + ?Sized>(

@@ -173,6 +173,13 @@ impl SplitQueue {
         self.next_avail
     }
 
+    /// Requests the driver has outstanding: made available (as of the
+    /// device's last read of avail.idx) and not given back in the used
+    /// ring, popped or not.
+    pub fn driver_in_flight(&self) -> u16 {
+        self.avail_shadow.wrapping_sub(self.next_used)
+    }
+
     /// Set the next avail index (SET_VRING_BASE).
     pub fn set_next_avail(&mut self, idx: u16) {
         self.next_avail = idx;
