@@ -976,6 +976,7 @@ where
             completion: None,
             reply,
             notify: Notify::Unknown,
+            spin_held: 0,
         };
         let t = self.options.thread_of(queue);
         if t >= self.threads.len() {
@@ -1155,6 +1156,8 @@ where
     reply: mpsc::Sender<u32>,
     /// What this worker last asked of the driver's notifications.
     notify: Notify,
+    /// Requests the device held when the current spin began.
+    spin_held: u16,
 }
 
 /// A ring's notification state as the worker last set it.
@@ -1265,14 +1268,18 @@ where
         // Requests the device holds that complete on its completion fd
         // are waited for there: spinning would take a core from the I/O
         // (and the guest) while the disk works.
-        let held = dp.outstanding() > 0
-            && w.device
-                .completion_fd(w.queue, &self.round.scratch)
-                .is_some();
-        Step {
-            idle,
-            spin: idle && !held && dp.error().is_none() && !dp.paused(),
-        }
+        let spin = idle && self.dp.error().is_none() && !self.dp.paused() && !self.holds_io();
+        Step { idle, spin }
+    }
+
+    /// The device holds requests that complete on its completion fd.
+    fn holds_io(&self) -> bool {
+        self.dp.outstanding() > 0
+            && self
+                .worker
+                .device
+                .completion_fd(self.worker.queue, &self.round.scratch)
+                .is_some()
     }
 
     /// Asks the driver for kicks (before the worker sleeps), then looks
@@ -1520,6 +1527,9 @@ where
         .sum();
     // The clock is read every 64 rounds: a busy-polling worker (a long
     // spin) would otherwise spend a fifth of its time in clock_gettime.
+    for r in rings.iter_mut() {
+        r.spin_held = r.dp.outstanding();
+    }
     let mut rounds = 0u32;
     while rounds % 64 != 0 || Instant::now() < deadline {
         rounds = rounds.wrapping_add(1);
@@ -1534,7 +1544,9 @@ where
                 .read()
                 .unwrap_or_else(PoisonError::into_inner);
             r.worker.serve(&mut r.dp, &mem, &mut r.round);
-            if r.dp.error().is_some() {
+            if r.dp.error().is_some() || (r.dp.outstanding() > r.spin_held && r.holds_io()) {
+                // A new request went to the device's I/O: wait for it on
+                // its completion fd (as `step` decides), not by spinning.
                 return false;
             }
         }
