@@ -16,16 +16,13 @@ use std::collections::BTreeSet;
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
-use common::Daemon;
+use common::{front, Daemon};
 use vhost_user_core::feature::{ProtocolFeatures as P, VirtioFeatures as V};
-use vhost_user_core::frontend::{FrontendConfig, FrontendError, NotifyMode, QueueConfig, State};
+use vhost_user_core::frontend::{FrontendConfig, FrontendError, State};
 use vhost_user_core::memory::GuestMemory;
-use vhost_user_core::message::MemRegionMsg;
-use vhost_user_core::vring::RingAddrs;
 use vhost_user_linux::frontend::{FrontendLink, LinkError};
 use vhost_user_linux::memory::LinuxGuestMemory;
 use vhost_user_linux::sys::eventfd::EventFd;
-use vhost_user_linux::sys::memfd;
 use vhost_user_test::driver::{Buf, SplitDriver};
 
 const PAGE: u64 = 4096;
@@ -43,34 +40,13 @@ struct Rig {
 
 fn rig(d: &Daemon, protocol: P) -> Rig {
     drop(d.connect());
-    let fd = memfd::create("vhu-dirty-log-test", RAM).unwrap();
-    let region = MemRegionMsg {
-        guest_addr: 0,
-        size: RAM,
-        user_addr: VA,
-        mmap_offset: 0,
-        xen: None,
-    };
-    let mut mem = LinuxGuestMemory::new();
-    mem.map(0, region, fd.try_clone().unwrap()).unwrap();
+    let (mem, region, fd) = front::guest_ram("vhu-dirty-log-test", RAM, VA);
     let ring = SplitDriver::new(&mem, RING, RING_AT, false).unwrap();
     let a = ring.addrs();
     let mut cfg: FrontendConfig<1, 1> =
         FrontendConfig::new(V::VERSION_1 | V::PROTOCOL_FEATURES, protocol);
     cfg.regions.push(region).unwrap();
-    cfg.queues
-        .push(QueueConfig {
-            size: RING,
-            addrs: RingAddrs {
-                desc: a.desc + VA,
-                driver: a.driver + VA,
-                device: a.device + VA,
-            },
-            base: 0,
-            kick: NotifyMode::Eventfd,
-            call: NotifyMode::Eventfd,
-        })
-        .unwrap();
+    cfg.queues.push(front::queue(RING, a, VA, 0)).unwrap();
     let regions: Vec<OwnedFd> = vec![fd];
     let kick = EventFd::new(true).unwrap();
     let call = EventFd::new(true).unwrap();

@@ -17,16 +17,13 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::TempDir;
+use common::{front, TempDir};
 use vhost_user_core::feature::{ProtocolFeatures as P, VirtioFeatures as V};
-use vhost_user_core::frontend::{FrontendConfig, NotifyMode, QueueConfig, State};
+use vhost_user_core::frontend::{FrontendConfig, State};
 use vhost_user_core::memory::GuestMemory;
-use vhost_user_core::message::MemRegionMsg;
-use vhost_user_core::vring::RingAddrs;
 use vhost_user_linux::frontend::FrontendLink;
 use vhost_user_linux::memory::LinuxGuestMemory;
 use vhost_user_linux::sys::eventfd::EventFd;
-use vhost_user_linux::sys::memfd;
 use vhost_user_test::driver::{Buf, PackedDriver, SplitDriver};
 
 const MIB: u64 = 1 << 20;
@@ -132,16 +129,7 @@ fn connect(
     packed: bool,
     event_idx: bool,
 ) -> (FrontendLink<2, 1>, LinuxGuestMemory, Ring) {
-    let fd = memfd::create("net-notify", 4 * MIB).unwrap();
-    let region = MemRegionMsg {
-        guest_addr: 0,
-        size: 4 * MIB,
-        user_addr: VA,
-        mmap_offset: 0,
-        xen: None,
-    };
-    let mut mem = LinuxGuestMemory::new();
-    mem.map(0, region, fd.try_clone().unwrap()).unwrap();
+    let (mem, region, fd) = front::guest_ram("net-notify", 4 * MIB, VA);
     let fds: Vec<OwnedFd> = vec![fd];
     let mut features = V::VERSION_1 | V::PROTOCOL_FEATURES;
     if packed {
@@ -164,17 +152,7 @@ fn connect(
             let a = r.addrs();
             (Ring::Split(r, event_idx), a, 0)
         };
-        let _ = cfg.queues.push(QueueConfig {
-            size: SIZE,
-            addrs: RingAddrs {
-                desc: a.desc + VA,
-                driver: a.driver + VA,
-                device: a.device + VA,
-            },
-            base,
-            kick: NotifyMode::Eventfd,
-            call: NotifyMode::Eventfd,
-        });
+        let _ = cfg.queues.push(front::queue(SIZE, a, VA, base));
         if q == 1 {
             tx = Some(ring);
         }

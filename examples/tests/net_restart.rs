@@ -15,16 +15,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::TempDir;
+use common::{front, TempDir};
 use vhost_user_core::feature::{ProtocolFeatures as P, VirtioFeatures as V};
-use vhost_user_core::frontend::{FrontendConfig, NotifyMode, QueueConfig, State};
+use vhost_user_core::frontend::{FrontendConfig, State};
 use vhost_user_core::memory::GuestMemory;
-use vhost_user_core::message::MemRegionMsg;
-use vhost_user_core::vring::RingAddrs;
 use vhost_user_linux::frontend::FrontendLink;
 use vhost_user_linux::memory::LinuxGuestMemory;
 use vhost_user_linux::sys::eventfd::EventFd;
-use vhost_user_linux::sys::memfd;
 use vhost_user_test::driver::{Buf, PackedDriver, SplitDriver, Used};
 
 const MIB: u64 = 1 << 20;
@@ -132,16 +129,7 @@ fn run(packed: bool) {
     let sock: PathBuf = dir.0.join("net.sock");
     let d = daemon(&dir.0, &sock);
 
-    let fd = memfd::create("net-restart", 4 * MIB).unwrap();
-    let region = MemRegionMsg {
-        guest_addr: 0,
-        size: 4 * MIB,
-        user_addr: VA,
-        mmap_offset: 0,
-        xen: None,
-    };
-    let mut mem = LinuxGuestMemory::new();
-    mem.map(0, region, fd.try_clone().unwrap()).unwrap();
+    let (mem, region, fd) = front::guest_ram("net-restart", 4 * MIB, VA);
     let fds: Vec<OwnedFd> = vec![fd.try_clone().unwrap()];
 
     let mut features = V::VERSION_1 | V::PROTOCOL_FEATURES | V::IN_ORDER;
@@ -164,17 +152,7 @@ fn run(packed: bool) {
             let a = r.addrs();
             (Ring::Split(r), a, 0)
         };
-        let _ = cfg.queues.push(QueueConfig {
-            size: SIZE,
-            addrs: RingAddrs {
-                desc: a.desc + VA,
-                driver: a.driver + VA,
-                device: a.device + VA,
-            },
-            base,
-            kick: NotifyMode::Eventfd,
-            call: NotifyMode::Eventfd,
-        });
+        let _ = cfg.queues.push(front::queue(SIZE, a, VA, base));
         rings.push(ring);
     }
     let kicks: Vec<Option<EventFd>> = (0..2).map(|_| Some(EventFd::new(true).unwrap())).collect();

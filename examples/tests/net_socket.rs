@@ -15,7 +15,7 @@ mod common;
 
 use common::guest::{wait_for, Kill};
 use common::netns::Netns;
-use common::{handshake, recv_reply, send, u64_of, TempDir};
+use common::{front, handshake, recv_reply, send, u64_of, TempDir};
 
 use std::io::{BufRead, BufReader};
 use std::os::fd::OwnedFd;
@@ -25,14 +25,12 @@ use std::time::{Duration, Instant};
 
 use vhost_user_core::device::net::NetFeatures;
 use vhost_user_core::feature::{ProtocolFeatures as P, VirtioFeatures as V};
-use vhost_user_core::frontend::{FrontendConfig, NotifyMode, QueueConfig, State};
+use vhost_user_core::frontend::{FrontendConfig, State};
 use vhost_user_core::memory::GuestMemory;
-use vhost_user_core::message::{FrontendReq, MemRegionMsg, Request};
-use vhost_user_core::vring::RingAddrs;
+use vhost_user_core::message::{FrontendReq, Request};
 use vhost_user_linux::frontend::FrontendLink;
 use vhost_user_linux::memory::LinuxGuestMemory;
 use vhost_user_linux::sys::eventfd::EventFd;
-use vhost_user_linux::sys::memfd;
 use vhost_user_linux::sys::socket::Stream;
 use vhost_user_test::driver::{Buf, SplitDriver, Used};
 
@@ -315,16 +313,7 @@ struct Front {
 
 impl Front {
     fn start(dir: &Path, features: V) -> Front {
-        let fd = memfd::create("net-socket", 4 * MIB).unwrap();
-        let region = MemRegionMsg {
-            guest_addr: 0,
-            size: 4 * MIB,
-            user_addr: VA,
-            mmap_offset: 0,
-            xen: None,
-        };
-        let mut mem = LinuxGuestMemory::new();
-        mem.map(0, region, fd.try_clone().unwrap()).unwrap();
+        let (mem, region, fd) = front::guest_ram("net-socket", 4 * MIB, VA);
         let fds: Vec<OwnedFd> = vec![fd];
         let mut cfg: FrontendConfig<2, 1> = FrontendConfig::new(features, P::MQ | P::REPLY_ACK);
         let _ = cfg.regions.push(region);
@@ -332,17 +321,7 @@ impl Front {
         for q in 0..2u64 {
             let r = SplitDriver::new(&mem, RING, 0x1000 + 0x8000 * q, false).unwrap();
             let a = r.addrs();
-            let _ = cfg.queues.push(QueueConfig {
-                size: RING,
-                addrs: RingAddrs {
-                    desc: a.desc + VA,
-                    driver: a.driver + VA,
-                    device: a.device + VA,
-                },
-                base: 0,
-                kick: NotifyMode::Eventfd,
-                call: NotifyMode::Eventfd,
-            });
+            let _ = cfg.queues.push(front::queue(RING, a, VA, 0));
             rings.push(r);
         }
         let kicks = (0..2).map(|_| Some(EventFd::new(true).unwrap())).collect();

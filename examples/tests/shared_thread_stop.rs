@@ -20,23 +20,22 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{recv_reply, send, u64_of, TempDir};
+use common::{front, recv_reply, send, u64_of, TempDir};
 use vhost_user_core::backend::BackendConfig;
 use vhost_user_core::dataplane::Token;
 use vhost_user_core::device::{Completion, Device};
 use vhost_user_core::feature::{ProtocolFeatures as P, VirtioFeatures as V};
-use vhost_user_core::frontend::{FrontendConfig, NotifyMode, QueueConfig, State};
+use vhost_user_core::frontend::{FrontendConfig, State};
 use vhost_user_core::memory::GuestMemory;
 use vhost_user_core::message::{
-    ConfigWriteKind, FrontendReq, Header, MemRegionMsg, ParseOptions, Reply, Request, HEADER_SIZE,
+    ConfigWriteKind, FrontendReq, Header, ParseOptions, Reply, Request, HEADER_SIZE,
 };
-use vhost_user_core::vring::{Chain, RingAddrs};
+use vhost_user_core::vring::Chain;
 use vhost_user_linux::backend::{serve_one, RuntimeOptions, SharedDevice};
 use vhost_user_linux::channel::Control;
 use vhost_user_linux::frontend::FrontendLink;
 use vhost_user_linux::memory::LinuxGuestMemory;
 use vhost_user_linux::sys::eventfd::EventFd;
-use vhost_user_linux::sys::memfd;
 use vhost_user_linux::sys::socket::{Listener, Stream};
 use vhost_user_test::driver::{Buf, SplitDriver};
 
@@ -185,35 +184,14 @@ struct Rig {
 }
 
 fn rig(sock: &std::path::Path) -> Rig {
-    let fd = memfd::create("vhu-shared-thread-stop", RAM).unwrap();
-    let region = MemRegionMsg {
-        guest_addr: 0,
-        size: RAM,
-        user_addr: VA,
-        mmap_offset: 0,
-        xen: None,
-    };
-    let mut mem = LinuxGuestMemory::new();
-    mem.map(0, region, fd.try_clone().unwrap()).unwrap();
+    let (mem, region, fd) = front::guest_ram("vhu-shared-thread-stop", RAM, VA);
     let rings = RING_AT.map(|at| SplitDriver::new(&mem, SIZE, at, false).unwrap());
     let mut cfg: FrontendConfig<2, 1> =
         FrontendConfig::new(V::VERSION_1 | V::PROTOCOL_FEATURES, P::MQ | P::REPLY_ACK);
     cfg.regions.push(region).unwrap();
     for r in &rings {
         let a = r.addrs();
-        cfg.queues
-            .push(QueueConfig {
-                size: SIZE,
-                addrs: RingAddrs {
-                    desc: a.desc + VA,
-                    driver: a.driver + VA,
-                    device: a.device + VA,
-                },
-                base: 0,
-                kick: NotifyMode::Eventfd,
-                call: NotifyMode::Eventfd,
-            })
-            .unwrap();
+        cfg.queues.push(front::queue(SIZE, a, VA, 0)).unwrap();
     }
     let kicks: Vec<EventFd> = (0..2).map(|_| EventFd::new(true).unwrap()).collect();
     let kick1 = EventFd::from(kicks[1].as_fd().try_clone_to_owned().unwrap());
