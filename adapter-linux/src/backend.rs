@@ -977,8 +977,6 @@ where
             reply,
             notify: Notify::Unknown,
             spin_held: 0,
-            io_since: None,
-            last_io: Duration::ZERO,
         };
         let t = self.options.thread_of(queue);
         if t >= self.threads.len() {
@@ -1160,12 +1158,6 @@ where
     notify: Notify,
     /// Requests the device held when the current spin began.
     spin_held: u16,
-    /// Since when the device holds requests (none held: `None`).
-    io_since: Option<Instant>,
-    /// How long the device last held requests before it had none left:
-    /// I/O quicker than a spin (the page cache through threads) is waited
-    /// for by spinning, slower I/O (a disk) on the completion fd.
-    last_io: Duration,
 }
 
 /// A ring's notification state as the worker last set it.
@@ -1273,26 +1265,11 @@ where
             !more && (polls || !Self::arm_with(w, dp, &mem, &mut self.notify))
         };
         w.report(dp, &mut self.round);
-        self.track_io();
         // Requests the device holds that complete on its completion fd
         // are waited for there: spinning would take a core from the I/O
         // (and the guest) while the disk works.
         let spin = idle && self.dp.error().is_none() && !self.dp.paused() && !self.holds_io();
         Step { idle, spin }
-    }
-
-    /// Notes when the device starts and stops holding requests, and how
-    /// long it held them (see `last_io`).
-    fn track_io(&mut self) {
-        let held = self.dp.outstanding() > 0;
-        match (self.io_since, held) {
-            (None, true) => self.io_since = Some(Instant::now()),
-            (Some(t), false) => {
-                self.last_io = t.elapsed();
-                self.io_since = None;
-            }
-            _ => {}
-        }
     }
 
     /// The device holds requests that complete on its completion fd.
@@ -1567,14 +1544,9 @@ where
                 .read()
                 .unwrap_or_else(PoisonError::into_inner);
             r.worker.serve(&mut r.dp, &mem, &mut r.round);
-            drop(mem);
-            r.track_io();
-            if r.dp.error().is_some()
-                || (r.dp.outstanding() > r.spin_held && r.last_io > options.spin && r.holds_io())
-            {
-                // A new request went to a device whose I/O outlasts a
-                // spin: wait for it on its completion fd (as `step`
-                // decides), not by spinning.
+            if r.dp.error().is_some() || (r.dp.outstanding() > r.spin_held && r.holds_io()) {
+                // A new request went to the device's I/O: wait for it on
+                // its completion fd (as `step` decides), not by spinning.
                 return false;
             }
         }
