@@ -1121,7 +1121,6 @@ where
     options: RuntimeOptions,
 }
 
-/// The per-thread state of one round of [`RingWorker::serve`].
 /// Chains a round pops before processing them.
 const LOOKAHEAD: usize = 8;
 
@@ -1129,6 +1128,7 @@ const LOOKAHEAD: usize = 8;
 /// calls for a deep ring; see `RingWorker::round`).
 const MIN_BATCH: usize = 16;
 
+/// The per-thread state of one round of [`RingWorker::serve`].
 struct Round<S> {
     scratch: S,
     /// Chains popped ahead of their processing (see [`LOOKAHEAD`]).
@@ -1525,11 +1525,11 @@ where
         .iter()
         .map(|r| r.worker.shared.counters.completed.load(Ordering::Relaxed))
         .sum();
-    // The clock is read every 64 rounds: a busy-polling worker (a long
-    // spin) would otherwise spend a fifth of its time in clock_gettime.
     for r in rings.iter_mut() {
         r.spin_held = r.dp.outstanding();
     }
+    // The clock is read every 64 rounds: a busy-polling worker (a long
+    // spin) would otherwise spend a fifth of its time in clock_gettime.
     let mut rounds = 0u32;
     while rounds % 64 != 0 || Instant::now() < deadline {
         rounds = rounds.wrapping_add(1);

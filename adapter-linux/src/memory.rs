@@ -379,9 +379,7 @@ impl GuestMemory for LinuxGuestMemory {
 
     #[inline(always)]
     fn prefetch(&self, gpa: u64) {
-        if let Some(r) = self.find(gpa) {
-            r.map.prefetch(gpa - r.gpa, false);
-        }
+        self.prefetch_range(gpa, 1, false);
     }
 
     #[inline(always)]

@@ -40,6 +40,15 @@ struct IfMtu {
 }
 const _: () = assert!(std::mem::size_of::<IfMtu>() == 40);
 
+/// `ifr_name` for `name`, NUL-padded (a name of IFNAMSIZ bytes or more is
+/// cut to leave its NUL; `Tap::open` refuses those).
+fn ifr_name(name: &str) -> [u8; IFNAMSIZ] {
+    let mut b = [0; IFNAMSIZ];
+    let n = name.len().min(IFNAMSIZ - 1);
+    b[..n].copy_from_slice(&name.as_bytes()[..n]);
+    b
+}
+
 /// `TUN_F_*` offload flags for [`Tap::set_offload`]: which offloaded
 /// frames the tap may hand to the reader.
 pub mod offload {
@@ -96,11 +105,10 @@ impl Tap {
                 io::Error::new(e.kind(), format!("{what}: {e}"))
             })?;
         let mut req = IfReq {
-            name: [0; IFNAMSIZ],
+            name: ifr_name(name),
             flags: 0,
             _pad: [0; 22],
         };
-        req.name[..name.len()].copy_from_slice(name.as_bytes());
         let mut flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
         if multi_queue {
             flags |= libc::IFF_MULTI_QUEUE;
@@ -183,16 +191,13 @@ impl Tap {
     /// (68 to 65521).
     pub fn set_mtu(&self, mtu: u16) -> io::Result<()> {
         let mut req = IfMtu {
-            name: [0; IFNAMSIZ],
+            name: ifr_name(&self.name),
             mtu: libc::c_int::from(mtu),
             _pad: [0; 20],
         };
-        // `Tap::open` checked the name: shorter than IFNAMSIZ, so NUL
-        // ends it. The ioctl goes through a datagram socket of the
-        // calling thread's network namespace, the tap's (the tap's own fd
-        // takes no interface ioctls).
-        let n = self.name.len().min(IFNAMSIZ - 1);
-        req.name[..n].copy_from_slice(&self.name.as_bytes()[..n]);
+        // The ioctl goes through a datagram socket of the calling
+        // thread's network namespace, the tap's (the tap's own fd takes no
+        // interface ioctls).
         // SAFETY: socket() takes no pointers.
         let fd =
             cvt(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;

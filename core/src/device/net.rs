@@ -68,6 +68,14 @@ pub const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
 pub const VIRTIO_NET_HDR_F_DATA_VALID: u8 = 2;
 /// `gso_type`: not a GSO frame.
 pub const VIRTIO_NET_HDR_GSO_NONE: u8 = 0;
+/// `gso_type`: TCP over IPv4 segmentation (TSO).
+pub const VIRTIO_NET_HDR_GSO_TCPV4: u8 = 1;
+/// `gso_type`: UDP fragmentation (UFO).
+pub const VIRTIO_NET_HDR_GSO_UDP: u8 = 3;
+/// `gso_type`: TCP over IPv6 segmentation.
+pub const VIRTIO_NET_HDR_GSO_TCPV6: u8 = 4;
+/// `gso_type` bit: the segments carry ECN (with HOST_ECN / GUEST_ECN).
+pub const VIRTIO_NET_HDR_GSO_ECN: u8 = 0x80;
 
 bitflags! {
     /// The virtio-net device feature bits (0-23 of the virtio feature word).
@@ -708,6 +716,112 @@ where
         }
     }
     Ok(TxFrame { hdr, len })
+}
+
+/// Why [`check_tx_hdr`] refuses a transmit frame's virtio-net header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum TxHdrError {
+    /// Flags other than NEEDS_CSUM (a driver must not set DATA_VALID,
+    /// which would have the host trust an unchecked checksum).
+    Flags(u8),
+    /// NEEDS_CSUM without VIRTIO_NET_F_CSUM negotiated.
+    CsumNotNegotiated,
+    /// The checksum field (`csum_start + csum_offset`, 2 bytes) is not
+    /// inside the frame.
+    CsumOutside {
+        /// `csum_start`.
+        start: u16,
+        /// `csum_offset`.
+        offset: u16,
+        /// The frame's length.
+        len: usize,
+    },
+    /// A `gso_type` the spec does not define.
+    UnknownGso(u8),
+    /// A segmentation offload the driver did not negotiate.
+    GsoNotNegotiated(u8),
+    /// Segmentation without NEEDS_CSUM, or with a zero `gso_size`.
+    GsoIncomplete,
+    /// `hdr_len` beyond the frame.
+    HdrLenOutside {
+        /// `hdr_len`.
+        hdr_len: u16,
+        /// The frame's length.
+        len: usize,
+    },
+}
+
+impl fmt::Display for TxHdrError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            TxHdrError::Flags(x) => write!(f, "header flags {x:#x} (only NEEDS_CSUM may be set)"),
+            TxHdrError::CsumNotNegotiated => write!(f, "NEEDS_CSUM without VIRTIO_NET_F_CSUM"),
+            TxHdrError::CsumOutside { start, offset, len } => write!(
+                f,
+                "checksum at {start} + {offset} outside the {len}-byte frame"
+            ),
+            TxHdrError::UnknownGso(t) => write!(f, "unknown gso_type {t:#x}"),
+            TxHdrError::GsoNotNegotiated(t) => {
+                write!(f, "gso_type {t:#x} without its offload negotiated")
+            }
+            TxHdrError::GsoIncomplete => {
+                write!(f, "segmentation without NEEDS_CSUM or with gso_size 0")
+            }
+            TxHdrError::HdrLenOutside { hdr_len, len } => {
+                write!(f, "hdr_len {hdr_len} beyond the {len}-byte frame")
+            }
+        }
+    }
+}
+
+/// Checks the header of a `len`-byte frame the driver transmits against
+/// the spec and the offloads it negotiated (`acked`), so a backend that
+/// passes headers on (a tap) gets only what the device promised to take:
+/// Linux's tap accepts some headers a driver must not send (a
+/// segmentation offload that was not negotiated, DATA_VALID) and refuses
+/// others only after work.
+pub fn check_tx_hdr(hdr: &VirtioNetHdr, len: usize, acked: NetFeatures) -> Result<(), TxHdrError> {
+    const NEEDS_CSUM: u8 = VIRTIO_NET_HDR_F_NEEDS_CSUM;
+    const ECN: u8 = VIRTIO_NET_HDR_GSO_ECN;
+    if hdr.flags & !NEEDS_CSUM != 0 {
+        return Err(TxHdrError::Flags(hdr.flags));
+    }
+    let csum = hdr.flags & NEEDS_CSUM != 0;
+    if csum {
+        if !acked.contains(NetFeatures::CSUM) {
+            return Err(TxHdrError::CsumNotNegotiated);
+        }
+        let (start, offset) = (hdr.csum_start.get(), hdr.csum_offset.get());
+        if usize::from(start) + usize::from(offset) + 2 > len {
+            return Err(TxHdrError::CsumOutside { start, offset, len });
+        }
+    }
+    let hdr_len = hdr.hdr_len.get();
+    if usize::from(hdr_len) > len {
+        return Err(TxHdrError::HdrLenOutside { hdr_len, len });
+    }
+    let t = hdr.gso_type;
+    let needs = match t & !ECN {
+        VIRTIO_NET_HDR_GSO_NONE if t & ECN == 0 => return Ok(()),
+        VIRTIO_NET_HDR_GSO_NONE => return Err(TxHdrError::UnknownGso(t)),
+        VIRTIO_NET_HDR_GSO_TCPV4 => NetFeatures::HOST_TSO4,
+        VIRTIO_NET_HDR_GSO_TCPV6 => NetFeatures::HOST_TSO6,
+        VIRTIO_NET_HDR_GSO_UDP => NetFeatures::HOST_UFO,
+        _ => return Err(TxHdrError::UnknownGso(t)),
+    };
+    let needs = if t & ECN != 0 {
+        needs | NetFeatures::HOST_ECN
+    } else {
+        needs
+    };
+    if !acked.contains(needs) {
+        return Err(TxHdrError::GsoNotNegotiated(t));
+    }
+    if !csum || hdr.gso_size.get() == 0 {
+        return Err(TxHdrError::GsoIncomplete);
+    }
+    Ok(())
 }
 
 /// Names the guest ranges of a checked transmit chain's frame (after the

@@ -58,15 +58,12 @@ pub struct PackedQueue {
     /// VIRTIO_F_IN_ORDER handling on.
     #[cfg(feature = "in-order")]
     in_order: bool,
-    /// With IN_ORDER: the slot of the used descriptor that stands for the
-    /// unpublished batch of elided completions, if one is open.
+    /// With IN_ORDER, the unpublished batch of elided completions, if one
+    /// is open: the slot of the used descriptor that stands for it and
+    /// the buffer id it must name, its last (written when the batch
+    /// closes, not once per completion).
     #[cfg(feature = "in-order")]
-    batch: Option<u16>,
-    /// The buffer id the batch's descriptor must name once it closes, if
-    /// it moved past the one written (written once per batch, not once
-    /// per completion).
-    #[cfg(feature = "in-order")]
-    batch_id: Option<u16>,
+    batch: Option<(u16, u16)>,
 }
 
 #[inline]
@@ -106,8 +103,6 @@ impl PackedQueue {
             in_order: false,
             #[cfg(feature = "in-order")]
             batch: None,
-            #[cfg(feature = "in-order")]
-            batch_id: None,
         })
     }
 
@@ -202,7 +197,6 @@ impl PackedQueue {
         #[cfg(feature = "in-order")]
         {
             self.batch = None;
-            self.batch_id = None;
         }
         Ok(())
     }
@@ -339,7 +333,6 @@ impl PackedQueue {
     pub fn set_in_order(&mut self, on: bool) {
         self.in_order = on;
         self.batch = None;
-        self.batch_id = None;
     }
 
     /// Whether VIRTIO_F_IN_ORDER handling is on.
@@ -369,12 +362,12 @@ impl PackedQueue {
             return Err(VringError::BadUsedHead(head.id));
         }
         let elide = elide && len == 0;
-        match self.batch {
-            Some(_) if elide => {
+        match &mut self.batch {
+            Some((_, id)) if elide => {
                 // Unpublished (a flush closes the batch): the driver has not
                 // read it; it names this buffer, the batch's last, once the
                 // batch closes.
-                self.batch_id = Some(head.id);
+                *id = head.id;
                 let next = u32::from(self.next_used) + u32::from(head.descs);
                 if next >= u32::from(self.size) {
                     self.next_used = (next - u32::from(self.size)) as u16;
@@ -387,21 +380,20 @@ impl PackedQueue {
                 self.close_batch(mem)?;
                 let slot = self.next_used;
                 self.add_used(mem, head, len)?;
-                self.batch = elide.then_some(slot);
+                self.batch = elide.then_some((slot, head.id));
             }
         }
         Ok(())
     }
 
-    /// Writes the open batch's descriptor's buffer id, if it moved (before
-    /// a new used descriptor, and before a flush publishes them).
+    /// Writes the open batch's descriptor's buffer id, its last (before a
+    /// new used descriptor, and before a flush publishes them).
     #[cfg(feature = "in-order")]
     #[inline]
     fn close_batch<M: GuestMemory + ?Sized>(&mut self, mem: &M) -> Result<(), VringError> {
-        if let (Some(at), Some(id)) = (self.batch, self.batch_id.take()) {
+        if let Some((at, id)) = self.batch.take() {
             mem.write_u16(self.desc_addr(at) + 12, id)?;
         }
-        self.batch = None;
         Ok(())
     }
 

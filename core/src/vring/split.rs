@@ -75,13 +75,10 @@ struct SplitOrder {
     /// descriptor table in order, so a chain starts where the previous
     /// one ended. Unknown after a (re)start.
     expect: Option<u16>,
-    /// Used index of the entry that stands for the unpublished batch of
-    /// elided completions, if one is open.
-    batch: Option<u16>,
-    /// The buffer id the batch's entry must name once it closes, if it
-    /// moved past the one written (the entry is written once per batch,
-    /// not once per completion).
-    batch_id: Option<u16>,
+    /// The unpublished batch of elided completions, if one is open: the
+    /// used index of the entry that stands for it and the buffer id the
+    /// entry names, its last (written once, when the batch closes).
+    batch: Option<(u16, u16)>,
 }
 
 impl SplitQueue {
@@ -205,7 +202,6 @@ impl SplitQueue {
         #[cfg(feature = "in-order")]
         {
             self.order.batch = None;
-            self.order.batch_id = None;
         }
     }
 
@@ -344,15 +340,18 @@ impl SplitQueue {
             return Err(VringError::BadUsedHead(head.id));
         }
         let elide = elide && len == 0;
-        if elide && self.order.batch.is_some() {
-            // The batch's entry names this buffer from now on (written
-            // when the batch closes).
-            self.order.batch_id = Some(head.id);
-        } else {
-            self.close_batch(mem)?;
-            let e = u64::from(head.id) | u64::from(len) << 32;
-            mem.write_u64(self.used_entry(self.next_used), e)?;
-            self.order.batch = elide.then_some(self.next_used);
+        match &mut self.order.batch {
+            // The batch's entry names this buffer from now on.
+            Some((_, id)) if elide => *id = head.id,
+            _ => {
+                self.close_batch(mem)?;
+                if elide {
+                    self.order.batch = Some((self.next_used, head.id));
+                } else {
+                    let e = u64::from(head.id) | u64::from(len) << 32;
+                    mem.write_u64(self.used_entry(self.next_used), e)?;
+                }
+            }
         }
         self.next_used = self.next_used.wrapping_add(1);
         Ok(())
@@ -363,15 +362,14 @@ impl SplitQueue {
         self.used + 4 + 8 * u64::from(idx & self.mask)
     }
 
-    /// Writes the open batch's entry with its last buffer id, if that
-    /// moved (before a new entry, and before a flush publishes it).
+    /// Writes the open batch's entry, naming its last buffer (before a
+    /// new entry, and before a flush publishes it).
     #[cfg(feature = "in-order")]
     #[inline]
     fn close_batch<M: GuestMemory + ?Sized>(&mut self, mem: &M) -> Result<(), VringError> {
-        if let (Some(at), Some(id)) = (self.order.batch, self.order.batch_id.take()) {
+        if let Some((at, id)) = self.order.batch.take() {
             mem.write_u64(self.used_entry(at), u64::from(id))?;
         }
-        self.order.batch = None;
         Ok(())
     }
 

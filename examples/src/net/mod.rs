@@ -24,7 +24,7 @@
 //!   (multi-queue with several pairs). Transmitted frames are written to
 //!   the pair's tap queue with their virtio-net header, once it is
 //!   checked against the spec and the negotiated offloads
-//!   ([`tap::check_tx_hdr`]: refused, counted as errors); a reader thread
+//!   ([`check_tx_hdr`]: refused, counted as errors); a reader thread
 //!   per pair moves the tap's frames (header included, so offloaded
 //!   frames pass) to the pair's receive side as the loopback's are, and
 //!   signals the same eventfd. It reads only while the pair's receive
@@ -44,8 +44,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use vhost_user_core::dataplane::Token;
 use vhost_user_core::device::net::{
-    rx_capacity, rx_fill, rx_fill_merged, tx_gather, NetDevice, NetError, NetFeatures, QueueRole,
-    VirtioNetHdr, DEFAULT_MTU,
+    check_tx_hdr, rx_capacity, rx_fill, rx_fill_merged, tx_gather, NetDevice, NetError,
+    NetFeatures, QueueRole, VirtioNetHdr, DEFAULT_MTU,
 };
 use vhost_user_core::device::{Completion, Device};
 use vhost_user_core::feature::VirtioFeatures;
@@ -403,7 +403,7 @@ impl NetService {
         };
         if let NetBackend::Tap { .. } = inner.backend {
             let acked = NetFeatures::from_bits_retain(inner.acked.load(Ordering::Relaxed));
-            if let Err(e) = tap::check_tx_hdr(&frame.hdr, frame.len, acked) {
+            if let Err(e) = check_tx_hdr(&frame.hdr, frame.len, acked) {
                 bump(&k.errors, 1);
                 log::debug!("queue {queue}: transmit frame refused: {e}");
                 return;

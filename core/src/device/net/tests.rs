@@ -524,3 +524,73 @@ fn offloads_are_offered_and_acked_only_from_the_allowed_set() {
             .intersects(NetConfig::OFFLOADS)
     );
 }
+
+#[test]
+fn transmit_headers_follow_the_spec_and_the_offloads() {
+    use NetFeatures as F;
+    let hdr = |flags, gso_type, hdr_len: u16, gso_size: u16, start: u16, off: u16| VirtioNetHdr {
+        flags,
+        gso_type,
+        hdr_len: hdr_len.into(),
+        gso_size: gso_size.into(),
+        csum_start: start.into(),
+        csum_offset: off.into(),
+        num_buffers: 0.into(),
+    };
+    let all = F::CSUM | F::HOST_TSO4 | F::HOST_TSO6 | F::HOST_ECN;
+    let ok = |h: VirtioNetHdr, acked| check_tx_hdr(&h, 100, acked);
+    assert_eq!(ok(hdr(0, 0, 0, 0, 0, 0), F::empty()), Ok(()));
+    // The checksum field's last byte is the frame's last.
+    assert_eq!(ok(hdr(1, 0, 0, 0, 34, 64), all), Ok(()));
+    assert_eq!(
+        ok(hdr(1, 0, 0, 0, 34, 65), all),
+        Err(TxHdrError::CsumOutside {
+            start: 34,
+            offset: 65,
+            len: 100
+        })
+    );
+    assert_eq!(
+        ok(hdr(1, 0, 0, 0, 34, 16), F::HOST_TSO4),
+        Err(TxHdrError::CsumNotNegotiated)
+    );
+    assert_eq!(ok(hdr(2, 0, 0, 0, 0, 0), all), Err(TxHdrError::Flags(2)));
+    assert_eq!(ok(hdr(1, 1, 54, 1448, 34, 16), all), Ok(()));
+    assert_eq!(ok(hdr(1, 0x84, 74, 1428, 54, 16), all), Ok(()));
+    assert_eq!(
+        ok(hdr(1, 0x81, 54, 1448, 34, 16), F::CSUM | F::HOST_TSO4),
+        Err(TxHdrError::GsoNotNegotiated(0x81))
+    );
+    assert_eq!(
+        ok(hdr(1, 1, 54, 1448, 34, 16), F::CSUM | F::HOST_TSO6),
+        Err(TxHdrError::GsoNotNegotiated(1))
+    );
+    assert_eq!(
+        ok(hdr(1, 3, 42, 1000, 34, 6), all),
+        Err(TxHdrError::GsoNotNegotiated(3))
+    );
+    for t in [2, 5, 6, 0x7f, 0x80, 0xff] {
+        assert_eq!(
+            ok(hdr(1, t, 54, 1448, 34, 16), all),
+            Err(TxHdrError::UnknownGso(t)),
+            "{t}"
+        );
+    }
+    assert_eq!(
+        ok(hdr(1, 1, 54, 0, 34, 16), all),
+        Err(TxHdrError::GsoIncomplete)
+    );
+    assert_eq!(
+        ok(hdr(0, 1, 54, 1448, 0, 0), all),
+        Err(TxHdrError::GsoIncomplete)
+    );
+    assert_eq!(
+        ok(hdr(0, 0, 101, 0, 0, 0), all),
+        Err(TxHdrError::HdrLenOutside {
+            hdr_len: 101,
+            len: 100
+        })
+    );
+    // Sums that would overflow 16 bits are not wrapped.
+    assert!(ok(hdr(1, 0, 0, 0, 0xffff, 0xffff), all).is_err());
+}
