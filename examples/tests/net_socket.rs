@@ -271,7 +271,7 @@ fn net_set_mtu_sets_the_taps_mtu() {
         &["--backend", "tap", "--tap", "vhutap6", "--mtu", "65535"],
     );
     let s = connect(&dir.0);
-    handshake(&s);
+    let p = handshake(&s);
     assert_eq!(tap_mtu(&ns, "vhutap6"), 1500);
     assert_eq!(ack(&s, &Request::NetSetMtu(1400)), 0);
     assert_eq!(tap_mtu(&ns, "vhutap6"), 1400);
@@ -290,6 +290,31 @@ fn net_set_mtu_sets_the_taps_mtu() {
     );
     assert!(
         log.contains("NET_SET_MTU: tap vhutap6 MTU set to 9000"),
+        "{log}"
+    );
+    // A device reset puts the tap's MTU back as it found it (1500), and
+    // so does a disconnect: the next front-end, or none, finds the tap as
+    // the operator left it.
+    assert!(P::from_bits_retain(p).contains(P::RESET_DEVICE));
+    assert_eq!(ack(&s, &Request::ResetDevice), 0);
+    assert_eq!(tap_mtu(&ns, "vhutap6"), 1500);
+    handshake(&s);
+    assert_eq!(ack(&s, &Request::NetSetMtu(9000)), 0);
+    assert_eq!(tap_mtu(&ns, "vhutap6"), 9000);
+    drop(s);
+    let t0 = Instant::now();
+    while tap_mtu(&ns, "vhutap6") != 1500 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "tap MTU {} 5 s after the disconnect",
+            tap_mtu(&ns, "vhutap6")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = log_with(&dir.0, "tap vhutap6 MTU put back to 1500");
+    assert_eq!(
+        log.matches("tap vhutap6 MTU put back to 1500").count(),
+        2,
         "{log}"
     );
 }

@@ -190,9 +190,22 @@ impl Tap {
     /// CAP_NET_ADMIN). The kernel refuses one outside the tap's range
     /// (68 to 65521).
     pub fn set_mtu(&self, mtu: u16) -> io::Result<()> {
+        self.mtu_ioctl(libc::SIOCSIFMTU, libc::c_int::from(mtu))
+            .map(drop)
+    }
+
+    /// SIOCGIFMTU: the interface's MTU.
+    pub fn mtu(&self) -> io::Result<u32> {
+        let mtu = self.mtu_ioctl(libc::SIOCGIFMTU, 0)?;
+        u32::try_from(mtu).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))
+    }
+
+    /// An MTU ioctl (`struct ifreq` with an int) on the interface;
+    /// returns the int the kernel left in it.
+    fn mtu_ioctl(&self, request: libc::Ioctl, mtu: libc::c_int) -> io::Result<libc::c_int> {
         let mut req = IfMtu {
             name: ifr_name(&self.name),
-            mtu: libc::c_int::from(mtu),
+            mtu,
             _pad: [0; 20],
         };
         // The ioctl goes through a datagram socket of the calling
@@ -204,17 +217,11 @@ impl Tap {
         // SAFETY: `fd` is the new socket, owned by nobody else, so
         // `OwnedFd` may take it (and close it).
         let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: SIOCSIFMTU reads a `struct ifreq` (the name, then an
-        // int); `req` is one, 40 bytes with the name NUL-terminated, and
-        // lives across the call.
-        cvt(unsafe {
-            libc::ioctl(
-                sock.as_raw_fd(),
-                libc::SIOCSIFMTU,
-                std::ptr::from_mut(&mut req),
-            )
-        })?;
-        Ok(())
+        // SAFETY: SIOCSIFMTU and SIOCGIFMTU read and write a `struct
+        // ifreq` (the name, then an int); `req` is one, 40 bytes with the
+        // name NUL-terminated, and lives across the call.
+        cvt(unsafe { libc::ioctl(sock.as_raw_fd(), request, std::ptr::from_mut(&mut req)) })?;
+        Ok(req.mtu)
     }
 
     /// Reads one frame with its header into `buf` (a frame longer than

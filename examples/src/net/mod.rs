@@ -35,11 +35,13 @@
 //!   to the tap.
 //!
 //! NET_SET_MTU is taken up to the MTU the daemon offers (`--mtu`); with
-//! a tap it sets the tap's MTU too (SIOCSIFMTU), or is refused.
+//! a tap it sets the tap's MTU too (SIOCSIFMTU), or is refused. The
+//! tap's MTU from before the connection's first NET_SET_MTU is put back
+//! at RESET_DEVICE and when the front-end leaves.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use vhost_user_core::dataplane::Token;
@@ -203,6 +205,9 @@ struct Inner {
     max_mtu: u16,
     /// The MTU of the last NET_SET_MTU (0: none).
     mtu: AtomicU16,
+    /// The tap's MTU before the connection's first NET_SET_MTU changed
+    /// it (0: unchanged), put back at RESET_DEVICE and at disconnect.
+    tap_mtu_before: AtomicU32,
     /// The negotiated net features' bits (transmit headers are checked
     /// against them).
     acked: AtomicU64,
@@ -298,6 +303,7 @@ impl NetService {
                 max_frame,
                 max_mtu,
                 mtu: AtomicU16::new(0),
+                tap_mtu_before: AtomicU32::new(0),
                 acked: AtomicU64::new(0),
                 rarps: AtomicU64::new(0),
                 device: Mutex::new(device),
@@ -351,6 +357,26 @@ impl NetService {
                     "tap {}: virtio-net header {hdr_len} bytes, offloads {flags:#x}",
                     t.name()
                 );
+            }
+        }
+    }
+
+    /// Puts back the tap's MTU as it was before the connection's first
+    /// NET_SET_MTU (the next front-end, or none, finds the tap as the
+    /// operator left it).
+    fn restore_tap_mtu(&self) {
+        let before = self.inner.tap_mtu_before.swap(0, Ordering::Relaxed);
+        let Ok(before) = u16::try_from(before) else {
+            log::warn!("tap MTU {before} not put back: above 65535");
+            return;
+        };
+        if before == 0 {
+            return;
+        }
+        if let Some(t) = self.pair(0).and_then(|p| p.tap.as_deref()) {
+            match t.set_mtu(before) {
+                Ok(()) => log::info!("tap {} MTU put back to {before}", t.name()),
+                Err(e) => log::warn!("cannot put tap {}'s MTU back to {before}: {e}", t.name()),
             }
         }
     }
@@ -632,6 +658,8 @@ impl Device for NetService {
         self.inner.hdr_len.store(hdr_len, Ordering::Relaxed);
         self.inner.mergeable.store(false, Ordering::Relaxed);
         self.inner.guest_csum.store(false, Ordering::Relaxed);
+        self.inner.mtu.store(0, Ordering::Relaxed);
+        self.restore_tap_mtu();
         self.clear_frames();
     }
 
@@ -746,6 +774,7 @@ impl Device for NetService {
         if rarps != 0 {
             log::info!("SEND_RARP: {rarps} received");
         }
+        self.restore_tap_mtu();
         self.clear_frames();
     }
 
@@ -759,6 +788,15 @@ impl Device for NetService {
         // interface for all the queues); a tap that refuses it leaves
         // the request refused, nothing changed.
         if let Some(t) = self.pair(0).and_then(|p| p.tap.as_deref()) {
+            if self.inner.tap_mtu_before.load(Ordering::Relaxed) == 0 {
+                match t.mtu() {
+                    Ok(before) => self.inner.tap_mtu_before.store(before, Ordering::Relaxed),
+                    Err(e) => log::warn!(
+                        "cannot read tap {}'s MTU (it is not put back): {e}",
+                        t.name()
+                    ),
+                }
+            }
             if let Err(e) = t.set_mtu(mtu) {
                 log::warn!(
                     "NET_SET_MTU {mtu} refused: cannot set tap {}'s MTU: {e}",
