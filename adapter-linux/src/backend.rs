@@ -1481,22 +1481,15 @@ where
             r.watch(&epoll);
             poll |= r.completion.is_none() || r.dp.outstanding() == 0;
         }
-        let timeout = if poll {
-            i32::try_from(options.poll_interval.as_millis()).unwrap_or(i32::MAX)
-        } else {
-            -1
-        };
-        let n = if timeout == 0 {
-            std::thread::sleep(options.poll_interval);
-            0
-        } else {
-            match epoll.wait(&mut events, timeout) {
-                Ok(n) => n,
-                Err(e) => {
-                    warn!("worker thread {id}: epoll_wait failed: {e}");
-                    std::thread::sleep(options.poll_interval);
-                    0
-                }
+        // Sub-millisecond poll intervals are kept (epoll_pwait2), and a
+        // kick on another ring still wakes the thread at once.
+        let timeout = poll.then_some(options.poll_interval);
+        let n = match epoll.wait_for(&mut events, timeout) {
+            Ok(n) => n,
+            Err(e) => {
+                warn!("worker thread {id}: epoll_wait failed: {e}");
+                std::thread::sleep(options.poll_interval);
+                0
             }
         };
         for ev in &events[..n] {

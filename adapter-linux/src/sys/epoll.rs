@@ -199,6 +199,61 @@ impl Epoll {
             }
         }
     }
+
+    /// [`wait`](Self::wait) with a timeout to the nanosecond (`None`:
+    /// forever): `epoll_pwait2`, or, on a kernel without it (before
+    /// 5.11), `epoll_wait` with the timeout rounded up to a millisecond.
+    pub fn wait_for(
+        &self,
+        events: &mut [EpollEvent],
+        timeout: Option<Duration>,
+    ) -> io::Result<usize> {
+        let Some(timeout) = timeout else {
+            return self.wait(events, -1);
+        };
+        let max = i32::try_from(events.len()).unwrap_or(i32::MAX);
+        if max == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "no room for events",
+            ));
+        }
+        let deadline = Instant::now() + timeout;
+        let mut left = timeout;
+        loop {
+            let ts = libc::timespec {
+                tv_sec: libc::time_t::try_from(left.as_secs()).unwrap_or(libc::time_t::MAX),
+                tv_nsec: left.subsec_nanos().into(),
+            };
+            // SAFETY: epoll_pwait2(epfd, events, maxevents, timeout,
+            // sigmask, sigsetsize): `events` is writable for `max`
+            // entries (EpollEvent is repr(transparent) over epoll_event)
+            // and `ts` is a live timespec during the call; no sigmask.
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_epoll_pwait2,
+                    self.fd.as_raw_fd(),
+                    events.as_mut_ptr().cast::<libc::epoll_event>(),
+                    max,
+                    ptr::from_ref(&ts),
+                    ptr::null::<libc::sigset_t>(),
+                    0usize,
+                )
+            };
+            if r >= 0 {
+                return Ok(r as usize);
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => left = deadline.saturating_duration_since(Instant::now()),
+                Some(libc::ENOSYS) => {
+                    let ms = left.as_micros().div_ceil(1000);
+                    return self.wait(events, i32::try_from(ms).unwrap_or(i32::MAX));
+                }
+                _ => return Err(e),
+            }
+        }
+    }
 }
 
 impl AsFd for Epoll {
@@ -210,5 +265,46 @@ impl AsFd for Epoll {
 impl AsRawFd for Epoll {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::eventfd::EventFd;
+
+    /// A timeout under a millisecond times out with no events; a wait
+    /// with a timeout returns an event that comes meanwhile, with its
+    /// token.
+    #[test]
+    fn wait_for_times_out_or_returns_the_event() {
+        let epoll = Epoll::new().unwrap();
+        let ev = std::sync::Arc::new(EventFd::new(true).unwrap());
+        epoll.add(&*ev, Interest::READABLE, 7).unwrap();
+        let mut events = [EpollEvent::default(); 4];
+        let t0 = Instant::now();
+        let n = epoll
+            .wait_for(&mut events, Some(Duration::from_micros(300)))
+            .unwrap();
+        assert_eq!(n, 0);
+        assert!(t0.elapsed() >= Duration::from_micros(300));
+        let writer = std::thread::spawn({
+            let ev = ev.clone();
+            move || {
+                std::thread::sleep(Duration::from_millis(20));
+                ev.write(1).unwrap();
+            }
+        });
+        let n = epoll
+            .wait_for(&mut events, Some(Duration::from_secs(60)))
+            .unwrap();
+        writer.join().unwrap();
+        assert_eq!(n, 1);
+        assert_eq!(events[0].token(), 7);
+        assert!(epoll.wait_for(&mut events, Some(Duration::ZERO)).unwrap() == 1);
+        assert_eq!(
+            epoll.wait_for(&mut [], None).unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
     }
 }
