@@ -433,6 +433,26 @@ mod tests {
         let mut back = vec![0; 65536];
         mem.read(0x80000, &mut back).unwrap();
         assert_eq!(back, pattern);
+        // Into 16 scattered buffers of 4 KiB (more iovecs than a
+        // synchronous read keeps on its stack), twice (a ring reuses its
+        // iovec arrays).
+        for tag in [8, 9] {
+            mem.write(0xa0000, &[0u8; 0x20000]).unwrap();
+            let mut bufs = Vec::new();
+            for i in 0..16 {
+                mem.io_bufs(0xa0000 + i * 8192, 4096, true, &mut bufs)
+                    .unwrap();
+            }
+            assert_eq!(bufs.len(), 16);
+            aio.push(tag, IoRequest::Read { offset: 0, bufs }).unwrap();
+            assert_eq!(wait_all(&mut aio, 1), [(tag, 65536)]);
+            for i in 0..16u64 {
+                let mut page = vec![0; 4096];
+                mem.read(0xa0000 + i * 8192, &mut page).unwrap();
+                let at = i as usize * 4096;
+                assert_eq!(page, pattern[at..at + 4096], "buffer {i}");
+            }
+        }
         // A read into a buffer not marked writable never reaches the
         // kernel.
         let mut bufs = Vec::new();
