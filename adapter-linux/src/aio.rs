@@ -473,6 +473,38 @@ mod tests {
         assert_eq!(aio.in_flight(), 0);
     }
 
+    /// A read of what the page cache holds is copied at once; a write is
+    /// not one for `read_cached`.
+    #[test]
+    fn read_cached_copies_what_the_page_cache_holds() {
+        use crate::sys::uring::read_cached;
+        let mem = guest(1 << 20);
+        let file = image(1 << 20);
+        let data: Vec<u8> = (0..8192u32).map(|i| (i * 5) as u8).collect();
+        file.write_all_at(&data, 4096).unwrap();
+        let mut bufs = Vec::new();
+        mem.io_bufs(0x1000, 4096, true, &mut bufs).unwrap();
+        mem.io_bufs(0x3000, 4096, true, &mut bufs).unwrap();
+        let read = IoRequest::Read { offset: 4096, bufs };
+        match read_cached(file.as_fd(), &read) {
+            Ok(n) => {
+                assert_eq!(n, 8192);
+                let mut back = vec![0; 4096];
+                mem.read(0x1000, &mut back).unwrap();
+                assert_eq!(back, data[..4096]);
+                mem.read(0x3000, &mut back).unwrap();
+                assert_eq!(back, data[4096..]);
+            }
+            // A kernel or file system without RWF_NOWAIT.
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EOPNOTSUPP), "{e}"),
+        }
+        let mut bufs = Vec::new();
+        mem.io_bufs(0x1000, 512, false, &mut bufs).unwrap();
+        let write = IoRequest::Write { offset: 0, bufs };
+        let e = read_cached(file.as_fd(), &write).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+    }
+
     #[test]
     fn io_uring_round_trip() {
         round_trip(AioMode::IoUring);

@@ -378,6 +378,23 @@ impl Drop for Uring {
 /// the bytes moved (what a thread pool runs where io_uring is not
 /// available). Retries on `EINTR`; a short transfer is returned as such.
 pub fn perform(fd: BorrowedFd<'_>, request: &IoRequest) -> io::Result<usize> {
+    perform_with(fd, request, 0)
+}
+
+/// [`perform`] for a read that only copies what the page cache holds
+/// (`preadv2` with `RWF_NOWAIT`): fails with `WouldBlock` where it would
+/// wait for the disk (nothing of the start is cached), returns a short
+/// read where only the start is cached, and fails with `Unsupported` (or
+/// `EOPNOTSUPP`) where the kernel or the file cannot. Anything other than
+/// a read is refused (`InvalidInput`).
+pub fn read_cached(fd: BorrowedFd<'_>, request: &IoRequest) -> io::Result<usize> {
+    if !matches!(request, IoRequest::Read { .. }) {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    perform_with(fd, request, libc::RWF_NOWAIT)
+}
+
+fn perform_with(fd: BorrowedFd<'_>, request: &IoRequest, flags: libc::c_int) -> io::Result<usize> {
     request.check()?;
     let einval = || io::Error::from_raw_os_error(libc::EINVAL);
     match request {
@@ -405,11 +422,13 @@ pub fn perform(fd: BorrowedFd<'_>, request: &IoRequest) -> io::Result<usize> {
                 // SAFETY: the iovecs point into mappings kept alive by
                 // `bufs` (borrowed for the whole call), writable for a
                 // read (`check`); the kernel touches only those ranges.
+                // (preadv2 only with flags: a seccomp policy or an old
+                // kernel may allow preadv and not it.)
                 cvt(unsafe {
-                    if read {
-                        libc::preadv(fd.as_raw_fd(), iovecs.as_ptr(), n, off)
-                    } else {
-                        libc::pwritev(fd.as_raw_fd(), iovecs.as_ptr(), n, off)
+                    match (read, flags) {
+                        (true, 0) => libc::preadv(fd.as_raw_fd(), iovecs.as_ptr(), n, off),
+                        (true, _) => libc::preadv2(fd.as_raw_fd(), iovecs.as_ptr(), n, off, flags),
+                        (false, _) => libc::pwritev(fd.as_raw_fd(), iovecs.as_ptr(), n, off),
                     }
                 })
             })?;
