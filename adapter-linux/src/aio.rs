@@ -433,6 +433,26 @@ mod tests {
         let mut back = vec![0; 65536];
         mem.read(0x80000, &mut back).unwrap();
         assert_eq!(back, pattern);
+        // Into 16 scattered buffers of 4 KiB (more iovecs than a
+        // synchronous read keeps on its stack), twice (a ring reuses its
+        // iovec arrays).
+        for tag in [8, 9] {
+            mem.write(0xa0000, &[0u8; 0x20000]).unwrap();
+            let mut bufs = Vec::new();
+            for i in 0..16 {
+                mem.io_bufs(0xa0000 + i * 8192, 4096, true, &mut bufs)
+                    .unwrap();
+            }
+            assert_eq!(bufs.len(), 16);
+            aio.push(tag, IoRequest::Read { offset: 0, bufs }).unwrap();
+            assert_eq!(wait_all(&mut aio, 1), [(tag, 65536)]);
+            for i in 0..16u64 {
+                let mut page = vec![0; 4096];
+                mem.read(0xa0000 + i * 8192, &mut page).unwrap();
+                let at = i as usize * 4096;
+                assert_eq!(page, pattern[at..at + 4096], "buffer {i}");
+            }
+        }
         // A read into a buffer not marked writable never reaches the
         // kernel.
         let mut bufs = Vec::new();
@@ -451,6 +471,38 @@ mod tests {
             }
         }
         assert_eq!(aio.in_flight(), 0);
+    }
+
+    /// A read of what the page cache holds is copied at once; a write is
+    /// not one for `read_cached`.
+    #[test]
+    fn read_cached_copies_what_the_page_cache_holds() {
+        use crate::sys::uring::read_cached;
+        let mem = guest(1 << 20);
+        let file = image(1 << 20);
+        let data: Vec<u8> = (0..8192u32).map(|i| (i * 5) as u8).collect();
+        file.write_all_at(&data, 4096).unwrap();
+        let mut bufs = Vec::new();
+        mem.io_bufs(0x1000, 4096, true, &mut bufs).unwrap();
+        mem.io_bufs(0x3000, 4096, true, &mut bufs).unwrap();
+        let read = IoRequest::Read { offset: 4096, bufs };
+        match read_cached(file.as_fd(), &read) {
+            Ok(n) => {
+                assert_eq!(n, 8192);
+                let mut back = vec![0; 4096];
+                mem.read(0x1000, &mut back).unwrap();
+                assert_eq!(back, data[..4096]);
+                mem.read(0x3000, &mut back).unwrap();
+                assert_eq!(back, data[4096..]);
+            }
+            // A kernel or file system without RWF_NOWAIT.
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EOPNOTSUPP), "{e}"),
+        }
+        let mut bufs = Vec::new();
+        mem.io_bufs(0x1000, 512, false, &mut bufs).unwrap();
+        let write = IoRequest::Write { offset: 0, bufs };
+        let e = read_cached(file.as_fd(), &write).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
     }
 
     #[test]

@@ -110,6 +110,19 @@ where
         None
     }
 
+    /// Whether the requests the device holds now complete about as soon
+    /// as a short spin (copies from the page cache done by a thread),
+    /// so a worker with nothing else to do polls through them instead of
+    /// sleeping on the [`completion_fd`](Self::completion_fd): sleeping
+    /// and being woken costs more than the wait. False (the default):
+    /// they wait for a disk or a network, and the worker sleeps rather
+    /// than take a core from the I/O. Asked as the worker decides
+    /// whether to spin, with requests outstanding.
+    fn quick_io(&self, queue: u16, scratch: &Self::Scratch) -> bool {
+        let _ = (queue, scratch);
+        false
+    }
+
     /// DEVICE_STATE, save: the device's state as the bytes a destination's
     /// [`load_state`](Self::load_state) takes. `inflight` is the inflight
     /// area, if one is mapped (every ring is stopped: the requests
@@ -1268,18 +1281,19 @@ where
         // Requests the device holds that complete on its completion fd
         // are waited for there: spinning would take a core from the I/O
         // (and the guest) while the disk works.
-        let spin = idle && self.dp.error().is_none() && !self.dp.paused() && !self.holds_io();
+        let spin = idle && self.dp.error().is_none() && !self.dp.paused() && !self.waits_io();
         Step { idle, spin }
     }
 
-    /// The device holds requests that complete on its completion fd.
-    fn holds_io(&self) -> bool {
+    /// The device holds requests that complete on its completion fd, and
+    /// not quickly enough to spin through them
+    /// ([`SharedDevice::quick_io`]).
+    fn waits_io(&self) -> bool {
+        let (device, queue, scratch) =
+            (&self.worker.device, self.worker.queue, &self.round.scratch);
         self.dp.outstanding() > 0
-            && self
-                .worker
-                .device
-                .completion_fd(self.worker.queue, &self.round.scratch)
-                .is_some()
+            && device.completion_fd(queue, scratch).is_some()
+            && !device.quick_io(queue, scratch)
     }
 
     /// Asks the driver for kicks (before the worker sleeps), then looks
@@ -1537,9 +1551,10 @@ where
                 .read()
                 .unwrap_or_else(PoisonError::into_inner);
             r.worker.serve(&mut r.dp, &mem, &mut r.round);
-            if r.dp.error().is_some() || (r.dp.outstanding() > r.spin_held && r.holds_io()) {
-                // A new request went to the device's I/O: wait for it on
-                // its completion fd (as `step` decides), not by spinning.
+            if r.dp.error().is_some() || (r.dp.outstanding() > r.spin_held && r.waits_io()) {
+                // A new request went to the device's slow I/O: wait for
+                // it on its completion fd (as `step` decides), not by
+                // spinning.
                 return false;
             }
         }

@@ -24,8 +24,10 @@ use vhost_user_core::frontend::FrontendConfig;
 use vhost_user_core::memory::GuestMemory;
 use vhost_user_core::message::{ConfigWriteKind, Request};
 use vhost_user_core::vring::Chain;
+use vhost_user_linux::aio::AioMode;
+use vhost_user_linux::backend::SharedDevice;
 use vhost_user_test::{region, Backend, Buf, GuestRing, Pair, RingSpec, TestMemory};
-use vhu_examples::blk::{BlkService, FileBackend, Scratch, TempImage};
+use vhu_examples::blk::{BlkService, CacheMode, FileBackend, Scratch, TempImage};
 
 const MIB: u64 = 1 << 20;
 const IMAGE: u64 = 4 * MIB;
@@ -527,4 +529,144 @@ fn blk_writes_are_marked_in_the_dirty_log() {
     r.request(&[head, Buf::writable(0x30000, 4096), status]);
     assert_eq!(dirty_pages(&r), Vec::<u64>::new());
     assert_eq!(r.p.be.log_failed, 0);
+}
+
+/// A ring over mapped guest memory for the Linux runtime's data path
+/// (`process_mapped`, `poll_mapped`), without a front-end: the test pops
+/// the chains itself.
+struct MappedRing {
+    mem: vhost_user_linux::memory::LinuxGuestMemory,
+    driver: vhost_user_test::SplitDriver,
+    dp: vhost_user_core::dataplane::DataPlane,
+}
+
+impl MappedRing {
+    fn new() -> MappedRing {
+        let mut mem = vhost_user_linux::memory::LinuxGuestMemory::new();
+        let fd = vhost_user_linux::sys::memfd::create("guest", 2 * MIB).unwrap();
+        mem.map(0, region(0, 2 * MIB), fd).unwrap();
+        let driver = vhost_user_test::SplitDriver::new(&mem, 64, 0x1000, false).unwrap();
+        let q = vhost_user_core::vring::Queue::new(64, driver.addrs(), V::VERSION_1).unwrap();
+        let dp = vhost_user_core::dataplane::DataPlane::start(q, true, false, &mem, None);
+        MappedRing { mem, driver, dp }
+    }
+
+    /// Posts a request of type `ty` (a 4 KiB read or write at `sector`,
+    /// or a flush) whose header, data and status sit at `at`, pops it and
+    /// hands it to `s`; returns what it said.
+    fn submit(
+        &mut self,
+        s: &Service,
+        scratch: &mut Scratch,
+        ty: u32,
+        at: u64,
+        sector: u64,
+    ) -> Completion {
+        let (hdr, data, status) = (at, at + 0x1000, at + 0x2000);
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&ty.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        self.mem.write(hdr, &h).unwrap();
+        let mut bufs = vec![Buf::readable(hdr, 16)];
+        match ty {
+            VIRTIO_BLK_T_IN => bufs.push(Buf::writable(data, 4096)),
+            VIRTIO_BLK_T_OUT => bufs.push(Buf::readable(data, 4096)),
+            _ => {}
+        }
+        bufs.push(Buf::writable(status, 1));
+        self.driver.post(&self.mem, &bufs).unwrap();
+        let mut chain: Chain = Chain::new();
+        let token = self.dp.pop(&self.mem, None, &mut chain).unwrap().unwrap();
+        let mapped = vhost_user_linux::memory::Mapped::new(&self.mem, None);
+        s.process_mapped(0, &chain, token, &mapped, scratch)
+    }
+
+    fn read(&self, at: u64, len: usize) -> Result<Vec<u8>, vhost_user_core::memory::MemoryError> {
+        let mut b = vec![0; len];
+        self.mem.read(at, &mut b)?;
+        Ok(b)
+    }
+
+    /// Reaps until the device holds nothing; returns the completions.
+    fn drain(&mut self, s: &Service, scratch: &mut Scratch, held: usize) -> usize {
+        let mapped = vhost_user_linux::memory::Mapped::new(&self.mem, None);
+        let mut n = 0;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while n < held {
+            assert!(std::time::Instant::now() < deadline, "the I/O completes");
+            s.poll_mapped(0, &mapped, scratch, &mut |_, _| n += 1);
+            std::thread::yield_now();
+        }
+        n
+    }
+}
+
+/// Through the thread pool over the page cache, a read of cached data is
+/// copied at once by the worker (as an io_uring copies it while it is
+/// submitted), and what the pool gets waits for the disk: the worker
+/// sleeps on its completion fd rather than spin through it, as for
+/// O_DIRECT, for an io_uring's held reads and while a flush or a write is
+/// in the engine.
+#[test]
+fn cached_reads_complete_at_once_and_disk_io_is_waited_for() {
+    let image = TempImage::new(IMAGE).unwrap();
+    let data = pattern(3, 4096);
+    // Written through the page cache: cached.
+    std::fs::File::options()
+        .write(true)
+        .open(image.path())
+        .unwrap()
+        .write_all_at(&data, 8 * 512)
+        .unwrap();
+    let uring = {
+        let f = std::fs::File::open(image.path()).unwrap();
+        vhost_user_linux::sys::uring::Uring::new(8, std::os::fd::AsFd::as_fd(&f)).is_ok()
+    };
+    for (aio, cache) in [
+        (AioMode::Threads, CacheMode::Writeback),
+        (AioMode::Threads, CacheMode::Writethrough),
+        (AioMode::Threads, CacheMode::None),
+        (AioMode::IoUring, CacheMode::Writeback),
+    ] {
+        let what = format!("{aio:?}, cache {cache:?}");
+        let threads = aio == AioMode::Threads || !uring;
+        let backend = FileBackend::open_with(image.path(), false, cache).unwrap();
+        let mut s = BlkService::new(device(false, b"quick"), backend, 1).with_aio(Some(aio), 4);
+        // FLUSH negotiated, as a Linux guest does: writes are not
+        // followed by one of their own.
+        let features = s.offered_features() | V::VERSION_1;
+        s.features_acked(features);
+        let mut scratch = Scratch::default();
+        let mut r = MappedRing::new();
+        let c = r.submit(&s, &mut scratch, VIRTIO_BLK_T_IN, 0x10000, 8);
+        if threads && cache != CacheMode::None {
+            assert_eq!(c, Completion::Done(4097), "{what}: a cached read");
+        } else {
+            assert_eq!(c, Completion::Later, "{what}: the read goes to the engine");
+            assert!(!s.quick_io(0, &scratch), "{what}: a read in the engine");
+            assert_eq!(r.drain(&s, &mut scratch, 1), 1);
+        }
+        assert_eq!(r.read(0x11000, 4096).unwrap(), data, "{what}");
+        assert_eq!(r.read(0x12000, 1).unwrap(), [S_OK], "{what}");
+        // A range never read nor written: what goes to the engine was not
+        // in the cache.
+        let c = r.submit(&s, &mut scratch, VIRTIO_BLK_T_IN, 0x20000, 4096);
+        if c == Completion::Later {
+            assert!(!s.quick_io(0, &scratch), "{what}: a read that missed");
+            assert_eq!(r.drain(&s, &mut scratch, 1), 1);
+        }
+        assert_eq!(r.read(0x21000, 4096).unwrap(), [0; 4096]);
+        // A flush waits for the disk.
+        let c = r.submit(&s, &mut scratch, VIRTIO_BLK_T_FLUSH, 0x30000, 0);
+        assert_eq!(c, Completion::Later, "{what}: the flush goes to the engine");
+        assert!(!s.quick_io(0, &scratch), "{what}: a flush");
+        assert_eq!(r.drain(&s, &mut scratch, 1), 1);
+        if cache == CacheMode::Writethrough {
+            // So does a write (O_DSYNC).
+            let c = r.submit(&s, &mut scratch, VIRTIO_BLK_T_OUT, 0x10000, 8);
+            assert_eq!(c, Completion::Later);
+            assert!(!s.quick_io(0, &scratch), "{what}: a write");
+            assert_eq!(r.drain(&s, &mut scratch, 1), 1);
+        }
+    }
 }

@@ -22,6 +22,10 @@ use super::{cvt, retry};
 /// Most buffers of one read or write (`IOV_MAX`).
 pub const MAX_IOVECS: usize = 1024;
 
+/// Buffers of a [`perform`]ed read or write whose iovecs stay on the
+/// stack.
+const INLINE_IOVECS: usize = 8;
+
 /// One file operation.
 #[derive(Debug)]
 pub enum IoRequest {
@@ -119,15 +123,26 @@ struct IoVecs(Vec<libc::iovec>);
 unsafe impl Send for IoVecs {}
 
 impl IoVecs {
-    fn of(bufs: &[IoBuf]) -> IoVecs {
-        IoVecs(
-            bufs.iter()
-                .map(|b| libc::iovec {
-                    iov_base: b.addr() as *mut libc::c_void,
-                    iov_len: b.len(),
-                })
-                .collect(),
-        )
+    /// Fills the array (emptied first) with the iovecs of `bufs`.
+    fn fill(&mut self, bufs: &[IoBuf]) {
+        self.0.clear();
+        self.0.extend(bufs.iter().map(iovec));
+    }
+}
+
+fn iovec(b: &IoBuf) -> libc::iovec {
+    libc::iovec {
+        iov_base: b.addr() as *mut libc::c_void,
+        iov_len: b.len(),
+    }
+}
+
+/// The one buffer of a read or write that has one, of a length one
+/// non-vectored operation takes.
+fn single(bufs: &[IoBuf]) -> Option<&IoBuf> {
+    match bufs {
+        [b] if u32::try_from(b.len()).is_ok() => Some(b),
+        _ => None,
     }
 }
 
@@ -135,8 +150,9 @@ struct InFlight {
     tag: u64,
     request: IoRequest,
     /// Read by the kernel when it issues the operation; kept until the
-    /// completion.
-    _iovecs: IoVecs,
+    /// completion. Empty (no allocation) for a request of one buffer,
+    /// which the entry points at directly.
+    iovecs: IoVecs,
 }
 
 /// An io_uring over one file, signalling completions on an eventfd.
@@ -148,6 +164,9 @@ pub struct Uring {
     free: Vec<usize>,
     in_flight: usize,
     cqes: Vec<(u64, i32)>,
+    /// Emptied iovec arrays of reaped requests, reused (no allocation per
+    /// request of several buffers).
+    spare: Vec<IoVecs>,
 }
 
 impl std::fmt::Debug for Uring {
@@ -178,6 +197,7 @@ impl Uring {
             free: Vec::new(),
             in_flight: 0,
             cqes: Vec::new(),
+            spare: Vec::new(),
         })
     }
 
@@ -216,19 +236,32 @@ impl Uring {
                 self.slots.len() - 1
             }
         };
-        let iovecs = match &request {
-            IoRequest::Read { bufs, .. } | IoRequest::Write { bufs, .. } => IoVecs::of(bufs),
-            _ => IoVecs(Vec::new()),
-        };
+        let mut iovecs = IoVecs(Vec::new());
+        if let IoRequest::Read { bufs, .. } | IoRequest::Write { bufs, .. } = &request {
+            if single(bufs).is_none() {
+                iovecs = self.spare.pop().unwrap_or(IoVecs(Vec::new()));
+                iovecs.fill(bufs);
+            }
+        }
         let file = types::Fixed(0);
         let n = iovecs.0.len() as u32; // at most MAX_IOVECS (checked)
         let entry = match &request {
-            IoRequest::Read { offset, .. } => opcode::Readv::new(file, iovecs.0.as_ptr(), n)
-                .offset(*offset)
-                .build(),
-            IoRequest::Write { offset, .. } => opcode::Writev::new(file, iovecs.0.as_ptr(), n)
-                .offset(*offset)
-                .build(),
+            IoRequest::Read { offset, bufs } => match single(bufs) {
+                Some(b) => opcode::Read::new(file, b.addr() as *mut u8, b.len() as u32)
+                    .offset(*offset)
+                    .build(),
+                None => opcode::Readv::new(file, iovecs.0.as_ptr(), n)
+                    .offset(*offset)
+                    .build(),
+            },
+            IoRequest::Write { offset, bufs } => match single(bufs) {
+                Some(b) => opcode::Write::new(file, b.addr() as *const u8, b.len() as u32)
+                    .offset(*offset)
+                    .build(),
+                None => opcode::Writev::new(file, iovecs.0.as_ptr(), n)
+                    .offset(*offset)
+                    .build(),
+            },
             IoRequest::Sync => opcode::Fsync::new(file)
                 .flags(types::FsyncFlags::DATASYNC)
                 .build(),
@@ -238,9 +271,10 @@ impl Uring {
                 .build(),
         }
         .user_data(slot as u64);
-        // SAFETY: the entry points at `iovecs`, whose addresses are the
-        // `IoBuf`s of `request` (inside live mappings, writable for a
-        // read: `check`); both are stored in `slots` below and only
+        // SAFETY: the entry points at the one `IoBuf` of `request`, or at
+        // `iovecs` (a heap array that moving does not move), whose
+        // addresses are the `IoBuf`s of `request` (inside live mappings,
+        // writable for a read: `check`); both are stored in `slots` below and only
         // released in `reap`, after the kernel posted the entry's
         // completion, or never (drop waits for every entry, or leaks).
         // The file is the ring's registered file 0.
@@ -252,7 +286,7 @@ impl Uring {
         self.slots[slot] = Some(InFlight {
             tag,
             request,
-            _iovecs: iovecs,
+            iovecs,
         });
         self.in_flight += 1;
         Ok(())
@@ -306,7 +340,16 @@ impl Uring {
             } else {
                 Ok(res as usize)
             };
-            done(entry.tag, result, entry.request);
+            let InFlight {
+                tag,
+                request,
+                mut iovecs,
+            } = entry;
+            if iovecs.0.capacity() != 0 {
+                iovecs.0.clear();
+                self.spare.push(iovecs);
+            }
+            done(tag, result, request);
         }
     }
 }
@@ -335,23 +378,57 @@ impl Drop for Uring {
 /// the bytes moved (what a thread pool runs where io_uring is not
 /// available). Retries on `EINTR`; a short transfer is returned as such.
 pub fn perform(fd: BorrowedFd<'_>, request: &IoRequest) -> io::Result<usize> {
+    perform_with(fd, request, 0)
+}
+
+/// [`perform`] for a read that only copies what the page cache holds
+/// (`preadv2` with `RWF_NOWAIT`): fails with `WouldBlock` where it would
+/// wait for the disk (nothing of the start is cached), returns a short
+/// read where only the start is cached, and fails with `Unsupported` (or
+/// `EOPNOTSUPP`) where the kernel or the file cannot. Anything other than
+/// a read is refused (`InvalidInput`).
+pub fn read_cached(fd: BorrowedFd<'_>, request: &IoRequest) -> io::Result<usize> {
+    if !matches!(request, IoRequest::Read { .. }) {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    perform_with(fd, request, libc::RWF_NOWAIT)
+}
+
+fn perform_with(fd: BorrowedFd<'_>, request: &IoRequest, flags: libc::c_int) -> io::Result<usize> {
     request.check()?;
     let einval = || io::Error::from_raw_os_error(libc::EINVAL);
     match request {
         IoRequest::Read { offset, bufs } | IoRequest::Write { offset, bufs } => {
-            let iovecs = IoVecs::of(bufs);
             let off = libc::off_t::try_from(*offset).map_err(|_| einval())?;
-            let n = iovecs.0.len() as libc::c_int; // at most MAX_IOVECS
             let read = matches!(request, IoRequest::Read { .. });
+            // The iovecs on the stack when they fit (most requests have a
+            // buffer or two), else on the heap.
+            let mut inline = [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; INLINE_IOVECS];
+            let heap: Vec<libc::iovec>;
+            let iovecs: &[libc::iovec] = if bufs.len() <= INLINE_IOVECS {
+                for (v, b) in inline.iter_mut().zip(bufs) {
+                    *v = iovec(b);
+                }
+                &inline[..bufs.len()]
+            } else {
+                heap = bufs.iter().map(iovec).collect();
+                &heap
+            };
+            let n = iovecs.len() as libc::c_int; // at most MAX_IOVECS
             let moved = retry(|| {
                 // SAFETY: the iovecs point into mappings kept alive by
                 // `bufs` (borrowed for the whole call), writable for a
                 // read (`check`); the kernel touches only those ranges.
+                // (preadv2 only with flags: a seccomp policy or an old
+                // kernel may allow preadv and not it.)
                 cvt(unsafe {
-                    if read {
-                        libc::preadv(fd.as_raw_fd(), iovecs.0.as_ptr(), n, off)
-                    } else {
-                        libc::pwritev(fd.as_raw_fd(), iovecs.0.as_ptr(), n, off)
+                    match (read, flags) {
+                        (true, 0) => libc::preadv(fd.as_raw_fd(), iovecs.as_ptr(), n, off),
+                        (true, _) => libc::preadv2(fd.as_raw_fd(), iovecs.as_ptr(), n, off, flags),
+                        (false, _) => libc::pwritev(fd.as_raw_fd(), iovecs.as_ptr(), n, off),
                     }
                 })
             })?;

@@ -91,24 +91,33 @@ impl FileBackend {
             CacheMode::None => libc::O_DIRECT,
         };
         let named = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .custom_flags(flags)
-            .open(path)
-            .map_err(|e| {
-                if cache == CacheMode::None && e.raw_os_error() == Some(libc::EINVAL) {
-                    io::Error::new(
-                        e.kind(),
-                        format!(
-                            "{}: the file system cannot do O_DIRECT (cache=none): {e}",
-                            path.display()
-                        ),
-                    )
-                } else {
-                    named(e)
-                }
-            })?;
+        let open = |flags| {
+            OpenOptions::new()
+                .read(true)
+                .write(!read_only)
+                .custom_flags(flags)
+                .open(path)
+        };
+        // Reads do not update the image's access time (each one would
+        // otherwise check whether to, a few percent of a cached read);
+        // only the file's owner may ask that, others open it as is.
+        let file = match open(flags | libc::O_NOATIME) {
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(flags),
+            other => other,
+        };
+        let file = file.map_err(|e| {
+            if cache == CacheMode::None && e.raw_os_error() == Some(libc::EINVAL) {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "{}: the file system cannot do O_DIRECT (cache=none): {e}",
+                        path.display()
+                    ),
+                )
+            } else {
+                named(e)
+            }
+        })?;
         let mut backend = Self::from_file(file, read_only)?;
         backend.buffered = cache == CacheMode::Writeback;
         if cache == CacheMode::None {
@@ -392,6 +401,27 @@ mod tests {
         // The open file outlives the name.
         b.write_at(&[1; 512], 0).unwrap();
         assert_eq!(read(&b, 0, 512), vec![1; 512]);
+    }
+
+    /// The image's owner opens it with O_NOATIME: a read leaves its
+    /// access time alone (with relatime, an access time older than the
+    /// modification time would be updated).
+    #[test]
+    fn reads_leave_the_access_time_alone() {
+        let image = TempImage::new(MIB).unwrap();
+        let f = File::options().write(true).open(image.path()).unwrap();
+        let old = SystemTime::now() - std::time::Duration::from_secs(3600);
+        f.set_times(std::fs::FileTimes::new().set_accessed(old))
+            .unwrap();
+        let atime = || std::fs::metadata(image.path()).unwrap().atime();
+        let before = atime();
+        for cache in [CacheMode::Writeback, CacheMode::Writethrough] {
+            let b = FileBackend::open_with(image.path(), false, cache).unwrap();
+            assert_eq!(read(&b, 0, 4096), vec![0; 4096]);
+        }
+        let b = FileBackend::open(image.path(), true).unwrap();
+        assert_eq!(read(&b, 8192, 4096), vec![0; 4096]);
+        assert_eq!(atime(), before);
     }
 
     #[test]

@@ -27,7 +27,10 @@
 //! `FALLOC_FL_ZERO_RANGE` to writing zeroes, the last one synchronously).
 //! A write that only copies into the page cache
 //! ([`BlockBackend::buffered_writes`], and no fdatasync after it) is done
-//! at once in the worker with `pwritev`. A short read or write is
+//! at once in the worker with `pwritev`; with the thread pool, so is a
+//! read of what the page cache holds (`preadv2` with `RWF_NOWAIT`, as an
+//! io_uring copies it while it is submitted), the pool getting what the
+//! cache did not hold. A short read or write is
 //! resubmitted for the rest; a read that reaches the end of the file
 //! zero-fills what is left. GET_ID is carried out at once.
 
@@ -53,7 +56,7 @@ use vhost_user_linux::backend::{bump, InflightArea, InflightAreaMut, SharedDevic
 use vhost_user_linux::memory::Mapped;
 use vhost_user_linux::sys::memfd;
 use vhost_user_linux::sys::mmap::{Access, IoBuf, MmapRegion};
-use vhost_user_linux::sys::uring::{perform, IoRequest};
+use vhost_user_linux::sys::uring::{perform, read_cached, IoRequest};
 
 use super::file::{unsupported, PUNCH_HOLE, ZERO_RANGE};
 use super::{check_range, execute, BlockBackend, DirectAlignment};
@@ -148,6 +151,9 @@ struct Pending {
     /// buffer the I/O uses instead (a read's data is copied to the guest
     /// ranges in `written` once it is done).
     bounce: Option<Arc<MmapRegion>>,
+    /// Waits for the disk (counted in [`Scratch::slow`]): anything but a
+    /// read from the page cache.
+    slow: bool,
 }
 
 /// A discard or write zeroes in the engine: its ranges, carried out one
@@ -196,6 +202,11 @@ pub struct Scratch {
     /// Requests in the engine, by tag.
     pending: Vec<Option<Pending>>,
     free: Vec<usize>,
+    /// Of those, the ones that wait for the disk ([`Pending::slow`]).
+    slow: usize,
+    /// Reads cannot be tried on the page cache first (`RWF_NOWAIT`
+    /// refused): all go to the engine.
+    no_cached_reads: bool,
     /// Completions of one reap.
     reaped: Vec<(u64, io::Result<usize>, IoRequest)>,
     /// An unaligned O_DIRECT request was logged.
@@ -471,9 +482,13 @@ impl<B: BlockBackend> BlkService<B> {
             zeroing: None,
             written: scratch.spare.pop().unwrap_or_default(),
             bounce: None,
+            slow: false,
         };
         let direct = self.inner.backend.direct_alignment();
         let read = matches!(op, BlkOp::Read { .. });
+        // A read without O_DIRECT copies from the page cache (unless it
+        // misses); everything else waits for the disk.
+        p.slow = !read || direct.is_some();
         let mut bufs = scratch.spare_bufs.pop().unwrap_or_default();
         let mut bad = None;
         if matches!(op, BlkOp::Read { .. } | BlkOp::Write { .. }) {
@@ -564,12 +579,61 @@ impl<B: BlockBackend> BlkService<B> {
             recycle(&mut scratch.spare_bufs, request);
             return Some(Completion::Done(self.finish(queue, mem, &p, status)));
         }
-        let request = match (op, &zeroing) {
+        let mut request = match (op, &zeroing) {
             (BlkOp::Read { .. }, _) => IoRequest::Read { offset, bufs },
             (BlkOp::Write { .. }, _) => IoRequest::Write { offset, bufs },
             (_, Some(z)) => z.request(),
             _ => IoRequest::Sync,
         };
+        if read
+            && direct.is_none()
+            && self.delay.is_zero()
+            && !scratch.no_cached_reads
+            && matches!(scratch.io, Some(Aio::Threads(_)))
+        {
+            // What the page cache holds is copied at once, in the
+            // worker, as an io_uring would while it is submitted; the
+            // threads get only what waits for the disk.
+            let cached = match self.inner.backend.io_fd() {
+                Some(fd) => read_cached(fd, &request),
+                None => Err(io::Error::from(io::ErrorKind::Unsupported)),
+            };
+            match cached {
+                Ok(n) if n == p.len => {
+                    let mut logged = true;
+                    for &(addr, n) in &p.written {
+                        logged &= mem.mark(addr, n).is_ok();
+                    }
+                    let status = if logged {
+                        BlkStatus::Ok
+                    } else {
+                        BlkStatus::IoErr
+                    };
+                    let len = self.finish(queue, mem, &p, status);
+                    recycle(&mut scratch.spare_bufs, request);
+                    let mut written = std::mem::take(&mut p.written);
+                    written.clear();
+                    scratch.spare.push(written);
+                    return Some(Completion::Done(len));
+                }
+                Ok(n) if n > 0 && n < p.len && request.advance(n) => {
+                    // The rest was not cached.
+                    p.moved = n;
+                    p.slow = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => p.slow = true,
+                Err(e) if unsupported(&e) || e.kind() == io::ErrorKind::Unsupported => {
+                    log::info!(
+                        "queue {queue}: reads cannot be served from the page cache at once ({e}); \
+                         all go to the I/O threads"
+                    );
+                    scratch.no_cached_reads = true;
+                }
+                // The end of the file, an error: the threads do it again
+                // and report it.
+                _ => {}
+            }
+        }
         let slot = match scratch.free.pop() {
             Some(s) => s,
             None => {
@@ -590,6 +654,7 @@ impl<B: BlockBackend> BlkService<B> {
                     p.due = Some(start + self.delay);
                     scratch.last_due = p.due;
                 }
+                scratch.slow += usize::from(p.slow);
                 scratch.pending[slot] = Some(p);
                 Some(Completion::Later)
             }
@@ -945,6 +1010,7 @@ impl<B: BlockBackend + 'static> SharedDevice for BlkService<B> {
                         log::debug!("virtio-blk: cannot submit the flush: {e}");
                         let len = self.finish(queue, mem, &p, BlkStatus::IoErr);
                         scratch.free.push(slot);
+                        scratch.slow -= usize::from(p.slow);
                         done(p.token, len);
                         continue;
                     }
@@ -969,6 +1035,7 @@ impl<B: BlockBackend + 'static> SharedDevice for BlkService<B> {
             };
             let len = self.finish(queue, mem, &p, status);
             scratch.free.push(slot);
+            scratch.slow -= usize::from(p.slow);
             let mut written = std::mem::take(&mut p.written);
             written.clear();
             scratch.spare.push(written);
@@ -1002,6 +1069,19 @@ impl<B: BlockBackend + 'static> SharedDevice for BlkService<B> {
             return None;
         }
         scratch.io.as_ref().map(Aio::completion_fd)
+    }
+
+    /// Reads from the page cache by the thread pool: they come back in a
+    /// few microseconds, sooner than the worker would sleep and be woken.
+    /// That is where the worker cannot copy cached data itself (no
+    /// `RWF_NOWAIT`); where it can, the pool only gets what the cache
+    /// did not hold, which waits for the disk. Not with O_DIRECT, nor
+    /// while a write, flush, discard or write zeroes is in the engine
+    /// (they wait for the disk); nor through an io_uring, which copies a
+    /// cached page while it is submitted (a read it holds after that
+    /// missed the cache).
+    fn quick_io(&self, _queue: u16, scratch: &Scratch) -> bool {
+        scratch.slow == 0 && matches!(scratch.io, Some(Aio::Threads(_)))
     }
 }
 
