@@ -378,11 +378,6 @@ impl GuestMemory for LinuxGuestMemory {
     }
 
     #[inline(always)]
-    fn prefetch(&self, gpa: u64) {
-        self.prefetch_range(gpa, 1, false);
-    }
-
-    #[inline(always)]
     fn read_desc(&self, gpa: u64) -> Result<[u64; 2], MemoryError> {
         self.read_array_as(gpa, vhost_user_core::memory::desc_words)
     }

@@ -237,10 +237,6 @@ impl<M: GuestMemory + ?Sized, L: GuestMemory + ?Sized> GuestMemory for LoggedMem
         self.mem.fence()
     }
     #[inline]
-    fn prefetch(&self, gpa: u64) {
-        self.mem.prefetch(gpa)
-    }
-    #[inline]
     fn store_fence(&self) {
         self.mem.store_fence()
     }

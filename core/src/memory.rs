@@ -126,15 +126,6 @@ pub trait GuestMemory {
         self.fence();
     }
 
-    /// A hint that the bytes at `gpa` will be read soon (the descriptors
-    /// after the one being popped): an implementation may start bringing
-    /// their cache line in. Never fails, changes nothing; the default does
-    /// nothing.
-    #[inline]
-    fn prefetch(&self, gpa: u64) {
-        let _ = gpa;
-    }
-
     /// Check that every byte of `[gpa, gpa + len)` is backed by guest
     /// memory, without touching it. With `len == 0`, checks that `gpa`
     /// itself is a mapped address.
@@ -227,10 +218,6 @@ impl<M: GuestMemory + ?Sized> GuestMemory for &M {
     #[inline]
     fn fence(&self) {
         (**self).fence()
-    }
-    #[inline]
-    fn prefetch(&self, gpa: u64) {
-        (**self).prefetch(gpa)
     }
     #[inline]
     fn store_fence(&self) {

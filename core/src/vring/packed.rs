@@ -235,12 +235,6 @@ impl PackedQueue {
         if !self.is_avail(flags) {
             return Ok(false);
         }
-        // The driver wrote the descriptors after this one too: start
-        // fetching them, two cache lines ahead, while this chain is read.
-        let ahead = self.next_avail.wrapping_add(8);
-        if ahead < self.size {
-            mem.prefetch(self.desc_addr(ahead));
-        }
         chain.reset();
         let mut pos = self.next_avail;
         let mut wrap = self.avail_wrap;
