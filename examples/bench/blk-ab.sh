@@ -27,27 +27,7 @@ DEPTHS=${DEPTHS:-"1 32 128"}
 QUEUES=${QUEUES:-1}
 cargo build --release -q -p vhu-examples --bin vhu
 VHU=${CARGO_TARGET_DIR:-target}/release/vhu
-dir=$(mktemp -d "${IMG_DIR:-${TMPDIR:-/tmp}}/vhu-blk-ab.XXXXXX")
-pids=()
-stop() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; pids=(); }
-trap 'stop; rm -rf "$dir"' EXIT
-
-# Written blocks (not unwritten extents, which O_DIRECT reads as zeroes).
-img=$dir/disk.img
-dd if=/dev/zero of="$img" bs=1M count="$SIZE_MB" oflag=direct conv=fsync status=none
-
-wait_sock() { for _ in $(seq 500); do [ -S "$1" ] && return; sleep 0.01; done; echo "no socket $1" >&2; exit 1; }
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-hz=$(getconf CLK_TCK)
-
-# One run: prints "iops cpu_us_per_request".
-one() { # pid sock rw depth queues
-    local t0 t1 out
-    t0=$(ticks "$1")
-    out=$("$VHU" bench --socket-path "$2" --rw "$3" --bs 4096 --iodepth "$4" --queues "$5" --runtime "$RUNTIME" --json)
-    t1=$(ticks "$1")
-    python3 -c "import json,sys; r=json.loads(sys.argv[1]); print(r['iops'], (int(sys.argv[2])-int(sys.argv[3]))*1e6/int(sys.argv[4])/max(r['requests'],1))" "$out" "$t1" "$t0" "$hz"
-}
+. examples/bench/blk-common.sh vhu-blk-ab
 
 printf '%-9s %-10s %-9s %2s %5s %10s %10s %6s %9s %9s %7s\n' aio cache rw q depth "A IOPS" "B IOPS" B/A "A us/req" "B us/req" "A/B cpu"
 for queues in $QUEUES; do
@@ -65,9 +45,9 @@ for queues in $QUEUES; do
         for depth in $DEPTHS; do
             a=(); b=(); ac=(); bc=()
             for _ in $(seq "$REPS"); do
-                read -r x y < <(flock /tmp/vhu-bench.lock bash -c "$(declare -f one ticks); VHU=$VHU RUNTIME=$RUNTIME hz=$hz one $pa $dir/a.sock $rw $depth $queues")
+                read -r x y _ < <(flock /tmp/vhu-bench.lock bash -c "$(declare -f one ticks); VHU=$VHU RUNTIME=$RUNTIME hz=$hz one $pa $dir/a.sock $rw $depth $queues")
                 a+=("$x"); ac+=("$y")
-                read -r x y < <(flock /tmp/vhu-bench.lock bash -c "$(declare -f one ticks); VHU=$VHU RUNTIME=$RUNTIME hz=$hz one $pb $dir/b.sock $rw $depth $queues")
+                read -r x y _ < <(flock /tmp/vhu-bench.lock bash -c "$(declare -f one ticks); VHU=$VHU RUNTIME=$RUNTIME hz=$hz one $pb $dir/b.sock $rw $depth $queues")
                 b+=("$x"); bc+=("$y")
             done
             python3 - "$AIO" "$CACHE" "$rw" "$queues" "$depth" "${a[*]}" "${b[*]}" "${ac[*]}" "${bc[*]}" <<'PY'

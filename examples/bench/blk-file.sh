@@ -32,28 +32,7 @@ cargo build --release -q -p vhu-examples --bins
 tdir=${CARGO_TARGET_DIR:-target}
 VHU=$tdir/release/vhu
 OURS=$tdir/release/vhost-user-blk
-dir=$(mktemp -d "${IMG_DIR:-${TMPDIR:-/tmp}}/vhu-blk-file.XXXXXX")
-pids=()
-stop() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; pids=(); }
-trap 'stop; rm -rf "$dir"' EXIT
-
-# Preallocated with written blocks (not fallocate's unwritten extents,
-# which O_DIRECT reads as zeroes without touching the disk).
-img=$dir/disk.img
-dd if=/dev/zero of="$img" bs=1M count="$SIZE_MB" oflag=direct conv=fsync status=none
-
-wait_sock() { for _ in $(seq 500); do [ -S "$1" ] && return; sleep 0.01; done; echo "no socket $1" >&2; exit 1; }
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-hz=$(getconf CLK_TCK)
-
-# One run: prints "iops cpu_us_per_request p50_us".
-one() { # pid sock rw depth queues
-    local t0 t1 out
-    t0=$(ticks "$1")
-    out=$("$VHU" bench --socket-path "$2" --rw "$3" --bs 4096 --iodepth "$4" --queues "$5" --runtime "$RUNTIME" --json)
-    t1=$(ticks "$1")
-    python3 -c "import json,sys; r=json.loads(sys.argv[1]); print(r['iops'], (int(sys.argv[2])-int(sys.argv[3]))*1e6/int(sys.argv[4])/max(r['requests'],1), r['p50_ns']/1e3)" "$out" "$t1" "$t0" "$hz"
-}
+. examples/bench/blk-common.sh vhu-blk-file
 
 printf '%-9s %-10s %-9s %2s %5s %10s %10s %6s %10s %11s %8s %9s %9s\n' aio cache rw q depth "qsd IOPS" "ours IOPS" ratio "qsd us/req" "ours us/req" per-core "qsd p50" "ours p50"
 for aio in $AIO; do
