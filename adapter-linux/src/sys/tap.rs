@@ -195,9 +195,9 @@ impl Tap {
     }
 
     /// SIOCGIFMTU: the interface's MTU.
-    pub fn mtu(&self) -> io::Result<u32> {
+    pub fn mtu(&self) -> io::Result<u16> {
         let mtu = self.mtu_ioctl(libc::SIOCGIFMTU, 0)?;
-        u32::try_from(mtu).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))
+        u16::try_from(mtu).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))
     }
 
     /// An MTU ioctl (`struct ifreq` with an int) on the interface;

@@ -422,6 +422,35 @@ impl<B: BlockBackend> BlkService<B> {
         }
     }
 
+    /// Ends a read or write whose transfer is over (`ok`: all of it
+    /// moved): the guest ranges the kernel wrote go into the dirty log
+    /// before the request completes (a migration pass that clears the
+    /// bits after this copies the new bytes), then [`finish`](Self::finish);
+    /// their list goes back to `spare`. Returns the used length.
+    fn finish_transfer(
+        &self,
+        queue: u16,
+        mem: &Mapped<'_>,
+        p: &mut Pending,
+        ok: bool,
+        spare: &mut Vec<Vec<(u64, u64)>>,
+    ) -> u32 {
+        let mut logged = true;
+        for &(addr, n) in &p.written {
+            logged &= mem.mark(addr, n).is_ok();
+        }
+        let status = if ok && logged {
+            BlkStatus::Ok
+        } else {
+            BlkStatus::IoErr
+        };
+        let len = self.finish(queue, mem, p, status);
+        let mut written = std::mem::take(&mut p.written);
+        written.clear();
+        spare.push(written);
+        len
+    }
+
     /// Submits the read, write or flush planned in `scratch.plan` to the
     /// ring's engine; `None` if it is not one for the engine (or there is
     /// none): carry it out now.
@@ -600,20 +629,8 @@ impl<B: BlockBackend> BlkService<B> {
             };
             match cached {
                 Ok(n) if n == p.len => {
-                    let mut logged = true;
-                    for &(addr, n) in &p.written {
-                        logged &= mem.mark(addr, n).is_ok();
-                    }
-                    let status = if logged {
-                        BlkStatus::Ok
-                    } else {
-                        BlkStatus::IoErr
-                    };
-                    let len = self.finish(queue, mem, &p, status);
+                    let len = self.finish_transfer(queue, mem, &mut p, true, &mut scratch.spare);
                     recycle(&mut scratch.spare_bufs, request);
-                    let mut written = std::mem::take(&mut p.written);
-                    written.clear();
-                    scratch.spare.push(written);
                     return Some(Completion::Done(len));
                 }
                 Ok(n) if n > 0 && n < p.len && request.advance(n) => {
@@ -1021,24 +1038,9 @@ impl<B: BlockBackend + 'static> SharedDevice for BlkService<B> {
                     .as_ref()
                     .is_none_or(|b| unbounce(mem, b, &p.written));
             p.bounce = None;
-            // The kernel wrote the read's data: in the dirty log before
-            // the request completes (a migration pass that clears the
-            // bits after this copies the new bytes).
-            let mut logged = true;
-            for &(addr, n) in &p.written {
-                logged &= mem.mark(addr, n).is_ok();
-            }
-            let status = if ok && logged {
-                BlkStatus::Ok
-            } else {
-                BlkStatus::IoErr
-            };
-            let len = self.finish(queue, mem, &p, status);
+            let len = self.finish_transfer(queue, mem, &mut p, ok, &mut scratch.spare);
             scratch.free.push(slot);
             scratch.slow -= usize::from(p.slow);
-            let mut written = std::mem::take(&mut p.written);
-            written.clear();
-            scratch.spare.push(written);
             recycle(&mut scratch.spare_bufs, request);
             match p.due {
                 Some(due) => scratch.held.push((due, p.token, len)),

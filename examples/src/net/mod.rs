@@ -41,7 +41,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use vhost_user_core::dataplane::Token;
@@ -207,7 +207,7 @@ struct Inner {
     mtu: AtomicU16,
     /// The tap's MTU before the connection's first NET_SET_MTU changed
     /// it (0: unchanged), put back at RESET_DEVICE and at disconnect.
-    tap_mtu_before: AtomicU32,
+    tap_mtu_before: AtomicU16,
     /// The negotiated net features' bits (transmit headers are checked
     /// against them).
     acked: AtomicU64,
@@ -303,7 +303,7 @@ impl NetService {
                 max_frame,
                 max_mtu,
                 mtu: AtomicU16::new(0),
-                tap_mtu_before: AtomicU32::new(0),
+                tap_mtu_before: AtomicU16::new(0),
                 acked: AtomicU64::new(0),
                 rarps: AtomicU64::new(0),
                 device: Mutex::new(device),
@@ -366,10 +366,6 @@ impl NetService {
     /// operator left it).
     fn restore_tap_mtu(&self) {
         let before = self.inner.tap_mtu_before.swap(0, Ordering::Relaxed);
-        let Ok(before) = u16::try_from(before) else {
-            log::warn!("tap MTU {before} not put back: above 65535");
-            return;
-        };
         if before == 0 {
             return;
         }
