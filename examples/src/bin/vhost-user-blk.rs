@@ -45,7 +45,8 @@ usage: vhost-user-blk (--socket-path PATH | --fd N) [options]
                        runs on thread q % T (default: one per queue, at
                        most half the CPUs)
   --spin-us N          how long an idle worker polls its rings before it
-                       sleeps on their kicks (default 50)
+                       sleeps on their kicks (default 50; not after
+                       requests that waited for the disk)
   --queue-size N       largest ring size a front-end may use (default 1024)
   --serial ID          device serial for GET_ID (default vhu-blk)
   --io-delay-us N      delay every request by N microseconds (testing)
