@@ -12,7 +12,10 @@
 # For each direction, packet size (SIZES, bytes without the CRC) and ring
 # layout (split, packed) it runs REPS repetitions, each one run of DPDK's
 # back-end and one of ours, and prints the median Mpps of each, the ratio
-# ours/DPDK, and Gbit/s (frame bytes only). Rates are measured between two
+# ours/DPDK, and Gbit/s (frame bytes only); then the median, lowest and
+# highest of the per-repetition ratios (each of ours over the DPDK run
+# just before it: steadier than the ratio of medians on a machine whose
+# speed drifts between runs). Rates are measured between two
 # `show port stats` snapshots RUNTIME seconds apart, after WARMUP seconds.
 #
 # Cores: the front-end's forwarding lcore is core 1, the back-end runs on
@@ -166,7 +169,7 @@ def run(who, direction, size, ring, tmp):
 
 def main():
     print(f"{'dir':3} {'ring':6} {'bytes':>5} {'DPDK Mpps':>10} {'ours Mpps':>10} {'ratio':>6} "
-          f"{'DPDK Gbit/s':>11} {'ours Gbit/s':>11}  (medians of {REPS}; min-max ratio)", flush=True)
+          f"{'DPDK Gbit/s':>11} {'ours Gbit/s':>11}  (medians of {REPS}; paired ratio median, min-max)", flush=True)
     with tempfile.TemporaryDirectory(prefix="vhu-net-bench.") as tmp, \
             open("/tmp/vhu-bench.lock", "w") as lock:
         for direction in DIRS:
@@ -184,7 +187,8 @@ def main():
                     ratios = [b / a for a, b in zip(res["dpdk"], res["ours"]) if a > 0]
                     gb = lambda pps: pps * size * 8 / 1e9
                     print(f"{direction:3} {ring:6} {size:5} {d/1e6:10.3f} {o/1e6:10.3f} {o/d if d else 0:6.2f} "
-                          f"{gb(d):11.2f} {gb(o):11.2f}  ({min(ratios):.2f}-{max(ratios):.2f})", flush=True)
+                          f"{gb(d):11.2f} {gb(o):11.2f}  ({statistics.median(ratios):.2f}, {min(ratios):.2f}-{max(ratios):.2f})",
+                          flush=True)
 
 
 main()

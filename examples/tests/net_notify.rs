@@ -5,7 +5,8 @@
 //! (used ring flags NO_NOTIFY; with EVENT_IDX avail_event left behind)
 //! and packed (device event suppression DISABLE/ENABLE); a
 //! kick after the worker slept still wakes it; a worker that does not
-//! poll never suppresses kicks.
+//! poll never suppresses kicks. And what the null backend writes into
+//! receive buffers, whole or split.
 
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -124,11 +125,13 @@ fn send(ring: &mut Ring, mem: &LinuxGuestMemory, link: &FrontendLink<2, 1>, kick
     }
 }
 
+/// A started link to the daemon at `sock`; its receive and transmit
+/// rings.
 fn connect(
     sock: &Path,
     packed: bool,
     event_idx: bool,
-) -> (FrontendLink<2, 1>, LinuxGuestMemory, Ring) {
+) -> (FrontendLink<2, 1>, LinuxGuestMemory, Ring, Ring) {
     let (mem, region, fd) = front::guest_ram("net-notify", 4 * MIB, VA);
     let fds: Vec<OwnedFd> = vec![fd];
     let mut features = V::VERSION_1 | V::PROTOCOL_FEATURES;
@@ -140,7 +143,7 @@ fn connect(
     }
     let mut cfg: FrontendConfig<2, 1> = FrontendConfig::new(features, P::MQ | P::REPLY_ACK);
     let _ = cfg.regions.push(region);
-    let mut tx = None;
+    let mut rings = Vec::new();
     for q in 0..2u64 {
         let at = 0x1000 + 0x8000 * q;
         let (ring, a, base) = if packed {
@@ -153,9 +156,7 @@ fn connect(
             (Ring::Split(r, event_idx), a, 0)
         };
         let _ = cfg.queues.push(front::queue(SIZE, a, VA, base));
-        if q == 1 {
-            tx = Some(ring);
-        }
+        rings.push(ring);
     }
     let kicks: Vec<Option<EventFd>> = (0..2).map(|_| Some(EventFd::new(true).unwrap())).collect();
     let calls: Vec<Option<EventFd>> = (0..2).map(|_| Some(EventFd::new(true).unwrap())).collect();
@@ -166,14 +167,15 @@ fn connect(
     link.engine().start().unwrap();
     link.drive().unwrap();
     assert_eq!(link.engine().state(), State::Started);
-    (link, mem, tx.unwrap())
+    let tx = rings.pop().unwrap();
+    (link, mem, rings.pop().unwrap(), tx)
 }
 
 fn polling(packed: bool, event_idx: bool) {
     let dir = TempDir::new("net-notify");
     let sock = dir.0.join("net.sock");
     let _d = daemon(&dir.0, &sock, SPIN.as_micros());
-    let (link, mem, mut tx) = connect(&sock, packed, event_idx);
+    let (link, mem, _, mut tx) = connect(&sock, packed, event_idx);
 
     // Kicked once, the worker works and then polls: kicks suppressed.
     send(&mut tx, &mem, &link, true);
@@ -221,10 +223,91 @@ fn a_worker_that_does_not_poll_keeps_kicks_on() {
         let dir = TempDir::new("net-notify");
         let sock = dir.0.join("net.sock");
         let _d = daemon(&dir.0, &sock, 0);
-        let (link, mem, mut tx) = connect(&sock, packed, event_idx);
+        let (link, mem, _, mut tx) = connect(&sock, packed, event_idx);
         for _ in 0..3 {
             send(&mut tx, &mem, &link, true);
             assert!(!tx.suppressed(&mem), "packed {packed}");
         }
+    }
+}
+
+/// The null backend's frame in a receive buffer: the 12-byte header
+/// (`num_buffers` 1, the rest 0) and the template (broadcast, our MAC,
+/// EtherType 0x88b5, the payload counting up), the same whether the
+/// buffer is one descriptor or the header has one of its own; a buffer
+/// too small for both gets nothing.
+#[test]
+fn null_receive_buffers_get_the_header_and_the_template() {
+    const RX_BUFS: u64 = 0x30_0000;
+    for packed in [false, true] {
+        let dir = TempDir::new("net-null-rx");
+        let sock = dir.0.join("net.sock");
+        let _d = daemon(&dir.0, &sock, 0);
+        let (link, mem, mut rx, _) = connect(&sock, packed, false);
+        let mut expect = vec![0u8; 12 + 60];
+        expect[10] = 1;
+        expect[12..18].copy_from_slice(&[0xff; 6]);
+        expect[18..24].copy_from_slice(&[0x52, 0x54, 0, 0, 0, 1]);
+        expect[24..26].copy_from_slice(&[0x88, 0xb5]);
+        for (i, b) in expect[26..].iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        let (one, hdr, rest, small) = (
+            RX_BUFS,
+            RX_BUFS + 0x1000,
+            RX_BUFS + 0x2000,
+            RX_BUFS + 0x3000,
+        );
+        mem.write(one, &[0xee; 0x4000]).unwrap();
+        let chains: [&[Buf]; 3] = [
+            &[Buf::writable(one, 2048)],
+            &[Buf::writable(hdr, 12), Buf::writable(rest, 2048)],
+            &[Buf::writable(small, 71)],
+        ];
+        for bufs in chains {
+            match &mut rx {
+                Ring::Split(d, _) => d.post(&mem, bufs).map(drop).unwrap(),
+                Ring::Packed(d) => d.post(&mem, bufs).map(drop).unwrap(),
+            }
+        }
+        assert!(link.kick(0));
+        let t0 = Instant::now();
+        let mut used = Vec::new();
+        while used.len() < 3 {
+            assert!(t0.elapsed() < Duration::from_secs(10), "used {used:?}");
+            used.extend(match &mut rx {
+                Ring::Split(d, _) => d.harvest_all(&mem).unwrap(),
+                Ring::Packed(d) => d.harvest_all(&mem).unwrap(),
+            });
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let lens: Vec<u32> = used.iter().map(|u| u.len).collect();
+        assert_eq!(lens, [72, 72, 0], "packed {packed}");
+        let read = |at: u64, len: usize| {
+            let mut b = vec![0u8; len];
+            mem.read(at, &mut b).unwrap();
+            b
+        };
+        assert_eq!(
+            read(one, 73)[..72],
+            expect[..],
+            "packed {packed}: one buffer"
+        );
+        assert_eq!(
+            read(one + 72, 1),
+            [0xee],
+            "packed {packed}: nothing past the frame"
+        );
+        assert_eq!(
+            read(hdr, 12),
+            expect[..12],
+            "packed {packed}: the header's own"
+        );
+        assert_eq!(
+            read(rest, 60),
+            expect[12..],
+            "packed {packed}: the frame's own"
+        );
+        assert_eq!(read(small, 71), [0xee; 71], "packed {packed}: too small");
     }
 }
