@@ -244,7 +244,7 @@ fn null_receive_buffers_get_the_header_and_the_template() {
         let sock = dir.0.join("net.sock");
         let _d = daemon(&dir.0, &sock, 0);
         let (link, mem, mut rx, _) = connect(&sock, packed, false);
-        let mut expect = vec![0u8; 12 + 60];
+        let mut expect = [0u8; 12 + 60];
         expect[10] = 1;
         expect[12..18].copy_from_slice(&[0xff; 6]);
         expect[18..24].copy_from_slice(&[0x52, 0x54, 0, 0, 0, 1]);

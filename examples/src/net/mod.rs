@@ -312,8 +312,10 @@ impl NetService {
                 device: Mutex::new(device),
                 null_framed: match &backend {
                     NetBackend::Null { template } => {
-                        let mut h = VirtioNetHdr::default();
-                        h.num_buffers = 1.into();
+                        let h = VirtioNetHdr {
+                            num_buffers: 1.into(),
+                            ..VirtioNetHdr::default()
+                        };
                         [h.as_bytes(), template].concat()
                     }
                     _ => Vec::new(),
