@@ -311,3 +311,57 @@ fn null_receive_buffers_get_the_header_and_the_template() {
         assert_eq!(read(small, 71), [0xee; 71], "packed {packed}: too small");
     }
 }
+
+/// The null backend drops what is transmitted without reading it, and
+/// counts it as a copy would: a frame's bytes, and an error for a chain
+/// with a device-writable buffer, one shorter than a header and an
+/// Ethernet header, or one longer than the largest frame.
+#[test]
+fn null_transmit_counts_frames_and_refuses_bad_chains() {
+    let dir = TempDir::new("net-null-tx");
+    let sock = dir.0.join("net.sock");
+    let d = daemon(&dir.0, &sock, 0);
+    let (link, mem, _, mut tx) = connect(&sock, false, false);
+    let Ring::Split(ring, _) = &mut tx else {
+        unreachable!()
+    };
+    let chains: [&[Buf]; 5] = [
+        &[Buf::readable(TX_BUFS, LEN)],
+        &[
+            Buf::readable(TX_BUFS, 12),
+            Buf::readable(TX_BUFS + 0x1000, 1000),
+        ],
+        &[Buf::readable(TX_BUFS, 12 + 13)],
+        &[
+            Buf::readable(TX_BUFS, 12),
+            Buf::writable(TX_BUFS + 0x1000, 60),
+        ],
+        &[Buf::readable(TX_BUFS, 12 + 4000)],
+    ];
+    for bufs in chains {
+        ring.post(&mem, bufs).unwrap();
+    }
+    assert!(link.kick(1));
+    let t0 = Instant::now();
+    let mut used = 0;
+    while used < chains.len() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "{used} used");
+        used += ring.harvest_all(&mem).unwrap().len();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    drop(link);
+    let t0 = Instant::now();
+    let log = loop {
+        let log = std::fs::read_to_string(dir.0.join("net.log")).unwrap();
+        if log.contains("queue 1 (tx)") {
+            break log;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "{log}");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    drop(d);
+    assert!(
+        log.contains("queue 1 (tx): 2 packets, 1060 bytes, 0 drops, 3 errors"),
+        "{log}"
+    );
+}
