@@ -18,8 +18,9 @@
 //! - [`NetBackend::Loopback`]: what a pair transmits comes back on its
 //!   receive queue, in order; frames that find the queue full (the guest
 //!   does not receive) are dropped and counted.
-//! - [`NetBackend::Null`]: transmitted frames are counted and dropped;
-//!   every receive buffer gets a copy of a template frame at once.
+//! - [`NetBackend::Null`]: transmitted frames are counted and dropped
+//!   unread (the chain checked as a copy would check it); every receive
+//!   buffer gets a copy of a template frame at once.
 //! - [`NetBackend::Tap`]: a TAP interface, one queue of it per pair
 //!   (multi-queue with several pairs). Transmitted frames are written to
 //!   the pair's tap queue with their virtio-net header, once it is
