@@ -670,3 +670,63 @@ fn cached_reads_complete_at_once_and_disk_io_is_waited_for() {
         }
     }
 }
+
+/// Where the worker cannot copy cached data itself (a kernel without
+/// `RWF_NOWAIT`), a read from the page cache goes to the thread pool and
+/// comes back in microseconds: quick I/O, which the worker spins through
+/// rather than sleep; a write in the pool (writethrough: it waits for
+/// the disk) or any O_DIRECT read is not, nor is anything through an
+/// io_uring.
+#[test]
+fn pool_reads_from_the_page_cache_are_quick_io() {
+    let image = TempImage::new(IMAGE).unwrap();
+    let data = pattern(5, 4096);
+    std::fs::File::options()
+        .write(true)
+        .open(image.path())
+        .unwrap()
+        .write_all_at(&data, 8 * 512)
+        .unwrap();
+    for (cache, quick) in [(CacheMode::Writethrough, true), (CacheMode::None, false)] {
+        let backend = FileBackend::open_with(image.path(), false, cache).unwrap();
+        let mut s = BlkService::new(device(false, b"quick"), backend, 1)
+            .with_aio(Some(AioMode::Threads), 4);
+        let features = s.offered_features() | V::VERSION_1;
+        s.features_acked(features);
+        let mut scratch = Scratch::without_cached_reads();
+        let mut r = MappedRing::new();
+        let c = r.submit(&s, &mut scratch, VIRTIO_BLK_T_IN, 0x10000, 8);
+        assert_eq!(c, Completion::Later, "{cache:?}: the read goes to the pool");
+        assert_eq!(
+            s.quick_io(0, &scratch),
+            quick,
+            "{cache:?}: a read in the pool"
+        );
+        // A write joins it: now something waits for the disk.
+        let c = r.submit(&s, &mut scratch, VIRTIO_BLK_T_OUT, 0x20000, 64);
+        assert_eq!(c, Completion::Later);
+        assert!(!s.quick_io(0, &scratch), "{cache:?}: a write in the pool");
+        assert_eq!(r.drain(&s, &mut scratch, 2), 2);
+        assert_eq!(r.read(0x11000, 4096).unwrap(), data, "{cache:?}");
+        assert_eq!(r.read(0x12000, 1).unwrap(), [S_OK]);
+        assert_eq!(r.read(0x22000, 1).unwrap(), [S_OK]);
+        // Nothing in the pool: the next cached read is quick again.
+        let c = r.submit(&s, &mut scratch, VIRTIO_BLK_T_IN, 0x30000, 8);
+        assert_eq!(c, Completion::Later);
+        assert_eq!(s.quick_io(0, &scratch), quick, "{cache:?}: after the write");
+        assert_eq!(r.drain(&s, &mut scratch, 1), 1);
+        // Through an io_uring a read held after submission missed the
+        // cache: never quick.
+        if cache == CacheMode::Writethrough {
+            let backend = FileBackend::open_with(image.path(), false, cache).unwrap();
+            let mut s = BlkService::new(device(false, b"quick"), backend, 1)
+                .with_aio(Some(AioMode::IoUring), 4);
+            s.features_acked(features);
+            let mut scratch = Scratch::without_cached_reads();
+            if r.submit(&s, &mut scratch, VIRTIO_BLK_T_IN, 0x40000, 8) == Completion::Later {
+                assert!(!s.quick_io(0, &scratch), "io_uring");
+                assert_eq!(r.drain(&s, &mut scratch, 1), 1);
+            }
+        }
+    }
+}

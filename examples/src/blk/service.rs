@@ -239,6 +239,16 @@ impl Scratch {
     pub fn in_flight(&self) -> usize {
         self.io.as_ref().map_or(0, Aio::in_flight)
     }
+
+    /// Scratch for a ring whose reads all go to the I/O engine, as on a
+    /// kernel that refuses `RWF_NOWAIT` (found out with a ring's first
+    /// read otherwise).
+    pub fn without_cached_reads() -> Scratch {
+        Scratch {
+            no_cached_reads: true,
+            ..Scratch::default()
+        }
+    }
 }
 
 impl<B: BlockBackend> BlkService<B> {
