@@ -1296,14 +1296,12 @@ where
         // request comes at the disk's pace, and measured at iodepth 1 on
         // O_DIRECT the spin took a quarter of the IOPS and half again
         // the CPU per request.
-        let waits = self.waits_io();
-        if waits {
+        if self.waits_io() {
             self.disk_bound = true;
         } else if quick {
             self.disk_bound = false;
         }
-        let spin =
-            idle && self.dp.error().is_none() && !self.dp.paused() && !waits && !self.disk_bound;
+        let spin = idle && self.dp.error().is_none() && !self.dp.paused() && !self.disk_bound;
         Step { idle, spin }
     }
 

@@ -601,6 +601,31 @@ impl MappedRing {
     }
 }
 
+/// An image whose sector 8 holds 4 KiB of `pattern(seed)`, written
+/// through the page cache (so cached); the image and the pattern.
+fn cached_image(seed: u8) -> (TempImage, Vec<u8>) {
+    let image = TempImage::new(IMAGE).unwrap();
+    let data = pattern(seed, 4096);
+    std::fs::File::options()
+        .write(true)
+        .open(image.path())
+        .unwrap()
+        .write_all_at(&data, 8 * 512)
+        .unwrap();
+    (image, data)
+}
+
+/// A service over `image` in `cache` mode through `aio`, FLUSH
+/// negotiated as a Linux guest does (writes are not followed by one of
+/// their own).
+fn engine_service(image: &TempImage, cache: CacheMode, aio: AioMode) -> Service {
+    let backend = FileBackend::open_with(image.path(), false, cache).unwrap();
+    let mut s = BlkService::new(device(false, b"quick"), backend, 1).with_aio(Some(aio), 4);
+    let features = s.offered_features() | V::VERSION_1;
+    s.features_acked(features);
+    s
+}
+
 /// Through the thread pool over the page cache, a read of cached data is
 /// copied at once by the worker (as an io_uring copies it while it is
 /// submitted), and what the pool gets waits for the disk: the worker
@@ -609,15 +634,7 @@ impl MappedRing {
 /// in the engine.
 #[test]
 fn cached_reads_complete_at_once_and_disk_io_is_waited_for() {
-    let image = TempImage::new(IMAGE).unwrap();
-    let data = pattern(3, 4096);
-    // Written through the page cache: cached.
-    std::fs::File::options()
-        .write(true)
-        .open(image.path())
-        .unwrap()
-        .write_all_at(&data, 8 * 512)
-        .unwrap();
+    let (image, data) = cached_image(3);
     let uring = {
         let f = std::fs::File::open(image.path()).unwrap();
         vhost_user_linux::sys::uring::Uring::new(8, std::os::fd::AsFd::as_fd(&f)).is_ok()
@@ -630,12 +647,7 @@ fn cached_reads_complete_at_once_and_disk_io_is_waited_for() {
     ] {
         let what = format!("{aio:?}, cache {cache:?}");
         let threads = aio == AioMode::Threads || !uring;
-        let backend = FileBackend::open_with(image.path(), false, cache).unwrap();
-        let mut s = BlkService::new(device(false, b"quick"), backend, 1).with_aio(Some(aio), 4);
-        // FLUSH negotiated, as a Linux guest does: writes are not
-        // followed by one of their own.
-        let features = s.offered_features() | V::VERSION_1;
-        s.features_acked(features);
+        let s = engine_service(&image, cache, aio);
         let mut scratch = Scratch::default();
         let mut r = MappedRing::new();
         let c = r.submit(&s, &mut scratch, VIRTIO_BLK_T_IN, 0x10000, 8);
@@ -679,20 +691,9 @@ fn cached_reads_complete_at_once_and_disk_io_is_waited_for() {
 /// io_uring.
 #[test]
 fn pool_reads_from_the_page_cache_are_quick_io() {
-    let image = TempImage::new(IMAGE).unwrap();
-    let data = pattern(5, 4096);
-    std::fs::File::options()
-        .write(true)
-        .open(image.path())
-        .unwrap()
-        .write_all_at(&data, 8 * 512)
-        .unwrap();
+    let (image, data) = cached_image(5);
     for (cache, quick) in [(CacheMode::Writethrough, true), (CacheMode::None, false)] {
-        let backend = FileBackend::open_with(image.path(), false, cache).unwrap();
-        let mut s = BlkService::new(device(false, b"quick"), backend, 1)
-            .with_aio(Some(AioMode::Threads), 4);
-        let features = s.offered_features() | V::VERSION_1;
-        s.features_acked(features);
+        let s = engine_service(&image, cache, AioMode::Threads);
         let mut scratch = Scratch::without_cached_reads();
         let mut r = MappedRing::new();
         let c = r.submit(&s, &mut scratch, VIRTIO_BLK_T_IN, 0x10000, 8);
@@ -718,10 +719,7 @@ fn pool_reads_from_the_page_cache_are_quick_io() {
         // Through an io_uring a read held after submission missed the
         // cache: never quick.
         if cache == CacheMode::Writethrough {
-            let backend = FileBackend::open_with(image.path(), false, cache).unwrap();
-            let mut s = BlkService::new(device(false, b"quick"), backend, 1)
-                .with_aio(Some(AioMode::IoUring), 4);
-            s.features_acked(features);
+            let s = engine_service(&image, cache, AioMode::IoUring);
             let mut scratch = Scratch::without_cached_reads();
             if r.submit(&s, &mut scratch, VIRTIO_BLK_T_IN, 0x40000, 8) == Completion::Later {
                 assert!(!s.quick_io(0, &scratch), "io_uring");

@@ -16,11 +16,10 @@ use std::time::{Duration, Instant};
 
 use common::front;
 use vhost_user_core::feature::{ProtocolFeatures as P, VirtioFeatures as V};
-use vhost_user_core::frontend::{FrontendConfig, State};
+use vhost_user_core::frontend::FrontendConfig;
 use vhost_user_core::memory::GuestMemory;
 use vhost_user_linux::frontend::FrontendLink;
 use vhost_user_linux::memory::LinuxGuestMemory;
-use vhost_user_linux::sys::eventfd::EventFd;
 use vhost_user_test::driver::{Buf, SplitDriver};
 
 const MIB: u64 = 1 << 20;
@@ -43,15 +42,7 @@ fn connect(sock: &std::path::Path) -> (FrontendLink<1, 1>, LinuxGuestMemory, Spl
     let _ = cfg.regions.push(region);
     let ring = SplitDriver::new(&mem, SIZE, 0x1000, false).unwrap();
     let _ = cfg.queues.push(front::queue(SIZE, ring.addrs(), VA, 0));
-    let kicks = vec![Some(EventFd::new(true).unwrap())];
-    let calls = vec![Some(EventFd::new(true).unwrap())];
-    let mut link: FrontendLink<1, 1> = FrontendLink::connect(sock, cfg, fds, kicks, calls).unwrap();
-    link.drive().unwrap();
-    assert_eq!(link.engine().state(), State::Ready);
-    link.engine().start().unwrap();
-    link.drive().unwrap();
-    assert_eq!(link.engine().state(), State::Started);
-    (link, mem, ring)
+    (front::start(sock, cfg, fds), mem, ring)
 }
 
 /// Posts one request of `ty` (a 4 KiB read at `sector`, or GET_ID),

@@ -20,11 +20,10 @@ use std::time::{Duration, Instant};
 
 use common::{front, TempDir};
 use vhost_user_core::feature::{ProtocolFeatures as P, VirtioFeatures as V};
-use vhost_user_core::frontend::{FrontendConfig, State};
+use vhost_user_core::frontend::FrontendConfig;
 use vhost_user_core::memory::GuestMemory;
 use vhost_user_linux::frontend::FrontendLink;
 use vhost_user_linux::memory::LinuxGuestMemory;
-use vhost_user_linux::sys::eventfd::EventFd;
 use vhost_user_test::driver::{Buf, PackedDriver, SplitDriver};
 
 const MIB: u64 = 1 << 20;
@@ -158,15 +157,8 @@ fn connect(
         let _ = cfg.queues.push(front::queue(SIZE, a, VA, base));
         rings.push(ring);
     }
-    let kicks: Vec<Option<EventFd>> = (0..2).map(|_| Some(EventFd::new(true).unwrap())).collect();
-    let calls: Vec<Option<EventFd>> = (0..2).map(|_| Some(EventFd::new(true).unwrap())).collect();
-    let mut link: FrontendLink<2, 1> = FrontendLink::connect(sock, cfg, fds, kicks, calls).unwrap();
-    link.drive().unwrap();
-    assert_eq!(link.engine().state(), State::Ready);
+    let mut link = front::start(sock, cfg, fds);
     assert_eq!(link.engine().features().contains(V::EVENT_IDX), event_idx);
-    link.engine().start().unwrap();
-    link.drive().unwrap();
-    assert_eq!(link.engine().state(), State::Started);
     let tx = rings.pop().unwrap();
     (link, mem, rings.pop().unwrap(), tx)
 }

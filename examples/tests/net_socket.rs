@@ -25,12 +25,11 @@ use std::time::{Duration, Instant};
 
 use vhost_user_core::device::net::NetFeatures;
 use vhost_user_core::feature::{ProtocolFeatures as P, VirtioFeatures as V};
-use vhost_user_core::frontend::{FrontendConfig, State};
+use vhost_user_core::frontend::FrontendConfig;
 use vhost_user_core::memory::GuestMemory;
 use vhost_user_core::message::{FrontendReq, Request};
 use vhost_user_linux::frontend::FrontendLink;
 use vhost_user_linux::memory::LinuxGuestMemory;
-use vhost_user_linux::sys::eventfd::EventFd;
 use vhost_user_linux::sys::socket::Stream;
 use vhost_user_test::driver::{Buf, SplitDriver, Used};
 
@@ -349,15 +348,7 @@ impl Front {
             let _ = cfg.queues.push(front::queue(RING, a, VA, 0));
             rings.push(r);
         }
-        let kicks = (0..2).map(|_| Some(EventFd::new(true).unwrap())).collect();
-        let calls = (0..2).map(|_| Some(EventFd::new(true).unwrap())).collect();
-        let mut link: FrontendLink<2, 1> =
-            FrontendLink::connect(dir.join("net.sock"), cfg, fds, kicks, calls).unwrap();
-        link.drive().unwrap();
-        assert_eq!(link.engine().state(), State::Ready);
-        link.engine().start().unwrap();
-        link.drive().unwrap();
-        assert_eq!(link.engine().state(), State::Started);
+        let link = front::start(&dir.join("net.sock"), cfg, fds);
         let tx = rings.pop().unwrap();
         let rx = rings.pop().unwrap();
         Front { link, mem, rx, tx }
