@@ -7,6 +7,8 @@
 
 mod common;
 
+use common::{bench, bench_ok as ok};
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -56,27 +58,6 @@ fn daemon(args: &[&str]) -> common::Daemon {
     let mut d = common::Daemon::start_with(args);
     drop(d.connect_retry());
     d
-}
-
-fn bench(sock: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vhu"))
-        .args(["bench", "--socket-path"])
-        .arg(sock)
-        .args(args)
-        .arg("--json")
-        .output()
-        .unwrap()
-}
-
-fn ok(out: Output, requests: u64) -> String {
-    let s = String::from_utf8(out.stdout).unwrap();
-    assert!(
-        out.status.success(),
-        "{s}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(s.contains(&format!("\"requests\": {requests},")), "{s}");
-    s
 }
 
 const VERIFIED: &[&str] = &[

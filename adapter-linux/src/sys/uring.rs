@@ -177,17 +177,35 @@ impl std::fmt::Debug for Uring {
     }
 }
 
+/// Sends a no-op through `ring` and waits for it: a policy may allow
+/// `io_uring_setup` and refuse `io_uring_enter` (then every request would
+/// wait forever in the submission queue).
+fn probe(ring: &mut IoUring) -> io::Result<()> {
+    let nop = opcode::Nop::new().build().user_data(u64::MAX);
+    // SAFETY: a no-op points at no memory.
+    unsafe { ring.submission().push(&nop) }
+        .map_err(|_| io::Error::from(io::ErrorKind::WouldBlock))?;
+    retry(|| ring.submit_and_wait(1))?;
+    match ring.completion().next() {
+        Some(c) if c.result() >= 0 => Ok(()),
+        Some(c) => Err(io::Error::from_raw_os_error(-c.result())),
+        None => Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+    }
+}
+
 impl Uring {
     /// A ring of `entries` submission slots (more requests than that may
     /// be in flight) for `file`, which is registered with it, and an
     /// eventfd signalled at each completion ([`Uring::completion_fd`]).
     /// Fails where io_uring is not available (an old kernel, a seccomp
-    /// policy, `kernel.io_uring_disabled`).
+    /// policy, `kernel.io_uring_disabled`), also where a ring can be set
+    /// up but not used: a no-op goes through it first.
     pub fn new(entries: u32, file: BorrowedFd<'_>) -> io::Result<Uring> {
-        let ring = IoUring::builder()
+        let mut ring = IoUring::builder()
             .setup_cqsize(entries.saturating_mul(8).max(64))
             .build(entries)?;
         ring.submitter().register_files(&[file.as_raw_fd()])?;
+        probe(&mut ring)?;
         let event = EventFd::new(true)?;
         ring.submitter().register_eventfd(event.as_raw_fd())?;
         Ok(Uring {

@@ -649,7 +649,14 @@ impl<B: BlockBackend> BlkService<B> {
                     p.slow = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => p.slow = true,
-                Err(e) if unsupported(&e) || e.kind() == io::ErrorKind::Unsupported => {
+                // Refused (a kernel without RWF_NOWAIT, or a policy
+                // refusing preadv2): the threads' plain reads remain, and
+                // report the errors of the file itself.
+                Err(e)
+                    if unsupported(&e)
+                        || e.kind() == io::ErrorKind::Unsupported
+                        || matches!(e.raw_os_error(), Some(libc::EPERM | libc::EACCES)) =>
+                {
                     log::info!(
                         "queue {queue}: reads cannot be served from the page cache at once ({e}); \
                          all go to the I/O threads"

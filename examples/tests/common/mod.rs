@@ -63,6 +63,29 @@ impl Drop for TempDir {
     }
 }
 
+/// `vhu bench` on `sock` with `args`, its results as JSON.
+pub fn bench(sock: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_vhu"))
+        .args(["bench", "--socket-path"])
+        .arg(sock)
+        .args(args)
+        .arg("--json")
+        .output()
+        .unwrap()
+}
+
+/// The JSON of a bench that succeeded with `requests` requests.
+pub fn bench_ok(out: std::process::Output, requests: u64) -> String {
+    let s = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.status.success(),
+        "{s}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(s.contains(&format!("\"requests\": {requests},")), "{s}");
+    s
+}
+
 pub struct Daemon {
     pub child: Child,
     pub sock: PathBuf,
@@ -80,10 +103,16 @@ impl Daemon {
 
     /// The daemon with `args` after `--socket-path`.
     pub fn start_with(args: &[&str]) -> Daemon {
+        Daemon::start_prepared(args, |_| {})
+    }
+
+    /// [`start_with`](Self::start_with), its command first handed to
+    /// `prepare` (a restart does not prepare it again).
+    pub fn start_prepared(args: &[&str], prepare: impl FnOnce(&mut Command)) -> Daemon {
         let dir = temp_path("daemon");
         let sock = dir.join("blk.sock");
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        let mut child = Self::spawn(&dir, &sock, &args);
+        let mut child = Self::spawn(&dir, &sock, &args, prepare);
         let t0 = Instant::now();
         while !sock.exists() {
             assert!(child.try_wait().unwrap().is_none(), "daemon exited");
@@ -98,19 +127,24 @@ impl Daemon {
         }
     }
 
-    fn spawn(dir: &std::path::Path, sock: &std::path::Path, args: &[String]) -> Child {
+    fn spawn(
+        dir: &std::path::Path,
+        sock: &std::path::Path,
+        args: &[String],
+        prepare: impl FnOnce(&mut Command),
+    ) -> Child {
         let log = std::fs::File::options()
             .create(true)
             .append(true)
             .open(dir.join("daemon.log"))
             .unwrap();
-        Command::new(env!("CARGO_BIN_EXE_vhost-user-blk"))
-            .arg("--socket-path")
+        let mut c = Command::new(env!("CARGO_BIN_EXE_vhost-user-blk"));
+        c.arg("--socket-path")
             .arg(sock)
             .args(args)
-            .stderr(Stdio::from(log))
-            .spawn()
-            .unwrap()
+            .stderr(Stdio::from(log));
+        prepare(&mut c);
+        c.spawn().unwrap()
     }
 
     /// Kills the daemon with SIGKILL and starts a new one with the same
@@ -118,7 +152,7 @@ impl Daemon {
     pub fn kill_and_restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.child = Self::spawn(&self.dir, &self.sock, &self.args);
+        self.child = Self::spawn(&self.dir, &self.sock, &self.args, |_| {});
     }
 
     /// Connects, retrying while a restarted daemon is not listening yet.
