@@ -409,17 +409,9 @@ fn deep_queues_verify_through_io_uring_and_threads() {
             "2",
         ];
         ok(bench(&d.sock, &args), 6000);
-        // The counters are logged when the front-end has left.
-        let t0 = Instant::now();
-        let log = loop {
-            let log = std::fs::read_to_string(d.dir.join("daemon.log")).unwrap();
-            // The first connection (the start-up probe's) logged zeroes.
-            if log.matches("bytes written").count() >= 4 {
-                break log;
-            }
-            assert!(t0.elapsed() < Duration::from_secs(10), "{log}");
-            std::thread::sleep(Duration::from_millis(10));
-        };
+        // The counters are logged when the front-end has left; the
+        // first connection (the start-up probe's) logged zeroes.
+        let log = d.log_with_counters(4);
         assert!(
             log.contains(&format!("queue 0: {aio} I/O")),
             "{aio}/{cache}: {log}"
@@ -429,16 +421,7 @@ fn deep_queues_verify_through_io_uring_and_threads() {
             "{aio}/{cache}: {log}"
         );
         assert!(!log.contains("ERROR"), "{aio}/{cache}: {log}");
-        let served: u64 = log
-            .lines()
-            .filter(|l| l.contains("bytes written"))
-            .skip(2)
-            .filter_map(|l| {
-                assert!(l.ends_with(" 0 errors"), "{aio}/{cache}: {l}");
-                let (head, _) = l.split_once(" requests,")?;
-                head.rsplit(' ').next()?.parse::<u64>().ok()
-            })
-            .sum();
+        let served = common::served(&log, 2);
         assert_eq!(served, 6000, "{aio}/{cache}: {log}");
     }
 }
@@ -447,20 +430,15 @@ fn deep_queues_verify_through_io_uring_and_threads() {
 /// counter line of each of `queues` queues (the start-up probe logged
 /// the first ones).
 fn counters_after(d: &common::Daemon, queues: usize, connections: usize) -> Vec<String> {
-    let t0 = Instant::now();
-    loop {
-        let log = std::fs::read_to_string(d.dir.join("daemon.log")).unwrap();
-        let lines: Vec<String> = log
-            .lines()
-            .filter(|l| l.contains("bytes written"))
-            .map(String::from)
-            .collect();
-        if lines.len() >= queues * connections {
-            return lines[lines.len() - queues..].to_vec();
-        }
-        assert!(t0.elapsed() < Duration::from_secs(10), "{log}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let log = d.log_with_counters(queues * connections);
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("bytes written"))
+        .collect();
+    lines[lines.len() - queues..]
+        .iter()
+        .map(|l| l.to_string())
+        .collect()
 }
 
 /// The number before `what` in a counter line ("... 12 syncs, ...").

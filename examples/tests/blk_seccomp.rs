@@ -12,7 +12,6 @@ mod common;
 
 use std::os::unix::process::CommandExt;
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use common::{bench, bench_ok};
 
@@ -124,20 +123,6 @@ fn confined(args: &[&str], deny: &[Deny]) -> common::Daemon {
     d
 }
 
-/// The daemon's log once `n` counter lines (a line per queue and
-/// connection) are in it.
-fn log_with_counters(d: &common::Daemon, n: usize) -> String {
-    let t0 = Instant::now();
-    loop {
-        let log = d.log();
-        if log.matches("bytes written").count() >= n {
-            return log;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(10), "{log}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 const LOAD: &[&str] = &[
     "--rw",
     "randrw",
@@ -157,23 +142,14 @@ const LOAD: &[&str] = &[
 fn serves_verified(d: &common::Daemon, expect: &[&str]) {
     bench_ok(bench(&d.sock, LOAD), 4000);
     // The start-up connection's two queues, then the bench's.
-    let log = log_with_counters(d, 4);
+    let log = d.log_with_counters(4);
     for e in expect {
         assert!(log.contains(e), "no {e:?} in:\n{log}");
     }
     assert!(log.contains("queue 0: threads I/O"), "{log}");
     assert!(log.contains("queue 1: threads I/O"), "{log}");
     assert!(!log.contains("ERROR"), "{log}");
-    let served: u64 = log
-        .lines()
-        .filter(|l| l.contains("bytes written"))
-        .skip(2)
-        .filter_map(|l| {
-            assert!(l.ends_with(" 0 errors"), "{l}");
-            let (head, _) = l.split_once(" requests,")?;
-            head.rsplit(' ').next()?.parse::<u64>().ok()
-        })
-        .sum();
+    let served = common::served(&log, 2);
     assert_eq!(served, 4000, "{log}");
 }
 

@@ -86,6 +86,20 @@ pub fn bench_ok(out: std::process::Output, requests: u64) -> String {
     s
 }
 
+/// The requests a blk daemon's counter lines in `log` count after the
+/// first `skip` (the start-up probe's), each of which must count no error.
+pub fn served(log: &str, skip: usize) -> u64 {
+    log.lines()
+        .filter(|l| l.contains("bytes written"))
+        .skip(skip)
+        .filter_map(|l| {
+            assert!(l.ends_with(" 0 errors"), "{l}");
+            let (head, _) = l.split_once(" requests,")?;
+            head.rsplit(' ').next()?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
 pub struct Daemon {
     pub child: Child,
     pub sock: PathBuf,
@@ -218,6 +232,20 @@ impl Daemon {
             .read_to_string(&mut s)
             .unwrap();
         s
+    }
+
+    /// The log once it has `n` blk counter lines (one per queue, logged
+    /// when a connection ends; the start-up probe's come first).
+    pub fn log_with_counters(&self, n: usize) -> String {
+        let t0 = Instant::now();
+        loop {
+            let log = self.log();
+            if log.matches("bytes written").count() >= n {
+                return log;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "{log}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Waits until the daemon's fd count is back to `n` (it closes a
