@@ -12,7 +12,8 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
-use std::time::Duration;
+use std::thread::Thread;
+use std::time::{Duration, Instant};
 
 use log::{info, warn};
 
@@ -127,20 +128,56 @@ impl Aio {
     }
 }
 
+/// A request for a pool thread: its tag and the request.
+type Job = (u64, IoRequest);
+
 #[derive(Default)]
 struct Queue {
-    jobs: VecDeque<(u64, IoRequest)>,
+    /// Jobs no thread could take yet (every thread busy, at the maximum):
+    /// the next thread to finish takes them.
+    jobs: VecDeque<Job>,
     stop: bool,
-    /// Threads running, and how many of them wait for a job.
+    /// Threads running.
     threads: usize,
-    idle: usize,
+    /// Parked threads waiting for a job (their slot and handle), the last
+    /// to park last: it is woken first (its stack and cache are warm).
+    idle: Vec<(usize, Thread)>,
+    /// The job handed to each thread slot while it is parked: a woken
+    /// thread always finds one, so no wake-up is wasted on a job another
+    /// thread took first.
+    handed: Vec<Option<Job>>,
+    /// Slots of threads that exited.
+    free: Vec<usize>,
+}
+
+impl Queue {
+    /// Hands `job` to a parked thread (returned, to be unparked once the
+    /// lock is dropped) or, if none is parked, queues it.
+    fn hand(&mut self, job: Job) -> Option<Thread> {
+        match self.idle.pop() {
+            Some((slot, thread)) => {
+                self.handed[slot] = Some(job);
+                Some(thread)
+            }
+            None => {
+                self.jobs.push_back(job);
+                None
+            }
+        }
+    }
+
+    /// A slot for a new thread.
+    fn slot(&mut self) -> usize {
+        self.free.pop().unwrap_or_else(|| {
+            self.handed.push(None);
+            self.handed.len() - 1
+        })
+    }
 }
 
 struct PoolShared {
     file: OwnedFd,
     queue: Mutex<Queue>,
-    /// Signalled when jobs are queued or the pool stops.
-    more: Condvar,
     /// Signalled when a thread exits.
     gone: Condvar,
     done: Mutex<Vec<Done>>,
@@ -155,13 +192,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Threads doing synchronous I/O on one file: the fallback where io_uring
 /// is not available. The pool grows on demand, a thread for each request
-/// no idle thread can take, up to its maximum (so as many requests are
+/// no parked thread can take, up to its maximum (so as many requests are
 /// at the file as the guest has in flight, up to that many), and a thread
-/// that finds nothing to do for [`IDLE_EXIT`] exits. Dropping the pool
-/// lets the threads finish what was submitted, then waits for them.
+/// that finds nothing to do for [`IDLE_EXIT`] exits. A request goes
+/// straight to the thread that is woken for it. Dropping the pool lets
+/// the threads finish what was submitted, then waits for them.
 pub struct ThreadPool {
     shared: Arc<PoolShared>,
-    queued: Vec<(u64, IoRequest)>,
+    queued: Vec<Job>,
+    /// Scratch of `submit`: threads to wake, threads to start.
+    wake: Vec<Thread>,
+    start: Vec<(usize, Job)>,
     in_flight: usize,
     spawned: usize,
 }
@@ -190,7 +231,6 @@ impl ThreadPool {
         let shared = Arc::new(PoolShared {
             file,
             queue: Mutex::new(Queue::default()),
-            more: Condvar::new(),
             gone: Condvar::new(),
             done: Mutex::new(Vec::new()),
             event: EventFd::new(true)?,
@@ -201,6 +241,8 @@ impl ThreadPool {
         Ok(ThreadPool {
             shared,
             queued: Vec::new(),
+            wake: Vec::new(),
+            start: Vec::new(),
             in_flight: 0,
             spawned: 0,
         })
@@ -209,6 +251,12 @@ impl ThreadPool {
     /// Threads running now.
     pub fn threads(&self) -> usize {
         lock(&self.shared.queue).threads
+    }
+
+    /// Threads parked for a job now.
+    #[cfg(test)]
+    fn parked(&self) -> usize {
+        lock(&self.shared.queue).idle.len()
     }
 
     fn push(&mut self, tag: u64, request: IoRequest) {
@@ -220,40 +268,60 @@ impl ThreadPool {
         if self.queued.is_empty() {
             return Ok(());
         }
-        let n = self.queued.len();
-        let spawn = {
+        {
+            // Each job to a parked thread, else to a new thread (up to
+            // the maximum), else to the queue.
             let mut q = lock(&self.shared.queue);
-            q.jobs.extend(self.queued.drain(..));
-            // A thread for each job no idle thread takes, up to the
-            // maximum.
-            let want = q.jobs.len().saturating_sub(q.idle);
-            let spawn = want.min(self.shared.max - q.threads);
-            q.threads += spawn;
-            spawn
-        };
-        for _ in 0..n.min(lock(&self.shared.queue).idle) {
-            self.shared.more.notify_one();
+            for job in self.queued.drain(..) {
+                if !q.idle.is_empty() {
+                    self.wake.extend(q.hand(job));
+                } else if q.threads < self.shared.max {
+                    q.threads += 1;
+                    let slot = q.slot();
+                    self.start.push((slot, job));
+                } else {
+                    q.jobs.push_back(job);
+                }
+            }
         }
-        for i in 0..spawn {
+        for t in self.wake.drain(..) {
+            t.unpark();
+        }
+        let mut result = Ok(());
+        for (slot, job) in self.start.drain(..) {
             let shared = Arc::clone(&self.shared);
             let name = format!("vhu-io-{}", self.spawned);
-            if let Err(e) = std::thread::Builder::new()
-                .name(name)
-                .spawn(move || run(&shared))
-            {
-                // The threads already running take the jobs; if there
-                // are none, the engine cannot go on.
-                let mut q = lock(&self.shared.queue);
-                q.threads -= spawn - i;
-                if q.threads == 0 {
-                    return Err(e);
+            // The job comes back if the thread cannot start.
+            let first = Arc::new(Mutex::new(Some(job)));
+            let theirs = Arc::clone(&first);
+            let spawned = std::thread::Builder::new().name(name).spawn(move || {
+                let job = lock(&theirs).take();
+                run(&shared, slot, job)
+            });
+            match spawned {
+                Ok(_) => self.spawned += 1,
+                Err(e) => {
+                    // The threads already running take the job; if there
+                    // are none, the engine cannot go on (the caller's drop
+                    // runs what is queued).
+                    let mut q = lock(&self.shared.queue);
+                    q.threads -= 1;
+                    q.free.push(slot);
+                    let job = lock(&first).take();
+                    let wake = job.and_then(|j| q.hand(j));
+                    if q.threads == 0 {
+                        result = Err(e);
+                    } else {
+                        warn!("I/O thread not started ({e}); {} running", q.threads);
+                    }
+                    drop(q);
+                    if let Some(t) = wake {
+                        t.unpark();
+                    }
                 }
-                warn!("I/O thread not started ({e}); {} running", q.threads);
-                break;
             }
-            self.spawned += 1;
         }
-        Ok(())
+        result
     }
 
     fn reap(&mut self, mut done: impl FnMut(Done)) {
@@ -268,35 +336,9 @@ impl ThreadPool {
     }
 }
 
-fn run(shared: &PoolShared) {
-    loop {
-        let job = {
-            let mut q = lock(&shared.queue);
-            loop {
-                if let Some(j) = q.jobs.pop_front() {
-                    break Some(j);
-                }
-                if q.stop {
-                    break None;
-                }
-                q.idle += 1;
-                let (g, timeout) = shared
-                    .more
-                    .wait_timeout(q, shared.idle_for)
-                    .unwrap_or_else(PoisonError::into_inner);
-                q = g;
-                q.idle -= 1;
-                if timeout.timed_out() && q.jobs.is_empty() {
-                    break None;
-                }
-            }
-        };
-        let Some((tag, request)) = job else {
-            let mut q = lock(&shared.queue);
-            q.threads -= 1;
-            shared.gone.notify_all();
-            return;
-        };
+/// A pool thread in slot `slot`, starting with `job`.
+fn run(shared: &PoolShared, slot: usize, mut job: Option<Job>) {
+    while let Some((tag, request)) = job {
         let result = perform(shared.file.as_fd(), &request);
         // The eventfd is written by whoever finds the list empty: the
         // worker resets it before it takes the whole list, so a list that
@@ -308,6 +350,39 @@ fn run(shared: &PoolShared) {
         };
         if first {
             let _ = shared.event.write(1);
+        }
+        job = next_job(shared, slot);
+    }
+    let mut q = lock(&shared.queue);
+    q.threads -= 1;
+    q.free.push(slot);
+    shared.gone.notify_all();
+}
+
+/// The next job of the thread in `slot`: a queued one, else one handed to
+/// it while it is parked; `None` when the pool stops or the thread has
+/// been idle for `idle_for`.
+fn next_job(shared: &PoolShared, slot: usize) -> Option<Job> {
+    let mut q = lock(&shared.queue);
+    if let Some(j) = q.jobs.pop_front() {
+        return Some(j);
+    }
+    if q.stop {
+        return None;
+    }
+    q.idle.push((slot, std::thread::current()));
+    let deadline = Instant::now() + shared.idle_for;
+    loop {
+        drop(q);
+        std::thread::park_timeout(deadline.saturating_duration_since(Instant::now()));
+        q = lock(&shared.queue);
+        // Taken off the idle list with a job, or still on it.
+        if let Some(j) = q.handed[slot].take() {
+            return Some(j);
+        }
+        if q.stop || Instant::now() >= deadline {
+            q.idle.retain(|(s, _)| *s != slot);
+            return None;
         }
     }
 }
@@ -325,7 +400,10 @@ impl Drop for ThreadPool {
         }
         let mut q = lock(&self.shared.queue);
         q.stop = true;
-        self.shared.more.notify_all();
+        // Parked threads leave (a thread handed a job does it first).
+        for (_, t) in &q.idle {
+            t.unpark();
+        }
         while q.threads > 0 {
             q = self
                 .shared
@@ -606,6 +684,65 @@ mod tests {
                     assert!(std::time::Instant::now() < deadline, "idle threads stay");
                     std::thread::sleep(Duration::from_millis(20));
                 }
+            }
+        }
+    }
+
+    /// Waves of requests, larger and smaller than the pool: at the
+    /// maximum the rest queue and the threads that finish take them; a
+    /// wave no larger than the parked threads goes to them (no thread is
+    /// started); every request completes once, with its own data.
+    #[test]
+    fn the_thread_pool_hands_requests_to_parked_threads() {
+        let mem = guest(1 << 20);
+        let file = image(1 << 20);
+        let pattern: Vec<u8> = (0..1 << 20).map(|i: u32| (i / 4096) as u8).collect();
+        file.write_all_at(&pattern, 0).unwrap();
+        let max = 4;
+        let mut pool = ThreadPool::new(file.as_fd().try_clone_to_owned().unwrap(), max).unwrap();
+        let mut tag = 0u64;
+        for wave in [9usize, 3, 1, 4, 17, 2] {
+            let parked = pool.threads();
+            for _ in 0..wave {
+                let block = tag % 256;
+                let mut bufs = Vec::new();
+                mem.io_bufs(block * 4096, 4096, true, &mut bufs).unwrap();
+                let read = IoRequest::Read {
+                    offset: block * 4096,
+                    bufs,
+                };
+                pool.push(tag, read);
+                tag += 1;
+            }
+            pool.submit().unwrap();
+            let threads = pool.threads();
+            assert!(threads <= max, "wave {wave}: {threads} threads");
+            if wave <= parked {
+                assert_eq!(threads, parked, "wave {wave}: a thread started");
+            }
+            let mut seen = Vec::new();
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while seen.len() < wave {
+                assert!(std::time::Instant::now() < deadline, "completions lost");
+                pool.reap(|(t, r, _)| {
+                    assert_eq!(r.unwrap(), 4096);
+                    seen.push(t);
+                });
+                std::thread::yield_now();
+            }
+            seen.sort_unstable();
+            let first = tag - wave as u64;
+            assert_eq!(seen, (first..tag).collect::<Vec<_>>(), "wave {wave}");
+            for t in first..tag {
+                let mut b = [0u8; 4096];
+                mem.read((t % 256) * 4096, &mut b).unwrap();
+                assert!(b.iter().all(|&x| x == (t % 256) as u8), "tag {t}");
+            }
+            // Let the threads park.
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while pool.parked() < pool.threads() {
+                assert!(std::time::Instant::now() < deadline, "threads not parked");
+                std::thread::sleep(Duration::from_millis(1));
             }
         }
     }
