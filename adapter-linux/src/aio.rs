@@ -142,9 +142,9 @@ struct Queue {
     /// Parked threads waiting for a job (their slot and handle), the last
     /// to park last: it is woken first (its stack and cache are warm).
     idle: Vec<(usize, Thread)>,
-    /// The job handed to each thread slot while it is parked: a woken
-    /// thread always finds one, so no wake-up is wasted on a job another
-    /// thread took first.
+    /// The job handed to each thread slot while it is parked (or before
+    /// its thread starts): a woken thread always finds one, so no wake-up
+    /// is wasted on a job another thread took first.
     handed: Vec<Option<Job>>,
     /// Slots of threads that exited.
     free: Vec<usize>,
@@ -200,9 +200,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct ThreadPool {
     shared: Arc<PoolShared>,
     queued: Vec<Job>,
-    /// Scratch of `submit`: threads to wake, threads to start.
+    /// Scratch of `submit`: threads to wake, slots of threads to start.
     wake: Vec<Thread>,
-    start: Vec<(usize, Job)>,
+    start: Vec<usize>,
     in_flight: usize,
     spawned: usize,
 }
@@ -270,7 +270,7 @@ impl ThreadPool {
         }
         {
             // Each job to a parked thread, else to a new thread (up to
-            // the maximum), else to the queue.
+            // the maximum: the job waits in its slot), else to the queue.
             let mut q = lock(&self.shared.queue);
             for job in self.queued.drain(..) {
                 if !q.idle.is_empty() {
@@ -278,7 +278,8 @@ impl ThreadPool {
                 } else if q.threads < self.shared.max {
                     q.threads += 1;
                     let slot = q.slot();
-                    self.start.push((slot, job));
+                    q.handed[slot] = Some(job);
+                    self.start.push(slot);
                 } else {
                     q.jobs.push_back(job);
                 }
@@ -288,26 +289,22 @@ impl ThreadPool {
             t.unpark();
         }
         let mut result = Ok(());
-        for (slot, job) in self.start.drain(..) {
+        for slot in self.start.drain(..) {
             let shared = Arc::clone(&self.shared);
             let name = format!("vhu-io-{}", self.spawned);
-            // The job comes back if the thread cannot start.
-            let first = Arc::new(Mutex::new(Some(job)));
-            let theirs = Arc::clone(&first);
-            let spawned = std::thread::Builder::new().name(name).spawn(move || {
-                let job = lock(&theirs).take();
-                run(&shared, slot, job)
-            });
+            let spawned = std::thread::Builder::new()
+                .name(name)
+                .spawn(move || run(&shared, slot));
             match spawned {
                 Ok(_) => self.spawned += 1,
                 Err(e) => {
-                    // The threads already running take the job; if there
-                    // are none, the engine cannot go on (the caller's drop
-                    // runs what is queued).
+                    // The job leaves the slot for the threads already
+                    // running; if there are none, the engine cannot go on
+                    // (the caller's drop runs what is queued).
                     let mut q = lock(&self.shared.queue);
                     q.threads -= 1;
+                    let job = q.handed[slot].take();
                     q.free.push(slot);
-                    let job = lock(&first).take();
                     let wake = job.and_then(|j| q.hand(j));
                     if q.threads == 0 {
                         result = Err(e);
@@ -336,8 +333,9 @@ impl ThreadPool {
     }
 }
 
-/// A pool thread in slot `slot`, starting with `job`.
-fn run(shared: &PoolShared, slot: usize, mut job: Option<Job>) {
+/// A pool thread in slot `slot`, starting with the job handed to it.
+fn run(shared: &PoolShared, slot: usize) {
+    let mut job = lock(&shared.queue).handed[slot].take();
     while let Some((tag, request)) = job {
         let result = perform(shared.file.as_fd(), &request);
         // The eventfd is written by whoever finds the list empty: the

@@ -14,6 +14,12 @@ use vhost_user_core::device::net::{
     rx_capacity, rx_fill, rx_fill_merged, tx_check, tx_gather, tx_pieces, VirtioNetHdr, ETH_HLEN,
 };
 use vhost_user_core::vring::Segment;
+use zerocopy::IntoBytes;
+
+#[path = "common/input.rs"]
+#[allow(dead_code)]
+mod input;
+use input::In;
 
 /// The image's guest address; below it nothing is mapped.
 const BASE: u64 = 0x1000;
@@ -60,38 +66,26 @@ impl Image {
     }
 }
 
-/// Reads fuzzer bytes one value at a time (zeroes once they run out).
-struct Input<'a>(&'a [u8]);
-
-impl Input<'_> {
-    fn u8(&mut self) -> u8 {
-        let (&b, rest) = self.0.split_first().unwrap_or((&0, &[]));
-        self.0 = rest;
-        b
-    }
-    fn u16(&mut self) -> u16 {
-        u16::from_le_bytes([self.u8(), self.u8()])
-    }
-    fn segment(&mut self) -> Segment {
-        let kind = self.u8();
-        let addr = match kind & 3 {
-            // Wild, or overflowing with its length.
-            0 if kind & 4 != 0 => u64::MAX - u64::from(self.u16()),
-            0 => u64::from(self.u16()) << 32,
-            // Inside the image or just past it (often overlapping).
-            _ => BASE + u64::from(self.u16()) % (IMAGE as u64 + 64),
-        };
-        let len = match kind >> 5 {
-            0 => 0,
-            1 => u32::from(self.u8()),
-            2 => u32::MAX - u32::from(self.u8()),
-            _ => u32::from(self.u16()) % 2048,
-        };
-        Segment {
-            addr,
-            len,
-            writable: kind & 8 != 0,
-        }
+/// A segment from fuzzer bytes.
+fn segment(input: &mut In) -> Segment {
+    let kind = input.u8();
+    let addr = match kind & 3 {
+        // Wild, or overflowing with its length.
+        0 if kind & 4 != 0 => u64::MAX - u64::from(input.u16()),
+        0 => u64::from(input.u16()) << 32,
+        // Inside the image or just past it (often overlapping).
+        _ => BASE + u64::from(input.u16()) % (IMAGE as u64 + 64),
+    };
+    let len = match kind >> 5 {
+        0 => 0,
+        1 => u32::from(input.u8()),
+        2 => u32::MAX - u32::from(input.u8()),
+        _ => u32::from(input.u16()) % 2048,
+    };
+    Segment {
+        addr,
+        len,
+        writable: kind & 8 != 0,
     }
 }
 
@@ -107,20 +101,8 @@ fn disjoint(chains: &[Vec<Segment>]) -> bool {
     all.windows(2).all(|w| w[0].1 <= w[1].0)
 }
 
-/// The header's bytes as the guest sees them.
-fn hdr_bytes(h: &VirtioNetHdr) -> [u8; VirtioNetHdr::SIZE] {
-    let mut b = [0; VirtioNetHdr::SIZE];
-    b[0] = h.flags;
-    b[1] = h.gso_type;
-    b[2..4].copy_from_slice(&h.hdr_len.get().to_le_bytes());
-    b[4..6].copy_from_slice(&h.gso_size.get().to_le_bytes());
-    b[6..8].copy_from_slice(&h.csum_start.get().to_le_bytes());
-    b[8..10].copy_from_slice(&h.csum_offset.get().to_le_bytes());
-    b[10..12].copy_from_slice(&h.num_buffers.get().to_le_bytes());
-    b
-}
-
-/// The first `n` bytes of the buffers of `chain`, in order.
+/// The first `n` bytes of the buffers of `chain`, in order (the reads
+/// are not checked accesses).
 fn written(mem: &Image, chain: &[Segment], mut n: usize) -> Vec<u8> {
     let mut out = Vec::new();
     for s in chain.iter().filter(|s| s.len != 0) {
@@ -138,11 +120,11 @@ fn written(mem: &Image, chain: &[Segment], mut n: usize) -> Vec<u8> {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let mut input = Input(data);
+    let mut input = In(data);
     let mut chains: Vec<Vec<Segment>> = Vec::new();
     for _ in 0..1 + input.u8() % 6 {
         let n = input.u8() % 6;
-        chains.push((0..n).map(|_| input.segment()).collect());
+        chains.push((0..n).map(|_| segment(&mut input)).collect());
     }
     let flen = usize::from(input.u16()) % 3000;
     let frame: Vec<u8> = (0..flen).map(|i| (i * 7 + 3) as u8).collect();
@@ -173,7 +155,7 @@ fuzz_target!(|data: &[u8]| {
             // Without mergeable buffers a frame takes one buffer.
             let mut h = hdr;
             h.num_buffers = 1.into();
-            assert_eq!(&got[..hl], &hdr_bytes(&h)[..hl]);
+            assert_eq!(&got[..hl], &h.as_bytes()[..hl]);
             assert_eq!(&got[hl..], &frame[..]);
         }
     }
@@ -196,7 +178,7 @@ fuzz_target!(|data: &[u8]| {
             }
             let (h, f) = got.split_at(VirtioNetHdr::SIZE);
             assert_eq!(usize::from(u16::from_le_bytes([h[10], h[11]])), count);
-            assert_eq!(&h[..10], &hdr_bytes(&hdr)[..10]);
+            assert_eq!(&h[..10], &hdr.as_bytes()[..10]);
             assert_eq!(f, &frame[..]);
         }
     }
@@ -210,22 +192,15 @@ fuzz_target!(|data: &[u8]| {
     let mut buf = vec![0u8; max_frame];
     match tx_gather(chain, &read, hdr_len, &mut buf) {
         Ok(out) => {
-            // The gather reads at most the 12-byte header.
-            let hl = hdr_len.min(VirtioNetHdr::SIZE);
+            // The gather reads at most the 12-byte header (`hl`).
             assert!(out.len <= max_frame && out.len >= ETH_HLEN);
             if hl == hdr_len {
                 assert_eq!(Ok(out.len as u32), checked);
             }
             mem.check_accesses(first);
-            let mut whole = Vec::new();
-            for s in chain.iter().filter(|s| s.len != 0) {
-                let mut b = vec![0; s.len as usize];
-                mem.read(s.addr, &mut b).unwrap();
-                whole.extend(b);
-            }
-            mem.log.borrow_mut().clear();
-            assert_eq!(&whole[..hl], &hdr_bytes(&out.hdr)[..hl]);
-            assert_eq!(&whole[hl..hl + out.len], &buf[..out.len]);
+            let whole = written(&mem, chain, hl + out.len);
+            assert_eq!(&whole[..hl], &out.hdr.as_bytes()[..hl]);
+            assert_eq!(&whole[hl..], &buf[..out.len]);
         }
         Err(_) => mem.check_accesses(first),
     }
