@@ -581,6 +581,49 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
     }
 
+    /// A kernel too busy to take the requests (`io_uring_enter` failing
+    /// with EAGAIN, EBUSY or EINTR) leaves them queued: the completion fd
+    /// calls the caller back to submit them again, or a caller with
+    /// nothing else in flight would sleep on it forever.
+    #[test]
+    fn a_busy_kernel_calls_the_submitter_back() {
+        let mem = guest(1 << 20);
+        let file = image(1 << 20);
+        file.write_all_at(&[0x5au8; 4096], 8192).unwrap();
+        let mut aio = match Aio::new(AioMode::IoUring, file.as_fd(), 8, 1) {
+            Ok(a @ Aio::Uring(_)) => a,
+            // No io_uring here (the fallback has its own tests).
+            _ => return,
+        };
+        for (tag, errno) in [(1u64, libc::EAGAIN), (2, libc::EBUSY), (3, libc::EINTR)] {
+            let mut bufs = Vec::new();
+            mem.io_bufs(tag * 4096, 4096, true, &mut bufs).unwrap();
+            aio.push(tag, IoRequest::Read { offset: 8192, bufs })
+                .unwrap();
+            let Aio::Uring(u) = &mut aio else {
+                unreachable!()
+            };
+            u.refuse_enter = Some(errno);
+            aio.submit().unwrap();
+            // Signalled (and reset by the read).
+            let signalled = crate::sys::eventfd::EventFd::read_fd(aio.completion_fd());
+            assert!(
+                matches!(signalled, Ok(n) if n > 0),
+                "errno {errno}: nothing calls the submitter back: {signalled:?}"
+            );
+            let mut reaped = 0;
+            aio.reap(|_, _, _| reaped += 1);
+            assert_eq!(
+                reaped, 0,
+                "errno {errno}: the request never reached the kernel"
+            );
+            assert_eq!(wait_all(&mut aio, 1), [(tag, 4096)]);
+            let mut back = vec![0; 4096];
+            mem.read(tag * 4096, &mut back).unwrap();
+            assert_eq!(back, [0x5a; 4096]);
+        }
+    }
+
     #[test]
     fn io_uring_round_trip() {
         round_trip(AioMode::IoUring);

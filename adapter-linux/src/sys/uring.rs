@@ -167,6 +167,10 @@ pub struct Uring {
     /// Emptied iovec arrays of reaped requests, reused (no allocation per
     /// request of several buffers).
     spare: Vec<IoVecs>,
+    /// The error the next `io_uring_enter` of `submit` fails with instead
+    /// of entering (tests of a busy kernel).
+    #[cfg(test)]
+    pub(crate) refuse_enter: Option<i32>,
 }
 
 impl std::fmt::Debug for Uring {
@@ -216,6 +220,8 @@ impl Uring {
             in_flight: 0,
             cqes: Vec::new(),
             spare: Vec::new(),
+            #[cfg(test)]
+            refuse_enter: None,
         })
     }
 
@@ -311,13 +317,22 @@ impl Uring {
     }
 
     /// Hands the queued requests to the kernel (one system call). A busy
-    /// kernel (completion queue overflowing) leaves them queued for the
-    /// next call.
+    /// kernel (out of resources, completion queue overflowing, a signal)
+    /// leaves them queued for the next call, and the completion eventfd is
+    /// signalled so the caller comes back to make it: with nothing else in
+    /// flight no completion would, and the requests would wait forever.
     pub fn submit(&mut self) -> io::Result<()> {
         if self.ring.submission().is_empty() {
             return Ok(());
         }
-        match self.ring.submit() {
+        #[cfg(test)]
+        let submitted = match self.refuse_enter.take() {
+            Some(errno) => Err(io::Error::from_raw_os_error(errno)),
+            None => self.ring.submit(),
+        };
+        #[cfg(not(test))]
+        let submitted = self.ring.submit();
+        match submitted {
             Ok(_) => Ok(()),
             Err(e)
                 if matches!(
@@ -325,6 +340,7 @@ impl Uring {
                     Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
                 ) =>
             {
+                let _ = self.event.write(1);
                 Ok(())
             }
             Err(e) => Err(e),
