@@ -1260,8 +1260,10 @@ size_t vhu_backend_size(void);
 size_t vhu_backend_align(void);
 
 /**
- * The protocol features the session implements (what a configuration
- * may offer).
+ * The protocol features a configuration may offer: those the session
+ * implements and this interface carries, the same in every build (not
+ * LOG_SHMFD, DEVICE_STATE, RARP, MTU or INBAND_NOTIFICATIONS, whose
+ * messages or actions have no C form).
  */
 uint64_t vhu_backend_supported_protocol_features(void);
 

@@ -404,18 +404,35 @@ pub extern "C" fn vhu_backend_align() -> usize {
     state::align::<Backend>()
 }
 
-/// The protocol features the session implements (what a configuration
-/// may offer).
+/// The protocol features a configuration may offer: those the session
+/// implements and this interface carries, the same in every build (not
+/// LOG_SHMFD, DEVICE_STATE, RARP, MTU or INBAND_NOTIFICATIONS, whose
+/// messages or actions have no C form).
 #[no_mangle]
 pub extern "C" fn vhu_backend_supported_protocol_features() -> u64 {
     C_PROTOCOL_FEATURES.bits()
 }
 
-/// What a C back-end may offer: the session's features but DEVICE_STATE,
-/// whose transfer (an fd read or written beside the connection) this
-/// interface does not carry.
-const C_PROTOCOL_FEATURES: ProtocolFeatures =
-    SUPPORTED_PROTOCOL_FEATURES.difference(ProtocolFeatures::DEVICE_STATE);
+/// What a C back-end may offer: what the session implements and this
+/// interface carries, named one by one so that the core's build features
+/// (a workspace build turns on `net` and `migration` for every crate) do
+/// not change it. Left out: LOG_SHMFD (the dirty log's actions have no C
+/// form: a migration would lose the pages written), DEVICE_STATE (its
+/// transfer is an fd read or written beside the connection), RARP and MTU
+/// (their messages reach no callback) and INBAND_NOTIFICATIONS (in-band
+/// calls are back-end requests, which this interface does not encode).
+/// BACKEND_REQ only keeps the channel's fd (`VHU_ACTION_SET_BACKEND_CHANNEL`).
+const C_PROTOCOL_FEATURES: ProtocolFeatures = ProtocolFeatures::MQ
+    .union(ProtocolFeatures::REPLY_ACK)
+    .union(ProtocolFeatures::CONFIG)
+    .union(ProtocolFeatures::INFLIGHT_SHMFD)
+    .union(ProtocolFeatures::RESET_DEVICE)
+    .union(ProtocolFeatures::CONFIGURE_MEM_SLOTS)
+    .union(ProtocolFeatures::STATUS)
+    .union(ProtocolFeatures::GET_VRING_BASE_INFLIGHT)
+    .union(ProtocolFeatures::GET_VRING_BASE_SKIP_DRAIN)
+    .union(ProtocolFeatures::BACKEND_REQ)
+    .intersection(SUPPORTED_PROTOCOL_FEATURES);
 
 /// Initialises a back-end session in `storage` (`size` bytes) for a
 /// device with `config`, waiting for a front-end's first message.

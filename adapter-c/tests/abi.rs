@@ -81,6 +81,70 @@ fn init_checks_null_alignment_and_size() {
     }
 }
 
+/// The session handles more than this ABI carries to C: a protocol
+/// feature whose messages C would never hear of (SEND_RARP, NET_SET_MTU),
+/// whose actions C cannot carry out (the dirty log of LOG_SHMFD, the
+/// state transfer of DEVICE_STATE) or that C could not answer (in-band
+/// calls of INBAND_NOTIFICATIONS: no back-end request is encoded here) is
+/// not offered, whatever features the core was built with (a workspace
+/// build turns on `net` and `migration` for every crate).
+#[test]
+fn only_what_the_abi_carries_is_offered() {
+    const LOG_SHMFD: u64 = 1 << 1;
+    const RARP: u64 = 1 << 2;
+    const MTU: u64 = 1 << 4;
+    const BACKEND_REQ: u64 = 1 << 5;
+    const INBAND_NOTIFICATIONS: u64 = 1 << 14;
+    const DEVICE_STATE: u64 = 1 << 19;
+    const SKIP_DRAIN: u64 = 1 << 23;
+    const LOG_ALL: u64 = 1 << 26;
+    let supported = vhu_backend_supported_protocol_features();
+    let named = VHU_PROTOCOL_F_MQ
+        | VHU_PROTOCOL_F_REPLY_ACK
+        | VHU_PROTOCOL_F_CONFIG
+        | VHU_PROTOCOL_F_INFLIGHT_SHMFD
+        | VHU_PROTOCOL_F_RESET_DEVICE
+        | VHU_PROTOCOL_F_CONFIGURE_MEM_SLOTS
+        | VHU_PROTOCOL_F_STATUS
+        | VHU_PROTOCOL_F_GET_VRING_BASE_INFLIGHT;
+    assert_eq!(supported, named | BACKEND_REQ | SKIP_DRAIN);
+    let size = vhu_backend_size();
+    let mut s = Storage::new(size);
+    let base = vhu_backend_config {
+        features: VHU_VIRTIO_F_VERSION_1 | VHU_F_PROTOCOL_FEATURES,
+        protocol_features: VHU_PROTOCOL_F_REPLY_ACK,
+        num_queues: 1,
+        max_queue_size: 64,
+    };
+    for (extra_protocol, extra_virtio) in [
+        (LOG_SHMFD, 0),
+        (LOG_SHMFD, LOG_ALL),
+        (0, LOG_ALL),
+        (RARP, 0),
+        (MTU, 0),
+        (DEVICE_STATE, 0),
+        (INBAND_NOTIFICATIONS | BACKEND_REQ, 0),
+    ] {
+        let cfg = vhu_backend_config {
+            features: base.features | extra_virtio,
+            protocol_features: base.protocol_features | extra_protocol,
+            ..base
+        };
+        // SAFETY: the storage holds `size` bytes; the config is live.
+        let r = unsafe { vhu_backend_init(s.at(0), size, &cfg) };
+        assert_eq!(
+            r, VHU_ERR_UNSUPPORTED,
+            "protocol {extra_protocol:#x} virtio {extra_virtio:#x}"
+        );
+    }
+    let all = vhu_backend_config {
+        protocol_features: supported,
+        ..base
+    };
+    // SAFETY: as above.
+    assert_eq!(unsafe { vhu_backend_init(s.at(0), size, &all) }, VHU_OK);
+}
+
 #[test]
 fn a_state_of_another_kind_or_none_is_refused() {
     let mut s = Storage::new(vhu_blk_size().max(vhu_dataplane_size(64)));
