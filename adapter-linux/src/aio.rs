@@ -131,6 +131,12 @@ impl Aio {
 /// A request for a pool thread: its tag and the request.
 type Job = (u64, IoRequest);
 
+/// A read or a write: a request that takes about as long as the others
+/// at the file (not a flush or an fallocate, which may take much longer).
+fn transfer(job: &Job) -> bool {
+    matches!(job.1, IoRequest::Read { .. } | IoRequest::Write { .. })
+}
+
 #[derive(Default)]
 struct Queue {
     /// Jobs no thread could take yet (every thread busy, at the maximum):
@@ -148,6 +154,8 @@ struct Queue {
     handed: Vec<Option<Job>>,
     /// Slots of threads that exited.
     free: Vec<usize>,
+    /// Threads doing a read or a write ([`transfer`]).
+    transferring: usize,
 }
 
 impl Queue {
@@ -156,6 +164,7 @@ impl Queue {
     fn hand(&mut self, job: Job) -> Option<Thread> {
         match self.idle.pop() {
             Some((slot, thread)) => {
+                self.transferring += usize::from(transfer(&job));
                 self.handed[slot] = Some(job);
                 Some(thread)
             }
@@ -164,6 +173,20 @@ impl Queue {
                 None
             }
         }
+    }
+
+    /// Whether `job`, a transfer, waits in the queue for a thread that is
+    /// transferring: with `TRANSFERS_PER_WAITING` of them per waiting
+    /// job, one finishes soon and takes it without parking.
+    fn waits(&self, job: &Job) -> bool {
+        transfer(job) && self.jobs.len() < self.transferring / TRANSFERS_PER_WAITING
+    }
+
+    /// The next queued job, counted if it is a transfer.
+    fn pop(&mut self) -> Option<Job> {
+        let job = self.jobs.pop_front()?;
+        self.transferring += usize::from(transfer(&job));
+        Some(job)
     }
 
     /// A slot for a new thread.
@@ -175,8 +198,37 @@ impl Queue {
     }
 }
 
+/// Holds pool threads before their I/O while closed (tests that need
+/// requests to stay at the file).
+#[cfg(test)]
+#[derive(Default)]
+struct Gate {
+    closed: Mutex<bool>,
+    opened: Condvar,
+}
+
+#[cfg(test)]
+impl Gate {
+    fn set(&self, closed: bool) {
+        *lock(&self.closed) = closed;
+        self.opened.notify_all();
+    }
+
+    fn pass(&self) {
+        let mut closed = lock(&self.closed);
+        while *closed {
+            closed = self
+                .opened
+                .wait(closed)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
 struct PoolShared {
     file: OwnedFd,
+    #[cfg(test)]
+    gate: Gate,
     queue: Mutex<Queue>,
     /// Signalled when a thread exits.
     gone: Condvar,
@@ -207,6 +259,22 @@ pub struct ThreadPool {
     spawned: usize,
 }
 
+/// Reads and writes at the file per read or write left waiting in the
+/// queue for one of them to finish, rather than handed to a parked
+/// thread. Waking a parked thread costs a futex wake with an
+/// inter-processor interrupt (half the submitting worker's time at
+/// iodepth 32, in a VM) and that thread's park after its request; a
+/// thread that finishes and finds a job waiting goes on without either.
+/// The file sees fewer requests at once (two in three of those in
+/// flight, once four or more are), which the CPU saved pays for where
+/// the back-end shares its cores: measured with 4 KiB O_DIRECT random
+/// reads and writes at iodepth 32 on 1 and 2 queues, 1.18-1.42x the IOPS
+/// and 0.74-0.84x the CPU per request; the same within the noise at
+/// iodepth 1 and 128 (where the threads are all busy anyway) and from the
+/// page cache. Flushes and fallocates, which may take far longer, are
+/// never waited for, nor counted.
+const TRANSFERS_PER_WAITING: usize = 2;
+
 /// How long a pool thread waits for work before it exits.
 pub const IDLE_EXIT: Duration = Duration::from_secs(10);
 
@@ -230,6 +298,8 @@ impl ThreadPool {
     fn with_idle_exit(file: OwnedFd, max: usize, idle_for: Duration) -> io::Result<ThreadPool> {
         let shared = Arc::new(PoolShared {
             file,
+            #[cfg(test)]
+            gate: Gate::default(),
             queue: Mutex::new(Queue::default()),
             gone: Condvar::new(),
             done: Mutex::new(Vec::new()),
@@ -259,6 +329,12 @@ impl ThreadPool {
         lock(&self.shared.queue).idle.len()
     }
 
+    /// Jobs waiting in the queue now.
+    #[cfg(test)]
+    fn waiting(&self) -> usize {
+        lock(&self.shared.queue).jobs.len()
+    }
+
     fn push(&mut self, tag: u64, request: IoRequest) {
         self.queued.push((tag, request));
         self.in_flight += 1;
@@ -269,14 +345,19 @@ impl ThreadPool {
             return Ok(());
         }
         {
-            // Each job to a parked thread, else to a new thread (up to
-            // the maximum: the job waits in its slot), else to the queue.
+            // Each job to the queue if a thread that is transferring will
+            // take it (`Queue::waits`), else to a parked thread, else to
+            // a new thread (up to the maximum: the job waits in its
+            // slot), else to the queue.
             let mut q = lock(&self.shared.queue);
             for job in self.queued.drain(..) {
-                if !q.idle.is_empty() {
+                if q.waits(&job) {
+                    q.jobs.push_back(job);
+                } else if !q.idle.is_empty() {
                     self.wake.extend(q.hand(job));
                 } else if q.threads < self.shared.max {
                     q.threads += 1;
+                    q.transferring += usize::from(transfer(&job));
                     let slot = q.slot();
                     q.handed[slot] = Some(job);
                     self.start.push(slot);
@@ -304,6 +385,9 @@ impl ThreadPool {
                     let mut q = lock(&self.shared.queue);
                     q.threads -= 1;
                     let job = q.handed[slot].take();
+                    if let Some(j) = &job {
+                        q.transferring -= usize::from(transfer(j));
+                    }
                     q.free.push(slot);
                     let wake = job.and_then(|j| q.hand(j));
                     if q.threads == 0 {
@@ -336,7 +420,11 @@ impl ThreadPool {
 /// A pool thread in slot `slot`, starting with the job handed to it.
 fn run(shared: &PoolShared, slot: usize) {
     let mut job = lock(&shared.queue).handed[slot].take();
-    while let Some((tag, request)) = job {
+    while let Some(j) = job {
+        let transferred = transfer(&j);
+        let (tag, request) = j;
+        #[cfg(test)]
+        shared.gate.pass();
         let result = perform(shared.file.as_fd(), &request);
         // The eventfd is written by whoever finds the list empty: the
         // worker resets it before it takes the whole list, so a list that
@@ -349,7 +437,7 @@ fn run(shared: &PoolShared, slot: usize) {
         if first {
             let _ = shared.event.write(1);
         }
-        job = next_job(shared, slot);
+        job = next_job(shared, slot, transferred);
     }
     let mut q = lock(&shared.queue);
     q.threads -= 1;
@@ -357,12 +445,13 @@ fn run(shared: &PoolShared, slot: usize) {
     shared.gone.notify_all();
 }
 
-/// The next job of the thread in `slot`: a queued one, else one handed to
-/// it while it is parked; `None` when the pool stops or the thread has
-/// been idle for `idle_for`.
-fn next_job(shared: &PoolShared, slot: usize) -> Option<Job> {
+/// The next job of the thread in `slot`, which finished a transfer or
+/// not: a queued one, else one handed to it while it is parked; `None`
+/// when the pool stops or the thread has been idle for `idle_for`.
+fn next_job(shared: &PoolShared, slot: usize, transferred: bool) -> Option<Job> {
     let mut q = lock(&shared.queue);
-    if let Some(j) = q.jobs.pop_front() {
+    q.transferring -= usize::from(transferred);
+    if let Some(j) = q.pop() {
         return Some(j);
     }
     if q.stop {
@@ -681,9 +770,9 @@ mod tests {
         }
     }
 
-    /// The pool starts a thread for each request no idle thread takes, up
-    /// to its maximum, and its threads exit when idle; it grows again for
-    /// the next requests.
+    /// The pool starts a thread for each request no idle thread takes (but
+    /// those left for threads at work: a third), up to its maximum, and
+    /// its threads exit when idle; it grows again for the next requests.
     #[test]
     fn the_thread_pool_grows_with_the_load_and_shrinks_when_idle() {
         let mem = guest(1 << 20);
@@ -708,8 +797,14 @@ mod tests {
                 }
                 pool.submit().unwrap();
                 let started = pool.threads();
-                // Nobody idle: one thread per request, up to the cap.
-                assert_eq!(started, (batch as usize).min(max), "round {round}");
+                // Nobody idle: a thread for each request but one in three,
+                // up to the cap.
+                let batch_len = batch as usize;
+                assert!(started <= batch_len.min(max), "round {round}: {started}");
+                assert!(
+                    started >= (batch_len * 2 / 3).min(max),
+                    "round {round}: {started}"
+                );
                 let mut n = 0;
                 let deadline = std::time::Instant::now() + Duration::from_secs(10);
                 while n < batch {
@@ -726,6 +821,99 @@ mod tests {
                     std::thread::sleep(Duration::from_millis(20));
                 }
             }
+        }
+    }
+
+    /// Reads read, from `mem` at 4 KiB blocks `first..first + n`, blocks of
+    /// the file at the same offsets.
+    fn reads(pool: &mut ThreadPool, mem: &LinuxGuestMemory, first: u64, n: u64) {
+        for block in first..first + n {
+            let mut bufs = Vec::new();
+            mem.io_bufs(block * 4096, 4096, true, &mut bufs).unwrap();
+            let read = IoRequest::Read {
+                offset: block * 4096,
+                bufs,
+            };
+            pool.push(block, read);
+        }
+        pool.submit().unwrap();
+    }
+
+    /// Reaps `n` completions (tags), each a whole 4 KiB read or a sync.
+    fn reap_n(pool: &mut ThreadPool, n: usize) -> Vec<u64> {
+        let mut seen = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while seen.len() < n {
+            assert!(std::time::Instant::now() < deadline, "completions lost");
+            pool.reap(|(t, r, req)| {
+                let want = if matches!(req, IoRequest::Sync) {
+                    0
+                } else {
+                    4096
+                };
+                assert_eq!(r.unwrap(), want);
+                seen.push(t);
+            });
+            std::thread::yield_now();
+        }
+        seen.sort_unstable();
+        seen
+    }
+
+    /// A read or a write is left in the queue, for a thread that finishes
+    /// its own to take, while two or more per waiting job are at the file
+    /// (waking a parked thread costs more than the wait); a flush never
+    /// waits, and is not counted as a thread that will soon finish.
+    #[test]
+    fn a_transfer_waits_for_a_thread_at_work_rather_than_wake_one() {
+        let mem = guest(1 << 20);
+        let file = image(1 << 20);
+        let pattern: Vec<u8> = (0..1 << 20).map(|i: u32| (i / 4096 * 3) as u8).collect();
+        file.write_all_at(&pattern, 0).unwrap();
+        let mut pool = ThreadPool::new(file.as_fd().try_clone_to_owned().unwrap(), 64).unwrap();
+        // Dropped first: a failed assertion opens the gate, so the pool's
+        // drop does not wait forever for threads held at it.
+        struct Open(Arc<PoolShared>);
+        impl Drop for Open {
+            fn drop(&mut self) {
+                self.0.gate.set(false);
+            }
+        }
+        let _open = Open(Arc::clone(&pool.shared));
+        pool.shared.gate.set(true);
+        // Nobody parked: two threads start, the third read waits for
+        // them, the fourth starts a thread (one waiting for three at
+        // work is too many).
+        reads(&mut pool, &mem, 0, 4);
+        assert_eq!((pool.threads(), pool.waiting()), (3, 1));
+        // A flush starts a thread of its own.
+        pool.push(100, IoRequest::Sync);
+        pool.submit().unwrap();
+        assert_eq!((pool.threads(), pool.waiting()), (4, 1));
+        pool.shared.gate.set(false);
+        assert_eq!(reap_n(&mut pool, 5), [0, 1, 2, 3, 100]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while pool.parked() < 4 {
+            assert!(std::time::Instant::now() < deadline, "threads do not park");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Parked threads: the first two reads wake two, the third waits.
+        pool.shared.gate.set(true);
+        reads(&mut pool, &mem, 10, 3);
+        assert_eq!((pool.parked(), pool.waiting()), (2, 1));
+        // A flush wakes one, and does not count as a thread at work: the
+        // next read wakes the last (two at work, one already waiting).
+        pool.push(101, IoRequest::Sync);
+        pool.submit().unwrap();
+        assert_eq!((pool.parked(), pool.waiting()), (1, 1));
+        reads(&mut pool, &mem, 13, 1);
+        assert_eq!((pool.threads(), pool.parked(), pool.waiting()), (4, 0, 1));
+        pool.shared.gate.set(false);
+        assert_eq!(reap_n(&mut pool, 5), [10, 11, 12, 13, 101]);
+        for block in [0, 1, 2, 3, 10, 11, 12, 13] {
+            let mut b = [0u8; 4096];
+            mem.read(block * 4096, &mut b).unwrap();
+            assert!(b.iter().all(|&x| x == (block * 3) as u8), "block {block}");
         }
     }
 
