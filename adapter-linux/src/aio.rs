@@ -11,6 +11,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
@@ -199,30 +200,59 @@ impl Queue {
 }
 
 /// Holds pool threads before their I/O while closed (tests that need
-/// requests to stay at the file).
+/// requests to stay at the file), but for the jobs it is told to let
+/// through.
 #[cfg(test)]
 #[derive(Default)]
 struct Gate {
-    closed: Mutex<bool>,
+    /// `None`: open; `Some(n)`: closed after `n` more jobs.
+    permits: Mutex<Option<usize>>,
     opened: Condvar,
 }
 
 #[cfg(test)]
 impl Gate {
     fn set(&self, closed: bool) {
-        *lock(&self.closed) = closed;
+        *lock(&self.permits) = closed.then_some(0);
+        self.opened.notify_all();
+    }
+
+    /// Lets `n` more jobs through a closed gate.
+    fn let_through(&self, n: usize) {
+        if let Some(p) = lock(&self.permits).as_mut() {
+            *p += n;
+        }
         self.opened.notify_all();
     }
 
     fn pass(&self) {
-        let mut closed = lock(&self.closed);
-        while *closed {
-            closed = self
-                .opened
-                .wait(closed)
-                .unwrap_or_else(PoisonError::into_inner);
+        let mut permits = lock(&self.permits);
+        loop {
+            match permits.as_mut() {
+                None => return,
+                Some(p) if *p > 0 => {
+                    *p -= 1;
+                    return;
+                }
+                Some(_) => {
+                    permits = self
+                        .opened
+                        .wait(permits)
+                        .unwrap_or_else(PoisonError::into_inner)
+                }
+            }
         }
     }
+}
+
+/// Completions not reaped yet.
+#[derive(Default)]
+struct Finished {
+    list: Vec<Done>,
+    /// The worker was signalled for them.
+    signalled: bool,
+    /// When the oldest completion the worker was not signalled for came.
+    since: Option<Instant>,
 }
 
 struct PoolShared {
@@ -232,10 +262,14 @@ struct PoolShared {
     queue: Mutex<Queue>,
     /// Signalled when a thread exits.
     gone: Condvar,
-    done: Mutex<Vec<Done>>,
+    done: Mutex<Finished>,
+    /// Jobs waiting in the queue (its length, read without its lock).
+    waiting: AtomicUsize,
     event: EventFd,
     max: usize,
     idle_for: Duration,
+    /// [`COALESCE_FOR`].
+    coalesce_for: Duration,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -275,6 +309,19 @@ pub struct ThreadPool {
 /// never waited for, nor counted.
 const TRANSFERS_PER_WAITING: usize = 2;
 
+/// Completions gathered before the worker is signalled while at least as
+/// many jobs wait in the queue: the worker is woken once for them rather
+/// than every one or two (each wake-up, its reap, publish and call to the
+/// driver cost it about 6 us). The requests that wait keep the threads
+/// busy, so the file sees as many at once, and IOPS do not change.
+/// Measured with 4 KiB O_DIRECT random I/O at iodepth 128 on one queue
+/// (64 threads, 64 waiting): 0.79-0.84x the CPU per request.
+const COALESCE: usize = 16;
+
+/// How long a completion may wait for others before the worker is
+/// signalled anyway (a queue behind slow requests: few complete).
+const COALESCE_FOR: Duration = Duration::from_millis(1);
+
 /// How long a pool thread waits for work before it exits.
 pub const IDLE_EXIT: Duration = Duration::from_secs(10);
 
@@ -292,20 +339,27 @@ impl ThreadPool {
     /// A pool of at most `max` threads (at least one) doing I/O on
     /// `file`; none runs until there is work.
     pub fn new(file: OwnedFd, max: usize) -> io::Result<ThreadPool> {
-        Self::with_idle_exit(file, max, IDLE_EXIT)
+        Self::with_timing(file, max, IDLE_EXIT, COALESCE_FOR)
     }
 
-    fn with_idle_exit(file: OwnedFd, max: usize, idle_for: Duration) -> io::Result<ThreadPool> {
+    fn with_timing(
+        file: OwnedFd,
+        max: usize,
+        idle_for: Duration,
+        coalesce_for: Duration,
+    ) -> io::Result<ThreadPool> {
         let shared = Arc::new(PoolShared {
             file,
             #[cfg(test)]
             gate: Gate::default(),
             queue: Mutex::new(Queue::default()),
             gone: Condvar::new(),
-            done: Mutex::new(Vec::new()),
+            done: Mutex::new(Finished::default()),
+            waiting: AtomicUsize::new(0),
             event: EventFd::new(true)?,
             max: max.max(1),
             idle_for,
+            coalesce_for,
         });
         info!("I/O thread pool of up to {} threads", shared.max);
         Ok(ThreadPool {
@@ -365,6 +419,7 @@ impl ThreadPool {
                     q.jobs.push_back(job);
                 }
             }
+            self.shared.waiting.store(q.jobs.len(), Ordering::Relaxed);
         }
         for t in self.wake.drain(..) {
             t.unpark();
@@ -409,7 +464,12 @@ impl ThreadPool {
         if self.in_flight == 0 {
             return;
         }
-        let finished = std::mem::take(&mut *lock(&self.shared.done));
+        let finished = {
+            let mut f = lock(&self.shared.done);
+            f.signalled = false;
+            f.since = None;
+            std::mem::take(&mut f.list)
+        };
         for d in finished {
             self.in_flight -= 1;
             done(d);
@@ -426,15 +486,20 @@ fn run(shared: &PoolShared, slot: usize) {
         #[cfg(test)]
         shared.gate.pass();
         let result = perform(shared.file.as_fd(), &request);
-        // The eventfd is written by whoever finds the list empty: the
-        // worker resets it before it takes the whole list, so a list that
-        // is not empty has a write to come or one it has not yet seen.
-        let first = {
-            let mut done = lock(&shared.done);
-            done.push((tag, result, request));
-            done.len() == 1
+        // The eventfd is written once for the completions the worker
+        // takes together (it resets the eventfd, then takes the whole
+        // list): by the thread that finds the list not signalled for and
+        // its completions due ([`due`]). A list that is not empty has a
+        // write to come (a thread that finishes later finds it due) or one
+        // the worker has not yet seen.
+        let signal = {
+            let mut f = lock(&shared.done);
+            f.list.push((tag, result, request));
+            let signal = !f.signalled && due(shared, &mut f);
+            f.signalled |= signal;
+            signal
         };
-        if first {
+        if signal {
             let _ = shared.event.write(1);
         }
         job = next_job(shared, slot, transferred);
@@ -445,6 +510,19 @@ fn run(shared: &PoolShared, slot: usize) {
     shared.gone.notify_all();
 }
 
+/// Whether the worker is to be signalled for the completions in `f` now:
+/// unless [`COALESCE`] or more jobs wait in the queue (the threads have
+/// work for a while, the worker need not feed them), the list is shorter
+/// than that and its oldest completion came less than [`COALESCE_FOR`]
+/// ago.
+fn due(shared: &PoolShared, f: &mut Finished) -> bool {
+    if f.list.len() >= COALESCE || shared.waiting.load(Ordering::Relaxed) < COALESCE {
+        return true;
+    }
+    let now = Instant::now();
+    now.duration_since(*f.since.get_or_insert(now)) >= shared.coalesce_for
+}
+
 /// The next job of the thread in `slot`, which finished a transfer or
 /// not: a queued one, else one handed to it while it is parked; `None`
 /// when the pool stops or the thread has been idle for `idle_for`.
@@ -452,6 +530,7 @@ fn next_job(shared: &PoolShared, slot: usize, transferred: bool) -> Option<Job> 
     let mut q = lock(&shared.queue);
     q.transferring -= usize::from(transferred);
     if let Some(j) = q.pop() {
+        shared.waiting.store(q.jobs.len(), Ordering::Relaxed);
         return Some(j);
     }
     if q.stop {
@@ -779,9 +858,13 @@ mod tests {
         let file = image(1 << 20);
         for (max, batch) in [(64, 16), (4, 16)] {
             let idle = Duration::from_millis(200);
-            let mut pool =
-                ThreadPool::with_idle_exit(file.as_fd().try_clone_to_owned().unwrap(), max, idle)
-                    .unwrap();
+            let mut pool = ThreadPool::with_timing(
+                file.as_fd().try_clone_to_owned().unwrap(),
+                max,
+                idle,
+                COALESCE_FOR,
+            )
+            .unwrap();
             assert_eq!(pool.threads(), 0);
             for round in 0..2 {
                 for i in 0..batch {
@@ -914,6 +997,92 @@ mod tests {
             let mut b = [0u8; 4096];
             mem.read(block * 4096, &mut b).unwrap();
             assert!(b.iter().all(|&x| x == (block * 3) as u8), "block {block}");
+        }
+    }
+
+    /// While as many jobs wait in the queue as [`COALESCE`], completions
+    /// are gathered: the worker is signalled once for that many, or for
+    /// fewer once the oldest waited `coalesce_for`, or once fewer jobs
+    /// wait; every completion is reaped once.
+    #[test]
+    fn completions_are_gathered_while_jobs_wait() {
+        let mem = guest(1 << 20);
+        let file = image(1 << 20);
+        let pattern: Vec<u8> = (0..1 << 20).map(|i: u32| (i / 4096 * 7) as u8).collect();
+        file.write_all_at(&pattern, 0).unwrap();
+        let wait = Duration::from_millis(300);
+        let fd = file.as_fd().try_clone_to_owned().unwrap();
+        let mut pool = ThreadPool::with_timing(fd, 2, IDLE_EXIT, wait).unwrap();
+        struct Open(Arc<PoolShared>);
+        impl Drop for Open {
+            fn drop(&mut self) {
+                self.0.gate.set(false);
+            }
+        }
+        let _open = Open(Arc::clone(&pool.shared));
+        pool.shared.gate.set(true);
+        let signalled = |pool: &ThreadPool| match pool.shared.event.read() {
+            Ok(n) => n > 0,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+            Err(e) => panic!("{e}"),
+        };
+        let until_waiting = |pool: &ThreadPool, n: usize| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while pool.waiting() != n {
+                assert!(std::time::Instant::now() < deadline, "jobs not taken");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        // Two threads (the maximum) and 38 jobs waiting.
+        reads(&mut pool, &mem, 0, 40);
+        assert_eq!((pool.threads(), pool.waiting()), (2, 38));
+        let mut seen = Vec::new();
+        let reap = |pool: &mut ThreadPool, seen: &mut Vec<u64>| {
+            let mut n = 0;
+            pool.reap(|(t, r, _)| {
+                assert_eq!(r.unwrap(), 4096);
+                seen.push(t);
+                n += 1;
+            });
+            n
+        };
+        // Two complete: not signalled for yet.
+        pool.shared.gate.let_through(2);
+        until_waiting(&pool, 36);
+        assert!(!signalled(&pool), "signalled for 2 completions");
+        // The oldest has waited long enough: the next one signals.
+        std::thread::sleep(wait);
+        pool.shared.gate.let_through(1);
+        until_waiting(&pool, 35);
+        assert!(signalled(&pool), "the oldest waited {wait:?}");
+        assert_eq!(reap(&mut pool, &mut seen), 3);
+        // Sixteen complete at once: signalled.
+        pool.shared.gate.let_through(COALESCE);
+        until_waiting(&pool, 35 - COALESCE);
+        assert!(signalled(&pool));
+        assert_eq!(reap(&mut pool, &mut seen), COALESCE);
+        // Four more complete with sixteen or more waiting (each thread
+        // looks before it takes the next job): not signalled for; the
+        // fifth finds fewer waiting, and is.
+        pool.shared.gate.let_through(4);
+        until_waiting(&pool, 15);
+        assert!(!signalled(&pool), "signalled with 16 or more waiting");
+        pool.shared.gate.let_through(1);
+        until_waiting(&pool, 14);
+        assert!(signalled(&pool));
+        pool.shared.gate.set(false);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while seen.len() < 40 {
+            assert!(std::time::Instant::now() < deadline, "completions lost");
+            reap(&mut pool, &mut seen);
+            std::thread::yield_now();
+        }
+        seen.sort_unstable();
+        assert_eq!(seen, (0..40).collect::<Vec<_>>());
+        for block in 0..40u64 {
+            let mut b = [0u8; 4096];
+            mem.read(block * 4096, &mut b).unwrap();
+            assert!(b.iter().all(|&x| x == (block * 7) as u8), "block {block}");
         }
     }
 
