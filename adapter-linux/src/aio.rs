@@ -907,6 +907,42 @@ mod tests {
         }
     }
 
+    /// Guest memory and an image whose 4 KiB block `b` is filled with the
+    /// byte `b * mul`.
+    fn patterned(mul: u32) -> (LinuxGuestMemory, std::fs::File) {
+        let file = image(1 << 20);
+        let pattern: Vec<u8> = (0..1 << 20).map(|i: u32| (i / 4096 * mul) as u8).collect();
+        file.write_all_at(&pattern, 0).unwrap();
+        (guest(1 << 20), file)
+    }
+
+    /// Guest blocks `blocks` hold what [`patterned`]`(mul)` put in the
+    /// image's blocks of the same numbers.
+    fn check_blocks(mem: &LinuxGuestMemory, blocks: impl IntoIterator<Item = u64>, mul: u64) {
+        for block in blocks {
+            let mut b = [0u8; 4096];
+            mem.read(block * 4096, &mut b).unwrap();
+            assert!(b.iter().all(|&x| x == (block * mul) as u8), "block {block}");
+        }
+    }
+
+    /// Closes `pool`'s gate, and opens it when dropped: a failed assertion
+    /// does not leave the pool's drop waiting for threads held at it.
+    struct Closed(Arc<PoolShared>);
+
+    impl Closed {
+        fn gate(pool: &ThreadPool) -> Closed {
+            pool.shared.gate.set(true);
+            Closed(Arc::clone(&pool.shared))
+        }
+    }
+
+    impl Drop for Closed {
+        fn drop(&mut self) {
+            self.0.gate.set(false);
+        }
+    }
+
     /// Reads read, from `mem` at 4 KiB blocks `first..first + n`, blocks of
     /// the file at the same offsets.
     fn reads(pool: &mut ThreadPool, mem: &LinuxGuestMemory, first: u64, n: u64) {
@@ -949,21 +985,9 @@ mod tests {
     /// waits, and is not counted as a thread that will soon finish.
     #[test]
     fn a_transfer_waits_for_a_thread_at_work_rather_than_wake_one() {
-        let mem = guest(1 << 20);
-        let file = image(1 << 20);
-        let pattern: Vec<u8> = (0..1 << 20).map(|i: u32| (i / 4096 * 3) as u8).collect();
-        file.write_all_at(&pattern, 0).unwrap();
+        let (mem, file) = patterned(3);
         let mut pool = ThreadPool::new(file.as_fd().try_clone_to_owned().unwrap(), 64).unwrap();
-        // Dropped first: a failed assertion opens the gate, so the pool's
-        // drop does not wait forever for threads held at it.
-        struct Open(Arc<PoolShared>);
-        impl Drop for Open {
-            fn drop(&mut self) {
-                self.0.gate.set(false);
-            }
-        }
-        let _open = Open(Arc::clone(&pool.shared));
-        pool.shared.gate.set(true);
+        let _closed = Closed::gate(&pool);
         // Nobody parked: two threads start, the third read waits for
         // them, the fourth starts a thread (one waiting for three at
         // work is too many).
@@ -993,11 +1017,7 @@ mod tests {
         assert_eq!((pool.threads(), pool.parked(), pool.waiting()), (4, 0, 1));
         pool.shared.gate.set(false);
         assert_eq!(reap_n(&mut pool, 5), [10, 11, 12, 13, 101]);
-        for block in [0, 1, 2, 3, 10, 11, 12, 13] {
-            let mut b = [0u8; 4096];
-            mem.read(block * 4096, &mut b).unwrap();
-            assert!(b.iter().all(|&x| x == (block * 3) as u8), "block {block}");
-        }
+        check_blocks(&mem, [0, 1, 2, 3, 10, 11, 12, 13], 3);
     }
 
     /// While as many jobs wait in the queue as [`COALESCE`], completions
@@ -1006,21 +1026,11 @@ mod tests {
     /// wait; every completion is reaped once.
     #[test]
     fn completions_are_gathered_while_jobs_wait() {
-        let mem = guest(1 << 20);
-        let file = image(1 << 20);
-        let pattern: Vec<u8> = (0..1 << 20).map(|i: u32| (i / 4096 * 7) as u8).collect();
-        file.write_all_at(&pattern, 0).unwrap();
+        let (mem, file) = patterned(7);
         let wait = Duration::from_millis(300);
         let fd = file.as_fd().try_clone_to_owned().unwrap();
         let mut pool = ThreadPool::with_timing(fd, 2, IDLE_EXIT, wait).unwrap();
-        struct Open(Arc<PoolShared>);
-        impl Drop for Open {
-            fn drop(&mut self) {
-                self.0.gate.set(false);
-            }
-        }
-        let _open = Open(Arc::clone(&pool.shared));
-        pool.shared.gate.set(true);
+        let _closed = Closed::gate(&pool);
         let signalled = |pool: &ThreadPool| match pool.shared.event.read() {
             Ok(n) => n > 0,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
@@ -1079,11 +1089,7 @@ mod tests {
         }
         seen.sort_unstable();
         assert_eq!(seen, (0..40).collect::<Vec<_>>());
-        for block in 0..40u64 {
-            let mut b = [0u8; 4096];
-            mem.read(block * 4096, &mut b).unwrap();
-            assert!(b.iter().all(|&x| x == (block * 7) as u8), "block {block}");
-        }
+        check_blocks(&mem, 0..40, 7);
     }
 
     /// Waves of requests, larger and smaller than the pool: at the
