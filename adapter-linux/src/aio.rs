@@ -165,8 +165,7 @@ impl Queue {
     fn hand(&mut self, job: Job) -> Option<Thread> {
         match self.idle.pop() {
             Some((slot, thread)) => {
-                self.transferring += usize::from(transfer(&job));
-                self.handed[slot] = Some(job);
+                self.give(slot, job);
                 Some(thread)
             }
             None => {
@@ -174,6 +173,19 @@ impl Queue {
                 None
             }
         }
+    }
+
+    /// Puts `job` in `slot` for its thread (counted if it is a transfer).
+    fn give(&mut self, slot: usize, job: Job) {
+        self.transferring += usize::from(transfer(&job));
+        self.handed[slot] = Some(job);
+    }
+
+    /// Takes back the job in `slot` (its thread did not start).
+    fn take_back(&mut self, slot: usize) -> Option<Job> {
+        let job = self.handed[slot].take()?;
+        self.transferring -= usize::from(transfer(&job));
+        Some(job)
     }
 
     /// Whether `job`, a transfer, waits in the queue for a thread that is
@@ -270,6 +282,14 @@ struct PoolShared {
     idle_for: Duration,
     /// [`COALESCE_FOR`].
     coalesce_for: Duration,
+}
+
+impl PoolShared {
+    /// Copies the queue's length to `waiting` (with its lock held, after
+    /// the queue changed).
+    fn note_waiting(&self, q: &Queue) {
+        self.waiting.store(q.jobs.len(), Ordering::Relaxed);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -411,15 +431,14 @@ impl ThreadPool {
                     self.wake.extend(q.hand(job));
                 } else if q.threads < self.shared.max {
                     q.threads += 1;
-                    q.transferring += usize::from(transfer(&job));
                     let slot = q.slot();
-                    q.handed[slot] = Some(job);
+                    q.give(slot, job);
                     self.start.push(slot);
                 } else {
                     q.jobs.push_back(job);
                 }
             }
-            self.shared.waiting.store(q.jobs.len(), Ordering::Relaxed);
+            self.shared.note_waiting(&q);
         }
         for t in self.wake.drain(..) {
             t.unpark();
@@ -439,12 +458,10 @@ impl ThreadPool {
                     // (the caller's drop runs what is queued).
                     let mut q = lock(&self.shared.queue);
                     q.threads -= 1;
-                    let job = q.handed[slot].take();
-                    if let Some(j) = &job {
-                        q.transferring -= usize::from(transfer(j));
-                    }
+                    let job = q.take_back(slot);
                     q.free.push(slot);
                     let wake = job.and_then(|j| q.hand(j));
+                    self.shared.note_waiting(&q);
                     if q.threads == 0 {
                         result = Err(e);
                     } else {
@@ -530,7 +547,7 @@ fn next_job(shared: &PoolShared, slot: usize, transferred: bool) -> Option<Job> 
     let mut q = lock(&shared.queue);
     q.transferring -= usize::from(transferred);
     if let Some(j) = q.pop() {
-        shared.waiting.store(q.jobs.len(), Ordering::Relaxed);
+        shared.note_waiting(&q);
         return Some(j);
     }
     if q.stop {
