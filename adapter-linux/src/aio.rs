@@ -104,7 +104,9 @@ impl Aio {
 
     /// Reports each completed request, in completion order. Reset the
     /// [`completion_fd`](Aio::completion_fd) (read it) before, not after,
-    /// so no completion goes unsignalled.
+    /// so no completion goes unsignalled. The thread pool may keep
+    /// completions it gathers while many jobs wait until it signals the
+    /// fd for them.
     pub fn reap(&mut self, mut done: impl FnMut(u64, io::Result<usize>, IoRequest)) {
         match self {
             Aio::Uring(u) => u.reap(done),
@@ -483,6 +485,20 @@ impl ThreadPool {
         }
         let finished = {
             let mut f = lock(&self.shared.done);
+            // With twice COALESCE jobs waiting, gathered completions wait
+            // for the signal that comes once they are due: a worker woken
+            // by the driver's kick leaves them, or it would hand them back
+            // a few at a time, and each few would bring another kick.
+            // Measured at depth 128 on one queue: the worker's calls went
+            // from one per four requests to one per forty, its CPU per
+            // request from 3.1 to 1.2 us. With fewer waiting (depth 32 on
+            // one queue touches 16 now and then) the worker takes what is
+            // there, as it did: holding them there measured 0.96x the
+            // IOPS at 1.08x the CPU per request.
+            let deep = self.shared.waiting.load(Ordering::Relaxed) >= 2 * COALESCE;
+            if f.list.is_empty() || (deep && !f.signalled && !due(&self.shared, &mut f)) {
+                return;
+            }
             f.signalled = false;
             f.since = None;
             std::mem::take(&mut f.list)
@@ -1040,7 +1056,8 @@ mod tests {
     /// While as many jobs wait in the queue as [`COALESCE`], completions
     /// are gathered: the worker is signalled once for that many, or for
     /// fewer once the oldest waited `coalesce_for`, or once fewer jobs
-    /// wait; every completion is reaped once.
+    /// wait; a reap before then takes none; every completion is reaped
+    /// once.
     #[test]
     fn completions_are_gathered_while_jobs_wait() {
         let (mem, file) = patterned(7);
@@ -1077,6 +1094,8 @@ mod tests {
         pool.shared.gate.let_through(2);
         until_waiting(&pool, 36);
         assert!(!signalled(&pool), "signalled for 2 completions");
+        // Nor are they handed out before then (a worker woken by a kick).
+        assert_eq!(reap(&mut pool, &mut seen), 0, "reaped before they were due");
         // The oldest has waited long enough: the next one signals.
         std::thread::sleep(wait);
         pool.shared.gate.let_through(1);
