@@ -825,6 +825,65 @@ mod tests {
         }
     }
 
+    /// `io_uring_enter` failing otherwise (a ring the kernel no longer
+    /// takes entries from) breaks the ring: the requests it did not take
+    /// end with the error at the next reap (the completion fd calls the
+    /// caller back for them: nothing else would), later ones are refused,
+    /// and one the kernel took before completes with its data.
+    #[test]
+    fn a_broken_ring_ends_what_it_did_not_take_and_refuses_more() {
+        let mem = guest(1 << 20);
+        let file = image(1 << 20);
+        file.write_all_at(&[0x5au8; 4096], 8192).unwrap();
+        let mut aio = match Aio::new(AioMode::IoUring, file.as_fd(), 8, 1) {
+            Ok(a @ Aio::Uring(_)) => a,
+            // No io_uring here (the fallback has its own tests).
+            _ => return,
+        };
+        let read = |tag: u64| {
+            let mut bufs = Vec::new();
+            mem.io_bufs(tag * 4096, 4096, true, &mut bufs).unwrap();
+            IoRequest::Read { offset: 8192, bufs }
+        };
+        aio.push(1, read(1)).unwrap();
+        aio.submit().unwrap();
+        aio.push(2, read(2)).unwrap();
+        aio.push(3, read(3)).unwrap();
+        let Aio::Uring(u) = &mut aio else {
+            unreachable!()
+        };
+        u.refuse_enter = Some(libc::EINVAL);
+        let e = aio.submit().unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
+        let signalled = crate::sys::eventfd::EventFd::read_fd(aio.completion_fd());
+        assert!(
+            matches!(signalled, Ok(n) if n > 0),
+            "nothing calls the submitter back: {signalled:?}"
+        );
+        let (_, e) = aio.push(4, read(4)).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
+        aio.submit().unwrap();
+        let mut got = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while got.len() < 3 {
+            assert!(std::time::Instant::now() < deadline, "completions lost");
+            aio.reap(|tag, r, _| got.push((tag, r.map_err(|e| e.raw_os_error()))));
+            std::thread::yield_now();
+        }
+        got.sort_unstable();
+        let einval = Err(Some(libc::EINVAL));
+        assert_eq!(got, [(1, Ok(4096)), (2, einval), (3, einval)]);
+        assert_eq!(aio.in_flight(), 0);
+        let mut back = vec![0; 4096];
+        mem.read(4096, &mut back).unwrap();
+        assert_eq!(back, [0x5a; 4096]);
+        // The abandoned reads never ran.
+        for tag in [2, 3] {
+            mem.read(tag * 4096, &mut back).unwrap();
+            assert!(back.iter().all(|&b| b == 0), "read {tag} ran");
+        }
+    }
+
     #[test]
     fn io_uring_round_trip() {
         round_trip(AioMode::IoUring);

@@ -167,6 +167,15 @@ pub struct Uring {
     /// Emptied iovec arrays of reaped requests, reused (no allocation per
     /// request of several buffers).
     spare: Vec<IoVecs>,
+    /// Slots of the entries queued for the kernel and not yet taken by
+    /// it, in queue order.
+    unsubmitted: Vec<usize>,
+    /// The error `io_uring_enter` failed with other than a busy kernel's
+    /// (see [`Uring::submit`]): the ring is entered no more.
+    broken: Option<i32>,
+    /// Requests that never reached the kernel because the ring broke,
+    /// with the error they end with at the next [`Uring::reap`].
+    failed: Vec<(InFlight, i32)>,
     /// The error the next `io_uring_enter` of `submit` fails with instead
     /// of entering (tests of a busy kernel).
     #[cfg(test)]
@@ -220,6 +229,9 @@ impl Uring {
             in_flight: 0,
             cqes: Vec::new(),
             spare: Vec::new(),
+            unsubmitted: Vec::new(),
+            broken: None,
+            failed: Vec::new(),
             #[cfg(test)]
             refuse_enter: None,
         })
@@ -242,6 +254,9 @@ impl Uring {
     /// queue was full). A request refused before reaching the kernel is
     /// given back with the error.
     pub fn push(&mut self, tag: u64, request: IoRequest) -> Result<(), (IoRequest, io::Error)> {
+        if let Some(errno) = self.broken {
+            return Err((request, io::Error::from_raw_os_error(errno)));
+        }
         if let Err(e) = request.check() {
             return Err((request, e));
         }
@@ -312,6 +327,7 @@ impl Uring {
             request,
             iovecs,
         });
+        self.unsubmitted.push(slot);
         self.in_flight += 1;
         Ok(())
     }
@@ -321,8 +337,15 @@ impl Uring {
     /// leaves them queued for the next call, and the completion eventfd is
     /// signalled so the caller comes back to make it: with nothing else in
     /// flight no completion would, and the requests would wait forever.
+    ///
+    /// Any other error breaks the ring, and is returned (once): the
+    /// requests it did not take end with that error at the next
+    /// [`Uring::reap`] (the eventfd is signalled for them), later ones are
+    /// refused by [`Uring::push`], and the ring is never entered again
+    /// (it would take the abandoned entries, whose buffers are gone).
+    /// Requests the kernel took complete as before.
     pub fn submit(&mut self) -> io::Result<()> {
-        if self.ring.submission().is_empty() {
+        if self.broken.is_some() || self.ring.submission().is_empty() {
             return Ok(());
         }
         #[cfg(test)]
@@ -333,7 +356,12 @@ impl Uring {
         #[cfg(not(test))]
         let submitted = self.ring.submit();
         match submitted {
-            Ok(_) => Ok(()),
+            Ok(n) => {
+                // The kernel takes entries from the head of the queue.
+                let n = n.min(self.unsubmitted.len());
+                self.unsubmitted.drain(..n);
+                Ok(())
+            }
             Err(e)
                 if matches!(
                     e.raw_os_error(),
@@ -343,7 +371,17 @@ impl Uring {
                 let _ = self.event.write(1);
                 Ok(())
             }
-            Err(e) => Err(e),
+            Err(e) => {
+                let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                self.broken = Some(errno);
+                for slot in self.unsubmitted.drain(..) {
+                    if let Some(entry) = self.slots.get_mut(slot).and_then(Option::take) {
+                        self.failed.push((entry, errno));
+                    }
+                }
+                let _ = self.event.write(1);
+                Err(e)
+            }
         }
     }
 
@@ -354,6 +392,14 @@ impl Uring {
     pub fn reap(&mut self, mut done: impl FnMut(u64, io::Result<usize>, IoRequest)) {
         if self.in_flight == 0 {
             return;
+        }
+        for (entry, errno) in std::mem::take(&mut self.failed) {
+            self.in_flight -= 1;
+            done(
+                entry.tag,
+                Err(io::Error::from_raw_os_error(errno)),
+                entry.request,
+            );
         }
         self.cqes.clear();
         self.cqes
@@ -390,6 +436,17 @@ impl Uring {
 
 impl Drop for Uring {
     fn drop(&mut self) {
+        // Never submitted: their buffers can go.
+        self.failed.clear();
+        if self.broken.is_some() {
+            // Waiting would enter the ring, which would take the
+            // abandoned entries: keep the buffers of the requests the
+            // kernel took (and their mappings) for good instead.
+            if self.slots.iter().any(Option::is_some) {
+                std::mem::forget(std::mem::take(&mut self.slots));
+            }
+            return;
+        }
         // The kernel may still read or write the buffers of requests in
         // flight: wait for them before the buffers go.
         while self.in_flight > 0 {
