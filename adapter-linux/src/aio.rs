@@ -16,7 +16,7 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
 
-use log::{info, warn};
+use log::{error, info, warn};
 
 use crate::sys::eventfd::EventFd;
 use crate::sys::uring::{perform, IoRequest, Uring};
@@ -50,10 +50,20 @@ pub type Done = (u64, io::Result<usize>, IoRequest);
 /// The engine of one ring's worker.
 #[derive(Debug)]
 pub enum Aio {
-    /// An io_uring (boxed: the ring's state is large).
-    Uring(Box<Uring>),
-    /// A thread pool.
+    /// An io_uring (boxed: the ring's state is large), with what a pool
+    /// needs should the ring break.
+    Uring(Box<Uring>, Fallback),
+    /// A thread pool (also one that took over from an io_uring that
+    /// broke: see [`Aio::submit`]).
     Threads(ThreadPool),
+}
+
+/// The file and pool size of an io_uring engine, for the pool that takes
+/// over if the ring breaks.
+#[derive(Debug)]
+pub struct Fallback {
+    file: OwnedFd,
+    threads: usize,
 }
 
 impl Aio {
@@ -63,7 +73,13 @@ impl Aio {
     pub fn new(mode: AioMode, file: BorrowedFd<'_>, depth: u32, threads: usize) -> io::Result<Aio> {
         if mode == AioMode::IoUring {
             match Uring::new(depth, file) {
-                Ok(u) => return Ok(Aio::Uring(Box::new(u))),
+                Ok(u) => {
+                    let fallback = Fallback {
+                        file: file.try_clone_to_owned()?,
+                        threads,
+                    };
+                    return Ok(Aio::Uring(Box::new(u), fallback));
+                }
                 Err(e) => {
                     warn!("io_uring unavailable ({e}); using a pool of up to {threads} I/O threads")
                 }
@@ -76,7 +92,7 @@ impl Aio {
     /// The engine's name, for logs.
     pub fn name(&self) -> &'static str {
         match self {
-            Aio::Uring(_) => "io_uring",
+            Aio::Uring(..) => "io_uring",
             Aio::Threads(_) => "threads",
         }
     }
@@ -86,7 +102,23 @@ impl Aio {
     /// given back with the error.
     pub fn push(&mut self, tag: u64, request: IoRequest) -> Result<(), (IoRequest, io::Error)> {
         match self {
-            Aio::Uring(u) => u.push(tag, request),
+            Aio::Uring(u, _) => match u.push(tag, request) {
+                // Its submit, to make room, broke the ring.
+                Err((request, e)) if u.is_broken() => {
+                    if let Err(e) = self.take_over(&e) {
+                        return Err((request, e));
+                    }
+                    match self {
+                        Aio::Threads(p) => {
+                            p.push(tag, request);
+                            Ok(())
+                        }
+                        // No pool could be made: the ring refuses.
+                        Aio::Uring(..) => Err((request, e)),
+                    }
+                }
+                r => r,
+            },
             Aio::Threads(p) => {
                 p.push(tag, request);
                 Ok(())
@@ -94,10 +126,53 @@ impl Aio {
         }
     }
 
-    /// Starts what [`Aio::push`] queued.
+    /// An io_uring that broke (`e`) hands over to a thread pool on the
+    /// same completion eventfd: the requests the kernel never took go to
+    /// the pool, and so does everything after. Fails (the ring stays
+    /// broken, its requests failed) where the pool cannot be made.
+    fn take_over(&mut self, e: &io::Error) -> io::Result<()> {
+        let Aio::Uring(u, fallback) = self else {
+            return Ok(());
+        };
+        let pool = u.completion_fd().try_clone_to_owned().and_then(|event| {
+            let file = fallback.file.try_clone()?;
+            ThreadPool::with_event(file, fallback.threads, EventFd::from(event))
+        });
+        let mut pool = match pool {
+            Ok(p) => p,
+            Err(pe) => {
+                error!("io_uring failed ({e}) and no thread pool can take over ({pe})");
+                return Ok(());
+            }
+        };
+        warn!(
+            "io_uring failed ({e}); a pool of up to {} I/O threads takes over",
+            fallback.threads
+        );
+        for (tag, request) in u.take_failed() {
+            pool.push(tag, request);
+        }
+        let submitted = pool.submit();
+        if let Aio::Uring(ring, _) = std::mem::replace(self, Aio::Threads(pool)) {
+            if let Aio::Threads(pool) = self {
+                pool.predecessor = Some(ring);
+            }
+        }
+        submitted
+    }
+
+    /// Starts what [`Aio::push`] queued. Where `io_uring_enter` fails
+    /// for good (not a busy kernel: see [`Uring::submit`]), here or in a
+    /// push that makes room, a thread pool takes over, logged: it carries
+    /// out the requests the ring did not take and every later one, on the
+    /// same completion fd; those the kernel took complete through the
+    /// ring.
     pub fn submit(&mut self) -> io::Result<()> {
         match self {
-            Aio::Uring(u) => u.submit(),
+            Aio::Uring(u, _) => match u.submit() {
+                Err(e) if u.is_broken() => self.take_over(&e),
+                r => r,
+            },
             Aio::Threads(p) => p.submit(),
         }
     }
@@ -109,7 +184,7 @@ impl Aio {
     /// fd for them.
     pub fn reap(&mut self, mut done: impl FnMut(u64, io::Result<usize>, IoRequest)) {
         match self {
-            Aio::Uring(u) => u.reap(done),
+            Aio::Uring(u, _) => u.reap(done),
             Aio::Threads(p) => p.reap(|(t, r, q)| done(t, r, q)),
         }
     }
@@ -117,15 +192,21 @@ impl Aio {
     /// Requests pushed and not reaped.
     pub fn in_flight(&self) -> usize {
         match self {
-            Aio::Uring(u) => u.in_flight(),
-            Aio::Threads(p) => p.in_flight,
+            Aio::Uring(u, _) => u.in_flight(),
+            Aio::Threads(p) => p.in_flight + p.predecessor.as_ref().map_or(0, |r| r.in_flight()),
         }
     }
 
     /// Readable when a completion is waiting to be reaped.
     pub fn completion_fd(&self) -> BorrowedFd<'_> {
         match self {
-            Aio::Uring(u) => u.completion_fd(),
+            Aio::Uring(u, _) => u.completion_fd(),
+            // The same eventfd as the pool's, under the number the caller
+            // watches (it keeps the engine's fd for the engine's life).
+            Aio::Threads(ThreadPool {
+                predecessor: Some(ring),
+                ..
+            }) => ring.completion_fd(),
             Aio::Threads(p) => p.shared.event.as_fd(),
         }
     }
@@ -313,6 +394,10 @@ pub struct ThreadPool {
     start: Vec<usize>,
     in_flight: usize,
     spawned: usize,
+    /// The io_uring this pool took over from (see [`Aio::submit`]): the
+    /// requests the kernel took complete through it. Its eventfd is the
+    /// pool's (the same file), so the completion fd does not change.
+    predecessor: Option<Box<Uring>>,
 }
 
 /// Reads and writes at the file per read or write left waiting in the
@@ -361,7 +446,12 @@ impl ThreadPool {
     /// A pool of at most `max` threads (at least one) doing I/O on
     /// `file`; none runs until there is work.
     pub fn new(file: OwnedFd, max: usize) -> io::Result<ThreadPool> {
-        Self::with_timing(file, max, IDLE_EXIT, COALESCE_FOR)
+        Self::with_timing(file, max, IDLE_EXIT, COALESCE_FOR, EventFd::new(true)?)
+    }
+
+    /// [`ThreadPool::new`] signalling its completions on `event`.
+    fn with_event(file: OwnedFd, max: usize, event: EventFd) -> io::Result<ThreadPool> {
+        Self::with_timing(file, max, IDLE_EXIT, COALESCE_FOR, event)
     }
 
     fn with_timing(
@@ -369,6 +459,7 @@ impl ThreadPool {
         max: usize,
         idle_for: Duration,
         coalesce_for: Duration,
+        event: EventFd,
     ) -> io::Result<ThreadPool> {
         let shared = Arc::new(PoolShared {
             file,
@@ -378,7 +469,7 @@ impl ThreadPool {
             gone: Condvar::new(),
             done: Mutex::new(Finished::default()),
             waiting: AtomicUsize::new(0),
-            event: EventFd::new(true)?,
+            event,
             max: max.max(1),
             idle_for,
             coalesce_for,
@@ -391,6 +482,7 @@ impl ThreadPool {
             start: Vec::new(),
             in_flight: 0,
             spawned: 0,
+            predecessor: None,
         })
     }
 
@@ -480,6 +572,9 @@ impl ThreadPool {
     }
 
     fn reap(&mut self, mut done: impl FnMut(Done)) {
+        if let Some(ring) = &mut self.predecessor {
+            ring.reap(|t, r, q| done((t, r, q)));
+        }
         if self.in_flight == 0 {
             return;
         }
@@ -734,7 +829,7 @@ mod tests {
         // kernel.
         let mut bufs = Vec::new();
         mem.io_bufs(0, 512, false, &mut bufs).unwrap();
-        if let Aio::Uring(_) = aio {
+        if let Aio::Uring(..) = aio {
             let (_, e) = aio
                 .push(1, IoRequest::Read { offset: 0, bufs })
                 .unwrap_err();
@@ -792,7 +887,7 @@ mod tests {
         let file = image(1 << 20);
         file.write_all_at(&[0x5au8; 4096], 8192).unwrap();
         let mut aio = match Aio::new(AioMode::IoUring, file.as_fd(), 8, 1) {
-            Ok(a @ Aio::Uring(_)) => a,
+            Ok(a @ Aio::Uring(..)) => a,
             // No io_uring here (the fallback has its own tests).
             _ => return,
         };
@@ -801,7 +896,7 @@ mod tests {
             mem.io_bufs(tag * 4096, 4096, true, &mut bufs).unwrap();
             aio.push(tag, IoRequest::Read { offset: 8192, bufs })
                 .unwrap();
-            let Aio::Uring(u) = &mut aio else {
+            let Aio::Uring(u, _) = &mut aio else {
                 unreachable!()
             };
             u.refuse_enter = Some(errno);
@@ -827,61 +922,108 @@ mod tests {
 
     /// `io_uring_enter` failing otherwise (a ring the kernel no longer
     /// takes entries from) breaks the ring: the requests it did not take
-    /// end with the error at the next reap (the completion fd calls the
-    /// caller back for them: nothing else would), later ones are refused,
-    /// and one the kernel took before completes with its data.
+    /// are handed back (and the completion fd calls the caller back for
+    /// them: nothing else would), later ones are refused, and one the
+    /// kernel took before completes with its data.
     #[test]
-    fn a_broken_ring_ends_what_it_did_not_take_and_refuses_more() {
+    fn a_broken_ring_gives_back_what_it_did_not_take_and_refuses_more() {
         let mem = guest(1 << 20);
         let file = image(1 << 20);
         file.write_all_at(&[0x5au8; 4096], 8192).unwrap();
-        let mut aio = match Aio::new(AioMode::IoUring, file.as_fd(), 8, 1) {
-            Ok(a @ Aio::Uring(_)) => a,
+        let Ok(mut u) = Uring::new(8, file.as_fd()) else {
             // No io_uring here (the fallback has its own tests).
-            _ => return,
+            return;
         };
         let read = |tag: u64| {
             let mut bufs = Vec::new();
             mem.io_bufs(tag * 4096, 4096, true, &mut bufs).unwrap();
             IoRequest::Read { offset: 8192, bufs }
         };
-        aio.push(1, read(1)).unwrap();
-        aio.submit().unwrap();
-        aio.push(2, read(2)).unwrap();
-        aio.push(3, read(3)).unwrap();
-        let Aio::Uring(u) = &mut aio else {
-            unreachable!()
-        };
+        u.push(1, read(1)).unwrap();
+        u.submit().unwrap();
+        u.push(2, read(2)).unwrap();
+        u.push(3, read(3)).unwrap();
         u.refuse_enter = Some(libc::EINVAL);
-        let e = aio.submit().unwrap_err();
+        let e = u.submit().unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
-        let signalled = crate::sys::eventfd::EventFd::read_fd(aio.completion_fd());
+        assert!(u.is_broken());
+        let signalled = EventFd::read_fd(u.completion_fd());
         assert!(
             matches!(signalled, Ok(n) if n > 0),
             "nothing calls the submitter back: {signalled:?}"
         );
-        let (_, e) = aio.push(4, read(4)).unwrap_err();
+        let (_, e) = u.push(4, read(4)).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
+        let back: Vec<u64> = u.take_failed().into_iter().map(|(t, _)| t).collect();
+        assert_eq!(back, [2, 3]);
+        assert_eq!(u.in_flight(), 1);
+        let mut got = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while got.is_empty() {
+            assert!(std::time::Instant::now() < deadline, "completion lost");
+            u.reap(|tag, r, _| got.push((tag, r.unwrap())));
+            std::thread::yield_now();
+        }
+        assert_eq!(got, [(1, 4096)]);
+        let mut data = vec![0; 4096];
+        mem.read(4096, &mut data).unwrap();
+        assert_eq!(data, [0x5a; 4096]);
+        // The abandoned reads never ran.
+        for tag in [2, 3] {
+            mem.read(tag * 4096, &mut data).unwrap();
+            assert!(data.iter().all(|&b| b == 0), "read {tag} ran");
+        }
+    }
+
+    /// An engine whose io_uring breaks carries on as a thread pool on the
+    /// same completion fd: the requests the ring did not take and every
+    /// later one are carried out by the pool, one the kernel took
+    /// completes through the ring, each once, with its data.
+    #[test]
+    fn a_thread_pool_takes_over_from_a_broken_ring() {
+        use std::os::fd::AsRawFd;
+        let (mem, file) = patterned(1);
+        let mut aio = match Aio::new(AioMode::IoUring, file.as_fd(), 8, 2) {
+            Ok(a @ Aio::Uring(..)) => a,
+            _ => return,
+        };
+        let fd = aio.completion_fd().as_raw_fd();
+        let read = |block: u64| {
+            let mut bufs = Vec::new();
+            mem.io_bufs(block * 4096, 4096, true, &mut bufs).unwrap();
+            IoRequest::Read {
+                offset: block * 4096,
+                bufs,
+            }
+        };
+        aio.push(1, read(1)).unwrap();
+        aio.submit().unwrap();
+        aio.push(2, read(2)).unwrap();
+        aio.push(3, read(3)).unwrap();
+        let Aio::Uring(u, _) = &mut aio else {
+            unreachable!()
+        };
+        u.refuse_enter = Some(libc::EINVAL);
+        aio.submit().unwrap();
+        assert_eq!(aio.name(), "threads");
+        assert_eq!(aio.completion_fd().as_raw_fd(), fd);
+        aio.push(4, read(4)).unwrap();
         aio.submit().unwrap();
         let mut got = Vec::new();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while got.len() < 3 {
+        while got.len() < 4 {
             assert!(std::time::Instant::now() < deadline, "completions lost");
-            aio.reap(|tag, r, _| got.push((tag, r.map_err(|e| e.raw_os_error()))));
-            std::thread::yield_now();
+            // Every completion is signalled on the one fd.
+            let _ = EventFd::read_fd(aio.completion_fd());
+            aio.reap(|tag, r, _| got.push((tag, r.unwrap())));
+            if got.len() < 4 {
+                crate::sys::eventfd::poll_readable(aio.completion_fd(), 1000).unwrap();
+            }
         }
         got.sort_unstable();
-        let einval = Err(Some(libc::EINVAL));
-        assert_eq!(got, [(1, Ok(4096)), (2, einval), (3, einval)]);
+        assert_eq!(got, [(1, 4096), (2, 4096), (3, 4096), (4, 4096)]);
         assert_eq!(aio.in_flight(), 0);
-        let mut back = vec![0; 4096];
-        mem.read(4096, &mut back).unwrap();
-        assert_eq!(back, [0x5a; 4096]);
-        // The abandoned reads never ran.
-        for tag in [2, 3] {
-            mem.read(tag * 4096, &mut back).unwrap();
-            assert!(back.iter().all(|&b| b == 0), "read {tag} ran");
-        }
+        check_blocks(&mem, 1..5, 1);
     }
 
     #[test]
@@ -955,6 +1097,7 @@ mod tests {
                 max,
                 idle,
                 COALESCE_FOR,
+                EventFd::new(true).unwrap(),
             )
             .unwrap();
             assert_eq!(pool.threads(), 0);
@@ -1122,7 +1265,8 @@ mod tests {
         let (mem, file) = patterned(7);
         let wait = Duration::from_millis(300);
         let fd = file.as_fd().try_clone_to_owned().unwrap();
-        let mut pool = ThreadPool::with_timing(fd, 2, IDLE_EXIT, wait).unwrap();
+        let event = EventFd::new(true).unwrap();
+        let mut pool = ThreadPool::with_timing(fd, 2, IDLE_EXIT, wait, event).unwrap();
         let _closed = Closed::gate(&pool);
         let signalled = |pool: &ThreadPool| match pool.shared.event.read() {
             Ok(n) => n > 0,

@@ -249,6 +249,22 @@ impl Uring {
         self.in_flight
     }
 
+    /// Whether `io_uring_enter` failed for good (see [`Uring::submit`]).
+    pub fn is_broken(&self) -> bool {
+        self.broken.is_some()
+    }
+
+    /// Takes the requests that never reached the kernel because the ring
+    /// broke (see [`Uring::submit`]), to be carried out otherwise: they
+    /// are no longer in flight here.
+    pub fn take_failed(&mut self) -> Vec<(u64, IoRequest)> {
+        self.in_flight -= self.failed.len();
+        self.failed
+            .drain(..)
+            .map(|(entry, _)| (entry.tag, entry.request))
+            .collect()
+    }
+
     /// Queues `request`, identified by `tag` in [`Uring::reap`]; the kernel
     /// sees it at the next [`Uring::submit`] (or now, if the submission
     /// queue was full). A request refused before reaching the kernel is
