@@ -751,6 +751,13 @@ mod tests {
         f
     }
 
+    /// A 4 KiB read of the file at `offset` into guest memory at `gpa`.
+    fn read_4k(mem: &LinuxGuestMemory, gpa: u64, offset: u64) -> IoRequest {
+        let mut bufs = Vec::new();
+        mem.io_bufs(gpa, 4096, true, &mut bufs).unwrap();
+        IoRequest::Read { offset, bufs }
+    }
+
     fn wait_all(aio: &mut Aio, n: usize) -> Vec<(u64, usize)> {
         let mut got = Vec::new();
         aio.submit().unwrap();
@@ -892,10 +899,7 @@ mod tests {
             _ => return,
         };
         for (tag, errno) in [(1u64, libc::EAGAIN), (2, libc::EBUSY), (3, libc::EINTR)] {
-            let mut bufs = Vec::new();
-            mem.io_bufs(tag * 4096, 4096, true, &mut bufs).unwrap();
-            aio.push(tag, IoRequest::Read { offset: 8192, bufs })
-                .unwrap();
+            aio.push(tag, read_4k(&mem, tag * 4096, 8192)).unwrap();
             let Aio::Uring(u, _) = &mut aio else {
                 unreachable!()
             };
@@ -934,11 +938,7 @@ mod tests {
             // No io_uring here (the fallback has its own tests).
             return;
         };
-        let read = |tag: u64| {
-            let mut bufs = Vec::new();
-            mem.io_bufs(tag * 4096, 4096, true, &mut bufs).unwrap();
-            IoRequest::Read { offset: 8192, bufs }
-        };
+        let read = |tag: u64| read_4k(&mem, tag * 4096, 8192);
         u.push(1, read(1)).unwrap();
         u.submit().unwrap();
         u.push(2, read(2)).unwrap();
@@ -988,14 +988,7 @@ mod tests {
             _ => return,
         };
         let fd = aio.completion_fd().as_raw_fd();
-        let read = |block: u64| {
-            let mut bufs = Vec::new();
-            mem.io_bufs(block * 4096, 4096, true, &mut bufs).unwrap();
-            IoRequest::Read {
-                offset: block * 4096,
-                bufs,
-            }
-        };
+        let read = |block: u64| read_4k(&mem, block * 4096, block * 4096);
         aio.push(1, read(1)).unwrap();
         aio.submit().unwrap();
         aio.push(2, read(2)).unwrap();
@@ -1182,13 +1175,7 @@ mod tests {
     /// the file at the same offsets.
     fn reads(pool: &mut ThreadPool, mem: &LinuxGuestMemory, first: u64, n: u64) {
         for block in first..first + n {
-            let mut bufs = Vec::new();
-            mem.io_bufs(block * 4096, 4096, true, &mut bufs).unwrap();
-            let read = IoRequest::Read {
-                offset: block * 4096,
-                bufs,
-            };
-            pool.push(block, read);
+            pool.push(block, read_4k(mem, block * 4096, block * 4096));
         }
         pool.submit().unwrap();
     }
@@ -1337,10 +1324,7 @@ mod tests {
     /// started); every request completes once, with its own data.
     #[test]
     fn the_thread_pool_hands_requests_to_parked_threads() {
-        let mem = guest(1 << 20);
-        let file = image(1 << 20);
-        let pattern: Vec<u8> = (0..1 << 20).map(|i: u32| (i / 4096) as u8).collect();
-        file.write_all_at(&pattern, 0).unwrap();
+        let (mem, file) = patterned(1);
         let max = 4;
         let mut pool = ThreadPool::new(file.as_fd().try_clone_to_owned().unwrap(), max).unwrap();
         let mut tag = 0u64;
@@ -1348,13 +1332,7 @@ mod tests {
             let parked = pool.threads();
             for _ in 0..wave {
                 let block = tag % 256;
-                let mut bufs = Vec::new();
-                mem.io_bufs(block * 4096, 4096, true, &mut bufs).unwrap();
-                let read = IoRequest::Read {
-                    offset: block * 4096,
-                    bufs,
-                };
-                pool.push(tag, read);
+                pool.push(tag, read_4k(&mem, block * 4096, block * 4096));
                 tag += 1;
             }
             pool.submit().unwrap();

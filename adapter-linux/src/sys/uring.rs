@@ -173,9 +173,9 @@ pub struct Uring {
     /// The error `io_uring_enter` failed with other than a busy kernel's
     /// (see [`Uring::submit`]): the ring is entered no more.
     broken: Option<i32>,
-    /// Requests that never reached the kernel because the ring broke,
-    /// with the error they end with at the next [`Uring::reap`].
-    failed: Vec<(InFlight, i32)>,
+    /// Requests that never reached the kernel because the ring broke:
+    /// they end with its error at the next [`Uring::reap`].
+    failed: Vec<InFlight>,
     /// The error the next `io_uring_enter` of `submit` fails with instead
     /// of entering (tests of a busy kernel).
     #[cfg(test)]
@@ -261,7 +261,7 @@ impl Uring {
         self.in_flight -= self.failed.len();
         self.failed
             .drain(..)
-            .map(|(entry, _)| (entry.tag, entry.request))
+            .map(|entry| (entry.tag, entry.request))
             .collect()
     }
 
@@ -392,7 +392,7 @@ impl Uring {
                 self.broken = Some(errno);
                 for slot in self.unsubmitted.drain(..) {
                     if let Some(entry) = self.slots.get_mut(slot).and_then(Option::take) {
-                        self.failed.push((entry, errno));
+                        self.failed.push(entry);
                     }
                 }
                 let _ = self.event.write(1);
@@ -409,7 +409,8 @@ impl Uring {
         if self.in_flight == 0 {
             return;
         }
-        for (entry, errno) in std::mem::take(&mut self.failed) {
+        let errno = self.broken.unwrap_or(libc::EIO);
+        for entry in std::mem::take(&mut self.failed) {
             self.in_flight -= 1;
             done(
                 entry.tag,
