@@ -354,6 +354,10 @@ struct PoolShared {
     file: OwnedFd,
     #[cfg(test)]
     gate: Gate,
+    /// How long a thread that is to exit takes to (tests of what it
+    /// leaves behind).
+    #[cfg(test)]
+    linger: Mutex<Duration>,
     queue: Mutex<Queue>,
     /// Signalled when a thread exits.
     gone: Condvar,
@@ -465,6 +469,8 @@ impl ThreadPool {
             file,
             #[cfg(test)]
             gate: Gate::default(),
+            #[cfg(test)]
+            linger: Mutex::new(Duration::ZERO),
             queue: Mutex::new(Queue::default()),
             gone: Condvar::new(),
             done: Mutex::new(Finished::default()),
@@ -632,10 +638,8 @@ fn run(shared: &PoolShared, slot: usize) {
         }
         job = next_job(shared, slot, transferred);
     }
-    let mut q = lock(&shared.queue);
-    q.threads -= 1;
-    q.free.push(slot);
-    shared.gone.notify_all();
+    #[cfg(test)]
+    std::thread::sleep(*lock(&shared.linger));
 }
 
 /// Whether the worker is to be signalled for the completions in `f` now:
@@ -653,7 +657,8 @@ fn due(shared: &PoolShared, f: &mut Finished) -> bool {
 
 /// The next job of the thread in `slot`, which finished a transfer or
 /// not: a queued one, else one handed to it while it is parked; `None`
-/// when the pool stops or the thread has been idle for `idle_for`.
+/// (the thread is counted out) when the pool stops or the thread has
+/// been idle for `idle_for`.
 fn next_job(shared: &PoolShared, slot: usize, transferred: bool) -> Option<Job> {
     let mut q = lock(&shared.queue);
     q.transferring -= usize::from(transferred);
@@ -662,6 +667,7 @@ fn next_job(shared: &PoolShared, slot: usize, transferred: bool) -> Option<Job> 
         return Some(j);
     }
     if q.stop {
+        leave(shared, &mut q, slot);
         return None;
     }
     q.idle.push((slot, std::thread::current()));
@@ -676,9 +682,21 @@ fn next_job(shared: &PoolShared, slot: usize, transferred: bool) -> Option<Job> 
         }
         if q.stop || Instant::now() >= deadline {
             q.idle.retain(|(s, _)| *s != slot);
+            leave(shared, &mut q, slot);
             return None;
         }
     }
+}
+
+/// Counts out the thread in `slot`, which is about to exit, under the
+/// same lock as its last look at the queue: a submit that finds the
+/// thread counted also finds it able to take a job (parked, or still to
+/// look at the queue), so a job is never queued for a thread that is
+/// gone.
+fn leave(shared: &PoolShared, q: &mut Queue, slot: usize) {
+    q.threads -= 1;
+    q.free.push(slot);
+    shared.gone.notify_all();
 }
 
 impl Drop for ThreadPool {
@@ -1133,6 +1151,27 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A thread that idles out is counted out at its last look at the
+    /// queue: a request submitted while it exits starts a new thread
+    /// rather than wait, at the pool's maximum, for the one that is going.
+    #[test]
+    fn a_request_submitted_while_the_last_thread_exits_is_carried_out() {
+        let (mem, file) = patterned(7);
+        let fd = file.as_fd().try_clone_to_owned().unwrap();
+        let idle = Duration::from_millis(20);
+        let event = EventFd::new(true).unwrap();
+        let mut pool = ThreadPool::with_timing(fd, 1, idle, COALESCE_FOR, event).unwrap();
+        *lock(&pool.shared.linger) = Duration::from_millis(300);
+        reads(&mut pool, &mem, 0, 1);
+        assert_eq!(reap_n(&mut pool, 1), [0]);
+        // The thread idles out after 20 ms and takes 300 ms to exit.
+        std::thread::sleep(Duration::from_millis(120));
+        assert_eq!(pool.threads(), 0);
+        reads(&mut pool, &mem, 1, 1);
+        assert_eq!(reap_n(&mut pool, 1), [1]);
+        check_blocks(&mem, 0..2, 7);
     }
 
     /// Guest memory and an image whose 4 KiB block `b` is filled with the
