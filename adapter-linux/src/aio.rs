@@ -993,6 +993,53 @@ mod tests {
         }
     }
 
+    /// More requests complete than the ring's completion queue holds (64
+    /// entries for a ring of 8): the kernel keeps the rest aside until
+    /// the ring is entered again. A worker that has nothing more to
+    /// submit still gets them, each once, signalled on the completion fd.
+    #[test]
+    fn completions_beyond_the_completion_queue_are_reaped() {
+        let (mem, file) = patterned(3);
+        let Ok(mut u) = Uring::new(8, file.as_fd()) else {
+            return;
+        };
+        for block in 0..100 {
+            u.push(block, read_4k(&mem, block * 4096, block * 4096))
+                .unwrap();
+        }
+        u.submit().unwrap();
+        // All of them complete before the first reap.
+        std::thread::sleep(Duration::from_millis(200));
+        let mut got = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            // As a worker does: reset the fd, submit, reap, sleep on it.
+            let _ = EventFd::read_fd(u.completion_fd());
+            u.submit().unwrap();
+            u.reap(|tag, r, _| {
+                assert_eq!(r.unwrap(), 4096);
+                got.push(tag);
+            });
+            if got.len() >= 100 {
+                break;
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let signalled =
+                crate::sys::eventfd::poll_readable(u.completion_fd(), left.as_millis() as i32)
+                    .unwrap();
+            assert!(
+                signalled,
+                "{} of 100 reaped, {} in flight, no signal",
+                got.len(),
+                u.in_flight()
+            );
+        }
+        got.sort_unstable();
+        assert_eq!(got, (0..100).collect::<Vec<_>>());
+        assert_eq!(u.in_flight(), 0);
+        check_blocks(&mem, 0..100, 3);
+    }
+
     /// An engine whose io_uring breaks carries on as a thread pool on the
     /// same completion fd: the requests the ring did not take and every
     /// later one are carried out by the pool, one the kernel took

@@ -26,6 +26,10 @@ pub const MAX_IOVECS: usize = 1024;
 /// stack.
 const INLINE_IOVECS: usize = 8;
 
+/// `io_uring_enter`'s flag to collect completions (the kernel's uapi
+/// value).
+const IORING_ENTER_GETEVENTS: u32 = 1;
+
 /// One file operation.
 #[derive(Debug)]
 pub enum IoRequest {
@@ -171,7 +175,7 @@ pub struct Uring {
     /// it, in queue order.
     unsubmitted: Vec<usize>,
     /// The error `io_uring_enter` failed with other than a busy kernel's
-    /// (see [`Uring::submit`]): the ring is entered no more.
+    /// (see [`Uring::submit`]): no more submissions enter the ring.
     broken: Option<i32>,
     /// Requests that never reached the kernel because the ring broke:
     /// they end with its error at the next [`Uring::reap`].
@@ -357,8 +361,9 @@ impl Uring {
     /// Any other error breaks the ring, and is returned (once): the
     /// requests it did not take end with that error at the next
     /// [`Uring::reap`] (the eventfd is signalled for them), later ones are
-    /// refused by [`Uring::push`], and the ring is never entered again
-    /// (it would take the abandoned entries, whose buffers are gone).
+    /// refused by [`Uring::push`], and the ring is never asked to submit
+    /// again (it would take the abandoned entries, whose buffers are
+    /// gone).
     /// Requests the kernel took complete as before.
     pub fn submit(&mut self) -> io::Result<()> {
         if self.broken.is_some() || self.ring.submission().is_empty() {
@@ -419,8 +424,35 @@ impl Uring {
             );
         }
         self.cqes.clear();
-        self.cqes
-            .extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+        loop {
+            self.cqes
+                .extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+            // Completions that found the queue full (more requests in
+            // flight than its entries) are kept aside by the kernel and
+            // moved in only when the ring is entered: with nothing more
+            // to submit, nothing else would enter it, and they would
+            // never be reaped (nor signalled again).
+            if !self.ring.submission().cq_overflow() {
+                break;
+            }
+            // SAFETY: an enter that submits nothing takes no submission
+            // entry (so not the abandoned ones of a broken ring either)
+            // and passes no argument; it only moves the kept completions
+            // into the queue, which is empty now.
+            let flushed = retry(|| unsafe {
+                self.ring
+                    .submitter()
+                    .enter::<libc::sigset_t>(0, 0, IORING_ENTER_GETEVENTS, None)
+            });
+            if let Err(e) = flushed {
+                // A busy kernel: the caller is called back to reap again
+                // (as `submit` does for what it could not submit).
+                if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY)) {
+                    let _ = self.event.write(1);
+                }
+                break;
+            }
+        }
         for i in 0..self.cqes.len() {
             let (user, res) = self.cqes[i];
             let Some(entry) = usize::try_from(user)
