@@ -402,6 +402,10 @@ pub struct ThreadPool {
     /// requests the kernel took complete through it. Its eventfd is the
     /// pool's (the same file), so the completion fd does not change.
     predecessor: Option<Box<Uring>>,
+    /// Thread starts to refuse, as the system may (tests of a pool that
+    /// cannot start a thread).
+    #[cfg(test)]
+    refuse_spawn: usize,
 }
 
 /// Reads and writes at the file per read or write left waiting in the
@@ -489,6 +493,8 @@ impl ThreadPool {
             in_flight: 0,
             spawned: 0,
             predecessor: None,
+            #[cfg(test)]
+            refuse_spawn: 0,
         })
     }
 
@@ -543,27 +549,46 @@ impl ThreadPool {
         for t in self.wake.drain(..) {
             t.unpark();
         }
-        let mut result = Ok(());
         for slot in self.start.drain(..) {
             let shared = Arc::clone(&self.shared);
             let name = format!("vhu-io-{}", self.spawned);
-            let spawned = std::thread::Builder::new()
-                .name(name)
-                .spawn(move || run(&shared, slot));
+            let builder = std::thread::Builder::new().name(name);
+            #[cfg(test)]
+            let spawned = match self.refuse_spawn.checked_sub(1) {
+                Some(n) => {
+                    self.refuse_spawn = n;
+                    Err(io::Error::from_raw_os_error(libc::EAGAIN))
+                }
+                None => builder.spawn(move || run(&shared, slot)),
+            };
+            #[cfg(not(test))]
+            let spawned = builder.spawn(move || run(&shared, slot));
             match spawned {
                 Ok(_) => self.spawned += 1,
                 Err(e) => {
                     // The job leaves the slot for the threads already
-                    // running; if there are none, the engine cannot go on
-                    // (the caller's drop runs what is queued).
+                    // running.
                     let mut q = lock(&self.shared.queue);
                     q.threads -= 1;
                     let job = q.take_back(slot);
                     q.free.push(slot);
                     let wake = job.and_then(|j| q.hand(j));
+                    // With none running, nothing takes the queued jobs,
+                    // and no later submit need come to start a thread for
+                    // them (the worker waits for their completions): they
+                    // are carried out here, and complete as a thread's
+                    // would, signalled.
+                    let jobs: Vec<Job> = if q.threads == 0 {
+                        q.jobs.drain(..).collect()
+                    } else {
+                        Vec::new()
+                    };
                     self.shared.note_waiting(&q);
                     if q.threads == 0 {
-                        result = Err(e);
+                        error!(
+                            "I/O thread not started ({e}); {} requests carried out by the submitting thread",
+                            jobs.len()
+                        );
                     } else {
                         warn!("I/O thread not started ({e}); {} running", q.threads);
                     }
@@ -571,10 +596,14 @@ impl ThreadPool {
                     if let Some(t) = wake {
                         t.unpark();
                     }
+                    for (tag, request) in jobs {
+                        let result = perform(self.shared.file.as_fd(), &request);
+                        complete(&self.shared, (tag, result, request));
+                    }
                 }
             }
         }
-        result
+        Ok(())
     }
 
     fn reap(&mut self, mut done: impl FnMut(Done)) {
@@ -620,26 +649,31 @@ fn run(shared: &PoolShared, slot: usize) {
         #[cfg(test)]
         shared.gate.pass();
         let result = perform(shared.file.as_fd(), &request);
-        // The eventfd is written once for the completions the worker
-        // takes together (it resets the eventfd, then takes the whole
-        // list): by the thread that finds the list not signalled for and
-        // its completions due ([`due`]). A list that is not empty has a
-        // write to come (a thread that finishes later finds it due) or one
-        // the worker has not yet seen.
-        let signal = {
-            let mut f = lock(&shared.done);
-            f.list.push((tag, result, request));
-            let signal = !f.signalled && due(shared, &mut f);
-            f.signalled |= signal;
-            signal
-        };
-        if signal {
-            let _ = shared.event.write(1);
-        }
+        complete(shared, (tag, result, request));
         job = next_job(shared, slot, transferred);
     }
     #[cfg(test)]
     std::thread::sleep(*lock(&shared.linger));
+}
+
+/// Hands a finished job's completion to the worker.
+///
+/// The eventfd is written once for the completions the worker takes
+/// together (it resets the eventfd, then takes the whole list): by the
+/// thread that finds the list not signalled for and its completions due
+/// ([`due`]). A list that is not empty has a write to come (a thread that
+/// finishes later finds it due) or one the worker has not yet seen.
+fn complete(shared: &PoolShared, done: Done) {
+    let signal = {
+        let mut f = lock(&shared.done);
+        f.list.push(done);
+        let signal = !f.signalled && due(shared, &mut f);
+        f.signalled |= signal;
+        signal
+    };
+    if signal {
+        let _ = shared.event.write(1);
+    }
 }
 
 /// Whether the worker is to be signalled for the completions in `f` now:
@@ -703,13 +737,8 @@ impl Drop for ThreadPool {
     fn drop(&mut self) {
         // Submitted requests are done before the pool goes (their buffers
         // are guest memory the caller is about to release); with no
-        // thread to run them, they are run here.
-        if self.submit().is_err() {
-            let jobs: Vec<_> = lock(&self.shared.queue).jobs.drain(..).collect();
-            for (_, request) in jobs {
-                let _ = perform(self.shared.file.as_fd(), &request);
-            }
-        }
+        // thread to run them, submit runs them.
+        let _ = self.submit();
         let mut q = lock(&self.shared.queue);
         q.stop = true;
         // Parked threads leave (a thread handed a job does it first).
@@ -1219,6 +1248,45 @@ mod tests {
         reads(&mut pool, &mem, 1, 1);
         assert_eq!(reap_n(&mut pool, 1), [1]);
         check_blocks(&mem, 0..2, 7);
+    }
+
+    /// A pool that cannot start a thread (none running) still carries
+    /// out what was submitted to it and signals the completions: the
+    /// worker has nothing else to wait for, and a ring that stops waits
+    /// for them. It starts threads again once it can.
+    #[test]
+    fn requests_are_carried_out_when_no_thread_can_start() {
+        let (mem, file) = patterned(5);
+        let mut pool = ThreadPool::new(file.as_fd().try_clone_to_owned().unwrap(), 2).unwrap();
+        pool.refuse_spawn = 2;
+        for block in 0..3 {
+            pool.push(block, read_4k(&mem, block * 4096, block * 4096));
+        }
+        let _ = pool.submit();
+        assert_eq!(pool.threads(), 0);
+        let signalled = crate::sys::eventfd::poll_readable(pool.shared.event.as_fd(), 2000);
+        assert!(matches!(signalled, Ok(true)), "no signal: {signalled:?}");
+        assert_eq!(reap_n(&mut pool, 3), [0, 1, 2]);
+        reads(&mut pool, &mem, 3, 2);
+        assert!(pool.threads() > 0);
+        assert_eq!(reap_n(&mut pool, 2), [3, 4]);
+        check_blocks(&mem, 0..5, 5);
+    }
+
+    /// A pool that could not start a thread carries out what was
+    /// submitted to it before it goes (its buffers are guest memory the
+    /// caller is about to release).
+    #[test]
+    fn a_pool_without_threads_carries_out_its_requests_before_it_goes() {
+        let (mem, file) = patterned(9);
+        let mut pool = ThreadPool::new(file.as_fd().try_clone_to_owned().unwrap(), 2).unwrap();
+        pool.refuse_spawn = 2;
+        for block in 0..3 {
+            pool.push(block, read_4k(&mem, block * 4096, block * 4096));
+        }
+        let _ = pool.submit();
+        drop(pool);
+        check_blocks(&mem, 0..3, 9);
     }
 
     /// Guest memory and an image whose 4 KiB block `b` is filled with the
