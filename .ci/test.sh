@@ -69,6 +69,15 @@ cargo build -p vhost-user-core --target thumbv7em-none-eabihf --features migrati
 # (.text, the stack of one message and of one request).
 bash core/nostd-check/check-budgets.sh
 
+step "the core's tests on a 32-bit host (i686: usize is 32 bits there, as on the bare-metal targets; overflow checks on)"
+rustup target add i686-unknown-linux-gnu >/dev/null
+if ! printf 'int main(void){return 0;}' | gcc -m32 -x c -o /dev/null - >/dev/null 2>&1; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc-multilib >/dev/null
+fi
+cargo test -p vhost-user-core --target i686-unknown-linux-gnu --features migration,net,in-order,log \
+    --no-fail-fast 2>&1 | tee target/test-i686.log
+
 step "guest kit: a Debian cloud kernel and a busybox initramfs (cached under \${VHU_CACHE:-~/.cache/vhu}), and QEMU"
 bash examples/tests/guest/build-guest.sh
 
@@ -87,7 +96,7 @@ cargo test --workspace --no-fail-fast 2>&1 | tee target/test.log
 python3 - <<'PY'
 import re
 passed = failed = 0
-for line in open("target/test.log"):
+for line in [*open("target/test-i686.log"), *open("target/test.log")]:
     m = re.match(r"test result: \w+\. (\d+) passed; (\d+) failed", line)
     if m:
         passed += int(m.group(1)); failed += int(m.group(2))

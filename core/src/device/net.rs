@@ -889,7 +889,10 @@ where
         if done == data.len() {
             break;
         }
-        let seg_end = pos + s.len as usize;
+        // Saturating: a receive chain's lengths may add up past a 32-bit
+        // usize (its total is only saturated to u32 by `rx_capacity`), and
+        // the stream ends at the largest position anyway.
+        let seg_end = pos.saturating_add(s.len as usize);
         let want = at + done;
         if want < seg_end {
             let inner = want - pos;
@@ -972,7 +975,8 @@ where
         let cap =
             rx_capacity(c.as_ref(), hdr_len).map_err(|error| MergeError { chain: i, error })?;
         used[i] = cap;
-        have += cap as usize;
+        // Saturating: chains of 4 GiB each add up past a 32-bit usize.
+        have = have.saturating_add(cap as usize);
         count = i + 1;
         if have >= need {
             break;
