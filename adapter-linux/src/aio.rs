@@ -97,9 +97,12 @@ impl Aio {
         }
     }
 
-    /// Queues `request` under `tag` (handed to the kernel or the threads
-    /// at the next [`Aio::submit`] at the latest); a refused request is
-    /// given back with the error.
+    /// Queues `request` under `tag`: handed to the kernel or the threads
+    /// at the next [`Aio::submit`] at the latest, or, where the kernel is
+    /// too busy to take it, at a later one the completion fd calls for
+    /// (see [`Uring::push`]). A refused request (one that must not reach
+    /// the kernel, or no engine left to run it) is given back with the
+    /// error.
     pub fn push(&mut self, tag: u64, request: IoRequest) -> Result<(), (IoRequest, io::Error)> {
         match self {
             Aio::Uring(u, _) => match u.push(tag, request) {
@@ -971,6 +974,74 @@ mod tests {
         }
     }
 
+    /// A request that finds the submission queue full while the kernel
+    /// is too busy to take it (an EBUSY from completions kept aside from
+    /// a full completion queue: a guest queue may hold more requests than
+    /// it) is accepted, not refused (the guest would see an I/O error):
+    /// it and the ones after it wait in the engine, the completion fd
+    /// calls the caller back, and later rounds of submit and reap carry
+    /// every one out once, with its data.
+    #[test]
+    fn a_full_queue_and_a_busy_kernel_keep_the_request() {
+        for errno in [libc::EBUSY, libc::EAGAIN] {
+            let (mem, file) = patterned(5);
+            let mut aio = match Aio::new(AioMode::IoUring, file.as_fd(), 8, 1) {
+                Ok(a @ Aio::Uring(..)) => a,
+                // No io_uring here (the fallback has its own tests).
+                _ => return,
+            };
+            let read = |block: u64| read_4k(&mem, block * 4096, block * 4096);
+            // The submission queue's 8 entries, not submitted yet.
+            for block in 0..8 {
+                aio.push(block, read(block)).unwrap();
+            }
+            let Aio::Uring(u, _) = &mut aio else {
+                unreachable!()
+            };
+            u.refuse_enter = Some(errno);
+            if let Err((_, e)) = aio.push(8, read(8)) {
+                panic!("errno {errno}: request refused: {e}");
+            }
+            let signalled = EventFd::read_fd(aio.completion_fd());
+            assert!(
+                matches!(signalled, Ok(n) if n > 0),
+                "errno {errno}: nothing calls the submitter back: {signalled:?}"
+            );
+            // More while the first waits: accepted behind it.
+            for block in 9..12 {
+                aio.push(block, read(block)).unwrap();
+            }
+            assert_eq!(aio.in_flight(), 12, "errno {errno}");
+            let mut got = Vec::new();
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                // As a worker does: reset the fd, submit, reap, sleep on it.
+                let _ = EventFd::read_fd(aio.completion_fd());
+                aio.submit().unwrap();
+                aio.reap(|tag, r, _| {
+                    assert_eq!(r.unwrap(), 4096, "errno {errno}: tag {tag}");
+                    got.push(tag);
+                });
+                if got.len() >= 12 {
+                    break;
+                }
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                let fd = aio.completion_fd();
+                let signalled =
+                    crate::sys::eventfd::poll_readable(fd, left.as_millis() as i32).unwrap();
+                assert!(
+                    signalled,
+                    "errno {errno}: {} of 12 reaped, no signal",
+                    got.len()
+                );
+            }
+            got.sort_unstable();
+            assert_eq!(got, (0..12).collect::<Vec<_>>(), "errno {errno}");
+            assert_eq!(aio.in_flight(), 0, "errno {errno}");
+            check_blocks(&mem, 0..12, 5);
+        }
+    }
+
     /// `io_uring_enter` failing otherwise (a ring the kernel no longer
     /// takes entries from) breaks the ring: the requests it did not take
     /// are handed back (and the completion fd calls the caller back for
@@ -1111,6 +1182,123 @@ mod tests {
         assert_eq!(got, [(1, 4096), (2, 4096), (3, 4096), (4, 4096)]);
         assert_eq!(aio.in_flight(), 0);
         check_blocks(&mem, 1..5, 1);
+    }
+
+    /// A ring that breaks while requests wait behind a full submission
+    /// queue (a busy kernel) hands them to the pool that takes over with
+    /// the ones queued, in order: every request completes once, with its
+    /// data, on the one completion fd.
+    #[test]
+    fn a_thread_pool_takes_over_the_requests_waiting_in_a_broken_ring() {
+        let (mem, file) = patterned(3);
+        let mut aio = match Aio::new(AioMode::IoUring, file.as_fd(), 8, 2) {
+            Ok(a @ Aio::Uring(..)) => a,
+            _ => return,
+        };
+        let read = |block: u64| read_4k(&mem, block * 4096, block * 4096);
+        // One in the kernel, eight queued, three waiting.
+        aio.push(0, read(0)).unwrap();
+        aio.submit().unwrap();
+        for block in 1..9 {
+            aio.push(block, read(block)).unwrap();
+        }
+        let Aio::Uring(u, _) = &mut aio else {
+            unreachable!()
+        };
+        u.refuse_enter = Some(libc::EBUSY);
+        for block in 9..12 {
+            aio.push(block, read(block)).unwrap();
+        }
+        let Aio::Uring(u, _) = &mut aio else {
+            unreachable!()
+        };
+        assert_eq!(u.in_flight(), 12);
+        u.refuse_enter = Some(libc::EINVAL);
+        let e = u.submit().unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
+        // Handed back queued first, then waiting: as they came.
+        let back: Vec<u64> = u.take_failed().into_iter().map(|(t, _)| t).collect();
+        assert_eq!(back, (1..12).collect::<Vec<_>>());
+        assert_eq!(u.in_flight(), 1);
+
+        // The same through the engine, whose pool carries them out.
+        let mut aio = match Aio::new(AioMode::IoUring, file.as_fd(), 8, 2) {
+            Ok(a @ Aio::Uring(..)) => a,
+            _ => return,
+        };
+        aio.push(0, read(20)).unwrap();
+        aio.submit().unwrap();
+        for block in 21..29 {
+            aio.push(block - 20, read(block)).unwrap();
+        }
+        let Aio::Uring(u, _) = &mut aio else {
+            unreachable!()
+        };
+        u.refuse_enter = Some(libc::EAGAIN);
+        for block in 29..32 {
+            aio.push(block - 20, read(block)).unwrap();
+        }
+        let Aio::Uring(u, _) = &mut aio else {
+            unreachable!()
+        };
+        u.refuse_enter = Some(libc::EINVAL);
+        aio.submit().unwrap();
+        assert_eq!(aio.name(), "threads");
+        aio.push(12, read(32)).unwrap();
+        assert_eq!(aio.in_flight(), 13);
+        let mut got = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while got.len() < 13 {
+            assert!(std::time::Instant::now() < deadline, "completions lost");
+            let _ = EventFd::read_fd(aio.completion_fd());
+            aio.submit().unwrap();
+            aio.reap(|tag, r, _| got.push((tag, r.unwrap())));
+            if got.len() < 13 {
+                crate::sys::eventfd::poll_readable(aio.completion_fd(), 1000).unwrap();
+            }
+        }
+        got.sort_unstable();
+        assert_eq!(got, (0..13).map(|t| (t, 4096)).collect::<Vec<_>>());
+        assert_eq!(aio.in_flight(), 0);
+        check_blocks(&mem, 20..33, 3);
+    }
+
+    /// A ring dropped with requests waiting behind a full submission
+    /// queue does not wait for them (the kernel never had them, and
+    /// nothing would complete them): it waits for the queued ones, which
+    /// it hands to the kernel, and lets the waiting ones go unread.
+    #[test]
+    fn a_ring_dropped_with_requests_waiting_does_not_wait_for_them() {
+        let (mem, file) = patterned(7);
+        let Ok(mut u) = Uring::new(8, file.as_fd()) else {
+            return;
+        };
+        for block in 1..9 {
+            u.push(block, read_4k(&mem, block * 4096, block * 4096))
+                .unwrap();
+        }
+        u.refuse_enter = Some(libc::EBUSY);
+        for block in 9..11 {
+            u.push(block, read_4k(&mem, block * 4096, block * 4096))
+                .unwrap();
+        }
+        assert_eq!(u.in_flight(), 10);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(u);
+            let _ = tx.send(());
+        });
+        let dropped = rx.recv_timeout(Duration::from_secs(10));
+        assert!(
+            dropped.is_ok(),
+            "drop waits for requests the kernel never had"
+        );
+        check_blocks(&mem, 1..9, 7);
+        let mut data = [0u8; 4096];
+        for block in 9..11 {
+            mem.read(block * 4096, &mut data).unwrap();
+            assert!(data.iter().all(|&b| b == 0), "read {block} ran");
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! an operation. The file is registered with the ring (a fixed file), so
 //! closing the caller's descriptor cannot retarget an operation either.
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
@@ -174,12 +175,16 @@ pub struct Uring {
     /// Slots of the entries queued for the kernel and not yet taken by
     /// it, in queue order.
     unsubmitted: Vec<usize>,
+    /// Requests accepted while the submission queue was full and the
+    /// kernel too busy to take it, in order: they follow the queued
+    /// entries into the queue as [`Uring::submit`] makes room.
+    backlog: VecDeque<(u64, IoRequest)>,
     /// The error `io_uring_enter` failed with other than a busy kernel's
     /// (see [`Uring::submit`]): no more submissions enter the ring.
     broken: Option<i32>,
-    /// Requests that never reached the kernel because the ring broke:
-    /// they end with its error at the next [`Uring::reap`].
-    failed: Vec<InFlight>,
+    /// Requests that never reached the kernel because the ring broke, in
+    /// order: they end with its error at the next [`Uring::reap`].
+    failed: Vec<(u64, IoRequest)>,
     /// The error the next `io_uring_enter` of `submit` fails with instead
     /// of entering (tests of a busy kernel).
     #[cfg(test)]
@@ -234,6 +239,7 @@ impl Uring {
             cqes: Vec::new(),
             spare: Vec::new(),
             unsubmitted: Vec::new(),
+            backlog: VecDeque::new(),
             broken: None,
             failed: Vec::new(),
             #[cfg(test)]
@@ -263,16 +269,17 @@ impl Uring {
     /// are no longer in flight here.
     pub fn take_failed(&mut self) -> Vec<(u64, IoRequest)> {
         self.in_flight -= self.failed.len();
-        self.failed
-            .drain(..)
-            .map(|entry| (entry.tag, entry.request))
-            .collect()
+        std::mem::take(&mut self.failed)
     }
 
     /// Queues `request`, identified by `tag` in [`Uring::reap`]; the kernel
     /// sees it at the next [`Uring::submit`] (or now, if the submission
-    /// queue was full). A request refused before reaching the kernel is
-    /// given back with the error.
+    /// queue was full). Where the queue is full and the kernel too busy to
+    /// take it, the request waits behind the others in the ring for a
+    /// later submit, which the completion eventfd calls for (a busy
+    /// kernel is no reason to fail it). A request that must not reach the
+    /// kernel, or one pushed once the ring broke, is given back with the
+    /// error.
     pub fn push(&mut self, tag: u64, request: IoRequest) -> Result<(), (IoRequest, io::Error)> {
         if let Some(errno) = self.broken {
             return Err((request, io::Error::from_raw_os_error(errno)));
@@ -280,13 +287,36 @@ impl Uring {
         if let Err(e) = request.check() {
             return Err((request, e));
         }
-        if self.ring.submission().is_full() {
-            if let Err(e) = self.submit() {
-                return Err((request, e));
-            }
+        // Behind requests already waiting, so that the kernel sees them
+        // in the order they came.
+        if self.backlog.is_empty() {
             if self.ring.submission().is_full() {
-                return Err((request, io::Error::from(io::ErrorKind::WouldBlock)));
+                if let Err(e) = self.submit() {
+                    return Err((request, e));
+                }
             }
+            match self.queue(tag, request) {
+                Ok(()) => {
+                    self.in_flight += 1;
+                    return Ok(());
+                }
+                // Still full: the kernel was busy, and `submit` signalled
+                // the eventfd for the retry.
+                Err(back) => self.backlog.push_back(back),
+            }
+        } else {
+            self.backlog.push_back((tag, request));
+        }
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    /// Puts `request` (checked) in the submission queue, or gives it back
+    /// if the queue is full. Not counted in `in_flight` here: a request
+    /// is counted once, when it is accepted.
+    fn queue(&mut self, tag: u64, request: IoRequest) -> Result<(), (u64, IoRequest)> {
+        if self.ring.submission().is_full() {
+            return Err((tag, request));
         }
         let slot = match self.free.pop() {
             Some(s) => s,
@@ -340,7 +370,10 @@ impl Uring {
         let pushed = unsafe { self.ring.submission().push(&entry) };
         if pushed.is_err() {
             self.free.push(slot);
-            return Err((request, io::Error::from(io::ErrorKind::WouldBlock)));
+            if iovecs.0.capacity() != 0 {
+                self.spare.push(iovecs);
+            }
+            return Err((tag, request));
         }
         self.slots[slot] = Some(InFlight {
             tag,
@@ -348,60 +381,88 @@ impl Uring {
             iovecs,
         });
         self.unsubmitted.push(slot);
-        self.in_flight += 1;
         Ok(())
     }
 
-    /// Hands the queued requests to the kernel (one system call). A busy
-    /// kernel (out of resources, completion queue overflowing, a signal)
-    /// leaves them queued for the next call, and the completion eventfd is
-    /// signalled so the caller comes back to make it: with nothing else in
-    /// flight no completion would, and the requests would wait forever.
+    /// Moves waiting requests into the submission queue, in order, while
+    /// it has room.
+    fn fill(&mut self) {
+        while let Some((tag, request)) = self.backlog.pop_front() {
+            if let Err(back) = self.queue(tag, request) {
+                self.backlog.push_front(back);
+                return;
+            }
+        }
+    }
+
+    /// Hands the queued requests to the kernel, and the waiting ones
+    /// behind them as it takes the queue (a system call per queueful). A
+    /// busy kernel (out of resources, completion queue overflowing, a
+    /// signal) leaves them queued or waiting for the next call, and the
+    /// completion eventfd is signalled so the caller comes back to make
+    /// it: with nothing else in flight no completion would, and the
+    /// requests would wait forever. So it is whenever this returns with
+    /// requests the kernel has not taken.
     ///
     /// Any other error breaks the ring, and is returned (once): the
-    /// requests it did not take end with that error at the next
-    /// [`Uring::reap`] (the eventfd is signalled for them), later ones are
-    /// refused by [`Uring::push`], and the ring is never asked to submit
-    /// again (it would take the abandoned entries, whose buffers are
-    /// gone).
+    /// requests it did not take, queued or waiting, end with that error
+    /// at the next [`Uring::reap`] (the eventfd is signalled for them),
+    /// later ones are refused by [`Uring::push`], and the ring is never
+    /// asked to submit again (it would take the abandoned entries, whose
+    /// buffers are gone).
     /// Requests the kernel took complete as before.
     pub fn submit(&mut self) -> io::Result<()> {
-        if self.broken.is_some() || self.ring.submission().is_empty() {
+        if self.broken.is_some() {
             return Ok(());
         }
-        #[cfg(test)]
-        let submitted = match self.refuse_enter.take() {
-            Some(errno) => Err(io::Error::from_raw_os_error(errno)),
-            None => self.ring.submit(),
-        };
-        #[cfg(not(test))]
-        let submitted = self.ring.submit();
-        match submitted {
-            Ok(n) => {
-                // The kernel takes entries from the head of the queue.
-                let n = n.min(self.unsubmitted.len());
-                self.unsubmitted.drain(..n);
-                Ok(())
+        loop {
+            self.fill();
+            if self.ring.submission().is_empty() {
+                return Ok(());
             }
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
-                ) =>
-            {
-                let _ = self.event.write(1);
-                Ok(())
-            }
-            Err(e) => {
-                let errno = e.raw_os_error().unwrap_or(libc::EIO);
-                self.broken = Some(errno);
-                for slot in self.unsubmitted.drain(..) {
-                    if let Some(entry) = self.slots.get_mut(slot).and_then(Option::take) {
-                        self.failed.push(entry);
+            #[cfg(test)]
+            let submitted = match self.refuse_enter.take() {
+                Some(errno) => Err(io::Error::from_raw_os_error(errno)),
+                None => self.ring.submit(),
+            };
+            #[cfg(not(test))]
+            let submitted = self.ring.submit();
+            match submitted {
+                Ok(n) => {
+                    // The kernel takes entries from the head of the queue.
+                    let n = n.min(self.unsubmitted.len());
+                    self.unsubmitted.drain(..n);
+                    if n == 0 {
+                        // Nothing taken and no error: come back rather
+                        // than spin here.
+                        let _ = self.event.write(1);
+                        return Ok(());
                     }
+                    // Room for waiting requests, or entries the kernel
+                    // left: another round.
                 }
-                let _ = self.event.write(1);
                 Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                    ) =>
+                {
+                    let _ = self.event.write(1);
+                    return Ok(());
+                }
+                Err(e) => {
+                    let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                    self.broken = Some(errno);
+                    // Queued first, then waiting: the order they came in.
+                    for slot in self.unsubmitted.drain(..) {
+                        if let Some(entry) = self.slots.get_mut(slot).and_then(Option::take) {
+                            self.failed.push((entry.tag, entry.request));
+                        }
+                    }
+                    self.failed.extend(self.backlog.drain(..));
+                    let _ = self.event.write(1);
+                    return Err(e);
+                }
             }
         }
     }
@@ -415,13 +476,9 @@ impl Uring {
             return;
         }
         let errno = self.broken.unwrap_or(libc::EIO);
-        for entry in std::mem::take(&mut self.failed) {
+        for (tag, request) in std::mem::take(&mut self.failed) {
             self.in_flight -= 1;
-            done(
-                entry.tag,
-                Err(io::Error::from_raw_os_error(errno)),
-                entry.request,
-            );
+            done(tag, Err(io::Error::from_raw_os_error(errno)), request);
         }
         self.cqes.clear();
         loop {
@@ -485,8 +542,11 @@ impl Uring {
 
 impl Drop for Uring {
     fn drop(&mut self) {
-        // Never submitted: their buffers can go.
+        // Never submitted: their buffers can go (and the wait below is
+        // for the kernel's requests only).
+        self.in_flight -= self.failed.len() + self.backlog.len();
         self.failed.clear();
+        self.backlog.clear();
         if self.broken.is_some() {
             // Waiting would enter the ring, which would take the
             // abandoned entries: keep the buffers of the requests the
