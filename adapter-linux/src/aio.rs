@@ -1093,6 +1093,78 @@ mod tests {
         }
     }
 
+    /// A broken ring that is dropped waits for the requests the kernel
+    /// took (their buffers are guest memory the caller is about to
+    /// release) without entering the abandoned ones: here a read from a
+    /// pipe that completes only once the test writes to it.
+    #[test]
+    fn a_broken_ring_waits_for_the_kernel_s_requests_when_dropped() {
+        use std::io::Write;
+        let mem = guest(1 << 20);
+        let (r, w) = crate::sys::pipe::pipe().unwrap();
+        let Ok(mut u) = Uring::new(8, r.as_fd()) else {
+            return;
+        };
+        u.push(1, read_4k(&mem, 4096, 0)).unwrap();
+        u.submit().unwrap();
+        u.push(2, read_4k(&mem, 8192, 0)).unwrap();
+        u.refuse_enter = Some(libc::EINVAL);
+        u.submit().unwrap_err();
+        assert!(u.is_broken());
+        let (send, recv) = std::sync::mpsc::channel();
+        let dropper = std::thread::spawn(move || {
+            drop(u);
+            let _ = send.send(());
+        });
+        assert!(
+            recv.recv_timeout(Duration::from_millis(300)).is_err(),
+            "the drop did not wait for the read the kernel took"
+        );
+        std::fs::File::from(w).write_all(&[0x77; 4096]).unwrap();
+        recv.recv_timeout(Duration::from_secs(10))
+            .expect("the drop did not come back once the read completed");
+        dropper.join().unwrap();
+        let mut data = vec![0; 4096];
+        mem.read(4096, &mut data).unwrap();
+        assert_eq!(data, [0x77; 4096]);
+        // The abandoned read never ran.
+        mem.read(8192, &mut data).unwrap();
+        assert!(data.iter().all(|&b| b == 0));
+    }
+
+    /// A ring dropped while the kernel is busy (its enter refused with
+    /// EBUSY, as with completions kept aside from a full completion
+    /// queue) waits that out for the requests the kernel took, rather
+    /// than keep their buffers for good.
+    #[test]
+    fn a_ring_dropped_while_the_kernel_is_busy_still_waits() {
+        use std::io::Write;
+        let mem = guest(1 << 20);
+        let (r, w) = crate::sys::pipe::pipe().unwrap();
+        let Ok(mut u) = Uring::new(8, r.as_fd()) else {
+            return;
+        };
+        u.push(1, read_4k(&mem, 4096, 0)).unwrap();
+        u.submit().unwrap();
+        u.refuse_enter = Some(libc::EBUSY);
+        let (send, recv) = std::sync::mpsc::channel();
+        let dropper = std::thread::spawn(move || {
+            drop(u);
+            let _ = send.send(());
+        });
+        assert!(
+            recv.recv_timeout(Duration::from_millis(300)).is_err(),
+            "the drop gave up on the read the kernel took"
+        );
+        std::fs::File::from(w).write_all(&[0x66; 4096]).unwrap();
+        recv.recv_timeout(Duration::from_secs(10))
+            .expect("the drop did not come back once the read completed");
+        dropper.join().unwrap();
+        let mut data = vec![0; 4096];
+        mem.read(4096, &mut data).unwrap();
+        assert_eq!(data, [0x66; 4096]);
+    }
+
     /// More requests complete than the ring's completion queue holds (64
     /// entries for a ring of 8): the kernel keeps the rest aside until
     /// the ring is entered again. A worker that has nothing more to

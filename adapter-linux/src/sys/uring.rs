@@ -547,21 +547,45 @@ impl Drop for Uring {
         self.in_flight -= self.failed.len() + self.backlog.len();
         self.failed.clear();
         self.backlog.clear();
-        if self.broken.is_some() {
-            // Waiting would enter the ring, which would take the
-            // abandoned entries: keep the buffers of the requests the
-            // kernel took (and their mappings) for good instead.
-            if self.slots.iter().any(Option::is_some) {
-                std::mem::forget(std::mem::take(&mut self.slots));
-            }
-            return;
-        }
         // The kernel may still read or write the buffers of requests in
-        // flight: wait for them before the buffers go.
+        // flight: wait for them before the buffers go. A busy kernel is
+        // waited out for a while (reaping moves completions kept aside
+        // from a full completion queue, which is what refuses an enter
+        // with EBUSY).
+        let mut busy = 0u32;
         while self.in_flight > 0 {
-            match self.ring.submit_and_wait(1) {
+            #[cfg(test)]
+            let refused = self.refuse_enter.take().map(io::Error::from_raw_os_error);
+            #[cfg(not(test))]
+            let refused: Option<io::Error> = None;
+            let waited = if let Some(e) = refused {
+                Err(e)
+            } else if self.broken.is_some() {
+                // SAFETY: an enter that submits nothing takes no
+                // submission entry, so not the abandoned ones of a broken
+                // ring (whose buffers are gone); it only waits for a
+                // completion and passes no argument.
+                unsafe {
+                    self.ring.submitter().enter::<libc::sigset_t>(
+                        0,
+                        1,
+                        IORING_ENTER_GETEVENTS,
+                        None,
+                    )
+                }
+            } else {
+                self.ring.submit_and_wait(1)
+            };
+            match waited {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e)
+                    if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY))
+                        && busy < DROP_BUSY_TRIES =>
+                {
+                    busy += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
                 Err(_) => {
                     // Cannot wait: keep the buffers (and their mappings)
                     // for good rather than free them under the kernel.
@@ -573,6 +597,10 @@ impl Drop for Uring {
         }
     }
 }
+
+/// How many times (a millisecond apart) a dropped ring waits out a busy
+/// kernel before it keeps its requests' buffers for good instead.
+const DROP_BUSY_TRIES: u32 = 1000;
 
 /// Carries out `request` on `fd` now, in the calling thread, and returns
 /// the bytes moved (what a thread pool runs where io_uring is not
