@@ -1093,12 +1093,11 @@ mod tests {
         }
     }
 
-    /// A broken ring that is dropped waits for the requests the kernel
-    /// took (their buffers are guest memory the caller is about to
-    /// release) without entering the abandoned ones: here a read from a
-    /// pipe that completes only once the test writes to it.
-    #[test]
-    fn a_broken_ring_waits_for_the_kernel_s_requests_when_dropped() {
+    /// Drops a ring holding a read from a pipe that the kernel took (it
+    /// completes only once the pipe is written), after `then` did
+    /// something to the ring: the drop must wait for the read, then
+    /// return, with the read's data in guest memory.
+    fn drop_waits_for_a_pipe_read(then: impl FnOnce(&mut Uring, &LinuxGuestMemory)) {
         use std::io::Write;
         let mem = guest(1 << 20);
         let (r, w) = crate::sys::pipe::pipe().unwrap();
@@ -1107,10 +1106,7 @@ mod tests {
         };
         u.push(1, read_4k(&mem, 4096, 0)).unwrap();
         u.submit().unwrap();
-        u.push(2, read_4k(&mem, 8192, 0)).unwrap();
-        u.refuse_enter = Some(libc::EINVAL);
-        u.submit().unwrap_err();
-        assert!(u.is_broken());
+        then(&mut u, &mem);
         let (send, recv) = std::sync::mpsc::channel();
         let dropper = std::thread::spawn(move || {
             drop(u);
@@ -1127,9 +1123,22 @@ mod tests {
         let mut data = vec![0; 4096];
         mem.read(4096, &mut data).unwrap();
         assert_eq!(data, [0x77; 4096]);
-        // The abandoned read never ran.
+        // A read abandoned by a broken ring never ran.
         mem.read(8192, &mut data).unwrap();
         assert!(data.iter().all(|&b| b == 0));
+    }
+
+    /// A broken ring that is dropped waits for the requests the kernel
+    /// took (their buffers are guest memory the caller is about to
+    /// release) without entering the abandoned ones.
+    #[test]
+    fn a_broken_ring_waits_for_the_kernel_s_requests_when_dropped() {
+        drop_waits_for_a_pipe_read(|u, mem| {
+            u.push(2, read_4k(mem, 8192, 0)).unwrap();
+            u.refuse_enter = Some(libc::EINVAL);
+            u.submit().unwrap_err();
+            assert!(u.is_broken());
+        });
     }
 
     /// A ring dropped while the kernel is busy (its enter refused with
@@ -1138,31 +1147,7 @@ mod tests {
     /// than keep their buffers for good.
     #[test]
     fn a_ring_dropped_while_the_kernel_is_busy_still_waits() {
-        use std::io::Write;
-        let mem = guest(1 << 20);
-        let (r, w) = crate::sys::pipe::pipe().unwrap();
-        let Ok(mut u) = Uring::new(8, r.as_fd()) else {
-            return;
-        };
-        u.push(1, read_4k(&mem, 4096, 0)).unwrap();
-        u.submit().unwrap();
-        u.refuse_enter = Some(libc::EBUSY);
-        let (send, recv) = std::sync::mpsc::channel();
-        let dropper = std::thread::spawn(move || {
-            drop(u);
-            let _ = send.send(());
-        });
-        assert!(
-            recv.recv_timeout(Duration::from_millis(300)).is_err(),
-            "the drop gave up on the read the kernel took"
-        );
-        std::fs::File::from(w).write_all(&[0x66; 4096]).unwrap();
-        recv.recv_timeout(Duration::from_secs(10))
-            .expect("the drop did not come back once the read completed");
-        dropper.join().unwrap();
-        let mut data = vec![0; 4096];
-        mem.read(4096, &mut data).unwrap();
-        assert_eq!(data, [0x66; 4096]);
+        drop_waits_for_a_pipe_read(|u, _| u.refuse_enter = Some(libc::EBUSY));
     }
 
     /// More requests complete than the ring's completion queue holds (64
@@ -1510,13 +1495,10 @@ mod tests {
         check_blocks(&mem, 0..2, 7);
     }
 
-    /// A pool that cannot start a thread (none running) still carries
-    /// out what was submitted to it and signals the completions: the
-    /// worker has nothing else to wait for, and a ring that stops waits
-    /// for them. It starts threads again once it can.
-    #[test]
-    fn requests_are_carried_out_when_no_thread_can_start() {
-        let (mem, file) = patterned(5);
+    /// A pool that could start no thread for the three reads (of blocks
+    /// 0..3, patterned with `mul`) submitted to it.
+    fn pool_without_threads(mul: u32) -> (LinuxGuestMemory, std::fs::File, ThreadPool) {
+        let (mem, file) = patterned(mul);
         let mut pool = ThreadPool::new(file.as_fd().try_clone_to_owned().unwrap(), 2).unwrap();
         pool.refuse_spawn = 2;
         for block in 0..3 {
@@ -1524,6 +1506,16 @@ mod tests {
         }
         let _ = pool.submit();
         assert_eq!(pool.threads(), 0);
+        (mem, file, pool)
+    }
+
+    /// A pool that cannot start a thread (none running) still carries
+    /// out what was submitted to it and signals the completions: the
+    /// worker has nothing else to wait for, and a ring that stops waits
+    /// for them. It starts threads again once it can.
+    #[test]
+    fn requests_are_carried_out_when_no_thread_can_start() {
+        let (mem, _file, mut pool) = pool_without_threads(5);
         let signalled = crate::sys::eventfd::poll_readable(pool.shared.event.as_fd(), 2000);
         assert!(matches!(signalled, Ok(true)), "no signal: {signalled:?}");
         assert_eq!(reap_n(&mut pool, 3), [0, 1, 2]);
@@ -1538,13 +1530,7 @@ mod tests {
     /// caller is about to release).
     #[test]
     fn a_pool_without_threads_carries_out_its_requests_before_it_goes() {
-        let (mem, file) = patterned(9);
-        let mut pool = ThreadPool::new(file.as_fd().try_clone_to_owned().unwrap(), 2).unwrap();
-        pool.refuse_spawn = 2;
-        for block in 0..3 {
-            pool.push(block, read_4k(&mem, block * 4096, block * 4096));
-        }
-        let _ = pool.submit();
+        let (mem, _file, pool) = pool_without_threads(9);
         drop(pool);
         check_blocks(&mem, 0..3, 9);
     }
