@@ -750,6 +750,14 @@ pub enum TxHdrError {
         /// The frame's length.
         len: usize,
     },
+    /// A frame without segmentation longer than the MTU allows, from a
+    /// driver that negotiated VIRTIO_NET_F_MTU (which forbids it).
+    OverMtu {
+        /// The frame's length.
+        len: usize,
+        /// The longest frame the MTU allows.
+        max: usize,
+    },
 }
 
 impl fmt::Display for TxHdrError {
@@ -771,6 +779,10 @@ impl fmt::Display for TxHdrError {
             TxHdrError::HdrLenOutside { hdr_len, len } => {
                 write!(f, "hdr_len {hdr_len} beyond the {len}-byte frame")
             }
+            TxHdrError::OverMtu { len, max } => write!(
+                f,
+                "{len}-byte frame without segmentation, above the MTU's {max}"
+            ),
         }
     }
 }
@@ -779,9 +791,16 @@ impl fmt::Display for TxHdrError {
 /// the spec and the offloads it negotiated (`acked`), so a backend that
 /// passes headers on (a tap) gets only what the device promised to take:
 /// Linux's tap accepts some headers a driver must not send (a
-/// segmentation offload that was not negotiated, DATA_VALID) and refuses
-/// others only after work.
-pub fn check_tx_hdr(hdr: &VirtioNetHdr, len: usize, acked: NetFeatures) -> Result<(), TxHdrError> {
+/// segmentation offload that was not negotiated, DATA_VALID, a frame
+/// longer than the MTU it negotiated) and refuses others only after work.
+/// `max_frame` is the longest frame without segmentation the MTU allows
+/// ([`NetDevice::max_frame`]), held to with VIRTIO_NET_F_MTU acked.
+pub fn check_tx_hdr(
+    hdr: &VirtioNetHdr,
+    len: usize,
+    acked: NetFeatures,
+    max_frame: usize,
+) -> Result<(), TxHdrError> {
     const NEEDS_CSUM: u8 = VIRTIO_NET_HDR_F_NEEDS_CSUM;
     const ECN: u8 = VIRTIO_NET_HDR_GSO_ECN;
     if hdr.flags & !NEEDS_CSUM != 0 {
@@ -803,7 +822,17 @@ pub fn check_tx_hdr(hdr: &VirtioNetHdr, len: usize, acked: NetFeatures) -> Resul
     }
     let t = hdr.gso_type;
     let needs = match t & !ECN {
-        VIRTIO_NET_HDR_GSO_NONE if t & ECN == 0 => return Ok(()),
+        VIRTIO_NET_HDR_GSO_NONE if t & ECN == 0 => {
+            // The host would pass such a frame on, to be dropped further
+            // along (a bridge, a wire) while we count it sent.
+            if acked.contains(NetFeatures::MTU) && len > max_frame {
+                return Err(TxHdrError::OverMtu {
+                    len,
+                    max: max_frame,
+                });
+            }
+            return Ok(());
+        }
         VIRTIO_NET_HDR_GSO_NONE => return Err(TxHdrError::UnknownGso(t)),
         VIRTIO_NET_HDR_GSO_TCPV4 => NetFeatures::HOST_TSO4,
         VIRTIO_NET_HDR_GSO_TCPV6 => NetFeatures::HOST_TSO6,

@@ -202,6 +202,9 @@ struct Inner {
     /// GUEST_CSUM: the driver takes the tap's checksum flags.
     guest_csum: AtomicBool,
     max_frame: usize,
+    /// The longest frame without segmentation the offered MTU allows
+    /// (held to where the driver negotiated VIRTIO_NET_F_MTU).
+    mtu_frame: usize,
     /// The largest MTU NET_SET_MTU may set (the one offered, or 1500).
     max_mtu: u16,
     /// The MTU of the last NET_SET_MTU (0: none).
@@ -305,6 +308,7 @@ impl NetService {
                 mergeable: AtomicBool::new(false),
                 guest_csum: AtomicBool::new(false),
                 max_frame,
+                mtu_frame: device.max_frame(),
                 max_mtu,
                 mtu: AtomicU16::new(0),
                 tap_mtu_before: AtomicU16::new(0),
@@ -453,7 +457,7 @@ impl NetService {
         };
         if let NetBackend::Tap { .. } = inner.backend {
             let acked = NetFeatures::from_bits_retain(inner.acked.load(Ordering::Relaxed));
-            if let Err(e) = check_tx_hdr(&frame.hdr, frame.len, acked) {
+            if let Err(e) = check_tx_hdr(&frame.hdr, frame.len, acked, inner.mtu_frame) {
                 bump(&k.errors, 1);
                 log::debug!("queue {queue}: transmit frame refused: {e}");
                 return;

@@ -538,7 +538,7 @@ fn transmit_headers_follow_the_spec_and_the_offloads() {
         num_buffers: 0.into(),
     };
     let all = F::CSUM | F::HOST_TSO4 | F::HOST_TSO6 | F::HOST_ECN;
-    let ok = |h: VirtioNetHdr, acked| check_tx_hdr(&h, 100, acked);
+    let ok = |h: VirtioNetHdr, acked| check_tx_hdr(&h, 100, acked, 100);
     assert_eq!(ok(hdr(0, 0, 0, 0, 0, 0), F::empty()), Ok(()));
     // The checksum field's last byte is the frame's last.
     assert_eq!(ok(hdr(1, 0, 0, 0, 34, 64), all), Ok(()));
@@ -593,6 +593,19 @@ fn transmit_headers_follow_the_spec_and_the_offloads() {
     );
     // Sums that would overflow 16 bits are not wrapped.
     assert!(ok(hdr(1, 0, 0, 0, 0xffff, 0xffff), all).is_err());
+    // With VIRTIO_NET_F_MTU, a frame without segmentation is held to the
+    // MTU's longest; a segmented one is not (the host segments it).
+    let mtu = |h: VirtioNetHdr, len, acked| check_tx_hdr(&h, len, acked, 1518);
+    assert_eq!(mtu(hdr(0, 0, 0, 0, 0, 0), 1518, F::MTU), Ok(()));
+    assert_eq!(
+        mtu(hdr(0, 0, 0, 0, 0, 0), 1519, F::MTU),
+        Err(TxHdrError::OverMtu {
+            len: 1519,
+            max: 1518
+        })
+    );
+    assert_eq!(mtu(hdr(0, 0, 0, 0, 0, 0), 9000, F::empty()), Ok(()));
+    assert_eq!(mtu(hdr(1, 1, 54, 1448, 34, 16), 9000, all | F::MTU), Ok(()));
 }
 
 /// Receive buffers whose lengths add up past 4 GiB (a chain's own total
