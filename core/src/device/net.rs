@@ -750,6 +750,10 @@ pub enum TxHdrError {
         /// The frame's length.
         len: usize,
     },
+    /// TCP segmentation whose checksum field is not the TCP header's
+    /// (`csum_offset` other than 16): the host cannot segment it (Linux
+    /// refuses it, older kernels drop it after taking it).
+    TcpCsumOffset(u16),
     /// A frame without segmentation longer than the MTU allows, from a
     /// driver that negotiated VIRTIO_NET_F_MTU (which forbids it).
     OverMtu {
@@ -778,6 +782,9 @@ impl fmt::Display for TxHdrError {
             }
             TxHdrError::HdrLenOutside { hdr_len, len } => {
                 write!(f, "hdr_len {hdr_len} beyond the {len}-byte frame")
+            }
+            TxHdrError::TcpCsumOffset(o) => {
+                write!(f, "TCP segmentation with csum_offset {o} (not 16)")
             }
             TxHdrError::OverMtu { len, max } => write!(
                 f,
@@ -849,6 +856,14 @@ pub fn check_tx_hdr(
     }
     if !csum || hdr.gso_size.get() == 0 {
         return Err(TxHdrError::GsoIncomplete);
+    }
+    let offset = hdr.csum_offset.get();
+    if matches!(
+        t & !ECN,
+        VIRTIO_NET_HDR_GSO_TCPV4 | VIRTIO_NET_HDR_GSO_TCPV6
+    ) && offset != 16
+    {
+        return Err(TxHdrError::TcpCsumOffset(offset));
     }
     Ok(())
 }

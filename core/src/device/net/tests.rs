@@ -593,6 +593,15 @@ fn transmit_headers_follow_the_spec_and_the_offloads() {
     );
     // Sums that would overflow 16 bits are not wrapped.
     assert!(ok(hdr(1, 0, 0, 0, 0xffff, 0xffff), all).is_err());
+    // TCP segmentation checksums the TCP header's field, 16 bytes in.
+    assert_eq!(
+        ok(hdr(1, 1, 54, 1448, 34, 6), all),
+        Err(TxHdrError::TcpCsumOffset(6))
+    );
+    assert_eq!(
+        ok(hdr(1, 0x84, 74, 1428, 54, 17), all),
+        Err(TxHdrError::TcpCsumOffset(17))
+    );
     // With VIRTIO_NET_F_MTU, a frame without segmentation is held to the
     // MTU's longest; a segmented one is not (the host segments it).
     let mtu = |h: VirtioNetHdr, len, acked| check_tx_hdr(&h, len, acked, 1518);
