@@ -629,12 +629,29 @@ where
             ))
     }
 
+    /// A kick, call, err or log eventfd of the front-end's, made
+    /// non-blocking. A blocking one would let the front-end hold a worker
+    /// (or the control thread) for good: a call written to an eventfd
+    /// whose counter it filled, or a kick read after it emptied the
+    /// counter between our poll and our read, waits until someone else
+    /// touches the fd, and after a disconnect nobody does, so the
+    /// teardown that stops the worker never ends. The flag is on the file
+    /// description the front-end shares (QEMU's notifiers are
+    /// non-blocking already); a call that finds the counter full is not
+    /// lost, as the fd is signalled anyway.
     fn eventfd(
         fds: &mut [Option<OwnedFd>],
         i: Option<u8>,
     ) -> Result<Option<Arc<EventFd>>, BackendError> {
-        i.map(|i| Self::take_fd(fds, i).map(|fd| Arc::new(EventFd::from(fd))))
-            .transpose()
+        i.map(|i| {
+            let fd = Self::take_fd(fds, i)?;
+            crate::sys::file::set_nonblocking(fd.as_fd(), true).map_err(|e| {
+                error!("cannot make an eventfd of the front-end non-blocking: {e}");
+                BackendError::Unsupported
+            })?;
+            Ok(Arc::new(EventFd::from(fd)))
+        })
+        .transpose()
     }
 
     fn apply(
@@ -1887,3 +1904,6 @@ where
     let _ = stream.as_fd();
     end
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,213 @@
+//! The runtime against a hostile front-end, in this process over a socket
+//! pair: what the front-end controls (its fds, whether it reads) must not
+//! hold the control thread or a ring's worker for good.
+
+#![allow(clippy::unwrap_used)]
+
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use vhost_user_core::backend::BackendConfig;
+use vhost_user_core::dataplane::Token;
+use vhost_user_core::device::{Completion, Device};
+use vhost_user_core::feature::{ProtocolFeatures as P, VirtioFeatures as V};
+use vhost_user_core::memory::GuestMemory;
+use vhost_user_core::message::{
+    ConfigWriteKind, FrontendReq, MemRegionMsg, MemTable, Request, VringAddrMsg, VringFdMsg,
+    VringStateMsg, MAX_MESSAGE,
+};
+use vhost_user_core::vring::Chain;
+
+use super::{serve_one, ConnectionEnd, RuntimeOptions, SharedDevice};
+use crate::channel::Control;
+use crate::sys::eventfd::EventFd;
+use crate::sys::memfd;
+use crate::sys::socket::Stream;
+
+/// Completes every request at once, writing nothing.
+#[derive(Clone)]
+struct Nop;
+
+impl Device for Nop {
+    type Scratch = ();
+
+    fn read_config(&self, _offset: u32, _dst: &mut [u8]) -> bool {
+        false
+    }
+
+    fn write_config(&mut self, _offset: u32, _src: &[u8], _kind: ConfigWriteKind) -> bool {
+        false
+    }
+
+    fn process<M: GuestMemory + ?Sized, const S: usize>(
+        &self,
+        _queue: u16,
+        _chain: &Chain<S>,
+        _token: Token,
+        _mem: &M,
+        _scratch: &mut (),
+    ) -> Completion {
+        Completion::Done(0)
+    }
+}
+
+impl SharedDevice for Nop {}
+
+const RAM: u64 = 0x10000;
+const VA: u64 = 0x7f00_0000_0000;
+const SIZE: u16 = 8;
+const DESC: u64 = 0;
+const AVAIL: u64 = 0x100;
+const USED: u64 = 0x200;
+
+/// The runtime serving one connection on a thread; returns our end and
+/// how the connection ended, once it did.
+fn runtime(protocol: P) -> (Stream, mpsc::Receiver<ConnectionEnd>) {
+    let (ours, theirs) = Stream::pair().unwrap();
+    let config = BackendConfig {
+        features: V::VERSION_1 | V::PROTOCOL_FEATURES,
+        protocol_features: protocol,
+        num_queues: 1,
+        max_queue_size: 256,
+    };
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let end = serve_one::<Nop, 1, 1>(
+            &theirs,
+            config,
+            Nop,
+            RuntimeOptions::default(),
+            &Control::new(),
+        );
+        let _ = tx.send(end);
+    });
+    (ours, rx)
+}
+
+fn send(s: &Stream, req: &Request<'_>, fds: &[std::os::fd::BorrowedFd<'_>]) {
+    let mut buf = [0u8; MAX_MESSAGE];
+    let n = req.encode(false, &mut buf).unwrap();
+    s.send_message(&buf[..n], fds).unwrap();
+}
+
+/// Guest RAM with ring 0 laid out at DESC/AVAIL/USED and one readable
+/// request of 16 bytes made available.
+fn guest_ram_with_a_request() -> (std::os::fd::OwnedFd, MemRegionMsg) {
+    let fd = memfd::create("guest", RAM).unwrap();
+    let f = std::fs::File::from(fd.try_clone().unwrap());
+    // Descriptor 0: 16 bytes at 0x1000, no flags.
+    let mut d = [0u8; 16];
+    d[..8].copy_from_slice(&0x1000u64.to_le_bytes());
+    d[8..12].copy_from_slice(&16u32.to_le_bytes());
+    f.write_all_at(&d, DESC).unwrap();
+    // Avail: flags 0, idx 1, ring[0] = 0.
+    f.write_all_at(&[0, 0, 1, 0, 0, 0], AVAIL).unwrap();
+    let region = MemRegionMsg {
+        guest_addr: 0,
+        size: RAM,
+        user_addr: VA,
+        mmap_offset: 0,
+        xen: None,
+    };
+    (fd, region)
+}
+
+/// Sets up ring 0 (without protocol features: it runs once kicked) with
+/// `call` as its call fd, then starts it; returns the guest RAM.
+fn start_ring(s: &Stream, call: &EventFd, kick: &EventFd) -> std::fs::File {
+    let (ram, region) = guest_ram_with_a_request();
+    send(s, &Request::SetFeatures(V::VERSION_1.bits()), &[]);
+    send(s, &Request::SetOwner, &[]);
+    send(
+        s,
+        &Request::SetMemTable(MemTable::new(&[region]).unwrap()),
+        &[ram.as_fd()],
+    );
+    send(
+        s,
+        &Request::SetVringNum(VringStateMsg {
+            index: 0,
+            num: u32::from(SIZE),
+        }),
+        &[],
+    );
+    send(
+        s,
+        &Request::SetVringAddr(VringAddrMsg {
+            index: 0,
+            log: false,
+            desc: VA + DESC,
+            used: VA + USED,
+            avail: VA + AVAIL,
+            log_addr: 0,
+        }),
+        &[],
+    );
+    send(
+        s,
+        &Request::SetVringBase(VringStateMsg { index: 0, num: 0 }),
+        &[],
+    );
+    let ring = VringFdMsg {
+        index: 0,
+        no_fd: false,
+    };
+    send(s, &Request::SetVringCall(ring), &[call.as_fd()]);
+    send(s, &Request::SetVringKick(ring), &[kick.as_fd()]);
+    std::fs::File::from(ram)
+}
+
+/// Waits until the ring's used index is `n` (at most 5 s).
+fn wait_used(ram: &std::fs::File, n: u16) {
+    let t0 = std::time::Instant::now();
+    loop {
+        let mut idx = [0u8; 2];
+        ram.read_exact_at(&mut idx, USED + 2).unwrap();
+        if u16::from_le_bytes(idx) == n {
+            return;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5), "request not served");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Waits for the reply to GET_VRING_BASE of ring 0, at most `timeout`.
+fn vring_base(s: &Stream, timeout: Duration) -> std::io::Result<u32> {
+    send(s, &Request::GetVringBase(0), &[]);
+    s.set_read_timeout(Some(timeout))?;
+    let mut buf = Box::new([0u8; MAX_MESSAGE]);
+    let rx = s
+        .recv_message(&mut buf)?
+        .ok_or(std::io::ErrorKind::UnexpectedEof)?;
+    assert_eq!(rx.header.request, FrontendReq::GetVringBase.id());
+    let p = rx.payload(&buf);
+    Ok(u32::from_le_bytes([p[4], p[5], p[6], p[7]]))
+}
+
+#[test]
+fn a_call_eventfd_that_cannot_take_a_signal_does_not_hold_the_worker() {
+    let (s, ended) = runtime(P::empty());
+    // A blocking eventfd whose counter is at its largest: a blocking write
+    // of 1 waits until someone reads it, and the front-end never does.
+    let call = EventFd::new(false).unwrap();
+    call.write(u64::MAX - 1).unwrap();
+    let kick = EventFd::new(true).unwrap();
+    let ram = start_ring(&s, &call, &kick);
+    // The request is completed and the guest wants a call: the worker
+    // signals, then GET_VRING_BASE stops it.
+    wait_used(&ram, 1);
+    let base = vring_base(&s, Duration::from_secs(5));
+    // Let a stuck worker go before judging, so a failure leaves no thread
+    // behind.
+    let _ = call.read();
+    drop(s);
+    let end = ended.recv_timeout(Duration::from_secs(5));
+    assert_eq!(
+        base.unwrap(),
+        1,
+        "the worker served the request and stopped"
+    );
+    assert!(matches!(end, Ok(ConnectionEnd::Closed)), "{end:?}");
+}
