@@ -274,8 +274,9 @@ pub struct RuntimeOptions {
     /// before it sleeps on the kick fd (QEMU's event loop does the same):
     /// a wake-up costs more than a short spin on a busy ring.
     pub spin: Duration,
-    /// How long a back-end channel request waits for the front-end's ack
-    /// before the connection is ended.
+    /// How long a back-end channel request waits for room in the socket
+    /// (a front-end that does not read) or for the front-end's ack before
+    /// the connection is ended.
     pub channel_timeout: Duration,
     /// How long a device-state transfer (SET_DEVICE_STATE_FD) may take to
     /// reach the end of its fd: a front-end that never closes its end is

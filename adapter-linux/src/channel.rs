@@ -4,10 +4,11 @@
 //! Any thread may send: the control thread, a ring worker (in-band
 //! BACKEND_VRING_CALL/ERR) or the daemon ([`Control::config_changed`]). A
 //! lock serialises them, a request and its ack together. An ack that does
-//! not come within the timeout, a failed send or a malformed reply ends the
-//! **connection** (both directions of the main socket are shut down, so the
-//! control thread sees the front-end gone and tears the connection down);
-//! the daemon goes on and accepts the next front-end.
+//! not come within the timeout, a send that finds no room in the socket
+//! within it (the front-end does not read), a failed send or a malformed
+//! reply ends the **connection** (both directions of the main socket are
+//! shut down, so the control thread sees the front-end gone and tears the
+//! connection down); the daemon goes on and accepts the next front-end.
 
 use std::io;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -64,6 +65,12 @@ impl BackChannel {
         timeout: Duration,
     ) -> io::Result<Self> {
         socket.set_read_timeout(Some(timeout))?;
+        // The senders (ring workers with in-band calls, the daemon's
+        // config changes) must not block for good on a front-end that
+        // stops reading the channel: a worker stuck in a send is never
+        // stopped, and GET_VRING_BASE and the teardown after a
+        // disconnect wait for it.
+        socket.set_write_timeout(Some(timeout))?;
         Ok(BackChannel {
             socket,
             main,
@@ -94,6 +101,11 @@ impl BackChannel {
             Err(e) => return Err(self.broken(&mut ch, io::Error::other(e))),
         };
         if let Err(e) = self.socket.send_message(&buf[..sent.len], &[]) {
+            let e = if e.kind() == io::ErrorKind::WouldBlock {
+                io::Error::new(io::ErrorKind::TimedOut, "the front-end does not read")
+            } else {
+                e
+            };
             return Err(self.broken(&mut ch, e));
         }
         if !sent.awaits_reply {

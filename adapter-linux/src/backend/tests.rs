@@ -65,6 +65,14 @@ const USED: u64 = 0x200;
 /// The runtime serving one connection on a thread; returns our end and
 /// how the connection ended, once it did.
 fn runtime(protocol: P) -> (Stream, mpsc::Receiver<ConnectionEnd>) {
+    runtime_with(protocol, RuntimeOptions::default(), Control::new())
+}
+
+fn runtime_with(
+    protocol: P,
+    options: RuntimeOptions,
+    control: Control,
+) -> (Stream, mpsc::Receiver<ConnectionEnd>) {
     let (ours, theirs) = Stream::pair().unwrap();
     let config = BackendConfig {
         features: V::VERSION_1 | V::PROTOCOL_FEATURES,
@@ -74,13 +82,7 @@ fn runtime(protocol: P) -> (Stream, mpsc::Receiver<ConnectionEnd>) {
     };
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        let end = serve_one::<Nop, 1, 1>(
-            &theirs,
-            config,
-            Nop,
-            RuntimeOptions::default(),
-            &Control::new(),
-        );
+        let end = serve_one::<Nop, 1, 1>(&theirs, config, Nop, options, &control);
         let _ = tx.send(end);
     });
     (ours, rx)
@@ -209,5 +211,61 @@ fn a_call_eventfd_that_cannot_take_a_signal_does_not_hold_the_worker() {
         1,
         "the worker served the request and stopped"
     );
+    assert!(matches!(end, Ok(ConnectionEnd::Closed)), "{end:?}");
+}
+
+#[test]
+fn a_front_end_that_never_reads_the_back_end_channel_does_not_hold_its_senders() {
+    let options = RuntimeOptions {
+        channel_timeout: Duration::from_millis(200),
+        ..RuntimeOptions::default()
+    };
+    let control = Control::new();
+    let (s, ended) = runtime_with(P::BACKEND_REQ | P::CONFIG, options, control.clone());
+    send(
+        &s,
+        &Request::SetFeatures((V::VERSION_1 | V::PROTOCOL_FEATURES).bits()),
+        &[],
+    );
+    send(
+        &s,
+        &Request::SetProtocolFeatures((P::BACKEND_REQ | P::CONFIG).bits()),
+        &[],
+    );
+    send(&s, &Request::SetOwner, &[]);
+    // The front-end keeps its end of the channel open and never reads it.
+    let (unread, theirs) = Stream::pair().unwrap();
+    send(&s, &Request::SetBackendReqFd, &[theirs.as_fd()]);
+    drop(theirs);
+    let t0 = std::time::Instant::now();
+    while matches!(
+        control.config_changed(),
+        Err(crate::channel::ChannelFailure::NoChannel)
+    ) {
+        assert!(t0.elapsed() < Duration::from_secs(5), "no channel");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Config changes until the channel's socket buffer is full: the
+    // sender must give up (and end the connection), not wait for ever.
+    let (tx, rx) = mpsc::channel();
+    let sender = control.clone();
+    let t = std::thread::spawn(move || {
+        for _ in 0..1_000_000 {
+            if let Err(e) = sender.config_changed() {
+                let _ = tx.send(e);
+                return;
+            }
+        }
+    });
+    let failure = rx.recv_timeout(Duration::from_secs(5));
+    // Let a stuck sender go before judging.
+    drop(unread);
+    t.join().unwrap();
+    assert!(
+        matches!(failure, Ok(crate::channel::ChannelFailure::Broken(_))),
+        "{failure:?}"
+    );
+    // The broken channel ended the connection.
+    let end = ended.recv_timeout(Duration::from_secs(5));
     assert!(matches!(end, Ok(ConnectionEnd::Closed)), "{end:?}");
 }

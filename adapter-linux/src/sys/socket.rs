@@ -397,6 +397,15 @@ impl Stream {
     pub fn set_read_timeout(&self, timeout: Option<std::time::Duration>) -> io::Result<()> {
         self.inner.set_read_timeout(timeout)
     }
+
+    /// Bounds how long [`Stream::send_message`] waits for room in the
+    /// socket's buffer (`None`: forever), so a peer that stops reading
+    /// cannot hold the sender. A timeout is a
+    /// [`io::ErrorKind::WouldBlock`] error; one in the middle of a message
+    /// leaves the connection out of step.
+    pub fn set_write_timeout(&self, timeout: Option<std::time::Duration>) -> io::Result<()> {
+        self.inner.set_write_timeout(timeout)
+    }
 }
 
 /// The framer's error as an [`io::Error`]: a socket error as it is, a
