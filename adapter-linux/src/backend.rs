@@ -179,38 +179,46 @@ pub struct InflightAreaMut<'a> {
 /// a few MiB, and a few bytes of config): more is refused.
 pub const MAX_DEVICE_STATE: u64 = 64 << 20;
 
-/// A device state transfer running on a helper thread: what it read (load)
-/// or nothing (save).
 /// A device-state fd read or written until a deadline: non-blocking, each
 /// call waits on epoll for at most what is left, then fails with
 /// `TimedOut` (and the fd is closed when this is dropped), so a front-end
 /// that never closes its end of the pipe cannot hold the transfer's thread,
-/// nor CHECK_DEVICE_STATE waiting for it.
+/// nor CHECK_DEVICE_STATE waiting for it. A transfer given up
+/// ([`Transfer::cancel`]) fails at once (not with `Interrupted`, which
+/// `read_to_end` and `write_all` would retry).
 struct Deadline {
     file: std::fs::File,
     epoll: Epoll,
     deadline: Instant,
+    cancel: Arc<EventFd>,
 }
 
 impl Deadline {
-    fn new(fd: OwnedFd, deadline: Instant) -> io::Result<Self> {
+    fn new(fd: OwnedFd, deadline: Instant, cancel: Arc<EventFd>) -> io::Result<Self> {
         crate::sys::file::set_nonblocking(fd.as_fd(), true)?;
         let epoll = Epoll::new()?;
         epoll.add(&fd, Interest::READABLE | Interest::WRITABLE, 0)?;
+        epoll.add(&*cancel, Interest::READABLE, 1)?;
         Ok(Deadline {
             file: std::fs::File::from(fd),
             epoll,
             deadline,
+            cancel,
         })
     }
 
     /// Runs `op` until it is not `WouldBlock`, waiting for the fd between
-    /// tries, until the deadline.
+    /// tries, until the deadline or the transfer is given up.
     fn wait<T>(
         &mut self,
         mut op: impl FnMut(&mut std::fs::File) -> io::Result<T>,
     ) -> io::Result<T> {
         loop {
+            // Checked before each try too: a front-end that keeps the pipe
+            // busy never lets the fd wait.
+            if self.cancel.is_signalled()? {
+                return Err(io::Error::other("the device state transfer was given up"));
+            }
             match op(&mut self.file) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 other => return other,
@@ -245,9 +253,27 @@ impl io::Write for Deadline {
     }
 }
 
+/// A device state transfer running on a helper thread: what it read (load)
+/// or nothing (save).
 struct Transfer {
     save: bool,
     thread: JoinHandle<io::Result<Vec<u8>>>,
+    /// Written to give the transfer up (see [`Transfer::cancel`]).
+    cancel: Arc<EventFd>,
+}
+
+impl Transfer {
+    /// Gives the transfer up and waits for its thread, which returns at
+    /// its next wait and closes the front-end's fd. For a transfer the
+    /// session no longer has (RESET_DEVICE dropped it and a new one
+    /// starts, or the front-end left): a thread left to run out its
+    /// deadline would keep the fd that long, and a front-end repeating
+    /// SET_DEVICE_STATE_FD and RESET_DEVICE would pile up threads and fds
+    /// without bound.
+    fn cancel(self) {
+        let _ = self.cancel.write(1);
+        let _ = self.thread.join();
+    }
 }
 
 /// Adds `n` to a counter that only one thread (a ring's worker) writes:
@@ -849,7 +875,22 @@ where
     /// connection goes on while the front-end reads or writes the other
     /// end; CHECK_DEVICE_STATE waits for it ([`finish_transfer`]).
     fn start_transfer(&mut self, fd: OwnedFd, save: bool) {
+        // One transfer at a time: one the session dropped (RESET_DEVICE)
+        // is given up before the next starts.
+        if let Some(old) = self.transfer.take() {
+            old.cancel();
+        }
         let deadline = Instant::now() + self.options.state_timeout;
+        let cancel = match EventFd::new(true) {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                // No transfer: CHECK_DEVICE_STATE answers an error.
+                error!("cannot start the device state transfer: {e}");
+                return;
+            }
+        };
+        let theirs = Arc::clone(&cancel);
+        let builder = std::thread::Builder::new().name("vhu-device-state".into());
         let thread = if save {
             let area = self.inflight_bytes();
             let state = self
@@ -859,17 +900,17 @@ where
                     queue_size: *qs,
                     bytes: b,
                 }));
-            std::thread::spawn(move || {
+            builder.spawn(move || {
                 let state = state.map_err(io::Error::other)?;
-                let mut f = Deadline::new(fd, deadline)?;
+                let mut f = Deadline::new(fd, deadline, theirs)?;
                 io::Write::write_all(&mut f, &state)?;
                 // Dropping `f` closes our end: the front-end reads EOF.
                 Ok(Vec::new())
             })
         } else {
-            std::thread::spawn(move || {
+            builder.spawn(move || {
                 let mut bytes = Vec::new();
-                let f = Deadline::new(fd, deadline)?;
+                let f = Deadline::new(fd, deadline, theirs)?;
                 io::Read::read_to_end(&mut io::Read::take(f, MAX_DEVICE_STATE + 1), &mut bytes)?;
                 if bytes.len() as u64 > MAX_DEVICE_STATE {
                     return Err(io::Error::other("device state too long"));
@@ -877,11 +918,23 @@ where
                 Ok(bytes)
             })
         };
+        let thread = match thread {
+            Ok(t) => t,
+            Err(e) => {
+                // No transfer: CHECK_DEVICE_STATE answers an error.
+                error!("cannot start the device state transfer: {e}");
+                return;
+            }
+        };
         info!(
             "device state {} started",
             if save { "save" } else { "load" }
         );
-        self.transfer = Some(Transfer { save, thread });
+        self.transfer = Some(Transfer {
+            save,
+            thread,
+            cancel,
+        });
     }
 
     /// CHECK_DEVICE_STATE: waits for the transfer's helper thread (it ends
@@ -1118,6 +1171,11 @@ where
         let keep = self.inflight.is_some();
         for q in 0..self.workers.len() {
             let _ = self.stop_worker(q as u16, keep);
+        }
+        // A transfer not checked goes with its connection, and its fd
+        // with it.
+        if let Some(t) = self.transfer.take() {
+            t.cancel();
         }
         self.rings.clear();
         self.control.set(None);

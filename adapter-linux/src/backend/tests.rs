@@ -269,3 +269,56 @@ fn a_front_end_that_never_reads_the_back_end_channel_does_not_hold_its_senders()
     let end = ended.recv_timeout(Duration::from_secs(5));
     assert!(matches!(end, Ok(ConnectionEnd::Closed)), "{end:?}");
 }
+
+/// Whether the back-end closed its end of a pipe whose write end we hold,
+/// within 2 s (a write then fails with EPIPE).
+fn reader_gone(w: &std::os::fd::OwnedFd) -> bool {
+    let t0 = std::time::Instant::now();
+    let mut f = std::fs::File::from(w.try_clone().unwrap());
+    crate::sys::file::set_nonblocking(w.as_fd(), true).unwrap();
+    loop {
+        match std::io::Write::write(&mut f, b"x") {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return true,
+            _ if t0.elapsed() > Duration::from_secs(2) => return false,
+            _ => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+}
+
+#[test]
+fn a_device_state_transfer_the_session_dropped_lets_go_of_its_fd() {
+    let (s, ended) = runtime(P::DEVICE_STATE | P::RESET_DEVICE);
+    send(
+        &s,
+        &Request::SetFeatures((V::VERSION_1 | V::PROTOCOL_FEATURES).bits()),
+        &[],
+    );
+    send(
+        &s,
+        &Request::SetProtocolFeatures((P::DEVICE_STATE | P::RESET_DEVICE).bits()),
+        &[],
+    );
+    send(&s, &Request::SetOwner, &[]);
+    let mut buf = Box::new([0u8; MAX_MESSAGE]);
+    let load = vhost_user_core::message::DeviceStateDirection::Load;
+    // A load whose pipe the front-end never closes, dropped by
+    // RESET_DEVICE, then a second one: one transfer at a time, and
+    // the first one's fd goes.
+    let (r1, w1) = crate::sys::pipe::pipe().unwrap();
+    send(&s, &Request::SetDeviceStateFd(load), &[r1.as_fd()]);
+    drop(r1);
+    s.recv_message(&mut buf).unwrap().unwrap();
+    send(&s, &Request::ResetDevice, &[]);
+    let (r2, w2) = crate::sys::pipe::pipe().unwrap();
+    send(&s, &Request::SetDeviceStateFd(load), &[r2.as_fd()]);
+    drop(r2);
+    s.recv_message(&mut buf).unwrap().unwrap();
+    let first_gone = reader_gone(&w1);
+    // The front-end leaves with the second transfer running.
+    drop(s);
+    let end = ended.recv_timeout(Duration::from_secs(5));
+    let second_gone = reader_gone(&w2);
+    assert!(matches!(end, Ok(ConnectionEnd::Closed)), "{end:?}");
+    assert!(first_gone, "the dropped transfer still holds its fd");
+    assert!(second_gone, "the transfer outlives its connection");
+}
