@@ -1643,15 +1643,19 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
         if !slot.stopping {
             return Err(BackendError::NotStopping(queue));
         }
+        let code = slot.stop_code.unwrap_or(FrontendReq::GetVringBase);
+        // The reply is encoded before the ring is marked stopped: an `out`
+        // too short for it changes nothing, and the call can be made again
+        // with room for the reply the front-end waits for.
+        let n = WireReply::encode_vring_state(code, queue.into(), base, out)?;
         slot.stopping = false;
         slot.running = false;
-        let code = slot.stop_code.take().unwrap_or(FrontendReq::GetVringBase);
+        slot.stop_code = None;
         slot.base = base;
         slot.kick = Notifier::Unset;
         slot.call = Notifier::Unset;
-        let num = slot.base;
-        debug!("ring {} stopped at {:#x}", queue, num);
-        Ok(WireReply::encode_vring_state(code, queue.into(), num, out)?)
+        debug!("ring {} stopped at {:#x}", queue, base);
+        Ok(n)
     }
 
     /// Answers a pending CHECK_DEVICE_STATE ([`Reply::TransferPending`]):

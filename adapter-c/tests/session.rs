@@ -1,0 +1,352 @@
+//! The back-end session through the C ABI, driven by the front-end engine
+//! of the same ABI: what a C back-end can get wrong with its buffers is an
+//! error code it can recover from, and an error leaves nothing behind for
+//! the next call to act on.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use core::ptr;
+
+use vhost_user_c::backend::*;
+use vhost_user_c::dataplane::*;
+use vhost_user_c::frontend::*;
+use vhost_user_c::memory::{vhu_mem, vhu_mem_region, vhu_region};
+use vhost_user_c::vhu_result::{self, *};
+
+const GUEST: usize = 0x10000;
+const VA: u64 = 0x7000_0000;
+const QSIZE: u16 = 8;
+const DESC: u64 = 0x1000;
+const AVAIL: u64 = 0x2000;
+const USED: u64 = 0x3000;
+
+/// Zeroed storage of `size` bytes aligned to 64.
+struct Storage(Vec<u64>);
+
+impl Storage {
+    fn new(size: usize) -> Storage {
+        Storage(vec![0u64; size / 8 + 16])
+    }
+    fn at<T>(&mut self) -> *mut T {
+        let base = self.0.as_mut_ptr().cast::<u8>();
+        base.wrapping_add(base.align_offset(64)).cast()
+    }
+}
+
+/// A front-end and a back-end session in memory, the guest's memory, and
+/// the back-end's memory table and data plane.
+struct Pair {
+    be: Storage,
+    fe: Storage,
+    dp: Storage,
+    guest: Vec<u64>,
+    table: Box<[vhu_region; VHU_MAX_REGIONS as usize]>,
+    running: bool,
+}
+
+fn check(r: vhu_result, what: &str) {
+    assert_eq!(r, VHU_OK, "{what}");
+}
+
+impl Pair {
+    fn new() -> Pair {
+        let mut p = Pair {
+            be: Storage::new(vhu_backend_size()),
+            fe: Storage::new(vhu_frontend_size()),
+            dp: Storage::new(vhu_dataplane_size(QSIZE)),
+            guest: vec![0u64; GUEST / 8],
+            table: Box::new(
+                [vhu_region {
+                    gpa: 0,
+                    size: 0,
+                    host: ptr::null_mut(),
+                }; VHU_MAX_REGIONS as usize],
+            ),
+            running: false,
+        };
+        let cfg = vhu_backend_config {
+            features: VHU_VIRTIO_F_VERSION_1 | VHU_F_PROTOCOL_FEATURES,
+            protocol_features: VHU_PROTOCOL_F_MQ | VHU_PROTOCOL_F_REPLY_ACK,
+            num_queues: 1,
+            max_queue_size: 256,
+        };
+        let queues = [vhu_queue_config {
+            size: QSIZE,
+            addrs: vhu_ring_addrs {
+                desc: VA + DESC,
+                driver: VA + AVAIL,
+                device: VA + USED,
+            },
+            base: 0,
+            kick_polling: 1,
+            call_polling: 1,
+        }];
+        let regions = [vhu_mem_region {
+            guest_addr: 0,
+            size: GUEST as u64,
+            user_addr: VA,
+            mmap_offset: 0,
+        }];
+        let fcfg = vhu_frontend_config {
+            features: cfg.features,
+            protocol_features: cfg.protocol_features,
+            queues: queues.as_ptr(),
+            num_queues: 1,
+            regions: regions.as_ptr(),
+            num_regions: 1,
+        };
+        // SAFETY: the storages hold their sizes; the configs are live.
+        unsafe {
+            check(
+                vhu_backend_init(p.be.at(), vhu_backend_size(), &cfg),
+                "backend init",
+            );
+            check(
+                vhu_frontend_init(p.fe.at(), vhu_frontend_size(), &fcfg),
+                "frontend init",
+            );
+        }
+        p
+    }
+
+    fn mem(&self) -> vhu_mem {
+        vhu_mem {
+            regions: self.table.as_ptr(),
+            count: self.table.len(),
+            ops: ptr::null(),
+        }
+    }
+
+    fn apply(&mut self, i: usize) {
+        let mut a = core::mem::MaybeUninit::<vhu_action>::uninit();
+        // SAFETY: live session and out-value.
+        check(
+            unsafe { vhu_backend_action(self.be.at(), i, a.as_mut_ptr()) },
+            "action",
+        );
+        // SAFETY: written by the successful call.
+        let a = unsafe { a.assume_init() };
+        match a.kind {
+            vhu_action_kind::VHU_ACTION_UNMAP_ALL => {
+                for e in self.table.iter_mut() {
+                    e.size = 0;
+                    e.host = ptr::null_mut();
+                }
+            }
+            vhu_action_kind::VHU_ACTION_MAP_REGION => {
+                // The "fd" is the guest buffer itself.
+                let host = self.guest.as_mut_ptr().cast::<u8>();
+                self.table[usize::from(a.slot)] = vhu_region {
+                    gpa: a.region.guest_addr,
+                    size: a.region.size,
+                    host: host.wrapping_add(a.region.mmap_offset as usize),
+                };
+            }
+            vhu_action_kind::VHU_ACTION_START_RING => {
+                let mem = self.mem();
+                // SAFETY: live session, table and storage.
+                let r = unsafe {
+                    vhu_backend_start_ring(
+                        self.be.at(),
+                        a.queue,
+                        &mem,
+                        ptr::null(),
+                        false,
+                        self.dp.at(),
+                        vhu_dataplane_size(QSIZE),
+                    )
+                };
+                check(r, "start ring");
+                self.running = true;
+            }
+            vhu_action_kind::VHU_ACTION_SET_ENABLED => {
+                // SAFETY: live data plane.
+                check(
+                    unsafe { vhu_dataplane_set_enabled(self.dp.at(), a.flag) },
+                    "enable",
+                );
+            }
+            _ => {}
+        }
+    }
+
+    /// Stops the running ring; its base.
+    fn stop_ring(&mut self) -> u32 {
+        let mem = self.mem();
+        let mut stopped = false;
+        let mut base = 0u32;
+        // SAFETY: live data plane, table and out-values.
+        let r = unsafe {
+            vhu_dataplane_stop(
+                self.dp.at(),
+                &mem,
+                ptr::null(),
+                false,
+                &mut stopped,
+                &mut base,
+                ptr::null_mut(),
+            )
+        };
+        check(r, "stop");
+        assert!(stopped);
+        self.running = false;
+        base
+    }
+
+    /// Runs the front-end against the back-end until neither has work;
+    /// `pending` answers a pending reply into the reply buffer and gives
+    /// its length.
+    fn pump(&mut self, pending: &mut dyn FnMut(&mut Pair, u16, &mut [u8]) -> usize) {
+        let mut buf = [0u8; VHU_FRONTEND_MAX_TRANSMIT as usize];
+        let mut reply = vec![0u8; VHU_MAX_MESSAGE as usize];
+        loop {
+            let mut tx = core::mem::MaybeUninit::<vhu_transmit>::uninit();
+            // SAFETY: live engine and buffers.
+            let r = unsafe {
+                vhu_frontend_poll_transmit(
+                    self.fe.at(),
+                    buf.as_mut_ptr(),
+                    buf.len(),
+                    tx.as_mut_ptr(),
+                )
+            };
+            check(r, "transmit");
+            // SAFETY: written by the call.
+            let tx = unsafe { tx.assume_init() };
+            loop {
+                let mut ev = core::mem::MaybeUninit::<vhu_event>::uninit();
+                // SAFETY: live engine and out-value.
+                check(
+                    unsafe { vhu_frontend_poll_event(self.fe.at(), ev.as_mut_ptr()) },
+                    "event",
+                );
+                // SAFETY: written by the call.
+                if unsafe { ev.assume_init() }.kind == vhu_event_kind::VHU_EVENT_NONE {
+                    break;
+                }
+            }
+            if tx.len == 0 {
+                return;
+            }
+            let mem = self.mem();
+            let mut out = core::mem::MaybeUninit::<vhu_outcome>::uninit();
+            // SAFETY: live session, buffers and table.
+            let r = unsafe {
+                vhu_backend_handle(
+                    self.be.at(),
+                    buf.as_ptr(),
+                    tx.len,
+                    tx.nfds as usize,
+                    &mem,
+                    ptr::null(),
+                    reply.as_mut_ptr(),
+                    reply.len(),
+                    out.as_mut_ptr(),
+                )
+            };
+            check(r, "handle");
+            // SAFETY: written by the successful call.
+            let out = unsafe { out.assume_init() };
+            assert_eq!(out.refused, VHU_OK);
+            for i in 0..out.actions as usize {
+                self.apply(i);
+            }
+            let n = match out.reply {
+                vhu_reply_kind::VHU_REPLY_NONE => continue,
+                vhu_reply_kind::VHU_REPLY_READY => out.reply_len,
+                vhu_reply_kind::VHU_REPLY_PENDING => pending(self, out.queue, &mut reply),
+            };
+            // SAFETY: live engine; the reply is `n` bytes of `reply`.
+            check(
+                unsafe { vhu_frontend_handle_reply(self.fe.at(), reply.as_ptr(), n, 0) },
+                "reply",
+            );
+        }
+    }
+
+    fn state(&mut self) -> vhu_frontend_state {
+        let mut s = vhu_frontend_state::VHU_FRONTEND_FAILED;
+        // SAFETY: live engine and out-value.
+        check(
+            unsafe { vhu_frontend_get_state(self.fe.at(), &mut s, ptr::null_mut()) },
+            "state",
+        );
+        s
+    }
+}
+
+fn no_pending(_: &mut Pair, _: u16, _: &mut [u8]) -> usize {
+    panic!("no reply is pending before a stop")
+}
+
+/// A running ring, the handshake and the start done.
+fn started() -> Pair {
+    let mut p = Pair::new();
+    p.pump(&mut no_pending);
+    assert_eq!(p.state(), vhu_frontend_state::VHU_FRONTEND_READY);
+    // SAFETY: live engine.
+    check(unsafe { vhu_frontend_start(p.fe.at()) }, "start");
+    p.pump(&mut no_pending);
+    assert_eq!(p.state(), vhu_frontend_state::VHU_FRONTEND_STARTED);
+    assert!(p.running);
+    p
+}
+
+#[test]
+fn a_start_and_a_stop_through_the_abi() {
+    let mut p = started();
+    // SAFETY: live engine.
+    check(unsafe { vhu_frontend_stop(p.fe.at()) }, "stop");
+    p.pump(&mut |p, queue, reply| {
+        let base = p.stop_ring();
+        let mut n = 0usize;
+        // SAFETY: live session, buffer and out-value.
+        let r = unsafe {
+            vhu_backend_finish_stop(
+                p.be.at(),
+                queue,
+                base,
+                reply.as_mut_ptr(),
+                reply.len(),
+                &mut n,
+            )
+        };
+        check(r, "finish stop");
+        n
+    });
+    assert_eq!(p.state(), vhu_frontend_state::VHU_FRONTEND_STOPPED);
+}
+
+/// A reply buffer too short for the GET_VRING_BASE reply is
+/// `VHU_ERR_SHORT_BUFFER`, and the reply stays pending: the same call with
+/// room for it gives the reply, which the front-end waits for.
+#[test]
+fn finish_stop_into_a_short_buffer_can_be_retried() {
+    let mut p = started();
+    // SAFETY: live engine.
+    check(unsafe { vhu_frontend_stop(p.fe.at()) }, "stop");
+    p.pump(&mut |p, queue, reply| {
+        let base = p.stop_ring();
+        let mut n = 99usize;
+        // SAFETY: live session; the buffer holds 8 bytes; live out-value.
+        let r = unsafe {
+            vhu_backend_finish_stop(p.be.at(), queue, base, reply.as_mut_ptr(), 8, &mut n)
+        };
+        assert_eq!(r, VHU_ERR_SHORT_BUFFER);
+        assert_eq!(n, 0);
+        // SAFETY: as above, with the whole buffer.
+        let r = unsafe {
+            vhu_backend_finish_stop(
+                p.be.at(),
+                queue,
+                base,
+                reply.as_mut_ptr(),
+                reply.len(),
+                &mut n,
+            )
+        };
+        check(r, "finish stop again");
+        n
+    });
+    assert_eq!(p.state(), vhu_frontend_state::VHU_FRONTEND_STOPPED);
+}
