@@ -549,6 +549,11 @@ pub unsafe extern "C" fn vhu_backend_handle(
         unsafe { state::put(out, outcome) }?;
         // SAFETY: the caller's contract.
         let b = unsafe { state::get::<Backend, _>(be) }?;
+        // The actions of the message before are gone whatever happens
+        // next: a message refused here, before the session sees it, must
+        // leave none for `vhu_backend_action` (its fd indices would name
+        // this message's fds).
+        b.outcome = Outcome::default();
         // SAFETY: the caller's contract.
         let msg = unsafe { state::slice(msg, len) }?;
         // SAFETY: the caller's contract.

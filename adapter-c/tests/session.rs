@@ -350,3 +350,77 @@ fn finish_stop_into_a_short_buffer_can_be_retried() {
     });
     assert_eq!(p.state(), vhu_frontend_state::VHU_FRONTEND_STOPPED);
 }
+
+/// A message refused before the session saw it (here: shorter than a
+/// header) leaves no action of the message before it to be read: index 0
+/// is past the last action, as `out->actions` (0) says.
+#[test]
+fn a_refused_message_leaves_no_actions_of_the_one_before() {
+    let mut p = Pair::new();
+    let mut buf = [0u8; VHU_FRONTEND_MAX_TRANSMIT as usize];
+    let mut reply = vec![0u8; VHU_MAX_MESSAGE as usize];
+    let mem = p.mem();
+    // Through the handshake and into the start, to the first message
+    // with an action (the memory table's UNMAP_ALL and MAP_REGION).
+    let mut actions = 0;
+    while actions == 0 {
+        let mut tx = core::mem::MaybeUninit::<vhu_transmit>::uninit();
+        let mut out = core::mem::MaybeUninit::<vhu_outcome>::uninit();
+        // SAFETY: live engine, session, buffers and out-values.
+        unsafe {
+            check(
+                vhu_frontend_poll_transmit(p.fe.at(), buf.as_mut_ptr(), buf.len(), tx.as_mut_ptr()),
+                "transmit",
+            );
+            let tx = tx.assume_init();
+            if tx.len == 0 {
+                // The handshake is done: the start sends the memory table.
+                check(vhu_frontend_start(p.fe.at()), "start");
+                continue;
+            }
+            let r = vhu_backend_handle(
+                p.be.at(),
+                buf.as_ptr(),
+                tx.len,
+                tx.nfds as usize,
+                &mem,
+                ptr::null(),
+                reply.as_mut_ptr(),
+                reply.len(),
+                out.as_mut_ptr(),
+            );
+            check(r, "handle");
+            let out = out.assume_init();
+            actions = out.actions;
+            if out.reply == vhu_reply_kind::VHU_REPLY_READY {
+                check(
+                    vhu_frontend_handle_reply(p.fe.at(), reply.as_ptr(), out.reply_len, 0),
+                    "reply",
+                );
+            }
+        }
+    }
+    let mut a = core::mem::MaybeUninit::<vhu_action>::uninit();
+    let mut out = core::mem::MaybeUninit::<vhu_outcome>::uninit();
+    // SAFETY: live session, buffers and out-values.
+    unsafe {
+        check(vhu_backend_action(p.be.at(), 0, a.as_mut_ptr()), "action 0");
+        let r = vhu_backend_handle(
+            p.be.at(),
+            buf.as_ptr(),
+            5,
+            0,
+            &mem,
+            ptr::null(),
+            reply.as_mut_ptr(),
+            reply.len(),
+            out.as_mut_ptr(),
+        );
+        assert_eq!(r, VHU_ERR_SHORT_BUFFER);
+        assert_eq!(out.assume_init().actions, 0);
+        assert_eq!(
+            vhu_backend_action(p.be.at(), 0, a.as_mut_ptr()),
+            VHU_ERR_INVALID
+        );
+    }
+}
