@@ -1303,7 +1303,9 @@ vhu_result vhu_message_size(const uint8_t *header, size_t len, size_t *total);
  * An error means the message was refused and the connection must end
  * (`VHU_ERR_WIRE` for a malformed message); a request refused with a
  * failed REPLY_ACK is not an error (`out->refused` says why). On error
- * `out` holds no reply and no action.
+ * `out` holds no reply and no action. `VHU_ERR_INVALID` if `msg` and
+ * `reply` overlap (the message is read while the reply is written: give
+ * the reply its own buffer).
  *
  * # Safety
  *

@@ -516,7 +516,9 @@ pub unsafe extern "C" fn vhu_message_size(
 /// An error means the message was refused and the connection must end
 /// (`VHU_ERR_WIRE` for a malformed message); a request refused with a
 /// failed REPLY_ACK is not an error (`out->refused` says why). On error
-/// `out` holds no reply and no action.
+/// `out` holds no reply and no action. `VHU_ERR_INVALID` if `msg` and
+/// `reply` overlap (the message is read while the reply is written: give
+/// the reply its own buffer).
 ///
 /// # Safety
 ///
@@ -560,7 +562,14 @@ pub unsafe extern "C" fn vhu_backend_handle(
         let mem = unsafe { Mem::from_raw(mem) }?;
         // SAFETY: the caller's contract.
         let mut device = unsafe { CDevice::from_raw(device) }?;
-        // SAFETY: the caller's contract.
+        // The session reads the message while it writes the reply: a
+        // `&mut` over bytes that `msg` also covers would break Rust's
+        // aliasing rules (the compiler may assume the message does not
+        // change while the reply is written).
+        if state::overlap(msg.as_ptr(), msg.len(), reply, reply_cap) {
+            return Err(VHU_ERR_INVALID);
+        }
+        // SAFETY: the caller's contract; disjoint from `msg` (checked).
         let reply = unsafe { state::bytes_mut(reply, reply_cap) }?;
         if msg.len() < HEADER_SIZE {
             return Err(VHU_ERR_SHORT_BUFFER);

@@ -142,6 +142,14 @@ pub(crate) unsafe fn bytes_mut<'a>(p: *mut u8, len: usize) -> Result<&'a mut [u8
     Ok(unsafe { core::slice::from_raw_parts_mut(p, len) })
 }
 
+/// Whether the caller's byte ranges `[a, a + a_len)` and `[b, b + b_len)`
+/// share a byte (an empty range shares none). Compared as addresses: no
+/// pointer is formed or dereferenced.
+pub(crate) fn overlap(a: *const u8, a_len: usize, b: *const u8, b_len: usize) -> bool {
+    let (a, b) = (a as usize, b as usize);
+    a_len != 0 && b_len != 0 && a < b.saturating_add(b_len) && b < a.saturating_add(a_len)
+}
+
 /// Writes `v` through the output pointer `p`.
 ///
 /// # Safety

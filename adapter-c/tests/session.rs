@@ -424,3 +424,56 @@ fn a_refused_message_leaves_no_actions_of_the_one_before() {
         );
     }
 }
+
+/// One buffer for the message and its reply (a firmware with a single
+/// message buffer) would be read as the message while the reply is
+/// written into it: refused with `VHU_ERR_INVALID` before the session sees
+/// the message, whether the buffers are the same or only overlap.
+#[test]
+fn a_reply_buffer_that_overlaps_the_message_is_refused() {
+    let mut p = Pair::new();
+    let mem = p.mem();
+    // GET_FEATURES: request 1, version 1, no payload.
+    let get_features = [1u8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0];
+    let mut buf = vec![0u8; 2 * VHU_MAX_MESSAGE as usize];
+    let mut out = core::mem::MaybeUninit::<vhu_outcome>::uninit();
+    for (at, reply_at) in [(0, 0), (0, 11), (100, 0)] {
+        buf[at..at + 12].copy_from_slice(&get_features);
+        let base = buf.as_mut_ptr();
+        // SAFETY: live session and table; both ranges lie inside `buf`.
+        let r = unsafe {
+            vhu_backend_handle(
+                p.be.at(),
+                base.add(at),
+                12,
+                0,
+                &mem,
+                ptr::null(),
+                base.add(reply_at),
+                VHU_MAX_MESSAGE as usize,
+                out.as_mut_ptr(),
+            )
+        };
+        assert_eq!(r, VHU_ERR_INVALID, "message at {at}, reply at {reply_at}");
+    }
+    // Adjacent buffers do not overlap: served.
+    buf[..12].copy_from_slice(&get_features);
+    let base = buf.as_mut_ptr();
+    // SAFETY: as above.
+    let r = unsafe {
+        vhu_backend_handle(
+            p.be.at(),
+            base,
+            12,
+            0,
+            &mem,
+            ptr::null(),
+            base.add(12),
+            VHU_MAX_MESSAGE as usize,
+            out.as_mut_ptr(),
+        )
+    };
+    check(r, "adjacent buffers");
+    // SAFETY: written by the successful call.
+    assert_eq!(unsafe { out.assume_init() }.reply_len, 20);
+}
