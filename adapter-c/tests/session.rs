@@ -109,6 +109,63 @@ impl Pair {
         p
     }
 
+    /// `vhu_backend_handle` of the first `len` bytes of `msg` (`nfds` fds
+    /// with it) into `reply`: its result, and its outcome where it
+    /// succeeded or wrote one.
+    fn handle(
+        &mut self,
+        msg: &[u8],
+        len: usize,
+        nfds: usize,
+        mem: &vhu_mem,
+        reply: &mut [u8],
+    ) -> (vhu_result, vhu_outcome) {
+        assert!(len <= msg.len());
+        // Values no call writes, so that one the call leaves shows.
+        let mut out = vhu_outcome {
+            reply: vhu_reply_kind::VHU_REPLY_NONE,
+            reply_len: usize::MAX,
+            queue: u16::MAX,
+            actions: u32::MAX,
+            refused: VHU_OK,
+        };
+        // SAFETY: live session; `len` bytes of `msg`, the table and
+        // `reply` are valid for the call.
+        let r = unsafe {
+            vhu_backend_handle(
+                self.be.at(),
+                msg.as_ptr(),
+                len,
+                nfds,
+                mem,
+                ptr::null(),
+                reply.as_mut_ptr(),
+                reply.len(),
+                &mut out,
+            )
+        };
+        (r, out)
+    }
+
+    /// `vhu_backend_finish_stop` of ring `queue` at `base`, its reply into
+    /// the first `cap` bytes of `reply`: the result and the length given.
+    fn finish_stop(
+        &mut self,
+        queue: u16,
+        base: u32,
+        reply: &mut [u8],
+        cap: usize,
+    ) -> (vhu_result, usize) {
+        assert!(cap <= reply.len());
+        let mut n = 99usize;
+        // SAFETY: live session; `cap` writable bytes at `reply`; live
+        // out-value.
+        let r = unsafe {
+            vhu_backend_finish_stop(self.be.at(), queue, base, reply.as_mut_ptr(), cap, &mut n)
+        };
+        (r, n)
+    }
+
     fn mem(&self) -> vhu_mem {
         vhu_mem {
             regions: self.table.as_ptr(),
@@ -229,24 +286,8 @@ impl Pair {
                 return;
             }
             let mem = self.mem();
-            let mut out = core::mem::MaybeUninit::<vhu_outcome>::uninit();
-            // SAFETY: live session, buffers and table.
-            let r = unsafe {
-                vhu_backend_handle(
-                    self.be.at(),
-                    buf.as_ptr(),
-                    tx.len,
-                    tx.nfds as usize,
-                    &mem,
-                    ptr::null(),
-                    reply.as_mut_ptr(),
-                    reply.len(),
-                    out.as_mut_ptr(),
-                )
-            };
+            let (r, out) = self.handle(&buf, tx.len, tx.nfds as usize, &mem, &mut reply);
             check(r, "handle");
-            // SAFETY: written by the successful call.
-            let out = unsafe { out.assume_init() };
             assert_eq!(out.refused, VHU_OK);
             for i in 0..out.actions as usize {
                 self.apply(i);
@@ -299,18 +340,7 @@ fn a_start_and_a_stop_through_the_abi() {
     check(unsafe { vhu_frontend_stop(p.fe.at()) }, "stop");
     p.pump(&mut |p, queue, reply| {
         let base = p.stop_ring();
-        let mut n = 0usize;
-        // SAFETY: live session, buffer and out-value.
-        let r = unsafe {
-            vhu_backend_finish_stop(
-                p.be.at(),
-                queue,
-                base,
-                reply.as_mut_ptr(),
-                reply.len(),
-                &mut n,
-            )
-        };
+        let (r, n) = p.finish_stop(queue, base, reply, reply.len());
         check(r, "finish stop");
         n
     });
@@ -327,24 +357,10 @@ fn finish_stop_into_a_short_buffer_can_be_retried() {
     check(unsafe { vhu_frontend_stop(p.fe.at()) }, "stop");
     p.pump(&mut |p, queue, reply| {
         let base = p.stop_ring();
-        let mut n = 99usize;
-        // SAFETY: live session; the buffer holds 8 bytes; live out-value.
-        let r = unsafe {
-            vhu_backend_finish_stop(p.be.at(), queue, base, reply.as_mut_ptr(), 8, &mut n)
-        };
+        let (r, n) = p.finish_stop(queue, base, reply, 8);
         assert_eq!(r, VHU_ERR_SHORT_BUFFER);
         assert_eq!(n, 0);
-        // SAFETY: as above, with the whole buffer.
-        let r = unsafe {
-            vhu_backend_finish_stop(
-                p.be.at(),
-                queue,
-                base,
-                reply.as_mut_ptr(),
-                reply.len(),
-                &mut n,
-            )
-        };
+        let (r, n) = p.finish_stop(queue, base, reply, reply.len());
         check(r, "finish stop again");
         n
     });
@@ -365,33 +381,25 @@ fn a_refused_message_leaves_no_actions_of_the_one_before() {
     let mut actions = 0;
     while actions == 0 {
         let mut tx = core::mem::MaybeUninit::<vhu_transmit>::uninit();
-        let mut out = core::mem::MaybeUninit::<vhu_outcome>::uninit();
-        // SAFETY: live engine, session, buffers and out-values.
-        unsafe {
+        // SAFETY: live engine, buffer and out-value.
+        let tx = unsafe {
             check(
                 vhu_frontend_poll_transmit(p.fe.at(), buf.as_mut_ptr(), buf.len(), tx.as_mut_ptr()),
                 "transmit",
             );
-            let tx = tx.assume_init();
-            if tx.len == 0 {
-                // The handshake is done: the start sends the memory table.
-                check(vhu_frontend_start(p.fe.at()), "start");
-                continue;
-            }
-            let r = vhu_backend_handle(
-                p.be.at(),
-                buf.as_ptr(),
-                tx.len,
-                tx.nfds as usize,
-                &mem,
-                ptr::null(),
-                reply.as_mut_ptr(),
-                reply.len(),
-                out.as_mut_ptr(),
-            );
-            check(r, "handle");
-            let out = out.assume_init();
-            actions = out.actions;
+            tx.assume_init()
+        };
+        if tx.len == 0 {
+            // The handshake is done: the start sends the memory table.
+            // SAFETY: live engine.
+            check(unsafe { vhu_frontend_start(p.fe.at()) }, "start");
+            continue;
+        }
+        let (r, out) = p.handle(&buf, tx.len, tx.nfds as usize, &mem, &mut reply);
+        check(r, "handle");
+        actions = out.actions;
+        // SAFETY: live engine; the reply is `reply_len` bytes of `reply`.
+        unsafe {
             if out.reply == vhu_reply_kind::VHU_REPLY_READY {
                 check(
                     vhu_frontend_handle_reply(p.fe.at(), reply.as_ptr(), out.reply_len, 0),
@@ -401,28 +409,15 @@ fn a_refused_message_leaves_no_actions_of_the_one_before() {
         }
     }
     let mut a = core::mem::MaybeUninit::<vhu_action>::uninit();
-    let mut out = core::mem::MaybeUninit::<vhu_outcome>::uninit();
-    // SAFETY: live session, buffers and out-values.
-    unsafe {
-        check(vhu_backend_action(p.be.at(), 0, a.as_mut_ptr()), "action 0");
-        let r = vhu_backend_handle(
-            p.be.at(),
-            buf.as_ptr(),
-            5,
-            0,
-            &mem,
-            ptr::null(),
-            reply.as_mut_ptr(),
-            reply.len(),
-            out.as_mut_ptr(),
-        );
-        assert_eq!(r, VHU_ERR_SHORT_BUFFER);
-        assert_eq!(out.assume_init().actions, 0);
-        assert_eq!(
-            vhu_backend_action(p.be.at(), 0, a.as_mut_ptr()),
-            VHU_ERR_INVALID
-        );
-    }
+    // SAFETY: live session and out-value.
+    let r = unsafe { vhu_backend_action(p.be.at(), 0, a.as_mut_ptr()) };
+    check(r, "action 0");
+    let (r, out) = p.handle(&buf, 5, 0, &mem, &mut reply);
+    assert_eq!(r, VHU_ERR_SHORT_BUFFER);
+    assert_eq!(out.actions, 0);
+    // SAFETY: live session and out-value.
+    let r = unsafe { vhu_backend_action(p.be.at(), 0, a.as_mut_ptr()) };
+    assert_eq!(r, VHU_ERR_INVALID);
 }
 
 /// One buffer for the message and its reply (a firmware with a single

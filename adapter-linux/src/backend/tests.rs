@@ -96,6 +96,17 @@ fn send(s: &Stream, req: &Request<'_>, fds: &[std::os::fd::BorrowedFd<'_>]) {
 
 /// Guest RAM with ring 0 laid out at DESC/AVAIL/USED and one readable
 /// request of 16 bytes made available.
+/// VERSION_1 and PROTOCOL_FEATURES, then `protocol`, then SET_OWNER.
+fn negotiate(s: &Stream, protocol: P) {
+    send(
+        s,
+        &Request::SetFeatures((V::VERSION_1 | V::PROTOCOL_FEATURES).bits()),
+        &[],
+    );
+    send(s, &Request::SetProtocolFeatures(protocol.bits()), &[]);
+    send(s, &Request::SetOwner, &[]);
+}
+
 fn guest_ram_with_a_request() -> (std::os::fd::OwnedFd, MemRegionMsg) {
     let fd = memfd::create("guest", RAM).unwrap();
     let f = std::fs::File::from(fd.try_clone().unwrap());
@@ -222,17 +233,7 @@ fn a_front_end_that_never_reads_the_back_end_channel_does_not_hold_its_senders()
     };
     let control = Control::new();
     let (s, ended) = runtime_with(P::BACKEND_REQ | P::CONFIG, options, control.clone());
-    send(
-        &s,
-        &Request::SetFeatures((V::VERSION_1 | V::PROTOCOL_FEATURES).bits()),
-        &[],
-    );
-    send(
-        &s,
-        &Request::SetProtocolFeatures((P::BACKEND_REQ | P::CONFIG).bits()),
-        &[],
-    );
-    send(&s, &Request::SetOwner, &[]);
+    negotiate(&s, P::BACKEND_REQ | P::CONFIG);
     // The front-end keeps its end of the channel open and never reads it.
     let (unread, theirs) = Stream::pair().unwrap();
     send(&s, &Request::SetBackendReqFd, &[theirs.as_fd()]);
@@ -288,17 +289,7 @@ fn reader_gone(w: &std::os::fd::OwnedFd) -> bool {
 #[test]
 fn a_device_state_transfer_the_session_dropped_lets_go_of_its_fd() {
     let (s, ended) = runtime(P::DEVICE_STATE | P::RESET_DEVICE);
-    send(
-        &s,
-        &Request::SetFeatures((V::VERSION_1 | V::PROTOCOL_FEATURES).bits()),
-        &[],
-    );
-    send(
-        &s,
-        &Request::SetProtocolFeatures((P::DEVICE_STATE | P::RESET_DEVICE).bits()),
-        &[],
-    );
-    send(&s, &Request::SetOwner, &[]);
+    negotiate(&s, P::DEVICE_STATE | P::RESET_DEVICE);
     let mut buf = Box::new([0u8; MAX_MESSAGE]);
     let load = vhost_user_core::message::DeviceStateDirection::Load;
     // A load whose pipe the front-end never closes, dropped by
