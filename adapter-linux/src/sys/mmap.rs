@@ -85,19 +85,36 @@ impl fmt::Debug for MmapRegion {
 }
 
 /// The size of the file behind `fd` if it is a regular file (memfd,
-/// tmpfs, hugetlbfs), `None` for other kinds.
+/// tmpfs, hugetlbfs) or a block device, `None` for other kinds (a
+/// character device such as a DAX one has no size to read).
 pub fn file_size(fd: BorrowedFd<'_>) -> io::Result<Option<u64>> {
+    use std::os::unix::fs::FileTypeExt;
     // SAFETY: the File is never dropped (ManuallyDrop), so `fd` stays owned
-    // by the caller; it is only used for fstat during this call.
+    // by the caller; it is only used for fstat (and the ioctl below, on
+    // the fd itself) during this call.
     let file = ManuallyDrop::new(unsafe { File::from_raw_fd(fd.as_raw_fd()) });
     let meta = file.metadata()?;
+    if meta.file_type().is_block_device() {
+        // fstat gives a block device's size as 0: ask the device.
+        let mut size: u64 = 0;
+        // SAFETY: BLKGETSIZE64 stores one u64 through the pointer, which
+        // points at `size`; `fd` is open for the call.
+        cvt(unsafe { libc::ioctl(fd.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) })?;
+        return Ok(Some(size));
+    }
     Ok(meta.file_type().is_file().then_some(meta.len()))
 }
 
+/// `_IOR(0x12, 114, size_t)`: a block device's size in bytes, as a u64
+/// whatever the width of `size_t` in the request's code (the kernel's
+/// uapi value; the libc crate does not carry it).
+const BLKGETSIZE64: libc::c_ulong =
+    0x8000_1272 | (std::mem::size_of::<usize>() as libc::c_ulong) << 16;
+
 impl MmapRegion {
     /// Maps `len` bytes of `fd` from byte `offset`, shared. A regular file
-    /// must be at least `offset + len` bytes long (a shorter one would
-    /// raise SIGBUS on access); `len` must not be 0.
+    /// or a block device must be at least `offset + len` bytes long (a
+    /// shorter one would raise SIGBUS on access); `len` must not be 0.
     pub fn map(
         fd: BorrowedFd<'_>,
         offset: u64,
@@ -479,6 +496,48 @@ fn copy_small(src: *const u8, dst: &mut [u8]) {
 mod tests {
     use super::*;
     use std::os::fd::AsFd;
+
+    /// A block device given as guest memory is held to its size like a
+    /// file (a mapping past its end would raise SIGBUS on access). Needs
+    /// a loop device (root, `losetup`): skipped where none can be made.
+    #[test]
+    fn a_block_device_is_held_to_its_size() {
+        let dir = std::env::temp_dir().join(format!("vhu-blkdev-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let attached = std::process::Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(&img)
+            .output();
+        let dev = match attached {
+            Ok(o) if o.status.success() => String::from_utf8(o.stdout).unwrap().trim().to_string(),
+            _ => {
+                eprintln!("no loop device here: skipped");
+                let _ = std::fs::remove_dir_all(&dir);
+                return;
+            }
+        };
+        let checked = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&dev)
+            .map(|f| {
+                let size = file_size(f.as_fd());
+                let past = MmapRegion::map(f.as_fd(), 0, 2 << 20, Access::ReadWrite).map(drop);
+                let tail = MmapRegion::map(f.as_fd(), 1 << 20, 4096, Access::Read).map(drop);
+                let all = MmapRegion::map(f.as_fd(), 0, 1 << 20, Access::ReadWrite).map(drop);
+                (size.unwrap(), past.is_err(), tail.is_err(), all.is_ok())
+            });
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &dev])
+            .status();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(checked.unwrap(), (Some(1 << 20), true, true, true));
+    }
 
     #[test]
     fn honours_an_unaligned_offset_and_bounds() {
