@@ -108,9 +108,7 @@ impl Aio {
             Aio::Uring(u, _) => match u.push(tag, request) {
                 // Its submit, to make room, broke the ring.
                 Err((request, e)) if u.is_broken() => {
-                    if let Err(e) = self.take_over(&e) {
-                        return Err((request, e));
-                    }
+                    self.take_over(&e);
                     match self {
                         Aio::Threads(p) => {
                             p.push(tag, request);
@@ -131,11 +129,12 @@ impl Aio {
 
     /// An io_uring that broke (`e`) hands over to a thread pool on the
     /// same completion eventfd: the requests the kernel never took go to
-    /// the pool, and so does everything after. Fails (the ring stays
-    /// broken, its requests failed) where the pool cannot be made.
-    fn take_over(&mut self, e: &io::Error) -> io::Result<()> {
+    /// the pool, and so does everything after. Where the pool cannot be
+    /// made, the ring stays: its requests end with its error, later ones
+    /// are refused.
+    fn take_over(&mut self, e: &io::Error) {
         let Aio::Uring(u, fallback) = self else {
-            return Ok(());
+            return;
         };
         let pool = u.completion_fd().try_clone_to_owned().and_then(|event| {
             let file = fallback.file.try_clone()?;
@@ -145,7 +144,7 @@ impl Aio {
             Ok(p) => p,
             Err(pe) => {
                 error!("io_uring failed ({e}) and no thread pool can take over ({pe})");
-                return Ok(());
+                return;
             }
         };
         warn!(
@@ -155,13 +154,12 @@ impl Aio {
         for (tag, request) in u.take_failed() {
             pool.push(tag, request);
         }
-        let submitted = pool.submit();
+        pool.submit();
         if let Aio::Uring(ring, _) = std::mem::replace(self, Aio::Threads(pool)) {
             if let Aio::Threads(pool) = self {
                 pool.predecessor = Some(ring);
             }
         }
-        submitted
     }
 
     /// Starts what [`Aio::push`] queued. Where `io_uring_enter` fails
@@ -169,13 +167,16 @@ impl Aio {
     /// push that makes room, a thread pool takes over, logged: it carries
     /// out the requests the ring did not take and every later one, on the
     /// same completion fd; those the kernel took complete through the
-    /// ring.
-    pub fn submit(&mut self) -> io::Result<()> {
+    /// ring. Nothing to report to the caller: a request that cannot be
+    /// carried out ends with its error at [`Aio::reap`].
+    pub fn submit(&mut self) {
         match self {
-            Aio::Uring(u, _) => match u.submit() {
-                Err(e) if u.is_broken() => self.take_over(&e),
-                r => r,
-            },
+            Aio::Uring(u, _) => {
+                // Only a ring that breaks fails its submit.
+                if let Err(e) = u.submit() {
+                    self.take_over(&e);
+                }
+            }
             Aio::Threads(p) => p.submit(),
         }
     }
@@ -523,9 +524,9 @@ impl ThreadPool {
         self.in_flight += 1;
     }
 
-    fn submit(&mut self) -> io::Result<()> {
+    fn submit(&mut self) {
         if self.queued.is_empty() {
-            return Ok(());
+            return;
         }
         {
             // Each job to the queue if a thread that is transferring will
@@ -606,7 +607,6 @@ impl ThreadPool {
                 }
             }
         }
-        Ok(())
     }
 
     fn reap(&mut self, mut done: impl FnMut(Done)) {
@@ -741,7 +741,7 @@ impl Drop for ThreadPool {
         // Submitted requests are done before the pool goes (their buffers
         // are guest memory the caller is about to release); with no
         // thread to run them, submit runs them.
-        let _ = self.submit();
+        self.submit();
         let mut q = lock(&self.shared.queue);
         q.stop = true;
         // Parked threads leave (a thread handed a job does it first).
@@ -810,7 +810,7 @@ mod tests {
 
     fn wait_all(aio: &mut Aio, n: usize) -> Vec<(u64, usize)> {
         let mut got = Vec::new();
-        aio.submit().unwrap();
+        aio.submit();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while got.len() < n {
             assert!(std::time::Instant::now() < deadline, "completions lost");
@@ -893,7 +893,7 @@ mod tests {
             assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
         } else {
             aio.push(1, IoRequest::Read { offset: 0, bufs }).unwrap();
-            aio.submit().unwrap();
+            aio.submit();
             let mut errs = 0;
             while errs == 0 {
                 aio.reap(|_, r, _| errs += usize::from(r.is_err()));
@@ -954,7 +954,7 @@ mod tests {
                 unreachable!()
             };
             u.refuse_enter = Some(errno);
-            aio.submit().unwrap();
+            aio.submit();
             // Signalled (and reset by the read).
             let signalled = crate::sys::eventfd::EventFd::read_fd(aio.completion_fd());
             assert!(
@@ -1017,7 +1017,7 @@ mod tests {
             loop {
                 // As a worker does: reset the fd, submit, reap, sleep on it.
                 let _ = EventFd::read_fd(aio.completion_fd());
-                aio.submit().unwrap();
+                aio.submit();
                 aio.reap(|tag, r, _| {
                     assert_eq!(r.unwrap(), 4096, "errno {errno}: tag {tag}");
                     got.push(tag);
@@ -1212,18 +1212,18 @@ mod tests {
         let fd = aio.completion_fd().as_raw_fd();
         let read = |block: u64| read_4k(&mem, block * 4096, block * 4096);
         aio.push(1, read(1)).unwrap();
-        aio.submit().unwrap();
+        aio.submit();
         aio.push(2, read(2)).unwrap();
         aio.push(3, read(3)).unwrap();
         let Aio::Uring(u, _) = &mut aio else {
             unreachable!()
         };
         u.refuse_enter = Some(libc::EINVAL);
-        aio.submit().unwrap();
+        aio.submit();
         assert_eq!(aio.name(), "threads");
         assert_eq!(aio.completion_fd().as_raw_fd(), fd);
         aio.push(4, read(4)).unwrap();
-        aio.submit().unwrap();
+        aio.submit();
         let mut got = Vec::new();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while got.len() < 4 {
@@ -1255,7 +1255,7 @@ mod tests {
         let read = |block: u64| read_4k(&mem, block * 4096, block * 4096);
         // One in the kernel, eight queued, three waiting.
         aio.push(0, read(0)).unwrap();
-        aio.submit().unwrap();
+        aio.submit();
         for block in 1..9 {
             aio.push(block, read(block)).unwrap();
         }
@@ -1284,7 +1284,7 @@ mod tests {
             _ => return,
         };
         aio.push(0, read(20)).unwrap();
-        aio.submit().unwrap();
+        aio.submit();
         for block in 21..29 {
             aio.push(block - 20, read(block)).unwrap();
         }
@@ -1299,7 +1299,7 @@ mod tests {
             unreachable!()
         };
         u.refuse_enter = Some(libc::EINVAL);
-        aio.submit().unwrap();
+        aio.submit();
         assert_eq!(aio.name(), "threads");
         aio.push(12, read(32)).unwrap();
         assert_eq!(aio.in_flight(), 13);
@@ -1308,7 +1308,7 @@ mod tests {
         while got.len() < 13 {
             assert!(std::time::Instant::now() < deadline, "completions lost");
             let _ = EventFd::read_fd(aio.completion_fd());
-            aio.submit().unwrap();
+            aio.submit();
             aio.reap(|tag, r, _| got.push((tag, r.unwrap())));
             if got.len() < 13 {
                 crate::sys::eventfd::poll_readable(aio.completion_fd(), 1000).unwrap();
@@ -1385,7 +1385,7 @@ mod tests {
                 mem.io_bufs(at, len, true, &mut bufs).unwrap();
             }
             aio.push(1, IoRequest::Read { offset: 0, bufs }).unwrap();
-            aio.submit().unwrap();
+            aio.submit();
             let mut got = None;
             while got.is_none() {
                 aio.reap(|tag, r, req| got = Some((tag, r.unwrap(), req)));
@@ -1445,7 +1445,7 @@ mod tests {
                         },
                     );
                 }
-                pool.submit().unwrap();
+                pool.submit();
                 let started = pool.threads();
                 // Nobody idle: a thread for each request but one in three,
                 // up to the cap.
@@ -1504,7 +1504,7 @@ mod tests {
         for block in 0..3 {
             pool.push(block, read_4k(&mem, block * 4096, block * 4096));
         }
-        let _ = pool.submit();
+        pool.submit();
         assert_eq!(pool.threads(), 0);
         (mem, file, pool)
     }
@@ -1577,7 +1577,7 @@ mod tests {
         for block in first..first + n {
             pool.push(block, read_4k(mem, block * 4096, block * 4096));
         }
-        pool.submit().unwrap();
+        pool.submit();
     }
 
     /// Reaps `n` completions (tags), each a whole 4 KiB read or a sync.
@@ -1617,7 +1617,7 @@ mod tests {
         assert_eq!((pool.threads(), pool.waiting()), (3, 1));
         // A flush starts a thread of its own.
         pool.push(100, IoRequest::Sync);
-        pool.submit().unwrap();
+        pool.submit();
         assert_eq!((pool.threads(), pool.waiting()), (4, 1));
         pool.shared.gate.set(false);
         assert_eq!(reap_n(&mut pool, 5), [0, 1, 2, 3, 100]);
@@ -1633,7 +1633,7 @@ mod tests {
         // A flush wakes one, and does not count as a thread at work: the
         // next read wakes the last (two at work, one already waiting).
         pool.push(101, IoRequest::Sync);
-        pool.submit().unwrap();
+        pool.submit();
         assert_eq!((pool.parked(), pool.waiting()), (1, 1));
         reads(&mut pool, &mem, 13, 1);
         assert_eq!((pool.threads(), pool.parked(), pool.waiting()), (4, 0, 1));
@@ -1735,7 +1735,7 @@ mod tests {
                 pool.push(tag, read_4k(&mem, block * 4096, block * 4096));
                 tag += 1;
             }
-            pool.submit().unwrap();
+            pool.submit();
             let threads = pool.threads();
             assert!(threads <= max, "wave {wave}: {threads} threads");
             if wave <= parked {
@@ -1787,7 +1787,7 @@ mod tests {
                 )
                 .unwrap();
             }
-            aio.submit().unwrap();
+            aio.submit();
             drop(aio);
             // Every read finished before the engine went away.
             let mut back = vec![0; 1 << 20];

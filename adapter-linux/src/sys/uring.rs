@@ -185,8 +185,8 @@ pub struct Uring {
     /// Requests that never reached the kernel because the ring broke, in
     /// order: they end with its error at the next [`Uring::reap`].
     failed: Vec<(u64, IoRequest)>,
-    /// The error the next `io_uring_enter` of `submit` fails with instead
-    /// of entering (tests of a busy kernel).
+    /// The error the next `io_uring_enter` of `submit` or of a drop's wait
+    /// fails with instead of entering (tests of a busy or broken kernel).
     #[cfg(test)]
     pub(crate) refuse_enter: Option<i32>,
 }
@@ -420,13 +420,10 @@ impl Uring {
             if self.ring.submission().is_empty() {
                 return Ok(());
             }
-            #[cfg(test)]
-            let submitted = match self.refuse_enter.take() {
-                Some(errno) => Err(io::Error::from_raw_os_error(errno)),
+            let submitted = match self.refused() {
+                Some(e) => Err(e),
                 None => self.ring.submit(),
             };
-            #[cfg(not(test))]
-            let submitted = self.ring.submit();
             match submitted {
                 Ok(n) => {
                     // The kernel takes entries from the head of the queue.
@@ -492,15 +489,9 @@ impl Uring {
             if !self.ring.submission().cq_overflow() {
                 break;
             }
-            // SAFETY: an enter that submits nothing takes no submission
-            // entry (so not the abandoned ones of a broken ring either)
-            // and passes no argument; it only moves the kept completions
-            // into the queue, which is empty now.
-            let flushed = retry(|| unsafe {
-                self.ring
-                    .submitter()
-                    .enter::<libc::sigset_t>(0, 0, IORING_ENTER_GETEVENTS, None)
-            });
+            // It only moves the kept completions into the queue, which is
+            // empty now.
+            let flushed = retry(|| self.get_events(0));
             if let Err(e) = flushed {
                 // A busy kernel: the caller is called back to reap again
                 // (as `submit` does for what it could not submit).
@@ -538,6 +529,29 @@ impl Uring {
             done(tag, result, request);
         }
     }
+
+    /// Enters the ring to collect completions, waiting for `min` of them,
+    /// without submitting: safe on a broken ring too, whose abandoned
+    /// entries must never reach the kernel.
+    fn get_events(&mut self, min: u32) -> io::Result<usize> {
+        // SAFETY: an enter that submits nothing takes no submission entry
+        // (so not the abandoned ones of a broken ring either, whose
+        // buffers are gone) and passes no argument.
+        unsafe {
+            self.ring
+                .submitter()
+                .enter::<libc::sigset_t>(0, min, IORING_ENTER_GETEVENTS, None)
+        }
+    }
+
+    /// The error a test set for the next `io_uring_enter` to fail with
+    /// instead of entering ([`Uring::refuse_enter`]); never outside tests.
+    fn refused(&mut self) -> Option<io::Error> {
+        #[cfg(test)]
+        return self.refuse_enter.take().map(io::Error::from_raw_os_error);
+        #[cfg(not(test))]
+        None
+    }
 }
 
 impl Drop for Uring {
@@ -554,27 +568,11 @@ impl Drop for Uring {
         // with EBUSY).
         let mut busy = 0u32;
         while self.in_flight > 0 {
-            #[cfg(test)]
-            let refused = self.refuse_enter.take().map(io::Error::from_raw_os_error);
-            #[cfg(not(test))]
-            let refused: Option<io::Error> = None;
-            let waited = if let Some(e) = refused {
-                Err(e)
-            } else if self.broken.is_some() {
-                // SAFETY: an enter that submits nothing takes no
-                // submission entry, so not the abandoned ones of a broken
-                // ring (whose buffers are gone); it only waits for a
-                // completion and passes no argument.
-                unsafe {
-                    self.ring.submitter().enter::<libc::sigset_t>(
-                        0,
-                        1,
-                        IORING_ENTER_GETEVENTS,
-                        None,
-                    )
-                }
-            } else {
-                self.ring.submit_and_wait(1)
+            let waited = match self.refused() {
+                Some(e) => Err(e),
+                // Not the abandoned entries of a broken ring.
+                None if self.broken.is_some() => self.get_events(1),
+                None => self.ring.submit_and_wait(1),
             };
             match waited {
                 Ok(_) => {}

@@ -943,9 +943,7 @@ impl<B: BlockBackend + 'static> SharedDevice for BlkService<B> {
         let Some(io) = scratch.io.as_mut() else {
             return;
         };
-        if let Err(e) = io.submit() {
-            log::error!("queue {queue}: cannot submit I/O: {e}");
-        }
+        io.submit();
         let reaped = &mut scratch.reaped;
         reaped.clear();
         io.reap(|tag, result, request| reaped.push((tag, result, request)));
@@ -1075,9 +1073,7 @@ impl<B: BlockBackend + 'static> SharedDevice for BlkService<B> {
             });
         }
         if resubmit {
-            if let Err(e) = io.submit() {
-                log::error!("queue {queue}: cannot submit I/O: {e}");
-            }
+            io.submit();
         }
     }
 
