@@ -1057,6 +1057,7 @@ where
             },
             kick: None,
             kick_watched: false,
+            kick_dead: false,
             completion: None,
             reply,
             notify: Notify::Unknown,
@@ -1240,6 +1241,10 @@ where
     kick: Option<Arc<EventFd>>,
     /// `kick` could be added to the set (else the ring is polled).
     kick_watched: bool,
+    /// `kick` turned out dead (end of file or a read error): out of the
+    /// set, and the ring is not served until the front-end gives it a
+    /// new kick fd (see [`Ring::kick_lost`]).
+    kick_dead: bool,
     /// The device's completion fd in the set (the scratch owns it).
     completion: Option<RawFd>,
     /// Where the GET_VRING_BASE value goes once stopped.
@@ -1346,6 +1351,12 @@ where
             }
         }
         dp.set_enabled(w.shared.enabled.load(Ordering::Acquire));
+        if self.kick_dead {
+            return Step {
+                idle: true,
+                spin: false,
+            };
+        }
         let held = dp.outstanding();
         let completed = &w.shared.counters.completed;
         let before = completed.load(Ordering::Relaxed);
@@ -1396,7 +1407,7 @@ where
     /// once more so a request published meanwhile is not slept on.
     /// Returns whether there is one.
     fn arm(&mut self) -> bool {
-        if self.notify == Notify::Armed {
+        if self.notify == Notify::Armed || self.kick_dead {
             return false;
         }
         let w = &self.worker;
@@ -1437,6 +1448,7 @@ where
                 let _ = epoll.delete(&*old);
             }
             self.kick_watched = false;
+            self.kick_dead = false;
             if let Some(k) = &current {
                 match epoll.add(&**k, Interest::READABLE, token(queue, KICK)) {
                     Ok(()) => self.kick_watched = true,
@@ -1460,20 +1472,52 @@ where
             }
         }
         let poll = self.dp.outstanding() > 0 && self.completion.is_none();
-        !self.kick_watched || poll
+        // A ring whose kick fd died is not polled either (not even for
+        // the device's completions: it is not served): it waits for a
+        // new one, or its stop, which drains it.
+        !self.kick_dead && (!self.kick_watched || poll)
+    }
+
+    /// The kick fd is at end of file or fails to read (a pipe or socket
+    /// whose writer is gone, a write-only fd): it stays readable for good
+    /// and never carries a kick. Watching it would keep the thread awake,
+    /// and polling the ring instead would too, so it leaves the set and
+    /// the ring is treated as broken: logged, signalled on its err fd
+    /// like a ring error, and not served until SET_VRING_KICK gives it a
+    /// new kick fd (or it is stopped and started again).
+    fn kick_lost(&mut self, epoll: &Epoll, e: &io::Error) {
+        let queue = self.queue();
+        if let (Some(k), true) = (&self.kick, self.kick_watched) {
+            let _ = epoll.delete(&**k);
+        }
+        self.kick_watched = false;
+        self.kick_dead = true;
+        error!("ring {queue}: the kick fd cannot be read ({e}); the ring is stopped until it gets a new kick fd");
+        let shared = &self.worker.shared;
+        let err = lock(&shared.err).clone();
+        if err.raise(queue, true) {
+            shared.counters.errors.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Resets the fd of this ring that epoll reported (`kind`).
-    fn reset(&self, kind: u64) {
+    fn reset(&mut self, kind: u64, epoll: &Epoll) {
         let shared = &self.worker.shared;
         match kind {
             KICK => {
-                // The fd may be non-blocking (QEMU's are) or blocking, so
-                // only read it when it is signalled.
-                if let Some(k) = &self.kick {
-                    if matches!(k.is_signalled(), Ok(true)) && k.read().is_ok() {
+                // The front-end chose the fd: it may be blocking, or not an
+                // eventfd at all (`take_kick` reads only what polls
+                // readable, and tells a dead fd).
+                let taken = match &self.kick {
+                    Some(k) if !self.kick_dead => k.take_kick(),
+                    _ => Ok(false),
+                };
+                match taken {
+                    Ok(true) => {
                         shared.counters.kicks.fetch_add(1, Ordering::Relaxed);
                     }
+                    Ok(false) => {}
+                    Err(e) => self.kick_lost(epoll, &e),
                 }
             }
             COMPLETION => {
@@ -1609,8 +1653,12 @@ where
                 continue;
             }
             let queue = (t >> 2) as u16;
-            if let Some(r) = rings.iter().chain(&stopping).find(|r| r.queue() == queue) {
-                r.reset(t & 3);
+            if let Some(r) = rings
+                .iter_mut()
+                .chain(&mut stopping)
+                .find(|r| r.queue() == queue)
+            {
+                r.reset(t & 3, &epoll);
             }
         }
     }
@@ -1640,6 +1688,9 @@ where
             let shared = &r.worker.shared;
             if shared.stop.load(Ordering::Acquire) || shared.remap_pending.load(Ordering::Acquire) {
                 return false;
+            }
+            if r.kick_dead {
+                continue;
             }
             let mem = r
                 .worker

@@ -4,10 +4,11 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
-use std::sync::mpsc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
 
 use vhost_user_core::backend::BackendConfig;
 use vhost_user_core::dataplane::Token;
@@ -55,6 +56,48 @@ impl Device for Nop {
 
 impl SharedDevice for Nop {}
 
+/// [`Nop`] that records the id of the thread processing its requests
+/// (the ring's worker).
+#[derive(Clone, Default)]
+struct ThreadOf(Arc<AtomicI32>);
+
+impl Device for ThreadOf {
+    type Scratch = ();
+
+    fn read_config(&self, _offset: u32, _dst: &mut [u8]) -> bool {
+        false
+    }
+
+    fn write_config(&mut self, _offset: u32, _src: &[u8], _kind: ConfigWriteKind) -> bool {
+        false
+    }
+
+    fn process<M: GuestMemory + ?Sized, const S: usize>(
+        &self,
+        _queue: u16,
+        _chain: &Chain<S>,
+        _token: Token,
+        _mem: &M,
+        _scratch: &mut (),
+    ) -> Completion {
+        // /proc/thread-self is /proc/<pid>/task/<tid>.
+        let me = std::fs::read_link("/proc/thread-self").unwrap();
+        let tid = me.file_name().unwrap().to_str().unwrap().parse().unwrap();
+        self.0.store(tid, Ordering::Relaxed);
+        Completion::Done(0)
+    }
+}
+
+impl SharedDevice for ThreadOf {}
+
+/// The CPU time thread `tid` of this process has used so far (the
+/// first field of its schedstat, in nanoseconds).
+fn cpu_time(tid: i32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).unwrap();
+    let ns = stat.split_whitespace().next().unwrap().parse().unwrap();
+    Duration::from_nanos(ns)
+}
+
 const RAM: u64 = 0x10000;
 const VA: u64 = 0x7f00_0000_0000;
 const SIZE: u16 = 8;
@@ -73,6 +116,18 @@ fn runtime_with(
     options: RuntimeOptions,
     control: Control,
 ) -> (Stream, mpsc::Receiver<ConnectionEnd>) {
+    runtime_for(Nop, protocol, options, control)
+}
+
+fn runtime_for<D: SharedDevice>(
+    device: D,
+    protocol: P,
+    options: RuntimeOptions,
+    control: Control,
+) -> (Stream, mpsc::Receiver<ConnectionEnd>)
+where
+    D::Scratch: Send,
+{
     let (ours, theirs) = Stream::pair().unwrap();
     let config = BackendConfig {
         features: V::VERSION_1 | V::PROTOCOL_FEATURES,
@@ -82,7 +137,7 @@ fn runtime_with(
     };
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        let end = serve_one::<Nop, 1, 1>(&theirs, config, Nop, options, &control);
+        let end = serve_one::<D, 1, 1>(&theirs, config, device, options, &control);
         let _ = tx.send(end);
     });
     (ours, rx)
@@ -130,6 +185,16 @@ fn guest_ram_with_a_request() -> (std::os::fd::OwnedFd, MemRegionMsg) {
 /// Sets up ring 0 (without protocol features: it runs once kicked) with
 /// `call` as its call fd, then starts it; returns the guest RAM.
 fn start_ring(s: &Stream, call: &EventFd, kick: &EventFd) -> std::fs::File {
+    start_ring_with(s, call, None, kick.as_fd())
+}
+
+/// [`start_ring`] with any fd as the kick fd, and `err` as the err fd.
+fn start_ring_with(
+    s: &Stream,
+    call: &EventFd,
+    err: Option<&EventFd>,
+    kick: BorrowedFd<'_>,
+) -> std::fs::File {
     let (ram, region) = guest_ram_with_a_request();
     send(s, &Request::SetFeatures(V::VERSION_1.bits()), &[]);
     send(s, &Request::SetOwner, &[]);
@@ -168,7 +233,10 @@ fn start_ring(s: &Stream, call: &EventFd, kick: &EventFd) -> std::fs::File {
         no_fd: false,
     };
     send(s, &Request::SetVringCall(ring), &[call.as_fd()]);
-    send(s, &Request::SetVringKick(ring), &[kick.as_fd()]);
+    if let Some(err) = err {
+        send(s, &Request::SetVringErr(ring), &[err.as_fd()]);
+    }
+    send(s, &Request::SetVringKick(ring), &[kick]);
     std::fs::File::from(ram)
 }
 
@@ -312,4 +380,56 @@ fn a_device_state_transfer_the_session_dropped_lets_go_of_its_fd() {
     assert!(matches!(end, Ok(ConnectionEnd::Closed)), "{end:?}");
     assert!(first_gone, "the dropped transfer still holds its fd");
     assert!(second_gone, "the transfer outlives its connection");
+}
+
+#[test]
+fn a_kick_fd_at_end_of_file_does_not_keep_the_worker_busy() {
+    let worker = Arc::new(AtomicI32::new(0));
+    let device = ThreadOf(Arc::clone(&worker));
+    let (s, ended) = runtime_for(
+        device,
+        P::empty(),
+        RuntimeOptions::default(),
+        Control::new(),
+    );
+    // The kick fd is the read end of a pipe whose writer is gone: it polls
+    // readable for good, and every read finds end of file.
+    let (pipe, writer) = crate::sys::pipe::pipe().unwrap();
+    drop(writer);
+    let call = EventFd::new(true).unwrap();
+    let err = EventFd::new(true).unwrap();
+    let ram = start_ring_with(&s, &call, Some(&err), pipe.as_fd());
+    drop(pipe);
+    // The ring runs (started with its kick fd) and serves the request
+    // made available; its worker is the thread that processed it.
+    wait_used(&ram, 1);
+    let tid = worker.load(Ordering::Relaxed);
+    let before = cpu_time(tid);
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_millis(300));
+    let busy = cpu_time(tid).saturating_sub(before);
+    let window = t0.elapsed();
+    // The front-end hears of the broken kick as of a broken ring.
+    let reported = err.wait(Some(Duration::from_secs(1))).unwrap();
+    // A new kick fd brings the ring back: a second request is served once
+    // kicked.
+    let kick = EventFd::new(true).unwrap();
+    let ring = VringFdMsg {
+        index: 0,
+        no_fd: false,
+    };
+    send(&s, &Request::SetVringKick(ring), &[kick.as_fd()]);
+    ram.write_all_at(&[0, 0, 2, 0, 0, 0, 0, 0], AVAIL).unwrap();
+    kick.write(1).unwrap();
+    wait_used(&ram, 2);
+    let base = vring_base(&s, Duration::from_secs(5));
+    drop(s);
+    let end = ended.recv_timeout(Duration::from_secs(5));
+    assert!(
+        busy < Duration::from_millis(60),
+        "the worker used {busy:?} of CPU in {window:?} with nothing to do"
+    );
+    assert!(reported.is_some(), "the broken kick was not reported");
+    assert_eq!(base.unwrap(), 2);
+    assert!(matches!(end, Ok(ConnectionEnd::Closed)), "{end:?}");
 }

@@ -116,6 +116,35 @@ impl EventFd {
         }
     }
 
+    /// Takes a pending kick off a notifier the front-end gave, whatever
+    /// kind of fd it turns out to be: `Ok(true)` if something was read
+    /// (an eventfd's counter, or up to 8 bytes of a pipe or socket),
+    /// `Ok(false)` if nothing is pending. Reads only when the fd polls
+    /// readable, so a blocking fd does not block. End of file (a pipe or
+    /// socket whose other end is closed) and any read error are errors:
+    /// such an fd never carries a kick again, and stays readable for
+    /// good, so whoever waits on it must stop.
+    pub fn take_kick(&self) -> io::Result<bool> {
+        if !self.is_signalled()? {
+            return Ok(false);
+        }
+        let mut bytes = [0u8; 8];
+        let read = retry(|| {
+            // SAFETY: `bytes` is writable for 8 bytes during the call; the
+            // fd is ours and open.
+            cvt(unsafe { libc::read(self.fd.as_raw_fd(), bytes.as_mut_ptr().cast(), bytes.len()) })
+        });
+        match read {
+            Ok(0) => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "end of file: not an eventfd, and its writer is gone",
+            )),
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// True if the counter is non-zero now (a zero-timeout poll; the count
     /// is left as it is).
     pub fn is_signalled(&self) -> io::Result<bool> {
