@@ -304,6 +304,14 @@ pub struct RuntimeOptions {
     /// (a front-end that does not read) or for the front-end's ack before
     /// the connection is ended.
     pub channel_timeout: Duration,
+    /// How long a front-end's message may take to arrive whole (header,
+    /// payload and fds) once its first byte came, and how long a reply
+    /// may wait for the front-end to take it; past that the connection
+    /// ends ([`ConnectionEnd::TimedOut`]). An idle front-end, between
+    /// messages, is never timed out. `None`: no limit (a front-end that
+    /// stops inside a message, or never reads its replies, holds the
+    /// control thread until it leaves).
+    pub message_timeout: Option<Duration>,
     /// How long a device-state transfer (SET_DEVICE_STATE_FD) may take to
     /// reach the end of its fd: a front-end that never closes its end is
     /// refused at CHECK_DEVICE_STATE once this has passed, and the
@@ -357,6 +365,7 @@ impl Default for RuntimeOptions {
             poll_interval: Duration::from_micros(50),
             spin: Duration::from_micros(50),
             channel_timeout: Duration::from_secs(5),
+            message_timeout: Some(Duration::from_secs(5)),
             state_timeout: Duration::from_secs(30),
             threads: 0,
             trust_unsealable_memfd: false,
@@ -545,6 +554,10 @@ pub enum ConnectionEnd {
     Refused(BackendError),
     /// Socket I/O failed.
     Io(io::Error),
+    /// A message of the front-end did not arrive whole, or it did not
+    /// take a reply, within [`RuntimeOptions::message_timeout`] (the
+    /// error is an [`io::ErrorKind::TimedOut`] one).
+    TimedOut(io::Error),
 }
 
 impl<D, const Q: usize, const R: usize> Connection<D, Q, R>
@@ -582,11 +595,25 @@ where
     fn serve(&mut self, stream: &Stream) -> ConnectionEnd {
         let mut buf = Box::new([0u8; MAX_MESSAGE]);
         let mut out = Box::new([0u8; MAX_MESSAGE]);
+        let limit = self.options.message_timeout;
+        let ended = |e: io::Error| {
+            if e.kind() == io::ErrorKind::TimedOut {
+                ConnectionEnd::TimedOut(e)
+            } else {
+                ConnectionEnd::Io(e)
+            }
+        };
         loop {
-            let rx = match stream.recv_message(&mut buf) {
+            // Waits for the front-end's next request as long as it likes;
+            // once it began, the rest is due within the limit.
+            let received = match limit {
+                Some(l) => stream.recv_message_started(&mut buf, l),
+                None => stream.recv_message(&mut buf),
+            };
+            let rx = match received {
                 Ok(Some(rx)) => rx,
                 Ok(None) => return ConnectionEnd::Closed,
-                Err(e) => return ConnectionEnd::Io(e),
+                Err(e) => return ended(e),
             };
             let payload = &buf[HEADER_SIZE..HEADER_SIZE + rx.header.size as usize];
             let mut fds: Vec<Option<OwnedFd>> = rx.fds.into_iter().map(Some).collect();
@@ -636,8 +663,14 @@ where
                 // closed once sent.
                 let fd = self.inflight_reply_fd.take();
                 let fds: Vec<std::os::fd::BorrowedFd<'_>> = fd.iter().map(|f| f.as_fd()).collect();
-                if let Err(e) = stream.send_message(&out[..n], &fds) {
-                    return ConnectionEnd::Io(e);
+                // A front-end that does not take its reply in time is
+                // left, not waited for.
+                let sent = match limit {
+                    Some(l) => stream.send_message_by(&out[..n], &fds, Instant::now() + l),
+                    None => stream.send_message(&out[..n], &fds),
+                };
+                if let Err(e) = sent {
+                    return ended(e);
                 }
             }
             // fds no action took are closed here.
@@ -2009,6 +2042,7 @@ where
         ),
         ConnectionEnd::Refused(e) => error!("front-end error, disconnecting: {e}"),
         ConnectionEnd::Io(e) => error!("front-end socket error, disconnecting: {e}"),
+        ConnectionEnd::TimedOut(e) => error!("front-end too slow, disconnecting: {e}"),
     }
     conn.teardown();
     let _ = stream.as_fd();

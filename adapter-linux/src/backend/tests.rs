@@ -433,3 +433,85 @@ fn a_kick_fd_at_end_of_file_does_not_keep_the_worker_busy() {
     assert_eq!(base.unwrap(), 2);
     assert!(matches!(end, Ok(ConnectionEnd::Closed)), "{end:?}");
 }
+
+/// A front-end that sends `bytes` one at a time, `pause` apart, on a
+/// thread of its own (until the back-end is gone).
+fn trickle(s: &Stream, bytes: Vec<u8>, pause: Duration) -> std::thread::JoinHandle<()> {
+    let s = s.try_clone().unwrap();
+    std::thread::spawn(move || {
+        for b in bytes {
+            if s.send_message(&[b], &[]).is_err() {
+                return;
+            }
+            std::thread::sleep(pause);
+        }
+    })
+}
+
+fn get_features(s: &Stream) -> u64 {
+    send(s, &Request::GetFeatures, &[]);
+    let mut buf = Box::new([0u8; MAX_MESSAGE]);
+    let rx = s.recv_message(&mut buf).unwrap().unwrap();
+    assert_eq!(rx.header.request, FrontendReq::GetFeatures.id());
+    u64::from_le_bytes(rx.payload(&buf).try_into().unwrap())
+}
+
+#[test]
+fn a_front_end_that_trickles_a_message_is_timed_out() {
+    let options = RuntimeOptions {
+        message_timeout: Some(Duration::from_millis(300)),
+        ..RuntimeOptions::default()
+    };
+    let (s, ended) = runtime_with(P::empty(), options, Control::new());
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // Idle between messages for longer than the timeout: still served.
+    assert_ne!(get_features(&s), 0);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_ne!(get_features(&s), 0);
+    // A header one byte every 200 ms: each byte comes well within the
+    // timeout, the message (2.4 s) does not.
+    let mut head = [0u8; MAX_MESSAGE];
+    let n = Request::GetFeatures.encode(false, &mut head).unwrap();
+    let t0 = Instant::now();
+    let t = trickle(&s, head[..n].to_vec(), Duration::from_millis(200));
+    let end = ended.recv_timeout(Duration::from_millis(1500));
+    let took = t0.elapsed();
+    drop(s);
+    t.join().unwrap();
+    assert!(
+        matches!(&end, Ok(ConnectionEnd::TimedOut(e)) if e.kind() == std::io::ErrorKind::TimedOut),
+        "{end:?} after {took:?}"
+    );
+    assert!(took < Duration::from_secs(1), "ended after {took:?}");
+}
+
+#[test]
+fn a_front_end_that_never_reads_its_replies_is_timed_out() {
+    let options = RuntimeOptions {
+        message_timeout: Some(Duration::from_millis(300)),
+        ..RuntimeOptions::default()
+    };
+    let (s, ended) = runtime_with(P::empty(), options, Control::new());
+    // Requests that each want a reply, sent until the back-end stops
+    // reading them: it is stuck sending replies nobody reads.
+    s.set_write_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut m = [0u8; MAX_MESSAGE];
+    let n = Request::GetFeatures.encode(false, &mut m).unwrap();
+    let t0 = Instant::now();
+    let mut sent = 0u32;
+    while s.send_message(&m[..n], &[]).is_ok() {
+        sent += 1;
+        assert!(t0.elapsed() < Duration::from_secs(10), "never filled");
+    }
+    let t1 = Instant::now();
+    let end = ended.recv_timeout(Duration::from_secs(3));
+    let took = t1.elapsed();
+    // Let a stuck back-end go before judging.
+    drop(s);
+    assert!(
+        matches!(&end, Ok(ConnectionEnd::TimedOut(e)) if e.kind() == std::io::ErrorKind::TimedOut),
+        "{end:?} after {took:?} ({sent} requests sent)"
+    );
+    assert!(took < Duration::from_secs(2), "ended after {took:?}");
+}

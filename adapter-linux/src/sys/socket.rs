@@ -20,6 +20,17 @@
 //! `EINTR` and short reads or writes; an event loop that learns readability
 //! through epoll then calls [`Stream::recv_message`], which blocks only for
 //! the rest of a message the peer is sending.
+//!
+//! A socket timeout ([`Stream::set_read_timeout`]) bounds each `recvmsg`,
+//! not a message: a peer that sends a byte just before each timeout
+//! stretches one message without end. Against such a peer (and one that
+//! never reads what we send) a message has a **deadline**, computed once:
+//! [`Stream::recv_message_by`] and [`Stream::send_message_by`] take one,
+//! [`Stream::recv_message_started`] sets one when the message's first
+//! byte comes (a peer idle between messages is waited for). Each partial
+//! read or write then polls for the time left and never blocks past it;
+//! a missed deadline is an [`io::ErrorKind::TimedOut`] error, and leaves
+//! the connection out of step.
 
 use std::ffi::c_void;
 use std::fmt;
@@ -30,6 +41,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::ptr;
+use std::time::{Duration, Instant};
 
 use embedded_io::{ErrorType, Read, Write};
 use vhost_user_core::message::{Header, HEADER_SIZE, MAX_FDS, MAX_MESSAGE, MAX_PAYLOAD};
@@ -324,16 +336,30 @@ impl Stream {
         self.send_with_fds(bytes, fds)
     }
 
-    fn send_with_fds(&self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-        if bytes.is_empty() && !fds.is_empty() {
+    /// [`Stream::send_message`], all of it (every partial write) by
+    /// `deadline`: a peer that does not read (or reads a byte now and
+    /// then) is an [`io::ErrorKind::TimedOut`] error once it passed,
+    /// whatever the socket's write timeout. Part of the message may have
+    /// gone: the connection is then out of step.
+    pub fn send_message_by(
+        &self,
+        bytes: &[u8],
+        fds: &[BorrowedFd<'_>],
+        deadline: Instant,
+    ) -> io::Result<()> {
+        if fds.len() > MAX_FDS {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                "fds need at least one byte",
+                "too many fds for one message",
             ));
         }
         let mut io = self.io();
-        io.attach(fds)?;
-        transport::write_message(&mut io, bytes).map_err(framing_error)
+        io.deadline = Some(deadline);
+        io.send(bytes, fds)
+    }
+
+    fn send_with_fds(&self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        self.io().send(bytes, fds)
     }
 
     /// Receives one message into `buf` with the core's framer
@@ -356,17 +382,37 @@ impl Stream {
     /// - any socket error, with its own kind ([`io::ErrorKind::WouldBlock`]
     ///   after a [read timeout](Stream::set_read_timeout)).
     pub fn recv_message(&self, buf: &mut [u8; MAX_MESSAGE]) -> io::Result<Option<Received>> {
+        self.io().recv(buf)
+    }
+
+    /// [`Stream::recv_message`], the whole message (header, payload and
+    /// fds, waiting for its first byte included) by `deadline`: past it,
+    /// an [`io::ErrorKind::TimedOut`] error, whatever the socket's read
+    /// timeout. For a reply or an ack, due by a set time.
+    pub fn recv_message_by(
+        &self,
+        buf: &mut [u8; MAX_MESSAGE],
+        deadline: Instant,
+    ) -> io::Result<Option<Received>> {
         let mut io = self.io();
-        match transport::read_message(&mut io, buf).map_err(framing_error)? {
-            None => Ok(None),
-            Some(Frame {
-                header, payload, ..
-            }) => Ok(Some(Received {
-                header,
-                payload_len: payload.len(),
-                fds: io.take_fds(),
-            })),
-        }
+        io.deadline = Some(deadline);
+        io.recv(buf)
+    }
+
+    /// [`Stream::recv_message`] that waits for the first byte as long as
+    /// it takes (a peer idle between messages; the socket's read timeout
+    /// still applies to that wait), then for the rest of the message at
+    /// most `limit` from that byte: past it, an
+    /// [`io::ErrorKind::TimedOut`] error. For requests, which come when
+    /// the peer likes but must not take forever once begun.
+    pub fn recv_message_started(
+        &self,
+        buf: &mut [u8; MAX_MESSAGE],
+        limit: Duration,
+    ) -> io::Result<Option<Received>> {
+        let mut io = self.io();
+        io.limit = Some(limit);
+        io.recv(buf)
     }
 
     /// This socket as a byte stream with fd slots, for the core's framer.
@@ -375,6 +421,8 @@ impl Stream {
             stream: &self.inner,
             fds: Vec::new(),
             attach: &[],
+            deadline: None,
+            limit: None,
         }
     }
 
@@ -438,6 +486,12 @@ pub struct StreamIo<'a> {
     fds: Vec<OwnedFd>,
     /// Fds to send with the next bytes written.
     attach: &'a [BorrowedFd<'a>],
+    /// When the message must be read or written whole: each `recvmsg` or
+    /// `sendmsg` waits for the socket at most until then, and not at all
+    /// after.
+    deadline: Option<Instant>,
+    /// Sets `deadline` this long after the first bytes read.
+    limit: Option<Duration>,
 }
 
 impl fmt::Debug for StreamIo<'_> {
@@ -446,6 +500,8 @@ impl fmt::Debug for StreamIo<'_> {
             .field("fd", &self.stream.as_raw_fd())
             .field("fds", &self.fds)
             .field("attach", &self.attach)
+            .field("deadline", &self.deadline)
+            .field("limit", &self.limit)
             .finish()
     }
 }
@@ -469,6 +525,82 @@ impl<'a> StreamIo<'a> {
     /// Takes the fds received for the current message, in order.
     pub fn take_fds(&mut self) -> Vec<OwnedFd> {
         mem::take(&mut self.fds)
+    }
+
+    /// One message with the core's framer (see [`Stream::recv_message`]).
+    fn recv(&mut self, buf: &mut [u8; MAX_MESSAGE]) -> io::Result<Option<Received>> {
+        match transport::read_message(self, buf).map_err(framing_error)? {
+            None => Ok(None),
+            Some(Frame {
+                header, payload, ..
+            }) => Ok(Some(Received {
+                header,
+                payload_len: payload.len(),
+                fds: self.take_fds(),
+            })),
+        }
+    }
+
+    /// `bytes` with `fds` attached (see [`Stream::send_message`]).
+    fn send(mut self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        if bytes.is_empty() && !fds.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "fds need at least one byte",
+            ));
+        }
+        if fds.len() > FD_ROOM {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "too many fds for one message",
+            ));
+        }
+        let mut io = StreamIo {
+            stream: self.stream,
+            fds: mem::take(&mut self.fds),
+            attach: fds,
+            deadline: self.deadline,
+            limit: self.limit,
+        };
+        transport::write_message(&mut io, bytes).map_err(framing_error)
+    }
+
+    /// Waits until the socket is ready for `events` (`POLLIN` or
+    /// `POLLOUT`) if a deadline is set: an [`io::ErrorKind::TimedOut`]
+    /// error once it passed. Returns the flags for the call that follows
+    /// (`MSG_DONTWAIT` with a deadline, so that call never blocks past
+    /// it; without one, the socket's own timeouts apply).
+    fn ready(&self, events: libc::c_short) -> io::Result<libc::c_int> {
+        let Some(deadline) = self.deadline else {
+            return Ok(0);
+        };
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let what = if events == libc::POLLOUT {
+                    "the peer did not take the message by its deadline"
+                } else {
+                    "the message did not arrive whole by its deadline"
+                };
+                return Err(io::Error::new(io::ErrorKind::TimedOut, what));
+            }
+            // Rounded up, so a wait shorter than a millisecond still waits.
+            let ms =
+                libc::c_int::try_from(left.as_micros().div_ceil(1000)).unwrap_or(libc::c_int::MAX);
+            let mut p = libc::pollfd {
+                fd: self.stream.as_raw_fd(),
+                events,
+                revents: 0,
+            };
+            // SAFETY: `p` is one valid pollfd, writable during the call.
+            match cvt(unsafe { libc::poll(&mut p, 1, ms) }) {
+                // Ready, or an error or hang-up the call will report.
+                Ok(n) if n > 0 => return Ok(libc::MSG_DONTWAIT),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
     }
 }
 
@@ -497,8 +629,39 @@ impl Read for StreamIo<'_> {
             return Ok(0);
         }
         let mut cmsg = CmsgBuf([0; CMSG_BUF_LEN]);
+        let (n, flags) = loop {
+            let dontwait = self.ready(libc::POLLIN)?;
+            match self.recvmsg(buf, &mut cmsg, dontwait) {
+                // Another reader took what the poll saw: wait again.
+                Err(e) if dontwait != 0 && e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => break r?,
+            }
+        };
+        if flags & libc::MSG_CTRUNC != 0 {
+            return Err(invalid_data(
+                "control data truncated: too many fds attached",
+            ));
+        }
+        if n > 0 && self.deadline.is_none() {
+            // The message began: the rest of it is due within the limit.
+            self.deadline = self.limit.map(|l| Instant::now() + l);
+        }
+        Ok(n)
+    }
+}
+
+impl StreamIo<'_> {
+    /// One `recvmsg` into `buf` with `flags` besides `MSG_CMSG_CLOEXEC`,
+    /// retrying on `EINTR`; the fds that come are kept. Returns the bytes
+    /// read and the message flags.
+    fn recvmsg(
+        &mut self,
+        buf: &mut [u8],
+        cmsg: &mut CmsgBuf,
+        flags: libc::c_int,
+    ) -> io::Result<(usize, libc::c_int)> {
         let fds = &mut self.fds;
-        let (n, flags) = retry(|| {
+        retry(|| {
             let mut iov = libc::iovec {
                 iov_base: buf.as_mut_ptr().cast::<c_void>(),
                 iov_len: buf.len(),
@@ -513,17 +676,15 @@ impl Read for StreamIo<'_> {
             // length) and to the aligned control buffer of CMSG_BUF_LEN
             // bytes; both outlive the call.
             let r = cvt(unsafe {
-                libc::recvmsg(self.stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC)
+                libc::recvmsg(
+                    self.stream.as_raw_fd(),
+                    &mut msg,
+                    libc::MSG_CMSG_CLOEXEC | flags,
+                )
             })?;
             take_fds(&msg, fds);
             Ok((r as usize, msg.msg_flags))
-        })?;
-        if flags & libc::MSG_CTRUNC != 0 {
-            return Err(invalid_data(
-                "control data truncated: too many fds attached",
-            ));
-        }
-        Ok(n)
+        })
     }
 }
 
@@ -567,26 +728,36 @@ impl Write for StreamIo<'_> {
             }
             space
         };
-        let n = retry(|| {
-            let mut iov = libc::iovec {
-                iov_base: buf.as_ptr() as *mut c_void,
-                iov_len: buf.len(),
-            };
-            // SAFETY: msghdr is a plain C struct for which all-zero is a valid
-            // value (null pointers, zero lengths).
-            let mut msg: libc::msghdr = unsafe { mem::zeroed() };
-            msg.msg_iov = &mut iov;
-            msg.msg_iovlen = 1;
-            if control_len > 0 {
-                msg.msg_control = cmsg.0.as_mut_ptr().cast::<c_void>();
-                msg.msg_controllen = control_len as _;
+        let n = loop {
+            let dontwait = self.ready(libc::POLLOUT)?;
+            let sent = retry(|| {
+                let mut iov = libc::iovec {
+                    iov_base: buf.as_ptr() as *mut c_void,
+                    iov_len: buf.len(),
+                };
+                // SAFETY: msghdr is a plain C struct for which all-zero is a valid
+                // value (null pointers, zero lengths).
+                let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+                msg.msg_iov = &mut iov;
+                msg.msg_iovlen = 1;
+                if control_len > 0 {
+                    msg.msg_control = cmsg.0.as_mut_ptr().cast::<c_void>();
+                    msg.msg_controllen = control_len as _;
+                }
+                // SAFETY: `msg` points to one iovec over `buf` (readable for its
+                // length) and, if set, to the control buffer of `control_len`
+                // initialised bytes; all outlive the call. The fds in it are
+                // borrowed and open for the duration of the call.
+                cvt(unsafe {
+                    libc::sendmsg(self.stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL | dontwait)
+                })
+            });
+            match sent {
+                // The room the poll saw went to another writer: wait again.
+                Err(e) if dontwait != 0 && e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => break r?,
             }
-            // SAFETY: `msg` points to one iovec over `buf` (readable for its
-            // length) and, if set, to the control buffer of `control_len`
-            // initialised bytes; all outlive the call. The fds in it are
-            // borrowed and open for the duration of the call.
-            cvt(unsafe { libc::sendmsg(self.stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) })
-        })?;
+        };
         if n == 0 {
             // `write_all` may not see Ok(0) for a non-empty buffer.
             return Err(io::ErrorKind::WriteZero.into());

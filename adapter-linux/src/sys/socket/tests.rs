@@ -304,6 +304,85 @@ fn a_read_timeout_stays_would_block() {
 }
 
 #[test]
+fn a_message_that_trickles_in_misses_its_deadline() {
+    let (a, b) = Stream::pair().unwrap();
+    let m = message(b"payload");
+    let t = std::thread::spawn(move || {
+        for byte in m {
+            if a.send_message(&[byte], &[]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    // Whole-message deadline, from the call: 19 bytes 50 ms apart do not
+    // make it in 200 ms.
+    let t0 = std::time::Instant::now();
+    let e = b
+        .recv_message_by(&mut buf(), t0 + Duration::from_millis(200))
+        .unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+    assert!(
+        t0.elapsed() < Duration::from_millis(600),
+        "{:?}",
+        t0.elapsed()
+    );
+    drop(b);
+    t.join().unwrap();
+}
+
+#[test]
+fn a_started_message_has_a_deadline_and_an_idle_peer_none() {
+    let (a, b) = Stream::pair().unwrap();
+    let m = message(b"payload");
+    let whole = m.clone();
+    let t = std::thread::spawn(move || {
+        // Idle for longer than the limit, then a whole message, then one
+        // that trickles.
+        std::thread::sleep(Duration::from_millis(300));
+        a.send_message(&whole, &[]).unwrap();
+        for byte in m {
+            if a.send_message(&[byte], &[]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let limit = Duration::from_millis(200);
+    let rx = b.recv_message_started(&mut buf(), limit).unwrap().unwrap();
+    assert_eq!(rx.payload_len, 7);
+    let t0 = std::time::Instant::now();
+    let e = b.recv_message_started(&mut buf(), limit).unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+    assert!(
+        t0.elapsed() < Duration::from_millis(600),
+        "{:?}",
+        t0.elapsed()
+    );
+    drop(b);
+    t.join().unwrap();
+}
+
+#[test]
+fn a_send_to_a_peer_that_does_not_read_misses_its_deadline() {
+    let (a, b) = Stream::pair().unwrap();
+    let m = message(&[0u8; MAX_PAYLOAD]);
+    let t0 = std::time::Instant::now();
+    let e = loop {
+        if let Err(e) = a.send_message_by(
+            &m,
+            &[],
+            std::time::Instant::now() + Duration::from_millis(100),
+        ) {
+            break e;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "never filled");
+    };
+    assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+    drop(b);
+}
+
+#[test]
 fn send_message_limits() {
     let (a, _b) = Stream::pair().unwrap();
     let ws: Vec<Watched> = (0..=MAX_FDS).map(|_| Watched::new()).collect();
