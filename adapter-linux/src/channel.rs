@@ -4,15 +4,16 @@
 //! Any thread may send: the control thread, a ring worker (in-band
 //! BACKEND_VRING_CALL/ERR) or the daemon ([`Control::config_changed`]). A
 //! lock serialises them, a request and its ack together. An ack that does
-//! not come within the timeout, a send that finds no room in the socket
-//! within it (the front-end does not read), a failed send or a malformed
+//! not come whole within the timeout, a request the front-end does not
+//! take within it (each a deadline for the whole message, not for each
+//! read or write), a failed send or a malformed
 //! reply ends the **connection** (both directions of the main socket are
 //! shut down, so the control thread sees the front-end gone and tears the
 //! connection down); the daemon goes on and accepts the next front-end.
 
 use std::io;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::{debug, error};
 use vhost_user_core::backend::{Channel, ChannelError, Sent};
@@ -55,6 +56,8 @@ pub(crate) struct BackChannel {
     main: Stream,
     /// The encoder; its lock is held across a request and its ack.
     channel: Mutex<Channel>,
+    /// How long a request may take to be sent, and its ack to come.
+    timeout: Duration,
 }
 
 impl BackChannel {
@@ -64,17 +67,17 @@ impl BackChannel {
         channel: Channel,
         timeout: Duration,
     ) -> io::Result<Self> {
-        socket.set_read_timeout(Some(timeout))?;
         // The senders (ring workers with in-band calls, the daemon's
         // config changes) must not block for good on a front-end that
-        // stops reading the channel: a worker stuck in a send is never
-        // stopped, and GET_VRING_BASE and the teardown after a
-        // disconnect wait for it.
-        socket.set_write_timeout(Some(timeout))?;
+        // stops reading the channel, or acks a byte at a time: a worker
+        // stuck in a send is never stopped, and GET_VRING_BASE and the
+        // teardown after a disconnect wait for it. `send` gives each
+        // request and each ack a deadline.
         Ok(BackChannel {
             socket,
             main,
             channel: Mutex::new(channel),
+            timeout,
         })
     }
 
@@ -100,8 +103,9 @@ impl BackChannel {
             Err(ChannelError::NotNegotiated(_)) => return Err(ChannelFailure::NotNegotiated),
             Err(e) => return Err(self.broken(&mut ch, io::Error::other(e))),
         };
-        if let Err(e) = self.socket.send_message(&buf[..sent.len], &[]) {
-            let e = if e.kind() == io::ErrorKind::WouldBlock {
+        let deadline = Instant::now() + self.timeout;
+        if let Err(e) = self.socket.send_message_by(&buf[..sent.len], &[], deadline) {
+            let e = if e.kind() == io::ErrorKind::TimedOut {
                 io::Error::new(io::ErrorKind::TimedOut, "the front-end does not read")
             } else {
                 e
@@ -111,13 +115,14 @@ impl BackChannel {
         if !sent.awaits_reply {
             return Ok(());
         }
-        let rx = match self.socket.recv_message(&mut buf) {
+        let deadline = Instant::now() + self.timeout;
+        let rx = match self.socket.recv_message_by(&mut buf, deadline) {
             Ok(Some(rx)) => rx,
             Ok(None) => {
                 let e = io::Error::new(io::ErrorKind::UnexpectedEof, "channel closed");
                 return Err(self.broken(&mut ch, e));
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
                 let e = io::Error::new(io::ErrorKind::TimedOut, "no ack in time");
                 return Err(self.broken(&mut ch, e));
             }

@@ -46,8 +46,13 @@ pub enum LinkError {
     /// The back-end closed the connection.
     Closed,
     /// The back-end did not answer `request` within the reply timeout
-    /// ([`FrontendLink::set_reply_timeout`], default [`REPLY_TIMEOUT`]).
+    /// ([`FrontendLink::set_reply_timeout`], default [`REPLY_TIMEOUT`]):
+    /// no reply, or one that did not arrive whole in time.
     Timeout(FrontendReq),
+    /// The back-end did not take `request` within the reply timeout (it
+    /// does not read its socket); part of it may have gone, so the
+    /// connection is out of step.
+    NotRead(FrontendReq),
     /// The engine refused a reply (or was used wrongly).
     Engine(FrontendError),
     /// The engine named an fd the link does not have.
@@ -60,6 +65,7 @@ impl fmt::Display for LinkError {
             LinkError::Io(e) => write!(f, "socket: {e}"),
             LinkError::Closed => f.write_str("the back-end closed the connection"),
             LinkError::Timeout(r) => write!(f, "the back-end did not answer {r:?} in time"),
+            LinkError::NotRead(r) => write!(f, "the back-end did not read {r:?} in time"),
             LinkError::Engine(e) => write!(f, "{e}"),
             LinkError::MissingFd(r) => write!(f, "no fd for {r:?}"),
         }
@@ -82,7 +88,9 @@ impl From<FrontendError> for LinkError {
 
 /// How long the link waits for a reply before failing with
 /// [`LinkError::Timeout`] (a back-end that never answers is an error, not a
-/// hang).
+/// hang), and for the back-end to take a request ([`LinkError::NotRead`]).
+/// Each is a deadline for the whole message, not for each read or write:
+/// a back-end that trickles its reply a byte at a time misses it.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a probe found.
@@ -166,7 +174,9 @@ fn serve_channel(
     let mut buf = Box::new([0u8; MAX_MESSAGE]);
     let mut out = [0u8; 64];
     loop {
-        let rx = match ours.recv_message(&mut buf) {
+        // The back-end sends when it likes; a request it began is due
+        // whole within the reply timeout.
+        let rx = match ours.recv_message_started(&mut buf, REPLY_TIMEOUT) {
             Ok(Some(rx)) => rx,
             Ok(None) => return,
             Err(e) => {
@@ -200,7 +210,10 @@ fn serve_channel(
         };
         counter.fetch_add(1, Ordering::Relaxed);
         if let Some(n) = served.reply {
-            if ours.send_message(&out[..n], &[]).is_err() {
+            let deadline = std::time::Instant::now() + REPLY_TIMEOUT;
+            if let Err(e) = ours.send_message_by(&out[..n], &[], deadline) {
+                log::debug!("back-end channel: {e}");
+                let _ = ours.shutdown();
                 return;
             }
         }
@@ -302,8 +315,9 @@ impl<const Q: usize, const R: usize> FrontendLink<Q, R> {
         self.drive()
     }
 
-    /// Sets how long [`drive`](Self::drive) waits for each reply (default
-    /// [`REPLY_TIMEOUT`]); kept across [`reconnect`](Self::reconnect).
+    /// Sets how long [`drive`](Self::drive) waits for each reply, and for
+    /// the back-end to take each request (default [`REPLY_TIMEOUT`]);
+    /// kept across [`reconnect`](Self::reconnect).
     pub fn set_reply_timeout(&mut self, timeout: Duration) -> Result<(), LinkError> {
         self.stream.set_read_timeout(Some(timeout))?;
         self.reply_timeout = timeout;
@@ -342,7 +356,14 @@ impl<const Q: usize, const R: usize> FrontendLink<Q, R> {
             for r in &t.fds {
                 fds.push(self.fd(*r).ok_or(LinkError::MissingFd(*r))?);
             }
-            self.stream.send_message(&out[..t.len], &fds)?;
+            let deadline = std::time::Instant::now() + self.reply_timeout;
+            match self.stream.send_message_by(&out[..t.len], &fds, deadline) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                    return Err(LinkError::NotRead(t.request))
+                }
+                Err(e) => return Err(e.into()),
+            }
             drop(fds);
             if t.request == FrontendReq::SetBackendReqFd {
                 // The back-end has its copy; ours would hide its close.
@@ -351,7 +372,9 @@ impl<const Q: usize, const R: usize> FrontendLink<Q, R> {
                 }
             }
             if t.awaits_reply {
-                let rx = match self.stream.recv_message(&mut buf) {
+                // One deadline for the whole reply, not one per read.
+                let deadline = std::time::Instant::now() + self.reply_timeout;
+                let rx = match self.stream.recv_message_by(&mut buf, deadline) {
                     Ok(Some(rx)) => rx,
                     Ok(None) => return Err(LinkError::Closed),
                     Err(e)
@@ -802,6 +825,33 @@ mod tests {
         assert!(t0.elapsed() < Duration::from_secs(5));
         drop(l);
         h.join().unwrap();
+    }
+
+    #[test]
+    fn a_back_end_that_trickles_a_reply_is_a_timeout() {
+        let (path, h) = backend("trickle", |mut c| {
+            let id = read_request(&mut c);
+            // The reply one byte every 200 ms: each byte well within the
+            // reply timeout, the reply (4 s) not.
+            for b in reply(id, 0x5, &(1u64 << 32).to_le_bytes()) {
+                if c.write_all(&[b]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        let mut l = link(&path);
+        l.set_reply_timeout(Duration::from_millis(300)).unwrap();
+        let t0 = std::time::Instant::now();
+        let e = l.drive().unwrap_err();
+        let took = t0.elapsed();
+        drop(l);
+        h.join().unwrap();
+        assert!(
+            matches!(e, LinkError::Timeout(FrontendReq::GetFeatures)),
+            "{e} after {took:?}"
+        );
+        assert!(took < Duration::from_secs(1), "timed out after {took:?}");
     }
 
     #[test]

@@ -515,3 +515,57 @@ fn a_front_end_that_never_reads_its_replies_is_timed_out() {
     );
     assert!(took < Duration::from_secs(2), "ended after {took:?}");
 }
+
+#[test]
+fn a_front_end_that_trickles_its_ack_on_the_back_end_channel_is_left() {
+    let options = RuntimeOptions {
+        channel_timeout: Duration::from_millis(300),
+        ..RuntimeOptions::default()
+    };
+    let control = Control::new();
+    let protocol = P::BACKEND_REQ | P::CONFIG | P::REPLY_ACK;
+    let (s, ended) = runtime_with(protocol, options, control.clone());
+    negotiate(&s, protocol);
+    let (ours, theirs) = Stream::pair().unwrap();
+    send(&s, &Request::SetBackendReqFd, &[theirs.as_fd()]);
+    drop(theirs);
+    // The front-end reads the config change and acks it one byte every
+    // 150 ms: each byte well within the timeout, the ack (3 s) not.
+    let acker = std::thread::spawn(move || {
+        let mut buf = Box::new([0u8; MAX_MESSAGE]);
+        let Ok(Some(rx)) = ours.recv_message(&mut buf) else {
+            return;
+        };
+        let mut ack = Vec::new();
+        ack.extend_from_slice(&rx.header.request.to_le_bytes());
+        ack.extend_from_slice(&0x5u32.to_le_bytes());
+        ack.extend_from_slice(&8u32.to_le_bytes());
+        ack.extend_from_slice(&0u64.to_le_bytes());
+        for b in ack {
+            if ours.send_message(&[b], &[]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(150));
+        }
+    });
+    let t0 = Instant::now();
+    let r = loop {
+        match control.config_changed() {
+            Err(crate::channel::ChannelFailure::NoChannel) => {
+                assert!(t0.elapsed() < Duration::from_secs(5), "no channel");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            r => break r,
+        }
+    };
+    let took = t0.elapsed();
+    let end = ended.recv_timeout(Duration::from_secs(5));
+    drop(s);
+    acker.join().unwrap();
+    assert!(
+        matches!(r, Err(crate::channel::ChannelFailure::Broken(_))),
+        "{r:?} after {took:?}"
+    );
+    assert!(took < Duration::from_secs(1), "gave up after {took:?}");
+    assert!(matches!(end, Ok(ConnectionEnd::Closed)), "{end:?}");
+}
