@@ -316,7 +316,7 @@ impl Stream {
                 "too many fds for one message",
             ));
         }
-        self.send_with_fds(bytes, fds)
+        self.send_with_fds(bytes, fds, None)
     }
 
     /// Like [`Stream::send_message`] but allows one fd more than a message
@@ -333,7 +333,7 @@ impl Stream {
                 "too many fds for one message",
             ));
         }
-        self.send_with_fds(bytes, fds)
+        self.send_with_fds(bytes, fds, None)
     }
 
     /// [`Stream::send_message`], all of it (every partial write) by
@@ -353,13 +353,25 @@ impl Stream {
                 "too many fds for one message",
             ));
         }
-        let mut io = self.io();
-        io.deadline = Some(deadline);
-        io.send(bytes, fds)
+        self.send_with_fds(bytes, fds, Some(deadline))
     }
 
-    fn send_with_fds(&self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-        self.io().send(bytes, fds)
+    fn send_with_fds(
+        &self,
+        bytes: &[u8],
+        fds: &[BorrowedFd<'_>],
+        deadline: Option<Instant>,
+    ) -> io::Result<()> {
+        if bytes.is_empty() && !fds.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "fds need at least one byte",
+            ));
+        }
+        let mut io = self.io();
+        io.deadline = deadline;
+        io.attach(fds)?;
+        transport::write_message(&mut io, bytes).map_err(framing_error)
     }
 
     /// Receives one message into `buf` with the core's framer
@@ -539,30 +551,6 @@ impl<'a> StreamIo<'a> {
                 fds: self.take_fds(),
             })),
         }
-    }
-
-    /// `bytes` with `fds` attached (see [`Stream::send_message`]).
-    fn send(mut self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-        if bytes.is_empty() && !fds.is_empty() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "fds need at least one byte",
-            ));
-        }
-        if fds.len() > FD_ROOM {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "too many fds for one message",
-            ));
-        }
-        let mut io = StreamIo {
-            stream: self.stream,
-            fds: mem::take(&mut self.fds),
-            attach: fds,
-            deadline: self.deadline,
-            limit: self.limit,
-        };
-        transport::write_message(&mut io, bytes).map_err(framing_error)
     }
 
     /// Waits until the socket is ready for `events` (`POLLIN` or
