@@ -17,7 +17,8 @@
 //! Backends:
 //! - [`NetBackend::Loopback`]: what a pair transmits comes back on its
 //!   receive queue, in order; frames that find the queue full (the guest
-//!   does not receive) are dropped and counted.
+//!   does not receive: [`LOOPBACK_FRAMES`] frames or [`LOOPBACK_BYTES`]
+//!   bytes) are dropped and counted.
 //! - [`NetBackend::Null`]: transmitted frames are counted and dropped
 //!   unread (the chain checked as a copy would check it); every receive
 //!   buffer gets a copy of a template frame at once.
@@ -64,6 +65,16 @@ pub mod tap;
 
 /// Frames a loopback or tap pair queues for its receive side, at most.
 pub const LOOPBACK_FRAMES: usize = 1024;
+/// Frame bytes a loopback or tap pair queues for its receive side, at
+/// most (virtio headers and bookkeeping not counted): 64 frames of the
+/// largest a tap or an MTU of 65535 gives. [`LOOPBACK_FRAMES`] alone
+/// would let a guest that transmits 64 KiB frames and posts no receive
+/// buffers have the daemon hold 64 MiB per pair. A loopback frame
+/// beyond either bound is dropped and counted in the transmit queue's
+/// `drops`; the tap reader stops reading while the largest frame would
+/// not fit (the frames wait in the tap, which drops beyond its own
+/// queue).
+pub const LOOPBACK_BYTES: usize = 4 << 20;
 /// Receive chains one frame may span with MRG_RXBUF, at most.
 const MAX_MERGE: usize = 64;
 
@@ -146,11 +157,52 @@ struct Frame {
     data: Vec<u8>,
 }
 
+/// A pair's queued frames, held to [`LOOPBACK_FRAMES`] frames and
+/// [`LOOPBACK_BYTES`] bytes.
+#[derive(Debug, Default)]
+struct Frames {
+    queue: VecDeque<Frame>,
+    /// The bytes of the frames in `queue`.
+    bytes: usize,
+}
+
+impl Frames {
+    /// Whether a frame of `len` bytes finds room.
+    fn has_room(&self, len: usize) -> bool {
+        self.queue.len() < LOOPBACK_FRAMES && self.bytes.saturating_add(len) <= LOOPBACK_BYTES
+    }
+
+    /// Queues `frame` if it finds room; gives it back if not.
+    fn push(&mut self, frame: Frame) -> Result<(), Frame> {
+        if !self.has_room(frame.data.len()) {
+            return Err(frame);
+        }
+        self.bytes += frame.data.len();
+        self.queue.push_back(frame);
+        Ok(())
+    }
+
+    fn front_mut(&mut self) -> Option<&mut Frame> {
+        self.queue.front_mut()
+    }
+
+    fn pop_front(&mut self) {
+        if let Some(f) = self.queue.pop_front() {
+            self.bytes -= f.data.len();
+        }
+    }
+
+    fn clear(&mut self) {
+        self.queue.clear();
+        self.bytes = 0;
+    }
+}
+
 /// One queue pair's frames from its loopback TX side or its tap queue,
 /// waiting for RX buffers, and the eventfd the RX side sleeps on.
 #[derive(Debug)]
 struct Pair {
-    frames: Mutex<VecDeque<Frame>>,
+    frames: Mutex<Frames>,
     /// Signalled when the RX side took frames (the tap reader waits for
     /// room).
     space: Condvar,
@@ -285,7 +337,7 @@ impl NetService {
         let pairs = (0..device.queue_pairs())
             .map(|_| {
                 Ok(Pair {
-                    frames: Mutex::new(VecDeque::new()),
+                    frames: Mutex::new(Frames::default()),
                     space: Condvar::new(),
                     ready: Arc::new(EventFd::new(true)?),
                     tap: taps.next(),
@@ -414,6 +466,13 @@ impl NetService {
         c.get(usize::from(queue)).unwrap_or_else(|| &c[c.len() - 1])
     }
 
+    /// The frames and their bytes pair `pair` holds for its receive side
+    /// (a loopback's or a tap's).
+    pub fn queued(&self, pair: u16) -> Option<(usize, usize)> {
+        let q = lock(&self.pair(pair)?.frames);
+        Some((q.queue.len(), q.bytes))
+    }
+
     fn pair(&self, pair: u16) -> Option<&Pair> {
         self.inner.pairs.get(usize::from(pair))
     }
@@ -469,13 +528,16 @@ impl NetService {
             NetBackend::Loopback => {
                 let Some(p) = self.pair(pair) else { return };
                 let mut q = lock(&p.frames);
-                if q.len() >= LOOPBACK_FRAMES {
+                // Looked at before the copy: a full queue costs none.
+                if !q.has_room(frame.len) {
                     bump(&k.drops, 1);
-                } else {
-                    q.push_back(Frame {
+                } else if q
+                    .push(Frame {
                         hdr: VirtioNetHdr::default(),
                         data: scratch.buf[..frame.len].to_vec(),
-                    });
+                    })
+                    .is_ok()
+                {
                     scratch.pushed = true;
                 }
             }

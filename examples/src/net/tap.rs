@@ -11,7 +11,7 @@ use vhost_user_core::device::net::{NetFeatures, VirtioNetHdr, ETH_HLEN, VLAN_HLE
 use vhost_user_linux::sys::tap::{offload, Tap};
 use zerocopy::FromBytes;
 
-use super::{lock, Frame, Inner, LOOPBACK_FRAMES};
+use super::{lock, Frame, Inner};
 
 /// The largest frame a tap carries either way: a 64 KiB IP packet
 /// (segmentation offloads) with its Ethernet header and a VLAN tag.
@@ -113,7 +113,8 @@ pub(super) fn reader(inner: Weak<Inner>, pair: usize, tap: Arc<Tap>) {
         let mut pushed = false;
         let mut full = false;
         while p.rx_running.load(Ordering::Relaxed) != 0 {
-            if lock(&p.frames).len() >= LOOPBACK_FRAMES {
+            // Room for the largest frame, so the one read is kept.
+            if !lock(&p.frames).has_room(TAP_MAX_FRAME) {
                 full = true;
                 break;
             }
@@ -127,11 +128,17 @@ pub(super) fn reader(inner: Weak<Inner>, pair: usize, tap: Arc<Tap>) {
                     if hdr_len < VirtioNetHdr::SIZE {
                         hdr.num_buffers = 0.into();
                     }
-                    lock(&p.frames).push_back(Frame {
-                        hdr,
-                        data: buf[hdr_len..n].to_vec(),
-                    });
-                    pushed = true;
+                    // Only this thread adds to the queue: the room looked
+                    // at above is still there.
+                    if lock(&p.frames)
+                        .push(Frame {
+                            hdr,
+                            data: buf[hdr_len..n].to_vec(),
+                        })
+                        .is_ok()
+                    {
+                        pushed = true;
+                    }
                 }
                 Ok(n) => log::debug!("tap {}: runt frame of {n} bytes dropped", tap.name()),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -149,7 +156,7 @@ pub(super) fn reader(inner: Weak<Inner>, pair: usize, tap: Arc<Tap>) {
             // Woken when the receive side takes frames (or to look at
             // whether the service is still there).
             let q = lock(&p.frames);
-            if q.len() >= LOOPBACK_FRAMES {
+            if !q.has_room(TAP_MAX_FRAME) {
                 let _ = p.space.wait_timeout(q, Duration::from_millis(100));
             }
             continue;

@@ -13,7 +13,7 @@ use vhost_user_core::feature::{ProtocolFeatures as P, VirtioFeatures as V};
 use vhost_user_core::frontend::FrontendConfig;
 use vhost_user_test::{region, Backend, Buf, GuestRing, Pair, RingSpec};
 
-use super::{NetBackend, NetService};
+use super::{NetBackend, NetService, LOOPBACK_BYTES};
 
 const MIB: u64 = 1 << 20;
 /// Entries of each ring.
@@ -27,7 +27,15 @@ const BUFS: u64 = 0x10_0000;
 /// A started service over `backend` with one queue pair of [`SIZE`]
 /// entries, split rings, VERSION_1 and MRG_RXBUF acked.
 fn rig(backend: NetBackend) -> (Pair<NetService, 2, 8>, GuestRing, GuestRing) {
-    let dev = NetDevice::new(&NetConfig::new()).unwrap();
+    rig_with(&NetConfig::new(), backend)
+}
+
+/// [`rig`] for the device `config` describes.
+fn rig_with(
+    config: &NetConfig,
+    backend: NetBackend,
+) -> (Pair<NetService, 2, 8>, GuestRing, GuestRing) {
+    let dev = NetDevice::new(config).unwrap();
     let offered = dev.offered_features() | V::VERSION_1 | V::PROTOCOL_FEATURES;
     let service = NetService::new(dev, backend).unwrap();
     let protocol = P::MQ | P::REPLY_ACK | P::CONFIG;
@@ -94,4 +102,34 @@ fn null_template_too_big_for_the_most_chains_a_frame_may_span() {
         .unwrap();
     assert_eq!(p.be.serve(0).unwrap(), usize::from(SIZE));
     assert_eq!(k.packets.load(Ordering::Relaxed), 1);
+}
+
+/// A guest that transmits the largest frames its MTU allows and posts no
+/// receive buffers has the loopback hold at most [`LOOPBACK_BYTES`] of
+/// them; the rest are dropped and counted (the count bound alone held
+/// 1024 such frames: 64 MiB).
+#[test]
+fn loopback_holds_at_most_its_bytes_for_a_guest_that_does_not_receive() {
+    let mut config = NetConfig::new();
+    config.mtu = Some(65535);
+    let (mut p, _rx, mut tx) = rig_with(&config, NetBackend::Loopback);
+    const FRAME: usize = 1 << 16;
+    const ROUNDS: usize = 3;
+    // One buffer, the header then the frame, for every chain.
+    for _ in 0..ROUNDS {
+        for _ in 0..SIZE {
+            tx.post(&p.be.mem, &[Buf::readable(BUFS, (12 + FRAME) as u32)])
+                .unwrap();
+        }
+        assert_eq!(p.be.serve(1).unwrap(), usize::from(SIZE));
+        assert_eq!(tx.harvest_all(&p.be.mem).unwrap().len(), usize::from(SIZE));
+    }
+    let sent = ROUNDS * usize::from(SIZE);
+    let fit = LOOPBACK_BYTES / FRAME;
+    assert!(fit < sent);
+    let k = p.be.device.clone();
+    let k = k.counters(1).unwrap();
+    assert_eq!(k.packets.load(Ordering::Relaxed), sent as u64);
+    assert_eq!(k.drops.load(Ordering::Relaxed), (sent - fit) as u64);
+    assert_eq!(p.be.device.queued(0), Some((fit, fit * FRAME)));
 }
