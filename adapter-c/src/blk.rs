@@ -223,20 +223,28 @@ pub unsafe extern "C" fn vhu_blk_offered_features(blk: *mut vhu_blk, out: *mut u
     })
 }
 
+// The control-path callbacks `vhu_blk_device` hands out: C may call them
+// directly, not only through `vhu_backend_handle`, so each runs its body
+// under `guard` as the exported calls do (a panic never unwinds into C).
+
 unsafe extern "C" fn dev_read_config(
     ctx: *mut c_void,
     offset: u32,
     dst: *mut u8,
     len: usize,
 ) -> bool {
-    // SAFETY: `ctx` is the `vhu_blk` of `vhu_blk_device`, initialised and
-    // used by this call only (the caller's contract); `dst` holds `len`
-    // writable bytes (the session passes a live buffer).
-    let (d, dst) = match unsafe { (state::get::<BlkDevice, _>(ctx), state::bytes_mut(dst, len)) } {
-        (Ok(d), Ok(dst)) => (d, dst),
-        _ => return false,
-    };
-    d.read_config(offset, dst).is_ok()
+    let r = guard(|| {
+        #[cfg(all(test, feature = "std"))]
+        tests::panic_point();
+        // SAFETY: `ctx` is the `vhu_blk` of `vhu_blk_device`, initialised
+        // and used by this call only (the caller's contract); `dst` holds
+        // `len` writable bytes (the session passes a live buffer).
+        let d = unsafe { state::get::<BlkDevice, _>(ctx) }?;
+        // SAFETY: as above.
+        let dst = unsafe { state::bytes_mut(dst, len) }?;
+        d.read_config(offset, dst).map_err(|_| VHU_ERR_CONFIG)
+    });
+    r == VHU_OK
 }
 
 unsafe extern "C" fn dev_write_config(
@@ -246,31 +254,46 @@ unsafe extern "C" fn dev_write_config(
     len: usize,
     migration: bool,
 ) -> bool {
-    // SAFETY: as in `dev_read_config`; `src` holds `len` readable bytes.
-    let (d, src) = match unsafe { (state::get::<BlkDevice, _>(ctx), state::slice(src, len)) } {
-        (Ok(d), Ok(src)) => (d, src),
-        _ => return false,
-    };
-    let kind = if migration {
-        ConfigWriteKind::Migration
-    } else {
-        ConfigWriteKind::Frontend
-    };
-    d.write_config(offset, src, kind).is_ok()
+    let r = guard(|| {
+        #[cfg(all(test, feature = "std"))]
+        tests::panic_point();
+        // SAFETY: as in `dev_read_config`.
+        let d = unsafe { state::get::<BlkDevice, _>(ctx) }?;
+        // SAFETY: as in `dev_read_config`; `src` holds `len` readable bytes.
+        let src = unsafe { state::slice(src, len) }?;
+        let kind = if migration {
+            ConfigWriteKind::Migration
+        } else {
+            ConfigWriteKind::Frontend
+        };
+        d.write_config(offset, src, kind)
+            .map_err(|_| VHU_ERR_CONFIG)
+    });
+    r == VHU_OK
 }
 
 unsafe extern "C" fn dev_features_acked(ctx: *mut c_void, features: u64) {
-    // SAFETY: as in `dev_read_config`.
-    if let Ok(d) = unsafe { state::get::<BlkDevice, _>(ctx) } {
+    // Nothing to tell C: a device that is not there acks nothing.
+    let _ = guard(|| {
+        #[cfg(all(test, feature = "std"))]
+        tests::panic_point();
+        // SAFETY: as in `dev_read_config`.
+        let d = unsafe { state::get::<BlkDevice, _>(ctx) }?;
         d.set_features(VirtioFeatures::from_bits_retain(features));
-    }
+        Ok(())
+    });
 }
 
 unsafe extern "C" fn dev_reset(ctx: *mut c_void) {
-    // SAFETY: as in `dev_read_config`.
-    if let Ok(d) = unsafe { state::get::<BlkDevice, _>(ctx) } {
+    // As in `dev_features_acked`.
+    let _ = guard(|| {
+        #[cfg(all(test, feature = "std"))]
+        tests::panic_point();
+        // SAFETY: as in `dev_read_config`.
+        let d = unsafe { state::get::<BlkDevice, _>(ctx) }?;
         d.reset();
-    }
+        Ok(())
+    });
 }
 
 /// The blk device's control path as a `vhu_device` for
@@ -526,4 +549,106 @@ pub unsafe extern "C" fn vhu_blk_request_finish(
         // SAFETY: the caller's contract.
         unsafe { state::put(used_len, n) }
     })
+}
+
+#[cfg(all(test, feature = "std"))]
+mod tests {
+    use super::*;
+    use core::cell::Cell;
+    use std::process::Command;
+
+    std::thread_local! {
+        /// The next [`panic_point`] on this thread panics.
+        static PANIC: Cell<bool> = const { Cell::new(false) };
+    }
+
+    /// Panics once after [`PANIC`] was set: a bug in a callback's body,
+    /// on demand (the code is written not to panic).
+    pub(super) fn panic_point() {
+        if PANIC.with(|p| p.replace(false)) {
+            panic!("a bug in a device callback");
+        }
+    }
+
+    /// Runs this test binary's test `name` alone in a child process with
+    /// `VHU_CHILD` set, and gives its exit status and output: a panic
+    /// that reaches C aborts the process, which the child makes visible
+    /// without taking the other tests down.
+    fn in_child(name: &str) -> std::process::Output {
+        let exe = std::env::current_exe().expect("the test binary");
+        Command::new(exe)
+            .args([name, "--exact", "--nocapture", "--test-threads=1"])
+            .env("VHU_CHILD", "1")
+            .output()
+            .expect("the test binary runs")
+    }
+
+    /// Each device callback, called by C directly with a panic inside,
+    /// returns (false for those that answer) instead of unwinding into C,
+    /// which aborts the process.
+    #[test]
+    fn a_panic_in_a_device_callback_stays_out_of_c() {
+        const NAME: &str = "blk::tests::a_panic_in_a_device_callback_stays_out_of_c";
+        if std::env::var_os("VHU_CHILD").is_none() {
+            let out = in_child(NAME);
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                out.status,
+                std::string::String::from_utf8_lossy(&out.stderr)
+            );
+            return;
+        }
+        let mut storage = std::vec![0u64; vhu_blk_size() / 8 + 1];
+        let blk: *mut vhu_blk = storage.as_mut_ptr().cast();
+        let config = vhu_blk_config {
+            capacity: 2048,
+            blk_size: 512,
+            num_queues: 1,
+            seg_max: 14,
+            size_max: 0,
+            read_only: 0,
+            flush: 1,
+            config_wce: 0,
+            writeback: 1,
+            serial: [0; 20],
+        };
+        let mut dev = vhu_device {
+            ctx: core::ptr::null_mut(),
+            read_config: None,
+            write_config: None,
+            features_acked: None,
+            reset: None,
+        };
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(std::boxed::Box::new(|_| {}));
+        // SAFETY: storage of the blk's size, aligned to 8 (at least
+        // vhu_blk_align()), alive throughout; the callbacks get it as
+        // `ctx` and live buffers of the lengths given.
+        unsafe {
+            assert_eq!(vhu_blk_init(blk, vhu_blk_size(), &config), VHU_OK);
+            assert_eq!(vhu_blk_device(blk, &mut dev), VHU_OK);
+            let (Some(read), Some(write), Some(acked), Some(reset)) = (
+                dev.read_config,
+                dev.write_config,
+                dev.features_acked,
+                dev.reset,
+            ) else {
+                panic!("a callback is missing");
+            };
+            let mut buf = [0u8; 8];
+            assert!(read(dev.ctx, 0, buf.as_mut_ptr(), buf.len()));
+            PANIC.with(|p| p.set(true));
+            assert!(!read(dev.ctx, 0, buf.as_mut_ptr(), buf.len()));
+            PANIC.with(|p| p.set(true));
+            assert!(!write(dev.ctx, 0, buf.as_ptr(), 1, false));
+            PANIC.with(|p| p.set(true));
+            acked(dev.ctx, 0);
+            PANIC.with(|p| p.set(true));
+            reset(dev.ctx);
+            // The device is still there for the calls after.
+            assert!(read(dev.ctx, 0, buf.as_mut_ptr(), buf.len()));
+        }
+        std::panic::set_hook(hook);
+    }
 }

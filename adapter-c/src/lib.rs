@@ -38,7 +38,8 @@
 //! unwrap); with the `std` feature (on by default, for hosted builds) each
 //! call additionally catches a panic at the boundary and returns
 //! `VHU_ERR_INTERNAL`, after which the state object involved must be
-//! initialised again. Without `std` (bare metal) a panic would reach the
+//! initialised again. So do the callbacks this crate hands to C (the blk
+//! device's `vhu_device`), which answer as refused (false) then. Without `std` (bare metal) a panic would reach the
 //! panic handler: the firmware's, or with the `panic-handler` feature one
 //! that parks the core.
 //!
