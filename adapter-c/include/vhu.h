@@ -261,8 +261,9 @@ enum vhu_result
    */
   VHU_ERR_STOPPED = 17,
   /**
-   * Not now: a ring runs, another flow runs, or the state does not
-   * allow the command.
+   * Not now: a ring runs, another flow runs, the state does not allow
+   * the command, or a call is inside the state already (a callback
+   * called back into the library on the state of the call it runs in).
    */
   VHU_ERR_BUSY = 18,
   /**

@@ -550,7 +550,8 @@ pub unsafe extern "C" fn vhu_backend_handle(
         // SAFETY: the caller's contract.
         unsafe { state::put(out, outcome) }?;
         // SAFETY: the caller's contract.
-        let b = unsafe { state::get::<Backend, _>(be) }?;
+        let mut entered = unsafe { state::get::<Backend, _>(be) }?;
+        let b = &mut *entered;
         // The actions of the message before are gone whatever happens
         // next: a message refused here, before the session sees it, must
         // leave none for `vhu_backend_action` (its fd indices would name
@@ -743,7 +744,7 @@ pub unsafe extern "C" fn vhu_backend_finish_stop(
         // SAFETY: the caller's contract.
         unsafe { state::put(reply_len, 0) }?;
         // SAFETY: the caller's contract.
-        let b = unsafe { state::get::<Backend, _>(be) }?;
+        let mut b = unsafe { state::get::<Backend, _>(be) }?;
         // SAFETY: the caller's contract.
         let buf = unsafe { state::bytes_mut(reply, reply_cap) }?;
         let n = b
@@ -796,6 +797,10 @@ pub unsafe extern "C" fn vhu_backend_start_ring(
             .session
             .start_ring(queue, &mem, area.as_ref(), consume_disabled)
             .map_err(result::backend)?;
+        // Leave the session before the data plane's storage is written:
+        // were it the same storage, leaving after would write the
+        // session's tag over the data plane's.
+        drop(b);
         // SAFETY: the caller's contract on `storage`.
         unsafe { dataplane::place(storage, size, dp) }
     })
@@ -833,7 +838,7 @@ pub unsafe extern "C" fn vhu_backend_ring_addrs(
 pub unsafe extern "C" fn vhu_backend_rings_reset(be: *mut vhu_backend) -> vhu_result {
     guard(|| {
         // SAFETY: the caller's contract.
-        let b = unsafe { state::get::<Backend, _>(be) }?;
+        let mut b = unsafe { state::get::<Backend, _>(be) }?;
         b.session.rings_reset();
         Ok(())
     })

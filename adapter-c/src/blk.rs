@@ -258,7 +258,7 @@ unsafe extern "C" fn dev_write_config(
         #[cfg(all(test, feature = "std"))]
         tests::panic_point();
         // SAFETY: as in `dev_read_config`.
-        let d = unsafe { state::get::<BlkDevice, _>(ctx) }?;
+        let mut d = unsafe { state::get::<BlkDevice, _>(ctx) }?;
         // SAFETY: as in `dev_read_config`; `src` holds `len` readable bytes.
         let src = unsafe { state::slice(src, len) }?;
         let kind = if migration {
@@ -278,7 +278,7 @@ unsafe extern "C" fn dev_features_acked(ctx: *mut c_void, features: u64) {
         #[cfg(all(test, feature = "std"))]
         tests::panic_point();
         // SAFETY: as in `dev_read_config`.
-        let d = unsafe { state::get::<BlkDevice, _>(ctx) }?;
+        let mut d = unsafe { state::get::<BlkDevice, _>(ctx) }?;
         d.set_features(VirtioFeatures::from_bits_retain(features));
         Ok(())
     });
@@ -290,7 +290,7 @@ unsafe extern "C" fn dev_reset(ctx: *mut c_void) {
         #[cfg(all(test, feature = "std"))]
         tests::panic_point();
         // SAFETY: as in `dev_read_config`.
-        let d = unsafe { state::get::<BlkDevice, _>(ctx) }?;
+        let mut d = unsafe { state::get::<BlkDevice, _>(ctx) }?;
         d.reset();
         Ok(())
     });
@@ -347,9 +347,9 @@ pub unsafe extern "C" fn vhu_blk_plan(
         // SAFETY: the caller's contract.
         let mem = unsafe { Mem::from_raw(mem) }?;
         // SAFETY: the caller's contract.
-        let plan = unsafe { state::get::<Plan, _>(req) }?;
+        let mut plan = unsafe { state::get::<Plan, _>(req) }?;
         let read = |gpa: u64, dst: &mut [u8]| -> Result<(), MemoryError> { mem.read(gpa, dst) };
-        d.plan_into(segs, &read, plan);
+        d.plan_into(segs, &read, &mut plan);
         Ok(())
     })
 }
@@ -436,7 +436,7 @@ pub unsafe extern "C" fn vhu_blk_request_read_data(
         let mem = unsafe { Mem::from_raw(mem) }?;
         // SAFETY: the caller's contract.
         let dst = unsafe { state::bytes_mut(dst, len) }?;
-        within_data(plan, at, dst.len())?;
+        within_data(&plan, at, dst.len())?;
         let read = |gpa: u64, d: &mut [u8]| -> Result<(), MemoryError> { mem.read(gpa, d) };
         plan.read_data(&read, at, dst).map_err(data_error)
     })
@@ -464,7 +464,7 @@ pub unsafe extern "C" fn vhu_blk_request_write_data(
         let mem = unsafe { Mem::from_raw(mem) }?;
         // SAFETY: the caller's contract.
         let src = unsafe { state::slice(src, len) }?;
-        within_data(plan, at, src.len())?;
+        within_data(&plan, at, src.len())?;
         let write = |gpa: u64, s: &[u8]| -> Result<(), MemoryError> { mem.write(gpa, s) };
         plan.write_data(&write, at, src).map_err(data_error)
     })

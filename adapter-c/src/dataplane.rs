@@ -231,7 +231,9 @@ unsafe fn table<'a>(p: *mut vhu_dataplane, slots: u16) -> &'a mut [Slot] {
 ///
 /// `p` is NULL or points at storage initialised by a `vhu_*_init` (or at
 /// least a tag word), used by no one else for `'a`.
-unsafe fn ring<'a>(p: *mut vhu_dataplane) -> Result<(&'a mut Ring, &'a mut [Slot]), vhu_result> {
+unsafe fn ring<'a>(
+    p: *mut vhu_dataplane,
+) -> Result<(state::Entered<'a, Ring>, &'a mut [Slot]), vhu_result> {
     // SAFETY: the caller's contract.
     let r = unsafe { state::get::<Ring, _>(p) }?;
     let slots = r.slots;
@@ -332,7 +334,8 @@ pub unsafe extern "C" fn vhu_dataplane_pop(
         // SAFETY: the caller's contract.
         unsafe { state::put(nsegs, 0) }?;
         // SAFETY: the caller's contract.
-        let (r, table) = unsafe { ring(dp) }?;
+        let (mut entered, table) = unsafe { ring(dp) }?;
+        let r = &mut *entered;
         // SAFETY: the caller's contract.
         let mem = unsafe { Mem::from_raw(mem) }?;
         // SAFETY: the caller's contract.
@@ -417,7 +420,7 @@ pub unsafe extern "C" fn vhu_dataplane_complete(
             unsafe { state::put(out, vhu_published::VHU_PUBLISHED_NOTHING) }?;
         }
         // SAFETY: the caller's contract.
-        let (r, table) = unsafe { ring(dp) }?;
+        let (mut r, table) = unsafe { ring(dp) }?;
         // SAFETY: the caller's contract.
         let mem = unsafe { Mem::from_raw(mem) }?;
         // SAFETY: the caller's contract.
@@ -464,7 +467,7 @@ pub unsafe extern "C" fn vhu_dataplane_publish(
         // SAFETY: the caller's contract.
         unsafe { state::put(out, vhu_published::VHU_PUBLISHED_NOTHING) }?;
         // SAFETY: the caller's contract.
-        let (r, _) = unsafe { ring(dp) }?;
+        let (mut r, _) = unsafe { ring(dp) }?;
         // SAFETY: the caller's contract.
         let mem = unsafe { Mem::from_raw(mem) }?;
         // SAFETY: the caller's contract.
@@ -494,7 +497,7 @@ pub unsafe extern "C" fn vhu_dataplane_enable_notification(
         // SAFETY: the caller's contract.
         unsafe { state::put(work, false) }?;
         // SAFETY: the caller's contract.
-        let (r, _) = unsafe { ring(dp) }?;
+        let (mut r, _) = unsafe { ring(dp) }?;
         // SAFETY: the caller's contract.
         let mem = unsafe { Mem::from_raw(mem) }?;
         let w = r.dp.enable_notification(&mem).map_err(result::dataplane)?;
@@ -516,7 +519,7 @@ pub unsafe extern "C" fn vhu_dataplane_disable_notification(
 ) -> vhu_result {
     guard(|| {
         // SAFETY: the caller's contract.
-        let (r, _) = unsafe { ring(dp) }?;
+        let (mut r, _) = unsafe { ring(dp) }?;
         // SAFETY: the caller's contract.
         let mem = unsafe { Mem::from_raw(mem) }?;
         r.dp.disable_notification(&mem).map_err(result::dataplane)
@@ -557,7 +560,7 @@ pub unsafe extern "C" fn vhu_dataplane_stop(
             unsafe { state::put(out, vhu_published::VHU_PUBLISHED_NOTHING) }?;
         }
         // SAFETY: the caller's contract.
-        let (r, table) = unsafe { ring(dp) }?;
+        let (mut r, table) = unsafe { ring(dp) }?;
         // SAFETY: the caller's contract.
         let mem = unsafe { Mem::from_raw(mem) }?;
         // SAFETY: the caller's contract.
@@ -593,7 +596,7 @@ pub unsafe extern "C" fn vhu_dataplane_set_enabled(
 ) -> vhu_result {
     guard(|| {
         // SAFETY: the caller's contract.
-        let (r, _) = unsafe { ring(dp) }?;
+        let (mut r, _) = unsafe { ring(dp) }?;
         r.dp.set_enabled(enabled);
         Ok(())
     })
@@ -614,7 +617,7 @@ pub unsafe extern "C" fn vhu_dataplane_set_addrs(
 ) -> vhu_result {
     guard(|| {
         // SAFETY: the caller's contract.
-        let (r, _) = unsafe { ring(dp) }?;
+        let (mut r, _) = unsafe { ring(dp) }?;
         if addrs.is_null() {
             return Err(VHU_ERR_NULL);
         }

@@ -331,7 +331,7 @@ pub unsafe extern "C" fn vhu_frontend_poll_transmit(
         // SAFETY: the caller's contract.
         unsafe { state::put(tx, t) }?;
         // SAFETY: the caller's contract.
-        let f = unsafe { state::get::<CFrontend, _>(fe) }?;
+        let mut f = unsafe { state::get::<CFrontend, _>(fe) }?;
         // SAFETY: the caller's contract.
         let out = unsafe { state::bytes_mut(buf, cap) }?;
         if let Some(m) = f.poll_transmit(out).map_err(result::frontend)? {
@@ -364,7 +364,7 @@ pub unsafe extern "C" fn vhu_frontend_handle_reply(
 ) -> vhu_result {
     guard(|| {
         // SAFETY: the caller's contract.
-        let f = unsafe { state::get::<CFrontend, _>(fe) }?;
+        let mut f = unsafe { state::get::<CFrontend, _>(fe) }?;
         // SAFETY: the caller's contract.
         let msg = unsafe { state::slice(msg, len) }?;
         if msg.len() < HEADER_SIZE {
@@ -405,7 +405,7 @@ pub unsafe extern "C" fn vhu_frontend_poll_event(
         // SAFETY: the caller's contract.
         unsafe { state::put(ev, e) }?;
         // SAFETY: the caller's contract.
-        let f = unsafe { state::get::<CFrontend, _>(fe) }?;
+        let mut f = unsafe { state::get::<CFrontend, _>(fe) }?;
         #[allow(unreachable_patterns)]
         match f.poll_event() {
             None => {}
@@ -464,8 +464,8 @@ unsafe fn command(
 ) -> vhu_result {
     guard(|| {
         // SAFETY: the caller's contract.
-        let fe = unsafe { state::get::<CFrontend, _>(fe) }?;
-        f(fe).map_err(result::frontend)
+        let mut fe = unsafe { state::get::<CFrontend, _>(fe) }?;
+        f(&mut fe).map_err(result::frontend)
     })
 }
 

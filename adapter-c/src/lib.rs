@@ -27,6 +27,13 @@
 //! its storage, moved by copying its bytes, and reset by initialising it
 //! again. One state object is used by one thread at a time.
 //!
+//! A callback of the caller's (guest memory as `vhu_mem_ops`, a
+//! `vhu_device`) may call the library, but not on a state the call it
+//! runs in is using: such a call returns `VHU_ERR_BUSY` and changes
+//! nothing (a state's tag word marks it while a call is inside). A state
+//! the callback initialises again or copies meanwhile is the caller's
+//! contract still: `*_init` does not look at what the storage held.
+//!
 //! # Errors, never panics
 //!
 //! Every call that can fail returns a [`vhu_result`]; `vhu_result_str()`

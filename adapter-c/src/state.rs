@@ -1,15 +1,27 @@
 //! Caller-owned state: a tag word followed by the Rust value, in storage
 //! the caller allocated and sized with `vhu_*_size()`/`vhu_*_align()`.
+//!
+//! The tag also says whether a call is inside the state: [`get`] marks
+//! it ([`BUSY`]) for as long as the [`Entered`] it gives lives, and
+//! refuses a state so marked with `VHU_ERR_BUSY`. A C callback (guest
+//! memory, a device) that calls back into the library on the state of
+//! the call it runs in gets that error instead of a second `&mut` to a
+//! value the first call holds.
 
 use core::mem::{align_of, size_of};
+use core::ops::{Deref, DerefMut};
 use core::ptr;
 
 use crate::result::vhu_result::{self, *};
 
-/// A state kind: its tag, checked by every call that takes the state.
+/// A state kind: its tag, checked by every call that takes the state
+/// (its top bit clear: that is [`BUSY`]).
 pub(crate) trait Kind: Sized {
     const TAG: u32;
 }
+
+/// The tag bit of a state a call is inside.
+const BUSY: u32 = 0x8000_0000;
 
 /// The layout in the caller's storage.
 #[repr(C)]
@@ -66,14 +78,18 @@ pub(crate) unsafe fn init<T: Kind, P>(
     Ok(())
 }
 
-/// The state of kind `T` at `p`.
+/// The state of kind `T` at `p`, entered: marked busy until the
+/// [`Entered`] is dropped. `VHU_ERR_BUSY` if a call is inside it already
+/// (a callback called back).
 ///
 /// # Safety
 ///
 /// `p` is NULL, or points at storage that a `vhu_*_init` of some kind
 /// initialised (or at least `size_of::<u32>()` readable bytes whose tag
-/// is not `T`'s), used by no one else for the lifetime `'a`.
-pub(crate) unsafe fn get<'a, T: Kind, P>(p: *mut P) -> Result<&'a mut T, vhu_result> {
+/// is not `T`'s), that no one but these functions uses for the lifetime
+/// `'a`.
+pub(crate) unsafe fn get<'a, T: Kind, P>(p: *mut P) -> Result<Entered<'a, T>, vhu_result> {
+    const { assert!(T::TAG & BUSY == 0) };
     if p.is_null() {
         return Err(VHU_ERR_NULL);
     }
@@ -81,16 +97,54 @@ pub(crate) unsafe fn get<'a, T: Kind, P>(p: *mut P) -> Result<&'a mut T, vhu_res
         return Err(VHU_ERR_ALIGN);
     }
     let t: *mut Tagged<T> = p.cast();
-    // SAFETY: `t` is non-null and aligned; the tag is the first field of a
-    // repr(C) struct, so it is read as a plain u32 without forming a
-    // reference to a value that may not be there.
-    let tag = unsafe { ptr::addr_of!((*t).tag).read() };
-    if tag != T::TAG {
-        return Err(VHU_ERR_STATE);
+    // The tag is the first field of a repr(C) struct, so it is read and
+    // written as a plain u32 without forming a reference to a value that
+    // may not be there, and apart from the value (the `&mut` to the
+    // value below does not cover it).
+    // SAFETY: `t` is non-null and aligned.
+    let tag = unsafe { ptr::addr_of_mut!((*t).tag) };
+    // SAFETY: `tag` is non-null, aligned and readable (the contract).
+    match unsafe { tag.read() } {
+        v if v == T::TAG => {}
+        v if v == T::TAG | BUSY => return Err(VHU_ERR_BUSY),
+        _ => return Err(VHU_ERR_STATE),
     }
-    // SAFETY: the tag says an init of this kind wrote a valid `T` here,
-    // and the caller's contract gives us exclusive use of it.
-    Ok(unsafe { &mut (*t).value })
+    // SAFETY: as for the read; a state is used by one thread at a time,
+    // so no one changes the tag between the read and this write.
+    unsafe { tag.write(T::TAG | BUSY) };
+    // SAFETY: the tag says an init of this kind wrote a valid `T` here;
+    // the contract and the busy tag (every other way in is refused until
+    // `Entered` is dropped) give us exclusive use of it.
+    let value = unsafe { &mut *ptr::addr_of_mut!((*t).value) };
+    Ok(Entered { tag, value })
+}
+
+/// A state a call is inside (see [`get`]): the value, and its tag to set
+/// back to not busy when the call leaves (also when it unwinds).
+pub(crate) struct Entered<'a, T: Kind> {
+    tag: *mut u32,
+    value: &'a mut T,
+}
+
+impl<T: Kind> Deref for Entered<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        self.value
+    }
+}
+
+impl<T: Kind> DerefMut for Entered<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        self.value
+    }
+}
+
+impl<T: Kind> Drop for Entered<'_, T> {
+    fn drop(&mut self) {
+        // SAFETY: `get` found `tag` aligned and readable, and marked it
+        // busy; the tag is not part of the value `self.value` borrows.
+        unsafe { self.tag.write(T::TAG) };
+    }
 }
 
 /// A slice from a C pointer and length: empty when `len` is 0 (the
