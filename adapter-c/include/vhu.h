@@ -1478,23 +1478,28 @@ vhu_result vhu_blk_request_op(vhu_blk_request *req, vhu_blk_op *out);
 /**
  * Copies `len` data bytes of a WRITE, from byte `at` of its data, out of
  * guest memory into `dst`. `VHU_ERR_INVALID` past the data's end (nothing
- * is copied), `VHU_ERR_MEMORY` if guest memory refuses.
+ * is copied), or if any byte of `dst` lies in guest memory of the table
+ * `mem` (the guest may change it at any time: give the data a buffer of
+ * its own); `VHU_ERR_MEMORY` if guest memory refuses.
  *
  * # Safety
  *
  * `req` points at an initialised request plan; `mem` is NULL or a valid
- * table; `dst` at `len` writable bytes.
+ * table; `dst` at `len` writable bytes, outside guest memory (with
+ * guest memory as callbacks the library cannot check it).
  */
 vhu_result vhu_blk_request_read_data(vhu_blk_request *req, const vhu_mem *mem, uint64_t at, uint8_t *dst, size_t len);
 
 /**
  * Copies `len` bytes from `src` into the data of a READ (or GET_ID) at
- * byte `at` of its data. Errors as `vhu_blk_request_read_data()`.
+ * byte `at` of its data. Errors as `vhu_blk_request_read_data()` (`src`
+ * in guest memory of the table included).
  *
  * # Safety
  *
  * `req` points at an initialised request plan; `mem` is NULL or a valid
- * table; `src` at `len` readable bytes.
+ * table; `src` at `len` readable bytes, outside guest memory (with
+ * guest memory as callbacks the library cannot check it).
  */
 vhu_result vhu_blk_request_write_data(vhu_blk_request *req, const vhu_mem *mem, uint64_t at, const uint8_t *src, size_t len);
 

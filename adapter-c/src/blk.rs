@@ -415,12 +415,15 @@ pub unsafe extern "C" fn vhu_blk_request_op(
 
 /// Copies `len` data bytes of a WRITE, from byte `at` of its data, out of
 /// guest memory into `dst`. `VHU_ERR_INVALID` past the data's end (nothing
-/// is copied), `VHU_ERR_MEMORY` if guest memory refuses.
+/// is copied), or if any byte of `dst` lies in guest memory of the table
+/// `mem` (the guest may change it at any time: give the data a buffer of
+/// its own); `VHU_ERR_MEMORY` if guest memory refuses.
 ///
 /// # Safety
 ///
 /// `req` points at an initialised request plan; `mem` is NULL or a valid
-/// table; `dst` at `len` writable bytes.
+/// table; `dst` at `len` writable bytes, outside guest memory (with
+/// guest memory as callbacks the library cannot check it).
 #[no_mangle]
 pub unsafe extern "C" fn vhu_blk_request_read_data(
     req: *mut vhu_blk_request,
@@ -434,7 +437,13 @@ pub unsafe extern "C" fn vhu_blk_request_read_data(
         let plan = unsafe { state::get::<Plan, _>(req) }?;
         // SAFETY: the caller's contract.
         let mem = unsafe { Mem::from_raw(mem) }?;
-        // SAFETY: the caller's contract.
+        // The copy out of guest memory is a non-overlapping one into a
+        // `&mut` over `dst`, and the guest may write its memory at any
+        // time: a `dst` inside guest memory could be neither.
+        if mem.holds(dst, len) {
+            return Err(VHU_ERR_INVALID);
+        }
+        // SAFETY: the caller's contract; outside the table (checked).
         let dst = unsafe { state::bytes_mut(dst, len) }?;
         within_data(&plan, at, dst.len())?;
         let read = |gpa: u64, d: &mut [u8]| -> Result<(), MemoryError> { mem.read(gpa, d) };
@@ -443,12 +452,14 @@ pub unsafe extern "C" fn vhu_blk_request_read_data(
 }
 
 /// Copies `len` bytes from `src` into the data of a READ (or GET_ID) at
-/// byte `at` of its data. Errors as `vhu_blk_request_read_data()`.
+/// byte `at` of its data. Errors as `vhu_blk_request_read_data()` (`src`
+/// in guest memory of the table included).
 ///
 /// # Safety
 ///
 /// `req` points at an initialised request plan; `mem` is NULL or a valid
-/// table; `src` at `len` readable bytes.
+/// table; `src` at `len` readable bytes, outside guest memory (with
+/// guest memory as callbacks the library cannot check it).
 #[no_mangle]
 pub unsafe extern "C" fn vhu_blk_request_write_data(
     req: *mut vhu_blk_request,
@@ -462,7 +473,11 @@ pub unsafe extern "C" fn vhu_blk_request_write_data(
         let plan = unsafe { state::get::<Plan, _>(req) }?;
         // SAFETY: the caller's contract.
         let mem = unsafe { Mem::from_raw(mem) }?;
-        // SAFETY: the caller's contract.
+        // As in `vhu_blk_request_read_data`, the other way.
+        if mem.holds(src, len) {
+            return Err(VHU_ERR_INVALID);
+        }
+        // SAFETY: the caller's contract; outside the table (checked).
         let src = unsafe { state::slice(src, len) }?;
         within_data(&plan, at, src.len())?;
         let write = |gpa: u64, s: &[u8]| -> Result<(), MemoryError> { mem.write(gpa, s) };

@@ -208,6 +208,17 @@ impl<'a> Mem<'a> {
         unsafe { Self::from_raw(p) }.map(Some)
     }
 
+    /// Whether any of the caller's bytes `[p, p + len)` is in an entry of
+    /// the table. Compared as addresses: nothing is dereferenced. With
+    /// callbacks the library cannot tell, and answers false.
+    pub(crate) fn holds(&self, p: *const u8, len: usize) -> bool {
+        self.regions.iter().filter(|r| used(r)).any(|r| {
+            // `from_raw` checked that the size of an entry in use fits usize.
+            let size = usize::try_from(r.size).unwrap_or(usize::MAX);
+            state::overlap(r.host, size, p, len)
+        })
+    }
+
     /// The entry holding `gpa`, and the offset in it.
     #[inline]
     fn find(&self, gpa: u64) -> Option<(&vhu_region, u64)> {

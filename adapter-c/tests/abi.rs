@@ -10,6 +10,7 @@ use vhost_user_c::backend::*;
 use vhost_user_c::blk::*;
 use vhost_user_c::dataplane::*;
 use vhost_user_c::frontend::*;
+use vhost_user_c::memory::{vhu_mem, vhu_region};
 use vhost_user_c::vhu_result::*;
 
 /// Zeroed storage of `size` bytes aligned to 64 (more than any state
@@ -210,5 +211,111 @@ fn message_headers_are_validated() {
         v2[4] = 2;
         assert_eq!(vhu_message_size(v2.as_ptr(), 12, &mut total), VHU_ERR_WIRE);
         assert_eq!(vhu_message_size(ptr::null(), 12, &mut total), VHU_ERR_NULL);
+    }
+}
+
+/// Plans, over the guest memory table `mem` (one region at guest address
+/// 0, mapped at `host`), a request of type `kind` (0 READ, 1 WRITE) for
+/// one sector: its header at guest address 0, its data at 0x100 and its
+/// status byte at 0x300.
+fn plan_one_sector(host: *mut u8, mem: &vhu_mem, kind: u32, req: *mut vhu_blk_request) {
+    // SAFETY: the region holds 16 bytes at its start, 8-aligned.
+    unsafe {
+        host.cast::<u64>().write(u64::from(kind).to_le()); // type, reserved
+        host.cast::<u64>().add(1).write(1u64.to_le()); // sector
+    }
+    let segs = [
+        vhu_segment {
+            addr: 0,
+            len: 16,
+            writable: false,
+        },
+        vhu_segment {
+            addr: 0x100,
+            len: 512,
+            writable: kind == 0,
+        },
+        vhu_segment {
+            addr: 0x300,
+            len: 1,
+            writable: true,
+        },
+    ];
+    let mut s = Storage::new(vhu_blk_size());
+    let blk: *mut vhu_blk = s.at(0);
+    let mut op = core::mem::MaybeUninit::<vhu_blk_op>::uninit();
+    // SAFETY: storages of the sizes asked; live config, segments, table
+    // (which maps `guest`) and out-value.
+    unsafe {
+        assert_eq!(vhu_blk_init(blk, vhu_blk_size(), &blk_config()), VHU_OK);
+        assert_eq!(vhu_blk_request_init(req, vhu_blk_request_size()), VHU_OK);
+        let r = vhu_blk_plan(blk, segs.as_ptr(), segs.len(), mem, req);
+        assert_eq!(r, VHU_OK);
+        assert_eq!(vhu_blk_request_op(req, op.as_mut_ptr()), VHU_OK);
+        assert_eq!(op.assume_init().len, 512);
+    }
+}
+
+/// A caller buffer for a request's data that lies in guest memory (where
+/// the guest may change it at any time, and which the copy's other end
+/// may overlap) is refused before anything is copied; one of its own is
+/// taken. The guest's bytes are touched through `host` only.
+#[test]
+fn a_data_buffer_in_guest_memory_is_refused() {
+    let mut guest = vec![0u64; 0x1000 / 8];
+    let host = guest.as_mut_ptr().cast::<u8>();
+    let regions = [vhu_region {
+        gpa: 0,
+        size: 0x1000,
+        host,
+    }];
+    let mem = vhu_mem {
+        regions: regions.as_ptr(),
+        count: 1,
+        ops: ptr::null(),
+    };
+    let mut s = Storage::new(vhu_blk_request_size());
+    let req: *mut vhu_blk_request = s.at(0);
+    let mut own = [0x5au8; 512];
+    // A READ: the caller writes the data into the guest's buffer.
+    plan_one_sector(host, &mem, 0, req);
+    // SAFETY: live plan and table; every `src` is `len` readable bytes
+    // (inside `guest`, or `own`).
+    unsafe {
+        // Elsewhere in guest memory than the data.
+        let r = vhu_blk_request_write_data(req, &mem, 0, host.add(0x800), 512);
+        assert_eq!(r, VHU_ERR_INVALID);
+        // The data's own bytes, and a part of them.
+        let r = vhu_blk_request_write_data(req, &mem, 0, host.add(0x100), 512);
+        assert_eq!(r, VHU_ERR_INVALID);
+        let r = vhu_blk_request_write_data(req, &mem, 0, host.add(0x2ff), 1);
+        assert_eq!(r, VHU_ERR_INVALID);
+        let r = vhu_blk_request_write_data(req, &mem, 0, own.as_ptr(), 512);
+        assert_eq!(r, VHU_OK);
+    }
+    // SAFETY: the region's bytes at 0x100..0x300.
+    let data = unsafe { core::slice::from_raw_parts(host.add(0x100), 512) };
+    assert!(data.iter().all(|&b| b == 0x5a));
+    // A WRITE: the caller reads the data out of the guest's buffer.
+    plan_one_sector(host, &mem, 1, req);
+    own = [0; 512];
+    // SAFETY: as above, `dst` writable.
+    unsafe {
+        let r = vhu_blk_request_read_data(req, &mem, 0, host.add(0x800), 512);
+        assert_eq!(r, VHU_ERR_INVALID);
+        let r = vhu_blk_request_read_data(req, &mem, 0, host.add(0x100), 512);
+        assert_eq!(r, VHU_ERR_INVALID);
+        let r = vhu_blk_request_read_data(req, &mem, 0, own.as_mut_ptr(), 512);
+        assert_eq!(r, VHU_OK);
+    }
+    assert!(own.iter().all(|&b| b == 0x5a));
+    // The last byte of guest memory is in it, the address after it not.
+    // SAFETY: as above; the address after the region is only compared
+    // (a copy of 0 bytes touches nothing).
+    unsafe {
+        let r = vhu_blk_request_read_data(req, &mem, 0, host.add(0xfff), 1);
+        assert_eq!(r, VHU_ERR_INVALID);
+        let r = vhu_blk_request_read_data(req, &mem, 0, host.add(0x1000), 0);
+        assert_eq!(r, VHU_OK);
     }
 }
