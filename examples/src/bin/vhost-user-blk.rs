@@ -60,6 +60,9 @@ usage: vhost-user-blk (--socket-path PATH | --fd N) [options]
   --migration          offer them (the default; kept for scripts)
   --channel-timeout-ms N  wait this long for the front-end's ack of a
                        back-end message before disconnecting (default 5000)
+  --message-timeout-ms N  a front-end's message, once begun, must arrive
+                       whole, and each reply be taken, within this long,
+                       or it is disconnected (default 5000; 0: no limit)
   --no-in-order        do not offer VIRTIO_F_IN_ORDER
   --log-level LEVEL    off, error, warn, info, debug, trace (default info)
   --print-capabilities print the back-end's capabilities as JSON and exit
@@ -91,6 +94,7 @@ const OPTIONS: &[&str] = &[
     "migration",
     "no-migration",
     "channel-timeout-ms",
+    "message-timeout-ms",
     "state-timeout-ms",
     "cache",
     "aio",
@@ -322,6 +326,10 @@ fn run() -> Result<(), String> {
     let options = RuntimeOptions {
         channel_timeout: std::time::Duration::from_millis(args.get_or("channel-timeout-ms", 5000)?),
         state_timeout: std::time::Duration::from_millis(args.get_or("state-timeout-ms", 30000)?),
+        message_timeout: match args.get_or("message-timeout-ms", 5000)? {
+            0 => None,
+            ms => Some(std::time::Duration::from_millis(ms)),
+        },
         threads: usize::from(threads),
         spin,
         ..RuntimeOptions::default()
