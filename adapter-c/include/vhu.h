@@ -13,6 +13,14 @@
  * storage too small or not initialised as the expected state return error
  * codes. One state object is used by one thread at a time.
  *
+ * The pointers of one call are apart: no buffer (input or output) may
+ * share a byte with the storage of a state the call takes (vhu_X_size()
+ * bytes, or vhu_dataplane_size() of the ring's size), no output with
+ * another buffer of the call, and no host range of a guest memory table
+ * (vhu_region) with any of them. A call given such pointers returns
+ * VHU_ERR_INVALID before it forms a reference to, or writes, the bytes
+ * they share.
+ *
  * Setting up a back-end:
  *
  *   static _Alignas(16) unsigned char be_mem[8192];
@@ -205,7 +213,10 @@ enum vhu_result
   VHU_ERR_SHORT_BUFFER = 4,
   /**
    * An argument is out of range (a queue index, a status value, a
-   * region whose end overflows, ...).
+   * region whose end overflows, ...), or pointers of one call overlap:
+   * a buffer that shares a byte with a state the call uses, an output
+   * that shares one with another buffer of the call, a guest memory
+   * region whose host range covers either.
    */
   VHU_ERR_INVALID = 5,
   /**
@@ -705,7 +716,10 @@ typedef struct {
 } vhu_backend_config;
 
 /**
- * One region of guest memory mapped into this address space.
+ * One region of guest memory mapped into this address space. Its host
+ * range shares no byte with a state or a buffer of the call it is given
+ * to (`VHU_ERR_INVALID` otherwise): the library copies guest bytes into
+ * it while it holds those.
  */
 typedef struct {
   /**
@@ -1304,9 +1318,10 @@ vhu_result vhu_message_size(const uint8_t *header, size_t len, size_t *total);
  * An error means the message was refused and the connection must end
  * (`VHU_ERR_WIRE` for a malformed message); a request refused with a
  * failed REPLY_ACK is not an error (`out->refused` says why). On error
- * `out` holds no reply and no action. `VHU_ERR_INVALID` if `msg` and
- * `reply` overlap (the message is read while the reply is written: give
- * the reply its own buffer).
+ * `out` holds no reply and no action. `VHU_ERR_INVALID` if `reply` or
+ * `out` shares a byte with the back-end, `msg`, `mem`, `device` or each
+ * other, or an entry of the table `mem` maps any of them (the message is
+ * read while the reply is written: give each its own bytes).
  *
  * # Safety
  *
@@ -1480,7 +1495,8 @@ vhu_result vhu_blk_request_op(vhu_blk_request *req, vhu_blk_op *out);
  * guest memory into `dst`. `VHU_ERR_INVALID` past the data's end (nothing
  * is copied), or if any byte of `dst` lies in guest memory of the table
  * `mem` (the guest may change it at any time: give the data a buffer of
- * its own); `VHU_ERR_MEMORY` if guest memory refuses.
+ * its own) or in the request plan; `VHU_ERR_MEMORY` if guest memory
+ * refuses.
  *
  * # Safety
  *

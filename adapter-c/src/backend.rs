@@ -28,7 +28,7 @@ use crate::dataplane::{self, vhu_dataplane};
 use crate::memory::{vhu_mem, vhu_mem_region, Mem};
 use crate::result::vhu_result::{self, *};
 use crate::result::{self, guard};
-use crate::state::{self, Kind};
+use crate::state::{self, Footprint, Kind};
 
 /// Most queues a back-end session has.
 pub const VHU_MAX_QUEUES: u16 = 16;
@@ -451,6 +451,9 @@ pub unsafe extern "C" fn vhu_backend_init(
 ) -> vhu_result {
     guard(|| {
         state::storage::<Backend, _>(storage, size, vhu_backend_size())?;
+        let mut fp = Footprint::new();
+        fp.writes(storage.cast::<u8>(), vhu_backend_size())?;
+        fp.reads(config, 1)?;
         if config.is_null() {
             return Err(VHU_ERR_NULL);
         }
@@ -496,6 +499,9 @@ pub unsafe extern "C" fn vhu_message_size(
     total: *mut usize,
 ) -> vhu_result {
     guard(|| {
+        let mut fp = Footprint::new();
+        fp.reads(header, len)?;
+        fp.writes(total, 1)?;
         // SAFETY: the caller's contract.
         let bytes = unsafe { state::slice(header, len) }?;
         if bytes.len() < HEADER_SIZE {
@@ -516,9 +522,10 @@ pub unsafe extern "C" fn vhu_message_size(
 /// An error means the message was refused and the connection must end
 /// (`VHU_ERR_WIRE` for a malformed message); a request refused with a
 /// failed REPLY_ACK is not an error (`out->refused` says why). On error
-/// `out` holds no reply and no action. `VHU_ERR_INVALID` if `msg` and
-/// `reply` overlap (the message is read while the reply is written: give
-/// the reply its own buffer).
+/// `out` holds no reply and no action. `VHU_ERR_INVALID` if `reply` or
+/// `out` shares a byte with the back-end, `msg`, `mem`, `device` or each
+/// other, or an entry of the table `mem` maps any of them (the message is
+/// read while the reply is written: give each its own bytes).
 ///
 /// # Safety
 ///
@@ -546,7 +553,17 @@ pub unsafe extern "C" fn vhu_backend_handle(
             actions: 0,
             refused: VHU_OK,
         };
-        // Every pointer is checked before the session changes.
+        // Every pointer is checked before the session changes. The
+        // session reads the message while it writes the reply: a `&mut`
+        // over bytes that `msg` (or the session's own value) also covers
+        // would break Rust's aliasing rules.
+        let mut fp = Footprint::new();
+        // SAFETY: the caller's contract.
+        unsafe { fp.state::<Backend, _>(be) }?;
+        fp.reads(msg, len)?;
+        fp.reads(device, 1)?;
+        fp.writes(reply, reply_cap)?;
+        fp.writes(out, 1)?;
         // SAFETY: the caller's contract.
         unsafe { state::put(out, outcome) }?;
         // SAFETY: the caller's contract.
@@ -560,17 +577,11 @@ pub unsafe extern "C" fn vhu_backend_handle(
         // SAFETY: the caller's contract.
         let msg = unsafe { state::slice(msg, len) }?;
         // SAFETY: the caller's contract.
-        let mem = unsafe { Mem::from_raw(mem) }?;
+        let mem = unsafe { Mem::from_raw(mem, &mut fp) }?;
         // SAFETY: the caller's contract.
         let mut device = unsafe { CDevice::from_raw(device) }?;
-        // The session reads the message while it writes the reply: a
-        // `&mut` over bytes that `msg` also covers would break Rust's
-        // aliasing rules (the compiler may assume the message does not
-        // change while the reply is written).
-        if state::overlap(msg.as_ptr(), msg.len(), reply, reply_cap) {
-            return Err(VHU_ERR_INVALID);
-        }
-        // SAFETY: the caller's contract; disjoint from `msg` (checked).
+        // SAFETY: the caller's contract; apart from everything else the
+        // call uses (claimed).
         let reply = unsafe { state::bytes_mut(reply, reply_cap) }?;
         if msg.len() < HEADER_SIZE {
             return Err(VHU_ERR_SHORT_BUFFER);
@@ -714,6 +725,10 @@ pub unsafe extern "C" fn vhu_backend_action(
     out: *mut vhu_action,
 ) -> vhu_result {
     guard(|| {
+        let mut fp = Footprint::new();
+        // SAFETY: the caller's contract.
+        unsafe { fp.state::<Backend, _>(be) }?;
+        fp.writes(out, 1)?;
         // SAFETY: the caller's contract.
         let b = unsafe { state::get::<Backend, _>(be) }?;
         let a = b.outcome.actions.get(index).ok_or(VHU_ERR_INVALID)?;
@@ -741,6 +756,11 @@ pub unsafe extern "C" fn vhu_backend_finish_stop(
     reply_len: *mut usize,
 ) -> vhu_result {
     guard(|| {
+        let mut fp = Footprint::new();
+        // SAFETY: the caller's contract.
+        unsafe { fp.state::<Backend, _>(be) }?;
+        fp.writes(reply, reply_cap)?;
+        fp.writes(reply_len, 1)?;
         // SAFETY: the caller's contract.
         unsafe { state::put(reply_len, 0) }?;
         // SAFETY: the caller's contract.
@@ -779,27 +799,29 @@ pub unsafe extern "C" fn vhu_backend_start_ring(
     size: usize,
 ) -> vhu_result {
     guard(|| {
+        let mut fp = Footprint::new();
+        // SAFETY: the caller's contract.
+        unsafe { fp.state::<Backend, _>(be) }?;
         // SAFETY: the caller's contract.
         let b = unsafe { state::get::<Backend, _>(be) }?;
-        // SAFETY: the caller's contract.
-        let mem = unsafe { Mem::from_raw(mem) }?;
-        // SAFETY: the caller's contract.
-        let area = unsafe { Mem::optional(area) }?;
         // The storage must hold the ring's token table before the session
-        // starts the ring (an unknown queue is the session's error).
+        // starts the ring (an unknown queue is the session's error), and
+        // be apart from the session and the tables (the ring is started
+        // from guest memory while the session is held).
         let num = b.session.ring(queue).map_or(0, |r| r.num);
-        state::storage::<dataplane::Ring, _>(
-            storage,
-            size,
-            dataplane::vhu_dataplane_size(num).max(dataplane::fixed_size()),
-        )?;
+        let need = dataplane::vhu_dataplane_size(num).max(dataplane::fixed_size());
+        state::storage::<dataplane::Ring, _>(storage, size, need)?;
+        fp.writes(storage.cast::<u8>(), need)?;
+        // SAFETY: the caller's contract.
+        let mem = unsafe { Mem::from_raw(mem, &mut fp) }?;
+        // SAFETY: the caller's contract.
+        let area = unsafe { Mem::optional(area, &mut fp) }?;
         let dp = b
             .session
             .start_ring(queue, &mem, area.as_ref(), consume_disabled)
             .map_err(result::backend)?;
-        // Leave the session before the data plane's storage is written:
-        // were it the same storage, leaving after would write the
-        // session's tag over the data plane's.
+        // Leave the session before the data plane's storage is written
+        // (apart from it: claimed above).
         drop(b);
         // SAFETY: the caller's contract on `storage`.
         unsafe { dataplane::place(storage, size, dp) }
@@ -820,6 +842,10 @@ pub unsafe extern "C" fn vhu_backend_ring_addrs(
     out: *mut vhu_ring_addrs,
 ) -> vhu_result {
     guard(|| {
+        let mut fp = Footprint::new();
+        // SAFETY: the caller's contract.
+        unsafe { fp.state::<Backend, _>(be) }?;
+        fp.writes(out, 1)?;
         // SAFETY: the caller's contract.
         let b = unsafe { state::get::<Backend, _>(be) }?;
         let a = b.session.ring_addrs(queue).map_err(result::backend)?;
@@ -857,6 +883,11 @@ pub unsafe extern "C" fn vhu_backend_features(
     protocol: *mut u64,
 ) -> vhu_result {
     guard(|| {
+        let mut fp = Footprint::new();
+        // SAFETY: the caller's contract.
+        unsafe { fp.state::<Backend, _>(be) }?;
+        fp.writes(features, 1)?;
+        fp.writes(protocol, 1)?;
         // SAFETY: the caller's contract.
         let b = unsafe { state::get::<Backend, _>(be) }?;
         if !features.is_null() {

@@ -21,7 +21,7 @@ use crate::dataplane::{vhu_segment, VHU_MAX_CHAIN};
 use crate::memory::{vhu_mem, Mem};
 use crate::result::guard;
 use crate::result::vhu_result::{self, *};
-use crate::state::{self, Kind};
+use crate::state::{self, Footprint, Kind};
 
 /// A virtio-blk device model (opaque; `vhu_blk_size()` bytes aligned to
 /// `vhu_blk_align()`).
@@ -168,6 +168,9 @@ pub unsafe extern "C" fn vhu_blk_init(
 ) -> vhu_result {
     guard(|| {
         state::storage::<BlkDevice, _>(storage, size, vhu_blk_size())?;
+        let mut fp = Footprint::new();
+        fp.writes(storage.cast::<u8>(), vhu_blk_size())?;
+        fp.reads(config, 1)?;
         if config.is_null() {
             return Err(VHU_ERR_NULL);
         }
@@ -216,9 +219,13 @@ pub unsafe extern "C" fn vhu_blk_request_init(
 #[no_mangle]
 pub unsafe extern "C" fn vhu_blk_offered_features(blk: *mut vhu_blk, out: *mut u64) -> vhu_result {
     guard(|| {
+        let mut fp = Footprint::new();
+        // SAFETY: the caller's contract.
+        unsafe { fp.state::<BlkDevice, _>(blk) }?;
+        fp.writes(out, 1)?;
         // SAFETY: the caller's contract.
         let d = unsafe { state::get::<BlkDevice, _>(blk) }?;
-        // SAFETY: the caller's contract.
+        // SAFETY: the caller's contract; apart from the device (claimed).
         unsafe { state::put(out, d.offered_features().bits()) }
     })
 }
@@ -236,9 +243,13 @@ unsafe extern "C" fn dev_read_config(
     let r = guard(|| {
         #[cfg(all(test, feature = "std"))]
         tests::panic_point();
+        let mut fp = Footprint::new();
         // SAFETY: `ctx` is the `vhu_blk` of `vhu_blk_device`, initialised
-        // and used by this call only (the caller's contract); `dst` holds
-        // `len` writable bytes (the session passes a live buffer).
+        // and used by this call only (the caller's contract).
+        unsafe { fp.state::<BlkDevice, _>(ctx) }?;
+        fp.writes(dst, len)?;
+        // SAFETY: as above; `dst` holds `len` writable bytes (the session
+        // passes a live buffer), apart from the device (claimed).
         let d = unsafe { state::get::<BlkDevice, _>(ctx) }?;
         // SAFETY: as above.
         let dst = unsafe { state::bytes_mut(dst, len) }?;
@@ -257,6 +268,10 @@ unsafe extern "C" fn dev_write_config(
     let r = guard(|| {
         #[cfg(all(test, feature = "std"))]
         tests::panic_point();
+        let mut fp = Footprint::new();
+        // SAFETY: as in `dev_read_config`.
+        unsafe { fp.state::<BlkDevice, _>(ctx) }?;
+        fp.reads(src, len)?;
         // SAFETY: as in `dev_read_config`.
         let mut d = unsafe { state::get::<BlkDevice, _>(ctx) }?;
         // SAFETY: as in `dev_read_config`; `src` holds `len` readable bytes.
@@ -307,6 +322,10 @@ unsafe extern "C" fn dev_reset(ctx: *mut c_void) {
 #[no_mangle]
 pub unsafe extern "C" fn vhu_blk_device(blk: *mut vhu_blk, out: *mut vhu_device) -> vhu_result {
     guard(|| {
+        let mut fp = Footprint::new();
+        // SAFETY: the caller's contract.
+        unsafe { fp.state::<BlkDevice, _>(blk) }?;
+        fp.writes(out, 1)?;
         // SAFETY: the caller's contract.
         unsafe { state::get::<BlkDevice, _>(blk) }?;
         let d = vhu_device {
@@ -340,12 +359,18 @@ pub unsafe extern "C" fn vhu_blk_plan(
     req: *mut vhu_blk_request,
 ) -> vhu_result {
     guard(|| {
+        let mut fp = Footprint::new();
+        // SAFETY: the caller's contract.
+        unsafe { fp.state::<BlkDevice, _>(blk) }?;
+        // SAFETY: the caller's contract.
+        unsafe { fp.state::<Plan, _>(req) }?;
+        fp.reads(segs, nsegs)?;
         // SAFETY: the caller's contract.
         let d = unsafe { state::get::<BlkDevice, _>(blk) }?;
         // SAFETY: the caller's contract.
         let segs = unsafe { state::slice(segs, nsegs) }?;
         // SAFETY: the caller's contract.
-        let mem = unsafe { Mem::from_raw(mem) }?;
+        let mem = unsafe { Mem::from_raw(mem, &mut fp) }?;
         // SAFETY: the caller's contract.
         let mut plan = unsafe { state::get::<Plan, _>(req) }?;
         let read = |gpa: u64, dst: &mut [u8]| -> Result<(), MemoryError> { mem.read(gpa, dst) };
@@ -376,6 +401,10 @@ pub unsafe extern "C" fn vhu_blk_request_op(
     out: *mut vhu_blk_op,
 ) -> vhu_result {
     guard(|| {
+        let mut fp = Footprint::new();
+        // SAFETY: the caller's contract.
+        unsafe { fp.state::<Plan, _>(req) }?;
+        fp.writes(out, 1)?;
         // SAFETY: the caller's contract.
         let plan = unsafe { state::get::<Plan, _>(req) }?;
         let mut op = vhu_blk_op {
@@ -417,7 +446,8 @@ pub unsafe extern "C" fn vhu_blk_request_op(
 /// guest memory into `dst`. `VHU_ERR_INVALID` past the data's end (nothing
 /// is copied), or if any byte of `dst` lies in guest memory of the table
 /// `mem` (the guest may change it at any time: give the data a buffer of
-/// its own); `VHU_ERR_MEMORY` if guest memory refuses.
+/// its own) or in the request plan; `VHU_ERR_MEMORY` if guest memory
+/// refuses.
 ///
 /// # Safety
 ///
@@ -433,17 +463,20 @@ pub unsafe extern "C" fn vhu_blk_request_read_data(
     len: usize,
 ) -> vhu_result {
     guard(|| {
+        // The copy out of guest memory is a non-overlapping one into a
+        // `&mut` over `dst`, and the guest may write its memory at any
+        // time: a `dst` inside guest memory (or the plan) could be
+        // neither.
+        let mut fp = Footprint::new();
+        // SAFETY: the caller's contract.
+        unsafe { fp.state::<Plan, _>(req) }?;
+        fp.writes(dst, len)?;
         // SAFETY: the caller's contract.
         let plan = unsafe { state::get::<Plan, _>(req) }?;
         // SAFETY: the caller's contract.
-        let mem = unsafe { Mem::from_raw(mem) }?;
-        // The copy out of guest memory is a non-overlapping one into a
-        // `&mut` over `dst`, and the guest may write its memory at any
-        // time: a `dst` inside guest memory could be neither.
-        if mem.holds(dst, len) {
-            return Err(VHU_ERR_INVALID);
-        }
-        // SAFETY: the caller's contract; outside the table (checked).
+        let mem = unsafe { Mem::from_raw(mem, &mut fp) }?;
+        // SAFETY: the caller's contract; outside the plan and the table
+        // (claimed).
         let dst = unsafe { state::bytes_mut(dst, len) }?;
         within_data(&plan, at, dst.len())?;
         let read = |gpa: u64, d: &mut [u8]| -> Result<(), MemoryError> { mem.read(gpa, d) };
@@ -469,15 +502,17 @@ pub unsafe extern "C" fn vhu_blk_request_write_data(
     len: usize,
 ) -> vhu_result {
     guard(|| {
+        // As in `vhu_blk_request_read_data`, the other way.
+        let mut fp = Footprint::new();
+        // SAFETY: the caller's contract.
+        unsafe { fp.state::<Plan, _>(req) }?;
+        fp.reads(src, len)?;
         // SAFETY: the caller's contract.
         let plan = unsafe { state::get::<Plan, _>(req) }?;
         // SAFETY: the caller's contract.
-        let mem = unsafe { Mem::from_raw(mem) }?;
-        // As in `vhu_blk_request_read_data`, the other way.
-        if mem.holds(src, len) {
-            return Err(VHU_ERR_INVALID);
-        }
-        // SAFETY: the caller's contract; outside the table (checked).
+        let mem = unsafe { Mem::from_raw(mem, &mut fp) }?;
+        // SAFETY: the caller's contract; outside the plan and the table
+        // (claimed).
         let src = unsafe { state::slice(src, len) }?;
         within_data(&plan, at, src.len())?;
         let write = |gpa: u64, s: &[u8]| -> Result<(), MemoryError> { mem.write(gpa, s) };
@@ -515,12 +550,17 @@ pub unsafe extern "C" fn vhu_blk_get_id(
     mem: *const vhu_mem,
 ) -> vhu_result {
     guard(|| {
+        let mut fp = Footprint::new();
+        // SAFETY: the caller's contract.
+        unsafe { fp.state::<BlkDevice, _>(blk) }?;
+        // SAFETY: the caller's contract.
+        unsafe { fp.state::<Plan, _>(req) }?;
         // SAFETY: the caller's contract.
         let d = unsafe { state::get::<BlkDevice, _>(blk) }?;
         // SAFETY: the caller's contract.
         let plan = unsafe { state::get::<Plan, _>(req) }?;
         // SAFETY: the caller's contract.
-        let mem = unsafe { Mem::from_raw(mem) }?;
+        let mem = unsafe { Mem::from_raw(mem, &mut fp) }?;
         let BlkOp::GetId { len } = plan.op() else {
             return Err(VHU_ERR_INVALID);
         };
@@ -547,12 +587,16 @@ pub unsafe extern "C" fn vhu_blk_request_finish(
     used_len: *mut u32,
 ) -> vhu_result {
     guard(|| {
+        let mut fp = Footprint::new();
+        // SAFETY: the caller's contract.
+        unsafe { fp.state::<Plan, _>(req) }?;
+        fp.writes(used_len, 1)?;
         // SAFETY: the caller's contract.
         unsafe { state::put(used_len, 0) }?;
         // SAFETY: the caller's contract.
         let plan = unsafe { state::get::<Plan, _>(req) }?;
         // SAFETY: the caller's contract.
-        let mem = unsafe { Mem::from_raw(mem) }?;
+        let mem = unsafe { Mem::from_raw(mem, &mut fp) }?;
         let st = status(status_value)?;
         let write = |gpa: u64, s: &[u8]| -> Result<(), MemoryError> { mem.write(gpa, s) };
         // A status the guest cannot be told about completes with length

@@ -19,7 +19,7 @@ use crate::backend::vhu_ring_addrs;
 use crate::memory::{vhu_mem, Mem};
 use crate::result::vhu_result::{self, *};
 use crate::result::{self, guard};
-use crate::state::{self, Kind};
+use crate::state::{self, Footprint, Kind};
 
 /// Most segments (descriptors with bytes) of one chain: the segment
 /// buffer of `vhu_dataplane_pop()` has room for this many. A longer chain
@@ -264,6 +264,8 @@ pub unsafe extern "C" fn vhu_dataplane_init(
 ) -> vhu_result {
     guard(|| {
         state::storage::<Ring, _>(storage, size, fixed_size())?;
+        let mut fp = Footprint::new();
+        fp.reads(config, 1)?;
         if config.is_null() {
             return Err(VHU_ERR_NULL);
         }
@@ -272,10 +274,13 @@ pub unsafe extern "C" fn vhu_dataplane_init(
         }
         // SAFETY: non-null, aligned, readable by the caller's contract.
         let c = unsafe { config.read() };
+        // The bytes `place` writes (a ring size `Queue::new` refuses
+        // writes none).
+        fp.writes(storage.cast::<u8>(), vhu_dataplane_size(c.size))?;
         // SAFETY: the caller's contract.
-        let mem = unsafe { Mem::from_raw(mem) }?;
+        let mem = unsafe { Mem::from_raw(mem, &mut fp) }?;
         // SAFETY: the caller's contract.
-        let area = unsafe { Mem::optional(area) }?;
+        let area = unsafe { Mem::optional(area, &mut fp) }?;
         let features = VirtioFeatures::from_bits_retain(c.features);
         let mut q = Queue::new(c.size, c.addrs.into(), features).map_err(result::vring)?;
         q.set_base(c.base).map_err(result::vring)?;
@@ -329,6 +334,12 @@ pub unsafe extern "C" fn vhu_dataplane_pop(
             id: 0,
             side_effects: false,
         };
+        let mut fp = Footprint::new();
+        // SAFETY: the caller's contract.
+        unsafe { fp.state::<Ring, _>(dp) }?;
+        fp.writes(token, 1)?;
+        fp.writes(nsegs, 1)?;
+        fp.writes(segs, segs_cap)?;
         // SAFETY: the caller's contract.
         unsafe { state::put(token, none) }?;
         // SAFETY: the caller's contract.
@@ -337,9 +348,9 @@ pub unsafe extern "C" fn vhu_dataplane_pop(
         let (mut entered, table) = unsafe { ring(dp) }?;
         let r = &mut *entered;
         // SAFETY: the caller's contract.
-        let mem = unsafe { Mem::from_raw(mem) }?;
+        let mem = unsafe { Mem::from_raw(mem, &mut fp) }?;
         // SAFETY: the caller's contract.
-        let area = unsafe { Mem::optional(area) }?;
+        let area = unsafe { Mem::optional(area, &mut fp) }?;
         if segs.is_null() {
             return Err(VHU_ERR_NULL);
         }
@@ -379,7 +390,8 @@ pub unsafe extern "C" fn vhu_dataplane_pop(
             };
             // SAFETY: `segs` is non-null, aligned, has room for CHAIN
             // entries (the caller's contract, checked against
-            // `segs_cap`), and a chain holds at most CHAIN segments.
+            // `segs_cap`), and a chain holds at most CHAIN segments; it is
+            // apart from the data plane and guest memory (claimed).
             unsafe { segs.add(i).write(v) };
         }
         let got = vhu_token {
@@ -415,6 +427,10 @@ pub unsafe extern "C" fn vhu_dataplane_complete(
     out: *mut vhu_published,
 ) -> vhu_result {
     guard(|| {
+        let mut fp = Footprint::new();
+        // SAFETY: the caller's contract.
+        unsafe { fp.state::<Ring, _>(dp) }?;
+        fp.writes(out, 1)?;
         if !out.is_null() {
             // SAFETY: the caller's contract.
             unsafe { state::put(out, vhu_published::VHU_PUBLISHED_NOTHING) }?;
@@ -422,9 +438,9 @@ pub unsafe extern "C" fn vhu_dataplane_complete(
         // SAFETY: the caller's contract.
         let (mut r, table) = unsafe { ring(dp) }?;
         // SAFETY: the caller's contract.
-        let mem = unsafe { Mem::from_raw(mem) }?;
+        let mem = unsafe { Mem::from_raw(mem, &mut fp) }?;
         // SAFETY: the caller's contract.
-        let area = unsafe { Mem::optional(area) }?;
+        let area = unsafe { Mem::optional(area, &mut fp) }?;
         let slot = usize::try_from(handle)
             .ok()
             .and_then(|i| table.get_mut(i))
@@ -464,14 +480,18 @@ pub unsafe extern "C" fn vhu_dataplane_publish(
     out: *mut vhu_published,
 ) -> vhu_result {
     guard(|| {
+        let mut fp = Footprint::new();
+        // SAFETY: the caller's contract.
+        unsafe { fp.state::<Ring, _>(dp) }?;
+        fp.writes(out, 1)?;
         // SAFETY: the caller's contract.
         unsafe { state::put(out, vhu_published::VHU_PUBLISHED_NOTHING) }?;
         // SAFETY: the caller's contract.
         let (mut r, _) = unsafe { ring(dp) }?;
         // SAFETY: the caller's contract.
-        let mem = unsafe { Mem::from_raw(mem) }?;
+        let mem = unsafe { Mem::from_raw(mem, &mut fp) }?;
         // SAFETY: the caller's contract.
-        let area = unsafe { Mem::optional(area) }?;
+        let area = unsafe { Mem::optional(area, &mut fp) }?;
         let p =
             r.dp.publish(&mem, area.as_ref())
                 .map_err(result::dataplane)?;
@@ -494,12 +514,16 @@ pub unsafe extern "C" fn vhu_dataplane_enable_notification(
     work: *mut bool,
 ) -> vhu_result {
     guard(|| {
+        let mut fp = Footprint::new();
+        // SAFETY: the caller's contract.
+        unsafe { fp.state::<Ring, _>(dp) }?;
+        fp.writes(work, 1)?;
         // SAFETY: the caller's contract.
         unsafe { state::put(work, false) }?;
         // SAFETY: the caller's contract.
         let (mut r, _) = unsafe { ring(dp) }?;
         // SAFETY: the caller's contract.
-        let mem = unsafe { Mem::from_raw(mem) }?;
+        let mem = unsafe { Mem::from_raw(mem, &mut fp) }?;
         let w = r.dp.enable_notification(&mem).map_err(result::dataplane)?;
         // SAFETY: the caller's contract.
         unsafe { state::put(work, w) }
@@ -518,10 +542,13 @@ pub unsafe extern "C" fn vhu_dataplane_disable_notification(
     mem: *const vhu_mem,
 ) -> vhu_result {
     guard(|| {
+        let mut fp = Footprint::new();
+        // SAFETY: the caller's contract.
+        unsafe { fp.state::<Ring, _>(dp) }?;
         // SAFETY: the caller's contract.
         let (mut r, _) = unsafe { ring(dp) }?;
         // SAFETY: the caller's contract.
-        let mem = unsafe { Mem::from_raw(mem) }?;
+        let mem = unsafe { Mem::from_raw(mem, &mut fp) }?;
         r.dp.disable_notification(&mem).map_err(result::dataplane)
     })
 }
@@ -551,6 +578,12 @@ pub unsafe extern "C" fn vhu_dataplane_stop(
     out: *mut vhu_published,
 ) -> vhu_result {
     guard(|| {
+        let mut fp = Footprint::new();
+        // SAFETY: the caller's contract.
+        unsafe { fp.state::<Ring, _>(dp) }?;
+        fp.writes(stopped, 1)?;
+        fp.writes(base, 1)?;
+        fp.writes(out, 1)?;
         // SAFETY: the caller's contract.
         unsafe { state::put(stopped, false) }?;
         // SAFETY: the caller's contract.
@@ -562,9 +595,9 @@ pub unsafe extern "C" fn vhu_dataplane_stop(
         // SAFETY: the caller's contract.
         let (mut r, table) = unsafe { ring(dp) }?;
         // SAFETY: the caller's contract.
-        let mem = unsafe { Mem::from_raw(mem) }?;
+        let mem = unsafe { Mem::from_raw(mem, &mut fp) }?;
         // SAFETY: the caller's contract.
-        let area = unsafe { Mem::optional(area) }?;
+        let area = unsafe { Mem::optional(area, &mut fp) }?;
         let (stop, p) = r.dp.stop(&mem, area.as_ref(), suspend);
         if let Stop::Stopped { base: b } = stop {
             for s in table.iter_mut() {
@@ -616,6 +649,10 @@ pub unsafe extern "C" fn vhu_dataplane_set_addrs(
     addrs: *const vhu_ring_addrs,
 ) -> vhu_result {
     guard(|| {
+        let mut fp = Footprint::new();
+        // SAFETY: the caller's contract.
+        unsafe { fp.state::<Ring, _>(dp) }?;
+        fp.reads(addrs, 1)?;
         // SAFETY: the caller's contract.
         let (mut r, _) = unsafe { ring(dp) }?;
         if addrs.is_null() {
@@ -642,6 +679,10 @@ pub unsafe extern "C" fn vhu_dataplane_get_info(
     out: *mut vhu_dataplane_info,
 ) -> vhu_result {
     guard(|| {
+        let mut fp = Footprint::new();
+        // SAFETY: the caller's contract.
+        unsafe { fp.state::<Ring, _>(dp) }?;
+        fp.writes(out, 1)?;
         // SAFETY: the caller's contract.
         let (r, _) = unsafe { ring(dp) }?;
         let d = &r.dp;

@@ -20,7 +20,7 @@ use crate::backend::vhu_ring_addrs;
 use crate::memory::vhu_mem_region;
 use crate::result::vhu_result::{self, *};
 use crate::result::{self, guard};
-use crate::state::{self, Kind};
+use crate::state::{self, Footprint, Kind};
 
 /// Most queues a front-end configures.
 pub const VHU_FRONTEND_MAX_QUEUES: u32 = 16;
@@ -233,6 +233,9 @@ pub unsafe extern "C" fn vhu_frontend_init(
 ) -> vhu_result {
     guard(|| {
         state::storage::<CFrontend, _>(storage, size, vhu_frontend_size())?;
+        let mut fp = Footprint::new();
+        fp.writes(storage.cast::<u8>(), vhu_frontend_size())?;
+        fp.reads(config, 1)?;
         if config.is_null() {
             return Err(VHU_ERR_NULL);
         }
@@ -241,6 +244,8 @@ pub unsafe extern "C" fn vhu_frontend_init(
         }
         // SAFETY: non-null, aligned, readable by the caller's contract.
         let c = unsafe { config.read() };
+        fp.reads(c.queues, c.num_queues)?;
+        fp.reads(c.regions, c.num_regions)?;
         // SAFETY: the caller's contract.
         let queues = unsafe { state::slice(c.queues, c.num_queues) }?;
         // SAFETY: the caller's contract.
@@ -328,6 +333,11 @@ pub unsafe extern "C" fn vhu_frontend_poll_transmit(
                 index: 0,
             }; 8],
         };
+        let mut fp = Footprint::new();
+        // SAFETY: the caller's contract.
+        unsafe { fp.state::<CFrontend, _>(fe) }?;
+        fp.writes(buf, cap)?;
+        fp.writes(tx, 1)?;
         // SAFETY: the caller's contract.
         unsafe { state::put(tx, t) }?;
         // SAFETY: the caller's contract.
@@ -363,6 +373,10 @@ pub unsafe extern "C" fn vhu_frontend_handle_reply(
     nfds: usize,
 ) -> vhu_result {
     guard(|| {
+        let mut fp = Footprint::new();
+        // SAFETY: the caller's contract.
+        unsafe { fp.state::<CFrontend, _>(fe) }?;
+        fp.reads(msg, len)?;
         // SAFETY: the caller's contract.
         let mut f = unsafe { state::get::<CFrontend, _>(fe) }?;
         // SAFETY: the caller's contract.
@@ -402,6 +416,10 @@ pub unsafe extern "C" fn vhu_frontend_poll_event(
             len: 0,
             data: [0; 256],
         };
+        let mut fp = Footprint::new();
+        // SAFETY: the caller's contract.
+        unsafe { fp.state::<CFrontend, _>(fe) }?;
+        fp.writes(ev, 1)?;
         // SAFETY: the caller's contract.
         unsafe { state::put(ev, e) }?;
         // SAFETY: the caller's contract.
@@ -536,6 +554,11 @@ pub unsafe extern "C" fn vhu_frontend_get_state(
     awaits_reply: *mut bool,
 ) -> vhu_result {
     guard(|| {
+        let mut fp = Footprint::new();
+        // SAFETY: the caller's contract.
+        unsafe { fp.state::<CFrontend, _>(fe) }?;
+        fp.writes(state_out, 1)?;
+        fp.writes(awaits_reply, 1)?;
         // SAFETY: the caller's contract.
         let f = unsafe { state::get::<CFrontend, _>(fe) }?;
         use vhu_frontend_state::*;

@@ -50,11 +50,22 @@
 //! panic handler: the firmware's, or with the `panic-handler` feature one
 //! that parks the core.
 //!
+//! The pointers of one call are apart, and a call checks it (comparing
+//! addresses) before it forms a reference to, or writes, the bytes two of
+//! them share: no buffer it reads or writes may share a byte with the
+//! storage of a state it takes, no buffer it writes with another buffer
+//! of the call, and no host range of a guest memory table's entry in use
+//! with any of them; such a call returns `VHU_ERR_INVALID`. (The library holds a `&mut` to a state's value, or
+//! a reference to a buffer, while it writes the others; a write through
+//! one into another would be undefined behaviour.)
+//!
 //! What no check can catch stays the caller's contract, written in each
 //! function's `# Safety`: pointers point at memory of the stated size
 //! that lives for the call, the host pointers of a guest memory table map
-//! what they claim, and a state's bytes are changed by these functions
-//! only.
+//! what they claim, a state's bytes are changed by these functions only,
+//! and a callback (guest memory as `vhu_mem_ops`, a `vhu_device`) calls
+//! the library with none of the buffers of the call it runs in (only
+//! that call knows them).
 #![no_std]
 #![warn(missing_docs)]
 // The exported names are C's: `vhu_backend`, `VHU_OK`.

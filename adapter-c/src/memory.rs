@@ -10,6 +10,8 @@
 //! zeroed (a NULL `host` or a zero `size` marks an unused entry). The
 //! inflight area is a table of one region at guest address 0.
 //!
+//! A call refuses a table whose entries in use cover any of its states or
+//! buffers, or the table itself (see `Footprint` in the state module).
 //! Every access is bounds-checked against the table; an access that
 //! spans two regions adjacent in guest addresses is split. Bytes are
 //! copied in and out (the guest may change them at any time, so no
@@ -24,9 +26,12 @@ use core::sync::atomic::{fence, AtomicU16, Ordering};
 use vhost_user_core::memory::{GuestMemory, MemoryError};
 
 use crate::result::vhu_result::{self, *};
-use crate::state;
+use crate::state::{self, Footprint};
 
-/// One region of guest memory mapped into this address space.
+/// One region of guest memory mapped into this address space. Its host
+/// range shares no byte with a state or a buffer of the call it is given
+/// to (`VHU_ERR_INVALID` otherwise): the library copies guest bytes into
+/// it while it holds those.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct vhu_region {
@@ -130,26 +135,36 @@ pub(crate) struct Mem<'a> {
 
 impl<'a> Mem<'a> {
     /// The table at `p`; NULL is the empty table. Refuses an entry in use
-    /// whose guest or host range overflows.
+    /// whose guest or host range overflows. The `vhu_mem`, its callbacks
+    /// or its entries, and the host ranges of the entries in use are
+    /// claimed in the call's footprint `fp` (each before it is read):
+    /// `VHU_ERR_INVALID` if any shares a byte with what the call enters or
+    /// writes, or a host range with anything else the call uses.
     ///
     /// # Safety
     ///
     /// A non-null `p` points at a `vhu_mem` whose entries are readable and
     /// unchanged for `'a`, and each entry in use maps `size` readable and
     /// writable bytes at `host` for `'a`.
-    pub(crate) unsafe fn from_raw(p: *const vhu_mem) -> Result<Mem<'a>, vhu_result> {
+    pub(crate) unsafe fn from_raw(
+        p: *const vhu_mem,
+        fp: &mut Footprint<'a>,
+    ) -> Result<Mem<'a>, vhu_result> {
         if p.is_null() {
             return Ok(Mem::table(&[]));
         }
         if (p as usize) % core::mem::align_of::<vhu_mem>() != 0 {
             return Err(VHU_ERR_ALIGN);
         }
-        // SAFETY: non-null, aligned, readable by the caller's contract.
+        fp.reads(p, 1)?;
+        // SAFETY: non-null, aligned, readable by the caller's contract,
+        // and apart from what the call holds a `&mut` to (claimed).
         let m = unsafe { p.read() };
         if !m.ops.is_null() {
             if (m.ops as usize) % core::mem::align_of::<vhu_mem_ops>() != 0 {
                 return Err(VHU_ERR_ALIGN);
             }
+            fp.reads(m.ops, 1)?;
             // SAFETY: non-null, aligned, readable by the caller's contract.
             let o = unsafe { m.ops.read() };
             let (Some(read), Some(write), Some(load), Some(store), Some(check)) = (
@@ -173,7 +188,9 @@ impl<'a> Mem<'a> {
                 }),
             });
         }
-        // SAFETY: the caller's contract on the entries.
+        fp.reads(m.regions, m.count)?;
+        // SAFETY: the caller's contract on the entries; apart from what
+        // the call holds a `&mut` to (claimed).
         let regions = unsafe { state::slice(m.regions, m.count) }?;
         for r in regions.iter().filter(|r| used(r)) {
             let fits = usize::try_from(r.size)
@@ -184,6 +201,10 @@ impl<'a> Mem<'a> {
                 return Err(VHU_ERR_INVALID);
             }
         }
+        // Once per call, before any access: the library copies into these
+        // ranges (and the guest writes them) while it holds references to
+        // the call's states and buffers.
+        fp.guest(regions)?;
         Ok(Mem::table(regions))
     }
 
@@ -200,23 +221,15 @@ impl<'a> Mem<'a> {
     /// # Safety
     ///
     /// As [`from_raw`](Self::from_raw).
-    pub(crate) unsafe fn optional(p: *const vhu_mem) -> Result<Option<Mem<'a>>, vhu_result> {
+    pub(crate) unsafe fn optional(
+        p: *const vhu_mem,
+        fp: &mut Footprint<'a>,
+    ) -> Result<Option<Mem<'a>>, vhu_result> {
         if p.is_null() {
             return Ok(None);
         }
         // SAFETY: the caller's contract.
-        unsafe { Self::from_raw(p) }.map(Some)
-    }
-
-    /// Whether any of the caller's bytes `[p, p + len)` is in an entry of
-    /// the table. Compared as addresses: nothing is dereferenced. With
-    /// callbacks the library cannot tell, and answers false.
-    pub(crate) fn holds(&self, p: *const u8, len: usize) -> bool {
-        self.regions.iter().filter(|r| used(r)).any(|r| {
-            // `from_raw` checked that the size of an entry in use fits usize.
-            let size = usize::try_from(r.size).unwrap_or(usize::MAX);
-            state::overlap(r.host, size, p, len)
-        })
+        unsafe { Self::from_raw(p, fp) }.map(Some)
     }
 
     /// The entry holding `gpa`, and the offset in it.
@@ -294,6 +307,17 @@ fn used(r: &vhu_region) -> bool {
     !r.host.is_null() && r.size != 0
 }
 
+/// The host range of an entry in use, as addresses (start, bytes).
+pub(crate) fn host_range(r: &vhu_region) -> Option<(usize, usize)> {
+    // `from_raw` refuses an entry in use whose size does not fit usize.
+    used(r).then(|| {
+        (
+            r.host as usize,
+            usize::try_from(r.size).unwrap_or(usize::MAX),
+        )
+    })
+}
+
 impl GuestMemory for Mem<'_> {
     fn read(&self, gpa: u64, dst: &mut [u8]) -> Result<(), MemoryError> {
         if let Backing::Ops(o) = self.backing {
@@ -310,9 +334,12 @@ impl GuestMemory for Mem<'_> {
         let out = dst.as_mut_ptr();
         self.pieces(gpa, dst.len(), |src, start, n| {
             // SAFETY: `src..src+n` is inside a mapped entry (`pieces`
-            // checked it) and `out+start..out+start+n` inside `dst`; the
-            // guest may write the source concurrently, which yields
-            // arbitrary bytes and no reference to it exists.
+            // checked it) and `out+start..out+start+n` inside `dst`, the
+            // library's: a state or buffer of the call, which no entry
+            // covers (`from_raw` claimed the entries in the call's
+            // footprint), or its own stack. The guest may write the
+            // source concurrently, which yields arbitrary bytes and no
+            // reference to it exists.
             unsafe { ptr::copy_nonoverlapping(src, out.add(start), n) };
         })
     }
@@ -331,8 +358,8 @@ impl GuestMemory for Mem<'_> {
         let from = src.as_ptr();
         self.pieces(gpa, src.len(), |dst, start, n| {
             // SAFETY: `dst..dst+n` is inside a mapped, writable entry and
-            // `from+start..from+start+n` inside `src`, a Rust buffer that
-            // cannot overlap guest memory.
+            // `from+start..from+start+n` inside `src`, a buffer of the
+            // library's that no entry covers (as in `read`).
             unsafe { ptr::copy_nonoverlapping(from.add(start), dst, n) };
         })
     }
@@ -419,7 +446,7 @@ mod tests {
             ops: ptr::null(),
         };
         // SAFETY: the entries map `a` and `b`, alive for the test.
-        let m = unsafe { Mem::from_raw(&raw) }.unwrap_or(Mem::table(&[]));
+        let m = unsafe { Mem::from_raw(&raw, &mut Footprint::new()) }.unwrap_or(Mem::table(&[]));
         m.write(0x100e, b"abcd").unwrap_or_else(|e| panic!("{e}"));
         let mut got = [0u8; 4];
         m.read(0x100e, &mut got).unwrap_or_else(|e| panic!("{e}"));
@@ -450,7 +477,7 @@ mod tests {
             ops: ptr::null(),
         };
         // SAFETY: the table is refused before any entry is dereferenced.
-        let r = unsafe { Mem::from_raw(&raw) };
+        let r = unsafe { Mem::from_raw(&raw, &mut Footprint::new()) };
         assert_eq!(r.err(), Some(VHU_ERR_INVALID));
     }
 }

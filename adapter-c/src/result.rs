@@ -27,7 +27,10 @@ pub enum vhu_result {
     /// header says.
     VHU_ERR_SHORT_BUFFER = 4,
     /// An argument is out of range (a queue index, a status value, a
-    /// region whose end overflows, ...).
+    /// region whose end overflows, ...), or pointers of one call overlap:
+    /// a buffer that shares a byte with a state the call uses, an output
+    /// that shares one with another buffer of the call, a guest memory
+    /// region whose host range covers either.
     VHU_ERR_INVALID = 5,
     /// The storage does not hold the state the call expects (not
     /// initialised, or initialised as another kind of state).
