@@ -1275,8 +1275,9 @@ where
     /// `kick` could be added to the set (else the ring is polled).
     kick_watched: bool,
     /// `kick` turned out dead (end of file or a read error): out of the
-    /// set, and the ring is not served until the front-end gives it a
-    /// new kick fd (see [`Ring::kick_lost`]).
+    /// set, and the ring pops nothing until the front-end gives it a new
+    /// kick fd (see [`Ring::kick_lost`]); what the device already holds
+    /// is still collected and published.
     kick_dead: bool,
     /// The device's completion fd in the set (the scratch owns it).
     completion: Option<RawFd>,
@@ -1385,6 +1386,14 @@ where
         }
         dp.set_enabled(w.shared.enabled.load(Ordering::Acquire));
         if self.kick_dead {
+            // Nothing new is popped, but what the device already holds
+            // still reaches the guest once done (its completion fd, or
+            // polling, wakes the worker for it: see `Ring::watch`).
+            if dp.outstanding() > 0 {
+                let mem = w.memory.read().unwrap_or_else(PoisonError::into_inner);
+                w.round(dp, &mem, &mut self.round, 0, false);
+                w.report(dp, &mut self.round);
+            }
             return Step {
                 idle: true,
                 spin: false,
@@ -1505,10 +1514,10 @@ where
             }
         }
         let poll = self.dp.outstanding() > 0 && self.completion.is_none();
-        // A ring whose kick fd died is not polled either (not even for
-        // the device's completions: it is not served): it waits for a
-        // new one, or its stop, which drains it.
-        !self.kick_dead && (!self.kick_watched || poll)
+        // A ring whose kick fd died is not polled for requests (it waits
+        // for a new kick fd, or its stop), only for what the device
+        // still holds, if it has no completion fd to wake the worker.
+        poll || (!self.kick_dead && !self.kick_watched)
     }
 
     /// The kick fd is at end of file or fails to read (a pipe or socket
@@ -1516,8 +1525,11 @@ where
     /// and never carries a kick. Watching it would keep the thread awake,
     /// and polling the ring instead would too, so it leaves the set and
     /// the ring is treated as broken: logged, signalled on its err fd
-    /// like a ring error, and not served until SET_VRING_KICK gives it a
-    /// new kick fd (or it is stopped and started again).
+    /// like a ring error, and pops nothing until SET_VRING_KICK gives it
+    /// a new kick fd (or it is stopped and started again). The requests
+    /// the device already holds still complete: the worker collects and
+    /// publishes them (woken by the device's completion fd, or polling),
+    /// rather than leaving them to the ring's stop.
     fn kick_lost(&mut self, epoll: &Epoll, e: &io::Error) {
         let queue = self.queue();
         if let (Some(k), true) = (&self.kick, self.kick_watched) {

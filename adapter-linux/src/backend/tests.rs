@@ -7,7 +7,7 @@
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vhost_user_core::backend::BackendConfig;
@@ -89,6 +89,105 @@ impl Device for ThreadOf {
 }
 
 impl SharedDevice for ThreadOf {}
+
+/// Holds every request (`Completion::Later`) until the test releases
+/// them, then completes them (length 0) on its next poll. With `with_fd`
+/// it has a completion fd (its scratch's eventfd, which the test writes
+/// once it released them), as a device doing its I/O on a thread pool or
+/// io_uring; without, the worker polls it.
+#[derive(Clone)]
+struct Holds {
+    with_fd: bool,
+    state: Arc<Mutex<Held>>,
+}
+
+#[derive(Default)]
+struct Held {
+    tokens: Vec<Token>,
+    processed: usize,
+    release: bool,
+    /// The completion fd of the scratch that holds the requests.
+    wake: Option<Arc<EventFd>>,
+}
+
+/// [`Holds`]'s scratch: its completion eventfd.
+struct HoldScratch(Arc<EventFd>);
+
+impl Default for HoldScratch {
+    fn default() -> Self {
+        HoldScratch(Arc::new(EventFd::new(true).unwrap()))
+    }
+}
+
+impl Holds {
+    fn new(with_fd: bool) -> Self {
+        Holds {
+            with_fd,
+            state: Arc::default(),
+        }
+    }
+
+    fn processed(&self) -> usize {
+        self.state.lock().unwrap().processed
+    }
+
+    /// Lets the held requests complete, and signals the completion fd.
+    fn release(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.release = true;
+        if let Some(w) = &s.wake {
+            w.write(1).unwrap();
+        }
+    }
+}
+
+impl Device for Holds {
+    type Scratch = HoldScratch;
+
+    fn read_config(&self, _offset: u32, _dst: &mut [u8]) -> bool {
+        false
+    }
+
+    fn write_config(&mut self, _offset: u32, _src: &[u8], _kind: ConfigWriteKind) -> bool {
+        false
+    }
+
+    fn process<M: GuestMemory + ?Sized, const S: usize>(
+        &self,
+        _queue: u16,
+        _chain: &Chain<S>,
+        token: Token,
+        _mem: &M,
+        scratch: &mut HoldScratch,
+    ) -> Completion {
+        let mut s = self.state.lock().unwrap();
+        s.tokens.push(token);
+        s.processed += 1;
+        s.wake = Some(Arc::clone(&scratch.0));
+        Completion::Later
+    }
+
+    fn poll<M: GuestMemory + ?Sized>(
+        &self,
+        _queue: u16,
+        _mem: &M,
+        _scratch: &mut HoldScratch,
+        done: &mut dyn FnMut(Token, u32),
+    ) {
+        let mut s = self.state.lock().unwrap();
+        if s.release {
+            for t in s.tokens.drain(..) {
+                done(t, 0);
+            }
+        }
+    }
+}
+
+impl SharedDevice for Holds {
+    fn completion_fd<'a>(&self, _queue: u16, scratch: &'a HoldScratch) -> Option<BorrowedFd<'a>> {
+        self.with_fd.then(|| scratch.0.as_fd())
+    }
+}
 
 /// The CPU time thread `tid` of this process has used so far (the
 /// first field of its schedstat, in nanoseconds).
@@ -432,6 +531,69 @@ fn a_kick_fd_at_end_of_file_does_not_keep_the_worker_busy() {
     assert!(reported.is_some(), "the broken kick was not reported");
     assert_eq!(base.unwrap(), 2);
     assert!(matches!(end, Ok(ConnectionEnd::Closed)), "{end:?}");
+}
+
+/// A request the device holds when the ring's kick fd dies is still
+/// completed and published once the device is done with it: the ring
+/// pops nothing new, but what it popped reaches the guest without a
+/// GET_VRING_BASE (it was left in the device until the ring stopped).
+fn a_held_request_completes_after_the_kick_fd_died(with_fd: bool) {
+    let device = Holds::new(with_fd);
+    let (s, ended) = runtime_for(
+        device.clone(),
+        P::empty(),
+        RuntimeOptions::default(),
+        Control::new(),
+    );
+    let (pipe, writer) = crate::sys::pipe::pipe().unwrap();
+    let call = EventFd::new(true).unwrap();
+    let err = EventFd::new(true).unwrap();
+    let ram = start_ring_with(&s, &call, Some(&err), pipe.as_fd());
+    drop(pipe);
+    // The request made available is popped and held by the device.
+    let t0 = Instant::now();
+    while device.processed() == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(5), "request not popped");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // The kick fd dies (its writer is gone), and the front-end hears of it.
+    drop(writer);
+    let reported = err.wait(Some(Duration::from_secs(2))).unwrap();
+    // A second request is made available: a dead-kick ring must not pop it.
+    ram.write_all_at(&[0, 0, 2, 0, 0, 0, 0, 0], AVAIL).unwrap();
+    device.release();
+    let mut used = [0u8; 2];
+    let t0 = Instant::now();
+    while u16::from_le_bytes(used) != 1 && t0.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(1));
+        ram.read_exact_at(&mut used, USED + 2).unwrap();
+    }
+    let called = call.wait(Some(Duration::from_millis(500))).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let processed = device.processed();
+    let base = vring_base(&s, Duration::from_secs(5));
+    drop(s);
+    let end = ended.recv_timeout(Duration::from_secs(5));
+    assert!(reported.is_some(), "the dead kick was not reported");
+    assert_eq!(
+        u16::from_le_bytes(used),
+        1,
+        "the held request was not published after the kick fd died"
+    );
+    assert!(called.is_some(), "the guest was not called");
+    assert_eq!(processed, 1, "a dead-kick ring popped a new request");
+    assert_eq!(base.unwrap(), 1);
+    assert!(matches!(end, Ok(ConnectionEnd::Closed)), "{end:?}");
+}
+
+#[test]
+fn a_held_request_completes_on_its_completion_fd_after_the_kick_fd_died() {
+    a_held_request_completes_after_the_kick_fd_died(true);
+}
+
+#[test]
+fn a_held_request_completes_by_polling_after_the_kick_fd_died() {
+    a_held_request_completes_after_the_kick_fd_died(false);
 }
 
 /// A front-end that sends `bytes` one at a time, `pause` apart, on a
