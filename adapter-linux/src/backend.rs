@@ -1344,6 +1344,9 @@ where
         ) {
             error!("ring {queue}: cannot watch the wake fd: {e}");
         }
+        // Its kick fd before its first step: one that cannot carry a
+        // kick stops it from the start.
+        self.take_kick_fd(epoll);
         if self.dp.resubmits_left() > 0 {
             info!(
                 "ring {queue}: resubmitting {} requests from the inflight area",
@@ -1478,27 +1481,7 @@ where
     /// or requests the device completes without a completion fd).
     fn watch(&mut self, epoll: &Epoll) -> bool {
         let queue = self.queue();
-        let shared = &self.worker.shared;
-        let current = lock(&shared.kick).clone();
-        let same = match (&self.kick, &current) {
-            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-            (None, None) => true,
-            _ => false,
-        };
-        if !same {
-            if let (Some(old), true) = (self.kick.take(), self.kick_watched) {
-                let _ = epoll.delete(&*old);
-            }
-            self.kick_watched = false;
-            self.kick_dead = false;
-            if let Some(k) = &current {
-                match epoll.add(&**k, Interest::READABLE, token(queue, KICK)) {
-                    Ok(()) => self.kick_watched = true,
-                    Err(e) => error!("ring {queue}: cannot watch the kick fd: {e}"),
-                }
-            }
-            self.kick = current;
-        }
+        self.take_kick_fd(epoll);
         // A device keeps its completion fd for the scratch's life (see
         // `SharedDevice::completion_fd`), so there is no old fd to take
         // out of the set: closing it would have done that.
@@ -1520,9 +1503,45 @@ where
         poll || (!self.kick_dead && !self.kick_watched)
     }
 
+    /// Takes the kick fd the control thread set, if it changed: into the
+    /// set, or, if it cannot carry a kick (opened write-only: it never
+    /// polls readable), treated as one that died.
+    fn take_kick_fd(&mut self, epoll: &Epoll) {
+        let queue = self.queue();
+        let current = lock(&self.worker.shared.kick).clone();
+        let same = match (&self.kick, &current) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if same {
+            return;
+        }
+        if let (Some(old), true) = (self.kick.take(), self.kick_watched) {
+            let _ = epoll.delete(&*old);
+        }
+        self.kick_watched = false;
+        self.kick_dead = false;
+        self.kick = current;
+        let Some(k) = self.kick.clone() else { return };
+        match crate::sys::file::readable(k.as_fd()) {
+            Ok(true) => {}
+            Ok(false) => {
+                let e = io::Error::new(io::ErrorKind::InvalidInput, "opened write-only");
+                return self.kick_lost(epoll, &e);
+            }
+            Err(e) => return self.kick_lost(epoll, &e),
+        }
+        match epoll.add(&*k, Interest::READABLE, token(queue, KICK)) {
+            Ok(()) => self.kick_watched = true,
+            Err(e) => error!("ring {queue}: cannot watch the kick fd: {e}"),
+        }
+    }
+
     /// The kick fd is at end of file or fails to read (a pipe or socket
-    /// whose writer is gone, a write-only fd): it stays readable for good
-    /// and never carries a kick. Watching it would keep the thread awake,
+    /// whose writer is gone), or was opened write-only (it never polls
+    /// readable: caught when taken, see [`Ring::take_kick_fd`]): it never
+    /// carries a kick, and the first two stay readable for good. Watching it would keep the thread awake,
     /// and polling the ring instead would too, so it leaves the set and
     /// the ring is treated as broken: logged, signalled on its err fd
     /// like a ring error, and pops nothing until SET_VRING_KICK gives it

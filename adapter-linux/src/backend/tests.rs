@@ -596,6 +596,47 @@ fn a_held_request_completes_by_polling_after_the_kick_fd_died() {
     a_held_request_completes_after_the_kick_fd_died(false);
 }
 
+/// A kick fd opened write-only (the write end of a pipe) never polls
+/// readable and never carries a kick: the ring is treated as one whose
+/// kick fd died (reported on the err fd, not served) instead of silently
+/// never running, and a new kick fd brings it back.
+#[test]
+fn a_write_only_kick_fd_is_reported_as_dead() {
+    let (s, ended) = runtime(P::empty());
+    // The front-end keeps the read end, so the write end stays quiet.
+    let (reader, pipe) = crate::sys::pipe::pipe().unwrap();
+    let call = EventFd::new(true).unwrap();
+    let err = EventFd::new(true).unwrap();
+    let ram = start_ring_with(&s, &call, Some(&err), pipe.as_fd());
+    drop(pipe);
+    let reported = err.wait(Some(Duration::from_secs(2))).unwrap();
+    let mut used = [0u8; 2];
+    ram.read_exact_at(&mut used, USED + 2).unwrap();
+    // A new kick fd brings the ring back: the request is served.
+    let kick = EventFd::new(true).unwrap();
+    let ring = VringFdMsg {
+        index: 0,
+        no_fd: false,
+    };
+    send(&s, &Request::SetVringKick(ring), &[kick.as_fd()]);
+    kick.write(1).unwrap();
+    wait_used(&ram, 1);
+    let base = vring_base(&s, Duration::from_secs(5));
+    drop((s, reader));
+    let end = ended.recv_timeout(Duration::from_secs(5));
+    assert!(
+        reported.is_some(),
+        "the write-only kick fd was not reported"
+    );
+    assert_eq!(
+        u16::from_le_bytes(used),
+        0,
+        "the ring was served through a write-only kick fd"
+    );
+    assert_eq!(base.unwrap(), 1);
+    assert!(matches!(end, Ok(ConnectionEnd::Closed)), "{end:?}");
+}
+
 /// A front-end that sends `bytes` one at a time, `pause` apart, on a
 /// thread of its own (until the back-end is gone).
 fn trickle(s: &Stream, bytes: Vec<u8>, pause: Duration) -> std::thread::JoinHandle<()> {

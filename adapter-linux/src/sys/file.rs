@@ -21,6 +21,15 @@ pub fn set_nonblocking(fd: BorrowedFd<'_>, nonblocking: bool) -> io::Result<()> 
     Ok(())
 }
 
+/// Whether `fd` was opened for reading (its access mode is not
+/// `O_WRONLY`): a write-only fd never polls readable and fails every read.
+pub fn readable(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    // SAFETY: fcntl F_GETFL takes no pointer; `fd` is borrowed, so it
+    // stays open for the call.
+    let flags = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
+    Ok(flags & libc::O_ACCMODE != libc::O_WRONLY)
+}
+
 /// `fallocate(2)` on `fd`: allocates, deallocates or zeroes
 /// `[offset, offset + len)` as `mode` says (`0` or `libc::FALLOC_FL_*`
 /// bits, e.g. `FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE`). Retries on
