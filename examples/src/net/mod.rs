@@ -33,8 +33,9 @@
 //!   ring runs (from its first chain until it stops): before, the frames
 //!   wait in the tap's own bounded queue. The header length and the
 //!   offloads the tap may hand over follow the driver's features
-//!   (TUNSETVNETHDRSZ, TUNSETOFFLOAD); SEND_RARP writes a gratuitous RARP
-//!   to the tap.
+//!   (TUNSETVNETHDRSZ, TUNSETOFFLOAD); frames queued or read across a
+//!   change of them are dropped (see `RxMode`). SEND_RARP writes a
+//!   gratuitous RARP to the tap.
 //!
 //! NET_SET_MTU is taken up to the MTU the daemon offers (`--mtu`); with
 //! a tap it sets the tap's MTU too (SIOCSIFMTU), or is refused. The
@@ -43,7 +44,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use vhost_user_core::dataplane::Token;
@@ -155,6 +156,52 @@ impl QueueCounters {
 struct Frame {
     hdr: VirtioNetHdr,
     data: Vec<u8>,
+    /// The [`RxMode::gen`] it was read (or queued) under: delivered only
+    /// under the same one.
+    gen: u32,
+}
+
+/// How frames are framed for the guest, as the negotiated features say
+/// (the virtio-net header's length and the tap's offloads), and a count
+/// of its changes: one word, so that a thread takes it whole.
+///
+/// A change (SET_FEATURES with other features, RESET_DEVICE) first makes
+/// `gen` odd, then reconfigures the taps, then stores the new mode with
+/// `gen` even again. The tap reader takes the mode before it reads and
+/// queues the frame only if the mode is still the same (and stable)
+/// after the read: a read that may have met the tap's new header length
+/// with the old one in hand is dropped. The receive side delivers only
+/// frames of its own (stable) `gen`, so none queued under one header
+/// length or set of offloads reaches the guest under another.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct RxMode {
+    gen: u32,
+    hdr_len: usize,
+    mergeable: bool,
+    guest_csum: bool,
+}
+
+impl RxMode {
+    fn pack(self) -> u64 {
+        (u64::from(self.gen) << 32)
+            | (self.hdr_len as u64 & 0xff)
+            | (u64::from(self.mergeable) << 8)
+            | (u64::from(self.guest_csum) << 9)
+    }
+
+    fn unpack(w: u64) -> Self {
+        RxMode {
+            gen: (w >> 32) as u32,
+            hdr_len: (w & 0xff) as usize,
+            mergeable: w & (1 << 8) != 0,
+            guest_csum: w & (1 << 9) != 0,
+        }
+    }
+
+    /// A change is under way: the taps may have either header length.
+    fn changing(self) -> bool {
+        self.gen & 1 == 1
+    }
 }
 
 /// A pair's queued frames, held to [`LOOPBACK_FRAMES`] frames and
@@ -249,10 +296,9 @@ impl Drop for RxRunning {
 #[derive(Debug)]
 struct Inner {
     device: Mutex<NetDevice>,
-    hdr_len: AtomicUsize,
-    mergeable: AtomicBool,
-    /// GUEST_CSUM: the driver takes the tap's checksum flags.
-    guest_csum: AtomicBool,
+    /// The [`RxMode`], packed. GUEST_CSUM in it: the driver takes the
+    /// tap's checksum flags.
+    mode: AtomicU64,
     max_frame: usize,
     /// The longest frame without segmentation the offered MTU allows
     /// (held to where the driver negotiated VIRTIO_NET_F_MTU).
@@ -322,6 +368,19 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+impl Inner {
+    /// The mode now (see [`RxMode`]).
+    fn mode(&self) -> RxMode {
+        RxMode::unpack(self.mode.load(Ordering::SeqCst))
+    }
+
+    /// Sets the mode. A read-modify-write, so the store is visible before
+    /// the tap is reconfigured after it.
+    fn set_mode(&self, m: RxMode) {
+        self.mode.swap(m.pack(), Ordering::SeqCst);
+    }
+}
+
 impl NetService {
     /// A service for `device` over `backend`; the pairs' eventfds are
     /// made here, a tap's queues attached and their reader threads
@@ -356,9 +415,15 @@ impl NetService {
         };
         let service = NetService {
             inner: Arc::new(Inner {
-                hdr_len: AtomicUsize::new(device.hdr_len()),
-                mergeable: AtomicBool::new(false),
-                guest_csum: AtomicBool::new(false),
+                mode: AtomicU64::new(
+                    RxMode {
+                        gen: 0,
+                        hdr_len: device.hdr_len(),
+                        mergeable: false,
+                        guest_csum: false,
+                    }
+                    .pack(),
+                ),
                 max_frame,
                 mtu_frame: device.max_frame(),
                 max_mtu,
@@ -447,11 +512,38 @@ impl NetService {
         }
     }
 
-    fn clear_frames(&self) {
-        for p in &self.inner.pairs {
-            lock(&p.frames).clear();
-            p.space.notify_all();
-        }
+    /// Drops the frames every pair queued; returns how many, per pair.
+    fn clear_frames(&self) -> Vec<u64> {
+        self.inner
+            .pairs
+            .iter()
+            .map(|p| {
+                let mut q = lock(&p.frames);
+                let n = q.queue.len() as u64;
+                q.clear();
+                drop(q);
+                p.space.notify_all();
+                n
+            })
+            .collect()
+    }
+
+    /// The taps and the mode for a header of `hdr_len` bytes and the
+    /// `acked` features: the mode marked changing while the taps are
+    /// reconfigured (see [`RxMode`]).
+    fn change_mode(&self, hdr_len: usize, acked: NetFeatures) {
+        let before = self.inner.mode();
+        self.inner.set_mode(RxMode {
+            gen: before.gen | 1,
+            ..before
+        });
+        self.configure_taps(hdr_len, acked);
+        self.inner.set_mode(RxMode {
+            gen: (before.gen | 1).wrapping_add(1),
+            hdr_len,
+            mergeable: acked.contains(NetFeatures::MRG_RXBUF),
+            guest_csum: acked.contains(NetFeatures::GUEST_CSUM),
+        });
     }
 
     /// The counters of queue `queue`.
@@ -487,7 +579,8 @@ impl NetService {
     ) {
         let inner = &*self.inner;
         let k = self.count(queue);
-        let hdr_len = inner.hdr_len.load(Ordering::Relaxed);
+        let mode = inner.mode();
+        let hdr_len = mode.hdr_len;
         if let NetBackend::Null { .. } = inner.backend {
             // Dropped unread: counted at the length a copy would take,
             // the chain checked as a copy would check it (its buffers were
@@ -535,6 +628,7 @@ impl NetService {
                     .push(Frame {
                         hdr: VirtioNetHdr::default(),
                         data: scratch.buf[..frame.len].to_vec(),
+                        gen: mode.gen,
                     })
                     .is_ok()
                 {
@@ -570,13 +664,19 @@ impl NetService {
         let inner = &*self.inner;
         let k = self.count(queue);
         let write = |gpa: u64, src: &[u8]| mem.write(gpa, src);
-        let hdr_len = inner.hdr_len.load(Ordering::Relaxed);
-        let mergeable = inner.mergeable.load(Ordering::Relaxed);
-        let guest_csum = inner.guest_csum.load(Ordering::Relaxed);
+        let mode = inner.mode();
+        let RxMode {
+            hdr_len,
+            mergeable,
+            guest_csum,
+            ..
+        } = mode;
         let default_hdr = VirtioNetHdr::default();
+        // While the mode changes, nothing is delivered (the frames queued
+        // are of the old mode, and go).
         let mut frames = match (&inner.backend, self.pair(pair)) {
             (NetBackend::Loopback | NetBackend::Tap { .. }, Some(p))
-                if !scratch.held.is_empty() =>
+                if !scratch.held.is_empty() && !mode.changing() =>
             {
                 Some(lock(&p.frames))
             }
@@ -584,6 +684,15 @@ impl NetService {
         };
         let mut taken = false;
         while !scratch.held.is_empty() {
+            if let Some(q) = frames.as_deref_mut() {
+                // Frames of another mode (read before the features
+                // changed): dropped, not given the new header layout.
+                while q.front_mut().is_some_and(|f| f.gen != mode.gen) {
+                    q.pop_front();
+                    bump(&k.drops, 1);
+                    taken = true;
+                }
+            }
             let (frame, hdr): (&[u8], &VirtioNetHdr) = match (&inner.backend, frames.as_deref_mut())
             {
                 (NetBackend::Null { template }, _) => (template, &default_hdr),
@@ -731,18 +840,17 @@ impl Device for NetService {
         if !changed {
             return;
         }
-        // The tap first, then the readers' header length; frames read
-        // before are dropped (their header may have the old length).
-        self.configure_taps(hdr_len, acked);
+        // Frames read or queued before are dropped, counted: their
+        // header may have the old length, their offloads ones the driver
+        // no longer takes (see `RxMode`).
         self.inner.acked.store(acked.bits(), Ordering::Relaxed);
-        self.inner.hdr_len.store(hdr_len, Ordering::Relaxed);
-        self.inner
-            .mergeable
-            .store(acked.contains(NetFeatures::MRG_RXBUF), Ordering::Relaxed);
-        self.inner
-            .guest_csum
-            .store(acked.contains(NetFeatures::GUEST_CSUM), Ordering::Relaxed);
-        self.clear_frames();
+        self.change_mode(hdr_len, acked);
+        let dropped = self.clear_frames();
+        for (k, n) in dropped.into_iter().enumerate() {
+            if n != 0 {
+                bump(&self.count((k * 2) as u16).drops, n);
+            }
+        }
     }
 
     fn reset(&mut self) {
@@ -751,11 +859,8 @@ impl Device for NetService {
             d.reset();
             d.hdr_len()
         };
-        self.configure_taps(hdr_len, NetFeatures::empty());
         self.inner.acked.store(0, Ordering::Relaxed);
-        self.inner.hdr_len.store(hdr_len, Ordering::Relaxed);
-        self.inner.mergeable.store(false, Ordering::Relaxed);
-        self.inner.guest_csum.store(false, Ordering::Relaxed);
+        self.change_mode(hdr_len, NetFeatures::empty());
         self.inner.mtu.store(0, Ordering::Relaxed);
         self.restore_tap_mtu();
         self.clear_frames();
@@ -778,7 +883,8 @@ impl Device for NetService {
                 Completion::Done(0)
             }
             QueueRole::Rx(pair) => {
-                let hdr_len = self.inner.hdr_len.load(Ordering::Relaxed);
+                let mode = self.inner.mode();
+                let hdr_len = mode.hdr_len;
                 if let Err(e) = rx_capacity(chain.segments(), hdr_len) {
                     log::debug!("queue {queue}: receive chain refused: {e}");
                     bump(&self.count(queue).errors, 1);
@@ -811,7 +917,7 @@ impl Device for NetService {
                         }
                         let write = |gpa: u64, src: &[u8]| mem.write(gpa, src);
                         let hdr = VirtioNetHdr::default();
-                        let filled = if self.inner.mergeable.load(Ordering::Relaxed) {
+                        let filled = if mode.mergeable {
                             let mut used = [0u32; 1];
                             match rx_fill_merged(
                                 &[chain.segments()],
@@ -924,7 +1030,7 @@ impl Device for NetService {
         let m = format_mac(mac);
         match self.pair(0).and_then(|p| p.tap.as_deref()) {
             Some(t) => {
-                let hdr_len = self.inner.hdr_len.load(Ordering::Relaxed);
+                let hdr_len = self.inner.mode().hdr_len;
                 let hdr = [0u8; VirtioNetHdr::SIZE];
                 match t.write(&hdr[..hdr_len.min(hdr.len())], &tap::rarp_frame(mac)) {
                     Ok(()) => log::info!("SEND_RARP: announced {m} on tap {}", t.name()),

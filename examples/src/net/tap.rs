@@ -8,6 +8,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use vhost_user_core::device::net::{NetFeatures, VirtioNetHdr, ETH_HLEN, VLAN_HLEN};
+use vhost_user_linux::backend::bump;
 use vhost_user_linux::sys::tap::{offload, Tap};
 use zerocopy::FromBytes;
 
@@ -118,7 +119,13 @@ pub(super) fn reader(inner: Weak<Inner>, pair: usize, tap: Arc<Tap>) {
                 full = true;
                 break;
             }
-            let hdr_len = inner.hdr_len.load(Ordering::Relaxed);
+            // The mode before the read: the frame is kept only if it is
+            // still the same, and stable, after it (see `RxMode`).
+            let mode = inner.mode();
+            if mode.changing() {
+                break;
+            }
+            let hdr_len = mode.hdr_len;
             match tap.read(&mut buf) {
                 Ok(n) if n >= hdr_len + ETH_HLEN => {
                     let mut hdr = VirtioNetHdr::default();
@@ -130,10 +137,19 @@ pub(super) fn reader(inner: Weak<Inner>, pair: usize, tap: Arc<Tap>) {
                     }
                     // Only this thread adds to the queue: the room looked
                     // at above is still there.
-                    if lock(&p.frames)
+                    let mut q = lock(&p.frames);
+                    if inner.mode() != mode {
+                        // The header length may have changed under the
+                        // read: the frame is dropped, as on a wire.
+                        drop(q);
+                        if let Some(k) = inner.counters.get(pair * 2) {
+                            bump(&k.drops, 1);
+                        }
+                    } else if q
                         .push(Frame {
                             hdr,
                             data: buf[hdr_len..n].to_vec(),
+                            gen: mode.gen,
                         })
                         .is_ok()
                     {
