@@ -49,7 +49,9 @@ pub struct RingCounters {
     pub suppressed: AtomicU64,
     /// Kicks received (on the kick eventfd, or in-band VRING_KICK).
     pub kicks: AtomicU64,
-    /// Errors signalled (err eventfd, or in-band VRING_ERR).
+    /// Errors signalled (err eventfd, or in-band VRING_ERR), and call or
+    /// err fds found unusable (opened read-only, or failing to be
+    /// written), once each.
     pub errors: AtomicU64,
 }
 
@@ -385,6 +387,9 @@ struct Shared {
     kick: Mutex<Option<Arc<EventFd>>>,
     call: Mutex<Signal>,
     err: Mutex<Signal>,
+    /// `call` or `err` was given (at the start, or by SET_VRING_CALL or
+    /// SET_VRING_ERR): the worker looks whether they can be written.
+    signals_new: AtomicBool,
     remap: Mutex<Option<RingAddrs>>,
     remap_pending: AtomicBool,
     /// The ring's used-ring log address (VHOST_VRING_F_LOG).
@@ -405,7 +410,7 @@ struct DirtyShared {
     /// VHOST_F_LOG_ALL: device writes are logged.
     all: AtomicBool,
     /// SET_LOG_FD's eventfd, signalled after a round set bits.
-    fd: Mutex<Option<Arc<EventFd>>>,
+    fd: Mutex<Option<Arc<Notifier>>>,
     /// Pages marked, and marks refused (beyond the log), for the log.
     pages: AtomicU64,
     failed: AtomicU64,
@@ -427,7 +432,11 @@ impl DirtyShared {
         if pages != 0 {
             self.pages.fetch_add(pages, Ordering::Relaxed);
             if let Some(fd) = lock(&self.fd).as_ref() {
-                let _ = fd.write(1);
+                if let Err(e) = fd.write() {
+                    if fd.first_failure() {
+                        error!("dirty log: the log fd cannot be written ({e}); the front-end is not told of marked pages");
+                    }
+                }
             }
         }
     }
@@ -445,25 +454,75 @@ impl Shared {
     }
 }
 
+/// An fd the front-end gave for the runtime to write: a ring's call or
+/// err fd, or the dirty log's fd (SET_LOG_FD). Any fd is taken (the
+/// front-end chooses), so it may turn out unusable: opened read-only
+/// (the read end of a pipe), found when it is set, or failing later.
+/// Such an fd is reported once, not at every signal.
+struct Notifier {
+    fd: EventFd,
+    /// Opened read-only (or `O_PATH`): every write fails.
+    read_only: bool,
+    /// Its failure was reported.
+    failed: AtomicBool,
+}
+
+impl Notifier {
+    /// Takes `fd`, and looks at its access mode.
+    fn new(fd: OwnedFd) -> Self {
+        // An fd whose mode cannot be read is taken as writable: its
+        // writes tell.
+        let read_only = !crate::sys::file::writable(fd.as_fd()).unwrap_or(true);
+        Notifier {
+            fd: EventFd::from(fd),
+            read_only,
+            failed: AtomicBool::new(false),
+        }
+    }
+
+    /// Signals it. `Ok(false)`: not written, but not lost either (its
+    /// counter is full, or a pipe's buffer: the front-end has a signal
+    /// it did not take yet).
+    fn write(&self) -> io::Result<bool> {
+        match self.fd.write(1) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Why it cannot be written, if it was found read-only.
+    fn unusable(&self) -> Option<io::Error> {
+        self.read_only
+            .then(|| io::Error::new(io::ErrorKind::InvalidInput, "opened read-only"))
+    }
+
+    /// Marks it failed; whether this was the first failure (to report).
+    fn first_failure(&self) -> bool {
+        !self.failed.load(Ordering::Relaxed) && !self.failed.swap(true, Ordering::Relaxed)
+    }
+}
+
 /// How a ring's calls or errors reach the front-end.
 #[derive(Clone, Default)]
 enum Signal {
     /// Not at all (no eventfd, no in-band notifications).
     #[default]
     None,
-    /// A write to the eventfd the front-end gave.
-    Fd(Arc<EventFd>),
+    /// A write to the fd the front-end gave.
+    Fd(Arc<Notifier>),
     /// BACKEND_VRING_CALL / BACKEND_VRING_ERR on the back-end channel.
     InBand(Arc<BackChannel>),
 }
 
 impl Signal {
-    /// Signals ring `queue` (its error if `err`); whether anything was sent.
-    fn raise(&self, queue: u16, err: bool) -> bool {
+    /// Signals ring `queue` (its error if `err`): whether anything was
+    /// sent, or how the front-end's fd failed (see [`Notifier::write`]).
+    fn raise(&self, queue: u16, err: bool) -> io::Result<bool> {
         match self {
-            Signal::None => false,
-            Signal::Fd(fd) => fd.write(1).is_ok(),
-            Signal::InBand(ch) => ch
+            Signal::None => Ok(false),
+            Signal::Fd(fd) => fd.write(),
+            Signal::InBand(ch) => Ok(ch
                 .send(|c, out| {
                     if err {
                         c.vring_err(queue, out)
@@ -471,7 +530,14 @@ impl Signal {
                         c.vring_call(queue, out)
                     }
                 })
-                .is_ok(),
+                .is_ok()),
+        }
+    }
+
+    fn notifier(&self) -> Option<&Notifier> {
+        match self {
+            Signal::Fd(n) => Some(n),
+            _ => None,
         }
     }
 }
@@ -510,8 +576,8 @@ where
 #[derive(Default)]
 struct RingFds {
     kick: Option<Arc<EventFd>>,
-    call: Option<Arc<EventFd>>,
-    err: Option<Arc<EventFd>>,
+    call: Option<Arc<Notifier>>,
+    err: Option<Arc<Notifier>>,
 }
 
 /// One front-end connection's state.
@@ -703,15 +769,27 @@ where
         fds: &mut [Option<OwnedFd>],
         i: Option<u8>,
     ) -> Result<Option<Arc<EventFd>>, BackendError> {
-        i.map(|i| {
-            let fd = Self::take_fd(fds, i)?;
-            crate::sys::file::set_nonblocking(fd.as_fd(), true).map_err(|e| {
-                error!("cannot make an eventfd of the front-end non-blocking: {e}");
-                BackendError::Unsupported
-            })?;
-            Ok(Arc::new(EventFd::from(fd)))
-        })
-        .transpose()
+        i.map(|i| Ok(Arc::new(EventFd::from(Self::nonblocking_fd(fds, i)?))))
+            .transpose()
+    }
+
+    /// An fd the runtime writes (call, err, log), its access mode looked
+    /// at (see [`Notifier`]).
+    fn notifier(
+        fds: &mut [Option<OwnedFd>],
+        i: Option<u8>,
+    ) -> Result<Option<Arc<Notifier>>, BackendError> {
+        i.map(|i| Ok(Arc::new(Notifier::new(Self::nonblocking_fd(fds, i)?))))
+            .transpose()
+    }
+
+    fn nonblocking_fd(fds: &mut [Option<OwnedFd>], i: u8) -> Result<OwnedFd, BackendError> {
+        let fd = Self::take_fd(fds, i)?;
+        crate::sys::file::set_nonblocking(fd.as_fd(), true).map_err(|e| {
+            error!("cannot make an eventfd of the front-end non-blocking: {e}");
+            BackendError::Unsupported
+        })?;
+        Ok(fd)
     }
 
     fn apply(
@@ -752,12 +830,15 @@ where
                 }
                 self.rings[q].kick = kick;
             }
+            // A read-only call or err fd is taken, and reported by the
+            // ring's worker once the ring runs with it (see
+            // `Ring::take_signals`): the ring is served all the same.
             Action::SetCall { queue, fd } => {
-                self.rings[usize::from(queue)].call = Self::eventfd(fds, fd)?;
+                self.rings[usize::from(queue)].call = Self::notifier(fds, fd)?;
                 self.resignal(queue);
             }
             Action::SetErr { queue, fd } => {
-                self.rings[usize::from(queue)].err = Self::eventfd(fds, fd)?;
+                self.rings[usize::from(queue)].err = Self::notifier(fds, fd)?;
                 self.resignal(queue);
             }
             Action::SetBackendChannel { fd } => {
@@ -861,7 +942,17 @@ where
                 self.log.mapped.store(true, Ordering::Release);
                 info!("dirty log of {size} bytes mapped");
             }
-            Action::SetLogFd { fd } => *lock(&self.log.fd) = Self::eventfd(fds, Some(fd))?,
+            Action::SetLogFd { fd } => {
+                let fd = Self::notifier(fds, Some(fd))?;
+                // Reported now, once: the runtime's writes to it would
+                // each fail.
+                if let Some((n, e)) = fd.as_deref().and_then(|n| Some((n, n.unusable()?))) {
+                    if n.first_failure() {
+                        error!("dirty log: the log fd cannot be written ({e}); the front-end is not told of marked pages");
+                    }
+                }
+                *lock(&self.log.fd) = fd;
+            }
             Action::SetLogging { all } => {
                 let was = self.log.all.swap(all, Ordering::AcqRel);
                 if was != all {
@@ -1017,7 +1108,7 @@ where
     /// in-band when the session says so, else not at all.
     fn signals(&self, queue: u16) -> (Signal, Signal) {
         let fds = &self.rings[usize::from(queue)];
-        let pick = |fd: &Option<Arc<EventFd>>, in_band: bool| match (fd, &self.channel) {
+        let pick = |fd: &Option<Arc<Notifier>>, in_band: bool| match (fd, &self.channel) {
             (Some(fd), _) => Signal::Fd(Arc::clone(fd)),
             (None, Some(ch)) if in_band => Signal::InBand(Arc::clone(ch)),
             _ => Signal::None,
@@ -1034,6 +1125,8 @@ where
             let (call, err) = self.signals(queue);
             *lock(&w.shared.call) = call;
             *lock(&w.shared.err) = err;
+            w.shared.signals_new.store(true, Ordering::Release);
+            w.shared.wake();
         }
     }
 
@@ -1066,6 +1159,7 @@ where
             kick: Mutex::new(self.rings[q].kick.clone()),
             call: Mutex::new(call),
             err: Mutex::new(err),
+            signals_new: AtomicBool::new(true),
             remap: Mutex::new(None),
             remap_pending: AtomicBool::new(false),
             ring_log: Mutex::new(self.session.ring_log(queue)),
@@ -1347,6 +1441,7 @@ where
         // Its kick fd before its first step: one that cannot carry a
         // kick stops it from the start.
         self.take_kick_fd(epoll);
+        self.take_signals();
         if self.dp.resubmits_left() > 0 {
             info!(
                 "ring {queue}: resubmitting {} requests from the inflight area",
@@ -1482,6 +1577,7 @@ where
     fn watch(&mut self, epoll: &Epoll) -> bool {
         let queue = self.queue();
         self.take_kick_fd(epoll);
+        self.take_signals();
         // A device keeps its completion fd for the scratch's life (see
         // `SharedDevice::completion_fd`), so there is no old fd to take
         // out of the set: closing it would have done that.
@@ -1538,6 +1634,28 @@ where
         }
     }
 
+    /// Looks at the call and err fds the control thread gave, if new: one
+    /// opened read-only can never be written, and is reported now rather
+    /// than at its first signal (see [`RingWorker::notifier_failed`]).
+    /// A busy ring that does not come here first finds a bad call fd at
+    /// its first call.
+    fn take_signals(&self) {
+        let shared = &self.worker.shared;
+        if !shared.signals_new.load(Ordering::Acquire)
+            || !shared.signals_new.swap(false, Ordering::AcqRel)
+        {
+            return;
+        }
+        let call = lock(&shared.call).clone();
+        let err = lock(&shared.err).clone();
+        // The err fd first: a bad call fd is signalled on it.
+        for (signal, is_call) in [(&err, false), (&call, true)] {
+            if let Some((n, e)) = signal.notifier().and_then(|n| Some((n, n.unusable()?))) {
+                self.worker.notifier_failed(n, is_call, &e);
+            }
+        }
+    }
+
     /// The kick fd is at end of file or fails to read (a pipe or socket
     /// whose writer is gone), or was opened write-only (it never polls
     /// readable: caught when taken, see [`Ring::take_kick_fd`]): it never
@@ -1557,10 +1675,9 @@ where
         self.kick_watched = false;
         self.kick_dead = true;
         error!("ring {queue}: the kick fd cannot be read ({e}); the ring is stopped until it gets a new kick fd");
-        let shared = &self.worker.shared;
-        let err = lock(&shared.err).clone();
-        if err.raise(queue, true) {
-            shared.counters.errors.fetch_add(1, Ordering::Relaxed);
+        let w = &self.worker;
+        if w.raise_err() {
+            w.shared.counters.errors.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -1794,10 +1911,46 @@ where
                 self.queue
             );
             round.reported = true;
-            let err = lock(&self.shared.err).clone();
-            if err.raise(self.queue, true) {
+            if self.raise_err() {
                 self.shared.counters.errors.fetch_add(1, Ordering::Relaxed);
             }
+        }
+    }
+
+    /// Signals the ring's error to the front-end; whether it was sent.
+    fn raise_err(&self) -> bool {
+        let err = lock(&self.shared.err).clone();
+        match err.raise(self.queue, true) {
+            Ok(sent) => sent,
+            Err(e) => {
+                if let Some(n) = err.notifier() {
+                    self.notifier_failed(n, false, &e);
+                }
+                false
+            }
+        }
+    }
+
+    /// The ring's call fd (`call`) or err fd cannot be written (`e`):
+    /// opened read-only, or a write failed. Logged and counted once per
+    /// fd, and a bad call fd is signalled on the err fd. Nothing stands
+    /// in for it: in-band calls are for rings the front-end gave no call
+    /// fd, and the ring goes on being served (a driver that polls its
+    /// used ring needs no call), until SET_VRING_CALL or SET_VRING_ERR
+    /// gives a new fd.
+    fn notifier_failed(&self, n: &Notifier, call: bool, e: &io::Error) {
+        if !n.first_failure() {
+            return;
+        }
+        let queue = self.queue;
+        if call {
+            error!("ring {queue}: the call fd cannot be written ({e}); the guest gets no calls until SET_VRING_CALL gives a new call fd");
+        } else {
+            error!("ring {queue}: the err fd cannot be written ({e}); ring errors are not signalled until SET_VRING_ERR gives a new err fd");
+        }
+        self.shared.counters.errors.fetch_add(1, Ordering::Relaxed);
+        if call {
+            self.raise_err();
         }
     }
 
@@ -1954,8 +2107,14 @@ where
         match published {
             Published::Notify => {
                 let call = lock(&self.shared.call).clone();
-                if call.raise(self.queue, false) {
-                    bump(&c.calls, 1);
+                match call.raise(self.queue, false) {
+                    Ok(true) => bump(&c.calls, 1),
+                    Ok(false) => {}
+                    Err(e) => {
+                        if let Some(n) = call.notifier() {
+                            self.notifier_failed(n, true, &e);
+                        }
+                    }
                 }
             }
             Published::Suppressed => {

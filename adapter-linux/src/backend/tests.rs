@@ -284,14 +284,15 @@ fn guest_ram_with_a_request() -> (std::os::fd::OwnedFd, MemRegionMsg) {
 /// Sets up ring 0 (without protocol features: it runs once kicked) with
 /// `call` as its call fd, then starts it; returns the guest RAM.
 fn start_ring(s: &Stream, call: &EventFd, kick: &EventFd) -> std::fs::File {
-    start_ring_with(s, call, None, kick.as_fd())
+    start_ring_with(s, call.as_fd(), None, kick.as_fd())
 }
 
-/// [`start_ring`] with any fd as the kick fd, and `err` as the err fd.
+/// [`start_ring`] with any fds as the call and kick fds, and `err` as
+/// the err fd.
 fn start_ring_with(
     s: &Stream,
-    call: &EventFd,
-    err: Option<&EventFd>,
+    call: BorrowedFd<'_>,
+    err: Option<BorrowedFd<'_>>,
     kick: BorrowedFd<'_>,
 ) -> std::fs::File {
     let (ram, region) = guest_ram_with_a_request();
@@ -331,9 +332,9 @@ fn start_ring_with(
         index: 0,
         no_fd: false,
     };
-    send(s, &Request::SetVringCall(ring), &[call.as_fd()]);
+    send(s, &Request::SetVringCall(ring), &[call]);
     if let Some(err) = err {
-        send(s, &Request::SetVringErr(ring), &[err.as_fd()]);
+        send(s, &Request::SetVringErr(ring), &[err]);
     }
     send(s, &Request::SetVringKick(ring), &[kick]);
     std::fs::File::from(ram)
@@ -497,7 +498,7 @@ fn a_kick_fd_at_end_of_file_does_not_keep_the_worker_busy() {
     drop(writer);
     let call = EventFd::new(true).unwrap();
     let err = EventFd::new(true).unwrap();
-    let ram = start_ring_with(&s, &call, Some(&err), pipe.as_fd());
+    let ram = start_ring_with(&s, call.as_fd(), Some(err.as_fd()), pipe.as_fd());
     drop(pipe);
     // The ring runs (started with its kick fd) and serves the request
     // made available; its worker is the thread that processed it.
@@ -548,7 +549,7 @@ fn a_held_request_completes_after_the_kick_fd_died(with_fd: bool) {
     let (pipe, writer) = crate::sys::pipe::pipe().unwrap();
     let call = EventFd::new(true).unwrap();
     let err = EventFd::new(true).unwrap();
-    let ram = start_ring_with(&s, &call, Some(&err), pipe.as_fd());
+    let ram = start_ring_with(&s, call.as_fd(), Some(err.as_fd()), pipe.as_fd());
     drop(pipe);
     // The request made available is popped and held by the device.
     let t0 = Instant::now();
@@ -607,7 +608,7 @@ fn a_write_only_kick_fd_is_reported_as_dead() {
     let (reader, pipe) = crate::sys::pipe::pipe().unwrap();
     let call = EventFd::new(true).unwrap();
     let err = EventFd::new(true).unwrap();
-    let ram = start_ring_with(&s, &call, Some(&err), pipe.as_fd());
+    let ram = start_ring_with(&s, call.as_fd(), Some(err.as_fd()), pipe.as_fd());
     drop(pipe);
     let reported = err.wait(Some(Duration::from_secs(2))).unwrap();
     let mut used = [0u8; 2];
@@ -634,6 +635,137 @@ fn a_write_only_kick_fd_is_reported_as_dead() {
         "the ring was served through a write-only kick fd"
     );
     assert_eq!(base.unwrap(), 1);
+    assert!(matches!(end, Ok(ConnectionEnd::Closed)), "{end:?}");
+}
+
+/// The error records logged so far in this test binary (tests run in
+/// parallel: look for what only the test at hand can cause).
+static LOGGED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+struct Capture;
+
+impl log::Log for Capture {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.level() <= log::Level::Error
+    }
+
+    fn log(&self, r: &log::Record<'_>) {
+        if self.enabled(r.metadata()) {
+            LOGGED.lock().unwrap().push(r.args().to_string());
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// Captures error records into [`LOGGED`] (once per test binary).
+fn capture_errors() {
+    static CAPTURE: Capture = Capture;
+    if log::set_logger(&CAPTURE).is_ok() {
+        log::set_max_level(log::LevelFilter::Error);
+    }
+}
+
+/// How many error records logged so far contain `what`.
+fn logged(what: &str) -> usize {
+    LOGGED
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|m| m.contains(what))
+        .count()
+}
+
+/// Makes a second request available (descriptor 0 again) and kicks.
+fn second_request(ram: &std::fs::File, kick: &EventFd) {
+    ram.write_all_at(&[0, 0, 2, 0, 0, 0, 0, 0], AVAIL).unwrap();
+    kick.write(1).unwrap();
+}
+
+/// A call fd the runtime cannot write (`call`): the ring is still
+/// served, and the front-end hears of it once, on the err fd, however
+/// many calls fail; the log says so once (with `what`).
+fn a_bad_call_fd_is_reported_once(call: BorrowedFd<'_>, what: &str) {
+    capture_errors();
+    let (s, ended) = runtime(P::empty());
+    let err = EventFd::new(true).unwrap();
+    let kick = EventFd::new(true).unwrap();
+    let ram = start_ring_with(&s, call, Some(err.as_fd()), kick.as_fd());
+    wait_used(&ram, 1);
+    let reported = err.wait(Some(Duration::from_secs(2))).unwrap();
+    // A second call fails as the first did: not reported again.
+    second_request(&ram, &kick);
+    wait_used(&ram, 2);
+    let base = vring_base(&s, Duration::from_secs(5));
+    let again = err.wait(Some(Duration::from_millis(100))).unwrap();
+    drop(s);
+    let end = ended.recv_timeout(Duration::from_secs(5));
+    assert_eq!(
+        reported,
+        Some(1),
+        "the call fd that cannot be written was not reported on the err fd"
+    );
+    assert_eq!(again, None, "the bad call fd was reported more than once");
+    let line = format!("ring 0: the call fd cannot be written ({what}");
+    assert_eq!(logged(&line), 1, "{line:?} logged once");
+    assert_eq!(base.unwrap(), 2);
+    assert!(matches!(end, Ok(ConnectionEnd::Closed)), "{end:?}");
+}
+
+/// A call fd opened read-only (the read end of a pipe) takes no call:
+/// found when the ring starts with it, not silently dropped at every
+/// call.
+#[test]
+fn a_read_only_call_fd_is_reported_on_the_err_fd() {
+    // The front-end keeps the write end.
+    let (pipe, _writer) = crate::sys::pipe::pipe().unwrap();
+    a_bad_call_fd_is_reported_once(pipe.as_fd(), "opened read-only");
+}
+
+/// A call fd whose writes fail (the write end of a pipe whose reader is
+/// gone: EPIPE) is reported at its first failed call.
+#[test]
+fn a_call_fd_whose_writes_fail_is_reported_on_the_err_fd() {
+    let (reader, pipe) = crate::sys::pipe::pipe().unwrap();
+    drop(reader);
+    a_bad_call_fd_is_reported_once(pipe.as_fd(), "Broken pipe");
+}
+
+/// An err fd opened read-only can tell nothing: logged (once) when the
+/// ring starts with it, and the ring served all the same.
+#[test]
+fn a_read_only_err_fd_is_logged() {
+    capture_errors();
+    let (s, ended) = runtime(P::empty());
+    let call = EventFd::new(true).unwrap();
+    let (pipe, _writer) = crate::sys::pipe::pipe().unwrap();
+    let kick = EventFd::new(true).unwrap();
+    let ram = start_ring_with(&s, call.as_fd(), Some(pipe.as_fd()), kick.as_fd());
+    wait_used(&ram, 1);
+    let base = vring_base(&s, Duration::from_secs(5));
+    drop(s);
+    let end = ended.recv_timeout(Duration::from_secs(5));
+    let line = "ring 0: the err fd cannot be written (opened read-only";
+    assert_eq!(logged(line), 1, "{line:?} logged once");
+    assert_eq!(base.unwrap(), 1);
+    assert!(matches!(end, Ok(ConnectionEnd::Closed)), "{end:?}");
+}
+
+/// A dirty log fd (SET_LOG_FD) opened read-only would never tell the
+/// front-end of marked pages: logged when it is set.
+#[test]
+fn a_read_only_log_fd_is_logged() {
+    capture_errors();
+    let (s, ended) = runtime(P::LOG_SHMFD);
+    negotiate(&s, P::LOG_SHMFD);
+    let (pipe, _writer) = crate::sys::pipe::pipe().unwrap();
+    send(&s, &Request::SetLogFd, &[pipe.as_fd()]);
+    // Its reply comes once SET_LOG_FD was handled.
+    assert_ne!(get_features(&s), 0);
+    drop(s);
+    let end = ended.recv_timeout(Duration::from_secs(5));
+    let line = "dirty log: the log fd cannot be written (opened read-only";
+    assert_eq!(logged(line), 1, "{line:?} logged once");
     assert!(matches!(end, Ok(ConnectionEnd::Closed)), "{end:?}");
 }
 

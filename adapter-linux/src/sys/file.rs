@@ -30,6 +30,16 @@ pub fn readable(fd: BorrowedFd<'_>) -> io::Result<bool> {
     Ok(flags & libc::O_ACCMODE != libc::O_WRONLY)
 }
 
+/// Whether `fd` was opened for writing (its access mode is not
+/// `O_RDONLY`): every write to a read-only fd fails (`EBADF`). An `O_PATH`
+/// fd, which cannot be written either, reads as read-only.
+pub fn writable(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    // SAFETY: fcntl F_GETFL takes no pointer; `fd` is borrowed, so it
+    // stays open for the call.
+    let flags = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
+    Ok(flags & libc::O_ACCMODE != libc::O_RDONLY && flags & libc::O_PATH == 0)
+}
+
 /// `fallocate(2)` on `fd`: allocates, deallocates or zeroes
 /// `[offset, offset + len)` as `mode` says (`0` or `libc::FALLOC_FL_*`
 /// bits, e.g. `FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE`). Retries on
