@@ -45,7 +45,7 @@
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
 
 use vhost_user_core::dataplane::Token;
 use vhost_user_core::device::net::{
@@ -255,6 +255,13 @@ struct Pair {
     space: Condvar,
     ready: Arc<EventFd>,
     tap: Option<Arc<Tap>>,
+    /// Held for reading by a transmit to the tap from its mode read to
+    /// its write, and for writing by [`NetService::change_mode`] while it
+    /// reconfigures the tap and stores the new mode: a frame framed with
+    /// one header length reaches the tap while the tap reads that
+    /// length. (A frame written cannot be taken back, so the two are
+    /// kept apart rather than a mismatch counted after the fact.)
+    framing: RwLock<()>,
     /// Receive rings of the pair that run (a ring's scratch holds one
     /// [`RxRunning`]; 0 or 1 but for the moment a restarted ring's new
     /// scratch overlaps the old): the tap reader reads only while one
@@ -311,7 +318,8 @@ struct Inner {
     /// it (0: unchanged), put back at RESET_DEVICE and at disconnect.
     tap_mtu_before: AtomicU16,
     /// The negotiated net features' bits (transmit headers are checked
-    /// against them).
+    /// against them), changed with the mode by
+    /// [`NetService::change_mode`].
     acked: AtomicU64,
     /// SEND_RARP requests.
     rarps: AtomicU64,
@@ -400,6 +408,7 @@ impl NetService {
                     space: Condvar::new(),
                     ready: Arc::new(EventFd::new(true)?),
                     tap: taps.next(),
+                    framing: RwLock::new(()),
                     rx_running: AtomicUsize::new(0),
                 })
             })
@@ -530,8 +539,17 @@ impl NetService {
 
     /// The taps and the mode for a header of `hdr_len` bytes and the
     /// `acked` features: the mode marked changing while the taps are
-    /// reconfigured (see [`RxMode`]).
+    /// reconfigured (see [`RxMode`]), and no transmit to a tap between
+    /// its mode read and its write meanwhile (see [`Pair::framing`]).
     fn change_mode(&self, hdr_len: usize, acked: NetFeatures) {
+        let _framing: Vec<_> = self
+            .inner
+            .pairs
+            .iter()
+            .filter(|p| p.tap.is_some())
+            .map(|p| p.framing.write().unwrap_or_else(PoisonError::into_inner))
+            .collect();
+        self.inner.acked.store(acked.bits(), Ordering::Relaxed);
         let before = self.inner.mode();
         self.inner.set_mode(RxMode {
             gen: before.gen | 1,
@@ -569,6 +587,13 @@ impl NetService {
         self.inner.pairs.get(usize::from(pair))
     }
 
+    /// Pair `pair`'s [`Pair::framing`], read-locked, if it has a tap.
+    fn tap_framing(&self, pair: u16) -> Option<RwLockReadGuard<'_, ()>> {
+        self.pair(pair)
+            .filter(|p| p.tap.is_some())
+            .map(|p| p.framing.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
     fn transmit<M: GuestMemory + ?Sized, const S: usize>(
         &self,
         queue: u16,
@@ -579,13 +604,12 @@ impl NetService {
     ) {
         let inner = &*self.inner;
         let k = self.count(queue);
-        let mode = inner.mode();
-        let hdr_len = mode.hdr_len;
         if let NetBackend::Null { .. } = inner.backend {
             // Dropped unread: counted at the length a copy would take,
             // the chain checked as a copy would check it (its buffers were
-            // found mapped when it was popped).
-            let hdr_len = hdr_len.min(VirtioNetHdr::SIZE);
+            // found mapped when it was popped). No tap: nothing to keep
+            // in step with the mode, so no lock.
+            let hdr_len = inner.mode().hdr_len.min(VirtioNetHdr::SIZE);
             match tx_check(chain.segments(), hdr_len, inner.max_frame) {
                 Ok(len) => k.frame(len as usize),
                 Err(e) => {
@@ -595,6 +619,12 @@ impl NetService {
             }
             return;
         }
+        // A tap's header length changes only under the write lock (see
+        // `Pair::framing`): the mode read here is the tap's until the
+        // frame is written.
+        let _framing = self.tap_framing(pair);
+        let mode = inner.mode();
+        let hdr_len = mode.hdr_len;
         if scratch.buf.len() < inner.max_frame {
             scratch.buf.resize(inner.max_frame, 0);
         }
@@ -843,7 +873,6 @@ impl Device for NetService {
         // Frames read or queued before are dropped, counted: their
         // header may have the old length, their offloads ones the driver
         // no longer takes (see `RxMode`).
-        self.inner.acked.store(acked.bits(), Ordering::Relaxed);
         self.change_mode(hdr_len, acked);
         let dropped = self.clear_frames();
         for (k, n) in dropped.into_iter().enumerate() {
@@ -859,7 +888,6 @@ impl Device for NetService {
             d.reset();
             d.hdr_len()
         };
-        self.inner.acked.store(0, Ordering::Relaxed);
         self.change_mode(hdr_len, NetFeatures::empty());
         self.inner.mtu.store(0, Ordering::Relaxed);
         self.restore_tap_mtu();
@@ -1030,6 +1058,7 @@ impl Device for NetService {
         let m = format_mac(mac);
         match self.pair(0).and_then(|p| p.tap.as_deref()) {
             Some(t) => {
+                let _framing = self.tap_framing(0);
                 let hdr_len = self.inner.mode().hdr_len;
                 let hdr = [0u8; VirtioNetHdr::SIZE];
                 match t.write(&hdr[..hdr_len.min(hdr.len())], &tap::rarp_frame(mac)) {
