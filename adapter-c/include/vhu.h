@@ -104,9 +104,21 @@
 #define VHU_PROTOCOL_F_MQ (1 << 0)
 
 /**
+ * VHOST_USER_PROTOCOL_F_RARP: SEND_RARP reaches `vhu_device.send_rarp`
+ * (offered only with that callback).
+ */
+#define VHU_PROTOCOL_F_RARP (1 << 2)
+
+/**
  * VHOST_USER_PROTOCOL_F_REPLY_ACK.
  */
 #define VHU_PROTOCOL_F_REPLY_ACK (1 << 3)
+
+/**
+ * VHOST_USER_PROTOCOL_F_MTU: NET_SET_MTU reaches `vhu_device.set_mtu`
+ * (offered only with that callback).
+ */
+#define VHU_PROTOCOL_F_MTU (1 << 4)
 
 /**
  * VHOST_USER_PROTOCOL_F_CONFIG.
@@ -794,7 +806,8 @@ typedef struct {
 
 /**
  * A device's control path, as callbacks (every one may be NULL: no
- * config space, features and resets ignored).
+ * config space, features and resets ignored, and neither SEND_RARP nor
+ * NET_SET_MTU offered).
  */
 typedef struct {
   /**
@@ -820,6 +833,24 @@ typedef struct {
    * RESET_DEVICE: drop device state.
    */
   void (*reset)(void *ctx);
+  /**
+   * NET_SET_MTU: the front-end advertises `mtu` to the driver (68 to
+   * 65535: the session refuses any other value before this is called).
+   * True if the device takes it; false refuses it (a failed REPLY_ACK,
+   * or the connection ends if no ack was asked). NULL: the device
+   * cannot, and a configuration offering `VHU_PROTOCOL_F_MTU` is
+   * refused by `vhu_backend_handle()`.
+   */
+  bool (*set_mtu)(void *ctx, uint16_t mtu);
+  /**
+   * SEND_RARP: announce the guest's MAC (the 6 bytes at `mac`, live for
+   * the call) on the device's network with a gratuitous RARP. True if
+   * the device takes the request (a frame it could not send is its own
+   * to count); false refuses it as `set_mtu` does. NULL: the device
+   * cannot, and a configuration offering `VHU_PROTOCOL_F_RARP` is
+   * refused by `vhu_backend_handle()`.
+   */
+  bool (*send_rarp)(void *ctx, const uint8_t *mac);
 } vhu_device;
 
 /**
@@ -1277,8 +1308,9 @@ size_t vhu_backend_align(void);
 /**
  * The protocol features a configuration may offer: those the session
  * implements and this interface carries, the same in every build (not
- * LOG_SHMFD, DEVICE_STATE, RARP, MTU or INBAND_NOTIFICATIONS, whose
- * messages or actions have no C form).
+ * LOG_SHMFD, DEVICE_STATE or INBAND_NOTIFICATIONS, whose messages or
+ * actions have no C form). RARP and MTU are offered only with a device
+ * whose `send_rarp` and `set_mtu` are set (`vhu_backend_handle()`).
  */
 uint64_t vhu_backend_supported_protocol_features(void);
 
@@ -1286,7 +1318,10 @@ uint64_t vhu_backend_supported_protocol_features(void);
  * Initialises a back-end session in `storage` (`size` bytes) for a
  * device with `config`, waiting for a front-end's first message.
  * `VHU_ERR_UNSUPPORTED` if the configuration offers what the engine does
- * not implement, or more than `VHU_MAX_QUEUES` queues.
+ * not implement, or more than `VHU_MAX_QUEUES` queues. A configuration
+ * offering `VHU_PROTOCOL_F_RARP` or `VHU_PROTOCOL_F_MTU` must be handled
+ * with a device whose `send_rarp` or `set_mtu` is set
+ * (`vhu_backend_handle()`).
  *
  * # Safety
  *
@@ -1318,7 +1353,11 @@ vhu_result vhu_message_size(const uint8_t *header, size_t len, size_t *total);
  * An error means the message was refused and the connection must end
  * (`VHU_ERR_WIRE` for a malformed message); a request refused with a
  * failed REPLY_ACK is not an error (`out->refused` says why). On error
- * `out` holds no reply and no action. `VHU_ERR_INVALID` if `reply` or
+ * `out` holds no reply and no action. `VHU_ERR_UNSUPPORTED`, before the
+ * session sees the message, if the configuration offers
+ * `VHU_PROTOCOL_F_RARP` or `VHU_PROTOCOL_F_MTU` and `device` (or its
+ * `send_rarp` or `set_mtu`) is NULL: no front-end is offered a message
+ * that no callback would take. `VHU_ERR_INVALID` if `reply` or
  * `out` shares a byte with the back-end, `msg`, `mem`, `device` or each
  * other, or an entry of the table `mem` maps any of them (the message is
  * read while the reply is written: give each its own bytes).

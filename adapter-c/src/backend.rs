@@ -59,8 +59,14 @@ pub const VHU_VIRTIO_F_RING_PACKED: u64 = 0x0004_0000_0000;
 
 /// VHOST_USER_PROTOCOL_F_MQ.
 pub const VHU_PROTOCOL_F_MQ: u64 = 1 << 0;
+/// VHOST_USER_PROTOCOL_F_RARP: SEND_RARP reaches `vhu_device.send_rarp`
+/// (offered only with that callback).
+pub const VHU_PROTOCOL_F_RARP: u64 = 1 << 2;
 /// VHOST_USER_PROTOCOL_F_REPLY_ACK.
 pub const VHU_PROTOCOL_F_REPLY_ACK: u64 = 1 << 3;
+/// VHOST_USER_PROTOCOL_F_MTU: NET_SET_MTU reaches `vhu_device.set_mtu`
+/// (offered only with that callback).
+pub const VHU_PROTOCOL_F_MTU: u64 = 1 << 4;
 /// VHOST_USER_PROTOCOL_F_CONFIG.
 pub const VHU_PROTOCOL_F_CONFIG: u64 = 1 << 9;
 /// VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD.
@@ -86,7 +92,9 @@ const _: () = {
     assert!(VHU_VIRTIO_F_VERSION_1 == VirtioFeatures::VERSION_1.bits());
     assert!(VHU_VIRTIO_F_RING_PACKED == VirtioFeatures::RING_PACKED.bits());
     assert!(VHU_PROTOCOL_F_MQ == ProtocolFeatures::MQ.bits());
+    assert!(VHU_PROTOCOL_F_RARP == ProtocolFeatures::RARP.bits());
     assert!(VHU_PROTOCOL_F_REPLY_ACK == ProtocolFeatures::REPLY_ACK.bits());
+    assert!(VHU_PROTOCOL_F_MTU == ProtocolFeatures::MTU.bits());
     assert!(VHU_PROTOCOL_F_CONFIG == ProtocolFeatures::CONFIG.bits());
     assert!(VHU_PROTOCOL_F_INFLIGHT_SHMFD == ProtocolFeatures::INFLIGHT_SHMFD.bits());
     assert!(VHU_PROTOCOL_F_RESET_DEVICE == ProtocolFeatures::RESET_DEVICE.bits());
@@ -135,7 +143,8 @@ pub struct vhu_backend_config {
 }
 
 /// A device's control path, as callbacks (every one may be NULL: no
-/// config space, features and resets ignored).
+/// config space, features and resets ignored, and neither SEND_RARP nor
+/// NET_SET_MTU offered).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct vhu_device {
@@ -162,6 +171,20 @@ pub struct vhu_device {
     pub features_acked: Option<unsafe extern "C" fn(ctx: *mut c_void, features: u64)>,
     /// RESET_DEVICE: drop device state.
     pub reset: Option<unsafe extern "C" fn(ctx: *mut c_void)>,
+    /// NET_SET_MTU: the front-end advertises `mtu` to the driver (68 to
+    /// 65535: the session refuses any other value before this is called).
+    /// True if the device takes it; false refuses it (a failed REPLY_ACK,
+    /// or the connection ends if no ack was asked). NULL: the device
+    /// cannot, and a configuration offering `VHU_PROTOCOL_F_MTU` is
+    /// refused by `vhu_backend_handle()`.
+    pub set_mtu: Option<unsafe extern "C" fn(ctx: *mut c_void, mtu: u16) -> bool>,
+    /// SEND_RARP: announce the guest's MAC (the 6 bytes at `mac`, live for
+    /// the call) on the device's network with a gratuitous RARP. True if
+    /// the device takes the request (a frame it could not send is its own
+    /// to count); false refuses it as `set_mtu` does. NULL: the device
+    /// cannot, and a configuration offering `VHU_PROTOCOL_F_RARP` is
+    /// refused by `vhu_backend_handle()`.
+    pub send_rarp: Option<unsafe extern "C" fn(ctx: *mut c_void, mac: *const u8) -> bool>,
 }
 
 /// A [`vhu_device`] as the core's [`Device`] (the control path only: the
@@ -183,7 +206,23 @@ impl CDevice {
         // SAFETY: non-null, aligned, readable by the caller's contract.
         Ok(CDevice(Some(unsafe { p.read() })))
     }
+
+    /// The protocol features whose messages this device's callbacks take
+    /// (RARP with `send_rarp`, MTU with `set_mtu`).
+    fn carries(&self) -> ProtocolFeatures {
+        let mut p = ProtocolFeatures::empty();
+        if let Some(d) = self.0 {
+            p.set(ProtocolFeatures::RARP, d.send_rarp.is_some());
+            p.set(ProtocolFeatures::MTU, d.set_mtu.is_some());
+        }
+        p
+    }
 }
+
+/// The protocol features offered only with the device's callback for
+/// their message (`CDevice::carries`).
+const DEVICE_PROTOCOL_FEATURES: ProtocolFeatures =
+    ProtocolFeatures::RARP.union(ProtocolFeatures::MTU);
 
 impl Device for CDevice {
     type Scratch = ();
@@ -240,6 +279,35 @@ impl Device for CDevice {
         {
             // SAFETY: the caller gave this callback for this `ctx`.
             unsafe { f(ctx) }
+        }
+    }
+
+    fn set_mtu(&mut self, mtu: u16) -> bool {
+        match self.0 {
+            Some(vhu_device {
+                ctx,
+                set_mtu: Some(f),
+                ..
+            }) => {
+                // SAFETY: the caller gave this callback for this `ctx`.
+                unsafe { f(ctx, mtu) }
+            }
+            _ => false,
+        }
+    }
+
+    fn send_rarp(&mut self, mac: [u8; 6]) -> bool {
+        match self.0 {
+            Some(vhu_device {
+                ctx,
+                send_rarp: Some(f),
+                ..
+            }) => {
+                // SAFETY: the caller gave this callback for this `ctx`;
+                // `mac` is 6 live bytes for the call.
+                unsafe { f(ctx, mac.as_ptr()) }
+            }
+            _ => false,
         }
     }
 
@@ -406,8 +474,9 @@ pub extern "C" fn vhu_backend_align() -> usize {
 
 /// The protocol features a configuration may offer: those the session
 /// implements and this interface carries, the same in every build (not
-/// LOG_SHMFD, DEVICE_STATE, RARP, MTU or INBAND_NOTIFICATIONS, whose
-/// messages or actions have no C form).
+/// LOG_SHMFD, DEVICE_STATE or INBAND_NOTIFICATIONS, whose messages or
+/// actions have no C form). RARP and MTU are offered only with a device
+/// whose `send_rarp` and `set_mtu` are set (`vhu_backend_handle()`).
 #[no_mangle]
 pub extern "C" fn vhu_backend_supported_protocol_features() -> u64 {
     C_PROTOCOL_FEATURES.bits()
@@ -416,14 +485,18 @@ pub extern "C" fn vhu_backend_supported_protocol_features() -> u64 {
 /// What a C back-end may offer: what the session implements and this
 /// interface carries, named one by one so that the core's build features
 /// (a workspace build turns on `net` and `migration` for every crate) do
-/// not change it. Left out: LOG_SHMFD (the dirty log's actions have no C
-/// form: a migration would lose the pages written), DEVICE_STATE (its
-/// transfer is an fd read or written beside the connection), RARP and MTU
-/// (their messages reach no callback) and INBAND_NOTIFICATIONS (in-band
-/// calls are back-end requests, which this interface does not encode).
-/// BACKEND_REQ only keeps the channel's fd (`VHU_ACTION_SET_BACKEND_CHANNEL`).
+/// not change it (this crate builds the core with `net`, for RARP and
+/// MTU). Left out: LOG_SHMFD (the dirty log's actions have no C form: a
+/// migration would lose the pages written), DEVICE_STATE (its transfer is
+/// an fd read or written beside the connection) and INBAND_NOTIFICATIONS
+/// (in-band calls are back-end requests, which this interface does not
+/// encode). BACKEND_REQ only keeps the channel's fd
+/// (`VHU_ACTION_SET_BACKEND_CHANNEL`); RARP and MTU need the device's
+/// callbacks (`DEVICE_PROTOCOL_FEATURES`).
 const C_PROTOCOL_FEATURES: ProtocolFeatures = ProtocolFeatures::MQ
+    .union(ProtocolFeatures::RARP)
     .union(ProtocolFeatures::REPLY_ACK)
+    .union(ProtocolFeatures::MTU)
     .union(ProtocolFeatures::CONFIG)
     .union(ProtocolFeatures::INFLIGHT_SHMFD)
     .union(ProtocolFeatures::RESET_DEVICE)
@@ -437,7 +510,10 @@ const C_PROTOCOL_FEATURES: ProtocolFeatures = ProtocolFeatures::MQ
 /// Initialises a back-end session in `storage` (`size` bytes) for a
 /// device with `config`, waiting for a front-end's first message.
 /// `VHU_ERR_UNSUPPORTED` if the configuration offers what the engine does
-/// not implement, or more than `VHU_MAX_QUEUES` queues.
+/// not implement, or more than `VHU_MAX_QUEUES` queues. A configuration
+/// offering `VHU_PROTOCOL_F_RARP` or `VHU_PROTOCOL_F_MTU` must be handled
+/// with a device whose `send_rarp` or `set_mtu` is set
+/// (`vhu_backend_handle()`).
 ///
 /// # Safety
 ///
@@ -522,7 +598,11 @@ pub unsafe extern "C" fn vhu_message_size(
 /// An error means the message was refused and the connection must end
 /// (`VHU_ERR_WIRE` for a malformed message); a request refused with a
 /// failed REPLY_ACK is not an error (`out->refused` says why). On error
-/// `out` holds no reply and no action. `VHU_ERR_INVALID` if `reply` or
+/// `out` holds no reply and no action. `VHU_ERR_UNSUPPORTED`, before the
+/// session sees the message, if the configuration offers
+/// `VHU_PROTOCOL_F_RARP` or `VHU_PROTOCOL_F_MTU` and `device` (or its
+/// `send_rarp` or `set_mtu`) is NULL: no front-end is offered a message
+/// that no callback would take. `VHU_ERR_INVALID` if `reply` or
 /// `out` shares a byte with the back-end, `msg`, `mem`, `device` or each
 /// other, or an entry of the table `mem` maps any of them (the message is
 /// read while the reply is written: give each its own bytes).
@@ -580,6 +660,15 @@ pub unsafe extern "C" fn vhu_backend_handle(
         let mem = unsafe { Mem::from_raw(mem, &mut fp) }?;
         // SAFETY: the caller's contract.
         let mut device = unsafe { CDevice::from_raw(device) }?;
+        // A front-end is never offered (nor handed) a message that no
+        // callback of this device takes.
+        let offered = b.session.config().protocol_features;
+        if !device
+            .carries()
+            .contains(offered.intersection(DEVICE_PROTOCOL_FEATURES))
+        {
+            return Err(VHU_ERR_UNSUPPORTED);
+        }
         // SAFETY: the caller's contract; apart from everything else the
         // call uses (claimed).
         let reply = unsafe { state::bytes_mut(reply, reply_cap) }?;

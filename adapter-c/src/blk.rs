@@ -334,6 +334,8 @@ pub unsafe extern "C" fn vhu_blk_device(blk: *mut vhu_blk, out: *mut vhu_device)
             write_config: Some(dev_write_config),
             features_acked: Some(dev_features_acked),
             reset: Some(dev_reset),
+            set_mtu: None,
+            send_rarp: None,
         };
         // SAFETY: the caller's contract.
         unsafe { state::put(out, d) }
@@ -678,6 +680,8 @@ mod tests {
             write_config: None,
             features_acked: None,
             reset: None,
+            set_mtu: None,
+            send_rarp: None,
         };
         let hook = std::panic::take_hook();
         std::panic::set_hook(std::boxed::Box::new(|_| {}));

@@ -100,7 +100,8 @@ class BlkOp(C.Structure):
 
 class Device(C.Structure):
     _fields_ = [("ctx", C.c_void_p), ("read_config", C.c_void_p), ("write_config", C.c_void_p),
-                ("features_acked", C.c_void_p), ("reset", C.c_void_p)]
+                ("features_acked", C.c_void_p), ("reset", C.c_void_p),
+                ("set_mtu", C.c_void_p), ("send_rarp", C.c_void_p)]
 
 
 for name in ["backend", "frontend", "blk", "blk_request"]:

@@ -246,6 +246,8 @@ fn a_memory_callback_that_calls_back_on_its_blk_device_or_request_is_refused() {
         write_config: None,
         features_acked: None,
         reset: None,
+        set_mtu: None,
+        send_rarp: None,
     };
     // SAFETY: storages of the sizes asked, aligned to 8 (at least the
     // alignments asked); live config and out-value.
@@ -323,6 +325,8 @@ fn a_device_callback_that_calls_back_on_its_session_is_refused() {
         write_config: None,
         features_acked: Some(acked),
         reset: None,
+        set_mtu: None,
+        send_rarp: None,
     };
     // SET_FEATURES (2), version 1, 8 bytes: VERSION_1.
     let mut msg = Vec::new();
