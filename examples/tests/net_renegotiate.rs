@@ -129,22 +129,30 @@ fn host_frame(i: u32) -> [u8; 64] {
     f
 }
 
+/// A raw packet socket (AF_PACKET, every protocol) and the link-layer
+/// address of interface `dev`, for `sendto` or `bind`.
+fn packet_socket(dev: &str) -> (libc::c_int, libc::sockaddr_ll) {
+    let name = std::ffi::CString::new(dev).unwrap();
+    // SAFETY: `name` is a NUL-terminated string live for the call.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    assert_ne!(index, 0, "no interface {name:?}");
+    let proto = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: socket takes no pointer.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+    assert!(fd >= 0, "{}", std::io::Error::last_os_error());
+    // SAFETY: sockaddr_ll is plain data; all zeroes is valid.
+    let mut at: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    at.sll_family = libc::AF_PACKET as u16;
+    at.sll_protocol = proto;
+    at.sll_ifindex = index as i32;
+    (fd, at)
+}
+
 /// Sends [`host_frame`]s out of interface `dev` (AF_PACKET) until `stop`.
 fn flood(dev: &str, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u32> {
-    let name = std::ffi::CString::new(dev).unwrap();
+    let dev = dev.to_string();
     std::thread::spawn(move || {
-        // SAFETY: `name` is a NUL-terminated string live for the call.
-        let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-        assert_ne!(index, 0, "no interface {name:?}");
-        let proto = (libc::ETH_P_ALL as u16).to_be();
-        // SAFETY: socket takes no pointer.
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
-        assert!(fd >= 0, "{}", std::io::Error::last_os_error());
-        // SAFETY: sockaddr_ll is plain data; all zeroes is valid.
-        let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        to.sll_family = libc::AF_PACKET as u16;
-        to.sll_protocol = proto;
-        to.sll_ifindex = index as i32;
+        let (fd, mut to) = packet_socket(&dev);
         to.sll_halen = 6;
         to.sll_addr[..6].copy_from_slice(&[0xff; 6]);
         let mut sent = 0u32;
@@ -299,19 +307,7 @@ struct Seen {
 /// Captures what enters the host from interface `dev` (AF_PACKET)
 /// until `stop`, sorting our frames into `seen`.
 fn capture(dev: &str, stop: Arc<AtomicBool>, seen: Arc<Seen>) -> std::thread::JoinHandle<()> {
-    let name = std::ffi::CString::new(dev).unwrap();
-    // SAFETY: `name` is a NUL-terminated string live for the call.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    assert_ne!(index, 0, "no interface {name:?}");
-    let proto = (libc::ETH_P_ALL as u16).to_be();
-    // SAFETY: socket takes no pointer.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
-    assert!(fd >= 0, "{}", std::io::Error::last_os_error());
-    // SAFETY: sockaddr_ll is plain data; all zeroes is valid.
-    let mut at: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    at.sll_family = libc::AF_PACKET as u16;
-    at.sll_protocol = proto;
-    at.sll_ifindex = index as i32;
+    let (fd, at) = packet_socket(dev);
     // SAFETY: `at` is live for the call, of the length given; `fd` is
     // our open socket.
     let r = unsafe {
