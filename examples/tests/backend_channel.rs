@@ -154,36 +154,12 @@ fn a_front_end_that_never_acks_loses_its_connection_not_the_daemon() {
     assert_eq!(capacity(&mut l), 2 * MIB / 512);
 }
 
-/// A front-end that sends the start of a header and then a byte now and
-/// then, each within any per-read timeout, against `--message-timeout-ms`:
-/// whether the daemon ended the connection within `within`.
+/// [`common::trickled_out`] against the daemon with
+/// `--message-timeout-ms limit_ms`.
 fn trickler_is_left(limit_ms: &str, within: Duration) -> (bool, Daemon) {
-    use std::io::Write;
     let d = Daemon::start_with(&["--size", "1M", "--message-timeout-ms", limit_ms]);
     drop(d.connect()); // Listening.
-    let mut s = std::os::unix::net::UnixStream::connect(&d.sock).unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-    // GET_FEATURES' header, a byte every 100 ms.
-    let header = [1u8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0];
-    let t0 = Instant::now();
-    for b in header.iter().cycle() {
-        if t0.elapsed() > within {
-            return (false, d);
-        }
-        // Written, then an end of file or a reset from the daemon.
-        if s.write_all(&[*b]).is_err() {
-            return (true, d);
-        }
-        let mut one = [0u8; 1];
-        match std::io::Read::read(&mut s, &mut one) {
-            Ok(0) => return (true, d),
-            Ok(_) => {} // A reply (the header came whole, then more).
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(_) => return (true, d),
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    unreachable!()
+    (common::trickled_out(&d.sock, within), d)
 }
 
 #[test]

@@ -544,3 +544,28 @@ fn hostile_transmit_headers_do_not_reach_the_tap() {
         "{tx}"
     );
 }
+
+#[test]
+fn a_front_end_that_trickles_a_message_is_left_after_message_timeout_ms() {
+    let dir = TempDir::new("net-trickle");
+    let bin = env!("CARGO_BIN_EXE_vhost-user-net");
+    let args = ["--backend", "null", "--message-timeout-ms"];
+    let d = daemon(Command::new(bin), &dir.0, &[&args[..], &["300"]].concat());
+    assert!(
+        common::trickled_out(&dir.0.join("net.sock"), Duration::from_secs(3)),
+        "still connected: {}",
+        log_with(&dir.0, "too slow")
+    );
+    assert!(log_with(&dir.0, "too slow").contains("too slow"));
+    // The daemon goes on: the next front-end is served.
+    let s = connect(&dir.0);
+    assert!(handshake(&s) != 0);
+    drop((s, d));
+    // With no limit the same front-end stays connected.
+    let dir = TempDir::new("net-trickle-0");
+    let _d = daemon(Command::new(bin), &dir.0, &[&args[..], &["0"]].concat());
+    assert!(!common::trickled_out(
+        &dir.0.join("net.sock"),
+        Duration::from_millis(1200)
+    ));
+}

@@ -50,6 +50,9 @@ usage: vhost-user-net (--socket-path PATH | --fd N) [options]
                        sleeps on their kicks (default 50; a large value
                        keeps a busy-polling worker, as DPDK's back-end)
   --no-mrg-rxbuf       do not offer mergeable receive buffers
+  --message-timeout-ms N  a front-end's message, once begun, must arrive
+                       whole, and each reply be taken, within this long,
+                       or it is disconnected (default 5000; 0: no limit)
   --trust-unsealable-memfd  map guest memory memfds that cannot be sealed
                        against shrinking (DPDK virtio-user without
                        hugepages); a front-end that shrinks one kills the
@@ -79,6 +82,7 @@ const OPTIONS: &[&str] = &[
     "threads",
     "queue-size",
     "spin-us",
+    "message-timeout-ms",
     "no-mrg-rxbuf",
     "trust-unsealable-memfd",
     "log-level",
@@ -262,6 +266,10 @@ fn run() -> Result<(), String> {
     let options = RuntimeOptions {
         threads: usize::from(threads),
         trust_unsealable_memfd: args.flag("trust-unsealable-memfd"),
+        message_timeout: match args.get_or("message-timeout-ms", 5000)? {
+            0 => None,
+            ms => Some(std::time::Duration::from_millis(ms)),
+        },
         spin,
         ..RuntimeOptions::default()
     };

@@ -387,3 +387,32 @@ pub fn build_c_blk(dir: &std::path::Path) -> PathBuf {
     );
     bin
 }
+
+/// A front-end that sends GET_FEATURES' header a byte every 100 ms (each
+/// within any per-read timeout) to the back-end listening at `sock`:
+/// whether the back-end ended the connection within `within`.
+pub fn trickled_out(sock: &std::path::Path, within: Duration) -> bool {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    let header = [1u8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0];
+    let t0 = Instant::now();
+    for b in header.iter().cycle() {
+        if t0.elapsed() > within {
+            return false;
+        }
+        // Written, then an end of file or a reset from the back-end.
+        if s.write_all(&[*b]).is_err() {
+            return true;
+        }
+        let mut one = [0u8; 1];
+        match std::io::Read::read(&mut s, &mut one) {
+            Ok(0) => return true,
+            Ok(_) => {} // A reply (the header came whole, then more).
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return true,
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    unreachable!()
+}
