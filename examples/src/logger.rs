@@ -23,13 +23,12 @@ impl Log for Stderr {
                 Level::Debug => "DEBUG",
                 Level::Trace => "TRACE",
             };
-            // A failed write to stderr has nowhere to be reported.
-            let _ = writeln!(
-                std::io::stderr().lock(),
-                "{level} {}: {}",
-                r.target(),
-                r.args()
-            );
+            // One write per line: stderr is unbuffered, and a line
+            // written piece by piece can be seen half-written by whoever
+            // reads the log meanwhile. A failed write to stderr has
+            // nowhere to be reported.
+            let line = format!("{level} {}: {}\n", r.target(), r.args());
+            let _ = std::io::stderr().lock().write_all(line.as_bytes());
         }
     }
 

@@ -90,7 +90,8 @@ pub fn bench_ok(out: std::process::Output, requests: u64) -> String {
 /// first `skip` (the start-up probe's), each of which must count no error.
 pub fn served(log: &str, skip: usize) -> u64 {
     log.lines()
-        .filter(|l| l.contains("bytes written"))
+        // Whole counter lines (one being written may be read in part).
+        .filter(|l| l.contains("bytes written") && l.ends_with(" errors"))
         .skip(skip)
         .filter_map(|l| {
             assert!(l.ends_with(" 0 errors"), "{l}");
@@ -240,7 +241,11 @@ impl Daemon {
         let t0 = Instant::now();
         loop {
             let log = self.log();
-            if log.matches("bytes written").count() >= n {
+            // Whole counter lines only (each ends with its errors).
+            let lines = log
+                .lines()
+                .filter(|l| l.contains("bytes written") && l.ends_with(" errors"));
+            if lines.count() >= n {
                 return log;
             }
             assert!(t0.elapsed() < Duration::from_secs(10), "{log}");
