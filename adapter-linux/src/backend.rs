@@ -417,6 +417,13 @@ struct DirtyShared {
 }
 
 impl DirtyShared {
+    /// The log fd cannot be written (`e`): logged once per fd.
+    fn log_fd_failed(fd: &Notifier, e: &io::Error) {
+        if fd.first_failure() {
+            error!("dirty log: the log fd cannot be written ({e}); the front-end is not told of marked pages");
+        }
+    }
+
     /// The log, read-locked, if one is mapped.
     fn read(&self) -> Option<std::sync::RwLockReadGuard<'_, Option<(LinuxGuestMemory, u64)>>> {
         self.mapped
@@ -433,9 +440,7 @@ impl DirtyShared {
             self.pages.fetch_add(pages, Ordering::Relaxed);
             if let Some(fd) = lock(&self.fd).as_ref() {
                 if let Err(e) = fd.write() {
-                    if fd.first_failure() {
-                        error!("dirty log: the log fd cannot be written ({e}); the front-end is not told of marked pages");
-                    }
+                    Self::log_fd_failed(fd, &e);
                 }
             }
         }
@@ -947,9 +952,7 @@ where
                 // Reported now, once: the runtime's writes to it would
                 // each fail.
                 if let Some((n, e)) = fd.as_deref().and_then(|n| Some((n, n.unusable()?))) {
-                    if n.first_failure() {
-                        error!("dirty log: the log fd cannot be written ({e}); the front-end is not told of marked pages");
-                    }
+                    DirtyShared::log_fd_failed(n, &e);
                 }
                 *lock(&self.log.fd) = fd;
             }
