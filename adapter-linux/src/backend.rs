@@ -294,7 +294,14 @@ pub fn bump(counter: &AtomicU64, n: u64) {
 #[derive(Clone, Copy, Debug)]
 pub struct RuntimeOptions {
     /// Completions published per batch at most (one used-index store and at
-    /// most one call per batch).
+    /// most one call per batch). A round takes at most half of what the
+    /// driver has in flight (see `RingWorker::round`), so this bounds only
+    /// rings deeper than twice it. The default, 128, halves the round's
+    /// fixed costs (the dirty log's lock, the publish's fence and read of
+    /// the driver's event area, the call) against 64 for a ring of 256
+    /// kept full: DPDK virtio-user `rxonly` from the null backend, 64-byte
+    /// frames, packed ring, 9 alternated runs, 1.02x DPDK's vhost against
+    /// 0.95x with 64.
     pub batch: usize,
     /// Sleep between polls of a ring in polling mode (no kick fd).
     pub poll_interval: Duration,
@@ -363,7 +370,7 @@ impl RuntimeOptions {
 impl Default for RuntimeOptions {
     fn default() -> Self {
         RuntimeOptions {
-            batch: 64,
+            batch: 128,
             poll_interval: Duration::from_micros(50),
             spin: Duration::from_micros(50),
             channel_timeout: Duration::from_secs(5),
