@@ -683,7 +683,7 @@ pub unsafe extern "C" fn vhu_backend_handle(
             .handle_into(
                 &header,
                 payload,
-                nfds,
+                &nfds,
                 &mem,
                 &mut device,
                 reply,

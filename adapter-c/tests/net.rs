@@ -309,7 +309,7 @@ fn rust_session(s: &mut Session<16, 32>, m: &[u8]) -> (vhu_result, vhu_result, V
     match s.handle(
         &header,
         &m[HEADER_SIZE..],
-        0,
+        &0,
         &NoMemory,
         &mut Plain,
         &mut out,

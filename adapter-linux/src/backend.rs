@@ -700,7 +700,7 @@ where
                 self.session.handle(
                     &rx.header,
                     payload,
-                    fds.len(),
+                    &fds.len(),
                     &*mem,
                     &mut self.device,
                     &mut out[..],

@@ -396,7 +396,7 @@ impl<D: Device, const Q: usize, const R: usize> Backend<D, Q, R> {
         let o = self.session.handle(
             &header,
             payload,
-            nfds,
+            &nfds,
             &self.mem,
             &mut self.device,
             &mut out,

@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 use vhost_user_core::backend::{
-    Action, BackendConfig, BackendError, Notifier, Outcome, Reply, Session,
+    Action, BackendConfig, BackendError, FdAccess, MessageFds, Notifier, Outcome, Reply, Session,
     SUPPORTED_PROTOCOL_FEATURES,
 };
 use vhost_user_core::feature::{ProtocolFeatures as P, VirtioFeatures as V};
@@ -1259,4 +1259,171 @@ fn net_set_mtu_and_send_rarp() {
         assert_eq!((v, o.refused), (1, Some(BackendError::NotNegotiated(c))));
     }
     assert!(fe.device.mtus.is_empty() && fe.device.rarps.is_empty());
+}
+
+/// fds as an adapter describes them ([`MessageFds`]): `count` fds, none
+/// of which can serve `denied`.
+struct Denies {
+    count: usize,
+    denied: FdAccess,
+}
+
+impl MessageFds for Denies {
+    fn count(&self) -> usize {
+        self.count
+    }
+
+    fn allows(&self, _index: u8, access: FdAccess) -> bool {
+        access != self.denied
+    }
+}
+
+/// The session handles `req` (with NEED_REPLY) with `fds`: its result and
+/// reply bytes.
+fn handle_with(
+    fe: &mut Fe,
+    req: &Request<'_>,
+    fds: &Denies,
+) -> Result<(Outcome, Vec<u8>), BackendError> {
+    let mut msg = [0u8; vhost_user_core::message::MAX_MESSAGE];
+    let n = req.encode(true, &mut msg).unwrap();
+    let header = Header::parse(&msg[..n]).unwrap();
+    let mut out = [0u8; vhost_user_core::message::MAX_MESSAGE];
+    let o = fe.session.handle(
+        &header,
+        &msg[HEADER_SIZE..n],
+        fds,
+        &fe.mem,
+        &mut fe.device,
+        &mut out,
+    )?;
+    let reply = match o.reply {
+        Reply::Ready(len) => out[..len].to_vec(),
+        _ => Vec::new(),
+    };
+    Ok((o, reply))
+}
+
+/// The u64 a reply carries.
+fn reply_u64(reply: &[u8]) -> u64 {
+    u64::from_le_bytes(reply[HEADER_SIZE..HEADER_SIZE + 8].try_into().unwrap())
+}
+
+/// A message whose fd cannot serve its use is refused in its ack with
+/// [`BackendError::BadFd`], before anything changes; an fd that can
+/// serve it (the same message, another access denied) is taken.
+#[test]
+fn an_fd_that_cannot_serve_its_use_is_refused_before_anything_changes() {
+    use vhost_user_core::message::{DeviceStateDirection as Dir, InflightMsg, LogMsg};
+    let ring = VringFdMsg {
+        index: 0,
+        no_fd: false,
+    };
+    // Not the handshake's table (one region of RAM bytes at 0).
+    let table = [region(0, RAM / 2)];
+    let inflight = InflightMsg {
+        mmap_size: vhost_user_core::inflight::area_size(2, 256).unwrap(),
+        mmap_offset: 0,
+        num_queues: 2,
+        queue_size: 256,
+    };
+    let cases = [
+        (
+            Request::SetMemTable(MemTable::new(&table).unwrap()),
+            FdAccess::Map,
+        ),
+        (Request::AddMemReg(region(RAM, 4096)), FdAccess::Map),
+        (Request::SetVringKick(ring), FdAccess::Read),
+        (Request::SetVringCall(ring), FdAccess::Write),
+        (Request::SetVringErr(ring), FdAccess::Write),
+        (Request::SetBackendReqFd, FdAccess::ReadWrite),
+        (Request::SetInflightFd(inflight), FdAccess::Map),
+        (Request::SetLogFd, FdAccess::Write),
+    ];
+    let other = |a| {
+        if a == FdAccess::Read {
+            FdAccess::Write
+        } else {
+            FdAccess::Read
+        }
+    };
+    for (req, access) in cases {
+        let code = req.code();
+        let mut fe = new_fe(all_protocol());
+        fe.handshake(V::VERSION_1 | V::PROTOCOL_FEATURES);
+        // Ring 0 is ready: SET_VRING_KICK would start it.
+        let drv = SplitDriver::new(&fe.mem, 16, 0x1000, false).unwrap();
+        fe.configure(0, 16, drv.user_addrs(), 0);
+        let memory = fe.session.memory().clone();
+        let bad = Denies {
+            count: 1,
+            denied: access,
+        };
+        let (o, reply) = handle_with(&mut fe, &req, &bad).unwrap();
+        assert_eq!(
+            o.refused,
+            Some(BackendError::BadFd { index: 0, access }),
+            "{code:?}"
+        );
+        assert_eq!(reply_u64(&reply), 1, "{code:?}: its ack");
+        assert!(o.actions.is_empty(), "{code:?}: {:?}", o.actions);
+        let slot = fe.session.ring(0).unwrap();
+        assert!(!slot.running, "{code:?} started the ring");
+        assert_eq!(
+            (slot.kick, slot.call, slot.err),
+            (Notifier::Unset, Notifier::Unset, Notifier::Unset),
+            "{code:?}"
+        );
+        assert_eq!(fe.session.inflight_layout(), None, "{code:?}");
+        assert!(fe.session.channel().is_none(), "{code:?}");
+        assert!(
+            fe.session.memory().iter().eq(memory.iter()),
+            "{code:?} changed the memory table"
+        );
+        let good = Denies {
+            count: 1,
+            denied: other(access),
+        };
+        let (o, reply) = handle_with(&mut fe, &req, &good).unwrap();
+        assert_eq!(o.refused, None, "{code:?}");
+        assert_eq!(reply_u64(&reply), 0, "{code:?}: its ack");
+    }
+    // SET_DEVICE_STATE_FD: its own reply, an error and no fd.
+    for (dir, access) in [(Dir::Save, FdAccess::Write), (Dir::Load, FdAccess::Read)] {
+        let mut fe = new_fe(all_protocol());
+        fe.handshake(V::VERSION_1 | V::PROTOCOL_FEATURES);
+        let req = Request::SetDeviceStateFd(dir);
+        let bad = Denies {
+            count: 1,
+            denied: access,
+        };
+        let (o, reply) = handle_with(&mut fe, &req, &bad).unwrap();
+        assert_eq!(
+            o.refused,
+            Some(BackendError::BadFd { index: 0, access }),
+            "{dir:?}"
+        );
+        assert_eq!(reply_u64(&reply), 0x101, "{dir:?}: an error, no fd");
+        assert_eq!(fe.session.transfer(), None, "{dir:?}");
+    }
+    // SET_LOG_BASE: its reply carries no verdict; the connection ends.
+    let mut fe = new_fe(all_protocol());
+    fe.handshake(V::VERSION_1 | V::PROTOCOL_FEATURES);
+    let req = Request::SetLogBase(LogMsg {
+        size: 4096,
+        offset: 0,
+    });
+    let bad = Denies {
+        count: 1,
+        denied: FdAccess::Map,
+    };
+    let r = handle_with(&mut fe, &req, &bad);
+    assert_eq!(
+        r.err(),
+        Some(BackendError::BadFd {
+            index: 0,
+            access: FdAccess::Map
+        })
+    );
+    assert_eq!(fe.session.log(), None);
 }

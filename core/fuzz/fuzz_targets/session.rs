@@ -517,7 +517,7 @@ impl World {
         let outcome = match self.host.session.handle(
             &h,
             &payload,
-            nfds,
+            &nfds,
             &self.ram,
             &mut self.host.dev,
             &mut out,

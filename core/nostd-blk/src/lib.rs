@@ -350,7 +350,7 @@ impl<'a> Backend<'a> {
             .handle_into(
                 &frame.header,
                 frame.payload,
-                nfds,
+                &nfds,
                 &self.mem,
                 &mut self.device,
                 &mut self.tx,

@@ -62,6 +62,22 @@
 //! addresses no longer translate is refused when it is started
 //! (SET_VRING_KICK).
 //!
+//! # fds that cannot serve
+//!
+//! The adapter describes the fds of each message ([`MessageFds`]): whether
+//! each was opened for what the message uses it for ([`FdAccess`]). One
+//! that cannot serve is refused on the message that brings it, with
+//! [`BackendError::BadFd`] and nothing changed, like any request that
+//! cannot be honoured: a kick fd that cannot be read (opened write-only,
+//! the write end of a pipe), a call, err or dirty log fd that cannot be
+//! written (the read end of a pipe), shared memory (a region, the inflight
+//! area, the dirty log) that cannot be mapped read-write, a back-end
+//! channel that cannot be read and written. SET_DEVICE_STATE_FD answers
+//! with its own reply (an error, and no fd) when the fd is not open in the
+//! transfer's direction; SET_LOG_BASE, whose reply carries no verdict,
+//! ends the connection. An fd's access mode never changes, so what is
+//! taken stays usable as far as its mode goes.
+//!
 //! # SET_FEATURES without VHOST_USER_F_PROTOCOL_FEATURES
 //!
 //! Once SET_PROTOCOL_FEATURES was received, a SET_FEATURES without bit 30
@@ -176,6 +192,65 @@ pub const SUPPORTED_VIRTIO_FEATURES: VirtioFeatures = VirtioFeatures::from_bits_
 
 /// An fd of the current message, by its position.
 pub type FdIndex = u8;
+
+/// What the back-end does with an fd of a message, as far as the fd's
+/// access mode goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub enum FdAccess {
+    /// Reads it: a kick eventfd (SET_VRING_KICK), the device state to
+    /// load (SET_DEVICE_STATE_FD).
+    Read,
+    /// Writes it: a call, err or dirty log eventfd (SET_VRING_CALL,
+    /// SET_VRING_ERR, SET_LOG_FD), the device state to save.
+    Write,
+    /// Reads and writes it: the back-end channel (SET_BACKEND_REQ_FD).
+    ReadWrite,
+    /// Maps it shared, to read and write: a memory region (SET_MEM_TABLE,
+    /// ADD_MEM_REG), the inflight area (SET_INFLIGHT_FD), the dirty log
+    /// (SET_LOG_BASE).
+    Map,
+}
+
+/// The fds that came with a message, as the adapter describes them to
+/// [`Session::handle`]: how many, and whether each was opened for what
+/// the message uses it for. A message whose fd cannot serve is refused
+/// ([`BackendError::BadFd`]) before anything changes, so the front-end
+/// hears of it in the reply (see the module documentation).
+///
+/// A count (`usize`) describes fds the adapter does not look at (or a
+/// transport without fds): each is taken as usable, and its first use
+/// tells.
+pub trait MessageFds {
+    /// How many fds came with the message.
+    fn count(&self) -> usize;
+    /// Whether fd `index` (below [`count`](Self::count)) can serve
+    /// `access`. An adapter that cannot tell answers `true`.
+    fn allows(&self, index: FdIndex, access: FdAccess) -> bool;
+}
+
+impl MessageFds for usize {
+    fn count(&self) -> usize {
+        *self
+    }
+
+    fn allows(&self, _index: FdIndex, _access: FdAccess) -> bool {
+        true
+    }
+}
+
+/// Refuses fd `index` of the message unless it can serve `access`.
+fn usable<F: MessageFds + ?Sized>(
+    fds: &F,
+    index: FdIndex,
+    access: FdAccess,
+) -> Result<(), BackendError> {
+    if fds.allows(index, access) {
+        Ok(())
+    } else {
+        Err(BackendError::BadFd { index, access })
+    }
+}
 
 /// What the adapter must do after a message.
 #[derive(Clone, Copy, Debug)]
@@ -415,6 +490,15 @@ pub enum BackendError {
     Unsupported,
     /// An inflight area description or use refused.
     Inflight(InflightError),
+    /// An fd of the message cannot serve its use ([`MessageFds`]): a kick
+    /// fd opened write-only, a call fd opened read-only, shared memory
+    /// that cannot be mapped read-write, ….
+    BadFd {
+        /// The fd, by its position in the message.
+        index: FdIndex,
+        /// What the message uses it for.
+        access: FdAccess,
+    },
     /// SET_DEVICE_STATE_FD while a ring runs (the device is not
     /// suspended).
     #[cfg(feature = "migration")]
@@ -482,6 +566,15 @@ impl fmt::Display for BackendError {
             BackendError::Memory(e) => write!(f, "memory table: {e}"),
             BackendError::Vring(e) => write!(f, "ring: {e}"),
             BackendError::Inflight(e) => write!(f, "inflight area: {e}"),
+            BackendError::BadFd { index, access } => {
+                let what = match access {
+                    FdAccess::Read => "read",
+                    FdAccess::Write => "written",
+                    FdAccess::ReadWrite => "read and written",
+                    FdAccess::Map => "mapped read-write",
+                };
+                write!(f, "fd {index} of the message cannot be {what}")
+            }
             BackendError::NoSuchQueue(q) => write!(f, "no ring {q}"),
             BackendError::QueueSize(n) => write!(f, "ring size {n} above the maximum"),
             BackendError::RingRunning(q) => write!(f, "ring {q} is running"),
@@ -946,20 +1039,21 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
     /// Handles one message.
     ///
     /// `header` was validated by [`Header::parse`]; `payload` is the
-    /// `header.size` bytes after it; `nfds` fds came with it (the adapter
-    /// closes every fd no action took). `mem` is the adapter's view of guest
+    /// `header.size` bytes after it; `fds` came with it (the adapter
+    /// closes every fd no action took; a count if it does not look at
+    /// them, see [`MessageFds`]). `mem` is the adapter's view of guest
     /// memory as mapped so far; `out` receives the reply.
-    pub fn handle<M: GuestMemory + ?Sized, D: Device + ?Sized>(
+    pub fn handle<M: GuestMemory + ?Sized, D: Device + ?Sized, F: MessageFds + ?Sized>(
         &mut self,
         header: &Header,
         payload: &[u8],
-        nfds: usize,
+        fds: &F,
         mem: &M,
         device: &mut D,
         out: &mut [u8],
     ) -> Result<Outcome, BackendError> {
         let mut outcome = Outcome::default();
-        self.handle_into(header, payload, nfds, mem, device, out, &mut outcome)?;
+        self.handle_into(header, payload, fds, mem, device, out, &mut outcome)?;
         Ok(outcome)
     }
 
@@ -969,18 +1063,18 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
     /// [`MAX_ACTIONS`] actions), which a caller with a small stack keeps
     /// elsewhere.
     #[allow(clippy::too_many_arguments)]
-    pub fn handle_into<M: GuestMemory + ?Sized, D: Device + ?Sized>(
+    pub fn handle_into<M: GuestMemory + ?Sized, D: Device + ?Sized, F: MessageFds + ?Sized>(
         &mut self,
         header: &Header,
         payload: &[u8],
-        nfds: usize,
+        fds: &F,
         mem: &M,
         device: &mut D,
         out: &mut [u8],
         outcome: &mut Outcome,
     ) -> Result<(), BackendError> {
         *outcome = Outcome::default();
-        let result = self.handle_inner(header, payload, nfds, mem, device, out, outcome);
+        let result = self.handle_inner(header, payload, fds, mem, device, out, outcome);
         if result.is_err() {
             *outcome = Outcome::default();
         }
@@ -988,22 +1082,22 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn handle_inner<M: GuestMemory + ?Sized, D: Device + ?Sized>(
+    fn handle_inner<M: GuestMemory + ?Sized, D: Device + ?Sized, F: MessageFds + ?Sized>(
         &mut self,
         header: &Header,
         payload: &[u8],
-        nfds: usize,
+        fds: &F,
         mem: &M,
         device: &mut D,
         out: &mut [u8],
         outcome: &mut Outcome,
     ) -> Result<(), BackendError> {
         let opts = self.parse_options();
-        let req = Request::parse(header, payload, nfds, &opts)?;
+        let req = Request::parse(header, payload, fds.count(), &opts)?;
         let code = req.code();
         let result = self
             .gate(code)
-            .and_then(|()| self.dispatch(&req, mem, device, out, outcome));
+            .and_then(|()| self.dispatch(&req, fds, mem, device, out, outcome));
         let ack_asked = header.need_reply()
             && self.acked_protocol.contains(ProtocolFeatures::REPLY_ACK)
             && !code.has_reply();
@@ -1027,9 +1121,10 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
         }
     }
 
-    fn dispatch<M: GuestMemory + ?Sized, D: Device + ?Sized>(
+    fn dispatch<M: GuestMemory + ?Sized, D: Device + ?Sized, F: MessageFds + ?Sized>(
         &mut self,
         req: &Request<'_>,
+        fds: &F,
         mem: &M,
         device: &mut D,
         out: &mut [u8],
@@ -1110,6 +1205,10 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
             Request::SetMemTable(ref table) => {
                 // Region i in slot i, as `MemoryTable::set` places them,
                 // without a copy of the regions on the stack.
+                // One fd per region, each mapped.
+                for i in 0..table.len() {
+                    usable(fds, i as FdIndex, FdAccess::Map)?;
+                }
                 let mut next = MemoryTable::<R>::default();
                 for r in table.iter() {
                     next.add(r)?;
@@ -1131,6 +1230,7 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
                 }
             }
             Request::AddMemReg(region) => {
+                usable(fds, 0, FdAccess::Map)?;
                 let mut next = self.memory.clone();
                 let slot = next.add(region)?;
                 let remap = self.commit_memory(next)?;
@@ -1232,6 +1332,9 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
                 }
             }
             Request::SetVringKick(v) => {
+                if let Some(i) = fd_of(v) {
+                    usable(fds, i, FdAccess::Read)?;
+                }
                 let q = v.index as u16;
                 push(
                     actions,
@@ -1258,10 +1361,14 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
                 }
             }
             Request::SetBackendReqFd => {
+                usable(fds, 0, FdAccess::ReadWrite)?;
                 self.channel = true;
                 push(actions, Action::SetBackendChannel { fd: 0 });
             }
             Request::SetVringCall(v) => {
+                if let Some(i) = fd_of(v) {
+                    usable(fds, i, FdAccess::Write)?;
+                }
                 self.slot_mut(v.index)?.call = notifier(v);
                 push(
                     actions,
@@ -1272,6 +1379,9 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
                 );
             }
             Request::SetVringErr(v) => {
+                if let Some(i) = fd_of(v) {
+                    usable(fds, i, FdAccess::Write)?;
+                }
                 self.slot_mut(v.index)?.err = notifier(v);
                 push(
                     actions,
@@ -1319,6 +1429,7 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
                 outcome.reply = Reply::Ready(WireReply::encode_inflight(code, &m, out)?);
             }
             Request::SetInflightFd(m) => {
+                usable(fds, 0, FdAccess::Map)?;
                 self.check_inflight(m.num_queues, m.queue_size)?;
                 let stride = inflight::check_area(m.num_queues, m.queue_size, m.mmap_size)?;
                 // Running rings keep the area they started with; this one
@@ -1357,6 +1468,7 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
             }
             #[cfg(feature = "migration")]
             Request::SetLogBase(l) => {
+                usable(fds, 0, FdAccess::Map)?;
                 // The log must have a bit for every page of guest memory.
                 let needed = crate::log::bitmap_bytes(self.memory.end());
                 if l.size < needed {
@@ -1377,17 +1489,25 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
                 outcome.reply = reply(0)?;
             }
             #[cfg(feature = "migration")]
-            Request::SetLogFd => push(actions, Action::SetLogFd { fd: 0 }),
+            Request::SetLogFd => {
+                usable(fds, 0, FdAccess::Write)?;
+                push(actions, Action::SetLogFd { fd: 0 });
+            }
             #[cfg(feature = "migration")]
             Request::SetDeviceStateFd(direction) => {
-                // Only while suspended (every ring stopped), and one
-                // transfer at a time: the next waits for its CHECK.
+                // Only while suspended (every ring stopped), one transfer
+                // at a time (the next waits for its CHECK), and on an fd
+                // open in the transfer's direction.
+                let access = match direction {
+                    DeviceStateDirection::Save => FdAccess::Write,
+                    DeviceStateDirection::Load => FdAccess::Read,
+                };
                 let refusal = if self.rings.iter().any(|r| r.running) {
                     Some(BackendError::NotSuspended)
                 } else if self.transfer.is_some() {
                     Some(BackendError::TransferPending)
                 } else {
-                    None
+                    usable(fds, 0, access).err()
                 };
                 if let Some(e) = refusal {
                     // An error and no fd: never both an error and an fd.
