@@ -24,7 +24,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
-use vhost_user_core::backend::{Action, BackendConfig, BackendError, Reply, Session};
+use vhost_user_core::backend::{
+    Action, BackendConfig, BackendError, FdAccess, FdIndex, MessageFds, Reply, Session,
+};
 use vhost_user_core::dataplane::{DataPlane, Published, Stop, Token};
 use vhost_user_core::device::{Completion, Device};
 use vhost_user_core::log::{DirtyLog, LoggedMemory};
@@ -467,10 +469,13 @@ impl Shared {
 }
 
 /// An fd the front-end gave for the runtime to write: a ring's call or
-/// err fd, or the dirty log's fd (SET_LOG_FD). Any fd is taken (the
-/// front-end chooses), so it may turn out unusable: opened read-only
-/// (the read end of a pipe), found when it is set, or failing later.
-/// Such an fd is reported once, not at every signal.
+/// err fd, or the dirty log's fd (SET_LOG_FD). One opened read-only (the
+/// read end of a pipe) is refused on the message that sets it
+/// ([`Received`]); the look at its mode here stays as a defence. Any other
+/// fd is taken (the front-end chooses), so its writes may still fail
+/// (a pipe whose reader is gone, a full device). Such an fd is reported
+/// once per message that set it (each makes a new `Notifier`), not at
+/// every signal.
 struct Notifier {
     fd: EventFd,
     /// Opened read-only (or `O_PATH`): every write fails.
@@ -592,6 +597,33 @@ struct RingFds {
     err: Option<Arc<Notifier>>,
 }
 
+/// A message's fds as the session looks at them ([`MessageFds`]): by
+/// their access modes, so that one that cannot serve its use (a kick fd
+/// opened write-only, shared memory opened read-only, an `O_PATH` fd) is
+/// refused in the message's reply rather than found when first used.
+struct Received<'a>(&'a [Option<OwnedFd>]);
+
+impl MessageFds for Received<'_> {
+    fn count(&self) -> usize {
+        self.0.len()
+    }
+
+    fn allows(&self, index: FdIndex, access: FdAccess) -> bool {
+        let Some(Some(fd)) = self.0.get(usize::from(index)) else {
+            // Not there: the message's parse refuses it.
+            return true;
+        };
+        // A mode that cannot be read is taken as usable: its use tells.
+        let read = || crate::sys::file::readable(fd.as_fd()).unwrap_or(true);
+        let write = || crate::sys::file::writable(fd.as_fd()).unwrap_or(true);
+        match access {
+            FdAccess::Read => read(),
+            FdAccess::Write => write(),
+            FdAccess::ReadWrite | FdAccess::Map => read() && write(),
+        }
+    }
+}
+
 /// One front-end connection's state.
 struct Connection<D: SharedDevice, const Q: usize, const R: usize>
 where
@@ -700,7 +732,7 @@ where
                 self.session.handle(
                     &rx.header,
                     payload,
-                    &fds.len(),
+                    &Received(&fds),
                     &*mem,
                     &mut self.device,
                     &mut out[..],
@@ -842,9 +874,10 @@ where
                 }
                 self.rings[q].kick = kick;
             }
-            // A read-only call or err fd is taken, and reported by the
-            // ring's worker once the ring runs with it (see
-            // `Ring::take_signals`): the ring is served all the same.
+            // A read-only call or err fd was refused by the session
+            // ([`Received`]); one whose writes fail is reported by the
+            // ring's worker (see `RingWorker::notifier_failed`), and the
+            // ring is served all the same.
             Action::SetCall { queue, fd } => {
                 self.rings[usize::from(queue)].call = Self::notifier(fds, fd)?;
                 self.resignal(queue);
@@ -956,8 +989,9 @@ where
             }
             Action::SetLogFd { fd } => {
                 let fd = Self::notifier(fds, Some(fd))?;
-                // Reported now, once: the runtime's writes to it would
-                // each fail.
+                // A read-only one was refused ([`Received`]); if one came
+                // through, it is reported now, once: the runtime's writes to
+                // it would each fail.
                 if let Some((n, e)) = fd.as_deref().and_then(|n| Some((n, n.unusable()?))) {
                     DirtyShared::log_fd_failed(n, &e);
                 }
@@ -1611,7 +1645,9 @@ where
 
     /// Takes the kick fd the control thread set, if it changed: into the
     /// set, or, if it cannot carry a kick (opened write-only: it never
-    /// polls readable), treated as one that died.
+    /// polls readable), treated as one that died. The session refuses
+    /// such a kick fd when it is set ([`Received`]); this stays as a
+    /// defence.
     fn take_kick_fd(&mut self, epoll: &Epoll) {
         let queue = self.queue();
         let current = lock(&self.worker.shared.kick).clone();
@@ -1646,7 +1682,9 @@ where
 
     /// Looks at the call and err fds the control thread gave, if new: one
     /// opened read-only can never be written, and is reported now rather
-    /// than at its first signal (see [`RingWorker::notifier_failed`]).
+    /// than at its first signal (see [`RingWorker::notifier_failed`]). The
+    /// session refuses such an fd when it is set ([`Received`]); this
+    /// stays as a defence.
     /// A busy ring that does not come here first finds a bad call fd at
     /// its first call.
     fn take_signals(&self) {

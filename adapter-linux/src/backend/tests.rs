@@ -597,45 +597,39 @@ fn a_held_request_completes_by_polling_after_the_kick_fd_died() {
     a_held_request_completes_after_the_kick_fd_died(false);
 }
 
-/// A kick fd opened write-only (the write end of a pipe) never polls
-/// readable and never carries a kick: the ring is treated as one whose
-/// kick fd died (reported on the err fd, not served) instead of silently
-/// never running, and a new kick fd brings it back.
+/// Without REPLY_ACK a refusal cannot be answered: a kick, call, err or
+/// dirty log fd that cannot serve ends the connection, as any refused
+/// request does, with the fd named as the reason, and nothing is served
+/// with it. (With REPLY_ACK it is refused in the ack: see
+/// `refused_in_the_ack`.)
 #[test]
-fn a_write_only_kick_fd_is_reported_as_dead() {
-    let (s, ended) = runtime(P::empty());
-    // The front-end keeps the read end, so the write end stays quiet.
-    let (reader, pipe) = crate::sys::pipe::pipe().unwrap();
-    let call = EventFd::new(true).unwrap();
-    let err = EventFd::new(true).unwrap();
-    let ram = start_ring_with(&s, call.as_fd(), Some(err.as_fd()), pipe.as_fd());
-    drop(pipe);
-    let reported = err.wait(Some(Duration::from_secs(2))).unwrap();
-    let mut used = [0u8; 2];
-    ram.read_exact_at(&mut used, USED + 2).unwrap();
-    // A new kick fd brings the ring back: the request is served.
-    let kick = EventFd::new(true).unwrap();
-    let ring = VringFdMsg {
-        index: 0,
-        no_fd: false,
-    };
-    send(&s, &Request::SetVringKick(ring), &[kick.as_fd()]);
-    kick.write(1).unwrap();
-    wait_used(&ram, 1);
-    let base = vring_base(&s, Duration::from_secs(5));
-    drop((s, reader));
-    let end = ended.recv_timeout(Duration::from_secs(5));
-    assert!(
-        reported.is_some(),
-        "the write-only kick fd was not reported"
-    );
-    assert_eq!(
-        u16::from_le_bytes(used),
-        0,
-        "the ring was served through a write-only kick fd"
-    );
-    assert_eq!(base.unwrap(), 1);
-    assert!(matches!(end, Ok(ConnectionEnd::Closed)), "{end:?}");
+fn without_an_ack_an_unusable_notifier_fd_ends_the_connection() {
+    use vhost_user_core::backend::{BackendError, FdAccess};
+    let (reader, writer) = crate::sys::pipe::pipe().unwrap();
+    let cases = [
+        (Request::SetVringKick(RING0), writer.as_fd(), FdAccess::Read),
+        (
+            Request::SetVringCall(RING0),
+            reader.as_fd(),
+            FdAccess::Write,
+        ),
+        (Request::SetVringErr(RING0), reader.as_fd(), FdAccess::Write),
+        (Request::SetLogFd, reader.as_fd(), FdAccess::Write),
+    ];
+    for (req, fd, access) in cases {
+        let (s, ended) = runtime(P::LOG_SHMFD);
+        negotiate(&s, P::LOG_SHMFD);
+        send(&s, &req, &[fd]);
+        let end = ended.recv_timeout(Duration::from_secs(5));
+        assert!(
+            matches!(
+                end,
+                Ok(ConnectionEnd::Refused(BackendError::BadFd { index: 0, access: a })) if a == access
+            ),
+            "{:?}: {end:?}",
+            req.code()
+        );
+    }
 }
 
 /// The error records logged so far in this test binary (tests run in
@@ -682,9 +676,10 @@ fn second_request(ram: &std::fs::File, kick: &EventFd) {
     kick.write(1).unwrap();
 }
 
-/// A call fd the runtime cannot write (`call`): the ring is still
-/// served, and the front-end hears of it once, on the err fd, however
-/// many calls fail; the log says so once (with `what`).
+/// A call fd whose writes fail (`call`, opened for writing: one that is
+/// not is refused when set): the ring is still served, and the
+/// front-end hears of it once, on the err fd, however many calls fail;
+/// the log says so once (with `what`).
 fn a_bad_call_fd_is_reported_once(call: BorrowedFd<'_>, what: &str) {
     capture_errors();
     let (s, ended) = runtime(P::empty());
@@ -712,16 +707,6 @@ fn a_bad_call_fd_is_reported_once(call: BorrowedFd<'_>, what: &str) {
     assert!(matches!(end, Ok(ConnectionEnd::Closed)), "{end:?}");
 }
 
-/// A call fd opened read-only (the read end of a pipe) takes no call:
-/// found when the ring starts with it, not silently dropped at every
-/// call.
-#[test]
-fn a_read_only_call_fd_is_reported_on_the_err_fd() {
-    // The front-end keeps the write end.
-    let (pipe, _writer) = crate::sys::pipe::pipe().unwrap();
-    a_bad_call_fd_is_reported_once(pipe.as_fd(), "opened read-only");
-}
-
 /// A call fd whose writes fail (the write end of a pipe whose reader is
 /// gone: EPIPE) is reported at its first failed call.
 #[test]
@@ -729,44 +714,6 @@ fn a_call_fd_whose_writes_fail_is_reported_on_the_err_fd() {
     let (reader, pipe) = crate::sys::pipe::pipe().unwrap();
     drop(reader);
     a_bad_call_fd_is_reported_once(pipe.as_fd(), "Broken pipe");
-}
-
-/// An err fd opened read-only can tell nothing: logged (once) when the
-/// ring starts with it, and the ring served all the same.
-#[test]
-fn a_read_only_err_fd_is_logged() {
-    capture_errors();
-    let (s, ended) = runtime(P::empty());
-    let call = EventFd::new(true).unwrap();
-    let (pipe, _writer) = crate::sys::pipe::pipe().unwrap();
-    let kick = EventFd::new(true).unwrap();
-    let ram = start_ring_with(&s, call.as_fd(), Some(pipe.as_fd()), kick.as_fd());
-    wait_used(&ram, 1);
-    let base = vring_base(&s, Duration::from_secs(5));
-    drop(s);
-    let end = ended.recv_timeout(Duration::from_secs(5));
-    let line = "ring 0: the err fd cannot be written (opened read-only";
-    assert_eq!(logged(line), 1, "{line:?} logged once");
-    assert_eq!(base.unwrap(), 1);
-    assert!(matches!(end, Ok(ConnectionEnd::Closed)), "{end:?}");
-}
-
-/// A dirty log fd (SET_LOG_FD) opened read-only would never tell the
-/// front-end of marked pages: logged when it is set.
-#[test]
-fn a_read_only_log_fd_is_logged() {
-    capture_errors();
-    let (s, ended) = runtime(P::LOG_SHMFD);
-    negotiate(&s, P::LOG_SHMFD);
-    let (pipe, _writer) = crate::sys::pipe::pipe().unwrap();
-    send(&s, &Request::SetLogFd, &[pipe.as_fd()]);
-    // Its reply comes once SET_LOG_FD was handled.
-    assert_ne!(get_features(&s), 0);
-    drop(s);
-    let end = ended.recv_timeout(Duration::from_secs(5));
-    let line = "dirty log: the log fd cannot be written (opened read-only";
-    assert_eq!(logged(line), 1, "{line:?} logged once");
-    assert!(matches!(end, Ok(ConnectionEnd::Closed)), "{end:?}");
 }
 
 /// A front-end that sends `bytes` one at a time, `pause` apart, on a
@@ -903,4 +850,366 @@ fn a_front_end_that_trickles_its_ack_on_the_back_end_channel_is_left() {
     );
     assert!(took < Duration::from_secs(1), "gave up after {took:?}");
     assert!(matches!(end, Ok(ConnectionEnd::Closed)), "{end:?}");
+}
+
+// fds whose access mode cannot serve their purpose are refused on the
+// message that brings them, in its reply, and closed; the connection
+// goes on (or, for SET_LOG_BASE, whose reply carries no verdict, ends).
+
+/// Sends `req` with NEED_REPLY and `fds`: the u64 of its reply (for an
+/// ack, 0 is success), or `None` if the back-end closed the connection
+/// instead of answering.
+fn ask(s: &Stream, req: &Request<'_>, fds: &[BorrowedFd<'_>]) -> Option<u64> {
+    let mut buf = [0u8; MAX_MESSAGE];
+    let n = req.encode(true, &mut buf).unwrap();
+    s.send_message(&buf[..n], fds).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut rx_buf = Box::new([0u8; MAX_MESSAGE]);
+    let rx = s.recv_message(&mut rx_buf).ok()??;
+    assert_eq!(rx.header.request, req.code().id());
+    Some(u64::from_le_bytes(rx.payload(&rx_buf).try_into().unwrap()))
+}
+
+/// Whether the back-end closed its copies of a pipe's write end whose read
+/// end we hold (and whose write end we closed), within 2 s: the read end
+/// then reads end of file.
+fn writer_gone(r: &std::os::fd::OwnedFd) -> bool {
+    let t0 = Instant::now();
+    let mut f = std::fs::File::from(r.try_clone().unwrap());
+    crate::sys::file::set_nonblocking(r.as_fd(), true).unwrap();
+    loop {
+        match std::io::Read::read(&mut f, &mut [0u8; 64]) {
+            Ok(0) => return true,
+            _ if t0.elapsed() > Duration::from_secs(2) => return false,
+            _ => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+}
+
+/// How many fds of this process are the memfd named `name`.
+fn copies_of(name: &str) -> usize {
+    let prefix = format!("/memfd:{name} ");
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().starts_with(&prefix))
+        })
+        .count()
+}
+
+/// Whether every copy of the memfd `name` is closed within 2 s.
+fn memfd_gone(name: &str) -> bool {
+    let t0 = Instant::now();
+    while copies_of(name) != 0 {
+        if t0.elapsed() > Duration::from_secs(2) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    true
+}
+
+/// `fd` opened again through `/proc/self/fd` as `how` says: `"r"`
+/// read-only, `"w"` write-only, `"path"` `O_PATH`.
+fn reopened(fd: &std::os::fd::OwnedFd, how: &str) -> std::os::fd::OwnedFd {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut o = std::fs::OpenOptions::new();
+    match how {
+        "r" => o.read(true),
+        "w" => o.write(true),
+        _ => o.read(true).custom_flags(libc::O_PATH),
+    };
+    o.open(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .unwrap()
+        .into()
+}
+
+/// Ring 0 with a size, addresses and a base in guest RAM (a memfd named
+/// `name`), protocol features negotiated: SET_VRING_KICK starts it.
+fn configure_ring(s: &Stream, protocol: P, name: &str) {
+    negotiate(s, protocol);
+    let ram = memfd::create(name, RAM).unwrap();
+    let region = MemRegionMsg {
+        guest_addr: 0,
+        size: RAM,
+        user_addr: VA,
+        mmap_offset: 0,
+        xen: None,
+    };
+    let regions = [region];
+    let table = Request::SetMemTable(MemTable::new(&regions).unwrap());
+    assert_eq!(ask(s, &table, &[ram.as_fd()]), Some(0));
+    let num = VringStateMsg {
+        index: 0,
+        num: u32::from(SIZE),
+    };
+    assert_eq!(ask(s, &Request::SetVringNum(num), &[]), Some(0));
+    let addr = VringAddrMsg {
+        index: 0,
+        log: false,
+        desc: VA + DESC,
+        used: VA + USED,
+        avail: VA + AVAIL,
+        log_addr: 0,
+    };
+    assert_eq!(ask(s, &Request::SetVringAddr(addr), &[]), Some(0));
+}
+
+const RING0: VringFdMsg = VringFdMsg {
+    index: 0,
+    no_fd: false,
+};
+
+/// `req` with the fd `bad` is refused in its ack; `released` (called once
+/// our copy of `bad` is closed) says whether the back-end closed its
+/// copy; then the connection goes on: `req` with `good` is acked.
+fn refused_in_the_ack(
+    s: &Stream,
+    ended: &mpsc::Receiver<ConnectionEnd>,
+    req: &Request<'_>,
+    bad: std::os::fd::OwnedFd,
+    released: impl FnOnce() -> bool,
+    good: BorrowedFd<'_>,
+) {
+    let refused = ask(s, req, &[bad.as_fd()]);
+    drop(bad);
+    let closed = released();
+    let taken = ask(s, req, &[good]);
+    let features = ask(s, &Request::GetFeatures, &[]);
+    let end = ended.try_recv();
+    let code = req.code();
+    assert_eq!(refused, Some(1), "{code:?} with an unusable fd: its ack");
+    assert!(closed, "{code:?}: the refused fd was not closed");
+    assert_eq!(taken, Some(0), "{code:?} with a usable fd after it");
+    assert!(features.is_some(), "the connection ended ({end:?})");
+}
+
+#[test]
+fn a_write_only_kick_fd_is_refused_in_the_ack() {
+    let (s, ended) = runtime(P::REPLY_ACK);
+    configure_ring(&s, P::REPLY_ACK, "kick-refused");
+    // The front-end keeps the read end; we send the write end.
+    let (reader, writer) = crate::sys::pipe::pipe().unwrap();
+    let kick = EventFd::new(true).unwrap();
+    let req = Request::SetVringKick(RING0);
+    refused_in_the_ack(
+        &s,
+        &ended,
+        &req,
+        writer,
+        || writer_gone(&reader),
+        kick.as_fd(),
+    );
+    assert_eq!(vring_base(&s, Duration::from_secs(5)).unwrap(), 0);
+    drop(s);
+    let end = ended.recv_timeout(Duration::from_secs(5));
+    assert!(matches!(end, Ok(ConnectionEnd::Closed)), "{end:?}");
+}
+
+/// An `O_PATH` fd reads as opened read-only, but can be neither read
+/// nor polled.
+#[test]
+fn an_o_path_kick_fd_is_refused_in_the_ack() {
+    let (s, ended) = runtime(P::REPLY_ACK);
+    configure_ring(&s, P::REPLY_ACK, "kick-path-ram");
+    let file = memfd::create("kick-path", 4096).unwrap();
+    let bad = reopened(&file, "path");
+    drop(file);
+    let kick = EventFd::new(true).unwrap();
+    let req = Request::SetVringKick(RING0);
+    refused_in_the_ack(
+        &s,
+        &ended,
+        &req,
+        bad,
+        || memfd_gone("kick-path"),
+        kick.as_fd(),
+    );
+    drop(s);
+    let end = ended.recv_timeout(Duration::from_secs(5));
+    assert!(matches!(end, Ok(ConnectionEnd::Closed)), "{end:?}");
+}
+
+#[test]
+fn a_read_only_call_fd_is_refused_in_the_ack() {
+    let (s, ended) = runtime(P::REPLY_ACK);
+    negotiate(&s, P::REPLY_ACK);
+    let (reader, writer) = crate::sys::pipe::pipe().unwrap();
+    let call = EventFd::new(true).unwrap();
+    let req = Request::SetVringCall(RING0);
+    refused_in_the_ack(
+        &s,
+        &ended,
+        &req,
+        reader,
+        || reader_gone(&writer),
+        call.as_fd(),
+    );
+    drop(s);
+    let end = ended.recv_timeout(Duration::from_secs(5));
+    assert!(matches!(end, Ok(ConnectionEnd::Closed)), "{end:?}");
+}
+
+#[test]
+fn a_read_only_err_fd_is_refused_in_the_ack() {
+    let (s, ended) = runtime(P::REPLY_ACK);
+    negotiate(&s, P::REPLY_ACK);
+    let (reader, writer) = crate::sys::pipe::pipe().unwrap();
+    let err = EventFd::new(true).unwrap();
+    let req = Request::SetVringErr(RING0);
+    refused_in_the_ack(
+        &s,
+        &ended,
+        &req,
+        reader,
+        || reader_gone(&writer),
+        err.as_fd(),
+    );
+    drop(s);
+    let end = ended.recv_timeout(Duration::from_secs(5));
+    assert!(matches!(end, Ok(ConnectionEnd::Closed)), "{end:?}");
+}
+
+#[test]
+fn a_read_only_log_fd_is_refused_in_the_ack() {
+    let protocol = P::REPLY_ACK | P::LOG_SHMFD;
+    let (s, ended) = runtime(protocol);
+    negotiate(&s, protocol);
+    let (reader, writer) = crate::sys::pipe::pipe().unwrap();
+    let log = EventFd::new(true).unwrap();
+    let req = Request::SetLogFd;
+    refused_in_the_ack(
+        &s,
+        &ended,
+        &req,
+        reader,
+        || reader_gone(&writer),
+        log.as_fd(),
+    );
+    drop(s);
+    let end = ended.recv_timeout(Duration::from_secs(5));
+    assert!(matches!(end, Ok(ConnectionEnd::Closed)), "{end:?}");
+}
+
+/// A pipe end that is not a socket cannot be the back-end channel.
+#[test]
+fn a_pipe_end_as_the_back_end_channel_is_refused_in_the_ack() {
+    let protocol = P::REPLY_ACK | P::BACKEND_REQ;
+    let (s, ended) = runtime(protocol);
+    negotiate(&s, protocol);
+    let (reader, writer) = crate::sys::pipe::pipe().unwrap();
+    let (_ours, theirs) = Stream::pair().unwrap();
+    let req = Request::SetBackendReqFd;
+    refused_in_the_ack(
+        &s,
+        &ended,
+        &req,
+        reader,
+        || reader_gone(&writer),
+        theirs.as_fd(),
+    );
+    drop(s);
+    let end = ended.recv_timeout(Duration::from_secs(5));
+    assert!(matches!(end, Ok(ConnectionEnd::Closed)), "{end:?}");
+}
+
+/// A memory region, the inflight area: shared memory the back-end maps
+/// read-write, so an fd opened write-only, read-only or `O_PATH` cannot
+/// serve.
+fn an_unmappable_fd_is_refused_in_the_ack(
+    protocol: P,
+    how: &str,
+    req: impl Fn() -> Request<'static>,
+) {
+    let name = format!("unmappable-{}-{how}", req().code().id());
+    let (s, ended) = runtime(P::REPLY_ACK | protocol);
+    negotiate(&s, P::REPLY_ACK | protocol);
+    let memory = memfd::create(&name, RAM).unwrap();
+    let bad = reopened(&memory, how);
+    drop(memory);
+    let good = memfd::create("mappable", RAM).unwrap();
+    refused_in_the_ack(&s, &ended, &req(), bad, || memfd_gone(&name), good.as_fd());
+    drop(s);
+    let end = ended.recv_timeout(Duration::from_secs(5));
+    assert!(matches!(end, Ok(ConnectionEnd::Closed)), "{end:?}");
+}
+
+const REGION: MemRegionMsg = MemRegionMsg {
+    guest_addr: 0,
+    size: RAM,
+    user_addr: VA,
+    mmap_offset: 0,
+    xen: None,
+};
+
+#[test]
+fn a_write_only_memory_region_fd_is_refused_in_the_ack() {
+    an_unmappable_fd_is_refused_in_the_ack(P::empty(), "w", || {
+        Request::SetMemTable(MemTable::new(&[REGION]).unwrap())
+    });
+}
+
+#[test]
+fn an_o_path_added_region_fd_is_refused_in_the_ack() {
+    an_unmappable_fd_is_refused_in_the_ack(P::CONFIGURE_MEM_SLOTS, "path", || {
+        Request::AddMemReg(REGION)
+    });
+}
+
+#[test]
+fn a_read_only_inflight_fd_is_refused_in_the_ack() {
+    let area = vhost_user_core::inflight::area_size(1, SIZE).unwrap();
+    an_unmappable_fd_is_refused_in_the_ack(P::INFLIGHT_SHMFD, "r", move || {
+        Request::SetInflightFd(vhost_user_core::message::InflightMsg {
+            mmap_size: area,
+            mmap_offset: 0,
+            num_queues: 1,
+            queue_size: SIZE,
+        })
+    });
+}
+
+/// SET_DEVICE_STATE_FD answers with its own reply: an error, and no fd.
+fn a_device_state_fd_of_the_wrong_direction_is_refused(save: bool) {
+    use vhost_user_core::message::DeviceStateDirection as Dir;
+    let (s, ended) = runtime(P::DEVICE_STATE);
+    negotiate(&s, P::DEVICE_STATE);
+    let (reader, writer) = crate::sys::pipe::pipe().unwrap();
+    // Save: the back-end writes, and is given the read end; load: the
+    // other way round.
+    let (req, bad, closed): (_, _, Box<dyn FnOnce() -> bool>) = if save {
+        (
+            Request::SetDeviceStateFd(Dir::Save),
+            reader,
+            Box::new(move || reader_gone(&writer)),
+        )
+    } else {
+        (
+            Request::SetDeviceStateFd(Dir::Load),
+            writer,
+            Box::new(move || writer_gone(&reader)),
+        )
+    };
+    let reply = ask(&s, &req, &[bad.as_fd()]);
+    drop(bad);
+    let closed = closed();
+    let check = ask(&s, &Request::CheckDeviceState, &[]);
+    drop(s);
+    let end = ended.recv_timeout(Duration::from_secs(5));
+    assert_eq!(reply, Some(0x101), "an error and no fd");
+    assert!(closed, "the refused fd was not closed");
+    assert_eq!(check, Some(1), "no transfer to check");
+    assert!(matches!(end, Ok(ConnectionEnd::Closed)), "{end:?}");
+}
+
+#[test]
+fn a_read_only_fd_to_save_the_device_state_into_is_refused() {
+    a_device_state_fd_of_the_wrong_direction_is_refused(true);
+}
+
+#[test]
+fn a_write_only_fd_to_load_the_device_state_from_is_refused() {
+    a_device_state_fd_of_the_wrong_direction_is_refused(false);
 }

@@ -22,12 +22,14 @@ pub fn set_nonblocking(fd: BorrowedFd<'_>, nonblocking: bool) -> io::Result<()> 
 }
 
 /// Whether `fd` was opened for reading (its access mode is not
-/// `O_WRONLY`): a write-only fd never polls readable and fails every read.
+/// `O_WRONLY`, and it is not an `O_PATH` fd): a write-only fd never polls
+/// readable and fails every read; an `O_PATH` fd, whose access mode reads
+/// as `O_RDONLY`, can be neither read nor polled.
 pub fn readable(fd: BorrowedFd<'_>) -> io::Result<bool> {
     // SAFETY: fcntl F_GETFL takes no pointer; `fd` is borrowed, so it
     // stays open for the call.
     let flags = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
-    Ok(flags & libc::O_ACCMODE != libc::O_WRONLY)
+    Ok(flags & libc::O_ACCMODE != libc::O_WRONLY && flags & libc::O_PATH == 0)
 }
 
 /// Whether `fd` was opened for writing (its access mode is not
