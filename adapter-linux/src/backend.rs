@@ -456,6 +456,14 @@ impl DirtyShared {
     }
 }
 
+/// Shared memory of the message's fd `index` could not be mapped.
+fn unmappable(index: FdIndex) -> BackendError {
+    BackendError::BadFd {
+        index,
+        access: FdAccess::Map,
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -844,14 +852,18 @@ where
     ) -> Result<(), BackendError> {
         match action {
             Action::UnmapAll => self.memory_mut().clear(),
+            // A mapping that fails for what the fd's access mode does not
+            // tell (not shared memory, shorter than the region, a memfd that
+            // cannot be sealed) ends the connection: the reply promised it.
             Action::MapRegion { slot, fd, region } => {
+                let index = fd;
                 let fd = Self::take_fd(fds, fd)?;
                 let trust = self.options.trust_unsealable_memfd;
                 self.memory_mut()
                     .map_trusting(usize::from(slot), region, fd, trust)
                     .map_err(|e| {
                         error!("cannot map guest memory region {slot}: {e}");
-                        BackendError::Memory(vhost_user_core::memory::MemoryError::BadRegion)
+                        unmappable(index)
                     })?;
             }
             Action::UnmapRegion { slot } => self.memory_mut().unmap(usize::from(slot)),
@@ -949,10 +961,11 @@ where
                 self.inflight_reply_fd = Some(fd);
             }
             Action::MapInflight { fd, offset, size } => {
+                let index = fd;
                 let fd = Self::take_fd(fds, fd)?;
                 let area = LinuxGuestMemory::single(fd, offset, size).map_err(|e| {
                     error!("cannot map the inflight area: {e}");
-                    BackendError::Inflight(vhost_user_core::inflight::InflightError::TooSmall)
+                    unmappable(index)
                 })?;
                 info!("inflight area of {size} bytes mapped");
                 self.inflight = Some(Arc::new(area));
@@ -973,10 +986,11 @@ where
                 self.session.rings_reset();
             }
             Action::MapLog { fd, offset, size } => {
+                let index = fd;
                 let fd = Self::take_fd(fds, fd)?;
                 let area = LinuxGuestMemory::single(fd, offset, size).map_err(|e| {
                     error!("cannot map the dirty log ({size} bytes at offset {offset}): {e}");
-                    BackendError::LogTooSmall
+                    unmappable(index)
                 })?;
                 let mut log = self
                     .log

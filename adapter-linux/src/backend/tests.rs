@@ -1213,3 +1213,70 @@ fn a_read_only_fd_to_save_the_device_state_into_is_refused() {
 fn a_write_only_fd_to_load_the_device_state_from_is_refused() {
     a_device_state_fd_of_the_wrong_direction_is_refused(false);
 }
+
+/// SET_LOG_BASE's reply carries no verdict (the front-end ignores its
+/// content): a log fd that cannot be mapped read-write ends the
+/// connection, with the fd named as the reason, and closed.
+#[test]
+fn a_read_only_dirty_log_fd_ends_the_connection() {
+    let protocol = P::REPLY_ACK | P::LOG_SHMFD;
+    let (s, ended) = runtime(protocol);
+    negotiate(&s, protocol);
+    let log = memfd::create("log-read-only", 4096).unwrap();
+    let bad = reopened(&log, "r");
+    drop(log);
+    let req = Request::SetLogBase(vhost_user_core::message::LogMsg {
+        size: 4096,
+        offset: 0,
+    });
+    let reply = ask(&s, &req, &[bad.as_fd()]);
+    drop(bad);
+    let end = ended.recv_timeout(Duration::from_secs(5));
+    let closed = memfd_gone("log-read-only");
+    assert_eq!(reply, None, "answered");
+    let named = vhost_user_core::backend::BackendError::BadFd {
+        index: 0,
+        access: vhost_user_core::backend::FdAccess::Map,
+    };
+    assert!(
+        matches!(end, Ok(ConnectionEnd::Refused(e)) if e == named),
+        "{end:?}"
+    );
+    assert!(closed, "the log fd was not closed");
+}
+
+/// An fd open for reading and writing that still cannot be mapped (here a
+/// socket, not shared memory): found only when mapped, after the reply
+/// was decided, so the connection ends, with the fd named as the reason,
+/// and the fd is closed.
+#[test]
+fn an_inflight_fd_that_is_not_shared_memory_ends_the_connection() {
+    let protocol = P::REPLY_ACK | P::INFLIGHT_SHMFD;
+    let (s, ended) = runtime(protocol);
+    negotiate(&s, protocol);
+    let (watch, sent) = Stream::pair().unwrap();
+    let req = Request::SetInflightFd(vhost_user_core::message::InflightMsg {
+        mmap_size: vhost_user_core::inflight::area_size(1, SIZE).unwrap(),
+        mmap_offset: 0,
+        num_queues: 1,
+        queue_size: SIZE,
+    });
+    let reply = ask(&s, &req, &[sent.as_fd()]);
+    drop(sent);
+    let end = ended.recv_timeout(Duration::from_secs(5));
+    watch
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut buf = Box::new([0u8; MAX_MESSAGE]);
+    let closed = matches!(watch.recv_message(&mut buf), Ok(None));
+    let named = vhost_user_core::backend::BackendError::BadFd {
+        index: 0,
+        access: vhost_user_core::backend::FdAccess::Map,
+    };
+    assert_eq!(reply, None, "answered");
+    assert!(
+        matches!(end, Ok(ConnectionEnd::Refused(e)) if e == named),
+        "{end:?}"
+    );
+    assert!(closed, "the inflight fd was not closed");
+}
