@@ -1995,7 +1995,9 @@ where
 
     /// The ring's call fd (`call`) or err fd cannot be written (`e`):
     /// opened read-only, or a write failed. Logged and counted once per
-    /// fd, and a bad call fd is signalled on the err fd. Nothing stands
+    /// SET_VRING_CALL / SET_VRING_ERR that set it (the same fd set again
+    /// is reported again; a ring restarted with the fd it had is not), and
+    /// a bad call fd is signalled on the err fd. Nothing stands
     /// in for it: in-band calls are for rings the front-end gave no call
     /// fd, and the ring goes on being served (a driver that polls its
     /// used ring needs no call), until SET_VRING_CALL or SET_VRING_ERR

@@ -1280,3 +1280,42 @@ fn an_inflight_fd_that_is_not_shared_memory_ends_the_connection() {
     );
     assert!(closed, "the inflight fd was not closed");
 }
+
+/// A call fd whose writes fail is reported once per SET_VRING_CALL that
+/// sets it: again after the ring's restart with the same fd set again,
+/// not after a restart that keeps it.
+#[test]
+fn a_failing_call_fd_is_reported_once_each_time_it_is_set() {
+    let (s, ended) = runtime(P::empty());
+    // Every write to /dev/full fails (ENOSPC).
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let err = EventFd::new(true).unwrap();
+    let kick = EventFd::new(true).unwrap();
+    let ram = start_ring_with(&s, full.as_fd(), Some(err.as_fd()), kick.as_fd());
+    wait_used(&ram, 1);
+    let first = err.wait(Some(Duration::from_secs(2))).unwrap();
+    // Stopped, set again with the same fd, restarted, a request served.
+    let base1 = vring_base(&s, Duration::from_secs(5));
+    send(&s, &Request::SetVringCall(RING0), &[full.as_fd()]);
+    send(&s, &Request::SetVringKick(RING0), &[kick.as_fd()]);
+    second_request(&ram, &kick);
+    wait_used(&ram, 2);
+    let second = err.wait(Some(Duration::from_secs(2))).unwrap();
+    // Stopped and restarted with it kept: not reported again.
+    let base2 = vring_base(&s, Duration::from_secs(5));
+    send(&s, &Request::SetVringKick(RING0), &[kick.as_fd()]);
+    ram.write_all_at(&[0, 0, 3, 0, 0, 0, 0, 0], AVAIL).unwrap();
+    kick.write(1).unwrap();
+    wait_used(&ram, 3);
+    let third = err.wait(Some(Duration::from_millis(200))).unwrap();
+    drop(s);
+    let end = ended.recv_timeout(Duration::from_secs(5));
+    assert_eq!(first, Some(1), "not reported when first set");
+    assert_eq!(second, Some(1), "not reported when set again");
+    assert_eq!(third, None, "reported again without being set again");
+    assert_eq!((base1.unwrap(), base2.unwrap()), (1, 2));
+    assert!(matches!(end, Ok(ConnectionEnd::Closed)), "{end:?}");
+}
