@@ -606,9 +606,13 @@ struct RingFds {
 }
 
 /// A message's fds as the session looks at them ([`MessageFds`]): by
-/// their access modes, so that one that cannot serve its use (a kick fd
-/// opened write-only, shared memory opened read-only, an `O_PATH` fd) is
-/// refused in the message's reply rather than found when first used.
+/// their access modes and kinds, so that one that cannot serve its use is
+/// refused in the message's reply rather than found when first used: a
+/// kick fd opened write-only, shared memory opened read-only, an `O_PATH`
+/// fd; shared memory that is no file (a socket, a pipe or an eventfd,
+/// even opened read-write); a back-end channel that is no Unix stream
+/// socket. Any readable (kick) or writable (call, err, log) fd is of a
+/// fitting kind: eventfds and pipes both serve.
 struct Received<'a>(&'a [Option<OwnedFd>]);
 
 impl MessageFds for Received<'_> {
@@ -621,13 +625,20 @@ impl MessageFds for Received<'_> {
             // Not there: the message's parse refuses it.
             return true;
         };
-        // A mode that cannot be read is taken as usable: its use tells.
-        let read = || crate::sys::file::readable(fd.as_fd()).unwrap_or(true);
-        let write = || crate::sys::file::writable(fd.as_fd()).unwrap_or(true);
+        let fd = fd.as_fd();
+        // A mode or kind that cannot be read is taken as usable: its use
+        // tells.
+        let read = || crate::sys::file::readable(fd).unwrap_or(true);
+        let write = || crate::sys::file::writable(fd).unwrap_or(true);
         match access {
             FdAccess::Read => read(),
             FdAccess::Write => write(),
-            FdAccess::ReadWrite | FdAccess::Map => read() && write(),
+            // The back-end channel, the one fd read and written: messages
+            // (with fds) are framed on it as on the main socket.
+            FdAccess::ReadWrite => {
+                read() && write() && crate::sys::socket::is_stream(fd).unwrap_or(true)
+            }
+            FdAccess::Map => read() && write() && crate::sys::mmap::mappable(fd).unwrap_or(true),
         }
     }
 }
@@ -852,9 +863,10 @@ where
     ) -> Result<(), BackendError> {
         match action {
             Action::UnmapAll => self.memory_mut().clear(),
-            // A mapping that fails for what the fd's access mode does not
-            // tell (not shared memory, shorter than the region, a memfd that
-            // cannot be sealed) ends the connection: the reply promised it.
+            // A mapping that fails for what the fd's mode and kind do not
+            // tell ([`Received`]: shorter than the region, a memfd that
+            // cannot be sealed, a character device that does not map) ends
+            // the connection: the reply promised it.
             Action::MapRegion { slot, fd, region } => {
                 let index = fd;
                 let fd = Self::take_fd(fds, fd)?;
@@ -898,6 +910,8 @@ where
                 self.rings[usize::from(queue)].err = Self::notifier(fds, fd)?;
                 self.resignal(queue);
             }
+            // An fd that is no Unix stream socket was refused by the
+            // session ([`Received`]); the check here stays as a defence.
             Action::SetBackendChannel { fd } => {
                 let socket = Stream::try_from(Self::take_fd(fds, fd)?);
                 // The channel keeps a handle on the main socket to end the

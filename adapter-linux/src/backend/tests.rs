@@ -1245,30 +1245,28 @@ fn a_read_only_dirty_log_fd_ends_the_connection() {
     assert!(closed, "the log fd was not closed");
 }
 
-/// An fd open for reading and writing that still cannot be mapped (here a
-/// socket, not shared memory): found only when mapped, after the reply
-/// was decided, so the connection ends, with the fd named as the reason,
-/// and the fd is closed.
+/// A memfd that can shrink and cannot be sealed (created without
+/// `MFD_ALLOW_SEALING`) is of the right kind and mode, so it passes the
+/// reply's look; it is found only when mapped, after the reply was
+/// decided, so the connection ends, with the fd named as the reason, and
+/// the fd is closed.
 #[test]
-fn an_inflight_fd_that_is_not_shared_memory_ends_the_connection() {
+fn an_unsealable_inflight_memfd_ends_the_connection() {
     let protocol = P::REPLY_ACK | P::INFLIGHT_SHMFD;
     let (s, ended) = runtime(protocol);
     negotiate(&s, protocol);
-    let (watch, sent) = Stream::pair().unwrap();
+    let size = vhost_user_core::inflight::area_size(1, SIZE).unwrap();
+    let area = memfd::create_unsealable("inflight-unsealable", size).unwrap();
     let req = Request::SetInflightFd(vhost_user_core::message::InflightMsg {
-        mmap_size: vhost_user_core::inflight::area_size(1, SIZE).unwrap(),
+        mmap_size: size,
         mmap_offset: 0,
         num_queues: 1,
         queue_size: SIZE,
     });
-    let reply = ask(&s, &req, &[sent.as_fd()]);
-    drop(sent);
+    let reply = ask(&s, &req, &[area.as_fd()]);
+    drop(area);
     let end = ended.recv_timeout(Duration::from_secs(5));
-    watch
-        .set_read_timeout(Some(Duration::from_secs(2)))
-        .unwrap();
-    let mut buf = Box::new([0u8; MAX_MESSAGE]);
-    let closed = matches!(watch.recv_message(&mut buf), Ok(None));
+    let closed = memfd_gone("inflight-unsealable");
     let named = vhost_user_core::backend::BackendError::BadFd {
         index: 0,
         access: vhost_user_core::backend::FdAccess::Map,
@@ -1279,6 +1277,186 @@ fn an_inflight_fd_that_is_not_shared_memory_ends_the_connection() {
         "{end:?}"
     );
     assert!(closed, "the inflight fd was not closed");
+}
+
+// fds opened read-write that still cannot serve, for their kind: not
+// shared memory where memory is mapped, not a Unix stream socket as the
+// back-end channel. Refused in the reply, closed; the connection goes on.
+
+/// Whether every fd of this process whose `/proc/self/fd` link reads
+/// `link` (a socket's or a pipe's, which name their inode) is closed
+/// within 2 s.
+fn link_gone(link: &str) -> bool {
+    let t0 = Instant::now();
+    loop {
+        let copies = std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == link))
+            .count();
+        if copies == 0 {
+            return true;
+        }
+        if t0.elapsed() > Duration::from_secs(2) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The `/proc/self/fd` link of `fd`.
+fn link_of(fd: BorrowedFd<'_>) -> String {
+    use std::os::fd::AsRawFd;
+    let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    std::fs::read_link(path)
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Whether every eventfd of this process whose counter is `count` (a
+/// value only the test at hand writes) is closed within 2 s: eventfds
+/// share one inode, so their links do not tell them apart.
+fn eventfd_gone(count: u64) -> bool {
+    let line = format!("eventfd-count: {count:16x}");
+    let t0 = Instant::now();
+    loop {
+        let copies = std::fs::read_dir("/proc/self/fdinfo")
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| std::fs::read_to_string(e.path()).is_ok_and(|info| info.contains(&line)))
+            .count();
+        if copies == 0 {
+            return true;
+        }
+        if t0.elapsed() > Duration::from_secs(2) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// An eventfd (opened read-write) whose counter is `count`.
+fn eventfd_counting(count: u64) -> std::os::fd::OwnedFd {
+    let e = EventFd::new(true).unwrap();
+    e.write(count).unwrap();
+    e.into()
+}
+
+/// A Unix stream socket (opened read-write) whose peer is gone, and the
+/// link that names it.
+fn lone_socket() -> (std::os::fd::OwnedFd, String) {
+    let (_peer, sock) = Stream::pair().unwrap();
+    let link = link_of(sock.as_fd());
+    (sock.into(), link)
+}
+
+/// A pipe opened read-write (through `/proc/self/fd`), its own ends
+/// closed, and the link that names it.
+fn pipe_read_write() -> (std::os::fd::OwnedFd, String) {
+    use std::os::fd::AsRawFd;
+    let (reader, _writer) = crate::sys::pipe::pipe().unwrap();
+    let path = format!("/proc/self/fd/{}", reader.as_raw_fd());
+    let fd = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let link = link_of(fd.as_fd());
+    (fd.into(), link)
+}
+
+/// `req` with `bad` (of the wrong kind) is refused in its ack and `bad`
+/// closed (`released`); `req` with `good` is then acked, and the
+/// connection ends only when we close it.
+fn refused_for_its_kind(
+    protocol: P,
+    req: &Request<'_>,
+    bad: std::os::fd::OwnedFd,
+    released: impl FnOnce() -> bool,
+    good: BorrowedFd<'_>,
+) {
+    let (s, ended) = runtime(P::REPLY_ACK | protocol);
+    negotiate(&s, P::REPLY_ACK | protocol);
+    refused_in_the_ack(&s, &ended, req, bad, released, good);
+    drop(s);
+    let end = ended.recv_timeout(Duration::from_secs(5));
+    assert!(matches!(end, Ok(ConnectionEnd::Closed)), "{end:?}");
+}
+
+#[test]
+fn a_socket_as_a_memory_region_is_refused_in_the_ack() {
+    let (bad, link) = lone_socket();
+    let good = memfd::create("region-after-socket", RAM).unwrap();
+    refused_for_its_kind(
+        P::empty(),
+        &Request::SetMemTable(MemTable::new(&[REGION]).unwrap()),
+        bad,
+        || link_gone(&link),
+        good.as_fd(),
+    );
+}
+
+#[test]
+fn an_eventfd_as_an_added_region_is_refused_in_the_ack() {
+    const COUNT: u64 = 0xadd_0e7e;
+    let good = memfd::create("added-after-eventfd", RAM).unwrap();
+    refused_for_its_kind(
+        P::CONFIGURE_MEM_SLOTS,
+        &Request::AddMemReg(REGION),
+        eventfd_counting(COUNT),
+        || eventfd_gone(COUNT),
+        good.as_fd(),
+    );
+}
+
+#[test]
+fn a_pipe_opened_read_write_as_the_inflight_area_is_refused_in_the_ack() {
+    let size = vhost_user_core::inflight::area_size(1, SIZE).unwrap();
+    let (bad, link) = pipe_read_write();
+    let good = memfd::create("inflight-after-pipe", size).unwrap();
+    let req = Request::SetInflightFd(vhost_user_core::message::InflightMsg {
+        mmap_size: size,
+        mmap_offset: 0,
+        num_queues: 1,
+        queue_size: SIZE,
+    });
+    refused_for_its_kind(
+        P::INFLIGHT_SHMFD,
+        &req,
+        bad,
+        || link_gone(&link),
+        good.as_fd(),
+    );
+}
+
+#[test]
+fn an_eventfd_as_the_back_end_channel_is_refused_in_the_ack() {
+    const COUNT: u64 = 0xc4a_77e1;
+    let (_ours, theirs) = Stream::pair().unwrap();
+    refused_for_its_kind(
+        P::BACKEND_REQ,
+        &Request::SetBackendReqFd,
+        eventfd_counting(COUNT),
+        || eventfd_gone(COUNT),
+        theirs.as_fd(),
+    );
+}
+
+/// A Unix socket, but one that does not keep the byte stream the
+/// channel's messages are framed in.
+#[test]
+fn a_datagram_socket_as_the_back_end_channel_is_refused_in_the_ack() {
+    let (_peer, datagram) = std::os::unix::net::UnixDatagram::pair().unwrap();
+    let link = link_of(datagram.as_fd());
+    let (_ours, theirs) = Stream::pair().unwrap();
+    refused_for_its_kind(
+        P::BACKEND_REQ,
+        &Request::SetBackendReqFd,
+        datagram.into(),
+        || link_gone(&link),
+        theirs.as_fd(),
+    );
 }
 
 /// A call fd whose writes fail is reported once per SET_VRING_CALL that

@@ -84,16 +84,31 @@ impl fmt::Debug for MmapRegion {
     }
 }
 
+/// `fstat(2)` of `fd`.
+fn metadata(fd: BorrowedFd<'_>) -> io::Result<std::fs::Metadata> {
+    // SAFETY: the File is never dropped (ManuallyDrop), so `fd` stays owned
+    // by the caller; it is only used for fstat during this call.
+    let file = ManuallyDrop::new(unsafe { File::from_raw_fd(fd.as_raw_fd()) });
+    file.metadata()
+}
+
+/// Whether `fd` is of a kind [`MmapRegion::map`] can map shared: a
+/// regular file (memfd, tmpfs, hugetlbfs), a block device, or a
+/// character device (a DAX one; which character devices map, the kind
+/// does not tell). A socket, a pipe, a directory or an anonymous inode
+/// (eventfd, epoll) never maps.
+pub fn mappable(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    use std::os::unix::fs::FileTypeExt;
+    let kind = metadata(fd)?.file_type();
+    Ok(kind.is_file() || kind.is_block_device() || kind.is_char_device())
+}
+
 /// The size of the file behind `fd` if it is a regular file (memfd,
 /// tmpfs, hugetlbfs) or a block device, `None` for other kinds (a
 /// character device such as a DAX one has no size to read).
 pub fn file_size(fd: BorrowedFd<'_>) -> io::Result<Option<u64>> {
     use std::os::unix::fs::FileTypeExt;
-    // SAFETY: the File is never dropped (ManuallyDrop), so `fd` stays owned
-    // by the caller; it is only used for fstat (and the ioctl below, on
-    // the fd itself) during this call.
-    let file = ManuallyDrop::new(unsafe { File::from_raw_fd(fd.as_raw_fd()) });
-    let meta = file.metadata()?;
+    let meta = metadata(fd)?;
     if meta.file_type().is_block_device() {
         // fstat gives a block device's size as 0: ask the device.
         let mut size: u64 = 0;

@@ -114,6 +114,16 @@ fn check_unix_stream(fd: BorrowedFd<'_>, listening: bool) -> io::Result<()> {
     }
 }
 
+/// Whether `fd` is what [`Stream::try_from`] takes: a Unix stream
+/// socket that is not listening. `Ok(false)` for any other fd.
+pub fn is_stream(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    match check_unix_stream(fd, false) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::InvalidInput => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Removes a stale socket file at `path`: one nobody listens on. A live
 /// socket or a file that is not a socket is left alone and reported.
 fn remove_stale(path: &Path) -> io::Result<()> {

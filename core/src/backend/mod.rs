@@ -65,18 +65,21 @@
 //! # fds that cannot serve
 //!
 //! The adapter describes the fds of each message ([`MessageFds`]): whether
-//! each was opened for what the message uses it for ([`FdAccess`]). One
-//! that cannot serve is refused on the message that brings it, with
-//! [`BackendError::BadFd`] and nothing changed, like any request that
-//! cannot be honoured: a kick fd that cannot be read (opened write-only,
-//! the write end of a pipe), a call, err or dirty log fd that cannot be
-//! written (the read end of a pipe), shared memory (a region, the inflight
-//! area, the dirty log) that cannot be mapped read-write, a back-end
-//! channel that cannot be read and written. SET_DEVICE_STATE_FD answers
-//! with its own reply (an error, and no fd) when the fd is not open in the
+//! each was opened for, and is of a kind that serves, what the message
+//! uses it for ([`FdAccess`]). One that cannot serve is refused on the
+//! message that brings it, with [`BackendError::BadFd`] and nothing
+//! changed, like any request that cannot be honoured: a kick fd that
+//! cannot be read (opened write-only, the write end of a pipe), a call,
+//! err or dirty log fd that cannot be written (the read end of a pipe),
+//! shared memory (a region, the inflight area, the dirty log) that cannot
+//! be mapped read-write (opened read-only, or no file: a socket, a pipe,
+//! an eventfd), a back-end channel that cannot be read and written, or
+//! that is no stream the adapter frames messages on (for the Linux
+//! adapter, a Unix stream socket). SET_DEVICE_STATE_FD answers with its
+//! own reply (an error, and no fd) when the fd is not open in the
 //! transfer's direction; SET_LOG_BASE, whose reply carries no verdict,
-//! ends the connection. An fd's access mode never changes, so what is
-//! taken stays usable as far as its mode goes.
+//! ends the connection. An fd's access mode and kind never change, so
+//! what is taken stays usable as far as they go.
 //!
 //! # SET_FEATURES without VHOST_USER_F_PROTOCOL_FEATURES
 //!
@@ -193,8 +196,8 @@ pub const SUPPORTED_VIRTIO_FEATURES: VirtioFeatures = VirtioFeatures::from_bits_
 /// An fd of the current message, by its position.
 pub type FdIndex = u8;
 
-/// What the back-end does with an fd of a message, as far as the fd's
-/// access mode goes.
+/// What the back-end does with an fd of a message: what the adapter
+/// checks the fd's access mode (and kind) against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub enum FdAccess {
@@ -213,8 +216,8 @@ pub enum FdAccess {
 }
 
 /// The fds that came with a message, as the adapter describes them to
-/// [`Session::handle`]: how many, and whether each was opened for what
-/// the message uses it for. A message whose fd cannot serve is refused
+/// [`Session::handle`]: how many, and whether each was opened for, and
+/// is of a kind that serves, what the message uses it for. A message whose fd cannot serve is refused
 /// ([`BackendError::BadFd`]) before anything changes, so the front-end
 /// hears of it in the reply (see the module documentation).
 ///
