@@ -610,7 +610,8 @@ struct RingFds {
 /// refused in the message's reply rather than found when first used: a
 /// kick fd opened write-only, shared memory opened read-only, an `O_PATH`
 /// fd; shared memory that is no file (a socket, a pipe or an eventfd,
-/// even opened read-write); a back-end channel that is no Unix stream
+/// even opened read-write) or a file shorter than what is mapped of it;
+/// a back-end channel that is no Unix stream
 /// socket. Any readable (kick) or writable (call, err, log) fd is of a
 /// fitting kind: eventfds and pipes both serve.
 struct Received<'a>(&'a [Option<OwnedFd>]);
@@ -640,6 +641,22 @@ impl MessageFds for Received<'_> {
             }
             FdAccess::Map => read() && write() && crate::sys::mmap::mappable(fd).unwrap_or(true),
         }
+    }
+
+    fn maps(&self, index: FdIndex, offset: u64, size: u64) -> bool {
+        if !self.allows(index, FdAccess::Map) {
+            return false;
+        }
+        let Some(Some(fd)) = self.0.get(usize::from(index)) else {
+            return true;
+        };
+        // A file (or block device) shorter than the extent: the mapping
+        // would refuse it after the reply. A length that cannot be read,
+        // or a kind without one (a DAX device), is left to the mapping.
+        let Some(end) = offset.checked_add(size) else {
+            return false;
+        };
+        crate::sys::mmap::file_size(fd.as_fd()).map_or(true, |len| len.is_none_or(|l| l >= end))
     }
 }
 
@@ -863,10 +880,10 @@ where
     ) -> Result<(), BackendError> {
         match action {
             Action::UnmapAll => self.memory_mut().clear(),
-            // A mapping that fails for what the fd's mode and kind do not
-            // tell ([`Received`]: shorter than the region, a memfd that
-            // cannot be sealed, a character device that does not map) ends
-            // the connection: the reply promised it.
+            // A mapping that fails for what the fd's mode, kind and length
+            // do not tell ([`Received`]: a memfd that cannot be sealed, a
+            // character device that does not map, a file that shrank since)
+            // ends the connection: the reply promised it.
             Action::MapRegion { slot, fd, region } => {
                 let index = fd;
                 let fd = Self::take_fd(fds, fd)?;

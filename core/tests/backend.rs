@@ -1283,7 +1283,7 @@ impl MessageFds for Denies {
 fn handle_with(
     fe: &mut Fe,
     req: &Request<'_>,
-    fds: &Denies,
+    fds: &impl MessageFds,
 ) -> Result<(Outcome, Vec<u8>), BackendError> {
     let mut msg = [0u8; vhost_user_core::message::MAX_MESSAGE];
     let n = req.encode(true, &mut msg).unwrap();
@@ -1302,6 +1302,86 @@ fn handle_with(
         _ => Vec::new(),
     };
     Ok((o, reply))
+}
+
+/// fds an adapter can tell the length of: `count` fds, each `len` bytes
+/// long.
+struct Lengths {
+    count: usize,
+    len: u64,
+}
+
+impl MessageFds for Lengths {
+    fn count(&self) -> usize {
+        self.count
+    }
+
+    fn allows(&self, _index: u8, _access: FdAccess) -> bool {
+        true
+    }
+
+    fn maps(&self, _index: u8, offset: u64, size: u64) -> bool {
+        offset.checked_add(size).is_some_and(|end| end <= self.len)
+    }
+}
+
+/// Shared memory is asked for with the extent the message maps of it
+/// ([`MessageFds::maps`]): one shorter than that is refused in the ack
+/// with [`BackendError::BadFd`], before anything changes; one just long
+/// enough is taken.
+#[test]
+fn shared_memory_shorter_than_its_extent_is_refused_before_anything_changes() {
+    use vhost_user_core::message::{InflightMsg, MemRegionMsg};
+    let table = [MemRegionMsg {
+        mmap_offset: 0x3000,
+        ..region(0, RAM / 2)
+    }];
+    let added = MemRegionMsg {
+        mmap_offset: 0x1000,
+        ..region(RAM, 4096)
+    };
+    let area = vhost_user_core::inflight::area_size(2, 256).unwrap();
+    let inflight = InflightMsg {
+        mmap_size: area,
+        mmap_offset: 0x2000,
+        num_queues: 2,
+        queue_size: 256,
+    };
+    let cases = [
+        (
+            Request::SetMemTable(MemTable::new(&table).unwrap()),
+            0x3000 + RAM / 2,
+        ),
+        (Request::AddMemReg(added), 0x1000 + 4096),
+        (Request::SetInflightFd(inflight), 0x2000 + area),
+    ];
+    for (req, end) in cases {
+        let code = req.code();
+        let mut fe = new_fe(all_protocol());
+        fe.handshake(V::VERSION_1 | V::PROTOCOL_FEATURES);
+        let memory = fe.session.memory().clone();
+        let short = Lengths {
+            count: 1,
+            len: end - 1,
+        };
+        let (o, reply) = handle_with(&mut fe, &req, &short).unwrap();
+        let named = BackendError::BadFd {
+            index: 0,
+            access: FdAccess::Map,
+        };
+        assert_eq!(o.refused, Some(named), "{code:?}");
+        assert_eq!(reply_u64(&reply), 1, "{code:?}: its ack");
+        assert!(o.actions.is_empty(), "{code:?}: {:?}", o.actions);
+        assert_eq!(fe.session.inflight_layout(), None, "{code:?}");
+        assert!(
+            fe.session.memory().iter().eq(memory.iter()),
+            "{code:?} changed the memory table"
+        );
+        let long = Lengths { count: 1, len: end };
+        let (o, reply) = handle_with(&mut fe, &req, &long).unwrap();
+        assert_eq!(o.refused, None, "{code:?}");
+        assert_eq!(reply_u64(&reply), 0, "{code:?}: its ack");
+    }
 }
 
 /// The u64 a reply carries.

@@ -1459,6 +1459,52 @@ fn a_datagram_socket_as_the_back_end_channel_is_refused_in_the_ack() {
     );
 }
 
+/// Shared memory `short` bytes long, for `req` that maps it up to byte
+/// `end`: refused in the ack (a mapping past a file's end faults when
+/// accessed) and closed; a file `end` bytes long is taken after it.
+fn a_short_file_is_refused_in_the_ack(protocol: P, req: &Request<'_>, short: u64, end: u64) {
+    let name = format!("short-{}", req.code().id());
+    let bad = memfd::create(&name, short).unwrap();
+    let good = memfd::create("long-enough", end).unwrap();
+    refused_for_its_kind(protocol, req, bad, || memfd_gone(&name), good.as_fd());
+}
+
+#[test]
+fn a_memory_region_fd_shorter_than_the_region_is_refused_in_the_ack() {
+    a_short_file_is_refused_in_the_ack(
+        P::empty(),
+        &Request::SetMemTable(MemTable::new(&[REGION]).unwrap()),
+        RAM / 2,
+        RAM,
+    );
+}
+
+#[test]
+fn an_added_region_past_its_fd_s_end_is_refused_in_the_ack() {
+    let region = MemRegionMsg {
+        mmap_offset: RAM,
+        ..REGION
+    };
+    a_short_file_is_refused_in_the_ack(
+        P::CONFIGURE_MEM_SLOTS,
+        &Request::AddMemReg(region),
+        RAM,
+        2 * RAM,
+    );
+}
+
+#[test]
+fn an_inflight_area_past_its_fd_s_end_is_refused_in_the_ack() {
+    let size = vhost_user_core::inflight::area_size(1, SIZE).unwrap();
+    let req = Request::SetInflightFd(vhost_user_core::message::InflightMsg {
+        mmap_size: size,
+        mmap_offset: 4096,
+        num_queues: 1,
+        queue_size: SIZE,
+    });
+    a_short_file_is_refused_in_the_ack(P::INFLIGHT_SHMFD, &req, size, 4096 + size);
+}
+
 /// A call fd whose writes fail is reported once per SET_VRING_CALL that
 /// sets it: again after the ring's restart with the same fd set again,
 /// not after a restart that keeps it.

@@ -72,8 +72,9 @@
 //! cannot be read (opened write-only, the write end of a pipe), a call,
 //! err or dirty log fd that cannot be written (the read end of a pipe),
 //! shared memory (a region, the inflight area, the dirty log) that cannot
-//! be mapped read-write (opened read-only, or no file: a socket, a pipe,
-//! an eventfd), a back-end channel that cannot be read and written, or
+//! be mapped read-write (opened read-only, no file: a socket, a pipe, an
+//! eventfd, or shorter than what is mapped of it, [`MessageFds::maps`]),
+//! a back-end channel that cannot be read and written, or
 //! that is no stream the adapter frames messages on (for the Linux
 //! adapter, a Unix stream socket). SET_DEVICE_STATE_FD answers with its
 //! own reply (an error, and no fd) when the fd is not open in the
@@ -230,6 +231,15 @@ pub trait MessageFds {
     /// Whether fd `index` (below [`count`](Self::count)) can serve
     /// `access`. An adapter that cannot tell answers `true`.
     fn allows(&self, index: FdIndex, access: FdAccess) -> bool;
+    /// Whether fd `index` can be mapped ([`FdAccess::Map`]) for `size`
+    /// bytes from byte `offset`. By default, whether it
+    /// [`allows`](Self::allows) `Map`; an adapter that can tell the fd's
+    /// length also refuses one too short for the extent (memory past a
+    /// file's end faults when accessed).
+    fn maps(&self, index: FdIndex, offset: u64, size: u64) -> bool {
+        let _ = (offset, size);
+        self.allows(index, FdAccess::Map)
+    }
 }
 
 impl MessageFds for usize {
@@ -252,6 +262,24 @@ fn usable<F: MessageFds + ?Sized>(
         Ok(())
     } else {
         Err(BackendError::BadFd { index, access })
+    }
+}
+
+/// Refuses fd `index` of the message unless `size` bytes of it from
+/// `offset` can be mapped.
+fn mappable<F: MessageFds + ?Sized>(
+    fds: &F,
+    index: FdIndex,
+    offset: u64,
+    size: u64,
+) -> Result<(), BackendError> {
+    if fds.maps(index, offset, size) {
+        Ok(())
+    } else {
+        Err(BackendError::BadFd {
+            index,
+            access: FdAccess::Map,
+        })
     }
 }
 
@@ -1209,8 +1237,8 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
                 // Region i in slot i, as `MemoryTable::set` places them,
                 // without a copy of the regions on the stack.
                 // One fd per region, each mapped.
-                for i in 0..table.len() {
-                    usable(fds, i as FdIndex, FdAccess::Map)?;
+                for (i, r) in table.iter().enumerate() {
+                    mappable(fds, i as FdIndex, r.mmap_offset, r.size)?;
                 }
                 let mut next = MemoryTable::<R>::default();
                 for r in table.iter() {
@@ -1233,7 +1261,7 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
                 }
             }
             Request::AddMemReg(region) => {
-                usable(fds, 0, FdAccess::Map)?;
+                mappable(fds, 0, region.mmap_offset, region.size)?;
                 let mut next = self.memory.clone();
                 let slot = next.add(region)?;
                 let remap = self.commit_memory(next)?;
@@ -1432,7 +1460,7 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
                 outcome.reply = Reply::Ready(WireReply::encode_inflight(code, &m, out)?);
             }
             Request::SetInflightFd(m) => {
-                usable(fds, 0, FdAccess::Map)?;
+                mappable(fds, 0, m.mmap_offset, m.mmap_size)?;
                 self.check_inflight(m.num_queues, m.queue_size)?;
                 let stride = inflight::check_area(m.num_queues, m.queue_size, m.mmap_size)?;
                 // Running rings keep the area they started with; this one
@@ -1471,7 +1499,7 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
             }
             #[cfg(feature = "migration")]
             Request::SetLogBase(l) => {
-                usable(fds, 0, FdAccess::Map)?;
+                mappable(fds, 0, l.offset, l.size)?;
                 // The log must have a bit for every page of guest memory.
                 let needed = crate::log::bitmap_bytes(self.memory.end());
                 if l.size < needed {
