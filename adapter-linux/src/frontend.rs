@@ -231,6 +231,10 @@ struct LogArea {
 /// A front-end connection: the socket, the engine and the fds it names.
 #[derive(Debug)]
 pub struct FrontendLink<const Q: usize = DEFAULT_QUEUES, const R: usize = DEFAULT_REGIONS> {
+    /// Blocking, without socket timeouts: each request and each reply has
+    /// one deadline ([`Stream::send_message_by`],
+    /// [`Stream::recv_message_by`]), waited for with `poll` before each
+    /// call, which then does not block.
     stream: Stream,
     /// With BACKEND_REQ wanted: the back-end channel.
     channel: Option<BackendChannel>,
@@ -267,7 +271,6 @@ impl<const Q: usize, const R: usize> FrontendLink<Q, R> {
     ) -> Result<Self, LinkError> {
         let channel = Self::channel_for(&config)?;
         let stream = Stream::connect(path)?;
-        stream.set_read_timeout(Some(REPLY_TIMEOUT))?;
         Ok(FrontendLink {
             stream,
             channel,
@@ -318,10 +321,8 @@ impl<const Q: usize, const R: usize> FrontendLink<Q, R> {
     /// Sets how long [`drive`](Self::drive) waits for each reply, and for
     /// the back-end to take each request (default [`REPLY_TIMEOUT`]);
     /// kept across [`reconnect`](Self::reconnect).
-    pub fn set_reply_timeout(&mut self, timeout: Duration) -> Result<(), LinkError> {
-        self.stream.set_read_timeout(Some(timeout))?;
+    pub fn set_reply_timeout(&mut self, timeout: Duration) {
         self.reply_timeout = timeout;
-        Ok(())
     }
 
     /// The engine (for commands: start, stop, read_config, set_memory).
@@ -377,12 +378,7 @@ impl<const Q: usize, const R: usize> FrontendLink<Q, R> {
                 let rx = match self.stream.recv_message_by(&mut buf, deadline) {
                     Ok(Some(rx)) => rx,
                     Ok(None) => return Err(LinkError::Closed),
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                        ) =>
-                    {
+                    Err(e) if e.kind() == io::ErrorKind::TimedOut => {
                         return Err(LinkError::Timeout(t.request))
                     }
                     Err(e) => return Err(e.into()),
@@ -452,7 +448,6 @@ impl<const Q: usize, const R: usize> FrontendLink<Q, R> {
 
     fn try_reconnect(&mut self, path: &Path, cfg: FrontendConfig<Q, R>) -> Result<(), LinkError> {
         let stream = Stream::connect(path)?;
-        stream.set_read_timeout(Some(self.reply_timeout))?;
         self.stream = stream;
         // A new channel for the new connection; the counters and the calls
         // eventfd go on.
@@ -679,7 +674,8 @@ impl<const Q: usize, const R: usize> FrontendLink<Q, R> {
     }
 
     /// The socket, to watch for the back-end going away (it becomes
-    /// readable at end of file).
+    /// readable at end of file). It has no read or write timeout: a
+    /// caller that reads or writes a copy of it bounds its own waits.
     pub fn socket(&self) -> BorrowedFd<'_> {
         self.stream.as_fd()
     }
@@ -815,7 +811,7 @@ mod tests {
             let _ = c.read(&mut b);
         });
         let mut l = link(&path);
-        l.set_reply_timeout(Duration::from_millis(100)).unwrap();
+        l.set_reply_timeout(Duration::from_millis(100));
         let t0 = std::time::Instant::now();
         let e = l.drive().unwrap_err();
         assert!(
@@ -841,7 +837,7 @@ mod tests {
             }
         });
         let mut l = link(&path);
-        l.set_reply_timeout(Duration::from_millis(300)).unwrap();
+        l.set_reply_timeout(Duration::from_millis(300));
         let t0 = std::time::Instant::now();
         let e = l.drive().unwrap_err();
         let took = t0.elapsed();

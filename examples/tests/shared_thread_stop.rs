@@ -216,6 +216,8 @@ fn rig(sock: &std::path::Path) -> Rig {
     link.drive().unwrap();
     assert_eq!(link.engine().state(), State::Started);
     let s = Stream::try_from(link.socket().try_clone_to_owned().unwrap()).unwrap();
+    // A back-end that does not answer fails the test instead of hanging it.
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     Rig {
         link,
         s,
