@@ -894,6 +894,105 @@ mod tests {
         h.join().unwrap();
     }
 
+    /// A back-end that stops reading its socket once started: the
+    /// requests that need no reply (SET_MEM_TABLE without REPLY_ACK) fill
+    /// the socket's buffer, and the one that finds no room is not taken
+    /// by the reply timeout.
+    #[test]
+    fn a_back_end_that_does_not_read_a_request_is_not_read() {
+        use std::sync::atomic::AtomicBool;
+        use vhost_user_core::feature::VirtioFeatures;
+        use vhost_user_core::frontend::{NotifyMode, QueueConfig};
+        use vhost_user_core::message::MemRegionMsg;
+        use vhost_user_core::vring::RingAddrs;
+        let deaf = Arc::new(AtomicBool::new(false));
+        let (done, hold) = std::sync::mpsc::channel::<()>();
+        let theirs = Arc::clone(&deaf);
+        let (path, h) = backend("deaf", move |mut c| {
+            c.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+            // Answers GET_FEATURES (VERSION_1 only), takes the rest, until
+            // told to stop and idle; then holds the connection, unread.
+            loop {
+                let mut h = [0u8; HEADER_SIZE];
+                match c.read_exact(&mut h) {
+                    Ok(()) => {}
+                    Err(_) if theirs.load(Ordering::Relaxed) => break,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(_) => return,
+                }
+                let size = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
+                c.set_read_timeout(None).unwrap();
+                c.read_exact(&mut vec![0u8; size as usize]).unwrap();
+                c.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+                let id = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
+                if id == FrontendReq::GetFeatures.id() {
+                    c.write_all(&reply(id, 0x5, &(1u64 << 32).to_le_bytes()))
+                        .unwrap();
+                }
+            }
+            let _ = hold.recv();
+        });
+        const RAM: u64 = 0x10000;
+        let region = |size| MemRegionMsg {
+            guest_addr: 0,
+            size,
+            user_addr: 0x7f00_0000_0000,
+            mmap_offset: 0,
+            xen: None,
+        };
+        let mut cfg =
+            FrontendConfig::<1, 1>::new(VirtioFeatures::VERSION_1, ProtocolFeatures::empty());
+        cfg.regions.push(region(RAM)).unwrap();
+        // One ring in the first half of RAM, polled both ways (no fds).
+        let queue = QueueConfig {
+            size: 8,
+            addrs: RingAddrs {
+                desc: 0x7f00_0000_0000,
+                driver: 0x7f00_0000_0100,
+                device: 0x7f00_0000_0200,
+            },
+            base: 0,
+            kick: NotifyMode::Polling,
+            call: NotifyMode::Polling,
+        };
+        cfg.queues.push(queue).unwrap();
+        let ram = crate::sys::memfd::create("link-deaf", RAM).unwrap();
+        let mut l = FrontendLink::connect(&path, cfg, vec![ram], Vec::new(), Vec::new()).unwrap();
+        l.drive().unwrap();
+        l.engine().start().unwrap();
+        l.drive().unwrap();
+        assert_eq!(l.engine().state(), State::Started);
+        deaf.store(true, Ordering::Relaxed);
+        // The back-end sees it once its read times out.
+        std::thread::sleep(Duration::from_millis(100));
+        l.set_reply_timeout(Duration::from_millis(100));
+        let t0 = std::time::Instant::now();
+        let mut sent = 0u32;
+        let e = loop {
+            // A table that differs from the last one is sent at once.
+            let size = if sent % 2 == 0 { RAM / 2 } else { RAM };
+            l.engine().set_memory(&[region(size)]).unwrap();
+            match l.drive() {
+                Ok(()) => sent += 1,
+                Err(e) => break e,
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "{sent} tables taken by a back-end that does not read"
+            );
+        };
+        let took = t0.elapsed();
+        drop(l);
+        let _ = done.send(());
+        h.join().unwrap();
+        assert!(
+            matches!(e, LinkError::NotRead(FrontendReq::SetMemTable)),
+            "{e} after {sent} tables"
+        );
+        assert!(sent > 0, "the first table was not taken");
+        assert!(took < Duration::from_secs(5), "not read after {took:?}");
+    }
+
     #[test]
     fn probe_of_a_back_end_without_protocol_features() {
         let (path, h) = backend("plain", |mut c| {
