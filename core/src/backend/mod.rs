@@ -226,6 +226,11 @@ pub enum FdAccess {
 /// transport without fds): each is taken as usable, and its first use
 /// tells.
 pub trait MessageFds {
+    /// Whether [`allows`](Self::allows) and [`maps`](Self::maps) may
+    /// refuse anything: `false` for a count, whose messages the session
+    /// then does not check at all (a build that only counts fds carries
+    /// no code for the checks).
+    const LOOKS: bool = true;
     /// How many fds came with the message.
     fn count(&self) -> usize;
     /// Whether fd `index` (below [`count`](Self::count)) can serve
@@ -243,6 +248,8 @@ pub trait MessageFds {
 }
 
 impl MessageFds for usize {
+    const LOOKS: bool = false;
+
     fn count(&self) -> usize {
         *self
     }
@@ -281,6 +288,39 @@ fn mappable<F: MessageFds + ?Sized>(
             access: FdAccess::Map,
         })
     }
+}
+
+/// Refuses `req` if one of its fds cannot serve its use (see
+/// [`MessageFds`]), before the message changes anything. (SET_DEVICE_STATE_FD
+/// answers that refusal in its own reply: see `dispatch`.)
+fn check_fds<F: MessageFds + ?Sized>(req: &Request<'_>, fds: &F) -> Result<(), BackendError> {
+    match *req {
+        // One fd per region, each mapped.
+        Request::SetMemTable(ref table) => {
+            for (i, r) in table.iter().enumerate() {
+                mappable(fds, i as FdIndex, r.mmap_offset, r.size)?;
+            }
+        }
+        Request::AddMemReg(ref r) => mappable(fds, 0, r.mmap_offset, r.size)?,
+        Request::SetVringKick(v) => {
+            if let Some(i) = fd_of(v) {
+                usable(fds, i, FdAccess::Read)?;
+            }
+        }
+        Request::SetVringCall(v) | Request::SetVringErr(v) => {
+            if let Some(i) = fd_of(v) {
+                usable(fds, i, FdAccess::Write)?;
+            }
+        }
+        Request::SetBackendReqFd => usable(fds, 0, FdAccess::ReadWrite)?,
+        Request::SetInflightFd(ref m) => mappable(fds, 0, m.mmap_offset, m.mmap_size)?,
+        #[cfg(feature = "migration")]
+        Request::SetLogBase(ref l) => mappable(fds, 0, l.offset, l.size)?,
+        #[cfg(feature = "migration")]
+        Request::SetLogFd => usable(fds, 0, FdAccess::Write)?,
+        _ => {}
+    }
+    Ok(())
 }
 
 /// What the adapter must do after a message.
@@ -1128,6 +1168,14 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
         let code = req.code();
         let result = self
             .gate(code)
+            // A count refuses nothing: no code for it (`MessageFds::LOOKS`).
+            .and_then(|()| {
+                if F::LOOKS {
+                    check_fds(&req, fds)
+                } else {
+                    Ok(())
+                }
+            })
             .and_then(|()| self.dispatch(&req, fds, mem, device, out, outcome));
         let ack_asked = header.need_reply()
             && self.acked_protocol.contains(ProtocolFeatures::REPLY_ACK)
@@ -1161,6 +1209,9 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
         out: &mut [u8],
         outcome: &mut Outcome,
     ) -> Result<(), BackendError> {
+        // The fds were checked (`check_fds`) but for SET_DEVICE_STATE_FD's.
+        #[cfg(not(feature = "migration"))]
+        let _ = fds;
         let code = req.code();
         // Each reply is encoded on its own (WireReply::encode_*): a
         // back-end links no other reply's encoding.
@@ -1236,10 +1287,6 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
             Request::SetMemTable(ref table) => {
                 // Region i in slot i, as `MemoryTable::set` places them,
                 // without a copy of the regions on the stack.
-                // One fd per region, each mapped.
-                for (i, r) in table.iter().enumerate() {
-                    mappable(fds, i as FdIndex, r.mmap_offset, r.size)?;
-                }
                 let mut next = MemoryTable::<R>::default();
                 for r in table.iter() {
                     next.add(r)?;
@@ -1261,7 +1308,6 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
                 }
             }
             Request::AddMemReg(region) => {
-                mappable(fds, 0, region.mmap_offset, region.size)?;
                 let mut next = self.memory.clone();
                 let slot = next.add(region)?;
                 let remap = self.commit_memory(next)?;
@@ -1363,9 +1409,6 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
                 }
             }
             Request::SetVringKick(v) => {
-                if let Some(i) = fd_of(v) {
-                    usable(fds, i, FdAccess::Read)?;
-                }
                 let q = v.index as u16;
                 push(
                     actions,
@@ -1392,14 +1435,10 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
                 }
             }
             Request::SetBackendReqFd => {
-                usable(fds, 0, FdAccess::ReadWrite)?;
                 self.channel = true;
                 push(actions, Action::SetBackendChannel { fd: 0 });
             }
             Request::SetVringCall(v) => {
-                if let Some(i) = fd_of(v) {
-                    usable(fds, i, FdAccess::Write)?;
-                }
                 self.slot_mut(v.index)?.call = notifier(v);
                 push(
                     actions,
@@ -1410,9 +1449,6 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
                 );
             }
             Request::SetVringErr(v) => {
-                if let Some(i) = fd_of(v) {
-                    usable(fds, i, FdAccess::Write)?;
-                }
                 self.slot_mut(v.index)?.err = notifier(v);
                 push(
                     actions,
@@ -1460,7 +1496,6 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
                 outcome.reply = Reply::Ready(WireReply::encode_inflight(code, &m, out)?);
             }
             Request::SetInflightFd(m) => {
-                mappable(fds, 0, m.mmap_offset, m.mmap_size)?;
                 self.check_inflight(m.num_queues, m.queue_size)?;
                 let stride = inflight::check_area(m.num_queues, m.queue_size, m.mmap_size)?;
                 // Running rings keep the area they started with; this one
@@ -1499,7 +1534,6 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
             }
             #[cfg(feature = "migration")]
             Request::SetLogBase(l) => {
-                mappable(fds, 0, l.offset, l.size)?;
                 // The log must have a bit for every page of guest memory.
                 let needed = crate::log::bitmap_bytes(self.memory.end());
                 if l.size < needed {
@@ -1520,10 +1554,7 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
                 outcome.reply = reply(0)?;
             }
             #[cfg(feature = "migration")]
-            Request::SetLogFd => {
-                usable(fds, 0, FdAccess::Write)?;
-                push(actions, Action::SetLogFd { fd: 0 });
-            }
+            Request::SetLogFd => push(actions, Action::SetLogFd { fd: 0 }),
             #[cfg(feature = "migration")]
             Request::SetDeviceStateFd(direction) => {
                 // Only while suspended (every ring stopped), one transfer
