@@ -32,7 +32,7 @@ static uint8_t reply[VHU_MAX_MESSAGE];
 static vhu_region ram_table[VHU_MAX_REGIONS];
 static vhu_mem mem = {ram_table, VHU_MAX_REGIONS, NULL};
 static bool running[QUEUES];
-static vhu_device device;
+static vhu_device device = VHU_DEVICE_INIT; /* vhu_blk_device() fills it */
 
 #define BE ((vhu_backend *)backend_mem)
 #define BLK ((vhu_blk *)blk_mem)
@@ -46,6 +46,7 @@ static int setup(void)
         vhu_dataplane_size(QUEUE_SIZE) > sizeof ring_mem[0])
         return -1;
     vhu_blk_config bc = {
+        .struct_size = sizeof bc,
         .capacity = DISK_BYTES / 512, .blk_size = 512, .num_queues = QUEUES,
         .seg_max = QUEUE_SIZE - 2, .flush = 1,
     };
@@ -54,6 +55,7 @@ static int setup(void)
         vhu_blk_device(BLK, &device) || vhu_blk_request_init(PLAN, sizeof plan_mem))
         return -1;
     vhu_backend_config cfg = {
+        .struct_size = sizeof cfg,
         .features = dev_features | VHU_VIRTIO_F_VERSION_1 | VHU_F_PROTOCOL_FEATURES |
                     VHU_VIRTIO_F_RING_PACKED | VHU_VIRTIO_F_EVENT_IDX,
         .protocol_features = VHU_PROTOCOL_F_MQ | VHU_PROTOCOL_F_REPLY_ACK |

@@ -26,11 +26,23 @@
  *   static _Alignas(16) unsigned char be_mem[8192];
  *   vhu_backend *be = (vhu_backend *)be_mem;   // vhu_backend_size() <= 8192
  *   vhu_backend_config cfg = {
+ *       .struct_size = sizeof(vhu_backend_config),
  *       .features = VHU_VIRTIO_F_VERSION_1 | VHU_F_PROTOCOL_FEATURES | dev_bits,
  *       .protocol_features = VHU_PROTOCOL_F_MQ | VHU_PROTOCOL_F_REPLY_ACK,
  *       .num_queues = 2, .max_queue_size = 256 };
  *   vhu_backend_init(be, sizeof be_mem, &cfg);
  *   // per message: vhu_backend_handle(), then vhu_backend_action() 0..n-1
+ *
+ * Versioned structs: the structs a caller hands in that may grow
+ * (vhu_device, vhu_mem_ops, vhu_backend_config, vhu_blk_config,
+ * vhu_ring_config, vhu_frontend_config) begin with `struct_size`, the
+ * sizeof the struct had in the header the program was built with. Start
+ * each from its VHU_X_INIT (defined after the includes), or give
+ * `.struct_size = sizeof(X)` in a designated initialiser. The library
+ * reads (vhu_blk_device():
+ * writes) the fields that size covers, takes the fields a smaller size
+ * it knows lacks as NULL or 0, and refuses a size it does not know with
+ * VHU_ERR_ABI.
  */
 
 #ifndef VHU_H
@@ -39,6 +51,29 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+
+/*
+ * Initialisers of the versioned structs: `struct_size` set, every other
+ * field NULL or 0: vhu_device dev = VHU_DEVICE_INIT; dev.ctx = ...;
+ */
+#ifdef __cplusplus
+#define VHU_STRUCT_INIT_(type) \
+    ([] { type v_{}; v_.struct_size = sizeof(type); return v_; }())
+#else
+#define VHU_STRUCT_INIT_(type) { .struct_size = sizeof(type) }
+#endif
+/** A vhu_device without callbacks. */
+#define VHU_DEVICE_INIT VHU_STRUCT_INIT_(vhu_device)
+/** A vhu_mem_ops without callbacks (set every one before use). */
+#define VHU_MEM_OPS_INIT VHU_STRUCT_INIT_(vhu_mem_ops)
+/** A vhu_backend_config of zeros. */
+#define VHU_BACKEND_CONFIG_INIT VHU_STRUCT_INIT_(vhu_backend_config)
+/** A vhu_blk_config of zeros. */
+#define VHU_BLK_CONFIG_INIT VHU_STRUCT_INIT_(vhu_blk_config)
+/** A vhu_ring_config of zeros. */
+#define VHU_RING_CONFIG_INIT VHU_STRUCT_INIT_(vhu_ring_config)
+/** A vhu_frontend_config of zeros. */
+#define VHU_FRONTEND_CONFIG_INIT VHU_STRUCT_INIT_(vhu_frontend_config)
 
 /**
  * Most queues a back-end session has.
@@ -312,6 +347,13 @@ enum vhu_result
    * involved again.
    */
   VHU_ERR_INTERNAL = 23,
+  /**
+   * A struct's `struct_size` is not a size of it this library knows:
+   * a program built against another version of `vhu.h`, or a struct
+   * not initialised with its `VHU_*_INIT` (or `sizeof`). Nothing past
+   * the size was read.
+   */
+  VHU_ERR_ABI = 24,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -703,9 +745,15 @@ typedef struct vhu_dataplane vhu_dataplane;
 typedef struct vhu_frontend vhu_frontend;
 
 /**
- * What a back-end offers and how big it is.
+ * What a back-end offers and how big it is (`VHU_BACKEND_CONFIG_INIT`,
+ * or `.struct_size = sizeof(vhu_backend_config)`).
  */
 typedef struct {
+  /**
+   * `sizeof(vhu_backend_config)` (`VHU_ERR_ABI` for a size this
+   * library does not know).
+   */
+  size_t struct_size;
   /**
    * Virtio features offered: device bits, ring bits
    * (`VHU_VIRTIO_F_*`), and `VHU_F_PROTOCOL_FEATURES` when protocol
@@ -755,9 +803,15 @@ typedef struct {
  * guest memory. The 16-bit ring index accesses must be single aligned
  * atomic accesses of the little-endian value, with acquire (load) and
  * release (store) ordering; the library orders everything else with its
- * own fences.
+ * own fences. Start from `VHU_MEM_OPS_INIT`, or set `.struct_size =
+ * sizeof(vhu_mem_ops)`.
  */
 typedef struct {
+  /**
+   * `sizeof(vhu_mem_ops)` (`VHU_ERR_ABI` for a size this library does
+   * not know).
+   */
+  size_t struct_size;
   /**
    * Passed to every callback.
    */
@@ -807,9 +861,18 @@ typedef struct {
 /**
  * A device's control path, as callbacks (every one may be NULL: no
  * config space, features and resets ignored, and neither SEND_RARP nor
- * NET_SET_MTU offered).
+ * NET_SET_MTU offered). Start from `VHU_DEVICE_INIT` (every callback
+ * NULL) and set what the device has.
  */
 typedef struct {
+  /**
+   * `sizeof(vhu_device)`. A size this library does not know is
+   * refused (`VHU_ERR_ABI`); a smaller size it knows (a program built
+   * before the trailing callbacks were added: from
+   * `offsetof(vhu_device, set_mtu)` on) reads the callbacks it does
+   * not cover as NULL.
+   */
+  size_t struct_size;
   /**
    * Passed to every callback.
    */
@@ -961,9 +1024,15 @@ typedef struct {
 } vhu_ring_addrs;
 
 /**
- * What a virtio-blk back-end serves.
+ * What a virtio-blk back-end serves (`VHU_BLK_CONFIG_INIT`, or
+ * `.struct_size = sizeof(vhu_blk_config)`).
  */
 typedef struct {
+  /**
+   * `sizeof(vhu_blk_config)` (`VHU_ERR_ABI` for a size this library
+   * does not know).
+   */
+  size_t struct_size;
   /**
    * Capacity in 512-byte sectors.
    */
@@ -1054,9 +1123,15 @@ typedef struct {
 
 /**
  * A ring to start without a session (a host that configures rings
- * itself).
+ * itself): `VHU_RING_CONFIG_INIT`, or `.struct_size =
+ * sizeof(vhu_ring_config)`.
  */
 typedef struct {
+  /**
+   * `sizeof(vhu_ring_config)` (`VHU_ERR_ABI` for a size this library
+   * does not know).
+   */
+  size_t struct_size;
   /**
    * Ring size (split: a power of two; 1 to 32768).
    */
@@ -1180,9 +1255,15 @@ typedef struct {
 } vhu_queue_config;
 
 /**
- * What the front-end wants and has.
+ * What the front-end wants and has (`VHU_FRONTEND_CONFIG_INIT`, or
+ * `.struct_size = sizeof(vhu_frontend_config)`).
  */
 typedef struct {
+  /**
+   * `sizeof(vhu_frontend_config)` (`VHU_ERR_ABI` for a size this
+   * library does not know).
+   */
+  size_t struct_size;
   /**
    * Virtio features wanted (include `VHU_F_PROTOCOL_FEATURES` to use
    * protocol features at all).
@@ -1318,7 +1399,8 @@ uint64_t vhu_backend_supported_protocol_features(void);
  * Initialises a back-end session in `storage` (`size` bytes) for a
  * device with `config`, waiting for a front-end's first message.
  * `VHU_ERR_UNSUPPORTED` if the configuration offers what the engine does
- * not implement, or more than `VHU_MAX_QUEUES` queues. A configuration
+ * not implement, or more than `VHU_MAX_QUEUES` queues; `VHU_ERR_ABI`
+ * if its `struct_size` is not one this library knows. A configuration
  * offering `VHU_PROTOCOL_F_RARP` or `VHU_PROTOCOL_F_MTU` must be handled
  * with a device whose `send_rarp` or `set_mtu` is set
  * (`vhu_backend_handle()`).
@@ -1326,7 +1408,7 @@ uint64_t vhu_backend_supported_protocol_features(void);
  * # Safety
  *
  * `storage` points at `size` writable bytes; `config` at a
- * `vhu_backend_config`.
+ * `vhu_backend_config` of its `struct_size`.
  */
 vhu_result vhu_backend_init(vhu_backend *storage, size_t size, const vhu_backend_config *config);
 
@@ -1357,7 +1439,8 @@ vhu_result vhu_message_size(const uint8_t *header, size_t len, size_t *total);
  * session sees the message, if the configuration offers
  * `VHU_PROTOCOL_F_RARP` or `VHU_PROTOCOL_F_MTU` and `device` (or its
  * `send_rarp` or `set_mtu`) is NULL: no front-end is offered a message
- * that no callback would take. `VHU_ERR_INVALID` if `reply` or
+ * that no callback would take. `VHU_ERR_ABI` if `device`'s
+ * `struct_size` is not one this library knows. `VHU_ERR_INVALID` if `reply` or
  * `out` shares a byte with the back-end, `msg`, `mem`, `device` or each
  * other, or an entry of the table `mem` maps any of them (the message is
  * read while the reply is written: give each its own bytes).
@@ -1366,7 +1449,8 @@ vhu_result vhu_message_size(const uint8_t *header, size_t len, size_t *total);
  *
  * `be` points at an initialised back-end; `msg` at `len` readable bytes;
  * `mem` is NULL or a valid table (see `vhu_mem`); `device` is NULL or
- * points at callbacks that may be called during the call; `reply` points
+ * points at a `vhu_device` of its `struct_size` whose callbacks may be
+ * called during the call; `reply` points
  * at `reply_cap` writable bytes; `out` at a writable `vhu_outcome`.
  */
 vhu_result vhu_backend_handle(vhu_backend *be, const uint8_t *msg, size_t len, size_t nfds, const vhu_mem *mem, const vhu_device *device, uint8_t *reply, size_t reply_cap, vhu_outcome *out);
@@ -1469,7 +1553,7 @@ size_t vhu_blk_request_align(void);
  * # Safety
  *
  * `storage` points at `size` writable bytes; `config` at a readable
- * `vhu_blk_config`.
+ * `vhu_blk_config` of its `struct_size`.
  */
 vhu_result vhu_blk_init(vhu_blk *storage, size_t size, const vhu_blk_config *config);
 
@@ -1496,12 +1580,14 @@ vhu_result vhu_blk_offered_features(vhu_blk *blk, uint64_t *out);
 /**
  * The blk device's control path as a `vhu_device` for
  * `vhu_backend_handle()` (config space reads and writes, features,
- * reset). The device must stay where it is while `*out` is used.
+ * reset), written into `*out` at the `struct_size` it holds
+ * (`VHU_DEVICE_INIT`; `VHU_ERR_ABI` for a size this library does not
+ * know). The device must stay where it is while `*out` is used.
  *
  * # Safety
  *
  * `blk` points at an initialised blk device; `out` at a writable
- * `vhu_device`.
+ * `vhu_device` of its `struct_size`.
  */
 vhu_result vhu_blk_device(vhu_blk *blk, vhu_device *out);
 
@@ -1603,7 +1689,7 @@ size_t vhu_dataplane_align(void);
  * # Safety
  *
  * `storage` points at `size` writable bytes; `config` at a readable
- * `vhu_ring_config`; `mem` and `area` are NULL or valid tables.
+ * `vhu_ring_config` of its `struct_size`; `mem` and `area` are NULL or valid tables.
  */
 vhu_result vhu_dataplane_init(vhu_dataplane *storage, size_t size, const vhu_ring_config *config, const vhu_mem *mem, const vhu_mem *area);
 
@@ -1745,7 +1831,7 @@ size_t vhu_frontend_align(void);
  * # Safety
  *
  * `storage` points at `size` writable bytes; `config` at a readable
- * `vhu_frontend_config` whose arrays hold their counts of entries.
+ * `vhu_frontend_config` of its `struct_size` whose arrays hold their counts of entries.
  */
 vhu_result vhu_frontend_init(vhu_frontend *storage, size_t size, const vhu_frontend_config *config);
 

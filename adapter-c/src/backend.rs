@@ -13,6 +13,8 @@
 //! answers stopped, then [`vhu_backend_finish_stop`] for the reply bytes.
 
 use core::ffi::c_void;
+use core::mem::{offset_of, size_of};
+use core::ptr;
 
 use vhost_user_core::backend::{
     Action, BackendConfig, Outcome, Reply, Session, MAX_ACTIONS, SUPPORTED_PROTOCOL_FEATURES,
@@ -29,6 +31,7 @@ use crate::memory::{vhu_mem, vhu_mem_region, Mem};
 use crate::result::vhu_result::{self, *};
 use crate::result::{self, guard};
 use crate::state::{self, Footprint, Kind};
+use crate::versioned::{self, Versioned};
 
 /// Most queues a back-end session has.
 pub const VHU_MAX_QUEUES: u16 = 16;
@@ -125,10 +128,14 @@ impl Kind for Backend {
     const TAG: u32 = 0x7668_7542;
 }
 
-/// What a back-end offers and how big it is.
+/// What a back-end offers and how big it is (`VHU_BACKEND_CONFIG_INIT`,
+/// or `.struct_size = sizeof(vhu_backend_config)`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct vhu_backend_config {
+    /// `sizeof(vhu_backend_config)` (`VHU_ERR_ABI` for a size this
+    /// library does not know).
+    pub struct_size: usize,
     /// Virtio features offered: device bits, ring bits
     /// (`VHU_VIRTIO_F_*`), and `VHU_F_PROTOCOL_FEATURES` when protocol
     /// features are offered.
@@ -144,10 +151,17 @@ pub struct vhu_backend_config {
 
 /// A device's control path, as callbacks (every one may be NULL: no
 /// config space, features and resets ignored, and neither SEND_RARP nor
-/// NET_SET_MTU offered).
+/// NET_SET_MTU offered). Start from `VHU_DEVICE_INIT` (every callback
+/// NULL) and set what the device has.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct vhu_device {
+    /// `sizeof(vhu_device)`. A size this library does not know is
+    /// refused (`VHU_ERR_ABI`); a smaller size it knows (a program built
+    /// before the trailing callbacks were added: from
+    /// `offsetof(vhu_device, set_mtu)` on) reads the callbacks it does
+    /// not cover as NULL.
+    pub struct_size: usize,
     /// Passed to every callback.
     pub ctx: *mut c_void,
     /// Reads `len` bytes of config space at `offset` into `dst`; false if
@@ -192,19 +206,19 @@ pub struct vhu_device {
 struct CDevice(Option<vhu_device>);
 
 impl CDevice {
+    /// The device at `p` (NULL: none), claimed in `fp` as read.
+    ///
     /// # Safety
     ///
-    /// A non-null `p` points at a readable `vhu_device` whose callbacks
-    /// may be called with its `ctx` during the call.
-    unsafe fn from_raw(p: *const vhu_device) -> Result<Self, vhu_result> {
+    /// A non-null `p` points at a readable `vhu_device` (of its
+    /// `struct_size`) whose callbacks may be called with its `ctx` during
+    /// the call.
+    unsafe fn from_raw(p: *const vhu_device, fp: &mut Footprint<'_>) -> Result<Self, vhu_result> {
         if p.is_null() {
             return Ok(CDevice(None));
         }
-        if (p as usize) % core::mem::align_of::<vhu_device>() != 0 {
-            return Err(VHU_ERR_ALIGN);
-        }
-        // SAFETY: non-null, aligned, readable by the caller's contract.
-        Ok(CDevice(Some(unsafe { p.read() })))
+        // SAFETY: the caller's contract.
+        Ok(CDevice(Some(unsafe { versioned::read(p, fp) }?)))
     }
 
     /// The protocol features whose messages this device's callbacks take
@@ -223,6 +237,56 @@ impl CDevice {
 /// their message (`CDevice::carries`).
 const DEVICE_PROTOCOL_FEATURES: ProtocolFeatures =
     ProtocolFeatures::RARP.union(ProtocolFeatures::MTU);
+
+// SAFETY: repr(C) and Copy, `struct_size` first; the sizes end after
+// `reset` (before the net callbacks) and after `send_rarp`; every field
+// is an integer, a raw pointer or an optional function pointer.
+unsafe impl Versioned for vhu_device {
+    const SIZES: &'static [usize] = &[offset_of!(vhu_device, set_mtu), size_of::<vhu_device>()];
+    const EMPTY: Self = vhu_device {
+        struct_size: 0,
+        ctx: ptr::null_mut(),
+        read_config: None,
+        write_config: None,
+        features_acked: None,
+        reset: None,
+        set_mtu: None,
+        send_rarp: None,
+    };
+}
+
+impl Default for vhu_device {
+    /// No callbacks, at this version's size (`VHU_DEVICE_INIT`).
+    fn default() -> Self {
+        vhu_device {
+            struct_size: size_of::<vhu_device>(),
+            ..vhu_device::EMPTY
+        }
+    }
+}
+
+// SAFETY: repr(C) and Copy, `struct_size` first; one size, the whole
+// struct; every field is an integer.
+unsafe impl Versioned for vhu_backend_config {
+    const SIZES: &'static [usize] = &[size_of::<vhu_backend_config>()];
+    const EMPTY: Self = vhu_backend_config {
+        struct_size: 0,
+        features: 0,
+        protocol_features: 0,
+        num_queues: 0,
+        max_queue_size: 0,
+    };
+}
+
+impl Default for vhu_backend_config {
+    /// Zero, at this version's size (`VHU_BACKEND_CONFIG_INIT`).
+    fn default() -> Self {
+        vhu_backend_config {
+            struct_size: size_of::<vhu_backend_config>(),
+            ..vhu_backend_config::EMPTY
+        }
+    }
+}
 
 impl Device for CDevice {
     type Scratch = ();
@@ -510,7 +574,8 @@ const C_PROTOCOL_FEATURES: ProtocolFeatures = ProtocolFeatures::MQ
 /// Initialises a back-end session in `storage` (`size` bytes) for a
 /// device with `config`, waiting for a front-end's first message.
 /// `VHU_ERR_UNSUPPORTED` if the configuration offers what the engine does
-/// not implement, or more than `VHU_MAX_QUEUES` queues. A configuration
+/// not implement, or more than `VHU_MAX_QUEUES` queues; `VHU_ERR_ABI`
+/// if its `struct_size` is not one this library knows. A configuration
 /// offering `VHU_PROTOCOL_F_RARP` or `VHU_PROTOCOL_F_MTU` must be handled
 /// with a device whose `send_rarp` or `set_mtu` is set
 /// (`vhu_backend_handle()`).
@@ -518,7 +583,7 @@ const C_PROTOCOL_FEATURES: ProtocolFeatures = ProtocolFeatures::MQ
 /// # Safety
 ///
 /// `storage` points at `size` writable bytes; `config` at a
-/// `vhu_backend_config`.
+/// `vhu_backend_config` of its `struct_size`.
 #[no_mangle]
 pub unsafe extern "C" fn vhu_backend_init(
     storage: *mut vhu_backend,
@@ -529,15 +594,8 @@ pub unsafe extern "C" fn vhu_backend_init(
         state::storage::<Backend, _>(storage, size, vhu_backend_size())?;
         let mut fp = Footprint::new();
         fp.writes(storage.cast::<u8>(), vhu_backend_size())?;
-        fp.reads(config, 1)?;
-        if config.is_null() {
-            return Err(VHU_ERR_NULL);
-        }
-        if (config as usize) % core::mem::align_of::<vhu_backend_config>() != 0 {
-            return Err(VHU_ERR_ALIGN);
-        }
-        // SAFETY: non-null, aligned, readable by the caller's contract.
-        let c = unsafe { config.read() };
+        // SAFETY: the caller's contract.
+        let c = unsafe { versioned::read(config, &mut fp) }?;
         if !C_PROTOCOL_FEATURES.contains(ProtocolFeatures::from_bits_retain(c.protocol_features)) {
             return Err(VHU_ERR_UNSUPPORTED);
         }
@@ -602,7 +660,8 @@ pub unsafe extern "C" fn vhu_message_size(
 /// session sees the message, if the configuration offers
 /// `VHU_PROTOCOL_F_RARP` or `VHU_PROTOCOL_F_MTU` and `device` (or its
 /// `send_rarp` or `set_mtu`) is NULL: no front-end is offered a message
-/// that no callback would take. `VHU_ERR_INVALID` if `reply` or
+/// that no callback would take. `VHU_ERR_ABI` if `device`'s
+/// `struct_size` is not one this library knows. `VHU_ERR_INVALID` if `reply` or
 /// `out` shares a byte with the back-end, `msg`, `mem`, `device` or each
 /// other, or an entry of the table `mem` maps any of them (the message is
 /// read while the reply is written: give each its own bytes).
@@ -611,7 +670,8 @@ pub unsafe extern "C" fn vhu_message_size(
 ///
 /// `be` points at an initialised back-end; `msg` at `len` readable bytes;
 /// `mem` is NULL or a valid table (see `vhu_mem`); `device` is NULL or
-/// points at callbacks that may be called during the call; `reply` points
+/// points at a `vhu_device` of its `struct_size` whose callbacks may be
+/// called during the call; `reply` points
 /// at `reply_cap` writable bytes; `out` at a writable `vhu_outcome`.
 #[no_mangle]
 pub unsafe extern "C" fn vhu_backend_handle(
@@ -641,7 +701,8 @@ pub unsafe extern "C" fn vhu_backend_handle(
         // SAFETY: the caller's contract.
         unsafe { fp.state::<Backend, _>(be) }?;
         fp.reads(msg, len)?;
-        fp.reads(device, 1)?;
+        // SAFETY: the caller's contract.
+        let mut device = unsafe { CDevice::from_raw(device, &mut fp) }?;
         fp.writes(reply, reply_cap)?;
         fp.writes(out, 1)?;
         // SAFETY: the caller's contract.
@@ -658,8 +719,6 @@ pub unsafe extern "C" fn vhu_backend_handle(
         let msg = unsafe { state::slice(msg, len) }?;
         // SAFETY: the caller's contract.
         let mem = unsafe { Mem::from_raw(mem, &mut fp) }?;
-        // SAFETY: the caller's contract.
-        let mut device = unsafe { CDevice::from_raw(device) }?;
         // A front-end is never offered (nor handed) a message that no
         // callback of this device takes.
         let offered = b.session.config().protocol_features;

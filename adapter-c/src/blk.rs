@@ -6,7 +6,7 @@
 //! and the caller's.
 
 use core::ffi::c_void;
-use core::mem::align_of;
+use core::mem::size_of;
 
 use vhost_user_core::device::blk::{
     BlkConfig, BlkDevice, BlkOp, BlkRequest, BlkStatus, BLK_ID_BYTES,
@@ -22,6 +22,7 @@ use crate::memory::{vhu_mem, Mem};
 use crate::result::guard;
 use crate::result::vhu_result::{self, *};
 use crate::state::{self, Footprint, Kind};
+use crate::versioned::{self, Versioned};
 
 /// A virtio-blk device model (opaque; `vhu_blk_size()` bytes aligned to
 /// `vhu_blk_align()`).
@@ -47,10 +48,14 @@ impl Kind for Plan {
     const TAG: u32 = 0x7668_7552;
 }
 
-/// What a virtio-blk back-end serves.
+/// What a virtio-blk back-end serves (`VHU_BLK_CONFIG_INIT`, or
+/// `.struct_size = sizeof(vhu_blk_config)`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct vhu_blk_config {
+    /// `sizeof(vhu_blk_config)` (`VHU_ERR_ABI` for a size this library
+    /// does not know).
+    pub struct_size: usize,
     /// Capacity in 512-byte sectors.
     pub capacity: u64,
     /// Logical block size (a power of two, 512 to 65536).
@@ -72,6 +77,35 @@ pub struct vhu_blk_config {
     pub writeback: u8,
     /// The GET_ID string (NUL padded).
     pub serial: [u8; 20],
+}
+
+// SAFETY: repr(C) and Copy, `struct_size` first; one size, the whole
+// struct; every field is an integer or an array of bytes.
+unsafe impl Versioned for vhu_blk_config {
+    const SIZES: &'static [usize] = &[size_of::<vhu_blk_config>()];
+    const EMPTY: Self = vhu_blk_config {
+        struct_size: 0,
+        capacity: 0,
+        blk_size: 0,
+        num_queues: 0,
+        seg_max: 0,
+        size_max: 0,
+        read_only: 0,
+        flush: 0,
+        config_wce: 0,
+        writeback: 0,
+        serial: [0; 20],
+    };
+}
+
+impl Default for vhu_blk_config {
+    /// Zero, at this version's size (`VHU_BLK_CONFIG_INIT`).
+    fn default() -> Self {
+        vhu_blk_config {
+            struct_size: size_of::<vhu_blk_config>(),
+            ..vhu_blk_config::EMPTY
+        }
+    }
 }
 
 /// What a planned request asks.
@@ -159,7 +193,7 @@ pub extern "C" fn vhu_blk_request_align() -> usize {
 /// # Safety
 ///
 /// `storage` points at `size` writable bytes; `config` at a readable
-/// `vhu_blk_config`.
+/// `vhu_blk_config` of its `struct_size`.
 #[no_mangle]
 pub unsafe extern "C" fn vhu_blk_init(
     storage: *mut vhu_blk,
@@ -170,15 +204,8 @@ pub unsafe extern "C" fn vhu_blk_init(
         state::storage::<BlkDevice, _>(storage, size, vhu_blk_size())?;
         let mut fp = Footprint::new();
         fp.writes(storage.cast::<u8>(), vhu_blk_size())?;
-        fp.reads(config, 1)?;
-        if config.is_null() {
-            return Err(VHU_ERR_NULL);
-        }
-        if (config as usize) % align_of::<vhu_blk_config>() != 0 {
-            return Err(VHU_ERR_ALIGN);
-        }
-        // SAFETY: non-null, aligned, readable by the caller's contract.
-        let c = unsafe { config.read() };
+        // SAFETY: the caller's contract.
+        let c = unsafe { versioned::read(config, &mut fp) }?;
         let mut b = BlkConfig::new(c.capacity);
         b.blk_size = c.blk_size;
         b.num_queues = c.num_queues;
@@ -313,22 +340,24 @@ unsafe extern "C" fn dev_reset(ctx: *mut c_void) {
 
 /// The blk device's control path as a `vhu_device` for
 /// `vhu_backend_handle()` (config space reads and writes, features,
-/// reset). The device must stay where it is while `*out` is used.
+/// reset), written into `*out` at the `struct_size` it holds
+/// (`VHU_DEVICE_INIT`; `VHU_ERR_ABI` for a size this library does not
+/// know). The device must stay where it is while `*out` is used.
 ///
 /// # Safety
 ///
 /// `blk` points at an initialised blk device; `out` at a writable
-/// `vhu_device`.
+/// `vhu_device` of its `struct_size`.
 #[no_mangle]
 pub unsafe extern "C" fn vhu_blk_device(blk: *mut vhu_blk, out: *mut vhu_device) -> vhu_result {
     guard(|| {
         let mut fp = Footprint::new();
         // SAFETY: the caller's contract.
         unsafe { fp.state::<BlkDevice, _>(blk) }?;
-        fp.writes(out, 1)?;
         // SAFETY: the caller's contract.
         unsafe { state::get::<BlkDevice, _>(blk) }?;
         let d = vhu_device {
+            struct_size: 0,
             ctx: blk.cast(),
             read_config: Some(dev_read_config),
             write_config: Some(dev_write_config),
@@ -338,7 +367,7 @@ pub unsafe extern "C" fn vhu_blk_device(blk: *mut vhu_blk, out: *mut vhu_device)
             send_rarp: None,
         };
         // SAFETY: the caller's contract.
-        unsafe { state::put(out, d) }
+        unsafe { versioned::write(out, d, &mut fp) }
     })
 }
 
@@ -663,6 +692,7 @@ mod tests {
         let mut storage = std::vec![0u64; vhu_blk_size() / 8 + 1];
         let blk: *mut vhu_blk = storage.as_mut_ptr().cast();
         let config = vhu_blk_config {
+            struct_size: size_of::<vhu_blk_config>(),
             capacity: 2048,
             blk_size: 512,
             num_queues: 1,
@@ -675,6 +705,7 @@ mod tests {
             serial: [0; 20],
         };
         let mut dev = vhu_device {
+            struct_size: size_of::<vhu_device>(),
             ctx: core::ptr::null_mut(),
             read_config: None,
             write_config: None,

@@ -20,6 +20,7 @@ use crate::memory::{vhu_mem, Mem};
 use crate::result::vhu_result::{self, *};
 use crate::result::{self, guard};
 use crate::state::{self, Footprint, Kind};
+use crate::versioned::{self, Versioned};
 
 /// Most segments (descriptors with bytes) of one chain: the segment
 /// buffer of `vhu_dataplane_pop()` has room for this many. A longer chain
@@ -115,10 +116,14 @@ fn published(p: Published) -> vhu_published {
 }
 
 /// A ring to start without a session (a host that configures rings
-/// itself).
+/// itself): `VHU_RING_CONFIG_INIT`, or `.struct_size =
+/// sizeof(vhu_ring_config)`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct vhu_ring_config {
+    /// `sizeof(vhu_ring_config)` (`VHU_ERR_ABI` for a size this library
+    /// does not know).
+    pub struct_size: usize,
     /// Ring size (split: a power of two; 1 to 32768).
     pub size: u16,
     /// Guest physical addresses of the ring's areas.
@@ -135,6 +140,36 @@ pub struct vhu_ring_config {
     /// Offset of the ring's region in the inflight area (ignored without
     /// an area).
     pub inflight_offset: u64,
+}
+
+// SAFETY: repr(C) and Copy, `struct_size` first; one size, the whole
+// struct; every field is an integer (`addrs`: three).
+unsafe impl Versioned for vhu_ring_config {
+    const SIZES: &'static [usize] = &[size_of::<vhu_ring_config>()];
+    const EMPTY: Self = vhu_ring_config {
+        struct_size: 0,
+        size: 0,
+        addrs: vhu_ring_addrs {
+            desc: 0,
+            driver: 0,
+            device: 0,
+        },
+        features: 0,
+        base: 0,
+        enabled: 0,
+        consume_disabled: 0,
+        inflight_offset: 0,
+    };
+}
+
+impl Default for vhu_ring_config {
+    /// Zero, at this version's size (`VHU_RING_CONFIG_INIT`).
+    fn default() -> Self {
+        vhu_ring_config {
+            struct_size: size_of::<vhu_ring_config>(),
+            ..vhu_ring_config::EMPTY
+        }
+    }
 }
 
 /// What a data plane knows about itself.
@@ -253,7 +288,7 @@ unsafe fn ring<'a>(
 /// # Safety
 ///
 /// `storage` points at `size` writable bytes; `config` at a readable
-/// `vhu_ring_config`; `mem` and `area` are NULL or valid tables.
+/// `vhu_ring_config` of its `struct_size`; `mem` and `area` are NULL or valid tables.
 #[no_mangle]
 pub unsafe extern "C" fn vhu_dataplane_init(
     storage: *mut vhu_dataplane,
@@ -265,15 +300,8 @@ pub unsafe extern "C" fn vhu_dataplane_init(
     guard(|| {
         state::storage::<Ring, _>(storage, size, fixed_size())?;
         let mut fp = Footprint::new();
-        fp.reads(config, 1)?;
-        if config.is_null() {
-            return Err(VHU_ERR_NULL);
-        }
-        if (config as usize) % align_of::<vhu_ring_config>() != 0 {
-            return Err(VHU_ERR_ALIGN);
-        }
-        // SAFETY: non-null, aligned, readable by the caller's contract.
-        let c = unsafe { config.read() };
+        // SAFETY: the caller's contract.
+        let c = unsafe { versioned::read(config, &mut fp) }?;
         // The bytes `place` writes (a ring size `Queue::new` refuses
         // writes none).
         fp.writes(storage.cast::<u8>(), vhu_dataplane_size(c.size))?;

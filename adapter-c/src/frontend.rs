@@ -7,7 +7,8 @@
 //! (`vhu_frontend_poll_event()`) say what happened. Commands
 //! (`vhu_frontend_start()`, `vhu_frontend_stop()`, ...) queue a flow.
 
-use core::mem::align_of;
+use core::mem::size_of;
+use core::ptr;
 
 use vhost_user_core::feature::{ProtocolFeatures, VirtioFeatures};
 use vhost_user_core::frontend::{
@@ -21,6 +22,7 @@ use crate::memory::vhu_mem_region;
 use crate::result::vhu_result::{self, *};
 use crate::result::{self, guard};
 use crate::state::{self, Footprint, Kind};
+use crate::versioned::{self, Versioned};
 
 /// Most queues a front-end configures.
 pub const VHU_FRONTEND_MAX_QUEUES: u32 = 16;
@@ -65,10 +67,14 @@ pub struct vhu_queue_config {
     pub call_polling: u8,
 }
 
-/// What the front-end wants and has.
+/// What the front-end wants and has (`VHU_FRONTEND_CONFIG_INIT`, or
+/// `.struct_size = sizeof(vhu_frontend_config)`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct vhu_frontend_config {
+    /// `sizeof(vhu_frontend_config)` (`VHU_ERR_ABI` for a size this
+    /// library does not know).
+    pub struct_size: usize,
     /// Virtio features wanted (include `VHU_F_PROTOCOL_FEATURES` to use
     /// protocol features at all).
     pub features: u64,
@@ -84,6 +90,31 @@ pub struct vhu_frontend_config {
     pub regions: *const vhu_mem_region,
     /// Number of regions.
     pub num_regions: usize,
+}
+
+// SAFETY: repr(C) and Copy, `struct_size` first; one size, the whole
+// struct; every field is an integer or a raw pointer.
+unsafe impl Versioned for vhu_frontend_config {
+    const SIZES: &'static [usize] = &[size_of::<vhu_frontend_config>()];
+    const EMPTY: Self = vhu_frontend_config {
+        struct_size: 0,
+        features: 0,
+        protocol_features: 0,
+        queues: ptr::null(),
+        num_queues: 0,
+        regions: ptr::null(),
+        num_regions: 0,
+    };
+}
+
+impl Default for vhu_frontend_config {
+    /// Nothing, at this version's size (`VHU_FRONTEND_CONFIG_INIT`).
+    fn default() -> Self {
+        vhu_frontend_config {
+            struct_size: size_of::<vhu_frontend_config>(),
+            ..vhu_frontend_config::EMPTY
+        }
+    }
 }
 
 /// Which fd to attach.
@@ -224,7 +255,7 @@ pub extern "C" fn vhu_frontend_align() -> usize {
 /// # Safety
 ///
 /// `storage` points at `size` writable bytes; `config` at a readable
-/// `vhu_frontend_config` whose arrays hold their counts of entries.
+/// `vhu_frontend_config` of its `struct_size` whose arrays hold their counts of entries.
 #[no_mangle]
 pub unsafe extern "C" fn vhu_frontend_init(
     storage: *mut vhu_frontend,
@@ -235,15 +266,8 @@ pub unsafe extern "C" fn vhu_frontend_init(
         state::storage::<CFrontend, _>(storage, size, vhu_frontend_size())?;
         let mut fp = Footprint::new();
         fp.writes(storage.cast::<u8>(), vhu_frontend_size())?;
-        fp.reads(config, 1)?;
-        if config.is_null() {
-            return Err(VHU_ERR_NULL);
-        }
-        if (config as usize) % align_of::<vhu_frontend_config>() != 0 {
-            return Err(VHU_ERR_ALIGN);
-        }
-        // SAFETY: non-null, aligned, readable by the caller's contract.
-        let c = unsafe { config.read() };
+        // SAFETY: the caller's contract.
+        let c = unsafe { versioned::read(config, &mut fp) }?;
         fp.reads(c.queues, c.num_queues)?;
         fp.reads(c.regions, c.num_regions)?;
         // SAFETY: the caller's contract.

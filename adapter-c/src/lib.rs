@@ -34,6 +34,16 @@
 //! the callback initialises again or copies meanwhile is the caller's
 //! contract still: `*_init` does not look at what the storage held.
 //!
+//! # Structs that grow
+//!
+//! The structs a caller hands in that may grow ([`backend::vhu_device`],
+//! [`memory::vhu_mem_ops`] and the configurations) begin with
+//! `struct_size`, the `sizeof` of the struct in the caller's header
+//! (`VHU_DEVICE_INIT` and its siblings in the header set it). The library
+//! reads the fields that size covers, takes those an older size it knows
+//! lacks as NULL or 0, and refuses a size it does not know with
+//! `VHU_ERR_ABI` before reading past it.
+//!
 //! # Errors, never panics
 //!
 //! Every call that can fail returns a [`vhu_result`]; `vhu_result_str()`
@@ -81,6 +91,7 @@ pub mod frontend;
 pub mod memory;
 mod result;
 mod state;
+mod versioned;
 
 pub use result::{vhu_result, vhu_result_str};
 

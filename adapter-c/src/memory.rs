@@ -20,6 +20,7 @@
 //! inflight area's records are ordered by a release fence.
 
 use core::ffi::c_void;
+use core::mem::size_of;
 use core::ptr;
 use core::sync::atomic::{fence, AtomicU16, Ordering};
 
@@ -27,6 +28,7 @@ use vhost_user_core::memory::{GuestMemory, MemoryError};
 
 use crate::result::vhu_result::{self, *};
 use crate::state::{self, Footprint};
+use crate::versioned::{self, Versioned};
 
 /// One region of guest memory mapped into this address space. Its host
 /// range shares no byte with a state or a buffer of the call it is given
@@ -62,10 +64,14 @@ pub struct vhu_mem {
 /// guest memory. The 16-bit ring index accesses must be single aligned
 /// atomic accesses of the little-endian value, with acquire (load) and
 /// release (store) ordering; the library orders everything else with its
-/// own fences.
+/// own fences. Start from `VHU_MEM_OPS_INIT`, or set `.struct_size =
+/// sizeof(vhu_mem_ops)`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct vhu_mem_ops {
+    /// `sizeof(vhu_mem_ops)` (`VHU_ERR_ABI` for a size this library does
+    /// not know).
+    pub struct_size: usize,
     /// Passed to every callback.
     pub ctx: *mut c_void,
     /// Copies `len` bytes at guest address `gpa` into `dst`.
@@ -84,6 +90,31 @@ pub struct vhu_mem_ops {
     /// Whether every byte of `[gpa, gpa + len)` is guest memory (with
     /// `len` 0: whether `gpa` is).
     pub check: Option<unsafe extern "C" fn(ctx: *mut c_void, gpa: u64, len: u64) -> bool>,
+}
+
+// SAFETY: repr(C) and Copy, `struct_size` first; one size, the whole
+// struct; every field is a raw pointer or an optional function pointer.
+unsafe impl Versioned for vhu_mem_ops {
+    const SIZES: &'static [usize] = &[size_of::<vhu_mem_ops>()];
+    const EMPTY: Self = vhu_mem_ops {
+        struct_size: 0,
+        ctx: ptr::null_mut(),
+        read: None,
+        write: None,
+        load_u16_acquire: None,
+        store_u16_release: None,
+        check: None,
+    };
+}
+
+impl Default for vhu_mem_ops {
+    /// No callbacks, at this version's size (`VHU_MEM_OPS_INIT`).
+    fn default() -> Self {
+        vhu_mem_ops {
+            struct_size: size_of::<vhu_mem_ops>(),
+            ..vhu_mem_ops::EMPTY
+        }
+    }
 }
 
 type ReadFn = unsafe extern "C" fn(*mut c_void, u64, *mut u8, usize) -> bool;
@@ -161,12 +192,8 @@ impl<'a> Mem<'a> {
         // and apart from what the call holds a `&mut` to (claimed).
         let m = unsafe { p.read() };
         if !m.ops.is_null() {
-            if (m.ops as usize) % core::mem::align_of::<vhu_mem_ops>() != 0 {
-                return Err(VHU_ERR_ALIGN);
-            }
-            fp.reads(m.ops, 1)?;
-            // SAFETY: non-null, aligned, readable by the caller's contract.
-            let o = unsafe { m.ops.read() };
+            // SAFETY: the caller's contract.
+            let o = unsafe { versioned::read(m.ops, fp) }?;
             let (Some(read), Some(write), Some(load), Some(store), Some(check)) = (
                 o.read,
                 o.write,

@@ -77,6 +77,11 @@ pub enum vhu_result {
     /// A panic was caught at the boundary (a bug): initialise the state
     /// involved again.
     VHU_ERR_INTERNAL = 23,
+    /// A struct's `struct_size` is not a size of it this library knows:
+    /// a program built against another version of `vhu.h`, or a struct
+    /// not initialised with its `VHU_*_INIT` (or `sizeof`). Nothing past
+    /// the size was read.
+    VHU_ERR_ABI = 24,
 }
 
 use vhu_result::*;
@@ -110,6 +115,7 @@ pub extern "C" fn vhu_result_str(result: u32) -> *const c_char {
         21 => c"VHU_ERR_FAILED: the front-end engine failed earlier",
         22 => c"VHU_ERR_REFUSED: the message was refused",
         23 => c"VHU_ERR_INTERNAL: internal error (a panic was caught)",
+        24 => c"VHU_ERR_ABI: a struct's struct_size is not one this library knows",
         _ => c"unknown result",
     };
     s.as_ptr()
@@ -199,9 +205,12 @@ pub(crate) fn frontend(e: FrontendError) -> vhu_result {
 mod tests {
     use super::*;
 
+    /// The last result value (`vhu_result_str()` names each up to it).
+    const LAST: vhu_result = VHU_ERR_ABI;
+
     #[test]
     fn every_result_has_its_own_name() {
-        for v in 0..=VHU_ERR_INTERNAL as u32 {
+        for v in 0..=LAST as u32 {
             // SAFETY: vhu_result_str returns a static NUL-terminated string.
             let s = unsafe { core::ffi::CStr::from_ptr(vhu_result_str(v)) };
             let s = s.to_str().unwrap_or("");

@@ -30,6 +30,7 @@ impl Storage {
 
 fn blk_config() -> vhu_blk_config {
     vhu_blk_config {
+        struct_size: size_of::<vhu_blk_config>(),
         capacity: 2048,
         blk_size: 512,
         num_queues: 1,
@@ -46,6 +47,7 @@ fn blk_config() -> vhu_blk_config {
 #[test]
 fn init_checks_null_alignment_and_size() {
     let cfg = vhu_backend_config {
+        struct_size: size_of::<vhu_backend_config>(),
         features: VHU_VIRTIO_F_VERSION_1 | VHU_F_PROTOCOL_FEATURES,
         protocol_features: VHU_PROTOCOL_F_MQ,
         num_queues: 1,
@@ -112,6 +114,7 @@ fn only_what_the_abi_carries_is_offered() {
     let size = vhu_backend_size();
     let mut s = Storage::new(size);
     let base = vhu_backend_config {
+        struct_size: size_of::<vhu_backend_config>(),
         features: VHU_VIRTIO_F_VERSION_1 | VHU_F_PROTOCOL_FEATURES,
         protocol_features: VHU_PROTOCOL_F_REPLY_ACK,
         num_queues: 1,

@@ -23,6 +23,15 @@ VHU_VIRTIO_F_VERSION_1 = 1 << 32
 PROTOCOL = (1 << 0) | (1 << 3) | (1 << 9)  # MQ, REPLY_ACK, CONFIG
 
 
+class Versioned(C.Structure):
+    """A struct that may grow: `struct_size` first, set to the struct's size
+    (what VHU_X_INIT does in C)."""
+    _fields_ = [("struct_size", sz)]
+
+    def __init__(self, *args, **kw):
+        super().__init__(C.sizeof(type(self)), *args, **kw)
+
+
 class Region(C.Structure):
     _fields_ = [("gpa", u64), ("size", u64), ("host", C.c_void_p)]
 
@@ -35,7 +44,7 @@ class MemRegion(C.Structure):
     _fields_ = [("guest_addr", u64), ("size", u64), ("user_addr", u64), ("mmap_offset", u64)]
 
 
-class BackendConfig(C.Structure):
+class BackendConfig(Versioned):
     _fields_ = [("features", u64), ("protocol_features", u64), ("num_queues", u16),
                 ("max_queue_size", u16)]
 
@@ -59,7 +68,7 @@ class QueueConfig(C.Structure):
                 ("call_polling", u8)]
 
 
-class FrontendConfig(C.Structure):
+class FrontendConfig(Versioned):
     _fields_ = [("features", u64), ("protocol_features", u64),
                 ("queues", C.POINTER(QueueConfig)), ("num_queues", sz),
                 ("regions", C.POINTER(MemRegion)), ("num_regions", sz)]
@@ -87,7 +96,7 @@ class Segment(C.Structure):
     _fields_ = [("addr", u64), ("len", u32), ("writable", C.c_bool)]
 
 
-class BlkConfig(C.Structure):
+class BlkConfig(Versioned):
     _fields_ = [("capacity", u64), ("blk_size", u32), ("num_queues", u16), ("seg_max", u32),
                 ("size_max", u32), ("read_only", u8), ("flush", u8), ("config_wce", u8),
                 ("writeback", u8), ("serial", u8 * 20)]
@@ -98,7 +107,7 @@ class BlkOp(C.Structure):
                 ("sync_after", C.c_bool)]
 
 
-class Device(C.Structure):
+class Device(Versioned):
     _fields_ = [("ctx", C.c_void_p), ("read_config", C.c_void_p), ("write_config", C.c_void_p),
                 ("features_acked", C.c_void_p), ("reset", C.c_void_p),
                 ("set_mtu", C.c_void_p), ("send_rarp", C.c_void_p)]

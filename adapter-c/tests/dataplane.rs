@@ -68,6 +68,7 @@ impl Guest {
 
 fn config(base: u32) -> vhu_ring_config {
     vhu_ring_config {
+        struct_size: size_of::<vhu_ring_config>(),
         size: SIZE,
         addrs: vhu_ring_addrs {
             desc: DESC as u64,
@@ -183,6 +184,7 @@ unsafe extern "C" fn cb_check(_: *mut c_void, gpa: u64, len: u64) -> bool {
 fn guest_memory_as_callbacks_serves_the_same_ring() {
     let mut g = Guest::new(3);
     let ops = vhu_mem_ops {
+        struct_size: size_of::<vhu_mem_ops>(),
         ctx: g.0.as_mut_ptr().cast(),
         read: Some(cb_read),
         write: Some(cb_write),

@@ -85,6 +85,7 @@ unsafe extern "C" fn send_rarp(ctx: *mut c_void, mac: *const u8) -> bool {
 
 fn device(net: &mut Net, mtu: bool, rarp: bool) -> vhu_device {
     vhu_device {
+        struct_size: size_of::<vhu_device>(),
         ctx: ptr::from_mut(net).cast(),
         read_config: None,
         write_config: None,
@@ -108,6 +109,7 @@ impl Backend {
             storage: vec![0u64; vhu_backend_size() / 8 + 1],
         };
         let cfg = vhu_backend_config {
+            struct_size: size_of::<vhu_backend_config>(),
             features: VHU_VIRTIO_F_VERSION_1 | VHU_F_PROTOCOL_FEATURES,
             protocol_features: VHU_PROTOCOL_F_REPLY_ACK | protocol,
             num_queues: 2,

@@ -33,6 +33,7 @@ impl Storage {
 
 fn blk_config() -> vhu_blk_config {
     vhu_blk_config {
+        struct_size: size_of::<vhu_blk_config>(),
         capacity: 2048,
         blk_size: 512,
         num_queues: 1,
@@ -77,6 +78,7 @@ fn an_output_in_the_state_the_call_enters_is_refused() {
     // The same rule for every kind of state: a back-end session's
     // features, with one output inside it and one outside.
     let cfg = vhu_backend_config {
+        struct_size: size_of::<vhu_backend_config>(),
         features: VHU_VIRTIO_F_VERSION_1 | VHU_F_PROTOCOL_FEATURES,
         protocol_features: VHU_PROTOCOL_F_MQ,
         num_queues: 1,
@@ -134,6 +136,7 @@ fn an_output_in_a_data_planes_token_table_is_refused() {
 #[test]
 fn outputs_that_overlap_another_buffer_of_the_call_are_refused() {
     let cfg = vhu_backend_config {
+        struct_size: size_of::<vhu_backend_config>(),
         features: VHU_VIRTIO_F_VERSION_1 | VHU_F_PROTOCOL_FEATURES,
         protocol_features: VHU_PROTOCOL_F_MQ,
         num_queues: 1,
@@ -194,6 +197,7 @@ fn outputs_that_overlap_another_buffer_of_the_call_are_refused() {
         mmap_offset: 0,
     }];
     let fcfg = vhu_frontend_config {
+        struct_size: size_of::<vhu_frontend_config>(),
         features: VHU_VIRTIO_F_VERSION_1,
         protocol_features: 0,
         queues: queues.as_ptr(),
@@ -263,6 +267,7 @@ fn table(regions: &[vhu_region]) -> vhu_mem {
 
 fn config() -> vhu_ring_config {
     vhu_ring_config {
+        struct_size: size_of::<vhu_ring_config>(),
         size: SIZE,
         addrs: vhu_ring_addrs {
             desc: DESC as u64,
@@ -378,6 +383,7 @@ fn a_memory_table_over_the_librarys_own_bytes_is_refused() {
 #[test]
 fn a_memory_table_over_a_message_or_its_reply_is_refused() {
     let cfg = vhu_backend_config {
+        struct_size: size_of::<vhu_backend_config>(),
         features: VHU_VIRTIO_F_VERSION_1 | VHU_F_PROTOCOL_FEATURES,
         protocol_features: VHU_PROTOCOL_F_MQ,
         num_queues: 1,

@@ -47,6 +47,7 @@ impl Guest {
     /// The callbacks over this guest (which must stay where it is).
     fn ops(&mut self) -> vhu_mem_ops {
         vhu_mem_ops {
+            struct_size: size_of::<vhu_mem_ops>(),
             ctx: ptr::from_mut(self).cast(),
             read: Some(cb_read),
             write: Some(cb_write),
@@ -137,6 +138,7 @@ fn a_memory_callback_that_calls_back_on_its_data_plane_is_refused() {
         ops: &ops,
     };
     let config = vhu_ring_config {
+        struct_size: size_of::<vhu_ring_config>(),
         size: SIZE,
         addrs: vhu_ring_addrs {
             desc: DESC,
@@ -225,6 +227,7 @@ fn a_memory_callback_that_calls_back_on_its_blk_device_or_request_is_refused() {
         ops: &ops,
     };
     let config = vhu_blk_config {
+        struct_size: size_of::<vhu_blk_config>(),
         capacity: 2048,
         blk_size: 512,
         num_queues: 1,
@@ -241,6 +244,7 @@ fn a_memory_callback_that_calls_back_on_its_blk_device_or_request_is_refused() {
     let blk: *mut vhu_blk = blk_storage.as_mut_ptr().cast();
     let req: *mut vhu_blk_request = req_storage.as_mut_ptr().cast();
     let mut dev = vhu_device {
+        struct_size: size_of::<vhu_device>(),
         ctx: ptr::null_mut(),
         read_config: None,
         write_config: None,
@@ -311,6 +315,7 @@ unsafe extern "C" fn acked(ctx: *mut c_void, _features: u64) {
 #[test]
 fn a_device_callback_that_calls_back_on_its_session_is_refused() {
     let cfg = vhu_backend_config {
+        struct_size: size_of::<vhu_backend_config>(),
         features: VHU_VIRTIO_F_VERSION_1 | VHU_F_PROTOCOL_FEATURES,
         protocol_features: VHU_PROTOCOL_F_MQ,
         num_queues: 1,
@@ -320,6 +325,7 @@ fn a_device_callback_that_calls_back_on_its_session_is_refused() {
     let be: *mut vhu_backend = storage.as_mut_ptr().cast();
     let mut seen = Seen { be, got: None };
     let dev = vhu_device {
+        struct_size: size_of::<vhu_device>(),
         ctx: ptr::from_mut(&mut seen).cast(),
         read_config: None,
         write_config: None,

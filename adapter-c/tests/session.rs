@@ -65,6 +65,7 @@ impl Pair {
             running: false,
         };
         let cfg = vhu_backend_config {
+            struct_size: size_of::<vhu_backend_config>(),
             features: VHU_VIRTIO_F_VERSION_1 | VHU_F_PROTOCOL_FEATURES,
             protocol_features: VHU_PROTOCOL_F_MQ | VHU_PROTOCOL_F_REPLY_ACK,
             num_queues: 1,
@@ -88,6 +89,7 @@ impl Pair {
             mmap_offset: 0,
         }];
         let fcfg = vhu_frontend_config {
+            struct_size: size_of::<vhu_frontend_config>(),
             features: cfg.features,
             protocol_features: cfg.protocol_features,
             queues: queues.as_ptr(),

@@ -583,6 +583,7 @@ static int start_session(void)
     S.mem = (vhu_mem){S.regions, VHU_MAX_REGIONS, NULL};
     S.area = (vhu_mem){&S.area_region, 0, NULL};
     S.reply_fd = -1;
+    S.dev = (vhu_device)VHU_DEVICE_INIT; /* vhu_blk_device() fills it */
     if (check(vhu_blk_init(S.blk, vhu_blk_size(), &S.blk_config), "blk init") ||
         check(vhu_blk_device(S.blk, &S.dev), "blk device") ||
         check(vhu_backend_init(S.be, vhu_backend_size(), &S.config), "backend init"))
@@ -715,6 +716,7 @@ int main(int argc, char **argv)
     }
 
     S.blk_config = (vhu_blk_config){
+        .struct_size = sizeof(vhu_blk_config),
         .capacity = S.disk_size / 512,
         .blk_size = 512,
         .num_queues = S.queues,
@@ -729,6 +731,7 @@ int main(int argc, char **argv)
         check(vhu_blk_offered_features(S.blk, &dev_features), "blk features"))
         return 1;
     S.config = (vhu_backend_config){
+        .struct_size = sizeof(vhu_backend_config),
         .features = dev_features | VHU_VIRTIO_F_VERSION_1 | VHU_F_PROTOCOL_FEATURES |
                     VHU_VIRTIO_F_RING_PACKED | VHU_VIRTIO_F_EVENT_IDX |
                     VHU_VIRTIO_F_INDIRECT_DESC,

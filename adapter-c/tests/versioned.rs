@@ -1,0 +1,334 @@
+//! The structs a caller hands in that may grow carry their size: a size
+//! the library does not know (a program built against another header, a
+//! struct not initialised with its `VHU_*_INIT`, or one built before the
+//! field existed, whose first field is read as the size) is refused with
+//! `VHU_ERR_ABI`; a `vhu_device` of the older size (without the net
+//! callbacks) is read, and written by `vhu_blk_device`, at that size and
+//! no further.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use core::ffi::c_void;
+use core::mem::offset_of;
+use core::ptr;
+
+use vhost_user_c::backend::*;
+use vhost_user_c::blk::*;
+use vhost_user_c::dataplane::*;
+use vhost_user_c::frontend::*;
+use vhost_user_c::memory::{vhu_mem, vhu_mem_ops};
+use vhost_user_c::vhu_result::{self, *};
+
+/// Sizes no version of a struct of `size` bytes has: none, one word
+/// short, one word more (a newer header), and a pointer (the first field
+/// of a struct from before `struct_size`: `vhu_device`'s `ctx`).
+fn unknown(size: usize) -> [usize; 4] {
+    [0, size - 8, size + 8, 0x7ffd_1234_5670]
+}
+
+/// Zeroed storage of `n` bytes, 8-aligned.
+fn storage(n: usize) -> Vec<u64> {
+    vec![0u64; n / 8 + 1]
+}
+
+/// GET_PROTOCOL_FEATURES: `vhu_backend_handle`'s result with `dev` on
+/// the back-end in `be`, and the features offered.
+fn protocol_features(be: &mut [u64], dev: *const vhu_device) -> (vhu_result, u64) {
+    let msg = [15u8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0];
+    let mut reply = vec![0u8; VHU_MAX_MESSAGE as usize];
+    let mut out = core::mem::MaybeUninit::<vhu_outcome>::uninit();
+    // SAFETY: a live back-end, message, device, reply and out-value,
+    // apart from each other.
+    let r = unsafe {
+        vhu_backend_handle(
+            be.as_mut_ptr().cast(),
+            msg.as_ptr(),
+            msg.len(),
+            0,
+            ptr::null(),
+            dev,
+            reply.as_mut_ptr(),
+            reply.len(),
+            out.as_mut_ptr(),
+        )
+    };
+    let offered = if r == VHU_OK {
+        u64::from_le_bytes(reply[12..20].try_into().unwrap())
+    } else {
+        0
+    };
+    (r, offered)
+}
+
+fn backend(protocol: u64) -> Vec<u64> {
+    let mut be = storage(vhu_backend_size());
+    let cfg = vhu_backend_config {
+        features: VHU_VIRTIO_F_VERSION_1 | VHU_F_PROTOCOL_FEATURES,
+        protocol_features: protocol,
+        num_queues: 1,
+        max_queue_size: 64,
+        ..Default::default()
+    };
+    // SAFETY: storage of the session's size, 8-aligned; a live config.
+    let r = unsafe { vhu_backend_init(be.as_mut_ptr().cast(), vhu_backend_size(), &cfg) };
+    assert_eq!(r, VHU_OK);
+    be
+}
+
+#[test]
+fn a_config_of_a_size_the_library_does_not_know_is_refused() {
+    let good = vhu_backend_config {
+        features: VHU_VIRTIO_F_VERSION_1,
+        num_queues: 1,
+        max_queue_size: 64,
+        ..Default::default()
+    };
+    let mut be = storage(vhu_backend_size());
+    for n in unknown(size_of::<vhu_backend_config>()) {
+        let cfg = vhu_backend_config {
+            struct_size: n,
+            ..good
+        };
+        // SAFETY: storage of the session's size; a live config.
+        let r = unsafe { vhu_backend_init(be.as_mut_ptr().cast(), vhu_backend_size(), &cfg) };
+        assert_eq!(r, VHU_ERR_ABI, "vhu_backend_config of {n}");
+    }
+    // SAFETY: as above.
+    let r = unsafe { vhu_backend_init(be.as_mut_ptr().cast(), vhu_backend_size(), &good) };
+    assert_eq!(r, VHU_OK);
+
+    let good = vhu_blk_config {
+        capacity: 8,
+        blk_size: 512,
+        num_queues: 1,
+        ..Default::default()
+    };
+    let mut blk = storage(vhu_blk_size());
+    for n in unknown(size_of::<vhu_blk_config>()) {
+        let cfg = vhu_blk_config {
+            struct_size: n,
+            ..good
+        };
+        // SAFETY: storage of the device's size; a live config.
+        let r = unsafe { vhu_blk_init(blk.as_mut_ptr().cast(), vhu_blk_size(), &cfg) };
+        assert_eq!(r, VHU_ERR_ABI, "vhu_blk_config of {n}");
+    }
+    // SAFETY: as above.
+    let r = unsafe { vhu_blk_init(blk.as_mut_ptr().cast(), vhu_blk_size(), &good) };
+    assert_eq!(r, VHU_OK);
+
+    let good = vhu_frontend_config::default();
+    let mut fe = storage(vhu_frontend_size());
+    for n in unknown(size_of::<vhu_frontend_config>()) {
+        let cfg = vhu_frontend_config {
+            struct_size: n,
+            ..good
+        };
+        // SAFETY: storage of the front-end's size; a live config.
+        let r = unsafe { vhu_frontend_init(fe.as_mut_ptr().cast(), vhu_frontend_size(), &cfg) };
+        assert_eq!(r, VHU_ERR_ABI, "vhu_frontend_config of {n}");
+    }
+    // SAFETY: as above.
+    let r = unsafe { vhu_frontend_init(fe.as_mut_ptr().cast(), vhu_frontend_size(), &good) };
+    assert_eq!(r, VHU_OK);
+
+    // A ring config, and guest memory callbacks, each refused on their
+    // own (the other one right).
+    let mut dp = storage(vhu_dataplane_size(8));
+    let mut guest = vec![0u64; 64];
+    let region = vhu_mem_region_at(guest.as_mut_ptr().cast());
+    let table = vhu_mem {
+        regions: &region,
+        count: 1,
+        ops: ptr::null(),
+    };
+    let good = vhu_ring_config {
+        size: 8,
+        addrs: vhu_ring_addrs {
+            desc: 0,
+            driver: 0x80,
+            device: 0x100,
+        },
+        enabled: 1,
+        ..Default::default()
+    };
+    for n in unknown(size_of::<vhu_ring_config>()) {
+        let cfg = vhu_ring_config {
+            struct_size: n,
+            ..good
+        };
+        // SAFETY: storage of the data plane's size; a live config and
+        // table.
+        let r = unsafe {
+            vhu_dataplane_init(
+                dp.as_mut_ptr().cast(),
+                vhu_dataplane_size(8),
+                &cfg,
+                &table,
+                ptr::null(),
+            )
+        };
+        assert_eq!(r, VHU_ERR_ABI, "vhu_ring_config of {n}");
+    }
+    for n in unknown(size_of::<vhu_mem_ops>()) {
+        let ops = vhu_mem_ops {
+            struct_size: n,
+            ..vhu_mem_ops::default()
+        };
+        let mem = vhu_mem {
+            regions: ptr::null(),
+            count: 0,
+            ops: &ops,
+        };
+        // SAFETY: as above.
+        let r = unsafe {
+            vhu_dataplane_init(
+                dp.as_mut_ptr().cast(),
+                vhu_dataplane_size(8),
+                &good,
+                &mem,
+                ptr::null(),
+            )
+        };
+        assert_eq!(r, VHU_ERR_ABI, "vhu_mem_ops of {n}");
+    }
+    // SAFETY: as above.
+    let r = unsafe {
+        vhu_dataplane_init(
+            dp.as_mut_ptr().cast(),
+            vhu_dataplane_size(8),
+            &good,
+            &table,
+            ptr::null(),
+        )
+    };
+    assert_eq!(r, VHU_OK);
+}
+
+/// One region of guest memory at guest address 0, 512 bytes at `host`.
+fn vhu_mem_region_at(host: *mut u8) -> vhost_user_c::memory::vhu_region {
+    vhost_user_c::memory::vhu_region {
+        gpa: 0,
+        size: 512,
+        host,
+    }
+}
+
+#[test]
+fn a_device_of_a_size_the_library_does_not_know_is_refused() {
+    let mut be = backend(VHU_PROTOCOL_F_REPLY_ACK);
+    for n in unknown(size_of::<vhu_device>()) {
+        let dev = vhu_device {
+            struct_size: n,
+            ..Default::default()
+        };
+        assert_eq!(protocol_features(&mut be, &dev).0, VHU_ERR_ABI, "{n}");
+    }
+    let dev = vhu_device::default();
+    assert_eq!(
+        protocol_features(&mut be, &dev),
+        (VHU_OK, VHU_PROTOCOL_F_REPLY_ACK)
+    );
+
+    // vhu_blk_device writes nothing into a struct of a size it does not
+    // know.
+    let mut blk = storage(vhu_blk_size());
+    let cfg = vhu_blk_config {
+        capacity: 8,
+        blk_size: 512,
+        num_queues: 1,
+        ..Default::default()
+    };
+    // SAFETY: storage of the device's size; a live config.
+    let r = unsafe { vhu_blk_init(blk.as_mut_ptr().cast(), vhu_blk_size(), &cfg) };
+    assert_eq!(r, VHU_OK);
+    for n in unknown(size_of::<vhu_device>()) {
+        let mut dev = vhu_device {
+            struct_size: n,
+            ..Default::default()
+        };
+        // SAFETY: a live blk device and out-value.
+        let r = unsafe { vhu_blk_device(blk.as_mut_ptr().cast(), &mut dev) };
+        assert_eq!(r, VHU_ERR_ABI, "{n}");
+        assert!(dev.ctx.is_null() && dev.read_config.is_none());
+    }
+}
+
+/// `vhu_device` as a program built before the net callbacks has it, and
+/// after it two words the library must not read or write (a callback
+/// that is not the program's).
+#[repr(C)]
+struct OldDevice {
+    struct_size: usize,
+    ctx: *mut c_void,
+    read_config: Option<unsafe extern "C" fn(*mut c_void, u32, *mut u8, usize) -> bool>,
+    write_config: Option<unsafe extern "C" fn(*mut c_void, u32, *const u8, usize, bool) -> bool>,
+    features_acked: Option<unsafe extern "C" fn(*mut c_void, u64)>,
+    reset: Option<unsafe extern "C" fn(*mut c_void)>,
+    /// Not part of the program's struct.
+    after: [Option<unsafe extern "C" fn(*mut c_void, u16) -> bool>; 2],
+}
+
+unsafe extern "C" fn not_the_programs(_: *mut c_void, _: u16) -> bool {
+    panic!("a callback past the struct's size was called");
+}
+
+const OLD_SIZE: usize = offset_of!(OldDevice, after);
+
+#[test]
+fn a_device_without_the_net_callbacks_is_read_at_its_size() {
+    assert_eq!(OLD_SIZE, offset_of!(vhu_device, set_mtu));
+    let mut old = OldDevice {
+        struct_size: OLD_SIZE,
+        ctx: ptr::null_mut(),
+        read_config: None,
+        write_config: None,
+        features_acked: None,
+        reset: None,
+        after: [Some(not_the_programs); 2],
+    };
+    let dev = ptr::from_ref(&old).cast::<vhu_device>();
+    // The words after it are not read as `set_mtu` and `send_rarp`: a
+    // session offering MTU or RARP is refused as with NULL callbacks.
+    for protocol in [VHU_PROTOCOL_F_MTU, VHU_PROTOCOL_F_RARP] {
+        let mut be = backend(VHU_PROTOCOL_F_REPLY_ACK | protocol);
+        assert_eq!(protocol_features(&mut be, dev).0, VHU_ERR_UNSUPPORTED);
+    }
+    let mut be = backend(VHU_PROTOCOL_F_REPLY_ACK);
+    assert_eq!(
+        protocol_features(&mut be, dev),
+        (VHU_OK, VHU_PROTOCOL_F_REPLY_ACK)
+    );
+
+    // vhu_blk_device fills the callbacks the old struct has, and leaves
+    // the words after it alone.
+    let mut blk = storage(vhu_blk_size());
+    let cfg = vhu_blk_config {
+        capacity: 8,
+        blk_size: 512,
+        num_queues: 1,
+        ..Default::default()
+    };
+    // SAFETY: storage of the device's size; a live config; `old` is a
+    // live `vhu_device` of its `struct_size`.
+    unsafe {
+        assert_eq!(
+            vhu_blk_init(blk.as_mut_ptr().cast(), vhu_blk_size(), &cfg),
+            VHU_OK
+        );
+        let r = vhu_blk_device(blk.as_mut_ptr().cast(), ptr::from_mut(&mut old).cast());
+        assert_eq!(r, VHU_OK);
+    }
+    assert_eq!(old.struct_size, OLD_SIZE);
+    assert_eq!(old.ctx, blk.as_mut_ptr().cast());
+    assert!(old.read_config.is_some() && old.write_config.is_some());
+    assert!(old.features_acked.is_some() && old.reset.is_some());
+    let trap: unsafe extern "C" fn(*mut c_void, u16) -> bool = not_the_programs;
+    assert!(old
+        .after
+        .iter()
+        .all(|f| f.is_some_and(|f| ptr::fn_addr_eq(f, trap))));
+    // The filled device serves the session.
+    let dev = ptr::from_ref(&old).cast::<vhu_device>();
+    assert_eq!(protocol_features(&mut be, dev).0, VHU_OK);
+}
