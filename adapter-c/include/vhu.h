@@ -339,7 +339,8 @@ enum vhu_result
   VHU_ERR_FAILED = 21,
   /**
    * The session refused the message for a reason without a class of
-   * its own.
+   * its own, or a device callback refused it (`set_mtu` or `send_rarp`
+   * answered false).
    */
   VHU_ERR_REFUSED = 22,
   /**
@@ -354,6 +355,13 @@ enum vhu_result
    * the size was read.
    */
   VHU_ERR_ABI = 24,
+  /**
+   * NET_SET_MTU with a value outside 68 to 65535: refused by the
+   * session before the device's `set_mtu` is called (a refusal of
+   * `set_mtu` itself, such as an MTU above the device's largest, is
+   * `VHU_ERR_REFUSED`).
+   */
+  VHU_ERR_BAD_MTU = 25,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -898,9 +906,10 @@ typedef struct {
   void (*reset)(void *ctx);
   /**
    * NET_SET_MTU: the front-end advertises `mtu` to the driver (68 to
-   * 65535: the session refuses any other value before this is called).
-   * True if the device takes it; false refuses it (a failed REPLY_ACK,
-   * or the connection ends if no ack was asked). NULL: the device
+   * 65535: the session refuses any other value before this is called,
+   * as `VHU_ERR_BAD_MTU`). True if the device takes it; false refuses
+   * it (a failed REPLY_ACK, or the connection ends if no ack was
+   * asked; `VHU_ERR_REFUSED` either way). NULL: the device
    * cannot, and a configuration offering `VHU_PROTOCOL_F_MTU` is
    * refused by `vhu_backend_handle()`.
    */

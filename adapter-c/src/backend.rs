@@ -186,9 +186,10 @@ pub struct vhu_device {
     /// RESET_DEVICE: drop device state.
     pub reset: Option<unsafe extern "C" fn(ctx: *mut c_void)>,
     /// NET_SET_MTU: the front-end advertises `mtu` to the driver (68 to
-    /// 65535: the session refuses any other value before this is called).
-    /// True if the device takes it; false refuses it (a failed REPLY_ACK,
-    /// or the connection ends if no ack was asked). NULL: the device
+    /// 65535: the session refuses any other value before this is called,
+    /// as `VHU_ERR_BAD_MTU`). True if the device takes it; false refuses
+    /// it (a failed REPLY_ACK, or the connection ends if no ack was
+    /// asked; `VHU_ERR_REFUSED` either way). NULL: the device
     /// cannot, and a configuration offering `VHU_PROTOCOL_F_MTU` is
     /// refused by `vhu_backend_handle()`.
     pub set_mtu: Option<unsafe extern "C" fn(ctx: *mut c_void, mtu: u16) -> bool>,

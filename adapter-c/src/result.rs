@@ -72,7 +72,8 @@ pub enum vhu_result {
     /// The front-end engine failed earlier; the connection must end.
     VHU_ERR_FAILED = 21,
     /// The session refused the message for a reason without a class of
-    /// its own.
+    /// its own, or a device callback refused it (`set_mtu` or `send_rarp`
+    /// answered false).
     VHU_ERR_REFUSED = 22,
     /// A panic was caught at the boundary (a bug): initialise the state
     /// involved again.
@@ -82,6 +83,11 @@ pub enum vhu_result {
     /// not initialised with its `VHU_*_INIT` (or `sizeof`). Nothing past
     /// the size was read.
     VHU_ERR_ABI = 24,
+    /// NET_SET_MTU with a value outside 68 to 65535: refused by the
+    /// session before the device's `set_mtu` is called (a refusal of
+    /// `set_mtu` itself, such as an MTU above the device's largest, is
+    /// `VHU_ERR_REFUSED`).
+    VHU_ERR_BAD_MTU = 25,
 }
 
 use vhu_result::*;
@@ -116,6 +122,7 @@ pub extern "C" fn vhu_result_str(result: u32) -> *const c_char {
         22 => c"VHU_ERR_REFUSED: the message was refused",
         23 => c"VHU_ERR_INTERNAL: internal error (a panic was caught)",
         24 => c"VHU_ERR_ABI: a struct's struct_size is not one this library knows",
+        25 => c"VHU_ERR_BAD_MTU: NET_SET_MTU outside 68 to 65535",
         _ => c"unknown result",
     };
     s.as_ptr()
@@ -179,6 +186,9 @@ pub(crate) fn backend(e: BackendError) -> vhu_result {
         BackendError::Config => VHU_ERR_CONFIG,
         BackendError::NotStopping(_) => VHU_ERR_STATE,
         BackendError::Inflight(_) => VHU_ERR_INFLIGHT,
+        BackendError::BadMtu(_) => VHU_ERR_BAD_MTU,
+        // A device callback answered false (`set_mtu`, `send_rarp`).
+        BackendError::DeviceRefused(_) => VHU_ERR_REFUSED,
         _ => VHU_ERR_REFUSED,
     }
 }
@@ -206,7 +216,7 @@ mod tests {
     use super::*;
 
     /// The last result value (`vhu_result_str()` names each up to it).
-    const LAST: vhu_result = VHU_ERR_ABI;
+    const LAST: vhu_result = VHU_ERR_BAD_MTU;
 
     #[test]
     fn every_result_has_its_own_name() {

@@ -236,9 +236,10 @@ fn net_set_mtu_is_acked_as_the_device_answers() {
     assert_eq!(ack(&mut be, 9000), (0, VHU_OK));
     // Refused by the device: a failed ack.
     assert_eq!(ack(&mut be, 9001), (1, VHU_ERR_REFUSED));
-    // Outside 68..=65535: refused before the device hears of it.
+    // Outside 68..=65535: refused before the device hears of it, with a
+    // code of its own (not the device's refusal).
     for bad in [0, 67, 65536, 1 << 32 | 1500, u64::MAX] {
-        assert_eq!(ack(&mut be, bad), (1, VHU_ERR_REFUSED), "MTU {bad}");
+        assert_eq!(ack(&mut be, bad), (1, VHU_ERR_BAD_MTU), "MTU {bad}");
     }
     assert_eq!(net.mtus, [1500, 68, 9000, 9001]);
     // Without an ack asked, a refusal ends the connection.
@@ -246,7 +247,7 @@ fn net_set_mtu_is_acked_as_the_device_answers() {
     let (r, _, _) = be.handle(&msg(NET_SET_MTU, FLAGS, 9001), Some(&dev));
     assert_eq!(r, VHU_ERR_REFUSED);
     let (r, _, _) = be.handle(&msg(NET_SET_MTU, FLAGS, 67), Some(&dev));
-    assert_eq!(r, VHU_ERR_REFUSED);
+    assert_eq!(r, VHU_ERR_BAD_MTU);
     let (r, out, reply) = be.handle(&msg(NET_SET_MTU, FLAGS, 1280), Some(&dev));
     assert_eq!(
         (r, out.reply, reply.len()),
