@@ -428,9 +428,9 @@ pub struct ThreadPool {
 /// never waited for, nor counted.
 const TRANSFERS_PER_WAITING: usize = 2;
 
-/// Completions gathered before the worker is signalled, at most (with
-/// twice as many jobs or more waiting in the queue; fewer waiting, fewer:
-/// see [`WAITING_PER_GATHERED`]): the worker is woken once for them rather
+/// Completions gathered before the worker is signalled while at least as
+/// many jobs wait in the queue (fewer waiting, fewer: see
+/// [`WAITING_PER_GATHERED`]): the worker is woken once for them rather
 /// than every one or two (each wake-up, its reap, publish and call to the
 /// driver cost it about 6 us). The requests that wait keep the threads
 /// busy, so the file sees as many at once, and IOPS do not change.
@@ -439,7 +439,7 @@ const TRANSFERS_PER_WAITING: usize = 2;
 const COALESCE: usize = 16;
 
 /// Jobs waiting in the queue per completion gathered before the worker
-/// is signalled (up to [`COALESCE`]): the threads have
+/// is signalled, while fewer than [`COALESCE`] wait: the threads have
 /// that much work left before they need the worker to feed them, so the
 /// worker is woken once for several completions, and at once when none
 /// wait (iodepth 1 is as before). Measured with 4 KiB O_DIRECT random
@@ -691,16 +691,21 @@ fn complete(shared: &PoolShared, done: Done) {
 }
 
 /// Whether the worker is to be signalled for the completions in `f` now:
-/// once the list holds one per [`WAITING_PER_GATHERED`] jobs waiting in
+/// once the list holds [`COALESCE`] with as many jobs or more waiting in
 /// the queue (the threads have work for a while, the worker need not
-/// feed them), at least one and at most [`COALESCE`], or once its oldest
-/// completion came [`COALESCE_FOR`] ago. A list that is not due has a
+/// feed them), one per [`WAITING_PER_GATHERED`] of fewer (at least one),
+/// or once its oldest completion came [`COALESCE_FOR`] ago. A list that is not due has a
 /// completion to come that looks again: a job waits, so every thread is
 /// at work or about to take it (see [`Queue::waits`]), and the one that
 /// finishes looks.
 fn due(shared: &PoolShared, f: &mut Finished) -> bool {
     let waiting = shared.waiting.load(Ordering::Relaxed);
-    if f.list.len() >= (waiting / WAITING_PER_GATHERED).clamp(1, COALESCE) {
+    let gather = if waiting >= COALESCE {
+        COALESCE
+    } else {
+        (waiting / WAITING_PER_GATHERED).max(1)
+    };
+    if f.list.len() >= gather {
         return true;
     }
     let now = Instant::now();
