@@ -296,14 +296,15 @@ pub fn bump(counter: &AtomicU64, n: u64) {
 #[derive(Clone, Copy, Debug)]
 pub struct RuntimeOptions {
     /// Completions published per batch at most (one used-index store and at
-    /// most one call per batch). A round takes at most half of what the
-    /// driver has in flight (see `RingWorker::round`), so this bounds only
-    /// rings deeper than twice it. The default, 128, halves the round's
-    /// fixed costs (the dirty log's lock, the publish's fence and read of
-    /// the driver's event area, the call) against 64 for a ring of 256
-    /// kept full: DPDK virtio-user `rxonly` from the null backend, 64-byte
-    /// frames, packed ring, 9 alternated runs, 1.02x DPDK's vhost against
-    /// 0.95x with 64.
+    /// most one call per batch). On a split ring a round takes at most
+    /// half of what the driver has in flight (see `RingWorker::round`),
+    /// so this bounds only a driver with more than twice it in flight; a
+    /// packed ring (whose count would take a scan) takes this many. The
+    /// default, 128, halves the round's fixed costs (the dirty log's
+    /// lock, the publish's fence and read of the driver's event area, the
+    /// call) against 64 for a ring of 1024 kept full: DPDK virtio-user
+    /// `rxonly` from the null backend, 64-byte frames, packed ring, 9
+    /// alternated runs, 1.02x DPDK's vhost against 0.95x with 64.
     pub batch: usize,
     /// Sleep between polls of a ring in polling mode (no kick fd).
     pub poll_interval: Duration,
