@@ -8,34 +8,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
 use vhost_user_core::feature::ProtocolFeatures as P;
 use vhost_user_core::message::{FrontendReq, Header, Request, HEADER_SIZE, MAX_MESSAGE};
-
-/// `target/<profile>` of this test binary, with the staticlib built there
-/// (`cargo test` builds the rlib for the test; `cargo build` the
-/// staticlib under its plain name).
-fn staticlib() -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
-        .args(["build", "--quiet", "-p", "vhost-user-c"])
-        .output()
-        .expect("run cargo build");
-    assert!(
-        out.status.success(),
-        "cargo build -p vhost-user-c failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // target/<profile>/deps/c_net-<hash>
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
-    let lib = dir.join("libvhost_user_c.a");
-    assert!(lib.exists(), "{} missing", lib.display());
-    lib
-}
 
 /// `tests/c/net.c` built into `dir`.
 fn build(dir: &Path) -> PathBuf {
@@ -45,7 +25,7 @@ fn build(dir: &Path) -> PathBuf {
         .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-O2", "-I"])
         .arg(root.join("include"))
         .arg(root.join("tests/c/net.c"))
-        .arg(staticlib())
+        .arg(common::built_library("libvhost_user_c.a"))
         // What the hosted staticlib needs from the C library (vhu.pc's
         // Libs.private).
         .args([
