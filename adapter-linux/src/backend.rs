@@ -652,12 +652,22 @@ impl MessageFds for Received<'_> {
             return true;
         };
         // A file (or block device) shorter than the extent: the mapping
-        // would refuse it after the reply. A length that cannot be read,
-        // or a kind without one (a DAX device), is left to the mapping.
+        // would refuse it after the reply. A length that cannot be read
+        // is left to the mapping.
         let Some(end) = offset.checked_add(size) else {
             return false;
         };
-        crate::sys::mmap::file_size(fd.as_fd()).map_or(true, |len| len.is_none_or(|l| l >= end))
+        match crate::sys::mmap::file_size(fd.as_fd()) {
+            Ok(Some(len)) => len >= end,
+            // A character device has no length, and only some map (a DAX
+            // device does, /dev/null does not): a mapping of the extent,
+            // made and dropped here, tells.
+            Ok(None) => {
+                use crate::sys::mmap::{Access, MmapRegion};
+                MmapRegion::map(fd.as_fd(), offset, size, Access::ReadWrite).is_ok()
+            }
+            Err(_) => true,
+        }
     }
 }
 

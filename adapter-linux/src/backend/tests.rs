@@ -1505,6 +1505,48 @@ fn an_inflight_area_past_its_fd_s_end_is_refused_in_the_ack() {
     a_short_file_is_refused_in_the_ack(P::INFLIGHT_SHMFD, &req, size, 4096 + size);
 }
 
+/// `/dev/urandom` opened read-write: a character device, the kind a DAX
+/// device is, but one whose driver maps nothing.
+fn urandom() -> std::os::fd::OwnedFd {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/urandom")
+        .unwrap()
+        .into()
+}
+
+#[test]
+fn a_character_device_that_does_not_map_is_refused_as_a_memory_region() {
+    let good = memfd::create("region-after-urandom", RAM).unwrap();
+    refused_for_its_kind(
+        P::empty(),
+        &Request::SetMemTable(MemTable::new(&[REGION]).unwrap()),
+        urandom(),
+        || link_gone("/dev/urandom"),
+        good.as_fd(),
+    );
+}
+
+#[test]
+fn a_character_device_that_does_not_map_is_refused_as_the_inflight_area() {
+    let size = vhost_user_core::inflight::area_size(1, SIZE).unwrap();
+    let good = memfd::create("inflight-after-urandom", size).unwrap();
+    let req = Request::SetInflightFd(vhost_user_core::message::InflightMsg {
+        mmap_size: size,
+        mmap_offset: 0,
+        num_queues: 1,
+        queue_size: SIZE,
+    });
+    refused_for_its_kind(
+        P::INFLIGHT_SHMFD,
+        &req,
+        urandom(),
+        || link_gone("/dev/urandom"),
+        good.as_fd(),
+    );
+}
+
 /// A call fd whose writes fail is reported once per SET_VRING_CALL that
 /// sets it: again after the ring's restart with the same fd set again,
 /// not after a restart that keeps it.

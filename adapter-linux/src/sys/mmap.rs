@@ -95,8 +95,8 @@ fn metadata(fd: BorrowedFd<'_>) -> io::Result<std::fs::Metadata> {
 /// Whether `fd` is of a kind [`MmapRegion::map`] can map shared: a
 /// regular file (memfd, tmpfs, hugetlbfs), a block device, or a
 /// character device (a DAX one; which character devices map, the kind
-/// does not tell). A socket, a pipe, a directory or an anonymous inode
-/// (eventfd, epoll) never maps.
+/// does not tell: only a mapping does). A socket, a pipe, a directory or
+/// an anonymous inode (eventfd, epoll) never maps.
 pub fn mappable(fd: BorrowedFd<'_>) -> io::Result<bool> {
     use std::os::unix::fs::FileTypeExt;
     let kind = metadata(fd)?.file_type();
