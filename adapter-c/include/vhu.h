@@ -228,6 +228,27 @@
 #define VHU_FRONTEND_MAX_TRANSMIT 280
 
 /**
+ * Bytes of an ack buffer that holds any ack
+ * `vhu_frontend_serve_backend()` writes (a header and a u64).
+ */
+#define VHU_FRONTEND_MAX_ACK 20
+
+/**
+ * VHOST_USER_PROTOCOL_F_BACKEND_REQ: the front-end sends its end of the
+ * back-end channel (SET_BACKEND_REQ_FD, `VHU_FD_BACKEND_CHANNEL`) and
+ * serves the requests that come on it (`vhu_frontend_serve_backend()`).
+ */
+#define VHU_PROTOCOL_F_BACKEND_REQ (1 << 5)
+
+/**
+ * VHOST_USER_PROTOCOL_F_INBAND_NOTIFICATIONS: the back-end may signal
+ * used buffers and ring errors as requests on the back-end channel
+ * (`VHU_NOTICE_CALL`, `VHU_NOTICE_RING_ERROR`); needs BACKEND_REQ and
+ * REPLY_ACK (negotiation drops it without them).
+ */
+#define VHU_PROTOCOL_F_INBAND_NOTIFICATIONS (1 << 14)
+
+/**
  * The result of every call that can fail. `VHU_OK` is 0; every other
  * value is an error class (`vhu_result_str()` names it).
  */
@@ -674,6 +695,54 @@ enum vhu_event_kind
 typedef enum vhu_event_kind vhu_event_kind;
 #else
 typedef uint32_t vhu_event_kind;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/**
+ * What a request on the back-end channel said.
+ */
+enum vhu_notice_kind
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  /**
+   * Nothing (what an error leaves).
+   */
+  VHU_NOTICE_NONE = 0,
+  /**
+   * BACKEND_CONFIG_CHANGE_MSG (CONFIG negotiated): the device's config
+   * space changed; read it again (`vhu_frontend_read_config()`) and
+   * tell the driver.
+   */
+  VHU_NOTICE_CONFIG_CHANGED = 1,
+  /**
+   * In-band BACKEND_VRING_CALL (INBAND_NOTIFICATIONS negotiated): ring
+   * `queue` has used buffers, as a write to its call eventfd would say.
+   */
+  VHU_NOTICE_CALL = 2,
+  /**
+   * In-band BACKEND_VRING_ERR (INBAND_NOTIFICATIONS negotiated): ring
+   * `queue` broke on guest input and stopped.
+   */
+  VHU_NOTICE_RING_ERROR = 3,
+  /**
+   * A well-formed request this front-end does not serve (its feature
+   * not negotiated, or not implemented: IOTLB, host notifiers, shared
+   * objects, shared memory); `request` is its code, and the ack, if
+   * one was asked, says it failed.
+   */
+  VHU_NOTICE_REFUSED = 4,
+  /**
+   * A notice this version of the ABI does not name.
+   */
+  VHU_NOTICE_OTHER = 255,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum vhu_notice_kind vhu_notice_kind;
+#else
+typedef uint32_t vhu_notice_kind;
 #endif // __STDC_VERSION__ >= 202311L
 #endif // __cplusplus
 
@@ -1381,6 +1450,31 @@ typedef struct {
   uint8_t data[256];
 } vhu_event;
 
+/**
+ * What `vhu_frontend_serve_backend()` made of one back-end request.
+ */
+typedef struct {
+  /**
+   * What the request said.
+   */
+  vhu_notice_kind kind;
+  /**
+   * CALL, RING_ERROR: the ring index (below the configured queues).
+   */
+  uint16_t queue;
+  /**
+   * The request's code (BACKEND_CONFIG_CHANGE_MSG is 2,
+   * BACKEND_VRING_CALL 4, BACKEND_VRING_ERR 5, ...).
+   */
+  uint32_t request;
+  /**
+   * Bytes of the ack buffer to send back on the channel (the ack the
+   * back-end asked for with NEED_REPLY, REPLY_ACK negotiated); 0: send
+   * nothing.
+   */
+  size_t ack_len;
+} vhu_backend_notice;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -1878,6 +1972,41 @@ vhu_result vhu_frontend_handle_reply(vhu_frontend *fe, const uint8_t *msg, size_
  * `vhu_event`.
  */
 vhu_result vhu_frontend_poll_event(vhu_frontend *fe, vhu_event *ev);
+
+/**
+ * Serves one request the back-end sent on the back-end channel: `len`
+ * bytes at `msg` (header and payload, one whole message: read the header,
+ * then the rest `vhu_message_size()` gives) that came with `nfds` fds
+ * (the caller closes them: no request served takes one). `*out` says
+ * what the back-end said; an ack asked for (NEED_REPLY, with REPLY_ACK
+ * negotiated) is written into `ack` (`ack_cap` bytes;
+ * `VHU_FRONTEND_MAX_ACK` always suffice) and `out->ack_len` is its
+ * length: a reply header (flags: version 1 and REPLY) and a u64, 0 for a
+ * request served and 1 for one refused. Nothing of the engine changes:
+ * call it between any two calls on the engine, on the thread that uses
+ * it.
+ *
+ * Only once the handshake is done (`VHU_EVENT_NEGOTIATED` was queued):
+ * `VHU_ERR_BUSY` before (leave the request on the channel until then),
+ * `VHU_ERR_NOT_NEGOTIATED` if BACKEND_REQ was not negotiated (no channel
+ * was sent), `VHU_ERR_FAILED` after the engine failed. A malformed
+ * request (a bad header, flags, payload size, fd count or ring index)
+ * is `VHU_ERR_WIRE`: the back-end misbehaves, close the channel.
+ * `VHU_ERR_SHORT_BUFFER` for `len` below `VHU_HEADER_SIZE`, or below the
+ * size the header announces, or an ack that does not fit `ack_cap`;
+ * `VHU_ERR_INVALID` for `len` beyond the announced size (bytes of
+ * another message), for `msg`, `ack` or `out` sharing a byte with the
+ * engine, and for `ack` or `out` sharing one with another buffer of the
+ * call. On error `out` holds `VHU_NOTICE_NONE` and `ack_len` 0, and
+ * nothing is to be sent.
+ *
+ * # Safety
+ *
+ * `fe` points at an initialised front-end; `msg` at `len` readable
+ * bytes; `ack` at `ack_cap` writable bytes; `out` at a writable
+ * `vhu_backend_notice`.
+ */
+vhu_result vhu_frontend_serve_backend(vhu_frontend *fe, const uint8_t *msg, size_t len, size_t nfds, uint8_t *ack, size_t ack_cap, vhu_backend_notice *out);
 
 /**
  * Starts (or restarts after a stop) the device; `VHU_EVENT_STARTED` ends

@@ -6,13 +6,17 @@
 //! message and hands it to `vhu_frontend_handle_reply()`; events
 //! (`vhu_frontend_poll_event()`) say what happened. Commands
 //! (`vhu_frontend_start()`, `vhu_frontend_stop()`, ...) queue a flow.
+//! With BACKEND_REQ negotiated, each request the back-end sends on its
+//! channel goes to `vhu_frontend_serve_backend()`, between any two of
+//! these calls.
 
+use core::cmp::Ordering;
 use core::mem::size_of;
 use core::ptr;
 
 use vhost_user_core::feature::{ProtocolFeatures, VirtioFeatures};
 use vhost_user_core::frontend::{
-    Event, FdRef, Frontend, FrontendConfig, NotifyMode, QueueConfig, State,
+    BackendNotice, Event, FdRef, Frontend, FrontendConfig, NotifyMode, QueueConfig, State,
 };
 use vhost_user_core::message::{Header, MemRegionMsg, HEADER_SIZE};
 use vhost_user_core::vring::RingAddrs;
@@ -31,8 +35,26 @@ pub const VHU_FRONTEND_MAX_REGIONS: u32 = 8;
 /// Bytes of a transmit buffer that holds any message the front-end sends.
 pub const VHU_FRONTEND_MAX_TRANSMIT: u32 = 280;
 
-const _: () =
+/// Bytes of an ack buffer that holds any ack
+/// `vhu_frontend_serve_backend()` writes (a header and a u64).
+pub const VHU_FRONTEND_MAX_ACK: u32 = 20;
+
+/// VHOST_USER_PROTOCOL_F_BACKEND_REQ: the front-end sends its end of the
+/// back-end channel (SET_BACKEND_REQ_FD, `VHU_FD_BACKEND_CHANNEL`) and
+/// serves the requests that come on it (`vhu_frontend_serve_backend()`).
+pub const VHU_PROTOCOL_F_BACKEND_REQ: u64 = 1 << 5;
+/// VHOST_USER_PROTOCOL_F_INBAND_NOTIFICATIONS: the back-end may signal
+/// used buffers and ring errors as requests on the back-end channel
+/// (`VHU_NOTICE_CALL`, `VHU_NOTICE_RING_ERROR`); needs BACKEND_REQ and
+/// REPLY_ACK (negotiation drops it without them).
+pub const VHU_PROTOCOL_F_INBAND_NOTIFICATIONS: u64 = 1 << 14;
+
+const _: () = {
     assert!(VHU_FRONTEND_MAX_TRANSMIT as usize == vhost_user_core::frontend::MAX_TRANSMIT);
+    assert!(VHU_FRONTEND_MAX_ACK as usize == HEADER_SIZE + size_of::<u64>());
+    assert!(VHU_PROTOCOL_F_BACKEND_REQ == ProtocolFeatures::BACKEND_REQ.bits());
+    assert!(VHU_PROTOCOL_F_INBAND_NOTIFICATIONS == ProtocolFeatures::INBAND_NOTIFICATIONS.bits());
+};
 
 type CFrontend =
     Frontend<{ VHU_FRONTEND_MAX_QUEUES as usize }, { VHU_FRONTEND_MAX_REGIONS as usize }>;
@@ -231,6 +253,48 @@ pub enum vhu_frontend_state {
     VHU_FRONTEND_STOPPED = 5,
     /// A reply was refused: close the connection.
     VHU_FRONTEND_FAILED = 6,
+}
+
+/// What a request on the back-end channel said.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum vhu_notice_kind {
+    /// Nothing (what an error leaves).
+    VHU_NOTICE_NONE = 0,
+    /// BACKEND_CONFIG_CHANGE_MSG (CONFIG negotiated): the device's config
+    /// space changed; read it again (`vhu_frontend_read_config()`) and
+    /// tell the driver.
+    VHU_NOTICE_CONFIG_CHANGED = 1,
+    /// In-band BACKEND_VRING_CALL (INBAND_NOTIFICATIONS negotiated): ring
+    /// `queue` has used buffers, as a write to its call eventfd would say.
+    VHU_NOTICE_CALL = 2,
+    /// In-band BACKEND_VRING_ERR (INBAND_NOTIFICATIONS negotiated): ring
+    /// `queue` broke on guest input and stopped.
+    VHU_NOTICE_RING_ERROR = 3,
+    /// A well-formed request this front-end does not serve (its feature
+    /// not negotiated, or not implemented: IOTLB, host notifiers, shared
+    /// objects, shared memory); `request` is its code, and the ack, if
+    /// one was asked, says it failed.
+    VHU_NOTICE_REFUSED = 4,
+    /// A notice this version of the ABI does not name.
+    VHU_NOTICE_OTHER = 255,
+}
+
+/// What `vhu_frontend_serve_backend()` made of one back-end request.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct vhu_backend_notice {
+    /// What the request said.
+    pub kind: vhu_notice_kind,
+    /// CALL, RING_ERROR: the ring index (below the configured queues).
+    pub queue: u16,
+    /// The request's code (BACKEND_CONFIG_CHANGE_MSG is 2,
+    /// BACKEND_VRING_CALL 4, BACKEND_VRING_ERR 5, ...).
+    pub request: u32,
+    /// Bytes of the ack buffer to send back on the channel (the ack the
+    /// back-end asked for with NEED_REPLY, REPLY_ACK negotiated); 0: send
+    /// nothing.
+    pub ack_len: usize,
 }
 
 /// Bytes of a front-end's storage.
@@ -492,6 +556,117 @@ pub unsafe extern "C" fn vhu_frontend_poll_event(
         }
         // SAFETY: checked above.
         unsafe { state::put(ev, e) }
+    })
+}
+
+/// Serves one request the back-end sent on the back-end channel: `len`
+/// bytes at `msg` (header and payload, one whole message: read the header,
+/// then the rest `vhu_message_size()` gives) that came with `nfds` fds
+/// (the caller closes them: no request served takes one). `*out` says
+/// what the back-end said; an ack asked for (NEED_REPLY, with REPLY_ACK
+/// negotiated) is written into `ack` (`ack_cap` bytes;
+/// `VHU_FRONTEND_MAX_ACK` always suffice) and `out->ack_len` is its
+/// length: a reply header (flags: version 1 and REPLY) and a u64, 0 for a
+/// request served and 1 for one refused. Nothing of the engine changes:
+/// call it between any two calls on the engine, on the thread that uses
+/// it.
+///
+/// Only once the handshake is done (`VHU_EVENT_NEGOTIATED` was queued):
+/// `VHU_ERR_BUSY` before (leave the request on the channel until then),
+/// `VHU_ERR_NOT_NEGOTIATED` if BACKEND_REQ was not negotiated (no channel
+/// was sent), `VHU_ERR_FAILED` after the engine failed. A malformed
+/// request (a bad header, flags, payload size, fd count or ring index)
+/// is `VHU_ERR_WIRE`: the back-end misbehaves, close the channel.
+/// `VHU_ERR_SHORT_BUFFER` for `len` below `VHU_HEADER_SIZE`, or below the
+/// size the header announces, or an ack that does not fit `ack_cap`;
+/// `VHU_ERR_INVALID` for `len` beyond the announced size (bytes of
+/// another message), for `msg`, `ack` or `out` sharing a byte with the
+/// engine, and for `ack` or `out` sharing one with another buffer of the
+/// call. On error `out` holds `VHU_NOTICE_NONE` and `ack_len` 0, and
+/// nothing is to be sent.
+///
+/// # Safety
+///
+/// `fe` points at an initialised front-end; `msg` at `len` readable
+/// bytes; `ack` at `ack_cap` writable bytes; `out` at a writable
+/// `vhu_backend_notice`.
+#[no_mangle]
+pub unsafe extern "C" fn vhu_frontend_serve_backend(
+    fe: *mut vhu_frontend,
+    msg: *const u8,
+    len: usize,
+    nfds: usize,
+    ack: *mut u8,
+    ack_cap: usize,
+    out: *mut vhu_backend_notice,
+) -> vhu_result {
+    guard(|| {
+        let mut n = vhu_backend_notice {
+            kind: vhu_notice_kind::VHU_NOTICE_NONE,
+            queue: 0,
+            request: 0,
+            ack_len: 0,
+        };
+        // The request is read while the ack is written: each has its own
+        // bytes, apart from the engine's.
+        let mut fp = Footprint::new();
+        // SAFETY: the caller's contract.
+        unsafe { fp.state::<CFrontend, _>(fe) }?;
+        fp.reads(msg, len)?;
+        fp.writes(ack, ack_cap)?;
+        fp.writes(out, 1)?;
+        // SAFETY: the caller's contract.
+        unsafe { state::put(out, n) }?;
+        // SAFETY: the caller's contract.
+        let f = unsafe { state::get::<CFrontend, _>(fe) }?;
+        // SAFETY: the caller's contract.
+        let msg = unsafe { state::slice(msg, len) }?;
+        // SAFETY: the caller's contract; apart from everything else the
+        // call uses (claimed).
+        let ack = unsafe { state::bytes_mut(ack, ack_cap) }?;
+        match f.state() {
+            State::Initializing => return Err(VHU_ERR_BUSY),
+            State::Failed => return Err(VHU_ERR_FAILED),
+            _ => {}
+        }
+        if !f
+            .protocol_features()
+            .contains(ProtocolFeatures::BACKEND_REQ)
+        {
+            return Err(VHU_ERR_NOT_NEGOTIATED);
+        }
+        if msg.len() < HEADER_SIZE {
+            return Err(VHU_ERR_SHORT_BUFFER);
+        }
+        let header = Header::parse(msg).map_err(result::wire)?;
+        let payload = msg.get(HEADER_SIZE..).ok_or(VHU_ERR_SHORT_BUFFER)?;
+        match payload.len().cmp(&(header.size as usize)) {
+            Ordering::Less => return Err(VHU_ERR_SHORT_BUFFER),
+            Ordering::Greater => return Err(VHU_ERR_INVALID),
+            Ordering::Equal => {}
+        }
+        let served = f
+            .backend_server()
+            .serve(&header, payload, nfds, ack)
+            .map_err(result::frontend)?;
+        n.request = header.request;
+        #[allow(unreachable_patterns)]
+        match served.notice {
+            BackendNotice::ConfigChanged => n.kind = vhu_notice_kind::VHU_NOTICE_CONFIG_CHANGED,
+            BackendNotice::Call(q) => {
+                n.kind = vhu_notice_kind::VHU_NOTICE_CALL;
+                n.queue = q;
+            }
+            BackendNotice::RingError(q) => {
+                n.kind = vhu_notice_kind::VHU_NOTICE_RING_ERROR;
+                n.queue = q;
+            }
+            BackendNotice::Refused(_) => n.kind = vhu_notice_kind::VHU_NOTICE_REFUSED,
+            _ => n.kind = vhu_notice_kind::VHU_NOTICE_OTHER,
+        }
+        n.ack_len = served.reply.unwrap_or(0);
+        // SAFETY: checked above.
+        unsafe { state::put(out, n) }
     })
 }
 

@@ -12,7 +12,9 @@
 //!   token in any order, publish with the notification decision, stop by
 //!   draining or suspending, inflight recovery at start;
 //! - the front-end engine ([`frontend`]): the handshake, start and stop,
-//!   every reply validated;
+//!   every reply validated, and the requests of the back-end channel
+//!   served (config changes, in-band calls and ring errors, a failed ack
+//!   for the rest);
 //! - guest memory as a table of host pointers the caller fills, or as
 //!   callbacks ([`memory`]);
 //! - the virtio-blk planner ([`blk`]).
