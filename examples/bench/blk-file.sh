@@ -61,8 +61,8 @@ for aio in $AIO; do
                 for depth in $DEPTHS; do
                     q=(); o=(); qc=(); oc=(); ql=(); ol=(); fl=()
                     # The pools' threads: one per request in flight, up to
-                    # 64 per queue (both daemons' default maximum).
-                    nthreads=$(( (depth < 64 ? depth : 64) * queues ))
+                    # 64 in all (both daemons' default maximum).
+                    nthreads=$(( depth * queues < 64 ? depth * queues : 64 ))
                     for _ in $(seq "$REPS"); do
                         read -r a b c < <(flock /tmp/vhu-bench.lock bash -c "$(declare -f one ticks); VHU=$VHU RUNTIME=$RUNTIME hz=$hz one $qsd $dir/qsd.sock $rw $depth $queues")
                         q+=("$a"); qc+=("$b"); ql+=("$c")

@@ -797,3 +797,51 @@ fn page_cache_writes_stay_off_io_uring_worker_threads() {
         "flushes through io_uring ran on no worker thread: {flushes:?}"
     );
 }
+
+/// The queues' thread pools share `--io-threads`: with two queues and
+/// six threads, each pool starts at most three, however deep the load.
+#[test]
+fn the_queues_share_the_io_thread_budget() {
+    let d = daemon(&[
+        "--size",
+        "32M",
+        "--aio",
+        "threads",
+        "--num-queues",
+        "2",
+        "--io-threads",
+        "6",
+    ]);
+    let mut bench = Command::new(env!("CARGO_BIN_EXE_vhu"))
+        .args(["bench", "--socket-path"])
+        .arg(&d.sock)
+        .args(["--rw", "randwrite", "--flush-every", "1", "--iodepth", "32"])
+        .args(["--queues", "2"])
+        .args(["--runtime", "2", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The most pool threads running at once.
+    let mut most = 0;
+    while bench.try_wait().unwrap().is_none() {
+        let io = thread_names(&d)
+            .iter()
+            .filter(|n| n.starts_with("vhu-io-"))
+            .count();
+        most = most.max(io);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = bench.wait_with_output().unwrap();
+    let log = d.log();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        (2..=6).contains(&most),
+        "{most} I/O threads at once:\n{log}"
+    );
+    assert_eq!(
+        log.matches("I/O thread pool of up to 3 threads").count(),
+        2,
+        "{log}"
+    );
+}
