@@ -13,42 +13,9 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use vhost_user_core::message::{BackendRequest, HEADER_SIZE};
-
-/// `tests/c/backend_channel.c` built into `dir`.
-fn build(dir: &Path) -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let bin = dir.join("vhu-c-backend-channel");
-    let out = Command::new("gcc")
-        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-O2", "-I"])
-        .arg(root.join("include"))
-        .arg(root.join("tests/c/backend_channel.c"))
-        .arg(common::built_library("libvhost_user_c.a"))
-        // What the hosted staticlib needs from the C library (vhu.pc's
-        // Libs.private).
-        .args([
-            "-lgcc_s",
-            "-lutil",
-            "-lrt",
-            "-lpthread",
-            "-lm",
-            "-ldl",
-            "-lc",
-        ])
-        .arg("-o")
-        .arg(&bin)
-        .output()
-        .expect("run gcc");
-    assert!(
-        out.status.success(),
-        "gcc failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    bin
-}
 
 /// The ack the spec describes: a reply to `request` (flags REPLY 0x4 and
 /// version 0x1, size 8) whose u64 is `value`.
@@ -65,7 +32,7 @@ fn ack(request: u32, value: u64) -> Vec<u8> {
 fn a_c_front_end_serves_the_backend_channel() {
     let dir = std::env::temp_dir().join(format!("vhu-c-bereq-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let bin = build(&dir);
+    let bin = common::built_c_program(&dir, "backend_channel");
     let mut child = Command::new(&bin)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -11,43 +11,10 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
 use vhost_user_core::feature::ProtocolFeatures as P;
 use vhost_user_core::message::{FrontendReq, Header, Request, HEADER_SIZE, MAX_MESSAGE};
-
-/// `tests/c/net.c` built into `dir`.
-fn build(dir: &Path) -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let bin = dir.join("vhu-c-net");
-    let out = Command::new("gcc")
-        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-O2", "-I"])
-        .arg(root.join("include"))
-        .arg(root.join("tests/c/net.c"))
-        .arg(common::built_library("libvhost_user_c.a"))
-        // What the hosted staticlib needs from the C library (vhu.pc's
-        // Libs.private).
-        .args([
-            "-lgcc_s",
-            "-lutil",
-            "-lrt",
-            "-lpthread",
-            "-lm",
-            "-ldl",
-            "-lc",
-        ])
-        .arg("-o")
-        .arg(&bin)
-        .output()
-        .expect("run gcc");
-    assert!(
-        out.status.success(),
-        "gcc failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    bin
-}
 
 /// The front-end's end of the C program's channel.
 struct Front {
@@ -86,7 +53,7 @@ impl Front {
 fn a_c_net_device_takes_mtu_and_rarp_through_its_callbacks() {
     let dir = std::env::temp_dir().join(format!("vhu-c-net-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let bin = build(&dir);
+    let bin = common::built_c_program(&dir, "net");
     let mut child = Command::new(&bin)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

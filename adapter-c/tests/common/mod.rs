@@ -1,7 +1,7 @@
 //! What the C ABI's test binaries that go through the built library
 //! share.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// `file` (`libvhost_user_c.so` or `.a`) in `target/<profile>` of this
@@ -25,4 +25,37 @@ pub fn built_library(file: &str) -> PathBuf {
     let lib = dir.join(file);
     assert!(lib.exists(), "{} missing", lib.display());
     lib
+}
+
+/// `tests/c/<name>.c` built by gcc into `dir` against the header and the
+/// staticlib (with what the hosted staticlib needs from the C library,
+/// vhu.pc's `Libs.private`); returns the program's path.
+#[allow(dead_code)] // Not every test binary that shares this builds C.
+pub fn built_c_program(dir: &Path, name: &str) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let bin = dir.join(format!("vhu-c-{name}"));
+    let out = Command::new("gcc")
+        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-O2", "-I"])
+        .arg(root.join("include"))
+        .arg(root.join(format!("tests/c/{name}.c")))
+        .arg(built_library("libvhost_user_c.a"))
+        .args([
+            "-lgcc_s",
+            "-lutil",
+            "-lrt",
+            "-lpthread",
+            "-lm",
+            "-ldl",
+            "-lc",
+        ])
+        .arg("-o")
+        .arg(&bin)
+        .output()
+        .expect("run gcc");
+    assert!(
+        out.status.success(),
+        "gcc failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    bin
 }
