@@ -19,7 +19,8 @@
  * another buffer of the call, and no host range of a guest memory table
  * (vhu_region) with any of them. A call given such pointers returns
  * VHU_ERR_INVALID before it forms a reference to, or writes, the bytes
- * they share.
+ * they share. A blk device whose control path (vhu_blk_device()) a
+ * message is handled with counts as a state of that call.
  *
  * Setting up a back-end:
  *
@@ -1546,7 +1547,9 @@ vhu_result vhu_message_size(const uint8_t *header, size_t len, size_t *total);
  * `struct_size` is not one this library knows. `VHU_ERR_INVALID` if `reply` or
  * `out` shares a byte with the back-end, `msg`, `mem`, `device` or each
  * other, or an entry of the table `mem` maps any of them (the message is
- * read while the reply is written: give each its own bytes).
+ * read while the reply is written: give each its own bytes); so does a
+ * blk device whose control path `device` is (`vhu_blk_device()`: its
+ * callbacks enter it during the call).
  *
  * # Safety
  *
@@ -1685,7 +1688,9 @@ vhu_result vhu_blk_offered_features(vhu_blk *blk, uint64_t *out);
  * `vhu_backend_handle()` (config space reads and writes, features,
  * reset), written into `*out` at the `struct_size` it holds
  * (`VHU_DEVICE_INIT`; `VHU_ERR_ABI` for a size this library does not
- * know). The device must stay where it is while `*out` is used.
+ * know). The device must stay where it is while `*out` is used, and
+ * shares no byte with anything else of a `vhu_backend_handle()` given
+ * `*out` (`VHU_ERR_INVALID`).
  *
  * # Safety
  *

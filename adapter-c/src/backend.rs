@@ -665,7 +665,9 @@ pub unsafe extern "C" fn vhu_message_size(
 /// `struct_size` is not one this library knows. `VHU_ERR_INVALID` if `reply` or
 /// `out` shares a byte with the back-end, `msg`, `mem`, `device` or each
 /// other, or an entry of the table `mem` maps any of them (the message is
-/// read while the reply is written: give each its own bytes).
+/// read while the reply is written: give each its own bytes); so does a
+/// blk device whose control path `device` is (`vhu_blk_device()`: its
+/// callbacks enter it during the call).
 ///
 /// # Safety
 ///
@@ -704,6 +706,11 @@ pub unsafe extern "C" fn vhu_backend_handle(
         fp.reads(msg, len)?;
         // SAFETY: the caller's contract.
         let mut device = unsafe { CDevice::from_raw(device, &mut fp) }?;
+        if let Some(d) = device.0.as_ref() {
+            // SAFETY: the caller's contract: the callbacks may be called
+            // with `ctx`, so a blk device's are given its device.
+            unsafe { crate::blk::claim_for_callbacks(d, &mut fp) }?;
+        }
         fp.writes(reply, reply_cap)?;
         fp.writes(out, 1)?;
         // SAFETY: the caller's contract.

@@ -7,6 +7,7 @@
 
 use core::ffi::c_void;
 use core::mem::size_of;
+use core::ptr;
 
 use vhost_user_core::device::blk::{
     BlkConfig, BlkDevice, BlkOp, BlkRequest, BlkStatus, BLK_ID_BYTES,
@@ -338,11 +339,50 @@ unsafe extern "C" fn dev_reset(ctx: *mut c_void) {
     });
 }
 
+/// Claims in `fp`, for the callbacks of `d` that a call makes, the blk
+/// device they enter when any of them is this module's (its `ctx`): a
+/// message handled with `vhu_blk_device()`'s control path uses the blk
+/// device's storage as much as the session's, so it shares no byte with
+/// the session, the message, the reply or anything else of the call.
+///
+/// # Safety
+///
+/// `d`'s callbacks may be called with its `ctx` (a callback of this
+/// module's: `ctx` is NULL, misaligned or a blk device, as `vhu_blk_device`
+/// wrote it).
+pub(crate) unsafe fn claim_for_callbacks(
+    d: &vhu_device,
+    fp: &mut Footprint<'_>,
+) -> Result<(), vhu_result> {
+    type ReadConfig = unsafe extern "C" fn(*mut c_void, u32, *mut u8, usize) -> bool;
+    type WriteConfig = unsafe extern "C" fn(*mut c_void, u32, *const u8, usize, bool) -> bool;
+    type Acked = unsafe extern "C" fn(*mut c_void, u64);
+    type Reset = unsafe extern "C" fn(*mut c_void);
+    // Compared by address: a callback of this module's that is not
+    // recognised (another copy of it) leaves the blk device unclaimed.
+    let ours = d
+        .read_config
+        .is_some_and(|f| ptr::fn_addr_eq(f, dev_read_config as ReadConfig))
+        || d.write_config
+            .is_some_and(|f| ptr::fn_addr_eq(f, dev_write_config as WriteConfig))
+        || d.features_acked
+            .is_some_and(|f| ptr::fn_addr_eq(f, dev_features_acked as Acked))
+        || d.reset
+            .is_some_and(|f| ptr::fn_addr_eq(f, dev_reset as Reset));
+    if !ours {
+        return Ok(());
+    }
+    // SAFETY: the caller's contract.
+    unsafe { fp.lent_state::<BlkDevice, _>(d.ctx) }
+}
+
 /// The blk device's control path as a `vhu_device` for
 /// `vhu_backend_handle()` (config space reads and writes, features,
 /// reset), written into `*out` at the `struct_size` it holds
 /// (`VHU_DEVICE_INIT`; `VHU_ERR_ABI` for a size this library does not
-/// know). The device must stay where it is while `*out` is used.
+/// know). The device must stay where it is while `*out` is used, and
+/// shares no byte with anything else of a `vhu_backend_handle()` given
+/// `*out` (`VHU_ERR_INVALID`).
 ///
 /// # Safety
 ///

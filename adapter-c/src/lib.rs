@@ -69,7 +69,9 @@
 //! of the call, and no host range of a guest memory table's entry in use
 //! with any of them; such a call returns `VHU_ERR_INVALID`. (The library holds a `&mut` to a state's value, or
 //! a reference to a buffer, while it writes the others; a write through
-//! one into another would be undefined behaviour.)
+//! one into another would be undefined behaviour.) The storage of the
+//! blk device whose control path (`vhu_blk_device()`) a message is
+//! handled with counts as a state that call takes.
 //!
 //! What no check can catch stays the caller's contract, written in each
 //! function's `# Safety`: pointers point at memory of the stated size

@@ -232,6 +232,10 @@ enum Use {
     /// A state the call enters (a `&mut` to its value), or a buffer it
     /// writes: shares no byte with anything else of the call.
     Own,
+    /// A state the call does not enter but whose callbacks it makes (a
+    /// blk device whose control path is the call's `vhu_device`): as
+    /// `Own` within the call.
+    Lent,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -287,7 +291,7 @@ impl<'a> Footprint<'a> {
             return Ok(());
         }
         let clash =
-            |c: &Claim| (how == Use::Own || c.how == Use::Own) && overlap(at, len, c.at, c.len);
+            |c: &Claim| (how != Use::Read || c.how != Use::Read) && overlap(at, len, c.at, c.len);
         if self.claims.iter().take(self.n).any(clash) || self.in_guest(at, len) {
             return Err(VHU_ERR_INVALID);
         }
@@ -320,6 +324,26 @@ impl<'a> Footprint<'a> {
     ///
     /// As [`get`].
     pub(crate) unsafe fn state<T: Kind, P>(&mut self, p: *const P) -> Result<(), vhu_result> {
+        // SAFETY: the caller's contract.
+        unsafe { self.state_as::<T, P>(p, Use::Own) }
+    }
+
+    /// The storage of the state of kind `T` at `p`, which the call does
+    /// not enter but whose callbacks it makes: claimed as [`state`](Self::state)
+    /// does.
+    ///
+    /// # Safety
+    ///
+    /// As [`get`].
+    pub(crate) unsafe fn lent_state<T: Kind, P>(&mut self, p: *const P) -> Result<(), vhu_result> {
+        // SAFETY: the caller's contract.
+        unsafe { self.state_as::<T, P>(p, Use::Lent) }
+    }
+
+    /// # Safety
+    ///
+    /// As [`get`].
+    unsafe fn state_as<T: Kind, P>(&mut self, p: *const P, how: Use) -> Result<(), vhu_result> {
         if p.is_null() || (p as usize) % align::<T>() != 0 {
             return Ok(());
         }
@@ -335,7 +359,7 @@ impl<'a> Footprint<'a> {
         } else {
             size::<T>()
         };
-        self.claim(p as usize, len, Use::Own)
+        self.claim(p as usize, len, how)
     }
 
     /// `n` `T`s at `p` that the call reads.

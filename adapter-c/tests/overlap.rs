@@ -422,3 +422,108 @@ fn a_memory_table_over_a_message_or_its_reply_is_refused() {
         assert_eq!(handle(&apart, cap), VHU_OK);
     }
 }
+
+/// SET_FEATURES (2), version 1, 8 bytes: VERSION_1.
+fn set_features() -> Vec<u8> {
+    let mut msg = Vec::new();
+    msg.extend_from_slice(&2u32.to_le_bytes());
+    msg.extend_from_slice(&1u32.to_le_bytes());
+    msg.extend_from_slice(&8u32.to_le_bytes());
+    msg.extend_from_slice(&VHU_VIRTIO_F_VERSION_1.to_le_bytes());
+    msg
+}
+
+/// A message handled with a blk device's control path (`vhu_blk_device`)
+/// runs the device's callbacks, which enter the blk device: its storage
+/// is part of the call as much as the session's. A blk device inside the
+/// reply buffer or the outcome is refused before anything is written (the
+/// reply, the outcome and the device are byte for byte as they were, and
+/// the session did not take the features); one right after the reply
+/// buffer is taken.
+#[test]
+fn a_blk_device_over_a_messages_reply_or_outcome_is_refused() {
+    let cfg = vhu_backend_config {
+        struct_size: size_of::<vhu_backend_config>(),
+        features: VHU_VIRTIO_F_VERSION_1 | VHU_F_PROTOCOL_FEATURES,
+        protocol_features: VHU_PROTOCOL_F_MQ,
+        num_queues: 1,
+        max_queue_size: 64,
+    };
+    let mut s = Storage::new(vhu_backend_size(), 0);
+    let be: *mut vhu_backend = s.at(0);
+    let msg = set_features();
+    let cap = VHU_MAX_MESSAGE as usize;
+    let blk_size = vhu_blk_size();
+    let out_size = size_of::<vhu_outcome>();
+    // The reply buffer, then room for a blk device or an outcome after it.
+    let mut r = Storage::new(cap.next_multiple_of(64) + blk_size, 64);
+    let reply: *mut u8 = r.at(0);
+    let bytes = |p: *const u8, n: usize| {
+        // SAFETY: `p` points at `n` bytes of the test's storage.
+        unsafe { core::slice::from_raw_parts(p, n) }.to_vec()
+    };
+    let features = |be: *mut vhu_backend| {
+        let mut f = u64::MAX;
+        // SAFETY: a live session and out-value.
+        let r = unsafe { vhu_backend_features(be, &mut f, ptr::null_mut()) };
+        assert_eq!(r, VHU_OK);
+        f
+    };
+    // SAFETY: storages of the sizes asked (the reply's storage holds the
+    // reply and a blk device or an outcome at the 64-aligned offsets
+    // used), aligned to 64; a live message and config.
+    unsafe {
+        assert_eq!(vhu_backend_init(be, vhu_backend_size(), &cfg), VHU_OK);
+        let handle = |blk: *mut vhu_blk, reply_cap: usize, out: *mut vhu_outcome| {
+            let mut dev = vhu_device {
+                struct_size: size_of::<vhu_device>(),
+                ctx: ptr::null_mut(),
+                read_config: None,
+                write_config: None,
+                features_acked: None,
+                reset: None,
+                set_mtu: None,
+                send_rarp: None,
+            };
+            assert_eq!(vhu_blk_device(blk, &mut dev), VHU_OK);
+            vhu_backend_handle(
+                be,
+                msg.as_ptr(),
+                msg.len(),
+                0,
+                ptr::null(),
+                &dev,
+                reply,
+                reply_cap,
+                out,
+            )
+        };
+        // The blk device inside the reply buffer.
+        ptr::write_bytes(reply, 0x5a, cap.next_multiple_of(64) + blk_size);
+        let blk: *mut vhu_blk = r.at(1024);
+        assert_eq!(vhu_blk_init(blk, blk_size, &blk_config()), VHU_OK);
+        let mut out = [0xa5u8; 64];
+        let out_p = out.as_mut_ptr().cast::<vhu_outcome>();
+        assert!(out_size <= out.len() && out_p.is_aligned());
+        let before = bytes(reply, cap);
+        assert_eq!(handle(blk, cap, out_p), VHU_ERR_INVALID);
+        assert_eq!(bytes(reply, cap), before, "the reply or the device changed");
+        assert!(out.iter().all(|&b| b == 0xa5), "the outcome was written");
+        assert_eq!(features(be), 0, "the session took the message");
+
+        // The blk device where the outcome is.
+        let blk: *mut vhu_blk = r.at(cap.next_multiple_of(64));
+        assert_eq!(vhu_blk_init(blk, blk_size, &blk_config()), VHU_OK);
+        let before = bytes(blk.cast(), blk_size);
+        let out_p = r.at::<vhu_outcome>(cap.next_multiple_of(64) + 64);
+        let r = handle(blk, cap, out_p);
+        assert_eq!(r, VHU_ERR_INVALID);
+        assert_eq!(bytes(blk.cast(), blk_size), before, "the device changed");
+        assert_eq!(features(be), 0, "the session took the message");
+
+        // Right after the reply buffer: taken, and the device acked.
+        let mut out = core::mem::MaybeUninit::<vhu_outcome>::uninit();
+        assert_eq!(handle(blk, cap, out.as_mut_ptr()), VHU_OK);
+        assert_eq!(features(be), VHU_VIRTIO_F_VERSION_1);
+    }
+}
