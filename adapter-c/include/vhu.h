@@ -20,7 +20,13 @@
  * (vhu_region) with any of them. A call given such pointers returns
  * VHU_ERR_INVALID before it forms a reference to, or writes, the bytes
  * they share. A blk device whose control path (vhu_blk_device()) a
- * message is handled with counts as a state of that call.
+ * message is handled with counts as a state of that call. A call made
+ * from a callback (vhu_mem_ops, vhu_device) may read what the call the
+ * callback runs in reads and use the buffer the callback was handed, but
+ * no other byte of that call's states and buffers (VHU_ERR_INVALID; on
+ * a state that call is inside, VHU_ERR_BUSY). Without the std feature
+ * (bare metal) the library cannot see the calls a callback runs in: there
+ * a callback's calls keep clear of them by contract.
  *
  * Setting up a back-end:
  *
@@ -285,7 +291,9 @@ enum vhu_result
    * region whose end overflows, ...), or pointers of one call overlap:
    * a buffer that shares a byte with a state the call uses, an output
    * that shares one with another buffer of the call, a guest memory
-   * region whose host range covers either.
+   * region whose host range covers either; or a call made from a
+   * callback uses bytes of the call the callback runs in that it was
+   * not handed.
    */
   VHU_ERR_INVALID = 5,
   /**

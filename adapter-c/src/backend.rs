@@ -30,7 +30,7 @@ use crate::dataplane::{self, vhu_dataplane};
 use crate::memory::{vhu_mem, vhu_mem_region, Mem};
 use crate::result::vhu_result::{self, *};
 use crate::result::{self, guard};
-use crate::state::{self, Footprint, Kind};
+use crate::state::{self, Footprint, Kind, Lend};
 use crate::versioned::{self, Versioned};
 
 /// Most queues a back-end session has.
@@ -203,11 +203,21 @@ pub struct vhu_device {
 }
 
 /// A [`vhu_device`] as the core's [`Device`] (the control path only: the
-/// caller drives the data path through the data plane).
-struct CDevice(Option<vhu_device>);
+/// caller drives the data path through the data plane), for a call whose
+/// complete footprint it publishes while a callback runs.
+struct CDevice<'f> {
+    dev: Option<vhu_device>,
+    call: &'f Footprint<'f>,
+}
 
-impl CDevice {
-    /// The device at `p` (NULL: none), claimed in `fp` as read.
+/// A [`vhu_device`] read for a call that still claims what it uses (see
+/// [`memory::Unbound`](crate::memory::Unbound)).
+struct Unbound(Option<vhu_device>);
+
+impl Unbound {
+    /// The device at `p` (NULL: none), claimed in `fp` as read, and the
+    /// blk device its callbacks enter, if any are the blk device's own
+    /// (claimed for the callbacks: see `blk::claim_for_callbacks`).
     ///
     /// # Safety
     ///
@@ -216,10 +226,19 @@ impl CDevice {
     /// the call.
     unsafe fn from_raw(p: *const vhu_device, fp: &mut Footprint<'_>) -> Result<Self, vhu_result> {
         if p.is_null() {
-            return Ok(CDevice(None));
+            return Ok(Unbound(None));
         }
         // SAFETY: the caller's contract.
-        Ok(CDevice(Some(unsafe { versioned::read(p, fp) }?)))
+        let d = unsafe { versioned::read(p, fp) }?;
+        // SAFETY: the caller's contract: the callbacks may be called with
+        // `ctx`, so a blk device's are given its device.
+        unsafe { crate::blk::claim_for_callbacks(&d, fp) }?;
+        Ok(Unbound(Some(d)))
+    }
+
+    /// This device, for the call whose complete footprint is `call`.
+    fn bind<'f>(self, call: &'f Footprint<'_>) -> CDevice<'f> {
+        CDevice { dev: self.0, call }
     }
 
     /// The protocol features whose messages this device's callbacks take
@@ -235,7 +254,7 @@ impl CDevice {
 }
 
 /// The protocol features offered only with the device's callback for
-/// their message (`CDevice::carries`).
+/// their message (`Unbound::carries`).
 const DEVICE_PROTOCOL_FEATURES: ProtocolFeatures =
     ProtocolFeatures::RARP.union(ProtocolFeatures::MTU);
 
@@ -289,35 +308,41 @@ impl Default for vhu_backend_config {
     }
 }
 
-impl Device for CDevice {
+impl Device for CDevice<'_> {
     type Scratch = ();
 
     fn read_config(&self, offset: u32, dst: &mut [u8]) -> bool {
-        match self.0 {
+        match self.dev {
             Some(vhu_device {
                 ctx,
                 read_config: Some(f),
                 ..
             }) => {
+                let (p, n) = (dst.as_mut_ptr(), dst.len());
                 // SAFETY: the caller gave this callback for this `ctx`;
-                // `dst` is a live buffer of `dst.len()` bytes.
-                // SAFETY: the caller's contract.
-                unsafe { f(ctx, offset, dst.as_mut_ptr(), dst.len()) }
+                // `dst` is a live buffer of `n` bytes, handed to the
+                // callback (and the calls it makes) to write.
+                self.call
+                    .call_out(Lend::Writes(p, n), || unsafe { f(ctx, offset, p, n) })
             }
             _ => false,
         }
     }
 
     fn write_config(&mut self, offset: u32, src: &[u8], kind: ConfigWriteKind) -> bool {
-        match self.0 {
+        match self.dev {
             Some(vhu_device {
                 ctx,
                 write_config: Some(f),
                 ..
             }) => {
                 let migration = matches!(kind, ConfigWriteKind::Migration);
-                // SAFETY: as in `read_config`; `src` is live for the call.
-                unsafe { f(ctx, offset, src.as_ptr(), src.len(), migration) }
+                let (p, n) = (src.as_ptr(), src.len());
+                // SAFETY: as in `read_config`; `src` is live for the call,
+                // handed to the callback to read.
+                self.call.call_out(Lend::Reads(p, n), || unsafe {
+                    f(ctx, offset, p, n, migration)
+                })
             }
             _ => false,
         }
@@ -328,10 +353,11 @@ impl Device for CDevice {
             ctx,
             features_acked: Some(f),
             ..
-        }) = self.0
+        }) = self.dev
         {
             // SAFETY: the caller gave this callback for this `ctx`.
-            unsafe { f(ctx, features.bits()) }
+            self.call
+                .call_out(Lend::Nothing, || unsafe { f(ctx, features.bits()) })
         }
     }
 
@@ -340,37 +366,40 @@ impl Device for CDevice {
             ctx,
             reset: Some(f),
             ..
-        }) = self.0
+        }) = self.dev
         {
             // SAFETY: the caller gave this callback for this `ctx`.
-            unsafe { f(ctx) }
+            self.call.call_out(Lend::Nothing, || unsafe { f(ctx) })
         }
     }
 
     fn set_mtu(&mut self, mtu: u16) -> bool {
-        match self.0 {
+        match self.dev {
             Some(vhu_device {
                 ctx,
                 set_mtu: Some(f),
                 ..
             }) => {
                 // SAFETY: the caller gave this callback for this `ctx`.
-                unsafe { f(ctx, mtu) }
+                self.call.call_out(Lend::Nothing, || unsafe { f(ctx, mtu) })
             }
             _ => false,
         }
     }
 
     fn send_rarp(&mut self, mac: [u8; 6]) -> bool {
-        match self.0 {
+        match self.dev {
             Some(vhu_device {
                 ctx,
                 send_rarp: Some(f),
                 ..
             }) => {
+                let p = mac.as_ptr();
                 // SAFETY: the caller gave this callback for this `ctx`;
-                // `mac` is 6 live bytes for the call.
-                unsafe { f(ctx, mac.as_ptr()) }
+                // `mac` is 6 live bytes for the call, handed to the
+                // callback to read.
+                self.call
+                    .call_out(Lend::Reads(p, mac.len()), || unsafe { f(ctx, p) })
             }
             _ => false,
         }
@@ -705,12 +734,7 @@ pub unsafe extern "C" fn vhu_backend_handle(
         unsafe { fp.state::<Backend, _>(be) }?;
         fp.reads(msg, len)?;
         // SAFETY: the caller's contract.
-        let mut device = unsafe { CDevice::from_raw(device, &mut fp) }?;
-        if let Some(d) = device.0.as_ref() {
-            // SAFETY: the caller's contract: the callbacks may be called
-            // with `ctx`, so a blk device's are given its device.
-            unsafe { crate::blk::claim_for_callbacks(d, &mut fp) }?;
-        }
+        let device = unsafe { Unbound::from_raw(device, &mut fp) }?;
         fp.writes(reply, reply_cap)?;
         fp.writes(out, 1)?;
         // SAFETY: the caller's contract.
@@ -727,6 +751,8 @@ pub unsafe extern "C" fn vhu_backend_handle(
         let msg = unsafe { state::slice(msg, len) }?;
         // SAFETY: the caller's contract.
         let mem = unsafe { Mem::from_raw(mem, &mut fp) }?;
+        // Every pointer is claimed: the callbacks run with them published.
+        let mem = mem.bind(&fp);
         // A front-end is never offered (nor handed) a message that no
         // callback of this device takes.
         let offered = b.session.config().protocol_features;
@@ -736,6 +762,7 @@ pub unsafe extern "C" fn vhu_backend_handle(
         {
             return Err(VHU_ERR_UNSUPPORTED);
         }
+        let mut device = device.bind(&fp);
         // SAFETY: the caller's contract; apart from everything else the
         // call uses (claimed).
         let reply = unsafe { state::bytes_mut(reply, reply_cap) }?;
@@ -972,6 +999,7 @@ pub unsafe extern "C" fn vhu_backend_start_ring(
         let mem = unsafe { Mem::from_raw(mem, &mut fp) }?;
         // SAFETY: the caller's contract.
         let area = unsafe { Mem::optional(area, &mut fp) }?;
+        let (mem, area) = (mem.bind(&fp), area.map(|a| a.bind(&fp)));
         let dp = b
             .session
             .start_ring(queue, &mem, area.as_ref(), consume_disabled)
@@ -1019,6 +1047,9 @@ pub unsafe extern "C" fn vhu_backend_ring_addrs(
 #[no_mangle]
 pub unsafe extern "C" fn vhu_backend_rings_reset(be: *mut vhu_backend) -> vhu_result {
     guard(|| {
+        let mut fp = Footprint::new();
+        // SAFETY: the caller's contract.
+        unsafe { fp.state::<Backend, _>(be) }?;
         // SAFETY: the caller's contract.
         let mut b = unsafe { state::get::<Backend, _>(be) }?;
         b.session.rings_reset();

@@ -233,8 +233,13 @@ pub unsafe extern "C" fn vhu_blk_request_init(
     storage: *mut vhu_blk_request,
     size: usize,
 ) -> vhu_result {
-    // SAFETY: the caller's contract; `init` checks size and alignment.
-    guard(|| unsafe { state::init(storage, size, vhu_blk_request_size(), Plan::new()) })
+    guard(|| {
+        state::storage::<Plan, _>(storage, size, vhu_blk_request_size())?;
+        let mut fp = Footprint::new();
+        fp.writes(storage.cast::<u8>(), vhu_blk_request_size())?;
+        // SAFETY: the caller's contract; `init` checks size and alignment.
+        unsafe { state::init(storage, size, vhu_blk_request_size(), Plan::new()) }
+    })
 }
 
 /// The virtio feature bits the device offers (add the ring and transport
@@ -320,6 +325,9 @@ unsafe extern "C" fn dev_features_acked(ctx: *mut c_void, features: u64) {
     let _ = guard(|| {
         #[cfg(all(test, feature = "std"))]
         tests::panic_point();
+        let mut fp = Footprint::new();
+        // SAFETY: as in `dev_read_config`.
+        unsafe { fp.state::<BlkDevice, _>(ctx) }?;
         // SAFETY: as in `dev_read_config`.
         let mut d = unsafe { state::get::<BlkDevice, _>(ctx) }?;
         d.set_features(VirtioFeatures::from_bits_retain(features));
@@ -332,6 +340,9 @@ unsafe extern "C" fn dev_reset(ctx: *mut c_void) {
     let _ = guard(|| {
         #[cfg(all(test, feature = "std"))]
         tests::panic_point();
+        let mut fp = Footprint::new();
+        // SAFETY: as in `dev_read_config`.
+        unsafe { fp.state::<BlkDevice, _>(ctx) }?;
         // SAFETY: as in `dev_read_config`.
         let mut d = unsafe { state::get::<BlkDevice, _>(ctx) }?;
         d.reset();
@@ -343,7 +354,8 @@ unsafe extern "C" fn dev_reset(ctx: *mut c_void) {
 /// device they enter when any of them is this module's (its `ctx`): a
 /// message handled with `vhu_blk_device()`'s control path uses the blk
 /// device's storage as much as the session's, so it shares no byte with
-/// the session, the message, the reply or anything else of the call.
+/// the session, the message, the reply or anything else of the call. The
+/// calls those callbacks make (the callbacks themselves) may enter it.
 ///
 /// # Safety
 ///
@@ -359,7 +371,8 @@ pub(crate) unsafe fn claim_for_callbacks(
     type Acked = unsafe extern "C" fn(*mut c_void, u64);
     type Reset = unsafe extern "C" fn(*mut c_void);
     // Compared by address: a callback of this module's that is not
-    // recognised (another copy of it) leaves the blk device unclaimed.
+    // recognised (another copy of it) leaves the blk device to the check
+    // its callbacks make as calls made from a callback.
     let ours = d
         .read_config
         .is_some_and(|f| ptr::fn_addr_eq(f, dev_read_config as ReadConfig))
@@ -442,6 +455,7 @@ pub unsafe extern "C" fn vhu_blk_plan(
         let segs = unsafe { state::slice(segs, nsegs) }?;
         // SAFETY: the caller's contract.
         let mem = unsafe { Mem::from_raw(mem, &mut fp) }?;
+        let mem = mem.bind(&fp);
         // SAFETY: the caller's contract.
         let mut plan = unsafe { state::get::<Plan, _>(req) }?;
         let read = |gpa: u64, dst: &mut [u8]| -> Result<(), MemoryError> { mem.read(gpa, dst) };
@@ -546,6 +560,7 @@ pub unsafe extern "C" fn vhu_blk_request_read_data(
         let plan = unsafe { state::get::<Plan, _>(req) }?;
         // SAFETY: the caller's contract.
         let mem = unsafe { Mem::from_raw(mem, &mut fp) }?;
+        let mem = mem.bind(&fp);
         // SAFETY: the caller's contract; outside the plan and the table
         // (claimed).
         let dst = unsafe { state::bytes_mut(dst, len) }?;
@@ -582,6 +597,7 @@ pub unsafe extern "C" fn vhu_blk_request_write_data(
         let plan = unsafe { state::get::<Plan, _>(req) }?;
         // SAFETY: the caller's contract.
         let mem = unsafe { Mem::from_raw(mem, &mut fp) }?;
+        let mem = mem.bind(&fp);
         // SAFETY: the caller's contract; outside the plan and the table
         // (claimed).
         let src = unsafe { state::slice(src, len) }?;
@@ -632,6 +648,7 @@ pub unsafe extern "C" fn vhu_blk_get_id(
         let plan = unsafe { state::get::<Plan, _>(req) }?;
         // SAFETY: the caller's contract.
         let mem = unsafe { Mem::from_raw(mem, &mut fp) }?;
+        let mem = mem.bind(&fp);
         let BlkOp::GetId { len } = plan.op() else {
             return Err(VHU_ERR_INVALID);
         };
@@ -668,6 +685,7 @@ pub unsafe extern "C" fn vhu_blk_request_finish(
         let plan = unsafe { state::get::<Plan, _>(req) }?;
         // SAFETY: the caller's contract.
         let mem = unsafe { Mem::from_raw(mem, &mut fp) }?;
+        let mem = mem.bind(&fp);
         let st = status(status_value)?;
         let write = |gpa: u64, s: &[u8]| -> Result<(), MemoryError> { mem.write(gpa, s) };
         // A status the guest cannot be told about completes with length

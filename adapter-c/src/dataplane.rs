@@ -309,6 +309,7 @@ pub unsafe extern "C" fn vhu_dataplane_init(
         let mem = unsafe { Mem::from_raw(mem, &mut fp) }?;
         // SAFETY: the caller's contract.
         let area = unsafe { Mem::optional(area, &mut fp) }?;
+        let (mem, area) = (mem.bind(&fp), area.map(|a| a.bind(&fp)));
         let features = VirtioFeatures::from_bits_retain(c.features);
         let mut q = Queue::new(c.size, c.addrs.into(), features).map_err(result::vring)?;
         q.set_base(c.base).map_err(result::vring)?;
@@ -379,6 +380,7 @@ pub unsafe extern "C" fn vhu_dataplane_pop(
         let mem = unsafe { Mem::from_raw(mem, &mut fp) }?;
         // SAFETY: the caller's contract.
         let area = unsafe { Mem::optional(area, &mut fp) }?;
+        let (mem, area) = (mem.bind(&fp), area.map(|a| a.bind(&fp)));
         if segs.is_null() {
             return Err(VHU_ERR_NULL);
         }
@@ -469,6 +471,7 @@ pub unsafe extern "C" fn vhu_dataplane_complete(
         let mem = unsafe { Mem::from_raw(mem, &mut fp) }?;
         // SAFETY: the caller's contract.
         let area = unsafe { Mem::optional(area, &mut fp) }?;
+        let (mem, area) = (mem.bind(&fp), area.map(|a| a.bind(&fp)));
         let slot = usize::try_from(handle)
             .ok()
             .and_then(|i| table.get_mut(i))
@@ -520,6 +523,7 @@ pub unsafe extern "C" fn vhu_dataplane_publish(
         let mem = unsafe { Mem::from_raw(mem, &mut fp) }?;
         // SAFETY: the caller's contract.
         let area = unsafe { Mem::optional(area, &mut fp) }?;
+        let (mem, area) = (mem.bind(&fp), area.map(|a| a.bind(&fp)));
         let p =
             r.dp.publish(&mem, area.as_ref())
                 .map_err(result::dataplane)?;
@@ -552,6 +556,7 @@ pub unsafe extern "C" fn vhu_dataplane_enable_notification(
         let (mut r, _) = unsafe { ring(dp) }?;
         // SAFETY: the caller's contract.
         let mem = unsafe { Mem::from_raw(mem, &mut fp) }?;
+        let mem = mem.bind(&fp);
         let w = r.dp.enable_notification(&mem).map_err(result::dataplane)?;
         // SAFETY: the caller's contract.
         unsafe { state::put(work, w) }
@@ -577,6 +582,7 @@ pub unsafe extern "C" fn vhu_dataplane_disable_notification(
         let (mut r, _) = unsafe { ring(dp) }?;
         // SAFETY: the caller's contract.
         let mem = unsafe { Mem::from_raw(mem, &mut fp) }?;
+        let mem = mem.bind(&fp);
         r.dp.disable_notification(&mem).map_err(result::dataplane)
     })
 }
@@ -626,6 +632,7 @@ pub unsafe extern "C" fn vhu_dataplane_stop(
         let mem = unsafe { Mem::from_raw(mem, &mut fp) }?;
         // SAFETY: the caller's contract.
         let area = unsafe { Mem::optional(area, &mut fp) }?;
+        let (mem, area) = (mem.bind(&fp), area.map(|a| a.bind(&fp)));
         let (stop, p) = r.dp.stop(&mem, area.as_ref(), suspend);
         if let Stop::Stopped { base: b } = stop {
             for s in table.iter_mut() {
@@ -656,6 +663,9 @@ pub unsafe extern "C" fn vhu_dataplane_set_enabled(
     enabled: bool,
 ) -> vhu_result {
     guard(|| {
+        let mut fp = Footprint::new();
+        // SAFETY: the caller's contract.
+        unsafe { fp.state::<Ring, _>(dp) }?;
         // SAFETY: the caller's contract.
         let (mut r, _) = unsafe { ring(dp) }?;
         r.dp.set_enabled(enabled);

@@ -680,6 +680,9 @@ unsafe fn command(
     f: impl FnOnce(&mut CFrontend) -> Result<(), vhost_user_core::frontend::FrontendError>,
 ) -> vhu_result {
     guard(|| {
+        let mut fp = Footprint::new();
+        // SAFETY: the caller's contract.
+        unsafe { fp.state::<CFrontend, _>(fe) }?;
         // SAFETY: the caller's contract.
         let mut fe = unsafe { state::get::<CFrontend, _>(fe) }?;
         f(&mut fe).map_err(result::frontend)

@@ -32,9 +32,8 @@
 //! A callback of the caller's (guest memory as `vhu_mem_ops`, a
 //! `vhu_device`) may call the library, but not on a state the call it
 //! runs in is using: such a call returns `VHU_ERR_BUSY` and changes
-//! nothing (a state's tag word marks it while a call is inside). A state
-//! the callback initialises again or copies meanwhile is the caller's
-//! contract still: `*_init` does not look at what the storage held.
+//! nothing (a state's tag word marks it while a call is inside). On
+//! another state, or on none, it may, by the rule for pointers below.
 //!
 //! # Structs that grow
 //!
@@ -73,13 +72,23 @@
 //! blk device whose control path (`vhu_blk_device()`) a message is
 //! handled with counts as a state that call takes.
 //!
+//! The same holds across a callback: a call made from a callback (on
+//! another state, or on none) may read what the call the callback runs
+//! in reads, and use the buffer the callback was handed (`dst` to write,
+//! `src` or `mac` to read), but no other byte of that call's states,
+//! buffers or guest memory table, and is refused with `VHU_ERR_INVALID`
+//! before it writes anything. (With `std`: the library finds the calls a
+//! callback runs in through thread-local storage, which a bare-metal
+//! build does not have: there this stays the caller's contract.)
+//!
 //! What no check can catch stays the caller's contract, written in each
 //! function's `# Safety`: pointers point at memory of the stated size
 //! that lives for the call, the host pointers of a guest memory table map
-//! what they claim, a state's bytes are changed by these functions only,
-//! and a callback (guest memory as `vhu_mem_ops`, a `vhu_device`) calls
-//! the library with none of the buffers of the call it runs in (only
-//! that call knows them).
+//! what they claim, the bytes behind guest memory given as callbacks are
+//! none of the call's, a state's bytes are changed by these functions
+//! only, a callback returns (no `longjmp` out of it), and, without `std`,
+//! a callback calls the library with none of the states or buffers of
+//! the call it runs in.
 #![no_std]
 #![warn(missing_docs)]
 // The exported names are C's: `vhu_backend`, `VHU_OK`.

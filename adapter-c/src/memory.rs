@@ -27,7 +27,7 @@ use core::sync::atomic::{fence, AtomicU16, Ordering};
 use vhost_user_core::memory::{GuestMemory, MemoryError};
 
 use crate::result::vhu_result::{self, *};
-use crate::state::{self, Footprint};
+use crate::state::{self, Footprint, Lend};
 use crate::versioned::{self, Versioned};
 
 /// One region of guest memory mapped into this address space. Its host
@@ -162,6 +162,39 @@ pub(crate) struct Mem<'a> {
     /// The table (empty with callbacks).
     regions: &'a [vhu_region],
     backing: Backing,
+    /// The call's footprint, complete: published while a callback runs.
+    call: &'a Footprint<'a>,
+}
+
+/// Guest memory validated for one call ([`Mem::from_raw`]) while the call
+/// still claims what it uses: [`bind`](Self::bind) it to the footprint
+/// once that is complete. Only the bound [`Mem`] accesses guest memory,
+/// so no callback runs before the call can publish all it holds.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Unbound<'a> {
+    regions: &'a [vhu_region],
+    backing: Backing,
+}
+
+impl<'a> Unbound<'a> {
+    /// This memory, for the call whose complete footprint is `call`.
+    pub(crate) fn bind<'b>(self, call: &'b Footprint<'a>) -> Mem<'b>
+    where
+        'a: 'b,
+    {
+        Mem {
+            regions: self.regions,
+            backing: self.backing,
+            call,
+        }
+    }
+
+    fn table(regions: &'a [vhu_region]) -> Unbound<'a> {
+        Unbound {
+            regions,
+            backing: Backing::Table,
+        }
+    }
 }
 
 impl<'a> Mem<'a> {
@@ -180,9 +213,9 @@ impl<'a> Mem<'a> {
     pub(crate) unsafe fn from_raw(
         p: *const vhu_mem,
         fp: &mut Footprint<'a>,
-    ) -> Result<Mem<'a>, vhu_result> {
+    ) -> Result<Unbound<'a>, vhu_result> {
         if p.is_null() {
-            return Ok(Mem::table(&[]));
+            return Ok(Unbound::table(&[]));
         }
         if (p as usize) % core::mem::align_of::<vhu_mem>() != 0 {
             return Err(VHU_ERR_ALIGN);
@@ -203,7 +236,7 @@ impl<'a> Mem<'a> {
             ) else {
                 return Err(VHU_ERR_NULL);
             };
-            return Ok(Mem {
+            return Ok(Unbound {
                 regions: &[],
                 backing: Backing::Ops(Ops {
                     ctx: o.ctx,
@@ -232,14 +265,7 @@ impl<'a> Mem<'a> {
         // ranges (and the guest writes them) while it holds references to
         // the call's states and buffers.
         fp.guest(regions)?;
-        Ok(Mem::table(regions))
-    }
-
-    fn table(regions: &'a [vhu_region]) -> Mem<'a> {
-        Mem {
-            regions,
-            backing: Backing::Table,
-        }
+        Ok(Unbound::table(regions))
     }
 
     /// [`from_raw`](Self::from_raw), or `None` for NULL (an optional
@@ -251,7 +277,7 @@ impl<'a> Mem<'a> {
     pub(crate) unsafe fn optional(
         p: *const vhu_mem,
         fp: &mut Footprint<'a>,
-    ) -> Result<Option<Mem<'a>>, vhu_result> {
+    ) -> Result<Option<Unbound<'a>>, vhu_result> {
         if p.is_null() {
             return Ok(None);
         }
@@ -348,9 +374,13 @@ pub(crate) fn host_range(r: &vhu_region) -> Option<(usize, usize)> {
 impl GuestMemory for Mem<'_> {
     fn read(&self, gpa: u64, dst: &mut [u8]) -> Result<(), MemoryError> {
         if let Backing::Ops(o) = self.backing {
+            let (p, n) = (dst.as_mut_ptr(), dst.len());
             // SAFETY: the caller gave this callback for this `ctx`; `dst`
-            // is a live buffer of `dst.len()` bytes.
-            let ok = unsafe { (o.read)(o.ctx, gpa, dst.as_mut_ptr(), dst.len()) };
+            // is a live buffer of `n` bytes, handed to the callback (and to
+            // the calls it makes) to write.
+            let ok = self
+                .call
+                .call_out(Lend::Writes(p, n), || unsafe { (o.read)(o.ctx, gpa, p, n) });
             return ok
                 .then_some(())
                 .ok_or(MemoryError::unmapped(gpa, dst.len() as u64));
@@ -373,8 +403,12 @@ impl GuestMemory for Mem<'_> {
 
     fn write(&self, gpa: u64, src: &[u8]) -> Result<(), MemoryError> {
         if let Backing::Ops(o) = self.backing {
-            // SAFETY: as in `read`; `src` is live for the call.
-            let ok = unsafe { (o.write)(o.ctx, gpa, src.as_ptr(), src.len()) };
+            let (p, n) = (src.as_ptr(), src.len());
+            // SAFETY: as in `read`; `src` is live for the call, handed to
+            // the callback to read.
+            let ok = self
+                .call
+                .call_out(Lend::Reads(p, n), || unsafe { (o.write)(o.ctx, gpa, p, n) });
             return ok
                 .then_some(())
                 .ok_or(MemoryError::unmapped(gpa, src.len() as u64));
@@ -397,8 +431,13 @@ impl GuestMemory for Mem<'_> {
                 return Err(MemoryError::misaligned(gpa));
             }
             let mut v = 0u16;
-            // SAFETY: as in `read`; `v` is a live u16.
-            let ok = unsafe { (o.load)(o.ctx, gpa, &mut v) };
+            let p = ptr::from_mut(&mut v);
+            let lend = Lend::Writes(p.cast(), size_of::<u16>());
+            // SAFETY: as in `read`; `v` is a live u16, handed to the
+            // callback to write.
+            let ok = self
+                .call
+                .call_out(lend, || unsafe { (o.load)(o.ctx, gpa, p) });
             return ok.then_some(v).ok_or(MemoryError::unmapped(gpa, 2));
         }
         Ok(u16::from_le(self.atomic_u16(gpa)?.load(Ordering::Acquire)))
@@ -410,7 +449,9 @@ impl GuestMemory for Mem<'_> {
                 return Err(MemoryError::misaligned(gpa));
             }
             // SAFETY: as in `read`.
-            let ok = unsafe { (o.store)(o.ctx, gpa, v) };
+            let ok = self
+                .call
+                .call_out(Lend::Nothing, || unsafe { (o.store)(o.ctx, gpa, v) });
             return ok.then_some(()).ok_or(MemoryError::unmapped(gpa, 2));
         }
         self.atomic_u16(gpa)?.store(v.to_le(), Ordering::Release);
@@ -428,7 +469,9 @@ impl GuestMemory for Mem<'_> {
     fn check(&self, gpa: u64, len: u64) -> Result<(), MemoryError> {
         if let Backing::Ops(o) = self.backing {
             // SAFETY: as in `read`.
-            let ok = unsafe { (o.check)(o.ctx, gpa, len) };
+            let ok = self
+                .call
+                .call_out(Lend::Nothing, || unsafe { (o.check)(o.ctx, gpa, len) });
             return ok.then_some(()).ok_or(MemoryError::unmapped(gpa, len));
         }
         if self.within(gpa, len).is_some() {
@@ -472,8 +515,10 @@ mod tests {
             count: regions.len(),
             ops: ptr::null(),
         };
+        let mut fp = Footprint::new();
         // SAFETY: the entries map `a` and `b`, alive for the test.
-        let m = unsafe { Mem::from_raw(&raw, &mut Footprint::new()) }.unwrap_or(Mem::table(&[]));
+        let m = unsafe { Mem::from_raw(&raw, &mut fp) }.unwrap_or(Unbound::table(&[]));
+        let m = m.bind(&fp);
         m.write(0x100e, b"abcd").unwrap_or_else(|e| panic!("{e}"));
         let mut got = [0u8; 4];
         m.read(0x100e, &mut got).unwrap_or_else(|e| panic!("{e}"));

@@ -30,7 +30,9 @@ pub enum vhu_result {
     /// region whose end overflows, ...), or pointers of one call overlap:
     /// a buffer that shares a byte with a state the call uses, an output
     /// that shares one with another buffer of the call, a guest memory
-    /// region whose host range covers either.
+    /// region whose host range covers either; or a call made from a
+    /// callback uses bytes of the call the callback runs in that it was
+    /// not handed.
     VHU_ERR_INVALID = 5,
     /// The storage does not hold the state the call expects (not
     /// initialised, or initialised as another kind of state).

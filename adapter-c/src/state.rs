@@ -13,7 +13,18 @@
 //! entry point claims the states it enters and every buffer it reads or
 //! writes, and guest memory tables claim their regions, before anything
 //! is formed or written.
+//!
+//! Across calls, it keeps the same rule for a call made from a callback
+//! (a nested call, on another state or on none): while a callback of the
+//! caller's runs, the footprint of the call it runs in is published to
+//! the thread ([`Footprint::call_out`]), and every claim of a nested call
+//! is checked against it too. A nested call may read what the outer call
+//! reads, and use what the outer call handed the callback (its buffer
+//! argument, and a blk device whose callbacks the call makes), but
+//! nothing else of the outer call.
 
+#[cfg(feature = "std")]
+use core::cell::Cell;
 use core::mem::{align_of, size_of};
 use core::ops::{Deref, DerefMut};
 use core::ptr;
@@ -234,7 +245,7 @@ enum Use {
     Own,
     /// A state the call does not enter but whose callbacks it makes (a
     /// blk device whose control path is the call's `vhu_device`): as
-    /// `Own` within the call.
+    /// `Own` within the call, and open to the calls those callbacks make.
     Lent,
 }
 
@@ -243,11 +254,129 @@ struct Claim {
     at: usize,
     len: usize,
     how: Use,
+    /// The storage of a state: its first 8 bytes (the tag and the
+    /// extent) are never covered by a reference, so a nested call may
+    /// read them (to answer `VHU_ERR_BUSY`).
+    state: bool,
+}
+
+const NO_CLAIM: Claim = Claim {
+    at: 0,
+    len: 0,
+    how: Use::Read,
+    state: false,
+};
+
+impl Claim {
+    /// Whether `[at, at + len)` lies inside this range (which is not
+    /// empty).
+    fn holds(&self, at: usize, len: usize) -> bool {
+        self.len != 0 && at >= self.at && at.saturating_add(len) <= self.at.saturating_add(self.len)
+    }
+
+    /// Whether a claim `how` of `[at, at + len)` clashes with this one:
+    /// they share a byte and are not both reads.
+    fn clashes(&self, at: usize, len: usize, how: Use) -> bool {
+        (how != Use::Read || self.how != Use::Read) && overlap(at, len, self.at, self.len)
+    }
 }
 
 /// Most ranges one call claims (a pop: the data plane, three outputs and
 /// two guest memory descriptions of up to three ranges each).
 const MAX_CLAIMS: usize = 12;
+
+/// Bytes of a state's tag and extent, before its value.
+const HEADER: usize = 8;
+const _: () = assert!(core::mem::offset_of!(Tagged<u8>, value) == HEADER);
+
+/// What a callback of the caller's is handed of the library's bytes,
+/// which a call it makes may use as the callback may.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Lend {
+    /// No buffer.
+    Nothing,
+    /// `len` bytes the callback reads (`vhu_mem_ops.write`'s `src`).
+    Reads(*const u8, usize),
+    /// `len` bytes the callback writes (`vhu_mem_ops.read`'s `dst`).
+    Writes(*mut u8, usize),
+}
+
+impl Lend {
+    #[cfg_attr(not(feature = "std"), allow(dead_code))]
+    fn claim(self) -> Claim {
+        let (at, len, how) = match self {
+            Lend::Nothing => return NO_CLAIM,
+            Lend::Reads(p, n) => (p as usize, n, Use::Read),
+            Lend::Writes(p, n) => (p as usize, n, Use::Own),
+        };
+        Claim {
+            at,
+            len,
+            how,
+            state: false,
+        }
+    }
+}
+
+/// A call of this thread that a callback of the caller's runs in (see
+/// [`Footprint::call_out`]): its footprint, what it handed the callback,
+/// and the call (if any) that it runs in in turn.
+#[cfg_attr(not(feature = "std"), allow(dead_code))]
+struct Link {
+    /// The call's `Footprint`, whose lifetime this erases: the link lives
+    /// in the call's frame, no longer than the footprint it borrows.
+    fp: *const (),
+    lent: Claim,
+    outer: *const Link,
+}
+
+#[cfg(feature = "std")]
+std::thread_local! {
+    /// The innermost call of this thread a callback runs in (NULL: none).
+    static OUTER: Cell<*const Link> = const { Cell::new(ptr::null()) };
+}
+
+/// The innermost call of this thread a callback runs in. Without `std`
+/// the library has no thread-local storage and cannot see it: none.
+fn outer() -> *const Link {
+    #[cfg(feature = "std")]
+    {
+        OUTER.try_with(Cell::get).unwrap_or(ptr::null())
+    }
+    #[cfg(not(feature = "std"))]
+    {
+        ptr::null()
+    }
+}
+
+#[cfg(feature = "std")]
+fn set_outer(l: *const Link) {
+    // A `Cell` of a pointer has no destructor: the slot is always there.
+    let _ = OUTER.try_with(|c| c.set(l));
+}
+
+/// The calls `l` and those it runs in, innermost first, with their
+/// footprints.
+///
+/// # Safety
+///
+/// `l` is NULL or a link [`Footprint::call_out`] published on this
+/// thread whose callback has not returned.
+unsafe fn chain<'l>(mut l: *const Link) -> impl Iterator<Item = (&'l Footprint<'l>, Claim)> {
+    core::iter::from_fn(move || {
+        // SAFETY: a published link lives in the frame of a call of this
+        // thread that is waiting for its callback to return, which runs
+        // the caller of this function: it outlives this iteration (the
+        // contract), and so do the links it points to, further out.
+        let link = unsafe { l.as_ref() }?;
+        l = link.outer;
+        // SAFETY: `fp` is the footprint the link borrows (see `Link`),
+        // which no one changes while it is published (`call_out` holds a
+        // shared borrow of it).
+        let fp = unsafe { &*link.fp.cast::<Footprint<'l>>() };
+        Some((fp, link.lent))
+    })
+}
 
 /// What one call touches, checked as it is claimed: the storage of each
 /// state it enters, each buffer it reads or writes, and the host ranges
@@ -259,48 +388,131 @@ const MAX_CLAIMS: usize = 12;
 /// claimed before the call forms a reference to it or writes it, so
 /// nothing of a refused call has aliased.
 ///
+/// A call made from a callback of the caller's (a nested call) checks
+/// each claim, and each host range of its tables, against the calls it
+/// runs in as well (see the module): a claim inside what the outer call
+/// lent (the callback's buffer, a `Lent` state) only against how it was
+/// lent, any other as if the outer call's claims were its own; the outer
+/// call's guest ranges clash with every claim but the nested call's own
+/// guest ranges.
+///
 /// Addresses are compared as integers; a NULL pointer or an empty range
 /// claims nothing (the call refuses NULL where it must, as before). What
 /// the library cannot see stays the caller's contract: the bytes behind
-/// guest memory given as callbacks, and the buffers of an outer call a
-/// callback runs in.
+/// guest memory given as callbacks, and, without `std` (no thread-local
+/// storage), the calls a nested call runs in.
 #[derive(Debug)]
 pub(crate) struct Footprint<'a> {
     claims: [Claim; MAX_CLAIMS],
     n: usize,
     tables: [&'a [vhu_region]; 2],
     ntables: usize,
+    /// The innermost call of this thread a callback runs in, when this
+    /// call began (NULL: none; this call is not nested).
+    outer: *const Link,
 }
 
 impl<'a> Footprint<'a> {
     pub(crate) fn new() -> Self {
         Footprint {
-            claims: [Claim {
-                at: 0,
-                len: 0,
-                how: Use::Read,
-            }; MAX_CLAIMS],
+            claims: [NO_CLAIM; MAX_CLAIMS],
             n: 0,
             tables: [&[]; 2],
             ntables: 0,
+            outer: outer(),
         }
     }
 
-    fn claim(&mut self, at: usize, len: usize, how: Use) -> Result<(), vhu_result> {
+    fn claim(&mut self, at: usize, len: usize, how: Use, state: bool) -> Result<(), vhu_result> {
         if at == 0 || len == 0 {
             return Ok(());
         }
-        let clash =
-            |c: &Claim| (how != Use::Read || c.how != Use::Read) && overlap(at, len, c.at, c.len);
-        if self.claims.iter().take(self.n).any(clash) || self.in_guest(at, len) {
+        let clash = |c: &Claim| c.clashes(at, len, how);
+        if self.claims.iter().take(self.n).any(clash)
+            || self.in_guest(at, len)
+            || self.outer_refuses(at, len, how, false)
+        {
             return Err(VHU_ERR_INVALID);
         }
         // Every entry point claims at most MAX_CLAIMS ranges; one more is
         // a bug of ours, not the caller's.
         let slot = self.claims.get_mut(self.n).ok_or(VHU_ERR_INTERNAL)?;
-        *slot = Claim { at, len, how };
+        *slot = Claim {
+            at,
+            len,
+            how,
+            state,
+        };
         self.n += 1;
         Ok(())
+    }
+
+    /// Whether a call that this one runs in refuses this (nested) call a
+    /// claim `how` of `[at, at + len)`: a host range of a guest table of
+    /// this call's (`guest`: counted as `Own`) or any other claim.
+    fn outer_refuses(&self, at: usize, len: usize, how: Use, guest: bool) -> bool {
+        // SAFETY: `outer` was the innermost published link of this thread
+        // when this call began, and this call returns before the callback
+        // that link runs (and those further out) does.
+        let mut calls = unsafe { chain(self.outer) };
+        calls.any(|(fp, lent)| fp.refuses_nested(lent, at, len, how, guest))
+    }
+
+    /// Whether this call, running the callback it handed `lent`, refuses
+    /// a call made from it the claim `how` of `[at, at + len)`.
+    fn refuses_nested(&self, lent: Claim, at: usize, len: usize, how: Use, guest: bool) -> bool {
+        let claims = self.claims.get(..self.n).unwrap_or(&[]);
+        let open = claims.iter().filter(|c| c.how == Use::Lent);
+        if let Some(l) = core::iter::once(&lent)
+            .chain(open)
+            .find(|l| l.holds(at, len))
+        {
+            // Inside what this call handed on: used as it was handed.
+            return how != Use::Read && l.how == Use::Read;
+        }
+        claims
+            .iter()
+            .chain(core::iter::once(&lent))
+            .any(|c| c.clashes(at, len, how))
+            || (!guest && self.in_guest(at, len))
+    }
+
+    /// Whether `at` is the first byte of the storage of a state a call
+    /// this one runs in claimed: its tag and extent may be read.
+    fn outer_state_at(&self, at: usize) -> bool {
+        // SAFETY: as in `outer_refuses`.
+        let mut calls = unsafe { chain(self.outer) };
+        calls.any(|(fp, _)| fp.claims.iter().take(fp.n).any(|c| c.state && c.at == at))
+    }
+
+    /// Runs the callback `f`, handed `lend`, with this call published to
+    /// the calls `f` makes on this thread (each checks its claims against
+    /// this call's: see the type). Without `std`, `f` runs as is.
+    pub(crate) fn call_out<R>(&self, lend: Lend, f: impl FnOnce() -> R) -> R {
+        #[cfg(feature = "std")]
+        {
+            /// Puts back the link that was innermost, also on unwinding.
+            struct Leave(*const Link);
+            impl Drop for Leave {
+                fn drop(&mut self) {
+                    set_outer(self.0);
+                }
+            }
+            let before = outer();
+            let link = Link {
+                fp: ptr::from_ref(self).cast(),
+                lent: lend.claim(),
+                outer: before,
+            };
+            set_outer(&link);
+            let _leave = Leave(before);
+            f()
+        }
+        #[cfg(not(feature = "std"))]
+        {
+            let _ = lend;
+            f()
+        }
     }
 
     /// Whether `[at, at + len)` shares a byte with a region in use of a
@@ -319,6 +531,9 @@ impl<'a> Footprint<'a> {
     /// (a call may be inside it: the tag and the extent are apart from the
     /// value), else `size::<T>()` (the call refuses it anyway). Nothing
     /// for a NULL or misaligned `p`, which the call refuses.
+    /// `VHU_ERR_BUSY` if a call is inside the state (a callback called
+    /// back on it), before the bytes of a call this one runs in are
+    /// compared with it.
     ///
     /// # Safety
     ///
@@ -330,7 +545,7 @@ impl<'a> Footprint<'a> {
 
     /// The storage of the state of kind `T` at `p`, which the call does
     /// not enter but whose callbacks it makes: claimed as [`state`](Self::state)
-    /// does.
+    /// does, and open to the calls those callbacks make.
     ///
     /// # Safety
     ///
@@ -347,11 +562,21 @@ impl<'a> Footprint<'a> {
         if p.is_null() || (p as usize) % align::<T>() != 0 {
             return Ok(());
         }
+        let at = p as usize;
+        // The tag is read only where no call this one runs in holds a
+        // reference: outside them, or at the start of a state one of them
+        // claimed (its tag and extent are apart from its value).
+        if !self.outer_state_at(at) && self.outer_refuses(at, HEADER, Use::Read, false) {
+            return Err(VHU_ERR_INVALID);
+        }
         let t: *const Tagged<T> = p.cast();
         // SAFETY: non-null and aligned; the tag is readable (the contract)
-        // and no reference covers it (see `get`).
+        // and no reference covers it (see `get`, and above).
         let tag = unsafe { ptr::addr_of!((*t).tag).read() };
-        let len = if tag & !BUSY == T::TAG {
+        if tag == T::TAG | BUSY {
+            return Err(VHU_ERR_BUSY);
+        }
+        let len = if tag == T::TAG {
             // SAFETY: the tag says an init of this kind wrote the extent,
             // which no reference covers either.
             let extent = unsafe { ptr::addr_of!((*t).extent).read() };
@@ -359,25 +584,39 @@ impl<'a> Footprint<'a> {
         } else {
             size::<T>()
         };
-        self.claim(p as usize, len, how)
+        self.claim(at, len, how, true)
     }
 
     /// `n` `T`s at `p` that the call reads.
     pub(crate) fn reads<T>(&mut self, p: *const T, n: usize) -> Result<(), vhu_result> {
-        self.claim(p as usize, n.saturating_mul(size_of::<T>()), Use::Read)
+        self.claim(
+            p as usize,
+            n.saturating_mul(size_of::<T>()),
+            Use::Read,
+            false,
+        )
     }
 
     /// `n` `T`s at `p` that the call writes (or holds a `&mut` to).
     pub(crate) fn writes<T>(&mut self, p: *const T, n: usize) -> Result<(), vhu_result> {
-        self.claim(p as usize, n.saturating_mul(size_of::<T>()), Use::Own)
+        self.claim(
+            p as usize,
+            n.saturating_mul(size_of::<T>()),
+            Use::Own,
+            false,
+        )
     }
 
     /// The host ranges of a guest memory table the call copies through:
-    /// refused if a region in use shares a byte with anything claimed.
+    /// refused if a region in use shares a byte with anything claimed, or
+    /// with what a call this one runs in uses (guest memory counts as
+    /// written).
     pub(crate) fn guest(&mut self, regions: &'a [vhu_region]) -> Result<(), vhu_result> {
         for (h, n) in regions.iter().filter_map(memory::host_range) {
             let mut claimed = self.claims.iter().take(self.n);
-            if claimed.any(|c| overlap(h, n, c.at, c.len)) {
+            if claimed.any(|c| overlap(h, n, c.at, c.len))
+                || self.outer_refuses(h, n, Use::Own, true)
+            {
                 return Err(VHU_ERR_INVALID);
             }
         }
@@ -437,6 +676,44 @@ mod tests {
             fp.reads(0x10 as *const u64, usize::MAX),
             Err(VHU_ERR_INVALID)
         );
+    }
+
+    /// A call made from a callback (with `std`, where the library sees
+    /// it) may read what the outer call reads and use what the callback
+    /// was handed as it was handed, but no byte more of the outer call;
+    /// once the callback has returned, nothing of the outer call is
+    /// claimed any more.
+    #[cfg(feature = "std")]
+    #[test]
+    fn a_nested_call_uses_only_what_the_outer_call_handed_on() {
+        let mut outer = Footprint::new();
+        assert_eq!(outer.reads(0x1000 as *const u8, 16), Ok(()));
+        assert_eq!(outer.writes(0x2000 as *const u8, 64), Ok(()));
+        let guest = [region(0x8000, 0x100)];
+        assert_eq!(outer.guest(&guest), Ok(()));
+        let outer = &outer;
+        let (over, beside) = ([region(0x1008, 8)], [region(0x8080, 0x100)]);
+        outer.call_out(Lend::Writes(0x2010 as *mut u8, 16), || {
+            let mut fp = Footprint::new();
+            assert_eq!(fp.reads(0x1000 as *const u8, 16), Ok(()));
+            assert_eq!(fp.writes(0x2010 as *const u8, 16), Ok(()));
+            let mut fp = Footprint::new();
+            assert_eq!(fp.writes(0x100f as *const u8, 1), Err(VHU_ERR_INVALID));
+            assert_eq!(fp.writes(0x2018 as *const u8, 16), Err(VHU_ERR_INVALID));
+            assert_eq!(fp.reads(0x2000 as *const u8, 1), Err(VHU_ERR_INVALID));
+            assert_eq!(fp.reads(0x80ff as *const u8, 1), Err(VHU_ERR_INVALID));
+            assert_eq!(fp.guest(&over), Err(VHU_ERR_INVALID));
+            // Its own guest memory may share the outer call's.
+            assert_eq!(fp.guest(&beside), Ok(()));
+            // Handed to be read: only read.
+            outer.call_out(Lend::Reads(0x2010 as *const u8, 8), || {
+                let mut fp = Footprint::new();
+                assert_eq!(fp.reads(0x2010 as *const u8, 8), Ok(()));
+                assert_eq!(fp.writes(0x2010 as *const u8, 1), Err(VHU_ERR_INVALID));
+            });
+        });
+        let mut fp = Footprint::new();
+        assert_eq!(fp.writes(0x1000 as *const u8, 0x8000), Ok(()));
     }
 
     /// Guest regions clash with every claim, before and after them, but
