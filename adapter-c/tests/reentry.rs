@@ -125,49 +125,20 @@ unsafe extern "C" fn cb_check(_: *mut c_void, gpa: u64, len: u64) -> bool {
 
 #[test]
 fn a_memory_callback_that_calls_back_on_its_data_plane_is_refused() {
-    let mut g = Guest::new();
-    // One chain of one writable buffer, made available.
-    g.put(DESC, &BUF.to_le_bytes());
-    g.put(DESC + 8, &16u32.to_le_bytes());
-    g.put(DESC + 12, &2u16.to_le_bytes()); // VIRTQ_DESC_F_WRITE
-    g.put(AVAIL + 2, &1u16.to_le_bytes());
+    let mut storage = Vec::new();
+    let (mut g, dp) = popping_guest(&mut storage);
     let ops = g.ops();
     let mem = vhu_mem {
         regions: ptr::null(),
         count: 0,
         ops: &ops,
     };
-    let config = vhu_ring_config {
-        struct_size: size_of::<vhu_ring_config>(),
-        size: SIZE,
-        addrs: vhu_ring_addrs {
-            desc: DESC,
-            driver: AVAIL,
-            device: USED,
-        },
-        features: VHU_VIRTIO_F_VERSION_1,
-        base: 0,
-        enabled: 1,
-        consume_disabled: 0,
-        inflight_offset: 0,
-    };
-    let mut storage = vec![0u64; vhu_dataplane_size(SIZE) / 8 + 1];
-    let dp: *mut vhu_dataplane = storage.as_mut_ptr().cast();
     let info = |dp: *mut vhu_dataplane| {
         let mut out = core::mem::MaybeUninit::<vhu_dataplane_info>::uninit();
         // SAFETY: a data plane's storage (initialised or being used) and
         // a live out-value.
         unsafe { vhu_dataplane_get_info(dp, out.as_mut_ptr()) }
     };
-    // SAFETY: storage of vhu_dataplane_size(SIZE) bytes, aligned to 8 (at
-    // least vhu_dataplane_align()); the callbacks' guest lives throughout.
-    unsafe {
-        assert!(vhu_dataplane_align() <= 8);
-        assert_eq!(
-            vhu_dataplane_init(dp, vhu_dataplane_size(SIZE), &config, &mem, ptr::null()),
-            VHU_OK
-        );
-    }
     g.again = Some(Box::new(move || info(dp)));
     let mut t = vhu_token {
         handle: 0,
