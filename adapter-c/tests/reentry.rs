@@ -197,33 +197,12 @@ fn a_memory_callback_that_calls_back_on_its_blk_device_or_request_is_refused() {
         count: 0,
         ops: &ops,
     };
-    let config = vhu_blk_config {
-        struct_size: size_of::<vhu_blk_config>(),
-        capacity: 2048,
-        blk_size: 512,
-        num_queues: 1,
-        seg_max: 14,
-        size_max: 0,
-        read_only: 0,
-        flush: 1,
-        config_wce: 0,
-        writeback: 1,
-        serial: [0; 20],
-    };
+    let config = blk_config();
     let mut blk_storage = vec![0u64; vhu_blk_size() / 8 + 1];
     let mut req_storage = vec![0u64; vhu_blk_request_size() / 8 + 1];
     let blk: *mut vhu_blk = blk_storage.as_mut_ptr().cast();
     let req: *mut vhu_blk_request = req_storage.as_mut_ptr().cast();
-    let mut dev = vhu_device {
-        struct_size: size_of::<vhu_device>(),
-        ctx: ptr::null_mut(),
-        read_config: None,
-        write_config: None,
-        features_acked: None,
-        reset: None,
-        set_mtu: None,
-        send_rarp: None,
-    };
+    let mut dev = vhu_device::default();
     // SAFETY: storages of the sizes asked, aligned to 8 (at least the
     // alignments asked); live config and out-value.
     unsafe {
@@ -413,6 +392,20 @@ fn popping_guest(storage: &mut Vec<u64>) -> (Box<Guest>, *mut vhu_dataplane) {
         );
     }
     (g, dp)
+}
+
+/// A blk device of 2048 sectors of 512 bytes, one queue, with FLUSH,
+/// writeback.
+fn blk_config() -> vhu_blk_config {
+    vhu_blk_config {
+        capacity: 2048,
+        blk_size: 512,
+        num_queues: 1,
+        seg_max: 14,
+        flush: 1,
+        writeback: 1,
+        ..Default::default()
+    }
 }
 
 const SENTINEL: u64 = 0x5a5a_5a5a_5a5a_5a5a;
@@ -611,34 +604,13 @@ fn a_call_from_a_device_callback_into_the_message_reply_or_session_of_its_call_i
     assert!(64 + vhu_blk_request_size() <= 2048 && 2048 + vhu_blk_size() <= cap);
     assert!(vhu_blk_request_size() <= vhu_backend_size());
     let blk = reply_p.wrapping_add(2048).cast::<vhu_blk>();
-    let blk_cfg = vhu_blk_config {
-        struct_size: size_of::<vhu_blk_config>(),
-        capacity: 2048,
-        blk_size: 512,
-        num_queues: 1,
-        seg_max: 14,
-        size_max: 0,
-        read_only: 0,
-        flush: 1,
-        config_wce: 0,
-        writeback: 1,
-        serial: [0; 20],
-    };
+    let blk_cfg = blk_config();
     let mut nested = Nested {
         msg: m,
         reply: reply_p,
         be,
         other,
-        blk: vhu_device {
-            struct_size: size_of::<vhu_device>(),
-            ctx: ptr::null_mut(),
-            read_config: None,
-            write_config: None,
-            features_acked: None,
-            reset: None,
-            set_mtu: None,
-            send_rarp: None,
-        },
+        blk: vhu_device::default(),
         got: Vec::new(),
     };
     let dev = vhu_device {
@@ -753,29 +725,8 @@ fn a_device_callback_hands_its_buffer_on_to_a_blk_device_but_no_byte_more() {
     let be: *mut vhu_backend = storage.as_mut_ptr().cast();
     let mut blk_storage = vec![0u64; vhu_blk_size() / 8 + 1];
     let blk: *mut vhu_blk = blk_storage.as_mut_ptr().cast();
-    let blk_cfg = vhu_blk_config {
-        struct_size: size_of::<vhu_blk_config>(),
-        capacity: 2048,
-        blk_size: 512,
-        num_queues: 1,
-        seg_max: 14,
-        size_max: 0,
-        read_only: 0,
-        flush: 1,
-        config_wce: 0,
-        writeback: 1,
-        serial: [0; 20],
-    };
-    let none = vhu_device {
-        struct_size: size_of::<vhu_device>(),
-        ctx: ptr::null_mut(),
-        read_config: None,
-        write_config: None,
-        features_acked: None,
-        reset: None,
-        set_mtu: None,
-        send_rarp: None,
-    };
+    let blk_cfg = blk_config();
+    let none = vhu_device::default();
     let mut fwd = Forward {
         blk: none,
         extra: 0,
