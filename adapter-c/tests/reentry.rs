@@ -127,12 +127,6 @@ unsafe extern "C" fn cb_check(_: *mut c_void, gpa: u64, len: u64) -> bool {
 fn a_memory_callback_that_calls_back_on_its_data_plane_is_refused() {
     let mut storage = Vec::new();
     let (mut g, dp) = popping_guest(&mut storage);
-    let ops = g.ops();
-    let mem = vhu_mem {
-        regions: ptr::null(),
-        count: 0,
-        ops: &ops,
-    };
     let info = |dp: *mut vhu_dataplane| {
         let mut out = core::mem::MaybeUninit::<vhu_dataplane_info>::uninit();
         // SAFETY: a data plane's storage (initialised or being used) and
@@ -140,27 +134,8 @@ fn a_memory_callback_that_calls_back_on_its_data_plane_is_refused() {
         unsafe { vhu_dataplane_get_info(dp, out.as_mut_ptr()) }
     };
     g.again = Some(Box::new(move || info(dp)));
-    let mut t = vhu_token {
-        handle: 0,
-        id: 0,
-        side_effects: false,
-    };
     let mut segs = [vhu_segment::default(); VHU_MAX_CHAIN as usize];
-    let mut n = 0;
-    // SAFETY: live data plane, callbacks and out-buffers.
-    let r = unsafe {
-        vhu_dataplane_pop(
-            dp,
-            &mem,
-            ptr::null(),
-            &mut t,
-            segs.as_mut_ptr(),
-            segs.len(),
-            &mut n,
-        )
-    };
-    assert_eq!(r, VHU_OK);
-    assert_eq!((t.handle, n), (0, 1));
+    assert_eq!(pop_with_calls_back(&mut g, dp, &mut segs), VHU_OK);
     g.again = None;
     assert!(!g.got.is_empty(), "the pop read guest memory");
     assert!(g.got.iter().all(|&r| r == VHU_ERR_BUSY), "{:?}", g.got);

@@ -75,6 +75,19 @@ fn backend(protocol: u64) -> Vec<u64> {
     be
 }
 
+/// `init` refuses with `VHU_ERR_ABI` the struct `with_size` makes at
+/// each size no version of it (`size` bytes) has.
+fn sizes_refused<T>(
+    name: &str,
+    size: usize,
+    with_size: impl Fn(usize) -> T,
+    init: impl Fn(&T) -> vhu_result,
+) {
+    for n in unknown(size) {
+        assert_eq!(init(&with_size(n)), VHU_ERR_ABI, "{name} of {n}");
+    }
+}
+
 #[test]
 fn a_config_of_a_size_the_library_does_not_know_is_refused() {
     let good = vhu_backend_config {
@@ -84,18 +97,15 @@ fn a_config_of_a_size_the_library_does_not_know_is_refused() {
         ..Default::default()
     };
     let mut be = storage(vhu_backend_size());
-    for n in unknown(size_of::<vhu_backend_config>()) {
-        let cfg = vhu_backend_config {
-            struct_size: n,
-            ..good
-        };
-        // SAFETY: storage of the session's size; a live config.
-        let r = unsafe { vhu_backend_init(be.as_mut_ptr().cast(), vhu_backend_size(), &cfg) };
-        assert_eq!(r, VHU_ERR_ABI, "vhu_backend_config of {n}");
-    }
-    // SAFETY: as above.
-    let r = unsafe { vhu_backend_init(be.as_mut_ptr().cast(), vhu_backend_size(), &good) };
-    assert_eq!(r, VHU_OK);
+    let be = be.as_mut_ptr().cast();
+    // SAFETY: storage of the session's size; a live config.
+    let init = |cfg: &vhu_backend_config| unsafe { vhu_backend_init(be, vhu_backend_size(), cfg) };
+    let with_size = |struct_size| vhu_backend_config {
+        struct_size,
+        ..good
+    };
+    sizes_refused("vhu_backend_config", size_of_val(&good), with_size, init);
+    assert_eq!(init(&good), VHU_OK);
 
     let good = vhu_blk_config {
         capacity: 8,
@@ -104,37 +114,33 @@ fn a_config_of_a_size_the_library_does_not_know_is_refused() {
         ..Default::default()
     };
     let mut blk = storage(vhu_blk_size());
-    for n in unknown(size_of::<vhu_blk_config>()) {
-        let cfg = vhu_blk_config {
-            struct_size: n,
-            ..good
-        };
-        // SAFETY: storage of the device's size; a live config.
-        let r = unsafe { vhu_blk_init(blk.as_mut_ptr().cast(), vhu_blk_size(), &cfg) };
-        assert_eq!(r, VHU_ERR_ABI, "vhu_blk_config of {n}");
-    }
-    // SAFETY: as above.
-    let r = unsafe { vhu_blk_init(blk.as_mut_ptr().cast(), vhu_blk_size(), &good) };
-    assert_eq!(r, VHU_OK);
+    let blk = blk.as_mut_ptr().cast();
+    // SAFETY: storage of the device's size; a live config.
+    let init = |cfg: &vhu_blk_config| unsafe { vhu_blk_init(blk, vhu_blk_size(), cfg) };
+    let with_size = |struct_size| vhu_blk_config {
+        struct_size,
+        ..good
+    };
+    sizes_refused("vhu_blk_config", size_of_val(&good), with_size, init);
+    assert_eq!(init(&good), VHU_OK);
 
     let good = vhu_frontend_config::default();
     let mut fe = storage(vhu_frontend_size());
-    for n in unknown(size_of::<vhu_frontend_config>()) {
-        let cfg = vhu_frontend_config {
-            struct_size: n,
-            ..good
-        };
-        // SAFETY: storage of the front-end's size; a live config.
-        let r = unsafe { vhu_frontend_init(fe.as_mut_ptr().cast(), vhu_frontend_size(), &cfg) };
-        assert_eq!(r, VHU_ERR_ABI, "vhu_frontend_config of {n}");
-    }
-    // SAFETY: as above.
-    let r = unsafe { vhu_frontend_init(fe.as_mut_ptr().cast(), vhu_frontend_size(), &good) };
-    assert_eq!(r, VHU_OK);
+    let fe = fe.as_mut_ptr().cast();
+    // SAFETY: storage of the front-end's size; a live config.
+    let init =
+        |cfg: &vhu_frontend_config| unsafe { vhu_frontend_init(fe, vhu_frontend_size(), cfg) };
+    let with_size = |struct_size| vhu_frontend_config {
+        struct_size,
+        ..good
+    };
+    sizes_refused("vhu_frontend_config", size_of_val(&good), with_size, init);
+    assert_eq!(init(&good), VHU_OK);
 
     // A ring config, and guest memory callbacks, each refused on their
     // own (the other one right).
     let mut dp = storage(vhu_dataplane_size(8));
+    let dp = dp.as_mut_ptr().cast();
     let mut guest = vec![0u64; 64];
     let region = vhu_mem_region_at(guest.as_mut_ptr().cast());
     let table = vhu_mem {
@@ -152,57 +158,30 @@ fn a_config_of_a_size_the_library_does_not_know_is_refused() {
         enabled: 1,
         ..Default::default()
     };
-    for n in unknown(size_of::<vhu_ring_config>()) {
-        let cfg = vhu_ring_config {
-            struct_size: n,
-            ..good
-        };
-        // SAFETY: storage of the data plane's size; a live config and
-        // table.
-        let r = unsafe {
-            vhu_dataplane_init(
-                dp.as_mut_ptr().cast(),
-                vhu_dataplane_size(8),
-                &cfg,
-                &table,
-                ptr::null(),
-            )
-        };
-        assert_eq!(r, VHU_ERR_ABI, "vhu_ring_config of {n}");
-    }
-    for n in unknown(size_of::<vhu_mem_ops>()) {
-        let ops = vhu_mem_ops {
-            struct_size: n,
-            ..vhu_mem_ops::default()
-        };
+    // SAFETY: storage of the data plane's size; a live config and table.
+    let init = |cfg: &vhu_ring_config, mem: &vhu_mem| unsafe {
+        vhu_dataplane_init(dp, vhu_dataplane_size(8), cfg, mem, ptr::null())
+    };
+    let with_size = |struct_size| vhu_ring_config {
+        struct_size,
+        ..good
+    };
+    sizes_refused("vhu_ring_config", size_of_val(&good), with_size, |cfg| {
+        init(cfg, &table)
+    });
+    let with_size = |struct_size| vhu_mem_ops {
+        struct_size,
+        ..vhu_mem_ops::default()
+    };
+    sizes_refused("vhu_mem_ops", size_of::<vhu_mem_ops>(), with_size, |ops| {
         let mem = vhu_mem {
             regions: ptr::null(),
             count: 0,
-            ops: &ops,
+            ops,
         };
-        // SAFETY: as above.
-        let r = unsafe {
-            vhu_dataplane_init(
-                dp.as_mut_ptr().cast(),
-                vhu_dataplane_size(8),
-                &good,
-                &mem,
-                ptr::null(),
-            )
-        };
-        assert_eq!(r, VHU_ERR_ABI, "vhu_mem_ops of {n}");
-    }
-    // SAFETY: as above.
-    let r = unsafe {
-        vhu_dataplane_init(
-            dp.as_mut_ptr().cast(),
-            vhu_dataplane_size(8),
-            &good,
-            &table,
-            ptr::null(),
-        )
-    };
-    assert_eq!(r, VHU_OK);
+        init(&good, &mem)
+    });
+    assert_eq!(init(&good, &table), VHU_OK);
 }
 
 /// One region of guest memory at guest address 0, 512 bytes at `host`.
