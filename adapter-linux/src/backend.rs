@@ -52,8 +52,7 @@ pub struct RingCounters {
     /// Kicks received (on the kick eventfd, or in-band VRING_KICK).
     pub kicks: AtomicU64,
     /// Errors signalled (err eventfd, or in-band VRING_ERR), and call or
-    /// err fds found unusable (opened read-only, or failing to be
-    /// written), once each.
+    /// err fds whose writes fail, once each.
     pub errors: AtomicU64,
 }
 
@@ -397,9 +396,6 @@ struct Shared {
     kick: Mutex<Option<Arc<EventFd>>>,
     call: Mutex<Signal>,
     err: Mutex<Signal>,
-    /// `call` or `err` was given (at the start, or by SET_VRING_CALL or
-    /// SET_VRING_ERR): the worker looks whether they can be written.
-    signals_new: AtomicBool,
     remap: Mutex<Option<RingAddrs>>,
     remap_pending: AtomicBool,
     /// The ring's used-ring log address (VHOST_VRING_F_LOG).
@@ -480,28 +476,20 @@ impl Shared {
 /// An fd the front-end gave for the runtime to write: a ring's call or
 /// err fd, or the dirty log's fd (SET_LOG_FD). One opened read-only (the
 /// read end of a pipe) is refused on the message that sets it
-/// ([`Received`]); the look at its mode here stays as a defence. Any other
-/// fd is taken (the front-end chooses), so its writes may still fail
-/// (a pipe whose reader is gone, a full device). Such an fd is reported
-/// once per message that set it (each makes a new `Notifier`), not at
-/// every signal.
+/// ([`Received`]). Any other fd is taken (the front-end chooses), so its
+/// writes may still fail (a pipe whose reader is gone, a full device).
+/// Such an fd is reported once per message that set it (each makes a new
+/// `Notifier`), not at every signal.
 struct Notifier {
     fd: EventFd,
-    /// Opened read-only (or `O_PATH`): every write fails.
-    read_only: bool,
     /// Its failure was reported.
     failed: AtomicBool,
 }
 
 impl Notifier {
-    /// Takes `fd`, and looks at its access mode.
     fn new(fd: OwnedFd) -> Self {
-        // An fd whose mode cannot be read is taken as writable: its
-        // writes tell.
-        let read_only = !crate::sys::file::writable(fd.as_fd()).unwrap_or(true);
         Notifier {
             fd: EventFd::from(fd),
-            read_only,
             failed: AtomicBool::new(false),
         }
     }
@@ -515,12 +503,6 @@ impl Notifier {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
             Err(e) => Err(e),
         }
-    }
-
-    /// Why it cannot be written, if it was found read-only.
-    fn unusable(&self) -> Option<io::Error> {
-        self.read_only
-            .then(|| io::Error::new(io::ErrorKind::InvalidInput, "opened read-only"))
     }
 
     /// Marks it failed; whether this was the first failure (to report).
@@ -1044,14 +1026,8 @@ where
                 info!("dirty log of {size} bytes mapped");
             }
             Action::SetLogFd { fd } => {
-                let fd = Self::notifier(fds, Some(fd))?;
-                // A read-only one was refused ([`Received`]); if one came
-                // through, it is reported now, once: the runtime's writes to
-                // it would each fail.
-                if let Some((n, e)) = fd.as_deref().and_then(|n| Some((n, n.unusable()?))) {
-                    DirtyShared::log_fd_failed(n, &e);
-                }
-                *lock(&self.log.fd) = fd;
+                // A read-only one was refused ([`Received`]).
+                *lock(&self.log.fd) = Self::notifier(fds, Some(fd))?;
             }
             Action::SetLogging { all } => {
                 let was = self.log.all.swap(all, Ordering::AcqRel);
@@ -1225,7 +1201,6 @@ where
             let (call, err) = self.signals(queue);
             *lock(&w.shared.call) = call;
             *lock(&w.shared.err) = err;
-            w.shared.signals_new.store(true, Ordering::Release);
             w.shared.wake();
         }
     }
@@ -1259,7 +1234,6 @@ where
             kick: Mutex::new(self.rings[q].kick.clone()),
             call: Mutex::new(call),
             err: Mutex::new(err),
-            signals_new: AtomicBool::new(true),
             remap: Mutex::new(None),
             remap_pending: AtomicBool::new(false),
             ring_log: Mutex::new(self.session.ring_log(queue)),
@@ -1538,10 +1512,7 @@ where
         ) {
             error!("ring {queue}: cannot watch the wake fd: {e}");
         }
-        // Its kick fd before its first step: one that cannot carry a
-        // kick stops it from the start.
         self.take_kick_fd(epoll);
-        self.take_signals();
         if self.dp.resubmits_left() > 0 {
             info!(
                 "ring {queue}: resubmitting {} requests from the inflight area",
@@ -1677,7 +1648,6 @@ where
     fn watch(&mut self, epoll: &Epoll) -> bool {
         let queue = self.queue();
         self.take_kick_fd(epoll);
-        self.take_signals();
         // A device keeps its completion fd for the scratch's life (see
         // `SharedDevice::completion_fd`), so there is no old fd to take
         // out of the set: closing it would have done that.
@@ -1699,11 +1669,9 @@ where
         poll || (!self.kick_dead && !self.kick_watched)
     }
 
-    /// Takes the kick fd the control thread set, if it changed: into the
-    /// set, or, if it cannot carry a kick (opened write-only: it never
-    /// polls readable), treated as one that died. The session refuses
-    /// such a kick fd when it is set ([`Received`]); this stays as a
-    /// defence.
+    /// Takes the kick fd the control thread set, if it changed, into the
+    /// set. One that cannot carry a kick (opened write-only: it never
+    /// polls readable) was refused when it was set ([`Received`]).
     fn take_kick_fd(&mut self, epoll: &Epoll) {
         let queue = self.queue();
         let current = lock(&self.worker.shared.kick).clone();
@@ -1722,48 +1690,15 @@ where
         self.kick_dead = false;
         self.kick = current;
         let Some(k) = self.kick.clone() else { return };
-        match crate::sys::file::readable(k.as_fd()) {
-            Ok(true) => {}
-            Ok(false) => {
-                let e = io::Error::new(io::ErrorKind::InvalidInput, "opened write-only");
-                return self.kick_lost(epoll, &e);
-            }
-            Err(e) => return self.kick_lost(epoll, &e),
-        }
         match epoll.add(&*k, Interest::READABLE, token(queue, KICK)) {
             Ok(()) => self.kick_watched = true,
             Err(e) => error!("ring {queue}: cannot watch the kick fd: {e}"),
         }
     }
 
-    /// Looks at the call and err fds the control thread gave, if new: one
-    /// opened read-only can never be written, and is reported now rather
-    /// than at its first signal (see [`RingWorker::notifier_failed`]). The
-    /// session refuses such an fd when it is set ([`Received`]); this
-    /// stays as a defence.
-    /// A busy ring that does not come here first finds a bad call fd at
-    /// its first call.
-    fn take_signals(&self) {
-        let shared = &self.worker.shared;
-        if !shared.signals_new.load(Ordering::Acquire)
-            || !shared.signals_new.swap(false, Ordering::AcqRel)
-        {
-            return;
-        }
-        let call = lock(&shared.call).clone();
-        let err = lock(&shared.err).clone();
-        // The err fd first: a bad call fd is signalled on it.
-        for (signal, is_call) in [(&err, false), (&call, true)] {
-            if let Some((n, e)) = signal.notifier().and_then(|n| Some((n, n.unusable()?))) {
-                self.worker.notifier_failed(n, is_call, &e);
-            }
-        }
-    }
-
     /// The kick fd is at end of file or fails to read (a pipe or socket
-    /// whose writer is gone), or was opened write-only (it never polls
-    /// readable: caught when taken, see [`Ring::take_kick_fd`]): it never
-    /// carries a kick, and the first two stay readable for good. Watching it would keep the thread awake,
+    /// whose writer is gone): it never carries a kick, and stays readable
+    /// for good. Watching it would keep the thread awake,
     /// and polling the ring instead would too, so it leaves the set and
     /// the ring is treated as broken: logged, signalled on its err fd
     /// like a ring error, and pops nothing until SET_VRING_KICK gives it
@@ -2035,8 +1970,8 @@ where
         }
     }
 
-    /// The ring's call fd (`call`) or err fd cannot be written (`e`):
-    /// opened read-only, or a write failed. Logged and counted once per
+    /// A write to the ring's call fd (`call`) or err fd failed (`e`).
+    /// Logged and counted once per
     /// SET_VRING_CALL / SET_VRING_ERR that set it (the same fd set again
     /// is reported again; a ring restarted with the fd it had is not), and
     /// a bad call fd is signalled on the err fd. Nothing stands
