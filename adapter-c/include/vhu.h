@@ -1538,11 +1538,13 @@ vhu_result vhu_backend_init(vhu_backend *storage, size_t size, const vhu_backend
 vhu_result vhu_message_size(const uint8_t *header, size_t len, size_t *total);
 
 /**
- * Handles one message: `len` bytes at `msg` (header and payload) that
- * came with `nfds` fds. `mem` is guest memory as mapped so far (NULL: none
- * yet), `device` the device's control path (NULL: none). The reply is
- * written into `reply` (`reply_cap` bytes; `VHU_MAX_MESSAGE` always
- * suffice) and `out` says what to do.
+ * Handles one message: `len` bytes at `msg` (header and payload,
+ * exactly: `VHU_ERR_SHORT_BUFFER` for fewer than the header announces,
+ * `VHU_ERR_INVALID` for more, which would be another message's; see
+ * `vhu_message_size`) that came with `nfds` fds. `mem` is guest memory
+ * as mapped so far (NULL: none yet), `device` the device's control path
+ * (NULL: none). The reply is written into `reply` (`reply_cap` bytes;
+ * `VHU_MAX_MESSAGE` always suffice) and `out` says what to do.
  *
  * An error means the message was refused and the connection must end
  * (`VHU_ERR_WIRE` for a malformed message); a request refused with a
@@ -1967,7 +1969,11 @@ vhu_result vhu_frontend_poll_transmit(vhu_frontend *fe, uint8_t *buf, size_t cap
 /**
  * Takes the reply to the message in flight: `len` bytes at `msg` (header
  * and payload) that came with `nfds` fds (the caller closes them). Every
- * error is fatal: the engine fails and the connection must end.
+ * error of the reply's is fatal: the engine fails and the connection
+ * must end. A `len` that is not exactly one message is the caller's
+ * framing, refused before the engine sees it (nothing changes):
+ * `VHU_ERR_SHORT_BUFFER` for fewer bytes than the header announces,
+ * `VHU_ERR_INVALID` for more (another message's, which would be lost).
  *
  * # Safety
  *

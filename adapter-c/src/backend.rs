@@ -677,11 +677,31 @@ pub unsafe extern "C" fn vhu_message_size(
     })
 }
 
-/// Handles one message: `len` bytes at `msg` (header and payload) that
-/// came with `nfds` fds. `mem` is guest memory as mapped so far (NULL: none
-/// yet), `device` the device's control path (NULL: none). The reply is
-/// written into `reply` (`reply_cap` bytes; `VHU_MAX_MESSAGE` always
-/// suffice) and `out` says what to do.
+/// One whole message, `msg`, as its header and payload:
+/// `VHU_ERR_SHORT_BUFFER` for fewer bytes than the header or than the
+/// size it announces, `VHU_ERR_INVALID` for more (bytes of another
+/// message: a framing mistake of the caller's that would lose that
+/// message), `VHU_ERR_WIRE` for a header that does not parse.
+pub(crate) fn whole_message(msg: &[u8]) -> Result<(Header, &[u8]), vhu_result> {
+    if msg.len() < HEADER_SIZE {
+        return Err(VHU_ERR_SHORT_BUFFER);
+    }
+    let header = Header::parse(msg).map_err(result::wire)?;
+    let payload = msg.get(HEADER_SIZE..).ok_or(VHU_ERR_SHORT_BUFFER)?;
+    match payload.len().cmp(&(header.size as usize)) {
+        core::cmp::Ordering::Less => Err(VHU_ERR_SHORT_BUFFER),
+        core::cmp::Ordering::Greater => Err(VHU_ERR_INVALID),
+        core::cmp::Ordering::Equal => Ok((header, payload)),
+    }
+}
+
+/// Handles one message: `len` bytes at `msg` (header and payload,
+/// exactly: `VHU_ERR_SHORT_BUFFER` for fewer than the header announces,
+/// `VHU_ERR_INVALID` for more, which would be another message's; see
+/// `vhu_message_size`) that came with `nfds` fds. `mem` is guest memory
+/// as mapped so far (NULL: none yet), `device` the device's control path
+/// (NULL: none). The reply is written into `reply` (`reply_cap` bytes;
+/// `VHU_MAX_MESSAGE` always suffice) and `out` says what to do.
 ///
 /// An error means the message was refused and the connection must end
 /// (`VHU_ERR_WIRE` for a malformed message); a request refused with a
@@ -766,13 +786,7 @@ pub unsafe extern "C" fn vhu_backend_handle(
         // SAFETY: the caller's contract; apart from everything else the
         // call uses (claimed).
         let reply = unsafe { state::bytes_mut(reply, reply_cap) }?;
-        if msg.len() < HEADER_SIZE {
-            return Err(VHU_ERR_SHORT_BUFFER);
-        }
-        let header = Header::parse(msg).map_err(result::wire)?;
-        let payload = msg
-            .get(HEADER_SIZE..HEADER_SIZE + header.size as usize)
-            .ok_or(VHU_ERR_SHORT_BUFFER)?;
+        let (header, payload) = whole_message(msg)?;
         b.session
             .handle_into(
                 &header,

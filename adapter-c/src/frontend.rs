@@ -10,7 +10,6 @@
 //! channel goes to `vhu_frontend_serve_backend()`, between any two of
 //! these calls.
 
-use core::cmp::Ordering;
 use core::mem::size_of;
 use core::ptr;
 
@@ -18,10 +17,10 @@ use vhost_user_core::feature::{ProtocolFeatures, VirtioFeatures};
 use vhost_user_core::frontend::{
     BackendNotice, Event, FdRef, Frontend, FrontendConfig, NotifyMode, QueueConfig, State,
 };
-use vhost_user_core::message::{Header, MemRegionMsg, HEADER_SIZE};
+use vhost_user_core::message::{MemRegionMsg, HEADER_SIZE};
 use vhost_user_core::vring::RingAddrs;
 
-use crate::backend::vhu_ring_addrs;
+use crate::backend::{vhu_ring_addrs, whole_message};
 use crate::memory::vhu_mem_region;
 use crate::result::vhu_result::{self, *};
 use crate::result::{self, guard};
@@ -448,7 +447,11 @@ pub unsafe extern "C" fn vhu_frontend_poll_transmit(
 
 /// Takes the reply to the message in flight: `len` bytes at `msg` (header
 /// and payload) that came with `nfds` fds (the caller closes them). Every
-/// error is fatal: the engine fails and the connection must end.
+/// error of the reply's is fatal: the engine fails and the connection
+/// must end. A `len` that is not exactly one message is the caller's
+/// framing, refused before the engine sees it (nothing changes):
+/// `VHU_ERR_SHORT_BUFFER` for fewer bytes than the header announces,
+/// `VHU_ERR_INVALID` for more (another message's, which would be lost).
 ///
 /// # Safety
 ///
@@ -469,13 +472,7 @@ pub unsafe extern "C" fn vhu_frontend_handle_reply(
         let mut f = unsafe { state::get::<CFrontend, _>(fe) }?;
         // SAFETY: the caller's contract.
         let msg = unsafe { state::slice(msg, len) }?;
-        if msg.len() < HEADER_SIZE {
-            return Err(VHU_ERR_SHORT_BUFFER);
-        }
-        let header = Header::parse(msg).map_err(result::wire)?;
-        let payload = msg
-            .get(HEADER_SIZE..HEADER_SIZE + header.size as usize)
-            .ok_or(VHU_ERR_SHORT_BUFFER)?;
+        let (header, payload) = whole_message(msg)?;
         f.handle_reply(&header, payload, nfds)
             .map_err(result::frontend)
     })
@@ -635,16 +632,7 @@ pub unsafe extern "C" fn vhu_frontend_serve_backend(
         {
             return Err(VHU_ERR_NOT_NEGOTIATED);
         }
-        if msg.len() < HEADER_SIZE {
-            return Err(VHU_ERR_SHORT_BUFFER);
-        }
-        let header = Header::parse(msg).map_err(result::wire)?;
-        let payload = msg.get(HEADER_SIZE..).ok_or(VHU_ERR_SHORT_BUFFER)?;
-        match payload.len().cmp(&(header.size as usize)) {
-            Ordering::Less => return Err(VHU_ERR_SHORT_BUFFER),
-            Ordering::Greater => return Err(VHU_ERR_INVALID),
-            Ordering::Equal => {}
-        }
+        let (header, payload) = whole_message(msg)?;
         let served = f
             .backend_server()
             .serve(&header, payload, nfds, ack)

@@ -474,3 +474,53 @@ fn a_reply_buffer_that_overlaps_the_message_is_refused() {
     // SAFETY: written by the successful call.
     assert_eq!(unsafe { out.assume_init() }.reply_len, 20);
 }
+
+/// A buffer that holds more than one message (a caller that read past the
+/// size the header announces) is refused whole, by the back-end and by
+/// the front-end, before either sees it: the bytes of the next message
+/// would otherwise be lost. Nothing changes: the same message, exactly,
+/// is served after.
+#[test]
+fn a_message_with_the_bytes_of_another_is_refused() {
+    let mut p = Pair::new();
+    let mem = p.mem();
+    let mut buf = [0u8; VHU_FRONTEND_MAX_TRANSMIT as usize];
+    let mut reply = vec![0u8; VHU_MAX_MESSAGE as usize];
+    let mut tx = core::mem::MaybeUninit::<vhu_transmit>::uninit();
+    // SAFETY: live engine, buffer and out-value.
+    let tx = unsafe {
+        check(
+            vhu_frontend_poll_transmit(p.fe.at(), buf.as_mut_ptr(), buf.len(), tx.as_mut_ptr()),
+            "transmit",
+        );
+        tx.assume_init()
+    };
+    assert!(tx.awaits_reply, "the handshake begins with a question");
+    // The message and the first bytes of a copy of it.
+    let (first, rest) = buf.split_at_mut(tx.len);
+    rest[..4].copy_from_slice(&first[..4]);
+    for extra in [1, 4] {
+        let (r, out) = p.handle(&buf, tx.len + extra, 0, &mem, &mut reply);
+        assert_eq!(r, VHU_ERR_INVALID, "{extra} bytes past the message");
+        assert_eq!(out.reply, vhu_reply_kind::VHU_REPLY_NONE);
+    }
+    let (r, out) = p.handle(&buf, tx.len, 0, &mem, &mut reply);
+    check(r, "the message alone");
+    assert_eq!(out.reply, vhu_reply_kind::VHU_REPLY_READY);
+    let n = out.reply_len;
+    // The reply and a byte more: refused, the engine still waiting for it.
+    for len in [n + 1, n + 12] {
+        // SAFETY: live engine; `len` bytes of `reply` are readable.
+        let r = unsafe { vhu_frontend_handle_reply(p.fe.at(), reply.as_ptr(), len, 0) };
+        assert_eq!(r, VHU_ERR_INVALID, "{} bytes past the reply", len - n);
+        assert_ne!(p.state(), vhu_frontend_state::VHU_FRONTEND_FAILED);
+    }
+    // SAFETY: as above, the reply alone.
+    check(
+        unsafe { vhu_frontend_handle_reply(p.fe.at(), reply.as_ptr(), n, 0) },
+        "the reply alone",
+    );
+    // The handshake goes on to the end.
+    p.pump(&mut no_pending);
+    assert_eq!(p.state(), vhu_frontend_state::VHU_FRONTEND_READY);
+}
