@@ -8,8 +8,11 @@
 # count, REPS repetitions. Prints per setting the median IOPS of each, the
 # ratio ours/qsd, the back-end's CPU time per request (utime + stime of
 # all its threads, io_uring workers included, from /proc), the ratio of
-# IOPS per back-end core (qsd's CPU per request / ours) and the median
-# p50 latency. With aio=threads and O_DIRECT, each setting also runs
+# IOPS per back-end core (qsd's CPU per request / ours), the median of
+# that ratio taken per repetition (each of ours against the qsd run just
+# before it: steadier than the ratio of medians on a machine whose speed
+# drifts between runs) with its lowest and highest, and the median p50
+# latency. With aio=threads and O_DIRECT, each setting also runs
 # pread-floor.c (as many threads doing blocking 4 KiB O_DIRECT I/O on the
 # image as the pools would have, nothing else) in the same alternation,
 # and prints its CPU per request: no thread-pool back-end can go below it,
@@ -42,7 +45,7 @@ OURS=$tdir/release/vhost-user-blk
 FLOOR=$dir/pread-floor
 gcc -O2 -pthread -o "$FLOOR" examples/bench/pread-floor.c
 
-printf '%-9s %-10s %-9s %2s %5s %10s %10s %6s %10s %11s %8s %9s %9s\n' aio cache rw q depth "qsd IOPS" "ours IOPS" ratio "qsd us/req" "ours us/req" per-core "qsd p50" "ours p50"
+printf '%-9s %-10s %-9s %2s %5s %10s %10s %6s %10s %11s %8s %9s %9s  %s\n' aio cache rw q depth "qsd IOPS" "ours IOPS" ratio "qsd us/req" "ours us/req" per-core "qsd p50" "ours p50" "per-core paired (min-max)"
 for aio in $AIO; do
     for cache in $CACHE; do
         direct=off; [ "$cache" = none ] && direct=on
@@ -79,7 +82,9 @@ aio, cache, rw, queues, depth = sys.argv[1:6]
 q, o, qc, oc, ql, ol, fl = ([float(x) for x in a.split()] for a in sys.argv[6:13])
 mq, mo, mqc, moc = s.median(q), s.median(o), s.median(qc), s.median(oc)
 per_core = (mqc / moc) if moc > 0 else float("inf")
-print(f"{aio:<9} {cache:<10} {rw:<9} {queues:>2} {depth:>5} {mq:10.0f} {mo:10.0f} {mo/mq:6.2f} {mqc:10.2f} {moc:11.2f} {per_core:8.2f} {s.median(ql):7.1f}us {s.median(ol):7.1f}us")
+paired = [a / b for a, b in zip(qc, oc) if b > 0] or [float("inf")]
+print(f"{aio:<9} {cache:<10} {rw:<9} {queues:>2} {depth:>5} {mq:10.0f} {mo:10.0f} {mo/mq:6.2f} {mqc:10.2f} {moc:11.2f} {per_core:8.2f} {s.median(ql):7.1f}us {s.median(ol):7.1f}us"
+      f"  {s.median(paired):.2f} ({min(paired):.2f}-{max(paired):.2f})")
 if fl:
     f = s.median(fl)
     print(f"{'':<9} floor: {sys.argv[13]} threads of bare {rw[4:]}s, {f:.2f} us/req;"
