@@ -402,6 +402,9 @@ pub struct ThreadPool {
     start: Vec<usize>,
     in_flight: usize,
     spawned: usize,
+    /// The threads started and not yet seen to have exited: joined when
+    /// the pool drops, so that none outlives it (nor holds its file).
+    handles: Vec<std::thread::JoinHandle<()>>,
     /// The io_uring this pool took over from (see [`Aio::submit`]): the
     /// requests the kernel took complete through it. Its eventfd is the
     /// pool's (the same file), so the completion fd does not change.
@@ -511,6 +514,7 @@ impl ThreadPool {
             start: Vec::new(),
             in_flight: 0,
             spawned: 0,
+            handles: Vec::new(),
             predecessor: None,
             #[cfg(test)]
             refuse_spawn: 0,
@@ -583,7 +587,12 @@ impl ThreadPool {
             #[cfg(not(test))]
             let spawned = builder.spawn(move || run(&shared, slot));
             match spawned {
-                Ok(_) => self.spawned += 1,
+                Ok(h) => {
+                    self.spawned += 1;
+                    // Threads that idled out are gone: their handles too.
+                    self.handles.retain(|h| !h.is_finished());
+                    self.handles.push(h);
+                }
                 Err(e) => {
                     // The job leaves the slot for the threads already
                     // running.
@@ -779,6 +788,12 @@ impl Drop for ThreadPool {
                 .gone
                 .wait(q)
                 .unwrap_or_else(PoisonError::into_inner);
+        }
+        drop(q);
+        // Counted out, the threads are on their way out: they hold the
+        // shared state (the file) until they are gone.
+        for h in self.handles.drain(..) {
+            let _ = h.join();
         }
     }
 }
@@ -1518,6 +1533,26 @@ mod tests {
         reads(&mut pool, &mem, 1, 1);
         assert_eq!(reap_n(&mut pool, 1), [1]);
         check_blocks(&mem, 0..2, 7);
+    }
+
+    /// A dropped pool leaves no thread behind, nor the file it holds for
+    /// them: a thread counted out and still on its way out (it lingers)
+    /// is waited for.
+    #[test]
+    fn a_dropped_pool_leaves_no_thread_behind() {
+        let (mem, file) = patterned(3);
+        let fd = file.as_fd().try_clone_to_owned().unwrap();
+        let mut pool = ThreadPool::new(fd, 2).unwrap();
+        *lock(&pool.shared.linger) = Duration::from_millis(300);
+        reads(&mut pool, &mem, 0, 2);
+        assert_eq!(reap_n(&mut pool, 2), [0, 1]);
+        let shared = Arc::downgrade(&pool.shared);
+        drop(pool);
+        assert!(
+            shared.upgrade().is_none(),
+            "a pool thread outlived its pool"
+        );
+        check_blocks(&mem, 0..2, 3);
     }
 
     /// A pool that could start no thread for the three reads (of blocks
