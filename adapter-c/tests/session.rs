@@ -252,6 +252,24 @@ impl Pair {
         base
     }
 
+    /// The front-end's next message into `buf` (`len` 0: none).
+    fn transmit(&mut self, buf: &mut [u8]) -> vhu_transmit {
+        let mut tx = core::mem::MaybeUninit::<vhu_transmit>::uninit();
+        // SAFETY: live engine, buffer and out-value.
+        unsafe {
+            check(
+                vhu_frontend_poll_transmit(
+                    self.fe.at(),
+                    buf.as_mut_ptr(),
+                    buf.len(),
+                    tx.as_mut_ptr(),
+                ),
+                "transmit",
+            );
+            tx.assume_init()
+        }
+    }
+
     /// Runs the front-end against the back-end until neither has work;
     /// `pending` answers a pending reply into the reply buffer and gives
     /// its length.
@@ -259,19 +277,7 @@ impl Pair {
         let mut buf = [0u8; VHU_FRONTEND_MAX_TRANSMIT as usize];
         let mut reply = vec![0u8; VHU_MAX_MESSAGE as usize];
         loop {
-            let mut tx = core::mem::MaybeUninit::<vhu_transmit>::uninit();
-            // SAFETY: live engine and buffers.
-            let r = unsafe {
-                vhu_frontend_poll_transmit(
-                    self.fe.at(),
-                    buf.as_mut_ptr(),
-                    buf.len(),
-                    tx.as_mut_ptr(),
-                )
-            };
-            check(r, "transmit");
-            // SAFETY: written by the call.
-            let tx = unsafe { tx.assume_init() };
+            let tx = self.transmit(&mut buf);
             loop {
                 let mut ev = core::mem::MaybeUninit::<vhu_event>::uninit();
                 // SAFETY: live engine and out-value.
@@ -382,15 +388,7 @@ fn a_refused_message_leaves_no_actions_of_the_one_before() {
     // with an action (the memory table's UNMAP_ALL and MAP_REGION).
     let mut actions = 0;
     while actions == 0 {
-        let mut tx = core::mem::MaybeUninit::<vhu_transmit>::uninit();
-        // SAFETY: live engine, buffer and out-value.
-        let tx = unsafe {
-            check(
-                vhu_frontend_poll_transmit(p.fe.at(), buf.as_mut_ptr(), buf.len(), tx.as_mut_ptr()),
-                "transmit",
-            );
-            tx.assume_init()
-        };
+        let tx = p.transmit(&mut buf);
         if tx.len == 0 {
             // The handshake is done: the start sends the memory table.
             // SAFETY: live engine.
@@ -486,15 +484,7 @@ fn a_message_with_the_bytes_of_another_is_refused() {
     let mem = p.mem();
     let mut buf = [0u8; VHU_FRONTEND_MAX_TRANSMIT as usize];
     let mut reply = vec![0u8; VHU_MAX_MESSAGE as usize];
-    let mut tx = core::mem::MaybeUninit::<vhu_transmit>::uninit();
-    // SAFETY: live engine, buffer and out-value.
-    let tx = unsafe {
-        check(
-            vhu_frontend_poll_transmit(p.fe.at(), buf.as_mut_ptr(), buf.len(), tx.as_mut_ptr()),
-            "transmit",
-        );
-        tx.assume_init()
-    };
+    let tx = p.transmit(&mut buf);
     assert!(tx.awaits_reply, "the handshake begins with a question");
     // The message and the first bytes of a copy of it.
     let (first, rest) = buf.split_at_mut(tx.len);
