@@ -316,7 +316,9 @@ fn a_memory_table_over_the_librarys_own_bytes_is_refused() {
     let mut s = Storage::new(size, 256);
     let dp: *mut vhu_dataplane = s.at(0);
     let guest = g.region();
-    let mem = table(&[guest]);
+    // The table points into `regions`, which must outlive it.
+    let regions = [guest];
+    let mem = table(&regions);
     // SAFETY: storage of the data plane's size and more, aligned; a live
     // table.
     unsafe {

@@ -9,9 +9,18 @@ use std::process::Command;
 /// the test, but only `cargo build` puts the cdylib and the staticlib
 /// under their plain names).
 pub fn built_library(file: &str) -> PathBuf {
+    // target/<profile>/deps/<test>-<hash>: the library is built for the
+    // same profile (a `cargo test --release` would otherwise link a stale
+    // release build, or none).
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
+    let mut args = vec!["build", "--quiet", "-p", "vhost-user-c"];
+    if dir.ends_with("release") {
+        args.push("--release");
+    }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
-        .args(["build", "--quiet", "-p", "vhost-user-c"])
+        .args(&args)
         .output()
         .expect("run cargo build");
     assert!(
@@ -19,9 +28,6 @@ pub fn built_library(file: &str) -> PathBuf {
         "cargo build -p vhost-user-c failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // target/<profile>/deps/<test>-<hash>
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(|d| d.parent()).unwrap();
     let lib = dir.join(file);
     assert!(lib.exists(), "{} missing", lib.display());
     lib

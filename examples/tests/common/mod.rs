@@ -349,9 +349,18 @@ pub fn build_c_blk(dir: &std::path::Path) -> PathBuf {
         .parent()
         .unwrap()
         .to_path_buf();
+    // This test binary is target/<profile>/deps/<name>-<hash>: the
+    // library is built for the same profile (else a `cargo test
+    // --release` links a stale release build, or none).
+    let exe = std::env::current_exe().unwrap();
+    let profile = exe.parent().and_then(|d| d.parent()).unwrap();
+    let mut args = vec!["build", "--quiet", "-p", "vhost-user-c"];
+    if profile.ends_with("release") {
+        args.push("--release");
+    }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
-        .args(["build", "--quiet", "-p", "vhost-user-c"])
+        .args(&args)
         .output()
         .expect("run cargo build");
     assert!(
@@ -359,10 +368,7 @@ pub fn build_c_blk(dir: &std::path::Path) -> PathBuf {
         "cargo build -p vhost-user-c failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // This test binary is target/<profile>/deps/<name>-<hash>.
-    let exe = std::env::current_exe().unwrap();
-    let lib = exe.parent().and_then(|d| d.parent()).unwrap();
-    let lib = lib.join("libvhost_user_c.a");
+    let lib = profile.join("libvhost_user_c.a");
     assert!(lib.exists(), "{} missing", lib.display());
     let bin = dir.join("vhu-c-blk");
     let out = Command::new("gcc")
