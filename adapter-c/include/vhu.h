@@ -1969,11 +1969,13 @@ vhu_result vhu_frontend_poll_transmit(vhu_frontend *fe, uint8_t *buf, size_t cap
 /**
  * Takes the reply to the message in flight: `len` bytes at `msg` (header
  * and payload) that came with `nfds` fds (the caller closes them). Every
- * error of the reply's is fatal: the engine fails and the connection
- * must end. A `len` that is not exactly one message is the caller's
- * framing, refused before the engine sees it (nothing changes):
- * `VHU_ERR_SHORT_BUFFER` for fewer bytes than the header announces,
- * `VHU_ERR_INVALID` for more (another message's, which would be lost).
+ * error of the reply's is fatal: the connection must end (the engine
+ * fails on each it sees; a header that does not parse is `VHU_ERR_WIRE`
+ * before it does). A `len` that is not exactly one message is the
+ * caller's framing, refused before the engine sees it (nothing changes:
+ * the reply given exactly is taken): `VHU_ERR_SHORT_BUFFER` for fewer
+ * bytes than the header announces, `VHU_ERR_INVALID` for more (another
+ * message's, which would be lost).
  *
  * # Safety
  *

@@ -1423,9 +1423,10 @@ const MIN_BATCH: usize = 16;
 
 /// How much of what the driver has in flight a round takes (at least
 /// [`MIN_BATCH`]) before giving completions back. A driver that sleeps
-/// until its call refills only what it is given back: a round that took
-/// all of its requests would leave it nothing to do while the worker
-/// works, and the worker nothing while it refills.
+/// until its call refills only what it is given back: on a thread with
+/// no other ring to serve, a round that took all of its requests would
+/// leave it nothing to do while the worker works, and the worker nothing
+/// while it refills.
 #[derive(Clone, Copy)]
 enum Take {
     /// Half, for a ring alone on its thread: the driver refills while the
