@@ -126,6 +126,18 @@ where
         false
     }
 
+    /// How many of the requests that [`quick_io`](Self::quick_io) does not
+    /// count as quick (they waited for a disk or a network) completed
+    /// since the ring started: one that completed in the round that
+    /// popped it (a disk that answered while the worker was held up) does
+    /// not make the ring's next requests look quick. The default counts
+    /// none (a device without slow requests, or one whose every request
+    /// completes at once).
+    fn slow_completions(&self, queue: u16, scratch: &Self::Scratch) -> u64 {
+        let _ = (queue, scratch);
+        0
+    }
+
     /// DEVICE_STATE, save: the device's state as the bytes a destination's
     /// [`load_state`](Self::load_state) takes. `inflight` is the inflight
     /// area, if one is mapped (every ring is stopped: the requests
@@ -1598,6 +1610,7 @@ where
         let held = dp.outstanding();
         let completed = &w.shared.counters.completed;
         let before = completed.load(Ordering::Relaxed);
+        let slow_before = w.device.slow_completions(w.queue, &self.round.scratch);
         let idle = {
             let mem = w.memory.read().unwrap_or_else(PoisonError::into_inner);
             if polls && self.notify != Notify::Disarmed {
@@ -1622,8 +1635,15 @@ where
         // requests go to the disk spin once they are done: its next
         // request comes at the disk's pace, and measured at iodepth 1 on
         // O_DIRECT the spin took a quarter of the IOPS and half again
-        // the CPU per request.
-        if self.waits_io() {
+        // the CPU per request. A disk request that completed in the step
+        // that popped it (the worker was held up meanwhile) is no sign of
+        // quick I/O either.
+        let slow_done = self
+            .worker
+            .device
+            .slow_completions(self.worker.queue, &self.round.scratch)
+            != slow_before;
+        if self.waits_io() || slow_done {
             self.disk_bound = true;
         } else if quick {
             self.disk_bound = false;

@@ -204,6 +204,9 @@ pub struct Scratch {
     free: Vec<usize>,
     /// Of those, the ones that wait for the disk ([`Pending::slow`]).
     slow: usize,
+    /// Requests that waited for the disk, completed since the ring
+    /// started ([`SharedDevice::slow_completions`]).
+    slow_done: u64,
     /// Reads cannot be tried on the page cache first (`RWF_NOWAIT`
     /// refused): all go to the engine.
     no_cached_reads: bool,
@@ -1043,6 +1046,7 @@ impl<B: BlockBackend + 'static> SharedDevice for BlkService<B> {
                         let len = self.finish(queue, mem, &p, BlkStatus::IoErr);
                         scratch.free.push(slot);
                         scratch.slow -= usize::from(p.slow);
+                        scratch.slow_done += u64::from(p.slow);
                         done(p.token, len);
                         continue;
                     }
@@ -1056,6 +1060,7 @@ impl<B: BlockBackend + 'static> SharedDevice for BlkService<B> {
             let len = self.finish_transfer(queue, mem, &mut p, ok, &mut scratch.spare);
             scratch.free.push(slot);
             scratch.slow -= usize::from(p.slow);
+            scratch.slow_done += u64::from(p.slow);
             recycle(&mut scratch.spare_bufs, request);
             match p.due {
                 Some(due) => scratch.held.push((due, p.token, len)),
@@ -1097,6 +1102,10 @@ impl<B: BlockBackend + 'static> SharedDevice for BlkService<B> {
     /// missed the cache).
     fn quick_io(&self, _queue: u16, scratch: &Scratch) -> bool {
         scratch.slow == 0 && matches!(scratch.io, Some(Aio::Threads(_)))
+    }
+
+    fn slow_completions(&self, _queue: u16, scratch: &Scratch) -> u64 {
+        scratch.slow_done
     }
 }
 
