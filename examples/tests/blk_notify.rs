@@ -231,9 +231,15 @@ fn a_spinning_thread_serves_a_disk_bound_ring_beside_it() {
             mem.read(bufs_of(1).1, &mut data).unwrap();
             assert_eq!(data, [0x5a; 4096], "{aio}: sector {sector}");
         }
-        // Still inside the spin: the thread polls both rings.
-        assert!(t0.elapsed() < spin / 2, "{aio}: the reads were slow");
-        assert!(suppressed(quick, &mem), "{aio}: the spin ended early");
+        // Still inside the spin: the thread polls both rings. (Each read
+        // took a third of the spin at most, against the rest of the spin
+        // had it waited for the spin's end; on a loaded machine the four
+        // may take half of it together.)
+        let elapsed = t0.elapsed();
+        assert!(
+            suppressed(quick, &mem),
+            "{aio}: the spin ended early ({elapsed:?} in)"
+        );
 
         // The spin runs out (no request on the quick ring since): both
         // rings ask for kicks, and a kick on each is served.
