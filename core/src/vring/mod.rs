@@ -123,6 +123,11 @@ pub enum VringError {
     /// previous chain's descriptors ended (the driver must use the table
     /// in ring order): that head.
     OutOfOrder(u16),
+    /// VIRTIO_F_IN_ORDER in the features of a ring whose core was built
+    /// without the `in-order` feature: its completions would be published
+    /// out of order, which a driver that negotiated the bit may rely on
+    /// not happening.
+    InOrderNotBuilt,
 }
 
 const _: () = assert!(core::mem::size_of::<VringError>() <= 6);
@@ -159,11 +164,24 @@ impl fmt::Display for VringError {
             VringError::BadUsedHead(h) => write!(f, "used head {h} out of range"),
             VringError::BadBase(b) => write!(f, "bad vring base {b:#x}"),
             VringError::OutOfOrder(h) => write!(f, "head {h} out of order"),
+            VringError::InOrderNotBuilt => {
+                f.write_str("VIRTIO_F_IN_ORDER without the in-order build feature")
+            }
         }
     }
 }
 
 impl core::error::Error for VringError {}
+
+/// Refuses VIRTIO_F_IN_ORDER in `features` unless the core was `built`
+/// with its handling (the `in-order` feature).
+fn in_order_built(features: VirtioFeatures, built: bool) -> Result<(), VringError> {
+    if !built && features.contains(VirtioFeatures::IN_ORDER) {
+        Err(VringError::InOrderNotBuilt)
+    } else {
+        Ok(())
+    }
+}
 
 /// Where a ring lives, as guest physical addresses (translate the
 /// front-end addresses of SET_VRING_ADDR first).
@@ -483,8 +501,11 @@ impl Queue {
     /// A queue of `size` entries at `addrs`, in the layout the negotiated
     /// `features` select (packed if VIRTIO_F_RING_PACKED).
     /// With the `in-order` feature, VIRTIO_F_IN_ORDER in `features` turns
-    /// its handling on ([`set_in_order`](Self::set_in_order)).
+    /// its handling on ([`set_in_order`](Self::set_in_order)); without it,
+    /// the bit is refused ([`VringError::InOrderNotBuilt`]) rather than
+    /// left unhonoured.
     pub fn new(size: u16, addrs: RingAddrs, features: VirtioFeatures) -> Result<Self, VringError> {
+        in_order_built(features, cfg!(feature = "in-order"))?;
         let rf = RingFeatures::from_virtio(features);
         let q = if features.contains(VirtioFeatures::RING_PACKED) {
             PackedQueue::new(size, addrs, rf).map(Queue::Packed)
@@ -661,5 +682,22 @@ impl Queue {
             }
             Queue::Packed(q) => q.set_base(num),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_order_is_refused_by_a_core_built_without_it() {
+        let io = VirtioFeatures::IN_ORDER | VirtioFeatures::VERSION_1;
+        assert_eq!(in_order_built(io, false), Err(VringError::InOrderNotBuilt));
+        assert_eq!(in_order_built(io, true), Ok(()));
+        assert_eq!(in_order_built(VirtioFeatures::VERSION_1, false), Ok(()));
+        // This build's rings take the bit (the tests build the core with
+        // `in-order`) and honour it.
+        #[cfg(feature = "in-order")]
+        assert!(Queue::new(8, RingAddrs::default(), io).is_ok_and(|q| q.in_order()));
     }
 }
