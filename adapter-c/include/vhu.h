@@ -141,6 +141,14 @@
 #define VHU_VIRTIO_F_RING_PACKED 17179869184
 
 /**
+ * VIRTIO_F_IN_ORDER: the data plane publishes completions in the order
+ * the chains were popped (holding those that come early). Carried by a
+ * library built with its `in-order` feature (the default; see
+ * `vhu_backend_supported_features()`).
+ */
+#define VHU_VIRTIO_F_IN_ORDER 34359738368
+
+/**
  * VHOST_USER_PROTOCOL_F_MQ.
  */
 #define VHU_PROTOCOL_F_MQ (1 << 0)
@@ -1508,10 +1516,21 @@ size_t vhu_backend_align(void);
 uint64_t vhu_backend_supported_protocol_features(void);
 
 /**
+ * The virtio features a configuration may offer: the device's bits
+ * (0 to 23) and the transport's the engine implements, the same in every
+ * build of this library but for `VHU_VIRTIO_F_IN_ORDER` (with its
+ * `in-order` feature, on by default). Not VHOST_F_LOG_ALL: the dirty log
+ * has no C form.
+ */
+uint64_t vhu_backend_supported_features(void);
+
+/**
  * Initialises a back-end session in `storage` (`size` bytes) for a
  * device with `config`, waiting for a front-end's first message.
- * `VHU_ERR_UNSUPPORTED` if the configuration offers what the engine does
- * not implement, or more than `VHU_MAX_QUEUES` queues; `VHU_ERR_ABI`
+ * `VHU_ERR_UNSUPPORTED` if the configuration offers what this library
+ * does not carry (`vhu_backend_supported_features()`,
+ * `vhu_backend_supported_protocol_features()`), or more than
+ * `VHU_MAX_QUEUES` queues; `VHU_ERR_ABI`
  * if its `struct_size` is not one this library knows. A configuration
  * offering `VHU_PROTOCOL_F_RARP` or `VHU_PROTOCOL_F_MTU` must be handled
  * with a device whose `send_rarp` or `set_mtu` is set
@@ -1800,7 +1819,9 @@ size_t vhu_dataplane_align(void);
  * Starts a ring without a session: the ring of `config` over `mem`,
  * with its region of the inflight area `area` (NULL: none) at
  * `config->inflight_offset`. `VHU_ERR_MEMORY` if a ring area is not in
- * `mem`; a split ring continues from the used index in guest memory. Storage as for `vhu_backend_start_ring()`.
+ * `mem`; `VHU_ERR_UNSUPPORTED` for `VHU_VIRTIO_F_IN_ORDER` where this
+ * library does not carry it (`vhu_backend_supported_features()`); a
+ * split ring continues from the used index in guest memory. Storage as for `vhu_backend_start_ring()`.
  * A ring whose recorded requests cannot be trusted starts broken
  * (`vhu_dataplane_get_info()` says why), never half-started.
  *

@@ -59,6 +59,11 @@ pub const VHU_F_PROTOCOL_FEATURES: u64 = 1 << 30;
 pub const VHU_VIRTIO_F_VERSION_1: u64 = 0x0001_0000_0000;
 /// VIRTIO_F_RING_PACKED.
 pub const VHU_VIRTIO_F_RING_PACKED: u64 = 0x0004_0000_0000;
+/// VIRTIO_F_IN_ORDER: the data plane publishes completions in the order
+/// the chains were popped (holding those that come early). Carried by a
+/// library built with its `in-order` feature (the default; see
+/// `vhu_backend_supported_features()`).
+pub const VHU_VIRTIO_F_IN_ORDER: u64 = 0x0008_0000_0000;
 
 /// VHOST_USER_PROTOCOL_F_MQ.
 pub const VHU_PROTOCOL_F_MQ: u64 = 1 << 0;
@@ -94,6 +99,7 @@ const _: () = {
     assert!(VHU_F_PROTOCOL_FEATURES == VirtioFeatures::PROTOCOL_FEATURES.bits());
     assert!(VHU_VIRTIO_F_VERSION_1 == VirtioFeatures::VERSION_1.bits());
     assert!(VHU_VIRTIO_F_RING_PACKED == VirtioFeatures::RING_PACKED.bits());
+    assert!(VHU_VIRTIO_F_IN_ORDER == VirtioFeatures::IN_ORDER.bits());
     assert!(VHU_PROTOCOL_F_MQ == ProtocolFeatures::MQ.bits());
     assert!(VHU_PROTOCOL_F_RARP == ProtocolFeatures::RARP.bits());
     assert!(VHU_PROTOCOL_F_REPLY_ACK == ProtocolFeatures::REPLY_ACK.bits());
@@ -576,6 +582,36 @@ pub extern "C" fn vhu_backend_supported_protocol_features() -> u64 {
     C_PROTOCOL_FEATURES.bits()
 }
 
+/// The virtio features a configuration may offer: the device's bits
+/// (0 to 23) and the transport's the engine implements, the same in every
+/// build of this library but for `VHU_VIRTIO_F_IN_ORDER` (with its
+/// `in-order` feature, on by default). Not VHOST_F_LOG_ALL: the dirty log
+/// has no C form.
+#[no_mangle]
+pub extern "C" fn vhu_backend_supported_features() -> u64 {
+    C_VIRTIO_FEATURES.bits()
+}
+
+/// VIRTIO_F_IN_ORDER where this crate's `in-order` feature is on: the
+/// core's handling may be on in a build without it (another crate turned
+/// it on), and is then not used.
+pub(crate) const C_IN_ORDER: VirtioFeatures = if cfg!(feature = "in-order") {
+    VirtioFeatures::IN_ORDER
+} else {
+    VirtioFeatures::empty()
+};
+
+/// What a C back-end may offer in virtio features, named one by one as
+/// [`C_PROTOCOL_FEATURES`] is (the core's build features would otherwise
+/// change it).
+const C_VIRTIO_FEATURES: VirtioFeatures = VirtioFeatures::from_bits_retain((1 << 24) - 1)
+    .union(VirtioFeatures::INDIRECT_DESC)
+    .union(VirtioFeatures::EVENT_IDX)
+    .union(VirtioFeatures::PROTOCOL_FEATURES)
+    .union(VirtioFeatures::VERSION_1)
+    .union(VirtioFeatures::RING_PACKED)
+    .union(C_IN_ORDER);
+
 /// What a C back-end may offer: what the session implements and this
 /// interface carries, named one by one so that the core's build features
 /// (a workspace build turns on `net` and `migration` for every crate) do
@@ -603,8 +639,10 @@ const C_PROTOCOL_FEATURES: ProtocolFeatures = ProtocolFeatures::MQ
 
 /// Initialises a back-end session in `storage` (`size` bytes) for a
 /// device with `config`, waiting for a front-end's first message.
-/// `VHU_ERR_UNSUPPORTED` if the configuration offers what the engine does
-/// not implement, or more than `VHU_MAX_QUEUES` queues; `VHU_ERR_ABI`
+/// `VHU_ERR_UNSUPPORTED` if the configuration offers what this library
+/// does not carry (`vhu_backend_supported_features()`,
+/// `vhu_backend_supported_protocol_features()`), or more than
+/// `VHU_MAX_QUEUES` queues; `VHU_ERR_ABI`
 /// if its `struct_size` is not one this library knows. A configuration
 /// offering `VHU_PROTOCOL_F_RARP` or `VHU_PROTOCOL_F_MTU` must be handled
 /// with a device whose `send_rarp` or `set_mtu` is set
@@ -626,7 +664,9 @@ pub unsafe extern "C" fn vhu_backend_init(
         fp.writes(storage.cast::<u8>(), vhu_backend_size())?;
         // SAFETY: the caller's contract.
         let c = unsafe { versioned::read(config, &mut fp) }?;
-        if !C_PROTOCOL_FEATURES.contains(ProtocolFeatures::from_bits_retain(c.protocol_features)) {
+        if !C_PROTOCOL_FEATURES.contains(ProtocolFeatures::from_bits_retain(c.protocol_features))
+            || !C_VIRTIO_FEATURES.contains(VirtioFeatures::from_bits_retain(c.features))
+        {
             return Err(VHU_ERR_UNSUPPORTED);
         }
         let session = CSession::new(BackendConfig {

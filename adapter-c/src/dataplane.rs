@@ -281,7 +281,9 @@ unsafe fn ring<'a>(
 /// Starts a ring without a session: the ring of `config` over `mem`,
 /// with its region of the inflight area `area` (NULL: none) at
 /// `config->inflight_offset`. `VHU_ERR_MEMORY` if a ring area is not in
-/// `mem`; a split ring continues from the used index in guest memory. Storage as for `vhu_backend_start_ring()`.
+/// `mem`; `VHU_ERR_UNSUPPORTED` for `VHU_VIRTIO_F_IN_ORDER` where this
+/// library does not carry it (`vhu_backend_supported_features()`); a
+/// split ring continues from the used index in guest memory. Storage as for `vhu_backend_start_ring()`.
 /// A ring whose recorded requests cannot be trusted starts broken
 /// (`vhu_dataplane_get_info()` says why), never half-started.
 ///
@@ -311,6 +313,13 @@ pub unsafe extern "C" fn vhu_dataplane_init(
         let area = unsafe { Mem::optional(area, &mut fp) }?;
         let (mem, area) = (mem.bind(&fp), area.map(|a| a.bind(&fp)));
         let features = VirtioFeatures::from_bits_retain(c.features);
+        // An in-order ring whose completions this build would publish as
+        // they come.
+        if features.contains(VirtioFeatures::IN_ORDER)
+            && !crate::backend::C_IN_ORDER.contains(VirtioFeatures::IN_ORDER)
+        {
+            return Err(VHU_ERR_UNSUPPORTED);
+        }
         let mut q = Queue::new(c.size, c.addrs.into(), features).map_err(result::vring)?;
         q.set_base(c.base).map_err(result::vring)?;
         q.check_areas(&mem).map_err(result::vring)?;

@@ -145,6 +145,26 @@ fn only_what_the_abi_carries_is_offered() {
     };
     // SAFETY: as above.
     assert_eq!(unsafe { vhu_backend_init(s.at(0), size, &all) }, VHU_OK);
+    // IN_ORDER is carried with the library's `in-order` feature, on by
+    // default (its data plane honours it: dataplane.rs); the dirty log's
+    // LOG_ALL never (refused above).
+    let virtio = vhu_backend_supported_features();
+    assert_eq!(virtio & VHU_VIRTIO_F_IN_ORDER, VHU_VIRTIO_F_IN_ORDER);
+    assert_eq!(virtio & LOG_ALL, 0);
+    let device_and_transport = ((1 << 24) - 1)
+        | VHU_VIRTIO_F_INDIRECT_DESC
+        | VHU_VIRTIO_F_EVENT_IDX
+        | VHU_F_PROTOCOL_FEATURES
+        | VHU_VIRTIO_F_VERSION_1
+        | VHU_VIRTIO_F_RING_PACKED;
+    assert_eq!(virtio, device_and_transport | VHU_VIRTIO_F_IN_ORDER);
+    let in_order = vhu_backend_config {
+        features: base.features | VHU_VIRTIO_F_IN_ORDER | VHU_VIRTIO_F_RING_PACKED,
+        ..base
+    };
+    // SAFETY: as above.
+    let r = unsafe { vhu_backend_init(s.at(0), size, &in_order) };
+    assert_eq!(r, VHU_OK);
 }
 
 #[test]

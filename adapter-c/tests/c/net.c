@@ -98,7 +98,15 @@ int main(void)
     cfg.protocol_features = VHU_PROTOCOL_F_REPLY_ACK | VHU_PROTOCOL_F_MTU | VHU_PROTOCOL_F_RARP;
     cfg.num_queues = 2;
     cfg.max_queue_size = 256;
-    vhu_result r = vhu_backend_init(be, size, &cfg);
+    /* The library this program links was built on its own: IN_ORDER is
+     * carried there too (a session offering it starts), not only where
+     * another crate of a build turns the core's handling on. */
+    vhu_backend_config in_order = cfg;
+    in_order.features |= VHU_VIRTIO_F_IN_ORDER;
+    vhu_result r = vhu_backend_init(be, size, &in_order);
+    if (r != VHU_OK)
+        return fail("init offering IN_ORDER", r);
+    r = vhu_backend_init(be, size, &cfg);
     if (r != VHU_OK)
         return fail("init", r);
 
