@@ -31,7 +31,7 @@ use crate::memory::{vhu_mem, vhu_mem_region, Mem};
 use crate::result::vhu_result::{self, *};
 use crate::result::{self, guard};
 use crate::state::{self, Footprint, Kind, Lend};
-use crate::versioned::{self, Versioned};
+use crate::versioned::{self, Readable, Versioned};
 
 /// Most queues a back-end session has.
 pub const VHU_MAX_QUEUES: u16 = 16;
@@ -269,6 +269,11 @@ const DEVICE_PROTOCOL_FEATURES: ProtocolFeatures =
 // is an integer, a raw pointer or an optional function pointer.
 unsafe impl Versioned for vhu_device {
     const SIZES: &'static [usize] = &[offset_of!(vhu_device, set_mtu), size_of::<vhu_device>()];
+}
+
+// SAFETY: every field is an integer, a raw pointer or an optional
+// function pointer.
+unsafe impl Readable for vhu_device {
     const EMPTY: Self = vhu_device {
         struct_size: 0,
         ctx: ptr::null_mut(),
@@ -295,6 +300,11 @@ impl Default for vhu_device {
 // struct; every field is an integer.
 unsafe impl Versioned for vhu_backend_config {
     const SIZES: &'static [usize] = &[size_of::<vhu_backend_config>()];
+}
+
+// SAFETY: every field is an integer, a raw pointer or an optional
+// function pointer.
+unsafe impl Readable for vhu_backend_config {
     const EMPTY: Self = vhu_backend_config {
         struct_size: 0,
         features: 0,

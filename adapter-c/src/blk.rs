@@ -23,7 +23,7 @@ use crate::memory::{vhu_mem, Mem};
 use crate::result::guard;
 use crate::result::vhu_result::{self, *};
 use crate::state::{self, Footprint, Kind};
-use crate::versioned::{self, Versioned};
+use crate::versioned::{self, Readable, Versioned};
 
 /// A virtio-blk device model (opaque; `vhu_blk_size()` bytes aligned to
 /// `vhu_blk_align()`).
@@ -84,6 +84,11 @@ pub struct vhu_blk_config {
 // struct; every field is an integer or an array of bytes.
 unsafe impl Versioned for vhu_blk_config {
     const SIZES: &'static [usize] = &[size_of::<vhu_blk_config>()];
+}
+
+// SAFETY: every field is an integer, a raw pointer or an optional
+// function pointer.
+unsafe impl Readable for vhu_blk_config {
     const EMPTY: Self = vhu_blk_config {
         struct_size: 0,
         capacity: 0,

@@ -20,7 +20,7 @@ use crate::memory::{vhu_mem, Mem};
 use crate::result::vhu_result::{self, *};
 use crate::result::{self, guard};
 use crate::state::{self, Footprint, Kind};
-use crate::versioned::{self, Versioned};
+use crate::versioned::{self, Readable, Versioned};
 
 /// Most segments (descriptors with bytes) of one chain: the segment
 /// buffer of `vhu_dataplane_pop()` has room for this many. A longer chain
@@ -146,6 +146,11 @@ pub struct vhu_ring_config {
 // struct; every field is an integer (`addrs`: three).
 unsafe impl Versioned for vhu_ring_config {
     const SIZES: &'static [usize] = &[size_of::<vhu_ring_config>()];
+}
+
+// SAFETY: every field is an integer, a raw pointer or an optional
+// function pointer.
+unsafe impl Readable for vhu_ring_config {
     const EMPTY: Self = vhu_ring_config {
         struct_size: 0,
         size: 0,

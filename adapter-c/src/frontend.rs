@@ -25,7 +25,7 @@ use crate::memory::vhu_mem_region;
 use crate::result::vhu_result::{self, *};
 use crate::result::{self, guard};
 use crate::state::{self, Footprint, Kind};
-use crate::versioned::{self, Versioned};
+use crate::versioned::{self, Readable, Versioned};
 
 /// Most queues a front-end configures.
 pub const VHU_FRONTEND_MAX_QUEUES: u32 = 16;
@@ -117,6 +117,11 @@ pub struct vhu_frontend_config {
 // struct; every field is an integer or a raw pointer.
 unsafe impl Versioned for vhu_frontend_config {
     const SIZES: &'static [usize] = &[size_of::<vhu_frontend_config>()];
+}
+
+// SAFETY: every field is an integer, a raw pointer or an optional
+// function pointer.
+unsafe impl Readable for vhu_frontend_config {
     const EMPTY: Self = vhu_frontend_config {
         struct_size: 0,
         features: 0,

@@ -28,7 +28,7 @@ use vhost_user_core::memory::{GuestMemory, MemoryError};
 
 use crate::result::vhu_result::{self, *};
 use crate::state::{self, Footprint, Lend};
-use crate::versioned::{self, Versioned};
+use crate::versioned::{self, Readable, Versioned};
 
 /// One region of guest memory mapped into this address space. Its host
 /// range shares no byte with a state or a buffer of the call it is given
@@ -96,6 +96,11 @@ pub struct vhu_mem_ops {
 // struct; every field is a raw pointer or an optional function pointer.
 unsafe impl Versioned for vhu_mem_ops {
     const SIZES: &'static [usize] = &[size_of::<vhu_mem_ops>()];
+}
+
+// SAFETY: every field is an integer, a raw pointer or an optional
+// function pointer.
+unsafe impl Readable for vhu_mem_ops {
     const EMPTY: Self = vhu_mem_ops {
         struct_size: 0,
         ctx: ptr::null_mut(),
