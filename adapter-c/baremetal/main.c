@@ -70,9 +70,9 @@ static int setup(void)
 static int serve_one(unsigned q)
 {
     vhu_segment segs[VHU_MAX_CHAIN];
-    vhu_token tok;
+    vhu_token tok = VHU_TOKEN_INIT;
     size_t n;
-    vhu_blk_op op;
+    vhu_blk_op op = VHU_BLK_OP_INIT;
     uint32_t status = VHU_BLK_S_OK, used = 0;
     vhu_published pub;
     if (vhu_dataplane_pop(RING(q), &mem, NULL, &tok, segs, VHU_MAX_CHAIN, &n) ||
@@ -113,11 +113,11 @@ void poll_rings(void)
  * or -1: drop the conversation. */
 long on_message(const uint8_t *msg, size_t len)
 {
-    vhu_outcome out;
+    vhu_outcome out = VHU_OUTCOME_INIT;
     if (vhu_backend_handle(BE, msg, len, 0, &mem, &device, reply, sizeof reply, &out))
         return -1;
     for (uint32_t i = 0; i < out.actions; i++) {
-        vhu_action a;
+        vhu_action a = VHU_ACTION_INIT;
         vhu_backend_action(BE, i, &a);
         if (a.kind == VHU_ACTION_MAP_REGION && a.slot < VHU_MAX_REGIONS &&
             a.region.mmap_offset + a.region.size <= RAM_BYTES)

@@ -40,16 +40,19 @@
  *   vhu_backend_init(be, sizeof be_mem, &cfg);
  *   // per message: vhu_backend_handle(), then vhu_backend_action() 0..n-1
  *
- * Versioned structs: the structs a caller hands in that may grow
- * (vhu_device, vhu_mem_ops, vhu_backend_config, vhu_blk_config,
- * vhu_ring_config, vhu_frontend_config) begin with `struct_size`, the
- * sizeof the struct had in the header the program was built with. Start
- * each from its VHU_X_INIT (defined after the includes), or give
+ * Versioned structs: the structs that may grow begin with `struct_size`,
+ * the sizeof the struct had in the header the program was built with.
+ * Those a caller hands in (vhu_device, vhu_mem_ops, vhu_backend_config,
+ * vhu_blk_config, vhu_ring_config, vhu_frontend_config) and those the
+ * library writes out (vhu_outcome, vhu_action, vhu_token,
+ * vhu_dataplane_info, vhu_transmit, vhu_event, vhu_backend_notice,
+ * vhu_blk_op; vhu_device from vhu_blk_device()) alike: start each from
+ * its VHU_X_INIT (defined after the includes), or give
  * `.struct_size = sizeof(X)` in a designated initialiser. The library
- * reads (vhu_blk_device():
- * writes) the fields that size covers, takes the fields a smaller size
- * it knows lacks as NULL or 0, and refuses a size it does not know with
- * VHU_ERR_ABI.
+ * reads, or writes, the fields that size covers and no byte past it
+ * (keeping `struct_size` as it is), takes the fields a smaller size it
+ * knows lacks as NULL or 0, and refuses a size it does not know with
+ * VHU_ERR_ABI before it reads past the size or writes anything.
  */
 
 #ifndef VHU_H
@@ -81,6 +84,23 @@
 #define VHU_RING_CONFIG_INIT VHU_STRUCT_INIT_(vhu_ring_config)
 /** A vhu_frontend_config of zeros. */
 #define VHU_FRONTEND_CONFIG_INIT VHU_STRUCT_INIT_(vhu_frontend_config)
+/* The structs the library writes out: zeros until it does. */
+/** For vhu_backend_handle(). */
+#define VHU_OUTCOME_INIT VHU_STRUCT_INIT_(vhu_outcome)
+/** For vhu_backend_action(). */
+#define VHU_ACTION_INIT VHU_STRUCT_INIT_(vhu_action)
+/** For vhu_dataplane_pop(). */
+#define VHU_TOKEN_INIT VHU_STRUCT_INIT_(vhu_token)
+/** For vhu_dataplane_get_info(). */
+#define VHU_DATAPLANE_INFO_INIT VHU_STRUCT_INIT_(vhu_dataplane_info)
+/** For vhu_frontend_poll_transmit(). */
+#define VHU_TRANSMIT_INIT VHU_STRUCT_INIT_(vhu_transmit)
+/** For vhu_frontend_poll_event(). */
+#define VHU_EVENT_INIT VHU_STRUCT_INIT_(vhu_event)
+/** For vhu_frontend_serve_backend(). */
+#define VHU_BACKEND_NOTICE_INIT VHU_STRUCT_INIT_(vhu_backend_notice)
+/** For vhu_blk_request_op(). */
+#define VHU_BLK_OP_INIT VHU_STRUCT_INIT_(vhu_blk_op)
 
 /**
  * Most queues a back-end session has.
@@ -390,7 +410,7 @@ enum vhu_result
    * A struct's `struct_size` is not a size of it this library knows:
    * a program built against another version of `vhu.h`, or a struct
    * not initialised with its `VHU_*_INIT` (or `sizeof`). Nothing past
-   * the size was read.
+   * the size was read, and nothing was written into the struct.
    */
   VHU_ERR_ABI = 24,
   /**
@@ -1012,9 +1032,16 @@ typedef struct {
 } vhu_device;
 
 /**
- * What a message produced.
+ * What a message produced (written by `vhu_backend_handle()`; start
+ * from `VHU_OUTCOME_INIT`, or `.struct_size = sizeof(vhu_outcome)`).
  */
 typedef struct {
+  /**
+   * `sizeof(vhu_outcome)`, set by the caller and kept by the library,
+   * which writes the fields it covers (`VHU_ERR_ABI`, and nothing
+   * written, for a size this library does not know).
+   */
+  size_t struct_size;
   /**
    * The reply.
    */
@@ -1063,9 +1090,17 @@ typedef struct {
 } vhu_mem_region;
 
 /**
- * One action (the fields its kind does not name are 0).
+ * One action (the fields its kind does not name are 0), written by
+ * `vhu_backend_action()`: start from `VHU_ACTION_INIT`, or
+ * `.struct_size = sizeof(vhu_action)`.
  */
 typedef struct {
+  /**
+   * `sizeof(vhu_action)`, set by the caller and kept by the library,
+   * which writes the fields it covers (`VHU_ERR_ABI`, and nothing
+   * written, for a size this library does not know).
+   */
+  size_t struct_size;
   /**
    * What to do.
    */
@@ -1190,9 +1225,16 @@ typedef struct {
 } vhu_segment;
 
 /**
- * A planned request.
+ * A planned request, written by `vhu_blk_request_op()`: start from
+ * `VHU_BLK_OP_INIT`, or `.struct_size = sizeof(vhu_blk_op)`.
  */
 typedef struct {
+  /**
+   * `sizeof(vhu_blk_op)`, set by the caller and kept by the library,
+   * which writes the fields it covers (`VHU_ERR_ABI`, and nothing
+   * written, for a size this library does not know).
+   */
+  size_t struct_size;
   /**
    * What to do.
    */
@@ -1260,9 +1302,16 @@ typedef struct {
 } vhu_ring_config;
 
 /**
- * A request handed out by `vhu_dataplane_pop()`.
+ * A request handed out by `vhu_dataplane_pop()` (start from
+ * `VHU_TOKEN_INIT`, or `.struct_size = sizeof(vhu_token)`).
  */
 typedef struct {
+  /**
+   * `sizeof(vhu_token)`, set by the caller and kept by the library,
+   * which writes the fields it covers (`VHU_ERR_ABI`, and nothing
+   * written, for a size this library does not know).
+   */
+  size_t struct_size;
   /**
    * Give it back to `vhu_dataplane_complete()`; `VHU_NO_TOKEN` if
    * nothing was popped.
@@ -1280,9 +1329,17 @@ typedef struct {
 } vhu_token;
 
 /**
- * What a data plane knows about itself.
+ * What a data plane knows about itself (written by
+ * `vhu_dataplane_get_info()`; start from `VHU_DATAPLANE_INFO_INIT`, or
+ * `.struct_size = sizeof(vhu_dataplane_info)`).
  */
 typedef struct {
+  /**
+   * `sizeof(vhu_dataplane_info)`, set by the caller and kept by the
+   * library, which writes the fields it covers (`VHU_ERR_ABI`, and
+   * nothing written, for a size this library does not know).
+   */
+  size_t struct_size;
   /**
    * Ring size.
    */
@@ -1403,9 +1460,16 @@ typedef struct {
 } vhu_fd_ref;
 
 /**
- * A message to send.
+ * A message to send, written by `vhu_frontend_poll_transmit()`: start
+ * from `VHU_TRANSMIT_INIT`, or `.struct_size = sizeof(vhu_transmit)`.
  */
 typedef struct {
+  /**
+   * `sizeof(vhu_transmit)`, set by the caller and kept by the library,
+   * which writes the fields it covers (`VHU_ERR_ABI`, and nothing
+   * written, for a size this library does not know).
+   */
+  size_t struct_size;
   /**
    * The request id.
    */
@@ -1430,9 +1494,17 @@ typedef struct {
 } vhu_transmit;
 
 /**
- * An event (the fields its kind does not name are 0).
+ * An event (the fields its kind does not name are 0), written by
+ * `vhu_frontend_poll_event()`: start from `VHU_EVENT_INIT`, or
+ * `.struct_size = sizeof(vhu_event)`.
  */
 typedef struct {
+  /**
+   * `sizeof(vhu_event)`, set by the caller and kept by the library,
+   * which writes the fields it covers (`VHU_ERR_ABI`, and nothing
+   * written, for a size this library does not know).
+   */
+  size_t struct_size;
   /**
    * What happened.
    */
@@ -1468,9 +1540,17 @@ typedef struct {
 } vhu_event;
 
 /**
- * What `vhu_frontend_serve_backend()` made of one back-end request.
+ * What `vhu_frontend_serve_backend()` made of one back-end request
+ * (start from `VHU_BACKEND_NOTICE_INIT`, or `.struct_size =
+ * sizeof(vhu_backend_notice)`).
  */
 typedef struct {
+  /**
+   * `sizeof(vhu_backend_notice)`, set by the caller and kept by the library,
+   * which writes the fields it covers (`VHU_ERR_ABI`, and nothing
+   * written, for a size this library does not know).
+   */
+  size_t struct_size;
   /**
    * What the request said.
    */
@@ -1572,8 +1652,9 @@ vhu_result vhu_message_size(const uint8_t *header, size_t len, size_t *total);
  * session sees the message, if the configuration offers
  * `VHU_PROTOCOL_F_RARP` or `VHU_PROTOCOL_F_MTU` and `device` (or its
  * `send_rarp` or `set_mtu`) is NULL: no front-end is offered a message
- * that no callback would take. `VHU_ERR_ABI` if `device`'s
- * `struct_size` is not one this library knows. `VHU_ERR_INVALID` if `reply` or
+ * that no callback would take. `VHU_ERR_ABI` if the `struct_size` of
+ * `device` or `out` is not one this library knows (`out` is not written
+ * then). `VHU_ERR_INVALID` if `reply` or
  * `out` shares a byte with the back-end, `msg`, `mem`, `device` or each
  * other, or an entry of the table `mem` maps any of them (the message is
  * read while the reply is written: give each its own bytes); so does a
@@ -1586,18 +1667,21 @@ vhu_result vhu_message_size(const uint8_t *header, size_t len, size_t *total);
  * `mem` is NULL or a valid table (see `vhu_mem`); `device` is NULL or
  * points at a `vhu_device` of its `struct_size` whose callbacks may be
  * called during the call; `reply` points
- * at `reply_cap` writable bytes; `out` at a writable `vhu_outcome`.
+ * at `reply_cap` writable bytes; `out` at a writable `vhu_outcome` of
+ * its `struct_size`.
  */
 vhu_result vhu_backend_handle(vhu_backend *be, const uint8_t *msg, size_t len, size_t nfds, const vhu_mem *mem, const vhu_device *device, uint8_t *reply, size_t reply_cap, vhu_outcome *out);
 
 /**
  * Action `index` of the last message (0 to `out->actions - 1` of its
- * `vhu_backend_handle()`); `VHU_ERR_INVALID` past the last one.
+ * `vhu_backend_handle()`) into `*out`, at the `struct_size` it holds
+ * (`VHU_ACTION_INIT`; `VHU_ERR_ABI`, and nothing written, for a size
+ * this library does not know); `VHU_ERR_INVALID` past the last one.
  *
  * # Safety
  *
  * `be` points at an initialised back-end; `out` at a writable
- * `vhu_action`.
+ * `vhu_action` of its `struct_size`.
  */
 vhu_result vhu_backend_action(vhu_backend *be, size_t index, vhu_action *out);
 
@@ -1743,12 +1827,14 @@ vhu_result vhu_blk_device(vhu_blk *blk, vhu_device *out);
 vhu_result vhu_blk_plan(vhu_blk *blk, const vhu_segment *segs, size_t nsegs, const vhu_mem *mem, vhu_blk_request *req);
 
 /**
- * What the planned request asks.
+ * What the planned request asks, into `*out` at the `struct_size` it
+ * holds (`VHU_BLK_OP_INIT`; `VHU_ERR_ABI`, and nothing written, for a
+ * size this library does not know).
  *
  * # Safety
  *
  * `req` points at an initialised request plan; `out` at a writable
- * `vhu_blk_op`.
+ * `vhu_blk_op` of its `struct_size`.
  */
 vhu_result vhu_blk_request_op(vhu_blk_request *req, vhu_blk_op *out);
 
@@ -1838,7 +1924,10 @@ vhu_result vhu_dataplane_init(vhu_dataplane *storage, size_t size, const vhu_rin
  * (room for `VHU_MAX_CHAIN` entries: `segs_cap` must be at least that)
  * and their number into `*nsegs`; `token` identifies the request. When
  * there is nothing to do now (the ring is empty, paused, stopping or
- * stopped), `token->handle` is `VHU_NO_TOKEN` and `*nsegs` 0.
+ * stopped), `token->handle` is `VHU_NO_TOKEN` and `*nsegs` 0. `*token`
+ * is written at the `struct_size` it holds (`VHU_TOKEN_INIT`;
+ * `VHU_ERR_ABI`, and nothing written, for a size this library does not
+ * know).
  *
  * `VHU_ERR_RING`/`VHU_ERR_MEMORY`: the guest broke a ring rule; the ring is
  * broken and pop returns the error from then on. `VHU_ERR_BUSY`: every
@@ -1847,7 +1936,8 @@ vhu_result vhu_dataplane_init(vhu_dataplane *storage, size_t size, const vhu_rin
  * # Safety
  *
  * `dp` points at an initialised data plane; `mem` and `area` are NULL or
- * valid tables; `token` points at a writable `vhu_token`; `segs` at
+ * valid tables; `token` points at a writable `vhu_token` of its
+ * `struct_size`; `segs` at
  * `segs_cap` writable `vhu_segment`s; `nsegs` at a writable `size_t`.
  */
 vhu_result vhu_dataplane_pop(vhu_dataplane *dp, const vhu_mem *mem, const vhu_mem *area, vhu_token *token, vhu_segment *segs, size_t segs_cap, size_t *nsegs);
@@ -1940,12 +2030,14 @@ vhu_result vhu_dataplane_set_enabled(vhu_dataplane *dp, bool enabled);
 vhu_result vhu_dataplane_set_addrs(vhu_dataplane *dp, const vhu_ring_addrs *addrs);
 
 /**
- * What the data plane knows about itself.
+ * What the data plane knows about itself, into `*out` at the
+ * `struct_size` it holds (`VHU_DATAPLANE_INFO_INIT`; `VHU_ERR_ABI`, and
+ * nothing written, for a size this library does not know).
  *
  * # Safety
  *
  * `dp` points at an initialised data plane; `out` at a writable
- * `vhu_dataplane_info`.
+ * `vhu_dataplane_info` of its `struct_size`.
  */
 vhu_result vhu_dataplane_get_info(vhu_dataplane *dp, vhu_dataplane_info *out);
 
@@ -1978,12 +2070,14 @@ vhu_result vhu_frontend_init(vhu_frontend *storage, size_t size, const vhu_front
  * Writes the next message into `buf` (`cap` bytes;
  * `VHU_FRONTEND_MAX_TRANSMIT` always suffice) and says how to send it in
  * `*tx`; `tx->len` 0: nothing to send now (a reply is awaited, no flow
- * runs, or events wait to be polled).
+ * runs, or events wait to be polled). `*tx` is written at the
+ * `struct_size` it holds (`VHU_TRANSMIT_INIT`; `VHU_ERR_ABI`, and
+ * nothing written, for a size this library does not know).
  *
  * # Safety
  *
  * `fe` points at an initialised front-end; `buf` at `cap` writable bytes;
- * `tx` at a writable `vhu_transmit`.
+ * `tx` at a writable `vhu_transmit` of its `struct_size`.
  */
 vhu_result vhu_frontend_poll_transmit(vhu_frontend *fe, uint8_t *buf, size_t cap, vhu_transmit *tx);
 
@@ -2005,13 +2099,15 @@ vhu_result vhu_frontend_poll_transmit(vhu_frontend *fe, uint8_t *buf, size_t cap
 vhu_result vhu_frontend_handle_reply(vhu_frontend *fe, const uint8_t *msg, size_t len, size_t nfds);
 
 /**
- * The next event into `*ev` (`ev->kind` `VHU_EVENT_NONE`: none). Drain
- * events after every transmit and reply.
+ * The next event into `*ev` (`ev->kind` `VHU_EVENT_NONE`: none), at the
+ * `struct_size` it holds (`VHU_EVENT_INIT`; `VHU_ERR_ABI`, and nothing
+ * written, for a size this library does not know). Drain events after
+ * every transmit and reply.
  *
  * # Safety
  *
  * `fe` points at an initialised front-end; `ev` at a writable
- * `vhu_event`.
+ * `vhu_event` of its `struct_size`.
  */
 vhu_result vhu_frontend_poll_event(vhu_frontend *fe, vhu_event *ev);
 
@@ -2039,14 +2135,17 @@ vhu_result vhu_frontend_poll_event(vhu_frontend *fe, vhu_event *ev);
  * `VHU_ERR_INVALID` for `len` beyond the announced size (bytes of
  * another message), for `msg`, `ack` or `out` sharing a byte with the
  * engine, and for `ack` or `out` sharing one with another buffer of the
- * call. On error `out` holds `VHU_NOTICE_NONE` and `ack_len` 0, and
- * nothing is to be sent.
+ * call. `*out` is written at the `struct_size` it holds
+ * (`VHU_BACKEND_NOTICE_INIT`; `VHU_ERR_ABI`, and nothing written, for a
+ * size this library does not know). Once `out` is checked, an error
+ * leaves it `VHU_NOTICE_NONE` with `ack_len` 0, and nothing is to be
+ * sent.
  *
  * # Safety
  *
  * `fe` points at an initialised front-end; `msg` at `len` readable
  * bytes; `ack` at `ack_cap` writable bytes; `out` at a writable
- * `vhu_backend_notice`.
+ * `vhu_backend_notice` of its `struct_size`.
  */
 vhu_result vhu_frontend_serve_backend(vhu_frontend *fe, const uint8_t *msg, size_t len, size_t nfds, uint8_t *ack, size_t ack_cap, vhu_backend_notice *out);
 

@@ -447,10 +447,15 @@ pub enum vhu_reply_kind {
     VHU_REPLY_PENDING = 2,
 }
 
-/// What a message produced.
+/// What a message produced (written by `vhu_backend_handle()`; start
+/// from `VHU_OUTCOME_INIT`, or `.struct_size = sizeof(vhu_outcome)`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct vhu_outcome {
+    /// `sizeof(vhu_outcome)`, set by the caller and kept by the library,
+    /// which writes the fields it covers (`VHU_ERR_ABI`, and nothing
+    /// written, for a size this library does not know).
+    pub struct_size: usize,
     /// The reply.
     pub reply: vhu_reply_kind,
     /// Bytes of the reply (`VHU_REPLY_READY`).
@@ -516,10 +521,16 @@ pub enum vhu_action_kind {
     VHU_ACTION_OTHER = 255,
 }
 
-/// One action (the fields its kind does not name are 0).
+/// One action (the fields its kind does not name are 0), written by
+/// `vhu_backend_action()`: start from `VHU_ACTION_INIT`, or
+/// `.struct_size = sizeof(vhu_action)`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct vhu_action {
+    /// `sizeof(vhu_action)`, set by the caller and kept by the library,
+    /// which writes the fields it covers (`VHU_ERR_ABI`, and nothing
+    /// written, for a size this library does not know).
+    pub struct_size: usize,
     /// What to do.
     pub kind: vhu_action_kind,
     /// Ring index.
@@ -536,6 +547,50 @@ pub struct vhu_action {
     pub offset: u64,
     /// CREATE_INFLIGHT, MAP_INFLIGHT: bytes.
     pub size: u64,
+}
+
+// SAFETY: repr(C) and Copy, `struct_size` first; one size, the whole
+// struct.
+unsafe impl Versioned for vhu_outcome {
+    const SIZES: &'static [usize] = &[size_of::<vhu_outcome>()];
+}
+
+impl Default for vhu_outcome {
+    /// No reply and no action, at this version's size
+    /// (`VHU_OUTCOME_INIT`).
+    fn default() -> Self {
+        vhu_outcome {
+            struct_size: size_of::<vhu_outcome>(),
+            reply: vhu_reply_kind::VHU_REPLY_NONE,
+            reply_len: 0,
+            queue: 0,
+            actions: 0,
+            refused: VHU_OK,
+        }
+    }
+}
+
+// SAFETY: repr(C) and Copy, `struct_size` first; one size, the whole
+// struct.
+unsafe impl Versioned for vhu_action {
+    const SIZES: &'static [usize] = &[size_of::<vhu_action>()];
+}
+
+impl Default for vhu_action {
+    /// Zero (kind 0, fd 0), at this version's size (`VHU_ACTION_INIT`).
+    fn default() -> Self {
+        vhu_action {
+            struct_size: size_of::<vhu_action>(),
+            kind: vhu_action_kind::VHU_ACTION_UNMAP_ALL,
+            queue: 0,
+            slot: 0,
+            fd: 0,
+            flag: false,
+            region: vhu_mem_region::default(),
+            offset: 0,
+            size: 0,
+        }
+    }
 }
 
 /// A ring's addresses as guest physical addresses.
@@ -760,8 +815,9 @@ pub(crate) fn whole_message(msg: &[u8]) -> Result<(Header, &[u8]), vhu_result> {
 /// session sees the message, if the configuration offers
 /// `VHU_PROTOCOL_F_RARP` or `VHU_PROTOCOL_F_MTU` and `device` (or its
 /// `send_rarp` or `set_mtu`) is NULL: no front-end is offered a message
-/// that no callback would take. `VHU_ERR_ABI` if `device`'s
-/// `struct_size` is not one this library knows. `VHU_ERR_INVALID` if `reply` or
+/// that no callback would take. `VHU_ERR_ABI` if the `struct_size` of
+/// `device` or `out` is not one this library knows (`out` is not written
+/// then). `VHU_ERR_INVALID` if `reply` or
 /// `out` shares a byte with the back-end, `msg`, `mem`, `device` or each
 /// other, or an entry of the table `mem` maps any of them (the message is
 /// read while the reply is written: give each its own bytes); so does a
@@ -774,7 +830,8 @@ pub(crate) fn whole_message(msg: &[u8]) -> Result<(Header, &[u8]), vhu_result> {
 /// `mem` is NULL or a valid table (see `vhu_mem`); `device` is NULL or
 /// points at a `vhu_device` of its `struct_size` whose callbacks may be
 /// called during the call; `reply` points
-/// at `reply_cap` writable bytes; `out` at a writable `vhu_outcome`.
+/// at `reply_cap` writable bytes; `out` at a writable `vhu_outcome` of
+/// its `struct_size`.
 #[no_mangle]
 pub unsafe extern "C" fn vhu_backend_handle(
     be: *mut vhu_backend,
@@ -788,13 +845,7 @@ pub unsafe extern "C" fn vhu_backend_handle(
     out: *mut vhu_outcome,
 ) -> vhu_result {
     guard(|| {
-        let mut outcome = vhu_outcome {
-            reply: vhu_reply_kind::VHU_REPLY_NONE,
-            reply_len: 0,
-            queue: 0,
-            actions: 0,
-            refused: VHU_OK,
-        };
+        let mut outcome = vhu_outcome::default();
         // Every pointer is checked before the session changes. The
         // session reads the message while it writes the reply: a `&mut`
         // over bytes that `msg` (or the session's own value) also covers
@@ -806,9 +857,9 @@ pub unsafe extern "C" fn vhu_backend_handle(
         // SAFETY: the caller's contract.
         let device = unsafe { Unbound::from_raw(device, &mut fp) }?;
         fp.writes(reply, reply_cap)?;
-        fp.writes(out, 1)?;
         // SAFETY: the caller's contract.
-        unsafe { state::put(out, outcome) }?;
+        let out = unsafe { versioned::out(out, &mut fp) }?;
+        out.put(outcome);
         // SAFETY: the caller's contract.
         let mut entered = unsafe { state::get::<Backend, _>(be) }?;
         let b = &mut *entered;
@@ -864,8 +915,8 @@ pub unsafe extern "C" fn vhu_backend_handle(
         }
         outcome.actions = b.outcome.actions.len() as u32;
         outcome.refused = b.outcome.refused.map_or(VHU_OK, result::backend);
-        // SAFETY: checked above.
-        unsafe { state::put(out, outcome) }
+        out.put(outcome);
+        Ok(())
     })
 }
 
@@ -877,13 +928,8 @@ fn action(a: &Action) -> vhu_action {
     use vhu_action_kind::*;
     let mut v = vhu_action {
         kind: VHU_ACTION_OTHER,
-        queue: 0,
-        slot: 0,
         fd: -1,
-        flag: false,
-        region: vhu_mem_region::default(),
-        offset: 0,
-        size: 0,
+        ..vhu_action::default()
     };
     #[allow(unreachable_patterns)]
     match *a {
@@ -959,12 +1005,14 @@ fn action(a: &Action) -> vhu_action {
 }
 
 /// Action `index` of the last message (0 to `out->actions - 1` of its
-/// `vhu_backend_handle()`); `VHU_ERR_INVALID` past the last one.
+/// `vhu_backend_handle()`) into `*out`, at the `struct_size` it holds
+/// (`VHU_ACTION_INIT`; `VHU_ERR_ABI`, and nothing written, for a size
+/// this library does not know); `VHU_ERR_INVALID` past the last one.
 ///
 /// # Safety
 ///
 /// `be` points at an initialised back-end; `out` at a writable
-/// `vhu_action`.
+/// `vhu_action` of its `struct_size`.
 #[no_mangle]
 pub unsafe extern "C" fn vhu_backend_action(
     be: *mut vhu_backend,
@@ -975,12 +1023,13 @@ pub unsafe extern "C" fn vhu_backend_action(
         let mut fp = Footprint::new();
         // SAFETY: the caller's contract.
         unsafe { fp.state::<Backend, _>(be) }?;
-        fp.writes(out, 1)?;
+        // SAFETY: the caller's contract.
+        let out = unsafe { versioned::out(out, &mut fp) }?;
         // SAFETY: the caller's contract.
         let b = unsafe { state::get::<Backend, _>(be) }?;
         let a = b.outcome.actions.get(index).ok_or(VHU_ERR_INVALID)?;
-        // SAFETY: the caller's contract.
-        unsafe { state::put(out, action(a)) }
+        out.put(action(a));
+        Ok(())
     })
 }
 

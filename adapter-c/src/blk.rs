@@ -136,10 +136,15 @@ pub enum vhu_blk_op_kind {
     VHU_BLK_FAIL = 6,
 }
 
-/// A planned request.
+/// A planned request, written by `vhu_blk_request_op()`: start from
+/// `VHU_BLK_OP_INIT`, or `.struct_size = sizeof(vhu_blk_op)`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct vhu_blk_op {
+    /// `sizeof(vhu_blk_op)`, set by the caller and kept by the library,
+    /// which writes the fields it covers (`VHU_ERR_ABI`, and nothing
+    /// written, for a size this library does not know).
+    pub struct_size: usize,
     /// What to do.
     pub kind: vhu_blk_op_kind,
     /// READ, WRITE: disk byte offset (checked against the capacity).
@@ -151,6 +156,27 @@ pub struct vhu_blk_op {
     /// The request changes the disk and the device is in writethrough
     /// mode: make the change stable before completing it.
     pub sync_after: bool,
+}
+
+// SAFETY: repr(C) and Copy, `struct_size` first; one size, the whole
+// struct.
+unsafe impl Versioned for vhu_blk_op {
+    const SIZES: &'static [usize] = &[size_of::<vhu_blk_op>()];
+}
+
+impl Default for vhu_blk_op {
+    /// Zero (kind 0, status 0), at this version's size
+    /// (`VHU_BLK_OP_INIT`).
+    fn default() -> Self {
+        vhu_blk_op {
+            struct_size: size_of::<vhu_blk_op>(),
+            kind: vhu_blk_op_kind::VHU_BLK_READ,
+            offset: 0,
+            len: 0,
+            status: 0,
+            sync_after: false,
+        }
+    }
 }
 
 /// VIRTIO_BLK_S_OK.
@@ -479,12 +505,14 @@ impl From<vhu_segment> for Segment {
     }
 }
 
-/// What the planned request asks.
+/// What the planned request asks, into `*out` at the `struct_size` it
+/// holds (`VHU_BLK_OP_INIT`; `VHU_ERR_ABI`, and nothing written, for a
+/// size this library does not know).
 ///
 /// # Safety
 ///
 /// `req` points at an initialised request plan; `out` at a writable
-/// `vhu_blk_op`.
+/// `vhu_blk_op` of its `struct_size`.
 #[no_mangle]
 pub unsafe extern "C" fn vhu_blk_request_op(
     req: *mut vhu_blk_request,
@@ -494,15 +522,15 @@ pub unsafe extern "C" fn vhu_blk_request_op(
         let mut fp = Footprint::new();
         // SAFETY: the caller's contract.
         unsafe { fp.state::<Plan, _>(req) }?;
-        fp.writes(out, 1)?;
+        // SAFETY: the caller's contract.
+        let out = unsafe { versioned::out(out, &mut fp) }?;
         // SAFETY: the caller's contract.
         let plan = unsafe { state::get::<Plan, _>(req) }?;
         let mut op = vhu_blk_op {
             kind: vhu_blk_op_kind::VHU_BLK_FAIL,
-            offset: 0,
-            len: 0,
             status: VHU_BLK_S_IOERR,
             sync_after: plan.sync_after(),
+            ..vhu_blk_op::default()
         };
         match plan.op() {
             BlkOp::Read { offset, len } => {
@@ -527,8 +555,8 @@ pub unsafe extern "C" fn vhu_blk_request_op(
         if op.kind != vhu_blk_op_kind::VHU_BLK_FAIL {
             op.status = VHU_BLK_S_OK;
         }
-        // SAFETY: the caller's contract.
-        unsafe { state::put(out, op) }
+        out.put(op);
+        Ok(())
     })
 }
 

@@ -68,10 +68,15 @@ pub(crate) const fn fixed_size() -> usize {
     table_offset()
 }
 
-/// A request handed out by `vhu_dataplane_pop()`.
+/// A request handed out by `vhu_dataplane_pop()` (start from
+/// `VHU_TOKEN_INIT`, or `.struct_size = sizeof(vhu_token)`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct vhu_token {
+    /// `sizeof(vhu_token)`, set by the caller and kept by the library,
+    /// which writes the fields it covers (`VHU_ERR_ABI`, and nothing
+    /// written, for a size this library does not know).
+    pub struct_size: usize,
     /// Give it back to `vhu_dataplane_complete()`; `VHU_NO_TOKEN` if
     /// nothing was popped.
     pub handle: u32,
@@ -80,6 +85,24 @@ pub struct vhu_token {
     /// False for a request consumed from a started but disabled ring:
     /// complete it with length 0 and touch nothing.
     pub side_effects: bool,
+}
+
+// SAFETY: repr(C) and Copy, `struct_size` first; one size, the whole
+// struct.
+unsafe impl Versioned for vhu_token {
+    const SIZES: &'static [usize] = &[size_of::<vhu_token>()];
+}
+
+impl Default for vhu_token {
+    /// No request (`VHU_NO_TOKEN`), at this version's size.
+    fn default() -> Self {
+        vhu_token {
+            struct_size: size_of::<vhu_token>(),
+            handle: VHU_NO_TOKEN,
+            id: 0,
+            side_effects: false,
+        }
+    }
 }
 
 /// One buffer of a chain, in guest physical memory.
@@ -177,10 +200,16 @@ impl Default for vhu_ring_config {
     }
 }
 
-/// What a data plane knows about itself.
+/// What a data plane knows about itself (written by
+/// `vhu_dataplane_get_info()`; start from `VHU_DATAPLANE_INFO_INIT`, or
+/// `.struct_size = sizeof(vhu_dataplane_info)`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct vhu_dataplane_info {
+    /// `sizeof(vhu_dataplane_info)`, set by the caller and kept by the
+    /// library, which writes the fields it covers (`VHU_ERR_ABI`, and
+    /// nothing written, for a size this library does not know).
+    pub struct_size: usize,
     /// Ring size.
     pub size: u16,
     /// The GET_VRING_BASE value of the ring as it is now.
@@ -200,6 +229,30 @@ pub struct vhu_dataplane_info {
     pub tracked: bool,
     /// `VHU_OK`, or the error that broke the ring.
     pub error: vhu_result,
+}
+
+// SAFETY: repr(C) and Copy, `struct_size` first; one size, the whole
+// struct.
+unsafe impl Versioned for vhu_dataplane_info {
+    const SIZES: &'static [usize] = &[size_of::<vhu_dataplane_info>()];
+}
+
+impl Default for vhu_dataplane_info {
+    /// Zero, at this version's size (`VHU_DATAPLANE_INFO_INIT`).
+    fn default() -> Self {
+        vhu_dataplane_info {
+            struct_size: size_of::<vhu_dataplane_info>(),
+            size: 0,
+            base: 0,
+            outstanding: 0,
+            resubmits_left: 0,
+            enabled: false,
+            paused: false,
+            stopped: false,
+            tracked: false,
+            error: VHU_OK,
+        }
+    }
 }
 
 /// Bytes of the storage of a data plane for a ring of `queue_size`
@@ -350,7 +403,10 @@ pub unsafe extern "C" fn vhu_dataplane_init(
 /// (room for `VHU_MAX_CHAIN` entries: `segs_cap` must be at least that)
 /// and their number into `*nsegs`; `token` identifies the request. When
 /// there is nothing to do now (the ring is empty, paused, stopping or
-/// stopped), `token->handle` is `VHU_NO_TOKEN` and `*nsegs` 0.
+/// stopped), `token->handle` is `VHU_NO_TOKEN` and `*nsegs` 0. `*token`
+/// is written at the `struct_size` it holds (`VHU_TOKEN_INIT`;
+/// `VHU_ERR_ABI`, and nothing written, for a size this library does not
+/// know).
 ///
 /// `VHU_ERR_RING`/`VHU_ERR_MEMORY`: the guest broke a ring rule; the ring is
 /// broken and pop returns the error from then on. `VHU_ERR_BUSY`: every
@@ -359,7 +415,8 @@ pub unsafe extern "C" fn vhu_dataplane_init(
 /// # Safety
 ///
 /// `dp` points at an initialised data plane; `mem` and `area` are NULL or
-/// valid tables; `token` points at a writable `vhu_token`; `segs` at
+/// valid tables; `token` points at a writable `vhu_token` of its
+/// `struct_size`; `segs` at
 /// `segs_cap` writable `vhu_segment`s; `nsegs` at a writable `size_t`.
 #[no_mangle]
 pub unsafe extern "C" fn vhu_dataplane_pop(
@@ -372,19 +429,14 @@ pub unsafe extern "C" fn vhu_dataplane_pop(
     nsegs: *mut usize,
 ) -> vhu_result {
     guard(|| {
-        let none = vhu_token {
-            handle: VHU_NO_TOKEN,
-            id: 0,
-            side_effects: false,
-        };
         let mut fp = Footprint::new();
         // SAFETY: the caller's contract.
         unsafe { fp.state::<Ring, _>(dp) }?;
-        fp.writes(token, 1)?;
+        // SAFETY: the caller's contract.
+        let token = unsafe { versioned::out(token, &mut fp) }?;
         fp.writes(nsegs, 1)?;
         fp.writes(segs, segs_cap)?;
-        // SAFETY: the caller's contract.
-        unsafe { state::put(token, none) }?;
+        token.put(vhu_token::default());
         // SAFETY: the caller's contract.
         unsafe { state::put(nsegs, 0) }?;
         // SAFETY: the caller's contract.
@@ -438,13 +490,12 @@ pub unsafe extern "C" fn vhu_dataplane_pop(
             // apart from the data plane and guest memory (claimed).
             unsafe { segs.add(i).write(v) };
         }
-        let got = vhu_token {
+        token.put(vhu_token {
             handle: free as u32,
             id: t.id(),
             side_effects: t.side_effects(),
-        };
-        // SAFETY: checked above.
-        unsafe { state::put(token, got) }?;
+            ..vhu_token::default()
+        });
         // SAFETY: checked above.
         unsafe { state::put(nsegs, segments.len()) }
     })
@@ -719,12 +770,14 @@ pub unsafe extern "C" fn vhu_dataplane_set_addrs(
     })
 }
 
-/// What the data plane knows about itself.
+/// What the data plane knows about itself, into `*out` at the
+/// `struct_size` it holds (`VHU_DATAPLANE_INFO_INIT`; `VHU_ERR_ABI`, and
+/// nothing written, for a size this library does not know).
 ///
 /// # Safety
 ///
 /// `dp` points at an initialised data plane; `out` at a writable
-/// `vhu_dataplane_info`.
+/// `vhu_dataplane_info` of its `struct_size`.
 #[no_mangle]
 pub unsafe extern "C" fn vhu_dataplane_get_info(
     dp: *mut vhu_dataplane,
@@ -734,11 +787,12 @@ pub unsafe extern "C" fn vhu_dataplane_get_info(
         let mut fp = Footprint::new();
         // SAFETY: the caller's contract.
         unsafe { fp.state::<Ring, _>(dp) }?;
-        fp.writes(out, 1)?;
+        // SAFETY: the caller's contract.
+        let out = unsafe { versioned::out(out, &mut fp) }?;
         // SAFETY: the caller's contract.
         let (r, _) = unsafe { ring(dp) }?;
         let d = &r.dp;
-        let info = vhu_dataplane_info {
+        out.put(vhu_dataplane_info {
             size: d.size(),
             base: d.base(),
             outstanding: d.outstanding(),
@@ -748,8 +802,8 @@ pub unsafe extern "C" fn vhu_dataplane_get_info(
             stopped: d.is_stopped(),
             tracked: d.tracked(),
             error: d.error().map_or(VHU_OK, result::dataplane),
-        };
-        // SAFETY: the caller's contract.
-        unsafe { state::put(out, info) }
+            ..vhu_dataplane_info::default()
+        });
+        Ok(())
     })
 }

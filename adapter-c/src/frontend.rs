@@ -171,10 +171,15 @@ pub struct vhu_fd_ref {
     pub index: u16,
 }
 
-/// A message to send.
+/// A message to send, written by `vhu_frontend_poll_transmit()`: start
+/// from `VHU_TRANSMIT_INIT`, or `.struct_size = sizeof(vhu_transmit)`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct vhu_transmit {
+    /// `sizeof(vhu_transmit)`, set by the caller and kept by the library,
+    /// which writes the fields it covers (`VHU_ERR_ABI`, and nothing
+    /// written, for a size this library does not know).
+    pub struct_size: usize,
     /// The request id.
     pub request: u32,
     /// Bytes of the buffer that form the message; 0: nothing to send now.
@@ -186,6 +191,29 @@ pub struct vhu_transmit {
     pub nfds: u32,
     /// The fds, in order.
     pub fds: [vhu_fd_ref; 8],
+}
+
+// SAFETY: repr(C) and Copy, `struct_size` first; one size, the whole
+// struct.
+unsafe impl Versioned for vhu_transmit {
+    const SIZES: &'static [usize] = &[size_of::<vhu_transmit>()];
+}
+
+impl Default for vhu_transmit {
+    /// Nothing to send, at this version's size.
+    fn default() -> Self {
+        vhu_transmit {
+            struct_size: size_of::<vhu_transmit>(),
+            request: 0,
+            len: 0,
+            awaits_reply: false,
+            nfds: 0,
+            fds: [vhu_fd_ref {
+                kind: vhu_fd_kind::VHU_FD_OTHER,
+                index: 0,
+            }; 8],
+        }
+    }
 }
 
 /// What happened.
@@ -217,10 +245,16 @@ pub enum vhu_event_kind {
     VHU_EVENT_OTHER = 255,
 }
 
-/// An event (the fields its kind does not name are 0).
+/// An event (the fields its kind does not name are 0), written by
+/// `vhu_frontend_poll_event()`: start from `VHU_EVENT_INIT`, or
+/// `.struct_size = sizeof(vhu_event)`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct vhu_event {
+    /// `sizeof(vhu_event)`, set by the caller and kept by the library,
+    /// which writes the fields it covers (`VHU_ERR_ABI`, and nothing
+    /// written, for a size this library does not know).
+    pub struct_size: usize,
     /// What happened.
     pub kind: vhu_event_kind,
     /// Ring index.
@@ -237,6 +271,30 @@ pub struct vhu_event {
     pub len: u32,
     /// CONFIG: the bytes.
     pub data: [u8; 256],
+}
+
+// SAFETY: repr(C) and Copy, `struct_size` first; one size, the whole
+// struct.
+unsafe impl Versioned for vhu_event {
+    const SIZES: &'static [usize] = &[size_of::<vhu_event>()];
+}
+
+impl Default for vhu_event {
+    /// No event (`VHU_EVENT_NONE`), at this version's size
+    /// (`VHU_EVENT_INIT`).
+    fn default() -> Self {
+        vhu_event {
+            struct_size: size_of::<vhu_event>(),
+            kind: vhu_event_kind::VHU_EVENT_NONE,
+            queue: 0,
+            base: 0,
+            features: 0,
+            protocol_features: 0,
+            offset: 0,
+            len: 0,
+            data: [0; 256],
+        }
+    }
 }
 
 /// Where the front-end is.
@@ -284,10 +342,16 @@ pub enum vhu_notice_kind {
     VHU_NOTICE_OTHER = 255,
 }
 
-/// What `vhu_frontend_serve_backend()` made of one back-end request.
+/// What `vhu_frontend_serve_backend()` made of one back-end request
+/// (start from `VHU_BACKEND_NOTICE_INIT`, or `.struct_size =
+/// sizeof(vhu_backend_notice)`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct vhu_backend_notice {
+    /// `sizeof(vhu_backend_notice)`, set by the caller and kept by the library,
+    /// which writes the fields it covers (`VHU_ERR_ABI`, and nothing
+    /// written, for a size this library does not know).
+    pub struct_size: usize,
     /// What the request said.
     pub kind: vhu_notice_kind,
     /// CALL, RING_ERROR: the ring index (below the configured queues).
@@ -299,6 +363,26 @@ pub struct vhu_backend_notice {
     /// back-end asked for with NEED_REPLY, REPLY_ACK negotiated); 0: send
     /// nothing.
     pub ack_len: usize,
+}
+
+// SAFETY: repr(C) and Copy, `struct_size` first; one size, the whole
+// struct.
+unsafe impl Versioned for vhu_backend_notice {
+    const SIZES: &'static [usize] = &[size_of::<vhu_backend_notice>()];
+}
+
+impl Default for vhu_backend_notice {
+    /// Nothing (`VHU_NOTICE_NONE`), at this version's size
+    /// (`VHU_BACKEND_NOTICE_INIT`).
+    fn default() -> Self {
+        vhu_backend_notice {
+            struct_size: size_of::<vhu_backend_notice>(),
+            kind: vhu_notice_kind::VHU_NOTICE_NONE,
+            queue: 0,
+            request: 0,
+            ack_len: 0,
+        }
+    }
 }
 
 /// Bytes of a front-end's storage.
@@ -401,12 +485,14 @@ fn fd_ref(f: FdRef) -> vhu_fd_ref {
 /// Writes the next message into `buf` (`cap` bytes;
 /// `VHU_FRONTEND_MAX_TRANSMIT` always suffice) and says how to send it in
 /// `*tx`; `tx->len` 0: nothing to send now (a reply is awaited, no flow
-/// runs, or events wait to be polled).
+/// runs, or events wait to be polled). `*tx` is written at the
+/// `struct_size` it holds (`VHU_TRANSMIT_INIT`; `VHU_ERR_ABI`, and
+/// nothing written, for a size this library does not know).
 ///
 /// # Safety
 ///
 /// `fe` points at an initialised front-end; `buf` at `cap` writable bytes;
-/// `tx` at a writable `vhu_transmit`.
+/// `tx` at a writable `vhu_transmit` of its `struct_size`.
 #[no_mangle]
 pub unsafe extern "C" fn vhu_frontend_poll_transmit(
     fe: *mut vhu_frontend,
@@ -415,23 +501,14 @@ pub unsafe extern "C" fn vhu_frontend_poll_transmit(
     tx: *mut vhu_transmit,
 ) -> vhu_result {
     guard(|| {
-        let mut t = vhu_transmit {
-            request: 0,
-            len: 0,
-            awaits_reply: false,
-            nfds: 0,
-            fds: [vhu_fd_ref {
-                kind: vhu_fd_kind::VHU_FD_OTHER,
-                index: 0,
-            }; 8],
-        };
+        let mut t = vhu_transmit::default();
         let mut fp = Footprint::new();
         // SAFETY: the caller's contract.
         unsafe { fp.state::<CFrontend, _>(fe) }?;
         fp.writes(buf, cap)?;
-        fp.writes(tx, 1)?;
         // SAFETY: the caller's contract.
-        unsafe { state::put(tx, t) }?;
+        let tx = unsafe { versioned::out(tx, &mut fp) }?;
+        tx.put(t);
         // SAFETY: the caller's contract.
         let mut f = unsafe { state::get::<CFrontend, _>(fe) }?;
         // SAFETY: the caller's contract.
@@ -445,8 +522,8 @@ pub unsafe extern "C" fn vhu_frontend_poll_transmit(
                 t.nfds += 1;
             }
         }
-        // SAFETY: checked above.
-        unsafe { state::put(tx, t) }
+        tx.put(t);
+        Ok(())
     })
 }
 
@@ -485,35 +562,28 @@ pub unsafe extern "C" fn vhu_frontend_handle_reply(
     })
 }
 
-/// The next event into `*ev` (`ev->kind` `VHU_EVENT_NONE`: none). Drain
-/// events after every transmit and reply.
+/// The next event into `*ev` (`ev->kind` `VHU_EVENT_NONE`: none), at the
+/// `struct_size` it holds (`VHU_EVENT_INIT`; `VHU_ERR_ABI`, and nothing
+/// written, for a size this library does not know). Drain events after
+/// every transmit and reply.
 ///
 /// # Safety
 ///
 /// `fe` points at an initialised front-end; `ev` at a writable
-/// `vhu_event`.
+/// `vhu_event` of its `struct_size`.
 #[no_mangle]
 pub unsafe extern "C" fn vhu_frontend_poll_event(
     fe: *mut vhu_frontend,
     ev: *mut vhu_event,
 ) -> vhu_result {
     guard(|| {
-        let mut e = vhu_event {
-            kind: vhu_event_kind::VHU_EVENT_NONE,
-            queue: 0,
-            base: 0,
-            features: 0,
-            protocol_features: 0,
-            offset: 0,
-            len: 0,
-            data: [0; 256],
-        };
+        let mut e = vhu_event::default();
         let mut fp = Footprint::new();
         // SAFETY: the caller's contract.
         unsafe { fp.state::<CFrontend, _>(fe) }?;
-        fp.writes(ev, 1)?;
         // SAFETY: the caller's contract.
-        unsafe { state::put(ev, e) }?;
+        let ev = unsafe { versioned::out(ev, &mut fp) }?;
+        ev.put(e);
         // SAFETY: the caller's contract.
         let mut f = unsafe { state::get::<CFrontend, _>(fe) }?;
         #[allow(unreachable_patterns)]
@@ -558,8 +628,8 @@ pub unsafe extern "C" fn vhu_frontend_poll_event(
             }
             Some(_) => e.kind = vhu_event_kind::VHU_EVENT_OTHER,
         }
-        // SAFETY: checked above.
-        unsafe { state::put(ev, e) }
+        ev.put(e);
+        Ok(())
     })
 }
 
@@ -586,14 +656,17 @@ pub unsafe extern "C" fn vhu_frontend_poll_event(
 /// `VHU_ERR_INVALID` for `len` beyond the announced size (bytes of
 /// another message), for `msg`, `ack` or `out` sharing a byte with the
 /// engine, and for `ack` or `out` sharing one with another buffer of the
-/// call. On error `out` holds `VHU_NOTICE_NONE` and `ack_len` 0, and
-/// nothing is to be sent.
+/// call. `*out` is written at the `struct_size` it holds
+/// (`VHU_BACKEND_NOTICE_INIT`; `VHU_ERR_ABI`, and nothing written, for a
+/// size this library does not know). Once `out` is checked, an error
+/// leaves it `VHU_NOTICE_NONE` with `ack_len` 0, and nothing is to be
+/// sent.
 ///
 /// # Safety
 ///
 /// `fe` points at an initialised front-end; `msg` at `len` readable
 /// bytes; `ack` at `ack_cap` writable bytes; `out` at a writable
-/// `vhu_backend_notice`.
+/// `vhu_backend_notice` of its `struct_size`.
 #[no_mangle]
 pub unsafe extern "C" fn vhu_frontend_serve_backend(
     fe: *mut vhu_frontend,
@@ -605,12 +678,7 @@ pub unsafe extern "C" fn vhu_frontend_serve_backend(
     out: *mut vhu_backend_notice,
 ) -> vhu_result {
     guard(|| {
-        let mut n = vhu_backend_notice {
-            kind: vhu_notice_kind::VHU_NOTICE_NONE,
-            queue: 0,
-            request: 0,
-            ack_len: 0,
-        };
+        let mut n = vhu_backend_notice::default();
         // The request is read while the ack is written: each has its own
         // bytes, apart from the engine's.
         let mut fp = Footprint::new();
@@ -618,9 +686,9 @@ pub unsafe extern "C" fn vhu_frontend_serve_backend(
         unsafe { fp.state::<CFrontend, _>(fe) }?;
         fp.reads(msg, len)?;
         fp.writes(ack, ack_cap)?;
-        fp.writes(out, 1)?;
         // SAFETY: the caller's contract.
-        unsafe { state::put(out, n) }?;
+        let out = unsafe { versioned::out(out, &mut fp) }?;
+        out.put(n);
         // SAFETY: the caller's contract.
         let f = unsafe { state::get::<CFrontend, _>(fe) }?;
         // SAFETY: the caller's contract.
@@ -660,8 +728,8 @@ pub unsafe extern "C" fn vhu_frontend_serve_backend(
             _ => n.kind = vhu_notice_kind::VHU_NOTICE_OTHER,
         }
         n.ack_len = served.reply.unwrap_or(0);
-        // SAFETY: checked above.
-        unsafe { state::put(out, n) }
+        out.put(n);
+        Ok(())
     })
 }
 

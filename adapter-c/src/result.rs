@@ -83,7 +83,7 @@ pub enum vhu_result {
     /// A struct's `struct_size` is not a size of it this library knows:
     /// a program built against another version of `vhu.h`, or a struct
     /// not initialised with its `VHU_*_INIT` (or `sizeof`). Nothing past
-    /// the size was read.
+    /// the size was read, and nothing was written into the struct.
     VHU_ERR_ABI = 24,
     /// NET_SET_MTU with a value outside 68 to 65535: refused by the
     /// session before the device's `set_mtu` is called (a refusal of

@@ -281,8 +281,11 @@ impl Claim {
     }
 }
 
-/// Most ranges one call claims (a pop: the data plane, three outputs and
-/// two guest memory descriptions of up to three ranges each).
+/// Most ranges one call claims: 11 for a pop (the data plane, three
+/// outputs, the token as two: its `struct_size` word and the rest, and
+/// two guest memory descriptions of up to three ranges each) and for a
+/// message handled (the back-end, the message, the device as two and the
+/// blk device it lends, the reply, the outcome as two, and guest memory).
 const MAX_CLAIMS: usize = 12;
 
 /// Bytes of a state's tag and extent, before its value.

@@ -1,10 +1,10 @@
 //! The structs of the C ABI that may grow: those a caller hands in (a
-//! device's callbacks, guest memory callbacks, the configurations), one
-//! of which the library also writes out (`vhu_blk_device()` fills a
-//! `vhu_device`). Each begins with `struct_size`, the `sizeof` of the
-//! struct as the caller's header declared it (`VHU_*_INIT` in the header
-//! fills it); for a struct the library writes out, too, the caller sets
-//! it and the library keeps it.
+//! device's callbacks, guest memory callbacks, the configurations) and
+//! those the library writes out (what a message produced, an action, an
+//! event, a popped token, ...). Each begins with `struct_size`, the
+//! `sizeof` of the struct as the caller's header declared it
+//! (`VHU_*_INIT` in the header fills it); for a struct the library writes
+//! out, too, the caller sets it and the library keeps it.
 //!
 //! A struct grows only at its end, so the sizes of its versions are
 //! prefixes of one another. The library reads a struct handed in at the

@@ -176,10 +176,11 @@ fn a_state_of_another_kind_or_none_is_refused() {
         handle: 0,
         id: 0,
         side_effects: false,
+        ..Default::default()
     };
     let mut segs = [vhu_segment::default(); VHU_MAX_CHAIN as usize];
     let mut n = 0usize;
-    let mut op = core::mem::MaybeUninit::<vhu_blk_op>::uninit();
+    let mut op = core::mem::MaybeUninit::new(vhu_blk_op::default());
     // SAFETY: the storage is large enough for every state used here and
     // zeroed (not a state) until the blk init.
     unsafe {
@@ -264,7 +265,7 @@ fn plan_one_sector(host: *mut u8, mem: &vhu_mem, kind: u32, req: *mut vhu_blk_re
     ];
     let mut s = Storage::new(vhu_blk_size());
     let blk: *mut vhu_blk = s.at(0);
-    let mut op = core::mem::MaybeUninit::<vhu_blk_op>::uninit();
+    let mut op = core::mem::MaybeUninit::new(vhu_blk_op::default());
     // SAFETY: storages of the sizes asked; live config, segments, table
     // (which maps `guest`) and out-value.
     unsafe {

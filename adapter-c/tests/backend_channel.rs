@@ -135,7 +135,7 @@ impl Engine {
         let mut buf = [0u8; VHU_FRONTEND_MAX_TRANSMIT as usize];
         let mut negotiated = None;
         loop {
-            let mut tx = core::mem::MaybeUninit::<vhu_transmit>::uninit();
+            let mut tx = core::mem::MaybeUninit::new(vhu_transmit::default());
             // SAFETY: live engine and buffers.
             let r = unsafe {
                 vhu_frontend_poll_transmit(
@@ -174,7 +174,7 @@ impl Engine {
     }
 
     fn event(&mut self) -> Option<vhu_event> {
-        let mut ev = core::mem::MaybeUninit::<vhu_event>::uninit();
+        let mut ev = core::mem::MaybeUninit::new(vhu_event::default());
         // SAFETY: live engine and out-value.
         check(
             unsafe { vhu_frontend_poll_event(self.fe.at(), ev.as_mut_ptr()) },
@@ -207,6 +207,7 @@ impl Engine {
             queue: u16::MAX,
             request: u32::MAX,
             ack_len: usize::MAX,
+            ..Default::default()
         };
         // SAFETY: live engine; `msg` and `buf` are live for their
         // lengths; live out-value.
@@ -429,7 +430,7 @@ fn only_a_negotiated_session_with_a_channel_serves() {
     // The start's first message that awaits a reply (SET_FEATURES goes
     // out without one).
     let tx = loop {
-        let mut tx = core::mem::MaybeUninit::<vhu_transmit>::uninit();
+        let mut tx = core::mem::MaybeUninit::new(vhu_transmit::default());
         // SAFETY: live engine and buffers.
         let r = unsafe {
             vhu_frontend_poll_transmit(e.fe.at(), buf.as_mut_ptr(), buf.len(), tx.as_mut_ptr())
@@ -459,6 +460,7 @@ fn only_a_negotiated_session_with_a_channel_serves() {
         queue: 9,
         request: 9,
         ack_len: 9,
+        ..Default::default()
     };
     let mut a = [0u8; CAP];
     // SAFETY: zeroed storage of the engine's size; live buffers.
@@ -488,6 +490,7 @@ fn null_pointers_are_refused() {
         queue: 9,
         request: 9,
         ack_len: 9,
+        ..Default::default()
     };
     let fe: *mut vhu_frontend = e.fe.at();
     // SAFETY: each call: a live engine or NULL, live buffers or NULL.
@@ -660,6 +663,10 @@ fn overlapping_buffers_are_refused() {
         // SAFETY: every offset and length used below stays inside the
         // 256 bytes of `mem`; `out_at` is 8-aligned.
         unsafe {
+            // The output's size, then the request (which may cover the
+            // output past its size).
+            let out_size = size_of::<vhu_backend_notice>();
+            base.add(out_at).cast::<usize>().write(out_size);
             ptr::copy_nonoverlapping(call.as_ptr(), base.add(msg_at), call.len());
             vhu_frontend_serve_backend(
                 fe,
@@ -697,6 +704,7 @@ fn overlapping_buffers_are_refused() {
         queue: 9,
         request: 9,
         ack_len: 9,
+        ..Default::default()
     };
     let size = vhu_frontend_size();
     let inside = fe.cast::<u8>().wrapping_add(size - 24);

@@ -24,8 +24,8 @@ PROTOCOL = (1 << 0) | (1 << 3) | (1 << 9)  # MQ, REPLY_ACK, CONFIG
 
 
 class Versioned(C.Structure):
-    """A struct that may grow: `struct_size` first, set to the struct's size
-    (what VHU_X_INIT does in C)."""
+    """A struct that may grow, handed in or written out: `struct_size` first,
+    set to the struct's size (what VHU_X_INIT does in C)."""
     _fields_ = [("struct_size", sz)]
 
     def __init__(self, *args, **kw):
@@ -49,12 +49,12 @@ class BackendConfig(Versioned):
                 ("max_queue_size", u16)]
 
 
-class Outcome(C.Structure):
+class Outcome(Versioned):
     _fields_ = [("reply", u32), ("reply_len", sz), ("queue", u16), ("actions", u32),
                 ("refused", u32)]
 
 
-class Action(C.Structure):
+class Action(Versioned):
     _fields_ = [("kind", u32), ("queue", u16), ("slot", u16), ("fd", C.c_int32),
                 ("flag", C.c_bool), ("region", MemRegion), ("offset", u64), ("size", u64)]
 
@@ -78,17 +78,17 @@ class FdRef(C.Structure):
     _fields_ = [("kind", u32), ("index", u16)]
 
 
-class Transmit(C.Structure):
+class Transmit(Versioned):
     _fields_ = [("request", u32), ("len", sz), ("awaits_reply", C.c_bool), ("nfds", u32),
                 ("fds", FdRef * 8)]
 
 
-class Event(C.Structure):
+class Event(Versioned):
     _fields_ = [("kind", u32), ("queue", u16), ("base", u32), ("features", u64),
                 ("protocol_features", u64), ("offset", u32), ("len", u32), ("data", u8 * 256)]
 
 
-class Token(C.Structure):
+class Token(Versioned):
     _fields_ = [("handle", u32), ("id", u16), ("side_effects", C.c_bool)]
 
 
@@ -102,7 +102,7 @@ class BlkConfig(Versioned):
                 ("writeback", u8), ("serial", u8 * 20)]
 
 
-class BlkOp(C.Structure):
+class BlkOp(Versioned):
     _fields_ = [("kind", u32), ("offset", u64), ("len", u64), ("status", u32),
                 ("sync_after", C.c_bool)]
 

@@ -93,6 +93,7 @@ fn pop(dp: *mut vhu_dataplane, mem: &vhu_mem, area: *const vhu_mem) -> vhu_token
         handle: 0,
         id: 0,
         side_effects: false,
+        ..Default::default()
     };
     let mut segs = [vhu_segment::default(); VHU_MAX_CHAIN as usize];
     let mut n = 0;
@@ -369,7 +370,7 @@ fn a_suspended_request_is_handed_out_again_by_the_next_data_plane() {
             vhu_dataplane_init(dp2, size, &config(base), &mem, &area),
             VHU_OK
         );
-        let mut info = core::mem::MaybeUninit::<vhu_dataplane_info>::uninit();
+        let mut info = core::mem::MaybeUninit::new(vhu_dataplane_info::default());
         assert_eq!(vhu_dataplane_get_info(dp2, info.as_mut_ptr()), VHU_OK);
         let info = info.assume_init();
         assert_eq!((info.resubmits_left, info.error), (1, VHU_OK));

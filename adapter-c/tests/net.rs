@@ -135,6 +135,7 @@ impl Backend {
             queue: 0,
             actions: 0,
             refused: VHU_OK,
+            ..Default::default()
         };
         let dev = dev.map_or(ptr::null(), ptr::from_ref);
         // SAFETY: a live session, message, device (or NULL), reply and

@@ -121,11 +121,13 @@ fn an_output_in_a_data_planes_token_table_is_refused() {
             vhu_dataplane_init(dp, size, &config(), &mem, ptr::null()),
             VHU_OK
         );
+        // Refused before its `struct_size` (the table's bytes) is read.
         let r = vhu_dataplane_get_info(dp, s.at(table_at));
         assert_eq!(r, VHU_ERR_INVALID);
-        let r = vhu_dataplane_get_info(dp, s.at(size));
+        let info: *mut vhu_dataplane_info = s.at(size);
+        info.write(vhu_dataplane_info::default());
+        let r = vhu_dataplane_get_info(dp, info);
         assert_eq!(r, VHU_OK);
-        let info: *const vhu_dataplane_info = s.at(size);
         assert_eq!((*info).size, SIZE);
     }
 }
@@ -169,9 +171,11 @@ fn outputs_that_overlap_another_buffer_of_the_call_are_refused() {
         };
         // The outcome over the reply's first bytes.
         let out = reply.add(16).cast::<vhu_outcome>();
+        out.write(vhu_outcome::default());
         assert_eq!(handle(cap, out), VHU_ERR_INVALID);
         // The reply buffer ends where the outcome begins: taken.
         let out = reply.add(24).cast::<vhu_outcome>();
+        out.write(vhu_outcome::default());
         assert_eq!(handle(24, out), VHU_OK);
         assert_eq!((*out).reply, vhu_reply_kind::VHU_REPLY_READY);
         assert_eq!((*out).reply_len, 20);
@@ -214,11 +218,13 @@ fn outputs_that_overlap_another_buffer_of_the_call_are_refused() {
     unsafe {
         assert_eq!(vhu_frontend_init(fe, vhu_frontend_size(), &fcfg), VHU_OK);
         let tx = tx_buf.add(8).cast::<vhu_transmit>();
+        tx.write(vhu_transmit::default());
         assert_eq!(
             vhu_frontend_poll_transmit(fe, tx_buf, cap, tx),
             VHU_ERR_INVALID
         );
         let tx = tx_buf.add(cap.next_multiple_of(8)).cast::<vhu_transmit>();
+        tx.write(vhu_transmit::default());
         assert_eq!(vhu_frontend_poll_transmit(fe, tx_buf, cap, tx), VHU_OK);
         assert_eq!((*tx).len, 12);
     }
@@ -289,6 +295,7 @@ fn pop(dp: *mut vhu_dataplane, regions: &[vhu_region], segs: &mut [vhu_segment])
         handle: 0,
         id: 0,
         side_effects: false,
+        ..Default::default()
     };
     let mut n = 0;
     // SAFETY: a live data plane, table and out-buffers of the stated sizes.
@@ -395,7 +402,7 @@ fn a_memory_table_over_a_message_or_its_reply_is_refused() {
     let be: *mut vhu_backend = s.at(0);
     let mut msg = [1u8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0];
     let mut reply = vec![0u8; VHU_MAX_MESSAGE as usize];
-    let mut out = core::mem::MaybeUninit::<vhu_outcome>::uninit();
+    let mut out = core::mem::MaybeUninit::new(vhu_outcome::default());
     let region = |host: *mut u8, size: u64| vhu_region { gpa: 0, size, host };
     let over_msg = [region(msg.as_mut_ptr(), 12)];
     let over_reply = [region(reply.as_mut_ptr().wrapping_add(100), 8)];
@@ -524,7 +531,7 @@ fn a_blk_device_over_a_messages_reply_or_outcome_is_refused() {
         assert_eq!(features(be), 0, "the session took the message");
 
         // Right after the reply buffer: taken, and the device acked.
-        let mut out = core::mem::MaybeUninit::<vhu_outcome>::uninit();
+        let mut out = core::mem::MaybeUninit::new(vhu_outcome::default());
         assert_eq!(handle(blk, cap, out.as_mut_ptr()), VHU_OK);
         assert_eq!(features(be), VHU_VIRTIO_F_VERSION_1);
     }

@@ -128,7 +128,7 @@ fn a_memory_callback_that_calls_back_on_its_data_plane_is_refused() {
     let mut storage = Vec::new();
     let (mut g, dp) = popping_guest(&mut storage);
     let info = |dp: *mut vhu_dataplane| {
-        let mut out = core::mem::MaybeUninit::<vhu_dataplane_info>::uninit();
+        let mut out = core::mem::MaybeUninit::new(vhu_dataplane_info::default());
         // SAFETY: a data plane's storage (initialised or being used) and
         // a live out-value.
         unsafe { vhu_dataplane_get_info(dp, out.as_mut_ptr()) }
@@ -188,7 +188,7 @@ fn a_memory_callback_that_calls_back_on_its_blk_device_or_request_is_refused() {
     }
     let read_config = dev.read_config.unwrap();
     g.again = Some(Box::new(move || {
-        let mut op = core::mem::MaybeUninit::<vhu_blk_op>::uninit();
+        let mut op = core::mem::MaybeUninit::new(vhu_blk_op::default());
         let mut features = 0u64;
         let mut cfg = [0u8; 8];
         // SAFETY: the states of the plan this runs in; live out-values.
@@ -213,7 +213,7 @@ fn a_memory_callback_that_calls_back_on_its_blk_device_or_request_is_refused() {
     assert!(!g.got.is_empty(), "the plan read the header");
     assert!(g.got.iter().all(|&r| r == VHU_ERR_BUSY), "{:?}", g.got);
     // Out of the plan: both are there again, and the plan is a READ.
-    let mut op = core::mem::MaybeUninit::<vhu_blk_op>::uninit();
+    let mut op = core::mem::MaybeUninit::new(vhu_blk_op::default());
     let mut cfg = [0u8; 8];
     // SAFETY: live states and out-values.
     unsafe {
@@ -266,7 +266,7 @@ fn a_device_callback_that_calls_back_on_its_session_is_refused() {
     msg.extend_from_slice(&8u32.to_le_bytes());
     msg.extend_from_slice(&VHU_VIRTIO_F_VERSION_1.to_le_bytes());
     let mut reply = vec![0u8; VHU_MAX_MESSAGE as usize];
-    let mut out = core::mem::MaybeUninit::<vhu_outcome>::uninit();
+    let mut out = core::mem::MaybeUninit::new(vhu_outcome::default());
     let handle = |dev: &vhu_device, out: *mut vhu_outcome, reply: &mut [u8]| -> vhu_result {
         // SAFETY: live session, message, callbacks, reply and out-value.
         unsafe {
@@ -404,6 +404,7 @@ fn pop_with_calls_back(
         handle: 0,
         id: 0,
         side_effects: false,
+        ..Default::default()
     };
     let mut n = 0;
     // SAFETY: live data plane, callbacks and out-buffers.
@@ -598,7 +599,7 @@ fn a_call_from_a_device_callback_into_the_message_reply_or_session_of_its_call_i
         set_mtu: None,
         send_rarp: None,
     };
-    let mut out = core::mem::MaybeUninit::<vhu_outcome>::uninit();
+    let mut out = core::mem::MaybeUninit::new(vhu_outcome::default());
     // SAFETY: storages of the sizes asked, aligned to 8 (at least the
     // alignments asked); the message is 20 bytes of its 24; the blk
     // device fits in the reply's storage; live configs and out-values.
@@ -722,7 +723,7 @@ fn a_device_callback_hands_its_buffer_on_to_a_blk_device_but_no_byte_more() {
     };
     let handle = |msg: &[u8], dev: &vhu_device| {
         let mut reply = vec![0u8; VHU_MAX_MESSAGE as usize];
-        let mut out = core::mem::MaybeUninit::<vhu_outcome>::uninit();
+        let mut out = core::mem::MaybeUninit::new(vhu_outcome::default());
         // SAFETY: live session, message, device, reply and out-value.
         let r = unsafe {
             vhu_backend_handle(

@@ -130,6 +130,7 @@ impl Pair {
             queue: u16::MAX,
             actions: u32::MAX,
             refused: VHU_OK,
+            ..Default::default()
         };
         // SAFETY: live session; `len` bytes of `msg`, the table and
         // `reply` are valid for the call.
@@ -177,7 +178,7 @@ impl Pair {
     }
 
     fn apply(&mut self, i: usize) {
-        let mut a = core::mem::MaybeUninit::<vhu_action>::uninit();
+        let mut a = core::mem::MaybeUninit::new(vhu_action::default());
         // SAFETY: live session and out-value.
         check(
             unsafe { vhu_backend_action(self.be.at(), i, a.as_mut_ptr()) },
@@ -254,7 +255,7 @@ impl Pair {
 
     /// The front-end's next message into `buf` (`len` 0: none).
     fn transmit(&mut self, buf: &mut [u8]) -> vhu_transmit {
-        let mut tx = core::mem::MaybeUninit::<vhu_transmit>::uninit();
+        let mut tx = core::mem::MaybeUninit::new(vhu_transmit::default());
         // SAFETY: live engine, buffer and out-value.
         unsafe {
             check(
@@ -279,7 +280,7 @@ impl Pair {
         loop {
             let tx = self.transmit(&mut buf);
             loop {
-                let mut ev = core::mem::MaybeUninit::<vhu_event>::uninit();
+                let mut ev = core::mem::MaybeUninit::new(vhu_event::default());
                 // SAFETY: live engine and out-value.
                 check(
                     unsafe { vhu_frontend_poll_event(self.fe.at(), ev.as_mut_ptr()) },
@@ -408,7 +409,7 @@ fn a_refused_message_leaves_no_actions_of_the_one_before() {
             }
         }
     }
-    let mut a = core::mem::MaybeUninit::<vhu_action>::uninit();
+    let mut a = core::mem::MaybeUninit::new(vhu_action::default());
     // SAFETY: live session and out-value.
     let r = unsafe { vhu_backend_action(p.be.at(), 0, a.as_mut_ptr()) };
     check(r, "action 0");
@@ -431,7 +432,7 @@ fn a_reply_buffer_that_overlaps_the_message_is_refused() {
     // GET_FEATURES: request 1, version 1, no payload.
     let get_features = [1u8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0];
     let mut buf = vec![0u8; 2 * VHU_MAX_MESSAGE as usize];
-    let mut out = core::mem::MaybeUninit::<vhu_outcome>::uninit();
+    let mut out = core::mem::MaybeUninit::new(vhu_outcome::default());
     for (at, reply_at) in [(0, 0), (0, 11), (100, 0)] {
         buf[at..at + 12].copy_from_slice(&get_features);
         let base = buf.as_mut_ptr();

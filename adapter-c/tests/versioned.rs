@@ -36,7 +36,7 @@ fn storage(n: usize) -> Vec<u64> {
 fn protocol_features(be: &mut [u64], dev: *const vhu_device) -> (vhu_result, u64) {
     let msg = [15u8, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0];
     let mut reply = vec![0u8; VHU_MAX_MESSAGE as usize];
-    let mut out = core::mem::MaybeUninit::<vhu_outcome>::uninit();
+    let mut out = core::mem::MaybeUninit::new(vhu_outcome::default());
     // SAFETY: a live back-end, message, device, reply and out-value,
     // apart from each other.
     let r = unsafe {

@@ -173,7 +173,7 @@ static int process(struct ring *r, const vhu_token *tok, const vhu_segment *segs
 {
     uint32_t used = 0;
     if (tok->side_effects) {
-        vhu_blk_op op;
+        vhu_blk_op op = VHU_BLK_OP_INIT;
         uint32_t status = VHU_BLK_S_OK;
         if (check(vhu_blk_plan(S.blk, segs, n, &S.mem, r->req), "plan") ||
             check(vhu_blk_request_op(r->req, &op), "op"))
@@ -234,7 +234,7 @@ static int drain(struct ring *r)
     static vhu_segment segs[VHU_MAX_CHAIN];
     int served = 0;
     for (;;) {
-        vhu_token tok;
+        vhu_token tok = VHU_TOKEN_INIT;
         size_t n;
         vhu_result res = vhu_dataplane_pop(r->dp, &S.mem, area(), &tok, segs, VHU_MAX_CHAIN, &n);
         if (check(res, "pop"))
@@ -378,7 +378,7 @@ static int apply(const vhu_action *a, int *fds, size_t nfds)
             return -1;
         r->running = true;
         r->broken = false;
-        vhu_dataplane_info info;
+        vhu_dataplane_info info = VHU_DATAPLANE_INFO_INIT;
         if (!vhu_dataplane_get_info(r->dp, &info) && info.resubmits_left)
             LOG("ring %u: resubmitting %u requests recorded in the inflight area",
                 (unsigned)a->queue, (unsigned)info.resubmits_left);
@@ -543,7 +543,7 @@ static int on_message(int conn)
     int rc = -1;
     if (len <= 0)
         goto out;
-    vhu_outcome out;
+    vhu_outcome out = VHU_OUTCOME_INIT;
     vhu_result res = vhu_backend_handle(S.be, msg, (size_t)len, nfds, &S.mem, &S.dev, reply,
                                         sizeof reply, &out);
     if (res != VHU_OK) {
@@ -555,7 +555,7 @@ static int on_message(int conn)
     if (out.refused != VHU_OK)
         LOG("request refused with a failed ack: %s", vhu_result_str(out.refused));
     for (uint32_t i = 0; i < out.actions; i++) {
-        vhu_action a = {0};
+        vhu_action a = VHU_ACTION_INIT;
         if (check(vhu_backend_action(S.be, i, &a), "action") || apply(&a, fds, nfds)) {
             LOG("action %u of request failed", (unsigned)a.kind);
             goto out;

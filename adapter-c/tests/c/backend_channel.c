@@ -109,12 +109,12 @@ static int handshake(vhu_frontend *fe)
     uint64_t negotiated = 0;
     int channel_sent = 0, got_negotiated = 0;
     for (;;) {
-        vhu_transmit tx;
+        vhu_transmit tx = VHU_TRANSMIT_INIT;
         vhu_result r = vhu_frontend_poll_transmit(fe, tx_buf, sizeof tx_buf, &tx);
         if (r != VHU_OK)
             return fail("transmit", r);
         for (;;) {
-            vhu_event ev;
+            vhu_event ev = VHU_EVENT_INIT;
             r = vhu_frontend_poll_event(fe, &ev);
             if (r != VHU_OK)
                 return fail("event", r);
@@ -199,7 +199,7 @@ int main(void)
     /* BACKEND_CONFIG_CHANGE_MSG with NEED_REPLY. */
     static uint8_t msg[VHU_MAX_MESSAGE];
     uint8_t ack[VHU_FRONTEND_MAX_ACK];
-    vhu_backend_notice n;
+    vhu_backend_notice n = VHU_BACKEND_NOTICE_INIT;
     put32(msg, 2);
     put32(msg + 4, 0x1 | 0x8);
     put32(msg + 8, 0);

@@ -121,7 +121,7 @@ int main(void)
             return fail("read", VHU_ERR_WIRE);
         uint32_t request;
         memcpy(&request, msg, sizeof request); /* little-endian hosts only */
-        vhu_outcome out;
+        vhu_outcome out = VHU_OUTCOME_INIT;
         r = vhu_backend_handle(be, msg, total, 0, NULL, &dev, reply, sizeof reply, &out);
         if (r != VHU_OK) {
             fprintf(stderr, "ended %u: %s\n", (unsigned)request, vhu_result_str(r));
