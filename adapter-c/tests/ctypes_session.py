@@ -17,7 +17,7 @@ u8, u16, u32, u64, sz = C.c_uint8, C.c_uint16, C.c_uint32, C.c_uint64, C.c_size_
 
 VHU_OK, VHU_ERR_NULL, VHU_ERR_ALIGN, VHU_ERR_SIZE = 0, 1, 2, 3
 VHU_ERR_SHORT_BUFFER, VHU_ERR_INVALID, VHU_ERR_STATE, VHU_ERR_WIRE = 4, 5, 6, 7
-VHU_ERR_NOT_OUTSTANDING = 16
+VHU_ERR_NOT_OUTSTANDING, VHU_ERR_ABI = 16, 24
 VHU_F_PROTOCOL_FEATURES = 1 << 30
 VHU_VIRTIO_F_VERSION_1 = 1 << 32
 PROTOCOL = (1 << 0) | (1 << 3) | (1 << 9)  # MQ, REPLY_ACK, CONFIG
@@ -186,6 +186,12 @@ assert lib.vhu_backend_handle(be, msg, 5, 0, None, None, reply, 4108,
 bad = (u8 * 12)(*struct.pack("<III", 1, 7, 0))  # version 3: malformed
 assert lib.vhu_backend_handle(be, bad, 12, 0, None, None, reply, 4108,
                               C.byref(out)) == VHU_ERR_WIRE
+# An outcome whose struct_size is not this library's: refused, not written.
+stale = Outcome(reply=7, actions=7)
+stale.struct_size += 8
+assert lib.vhu_backend_handle(be, msg, 12, 0, None, None, reply, 4108,
+                              C.byref(stale)) == VHU_ERR_ABI
+assert (stale.struct_size, stale.reply, stale.actions) == (C.sizeof(Outcome) + 8, 7, 7)
 
 # --- Guest memory: one region of 1 MiB at guest address 0. ------------------
 GUEST = 1 << 20

@@ -1,10 +1,13 @@
-//! The structs a caller hands in that may grow carry their size: a size
-//! the library does not know (a program built against another header, a
-//! struct not initialised with its `VHU_*_INIT`, or one built before the
-//! field existed, whose first field is read as the size) is refused with
-//! `VHU_ERR_ABI`; a `vhu_device` of the older size (without the net
-//! callbacks) is read, and written by `vhu_blk_device`, at that size and
-//! no further.
+//! The structs that may grow carry their size, those a caller hands in
+//! and those the library writes out alike: a size the library does not
+//! know (a program built against another header, a struct not
+//! initialised with its `VHU_*_INIT`, or one built before the field
+//! existed, whose first field is read as the size) is refused with
+//! `VHU_ERR_ABI`, before anything is written into an output; an output
+//! of a size it knows is written at that size, its `struct_size` kept
+//! and no byte past it touched; a `vhu_device` of the older size (without
+//! the net callbacks) is read, and written by `vhu_blk_device`, at that
+//! size and no further.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -310,4 +313,227 @@ fn a_device_without_the_net_callbacks_is_read_at_its_size() {
     // The filled device serves the session.
     let dev = ptr::from_ref(&old).cast::<vhu_device>();
     assert_eq!(protocol_features(&mut be, dev).0, VHU_OK);
+}
+
+/// Bytes an output is surrounded by, to show what a call wrote.
+const SENTINEL: u8 = 0xa5;
+
+/// 8-aligned storage for a `T` and 64 bytes after it, every byte
+/// `SENTINEL`, with `struct_size` set to `n`.
+fn output<T>(n: usize) -> Vec<u64> {
+    let mut b = vec![u64::from_ne_bytes([SENTINEL; 8]); size_of::<T>() / 8 + 9];
+    b[0] = n as u64;
+    b
+}
+
+fn bytes(b: &[u64]) -> Vec<u8> {
+    b.iter().flat_map(|w| w.to_ne_bytes()).collect()
+}
+
+/// `call` writes a `T` out: given a `struct_size` no version of `T` has,
+/// it answers `VHU_ERR_ABI` and writes no byte (the size is kept); given
+/// `sizeof(T)`, it answers `expect`, keeps the size and writes inside
+/// the struct only (some byte of it, none past it). Returns what the
+/// last call wrote.
+fn writes_at_its_size<T: Copy>(
+    name: &str,
+    expect: vhu_result,
+    mut call: impl FnMut(*mut T) -> vhu_result,
+) -> T {
+    let size = size_of::<T>();
+    for n in unknown(size) {
+        let mut b = output::<T>(n);
+        let before = bytes(&b);
+        assert_eq!(call(b.as_mut_ptr().cast()), VHU_ERR_ABI, "{name} of {n}");
+        assert_eq!(bytes(&b), before, "{name} of {n}: written");
+    }
+    let mut b = output::<T>(size);
+    assert_eq!(call(b.as_mut_ptr().cast()), expect, "{name}");
+    let after = bytes(&b);
+    assert_eq!(b[0], size as u64, "{name}: struct_size changed");
+    assert!(
+        after[8..size].iter().any(|&x| x != SENTINEL),
+        "{name}: nothing written"
+    );
+    assert!(
+        after[size..].iter().all(|&x| x == SENTINEL),
+        "{name}: written past its size"
+    );
+    // SAFETY: `b` holds a `T` the call wrote (every field), 8-aligned.
+    unsafe { b.as_ptr().cast::<T>().read() }
+}
+
+/// `vhu_backend_handle` of `msg` (no fds, no memory, no device) into
+/// `out`.
+fn handle(be: &mut [u64], msg: &[u8], out: *mut vhu_outcome) -> vhu_result {
+    let mut reply = vec![0u8; VHU_MAX_MESSAGE as usize];
+    // SAFETY: a live back-end, message and reply; `out` is the caller's.
+    unsafe {
+        vhu_backend_handle(
+            be.as_mut_ptr().cast(),
+            msg.as_ptr(),
+            msg.len(),
+            0,
+            ptr::null(),
+            ptr::null(),
+            reply.as_mut_ptr(),
+            reply.len(),
+            out,
+        )
+    }
+}
+
+#[test]
+fn a_back_end_output_of_a_size_the_library_does_not_know_is_not_written() {
+    let mut be = backend(VHU_PROTOCOL_F_REPLY_ACK);
+    // SET_VRING_CALL of ring 0 without an fd: one action.
+    let mut msg = vec![13u8, 0, 0, 0, 1, 0, 0, 0, 8, 0, 0, 0];
+    msg.extend_from_slice(&0x100u64.to_le_bytes());
+    let out = writes_at_its_size("vhu_outcome", VHU_OK, |out| handle(&mut be, &msg, out));
+    assert_eq!(out.actions, 1);
+    assert_eq!(out.reply, vhu_reply_kind::VHU_REPLY_NONE);
+    let a = writes_at_its_size("vhu_action", VHU_OK, |out| {
+        // SAFETY: a live back-end; `out` is the caller's.
+        unsafe { vhu_backend_action(be.as_mut_ptr().cast(), 0, out) }
+    });
+    assert_eq!(a.kind, vhu_action_kind::VHU_ACTION_SET_CALL);
+    assert_eq!((a.queue, a.fd), (0, -1));
+    // A malformed message: refused, and the outcome written first (no
+    // reply, no action) is what it leaves.
+    let out = writes_at_its_size("vhu_outcome", VHU_ERR_SHORT_BUFFER, |out| {
+        handle(&mut be, &msg[..5], out)
+    });
+    assert_eq!(out.actions, 0);
+    assert_eq!(out.reply_len, 0);
+}
+
+#[test]
+fn a_data_plane_output_of_a_size_the_library_does_not_know_is_not_written() {
+    let mut dp = storage(vhu_dataplane_size(8));
+    let dp = dp.as_mut_ptr().cast();
+    let mut guest = vec![0u64; 64];
+    let region = vhu_mem_region_at(guest.as_mut_ptr().cast());
+    let mem = vhu_mem {
+        regions: &region,
+        count: 1,
+        ops: ptr::null(),
+    };
+    let cfg = vhu_ring_config {
+        size: 8,
+        addrs: vhu_ring_addrs {
+            desc: 0,
+            driver: 0x80,
+            device: 0x100,
+        },
+        enabled: 1,
+        ..Default::default()
+    };
+    // SAFETY: storage of the data plane's size; a live config and table.
+    let r = unsafe { vhu_dataplane_init(dp, vhu_dataplane_size(8), &cfg, &mem, ptr::null()) };
+    assert_eq!(r, VHU_OK);
+    // An empty ring: the token says so.
+    let mut segs = [vhu_segment::default(); VHU_MAX_CHAIN as usize];
+    let t = writes_at_its_size("vhu_token", VHU_OK, |tok| {
+        let mut n = 0;
+        // SAFETY: a live data plane, table and buffers; `tok` is the
+        // caller's.
+        unsafe {
+            vhu_dataplane_pop(
+                dp,
+                &mem,
+                ptr::null(),
+                tok,
+                segs.as_mut_ptr(),
+                segs.len(),
+                &mut n,
+            )
+        }
+    });
+    assert_eq!(t.handle, VHU_NO_TOKEN);
+    let info = writes_at_its_size("vhu_dataplane_info", VHU_OK, |out| {
+        // SAFETY: a live data plane; `out` is the caller's.
+        unsafe { vhu_dataplane_get_info(dp, out) }
+    });
+    assert_eq!((info.size, info.enabled), (8, true));
+}
+
+#[test]
+fn a_front_end_output_of_a_size_the_library_does_not_know_is_not_written() {
+    let mut fe = storage(vhu_frontend_size());
+    let fe = fe.as_mut_ptr().cast();
+    let cfg = vhu_frontend_config::default();
+    // SAFETY: storage of the front-end's size; a live config.
+    let r = unsafe { vhu_frontend_init(fe, vhu_frontend_size(), &cfg) };
+    assert_eq!(r, VHU_OK);
+    let mut buf = vec![0u8; VHU_FRONTEND_MAX_TRANSMIT as usize];
+    // GET_FEATURES, the handshake's first message; an unknown size leaves
+    // it queued.
+    let tx = writes_at_its_size("vhu_transmit", VHU_OK, |tx| {
+        // SAFETY: a live front-end and buffer; `tx` is the caller's.
+        unsafe { vhu_frontend_poll_transmit(fe, buf.as_mut_ptr(), buf.len(), tx) }
+    });
+    assert_eq!((tx.request, tx.len), (1, 12));
+    let ev = writes_at_its_size("vhu_event", VHU_OK, |ev| {
+        // SAFETY: a live front-end; `ev` is the caller's.
+        unsafe { vhu_frontend_poll_event(fe, ev) }
+    });
+    assert_eq!(ev.kind, vhu_event_kind::VHU_EVENT_NONE);
+    // Before the handshake the back-end channel is not served, and the
+    // notice says nothing.
+    let msg = [2u8, 0, 0, 0, 1 | 8, 0, 0, 0, 0, 0, 0, 0];
+    let mut ack = [0u8; VHU_FRONTEND_MAX_ACK as usize];
+    let n = writes_at_its_size("vhu_backend_notice", VHU_ERR_BUSY, |out| {
+        // SAFETY: a live front-end, message and ack; `out` is the caller's.
+        unsafe {
+            vhu_frontend_serve_backend(
+                fe,
+                msg.as_ptr(),
+                msg.len(),
+                0,
+                ack.as_mut_ptr(),
+                ack.len(),
+                out,
+            )
+        }
+    });
+    assert_eq!((n.kind, n.ack_len), (vhu_notice_kind::VHU_NOTICE_NONE, 0));
+}
+
+#[test]
+fn a_blk_op_of_a_size_the_library_does_not_know_is_not_written() {
+    let mut blk = storage(vhu_blk_size());
+    let blk = blk.as_mut_ptr().cast();
+    let cfg = vhu_blk_config {
+        capacity: 8,
+        blk_size: 512,
+        num_queues: 1,
+        ..Default::default()
+    };
+    let mut req = storage(vhu_blk_request_size());
+    let req = req.as_mut_ptr().cast();
+    // A chain of one buffer: too short for a request header.
+    let mut guest = vec![0u64; 64];
+    let region = vhu_mem_region_at(guest.as_mut_ptr().cast());
+    let mem = vhu_mem {
+        regions: &region,
+        count: 1,
+        ops: ptr::null(),
+    };
+    let seg = vhu_segment {
+        addr: 0,
+        len: 4,
+        writable: false,
+    };
+    // SAFETY: storage of each state's size; a live config, segment and
+    // table.
+    unsafe {
+        assert_eq!(vhu_blk_init(blk, vhu_blk_size(), &cfg), VHU_OK);
+        assert_eq!(vhu_blk_request_init(req, vhu_blk_request_size()), VHU_OK);
+        assert_eq!(vhu_blk_plan(blk, &seg, 1, &mem, req), VHU_OK);
+    }
+    let op = writes_at_its_size("vhu_blk_op", VHU_OK, |out| {
+        // SAFETY: a live request plan; `out` is the caller's.
+        unsafe { vhu_blk_request_op(req, out) }
+    });
+    assert_eq!(op.kind, vhu_blk_op_kind::VHU_BLK_FAIL);
 }
