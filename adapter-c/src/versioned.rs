@@ -26,7 +26,7 @@ use crate::result::vhu_result::{self, *};
 use crate::state::Footprint;
 
 /// A struct of the C ABI with a leading `struct_size` (see the module),
-/// which the library may write at the caller's size ([`out`], [`write`]).
+/// which the library may write at the caller's size ([`out`], [`write()`]).
 ///
 /// # Safety
 ///
