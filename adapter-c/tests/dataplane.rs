@@ -83,6 +83,15 @@ fn config(base: u32) -> vhu_ring_config {
     }
 }
 
+/// A guest memory table of `regions`.
+fn table(regions: &[vhu_region]) -> vhu_mem {
+    vhu_mem {
+        regions: regions.as_ptr(),
+        count: regions.len(),
+        ops: ptr::null(),
+    }
+}
+
 /// Storage for a data plane of SIZE entries.
 fn storage() -> Vec<u64> {
     vec![0u64; vhu_dataplane_size(SIZE) / 8 + 1]
@@ -113,11 +122,7 @@ fn pop(dp: *mut vhu_dataplane, mem: &vhu_mem, area: *const vhu_mem) -> vhu_token
 fn completions_in_any_order_reach_the_used_ring_in_that_order() {
     let mut g = Guest::new(3);
     let regions = [g.region()];
-    let mem = vhu_mem {
-        regions: regions.as_ptr(),
-        count: 1,
-        ops: ptr::null(),
-    };
+    let mem = table(&regions);
     any_order(&mut g, &mem);
 }
 
@@ -128,11 +133,7 @@ fn completions_in_any_order_reach_the_used_ring_in_that_order() {
 fn an_in_order_ring_publishes_in_pop_order() {
     let mut g = Guest::new(3);
     let regions = [g.region()];
-    let mem = vhu_mem {
-        regions: regions.as_ptr(),
-        count: 1,
-        ops: ptr::null(),
-    };
+    let mem = table(&regions);
     let mut s = storage();
     let dp: *mut vhu_dataplane = s.as_mut_ptr().cast();
     let mut cfg = config(0);
@@ -319,11 +320,7 @@ fn any_order(g: &mut Guest, mem: &vhu_mem) {
 fn a_suspended_request_is_handed_out_again_by_the_next_data_plane() {
     let mut g = Guest::new(3);
     let regions = [g.region()];
-    let mem = vhu_mem {
-        regions: regions.as_ptr(),
-        count: 1,
-        ops: ptr::null(),
-    };
+    let mem = table(&regions);
     // The ring's region of the inflight area (64-byte aligned records of
     // 32 bytes per descriptor and a header), zeroed: a fresh area.
     let mut area_words = vec![0u64; 1024];

@@ -151,16 +151,7 @@ fn a_config_of_a_size_the_library_does_not_know_is_refused() {
         count: 1,
         ops: ptr::null(),
     };
-    let good = vhu_ring_config {
-        size: 8,
-        addrs: vhu_ring_addrs {
-            desc: 0,
-            driver: 0x80,
-            device: 0x100,
-        },
-        enabled: 1,
-        ..Default::default()
-    };
+    let good = ring8();
     // SAFETY: storage of the data plane's size; a live config and table.
     let init = |cfg: &vhu_ring_config, mem: &vhu_mem| unsafe {
         vhu_dataplane_init(dp, vhu_dataplane_size(8), cfg, mem, ptr::null())
@@ -188,6 +179,21 @@ fn a_config_of_a_size_the_library_does_not_know_is_refused() {
 }
 
 /// One region of guest memory at guest address 0, 512 bytes at `host`.
+/// An enabled split ring of 8 at the start of a guest of 512 bytes
+/// ([`vhu_mem_region_at`]).
+fn ring8() -> vhu_ring_config {
+    vhu_ring_config {
+        size: 8,
+        addrs: vhu_ring_addrs {
+            desc: 0,
+            driver: 0x80,
+            device: 0x100,
+        },
+        enabled: 1,
+        ..Default::default()
+    }
+}
+
 fn vhu_mem_region_at(host: *mut u8) -> vhost_user_c::memory::vhu_region {
     vhost_user_c::memory::vhu_region {
         gpa: 0,
@@ -418,16 +424,7 @@ fn a_data_plane_output_of_a_size_the_library_does_not_know_is_not_written() {
         count: 1,
         ops: ptr::null(),
     };
-    let cfg = vhu_ring_config {
-        size: 8,
-        addrs: vhu_ring_addrs {
-            desc: 0,
-            driver: 0x80,
-            device: 0x100,
-        },
-        enabled: 1,
-        ..Default::default()
-    };
+    let cfg = ring8();
     // SAFETY: storage of the data plane's size; a live config and table.
     let r = unsafe { vhu_dataplane_init(dp, vhu_dataplane_size(8), &cfg, &mem, ptr::null()) };
     assert_eq!(r, VHU_OK);
