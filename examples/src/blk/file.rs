@@ -196,8 +196,8 @@ impl FileBackend {
         Ok(())
     }
 
-    /// The alignment O_DIRECT needs of a buffer's address and length (1
-    /// without O_DIRECT).
+    /// The alignment O_DIRECT needs of a buffer's address (1 without
+    /// O_DIRECT).
     fn memory_alignment(&self) -> usize {
         self.direct.map_or(1, |d| d.memory.max(1) as usize)
     }
