@@ -659,8 +659,9 @@ pub extern "C" fn vhu_backend_supported_features() -> u64 {
 
 /// VIRTIO_F_IN_ORDER where this crate's `in-order` feature is on: the
 /// core's handling may be on in a build without it (another crate turned
-/// it on), and is then not used.
-pub(crate) const C_IN_ORDER: VirtioFeatures = if cfg!(feature = "in-order") {
+/// it on), and is then not used (`vhu_dataplane_init` refuses the bit
+/// the same way).
+const C_IN_ORDER: VirtioFeatures = if cfg!(feature = "in-order") {
     VirtioFeatures::IN_ORDER
 } else {
     VirtioFeatures::empty()

@@ -451,7 +451,8 @@ pub unsafe extern "C" fn vhu_blk_device(blk: *mut vhu_blk, out: *mut vhu_device)
             send_rarp: None,
         };
         // SAFETY: the caller's contract.
-        unsafe { versioned::write(out, d, &mut fp) }
+        unsafe { versioned::out(out, &mut fp) }?.put(d);
+        Ok(())
     })
 }
 

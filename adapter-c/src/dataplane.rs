@@ -373,9 +373,7 @@ pub unsafe extern "C" fn vhu_dataplane_init(
         let features = VirtioFeatures::from_bits_retain(c.features);
         // An in-order ring whose completions this build would publish as
         // they come.
-        if features.contains(VirtioFeatures::IN_ORDER)
-            && !crate::backend::C_IN_ORDER.contains(VirtioFeatures::IN_ORDER)
-        {
+        if !cfg!(feature = "in-order") && features.contains(VirtioFeatures::IN_ORDER) {
             return Err(VHU_ERR_UNSUPPORTED);
         }
         let mut q = Queue::new(c.size, c.addrs.into(), features).map_err(result::vring)?;

@@ -26,7 +26,7 @@ use crate::result::vhu_result::{self, *};
 use crate::state::Footprint;
 
 /// A struct of the C ABI with a leading `struct_size` (see the module),
-/// which the library may write at the caller's size ([`out`], [`write()`]).
+/// which the library may write at the caller's size ([`out`]).
 ///
 /// # Safety
 ///
@@ -170,23 +170,4 @@ impl<T: Versioned> Out<'_, T> {
             );
         }
     }
-}
-
-/// Writes `v` into the caller's `T` at `p`, whose `struct_size` the
-/// caller set: the fields that size covers (the size itself is kept).
-/// Checked and claimed in `fp` as [`out`] does, before anything is
-/// written.
-///
-/// # Safety
-///
-/// A non-null `p` points at a writable `T` of the size its `struct_size`
-/// says.
-pub(crate) unsafe fn write<T: Versioned>(
-    p: *mut T,
-    v: T,
-    fp: &mut Footprint<'_>,
-) -> Result<(), vhu_result> {
-    // SAFETY: the caller's contract, for this call.
-    unsafe { out(p, fp) }?.put(v);
-    Ok(())
 }
