@@ -359,6 +359,13 @@ impl RuntimeOptions {
         }
     }
 
+    /// Whether ring `queue` of `num_queues` has its worker thread to
+    /// itself.
+    pub fn alone(&self, queue: u16, num_queues: u16) -> bool {
+        let t = self.thread_of(queue);
+        (0..num_queues).filter(|&q| self.thread_of(q) == t).count() == 1
+    }
+
     /// The queue-to-thread mapping of `num_queues` rings, for logs: one
     /// `"queue 0,2 -> thread 0"` line per thread.
     pub fn thread_map(&self, num_queues: u16) -> Vec<String> {
@@ -1913,7 +1920,9 @@ where
         // Sub-millisecond poll intervals are kept (epoll_pwait2), and a
         // kick on another ring still wakes the thread at once.
         let timeout = poll.then_some(options.poll_interval);
-        let n = match epoll.wait_for(&mut events, timeout) {
+        let n = epoll.wait_for(&mut events, timeout);
+        crate::aio::note_wait();
+        let n = match n {
             Ok(n) => n,
             Err(e) => {
                 warn!("worker thread {id}: epoll_wait failed: {e}");

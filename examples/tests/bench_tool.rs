@@ -426,6 +426,54 @@ fn deep_queues_verify_through_io_uring_and_threads() {
     }
 }
 
+/// With the thread pool over O_DIRECT, each queue has a worker of its
+/// own by default (up to the CPUs), which carries out a lone request
+/// itself: verified random reads and writes at iodepth 1 on two queues,
+/// then at 16 (where requests go to the pool), every one served.
+#[test]
+fn each_queue_has_a_worker_that_runs_its_lone_requests() {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let d = daemon(&[
+        "--size",
+        "32M",
+        "--num-queues",
+        "2",
+        "--aio",
+        "threads",
+        "--cache",
+        "none",
+    ]);
+    for depth in ["1", "16"] {
+        let args = [
+            "--rw",
+            "randrw",
+            "--verify",
+            "--requests",
+            "2000",
+            "--iodepth",
+            depth,
+            "--queues",
+            "2",
+        ];
+        ok(bench(&d.sock, &args), 2000);
+    }
+    let log = d.log_with_counters(6);
+    assert!(!log.contains("ERROR"), "{log}");
+    // The counters run on from one connection to the next.
+    assert_eq!(common::served(&log, 4), 4000, "{log}");
+    if cpus >= 2 {
+        assert!(log.contains("queue 0 -> thread 0"), "{log}");
+        assert!(log.contains("queue 1 -> thread 1"), "{log}");
+        for q in 0..2 {
+            let line = format!("queue {q}: threads I/O, a lone request run by the worker");
+            assert!(log.contains(&line), "{log}");
+        }
+    } else {
+        assert!(log.contains("queue 0,1 -> thread 0"), "{log}");
+        assert!(!log.contains("a lone request"), "{log}");
+    }
+}
+
 /// The daemon's log once the bench's connection has left: the last
 /// counter line of each of `queues` queues (the start-up probe logged
 /// the first ones).

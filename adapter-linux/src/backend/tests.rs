@@ -1636,3 +1636,24 @@ fn a_slow_request_done_in_the_round_that_popped_it_starts_no_spin() {
     }
     assert_eq!(vring_base(&s, Duration::from_secs(5)).unwrap(), 1);
 }
+
+/// A ring has its worker thread to itself when no other ring maps to the
+/// same thread (`q % threads`; 0 threads: one per ring), and the thread
+/// map says the same.
+#[test]
+fn a_ring_alone_on_its_thread() {
+    let with = |threads| RuntimeOptions {
+        threads,
+        ..RuntimeOptions::default()
+    };
+    let alone = |o: &RuntimeOptions, n: u16| (0..n).map(|q| o.alone(q, n)).collect::<Vec<_>>();
+    assert_eq!(alone(&with(0), 3), [true, true, true]);
+    assert_eq!(alone(&with(1), 1), [true]);
+    assert_eq!(alone(&with(1), 2), [false, false]);
+    assert_eq!(alone(&with(2), 2), [true, true]);
+    assert_eq!(alone(&with(2), 3), [false, true, false]);
+    assert_eq!(
+        with(2).thread_map(3),
+        ["queue 0,2 -> thread 0", "queue 1 -> thread 1"]
+    );
+}

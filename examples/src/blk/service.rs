@@ -52,7 +52,9 @@ use vhost_user_core::memory::GuestMemory;
 use vhost_user_core::message::ConfigWriteKind;
 use vhost_user_core::vring::Chain;
 use vhost_user_linux::aio::{Aio, AioMode};
-use vhost_user_linux::backend::{bump, InflightArea, InflightAreaMut, SharedDevice};
+use vhost_user_linux::backend::{
+    bump, InflightArea, InflightAreaMut, RuntimeOptions, SharedDevice,
+};
 use vhost_user_linux::memory::Mapped;
 use vhost_user_linux::sys::memfd;
 use vhost_user_linux::sys::mmap::{Access, IoBuf, MmapRegion};
@@ -101,6 +103,9 @@ pub struct BlkService<B: BlockBackend> {
     aio: Option<AioMode>,
     /// Threads of a thread-pool engine, per ring.
     io_threads: usize,
+    /// Per ring: a lone request may run in its worker (see
+    /// [`with_lone_requests`](Self::with_lone_requests)).
+    lone: Arc<[bool]>,
 }
 
 impl<B: BlockBackend> Clone for BlkService<B> {
@@ -110,6 +115,7 @@ impl<B: BlockBackend> Clone for BlkService<B> {
             delay: self.delay,
             aio: self.aio,
             io_threads: self.io_threads,
+            lone: Arc::clone(&self.lone),
         }
     }
 }
@@ -266,6 +272,7 @@ impl<B: BlockBackend> BlkService<B> {
             delay: Duration::ZERO,
             aio: Some(AioMode::IoUring),
             io_threads: 64,
+            lone: Arc::new([]),
         }
     }
 
@@ -278,6 +285,18 @@ impl<B: BlockBackend> BlkService<B> {
     pub fn with_aio(mut self, mode: Option<AioMode>, threads: usize) -> Self {
         self.aio = mode;
         self.io_threads = threads.max(1);
+        self
+    }
+
+    /// Lets the thread pool of each ring that has its worker thread to
+    /// itself (as `options` maps the `num_queues` rings to threads) run a
+    /// lone read or write in the worker rather than hand it to a pool
+    /// thread (see [`Aio::run_lone_requests`]). Clones made afterwards
+    /// share it.
+    pub fn with_lone_requests(mut self, options: &RuntimeOptions, num_queues: u16) -> Self {
+        self.lone = (0..num_queues)
+            .map(|q| options.alone(q, num_queues))
+            .collect();
         self
     }
 
@@ -406,8 +425,17 @@ impl<B: BlockBackend> BlkService<B> {
         };
         if scratch.io.is_none() && !scratch.io_failed {
             match Aio::new(mode, fd, URING_DEPTH, self.io_threads) {
-                Ok(a) => {
-                    log::info!("queue {queue}: {} I/O", a.name());
+                Ok(mut a) => {
+                    let lone = self.lone.get(usize::from(queue)).copied().unwrap_or(false);
+                    if lone {
+                        a.run_lone_requests();
+                    }
+                    let how = if lone && matches!(a, Aio::Threads(_)) {
+                        ", a lone request run by the worker"
+                    } else {
+                        ""
+                    };
+                    log::info!("queue {queue}: {} I/O{how}", a.name());
                     scratch.io = Some(a);
                 }
                 Err(e) => {
