@@ -206,7 +206,7 @@ pub(crate) unsafe fn slice<'a, T>(p: *const T, len: usize) -> Result<&'a [T], vh
     Ok(unsafe { core::slice::from_raw_parts(p, len) })
 }
 
-/// A mutable byte slice from a C pointer and length (see [`slice`]).
+/// A mutable byte slice from a C pointer and length (see [`slice()`]).
 ///
 /// # Safety
 ///

@@ -1093,7 +1093,7 @@ where
     /// SET_DEVICE_STATE_FD accepted: a helper thread writes the device's
     /// state into `fd` (save) or reads `fd` to its end (load), so that the
     /// connection goes on while the front-end reads or writes the other
-    /// end; CHECK_DEVICE_STATE waits for it ([`finish_transfer`]).
+    /// end; CHECK_DEVICE_STATE waits for it ([`Self::finish_transfer`]).
     fn start_transfer(&mut self, fd: OwnedFd, save: bool) {
         // One transfer at a time: one the session dropped (RESET_DEVICE)
         // is given up before the next starts.

@@ -545,7 +545,8 @@ impl Uring {
     }
 
     /// The error a test set for the next `io_uring_enter` to fail with
-    /// instead of entering ([`Uring::refuse_enter`]); never outside tests.
+    /// instead of entering (`Uring::refuse_enter`, a field of test
+    /// builds); never outside tests.
     fn refused(&mut self) -> Option<io::Error> {
         #[cfg(test)]
         return self.refuse_enter.take().map(io::Error::from_raw_os_error);
