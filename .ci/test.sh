@@ -39,8 +39,9 @@ cargo fmt --all --check
 step "clippy (all targets, -D warnings)"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
-step "docs (-D warnings)"
+step "docs (-D warnings), public and with private items"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --document-private-items --quiet
 
 step "C ABI: include/vhu.h matches the crate (cbindgen) and compiles on its own as C11 and C++"
 cbindgen --quiet --config adapter-c/cbindgen.toml --output target/vhu.h.fresh adapter-c
