@@ -19,7 +19,7 @@ use vhost_user_c::backend::*;
 use vhost_user_c::blk::*;
 use vhost_user_c::dataplane::*;
 use vhost_user_c::frontend::*;
-use vhost_user_c::memory::{vhu_mem, vhu_mem_ops};
+use vhost_user_c::memory::{vhu_mem, vhu_mem_ops, vhu_region};
 use vhost_user_c::vhu_result::{self, *};
 
 /// Sizes no version of a struct of `size` bytes has: none, one word
@@ -144,13 +144,8 @@ fn a_config_of_a_size_the_library_does_not_know_is_refused() {
     // own (the other one right).
     let mut dp = storage(vhu_dataplane_size(8));
     let dp = dp.as_mut_ptr().cast();
-    let mut guest = vec![0u64; 64];
-    let region = vhu_mem_region_at(guest.as_mut_ptr().cast());
-    let table = vhu_mem {
-        regions: &region,
-        count: 1,
-        ops: ptr::null(),
-    };
+    let guest = Guest::new();
+    let table = guest.table();
     let good = ring8();
     // SAFETY: storage of the data plane's size; a live config and table.
     let init = |cfg: &vhu_ring_config, mem: &vhu_mem| unsafe {
@@ -178,9 +173,7 @@ fn a_config_of_a_size_the_library_does_not_know_is_refused() {
     assert_eq!(init(&good, &table), VHU_OK);
 }
 
-/// One region of guest memory at guest address 0, 512 bytes at `host`.
-/// An enabled split ring of 8 at the start of a guest of 512 bytes
-/// ([`vhu_mem_region_at`]).
+/// An enabled split ring of 8 at the start of a [`Guest`].
 fn ring8() -> vhu_ring_config {
     vhu_ring_config {
         size: 8,
@@ -194,11 +187,33 @@ fn ring8() -> vhu_ring_config {
     }
 }
 
-fn vhu_mem_region_at(host: *mut u8) -> vhost_user_c::memory::vhu_region {
-    vhost_user_c::memory::vhu_region {
-        gpa: 0,
-        size: 512,
-        host,
+/// A guest of 512 bytes at guest address 0, as one region.
+struct Guest {
+    _words: Vec<u64>,
+    region: vhu_region,
+}
+
+impl Guest {
+    fn new() -> Guest {
+        let mut words = vec![0u64; 64];
+        let region = vhu_region {
+            gpa: 0,
+            size: 512,
+            host: words.as_mut_ptr().cast(),
+        };
+        Guest {
+            _words: words,
+            region,
+        }
+    }
+
+    /// Its table of one region (valid while the guest stays where it is).
+    fn table(&self) -> vhu_mem {
+        vhu_mem {
+            regions: &self.region,
+            count: 1,
+            ops: ptr::null(),
+        }
     }
 }
 
@@ -417,13 +432,8 @@ fn a_back_end_output_of_a_size_the_library_does_not_know_is_not_written() {
 fn a_data_plane_output_of_a_size_the_library_does_not_know_is_not_written() {
     let mut dp = storage(vhu_dataplane_size(8));
     let dp = dp.as_mut_ptr().cast();
-    let mut guest = vec![0u64; 64];
-    let region = vhu_mem_region_at(guest.as_mut_ptr().cast());
-    let mem = vhu_mem {
-        regions: &region,
-        count: 1,
-        ops: ptr::null(),
-    };
+    let guest = Guest::new();
+    let mem = guest.table();
     let cfg = ring8();
     // SAFETY: storage of the data plane's size; a live config and table.
     let r = unsafe { vhu_dataplane_init(dp, vhu_dataplane_size(8), &cfg, &mem, ptr::null()) };
@@ -509,13 +519,8 @@ fn a_blk_op_of_a_size_the_library_does_not_know_is_not_written() {
     let mut req = storage(vhu_blk_request_size());
     let req = req.as_mut_ptr().cast();
     // A chain of one buffer: too short for a request header.
-    let mut guest = vec![0u64; 64];
-    let region = vhu_mem_region_at(guest.as_mut_ptr().cast());
-    let mem = vhu_mem {
-        regions: &region,
-        count: 1,
-        ops: ptr::null(),
-    };
+    let guest = Guest::new();
+    let mem = guest.table();
     let seg = vhu_segment {
         addr: 0,
         len: 4,

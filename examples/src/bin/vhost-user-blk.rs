@@ -338,7 +338,7 @@ fn run() -> Result<(), String> {
     let service = BlkService::new(device, backend, num_queues)
         .with_delay(delay)
         .with_aio(aio, io_threads_per_queue)
-        .with_lone_requests(&options, num_queues);
+        .with_lone_requests(&options);
     // A resized image (SIGHUP, or --watch): new capacity, and the
     // front-end is told (BACKEND_CONFIG_CHANGE_MSG).
     let control = Control::new();

@@ -289,14 +289,13 @@ impl<B: BlockBackend> BlkService<B> {
     }
 
     /// Lets the thread pool of each ring that has its worker thread to
-    /// itself (as `options` maps the `num_queues` rings to threads) run a
+    /// itself (as `options` maps the service's rings to threads) run a
     /// lone read or write in the worker rather than hand it to a pool
     /// thread (see [`Aio::run_lone_requests`]). Clones made afterwards
     /// share it.
-    pub fn with_lone_requests(mut self, options: &RuntimeOptions, num_queues: u16) -> Self {
-        self.lone = (0..num_queues)
-            .map(|q| options.alone(q, num_queues))
-            .collect();
+    pub fn with_lone_requests(mut self, options: &RuntimeOptions) -> Self {
+        let n = u16::try_from(self.inner.counters.len()).unwrap_or(u16::MAX);
+        self.lone = (0..n).map(|q| options.alone(q, n)).collect();
         self
     }
 
