@@ -41,6 +41,8 @@ static vhu_device device = VHU_DEVICE_INIT; /* vhu_blk_device() fills it */
 
 static int setup(void)
 {
+    if (vhu_abi_check(VHU_ABI_VERSION) != VHU_OK)
+        return -1;
     if (vhu_backend_size() > sizeof backend_mem || vhu_blk_size() > sizeof blk_mem ||
         vhu_blk_request_size() > sizeof plan_mem ||
         vhu_dataplane_size(QUEUE_SIZE) > sizeof ring_mem[0])

@@ -28,8 +28,14 @@
  * (bare metal) the library cannot see the calls a callback runs in: there
  * a callback's calls keep clear of them by contract.
  *
+ * Checking the library (a shared one may be another build than the
+ * header): vhu_abi_check(VHU_ABI_VERSION) returns VHU_OK if the library
+ * serves this header (the same VHU_ABI_MAJOR, a VHU_ABI_MINOR at least
+ * this header's), else VHU_ERR_ABI: call it before anything else.
+ *
  * Setting up a back-end:
  *
+ *   if (vhu_abi_check(VHU_ABI_VERSION) != VHU_OK) abort();
  *   static _Alignas(16) unsigned char be_mem[8192];
  *   vhu_backend *be = (vhu_backend *)be_mem;   // vhu_backend_size() <= 8192
  *   vhu_backend_config cfg = {
@@ -284,6 +290,24 @@
 #define VHU_PROTOCOL_F_INBAND_NOTIFICATIONS (1 << 14)
 
 /**
+ * The ABI's major version: a change or removal a program built against
+ * an older header would misread.
+ */
+#define VHU_ABI_MAJOR 1
+
+/**
+ * The ABI's minor version: additions since the major version, each older
+ * one kept.
+ */
+#define VHU_ABI_MINOR 0
+
+/**
+ * The version this header describes, `VHU_ABI_MAJOR << 16 |
+ * VHU_ABI_MINOR`: the argument of `vhu_abi_check()`.
+ */
+#define VHU_ABI_VERSION ((VHU_ABI_MAJOR << 16) | VHU_ABI_MINOR)
+
+/**
  * The result of every call that can fail. `VHU_OK` is 0; every other
  * value is an error class (`vhu_result_str()` names it).
  */
@@ -410,7 +434,8 @@ enum vhu_result
    * A struct's `struct_size` is not a size of it this library knows:
    * a program built against another version of `vhu.h`, or a struct
    * not initialised with its `VHU_*_INIT` (or `sizeof`). Nothing past
-   * the size was read, and nothing was written into the struct.
+   * the size was read, and nothing was written into the struct. Also
+   * `vhu_abi_check()` of a header version this library does not serve.
    */
   VHU_ERR_ABI = 24,
   /**
@@ -2206,6 +2231,21 @@ vhu_result vhu_frontend_get_state(vhu_frontend *fe, vhu_frontend_state *state_ou
  * (never NULL; an unknown value gives "unknown result").
  */
 const char *vhu_result_str(uint32_t result);
+
+/**
+ * The version of the ABI this library implements (`VHU_ABI_VERSION` of
+ * the header it was built with), `major << 16 | minor`.
+ */
+uint32_t vhu_abi_version(void);
+
+/**
+ * Whether this library serves a program built against the header of ABI
+ * version `version` (pass `VHU_ABI_VERSION`): `VHU_OK` if the major
+ * versions are the same and the library's minor version is at least
+ * `version`'s, else `VHU_ERR_ABI` (the program must not call the library
+ * further).
+ */
+vhu_result vhu_abi_check(uint32_t version);
 
 #ifdef __cplusplus
 }  // extern "C"

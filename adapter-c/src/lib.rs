@@ -17,7 +17,8 @@
 //!   for the rest);
 //! - guest memory as a table of host pointers the caller fills, or as
 //!   callbacks ([`memory`]);
-//! - the virtio-blk planner ([`blk`]).
+//! - the virtio-blk planner ([`blk`]);
+//! - the ABI's version, to check at run time ([`version`]).
 //!
 //! # Caller-owned state
 //!
@@ -104,9 +105,11 @@ pub mod frontend;
 pub mod memory;
 mod result;
 mod state;
+pub mod version;
 mod versioned;
 
 pub use result::{vhu_result, vhu_result_str};
+pub use version::{vhu_abi_check, vhu_abi_version};
 
 #[cfg(all(feature = "panic-handler", not(feature = "std"), not(test)))]
 #[panic_handler]

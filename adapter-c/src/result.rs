@@ -83,7 +83,8 @@ pub enum vhu_result {
     /// A struct's `struct_size` is not a size of it this library knows:
     /// a program built against another version of `vhu.h`, or a struct
     /// not initialised with its `VHU_*_INIT` (or `sizeof`). Nothing past
-    /// the size was read, and nothing was written into the struct.
+    /// the size was read, and nothing was written into the struct. Also
+    /// `vhu_abi_check()` of a header version this library does not serve.
     VHU_ERR_ABI = 24,
     /// NET_SET_MTU with a value outside 68 to 65535: refused by the
     /// session before the device's `set_mtu` is called (a refusal of
@@ -123,7 +124,7 @@ pub extern "C" fn vhu_result_str(result: u32) -> *const c_char {
         21 => c"VHU_ERR_FAILED: the front-end engine failed earlier",
         22 => c"VHU_ERR_REFUSED: the message was refused",
         23 => c"VHU_ERR_INTERNAL: internal error (a panic was caught)",
-        24 => c"VHU_ERR_ABI: a struct's struct_size is not one this library knows",
+        24 => c"VHU_ERR_ABI: a struct's struct_size, or the header's ABI version, is not one this library knows",
         25 => c"VHU_ERR_BAD_MTU: NET_SET_MTU outside 68 to 65535",
         _ => c"unknown result",
     };

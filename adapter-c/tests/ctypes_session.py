@@ -22,6 +22,17 @@ VHU_F_PROTOCOL_FEATURES = 1 << 30
 VHU_VIRTIO_F_VERSION_1 = 1 << 32
 PROTOCOL = (1 << 0) | (1 << 3) | (1 << 9)  # MQ, REPLY_ACK, CONFIG
 
+# The ABI version these declarations were written against (VHU_ABI_MAJOR,
+# VHU_ABI_MINOR of vhu.h): the library must serve it before anything else
+# is called; a newer minor than the library's, or another major, it refuses.
+ABI_MAJOR, ABI_MINOR = 1, 0
+lib.vhu_abi_check.argtypes = [u32]
+lib.vhu_abi_version.restype = u32
+assert lib.vhu_abi_check((ABI_MAJOR << 16) | ABI_MINOR) == VHU_OK, hex(lib.vhu_abi_version())
+assert lib.vhu_abi_version() >> 16 == ABI_MAJOR
+assert lib.vhu_abi_check(lib.vhu_abi_version() + 1) == VHU_ERR_ABI
+assert lib.vhu_abi_check((ABI_MAJOR + 1) << 16) == VHU_ERR_ABI
+
 
 class Versioned(C.Structure):
     """A struct that may grow, handed in or written out: `struct_size` first,

@@ -669,6 +669,12 @@ int main(int argc, char **argv)
 {
     const char *sock_path = NULL, *file = NULL;
     unsigned long queues = 1, queue_size = 1024;
+    /* The library (a shared one may be another build) serves this header. */
+    if (vhu_abi_check(VHU_ABI_VERSION) != VHU_OK) {
+        LOG("libvhost_user_c ABI %#x does not serve vhu.h's %#x", (unsigned)vhu_abi_version(),
+            (unsigned)VHU_ABI_VERSION);
+        return 1;
+    }
     for (int i = 1; i < argc; i++) {
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!v)
