@@ -63,6 +63,103 @@ fn waits() -> u64 {
     WAITS.with(Cell::get)
 }
 
+/// The threads the I/O pools of one device may run in all, shared among
+/// its rings' pools (`--io-threads`), as the one pool of a QEMU
+/// AioContext is among the queues it serves: a busy ring's pool may use
+/// the threads an idle ring's does not. A pool may always run one thread
+/// (a ring is never without one, so the pools may run one each past the
+/// budget), and more while the budget has room: up to its share (the
+/// budget over the pools) at any time, past it only while no pool under
+/// its share is refused one. While one is, a pool over its share lets a
+/// thread go each time one finishes a request, down to its share, so
+/// the ring that became busy gets its share within a request's time.
+#[derive(Debug)]
+pub struct ThreadBudget {
+    max: usize,
+    /// Threads running in all the pools.
+    running: AtomicUsize,
+    /// Pools sharing the budget.
+    pools: AtomicUsize,
+    /// Pools under their share that were refused a thread, and have not
+    /// had one since nor run out of work.
+    wanting: AtomicUsize,
+}
+
+impl ThreadBudget {
+    /// A budget of `max` threads (at least one).
+    pub fn new(max: usize) -> Arc<ThreadBudget> {
+        Arc::new(ThreadBudget {
+            max: max.max(1),
+            running: AtomicUsize::new(0),
+            pools: AtomicUsize::new(0),
+            wanting: AtomicUsize::new(0),
+        })
+    }
+
+    /// The threads the pools may run in all.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Threads the pools run now.
+    pub fn running(&self) -> usize {
+        self.running.load(Ordering::Relaxed)
+    }
+
+    /// What each pool may count on: the budget over the pools, at least
+    /// one thread.
+    fn share(&self) -> usize {
+        (self.max / self.pools.load(Ordering::Relaxed).max(1)).max(1)
+    }
+
+    /// Whether a pool running `own` threads may start one more (counted
+    /// if so). `wants` is the pool's mark of a refusal under its share
+    /// (see `wanting`), kept with the pool's queue.
+    fn take(&self, own: usize, wants: &mut bool) -> bool {
+        if own == 0 {
+            self.running.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        let share = self.share();
+        let under = own < share;
+        if !under && self.wanting.load(Ordering::Relaxed) > 0 {
+            return false;
+        }
+        let taken = self
+            .running
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
+                (r < self.max).then_some(r + 1)
+            })
+            .is_ok();
+        if taken {
+            self.satisfied(wants);
+        } else if under && !*wants {
+            *wants = true;
+            self.wanting.fetch_add(1, Ordering::Relaxed);
+        }
+        taken
+    }
+
+    /// Clears a pool's mark of a refusal (it got a thread, ran out of
+    /// work, or goes).
+    fn satisfied(&self, wants: &mut bool) {
+        if std::mem::take(wants) {
+            self.wanting.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether a pool running `own` threads is to let one go: it is over
+    /// its share while a pool under its share is refused one.
+    fn over(&self, own: usize) -> bool {
+        self.wanting.load(Ordering::Relaxed) > 0 && own > self.share()
+    }
+
+    /// A thread counted by [`take`](Self::take) is gone.
+    fn give_back(&self) {
+        self.running.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// A completed request: its tag, the bytes moved or the error, and the
 /// request itself (its buffers, to resubmit a remainder or drop).
 pub type Done = (u64, io::Result<usize>, IoRequest);
@@ -83,7 +180,7 @@ pub enum Aio {
 #[derive(Debug)]
 pub struct Fallback {
     file: OwnedFd,
-    threads: usize,
+    threads: Arc<ThreadBudget>,
     lone: bool,
 }
 
@@ -92,22 +189,31 @@ impl Aio {
     /// submission slots, or, when that fails or `mode` says so, a pool of
     /// up to `threads` threads (at least one).
     pub fn new(mode: AioMode, file: BorrowedFd<'_>, depth: u32, threads: usize) -> io::Result<Aio> {
+        Self::with_budget(mode, file, depth, &ThreadBudget::new(threads))
+    }
+
+    /// [`Aio::new`] with a pool (now or should the io_uring break) whose
+    /// threads count against `threads`, a budget other engines may share.
+    pub fn with_budget(
+        mode: AioMode,
+        file: BorrowedFd<'_>,
+        depth: u32,
+        threads: &Arc<ThreadBudget>,
+    ) -> io::Result<Aio> {
         if mode == AioMode::IoUring {
             match Uring::new(depth, file) {
                 Ok(u) => {
                     let fallback = Fallback {
                         file: file.try_clone_to_owned()?,
-                        threads,
+                        threads: Arc::clone(threads),
                         lone: false,
                     };
                     return Ok(Aio::Uring(Box::new(u), fallback));
                 }
-                Err(e) => {
-                    warn!("io_uring unavailable ({e}); using a pool of up to {threads} I/O threads")
-                }
+                Err(e) => warn!("io_uring unavailable ({e}); using a pool of I/O threads"),
             }
         }
-        let pool = ThreadPool::new(file.try_clone_to_owned()?, threads)?;
+        let pool = ThreadPool::with_budget(file.try_clone_to_owned()?, Arc::clone(threads))?;
         Ok(Aio::Threads(pool))
     }
 
@@ -184,7 +290,13 @@ impl Aio {
         };
         let pool = u.completion_fd().try_clone_to_owned().and_then(|event| {
             let file = fallback.file.try_clone()?;
-            ThreadPool::with_event(file, fallback.threads, EventFd::from(event))
+            ThreadPool::build(
+                file,
+                Arc::clone(&fallback.threads),
+                IDLE_EXIT,
+                COALESCE_FOR,
+                EventFd::from(event),
+            )
         });
         let mut pool = match pool {
             Ok(p) => p,
@@ -193,10 +305,7 @@ impl Aio {
                 return;
             }
         };
-        warn!(
-            "io_uring failed ({e}); a pool of up to {} I/O threads takes over",
-            fallback.threads
-        );
+        warn!("io_uring failed ({e}); a pool of I/O threads takes over");
         if fallback.lone {
             pool.lone = Some(None);
         }
@@ -293,6 +402,9 @@ struct Queue {
     free: Vec<usize>,
     /// Threads doing a read or a write ([`transfer`]).
     transferring: usize,
+    /// The pool was refused a thread under its share of the budget
+    /// ([`ThreadBudget::take`]).
+    wants: bool,
 }
 
 impl Queue {
@@ -418,7 +530,7 @@ struct PoolShared {
     /// Jobs waiting in the queue (its length, read without its lock).
     waiting: AtomicUsize,
     event: EventFd,
-    max: usize,
+    threads: Arc<ThreadBudget>,
     idle_for: Duration,
     /// [`COALESCE_FOR`].
     coalesce_for: Duration,
@@ -438,9 +550,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Threads doing synchronous I/O on one file: the fallback where io_uring
 /// is not available. The pool grows on demand, a thread for each request
-/// no parked thread can take, up to its maximum (so as many requests are
-/// at the file as the guest has in flight, up to that many), and a thread
-/// that finds nothing to do for [`IDLE_EXIT`] exits. A request goes
+/// no parked thread can take, as its [`ThreadBudget`] allows (so as many
+/// requests are at the file as the guest has in flight, up to that many),
+/// and a thread that finds nothing to do for [`IDLE_EXIT`] exits, or,
+/// past the pool's share of the budget while another pool needs it, one
+/// that finishes a request. A request goes
 /// straight to the thread that is woken for it. Dropping the pool lets
 /// the threads finish what was submitted, then waits for them.
 pub struct ThreadPool {
@@ -522,7 +636,7 @@ impl std::fmt::Debug for ThreadPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ThreadPool")
             .field("threads", &self.threads())
-            .field("max", &self.shared.max)
+            .field("budget", &self.shared.threads.max)
             .field("in_flight", &self.in_flight)
             .finish()
     }
@@ -532,14 +646,16 @@ impl ThreadPool {
     /// A pool of at most `max` threads (at least one) doing I/O on
     /// `file`; none runs until there is work.
     pub fn new(file: OwnedFd, max: usize) -> io::Result<ThreadPool> {
-        Self::with_timing(file, max, IDLE_EXIT, COALESCE_FOR, EventFd::new(true)?)
+        Self::with_budget(file, ThreadBudget::new(max))
     }
 
-    /// [`ThreadPool::new`] signalling its completions on `event`.
-    fn with_event(file: OwnedFd, max: usize, event: EventFd) -> io::Result<ThreadPool> {
-        Self::with_timing(file, max, IDLE_EXIT, COALESCE_FOR, event)
+    /// A pool doing I/O on `file` whose threads count against `threads`,
+    /// a budget other pools may share.
+    pub fn with_budget(file: OwnedFd, threads: Arc<ThreadBudget>) -> io::Result<ThreadPool> {
+        Self::build(file, threads, IDLE_EXIT, COALESCE_FOR, EventFd::new(true)?)
     }
 
+    #[cfg(test)]
     fn with_timing(
         file: OwnedFd,
         max: usize,
@@ -547,6 +663,17 @@ impl ThreadPool {
         coalesce_for: Duration,
         event: EventFd,
     ) -> io::Result<ThreadPool> {
+        Self::build(file, ThreadBudget::new(max), idle_for, coalesce_for, event)
+    }
+
+    fn build(
+        file: OwnedFd,
+        threads: Arc<ThreadBudget>,
+        idle_for: Duration,
+        coalesce_for: Duration,
+        event: EventFd,
+    ) -> io::Result<ThreadPool> {
+        let pools = threads.pools.fetch_add(1, Ordering::Relaxed) + 1;
         let shared = Arc::new(PoolShared {
             file,
             #[cfg(test)]
@@ -558,11 +685,14 @@ impl ThreadPool {
             done: Mutex::new(Finished::default()),
             waiting: AtomicUsize::new(0),
             event,
-            max: max.max(1),
+            threads,
             idle_for,
             coalesce_for,
         });
-        info!("I/O thread pool of up to {} threads", shared.max);
+        info!(
+            "I/O thread pool {pools} of a budget of {} threads",
+            shared.threads.max
+        );
         Ok(ThreadPool {
             shared,
             queued: Vec::new(),
@@ -608,15 +738,16 @@ impl ThreadPool {
         {
             // Each job to the queue if a thread that is transferring will
             // take it (`Queue::waits`), else to a parked thread, else to
-            // a new thread (up to the maximum: the job waits in its
+            // a new thread (as the budget allows: the job waits in its
             // slot), else to the queue.
-            let mut q = lock(&self.shared.queue);
+            let mut guard = lock(&self.shared.queue);
+            let q = &mut *guard;
             for job in self.queued.drain(..) {
                 if q.waits(&job) {
                     q.jobs.push_back(job);
                 } else if !q.idle.is_empty() {
                     self.wake.extend(q.hand(job));
-                } else if q.threads < self.shared.max {
+                } else if self.shared.threads.take(q.threads, &mut q.wants) {
                     q.threads += 1;
                     let slot = q.slot();
                     q.give(slot, job);
@@ -625,7 +756,7 @@ impl ThreadPool {
                     q.jobs.push_back(job);
                 }
             }
-            self.shared.note_waiting(&q);
+            self.shared.note_waiting(q);
         }
         for t in self.wake.drain(..) {
             t.unpark();
@@ -656,6 +787,7 @@ impl ThreadPool {
                     // running.
                     let mut q = lock(&self.shared.queue);
                     q.threads -= 1;
+                    self.shared.threads.give_back();
                     let job = q.take_back(slot);
                     q.free.push(slot);
                     let wake = job.and_then(|j| q.hand(j));
@@ -818,6 +950,14 @@ fn due(shared: &PoolShared, f: &mut Finished) -> bool {
 fn next_job(shared: &PoolShared, slot: usize, transferred: bool) -> Option<Job> {
     let mut q = lock(&shared.queue);
     q.transferring -= usize::from(transferred);
+    // Over its share of the budget while another pool is refused one:
+    // the thread goes, unless it is the last at work with jobs waiting
+    // (the threads at work take those; a parked one is not woken for
+    // them).
+    if shared.threads.over(q.threads) && (q.transferring > 0 || q.jobs.is_empty()) {
+        leave(shared, &mut q, slot);
+        return None;
+    }
     if let Some(j) = q.pop() {
         shared.note_waiting(&q);
         return Some(j);
@@ -826,6 +966,8 @@ fn next_job(shared: &PoolShared, slot: usize, transferred: bool) -> Option<Job> 
         leave(shared, &mut q, slot);
         return None;
     }
+    // Out of work: the pool no longer wants a thread.
+    shared.threads.satisfied(&mut q.wants);
     q.idle.push((slot, std::thread::current()));
     let deadline = Instant::now() + shared.idle_for;
     loop {
@@ -851,6 +993,7 @@ fn next_job(shared: &PoolShared, slot: usize, transferred: bool) -> Option<Job> 
 /// gone.
 fn leave(shared: &PoolShared, q: &mut Queue, slot: usize) {
     q.threads -= 1;
+    shared.threads.give_back();
     q.free.push(slot);
     shared.gone.notify_all();
 }
@@ -874,6 +1017,9 @@ impl Drop for ThreadPool {
                 .wait(q)
                 .unwrap_or_else(PoisonError::into_inner);
         }
+        // The pool leaves the budget: the others' shares grow.
+        self.shared.threads.satisfied(&mut q.wants);
+        self.shared.threads.pools.fetch_sub(1, Ordering::Relaxed);
         drop(q);
         // Counted out, the threads are on their way out: they hold the
         // shared state (the file) until they are gone.
@@ -1761,6 +1907,73 @@ mod tests {
             tags.push(t);
         });
         tags
+    }
+
+    /// Pushes `n` flushes (tags from `first`) and submits them: each goes
+    /// to a thread of its own (a flush never waits for a busy one).
+    fn syncs(pool: &mut ThreadPool, first: u64, n: u64) {
+        for tag in first..first + n {
+            pool.push(tag, IoRequest::Sync);
+        }
+        pool.submit();
+    }
+
+    /// Waits (up to 10 s) until `pool` runs `n` threads.
+    fn wait_threads(pool: &ThreadPool, n: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while pool.threads() != n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} threads",
+                pool.threads()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Two pools sharing a budget of 4 threads: one busy alone takes all
+    /// 4 (past its share of 2); the other still gets its first thread (5
+    /// running), but not its second while the budget is spent. Refused
+    /// under its share, it makes the first let threads go as they finish,
+    /// down to its share, and then gets its second. A pool that goes
+    /// gives its share back.
+    #[test]
+    fn pools_share_their_thread_budget() {
+        let (_mem, file) = patterned(1);
+        let fd = || file.as_fd().try_clone_to_owned().unwrap();
+        let budget = ThreadBudget::new(4);
+        let mut a = ThreadPool::with_budget(fd(), Arc::clone(&budget)).unwrap();
+        let mut b = ThreadPool::with_budget(fd(), Arc::clone(&budget)).unwrap();
+        assert_eq!(budget.share(), 2);
+        let a_closed = Closed::gate(&a);
+        let b_closed = Closed::gate(&b);
+        syncs(&mut a, 0, 4);
+        assert_eq!((a.threads(), budget.running()), (4, 4));
+        syncs(&mut b, 10, 1);
+        assert_eq!(
+            (b.threads(), budget.running()),
+            (1, 5),
+            "a pool's first thread"
+        );
+        syncs(&mut b, 11, 1);
+        assert_eq!(b.threads(), 1, "the budget is spent");
+        assert_eq!(budget.wanting.load(Ordering::Relaxed), 1);
+        // The busy pool's threads finish: two go, two stay (its share).
+        drop(a_closed);
+        assert_eq!(reap_n(&mut a, 4), [0, 1, 2, 3]);
+        wait_threads(&a, 2);
+        assert_eq!(budget.running(), 3);
+        syncs(&mut b, 12, 1);
+        assert_eq!(b.threads(), 2, "its share back");
+        assert_eq!(budget.wanting.load(Ordering::Relaxed), 0);
+        drop(b_closed);
+        assert_eq!(reap_n(&mut b, 3), [10, 11, 12]);
+        // With the other pool gone, one pool's share is the budget.
+        drop(a);
+        assert_eq!(budget.share(), 4);
+        assert_eq!(budget.running(), 2);
+        drop(b);
+        assert_eq!(budget.running(), 0);
     }
 
     /// With lone requests on ([`Aio::run_lone_requests`]), a read that is

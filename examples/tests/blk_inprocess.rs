@@ -626,6 +626,30 @@ fn engine_service(image: &TempImage, cache: CacheMode, aio: AioMode) -> Service 
     s
 }
 
+/// The rings' thread pools count their threads in the service's one
+/// budget (`--io-threads`, shared by the queues): a flush on each of two
+/// rings runs on a thread of its ring's pool, two threads in the budget.
+#[test]
+fn the_rings_pools_share_one_thread_budget() {
+    let image = TempImage::new(IMAGE).unwrap();
+    let s = engine_service(&image, CacheMode::Writeback, AioMode::Threads);
+    assert_eq!((s.io_threads().max(), s.io_threads().running()), (4, 0));
+    let mut rings = [
+        (MappedRing::new(), Scratch::default()),
+        (MappedRing::new(), Scratch::default()),
+    ];
+    for (r, scratch) in &mut rings {
+        let c = r.submit(&s, scratch, VIRTIO_BLK_T_FLUSH, 0x30000, 0);
+        assert_eq!(c, Completion::Later, "the flush goes to the pool");
+        assert_eq!(r.drain(&s, scratch, 1), 1);
+        assert_eq!(r.read(0x32000, 1).unwrap(), [S_OK]);
+    }
+    // Threads stay counted while parked (until they idle out).
+    assert_eq!(s.io_threads().running(), 2);
+    drop(rings);
+    assert_eq!(s.io_threads().running(), 0, "the pools' threads are gone");
+}
+
 /// Through the thread pool over the page cache, a read of cached data is
 /// copied at once by the worker (as an io_uring copies it while it is
 /// submitted), and what the pool gets waits for the disk: the worker

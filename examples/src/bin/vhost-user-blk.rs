@@ -38,9 +38,11 @@ usage: vhost-user-blk (--socket-path PATH | --fd N) [options]
   --aio MODE           io_uring (default; falls back to threads where it
                        cannot be set up), threads (a pool per queue) or
                        sync (one request at a time per queue)
-  --io-threads N       at most N I/O threads in all with --aio threads,
-                       an even part of them per queue (at least one),
-                       started as requests need them (default 64)
+  --io-threads N       at most N I/O threads in all with --aio threads
+                       (default 64), started as requests need them and
+                       shared by the queues: each may use what the others
+                       do not, and gets an even part (and at least one)
+                       back as soon as it needs it
   --num-queues N       number of request queues (default 1)
   --threads T          worker threads serving the queues, 1 to N: queue q
                        runs on thread q % T (default: one per queue, at
@@ -186,8 +188,8 @@ fn run() -> Result<(), String> {
     // AioContext does: threads past what keeps the file busy add only
     // switches. Measured with 4 KiB O_DIRECT random I/O at iodepth 128 on
     // 2 queues (2 CPUs), 32 threads per queue against 64: 0.85x and 0.94x
-    // the CPU per request (reads, writes), the same IOPS.
-    let io_threads_per_queue = (io_threads / usize::from(num_queues)).max(1);
+    // the CPU per request (reads, writes), the same IOPS. A queue busy
+    // alone gets all of them.
 
     // Where to listen, before anything is created.
     let listener = match (args.get("socket-path"), args.get("fd")) {
@@ -337,7 +339,7 @@ fn run() -> Result<(), String> {
     let delay = std::time::Duration::from_micros(args.get_or("io-delay-us", 0)?);
     let service = BlkService::new(device, backend, num_queues)
         .with_delay(delay)
-        .with_aio(aio, io_threads_per_queue)
+        .with_aio(aio, io_threads)
         .with_lone_requests(&options);
     // A resized image (SIGHUP, or --watch): new capacity, and the
     // front-end is told (BACKEND_CONFIG_CHANGE_MSG).

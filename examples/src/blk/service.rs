@@ -51,7 +51,7 @@ use vhost_user_core::feature::VirtioFeatures;
 use vhost_user_core::memory::GuestMemory;
 use vhost_user_core::message::ConfigWriteKind;
 use vhost_user_core::vring::Chain;
-use vhost_user_linux::aio::{Aio, AioMode};
+use vhost_user_linux::aio::{Aio, AioMode, ThreadBudget};
 use vhost_user_linux::backend::{
     bump, InflightArea, InflightAreaMut, RuntimeOptions, SharedDevice,
 };
@@ -101,8 +101,8 @@ pub struct BlkService<B: BlockBackend> {
     delay: Duration,
     /// See [`with_aio`](Self::with_aio); `None`: synchronous.
     aio: Option<AioMode>,
-    /// Threads of a thread-pool engine, per ring.
-    io_threads: usize,
+    /// The threads of the rings' thread-pool engines, in all.
+    io_threads: Arc<ThreadBudget>,
     /// Per ring: a lone request may run in its worker (see
     /// [`with_lone_requests`](Self::with_lone_requests)).
     lone: Arc<[bool]>,
@@ -114,7 +114,7 @@ impl<B: BlockBackend> Clone for BlkService<B> {
             inner: Arc::clone(&self.inner),
             delay: self.delay,
             aio: self.aio,
-            io_threads: self.io_threads,
+            io_threads: Arc::clone(&self.io_threads),
             lone: Arc::clone(&self.lone),
         }
     }
@@ -271,21 +271,28 @@ impl<B: BlockBackend> BlkService<B> {
             }),
             delay: Duration::ZERO,
             aio: Some(AioMode::IoUring),
-            io_threads: 64,
+            io_threads: ThreadBudget::new(64),
             lone: Arc::new([]),
         }
     }
 
     /// How the Linux runtime carries out reads, writes and flushes of a
     /// backend with a file: `Some(mode)` asynchronously through an
-    /// io_uring or a pool of `threads` threads per ring (the default is
-    /// io_uring, falling back to up to 64 threads), `None` synchronously in the
-    /// ring's worker through a bounce buffer. Clones made afterwards
-    /// share it.
+    /// io_uring or a thread pool per ring, the pools of all the rings
+    /// running at most `threads` threads in all, shared as their loads
+    /// ask ([`ThreadBudget`]; the default is io_uring, falling back to
+    /// pools of 64 threads in all), `None` synchronously in the ring's
+    /// worker through a bounce buffer. Clones made afterwards share it.
     pub fn with_aio(mut self, mode: Option<AioMode>, threads: usize) -> Self {
         self.aio = mode;
-        self.io_threads = threads.max(1);
+        self.io_threads = ThreadBudget::new(threads);
         self
+    }
+
+    /// The threads the rings' thread pools may run in all, and run now
+    /// (see [`with_aio`](Self::with_aio)).
+    pub fn io_threads(&self) -> &Arc<ThreadBudget> {
+        &self.io_threads
     }
 
     /// Lets the thread pool of each ring that has its worker thread to
@@ -423,7 +430,7 @@ impl<B: BlockBackend> BlkService<B> {
             return false;
         };
         if scratch.io.is_none() && !scratch.io_failed {
-            match Aio::new(mode, fd, URING_DEPTH, self.io_threads) {
+            match Aio::with_budget(mode, fd, URING_DEPTH, &self.io_threads) {
                 Ok(mut a) => {
                     let lone = self.lone.get(usize::from(queue)).copied().unwrap_or(false);
                     if lone {
