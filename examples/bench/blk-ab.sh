@@ -12,6 +12,10 @@
 #   bash examples/bench/blk-ab.sh OLD/vhost-user-blk NEW/vhost-user-blk
 #   AIO=threads CACHE=writeback RW=randread DEPTHS="1" QUEUES="1 2" REPS=7 ...
 #
+# DAEMON_QUEUES gives the daemons more queues than the bench drives (the
+# bench uses the first QUEUES of them): DAEMON_QUEUES=2 QUEUES=1 is a
+# guest that keeps one queue of two busy.
+#
 # IMG_DIR (default: the temporary directory) must be on a file system
 # that does O_DIRECT for CACHE=none. Uses $CARGO_TARGET_DIR's vhu (built).
 set -euo pipefail
@@ -35,7 +39,7 @@ for queues in $QUEUES; do
     for x in a b; do
         bin=$A; [ "$x" = b ] && bin=$B
         "$bin" --socket-path "$dir/$x.sock" --blk-file "$img" --cache "$CACHE" --aio "$AIO" \
-            --num-queues "$queues" --log-level warn &
+            --num-queues "${DAEMON_QUEUES:-$queues}" --log-level warn &
         pids+=("$!")
     done
     pa=${pids[0]}; pb=${pids[1]}
