@@ -152,6 +152,14 @@
 #define VHU_VIRTIO_F_EVENT_IDX (1 << 29)
 
 /**
+ * VHOST_F_LOG_ALL: device writes into guest memory are marked in the
+ * dirty log while it is negotiated (`VHU_ACTION_SET_LOGGING`); offered
+ * only with `VHU_PROTOCOL_F_LOG_SHMFD`, by a library built with its
+ * `migration` feature (the default).
+ */
+#define VHU_F_LOG_ALL (1 << 26)
+
+/**
  * VHOST_USER_F_PROTOCOL_FEATURES.
  */
 #define VHU_F_PROTOCOL_FEATURES (1 << 30)
@@ -178,6 +186,13 @@
  * VHOST_USER_PROTOCOL_F_MQ.
  */
 #define VHU_PROTOCOL_F_MQ (1 << 0)
+
+/**
+ * VHOST_USER_PROTOCOL_F_LOG_SHMFD: SET_LOG_BASE shares the dirty log
+ * (`VHU_ACTION_MAP_LOG`). Carried by a library built with its
+ * `migration` feature (the default).
+ */
+#define VHU_PROTOCOL_F_LOG_SHMFD (1 << 1)
 
 /**
  * VHOST_USER_PROTOCOL_F_RARP: SEND_RARP reaches `vhu_device.send_rarp`
@@ -297,9 +312,12 @@
 
 /**
  * The ABI's minor version: additions since the major version, each older
- * one kept.
+ * one kept. 1: the dirty log of live migration (`VHU_F_LOG_ALL`,
+ * `VHU_PROTOCOL_F_LOG_SHMFD`, `VHU_ACTION_MAP_LOG` to
+ * `VHU_ACTION_SET_RING_LOG`, `vhu_log_mark()`, `vhu_log_mark_written()`,
+ * `vhu_dataplane_log_used()`, `vhu_backend_ring_log()`).
  */
-#define VHU_ABI_MINOR 0
+#define VHU_ABI_MINOR 1
 
 /**
  * The version this header describes, `VHU_ABI_MAJOR << 16 |
@@ -567,6 +585,31 @@ enum vhu_action_kind
    * In-band VRING_KICK for running ring `queue`: serve it now.
    */
   VHU_ACTION_KICK = 15,
+  /**
+   * SET_LOG_BASE: map `size` bytes at `offset` of message fd `fd` as
+   * the dirty log, in place of any previous one (`vhu_log_mark()`). A
+   * mapping that fails ends the connection (the front-end ignores the
+   * reply's content).
+   */
+  VHU_ACTION_MAP_LOG = 16,
+  /**
+   * SET_LOG_FD: keep message fd `fd` (an eventfd) to signal after
+   * marking the log, in place of any previous one.
+   */
+  VHU_ACTION_SET_LOG_FD = 17,
+  /**
+   * VHOST_F_LOG_ALL was negotiated (`flag` true) or dropped: from now
+   * on every device write into guest memory is marked in the log while
+   * one is mapped (`vhu_log_mark_written()`), or none is.
+   */
+  VHU_ACTION_SET_LOGGING = 18,
+  /**
+   * SET_VRING_ADDR set (`flag` true) or cleared VHOST_VRING_F_LOG on
+   * ring `queue`: mark its used ring at guest address `offset`
+   * (`vhu_dataplane_log_used()`) while the log is mapped, or stop.
+   * A ring that starts logged is told by `vhu_backend_ring_log()`.
+   */
+  VHU_ACTION_SET_RING_LOG = 19,
   /**
    * An action this version of the ABI does not name (ignore it).
    */
@@ -1143,7 +1186,8 @@ typedef struct {
    */
   int32_t fd;
   /**
-   * SET_ENABLED: enabled; STOP_RING: suspend.
+   * SET_ENABLED: enabled; STOP_RING: suspend; SET_LOGGING: logging;
+   * SET_RING_LOG: logged.
    */
   bool flag;
   /**
@@ -1151,11 +1195,12 @@ typedef struct {
    */
   vhu_mem_region region;
   /**
-   * MAP_INFLIGHT: offset in the fd.
+   * MAP_INFLIGHT, MAP_LOG: offset in the fd; SET_RING_LOG: the used
+   * ring's log address.
    */
   uint64_t offset;
   /**
-   * CREATE_INFLIGHT, MAP_INFLIGHT: bytes.
+   * CREATE_INFLIGHT, MAP_INFLIGHT, MAP_LOG: bytes.
    */
   uint64_t size;
 } vhu_action;
@@ -1613,10 +1658,13 @@ size_t vhu_backend_align(void);
 
 /**
  * The protocol features a configuration may offer: those the session
- * implements and this interface carries, the same in every build (not
- * LOG_SHMFD, DEVICE_STATE or INBAND_NOTIFICATIONS, whose messages or
- * actions have no C form). RARP and MTU are offered only with a device
- * whose `send_rarp` and `set_mtu` are set (`vhu_backend_handle()`).
+ * implements and this interface carries, the same in every build of
+ * this library but for `VHU_PROTOCOL_F_LOG_SHMFD` (with its `migration`
+ * feature, on by default); not DEVICE_STATE or INBAND_NOTIFICATIONS,
+ * whose messages or actions have no C form. RARP and MTU are offered
+ * only with a device whose `send_rarp` and `set_mtu` are set
+ * (`vhu_backend_handle()`). A program offers the bits it handles, not
+ * this whole set: a later minor version of the ABI may add to it.
  */
 uint64_t vhu_backend_supported_protocol_features(void);
 
@@ -1624,8 +1672,8 @@ uint64_t vhu_backend_supported_protocol_features(void);
  * The virtio features a configuration may offer: the device's bits
  * (0 to 23) and the transport's the engine implements, the same in every
  * build of this library but for `VHU_VIRTIO_F_IN_ORDER` (with its
- * `in-order` feature, on by default). Not VHOST_F_LOG_ALL: the dirty log
- * has no C form.
+ * `in-order` feature, on by default) and `VHU_F_LOG_ALL` (with its
+ * `migration` feature, on by default).
  */
 uint64_t vhu_backend_supported_features(void);
 
@@ -1749,6 +1797,21 @@ vhu_result vhu_backend_start_ring(vhu_backend *be, uint16_t queue, const vhu_mem
  * `vhu_ring_addrs`.
  */
 vhu_result vhu_backend_ring_addrs(vhu_backend *be, uint16_t queue, vhu_ring_addrs *out);
+
+/**
+ * Whether ring `queue`'s used ring is marked in the dirty log
+ * (`*logged`: its SET_VRING_ADDR carried VHOST_VRING_F_LOG), and at
+ * which guest address (`*log_addr`, 0 when not logged): what a ring
+ * that starts (`VHU_ACTION_START_RING`) gives `vhu_dataplane_log_used()`;
+ * a running ring learns of changes from `VHU_ACTION_SET_RING_LOG`.
+ * `VHU_ERR_QUEUE` for a queue the device does not have.
+ *
+ * # Safety
+ *
+ * `be` points at an initialised back-end; `logged` at a writable `bool`
+ * and `log_addr` at a writable `u64`.
+ */
+vhu_result vhu_backend_ring_log(vhu_backend *be, uint16_t queue, bool *logged, uint64_t *log_addr);
 
 /**
  * After `VHU_ACTION_RESET_RINGS` (or when the connection ends): forget
@@ -2055,6 +2118,25 @@ vhu_result vhu_dataplane_set_enabled(vhu_dataplane *dp, bool enabled);
 vhu_result vhu_dataplane_set_addrs(vhu_dataplane *dp, const vhu_ring_addrs *addrs);
 
 /**
+ * Marks in the dirty log `log` (`size` bytes of bitmap) the ring areas
+ * the device writes, for a ring whose used ring is logged at guest
+ * address `log_addr` (`VHU_ACTION_SET_RING_LOG`): a split ring's used
+ * ring (`6 + 8 * size` bytes at `log_addr`, where the front-end said its
+ * used ring is), a packed ring's descriptor ring and its device event
+ * area (at `log_addr`). Call it after the publishes (and stops) of a
+ * round, while the dirty log is mapped and the ring logs its used ring;
+ * adds the pages marked to `*pages` unless `pages` is NULL. Errors as
+ * `vhu_log_mark()`.
+ *
+ * # Safety
+ *
+ * `dp` points at an initialised data plane; `log` at a valid table
+ * mapping the bitmap; `pages` is NULL or points at a readable and
+ * writable `u64`.
+ */
+vhu_result vhu_dataplane_log_used(vhu_dataplane *dp, const vhu_mem *log, uint64_t size, uint64_t log_addr, uint64_t *pages);
+
+/**
  * What the data plane knows about itself, into `*out` at the
  * `struct_size` it holds (`VHU_DATAPLANE_INFO_INIT`; `VHU_ERR_ABI`, and
  * nothing written, for a size this library does not know).
@@ -2225,6 +2307,40 @@ vhu_result vhu_frontend_read_config(vhu_frontend *fe, uint32_t offset, uint32_t 
  * `bool`.
  */
 vhu_result vhu_frontend_get_state(vhu_frontend *fe, vhu_frontend_state *state_out, bool *awaits_reply);
+
+/**
+ * Marks in the dirty log `log` (`size` bytes of bitmap) the pages of the
+ * guest range `[gpa, gpa + len)`, which the host wrote; adds the number
+ * of pages to `*pages` unless `pages` is NULL. An empty range marks
+ * nothing. `VHU_ERR_MEMORY` if the range's last page has no bit in
+ * `size` bytes (nothing marked) or the table does not map the bitmap's
+ * bytes, `VHU_ERR_UNSUPPORTED` for a log given as callbacks (a bitmap
+ * needs an atomic OR), `VHU_ERR_INVALID` if the range overflows.
+ *
+ * # Safety
+ *
+ * `log` points at a valid table mapping the bitmap; `pages` is NULL or
+ * points at a readable and writable `u64`.
+ */
+vhu_result vhu_log_mark(const vhu_mem *log, uint64_t size, uint64_t gpa, uint64_t len, uint64_t *pages);
+
+/**
+ * Marks in the dirty log `log` (`size` bytes of bitmap) what a device
+ * wrote into a chain: the first `written` bytes of its device-writable
+ * segments, in order (`nsegs` of `segs`, as `vhu_dataplane_pop()` gave
+ * them; the readable ones are skipped), where `written` is the used
+ * length the chain is completed with. Adds the pages marked to `*pages`
+ * unless `pages` is NULL (a page two segments touch counts twice).
+ * `VHU_ERR_INVALID` if `written` is more than the writable segments
+ * hold; otherwise as `vhu_log_mark()`, segment by segment.
+ *
+ * # Safety
+ *
+ * `log` points at a valid table mapping the bitmap; `segs` at `nsegs`
+ * readable `vhu_segment`s (NULL when `nsegs` is 0); `pages` is NULL or
+ * points at a readable and writable `u64`.
+ */
+vhu_result vhu_log_mark_written(const vhu_mem *log, uint64_t size, const vhu_segment *segs, size_t nsegs, uint32_t written, uint64_t *pages);
 
 /**
  * The name and meaning of a result, as a static NUL-terminated string

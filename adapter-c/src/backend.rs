@@ -53,6 +53,11 @@ pub const VHU_HEADER_SIZE: u32 = 12;
 pub const VHU_VIRTIO_F_INDIRECT_DESC: u64 = 1 << 28;
 /// VIRTIO_RING_F_EVENT_IDX.
 pub const VHU_VIRTIO_F_EVENT_IDX: u64 = 1 << 29;
+/// VHOST_F_LOG_ALL: device writes into guest memory are marked in the
+/// dirty log while it is negotiated (`VHU_ACTION_SET_LOGGING`); offered
+/// only with `VHU_PROTOCOL_F_LOG_SHMFD`, by a library built with its
+/// `migration` feature (the default).
+pub const VHU_F_LOG_ALL: u64 = 1 << 26;
 /// VHOST_USER_F_PROTOCOL_FEATURES.
 pub const VHU_F_PROTOCOL_FEATURES: u64 = 1 << 30;
 /// VIRTIO_F_VERSION_1.
@@ -67,6 +72,10 @@ pub const VHU_VIRTIO_F_IN_ORDER: u64 = 0x0008_0000_0000;
 
 /// VHOST_USER_PROTOCOL_F_MQ.
 pub const VHU_PROTOCOL_F_MQ: u64 = 1 << 0;
+/// VHOST_USER_PROTOCOL_F_LOG_SHMFD: SET_LOG_BASE shares the dirty log
+/// (`VHU_ACTION_MAP_LOG`). Carried by a library built with its
+/// `migration` feature (the default).
+pub const VHU_PROTOCOL_F_LOG_SHMFD: u64 = 1 << 1;
 /// VHOST_USER_PROTOCOL_F_RARP: SEND_RARP reaches `vhu_device.send_rarp`
 /// (offered only with that callback).
 pub const VHU_PROTOCOL_F_RARP: u64 = 1 << 2;
@@ -97,6 +106,8 @@ const _: () = {
     assert!(VHU_VIRTIO_F_INDIRECT_DESC == VirtioFeatures::INDIRECT_DESC.bits());
     assert!(VHU_VIRTIO_F_EVENT_IDX == VirtioFeatures::EVENT_IDX.bits());
     assert!(VHU_F_PROTOCOL_FEATURES == VirtioFeatures::PROTOCOL_FEATURES.bits());
+    assert!(VHU_F_LOG_ALL == VirtioFeatures::LOG_ALL.bits());
+    assert!(VHU_PROTOCOL_F_LOG_SHMFD == ProtocolFeatures::LOG_SHMFD.bits());
     assert!(VHU_VIRTIO_F_VERSION_1 == VirtioFeatures::VERSION_1.bits());
     assert!(VHU_VIRTIO_F_RING_PACKED == VirtioFeatures::RING_PACKED.bits());
     assert!(VHU_VIRTIO_F_IN_ORDER == VirtioFeatures::IN_ORDER.bits());
@@ -517,6 +528,23 @@ pub enum vhu_action_kind {
     VHU_ACTION_SET_BACKEND_CHANNEL = 14,
     /// In-band VRING_KICK for running ring `queue`: serve it now.
     VHU_ACTION_KICK = 15,
+    /// SET_LOG_BASE: map `size` bytes at `offset` of message fd `fd` as
+    /// the dirty log, in place of any previous one (`vhu_log_mark()`). A
+    /// mapping that fails ends the connection (the front-end ignores the
+    /// reply's content).
+    VHU_ACTION_MAP_LOG = 16,
+    /// SET_LOG_FD: keep message fd `fd` (an eventfd) to signal after
+    /// marking the log, in place of any previous one.
+    VHU_ACTION_SET_LOG_FD = 17,
+    /// VHOST_F_LOG_ALL was negotiated (`flag` true) or dropped: from now
+    /// on every device write into guest memory is marked in the log while
+    /// one is mapped (`vhu_log_mark_written()`), or none is.
+    VHU_ACTION_SET_LOGGING = 18,
+    /// SET_VRING_ADDR set (`flag` true) or cleared VHOST_VRING_F_LOG on
+    /// ring `queue`: mark its used ring at guest address `offset`
+    /// (`vhu_dataplane_log_used()`) while the log is mapped, or stop.
+    /// A ring that starts logged is told by `vhu_backend_ring_log()`.
+    VHU_ACTION_SET_RING_LOG = 19,
     /// An action this version of the ABI does not name (ignore it).
     VHU_ACTION_OTHER = 255,
 }
@@ -539,13 +567,15 @@ pub struct vhu_action {
     pub slot: u16,
     /// Index of the message fd the action takes, or -1.
     pub fd: i32,
-    /// SET_ENABLED: enabled; STOP_RING: suspend.
+    /// SET_ENABLED: enabled; STOP_RING: suspend; SET_LOGGING: logging;
+    /// SET_RING_LOG: logged.
     pub flag: bool,
     /// MAP_REGION: the region.
     pub region: vhu_mem_region,
-    /// MAP_INFLIGHT: offset in the fd.
+    /// MAP_INFLIGHT, MAP_LOG: offset in the fd; SET_RING_LOG: the used
+    /// ring's log address.
     pub offset: u64,
-    /// CREATE_INFLIGHT, MAP_INFLIGHT: bytes.
+    /// CREATE_INFLIGHT, MAP_INFLIGHT, MAP_LOG: bytes.
     pub size: u64,
 }
 
@@ -638,10 +668,13 @@ pub extern "C" fn vhu_backend_align() -> usize {
 }
 
 /// The protocol features a configuration may offer: those the session
-/// implements and this interface carries, the same in every build (not
-/// LOG_SHMFD, DEVICE_STATE or INBAND_NOTIFICATIONS, whose messages or
-/// actions have no C form). RARP and MTU are offered only with a device
-/// whose `send_rarp` and `set_mtu` are set (`vhu_backend_handle()`).
+/// implements and this interface carries, the same in every build of
+/// this library but for `VHU_PROTOCOL_F_LOG_SHMFD` (with its `migration`
+/// feature, on by default); not DEVICE_STATE or INBAND_NOTIFICATIONS,
+/// whose messages or actions have no C form. RARP and MTU are offered
+/// only with a device whose `send_rarp` and `set_mtu` are set
+/// (`vhu_backend_handle()`). A program offers the bits it handles, not
+/// this whole set: a later minor version of the ABI may add to it.
 #[no_mangle]
 pub extern "C" fn vhu_backend_supported_protocol_features() -> u64 {
     C_PROTOCOL_FEATURES.bits()
@@ -650,8 +683,8 @@ pub extern "C" fn vhu_backend_supported_protocol_features() -> u64 {
 /// The virtio features a configuration may offer: the device's bits
 /// (0 to 23) and the transport's the engine implements, the same in every
 /// build of this library but for `VHU_VIRTIO_F_IN_ORDER` (with its
-/// `in-order` feature, on by default). Not VHOST_F_LOG_ALL: the dirty log
-/// has no C form.
+/// `in-order` feature, on by default) and `VHU_F_LOG_ALL` (with its
+/// `migration` feature, on by default).
 #[no_mangle]
 pub extern "C" fn vhu_backend_supported_features() -> u64 {
     C_VIRTIO_FEATURES.bits()
@@ -667,6 +700,19 @@ const C_IN_ORDER: VirtioFeatures = if cfg!(feature = "in-order") {
     VirtioFeatures::empty()
 };
 
+/// VHOST_F_LOG_ALL and LOG_SHMFD where this crate's `migration` feature
+/// is on (as [`C_IN_ORDER`]).
+const C_LOG_ALL: VirtioFeatures = if cfg!(feature = "migration") {
+    VirtioFeatures::LOG_ALL
+} else {
+    VirtioFeatures::empty()
+};
+const C_LOG_SHMFD: ProtocolFeatures = if cfg!(feature = "migration") {
+    ProtocolFeatures::LOG_SHMFD
+} else {
+    ProtocolFeatures::empty()
+};
+
 /// What a C back-end may offer in virtio features, named one by one as
 /// [`C_PROTOCOL_FEATURES`] is (the core's build features would otherwise
 /// change it).
@@ -676,14 +722,14 @@ const C_VIRTIO_FEATURES: VirtioFeatures = VirtioFeatures::from_bits_retain((1 <<
     .union(VirtioFeatures::PROTOCOL_FEATURES)
     .union(VirtioFeatures::VERSION_1)
     .union(VirtioFeatures::RING_PACKED)
-    .union(C_IN_ORDER);
+    .union(C_IN_ORDER)
+    .union(C_LOG_ALL);
 
 /// What a C back-end may offer: what the session implements and this
 /// interface carries, named one by one so that the core's build features
 /// (a workspace build turns on `net` and `migration` for every crate) do
 /// not change it (this crate builds the core with `net`, for RARP and
-/// MTU). Left out: LOG_SHMFD (the dirty log's actions have no C form: a
-/// migration would lose the pages written), DEVICE_STATE (its transfer is
+/// MTU). Left out: DEVICE_STATE (its transfer is
 /// an fd read or written beside the connection) and INBAND_NOTIFICATIONS
 /// (in-band calls are back-end requests, which this interface does not
 /// encode). BACKEND_REQ only keeps the channel's fd
@@ -701,6 +747,7 @@ const C_PROTOCOL_FEATURES: ProtocolFeatures = ProtocolFeatures::MQ
     .union(ProtocolFeatures::GET_VRING_BASE_INFLIGHT)
     .union(ProtocolFeatures::GET_VRING_BASE_SKIP_DRAIN)
     .union(ProtocolFeatures::BACKEND_REQ)
+    .union(C_LOG_SHMFD)
     .intersection(SUPPORTED_PROTOCOL_FEATURES);
 
 /// Initialises a back-end session in `storage` (`size` bytes) for a
@@ -1000,6 +1047,26 @@ fn action(a: &Action) -> vhu_action {
             v.kind = VHU_ACTION_KICK;
             v.queue = queue;
         }
+        Action::MapLog { fd, offset, size } => {
+            v.kind = VHU_ACTION_MAP_LOG;
+            v.fd = i32::from(fd);
+            v.offset = offset;
+            v.size = size;
+        }
+        Action::SetLogFd { fd } => {
+            v.kind = VHU_ACTION_SET_LOG_FD;
+            v.fd = i32::from(fd);
+        }
+        Action::SetLogging { all } => {
+            v.kind = VHU_ACTION_SET_LOGGING;
+            v.flag = all;
+        }
+        Action::SetRingLog { queue, log } => {
+            v.kind = VHU_ACTION_SET_RING_LOG;
+            v.queue = queue;
+            v.flag = log.is_some();
+            v.offset = log.unwrap_or(0);
+        }
         _ => {}
     }
     v
@@ -1149,6 +1216,43 @@ pub unsafe extern "C" fn vhu_backend_ring_addrs(
         let a = b.session.ring_addrs(queue).map_err(result::backend)?;
         // SAFETY: the caller's contract.
         unsafe { state::put(out, a.into()) }
+    })
+}
+
+/// Whether ring `queue`'s used ring is marked in the dirty log
+/// (`*logged`: its SET_VRING_ADDR carried VHOST_VRING_F_LOG), and at
+/// which guest address (`*log_addr`, 0 when not logged): what a ring
+/// that starts (`VHU_ACTION_START_RING`) gives `vhu_dataplane_log_used()`;
+/// a running ring learns of changes from `VHU_ACTION_SET_RING_LOG`.
+/// `VHU_ERR_QUEUE` for a queue the device does not have.
+///
+/// # Safety
+///
+/// `be` points at an initialised back-end; `logged` at a writable `bool`
+/// and `log_addr` at a writable `u64`.
+#[no_mangle]
+pub unsafe extern "C" fn vhu_backend_ring_log(
+    be: *mut vhu_backend,
+    queue: u16,
+    logged: *mut bool,
+    log_addr: *mut u64,
+) -> vhu_result {
+    guard(|| {
+        let mut fp = Footprint::new();
+        // SAFETY: the caller's contract.
+        unsafe { fp.state::<Backend, _>(be) }?;
+        fp.writes(logged, 1)?;
+        fp.writes(log_addr, 1)?;
+        // SAFETY: the caller's contract.
+        let b = unsafe { state::get::<Backend, _>(be) }?;
+        if queue >= b.session.config().num_queues {
+            return Err(VHU_ERR_QUEUE);
+        }
+        let log = b.session.ring_log(queue);
+        // SAFETY: the caller's contract.
+        unsafe { state::put(logged, log.is_some()) }?;
+        // SAFETY: the caller's contract.
+        unsafe { state::put(log_addr, log.unwrap_or(0)) }
     })
 }
 

@@ -13,6 +13,7 @@ use core::mem::{align_of, size_of};
 
 use vhost_user_core::dataplane::{DataPlane, Published, Stop, Token};
 use vhost_user_core::feature::VirtioFeatures;
+use vhost_user_core::log::DirtyLog;
 use vhost_user_core::vring::{Chain, Queue};
 
 use crate::backend::vhu_ring_addrs;
@@ -765,6 +766,50 @@ pub unsafe extern "C" fn vhu_dataplane_set_addrs(
         // SAFETY: non-null, aligned, readable by the caller's contract.
         let a = unsafe { addrs.read() };
         r.dp.set_addrs(a.into()).map_err(result::dataplane)
+    })
+}
+
+/// Marks in the dirty log `log` (`size` bytes of bitmap) the ring areas
+/// the device writes, for a ring whose used ring is logged at guest
+/// address `log_addr` (`VHU_ACTION_SET_RING_LOG`): a split ring's used
+/// ring (`6 + 8 * size` bytes at `log_addr`, where the front-end said its
+/// used ring is), a packed ring's descriptor ring and its device event
+/// area (at `log_addr`). Call it after the publishes (and stops) of a
+/// round, while the dirty log is mapped and the ring logs its used ring;
+/// adds the pages marked to `*pages` unless `pages` is NULL. Errors as
+/// `vhu_log_mark()`.
+///
+/// # Safety
+///
+/// `dp` points at an initialised data plane; `log` at a valid table
+/// mapping the bitmap; `pages` is NULL or points at a readable and
+/// writable `u64`.
+#[no_mangle]
+pub unsafe extern "C" fn vhu_dataplane_log_used(
+    dp: *mut vhu_dataplane,
+    log: *const vhu_mem,
+    size: u64,
+    log_addr: u64,
+    pages: *mut u64,
+) -> vhu_result {
+    guard(|| {
+        if log.is_null() {
+            return Err(VHU_ERR_NULL);
+        }
+        let mut fp = Footprint::new();
+        // SAFETY: the caller's contract.
+        unsafe { fp.state::<Ring, _>(dp) }?;
+        fp.writes(pages, usize::from(!pages.is_null()))?;
+        // SAFETY: the caller's contract.
+        let (r, _) = unsafe { ring(dp) }?;
+        // SAFETY: the caller's contract.
+        let log = unsafe { Mem::from_raw(log, &mut fp) }?;
+        let log = log.bind(&fp);
+        let n =
+            r.dp.log_used(&DirtyLog::new(&log, size), log_addr)
+                .map_err(crate::log::log_error)?;
+        // SAFETY: the caller's contract; claimed above.
+        unsafe { crate::log::add_pages(pages, n) }
     })
 }
 

@@ -102,6 +102,7 @@ pub mod backend;
 pub mod blk;
 pub mod dataplane;
 pub mod frontend;
+pub mod log;
 pub mod memory;
 mod result;
 mod state;

@@ -22,7 +22,7 @@
 use core::ffi::c_void;
 use core::mem::size_of;
 use core::ptr;
-use core::sync::atomic::{fence, AtomicU16, Ordering};
+use core::sync::atomic::{fence, AtomicU16, AtomicU8, Ordering};
 
 use vhost_user_core::memory::{GuestMemory, MemoryError};
 
@@ -460,6 +460,21 @@ impl GuestMemory for Mem<'_> {
             return ok.then_some(()).ok_or(MemoryError::unmapped(gpa, 2));
         }
         self.atomic_u16(gpa)?.store(v.to_le(), Ordering::Release);
+        Ok(())
+    }
+
+    /// A table's byte ORed atomically (a dirty log: the front-end clears
+    /// bits concurrently). Callbacks have no atomic OR: a log given as
+    /// callbacks is refused (`MemoryError::Unsupported`).
+    fn fetch_or_u8(&self, gpa: u64, bits: u8) -> Result<(), MemoryError> {
+        if let Backing::Ops(_) = self.backing {
+            return Err(MemoryError::Unsupported);
+        }
+        let p = self.within(gpa, 1).ok_or(MemoryError::unmapped(gpa, 1))?;
+        // SAFETY: `p` is inside a mapped entry for 1 byte that lives for
+        // the call ('a); log bytes are only ever changed atomically here,
+        // and an AtomicU8 may alias memory that other processes write.
+        unsafe { AtomicU8::from_ptr(p) }.fetch_or(bits, Ordering::Release);
         Ok(())
     }
 

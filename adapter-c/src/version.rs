@@ -19,8 +19,11 @@ use crate::result::vhu_result::{self, *};
 pub const VHU_ABI_MAJOR: u32 = 1;
 
 /// The ABI's minor version: additions since the major version, each older
-/// one kept.
-pub const VHU_ABI_MINOR: u32 = 0;
+/// one kept. 1: the dirty log of live migration (`VHU_F_LOG_ALL`,
+/// `VHU_PROTOCOL_F_LOG_SHMFD`, `VHU_ACTION_MAP_LOG` to
+/// `VHU_ACTION_SET_RING_LOG`, `vhu_log_mark()`, `vhu_log_mark_written()`,
+/// `vhu_dataplane_log_used()`, `vhu_backend_ring_log()`).
+pub const VHU_ABI_MINOR: u32 = 1;
 
 /// The version this header describes, `VHU_ABI_MAJOR << 16 |
 /// VHU_ABI_MINOR`: the argument of `vhu_abi_check()`.

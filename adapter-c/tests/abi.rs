@@ -85,20 +85,25 @@ fn init_checks_null_alignment_and_size() {
 }
 
 /// The session handles more than this ABI carries to C: a protocol
-/// feature whose actions C cannot carry out (the dirty log of LOG_SHMFD,
-/// the state transfer of DEVICE_STATE) or that C could not answer (in-band
-/// calls of INBAND_NOTIFICATIONS: no back-end request is encoded here) is
-/// not offered, whatever features the core was built with (a workspace
-/// build turns on `net` and `migration` for every crate). RARP and MTU
-/// are (their messages reach the device's callbacks: tests/net.rs).
+/// feature whose actions C cannot carry out (the state transfer of
+/// DEVICE_STATE) or that C could not answer (in-band calls of
+/// INBAND_NOTIFICATIONS: no back-end request is encoded here) is not
+/// offered, whatever features the core was built with (a workspace build
+/// turns on `net` and `migration` for every crate). RARP and MTU are
+/// (their messages reach the device's callbacks: tests/net.rs), and the
+/// dirty log (LOG_SHMFD, LOG_ALL) with the library's `migration` feature
+/// (tests/log.rs).
 #[test]
 fn only_what_the_abi_carries_is_offered() {
-    const LOG_SHMFD: u64 = 1 << 1;
     const BACKEND_REQ: u64 = 1 << 5;
     const INBAND_NOTIFICATIONS: u64 = 1 << 14;
     const DEVICE_STATE: u64 = 1 << 19;
     const SKIP_DRAIN: u64 = 1 << 23;
-    const LOG_ALL: u64 = 1 << 26;
+    let log = if cfg!(feature = "migration") {
+        VHU_PROTOCOL_F_LOG_SHMFD
+    } else {
+        0
+    };
     let supported = vhu_backend_supported_protocol_features();
     let named = VHU_PROTOCOL_F_MQ
         | VHU_PROTOCOL_F_REPLY_ACK
@@ -110,7 +115,7 @@ fn only_what_the_abi_carries_is_offered() {
         | VHU_PROTOCOL_F_GET_VRING_BASE_INFLIGHT
         | VHU_PROTOCOL_F_RARP
         | VHU_PROTOCOL_F_MTU;
-    assert_eq!(supported, named | BACKEND_REQ | SKIP_DRAIN);
+    assert_eq!(supported, named | BACKEND_REQ | SKIP_DRAIN | log);
     let size = vhu_backend_size();
     let mut s = Storage::new(size);
     let base = vhu_backend_config {
@@ -121,9 +126,7 @@ fn only_what_the_abi_carries_is_offered() {
         max_queue_size: 64,
     };
     for (extra_protocol, extra_virtio) in [
-        (LOG_SHMFD, 0),
-        (LOG_SHMFD, LOG_ALL),
-        (0, LOG_ALL),
+        (0, VHU_F_LOG_ALL),
         (DEVICE_STATE, 0),
         (INBAND_NOTIFICATIONS | BACKEND_REQ, 0),
     ] {
@@ -146,18 +149,21 @@ fn only_what_the_abi_carries_is_offered() {
     // SAFETY: as above.
     assert_eq!(unsafe { vhu_backend_init(s.at(0), size, &all) }, VHU_OK);
     // IN_ORDER is carried with the library's `in-order` feature, on by
-    // default (its data plane honours it: dataplane.rs); the dirty log's
-    // LOG_ALL never (refused above).
+    // default (its data plane honours it: dataplane.rs), LOG_ALL with its
+    // `migration` feature (never without LOG_SHMFD: refused above).
     let virtio = vhu_backend_supported_features();
     assert_eq!(virtio & VHU_VIRTIO_F_IN_ORDER, VHU_VIRTIO_F_IN_ORDER);
-    assert_eq!(virtio & LOG_ALL, 0);
+    let log_all = if log != 0 { VHU_F_LOG_ALL } else { 0 };
     let device_and_transport = ((1 << 24) - 1)
         | VHU_VIRTIO_F_INDIRECT_DESC
         | VHU_VIRTIO_F_EVENT_IDX
         | VHU_F_PROTOCOL_FEATURES
         | VHU_VIRTIO_F_VERSION_1
         | VHU_VIRTIO_F_RING_PACKED;
-    assert_eq!(virtio, device_and_transport | VHU_VIRTIO_F_IN_ORDER);
+    assert_eq!(
+        virtio,
+        device_and_transport | VHU_VIRTIO_F_IN_ORDER | log_all
+    );
     let in_order = vhu_backend_config {
         features: base.features | VHU_VIRTIO_F_IN_ORDER | VHU_VIRTIO_F_RING_PACKED,
         ..base

@@ -2,7 +2,8 @@
 //! built by gcc against the header and that build's staticlib): it does
 //! not carry VIRTIO_F_IN_ORDER, and refuses a session or a ring that asks
 //! for it, whatever the core's build (a workspace build turns the core's
-//! in-order handling on for every crate).
+//! in-order handling on for every crate). Nor, without `migration`, the
+//! dirty log (LOG_SHMFD, VHOST_F_LOG_ALL).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

@@ -15,6 +15,11 @@
  * One front-end at a time, served on one thread: a poll loop over the
  * socket and the rings' kick eventfds. Every request completes before the
  * next is popped (pread/pwrite on the file), so a stop never has to wait.
+ *
+ * Live migration: with LOG_SHMFD and VHOST_F_LOG_ALL negotiated, the pages
+ * a request wrote (read data, status byte) are marked in the front-end's
+ * dirty log before the request completes, and a logged ring's used ring
+ * after every round.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -44,6 +49,8 @@ struct ring {
     bool running;
     bool broken;
     bool suspend;           /* STOP_RING: suspend instead of draining */
+    bool logged;            /* the used ring is marked in the dirty log */
+    uint64_t log_addr;      /* ... at this guest address */
     int kick, call, err;
 };
 
@@ -68,6 +75,13 @@ static struct {
     vhu_region area_region;
     struct mapping area_map;
     vhu_mem area;           /* count 0 while no inflight area is mapped */
+    vhu_region log_region;
+    struct mapping log_map;
+    vhu_mem log;            /* the dirty log: count 0 while none is mapped */
+    uint64_t log_size;
+    bool log_all;           /* VHOST_F_LOG_ALL: device writes are marked */
+    int log_fd;             /* signalled after marking (SET_LOG_FD) */
+    unsigned long logged_pages, log_refused;
     struct ring rings[VHU_MAX_QUEUES];
     int reply_fd;           /* sent with the next reply (GET_INFLIGHT_FD) */
     unsigned long requests;
@@ -168,6 +182,29 @@ static void notify(int fd)
         LOG("call eventfd: %s", strerror(errno));
 }
 
+/* Counts the pages a mark set; signals the log eventfd, if any. */
+static void marked(uint64_t pages)
+{
+    S.logged_pages += pages;
+    if (pages)
+        notify(S.log_fd);
+}
+
+/* Marks ring `r`'s used ring in the dirty log if it is logged. */
+static int log_used(struct ring *r)
+{
+    uint64_t pages = 0;
+    if (!S.log.count || !r->logged)
+        return 0;
+    if (check(vhu_dataplane_log_used(r->dp, &S.log, S.log_size, r->log_addr, &pages),
+              "log used ring")) {
+        S.log_refused++;
+        return -1;
+    }
+    marked(pages);
+    return 0;
+}
+
 /* Serves one popped request; returns 0 or -1 (the ring is broken). */
 static int process(struct ring *r, const vhu_token *tok, const vhu_segment *segs, size_t n)
 {
@@ -217,6 +254,18 @@ static int process(struct ring *r, const vhu_token *tok, const vhu_segment *segs
             status = VHU_BLK_S_IOERR;
         if (check(vhu_blk_request_finish(r->req, &S.mem, status, &used), "finish"))
             return -1;
+        /* What the request wrote is marked before it completes: a page
+         * that cannot be (a log smaller than guest memory) would be lost
+         * to a migration, so the ring stops instead. */
+        uint64_t pages = 0;
+        if (S.log_all && S.log.count) {
+            if (check(vhu_log_mark_written(&S.log, S.log_size, segs, n, used, &pages),
+                      "log request")) {
+                S.log_refused++;
+                return -1;
+            }
+            marked(pages);
+        }
     }
     vhu_published pub;
     if (check(vhu_dataplane_complete(r->dp, &S.mem, area(), tok->handle, used, &pub),
@@ -262,7 +311,8 @@ static void serve_ring(struct ring *r)
         }
         if (pub == VHU_PUBLISHED_NOTIFY)
             notify(r->call);
-        if (check(vhu_dataplane_enable_notification(r->dp, &S.mem, &work), "notification")) {
+        if (check(vhu_dataplane_enable_notification(r->dp, &S.mem, &work), "notification") ||
+            log_used(r)) {
             r->broken = true;
             return;
         }
@@ -287,7 +337,7 @@ static int halt(uint16_t q, bool suspend, uint32_t *base)
             notify(r->call);
         if (stopped) {
             r->running = false;
-            return check(res, "stop");
+            return check(res, "stop") || log_used(r) ? -1 : 0;
         }
         if (check(res, "stop") || drain(r) < 0)
             break;
@@ -378,6 +428,8 @@ static int apply(const vhu_action *a, int *fds, size_t nfds)
             return -1;
         r->running = true;
         r->broken = false;
+        if (check(vhu_backend_ring_log(S.be, a->queue, &r->logged, &r->log_addr), "ring log"))
+            return -1;
         vhu_dataplane_info info = VHU_DATAPLANE_INFO_INIT;
         if (!vhu_dataplane_get_info(r->dp, &info) && info.resubmits_left)
             LOG("ring %u: resubmitting %u requests recorded in the inflight area",
@@ -443,6 +495,42 @@ static int apply(const vhu_action *a, int *fds, size_t nfds)
     case VHU_ACTION_KICK: /* in-band kick (not offered here) */
         if (r)
             serve_ring(r);
+        return 0;
+    case VHU_ACTION_MAP_LOG: {
+        int fd = take_fd(fds, nfds, a->fd);
+        if (fd < 0)
+            return -1;
+        unmap(&S.log_map);
+        S.log.count = 0;
+        uint8_t *host = map_fd(fd, a->offset, a->size, &S.log_map);
+        close(fd);
+        if (!host)
+            return -1;
+        S.log_region = (vhu_region){0, a->size, host};
+        S.log_size = a->size;
+        S.log.count = 1;
+        LOG("dirty log of %llu bytes mapped", (unsigned long long)a->size);
+        return 0;
+    }
+    case VHU_ACTION_SET_LOG_FD: {
+        int fd = take_fd(fds, nfds, a->fd);
+        if (fd < 0)
+            return -1;
+        fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+        set_fd(&S.log_fd, fd);
+        return 0;
+    }
+    case VHU_ACTION_SET_LOGGING:
+        if (S.log_all != a->flag)
+            LOG("dirty logging %s (%lu pages marked so far)", a->flag ? "on" : "off",
+                S.logged_pages);
+        S.log_all = a->flag;
+        return 0;
+    case VHU_ACTION_SET_RING_LOG:
+        if (!r)
+            return -1;
+        r->logged = a->flag;
+        r->log_addr = a->offset;
         return 0;
     default:
         return 0;
@@ -582,7 +670,10 @@ static int start_session(void)
 {
     S.mem = (vhu_mem){S.regions, VHU_MAX_REGIONS, NULL};
     S.area = (vhu_mem){&S.area_region, 0, NULL};
+    S.log = (vhu_mem){&S.log_region, 0, NULL};
+    S.log_all = false;
     S.reply_fd = -1;
+    S.log_fd = -1;
     S.dev = (vhu_device)VHU_DEVICE_INIT; /* vhu_blk_device() fills it */
     if (check(vhu_blk_init(S.blk, vhu_blk_size(), &S.blk_config), "blk init") ||
         check(vhu_blk_device(S.blk, &S.dev), "blk device") ||
@@ -595,7 +686,7 @@ static void end_session(void)
 {
     for (uint16_t q = 0; q < VHU_MAX_QUEUES; q++) {
         struct ring *r = &S.rings[q];
-        r->running = r->broken = r->suspend = false;
+        r->running = r->broken = r->suspend = r->logged = false;
         set_fd(&r->kick, -1);
         set_fd(&r->call, -1);
         set_fd(&r->err, -1);
@@ -606,6 +697,13 @@ static void end_session(void)
     }
     unmap(&S.area_map);
     S.area.count = 0;
+    if (S.log.count)
+        LOG("dirty log: %lu pages marked, %lu marks refused", S.logged_pages, S.log_refused);
+    unmap(&S.log_map);
+    S.log.count = 0;
+    S.log_all = false;
+    S.logged_pages = S.log_refused = 0;
+    set_fd(&S.log_fd, -1);
     set_fd(&S.reply_fd, -1);
 }
 
@@ -740,11 +838,11 @@ int main(int argc, char **argv)
         .struct_size = sizeof(vhu_backend_config),
         .features = dev_features | VHU_VIRTIO_F_VERSION_1 | VHU_F_PROTOCOL_FEATURES |
                     VHU_VIRTIO_F_RING_PACKED | VHU_VIRTIO_F_EVENT_IDX |
-                    VHU_VIRTIO_F_INDIRECT_DESC,
+                    VHU_VIRTIO_F_INDIRECT_DESC | VHU_F_LOG_ALL,
         .protocol_features = VHU_PROTOCOL_F_MQ | VHU_PROTOCOL_F_REPLY_ACK |
                              VHU_PROTOCOL_F_CONFIG | VHU_PROTOCOL_F_CONFIGURE_MEM_SLOTS |
                              VHU_PROTOCOL_F_STATUS | VHU_PROTOCOL_F_RESET_DEVICE |
-                             VHU_PROTOCOL_F_INFLIGHT_SHMFD,
+                             VHU_PROTOCOL_F_INFLIGHT_SHMFD | VHU_PROTOCOL_F_LOG_SHMFD,
         .num_queues = S.queues,
         .max_queue_size = S.queue_size,
     };

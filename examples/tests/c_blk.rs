@@ -10,59 +10,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
 
-/// The back-end process, killed on drop (a failed assertion must not
-/// leak it), with its directory.
-struct Backend {
-    child: Child,
-    dir: PathBuf,
-    sock: PathBuf,
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-impl Backend {
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("backend.log")).unwrap_or_default()
-    }
-}
-
-fn start(queues: u16) -> Backend {
-    let dir = common::temp_path("c-blk");
-    let bin = common::build_c_blk(&dir);
-    let img = dir.join("disk.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(32 << 20)
-        .unwrap();
-    let sock = dir.join("blk.sock");
-    let log = std::fs::File::create(dir.join("backend.log")).unwrap();
-    let mut child = Command::new(&bin)
-        .arg("--socket-path")
-        .arg(&sock)
-        .arg("--blk-file")
-        .arg(&img)
-        .args(["--num-queues", &queues.to_string()])
-        .stderr(Stdio::from(log))
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-        assert!(child.try_wait().unwrap().is_none(), "vhu-c-blk exited");
-        assert!(t0.elapsed() < Duration::from_secs(10), "no socket");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    Backend { child, dir, sock }
-}
+use common::CBlk;
 
 fn bench(sock: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_vhu"))
@@ -74,7 +26,7 @@ fn bench(sock: &Path, args: &[&str]) -> Output {
 }
 
 /// Runs a verified bench and returns its report.
-fn verified(b: &Backend, extra: &[&str]) -> String {
+fn verified(b: &CBlk, extra: &[&str]) -> String {
     let mut args = vec![
         "--rw",
         "randrw",
@@ -104,7 +56,7 @@ fn verified(b: &Backend, extra: &[&str]) -> String {
 
 #[test]
 fn c_backend_passes_bench_verify_split_and_packed_two_queues() {
-    let b = start(2);
+    let b = CBlk::start(2);
     verified(&b, &[]);
     verified(&b, &["--packed"]);
     verified(&b, &["--poll"]);
@@ -151,7 +103,7 @@ fn c_backend_passes_bench_verify_split_and_packed_two_queues() {
 
 #[test]
 fn c_backend_serves_one_queue_and_survives_a_malformed_message() {
-    let b = start(1);
+    let b = CBlk::start(1);
     // A header with reserved flag bits: the C ABI refuses it
     // (vhu_message_size), the back-end drops that connection and serves
     // the next.
@@ -200,7 +152,7 @@ fn c_backend_seals_guest_memory_and_refuses_what_could_shrink() {
     use vhost_user_linux::sys::socket::Stream;
 
     const MIB: u64 = 1 << 20;
-    let b = start(2);
+    let b = CBlk::start(2);
     let region = |size: u64| MemRegionMsg {
         guest_addr: 0,
         size,

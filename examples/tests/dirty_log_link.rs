@@ -1,7 +1,8 @@
 //! Dirty logging end to end over a real socket: our front-end link
 //! (`FrontendLink::start_logging`: a sealed memfd shared by SET_LOG_BASE,
 //! VHOST_F_LOG_ALL, VHOST_VRING_F_LOG on the running ring) against the
-//! `vhost-user-blk` daemon, driving blk requests on a split ring in memfd
+//! `vhost-user-blk` daemon and against the C back-end `examples/c/blk.c`
+//! (the C ABI's dirty log), driving blk requests on a split ring in memfd
 //! guest memory. The bitmap must hold exactly the pages the daemon wrote
 //! (read data buffers, status bytes, the used ring), never those it only
 //! read (request headers, write data buffers, the descriptor table, the
@@ -14,9 +15,10 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::os::fd::OwnedFd;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{front, Daemon};
+use common::{front, CBlk, Daemon};
 use vhost_user_core::feature::{ProtocolFeatures as P, VirtioFeatures as V};
 use vhost_user_core::frontend::{FrontendConfig, FrontendError, State};
 use vhost_user_core::memory::GuestMemory;
@@ -40,6 +42,10 @@ struct Rig {
 
 fn rig(d: &Daemon, protocol: P) -> Rig {
     drop(d.connect());
+    rig_at(&d.sock, protocol)
+}
+
+fn rig_at(sock: &Path, protocol: P) -> Rig {
     let (mem, region, fd) = front::guest_ram("vhu-dirty-log-test", RAM, VA);
     let ring = SplitDriver::new(&mem, RING, RING_AT, false).unwrap();
     let a = ring.addrs();
@@ -51,7 +57,7 @@ fn rig(d: &Daemon, protocol: P) -> Rig {
     let kick = EventFd::new(true).unwrap();
     let call = EventFd::new(true).unwrap();
     let mut link =
-        FrontendLink::connect(&d.sock, cfg, regions, vec![Some(kick)], vec![Some(call)]).unwrap();
+        FrontendLink::connect(sock, cfg, regions, vec![Some(kick)], vec![Some(call)]).unwrap();
     link.drive().unwrap();
     assert_eq!(link.engine().state(), State::Ready);
     link.engine().start().unwrap();
@@ -116,7 +122,20 @@ fn dirty_until(r: &Rig, want: &[u64]) -> Vec<u64> {
 #[test]
 fn the_log_holds_exactly_the_pages_the_daemon_wrote() {
     let d = Daemon::start();
-    let mut r = rig(&d, P::MQ | P::REPLY_ACK | P::LOG_SHMFD);
+    let r = rig(&d, P::MQ | P::REPLY_ACK | P::LOG_SHMFD);
+    logs_exactly_the_pages_written(r, &|| d.log());
+}
+
+#[test]
+fn the_log_holds_exactly_the_pages_the_c_backend_wrote() {
+    let b = CBlk::start(1);
+    let r = rig_at(&b.sock, P::MQ | P::REPLY_ACK | P::LOG_SHMFD);
+    logs_exactly_the_pages_written(r, &|| b.log());
+}
+
+/// Requests before, while and after logging: the log holds the pages the
+/// back-end wrote and no other; `log` gives what the back-end logged.
+fn logs_exactly_the_pages_written(mut r: Rig, log: &dyn Fn() -> String) {
     let used = r.ring.addrs().device / PAGE;
     assert_eq!(used, 2);
     assert_eq!(r.ring.addrs().desc / PAGE, 1);
@@ -170,6 +189,23 @@ fn the_log_holds_exactly_the_pages_the_daemon_wrote() {
     let want = [used, 0x63, 0x80];
     assert_eq!(dirty_until(&r, &want), want);
 
+    // A ring that starts logged (stopped and started again while logging:
+    // its SET_VRING_ADDR carries VHOST_VRING_F_LOG before it runs) marks
+    // its used ring too.
+    r.link.engine().stop().unwrap();
+    r.link.drive().unwrap();
+    assert_eq!(r.link.engine().state(), State::Stopped);
+    r.link.engine().start().unwrap();
+    r.link.drive().unwrap();
+    assert_eq!(r.link.engine().state(), State::Started);
+    r.link.take_dirty_pages();
+    assert_eq!(
+        request(&mut r, false, 0x46 * PAGE, 0x84 * PAGE, 512, 0x66 * PAGE),
+        0
+    );
+    let want = [used, 0x66, 0x84];
+    assert_eq!(dirty_until(&r, &want), want);
+
     r.link.stop_logging().unwrap();
     assert!(!r.link.is_logging());
     assert!(matches!(
@@ -190,7 +226,7 @@ fn the_log_holds_exactly_the_pages_the_daemon_wrote() {
     );
     let want = [used, 0x65, 0x82];
     assert_eq!(dirty_until(&r, &want), want);
-    let log = d.log();
+    let log = log();
     assert!(log.contains("dirty log of 128 bytes mapped"), "{log}");
     assert!(log.contains("dirty logging off"), "{log}");
 }

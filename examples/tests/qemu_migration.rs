@@ -13,6 +13,9 @@
 //! with `--no-migration` QEMU refuses, which the second test checks).
 //! QEMU's stop here is its plain GET_VRING_BASE (it drains the rings).
 //!
+//! The same migration runs between two C back-ends (`examples/c/blk.c`,
+//! the C ABI's dirty log).
+//!
 //! The guest kit (kernel, initramfs, QEMU) comes from
 //! `tests/guest/build-guest.sh`, as for `qemu_guest.rs`.
 
@@ -28,6 +31,28 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+/// The C back-end `examples/c/blk.c` (offers logging) on `image`, built
+/// into `dir` by the first call.
+fn c_backend(dir: &Path, sock: &Path, image: &Path, log: &Path) -> Kill {
+    let bin = dir.join("vhu-c-blk");
+    let bin = if bin.exists() {
+        bin
+    } else {
+        common::build_c_blk(dir)
+    };
+    let log = std::fs::File::create(log).unwrap();
+    let mut d = Command::new(bin)
+        .arg("--socket-path")
+        .arg(sock)
+        .arg("--blk-file")
+        .arg(image)
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("start vhu-c-blk");
+    wait_for(sock, &mut d, "vhu-c-blk");
+    Kill(d)
+}
 
 fn daemon(sock: &Path, image: &Path, log: &Path, migration: bool) -> Kill {
     let log = std::fs::File::create(log).unwrap();
@@ -131,8 +156,28 @@ const ROUNDS: u64 = 100;
 
 #[test]
 fn guest_migrates_between_two_daemons_under_load() {
+    migrates_under_load("migrate", &|_, sock, image, log| {
+        daemon(sock, image, log, true)
+    });
+}
+
+#[test]
+fn guest_migrates_between_two_c_backends_under_load() {
+    migrates_under_load("migrate-c", &|dir, sock, image, log| {
+        c_backend(dir, sock, image, log)
+    });
+}
+
+/// Starts a back-end: the test's directory, its socket, the image and
+/// the file for its log.
+type Start = dyn Fn(&Path, &Path, &Path, &Path) -> Kill;
+
+/// A migration between two back-ends `start` starts on one image while
+/// the guest writes and verifies rounds; the source's dirty log kept the
+/// destination right.
+fn migrates_under_load(tag: &str, start: &Start) {
     let g = guest();
-    let dir = common::temp_path("migrate");
+    let dir = common::temp_path(tag);
     let image = dir.join("disk.img");
     std::fs::File::create(&image)
         .unwrap()
@@ -140,8 +185,8 @@ fn guest_migrates_between_two_daemons_under_load() {
         .unwrap();
     let (sock_a, sock_b) = (dir.join("a.sock"), dir.join("b.sock"));
     let (log_a, log_b) = (dir.join("a.log"), dir.join("b.log"));
-    let _da = daemon(&sock_a, &image, &log_a, true);
-    let _db = daemon(&sock_b, &image, &log_b, true);
+    let _da = start(&dir, &sock_a, &image, &log_a);
+    let _db = start(&dir, &sock_b, &image, &log_b);
 
     // Rounds of write, drop caches, verify, each on its own area with its
     // own seed; the migration happens somewhere in the middle. (A loop:

@@ -3,8 +3,10 @@
  * VHU_VIRTIO_F_IN_ORDER is not among the supported features, and a
  * session configuration or a ring that asks for it is refused with
  * VHU_ERR_UNSUPPORTED (its completions would be published as they come),
- * while the same without the bit starts. Exits 0 when all holds, else
- * names the first check that failed on stderr.
+ * while the same without the bit starts. The build lacks `migration` too:
+ * neither LOG_SHMFD nor VHOST_F_LOG_ALL is supported, and a session
+ * offering them is refused. Exits 0 when all holds, else names the first
+ * check that failed on stderr.
  */
 #include <stdalign.h>
 #include <stdint.h>
@@ -40,6 +42,16 @@ int main(void)
     cfg.max_queue_size = 256;
     vhu_backend_config in_order = cfg;
     in_order.features |= VHU_VIRTIO_F_IN_ORDER;
+    vhu_backend_config logged = cfg;
+    logged.features |= VHU_F_LOG_ALL;
+    logged.protocol_features = VHU_PROTOCOL_F_LOG_SHMFD;
+    if (!check((vhu_backend_supported_features() & VHU_F_LOG_ALL) == 0 &&
+                   (vhu_backend_supported_protocol_features() & VHU_PROTOCOL_F_LOG_SHMFD) == 0,
+               "the dirty log not supported") ||
+        !check(vhu_backend_init((vhu_backend *)backend, sizeof backend, &logged) ==
+                   VHU_ERR_UNSUPPORTED,
+               "a session offering the dirty log refused"))
+        return 1;
     if (!check(vhu_backend_init((vhu_backend *)backend, sizeof backend, &in_order) ==
                    VHU_ERR_UNSUPPORTED,
                "a session offering IN_ORDER refused") ||

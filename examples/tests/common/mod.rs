@@ -341,6 +341,59 @@ pub fn handshake(s: &Stream) -> u64 {
     p
 }
 
+/// The C back-end `examples/c/blk.c` ([`build_c_blk`]) serving a 32 MiB
+/// image in its own temporary directory; killed on drop (a failed
+/// assertion must not leak it).
+pub struct CBlk {
+    pub child: Child,
+    pub dir: PathBuf,
+    pub sock: PathBuf,
+}
+
+impl Drop for CBlk {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl CBlk {
+    /// The back-end with `queues` queues, its socket up.
+    pub fn start(queues: u16) -> CBlk {
+        let dir = temp_path("c-blk");
+        let bin = build_c_blk(&dir);
+        let img = dir.join("disk.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(32 << 20)
+            .unwrap();
+        let sock = dir.join("blk.sock");
+        let log = std::fs::File::create(dir.join("backend.log")).unwrap();
+        let mut child = Command::new(&bin)
+            .arg("--socket-path")
+            .arg(&sock)
+            .arg("--blk-file")
+            .arg(&img)
+            .args(["--num-queues", &queues.to_string()])
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap();
+        let t0 = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            assert!(child.try_wait().unwrap().is_none(), "vhu-c-blk exited");
+            assert!(t0.elapsed() < Duration::from_secs(10), "no socket");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        CBlk { child, dir, sock }
+    }
+
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("backend.log")).unwrap_or_default()
+    }
+}
+
 /// The C back-end `examples/c/blk.c`, built by gcc against the header
 /// and the staticlib of the C ABI (built first with `cargo build -p
 /// vhost-user-c`, so the library is the current one), into `dir`.

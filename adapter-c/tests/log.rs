@@ -1,0 +1,302 @@
+//! The dirty log through the C ABI: `vhu_log_mark`, `vhu_log_mark_written`
+//! and `vhu_dataplane_log_used` set exactly the bits of the pages named,
+//! refuse (setting none) what the log does not cover, and refuse a log
+//! given as callbacks (no atomic OR); the features and the action kinds
+//! of the library's `migration` feature.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use core::ffi::c_void;
+use core::ptr;
+
+use vhost_user_c::backend::*;
+use vhost_user_c::dataplane::*;
+use vhost_user_c::log::*;
+use vhost_user_c::memory::{vhu_mem, vhu_mem_ops, vhu_region};
+use vhost_user_c::vhu_result::{self, *};
+
+const PAGE: u64 = 4096;
+
+/// A log of `bytes` bytes of bitmap, as a table of one region at 0.
+struct Log(Vec<u8>);
+
+impl Log {
+    fn new(bytes: usize) -> Log {
+        Log(vec![0; bytes])
+    }
+    fn region(&mut self) -> vhu_region {
+        vhu_region {
+            gpa: 0,
+            size: self.0.len() as u64,
+            host: self.0.as_mut_ptr(),
+        }
+    }
+    fn size(&self) -> u64 {
+        self.0.len() as u64
+    }
+    /// The pages whose bits are set.
+    fn pages(&self) -> Vec<u64> {
+        (0..self.0.len() as u64 * 8)
+            .filter(|p| self.0[(p / 8) as usize] & (1 << (p % 8)) != 0)
+            .collect()
+    }
+}
+
+fn table(r: &vhu_region) -> vhu_mem {
+    vhu_mem {
+        regions: r,
+        count: 1,
+        ops: ptr::null(),
+    }
+}
+
+fn mark(log: &mut Log, gpa: u64, len: u64) -> (vhu_result, u64) {
+    let r = log.region();
+    let size = log.size();
+    let mut pages = 0u64;
+    // SAFETY: the table maps the log's bytes, alive for the call; `pages`
+    // is a live u64.
+    let res = unsafe { vhu_log_mark(&table(&r), size, gpa, len, &mut pages) };
+    (res, pages)
+}
+
+#[test]
+fn a_range_marks_the_pages_it_touches() {
+    let mut log = Log::new(4);
+    // One byte of page 3; a range from the end of page 5 into page 6; an
+    // empty range (nothing); 9 pages across a byte boundary.
+    assert_eq!(mark(&mut log, 3 * PAGE + 7, 1), (VHU_OK, 1));
+    assert_eq!(mark(&mut log, 6 * PAGE - 1, 2), (VHU_OK, 2));
+    assert_eq!(mark(&mut log, 20 * PAGE, 0), (VHU_OK, 0));
+    assert_eq!(log.pages(), [3, 5, 6]);
+    assert_eq!(mark(&mut log, 14 * PAGE, 9 * PAGE), (VHU_OK, 9));
+    assert_eq!(log.pages(), [3, 5, 6, 14, 15, 16, 17, 18, 19, 20, 21, 22]);
+    // Bits already set stay set; others are untouched.
+    assert_eq!(mark(&mut log, 3 * PAGE, 1), (VHU_OK, 1));
+    assert_eq!(log.0[0], 0b0110_1000);
+    // `pages` may be NULL.
+    let r = log.region();
+    // SAFETY: as in `mark`.
+    let res = unsafe { vhu_log_mark(&table(&r), 4, 31 * PAGE, 1, ptr::null_mut()) };
+    assert_eq!(res, VHU_OK);
+    assert_eq!(log.pages().last(), Some(&31));
+}
+
+#[test]
+fn what_the_log_does_not_cover_is_refused_whole() {
+    let mut log = Log::new(2);
+    // Pages 0 to 15 have bits: a range ending on page 16 sets none.
+    assert_eq!(mark(&mut log, 15 * PAGE, 2 * PAGE).0, VHU_ERR_MEMORY);
+    assert_eq!(mark(&mut log, u64::MAX - 10, 100).0, VHU_ERR_INVALID);
+    assert!(log.pages().is_empty());
+    // A size larger than the table maps: refused at the unmapped byte.
+    let r = log.region();
+    // SAFETY: as in `mark`; the call reads no byte past the table's.
+    let res = unsafe { vhu_log_mark(&table(&r), 64, 40 * PAGE, 1, ptr::null_mut()) };
+    assert_eq!(res, VHU_ERR_MEMORY);
+    // SAFETY: a NULL log is refused before anything is read.
+    let res = unsafe { vhu_log_mark(ptr::null(), 2, 0, 1, ptr::null_mut()) };
+    assert_eq!(res, VHU_ERR_NULL);
+    assert!(log.pages().is_empty());
+}
+
+unsafe extern "C" fn cb_read(_: *mut c_void, _: u64, _: *mut u8, _: usize) -> bool {
+    true
+}
+unsafe extern "C" fn cb_write(_: *mut c_void, _: u64, _: *const u8, _: usize) -> bool {
+    true
+}
+unsafe extern "C" fn cb_load(_: *mut c_void, _: u64, out: *mut u16) -> bool {
+    // SAFETY: the library hands a live u16.
+    unsafe { out.write(0) };
+    true
+}
+unsafe extern "C" fn cb_store(_: *mut c_void, _: u64, _: u16) -> bool {
+    true
+}
+unsafe extern "C" fn cb_check(_: *mut c_void, _: u64, _: u64) -> bool {
+    true
+}
+
+#[test]
+fn a_log_given_as_callbacks_is_refused() {
+    let ops = vhu_mem_ops {
+        struct_size: size_of::<vhu_mem_ops>(),
+        ctx: ptr::null_mut(),
+        read: Some(cb_read),
+        write: Some(cb_write),
+        load_u16_acquire: Some(cb_load),
+        store_u16_release: Some(cb_store),
+        check: Some(cb_check),
+    };
+    let mem = vhu_mem {
+        regions: ptr::null(),
+        count: 0,
+        ops: &ops,
+    };
+    // SAFETY: the callbacks touch nothing.
+    let res = unsafe { vhu_log_mark(&mem, 16, 0, 1, ptr::null_mut()) };
+    assert_eq!(res, VHU_ERR_UNSUPPORTED);
+}
+
+fn seg(addr: u64, len: u32, writable: bool) -> vhu_segment {
+    vhu_segment {
+        addr,
+        len,
+        writable,
+    }
+}
+
+fn mark_written(log: &mut Log, segs: &[vhu_segment], written: u32) -> (vhu_result, u64) {
+    let r = log.region();
+    let size = log.size();
+    let mut pages = 0u64;
+    // SAFETY: the table maps the log; `segs` and `pages` are live.
+    let res = unsafe {
+        vhu_log_mark_written(
+            &table(&r),
+            size,
+            segs.as_ptr(),
+            segs.len(),
+            written,
+            &mut pages,
+        )
+    };
+    (res, pages)
+}
+
+#[test]
+fn a_chain_marks_what_the_device_wrote_into_its_writable_buffers() {
+    // A blk read: header (readable, page 1), 8 KiB of data from the middle
+    // of page 4 (pages 4 to 6), the status byte on page 9.
+    let chain = [
+        seg(PAGE, 16, false),
+        seg(4 * PAGE + 0x800, 8192, true),
+        seg(9 * PAGE, 1, true),
+    ];
+    let mut log = Log::new(4);
+    assert_eq!(mark_written(&mut log, &chain, 8193), (VHU_OK, 4));
+    assert_eq!(log.pages(), [4, 5, 6, 9]);
+
+    // A short used length: only the bytes it covers, in order.
+    let mut log = Log::new(4);
+    assert_eq!(mark_written(&mut log, &chain, 0x800), (VHU_OK, 1));
+    assert_eq!(log.pages(), [4]);
+    // Nothing written: nothing marked; readable buffers never are.
+    assert_eq!(mark_written(&mut log, &chain[..1], 0), (VHU_OK, 0));
+    assert_eq!(log.pages(), [4]);
+
+    // More than the writable buffers hold: refused, nothing marked.
+    let mut log = Log::new(4);
+    assert_eq!(mark_written(&mut log, &chain, 8194).0, VHU_ERR_INVALID);
+    assert_eq!(mark_written(&mut log, &chain[..1], 1).0, VHU_ERR_INVALID);
+    // A buffer beyond the log.
+    let far = [seg(PAGE, 16, false), seg(64 * PAGE, 16, true)];
+    assert_eq!(mark_written(&mut log, &far, 16).0, VHU_ERR_MEMORY);
+    assert!(log.pages().is_empty());
+}
+
+/// A split ring of 8 entries: descriptors on page 0, avail ring on page
+/// 1, used ring on page 2 (a used ring of 8 spans 70 bytes).
+#[test]
+fn a_ring_marks_its_used_ring_at_its_log_address() {
+    const SIZE: u16 = 8;
+    let mut guest = vec![0u64; 0x3000 / 8];
+    let region = vhu_region {
+        gpa: 0,
+        size: 0x3000,
+        host: guest.as_mut_ptr().cast(),
+    };
+    let mem = table(&region);
+    let cfg = vhu_ring_config {
+        struct_size: size_of::<vhu_ring_config>(),
+        size: SIZE,
+        addrs: vhu_ring_addrs {
+            desc: 0,
+            driver: 0x1000,
+            device: 0x2000,
+        },
+        features: VHU_VIRTIO_F_VERSION_1,
+        base: 0,
+        enabled: 1,
+        consume_disabled: 0,
+        inflight_offset: 0,
+    };
+    let mut s = vec![0u64; vhu_dataplane_size(SIZE) / 8 + 1];
+    let dp: *mut vhu_dataplane = s.as_mut_ptr().cast();
+    let mut log = Log::new(8);
+    let r = log.region();
+    let size = log.size();
+    let mut pages = 0u64;
+    // SAFETY: storage of the data plane's size, aligned to 8; the tables
+    // map `guest` and the log, alive throughout.
+    unsafe {
+        let res = vhu_dataplane_init(dp, vhu_dataplane_size(SIZE), &cfg, &mem, ptr::null());
+        assert_eq!(res, VHU_OK);
+        // The front-end names the used ring's guest address; a log address
+        // elsewhere (a used ring the front-end maps at another guest
+        // address) is marked there, across a page boundary.
+        let res = vhu_dataplane_log_used(dp, &table(&r), size, 0x2000, &mut pages);
+        assert_eq!((res, pages), (VHU_OK, 1));
+        assert_eq!(log.pages(), [2]);
+        let res = vhu_dataplane_log_used(dp, &table(&r), size, 0x7ff0, ptr::null_mut());
+        assert_eq!(res, VHU_OK);
+        assert_eq!(log.pages(), [2, 7, 8]);
+        // Beyond the log: refused, nothing more set.
+        let res = vhu_dataplane_log_used(dp, &table(&r), size, 64 * PAGE, &mut pages);
+        assert_eq!(res, VHU_ERR_MEMORY);
+        assert_eq!(log.pages(), [2, 7, 8]);
+        assert_eq!(pages, 1);
+        // Not a data plane.
+        let mut junk = vec![0u64; vhu_dataplane_size(SIZE) / 8 + 1];
+        let res = vhu_dataplane_log_used(
+            junk.as_mut_ptr().cast(),
+            &table(&r),
+            size,
+            0x2000,
+            ptr::null_mut(),
+        );
+        assert_eq!(res, VHU_ERR_STATE);
+    }
+}
+
+#[test]
+fn the_dirty_log_is_offered_with_the_migration_feature() {
+    let v = vhu_backend_supported_features();
+    let p = vhu_backend_supported_protocol_features();
+    let on = cfg!(feature = "migration");
+    assert_eq!(v & VHU_F_LOG_ALL != 0, on);
+    assert_eq!(p & VHU_PROTOCOL_F_LOG_SHMFD != 0, on);
+    // LOG_ALL without LOG_SHMFD is refused (there would be no log).
+    let cfg = |protocol: u64| vhu_backend_config {
+        struct_size: size_of::<vhu_backend_config>(),
+        features: VHU_VIRTIO_F_VERSION_1 | VHU_F_PROTOCOL_FEATURES | VHU_F_LOG_ALL,
+        protocol_features: protocol,
+        num_queues: 1,
+        max_queue_size: 256,
+    };
+    let mut s = vec![0u64; vhu_backend_size() / 8 + 8];
+    let be: *mut vhu_backend = s.as_mut_ptr().cast();
+    // SAFETY: storage of the session's size, aligned to 8 (the session's
+    // alignment is at most 8: checked).
+    unsafe {
+        assert!(vhu_backend_align() <= 8);
+        let r = vhu_backend_init(be, vhu_backend_size(), &cfg(VHU_PROTOCOL_F_MQ));
+        assert_eq!(r, VHU_ERR_UNSUPPORTED);
+        let r = vhu_backend_init(
+            be,
+            vhu_backend_size(),
+            &cfg(VHU_PROTOCOL_F_MQ | VHU_PROTOCOL_F_LOG_SHMFD),
+        );
+        assert_eq!(r, if on { VHU_OK } else { VHU_ERR_UNSUPPORTED });
+        if on {
+            // A ring that was never configured is not logged; a queue the
+            // device lacks is refused.
+            let (mut logged, mut at) = (true, 1u64);
+            let r = vhu_backend_ring_log(be, 0, &mut logged, &mut at);
+            assert_eq!((r, logged, at), (VHU_OK, false, 0));
+            let r = vhu_backend_ring_log(be, 1, &mut logged, &mut at);
+            assert_eq!(r, VHU_ERR_QUEUE);
+        }
+    }
+}
