@@ -313,9 +313,12 @@
 /**
  * The ABI's minor version: additions since the major version, each older
  * one kept. 1: the dirty log of live migration (`VHU_F_LOG_ALL`,
- * `VHU_PROTOCOL_F_LOG_SHMFD`, `VHU_ACTION_MAP_LOG` to
+ * `VHU_PROTOCOL_F_LOG_SHMFD`; for a back-end `VHU_ACTION_MAP_LOG` to
  * `VHU_ACTION_SET_RING_LOG`, `vhu_log_mark()`, `vhu_log_mark_written()`,
- * `vhu_dataplane_log_used()`, `vhu_backend_ring_log()`).
+ * `vhu_dataplane_log_used()`, `vhu_backend_ring_log()`; for a front-end
+ * `vhu_frontend_start_logging()`, `vhu_frontend_stop_logging()`,
+ * `VHU_FD_LOG`, `VHU_EVENT_LOGGING_ON` and `_OFF`,
+ * `vhu_log_bitmap_size()`).
  */
 #define VHU_ABI_MINOR 1
 
@@ -729,6 +732,12 @@ enum vhu_fd_kind
    */
   VHU_FD_INFLIGHT = 4,
   /**
+   * The dirty log's shared memory (SET_LOG_BASE, after
+   * `vhu_frontend_start_logging()`): an fd of at least the size given
+   * there, zeroed, which the host keeps mapped to read the log.
+   */
+  VHU_FD_LOG = 5,
+  /**
    * An fd this version of the ABI does not name.
    */
   VHU_FD_OTHER = 255,
@@ -790,6 +799,16 @@ enum vhu_event_kind
    * GET_CONFIG of `len` bytes at `offset` failed.
    */
   VHU_EVENT_CONFIG_FAILED = 9,
+  /**
+   * Dirty logging is on at the back-end (`vhu_frontend_start_logging()`
+   * is done): from now on it marks every page it writes.
+   */
+  VHU_EVENT_LOGGING_ON = 10,
+  /**
+   * Dirty logging is off (`vhu_frontend_stop_logging()` is done): the
+   * log may be unmapped and closed.
+   */
+  VHU_EVENT_LOGGING_OFF = 11,
   /**
    * An event this version of the ABI does not name.
    */
@@ -2298,6 +2317,39 @@ vhu_result vhu_frontend_stop_suspending(vhu_frontend *fe);
 vhu_result vhu_frontend_read_config(vhu_frontend *fe, uint32_t offset, uint32_t len);
 
 /**
+ * Switches dirty logging on for a migration: SET_LOG_BASE with a log of
+ * `size` bytes (its fd is `VHU_FD_LOG`: shared memory the host created,
+ * zeroed, and keeps mapped), SET_FEATURES with VHOST_F_LOG_ALL and, while
+ * started, SET_VRING_ADDR with VHOST_VRING_F_LOG for every ring (a ring
+ * started later gets it too); `VHU_EVENT_LOGGING_ON` ends it. The host
+ * reads and clears the bitmap (one bit per 4 KiB page of guest physical
+ * memory: `vhu_log_bitmap_size()` of the memory's end is the least
+ * `size`) with atomic exchanges: the back-end sets bits concurrently.
+ * Allowed started or stopped with no flow running (`VHU_ERR_BUSY`, also
+ * when logging is on already); `VHU_ERR_UNSUPPORTED` if the back-end did
+ * not offer VHOST_F_LOG_ALL, `VHU_ERR_NOT_NEGOTIATED` without LOG_SHMFD,
+ * `VHU_ERR_INVALID` for a log that does not cover the memory regions or
+ * without any.
+ *
+ * # Safety
+ *
+ * `fe` points at an initialised front-end.
+ */
+vhu_result vhu_frontend_start_logging(vhu_frontend *fe, uint64_t size);
+
+/**
+ * Switches dirty logging off: SET_FEATURES without VHOST_F_LOG_ALL and,
+ * while started, SET_VRING_ADDR without VHOST_VRING_F_LOG for every ring;
+ * `VHU_EVENT_LOGGING_OFF` ends it. `VHU_ERR_BUSY` unless logging, started
+ * or stopped, with no flow running.
+ *
+ * # Safety
+ *
+ * `fe` points at an initialised front-end.
+ */
+vhu_result vhu_frontend_stop_logging(vhu_frontend *fe);
+
+/**
  * The front-end's state, and whether a reply is awaited.
  *
  * # Safety
@@ -2307,6 +2359,15 @@ vhu_result vhu_frontend_read_config(vhu_frontend *fe, uint32_t offset, uint32_t 
  * `bool`.
  */
 vhu_result vhu_frontend_get_state(vhu_frontend *fe, vhu_frontend_state *state_out, bool *awaits_reply);
+
+/**
+ * Bytes of dirty log that cover guest physical memory up to `guest_end`
+ * (the end of its highest region): one bit per 4 KiB page, in whole
+ * 64-bit words (a front-end reads and clears the log a word at a time).
+ * The least size `vhu_frontend_start_logging()` takes; a back-end's
+ * session refuses a SET_LOG_BASE smaller than the bits alone.
+ */
+uint64_t vhu_log_bitmap_size(uint64_t guest_end);
 
 /**
  * Marks in the dirty log `log` (`size` bytes of bitmap) the pages of the

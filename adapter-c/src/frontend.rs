@@ -157,6 +157,10 @@ pub enum vhu_fd_kind {
     VHU_FD_BACKEND_CHANNEL = 3,
     /// The inflight area's fd.
     VHU_FD_INFLIGHT = 4,
+    /// The dirty log's shared memory (SET_LOG_BASE, after
+    /// `vhu_frontend_start_logging()`): an fd of at least the size given
+    /// there, zeroed, which the host keeps mapped to read the log.
+    VHU_FD_LOG = 5,
     /// An fd this version of the ABI does not name.
     VHU_FD_OTHER = 255,
 }
@@ -241,6 +245,12 @@ pub enum vhu_event_kind {
     VHU_EVENT_CONFIG = 8,
     /// GET_CONFIG of `len` bytes at `offset` failed.
     VHU_EVENT_CONFIG_FAILED = 9,
+    /// Dirty logging is on at the back-end (`vhu_frontend_start_logging()`
+    /// is done): from now on it marks every page it writes.
+    VHU_EVENT_LOGGING_ON = 10,
+    /// Dirty logging is off (`vhu_frontend_stop_logging()` is done): the
+    /// log may be unmapped and closed.
+    VHU_EVENT_LOGGING_OFF = 11,
     /// An event this version of the ABI does not name.
     VHU_EVENT_OTHER = 255,
 }
@@ -473,6 +483,7 @@ fn fd_ref(f: FdRef) -> vhu_fd_ref {
         FdRef::Call(i) => (vhu_fd_kind::VHU_FD_CALL, i),
         FdRef::BackendChannel => (vhu_fd_kind::VHU_FD_BACKEND_CHANNEL, 0),
         FdRef::Inflight => (vhu_fd_kind::VHU_FD_INFLIGHT, 0),
+        FdRef::Log => (vhu_fd_kind::VHU_FD_LOG, 0),
         // Device state transfers are not in this ABI (no command sends
         // SET_DEVICE_STATE_FD from C).
         FdRef::DeviceState => (vhu_fd_kind::VHU_FD_OTHER, 0),
@@ -626,6 +637,8 @@ pub unsafe extern "C" fn vhu_frontend_poll_event(
                 e.offset = offset;
                 e.len = len;
             }
+            Some(Event::Logging(true)) => e.kind = vhu_event_kind::VHU_EVENT_LOGGING_ON,
+            Some(Event::Logging(false)) => e.kind = vhu_event_kind::VHU_EVENT_LOGGING_OFF,
             Some(_) => e.kind = vhu_event_kind::VHU_EVENT_OTHER,
         }
         ev.put(e);
@@ -803,6 +816,46 @@ pub unsafe extern "C" fn vhu_frontend_read_config(
 ) -> vhu_result {
     // SAFETY: the caller's contract.
     unsafe { command(fe, |f| f.read_config(offset, len)) }
+}
+
+/// Switches dirty logging on for a migration: SET_LOG_BASE with a log of
+/// `size` bytes (its fd is `VHU_FD_LOG`: shared memory the host created,
+/// zeroed, and keeps mapped), SET_FEATURES with VHOST_F_LOG_ALL and, while
+/// started, SET_VRING_ADDR with VHOST_VRING_F_LOG for every ring (a ring
+/// started later gets it too); `VHU_EVENT_LOGGING_ON` ends it. The host
+/// reads and clears the bitmap (one bit per 4 KiB page of guest physical
+/// memory: `vhu_log_bitmap_size()` of the memory's end is the least
+/// `size`) with atomic exchanges: the back-end sets bits concurrently.
+/// Allowed started or stopped with no flow running (`VHU_ERR_BUSY`, also
+/// when logging is on already); `VHU_ERR_UNSUPPORTED` if the back-end did
+/// not offer VHOST_F_LOG_ALL, `VHU_ERR_NOT_NEGOTIATED` without LOG_SHMFD,
+/// `VHU_ERR_INVALID` for a log that does not cover the memory regions or
+/// without any.
+///
+/// # Safety
+///
+/// `fe` points at an initialised front-end.
+#[no_mangle]
+pub unsafe extern "C" fn vhu_frontend_start_logging(
+    fe: *mut vhu_frontend,
+    size: u64,
+) -> vhu_result {
+    // SAFETY: the caller's contract.
+    unsafe { command(fe, |f| f.start_logging(size)) }
+}
+
+/// Switches dirty logging off: SET_FEATURES without VHOST_F_LOG_ALL and,
+/// while started, SET_VRING_ADDR without VHOST_VRING_F_LOG for every ring;
+/// `VHU_EVENT_LOGGING_OFF` ends it. `VHU_ERR_BUSY` unless logging, started
+/// or stopped, with no flow running.
+///
+/// # Safety
+///
+/// `fe` points at an initialised front-end.
+#[no_mangle]
+pub unsafe extern "C" fn vhu_frontend_stop_logging(fe: *mut vhu_frontend) -> vhu_result {
+    // SAFETY: the caller's contract.
+    unsafe { command(fe, |f| f.stop_logging()) }
 }
 
 /// The front-end's state, and whether a reply is awaited.

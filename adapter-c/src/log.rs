@@ -25,7 +25,7 @@
 
 use core::mem::align_of;
 
-use vhost_user_core::log::{DirtyLog, LogError};
+use vhost_user_core::log::{bitmap_bytes, DirtyLog, LogError};
 use vhost_user_core::memory::MemoryError;
 
 use crate::dataplane::vhu_segment;
@@ -33,6 +33,16 @@ use crate::memory::{vhu_mem, Mem};
 use crate::result::guard;
 use crate::result::vhu_result::{self, *};
 use crate::state::{self, Footprint};
+
+/// Bytes of dirty log that cover guest physical memory up to `guest_end`
+/// (the end of its highest region): one bit per 4 KiB page, in whole
+/// 64-bit words (a front-end reads and clears the log a word at a time).
+/// The least size `vhu_frontend_start_logging()` takes; a back-end's
+/// session refuses a SET_LOG_BASE smaller than the bits alone.
+#[no_mangle]
+pub extern "C" fn vhu_log_bitmap_size(guest_end: u64) -> u64 {
+    bitmap_bytes(guest_end).next_multiple_of(8)
+}
 
 /// How a log refusal reads in C.
 pub(crate) fn log_error(e: LogError) -> vhu_result {

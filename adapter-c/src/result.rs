@@ -202,13 +202,15 @@ pub(crate) fn frontend(e: FrontendError) -> vhu_result {
         FrontendError::Nack { .. } => VHU_ERR_NACK,
         FrontendError::Busy | FrontendError::WrongState(_) => VHU_ERR_BUSY,
         FrontendError::NotNegotiated(_) => VHU_ERR_NOT_NEGOTIATED,
-        FrontendError::Unsupported(_) => VHU_ERR_UNSUPPORTED,
+        FrontendError::Unsupported(_) | FrontendError::LogAllNotOffered => VHU_ERR_UNSUPPORTED,
+        FrontendError::AlreadyLogging | FrontendError::NotLogging => VHU_ERR_BUSY,
         FrontendError::TooManyRegions { .. }
         | FrontendError::NoRegions
         | FrontendError::NoQueues
         | FrontendError::BadQueue(_)
         | FrontendError::BadRegion(_)
-        | FrontendError::BadConfigRange { .. } => VHU_ERR_INVALID,
+        | FrontendError::BadConfigRange { .. }
+        | FrontendError::LogTooSmall { .. } => VHU_ERR_INVALID,
         FrontendError::Failed => VHU_ERR_FAILED,
         _ => VHU_ERR_PROTOCOL,
     }

@@ -1,7 +1,8 @@
 //! The back-end session through the C ABI, driven by the front-end engine
 //! of the same ABI: what a C back-end can get wrong with its buffers is an
 //! error code it can recover from, and an error leaves nothing behind for
-//! the next call to act on.
+//! the next call to act on; and a migration's dirty log, from
+//! `vhu_frontend_start_logging` to the bits a back-end sets.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -10,6 +11,7 @@ use core::ptr;
 use vhost_user_c::backend::*;
 use vhost_user_c::dataplane::*;
 use vhost_user_c::frontend::*;
+use vhost_user_c::log::*;
 use vhost_user_c::memory::{vhu_mem, vhu_mem_region, vhu_region};
 use vhost_user_c::vhu_result::{self, *};
 
@@ -42,6 +44,17 @@ struct Pair {
     guest: Vec<u64>,
     table: Box<[vhu_region; VHU_MAX_REGIONS as usize]>,
     running: bool,
+    /// The dirty log the front-end's host made (shared with the back-end
+    /// in place of an fd), and what the back-end was told of it: mapped
+    /// (the bytes of MAP_LOG), device writes logged, the ring's used ring
+    /// logged at this address.
+    log: Vec<u8>,
+    log_mapped: u64,
+    log_all: bool,
+    ring_log: Option<u64>,
+    /// Events the front-end gave, and fds it attached, in order.
+    events: Vec<vhu_event_kind>,
+    fds: Vec<vhu_fd_kind>,
 }
 
 fn check(r: vhu_result, what: &str) {
@@ -50,6 +63,14 @@ fn check(r: vhu_result, what: &str) {
 
 impl Pair {
     fn new() -> Pair {
+        Pair::offering(
+            VHU_VIRTIO_F_VERSION_1 | VHU_F_PROTOCOL_FEATURES,
+            VHU_PROTOCOL_F_MQ | VHU_PROTOCOL_F_REPLY_ACK,
+        )
+    }
+
+    /// Both sides offering `features` and `protocol_features`.
+    fn offering(features: u64, protocol_features: u64) -> Pair {
         let mut p = Pair {
             be: Storage::new(vhu_backend_size()),
             fe: Storage::new(vhu_frontend_size()),
@@ -63,11 +84,17 @@ impl Pair {
                 }; VHU_MAX_REGIONS as usize],
             ),
             running: false,
+            log: Vec::new(),
+            log_mapped: 0,
+            log_all: false,
+            ring_log: None,
+            events: Vec::new(),
+            fds: Vec::new(),
         };
         let cfg = vhu_backend_config {
             struct_size: size_of::<vhu_backend_config>(),
-            features: VHU_VIRTIO_F_VERSION_1 | VHU_F_PROTOCOL_FEATURES,
-            protocol_features: VHU_PROTOCOL_F_MQ | VHU_PROTOCOL_F_REPLY_ACK,
+            features,
+            protocol_features,
             num_queues: 1,
             max_queue_size: 256,
         };
@@ -218,6 +245,23 @@ impl Pair {
                 };
                 check(r, "start ring");
                 self.running = true;
+                let (mut logged, mut at) = (false, 0u64);
+                // SAFETY: live session and out-values.
+                let r =
+                    unsafe { vhu_backend_ring_log(self.be.at(), a.queue, &mut logged, &mut at) };
+                check(r, "ring log");
+                self.ring_log = logged.then_some(at);
+            }
+            vhu_action_kind::VHU_ACTION_MAP_LOG => {
+                // The "fd" is the front-end's log itself.
+                assert_eq!(a.offset, 0);
+                assert!(a.size <= self.log.len() as u64);
+                self.log_mapped = a.size;
+            }
+            vhu_action_kind::VHU_ACTION_SET_LOGGING => self.log_all = a.flag,
+            vhu_action_kind::VHU_ACTION_SET_RING_LOG => {
+                assert!(self.running);
+                self.ring_log = a.flag.then_some(a.offset);
             }
             vhu_action_kind::VHU_ACTION_SET_ENABLED => {
                 // SAFETY: live data plane.
@@ -287,13 +331,17 @@ impl Pair {
                     "event",
                 );
                 // SAFETY: written by the call.
-                if unsafe { ev.assume_init() }.kind == vhu_event_kind::VHU_EVENT_NONE {
+                let kind = unsafe { ev.assume_init() }.kind;
+                if kind == vhu_event_kind::VHU_EVENT_NONE {
                     break;
                 }
+                self.events.push(kind);
             }
             if tx.len == 0 {
                 return;
             }
+            self.fds
+                .extend(tx.fds[..tx.nfds as usize].iter().map(|f| f.kind));
             let mem = self.mem();
             let (r, out) = self.handle(&buf, tx.len, tx.nfds as usize, &mem, &mut reply);
             check(r, "handle");
@@ -331,7 +379,11 @@ fn no_pending(_: &mut Pair, _: u16, _: &mut [u8]) -> usize {
 
 /// A running ring, the handshake and the start done.
 fn started() -> Pair {
-    let mut p = Pair::new();
+    started_from(Pair::new())
+}
+
+/// `p` with its ring running, the handshake and the start done.
+fn started_from(mut p: Pair) -> Pair {
     p.pump(&mut no_pending);
     assert_eq!(p.state(), vhu_frontend_state::VHU_FRONTEND_READY);
     // SAFETY: live engine.
@@ -514,4 +566,152 @@ fn a_message_with_the_bytes_of_another_is_refused() {
     // The handshake goes on to the end.
     p.pump(&mut no_pending);
     assert_eq!(p.state(), vhu_frontend_state::VHU_FRONTEND_READY);
+}
+
+/// The guest's 4 KiB pages whose bits `log` has set.
+fn dirty_pages(log: &[u8]) -> Vec<u64> {
+    (0..log.len() as u64 * 8)
+        .filter(|p| log[(p / 8) as usize] & (1 << (p % 8)) != 0)
+        .collect()
+}
+
+/// A migration's dirty log from one C engine to the other:
+/// `vhu_frontend_start_logging` reaches the back-end as MAP_LOG (the log's
+/// fd attached), SET_LOGGING and SET_RING_LOG (the used ring's guest
+/// address); what the back-end then marks for a request it serves is the
+/// data it wrote and its used ring, nothing it only read; and
+/// `vhu_frontend_stop_logging` undoes it. A ring that starts while logging
+/// is told by `vhu_backend_ring_log`.
+#[test]
+fn the_dirty_log_from_front_end_to_back_end() {
+    const DATA: u64 = 0x8800;
+    let features = VHU_VIRTIO_F_VERSION_1 | VHU_F_PROTOCOL_FEATURES | VHU_F_LOG_ALL;
+    let protocol = VHU_PROTOCOL_F_MQ | VHU_PROTOCOL_F_REPLY_ACK | VHU_PROTOCOL_F_LOG_SHMFD;
+    let mut p = started_from(Pair::offering(features, protocol));
+    // 16 pages of guest memory: 2 bytes of bits, one word.
+    let size = vhu_log_bitmap_size(GUEST as u64);
+    assert_eq!(size, 8);
+    // SAFETY: live engine.
+    let r = unsafe { vhu_frontend_start_logging(p.fe.at(), 1) };
+    assert_eq!(r, VHU_ERR_INVALID, "a log too small for the memory");
+    p.log = vec![0; size as usize];
+    // SAFETY: live engine.
+    check(
+        unsafe { vhu_frontend_start_logging(p.fe.at(), size) },
+        "start logging",
+    );
+    // SAFETY: live engine.
+    let r = unsafe { vhu_frontend_start_logging(p.fe.at(), size) };
+    assert_eq!(r, VHU_ERR_BUSY, "logging already");
+    p.pump(&mut no_pending);
+    assert!(p.fds.contains(&vhu_fd_kind::VHU_FD_LOG), "{:?}", p.fds);
+    assert_eq!(p.events.last(), Some(&vhu_event_kind::VHU_EVENT_LOGGING_ON));
+    assert_eq!((p.log_mapped, p.log_all), (size, true));
+    assert_eq!(p.ring_log, Some(USED));
+
+    // The driver makes one chain available: a writable 4 KiB buffer
+    // across pages 8 and 9.
+    let g = p.guest.as_mut_ptr().cast::<u8>();
+    let put = |at: u64, b: &[u8]| {
+        assert!(at as usize + b.len() <= GUEST);
+        // SAFETY: inside the guest buffer, which nothing else uses now.
+        unsafe { ptr::copy_nonoverlapping(b.as_ptr(), g.add(at as usize), b.len()) };
+    };
+    put(DESC, &DATA.to_le_bytes());
+    put(DESC + 8, &4096u32.to_le_bytes());
+    put(DESC + 12, &2u16.to_le_bytes()); // VIRTQ_DESC_F_WRITE
+    put(AVAIL + 4, &0u16.to_le_bytes());
+    put(AVAIL + 2, &1u16.to_le_bytes());
+    let mem = p.mem();
+    let region = vhu_region {
+        gpa: 0,
+        size: p.log_mapped,
+        host: p.log.as_mut_ptr(),
+    };
+    let log = vhu_mem {
+        regions: &region,
+        count: 1,
+        ops: ptr::null(),
+    };
+    let dp = p.dp.at::<vhu_dataplane>();
+    let mut tok = vhu_token::default();
+    let mut segs = [vhu_segment::default(); VHU_MAX_CHAIN as usize];
+    let (mut n, mut pages) = (0usize, 0u64);
+    let mut published = vhu_published::VHU_PUBLISHED_NOTHING;
+    // SAFETY: live data plane; the tables map the guest and the log, the
+    // out-values are live.
+    unsafe {
+        let r = vhu_dataplane_pop(
+            dp,
+            &mem,
+            ptr::null(),
+            &mut tok,
+            segs.as_mut_ptr(),
+            segs.len(),
+            &mut n,
+        );
+        check(r, "pop");
+        assert_eq!((n, segs[0].addr, segs[0].writable), (1, DATA, true));
+        // The device writes the buffer (here: the test), marks it, then
+        // completes and publishes, then marks the used ring.
+        put(DATA, &[0xab; 4096]);
+        assert!(p.log_all);
+        let r = vhu_log_mark_written(&log, size, segs.as_ptr(), n, 4096, &mut pages);
+        check(r, "mark written");
+        let r = vhu_dataplane_complete(dp, &mem, ptr::null(), tok.handle, 4096, &mut published);
+        check(r, "complete");
+        check(
+            vhu_dataplane_publish(dp, &mem, ptr::null(), &mut published),
+            "publish",
+        );
+        let at = p.ring_log.unwrap();
+        check(
+            vhu_dataplane_log_used(dp, &log, size, at, &mut pages),
+            "log used",
+        );
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(dirty_pages(&p.log), [USED / 4096, 8, 9]);
+
+    // A restart while logging: the ring is logged from its start.
+    // SAFETY: live engine.
+    check(unsafe { vhu_frontend_stop(p.fe.at()) }, "stop");
+    p.pump(&mut |p, queue, reply| {
+        let base = p.stop_ring();
+        let (r, n) = p.finish_stop(queue, base, reply, reply.len());
+        check(r, "finish stop");
+        n
+    });
+    p.ring_log = None;
+    // SAFETY: live engine.
+    check(unsafe { vhu_frontend_start(p.fe.at()) }, "start");
+    p.pump(&mut no_pending);
+    assert!(p.running);
+    assert_eq!(p.ring_log, Some(USED));
+
+    // SAFETY: live engine.
+    check(
+        unsafe { vhu_frontend_stop_logging(p.fe.at()) },
+        "stop logging",
+    );
+    p.pump(&mut no_pending);
+    assert_eq!(
+        p.events.last(),
+        Some(&vhu_event_kind::VHU_EVENT_LOGGING_OFF)
+    );
+    assert!(!p.log_all);
+    assert_eq!(p.ring_log, None);
+    // SAFETY: live engine.
+    let r = unsafe { vhu_frontend_stop_logging(p.fe.at()) };
+    assert_eq!(r, VHU_ERR_BUSY, "not logging");
+}
+
+/// A back-end that does not offer VHOST_F_LOG_ALL cannot be asked to log.
+#[test]
+fn logging_needs_a_back_end_that_offers_it() {
+    let mut p = started();
+    // SAFETY: live engine.
+    let r = unsafe { vhu_frontend_start_logging(p.fe.at(), 4096) };
+    assert_eq!(r, VHU_ERR_UNSUPPORTED);
+    assert!(p.fds.iter().all(|f| *f != vhu_fd_kind::VHU_FD_LOG));
 }
