@@ -146,7 +146,7 @@ pub unsafe extern "C" fn vhu_log_mark_written(
         let room = segs
             .iter()
             .filter(|s| s.writable)
-            .fold(0u64, |n, s| n + u64::from(s.len));
+            .fold(0u64, |n, s| n.saturating_add(u64::from(s.len)));
         if u64::from(written) > room {
             return Err(VHU_ERR_INVALID);
         }
@@ -161,7 +161,7 @@ pub unsafe extern "C" fn vhu_log_mark_written(
                 break;
             }
             let len = left.min(s.len);
-            n += dirty.mark(s.addr, u64::from(len)).map_err(log_error)?;
+            n = n.saturating_add(dirty.mark(s.addr, u64::from(len)).map_err(log_error)?);
             left -= len;
         }
         // SAFETY: the caller's contract; claimed above.
