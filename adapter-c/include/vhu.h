@@ -242,6 +242,14 @@
 #define VHU_PROTOCOL_F_GET_VRING_BASE_INFLIGHT (1 << 20)
 
 /**
+ * VHOST_USER_PROTOCOL_F_DEVICE_STATE: SET_DEVICE_STATE_FD and
+ * CHECK_DEVICE_STATE move the device's state through a pipe
+ * (`VHU_ACTION_TRANSFER_STATE`). Carried by a library built with its
+ * `migration` feature (the default).
+ */
+#define VHU_PROTOCOL_F_DEVICE_STATE (1 << 19)
+
+/**
  * VIRTIO_BLK_S_OK.
  */
 #define VHU_BLK_S_OK 0
@@ -312,13 +320,17 @@
 
 /**
  * The ABI's minor version: additions since the major version, each older
- * one kept. 1: the dirty log of live migration (`VHU_F_LOG_ALL`,
+ * one kept. 1: live migration: the dirty log (`VHU_F_LOG_ALL`,
  * `VHU_PROTOCOL_F_LOG_SHMFD`; for a back-end `VHU_ACTION_MAP_LOG` to
  * `VHU_ACTION_SET_RING_LOG`, `vhu_log_mark()`, `vhu_log_mark_written()`,
  * `vhu_dataplane_log_used()`, `vhu_backend_ring_log()`; for a front-end
  * `vhu_frontend_start_logging()`, `vhu_frontend_stop_logging()`,
  * `VHU_FD_LOG`, `VHU_EVENT_LOGGING_ON` and `_OFF`,
- * `vhu_log_bitmap_size()`).
+ * `vhu_log_bitmap_size()`) and a back-end's device state
+ * (`VHU_PROTOCOL_F_DEVICE_STATE`, `VHU_ACTION_TRANSFER_STATE`,
+ * `VHU_REPLY_TRANSFER_PENDING`, `vhu_backend_finish_transfer()`,
+ * `vhu_backend_inflight_layout()`, `vhu_blk_state_size()`,
+ * `vhu_blk_save_state()`, `vhu_blk_load_state()`).
  */
 #define VHU_ABI_MINOR 1
 
@@ -496,6 +508,12 @@ enum vhu_reply_kind
    * `vhu_backend_finish_stop()` gives the reply.
    */
   VHU_REPLY_PENDING = 2,
+  /**
+   * CHECK_DEVICE_STATE while the transfer of `VHU_ACTION_TRANSFER_STATE`
+   * has not been reported: once it ended, `vhu_backend_finish_transfer()`
+   * gives the reply.
+   */
+  VHU_REPLY_TRANSFER_PENDING = 3,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -606,6 +624,17 @@ enum vhu_action_kind
    * one is mapped (`vhu_log_mark_written()`), or none is.
    */
   VHU_ACTION_SET_LOGGING = 18,
+  /**
+   * SET_DEVICE_STATE_FD accepted (every ring stopped): `flag` true
+   * (save): write the device's state into message fd `fd` (a pipe end)
+   * and close it; false (load): read it to its end and load it into the
+   * device. After the reply (`VHU_REPLY_READY`, sent at once): the
+   * front-end may read the pipe only once it has it. The next
+   * CHECK_DEVICE_STATE is `VHU_REPLY_TRANSFER_PENDING`;
+   * `vhu_backend_finish_transfer()` says how the transfer ended. For a
+   * blk device: `vhu_blk_save_state()`, `vhu_blk_load_state()`.
+   */
+  VHU_ACTION_TRANSFER_STATE = 20,
   /**
    * SET_VRING_ADDR set (`flag` true) or cleared VHOST_VRING_F_LOG on
    * ring `queue`: mark its used ring at guest address `offset`
@@ -1206,7 +1235,7 @@ typedef struct {
   int32_t fd;
   /**
    * SET_ENABLED: enabled; STOP_RING: suspend; SET_LOGGING: logging;
-   * SET_RING_LOG: logged.
+   * SET_RING_LOG: logged; TRANSFER_STATE: save (else load).
    */
   bool flag;
   /**
@@ -1791,6 +1820,34 @@ vhu_result vhu_backend_action(vhu_backend *be, size_t index, vhu_action *out);
 vhu_result vhu_backend_finish_stop(vhu_backend *be, uint16_t queue, uint32_t base, uint8_t *reply, size_t reply_cap, size_t *reply_len);
 
 /**
+ * Answers CHECK_DEVICE_STATE (`VHU_REPLY_TRANSFER_PENDING`) once the
+ * transfer of `VHU_ACTION_TRANSFER_STATE` ended: `ok` if the whole state
+ * was written (save) or read and loaded into the device (load). Writes
+ * the reply into `reply` (`reply_cap` bytes; its length in
+ * `*reply_len`); a new transfer may follow. `VHU_ERR_STATE` without a
+ * transfer to report, `VHU_ERR_UNSUPPORTED` in a library built without
+ * its `migration` feature.
+ *
+ * # Safety
+ *
+ * `be` points at an initialised back-end; `reply` at `reply_cap`
+ * writable bytes; `reply_len` at a writable `size_t`.
+ */
+vhu_result vhu_backend_finish_transfer(vhu_backend *be, bool ok, uint8_t *reply, size_t reply_cap, size_t *reply_len);
+
+/**
+ * The inflight area's layout of the last SET_INFLIGHT_FD: queues and ring
+ * size (what a device state carries with the area's bytes).
+ * `VHU_ERR_INFLIGHT` if no inflight area was set.
+ *
+ * # Safety
+ *
+ * `be` points at an initialised back-end; `num_queues` and `queue_size`
+ * at writable `uint16_t`s.
+ */
+vhu_result vhu_backend_inflight_layout(vhu_backend *be, uint16_t *num_queues, uint16_t *queue_size);
+
+/**
  * After `VHU_ACTION_START_RING`: builds ring `queue`'s data plane in
  * `storage` (`size` bytes, at least `vhu_dataplane_size()` of the ring's
  * size, aligned to `vhu_dataplane_align()`), from the ring's size,
@@ -1996,6 +2053,58 @@ vhu_result vhu_blk_get_id(vhu_blk *blk, vhu_blk_request *req, const vhu_mem *mem
  * table; `used_len` at a writable `uint32_t`.
  */
 vhu_result vhu_blk_request_finish(vhu_blk_request *req, const vhu_mem *mem, uint32_t status_value, uint32_t *used_len);
+
+/**
+ * Bytes of a blk device state carrying `inflight_len` bytes of inflight
+ * area (0: none) into `*out` (the state format of the core's
+ * `device::blk::state`: capacity, cache mode, the area, a checksum).
+ * `VHU_ERR_UNSUPPORTED` in a library built without its `migration`
+ * feature.
+ *
+ * # Safety
+ *
+ * `out` points at a writable `size_t`.
+ */
+vhu_result vhu_blk_state_size(size_t inflight_len, size_t *out);
+
+/**
+ * Saves the device's state (`VHU_ACTION_TRANSFER_STATE` with `flag`
+ * true) into `buf` (`cap` bytes, at least `vhu_blk_state_size()` of the
+ * area's bytes), its length into `*len`: the capacity, the driver's cache
+ * mode and, with an inflight area (`area`, a table of one region at
+ * guest address 0, and its layout `num_queues` by `queue_size` from
+ * `vhu_backend_inflight_layout()`), the area's bytes: the requests
+ * suspended at the rings' stop, for the destination to resubmit. `area`
+ * NULL and `num_queues` 0: no area. `VHU_ERR_SHORT_BUFFER` for a short
+ * `buf`; `VHU_ERR_INVALID` for a layout the inflight format refuses;
+ * `VHU_ERR_INFLIGHT` if `area` does not map that layout's bytes.
+ *
+ * # Safety
+ *
+ * `blk` points at an initialised blk device; `area` is NULL or a valid
+ * table; `buf` points at `cap` writable bytes; `len` at a writable
+ * `size_t`.
+ */
+vhu_result vhu_blk_save_state(vhu_blk *blk, const vhu_mem *area, uint16_t num_queues, uint16_t queue_size, uint8_t *buf, size_t cap, size_t *len);
+
+/**
+ * Loads a state (`VHU_ACTION_TRANSFER_STATE` with `flag` false: `len`
+ * bytes at `state`, the whole transfer) into the device: checked first,
+ * whole (format, checksum, the disk's size, the cache mode against the
+ * negotiated features, the area's layout against this connection's
+ * `num_queues` by `queue_size`), then the driver's cache mode taken and
+ * the source's inflight area written into `area` (a table of one region
+ * at guest address 0; NULL and `num_queues` 0 without one), which the
+ * next ring start resubmits from. `VHU_ERR_INVALID` for a state refused,
+ * changing nothing; `VHU_ERR_INFLIGHT` if `area` does not map the
+ * layout's bytes.
+ *
+ * # Safety
+ *
+ * `blk` points at an initialised blk device; `state` at `len` readable
+ * bytes; `area` is NULL or a valid table.
+ */
+vhu_result vhu_blk_load_state(vhu_blk *blk, const uint8_t *state, size_t len, const vhu_mem *area, uint16_t num_queues, uint16_t queue_size);
 
 /**
  * Bytes of the storage of a data plane for a ring of `queue_size`

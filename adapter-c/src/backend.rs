@@ -23,7 +23,9 @@ use vhost_user_core::dataplane::Token;
 use vhost_user_core::device::{Completion, Device};
 use vhost_user_core::feature::{ProtocolFeatures, VirtioFeatures};
 use vhost_user_core::memory::GuestMemory;
-use vhost_user_core::message::{ConfigWriteKind, Header, HEADER_SIZE, MAX_FDS, MAX_MESSAGE};
+use vhost_user_core::message::{
+    ConfigWriteKind, DeviceStateDirection, Header, HEADER_SIZE, MAX_FDS, MAX_MESSAGE,
+};
 use vhost_user_core::vring::{Chain, RingAddrs};
 
 use crate::dataplane::{self, vhu_dataplane};
@@ -96,6 +98,11 @@ pub const VHU_PROTOCOL_F_CONFIGURE_MEM_SLOTS: u64 = 1 << 15;
 pub const VHU_PROTOCOL_F_STATUS: u64 = 1 << 16;
 /// VHOST_USER_PROTOCOL_F_GET_VRING_BASE_INFLIGHT.
 pub const VHU_PROTOCOL_F_GET_VRING_BASE_INFLIGHT: u64 = 1 << 20;
+/// VHOST_USER_PROTOCOL_F_DEVICE_STATE: SET_DEVICE_STATE_FD and
+/// CHECK_DEVICE_STATE move the device's state through a pipe
+/// (`VHU_ACTION_TRANSFER_STATE`). Carried by a library built with its
+/// `migration` feature (the default).
+pub const VHU_PROTOCOL_F_DEVICE_STATE: u64 = 1 << 19;
 
 // The header's literals (cbindgen writes literals only) are the core's.
 const _: () = {
@@ -108,6 +115,7 @@ const _: () = {
     assert!(VHU_F_PROTOCOL_FEATURES == VirtioFeatures::PROTOCOL_FEATURES.bits());
     assert!(VHU_F_LOG_ALL == VirtioFeatures::LOG_ALL.bits());
     assert!(VHU_PROTOCOL_F_LOG_SHMFD == ProtocolFeatures::LOG_SHMFD.bits());
+    assert!(VHU_PROTOCOL_F_DEVICE_STATE == ProtocolFeatures::DEVICE_STATE.bits());
     assert!(VHU_VIRTIO_F_VERSION_1 == VirtioFeatures::VERSION_1.bits());
     assert!(VHU_VIRTIO_F_RING_PACKED == VirtioFeatures::RING_PACKED.bits());
     assert!(VHU_VIRTIO_F_IN_ORDER == VirtioFeatures::IN_ORDER.bits());
@@ -456,6 +464,10 @@ pub enum vhu_reply_kind {
     /// GET_VRING_BASE on a running ring: stop ring `queue`, then
     /// `vhu_backend_finish_stop()` gives the reply.
     VHU_REPLY_PENDING = 2,
+    /// CHECK_DEVICE_STATE while the transfer of `VHU_ACTION_TRANSFER_STATE`
+    /// has not been reported: once it ended, `vhu_backend_finish_transfer()`
+    /// gives the reply.
+    VHU_REPLY_TRANSFER_PENDING = 3,
 }
 
 /// What a message produced (written by `vhu_backend_handle()`; start
@@ -540,6 +552,15 @@ pub enum vhu_action_kind {
     /// on every device write into guest memory is marked in the log while
     /// one is mapped (`vhu_log_mark_written()`), or none is.
     VHU_ACTION_SET_LOGGING = 18,
+    /// SET_DEVICE_STATE_FD accepted (every ring stopped): `flag` true
+    /// (save): write the device's state into message fd `fd` (a pipe end)
+    /// and close it; false (load): read it to its end and load it into the
+    /// device. After the reply (`VHU_REPLY_READY`, sent at once): the
+    /// front-end may read the pipe only once it has it. The next
+    /// CHECK_DEVICE_STATE is `VHU_REPLY_TRANSFER_PENDING`;
+    /// `vhu_backend_finish_transfer()` says how the transfer ended. For a
+    /// blk device: `vhu_blk_save_state()`, `vhu_blk_load_state()`.
+    VHU_ACTION_TRANSFER_STATE = 20,
     /// SET_VRING_ADDR set (`flag` true) or cleared VHOST_VRING_F_LOG on
     /// ring `queue`: mark its used ring at guest address `offset`
     /// (`vhu_dataplane_log_used()`) while the log is mapped, or stop.
@@ -568,7 +589,7 @@ pub struct vhu_action {
     /// Index of the message fd the action takes, or -1.
     pub fd: i32,
     /// SET_ENABLED: enabled; STOP_RING: suspend; SET_LOGGING: logging;
-    /// SET_RING_LOG: logged.
+    /// SET_RING_LOG: logged; TRANSFER_STATE: save (else load).
     pub flag: bool,
     /// MAP_REGION: the region.
     pub region: vhu_mem_region,
@@ -700,15 +721,15 @@ const C_IN_ORDER: VirtioFeatures = if cfg!(feature = "in-order") {
     VirtioFeatures::empty()
 };
 
-/// VHOST_F_LOG_ALL and LOG_SHMFD where this crate's `migration` feature
-/// is on (as [`C_IN_ORDER`]).
+/// VHOST_F_LOG_ALL, LOG_SHMFD and DEVICE_STATE where this crate's
+/// `migration` feature is on (as [`C_IN_ORDER`]).
 const C_LOG_ALL: VirtioFeatures = if cfg!(feature = "migration") {
     VirtioFeatures::LOG_ALL
 } else {
     VirtioFeatures::empty()
 };
-const C_LOG_SHMFD: ProtocolFeatures = if cfg!(feature = "migration") {
-    ProtocolFeatures::LOG_SHMFD
+const C_MIGRATION: ProtocolFeatures = if cfg!(feature = "migration") {
+    ProtocolFeatures::LOG_SHMFD.union(ProtocolFeatures::DEVICE_STATE)
 } else {
     ProtocolFeatures::empty()
 };
@@ -729,8 +750,7 @@ const C_VIRTIO_FEATURES: VirtioFeatures = VirtioFeatures::from_bits_retain((1 <<
 /// interface carries, named one by one so that the core's build features
 /// (a workspace build turns on `net` and `migration` for every crate) do
 /// not change it (this crate builds the core with `net`, for RARP and
-/// MTU). Left out: DEVICE_STATE (its transfer is
-/// an fd read or written beside the connection) and INBAND_NOTIFICATIONS
+/// MTU). Left out: INBAND_NOTIFICATIONS
 /// (in-band calls are back-end requests, which this interface does not
 /// encode). BACKEND_REQ only keeps the channel's fd
 /// (`VHU_ACTION_SET_BACKEND_CHANNEL`); RARP and MTU need the device's
@@ -747,7 +767,7 @@ const C_PROTOCOL_FEATURES: ProtocolFeatures = ProtocolFeatures::MQ
     .union(ProtocolFeatures::GET_VRING_BASE_INFLIGHT)
     .union(ProtocolFeatures::GET_VRING_BASE_SKIP_DRAIN)
     .union(ProtocolFeatures::BACKEND_REQ)
-    .union(C_LOG_SHMFD)
+    .union(C_MIGRATION)
     .intersection(SUPPORTED_PROTOCOL_FEATURES);
 
 /// Initialises a back-end session in `storage` (`size` bytes) for a
@@ -957,9 +977,9 @@ pub unsafe extern "C" fn vhu_backend_handle(
                 outcome.reply = vhu_reply_kind::VHU_REPLY_PENDING;
                 outcome.queue = queue;
             }
-            // Only CHECK_DEVICE_STATE answers it, and DEVICE_STATE is never
-            // offered here (vhu_backend_init).
-            Reply::TransferPending => {}
+            Reply::TransferPending => {
+                outcome.reply = vhu_reply_kind::VHU_REPLY_TRANSFER_PENDING;
+            }
         }
         outcome.actions = b.outcome.actions.len() as u32;
         outcome.refused = b.outcome.refused.map_or(VHU_OK, result::backend);
@@ -1061,6 +1081,11 @@ fn action(a: &Action) -> vhu_action {
             v.kind = VHU_ACTION_SET_LOGGING;
             v.flag = all;
         }
+        Action::TransferState { fd, direction } => {
+            v.kind = VHU_ACTION_TRANSFER_STATE;
+            v.fd = i32::from(fd);
+            v.flag = direction == DeviceStateDirection::Save;
+        }
         Action::SetRingLog { queue, log } => {
             v.kind = VHU_ACTION_SET_RING_LOG;
             v.queue = queue;
@@ -1137,6 +1162,88 @@ pub unsafe extern "C" fn vhu_backend_finish_stop(
             .map_err(result::backend)?;
         // SAFETY: the caller's contract.
         unsafe { state::put(reply_len, n) }
+    })
+}
+
+/// Answers CHECK_DEVICE_STATE (`VHU_REPLY_TRANSFER_PENDING`) once the
+/// transfer of `VHU_ACTION_TRANSFER_STATE` ended: `ok` if the whole state
+/// was written (save) or read and loaded into the device (load). Writes
+/// the reply into `reply` (`reply_cap` bytes; its length in
+/// `*reply_len`); a new transfer may follow. `VHU_ERR_STATE` without a
+/// transfer to report, `VHU_ERR_UNSUPPORTED` in a library built without
+/// its `migration` feature.
+///
+/// # Safety
+///
+/// `be` points at an initialised back-end; `reply` at `reply_cap`
+/// writable bytes; `reply_len` at a writable `size_t`.
+#[no_mangle]
+pub unsafe extern "C" fn vhu_backend_finish_transfer(
+    be: *mut vhu_backend,
+    ok: bool,
+    reply: *mut u8,
+    reply_cap: usize,
+    reply_len: *mut usize,
+) -> vhu_result {
+    guard(|| {
+        let mut fp = Footprint::new();
+        // SAFETY: the caller's contract.
+        unsafe { fp.state::<Backend, _>(be) }?;
+        fp.writes(reply, reply_cap)?;
+        fp.writes(reply_len, 1)?;
+        // SAFETY: the caller's contract.
+        unsafe { state::put(reply_len, 0) }?;
+        // SAFETY: the caller's contract.
+        let mut b = unsafe { state::get::<Backend, _>(be) }?;
+        // SAFETY: the caller's contract.
+        let buf = unsafe { state::bytes_mut(reply, reply_cap) }?;
+        #[cfg(feature = "migration")]
+        {
+            if b.session.transfer().is_none() {
+                return Err(VHU_ERR_STATE);
+            }
+            let n = b
+                .session
+                .finish_transfer(ok, buf)
+                .map_err(result::backend)?;
+            // SAFETY: the caller's contract.
+            unsafe { state::put(reply_len, n) }
+        }
+        #[cfg(not(feature = "migration"))]
+        {
+            let _ = (ok, buf, &mut b);
+            Err(VHU_ERR_UNSUPPORTED)
+        }
+    })
+}
+
+/// The inflight area's layout of the last SET_INFLIGHT_FD: queues and ring
+/// size (what a device state carries with the area's bytes).
+/// `VHU_ERR_INFLIGHT` if no inflight area was set.
+///
+/// # Safety
+///
+/// `be` points at an initialised back-end; `num_queues` and `queue_size`
+/// at writable `uint16_t`s.
+#[no_mangle]
+pub unsafe extern "C" fn vhu_backend_inflight_layout(
+    be: *mut vhu_backend,
+    num_queues: *mut u16,
+    queue_size: *mut u16,
+) -> vhu_result {
+    guard(|| {
+        let mut fp = Footprint::new();
+        // SAFETY: the caller's contract.
+        unsafe { fp.state::<Backend, _>(be) }?;
+        fp.writes(num_queues, 1)?;
+        fp.writes(queue_size, 1)?;
+        // SAFETY: the caller's contract.
+        let b = unsafe { state::get::<Backend, _>(be) }?;
+        let (nq, qs) = b.session.inflight_layout().ok_or(VHU_ERR_INFLIGHT)?;
+        // SAFETY: the caller's contract.
+        unsafe { state::put(num_queues, nq) }?;
+        // SAFETY: the caller's contract.
+        unsafe { state::put(queue_size, qs) }
     })
 }
 

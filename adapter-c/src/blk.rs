@@ -9,6 +9,8 @@ use core::ffi::c_void;
 use core::mem::size_of;
 use core::ptr;
 
+#[cfg(feature = "migration")]
+use vhost_user_core::device::blk::state::{self as blk_state, AreaShape};
 use vhost_user_core::device::blk::{
     BlkConfig, BlkDevice, BlkOp, BlkRequest, BlkStatus, BLK_ID_BYTES,
 };
@@ -837,4 +839,185 @@ mod tests {
         }
         std::panic::set_hook(hook);
     }
+}
+
+/// Bytes of a blk device state carrying `inflight_len` bytes of inflight
+/// area (0: none) into `*out` (the state format of the core's
+/// `device::blk::state`: capacity, cache mode, the area, a checksum).
+/// `VHU_ERR_UNSUPPORTED` in a library built without its `migration`
+/// feature.
+///
+/// # Safety
+///
+/// `out` points at a writable `size_t`.
+#[no_mangle]
+pub unsafe extern "C" fn vhu_blk_state_size(inflight_len: usize, out: *mut usize) -> vhu_result {
+    guard(|| {
+        #[cfg(feature = "migration")]
+        {
+            let n = blk_state::HEADER_LEN
+                .checked_add(inflight_len)
+                .and_then(|n| n.checked_add(blk_state::TRAILER_LEN))
+                .ok_or(VHU_ERR_INVALID)?;
+            // SAFETY: the caller's contract.
+            unsafe { state::put(out, n) }
+        }
+        #[cfg(not(feature = "migration"))]
+        {
+            let _ = (inflight_len, out);
+            Err(VHU_ERR_UNSUPPORTED)
+        }
+    })
+}
+
+/// Saves the device's state (`VHU_ACTION_TRANSFER_STATE` with `flag`
+/// true) into `buf` (`cap` bytes, at least `vhu_blk_state_size()` of the
+/// area's bytes), its length into `*len`: the capacity, the driver's cache
+/// mode and, with an inflight area (`area`, a table of one region at
+/// guest address 0, and its layout `num_queues` by `queue_size` from
+/// `vhu_backend_inflight_layout()`), the area's bytes: the requests
+/// suspended at the rings' stop, for the destination to resubmit. `area`
+/// NULL and `num_queues` 0: no area. `VHU_ERR_SHORT_BUFFER` for a short
+/// `buf`; `VHU_ERR_INVALID` for a layout the inflight format refuses;
+/// `VHU_ERR_INFLIGHT` if `area` does not map that layout's bytes.
+///
+/// # Safety
+///
+/// `blk` points at an initialised blk device; `area` is NULL or a valid
+/// table; `buf` points at `cap` writable bytes; `len` at a writable
+/// `size_t`.
+#[no_mangle]
+pub unsafe extern "C" fn vhu_blk_save_state(
+    blk: *mut vhu_blk,
+    area: *const vhu_mem,
+    num_queues: u16,
+    queue_size: u16,
+    buf: *mut u8,
+    cap: usize,
+    len: *mut usize,
+) -> vhu_result {
+    guard(|| {
+        let mut fp = Footprint::new();
+        // SAFETY: the caller's contract.
+        unsafe { fp.state::<BlkDevice, _>(blk) }?;
+        fp.writes(buf, cap)?;
+        fp.writes(len, 1)?;
+        // SAFETY: the caller's contract.
+        unsafe { state::put(len, 0) }?;
+        // SAFETY: the caller's contract.
+        let d = unsafe { state::get::<BlkDevice, _>(blk) }?;
+        // SAFETY: the caller's contract.
+        let area = unsafe { Mem::optional(area, &mut fp) }?;
+        // SAFETY: the caller's contract; apart from the rest (claimed).
+        let out = unsafe { state::bytes_mut(buf, cap) }?;
+        #[cfg(feature = "migration")]
+        {
+            let shape = match (area, num_queues) {
+                (None, 0) => None,
+                (Some(_), n) if n != 0 => Some(AreaShape {
+                    num_queues,
+                    queue_size,
+                }),
+                _ => return Err(VHU_ERR_INVALID),
+            };
+            let n = match shape {
+                None => 0,
+                Some(s) => vhost_user_core::inflight::area_size(s.num_queues, s.queue_size)
+                    .ok()
+                    .and_then(|n| usize::try_from(n).ok())
+                    .ok_or(VHU_ERR_INVALID)?,
+            };
+            let total = blk_state::HEADER_LEN + n + blk_state::TRAILER_LEN;
+            let out = out.get_mut(..total).ok_or(VHU_ERR_SHORT_BUFFER)?;
+            if let Some(a) = area {
+                // Copied out of the shared area straight into the state:
+                // no reference into shared memory is formed.
+                let a = a.bind(&fp);
+                a.read(
+                    0,
+                    &mut out[blk_state::HEADER_LEN..blk_state::HEADER_LEN + n],
+                )
+                .map_err(|_| VHU_ERR_INFLIGHT)?;
+            }
+            let n = blk_state::seal(out, &d.state(shape)).map_err(|_| VHU_ERR_INVALID)?;
+            // SAFETY: the caller's contract.
+            unsafe { state::put(len, n) }
+        }
+        #[cfg(not(feature = "migration"))]
+        {
+            let _ = (d, area, num_queues, queue_size, out);
+            Err(VHU_ERR_UNSUPPORTED)
+        }
+    })
+}
+
+/// Loads a state (`VHU_ACTION_TRANSFER_STATE` with `flag` false: `len`
+/// bytes at `state`, the whole transfer) into the device: checked first,
+/// whole (format, checksum, the disk's size, the cache mode against the
+/// negotiated features, the area's layout against this connection's
+/// `num_queues` by `queue_size`), then the driver's cache mode taken and
+/// the source's inflight area written into `area` (a table of one region
+/// at guest address 0; NULL and `num_queues` 0 without one), which the
+/// next ring start resubmits from. `VHU_ERR_INVALID` for a state refused,
+/// changing nothing; `VHU_ERR_INFLIGHT` if `area` does not map the
+/// layout's bytes.
+///
+/// # Safety
+///
+/// `blk` points at an initialised blk device; `state` at `len` readable
+/// bytes; `area` is NULL or a valid table.
+#[no_mangle]
+pub unsafe extern "C" fn vhu_blk_load_state(
+    blk: *mut vhu_blk,
+    state: *const u8,
+    len: usize,
+    area: *const vhu_mem,
+    num_queues: u16,
+    queue_size: u16,
+) -> vhu_result {
+    guard(|| {
+        let mut fp = Footprint::new();
+        // SAFETY: the caller's contract.
+        unsafe { fp.state::<BlkDevice, _>(blk) }?;
+        fp.reads(state, len)?;
+        // SAFETY: the caller's contract.
+        let mut d = unsafe { state::get::<BlkDevice, _>(blk) }?;
+        // SAFETY: the caller's contract; apart from the rest (claimed).
+        let bytes = unsafe { state::slice(state, len) }?;
+        // SAFETY: the caller's contract.
+        let area = unsafe { Mem::optional(area, &mut fp) }?;
+        #[cfg(feature = "migration")]
+        {
+            let s = blk_state::check(bytes).map_err(|_| VHU_ERR_INVALID)?;
+            let mine = match (area, num_queues) {
+                (None, 0) => None,
+                (Some(_), n) if n != 0 => Some(AreaShape {
+                    num_queues,
+                    queue_size,
+                }),
+                _ => return Err(VHU_ERR_INVALID),
+            };
+            // A state with an area goes only where the same layout is.
+            if s.area.is_some() && s.area != mine {
+                return Err(VHU_ERR_INVALID);
+            }
+            let area = area.map(|a| a.bind(&fp));
+            let from = blk_state::area_bytes(bytes);
+            if let (Some(a), Some(_)) = (&area, s.area) {
+                // Mapped whole before the device changes.
+                a.check(0, from.len() as u64)
+                    .map_err(|_| VHU_ERR_INFLIGHT)?;
+            }
+            d.load_state(&s).map_err(|_| VHU_ERR_INVALID)?;
+            if let (Some(a), Some(_)) = (&area, s.area) {
+                a.write(0, from).map_err(|_| VHU_ERR_INFLIGHT)?;
+            }
+            Ok(())
+        }
+        #[cfg(not(feature = "migration"))]
+        {
+            let _ = (&mut d, bytes, area, num_queues, queue_size);
+            Err(VHU_ERR_UNSUPPORTED)
+        }
+    })
 }

@@ -19,13 +19,17 @@ use crate::result::vhu_result::{self, *};
 pub const VHU_ABI_MAJOR: u32 = 1;
 
 /// The ABI's minor version: additions since the major version, each older
-/// one kept. 1: the dirty log of live migration (`VHU_F_LOG_ALL`,
+/// one kept. 1: live migration: the dirty log (`VHU_F_LOG_ALL`,
 /// `VHU_PROTOCOL_F_LOG_SHMFD`; for a back-end `VHU_ACTION_MAP_LOG` to
 /// `VHU_ACTION_SET_RING_LOG`, `vhu_log_mark()`, `vhu_log_mark_written()`,
 /// `vhu_dataplane_log_used()`, `vhu_backend_ring_log()`; for a front-end
 /// `vhu_frontend_start_logging()`, `vhu_frontend_stop_logging()`,
 /// `VHU_FD_LOG`, `VHU_EVENT_LOGGING_ON` and `_OFF`,
-/// `vhu_log_bitmap_size()`).
+/// `vhu_log_bitmap_size()`) and a back-end's device state
+/// (`VHU_PROTOCOL_F_DEVICE_STATE`, `VHU_ACTION_TRANSFER_STATE`,
+/// `VHU_REPLY_TRANSFER_PENDING`, `vhu_backend_finish_transfer()`,
+/// `vhu_backend_inflight_layout()`, `vhu_blk_state_size()`,
+/// `vhu_blk_save_state()`, `vhu_blk_load_state()`).
 pub const VHU_ABI_MINOR: u32 = 1;
 
 /// The version this header describes, `VHU_ABI_MAJOR << 16 |

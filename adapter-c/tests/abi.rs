@@ -85,22 +85,20 @@ fn init_checks_null_alignment_and_size() {
 }
 
 /// The session handles more than this ABI carries to C: a protocol
-/// feature whose actions C cannot carry out (the state transfer of
-/// DEVICE_STATE) or that C could not answer (in-band calls of
+/// feature that C could not answer (in-band calls of
 /// INBAND_NOTIFICATIONS: no back-end request is encoded here) is not
 /// offered, whatever features the core was built with (a workspace build
 /// turns on `net` and `migration` for every crate). RARP and MTU are
 /// (their messages reach the device's callbacks: tests/net.rs), and the
-/// dirty log (LOG_SHMFD, LOG_ALL) with the library's `migration` feature
-/// (tests/log.rs).
+/// dirty log (LOG_SHMFD, LOG_ALL) and the device state (DEVICE_STATE)
+/// with the library's `migration` feature (tests/migration.rs).
 #[test]
 fn only_what_the_abi_carries_is_offered() {
     const BACKEND_REQ: u64 = 1 << 5;
     const INBAND_NOTIFICATIONS: u64 = 1 << 14;
-    const DEVICE_STATE: u64 = 1 << 19;
     const SKIP_DRAIN: u64 = 1 << 23;
     let log = if cfg!(feature = "migration") {
-        VHU_PROTOCOL_F_LOG_SHMFD
+        VHU_PROTOCOL_F_LOG_SHMFD | VHU_PROTOCOL_F_DEVICE_STATE
     } else {
         0
     };
@@ -125,11 +123,9 @@ fn only_what_the_abi_carries_is_offered() {
         num_queues: 1,
         max_queue_size: 64,
     };
-    for (extra_protocol, extra_virtio) in [
-        (0, VHU_F_LOG_ALL),
-        (DEVICE_STATE, 0),
-        (INBAND_NOTIFICATIONS | BACKEND_REQ, 0),
-    ] {
+    for (extra_protocol, extra_virtio) in
+        [(0, VHU_F_LOG_ALL), (INBAND_NOTIFICATIONS | BACKEND_REQ, 0)]
+    {
         let cfg = vhu_backend_config {
             features: base.features | extra_virtio,
             protocol_features: base.protocol_features | extra_protocol,

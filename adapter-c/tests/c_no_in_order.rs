@@ -3,7 +3,7 @@
 //! not carry VIRTIO_F_IN_ORDER, and refuses a session or a ring that asks
 //! for it, whatever the core's build (a workspace build turns the core's
 //! in-order handling on for every crate). Nor, without `migration`, the
-//! dirty log (LOG_SHMFD, VHOST_F_LOG_ALL).
+//! dirty log (LOG_SHMFD, VHOST_F_LOG_ALL) or the device state.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

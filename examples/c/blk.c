@@ -19,7 +19,11 @@
  * Live migration: with LOG_SHMFD and VHOST_F_LOG_ALL negotiated, the pages
  * a request wrote (read data, status byte) are marked in the front-end's
  * dirty log before the request completes, and a logged ring's used ring
- * after every round.
+ * after every round. With DEVICE_STATE the device's state (the driver's
+ * cache mode and the inflight area: the requests suspended at the stop)
+ * goes through the front-end's pipe, after the SET_DEVICE_STATE_FD reply,
+ * within a deadline (a front-end that never reads or closes its end
+ * fails the transfer rather than hold this thread).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -34,6 +38,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "vhu.h"
@@ -84,6 +89,9 @@ static struct {
     unsigned long logged_pages, log_refused;
     struct ring rings[VHU_MAX_QUEUES];
     int reply_fd;           /* sent with the next reply (GET_INFLIGHT_FD) */
+    int transfer_fd;        /* TRANSFER_STATE's pipe end: run after the reply */
+    bool transfer_save;
+    bool transfer_ok;       /* how the last transfer ended (CHECK_DEVICE_STATE) */
     unsigned long requests;
     unsigned char bounce[BOUNCE];
 } S;
@@ -346,6 +354,123 @@ static int halt(uint16_t q, bool suspend, uint32_t *base)
     return -1;
 }
 
+/* Device state transfers: how long a front-end may take to read or write
+ * its end of the pipe, and the largest state read (a blk state is its
+ * header, the inflight area and a checksum). */
+#define TRANSFER_MS 5000
+#define MAX_STATE (64u << 20)
+
+static long long now_ms(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (long long)t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
+/* Waits until `fd` is ready for `events` before `deadline`; 0 or -1. */
+static int wait_fd(int fd, short events, long long deadline)
+{
+    for (;;) {
+        long long left = deadline - now_ms();
+        if (left <= 0)
+            return -1;
+        struct pollfd p = {fd, events, 0};
+        int n = poll(&p, 1, (int)left);
+        if (n > 0)
+            return 0;
+        if (n < 0 && errno != EINTR)
+            return -1;
+    }
+}
+
+/* Saves the device's state into `fd` (with the inflight area, if any). */
+static int save_state(int fd)
+{
+    uint16_t nq = 0, qs = 0;
+    const vhu_mem *a = area();
+    if (!a || vhu_backend_inflight_layout(S.be, &nq, &qs) != VHU_OK) {
+        a = NULL;
+        nq = qs = 0;
+    }
+    size_t cap, len;
+    if (check(vhu_blk_state_size(a ? (size_t)S.area_region.size : 0, &cap), "state size"))
+        return -1;
+    uint8_t *buf = malloc(cap);
+    int rc = -1;
+    if (!buf || check(vhu_blk_save_state(S.blk, a, nq, qs, buf, cap, &len), "save state"))
+        goto out;
+    long long deadline = now_ms() + TRANSFER_MS;
+    size_t done = 0;
+    while (done < len) {
+        ssize_t n = write(fd, buf + done, len - done);
+        if (n > 0) {
+            done += (size_t)n;
+            continue;
+        }
+        if (n < 0 && errno != EAGAIN && errno != EINTR) {
+            LOG("device state: %s", strerror(errno));
+            goto out;
+        }
+        if (wait_fd(fd, POLLOUT, deadline)) {
+            LOG("device state: the front-end did not read it in time");
+            goto out;
+        }
+    }
+    LOG("device state saved: %zu bytes, inflight area %ux%u", len, (unsigned)nq, (unsigned)qs);
+    rc = 0;
+out:
+    free(buf);
+    return rc;
+}
+
+/* Reads a state from `fd` to its end and loads it into the device. */
+static int load_state(int fd)
+{
+    uint16_t nq = 0, qs = 0;
+    const vhu_mem *a = area();
+    if (!a || vhu_backend_inflight_layout(S.be, &nq, &qs) != VHU_OK) {
+        a = NULL;
+        nq = qs = 0;
+    }
+    size_t cap = 4096, len = 0;
+    uint8_t *buf = malloc(cap);
+    int rc = -1;
+    long long deadline = now_ms() + TRANSFER_MS;
+    while (buf) {
+        if (len == cap) {
+            uint8_t *more = cap < MAX_STATE ? realloc(buf, cap * 2) : NULL;
+            if (!more) {
+                LOG("device state: more than %u bytes", MAX_STATE);
+                goto out;
+            }
+            buf = more;
+            cap *= 2;
+        }
+        ssize_t n = read(fd, buf + len, cap - len);
+        if (n > 0) {
+            len += (size_t)n;
+            continue;
+        }
+        if (n == 0)
+            break;
+        if (errno != EAGAIN && errno != EINTR) {
+            LOG("device state: %s", strerror(errno));
+            goto out;
+        }
+        if (wait_fd(fd, POLLIN, deadline)) {
+            LOG("device state: the front-end did not finish it in time");
+            goto out;
+        }
+    }
+    if (!buf || check(vhu_blk_load_state(S.blk, buf, len, a, nq, qs), "load state"))
+        goto out;
+    LOG("device state loaded: %zu bytes, inflight area %ux%u", len, (unsigned)nq, (unsigned)qs);
+    rc = 0;
+out:
+    free(buf);
+    return rc;
+}
+
 static int take_fd(int *fds, size_t nfds, int index)
 {
     if (index < 0 || (size_t)index >= nfds)
@@ -492,6 +617,15 @@ static int apply(const vhu_action *a, int *fds, size_t nfds)
             set_fd(&S.rings[q].err, -1);
         }
         return check(vhu_backend_rings_reset(S.be), "reset");
+    case VHU_ACTION_TRANSFER_STATE: {
+        int fd = take_fd(fds, nfds, a->fd);
+        if (fd < 0)
+            return -1;
+        fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+        set_fd(&S.transfer_fd, fd);
+        S.transfer_save = a->flag;
+        return 0;
+    }
     case VHU_ACTION_KICK: /* in-band kick (not offered here) */
         if (r)
             serve_ring(r);
@@ -650,6 +784,10 @@ static int on_message(int conn)
         }
     }
     size_t n = out.reply_len;
+    if (out.reply == VHU_REPLY_TRANSFER_PENDING &&
+        check(vhu_backend_finish_transfer(S.be, S.transfer_ok, reply, sizeof reply, &n),
+              "finish transfer"))
+        goto out;
     if (out.reply == VHU_REPLY_PENDING) {
         uint32_t base;
         if (out.queue >= S.queues || halt(out.queue, S.rings[out.queue].suspend, &base) ||
@@ -658,6 +796,12 @@ static int on_message(int conn)
             goto out;
     }
     rc = out.reply == VHU_REPLY_NONE ? 0 : send_reply(conn, reply, n);
+    /* A transfer runs once the front-end has the reply (it reads or writes
+     * the pipe only then); CHECK_DEVICE_STATE reports how it ended. */
+    if (rc == 0 && S.transfer_fd >= 0) {
+        S.transfer_ok = (S.transfer_save ? save_state : load_state)(S.transfer_fd) == 0;
+        set_fd(&S.transfer_fd, -1);
+    }
 out:
     if (len > 0)
         for (size_t i = 0; i < nfds; i++)
@@ -674,6 +818,8 @@ static int start_session(void)
     S.log_all = false;
     S.reply_fd = -1;
     S.log_fd = -1;
+    S.transfer_fd = -1;
+    S.transfer_ok = false;
     S.dev = (vhu_device)VHU_DEVICE_INIT; /* vhu_blk_device() fills it */
     if (check(vhu_blk_init(S.blk, vhu_blk_size(), &S.blk_config), "blk init") ||
         check(vhu_blk_device(S.blk, &S.dev), "blk device") ||
@@ -704,6 +850,7 @@ static void end_session(void)
     S.log_all = false;
     S.logged_pages = S.log_refused = 0;
     set_fd(&S.log_fd, -1);
+    set_fd(&S.transfer_fd, -1);
     set_fd(&S.reply_fd, -1);
 }
 
@@ -842,7 +989,8 @@ int main(int argc, char **argv)
         .protocol_features = VHU_PROTOCOL_F_MQ | VHU_PROTOCOL_F_REPLY_ACK |
                              VHU_PROTOCOL_F_CONFIG | VHU_PROTOCOL_F_CONFIGURE_MEM_SLOTS |
                              VHU_PROTOCOL_F_STATUS | VHU_PROTOCOL_F_RESET_DEVICE |
-                             VHU_PROTOCOL_F_INFLIGHT_SHMFD | VHU_PROTOCOL_F_LOG_SHMFD,
+                             VHU_PROTOCOL_F_INFLIGHT_SHMFD | VHU_PROTOCOL_F_LOG_SHMFD |
+                             VHU_PROTOCOL_F_DEVICE_STATE,
         .num_queues = S.queues,
         .max_queue_size = S.queue_size,
     };

@@ -4,8 +4,8 @@
  * session configuration or a ring that asks for it is refused with
  * VHU_ERR_UNSUPPORTED (its completions would be published as they come),
  * while the same without the bit starts. The build lacks `migration` too:
- * neither LOG_SHMFD nor VHOST_F_LOG_ALL is supported, and a session
- * offering them is refused. Exits 0 when all holds, else names the first
+ * neither LOG_SHMFD, VHOST_F_LOG_ALL nor DEVICE_STATE is supported, and a
+ * session offering them is refused. Exits 0 when all holds, else names the first
  * check that failed on stderr.
  */
 #include <stdalign.h>
@@ -46,8 +46,9 @@ int main(void)
     logged.features |= VHU_F_LOG_ALL;
     logged.protocol_features = VHU_PROTOCOL_F_LOG_SHMFD;
     if (!check((vhu_backend_supported_features() & VHU_F_LOG_ALL) == 0 &&
-                   (vhu_backend_supported_protocol_features() & VHU_PROTOCOL_F_LOG_SHMFD) == 0,
-               "the dirty log not supported") ||
+                   (vhu_backend_supported_protocol_features() &
+                    (VHU_PROTOCOL_F_LOG_SHMFD | VHU_PROTOCOL_F_DEVICE_STATE)) == 0,
+               "the dirty log and the device state not supported") ||
         !check(vhu_backend_init((vhu_backend *)backend, sizeof backend, &logged) ==
                    VHU_ERR_UNSUPPORTED,
                "a session offering the dirty log refused"))

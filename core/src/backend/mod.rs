@@ -1844,23 +1844,24 @@ impl<const Q: usize, const R: usize> Session<Q, R> {
     /// the transfer of [`Action::TransferState`] ended, `ok` if the whole
     /// state was written (save) or read and loaded into the device (load).
     /// Writes the reply (u64 0, or 1 on failure) into `out` and returns its
-    /// length; a new transfer may follow.
+    /// length; a new transfer may follow. A buffer too short for the reply
+    /// leaves the transfer pending.
     #[cfg(feature = "migration")]
     pub fn finish_transfer(&mut self, ok: bool, out: &mut [u8]) -> Result<usize, BackendError> {
-        let Some(direction) = self.transfer.take() else {
+        let Some(direction) = self.transfer else {
             return Err(BackendError::NoTransfer);
         };
+        let v = if ok { 0 } else { DEVICE_STATE_ERROR };
+        // Encoded before the transfer is forgotten: a reply buffer too
+        // short leaves it pending, for a call with room.
+        let n = WireReply::encode_u64(FrontendReq::CheckDeviceState, v, out)?;
+        self.transfer = None;
         debug!(
             "device state {:?}: {}",
             direction,
             if ok { "ok" } else { "failed" }
         );
-        let v = if ok { 0 } else { DEVICE_STATE_ERROR };
-        Ok(WireReply::encode_u64(
-            FrontendReq::CheckDeviceState,
-            v,
-            out,
-        )?)
+        Ok(n)
     }
 
     /// The device state transfer accepted and not yet checked, if any.

@@ -195,6 +195,31 @@ pub fn save<W: embedded_io::Write>(
     w.flush().map_err(StateError::Io)
 }
 
+/// Completes a state in `buf` around the inflight area's bytes the
+/// caller already put at `HEADER_LEN` (as many as `state.area`'s layout
+/// holds; none without an area): writes the header before them and the
+/// checksum after; returns the state's length. For a host that copies the
+/// area out of shared memory itself, straight into its output, rather
+/// than hand [`save`] a slice of it. Refused, writing nothing, if `buf` is
+/// shorter than the state.
+pub fn seal(buf: &mut [u8], state: &BlkState) -> Result<usize, StateError> {
+    let len = area_len(state.area).map_err(StateError::BadArea)?;
+    let n = usize::try_from(len).map_err(|_| StateError::AreaMismatch)?;
+    let total = HEADER_LEN
+        .checked_add(n)
+        .and_then(|t| t.checked_add(TRAILER_LEN))
+        .ok_or(StateError::AreaMismatch)?;
+    if buf.len() < total {
+        return Err(StateError::Truncated);
+    }
+    let h = header(state, len);
+    buf[..HEADER_LEN].copy_from_slice(&h);
+    let mut sum = Fnv::new();
+    sum.update(&buf[..HEADER_LEN + n]);
+    buf[HEADER_LEN + n..total].copy_from_slice(&sum.0.to_le_bytes());
+    Ok(total)
+}
+
 fn u16_at(b: &[u8], at: usize) -> u16 {
     let mut v = [0u8; 2];
     v.copy_from_slice(&b[at..at + 2]);
@@ -216,6 +241,30 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 /// destination's area, of the same layout); without one `inflight` is
 /// left alone. Nothing is copied unless the whole state is valid.
 pub fn load(bytes: &[u8], inflight: &mut [u8]) -> Result<BlkState, StateError> {
+    let state = check(bytes)?;
+    if state.area.is_some() {
+        let area = area_bytes(bytes);
+        if inflight.len() != area.len() {
+            return Err(StateError::AreaMismatch);
+        }
+        inflight.copy_from_slice(area);
+    }
+    Ok(state)
+}
+
+/// The inflight area's bytes of a state [`check`] took (empty without an
+/// area).
+pub fn area_bytes(bytes: &[u8]) -> &[u8] {
+    bytes
+        .get(HEADER_LEN..bytes.len().saturating_sub(TRAILER_LEN))
+        .unwrap_or(&[])
+}
+
+/// Checks that `bytes` is exactly one well-formed state, as [`load`]
+/// does, without copying its area anywhere: a host that must check the
+/// state against its device before its area changes reads it with this,
+/// then copies [`area_bytes`].
+pub fn check(bytes: &[u8]) -> Result<BlkState, StateError> {
     if bytes.len() < HEADER_LEN + TRAILER_LEN {
         return Err(StateError::Truncated);
     }
@@ -257,12 +306,6 @@ pub fn load(bytes: &[u8], inflight: &mut [u8]) -> Result<BlkState, StateError> {
     };
     if area_len(area).map_err(StateError::BadArea)? != n {
         return Err(StateError::BadLength);
-    }
-    if area.is_some() {
-        if inflight.len() != area_bytes.len() {
-            return Err(StateError::AreaMismatch);
-        }
-        inflight.copy_from_slice(area_bytes);
     }
     Ok(BlkState {
         capacity: u64_at(h, 16),
@@ -356,6 +399,33 @@ mod tests {
         let mut dst = vec![0x55u8; 16];
         assert_eq!(load(&bytes, &mut dst), Ok(s));
         assert_eq!(dst, [0x55; 16]);
+    }
+
+    #[test]
+    fn a_state_sealed_around_its_area_is_the_state_saved() {
+        let area = area_bytes();
+        let want = saved(&state(), &area);
+        let mut buf = vec![0xeeu8; want.len() + 5];
+        buf[HEADER_LEN..HEADER_LEN + area.len()].copy_from_slice(&area);
+        assert_eq!(seal(&mut buf, &state()), Ok(want.len()));
+        assert_eq!(&buf[..want.len()], &want[..]);
+        assert_eq!(&buf[want.len()..], [0xee; 5], "nothing past the state");
+        // Checked, not copied: the same state, its area in place.
+        assert_eq!(check(&want), Ok(state()));
+        assert_eq!(super::area_bytes(&want), &area[..]);
+        // Too short: refused, nothing written.
+        let mut short = vec![0u8; want.len() - 1];
+        assert_eq!(seal(&mut short, &state()), Err(StateError::Truncated));
+        assert!(short.iter().all(|b| *b == 0));
+        let s = BlkState {
+            capacity: 8,
+            writeback: false,
+            area: None,
+        };
+        let mut buf = vec![0u8; state_len(0)];
+        assert_eq!(seal(&mut buf, &s), Ok(state_len(0)));
+        assert_eq!(buf, saved(&s, &[]));
+        assert_eq!(super::area_bytes(&buf), &[] as &[u8]);
     }
 
     #[test]

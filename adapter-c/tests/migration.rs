@@ -1,8 +1,11 @@
-//! The dirty log through the C ABI: `vhu_log_mark`, `vhu_log_mark_written`
-//! and `vhu_dataplane_log_used` set exactly the bits of the pages named,
-//! refuse (setting none) what the log does not cover, and refuse a log
-//! given as callbacks (no atomic OR); the features and the action kinds
-//! of the library's `migration` feature.
+//! Migration through the C ABI. The dirty log: `vhu_log_mark`,
+//! `vhu_log_mark_written` and `vhu_dataplane_log_used` set exactly the
+//! bits of the pages named, refuse (setting none) what the log does not
+//! cover, and refuse a log given as callbacks (no atomic OR). The device
+//! state: SET_DEVICE_STATE_FD's action and CHECK_DEVICE_STATE's pending
+//! reply, answered by `vhu_backend_finish_transfer`; a blk state saved
+//! with its inflight area and loaded into another device's area, or
+//! refused whole. And the features of the library's `migration` feature.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -10,6 +13,7 @@ use core::ffi::c_void;
 use core::ptr;
 
 use vhost_user_c::backend::*;
+use vhost_user_c::blk::*;
 use vhost_user_c::dataplane::*;
 use vhost_user_c::log::*;
 use vhost_user_c::memory::{vhu_mem, vhu_mem_ops, vhu_region};
@@ -298,5 +302,256 @@ fn the_dirty_log_is_offered_with_the_migration_feature() {
             let r = vhu_backend_ring_log(be, 1, &mut logged, &mut at);
             assert_eq!(r, VHU_ERR_QUEUE);
         }
+    }
+}
+
+/// A blk device of `capacity` sectors with FLUSH and CONFIG_WCE
+/// negotiated (the driver's cache mode is part of its state).
+fn blk(capacity: u64) -> Vec<u64> {
+    let mut s = vec![0u64; vhu_blk_size() / 8 + 8];
+    let cfg = vhu_blk_config {
+        capacity,
+        blk_size: 512,
+        num_queues: 1,
+        seg_max: 14,
+        flush: 1,
+        config_wce: 1,
+        writeback: 1,
+        ..Default::default()
+    };
+    // SAFETY: storage of the device's size, aligned to 8 (checked).
+    unsafe {
+        assert!(vhu_blk_align() <= 8);
+        assert_eq!(
+            vhu_blk_init(s.as_mut_ptr().cast(), vhu_blk_size(), &cfg),
+            VHU_OK
+        );
+    }
+    s
+}
+
+/// An inflight area of 1 queue of 16 entries, as a table: a 32-byte
+/// header and 32 bytes per entry, 544, aligned to 64 bytes.
+struct Area(Vec<u8>, vhu_region);
+
+impl Area {
+    fn new(fill: u8) -> Area {
+        let mut b = vec![fill; 576];
+        let r = vhu_region {
+            gpa: 0,
+            size: b.len() as u64,
+            host: b.as_mut_ptr(),
+        };
+        Area(b, r)
+    }
+    fn mem(&self) -> vhu_mem {
+        table(&self.1)
+    }
+}
+
+#[test]
+fn a_blk_state_carries_the_inflight_area_or_is_refused_whole() {
+    let mut src = blk(2048);
+    let src_area = Area::new(0);
+    // Recognisable bytes in the source's area.
+    // SAFETY: the area's bytes are the test's own.
+    unsafe {
+        for i in 0..src_area.0.len() {
+            *src_area.1.host.add(i) = (i * 7 + 1) as u8;
+        }
+    }
+    let mut need = 0usize;
+    // SAFETY: live out-value.
+    let r = unsafe { vhu_blk_state_size(src_area.0.len(), &mut need) };
+    assert_eq!(r, VHU_OK);
+    let mut buf = vec![0u8; need];
+    let mut len = 0usize;
+    let a = src_area.mem();
+    // SAFETY: live device, table and buffers.
+    unsafe {
+        let r = vhu_blk_save_state(
+            src.as_mut_ptr().cast(),
+            &a,
+            1,
+            16,
+            buf.as_mut_ptr(),
+            10,
+            &mut len,
+        );
+        assert_eq!(r, VHU_ERR_SHORT_BUFFER);
+        let r = vhu_blk_save_state(
+            src.as_mut_ptr().cast(),
+            &a,
+            1,
+            16,
+            buf.as_mut_ptr(),
+            need,
+            &mut len,
+        );
+        assert_eq!((r, len), (VHU_OK, need));
+        // No area: a layout without a table, or a table without one, is
+        // refused.
+        let r = vhu_blk_save_state(
+            src.as_mut_ptr().cast(),
+            ptr::null(),
+            1,
+            16,
+            buf.as_mut_ptr(),
+            need,
+            &mut len,
+        );
+        assert_eq!(r, VHU_ERR_INVALID);
+    }
+    assert_eq!(&buf[..8], b"vhu-blk\0");
+    assert_eq!(&buf[40..40 + src_area.0.len()], &src_area.0[..]);
+
+    let mut dst = blk(2048);
+    let dst_area = Area::new(0xaa);
+    let d = dst_area.mem();
+    let load = |dev: &mut Vec<u64>, bytes: &[u8], area: &vhu_mem, nq: u16| {
+        // SAFETY: live device, state bytes and table.
+        unsafe {
+            vhu_blk_load_state(
+                dev.as_mut_ptr().cast(),
+                bytes.as_ptr(),
+                bytes.len(),
+                area,
+                nq,
+                16,
+            )
+        }
+    };
+    // Refused whole, the area untouched: a flipped byte, another layout,
+    // another disk size, a state that is not one.
+    let mut flipped = buf.clone();
+    flipped[50] ^= 1;
+    assert_eq!(load(&mut dst, &flipped, &d, 1), VHU_ERR_INVALID);
+    assert_eq!(load(&mut dst, &buf, &d, 2), VHU_ERR_INVALID);
+    assert_eq!(load(&mut blk(4096), &buf, &d, 1), VHU_ERR_INVALID);
+    assert_eq!(load(&mut dst, b"vhu-blk", &d, 1), VHU_ERR_INVALID);
+    assert!(dst_area.0.iter().all(|b| *b == 0xaa));
+    // A table that does not map the area's bytes.
+    let short = vhu_region {
+        size: 8,
+        ..dst_area.1
+    };
+    assert_eq!(load(&mut dst, &buf, &table(&short), 1), VHU_ERR_INFLIGHT);
+    assert!(dst_area.0.iter().all(|b| *b == 0xaa));
+    // Taken: the source's area is the destination's.
+    assert_eq!(load(&mut dst, &buf, &d, 1), VHU_OK);
+    assert_eq!(dst_area.0, src_area.0);
+}
+
+/// A vhost-user message: header (version 1) and payload.
+fn message(request: u32, payload: &[u8]) -> Vec<u8> {
+    let mut m = Vec::new();
+    m.extend_from_slice(&request.to_le_bytes());
+    m.extend_from_slice(&1u32.to_le_bytes());
+    m.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    m.extend_from_slice(payload);
+    m
+}
+
+/// The back-end's outcome of `msg` with `nfds` fds, its reply's u64 (if
+/// ready) and its first action.
+fn handle(be: *mut vhu_backend, msg: &[u8], nfds: usize) -> (vhu_outcome, Option<u64>, vhu_action) {
+    let mut reply = vec![0u8; VHU_MAX_MESSAGE as usize];
+    let mut out = vhu_outcome::default();
+    let mut a = vhu_action::default();
+    // SAFETY: live session; the message, reply and out-values are live.
+    unsafe {
+        let r = vhu_backend_handle(
+            be,
+            msg.as_ptr(),
+            msg.len(),
+            nfds,
+            ptr::null(),
+            ptr::null(),
+            reply.as_mut_ptr(),
+            reply.len(),
+            &mut out,
+        );
+        assert_eq!(r, VHU_OK);
+        if out.actions > 0 {
+            assert_eq!(vhu_backend_action(be, 0, &mut a), VHU_OK);
+        }
+    }
+    let v = (out.reply == vhu_reply_kind::VHU_REPLY_READY && out.reply_len == 20)
+        .then(|| u64::from_le_bytes(reply[12..20].try_into().unwrap()));
+    (out, v, a)
+}
+
+#[test]
+fn a_device_state_transfer_through_the_session() {
+    if !cfg!(feature = "migration") {
+        return;
+    }
+    const SET_FEATURES: u32 = 2;
+    const SET_PROTOCOL_FEATURES: u32 = 16;
+    const SET_DEVICE_STATE_FD: u32 = 42;
+    const CHECK_DEVICE_STATE: u32 = 43;
+    let cfg = vhu_backend_config {
+        struct_size: size_of::<vhu_backend_config>(),
+        features: VHU_VIRTIO_F_VERSION_1 | VHU_F_PROTOCOL_FEATURES,
+        protocol_features: VHU_PROTOCOL_F_DEVICE_STATE,
+        num_queues: 1,
+        max_queue_size: 256,
+    };
+    let mut s = vec![0u64; vhu_backend_size() / 8 + 8];
+    let be: *mut vhu_backend = s.as_mut_ptr().cast();
+    // SAFETY: storage of the session's size, aligned to 8 (checked).
+    unsafe {
+        assert!(vhu_backend_align() <= 8);
+        assert_eq!(vhu_backend_init(be, vhu_backend_size(), &cfg), VHU_OK);
+    }
+    let features = cfg.features.to_le_bytes();
+    handle(be, &message(SET_FEATURES, &features), 0);
+    handle(
+        be,
+        &message(
+            SET_PROTOCOL_FEATURES,
+            &VHU_PROTOCOL_F_DEVICE_STATE.to_le_bytes(),
+        ),
+        0,
+    );
+    // Nothing to check yet: an error.
+    let (_, v, _) = handle(be, &message(CHECK_DEVICE_STATE, &[]), 0);
+    assert_eq!(v, Some(1));
+    let mut reply = [0u8; 64];
+    let mut n = 0usize;
+    // SAFETY: live session and buffers.
+    let r =
+        unsafe { vhu_backend_finish_transfer(be, true, reply.as_mut_ptr(), reply.len(), &mut n) };
+    assert_eq!(r, VHU_ERR_STATE, "no transfer");
+
+    for (save, ok) in [(true, true), (false, false)] {
+        // Direction (0 save, 1 load) and phase (0 stopped).
+        let mut p = [0u8; 8];
+        p[..4].copy_from_slice(&u32::from(!save).to_le_bytes());
+        let (out, v, a) = handle(be, &message(SET_DEVICE_STATE_FD, &p), 1);
+        assert_eq!(v, Some(0x100), "ok, no fd of the back-end's");
+        assert_eq!(out.actions, 1);
+        assert_eq!(
+            (a.kind, a.fd, a.flag),
+            (vhu_action_kind::VHU_ACTION_TRANSFER_STATE, 0, save)
+        );
+        // A second one before the check: refused (error, no fd).
+        let (out, v, _) = handle(be, &message(SET_DEVICE_STATE_FD, &p), 1);
+        assert_eq!((out.actions, v), (0, Some(0x101)));
+        let (out, _, _) = handle(be, &message(CHECK_DEVICE_STATE, &[]), 0);
+        assert_eq!(out.reply, vhu_reply_kind::VHU_REPLY_TRANSFER_PENDING);
+        // SAFETY: live session and buffers.
+        let r = unsafe { vhu_backend_finish_transfer(be, ok, reply.as_mut_ptr(), 8, &mut n) };
+        assert_eq!(r, VHU_ERR_SHORT_BUFFER);
+        // SAFETY: as above.
+        let r =
+            unsafe { vhu_backend_finish_transfer(be, ok, reply.as_mut_ptr(), reply.len(), &mut n) };
+        assert_eq!((r, n), (VHU_OK, 20));
+        assert_eq!(
+            u32::from_le_bytes(reply[..4].try_into().unwrap()),
+            CHECK_DEVICE_STATE
+        );
+        let v = u64::from_le_bytes(reply[12..20].try_into().unwrap());
+        assert_eq!(v, u64::from(!ok), "0: the transfer went well");
     }
 }
