@@ -326,11 +326,14 @@
  * `vhu_dataplane_log_used()`, `vhu_backend_ring_log()`; for a front-end
  * `vhu_frontend_start_logging()`, `vhu_frontend_stop_logging()`,
  * `VHU_FD_LOG`, `VHU_EVENT_LOGGING_ON` and `_OFF`,
- * `vhu_log_bitmap_size()`) and a back-end's device state
- * (`VHU_PROTOCOL_F_DEVICE_STATE`, `VHU_ACTION_TRANSFER_STATE`,
+ * `vhu_log_bitmap_size()`) and the device state (`VHU_PROTOCOL_F_DEVICE_STATE`;
+ * for a back-end `VHU_ACTION_TRANSFER_STATE`,
  * `VHU_REPLY_TRANSFER_PENDING`, `vhu_backend_finish_transfer()`,
  * `vhu_backend_inflight_layout()`, `vhu_blk_state_size()`,
- * `vhu_blk_save_state()`, `vhu_blk_load_state()`).
+ * `vhu_blk_save_state()`, `vhu_blk_load_state()`; for a front-end
+ * `vhu_frontend_transfer_state()`, `vhu_frontend_check_state()`,
+ * `VHU_FD_DEVICE_STATE`, `VHU_EVENT_STATE_TRANSFER` (and
+ * `_BACKEND_FD`), `VHU_EVENT_STATE_CHECKED`).
  */
 #define VHU_ABI_MINOR 1
 
@@ -767,6 +770,12 @@ enum vhu_fd_kind
    */
   VHU_FD_LOG = 5,
   /**
+   * The back-end's end of the device state channel
+   * (SET_DEVICE_STATE_FD, after `vhu_frontend_transfer_state()`): a
+   * pipe end, the write end to save, the read end to load.
+   */
+  VHU_FD_DEVICE_STATE = 6,
+  /**
    * An fd this version of the ABI does not name.
    */
   VHU_FD_OTHER = 255,
@@ -838,6 +847,22 @@ enum vhu_event_kind
    * log may be unmapped and closed.
    */
   VHU_EVENT_LOGGING_OFF = 11,
+  /**
+   * SET_DEVICE_STATE_FD was accepted: run the transfer now on the other
+   * end of the channel (save: read it to its end; load: write the state
+   * and close it), then `vhu_frontend_check_state()`.
+   */
+  VHU_EVENT_STATE_TRANSFER = 12,
+  /**
+   * As `VHU_EVENT_STATE_TRANSFER`, on the fd the back-end sent with its
+   * reply instead (the host took it from the reply).
+   */
+  VHU_EVENT_STATE_TRANSFER_BACKEND_FD = 13,
+  /**
+   * CHECK_DEVICE_STATE answered 0: the back-end saved or loaded the
+   * whole state.
+   */
+  VHU_EVENT_STATE_CHECKED = 14,
   /**
    * An event this version of the ABI does not name.
    */
@@ -2445,6 +2470,36 @@ vhu_result vhu_frontend_read_config(vhu_frontend *fe, uint32_t offset, uint32_t 
  * `fe` points at an initialised front-end.
  */
 vhu_result vhu_frontend_start_logging(vhu_frontend *fe, uint64_t size);
+
+/**
+ * Moves the device's state (DEVICE_STATE negotiated, the device
+ * suspended: ready, or stopped): SET_DEVICE_STATE_FD with the back-end's
+ * end of a pipe the host made (`VHU_FD_DEVICE_STATE`), to save the state
+ * into (`save`, the write end) or load it from (the read end);
+ * `VHU_EVENT_STATE_TRANSFER` (or `_BACKEND_FD`) says to run the transfer
+ * on the other end, then `vhu_frontend_check_state()`. A refusal is fatal
+ * (`VHU_ERR_NACK` from `vhu_frontend_handle_reply()`).
+ * `VHU_ERR_NOT_NEGOTIATED` without DEVICE_STATE, `VHU_ERR_BUSY` in
+ * another state or while another flow runs.
+ *
+ * # Safety
+ *
+ * `fe` points at an initialised front-end.
+ */
+vhu_result vhu_frontend_transfer_state(vhu_frontend *fe, bool save);
+
+/**
+ * CHECK_DEVICE_STATE, once the transfer's channel was read to its end
+ * (save) or written and closed (load): `VHU_EVENT_STATE_CHECKED` when
+ * the back-end saved or loaded the whole state; its failure is fatal
+ * (`VHU_ERR_NACK` from `vhu_frontend_handle_reply()`). As
+ * `vhu_frontend_transfer_state()` for the states allowed.
+ *
+ * # Safety
+ *
+ * `fe` points at an initialised front-end.
+ */
+vhu_result vhu_frontend_check_state(vhu_frontend *fe);
 
 /**
  * Switches dirty logging off: SET_FEATURES without VHOST_F_LOG_ALL and,

@@ -17,7 +17,7 @@ use vhost_user_core::feature::{ProtocolFeatures, VirtioFeatures};
 use vhost_user_core::frontend::{
     BackendNotice, Event, FdRef, Frontend, FrontendConfig, NotifyMode, QueueConfig, State,
 };
-use vhost_user_core::message::{MemRegionMsg, HEADER_SIZE};
+use vhost_user_core::message::{DeviceStateDirection, MemRegionMsg, HEADER_SIZE};
 use vhost_user_core::vring::RingAddrs;
 
 use crate::backend::{vhu_ring_addrs, whole_message};
@@ -161,6 +161,10 @@ pub enum vhu_fd_kind {
     /// `vhu_frontend_start_logging()`): an fd of at least the size given
     /// there, zeroed, which the host keeps mapped to read the log.
     VHU_FD_LOG = 5,
+    /// The back-end's end of the device state channel
+    /// (SET_DEVICE_STATE_FD, after `vhu_frontend_transfer_state()`): a
+    /// pipe end, the write end to save, the read end to load.
+    VHU_FD_DEVICE_STATE = 6,
     /// An fd this version of the ABI does not name.
     VHU_FD_OTHER = 255,
 }
@@ -251,6 +255,16 @@ pub enum vhu_event_kind {
     /// Dirty logging is off (`vhu_frontend_stop_logging()` is done): the
     /// log may be unmapped and closed.
     VHU_EVENT_LOGGING_OFF = 11,
+    /// SET_DEVICE_STATE_FD was accepted: run the transfer now on the other
+    /// end of the channel (save: read it to its end; load: write the state
+    /// and close it), then `vhu_frontend_check_state()`.
+    VHU_EVENT_STATE_TRANSFER = 12,
+    /// As `VHU_EVENT_STATE_TRANSFER`, on the fd the back-end sent with its
+    /// reply instead (the host took it from the reply).
+    VHU_EVENT_STATE_TRANSFER_BACKEND_FD = 13,
+    /// CHECK_DEVICE_STATE answered 0: the back-end saved or loaded the
+    /// whole state.
+    VHU_EVENT_STATE_CHECKED = 14,
     /// An event this version of the ABI does not name.
     VHU_EVENT_OTHER = 255,
 }
@@ -484,9 +498,7 @@ fn fd_ref(f: FdRef) -> vhu_fd_ref {
         FdRef::BackendChannel => (vhu_fd_kind::VHU_FD_BACKEND_CHANNEL, 0),
         FdRef::Inflight => (vhu_fd_kind::VHU_FD_INFLIGHT, 0),
         FdRef::Log => (vhu_fd_kind::VHU_FD_LOG, 0),
-        // Device state transfers are not in this ABI (no command sends
-        // SET_DEVICE_STATE_FD from C).
-        FdRef::DeviceState => (vhu_fd_kind::VHU_FD_OTHER, 0),
+        FdRef::DeviceState => (vhu_fd_kind::VHU_FD_DEVICE_STATE, 0),
         #[allow(unreachable_patterns)]
         _ => (vhu_fd_kind::VHU_FD_OTHER, 0),
     };
@@ -637,6 +649,14 @@ pub unsafe extern "C" fn vhu_frontend_poll_event(
                 e.offset = offset;
                 e.len = len;
             }
+            Some(Event::StateTransfer { backend_fd, .. }) => {
+                e.kind = if backend_fd {
+                    vhu_event_kind::VHU_EVENT_STATE_TRANSFER_BACKEND_FD
+                } else {
+                    vhu_event_kind::VHU_EVENT_STATE_TRANSFER
+                };
+            }
+            Some(Event::StateChecked) => e.kind = vhu_event_kind::VHU_EVENT_STATE_CHECKED,
             Some(Event::Logging(true)) => e.kind = vhu_event_kind::VHU_EVENT_LOGGING_ON,
             Some(Event::Logging(false)) => e.kind = vhu_event_kind::VHU_EVENT_LOGGING_OFF,
             Some(_) => e.kind = vhu_event_kind::VHU_EVENT_OTHER,
@@ -842,6 +862,48 @@ pub unsafe extern "C" fn vhu_frontend_start_logging(
 ) -> vhu_result {
     // SAFETY: the caller's contract.
     unsafe { command(fe, |f| f.start_logging(size)) }
+}
+
+/// Moves the device's state (DEVICE_STATE negotiated, the device
+/// suspended: ready, or stopped): SET_DEVICE_STATE_FD with the back-end's
+/// end of a pipe the host made (`VHU_FD_DEVICE_STATE`), to save the state
+/// into (`save`, the write end) or load it from (the read end);
+/// `VHU_EVENT_STATE_TRANSFER` (or `_BACKEND_FD`) says to run the transfer
+/// on the other end, then `vhu_frontend_check_state()`. A refusal is fatal
+/// (`VHU_ERR_NACK` from `vhu_frontend_handle_reply()`).
+/// `VHU_ERR_NOT_NEGOTIATED` without DEVICE_STATE, `VHU_ERR_BUSY` in
+/// another state or while another flow runs.
+///
+/// # Safety
+///
+/// `fe` points at an initialised front-end.
+#[no_mangle]
+pub unsafe extern "C" fn vhu_frontend_transfer_state(
+    fe: *mut vhu_frontend,
+    save: bool,
+) -> vhu_result {
+    let direction = if save {
+        DeviceStateDirection::Save
+    } else {
+        DeviceStateDirection::Load
+    };
+    // SAFETY: the caller's contract.
+    unsafe { command(fe, |f| f.transfer_state(direction)) }
+}
+
+/// CHECK_DEVICE_STATE, once the transfer's channel was read to its end
+/// (save) or written and closed (load): `VHU_EVENT_STATE_CHECKED` when
+/// the back-end saved or loaded the whole state; its failure is fatal
+/// (`VHU_ERR_NACK` from `vhu_frontend_handle_reply()`). As
+/// `vhu_frontend_transfer_state()` for the states allowed.
+///
+/// # Safety
+///
+/// `fe` points at an initialised front-end.
+#[no_mangle]
+pub unsafe extern "C" fn vhu_frontend_check_state(fe: *mut vhu_frontend) -> vhu_result {
+    // SAFETY: the caller's contract.
+    unsafe { command(fe, |f| f.check_state()) }
 }
 
 /// Switches dirty logging off: SET_FEATURES without VHOST_F_LOG_ALL and,

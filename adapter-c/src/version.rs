@@ -25,11 +25,14 @@ pub const VHU_ABI_MAJOR: u32 = 1;
 /// `vhu_dataplane_log_used()`, `vhu_backend_ring_log()`; for a front-end
 /// `vhu_frontend_start_logging()`, `vhu_frontend_stop_logging()`,
 /// `VHU_FD_LOG`, `VHU_EVENT_LOGGING_ON` and `_OFF`,
-/// `vhu_log_bitmap_size()`) and a back-end's device state
-/// (`VHU_PROTOCOL_F_DEVICE_STATE`, `VHU_ACTION_TRANSFER_STATE`,
+/// `vhu_log_bitmap_size()`) and the device state (`VHU_PROTOCOL_F_DEVICE_STATE`;
+/// for a back-end `VHU_ACTION_TRANSFER_STATE`,
 /// `VHU_REPLY_TRANSFER_PENDING`, `vhu_backend_finish_transfer()`,
 /// `vhu_backend_inflight_layout()`, `vhu_blk_state_size()`,
-/// `vhu_blk_save_state()`, `vhu_blk_load_state()`).
+/// `vhu_blk_save_state()`, `vhu_blk_load_state()`; for a front-end
+/// `vhu_frontend_transfer_state()`, `vhu_frontend_check_state()`,
+/// `VHU_FD_DEVICE_STATE`, `VHU_EVENT_STATE_TRANSFER` (and
+/// `_BACKEND_FD`), `VHU_EVENT_STATE_CHECKED`).
 pub const VHU_ABI_MINOR: u32 = 1;
 
 /// The version this header describes, `VHU_ABI_MAJOR << 16 |

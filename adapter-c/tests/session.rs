@@ -52,6 +52,8 @@ struct Pair {
     log_mapped: u64,
     log_all: bool,
     ring_log: Option<u64>,
+    /// TRANSFER_STATE actions: save (true) or load.
+    transfers: Vec<bool>,
     /// Events the front-end gave, and fds it attached, in order.
     events: Vec<vhu_event_kind>,
     fds: Vec<vhu_fd_kind>,
@@ -88,6 +90,7 @@ impl Pair {
             log_mapped: 0,
             log_all: false,
             ring_log: None,
+            transfers: Vec::new(),
             events: Vec::new(),
             fds: Vec::new(),
         };
@@ -259,6 +262,10 @@ impl Pair {
                 self.log_mapped = a.size;
             }
             vhu_action_kind::VHU_ACTION_SET_LOGGING => self.log_all = a.flag,
+            vhu_action_kind::VHU_ACTION_TRANSFER_STATE => {
+                assert_eq!(a.fd, 0);
+                self.transfers.push(a.flag);
+            }
             vhu_action_kind::VHU_ACTION_SET_RING_LOG => {
                 assert!(self.running);
                 self.ring_log = a.flag.then_some(a.offset);
@@ -353,8 +360,21 @@ impl Pair {
                 vhu_reply_kind::VHU_REPLY_NONE => continue,
                 vhu_reply_kind::VHU_REPLY_READY => out.reply_len,
                 vhu_reply_kind::VHU_REPLY_PENDING => pending(self, out.queue, &mut reply),
+                // The transfer ran (in these tests, nothing moves).
                 vhu_reply_kind::VHU_REPLY_TRANSFER_PENDING => {
-                    panic!("no device state transfer in these tests")
+                    let mut n = 0;
+                    // SAFETY: live session, reply buffer and out-value.
+                    let r = unsafe {
+                        vhu_backend_finish_transfer(
+                            self.be.at(),
+                            true,
+                            reply.as_mut_ptr(),
+                            reply.len(),
+                            &mut n,
+                        )
+                    };
+                    check(r, "finish transfer");
+                    n
                 }
             };
             // SAFETY: live engine; the reply is `n` bytes of `reply`.
@@ -717,4 +737,64 @@ fn logging_needs_a_back_end_that_offers_it() {
     let r = unsafe { vhu_frontend_start_logging(p.fe.at(), 4096) };
     assert_eq!(r, VHU_ERR_UNSUPPORTED);
     assert!(p.fds.iter().all(|f| *f != vhu_fd_kind::VHU_FD_LOG));
+}
+
+/// A device state transfer from one C engine to the other: the
+/// front-end's SET_DEVICE_STATE_FD attaches the channel's fd and gives
+/// the back-end's host its TRANSFER_STATE action; the accepted transfer
+/// is an event, and CHECK_DEVICE_STATE, pending at the back-end until
+/// `vhu_backend_finish_transfer`, ends as STATE_CHECKED; a save, then a
+/// load. While started (not suspended) the front-end refuses.
+#[test]
+fn a_device_state_transfer_from_front_end_to_back_end() {
+    use vhu_event_kind::*;
+    let features = VHU_VIRTIO_F_VERSION_1 | VHU_F_PROTOCOL_FEATURES;
+    let protocol = VHU_PROTOCOL_F_MQ | VHU_PROTOCOL_F_REPLY_ACK | VHU_PROTOCOL_F_DEVICE_STATE;
+    let mut p = started_from(Pair::offering(features, protocol));
+    // SAFETY: live engine.
+    let r = unsafe { vhu_frontend_transfer_state(p.fe.at(), true) };
+    assert_eq!(r, VHU_ERR_BUSY, "not while started");
+    // SAFETY: live engine.
+    check(unsafe { vhu_frontend_stop(p.fe.at()) }, "stop");
+    p.pump(&mut |p, queue, reply| {
+        let base = p.stop_ring();
+        let (r, n) = p.finish_stop(queue, base, reply, reply.len());
+        check(r, "finish stop");
+        n
+    });
+    for save in [true, false] {
+        p.events.clear();
+        p.fds.clear();
+        // SAFETY: live engine.
+        check(
+            unsafe { vhu_frontend_transfer_state(p.fe.at(), save) },
+            "transfer",
+        );
+        p.pump(&mut no_pending);
+        assert_eq!(p.fds, [vhu_fd_kind::VHU_FD_DEVICE_STATE]);
+        assert_eq!(p.transfers.last(), Some(&save));
+        assert_eq!(p.events, [VHU_EVENT_STATE_TRANSFER]);
+        // SAFETY: live engine.
+        check(unsafe { vhu_frontend_check_state(p.fe.at()) }, "check");
+        p.pump(&mut no_pending);
+        assert_eq!(
+            p.events,
+            [VHU_EVENT_STATE_TRANSFER, VHU_EVENT_STATE_CHECKED]
+        );
+    }
+    assert_eq!(p.transfers, [true, false]);
+    assert_eq!(p.state(), vhu_frontend_state::VHU_FRONTEND_STOPPED);
+}
+
+/// Without DEVICE_STATE negotiated the front-end sends nothing.
+#[test]
+fn a_transfer_needs_device_state_negotiated() {
+    let mut p = Pair::new();
+    p.pump(&mut no_pending);
+    // SAFETY: live engine.
+    let r = unsafe { vhu_frontend_transfer_state(p.fe.at(), true) };
+    assert_eq!(r, VHU_ERR_NOT_NEGOTIATED);
+    // SAFETY: live engine.
+    let r = unsafe { vhu_frontend_check_state(p.fe.at()) };
+    assert_eq!(r, VHU_ERR_NOT_NEGOTIATED);
 }
