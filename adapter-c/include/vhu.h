@@ -333,7 +333,11 @@
  * `vhu_blk_save_state()`, `vhu_blk_load_state()`; for a front-end
  * `vhu_frontend_transfer_state()`, `vhu_frontend_check_state()`,
  * `VHU_FD_DEVICE_STATE`, `VHU_EVENT_STATE_TRANSFER` (and
- * `_BACKEND_FD`), `VHU_EVENT_STATE_CHECKED`).
+ * `_BACKEND_FD`), `VHU_EVENT_STATE_CHECKED`); a back-end's channel
+ * (`vhu_channel`, `vhu_backend_channel()`, `vhu_channel_config_change()`,
+ * `vhu_channel_vring_call()`, `vhu_channel_vring_err()`,
+ * `vhu_channel_reply()`, `vhu_channel_abandon()`; INBAND_NOTIFICATIONS
+ * offered, SET_CALL/SET_ERR's `flag` for in-band).
  */
 #define VHU_ABI_MINOR 1
 
@@ -559,11 +563,13 @@ enum vhu_action_kind
    */
   VHU_ACTION_SET_KICK = 4,
   /**
-   * Install ring `queue`'s call eventfd: message fd `fd`, or none (-1).
+   * Install ring `queue`'s call eventfd: message fd `fd`, or none (-1;
+   * `flag` true: calls go in-band, `vhu_channel_vring_call()`).
    */
   VHU_ACTION_SET_CALL = 5,
   /**
-   * Install ring `queue`'s error eventfd: message fd `fd`, or none (-1).
+   * Install ring `queue`'s error eventfd: message fd `fd`, or none (-1;
+   * `flag` true: errors go in-band, `vhu_channel_vring_err()`).
    */
   VHU_ACTION_SET_ERR = 6,
   /**
@@ -601,8 +607,8 @@ enum vhu_action_kind
   VHU_ACTION_RESET_RINGS = 13,
   /**
    * SET_BACKEND_REQ_FD: keep message fd `fd` as the back-end channel
-   * (back-end requests are not part of this ABI yet: offer
-   * BACKEND_REQ only to keep the fd).
+   * (in place of any previous one) and make its `vhu_channel` with
+   * `vhu_backend_channel()`.
    */
   VHU_ACTION_SET_BACKEND_CHANNEL = 14,
   /**
@@ -988,6 +994,12 @@ typedef struct vhu_blk vhu_blk;
 typedef struct vhu_blk_request vhu_blk_request;
 
 /**
+ * A back-end channel (opaque; `vhu_channel_size()` bytes aligned to
+ * `vhu_channel_align()`, made by `vhu_backend_channel()`).
+ */
+typedef struct vhu_channel vhu_channel;
+
+/**
  * The data plane of one started ring (opaque; `vhu_dataplane_size()` of
  * the ring size bytes aligned to `vhu_dataplane_align()`).
  */
@@ -1259,7 +1271,8 @@ typedef struct {
    */
   int32_t fd;
   /**
-   * SET_ENABLED: enabled; STOP_RING: suspend; SET_LOGGING: logging;
+   * SET_ENABLED: enabled; STOP_RING: suspend; SET_CALL, SET_ERR: in-band;
+   * SET_LOGGING: logging;
    * SET_RING_LOG: logged; TRANSFER_STATE: save (else load).
    */
   bool flag;
@@ -1731,13 +1744,15 @@ size_t vhu_backend_align(void);
 
 /**
  * The protocol features a configuration may offer: those the session
- * implements and this interface carries, the same in every build of
- * this library but for `VHU_PROTOCOL_F_LOG_SHMFD` (with its `migration`
- * feature, on by default); not DEVICE_STATE or INBAND_NOTIFICATIONS,
- * whose messages or actions have no C form. RARP and MTU are offered
- * only with a device whose `send_rarp` and `set_mtu` are set
- * (`vhu_backend_handle()`). A program offers the bits it handles, not
- * this whole set: a later minor version of the ABI may add to it.
+ * implements and this interface carries (all the session implements),
+ * the same in every build of this library but for
+ * `VHU_PROTOCOL_F_LOG_SHMFD` and `VHU_PROTOCOL_F_DEVICE_STATE` (with its
+ * `migration` feature, on by default). RARP and MTU are offered only
+ * with a device whose `send_rarp` and `set_mtu` are set
+ * (`vhu_backend_handle()`); BACKEND_REQ's requests are sent with a
+ * `vhu_channel` (`vhu_backend_channel()`), INBAND_NOTIFICATIONS's too. A
+ * program offers the bits it handles, not this whole set: a later minor
+ * version of the ABI may add to it.
  */
 uint64_t vhu_backend_supported_protocol_features(void);
 
@@ -2130,6 +2145,89 @@ vhu_result vhu_blk_save_state(vhu_blk *blk, const vhu_mem *area, uint16_t num_qu
  * bytes; `area` is NULL or a valid table.
  */
 vhu_result vhu_blk_load_state(vhu_blk *blk, const uint8_t *state, size_t len, const vhu_mem *area, uint16_t num_queues, uint16_t queue_size);
+
+/**
+ * Bytes of a channel's storage.
+ */
+size_t vhu_channel_size(void);
+
+/**
+ * Alignment of a channel's storage.
+ */
+size_t vhu_channel_align(void);
+
+/**
+ * Makes the back-end channel of session `be` in `storage` (`size`
+ * bytes), for what the session negotiated: once
+ * `VHU_ACTION_SET_BACKEND_CHANNEL` gave its fd. `VHU_ERR_STATE` if the
+ * session has no channel (BACKEND_REQ not negotiated, or no fd yet).
+ * Make it again after a new SET_BACKEND_REQ_FD.
+ *
+ * # Safety
+ *
+ * `be` points at an initialised back-end; `storage` at `size` writable
+ * bytes.
+ */
+vhu_result vhu_backend_channel(vhu_backend *be, vhu_channel *storage, size_t size);
+
+/**
+ * CONFIG_CHANGE_MSG (CONFIG negotiated): the device's config space
+ * changed. The message goes into `buf` (`cap` bytes, `*len` of them);
+ * `*awaits_reply`: read the ack and give it to `vhu_channel_reply()`
+ * before the next request. `VHU_ERR_NOT_NEGOTIATED` without CONFIG,
+ * `VHU_ERR_BUSY` while an ack is awaited, `VHU_ERR_SHORT_BUFFER`.
+ *
+ * # Safety
+ *
+ * `ch` points at a channel; `buf` at `cap` writable bytes; `len` and
+ * `awaits_reply` at a writable `size_t` and `bool`.
+ */
+vhu_result vhu_channel_config_change(vhu_channel *ch, uint8_t *buf, size_t cap, size_t *len, bool *awaits_reply);
+
+/**
+ * BACKEND_VRING_CALL for ring `queue` (INBAND_NOTIFICATIONS negotiated):
+ * as `vhu_channel_config_change()`; the ack always comes (REPLY_ACK goes
+ * with in-band notifications).
+ *
+ * # Safety
+ *
+ * As `vhu_channel_config_change()`.
+ */
+vhu_result vhu_channel_vring_call(vhu_channel *ch, uint16_t queue, uint8_t *buf, size_t cap, size_t *len, bool *awaits_reply);
+
+/**
+ * BACKEND_VRING_ERR for ring `queue`: as `vhu_channel_vring_call()`.
+ *
+ * # Safety
+ *
+ * As `vhu_channel_config_change()`.
+ */
+vhu_result vhu_channel_vring_err(vhu_channel *ch, uint16_t queue, uint8_t *buf, size_t cap, size_t *len, bool *awaits_reply);
+
+/**
+ * Checks the front-end's reply to the awaited request: `len` bytes at
+ * `msg` (header and payload, one whole message) that came with `nfds`
+ * fds (the caller closes them). The channel is free again whatever the
+ * outcome: `VHU_OK` (the front-end took the request), `VHU_ERR_NACK` (it
+ * failed it), `VHU_ERR_PROTOCOL` (no ack was awaited), `VHU_ERR_WIRE`,
+ * `VHU_ERR_SHORT_BUFFER` or `VHU_ERR_INVALID` (a malformed reply, one to
+ * another request, or not exactly one message: end the connection).
+ *
+ * # Safety
+ *
+ * `ch` points at a channel; `msg` at `len` readable bytes.
+ */
+vhu_result vhu_channel_reply(vhu_channel *ch, const uint8_t *msg, size_t len, size_t nfds);
+
+/**
+ * Gives up on the awaited ack (the front-end did not answer in time: end
+ * the connection). Nothing is awaited afterwards.
+ *
+ * # Safety
+ *
+ * `ch` points at a channel.
+ */
+vhu_result vhu_channel_abandon(vhu_channel *ch);
 
 /**
  * Bytes of the storage of a data plane for a ring of `queue_size`

@@ -144,8 +144,8 @@ pub struct vhu_backend {
 }
 
 #[derive(Debug)]
-struct Backend {
-    session: CSession,
+pub(crate) struct Backend {
+    pub(crate) session: CSession,
     outcome: Outcome,
 }
 
@@ -511,9 +511,11 @@ pub enum vhu_action_kind {
     /// Install ring `queue`'s kick eventfd: message fd `fd`, or none
     /// (`fd` -1: poll the ring).
     VHU_ACTION_SET_KICK = 4,
-    /// Install ring `queue`'s call eventfd: message fd `fd`, or none (-1).
+    /// Install ring `queue`'s call eventfd: message fd `fd`, or none (-1;
+    /// `flag` true: calls go in-band, `vhu_channel_vring_call()`).
     VHU_ACTION_SET_CALL = 5,
-    /// Install ring `queue`'s error eventfd: message fd `fd`, or none (-1).
+    /// Install ring `queue`'s error eventfd: message fd `fd`, or none (-1;
+    /// `flag` true: errors go in-band, `vhu_channel_vring_err()`).
     VHU_ACTION_SET_ERR = 6,
     /// Start serving ring `queue` now: `vhu_backend_start_ring()`.
     VHU_ACTION_START_RING = 7,
@@ -535,8 +537,8 @@ pub enum vhu_action_kind {
     /// their notifiers, then `vhu_backend_rings_reset()`.
     VHU_ACTION_RESET_RINGS = 13,
     /// SET_BACKEND_REQ_FD: keep message fd `fd` as the back-end channel
-    /// (back-end requests are not part of this ABI yet: offer
-    /// BACKEND_REQ only to keep the fd).
+    /// (in place of any previous one) and make its `vhu_channel` with
+    /// `vhu_backend_channel()`.
     VHU_ACTION_SET_BACKEND_CHANNEL = 14,
     /// In-band VRING_KICK for running ring `queue`: serve it now.
     VHU_ACTION_KICK = 15,
@@ -588,7 +590,8 @@ pub struct vhu_action {
     pub slot: u16,
     /// Index of the message fd the action takes, or -1.
     pub fd: i32,
-    /// SET_ENABLED: enabled; STOP_RING: suspend; SET_LOGGING: logging;
+    /// SET_ENABLED: enabled; STOP_RING: suspend; SET_CALL, SET_ERR: in-band;
+    /// SET_LOGGING: logging;
     /// SET_RING_LOG: logged; TRANSFER_STATE: save (else load).
     pub flag: bool,
     /// MAP_REGION: the region.
@@ -689,13 +692,15 @@ pub extern "C" fn vhu_backend_align() -> usize {
 }
 
 /// The protocol features a configuration may offer: those the session
-/// implements and this interface carries, the same in every build of
-/// this library but for `VHU_PROTOCOL_F_LOG_SHMFD` (with its `migration`
-/// feature, on by default); not DEVICE_STATE or INBAND_NOTIFICATIONS,
-/// whose messages or actions have no C form. RARP and MTU are offered
-/// only with a device whose `send_rarp` and `set_mtu` are set
-/// (`vhu_backend_handle()`). A program offers the bits it handles, not
-/// this whole set: a later minor version of the ABI may add to it.
+/// implements and this interface carries (all the session implements),
+/// the same in every build of this library but for
+/// `VHU_PROTOCOL_F_LOG_SHMFD` and `VHU_PROTOCOL_F_DEVICE_STATE` (with its
+/// `migration` feature, on by default). RARP and MTU are offered only
+/// with a device whose `send_rarp` and `set_mtu` are set
+/// (`vhu_backend_handle()`); BACKEND_REQ's requests are sent with a
+/// `vhu_channel` (`vhu_backend_channel()`), INBAND_NOTIFICATIONS's too. A
+/// program offers the bits it handles, not this whole set: a later minor
+/// version of the ABI may add to it.
 #[no_mangle]
 pub extern "C" fn vhu_backend_supported_protocol_features() -> u64 {
     C_PROTOCOL_FEATURES.bits()
@@ -750,11 +755,8 @@ const C_VIRTIO_FEATURES: VirtioFeatures = VirtioFeatures::from_bits_retain((1 <<
 /// interface carries, named one by one so that the core's build features
 /// (a workspace build turns on `net` and `migration` for every crate) do
 /// not change it (this crate builds the core with `net`, for RARP and
-/// MTU). Left out: INBAND_NOTIFICATIONS
-/// (in-band calls are back-end requests, which this interface does not
-/// encode). BACKEND_REQ only keeps the channel's fd
-/// (`VHU_ACTION_SET_BACKEND_CHANNEL`); RARP and MTU need the device's
-/// callbacks (`DEVICE_PROTOCOL_FEATURES`).
+/// MTU). RARP and MTU need the device's callbacks
+/// (`DEVICE_PROTOCOL_FEATURES`).
 const C_PROTOCOL_FEATURES: ProtocolFeatures = ProtocolFeatures::MQ
     .union(ProtocolFeatures::RARP)
     .union(ProtocolFeatures::REPLY_ACK)
@@ -767,6 +769,7 @@ const C_PROTOCOL_FEATURES: ProtocolFeatures = ProtocolFeatures::MQ
     .union(ProtocolFeatures::GET_VRING_BASE_INFLIGHT)
     .union(ProtocolFeatures::GET_VRING_BASE_SKIP_DRAIN)
     .union(ProtocolFeatures::BACKEND_REQ)
+    .union(ProtocolFeatures::INBAND_NOTIFICATIONS)
     .union(C_MIGRATION)
     .intersection(SUPPORTED_PROTOCOL_FEATURES);
 
@@ -1121,7 +1124,15 @@ pub unsafe extern "C" fn vhu_backend_action(
         // SAFETY: the caller's contract.
         let b = unsafe { state::get::<Backend, _>(be) }?;
         let a = b.outcome.actions.get(index).ok_or(VHU_ERR_INVALID)?;
-        out.put(action(a));
+        let mut v = action(a);
+        // Without an eventfd, whether the ring's calls or errors go
+        // in-band (BACKEND_VRING_CALL/ERR on the back-end channel).
+        match (a, v.fd) {
+            (Action::SetCall { queue, .. }, -1) => v.flag = b.session.call_in_band(*queue),
+            (Action::SetErr { queue, .. }, -1) => v.flag = b.session.err_in_band(*queue),
+            _ => {}
+        }
+        out.put(v);
         Ok(())
     })
 }

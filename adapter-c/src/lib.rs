@@ -100,6 +100,7 @@ extern crate std;
 
 pub mod backend;
 pub mod blk;
+pub mod channel;
 pub mod dataplane;
 pub mod frontend;
 pub mod log;

@@ -32,7 +32,11 @@ pub const VHU_ABI_MAJOR: u32 = 1;
 /// `vhu_blk_save_state()`, `vhu_blk_load_state()`; for a front-end
 /// `vhu_frontend_transfer_state()`, `vhu_frontend_check_state()`,
 /// `VHU_FD_DEVICE_STATE`, `VHU_EVENT_STATE_TRANSFER` (and
-/// `_BACKEND_FD`), `VHU_EVENT_STATE_CHECKED`).
+/// `_BACKEND_FD`), `VHU_EVENT_STATE_CHECKED`); a back-end's channel
+/// (`vhu_channel`, `vhu_backend_channel()`, `vhu_channel_config_change()`,
+/// `vhu_channel_vring_call()`, `vhu_channel_vring_err()`,
+/// `vhu_channel_reply()`, `vhu_channel_abandon()`; INBAND_NOTIFICATIONS
+/// offered, SET_CALL/SET_ERR's `flag` for in-band).
 pub const VHU_ABI_MINOR: u32 = 1;
 
 /// The version this header describes, `VHU_ABI_MAJOR << 16 |

@@ -84,14 +84,15 @@ fn init_checks_null_alignment_and_size() {
     }
 }
 
-/// The session handles more than this ABI carries to C: a protocol
-/// feature that C could not answer (in-band calls of
-/// INBAND_NOTIFICATIONS: no back-end request is encoded here) is not
-/// offered, whatever features the core was built with (a workspace build
-/// turns on `net` and `migration` for every crate). RARP and MTU are
-/// (their messages reach the device's callbacks: tests/net.rs), and the
-/// dirty log (LOG_SHMFD, LOG_ALL) and the device state (DEVICE_STATE)
-/// with the library's `migration` feature (tests/migration.rs).
+/// What a C back-end may offer is named one by one, whatever features the
+/// core was built with (a workspace build turns on `net` and `migration`
+/// for every crate): every protocol feature the session implements, RARP
+/// and MTU among them (their messages reach the device's callbacks:
+/// tests/net.rs), the back-end channel's requests and in-band
+/// notifications (a `vhu_channel`: tests/session.rs), the dirty log
+/// (LOG_SHMFD, LOG_ALL) and the device state (DEVICE_STATE) with the
+/// library's `migration` feature (tests/migration.rs). One the session
+/// does not implement, or LOG_ALL without a log, is refused.
 #[test]
 fn only_what_the_abi_carries_is_offered() {
     const BACKEND_REQ: u64 = 1 << 5;
@@ -113,7 +114,10 @@ fn only_what_the_abi_carries_is_offered() {
         | VHU_PROTOCOL_F_GET_VRING_BASE_INFLIGHT
         | VHU_PROTOCOL_F_RARP
         | VHU_PROTOCOL_F_MTU;
-    assert_eq!(supported, named | BACKEND_REQ | SKIP_DRAIN | log);
+    assert_eq!(
+        supported,
+        named | BACKEND_REQ | INBAND_NOTIFICATIONS | SKIP_DRAIN | log
+    );
     let size = vhu_backend_size();
     let mut s = Storage::new(size);
     let base = vhu_backend_config {
@@ -123,9 +127,8 @@ fn only_what_the_abi_carries_is_offered() {
         num_queues: 1,
         max_queue_size: 64,
     };
-    for (extra_protocol, extra_virtio) in
-        [(0, VHU_F_LOG_ALL), (INBAND_NOTIFICATIONS | BACKEND_REQ, 0)]
-    {
+    // Host notifiers (bit 11), shared objects (bit 18): not implemented.
+    for (extra_protocol, extra_virtio) in [(0, VHU_F_LOG_ALL), (1 << 11, 0), (1 << 18, 0)] {
         let cfg = vhu_backend_config {
             features: base.features | extra_virtio,
             protocol_features: base.protocol_features | extra_protocol,

@@ -9,6 +9,7 @@
 use core::ptr;
 
 use vhost_user_c::backend::*;
+use vhost_user_c::channel::*;
 use vhost_user_c::dataplane::*;
 use vhost_user_c::frontend::*;
 use vhost_user_c::log::*;
@@ -54,6 +55,10 @@ struct Pair {
     ring_log: Option<u64>,
     /// TRANSFER_STATE actions: save (true) or load.
     transfers: Vec<bool>,
+    /// SET_CALL and SET_ERR actions: (call, queue, fd, in-band); the
+    /// back-end channel was set.
+    notifiers: Vec<(bool, u16, i32, bool)>,
+    channel_set: bool,
     /// Events the front-end gave, and fds it attached, in order.
     events: Vec<vhu_event_kind>,
     fds: Vec<vhu_fd_kind>,
@@ -91,6 +96,8 @@ impl Pair {
             log_all: false,
             ring_log: None,
             transfers: Vec::new(),
+            notifiers: Vec::new(),
+            channel_set: false,
             events: Vec::new(),
             fds: Vec::new(),
         };
@@ -262,6 +269,11 @@ impl Pair {
                 self.log_mapped = a.size;
             }
             vhu_action_kind::VHU_ACTION_SET_LOGGING => self.log_all = a.flag,
+            vhu_action_kind::VHU_ACTION_SET_CALL | vhu_action_kind::VHU_ACTION_SET_ERR => {
+                let call = a.kind == vhu_action_kind::VHU_ACTION_SET_CALL;
+                self.notifiers.push((call, a.queue, a.fd, a.flag));
+            }
+            vhu_action_kind::VHU_ACTION_SET_BACKEND_CHANNEL => self.channel_set = true,
             vhu_action_kind::VHU_ACTION_TRANSFER_STATE => {
                 assert_eq!(a.fd, 0);
                 self.transfers.push(a.flag);
@@ -797,4 +809,146 @@ fn a_transfer_needs_device_state_negotiated() {
     // SAFETY: live engine.
     let r = unsafe { vhu_frontend_check_state(p.fe.at()) };
     assert_eq!(r, VHU_ERR_NOT_NEGOTIATED);
+}
+
+/// The back-end channel from one C engine to the other: a ring without a
+/// call eventfd gets its calls in-band (SET_CALL's `flag`), and the
+/// back-end's `vhu_channel` encodes BACKEND_VRING_CALL, BACKEND_VRING_ERR
+/// and CONFIG_CHANGE_MSG that the front-end serves as notices, its acks
+/// taken by `vhu_channel_reply`; one request at a time; an ack nobody
+/// awaits, or a malformed one, is refused.
+#[test]
+fn the_back_end_channel_from_back_end_to_front_end() {
+    use vhu_notice_kind::*;
+    let features = VHU_VIRTIO_F_VERSION_1 | VHU_F_PROTOCOL_FEATURES;
+    let protocol = VHU_PROTOCOL_F_MQ
+        | VHU_PROTOCOL_F_REPLY_ACK
+        | VHU_PROTOCOL_F_CONFIG
+        | VHU_PROTOCOL_F_BACKEND_REQ
+        | VHU_PROTOCOL_F_INBAND_NOTIFICATIONS;
+    let mut p = started_from(Pair::offering(features, protocol));
+    assert!(p.channel_set);
+    assert!(p.fds.contains(&vhu_fd_kind::VHU_FD_BACKEND_CHANNEL));
+    // The Pair's ring polls: no call eventfd, so calls go in-band.
+    assert!(
+        p.notifiers.contains(&(true, 0, -1, true)),
+        "{:?}",
+        p.notifiers
+    );
+    let mut store = vec![0u64; vhu_channel_size() / 8 + 1];
+    assert!(vhu_channel_align() <= 8);
+    let ch: *mut vhu_channel = store.as_mut_ptr().cast();
+    // SAFETY: live session; storage of the channel's size, aligned to 8.
+    check(
+        unsafe { vhu_backend_channel(p.be.at(), ch, vhu_channel_size()) },
+        "channel",
+    );
+    let mut buf = [0u8; 64];
+    let mut ack = [0u8; VHU_FRONTEND_MAX_ACK as usize];
+    let (mut len, mut awaits) = (0usize, false);
+    // Sends what `send` encodes to the front-end and its ack back.
+    let mut round = |p: &mut Pair, send: &dyn Fn(*mut u8, &mut usize, &mut bool) -> vhu_result| {
+        check(send(buf.as_mut_ptr(), &mut len, &mut awaits), "send");
+        assert!(awaits, "REPLY_ACK: every request is acked");
+        let mut notice = vhu_backend_notice::default();
+        // SAFETY: live engine, message, ack buffer and out-value.
+        let r = unsafe {
+            vhu_frontend_serve_backend(
+                p.fe.at(),
+                buf.as_ptr(),
+                len,
+                0,
+                ack.as_mut_ptr(),
+                ack.len(),
+                &mut notice,
+            )
+        };
+        check(r, "serve");
+        // A second request before the ack: busy.
+        let (mut l2, mut a2) = (0usize, false);
+        // SAFETY: live channel and out-buffers.
+        let busy = unsafe { vhu_channel_config_change(ch, buf.as_mut_ptr(), 64, &mut l2, &mut a2) };
+        assert_eq!(busy, VHU_ERR_BUSY);
+        // SAFETY: live channel; the ack is `ack_len` bytes of `ack`.
+        check(
+            unsafe { vhu_channel_reply(ch, ack.as_ptr(), notice.ack_len, 0) },
+            "ack",
+        );
+        (notice.kind, notice.queue)
+    };
+    let call = |b: *mut u8, l: &mut usize, a: &mut bool| {
+        // SAFETY: live channel; `b` is `round`'s 64-byte buffer.
+        unsafe { vhu_channel_vring_call(ch, 0, b, 64, l, a) }
+    };
+    let err = |b: *mut u8, l: &mut usize, a: &mut bool| {
+        // SAFETY: as above.
+        unsafe { vhu_channel_vring_err(ch, 0, b, 64, l, a) }
+    };
+    let config = |b: *mut u8, l: &mut usize, a: &mut bool| {
+        // SAFETY: as above.
+        unsafe { vhu_channel_config_change(ch, b, 64, l, a) }
+    };
+    assert_eq!(round(&mut p, &call), (VHU_NOTICE_CALL, 0));
+    assert_eq!(round(&mut p, &err), (VHU_NOTICE_RING_ERROR, 0));
+    assert_eq!(round(&mut p, &config), (VHU_NOTICE_CONFIG_CHANGED, 0));
+
+    // SAFETY: live channel; `ack` holds the last ack.
+    unsafe {
+        // No ack awaited now.
+        assert_eq!(vhu_channel_reply(ch, ack.as_ptr(), 20, 0), VHU_ERR_PROTOCOL);
+        // A short buffer: nothing awaited after it.
+        let r = vhu_channel_vring_call(ch, 0, buf.as_mut_ptr(), 4, &mut len, &mut awaits);
+        assert_eq!(r, VHU_ERR_SHORT_BUFFER);
+        // A reply cut short: refused, and the ack is void.
+        check(
+            vhu_channel_vring_call(ch, 0, buf.as_mut_ptr(), 64, &mut len, &mut awaits),
+            "call",
+        );
+        assert_eq!(
+            vhu_channel_reply(ch, ack.as_ptr(), 5, 0),
+            VHU_ERR_SHORT_BUFFER
+        );
+        // Given up: free again.
+        check(
+            vhu_channel_vring_call(ch, 0, buf.as_mut_ptr(), 64, &mut len, &mut awaits),
+            "call",
+        );
+        check(vhu_channel_abandon(ch), "abandon");
+        check(
+            vhu_channel_config_change(ch, buf.as_mut_ptr(), 64, &mut len, &mut awaits),
+            "config",
+        );
+    }
+}
+
+/// Without BACKEND_REQ there is no channel; without CONFIG or
+/// INBAND_NOTIFICATIONS a channel refuses their requests.
+#[test]
+fn a_channel_sends_only_what_was_negotiated() {
+    let mut p = started();
+    let mut store = vec![0u64; vhu_channel_size() / 8 + 1];
+    let ch: *mut vhu_channel = store.as_mut_ptr().cast();
+    // SAFETY: live session; storage of the channel's size.
+    let r = unsafe { vhu_backend_channel(p.be.at(), ch, vhu_channel_size()) };
+    assert_eq!(r, VHU_ERR_STATE);
+    let features = VHU_VIRTIO_F_VERSION_1 | VHU_F_PROTOCOL_FEATURES;
+    let protocol = VHU_PROTOCOL_F_MQ | VHU_PROTOCOL_F_REPLY_ACK | VHU_PROTOCOL_F_BACKEND_REQ;
+    let mut p = started_from(Pair::offering(features, protocol));
+    assert!(
+        p.notifiers.iter().all(|n| !n.3),
+        "no in-band: {:?}",
+        p.notifiers
+    );
+    let (mut buf, mut len, mut awaits) = ([0u8; 64], 0usize, false);
+    // SAFETY: live session, channel storage and out-buffers.
+    unsafe {
+        check(
+            vhu_backend_channel(p.be.at(), ch, vhu_channel_size()),
+            "channel",
+        );
+        let r = vhu_channel_vring_call(ch, 0, buf.as_mut_ptr(), 64, &mut len, &mut awaits);
+        assert_eq!(r, VHU_ERR_NOT_NEGOTIATED);
+        let r = vhu_channel_config_change(ch, buf.as_mut_ptr(), 64, &mut len, &mut awaits);
+        assert_eq!(r, VHU_ERR_NOT_NEGOTIATED);
+    }
 }
