@@ -1155,6 +1155,31 @@ pub unsafe extern "C" fn vhu_backend_finish_stop(
     reply_cap: usize,
     reply_len: *mut usize,
 ) -> vhu_result {
+    // SAFETY: the caller's contract.
+    unsafe {
+        late_reply(be, reply, reply_cap, reply_len, |b, buf| {
+            b.session
+                .finish_stop(queue, base, buf)
+                .map_err(result::backend)
+        })
+    }
+}
+
+/// A reply the session gives after the message (a stop's, a transfer's
+/// check): `write` writes it into the caller's `reply` (`reply_cap`
+/// bytes) and gives its length, for `*reply_len` (0 on error).
+///
+/// # Safety
+///
+/// As the callers': `be` points at an initialised back-end; `reply` at
+/// `reply_cap` writable bytes; `reply_len` at a writable `size_t`.
+unsafe fn late_reply(
+    be: *mut vhu_backend,
+    reply: *mut u8,
+    reply_cap: usize,
+    reply_len: *mut usize,
+    write: impl FnOnce(&mut Backend, &mut [u8]) -> Result<usize, vhu_result>,
+) -> vhu_result {
     guard(|| {
         let mut fp = Footprint::new();
         // SAFETY: the caller's contract.
@@ -1167,10 +1192,7 @@ pub unsafe extern "C" fn vhu_backend_finish_stop(
         let mut b = unsafe { state::get::<Backend, _>(be) }?;
         // SAFETY: the caller's contract.
         let buf = unsafe { state::bytes_mut(reply, reply_cap) }?;
-        let n = b
-            .session
-            .finish_stop(queue, base, buf)
-            .map_err(result::backend)?;
+        let n = write(&mut b, buf)?;
         // SAFETY: the caller's contract.
         unsafe { state::put(reply_len, n) }
     })
@@ -1196,36 +1218,23 @@ pub unsafe extern "C" fn vhu_backend_finish_transfer(
     reply_cap: usize,
     reply_len: *mut usize,
 ) -> vhu_result {
-    guard(|| {
-        let mut fp = Footprint::new();
-        // SAFETY: the caller's contract.
-        unsafe { fp.state::<Backend, _>(be) }?;
-        fp.writes(reply, reply_cap)?;
-        fp.writes(reply_len, 1)?;
-        // SAFETY: the caller's contract.
-        unsafe { state::put(reply_len, 0) }?;
-        // SAFETY: the caller's contract.
-        let mut b = unsafe { state::get::<Backend, _>(be) }?;
-        // SAFETY: the caller's contract.
-        let buf = unsafe { state::bytes_mut(reply, reply_cap) }?;
-        #[cfg(feature = "migration")]
-        {
-            if b.session.transfer().is_none() {
-                return Err(VHU_ERR_STATE);
+    // SAFETY: the caller's contract.
+    unsafe {
+        late_reply(be, reply, reply_cap, reply_len, |b, buf| {
+            #[cfg(feature = "migration")]
+            {
+                if b.session.transfer().is_none() {
+                    return Err(VHU_ERR_STATE);
+                }
+                b.session.finish_transfer(ok, buf).map_err(result::backend)
             }
-            let n = b
-                .session
-                .finish_transfer(ok, buf)
-                .map_err(result::backend)?;
-            // SAFETY: the caller's contract.
-            unsafe { state::put(reply_len, n) }
-        }
-        #[cfg(not(feature = "migration"))]
-        {
-            let _ = (ok, buf, &mut b);
-            Err(VHU_ERR_UNSUPPORTED)
-        }
-    })
+            #[cfg(not(feature = "migration"))]
+            {
+                let _ = (ok, buf, b);
+                Err(VHU_ERR_UNSUPPORTED)
+            }
+        })
+    }
 }
 
 /// The inflight area's layout of the last SET_INFLIGHT_FD: queues and ring

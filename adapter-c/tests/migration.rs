@@ -143,6 +143,23 @@ fn a_log_given_as_callbacks_is_refused() {
     assert_eq!(res, VHU_ERR_UNSUPPORTED);
 }
 
+/// A back-end session of one queue offering `features` and `protocol`, in
+/// its storage, and what `vhu_backend_init` said.
+fn session(features: u64, protocol: u64) -> (Vec<u64>, vhu_result) {
+    let cfg = vhu_backend_config {
+        struct_size: size_of::<vhu_backend_config>(),
+        features,
+        protocol_features: protocol,
+        num_queues: 1,
+        max_queue_size: 256,
+    };
+    let mut s = vec![0u64; vhu_backend_size() / 8 + 8];
+    assert!(vhu_backend_align() <= 8);
+    // SAFETY: storage of the session's size, aligned to 8 (checked).
+    let r = unsafe { vhu_backend_init(s.as_mut_ptr().cast(), vhu_backend_size(), &cfg) };
+    (s, r)
+}
+
 fn seg(addr: u64, len: u32, writable: bool) -> vhu_segment {
     vhu_segment {
         addr,
@@ -272,27 +289,14 @@ fn the_dirty_log_is_offered_with_the_migration_feature() {
     assert_eq!(v & VHU_F_LOG_ALL != 0, on);
     assert_eq!(p & VHU_PROTOCOL_F_LOG_SHMFD != 0, on);
     // LOG_ALL without LOG_SHMFD is refused (there would be no log).
-    let cfg = |protocol: u64| vhu_backend_config {
-        struct_size: size_of::<vhu_backend_config>(),
-        features: VHU_VIRTIO_F_VERSION_1 | VHU_F_PROTOCOL_FEATURES | VHU_F_LOG_ALL,
-        protocol_features: protocol,
-        num_queues: 1,
-        max_queue_size: 256,
-    };
-    let mut s = vec![0u64; vhu_backend_size() / 8 + 8];
+    let features = VHU_VIRTIO_F_VERSION_1 | VHU_F_PROTOCOL_FEATURES | VHU_F_LOG_ALL;
+    let (_, r) = session(features, VHU_PROTOCOL_F_MQ);
+    assert_eq!(r, VHU_ERR_UNSUPPORTED);
+    let (mut s, r) = session(features, VHU_PROTOCOL_F_MQ | VHU_PROTOCOL_F_LOG_SHMFD);
+    assert_eq!(r, if on { VHU_OK } else { VHU_ERR_UNSUPPORTED });
     let be: *mut vhu_backend = s.as_mut_ptr().cast();
-    // SAFETY: storage of the session's size, aligned to 8 (the session's
-    // alignment is at most 8: checked).
+    // SAFETY: the session's storage, alive.
     unsafe {
-        assert!(vhu_backend_align() <= 8);
-        let r = vhu_backend_init(be, vhu_backend_size(), &cfg(VHU_PROTOCOL_F_MQ));
-        assert_eq!(r, VHU_ERR_UNSUPPORTED);
-        let r = vhu_backend_init(
-            be,
-            vhu_backend_size(),
-            &cfg(VHU_PROTOCOL_F_MQ | VHU_PROTOCOL_F_LOG_SHMFD),
-        );
-        assert_eq!(r, if on { VHU_OK } else { VHU_ERR_UNSUPPORTED });
         if on {
             // A ring that was never configured is not logged; a queue the
             // device lacks is refused.
@@ -490,21 +494,11 @@ fn a_device_state_transfer_through_the_session() {
     const SET_PROTOCOL_FEATURES: u32 = 16;
     const SET_DEVICE_STATE_FD: u32 = 42;
     const CHECK_DEVICE_STATE: u32 = 43;
-    let cfg = vhu_backend_config {
-        struct_size: size_of::<vhu_backend_config>(),
-        features: VHU_VIRTIO_F_VERSION_1 | VHU_F_PROTOCOL_FEATURES,
-        protocol_features: VHU_PROTOCOL_F_DEVICE_STATE,
-        num_queues: 1,
-        max_queue_size: 256,
-    };
-    let mut s = vec![0u64; vhu_backend_size() / 8 + 8];
+    let features = VHU_VIRTIO_F_VERSION_1 | VHU_F_PROTOCOL_FEATURES;
+    let (mut s, r) = session(features, VHU_PROTOCOL_F_DEVICE_STATE);
+    assert_eq!(r, VHU_OK);
     let be: *mut vhu_backend = s.as_mut_ptr().cast();
-    // SAFETY: storage of the session's size, aligned to 8 (checked).
-    unsafe {
-        assert!(vhu_backend_align() <= 8);
-        assert_eq!(vhu_backend_init(be, vhu_backend_size(), &cfg), VHU_OK);
-    }
-    let features = cfg.features.to_le_bytes();
+    let features = features.to_le_bytes();
     handle(be, &message(SET_FEATURES, &features), 0);
     handle(
         be,
