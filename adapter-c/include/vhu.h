@@ -337,7 +337,8 @@
  * (`vhu_channel`, `vhu_backend_channel()`, `vhu_channel_config_change()`,
  * `vhu_channel_vring_call()`, `vhu_channel_vring_err()`,
  * `vhu_channel_reply()`, `vhu_channel_abandon()`; INBAND_NOTIFICATIONS
- * offered, SET_CALL/SET_ERR's `flag` for in-band).
+ * offered, SET_CALL/SET_ERR's `flag` for in-band); a blk device resized
+ * (`vhu_blk_set_capacity()`).
  */
 #define VHU_ABI_MINOR 1
 
@@ -1999,6 +2000,22 @@ vhu_result vhu_blk_request_init(vhu_blk_request *storage, size_t size);
  * `uint64_t`.
  */
 vhu_result vhu_blk_offered_features(vhu_blk *blk, uint64_t *out);
+
+/**
+ * The disk is now `sectors` 512-byte sectors long (its image was
+ * resized): the config space, and the one a reset returns to, say so,
+ * and requests are checked against it from now on. `*changed` says
+ * whether the capacity changed: then tell the front-end with a
+ * CONFIG_CHANGE_MSG (`vhu_channel_config_change()`), and it reads the
+ * config space again. `VHU_ERR_CONFIG` for a capacity whose bytes do not
+ * fit 64 bits (nothing changes).
+ *
+ * # Safety
+ *
+ * `blk` points at an initialised blk device; `changed` at a writable
+ * `bool`.
+ */
+vhu_result vhu_blk_set_capacity(vhu_blk *blk, uint64_t sectors, bool *changed);
 
 /**
  * The blk device's control path as a `vhu_device` for

@@ -296,6 +296,39 @@ pub unsafe extern "C" fn vhu_blk_offered_features(blk: *mut vhu_blk, out: *mut u
     })
 }
 
+/// The disk is now `sectors` 512-byte sectors long (its image was
+/// resized): the config space, and the one a reset returns to, say so,
+/// and requests are checked against it from now on. `*changed` says
+/// whether the capacity changed: then tell the front-end with a
+/// CONFIG_CHANGE_MSG (`vhu_channel_config_change()`), and it reads the
+/// config space again. `VHU_ERR_CONFIG` for a capacity whose bytes do not
+/// fit 64 bits (nothing changes).
+///
+/// # Safety
+///
+/// `blk` points at an initialised blk device; `changed` at a writable
+/// `bool`.
+#[no_mangle]
+pub unsafe extern "C" fn vhu_blk_set_capacity(
+    blk: *mut vhu_blk,
+    sectors: u64,
+    changed: *mut bool,
+) -> vhu_result {
+    guard(|| {
+        let mut fp = Footprint::new();
+        // SAFETY: the caller's contract.
+        unsafe { fp.state::<BlkDevice, _>(blk) }?;
+        fp.writes(changed, 1)?;
+        // SAFETY: the caller's contract.
+        unsafe { state::put(changed, false) }?;
+        // SAFETY: the caller's contract.
+        let mut d = unsafe { state::get::<BlkDevice, _>(blk) }?;
+        let c = d.set_capacity(sectors).map_err(|_| VHU_ERR_CONFIG)?;
+        // SAFETY: the caller's contract; apart from the device (claimed).
+        unsafe { state::put(changed, c) }
+    })
+}
+
 // The control-path callbacks `vhu_blk_device` hands out: C may call them
 // directly, not only through `vhu_backend_handle`, so each runs its body
 // under `guard` as the exported calls do (a panic never unwinds into C).

@@ -36,7 +36,8 @@ pub const VHU_ABI_MAJOR: u32 = 1;
 /// (`vhu_channel`, `vhu_backend_channel()`, `vhu_channel_config_change()`,
 /// `vhu_channel_vring_call()`, `vhu_channel_vring_err()`,
 /// `vhu_channel_reply()`, `vhu_channel_abandon()`; INBAND_NOTIFICATIONS
-/// offered, SET_CALL/SET_ERR's `flag` for in-band).
+/// offered, SET_CALL/SET_ERR's `flag` for in-band); a blk device resized
+/// (`vhu_blk_set_capacity()`).
 pub const VHU_ABI_MINOR: u32 = 1;
 
 /// The version this header describes, `VHU_ABI_MAJOR << 16 |

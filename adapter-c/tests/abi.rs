@@ -84,6 +84,39 @@ fn init_checks_null_alignment_and_size() {
     }
 }
 
+/// A resized disk: the config space's capacity follows, and the call says
+/// whether it changed (whether to send CONFIG_CHANGE_MSG); a capacity
+/// whose bytes overflow is refused, changing nothing.
+#[test]
+fn a_blk_device_takes_a_new_capacity() {
+    let mut b = Storage::new(vhu_blk_size());
+    let blk: *mut vhu_blk = b.at(0);
+    let mut dev = vhu_device::default();
+    let capacity = |dev: &vhu_device| {
+        let mut c = [0u8; 8];
+        // SAFETY: the device's own callback and context; `c` is live.
+        assert!(unsafe { (dev.read_config.unwrap())(dev.ctx, 0, c.as_mut_ptr(), 8) });
+        u64::from_le_bytes(c)
+    };
+    let mut changed = true;
+    // SAFETY: live storage, config and out-values.
+    unsafe {
+        assert_eq!(vhu_blk_init(blk, vhu_blk_size(), &blk_config()), VHU_OK);
+        assert_eq!(vhu_blk_device(blk, &mut dev), VHU_OK);
+        assert_eq!(vhu_blk_set_capacity(blk, 2048, &mut changed), VHU_OK);
+        assert!(!changed, "the same size");
+        assert_eq!(vhu_blk_set_capacity(blk, 4096, &mut changed), VHU_OK);
+        assert!(changed);
+        assert_eq!(capacity(&dev), 4096);
+        assert_eq!(
+            vhu_blk_set_capacity(blk, u64::MAX, &mut changed),
+            VHU_ERR_CONFIG
+        );
+        assert!(!changed);
+        assert_eq!(capacity(&dev), 4096);
+    }
+}
+
 /// What a C back-end may offer is named one by one, whatever features the
 /// core was built with (a workspace build turns on `net` and `migration`
 /// for every crate): every protocol feature the session implements, RARP

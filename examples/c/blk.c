@@ -8,6 +8,9 @@
  *   vhu-c-blk --socket-path PATH --blk-file FILE [--num-queues N]
  *             [--queue-size N] [--io-delay-us N] [--log-level LEVEL (ignored)]
  *
+ * SIGHUP: the image was resized; the new capacity is announced to the
+ * front-end with CONFIG_CHANGE_MSG on the back-end channel.
+ *
  * --io-delay-us holds each request that long before it completes (so a
  * test can kill the back-end with requests in flight: they are recorded
  * in the inflight area, and the next back-end resubmits them).
@@ -24,6 +27,11 @@
  * goes through the front-end's pipe, after the SET_DEVICE_STATE_FD reply,
  * within a deadline (a front-end that never reads or closes its end
  * fails the transfer rather than hold this thread).
+ *
+ * The back-end channel (BACKEND_REQ): CONFIG_CHANGE_MSG after a resize,
+ * and, with INBAND_NOTIFICATIONS, the calls of a ring whose front-end gave
+ * no call eventfd (BACKEND_VRING_CALL); each request's ack is awaited
+ * within a deadline, and a front-end that does not ack loses the channel.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -55,6 +63,7 @@ struct ring {
     bool broken;
     bool suspend;           /* STOP_RING: suspend instead of draining */
     bool logged;            /* the used ring is marked in the dirty log */
+    bool call_in_band;      /* no call eventfd: BACKEND_VRING_CALL */
     uint64_t log_addr;      /* ... at this guest address */
     int kick, call, err;
 };
@@ -90,6 +99,8 @@ static struct {
     struct ring rings[VHU_MAX_QUEUES];
     int reply_fd;           /* sent with the next reply (GET_INFLIGHT_FD) */
     int transfer_fd;        /* TRANSFER_STATE's pipe end: run after the reply */
+    int channel_fd;         /* the back-end channel (-1: none) */
+    vhu_channel *channel;
     bool transfer_save;
     bool transfer_ok;       /* how the last transfer ended (CHECK_DEVICE_STATE) */
     unsigned long requests;
@@ -190,6 +201,108 @@ static void notify(int fd)
         LOG("call eventfd: %s", strerror(errno));
 }
 
+static volatile sig_atomic_t hangup;
+
+static void on_hangup(int sig)
+{
+    (void)sig;
+    hangup = 1;
+}
+
+static long long now_ms(void);
+static int wait_fd(int fd, short events, long long deadline);
+static void set_fd(int *slot, int fd);
+
+/* How long the front-end may take to ack a back-end request. */
+#define ACK_MS 5000
+
+/* Sends a request `encode` wrote on the back-end channel and takes its
+ * ack; the channel is closed (and given up) when that fails. */
+static int channel_send(const char *what, vhu_result encoded, const uint8_t *buf, size_t len,
+                        bool awaits)
+{
+    static uint8_t ack[VHU_MAX_MESSAGE];
+    if (check(encoded, what))
+        return -1;
+    ssize_t n;
+    do
+        n = send(S.channel_fd, buf, len, MSG_NOSIGNAL);
+    while (n < 0 && errno == EINTR);
+    if (n != (ssize_t)len)
+        goto broken;
+    if (!awaits)
+        return 0;
+    long long deadline = now_ms() + ACK_MS;
+    size_t got = 0, total = VHU_HEADER_SIZE;
+    while (got < total) {
+        if (wait_fd(S.channel_fd, POLLIN, deadline))
+            goto broken;
+        n = recv(S.channel_fd, ack + got, total - got, 0);
+        if (n <= 0) {
+            if (n < 0 && (errno == EINTR || errno == EAGAIN))
+                continue;
+            goto broken;
+        }
+        got += (size_t)n;
+        if (got == VHU_HEADER_SIZE && total == VHU_HEADER_SIZE &&
+            check(vhu_message_size(ack, got, &total), "channel ack"))
+            goto broken;
+    }
+    if (check(vhu_channel_reply(S.channel, ack, got, 0), what))
+        goto broken;
+    return 0;
+broken:
+    LOG("%s: the front-end did not take it; back-end channel closed", what);
+    vhu_channel_abandon(S.channel);
+    set_fd(&S.channel_fd, -1);
+    return -1;
+}
+
+/* Signals ring `r`'s used buffers: its call eventfd, or in-band. */
+static void call_ring(struct ring *r)
+{
+    static uint8_t msg[64];
+    size_t len;
+    bool awaits;
+    if (r->call >= 0 || !r->call_in_band || S.channel_fd < 0) {
+        notify(r->call);
+        return;
+    }
+    vhu_result e = vhu_channel_vring_call(S.channel, (uint16_t)(r - S.rings), msg, sizeof msg,
+                                          &len, &awaits);
+    channel_send("vring call", e, msg, len, awaits);
+}
+
+/* The image's size again (SIGHUP): a new capacity goes to the device and,
+ * in a session with a back-end channel, to the front-end. */
+static void resized(bool in_session)
+{
+    struct stat st;
+    bool changed = false;
+    if (fstat(S.disk, &st)) {
+        LOG("image size: %s", strerror(errno));
+        return;
+    }
+    uint64_t sectors = (uint64_t)st.st_size / 512;
+    S.blk_config.capacity = sectors; /* for the sessions to come */
+    S.disk_size = (uint64_t)st.st_size;
+    if (!in_session || check(vhu_blk_set_capacity(S.blk, sectors, &changed), "capacity") ||
+        !changed)
+        return;
+    LOG("image resized: %llu bytes (%llu sectors)", (unsigned long long)st.st_size,
+        (unsigned long long)sectors);
+    if (S.channel_fd < 0) {
+        LOG("no back-end channel: the front-end is not told of the new capacity");
+        return;
+    }
+    static uint8_t msg[64];
+    size_t len;
+    bool awaits;
+    vhu_result e = vhu_channel_config_change(S.channel, msg, sizeof msg, &len, &awaits);
+    if (channel_send("config change", e, msg, len, awaits) == 0)
+        LOG("front-end told of the new capacity");
+}
+
 /* Counts the pages a mark set; signals the log eventfd, if any. */
 static void marked(uint64_t pages)
 {
@@ -280,7 +393,7 @@ static int process(struct ring *r, const vhu_token *tok, const vhu_segment *segs
               "complete"))
         return -1;
     if (pub == VHU_PUBLISHED_NOTIFY)
-        notify(r->call);
+        call_ring(r);
     S.requests++;
     return 0;
 }
@@ -318,7 +431,7 @@ static void serve_ring(struct ring *r)
             return;
         }
         if (pub == VHU_PUBLISHED_NOTIFY)
-            notify(r->call);
+            call_ring(r);
         if (check(vhu_dataplane_enable_notification(r->dp, &S.mem, &work), "notification") ||
             log_used(r)) {
             r->broken = true;
@@ -342,7 +455,7 @@ static int halt(uint16_t q, bool suspend, uint32_t *base)
         vhu_published pub;
         vhu_result res = vhu_dataplane_stop(r->dp, &S.mem, area(), suspend, &stopped, base, &pub);
         if (pub == VHU_PUBLISHED_NOTIFY)
-            notify(r->call);
+            call_ring(r);
         if (stopped) {
             r->running = false;
             return check(res, "stop") || log_used(r) ? -1 : 0;
@@ -542,6 +655,8 @@ static int apply(const vhu_action *a, int *fds, size_t nfds)
                : a->kind == VHU_ACTION_SET_CALL ? &r->call
                                                 : &r->err,
                fd);
+        if (a->kind == VHU_ACTION_SET_CALL)
+            r->call_in_band = fd < 0 && a->flag;
         return 0;
     }
     case VHU_ACTION_START_RING:
@@ -617,6 +732,13 @@ static int apply(const vhu_action *a, int *fds, size_t nfds)
             set_fd(&S.rings[q].err, -1);
         }
         return check(vhu_backend_rings_reset(S.be), "reset");
+    case VHU_ACTION_SET_BACKEND_CHANNEL: {
+        int fd = take_fd(fds, nfds, a->fd);
+        if (fd < 0)
+            return -1;
+        set_fd(&S.channel_fd, fd);
+        return check(vhu_backend_channel(S.be, S.channel, vhu_channel_size()), "channel");
+    }
     case VHU_ACTION_TRANSFER_STATE: {
         int fd = take_fd(fds, nfds, a->fd);
         if (fd < 0)
@@ -820,6 +942,7 @@ static int start_session(void)
     S.log_fd = -1;
     S.transfer_fd = -1;
     S.transfer_ok = false;
+    S.channel_fd = -1;
     S.dev = (vhu_device)VHU_DEVICE_INIT; /* vhu_blk_device() fills it */
     if (check(vhu_blk_init(S.blk, vhu_blk_size(), &S.blk_config), "blk init") ||
         check(vhu_blk_device(S.blk, &S.dev), "blk device") ||
@@ -832,7 +955,7 @@ static void end_session(void)
 {
     for (uint16_t q = 0; q < VHU_MAX_QUEUES; q++) {
         struct ring *r = &S.rings[q];
-        r->running = r->broken = r->suspend = r->logged = false;
+        r->running = r->broken = r->suspend = r->logged = r->call_in_band = false;
         set_fd(&r->kick, -1);
         set_fd(&r->call, -1);
         set_fd(&r->err, -1);
@@ -851,6 +974,7 @@ static void end_session(void)
     S.logged_pages = S.log_refused = 0;
     set_fd(&S.log_fd, -1);
     set_fd(&S.transfer_fd, -1);
+    set_fd(&S.channel_fd, -1);
     set_fd(&S.reply_fd, -1);
 }
 
@@ -875,6 +999,10 @@ static void serve(int conn)
             }
             which[n] = q;
             p[n++] = (struct pollfd){r->kick, POLLIN, 0};
+        }
+        if (hangup) {
+            hangup = 0;
+            resized(true);
         }
         if (poll(p, n, timeout) < 0) {
             if (errno == EINTR)
@@ -954,6 +1082,7 @@ int main(int argc, char **argv)
 
     /* Caller-owned state: sizes and alignments from the library. */
     S.be = alloc_state(vhu_backend_size(), vhu_backend_align());
+    S.channel = alloc_state(vhu_channel_size(), vhu_channel_align());
     S.blk = alloc_state(vhu_blk_size(), vhu_blk_align());
     for (uint16_t q = 0; q < VHU_MAX_QUEUES; q++) {
         struct ring *r = &S.rings[q];
@@ -990,7 +1119,8 @@ int main(int argc, char **argv)
                              VHU_PROTOCOL_F_CONFIG | VHU_PROTOCOL_F_CONFIGURE_MEM_SLOTS |
                              VHU_PROTOCOL_F_STATUS | VHU_PROTOCOL_F_RESET_DEVICE |
                              VHU_PROTOCOL_F_INFLIGHT_SHMFD | VHU_PROTOCOL_F_LOG_SHMFD |
-                             VHU_PROTOCOL_F_DEVICE_STATE,
+                             VHU_PROTOCOL_F_DEVICE_STATE | VHU_PROTOCOL_F_BACKEND_REQ |
+                             VHU_PROTOCOL_F_INBAND_NOTIFICATIONS,
         .num_queues = S.queues,
         .max_queue_size = S.queue_size,
     };
@@ -1013,8 +1143,17 @@ int main(int argc, char **argv)
         vhu_backend_size(), vhu_dataplane_size(S.queue_size), vhu_blk_size(),
         vhu_blk_request_size());
     signal(SIGPIPE, SIG_IGN);
+    /* No SA_RESTART: poll and accept return EINTR, and the loops look. */
+    struct sigaction sa = {0};
+    sa.sa_handler = on_hangup;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGHUP, &sa, NULL);
     for (;;) {
         int conn = accept4(ls, NULL, NULL, SOCK_CLOEXEC);
+        if (hangup) {
+            hangup = 0;
+            resized(false);
+        }
         if (conn < 0) {
             if (errno == EINTR)
                 continue;

@@ -2,7 +2,8 @@
 //! announces a grown image with BACKEND_CONFIG_CHANGE_MSG (on SIGHUP, or by
 //! itself with `--watch`) and our front-end link reads the new capacity; a
 //! front-end that never acks loses its connection, and the daemon serves the
-//! next one.
+//! next one. The C back-end `examples/c/blk.c` announces a grown image on
+//! SIGHUP the same way (its `vhu_channel`).
 
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -11,7 +12,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{handshake, recv_reply, send, u64_of, Daemon, TempDir};
+use common::{handshake, recv_reply, send, u64_of, CBlk, Daemon, TempDir};
 use vhost_user_core::feature::ProtocolFeatures as P;
 use vhost_user_core::frontend::{Event, FrontendConfig};
 use vhost_user_core::message::{FrontendReq, Request, HEADER_SIZE, MAX_MESSAGE};
@@ -21,8 +22,12 @@ use vhost_user_linux::sys::socket::Stream;
 const MIB: u64 = 1 << 20;
 
 fn sighup(d: &Daemon) {
+    hup(d.child.id());
+}
+
+fn hup(pid: u32) {
     let st = std::process::Command::new("kill")
-        .args(["-HUP", &d.child.id().to_string()])
+        .args(["-HUP", &pid.to_string()])
         .status()
         .unwrap();
     assert!(st.success());
@@ -32,9 +37,13 @@ fn sighup(d: &Daemon) {
 fn link(d: &Daemon) -> FrontendLink<1, 1> {
     // The socket file appears at bind, a moment before the daemon listens.
     drop(d.connect());
+    link_at(&d.sock)
+}
+
+fn link_at(sock: &std::path::Path) -> FrontendLink<1, 1> {
     let mut cfg: FrontendConfig<1, 1> = FrontendConfig::probe();
     cfg.protocol_features |= P::BACKEND_REQ;
-    let mut l = FrontendLink::connect(&d.sock, cfg, Vec::new(), Vec::new(), Vec::new()).unwrap();
+    let mut l = FrontendLink::connect(sock, cfg, Vec::new(), Vec::new(), Vec::new()).unwrap();
     l.drive().unwrap();
     assert!(l
         .engine()
@@ -100,6 +109,44 @@ fn grown_image_is_announced(watch: bool) {
             .config_changes
             .load(std::sync::atomic::Ordering::Relaxed),
         1
+    );
+}
+
+#[test]
+fn the_c_backend_announces_a_grown_image_on_sighup() {
+    let b = CBlk::start(1);
+    let mut l = link_at(&b.sock);
+    assert_eq!(capacity(&mut l), 32 * MIB / 512);
+    let counters = l.channel_counters().unwrap();
+    let image = std::fs::OpenOptions::new()
+        .write(true)
+        .open(b.dir.join("disk.img"))
+        .unwrap();
+    image.set_len(48 * MIB).unwrap();
+    hup(b.child.id());
+    wait_for("the config change reaches the front-end", || {
+        counters
+            .config_changes
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 1
+    });
+    assert_eq!(capacity(&mut l), 48 * MIB / 512);
+    wait_for("the back-end logs the ack", || {
+        b.log().contains("front-end told of the new capacity")
+    });
+    // The same size again: nothing to tell.
+    hup(b.child.id());
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        counters
+            .config_changes
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert!(
+        b.log().contains("image resized: 50331648 bytes"),
+        "{}",
+        b.log()
     );
 }
 
