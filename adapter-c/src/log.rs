@@ -1,8 +1,11 @@
 //! The dirty log of live migration (LOG_SHMFD, VHOST_F_LOG_ALL,
-//! VHOST_VRING_F_LOG), for a C back-end: while a guest migrates, the
-//! front-end copies its memory in passes and the back-end sets a bit for
-//! every 4 KiB page of guest memory it writes, in a bitmap the front-end
-//! shares (SET_LOG_BASE).
+//! VHOST_VRING_F_LOG): while a guest migrates, the front-end copies its
+//! memory in passes and the back-end sets a bit for every 4 KiB page of
+//! guest memory it writes, in a bitmap the front-end shares
+//! (SET_LOG_BASE). A C front-end sizes the bitmap with
+//! [`vhu_log_bitmap_size`] (and asks for it with
+//! `vhu_frontend_start_logging()`); the rest of this module is a C
+//! back-end's.
 //!
 //! The session says what to do through actions: `VHU_ACTION_MAP_LOG`
 //! (map the bitmap), `VHU_ACTION_SET_LOGGING` (VHOST_F_LOG_ALL on or off:
