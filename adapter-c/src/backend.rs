@@ -554,6 +554,11 @@ pub enum vhu_action_kind {
     /// on every device write into guest memory is marked in the log while
     /// one is mapped (`vhu_log_mark_written()`), or none is.
     VHU_ACTION_SET_LOGGING = 18,
+    /// SET_VRING_ADDR set (`flag` true) or cleared VHOST_VRING_F_LOG on
+    /// ring `queue`: mark its used ring at guest address `offset`
+    /// (`vhu_dataplane_log_used()`) while the log is mapped, or stop.
+    /// A ring that starts logged is told by `vhu_backend_ring_log()`.
+    VHU_ACTION_SET_RING_LOG = 19,
     /// SET_DEVICE_STATE_FD accepted (every ring stopped): `flag` true
     /// (save): write the device's state into message fd `fd` (a pipe end)
     /// and close it; false (load): read it to its end and load it into the
@@ -563,11 +568,6 @@ pub enum vhu_action_kind {
     /// `vhu_backend_finish_transfer()` says how the transfer ended. For a
     /// blk device: `vhu_blk_save_state()`, `vhu_blk_load_state()`.
     VHU_ACTION_TRANSFER_STATE = 20,
-    /// SET_VRING_ADDR set (`flag` true) or cleared VHOST_VRING_F_LOG on
-    /// ring `queue`: mark its used ring at guest address `offset`
-    /// (`vhu_dataplane_log_used()`) while the log is mapped, or stop.
-    /// A ring that starts logged is told by `vhu_backend_ring_log()`.
-    VHU_ACTION_SET_RING_LOG = 19,
     /// An action this version of the ABI does not name (ignore it).
     VHU_ACTION_OTHER = 255,
 }

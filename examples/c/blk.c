@@ -216,8 +216,9 @@ static void set_fd(int *slot, int fd);
 /* How long the front-end may take to ack a back-end request. */
 #define ACK_MS 5000
 
-/* Sends a request `encode` wrote on the back-end channel and takes its
- * ack; the channel is closed (and given up) when that fails. */
+/* Sends the request encoded into `buf` (`encoded`: how the encoding went)
+ * on the back-end channel and takes its ack; the channel is closed (and
+ * the ack given up) when that fails. */
 static int channel_send(const char *what, vhu_result encoded, const uint8_t *buf, size_t len,
                         bool awaits)
 {
