@@ -960,8 +960,9 @@ pub unsafe extern "C" fn vhu_blk_save_state(
                     .and_then(|n| usize::try_from(n).ok())
                     .ok_or(VHU_ERR_INVALID)?,
             };
-            let total = blk_state::HEADER_LEN + n + blk_state::TRAILER_LEN;
-            let out = out.get_mut(..total).ok_or(VHU_ERR_SHORT_BUFFER)?;
+            let out = out
+                .get_mut(..blk_state::state_len(n))
+                .ok_or(VHU_ERR_SHORT_BUFFER)?;
             if let Some(a) = area {
                 // Copied out of the shared area straight into the state:
                 // no reference into shared memory is formed.

@@ -19,8 +19,6 @@
 //! front-end that never answers is given up ([`vhu_channel_abandon`]) and
 //! the connection ended.
 
-use core::mem::size_of;
-
 use vhost_user_core::backend::{Channel, ChannelError, Sent};
 use vhost_user_core::message::WireError;
 
@@ -262,5 +260,3 @@ pub unsafe extern "C" fn vhu_channel_abandon(ch: *mut vhu_channel) -> vhu_result
         Ok(())
     })
 }
-
-const _: () = assert!(size_of::<Channel>() <= 64);

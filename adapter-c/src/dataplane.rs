@@ -13,7 +13,6 @@ use core::mem::{align_of, size_of};
 
 use vhost_user_core::dataplane::{DataPlane, Published, Stop, Token};
 use vhost_user_core::feature::VirtioFeatures;
-use vhost_user_core::log::DirtyLog;
 use vhost_user_core::vring::{Chain, Queue};
 
 use crate::backend::vhu_ring_addrs;
@@ -793,23 +792,13 @@ pub unsafe extern "C" fn vhu_dataplane_log_used(
     pages: *mut u64,
 ) -> vhu_result {
     guard(|| {
-        if log.is_null() {
-            return Err(VHU_ERR_NULL);
-        }
         let mut fp = Footprint::new();
         // SAFETY: the caller's contract.
         unsafe { fp.state::<Ring, _>(dp) }?;
-        fp.writes(pages, usize::from(!pages.is_null()))?;
         // SAFETY: the caller's contract.
         let (r, _) = unsafe { ring(dp) }?;
         // SAFETY: the caller's contract.
-        let log = unsafe { Mem::from_raw(log, &mut fp) }?;
-        let log = log.bind(&fp);
-        let n =
-            r.dp.log_used(&DirtyLog::new(&log, size), log_addr)
-                .map_err(crate::log::log_error)?;
-        // SAFETY: the caller's contract; claimed above.
-        unsafe { crate::log::add_pages(pages, n) }
+        unsafe { crate::log::mark_log(&mut fp, log, size, pages, |d| r.dp.log_used(d, log_addr)) }
     })
 }
 

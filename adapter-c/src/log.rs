@@ -48,7 +48,7 @@ pub extern "C" fn vhu_log_bitmap_size(guest_end: u64) -> u64 {
 }
 
 /// How a log refusal reads in C.
-pub(crate) fn log_error(e: LogError) -> vhu_result {
+fn log_error(e: LogError) -> vhu_result {
     #[allow(unreachable_patterns)]
     match e {
         LogError::Overflow => VHU_ERR_INVALID,
@@ -58,12 +58,41 @@ pub(crate) fn log_error(e: LogError) -> vhu_result {
     }
 }
 
+/// What the marking calls share: `mark` sets bits in the dirty log `log`
+/// (a table, `size` bytes of bitmap) and gives the number of pages it
+/// marked, added to `*pages` unless `pages` is NULL. `fp` holds the
+/// call's other claims; `pages` and the table are claimed here, after
+/// them (so a table whose host range covers any of them is refused).
+///
+/// # Safety
+///
+/// `log` is NULL or points at a valid table mapping the bitmap; `pages`
+/// is NULL or points at a readable and writable `u64`.
+pub(crate) unsafe fn mark_log(
+    fp: &mut Footprint<'_>,
+    log: *const vhu_mem,
+    size: u64,
+    pages: *mut u64,
+    mark: impl FnOnce(&DirtyLog<'_, Mem<'_>>) -> Result<u64, LogError>,
+) -> Result<(), vhu_result> {
+    if log.is_null() {
+        return Err(VHU_ERR_NULL);
+    }
+    fp.writes(pages, usize::from(!pages.is_null()))?;
+    // SAFETY: the caller's contract.
+    let log = unsafe { Mem::from_raw(log, fp) }?;
+    let log = log.bind(fp);
+    let n = mark(&DirtyLog::new(&log, size)).map_err(log_error)?;
+    // SAFETY: the caller's contract; claimed above.
+    unsafe { add_pages(pages, n) }
+}
+
 /// Adds `n` to `*pages` if `pages` is not NULL.
 ///
 /// # Safety
 ///
 /// A non-null `pages` points at a writable `u64` the call claimed.
-pub(crate) unsafe fn add_pages(pages: *mut u64, n: u64) -> Result<(), vhu_result> {
+unsafe fn add_pages(pages: *mut u64, n: u64) -> Result<(), vhu_result> {
     if pages.is_null() {
         return Ok(());
     }
@@ -98,19 +127,9 @@ pub unsafe extern "C" fn vhu_log_mark(
     pages: *mut u64,
 ) -> vhu_result {
     guard(|| {
-        if log.is_null() {
-            return Err(VHU_ERR_NULL);
-        }
         let mut fp = Footprint::new();
-        fp.writes(pages, usize::from(!pages.is_null()))?;
         // SAFETY: the caller's contract.
-        let log = unsafe { Mem::from_raw(log, &mut fp) }?;
-        let log = log.bind(&fp);
-        let n = DirtyLog::new(&log, size)
-            .mark(gpa, len)
-            .map_err(log_error)?;
-        // SAFETY: the caller's contract; claimed above.
-        unsafe { add_pages(pages, n) }
+        unsafe { mark_log(&mut fp, log, size, pages, |d| d.mark(gpa, len)) }
     })
 }
 
@@ -138,12 +157,8 @@ pub unsafe extern "C" fn vhu_log_mark_written(
     pages: *mut u64,
 ) -> vhu_result {
     guard(|| {
-        if log.is_null() {
-            return Err(VHU_ERR_NULL);
-        }
         let mut fp = Footprint::new();
         fp.reads(segs, nsegs)?;
-        fp.writes(pages, usize::from(!pages.is_null()))?;
         // SAFETY: the caller's contract; claimed above.
         let segs = unsafe { state::slice(segs, nsegs) }?;
         let room = segs
@@ -153,21 +168,20 @@ pub unsafe extern "C" fn vhu_log_mark_written(
         if u64::from(written) > room {
             return Err(VHU_ERR_INVALID);
         }
-        // SAFETY: the caller's contract.
-        let log = unsafe { Mem::from_raw(log, &mut fp) }?;
-        let log = log.bind(&fp);
-        let dirty = DirtyLog::new(&log, size);
-        let mut left = written;
-        let mut n = 0u64;
-        for s in segs.iter().filter(|s| s.writable) {
-            if left == 0 {
-                break;
+        let mark = |dirty: &DirtyLog<'_, Mem<'_>>| {
+            let mut left = written;
+            let mut n = 0u64;
+            for s in segs.iter().filter(|s| s.writable) {
+                if left == 0 {
+                    break;
+                }
+                let len = left.min(s.len);
+                n = n.saturating_add(dirty.mark(s.addr, u64::from(len))?);
+                left -= len;
             }
-            let len = left.min(s.len);
-            n = n.saturating_add(dirty.mark(s.addr, u64::from(len)).map_err(log_error)?);
-            left -= len;
-        }
-        // SAFETY: the caller's contract; claimed above.
-        unsafe { add_pages(pages, n) }
+            Ok(n)
+        };
+        // SAFETY: the caller's contract.
+        unsafe { mark_log(&mut fp, log, size, pages, mark) }
     })
 }

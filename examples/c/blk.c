@@ -92,7 +92,6 @@ static struct {
     vhu_region log_region;
     struct mapping log_map;
     vhu_mem log;            /* the dirty log: count 0 while none is mapped */
-    uint64_t log_size;
     bool log_all;           /* VHOST_F_LOG_ALL: device writes are marked */
     int log_fd;             /* signalled after marking (SET_LOG_FD) */
     unsigned long logged_pages, log_refused;
@@ -318,7 +317,7 @@ static int log_used(struct ring *r)
     uint64_t pages = 0;
     if (!S.log.count || !r->logged)
         return 0;
-    if (check(vhu_dataplane_log_used(r->dp, &S.log, S.log_size, r->log_addr, &pages),
+    if (check(vhu_dataplane_log_used(r->dp, &S.log, S.log_region.size, r->log_addr, &pages),
               "log used ring")) {
         S.log_refused++;
         return -1;
@@ -381,7 +380,7 @@ static int process(struct ring *r, const vhu_token *tok, const vhu_segment *segs
          * to a migration, so the ring stops instead. */
         uint64_t pages = 0;
         if (S.log_all && S.log.count) {
-            if (check(vhu_log_mark_written(&S.log, S.log_size, segs, n, used, &pages),
+            if (check(vhu_log_mark_written(&S.log, S.log_region.size, segs, n, used, &pages),
                       "log request")) {
                 S.log_refused++;
                 return -1;
@@ -497,15 +496,23 @@ static int wait_fd(int fd, short events, long long deadline)
     }
 }
 
+/* The inflight area a device state carries, and its layout; NULL and 0x0
+ * without one. */
+static const vhu_mem *state_area(uint16_t *nq, uint16_t *qs)
+{
+    const vhu_mem *a = area();
+    if (!a || vhu_backend_inflight_layout(S.be, nq, qs) != VHU_OK) {
+        *nq = *qs = 0;
+        return NULL;
+    }
+    return a;
+}
+
 /* Saves the device's state into `fd` (with the inflight area, if any). */
 static int save_state(int fd)
 {
-    uint16_t nq = 0, qs = 0;
-    const vhu_mem *a = area();
-    if (!a || vhu_backend_inflight_layout(S.be, &nq, &qs) != VHU_OK) {
-        a = NULL;
-        nq = qs = 0;
-    }
+    uint16_t nq, qs;
+    const vhu_mem *a = state_area(&nq, &qs);
     size_t cap, len;
     if (check(vhu_blk_state_size(a ? (size_t)S.area_region.size : 0, &cap), "state size"))
         return -1;
@@ -540,12 +547,8 @@ out:
 /* Reads a state from `fd` to its end and loads it into the device. */
 static int load_state(int fd)
 {
-    uint16_t nq = 0, qs = 0;
-    const vhu_mem *a = area();
-    if (!a || vhu_backend_inflight_layout(S.be, &nq, &qs) != VHU_OK) {
-        a = NULL;
-        nq = qs = 0;
-    }
+    uint16_t nq, qs;
+    const vhu_mem *a = state_area(&nq, &qs);
     size_t cap = 4096, len = 0;
     uint8_t *buf = malloc(cap);
     int rc = -1;
@@ -764,7 +767,6 @@ static int apply(const vhu_action *a, int *fds, size_t nfds)
         if (!host)
             return -1;
         S.log_region = (vhu_region){0, a->size, host};
-        S.log_size = a->size;
         S.log.count = 1;
         LOG("dirty log of %llu bytes mapped", (unsigned long long)a->size);
         return 0;
