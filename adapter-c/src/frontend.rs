@@ -554,7 +554,9 @@ pub unsafe extern "C" fn vhu_frontend_poll_transmit(
 /// and payload) that came with `nfds` fds (the caller closes them). Every
 /// error of the reply's is fatal: the connection must end (the engine
 /// fails on each it sees; a header that does not parse is `VHU_ERR_WIRE`
-/// before it does). A `len` that is not exactly one message is the
+/// before it does), but for `VHU_ERR_NACK` to SET_DEVICE_STATE_FD or
+/// CHECK_DEVICE_STATE (the device state did not move), after which the
+/// engine goes on (since ABI 1.2). A `len` that is not exactly one message is the
 /// caller's framing, refused before the engine sees it (nothing changes:
 /// the reply given exactly is taken): `VHU_ERR_SHORT_BUFFER` for fewer
 /// bytes than the header announces, `VHU_ERR_INVALID` for more (another
@@ -869,8 +871,10 @@ pub unsafe extern "C" fn vhu_frontend_start_logging(
 /// end of a pipe the host made (`VHU_FD_DEVICE_STATE`), to save the state
 /// into (`save`, the write end) or load it from (the read end);
 /// `VHU_EVENT_STATE_TRANSFER` (or `_BACKEND_FD`) says to run the transfer
-/// on the other end, then `vhu_frontend_check_state()`. A refusal is fatal
-/// (`VHU_ERR_NACK` from `vhu_frontend_handle_reply()`).
+/// on the other end, then `vhu_frontend_check_state()`. A refusal is
+/// `VHU_ERR_NACK` from `vhu_frontend_handle_reply()`, and the engine goes
+/// on as it was (since ABI 1.2; 1.1 failed it): a source may start its
+/// device again, a destination try another state.
 /// `VHU_ERR_NOT_NEGOTIATED` without DEVICE_STATE, `VHU_ERR_BUSY` in
 /// another state or while another flow runs.
 ///
@@ -893,9 +897,10 @@ pub unsafe extern "C" fn vhu_frontend_transfer_state(
 
 /// CHECK_DEVICE_STATE, once the transfer's channel was read to its end
 /// (save) or written and closed (load): `VHU_EVENT_STATE_CHECKED` when
-/// the back-end saved or loaded the whole state; its failure is fatal
-/// (`VHU_ERR_NACK` from `vhu_frontend_handle_reply()`). As
-/// `vhu_frontend_transfer_state()` for the states allowed.
+/// the back-end saved or loaded the whole state; its failure is
+/// `VHU_ERR_NACK` from `vhu_frontend_handle_reply()`, and the engine goes
+/// on (as for a refused `vhu_frontend_transfer_state()`, whose states
+/// allowed are this one's too).
 ///
 /// # Safety
 ///

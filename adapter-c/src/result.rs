@@ -199,7 +199,7 @@ pub(crate) fn backend(e: BackendError) -> vhu_result {
 pub(crate) fn frontend(e: FrontendError) -> vhu_result {
     match e {
         FrontendError::Wire(w) => wire(w),
-        FrontendError::Nack { .. } => VHU_ERR_NACK,
+        FrontendError::Nack { .. } | FrontendError::StateRefused { .. } => VHU_ERR_NACK,
         FrontendError::Busy | FrontendError::WrongState(_) => VHU_ERR_BUSY,
         FrontendError::NotNegotiated(_) => VHU_ERR_NOT_NEGOTIATED,
         FrontendError::Unsupported(_) | FrontendError::LogAllNotOffered => VHU_ERR_UNSUPPORTED,

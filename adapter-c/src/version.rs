@@ -37,8 +37,12 @@ pub const VHU_ABI_MAJOR: u32 = 1;
 /// `vhu_channel_vring_call()`, `vhu_channel_vring_err()`,
 /// `vhu_channel_reply()`, `vhu_channel_abandon()`; INBAND_NOTIFICATIONS
 /// offered, SET_CALL/SET_ERR's `flag` for in-band); a blk device resized
-/// (`vhu_blk_set_capacity()`).
-pub const VHU_ABI_MINOR: u32 = 1;
+/// (`vhu_blk_set_capacity()`). 2: a refused device state transfer
+/// (`VHU_ERR_NACK` to SET_DEVICE_STATE_FD or CHECK_DEVICE_STATE from
+/// `vhu_frontend_handle_reply()`) leaves the front-end engine going
+/// (1.1 failed it; a program that ends the connection on it is served
+/// as before).
+pub const VHU_ABI_MINOR: u32 = 2;
 
 /// The version this header describes, `VHU_ABI_MAJOR << 16 |
 /// VHU_ABI_MINOR`: the argument of `vhu_abi_check()`.

@@ -55,6 +55,10 @@ struct Pair {
     ring_log: Option<u64>,
     /// TRANSFER_STATE actions: save (true) or load.
     transfers: Vec<bool>,
+    /// How the back-end's host ends the transfers (`false`: failed), and
+    /// the front-end's refusals of their checks (`VHU_ERR_NACK`) so far.
+    transfers_ok: bool,
+    state_nacks: usize,
     /// SET_CALL and SET_ERR actions: (call, queue, fd, in-band); the
     /// back-end channel was set.
     notifiers: Vec<(bool, u16, i32, bool)>,
@@ -96,6 +100,8 @@ impl Pair {
             log_all: false,
             ring_log: None,
             transfers: Vec::new(),
+            transfers_ok: true,
+            state_nacks: 0,
             notifiers: Vec::new(),
             channel_set: false,
             events: Vec::new(),
@@ -379,7 +385,7 @@ impl Pair {
                     let r = unsafe {
                         vhu_backend_finish_transfer(
                             self.be.at(),
-                            true,
+                            self.transfers_ok,
                             reply.as_mut_ptr(),
                             reply.len(),
                             &mut n,
@@ -390,10 +396,12 @@ impl Pair {
                 }
             };
             // SAFETY: live engine; the reply is `n` bytes of `reply`.
-            check(
-                unsafe { vhu_frontend_handle_reply(self.fe.at(), reply.as_ptr(), n, 0) },
-                "reply",
-            );
+            let r = unsafe { vhu_frontend_handle_reply(self.fe.at(), reply.as_ptr(), n, 0) };
+            if r == VHU_ERR_NACK && !self.transfers_ok {
+                self.state_nacks += 1;
+            } else {
+                check(r, "reply");
+            }
         }
     }
 
@@ -796,6 +804,41 @@ fn a_device_state_transfer_from_front_end_to_back_end() {
     }
     assert_eq!(p.transfers, [true, false]);
     assert_eq!(p.state(), vhu_frontend_state::VHU_FRONTEND_STOPPED);
+
+    // A transfer the back-end fails: CHECK_DEVICE_STATE's reply is
+    // VHU_ERR_NACK, and the engine goes on (ABI 1.2): still stopped, the
+    // next transfer is taken, and the device starts again.
+    p.transfers_ok = false;
+    p.events.clear();
+    // SAFETY: live engine.
+    check(
+        unsafe { vhu_frontend_transfer_state(p.fe.at(), true) },
+        "transfer",
+    );
+    p.pump(&mut no_pending);
+    // SAFETY: live engine.
+    check(unsafe { vhu_frontend_check_state(p.fe.at()) }, "check");
+    p.pump(&mut no_pending);
+    assert_eq!(p.state_nacks, 1);
+    assert_eq!(p.events, [VHU_EVENT_STATE_TRANSFER]);
+    assert_eq!(p.state(), vhu_frontend_state::VHU_FRONTEND_STOPPED);
+    p.transfers_ok = true;
+    // SAFETY: live engine.
+    check(
+        unsafe { vhu_frontend_transfer_state(p.fe.at(), false) },
+        "transfer",
+    );
+    p.pump(&mut no_pending);
+    // SAFETY: live engine.
+    check(unsafe { vhu_frontend_check_state(p.fe.at()) }, "check");
+    p.pump(&mut no_pending);
+    assert_eq!(p.events.last(), Some(&VHU_EVENT_STATE_CHECKED));
+    assert_eq!(p.transfers, [true, false, true, false]);
+    // SAFETY: live engine.
+    check(unsafe { vhu_frontend_start(p.fe.at()) }, "start");
+    p.pump(&mut no_pending);
+    assert!(p.running);
+    assert_eq!(p.state(), vhu_frontend_state::VHU_FRONTEND_STARTED);
 }
 
 /// Without DEVICE_STATE negotiated the front-end sends nothing.

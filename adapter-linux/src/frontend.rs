@@ -525,6 +525,23 @@ impl<const Q: usize, const R: usize> FrontendLink<Q, R> {
             .ok_or(LinkError::Engine(FrontendError::Failed))
     }
 
+    /// Ends the transfer the link ran (`ran`, its outcome) with
+    /// CHECK_DEVICE_STATE, also when the link gave up on it (a state too
+    /// long, a read or write error: its channel end is closed by then, so
+    /// the back-end's transfer ends too), so that the back-end holds no
+    /// transfer and another may follow; the link's own error comes first.
+    /// A transfer that timed out is not checked: the back-end may still
+    /// be at it, and would answer the check only then.
+    fn end_transfer<T>(&mut self, ran: Result<T, LinkError>) -> Result<T, LinkError> {
+        if matches!(ran, Err(LinkError::Timeout(_))) {
+            return ran;
+        }
+        let checked = self.check_transfer();
+        let v = ran?;
+        checked?;
+        Ok(v)
+    }
+
     /// Runs `f` on a helper thread, waiting at most the reply timeout: a
     /// back-end that never closes its end is a timeout, not a hang.
     fn bounded<T: Send + 'static>(
@@ -547,6 +564,13 @@ impl<const Q: usize, const R: usize> FrontendLink<Q, R> {
     /// with a pipe's write end, the state read to its end (at most
     /// `limit` bytes), CHECK_DEVICE_STATE. The bytes are the back-end's
     /// own format, for a destination's [`load_state`](Self::load_state).
+    ///
+    /// A back-end that refuses the transfer or fails it is
+    /// [`FrontendError::StateRefused`] (as [`LinkError::Engine`]), and the
+    /// link goes on: the device can start again, as after a failed
+    /// migration. So does a transfer the link gives up on (a state over
+    /// `limit`, a read error), which it checks all the same, returning its
+    /// own error.
     pub fn save_state(&mut self, limit: u64) -> Result<Vec<u8>, LinkError> {
         let (r, w) = crate::sys::pipe::pipe()?;
         let fd = self.begin_transfer(DeviceStateDirection::Save, w, r)?;
@@ -560,24 +584,25 @@ impl<const Q: usize, const R: usize> FrontendLink<Q, R> {
                 return Err(io::Error::other("device state too long"));
             }
             Ok(bytes)
-        })?;
-        self.check_transfer()?;
-        Ok(bytes)
+        });
+        self.end_transfer(bytes)
     }
 
     /// Loads `state` into the back-end (DEVICE_STATE negotiated, no ring
     /// running: before the first start, or after
     /// [`Frontend::prepare`]): SET_DEVICE_STATE_FD with a pipe's read end,
-    /// the state written and the pipe closed, CHECK_DEVICE_STATE.
+    /// the state written and the pipe closed, CHECK_DEVICE_STATE. A
+    /// refusal leaves the link going, as for
+    /// [`save_state`](Self::save_state): another state may be loaded.
     pub fn load_state(&mut self, state: &[u8]) -> Result<(), LinkError> {
         let (r, w) = crate::sys::pipe::pipe()?;
         let fd = self.begin_transfer(DeviceStateDirection::Load, r, w)?;
         let state = state.to_vec();
-        self.bounded(FrontendReq::SetDeviceStateFd, move || {
+        let written = self.bounded(FrontendReq::SetDeviceStateFd, move || {
             let mut f = std::fs::File::from(fd);
             io::Write::write_all(&mut f, &state)
-        })?;
-        self.check_transfer()
+        });
+        self.end_transfer(written)
     }
 
     /// Switches dirty logging on (the rings running, or stopped after a

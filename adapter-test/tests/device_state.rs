@@ -319,24 +319,57 @@ fn reply_u64(code: FrontendReq, v: u64) -> Vec<u8> {
 }
 
 /// Error bits in SET_DEVICE_STATE_FD's reply, or a failed
-/// CHECK_DEVICE_STATE: the engine fails with the value, as for a failed
-/// ack; an fd with an error is malformed.
+/// CHECK_DEVICE_STATE: refused with the value, and the session goes on
+/// (a source whose save failed starts its device again, as after a
+/// failed migration; the transfer can be tried again); an fd with an
+/// error is malformed, and fatal.
 #[test]
-fn a_refused_or_failed_transfer_fails_the_front_end_engine() {
-    use vhost_user_core::frontend::{FrontendError, State};
+fn a_refused_or_failed_transfer_leaves_the_front_end_engine_going() {
+    use vhost_user_core::frontend::{Event, FrontendError, State};
     let code = FrontendReq::SetDeviceStateFd;
     let mut p = stopped_engine();
+    p.take_events();
     p.hold_at = Some(code);
     p.fe.transfer_state(Dir::Save).unwrap();
     p.drive();
+    let e = p.deliver(&reply_u64(code, 0x101), 0).unwrap_err();
     assert_eq!(
-        p.deliver(&reply_u64(code, 0x101), 0),
-        Err(FrontendError::Nack {
+        e,
+        FrontendError::StateRefused {
             request: code,
             value: 1
-        })
+        }
     );
-    assert_eq!(p.fe.state(), State::Failed);
+    assert!(!e.is_fatal());
+    assert_eq!(p.fe.state(), State::Stopped);
+    assert!(p.fe.is_idle() && !p.fe.awaits_reply());
+    assert_eq!(p.take_events(), []);
+    // The back-end took the message (the refusal was forged in place of
+    // its reply, which is dropped): it drops the transfer, as one that
+    // refused never had it.
+    p.held_reply = None;
+    let mut buf = [0u8; HEADER_SIZE + 8];
+    p.be.session.finish_transfer(false, &mut buf).unwrap();
+    // The device starts again, and a later save goes through.
+    p.hold_at = None;
+    p.start().unwrap();
+    assert!(p.be.ring(0).is_some());
+    p.stop().unwrap();
+    p.take_events();
+    p.fe.transfer_state(Dir::Save).unwrap();
+    p.drive();
+    p.fe.check_state().unwrap();
+    p.drive();
+    assert_eq!(
+        p.take_events(),
+        [
+            Event::StateTransfer {
+                direction: Dir::Save,
+                backend_fd: false
+            },
+            Event::StateChecked
+        ]
+    );
 
     let mut p = stopped_engine();
     p.hold_at = Some(code);
@@ -355,9 +388,21 @@ fn a_refused_or_failed_transfer_fails_the_front_end_engine() {
     p.drive();
     assert_eq!(
         p.deliver(&reply_u64(check, 1), 0),
-        Err(FrontendError::Nack {
+        Err(FrontendError::StateRefused {
             request: check,
             value: 1
         })
     );
+    assert_eq!(p.fe.state(), State::Stopped);
+    assert!(p.fe.is_idle());
+    assert!(!p.take_events().contains(&Event::StateChecked));
+    // A destination may try another state: the next transfer is taken.
+    p.held_reply = None;
+    p.hold_at = None;
+    p.fe.transfer_state(Dir::Load).unwrap();
+    p.drive();
+    p.fe.check_state().unwrap();
+    p.drive();
+    assert_eq!(p.be.transfers, [Dir::Save, Dir::Load]);
+    assert_eq!(p.take_events().last(), Some(&Event::StateChecked));
 }

@@ -18,7 +18,7 @@ use std::process::Command;
 use common::{Daemon, TempDir};
 use vhost_user_core::device::blk::state as blk_state;
 use vhost_user_core::feature::ProtocolFeatures as P;
-use vhost_user_core::frontend::{FrontendConfig, FrontendError};
+use vhost_user_core::frontend::{FrontendConfig, FrontendError, State};
 use vhost_user_core::message::FrontendReq;
 use vhost_user_linux::frontend::{FrontendLink, LinkError};
 
@@ -46,19 +46,21 @@ fn the_front_end_link_saves_and_loads_through_a_pipe() {
     assert_eq!(s.capacity, 16 << 11, "16 MiB in sectors");
     l.load_state(&saved).unwrap();
     assert_eq!(l.save_state(1 << 20).unwrap(), saved);
-    // More than the limit: refused by the link.
+    // More than the limit: refused by the link, which still ends the
+    // back-end's transfer (CHECK_DEVICE_STATE), so the next one is taken.
     assert!(l.save_state(8).is_err());
-    // A refused state fails the engine (as a failed ack does); the daemon
-    // serves one front-end at a time.
-    drop(l);
-    let mut l = link(&d);
+    // A refused state leaves the link going, as a failed migration leaves
+    // a VMM's device: the state it had loads on the same link.
     match l.load_state(b"not a state") {
-        Err(LinkError::Engine(FrontendError::Nack {
+        Err(LinkError::Engine(FrontendError::StateRefused {
             request: FrontendReq::CheckDeviceState,
             value: 1,
         })) => {}
         other => panic!("expected CHECK_DEVICE_STATE to fail, got {other:?}"),
     }
+    l.load_state(&saved).unwrap();
+    assert_eq!(l.save_state(1 << 20).unwrap(), saved);
+    assert_eq!(l.engine().state(), State::Ready);
 }
 
 /// Two daemons on one image, each holding every request 500 µs (so that

@@ -513,6 +513,19 @@ impl Harness {
                     }
                 }
             }
+            Err(e @ FrontendError::StateRefused { request, .. }) => {
+                // A refused device state transfer ends its flow and leaves
+                // the session as it was.
+                self.asked = None;
+                assert!(!e.is_fatal());
+                assert_eq!(request, a.code);
+                assert!(matches!(
+                    request,
+                    FrontendReq::SetDeviceStateFd | FrontendReq::CheckDeviceState
+                ));
+                assert_eq!(self.fe.state(), phase, "a refused transfer moved the engine");
+                assert!(!self.failed() && self.fe.is_idle() && !self.fe.awaits_reply());
+            }
             Err(e) => {
                 self.asked = None;
                 assert!(e.is_fatal(), "a refused reply is not fatal: {e:?}");

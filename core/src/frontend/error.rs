@@ -11,7 +11,9 @@ use super::State;
 /// the configuration errors, and [`WireError::BufferTooSmall`] from
 /// `poll_transmit`) leave the engine as it was; **reply errors** (every
 /// other variant, returned by `handle_reply`) are fatal: the engine enters
-/// [`State::Failed`] and the adapter closes the connection.
+/// [`State::Failed`] and the adapter closes the connection, but for
+/// [`StateRefused`](Self::StateRefused), a well-formed answer that ends
+/// its flow and leaves the session going ([`is_fatal`](Self::is_fatal)).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[non_exhaustive]
@@ -28,6 +30,19 @@ pub enum FrontendError {
     /// A well-formed reply of a kind this engine never asks for (e.g. a
     /// postcopy ADD_MEM_REG reply).
     UnexpectedPayload(FrontendReq),
+    /// The back-end refused SET_DEVICE_STATE_FD (the error bits of its
+    /// reply) or answered CHECK_DEVICE_STATE with a non-zero value: the
+    /// device state did not move whole. Not fatal: the transfer's flow
+    /// ends and the session goes on as it was, so a source whose state
+    /// could not be saved keeps its device (and starts it again, as a
+    /// VMM does after a failed migration), and a destination can try
+    /// another state or drop the connection.
+    StateRefused {
+        /// SET_DEVICE_STATE_FD or CHECK_DEVICE_STATE.
+        request: FrontendReq,
+        /// The reply's error bits (SET_DEVICE_STATE_FD) or its value.
+        value: u64,
+    },
     /// The back-end answered a REPLY_ACK with a non-zero value.
     Nack {
         /// The refused request.
@@ -148,6 +163,7 @@ impl FrontendError {
                 | FrontendError::LogTooSmall { .. }
                 | FrontendError::AlreadyLogging
                 | FrontendError::NotLogging
+                | FrontendError::StateRefused { .. }
         )
     }
 }
@@ -166,6 +182,12 @@ impl fmt::Display for FrontendError {
                 write!(f, "reply to request {request} while none was awaited")
             }
             FrontendError::UnexpectedPayload(r) => write!(f, "unexpected kind of reply to {r}"),
+            FrontendError::StateRefused { request, value } => {
+                write!(
+                    f,
+                    "back-end refused {request} (value {value}): the device state did not move"
+                )
+            }
             FrontendError::Nack { request, value } => {
                 write!(f, "back-end refused {request} (ack value {value})")
             }

@@ -744,7 +744,9 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
     /// Every error is fatal (the engine enters [`State::Failed`]): no reply
     /// awaited, another request id, flags other than exactly
     /// `VERSION | REPLY`, a size the request does not allow, a failed ack,
-    /// or a value that is not sane for the request.
+    /// or a value that is not sane for the request; but for a refused
+    /// device state transfer ([`FrontendError::StateRefused`]), which ends
+    /// its flow and leaves the session going.
     pub fn handle_reply(
         &mut self,
         header: &Header,
@@ -764,8 +766,18 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
             Ok(r) => r,
             Err(e) => return self.fail(e.into()),
         };
-        if let Err(e) = self.take_reply(step, reply) {
-            return self.fail(e);
+        match self.take_reply(step, reply) {
+            Ok(()) => {}
+            Err(e @ FrontendError::StateRefused { .. }) => {
+                // The transfer's flow (this one message) ends; the
+                // session goes on as it was.
+                warn!("{}", e);
+                self.awaiting = None;
+                self.next = None;
+                self.finish_flow();
+                return Err(e);
+            }
+            Err(e) => return self.fail(e),
         }
         self.awaiting = None;
         self.complete(step);
@@ -916,7 +928,8 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
     /// accepted: the adapter then reads the other end to its end, or
     /// writes the state and closes it, and calls
     /// [`check_state`](Self::check_state). A refusal (error bits) is
-    /// [`FrontendError::Nack`].
+    /// [`FrontendError::StateRefused`] from `handle_reply`: the session
+    /// goes on, nothing moved.
     ///
     /// Needs DEVICE_STATE negotiated and the device suspended: allowed in
     /// [`State::Ready`] and [`State::Stopped`] when no other flow runs.
@@ -931,7 +944,9 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
 
     /// CHECK_DEVICE_STATE, after the transfer's channel was read to its
     /// end or written and closed: [`Event::StateChecked`] when the back-end
-    /// saved or loaded the whole state, else [`FrontendError::Nack`].
+    /// saved or loaded the whole state, else [`FrontendError::StateRefused`]
+    /// from `handle_reply` (the session goes on: a source keeps its
+    /// device, a destination may load another state).
     ///
     /// Needs DEVICE_STATE negotiated; allowed in [`State::Ready`] and
     /// [`State::Stopped`] when no other flow runs.
@@ -1370,7 +1385,7 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
                     return Err(FrontendError::UnexpectedPayload(code));
                 };
                 if error != 0 {
-                    return Err(FrontendError::Nack {
+                    return Err(FrontendError::StateRefused {
                         request: code,
                         value: u64::from(error),
                     });
@@ -1434,7 +1449,7 @@ impl<const Q: usize, const R: usize> Frontend<Q, R> {
             Step::GetMaxMemSlots => self.info.max_mem_slots = Some(v),
             Step::CheckDeviceState => {
                 if v != 0 {
-                    return Err(FrontendError::Nack {
+                    return Err(FrontendError::StateRefused {
                         request: code,
                         value: v,
                     });
