@@ -36,11 +36,13 @@ use std::time::{Duration, Instant};
 
 use vhost_user_core::device::blk::{BlkFeatures, VIRTIO_BLK_T_FLUSH};
 use vhost_user_core::feature::{ProtocolFeatures as P, VirtioFeatures as V};
-use vhost_user_core::frontend::{Event, FrontendConfig, NotifyMode, QueueConfig, State};
+use vhost_user_core::frontend::{
+    Event, FrontendConfig, FrontendError, NotifyMode, QueueConfig, State,
+};
 use vhost_user_core::memory::GuestMemory;
 use vhost_user_core::message::MemRegionMsg;
 use vhost_user_core::vring::RingAddrs;
-use vhost_user_linux::frontend::FrontendLink;
+use vhost_user_linux::frontend::{FrontendLink, LinkError};
 use vhost_user_linux::memory::LinuxGuestMemory;
 use vhost_user_linux::sys::epoll::{Epoll, EpollEvent, Interest};
 use vhost_user_linux::sys::eventfd::EventFd;
@@ -168,6 +170,10 @@ pub struct Report {
     pub ring_errors: u64,
     /// Migrations between the two back-ends.
     pub migrations: u64,
+    /// Migrations that failed because the state did not move (the source
+    /// could not save it, or the destination refused it): the source ran
+    /// again, as a VMM resumes its guest.
+    pub failed_migrations: u64,
     /// Requests in flight at the migrations' stops (all of them, summed):
     /// the destination completed them.
     pub carried: u64,
@@ -231,11 +237,12 @@ impl Report {
             self.config_changes, self.backend_calls, self.ring_errors
         );
         let _ = writeln!(s, "in-order: {}", if self.in_order { "yes" } else { "no" });
-        if self.migrations > 0 {
+        if self.migrations + self.failed_migrations > 0 {
             let _ = writeln!(
                 s,
-                "migrations {} ({} requests in flight carried): {} requests lost, {} duplicated",
-                self.migrations, self.carried, self.lost, self.duplicated
+                "migrations {} ({} failed, the source resumed; {} requests in flight carried): \
+                 {} requests lost, {} duplicated",
+                self.migrations, self.failed_migrations, self.carried, self.lost, self.duplicated
             );
             let _ = writeln!(
                 s,
@@ -249,7 +256,7 @@ impl Report {
     /// The report as JSON.
     pub fn json(&self) -> String {
         format!(
-            "{{\"requests\": {}, \"seconds\": {:.6}, \"iops\": {:.1}, \"mbps\": {:.3}, \"p50_ns\": {}, \"p99_ns\": {}, \"p999_ns\": {}, \"kicks\": {}, \"calls\": {}, \"reconnects\": {}, \"config_changes\": {}, \"backend_calls\": {}, \"ring_errors\": {}, \"migrations\": {}, \"carried\": {}, \"lost\": {}, \"duplicated\": {}, \"dirty_pages\": {}, \"dirty_pages_min\": {}, \"dirty_pages_max\": {}, \"in_order\": {}, \"notifications_per_request\": {:.4}}}\n",
+            "{{\"requests\": {}, \"seconds\": {:.6}, \"iops\": {:.1}, \"mbps\": {:.3}, \"p50_ns\": {}, \"p99_ns\": {}, \"p999_ns\": {}, \"kicks\": {}, \"calls\": {}, \"reconnects\": {}, \"config_changes\": {}, \"backend_calls\": {}, \"ring_errors\": {}, \"migrations\": {}, \"failed_migrations\": {}, \"carried\": {}, \"lost\": {}, \"duplicated\": {}, \"dirty_pages\": {}, \"dirty_pages_min\": {}, \"dirty_pages_max\": {}, \"in_order\": {}, \"notifications_per_request\": {:.4}}}\n",
             self.requests,
             self.elapsed.as_secs_f64(),
             self.iops(),
@@ -264,6 +271,7 @@ impl Report {
             self.backend_calls,
             self.ring_errors,
             self.migrations,
+            self.failed_migrations,
             self.carried,
             self.lost,
             self.duplicated,
@@ -502,11 +510,27 @@ fn open(
 /// Largest device state taken from a source back-end.
 const MAX_STATE: u64 = 64 << 20;
 
+/// How a migration ended.
+enum Migrated {
+    /// The destination runs the device: the dirty pages the source logged.
+    Moved(Vec<u64>),
+    /// The state did not move (the source could not save it, or the
+    /// destination refused it): the source runs again, from where it
+    /// stopped (it resubmits what it suspended), as a VMM resumes its
+    /// guest after a failed migration. Why.
+    Resumed(String),
+}
+
+/// A back-end refused a device state transfer: the link goes on.
+fn refused(e: &LinkError) -> bool {
+    matches!(e, LinkError::Engine(FrontendError::StateRefused { .. }))
+}
+
 /// Moves the device from `from` (running, logging) to `to` (connected,
 /// stopped or never started): stop without draining, the dirty log's last
 /// pass (read and cleared, logging off), save, load, start from the same
-/// bases. Returns the dirty pages logged.
-fn migrate(from: &mut Link, to: &mut Link, queues: u16) -> Result<Vec<u64>, String> {
+/// bases; a state that does not move starts `from` again.
+fn migrate(from: &mut Link, to: &mut Link, queues: u16) -> Result<Migrated, String> {
     from.engine()
         .stop_suspending()
         .map_err(|e| format!("stop: {e}"))?;
@@ -519,9 +543,16 @@ fn migrate(from: &mut Link, to: &mut Link, queues: u16) -> Result<Vec<u64>, Stri
     let dirty = from.take_dirty_pages();
     from.stop_logging()
         .map_err(|e| format!("switching logging off: {e}"))?;
-    let state = from
-        .save_state(MAX_STATE)
-        .map_err(|e| format!("saving the device state: {e}"))?;
+    let resume = |from: &mut Link, why: String| {
+        start(from).map_err(|e| format!("{why}; resuming the source: {e}"))?;
+        let _ = from.take_events();
+        Ok(Migrated::Resumed(why))
+    };
+    let state = match from.save_state(MAX_STATE) {
+        Ok(s) => s,
+        Err(e) if refused(&e) => return resume(from, format!("saving the device state: {e}")),
+        Err(e) => return Err(format!("saving the device state: {e}")),
+    };
     for q in 0..queues {
         let base = from.engine().ring_base(q).ok_or("no base for a ring")?;
         to.engine()
@@ -531,11 +562,14 @@ fn migrate(from: &mut Link, to: &mut Link, queues: u16) -> Result<Vec<u64>, Stri
     to.engine().prepare().map_err(|e| e.to_string())?;
     to.drive()
         .map_err(|e| format!("preparing the destination: {e}"))?;
-    to.load_state(&state)
-        .map_err(|e| format!("loading the device state: {e}"))?;
+    match to.load_state(&state) {
+        Ok(()) => {}
+        Err(e) if refused(&e) => return resume(from, format!("loading the device state: {e}")),
+        Err(e) => return Err(format!("loading the device state: {e}")),
+    }
     start(to)?;
     let _ = to.take_events();
-    Ok(dirty)
+    Ok(Migrated::Moved(dirty))
 }
 
 /// The guest pages a back-end may write, and those it must not (guest
@@ -1080,9 +1114,25 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
         if let (Some(m), Some(to)) = (&o.migrate, other.as_mut()) {
             if last_migration.elapsed() >= m.every && !done(&rep, next_req) {
                 let _ = epoll.delete(link.socket());
-                let n = rep.migrations + 1;
-                let dirty =
-                    migrate(&mut link, to, o.queues).map_err(|e| format!("migration {n}: {e}"))?;
+                let n = rep.migrations + rep.failed_migrations + 1;
+                let dirty = match migrate(&mut link, to, o.queues)
+                    .map_err(|e| format!("migration {n}: {e}"))?
+                {
+                    Migrated::Moved(dirty) => dirty,
+                    Migrated::Resumed(why) => {
+                        eprintln!("vhu bench: migration {n} failed ({why}); the source resumed");
+                        rep.failed_migrations += 1;
+                        log_on(&mut link)?;
+                        log_from = next_req;
+                        logged_done = 0;
+                        epoll
+                            .add(link.socket(), Interest::READABLE, SOCKET)
+                            .map_err(|e| e.to_string())?;
+                        last_migration = Instant::now();
+                        last_completion = Instant::now();
+                        continue;
+                    }
+                };
                 page_map
                     .check(&dirty, logged_done)
                     .map_err(|e| format!("migration {n}: dirty log: {e}"))?;

@@ -165,6 +165,80 @@ fn vhu_bench_migrates_twenty_times_with_message_45() {
     migrate_under_load(true);
 }
 
+/// A destination that refuses every state (its disk is another size): each
+/// migration fails at CHECK_DEVICE_STATE, and the bench resumes the source
+/// on the same connection, as a VMM resumes its guest after a failed
+/// migration; the source resubmits the requests it suspended at the stop,
+/// and the verified load goes on, none lost or completed twice.
+#[test]
+fn vhu_bench_resumes_the_source_when_the_destination_refuses_the_state() {
+    let dir = TempDir::new("migrate-refused");
+    let (img, _) = dir.image(64 << 20);
+    let a = Daemon::start_with(&[
+        "--blk-file",
+        img.to_str().unwrap(),
+        "--num-queues",
+        "2",
+        "--io-delay-us",
+        "500",
+    ]);
+    let b = Daemon::start_with(&["--size", "32M", "--num-queues", "2"]);
+    drop(a.connect());
+    drop(b.connect());
+    let out = Command::new(env!("CARGO_BIN_EXE_vhu"))
+        .args(["bench", "--socket-path"])
+        .arg(&a.sock)
+        .arg("--to")
+        .arg(&b.sock)
+        .args([
+            "--migrate-every",
+            "0.2",
+            "--runtime",
+            "2",
+            "--rw",
+            "randrw",
+            "--verify",
+            "--iodepth",
+            "16",
+            "--queues",
+            "2",
+            "--timeout",
+            "10",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let json = String::from_utf8_lossy(&out.stdout).to_string();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        out.status.success(),
+        "{json}{err}\n{}\n{}",
+        a.log(),
+        b.log()
+    );
+    assert_eq!(field(&json, "migrations"), 0, "{json}");
+    let failed = field(&json, "failed_migrations");
+    assert!(failed >= 5, "{json}");
+    assert_eq!(field(&json, "lost"), 0, "{json}");
+    assert_eq!(field(&json, "duplicated"), 0, "{json}");
+    assert_eq!(
+        err.matches("the source resumed").count() as u64,
+        failed,
+        "{err}"
+    );
+    assert!(err.contains("CHECK_DEVICE_STATE"), "{err}");
+    // The source stopped with requests in flight each time and resubmitted
+    // them when it started again.
+    let resubmits = a.log().matches("resubmitting").count() as u64;
+    assert!(
+        resubmits >= failed,
+        "{resubmits} resubmitting starts\n{}",
+        a.log()
+    );
+    assert_eq!(b.log().matches("device state loaded").count(), 0);
+    eprintln!("{json}");
+}
+
 #[test]
 fn vhu_bench_refuses_to_migrate_without_device_state() {
     let a = Daemon::start_with(&["--size", "16M", "--no-migration"]);

@@ -46,7 +46,8 @@ usage: vhu probe --socket-path PATH [--device blk|net] [--json]
            flight resubmitted by the destination; the source logs dirty
            pages meanwhile (LOG_SHMFD, VHOST_F_LOG_ALL), read and checked
            at each switch (both offer DEVICE_STATE and dirty logging:
-           vhost-user-blk does unless --no-migration)
+           vhost-user-blk does unless --no-migration); a state that does
+           not move (refused at either end) resumes the source
 ";
 
 fn main() -> ExitCode {
