@@ -1115,46 +1115,36 @@ pub fn run(path: &Path, o: &Options) -> Result<Report, String> {
             if last_migration.elapsed() >= m.every && !done(&rep, next_req) {
                 let _ = epoll.delete(link.socket());
                 let n = rep.migrations + rep.failed_migrations + 1;
-                let dirty = match migrate(&mut link, to, o.queues)
-                    .map_err(|e| format!("migration {n}: {e}"))?
-                {
-                    Migrated::Moved(dirty) => dirty,
+                match migrate(&mut link, to, o.queues).map_err(|e| format!("migration {n}: {e}"))? {
+                    Migrated::Moved(dirty) => {
+                        page_map
+                            .check(&dirty, logged_done)
+                            .map_err(|e| format!("migration {n}: dirty log: {e}"))?;
+                        let d = dirty.len() as u64;
+                        rep.dirty_pages += d;
+                        rep.dirty_pages_range = if rep.migrations == 0 {
+                            (d, d)
+                        } else {
+                            (
+                                rep.dirty_pages_range.0.min(d),
+                                rep.dirty_pages_range.1.max(d),
+                            )
+                        };
+                        std::mem::swap(&mut link, to);
+                        rep.migrations += 1;
+                        rep.carried += in_flight as u64;
+                    }
                     Migrated::Resumed(why) => {
                         eprintln!("vhu bench: migration {n} failed ({why}); the source resumed");
                         rep.failed_migrations += 1;
-                        log_on(&mut link)?;
-                        log_from = next_req;
-                        logged_done = 0;
-                        epoll
-                            .add(link.socket(), Interest::READABLE, SOCKET)
-                            .map_err(|e| e.to_string())?;
-                        last_migration = Instant::now();
-                        last_completion = Instant::now();
-                        continue;
                     }
-                };
-                page_map
-                    .check(&dirty, logged_done)
-                    .map_err(|e| format!("migration {n}: dirty log: {e}"))?;
-                let d = dirty.len() as u64;
-                rep.dirty_pages += d;
-                rep.dirty_pages_range = if rep.migrations == 0 {
-                    (d, d)
-                } else {
-                    (
-                        rep.dirty_pages_range.0.min(d),
-                        rep.dirty_pages_range.1.max(d),
-                    )
-                };
-                std::mem::swap(&mut link, to);
+                }
                 log_on(&mut link)?;
                 log_from = next_req;
                 logged_done = 0;
                 epoll
                     .add(link.socket(), Interest::READABLE, SOCKET)
                     .map_err(|e| e.to_string())?;
-                rep.migrations += 1;
-                rep.carried += in_flight as u64;
                 last_migration = Instant::now();
                 last_completion = Instant::now();
                 continue;

@@ -95,11 +95,12 @@ fn field(json: &str, name: &str) -> u64 {
         .unwrap()
 }
 
-fn migrate_under_load(message_45: bool) {
-    let dir = TempDir::new("migrate-bench");
-    let (a, b) = pair(&dir);
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vhu"));
-    cmd.args(["bench", "--socket-path"])
+/// `vhu bench` moving a verified randrw load over two queues from `a` to
+/// `b` and back every 0.2 s for `runtime` seconds, with `extra` options;
+/// asserts it succeeds. Its JSON report and its stderr.
+fn bench_migrating(a: &Daemon, b: &Daemon, runtime: &str, extra: &[&str]) -> (String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_vhu"))
+        .args(["bench", "--socket-path"])
         .arg(&a.sock)
         .arg("--to")
         .arg(&b.sock)
@@ -107,7 +108,7 @@ fn migrate_under_load(message_45: bool) {
             "--migrate-every",
             "0.2",
             "--runtime",
-            "6",
+            runtime,
             "--rw",
             "randrw",
             "--verify",
@@ -118,19 +119,26 @@ fn migrate_under_load(message_45: bool) {
             "--timeout",
             "10",
             "--json",
-        ]);
-    if message_45 {
-        cmd.arg("--message-45");
-    }
-    let out = cmd.output().unwrap();
+        ])
+        .args(extra)
+        .output()
+        .unwrap();
     let json = String::from_utf8_lossy(&out.stdout).to_string();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(
         out.status.success(),
-        "{json}{}\n{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
+        "{json}{err}\n{}\n{}",
         a.log(),
         b.log()
     );
+    (json, err)
+}
+
+fn migrate_under_load(message_45: bool) {
+    let dir = TempDir::new("migrate-bench");
+    let (a, b) = pair(&dir);
+    let extra: &[&str] = if message_45 { &["--message-45"] } else { &[] };
+    let (json, _) = bench_migrating(&a, &b, "6", extra);
     let migrations = field(&json, "migrations");
     assert!(migrations >= 20, "{json}");
     assert_eq!(field(&json, "lost"), 0, "{json}");
@@ -185,37 +193,7 @@ fn vhu_bench_resumes_the_source_when_the_destination_refuses_the_state() {
     let b = Daemon::start_with(&["--size", "32M", "--num-queues", "2"]);
     drop(a.connect());
     drop(b.connect());
-    let out = Command::new(env!("CARGO_BIN_EXE_vhu"))
-        .args(["bench", "--socket-path"])
-        .arg(&a.sock)
-        .arg("--to")
-        .arg(&b.sock)
-        .args([
-            "--migrate-every",
-            "0.2",
-            "--runtime",
-            "2",
-            "--rw",
-            "randrw",
-            "--verify",
-            "--iodepth",
-            "16",
-            "--queues",
-            "2",
-            "--timeout",
-            "10",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    let json = String::from_utf8_lossy(&out.stdout).to_string();
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(
-        out.status.success(),
-        "{json}{err}\n{}\n{}",
-        a.log(),
-        b.log()
-    );
+    let (json, err) = bench_migrating(&a, &b, "2", &[]);
     assert_eq!(field(&json, "migrations"), 0, "{json}");
     let failed = field(&json, "failed_migrations");
     assert!(failed >= 5, "{json}");
