@@ -529,17 +529,24 @@ impl<const Q: usize, const R: usize> FrontendLink<Q, R> {
     /// CHECK_DEVICE_STATE, also when the link gave up on it (a state too
     /// long, a read or write error: its channel end is closed by then, so
     /// the back-end's transfer ends too), so that the back-end holds no
-    /// transfer and another may follow; the link's own error comes first.
-    /// A transfer that timed out is not checked: the back-end may still
-    /// be at it, and would answer the check only then.
+    /// transfer and another may follow; the link's own error comes first,
+    /// but for a broken pipe (the back-end closed its end early), whose
+    /// cause the back-end's refusal tells. A transfer that timed out is
+    /// not checked: the back-end may still be at it, and would answer the
+    /// check only then.
     fn end_transfer<T>(&mut self, ran: Result<T, LinkError>) -> Result<T, LinkError> {
         if matches!(ran, Err(LinkError::Timeout(_))) {
             return ran;
         }
         let checked = self.check_transfer();
-        let v = ran?;
-        checked?;
-        Ok(v)
+        match ran {
+            Err(LinkError::Io(e)) if e.kind() == io::ErrorKind::BrokenPipe => {
+                checked?;
+                Err(LinkError::Io(e))
+            }
+            Err(e) => Err(e),
+            Ok(v) => checked.map(|()| v),
+        }
     }
 
     /// Runs `f` on a helper thread, waiting at most the reply timeout: a

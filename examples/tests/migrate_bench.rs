@@ -58,6 +58,16 @@ fn the_front_end_link_saves_and_loads_through_a_pipe() {
         })) => {}
         other => panic!("expected CHECK_DEVICE_STATE to fail, got {other:?}"),
     }
+    // A state past the daemon's limit: it stops reading and closes its
+    // end, the link's write breaks, and the check says why.
+    let big = vec![0u8; (65 << 20) as usize];
+    match l.load_state(&big) {
+        Err(LinkError::Engine(FrontendError::StateRefused {
+            request: FrontendReq::CheckDeviceState,
+            value: 1,
+        })) => {}
+        other => panic!("expected CHECK_DEVICE_STATE to fail, got {other:?}"),
+    }
     l.load_state(&saved).unwrap();
     assert_eq!(l.save_state(1 << 20).unwrap(), saved);
     assert_eq!(l.engine().state(), State::Ready);
