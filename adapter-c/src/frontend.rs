@@ -556,11 +556,11 @@ pub unsafe extern "C" fn vhu_frontend_poll_transmit(
 /// fails on each it sees; a header that does not parse is `VHU_ERR_WIRE`
 /// before it does), but for `VHU_ERR_NACK` to SET_DEVICE_STATE_FD or
 /// CHECK_DEVICE_STATE (the device state did not move), after which the
-/// engine goes on (since ABI 1.2). A `len` that is not exactly one message is the
-/// caller's framing, refused before the engine sees it (nothing changes:
-/// the reply given exactly is taken): `VHU_ERR_SHORT_BUFFER` for fewer
-/// bytes than the header announces, `VHU_ERR_INVALID` for more (another
-/// message's, which would be lost).
+/// engine goes on (since ABI 1.2). A `len` that is not exactly one
+/// message is the caller's framing, refused before the engine sees it
+/// (nothing changes: the reply given exactly is taken):
+/// `VHU_ERR_SHORT_BUFFER` for fewer bytes than the header announces,
+/// `VHU_ERR_INVALID` for more (another message's, which would be lost).
 ///
 /// # Safety
 ///
