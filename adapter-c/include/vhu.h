@@ -342,7 +342,8 @@
  * (`VHU_ERR_NACK` to SET_DEVICE_STATE_FD or CHECK_DEVICE_STATE from
  * `vhu_frontend_handle_reply()`) leaves the front-end engine going
  * (1.1 failed it; a program that ends the connection on it is served
- * as before).
+ * as before), and `vhu_log_mark_written()` refuses a chain whole (1.1
+ * marked the segments before the one the log does not cover).
  */
 #define VHU_ABI_MINOR 2
 
@@ -2681,7 +2682,9 @@ vhu_result vhu_log_mark(const vhu_mem *log, uint64_t size, uint64_t gpa, uint64_
  * length the chain is completed with. Adds the pages marked to `*pages`
  * unless `pages` is NULL (a page two segments touch counts twice).
  * `VHU_ERR_INVALID` if `written` is more than the writable segments
- * hold; otherwise as `vhu_log_mark()`, segment by segment.
+ * hold; otherwise as `vhu_log_mark()` for each segment, and refused
+ * whole: a segment the log does not cover is `VHU_ERR_MEMORY` with
+ * nothing marked (since ABI 1.2; 1.1 marked the segments before it).
  *
  * # Safety
  *

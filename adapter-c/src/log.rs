@@ -133,6 +133,20 @@ pub unsafe extern "C" fn vhu_log_mark(
     })
 }
 
+/// The guest ranges `written` bytes fill in the device-writable segments
+/// of `segs`, in order.
+fn written_ranges(segs: &[vhu_segment], written: u32) -> impl Iterator<Item = (u64, u64)> + '_ {
+    let mut left = written;
+    segs.iter().filter(|s| s.writable).map_while(move |s| {
+        if left == 0 {
+            return None;
+        }
+        let len = left.min(s.len);
+        left -= len;
+        Some((s.addr, u64::from(len)))
+    })
+}
+
 /// Marks in the dirty log `log` (`size` bytes of bitmap) what a device
 /// wrote into a chain: the first `written` bytes of its device-writable
 /// segments, in order (`nsegs` of `segs`, as `vhu_dataplane_pop()` gave
@@ -140,7 +154,9 @@ pub unsafe extern "C" fn vhu_log_mark(
 /// length the chain is completed with. Adds the pages marked to `*pages`
 /// unless `pages` is NULL (a page two segments touch counts twice).
 /// `VHU_ERR_INVALID` if `written` is more than the writable segments
-/// hold; otherwise as `vhu_log_mark()`, segment by segment.
+/// hold; otherwise as `vhu_log_mark()` for each segment, and refused
+/// whole: a segment the log does not cover is `VHU_ERR_MEMORY` with
+/// nothing marked (since ABI 1.2; 1.1 marked the segments before it).
 ///
 /// # Safety
 ///
@@ -169,17 +185,13 @@ pub unsafe extern "C" fn vhu_log_mark_written(
             return Err(VHU_ERR_INVALID);
         }
         let mark = |dirty: &DirtyLog<'_, Mem<'_>>| {
-            let mut left = written;
-            let mut n = 0u64;
-            for s in segs.iter().filter(|s| s.writable) {
-                if left == 0 {
-                    break;
-                }
-                let len = left.min(s.len);
-                n = n.saturating_add(dirty.mark(s.addr, u64::from(len))?);
-                left -= len;
+            // Refused whole: every range checked before one is marked.
+            for (addr, len) in written_ranges(segs, written) {
+                dirty.check(addr, len)?;
             }
-            Ok(n)
+            written_ranges(segs, written).try_fold(0u64, |n, (addr, len)| {
+                Ok(n.saturating_add(dirty.mark(addr, len)?))
+            })
         };
         // SAFETY: the caller's contract.
         unsafe { mark_log(&mut fp, log, size, pages, mark) }

@@ -41,7 +41,8 @@ pub const VHU_ABI_MAJOR: u32 = 1;
 /// (`VHU_ERR_NACK` to SET_DEVICE_STATE_FD or CHECK_DEVICE_STATE from
 /// `vhu_frontend_handle_reply()`) leaves the front-end engine going
 /// (1.1 failed it; a program that ends the connection on it is served
-/// as before).
+/// as before), and `vhu_log_mark_written()` refuses a chain whole (1.1
+/// marked the segments before the one the log does not cover).
 pub const VHU_ABI_MINOR: u32 = 2;
 
 /// The version this header describes, `VHU_ABI_MAJOR << 16 |

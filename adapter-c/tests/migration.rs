@@ -215,6 +215,15 @@ fn a_chain_marks_what_the_device_wrote_into_its_writable_buffers() {
     let far = [seg(PAGE, 16, false), seg(64 * PAGE, 16, true)];
     assert_eq!(mark_written(&mut log, &far, 16).0, VHU_ERR_MEMORY);
     assert!(log.pages().is_empty());
+    // One beyond the log after one within it: refused whole, the first
+    // left unmarked too.
+    let split = [seg(4 * PAGE, 16, true), seg(64 * PAGE, 16, true)];
+    assert_eq!(mark_written(&mut log, &split, 32).0, VHU_ERR_MEMORY);
+    assert!(log.pages().is_empty());
+    // The same chain with the used length inside its first buffer: the
+    // second is not written, so not looked at.
+    assert_eq!(mark_written(&mut log, &split, 16), (VHU_OK, 1));
+    assert_eq!(log.pages(), [4]);
 }
 
 /// A split ring of 8 entries: descriptors on page 0, avail ring on page

@@ -110,18 +110,34 @@ impl<'a, L: GuestMemory + ?Sized> DirtyLog<'a, L> {
         bitmap_bytes(end) <= self.size
     }
 
-    /// Sets the bits of the pages `[gpa, gpa + len)` touches; returns how
-    /// many pages that is (0 for an empty range). A range whose last page
-    /// has no bit is refused whole, before any bit is set.
-    pub fn mark(&self, gpa: u64, len: u64) -> Result<u64, LogError> {
+    /// Whether the pages `[gpa, gpa + len)` touches can be marked: what
+    /// [`mark`](Self::mark) refuses (a range that overflows, pages the log
+    /// has no bit for), with nothing marked.
+    pub fn check(&self, gpa: u64, len: u64) -> Result<(), LogError> {
+        self.pages(gpa, len).map(|_| ())
+    }
+
+    /// The first and last page `[gpa, gpa + len)` touches (`None`: an
+    /// empty range), refused as [`check`](Self::check) says.
+    fn pages(&self, gpa: u64, len: u64) -> Result<Option<(u64, u64)>, LogError> {
         if len == 0 {
-            return Ok(0);
+            return Ok(None);
         }
         let last = gpa.checked_add(len - 1).ok_or(LogError::Overflow)?;
         let (first, last) = (gpa >> LOG_PAGE_SHIFT, last >> LOG_PAGE_SHIFT);
         if last / 8 >= self.size {
             return Err(LogError::BeyondLog);
         }
+        Ok(Some((first, last)))
+    }
+
+    /// Sets the bits of the pages `[gpa, gpa + len)` touches; returns how
+    /// many pages that is (0 for an empty range). A range whose last page
+    /// has no bit is refused whole, before any bit is set.
+    pub fn mark(&self, gpa: u64, len: u64) -> Result<u64, LogError> {
+        let Some((first, last)) = self.pages(gpa, len)? else {
+            return Ok(0);
+        };
         let mut page = first;
         while page <= last {
             let byte = page / 8;
