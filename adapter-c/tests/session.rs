@@ -405,6 +405,20 @@ impl Pair {
         }
     }
 
+    /// A device state transfer (`save`, else load) and its check, each
+    /// pumped through.
+    fn transfer(&mut self, save: bool) {
+        // SAFETY: live engine.
+        check(
+            unsafe { vhu_frontend_transfer_state(self.fe.at(), save) },
+            "transfer",
+        );
+        self.pump(&mut no_pending);
+        // SAFETY: live engine.
+        check(unsafe { vhu_frontend_check_state(self.fe.at()) }, "check");
+        self.pump(&mut no_pending);
+    }
+
     fn state(&mut self) -> vhu_frontend_state {
         let mut s = vhu_frontend_state::VHU_FRONTEND_FAILED;
         // SAFETY: live engine and out-value.
@@ -785,18 +799,9 @@ fn a_device_state_transfer_from_front_end_to_back_end() {
     for save in [true, false] {
         p.events.clear();
         p.fds.clear();
-        // SAFETY: live engine.
-        check(
-            unsafe { vhu_frontend_transfer_state(p.fe.at(), save) },
-            "transfer",
-        );
-        p.pump(&mut no_pending);
+        p.transfer(save);
         assert_eq!(p.fds, [vhu_fd_kind::VHU_FD_DEVICE_STATE]);
         assert_eq!(p.transfers.last(), Some(&save));
-        assert_eq!(p.events, [VHU_EVENT_STATE_TRANSFER]);
-        // SAFETY: live engine.
-        check(unsafe { vhu_frontend_check_state(p.fe.at()) }, "check");
-        p.pump(&mut no_pending);
         assert_eq!(
             p.events,
             [VHU_EVENT_STATE_TRANSFER, VHU_EVENT_STATE_CHECKED]
@@ -810,28 +815,12 @@ fn a_device_state_transfer_from_front_end_to_back_end() {
     // next transfer is taken, and the device starts again.
     p.transfers_ok = false;
     p.events.clear();
-    // SAFETY: live engine.
-    check(
-        unsafe { vhu_frontend_transfer_state(p.fe.at(), true) },
-        "transfer",
-    );
-    p.pump(&mut no_pending);
-    // SAFETY: live engine.
-    check(unsafe { vhu_frontend_check_state(p.fe.at()) }, "check");
-    p.pump(&mut no_pending);
+    p.transfer(true);
     assert_eq!(p.state_nacks, 1);
     assert_eq!(p.events, [VHU_EVENT_STATE_TRANSFER]);
     assert_eq!(p.state(), vhu_frontend_state::VHU_FRONTEND_STOPPED);
     p.transfers_ok = true;
-    // SAFETY: live engine.
-    check(
-        unsafe { vhu_frontend_transfer_state(p.fe.at(), false) },
-        "transfer",
-    );
-    p.pump(&mut no_pending);
-    // SAFETY: live engine.
-    check(unsafe { vhu_frontend_check_state(p.fe.at()) }, "check");
-    p.pump(&mut no_pending);
+    p.transfer(false);
     assert_eq!(p.events.last(), Some(&VHU_EVENT_STATE_CHECKED));
     assert_eq!(p.transfers, [true, false, true, false]);
     // SAFETY: live engine.
