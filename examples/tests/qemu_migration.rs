@@ -14,7 +14,9 @@
 //! QEMU's stop here is its plain GET_VRING_BASE (it drains the rings).
 //!
 //! The same migration runs between two C back-ends (`examples/c/blk.c`,
-//! the C ABI's dirty log).
+//! the C ABI's dirty log). A migration cancelled at its switch-over (the
+//! source's device stopped while logging) resumes the guest on the
+//! source, on either back-end.
 //!
 //! The guest kit (kernel, initramfs, QEMU) comes from
 //! `tests/guest/build-guest.sh`, as for `qemu_guest.rs`.
@@ -154,6 +156,54 @@ const OFF: u64 = 1 << 20;
 const LEN: usize = 512 << 10;
 const ROUNDS: u64 = 100;
 
+/// The guest's kernel command line: rounds of write, drop caches, verify,
+/// each on its own area with its own seed, the migration somewhere in the
+/// middle. (A loop: the kernel command line holds 2 KiB.)
+fn rounds() -> String {
+    let script = format!(
+        "set -e\n\
+         r=0\n\
+         while [ $r -lt {ROUNDS} ]; do\n\
+           off=$(({OFF} + r * {LEN})); seed=$((300 + r))\n\
+           vhu-dio write /dev/vda $off {LEN} $seed\n\
+           echo 3 > /proc/sys/vm/drop_caches\n\
+           vhu-dio verify /dev/vda $off {LEN} $seed\n\
+           echo \"round $r ok\"\n\
+           r=$((r + 1))\n\
+         done\n"
+    );
+    format!(
+        "console=ttyS0 panic=-1 quiet vhu.timeout=200 vhu.test={}",
+        base64(script.as_bytes())
+    )
+}
+
+/// Every round's bytes are on the image.
+fn check_rounds(image: &Path) {
+    let bytes = std::fs::read(image).unwrap();
+    for r in 0..ROUNDS {
+        let off = OFF + r * LEN as u64;
+        let got = &bytes[off as usize..off as usize + LEN];
+        assert!(
+            got == pattern(300 + r, off, LEN).as_slice(),
+            "round {r} differs on the image"
+        );
+    }
+}
+
+/// A 64 MiB image in `dir`, and two daemons on it (sockets and logs
+/// `a` and `b`), each started by `start`.
+fn two_backends(dir: &Path, start: &Start) -> (std::path::PathBuf, [Kill; 2]) {
+    let image = dir.join("disk.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let a = start(dir, &dir.join("a.sock"), &image, &dir.join("a.log"));
+    let b = start(dir, &dir.join("b.sock"), &image, &dir.join("b.log"));
+    (image, [a, b])
+}
+
 #[test]
 fn guest_migrates_between_two_daemons_under_load() {
     migrates_under_load("migrate", &|_, sock, image, log| {
@@ -178,35 +228,11 @@ type Start = dyn Fn(&Path, &Path, &Path, &Path) -> Kill;
 fn migrates_under_load(tag: &str, start: &Start) {
     let g = guest();
     let dir = common::temp_path(tag);
-    let image = dir.join("disk.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
+    let (image, [_da, _db]) = two_backends(&dir, start);
     let (sock_a, sock_b) = (dir.join("a.sock"), dir.join("b.sock"));
     let (log_a, log_b) = (dir.join("a.log"), dir.join("b.log"));
-    let _da = start(&dir, &sock_a, &image, &log_a);
-    let _db = start(&dir, &sock_b, &image, &log_b);
 
-    // Rounds of write, drop caches, verify, each on its own area with its
-    // own seed; the migration happens somewhere in the middle. (A loop:
-    // the kernel command line holds 2 KiB.)
-    let script = format!(
-        "set -e\n\
-         r=0\n\
-         while [ $r -lt {ROUNDS} ]; do\n\
-           off=$(({OFF} + r * {LEN})); seed=$((300 + r))\n\
-           vhu-dio write /dev/vda $off {LEN} $seed\n\
-           echo 3 > /proc/sys/vm/drop_caches\n\
-           vhu-dio verify /dev/vda $off {LEN} $seed\n\
-           echo \"round $r ok\"\n\
-           r=$((r + 1))\n\
-         done\n"
-    );
-    let append = format!(
-        "console=ttyS0 panic=-1 quiet vhu.timeout=200 vhu.test={}",
-        base64(script.as_bytes())
-    );
+    let append = rounds();
     let mig = dir.join("mig.sock");
     let incoming = format!("unix:{}", mig.display());
     let mut src = qemu(&g, &dir, "src", &sock_a, &append, &[]);
@@ -301,15 +327,115 @@ fn migrates_under_load(tag: &str, start: &Start) {
         .unwrap_or(0);
     assert!(pages > 0, "the source daemon logged no page: {la}");
     // The host sees every round's bytes.
-    let bytes = std::fs::read(&image).unwrap();
-    for r in 0..ROUNDS {
-        let off = OFF + r * LEN as u64;
-        let got = &bytes[off as usize..off as usize + LEN];
-        assert!(
-            got == pattern(300 + r, off, LEN).as_slice(),
-            "round {r} differs on the image"
-        );
+    check_rounds(&image);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A migration cancelled at its switch-over, as a VMM cancels one whose
+/// destination fails at the last step: with QEMU's
+/// `pause-before-switchover` the source stops the guest and its device
+/// (GET_VRING_BASE while the dirty log is on) and waits; `migrate_cancel`
+/// then starts them again on the source (the ring from the base it
+/// stopped at, logging off), and the guest finishes its rounds there,
+/// every round's bytes on the image.
+#[test]
+fn a_migration_cancelled_at_the_switchover_resumes_on_the_source() {
+    cancelled_at_the_switchover("migrate-cancel", &|_, sock, image, log| {
+        daemon(sock, image, log, true)
+    });
+}
+
+/// The same between two C back-ends (their restart while logging).
+#[test]
+fn a_migration_cancelled_at_the_switchover_resumes_on_a_c_backend() {
+    cancelled_at_the_switchover("migrate-cancel-c", &|dir, sock, image, log| {
+        c_backend(dir, sock, image, log)
+    });
+}
+
+fn cancelled_at_the_switchover(tag: &str, start: &Start) {
+    let g = guest();
+    let dir = common::temp_path(tag);
+    let (image, [da, db]) = two_backends(&dir, start);
+    let append = rounds();
+    let incoming = format!("unix:{}", dir.join("mig.sock").display());
+    let mut src = qemu(&g, &dir, "src", &dir.join("a.sock"), &append, &[]);
+    let mut dst = qemu(
+        &g,
+        &dir,
+        "dst",
+        &dir.join("b.sock"),
+        &append,
+        &["-incoming", &incoming],
+    );
+    let src_out = console(&mut src);
+    let _dst_out = console(&mut dst);
+    let mut text = String::new();
+    assert!(
+        until(&src_out, &mut text, "round 1 ok", 240),
+        "the guest did not start its rounds on the source:\n{text}"
+    );
+    let mut qs = Qmp::connect(&dir.join("src.qmp"), &mut src.0);
+    let r = qs.cmd(
+        r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"pause-before-switchover","state":true}]}}"#,
+    );
+    assert!(r.contains("\"return\""), "capability refused: {r}");
+    let r = qs.cmd(&format!(
+        r#"{{"execute":"migrate","arguments":{{"uri":"{incoming}"}}}}"#
+    ));
+    assert!(r.contains("\"return\""), "migrate refused: {r}");
+    let query = |qs: &mut Qmp, want: &str| {
+        let t0 = Instant::now();
+        loop {
+            let r = qs.cmd(r#"{"execute":"query-migrate"}"#);
+            if r.contains(want) {
+                return r;
+            }
+            assert!(
+                !r.contains("\"failed\"") && !r.contains("\"completed\""),
+                "waiting for {want}: {r}"
+            );
+            assert!(t0.elapsed() < Duration::from_secs(60), "no {want}: {r}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    // The source's guest and device are stopped here, its pages sent.
+    query(&mut qs, "\"pre-switchover\"");
+    let stopped = qs.cmd(r#"{"execute":"query-status"}"#);
+    let r = qs.cmd(r#"{"execute":"migrate_cancel"}"#);
+    assert!(r.contains("\"return\""), "migrate_cancel refused: {r}");
+    query(&mut qs, "\"cancelled\"");
+    let passed = until(&src_out, &mut text, "VHU-GUEST: RESULT", 240);
+    let _ = src.0.wait();
+    drop(dst);
+    drop(da);
+    drop(db);
+    let (la, lb) = (
+        std::fs::read_to_string(dir.join("a.log")).unwrap_or_default(),
+        std::fs::read_to_string(dir.join("b.log")).unwrap_or_default(),
+    );
+    println!("--- source console ---\n{text}");
+    println!("--- source daemon ---\n{la}--- destination daemon ---\n{lb}");
+    assert!(stopped.contains("\"finish-migrate\""), "{stopped}");
+    assert!(
+        passed && text.contains("VHU-GUEST: RESULT PASS"),
+        "the guest did not pass on the source:\n{text}"
+    );
+    // The source back-end: logging on, then (the daemon logs its rings)
+    // the ring stopped at the pause and started again at the cancel, then
+    // logging off.
+    let after = |from: usize, what: &str| {
+        la[from..]
+            .find(what)
+            .map(|i| from + i + what.len())
+            .unwrap_or_else(|| panic!("no {what:?} after byte {from}:\n{la}"))
+    };
+    let mut at = after(0, "dirty logging on");
+    if la.contains("ring 0 started") {
+        at = after(after(at, "ring 0 stopped"), "ring 0 started");
     }
+    after(at, "dirty logging off");
+    check_rounds(&image);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
