@@ -178,6 +178,57 @@ fn rounds() -> String {
     )
 }
 
+/// A source QEMU on back-end `a` and a destination QEMU (`-incoming`)
+/// on `b`, in `dir`, the guest running [`rounds`]; returned once its
+/// second round passed on the source.
+struct Qemus {
+    src: Kill,
+    dst: Kill,
+    src_out: mpsc::Receiver<String>,
+    dst_out: mpsc::Receiver<String>,
+    /// The destination's migration address.
+    incoming: String,
+    /// The source's console so far.
+    text: String,
+}
+
+fn qemus(g: &Guest, dir: &Path) -> Qemus {
+    let append = rounds();
+    let incoming = format!("unix:{}", dir.join("mig.sock").display());
+    let mut src = qemu(g, dir, "src", &dir.join("a.sock"), &append, &[]);
+    let mut dst = qemu(
+        g,
+        dir,
+        "dst",
+        &dir.join("b.sock"),
+        &append,
+        &["-incoming", &incoming],
+    );
+    let src_out = console(&mut src);
+    let dst_out = console(&mut dst);
+    let mut text = String::new();
+    assert!(
+        until(&src_out, &mut text, "round 1 ok", 240),
+        "the guest did not start its rounds on the source:\n{text}"
+    );
+    Qemus {
+        src,
+        dst,
+        src_out,
+        dst_out,
+        incoming,
+        text,
+    }
+}
+
+/// QMP `migrate` to `incoming`.
+fn migrate(qs: &mut Qmp, incoming: &str) {
+    let r = qs.cmd(&format!(
+        r#"{{"execute":"migrate","arguments":{{"uri":"{incoming}"}}}}"#
+    ));
+    assert!(r.contains("\"return\""), "migrate refused: {r}");
+}
+
 /// Every round's bytes are on the image.
 fn check_rounds(image: &Path) {
     let bytes = std::fs::read(image).unwrap();
@@ -229,28 +280,20 @@ fn migrates_under_load(tag: &str, start: &Start) {
     let g = guest();
     let dir = common::temp_path(tag);
     let (image, [_da, _db]) = two_backends(&dir, start);
-    let (sock_a, sock_b) = (dir.join("a.sock"), dir.join("b.sock"));
     let (log_a, log_b) = (dir.join("a.log"), dir.join("b.log"));
 
-    let append = rounds();
-    let mig = dir.join("mig.sock");
-    let incoming = format!("unix:{}", mig.display());
-    let mut src = qemu(&g, &dir, "src", &sock_a, &append, &[]);
-    let mut dst = qemu(&g, &dir, "dst", &sock_b, &append, &["-incoming", &incoming]);
-    let src_out = console(&mut src);
-    let dst_out = console(&mut dst);
-    let mut text = String::new();
-    assert!(
-        until(&src_out, &mut text, "round 1 ok", 240),
-        "the guest did not start its rounds on the source:\n{text}"
-    );
+    let Qemus {
+        mut src,
+        mut dst,
+        src_out,
+        dst_out,
+        incoming,
+        mut text,
+    } = qemus(&g, &dir);
     let mut qs = Qmp::connect(&dir.join("src.qmp"), &mut src.0);
     let mut qd = Qmp::connect(&dir.join("dst.qmp"), &mut dst.0);
     let started = Instant::now();
-    let r = qs.cmd(&format!(
-        r#"{{"execute":"migrate","arguments":{{"uri":"{incoming}"}}}}"#
-    ));
-    assert!(r.contains("\"return\""), "migrate refused: {r}");
+    migrate(&mut qs, &incoming);
     let info = loop {
         let r = qs.cmd(r#"{"execute":"query-migrate"}"#);
         if r.contains("\"completed\"") {
@@ -357,33 +400,20 @@ fn cancelled_at_the_switchover(tag: &str, start: &Start) {
     let g = guest();
     let dir = common::temp_path(tag);
     let (image, [da, db]) = two_backends(&dir, start);
-    let append = rounds();
-    let incoming = format!("unix:{}", dir.join("mig.sock").display());
-    let mut src = qemu(&g, &dir, "src", &dir.join("a.sock"), &append, &[]);
-    let mut dst = qemu(
-        &g,
-        &dir,
-        "dst",
-        &dir.join("b.sock"),
-        &append,
-        &["-incoming", &incoming],
-    );
-    let src_out = console(&mut src);
-    let _dst_out = console(&mut dst);
-    let mut text = String::new();
-    assert!(
-        until(&src_out, &mut text, "round 1 ok", 240),
-        "the guest did not start its rounds on the source:\n{text}"
-    );
+    let Qemus {
+        mut src,
+        dst,
+        src_out,
+        dst_out: _dst_out,
+        incoming,
+        mut text,
+    } = qemus(&g, &dir);
     let mut qs = Qmp::connect(&dir.join("src.qmp"), &mut src.0);
     let r = qs.cmd(
         r#"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"pause-before-switchover","state":true}]}}"#,
     );
     assert!(r.contains("\"return\""), "capability refused: {r}");
-    let r = qs.cmd(&format!(
-        r#"{{"execute":"migrate","arguments":{{"uri":"{incoming}"}}}}"#
-    ));
-    assert!(r.contains("\"return\""), "migrate refused: {r}");
+    migrate(&mut qs, &incoming);
     let query = |qs: &mut Qmp, want: &str| {
         let t0 = Instant::now();
         loop {
